@@ -1,0 +1,203 @@
+"""The composition root: the only place that builds clients, pools and the server.
+
+Tests call :func:`build_app` with port 0 and, where they need to, their own
+clock or mail transport; ``users-grpc serve`` calls :func:`serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# The public name is grpc_health.v1.health.aio, which the type stubs do not declare.
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from grpc_reflection.v1alpha import reflection
+from pymongo import AsyncMongoClient, WriteConcern
+
+from users.v1 import user_service_pb2, user_service_pb2_grpc
+from users_grpc.config import Settings
+from users_grpc.health import DatabaseHealth
+from users_grpc.interceptors import ErrorInterceptor
+from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
+from users_grpc.passwords import BcryptHasher
+from users_grpc.ports import Clock, MailTransport
+from users_grpc.repository import Document, MongoOutbox, MongoUserRepository, ping
+from users_grpc.service import AccountPolicy, UserService
+from users_grpc.servicer import UserServiceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
+
+# Transport limits (OWASP gRPC cheat sheet; grpc doc/keepalive.md).
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 1024 * 1024),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5 * 60 * 1000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.max_connection_idle_ms", 15 * 60 * 1000),
+    # Bounded connection age lets clients rebalance onto new replicas.
+    ("grpc.max_connection_age_ms", 30 * 60 * 1000),
+    ("grpc.max_connection_age_grace_ms", 30 * 1000),
+]
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass
+class App:
+    """A built server and its background work; :meth:`start` it, then :meth:`stop` it."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    client: AsyncMongoClient[Document]
+    executor: ThreadPoolExecutor
+    users: MongoUserRepository
+    outbox: MongoOutbox
+    health: DatabaseHealth
+    health_servicer: AsyncHealthServicer
+    mail: MailDelivery
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await _wait_for_indexes(self.users, self.outbox, self.settings.db_timeout_seconds)
+        await self.server.start()
+        await self.health.check()
+        self._tasks = [asyncio.create_task(self.health.run()), asyncio.create_task(self.mail.run())]
+        log.info("serving", extra={"port": self.port, "service": SERVICE_NAME})
+
+    async def stop(self) -> None:
+        """Drain: report NOT_SERVING, let load balancers notice, finish in-flight RPCs, close."""
+        await self.health_servicer.enter_graceful_shutdown()
+        await asyncio.sleep(self.settings.shutdown_delay_seconds)
+        await self.server.stop(self.settings.shutdown_grace_seconds)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.client.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+
+async def build_app(
+    settings: Settings, *, clock: Clock | None = None, mail_transport: MailTransport | None = None
+) -> App:
+    clock = clock or SystemClock()
+    client: AsyncMongoClient[Document] = AsyncMongoClient(
+        settings.mongodb_uri,
+        tz_aware=True,
+        appname="users-grpc",
+        serverSelectionTimeoutMS=int(settings.db_timeout_seconds * 1000),
+    )
+    # Explicit, because "majority" is the default only from MongoDB 5.0 and not with some arbiters.
+    database = client.get_database(settings.mongodb_database, write_concern=WriteConcern("majority"))
+    users = MongoUserRepository(database)
+    outbox = MongoOutbox(database)
+
+    executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="bcrypt")
+    hasher = BcryptHasher(rounds=settings.bcrypt_rounds, executor=executor, pepper=settings.password_pepper)
+    mail = MailDelivery(
+        queue=outbox,
+        transport=mail_transport or _mail_transport(settings),
+        clock=clock,
+        poll_seconds=settings.mail_poll_seconds,
+        max_attempts=settings.mail_max_attempts,
+        first_retry_seconds=settings.mail_retry_seconds,
+    )
+    service = UserService(
+        users=users,
+        mailer=mail,
+        hasher=hasher,
+        clock=clock,
+        policy=AccountPolicy(
+            password_min_length=settings.password_min_length,
+            activation_code_ttl=timedelta(seconds=settings.activation_code_ttl_seconds),
+            activation_max_attempts=settings.activation_max_attempts,
+            activation_max_sends=settings.activation_max_sends,
+            activation_send_window=timedelta(seconds=settings.activation_send_window_seconds),
+        ),
+    )
+
+    server = grpc.aio.server(
+        interceptors=[
+            ErrorInterceptor(method_prefix=f"/{SERVICE_NAME}/", db_timeout_seconds=settings.db_timeout_seconds)
+        ],
+        options=_SERVER_OPTIONS,
+    )
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServiceServicer(service), server)
+    health_servicer = AsyncHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(settings.grpc_address)
+
+    return App(
+        settings=settings,
+        server=server,
+        port=port,
+        client=client,
+        executor=executor,
+        users=users,
+        outbox=outbox,
+        health=DatabaseHealth(
+            servicer=health_servicer,
+            services=["", SERVICE_NAME],
+            ping=lambda: ping(database, min(settings.db_timeout_seconds, settings.health_interval_seconds * 2)),
+            interval_seconds=settings.health_interval_seconds,
+        ),
+        health_servicer=health_servicer,
+        mail=mail,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain within the configured grace period."""
+    app = await build_app(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await app.start()
+    await stopping.wait()
+    log.info("shutting down")
+    await app.stop()
+
+
+async def _wait_for_indexes(users: MongoUserRepository, outbox: MongoOutbox, retry_seconds: float) -> None:
+    # Uniqueness rests on these indexes, so no RPC is served before they exist.
+    while True:
+        try:
+            await users.ensure_indexes()
+            await outbox.ensure_indexes()
+            return
+        except Exception:
+            log.warning("database not ready; retrying", exc_info=True)
+            await asyncio.sleep(retry_seconds)
+
+
+def _mail_transport(settings: Settings) -> MailTransport:
+    if settings.smtp_host is None:
+        return DirectoryTransport(settings.mail_dir, settings.mail_from)
+    return SmtpTransport(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        security=settings.smtp_security,
+        username=settings.smtp_username,
+        password=settings.smtp_password,
+        sender=settings.mail_from,
+        timeout_seconds=settings.smtp_timeout_seconds,
+    )

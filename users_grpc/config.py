@@ -1,0 +1,186 @@
+"""Settings, read once from ``USERS_*`` environment variables.
+
+Every variable, its default and its meaning is listed in ``.env.example``; a
+bad value stops start-up with a :class:`ConfigError` that names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+SmtpSecurity = Literal["starttls", "tls", "none"]
+
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """A ``USERS_*`` variable holds a value the service cannot use."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    grpc_address: str = "127.0.0.1:50051"
+    reflection: bool = True
+    shutdown_grace_seconds: float = 10.0
+    shutdown_delay_seconds: float = 0.0
+
+    mongodb_uri: str = "mongodb://127.0.0.1:27017/"
+    mongodb_database: str = "users"
+    db_timeout_seconds: float = 5.0
+    health_interval_seconds: float = 5.0
+
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_security: SmtpSecurity = "starttls"
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_timeout_seconds: float = 10.0
+    mail_from: str = "users-grpc <no-reply@localhost>"
+    mail_dir: Path = Path("var/mail")
+    mail_poll_seconds: float = 5.0
+    mail_max_attempts: int = 20
+    mail_retry_seconds: float = 5.0
+
+    password_min_length: int = 12
+    password_pepper: str | None = None
+    bcrypt_rounds: int = 12
+    hash_workers: int = os.cpu_count() or 1
+
+    activation_code_ttl_seconds: int = 900
+    activation_max_attempts: int = 5
+    activation_max_sends: int = 5
+    activation_send_window_seconds: int = 3600
+
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from ``environ`` (the process environment by default)."""
+        env = _Reader(os.environ if environ is None else environ)
+        defaults = cls()
+        smtp_security = env.get("USERS_SMTP_SECURITY", defaults.smtp_security, _smtp_security)
+        return cls(
+            grpc_address=env.get("USERS_GRPC_ADDRESS", defaults.grpc_address, _host_port),
+            reflection=env.get("USERS_REFLECTION", defaults.reflection, _bool),
+            shutdown_grace_seconds=env.number("USERS_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds, 0, 300),
+            shutdown_delay_seconds=env.number("USERS_SHUTDOWN_DELAY_SECONDS", defaults.shutdown_delay_seconds, 0, 300),
+            mongodb_uri=env.get("USERS_MONGODB_URI", defaults.mongodb_uri, _mongodb_uri),
+            mongodb_database=env.get("USERS_MONGODB_DATABASE", defaults.mongodb_database, _database_name),
+            db_timeout_seconds=env.number("USERS_DB_TIMEOUT_SECONDS", defaults.db_timeout_seconds, 0.1, 120),
+            health_interval_seconds=env.number(
+                "USERS_HEALTH_INTERVAL_SECONDS", defaults.health_interval_seconds, 0.05, 300
+            ),
+            smtp_host=env.get("USERS_SMTP_HOST", defaults.smtp_host, str) or None,
+            smtp_port=env.integer("USERS_SMTP_PORT", defaults.smtp_port, 1, 65535),
+            smtp_security=smtp_security,
+            smtp_username=env.get("USERS_SMTP_USERNAME", defaults.smtp_username, str) or None,
+            smtp_password=env.get("USERS_SMTP_PASSWORD", defaults.smtp_password, str) or None,
+            smtp_timeout_seconds=env.number("USERS_SMTP_TIMEOUT_SECONDS", defaults.smtp_timeout_seconds, 0.1, 300),
+            mail_from=env.get("USERS_MAIL_FROM", defaults.mail_from, _mail_from),
+            mail_dir=env.get("USERS_MAIL_DIR", defaults.mail_dir, Path),
+            mail_poll_seconds=env.number("USERS_MAIL_POLL_SECONDS", defaults.mail_poll_seconds, 0.05, 3600),
+            mail_max_attempts=env.integer("USERS_MAIL_MAX_ATTEMPTS", defaults.mail_max_attempts, 1, 1000),
+            mail_retry_seconds=env.number("USERS_MAIL_RETRY_SECONDS", defaults.mail_retry_seconds, 0.05, 3600),
+            password_min_length=env.integer("USERS_PASSWORD_MIN_LENGTH", defaults.password_min_length, 12, 64),
+            password_pepper=env.get("USERS_PASSWORD_PEPPER", defaults.password_pepper, str) or None,
+            bcrypt_rounds=env.integer("USERS_BCRYPT_ROUNDS", defaults.bcrypt_rounds, 10, 16),
+            hash_workers=env.integer("USERS_HASH_WORKERS", defaults.hash_workers, 1, 256),
+            activation_code_ttl_seconds=env.integer(
+                "USERS_ACTIVATION_CODE_TTL_SECONDS", defaults.activation_code_ttl_seconds, 60, 7 * 86400
+            ),
+            activation_max_attempts=env.integer(
+                "USERS_ACTIVATION_MAX_ATTEMPTS", defaults.activation_max_attempts, 1, 20
+            ),
+            activation_max_sends=env.integer("USERS_ACTIVATION_MAX_SENDS", defaults.activation_max_sends, 1, 100),
+            activation_send_window_seconds=env.integer(
+                "USERS_ACTIVATION_SEND_WINDOW_SECONDS", defaults.activation_send_window_seconds, 60, 7 * 86400
+            ),
+            log_level=env.get("USERS_LOG_LEVEL", defaults.log_level, _log_level),
+        )
+
+
+class _Reader:
+    """Looks variables up and turns parse failures into errors naming the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, default: _T, parse: Callable[[str], _T]) -> _T:
+        raw = self._environ.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as error:
+            raise ConfigError(f"{name}={raw!r}: {error}") from None
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        return self.get(name, default, lambda raw: _in_range(int(raw), low, high))
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        return self.get(name, default, lambda raw: _in_range(float(raw), low, high))
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _in_range(value: _N, low: _N, high: _N) -> _N:
+    if not low <= value <= high:
+        raise ValueError(f"must be between {low} and {high}")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _host_port(raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port, such as 127.0.0.1:50051 or [::]:50051")
+    return raw
+
+
+def _mongodb_uri(raw: str) -> str:
+    if not raw.startswith(("mongodb://", "mongodb+srv://")):
+        raise ValueError("must start with mongodb:// or mongodb+srv://")
+    return raw
+
+
+def _database_name(raw: str) -> str:
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+    if len(raw) > 63 or not set(raw) <= allowed:
+        raise ValueError("must be 1 to 63 letters, digits, '_' or '-'")
+    return raw
+
+
+_SMTP_SECURITY: dict[str, SmtpSecurity] = {"starttls": "starttls", "tls": "tls", "none": "none"}
+
+
+def _smtp_security(raw: str) -> SmtpSecurity:
+    try:
+        return _SMTP_SECURITY[raw.lower()]
+    except KeyError:
+        raise ValueError("must be starttls, tls or none") from None
+
+
+def _mail_from(raw: str) -> str:
+    if "@" not in raw:
+        raise ValueError("must be an address, such as 'Accounts <no-reply@example.com>'")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    upper = raw.upper()
+    if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return upper

@@ -1,0 +1,232 @@
+"""Domain types and rules of user accounts.
+
+Nothing here knows about gRPC or MongoDB: the servicer converts protobuf
+messages into these types, and the repository converts them to BSON.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import secrets
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+
+from users_grpc.errors import FieldViolation, InvalidArgument
+
+
+class Role(enum.Enum):
+    USER = "user"
+    ADMIN = "admin"
+
+
+class Gender(enum.Enum):
+    UNSPECIFIED = "unspecified"
+    MALE = "male"
+    FEMALE = "female"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, kw_only=True)
+class User:
+    """An account as callers may see it: no secrets."""
+
+    id: str
+    username: str
+    first_name: str
+    last_name: str
+    email: str
+    gender: Gender
+    role: Role
+    is_active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationCode:
+    """The pending activation of an inactive account.
+
+    ``sends_in_window`` counts the codes mailed since ``window_started_at``, to
+    cap resends per account.
+    """
+
+    digest: str
+    expires_at: datetime
+    attempts_left: int
+    sends_in_window: int
+    window_started_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class Account:
+    """A user together with the secrets only the services may see."""
+
+    user: User
+    password_hash: str
+    activation: ActivationCode | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewUser:
+    """A validated registration, ready to store."""
+
+    username: str
+    first_name: str
+    last_name: str
+    email: str
+    gender: Gender
+    role: Role
+    password_hash: str
+    activation: ActivationCode
+    created_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class Registration:
+    """What a caller asks for when creating a user, not yet validated."""
+
+    username: str
+    first_name: str
+    last_name: str
+    email: str
+    password: str
+    password_confirmation: str
+    gender: Gender
+    role: Role
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mail:
+    to: str
+    subject: str
+    body: str
+
+
+# Limits from the contract (protos/users/v1/user_service.proto).
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{3,32}")
+NAME_MAX_LENGTH = 100
+EMAIL_MAX_LENGTH = 254
+EMAIL_LOCAL_MAX_LENGTH = 64
+PASSWORD_MAX_LENGTH = 128
+IDENTIFIER_MAX_LENGTH = EMAIL_MAX_LENGTH
+ACTIVATION_CODE_DIGITS = 6
+_EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
+_USER_ID_PATTERN = re.compile(r"[0-9a-f]{24}")
+
+
+def identifier_key(identifier: str) -> str:
+    """The form under which usernames and emails are unique and looked up.
+
+    Usernames cannot contain ``@``, so one key space holds both without clashes.
+    """
+    return identifier.strip().lower()
+
+
+def new_activation_code() -> str:
+    # Six digits are typeable; their strength comes from the attempt cap and expiry.
+    return f"{secrets.randbelow(10**ACTIVATION_CODE_DIGITS):0{ACTIVATION_CODE_DIGITS}d}"
+
+
+def activation_code_digest(username: str, code: str) -> str:
+    """Hash of a code, bound to its purpose and its user, so the database never holds the code."""
+    material = f"activation\0{identifier_key(username)}\0{code}".encode()
+    return hashlib.sha256(material).hexdigest()
+
+
+def validate_registration(registration: Registration, *, password_min_length: int) -> None:
+    """Raise :class:`InvalidArgument` naming every bad field of ``registration``."""
+    violations: list[FieldViolation] = []
+    if not USERNAME_PATTERN.fullmatch(registration.username):
+        violations.append(FieldViolation("username", "must be 3 to 32 characters of letters, digits, '.', '_' or '-'"))
+    for field, value in (("first_name", registration.first_name), ("last_name", registration.last_name)):
+        violations.extend(_name_violations(field, value))
+    violations.extend(_email_violations(registration.email))
+    violations.extend(
+        _password_violations(
+            registration.password,
+            min_length=password_min_length,
+            context_words=(registration.username, registration.email.partition("@")[0]),
+        )
+    )
+    if registration.password_confirmation != registration.password:
+        violations.append(FieldViolation("password_confirmation", "must equal password"))
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def validate_identifier(identifier: str, field: str = "identifier") -> None:
+    if not identifier.strip():
+        raise InvalidArgument([FieldViolation(field, "is required: a username or email")])
+    if len(identifier) > IDENTIFIER_MAX_LENGTH:
+        raise InvalidArgument([FieldViolation(field, f"must be at most {IDENTIFIER_MAX_LENGTH} characters")])
+
+
+def validate_user_id(user_id: str, field: str = "id") -> None:
+    if not _USER_ID_PATTERN.fullmatch(user_id):
+        raise InvalidArgument([FieldViolation(field, "must be 24 lower-case hexadecimal digits")])
+
+
+def validate_activation_code(code: str) -> None:
+    if len(code) != ACTIVATION_CODE_DIGITS or not code.isascii() or not code.isdigit():
+        raise InvalidArgument(
+            [FieldViolation("code", f"must be the {ACTIVATION_CODE_DIGITS}-digit code from the activation email")]
+        )
+
+
+def validate_login_password(password: str) -> None:
+    """Checks that do not depend on any account, so they reveal nothing about one."""
+    if not password:
+        raise InvalidArgument([FieldViolation("password", "is required")])
+    if len(password) > PASSWORD_MAX_LENGTH:
+        raise InvalidArgument([FieldViolation("password", f"must be at most {PASSWORD_MAX_LENGTH} characters")])
+
+
+def _name_violations(field: str, value: str) -> list[FieldViolation]:
+    if not value.strip():
+        return [FieldViolation(field, "is required")]
+    if len(value) > NAME_MAX_LENGTH:
+        return [FieldViolation(field, f"must be at most {NAME_MAX_LENGTH} characters")]
+    if _has_control_characters(value):
+        return [FieldViolation(field, "must not contain control characters")]
+    return []
+
+
+def _email_violations(email: str) -> list[FieldViolation]:
+    if not email:
+        return [FieldViolation("email", "is required")]
+    if len(email) > EMAIL_MAX_LENGTH:
+        return [FieldViolation("email", f"must be at most {EMAIL_MAX_LENGTH} characters")]
+    local = email.partition("@")[0]
+    if not _EMAIL_PATTERN.fullmatch(email) or len(local) > EMAIL_LOCAL_MAX_LENGTH or _has_control_characters(email):
+        return [FieldViolation("email", "must be an email address such as jane@example.com")]
+    return []
+
+
+def _password_violations(password: str, *, min_length: int, context_words: tuple[str, ...]) -> list[FieldViolation]:
+    # Length counts code points, after NFC, so "é" is one character however it was typed.
+    length = len(unicodedata.normalize("NFC", password))
+    if length < min_length:
+        return [FieldViolation("password", f"must be at least {min_length} characters")]
+    if length > PASSWORD_MAX_LENGTH:
+        return [FieldViolation("password", f"must be at most {PASSWORD_MAX_LENGTH} characters")]
+    folded = password.casefold()
+    for word in context_words:
+        if len(word) >= 3 and word.casefold() in folded:
+            return [FieldViolation("password", "must not contain the username or email")]
+    return []
+
+
+def _has_control_characters(value: str) -> bool:
+    return any(unicodedata.category(char) in {"Cc", "Cf"} for char in value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueuedMail:
+    """A mail in the outbox, claimed by one sender for one delivery attempt."""
+
+    id: str
+    mail: Mail
+    attempts: int

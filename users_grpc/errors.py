@@ -1,0 +1,141 @@
+"""Domain errors, and the one table that maps them to gRPC status codes.
+
+The services raise these; the error interceptor turns each into its status,
+a short message and, where it helps the caller, rich details::
+
+    UsersError
+    ├── InvalidArgument        INVALID_ARGUMENT (google.rpc.BadRequest field violations)
+    │   └── InvalidActivationCode
+    ├── NotFound               NOT_FOUND
+    ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
+    ├── PermissionDenied       PERMISSION_DENIED
+    ├── InvalidCredentials     UNAUTHENTICATED
+    ├── AccountNotActive       FAILED_PRECONDITION
+    └── StorageUnavailable     UNAVAILABLE
+
+Anything else that escapes a service is a bug: it is logged with its traceback
+and the caller sees INTERNAL with a generic message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "users.v1"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field: its proto name and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+class UsersError(Exception):
+    """Base of the errors a caller can cause or see; ``reason`` is stable for machines."""
+
+    reason = "USERS_ERROR"
+    message = "request failed"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.message)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Extra facts for ``google.rpc.ErrorInfo``; never secrets."""
+        return {}
+
+
+class InvalidArgument(UsersError):
+    reason = "INVALID_ARGUMENT"
+    message = "the request has invalid fields"
+
+    def __init__(self, violations: list[FieldViolation] | tuple[FieldViolation, ...]) -> None:
+        self.violations = tuple(violations)
+        fields = ", ".join(dict.fromkeys(v.field for v in self.violations))
+        super().__init__(f"invalid {fields}" if fields else None)
+
+
+class InvalidActivationCode(InvalidArgument):
+    reason = "INVALID_ACTIVATION_CODE"
+
+    def __init__(self) -> None:
+        super().__init__([FieldViolation("code", "the code is wrong, expired or used up; request a new one")])
+
+
+class NotFound(UsersError):
+    reason = "USER_NOT_FOUND"
+    message = "user not found"
+
+
+class AlreadyExists(UsersError):
+    reason = "ALREADY_EXISTS"
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        super().__init__(f"{field} is already taken")
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {"field": self.field}
+
+
+class PermissionDenied(UsersError):
+    reason = "PERMISSION_DENIED"
+    message = "permission denied"
+
+
+class InvalidCredentials(UsersError):
+    reason = "INVALID_CREDENTIALS"
+    message = "invalid credentials"
+
+
+class AccountNotActive(UsersError):
+    reason = "ACCOUNT_NOT_ACTIVE"
+    message = "the account is not activated; use the emailed code or request a new one"
+
+
+class StorageUnavailable(UsersError):
+    reason = "STORAGE_UNAVAILABLE"
+    message = "the service is temporarily unavailable; retry later"
+
+
+STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    InvalidCredentials: grpc.StatusCode.UNAUTHENTICATED,
+    AccountNotActive: grpc.StatusCode.FAILED_PRECONDITION,
+    StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def to_rpc_status(error: UsersError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` a caller receives for ``error``: code, message and details."""
+    code = next(STATUS_CODES[cls] for cls in type(error).__mro__ if cls in STATUS_CODES)
+    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)]
+    if isinstance(error, InvalidArgument):
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in error.violations
+                ]
+            )
+        )
+    status = status_pb2.Status(code=_RPC_CODES[code], message=str(error))
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return status
+
+
+# google.rpc.Code numbers are the gRPC status numbers, under other names.
+_RPC_CODES = {code: code_pb2.Code.Value(code.name) for code in STATUS_CODES.values()}

@@ -1,0 +1,159 @@
+"""Mail: an outbox in the database, a sender that drains it, and two transports.
+
+RPCs only enqueue (:meth:`MailDelivery.send`), so a slow or dead SMTP server
+never blocks or fails them. Each replica runs :meth:`MailDelivery.run`; a
+claim is a lease on one mail, so replicas share the work, each mail goes out
+once, and a sender that dies mid-delivery only delays it (it may then go out
+twice, never zero times).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import smtplib
+import ssl
+from datetime import timedelta
+from email.message import EmailMessage
+from pathlib import Path
+
+from users_grpc.domain import Mail, QueuedMail
+from users_grpc.ports import Clock, MailQueue, MailTransport
+
+log = logging.getLogger(__name__)
+
+
+class MailDelivery:
+    """Queues mail for the services and delivers it in the background, with retries."""
+
+    def __init__(
+        self,
+        *,
+        queue: MailQueue,
+        transport: MailTransport,
+        clock: Clock,
+        poll_seconds: float,
+        max_attempts: int,
+        lease_seconds: float = 60.0,
+        first_retry_seconds: float = 5.0,
+        max_retry_seconds: float = 600.0,
+    ) -> None:
+        self._queue = queue
+        self._transport = transport
+        self._clock = clock
+        self._poll_seconds = poll_seconds
+        self._max_attempts = max_attempts
+        self._lease_seconds = lease_seconds
+        self._first_retry_seconds = first_retry_seconds
+        self._max_retry_seconds = max_retry_seconds
+        self._wake = asyncio.Event()
+
+    async def send(self, mail: Mail) -> None:
+        await self._queue.enqueue(mail, self._clock.now())
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver due mail until cancelled; poll so that other replicas' mail goes out too."""
+        while True:
+            try:
+                while await self.deliver_next():
+                    pass
+            except Exception:
+                # Most likely the database is away; the next poll tries again.
+                log.warning("mail outbox unavailable", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_seconds)
+            self._wake.clear()
+
+    async def deliver_next(self) -> bool:
+        """Try to deliver one due mail; False when none is due."""
+        queued = await self._queue.claim(self._clock.now(), self._lease_seconds)
+        if queued is None:
+            return False
+        try:
+            await asyncio.wait_for(self._transport.deliver(queued), timeout=self._lease_seconds / 2)
+        except Exception as error:  # noqa: BLE001 - any transport failure means "retry later"
+            await self._failed(queued, f"{type(error).__name__}: {error}")
+        else:
+            await self._queue.delivered(queued.id)
+            log.info("mail delivered", extra={"mail_id": queued.id, "attempts": queued.attempts})
+        return True
+
+    async def _failed(self, queued: QueuedMail, error: str) -> None:
+        if queued.attempts >= self._max_attempts:
+            log.error("mail given up", extra={"mail_id": queued.id, "attempts": queued.attempts, "error": error})
+            await self._queue.give_up(queued.id, error)
+            return
+        delay = min(self._first_retry_seconds * 2 ** (queued.attempts - 1), self._max_retry_seconds)
+        log.warning("mail delivery failed", extra={"mail_id": queued.id, "attempts": queued.attempts, "error": error})
+        await self._queue.retry_later(queued.id, self._clock.now() + timedelta(seconds=delay), error)
+
+
+class SmtpTransport:
+    """Delivers through an SMTP server, in a worker thread (smtplib blocks)."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        security: str,
+        username: str | None,
+        password: str | None,
+        sender: str,
+        timeout_seconds: float,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._security = security
+        self._username = username
+        self._password = password
+        self._sender = sender
+        self._timeout = timeout_seconds
+
+    async def deliver(self, mail: QueuedMail) -> None:
+        await asyncio.to_thread(self._deliver, _message(mail, self._sender))
+
+    def _deliver(self, message: EmailMessage) -> None:
+        context = ssl.create_default_context()
+        smtp: smtplib.SMTP
+        if self._security == "tls":
+            smtp = smtplib.SMTP_SSL(self._host, self._port, timeout=self._timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
+        with smtp:
+            if self._security == "starttls":
+                smtp.starttls(context=context)
+            if self._username and self._password:
+                smtp.login(self._username, self._password)
+            smtp.send_message(message)
+
+
+class DirectoryTransport:
+    """Writes each mail as an ``.eml`` file: the local default, so codes can be read without SMTP."""
+
+    def __init__(self, directory: Path, sender: str) -> None:
+        self._directory = directory
+        self._sender = sender
+
+    async def deliver(self, mail: QueuedMail) -> None:
+        await asyncio.to_thread(self._write, mail)
+
+    def _write(self, mail: QueuedMail) -> None:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        # Named by outbox id: a repeated delivery rewrites the same file.
+        (self._directory / f"{mail.id}.eml").write_bytes(bytes(_message(mail, self._sender)))
+
+
+def _message(queued: QueuedMail, sender: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = queued.mail.to
+    message["Subject"] = queued.mail.subject
+    message["Date"] = email.utils.formatdate(localtime=False)
+    # The same id on every attempt lets receivers drop a duplicate delivery.
+    message["Message-ID"] = f"<{queued.id}@users-grpc>"
+    message.set_content(queued.mail.body)
+    return message

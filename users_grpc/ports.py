@@ -1,0 +1,77 @@
+"""The small interfaces the services depend on.
+
+Real adapters live in :mod:`users_grpc.repository`, :mod:`users_grpc.passwords`
+and :mod:`users_grpc.mail`; fakes for unit tests live in ``tests/fakes.py``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol
+
+from users_grpc.domain import Account, ActivationCode, Mail, NewUser, QueuedMail, User
+
+
+class UserRepository(Protocol):
+    async def add(self, new_user: NewUser) -> User:
+        """Store a new user; raise ``AlreadyExists`` naming a taken username or email."""
+
+    async def get(self, user_id: str) -> User | None: ...
+
+    async def find_account(self, identifier_key: str) -> Account | None:
+        """The account whose username or email has this :func:`~users_grpc.domain.identifier_key`."""
+
+    async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
+        """Activate the user if this code is pending, unexpired and has attempts left; else None."""
+
+    async def spend_activation_attempt(self, user_id: str) -> None:
+        """Count one wrong activation code against the pending code."""
+
+    async def replace_activation_code(
+        self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
+    ) -> bool:
+        """Pend a new code for an inactive user unless the send cap is reached; True if pended."""
+
+    async def delete(self, user_id: str) -> bool:
+        """Delete the user; False if there was none."""
+
+    async def delete_by_identifier(self, identifier_key: str) -> bool: ...
+
+
+class Mailer(Protocol):
+    async def send(self, mail: Mail) -> None:
+        """Accept ``mail`` for delivery: durably queued when this returns, delivered later."""
+
+
+class PasswordHasher(Protocol):
+    async def hash(self, password: str) -> str: ...
+
+    async def verify(self, password: str, password_hash: str | None) -> bool:
+        """True if ``password`` matches. ``None`` does the same work and returns False,
+        so a missing account takes as long as a wrong password."""
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+
+
+class MailQueue(Protocol):
+    """The outbox: mail waiting for delivery, shared by every replica."""
+
+    async def enqueue(self, mail: Mail, now: datetime) -> None: ...
+
+    async def claim(self, now: datetime, lease_seconds: float) -> QueuedMail | None:
+        """Take the next due mail for ``lease_seconds``; after that another sender may take it."""
+
+    async def delivered(self, mail_id: str) -> None: ...
+
+    async def retry_later(self, mail_id: str, at: datetime, error: str) -> None: ...
+
+    async def give_up(self, mail_id: str, error: str) -> None:
+        """Keep the mail, marked failed, for an operator to inspect; never retried."""
+
+
+class MailTransport(Protocol):
+    async def deliver(self, mail: QueuedMail) -> None:
+        """Hand the mail to its next hop; raise if it was not accepted."""

@@ -1,0 +1,301 @@
+"""MongoDB storage through PyMongo's asyncio client; BSON stays inside this module.
+
+Every state change is one conditional single-document update, with its
+precondition in the filter, so concurrent requests and several replicas need
+no transactions (FerretDB has none, and MongoDB needs none for this).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Coroutine
+from datetime import datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
+
+import pymongo
+from bson import ObjectId
+from pymongo import ASCENDING, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+
+from users_grpc.domain import (
+    Account,
+    ActivationCode,
+    Gender,
+    Mail,
+    NewUser,
+    QueuedMail,
+    Role,
+    User,
+    identifier_key,
+)
+from users_grpc.errors import AlreadyExists, StorageUnavailable
+
+Document = dict[str, Any]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _storage_errors(method: Callable[_P, Coroutine[Any, Any, _R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """Turn an unreachable or timed-out database into :class:`StorageUnavailable`.
+
+    Other PyMongo errors are bugs and propagate as they are.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await method(*args, **kwargs)
+        except PyMongoError as error:
+            if isinstance(error, ConnectionFailure) or error.timeout:
+                raise StorageUnavailable() from error
+            raise
+
+    return wrapper
+
+
+class MongoUserRepository:
+    """The ``users`` collection. Uniqueness rests on the ``*_key`` fields' unique indexes."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._users: AsyncCollection[Document] = database["users"]
+
+    @_storage_errors
+    async def ensure_indexes(self) -> None:
+        await self._users.create_index([("username_key", ASCENDING)], unique=True, name="username_key_unique")
+        await self._users.create_index([("email_key", ASCENDING)], unique=True, name="email_key_unique")
+
+    @_storage_errors
+    async def add(self, new_user: NewUser) -> User:
+        document = _document_from_new_user(new_user)
+        try:
+            result = await self._users.insert_one(document)
+        except DuplicateKeyError as error:
+            raise AlreadyExists(await self._taken_field(document, error)) from None
+        document["_id"] = result.inserted_id
+        return _user_from_document(document)
+
+    @_storage_errors
+    async def get(self, user_id: str) -> User | None:
+        document = await self._users.find_one({"_id": ObjectId(user_id)})
+        return None if document is None else _user_from_document(document)
+
+    @_storage_errors
+    async def find_account(self, identifier_key: str) -> Account | None:
+        document = await self._users.find_one(_identifier_filter(identifier_key))
+        return None if document is None else _account_from_document(document)
+
+    @_storage_errors
+    async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
+        document = await self._users.find_one_and_update(
+            {
+                "_id": ObjectId(user_id),
+                "is_active": False,
+                "activation.digest": code_digest,
+                "activation.expires_at": {"$gt": now},
+                "activation.attempts_left": {"$gt": 0},
+            },
+            {"$set": {"is_active": True, "updated_at": now}, "$unset": {"activation": ""}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if document is None else _user_from_document(document)
+
+    @_storage_errors
+    async def spend_activation_attempt(self, user_id: str) -> None:
+        await self._users.update_one(
+            {"_id": ObjectId(user_id), "activation.attempts_left": {"$gt": 0}},
+            {"$inc": {"activation.attempts_left": -1}},
+        )
+
+    @_storage_errors
+    async def replace_activation_code(
+        self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
+    ) -> bool:
+        window_cutoff = code.window_started_at - timedelta(seconds=window_seconds)
+        pending = {"_id": ObjectId(user_id), "is_active": False}
+        # Within the running window: count one more send, if the cap allows.
+        counted = await self._users.update_one(
+            {
+                **pending,
+                "activation.window_started_at": {"$gt": window_cutoff},
+                "activation.sends_in_window": {"$lt": max_sends},
+            },
+            {
+                "$set": {
+                    "activation.digest": code.digest,
+                    "activation.expires_at": code.expires_at,
+                    "activation.attempts_left": code.attempts_left,
+                },
+                "$inc": {"activation.sends_in_window": 1},
+            },
+        )
+        if counted.modified_count:
+            return True
+        # The window has run out (or there was none): this send opens a new one.
+        opened = await self._users.update_one(
+            {**pending, "$or": [{"activation.window_started_at": {"$lte": window_cutoff}}, {"activation": None}]},
+            {"$set": {"activation": _activation_document(code)}},
+        )
+        return opened.modified_count == 1
+
+    @_storage_errors
+    async def delete(self, user_id: str) -> bool:
+        result = await self._users.delete_one({"_id": ObjectId(user_id)})
+        return result.deleted_count == 1
+
+    @_storage_errors
+    async def delete_by_identifier(self, identifier_key: str) -> bool:
+        result = await self._users.delete_one(_identifier_filter(identifier_key))
+        return result.deleted_count == 1
+
+    async def _taken_field(self, document: Document, error: DuplicateKeyError) -> str:
+        # MongoDB names the clashing index in keyPattern; FerretDB does not, so look it up.
+        key_pattern = (error.details or {}).get("keyPattern") or {}
+        if "username_key" in key_pattern:
+            return "username"
+        if "email_key" in key_pattern:
+            return "email"
+        if await self._users.find_one({"username_key": document["username_key"]}, projection={"_id": 1}):
+            return "username"
+        return "email"
+
+
+class MongoOutbox:
+    """The ``outbox`` collection: mail waits here until a sender, in any replica, delivers it."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._outbox: AsyncCollection[Document] = database["outbox"]
+
+    @_storage_errors
+    async def ensure_indexes(self) -> None:
+        await self._outbox.create_index(
+            [("status", ASCENDING), ("next_attempt_at", ASCENDING)], name="status_next_attempt_at"
+        )
+
+    @_storage_errors
+    async def enqueue(self, mail: Mail, now: datetime) -> None:
+        await self._outbox.insert_one(
+            {
+                "to": mail.to,
+                "subject": mail.subject,
+                "body": mail.body,
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+        )
+
+    @_storage_errors
+    async def claim(self, now: datetime, lease_seconds: float) -> QueuedMail | None:
+        document = await self._outbox.find_one_and_update(
+            # "sending" past its lease: a sender died mid-delivery, so the mail may go out twice, never zero times.
+            {"status": {"$in": ["pending", "sending"]}, "next_attempt_at": {"$lte": now}},
+            {
+                "$set": {"status": "sending", "next_attempt_at": now + timedelta(seconds=lease_seconds)},
+                "$inc": {"attempts": 1},
+            },
+            sort=[("next_attempt_at", ASCENDING)],
+            return_document=ReturnDocument.AFTER,
+        )
+        if document is None:
+            return None
+        return QueuedMail(
+            id=str(document["_id"]),
+            mail=Mail(to=document["to"], subject=document["subject"], body=document["body"]),
+            attempts=document["attempts"],
+        )
+
+    @_storage_errors
+    async def delivered(self, mail_id: str) -> None:
+        # Deleted, not kept: the body may hold a code, which must not outlive its delivery.
+        await self._outbox.delete_one({"_id": ObjectId(mail_id)})
+
+    @_storage_errors
+    async def retry_later(self, mail_id: str, at: datetime, error: str) -> None:
+        await self._outbox.update_one(
+            {"_id": ObjectId(mail_id)},
+            {"$set": {"status": "pending", "next_attempt_at": at, "last_error": error}},
+        )
+
+    @_storage_errors
+    async def give_up(self, mail_id: str, error: str) -> None:
+        await self._outbox.update_one(
+            {"_id": ObjectId(mail_id)},
+            {"$set": {"status": "failed", "last_error": error}},
+        )
+
+
+def _identifier_filter(key: str) -> Document:
+    return {"$or": [{"username_key": key}, {"email_key": key}]}
+
+
+def _document_from_new_user(new_user: NewUser) -> Document:
+    return {
+        "username": new_user.username,
+        "username_key": identifier_key(new_user.username),
+        "first_name": new_user.first_name,
+        "last_name": new_user.last_name,
+        "email": new_user.email,
+        "email_key": identifier_key(new_user.email),
+        "gender": new_user.gender.value,
+        "role": new_user.role.value,
+        "is_active": False,
+        "password_hash": new_user.password_hash,
+        "activation": _activation_document(new_user.activation),
+        "created_at": new_user.created_at,
+        "updated_at": new_user.created_at,
+    }
+
+
+def _activation_document(code: ActivationCode) -> Document:
+    return {
+        "digest": code.digest,
+        "expires_at": code.expires_at,
+        "attempts_left": code.attempts_left,
+        "sends_in_window": code.sends_in_window,
+        "window_started_at": code.window_started_at,
+    }
+
+
+def _user_from_document(document: Document) -> User:
+    return User(
+        id=str(document["_id"]),
+        username=document["username"],
+        first_name=document["first_name"],
+        last_name=document["last_name"],
+        email=document["email"],
+        gender=Gender(document["gender"]),
+        role=Role(document["role"]),
+        is_active=document["is_active"],
+        created_at=document["created_at"],
+        updated_at=document["updated_at"],
+    )
+
+
+def _account_from_document(document: Document) -> Account:
+    activation = document.get("activation")
+    return Account(
+        user=_user_from_document(document),
+        password_hash=document["password_hash"],
+        activation=None
+        if activation is None
+        else ActivationCode(
+            digest=activation["digest"],
+            expires_at=activation["expires_at"],
+            attempts_left=activation["attempts_left"],
+            sends_in_window=activation["sends_in_window"],
+            window_started_at=activation["window_started_at"],
+        ),
+    )
+
+
+async def ping(database: AsyncDatabase[Document], timeout_seconds: float) -> bool:
+    """True if the database answers a ping within ``timeout_seconds``."""
+    try:
+        with pymongo.timeout(timeout_seconds):
+            await database.command("ping")
+    except PyMongoError:
+        return False
+    return True

@@ -1,0 +1,173 @@
+"""The account lifecycle: register, activate, look up, check credentials, delete.
+
+Services see only domain types and the ports of :mod:`users_grpc.ports`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from users_grpc import domain
+from users_grpc.domain import ActivationCode, Mail, NewUser, Registration, Role, User
+from users_grpc.errors import (
+    AccountNotActive,
+    InvalidActivationCode,
+    InvalidCredentials,
+    NotFound,
+    PermissionDenied,
+)
+from users_grpc.ports import Clock, Mailer, PasswordHasher, UserRepository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountPolicy:
+    password_min_length: int = 12
+    activation_code_ttl: timedelta = timedelta(minutes=15)
+    activation_max_attempts: int = 5
+    activation_max_sends: int = 5
+    activation_send_window: timedelta = timedelta(hours=1)
+
+
+class UserService:
+    def __init__(
+        self,
+        *,
+        users: UserRepository,
+        mailer: Mailer,
+        hasher: PasswordHasher,
+        clock: Clock,
+        policy: AccountPolicy,
+    ) -> None:
+        self._users = users
+        self._mailer = mailer
+        self._hasher = hasher
+        self._clock = clock
+        self._policy = policy
+
+    async def create_user(self, registration: Registration) -> User:
+        """Store a new inactive user and mail them an activation code."""
+        domain.validate_registration(registration, password_min_length=self._policy.password_min_length)
+        if registration.role is Role.ADMIN:
+            # Only an admin may create an admin; until callers are authenticated, nobody can.
+            raise PermissionDenied("only an admin can create an admin")
+        code = domain.new_activation_code()
+        now = self._clock.now()
+        user = await self._users.add(
+            NewUser(
+                username=registration.username,
+                first_name=registration.first_name.strip(),
+                last_name=registration.last_name.strip(),
+                email=registration.email,
+                gender=registration.gender,
+                role=registration.role,
+                password_hash=await self._hasher.hash(registration.password),
+                activation=self._new_activation(registration.username, code),
+                created_at=now,
+            )
+        )
+        await self._mailer.send(self._activation_mail(user, code))
+        log.info("user created", extra={"user_id": user.id})
+        return user
+
+    async def activate_user(self, identifier: str, code: str) -> User:
+        """Activate with the mailed code. Every failure looks the same, whatever the account."""
+        domain.validate_identifier(identifier)
+        domain.validate_activation_code(code)
+        account = await self._users.find_account(domain.identifier_key(identifier))
+        if account is None or account.user.is_active or account.activation is None:
+            raise InvalidActivationCode()
+        user_id = account.user.id
+        digest = domain.activation_code_digest(account.user.username, code)
+        activated = await self._users.activate(user_id, digest, self._clock.now())
+        if activated is None:
+            await self._users.spend_activation_attempt(user_id)
+            log.info("activation refused", extra={"user_id": user_id})
+            raise InvalidActivationCode()
+        log.info("user activated", extra={"user_id": user_id})
+        return activated
+
+    async def resend_activation_code(self, identifier: str) -> None:
+        """Mail a fresh code to an inactive account; do nothing, visibly the same, otherwise."""
+        domain.validate_identifier(identifier)
+        account = await self._users.find_account(domain.identifier_key(identifier))
+        if account is None or account.user.is_active:
+            return
+        code = domain.new_activation_code()
+        pended = await self._users.replace_activation_code(
+            account.user.id,
+            self._new_activation(account.user.username, code),
+            max_sends=self._policy.activation_max_sends,
+            window_seconds=int(self._policy.activation_send_window.total_seconds()),
+        )
+        if pended:
+            await self._mailer.send(self._activation_mail(account.user, code))
+        else:
+            log.info("activation resend capped", extra={"user_id": account.user.id})
+
+    async def get_user(self, user_id: str) -> User:
+        domain.validate_user_id(user_id)
+        user = await self._users.get(user_id)
+        if user is None:
+            raise NotFound()
+        return user
+
+    async def get_active_user_by_identifier(self, identifier: str) -> User:
+        domain.validate_identifier(identifier)
+        account = await self._users.find_account(domain.identifier_key(identifier))
+        if account is None or not account.user.is_active:
+            raise NotFound()
+        return account.user
+
+    async def delete_user(self, user_id: str) -> None:
+        domain.validate_user_id(user_id)
+        if not await self._users.delete(user_id):
+            raise NotFound()
+        log.info("user deleted", extra={"user_id": user_id})
+
+    async def delete_user_by_identifier(self, identifier: str) -> None:
+        domain.validate_identifier(identifier)
+        if not await self._users.delete_by_identifier(domain.identifier_key(identifier)):
+            raise NotFound()
+        log.info("user deleted by identifier")
+
+    async def verify_credentials(self, identifier: str, password: str) -> User:
+        """The user if the password matches; one answer for unknown accounts and wrong passwords."""
+        domain.validate_identifier(identifier)
+        domain.validate_login_password(password)
+        account = await self._users.find_account(domain.identifier_key(identifier))
+        matches = await self._hasher.verify(password, account.password_hash if account else None)
+        if account is None or not matches:
+            log.info("credentials refused", extra={"user_id": account.user.id if account else None})
+            raise InvalidCredentials()
+        if not account.user.is_active:
+            raise AccountNotActive()
+        log.info("credentials verified", extra={"user_id": account.user.id})
+        return account.user
+
+    def _new_activation(self, username: str, code: str) -> ActivationCode:
+        """A pending code that opens a fresh resend window (the repository keeps a running one)."""
+        now = self._clock.now()
+        return ActivationCode(
+            digest=domain.activation_code_digest(username, code),
+            expires_at=now + self._policy.activation_code_ttl,
+            attempts_left=self._policy.activation_max_attempts,
+            sends_in_window=1,
+            window_started_at=now,
+        )
+
+    def _activation_mail(self, user: User, code: str) -> Mail:
+        minutes = int(self._policy.activation_code_ttl.total_seconds() // 60)
+        return Mail(
+            to=user.email,
+            subject="Your activation code",
+            body=(
+                f"Hello {user.first_name},\n\n"
+                f"your activation code is {code}\n\n"
+                f"It works once and expires in {minutes} minutes.\n"
+                "If you did not create an account, ignore this email.\n"
+            ),
+        )
