@@ -1,0 +1,187 @@
+"""Real components for the tests: FerretDB (our dbharness), an SMTP server, the gRPC server.
+
+Set USERS_TEST_MONGODB_URI to run the same tests against a real MongoDB instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email
+import email.policy
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from aiosmtpd.controller import Controller
+
+from users.v1 import user_service_pb2_grpc
+from users_grpc.bootstrap import App, build_app
+from users_grpc.config import Settings
+from users_grpc.devdb import DevDatabase, start_dev_database
+from users_grpc.ports import Clock
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HARNESS = Path(os.environ.get("USERS_DEV_DB_BINARY", REPO_ROOT / "dbharness/bin/dbharness"))
+_T = TypeVar("_T")
+
+
+def start_ferretdb(data_dir: Path) -> DevDatabase:
+    return start_dev_database(data_dir=data_dir, binary=HARNESS)
+
+
+@pytest.fixture(scope="session")
+def mongodb_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("USERS_TEST_MONGODB_URI")
+    if external:
+        yield external
+        return
+    database = start_ferretdb(tmp_path_factory.mktemp("ferretdb"))
+    yield database.uri
+    database.stop()
+
+
+@pytest.fixture
+def database_name() -> str:
+    """A fresh database for each test, so tests never see each other's data."""
+    return f"test_{uuid.uuid4().hex[:16]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class MailSink:
+    """An aiosmtpd handler that keeps what it receives, for tests to wait on."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self._changed = threading.Condition()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        with self._changed:
+            self.messages.append(message)
+            self._changed.notify_all()
+        return "250 OK"
+
+    def clear(self) -> None:
+        with self._changed:
+            self.messages.clear()
+
+    def wait_for(self, to: str, count: int = 1, timeout: float = 10.0) -> list[EmailMessage]:
+        """The first ``count`` messages to ``to``, waiting for them to arrive."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                matching = [m for m in self.messages if m["To"] == to]
+                if len(matching) >= count:
+                    return matching[:count]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"{count} mail(s) to {to} not received; got {len(matching)}")
+                self._changed.wait(remaining)
+
+    def code_for(self, to: str, nth: int = 1) -> str:
+        body = self.wait_for(to, nth)[nth - 1].get_content()
+        match = re.search(r"code is (\d{6})", body)
+        assert match, body
+        return match.group(1)
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[tuple[MailSink, int]]:
+    sink = MailSink()
+    port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield sink, port
+    controller.stop()
+
+
+@pytest.fixture
+def mail(smtp_server: tuple[MailSink, int]) -> MailSink:
+    sink, _ = smtp_server
+    sink.clear()
+    return sink
+
+
+class RunningServer:
+    """A real server on port 0, its asyncio loop in a thread, and a channel to it."""
+
+    def __init__(self, settings: Settings, clock: Clock | None) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="server-loop", daemon=True)
+        self._thread.start()
+        self.app: App = self.call(build_app(settings, clock=clock))
+        self.call(self.app.start())
+        self.address = f"127.0.0.1:{self.app.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = user_service_pb2_grpc.UserServiceStub(self.channel)
+
+    def call(self, coroutine: Coroutine[Any, Any, _T], timeout: float = 60) -> _T:
+        """Run ``coroutine`` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.call(self.app.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def make_settings(mongodb_uri: str, database_name: str, smtp_port: int) -> Settings:
+    """Settings for a test server: port 0, fast polling, the cheapest bcrypt cost allowed."""
+    return Settings(
+        grpc_address="127.0.0.1:0",
+        mongodb_uri=mongodb_uri,
+        mongodb_database=database_name,
+        db_timeout_seconds=2.0,
+        health_interval_seconds=0.2,
+        smtp_host="127.0.0.1",
+        smtp_port=smtp_port,
+        smtp_security="none",
+        smtp_timeout_seconds=2.0,
+        mail_poll_seconds=0.2,
+        bcrypt_rounds=10,
+        hash_workers=2,
+        shutdown_grace_seconds=2.0,
+    )
+
+
+StartServer = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def start_server(mongodb_uri: str, database_name: str, smtp_server: tuple[MailSink, int]) -> Iterator[StartServer]:
+    """Start servers with test settings (changed by keyword) and stop them after the test."""
+    servers: list[RunningServer] = []
+
+    def start(*, clock: Clock | None = None, **changes: Any) -> RunningServer:
+        settings = dataclasses.replace(make_settings(mongodb_uri, database_name, smtp_server[1]), **changes)
+        servers.append(RunningServer(settings, clock))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: StartServer) -> RunningServer:
+    return start_server()

@@ -1,0 +1,226 @@
+"""The account lifecycle through a real channel, server, FerretDB and SMTP server."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from tests.conftest import MailSink, RunningServer, StartServer
+from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, stored_users, violated_fields
+from tests.fakes import FakeClock
+from users.v1 import user_pb2
+from users.v1 import user_service_pb2 as pb
+
+
+def test_full_lifecycle(server: RunningServer, mail: MailSink) -> None:
+    """Create, read the mailed code, activate, check credentials, look up, delete."""
+    stub = server.stub
+    created = stub.CreateUser(create_request()).user
+    assert len(created.id) == 24
+    assert created.is_active is False
+    assert created.role == user_pb2.ROLE_USER
+
+    code = mail.code_for("jane@example.com")
+    activated = stub.ActivateUser(pb.ActivateUserRequest(identifier="Jane@Example.com", code=code)).user
+    assert activated.is_active is True
+    assert activated.updated_at.ToDatetime() >= created.created_at.ToDatetime()
+
+    verified = stub.VerifyCredentials(pb.VerifyCredentialsRequest(identifier="jane", password=PASSWORD)).user
+    assert verified.id == created.id
+    assert stub.GetUser(pb.GetUserRequest(id=created.id)).user.username == "jane"
+    found = stub.GetUserByIdentifier(pb.GetUserByIdentifierRequest(identifier="JANE@EXAMPLE.COM")).user
+    assert found.id == created.id
+
+    stub.DeleteUser(pb.DeleteUserRequest(id=created.id))
+    assert rpc_error(stub.GetUser, pb.GetUserRequest(id=created.id)).code() == grpc.StatusCode.NOT_FOUND
+    assert rpc_error(stub.DeleteUser, pb.DeleteUserRequest(id=created.id)).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_replies_and_mail_carry_no_secrets(server: RunningServer, mail: MailSink) -> None:
+    """No reply holds the password, its hash or the code; the mail holds only the code."""
+    reply = server.stub.CreateUser(create_request())
+    code = mail.code_for("jane@example.com")
+    activated = server.stub.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=code))
+    for message in (reply, activated):
+        raw = message.SerializeToString()
+        assert PASSWORD.encode() not in raw
+        assert code.encode() not in raw
+        assert b"$2b$" not in raw
+    assert PASSWORD not in mail.wait_for("jane@example.com")[0].get_content()
+
+
+def test_stored_password_is_bcrypt_with_cost_at_least_10(server: RunningServer, mongodb_uri: str) -> None:
+    server.stub.CreateUser(create_request())
+    [stored] = stored_users(mongodb_uri, server.settings.mongodb_database, username="jane")
+    assert stored["password_hash"].startswith("$2b$10$")
+    assert PASSWORD not in str(stored)
+
+
+def test_parallel_registrations_of_one_email_store_one_user(server: RunningServer, mongodb_uri: str) -> None:
+    """20 racing CreateUser calls for one email in different cases: one wins, the rest ALREADY_EXISTS."""
+    emails = ["race@x.io", "RACE@x.io", "Race@X.io", "race@X.IO"]
+    requests = [create_request(username=f"racer{i}", email=emails[i % len(emails)]) for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        futures = [server.stub.CreateUser.future(request) for request in requests]
+        outcomes = list(pool.map(lambda f: f.exception() or f.result(), futures))
+    errors = [o for o in outcomes if isinstance(o, grpc.RpcError)]
+    assert len(outcomes) - len(errors) == 1
+    assert {e.code() for e in errors} == {grpc.StatusCode.ALREADY_EXISTS}
+    assert {error_info(e).metadata["field"] for e in errors} == {"email"}
+    assert len(stored_users(mongodb_uri, server.settings.mongodb_database)) == 1
+
+
+def test_taken_username_is_named(server: RunningServer) -> None:
+    server.stub.CreateUser(create_request())
+    error = rpc_error(server.stub.CreateUser, create_request(username="JANE", email="other@example.com"))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_info(error).metadata["field"] == "username"
+    assert "username" in (error.details() or "")
+
+
+def test_asking_for_admin_is_permission_denied(server: RunningServer, mongodb_uri: str) -> None:
+    error = rpc_error(server.stub.CreateUser, create_request(role=user_pb2.ROLE_ADMIN))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert stored_users(mongodb_uri, server.settings.mongodb_database) == []
+
+
+BAD_INPUT = [
+    ("CreateUser", create_request(username=""), "username"),
+    ("CreateUser", create_request(username="x" * 33), "username"),
+    ("CreateUser", create_request(first_name=""), "first_name"),
+    ("CreateUser", create_request(last_name="x" * 101), "last_name"),
+    ("CreateUser", create_request(email="jane.example.com"), "email"),
+    ("CreateUser", create_request(email="x" * 250 + "@a.io"), "email"),
+    ("CreateUser", create_request(password="", password_confirmation=""), "password"),
+    ("CreateUser", create_request(password="p" * 129, password_confirmation="p" * 129), "password"),
+    ("CreateUser", create_request(password_confirmation="correct horse battery!"), "password_confirmation"),
+    ("CreateUser", create_request(gender=42), "gender"),
+    ("CreateUser", create_request(role=7), "role"),
+    ("ActivateUser", pb.ActivateUserRequest(identifier="", code="123456"), "identifier"),
+    ("ActivateUser", pb.ActivateUserRequest(identifier="jane", code=""), "code"),
+    ("ActivateUser", pb.ActivateUserRequest(identifier="jane", code="12a456"), "code"),
+    ("ActivateUser", pb.ActivateUserRequest(identifier="x" * 255, code="123456"), "identifier"),
+    ("ResendActivationCode", pb.ResendActivationCodeRequest(identifier=""), "identifier"),
+    ("ResendActivationCode", pb.ResendActivationCodeRequest(identifier="x" * 255), "identifier"),
+    ("GetUser", pb.GetUserRequest(id=""), "id"),
+    ("GetUser", pb.GetUserRequest(id="not-an-object-id-at-all!"), "id"),
+    ("GetUserByIdentifier", pb.GetUserByIdentifierRequest(identifier="  "), "identifier"),
+    ("DeleteUser", pb.DeleteUserRequest(id="123"), "id"),
+    ("DeleteUserByIdentifier", pb.DeleteUserByIdentifierRequest(identifier=""), "identifier"),
+    ("VerifyCredentials", pb.VerifyCredentialsRequest(identifier="", password="whatever it is"), "identifier"),
+    ("VerifyCredentials", pb.VerifyCredentialsRequest(identifier="jane", password=""), "password"),
+    ("VerifyCredentials", pb.VerifyCredentialsRequest(identifier="jane", password="p" * 200), "password"),
+]
+
+
+@pytest.mark.parametrize(("rpc", "request_", "field"), BAD_INPUT, ids=[f"{r}-{f}" for r, _, f in BAD_INPUT])
+def test_bad_input_is_invalid_argument_naming_the_field(
+    server: RunningServer, rpc: str, request_: object, field: str
+) -> None:
+    error = rpc_error(getattr(server.stub, rpc), request_)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in violated_fields(error)
+
+
+def test_bad_input_table_covers_every_rpc() -> None:
+    """A new RPC cannot be added without rows in the bad-input table."""
+    methods = set(pb.DESCRIPTOR.services_by_name["UserService"].methods_by_name)
+    assert {rpc for rpc, _, _ in BAD_INPUT} == methods
+
+
+def test_wrong_codes_kill_the_activation_code(server: RunningServer, mail: MailSink) -> None:
+    """After five wrong codes, the right one is refused too."""
+    server.stub.CreateUser(create_request())
+    code = mail.code_for("jane@example.com")
+    wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+    for _ in range(5):
+        error = rpc_error(server.stub.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=wrong))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = rpc_error(server.stub.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=code))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_expired_code_is_refused(start_server: StartServer, mail: MailSink) -> None:
+    clock = FakeClock()
+    server = start_server(clock=clock)
+    server.stub.CreateUser(create_request())
+    code = mail.code_for("jane@example.com")
+    clock.advance(seconds=server.settings.activation_code_ttl_seconds + 1)
+    error = rpc_error(server.stub.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=code))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_resend_replaces_the_code_and_looks_the_same_for_everyone(server: RunningServer, mail: MailSink) -> None:
+    """The reply is identical for inactive, active and unknown accounts; only the newest code works."""
+    server.stub.CreateUser(create_request())
+    server.stub.CreateUser(create_request(username="active", email="active@example.com"))
+    server.stub.ActivateUser(pb.ActivateUserRequest(identifier="active", code=mail.code_for("active@example.com")))
+    first = mail.code_for("jane@example.com")
+    replies = [
+        server.stub.ResendActivationCode(pb.ResendActivationCodeRequest(identifier=identifier)).SerializeToString()
+        for identifier in ("jane", "active", "nobody@example.com")
+    ]
+    assert len(set(replies)) == 1
+    second = mail.code_for("jane@example.com", nth=2)
+    if first != second:
+        error = rpc_error(server.stub.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=first))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert server.stub.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=second)).user.is_active
+    assert len(mail.wait_for("active@example.com")) == 1
+
+
+def test_inactive_account_is_revealed_only_after_the_right_password(server: RunningServer) -> None:
+    server.stub.CreateUser(create_request())
+    wrong = rpc_error(server.stub.VerifyCredentials, pb.VerifyCredentialsRequest(identifier="jane", password="x" * 12))
+    assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED
+    right = rpc_error(server.stub.VerifyCredentials, pb.VerifyCredentialsRequest(identifier="jane", password=PASSWORD))
+    assert right.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_passwords_sharing_72_bytes_are_different_passwords(server: RunningServer, mail: MailSink) -> None:
+    """bcrypt's 72-byte limit does not make long passwords interchangeable."""
+    password = "a" * 72 + "first"
+    server.stub.CreateUser(create_request(password=password, password_confirmation=password))
+    server.stub.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com")))
+    check = pb.VerifyCredentialsRequest(identifier="jane", password="a" * 72 + "other")
+    assert rpc_error(server.stub.VerifyCredentials, check).code() == grpc.StatusCode.UNAUTHENTICATED
+    ok = server.stub.VerifyCredentials(pb.VerifyCredentialsRequest(identifier="jane", password=password))
+    assert ok.user.username == "jane"
+
+
+def test_unknown_account_and_wrong_password_are_indistinguishable(server: RunningServer, mail: MailSink) -> None:
+    """Same code, same message, and about the same time: the missing account still runs bcrypt."""
+    server.stub.CreateUser(create_request())
+    server.stub.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com")))
+
+    def attempt(identifier: str) -> tuple[grpc.StatusCode, str | None, float]:
+        started = time.perf_counter()
+        error = rpc_error(
+            server.stub.VerifyCredentials, pb.VerifyCredentialsRequest(identifier=identifier, password="wrong " * 3)
+        )
+        return error.code(), error.details(), time.perf_counter() - started
+
+    wrong_password = [attempt("jane") for _ in range(30)]
+    unknown_account = [attempt("nobody@example.com") for _ in range(30)]
+    assert {(c, d) for c, d, _ in wrong_password} == {(c, d) for c, d, _ in unknown_account}
+    assert wrong_password[0][0] == grpc.StatusCode.UNAUTHENTICATED
+    # Skipping bcrypt would make the unknown account ~20x faster; the bound is loose against noise.
+    ratio = statistics.median(t for *_, t in unknown_account) / statistics.median(t for *_, t in wrong_password)
+    assert 0.5 < ratio < 2.0, ratio
+
+
+def test_get_by_identifier_skips_inactive_users(server: RunningServer) -> None:
+    server.stub.CreateUser(create_request())
+    error = rpc_error(server.stub.GetUserByIdentifier, pb.GetUserByIdentifierRequest(identifier="jane"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_delete_by_identifier(server: RunningServer) -> None:
+    server.stub.CreateUser(create_request())
+    server.stub.DeleteUserByIdentifier(pb.DeleteUserByIdentifierRequest(identifier="JANE@example.com"))
+    error = rpc_error(server.stub.DeleteUserByIdentifier, pb.DeleteUserByIdentifierRequest(identifier="jane"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,198 @@
+"""Operating the server: health that follows the database, outages, mail outages,
+reflection for grpcurl, grpc-health-probe, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from aiosmtpd.controller import Controller
+from grpc_health.v1 import health_pb2
+
+from tests.conftest import REPO_ROOT, MailSink, RunningServer, StartServer, free_port, start_ferretdb
+from tests.e2e.helpers import create_request, health_stub, rpc_error, stored_users
+from users.v1 import user_service_pb2 as pb
+from users.v1 import user_service_pb2_grpc
+from users_grpc.devdb import DevDatabase
+
+TOOLS = Path(os.environ.get("USERS_TOOLS_BIN", REPO_ROOT / ".tools/bin"))
+SERVICE = "users.v1.UserService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def tool(name: str) -> str:
+    path = TOOLS / name
+    # Installed by .ci/setup; a missing tool is a broken setup, not a reason to skip.
+    assert path.exists(), f"{path} is missing: run .ci/setup"
+    return str(path)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def health_status(server: RunningServer, service: str = SERVICE) -> int:
+    stub = health_stub(server.channel)
+    status: int = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    return status
+
+
+def probe(address: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool("grpc-health-probe"), "-addr", address, "-service", SERVICE, "-connect-timeout=2s", "-rpc-timeout=2s"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.fixture
+def own_database(tmp_path: Path) -> Iterator[DevDatabase]:
+    """A FerretDB process of this test's own, to pause and resume."""
+    database = start_ferretdb(tmp_path / "db")
+    yield database
+    os.kill(database.process.pid, signal.SIGCONT)
+    database.stop()
+
+
+def test_health_reports_serving_for_the_server_and_the_service(server: RunningServer) -> None:
+    assert health_status(server, "") == SERVING
+    assert health_status(server, SERVICE) == SERVING
+    result = probe(server.address)
+    assert result.returncode == 0, result.stderr
+    assert "status: SERVING" in result.stdout + result.stderr
+
+
+def test_database_outage_is_unavailable_and_recovers_without_restart(
+    start_server: StartServer, own_database: DevDatabase, mail: MailSink
+) -> None:
+    """Paused database: health NOT_SERVING, RPCs UNAVAILABLE fast, nothing half-written; then back."""
+    server = start_server(mongodb_uri=own_database.uri, db_timeout_seconds=1.0)
+    watch = health_stub(server.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+    assert next(watch).status == SERVING
+
+    os.kill(own_database.process.pid, signal.SIGSTOP)
+    wait_until(lambda: health_status(server) == NOT_SERVING, what="NOT_SERVING")
+    assert next(watch).status == NOT_SERVING
+    result = probe(server.address)
+    assert result.returncode != 0
+    assert "NOT_SERVING" in result.stdout + result.stderr
+
+    started = time.monotonic()
+    error = rpc_error(server.stub.CreateUser, create_request(), timeout=10)
+    assert error.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert time.monotonic() - started < 5
+    assert "Traceback" not in (error.details() or "")
+    error = rpc_error(server.stub.GetUser, pb.GetUserRequest(id="0" * 24), timeout=0.5)
+    assert error.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+    os.kill(own_database.process.pid, signal.SIGCONT)
+    wait_until(lambda: health_status(server) == SERVING, what="SERVING again")
+    assert next(watch).status == SERVING
+    assert probe(server.address).returncode == 0
+    # Nothing was half-created by the failed call, and the same registration now works.
+    assert len(stored_users(own_database.uri, server.settings.mongodb_database)) <= 1
+    # The timed-out call's write may have landed after all (then it is whole): ALREADY_EXISTS.
+    retry = server.stub.CreateUser.future(create_request()).exception()
+    assert retry is None or (isinstance(retry, grpc.RpcError) and retry.code() == grpc.StatusCode.ALREADY_EXISTS)
+    [stored] = stored_users(own_database.uri, server.settings.mongodb_database)
+    assert stored["password_hash"].startswith("$2b$")
+    assert mail.code_for("jane@example.com")
+
+
+def test_dead_smtp_server_delays_mail_without_failing_or_losing_it(start_server: StartServer) -> None:
+    """CreateUser answers at once while SMTP is down; the mail goes out once SMTP is back."""
+    port = free_port()
+    server = start_server(smtp_port=port, mail_retry_seconds=0.1, smtp_timeout_seconds=0.5)
+    started = time.monotonic()
+    server.stub.CreateUser(create_request())
+    assert time.monotonic() - started < 2
+    time.sleep(0.5)  # let a delivery attempt or two fail
+
+    sink = MailSink()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        assert sink.code_for("jane@example.com")
+        time.sleep(1)  # no second copy follows
+        assert len(sink.wait_for("jane@example.com")) == 1
+        assert len(sink.messages) == 1
+    finally:
+        controller.stop()
+
+
+def test_reflection_lets_grpcurl_list_and_call(server: RunningServer) -> None:
+    listing = subprocess.run(
+        [tool("grpcurl"), "-plaintext", server.address, "list"], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert SERVICE in listing.stdout.split()
+    call = subprocess.run(
+        [tool("grpcurl"), "-plaintext", "-d", '{"id": "' + "0" * 24 + '"}', server.address, f"{SERVICE}/GetUser"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert "NotFound" in call.stderr
+
+
+def test_reflection_can_be_turned_off(start_server: StartServer) -> None:
+    server = start_server(reflection=False)
+    listing = subprocess.run(
+        [tool("grpcurl"), "-plaintext", server.address, "list"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert listing.returncode != 0
+
+
+def test_sigterm_drains_in_flight_calls_then_exits(mongodb_uri: str, database_name: str, tmp_path: Path) -> None:
+    """On SIGTERM, health turns NOT_SERVING, the running CreateUser completes, and the process exits 0."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "USERS_GRPC_ADDRESS": f"127.0.0.1:{port}",
+        "USERS_MONGODB_URI": mongodb_uri,
+        "USERS_MONGODB_DATABASE": database_name,
+        "USERS_MAIL_DIR": str(tmp_path / "mail"),
+        # A slow hash keeps the call in flight while the signal arrives.
+        "USERS_BCRYPT_ROUNDS": "15",
+        "USERS_HASH_WORKERS": "1",
+        "USERS_SHUTDOWN_DELAY_SECONDS": "0.5",
+        "USERS_SHUTDOWN_GRACE_SECONDS": "20",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "users_grpc", "serve"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            health = health_stub(channel)
+            wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE)).status == SERVING)
+            in_flight = user_service_pb2_grpc.UserServiceStub(channel).CreateUser.future(create_request(), timeout=30)
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE)).status == NOT_SERVING
+            assert in_flight.result().user.username == "jane"
+        assert process.wait(timeout=25) == 0
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert "Traceback" not in stderr

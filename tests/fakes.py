@@ -1,0 +1,133 @@
+"""In-memory fakes of the service ports, for fast unit tests of the service layer.
+
+Each mirrors a real adapter whose behaviour the integration and end-to-end
+tests check against the real database and SMTP server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from datetime import UTC, datetime, timedelta
+
+from users_grpc.domain import Account, ActivationCode, Mail, NewUser, User, identifier_key
+from users_grpc.errors import AlreadyExists
+
+
+class FakeClock:
+    def __init__(self, start: datetime = datetime(2026, 1, 1, tzinfo=UTC)) -> None:
+        self.current = start
+
+    def now(self) -> datetime:
+        return self.current
+
+    def advance(self, **delta: float) -> None:
+        self.current += timedelta(**delta)
+
+
+class FakeHasher:
+    """Reversible on purpose: unit tests check the service's use of the port, not bcrypt."""
+
+    def __init__(self) -> None:
+        self.verified_against_missing = 0
+
+    async def hash(self, password: str) -> str:
+        return f"hashed:{password}"
+
+    async def verify(self, password: str, password_hash: str | None) -> bool:
+        if password_hash is None:
+            self.verified_against_missing += 1
+            return False
+        return password_hash == f"hashed:{password}"
+
+
+class FakeMailer:
+    def __init__(self) -> None:
+        self.sent: list[Mail] = []
+
+    async def send(self, mail: Mail) -> None:
+        self.sent.append(mail)
+
+
+class FakeUserRepository:
+    def __init__(self) -> None:
+        self.accounts: dict[str, Account] = {}
+        self._ids = (f"{n:024x}" for n in itertools.count(1))
+
+    async def add(self, new_user: NewUser) -> User:
+        for account in self.accounts.values():
+            if identifier_key(account.user.username) == identifier_key(new_user.username):
+                raise AlreadyExists("username")
+            if identifier_key(account.user.email) == identifier_key(new_user.email):
+                raise AlreadyExists("email")
+        user = User(
+            id=next(self._ids),
+            username=new_user.username,
+            first_name=new_user.first_name,
+            last_name=new_user.last_name,
+            email=new_user.email,
+            gender=new_user.gender,
+            role=new_user.role,
+            is_active=False,
+            created_at=new_user.created_at,
+            updated_at=new_user.created_at,
+        )
+        self.accounts[user.id] = Account(
+            user=user, password_hash=new_user.password_hash, activation=new_user.activation
+        )
+        return user
+
+    async def get(self, user_id: str) -> User | None:
+        account = self.accounts.get(user_id)
+        return account.user if account else None
+
+    async def find_account(self, identifier_key_: str) -> Account | None:
+        for account in self.accounts.values():
+            if identifier_key_ in {identifier_key(account.user.username), identifier_key(account.user.email)}:
+                return account
+        return None
+
+    async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
+        account = self.accounts.get(user_id)
+        code = account.activation if account else None
+        if (
+            account is None
+            or code is None
+            or account.user.is_active
+            or code.digest != code_digest
+            or code.expires_at <= now
+            or code.attempts_left <= 0
+        ):
+            return None
+        user = dataclasses.replace(account.user, is_active=True, updated_at=now)
+        self.accounts[user_id] = dataclasses.replace(account, user=user, activation=None)
+        return user
+
+    async def spend_activation_attempt(self, user_id: str) -> None:
+        account = self.accounts[user_id]
+        if account.activation and account.activation.attempts_left > 0:
+            activation = dataclasses.replace(account.activation, attempts_left=account.activation.attempts_left - 1)
+            self.accounts[user_id] = dataclasses.replace(account, activation=activation)
+
+    async def replace_activation_code(
+        self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
+    ) -> bool:
+        account = self.accounts.get(user_id)
+        if account is None or account.user.is_active:
+            return False
+        old = account.activation
+        if old is not None and old.window_started_at > code.window_started_at - timedelta(seconds=window_seconds):
+            if old.sends_in_window >= max_sends:
+                return False
+            code = dataclasses.replace(
+                code, sends_in_window=old.sends_in_window + 1, window_started_at=old.window_started_at
+            )
+        self.accounts[user_id] = dataclasses.replace(account, activation=code)
+        return True
+
+    async def delete(self, user_id: str) -> bool:
+        return self.accounts.pop(user_id, None) is not None
+
+    async def delete_by_identifier(self, identifier_key_: str) -> bool:
+        account = await self.find_account(identifier_key_)
+        return account is not None and await self.delete(account.user.id)

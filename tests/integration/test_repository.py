@@ -1,0 +1,203 @@
+"""The PyMongo repository and outbox against the real database (FerretDB, or USERS_TEST_MONGODB_URI)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
+from users_grpc.errors import AlreadyExists, StorageUnavailable
+from users_grpc.repository import Document, MongoOutbox, MongoUserRepository
+
+_T = TypeVar("_T")
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Stores:
+    def __init__(self, uri: str, name: str) -> None:
+        self.client: AsyncMongoClient[Document] = AsyncMongoClient(uri, tz_aware=True)
+        self.users = MongoUserRepository(self.client[name])
+        self.outbox = MongoOutbox(self.client[name])
+
+
+@pytest.fixture
+def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Awaitable[_T]]], _T]:
+    """Run a test body with fresh stores on its own database, indexes in place."""
+
+    def runner(body: Callable[[Stores], Awaitable[_T]]) -> _T:
+        async def main() -> _T:
+            stores = Stores(mongodb_uri, database_name)
+            try:
+                await stores.users.ensure_indexes()
+                await stores.outbox.ensure_indexes()
+                return await body(stores)
+            finally:
+                await stores.client.close()
+
+        return asyncio.run(main())
+
+    return runner
+
+
+def activation(**changes: Any) -> ActivationCode:
+    fields: dict[str, Any] = {
+        "digest": "d1",
+        "expires_at": NOW + timedelta(minutes=15),
+        "attempts_left": 2,
+        "sends_in_window": 1,
+        "window_started_at": NOW,
+    }
+    fields.update(changes)
+    return ActivationCode(**fields)
+
+
+def new_user(username: str = "jane", email: str = "jane@example.com") -> NewUser:
+    return NewUser(
+        username=username,
+        first_name="Jane",
+        last_name="Doe",
+        email=email,
+        gender=Gender.FEMALE,
+        role=Role.USER,
+        password_hash="$2b$10$hash",
+        activation=activation(),
+        created_at=NOW,
+    )
+
+
+def test_indexes_are_created_idempotently(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        await stores.users.ensure_indexes()
+        await stores.outbox.ensure_indexes()
+
+    run(body)
+
+
+def test_round_trip_keeps_every_field(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        added = await stores.users.add(new_user())
+        assert await stores.users.get(added.id) == added
+        account = await stores.users.find_account("JANE@EXAMPLE.COM".lower())
+        assert account is not None
+        assert account.user == added
+        assert account.password_hash == "$2b$10$hash"
+        assert account.activation == activation()
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("username", "email", "field"), [("JANE", "x@y.io", "username"), ("joe", "Jane@Example.com", "email")]
+)
+def test_duplicates_name_the_taken_field(run: Any, username: str, email: str, field: str) -> None:
+    async def body(stores: Stores) -> None:
+        await stores.users.add(new_user())
+        with pytest.raises(AlreadyExists) as error:
+            await stores.users.add(new_user(username, email))
+        assert error.value.field == field
+
+    run(body)
+
+
+def test_activate_checks_code_expiry_and_attempts_in_one_update(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        user = await stores.users.add(new_user())
+        assert await stores.users.activate(user.id, "wrong", NOW) is None
+        assert await stores.users.activate(user.id, "d1", NOW + timedelta(minutes=16)) is None
+        await stores.users.spend_activation_attempt(user.id)
+        await stores.users.spend_activation_attempt(user.id)
+        assert await stores.users.activate(user.id, "d1", NOW) is None  # attempts used up
+        account = await stores.users.find_account("jane")
+        assert account is not None
+        assert account.activation is not None
+        assert account.activation.attempts_left == 0
+
+    run(body)
+
+
+def test_activate_once_even_when_raced(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        user = await stores.users.add(new_user())
+        results = await asyncio.gather(*(stores.users.activate(user.id, "d1", NOW) for _ in range(10)))
+        assert sum(result is not None for result in results) == 1
+        account = await stores.users.find_account("jane")
+        assert account is not None
+        assert account.user.is_active
+        assert account.activation is None
+
+    run(body)
+
+
+def test_replace_activation_code_counts_sends_per_window(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        user = await stores.users.add(new_user())
+        later = NOW + timedelta(minutes=1)
+        code = activation(digest="d2", window_started_at=later, attempts_left=5)
+        assert await stores.users.replace_activation_code(user.id, code, max_sends=3, window_seconds=3600)
+        assert await stores.users.replace_activation_code(user.id, code, max_sends=3, window_seconds=3600)
+        assert not await stores.users.replace_activation_code(user.id, code, max_sends=3, window_seconds=3600)
+        account = await stores.users.find_account("jane")
+        assert account is not None
+        assert account.activation == activation(digest="d2", attempts_left=5, sends_in_window=3)
+
+        next_window = activation(digest="d3", window_started_at=NOW + timedelta(hours=1, seconds=1))
+        assert await stores.users.replace_activation_code(user.id, next_window, max_sends=3, window_seconds=3600)
+        account = await stores.users.find_account("jane")
+        assert account is not None
+        assert account.activation == next_window
+        assert await stores.users.activate(user.id, "d3", NOW) is not None
+        assert not await stores.users.replace_activation_code(user.id, next_window, max_sends=3, window_seconds=3600)
+
+    run(body)
+
+
+def test_outbox_lease_hands_each_mail_to_one_sender_at_a_time(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        await stores.outbox.enqueue(Mail(to="a@x.io", subject="s", body="b"), NOW)
+        claims = await asyncio.gather(*(stores.outbox.claim(NOW, 60) for _ in range(5)))
+        claimed = [claim for claim in claims if claim is not None]
+        assert len(claimed) == 1
+        assert claimed[0].mail == Mail(to="a@x.io", subject="s", body="b")
+        assert claimed[0].attempts == 1
+        # The sender died: after the lease another one takes the mail over.
+        retaken = await stores.outbox.claim(NOW + timedelta(seconds=61), 60)
+        assert retaken is not None
+        assert (retaken.id, retaken.attempts) == (claimed[0].id, 2)
+        await stores.outbox.delivered(retaken.id)
+        assert await stores.outbox.claim(NOW + timedelta(days=1), 60) is None
+
+    run(body)
+
+
+def test_outbox_retry_and_give_up(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        await stores.outbox.enqueue(Mail(to="a@x.io", subject="s", body="b"), NOW)
+        first = await stores.outbox.claim(NOW, 60)
+        assert first is not None
+        await stores.outbox.retry_later(first.id, NOW + timedelta(seconds=30), "refused")
+        assert await stores.outbox.claim(NOW + timedelta(seconds=29), 60) is None
+        second = await stores.outbox.claim(NOW + timedelta(seconds=30), 60)
+        assert second is not None
+        await stores.outbox.give_up(second.id, "refused")
+        assert await stores.outbox.claim(NOW + timedelta(days=365), 60) is None
+
+    run(body)
+
+
+def test_unreachable_database_is_storage_unavailable() -> None:
+    async def main() -> None:
+        client: AsyncMongoClient[Document] = AsyncMongoClient(
+            "mongodb://127.0.0.1:9/", serverSelectionTimeoutMS=200, connectTimeoutMS=200
+        )
+        try:
+            with pytest.raises(StorageUnavailable):
+                await MongoUserRepository(client["x"]).get("0" * 24)
+        finally:
+            await client.close()
+
+    asyncio.run(main())

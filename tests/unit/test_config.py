@@ -1,0 +1,72 @@
+"""Settings come from USERS_* variables; bad values name the variable."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from users_grpc.config import ConfigError, Settings
+
+
+def test_defaults_serve_locally() -> None:
+    """With nothing set, the service listens on loopback and writes mail to files."""
+    settings = Settings.from_env({})
+    assert settings.grpc_address == "127.0.0.1:50051"
+    assert settings.smtp_host is None
+    assert settings.mail_dir == Path("var/mail")
+
+
+def test_values_are_parsed() -> None:
+    settings = Settings.from_env(
+        {
+            "USERS_GRPC_ADDRESS": "[::]:6000",
+            "USERS_SMTP_HOST": "smtp.example.com",
+            "USERS_SMTP_PORT": "465",
+            "USERS_SMTP_SECURITY": "TLS",
+            "USERS_REFLECTION": "off",
+            "USERS_DB_TIMEOUT_SECONDS": "2.5",
+        }
+    )
+    assert settings.grpc_address == "[::]:6000"
+    assert (settings.smtp_host, settings.smtp_port, settings.smtp_security) == ("smtp.example.com", 465, "tls")
+    assert settings.reflection is False
+    assert settings.db_timeout_seconds == 2.5
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env({})
+    with pytest.raises(AttributeError):
+        settings.grpc_address = "0.0.0.0:1"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("USERS_GRPC_ADDRESS", "50051"),
+        ("USERS_SMTP_PORT", "smtp"),
+        ("USERS_SMTP_PORT", "70000"),
+        ("USERS_SMTP_SECURITY", "ssl3"),
+        ("USERS_MONGODB_URI", "http://db"),
+        ("USERS_MONGODB_DATABASE", "users.v1"),
+        ("USERS_PASSWORD_MIN_LENGTH", "8"),
+        ("USERS_BCRYPT_ROUNDS", "4"),
+        ("USERS_REFLECTION", "maybe"),
+        ("USERS_MAIL_FROM", "nobody"),
+    ],
+)
+def test_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_env_example_lists_every_variable() -> None:
+    """.env.example documents exactly the variables config.py reads, each set to its default."""
+    source = (REPO_ROOT / "users_grpc/config.py").read_text()
+    read = set(re.findall(r'"(USERS_[A-Z_]+)"', source))
+    example = (REPO_ROOT / ".env.example").read_text()
+    documented = dict(re.findall(r"^(USERS_[A-Z_]+)=(.*)$", example, flags=re.MULTILINE))
+    assert set(documented) == read
+    assert Settings.from_env(documented) == Settings()

@@ -1,0 +1,278 @@
+"""The account lifecycle on fakes: rules and edge cases, fast.
+
+tests/e2e covers the same behaviour through gRPC on the real database and SMTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Coroutine
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.fakes import FakeClock, FakeHasher, FakeMailer, FakeUserRepository
+from users_grpc.domain import Gender, Registration, Role, User
+from users_grpc.errors import (
+    AccountNotActive,
+    AlreadyExists,
+    InvalidActivationCode,
+    InvalidArgument,
+    InvalidCredentials,
+    NotFound,
+    PermissionDenied,
+)
+from users_grpc.service import AccountPolicy, UserService
+
+_T = TypeVar("_T")
+PASSWORD = "correct horse battery"
+
+
+def run(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    return asyncio.run(coroutine)
+
+
+def registration(**changes: Any) -> Registration:
+    fields: dict[str, Any] = {
+        "username": "jane",
+        "first_name": "Jane",
+        "last_name": "Doe",
+        "email": "jane@example.com",
+        "password": PASSWORD,
+        "password_confirmation": PASSWORD,
+        "gender": Gender.FEMALE,
+        "role": Role.USER,
+    }
+    fields.update(changes)
+    if "password" in changes and "password_confirmation" not in changes:
+        fields["password_confirmation"] = changes["password"]
+    return Registration(**fields)
+
+
+class World:
+    def __init__(self, policy: AccountPolicy | None = None) -> None:
+        self.users = FakeUserRepository()
+        self.mailer = FakeMailer()
+        self.hasher = FakeHasher()
+        self.clock = FakeClock()
+        self.service = UserService(
+            users=self.users, mailer=self.mailer, hasher=self.hasher, clock=self.clock, policy=policy or AccountPolicy()
+        )
+
+    def last_code(self) -> str:
+        match = re.search(r"code is (\d{6})", self.mailer.sent[-1].body)
+        assert match, self.mailer.sent[-1].body
+        return match.group(1)
+
+    def create(self, **changes: Any) -> User:
+        return run(self.service.create_user(registration(**changes)))
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def violated_fields(error: pytest.ExceptionInfo[InvalidArgument]) -> set[str]:
+    return {violation.field for violation in error.value.violations}
+
+
+class TestCreateUser:
+    def test_creates_an_inactive_user_and_mails_a_code(self, world: World) -> None:
+        """A new user is inactive, and the mail to them carries a six-digit code."""
+        user = world.create()
+        assert user.is_active is False
+        assert user.role is Role.USER
+        assert world.mailer.sent[0].to == "jane@example.com"
+        assert re.fullmatch(r"\d{6}", world.last_code())
+
+    def test_stores_the_password_hashed(self, world: World) -> None:
+        """The repository receives the hasher's output, never the password."""
+        user = world.create()
+        assert world.users.accounts[user.id].password_hash == f"hashed:{PASSWORD}"
+
+    def test_taken_email_in_other_case_is_already_exists(self, world: World) -> None:
+        """Emails are unique regardless of letter case."""
+        world.create()
+        with pytest.raises(AlreadyExists) as error:
+            world.create(username="other", email="JANE@Example.COM")
+        assert error.value.field == "email"
+
+    def test_admin_role_is_permission_denied(self, world: World) -> None:
+        """Nobody makes themself admin by registering."""
+        with pytest.raises(PermissionDenied):
+            world.create(role=Role.ADMIN)
+        assert world.users.accounts == {}
+
+    @pytest.mark.parametrize(
+        ("changes", "field"),
+        [
+            ({"username": "ab"}, "username"),
+            ({"username": "jane doe"}, "username"),
+            ({"username": "j" * 33}, "username"),
+            ({"first_name": "  "}, "first_name"),
+            ({"last_name": "x" * 101}, "last_name"),
+            ({"first_name": "Ja\x00ne"}, "first_name"),
+            ({"email": "not-an-email"}, "email"),
+            ({"email": "jane@localhost"}, "email"),
+            ({"email": "a" * 250 + "@x.io"}, "email"),
+            ({"password": "elevenchars"}, "password"),
+            ({"password": "p" * 129}, "password"),
+            ({"password": "my name is jane, really"}, "password"),
+            ({"password_confirmation": "something else entirely"}, "password_confirmation"),
+        ],
+    )
+    def test_bad_fields_are_named(self, world: World, changes: dict[str, str], field: str) -> None:
+        """Each bad field is reported under its proto name, and nothing is stored."""
+        with pytest.raises(InvalidArgument) as error:
+            world.create(**changes)
+        assert field in violated_fields(error)
+        assert world.users.accounts == {}
+
+    def test_password_length_counts_code_points(self, world: World) -> None:
+        """Twelve emoji are twelve characters: long enough."""
+        assert world.create(password="😀" * 12).username == "jane"
+
+    def test_password_of_128_characters_is_accepted(self, world: World) -> None:
+        """Long passphrases are welcome, up to 128 characters."""
+        assert world.create(password="p" * 128).username == "jane"
+
+    def test_minimum_length_follows_the_policy(self) -> None:
+        """Operators can raise the minimum to 15."""
+        world = World(AccountPolicy(password_min_length=15))
+        with pytest.raises(InvalidArgument):
+            world.create(password="fourteen chars")
+
+
+class TestActivateUser:
+    def test_right_code_activates(self, world: World) -> None:
+        """The mailed code activates the account, found by either identifier in any case."""
+        user = world.create()
+        activated = run(world.service.activate_user("JANE@example.com", world.last_code()))
+        assert activated.id == user.id
+        assert activated.is_active
+
+    def test_code_works_once(self, world: World) -> None:
+        """A used code fails the second time."""
+        world.create()
+        code = world.last_code()
+        run(world.service.activate_user("jane", code))
+        with pytest.raises(InvalidActivationCode):
+            run(world.service.activate_user("jane", code))
+
+    def test_expired_code_fails(self, world: World) -> None:
+        """Past its lifetime the right code is refused."""
+        world.create()
+        world.clock.advance(minutes=15, seconds=1)
+        with pytest.raises(InvalidActivationCode):
+            run(world.service.activate_user("jane", world.last_code()))
+
+    def test_wrong_guesses_kill_the_code(self, world: World) -> None:
+        """After five wrong codes the right one fails too."""
+        world.create()
+        code = world.last_code()
+        wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+        for _ in range(5):
+            with pytest.raises(InvalidActivationCode):
+                run(world.service.activate_user("jane", wrong))
+        with pytest.raises(InvalidActivationCode):
+            run(world.service.activate_user("jane", code))
+
+    def test_unknown_account_looks_like_a_wrong_code(self, world: World) -> None:
+        """The answer does not tell whether the account exists."""
+        with pytest.raises(InvalidActivationCode):
+            run(world.service.activate_user("nobody", "123456"))
+
+    @pytest.mark.parametrize("code", ["", "12345", "1234567", "abcdef", "١٢٣٤٥٦"])
+    def test_malformed_code_is_invalid_argument(self, world: World, code: str) -> None:
+        """Only six ASCII digits are a code."""
+        with pytest.raises(InvalidArgument) as error:
+            run(world.service.activate_user("jane", code))
+        assert violated_fields(error) == {"code"}
+
+
+class TestResendActivationCode:
+    def test_new_code_replaces_the_old(self, world: World) -> None:
+        """After a resend only the newest code works."""
+        world.create()
+        old = world.last_code()
+        run(world.service.resend_activation_code("jane"))
+        new = world.last_code()
+        if old != new:
+            with pytest.raises(InvalidActivationCode):
+                run(world.service.activate_user("jane", old))
+        assert run(world.service.activate_user("jane", new)).is_active
+
+    def test_sends_are_capped_per_window(self, world: World) -> None:
+        """Five mails an hour at most, the registration mail included; the next window allows more."""
+        world.create()
+        for _ in range(10):
+            run(world.service.resend_activation_code("jane"))
+        assert len(world.mailer.sent) == 5
+        world.clock.advance(hours=1, seconds=1)
+        run(world.service.resend_activation_code("jane"))
+        assert len(world.mailer.sent) == 6
+
+    def test_unknown_and_active_accounts_get_no_mail(self, world: World) -> None:
+        """The call succeeds quietly and sends nothing."""
+        world.create()
+        run(world.service.activate_user("jane", world.last_code()))
+        run(world.service.resend_activation_code("jane"))
+        run(world.service.resend_activation_code("nobody@example.com"))
+        assert len(world.mailer.sent) == 1
+
+
+class TestVerifyCredentials:
+    def test_right_password_of_active_user(self, world: World) -> None:
+        world.create()
+        run(world.service.activate_user("jane", world.last_code()))
+        assert run(world.service.verify_credentials("Jane", PASSWORD)).username == "jane"
+
+    def test_unknown_account_and_wrong_password_look_the_same(self, world: World) -> None:
+        """Same error and message, and the missing account still costs a hash check."""
+        world.create()
+        with pytest.raises(InvalidCredentials) as wrong:
+            run(world.service.verify_credentials("jane", "wrong password here"))
+        with pytest.raises(InvalidCredentials) as unknown:
+            run(world.service.verify_credentials("nobody", "wrong password here"))
+        assert str(wrong.value) == str(unknown.value)
+        assert world.hasher.verified_against_missing == 1
+
+    def test_inactive_account_is_told_only_after_the_right_password(self, world: World) -> None:
+        world.create()
+        with pytest.raises(InvalidCredentials):
+            run(world.service.verify_credentials("jane", "wrong password here"))
+        with pytest.raises(AccountNotActive):
+            run(world.service.verify_credentials("jane", PASSWORD))
+
+
+class TestLookupAndDelete:
+    def test_get_by_identifier_finds_only_active_users(self, world: World) -> None:
+        world.create()
+        with pytest.raises(NotFound):
+            run(world.service.get_active_user_by_identifier("jane"))
+        run(world.service.activate_user("jane", world.last_code()))
+        assert run(world.service.get_active_user_by_identifier("JANE@EXAMPLE.COM")).username == "jane"
+
+    def test_delete_then_get_is_not_found(self, world: World) -> None:
+        user = world.create()
+        run(world.service.delete_user(user.id))
+        with pytest.raises(NotFound):
+            run(world.service.get_user(user.id))
+        with pytest.raises(NotFound):
+            run(world.service.delete_user(user.id))
+
+    @pytest.mark.parametrize("user_id", ["", "xyz", "6B07D8AEEE680BE65577D511", "6b07d8aeee680be65577d51"])
+    def test_bad_id_is_invalid_argument(self, world: World, user_id: str) -> None:
+        with pytest.raises(InvalidArgument) as error:
+            run(world.service.get_user(user_id))
+        assert violated_fields(error) == {"id"}
+
+
+def test_activation_code_ttl_is_in_the_mail() -> None:
+    """The mail tells the user how long the code lasts."""
+    world = World(AccountPolicy(activation_code_ttl=timedelta(minutes=30)))
+    world.create()
+    assert "30 minutes" in world.mailer.sent[0].body
