@@ -3,16 +3,27 @@
 //
 // It embeds github.com/FerretDB/FerretDB/ferretdb instead of building FerretDB's
 // own command, whose version file is missing from the module download.
+//
+// FerretDB v1 runs a conditional update (findAndModify, update) as a query
+// followed by a separate write, so two racing updates can both match the same
+// precondition; MongoDB applies each single-document update atomically, and
+// users-grpc relies on that. The harness restores the guarantee by passing
+// clients to FerretDB through a small proxy that runs one command at a time.
 package main
 
 import (
 	"context"
+	"encoding/binary"
+	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
 
 	"github.com/FerretDB/FerretDB/ferretdb"
@@ -36,7 +47,7 @@ func main() {
 	}
 
 	db, err := ferretdb.New(&ferretdb.Config{
-		Listener:  ferretdb.ListenerConfig{TCP: *listen},
+		Listener:  ferretdb.ListenerConfig{TCP: "127.0.0.1:0"},
 		Handler:   "sqlite",
 		SQLiteURL: sqliteURL,
 	})
@@ -53,9 +64,115 @@ func main() {
 		_ = db.Run(ctx)
 	}()
 
-	// MongoDBURI waits until Run has started the listener, so this line is a
-	// true readiness signal and names the real port when -listen asked for 0.
-	fmt.Println("listening", db.MongoDBURI())
+	// MongoDBURI waits until Run has started FerretDB's listener.
+	backend := db.MongoDBURI()
+	backendAddr := backend[len("mongodb://") : len(backend)-1]
 
+	listener, err := net.Listen("tcp", *listen)
+	if err != nil {
+		log.Fatal(err)
+	}
+	go func() {
+		<-ctx.Done()
+		listener.Close()
+	}()
+
+	// The proxy's listener is bound, so this line is a true readiness signal
+	// and names the real port when -listen asked for port 0.
+	fmt.Printf("listening mongodb://%s/\n", listener.Addr())
+
+	serialize(listener, backendAddr)
 	<-done
+}
+
+// serialize accepts clients until the listener closes, relaying each client's
+// commands to FerretDB over a connection of its own, one command at a time.
+func serialize(listener net.Listener, backendAddr string) {
+	var oneAtATime sync.Mutex
+	for {
+		client, err := listener.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				log.Print(err)
+			}
+			return
+		}
+		go relay(client, backendAddr, &oneAtATime)
+	}
+}
+
+func relay(client net.Conn, backendAddr string, oneAtATime *sync.Mutex) {
+	defer client.Close()
+	backend, err := net.Dial("tcp", backendAddr)
+	if err != nil {
+		log.Print(err)
+		return
+	}
+	defer backend.Close()
+	for {
+		request, err := readMessage(client)
+		if err != nil {
+			return
+		}
+		if err := exchange(request, client, backend, oneAtATime); err != nil {
+			return
+		}
+	}
+}
+
+// exchange sends one request and relays its replies while holding the lock.
+func exchange(request []byte, client, backend net.Conn, oneAtATime *sync.Mutex) error {
+	oneAtATime.Lock()
+	defer oneAtATime.Unlock()
+	if _, err := backend.Write(request); err != nil {
+		return err
+	}
+	if moreToCome(request) {
+		return nil // the client expects no reply
+	}
+	for {
+		reply, err := readMessage(backend)
+		if err != nil {
+			return err
+		}
+		if _, err := client.Write(reply); err != nil {
+			return err
+		}
+		if !moreToCome(reply) {
+			return nil
+		}
+	}
+}
+
+const (
+	headerSize     = 16
+	maxMessageSize = 48 * 1000 * 1000 // MongoDB's maxMessageSizeBytes
+	opMsg          = 2013
+	moreToComeBit  = 1 << 1
+)
+
+// readMessage reads one wire-protocol message: a little-endian int32 length, then the rest.
+func readMessage(r io.Reader) ([]byte, error) {
+	var length [4]byte
+	if _, err := io.ReadFull(r, length[:]); err != nil {
+		return nil, err
+	}
+	size := binary.LittleEndian.Uint32(length[:])
+	if size < headerSize || size > maxMessageSize {
+		return nil, fmt.Errorf("bad message length %d", size)
+	}
+	message := make([]byte, size)
+	copy(message, length[:])
+	if _, err := io.ReadFull(r, message[4:]); err != nil {
+		return nil, err
+	}
+	return message, nil
+}
+
+// moreToCome reports an OP_MSG whose sender will not wait for (or will send more) replies.
+func moreToCome(message []byte) bool {
+	if len(message) < headerSize+4 || binary.LittleEndian.Uint32(message[12:16]) != opMsg {
+		return false
+	}
+	return binary.LittleEndian.Uint32(message[16:20])&moreToComeBit != 0
 }
