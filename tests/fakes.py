@@ -87,27 +87,28 @@ class FakeUserRepository:
                 return account
         return None
 
-    async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
+    def _pending(self, user_id: str, now: datetime) -> tuple[Account, ActivationCode] | None:
         account = self.accounts.get(user_id)
-        code = account.activation if account else None
-        if (
-            account is None
-            or code is None
-            or account.user.is_active
-            or code.digest != code_digest
-            or code.expires_at <= now
-            or code.attempts_left <= 0
-        ):
+        if account is None or account.user.is_active or account.activation is None:
             return None
+        return None if account.activation.expires_at <= now else (account, account.activation)
+
+    async def reserve_activation_attempt(self, user_id: str, now: datetime) -> ActivationCode | None:
+        pending = self._pending(user_id, now)
+        if pending is None or pending[1].attempts_left <= 0:
+            return None
+        code = dataclasses.replace(pending[1], attempts_left=pending[1].attempts_left - 1)
+        self.accounts[user_id] = dataclasses.replace(pending[0], activation=code)
+        return code
+
+    async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
+        pending = self._pending(user_id, now)
+        if pending is None or pending[1].digest != code_digest:
+            return None
+        account = pending[0]
         user = dataclasses.replace(account.user, is_active=True, updated_at=now)
         self.accounts[user_id] = dataclasses.replace(account, user=user, activation=None)
         return user
-
-    async def spend_activation_attempt(self, user_id: str) -> None:
-        account = self.accounts[user_id]
-        if account.activation and account.activation.attempts_left > 0:
-            activation = dataclasses.replace(account.activation, attempts_left=account.activation.attempts_left - 1)
-            self.accounts[user_id] = dataclasses.replace(account, activation=activation)
 
     async def replace_activation_code(
         self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int

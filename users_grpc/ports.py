@@ -21,11 +21,12 @@ class UserRepository(Protocol):
     async def find_account(self, identifier_key: str) -> Account | None:
         """The account whose username or email has this :func:`~users_grpc.domain.identifier_key`."""
 
-    async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
-        """Activate the user if this code is pending, unexpired and has attempts left; else None."""
+    async def reserve_activation_attempt(self, user_id: str, now: datetime) -> ActivationCode | None:
+        """Use up one attempt of the user's unexpired pending code and return the code;
+        None if there is none, or it has expired or has no attempts left."""
 
-    async def spend_activation_attempt(self, user_id: str) -> None:
-        """Count one wrong activation code against the pending code."""
+    async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
+        """Activate the user if this unexpired code is still pending; else None. Works once."""
 
     async def replace_activation_code(
         self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int

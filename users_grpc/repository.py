@@ -87,6 +87,20 @@ class MongoUserRepository:
         return None if document is None else _account_from_document(document)
 
     @_storage_errors
+    async def reserve_activation_attempt(self, user_id: str, now: datetime) -> ActivationCode | None:
+        document = await self._users.find_one_and_update(
+            {
+                "_id": ObjectId(user_id),
+                "is_active": False,
+                "activation.expires_at": {"$gt": now},
+                "activation.attempts_left": {"$gt": 0},
+            },
+            {"$inc": {"activation.attempts_left": -1}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if document is None else _activation_from_document(document["activation"])
+
+    @_storage_errors
     async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
         document = await self._users.find_one_and_update(
             {
@@ -94,19 +108,11 @@ class MongoUserRepository:
                 "is_active": False,
                 "activation.digest": code_digest,
                 "activation.expires_at": {"$gt": now},
-                "activation.attempts_left": {"$gt": 0},
             },
             {"$set": {"is_active": True, "updated_at": now}, "$unset": {"activation": ""}},
             return_document=ReturnDocument.AFTER,
         )
         return None if document is None else _user_from_document(document)
-
-    @_storage_errors
-    async def spend_activation_attempt(self, user_id: str) -> None:
-        await self._users.update_one(
-            {"_id": ObjectId(user_id), "activation.attempts_left": {"$gt": 0}},
-            {"$inc": {"activation.attempts_left": -1}},
-        )
 
     @_storage_errors
     async def replace_activation_code(
@@ -279,15 +285,17 @@ def _account_from_document(document: Document) -> Account:
     return Account(
         user=_user_from_document(document),
         password_hash=document["password_hash"],
-        activation=None
-        if activation is None
-        else ActivationCode(
-            digest=activation["digest"],
-            expires_at=activation["expires_at"],
-            attempts_left=activation["attempts_left"],
-            sends_in_window=activation["sends_in_window"],
-            window_started_at=activation["window_started_at"],
-        ),
+        activation=None if activation is None else _activation_from_document(activation),
+    )
+
+
+def _activation_from_document(activation: Document) -> ActivationCode:
+    return ActivationCode(
+        digest=activation["digest"],
+        expires_at=activation["expires_at"],
+        attempts_left=activation["attempts_left"],
+        sends_in_window=activation["sends_in_window"],
+        window_started_at=activation["window_started_at"],
     )
 
 

@@ -5,6 +5,7 @@ Services see only domain types and the ports of :mod:`users_grpc.ports`.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -82,9 +83,13 @@ class UserService:
             raise InvalidActivationCode()
         user_id = account.user.id
         digest = domain.activation_code_digest(account.user.username, code)
-        activated = await self._users.activate(user_id, digest, self._clock.now())
+        now = self._clock.now()
+        # The attempt is spent before the code is compared, so parallel guesses cannot exceed the cap.
+        pending = await self._users.reserve_activation_attempt(user_id, now)
+        activated = None
+        if pending is not None and hmac.compare_digest(pending.digest, digest):
+            activated = await self._users.activate(user_id, digest, now)
         if activated is None:
-            await self._users.spend_activation_attempt(user_id)
             log.info("activation refused", extra={"user_id": user_id})
             raise InvalidActivationCode()
         log.info("user activated", extra={"user_id": user_id})

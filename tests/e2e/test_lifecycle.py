@@ -144,6 +144,24 @@ def test_wrong_codes_kill_the_activation_code(server: RunningServer, mail: MailS
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_parallel_guesses_cannot_exceed_the_attempt_cap(server: RunningServer, mail: MailSink) -> None:
+    """Ten wrong codes at once spend all five attempts; the right code then fails."""
+    server.stub.CreateUser(create_request())
+    code = mail.code_for("jane@example.com")
+    wrong = [f"{(int(code) + n) % 1_000_000:06d}" for n in range(1, 11)]
+    futures = [server.stub.ActivateUser.future(pb.ActivateUserRequest(identifier="jane", code=w)) for w in wrong]
+    assert all(f.exception() is not None for f in futures)
+    error = rpc_error(server.stub.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=code))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_parallel_activations_with_the_right_code_succeed_once(server: RunningServer, mail: MailSink) -> None:
+    server.stub.CreateUser(create_request())
+    request = pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com"))
+    futures = [server.stub.ActivateUser.future(request) for _ in range(8)]
+    assert sum(f.exception() is None for f in futures) == 1
+
+
 def test_expired_code_is_refused(start_server: StartServer, mail: MailSink) -> None:
     clock = FakeClock()
     server = start_server(clock=clock)

@@ -104,18 +104,36 @@ def test_duplicates_name_the_taken_field(run: Any, username: str, email: str, fi
     run(body)
 
 
-def test_activate_checks_code_expiry_and_attempts_in_one_update(run: Any) -> None:
+def test_activate_checks_code_and_expiry(run: Any) -> None:
     async def body(stores: Stores) -> None:
         user = await stores.users.add(new_user())
         assert await stores.users.activate(user.id, "wrong", NOW) is None
         assert await stores.users.activate(user.id, "d1", NOW + timedelta(minutes=16)) is None
-        await stores.users.spend_activation_attempt(user.id)
-        await stores.users.spend_activation_attempt(user.id)
-        assert await stores.users.activate(user.id, "d1", NOW) is None  # attempts used up
-        account = await stores.users.find_account("jane")
-        assert account is not None
-        assert account.activation is not None
-        assert account.activation.attempts_left == 0
+        activated = await stores.users.activate(user.id, "d1", NOW)
+        assert activated is not None
+        assert activated.is_active
+        assert activated.updated_at == NOW
+
+    run(body)
+
+
+def test_attempts_are_reserved_until_none_are_left(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        user = await stores.users.add(new_user())
+        assert await stores.users.reserve_activation_attempt(user.id, NOW + timedelta(minutes=16)) is None
+        first = await stores.users.reserve_activation_attempt(user.id, NOW)
+        assert first == activation(attempts_left=1)
+        assert await stores.users.reserve_activation_attempt(user.id, NOW) == activation(attempts_left=0)
+        assert await stores.users.reserve_activation_attempt(user.id, NOW) is None
+
+    run(body)
+
+
+def test_parallel_reservations_never_exceed_the_attempts(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        user = await stores.users.add(new_user())
+        results = await asyncio.gather(*(stores.users.reserve_activation_attempt(user.id, NOW) for _ in range(10)))
+        assert sum(result is not None for result in results) == 2
 
     run(body)
 
