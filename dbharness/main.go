@@ -72,23 +72,34 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	p := &proxy{backendAddr: backendAddr, clients: map[net.Conn]struct{}{}}
 	go func() {
 		<-ctx.Done()
+		// Closing the clients too lets FerretDB stop at once instead of waiting for them.
 		listener.Close()
+		p.closeClients()
 	}()
 
 	// The proxy's listener is bound, so this line is a true readiness signal
 	// and names the real port when -listen asked for port 0.
 	fmt.Printf("listening mongodb://%s/\n", listener.Addr())
 
-	serialize(listener, backendAddr)
+	p.serve(listener)
 	<-done
 }
 
-// serialize accepts clients until the listener closes, relaying each client's
-// commands to FerretDB over a connection of its own, one command at a time.
-func serialize(listener net.Listener, backendAddr string) {
-	var oneAtATime sync.Mutex
+// proxy relays each client's commands to FerretDB over a connection of its own,
+// one command at a time across all clients.
+type proxy struct {
+	backendAddr string
+	oneAtATime  sync.Mutex
+
+	mu      sync.Mutex
+	clients map[net.Conn]struct{}
+}
+
+// serve accepts clients until the listener closes.
+func (p *proxy) serve(listener net.Listener) {
 	for {
 		client, err := listener.Accept()
 		if err != nil {
@@ -97,7 +108,23 @@ func serialize(listener net.Listener, backendAddr string) {
 			}
 			return
 		}
-		go relay(client, backendAddr, &oneAtATime)
+		p.mu.Lock()
+		p.clients[client] = struct{}{}
+		p.mu.Unlock()
+		go func() {
+			relay(client, p.backendAddr, &p.oneAtATime)
+			p.mu.Lock()
+			delete(p.clients, client)
+			p.mu.Unlock()
+		}()
+	}
+}
+
+func (p *proxy) closeClients() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for client := range p.clients {
+		client.Close()
 	}
 }
 
