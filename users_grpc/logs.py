@@ -29,3 +29,12 @@ def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def keep_secrets_out_of_logs() -> None:
+    """Silence loggers whose records can carry secrets, whatever the configured level.
+
+    PyMongo logs whole command documents at DEBUG; ours hold password hashes and
+    activation codes, and outbox documents hold the mail bodies.
+    """
+    logging.getLogger("pymongo.command").setLevel(logging.WARNING)
