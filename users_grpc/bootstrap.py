@@ -7,7 +7,6 @@ clock or mail transport; ``users-grpc serve`` calls :func:`serve`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.config import Settings
 from users_grpc.health import DatabaseHealth
 from users_grpc.interceptors import ErrorInterceptor
+from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
 from users_grpc.passwords import BcryptHasher
 from users_grpc.ports import Clock, MailTransport
@@ -68,13 +68,13 @@ class App:
     health: DatabaseHealth
     health_servicer: AsyncHealthServicer
     mail: MailDelivery
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         await _wait_for_indexes(self.users, self.outbox, self.settings.db_timeout_seconds)
         await self.server.start()
         await self.health.check()
-        self._tasks = [asyncio.create_task(self.health.run()), asyncio.create_task(self.mail.run())]
+        self._background = [asyncio.create_task(self.mail.run()), asyncio.create_task(self.health.run())]
         log.info("serving", extra={"port": self.port, "service": SERVICE_NAME})
 
     async def stop(self) -> None:
@@ -82,11 +82,15 @@ class App:
         await self.health_servicer.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.shutdown_delay_seconds)
         await self.server.stop(self.settings.shutdown_grace_seconds)
-        for task in self._tasks:
+        # Background work stops at its next step, so the mail in hand is delivered and marked
+        # rather than sent again later. Cancelling is the fallback, and is never waited on forever.
+        self.mail.stop()
+        self.health.stop()
+        _, pending = await asyncio.wait(self._background, timeout=self.settings.smtp_timeout_seconds + 1)
+        for task in pending:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if pending:
+            await asyncio.wait(pending, timeout=1)
         await self.client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
@@ -95,11 +99,14 @@ class App:
 async def build_app(
     settings: Settings, *, clock: Clock | None = None, mail_transport: MailTransport | None = None
 ) -> App:
+    keep_secrets_out_of_logs()
     clock = clock or SystemClock()
     client: AsyncMongoClient[Document] = AsyncMongoClient(
         settings.mongodb_uri,
         tz_aware=True,
         appname="users-grpc",
+        # Bounds every operation (PyMongo CSOT), background work included; RPCs narrow it to their deadline.
+        timeoutMS=int(settings.db_timeout_seconds * 1000),
         serverSelectionTimeoutMS=int(settings.db_timeout_seconds * 1000),
     )
     # Explicit, because "majority" is the default only from MongoDB 5.0 and not with some arbiters.

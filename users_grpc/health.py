@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -31,6 +32,7 @@ class DatabaseHealth:
         self._ping = ping
         self._interval = interval_seconds
         self._serving: bool | None = None
+        self._stopping = asyncio.Event()
 
     async def check(self) -> bool:
         """Ping once and publish the result; True if the database answered."""
@@ -43,7 +45,11 @@ class DatabaseHealth:
         return serving
 
     async def run(self) -> None:
-        """Check every interval until cancelled."""
-        while True:
+        """Check every interval until :meth:`stop`."""
+        while not self._stopping.is_set():
             await self.check()
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self._interval)
+
+    def stop(self) -> None:
+        self._stopping.set()

@@ -49,16 +49,17 @@ class MailDelivery:
         self._first_retry_seconds = first_retry_seconds
         self._max_retry_seconds = max_retry_seconds
         self._wake = asyncio.Event()
+        self._stopping = False
 
     async def send(self, mail: Mail) -> None:
         await self._queue.enqueue(mail, self._clock.now())
         self._wake.set()
 
     async def run(self) -> None:
-        """Deliver due mail until cancelled; poll so that other replicas' mail goes out too."""
-        while True:
+        """Deliver due mail until :meth:`stop`; poll so that other replicas' mail goes out too."""
+        while not self._stopping:
             try:
-                while await self.deliver_next():
+                while not self._stopping and await self.deliver_next():
                     pass
             except Exception:
                 # Most likely the database is away; the next poll tries again.
@@ -66,6 +67,14 @@ class MailDelivery:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_seconds)
             self._wake.clear()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return once the mail in hand, if any, is delivered and marked.
+
+        Cancelling instead could leave a mail sent but not marked, to be sent again.
+        """
+        self._stopping = True
+        self._wake.set()
 
     async def deliver_next(self) -> bool:
         """Try to deliver one due mail; False when none is due."""
