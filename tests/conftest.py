@@ -12,6 +12,7 @@ import email.policy
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -139,7 +140,13 @@ class RunningServer:
 
     def stop(self) -> None:
         self.channel.close()
-        self.call(self.app.stop())
+        try:
+            self.call(self.app.stop(), timeout=30)
+        except TimeoutError:
+            # Show where the server is stuck before failing the test.
+            for task in asyncio.all_tasks(self._loop):
+                task.print_stack(file=sys.stderr)
+            raise
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()

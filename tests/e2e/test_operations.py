@@ -77,7 +77,7 @@ def test_health_reports_serving_for_the_server_and_the_service(server: RunningSe
 
 
 def test_database_outage_is_unavailable_and_recovers_without_restart(
-    start_server: StartServer, own_database: DevDatabase, mail: MailSink
+    own_database: DevDatabase, start_server: StartServer, mail: MailSink
 ) -> None:
     """Paused database: health NOT_SERVING, RPCs UNAVAILABLE fast, nothing half-written; then back."""
     server = start_server(mongodb_uri=own_database.uri, db_timeout_seconds=1.0)
