@@ -25,10 +25,11 @@ import grpc
 import pytest
 from aiosmtpd.controller import Controller
 
-from users.v1 import user_service_pb2_grpc
+from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.bootstrap import App, build_app
 from users_grpc.config import Settings
 from users_grpc.devdb import DevDatabase, start_dev_database
+from users_grpc.domain import Gender, Registration, Role
 from users_grpc.ports import Clock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -120,10 +121,30 @@ def mail(smtp_server: tuple[MailSink, int]) -> MailSink:
     return sink
 
 
-class RunningServer:
-    """A real server on port 0, its asyncio loop in a thread, and a channel to it."""
+ADMIN_PASSWORD = "admin password for tests"
+KEY_ENCRYPTION_KEY = os.urandom(32)
 
-    def __init__(self, settings: Settings, clock: Clock | None) -> None:
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or []), ("authorization", f"Bearer {self.token}")]
+        return continuation(details._replace(metadata=metadata), request)
+
+
+class RunningServer:
+    """A real server on port 0, its asyncio loop in a thread, and channels to it.
+
+    ``stub`` calls as an admin (made for this server), ``anonymous`` with no credentials.
+    """
+
+    def __init__(
+        self, settings: Settings, clock: Clock | None, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         self.settings = settings
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="server-loop", daemon=True)
@@ -131,8 +152,22 @@ class RunningServer:
         self.app: App = self.call(build_app(settings, clock=clock))
         self.call(self.app.start())
         self.address = f"127.0.0.1:{self.app.port}"
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = user_service_pb2_grpc.UserServiceStub(self.channel)
+        self.channel = (
+            grpc.insecure_channel(self.address)
+            if credentials is None
+            else grpc.secure_channel(self.address, credentials)
+        )
+        self.anonymous = user_service_pb2_grpc.UserServiceStub(self.channel)
+        self.admin_username = admin = f"admin-{uuid.uuid4().hex[:8]}"
+        self.call(self.app.accounts.create_admin(registration(username=admin, email=f"{admin}@example.com")))
+        self.admin_token = self.anonymous.Authenticate(
+            user_service_pb2.AuthenticateRequest(identifier=admin, password=ADMIN_PASSWORD)
+        ).access_token
+        self.stub = self.stub_for(self.admin_token)
+
+    def stub_for(self, access_token: str) -> user_service_pb2_grpc.UserServiceStub:
+        """A stub that calls with this access token."""
+        return user_service_pb2_grpc.UserServiceStub(grpc.intercept_channel(self.channel, BearerToken(access_token)))
 
     def call(self, coroutine: Coroutine[Any, Any, _T], timeout: float = 60) -> _T:
         """Run ``coroutine`` on the server's loop and wait for its result."""
@@ -152,6 +187,19 @@ class RunningServer:
         self._loop.close()
 
 
+def registration(*, username: str, email: str, password: str = ADMIN_PASSWORD) -> Registration:
+    return Registration(
+        username=username,
+        first_name="Ada",
+        last_name="Admin",
+        email=email,
+        password=password,
+        password_confirmation=password,
+        gender=Gender.UNSPECIFIED,
+        role=Role.ADMIN,
+    )
+
+
 def make_settings(mongodb_uri: str, database_name: str, smtp_port: int) -> Settings:
     """Settings for a test server: port 0, fast polling, the cheapest bcrypt cost allowed."""
     return Settings(
@@ -168,6 +216,7 @@ def make_settings(mongodb_uri: str, database_name: str, smtp_port: int) -> Setti
         bcrypt_rounds=10,
         hash_workers=2,
         shutdown_grace_seconds=2.0,
+        key_encryption_key=KEY_ENCRYPTION_KEY,
     )
 
 
@@ -179,9 +228,11 @@ def start_server(mongodb_uri: str, database_name: str, smtp_server: tuple[MailSi
     """Start servers with test settings (changed by keyword) and stop them after the test."""
     servers: list[RunningServer] = []
 
-    def start(*, clock: Clock | None = None, **changes: Any) -> RunningServer:
+    def start(
+        *, clock: Clock | None = None, credentials: grpc.ChannelCredentials | None = None, **changes: Any
+    ) -> RunningServer:
         settings = dataclasses.replace(make_settings(mongodb_uri, database_name, smtp_server[1]), **changes)
-        servers.append(RunningServer(settings, clock))
+        servers.append(RunningServer(settings, clock, credentials))
         return servers[-1]
 
     yield start

@@ -68,7 +68,7 @@ class FakeUserRepository:
             email=new_user.email,
             gender=new_user.gender,
             role=new_user.role,
-            is_active=False,
+            is_active=new_user.is_active,
             created_at=new_user.created_at,
             updated_at=new_user.created_at,
         )
@@ -132,3 +132,8 @@ class FakeUserRepository:
     async def delete_by_identifier(self, identifier_key_: str) -> bool:
         account = await self.find_account(identifier_key_)
         return account is not None and await self.delete(account.user.id)
+
+    async def bump_token_version(self, user_id: str, now: datetime) -> None:
+        account = self.accounts[user_id]
+        user = dataclasses.replace(account.user, token_version=account.user.token_version + 1, updated_at=now)
+        self.accounts[user_id] = dataclasses.replace(account, user=user)

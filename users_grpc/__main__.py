@@ -1,48 +1,143 @@
-"""The ``users-grpc`` command: ``serve`` for deployments, ``dev`` for a laptop."""
+"""The ``users-grpc`` command: serve, run locally, and the operator's tasks."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import getpass
+import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
-from users_grpc.bootstrap import serve
+from users_grpc.bootstrap import App, build_app, serve
 from users_grpc.config import ConfigError, Settings
 from users_grpc.devdb import DevDatabaseError, start_dev_database
+from users_grpc.domain import Gender, Registration, Role
+from users_grpc.errors import InvalidArgument, UsersError
 from users_grpc.logs import configure_logging
+from users_grpc.tokens import new_key_encryption_key
+
+_T = TypeVar("_T")
+DEV_KEY_FILE = Path("var/key-encryption-key")
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "keys" and args.keys_command == "new-kek":
+        print(new_key_encryption_key())
+        return 0
+    try:
+        if args.command == "dev":
+            os.environ.setdefault("USERS_KEY_ENCRYPTION_KEY", _dev_key_encryption_key())
+        settings = Settings.from_env()
+        configure_logging(settings.log_level)
+        if args.command == "serve":
+            asyncio.run(serve(settings))
+        elif args.command == "dev":
+            _dev(settings, args.data_dir, args.db_listen)
+        elif args.command == "create-admin":
+            user_id = _with_app(settings, lambda app: _create_admin(app, args))
+            print(f"admin {args.username} created: id {user_id}")
+        elif args.keys_command == "rotate":
+            print(_with_app(settings, lambda app: app.tokens.rotate()))
+        elif args.keys_command == "retire":
+            retired = _with_app(settings, lambda app: _retire_key(app, args.kid))
+            print(f"{args.kid} retired" if retired else f"{args.kid}: no such live key")
+            return 0 if retired else 1
+    except (ConfigError, DevDatabaseError) as error:
+        print(f"users-grpc: {error}", file=sys.stderr)
+        return 2
+    except InvalidArgument as error:
+        details = "; ".join(f"{v.field} {v.description}" for v in error.violations)
+        print(f"users-grpc: {error}: {details}", file=sys.stderr)
+        return 1
+    except UsersError as error:
+        print(f"users-grpc: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="users-grpc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve on the database that USERS_MONGODB_URI names")
     dev = commands.add_parser("dev", help="start the embedded FerretDB (dbharness/) and serve on it")
     dev.add_argument("--data-dir", type=Path, default=Path("var/db"), help="where FerretDB keeps its SQLite files")
-    args = parser.parse_args(argv)
+    dev.add_argument(
+        "--db-listen", default="127.0.0.1:27018", help="FerretDB's address, for other commands such as create-admin"
+    )
 
-    try:
-        settings = Settings.from_env()
-    except ConfigError as error:
-        print(f"users-grpc: configuration error: {error}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
+    admin = commands.add_parser(
+        "create-admin", help="create an active admin; the password comes from USERS_ADMIN_PASSWORD or a prompt"
+    )
+    admin.add_argument("--username", required=True)
+    admin.add_argument("--email", required=True)
+    admin.add_argument("--first-name", default="Admin")
+    admin.add_argument("--last-name", default="Admin")
 
-    if args.command == "serve":
-        asyncio.run(serve(settings))
-        return 0
+    keys = commands.add_parser("keys", help="manage the token signing keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    key_commands.add_parser("new-kek", help="print a new random key-encryption key for USERS_KEY_ENCRYPTION_KEY")
+    key_commands.add_parser("rotate", help="add a signing key; it signs from now on, older keys keep verifying")
+    retire = key_commands.add_parser("retire", help="stop trusting a key: tokens it signed stop verifying")
+    retire.add_argument("kid")
+    return parser
 
-    try:
-        database = start_dev_database(data_dir=args.data_dir)
-    except DevDatabaseError as error:
-        print(f"users-grpc: {error}", file=sys.stderr)
-        return 1
+
+def _dev(settings: Settings, data_dir: Path, db_listen: str) -> None:
+    database = start_dev_database(data_dir=data_dir, listen=db_listen)
+    print(f"users-grpc dev: database at {database.uri}", file=sys.stderr)
     try:
         asyncio.run(serve(dataclasses.replace(settings, mongodb_uri=database.uri)))
     finally:
         database.stop()
-    return 0
+
+
+def _dev_key_encryption_key() -> str:
+    # Local use only: a key kept beside the local database, made on first start.
+    if not DEV_KEY_FILE.exists():
+        DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        DEV_KEY_FILE.write_text(new_key_encryption_key())
+        DEV_KEY_FILE.chmod(0o600)
+    return DEV_KEY_FILE.read_text().strip()
+
+
+def _with_app(settings: Settings, task: Callable[[App], Awaitable[_T]]) -> _T:
+    async def run() -> _T:
+        app = await build_app(settings)
+        try:
+            await app.prepare_database()
+            return await task(app)
+        finally:
+            await app.close()
+
+    return asyncio.run(run())
+
+
+async def _create_admin(app: App, args: argparse.Namespace) -> str:
+    password = os.environ.get("USERS_ADMIN_PASSWORD") or getpass.getpass("Password: ")
+    user = await app.accounts.create_admin(
+        Registration(
+            username=args.username,
+            first_name=args.first_name,
+            last_name=args.last_name,
+            email=args.email,
+            password=password,
+            password_confirmation=password,
+            gender=Gender.UNSPECIFIED,
+            role=Role.ADMIN,
+        )
+    )
+    return user.id
+
+
+async def _retire_key(app: App, kid: str) -> bool:
+    if kid == app.tokens.signing_kid:
+        raise ConfigError(f"{kid} is the key that signs now: run `users-grpc keys rotate` first")
+    return await app.tokens.retire(kid)
 
 
 if __name__ == "__main__":

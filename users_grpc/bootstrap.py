@@ -7,6 +7,7 @@ clock or mail transport; ``users-grpc serve`` calls :func:`serve`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -22,16 +23,27 @@ from grpc_reflection.v1alpha import reflection
 from pymongo import AsyncMongoClient, WriteConcern
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
-from users_grpc.config import Settings
+from users_grpc.access import Authorizer
+from users_grpc.config import ConfigError, Settings
+from users_grpc.errors import StorageUnavailable
 from users_grpc.health import DatabaseHealth
 from users_grpc.interceptors import ErrorInterceptor
 from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
 from users_grpc.passwords import BcryptHasher
 from users_grpc.ports import Clock, MailTransport
-from users_grpc.repository import Document, MongoOutbox, MongoUserRepository, ping
+from users_grpc.repository import (
+    Document,
+    MongoKeyStore,
+    MongoOutbox,
+    MongoSessionRepository,
+    MongoUserRepository,
+    ping,
+)
 from users_grpc.service import AccountPolicy, UserService
 from users_grpc.servicer import UserServiceServicer
+from users_grpc.sessions import SessionService
+from users_grpc.tokens import AccessTokens, KeyEncryption
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +77,48 @@ class App:
     executor: ThreadPoolExecutor
     users: MongoUserRepository
     outbox: MongoOutbox
+    session_store: MongoSessionRepository
+    accounts: UserService
+    tokens: AccessTokens
     health: DatabaseHealth
     health_servicer: AsyncHealthServicer
     mail: MailDelivery
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def prepare_database(self) -> None:
+        """Create the indexes and the first signing key; wait for the database if it is not up yet."""
+        # Uniqueness rests on these indexes, so no RPC is served before they exist.
+        while True:
+            try:
+                await self.users.ensure_indexes()
+                await self.outbox.ensure_indexes()
+                await self.session_store.ensure_indexes()
+                await self.tokens.ensure_signing_key()
+                return
+            except StorageUnavailable:
+                log.warning("database not ready; retrying")
+                await asyncio.sleep(self.settings.db_timeout_seconds)
+
+    async def _reload_keys(self) -> None:
+        # Picks up keys rotated by `users-grpc keys rotate`, in this or any replica.
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.settings.key_reload_seconds)
+            try:
+                await self.tokens.reload()
+            except StorageUnavailable:
+                log.warning("could not reload signing keys")
 
     async def start(self) -> None:
-        await _wait_for_indexes(self.users, self.outbox, self.settings.db_timeout_seconds)
+        await self.prepare_database()
         await self.server.start()
         await self.health.check()
-        self._background = [asyncio.create_task(self.mail.run()), asyncio.create_task(self.health.run())]
+        self._background = [
+            asyncio.create_task(self.mail.run()),
+            asyncio.create_task(self.health.run()),
+            asyncio.create_task(self._reload_keys()),
+        ]
         log.info("serving", extra={"port": self.port, "service": SERVICE_NAME})
 
     async def stop(self) -> None:
@@ -86,14 +130,19 @@ class App:
         # rather than sent again later. Cancelling is the fallback, and is never waited on forever.
         self.mail.stop()
         self.health.stop()
+        self._stopping.set()
         _, pending = await asyncio.wait(self._background, timeout=self.settings.smtp_timeout_seconds + 1)
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=1)
+        await self.close()
+        log.info("stopped")
+
+    async def close(self) -> None:
+        """Release the database client and the hashing threads (after stop, or in a CLI command)."""
         await self.client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        log.info("stopped")
 
 
 async def build_app(
@@ -111,8 +160,14 @@ async def build_app(
     )
     # Explicit, because "majority" is the default only from MongoDB 5.0 and not with some arbiters.
     database = client.get_database(settings.mongodb_database, write_concern=WriteConcern("majority"))
+    if settings.key_encryption_key is None:
+        raise ConfigError(
+            "USERS_KEY_ENCRYPTION_KEY is required: it seals the token signing keys. "
+            "Make one with `users-grpc keys new-kek` and keep it secret."
+        )
     users = MongoUserRepository(database)
     outbox = MongoOutbox(database)
+    session_store = MongoSessionRepository(database)
 
     executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="bcrypt")
     hasher = BcryptHasher(rounds=settings.bcrypt_rounds, executor=executor, pepper=settings.password_pepper)
@@ -124,7 +179,7 @@ async def build_app(
         max_attempts=settings.mail_max_attempts,
         first_retry_seconds=settings.mail_retry_seconds,
     )
-    service = UserService(
+    accounts = UserService(
         users=users,
         mailer=mail,
         hasher=hasher,
@@ -137,20 +192,40 @@ async def build_app(
             activation_send_window=timedelta(seconds=settings.activation_send_window_seconds),
         ),
     )
+    tokens = AccessTokens(
+        store=MongoKeyStore(database),
+        encryption=KeyEncryption(settings.key_encryption_key),
+        clock=clock,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        lifetime=timedelta(seconds=settings.access_token_ttl_seconds),
+    )
+    sessions = SessionService(
+        accounts=accounts,
+        users=users,
+        sessions=session_store,
+        tokens=tokens,
+        clock=clock,
+        session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
+    )
 
     server = grpc.aio.server(
         interceptors=[
-            ErrorInterceptor(method_prefix=f"/{SERVICE_NAME}/", db_timeout_seconds=settings.db_timeout_seconds)
+            ErrorInterceptor(
+                method_prefix=f"/{SERVICE_NAME}/",
+                db_timeout_seconds=settings.db_timeout_seconds,
+                authorizer=Authorizer(sessions=sessions, machine_identities=settings.machine_identities),
+            )
         ],
         options=_SERVER_OPTIONS,
     )
-    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServiceServicer(service), server)
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServiceServicer(accounts, sessions), server)
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(settings.grpc_address)
+    port = _add_port(server, settings)
 
     return App(
         settings=settings,
@@ -160,6 +235,9 @@ async def build_app(
         executor=executor,
         users=users,
         outbox=outbox,
+        session_store=session_store,
+        accounts=accounts,
+        tokens=tokens,
         health=DatabaseHealth(
             servicer=health_servicer,
             services=["", SERVICE_NAME],
@@ -184,16 +262,17 @@ async def serve(settings: Settings) -> None:
     await app.stop()
 
 
-async def _wait_for_indexes(users: MongoUserRepository, outbox: MongoOutbox, retry_seconds: float) -> None:
-    # Uniqueness rests on these indexes, so no RPC is served before they exist.
-    while True:
-        try:
-            await users.ensure_indexes()
-            await outbox.ensure_indexes()
-            return
-        except Exception:
-            log.warning("database not ready; retrying", exc_info=True)
-            await asyncio.sleep(retry_seconds)
+def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
+    """Listen in plaintext (the local default), TLS, or mTLS when a client CA is configured."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return server.add_insecure_port(settings.grpc_address)
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+    return server.add_secure_port(settings.grpc_address, credentials)
 
 
 def _mail_transport(settings: Settings) -> MailTransport:

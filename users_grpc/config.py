@@ -6,9 +6,11 @@ bad value stops start-up with a :class:`ConfigError` that names the variable.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -55,6 +57,18 @@ class Settings:
     activation_max_sends: int = 5
     activation_send_window_seconds: int = 3600
 
+    jwt_issuer: str = "users-grpc"
+    jwt_audience: str = "users-grpc"
+    access_token_ttl_seconds: int = 900
+    session_ttl_seconds: int = 30 * 86400
+    key_encryption_key: bytes | None = field(default=None, repr=False)
+    key_reload_seconds: float = 60.0
+    machine_identities: frozenset[str] = frozenset()
+
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+
     log_level: str = "INFO"
 
     @classmethod
@@ -63,7 +77,7 @@ class Settings:
         env = _Reader(os.environ if environ is None else environ)
         defaults = cls()
         smtp_security = env.get("USERS_SMTP_SECURITY", defaults.smtp_security, _smtp_security)
-        return cls(
+        settings = cls(
             grpc_address=env.get("USERS_GRPC_ADDRESS", defaults.grpc_address, _host_port),
             reflection=env.get("USERS_REFLECTION", defaults.reflection, _bool),
             shutdown_grace_seconds=env.number("USERS_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds, 0, 300),
@@ -99,8 +113,27 @@ class Settings:
             activation_send_window_seconds=env.integer(
                 "USERS_ACTIVATION_SEND_WINDOW_SECONDS", defaults.activation_send_window_seconds, 60, 7 * 86400
             ),
+            jwt_issuer=env.get("USERS_JWT_ISSUER", defaults.jwt_issuer, str),
+            jwt_audience=env.get("USERS_JWT_AUDIENCE", defaults.jwt_audience, str),
+            access_token_ttl_seconds=env.integer(
+                "USERS_ACCESS_TOKEN_TTL_SECONDS", defaults.access_token_ttl_seconds, 60, 86400
+            ),
+            session_ttl_seconds=env.integer(
+                "USERS_SESSION_TTL_SECONDS", defaults.session_ttl_seconds, 300, 365 * 86400
+            ),
+            key_encryption_key=env.get("USERS_KEY_ENCRYPTION_KEY", defaults.key_encryption_key, _key_encryption_key),
+            key_reload_seconds=env.number("USERS_KEY_RELOAD_SECONDS", defaults.key_reload_seconds, 1, 3600),
+            machine_identities=env.get("USERS_MACHINE_IDENTITIES", defaults.machine_identities, _names),
+            tls_cert_file=env.get("USERS_TLS_CERT_FILE", defaults.tls_cert_file, _existing_file),
+            tls_key_file=env.get("USERS_TLS_KEY_FILE", defaults.tls_key_file, _existing_file),
+            tls_client_ca_file=env.get("USERS_TLS_CLIENT_CA_FILE", defaults.tls_client_ca_file, _existing_file),
             log_level=env.get("USERS_LOG_LEVEL", defaults.log_level, _log_level),
         )
+        if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+            raise ConfigError("USERS_TLS_CERT_FILE and USERS_TLS_KEY_FILE must be set together")
+        if settings.tls_client_ca_file is not None and settings.tls_cert_file is None:
+            raise ConfigError("USERS_TLS_CLIENT_CA_FILE (mTLS) needs USERS_TLS_CERT_FILE and USERS_TLS_KEY_FILE")
+        return settings
 
 
 class _Reader:
@@ -184,3 +217,24 @@ def _log_level(raw: str) -> str:
     if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
     return upper
+
+
+def _key_encryption_key(raw: str) -> bytes:
+    try:
+        key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ValueError("must be 32 random bytes in base64; make one with `users-grpc keys new-kek`")
+    return key
+
+
+def _names(raw: str) -> frozenset[str]:
+    return frozenset(name.strip() for name in raw.split(",") if name.strip())
+
+
+def _existing_file(raw: str) -> Path:
+    path = Path(raw)
+    if not path.is_file():
+        raise ValueError("no such file")
+    return path

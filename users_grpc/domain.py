@@ -43,6 +43,9 @@ class User:
     is_active: bool
     created_at: datetime
     updated_at: datetime
+    # Bumped whenever earlier access tokens must stop working (RevokeAllSessions, and later
+    # password, role and MFA changes); tokens carry the version they were issued under.
+    token_version: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +83,9 @@ class NewUser:
     gender: Gender
     role: Role
     password_hash: str
-    activation: ActivationCode
+    is_active: bool
+    # None for accounts created active, such as admins made with the CLI.
+    activation: ActivationCode | None
     created_at: datetime
 
 
@@ -230,3 +235,63 @@ class QueuedMail:
     id: str
     mail: Mail
     attempts: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Session:
+    """One sign-in: the family of refresh tokens that rotate from one authentication."""
+
+    id: str
+    user_id: str
+    created_at: datetime
+    last_used_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccessClaims:
+    """What a verified access token says."""
+
+    subject: str
+    role: Role
+    token_version: int
+    session_id: str
+    token_id: str
+    issuer: str
+    audience: str
+    issued_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class IssuedTokens:
+    access_token: str
+    access_token_expires_at: datetime
+    refresh_token: str
+    session: Session
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredKey:
+    """A signing key as kept in the key store: the private half sealed (encrypted)."""
+
+    kid: str
+    sealed_private_key: bytes
+    created_at: datetime
+    retired_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Caller:
+    """Who is calling: a user (by access token) or an internal service (by mTLS identity)."""
+
+    user_id: str | None = None
+    role: Role | None = None
+    machine: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+
+ANONYMOUS = Caller()

@@ -10,6 +10,7 @@ a short message and, where it helps the caller, rich details::
     ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
     ├── PermissionDenied       PERMISSION_DENIED
     ├── InvalidCredentials     UNAUTHENTICATED
+    ├── Unauthenticated        UNAUTHENTICATED (missing or invalid token)
     ├── AccountNotActive       FAILED_PRECONDITION
     └── StorageUnavailable     UNAVAILABLE
 
@@ -95,6 +96,11 @@ class InvalidCredentials(UsersError):
     message = "invalid credentials"
 
 
+class Unauthenticated(UsersError):
+    reason = "UNAUTHENTICATED"
+    message = "a valid access token is required"
+
+
 class AccountNotActive(UsersError):
     reason = "ACCOUNT_NOT_ACTIVE"
     message = "the account is not activated; use the emailed code or request a new one"
@@ -111,6 +117,7 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     InvalidCredentials: grpc.StatusCode.UNAUTHENTICATED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     AccountNotActive: grpc.StatusCode.FAILED_PRECONDITION,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
 }

@@ -10,6 +10,7 @@ import grpc
 import pymongo
 from grpc_status import rpc_status
 
+from users_grpc.access import Authorizer, bearer_token, current_caller
 from users_grpc.errors import UsersError, to_rpc_status
 
 log = logging.getLogger(__name__)
@@ -18,15 +19,16 @@ _Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps errors to statuses and bounds database work by the call's deadline.
+    """Enforces the access rules, maps errors to statuses and bounds database work by the call's deadline.
 
     Applies to the unary methods of the services under ``method_prefix``;
     health and reflection pass through untouched.
     """
 
-    def __init__(self, *, method_prefix: str, db_timeout_seconds: float) -> None:
+    def __init__(self, *, method_prefix: str, db_timeout_seconds: float, authorizer: Authorizer) -> None:
         self._method_prefix = method_prefix
         self._db_timeout_seconds = db_timeout_seconds
+        self._authorizer = authorizer
 
     async def intercept_service(
         self,
@@ -53,7 +55,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             try:
                 # Every PyMongo call in this RPC shares this deadline (PyMongo CSOT).
                 with pymongo.timeout(budget):
-                    return await behavior(request, context)
+                    caller = await self._authorizer.authorize(
+                        method.rpartition("/")[2],
+                        request,
+                        bearer_token(context.invocation_metadata() or ()),
+                        _peer_identities(context),
+                    )
+                    token = current_caller.set(caller)
+                    try:
+                        return await behavior(request, context)
+                    finally:
+                        current_caller.reset(token)
             except UsersError as error:
                 status = rpc_status.to_status(to_rpc_status(error))
                 await context.abort(status.code, status.details, status.trailing_metadata)
@@ -62,3 +74,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
         return guarded
+
+
+def _peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
+    """The names in a verified mTLS client certificate (common name and subject alternative names)."""
+    auth = context.auth_context()
+    names = [*auth.get("x509_common_name", []), *auth.get("x509_subject_alternative_name", [])]
+    return [name.decode() if isinstance(name, bytes) else name for name in names]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from users_grpc.domain import Account, ActivationCode, Mail, NewUser, QueuedMail, User
+from users_grpc.domain import Account, ActivationCode, Mail, NewUser, QueuedMail, Session, StoredKey, User
 
 
 class UserRepository(Protocol):
@@ -37,6 +37,35 @@ class UserRepository(Protocol):
         """Delete the user; False if there was none."""
 
     async def delete_by_identifier(self, identifier_key: str) -> bool: ...
+
+    async def bump_token_version(self, user_id: str, now: datetime) -> None:
+        """Make every access token issued to the user so far invalid."""
+
+
+class SessionRepository(Protocol):
+    async def create(self, user_id: str, token_digest: str, now: datetime, expires_at: datetime) -> Session: ...
+
+    async def rotate(self, token_digest: str, new_token_digest: str, now: datetime) -> Session | None:
+        """Swap a session's current refresh token for a new one; None unless it was current and live."""
+
+    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> bool:
+        """Revoke the session that already used this token, if any (a replay); True if one was revoked."""
+
+    async def revoke(self, token_digest: str, now: datetime) -> None: ...
+
+    async def list_active(self, user_id: str, now: datetime) -> list[Session]: ...
+
+    async def revoke_all(self, user_id: str, now: datetime) -> None: ...
+
+
+class KeyStore(Protocol):
+    """Where signing keys live, shared by every replica."""
+
+    async def add(self, key: StoredKey) -> None: ...
+
+    async def all(self) -> list[StoredKey]: ...
+
+    async def retire(self, kid: str, now: datetime) -> bool: ...
 
 
 class Mailer(Protocol):

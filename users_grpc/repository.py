@@ -27,6 +27,8 @@ from users_grpc.domain import (
     NewUser,
     QueuedMail,
     Role,
+    Session,
+    StoredKey,
     User,
     identifier_key,
 )
@@ -155,6 +157,12 @@ class MongoUserRepository:
         result = await self._users.delete_one(_identifier_filter(identifier_key))
         return result.deleted_count == 1
 
+    @_storage_errors
+    async def bump_token_version(self, user_id: str, now: datetime) -> None:
+        await self._users.update_one(
+            {"_id": ObjectId(user_id)}, {"$inc": {"token_version": 1}, "$set": {"updated_at": now}}
+        )
+
     async def _taken_field(self, document: Document, error: DuplicateKeyError) -> str:
         # MongoDB names the clashing index in keyPattern; FerretDB does not, so look it up.
         key_pattern = (error.details or {}).get("keyPattern") or {}
@@ -165,6 +173,105 @@ class MongoUserRepository:
         if await self._users.find_one({"username_key": document["username_key"]}, projection={"_id": 1}):
             return "username"
         return "email"
+
+
+class MongoSessionRepository:
+    """The ``sessions`` collection: one document per session, holding its current refresh-token digest."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._sessions: AsyncCollection[Document] = database["sessions"]
+
+    @_storage_errors
+    async def ensure_indexes(self) -> None:
+        await self._sessions.create_index([("token_digest", ASCENDING)], unique=True, name="token_digest_unique")
+        await self._sessions.create_index([("used_digests", ASCENDING)], name="used_digests")
+        await self._sessions.create_index([("user_id", ASCENDING)], name="user_id")
+
+    @_storage_errors
+    async def create(self, user_id: str, token_digest: str, now: datetime, expires_at: datetime) -> Session:
+        document: Document = {
+            "user_id": user_id,
+            "token_digest": token_digest,
+            "used_digests": [],
+            "created_at": now,
+            "last_used_at": now,
+            "expires_at": expires_at,
+            "revoked_at": None,
+        }
+        result = await self._sessions.insert_one(document)
+        document["_id"] = result.inserted_id
+        return _session_from_document(document)
+
+    @_storage_errors
+    async def rotate(self, token_digest: str, new_token_digest: str, now: datetime) -> Session | None:
+        document = await self._sessions.find_one_and_update(
+            {"token_digest": token_digest, "revoked_at": None, "expires_at": {"$gt": now}},
+            {
+                "$set": {"token_digest": new_token_digest, "last_used_at": now},
+                "$push": {"used_digests": token_digest},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if document is None else _session_from_document(document)
+
+    @_storage_errors
+    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> bool:
+        result = await self._sessions.update_one(
+            {"used_digests": token_digest, "revoked_at": None}, {"$set": {"revoked_at": now}}
+        )
+        return result.modified_count == 1
+
+    @_storage_errors
+    async def revoke(self, token_digest: str, now: datetime) -> None:
+        await self._sessions.update_one(
+            {"token_digest": token_digest, "revoked_at": None}, {"$set": {"revoked_at": now}}
+        )
+
+    @_storage_errors
+    async def list_active(self, user_id: str, now: datetime) -> list[Session]:
+        cursor = self._sessions.find({"user_id": user_id, "revoked_at": None, "expires_at": {"$gt": now}})
+        documents = await cursor.sort("created_at", -1).to_list()
+        return [_session_from_document(document) for document in documents]
+
+    @_storage_errors
+    async def revoke_all(self, user_id: str, now: datetime) -> None:
+        await self._sessions.update_many({"user_id": user_id, "revoked_at": None}, {"$set": {"revoked_at": now}})
+
+
+class MongoKeyStore:
+    """The ``signing_keys`` collection; private keys arrive and leave sealed."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._keys: AsyncCollection[Document] = database["signing_keys"]
+
+    @_storage_errors
+    async def add(self, key: StoredKey) -> None:
+        await self._keys.insert_one(
+            {
+                "_id": key.kid,
+                "sealed_private_key": key.sealed_private_key,
+                "created_at": key.created_at,
+                "retired_at": key.retired_at,
+            }
+        )
+
+    @_storage_errors
+    async def all(self) -> list[StoredKey]:
+        documents = await self._keys.find({}).to_list()
+        return [
+            StoredKey(
+                kid=document["_id"],
+                sealed_private_key=bytes(document["sealed_private_key"]),
+                created_at=document["created_at"],
+                retired_at=document.get("retired_at"),
+            )
+            for document in documents
+        ]
+
+    @_storage_errors
+    async def retire(self, kid: str, now: datetime) -> bool:
+        result = await self._keys.update_one({"_id": kid, "retired_at": None}, {"$set": {"retired_at": now}})
+        return result.modified_count == 1
 
 
 class MongoOutbox:
@@ -247,11 +354,12 @@ def _document_from_new_user(new_user: NewUser) -> Document:
         "email_key": identifier_key(new_user.email),
         "gender": new_user.gender.value,
         "role": new_user.role.value,
-        "is_active": False,
+        "is_active": new_user.is_active,
         "password_hash": new_user.password_hash,
-        "activation": _activation_document(new_user.activation),
+        "activation": None if new_user.activation is None else _activation_document(new_user.activation),
         "created_at": new_user.created_at,
         "updated_at": new_user.created_at,
+        "token_version": 0,
     }
 
 
@@ -277,6 +385,17 @@ def _user_from_document(document: Document) -> User:
         is_active=document["is_active"],
         created_at=document["created_at"],
         updated_at=document["updated_at"],
+        token_version=document.get("token_version", 0),
+    )
+
+
+def _session_from_document(document: Document) -> Session:
+    return Session(
+        id=str(document["_id"]),
+        user_id=document["user_id"],
+        created_at=document["created_at"],
+        last_used_at=document["last_used_at"],
+        expires_at=document["expires_at"],
     )
 
 

@@ -5,13 +5,14 @@ Services see only domain types and the ports of :mod:`users_grpc.ports`.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
 from users_grpc import domain
-from users_grpc.domain import ActivationCode, Mail, NewUser, Registration, Role, User
+from users_grpc.domain import ANONYMOUS, ActivationCode, Caller, Mail, NewUser, Registration, Role, User
 from users_grpc.errors import (
     AccountNotActive,
     InvalidActivationCode,
@@ -49,30 +50,41 @@ class UserService:
         self._clock = clock
         self._policy = policy
 
-    async def create_user(self, registration: Registration) -> User:
+    async def create_user(self, registration: Registration, caller: Caller = ANONYMOUS) -> User:
         """Store a new inactive user and mail them an activation code."""
         domain.validate_registration(registration, password_min_length=self._policy.password_min_length)
-        if registration.role is Role.ADMIN:
-            # Only an admin may create an admin; until callers are authenticated, nobody can.
+        if registration.role is Role.ADMIN and not caller.is_admin:
             raise PermissionDenied("only an admin can create an admin")
         code = domain.new_activation_code()
-        now = self._clock.now()
         user = await self._users.add(
-            NewUser(
-                username=registration.username,
-                first_name=registration.first_name.strip(),
-                last_name=registration.last_name.strip(),
-                email=registration.email,
-                gender=registration.gender,
-                role=registration.role,
-                password_hash=await self._hasher.hash(registration.password),
-                activation=self._new_activation(registration.username, code),
-                created_at=now,
-            )
+            await self._new_user(registration, activation=self._new_activation(registration.username, code))
         )
         await self._mailer.send(self._activation_mail(user, code))
         log.info("user created", extra={"user_id": user.id})
         return user
+
+    async def create_admin(self, registration: Registration) -> User:
+        """Store an active admin, for operators bootstrapping a deployment from the CLI."""
+        domain.validate_registration(registration, password_min_length=self._policy.password_min_length)
+        user = await self._users.add(
+            await self._new_user(dataclasses.replace(registration, role=Role.ADMIN), activation=None)
+        )
+        log.info("admin created", extra={"user_id": user.id})
+        return user
+
+    async def _new_user(self, registration: Registration, *, activation: ActivationCode | None) -> NewUser:
+        return NewUser(
+            username=registration.username,
+            first_name=registration.first_name.strip(),
+            last_name=registration.last_name.strip(),
+            email=registration.email,
+            gender=registration.gender,
+            role=registration.role,
+            password_hash=await self._hasher.hash(registration.password),
+            is_active=activation is None,
+            activation=activation,
+            created_at=self._clock.now(),
+        )
 
     async def activate_user(self, identifier: str, code: str) -> User:
         """Activate with the mailed code. Every failure looks the same, whatever the account."""

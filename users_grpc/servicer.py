@@ -6,6 +6,7 @@ Errors are not handled here: the error interceptor maps them to statuses.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TypeVar
@@ -13,10 +14,12 @@ from typing import TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
-from users_grpc.domain import Gender, Registration, Role, User
+from users.v1 import session_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
+from users_grpc.access import current_caller
+from users_grpc.domain import AccessClaims, Gender, IssuedTokens, Registration, Role, Session, User
 from users_grpc.errors import FieldViolation, InvalidArgument
 from users_grpc.service import UserService
+from users_grpc.sessions import SessionService
 
 _GENDERS = {
     user_pb2.GENDER_UNSPECIFIED: Gender.UNSPECIFIED,
@@ -39,8 +42,9 @@ Context = grpc.aio.ServicerContext[object, object]
 
 
 class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
-    def __init__(self, service: UserService) -> None:
+    def __init__(self, service: UserService, sessions: SessionService) -> None:
         self._service = service
+        self._sessions = sessions
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
@@ -55,7 +59,8 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
                 password_confirmation=request.password_confirmation,
                 gender=_enum_from_proto(_GENDERS, request.gender, "gender"),
                 role=_enum_from_proto(_ROLES, request.role, "role"),
-            )
+            ),
+            caller=current_caller.get(),
         )
         return user_service_pb2.CreateUserResponse(user=user_to_proto(user))
 
@@ -101,6 +106,47 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         user = await self._service.verify_credentials(request.identifier, request.password)
         return user_service_pb2.VerifyCredentialsResponse(user=user_to_proto(user))
 
+    async def Authenticate(
+        self, request: user_service_pb2.AuthenticateRequest, context: Context
+    ) -> user_service_pb2.AuthenticateResponse:
+        user, issued = await self._sessions.authenticate(request.identifier, request.password)
+        return _with_tokens(user_service_pb2.AuthenticateResponse(user=user_to_proto(user)), issued)
+
+    async def RefreshSession(
+        self, request: user_service_pb2.RefreshSessionRequest, context: Context
+    ) -> user_service_pb2.RefreshSessionResponse:
+        issued = await self._sessions.refresh(request.refresh_token)
+        return _with_tokens(user_service_pb2.RefreshSessionResponse(), issued)
+
+    async def RevokeSession(
+        self, request: user_service_pb2.RevokeSessionRequest, context: Context
+    ) -> user_service_pb2.RevokeSessionResponse:
+        await self._sessions.revoke(request.refresh_token)
+        return user_service_pb2.RevokeSessionResponse()
+
+    async def ListSessions(
+        self, request: user_service_pb2.ListSessionsRequest, context: Context
+    ) -> user_service_pb2.ListSessionsResponse:
+        sessions = await self._sessions.list_sessions(request.user_id)
+        return user_service_pb2.ListSessionsResponse(sessions=[_session_to_proto(s) for s in sessions])
+
+    async def RevokeAllSessions(
+        self, request: user_service_pb2.RevokeAllSessionsRequest, context: Context
+    ) -> user_service_pb2.RevokeAllSessionsResponse:
+        await self._sessions.revoke_all(request.user_id)
+        return user_service_pb2.RevokeAllSessionsResponse()
+
+    async def GetPublicKeys(
+        self, request: user_service_pb2.GetPublicKeysRequest, context: Context
+    ) -> user_service_pb2.GetPublicKeysResponse:
+        return user_service_pb2.GetPublicKeysResponse(jwks_json=json.dumps(self._sessions.public_keys()))
+
+    async def ValidateToken(
+        self, request: user_service_pb2.ValidateTokenRequest, context: Context
+    ) -> user_service_pb2.ValidateTokenResponse:
+        claims = await self._sessions.validate(request.access_token)
+        return user_service_pb2.ValidateTokenResponse(claims=_claims_to_proto(claims))
+
 
 def user_to_proto(user: User) -> user_pb2.User:
     return user_pb2.User(
@@ -129,3 +175,40 @@ def _timestamp(moment: datetime) -> Timestamp:
     timestamp = Timestamp()
     timestamp.FromDatetime(moment)
     return timestamp
+
+
+_TokensResponse = TypeVar(
+    "_TokensResponse", user_service_pb2.AuthenticateResponse, user_service_pb2.RefreshSessionResponse
+)
+
+
+def _with_tokens(response: _TokensResponse, issued: IssuedTokens) -> _TokensResponse:
+    response.access_token = issued.access_token
+    response.access_token_expires_at.CopyFrom(_timestamp(issued.access_token_expires_at))
+    response.refresh_token = issued.refresh_token
+    response.refresh_token_expires_at.CopyFrom(_timestamp(issued.session.expires_at))
+    response.session_id = issued.session.id
+    return response
+
+
+def _session_to_proto(session: Session) -> session_pb2.Session:
+    return session_pb2.Session(
+        id=session.id,
+        user_id=session.user_id,
+        created_at=_timestamp(session.created_at),
+        last_used_at=_timestamp(session.last_used_at),
+        expires_at=_timestamp(session.expires_at),
+    )
+
+
+def _claims_to_proto(claims: AccessClaims) -> session_pb2.TokenClaims:
+    return session_pb2.TokenClaims(
+        subject=claims.subject,
+        role=_ROLES_TO_PROTO[claims.role],
+        session_id=claims.session_id,
+        token_id=claims.token_id,
+        issuer=claims.issuer,
+        audience=claims.audience,
+        issued_at=_timestamp(claims.issued_at),
+        expires_at=_timestamp(claims.expires_at),
+    )

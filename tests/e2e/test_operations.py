@@ -3,6 +3,7 @@ reflection for grpcurl, grpc-health-probe, and draining on SIGTERM."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -16,7 +17,15 @@ import pytest
 from aiosmtpd.controller import Controller
 from grpc_health.v1 import health_pb2
 
-from tests.conftest import REPO_ROOT, MailSink, RunningServer, StartServer, free_port, start_ferretdb
+from tests.conftest import (
+    KEY_ENCRYPTION_KEY,
+    REPO_ROOT,
+    MailSink,
+    RunningServer,
+    StartServer,
+    free_port,
+    start_ferretdb,
+)
 from tests.e2e.helpers import create_request, health_stub, rpc_error, stored_users
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
@@ -104,11 +113,11 @@ def test_database_outage_is_unavailable_and_recovers_without_restart(
     assert next(watch).status == SERVING
     assert probe(server.address).returncode == 0
     # Nothing was half-created by the failed call, and the same registration now works.
-    assert len(stored_users(own_database.uri, server.settings.mongodb_database)) <= 1
+    assert len(stored_users(own_database.uri, server.settings.mongodb_database, username="jane")) <= 1
     # The timed-out call's write may have landed after all (then it is whole): ALREADY_EXISTS.
     retry = server.stub.CreateUser.future(create_request()).exception()
     assert retry is None or (isinstance(retry, grpc.RpcError) and retry.code() == grpc.StatusCode.ALREADY_EXISTS)
-    [stored] = stored_users(own_database.uri, server.settings.mongodb_database)
+    [stored] = stored_users(own_database.uri, server.settings.mongodb_database, username="jane")
     assert stored["password_hash"].startswith("$2b$")
     assert mail.code_for("jane@example.com")
 
@@ -139,14 +148,22 @@ def test_reflection_lets_grpcurl_list_and_call(server: RunningServer) -> None:
         [tool("grpcurl"), "-plaintext", server.address, "list"], capture_output=True, text=True, timeout=30, check=True
     )
     assert SERVICE in listing.stdout.split()
-    call = subprocess.run(
+    keys = subprocess.run(
+        [tool("grpcurl"), "-plaintext", server.address, f"{SERVICE}/GetPublicKeys"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "jwks_json" in keys.stdout
+    protected = subprocess.run(
         [tool("grpcurl"), "-plaintext", "-d", '{"id": "' + "0" * 24 + '"}', server.address, f"{SERVICE}/GetUser"],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    assert "NotFound" in call.stderr
+    assert "Unauthenticated" in protected.stderr
 
 
 def test_reflection_can_be_turned_off(start_server: StartServer) -> None:
@@ -171,6 +188,7 @@ def test_sigterm_drains_in_flight_calls_then_exits(mongodb_uri: str, database_na
         "USERS_HASH_WORKERS": "1",
         "USERS_SHUTDOWN_DELAY_SECONDS": "0.5",
         "USERS_SHUTDOWN_GRACE_SECONDS": "20",
+        "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "users_grpc", "serve"],

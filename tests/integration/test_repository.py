@@ -67,6 +67,7 @@ def new_user(username: str = "jane", email: str = "jane@example.com") -> NewUser
         gender=Gender.FEMALE,
         role=Role.USER,
         password_hash="$2b$10$hash",
+        is_active=False,
         activation=activation(),
         created_at=NOW,
     )

@@ -22,48 +22,78 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from users.v1 import session_pb2 as users_dot_v1_dot_session__pb2
 from users.v1 import user_pb2 as users_dot_v1_dot_user__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1busers/v1/user_service.proto\x12\x08users.v1\x1a\x13users/v1/user.proto\"\xcc\x01\n\x11\x43reateUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\x12\r\n\x05\x65mail\x18\x04 \x01(\t\x12\x10\n\x08password\x18\x05 \x01(\t\x12\x1d\n\x15password_confirmation\x18\x06 \x01(\t\x12 \n\x06gender\x18\x07 \x01(\x0e\x32\x10.users.v1.Gender\x12\x1c\n\x04role\x18\x08 \x01(\x0e\x32\x0e.users.v1.Role\"2\n\x12\x43reateUserResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\"7\n\x13\x41\x63tivateUserRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"4\n\x14\x41\x63tivateUserResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\"1\n\x1bResendActivationCodeRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\"\x1e\n\x1cResendActivationCodeResponse\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"/\n\x0fGetUserResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\"0\n\x1aGetUserByIdentifierRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\";\n\x1bGetUserByIdentifierResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\"\x1f\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse\"3\n\x1d\x44\x65leteUserByIdentifierRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\" \n\x1e\x44\x65leteUserByIdentifierResponse\"@\n\x18VerifyCredentialsRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"9\n\x19VerifyCredentialsResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User2\xc4\x05\n\x0bUserService\x12G\n\nCreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n\x0c\x41\x63tivateUser\x12\x1d.users.v1.ActivateUserRequest\x1a\x1e.users.v1.ActivateUserResponse\x12\x65\n\x14ResendActivationCode\x12%.users.v1.ResendActivationCodeRequest\x1a&.users.v1.ResendActivationCodeResponse\x12>\n\x07GetUser\x12\x18.users.v1.GetUserRequest\x1a\x19.users.v1.GetUserResponse\x12\x62\n\x13GetUserByIdentifier\x12$.users.v1.GetUserByIdentifierRequest\x1a%.users.v1.GetUserByIdentifierResponse\x12G\n\nDeleteUser\x12\x1b.users.v1.DeleteUserRequest\x1a\x1c.users.v1.DeleteUserResponse\x12k\n\x16\x44\x65leteUserByIdentifier\x12\'.users.v1.DeleteUserByIdentifierRequest\x1a(.users.v1.DeleteUserByIdentifierResponse\x12\\\n\x11VerifyCredentials\x12\".users.v1.VerifyCredentialsRequest\x1a#.users.v1.VerifyCredentialsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1busers/v1/user_service.proto\x12\x08users.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xcc\x01\n\x11\x43reateUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\x12\r\n\x05\x65mail\x18\x04 \x01(\t\x12\x10\n\x08password\x18\x05 \x01(\t\x12\x1d\n\x15password_confirmation\x18\x06 \x01(\t\x12 \n\x06gender\x18\x07 \x01(\x0e\x32\x10.users.v1.Gender\x12\x1c\n\x04role\x18\x08 \x01(\x0e\x32\x0e.users.v1.Role\"2\n\x12\x43reateUserResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\"7\n\x13\x41\x63tivateUserRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"4\n\x14\x41\x63tivateUserResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\"1\n\x1bResendActivationCodeRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\"\x1e\n\x1cResendActivationCodeResponse\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"/\n\x0fGetUserResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\"0\n\x1aGetUserByIdentifierRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\";\n\x1bGetUserByIdentifierResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\"\x1f\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse\"3\n\x1d\x44\x65leteUserByIdentifierRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\" \n\x1e\x44\x65leteUserByIdentifierResponse\"@\n\x18VerifyCredentialsRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"9\n\x19VerifyCredentialsResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\";\n\x13\x41uthenticateRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\xf0\x01\n\x14\x41uthenticateResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12<\n\x18refresh_token_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x06 \x01(\t\".\n\x15RefreshSessionRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\xd4\x01\n\x16RefreshSessionResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12<\n\x18refresh_token_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x05 \x01(\t\"-\n\x14RevokeSessionRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x17\n\x15RevokeSessionResponse\"&\n\x13ListSessionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\";\n\x14ListSessionsResponse\x12#\n\x08sessions\x18\x01 \x03(\x0b\x32\x11.users.v1.Session\"+\n\x18RevokeAllSessionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\x1b\n\x19RevokeAllSessionsResponse\"\x16\n\x14GetPublicKeysRequest\"*\n\x15GetPublicKeysResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\",\n\x14ValidateTokenRequest\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\">\n\x15ValidateTokenResponse\x12%\n\x06\x63laims\x18\x01 \x01(\x0b\x32\x15.users.v1.TokenClaims2\x8b\n\n\x0bUserService\x12G\n\nCreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n\x0c\x41\x63tivateUser\x12\x1d.users.v1.ActivateUserRequest\x1a\x1e.users.v1.ActivateUserResponse\x12\x65\n\x14ResendActivationCode\x12%.users.v1.ResendActivationCodeRequest\x1a&.users.v1.ResendActivationCodeResponse\x12>\n\x07GetUser\x12\x18.users.v1.GetUserRequest\x1a\x19.users.v1.GetUserResponse\x12\x62\n\x13GetUserByIdentifier\x12$.users.v1.GetUserByIdentifierRequest\x1a%.users.v1.GetUserByIdentifierResponse\x12G\n\nDeleteUser\x12\x1b.users.v1.DeleteUserRequest\x1a\x1c.users.v1.DeleteUserResponse\x12k\n\x16\x44\x65leteUserByIdentifier\x12\'.users.v1.DeleteUserByIdentifierRequest\x1a(.users.v1.DeleteUserByIdentifierResponse\x12\\\n\x11VerifyCredentials\x12\".users.v1.VerifyCredentialsRequest\x1a#.users.v1.VerifyCredentialsResponse\x12M\n\x0c\x41uthenticate\x12\x1d.users.v1.AuthenticateRequest\x1a\x1e.users.v1.AuthenticateResponse\x12S\n\x0eRefreshSession\x12\x1f.users.v1.RefreshSessionRequest\x1a .users.v1.RefreshSessionResponse\x12P\n\rRevokeSession\x12\x1e.users.v1.RevokeSessionRequest\x1a\x1f.users.v1.RevokeSessionResponse\x12M\n\x0cListSessions\x12\x1d.users.v1.ListSessionsRequest\x1a\x1e.users.v1.ListSessionsResponse\x12\\\n\x11RevokeAllSessions\x12\".users.v1.RevokeAllSessionsRequest\x1a#.users.v1.RevokeAllSessionsResponse\x12P\n\rGetPublicKeys\x12\x1e.users.v1.GetPublicKeysRequest\x1a\x1f.users.v1.GetPublicKeysResponse\x12P\n\rValidateToken\x12\x1e.users.v1.ValidateTokenRequest\x1a\x1f.users.v1.ValidateTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'users.v1.user_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEUSERREQUEST']._serialized_start=63
-  _globals['_CREATEUSERREQUEST']._serialized_end=267
-  _globals['_CREATEUSERRESPONSE']._serialized_start=269
-  _globals['_CREATEUSERRESPONSE']._serialized_end=319
-  _globals['_ACTIVATEUSERREQUEST']._serialized_start=321
-  _globals['_ACTIVATEUSERREQUEST']._serialized_end=376
-  _globals['_ACTIVATEUSERRESPONSE']._serialized_start=378
-  _globals['_ACTIVATEUSERRESPONSE']._serialized_end=430
-  _globals['_RESENDACTIVATIONCODEREQUEST']._serialized_start=432
-  _globals['_RESENDACTIVATIONCODEREQUEST']._serialized_end=481
-  _globals['_RESENDACTIVATIONCODERESPONSE']._serialized_start=483
-  _globals['_RESENDACTIVATIONCODERESPONSE']._serialized_end=513
-  _globals['_GETUSERREQUEST']._serialized_start=515
-  _globals['_GETUSERREQUEST']._serialized_end=543
-  _globals['_GETUSERRESPONSE']._serialized_start=545
-  _globals['_GETUSERRESPONSE']._serialized_end=592
-  _globals['_GETUSERBYIDENTIFIERREQUEST']._serialized_start=594
-  _globals['_GETUSERBYIDENTIFIERREQUEST']._serialized_end=642
-  _globals['_GETUSERBYIDENTIFIERRESPONSE']._serialized_start=644
-  _globals['_GETUSERBYIDENTIFIERRESPONSE']._serialized_end=703
-  _globals['_DELETEUSERREQUEST']._serialized_start=705
-  _globals['_DELETEUSERREQUEST']._serialized_end=736
-  _globals['_DELETEUSERRESPONSE']._serialized_start=738
-  _globals['_DELETEUSERRESPONSE']._serialized_end=758
-  _globals['_DELETEUSERBYIDENTIFIERREQUEST']._serialized_start=760
-  _globals['_DELETEUSERBYIDENTIFIERREQUEST']._serialized_end=811
-  _globals['_DELETEUSERBYIDENTIFIERRESPONSE']._serialized_start=813
-  _globals['_DELETEUSERBYIDENTIFIERRESPONSE']._serialized_end=845
-  _globals['_VERIFYCREDENTIALSREQUEST']._serialized_start=847
-  _globals['_VERIFYCREDENTIALSREQUEST']._serialized_end=911
-  _globals['_VERIFYCREDENTIALSRESPONSE']._serialized_start=913
-  _globals['_VERIFYCREDENTIALSRESPONSE']._serialized_end=970
-  _globals['_USERSERVICE']._serialized_start=973
-  _globals['_USERSERVICE']._serialized_end=1681
+  _globals['_CREATEUSERREQUEST']._serialized_start=120
+  _globals['_CREATEUSERREQUEST']._serialized_end=324
+  _globals['_CREATEUSERRESPONSE']._serialized_start=326
+  _globals['_CREATEUSERRESPONSE']._serialized_end=376
+  _globals['_ACTIVATEUSERREQUEST']._serialized_start=378
+  _globals['_ACTIVATEUSERREQUEST']._serialized_end=433
+  _globals['_ACTIVATEUSERRESPONSE']._serialized_start=435
+  _globals['_ACTIVATEUSERRESPONSE']._serialized_end=487
+  _globals['_RESENDACTIVATIONCODEREQUEST']._serialized_start=489
+  _globals['_RESENDACTIVATIONCODEREQUEST']._serialized_end=538
+  _globals['_RESENDACTIVATIONCODERESPONSE']._serialized_start=540
+  _globals['_RESENDACTIVATIONCODERESPONSE']._serialized_end=570
+  _globals['_GETUSERREQUEST']._serialized_start=572
+  _globals['_GETUSERREQUEST']._serialized_end=600
+  _globals['_GETUSERRESPONSE']._serialized_start=602
+  _globals['_GETUSERRESPONSE']._serialized_end=649
+  _globals['_GETUSERBYIDENTIFIERREQUEST']._serialized_start=651
+  _globals['_GETUSERBYIDENTIFIERREQUEST']._serialized_end=699
+  _globals['_GETUSERBYIDENTIFIERRESPONSE']._serialized_start=701
+  _globals['_GETUSERBYIDENTIFIERRESPONSE']._serialized_end=760
+  _globals['_DELETEUSERREQUEST']._serialized_start=762
+  _globals['_DELETEUSERREQUEST']._serialized_end=793
+  _globals['_DELETEUSERRESPONSE']._serialized_start=795
+  _globals['_DELETEUSERRESPONSE']._serialized_end=815
+  _globals['_DELETEUSERBYIDENTIFIERREQUEST']._serialized_start=817
+  _globals['_DELETEUSERBYIDENTIFIERREQUEST']._serialized_end=868
+  _globals['_DELETEUSERBYIDENTIFIERRESPONSE']._serialized_start=870
+  _globals['_DELETEUSERBYIDENTIFIERRESPONSE']._serialized_end=902
+  _globals['_VERIFYCREDENTIALSREQUEST']._serialized_start=904
+  _globals['_VERIFYCREDENTIALSREQUEST']._serialized_end=968
+  _globals['_VERIFYCREDENTIALSRESPONSE']._serialized_start=970
+  _globals['_VERIFYCREDENTIALSRESPONSE']._serialized_end=1027
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=1029
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=1088
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=1091
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=1331
+  _globals['_REFRESHSESSIONREQUEST']._serialized_start=1333
+  _globals['_REFRESHSESSIONREQUEST']._serialized_end=1379
+  _globals['_REFRESHSESSIONRESPONSE']._serialized_start=1382
+  _globals['_REFRESHSESSIONRESPONSE']._serialized_end=1594
+  _globals['_REVOKESESSIONREQUEST']._serialized_start=1596
+  _globals['_REVOKESESSIONREQUEST']._serialized_end=1641
+  _globals['_REVOKESESSIONRESPONSE']._serialized_start=1643
+  _globals['_REVOKESESSIONRESPONSE']._serialized_end=1666
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1668
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1706
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1708
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1767
+  _globals['_REVOKEALLSESSIONSREQUEST']._serialized_start=1769
+  _globals['_REVOKEALLSESSIONSREQUEST']._serialized_end=1812
+  _globals['_REVOKEALLSESSIONSRESPONSE']._serialized_start=1814
+  _globals['_REVOKEALLSESSIONSRESPONSE']._serialized_end=1841
+  _globals['_GETPUBLICKEYSREQUEST']._serialized_start=1843
+  _globals['_GETPUBLICKEYSREQUEST']._serialized_end=1865
+  _globals['_GETPUBLICKEYSRESPONSE']._serialized_start=1867
+  _globals['_GETPUBLICKEYSRESPONSE']._serialized_end=1909
+  _globals['_VALIDATETOKENREQUEST']._serialized_start=1911
+  _globals['_VALIDATETOKENREQUEST']._serialized_end=1955
+  _globals['_VALIDATETOKENRESPONSE']._serialized_start=1957
+  _globals['_VALIDATETOKENRESPONSE']._serialized_end=2019
+  _globals['_USERSERVICE']._serialized_start=2022
+  _globals['_USERSERVICE']._serialized_end=3313
 # @@protoc_insertion_point(module_scope)

@@ -32,9 +32,13 @@ class UserServiceStub:
     google.rpc.BadRequest detail naming each offending field. A database outage is
     UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
 
-    Access: every RPC is open to any caller that reaches the port until the sessions
-    and authorization work lands; the "Callers" line of each RPC states the rule that
-    will then be enforced.
+    Access: the "Callers" line of each RPC states who may call it. "anyone" needs
+    no credentials. Others present `authorization: Bearer <access token>` from
+    Authenticate ("the user themself" means the token's subject is the user the
+    request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
+    caller": an internal service whose mTLS client certificate names an identity
+    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
     """
 
     def __init__(self, channel):
@@ -83,6 +87,41 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_user__service__pb2.VerifyCredentialsRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.VerifyCredentialsResponse.FromString,
                 _registered_method=True)
+        self.Authenticate = channel.unary_unary(
+                '/users.v1.UserService/Authenticate',
+                request_serializer=users_dot_v1_dot_user__service__pb2.AuthenticateRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.AuthenticateResponse.FromString,
+                _registered_method=True)
+        self.RefreshSession = channel.unary_unary(
+                '/users.v1.UserService/RefreshSession',
+                request_serializer=users_dot_v1_dot_user__service__pb2.RefreshSessionRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.RefreshSessionResponse.FromString,
+                _registered_method=True)
+        self.RevokeSession = channel.unary_unary(
+                '/users.v1.UserService/RevokeSession',
+                request_serializer=users_dot_v1_dot_user__service__pb2.RevokeSessionRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.RevokeSessionResponse.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/users.v1.UserService/ListSessions',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.RevokeAllSessions = channel.unary_unary(
+                '/users.v1.UserService/RevokeAllSessions',
+                request_serializer=users_dot_v1_dot_user__service__pb2.RevokeAllSessionsRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.RevokeAllSessionsResponse.FromString,
+                _registered_method=True)
+        self.GetPublicKeys = channel.unary_unary(
+                '/users.v1.UserService/GetPublicKeys',
+                request_serializer=users_dot_v1_dot_user__service__pb2.GetPublicKeysRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.GetPublicKeysResponse.FromString,
+                _registered_method=True)
+        self.ValidateToken = channel.unary_unary(
+                '/users.v1.UserService/ValidateToken',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ValidateTokenRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ValidateTokenResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -92,17 +131,21 @@ class UserServiceServicer:
     google.rpc.BadRequest detail naming each offending field. A database outage is
     UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
 
-    Access: every RPC is open to any caller that reaches the port until the sessions
-    and authorization work lands; the "Callers" line of each RPC states the rule that
-    will then be enforced.
+    Access: the "Callers" line of each RPC states who may call it. "anyone" needs
+    no credentials. Others present `authorization: Bearer <access token>` from
+    Authenticate ("the user themself" means the token's subject is the user the
+    request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
+    caller": an internal service whose mTLS client certificate names an identity
+    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
     """
 
     def CreateUser(self, request, context):
         """Register a user
 
         The user is created inactive and an activation code is emailed to them.
-        Callers: anyone. Asking for ROLE_ADMIN requires an admin caller, so it is
-        PERMISSION_DENIED for now. Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
+        Callers: anyone; asking for ROLE_ADMIN requires an admin (else
+        PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
         username or email, compared regardless of letter case, is taken; the
         google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
         """
@@ -138,7 +181,7 @@ class UserServiceServicer:
         """Get a user by id
 
         Callers: the user themself, an admin or a machine caller. Errors:
-        INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE.
+        INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,8 +191,8 @@ class UserServiceServicer:
         """Get an active user by username or email
 
         Letter case does not matter. Inactive users are not found.
-        Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT, NOT_FOUND,
-        UNAVAILABLE.
+        Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,7 +202,7 @@ class UserServiceServicer:
         """Delete a user by id
 
         Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-        NOT_FOUND, UNAVAILABLE.
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,7 +211,8 @@ class UserServiceServicer:
     def DeleteUserByIdentifier(self, request, context):
         """Delete a user by username or email
 
-        Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE.
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,9 +223,91 @@ class UserServiceServicer:
 
         An unknown account and a wrong password get the same status, message and
         timing. An inactive account is reported only after the right password.
-        Callers: a machine caller. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-        (unknown account or wrong password), FAILED_PRECONDITION (right password,
-        account not activated), UNAVAILABLE.
+        Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (unknown account or wrong password; or the caller's own
+        credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
+        password, account not activated), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Authenticate(self, request, context):
+        """Sign in: check a username-or-email and password and open a session
+
+        Returns a short-lived access token (a JWT signed with ES256; verify it
+        with GetPublicKeys) and an opaque refresh token. Same answers and timing
+        as VerifyCredentials for unknown accounts and wrong passwords.
+        Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshSession(self, request, context):
+        """Trade a refresh token for a new pair
+
+        The presented token is used up. Presenting a used-up token again is
+        treated as theft: the whole session is revoked. The session's absolute
+        expiry never moves.
+        Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSession(self, request, context):
+        """Sign out: revoke the session of a refresh token
+
+        Its access tokens stay valid until they expire (at most the configured
+        access-token lifetime); RevokeAllSessions ends those at once too.
+        Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
+        UNAVAILABLE. An unknown token is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """List a user's active sessions
+
+        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAllSessions(self, request, context):
+        """Revoke every session of a user, and every access token issued so far
+
+        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPublicKeys(self, request, context):
+        """The public keys that verify access tokens, as a JSON Web Key Set
+
+        Cache it, and fetch it again when a token names a key id (kid) you do not
+        know. Callers: anyone. Errors: UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ValidateToken(self, request, context):
+        """Verify an access token and return its claims
+
+        For callers that prefer asking to verifying locally; it also refuses
+        tokens revoked by RevokeAllSessions or by changes to the user.
+        Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (the token in the request is invalid, or the caller's
+        own credential is), PERMISSION_DENIED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,6 +356,41 @@ def add_UserServiceServicer_to_server(servicer, server):
                     request_deserializer=users_dot_v1_dot_user__service__pb2.VerifyCredentialsRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.VerifyCredentialsResponse.SerializeToString,
             ),
+            'Authenticate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Authenticate,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.AuthenticateRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.AuthenticateResponse.SerializeToString,
+            ),
+            'RefreshSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshSession,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.RefreshSessionRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.RefreshSessionResponse.SerializeToString,
+            ),
+            'RevokeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSession,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.RevokeSessionRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.RevokeSessionResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ListSessionsRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'RevokeAllSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAllSessions,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.RevokeAllSessionsRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.RevokeAllSessionsResponse.SerializeToString,
+            ),
+            'GetPublicKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPublicKeys,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.GetPublicKeysRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.GetPublicKeysResponse.SerializeToString,
+            ),
+            'ValidateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidateToken,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ValidateTokenRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ValidateTokenResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'users.v1.UserService', rpc_method_handlers)
@@ -245,9 +406,13 @@ class UserService:
     google.rpc.BadRequest detail naming each offending field. A database outage is
     UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
 
-    Access: every RPC is open to any caller that reaches the port until the sessions
-    and authorization work lands; the "Callers" line of each RPC states the rule that
-    will then be enforced.
+    Access: the "Callers" line of each RPC states who may call it. "anyone" needs
+    no credentials. Others present `authorization: Bearer <access token>` from
+    Authenticate ("the user themself" means the token's subject is the user the
+    request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
+    caller": an internal service whose mTLS client certificate names an identity
+    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
     """
 
     @staticmethod
@@ -456,6 +621,195 @@ class UserService:
             '/users.v1.UserService/VerifyCredentials',
             users_dot_v1_dot_user__service__pb2.VerifyCredentialsRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.VerifyCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Authenticate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/Authenticate',
+            users_dot_v1_dot_user__service__pb2.AuthenticateRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.AuthenticateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/RefreshSession',
+            users_dot_v1_dot_user__service__pb2.RefreshSessionRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.RefreshSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/RevokeSession',
+            users_dot_v1_dot_user__service__pb2.RevokeSessionRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.RevokeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListSessions',
+            users_dot_v1_dot_user__service__pb2.ListSessionsRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAllSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/RevokeAllSessions',
+            users_dot_v1_dot_user__service__pb2.RevokeAllSessionsRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.RevokeAllSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPublicKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/GetPublicKeys',
+            users_dot_v1_dot_user__service__pb2.GetPublicKeysRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.GetPublicKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ValidateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ValidateToken',
+            users_dot_v1_dot_user__service__pb2.ValidateTokenRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ValidateTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

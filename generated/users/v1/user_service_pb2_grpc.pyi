@@ -33,9 +33,13 @@ class UserServiceStub:
     google.rpc.BadRequest detail naming each offending field. A database outage is
     UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
 
-    Access: every RPC is open to any caller that reaches the port until the sessions
-    and authorization work lands; the "Callers" line of each RPC states the rule that
-    will then be enforced.
+    Access: the "Callers" line of each RPC states who may call it. "anyone" needs
+    no credentials. Others present `authorization: Bearer <access token>` from
+    Authenticate ("the user themself" means the token's subject is the user the
+    request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
+    caller": an internal service whose mTLS client certificate names an identity
+    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
     """
 
     @_typing.overload
@@ -46,8 +50,8 @@ class UserServiceStub:
     """Register a user
 
     The user is created inactive and an activation code is emailed to them.
-    Callers: anyone. Asking for ROLE_ADMIN requires an admin caller, so it is
-    PERMISSION_DENIED for now. Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
+    Callers: anyone; asking for ROLE_ADMIN requires an admin (else
+    PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
     username or email, compared regardless of letter case, is taken; the
     google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
     """
@@ -71,34 +75,89 @@ class UserServiceStub:
     """Get a user by id
 
     Callers: the user themself, an admin or a machine caller. Errors:
-    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE.
+    INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
     GetUserByIdentifier: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetUserByIdentifierRequest, _user_service_pb2.GetUserByIdentifierResponse]
     """Get an active user by username or email
 
     Letter case does not matter. Inactive users are not found.
-    Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT, NOT_FOUND,
-    UNAVAILABLE.
+    Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]
     """Delete a user by id
 
     Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-    NOT_FOUND, UNAVAILABLE.
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
     DeleteUserByIdentifier: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserByIdentifierRequest, _user_service_pb2.DeleteUserByIdentifierResponse]
     """Delete a user by username or email
 
-    Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE.
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
     VerifyCredentials: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.VerifyCredentialsRequest, _user_service_pb2.VerifyCredentialsResponse]
     """Check a username-or-email and password
 
     An unknown account and a wrong password get the same status, message and
     timing. An inactive account is reported only after the right password.
-    Callers: a machine caller. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-    (unknown account or wrong password), FAILED_PRECONDITION (right password,
-    account not activated), UNAVAILABLE.
+    Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED (unknown account or wrong password; or the caller's own
+    credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
+    password, account not activated), UNAVAILABLE.
+    """
+    Authenticate: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.AuthenticateRequest, _user_service_pb2.AuthenticateResponse]
+    """Sign in: check a username-or-email and password and open a session
+
+    Returns a short-lived access token (a JWT signed with ES256; verify it
+    with GetPublicKeys) and an opaque refresh token. Same answers and timing
+    as VerifyCredentials for unknown accounts and wrong passwords.
+    Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+    """
+    RefreshSession: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RefreshSessionRequest, _user_service_pb2.RefreshSessionResponse]
+    """Trade a refresh token for a new pair
+
+    The presented token is used up. Presenting a used-up token again is
+    treated as theft: the whole session is revoked. The session's absolute
+    expiry never moves.
+    Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
+    """
+    RevokeSession: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RevokeSessionRequest, _user_service_pb2.RevokeSessionResponse]
+    """Sign out: revoke the session of a refresh token
+
+    Its access tokens stay valid until they expire (at most the configured
+    access-token lifetime); RevokeAllSessions ends those at once too.
+    Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
+    UNAVAILABLE. An unknown token is not an error.
+    """
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListSessionsRequest, _user_service_pb2.ListSessionsResponse]
+    """List a user's active sessions
+
+    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    RevokeAllSessions: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RevokeAllSessionsRequest, _user_service_pb2.RevokeAllSessionsResponse]
+    """Revoke every session of a user, and every access token issued so far
+
+    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    GetPublicKeys: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetPublicKeysRequest, _user_service_pb2.GetPublicKeysResponse]
+    """The public keys that verify access tokens, as a JSON Web Key Set
+
+    Cache it, and fetch it again when a token names a key id (kid) you do not
+    know. Callers: anyone. Errors: UNAVAILABLE.
+    """
+    ValidateToken: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ValidateTokenRequest, _user_service_pb2.ValidateTokenResponse]
+    """Verify an access token and return its claims
+
+    For callers that prefer asking to verifying locally; it also refuses
+    tokens revoked by RevokeAllSessions or by changes to the user.
+    Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED (the token in the request is invalid, or the caller's
+    own credential is), PERMISSION_DENIED, UNAVAILABLE.
     """
 
 @_typing.type_check_only
@@ -109,9 +168,13 @@ class UserServiceAsyncStub(UserServiceStub):
     google.rpc.BadRequest detail naming each offending field. A database outage is
     UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
 
-    Access: every RPC is open to any caller that reaches the port until the sessions
-    and authorization work lands; the "Callers" line of each RPC states the rule that
-    will then be enforced.
+    Access: the "Callers" line of each RPC states who may call it. "anyone" needs
+    no credentials. Others present `authorization: Bearer <access token>` from
+    Authenticate ("the user themself" means the token's subject is the user the
+    request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
+    caller": an internal service whose mTLS client certificate names an identity
+    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -119,8 +182,8 @@ class UserServiceAsyncStub(UserServiceStub):
     """Register a user
 
     The user is created inactive and an activation code is emailed to them.
-    Callers: anyone. Asking for ROLE_ADMIN requires an admin caller, so it is
-    PERMISSION_DENIED for now. Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
+    Callers: anyone; asking for ROLE_ADMIN requires an admin (else
+    PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
     username or email, compared regardless of letter case, is taken; the
     google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
     """
@@ -144,34 +207,89 @@ class UserServiceAsyncStub(UserServiceStub):
     """Get a user by id
 
     Callers: the user themself, an admin or a machine caller. Errors:
-    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE.
+    INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
     GetUserByIdentifier: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserByIdentifierRequest, _user_service_pb2.GetUserByIdentifierResponse]  # type: ignore[assignment]
     """Get an active user by username or email
 
     Letter case does not matter. Inactive users are not found.
-    Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT, NOT_FOUND,
-    UNAVAILABLE.
+    Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]  # type: ignore[assignment]
     """Delete a user by id
 
     Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-    NOT_FOUND, UNAVAILABLE.
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
     DeleteUserByIdentifier: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserByIdentifierRequest, _user_service_pb2.DeleteUserByIdentifierResponse]  # type: ignore[assignment]
     """Delete a user by username or email
 
-    Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE.
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
     VerifyCredentials: _aio.UnaryUnaryMultiCallable[_user_service_pb2.VerifyCredentialsRequest, _user_service_pb2.VerifyCredentialsResponse]  # type: ignore[assignment]
     """Check a username-or-email and password
 
     An unknown account and a wrong password get the same status, message and
     timing. An inactive account is reported only after the right password.
-    Callers: a machine caller. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-    (unknown account or wrong password), FAILED_PRECONDITION (right password,
-    account not activated), UNAVAILABLE.
+    Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED (unknown account or wrong password; or the caller's own
+    credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
+    password, account not activated), UNAVAILABLE.
+    """
+    Authenticate: _aio.UnaryUnaryMultiCallable[_user_service_pb2.AuthenticateRequest, _user_service_pb2.AuthenticateResponse]  # type: ignore[assignment]
+    """Sign in: check a username-or-email and password and open a session
+
+    Returns a short-lived access token (a JWT signed with ES256; verify it
+    with GetPublicKeys) and an opaque refresh token. Same answers and timing
+    as VerifyCredentials for unknown accounts and wrong passwords.
+    Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+    """
+    RefreshSession: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RefreshSessionRequest, _user_service_pb2.RefreshSessionResponse]  # type: ignore[assignment]
+    """Trade a refresh token for a new pair
+
+    The presented token is used up. Presenting a used-up token again is
+    treated as theft: the whole session is revoked. The session's absolute
+    expiry never moves.
+    Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
+    """
+    RevokeSession: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RevokeSessionRequest, _user_service_pb2.RevokeSessionResponse]  # type: ignore[assignment]
+    """Sign out: revoke the session of a refresh token
+
+    Its access tokens stay valid until they expire (at most the configured
+    access-token lifetime); RevokeAllSessions ends those at once too.
+    Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
+    UNAVAILABLE. An unknown token is not an error.
+    """
+    ListSessions: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListSessionsRequest, _user_service_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """List a user's active sessions
+
+    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    RevokeAllSessions: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RevokeAllSessionsRequest, _user_service_pb2.RevokeAllSessionsResponse]  # type: ignore[assignment]
+    """Revoke every session of a user, and every access token issued so far
+
+    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    GetPublicKeys: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetPublicKeysRequest, _user_service_pb2.GetPublicKeysResponse]  # type: ignore[assignment]
+    """The public keys that verify access tokens, as a JSON Web Key Set
+
+    Cache it, and fetch it again when a token names a key id (kid) you do not
+    know. Callers: anyone. Errors: UNAVAILABLE.
+    """
+    ValidateToken: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ValidateTokenRequest, _user_service_pb2.ValidateTokenResponse]  # type: ignore[assignment]
+    """Verify an access token and return its claims
+
+    For callers that prefer asking to verifying locally; it also refuses
+    tokens revoked by RevokeAllSessions or by changes to the user.
+    Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED (the token in the request is invalid, or the caller's
+    own credential is), PERMISSION_DENIED, UNAVAILABLE.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -181,9 +299,13 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     google.rpc.BadRequest detail naming each offending field. A database outage is
     UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
 
-    Access: every RPC is open to any caller that reaches the port until the sessions
-    and authorization work lands; the "Callers" line of each RPC states the rule that
-    will then be enforced.
+    Access: the "Callers" line of each RPC states who may call it. "anyone" needs
+    no credentials. Others present `authorization: Bearer <access token>` from
+    Authenticate ("the user themself" means the token's subject is the user the
+    request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
+    caller": an internal service whose mTLS client certificate names an identity
+    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
     """
 
     @_abc_1.abstractmethod
@@ -195,8 +317,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Register a user
 
         The user is created inactive and an activation code is emailed to them.
-        Callers: anyone. Asking for ROLE_ADMIN requires an admin caller, so it is
-        PERMISSION_DENIED for now. Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
+        Callers: anyone; asking for ROLE_ADMIN requires an admin (else
+        PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
         username or email, compared regardless of letter case, is taken; the
         google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
         """
@@ -238,7 +360,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Get a user by id
 
         Callers: the user themself, an admin or a machine caller. Errors:
-        INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE.
+        INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -250,8 +372,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Get an active user by username or email
 
         Letter case does not matter. Inactive users are not found.
-        Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT, NOT_FOUND,
-        UNAVAILABLE.
+        Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -263,7 +385,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Delete a user by id
 
         Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-        NOT_FOUND, UNAVAILABLE.
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -274,7 +396,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.DeleteUserByIdentifierResponse, _abc.Awaitable[_user_service_pb2.DeleteUserByIdentifierResponse]]:
         """Delete a user by username or email
 
-        Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE.
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -287,9 +410,105 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         An unknown account and a wrong password get the same status, message and
         timing. An inactive account is reported only after the right password.
-        Callers: a machine caller. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-        (unknown account or wrong password), FAILED_PRECONDITION (right password,
-        account not activated), UNAVAILABLE.
+        Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (unknown account or wrong password; or the caller's own
+        credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
+        password, account not activated), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def Authenticate(
+        self,
+        request: _user_service_pb2.AuthenticateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.AuthenticateResponse, _abc.Awaitable[_user_service_pb2.AuthenticateResponse]]:
+        """Sign in: check a username-or-email and password and open a session
+
+        Returns a short-lived access token (a JWT signed with ES256; verify it
+        with GetPublicKeys) and an opaque refresh token. Same answers and timing
+        as VerifyCredentials for unknown accounts and wrong passwords.
+        Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RefreshSession(
+        self,
+        request: _user_service_pb2.RefreshSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.RefreshSessionResponse, _abc.Awaitable[_user_service_pb2.RefreshSessionResponse]]:
+        """Trade a refresh token for a new pair
+
+        The presented token is used up. Presenting a used-up token again is
+        treated as theft: the whole session is revoked. The session's absolute
+        expiry never moves.
+        Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeSession(
+        self,
+        request: _user_service_pb2.RevokeSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.RevokeSessionResponse, _abc.Awaitable[_user_service_pb2.RevokeSessionResponse]]:
+        """Sign out: revoke the session of a refresh token
+
+        Its access tokens stay valid until they expire (at most the configured
+        access-token lifetime); RevokeAllSessions ends those at once too.
+        Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
+        UNAVAILABLE. An unknown token is not an error.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _user_service_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ListSessionsResponse, _abc.Awaitable[_user_service_pb2.ListSessionsResponse]]:
+        """List a user's active sessions
+
+        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeAllSessions(
+        self,
+        request: _user_service_pb2.RevokeAllSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.RevokeAllSessionsResponse, _abc.Awaitable[_user_service_pb2.RevokeAllSessionsResponse]]:
+        """Revoke every session of a user, and every access token issued so far
+
+        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPublicKeys(
+        self,
+        request: _user_service_pb2.GetPublicKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.GetPublicKeysResponse, _abc.Awaitable[_user_service_pb2.GetPublicKeysResponse]]:
+        """The public keys that verify access tokens, as a JSON Web Key Set
+
+        Cache it, and fetch it again when a token names a key id (kid) you do not
+        know. Callers: anyone. Errors: UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ValidateToken(
+        self,
+        request: _user_service_pb2.ValidateTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ValidateTokenResponse, _abc.Awaitable[_user_service_pb2.ValidateTokenResponse]]:
+        """Verify an access token and return its claims
+
+        For callers that prefer asking to verifying locally; it also refuses
+        tokens revoked by RevokeAllSessions or by changes to the user.
+        Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (the token in the request is invalid, or the caller's
+        own credential is), PERMISSION_DENIED, UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

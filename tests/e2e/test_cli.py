@@ -1,0 +1,83 @@
+"""The operator's commands, run as processes against the database a server uses."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+
+import jwt
+
+from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, StartServer
+from tests.e2e.test_operations import wait_until
+from users.v1 import user_pb2
+from users.v1 import user_service_pb2 as pb
+
+
+def users_grpc(*args: str, server_settings: object, **env: str) -> subprocess.CompletedProcess[str]:
+    settings = server_settings
+    environment = {
+        **os.environ,
+        "USERS_MONGODB_URI": settings.mongodb_uri,  # type: ignore[attr-defined]
+        "USERS_MONGODB_DATABASE": settings.mongodb_database,  # type: ignore[attr-defined]
+        "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
+        "USERS_BCRYPT_ROUNDS": "10",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "users_grpc", *args],
+        env=environment,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_create_admin_makes_an_active_admin_who_can_sign_in(start_server: StartServer) -> None:
+    server = start_server()
+    password = "operator passphrase 42"
+    result = users_grpc(
+        "create-admin", "--username", "root", "--email", "root@example.com",
+        server_settings=server.settings, USERS_ADMIN_PASSWORD=password,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    signed_in = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="root", password=password))
+    assert signed_in.user.role == user_pb2.ROLE_ADMIN
+    assert signed_in.user.is_active
+    again = users_grpc(
+        "create-admin", "--username", "root", "--email", "x@example.com",
+        server_settings=server.settings, USERS_ADMIN_PASSWORD=password,
+    )  # fmt: skip
+    assert again.returncode == 1
+    assert "username is already taken" in again.stderr
+
+
+def test_keys_rotate_is_picked_up_by_a_running_server(start_server: StartServer) -> None:
+    server = start_server(key_reload_seconds=0.2)
+    old_kid = jwt.get_unverified_header(server.admin_token)["kid"]
+    result = users_grpc("keys", "rotate", server_settings=server.settings)
+    assert result.returncode == 0, result.stderr
+    new_kid = result.stdout.strip()
+
+    def signs_with_new_key() -> bool:
+        request = pb.AuthenticateRequest(identifier=server.admin_username, password="admin password for tests")
+        kid: str = jwt.get_unverified_header(server.anonymous.Authenticate(request).access_token)["kid"]
+        return kid == new_kid
+
+    wait_until(signs_with_new_key, what="the rotated key")
+    assert new_kid != old_kid
+    refused = users_grpc("keys", "retire", new_kid, server_settings=server.settings)
+    assert refused.returncode == 2
+    assert "is the key that signs now" in refused.stderr
+    retired = users_grpc("keys", "retire", old_kid, server_settings=server.settings)
+    assert retired.returncode == 0, retired.stderr
+
+
+def test_missing_key_encryption_key_is_a_clear_configuration_error(start_server: StartServer) -> None:
+    server = start_server()
+    result = users_grpc("keys", "rotate", server_settings=server.settings, USERS_KEY_ENCRYPTION_KEY="")
+    assert result.returncode == 2
+    assert "USERS_KEY_ENCRYPTION_KEY is required" in result.stderr

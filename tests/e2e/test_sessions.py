@@ -1,0 +1,288 @@
+"""Sessions and tokens through the real server: sign-in, rotation, replay, revocation,
+verification by an independent JOSE library, and every way a forged token is refused."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from joserfc import jwt as jose_jwt
+from joserfc.jwk import KeySet
+from pymongo import MongoClient
+
+from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer
+from tests.e2e.helpers import PASSWORD, create_request, rpc_error
+from tests.fakes import FakeClock
+from users.v1 import user_pb2
+from users.v1 import user_service_pb2 as pb
+from users_grpc.tokens import KeyEncryption
+
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+
+
+def signed_up(server: RunningServer, mail: MailSink, name: str = "jane") -> pb.AuthenticateResponse:
+    """Register and activate a user, then sign in."""
+    email = f"{name}@example.com"
+    server.anonymous.CreateUser(create_request(username=name, email=email))
+    code = mail.code_for(email)
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier=name, code=code))
+    return server.anonymous.Authenticate(pb.AuthenticateRequest(identifier=name, password=PASSWORD))
+
+
+def refresh(server: RunningServer, token: str) -> pb.RefreshSessionResponse:
+    return server.anonymous.RefreshSession(pb.RefreshSessionRequest(refresh_token=token))
+
+
+def refresh_status(server: RunningServer, token: str) -> grpc.StatusCode:
+    """The status of RefreshSession with this token, which must fail."""
+    request = pb.RefreshSessionRequest(refresh_token=token)
+    code: grpc.StatusCode = rpc_error(server.anonymous.RefreshSession, request).code()
+    return code
+
+
+def get_user_status(server: RunningServer, token: str, user_id: str) -> grpc.StatusCode:
+    """The status of GetUser(user_id) called with this access token, which must fail."""
+    code: grpc.StatusCode = rpc_error(server.stub_for(token).GetUser, pb.GetUserRequest(id=user_id)).code()
+    return code
+
+
+def whoami(server: RunningServer, session: pb.AuthenticateResponse, token: str | None = None) -> user_pb2.User:
+    """GetUser on the session's own user, with the session's access token or another."""
+    stub = server.stub_for(token if token is not None else session.access_token)
+    return stub.GetUser(pb.GetUserRequest(id=session.user.id)).user
+
+
+def signing_key(server: RunningServer, mongodb_uri: str) -> tuple[str, Any]:
+    """The server's current signing key, read as an insider would, to forge otherwise-valid tokens."""
+    client: MongoClient[dict[str, Any]] = MongoClient(mongodb_uri)
+    with client:
+        stored = max(client[server.settings.mongodb_database].signing_keys.find(), key=lambda k: k["created_at"])
+    private = KeyEncryption(KEY_ENCRYPTION_KEY).open(bytes(stored["sealed_private_key"]), stored["_id"])
+    return stored["_id"], serialization.load_der_private_key(private, None)
+
+
+def test_access_token_verifies_with_an_independent_library_and_the_jwks(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    jwks = json.loads(server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest()).jwks_json)
+    assert all("d" not in key for key in jwks["keys"]), "private key material in the JWKS"
+    token = jose_jwt.decode(session.access_token, KeySet.import_key_set(jwks), algorithms=["ES256"])
+    assert token.header["typ"] == "at+jwt"
+    assert token.header["kid"] in {key["kid"] for key in jwks["keys"]}
+    claims = token.claims
+    assert claims["sub"] == session.user.id
+    assert claims["iss"] == server.settings.jwt_issuer
+    assert claims["aud"] == server.settings.jwt_audience
+    assert claims["role"] == "user"
+    assert claims["exp"] - claims["iat"] == server.settings.access_token_ttl_seconds
+    assert set(claims) >= {"iss", "aud", "sub", "exp", "iat", "jti"}
+    assert session.access_token_expires_at.seconds == claims["exp"]
+    assert whoami(server, session).username == "jane"
+
+
+def test_authenticate_fails_like_verify_credentials(server: RunningServer, mail: MailSink) -> None:
+    signed_up(server, mail)
+    wrong = rpc_error(server.anonymous.Authenticate, pb.AuthenticateRequest(identifier="jane", password="x" * 12))
+    unknown = rpc_error(server.anonymous.Authenticate, pb.AuthenticateRequest(identifier="joe", password="x" * 12))
+    assert (
+        (wrong.code(), wrong.details())
+        == (unknown.code(), unknown.details())
+        == (UNAUTHENTICATED, "invalid credentials")
+    )
+    server.anonymous.CreateUser(create_request(username="idle", email="idle@example.com"))
+    inactive = rpc_error(server.anonymous.Authenticate, pb.AuthenticateRequest(identifier="idle", password=PASSWORD))
+    assert inactive.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_refresh_rotates_and_a_replayed_token_revokes_the_session(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    second = refresh(server, session.refresh_token)
+    assert second.refresh_token != session.refresh_token
+    assert second.session_id == session.session_id
+    assert whoami(server, session, second.access_token).id == session.user.id
+    # RT1 again: a thief or a replay. The whole session dies, RT2 included.
+    assert refresh_status(server, session.refresh_token) == UNAUTHENTICATED
+    assert refresh_status(server, second.refresh_token) == UNAUTHENTICATED
+
+
+def test_parallel_refreshes_with_one_token_succeed_once(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    request = pb.RefreshSessionRequest(refresh_token=session.refresh_token)
+    futures = [server.anonymous.RefreshSession.future(request) for _ in range(8)]
+    assert sum(f.exception() is None for f in futures) == 1
+
+
+def test_session_has_an_absolute_lifetime(start_server: StartServer, mail: MailSink) -> None:
+    clock = FakeClock(start=FakeClock().now().replace(year=2026))
+    server = start_server(clock=clock)
+    session = signed_up(server, mail)
+    clock.advance(seconds=server.settings.session_ttl_seconds - 60)
+    later = refresh(server, session.refresh_token)
+    assert later.refresh_token_expires_at == session.refresh_token_expires_at
+    clock.advance(seconds=61)
+    assert refresh_status(server, later.refresh_token) == UNAUTHENTICATED
+
+
+def test_revoke_session_signs_out(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    server.anonymous.RevokeSession(pb.RevokeSessionRequest(refresh_token=session.refresh_token))
+    assert refresh_status(server, session.refresh_token) == UNAUTHENTICATED
+    server.anonymous.RevokeSession(pb.RevokeSessionRequest(refresh_token="never-issued"))  # not an error
+
+
+def test_revoke_all_sessions_kills_refresh_and_access_tokens_at_once(server: RunningServer, mail: MailSink) -> None:
+    first = signed_up(server, mail)
+    second = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD))
+    own = server.stub_for(first.access_token)
+    listed = own.ListSessions(pb.ListSessionsRequest(user_id=first.user.id)).sessions
+    assert {s.id for s in listed} == {first.session_id, second.session_id}
+
+    own.RevokeAllSessions(pb.RevokeAllSessionsRequest(user_id=first.user.id))
+    for token in (first.access_token, second.access_token):
+        assert get_user_status(server, token, first.user.id) == UNAUTHENTICATED
+    for session in (first, second):
+        request = pb.RefreshSessionRequest(refresh_token=session.refresh_token)
+        assert rpc_error(server.anonymous.RefreshSession, request).code() == UNAUTHENTICATED
+    assert server.stub.ListSessions(pb.ListSessionsRequest(user_id=first.user.id)).sessions == []
+    # Signing in again works, with tokens of the new version.
+    third = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD))
+    assert whoami(server, third).id == first.user.id
+
+
+def test_deleted_user_tokens_stop_working(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    server.stub_for(session.access_token).DeleteUser(pb.DeleteUserRequest(id=session.user.id))
+    assert get_user_status(server, session.access_token, session.user.id) == UNAUTHENTICATED
+    assert refresh_status(server, session.refresh_token) == UNAUTHENTICATED
+
+
+def test_validate_token_returns_claims_and_refuses_revoked_tokens(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    claims = server.stub.ValidateToken(pb.ValidateTokenRequest(access_token=session.access_token)).claims
+    assert (claims.subject, claims.session_id, claims.role) == (session.user.id, session.session_id, user_pb2.ROLE_USER)
+    server.stub.RevokeAllSessions(pb.RevokeAllSessionsRequest(user_id=session.user.id))
+    error = rpc_error(server.stub.ValidateToken, pb.ValidateTokenRequest(access_token=session.access_token))
+    assert error.code() == UNAUTHENTICATED
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _claims(server: RunningServer, session: pb.AuthenticateResponse, **changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": server.settings.jwt_issuer,
+        "aud": server.settings.jwt_audience,
+        "sub": session.user.id,
+        "iat": now,
+        "exp": now + 600,
+        "jti": "forged",
+        "role": "user",
+        "ver": 0,
+        "sid": session.session_id,
+    }
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+FORGERIES = [
+    "alg-none",
+    "alg-nOnE",
+    "hs256-with-the-public-key",
+    "wrong-aud",
+    "wrong-iss",
+    "expired",
+    "missing-exp",
+    "missing-jti",
+    "unknown-kid",
+    "foreign-key-via-jku",
+    "refresh-token-as-access-token",
+    "tampered-payload",
+    "wrong-typ",
+    "admin-role-claim-for-a-user",
+]
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_forged_tokens_are_unauthenticated(
+    server: RunningServer, mail: MailSink, mongodb_uri: str, forgery: str
+) -> None:
+    session = signed_up(server, mail)
+    kid, key = signing_key(server, mongodb_uri)
+    header = {"kid": kid, "typ": "at+jwt"}
+
+    def sign(claims: dict[str, Any], headers: dict[str, Any] = header, signer: Any = key) -> str:
+        return jwt.encode(claims, signer, algorithm="ES256", headers=headers)
+
+    if forgery.startswith("alg-"):
+        alg = forgery.removeprefix("alg-")
+        head = _b64(json.dumps({"alg": alg, "typ": "at+jwt", "kid": kid}).encode())
+        token = f"{head}.{_b64(json.dumps(_claims(server, session)).encode())}."
+    elif forgery == "hs256-with-the-public-key":
+        jwks = json.loads(server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest()).jwks_json)
+        public = json.dumps(next(k for k in jwks["keys"] if k["kid"] == kid)).encode()
+        head = _b64(json.dumps({"alg": "HS256", "typ": "at+jwt", "kid": kid}).encode())
+        body = _b64(json.dumps(_claims(server, session)).encode())
+        signature = _b64(hmac.new(public, f"{head}.{body}".encode(), hashlib.sha256).digest())
+        token = f"{head}.{body}.{signature}"
+    elif forgery == "wrong-aud":
+        token = sign(_claims(server, session, aud="someone-else"))
+    elif forgery == "wrong-iss":
+        token = sign(_claims(server, session, iss="https://evil.example"))
+    elif forgery == "expired":
+        token = sign(_claims(server, session, iat=int(time.time()) - 1000, exp=int(time.time()) - 10))
+    elif forgery == "missing-exp":
+        token = sign(_claims(server, session, exp=None))
+    elif forgery == "missing-jti":
+        token = sign(_claims(server, session, jti=None))
+    elif forgery == "unknown-kid":
+        token = sign(
+            _claims(server, session), {"kid": "not-a-key", "typ": "at+jwt"}, ec.generate_private_key(ec.SECP256R1())
+        )
+    elif forgery == "foreign-key-via-jku":
+        attacker = ec.generate_private_key(ec.SECP256R1())
+        headers = {"kid": "attacker", "typ": "at+jwt", "jku": "https://evil.example/jwks.json"}
+        token = sign(_claims(server, session), headers, attacker)
+    elif forgery == "refresh-token-as-access-token":
+        token = session.refresh_token
+    elif forgery == "tampered-payload":
+        head, body, signature = session.access_token.split(".")
+        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        claims["role"] = "admin"
+        token = f"{head}.{_b64(json.dumps(claims).encode())}.{signature}"
+    elif forgery == "wrong-typ":
+        token = sign(_claims(server, session), {"kid": kid, "typ": "JWT"})
+    elif forgery == "admin-role-claim-for-a-user":
+        # Even a validly signed claim of a role the user does not have grants nothing beyond the user's own.
+        token = sign(_claims(server, session, role="admin"))
+        admin_only = server.stub_for(token).DeleteUserByIdentifier
+        assert (
+            rpc_error(admin_only, pb.DeleteUserByIdentifierRequest(identifier="someone")).code()
+            == grpc.StatusCode.PERMISSION_DENIED
+        )
+        return
+    else:
+        raise AssertionError(forgery)
+    assert get_user_status(server, token, session.user.id) == UNAUTHENTICATED
+
+
+def test_rotation_keeps_old_tokens_valid_and_signs_with_the_new_key(server: RunningServer, mail: MailSink) -> None:
+    before = signed_up(server, mail)
+    old_kid = jwt.get_unverified_header(before.access_token)["kid"]
+    new_kid = server.call(server.app.tokens.rotate())
+    after = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD))
+    assert jwt.get_unverified_header(after.access_token)["kid"] == new_kid != old_kid
+    assert whoami(server, before).id == whoami(server, after).id
+    jwks = json.loads(server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest()).jwks_json)
+    assert {key["kid"] for key in jwks["keys"]} == {old_kid, new_kid}
+    assert server.call(server.app.tokens.retire(old_kid))
+    assert get_user_status(server, before.access_token, before.user.id) == UNAUTHENTICATED

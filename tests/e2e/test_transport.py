@@ -1,0 +1,141 @@
+"""TLS and mTLS with certificates made at test time; machine callers identified by certificate."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import ADMIN_PASSWORD, StartServer
+from tests.e2e.helpers import rpc_error
+from users.v1 import user_service_pb2 as pb
+from users.v1 import user_service_pb2_grpc
+
+
+@dataclass
+class Issued:
+    key: bytes
+    cert: bytes
+
+
+def _issue(
+    name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None, *, ca: bool = False
+) -> tuple[Issued, x509.Name, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name, issuer_key = issuer if issuer else (subject, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return Issued(pem_key, cert.public_bytes(serialization.Encoding.PEM)), subject, key
+
+
+@dataclass
+class Pki:
+    ca: Issued
+    server: Issued
+    billing: Issued  # a client the server knows as a machine caller
+    stranger: Issued  # signed by the same CA, but not a machine caller
+    rogue: Issued  # signed by a CA the server does not trust
+    directory: Path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    ca, ca_name, ca_key = _issue("test-ca", None, ca=True)
+    server, _, _ = _issue("localhost", (ca_name, ca_key))
+    billing, _, _ = _issue("billing-service", (ca_name, ca_key))
+    stranger, _, _ = _issue("stranger-service", (ca_name, ca_key))
+    _, rogue_ca_name, rogue_ca_key = _issue("rogue-ca", None, ca=True)
+    rogue, _, _ = _issue("billing-service", (rogue_ca_name, rogue_ca_key))
+    directory = tmp_path_factory.mktemp("pki")
+    (directory / "ca.pem").write_bytes(ca.cert)
+    (directory / "server.pem").write_bytes(server.cert)
+    (directory / "server.key").write_bytes(server.key)
+    return Pki(ca, server, billing, stranger, rogue, directory)
+
+
+def _credentials(pki: Pki, client: Issued | None) -> grpc.ChannelCredentials:
+    if client is None:
+        return grpc.ssl_channel_credentials(root_certificates=pki.ca.cert)
+    return grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.cert, private_key=client.key, certificate_chain=client.cert
+    )
+
+
+def _tls_settings(pki: Pki, *, mutual: bool) -> dict[str, object]:
+    settings: dict[str, object] = {
+        "tls_cert_file": pki.directory / "server.pem",
+        "tls_key_file": pki.directory / "server.key",
+        "machine_identities": frozenset({"billing-service"}),
+    }
+    if mutual:
+        settings["tls_client_ca_file"] = pki.directory / "ca.pem"
+    return settings
+
+
+def _public_call(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
+    channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    with channel:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        try:
+            stub.GetPublicKeys(pb.GetPublicKeysRequest(), timeout=5)
+        except grpc.RpcError as error:
+            code: grpc.StatusCode = error.code()
+            return code
+    return grpc.StatusCode.OK
+
+
+def test_tls_serves_tls_clients_and_refuses_plaintext(start_server: StartServer, pki: Pki) -> None:
+    server = start_server(credentials=_credentials(pki, None), **_tls_settings(pki, mutual=False))
+    assert _public_call(server.address, _credentials(pki, None)) == grpc.StatusCode.OK
+    assert _public_call(server.address, None) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_refuses_clients_without_a_trusted_certificate(start_server: StartServer, pki: Pki) -> None:
+    server = start_server(credentials=_credentials(pki, pki.billing), **_tls_settings(pki, mutual=True))
+    assert _public_call(server.address, _credentials(pki, pki.billing)) == grpc.StatusCode.OK
+    assert _public_call(server.address, _credentials(pki, None)) == grpc.StatusCode.UNAVAILABLE
+    assert _public_call(server.address, _credentials(pki, pki.rogue)) == grpc.StatusCode.UNAVAILABLE
+    assert _public_call(server.address, None) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_listed_certificate_makes_a_machine_caller(start_server: StartServer, pki: Pki) -> None:
+    """billing-service checks credentials with no token; another certificate of the same CA may not."""
+    server = start_server(credentials=_credentials(pki, pki.billing), **_tls_settings(pki, mutual=True))
+    # server.anonymous sends no token, but its channel presents billing-service's certificate.
+    check = pb.VerifyCredentialsRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
+    assert server.anonymous.VerifyCredentials(check).user.username == server.admin_username
+    claims = server.anonymous.ValidateToken(pb.ValidateTokenRequest(access_token=server.admin_token)).claims
+    assert claims.subject == server.anonymous.VerifyCredentials(check).user.id
+    with grpc.secure_channel(server.address, _credentials(pki, pki.stranger)) as channel:
+        stranger = user_service_pb2_grpc.UserServiceStub(channel)
+        assert rpc_error(stranger.VerifyCredentials, check).code() == grpc.StatusCode.UNAUTHENTICATED
+    # A machine caller is no admin: admin-only RPCs stay closed to it.
+    request = pb.DeleteUserByIdentifierRequest(identifier="nobody")
+    assert rpc_error(server.anonymous.DeleteUserByIdentifier, request).code() == grpc.StatusCode.PERMISSION_DENIED

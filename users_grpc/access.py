@@ -1,0 +1,109 @@
+"""Who may call what: one table of rules, enforced for every RPC by the interceptor.
+
+A caller is identified by ``authorization: Bearer <access token>`` or, for
+internal services, by an mTLS client certificate whose name is listed in
+USERS_MACHINE_IDENTITIES. The proto comments state the same rules.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
+
+from users_grpc.domain import ANONYMOUS, Caller
+from users_grpc.errors import PermissionDenied, Unauthenticated, UsersError
+from users_grpc.sessions import SessionService
+
+
+class Rule(enum.Enum):
+    ANYONE = "anyone"
+    SELF_OR_ADMIN = "the user themself or an admin"
+    SELF_ADMIN_OR_MACHINE = "the user themself, an admin or a machine caller"
+    ADMIN_OR_MACHINE = "an admin or a machine caller"
+    ADMIN = "an admin"
+
+
+RULES: Mapping[str, Rule] = {
+    "CreateUser": Rule.ANYONE,  # asking for ROLE_ADMIN needs an admin: checked by the service
+    "ActivateUser": Rule.ANYONE,
+    "ResendActivationCode": Rule.ANYONE,
+    "GetUser": Rule.SELF_ADMIN_OR_MACHINE,
+    "GetUserByIdentifier": Rule.ADMIN_OR_MACHINE,
+    "DeleteUser": Rule.SELF_OR_ADMIN,
+    "DeleteUserByIdentifier": Rule.ADMIN,
+    "VerifyCredentials": Rule.ADMIN_OR_MACHINE,
+    "Authenticate": Rule.ANYONE,
+    "RefreshSession": Rule.ANYONE,
+    "RevokeSession": Rule.ANYONE,
+    "ListSessions": Rule.SELF_OR_ADMIN,
+    "RevokeAllSessions": Rule.SELF_OR_ADMIN,
+    "GetPublicKeys": Rule.ANYONE,
+    "ValidateToken": Rule.ADMIN_OR_MACHINE,
+}
+
+# The request field that names the user a "self" rule is about.
+_SUBJECT_FIELDS = ("id", "user_id")
+
+current_caller: ContextVar[Caller] = ContextVar("current_caller", default=ANONYMOUS)
+
+
+class Authorizer:
+    def __init__(self, *, sessions: SessionService, machine_identities: Iterable[str]) -> None:
+        self._sessions = sessions
+        self._machine_identities = frozenset(machine_identities)
+
+    async def authorize(
+        self, method: str, request: object, bearer_token: str | None, peer_identities: Iterable[str]
+    ) -> Caller:
+        """The caller, if ``method``'s rule admits them; else Unauthenticated or PermissionDenied."""
+        rule = RULES.get(method)
+        if rule is None:
+            raise PermissionDenied("no access rule covers this method")  # fail closed
+        if rule is Rule.ANYONE:
+            # Clients often attach a stale token to every call (even RefreshSession): ignore a bad one here.
+            try:
+                return await self.identify(bearer_token, peer_identities)
+            except UsersError:
+                return ANONYMOUS
+        caller = await self.identify(bearer_token, peer_identities)
+        if caller is ANONYMOUS:
+            raise Unauthenticated()
+        if not _admits(rule, caller, _subject_of(request)):
+            raise PermissionDenied()
+        return caller
+
+    async def identify(self, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
+        if bearer_token is not None:
+            _, user = await self._sessions.check_access_token(bearer_token)
+            return Caller(user_id=user.id, role=user.role)
+        machine = next((name for name in peer_identities if name in self._machine_identities), None)
+        return ANONYMOUS if machine is None else Caller(machine=machine)
+
+
+def _admits(rule: Rule, caller: Caller, subject: str | None) -> bool:
+    is_self = caller.user_id is not None and caller.user_id == subject
+    machine = caller.machine is not None
+    return {
+        Rule.SELF_OR_ADMIN: is_self or caller.is_admin,
+        Rule.SELF_ADMIN_OR_MACHINE: is_self or caller.is_admin or machine,
+        Rule.ADMIN_OR_MACHINE: caller.is_admin or machine,
+        Rule.ADMIN: caller.is_admin,
+    }[rule]
+
+
+def _subject_of(request: object) -> str | None:
+    for field in _SUBJECT_FIELDS:
+        value = getattr(request, field, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` header; "" for a malformed header."""
+    for key, value in metadata:
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None

@@ -1,0 +1,219 @@
+"""Signing keys and access tokens: ES256 (ECDSA P-256) JWTs that other services verify from our JWKS.
+
+ES256 rather than EdDSA: every JOSE library verifies it, and RFC 9864 deprecates
+the "EdDSA" algorithm name that Ed25519 tokens would carry.
+
+Keys live in the key store (the database), the private halves sealed with
+AES-GCM under the configured key-encryption key, so every replica signs and
+verifies with the same set. Rotation adds a key that signs from then on;
+older keys keep verifying until they are retired.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import secrets
+import time
+import uuid
+from datetime import datetime, timedelta
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from users_grpc.domain import AccessClaims, Role, StoredKey, User
+from users_grpc.errors import Unauthenticated
+from users_grpc.ports import Clock, KeyStore
+
+log = logging.getLogger(__name__)
+
+ALGORITHM = "ES256"
+ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type, not a secret. RFC 9068: never accepted in place of anything else
+_REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub", "jti"]
+# An unknown kid triggers a reload of the key store at most this often.
+_RELOAD_ON_UNKNOWN_KID_SECONDS = 5.0
+
+
+class KeyEncryption:
+    """AES-256-GCM sealing of private keys; the key id is bound in as associated data."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != 32:
+            raise ValueError("the key-encryption key must be 32 bytes")
+        self._aead = AESGCM(key)
+
+    def seal(self, plaintext: bytes, kid: str) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, plaintext, kid.encode())
+
+    def open(self, sealed: bytes, kid: str) -> bytes:
+        return self._aead.decrypt(sealed[:12], sealed[12:], kid.encode())
+
+
+def new_key_encryption_key() -> str:
+    """A fresh key-encryption key, as USERS_KEY_ENCRYPTION_KEY wants it."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
+class AccessTokens:
+    """Issues and verifies access tokens with the keys of the key store."""
+
+    def __init__(
+        self,
+        *,
+        store: KeyStore,
+        encryption: KeyEncryption,
+        clock: Clock,
+        issuer: str,
+        audience: str,
+        lifetime: timedelta,
+    ) -> None:
+        self._store = store
+        self._encryption = encryption
+        self._clock = clock
+        self._issuer = issuer
+        self._audience = audience
+        self._lifetime = lifetime
+        self._signing: tuple[str, ec.EllipticCurvePrivateKey] | None = None
+        self._verifying: dict[str, ec.EllipticCurvePublicKey] = {}
+        self._last_reload = 0.0
+
+    async def rotate(self) -> str:
+        """Add a new signing key; return its kid."""
+        kid = uuid.uuid4().hex
+        private = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        await self._store.add(
+            StoredKey(kid=kid, sealed_private_key=self._encryption.seal(private, kid), created_at=self._clock.now())
+        )
+        await self.reload()
+        log.info("signing key added", extra={"kid": kid})
+        return kid
+
+    @property
+    def signing_kid(self) -> str | None:
+        return None if self._signing is None else self._signing[0]
+
+    async def retire(self, kid: str) -> bool:
+        """Stop trusting a key; False if there is no live key of that id."""
+        retired = await self._store.retire(kid, self._clock.now())
+        await self.reload()
+        return retired
+
+    async def reload(self) -> None:
+        """Read the key store: the newest live key signs, every live key verifies."""
+        keys = sorted((k for k in await self._store.all() if k.retired_at is None), key=lambda k: k.created_at)
+        verifying: dict[str, ec.EllipticCurvePublicKey] = {}
+        signing: tuple[str, ec.EllipticCurvePrivateKey] | None = None
+        for key in keys:
+            private = serialization.load_der_private_key(self._encryption.open(key.sealed_private_key, key.kid), None)
+            assert isinstance(private, ec.EllipticCurvePrivateKey)
+            verifying[key.kid] = private.public_key()
+            signing = (key.kid, private)
+        self._signing, self._verifying = signing, verifying
+        self._last_reload = time.monotonic()
+
+    async def ensure_signing_key(self) -> None:
+        """Load the keys, and make the first one if the store has none."""
+        await self.reload()
+        if self._signing is None:
+            await self.rotate()
+
+    def issue(self, user: User, session_id: str) -> tuple[str, datetime]:
+        if self._signing is None:
+            raise RuntimeError("no signing key loaded")
+        kid, private = self._signing
+        now = self._clock.now()
+        # JWT times are whole seconds; the reply states the expiry the token carries.
+        expires_at = datetime.fromtimestamp(int((now + self._lifetime).timestamp()), now.tzinfo)
+        claims = {
+            "iss": self._issuer,
+            "aud": self._audience,
+            "sub": user.id,
+            "iat": int(now.timestamp()),
+            "exp": int(expires_at.timestamp()),
+            "jti": uuid.uuid4().hex,
+            "role": user.role.value,
+            "ver": user.token_version,
+            "sid": session_id,
+        }
+        token = jwt.encode(claims, private, algorithm=ALGORITHM, headers={"kid": kid, "typ": ACCESS_TOKEN_TYPE})
+        return token, expires_at
+
+    async def verify(self, token: str) -> AccessClaims:
+        """The claims of a valid access token of ours; :class:`Unauthenticated` for anything else."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed access token") from None
+        # Only our own keys, chosen by kid: jku, x5u and jwk headers are never followed.
+        kid = header.get("kid")
+        if header.get("typ") != ACCESS_TOKEN_TYPE or header.get("alg") != ALGORITHM or not isinstance(kid, str):
+            raise Unauthenticated("not an access token")
+        if kid not in self._verifying and time.monotonic() - self._last_reload > _RELOAD_ON_UNKNOWN_KID_SECONDS:
+            await self.reload()
+        key = self._verifying.get(kid)
+        if key is None:
+            raise Unauthenticated("access token signed by an unknown key")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                audience=self._audience,
+                issuer=self._issuer,
+                # Times are checked below against the service's clock, not PyJWT's wall clock.
+                options={"require": _REQUIRED_CLAIMS, "verify_exp": False, "verify_iat": False, "verify_nbf": False},
+            )
+            role = Role(claims["role"])
+            version = claims["ver"]
+            session_id = claims["sid"]
+        except (jwt.PyJWTError, KeyError, ValueError):
+            raise Unauthenticated("invalid access token") from None
+        if not isinstance(version, int) or not isinstance(session_id, str):
+            raise Unauthenticated("invalid access token")
+        now = self._clock.now()
+        try:
+            expires_at = datetime.fromtimestamp(claims["exp"], now.tzinfo)
+            issued_at = datetime.fromtimestamp(claims["iat"], now.tzinfo)
+        except (TypeError, ValueError, OverflowError):
+            raise Unauthenticated("invalid access token") from None
+        if expires_at <= now:
+            raise Unauthenticated("access token expired")
+        return AccessClaims(
+            subject=claims["sub"],
+            role=role,
+            token_version=version,
+            session_id=session_id,
+            token_id=claims["jti"],
+            issuer=claims["iss"],
+            audience=self._audience,
+            issued_at=issued_at,
+            expires_at=expires_at,
+        )
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        """The public keys as an RFC 7517 key set."""
+        keys = []
+        for kid, key in self._verifying.items():
+            numbers = key.public_numbers()
+            keys.append(
+                {
+                    "kty": "EC",
+                    "crv": "P-256",
+                    "kid": kid,
+                    "alg": ALGORITHM,
+                    "use": "sig",
+                    "x": _base64url(numbers.x.to_bytes(32, "big")),
+                    "y": _base64url(numbers.y.to_bytes(32, "big")),
+                }
+            )
+        return {"keys": keys}
+
+
+def _base64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
