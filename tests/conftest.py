@@ -160,9 +160,10 @@ class RunningServer:
         self.anonymous = user_service_pb2_grpc.UserServiceStub(self.channel)
         self.admin_username = admin = f"admin-{uuid.uuid4().hex[:8]}"
         self.call(self.app.accounts.create_admin(registration(username=admin, email=f"{admin}@example.com")))
-        self.admin_token = self.anonymous.Authenticate(
+        signed_in = self.anonymous.Authenticate(
             user_service_pb2.AuthenticateRequest(identifier=admin, password=ADMIN_PASSWORD)
-        ).access_token
+        )
+        self.admin_token, self.admin_id = signed_in.access_token, signed_in.user.id
         self.stub = self.stub_for(self.admin_token)
 
     def stub_for(self, access_token: str) -> user_service_pb2_grpc.UserServiceStub:

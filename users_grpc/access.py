@@ -18,6 +18,7 @@ from users_grpc.sessions import SessionService
 
 class Rule(enum.Enum):
     ANYONE = "anyone"
+    SELF = "the user themself"
     SELF_OR_ADMIN = "the user themself or an admin"
     SELF_ADMIN_OR_MACHINE = "the user themself, an admin or a machine caller"
     ADMIN_OR_MACHINE = "an admin or a machine caller"
@@ -40,6 +41,14 @@ RULES: Mapping[str, Rule] = {
     "RevokeAllSessions": Rule.SELF_OR_ADMIN,
     "GetPublicKeys": Rule.ANYONE,
     "ValidateToken": Rule.ADMIN_OR_MACHINE,
+    "ForgotPassword": Rule.ANYONE,
+    "ResetPassword": Rule.ANYONE,
+    "ChangePassword": Rule.SELF,
+    "EnableMfa": Rule.SELF,
+    "GetMfaQrCode": Rule.SELF,
+    "ConfirmMfa": Rule.SELF,
+    "DisableMfa": Rule.SELF,
+    "RegenerateRecoveryCodes": Rule.SELF,
 }
 
 # The request field that names the user a "self" rule is about.
@@ -85,6 +94,7 @@ def _admits(rule: Rule, caller: Caller, subject: str | None) -> bool:
     is_self = caller.user_id is not None and caller.user_id == subject
     machine = caller.machine is not None
     return {
+        Rule.SELF: is_self,
         Rule.SELF_OR_ADMIN: is_self or caller.is_admin,
         Rule.SELF_ADMIN_OR_MACHINE: is_self or caller.is_admin or machine,
         Rule.ADMIN_OR_MACHINE: caller.is_admin or machine,

@@ -30,8 +30,10 @@ from users_grpc.health import DatabaseHealth
 from users_grpc.interceptors import ErrorInterceptor
 from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
+from users_grpc.mfa import MfaService
 from users_grpc.passwords import BcryptHasher
 from users_grpc.ports import Clock, MailTransport
+from users_grpc.recovery import PasswordService
 from users_grpc.repository import (
     Document,
     MongoKeyStore,
@@ -192,16 +194,40 @@ async def build_app(
             activation_send_window=timedelta(seconds=settings.activation_send_window_seconds),
         ),
     )
+    encryption = KeyEncryption(settings.key_encryption_key)
     tokens = AccessTokens(
         store=MongoKeyStore(database),
-        encryption=KeyEncryption(settings.key_encryption_key),
+        encryption=encryption,
         clock=clock,
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         lifetime=timedelta(seconds=settings.access_token_ttl_seconds),
     )
-    sessions = SessionService(
+    mfa = MfaService(
         accounts=accounts,
+        credentials=users,
+        sessions=session_store,
+        mailer=mail,
+        hasher=hasher,
+        encryption=encryption,
+        clock=clock,
+        issuer=settings.mfa_issuer,
+        max_attempts=settings.mfa_max_attempts,
+        attempt_window=timedelta(seconds=settings.mfa_attempt_window_seconds),
+    )
+    passwords = PasswordService(
+        credentials=users,
+        sessions=session_store,
+        mailer=mail,
+        hasher=hasher,
+        clock=clock,
+        password_min_length=settings.password_min_length,
+        reset_token_ttl=timedelta(seconds=settings.password_reset_ttl_seconds),
+        reset_max_sends=settings.password_reset_max_sends,
+        reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),
+    )
+    sessions = SessionService(
+        logins=mfa,
         users=users,
         sessions=session_store,
         tokens=tokens,
@@ -219,7 +245,9 @@ async def build_app(
         ],
         options=_SERVER_OPTIONS,
     )
-    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServiceServicer(accounts, sessions), server)
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(
+        UserServiceServicer(accounts, sessions, passwords, mfa), server
+    )
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

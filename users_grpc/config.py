@@ -57,6 +57,13 @@ class Settings:
     activation_max_sends: int = 5
     activation_send_window_seconds: int = 3600
 
+    password_reset_ttl_seconds: int = 1800
+    password_reset_max_sends: int = 3
+    password_reset_send_window_seconds: int = 3600
+    mfa_issuer: str = "users-grpc"
+    mfa_max_attempts: int = 5
+    mfa_attempt_window_seconds: int = 300
+
     jwt_issuer: str = "users-grpc"
     jwt_audience: str = "users-grpc"
     access_token_ttl_seconds: int = 900
@@ -112,6 +119,20 @@ class Settings:
             activation_max_sends=env.integer("USERS_ACTIVATION_MAX_SENDS", defaults.activation_max_sends, 1, 100),
             activation_send_window_seconds=env.integer(
                 "USERS_ACTIVATION_SEND_WINDOW_SECONDS", defaults.activation_send_window_seconds, 60, 7 * 86400
+            ),
+            password_reset_ttl_seconds=env.integer(
+                "USERS_PASSWORD_RESET_TTL_SECONDS", defaults.password_reset_ttl_seconds, 60, 86400
+            ),
+            password_reset_max_sends=env.integer(
+                "USERS_PASSWORD_RESET_MAX_SENDS", defaults.password_reset_max_sends, 1, 100
+            ),
+            password_reset_send_window_seconds=env.integer(
+                "USERS_PASSWORD_RESET_SEND_WINDOW_SECONDS", defaults.password_reset_send_window_seconds, 60, 7 * 86400
+            ),
+            mfa_issuer=env.get("USERS_MFA_ISSUER", defaults.mfa_issuer, str),
+            mfa_max_attempts=env.integer("USERS_MFA_MAX_ATTEMPTS", defaults.mfa_max_attempts, 1, 100),
+            mfa_attempt_window_seconds=env.integer(
+                "USERS_MFA_ATTEMPT_WINDOW_SECONDS", defaults.mfa_attempt_window_seconds, 10, 86400
             ),
             jwt_issuer=env.get("USERS_JWT_ISSUER", defaults.jwt_issuer, str),
             jwt_audience=env.get("USERS_JWT_AUDIENCE", defaults.jwt_audience, str),

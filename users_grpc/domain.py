@@ -46,6 +46,7 @@ class User:
     # Bumped whenever earlier access tokens must stop working (RevokeAllSessions, and later
     # password, role and MFA changes); tokens carry the version they were issued under.
     token_version: int = 0
+    mfa_enabled: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,12 +65,25 @@ class ActivationCode:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Mfa:
+    """A user's TOTP enrollment: pending until confirmed with a code, then active."""
+
+    active: bool
+    sealed_secret: bytes
+    # The newest 30-second step whose code was accepted; older and equal steps are refused.
+    last_used_step: int
+    recovery_digests: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Account:
     """A user together with the secrets only the services may see."""
 
     user: User
     password_hash: str
     activation: ActivationCode | None
+    password_reset: ActivationCode | None = None
+    mfa: Mfa | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,7 +164,7 @@ def validate_registration(registration: Registration, *, password_min_length: in
         violations.extend(_name_violations(field, value))
     violations.extend(_email_violations(registration.email))
     violations.extend(
-        _password_violations(
+        password_violations(
             registration.password,
             min_length=password_min_length,
             context_words=(registration.username, registration.email.partition("@")[0]),
@@ -210,17 +224,20 @@ def _email_violations(email: str) -> list[FieldViolation]:
     return []
 
 
-def _password_violations(password: str, *, min_length: int, context_words: tuple[str, ...]) -> list[FieldViolation]:
+def password_violations(
+    password: str, *, min_length: int, context_words: tuple[str, ...], field: str = "password"
+) -> list[FieldViolation]:
+    """What is wrong with a new password, under ``field``; empty if nothing."""
     # Length counts code points, after NFC, so "é" is one character however it was typed.
     length = len(unicodedata.normalize("NFC", password))
     if length < min_length:
-        return [FieldViolation("password", f"must be at least {min_length} characters")]
+        return [FieldViolation(field, f"must be at least {min_length} characters")]
     if length > PASSWORD_MAX_LENGTH:
-        return [FieldViolation("password", f"must be at most {PASSWORD_MAX_LENGTH} characters")]
+        return [FieldViolation(field, f"must be at most {PASSWORD_MAX_LENGTH} characters")]
     folded = password.casefold()
     for word in context_words:
         if len(word) >= 3 and word.casefold() in folded:
-            return [FieldViolation("password", "must not contain the username or email")]
+            return [FieldViolation(field, "must not contain the username or email")]
     return []
 
 

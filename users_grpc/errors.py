@@ -5,13 +5,18 @@ a short message and, where it helps the caller, rich details::
 
     UsersError
     ├── InvalidArgument        INVALID_ARGUMENT (google.rpc.BadRequest field violations)
-    │   └── InvalidActivationCode
+    │   ├── InvalidActivationCode
+    │   └── InvalidResetToken
     ├── NotFound               NOT_FOUND
     ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
     ├── PermissionDenied       PERMISSION_DENIED
     ├── InvalidCredentials     UNAUTHENTICATED
     ├── Unauthenticated        UNAUTHENTICATED (missing or invalid token)
-    ├── AccountNotActive       FAILED_PRECONDITION
+    ├── InvalidSecondFactor    UNAUTHENTICATED
+    ├── FailedPrecondition     FAILED_PRECONDITION
+    │   ├── AccountNotActive
+    │   └── MfaRequired
+    ├── TooManyAttempts        RESOURCE_EXHAUSTED
     └── StorageUnavailable     UNAVAILABLE
 
 Anything else that escapes a service is a bug: it is logged with its traceback
@@ -69,6 +74,13 @@ class InvalidActivationCode(InvalidArgument):
         super().__init__([FieldViolation("code", "the code is wrong, expired or used up; request a new one")])
 
 
+class InvalidResetToken(InvalidArgument):
+    reason = "INVALID_RESET_TOKEN"
+
+    def __init__(self) -> None:
+        super().__init__([FieldViolation("token", "the token is wrong, expired or used; request a new one")])
+
+
 class NotFound(UsersError):
     reason = "USER_NOT_FOUND"
     message = "user not found"
@@ -101,7 +113,26 @@ class Unauthenticated(UsersError):
     message = "a valid access token is required"
 
 
-class AccountNotActive(UsersError):
+class InvalidSecondFactor(UsersError):
+    reason = "INVALID_SECOND_FACTOR"
+    message = "invalid code"
+
+
+class FailedPrecondition(UsersError):
+    reason = "FAILED_PRECONDITION"
+
+
+class MfaRequired(FailedPrecondition):
+    reason = "MFA_REQUIRED"
+    message = "a second factor is required: send totp_code or recovery_code"
+
+
+class TooManyAttempts(UsersError):
+    reason = "TOO_MANY_ATTEMPTS"
+    message = "too many wrong codes; try again later"
+
+
+class AccountNotActive(FailedPrecondition):
     reason = "ACCOUNT_NOT_ACTIVE"
     message = "the account is not activated; use the emailed code or request a new one"
 
@@ -118,7 +149,9 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     InvalidCredentials: grpc.StatusCode.UNAUTHENTICATED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    AccountNotActive: grpc.StatusCode.FAILED_PRECONDITION,
+    InvalidSecondFactor: grpc.StatusCode.UNAUTHENTICATED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    TooManyAttempts: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

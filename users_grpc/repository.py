@@ -24,6 +24,7 @@ from users_grpc.domain import (
     ActivationCode,
     Gender,
     Mail,
+    Mfa,
     NewUser,
     QueuedMail,
     Role,
@@ -67,6 +68,7 @@ class MongoUserRepository:
     async def ensure_indexes(self) -> None:
         await self._users.create_index([("username_key", ASCENDING)], unique=True, name="username_key_unique")
         await self._users.create_index([("email_key", ASCENDING)], unique=True, name="email_key_unique")
+        await self._users.create_index([("password_reset.digest", ASCENDING)], name="password_reset_digest")
 
     @_storage_errors
     async def add(self, new_user: NewUser) -> User:
@@ -120,30 +122,173 @@ class MongoUserRepository:
     async def replace_activation_code(
         self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
     ) -> bool:
+        return await self._replace_code("activation", {"is_active": False}, user_id, code, max_sends, window_seconds)
+
+    @_storage_errors
+    async def replace_password_reset(
+        self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
+    ) -> bool:
+        return await self._replace_code("password_reset", {"is_active": True}, user_id, code, max_sends, window_seconds)
+
+    async def _replace_code(
+        self,
+        field: str,
+        precondition: Document,
+        user_id: str,
+        code: ActivationCode,
+        max_sends: int,
+        window_seconds: int,
+    ) -> bool:
+        """Pend ``code`` in ``field``, replacing any older one, unless the sends in the window hit the cap."""
         window_cutoff = code.window_started_at - timedelta(seconds=window_seconds)
-        pending = {"_id": ObjectId(user_id), "is_active": False}
+        pending = {"_id": ObjectId(user_id), **precondition}
         # Within the running window: count one more send, if the cap allows.
         counted = await self._users.update_one(
             {
                 **pending,
-                "activation.window_started_at": {"$gt": window_cutoff},
-                "activation.sends_in_window": {"$lt": max_sends},
+                f"{field}.window_started_at": {"$gt": window_cutoff},
+                f"{field}.sends_in_window": {"$lt": max_sends},
             },
             {
                 "$set": {
-                    "activation.digest": code.digest,
-                    "activation.expires_at": code.expires_at,
-                    "activation.attempts_left": code.attempts_left,
+                    f"{field}.digest": code.digest,
+                    f"{field}.expires_at": code.expires_at,
+                    f"{field}.attempts_left": code.attempts_left,
                 },
-                "$inc": {"activation.sends_in_window": 1},
+                "$inc": {f"{field}.sends_in_window": 1},
             },
         )
         if counted.modified_count:
             return True
         # The window has run out (or there was none): this send opens a new one.
         opened = await self._users.update_one(
-            {**pending, "$or": [{"activation.window_started_at": {"$lte": window_cutoff}}, {"activation": None}]},
-            {"$set": {"activation": _activation_document(code)}},
+            {**pending, "$or": [{f"{field}.window_started_at": {"$lte": window_cutoff}}, {field: None}]},
+            {"$set": {field: _activation_document(code)}},
+        )
+        return opened.modified_count == 1
+
+    @_storage_errors
+    async def find_account_by_reset_digest(self, digest: str, now: datetime) -> Account | None:
+        document = await self._users.find_one(
+            {"password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}, "is_active": True}
+        )
+        return None if document is None else _account_from_document(document)
+
+    @_storage_errors
+    async def reset_password(self, user_id: str, digest: str, password_hash: str, now: datetime) -> bool:
+        """Set the password if this reset token is still pending and unexpired; it works once."""
+        result = await self._users.update_one(
+            {"_id": ObjectId(user_id), "password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}},
+            {
+                "$set": {"password_hash": password_hash, "updated_at": now},
+                "$unset": {"password_reset": ""},
+                "$inc": {"token_version": 1},
+            },
+        )
+        return result.modified_count == 1
+
+    @_storage_errors
+    async def set_password(self, user_id: str, password_hash: str, now: datetime) -> None:
+        await self._users.update_one(
+            {"_id": ObjectId(user_id)},
+            {"$set": {"password_hash": password_hash, "updated_at": now}, "$inc": {"token_version": 1}},
+        )
+
+    @_storage_errors
+    async def get_account(self, user_id: str) -> Account | None:
+        document = await self._users.find_one({"_id": ObjectId(user_id)})
+        return None if document is None else _account_from_document(document)
+
+    @_storage_errors
+    async def start_mfa_enrollment(self, user_id: str, sealed_secret: bytes, now: datetime) -> bool:
+        """Pend a new TOTP secret unless MFA is already on."""
+        result = await self._users.update_one(
+            {"_id": ObjectId(user_id), "mfa.state": {"$ne": "active"}},
+            {
+                "$set": {
+                    "mfa": {
+                        "state": "pending",
+                        "sealed_secret": sealed_secret,
+                        "last_used_step": -1,
+                        "recovery_digests": [],
+                        "failures": 0,
+                        "failure_window_start": None,
+                    },
+                    "updated_at": now,
+                }
+            },
+        )
+        return result.modified_count == 1
+
+    @_storage_errors
+    async def confirm_mfa(self, user_id: str, step: int, recovery_digests: list[str], now: datetime) -> bool:
+        result = await self._users.update_one(
+            {"_id": ObjectId(user_id), "mfa.state": "pending", "mfa.last_used_step": {"$lt": step}},
+            {
+                "$set": {
+                    "mfa.state": "active",
+                    "mfa.last_used_step": step,
+                    "mfa.recovery_digests": recovery_digests,
+                    "mfa.failures": 0,
+                    "updated_at": now,
+                },
+                "$inc": {"token_version": 1},
+            },
+        )
+        return result.modified_count == 1
+
+    @_storage_errors
+    async def use_totp_step(self, user_id: str, step: int) -> bool:
+        """Record ``step`` as used if it is newer than the last one: each code works once."""
+        result = await self._users.update_one(
+            {"_id": ObjectId(user_id), "mfa.state": "active", "mfa.last_used_step": {"$lt": step}},
+            {"$set": {"mfa.last_used_step": step, "mfa.failures": 0}},
+        )
+        return result.modified_count == 1
+
+    @_storage_errors
+    async def use_recovery_code(self, user_id: str, digest: str) -> bool:
+        result = await self._users.update_one(
+            {"_id": ObjectId(user_id), "mfa.state": "active", "mfa.recovery_digests": digest},
+            {"$pull": {"mfa.recovery_digests": digest}, "$set": {"mfa.failures": 0}},
+        )
+        return result.modified_count == 1
+
+    @_storage_errors
+    async def replace_recovery_codes(self, user_id: str, digests: list[str]) -> bool:
+        result = await self._users.update_one(
+            {"_id": ObjectId(user_id), "mfa.state": "active"}, {"$set": {"mfa.recovery_digests": digests}}
+        )
+        return result.modified_count == 1
+
+    @_storage_errors
+    async def disable_mfa(self, user_id: str, now: datetime) -> None:
+        await self._users.update_one(
+            {"_id": ObjectId(user_id)},
+            {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
+        )
+
+    @_storage_errors
+    async def reserve_mfa_attempt(self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int) -> bool:
+        """Count one second-factor attempt; False once ``max_attempts`` fell in the window."""
+        cutoff = now - timedelta(seconds=window_seconds)
+        counted = await self._users.update_one(
+            {
+                "_id": ObjectId(user_id),
+                "mfa.failure_window_start": {"$gt": cutoff},
+                "mfa.failures": {"$lt": max_attempts},
+            },
+            {"$inc": {"mfa.failures": 1}},
+        )
+        if counted.modified_count:
+            return True
+        opened = await self._users.update_one(
+            {
+                "_id": ObjectId(user_id),
+                "mfa": {"$ne": None},
+                "$or": [{"mfa.failure_window_start": {"$lte": cutoff}}, {"mfa.failure_window_start": None}],
+            },
+            {"$set": {"mfa.failures": 1, "mfa.failure_window_start": now}},
         )
         return opened.modified_count == 1
 
@@ -386,6 +531,7 @@ def _user_from_document(document: Document) -> User:
         created_at=document["created_at"],
         updated_at=document["updated_at"],
         token_version=document.get("token_version", 0),
+        mfa_enabled=(document.get("mfa") or {}).get("state") == "active",
     )
 
 
@@ -401,10 +547,21 @@ def _session_from_document(document: Document) -> Session:
 
 def _account_from_document(document: Document) -> Account:
     activation = document.get("activation")
+    password_reset = document.get("password_reset")
+    mfa = document.get("mfa")
     return Account(
         user=_user_from_document(document),
         password_hash=document["password_hash"],
         activation=None if activation is None else _activation_from_document(activation),
+        password_reset=None if password_reset is None else _activation_from_document(password_reset),
+        mfa=None
+        if mfa is None
+        else Mfa(
+            active=mfa["state"] == "active",
+            sealed_secret=bytes(mfa["sealed_secret"]),
+            last_used_step=mfa["last_used_step"],
+            recovery_digests=tuple(mfa["recovery_digests"]),
+        ),
     )
 
 

@@ -18,6 +18,8 @@ from users.v1 import session_pb2, user_pb2, user_service_pb2, user_service_pb2_g
 from users_grpc.access import current_caller
 from users_grpc.domain import AccessClaims, Gender, IssuedTokens, Registration, Role, Session, User
 from users_grpc.errors import FieldViolation, InvalidArgument
+from users_grpc.mfa import MfaService
+from users_grpc.recovery import PasswordService
 from users_grpc.service import UserService
 from users_grpc.sessions import SessionService
 
@@ -42,9 +44,13 @@ Context = grpc.aio.ServicerContext[object, object]
 
 
 class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
-    def __init__(self, service: UserService, sessions: SessionService) -> None:
+    def __init__(
+        self, service: UserService, sessions: SessionService, passwords: PasswordService, mfa: MfaService
+    ) -> None:
         self._service = service
         self._sessions = sessions
+        self._passwords = passwords
+        self._mfa = mfa
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
@@ -103,13 +109,17 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def VerifyCredentials(
         self, request: user_service_pb2.VerifyCredentialsRequest, context: Context
     ) -> user_service_pb2.VerifyCredentialsResponse:
-        user = await self._service.verify_credentials(request.identifier, request.password)
+        user = await self._mfa.verify_login(
+            request.identifier, request.password, request.totp_code, request.recovery_code
+        )
         return user_service_pb2.VerifyCredentialsResponse(user=user_to_proto(user))
 
     async def Authenticate(
         self, request: user_service_pb2.AuthenticateRequest, context: Context
     ) -> user_service_pb2.AuthenticateResponse:
-        user, issued = await self._sessions.authenticate(request.identifier, request.password)
+        user, issued = await self._sessions.authenticate(
+            request.identifier, request.password, request.totp_code, request.recovery_code
+        )
         return _with_tokens(user_service_pb2.AuthenticateResponse(user=user_to_proto(user)), issued)
 
     async def RefreshSession(
@@ -147,6 +157,60 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         claims = await self._sessions.validate(request.access_token)
         return user_service_pb2.ValidateTokenResponse(claims=_claims_to_proto(claims))
 
+    async def ForgotPassword(
+        self, request: user_service_pb2.ForgotPasswordRequest, context: Context
+    ) -> user_service_pb2.ForgotPasswordResponse:
+        await self._passwords.forgot_password(request.identifier)
+        return user_service_pb2.ForgotPasswordResponse()
+
+    async def ResetPassword(
+        self, request: user_service_pb2.ResetPasswordRequest, context: Context
+    ) -> user_service_pb2.ResetPasswordResponse:
+        await self._passwords.reset_password(request.token, request.new_password, request.new_password_confirmation)
+        return user_service_pb2.ResetPasswordResponse()
+
+    async def ChangePassword(
+        self, request: user_service_pb2.ChangePasswordRequest, context: Context
+    ) -> user_service_pb2.ChangePasswordResponse:
+        await self._passwords.change_password(
+            request.user_id, request.current_password, request.new_password, request.new_password_confirmation
+        )
+        return user_service_pb2.ChangePasswordResponse()
+
+    async def EnableMfa(
+        self, request: user_service_pb2.EnableMfaRequest, context: Context
+    ) -> user_service_pb2.EnableMfaResponse:
+        enrollment = await self._mfa.enable(request.user_id)
+        return user_service_pb2.EnableMfaResponse(
+            secret=enrollment.secret, otpauth_uri=enrollment.otpauth_uri, qr_code_png=enrollment.qr_code_png
+        )
+
+    async def GetMfaQrCode(
+        self, request: user_service_pb2.GetMfaQrCodeRequest, context: Context
+    ) -> user_service_pb2.GetMfaQrCodeResponse:
+        enrollment = await self._mfa.qr_code(request.user_id)
+        return user_service_pb2.GetMfaQrCodeResponse(
+            otpauth_uri=enrollment.otpauth_uri, qr_code_png=enrollment.qr_code_png
+        )
+
+    async def ConfirmMfa(
+        self, request: user_service_pb2.ConfirmMfaRequest, context: Context
+    ) -> user_service_pb2.ConfirmMfaResponse:
+        codes = await self._mfa.confirm(request.user_id, request.code)
+        return user_service_pb2.ConfirmMfaResponse(recovery_codes=codes)
+
+    async def DisableMfa(
+        self, request: user_service_pb2.DisableMfaRequest, context: Context
+    ) -> user_service_pb2.DisableMfaResponse:
+        await self._mfa.disable(request.user_id, request.password, request.code)
+        return user_service_pb2.DisableMfaResponse()
+
+    async def RegenerateRecoveryCodes(
+        self, request: user_service_pb2.RegenerateRecoveryCodesRequest, context: Context
+    ) -> user_service_pb2.RegenerateRecoveryCodesResponse:
+        codes = await self._mfa.regenerate_recovery_codes(request.user_id, request.code)
+        return user_service_pb2.RegenerateRecoveryCodesResponse(recovery_codes=codes)
+
 
 def user_to_proto(user: User) -> user_pb2.User:
     return user_pb2.User(
@@ -160,6 +224,7 @@ def user_to_proto(user: User) -> user_pb2.User:
         is_active=user.is_active,
         created_at=_timestamp(user.created_at),
         updated_at=_timestamp(user.updated_at),
+        mfa_enabled=user.mfa_enabled,
     )
 
 

@@ -16,8 +16,8 @@ from datetime import timedelta
 from users_grpc import domain
 from users_grpc.domain import AccessClaims, IssuedTokens, Session, User
 from users_grpc.errors import FieldViolation, InvalidArgument, Unauthenticated
+from users_grpc.mfa import MfaService
 from users_grpc.ports import Clock, SessionRepository, UserRepository
-from users_grpc.service import UserService
 from users_grpc.tokens import AccessTokens
 
 log = logging.getLogger(__name__)
@@ -29,23 +29,25 @@ class SessionService:
     def __init__(
         self,
         *,
-        accounts: UserService,
+        logins: MfaService,
         users: UserRepository,
         sessions: SessionRepository,
         tokens: AccessTokens,
         clock: Clock,
         session_lifetime: timedelta,
     ) -> None:
-        self._accounts = accounts
+        self._logins = logins
         self._users = users
         self._sessions = sessions
         self._tokens = tokens
         self._clock = clock
         self._session_lifetime = session_lifetime
 
-    async def authenticate(self, identifier: str, password: str) -> tuple[User, IssuedTokens]:
-        """Check the credentials (as VerifyCredentials does) and open a session."""
-        user = await self._accounts.verify_credentials(identifier, password)
+    async def authenticate(
+        self, identifier: str, password: str, totp_code: str = "", recovery_code: str = ""
+    ) -> tuple[User, IssuedTokens]:
+        """Check the credentials and second factor (as VerifyCredentials does) and open a session."""
+        user = await self._logins.verify_login(identifier, password, totp_code, recovery_code)
         refresh_token = _new_refresh_token()
         now = self._clock.now()
         session = await self._sessions.create(user.id, _digest(refresh_token), now, now + self._session_lifetime)

@@ -37,6 +37,16 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "RevokeAllSessions": lambda id_, _name: pb.RevokeAllSessionsRequest(user_id="f" * 24),
     "GetPublicKeys": lambda _id, _name: pb.GetPublicKeysRequest(),
     "ValidateToken": lambda _id, _name: pb.ValidateTokenRequest(access_token=""),
+    "ForgotPassword": lambda _id, name: pb.ForgotPasswordRequest(identifier="nobody"),
+    "ResetPassword": lambda _id, _name: pb.ResetPasswordRequest(token=""),
+    "ChangePassword": lambda id_, _name: pb.ChangePasswordRequest(
+        user_id=id_, current_password=PASSWORD, new_password="short", new_password_confirmation="short"
+    ),
+    "EnableMfa": lambda id_, _name: pb.EnableMfaRequest(user_id=id_),
+    "GetMfaQrCode": lambda id_, _name: pb.GetMfaQrCodeRequest(user_id=id_),
+    "ConfirmMfa": lambda id_, _name: pb.ConfirmMfaRequest(user_id=id_, code="x"),
+    "DisableMfa": lambda id_, _name: pb.DisableMfaRequest(user_id=id_, password="", code="x"),
+    "RegenerateRecoveryCodes": lambda id_, _name: pb.RegenerateRecoveryCodesRequest(user_id=id_, code=""),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them.
@@ -90,7 +100,7 @@ def test_with_another_users_token(server: RunningServer, users: Any, method: str
 def test_with_the_users_own_token(server: RunningServer, users: Any, method: str) -> None:
     alice, _ = users
     code = call(server.stub_for(alice.access_token), method, SELF_REQUESTS[method](alice.user.id, "alice"))
-    if RULES[method] in {Rule.ANYONE, Rule.SELF_OR_ADMIN, Rule.SELF_ADMIN_OR_MACHINE}:
+    if RULES[method] in {Rule.ANYONE, Rule.SELF, Rule.SELF_OR_ADMIN, Rule.SELF_ADMIN_OR_MACHINE}:
         assert code not in DENIED
     else:
         assert code == grpc.StatusCode.PERMISSION_DENIED
@@ -100,4 +110,8 @@ def test_with_the_users_own_token(server: RunningServer, users: Any, method: str
 def test_with_an_admin_token(server: RunningServer, users: Any, method: str) -> None:
     alice, _ = users
     code = call(server.stub, method, REQUESTS[method](alice.user.id, "alice"))
-    assert code not in DENIED
+    if RULES[method] is Rule.SELF:
+        # Passwords and second factors are the user's own business, even for admins.
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+    else:
+        assert code not in DENIED

@@ -79,6 +79,7 @@ class User(_message.Message):
     IS_ACTIVE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    MFA_ENABLED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """24 lower-case hexadecimal digits, assigned by the service."""
     username: _builtins.str
@@ -91,6 +92,8 @@ class User(_message.Message):
     role: Global___Role.ValueType
     is_active: _builtins.bool
     """False until the emailed activation code has been confirmed."""
+    mfa_enabled: _builtins.bool
+    """True once a TOTP enrollment is confirmed: sign-in then needs a second factor."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -108,10 +111,11 @@ class User(_message.Message):
         is_active: _builtins.bool = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        mfa_enabled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "last_name", b"last_name", "role", b"role", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "last_name", b"last_name", "mfa_enabled", b"mfa_enabled", "role", b"role", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

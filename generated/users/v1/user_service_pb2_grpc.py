@@ -122,6 +122,46 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_user__service__pb2.ValidateTokenRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.ValidateTokenResponse.FromString,
                 _registered_method=True)
+        self.ForgotPassword = channel.unary_unary(
+                '/users.v1.UserService/ForgotPassword',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ForgotPasswordRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ForgotPasswordResponse.FromString,
+                _registered_method=True)
+        self.ResetPassword = channel.unary_unary(
+                '/users.v1.UserService/ResetPassword',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ResetPasswordRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ResetPasswordResponse.FromString,
+                _registered_method=True)
+        self.ChangePassword = channel.unary_unary(
+                '/users.v1.UserService/ChangePassword',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ChangePasswordRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ChangePasswordResponse.FromString,
+                _registered_method=True)
+        self.EnableMfa = channel.unary_unary(
+                '/users.v1.UserService/EnableMfa',
+                request_serializer=users_dot_v1_dot_user__service__pb2.EnableMfaRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.EnableMfaResponse.FromString,
+                _registered_method=True)
+        self.GetMfaQrCode = channel.unary_unary(
+                '/users.v1.UserService/GetMfaQrCode',
+                request_serializer=users_dot_v1_dot_user__service__pb2.GetMfaQrCodeRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.GetMfaQrCodeResponse.FromString,
+                _registered_method=True)
+        self.ConfirmMfa = channel.unary_unary(
+                '/users.v1.UserService/ConfirmMfa',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ConfirmMfaRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ConfirmMfaResponse.FromString,
+                _registered_method=True)
+        self.DisableMfa = channel.unary_unary(
+                '/users.v1.UserService/DisableMfa',
+                request_serializer=users_dot_v1_dot_user__service__pb2.DisableMfaRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.DisableMfaResponse.FromString,
+                _registered_method=True)
+        self.RegenerateRecoveryCodes = channel.unary_unary(
+                '/users.v1.UserService/RegenerateRecoveryCodes',
+                request_serializer=users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -227,6 +267,11 @@ class UserServiceServicer:
         UNAUTHENTICATED (unknown account or wrong password; or the caller's own
         credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
         password, account not activated), UNAVAILABLE.
+
+        With MFA on, the password alone is never enough: send totp_code or
+        recovery_code too. Without either, the answer (after the right password
+        only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
+        code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -237,7 +282,8 @@ class UserServiceServicer:
 
         Returns a short-lived access token (a JWT signed with ES256; verify it
         with GetPublicKeys) and an opaque refresh token. Same answers and timing
-        as VerifyCredentials for unknown accounts and wrong passwords.
+        as VerifyCredentials for unknown accounts and wrong passwords, and the
+        same second-factor rules.
         Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
         """
@@ -308,6 +354,101 @@ class UserServiceServicer:
         Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED (the token in the request is invalid, or the caller's
         own credential is), PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgotPassword(self, request, context):
+        """Email a password-reset token
+
+        The reply is the same whether or not an active account has this username
+        or email. A new token invalidates older ones; tokens per account are
+        capped per window; nothing changes until ResetPassword.
+        Callers: anyone. Errors: INVALID_ARGUMENT, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetPassword(self, request, context):
+        """Set a new password with an emailed reset token
+
+        The token works once. Every session and token of the user is revoked, a
+        notice is mailed, and the user is not signed in (MFA is still asked at the
+        next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+        (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangePassword(self, request, context):
+        """Change the password, given the current one
+
+        Every session and token of the user is revoked and a notice is mailed.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+        (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableMfa(self, request, context):
+        """Start a TOTP enrollment
+
+        Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
+        until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMfaQrCode(self, request, context):
+        """The QR code of the pending enrollment
+
+        Only while the enrollment is pending: the secret of an active enrollment
+        is never shown again (disable and enable MFA to move to a new device).
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, FAILED_PRECONDITION (no pending enrollment), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmMfa(self, request, context):
+        """Turn MFA on with a code from the authenticator app
+
+        Returns ten single-use recovery codes, shown only here. Revokes the
+        user's sessions and tokens. Callers: the user themself. Errors:
+        INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
+        FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
+        wrong codes; wait), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableMfa(self, request, context):
+        """Turn MFA off, with the password and a TOTP or recovery code
+
+        Revokes the user's sessions and tokens and mails a notice.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegenerateRecoveryCodes(self, request, context):
+        """Replace the recovery codes, with a TOTP or recovery code
+
+        The old codes stop working. Callers: the user themself. Errors:
+        INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION
+        (MFA is off), RESOURCE_EXHAUSTED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -390,6 +531,46 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.ValidateToken,
                     request_deserializer=users_dot_v1_dot_user__service__pb2.ValidateTokenRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.ValidateTokenResponse.SerializeToString,
+            ),
+            'ForgotPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgotPassword,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ForgotPasswordRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ForgotPasswordResponse.SerializeToString,
+            ),
+            'ResetPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPassword,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ResetPasswordRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ResetPasswordResponse.SerializeToString,
+            ),
+            'ChangePassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangePassword,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ChangePasswordRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ChangePasswordResponse.SerializeToString,
+            ),
+            'EnableMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableMfa,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.EnableMfaRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.EnableMfaResponse.SerializeToString,
+            ),
+            'GetMfaQrCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMfaQrCode,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.GetMfaQrCodeRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.GetMfaQrCodeResponse.SerializeToString,
+            ),
+            'ConfirmMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmMfa,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ConfirmMfaRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ConfirmMfaResponse.SerializeToString,
+            ),
+            'DisableMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableMfa,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.DisableMfaRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.DisableMfaResponse.SerializeToString,
+            ),
+            'RegenerateRecoveryCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegenerateRecoveryCodes,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -810,6 +991,222 @@ class UserService:
             '/users.v1.UserService/ValidateToken',
             users_dot_v1_dot_user__service__pb2.ValidateTokenRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.ValidateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgotPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ForgotPassword',
+            users_dot_v1_dot_user__service__pb2.ForgotPasswordRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ForgotPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ResetPassword',
+            users_dot_v1_dot_user__service__pb2.ResetPasswordRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ResetPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangePassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ChangePassword',
+            users_dot_v1_dot_user__service__pb2.ChangePasswordRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ChangePasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/EnableMfa',
+            users_dot_v1_dot_user__service__pb2.EnableMfaRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.EnableMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMfaQrCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/GetMfaQrCode',
+            users_dot_v1_dot_user__service__pb2.GetMfaQrCodeRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.GetMfaQrCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ConfirmMfa',
+            users_dot_v1_dot_user__service__pb2.ConfirmMfaRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ConfirmMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/DisableMfa',
+            users_dot_v1_dot_user__service__pb2.DisableMfaRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.DisableMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegenerateRecoveryCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/RegenerateRecoveryCodes',
+            users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,13 +105,19 @@ class UserServiceStub:
     UNAUTHENTICATED (unknown account or wrong password; or the caller's own
     credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
     password, account not activated), UNAVAILABLE.
+
+    With MFA on, the password alone is never enough: send totp_code or
+    recovery_code too. Without either, the answer (after the right password
+    only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
+    code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
     """
     Authenticate: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.AuthenticateRequest, _user_service_pb2.AuthenticateResponse]
     """Sign in: check a username-or-email and password and open a session
 
     Returns a short-lived access token (a JWT signed with ES256; verify it
     with GetPublicKeys) and an opaque refresh token. Same answers and timing
-    as VerifyCredentials for unknown accounts and wrong passwords.
+    as VerifyCredentials for unknown accounts and wrong passwords, and the
+    same second-factor rules.
     Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
     """
@@ -158,6 +164,69 @@ class UserServiceStub:
     Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (the token in the request is invalid, or the caller's
     own credential is), PERMISSION_DENIED, UNAVAILABLE.
+    """
+    ForgotPassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ForgotPasswordRequest, _user_service_pb2.ForgotPasswordResponse]
+    """Email a password-reset token
+
+    The reply is the same whether or not an active account has this username
+    or email. A new token invalidates older ones; tokens per account are
+    capped per window; nothing changes until ResetPassword.
+    Callers: anyone. Errors: INVALID_ARGUMENT, UNAVAILABLE.
+    """
+    ResetPassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ResetPasswordRequest, _user_service_pb2.ResetPasswordResponse]
+    """Set a new password with an emailed reset token
+
+    The token works once. Every session and token of the user is revoked, a
+    notice is mailed, and the user is not signed in (MFA is still asked at the
+    next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+    (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
+    """
+    ChangePassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]
+    """Change the password, given the current one
+
+    Every session and token of the user is revoked and a notice is mailed.
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+    (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+    """
+    EnableMfa: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.EnableMfaRequest, _user_service_pb2.EnableMfaResponse]
+    """Start a TOTP enrollment
+
+    Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
+    until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+    """
+    GetMfaQrCode: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetMfaQrCodeRequest, _user_service_pb2.GetMfaQrCodeResponse]
+    """The QR code of the pending enrollment
+
+    Only while the enrollment is pending: the secret of an active enrollment
+    is never shown again (disable and enable MFA to move to a new device).
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, FAILED_PRECONDITION (no pending enrollment), UNAVAILABLE.
+    """
+    ConfirmMfa: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ConfirmMfaRequest, _user_service_pb2.ConfirmMfaResponse]
+    """Turn MFA on with a code from the authenticator app
+
+    Returns ten single-use recovery codes, shown only here. Revokes the
+    user's sessions and tokens. Callers: the user themself. Errors:
+    INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
+    FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
+    wrong codes; wait), UNAVAILABLE.
+    """
+    DisableMfa: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DisableMfaRequest, _user_service_pb2.DisableMfaResponse]
+    """Turn MFA off, with the password and a TOTP or recovery code
+
+    Revokes the user's sessions and tokens and mails a notice.
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
+    UNAVAILABLE.
+    """
+    RegenerateRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RegenerateRecoveryCodesRequest, _user_service_pb2.RegenerateRecoveryCodesResponse]
+    """Replace the recovery codes, with a TOTP or recovery code
+
+    The old codes stop working. Callers: the user themself. Errors:
+    INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION
+    (MFA is off), RESOURCE_EXHAUSTED, UNAVAILABLE.
     """
 
 @_typing.type_check_only
@@ -237,13 +306,19 @@ class UserServiceAsyncStub(UserServiceStub):
     UNAUTHENTICATED (unknown account or wrong password; or the caller's own
     credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
     password, account not activated), UNAVAILABLE.
+
+    With MFA on, the password alone is never enough: send totp_code or
+    recovery_code too. Without either, the answer (after the right password
+    only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
+    code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
     """
     Authenticate: _aio.UnaryUnaryMultiCallable[_user_service_pb2.AuthenticateRequest, _user_service_pb2.AuthenticateResponse]  # type: ignore[assignment]
     """Sign in: check a username-or-email and password and open a session
 
     Returns a short-lived access token (a JWT signed with ES256; verify it
     with GetPublicKeys) and an opaque refresh token. Same answers and timing
-    as VerifyCredentials for unknown accounts and wrong passwords.
+    as VerifyCredentials for unknown accounts and wrong passwords, and the
+    same second-factor rules.
     Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
     """
@@ -290,6 +365,69 @@ class UserServiceAsyncStub(UserServiceStub):
     Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (the token in the request is invalid, or the caller's
     own credential is), PERMISSION_DENIED, UNAVAILABLE.
+    """
+    ForgotPassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ForgotPasswordRequest, _user_service_pb2.ForgotPasswordResponse]  # type: ignore[assignment]
+    """Email a password-reset token
+
+    The reply is the same whether or not an active account has this username
+    or email. A new token invalidates older ones; tokens per account are
+    capped per window; nothing changes until ResetPassword.
+    Callers: anyone. Errors: INVALID_ARGUMENT, UNAVAILABLE.
+    """
+    ResetPassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ResetPasswordRequest, _user_service_pb2.ResetPasswordResponse]  # type: ignore[assignment]
+    """Set a new password with an emailed reset token
+
+    The token works once. Every session and token of the user is revoked, a
+    notice is mailed, and the user is not signed in (MFA is still asked at the
+    next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+    (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
+    """
+    ChangePassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]  # type: ignore[assignment]
+    """Change the password, given the current one
+
+    Every session and token of the user is revoked and a notice is mailed.
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+    (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+    """
+    EnableMfa: _aio.UnaryUnaryMultiCallable[_user_service_pb2.EnableMfaRequest, _user_service_pb2.EnableMfaResponse]  # type: ignore[assignment]
+    """Start a TOTP enrollment
+
+    Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
+    until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+    """
+    GetMfaQrCode: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetMfaQrCodeRequest, _user_service_pb2.GetMfaQrCodeResponse]  # type: ignore[assignment]
+    """The QR code of the pending enrollment
+
+    Only while the enrollment is pending: the secret of an active enrollment
+    is never shown again (disable and enable MFA to move to a new device).
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, FAILED_PRECONDITION (no pending enrollment), UNAVAILABLE.
+    """
+    ConfirmMfa: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ConfirmMfaRequest, _user_service_pb2.ConfirmMfaResponse]  # type: ignore[assignment]
+    """Turn MFA on with a code from the authenticator app
+
+    Returns ten single-use recovery codes, shown only here. Revokes the
+    user's sessions and tokens. Callers: the user themself. Errors:
+    INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
+    FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
+    wrong codes; wait), UNAVAILABLE.
+    """
+    DisableMfa: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DisableMfaRequest, _user_service_pb2.DisableMfaResponse]  # type: ignore[assignment]
+    """Turn MFA off, with the password and a TOTP or recovery code
+
+    Revokes the user's sessions and tokens and mails a notice.
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
+    UNAVAILABLE.
+    """
+    RegenerateRecoveryCodes: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RegenerateRecoveryCodesRequest, _user_service_pb2.RegenerateRecoveryCodesResponse]  # type: ignore[assignment]
+    """Replace the recovery codes, with a TOTP or recovery code
+
+    The old codes stop working. Callers: the user themself. Errors:
+    INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION
+    (MFA is off), RESOURCE_EXHAUSTED, UNAVAILABLE.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -414,6 +552,11 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         UNAUTHENTICATED (unknown account or wrong password; or the caller's own
         credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
         password, account not activated), UNAVAILABLE.
+
+        With MFA on, the password alone is never enough: send totp_code or
+        recovery_code too. Without either, the answer (after the right password
+        only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
+        code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
         """
 
     @_abc_1.abstractmethod
@@ -426,7 +569,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Returns a short-lived access token (a JWT signed with ES256; verify it
         with GetPublicKeys) and an opaque refresh token. Same answers and timing
-        as VerifyCredentials for unknown accounts and wrong passwords.
+        as VerifyCredentials for unknown accounts and wrong passwords, and the
+        same second-factor rules.
         Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
         """
@@ -509,6 +653,117 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED (the token in the request is invalid, or the caller's
         own credential is), PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ForgotPassword(
+        self,
+        request: _user_service_pb2.ForgotPasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ForgotPasswordResponse, _abc.Awaitable[_user_service_pb2.ForgotPasswordResponse]]:
+        """Email a password-reset token
+
+        The reply is the same whether or not an active account has this username
+        or email. A new token invalidates older ones; tokens per account are
+        capped per window; nothing changes until ResetPassword.
+        Callers: anyone. Errors: INVALID_ARGUMENT, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetPassword(
+        self,
+        request: _user_service_pb2.ResetPasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ResetPasswordResponse, _abc.Awaitable[_user_service_pb2.ResetPasswordResponse]]:
+        """Set a new password with an emailed reset token
+
+        The token works once. Every session and token of the user is revoked, a
+        notice is mailed, and the user is not signed in (MFA is still asked at the
+        next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+        (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ChangePassword(
+        self,
+        request: _user_service_pb2.ChangePasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ChangePasswordResponse, _abc.Awaitable[_user_service_pb2.ChangePasswordResponse]]:
+        """Change the password, given the current one
+
+        Every session and token of the user is revoked and a notice is mailed.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+        (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def EnableMfa(
+        self,
+        request: _user_service_pb2.EnableMfaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.EnableMfaResponse, _abc.Awaitable[_user_service_pb2.EnableMfaResponse]]:
+        """Start a TOTP enrollment
+
+        Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
+        until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def GetMfaQrCode(
+        self,
+        request: _user_service_pb2.GetMfaQrCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.GetMfaQrCodeResponse, _abc.Awaitable[_user_service_pb2.GetMfaQrCodeResponse]]:
+        """The QR code of the pending enrollment
+
+        Only while the enrollment is pending: the secret of an active enrollment
+        is never shown again (disable and enable MFA to move to a new device).
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, FAILED_PRECONDITION (no pending enrollment), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfirmMfa(
+        self,
+        request: _user_service_pb2.ConfirmMfaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ConfirmMfaResponse, _abc.Awaitable[_user_service_pb2.ConfirmMfaResponse]]:
+        """Turn MFA on with a code from the authenticator app
+
+        Returns ten single-use recovery codes, shown only here. Revokes the
+        user's sessions and tokens. Callers: the user themself. Errors:
+        INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
+        FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
+        wrong codes; wait), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def DisableMfa(
+        self,
+        request: _user_service_pb2.DisableMfaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.DisableMfaResponse, _abc.Awaitable[_user_service_pb2.DisableMfaResponse]]:
+        """Turn MFA off, with the password and a TOTP or recovery code
+
+        Revokes the user's sessions and tokens and mails a notice.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
+        UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RegenerateRecoveryCodes(
+        self,
+        request: _user_service_pb2.RegenerateRecoveryCodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.RegenerateRecoveryCodesResponse, _abc.Awaitable[_user_service_pb2.RegenerateRecoveryCodesResponse]]:
+        """Replace the recovery codes, with a TOTP or recovery code
+
+        The old codes stop working. Callers: the user themself. Errors:
+        INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION
+        (MFA is off), RESOURCE_EXHAUSTED, UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,218 @@
+"""TOTP MFA through the real server: enrollment, QR codes, sign-in with a second factor,
+replay and parallel use, throttling, recovery codes, disabling, and reset not bypassing MFA."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import struct
+import time
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import grpc
+import png
+import pytest
+import zxingcpp
+
+from tests.conftest import MailSink, RunningServer, StartServer
+from tests.e2e.helpers import PASSWORD, error_info, rpc_error, stored_users
+from tests.e2e.test_recovery import NEW_PASSWORD, reset, reset_token
+from tests.e2e.test_sessions import signed_up
+from tests.fakes import FakeClock
+from users.v1 import user_service_pb2 as pb
+
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+
+
+def independent_totp(secret: str, unix_time: float, step_offset: int = 0) -> str:
+    """RFC 6238 / RFC 4226 written out here, independent of the service's pyotp."""
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+    counter = int(unix_time) // 30 + step_offset
+    digest = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F
+    value = struct.unpack(">I", digest[offset : offset + 4])[0] & 0x7FFFFFFF
+    return f"{value % 1_000_000:06d}"
+
+
+def decode_qr(png_bytes: bytes) -> str:
+    width, height, rows, _ = png.Reader(file=io.BytesIO(png_bytes)).asRGBA8()
+    grey = bytes(row[i] for row in rows for i in range(0, width * 4, 4))
+    [barcode] = zxingcpp.read_barcodes(memoryview(grey).cast("B", (height, width)))
+    text: str = barcode.text
+    return text
+
+
+class Enrolled:
+    """A signed-in user with MFA on, on a server whose clock the test moves."""
+
+    def __init__(self, server: RunningServer, mail: MailSink, clock: FakeClock) -> None:
+        self.server, self.clock = server, clock
+        session = signed_up(server, mail)
+        self.user_id = session.user.id
+        own = server.stub_for(session.access_token)
+        enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=self.user_id))
+        self.secret = enrollment.secret
+        self.enrollment = enrollment
+        self.recovery_codes = list(
+            own.ConfirmMfa(pb.ConfirmMfaRequest(user_id=self.user_id, code=self.code())).recovery_codes
+        )
+        self.clock.advance(seconds=30)  # the confirming code's step is used up
+
+    def code(self, step_offset: int = 0) -> str:
+        return independent_totp(self.secret, self.clock.now().timestamp(), step_offset)
+
+    def sign_in(self, **factors: str) -> Any:
+        return self.server.anonymous.Authenticate(
+            pb.AuthenticateRequest(identifier="jane", password=PASSWORD, **factors)
+        )
+
+    def sign_in_error(self, password: str = PASSWORD, **factors: str) -> grpc.RpcError:
+        request = pb.AuthenticateRequest(identifier="jane", password=password, **factors)
+        return rpc_error(self.server.anonymous.Authenticate, request)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def enrolled(start_server: StartServer, mail: MailSink, clock: FakeClock) -> Enrolled:
+    return Enrolled(start_server(clock=clock), mail, clock)
+
+
+def test_enrollment_shows_a_secret_uri_and_qr_code_that_agree(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    own = server.stub_for(session.access_token)
+    enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=session.user.id))
+    assert len(base64.b32decode(enrollment.secret)) == 20  # 160 bits
+    uri = urlparse(enrollment.otpauth_uri)
+    query = parse_qs(uri.query)
+    assert (uri.scheme, uri.netloc) == ("otpauth", "totp")
+    assert query["secret"] == [enrollment.secret]
+    assert query["issuer"] == [server.settings.mfa_issuer]
+    assert "jane%40example.com" in uri.path or "jane@example.com" in uri.path
+    assert decode_qr(enrollment.qr_code_png) == enrollment.otpauth_uri
+    pending = own.GetMfaQrCode(pb.GetMfaQrCodeRequest(user_id=session.user.id))
+    assert decode_qr(pending.qr_code_png) == enrollment.otpauth_uri
+    # Still single-factor until confirmed.
+    assert not own.GetUser(pb.GetUserRequest(id=session.user.id)).user.mfa_enabled
+    signed_in = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD))
+    assert signed_in.access_token
+
+
+def test_a_wrong_confirmation_code_leaves_mfa_off(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    own = server.stub_for(session.access_token)
+    secret = own.EnableMfa(pb.EnableMfaRequest(user_id=session.user.id)).secret
+    wrong = f"{(int(independent_totp(secret, time.time())) + 1) % 1_000_000:06d}"
+    error = rpc_error(own.ConfirmMfa, pb.ConfirmMfaRequest(user_id=session.user.id, code=wrong))
+    assert error.code() == UNAUTHENTICATED
+    assert not own.GetUser(pb.GetUserRequest(id=session.user.id)).user.mfa_enabled
+
+
+def test_confirmed_mfa_is_shown_and_never_reveals_the_secret(enrolled: Enrolled) -> None:
+    signed_in = enrolled.sign_in(totp_code=enrolled.code())
+    own = enrolled.server.stub_for(signed_in.access_token)
+    user = own.GetUser(pb.GetUserRequest(id=enrolled.user_id))
+    assert user.user.mfa_enabled
+    assert enrolled.secret.encode() not in user.SerializeToString()
+    error = rpc_error(own.GetMfaQrCode, pb.GetMfaQrCodeRequest(user_id=enrolled.user_id))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        rpc_error(own.EnableMfa, pb.EnableMfaRequest(user_id=enrolled.user_id)).code()
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert len(enrolled.recovery_codes) == 10
+
+
+def test_password_alone_is_not_enough(enrolled: Enrolled) -> None:
+    """Missing factor: FAILED_PRECONDITION MFA_REQUIRED, but only after the right password."""
+    missing = enrolled.sign_in_error()
+    assert missing.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(missing).reason == "MFA_REQUIRED"
+    assert enrolled.sign_in_error(password="wrong password!").code() == UNAUTHENTICATED
+    verify = pb.VerifyCredentialsRequest(identifier="jane", password=PASSWORD)
+    assert rpc_error(enrolled.server.stub.VerifyCredentials, verify).code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_codes_of_the_current_and_previous_step_work_others_do_not(enrolled: Enrolled) -> None:
+    enrolled.clock.advance(seconds=30)  # so the previous step is one no code was used in
+    assert enrolled.sign_in_error(totp_code=enrolled.code(+1)).code() == UNAUTHENTICATED
+    assert enrolled.sign_in_error(totp_code=enrolled.code(-2)).code() == UNAUTHENTICATED
+    assert enrolled.sign_in(totp_code=enrolled.code(-1)).access_token
+    enrolled.clock.advance(seconds=30)
+    verified = enrolled.server.stub.VerifyCredentials(
+        pb.VerifyCredentialsRequest(identifier="jane", password=PASSWORD, totp_code=enrolled.code())
+    )
+    assert verified.user.id == enrolled.user_id
+
+
+def test_a_code_works_once_even_sent_twice_at_once(enrolled: Enrolled) -> None:
+    code = enrolled.code()
+    request = pb.AuthenticateRequest(identifier="jane", password=PASSWORD, totp_code=code)
+    futures = [enrolled.server.anonymous.Authenticate.future(request) for _ in range(2)]
+    assert sum(f.exception() is None for f in futures) == 1
+    assert enrolled.sign_in_error(totp_code=code).code() == UNAUTHENTICATED
+    # Nor may an older step come after a newer one.
+    assert enrolled.sign_in_error(totp_code=enrolled.code(-1)).code() == UNAUTHENTICATED
+
+
+def test_wrong_codes_are_throttled(enrolled: Enrolled) -> None:
+    """After five wrong codes even the right one is refused, until the window passes."""
+    right = enrolled.code()
+    wrong = f"{(int(right) + 1) % 1_000_000:06d}"
+    for _ in range(5):
+        assert enrolled.sign_in_error(totp_code=wrong).code() == UNAUTHENTICATED
+    assert enrolled.sign_in_error(totp_code=right).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    enrolled.clock.advance(seconds=enrolled.server.settings.mfa_attempt_window_seconds + 1)
+    assert enrolled.sign_in(totp_code=enrolled.code()).access_token
+
+
+def test_recovery_codes_work_once_and_regenerating_kills_the_old_set(enrolled: Enrolled) -> None:
+    first, second = enrolled.recovery_codes[:2]
+    session = enrolled.sign_in(recovery_code=first.upper())
+    assert enrolled.sign_in_error(recovery_code=first).code() == UNAUTHENTICATED
+    own = enrolled.server.stub_for(session.access_token)
+    fresh = own.RegenerateRecoveryCodes(
+        pb.RegenerateRecoveryCodesRequest(user_id=enrolled.user_id, code=enrolled.code())
+    ).recovery_codes
+    assert set(fresh).isdisjoint(enrolled.recovery_codes)
+    assert enrolled.sign_in_error(recovery_code=second).code() == UNAUTHENTICATED
+    assert enrolled.sign_in(recovery_code=fresh[0]).access_token
+
+
+def test_disable_needs_password_and_code_and_ends_sessions(enrolled: Enrolled, mail: MailSink) -> None:
+    session = enrolled.sign_in(totp_code=enrolled.code())
+    own = enrolled.server.stub_for(session.access_token)
+    enrolled.clock.advance(seconds=30)
+    bad_password = pb.DisableMfaRequest(user_id=enrolled.user_id, password="not the password", code=enrolled.code())
+    assert rpc_error(own.DisableMfa, bad_password).code() == UNAUTHENTICATED
+    bad_code = pb.DisableMfaRequest(user_id=enrolled.user_id, password=PASSWORD, code="000000")
+    assert rpc_error(own.DisableMfa, bad_code).code() == UNAUTHENTICATED
+    own.DisableMfa(pb.DisableMfaRequest(user_id=enrolled.user_id, password=PASSWORD, code=enrolled.code()))
+    assert rpc_error(own.GetUser, pb.GetUserRequest(id=enrolled.user_id)).code() == UNAUTHENTICATED
+    assert enrolled.sign_in().access_token  # single-factor again
+    subjects = [m["Subject"] for m in mail.messages if m["To"] == "jane@example.com"]
+    assert subjects.count("Two-factor sign-in is off") == 1
+
+
+def test_reset_password_does_not_bypass_mfa(enrolled: Enrolled, mail: MailSink) -> None:
+    enrolled.server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    reset(enrolled.server, reset_token(mail, "jane@example.com"))
+    request = pb.AuthenticateRequest(identifier="jane", password=NEW_PASSWORD)
+    missing = rpc_error(enrolled.server.anonymous.Authenticate, request)
+    assert error_info(missing).reason == "MFA_REQUIRED"
+    request.totp_code = enrolled.code()
+    assert enrolled.server.anonymous.Authenticate(request).access_token
+
+
+def test_totp_secret_is_encrypted_at_rest(enrolled: Enrolled, mongodb_uri: str) -> None:
+    [stored] = stored_users(mongodb_uri, enrolled.server.settings.mongodb_database, username="jane")
+    raw = repr(stored)
+    assert enrolled.secret not in raw
+    assert base64.b32decode(enrolled.secret) not in bytes(stored["mfa"]["sealed_secret"])
+    assert all(code not in raw for code in enrolled.recovery_codes)

@@ -1,0 +1,165 @@
+"""Forgot, reset and change password through the real server, database and SMTP server."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import grpc
+
+from tests.conftest import MailSink, RunningServer, StartServer
+from tests.e2e.helpers import PASSWORD, rpc_error
+from tests.e2e.test_operations import wait_until
+from tests.e2e.test_sessions import get_user_status, refresh_status, signed_up
+from tests.fakes import FakeClock
+from users.v1 import user_service_pb2 as pb
+
+NEW_PASSWORD = "a brand new passphrase"
+
+
+def reset_token(mail: MailSink, to: str, nth: int = 1) -> str:
+    """The token of the nth reset mail to ``to``, waiting for it."""
+    wait_until(lambda: len(reset_mails(mail, to)) >= nth, what=f"reset mail {nth}")
+    body = reset_mails(mail, to)[nth - 1]
+    match = re.search(r"new password: (\S+)", body)
+    assert match, body
+    return match.group(1)
+
+
+def reset_mails(mail: MailSink, to: str) -> list[str]:
+    return [m.get_content() for m in mail.messages if m["To"] == to and m["Subject"] == "Reset your password"]
+
+
+def reset(server: RunningServer, token: str, password: str = NEW_PASSWORD) -> pb.ResetPasswordResponse:
+    return server.anonymous.ResetPassword(
+        pb.ResetPasswordRequest(token=token, new_password=password, new_password_confirmation=password)
+    )
+
+
+def sign_in(server: RunningServer, password: str) -> pb.AuthenticateResponse:
+    return server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=password))
+
+
+def test_forgot_password_answers_the_same_for_everyone_and_mails_only_active_accounts(
+    server: RunningServer, mail: MailSink
+) -> None:
+    signed_up(server, mail)
+    server.anonymous.CreateUser(
+        pb.CreateUserRequest(
+            username="idle", first_name="I", last_name="D", email="idle@example.com",
+            password=PASSWORD, password_confirmation=PASSWORD,
+        )
+    )  # fmt: skip
+    replies = {
+        server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier=who)).SerializeToString()
+        for who in ("jane", "idle", "nobody@example.com")
+    }
+    assert replies == {b""}
+    assert reset_token(mail, "jane@example.com")
+    assert reset_mails(mail, "idle@example.com") == []
+    # Nothing changes until the token is used.
+    assert sign_in(server, PASSWORD).user.username == "jane"
+
+
+def test_reset_sets_the_password_once_and_revokes_every_session(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane@example.com"))
+    token = reset_token(mail, "jane@example.com")
+    reply = reset(server, token)
+    assert reply.SerializeToString() == b""  # no tokens: reset does not sign in
+
+    assert get_user_status(server, session.access_token, session.user.id) == grpc.StatusCode.UNAUTHENTICATED
+    assert refresh_status(server, session.refresh_token) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        rpc_error(server.anonymous.Authenticate, pb.AuthenticateRequest(identifier="jane", password=PASSWORD)).code()
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert sign_in(server, NEW_PASSWORD).user.id == session.user.id
+
+    again = rpc_error(
+        server.anonymous.ResetPassword,
+        pb.ResetPasswordRequest(token=token, new_password=PASSWORD, new_password_confirmation=PASSWORD),
+    )
+    assert again.code() == grpc.StatusCode.INVALID_ARGUMENT
+    notice = [m for m in mail.messages if m["Subject"] == "Your password was reset"]
+    assert len(notice) == 1
+    assert token not in notice[0].get_content()
+
+
+def test_parallel_resets_with_one_token_succeed_once(server: RunningServer, mail: MailSink) -> None:
+    signed_up(server, mail)
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    token = reset_token(mail, "jane@example.com")
+    passwords = [f"parallel passphrase {n}" for n in range(4)]
+    futures = [
+        server.anonymous.ResetPassword.future(
+            pb.ResetPasswordRequest(token=token, new_password=p, new_password_confirmation=p)
+        )
+        for p in passwords
+    ]
+    assert sum(f.exception() is None for f in futures) == 1
+
+
+def test_a_new_token_invalidates_the_old_and_sends_are_capped(server: RunningServer, mail: MailSink) -> None:
+    signed_up(server, mail)
+    for _ in range(5):
+        server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    third = reset_token(mail, "jane@example.com", nth=3)
+    first = reset_token(mail, "jane@example.com", nth=1)
+    time.sleep(0.5)  # time for a fourth reset mail to arrive, were there one
+    assert len(reset_mails(mail, "jane@example.com")) == server.settings.password_reset_max_sends == 3
+    assert (
+        rpc_error(
+            server.anonymous.ResetPassword,
+            pb.ResetPasswordRequest(token=first, new_password=NEW_PASSWORD, new_password_confirmation=NEW_PASSWORD),
+        ).code()
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    reset(server, third)
+
+
+def test_expired_reset_token_fails(start_server: StartServer, mail: MailSink) -> None:
+    clock = FakeClock()
+    server = start_server(clock=clock)
+    signed_up(server, mail)
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    token = reset_token(mail, "jane@example.com")
+    clock.advance(seconds=server.settings.password_reset_ttl_seconds + 1)
+    error = rpc_error(
+        server.anonymous.ResetPassword,
+        pb.ResetPasswordRequest(token=token, new_password=NEW_PASSWORD, new_password_confirmation=NEW_PASSWORD),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_reset_applies_the_password_policy_and_keeps_the_token(server: RunningServer, mail: MailSink) -> None:
+    signed_up(server, mail)
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    token = reset_token(mail, "jane@example.com")
+    error = rpc_error(
+        server.anonymous.ResetPassword,
+        pb.ResetPasswordRequest(
+            token=token, new_password="jane's password", new_password_confirmation="jane's password"
+        ),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reset(server, token)  # the refused attempt did not use the token up
+
+
+def test_change_password_needs_the_current_one_and_ends_sessions(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    own = server.stub_for(session.access_token)
+    wrong = pb.ChangePasswordRequest(
+        user_id=session.user.id, current_password="not my password", new_password=NEW_PASSWORD,
+        new_password_confirmation=NEW_PASSWORD,
+    )  # fmt: skip
+    assert rpc_error(own.ChangePassword, wrong).code() == grpc.StatusCode.UNAUTHENTICATED
+    right = pb.ChangePasswordRequest(
+        user_id=session.user.id, current_password=PASSWORD, new_password=NEW_PASSWORD,
+        new_password_confirmation=NEW_PASSWORD,
+    )  # fmt: skip
+    own.ChangePassword(right)
+    assert get_user_status(server, session.access_token, session.user.id) == grpc.StatusCode.UNAUTHENTICATED
+    assert refresh_status(server, session.refresh_token) == grpc.StatusCode.UNAUTHENTICATED
+    assert sign_in(server, NEW_PASSWORD).user.id == session.user.id
+    assert mail.wait_for("jane@example.com", 2)[1]["Subject"] == "Your password was changed"

@@ -1,0 +1,245 @@
+"""TOTP second factor (RFC 6238: SHA-1, 6 digits, 30-second steps) with single-use recovery codes.
+
+Secrets are sealed with AES-GCM at rest and shown only while an enrollment is
+pending. A code is accepted for the current step or the one before, and only
+if its step is newer than the last accepted one, recorded in the same
+conditional update: so each code works once, even when sent twice at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import pyotp
+import qrcode
+import qrcode.image.pure
+
+from users_grpc import domain
+from users_grpc.domain import Mail, User
+from users_grpc.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    InvalidCredentials,
+    InvalidSecondFactor,
+    MfaRequired,
+    TooManyAttempts,
+)
+from users_grpc.ports import Clock, CredentialRepository, Mailer, PasswordHasher, SessionRepository
+from users_grpc.service import UserService
+from users_grpc.tokens import KeyEncryption
+
+log = logging.getLogger(__name__)
+
+STEP_SECONDS = 30
+DIGITS = 6
+RECOVERY_CODE_COUNT = 10
+_CODE_MAX_LENGTH = 32
+
+
+def totp(secret: str, step: int, digits: int = DIGITS) -> str:
+    """The code of ``step`` (seconds since the epoch // 30) for a base32 ``secret``."""
+    return pyotp.TOTP(secret, digits=digits, interval=STEP_SECONDS).generate_otp(step)
+
+
+def accepted_step(secret: str, code: str, now: datetime) -> int | None:
+    """The step ``code`` belongs to, among the current one and the one before; else None.
+
+    pyotp's valid_window is symmetric (it would accept the next step too), hence this.
+    """
+    current = int(now.timestamp()) // STEP_SECONDS
+    for step in (current, current - 1):
+        if hmac.compare_digest(totp(secret, step), code):
+            return step
+    return None
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    secret: str
+    otpauth_uri: str
+    qr_code_png: bytes
+
+
+class MfaService:
+    def __init__(
+        self,
+        *,
+        accounts: UserService,
+        credentials: CredentialRepository,
+        sessions: SessionRepository,
+        mailer: Mailer,
+        hasher: PasswordHasher,
+        encryption: KeyEncryption,
+        clock: Clock,
+        issuer: str,
+        max_attempts: int,
+        attempt_window: timedelta,
+    ) -> None:
+        self._accounts = accounts
+        self._credentials = credentials
+        self._sessions = sessions
+        self._mailer = mailer
+        self._hasher = hasher
+        self._encryption = encryption
+        self._clock = clock
+        self._issuer = issuer
+        self._max_attempts = max_attempts
+        self._attempt_window = attempt_window
+
+    async def verify_login(self, identifier: str, password: str, totp_code: str, recovery_code: str) -> User:
+        """The user if the password and, with MFA on, the second factor are right."""
+        user = await self._accounts.verify_credentials(identifier, password)
+        if user.mfa_enabled:
+            if not totp_code and not recovery_code:
+                # Told only after the right password, so it reveals nothing to a guesser.
+                raise MfaRequired()
+            await self._check_second_factor(user.id, totp_code or recovery_code)
+        return user
+
+    async def enable(self, user_id: str) -> Enrollment:
+        user = await self._user(user_id)
+        secret = pyotp.random_base32()  # 160 bits (RFC 4226 recommends 160)
+        sealed = self._encryption.seal(secret.encode(), _context(user_id))
+        if not await self._credentials.start_mfa_enrollment(user_id, sealed, self._clock.now()):
+            raise FailedPrecondition("MFA is already on")
+        log.info("mfa enrollment started", extra={"user_id": user_id})
+        return self._enrollment(user, secret)
+
+    async def qr_code(self, user_id: str) -> Enrollment:
+        user = await self._user(user_id)
+        account = await self._credentials.get_account(user_id)
+        if account is None or account.mfa is None or account.mfa.active:
+            raise FailedPrecondition("no pending MFA enrollment: call EnableMfa")
+        return self._enrollment(user, self._secret(user_id, account.mfa.sealed_secret))
+
+    async def confirm(self, user_id: str, code: str) -> list[str]:
+        _validate_totp_code(code, "code")
+        account = await self._credentials.get_account(user_id)
+        if account is None or account.mfa is None or account.mfa.active:
+            raise FailedPrecondition("no pending MFA enrollment: call EnableMfa")
+        await self._reserve_attempt(user_id)
+        step = accepted_step(self._secret(user_id, account.mfa.sealed_secret), code, self._clock.now())
+        recovery_codes = _new_recovery_codes()
+        digests = [_recovery_digest(c) for c in recovery_codes]
+        if step is None or not await self._credentials.confirm_mfa(user_id, step, digests, self._clock.now()):
+            raise InvalidSecondFactor()
+        await self._after_change(account.user, "Two-factor sign-in is on")
+        return recovery_codes
+
+    async def disable(self, user_id: str, password: str, code: str) -> None:
+        if not password:
+            raise InvalidArgument([FieldViolation("password", "is required")])
+        account = await self._active_account(user_id)
+        if not await self._hasher.verify(password, account.password_hash):
+            raise InvalidCredentials()
+        await self._check_second_factor(user_id, code, field="code")
+        await self._credentials.disable_mfa(user_id, self._clock.now())
+        await self._after_change(account.user, "Two-factor sign-in is off")
+
+    async def regenerate_recovery_codes(self, user_id: str, code: str) -> list[str]:
+        await self._active_account(user_id)
+        await self._check_second_factor(user_id, code, field="code")
+        recovery_codes = _new_recovery_codes()
+        if not await self._credentials.replace_recovery_codes(user_id, [_recovery_digest(c) for c in recovery_codes]):
+            raise FailedPrecondition("MFA is off")
+        log.info("recovery codes replaced", extra={"user_id": user_id})
+        return recovery_codes
+
+    async def _check_second_factor(self, user_id: str, code: str, field: str = "totp_code") -> None:
+        """Accept a TOTP code or a recovery code once; throttle wrong ones."""
+        if not code:
+            raise InvalidArgument([FieldViolation(field, "is required")])
+        if len(code) > _CODE_MAX_LENGTH:
+            raise InvalidArgument([FieldViolation(field, "is not a code")])
+        await self._reserve_attempt(user_id)
+        account = await self._credentials.get_account(user_id)
+        if account is None or account.mfa is None or not account.mfa.active:
+            raise InvalidSecondFactor()
+        if code.isdigit() and len(code) == DIGITS:
+            step = accepted_step(self._secret(user_id, account.mfa.sealed_secret), code, self._clock.now())
+            accepted = step is not None and await self._credentials.use_totp_step(user_id, step)
+        else:
+            accepted = await self._credentials.use_recovery_code(user_id, _recovery_digest(code))
+        if not accepted:
+            log.info("second factor refused", extra={"user_id": user_id})
+            raise InvalidSecondFactor()
+
+    async def _reserve_attempt(self, user_id: str) -> None:
+        # Spent before the code is compared, so parallel guesses cannot exceed the cap.
+        if not await self._credentials.reserve_mfa_attempt(
+            user_id,
+            self._clock.now(),
+            max_attempts=self._max_attempts,
+            window_seconds=int(self._attempt_window.total_seconds()),
+        ):
+            log.warning("second factor throttled", extra={"user_id": user_id})
+            raise TooManyAttempts()
+
+    async def _user(self, user_id: str) -> User:
+        domain.validate_user_id(user_id, "user_id")
+        return await self._accounts.get_user(user_id)
+
+    async def _active_account(self, user_id: str) -> domain.Account:
+        domain.validate_user_id(user_id, "user_id")
+        account = await self._credentials.get_account(user_id)
+        if account is None or account.mfa is None or not account.mfa.active:
+            raise FailedPrecondition("MFA is off")
+        return account
+
+    def _secret(self, user_id: str, sealed: bytes) -> str:
+        return self._encryption.open(sealed, _context(user_id)).decode()
+
+    def _enrollment(self, user: User, secret: str) -> Enrollment:
+        uri = pyotp.TOTP(secret, digits=DIGITS, interval=STEP_SECONDS).provisioning_uri(
+            name=user.email, issuer_name=self._issuer
+        )
+        png = io.BytesIO()
+        qrcode.make(uri, image_factory=qrcode.image.pure.PyPNGImage).save(png)
+        return Enrollment(secret=secret, otpauth_uri=uri, qr_code_png=png.getvalue())
+
+    async def _after_change(self, user: User, subject: str) -> None:
+        # The repository bumped the token version; ending the sessions stops the refresh tokens too.
+        await self._sessions.revoke_all(user.id, self._clock.now())
+        await self._mailer.send(
+            Mail(
+                to=user.email,
+                subject=subject,
+                body=(
+                    f"Hello {user.first_name},\n\n{subject.lower()} for your account, "
+                    "and every session was signed out.\n"
+                    "If this was not you, reset your password now and contact support.\n"
+                ),
+            )
+        )
+        log.info("mfa changed", extra={"user_id": user.id, "change": subject})
+
+
+def _validate_totp_code(code: str, field: str) -> None:
+    if len(code) != DIGITS or not code.isascii() or not code.isdigit():
+        raise InvalidArgument([FieldViolation(field, f"must be the {DIGITS}-digit code of the authenticator app")])
+
+
+def _context(user_id: str) -> str:
+    # Binds a sealed secret to its purpose and user: it cannot be moved to another account.
+    return f"totp:{user_id}"
+
+
+def _new_recovery_codes() -> list[str]:
+    codes = []
+    for _ in range(RECOVERY_CODE_COUNT):
+        raw = base64.b32encode(secrets.token_bytes(8)).decode()[:12].lower()  # 60 bits
+        codes.append(f"{raw[:4]}-{raw[4:8]}-{raw[8:]}")
+    return codes
+
+
+def _recovery_digest(code: str) -> str:
+    normalized = code.strip().lower().replace("-", "").replace(" ", "")
+    return hashlib.sha256(f"recovery\0{normalized}".encode()).hexdigest()

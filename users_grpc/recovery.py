@@ -1,0 +1,142 @@
+"""Password recovery and change: emailed single-use reset tokens, and changes that end every session."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from datetime import timedelta
+
+from users_grpc import domain
+from users_grpc.domain import ActivationCode, Mail, User
+from users_grpc.errors import FieldViolation, InvalidArgument, InvalidCredentials, InvalidResetToken
+from users_grpc.ports import Clock, CredentialRepository, Mailer, PasswordHasher, SessionRepository
+
+log = logging.getLogger(__name__)
+
+_TOKEN_MAX_LENGTH = 128
+
+
+class PasswordService:
+    def __init__(
+        self,
+        *,
+        credentials: CredentialRepository,
+        sessions: SessionRepository,
+        mailer: Mailer,
+        hasher: PasswordHasher,
+        clock: Clock,
+        password_min_length: int,
+        reset_token_ttl: timedelta,
+        reset_max_sends: int,
+        reset_send_window: timedelta,
+    ) -> None:
+        self._credentials = credentials
+        self._sessions = sessions
+        self._mailer = mailer
+        self._hasher = hasher
+        self._clock = clock
+        self._password_min_length = password_min_length
+        self._reset_token_ttl = reset_token_ttl
+        self._reset_max_sends = reset_max_sends
+        self._reset_send_window = reset_send_window
+
+    async def forgot_password(self, identifier: str) -> None:
+        """Mail a reset token to an active account; do nothing, visibly the same, otherwise."""
+        domain.validate_identifier(identifier)
+        account = await self._credentials.find_account(domain.identifier_key(identifier))
+        if account is None or not account.user.is_active:
+            return
+        token = secrets.token_urlsafe(32)
+        now = self._clock.now()
+        pended = await self._credentials.replace_password_reset(
+            account.user.id,
+            ActivationCode(
+                digest=_digest(token),
+                expires_at=now + self._reset_token_ttl,
+                attempts_left=1,
+                sends_in_window=1,
+                window_started_at=now,
+            ),
+            max_sends=self._reset_max_sends,
+            window_seconds=int(self._reset_send_window.total_seconds()),
+        )
+        if not pended:
+            log.info("password reset capped", extra={"user_id": account.user.id})
+            return
+        minutes = int(self._reset_token_ttl.total_seconds() // 60)
+        await self._mailer.send(
+            Mail(
+                to=account.user.email,
+                subject="Reset your password",
+                body=(
+                    f"Hello {account.user.first_name},\n\n"
+                    f"use this token to set a new password: {token}\n\n"
+                    f"It works once and expires in {minutes} minutes.\n"
+                    "If you did not ask for this, ignore this email: your password is unchanged.\n"
+                ),
+            )
+        )
+        log.info("password reset sent", extra={"user_id": account.user.id})
+
+    async def reset_password(self, token: str, new_password: str, confirmation: str) -> None:
+        if not token or len(token) > _TOKEN_MAX_LENGTH:
+            raise InvalidResetToken()
+        now = self._clock.now()
+        account = await self._credentials.find_account_by_reset_digest(_digest(token), now)
+        if account is None:
+            raise InvalidResetToken()
+        user = account.user
+        self._validate_new_password(user, new_password, confirmation)
+        password_hash = await self._hasher.hash(new_password)
+        # The conditional update consumes the token: of two racing resets, one wins.
+        if not await self._credentials.reset_password(user.id, _digest(token), password_hash, now):
+            raise InvalidResetToken()
+        await self._after_password_change(user, "Your password was reset")
+
+    async def change_password(self, user_id: str, current_password: str, new_password: str, confirmation: str) -> None:
+        domain.validate_user_id(user_id, "user_id")
+        if not current_password:
+            raise InvalidArgument([FieldViolation("current_password", "is required")])
+        account = await self._credentials.get_account(user_id)
+        if account is None:
+            raise InvalidCredentials()
+        self._validate_new_password(account.user, new_password, confirmation)
+        if not await self._hasher.verify(current_password, account.password_hash):
+            log.info("password change refused", extra={"user_id": user_id})
+            raise InvalidCredentials("the current password is wrong")
+        await self._credentials.set_password(user_id, await self._hasher.hash(new_password), self._clock.now())
+        await self._after_password_change(account.user, "Your password was changed")
+
+    def _validate_new_password(self, user: User, password: str, confirmation: str) -> None:
+        violations = domain.password_violations(
+            password,
+            min_length=self._password_min_length,
+            context_words=(user.username, user.email.partition("@")[0]),
+            field="new_password",
+        )
+        if confirmation != password:
+            violations.append(FieldViolation("new_password_confirmation", "must equal new_password"))
+        if violations:
+            raise InvalidArgument(violations)
+
+    async def _after_password_change(self, user: User, subject: str) -> None:
+        # The repository bumped the token version; ending the sessions stops the refresh tokens too.
+        await self._sessions.revoke_all(user.id, self._clock.now())
+        await self._mailer.send(
+            Mail(
+                to=user.email,
+                subject=subject,
+                body=(
+                    f"Hello {user.first_name},\n\n"
+                    "the password of your account was just set anew, and every session was signed out.\n"
+                    "If this was not you, reset your password now and contact support.\n"
+                ),
+            )
+        )
+        log.info("password set", extra={"user_id": user.id})
+
+
+def _digest(token: str) -> str:
+    # 256 random bits: a plain hash is enough to keep the token out of the database.
+    return hashlib.sha256(f"password-reset\0{token}".encode()).hexdigest()
