@@ -22,7 +22,7 @@ import qrcode
 import qrcode.image.pure
 
 from users_grpc import domain
-from users_grpc.domain import Mail, User
+from users_grpc.domain import User
 from users_grpc.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -33,6 +33,7 @@ from users_grpc.errors import (
     TooManyAttempts,
 )
 from users_grpc.ports import Clock, CredentialRepository, Mailer, PasswordHasher, SessionRepository
+from users_grpc.recovery import sign_out_everywhere_and_notify
 from users_grpc.service import UserService
 from users_grpc.tokens import KeyEncryption
 
@@ -206,18 +207,8 @@ class MfaService:
         return Enrollment(secret=secret, otpauth_uri=uri, qr_code_png=png.getvalue())
 
     async def _after_change(self, user: User, subject: str) -> None:
-        # The repository bumped the token version; ending the sessions stops the refresh tokens too.
-        await self._sessions.revoke_all(user.id, self._clock.now())
-        await self._mailer.send(
-            Mail(
-                to=user.email,
-                subject=subject,
-                body=(
-                    f"Hello {user.first_name},\n\n{subject.lower()} for your account, "
-                    "and every session was signed out.\n"
-                    "If this was not you, reset your password now and contact support.\n"
-                ),
-            )
+        await sign_out_everywhere_and_notify(
+            sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user, subject=subject
         )
         log.info("mfa changed", extra={"user_id": user.id, "change": subject})
 

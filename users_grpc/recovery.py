@@ -121,20 +121,31 @@ class PasswordService:
             raise InvalidArgument(violations)
 
     async def _after_password_change(self, user: User, subject: str) -> None:
-        # The repository bumped the token version; ending the sessions stops the refresh tokens too.
-        await self._sessions.revoke_all(user.id, self._clock.now())
-        await self._mailer.send(
-            Mail(
-                to=user.email,
-                subject=subject,
-                body=(
-                    f"Hello {user.first_name},\n\n"
-                    "the password of your account was just set anew, and every session was signed out.\n"
-                    "If this was not you, reset your password now and contact support.\n"
-                ),
-            )
+        await sign_out_everywhere_and_notify(
+            sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user, subject=subject
         )
         log.info("password set", extra={"user_id": user.id})
+
+
+async def sign_out_everywhere_and_notify(
+    *, sessions: SessionRepository, mailer: Mailer, clock: Clock, user: User, subject: str
+) -> None:
+    """After a change to how the user signs in: end every session and tell the user, without secrets.
+
+    The change itself bumped the token version, which ends the access tokens; this ends the
+    refresh tokens too.
+    """
+    await sessions.revoke_all(user.id, clock.now())
+    await mailer.send(
+        Mail(
+            to=user.email,
+            subject=subject,
+            body=(
+                f"Hello {user.first_name},\n\n{subject.lower()}, and every session of your account was signed out.\n"
+                "If this was not you, reset your password now and contact support.\n"
+            ),
+        )
+    )
 
 
 def _digest(token: str) -> str:
