@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 
 from users_grpc.domain import ANONYMOUS, Caller
-from users_grpc.errors import PermissionDenied, Unauthenticated, UsersError
+from users_grpc.errors import PermissionDenied, Unauthenticated
 from users_grpc.sessions import SessionService
 
 
@@ -73,7 +73,7 @@ class Authorizer:
             # Clients often attach a stale token to every call (even RefreshSession): ignore a bad one here.
             try:
                 return await self.identify(bearer_token, peer_identities)
-            except UsersError:
+            except Unauthenticated:
                 return ANONYMOUS
         caller = await self.identify(bearer_token, peer_identities)
         if caller is ANONYMOUS:

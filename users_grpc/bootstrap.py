@@ -27,7 +27,7 @@ from users_grpc.access import Authorizer
 from users_grpc.config import ConfigError, Settings
 from users_grpc.errors import StorageUnavailable
 from users_grpc.health import DatabaseHealth
-from users_grpc.interceptors import ErrorInterceptor
+from users_grpc.interceptors import UserServiceInterceptor
 from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
 from users_grpc.mfa import MfaService
@@ -237,7 +237,7 @@ async def build_app(
 
     server = grpc.aio.server(
         interceptors=[
-            ErrorInterceptor(
+            UserServiceInterceptor(
                 method_prefix=f"/{SERVICE_NAME}/",
                 db_timeout_seconds=settings.db_timeout_seconds,
                 authorizer=Authorizer(sessions=sessions, machine_identities=settings.machine_identities),

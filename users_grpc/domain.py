@@ -263,6 +263,9 @@ class Session:
     created_at: datetime
     last_used_at: datetime
     expires_at: datetime
+    # The user's token version at sign-in: a later bump ends the session even if it was
+    # opened while the change that bumped it was under way.
+    token_version: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""Server interceptors: the one place where domain errors become gRPC statuses."""
+"""The server interceptor: access rules, deadlines, and the one place where domain errors become statuses."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 _Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class UserServiceInterceptor(grpc.aio.ServerInterceptor):
     """Enforces the access rules, maps errors to statuses and bounds database work by the call's deadline.
 
     Applies to the unary methods of the services under ``method_prefix``;
@@ -67,6 +67,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     finally:
                         current_caller.reset(token)
             except UsersError as error:
+                # Refusals are logged by reason only: messages never carry secrets, but requests may.
+                log.info("rpc refused", extra={"rpc": method, "reason": error.reason})
                 status = rpc_status.to_status(to_rpc_status(error))
                 await context.abort(status.code, status.details, status.trailing_metadata)
             except Exception:

@@ -77,7 +77,9 @@ class CredentialRepository(Protocol):
 
 
 class SessionRepository(Protocol):
-    async def create(self, user_id: str, token_digest: str, now: datetime, expires_at: datetime) -> Session: ...
+    async def create(
+        self, user_id: str, token_digest: str, now: datetime, expires_at: datetime, token_version: int
+    ) -> Session: ...
 
     async def rotate(self, token_digest: str, new_token_digest: str, now: datetime) -> Session | None:
         """Swap a session's current refresh token for a new one; None unless it was current and live."""

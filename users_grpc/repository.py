@@ -333,9 +333,12 @@ class MongoSessionRepository:
         await self._sessions.create_index([("user_id", ASCENDING)], name="user_id")
 
     @_storage_errors
-    async def create(self, user_id: str, token_digest: str, now: datetime, expires_at: datetime) -> Session:
+    async def create(
+        self, user_id: str, token_digest: str, now: datetime, expires_at: datetime, token_version: int
+    ) -> Session:
         document: Document = {
             "user_id": user_id,
+            "token_version": token_version,
             "token_digest": token_digest,
             "used_digests": [],
             "created_at": now,
@@ -542,6 +545,7 @@ def _session_from_document(document: Document) -> Session:
         created_at=document["created_at"],
         last_used_at=document["last_used_at"],
         expires_at=document["expires_at"],
+        token_version=document.get("token_version", 0),
     )
 
 

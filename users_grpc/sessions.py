@@ -50,7 +50,9 @@ class SessionService:
         user = await self._logins.verify_login(identifier, password, totp_code, recovery_code)
         refresh_token = _new_refresh_token()
         now = self._clock.now()
-        session = await self._sessions.create(user.id, _digest(refresh_token), now, now + self._session_lifetime)
+        session = await self._sessions.create(
+            user.id, _digest(refresh_token), now, now + self._session_lifetime, user.token_version
+        )
         log.info("session opened", extra={"user_id": user.id, "session_id": session.id})
         return user, self._issue(user, session, refresh_token)
 
@@ -65,7 +67,7 @@ class SessionService:
                 log.warning("refresh token replayed; session revoked")
             raise Unauthenticated("invalid refresh token")
         user = await self._users.get(session.user_id)
-        if user is None or not user.is_active:
+        if user is None or not user.is_active or user.token_version != session.token_version:
             raise Unauthenticated("invalid refresh token")
         return self._issue(user, session, replacement)
 

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -286,3 +287,11 @@ def test_rotation_keeps_old_tokens_valid_and_signs_with_the_new_key(server: Runn
     assert {key["kid"] for key in jwks["keys"]} == {old_kid, new_kid}
     assert server.call(server.app.tokens.retire(old_kid))
     assert get_user_status(server, before.access_token, before.user.id) == UNAUTHENTICATED
+
+
+def test_a_token_version_bump_alone_ends_refresh_too(server: RunningServer, mail: MailSink) -> None:
+    """A session opened while a password change was under way dies with the change's version bump,
+    even if it escaped the change's sweep of sessions."""
+    session = signed_up(server, mail)
+    server.call(server.app.users.bump_token_version(session.user.id, datetime.now(UTC)))
+    assert refresh_status(server, session.refresh_token) == UNAUTHENTICATED
