@@ -52,6 +52,7 @@ class FakeMailer:
 class FakeUserRepository:
     def __init__(self) -> None:
         self.accounts: dict[str, Account] = {}
+        self.password_attempts: dict[str, tuple[datetime, int]] = {}
         self._ids = (f"{n:024x}" for n in itertools.count(1))
 
     async def add(self, new_user: NewUser) -> User:
@@ -137,3 +138,18 @@ class FakeUserRepository:
         account = self.accounts[user_id]
         user = dataclasses.replace(account.user, token_version=account.user.token_version + 1, updated_at=now)
         self.accounts[user_id] = dataclasses.replace(account, user=user)
+
+    async def reserve_password_attempt(
+        self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
+    ) -> bool:
+        start, count = self.password_attempts.get(user_id, (now, 0))
+        if start <= now - timedelta(seconds=window_seconds):
+            start, count = now, 0
+        if count >= max_attempts:
+            return False
+        self.password_attempts[user_id] = (start, count + 1)
+        return True
+
+    async def clear_password_attempts(self, user_id: str) -> None:
+        if user_id in self.password_attempts:
+            self.password_attempts[user_id] = (self.password_attempts[user_id][0], 0)

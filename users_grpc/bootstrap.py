@@ -192,6 +192,8 @@ async def build_app(
             activation_max_attempts=settings.activation_max_attempts,
             activation_max_sends=settings.activation_max_sends,
             activation_send_window=timedelta(seconds=settings.activation_send_window_seconds),
+            password_max_attempts=settings.password_max_attempts,
+            password_attempt_window=timedelta(seconds=settings.password_attempt_window_seconds),
         ),
     )
     encryption = KeyEncryption(settings.key_encryption_key)
@@ -208,7 +210,6 @@ async def build_app(
         credentials=users,
         sessions=session_store,
         mailer=mail,
-        hasher=hasher,
         encryption=encryption,
         clock=clock,
         issuer=settings.mfa_issuer,
@@ -216,6 +217,7 @@ async def build_app(
         attempt_window=timedelta(seconds=settings.mfa_attempt_window_seconds),
     )
     passwords = PasswordService(
+        accounts=accounts,
         credentials=users,
         sessions=session_store,
         mailer=mail,

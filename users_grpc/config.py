@@ -50,6 +50,8 @@ class Settings:
     password_min_length: int = 12
     password_pepper: str | None = None
     bcrypt_rounds: int = 12
+    password_max_attempts: int = 10
+    password_attempt_window_seconds: int = 900
     hash_workers: int = os.cpu_count() or 1
 
     activation_code_ttl_seconds: int = 900
@@ -109,6 +111,10 @@ class Settings:
             password_min_length=env.integer("USERS_PASSWORD_MIN_LENGTH", defaults.password_min_length, 12, 64),
             password_pepper=env.get("USERS_PASSWORD_PEPPER", defaults.password_pepper, str) or None,
             bcrypt_rounds=env.integer("USERS_BCRYPT_ROUNDS", defaults.bcrypt_rounds, 10, 16),
+            password_max_attempts=env.integer("USERS_PASSWORD_MAX_ATTEMPTS", defaults.password_max_attempts, 3, 100),
+            password_attempt_window_seconds=env.integer(
+                "USERS_PASSWORD_ATTEMPT_WINDOW_SECONDS", defaults.password_attempt_window_seconds, 10, 86400
+            ),
             hash_workers=env.integer("USERS_HASH_WORKERS", defaults.hash_workers, 1, 256),
             activation_code_ttl_seconds=env.integer(
                 "USERS_ACTIVATION_CODE_TTL_SECONDS", defaults.activation_code_ttl_seconds, 60, 7 * 86400

@@ -32,7 +32,7 @@ from users_grpc.errors import (
     MfaRequired,
     TooManyAttempts,
 )
-from users_grpc.ports import Clock, CredentialRepository, Mailer, PasswordHasher, SessionRepository
+from users_grpc.ports import Clock, CredentialRepository, Mailer, SessionRepository
 from users_grpc.recovery import sign_out_everywhere_and_notify
 from users_grpc.service import UserService
 from users_grpc.tokens import KeyEncryption
@@ -77,7 +77,6 @@ class MfaService:
         credentials: CredentialRepository,
         sessions: SessionRepository,
         mailer: Mailer,
-        hasher: PasswordHasher,
         encryption: KeyEncryption,
         clock: Clock,
         issuer: str,
@@ -88,7 +87,6 @@ class MfaService:
         self._credentials = credentials
         self._sessions = sessions
         self._mailer = mailer
-        self._hasher = hasher
         self._encryption = encryption
         self._clock = clock
         self._issuer = issuer
@@ -139,7 +137,7 @@ class MfaService:
         if not password:
             raise InvalidArgument([FieldViolation("password", "is required")])
         account = await self._active_account(user_id)
-        if not await self._hasher.verify(password, account.password_hash):
+        if not await self._accounts.password_matches(account, password):
             raise InvalidCredentials()
         await self._check_second_factor(user_id, code, field="code")
         await self._credentials.disable_mfa(user_id, self._clock.now())

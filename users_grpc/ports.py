@@ -41,6 +41,13 @@ class UserRepository(Protocol):
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
         """Make every access token issued to the user so far invalid."""
 
+    async def reserve_password_attempt(
+        self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
+    ) -> bool:
+        """Count one password attempt; False once ``max_attempts`` fell in the window."""
+
+    async def clear_password_attempts(self, user_id: str) -> None: ...
+
 
 class CredentialRepository(Protocol):
     """Password resets and second factors; each change is one conditional update."""

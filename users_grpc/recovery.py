@@ -11,6 +11,7 @@ from users_grpc import domain
 from users_grpc.domain import ActivationCode, Mail, User
 from users_grpc.errors import FieldViolation, InvalidArgument, InvalidCredentials, InvalidResetToken
 from users_grpc.ports import Clock, CredentialRepository, Mailer, PasswordHasher, SessionRepository
+from users_grpc.service import UserService
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ class PasswordService:
     def __init__(
         self,
         *,
+        accounts: UserService,
         credentials: CredentialRepository,
         sessions: SessionRepository,
         mailer: Mailer,
@@ -31,6 +33,7 @@ class PasswordService:
         reset_max_sends: int,
         reset_send_window: timedelta,
     ) -> None:
+        self._accounts = accounts
         self._credentials = credentials
         self._sessions = sessions
         self._mailer = mailer
@@ -102,8 +105,7 @@ class PasswordService:
         if account is None:
             raise InvalidCredentials()
         self._validate_new_password(account.user, new_password, confirmation)
-        if not await self._hasher.verify(current_password, account.password_hash):
-            log.info("password change refused", extra={"user_id": user_id})
+        if not await self._accounts.password_matches(account, current_password):
             raise InvalidCredentials("the current password is wrong")
         await self._credentials.set_password(user_id, await self._hasher.hash(new_password), self._clock.now())
         await self._after_password_change(account.user, "Your password was changed")

@@ -271,24 +271,53 @@ class MongoUserRepository:
     @_storage_errors
     async def reserve_mfa_attempt(self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int) -> bool:
         """Count one second-factor attempt; False once ``max_attempts`` fell in the window."""
+        # Only within an enrollment: a counter alone must not make an "mfa" sub-document.
+        return await self._reserve_attempt("mfa", user_id, now, max_attempts, window_seconds, {"mfa": {"$ne": None}})
+
+    @_storage_errors
+    async def reserve_password_attempt(
+        self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
+    ) -> bool:
+        """Count one password attempt; False once ``max_attempts`` fell in the window."""
+        return await self._reserve_attempt("password_attempts", user_id, now, max_attempts, window_seconds)
+
+    @_storage_errors
+    async def clear_password_attempts(self, user_id: str) -> None:
+        await self._users.update_one({"_id": ObjectId(user_id)}, {"$set": {"password_attempts.failures": 0}})
+
+    async def _reserve_attempt(
+        self,
+        field: str,
+        user_id: str,
+        now: datetime,
+        max_attempts: int,
+        window_seconds: int,
+        precondition: Document | None = None,
+    ) -> bool:
+        """Count an attempt in ``field`` (failures, failure_window_start) within a window, up to a cap.
+
+        Counted before the secret is compared, so parallel guesses cannot exceed the cap; a
+        success sets failures back to 0.
+        """
         cutoff = now - timedelta(seconds=window_seconds)
         counted = await self._users.update_one(
             {
                 "_id": ObjectId(user_id),
-                "mfa.failure_window_start": {"$gt": cutoff},
-                "mfa.failures": {"$lt": max_attempts},
+                f"{field}.failure_window_start": {"$gt": cutoff},
+                f"{field}.failures": {"$lt": max_attempts},
             },
-            {"$inc": {"mfa.failures": 1}},
+            {"$inc": {f"{field}.failures": 1}},
         )
         if counted.modified_count:
             return True
+        # The window ran out, or none was open yet: this attempt opens one.
         opened = await self._users.update_one(
             {
                 "_id": ObjectId(user_id),
-                "mfa": {"$ne": None},
-                "$or": [{"mfa.failure_window_start": {"$lte": cutoff}}, {"mfa.failure_window_start": None}],
+                **(precondition or {}),
+                "$or": [{f"{field}.failure_window_start": {"$lte": cutoff}}, {f"{field}.failure_window_start": None}],
             },
-            {"$set": {"mfa.failures": 1, "mfa.failure_window_start": now}},
+            {"$set": {f"{field}.failures": 1, f"{field}.failure_window_start": now}},
         )
         return opened.modified_count == 1
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from users_grpc import domain
-from users_grpc.domain import ANONYMOUS, ActivationCode, Caller, Mail, NewUser, Registration, Role, User
+from users_grpc.domain import ANONYMOUS, Account, ActivationCode, Caller, Mail, NewUser, Registration, Role, User
 from users_grpc.errors import (
     AccountNotActive,
     InvalidActivationCode,
@@ -32,6 +32,8 @@ class AccountPolicy:
     activation_max_attempts: int = 5
     activation_max_sends: int = 5
     activation_send_window: timedelta = timedelta(hours=1)
+    password_max_attempts: int = 10
+    password_attempt_window: timedelta = timedelta(minutes=15)
 
 
 class UserService:
@@ -156,14 +158,40 @@ class UserService:
         domain.validate_identifier(identifier)
         domain.validate_login_password(password)
         account = await self._users.find_account(domain.identifier_key(identifier))
-        matches = await self._hasher.verify(password, account.password_hash if account else None)
-        if account is None or not matches:
-            log.info("credentials refused", extra={"user_id": account.user.id if account else None})
+        if not await self.password_matches(account, password):
             raise InvalidCredentials()
+        assert account is not None
         if not account.user.is_active:
             raise AccountNotActive()
         log.info("credentials verified", extra={"user_id": account.user.id})
         return account.user
+
+    async def password_matches(self, account: Account | None, password: str) -> bool:
+        """Check a password, throttled per account; a missing account costs the same bcrypt run.
+
+        Past the attempt cap even the right password fails, with the same answer as a wrong
+        one, until the window passes; a match sets the count back to zero.
+        """
+        if account is None:
+            await self._hasher.verify(password, None)
+            log.info("credentials refused", extra={"user_id": None})
+            return False
+        user_id = account.user.id
+        allowed = await self._users.reserve_password_attempt(
+            user_id,
+            self._clock.now(),
+            max_attempts=self._policy.password_max_attempts,
+            window_seconds=int(self._policy.password_attempt_window.total_seconds()),
+        )
+        matches = await self._hasher.verify(password, account.password_hash)
+        if not allowed:
+            log.warning("password attempts throttled", extra={"user_id": user_id})
+            return False
+        if not matches:
+            log.info("credentials refused", extra={"user_id": user_id})
+            return False
+        await self._users.clear_password_attempts(user_id)
+        return True
 
     def _new_activation(self, username: str, code: str) -> ActivationCode:
         """A pending code that opens a fresh resend window (the repository keeps a running one)."""

@@ -280,3 +280,18 @@ def test_delete_by_identifier(server: RunningServer) -> None:
     server.stub.DeleteUserByIdentifier(pb.DeleteUserByIdentifierRequest(identifier="JANE@example.com"))
     error = rpc_error(server.stub.DeleteUserByIdentifier, pb.DeleteUserByIdentifierRequest(identifier="jane"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_brute_force_is_throttled_per_account(server: RunningServer, mail: MailSink) -> None:
+    """Past the cap the right password is refused with the same answer; a neighbour is unaffected."""
+    server.stub.CreateUser(create_request())
+    server.stub.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com")))
+    server.stub.CreateUser(create_request(username="joe", email="joe@example.com"))
+    server.stub.ActivateUser(pb.ActivateUserRequest(identifier="joe", code=mail.code_for("joe@example.com")))
+    wrong = pb.VerifyCredentialsRequest(identifier="jane", password="not the password")
+    for _ in range(server.settings.password_max_attempts):
+        assert rpc_error(server.stub.VerifyCredentials, wrong).code() == grpc.StatusCode.UNAUTHENTICATED
+    right = rpc_error(server.stub.VerifyCredentials, pb.VerifyCredentialsRequest(identifier="jane", password=PASSWORD))
+    assert (right.code(), right.details()) == (grpc.StatusCode.UNAUTHENTICATED, "invalid credentials")
+    neighbour = pb.VerifyCredentialsRequest(identifier="joe", password=PASSWORD)
+    assert server.stub.VerifyCredentials(neighbour).user.username == "joe"

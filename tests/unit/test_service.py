@@ -276,3 +276,29 @@ def test_activation_code_ttl_is_in_the_mail() -> None:
     world = World(AccountPolicy(activation_code_ttl=timedelta(minutes=30)))
     world.create()
     assert "30 minutes" in world.mailer.sent[0].body
+
+
+class TestPasswordThrottling:
+    def test_past_the_cap_the_right_password_fails_too_until_the_window_passes(self) -> None:
+        """Ten tries per fifteen minutes; the eleventh is refused like a wrong password."""
+        world = World(AccountPolicy(password_max_attempts=10))
+        world.create()
+        run(world.service.activate_user("jane", world.last_code()))
+        for _ in range(10):
+            with pytest.raises(InvalidCredentials):
+                run(world.service.verify_credentials("jane", "wrong password here"))
+        with pytest.raises(InvalidCredentials) as throttled:
+            run(world.service.verify_credentials("jane", PASSWORD))
+        assert str(throttled.value) == "invalid credentials"
+        world.clock.advance(minutes=15, seconds=1)
+        assert run(world.service.verify_credentials("jane", PASSWORD)).username == "jane"
+
+    def test_a_success_resets_the_count(self) -> None:
+        world = World(AccountPolicy(password_max_attempts=3))
+        world.create()
+        run(world.service.activate_user("jane", world.last_code()))
+        for _ in range(3):  # 2 wrong + 1 right, three times over: 9 tries in one window
+            for _ in range(2):
+                with pytest.raises(InvalidCredentials):
+                    run(world.service.verify_credentials("jane", "wrong password here"))
+            assert run(world.service.verify_credentials("jane", PASSWORD)).username == "jane"
