@@ -25,13 +25,14 @@ from pymongo import AsyncMongoClient, WriteConcern
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import Authorizer
 from users_grpc.config import ConfigError, Settings
+from users_grpc.domain import PasswordPolicy
 from users_grpc.errors import StorageUnavailable
 from users_grpc.health import DatabaseHealth
 from users_grpc.interceptors import UserServiceInterceptor
 from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
 from users_grpc.mfa import MfaService
-from users_grpc.passwords import BcryptHasher
+from users_grpc.passwords import BcryptHasher, common_passwords
 from users_grpc.ports import Clock, MailTransport
 from users_grpc.recovery import PasswordService
 from users_grpc.repository import (
@@ -181,13 +182,16 @@ async def build_app(
         max_attempts=settings.mail_max_attempts,
         first_retry_seconds=settings.mail_retry_seconds,
     )
+    password_policy = PasswordPolicy(
+        min_length=settings.password_min_length, common_passwords=common_passwords(settings.password_min_length)
+    )
     accounts = UserService(
         users=users,
         mailer=mail,
         hasher=hasher,
         clock=clock,
         policy=AccountPolicy(
-            password_min_length=settings.password_min_length,
+            password=password_policy,
             activation_code_ttl=timedelta(seconds=settings.activation_code_ttl_seconds),
             activation_max_attempts=settings.activation_max_attempts,
             activation_max_sends=settings.activation_max_sends,
@@ -223,7 +227,7 @@ async def build_app(
         mailer=mail,
         hasher=hasher,
         clock=clock,
-        password_min_length=settings.password_min_length,
+        password_policy=password_policy,
         reset_token_ttl=timedelta(seconds=settings.password_reset_ttl_seconds),
         reset_max_sends=settings.password_reset_max_sends,
         reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),

@@ -155,7 +155,37 @@ def activation_code_digest(username: str, code: str) -> str:
     return hashlib.sha256(material).hexdigest()
 
 
-def validate_registration(registration: Registration, *, password_min_length: int) -> None:
+@dataclass(frozen=True)
+class PasswordPolicy:
+    """What a new password must be: long enough, not too long, not common, not about its owner.
+
+    No composition rules (NIST 800-63B): length and a blocklist do the work.
+    """
+
+    min_length: int = 12
+    # Lower-cased; a new password that equals one, in any letter case, is refused.
+    common_passwords: frozenset[str] = frozenset()
+
+    def violations(
+        self, password: str, *, context_words: tuple[str, ...], field: str = "password"
+    ) -> list[FieldViolation]:
+        """What is wrong with a new password, under ``field``; empty if nothing."""
+        # Length counts code points, after NFC, so "é" is one character however it was typed.
+        length = len(unicodedata.normalize("NFC", password))
+        if length < self.min_length:
+            return [FieldViolation(field, f"must be at least {self.min_length} characters")]
+        if length > PASSWORD_MAX_LENGTH:
+            return [FieldViolation(field, f"must be at most {PASSWORD_MAX_LENGTH} characters")]
+        folded = password.casefold()
+        if folded in self.common_passwords:
+            return [FieldViolation(field, "is one of the most common passwords; a few unrelated words make a good one")]
+        for word in context_words:
+            if len(word) >= 3 and word.casefold() in folded:
+                return [FieldViolation(field, "must not contain the username or email")]
+        return []
+
+
+def validate_registration(registration: Registration, *, password_policy: PasswordPolicy) -> None:
     """Raise :class:`InvalidArgument` naming every bad field of ``registration``."""
     violations: list[FieldViolation] = []
     if not USERNAME_PATTERN.fullmatch(registration.username):
@@ -164,10 +194,8 @@ def validate_registration(registration: Registration, *, password_min_length: in
         violations.extend(_name_violations(field, value))
     violations.extend(_email_violations(registration.email))
     violations.extend(
-        password_violations(
-            registration.password,
-            min_length=password_min_length,
-            context_words=(registration.username, registration.email.partition("@")[0]),
+        password_policy.violations(
+            registration.password, context_words=(registration.username, registration.email.partition("@")[0])
         )
     )
     if registration.password_confirmation != registration.password:
@@ -221,23 +249,6 @@ def _email_violations(email: str) -> list[FieldViolation]:
     local = email.partition("@")[0]
     if not _EMAIL_PATTERN.fullmatch(email) or len(local) > EMAIL_LOCAL_MAX_LENGTH or _has_control_characters(email):
         return [FieldViolation("email", "must be an email address such as jane@example.com")]
-    return []
-
-
-def password_violations(
-    password: str, *, min_length: int, context_words: tuple[str, ...], field: str = "password"
-) -> list[FieldViolation]:
-    """What is wrong with a new password, under ``field``; empty if nothing."""
-    # Length counts code points, after NFC, so "é" is one character however it was typed.
-    length = len(unicodedata.normalize("NFC", password))
-    if length < min_length:
-        return [FieldViolation(field, f"must be at least {min_length} characters")]
-    if length > PASSWORD_MAX_LENGTH:
-        return [FieldViolation(field, f"must be at most {PASSWORD_MAX_LENGTH} characters")]
-    folded = password.casefold()
-    for word in context_words:
-        if len(word) >= 3 and word.casefold() in folded:
-            return [FieldViolation(field, "must not contain the username or email")]
     return []
 
 

@@ -46,3 +46,13 @@ class BcryptHasher:
     def _prehash(self, password: str) -> bytes:
         digest = hmac.new(self._pepper, password.encode("utf-8"), hashlib.sha384).digest()
         return base64.b64encode(digest)
+
+
+def common_passwords(min_length: int) -> frozenset[str]:
+    """The common passwords a new password may not be: zxcvbn's list of the 30,000 most used.
+
+    Only those long enough to pass the length rule matter; the list is lower-case.
+    """
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS  # a large module: loaded only here
+
+    return frozenset(password for password in FREQUENCY_LISTS["passwords"] if len(password) >= min_length)

@@ -8,7 +8,7 @@ import secrets
 from datetime import timedelta
 
 from users_grpc import domain
-from users_grpc.domain import ActivationCode, Mail, User
+from users_grpc.domain import ActivationCode, Mail, PasswordPolicy, User
 from users_grpc.errors import FieldViolation, InvalidArgument, InvalidCredentials, InvalidResetToken
 from users_grpc.ports import Clock, CredentialRepository, Mailer, PasswordHasher, SessionRepository
 from users_grpc.service import UserService
@@ -28,7 +28,7 @@ class PasswordService:
         mailer: Mailer,
         hasher: PasswordHasher,
         clock: Clock,
-        password_min_length: int,
+        password_policy: PasswordPolicy,
         reset_token_ttl: timedelta,
         reset_max_sends: int,
         reset_send_window: timedelta,
@@ -39,7 +39,7 @@ class PasswordService:
         self._mailer = mailer
         self._hasher = hasher
         self._clock = clock
-        self._password_min_length = password_min_length
+        self._password_policy = password_policy
         self._reset_token_ttl = reset_token_ttl
         self._reset_max_sends = reset_max_sends
         self._reset_send_window = reset_send_window
@@ -111,11 +111,8 @@ class PasswordService:
         await self._after_password_change(account.user, "Your password was changed")
 
     def _validate_new_password(self, user: User, password: str, confirmation: str) -> None:
-        violations = domain.password_violations(
-            password,
-            min_length=self._password_min_length,
-            context_words=(user.username, user.email.partition("@")[0]),
-            field="new_password",
+        violations = self._password_policy.violations(
+            password, context_words=(user.username, user.email.partition("@")[0]), field="new_password"
         )
         if confirmation != password:
             violations.append(FieldViolation("new_password_confirmation", "must equal new_password"))

@@ -8,11 +8,22 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from users_grpc import domain
-from users_grpc.domain import ANONYMOUS, Account, ActivationCode, Caller, Mail, NewUser, Registration, Role, User
+from users_grpc.domain import (
+    ANONYMOUS,
+    Account,
+    ActivationCode,
+    Caller,
+    Mail,
+    NewUser,
+    PasswordPolicy,
+    Registration,
+    Role,
+    User,
+)
 from users_grpc.errors import (
     AccountNotActive,
     InvalidActivationCode,
@@ -27,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class AccountPolicy:
-    password_min_length: int = 12
+    password: PasswordPolicy = field(default_factory=PasswordPolicy)
     activation_code_ttl: timedelta = timedelta(minutes=15)
     activation_max_attempts: int = 5
     activation_max_sends: int = 5
@@ -54,7 +65,7 @@ class UserService:
 
     async def create_user(self, registration: Registration, caller: Caller = ANONYMOUS) -> User:
         """Store a new inactive user and mail them an activation code."""
-        domain.validate_registration(registration, password_min_length=self._policy.password_min_length)
+        domain.validate_registration(registration, password_policy=self._policy.password)
         if registration.role is Role.ADMIN and not caller.is_admin:
             raise PermissionDenied("only an admin can create an admin")
         code = domain.new_activation_code()
@@ -67,7 +78,7 @@ class UserService:
 
     async def create_admin(self, registration: Registration) -> User:
         """Store an active admin, for operators bootstrapping a deployment from the CLI."""
-        domain.validate_registration(registration, password_min_length=self._policy.password_min_length)
+        domain.validate_registration(registration, password_policy=self._policy.password)
         user = await self._users.add(
             await self._new_user(dataclasses.replace(registration, role=Role.ADMIN), activation=None)
         )

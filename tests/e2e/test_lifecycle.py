@@ -102,6 +102,7 @@ BAD_INPUT = [
     ("CreateUser", create_request(password="", password_confirmation=""), "password"),
     ("CreateUser", create_request(password="p" * 129, password_confirmation="p" * 129), "password"),
     ("CreateUser", create_request(password_confirmation="correct horse battery!"), "password_confirmation"),
+    ("CreateUser", create_request(password="password1234", password_confirmation="password1234"), "password"),
     ("CreateUser", create_request(gender=42), "gender"),
     ("CreateUser", create_request(role=7), "role"),
     ("ActivateUser", pb.ActivateUserRequest(identifier="", code="123456"), "identifier"),

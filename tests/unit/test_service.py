@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.fakes import FakeClock, FakeHasher, FakeMailer, FakeUserRepository
-from users_grpc.domain import Gender, Registration, Role, User
+from users_grpc.domain import Gender, PasswordPolicy, Registration, Role, User
 from users_grpc.errors import (
     AccountNotActive,
     AlreadyExists,
@@ -24,6 +24,7 @@ from users_grpc.errors import (
     NotFound,
     PermissionDenied,
 )
+from users_grpc.passwords import common_passwords
 from users_grpc.service import AccountPolicy, UserService
 
 _T = TypeVar("_T")
@@ -141,7 +142,7 @@ class TestCreateUser:
 
     def test_minimum_length_follows_the_policy(self) -> None:
         """Operators can raise the minimum to 15."""
-        world = World(AccountPolicy(password_min_length=15))
+        world = World(AccountPolicy(password=PasswordPolicy(min_length=15)))
         with pytest.raises(InvalidArgument):
             world.create(password="fourteen chars")
 
@@ -302,3 +303,12 @@ class TestPasswordThrottling:
                 with pytest.raises(InvalidCredentials):
                     run(world.service.verify_credentials("jane", "wrong password here"))
             assert run(world.service.verify_credentials("jane", PASSWORD)).username == "jane"
+
+
+def test_common_passwords_are_refused_with_the_reason() -> None:
+    """The zxcvbn list the composition root loads refuses `password1234`; a plain passphrase passes."""
+    world = World(AccountPolicy(password=PasswordPolicy(common_passwords=common_passwords(12))))
+    with pytest.raises(InvalidArgument) as error:
+        world.create(password="Password1234")
+    assert "common" in error.value.violations[0].description
+    assert world.create(password="walnut harbour violin").username == "jane"
