@@ -250,6 +250,9 @@ async def build_app(
             )
         ],
         options=_SERVER_OPTIONS,
+        # Past this many calls in progress the server answers RESOURCE_EXHAUSTED instead of queueing
+        # without bound (bcrypt makes each call costly).
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(
         UserServiceServicer(accounts, sessions, passwords, mfa), server

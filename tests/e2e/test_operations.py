@@ -214,3 +214,15 @@ def test_sigterm_drains_in_flight_calls_then_exits(mongodb_uri: str, database_na
         process.kill()
         _, stderr = process.communicate()
     assert "Traceback" not in stderr
+
+
+def test_calls_past_the_concurrency_cap_are_resource_exhausted(start_server: StartServer) -> None:
+    """A burst beyond USERS_MAX_CONCURRENT_RPCS is refused at once, not queued."""
+    server = start_server(max_concurrent_rpcs=2, bcrypt_rounds=13, hash_workers=1)
+    burst = [
+        server.anonymous.CreateUser.future(create_request(username=f"burst{n}", email=f"burst{n}@example.com"))
+        for n in range(6)
+    ]
+    codes = {f.exception().code() if f.exception() else grpc.StatusCode.OK for f in burst}  # type: ignore[union-attr]
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert grpc.StatusCode.OK in codes
