@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
+import time
 from datetime import timedelta
 
 from users_grpc import domain
@@ -16,6 +18,8 @@ from users_grpc.service import UserService
 log = logging.getLogger(__name__)
 
 _TOKEN_MAX_LENGTH = 128
+# Far above the work's own time on a healthy database (a few milliseconds), far below a client's patience.
+FORGOT_PASSWORD_REPLY_SECONDS = 0.2
 
 
 class PasswordService:
@@ -45,8 +49,19 @@ class PasswordService:
         self._reset_send_window = reset_send_window
 
     async def forgot_password(self, identifier: str) -> None:
-        """Mail a reset token to an active account; do nothing, visibly the same, otherwise."""
+        """Mail a reset token to an active account; do nothing, visibly the same, otherwise.
+
+        The reply never comes sooner than a fixed floor: the work differs by a few milliseconds
+        between existing and missing accounts, which the floor hides.
+        """
         domain.validate_identifier(identifier)
+        started = time.monotonic()
+        try:
+            await self._pend_and_mail_reset_token(identifier)
+        finally:
+            await asyncio.sleep(max(0.0, FORGOT_PASSWORD_REPLY_SECONDS - (time.monotonic() - started)))
+
+    async def _pend_and_mail_reset_token(self, identifier: str) -> None:
         account = await self._credentials.find_account(domain.identifier_key(identifier))
         if account is None or not account.user.is_active:
             return

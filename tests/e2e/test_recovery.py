@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 import time
 
 import grpc
@@ -163,3 +164,17 @@ def test_change_password_needs_the_current_one_and_ends_sessions(server: Running
     assert refresh_status(server, session.refresh_token) == grpc.StatusCode.UNAUTHENTICATED
     assert sign_in(server, NEW_PASSWORD).user.id == session.user.id
     assert mail.wait_for("jane@example.com", 2)[1]["Subject"] == "Your password was changed"
+
+
+def test_forgot_password_takes_as_long_for_missing_and_existing_accounts(server: RunningServer, mail: MailSink) -> None:
+    """Without the reply floor, an existing (and capped) account answered ~3x slower than a missing one."""
+    signed_up(server, mail)
+
+    def elapsed(identifier: str) -> float:
+        started = time.perf_counter()
+        server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier=identifier))
+        return time.perf_counter() - started
+
+    existing = statistics.median(elapsed("jane") for _ in range(10))
+    missing = statistics.median(elapsed("nobody@example.com") for _ in range(10))
+    assert 0.8 < existing / missing < 1.25, (existing, missing)
