@@ -323,4 +323,5 @@ def _mail_transport(settings: Settings) -> MailTransport:
         password=settings.smtp_password,
         sender=settings.mail_from,
         timeout_seconds=settings.smtp_timeout_seconds,
+        ca_file=settings.smtp_ca_file,
     )

@@ -42,6 +42,7 @@ class Settings:
     smtp_username: str | None = None
     smtp_password: str | None = None
     smtp_timeout_seconds: float = 10.0
+    smtp_ca_file: Path | None = None
     mail_from: str = "users-grpc <no-reply@localhost>"
     mail_dir: Path = Path("var/mail")
     mail_poll_seconds: float = 5.0
@@ -105,6 +106,7 @@ class Settings:
             smtp_username=env.get("USERS_SMTP_USERNAME", defaults.smtp_username, str) or None,
             smtp_password=env.get("USERS_SMTP_PASSWORD", defaults.smtp_password, str) or None,
             smtp_timeout_seconds=env.number("USERS_SMTP_TIMEOUT_SECONDS", defaults.smtp_timeout_seconds, 0.1, 300),
+            smtp_ca_file=env.get("USERS_SMTP_CA_FILE", defaults.smtp_ca_file, _existing_file),
             mail_from=env.get("USERS_MAIL_FROM", defaults.mail_from, _mail_from),
             mail_dir=env.get("USERS_MAIL_DIR", defaults.mail_dir, Path),
             mail_poll_seconds=env.number("USERS_MAIL_POLL_SECONDS", defaults.mail_poll_seconds, 0.05, 3600),

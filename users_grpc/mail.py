@@ -113,6 +113,7 @@ class SmtpTransport:
         password: str | None,
         sender: str,
         timeout_seconds: float,
+        ca_file: Path | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -121,12 +122,14 @@ class SmtpTransport:
         self._password = password
         self._sender = sender
         self._timeout = timeout_seconds
+        # The system's CAs, or only the given one (a private relay); certificates are always verified.
+        self._ca_file = ca_file
 
     async def deliver(self, mail: QueuedMail) -> None:
         await asyncio.to_thread(self._deliver, _message(mail, self._sender))
 
     def _deliver(self, message: EmailMessage) -> None:
-        context = ssl.create_default_context()
+        context = ssl.create_default_context(cafile=self._ca_file)
         smtp: smtplib.SMTP
         if self._security == "tls":
             smtp = smtplib.SMTP_SSL(self._host, self._port, timeout=self._timeout, context=context)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from pymongo import MongoClient
 
-from tests.conftest import MailSink, StartServer
+from tests.conftest import MailSink, StartServer, collect_known_leaks, free_port
 from tests.e2e.helpers import PASSWORD, create_request
 from tests.e2e.test_operations import wait_until
+from tests.pki import issue
 from users.v1 import user_service_pb2 as pb
 
 
@@ -51,3 +57,93 @@ def test_logs_hold_no_secrets(server: object, mail: MailSink, caplog: pytest.Log
     assert "user activated" in logged
     for secret in (PASSWORD, code, "$2b$"):
         assert secret not in logged, [line for line in logged.splitlines() if secret in line][:1]
+
+
+class TlsMailSink(MailSink):
+    """Keeps each message with whether its session was encrypted and who logged in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sessions: list[tuple[bool, bytes | None]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.sessions.append((session.ssl is not None, session.auth_data))
+        return await super().handle_DATA(server, session, envelope)
+
+
+def _authenticator(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+    ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (b"mailer", b"relay secret")
+    return AuthResult(success=ok, handled=False, auth_data=auth_data.login if ok else None)
+
+
+SmtpPki = tuple[Path, ssl.SSLContext]  # the CA file clients trust, and the relay's server context
+
+
+@pytest.fixture(scope="module")
+def smtp_pki(tmp_path_factory: pytest.TempPathFactory) -> SmtpPki:
+    ca, ca_name, ca_key = issue("mail-ca", None, ca=True)
+    relay, _, _ = issue("localhost", (ca_name, ca_key))
+    directory = tmp_path_factory.mktemp("smtp-pki")
+    (directory / "ca.pem").write_bytes(ca.cert)
+    (directory / "relay.pem").write_bytes(relay.cert)
+    (directory / "relay.key").write_bytes(relay.key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "relay.pem", directory / "relay.key")
+    return directory / "ca.pem", context
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+def test_mail_goes_over_tls_with_login(
+    start_server: StartServer, smtp_pki: tuple[Path, ssl.SSLContext], security: str
+) -> None:
+    """STARTTLS (required by the relay) and implicit TLS, certificate verified, AUTH after encryption."""
+    ca_file, context = smtp_pki
+    sink = TlsMailSink()
+    port = free_port()
+    options: dict[str, Any] = {"authenticator": _authenticator, "auth_required": True, "auth_require_tls": True}
+    if security == "starttls":
+        controller = Controller(
+            sink, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True, **options
+        )
+    else:
+        # aiosmtpd counts only STARTTLS as encryption for auth_require_tls (and warns when it must
+        # require AUTH without it); implicit TLS is encrypted throughout, and the login is checked below.
+        options.update(ssl_context=context, auth_require_tls=False, auth_required=False)
+        controller = Controller(sink, hostname="127.0.0.1", port=port, **options)
+    controller.start()
+    try:
+        server = start_server(
+            smtp_host="127.0.0.1", smtp_port=port, smtp_security=security, smtp_ca_file=ca_file,
+            smtp_username="mailer", smtp_password="relay secret",
+        )  # fmt: skip
+        server.anonymous.CreateUser(create_request())
+        assert sink.code_for("jane@example.com")
+        upgraded, login = sink.sessions[0]
+        assert login == b"mailer"
+        # aiosmtpd records STARTTLS upgrades; an implicit-TLS port takes nothing but TLS.
+        assert upgraded or security == "tls"
+    finally:
+        controller.stop()
+        # aiosmtpd leaves the server side of a TLS session's socket open after QUIT.
+        collect_known_leaks()
+
+
+def test_an_untrusted_relay_certificate_gets_no_mail(
+    start_server: StartServer, smtp_pki: tuple[Path, ssl.SSLContext], mongodb_uri: str
+) -> None:
+    """Without the relay's CA the certificate check fails: the mail waits in the outbox, not sent in clear."""
+    _, context = smtp_pki
+    sink = TlsMailSink()
+    port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True)
+    controller.start()
+    try:
+        server = start_server(smtp_port=port, smtp_security="starttls", mail_retry_seconds=60)
+        server.stub.CreateUser(create_request())
+        client: MongoClient[dict[str, Any]] = MongoClient(mongodb_uri)
+        with client:
+            outbox = client[server.settings.mongodb_database].outbox
+            wait_until(lambda: outbox.count_documents({"last_error": {"$regex": "CERTIFICATE_VERIFY_FAILED"}}) == 1)
+        assert sink.messages == []
+    finally:
+        controller.stop()

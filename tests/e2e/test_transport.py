@@ -2,57 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.conftest import ADMIN_PASSWORD, StartServer
 from tests.e2e.helpers import rpc_error
+from tests.pki import Issued, issue
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
-
-
-@dataclass
-class Issued:
-    key: bytes
-    cert: bytes
-
-
-def _issue(
-    name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None, *, ca: bool = False
-) -> tuple[Issued, x509.Name, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = issuer if issuer else (subject, key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    cert = builder.sign(issuer_key, hashes.SHA256())
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return Issued(pem_key, cert.public_bytes(serialization.Encoding.PEM)), subject, key
 
 
 @dataclass
@@ -67,12 +27,12 @@ class Pki:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    ca, ca_name, ca_key = _issue("test-ca", None, ca=True)
-    server, _, _ = _issue("localhost", (ca_name, ca_key))
-    billing, _, _ = _issue("billing-service", (ca_name, ca_key))
-    stranger, _, _ = _issue("stranger-service", (ca_name, ca_key))
-    _, rogue_ca_name, rogue_ca_key = _issue("rogue-ca", None, ca=True)
-    rogue, _, _ = _issue("billing-service", (rogue_ca_name, rogue_ca_key))
+    ca, ca_name, ca_key = issue("test-ca", None, ca=True)
+    server, _, _ = issue("localhost", (ca_name, ca_key))
+    billing, _, _ = issue("billing-service", (ca_name, ca_key))
+    stranger, _, _ = issue("stranger-service", (ca_name, ca_key))
+    _, rogue_ca_name, rogue_ca_key = issue("rogue-ca", None, ca=True)
+    rogue, _, _ = issue("billing-service", (rogue_ca_name, rogue_ca_key))
     directory = tmp_path_factory.mktemp("pki")
     (directory / "ca.pem").write_bytes(ca.cert)
     (directory / "server.pem").write_bytes(server.cert)

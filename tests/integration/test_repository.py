@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
-import warnings
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -12,6 +10,7 @@ from typing import Any, TypeVar
 import pytest
 from pymongo import AsyncMongoClient
 
+from tests.conftest import collect_known_leaks
 from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
 from users_grpc.errors import AlreadyExists, StorageUnavailable
 from users_grpc.repository import Document, MongoOutbox, MongoUserRepository
@@ -223,8 +222,5 @@ def test_unreachable_database_is_storage_unavailable() -> None:
 
     asyncio.run(main())
     # PyMongo's async monitor leaks its socket when close() cancels it mid-connect
-    # (pool_shared._async_create_connection closes only on OSError). Collect it here,
-    # where the cause is known, rather than let it fail whichever test runs next.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
+    # (pool_shared._async_create_connection closes only on OSError).
+    collect_known_leaks()
