@@ -113,19 +113,14 @@ class MfaService:
         return self._enrollment(user, secret)
 
     async def qr_code(self, user_id: str) -> Enrollment:
-        user = await self._user(user_id)
-        account = await self._credentials.get_account(user_id)
-        if account is None or account.mfa is None or account.mfa.active:
-            raise FailedPrecondition("no pending MFA enrollment: call EnableMfa")
-        return self._enrollment(user, self._secret(user_id, account.mfa.sealed_secret))
+        account, sealed_secret = await self._pending_enrollment(user_id)
+        return self._enrollment(account.user, self._secret(user_id, sealed_secret))
 
     async def confirm(self, user_id: str, code: str) -> list[str]:
         _validate_totp_code(code, "code")
-        account = await self._credentials.get_account(user_id)
-        if account is None or account.mfa is None or account.mfa.active:
-            raise FailedPrecondition("no pending MFA enrollment: call EnableMfa")
+        account, sealed_secret = await self._pending_enrollment(user_id)
         await self._reserve_attempt(user_id)
-        step = accepted_step(self._secret(user_id, account.mfa.sealed_secret), code, self._clock.now())
+        step = accepted_step(self._secret(user_id, sealed_secret), code, self._clock.now())
         recovery_codes = _new_recovery_codes()
         digests = [_recovery_digest(c) for c in recovery_codes]
         if step is None or not await self._credentials.confirm_mfa(user_id, step, digests, self._clock.now()):
@@ -185,6 +180,14 @@ class MfaService:
     async def _user(self, user_id: str) -> User:
         domain.validate_user_id(user_id, "user_id")
         return await self._accounts.get_user(user_id)
+
+    async def _pending_enrollment(self, user_id: str) -> tuple[domain.Account, bytes]:
+        """The account and sealed secret of an enrollment awaiting ConfirmMfa."""
+        domain.validate_user_id(user_id, "user_id")
+        account = await self._credentials.get_account(user_id)
+        if account is None or account.mfa is None or account.mfa.active:
+            raise FailedPrecondition("no pending MFA enrollment: call EnableMfa")
+        return account, account.mfa.sealed_secret
 
     async def _active_account(self, user_id: str) -> domain.Account:
         domain.validate_user_id(user_id, "user_id")
