@@ -84,8 +84,8 @@ class Authorizer:
 
     async def identify(self, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
         if bearer_token is not None:
-            _, user = await self._sessions.check_access_token(bearer_token)
-            return Caller(user_id=user.id, role=user.role)
+            claims, user = await self._sessions.check_access_token(bearer_token)
+            return Caller(user_id=user.id, role=user.role, session_id=claims.session_id)
         machine = next((name for name in peer_identities if name in self._machine_identities), None)
         return ANONYMOUS if machine is None else Caller(machine=machine)
 
@@ -106,6 +106,33 @@ def _subject_of(request: object) -> str | None:
     for field in _SUBJECT_FIELDS:
         value = getattr(request, field, None)
         if isinstance(value, str):
+            return value
+    return None
+
+
+def source_address(peer: str, forwarded_for: str | None, *, machine: bool) -> str:
+    """Where a call comes from, for throttles and logs.
+
+    ``peer`` is gRPC's peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``).
+    ``x-forwarded-for`` is honoured from machine callers only, who sign users in on their
+    behalf: anyone else could name any address and so dodge a per-source limit. Its first
+    entry is the end user's address.
+    """
+    if machine and forwarded_for:
+        first = forwarded_for.split(",")[0].strip()
+        if first:
+            return first[:64]
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
+
+
+def metadata_value(metadata: Iterable[tuple[str, str | bytes]], name: str) -> str | None:
+    for key, value in metadata:
+        if key == name and isinstance(value, str):
             return value
     return None
 

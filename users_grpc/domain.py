@@ -314,11 +314,18 @@ class StoredKey:
 
 @dataclass(frozen=True, kw_only=True)
 class Caller:
-    """Who is calling: a user (by access token) or an internal service (by mTLS identity)."""
+    """Who is calling: a user (by access token) or an internal service (by mTLS identity).
+
+    ``source`` is the address the call comes from: the peer's IP, or, for a machine caller
+    that signs users in on their behalf, the end user's address it passes in
+    ``x-forwarded-for``. Throttles and security logs key on it.
+    """
 
     user_id: str | None = None
     role: Role | None = None
     machine: str | None = None
+    session_id: str | None = None
+    source: str = ""
 
     @property
     def is_admin(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -10,7 +11,7 @@ import grpc
 import pymongo
 from grpc_status import rpc_status
 
-from users_grpc.access import Authorizer, bearer_token, current_caller
+from users_grpc.access import Authorizer, bearer_token, current_caller, metadata_value, source_address
 from users_grpc.errors import UsersError, to_rpc_status
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,17 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 # Every PyMongo call in this RPC shares this deadline (PyMongo CSOT).
                 with pymongo.timeout(budget):
+                    metadata = context.invocation_metadata() or ()
                     caller = await self._authorizer.authorize(
-                        method.rpartition("/")[2],
-                        request,
-                        bearer_token(context.invocation_metadata() or ()),
-                        _peer_identities(context),
+                        method.rpartition("/")[2], request, bearer_token(metadata), _peer_identities(context)
+                    )
+                    caller = dataclasses.replace(
+                        caller,
+                        source=source_address(
+                            context.peer(),
+                            metadata_value(metadata, "x-forwarded-for"),
+                            machine=caller.machine is not None,
+                        ),
                     )
                     token = current_caller.set(caller)
                     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from users_grpc.access import Rule, _admits, bearer_token
+from users_grpc.access import Rule, _admits, bearer_token, source_address
 from users_grpc.domain import Caller, Role
 
 ALICE = Caller(user_id="a" * 24, role=Role.USER)
@@ -48,3 +48,18 @@ def test_rules_about_alices_record(rule: Rule, caller: Caller, admitted: bool) -
 def test_self_needs_the_request_to_name_the_caller() -> None:
     assert not _admits(Rule.SELF_OR_ADMIN, ALICE, subject="c" * 24)
     assert not _admits(Rule.SELF, ALICE, subject=None)
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "machine", "source"),
+    [
+        ("ipv4:127.0.0.2:50123", None, False, "127.0.0.2"),
+        ("ipv6:[::1]:50123", None, False, "::1"),
+        ("ipv4:10.0.0.5:1", "203.0.113.9", False, "10.0.0.5"),  # only machine callers may name another address
+        ("ipv4:10.0.0.5:1", "203.0.113.9, 10.0.0.7", True, "203.0.113.9"),
+        ("ipv4:10.0.0.5:1", " ", True, "10.0.0.5"),
+        ("unix:/tmp/socket", None, False, "unix:/tmp/socket"),
+    ],
+)
+def test_source_address(peer: str, forwarded_for: str | None, machine: bool, source: str) -> None:
+    assert source_address(peer, forwarded_for, machine=machine) == source
