@@ -51,6 +51,12 @@ RULES: Mapping[str, Rule] = {
     "RegenerateRecoveryCodes": Rule.SELF,
 }
 
+# Anonymous calls that cost a password hash or a mail: limited per source address (a user's own
+# token, or an admin's, is not limited here; a machine caller is, by the end user's address).
+RATE_LIMITED = frozenset(
+    {"Authenticate", "CreateUser", "ActivateUser", "ResendActivationCode", "ForgotPassword", "ResetPassword"}
+)
+
 # The request field that names the user a "self" rule is about.
 _SUBJECT_FIELDS = ("id", "user_id")
 

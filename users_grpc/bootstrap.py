@@ -40,12 +40,14 @@ from users_grpc.repository import (
     MongoKeyStore,
     MongoOutbox,
     MongoSessionRepository,
+    MongoThrottleStore,
     MongoUserRepository,
     ping,
 )
 from users_grpc.service import AccountPolicy, UserService
 from users_grpc.servicer import UserServiceServicer
 from users_grpc.sessions import SessionService
+from users_grpc.throttling import PasswordThrottle, RateLimitPolicy, SourceRateLimit, ThrottlePolicy
 from users_grpc.tokens import AccessTokens, KeyEncryption
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class App:
     users: MongoUserRepository
     outbox: MongoOutbox
     session_store: MongoSessionRepository
+    throttles: MongoThrottleStore
     accounts: UserService
     tokens: AccessTokens
     health: DatabaseHealth
@@ -97,6 +100,7 @@ class App:
                 await self.users.ensure_indexes()
                 await self.outbox.ensure_indexes()
                 await self.session_store.ensure_indexes()
+                await self.throttles.ensure_indexes()
                 await self.tokens.ensure_signing_key()
                 return
             except StorageUnavailable:
@@ -173,7 +177,14 @@ async def build_app(
     session_store = MongoSessionRepository(database)
 
     executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="bcrypt")
-    hasher = BcryptHasher(rounds=settings.bcrypt_rounds, executor=executor, pepper=settings.password_pepper)
+    hasher = BcryptHasher(
+        rounds=settings.bcrypt_rounds,
+        executor=executor,
+        workers=settings.hash_workers,
+        queue_length=settings.hash_queue_length,
+        pepper=settings.password_pepper,
+    )
+    throttles = MongoThrottleStore(database)
     mail = MailDelivery(
         queue=outbox,
         transport=mail_transport or _mail_transport(settings),
@@ -196,8 +207,18 @@ async def build_app(
             activation_max_attempts=settings.activation_max_attempts,
             activation_max_sends=settings.activation_max_sends,
             activation_send_window=timedelta(seconds=settings.activation_send_window_seconds),
-            password_max_attempts=settings.password_max_attempts,
-            password_attempt_window=timedelta(seconds=settings.password_attempt_window_seconds),
+            reply_floor=timedelta(seconds=settings.reply_floor_seconds),
+        ),
+        throttle=PasswordThrottle(
+            store=throttles,
+            clock=clock,
+            policy=ThrottlePolicy(
+                free_attempts=settings.password_free_attempts,
+                account_free_attempts=settings.password_account_free_attempts,
+                window=timedelta(seconds=settings.password_attempt_window_seconds),
+                max_delay=timedelta(seconds=settings.password_max_delay_seconds),
+                known_source_lifetime=timedelta(seconds=settings.known_source_ttl_seconds),
+            ),
         ),
     )
     encryption = KeyEncryption(settings.key_encryption_key)
@@ -231,6 +252,7 @@ async def build_app(
         reset_token_ttl=timedelta(seconds=settings.password_reset_ttl_seconds),
         reset_max_sends=settings.password_reset_max_sends,
         reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),
+        reply_floor=timedelta(seconds=settings.reply_floor_seconds),
     )
     sessions = SessionService(
         logins=mfa,
@@ -247,6 +269,14 @@ async def build_app(
                 method_prefix=f"/{SERVICE_NAME}/",
                 db_timeout_seconds=settings.db_timeout_seconds,
                 authorizer=Authorizer(sessions=sessions, machine_identities=settings.machine_identities),
+                rate_limit=SourceRateLimit(
+                    store=throttles,
+                    clock=clock,
+                    policy=RateLimitPolicy(
+                        requests=settings.rate_limit_requests,
+                        window=timedelta(seconds=settings.rate_limit_window_seconds),
+                    ),
+                ),
             )
         ],
         options=_SERVER_OPTIONS,
@@ -273,6 +303,7 @@ async def build_app(
         users=users,
         outbox=outbox,
         session_store=session_store,
+        throttles=throttles,
         accounts=accounts,
         tokens=tokens,
         health=DatabaseHealth(

@@ -52,9 +52,16 @@ class Settings:
     password_min_length: int = 12
     password_pepper: str | None = None
     bcrypt_rounds: int = 12
-    password_max_attempts: int = 10
+    password_free_attempts: int = 5
+    password_account_free_attempts: int = 20
     password_attempt_window_seconds: int = 900
+    password_max_delay_seconds: int = 900
+    known_source_ttl_seconds: int = 30 * 86400
+    rate_limit_requests: int = 60
+    rate_limit_window_seconds: int = 60
     hash_workers: int = os.cpu_count() or 1
+    hash_queue_length: int = 16
+    reply_floor_seconds: float = 0.2
 
     activation_code_ttl_seconds: int = 900
     activation_max_attempts: int = 5
@@ -115,11 +122,26 @@ class Settings:
             password_min_length=env.integer("USERS_PASSWORD_MIN_LENGTH", defaults.password_min_length, 12, 64),
             password_pepper=env.get("USERS_PASSWORD_PEPPER", defaults.password_pepper, str) or None,
             bcrypt_rounds=env.integer("USERS_BCRYPT_ROUNDS", defaults.bcrypt_rounds, 10, 16),
-            password_max_attempts=env.integer("USERS_PASSWORD_MAX_ATTEMPTS", defaults.password_max_attempts, 3, 100),
+            password_free_attempts=env.integer("USERS_PASSWORD_FREE_ATTEMPTS", defaults.password_free_attempts, 1, 100),
+            password_account_free_attempts=env.integer(
+                "USERS_PASSWORD_ACCOUNT_FREE_ATTEMPTS", defaults.password_account_free_attempts, 1, 100
+            ),
             password_attempt_window_seconds=env.integer(
                 "USERS_PASSWORD_ATTEMPT_WINDOW_SECONDS", defaults.password_attempt_window_seconds, 10, 86400
             ),
+            password_max_delay_seconds=env.integer(
+                "USERS_PASSWORD_MAX_DELAY_SECONDS", defaults.password_max_delay_seconds, 1, 86400
+            ),
+            known_source_ttl_seconds=env.integer(
+                "USERS_KNOWN_SOURCE_TTL_SECONDS", defaults.known_source_ttl_seconds, 60, 365 * 86400
+            ),
+            rate_limit_requests=env.integer("USERS_RATE_LIMIT_REQUESTS", defaults.rate_limit_requests, 1, 1_000_000),
+            rate_limit_window_seconds=env.integer(
+                "USERS_RATE_LIMIT_WINDOW_SECONDS", defaults.rate_limit_window_seconds, 1, 86400
+            ),
             hash_workers=env.integer("USERS_HASH_WORKERS", defaults.hash_workers, 1, 256),
+            hash_queue_length=env.integer("USERS_HASH_QUEUE_LENGTH", defaults.hash_queue_length, 0, 10000),
+            reply_floor_seconds=env.number("USERS_REPLY_FLOOR_SECONDS", defaults.reply_floor_seconds, 0.01, 5),
             activation_code_ttl_seconds=env.integer(
                 "USERS_ACTIVATION_CODE_TTL_SECONDS", defaults.activation_code_ttl_seconds, 60, 7 * 86400
             ),

@@ -65,6 +65,14 @@ class ActivationCode:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Tally:
+    """A throttle's count of events (failed tries, or a source's sign-ins) and when the last one was."""
+
+    count: int
+    last_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
 class Mfa:
     """A user's TOTP enrollment: pending until confirmed with a code, then active."""
 

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import grpc
-import pymongo
 from grpc_status import rpc_status
 
-from users_grpc.access import Authorizer, bearer_token, current_caller, metadata_value, source_address
+from users_grpc.access import (
+    RATE_LIMITED,
+    Authorizer,
+    bearer_token,
+    current_caller,
+    metadata_value,
+    source_address,
+)
 from users_grpc.errors import UsersError, to_rpc_status
+from users_grpc.repository import DatabaseBudget, database_budget
+from users_grpc.throttling import SourceRateLimit
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +35,13 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
     health and reflection pass through untouched.
     """
 
-    def __init__(self, *, method_prefix: str, db_timeout_seconds: float, authorizer: Authorizer) -> None:
+    def __init__(
+        self, *, method_prefix: str, db_timeout_seconds: float, authorizer: Authorizer, rate_limit: SourceRateLimit
+    ) -> None:
         self._method_prefix = method_prefix
         self._db_timeout_seconds = db_timeout_seconds
         self._authorizer = authorizer
+        self._rate_limit = rate_limit
 
     async def intercept_service(
         self,
@@ -49,30 +61,34 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _guard(self, method: str, behavior: _Behavior) -> _Behavior:
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            budget = self._db_timeout_seconds
             remaining = context.time_remaining()
-            if remaining is not None:
-                budget = max(min(budget, remaining), 0.001)
+            budget = database_budget.set(
+                DatabaseBudget(
+                    per_operation=self._db_timeout_seconds,
+                    deadline=None if remaining is None else time.monotonic() + remaining,
+                )
+            )
             try:
-                # Every PyMongo call in this RPC shares this deadline (PyMongo CSOT).
-                with pymongo.timeout(budget):
-                    metadata = context.invocation_metadata() or ()
-                    caller = await self._authorizer.authorize(
-                        method.rpartition("/")[2], request, bearer_token(metadata), _peer_identities(context)
-                    )
-                    caller = dataclasses.replace(
-                        caller,
-                        source=source_address(
-                            context.peer(),
-                            metadata_value(metadata, "x-forwarded-for"),
-                            machine=caller.machine is not None,
-                        ),
-                    )
-                    token = current_caller.set(caller)
-                    try:
-                        return await behavior(request, context)
-                    finally:
-                        current_caller.reset(token)
+                metadata = context.invocation_metadata() or ()
+                name = method.rpartition("/")[2]
+                caller = await self._authorizer.authorize(
+                    name, request, bearer_token(metadata), _peer_identities(context)
+                )
+                caller = dataclasses.replace(
+                    caller,
+                    source=source_address(
+                        context.peer(),
+                        metadata_value(metadata, "x-forwarded-for"),
+                        machine=caller.machine is not None,
+                    ),
+                )
+                if name in RATE_LIMITED and caller.user_id is None:
+                    await self._rate_limit.check(caller.source)
+                token = current_caller.set(caller)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    current_caller.reset(token)
             except UsersError as error:
                 # Refusals are logged by reason only: messages never carry secrets, but requests may.
                 log.info("rpc refused", extra={"rpc": method, "reason": error.reason})
@@ -81,6 +97,8 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             except Exception:
                 log.exception("unexpected error", extra={"rpc": method})
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                database_budget.reset(budget)
 
         return guarded
 

@@ -93,9 +93,11 @@ class MfaService:
         self._max_attempts = max_attempts
         self._attempt_window = attempt_window
 
-    async def verify_login(self, identifier: str, password: str, totp_code: str, recovery_code: str) -> User:
+    async def verify_login(
+        self, identifier: str, password: str, totp_code: str, recovery_code: str, *, source: str
+    ) -> User:
         """The user if the password and, with MFA on, the second factor are right."""
-        user = await self._accounts.verify_credentials(identifier, password)
+        user = await self._accounts.verify_credentials(identifier, password, source=source)
         if user.mfa_enabled:
             if not totp_code and not recovery_code:
                 # Told only after the right password, so it reveals nothing to a guesser.
@@ -128,11 +130,11 @@ class MfaService:
         await self._after_change(account.user, "Two-factor sign-in is on")
         return recovery_codes
 
-    async def disable(self, user_id: str, password: str, code: str) -> None:
+    async def disable(self, user_id: str, password: str, code: str, *, source: str) -> None:
         if not password:
             raise InvalidArgument([FieldViolation("password", "is required")])
         account = await self._active_account(user_id)
-        if not await self._accounts.password_matches(account, password):
+        if not await self._accounts.password_matches(account, password, source=source):
             raise InvalidCredentials()
         await self._check_second_factor(user_id, code, field="code")
         await self._credentials.disable_mfa(user_id, self._clock.now())

@@ -6,10 +6,10 @@ and :mod:`users_grpc.mail`; fakes for unit tests live in ``tests/fakes.py``.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
-from users_grpc.domain import Account, ActivationCode, Mail, NewUser, QueuedMail, Session, StoredKey, User
+from users_grpc.domain import Account, ActivationCode, Mail, NewUser, QueuedMail, Session, StoredKey, Tally, User
 
 
 class UserRepository(Protocol):
@@ -40,13 +40,6 @@ class UserRepository(Protocol):
 
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
         """Make every access token issued to the user so far invalid."""
-
-    async def reserve_password_attempt(
-        self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
-    ) -> bool:
-        """Count one password attempt; False once ``max_attempts`` fell in the window."""
-
-    async def clear_password_attempts(self, user_id: str) -> None: ...
 
 
 class CredentialRepository(Protocol):
@@ -99,6 +92,34 @@ class SessionRepository(Protocol):
     async def list_active(self, user_id: str, now: datetime) -> list[Session]: ...
 
     async def revoke_all(self, user_id: str, now: datetime) -> None: ...
+
+
+class ThrottleStore(Protocol):
+    """Tallies shared by every replica: failed tries, sources an account signed in from, request counts."""
+
+    async def get(self, keys: list[str]) -> dict[str, Tally]: ...
+
+    async def count_failure(
+        self, key: str, account: str, *, seen: Tally | None, now: datetime, window: timedelta, expires_at: datetime
+    ) -> Tally | None:
+        """Add a failure to the tally last ``seen`` (a fresh one if that is older than ``window``).
+
+        None if the tally changed since it was seen: another try counted first.
+        """
+
+    async def uncount_failure(self, key: str) -> None:
+        """Take back one failure (a try that never reached a comparison, or the owner's success)."""
+
+    async def forget(self, key: str) -> None: ...
+
+    async def remember(self, key: str, account: str, now: datetime, expires_at: datetime) -> None:
+        """Record an event that needs no counting, such as a sign-in from a source."""
+
+    async def forget_account(self, account: str) -> None:
+        """Forget every failure counted against the account (not the sources it signed in from)."""
+
+    async def hit(self, key: str, expires_at: datetime) -> int:
+        """Count one request under ``key``; the count so far, this one included."""
 
 
 class KeyStore(Protocol):

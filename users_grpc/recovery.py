@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import secrets
-import time
 from datetime import timedelta
 
 from users_grpc import domain
 from users_grpc.domain import ActivationCode, Mail, PasswordPolicy, User
 from users_grpc.errors import FieldViolation, InvalidArgument, InvalidCredentials, InvalidResetToken
 from users_grpc.ports import Clock, CredentialRepository, Mailer, PasswordHasher, SessionRepository
-from users_grpc.service import UserService
+from users_grpc.service import UserService, no_reply_sooner_than
 
 log = logging.getLogger(__name__)
 
 _TOKEN_MAX_LENGTH = 128
-# Far above the work's own time on a healthy database (a few milliseconds), far below a client's patience.
-FORGOT_PASSWORD_REPLY_SECONDS = 0.2
 
 
 class PasswordService:
@@ -36,7 +32,9 @@ class PasswordService:
         reset_token_ttl: timedelta,
         reset_max_sends: int,
         reset_send_window: timedelta,
+        reply_floor: timedelta,
     ) -> None:
+        self._reply_floor = reply_floor
         self._accounts = accounts
         self._credentials = credentials
         self._sessions = sessions
@@ -55,11 +53,8 @@ class PasswordService:
         between existing and missing accounts, which the floor hides.
         """
         domain.validate_identifier(identifier)
-        started = time.monotonic()
-        try:
+        async with no_reply_sooner_than(self._reply_floor):
             await self._pend_and_mail_reset_token(identifier)
-        finally:
-            await asyncio.sleep(max(0.0, FORGOT_PASSWORD_REPLY_SECONDS - (time.monotonic() - started)))
 
     async def _pend_and_mail_reset_token(self, identifier: str) -> None:
         account = await self._credentials.find_account(domain.identifier_key(identifier))
@@ -97,7 +92,7 @@ class PasswordService:
         )
         log.info("password reset sent", extra={"user_id": account.user.id})
 
-    async def reset_password(self, token: str, new_password: str, confirmation: str) -> None:
+    async def reset_password(self, token: str, new_password: str, confirmation: str, *, source: str) -> None:
         if not token or len(token) > _TOKEN_MAX_LENGTH:
             raise InvalidResetToken()
         now = self._clock.now()
@@ -110,9 +105,12 @@ class PasswordService:
         # The conditional update consumes the token: of two racing resets, one wins.
         if not await self._credentials.reset_password(user.id, _digest(token), password_hash, now):
             raise InvalidResetToken()
+        await self._accounts.owner_proved_mailbox(user.id, source)
         await self._after_password_change(user, "Your password was reset")
 
-    async def change_password(self, user_id: str, current_password: str, new_password: str, confirmation: str) -> None:
+    async def change_password(
+        self, user_id: str, current_password: str, new_password: str, confirmation: str, *, source: str
+    ) -> None:
         domain.validate_user_id(user_id, "user_id")
         if not current_password:
             raise InvalidArgument([FieldViolation("current_password", "is required")])
@@ -120,7 +118,7 @@ class PasswordService:
         if account is None:
             raise InvalidCredentials()
         self._validate_new_password(account.user, new_password, confirmation)
-        if not await self._accounts.password_matches(account, current_password):
+        if not await self._accounts.password_matches(account, current_password, source=source):
             raise InvalidCredentials("the current password is wrong")
         await self._credentials.set_password(user_id, await self._hasher.hash(new_password), self._clock.now())
         await self._after_password_change(account.user, "Your password was changed")

@@ -8,7 +8,10 @@ no transactions (FerretDB has none, and MongoDB needs none for this).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -30,6 +33,7 @@ from users_grpc.domain import (
     Role,
     Session,
     StoredKey,
+    Tally,
     User,
     identifier_key,
 )
@@ -40,16 +44,44 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+@dataclass(frozen=True)
+class DatabaseBudget:
+    """How long one call's database work may take: each repository call at most
+    ``per_operation`` seconds, and none past the call's ``deadline`` (``time.monotonic()``).
+
+    Per operation, not per call: time a call spends hashing a password or waiting for a
+    hashing thread must not eat into its database time, or a busy server would report a
+    healthy database as unavailable.
+    """
+
+    per_operation: float
+    deadline: float | None = None
+
+    def seconds(self) -> float:
+        if self.deadline is None:
+            return self.per_operation
+        return max(min(self.per_operation, self.deadline - time.monotonic()), 0.001)
+
+
+database_budget: ContextVar[DatabaseBudget | None] = ContextVar("database_budget", default=None)
+"""Set by the interceptor for each call; outside calls the client's own timeout applies."""
+
+
 def _storage_errors(method: Callable[_P, Coroutine[Any, Any, _R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """Turn an unreachable or timed-out database into :class:`StorageUnavailable`.
+    """Bound the call by the current :data:`database_budget`, and turn an unreachable or
+    timed-out database into :class:`StorageUnavailable`.
 
     Other PyMongo errors are bugs and propagate as they are.
     """
 
     @functools.wraps(method)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        budget = database_budget.get()
         try:
-            return await method(*args, **kwargs)
+            if budget is None:
+                return await method(*args, **kwargs)
+            with pymongo.timeout(budget.seconds()):
+                return await method(*args, **kwargs)
         except PyMongoError as error:
             if isinstance(error, ConnectionFailure) or error.timeout:
                 raise StorageUnavailable() from error
@@ -274,17 +306,6 @@ class MongoUserRepository:
         # Only within an enrollment: a counter alone must not make an "mfa" sub-document.
         return await self._reserve_attempt("mfa", user_id, now, max_attempts, window_seconds, {"mfa": {"$ne": None}})
 
-    @_storage_errors
-    async def reserve_password_attempt(
-        self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
-    ) -> bool:
-        """Count one password attempt; False once ``max_attempts`` fell in the window."""
-        return await self._reserve_attempt("password_attempts", user_id, now, max_attempts, window_seconds)
-
-    @_storage_errors
-    async def clear_password_attempts(self, user_id: str) -> None:
-        await self._users.update_one({"_id": ObjectId(user_id)}, {"$set": {"password_attempts.failures": 0}})
-
     async def _reserve_attempt(
         self,
         field: str,
@@ -413,6 +434,93 @@ class MongoSessionRepository:
     @_storage_errors
     async def revoke_all(self, user_id: str, now: datetime) -> None:
         await self._sessions.update_many({"user_id": user_id, "revoked_at": None}, {"$set": {"revoked_at": now}})
+
+
+class MongoThrottleStore:
+    """The ``throttles`` collection: one small document per tally, found by ``_id``.
+
+    Failure tallies change only by compare-and-set on their count and time, so two
+    tries racing for one tally never both count as the same failure.
+    """
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._tallies: AsyncCollection[Document] = database["throttles"]
+
+    @_storage_errors
+    async def ensure_indexes(self) -> None:
+        await self._tallies.create_index([("account", ASCENDING)], name="account")
+        # Served to housekeeping, which deletes tallies past their use (FerretDB has no TTL indexes).
+        await self._tallies.create_index([("expires_at", ASCENDING)], name="expires_at")
+
+    @_storage_errors
+    async def get(self, keys: list[str]) -> dict[str, Tally]:
+        documents = await self._tallies.find({"_id": {"$in": keys}}).to_list()
+        return {document["_id"]: Tally(count=document["count"], last_at=document["last_at"]) for document in documents}
+
+    @_storage_errors
+    async def count_failure(
+        self, key: str, account: str, *, seen: Tally | None, now: datetime, window: timedelta, expires_at: datetime
+    ) -> Tally | None:
+        # BSON dates hold milliseconds: the tally returned must equal the one stored, for compare-and-set.
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        count = 1 if seen is None or seen.last_at <= now - window else seen.count + 1
+        tally = Tally(count=count, last_at=now)
+        document = {
+            "account": account,
+            "kind": "password",
+            "count": tally.count,
+            "last_at": now,
+            "expires_at": expires_at,
+        }
+        if seen is None:
+            try:
+                await self._tallies.insert_one({"_id": key, **document})
+            except DuplicateKeyError:
+                return None
+            return tally
+        result = await self._tallies.update_one(
+            {"_id": key, "count": seen.count, "last_at": seen.last_at}, {"$set": document}
+        )
+        return tally if result.modified_count == 1 else None
+
+    @_storage_errors
+    async def uncount_failure(self, key: str) -> None:
+        await self._tallies.update_one({"_id": key, "count": {"$gt": 0}}, {"$inc": {"count": -1}})
+
+    @_storage_errors
+    async def forget(self, key: str) -> None:
+        await self._tallies.delete_one({"_id": key})
+
+    @_storage_errors
+    async def remember(self, key: str, account: str, now: datetime, expires_at: datetime) -> None:
+        await self._tallies.update_one(
+            {"_id": key},
+            {
+                "$set": {"account": account, "kind": "known", "last_at": now, "expires_at": expires_at},
+                "$inc": {"count": 1},
+            },
+            upsert=True,
+        )
+
+    @_storage_errors
+    async def forget_account(self, account: str) -> None:
+        await self._tallies.delete_many({"account": account, "kind": "password"})
+
+    @_storage_errors
+    async def hit(self, key: str, expires_at: datetime) -> int:
+        for _ in range(2):
+            try:
+                document = await self._tallies.find_one_and_update(
+                    {"_id": key},
+                    {"$inc": {"count": 1}, "$setOnInsert": {"kind": "rate", "expires_at": expires_at}},
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+            except DuplicateKeyError:
+                continue  # MongoDB: two first hits raced to insert; the loser increments the winner's
+            assert document is not None
+            return int(document["count"])
+        raise StorageUnavailable()
 
 
 class MongoKeyStore:

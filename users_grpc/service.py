@@ -5,9 +5,13 @@ Services see only domain types and the ports of :mod:`users_grpc.ports`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hmac
 import logging
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -29,11 +33,28 @@ from users_grpc.errors import (
     InvalidActivationCode,
     InvalidCredentials,
     NotFound,
+    Overloaded,
     PermissionDenied,
 )
 from users_grpc.ports import Clock, Mailer, PasswordHasher, UserRepository
+from users_grpc.throttling import PasswordThrottle
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def no_reply_sooner_than(floor: timedelta) -> AsyncIterator[None]:
+    """Hold the reply back to a fixed floor, whatever the outcome.
+
+    For anonymous calls about an account named by the caller: the work differs by a few
+    milliseconds between existing and missing accounts (a write for one, none for the
+    other), which the floor hides.
+    """
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        await asyncio.sleep(max(0.0, floor.total_seconds() - (time.monotonic() - started)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,8 +64,8 @@ class AccountPolicy:
     activation_max_attempts: int = 5
     activation_max_sends: int = 5
     activation_send_window: timedelta = timedelta(hours=1)
-    password_max_attempts: int = 10
-    password_attempt_window: timedelta = timedelta(minutes=15)
+    # Anonymous calls about a named account answer no sooner than this (no_reply_sooner_than).
+    reply_floor: timedelta = timedelta(milliseconds=200)
 
 
 class UserService:
@@ -56,7 +77,9 @@ class UserService:
         hasher: PasswordHasher,
         clock: Clock,
         policy: AccountPolicy,
+        throttle: PasswordThrottle,
     ) -> None:
+        self._throttle = throttle
         self._users = users
         self._mailer = mailer
         self._hasher = hasher
@@ -103,6 +126,10 @@ class UserService:
         """Activate with the mailed code. Every failure looks the same, whatever the account."""
         domain.validate_identifier(identifier)
         domain.validate_activation_code(code)
+        async with no_reply_sooner_than(self._policy.reply_floor):
+            return await self._activate(identifier, code)
+
+    async def _activate(self, identifier: str, code: str) -> User:
         account = await self._users.find_account(domain.identifier_key(identifier))
         if account is None or account.user.is_active or account.activation is None:
             raise InvalidActivationCode()
@@ -123,6 +150,10 @@ class UserService:
     async def resend_activation_code(self, identifier: str) -> None:
         """Mail a fresh code to an inactive account; do nothing, visibly the same, otherwise."""
         domain.validate_identifier(identifier)
+        async with no_reply_sooner_than(self._policy.reply_floor):
+            await self._resend_activation_code(identifier)
+
+    async def _resend_activation_code(self, identifier: str) -> None:
         account = await self._users.find_account(domain.identifier_key(identifier))
         if account is None or account.user.is_active:
             return
@@ -164,12 +195,13 @@ class UserService:
             raise NotFound()
         log.info("user deleted by identifier")
 
-    async def verify_credentials(self, identifier: str, password: str) -> User:
+    async def verify_credentials(self, identifier: str, password: str, *, source: str) -> User:
         """The user if the password matches; one answer for unknown accounts and wrong passwords."""
         domain.validate_identifier(identifier)
         domain.validate_login_password(password)
-        account = await self._users.find_account(domain.identifier_key(identifier))
-        if not await self.password_matches(account, password):
+        key = domain.identifier_key(identifier)
+        account = await self._users.find_account(key)
+        if not await self.password_matches(account, password, source=source, unknown_key=key):
             raise InvalidCredentials()
         assert account is not None
         if not account.user.is_active:
@@ -177,32 +209,32 @@ class UserService:
         log.info("credentials verified", extra={"user_id": account.user.id})
         return account.user
 
-    async def password_matches(self, account: Account | None, password: str) -> bool:
-        """Check a password, throttled per account; a missing account costs the same bcrypt run.
+    async def password_matches(
+        self, account: Account | None, password: str, *, source: str, unknown_key: str = ""
+    ) -> bool:
+        """Check a password, throttled per account and source (see :mod:`users_grpc.throttling`).
 
-        Past the attempt cap even the right password fails, with the same answer as a wrong
-        one, until the window passes; a match sets the count back to zero.
+        A missing account goes through the same throttle, under ``unknown_key``, and the same
+        bcrypt run, so neither the answers nor the work tell it from a wrong password.
         """
-        if account is None:
-            await self._hasher.verify(password, None)
-            log.info("credentials refused", extra={"user_id": None})
-            return False
-        user_id = account.user.id
-        allowed = await self._users.reserve_password_attempt(
-            user_id,
-            self._clock.now(),
-            max_attempts=self._policy.password_max_attempts,
-            window_seconds=int(self._policy.password_attempt_window.total_seconds()),
-        )
-        matches = await self._hasher.verify(password, account.password_hash)
-        if not allowed:
-            log.warning("password attempts throttled", extra={"user_id": user_id})
-            return False
+        throttle_key = account.user.id if account is not None else f"unknown:{unknown_key}"
+        reservation = await self._throttle.reserve(throttle_key, source)
+        try:
+            matches = await self._hasher.verify(password, None if account is None else account.password_hash)
+        except Overloaded:
+            # Refused before any comparison: this try must not count against the account.
+            await self._throttle.release(reservation)
+            raise
         if not matches:
-            log.info("credentials refused", extra={"user_id": user_id})
+            log.info("credentials refused", extra={"user_id": None if account is None else account.user.id})
             return False
-        await self._users.clear_password_attempts(user_id)
+        await self._throttle.succeeded(reservation)
         return True
+
+    async def owner_proved_mailbox(self, user_id: str, source: str) -> None:
+        """After a completed password reset: forget the account's failed tries, so the owner gets in at once."""
+        await self._throttle.forget_account(user_id)
+        log.info("password failures forgotten", extra={"user_id": user_id, "source": source})
 
     def _new_activation(self, username: str, code: str) -> ActivationCode:
         """A pending code that opens a fresh resend window (the repository keeps a running one)."""

@@ -44,10 +44,10 @@ class SessionService:
         self._session_lifetime = session_lifetime
 
     async def authenticate(
-        self, identifier: str, password: str, totp_code: str = "", recovery_code: str = ""
+        self, identifier: str, password: str, totp_code: str = "", recovery_code: str = "", *, source: str
     ) -> tuple[User, IssuedTokens]:
         """Check the credentials and second factor (as VerifyCredentials does) and open a session."""
-        user = await self._logins.verify_login(identifier, password, totp_code, recovery_code)
+        user = await self._logins.verify_login(identifier, password, totp_code, recovery_code, source=source)
         refresh_token = _new_refresh_token()
         now = self._clock.now()
         session = await self._sessions.create(

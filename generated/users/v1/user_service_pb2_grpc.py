@@ -39,6 +39,12 @@ class UserServiceStub:
     caller": an internal service whose mTLS client certificate names an identity
     listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
+    address wait a rising delay, per account: other addresses are not held),
+    RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
+    address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
 
     def __init__(self, channel):
@@ -178,6 +184,12 @@ class UserServiceServicer:
     caller": an internal service whose mTLS client certificate names an identity
     listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
+    address wait a rising delay, per account: other addresses are not held),
+    RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
+    address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
 
     def CreateUser(self, request, context):
@@ -263,10 +275,13 @@ class UserServiceServicer:
 
         An unknown account and a wrong password get the same status, message and
         timing. An inactive account is reported only after the right password.
-        Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+        Callers: a machine caller or an admin; a machine caller checking on behalf
+        of an end user passes the user's address in `x-forwarded-for`, which the
+        password throttle keys on. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED (unknown account or wrong password; or the caller's own
         credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-        password, account not activated), UNAVAILABLE.
+        password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+        OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
         recovery_code too. Without either, the answer (after the right password
@@ -285,7 +300,8 @@ class UserServiceServicer:
         as VerifyCredentials for unknown accounts and wrong passwords, and the
         same second-factor rules.
         Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+        FAILED_PRECONDITION (right password, account not activated),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -388,7 +404,8 @@ class UserServiceServicer:
 
         Every session and token of the user is revoked and a notice is mailed.
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-        (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+        (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
+        (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -594,6 +611,12 @@ class UserService:
     caller": an internal service whose mTLS client certificate names an identity
     listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
+    address wait a rising delay, per account: other addresses are not held),
+    RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
+    address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
 
     @staticmethod

@@ -40,6 +40,12 @@ class UserServiceStub:
     caller": an internal service whose mTLS client certificate names an identity
     listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
+    address wait a rising delay, per account: other addresses are not held),
+    RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
+    address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
 
     @_typing.overload
@@ -101,10 +107,13 @@ class UserServiceStub:
 
     An unknown account and a wrong password get the same status, message and
     timing. An inactive account is reported only after the right password.
-    Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+    Callers: a machine caller or an admin; a machine caller checking on behalf
+    of an end user passes the user's address in `x-forwarded-for`, which the
+    password throttle keys on. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (unknown account or wrong password; or the caller's own
     credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-    password, account not activated), UNAVAILABLE.
+    password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+    OVERLOADED), UNAVAILABLE.
 
     With MFA on, the password alone is never enough: send totp_code or
     recovery_code too. Without either, the answer (after the right password
@@ -119,7 +128,8 @@ class UserServiceStub:
     as VerifyCredentials for unknown accounts and wrong passwords, and the
     same second-factor rules.
     Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+    FAILED_PRECONDITION (right password, account not activated),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
     """
     RefreshSession: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RefreshSessionRequest, _user_service_pb2.RefreshSessionResponse]
     """Trade a refresh token for a new pair
@@ -186,7 +196,8 @@ class UserServiceStub:
 
     Every session and token of the user is revoked and a notice is mailed.
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-    (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+    (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
+    (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
     """
     EnableMfa: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.EnableMfaRequest, _user_service_pb2.EnableMfaResponse]
     """Start a TOTP enrollment
@@ -244,6 +255,12 @@ class UserServiceAsyncStub(UserServiceStub):
     caller": an internal service whose mTLS client certificate names an identity
     listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
+    address wait a rising delay, per account: other addresses are not held),
+    RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
+    address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -302,10 +319,13 @@ class UserServiceAsyncStub(UserServiceStub):
 
     An unknown account and a wrong password get the same status, message and
     timing. An inactive account is reported only after the right password.
-    Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+    Callers: a machine caller or an admin; a machine caller checking on behalf
+    of an end user passes the user's address in `x-forwarded-for`, which the
+    password throttle keys on. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (unknown account or wrong password; or the caller's own
     credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-    password, account not activated), UNAVAILABLE.
+    password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+    OVERLOADED), UNAVAILABLE.
 
     With MFA on, the password alone is never enough: send totp_code or
     recovery_code too. Without either, the answer (after the right password
@@ -320,7 +340,8 @@ class UserServiceAsyncStub(UserServiceStub):
     as VerifyCredentials for unknown accounts and wrong passwords, and the
     same second-factor rules.
     Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+    FAILED_PRECONDITION (right password, account not activated),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
     """
     RefreshSession: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RefreshSessionRequest, _user_service_pb2.RefreshSessionResponse]  # type: ignore[assignment]
     """Trade a refresh token for a new pair
@@ -387,7 +408,8 @@ class UserServiceAsyncStub(UserServiceStub):
 
     Every session and token of the user is revoked and a notice is mailed.
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-    (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+    (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
+    (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
     """
     EnableMfa: _aio.UnaryUnaryMultiCallable[_user_service_pb2.EnableMfaRequest, _user_service_pb2.EnableMfaResponse]  # type: ignore[assignment]
     """Start a TOTP enrollment
@@ -444,6 +466,12 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     caller": an internal service whose mTLS client certificate names an identity
     listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
+    address wait a rising delay, per account: other addresses are not held),
+    RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
+    address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
 
     @_abc_1.abstractmethod
@@ -548,10 +576,13 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         An unknown account and a wrong password get the same status, message and
         timing. An inactive account is reported only after the right password.
-        Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+        Callers: a machine caller or an admin; a machine caller checking on behalf
+        of an end user passes the user's address in `x-forwarded-for`, which the
+        password throttle keys on. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED (unknown account or wrong password; or the caller's own
         credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-        password, account not activated), UNAVAILABLE.
+        password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+        OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
         recovery_code too. Without either, the answer (after the right password
@@ -572,7 +603,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         as VerifyCredentials for unknown accounts and wrong passwords, and the
         same second-factor rules.
         Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+        FAILED_PRECONDITION (right password, account not activated),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -693,7 +725,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Every session and token of the user is revoked and a notice is mailed.
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-        (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+        (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
+        (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
