@@ -80,6 +80,8 @@ class MailSink:
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
+        # The SMTP envelope's recipients (RCPT TO) of each message, in the same order.
+        self.envelope_recipients: list[list[str]] = []
         self._changed = threading.Condition()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -87,12 +89,19 @@ class MailSink:
         assert isinstance(message, EmailMessage)
         with self._changed:
             self.messages.append(message)
+            self.envelope_recipients.append(list(envelope.rcpt_tos))
             self._changed.notify_all()
         return "250 OK"
 
     def clear(self) -> None:
         with self._changed:
             self.messages.clear()
+            self.envelope_recipients.clear()
+
+    def recipients_of(self, message: EmailMessage) -> list[str]:
+        """The envelope recipients ``message`` was delivered to."""
+        with self._changed:
+            return next(rcpt for m, rcpt in zip(self.messages, self.envelope_recipients, strict=True) if m is message)
 
     def wait_for(self, to: str, count: int = 1, timeout: float = 10.0) -> list[EmailMessage]:
         """The first ``count`` messages to ``to``, waiting for them to arrive."""

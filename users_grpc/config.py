@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.policy
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.headerregistry import Address, AddressHeader, BaseHeader
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 SmtpSecurity = Literal["starttls", "tls", "none"]
 
@@ -43,7 +45,10 @@ class Settings:
     smtp_password: str | None = None
     smtp_timeout_seconds: float = 10.0
     smtp_ca_file: Path | None = None
-    mail_from: str = "users-grpc <no-reply@localhost>"
+    # Parsed once, here; mails build their From header and envelope sender from its parts.
+    mail_from: Address = field(
+        default_factory=lambda: Address(display_name="users-grpc", username="no-reply", domain="localhost")
+    )
     mail_dir: Path = Path("var/mail")
     mail_poll_seconds: float = 5.0
     mail_max_attempts: int = 20
@@ -259,10 +264,22 @@ def _smtp_security(raw: str) -> SmtpSecurity:
         raise ValueError("must be starttls, tls or none") from None
 
 
-def _mail_from(raw: str) -> str:
-    if "@" not in raw:
-        raise ValueError("must be an address, such as 'Accounts <no-reply@example.com>'")
-    return raw
+def _mail_from(raw: str) -> Address:
+    """One address, optionally with a display name, parsed by the standard library."""
+    usage = "must be one address, such as 'Accounts <no-reply@example.com>'"
+    if any(not char.isprintable() for char in raw):
+        raise ValueError(f"{usage}, without control characters")
+    header = email.policy.default.header_factory("From", raw)
+    # The registry's header class derives from both; typeshed cannot say so.
+    assert isinstance(header, AddressHeader)
+    if cast(BaseHeader, header).defects or len(header.groups) != 1 or header.groups[0].display_name is not None:
+        raise ValueError(usage)
+    [address] = header.groups[0].addresses
+    if not address.username or not address.domain or not address.addr_spec.isascii():
+        raise ValueError(f"{usage}, with an ASCII user@domain")
+    if address.domain.startswith("["):
+        raise ValueError(f"{usage}, with a domain name")
+    return Address(display_name=address.display_name, username=address.username, domain=address.domain)
 
 
 def _log_level(raw: str) -> str:

@@ -16,10 +16,13 @@ import logging
 import smtplib
 import ssl
 from datetime import timedelta
+from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
 
+from users_grpc import domain
 from users_grpc.domain import Mail, QueuedMail
+from users_grpc.errors import InvalidArgument
 from users_grpc.ports import Clock, MailQueue, MailTransport
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,7 @@ class SmtpTransport:
         security: str,
         username: str | None,
         password: str | None,
-        sender: str,
+        sender: Address,
         timeout_seconds: float,
         ca_file: Path | None = None,
     ) -> None:
@@ -126,9 +129,9 @@ class SmtpTransport:
         self._ca_file = ca_file
 
     async def deliver(self, mail: QueuedMail) -> None:
-        await asyncio.to_thread(self._deliver, _message(mail, self._sender))
+        await asyncio.to_thread(self._deliver, _message(mail, self._sender), mail.mail.to)
 
-    def _deliver(self, message: EmailMessage) -> None:
+    def _deliver(self, message: EmailMessage, recipient: str) -> None:
         context = ssl.create_default_context(cafile=self._ca_file)
         smtp: smtplib.SMTP
         if self._security == "tls":
@@ -140,13 +143,14 @@ class SmtpTransport:
                 smtp.starttls(context=context)
             if self._username and self._password:
                 smtp.login(self._username, self._password)
-            smtp.send_message(message)
+            # The envelope names the one stored address: never recipients parsed out of the headers.
+            smtp.send_message(message, from_addr=self._sender.addr_spec, to_addrs=[recipient])
 
 
 class DirectoryTransport:
     """Writes each mail as an ``.eml`` file: the local default, so codes can be read without SMTP."""
 
-    def __init__(self, directory: Path, sender: str) -> None:
+    def __init__(self, directory: Path, sender: Address) -> None:
         self._directory = directory
         self._sender = sender
 
@@ -159,13 +163,28 @@ class DirectoryTransport:
         (self._directory / f"{mail.id}.eml").write_bytes(bytes(_message(mail, self._sender)))
 
 
-def _message(queued: QueuedMail, sender: str) -> EmailMessage:
+def _message(queued: QueuedMail, sender: Address) -> EmailMessage:
+    """The message, its address headers built by the standard library from parts, never pasted text."""
     message = EmailMessage()
     message["From"] = sender
-    message["To"] = queued.mail.to
+    message["To"] = _recipient(queued.mail.to)
     message["Subject"] = queued.mail.subject
     message["Date"] = email.utils.formatdate(localtime=False)
     # The same id on every attempt lets receivers drop a duplicate delivery.
     message["Message-ID"] = f"<{queued.id}@users-grpc>"
     message.set_content(queued.mail.body)
     return message
+
+
+def _recipient(address: str) -> Address:
+    """The stored address as one header address; refused unless it is a bare address.
+
+    New addresses are checked at registration; a list or a display name stored under older
+    rules is not mailed at all (the delivery fails, and is given up after its retries).
+    """
+    try:
+        domain.normalized_email(address)
+    except InvalidArgument:
+        raise ValueError("the recipient is not a bare address") from None
+    local, _, domain_name = address.rpartition("@")
+    return Address(username=local, domain=domain_name)

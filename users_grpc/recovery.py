@@ -83,7 +83,7 @@ class PasswordService:
                 to=account.user.email,
                 subject="Reset your password",
                 body=(
-                    f"Hello {account.user.first_name},\n\n"
+                    f"Hello {account.user.username},\n\n"
                     f"use this token to set a new password: {token}\n\n"
                     f"It works once and expires in {minutes} minutes.\n"
                     "If you did not ask for this, ignore this email: your password is unchanged.\n"
@@ -153,7 +153,7 @@ async def sign_out_everywhere_and_notify(
             to=user.email,
             subject=subject,
             body=(
-                f"Hello {user.first_name},\n\n{subject.lower()}, and every session of your account was signed out.\n"
+                f"Hello {user.username},\n\n{subject.lower()}, and every session of your account was signed out.\n"
                 "If this was not you, reset your password now and contact support.\n"
             ),
         )

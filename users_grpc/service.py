@@ -113,7 +113,7 @@ class UserService:
             username=registration.username,
             first_name=registration.first_name.strip(),
             last_name=registration.last_name.strip(),
-            email=registration.email,
+            email=domain.normalized_email(registration.email),
             gender=registration.gender,
             role=registration.role,
             password_hash=await self._hasher.hash(registration.password),
@@ -248,12 +248,13 @@ class UserService:
         )
 
     def _activation_mail(self, user: User, code: str) -> Mail:
+        # Mails greet by username, whose charset is safe; names are free text a stranger chose.
         minutes = int(self._policy.activation_code_ttl.total_seconds() // 60)
         return Mail(
             to=user.email,
             subject="Your activation code",
             body=(
-                f"Hello {user.first_name},\n\n"
+                f"Hello {user.username},\n\n"
                 f"your activation code is {code}\n\n"
                 f"It works once and expires in {minutes} minutes.\n"
                 "If you did not create an account, ignore this email.\n"

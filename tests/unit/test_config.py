@@ -55,6 +55,10 @@ def test_settings_are_frozen() -> None:
         ("USERS_BCRYPT_ROUNDS", "4"),
         ("USERS_REFLECTION", "maybe"),
         ("USERS_MAIL_FROM", "nobody"),
+        ("USERS_MAIL_FROM", "a@example.com, b@example.com"),
+        ("USERS_MAIL_FROM", "Accounts <no-reply@example.com"),
+        ("USERS_MAIL_FROM", "Team: a@example.com;"),
+        ("USERS_MAIL_FROM", "no-reply@example.com\r\nBcc: eve@example.com"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -70,3 +74,9 @@ def test_env_example_lists_every_variable() -> None:
     documented = dict(re.findall(r"^(USERS_[A-Z_]+)=(.*)$", example, flags=re.MULTILINE))
     assert set(documented) == read
     assert Settings.from_env(documented) == Settings()
+
+
+def test_the_sender_is_parsed_once_into_an_address() -> None:
+    sender = Settings.from_env({"USERS_MAIL_FROM": "Accounts <no-reply@example.com>"}).mail_from
+    assert (sender.display_name, sender.username, sender.domain) == ("Accounts", "no-reply", "example.com")
+    assert Settings.from_env({"USERS_MAIL_FROM": "no-reply@example.com"}).mail_from.addr_spec == "no-reply@example.com"

@@ -36,11 +36,18 @@ class CreateUserRequest(_message.Message):
     username: _builtins.str
     """Required. 3 to 32 characters of [A-Za-z0-9._-]."""
     first_name: _builtins.str
-    """Required. 1 to 100 characters."""
+    """Required. 1 to 100 characters; no control or format characters and no
+    line or paragraph separators.
+    """
     last_name: _builtins.str
-    """Required. 1 to 100 characters."""
+    """Required. 1 to 100 characters, as first_name."""
     email: _builtins.str
-    """Required. An address of at most 254 characters."""
+    """Required. A bare address of at most 254 characters: local@domain, the
+    local part ASCII and unquoted (at most 64 characters, no "=?"), no display
+    name, comment, list or IP literal. Stored with the domain lower-cased and
+    in IDNA A-label form (jane@bücher.example becomes
+    jane@xn--bcher-kva.example); the mail goes to exactly that address.
+    """
     password: _builtins.str
     """Required. 12 to 128 characters (the minimum is configurable); must not
     contain the username or the email's local part.

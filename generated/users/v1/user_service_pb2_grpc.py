@@ -198,7 +198,7 @@ class UserServiceServicer:
         The user is created inactive and an activation code is emailed to them.
         Callers: anyone; asking for ROLE_ADMIN requires an admin (else
         PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
-        username or email, compared regardless of letter case, is taken; the
+        username or email, compared after NFKC normalization and case folding, is taken; the
         google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -242,7 +242,9 @@ class UserServiceServicer:
     def GetUserByIdentifier(self, request, context):
         """Get an active user by username or email
 
-        Letter case does not matter. Inactive users are not found.
+        Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
+        KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
+        as its IDNA A-label. Inactive users are not found.
         Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """

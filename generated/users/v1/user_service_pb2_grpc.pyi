@@ -58,7 +58,7 @@ class UserServiceStub:
     The user is created inactive and an activation code is emailed to them.
     Callers: anyone; asking for ROLE_ADMIN requires an admin (else
     PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
-    username or email, compared regardless of letter case, is taken; the
+    username or email, compared after NFKC normalization and case folding, is taken; the
     google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
     """
     ActivateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ActivateUserRequest, _user_service_pb2.ActivateUserResponse]
@@ -86,7 +86,9 @@ class UserServiceStub:
     GetUserByIdentifier: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetUserByIdentifierRequest, _user_service_pb2.GetUserByIdentifierResponse]
     """Get an active user by username or email
 
-    Letter case does not matter. Inactive users are not found.
+    Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
+    KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
+    as its IDNA A-label. Inactive users are not found.
     Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
@@ -270,7 +272,7 @@ class UserServiceAsyncStub(UserServiceStub):
     The user is created inactive and an activation code is emailed to them.
     Callers: anyone; asking for ROLE_ADMIN requires an admin (else
     PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
-    username or email, compared regardless of letter case, is taken; the
+    username or email, compared after NFKC normalization and case folding, is taken; the
     google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
     """
     ActivateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ActivateUserRequest, _user_service_pb2.ActivateUserResponse]  # type: ignore[assignment]
@@ -298,7 +300,9 @@ class UserServiceAsyncStub(UserServiceStub):
     GetUserByIdentifier: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserByIdentifierRequest, _user_service_pb2.GetUserByIdentifierResponse]  # type: ignore[assignment]
     """Get an active user by username or email
 
-    Letter case does not matter. Inactive users are not found.
+    Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
+    KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
+    as its IDNA A-label. Inactive users are not found.
     Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
@@ -485,7 +489,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         The user is created inactive and an activation code is emailed to them.
         Callers: anyone; asking for ROLE_ADMIN requires an admin (else
         PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
-        username or email, compared regardless of letter case, is taken; the
+        username or email, compared after NFKC normalization and case folding, is taken; the
         google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
         """
 
@@ -537,7 +541,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.GetUserByIdentifierResponse, _abc.Awaitable[_user_service_pb2.GetUserByIdentifierResponse]]:
         """Get an active user by username or email
 
-        Letter case does not matter. Inactive users are not found.
+        Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
+        KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
+        as its IDNA A-label. Inactive users are not found.
         Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
