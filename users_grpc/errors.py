@@ -6,7 +6,8 @@ a short message and, where it helps the caller, rich details::
     UsersError
     ├── InvalidArgument        INVALID_ARGUMENT (google.rpc.BadRequest field violations)
     │   ├── InvalidActivationCode
-    │   └── InvalidResetToken
+    │   ├── InvalidResetToken
+    │   └── MalformedRequest   (the bytes are no message of the request's type)
     ├── NotFound               NOT_FOUND
     ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
     ├── PermissionDenied       PERMISSION_DENIED
@@ -17,6 +18,7 @@ a short message and, where it helps the caller, rich details::
     │   ├── AccountNotActive
     │   └── MfaRequired
     ├── TooManyAttempts        RESOURCE_EXHAUSTED
+    ├── Overloaded             RESOURCE_EXHAUSTED (google.rpc.RetryInfo says when to retry)
     └── StorageUnavailable     UNAVAILABLE
 
 Anything else that escapes a service is a bug: it is logged with its traceback
@@ -28,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "users.v1"
@@ -79,6 +81,14 @@ class InvalidResetToken(InvalidArgument):
 
     def __init__(self) -> None:
         super().__init__([FieldViolation("token", "the token is wrong, expired or used; request a new one")])
+
+
+class MalformedRequest(InvalidArgument):
+    reason = "MALFORMED_REQUEST"
+    message = "malformed request"
+
+    def __init__(self) -> None:
+        super().__init__([])
 
 
 class NotFound(UsersError):
@@ -132,6 +142,21 @@ class TooManyAttempts(UsersError):
     message = "too many wrong codes; try again later"
 
 
+class Overloaded(UsersError):
+    """The server (or a limit on the caller) has no room for this call now; it may retry later.
+
+    ``retry_after_seconds`` goes to the caller as ``google.rpc.RetryInfo``: a short delay, so
+    well-behaved clients back off instead of hammering a busy server.
+    """
+
+    reason = "OVERLOADED"
+    message = "the service is busy; retry after the delay in google.rpc.RetryInfo"
+
+    def __init__(self, retry_after_seconds: float, message: str | None = None) -> None:
+        self.retry_after_seconds = retry_after_seconds
+        super().__init__(message)
+
+
 class AccountNotActive(FailedPrecondition):
     reason = "ACCOUNT_NOT_ACTIVE"
     message = "the account is not activated; use the emailed code or request a new one"
@@ -152,6 +177,7 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
     InvalidSecondFactor: grpc.StatusCode.UNAUTHENTICATED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     TooManyAttempts: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -159,7 +185,9 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
 def to_rpc_status(error: UsersError) -> status_pb2.Status:
     """The ``google.rpc.Status`` a caller receives for ``error``: code, message and details."""
     code = next(STATUS_CODES[cls] for cls in type(error).__mro__ if cls in STATUS_CODES)
-    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)]
+    details: list[error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo] = [
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    ]
     if isinstance(error, InvalidArgument):
         details.append(
             error_details_pb2.BadRequest(
@@ -169,6 +197,10 @@ def to_rpc_status(error: UsersError) -> status_pb2.Status:
                 ]
             )
         )
+    if isinstance(error, Overloaded):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     status = status_pb2.Status(code=_RPC_CODES[code], message=str(error))
     for detail in details:
         packed = any_pb2.Any()

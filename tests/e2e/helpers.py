@@ -72,3 +72,16 @@ def stored_users(mongodb_uri: str, database: str, **query: Any) -> list[dict[str
     client: MongoClient[dict[str, Any]] = MongoClient(mongodb_uri)
     with client:
         return list(client[database].users.find(query))
+
+
+def retry_delay_seconds(error: grpc.RpcError) -> float:
+    """The delay of the error's google.rpc.RetryInfo detail."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "no rich status details"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            delay: float = info.retry_delay.ToTimedelta().total_seconds()
+            return delay
+    raise AssertionError("no RetryInfo detail")
