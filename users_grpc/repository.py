@@ -392,11 +392,11 @@ class MongoSessionRepository:
         return None if document is None else _session_from_document(document)
 
     @_storage_errors
-    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> bool:
-        result = await self._sessions.update_one(
+    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> Session | None:
+        document = await self._sessions.find_one_and_update(
             {"used_digests": token_digest, "revoked_at": None}, {"$set": {"revoked_at": now}}
         )
-        return result.modified_count == 1
+        return None if document is None else _session_from_document(document)
 
     @_storage_errors
     async def revoke(self, token_digest: str, now: datetime) -> None:
