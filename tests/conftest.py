@@ -32,6 +32,7 @@ from users_grpc.bootstrap import App, build_app
 from users_grpc.config import Settings
 from users_grpc.devdb import DevDatabase, start_dev_database
 from users_grpc.domain import Gender, Registration, Role
+from users_grpc.logs import CallerContext
 from users_grpc.ports import Clock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -266,3 +267,13 @@ def start_server(mongodb_uri: str, database_name: str, smtp_server: tuple[MailSi
 @pytest.fixture
 def server(start_server: StartServer) -> RunningServer:
     return start_server()
+
+
+@pytest.fixture
+def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """pytest's caplog, its records enriched with the caller as the service's own log handler does."""
+    caller_context = CallerContext()
+    handler = caplog.handler  # pytest's one capturing handler, shared by every test phase
+    handler.addFilter(caller_context)
+    yield caplog
+    handler.removeFilter(caller_context)

@@ -277,12 +277,13 @@ async def build_app(
                         window=timedelta(seconds=settings.rate_limit_window_seconds),
                     ),
                 ),
+                # Past this many UserService calls in progress the server answers RESOURCE_EXHAUSTED
+                # instead of queueing without bound (bcrypt makes each call costly). Not the server's
+                # own maximum_concurrent_rpcs, which would refuse health checks too.
+                max_concurrent_calls=settings.max_concurrent_rpcs,
             )
         ],
         options=_SERVER_OPTIONS,
-        # Past this many calls in progress the server answers RESOURCE_EXHAUSTED instead of queueing
-        # without bound (bcrypt makes each call costly).
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(
         UserServiceServicer(accounts, sessions, passwords, mfa), server

@@ -289,8 +289,13 @@ def validate_identifier(identifier: str, field: str = "identifier") -> None:
         raise InvalidArgument([FieldViolation(field, f"must be at most {IDENTIFIER_MAX_LENGTH} characters")])
 
 
+def is_user_id(value: object) -> bool:
+    """Whether ``value`` has the form of a user id (a MongoDB ObjectId in lower-case hex)."""
+    return isinstance(value, str) and _USER_ID_PATTERN.fullmatch(value) is not None
+
+
 def validate_user_id(user_id: str, field: str = "id") -> None:
-    if not _USER_ID_PATTERN.fullmatch(user_id):
+    if not is_user_id(user_id):
         raise InvalidArgument([FieldViolation(field, "must be 24 lower-case hexadecimal digits")])
 
 

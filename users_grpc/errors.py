@@ -6,7 +6,8 @@ a short message and, where it helps the caller, rich details::
     UsersError
     ├── InvalidArgument        INVALID_ARGUMENT (google.rpc.BadRequest field violations)
     │   ├── InvalidActivationCode
-    │   └── InvalidResetToken
+    │   ├── InvalidResetToken
+    │   └── MalformedRequest   (the bytes are no message of the request's type)
     ├── NotFound               NOT_FOUND
     ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
     ├── PermissionDenied       PERMISSION_DENIED
@@ -88,6 +89,14 @@ class InvalidResetToken(InvalidArgument):
         super().__init__([FieldViolation("token", "the token is wrong, expired or used; request a new one")])
 
 
+class MalformedRequest(InvalidArgument):
+    reason = "MALFORMED_REQUEST"
+    message = "malformed request"
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+
 class NotFound(UsersError):
     reason = "USER_NOT_FOUND"
     message = "user not found"
@@ -149,7 +158,8 @@ class TooManyRequests(UsersError):
 
 
 class Overloaded(UsersError):
-    """The server has more password hashing queued than it can finish soon: refused at once."""
+    """The server has no room for this call now (calls in progress, or password hashing queued):
+    refused at once rather than queued until every caller times out."""
 
     reason = "OVERLOADED"
     message = "the server is busy; try again shortly"
@@ -184,7 +194,9 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
 def to_rpc_status(error: UsersError) -> status_pb2.Status:
     """The ``google.rpc.Status`` a caller receives for ``error``: code, message and details."""
     code = next(STATUS_CODES[cls] for cls in type(error).__mro__ if cls in STATUS_CODES)
-    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)]
+    details: list[error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo] = [
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    ]
     if isinstance(error, InvalidArgument):
         details.append(
             error_details_pb2.BadRequest(

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import io
 import logging
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 STEP_SECONDS = 30
 DIGITS = 6
 RECOVERY_CODE_COUNT = 10
-_CODE_MAX_LENGTH = 32
+_RECOVERY_CODE_CHARS = 12
+# As shown (xxxx-xxxx-xxxx), in any letter case, with dashes or spaces or neither.
+_RECOVERY_CODE_PATTERN = re.compile(r"[A-Za-z0-9 -]{1,32}")
 
 
 def totp(secret: str, step: int, digits: int = DIGITS) -> str:
@@ -97,12 +100,19 @@ class MfaService:
         self, identifier: str, password: str, totp_code: str, recovery_code: str, *, source: str
     ) -> User:
         """The user if the password and, with MFA on, the second factor are right."""
+        # Checked first: a code that cannot be one is refused without spending any attempt.
+        if totp_code:
+            code = _validated_code(totp_code, "totp_code", recovery=False)
+        elif recovery_code:
+            code = _validated_code(recovery_code, "recovery_code", totp=False)
+        else:
+            code = ""
         user = await self._accounts.verify_credentials(identifier, password, source=source)
         if user.mfa_enabled:
-            if not totp_code and not recovery_code:
+            if not code:
                 # Told only after the right password, so it reveals nothing to a guesser.
                 raise MfaRequired()
-            await self._check_second_factor(user.id, totp_code or recovery_code)
+            await self._check_second_factor(user.id, code)
         return user
 
     async def enable(self, user_id: str) -> Enrollment:
@@ -133,33 +143,32 @@ class MfaService:
     async def disable(self, user_id: str, password: str, code: str, *, source: str) -> None:
         if not password:
             raise InvalidArgument([FieldViolation("password", "is required")])
+        code = _validated_code(code, "code")
         account = await self._active_account(user_id)
         if not await self._accounts.password_matches(account, password, source=source):
             raise InvalidCredentials()
-        await self._check_second_factor(user_id, code, field="code")
+        await self._check_second_factor(user_id, code)
         await self._credentials.disable_mfa(user_id, self._clock.now())
         await self._after_change(account.user, "Two-factor sign-in is off")
 
     async def regenerate_recovery_codes(self, user_id: str, code: str) -> list[str]:
+        code = _validated_code(code, "code")
         await self._active_account(user_id)
-        await self._check_second_factor(user_id, code, field="code")
+        await self._check_second_factor(user_id, code)
         recovery_codes = _new_recovery_codes()
         if not await self._credentials.replace_recovery_codes(user_id, [_recovery_digest(c) for c in recovery_codes]):
             raise FailedPrecondition("MFA is off")
         log.info("recovery codes replaced", extra={"user_id": user_id})
         return recovery_codes
 
-    async def _check_second_factor(self, user_id: str, code: str, field: str = "totp_code") -> None:
-        """Accept a TOTP code or a recovery code once; throttle wrong ones."""
-        if not code:
-            raise InvalidArgument([FieldViolation(field, "is required")])
-        if len(code) > _CODE_MAX_LENGTH:
-            raise InvalidArgument([FieldViolation(field, "is not a code")])
+    async def _check_second_factor(self, user_id: str, code: str) -> None:
+        """Accept a TOTP code or a recovery code (as :func:`_validated_code` passed it) once;
+        throttle wrong ones."""
         await self._reserve_attempt(user_id)
         account = await self._credentials.get_account(user_id)
         if account is None or account.mfa is None or not account.mfa.active:
             raise InvalidSecondFactor()
-        if code.isdigit() and len(code) == DIGITS:
+        if _is_totp_code(code):
             step = accepted_step(self._secret(user_id, account.mfa.sealed_secret), code, self._clock.now())
             accepted = step is not None and await self._credentials.use_totp_step(user_id, step)
         else:
@@ -217,8 +226,33 @@ class MfaService:
 
 
 def _validate_totp_code(code: str, field: str) -> None:
-    if len(code) != DIGITS or not code.isascii() or not code.isdigit():
+    if not _is_totp_code(code):
         raise InvalidArgument([FieldViolation(field, f"must be the {DIGITS}-digit code of the authenticator app")])
+
+
+def _is_totp_code(code: str) -> bool:
+    # ASCII only: str.isdigit() also admits other scripts' digits (Arabic-Indic, fullwidth...).
+    return len(code) == DIGITS and code.isascii() and code.isdigit()
+
+
+def _is_recovery_code(code: str) -> bool:
+    return _RECOVERY_CODE_PATTERN.fullmatch(code) is not None and len(_normalized(code)) == _RECOVERY_CODE_CHARS
+
+
+def _validated_code(code: str, field: str, *, totp: bool = True, recovery: bool = True) -> str:
+    """``code`` if it has the form of a TOTP code or a recovery code (as allowed); else InvalidArgument.
+
+    Run before any attempt is counted: a malformed code is a mistake to point out, not a guess.
+    """
+    if not code:
+        raise InvalidArgument([FieldViolation(field, "is required")])
+    if (totp and _is_totp_code(code)) or (recovery and _is_recovery_code(code)):
+        return code
+    forms = [
+        *([f"the {DIGITS}-digit code of the authenticator app"] if totp else []),
+        *(["a recovery code (letters and digits, dashes optional)"] if recovery else []),
+    ]
+    raise InvalidArgument([FieldViolation(field, f"must be {' or '.join(forms)}")])
 
 
 def _context(user_id: str) -> str:
@@ -229,11 +263,14 @@ def _context(user_id: str) -> str:
 def _new_recovery_codes() -> list[str]:
     codes = []
     for _ in range(RECOVERY_CODE_COUNT):
-        raw = base64.b32encode(secrets.token_bytes(8)).decode()[:12].lower()  # 60 bits
+        raw = base64.b32encode(secrets.token_bytes(8)).decode()[:_RECOVERY_CODE_CHARS].lower()  # 60 bits
         codes.append(f"{raw[:4]}-{raw[4:8]}-{raw[8:]}")
     return codes
 
 
+def _normalized(code: str) -> str:
+    return code.strip().lower().replace("-", "").replace(" ", "")
+
+
 def _recovery_digest(code: str) -> str:
-    normalized = code.strip().lower().replace("-", "").replace(" ", "")
-    return hashlib.sha256(f"recovery\0{normalized}".encode()).hexdigest()
+    return hashlib.sha256(f"recovery\0{_normalized(code)}".encode()).hexdigest()

@@ -84,8 +84,8 @@ class SessionRepository(Protocol):
     async def rotate(self, token_digest: str, new_token_digest: str, now: datetime) -> Session | None:
         """Swap a session's current refresh token for a new one; None unless it was current and live."""
 
-    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> bool:
-        """Revoke the session that already used this token, if any (a replay); True if one was revoked."""
+    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> Session | None:
+        """Revoke the session that already used this token, if any (a replay); the session it revoked."""
 
     async def revoke(self, token_digest: str, now: datetime) -> None: ...
 

@@ -114,7 +114,7 @@ class MongoUserRepository:
 
     @_storage_errors
     async def get(self, user_id: str) -> User | None:
-        document = await self._users.find_one({"_id": ObjectId(user_id)})
+        document = await self._users.find_one({"_id": _object_id(user_id)})
         return None if document is None else _user_from_document(document)
 
     @_storage_errors
@@ -126,7 +126,7 @@ class MongoUserRepository:
     async def reserve_activation_attempt(self, user_id: str, now: datetime) -> ActivationCode | None:
         document = await self._users.find_one_and_update(
             {
-                "_id": ObjectId(user_id),
+                "_id": _object_id(user_id),
                 "is_active": False,
                 "activation.expires_at": {"$gt": now},
                 "activation.attempts_left": {"$gt": 0},
@@ -140,7 +140,7 @@ class MongoUserRepository:
     async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
         document = await self._users.find_one_and_update(
             {
-                "_id": ObjectId(user_id),
+                "_id": _object_id(user_id),
                 "is_active": False,
                 "activation.digest": code_digest,
                 "activation.expires_at": {"$gt": now},
@@ -173,7 +173,7 @@ class MongoUserRepository:
     ) -> bool:
         """Pend ``code`` in ``field``, replacing any older one, unless the sends in the window hit the cap."""
         window_cutoff = code.window_started_at - timedelta(seconds=window_seconds)
-        pending = {"_id": ObjectId(user_id), **precondition}
+        pending = {"_id": _object_id(user_id), **precondition}
         # Within the running window: count one more send, if the cap allows.
         counted = await self._users.update_one(
             {
@@ -210,7 +210,7 @@ class MongoUserRepository:
     async def reset_password(self, user_id: str, digest: str, password_hash: str, now: datetime) -> bool:
         """Set the password if this reset token is still pending and unexpired; it works once."""
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}},
+            {"_id": _object_id(user_id), "password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}},
             {
                 "$set": {"password_hash": password_hash, "updated_at": now},
                 "$unset": {"password_reset": ""},
@@ -222,20 +222,20 @@ class MongoUserRepository:
     @_storage_errors
     async def set_password(self, user_id: str, password_hash: str, now: datetime) -> None:
         await self._users.update_one(
-            {"_id": ObjectId(user_id)},
+            {"_id": _object_id(user_id)},
             {"$set": {"password_hash": password_hash, "updated_at": now}, "$inc": {"token_version": 1}},
         )
 
     @_storage_errors
     async def get_account(self, user_id: str) -> Account | None:
-        document = await self._users.find_one({"_id": ObjectId(user_id)})
+        document = await self._users.find_one({"_id": _object_id(user_id)})
         return None if document is None else _account_from_document(document)
 
     @_storage_errors
     async def start_mfa_enrollment(self, user_id: str, sealed_secret: bytes, now: datetime) -> bool:
         """Pend a new TOTP secret unless MFA is already on."""
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": {"$ne": "active"}},
+            {"_id": _object_id(user_id), "mfa.state": {"$ne": "active"}},
             {
                 "$set": {
                     "mfa": {
@@ -255,7 +255,7 @@ class MongoUserRepository:
     @_storage_errors
     async def confirm_mfa(self, user_id: str, step: int, recovery_digests: list[str], now: datetime) -> bool:
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": "pending", "mfa.last_used_step": {"$lt": step}},
+            {"_id": _object_id(user_id), "mfa.state": "pending", "mfa.last_used_step": {"$lt": step}},
             {
                 "$set": {
                     "mfa.state": "active",
@@ -273,7 +273,7 @@ class MongoUserRepository:
     async def use_totp_step(self, user_id: str, step: int) -> bool:
         """Record ``step`` as used if it is newer than the last one: each code works once."""
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": "active", "mfa.last_used_step": {"$lt": step}},
+            {"_id": _object_id(user_id), "mfa.state": "active", "mfa.last_used_step": {"$lt": step}},
             {"$set": {"mfa.last_used_step": step, "mfa.failures": 0}},
         )
         return result.modified_count == 1
@@ -281,7 +281,7 @@ class MongoUserRepository:
     @_storage_errors
     async def use_recovery_code(self, user_id: str, digest: str) -> bool:
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": "active", "mfa.recovery_digests": digest},
+            {"_id": _object_id(user_id), "mfa.state": "active", "mfa.recovery_digests": digest},
             {"$pull": {"mfa.recovery_digests": digest}, "$set": {"mfa.failures": 0}},
         )
         return result.modified_count == 1
@@ -289,14 +289,14 @@ class MongoUserRepository:
     @_storage_errors
     async def replace_recovery_codes(self, user_id: str, digests: list[str]) -> bool:
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": "active"}, {"$set": {"mfa.recovery_digests": digests}}
+            {"_id": _object_id(user_id), "mfa.state": "active"}, {"$set": {"mfa.recovery_digests": digests}}
         )
         return result.modified_count == 1
 
     @_storage_errors
     async def disable_mfa(self, user_id: str, now: datetime) -> None:
         await self._users.update_one(
-            {"_id": ObjectId(user_id)},
+            {"_id": _object_id(user_id)},
             {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
         )
 
@@ -323,7 +323,7 @@ class MongoUserRepository:
         cutoff = now - timedelta(seconds=window_seconds)
         counted = await self._users.update_one(
             {
-                "_id": ObjectId(user_id),
+                "_id": _object_id(user_id),
                 f"{field}.failure_window_start": {"$gt": cutoff},
                 f"{field}.failures": {"$lt": max_attempts},
             },
@@ -334,7 +334,7 @@ class MongoUserRepository:
         # The window ran out, or none was open yet: this attempt opens one.
         opened = await self._users.update_one(
             {
-                "_id": ObjectId(user_id),
+                "_id": _object_id(user_id),
                 **(precondition or {}),
                 "$or": [{f"{field}.failure_window_start": {"$lte": cutoff}}, {f"{field}.failure_window_start": None}],
             },
@@ -344,7 +344,7 @@ class MongoUserRepository:
 
     @_storage_errors
     async def delete(self, user_id: str) -> bool:
-        result = await self._users.delete_one({"_id": ObjectId(user_id)})
+        result = await self._users.delete_one({"_id": _object_id(user_id)})
         return result.deleted_count == 1
 
     @_storage_errors
@@ -355,7 +355,7 @@ class MongoUserRepository:
     @_storage_errors
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
         await self._users.update_one(
-            {"_id": ObjectId(user_id)}, {"$inc": {"token_version": 1}, "$set": {"updated_at": now}}
+            {"_id": _object_id(user_id)}, {"$inc": {"token_version": 1}, "$set": {"updated_at": now}}
         )
 
     async def _taken_field(self, document: Document, error: DuplicateKeyError) -> str:
@@ -413,11 +413,11 @@ class MongoSessionRepository:
         return None if document is None else _session_from_document(document)
 
     @_storage_errors
-    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> bool:
-        result = await self._sessions.update_one(
+    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> Session | None:
+        document = await self._sessions.find_one_and_update(
             {"used_digests": token_digest, "revoked_at": None}, {"$set": {"revoked_at": now}}
         )
-        return result.modified_count == 1
+        return None if document is None else _session_from_document(document)
 
     @_storage_errors
     async def revoke(self, token_digest: str, now: datetime) -> None:
@@ -608,21 +608,28 @@ class MongoOutbox:
     @_storage_errors
     async def delivered(self, mail_id: str) -> None:
         # Deleted, not kept: the body may hold a code, which must not outlive its delivery.
-        await self._outbox.delete_one({"_id": ObjectId(mail_id)})
+        await self._outbox.delete_one({"_id": _object_id(mail_id)})
 
     @_storage_errors
     async def retry_later(self, mail_id: str, at: datetime, error: str) -> None:
         await self._outbox.update_one(
-            {"_id": ObjectId(mail_id)},
+            {"_id": _object_id(mail_id)},
             {"$set": {"status": "pending", "next_attempt_at": at, "last_error": error}},
         )
 
     @_storage_errors
     async def give_up(self, mail_id: str, error: str) -> None:
         await self._outbox.update_one(
-            {"_id": ObjectId(mail_id)},
+            {"_id": _object_id(mail_id)},
             {"$set": {"status": "failed", "last_error": error}},
         )
+
+
+def _object_id(value: str) -> ObjectId | str:
+    """The ``_id`` that ``value`` names. Every ``_id`` here is an ObjectId, so a string that
+    is not one (from a forged token, say) stays a string and names no document: not found,
+    rather than a bson error."""
+    return ObjectId(value) if ObjectId.is_valid(value) else value
 
 
 def _identifier_filter(key: str) -> Document:

@@ -63,8 +63,12 @@ class SessionService:
         now = self._clock.now()
         session = await self._sessions.rotate(presented, _digest(replacement), now)
         if session is None:
-            if await self._sessions.revoke_family_of_used(presented, now):
-                log.warning("refresh token replayed; session revoked")
+            revoked = await self._sessions.revoke_family_of_used(presented, now)
+            if revoked is not None:
+                log.warning(
+                    "refresh token replayed; session revoked",
+                    extra={"user_id": revoked.user_id, "session_id": revoked.id},
+                )
             raise Unauthenticated("invalid refresh token")
         user = await self._users.get(session.user_id)
         if user is None or not user.is_active or user.token_version != session.token_version:

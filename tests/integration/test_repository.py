@@ -224,3 +224,21 @@ def test_unreachable_database_is_storage_unavailable() -> None:
     # PyMongo's async monitor leaks its socket when close() cancels it mid-connect
     # (pool_shared._async_create_connection closes only on OSError).
     collect_known_leaks()
+
+
+@pytest.mark.parametrize("bad_id", ["", "not-an-object-id", "g" * 24, "a" * 25, "\u0661" * 24])
+def test_an_id_that_is_no_object_id_names_no_document(run: Any, bad_id: str) -> None:
+    """Ids normally arrive validated; one that slips through is "not found", never a bson error."""
+
+    async def body(stores: Stores) -> None:
+        await stores.users.add(new_user())
+        users = stores.users
+        assert await users.get(bad_id) is None
+        assert await users.get_account(bad_id) is None
+        assert not await users.delete(bad_id)
+        assert not await users.reserve_mfa_attempt(bad_id, NOW, max_attempts=5, window_seconds=60)
+        assert await users.reserve_activation_attempt(bad_id, NOW) is None
+        await users.bump_token_version(bad_id, NOW)
+        await stores.outbox.delivered(bad_id)
+
+    run(body)

@@ -346,9 +346,14 @@ class VerifyCredentialsRequest(_message.Message):
     password: _builtins.str
     """Required."""
     totp_code: _builtins.str
-    """With MFA on: the 6-digit code of the authenticator app (or recovery_code)."""
+    """With MFA on: the 6-digit code of the authenticator app (or recovery_code).
+    ASCII digits only: anything else is INVALID_ARGUMENT and spends no attempt.
+    """
     recovery_code: _builtins.str
-    """With MFA on: one of the recovery codes, instead of totp_code. Works once."""
+    """With MFA on: one of the recovery codes, instead of totp_code. Works once.
+    ASCII letters and digits, dashes or spaces optional, in any letter case;
+    anything else is INVALID_ARGUMENT and spends no attempt.
+    """
     def __init__(
         self,
         *,
@@ -400,9 +405,14 @@ class AuthenticateRequest(_message.Message):
     password: _builtins.str
     """Required."""
     totp_code: _builtins.str
-    """With MFA on: the 6-digit code of the authenticator app (or recovery_code)."""
+    """With MFA on: the 6-digit code of the authenticator app (or recovery_code).
+    ASCII digits only: anything else is INVALID_ARGUMENT and spends no attempt.
+    """
     recovery_code: _builtins.str
-    """With MFA on: one of the recovery codes, instead of totp_code. Works once."""
+    """With MFA on: one of the recovery codes, instead of totp_code. Works once.
+    ASCII letters and digits, dashes or spaces optional, in any letter case;
+    anything else is INVALID_ARGUMENT and spends no attempt.
+    """
     def __init__(
         self,
         *,
@@ -973,7 +983,10 @@ class DisableMfaRequest(_message.Message):
     password: _builtins.str
     """Required."""
     code: _builtins.str
-    """Required. A TOTP code or a recovery code."""
+    """Required. A TOTP code (6 ASCII digits) or a recovery code (ASCII letters and
+    digits, dashes or spaces optional). Anything else is INVALID_ARGUMENT and
+    spends no attempt.
+    """
     def __init__(
         self,
         *,
@@ -1013,7 +1026,10 @@ class RegenerateRecoveryCodesRequest(_message.Message):
     user_id: _builtins.str
     """Required. 24 hexadecimal digits."""
     code: _builtins.str
-    """Required. A TOTP code or a recovery code."""
+    """Required. A TOTP code (6 ASCII digits) or a recovery code (ASCII letters and
+    digits, dashes or spaces optional). Anything else is INVALID_ARGUMENT and
+    spends no attempt.
+    """
     def __init__(
         self,
         *,

@@ -30,15 +30,21 @@ class UserServiceStub:
     """Accounts of people: registration, activation, lookup, credential checks and deletion.
 
     Errors carry a canonical status code. Invalid input is INVALID_ARGUMENT with a
-    google.rpc.BadRequest detail naming each offending field. A database outage is
-    UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
+    google.rpc.BadRequest detail naming each offending field; bytes that do not
+    parse as the request message are INVALID_ARGUMENT "malformed request". A
+    database outage is UNAVAILABLE (safe to retry); no RPC answers INTERNAL for
+    anything a caller did. Any RPC may answer RESOURCE_EXHAUSTED when the server
+    has USERS_MAX_CONCURRENT_RPCS calls of this service in progress; its
+    google.rpc.RetryInfo detail says how long to wait before retrying. Health
+    checks (grpc.health.v1) and reflection never count against that cap.
 
     Access: the "Callers" line of each RPC states who may call it. "anyone" needs
     no credentials. Others present `authorization: Bearer <access token>` from
     Authenticate ("the user themself" means the token's subject is the user the
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
-    caller": an internal service whose mTLS client certificate names an identity
-    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    caller": an internal service whose mTLS client certificate has a URI SAN (a
+    SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
+    other SANs never count). A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
@@ -247,15 +253,21 @@ class UserServiceAsyncStub(UserServiceStub):
     """Accounts of people: registration, activation, lookup, credential checks and deletion.
 
     Errors carry a canonical status code. Invalid input is INVALID_ARGUMENT with a
-    google.rpc.BadRequest detail naming each offending field. A database outage is
-    UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
+    google.rpc.BadRequest detail naming each offending field; bytes that do not
+    parse as the request message are INVALID_ARGUMENT "malformed request". A
+    database outage is UNAVAILABLE (safe to retry); no RPC answers INTERNAL for
+    anything a caller did. Any RPC may answer RESOURCE_EXHAUSTED when the server
+    has USERS_MAX_CONCURRENT_RPCS calls of this service in progress; its
+    google.rpc.RetryInfo detail says how long to wait before retrying. Health
+    checks (grpc.health.v1) and reflection never count against that cap.
 
     Access: the "Callers" line of each RPC states who may call it. "anyone" needs
     no credentials. Others present `authorization: Bearer <access token>` from
     Authenticate ("the user themself" means the token's subject is the user the
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
-    caller": an internal service whose mTLS client certificate names an identity
-    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    caller": an internal service whose mTLS client certificate has a URI SAN (a
+    SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
+    other SANs never count). A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
@@ -460,15 +472,21 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounts of people: registration, activation, lookup, credential checks and deletion.
 
     Errors carry a canonical status code. Invalid input is INVALID_ARGUMENT with a
-    google.rpc.BadRequest detail naming each offending field. A database outage is
-    UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
+    google.rpc.BadRequest detail naming each offending field; bytes that do not
+    parse as the request message are INVALID_ARGUMENT "malformed request". A
+    database outage is UNAVAILABLE (safe to retry); no RPC answers INTERNAL for
+    anything a caller did. Any RPC may answer RESOURCE_EXHAUSTED when the server
+    has USERS_MAX_CONCURRENT_RPCS calls of this service in progress; its
+    google.rpc.RetryInfo detail says how long to wait before retrying. Health
+    checks (grpc.health.v1) and reflection never count against that cap.
 
     Access: the "Callers" line of each RPC states who may call it. "anyone" needs
     no credentials. Others present `authorization: Bearer <access token>` from
     Authenticate ("the user themself" means the token's subject is the user the
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
-    caller": an internal service whose mTLS client certificate names an identity
-    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    caller": an internal service whose mTLS client certificate has a URI SAN (a
+    SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
+    other SANs never count). A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
