@@ -6,6 +6,7 @@ tests/e2e covers the same behaviour through gRPC on the real database and SMTP.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Coroutine
 from datetime import timedelta
@@ -25,6 +26,7 @@ from users_grpc.errors import (
     PermissionDenied,
 )
 from users_grpc.passwords import common_passwords
+from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
 
 _T = TypeVar("_T")
@@ -59,7 +61,12 @@ class World:
         self.hasher = FakeHasher()
         self.clock = FakeClock()
         self.service = UserService(
-            users=self.users, mailer=self.mailer, hasher=self.hasher, clock=self.clock, policy=policy or AccountPolicy()
+            users=self.users,
+            mailer=self.mailer,
+            hasher=self.hasher,
+            digests=SecretsAtRest(os.urandom(32)),
+            clock=self.clock,
+            policy=policy or AccountPolicy(),
         )
 
     def last_code(self) -> str:
