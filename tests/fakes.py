@@ -54,6 +54,9 @@ class FakeUserRepository:
         self.accounts: dict[str, Account] = {}
         self._ids = (f"{n:024x}" for n in itertools.count(1))
 
+    def new_id(self) -> str:
+        return next(self._ids)
+
     async def add(self, new_user: NewUser) -> User:
         for account in self.accounts.values():
             if identifier_key(account.user.username) == identifier_key(new_user.username):
@@ -61,7 +64,7 @@ class FakeUserRepository:
             if identifier_key(account.user.email) == identifier_key(new_user.email):
                 raise AlreadyExists("email")
         user = User(
-            id=next(self._ids),
+            id=new_user.id,
             username=new_user.username,
             first_name=new_user.first_name,
             last_name=new_user.last_name,

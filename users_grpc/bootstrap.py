@@ -28,6 +28,7 @@ from users_grpc.config import ConfigError, Settings
 from users_grpc.domain import PasswordPolicy
 from users_grpc.errors import StorageUnavailable
 from users_grpc.health import DatabaseHealth
+from users_grpc.housekeeping import HousekeepingJob, Retention
 from users_grpc.interceptors import UserServiceInterceptor
 from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
@@ -37,6 +38,7 @@ from users_grpc.ports import Clock, MailTransport
 from users_grpc.recovery import PasswordService
 from users_grpc.repository import (
     Document,
+    MongoHousekeeping,
     MongoKeyStore,
     MongoOutbox,
     MongoSessionRepository,
@@ -44,6 +46,7 @@ from users_grpc.repository import (
     MongoUserRepository,
     ping,
 )
+from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
 from users_grpc.servicer import UserServiceServicer
 from users_grpc.sessions import SessionService
@@ -89,6 +92,7 @@ class App:
     health: DatabaseHealth
     health_servicer: AsyncHealthServicer
     mail: MailDelivery
+    housekeeping: HousekeepingJob
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -99,6 +103,7 @@ class App:
             try:
                 await self.users.ensure_indexes()
                 await self.outbox.ensure_indexes()
+                await self.outbox.seal_legacy_mail()
                 await self.session_store.ensure_indexes()
                 await self.throttles.ensure_indexes()
                 await self.tokens.ensure_signing_key()
@@ -125,6 +130,7 @@ class App:
             asyncio.create_task(self.mail.run()),
             asyncio.create_task(self.health.run()),
             asyncio.create_task(self._reload_keys()),
+            asyncio.create_task(self.housekeeping.run()),
         ]
         log.info("serving", extra={"port": self.port, "service": SERVICE_NAME})
 
@@ -137,6 +143,7 @@ class App:
         # rather than sent again later. Cancelling is the fallback, and is never waited on forever.
         self.mail.stop()
         self.health.stop()
+        self.housekeeping.stop()
         self._stopping.set()
         _, pending = await asyncio.wait(self._background, timeout=self.settings.smtp_timeout_seconds + 1)
         for task in pending:
@@ -172,8 +179,10 @@ async def build_app(
             "USERS_KEY_ENCRYPTION_KEY is required: it seals the token signing keys. "
             "Make one with `users-grpc keys new-kek` and keep it secret."
         )
+    # Digests of codes and tokens, and sealed mail bodies, under keys derived from the key-encryption key.
+    secrets_at_rest = SecretsAtRest(settings.key_encryption_key)
     users = MongoUserRepository(database)
-    outbox = MongoOutbox(database)
+    outbox = MongoOutbox(database, secrets_at_rest)
     session_store = MongoSessionRepository(database)
 
     executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="bcrypt")
@@ -200,6 +209,7 @@ async def build_app(
         users=users,
         mailer=mail,
         hasher=hasher,
+        digests=secrets_at_rest,
         clock=clock,
         policy=AccountPolicy(
             password=password_policy,
@@ -236,6 +246,7 @@ async def build_app(
         sessions=session_store,
         mailer=mail,
         encryption=encryption,
+        digests=secrets_at_rest,
         clock=clock,
         issuer=settings.mfa_issuer,
         max_attempts=settings.mfa_max_attempts,
@@ -247,6 +258,7 @@ async def build_app(
         sessions=session_store,
         mailer=mail,
         hasher=hasher,
+        digests=secrets_at_rest,
         clock=clock,
         password_policy=password_policy,
         reset_token_ttl=timedelta(seconds=settings.password_reset_ttl_seconds),
@@ -259,6 +271,7 @@ async def build_app(
         users=users,
         sessions=session_store,
         tokens=tokens,
+        digests=secrets_at_rest,
         clock=clock,
         session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
     )
@@ -315,6 +328,16 @@ async def build_app(
         ),
         health_servicer=health_servicer,
         mail=mail,
+        housekeeping=HousekeepingJob(
+            store=MongoHousekeeping(database),
+            clock=clock,
+            retention=Retention(
+                ended_sessions=timedelta(seconds=settings.session_retention_seconds),
+                never_activated_accounts=timedelta(seconds=settings.unactivated_account_retention_seconds),
+                failed_mail=timedelta(seconds=settings.mail_failed_retention_seconds),
+            ),
+            interval_seconds=settings.housekeeping_interval_seconds,
+        ),
     )
 
 

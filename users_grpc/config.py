@@ -53,6 +53,7 @@ class Settings:
     mail_poll_seconds: float = 5.0
     mail_max_attempts: int = 20
     mail_retry_seconds: float = 5.0
+    mail_failed_retention_seconds: int = 7 * 86400
 
     password_min_length: int = 12
     password_pepper: str | None = None
@@ -72,6 +73,7 @@ class Settings:
     activation_max_attempts: int = 5
     activation_max_sends: int = 5
     activation_send_window_seconds: int = 3600
+    unactivated_account_retention_seconds: int = 7 * 86400
 
     password_reset_ttl_seconds: int = 1800
     password_reset_max_sends: int = 3
@@ -84,9 +86,12 @@ class Settings:
     jwt_audience: str = "users-grpc"
     access_token_ttl_seconds: int = 900
     session_ttl_seconds: int = 30 * 86400
+    session_retention_seconds: int = 7 * 86400
     key_encryption_key: bytes | None = field(default=None, repr=False)
     key_reload_seconds: float = 60.0
     machine_identities: frozenset[str] = frozenset()
+
+    housekeeping_interval_seconds: float = 300.0
 
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -124,6 +129,9 @@ class Settings:
             mail_poll_seconds=env.number("USERS_MAIL_POLL_SECONDS", defaults.mail_poll_seconds, 0.05, 3600),
             mail_max_attempts=env.integer("USERS_MAIL_MAX_ATTEMPTS", defaults.mail_max_attempts, 1, 1000),
             mail_retry_seconds=env.number("USERS_MAIL_RETRY_SECONDS", defaults.mail_retry_seconds, 0.05, 3600),
+            mail_failed_retention_seconds=env.integer(
+                "USERS_MAIL_FAILED_RETENTION_SECONDS", defaults.mail_failed_retention_seconds, 0, 365 * 86400
+            ),
             password_min_length=env.integer("USERS_PASSWORD_MIN_LENGTH", defaults.password_min_length, 12, 64),
             password_pepper=env.get("USERS_PASSWORD_PEPPER", defaults.password_pepper, str) or None,
             bcrypt_rounds=env.integer("USERS_BCRYPT_ROUNDS", defaults.bcrypt_rounds, 10, 16),
@@ -157,6 +165,12 @@ class Settings:
             activation_send_window_seconds=env.integer(
                 "USERS_ACTIVATION_SEND_WINDOW_SECONDS", defaults.activation_send_window_seconds, 60, 7 * 86400
             ),
+            unactivated_account_retention_seconds=env.integer(
+                "USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS",
+                defaults.unactivated_account_retention_seconds,
+                3600,
+                365 * 86400,
+            ),
             password_reset_ttl_seconds=env.integer(
                 "USERS_PASSWORD_RESET_TTL_SECONDS", defaults.password_reset_ttl_seconds, 60, 86400
             ),
@@ -179,6 +193,12 @@ class Settings:
             session_ttl_seconds=env.integer(
                 "USERS_SESSION_TTL_SECONDS", defaults.session_ttl_seconds, 300, 365 * 86400
             ),
+            session_retention_seconds=env.integer(
+                "USERS_SESSION_RETENTION_SECONDS", defaults.session_retention_seconds, 0, 365 * 86400
+            ),
+            housekeeping_interval_seconds=env.number(
+                "USERS_HOUSEKEEPING_INTERVAL_SECONDS", defaults.housekeeping_interval_seconds, 1, 86400
+            ),
             key_encryption_key=env.get("USERS_KEY_ENCRYPTION_KEY", defaults.key_encryption_key, _key_encryption_key),
             key_reload_seconds=env.number("USERS_KEY_RELOAD_SECONDS", defaults.key_reload_seconds, 1, 3600),
             machine_identities=env.get("USERS_MACHINE_IDENTITIES", defaults.machine_identities, _names),
@@ -187,6 +207,11 @@ class Settings:
             tls_client_ca_file=env.get("USERS_TLS_CLIENT_CA_FILE", defaults.tls_client_ca_file, _existing_file),
             log_level=env.get("USERS_LOG_LEVEL", defaults.log_level, _log_level),
         )
+        if settings.unactivated_account_retention_seconds < settings.activation_code_ttl_seconds:
+            raise ConfigError(
+                "USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS must be at least USERS_ACTIVATION_CODE_TTL_SECONDS: "
+                "an account must outlive its activation code"
+            )
         if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
             raise ConfigError("USERS_TLS_CERT_FILE and USERS_TLS_KEY_FILE must be set together")
         if settings.tls_client_ca_file is not None and settings.tls_cert_file is None:

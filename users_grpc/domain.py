@@ -7,7 +7,6 @@ messages into these types, and the repository converts them to BSON.
 from __future__ import annotations
 
 import enum
-import hashlib
 import re
 import secrets
 import unicodedata
@@ -100,6 +99,8 @@ class Account:
 class NewUser:
     """A validated registration, ready to store."""
 
+    # Chosen before the user is stored, so that the activation code's digest is bound to it.
+    id: str
     username: str
     first_name: str
     last_name: str
@@ -227,12 +228,6 @@ def new_activation_code() -> str:
     return f"{secrets.randbelow(10**ACTIVATION_CODE_DIGITS):0{ACTIVATION_CODE_DIGITS}d}"
 
 
-def activation_code_digest(username: str, code: str) -> str:
-    """Hash of a code, bound to its purpose and its user, so the database never holds the code."""
-    material = f"activation\0{identifier_key(username)}\0{code}".encode()
-    return hashlib.sha256(material).hexdigest()
-
-
 @dataclass(frozen=True)
 class PasswordPolicy:
     """What a new password must be: long enough, not too long, not common, not about its owner.
@@ -289,13 +284,13 @@ def validate_identifier(identifier: str, field: str = "identifier") -> None:
         raise InvalidArgument([FieldViolation(field, f"must be at most {IDENTIFIER_MAX_LENGTH} characters")])
 
 
-def is_user_id(value: object) -> bool:
-    """Whether ``value`` has the form of a user id (a MongoDB ObjectId in lower-case hex)."""
+def is_id(value: object) -> bool:
+    """True for the form of user and session ids: 24 lower-case hexadecimal digits (a MongoDB ObjectId)."""
     return isinstance(value, str) and _USER_ID_PATTERN.fullmatch(value) is not None
 
 
 def validate_user_id(user_id: str, field: str = "id") -> None:
-    if not is_user_id(user_id):
+    if not is_id(user_id):
         raise InvalidArgument([FieldViolation(field, "must be 24 lower-case hexadecimal digits")])
 
 

@@ -96,7 +96,7 @@ class MailDelivery:
     async def _failed(self, queued: QueuedMail, error: str) -> None:
         if queued.attempts >= self._max_attempts:
             log.error("mail given up", extra={"mail_id": queued.id, "attempts": queued.attempts, "error": error})
-            await self._queue.give_up(queued.id, error)
+            await self._queue.give_up(queued.id, error, self._clock.now())
             return
         delay = min(self._first_retry_seconds * 2 ** (queued.attempts - 1), self._max_retry_seconds)
         log.warning("mail delivery failed", extra={"mail_id": queued.id, "attempts": queued.attempts, "error": error})

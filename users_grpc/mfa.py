@@ -33,7 +33,7 @@ from users_grpc.errors import (
     MfaRequired,
     TooManyAttempts,
 )
-from users_grpc.ports import Clock, CredentialRepository, Mailer, SessionRepository
+from users_grpc.ports import Clock, CredentialRepository, Mailer, SecretDigests, SessionRepository
 from users_grpc.recovery import sign_out_everywhere_and_notify
 from users_grpc.service import UserService
 from users_grpc.tokens import KeyEncryption
@@ -81,6 +81,7 @@ class MfaService:
         sessions: SessionRepository,
         mailer: Mailer,
         encryption: KeyEncryption,
+        digests: SecretDigests,
         clock: Clock,
         issuer: str,
         max_attempts: int,
@@ -91,6 +92,7 @@ class MfaService:
         self._sessions = sessions
         self._mailer = mailer
         self._encryption = encryption
+        self._digests = digests
         self._clock = clock
         self._issuer = issuer
         self._max_attempts = max_attempts
@@ -134,7 +136,7 @@ class MfaService:
         await self._reserve_attempt(user_id)
         step = accepted_step(self._secret(user_id, sealed_secret), code, self._clock.now())
         recovery_codes = _new_recovery_codes()
-        digests = [_recovery_digest(c) for c in recovery_codes]
+        digests = [self._recovery_digest(user_id, c) for c in recovery_codes]
         if step is None or not await self._credentials.confirm_mfa(user_id, step, digests, self._clock.now()):
             raise InvalidSecondFactor()
         await self._after_change(account.user, "Two-factor sign-in is on")
@@ -156,7 +158,8 @@ class MfaService:
         await self._active_account(user_id)
         await self._check_second_factor(user_id, code)
         recovery_codes = _new_recovery_codes()
-        if not await self._credentials.replace_recovery_codes(user_id, [_recovery_digest(c) for c in recovery_codes]):
+        digests = [self._recovery_digest(user_id, c) for c in recovery_codes]
+        if not await self._credentials.replace_recovery_codes(user_id, digests):
             raise FailedPrecondition("MFA is off")
         log.info("recovery codes replaced", extra={"user_id": user_id})
         return recovery_codes
@@ -172,10 +175,24 @@ class MfaService:
             step = accepted_step(self._secret(user_id, account.mfa.sealed_secret), code, self._clock.now())
             accepted = step is not None and await self._credentials.use_totp_step(user_id, step)
         else:
-            accepted = await self._credentials.use_recovery_code(user_id, _recovery_digest(code))
+            accepted = await self._use_recovery_code(user_id, code)
         if not accepted:
             log.info("second factor refused", extra={"user_id": user_id})
             raise InvalidSecondFactor()
+
+    async def _use_recovery_code(self, user_id: str, code: str) -> bool:
+        if await self._credentials.use_recovery_code(user_id, self._recovery_digest(user_id, code)):
+            return True
+        # Codes issued before digests were keyed are stored under the old unkeyed digest: each
+        # still works once. RegenerateRecoveryCodes replaces the whole set with keyed ones.
+        if await self._credentials.use_recovery_code(user_id, _legacy_recovery_digest(code)):
+            log.info("legacy recovery code used", extra={"user_id": user_id})
+            return True
+        return False
+
+    def _recovery_digest(self, user_id: str, code: str) -> str:
+        # 60 random bits: keyed and bound to the user, a copy of the database gives nothing to test.
+        return self._digests.digest("recovery-code", user_id, _normalized_recovery_code(code))
 
     async def _reserve_attempt(self, user_id: str) -> None:
         # Spent before the code is compared, so parallel guesses cannot exceed the cap.
@@ -236,7 +253,9 @@ def _is_totp_code(code: str) -> bool:
 
 
 def _is_recovery_code(code: str) -> bool:
-    return _RECOVERY_CODE_PATTERN.fullmatch(code) is not None and len(_normalized(code)) == _RECOVERY_CODE_CHARS
+    if _RECOVERY_CODE_PATTERN.fullmatch(code) is None:
+        return False
+    return len(_normalized_recovery_code(code)) == _RECOVERY_CODE_CHARS
 
 
 def _validated_code(code: str, field: str, *, totp: bool = True, recovery: bool = True) -> str:
@@ -268,9 +287,10 @@ def _new_recovery_codes() -> list[str]:
     return codes
 
 
-def _normalized(code: str) -> str:
+def _normalized_recovery_code(code: str) -> str:
     return code.strip().lower().replace("-", "").replace(" ", "")
 
 
-def _recovery_digest(code: str) -> str:
-    return hashlib.sha256(f"recovery\0{_normalized(code)}".encode()).hexdigest()
+def _legacy_recovery_digest(code: str) -> str:
+    """The unkeyed digest recovery codes were stored under before; only ever compared, never stored."""
+    return hashlib.sha256(f"recovery\0{_normalized_recovery_code(code)}".encode()).hexdigest()

@@ -7,14 +7,17 @@ and :mod:`users_grpc.mail`; fakes for unit tests live in ``tests/fakes.py``.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Literal, Protocol
 
 from users_grpc.domain import Account, ActivationCode, Mail, NewUser, QueuedMail, Session, StoredKey, Tally, User
 
 
 class UserRepository(Protocol):
+    def new_id(self) -> str:
+        """A fresh user id, so that secrets can be bound to the user before it is stored."""
+
     async def add(self, new_user: NewUser) -> User:
-        """Store a new user; raise ``AlreadyExists`` naming a taken username or email."""
+        """Store a new user under ``new_user.id``; raise ``AlreadyExists`` naming a taken username or email."""
 
     async def get(self, user_id: str) -> User | None: ...
 
@@ -77,17 +80,33 @@ class CredentialRepository(Protocol):
 
 
 class SessionRepository(Protocol):
+    """Sessions, each holding its refresh-token generation and the digest of its current token:
+    constant space however often it is refreshed."""
+
+    def new_id(self) -> str:
+        """A fresh session id, so that its first refresh token can name it before it is stored."""
+
     async def create(
-        self, user_id: str, token_digest: str, now: datetime, expires_at: datetime, token_version: int
-    ) -> Session: ...
+        self,
+        session_id: str,
+        user_id: str,
+        token_digest: str,
+        now: datetime,
+        expires_at: datetime,
+        token_version: int,
+    ) -> Session:
+        """Store a session at generation 0 with this token digest."""
 
-    async def rotate(self, token_digest: str, new_token_digest: str, now: datetime) -> Session | None:
-        """Swap a session's current refresh token for a new one; None unless it was current and live."""
+    async def rotate(
+        self, session_id: str, generation: int, token_digest: str, new_token_digest: str, now: datetime
+    ) -> Session | None:
+        """Move a live session from ``generation`` (whose current token has ``token_digest``) to the
+        next, with ``new_token_digest``, in one conditional update; None unless all of it held."""
 
-    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> Session | None:
-        """Revoke the session that already used this token, if any (a replay); the session it revoked."""
+    async def revoke_replayed(self, session_id: str, generation: int, now: datetime) -> Session | None:
+        """Revoke the session if it has moved past ``generation`` (a used-up token came back); the session revoked."""
 
-    async def revoke(self, token_digest: str, now: datetime) -> None: ...
+    async def revoke(self, session_id: str, now: datetime) -> None: ...
 
     async def list_active(self, user_id: str, now: datetime) -> list[Session]: ...
 
@@ -137,6 +156,21 @@ class Mailer(Protocol):
         """Accept ``mail`` for delivery: durably queued when this returns, delivered later."""
 
 
+# Each purpose has its own key: a digest made for one never matches in another.
+DigestPurpose = Literal["activation-code", "recovery-code", "password-reset", "refresh-token", "refresh-token-tag"]
+
+
+class SecretDigests(Protocol):
+    """Keyed digests of codes and tokens, so the database never holds one in a usable form.
+
+    The key stays behind this port (:class:`users_grpc.secrets_at_rest.SecretsAtRest`): without
+    it, a copy of the database gives no way to test a guess, even of a 6-digit code.
+    """
+
+    def digest(self, purpose: DigestPurpose, subject: str, secret: str) -> str:
+        """HMAC-SHA256 of ``secret`` under the purpose's key, bound to ``subject`` (a user or session id)."""
+
+
 class PasswordHasher(Protocol):
     async def hash(self, password: str) -> str: ...
 
@@ -162,10 +196,28 @@ class MailQueue(Protocol):
 
     async def retry_later(self, mail_id: str, at: datetime, error: str) -> None: ...
 
-    async def give_up(self, mail_id: str, error: str) -> None:
-        """Keep the mail, marked failed, for an operator to inspect; never retried."""
+    async def give_up(self, mail_id: str, error: str, now: datetime) -> None:
+        """Keep the mail, marked failed at ``now``, for an operator to inspect until housekeeping
+        drops it; never retried."""
 
 
 class MailTransport(Protocol):
     async def deliver(self, mail: QueuedMail) -> None:
         """Hand the mail to its next hop; raise if it was not accepted."""
+
+
+class Housekeeping(Protocol):
+    """What the housekeeping job does to the database: one replica at a time, on a lease."""
+
+    async def take_lease(self, job: str, holder: str, now: datetime, lease_seconds: float) -> bool:
+        """Hold ``job`` until ``now + lease_seconds`` unless another holder's lease is still running;
+        True if ``holder`` holds it now."""
+
+    async def purge_ended_sessions(self, ended_before: datetime) -> int:
+        """Delete the sessions that expired or were revoked before ``ended_before``; how many."""
+
+    async def purge_never_activated_users(self, created_before: datetime) -> int:
+        """Delete the accounts created before ``created_before`` and never activated; how many."""
+
+    async def purge_failed_mail(self, failed_before: datetime) -> int:
+        """Delete the mail given up before ``failed_before``; how many."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from datetime import timedelta
@@ -10,7 +9,14 @@ from datetime import timedelta
 from users_grpc import domain
 from users_grpc.domain import ActivationCode, Mail, PasswordPolicy, User
 from users_grpc.errors import FieldViolation, InvalidArgument, InvalidCredentials, InvalidResetToken
-from users_grpc.ports import Clock, CredentialRepository, Mailer, PasswordHasher, SessionRepository
+from users_grpc.ports import (
+    Clock,
+    CredentialRepository,
+    Mailer,
+    PasswordHasher,
+    SecretDigests,
+    SessionRepository,
+)
 from users_grpc.service import UserService, no_reply_sooner_than
 
 log = logging.getLogger(__name__)
@@ -27,6 +33,7 @@ class PasswordService:
         sessions: SessionRepository,
         mailer: Mailer,
         hasher: PasswordHasher,
+        digests: SecretDigests,
         clock: Clock,
         password_policy: PasswordPolicy,
         reset_token_ttl: timedelta,
@@ -40,6 +47,7 @@ class PasswordService:
         self._sessions = sessions
         self._mailer = mailer
         self._hasher = hasher
+        self._digests = digests
         self._clock = clock
         self._password_policy = password_policy
         self._reset_token_ttl = reset_token_ttl
@@ -60,12 +68,14 @@ class PasswordService:
         account = await self._credentials.find_account(domain.identifier_key(identifier))
         if account is None or not account.user.is_active:
             return
-        token = secrets.token_urlsafe(32)
+        # The token names its user, so that its digest can be bound to the user.
+        secret = secrets.token_urlsafe(32)
+        token = f"{account.user.id}.{secret}"
         now = self._clock.now()
         pended = await self._credentials.replace_password_reset(
             account.user.id,
             ActivationCode(
-                digest=_digest(token),
+                digest=self._digest(account.user.id, secret),
                 expires_at=now + self._reset_token_ttl,
                 attempts_left=1,
                 sends_in_window=1,
@@ -95,15 +105,19 @@ class PasswordService:
     async def reset_password(self, token: str, new_password: str, confirmation: str, *, source: str) -> None:
         if not token or len(token) > _TOKEN_MAX_LENGTH:
             raise InvalidResetToken()
+        user_id, _, secret = token.partition(".")
+        if not secret or not domain.is_id(user_id):
+            raise InvalidResetToken()
+        digest = self._digest(user_id, secret)
         now = self._clock.now()
-        account = await self._credentials.find_account_by_reset_digest(_digest(token), now)
-        if account is None:
+        account = await self._credentials.find_account_by_reset_digest(digest, now)
+        if account is None or account.user.id != user_id:
             raise InvalidResetToken()
         user = account.user
         self._validate_new_password(user, new_password, confirmation)
         password_hash = await self._hasher.hash(new_password)
         # The conditional update consumes the token: of two racing resets, one wins.
-        if not await self._credentials.reset_password(user.id, _digest(token), password_hash, now):
+        if not await self._credentials.reset_password(user.id, digest, password_hash, now):
             raise InvalidResetToken()
         await self._accounts.owner_proved_mailbox(user.id, source)
         await self._after_password_change(user, "Your password was reset")
@@ -122,6 +136,10 @@ class PasswordService:
             raise InvalidCredentials("the current password is wrong")
         await self._credentials.set_password(user_id, await self._hasher.hash(new_password), self._clock.now())
         await self._after_password_change(account.user, "Your password was changed")
+
+    def _digest(self, user_id: str, secret: str) -> str:
+        # Keyed and bound to the user: the database alone cannot tell a token, or test one.
+        return self._digests.digest("password-reset", user_id, secret)
 
     def _validate_new_password(self, user: User, password: str, confirmation: str) -> None:
         violations = self._password_policy.violations(
@@ -158,8 +176,3 @@ async def sign_out_everywhere_and_notify(
             ),
         )
     )
-
-
-def _digest(token: str) -> str:
-    # 256 random bits: a plain hash is enough to keep the token out of the database.
-    return hashlib.sha256(f"password-reset\0{token}".encode()).hexdigest()

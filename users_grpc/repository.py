@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
+import bson
 import pymongo
 from bson import ObjectId
+from cryptography.exceptions import InvalidTag
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from users_grpc.domain import (
     Account,
@@ -38,8 +40,10 @@ from users_grpc.domain import (
     identifier_key,
 )
 from users_grpc.errors import AlreadyExists, StorageUnavailable
+from users_grpc.secrets_at_rest import SecretsAtRest
 
 Document = dict[str, Any]
+_INDEX_NOT_FOUND = 27
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -101,6 +105,13 @@ class MongoUserRepository:
         await self._users.create_index([("username_key", ASCENDING)], unique=True, name="username_key_unique")
         await self._users.create_index([("email_key", ASCENDING)], unique=True, name="email_key_unique")
         await self._users.create_index([("password_reset.digest", ASCENDING)], name="password_reset_digest")
+        # Serves housekeeping's purge of accounts never activated.
+        await self._users.create_index(
+            [("is_active", ASCENDING), ("created_at", ASCENDING)], name="is_active_created_at"
+        )
+
+    def new_id(self) -> str:
+        return str(ObjectId())
 
     @_storage_errors
     async def add(self, new_user: NewUser) -> User:
@@ -371,63 +382,93 @@ class MongoUserRepository:
 
 
 class MongoSessionRepository:
-    """The ``sessions`` collection: one document per session, holding its current refresh-token digest."""
+    """The ``sessions`` collection: one document per session, holding its refresh-token generation and
+    the keyed digest of its current token, found by ``_id`` (which the token names)."""
 
     def __init__(self, database: AsyncDatabase[Document]) -> None:
         self._sessions: AsyncCollection[Document] = database["sessions"]
 
     @_storage_errors
     async def ensure_indexes(self) -> None:
-        await self._sessions.create_index([("token_digest", ASCENDING)], unique=True, name="token_digest_unique")
-        await self._sessions.create_index([("used_digests", ASCENDING)], name="used_digests")
         await self._sessions.create_index([("user_id", ASCENDING)], name="user_id")
+        # Serve housekeeping's purge of ended sessions.
+        await self._sessions.create_index([("expires_at", ASCENDING)], name="expires_at")
+        await self._sessions.create_index([("revoked_at", ASCENDING)], name="revoked_at")
+        # Sessions found refresh tokens by digest, and kept every used one, before tokens named their session.
+        existing = {index["name"] async for index in await self._sessions.list_indexes()}
+        for obsolete in ("token_digest_unique", "used_digests"):
+            if obsolete in existing:
+                try:
+                    await self._sessions.drop_index(obsolete)
+                except OperationFailure as error:
+                    if error.code != _INDEX_NOT_FOUND:  # else another replica, starting too, dropped it first
+                        raise
+
+    def new_id(self) -> str:
+        return str(ObjectId())
 
     @_storage_errors
     async def create(
-        self, user_id: str, token_digest: str, now: datetime, expires_at: datetime, token_version: int
+        self,
+        session_id: str,
+        user_id: str,
+        token_digest: str,
+        now: datetime,
+        expires_at: datetime,
+        token_version: int,
     ) -> Session:
         document: Document = {
+            "_id": _object_id(session_id),
             "user_id": user_id,
             "token_version": token_version,
+            "generation": 0,
             "token_digest": token_digest,
-            "used_digests": [],
             "created_at": now,
             "last_used_at": now,
             "expires_at": expires_at,
             "revoked_at": None,
         }
-        result = await self._sessions.insert_one(document)
-        document["_id"] = result.inserted_id
+        await self._sessions.insert_one(document)
         return _session_from_document(document)
 
     @_storage_errors
-    async def rotate(self, token_digest: str, new_token_digest: str, now: datetime) -> Session | None:
+    async def rotate(
+        self, session_id: str, generation: int, token_digest: str, new_token_digest: str, now: datetime
+    ) -> Session | None:
         document = await self._sessions.find_one_and_update(
-            {"token_digest": token_digest, "revoked_at": None, "expires_at": {"$gt": now}},
             {
-                "$set": {"token_digest": new_token_digest, "last_used_at": now},
-                "$push": {"used_digests": token_digest},
+                "_id": _object_id(session_id),
+                "generation": generation,
+                "token_digest": token_digest,
+                "revoked_at": None,
+                "expires_at": {"$gt": now},
             },
+            {"$set": {"token_digest": new_token_digest, "last_used_at": now}, "$inc": {"generation": 1}},
             return_document=ReturnDocument.AFTER,
         )
         return None if document is None else _session_from_document(document)
 
     @_storage_errors
-    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> Session | None:
+    async def revoke_replayed(self, session_id: str, generation: int, now: datetime) -> Session | None:
         document = await self._sessions.find_one_and_update(
-            {"used_digests": token_digest, "revoked_at": None}, {"$set": {"revoked_at": now}}
+            {"_id": _object_id(session_id), "generation": {"$gt": generation}, "revoked_at": None},
+            {"$set": {"revoked_at": now}},
         )
         return None if document is None else _session_from_document(document)
 
     @_storage_errors
-    async def revoke(self, token_digest: str, now: datetime) -> None:
+    async def revoke(self, session_id: str, now: datetime) -> None:
         await self._sessions.update_one(
-            {"token_digest": token_digest, "revoked_at": None}, {"$set": {"revoked_at": now}}
+            {"_id": _object_id(session_id), "revoked_at": None}, {"$set": {"revoked_at": now}}
         )
 
     @_storage_errors
     async def list_active(self, user_id: str, now: datetime) -> list[Session]:
-        cursor = self._sessions.find({"user_id": user_id, "revoked_at": None, "expires_at": {"$gt": now}})
+        cursor = self._sessions.find(
+            # Sessions from before refresh tokens named their session have no generation: their tokens
+            # are refused, so they are not listed as active.
+            {"user_id": user_id, "revoked_at": None, "expires_at": {"$gt": now}, "generation": {"$exists": True}}
+        )
         documents = await cursor.sort("created_at", -1).to_list()
         return [_session_from_document(document) for document in documents]
 
@@ -560,24 +601,59 @@ class MongoKeyStore:
 
 
 class MongoOutbox:
-    """The ``outbox`` collection: mail waits here until a sender, in any replica, delivers it."""
+    """The ``outbox`` collection: mail waits here until a sender, in any replica, delivers it.
 
-    def __init__(self, database: AsyncDatabase[Document]) -> None:
+    Bodies (which may hold a code or a reset token) are stored sealed with AES-GCM under a key
+    derived from the key-encryption key, the mail's id, recipient and subject bound in as
+    associated data: a copy of the database reads no body, and a body moved to another mail
+    does not open. Senders get the opened body; the services never see the difference.
+    """
+
+    def __init__(self, database: AsyncDatabase[Document], secrets: SecretsAtRest) -> None:
         self._outbox: AsyncCollection[Document] = database["outbox"]
+        self._secrets = secrets
 
     @_storage_errors
     async def ensure_indexes(self) -> None:
         await self._outbox.create_index(
             [("status", ASCENDING), ("next_attempt_at", ASCENDING)], name="status_next_attempt_at"
         )
+        # Serves housekeeping's purge of failed mail.
+        await self._outbox.create_index([("status", ASCENDING), ("failed_at", ASCENDING)], name="status_failed_at")
+
+    @_storage_errors
+    async def seal_legacy_mail(self) -> int:
+        """Seal the bodies of mail queued before bodies were sealed, and date those given up before
+        failures were dated (by the end of their last attempt), so housekeeping drops them too.
+
+        Run at start; the outbox is small (mail leaves it on delivery). How many it sealed.
+        """
+        sealed = 0
+        async for document in self._outbox.find({"body": {"$exists": True}}):
+            fields: Document = {
+                "sealed_body": self._secrets.seal_mail_body(
+                    document["body"], _mail_associated_data(document["_id"], document["to"], document["subject"])
+                )
+            }
+            if document.get("status") == "failed" and document.get("failed_at") is None:
+                fields["failed_at"] = document["next_attempt_at"]
+            result = await self._outbox.update_one(
+                {"_id": document["_id"], "body": {"$exists": True}}, {"$set": fields, "$unset": {"body": ""}}
+            )
+            sealed += result.modified_count
+        return sealed
 
     @_storage_errors
     async def enqueue(self, mail: Mail, now: datetime) -> None:
+        mail_id = ObjectId()
         await self._outbox.insert_one(
             {
+                "_id": mail_id,
                 "to": mail.to,
                 "subject": mail.subject,
-                "body": mail.body,
+                "sealed_body": self._secrets.seal_mail_body(
+                    mail.body, _mail_associated_data(mail_id, mail.to, mail.subject)
+                ),
                 "status": "pending",
                 "attempts": 0,
                 "next_attempt_at": now,
@@ -587,23 +663,36 @@ class MongoOutbox:
 
     @_storage_errors
     async def claim(self, now: datetime, lease_seconds: float) -> QueuedMail | None:
-        document = await self._outbox.find_one_and_update(
-            # "sending" past its lease: a sender died mid-delivery, so the mail may go out twice, never zero times.
-            {"status": {"$in": ["pending", "sending"]}, "next_attempt_at": {"$lte": now}},
-            {
-                "$set": {"status": "sending", "next_attempt_at": now + timedelta(seconds=lease_seconds)},
-                "$inc": {"attempts": 1},
-            },
-            sort=[("next_attempt_at", ASCENDING)],
-            return_document=ReturnDocument.AFTER,
-        )
-        if document is None:
+        while True:
+            document = await self._outbox.find_one_and_update(
+                # "sending" past its lease: a sender died mid-delivery, so the mail may go out twice, never zero times.
+                {"status": {"$in": ["pending", "sending"]}, "next_attempt_at": {"$lte": now}},
+                {
+                    "$set": {"status": "sending", "next_attempt_at": now + timedelta(seconds=lease_seconds)},
+                    "$inc": {"attempts": 1},
+                },
+                sort=[("next_attempt_at", ASCENDING)],
+                return_document=ReturnDocument.AFTER,
+            )
+            if document is None:
+                return None
+            mail = self._opened(document)
+            if mail is not None:
+                return QueuedMail(id=str(document["_id"]), mail=mail, attempts=document["attempts"])
+            # Tampered with, or sealed under another key-encryption key: it can never go out.
+            await self.give_up(str(document["_id"]), "the sealed body does not open", now)
+
+    def _opened(self, document: Document) -> Mail | None:
+        to, subject = document["to"], document["subject"]
+        if "body" in document:  # queued before bodies were sealed
+            return Mail(to=to, subject=subject, body=document["body"])
+        try:
+            body = self._secrets.open_mail_body(
+                bytes(document["sealed_body"]), _mail_associated_data(document["_id"], to, subject)
+            )
+        except (InvalidTag, KeyError, UnicodeDecodeError):
             return None
-        return QueuedMail(
-            id=str(document["_id"]),
-            mail=Mail(to=document["to"], subject=document["subject"], body=document["body"]),
-            attempts=document["attempts"],
-        )
+        return Mail(to=to, subject=subject, body=body)
 
     @_storage_errors
     async def delivered(self, mail_id: str) -> None:
@@ -618,11 +707,75 @@ class MongoOutbox:
         )
 
     @_storage_errors
-    async def give_up(self, mail_id: str, error: str) -> None:
+    async def give_up(self, mail_id: str, error: str, now: datetime) -> None:
         await self._outbox.update_one(
             {"_id": _object_id(mail_id)},
-            {"$set": {"status": "failed", "last_error": error}},
+            {"$set": {"status": "failed", "failed_at": now, "last_error": error}},
         )
+
+
+def _mail_associated_data(mail_id: ObjectId, to: str, subject: str) -> bytes:
+    """What a sealed body belongs to: its mail's id, recipient and subject, unambiguously encoded."""
+    return bson.encode({"purpose": "outbox-mail", "id": mail_id, "to": to, "subject": subject})
+
+
+class MongoHousekeeping:
+    """Leases for jobs that one replica at a time runs (the ``leases`` collection, by ``_id``), and
+    the purges of housekeeping, each a single ``delete_many`` that an index serves."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._leases: AsyncCollection[Document] = database["leases"]
+        self._users: AsyncCollection[Document] = database["users"]
+        self._sessions: AsyncCollection[Document] = database["sessions"]
+        self._outbox: AsyncCollection[Document] = database["outbox"]
+
+    @_storage_errors
+    async def take_lease(self, job: str, holder: str, now: datetime, lease_seconds: float) -> bool:
+        try:
+            document = await self._leases.find_one_and_update(
+                # Free (its lease ran out) or already ours; if there is no lease document yet, the upsert makes it.
+                {"_id": job, "$or": [{"leased_until": {"$lt": now}}, {"holder": holder}]},
+                {"$set": {"leased_until": now + timedelta(seconds=lease_seconds), "holder": holder, "taken_at": now}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:
+            # The document exists and another holder's lease is running: the upsert's insert clashed.
+            return False
+        return document is not None and document["holder"] == holder
+
+    @_storage_errors
+    async def purge_ended_sessions(self, ended_before: datetime) -> int:
+        deleted = 0
+        for query in ended_sessions_queries(ended_before):
+            deleted += (await self._sessions.delete_many(query)).deleted_count
+        return deleted
+
+    @_storage_errors
+    async def purge_never_activated_users(self, created_before: datetime) -> int:
+        return (await self._users.delete_many(never_activated_query(created_before))).deleted_count
+
+    @_storage_errors
+    async def purge_failed_mail(self, failed_before: datetime) -> int:
+        return (await self._outbox.delete_many(failed_mail_query(failed_before))).deleted_count
+
+
+# The purges' queries, each served by an index that ensure_indexes makes (tests check the plans).
+
+
+def ended_sessions_queries(ended_before: datetime) -> list[Document]:
+    """Sessions that expired, and sessions that were revoked, before ``ended_before``."""
+    return [{"expires_at": {"$lt": ended_before}}, {"revoked_at": {"$lt": ended_before}}]
+
+
+def never_activated_query(created_before: datetime) -> Document:
+    # A pending activation marks an account never activated (activating removes it); an account
+    # deactivated later has none, and is kept.
+    return {"is_active": False, "created_at": {"$lt": created_before}, "activation": {"$type": "object"}}
+
+
+def failed_mail_query(failed_before: datetime) -> Document:
+    return {"status": "failed", "failed_at": {"$lt": failed_before}}
 
 
 def _object_id(value: str) -> ObjectId | str:
@@ -638,6 +791,7 @@ def _identifier_filter(key: str) -> Document:
 
 def _document_from_new_user(new_user: NewUser) -> Document:
     return {
+        "_id": ObjectId(new_user.id),
         "username": new_user.username,
         "username_key": identifier_key(new_user.username),
         "first_name": new_user.first_name,

@@ -36,7 +36,7 @@ from users_grpc.errors import (
     Overloaded,
     PermissionDenied,
 )
-from users_grpc.ports import Clock, Mailer, PasswordHasher, UserRepository
+from users_grpc.ports import Clock, Mailer, PasswordHasher, SecretDigests, UserRepository
 from users_grpc.throttling import PasswordThrottle
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class UserService:
         users: UserRepository,
         mailer: Mailer,
         hasher: PasswordHasher,
+        digests: SecretDigests,
         clock: Clock,
         policy: AccountPolicy,
         throttle: PasswordThrottle,
@@ -83,6 +84,7 @@ class UserService:
         self._users = users
         self._mailer = mailer
         self._hasher = hasher
+        self._digests = digests
         self._clock = clock
         self._policy = policy
 
@@ -92,8 +94,9 @@ class UserService:
         if registration.role is Role.ADMIN and not caller.is_admin:
             raise PermissionDenied("only an admin can create an admin")
         code = domain.new_activation_code()
+        user_id = self._users.new_id()
         user = await self._users.add(
-            await self._new_user(registration, activation=self._new_activation(registration.username, code))
+            await self._new_user(registration, user_id=user_id, activation=self._new_activation(user_id, code))
         )
         await self._mailer.send(self._activation_mail(user, code))
         log.info("user created", extra={"user_id": user.id})
@@ -103,13 +106,18 @@ class UserService:
         """Store an active admin, for operators bootstrapping a deployment from the CLI."""
         domain.validate_registration(registration, password_policy=self._policy.password)
         user = await self._users.add(
-            await self._new_user(dataclasses.replace(registration, role=Role.ADMIN), activation=None)
+            await self._new_user(
+                dataclasses.replace(registration, role=Role.ADMIN), user_id=self._users.new_id(), activation=None
+            )
         )
         log.info("admin created", extra={"user_id": user.id})
         return user
 
-    async def _new_user(self, registration: Registration, *, activation: ActivationCode | None) -> NewUser:
+    async def _new_user(
+        self, registration: Registration, *, user_id: str, activation: ActivationCode | None
+    ) -> NewUser:
         return NewUser(
+            id=user_id,
             username=registration.username,
             first_name=registration.first_name.strip(),
             last_name=registration.last_name.strip(),
@@ -134,7 +142,7 @@ class UserService:
         if account is None or account.user.is_active or account.activation is None:
             raise InvalidActivationCode()
         user_id = account.user.id
-        digest = domain.activation_code_digest(account.user.username, code)
+        digest = self._activation_digest(user_id, code)
         now = self._clock.now()
         # The attempt is spent before the code is compared, so parallel guesses cannot exceed the cap.
         pending = await self._users.reserve_activation_attempt(user_id, now)
@@ -160,7 +168,7 @@ class UserService:
         code = domain.new_activation_code()
         pended = await self._users.replace_activation_code(
             account.user.id,
-            self._new_activation(account.user.username, code),
+            self._new_activation(account.user.id, code),
             max_sends=self._policy.activation_max_sends,
             window_seconds=int(self._policy.activation_send_window.total_seconds()),
         )
@@ -236,11 +244,16 @@ class UserService:
         await self._throttle.forget_account(user_id)
         log.info("password failures forgotten", extra={"user_id": user_id, "source": source})
 
-    def _new_activation(self, username: str, code: str) -> ActivationCode:
+    def _activation_digest(self, user_id: str, code: str) -> str:
+        # Keyed and bound to the user: without the key, a copy of the database cannot test the
+        # million possible codes, and a digest moved to another account matches nothing there.
+        return self._digests.digest("activation-code", user_id, code)
+
+    def _new_activation(self, user_id: str, code: str) -> ActivationCode:
         """A pending code that opens a fresh resend window (the repository keeps a running one)."""
         now = self._clock.now()
         return ActivationCode(
-            digest=domain.activation_code_digest(username, code),
+            digest=self._activation_digest(user_id, code),
             expires_at=now + self._policy.activation_code_ttl,
             attempts_left=self._policy.activation_max_attempts,
             sends_in_window=1,

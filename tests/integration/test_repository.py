@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
+from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from tests.conftest import collect_known_leaks
 from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
 from users_grpc.errors import AlreadyExists, StorageUnavailable
 from users_grpc.repository import Document, MongoOutbox, MongoUserRepository
+from users_grpc.secrets_at_rest import SecretsAtRest
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -23,7 +26,7 @@ class Stores:
     def __init__(self, uri: str, name: str) -> None:
         self.client: AsyncMongoClient[Document] = AsyncMongoClient(uri, tz_aware=True)
         self.users = MongoUserRepository(self.client[name])
-        self.outbox = MongoOutbox(self.client[name])
+        self.outbox = MongoOutbox(self.client[name], SecretsAtRest(os.urandom(32)))
 
 
 @pytest.fixture
@@ -59,6 +62,7 @@ def activation(**changes: Any) -> ActivationCode:
 
 def new_user(username: str = "jane", email: str = "jane@example.com") -> NewUser:
     return NewUser(
+        id=str(ObjectId()),
         username=username,
         first_name="Jane",
         last_name="Doe",
@@ -203,7 +207,7 @@ def test_outbox_retry_and_give_up(run: Any) -> None:
         assert await stores.outbox.claim(NOW + timedelta(seconds=29), 60) is None
         second = await stores.outbox.claim(NOW + timedelta(seconds=30), 60)
         assert second is not None
-        await stores.outbox.give_up(second.id, "refused")
+        await stores.outbox.give_up(second.id, "refused", NOW + timedelta(seconds=30))
         assert await stores.outbox.claim(NOW + timedelta(days=365), 60) is None
 
     run(body)

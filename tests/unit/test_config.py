@@ -59,11 +59,22 @@ def test_settings_are_frozen() -> None:
         ("USERS_MAIL_FROM", "Accounts <no-reply@example.com"),
         ("USERS_MAIL_FROM", "Team: a@example.com;"),
         ("USERS_MAIL_FROM", "no-reply@example.com\r\nBcc: eve@example.com"),
+        ("USERS_SESSION_RETENTION_SECONDS", "-1"),
+        ("USERS_MAIL_FAILED_RETENTION_SECONDS", "a week"),
+        ("USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS", "60"),
+        ("USERS_HOUSEKEEPING_INTERVAL_SECONDS", "0"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_an_account_must_outlive_its_activation_code() -> None:
+    with pytest.raises(ConfigError, match="USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS"):
+        Settings.from_env(
+            {"USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS": "7200", "USERS_ACTIVATION_CODE_TTL_SECONDS": "7201"}
+        )
 
 
 def test_env_example_lists_every_variable() -> None:

@@ -6,6 +6,7 @@ tests/e2e covers the same behaviour through gRPC on the real database and SMTP.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Coroutine
 from datetime import timedelta
@@ -26,6 +27,7 @@ from users_grpc.errors import (
     TooManyAttempts,
 )
 from users_grpc.passwords import common_passwords
+from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
 from users_grpc.throttling import PasswordThrottle, ThrottlePolicy
 
@@ -65,6 +67,7 @@ class World:
             users=self.users,
             mailer=self.mailer,
             hasher=self.hasher,
+            digests=SecretsAtRest(os.urandom(32)),
             clock=self.clock,
             policy=policy or AccountPolicy(),
             throttle=PasswordThrottle(store=self.throttles, clock=self.clock, policy=throttle or ThrottlePolicy()),

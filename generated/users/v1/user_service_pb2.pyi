@@ -442,7 +442,7 @@ class AuthenticateResponse(_message.Message):
     access_token: _builtins.str
     """Send as `authorization: Bearer <access_token>`."""
     refresh_token: _builtins.str
-    """Keep secret; it works once, in RefreshSession."""
+    """Keep secret; it works once, in RefreshSession. Opaque: its form may change."""
     session_id: _builtins.str
     @_builtins.property
     def user(self) -> _user_pb2.User: ...

@@ -326,7 +326,16 @@ class UserServiceServicer:
 
         The presented token is used up. Presenting a used-up token again is
         treated as theft: the whole session is revoked. The session's absolute
-        expiry never moves.
+        expiry never moves. A token the service did not issue, even one naming a
+        real session, is refused and changes nothing.
+
+        Replay detection cannot tell a thief from a retry: a client that retries
+        RefreshSession after a lost reply (a timeout, a dropped connection)
+        presents a used-up token and loses its session, by design; so does the
+        loser of two concurrent refreshes with one token. Clients must never
+        retry a refresh blindly, must serialise their refreshes (one at a time
+        per session, each with the newest token), and after UNAUTHENTICATED must
+        sign in again with Authenticate.
         Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
         """
@@ -337,8 +346,9 @@ class UserServiceServicer:
     def RevokeSession(self, request, context):
         """Sign out: revoke the session of a refresh token
 
-        Its access tokens stay valid until they expire (at most the configured
-        access-token lifetime); RevokeAllSessions ends those at once too.
+        Any refresh token the session issued will do, the current one or an
+        earlier one. Its access tokens stay valid until they expire (at most the
+        configured access-token lifetime); RevokeAllSessions ends those at once too.
         Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
         UNAVAILABLE. An unknown token is not an error.
         """

@@ -144,15 +144,25 @@ class UserServiceStub:
 
     The presented token is used up. Presenting a used-up token again is
     treated as theft: the whole session is revoked. The session's absolute
-    expiry never moves.
+    expiry never moves. A token the service did not issue, even one naming a
+    real session, is refused and changes nothing.
+
+    Replay detection cannot tell a thief from a retry: a client that retries
+    RefreshSession after a lost reply (a timeout, a dropped connection)
+    presents a used-up token and loses its session, by design; so does the
+    loser of two concurrent refreshes with one token. Clients must never
+    retry a refresh blindly, must serialise their refreshes (one at a time
+    per session, each with the newest token), and after UNAUTHENTICATED must
+    sign in again with Authenticate.
     Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
     """
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RevokeSessionRequest, _user_service_pb2.RevokeSessionResponse]
     """Sign out: revoke the session of a refresh token
 
-    Its access tokens stay valid until they expire (at most the configured
-    access-token lifetime); RevokeAllSessions ends those at once too.
+    Any refresh token the session issued will do, the current one or an
+    earlier one. Its access tokens stay valid until they expire (at most the
+    configured access-token lifetime); RevokeAllSessions ends those at once too.
     Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
     UNAVAILABLE. An unknown token is not an error.
     """
@@ -364,15 +374,25 @@ class UserServiceAsyncStub(UserServiceStub):
 
     The presented token is used up. Presenting a used-up token again is
     treated as theft: the whole session is revoked. The session's absolute
-    expiry never moves.
+    expiry never moves. A token the service did not issue, even one naming a
+    real session, is refused and changes nothing.
+
+    Replay detection cannot tell a thief from a retry: a client that retries
+    RefreshSession after a lost reply (a timeout, a dropped connection)
+    presents a used-up token and loses its session, by design; so does the
+    loser of two concurrent refreshes with one token. Clients must never
+    retry a refresh blindly, must serialise their refreshes (one at a time
+    per session, each with the newest token), and after UNAUTHENTICATED must
+    sign in again with Authenticate.
     Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
     """
     RevokeSession: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RevokeSessionRequest, _user_service_pb2.RevokeSessionResponse]  # type: ignore[assignment]
     """Sign out: revoke the session of a refresh token
 
-    Its access tokens stay valid until they expire (at most the configured
-    access-token lifetime); RevokeAllSessions ends those at once too.
+    Any refresh token the session issued will do, the current one or an
+    earlier one. Its access tokens stay valid until they expire (at most the
+    configured access-token lifetime); RevokeAllSessions ends those at once too.
     Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
     UNAVAILABLE. An unknown token is not an error.
     """
@@ -641,7 +661,16 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         The presented token is used up. Presenting a used-up token again is
         treated as theft: the whole session is revoked. The session's absolute
-        expiry never moves.
+        expiry never moves. A token the service did not issue, even one naming a
+        real session, is refused and changes nothing.
+
+        Replay detection cannot tell a thief from a retry: a client that retries
+        RefreshSession after a lost reply (a timeout, a dropped connection)
+        presents a used-up token and loses its session, by design; so does the
+        loser of two concurrent refreshes with one token. Clients must never
+        retry a refresh blindly, must serialise their refreshes (one at a time
+        per session, each with the newest token), and after UNAUTHENTICATED must
+        sign in again with Authenticate.
         Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
         """
@@ -654,8 +683,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.RevokeSessionResponse, _abc.Awaitable[_user_service_pb2.RevokeSessionResponse]]:
         """Sign out: revoke the session of a refresh token
 
-        Its access tokens stay valid until they expire (at most the configured
-        access-token lifetime); RevokeAllSessions ends those at once too.
+        Any refresh token the session issued will do, the current one or an
+        earlier one. Its access tokens stay valid until they expire (at most the
+        configured access-token lifetime); RevokeAllSessions ends those at once too.
         Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
         UNAVAILABLE. An unknown token is not an error.
         """
