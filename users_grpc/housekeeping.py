@@ -7,7 +7,8 @@ it for the whole interval and purges:
 - sessions that expired or were revoked more than the session retention ago;
 - accounts never activated, created more than the unactivated-account
   retention ago, which frees their username and email;
-- mail given up (status "failed") more than the failed-mail retention ago.
+- mail given up (status "failed") more than the failed-mail retention ago;
+- throttle tallies past their use (each carries its own expiry).
 
 Holding the lease for a whole interval makes the job run about once per
 interval whatever the number of replicas; a run is cut off before its lease
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -44,6 +46,7 @@ class Purged:
     sessions: int
     accounts: int
     mails: int
+    tallies: int = 0
 
 
 def holder_id() -> str:
@@ -93,10 +96,8 @@ class HousekeepingJob:
             sessions=await self._store.purge_ended_sessions(now - self._retention.ended_sessions),
             accounts=await self._store.purge_never_activated_users(now - self._retention.never_activated_accounts),
             mails=await self._store.purge_failed_mail(now - self._retention.failed_mail),
+            tallies=await self._store.purge_expired_tallies(now),
         )
-        if purged != Purged(0, 0, 0):
-            log.info(
-                "housekeeping purged",
-                extra={"sessions": purged.sessions, "accounts": purged.accounts, "mails": purged.mails},
-            )
+        if purged != Purged(0, 0, 0, 0):
+            log.info("housekeeping purged", extra=dataclasses.asdict(purged))
         return purged

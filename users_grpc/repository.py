@@ -728,6 +728,7 @@ class MongoHousekeeping:
         self._users: AsyncCollection[Document] = database["users"]
         self._sessions: AsyncCollection[Document] = database["sessions"]
         self._outbox: AsyncCollection[Document] = database["outbox"]
+        self._throttles: AsyncCollection[Document] = database["throttles"]
 
     @_storage_errors
     async def take_lease(self, job: str, holder: str, now: datetime, lease_seconds: float) -> bool:
@@ -759,6 +760,10 @@ class MongoHousekeeping:
     async def purge_failed_mail(self, failed_before: datetime) -> int:
         return (await self._outbox.delete_many(failed_mail_query(failed_before))).deleted_count
 
+    @_storage_errors
+    async def purge_expired_tallies(self, now: datetime) -> int:
+        return (await self._throttles.delete_many(expired_tallies_query(now))).deleted_count
+
 
 # The purges' queries, each served by an index that ensure_indexes makes (tests check the plans).
 
@@ -776,6 +781,12 @@ def never_activated_query(created_before: datetime) -> Document:
 
 def failed_mail_query(failed_before: datetime) -> Document:
     return {"status": "failed", "failed_at": {"$lt": failed_before}}
+
+
+def expired_tallies_query(now: datetime) -> Document:
+    # Throttle tallies past any use: failures past their window and longest delay, request
+    # counts of a past window, sources not seen within their lifetime.
+    return {"expires_at": {"$lt": now}}
 
 
 def _object_id(value: str) -> ObjectId | str:

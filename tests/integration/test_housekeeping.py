@@ -20,8 +20,10 @@ from users_grpc.repository import (
     MongoHousekeeping,
     MongoOutbox,
     MongoSessionRepository,
+    MongoThrottleStore,
     MongoUserRepository,
     ended_sessions_queries,
+    expired_tallies_query,
     failed_mail_query,
     never_activated_query,
 )
@@ -51,6 +53,7 @@ def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Aw
                 await stores.users.ensure_indexes()
                 await stores.sessions.ensure_indexes()
                 await stores.outbox.ensure_indexes()
+                await MongoThrottleStore(stores.database).ensure_indexes()
                 return await body(stores)
             finally:
                 await stores.client.close()
@@ -234,6 +237,7 @@ PURGES = [
     *(("sessions", query) for query in ended_sessions_queries(NOW)),
     ("users", never_activated_query(NOW)),
     ("outbox", failed_mail_query(NOW)),
+    ("throttles", expired_tallies_query(NOW)),
 ]
 
 
@@ -253,5 +257,17 @@ def test_every_purge_is_served_by_an_index(run: Any, collection: str, query: dic
         plan = str(explained["queryPlanner"]["winningPlan"])
         assert "IXSCAN" in plan, plan
         assert "COLLSCAN" not in plan, plan
+
+    run(body)
+
+
+def test_expired_tallies_are_purged_and_live_ones_kept(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        tallies = MongoThrottleStore(stores.database)
+        await tallies.hit("rate:10.0.0.1:0", NOW)
+        await tallies.remember("known:u1:10.0.0.1", "u1", NOW, NOW + DAY)
+        assert await stores.housekeeping.purge_expired_tallies(NOW) == 0
+        assert await stores.housekeeping.purge_expired_tallies(NOW + timedelta(seconds=1)) == 1
+        assert set(await tallies.get(["rate:10.0.0.1:0", "known:u1:10.0.0.1"])) == {"known:u1:10.0.0.1"}
 
     run(body)
