@@ -117,6 +117,13 @@ class MailSink:
                     raise AssertionError(f"{count} mail(s) to {to} not received; got {len(matching)}")
                 self._changed.wait(remaining)
 
+    def activation_token_for(self, to: str, nth: int = 1) -> str:
+        """The long activation token of the ``nth`` mail to ``to`` (the line after "expires in N hours:")."""
+        body = self.wait_for(to, nth)[nth - 1].get_content()
+        match = re.search(r"expires in \d+ hours:\s+(\S+)", body)
+        assert match, body
+        return match.group(1)
+
     def code_for(self, to: str, nth: int = 1) -> str:
         body = self.wait_for(to, nth)[nth - 1].get_content()
         match = re.search(r"code is (\d{6})", body)

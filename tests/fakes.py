@@ -113,6 +113,19 @@ class FakeUserRepository:
         self.accounts[user_id] = dataclasses.replace(account, user=user, activation=None)
         return user
 
+    async def activate_with_token(self, user_id: str, token_digest: str, now: datetime) -> User | None:
+        account = self.accounts.get(user_id)
+        if account is None or account.user.is_active or account.activation is None:
+            return None
+        activation = account.activation
+        if activation.token_digest != token_digest:
+            return None
+        if activation.token_expires_at is None or activation.token_expires_at <= now:
+            return None
+        user = dataclasses.replace(account.user, is_active=True, updated_at=now)
+        self.accounts[user_id] = dataclasses.replace(account, user=user, activation=None)
+        return user
+
     async def replace_activation_code(
         self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
     ) -> bool:

@@ -217,6 +217,7 @@ async def build_app(
             activation_max_attempts=settings.activation_max_attempts,
             activation_max_sends=settings.activation_max_sends,
             activation_send_window=timedelta(seconds=settings.activation_send_window_seconds),
+            activation_token_ttl=timedelta(seconds=settings.activation_token_ttl_seconds),
             reply_floor=timedelta(seconds=settings.reply_floor_seconds),
         ),
         throttle=PasswordThrottle(

@@ -73,6 +73,7 @@ class Settings:
     activation_max_attempts: int = 5
     activation_max_sends: int = 5
     activation_send_window_seconds: int = 3600
+    activation_token_ttl_seconds: int = 86400
     unactivated_account_retention_seconds: int = 7 * 86400
 
     password_reset_ttl_seconds: int = 1800
@@ -162,6 +163,9 @@ class Settings:
                 "USERS_ACTIVATION_MAX_ATTEMPTS", defaults.activation_max_attempts, 1, 20
             ),
             activation_max_sends=env.integer("USERS_ACTIVATION_MAX_SENDS", defaults.activation_max_sends, 1, 100),
+            activation_token_ttl_seconds=env.integer(
+                "USERS_ACTIVATION_TOKEN_TTL_SECONDS", defaults.activation_token_ttl_seconds, 60, 7 * 86400
+            ),
             activation_send_window_seconds=env.integer(
                 "USERS_ACTIVATION_SEND_WINDOW_SECONDS", defaults.activation_send_window_seconds, 60, 7 * 86400
             ),

@@ -63,6 +63,10 @@ class ActivationCode:
     attempts_left: int
     sends_in_window: int
     window_started_at: datetime
+    # The long token mailed with an activation code. It cannot be guessed, so it has no attempt
+    # cap and a stranger's wrong guesses never use it up. Empty where none was issued.
+    token_digest: str = ""
+    token_expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,6 +227,11 @@ def _validated_email(email: str) -> ValidatedEmail:
     )
 
 
+def new_activation_token() -> str:
+    # 256 random bits: beyond guessing, so no attempt cap is needed and none can be exhausted.
+    return secrets.token_urlsafe(32)
+
+
 def new_activation_code() -> str:
     # Six digits are typeable; their strength comes from the attempt cap and expiry.
     return f"{secrets.randbelow(10**ACTIVATION_CODE_DIGITS):0{ACTIVATION_CODE_DIGITS}d}"
@@ -292,6 +301,20 @@ def is_id(value: object) -> bool:
 def validate_user_id(user_id: str, field: str = "id") -> None:
     if not is_id(user_id):
         raise InvalidArgument([FieldViolation(field, "must be 24 lower-case hexadecimal digits")])
+
+
+ACTIVATION_TOKEN_MAX_LENGTH = 128
+
+
+def validate_activation(code: str, token: str) -> None:
+    """One of the two proofs from the activation email: the 6-digit code or the long token."""
+    if code and token:
+        raise InvalidArgument([FieldViolation("token", "send either the code or the token, not both")])
+    if token:
+        if len(token) > ACTIVATION_TOKEN_MAX_LENGTH or not token.isascii():
+            raise InvalidArgument([FieldViolation("token", "must be the token from the activation email")])
+        return
+    validate_activation_code(code)
 
 
 def validate_activation_code(code: str) -> None:

@@ -31,6 +31,9 @@ class UserRepository(Protocol):
     async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
         """Activate the user if this unexpired code is still pending; else None. Works once."""
 
+    async def activate_with_token(self, user_id: str, token_digest: str, now: datetime) -> User | None:
+        """Activate the user if this unexpired activation token is still pending; else None. Works once."""
+
     async def replace_activation_code(
         self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
     ) -> bool:
@@ -157,7 +160,9 @@ class Mailer(Protocol):
 
 
 # Each purpose has its own key: a digest made for one never matches in another.
-DigestPurpose = Literal["activation-code", "recovery-code", "password-reset", "refresh-token", "refresh-token-tag"]
+DigestPurpose = Literal[
+    "activation-code", "activation-token", "recovery-code", "password-reset", "refresh-token", "refresh-token-tag"
+]
 
 
 class SecretDigests(Protocol):

@@ -162,6 +162,20 @@ class MongoUserRepository:
         return None if document is None else _user_from_document(document)
 
     @_storage_errors
+    async def activate_with_token(self, user_id: str, token_digest: str, now: datetime) -> User | None:
+        document = await self._users.find_one_and_update(
+            {
+                "_id": _object_id(user_id),
+                "is_active": False,
+                "activation.token_digest": token_digest,
+                "activation.token_expires_at": {"$gt": now},
+            },
+            {"$set": {"is_active": True, "updated_at": now}, "$unset": {"activation": ""}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if document is None else _user_from_document(document)
+
+    @_storage_errors
     async def replace_activation_code(
         self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
     ) -> bool:
@@ -194,9 +208,9 @@ class MongoUserRepository:
             },
             {
                 "$set": {
-                    f"{field}.digest": code.digest,
-                    f"{field}.expires_at": code.expires_at,
-                    f"{field}.attempts_left": code.attempts_left,
+                    f"{field}.{name}": value
+                    for name, value in _activation_document(code).items()
+                    if name not in {"sends_in_window", "window_started_at"}
                 },
                 "$inc": {f"{field}.sends_in_window": 1},
             },
@@ -827,6 +841,8 @@ def _activation_document(code: ActivationCode) -> Document:
         "attempts_left": code.attempts_left,
         "sends_in_window": code.sends_in_window,
         "window_started_at": code.window_started_at,
+        "token_digest": code.token_digest,
+        "token_expires_at": code.token_expires_at,
     }
 
 
@@ -885,6 +901,8 @@ def _activation_from_document(activation: Document) -> ActivationCode:
         attempts_left=activation["attempts_left"],
         sends_in_window=activation["sends_in_window"],
         window_started_at=activation["window_started_at"],
+        token_digest=activation.get("token_digest", ""),
+        token_expires_at=activation.get("token_expires_at"),
     )
 
 

@@ -64,6 +64,8 @@ class AccountPolicy:
     activation_max_attempts: int = 5
     activation_max_sends: int = 5
     activation_send_window: timedelta = timedelta(hours=1)
+    # Longer than the send window, so a stranger who spends the resends cannot outlast the newest mail.
+    activation_token_ttl: timedelta = timedelta(hours=24)
     # Anonymous calls about a named account answer no sooner than this (no_reply_sooner_than).
     reply_floor: timedelta = timedelta(milliseconds=200)
 
@@ -93,12 +95,12 @@ class UserService:
         domain.validate_registration(registration, password_policy=self._policy.password)
         if registration.role is Role.ADMIN and not caller.is_admin:
             raise PermissionDenied("only an admin can create an admin")
-        code = domain.new_activation_code()
+        code, token = domain.new_activation_code(), domain.new_activation_token()
         user_id = self._users.new_id()
         user = await self._users.add(
-            await self._new_user(registration, user_id=user_id, activation=self._new_activation(user_id, code))
+            await self._new_user(registration, user_id=user_id, activation=self._new_activation(user_id, code, token))
         )
-        await self._mailer.send(self._activation_mail(user, code))
+        await self._mailer.send(self._activation_mail(user, code, token))
         log.info("user created", extra={"user_id": user.id})
         return user
 
@@ -130,18 +132,34 @@ class UserService:
             created_at=self._clock.now(),
         )
 
-    async def activate_user(self, identifier: str, code: str) -> User:
-        """Activate with the mailed code. Every failure looks the same, whatever the account."""
-        domain.validate_identifier(identifier)
-        domain.validate_activation_code(code)
-        async with no_reply_sooner_than(self._policy.reply_floor):
-            return await self._activate(identifier, code)
+    async def activate_user(self, identifier: str, code: str, token: str = "") -> User:
+        """Activate with the mailed code or token. Every failure looks the same, whatever the account.
 
-    async def _activate(self, identifier: str, code: str) -> User:
-        account = await self._users.find_account(domain.identifier_key(identifier))
-        if account is None or account.user.is_active or account.activation is None:
+        Wrong codes use the code up (it has only a million values), so a stranger can kill a
+        code; the token mailed with it cannot be guessed, has no attempt cap, and outlives the
+        resend window: the owner of the mailbox can always activate with the newest mail.
+        """
+        domain.validate_identifier(identifier)
+        domain.validate_activation(code, token)
+        async with no_reply_sooner_than(self._policy.reply_floor):
+            account = await self._users.find_account(domain.identifier_key(identifier))
+            if account is None or account.user.is_active or account.activation is None:
+                raise InvalidActivationCode()
+            if token:
+                return await self._activate_with_token(account.user.id, token)
+            return await self._activate(account.user.id, code)
+
+    async def _activate_with_token(self, user_id: str, token: str) -> User:
+        activated = await self._users.activate_with_token(
+            user_id, self._digests.digest("activation-token", user_id, token), self._clock.now()
+        )
+        if activated is None:
+            log.info("activation refused", extra={"user_id": user_id})
             raise InvalidActivationCode()
-        user_id = account.user.id
+        log.info("user activated", extra={"user_id": user_id})
+        return activated
+
+    async def _activate(self, user_id: str, code: str) -> User:
         digest = self._activation_digest(user_id, code)
         now = self._clock.now()
         # The attempt is spent before the code is compared, so parallel guesses cannot exceed the cap.
@@ -165,15 +183,15 @@ class UserService:
         account = await self._users.find_account(domain.identifier_key(identifier))
         if account is None or account.user.is_active:
             return
-        code = domain.new_activation_code()
+        code, token = domain.new_activation_code(), domain.new_activation_token()
         pended = await self._users.replace_activation_code(
             account.user.id,
-            self._new_activation(account.user.id, code),
+            self._new_activation(account.user.id, code, token),
             max_sends=self._policy.activation_max_sends,
             window_seconds=int(self._policy.activation_send_window.total_seconds()),
         )
         if pended:
-            await self._mailer.send(self._activation_mail(account.user, code))
+            await self._mailer.send(self._activation_mail(account.user, code, token))
         else:
             log.info("activation resend capped", extra={"user_id": account.user.id})
 
@@ -249,8 +267,8 @@ class UserService:
         # million possible codes, and a digest moved to another account matches nothing there.
         return self._digests.digest("activation-code", user_id, code)
 
-    def _new_activation(self, user_id: str, code: str) -> ActivationCode:
-        """A pending code that opens a fresh resend window (the repository keeps a running one)."""
+    def _new_activation(self, user_id: str, code: str, token: str) -> ActivationCode:
+        """A pending code and token that open a fresh resend window (the repository keeps a running one)."""
         now = self._clock.now()
         return ActivationCode(
             digest=self._activation_digest(user_id, code),
@@ -258,18 +276,24 @@ class UserService:
             attempts_left=self._policy.activation_max_attempts,
             sends_in_window=1,
             window_started_at=now,
+            token_digest=self._digests.digest("activation-token", user_id, token),
+            token_expires_at=now + self._policy.activation_token_ttl,
         )
 
-    def _activation_mail(self, user: User, code: str) -> Mail:
+    def _activation_mail(self, user: User, code: str, token: str) -> Mail:
         # Mails greet by username, whose charset is safe; names are free text a stranger chose.
         minutes = int(self._policy.activation_code_ttl.total_seconds() // 60)
+        hours = int(self._policy.activation_token_ttl.total_seconds() // 3600)
         return Mail(
             to=user.email,
             subject="Your activation code",
             body=(
                 f"Hello {user.username},\n\n"
                 f"your activation code is {code}\n\n"
-                f"It works once and expires in {minutes} minutes.\n"
+                f"It works once and expires in {minutes} minutes.\n\n"
+                f"If the code stops working, activate with this token instead; it works once and\n"
+                f"expires in {hours} hours:\n\n"
+                f"{token}\n\n"
                 "If you did not create an account, ignore this email.\n"
             ),
         )

@@ -73,7 +73,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def ActivateUser(
         self, request: user_service_pb2.ActivateUserRequest, context: Context
     ) -> user_service_pb2.ActivateUserResponse:
-        user = await self._service.activate_user(request.identifier, request.code)
+        user = await self._service.activate_user(request.identifier, request.code, request.token)
         return user_service_pb2.ActivateUserResponse(user=user_to_proto(user))
 
     async def ResendActivationCode(

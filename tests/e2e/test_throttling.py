@@ -25,7 +25,9 @@ from tests.e2e.helpers import (
     error_info,
     retry_delay,
     rpc_error,
+    violated_fields,
 )
+from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 
@@ -237,3 +239,63 @@ def test_the_hashing_queue_keeps_the_owner_answered_under_an_anonymous_flood(
     assert flood_codes <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert set(owner_codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert sign_in(server.anonymous, PASSWORD).user.username == "jane"
+
+
+def test_a_stranger_cannot_keep_the_owner_from_activating(
+    server: RunningServer, mail: MailSink, from_address: Any
+) -> None:
+    """The audit's nine calls: resends up to the cap and wrong codes until the code dies. The owner,
+    from another address, still activates with the token of the newest mail."""
+    server.anonymous.CreateUser(create_request())
+    stranger = server.anonymous
+    for _ in range(server.settings.activation_max_sends - 1):
+        stranger.ResendActivationCode(pb.ResendActivationCodeRequest(identifier="jane"))
+    sends = server.settings.activation_max_sends
+    newest_code = mail.code_for("jane@example.com", nth=sends)
+    for n in range(1, server.settings.activation_max_attempts + 1):
+        wrong = f"{(int(newest_code) + n) % 1_000_000:06d}"
+        rpc_error(stranger.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=wrong))
+    dead = rpc_error(stranger.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=newest_code))
+    assert dead.code() == grpc.StatusCode.INVALID_ARGUMENT  # the code is used up, as designed
+
+    owner = from_address(server, "127.0.0.9")
+    owner.ResendActivationCode(pb.ResendActivationCodeRequest(identifier="jane"))  # capped: sends nothing
+    token = mail.activation_token_for("jane@example.com", nth=sends)
+    activated = owner.ActivateUser(pb.ActivateUserRequest(identifier="jane", token=token)).user
+    assert activated.is_active
+    assert len(mail.wait_for("jane@example.com", sends)) == sends  # the capped resend really sent nothing
+
+
+def test_activation_tokens_work_once_and_only_the_newest(server: RunningServer, mail: MailSink) -> None:
+    server.anonymous.CreateUser(create_request())
+    first = mail.activation_token_for("jane@example.com")
+    server.anonymous.ResendActivationCode(pb.ResendActivationCodeRequest(identifier="jane"))
+    second = mail.activation_token_for("jane@example.com", nth=2)
+    for token in (first, "x" * 43):
+        error = rpc_error(server.anonymous.ActivateUser, pb.ActivateUserRequest(identifier="jane", token=token))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(error).reason == "INVALID_ACTIVATION_CODE"
+    both = rpc_error(
+        server.anonymous.ActivateUser, pb.ActivateUserRequest(identifier="jane", code="123456", token=second)
+    )
+    assert violated_fields(both) == {"token"}
+    assert server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="Jane", token=second)).user.is_active
+    again = rpc_error(server.anonymous.ActivateUser, pb.ActivateUserRequest(identifier="jane", token=second))
+    assert again.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_token_outlives_the_code_but_not_its_own_lifetime(start_server: StartServer, mail: MailSink) -> None:
+    clock = FakeClock()
+    server = start_server(clock=clock)
+    server.anonymous.CreateUser(create_request())
+    server.anonymous.CreateUser(create_request(username="late", email="late@example.com"))
+    code = mail.code_for("jane@example.com")
+    jane_token = mail.activation_token_for("jane@example.com")
+    late_token = mail.activation_token_for("late@example.com")
+    clock.advance(seconds=server.settings.activation_code_ttl_seconds + 1)
+    expired = rpc_error(server.anonymous.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=code))
+    assert expired.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", token=jane_token)).user.is_active
+    clock.advance(seconds=server.settings.activation_token_ttl_seconds)
+    late = rpc_error(server.anonymous.ActivateUser, pb.ActivateUserRequest(identifier="late", token=late_token))
+    assert late.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -73,6 +73,11 @@ class World:
             throttle=PasswordThrottle(store=self.throttles, clock=self.clock, policy=throttle or ThrottlePolicy()),
         )
 
+    def last_token(self) -> str:
+        match = re.search(r"hours:\s+(\S+)", self.mailer.sent[-1].body)
+        assert match, self.mailer.sent[-1].body
+        return match.group(1)
+
     def last_code(self) -> str:
         match = re.search(r"code is (\d{6})", self.mailer.sent[-1].body)
         assert match, self.mailer.sent[-1].body
@@ -377,3 +382,16 @@ def test_common_passwords_are_refused_with_the_reason() -> None:
         world.create(password="Password1234")
     assert "common" in error.value.violations[0].description
     assert world.create(password="walnut harbour violin").username == "jane"
+
+
+def test_wrong_codes_do_not_use_up_the_token(world: World) -> None:
+    world.create()
+    token = world.last_token()
+    for wrong in ("000000", "000001", "000002", "000003", "000004", "000005"):
+        with pytest.raises(InvalidActivationCode):
+            run(world.service.activate_user("jane", wrong))
+    with pytest.raises(InvalidActivationCode):
+        run(world.service.activate_user("jane", "", token="not the token"))
+    assert run(world.service.activate_user("jane", "", token=token)).is_active
+    with pytest.raises(InvalidActivationCode):
+        run(world.service.activate_user("jane", "", token=token))

@@ -106,19 +106,23 @@ class ActivateUserRequest(_message.Message):
 
     IDENTIFIER_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     identifier: _builtins.str
     """Required. The username or email."""
     code: _builtins.str
-    """Required. The code from the activation email."""
+    """The 6-digit code from the activation email. Required unless token is set."""
+    token: _builtins.str
+    """Instead of code: the token from the same email (at most 128 characters)."""
     def __init__(
         self,
         *,
         identifier: _builtins.str = ...,
         code: _builtins.str = ...,
+        token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "identifier", b"identifier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "identifier", b"identifier", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

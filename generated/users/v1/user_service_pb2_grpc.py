@@ -218,10 +218,14 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ActivateUser(self, request, context):
-        """Activate a user with the emailed code
+        """Activate a user with the emailed code or token
 
-        A code works once, expires, and dies after a few wrong guesses.
-        Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
+        The email carries a 6-digit code and a long token; send either. A code
+        works once, expires, and dies after a few wrong guesses. The token works
+        once and cannot be guessed, so it has no guess cap and lasts longer (24
+        hours by default, more than the resend window): a stranger guessing at
+        codes or asking for resends cannot keep the mailbox's owner from
+        activating with the newest mail. Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
         wrong, expired or used up, or the account does not exist or is active
         already: one answer for all, so it tells nothing about the account),
         UNAVAILABLE.

@@ -68,10 +68,14 @@ class UserServiceStub:
     google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
     """
     ActivateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ActivateUserRequest, _user_service_pb2.ActivateUserResponse]
-    """Activate a user with the emailed code
+    """Activate a user with the emailed code or token
 
-    A code works once, expires, and dies after a few wrong guesses.
-    Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
+    The email carries a 6-digit code and a long token; send either. A code
+    works once, expires, and dies after a few wrong guesses. The token works
+    once and cannot be guessed, so it has no guess cap and lasts longer (24
+    hours by default, more than the resend window): a stranger guessing at
+    codes or asking for resends cannot keep the mailbox's owner from
+    activating with the newest mail. Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
     wrong, expired or used up, or the account does not exist or is active
     already: one answer for all, so it tells nothing about the account),
     UNAVAILABLE.
@@ -298,10 +302,14 @@ class UserServiceAsyncStub(UserServiceStub):
     google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
     """
     ActivateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ActivateUserRequest, _user_service_pb2.ActivateUserResponse]  # type: ignore[assignment]
-    """Activate a user with the emailed code
+    """Activate a user with the emailed code or token
 
-    A code works once, expires, and dies after a few wrong guesses.
-    Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
+    The email carries a 6-digit code and a long token; send either. A code
+    works once, expires, and dies after a few wrong guesses. The token works
+    once and cannot be guessed, so it has no guess cap and lasts longer (24
+    hours by default, more than the resend window): a stranger guessing at
+    codes or asking for resends cannot keep the mailbox's owner from
+    activating with the newest mail. Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
     wrong, expired or used up, or the account does not exist or is active
     already: one answer for all, so it tells nothing about the account),
     UNAVAILABLE.
@@ -537,10 +545,14 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.ActivateUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.ActivateUserResponse, _abc.Awaitable[_user_service_pb2.ActivateUserResponse]]:
-        """Activate a user with the emailed code
+        """Activate a user with the emailed code or token
 
-        A code works once, expires, and dies after a few wrong guesses.
-        Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
+        The email carries a 6-digit code and a long token; send either. A code
+        works once, expires, and dies after a few wrong guesses. The token works
+        once and cannot be guessed, so it has no guess cap and lasts longer (24
+        hours by default, more than the resend window): a stranger guessing at
+        codes or asking for resends cannot keep the mailbox's owner from
+        activating with the newest mail. Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
         wrong, expired or used up, or the account does not exist or is active
         already: one answer for all, so it tells nothing about the account),
         UNAVAILABLE.
