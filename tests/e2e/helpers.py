@@ -54,15 +54,20 @@ def violated_fields(error: grpc.RpcError) -> set[str]:
     return fields
 
 
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+def _detail(error: grpc.RpcError, kind: Any) -> Any:
+    """The error's rich-status detail of message type ``kind``."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
+    assert status is not None, "no rich status details"
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo detail")
+        if detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            detail.Unpack(message)
+            return message
+    raise AssertionError(f"no {kind.DESCRIPTOR.name} detail")
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    return _detail(error, error_details_pb2.ErrorInfo)
 
 
 def health_stub(channel: grpc.Channel) -> Any:
@@ -124,11 +129,4 @@ class SourceAddressRelay:
 
 def retry_delay(error: grpc.RpcError) -> float:
     """The seconds of the error's google.rpc.RetryInfo detail."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return float(info.retry_delay.ToTimedelta().total_seconds())
-    raise AssertionError("no RetryInfo detail")
+    return float(_detail(error, error_details_pb2.RetryInfo).retry_delay.ToTimedelta().total_seconds())
