@@ -68,14 +68,6 @@ class Authorizer:
         self._sessions = sessions
         self._machine_identities = frozenset(machine_identities)
 
-    async def authorize(
-        self, method: str, request: object, bearer_token: str | None, peer_identities: Iterable[str]
-    ) -> Caller:
-        """The caller, if ``method``'s rule admits them; else Unauthenticated or PermissionDenied."""
-        caller = await self.caller_of(method, bearer_token, peer_identities)
-        self.admit(method, request, caller)
-        return caller
-
     async def caller_of(self, method: str, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
         """Who calls ``method``, not yet whether its rule admits them (see :meth:`admit`)."""
         rule = RULES.get(method)
