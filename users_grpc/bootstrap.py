@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ _SERVER_OPTIONS = [
     # Bounded connection age lets clients rebalance onto new replicas.
     ("grpc.max_connection_age_ms", 30 * 60 * 1000),
     ("grpc.max_connection_age_grace_ms", 30 * 1000),
+    # One process per address: with SO_REUSEPORT a second, stale instance could bind the same
+    # port and silently answer half the calls.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -93,6 +97,8 @@ class App:
     health_servicer: AsyncHealthServicer
     mail: MailDelivery
     housekeeping: HousekeepingJob
+    # Set once the database is prepared; until then UserService calls are refused as UNAVAILABLE.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -108,8 +114,15 @@ class App:
                 await self.throttles.ensure_indexes()
                 await self.tokens.ensure_signing_key()
                 return
-            except StorageUnavailable:
-                log.warning("database not ready; retrying")
+            except StorageUnavailable as error:
+                log.warning(
+                    "database not ready; retrying",
+                    extra={
+                        "database": redacted_uri(self.settings.mongodb_uri),
+                        "cause": _cause(error),
+                        "retry_in_seconds": self.settings.db_timeout_seconds,
+                    },
+                )
                 await asyncio.sleep(self.settings.db_timeout_seconds)
 
     async def _reload_keys(self) -> None:
@@ -121,10 +134,21 @@ class App:
                 await self.tokens.reload()
             except StorageUnavailable:
                 log.warning("could not reload signing keys")
+            except ConfigError as error:
+                # Another replica sealed keys under another key-encryption key: keep the keys in hand.
+                log.error("could not open the signing keys", extra={"cause": str(error)})
 
     async def start(self) -> None:
-        await self.prepare_database()
+        """Listen at once (alive, not ready), prepare the database, then serve.
+
+        Health answers from the first moment, so probes can tell a server waiting for its
+        database from a dead one; UserService calls wait for :attr:`ready`.
+        """
+        await self.health.starting()
         await self.server.start()
+        log.info("listening", extra={"port": self.port})
+        await self.prepare_database()
+        self.ready.set()
         await self.health.check()
         self._background = [
             asyncio.create_task(self.mail.run()),
@@ -145,7 +169,9 @@ class App:
         self.health.stop()
         self.housekeeping.stop()
         self._stopping.set()
-        _, pending = await asyncio.wait(self._background, timeout=self.settings.smtp_timeout_seconds + 1)
+        pending: set[asyncio.Task[None]] = set()
+        if self._background:  # none if stopped while start-up still waited for the database
+            _, pending = await asyncio.wait(self._background, timeout=self.settings.smtp_timeout_seconds + 1)
         for task in pending:
             task.cancel()
         if pending:
@@ -176,8 +202,10 @@ async def build_app(
     database = client.get_database(settings.mongodb_database, write_concern=WriteConcern("majority"))
     if settings.key_encryption_key is None:
         raise ConfigError(
-            "USERS_KEY_ENCRYPTION_KEY is required: it seals the token signing keys. "
-            "Make one with `users-grpc keys new-kek` and keep it secret."
+            "USERS_KEY_ENCRYPTION_KEY is required: it seals the token signing keys. For the local "
+            "database of `users-grpc dev` it is in var/key-encryption-key (export "
+            "USERS_KEY_ENCRYPTION_KEY=$(cat var/key-encryption-key)); for a new deployment make one "
+            "with `users-grpc keys new-kek` and keep it secret."
         )
     # Digests of codes and tokens, and sealed mail bodies, under keys derived from the key-encryption key.
     secrets_at_rest = SecretsAtRest(settings.key_encryption_key)
@@ -277,10 +305,12 @@ async def build_app(
         session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
     )
 
+    ready = asyncio.Event()
     server = grpc.aio.server(
         interceptors=[
             UserServiceInterceptor(
                 method_prefix=f"/{SERVICE_NAME}/",
+                ready=ready,
                 db_timeout_seconds=settings.db_timeout_seconds,
                 authorizer=Authorizer(sessions=sessions, machine_identities=settings.machine_identities),
                 rate_limit=SourceRateLimit(
@@ -307,12 +337,18 @@ async def build_app(
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
-    port = _add_port(server, settings)
+    try:
+        port = _add_port(server, settings)
+    except ConfigError:
+        await client.close()
+        executor.shutdown(wait=False)
+        raise
 
     return App(
         settings=settings,
         server=server,
         port=port,
+        ready=ready,
         client=client,
         executor=executor,
         users=users,
@@ -343,20 +379,54 @@ async def build_app(
 
 
 async def serve(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain within the configured grace period."""
-    app = await build_app(settings)
+    """Serve until SIGTERM or SIGINT, then drain within the configured grace period.
+
+    The signals are honoured at every stage, also while start-up still waits for the database.
+    """
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    await app.start()
-    await stopping.wait()
-    log.info("shutting down")
-    await app.stop()
+    app = await build_app(settings)
+    starting = asyncio.create_task(app.start())
+    signalled = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a start-up error (such as a wrong key-encryption key) ends here
+            await signalled
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        log.info("shutting down")
+    finally:
+        signalled.cancel()
+        await app.stop()
+
+
+def redacted_uri(uri: str) -> str:
+    """The database URI without its password, for logs."""
+    return re.sub(r"(?<=://)([^/@:]*):[^/@]*@", r"\1:***@", uri)
+
+
+def _cause(error: BaseException) -> str:
+    cause = error.__cause__ or error
+    return f"{type(cause).__name__}: {cause}"[:300]
 
 
 def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
     """Listen in plaintext (the local default), TLS, or mTLS when a client CA is configured."""
+    try:
+        return _bind(server, settings)
+    except RuntimeError:
+        raise ConfigError(
+            f"USERS_GRPC_ADDRESS={settings.grpc_address}: cannot listen there; "
+            "is another server using the port, or is the address not this machine's?"
+        ) from None
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return server.add_insecure_port(settings.grpc_address)
     client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None

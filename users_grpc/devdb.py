@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,14 +42,23 @@ def start_dev_database(
     command = [str(binary), "-listen", listen]
     if data_dir is not None:
         command += ["-data-dir", str(data_dir)]
-    process = subprocess.Popen(  # noqa: S603 - our own binary, arguments from our callers
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert process.stdout is not None
-    # The harness prints this line once its listener is bound: a true readiness signal.
-    line = process.stdout.readline().strip()
-    if not line.startswith("listening mongodb://"):
-        process.kill()
-        process.stdout.close()
-        raise DevDatabaseError(f"{binary} did not start (said {line!r}, exit code {process.wait()})")
+    # Its complaints go to a file, read only if it fails to start: a pipe nobody reads could fill and stall it.
+    with tempfile.TemporaryFile() as complaints:
+        process = subprocess.Popen(  # noqa: S603 - our own binary, arguments from our callers
+            command, stdout=subprocess.PIPE, stderr=complaints, text=True
+        )
+        assert process.stdout is not None
+        # The harness prints this line once its listener is bound: a true readiness signal.
+        line = process.stdout.readline().strip()
+        if not line.startswith("listening mongodb://"):
+            process.kill()
+            process.stdout.close()
+            code = process.wait()
+            complaints.seek(0)
+            said = complaints.read().decode(errors="replace").strip().splitlines()
+            raise DevDatabaseError(
+                f"the embedded database did not start on {listen} (exit code {code}"
+                + (f": {said[-1]}" if said else "")
+                + "); if another process holds that port, stop it or pass --db-listen with a free address"
+            )
     return DevDatabase(process=process, uri=line.removeprefix("listening "))

@@ -1,4 +1,11 @@
-"""Health that follows the database: SERVING while it answers, NOT_SERVING while it does not."""
+"""Health: readiness that follows the database, and liveness that does not.
+
+Readiness (the service names ``""`` and ``users.v1.UserService``) is SERVING while the
+database answers and NOT_SERVING while it does not, or before the server has prepared it:
+a load balancer or readiness probe sends no calls then. Liveness (the name ``liveness``) is
+SERVING as long as the process answers at all: a liveness probe on it never restarts a pod
+because the database blipped.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LIVENESS = "liveness"
 
 
 class DatabaseHealth:
@@ -34,15 +42,23 @@ class DatabaseHealth:
         self._serving: bool | None = None
         self._stopping = asyncio.Event()
 
+    async def starting(self) -> None:
+        """Before the database is prepared: alive, not ready."""
+        await self._servicer.set(LIVENESS, SERVING)
+        await self._publish(NOT_SERVING)
+
     async def check(self) -> bool:
         """Ping once and publish the result; True if the database answered."""
         serving = await self._ping()
         if serving != self._serving:
             log.log(logging.INFO if serving else logging.WARNING, "database %s", "up" if serving else "down")
             self._serving = serving
-        for service in self._services:
-            await self._servicer.set(service, SERVING if serving else NOT_SERVING)
+        await self._publish(SERVING if serving else NOT_SERVING)
         return serving
+
+    async def _publish(self, status: int) -> None:
+        for service in self._services:
+            await self._servicer.set(service, status)
 
     async def run(self) -> None:
         """Check every interval until :meth:`stop`."""

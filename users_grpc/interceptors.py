@@ -3,6 +3,7 @@ domain errors become statuses."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -23,7 +24,7 @@ from users_grpc.access import (
     source_address,
 )
 from users_grpc.domain import Caller
-from users_grpc.errors import MalformedRequest, Overloaded, UsersError, to_rpc_status
+from users_grpc.errors import MalformedRequest, Overloaded, StorageUnavailable, UsersError, to_rpc_status
 from users_grpc.repository import DatabaseBudget, database_budget
 from users_grpc.throttling import SourceRateLimit
 
@@ -65,7 +66,9 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
         authorizer: Authorizer,
         max_concurrent_calls: int,
         rate_limit: SourceRateLimit,
+        ready: asyncio.Event,
     ) -> None:
+        self._ready = ready
         self._method_prefix = method_prefix
         self._db_timeout_seconds = db_timeout_seconds
         self._authorizer = authorizer
@@ -108,6 +111,9 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if isinstance(request, _Malformed):
                     raise MalformedRequest()
+                if not self._ready.is_set():
+                    # Uniqueness rests on indexes made at start-up: nothing is served before them.
+                    raise StorageUnavailable("the service is starting: its database is not ready yet")
                 if self._in_progress >= self._max_concurrent_calls:
                     raise Overloaded(retry_after=OVERLOADED_RETRY_AFTER)
                 self._in_progress += 1

@@ -20,10 +20,12 @@ import uuid
 from datetime import datetime, timedelta
 
 import jwt
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from users_grpc.config import ConfigError
 from users_grpc.domain import AccessClaims, Role, StoredKey, User, is_id
 from users_grpc.errors import Unauthenticated
 from users_grpc.ports import Clock, KeyStore
@@ -110,7 +112,14 @@ class AccessTokens:
         verifying: dict[str, ec.EllipticCurvePublicKey] = {}
         signing: tuple[str, ec.EllipticCurvePrivateKey] | None = None
         for key in keys:
-            private = serialization.load_der_private_key(self._encryption.open(key.sealed_private_key, key.kid), None)
+            try:
+                opened = self._encryption.open(key.sealed_private_key, key.kid)
+            except InvalidTag:
+                raise ConfigError(
+                    "USERS_KEY_ENCRYPTION_KEY does not open the signing keys stored in the database: "
+                    "it is not the key they were sealed with; use the key this database was set up with"
+                ) from None
+            private = serialization.load_der_private_key(opened, None)
             assert isinstance(private, ec.EllipticCurvePrivateKey)
             verifying[key.kid] = private.public_key()
             signing = (key.kid, private)
@@ -155,7 +164,11 @@ class AccessTokens:
         if header.get("typ") != ACCESS_TOKEN_TYPE or header.get("alg") != ALGORITHM or not isinstance(kid, str):
             raise Unauthenticated("not an access token")
         if kid not in self._verifying and time.monotonic() - self._last_reload > _RELOAD_ON_UNKNOWN_KID_SECONDS:
-            await self.reload()
+            try:
+                await self.reload()
+            except ConfigError as error:
+                # Keys sealed under another key-encryption key: the token stays unverifiable, not a crash.
+                log.error("could not open the signing keys", extra={"cause": str(error)})
         key = self._verifying.get(kid)
         if key is None:
             raise Unauthenticated("access token signed by an unknown key")

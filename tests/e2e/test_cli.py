@@ -81,3 +81,30 @@ def test_missing_key_encryption_key_is_a_clear_configuration_error(start_server:
     result = users_grpc("keys", "rotate", server_settings=server.settings, USERS_KEY_ENCRYPTION_KEY="")
     assert result.returncode == 2
     assert "USERS_KEY_ENCRYPTION_KEY is required" in result.stderr
+
+
+def test_a_wrong_key_encryption_key_is_one_clear_sentence(start_server: StartServer) -> None:
+    server = start_server()
+    wrong = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    for command in (["keys", "rotate"], ["create-admin", "--username", "root2", "--email", "root2@example.com"]):
+        result = users_grpc(
+            *command, server_settings=server.settings, USERS_KEY_ENCRYPTION_KEY=wrong, USERS_ADMIN_PASSWORD="x" * 20
+        )
+        assert result.returncode == 2, result.stderr
+        assert "USERS_KEY_ENCRYPTION_KEY does not open the signing keys" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_missing_key_encryption_key_points_at_the_dev_key_file(start_server: StartServer) -> None:
+    server = start_server()
+    result = users_grpc(
+        "create-admin",
+        "--username",
+        "x",
+        "--email",
+        "x@example.com",
+        server_settings=server.settings,
+        USERS_KEY_ENCRYPTION_KEY="",
+    )
+    assert result.returncode == 2
+    assert "var/key-encryption-key" in result.stderr

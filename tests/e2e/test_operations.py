@@ -4,8 +4,11 @@ reflection for grpcurl, grpc-health-probe, and draining on SIGTERM."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -98,6 +101,8 @@ def test_database_outage_is_unavailable_and_recovers_without_restart(
     os.kill(own_database.process.pid, signal.SIGSTOP)
     wait_until(lambda: health_status(server) == NOT_SERVING, what="NOT_SERVING")
     assert next(watch).status == NOT_SERVING
+    assert health_status(server, "") == NOT_SERVING
+    assert health_status(server, "liveness") == SERVING  # a liveness probe does not restart the pod
     result = probe(server.address)
     assert result.returncode != 0
     assert "NOT_SERVING" in result.stdout + result.stderr
@@ -249,3 +254,108 @@ def test_the_concurrency_cap_refuses_user_service_calls_but_never_health_checks(
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
     # Once the sign-ins are done the cap has room again.
     assert server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest()).jwks_json
+
+
+class ServeProcess:
+    """``users-grpc serve`` as a process on port 0, its JSON log lines collected as they come."""
+
+    def __init__(self, **env: str) -> None:
+        environment = {
+            **os.environ,
+            "USERS_GRPC_ADDRESS": "127.0.0.1:0",
+            "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
+            **env,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "users_grpc", "serve"],
+            env=environment,
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def logged(self, message: str) -> list[dict[str, Any]]:
+        records = []
+        for line in list(self.lines):
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("message") == message:
+                    records.append(record)
+        return records
+
+    def port(self) -> int:
+        wait_until(lambda: bool(self.logged("listening")), what="the listening line")
+        return int(self.logged("listening")[0]["port"])
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self._reader.join(5)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+def test_start_up_without_a_database_answers_health_and_stops_at_once_on_sigterm() -> None:
+    """Alive but not ready while the database is unreachable; the retry log names the database
+    (no password) and the cause; SIGTERM ends it within a second."""
+    with socket.socket() as unreachable:
+        unreachable.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        db_port = unreachable.getsockname()[1]
+        serve = ServeProcess(
+            USERS_MONGODB_URI=f"mongodb://app:s3cret-pw@127.0.0.1:{db_port}/",
+            USERS_DB_TIMEOUT_SECONDS="0.3",
+        )
+        try:
+            address = f"127.0.0.1:{serve.port()}"
+            with grpc.insecure_channel(address) as channel:
+                health = health_stub(channel)
+                statuses = {
+                    name: health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+                    for name in ("", SERVICE, "liveness")
+                }
+                assert statuses == {"": NOT_SERVING, SERVICE: NOT_SERVING, "liveness": SERVING}
+                stub = user_service_pb2_grpc.UserServiceStub(channel)
+                error = rpc_error(stub.GetPublicKeys, pb.GetPublicKeysRequest(), timeout=5)
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+            wait_until(lambda: bool(serve.logged("database not ready; retrying")), what="a retry line")
+            retry = serve.logged("database not ready; retrying")[0]
+            assert retry["database"] == f"mongodb://app:***@127.0.0.1:{db_port}/"
+            assert retry["cause"]
+            assert "s3cret-pw" not in "".join(serve.lines)
+            started = time.monotonic()
+            serve.process.send_signal(signal.SIGTERM)
+            assert serve.process.wait(timeout=5) == 0
+            assert time.monotonic() - started < 1.5
+            assert not any("Traceback" in line for line in serve.lines)
+        finally:
+            serve.close()
+
+
+def test_a_busy_address_is_a_clear_start_up_error(server: RunningServer) -> None:
+    """No port sharing: a second server on the same address refuses to start, saying why."""
+    result = subprocess.run(
+        [sys.executable, "-m", "users_grpc", "serve"],
+        env={
+            **os.environ,
+            "USERS_GRPC_ADDRESS": server.address,
+            "USERS_MONGODB_URI": server.settings.mongodb_uri,
+            "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
+        },
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"USERS_GRPC_ADDRESS={server.address}: cannot listen there" in result.stderr
+    assert "Traceback" not in result.stderr
