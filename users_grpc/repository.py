@@ -464,7 +464,9 @@ class MongoUserRepository:
         if before is None:
             return None
         old = _user_from_document(before)
-        return old, dataclasses.replace(old, email=email, updated_at=now)
+        # As stored and read back later: BSON dates hold milliseconds.
+        stored_now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        return old, dataclasses.replace(old, email=email, updated_at=stored_now)
 
     async def _taken_field(self, document: Document, error: DuplicateKeyError) -> str:
         # MongoDB names the clashing index in keyPattern; FerretDB does not, so look it up.

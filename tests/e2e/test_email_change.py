@@ -85,7 +85,9 @@ def test_the_code_goes_to_the_new_address_only_and_nothing_changes_until_it_come
     assert sign_in_status(server, OLD) == grpc.StatusCode.OK
     assert sign_in_status(server, NEW) == grpc.StatusCode.UNAUTHENTICATED
 
-    assert confirm(server, session, code).user.email == STORED
+    confirmed = confirm(server, session, code).user
+    assert confirmed.email == STORED
+    assert server.stub.GetUser(pb.GetUserRequest(id=session.user.id)).user == confirmed  # as stored
     assert sign_in_status(server, NEW) == grpc.StatusCode.OK
     assert sign_in_status(server, OLD) == grpc.StatusCode.UNAUTHENTICATED
     assert server.stub.GetUser(pb.GetUserRequest(id=session.user.id)).user.email == STORED
