@@ -10,6 +10,7 @@ from pymongo import MongoClient
 
 from tests.conftest import MailSink, RunningServer, StartServer
 from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, stored_users, violated_fields
+from tests.e2e.test_recovery import NEW_PASSWORD, reset_token
 from tests.e2e.test_sessions import signed_up
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
@@ -292,3 +293,46 @@ def test_an_admin_sets_an_email_at_once_and_the_old_address_is_told(
         server.stub_for(session.access_token).SetUserEmail, pb.SetUserEmailRequest(user_id=session.user.id, email=NEW)
     )
     assert own.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_of_two_users_confirming_one_address_at_once_one_gets_it(
+    server: RunningServer, mail: MailSink, mongodb_uri: str
+) -> None:
+    alice, bob = signed_up(server, mail, "alice"), signed_up(server, mail, "bob")
+    for session in (alice, bob):
+        change(server, session, "shared@example.com")
+    codes = [mail.code_for("shared@example.com", n) for n in (1, 2)]
+    futures = [
+        server.stub_for(session.access_token).ConfirmEmailChange.future(confirm_request(session, code))
+        for session, code in zip((alice, bob), codes, strict=True)
+    ]
+    errors = [f.exception() for f in futures]
+    assert sum(error is None for error in errors) == 1
+    [loser] = [error for error in errors if error is not None]
+    assert loser.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]
+    assert len(stored_users(mongodb_uri, server.settings.mongodb_database, email_key="shared@example.com")) == 1
+
+
+def test_parallel_confirmations_with_one_code_succeed_once(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    change(server, session, NEW)
+    code = mail.code_for(NEW)
+    own = server.stub_for(session.access_token)
+    futures = [own.ConfirmEmailChange.future(confirm_request(session, code)) for _ in range(4)]
+    assert sum(f.exception() is None for f in futures) == 1
+    assert mail.wait_for(OLD, 3)[2]["Subject"] == CHANGED
+    assert [m["Subject"] for m in mail.messages if m["To"] == OLD].count(CHANGED) == 1
+
+
+def test_a_reset_token_mailed_to_the_old_address_dies_with_the_change(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    token = reset_token(mail, OLD)
+    change(server, session, NEW)
+    confirm(server, session, mail.code_for(NEW))
+    error = rpc_error(
+        server.anonymous.ResetPassword,
+        pb.ResetPasswordRequest(token=token, new_password=NEW_PASSWORD, new_password_confirmation=NEW_PASSWORD),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sign_in_status(server, NEW) == grpc.StatusCode.OK
