@@ -49,6 +49,9 @@ RULES: Mapping[str, Rule] = {
     "ConfirmMfa": Rule.SELF,
     "DisableMfa": Rule.SELF,
     "RegenerateRecoveryCodes": Rule.SELF,
+    "ChangeEmail": Rule.SELF,
+    "ConfirmEmailChange": Rule.SELF,
+    "SetUserEmail": Rule.ADMIN,
 }
 
 # Anonymous calls that cost a password hash or a mail: limited per source address (a user's own

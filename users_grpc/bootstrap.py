@@ -27,6 +27,7 @@ from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import Authorizer
 from users_grpc.config import ConfigError, Settings
 from users_grpc.domain import PasswordPolicy
+from users_grpc.email_change import EmailChangePolicy, EmailChangeService
 from users_grpc.errors import StorageUnavailable
 from users_grpc.health import DatabaseHealth
 from users_grpc.housekeeping import HousekeepingJob, Retention
@@ -281,6 +282,19 @@ async def build_app(
         max_attempts=settings.mfa_max_attempts,
         attempt_window=timedelta(seconds=settings.mfa_attempt_window_seconds),
     )
+    email_changes = EmailChangeService(
+        accounts=accounts,
+        users=users,
+        mailer=mail,
+        digests=secrets_at_rest,
+        clock=clock,
+        policy=EmailChangePolicy(
+            code_ttl=timedelta(seconds=settings.email_change_code_ttl_seconds),
+            max_attempts=settings.activation_max_attempts,
+            max_sends=settings.activation_max_sends,
+            send_window=timedelta(seconds=settings.activation_send_window_seconds),
+        ),
+    )
     passwords = PasswordService(
         accounts=accounts,
         credentials=users,
@@ -330,7 +344,7 @@ async def build_app(
         options=_SERVER_OPTIONS,
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(
-        UserServiceServicer(accounts, sessions, passwords, mfa), server
+        UserServiceServicer(accounts, sessions, passwords, mfa, email_changes), server
     )
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -75,6 +75,7 @@ class Settings:
     activation_send_window_seconds: int = 3600
     activation_token_ttl_seconds: int = 86400
     unactivated_account_retention_seconds: int = 7 * 86400
+    email_change_code_ttl_seconds: int = 900
 
     password_reset_ttl_seconds: int = 1800
     password_reset_max_sends: int = 3
@@ -174,6 +175,9 @@ class Settings:
                 defaults.unactivated_account_retention_seconds,
                 3600,
                 365 * 86400,
+            ),
+            email_change_code_ttl_seconds=env.integer(
+                "USERS_EMAIL_CHANGE_CODE_TTL_SECONDS", defaults.email_change_code_ttl_seconds, 60, 86400
             ),
             password_reset_ttl_seconds=env.integer(
                 "USERS_PASSWORD_RESET_TTL_SECONDS", defaults.password_reset_ttl_seconds, 60, 86400

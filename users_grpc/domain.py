@@ -70,6 +70,18 @@ class ActivationCode:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PendingEmailChange:
+    """A change of address the user asked for, waiting for the code mailed to ``new_email``.
+
+    ``code`` follows the activation rules (keyed digest, expiry, attempt and send caps); its
+    digest binds ``new_email`` too, so a code mailed for one address confirms no other.
+    """
+
+    new_email: str
+    code: ActivationCode
+
+
+@dataclass(frozen=True, kw_only=True)
 class Tally:
     """A throttle's count of events (failed tries, or a source's sign-ins) and when the last one was."""
 

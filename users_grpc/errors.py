@@ -7,6 +7,7 @@ a short message and, where it helps the caller, rich details::
     ├── InvalidArgument        INVALID_ARGUMENT (google.rpc.BadRequest field violations)
     │   ├── InvalidActivationCode
     │   ├── InvalidResetToken
+    │   ├── InvalidEmailChangeCode
     │   └── MalformedRequest   (the bytes are no message of the request's type)
     ├── NotFound               NOT_FOUND
     ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
@@ -87,6 +88,15 @@ class InvalidResetToken(InvalidArgument):
 
     def __init__(self) -> None:
         super().__init__([FieldViolation("token", "the token is wrong, expired or used; request a new one")])
+
+
+class InvalidEmailChangeCode(InvalidArgument):
+    reason = "INVALID_EMAIL_CHANGE_CODE"
+
+    def __init__(self) -> None:
+        super().__init__(
+            [FieldViolation("code", "the code is wrong, expired or used up, or no change is pending; ask again")]
+        )
 
 
 class MalformedRequest(InvalidArgument):

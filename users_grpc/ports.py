@@ -9,7 +9,18 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
-from users_grpc.domain import Account, ActivationCode, Mail, NewUser, QueuedMail, Session, StoredKey, Tally, User
+from users_grpc.domain import (
+    Account,
+    ActivationCode,
+    Mail,
+    NewUser,
+    PendingEmailChange,
+    QueuedMail,
+    Session,
+    StoredKey,
+    Tally,
+    User,
+)
 
 
 class UserRepository(Protocol):
@@ -80,6 +91,32 @@ class CredentialRepository(Protocol):
     async def reserve_mfa_attempt(
         self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
     ) -> bool: ...
+
+
+class EmailChangeRepository(Protocol):
+    """Changes of a user's email. The swap is one conditional update, its uniqueness resting
+    on the unique ``email_key`` index: a taken address raises ``AlreadyExists("email")``."""
+
+    async def get_account(self, user_id: str) -> Account | None: ...
+
+    async def pend_email_change(
+        self, user_id: str, change: PendingEmailChange, *, max_sends: int, window_seconds: int
+    ) -> bool:
+        """Pend ``change`` for an active user, replacing any older one, unless the sends in the
+        window hit the cap; True if pended."""
+
+    async def reserve_email_change_attempt(self, user_id: str, now: datetime) -> PendingEmailChange | None:
+        """Use up one attempt of the user's unexpired pending change and return it; None if there
+        is none, or it has expired or has no attempts left."""
+
+    async def confirm_email_change(
+        self, user_id: str, new_email: str, code_digest: str, now: datetime
+    ) -> tuple[User, User] | None:
+        """Set the pending ``new_email`` if this unexpired code is still pending, in one conditional
+        update; the user (before, after), or None. Works once."""
+
+    async def set_email(self, user_id: str, email: str, now: datetime) -> tuple[User, User] | None:
+        """Set the email at once, dropping any pending change; the user (before, after), or None."""
 
 
 class SessionRepository(Protocol):
@@ -161,7 +198,13 @@ class Mailer(Protocol):
 
 # Each purpose has its own key: a digest made for one never matches in another.
 DigestPurpose = Literal[
-    "activation-code", "activation-token", "recovery-code", "password-reset", "refresh-token", "refresh-token-tag"
+    "activation-code",
+    "activation-token",
+    "recovery-code",
+    "password-reset",
+    "refresh-token",
+    "refresh-token-tag",
+    "email-change-code",
 ]
 
 

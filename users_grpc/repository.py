@@ -7,6 +7,7 @@ no transactions (FerretDB has none, and MongoDB needs none for this).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Coroutine
@@ -31,6 +32,7 @@ from users_grpc.domain import (
     Mail,
     Mfa,
     NewUser,
+    PendingEmailChange,
     QueuedMail,
     Role,
     Session,
@@ -195,8 +197,13 @@ class MongoUserRepository:
         code: ActivationCode,
         max_sends: int,
         window_seconds: int,
+        extra: Document | None = None,
     ) -> bool:
-        """Pend ``code`` in ``field``, replacing any older one, unless the sends in the window hit the cap."""
+        """Pend ``code`` in ``field``, replacing any older one, unless the sends in the window hit the cap.
+
+        ``extra`` holds more fields of the pending ``field`` sub-document, set with the code.
+        """
+        fields = {**_activation_document(code), **(extra or {})}
         window_cutoff = code.window_started_at - timedelta(seconds=window_seconds)
         pending = {"_id": _object_id(user_id), **precondition}
         # Within the running window: count one more send, if the cap allows.
@@ -209,7 +216,7 @@ class MongoUserRepository:
             {
                 "$set": {
                     f"{field}.{name}": value
-                    for name, value in _activation_document(code).items()
+                    for name, value in fields.items()
                     if name not in {"sends_in_window", "window_started_at"}
                 },
                 "$inc": {f"{field}.sends_in_window": 1},
@@ -220,7 +227,7 @@ class MongoUserRepository:
         # The window has run out (or there was none): this send opens a new one.
         opened = await self._users.update_one(
             {**pending, "$or": [{f"{field}.window_started_at": {"$lte": window_cutoff}}, {field: None}]},
-            {"$set": {field: _activation_document(code)}},
+            {"$set": {field: fields}},
         )
         return opened.modified_count == 1
 
@@ -382,6 +389,84 @@ class MongoUserRepository:
         await self._users.update_one(
             {"_id": _object_id(user_id)}, {"$inc": {"token_version": 1}, "$set": {"updated_at": now}}
         )
+
+    @_storage_errors
+    async def pend_email_change(
+        self, user_id: str, change: PendingEmailChange, *, max_sends: int, window_seconds: int
+    ) -> bool:
+        return await self._replace_code(
+            "email_change",
+            {"is_active": True},
+            user_id,
+            change.code,
+            max_sends,
+            window_seconds,
+            extra={"new_email": change.new_email},
+        )
+
+    @_storage_errors
+    async def reserve_email_change_attempt(self, user_id: str, now: datetime) -> PendingEmailChange | None:
+        document = await self._users.find_one_and_update(
+            {
+                "_id": _object_id(user_id),
+                "is_active": True,
+                "email_change.expires_at": {"$gt": now},
+                "email_change.attempts_left": {"$gt": 0},
+            },
+            {"$inc": {"email_change.attempts_left": -1}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if document is None:
+            return None
+        pending = document["email_change"]
+        return PendingEmailChange(new_email=pending["new_email"], code=_activation_from_document(pending))
+
+    @_storage_errors
+    async def confirm_email_change(
+        self, user_id: str, new_email: str, code_digest: str, now: datetime
+    ) -> tuple[User, User] | None:
+        return await self._swap_email(
+            {
+                "_id": _object_id(user_id),
+                "is_active": True,
+                "email_change.new_email": new_email,
+                "email_change.digest": code_digest,
+                "email_change.expires_at": {"$gt": now},
+            },
+            new_email,
+            now,
+        )
+
+    @_storage_errors
+    async def set_email(self, user_id: str, email: str, now: datetime) -> tuple[User, User] | None:
+        return await self._swap_email({"_id": _object_id(user_id)}, email, now)
+
+    async def _swap_email(self, precondition: Document, email: str, now: datetime) -> tuple[User, User] | None:
+        """Set ``email`` where ``precondition`` holds, in one update that the unique ``email_key``
+        index guards: a taken address writes nothing and raises :class:`AlreadyExists`.
+
+        The pending change goes, and so does a pending password reset: its token was mailed to
+        the old address, which no longer speaks for the account.
+        """
+        try:
+            before = await self._users.find_one_and_update(
+                precondition,
+                {
+                    "$set": {"email": email, "email_key": identifier_key(email), "updated_at": now},
+                    "$unset": {"email_change": "", "password_reset": ""},
+                },
+                return_document=ReturnDocument.BEFORE,
+            )
+        except OperationFailure as error:
+            if _is_duplicate_key(error):
+                raise AlreadyExists("email") from None
+            raise
+        if before is None:
+            return None
+        old = _user_from_document(before)
+        # As stored and read back later: BSON dates hold milliseconds.
+        stored_now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        return old, dataclasses.replace(old, email=email, updated_at=stored_now)
 
     async def _taken_field(self, document: Document, error: DuplicateKeyError) -> str:
         # MongoDB names the clashing index in keyPattern; FerretDB does not, so look it up.
@@ -801,6 +886,12 @@ def expired_tallies_query(now: datetime) -> Document:
     # Throttle tallies past any use: failures past their window and longest delay, request
     # counts of a past window, sources not seen within their lifetime.
     return {"expires_at": {"$lt": now}}
+
+
+def _is_duplicate_key(error: OperationFailure) -> bool:
+    """A unique index refused the write. MongoDB says so with E11000 (DuplicateKeyError); FerretDB
+    on SQLite says so for updates (not inserts) only as an InternalError naming the constraint."""
+    return isinstance(error, DuplicateKeyError) or (error.code == 1 and "UNIQUE constraint failed" in str(error))
 
 
 def _object_id(value: str) -> ObjectId | str:

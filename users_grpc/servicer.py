@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from users.v1 import session_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import current_caller
 from users_grpc.domain import AccessClaims, Gender, IssuedTokens, Registration, Role, Session, User
+from users_grpc.email_change import EmailChangeService
 from users_grpc.errors import FieldViolation, InvalidArgument
 from users_grpc.mfa import MfaService
 from users_grpc.recovery import PasswordService
@@ -45,12 +46,18 @@ Context = grpc.aio.ServicerContext[object, object]
 
 class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     def __init__(
-        self, service: UserService, sessions: SessionService, passwords: PasswordService, mfa: MfaService
+        self,
+        service: UserService,
+        sessions: SessionService,
+        passwords: PasswordService,
+        mfa: MfaService,
+        email_changes: EmailChangeService,
     ) -> None:
         self._service = service
         self._sessions = sessions
         self._passwords = passwords
         self._mfa = mfa
+        self._email_changes = email_changes
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
@@ -224,6 +231,26 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     ) -> user_service_pb2.RegenerateRecoveryCodesResponse:
         codes = await self._mfa.regenerate_recovery_codes(request.user_id, request.code)
         return user_service_pb2.RegenerateRecoveryCodesResponse(recovery_codes=codes)
+
+    async def ChangeEmail(
+        self, request: user_service_pb2.ChangeEmailRequest, context: Context
+    ) -> user_service_pb2.ChangeEmailResponse:
+        await self._email_changes.change_email(
+            request.user_id, request.new_email, request.password, source=current_caller.get().source
+        )
+        return user_service_pb2.ChangeEmailResponse()
+
+    async def ConfirmEmailChange(
+        self, request: user_service_pb2.ConfirmEmailChangeRequest, context: Context
+    ) -> user_service_pb2.ConfirmEmailChangeResponse:
+        user = await self._email_changes.confirm_email_change(request.user_id, request.code)
+        return user_service_pb2.ConfirmEmailChangeResponse(user=user_to_proto(user))
+
+    async def SetUserEmail(
+        self, request: user_service_pb2.SetUserEmailRequest, context: Context
+    ) -> user_service_pb2.SetUserEmailResponse:
+        user = await self._email_changes.set_user_email(request.user_id, request.email)
+        return user_service_pb2.SetUserEmailResponse(user=user_to_proto(user))
 
 
 def user_to_proto(user: User) -> user_pb2.User:

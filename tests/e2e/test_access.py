@@ -47,6 +47,9 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ConfirmMfa": lambda id_, _name: pb.ConfirmMfaRequest(user_id=id_, code="x"),
     "DisableMfa": lambda id_, _name: pb.DisableMfaRequest(user_id=id_, password="", code="x"),
     "RegenerateRecoveryCodes": lambda id_, _name: pb.RegenerateRecoveryCodesRequest(user_id=id_, code=""),
+    "ChangeEmail": lambda id_, _name: pb.ChangeEmailRequest(user_id=id_, new_email="", password=PASSWORD),
+    "ConfirmEmailChange": lambda id_, _name: pb.ConfirmEmailChangeRequest(user_id=id_, code="x"),
+    "SetUserEmail": lambda id_, _name: pb.SetUserEmailRequest(user_id=id_, email=""),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them.

@@ -145,6 +145,11 @@ BAD_INPUT = [
     ),
     ("ConfirmMfa", pb.ConfirmMfaRequest(user_id=SELF, code="12345"), "code"),
     ("DisableMfa", pb.DisableMfaRequest(user_id=SELF, password="", code="123456"), "password"),
+    ("ChangeEmail", pb.ChangeEmailRequest(user_id=SELF, new_email="x@", password=PASSWORD), "new_email"),
+    ("ChangeEmail", pb.ChangeEmailRequest(user_id=SELF, new_email="x@example.com", password=""), "password"),
+    ("ConfirmEmailChange", pb.ConfirmEmailChangeRequest(user_id=SELF, code="12345"), "code"),
+    ("SetUserEmail", pb.SetUserEmailRequest(user_id="nope", email="x@example.com"), "user_id"),
+    ("SetUserEmail", pb.SetUserEmailRequest(user_id="f" * 24, email="x@"), "email"),
 ]
 # With a malformed user id nobody is "themself": those calls are PERMISSION_DENIED before any check.
 NO_SELF_INPUT = {"EnableMfa", "GetMfaQrCode", "RegenerateRecoveryCodes"}

@@ -1069,3 +1069,140 @@ class RegenerateRecoveryCodesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegenerateRecoveryCodesResponse: _TypeAlias = RegenerateRecoveryCodesResponse  # noqa: Y015
+
+@_typing.final
+class ChangeEmailRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    NEW_EMAIL_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Required. 24 hexadecimal digits."""
+    new_email: _builtins.str
+    """Required. The same rules as CreateUserRequest.email."""
+    password: _builtins.str
+    """Required. The user's current password."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        new_email: _builtins.str = ...,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_email", b"new_email", "password", b"password", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeEmailRequest: _TypeAlias = ChangeEmailRequest  # noqa: Y015
+
+@_typing.final
+class ChangeEmailResponse(_message.Message):
+    """Deliberately empty: the code is only in the mail to the new address."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeEmailResponse: _TypeAlias = ChangeEmailResponse  # noqa: Y015
+
+@_typing.final
+class ConfirmEmailChangeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Required. 24 hexadecimal digits."""
+    code: _builtins.str
+    """Required. The 6-digit code mailed to the new address."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmEmailChangeRequest: _TypeAlias = ConfirmEmailChangeRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmEmailChangeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The user, with the new email."""
+
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmEmailChangeResponse: _TypeAlias = ConfirmEmailChangeResponse  # noqa: Y015
+
+@_typing.final
+class SetUserEmailRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Required. 24 hexadecimal digits."""
+    email: _builtins.str
+    """Required. The same rules as CreateUserRequest.email."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUserEmailRequest: _TypeAlias = SetUserEmailRequest  # noqa: Y015
+
+@_typing.final
+class SetUserEmailResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The user, with the new email."""
+
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUserEmailResponse: _TypeAlias = SetUserEmailResponse  # noqa: Y015

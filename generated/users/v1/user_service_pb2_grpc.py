@@ -174,6 +174,21 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesResponse.FromString,
                 _registered_method=True)
+        self.ChangeEmail = channel.unary_unary(
+                '/users.v1.UserService/ChangeEmail',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ChangeEmailRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ChangeEmailResponse.FromString,
+                _registered_method=True)
+        self.ConfirmEmailChange = channel.unary_unary(
+                '/users.v1.UserService/ConfirmEmailChange',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ConfirmEmailChangeRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ConfirmEmailChangeResponse.FromString,
+                _registered_method=True)
+        self.SetUserEmail = channel.unary_unary(
+                '/users.v1.UserService/SetUserEmail',
+                request_serializer=users_dot_v1_dot_user__service__pb2.SetUserEmailRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.SetUserEmailResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -499,6 +514,59 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ChangeEmail(self, request, context):
+        """Ask to change the email, given the password
+
+        Mails a 6-digit code to the new address only, and a notice without the
+        code to the current one. Nothing changes until ConfirmEmailChange: sign-in
+        and mail keep using the current address. The code works once, expires
+        (USERS_EMAIL_CHANGE_CODE_TTL_SECONDS, 15 minutes by default), dies after
+        a few wrong guesses and confirms only the address it was mailed to; a new
+        ChangeEmail replaces a pending one. Whether the new address is taken is
+        told only at confirmation. Callers: the user themself. Errors:
+        INVALID_ARGUMENT (a malformed address, or the current one), UNAUTHENTICATED
+        (wrong password; it counts toward the password throttle),
+        PERMISSION_DENIED, RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS: the password
+        throttle, or too many codes mailed within the window; OVERLOADED),
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmEmailChange(self, request, context):
+        """Make the requested email take effect, with the code mailed to it
+
+        From then on sign-in and mail use the new address, and the old one no
+        longer signs in; a notice goes to the old address. A pending password
+        reset dies (its token went to the old address). Sessions and tokens stay
+        valid. Callers: the user themself. Errors: INVALID_ARGUMENT (a malformed
+        code; or the code is wrong, expired or used up, or no change is pending:
+        reason INVALID_EMAIL_CHANGE_CODE), UNAUTHENTICATED, PERMISSION_DENIED,
+        ALREADY_EXISTS (the new address was taken meanwhile; the ErrorInfo
+        metadata names the field `email`; nothing changes and the pending change
+        stays until it expires or is replaced), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetUserEmail(self, request, context):
+        """Set a user's email at once, without a code
+
+        For an admin correcting an address (a typo at registration, a lost
+        mailbox). The old address is told; a pending email change and a pending
+        password reset of the user die; sessions and tokens stay valid. To
+        activate an account whose activation mail went to a wrong address,
+        ResendActivationCode afterwards: the new code goes to the new address.
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
+        ErrorInfo metadata names the field `email`), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -616,6 +684,21 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.RegenerateRecoveryCodes,
                     request_deserializer=users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesResponse.SerializeToString,
+            ),
+            'ChangeEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeEmail,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ChangeEmailRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ChangeEmailResponse.SerializeToString,
+            ),
+            'ConfirmEmailChange': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmEmailChange,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ConfirmEmailChangeRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ConfirmEmailChangeResponse.SerializeToString,
+            ),
+            'SetUserEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserEmail,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.SetUserEmailRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.SetUserEmailResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1264,6 +1347,87 @@ class UserService:
             '/users.v1.UserService/RegenerateRecoveryCodes',
             users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.RegenerateRecoveryCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ChangeEmail',
+            users_dot_v1_dot_user__service__pb2.ChangeEmailRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ChangeEmailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmEmailChange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ConfirmEmailChange',
+            users_dot_v1_dot_user__service__pb2.ConfirmEmailChangeRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ConfirmEmailChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/SetUserEmail',
+            users_dot_v1_dot_user__service__pb2.SetUserEmailRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.SetUserEmailResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -261,6 +261,47 @@ class UserServiceStub:
     INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION
     (MFA is off), RESOURCE_EXHAUSTED, UNAVAILABLE.
     """
+    ChangeEmail: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ChangeEmailRequest, _user_service_pb2.ChangeEmailResponse]
+    """Ask to change the email, given the password
+
+    Mails a 6-digit code to the new address only, and a notice without the
+    code to the current one. Nothing changes until ConfirmEmailChange: sign-in
+    and mail keep using the current address. The code works once, expires
+    (USERS_EMAIL_CHANGE_CODE_TTL_SECONDS, 15 minutes by default), dies after
+    a few wrong guesses and confirms only the address it was mailed to; a new
+    ChangeEmail replaces a pending one. Whether the new address is taken is
+    told only at confirmation. Callers: the user themself. Errors:
+    INVALID_ARGUMENT (a malformed address, or the current one), UNAUTHENTICATED
+    (wrong password; it counts toward the password throttle),
+    PERMISSION_DENIED, RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS: the password
+    throttle, or too many codes mailed within the window; OVERLOADED),
+    UNAVAILABLE.
+    """
+    ConfirmEmailChange: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ConfirmEmailChangeRequest, _user_service_pb2.ConfirmEmailChangeResponse]
+    """Make the requested email take effect, with the code mailed to it
+
+    From then on sign-in and mail use the new address, and the old one no
+    longer signs in; a notice goes to the old address. A pending password
+    reset dies (its token went to the old address). Sessions and tokens stay
+    valid. Callers: the user themself. Errors: INVALID_ARGUMENT (a malformed
+    code; or the code is wrong, expired or used up, or no change is pending:
+    reason INVALID_EMAIL_CHANGE_CODE), UNAUTHENTICATED, PERMISSION_DENIED,
+    ALREADY_EXISTS (the new address was taken meanwhile; the ErrorInfo
+    metadata names the field `email`; nothing changes and the pending change
+    stays until it expires or is replaced), UNAVAILABLE.
+    """
+    SetUserEmail: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.SetUserEmailRequest, _user_service_pb2.SetUserEmailResponse]
+    """Set a user's email at once, without a code
+
+    For an admin correcting an address (a typo at registration, a lost
+    mailbox). The old address is told; a pending email change and a pending
+    password reset of the user die; sessions and tokens stay valid. To
+    activate an account whose activation mail went to a wrong address,
+    ResendActivationCode afterwards: the new code goes to the new address.
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
+    ErrorInfo metadata names the field `email`), UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -494,6 +535,47 @@ class UserServiceAsyncStub(UserServiceStub):
     The old codes stop working. Callers: the user themself. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION
     (MFA is off), RESOURCE_EXHAUSTED, UNAVAILABLE.
+    """
+    ChangeEmail: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ChangeEmailRequest, _user_service_pb2.ChangeEmailResponse]  # type: ignore[assignment]
+    """Ask to change the email, given the password
+
+    Mails a 6-digit code to the new address only, and a notice without the
+    code to the current one. Nothing changes until ConfirmEmailChange: sign-in
+    and mail keep using the current address. The code works once, expires
+    (USERS_EMAIL_CHANGE_CODE_TTL_SECONDS, 15 minutes by default), dies after
+    a few wrong guesses and confirms only the address it was mailed to; a new
+    ChangeEmail replaces a pending one. Whether the new address is taken is
+    told only at confirmation. Callers: the user themself. Errors:
+    INVALID_ARGUMENT (a malformed address, or the current one), UNAUTHENTICATED
+    (wrong password; it counts toward the password throttle),
+    PERMISSION_DENIED, RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS: the password
+    throttle, or too many codes mailed within the window; OVERLOADED),
+    UNAVAILABLE.
+    """
+    ConfirmEmailChange: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ConfirmEmailChangeRequest, _user_service_pb2.ConfirmEmailChangeResponse]  # type: ignore[assignment]
+    """Make the requested email take effect, with the code mailed to it
+
+    From then on sign-in and mail use the new address, and the old one no
+    longer signs in; a notice goes to the old address. A pending password
+    reset dies (its token went to the old address). Sessions and tokens stay
+    valid. Callers: the user themself. Errors: INVALID_ARGUMENT (a malformed
+    code; or the code is wrong, expired or used up, or no change is pending:
+    reason INVALID_EMAIL_CHANGE_CODE), UNAUTHENTICATED, PERMISSION_DENIED,
+    ALREADY_EXISTS (the new address was taken meanwhile; the ErrorInfo
+    metadata names the field `email`; nothing changes and the pending change
+    stays until it expires or is replaced), UNAVAILABLE.
+    """
+    SetUserEmail: _aio.UnaryUnaryMultiCallable[_user_service_pb2.SetUserEmailRequest, _user_service_pb2.SetUserEmailResponse]  # type: ignore[assignment]
+    """Set a user's email at once, without a code
+
+    For an admin correcting an address (a typo at registration, a lost
+    mailbox). The old address is told; a pending email change and a pending
+    password reset of the user die; sessions and tokens stay valid. To
+    activate an account whose activation mail went to a wrong address,
+    ResendActivationCode afterwards: the new code goes to the new address.
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
+    ErrorInfo metadata names the field `email`), UNAVAILABLE.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -863,6 +945,65 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         The old codes stop working. Callers: the user themself. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION
         (MFA is off), RESOURCE_EXHAUSTED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ChangeEmail(
+        self,
+        request: _user_service_pb2.ChangeEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ChangeEmailResponse, _abc.Awaitable[_user_service_pb2.ChangeEmailResponse]]:
+        """Ask to change the email, given the password
+
+        Mails a 6-digit code to the new address only, and a notice without the
+        code to the current one. Nothing changes until ConfirmEmailChange: sign-in
+        and mail keep using the current address. The code works once, expires
+        (USERS_EMAIL_CHANGE_CODE_TTL_SECONDS, 15 minutes by default), dies after
+        a few wrong guesses and confirms only the address it was mailed to; a new
+        ChangeEmail replaces a pending one. Whether the new address is taken is
+        told only at confirmation. Callers: the user themself. Errors:
+        INVALID_ARGUMENT (a malformed address, or the current one), UNAUTHENTICATED
+        (wrong password; it counts toward the password throttle),
+        PERMISSION_DENIED, RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS: the password
+        throttle, or too many codes mailed within the window; OVERLOADED),
+        UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfirmEmailChange(
+        self,
+        request: _user_service_pb2.ConfirmEmailChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ConfirmEmailChangeResponse, _abc.Awaitable[_user_service_pb2.ConfirmEmailChangeResponse]]:
+        """Make the requested email take effect, with the code mailed to it
+
+        From then on sign-in and mail use the new address, and the old one no
+        longer signs in; a notice goes to the old address. A pending password
+        reset dies (its token went to the old address). Sessions and tokens stay
+        valid. Callers: the user themself. Errors: INVALID_ARGUMENT (a malformed
+        code; or the code is wrong, expired or used up, or no change is pending:
+        reason INVALID_EMAIL_CHANGE_CODE), UNAUTHENTICATED, PERMISSION_DENIED,
+        ALREADY_EXISTS (the new address was taken meanwhile; the ErrorInfo
+        metadata names the field `email`; nothing changes and the pending change
+        stays until it expires or is replaced), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def SetUserEmail(
+        self,
+        request: _user_service_pb2.SetUserEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.SetUserEmailResponse, _abc.Awaitable[_user_service_pb2.SetUserEmailResponse]]:
+        """Set a user's email at once, without a code
+
+        For an admin correcting an address (a typo at registration, a lost
+        mailbox). The old address is told; a pending email change and a pending
+        password reset of the user die; sessions and tokens stay valid. To
+        activate an account whose activation mail went to a wrong address,
+        ResendActivationCode afterwards: the new code goes to the new address.
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
+        ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
