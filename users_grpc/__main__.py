@@ -107,7 +107,8 @@ def _dev_key_encryption_key() -> str:
 
 def _with_app(settings: Settings, task: Callable[[App], Awaitable[_T]]) -> _T:
     async def run() -> _T:
-        app = await build_app(settings)
+        # An operator's command serves nothing: a port of its own, so it runs beside a live server.
+        app = await build_app(dataclasses.replace(settings, grpc_address="127.0.0.1:0"))
         try:
             await app.prepare_database()
             return await task(app)

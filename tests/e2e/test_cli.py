@@ -108,3 +108,10 @@ def test_missing_key_encryption_key_points_at_the_dev_key_file(start_server: Sta
     )
     assert result.returncode == 2
     assert "var/key-encryption-key" in result.stderr
+
+
+def test_operator_commands_run_beside_a_server_on_the_same_address(start_server: StartServer) -> None:
+    """create-admin and keys rotate serve nothing: they never bind the server's address."""
+    server = start_server()
+    result = users_grpc("keys", "rotate", server_settings=server.settings, USERS_GRPC_ADDRESS=server.address)
+    assert result.returncode == 0, result.stderr
