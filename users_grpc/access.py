@@ -49,6 +49,12 @@ RULES: Mapping[str, Rule] = {
     "ConfirmMfa": Rule.SELF,
     "DisableMfa": Rule.SELF,
     "RegenerateRecoveryCodes": Rule.SELF,
+    "SetUserRole": Rule.ADMIN,
+    "DeactivateUser": Rule.ADMIN,
+    "ReactivateUser": Rule.ADMIN,
+    "LockUser": Rule.ADMIN,
+    "UnlockUser": Rule.ADMIN,
+    "ResetUserMfa": Rule.ADMIN,
 }
 
 # Anonymous calls that cost a password hash or a mail: limited per source address (a user's own

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import MailSink, RunningServer
 from tests.e2e.helpers import PASSWORD, create_request
 from tests.e2e.test_sessions import signed_up
+from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.access import RULES, Rule
 
@@ -47,6 +48,13 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ConfirmMfa": lambda id_, _name: pb.ConfirmMfaRequest(user_id=id_, code="x"),
     "DisableMfa": lambda id_, _name: pb.DisableMfaRequest(user_id=id_, password="", code="x"),
     "RegenerateRecoveryCodes": lambda id_, _name: pb.RegenerateRecoveryCodesRequest(user_id=id_, code=""),
+    # The admin actions name a user who does not exist: they change nothing.
+    "SetUserRole": lambda _id, _name: pb.SetUserRoleRequest(user_id="f" * 24, role=user_pb2.ROLE_ADMIN),
+    "DeactivateUser": lambda _id, _name: pb.DeactivateUserRequest(user_id="f" * 24),
+    "ReactivateUser": lambda _id, _name: pb.ReactivateUserRequest(user_id="f" * 24),
+    "LockUser": lambda _id, _name: pb.LockUserRequest(user_id="f" * 24),
+    "UnlockUser": lambda _id, _name: pb.UnlockUserRequest(user_id="f" * 24),
+    "ResetUserMfa": lambda _id, _name: pb.ResetUserMfaRequest(user_id="f" * 24),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them.
