@@ -317,3 +317,18 @@ def test_documents_written_before_states_read_back_with_their_state(server: Runn
     # The account never activated still activates.
     code = mail.code_for("pat@example.com")
     assert server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="pat", code=code)).user.is_active
+
+
+def test_admin_actions_are_logged_with_the_admin_and_the_user(
+    server: RunningServer, mail: MailSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    jane = signed_up(server, mail)
+    caplog.set_level("INFO", logger="users_grpc")
+    server.stub.LockUser(pb.LockUserRequest(user_id=jane.user.id))
+    server.stub.SetUserRole(pb.SetUserRoleRequest(user_id=jane.user.id, role=user_pb2.ROLE_ADMIN))
+    logged = {
+        (record.getMessage(), getattr(record, "user_id", None), getattr(record, "caller_user_id", None))
+        for record in caplog.records
+    }
+    assert ("user state changed", jane.user.id, server.admin_id) in logged
+    assert ("user role changed", jane.user.id, server.admin_id) in logged
