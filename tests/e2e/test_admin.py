@@ -201,13 +201,16 @@ def test_a_suspended_user_is_shut_out_at_once_and_let_back_in(
     lookup = pb.GetUserByIdentifierRequest(identifier="jane")
     assert rpc_error(server.stub.GetUserByIdentifier, lookup).code() == grpc.StatusCode.NOT_FOUND
     assert server.stub.GetUser(pb.GetUserRequest(id=jane.user.id)).user.state == state
-    # No reset mail: bob's, asked for after hers, arrives alone.
+    # No reset mail, and no new activation code (which would let her activate herself back):
+    # bob's reset, asked for after hers, arrives alone.
     server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    server.anonymous.ResendActivationCode(pb.ResendActivationCodeRequest(identifier="jane"))
     server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="bob"))
     mail.wait_for("bob@example.com", 2)  # activation, then the reset
     assert [m["Subject"] for m in mail.messages if m["To"] == "jane@example.com"] == ["Your activation code"]
     [stored] = stored_users(server.settings.mongodb_uri, server.settings.mongodb_database, username="jane")
     assert "password_reset" not in stored
+    assert stored.get("activation") is None
     # The other suspension's way back does not apply.
     error = rpc_error(getattr(server.stub, other_restore), getattr(pb, f"{other_restore}Request")(user_id=jane.user.id))
     assert (error.code(), error_info(error).reason) == (FAILED_PRECONDITION, "WRONG_USER_STATE")
