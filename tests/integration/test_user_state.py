@@ -13,8 +13,10 @@ import pytest
 from bson import ObjectId
 from pymongo import AsyncMongoClient
 
-from users_grpc.domain import ActivationCode, Gender, NewUser, Role, UserState
+from users_grpc.domain import ActivationCode, Gender, NewUser, Role, User, UserState
+from users_grpc.errors import LastActiveAdmin
 from users_grpc.repository import Document, MongoHousekeeping, MongoUserRepository, never_activated_query
+from users_grpc.service import keep_an_active_admin
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -190,5 +192,54 @@ def test_the_count_of_active_admins_is_served_by_an_index(run: Any) -> None:
         plan = str(explained["queryPlanner"]["winningPlan"])
         assert "IXSCAN" in plan or "COUNT_SCAN" in plan, plan
         assert "COLLSCAN" not in plan, plan
+
+    run(body)
+
+
+def test_removals_of_the_last_admins_undo_themselves_in_every_interleaving(run: Any) -> None:
+    """Two admins demote each other. The e2e race cannot choose its interleaving; here each is forced."""
+
+    async def body(stores: Stores) -> None:
+        users = stores.users
+        ada = await users.add(new_user("ada", active=True, role=Role.ADMIN))
+        bea = await users.add(new_user("bea", active=True, role=Role.ADMIN))
+
+        def demote(user_id: str) -> Awaitable[User | None]:
+            return users.set_role(user_id, Role.USER, NOW)
+
+        async def stands(before: User | None, barrier: asyncio.Barrier | None = None) -> bool:
+            """keep_an_active_admin after a demotion; True if the demotion stands. With a barrier,
+            no undo starts before every guard has counted."""
+            assert before is not None
+
+            async def undo() -> object:
+                if barrier is not None:
+                    await barrier.wait()
+                return await users.set_role(before.id, Role.ADMIN, NOW)
+
+            try:
+                await keep_an_active_admin(users, before, undo=undo)
+            except LastActiveAdmin:
+                return False
+            return True
+
+        # Both writes land, then both count (none left), then both undo: both refused, both admins stay.
+        first, second = await demote(ada.id), await demote(bea.id)
+        barrier = asyncio.Barrier(2)
+        outcomes = await asyncio.gather(stands(first, barrier), stands(second, barrier))
+        assert list(outcomes) == [False, False]
+        assert await users.count_active_admins() == 2
+        # Both writes land, one counts and undoes before the other counts: the other stands.
+        first, second = await demote(ada.id), await demote(bea.id)
+        assert [await stands(first), await stands(second)] == [False, True]
+        assert await users.count_active_admins() == 1
+        # One counts before the other writes: it stands, and the later one undoes itself.
+        await users.set_role(bea.id, Role.ADMIN, NOW)
+        assert await stands(await demote(ada.id))
+        assert not await stands(await demote(bea.id))
+        remaining = await users.get(bea.id)
+        assert remaining is not None
+        assert remaining.is_active_admin
+        assert await users.count_active_admins() == 1
 
     run(body)
