@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 
-from users_grpc.domain import Account, ActivationCode, Mail, NewUser, Tally, User, identifier_key
+from users_grpc.domain import Account, ActivationCode, Mail, NewUser, Role, Tally, User, UserState, identifier_key
 from users_grpc.errors import AlreadyExists
 
 
@@ -71,7 +71,7 @@ class FakeUserRepository:
             email=new_user.email,
             gender=new_user.gender,
             role=new_user.role,
-            is_active=new_user.is_active,
+            state=UserState.ACTIVE if new_user.is_active else UserState.PENDING_ACTIVATION,
             created_at=new_user.created_at,
             updated_at=new_user.created_at,
         )
@@ -109,7 +109,7 @@ class FakeUserRepository:
         if pending is None or pending[1].digest != code_digest:
             return None
         account = pending[0]
-        user = dataclasses.replace(account.user, is_active=True, updated_at=now)
+        user = dataclasses.replace(account.user, state=UserState.ACTIVE, updated_at=now)
         self.accounts[user_id] = dataclasses.replace(account, user=user, activation=None)
         return user
 
@@ -122,7 +122,7 @@ class FakeUserRepository:
             return None
         if activation.token_expires_at is None or activation.token_expires_at <= now:
             return None
-        user = dataclasses.replace(account.user, is_active=True, updated_at=now)
+        user = dataclasses.replace(account.user, state=UserState.ACTIVE, updated_at=now)
         self.accounts[user_id] = dataclasses.replace(account, user=user, activation=None)
         return user
 
@@ -153,6 +153,32 @@ class FakeUserRepository:
         account = self.accounts[user_id]
         user = dataclasses.replace(account.user, token_version=account.user.token_version + 1, updated_at=now)
         self.accounts[user_id] = dataclasses.replace(account, user=user)
+
+    async def change_state(
+        self, user_id: str, *, from_states: frozenset[UserState], to: UserState, now: datetime
+    ) -> User | None:
+        account = self.accounts.get(user_id)
+        if account is None or account.user.state not in from_states:
+            return None
+        user = dataclasses.replace(account.user, state=to, updated_at=now)
+        self.accounts[user_id] = dataclasses.replace(account, user=user)
+        return account.user
+
+    async def set_role(self, user_id: str, role: Role, now: datetime) -> User | None:
+        account = self.accounts.get(user_id)
+        if account is None or account.user.role is role:
+            return None
+        self.accounts[user_id] = dataclasses.replace(
+            account, user=dataclasses.replace(account.user, role=role, updated_at=now)
+        )
+        return account.user
+
+    async def count_active_admins(self) -> int:
+        return sum(account.user.is_active_admin for account in self.accounts.values())
+
+    async def delete_unless_active_admin(self, user_id: str) -> bool:
+        account = self.accounts.get(user_id)
+        return account is not None and not account.user.is_active_admin and await self.delete(user_id)
 
 
 class FakeThrottleStore:

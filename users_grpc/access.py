@@ -52,6 +52,12 @@ RULES: Mapping[str, Rule] = {
     "ChangeEmail": Rule.SELF,
     "ConfirmEmailChange": Rule.SELF,
     "SetUserEmail": Rule.ADMIN,
+    "SetUserRole": Rule.ADMIN,
+    "DeactivateUser": Rule.ADMIN,
+    "ReactivateUser": Rule.ADMIN,
+    "LockUser": Rule.ADMIN,
+    "UnlockUser": Rule.ADMIN,
+    "ResetUserMfa": Rule.ADMIN,
 }
 
 # Anonymous calls that cost a password hash or a mail: limited per source address (a user's own

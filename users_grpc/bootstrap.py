@@ -25,6 +25,7 @@ from pymongo import AsyncMongoClient, WriteConcern
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import Authorizer
+from users_grpc.admin import AdminService
 from users_grpc.config import ConfigError, Settings
 from users_grpc.domain import PasswordPolicy
 from users_grpc.email_change import EmailChangePolicy, EmailChangeService
@@ -234,6 +235,17 @@ async def build_app(
     password_policy = PasswordPolicy(
         min_length=settings.password_min_length, common_passwords=common_passwords(settings.password_min_length)
     )
+    password_throttle = PasswordThrottle(
+        store=throttles,
+        clock=clock,
+        policy=ThrottlePolicy(
+            free_attempts=settings.password_free_attempts,
+            account_free_attempts=settings.password_account_free_attempts,
+            window=timedelta(seconds=settings.password_attempt_window_seconds),
+            max_delay=timedelta(seconds=settings.password_max_delay_seconds),
+            known_source_lifetime=timedelta(seconds=settings.known_source_ttl_seconds),
+        ),
+    )
     accounts = UserService(
         users=users,
         mailer=mail,
@@ -249,17 +261,7 @@ async def build_app(
             activation_token_ttl=timedelta(seconds=settings.activation_token_ttl_seconds),
             reply_floor=timedelta(seconds=settings.reply_floor_seconds),
         ),
-        throttle=PasswordThrottle(
-            store=throttles,
-            clock=clock,
-            policy=ThrottlePolicy(
-                free_attempts=settings.password_free_attempts,
-                account_free_attempts=settings.password_account_free_attempts,
-                window=timedelta(seconds=settings.password_attempt_window_seconds),
-                max_delay=timedelta(seconds=settings.password_max_delay_seconds),
-                known_source_lifetime=timedelta(seconds=settings.known_source_ttl_seconds),
-            ),
-        ),
+        throttle=password_throttle,
     )
     encryption = KeyEncryption(settings.key_encryption_key)
     tokens = AccessTokens(
@@ -344,7 +346,15 @@ async def build_app(
         options=_SERVER_OPTIONS,
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(
-        UserServiceServicer(accounts, sessions, passwords, mfa, email_changes), server
+        UserServiceServicer(
+            accounts,
+            sessions,
+            passwords,
+            mfa,
+            email_changes,
+            AdminService(users=users, sessions=session_store, throttle=password_throttle, mfa=mfa, clock=clock),
+        ),
+        server,
     )
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

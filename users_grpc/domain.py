@@ -23,6 +23,13 @@ class Role(enum.Enum):
     ADMIN = "admin"
 
 
+class UserState(enum.Enum):
+    PENDING_ACTIVATION = "pending_activation"
+    ACTIVE = "active"
+    DEACTIVATED = "deactivated"
+    LOCKED = "locked"
+
+
 class Gender(enum.Enum):
     UNSPECIFIED = "unspecified"
     MALE = "male"
@@ -41,13 +48,22 @@ class User:
     email: str
     gender: Gender
     role: Role
-    is_active: bool
+    state: UserState
     created_at: datetime
     updated_at: datetime
     # Bumped whenever earlier access tokens must stop working (RevokeAllSessions, and later
     # password, role and MFA changes); tokens carry the version they were issued under.
     token_version: int = 0
     mfa_enabled: bool = False
+
+    @property
+    def is_active(self) -> bool:
+        """Only an active account signs in, refreshes, resets its password or is found by identifier."""
+        return self.state is UserState.ACTIVE
+
+    @property
+    def is_active_admin(self) -> bool:
+        return self.role is Role.ADMIN and self.is_active
 
 
 @dataclass(frozen=True, kw_only=True)

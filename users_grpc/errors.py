@@ -17,6 +17,10 @@ a short message and, where it helps the caller, rich details::
     ├── InvalidSecondFactor    UNAUTHENTICATED
     ├── FailedPrecondition     FAILED_PRECONDITION
     │   ├── AccountNotActive
+    │   ├── AccountDeactivated
+    │   ├── AccountLocked
+    │   ├── LastActiveAdmin
+    │   ├── WrongUserState
     │   └── MfaRequired
     ├── TooManyAttempts        RESOURCE_EXHAUSTED (google.rpc.RetryInfo: when to try again)
     ├── TooManyRequests        RESOURCE_EXHAUSTED (RetryInfo)
@@ -178,6 +182,27 @@ class Overloaded(UsersError):
 class AccountNotActive(FailedPrecondition):
     reason = "ACCOUNT_NOT_ACTIVE"
     message = "the account is not activated; use the emailed code or request a new one"
+
+
+class AccountDeactivated(FailedPrecondition):
+    reason = "ACCOUNT_DEACTIVATED"
+    message = "the account is deactivated; contact an administrator"
+
+
+class AccountLocked(FailedPrecondition):
+    reason = "ACCOUNT_LOCKED"
+    message = "the account is locked; contact an administrator"
+
+
+class LastActiveAdmin(FailedPrecondition):
+    reason = "LAST_ACTIVE_ADMIN"
+    message = "the user is the last active admin; make another admin first"
+
+
+class WrongUserState(FailedPrecondition):
+    """An admin action that does not apply to the account's current state."""
+
+    reason = "WRONG_USER_STATE"
 
 
 class StorageUnavailable(UsersError):

@@ -31,6 +31,7 @@ from users_grpc.errors import (
     InvalidCredentials,
     InvalidSecondFactor,
     MfaRequired,
+    NotFound,
     TooManyAttempts,
 )
 from users_grpc.ports import Clock, CredentialRepository, Mailer, SecretDigests, SessionRepository
@@ -152,6 +153,19 @@ class MfaService:
         await self._check_second_factor(user_id, code)
         await self._credentials.disable_mfa(user_id, self._clock.now())
         await self._after_change(account.user, "Two-factor sign-in is off")
+
+    async def reset(self, user_id: str) -> User:
+        """For an admin helping a user who lost both authenticator and recovery codes: MFA off
+        (a pending enrollment goes too), every session and token ended, the user told."""
+        domain.validate_user_id(user_id, "user_id")
+        account = await self._credentials.get_account(user_id)
+        if account is None:
+            raise NotFound()
+        if account.mfa is None:
+            raise FailedPrecondition("MFA is off")
+        await self._credentials.disable_mfa(user_id, self._clock.now())
+        await self._after_change(account.user, "Two-factor sign-in was reset by an administrator")
+        return await self._accounts.get_user(user_id)
 
     async def regenerate_recovery_codes(self, user_id: str, code: str) -> list[str]:
         code = _validated_code(code, "code")

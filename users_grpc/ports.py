@@ -16,10 +16,12 @@ from users_grpc.domain import (
     NewUser,
     PendingEmailChange,
     QueuedMail,
+    Role,
     Session,
     StoredKey,
     Tally,
     User,
+    UserState,
 )
 
 
@@ -57,6 +59,21 @@ class UserRepository(Protocol):
 
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
         """Make every access token issued to the user so far invalid."""
+
+    async def change_state(
+        self, user_id: str, *, from_states: frozenset[UserState], to: UserState, now: datetime
+    ) -> User | None:
+        """Move the user from one of ``from_states`` to ``to`` in one conditional update (the token
+        version unchanged); the user as it was before, or None if it was in none of them."""
+
+    async def set_role(self, user_id: str, role: Role, now: datetime) -> User | None:
+        """Give the user ``role`` in one conditional update (the token version unchanged); the user as
+        it was before, or None if there is no such user or they had the role already."""
+
+    async def count_active_admins(self) -> int: ...
+
+    async def delete_unless_active_admin(self, user_id: str) -> bool:
+        """Delete the user unless they are an active admin, in one operation; True if deleted."""
 
 
 class CredentialRepository(Protocol):

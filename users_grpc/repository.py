@@ -39,6 +39,7 @@ from users_grpc.domain import (
     StoredKey,
     Tally,
     User,
+    UserState,
     identifier_key,
 )
 from users_grpc.errors import AlreadyExists, StorageUnavailable
@@ -111,6 +112,8 @@ class MongoUserRepository:
         await self._users.create_index(
             [("is_active", ASCENDING), ("created_at", ASCENDING)], name="is_active_created_at"
         )
+        # Serves the count of active admins that keeps at least one.
+        await self._users.create_index([("role", ASCENDING), ("is_active", ASCENDING)], name="role_is_active")
 
     def new_id(self) -> str:
         return str(ObjectId())
@@ -151,28 +154,24 @@ class MongoUserRepository:
 
     @_storage_errors
     async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
-        document = await self._users.find_one_and_update(
-            {
-                "_id": _object_id(user_id),
-                "is_active": False,
-                "activation.digest": code_digest,
-                "activation.expires_at": {"$gt": now},
-            },
-            {"$set": {"is_active": True, "updated_at": now}, "$unset": {"activation": ""}},
-            return_document=ReturnDocument.AFTER,
+        return await self._activate_if(
+            user_id, {"activation.digest": code_digest, "activation.expires_at": {"$gt": now}}, now
         )
-        return None if document is None else _user_from_document(document)
 
     @_storage_errors
     async def activate_with_token(self, user_id: str, token_digest: str, now: datetime) -> User | None:
+        return await self._activate_if(
+            user_id, {"activation.token_digest": token_digest, "activation.token_expires_at": {"$gt": now}}, now
+        )
+
+    async def _activate_if(self, user_id: str, proof: Document, now: datetime) -> User | None:
+        """Activate a pending user if ``proof`` (an unexpired code or token) matches; works once."""
         document = await self._users.find_one_and_update(
+            {"_id": _object_id(user_id), "is_active": False, **proof},
             {
-                "_id": _object_id(user_id),
-                "is_active": False,
-                "activation.token_digest": token_digest,
-                "activation.token_expires_at": {"$gt": now},
+                "$set": {"is_active": True, "state": UserState.ACTIVE.value, "updated_at": now},
+                "$unset": {"activation": ""},
             },
-            {"$set": {"is_active": True, "updated_at": now}, "$unset": {"activation": ""}},
             return_document=ReturnDocument.AFTER,
         )
         return None if document is None else _user_from_document(document)
@@ -181,7 +180,7 @@ class MongoUserRepository:
     async def replace_activation_code(
         self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
     ) -> bool:
-        return await self._replace_code("activation", {"is_active": False}, user_id, code, max_sends, window_seconds)
+        return await self._replace_code("activation", _NEVER_ACTIVATED, user_id, code, max_sends, window_seconds)
 
     @_storage_errors
     async def replace_password_reset(
@@ -382,6 +381,51 @@ class MongoUserRepository:
     @_storage_errors
     async def delete_by_identifier(self, identifier_key: str) -> bool:
         result = await self._users.delete_one(_identifier_filter(identifier_key))
+        return result.deleted_count == 1
+
+    @_storage_errors
+    async def change_state(
+        self, user_id: str, *, from_states: frozenset[UserState], to: UserState, now: datetime
+    ) -> User | None:
+        """Move the user from one of ``from_states`` to ``to`` in one conditional update; the user as
+        it was before, or None if it was in no such state. The token version is left to the caller,
+        which may still have to undo the change (see :func:`users_grpc.service.keep_an_active_admin`)."""
+        update: Document = {"$set": {"state": to.value, "is_active": to is UserState.ACTIVE, "updated_at": now}}
+        if to is not UserState.ACTIVE:
+            # A suspended account has no pending code or reset token: nothing mailed earlier works,
+            # and housekeeping's purge of never-activated accounts (which keys on a pending
+            # activation) can never take it.
+            update["$unset"] = {"activation": "", "password_reset": ""}
+        document = await self._users.find_one_and_update(
+            {"_id": _object_id(user_id), "$or": [_STATE_FILTERS[state] for state in from_states]},
+            update,
+            return_document=ReturnDocument.BEFORE,
+        )
+        return None if document is None else _user_from_document(document)
+
+    @_storage_errors
+    async def set_role(self, user_id: str, role: Role, now: datetime) -> User | None:
+        """Give the user ``role`` unless they have it; the user as it was before, or None if there is
+        no such user or they had the role already. The token version is left to the caller, as in
+        :meth:`change_state`."""
+        document = await self._users.find_one_and_update(
+            {"_id": _object_id(user_id), "role": {"$ne": role.value}},
+            {"$set": {"role": role.value, "updated_at": now}},
+            return_document=ReturnDocument.BEFORE,
+        )
+        return None if document is None else _user_from_document(document)
+
+    @_storage_errors
+    async def count_active_admins(self) -> int:
+        # is_active is written with every state, and legacy documents without a state have it too.
+        return await self._users.count_documents({"role": Role.ADMIN.value, "is_active": True})
+
+    @_storage_errors
+    async def delete_unless_active_admin(self, user_id: str) -> bool:
+        """Delete the user if they are not an active admin (checked in the same operation)."""
+        result = await self._users.delete_one(
+            {"_id": _object_id(user_id), "$or": [{"role": {"$ne": Role.ADMIN.value}}, {"is_active": False}]}
+        )
         return result.deleted_count == 1
 
     @_storage_errors
@@ -901,6 +945,28 @@ def _object_id(value: str) -> ObjectId | str:
     return ObjectId(value) if ObjectId.is_valid(value) else value
 
 
+# What each state looks like in a filter. Documents written before states existed have no
+# ``state``: they were active (is_active true) or never activated.
+_STATE_FILTERS: dict[UserState, Document] = {
+    UserState.ACTIVE: {"is_active": True},
+    UserState.PENDING_ACTIVATION: {
+        "is_active": False,
+        "state": {"$nin": [UserState.DEACTIVATED.value, UserState.LOCKED.value]},
+    },
+    UserState.DEACTIVATED: {"state": UserState.DEACTIVATED.value},
+    UserState.LOCKED: {"state": UserState.LOCKED.value},
+}
+_NEVER_ACTIVATED = _STATE_FILTERS[UserState.PENDING_ACTIVATION]
+
+
+def _state_of(document: Document) -> UserState:
+    state = document.get("state")
+    if state is not None:
+        return UserState(state)
+    # Written before states existed: only activation set is_active, and nothing cleared it.
+    return UserState.ACTIVE if document["is_active"] else UserState.PENDING_ACTIVATION
+
+
 def _identifier_filter(key: str) -> Document:
     return {"$or": [{"username_key": key}, {"email_key": key}]}
 
@@ -917,6 +983,7 @@ def _document_from_new_user(new_user: NewUser) -> Document:
         "gender": new_user.gender.value,
         "role": new_user.role.value,
         "is_active": new_user.is_active,
+        "state": (UserState.ACTIVE if new_user.is_active else UserState.PENDING_ACTIVATION).value,
         "password_hash": new_user.password_hash,
         "activation": None if new_user.activation is None else _activation_document(new_user.activation),
         "created_at": new_user.created_at,
@@ -946,7 +1013,7 @@ def _user_from_document(document: Document) -> User:
         email=document["email"],
         gender=Gender(document["gender"]),
         role=Role(document["role"]),
-        is_active=document["is_active"],
+        state=_state_of(document),
         created_at=document["created_at"],
         updated_at=document["updated_at"],
         token_version=document.get("token_version", 0),

@@ -11,7 +11,7 @@ import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -27,11 +27,16 @@ from users_grpc.domain import (
     Registration,
     Role,
     User,
+    UserState,
 )
 from users_grpc.errors import (
+    AccountDeactivated,
+    AccountLocked,
     AccountNotActive,
+    FailedPrecondition,
     InvalidActivationCode,
     InvalidCredentials,
+    LastActiveAdmin,
     NotFound,
     Overloaded,
     PermissionDenied,
@@ -40,6 +45,37 @@ from users_grpc.ports import Clock, Mailer, PasswordHasher, SecretDigests, UserR
 from users_grpc.throttling import PasswordThrottle
 
 log = logging.getLogger(__name__)
+
+# Told only after the right password, as for accounts not yet activated.
+_NOT_ACTIVE_ERRORS = {
+    UserState.PENDING_ACTIVATION: AccountNotActive,
+    UserState.DEACTIVATED: AccountDeactivated,
+    UserState.LOCKED: AccountLocked,
+}
+# A delete retries this often when the user changes between its steps (promoted, say), then gives up.
+_DELETE_ROUNDS = 3
+
+
+async def keep_an_active_admin(users: UserRepository, before: User, undo: Callable[[], Awaitable[object]]) -> None:
+    """After a change that took ``before`` out of the active admins: undo it, and refuse with
+    LastActiveAdmin, if no active admin is left.
+
+    There are no transactions (FerretDB has none), so the change is applied first, by one
+    conditional update, and the active admins counted after it. Of changes racing to remove the
+    last active admins, the one whose write lands last counts after every other write and sees
+    none left, so it undoes itself: at least one active admin remains. (All may see none and
+    all undo; callers then retry.) Callers bump the token version only once this passed, so an
+    undone change leaves every token working.
+
+    A crash between the change and its undo can leave no active admin. The window is one count
+    long and opens only while the last admins are being removed; an operator then makes an
+    admin with the CLI (``users-grpc create-admin``), which needs database access, not an admin.
+    """
+    if not before.is_active_admin or await users.count_active_admins() > 0:
+        return
+    await undo()
+    log.warning("change refused: it would leave no active admin", extra={"user_id": before.id})
+    raise LastActiveAdmin()
 
 
 @contextlib.asynccontextmanager
@@ -181,7 +217,7 @@ class UserService:
 
     async def _resend_activation_code(self, identifier: str) -> None:
         account = await self._users.find_account(domain.identifier_key(identifier))
-        if account is None or account.user.is_active:
+        if account is None or account.user.state is not UserState.PENDING_ACTIVATION:
             return
         code, token = domain.new_activation_code(), domain.new_activation_token()
         pended = await self._users.replace_activation_code(
@@ -211,15 +247,49 @@ class UserService:
 
     async def delete_user(self, user_id: str) -> None:
         domain.validate_user_id(user_id)
-        if not await self._users.delete(user_id):
-            raise NotFound()
+        await self._delete(user_id)
         log.info("user deleted", extra={"user_id": user_id})
 
     async def delete_user_by_identifier(self, identifier: str) -> None:
         domain.validate_identifier(identifier)
-        if not await self._users.delete_by_identifier(domain.identifier_key(identifier)):
+        account = await self._users.find_account(domain.identifier_key(identifier))
+        if account is None:
             raise NotFound()
-        log.info("user deleted by identifier")
+        await self._delete(account.user.id)
+        log.info("user deleted by identifier", extra={"user_id": account.user.id})
+
+    async def _delete(self, user_id: str) -> None:
+        """Delete the user, unless they are the last active admin."""
+        for _ in range(_DELETE_ROUNDS):
+            if await self._users.delete_unless_active_admin(user_id):
+                return
+            user = await self._users.get(user_id)
+            if user is None:
+                raise NotFound()
+            if not user.is_active_admin:
+                continue  # demoted or suspended since the delete looked: look again
+            # An active admin: deactivate first, so that the admins left can be counted (a delete
+            # cannot be undone), then delete. A crash in between leaves the admin deactivated.
+            now = self._clock.now()
+            before = await self._users.change_state(
+                user_id, from_states=frozenset({UserState.ACTIVE}), to=UserState.DEACTIVATED, now=now
+            )
+            if before is None:
+                continue
+            await keep_an_active_admin(
+                self._users,
+                before,
+                undo=lambda: self._users.change_state(
+                    user_id,
+                    from_states=frozenset({UserState.DEACTIVATED}),
+                    to=UserState.ACTIVE,
+                    now=self._clock.now(),
+                ),
+            )
+            if await self._users.delete(user_id):
+                return
+            raise NotFound()
+        raise FailedPrecondition("the user changed while being deleted; try again")
 
     async def verify_credentials(self, identifier: str, password: str, *, source: str) -> User:
         """The user if the password matches; one answer for unknown accounts and wrong passwords."""
@@ -231,7 +301,7 @@ class UserService:
             raise InvalidCredentials()
         assert account is not None
         if not account.user.is_active:
-            raise AccountNotActive()
+            raise _NOT_ACTIVE_ERRORS[account.user.state]()
         log.info("credentials verified", extra={"user_id": account.user.id})
         return account.user
 

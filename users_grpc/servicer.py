@@ -16,7 +16,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from users.v1 import session_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import current_caller
-from users_grpc.domain import AccessClaims, Gender, IssuedTokens, Registration, Role, Session, User
+from users_grpc.admin import AdminService
+from users_grpc.domain import AccessClaims, Gender, IssuedTokens, Registration, Role, Session, User, UserState
 from users_grpc.email_change import EmailChangeService
 from users_grpc.errors import FieldViolation, InvalidArgument
 from users_grpc.mfa import MfaService
@@ -37,6 +38,14 @@ _ROLES = {
     user_pb2.ROLE_ADMIN: Role.ADMIN,
 }
 _ROLES_TO_PROTO = {Role.USER: user_pb2.ROLE_USER, Role.ADMIN: user_pb2.ROLE_ADMIN}
+# Where a role is required: ROLE_UNSPECIFIED is not taken to mean ROLE_USER.
+_ASSIGNED_ROLES = {user_pb2.ROLE_USER: Role.USER, user_pb2.ROLE_ADMIN: Role.ADMIN}
+_STATES_TO_PROTO = {
+    UserState.PENDING_ACTIVATION: user_pb2.USER_STATE_PENDING_ACTIVATION,
+    UserState.ACTIVE: user_pb2.USER_STATE_ACTIVE,
+    UserState.DEACTIVATED: user_pb2.USER_STATE_DEACTIVATED,
+    UserState.LOCKED: user_pb2.USER_STATE_LOCKED,
+}
 
 _K = TypeVar("_K", bound=int)
 _E = TypeVar("_E")
@@ -52,12 +61,14 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         passwords: PasswordService,
         mfa: MfaService,
         email_changes: EmailChangeService,
+        admin: AdminService,
     ) -> None:
         self._service = service
         self._sessions = sessions
         self._passwords = passwords
         self._mfa = mfa
         self._email_changes = email_changes
+        self._admin = admin
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
@@ -252,6 +263,44 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         user = await self._email_changes.set_user_email(request.user_id, request.email)
         return user_service_pb2.SetUserEmailResponse(user=user_to_proto(user))
 
+    async def SetUserRole(
+        self, request: user_service_pb2.SetUserRoleRequest, context: Context
+    ) -> user_service_pb2.SetUserRoleResponse:
+        if request.role == user_pb2.ROLE_UNSPECIFIED:
+            raise InvalidArgument([FieldViolation("role", "is required: ROLE_USER or ROLE_ADMIN")])
+        user = await self._admin.set_role(request.user_id, _enum_from_proto(_ASSIGNED_ROLES, request.role, "role"))
+        return user_service_pb2.SetUserRoleResponse(user=user_to_proto(user))
+
+    async def DeactivateUser(
+        self, request: user_service_pb2.DeactivateUserRequest, context: Context
+    ) -> user_service_pb2.DeactivateUserResponse:
+        user = await self._admin.deactivate(request.user_id)
+        return user_service_pb2.DeactivateUserResponse(user=user_to_proto(user))
+
+    async def ReactivateUser(
+        self, request: user_service_pb2.ReactivateUserRequest, context: Context
+    ) -> user_service_pb2.ReactivateUserResponse:
+        user = await self._admin.reactivate(request.user_id)
+        return user_service_pb2.ReactivateUserResponse(user=user_to_proto(user))
+
+    async def LockUser(
+        self, request: user_service_pb2.LockUserRequest, context: Context
+    ) -> user_service_pb2.LockUserResponse:
+        user = await self._admin.lock(request.user_id)
+        return user_service_pb2.LockUserResponse(user=user_to_proto(user))
+
+    async def UnlockUser(
+        self, request: user_service_pb2.UnlockUserRequest, context: Context
+    ) -> user_service_pb2.UnlockUserResponse:
+        user = await self._admin.unlock(request.user_id)
+        return user_service_pb2.UnlockUserResponse(user=user_to_proto(user))
+
+    async def ResetUserMfa(
+        self, request: user_service_pb2.ResetUserMfaRequest, context: Context
+    ) -> user_service_pb2.ResetUserMfaResponse:
+        user = await self._admin.reset_mfa(request.user_id)
+        return user_service_pb2.ResetUserMfaResponse(user=user_to_proto(user))
+
 
 def user_to_proto(user: User) -> user_pb2.User:
     return user_pb2.User(
@@ -266,6 +315,7 @@ def user_to_proto(user: User) -> user_pb2.User:
         created_at=_timestamp(user.created_at),
         updated_at=_timestamp(user.updated_at),
         mfa_enabled=user.mfa_enabled,
+        state=_STATES_TO_PROTO[user.state],
     )
 
 

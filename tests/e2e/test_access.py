@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import MailSink, RunningServer
 from tests.e2e.helpers import PASSWORD, create_request
 from tests.e2e.test_sessions import signed_up
+from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.access import RULES, Rule
 
@@ -50,6 +51,13 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ChangeEmail": lambda id_, _name: pb.ChangeEmailRequest(user_id=id_, new_email="", password=PASSWORD),
     "ConfirmEmailChange": lambda id_, _name: pb.ConfirmEmailChangeRequest(user_id=id_, code="x"),
     "SetUserEmail": lambda id_, _name: pb.SetUserEmailRequest(user_id=id_, email=""),
+    # The admin actions name a user who does not exist: they change nothing.
+    "SetUserRole": lambda _id, _name: pb.SetUserRoleRequest(user_id="f" * 24, role=user_pb2.ROLE_ADMIN),
+    "DeactivateUser": lambda _id, _name: pb.DeactivateUserRequest(user_id="f" * 24),
+    "ReactivateUser": lambda _id, _name: pb.ReactivateUserRequest(user_id="f" * 24),
+    "LockUser": lambda _id, _name: pb.LockUserRequest(user_id="f" * 24),
+    "UnlockUser": lambda _id, _name: pb.UnlockUserRequest(user_id="f" * 24),
+    "ResetUserMfa": lambda _id, _name: pb.ResetUserMfaRequest(user_id="f" * 24),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them.

@@ -150,6 +150,14 @@ BAD_INPUT = [
     ("ConfirmEmailChange", pb.ConfirmEmailChangeRequest(user_id=SELF, code="12345"), "code"),
     ("SetUserEmail", pb.SetUserEmailRequest(user_id="nope", email="x@example.com"), "user_id"),
     ("SetUserEmail", pb.SetUserEmailRequest(user_id="f" * 24, email="x@"), "email"),
+    ("SetUserRole", pb.SetUserRoleRequest(user_id="nope", role=user_pb2.ROLE_USER), "user_id"),
+    ("SetUserRole", pb.SetUserRoleRequest(user_id="f" * 24), "role"),
+    ("SetUserRole", pb.SetUserRoleRequest(user_id="f" * 24, role=user_pb2.Role.ValueType(7)), "role"),
+    ("DeactivateUser", pb.DeactivateUserRequest(user_id=""), "user_id"),
+    ("ReactivateUser", pb.ReactivateUserRequest(user_id="F" * 24), "user_id"),
+    ("LockUser", pb.LockUserRequest(user_id="123"), "user_id"),
+    ("UnlockUser", pb.UnlockUserRequest(user_id=""), "user_id"),
+    ("ResetUserMfa", pb.ResetUserMfaRequest(user_id="x" * 24), "user_id"),
 ]
 # With a malformed user id nobody is "themself": those calls are PERMISSION_DENIED before any check.
 NO_SELF_INPUT = {"EnableMfa", "GetMfaQrCode", "RegenerateRecoveryCodes"}

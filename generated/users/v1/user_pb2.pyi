@@ -18,6 +18,42 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _UserState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UserStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USER_STATE_UNSPECIFIED: _UserState.ValueType  # 0
+    """Never on output."""
+    USER_STATE_PENDING_ACTIVATION: _UserState.ValueType  # 1
+    """Registered; the emailed activation code has not been confirmed yet."""
+    USER_STATE_ACTIVE: _UserState.ValueType  # 2
+    """Activated, and neither deactivated nor locked."""
+    USER_STATE_DEACTIVATED: _UserState.ValueType  # 3
+    """Suspended by an admin (DeactivateUser) until ReactivateUser."""
+    USER_STATE_LOCKED: _UserState.ValueType  # 4
+    """Locked by an admin (LockUser), for example while a compromise is
+    investigated, until UnlockUser.
+    """
+
+class UserState(_UserState, metaclass=_UserStateEnumTypeWrapper):
+    """Where an account is in its life."""
+
+USER_STATE_UNSPECIFIED: UserState.ValueType  # 0
+"""Never on output."""
+USER_STATE_PENDING_ACTIVATION: UserState.ValueType  # 1
+"""Registered; the emailed activation code has not been confirmed yet."""
+USER_STATE_ACTIVE: UserState.ValueType  # 2
+"""Activated, and neither deactivated nor locked."""
+USER_STATE_DEACTIVATED: UserState.ValueType  # 3
+"""Suspended by an admin (DeactivateUser) until ReactivateUser."""
+USER_STATE_LOCKED: UserState.ValueType  # 4
+"""Locked by an admin (LockUser), for example while a compromise is
+investigated, until UnlockUser.
+"""
+Global___UserState: _TypeAlias = UserState  # noqa: Y015
+
 class _Gender:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -80,6 +116,7 @@ class User(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     MFA_ENABLED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """24 lower-case hexadecimal digits, assigned by the service."""
     username: _builtins.str
@@ -96,9 +133,17 @@ class User(_message.Message):
     gender: Global___Gender.ValueType
     role: Global___Role.ValueType
     is_active: _builtins.bool
-    """False until the emailed activation code has been confirmed."""
+    """True exactly when state is USER_STATE_ACTIVE: false until the emailed
+    activation code has been confirmed, and while the account is deactivated
+    or locked. Kept for clients that predate state; read state instead.
+    """
     mfa_enabled: _builtins.bool
     """True once a TOTP enrollment is confirmed: sign-in then needs a second factor."""
+    state: Global___UserState.ValueType
+    """Where the account is in its life. Only USER_STATE_ACTIVE accounts can sign
+    in, refresh a session, reset a password or be found by
+    GetUserByIdentifier.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -117,10 +162,11 @@ class User(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         mfa_enabled: _builtins.bool = ...,
+        state: Global___UserState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "last_name", b"last_name", "mfa_enabled", b"mfa_enabled", "role", b"role", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "last_name", b"last_name", "mfa_enabled", b"mfa_enabled", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -189,6 +189,36 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_user__service__pb2.SetUserEmailRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.SetUserEmailResponse.FromString,
                 _registered_method=True)
+        self.SetUserRole = channel.unary_unary(
+                '/users.v1.UserService/SetUserRole',
+                request_serializer=users_dot_v1_dot_user__service__pb2.SetUserRoleRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.SetUserRoleResponse.FromString,
+                _registered_method=True)
+        self.DeactivateUser = channel.unary_unary(
+                '/users.v1.UserService/DeactivateUser',
+                request_serializer=users_dot_v1_dot_user__service__pb2.DeactivateUserRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.DeactivateUserResponse.FromString,
+                _registered_method=True)
+        self.ReactivateUser = channel.unary_unary(
+                '/users.v1.UserService/ReactivateUser',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ReactivateUserRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ReactivateUserResponse.FromString,
+                _registered_method=True)
+        self.LockUser = channel.unary_unary(
+                '/users.v1.UserService/LockUser',
+                request_serializer=users_dot_v1_dot_user__service__pb2.LockUserRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.LockUserResponse.FromString,
+                _registered_method=True)
+        self.UnlockUser = channel.unary_unary(
+                '/users.v1.UserService/UnlockUser',
+                request_serializer=users_dot_v1_dot_user__service__pb2.UnlockUserRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.UnlockUserResponse.FromString,
+                _registered_method=True)
+        self.ResetUserMfa = channel.unary_unary(
+                '/users.v1.UserService/ResetUserMfa',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ResetUserMfaRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ResetUserMfaResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -275,7 +305,8 @@ class UserServiceServicer:
 
         Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
         KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
-        as its IDNA A-label. Inactive users are not found.
+        as its IDNA A-label. Only USER_STATE_ACTIVE users are found: accounts not
+        yet activated, deactivated or locked are NOT_FOUND.
         Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
@@ -287,7 +318,9 @@ class UserServiceServicer:
         """Delete a user by id
 
         Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION
+        (ErrorInfo reason LAST_ACTIVE_ADMIN: the user is the last active admin),
+        UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -297,7 +330,8 @@ class UserServiceServicer:
         """Delete a user by username or email
 
         Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN, as
+        DeleteUser), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -307,13 +341,15 @@ class UserServiceServicer:
         """Check a username-or-email and password
 
         An unknown account and a wrong password get the same status, message and
-        timing. An inactive account is reported only after the right password.
+        timing. An account that is not active is reported only after the right
+        password, as FAILED_PRECONDITION with ErrorInfo reason ACCOUNT_NOT_ACTIVE
+        (not activated yet), ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED.
         Callers: a machine caller or an admin; a machine caller checking on behalf
         of an end user passes the user's address in `x-forwarded-for`, which the
         password throttle keys on. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED (unknown account or wrong password; or the caller's own
         credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-        password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+        password, account not active), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
         OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
@@ -333,7 +369,8 @@ class UserServiceServicer:
         as VerifyCredentials for unknown accounts and wrong passwords, and the
         same second-factor rules.
         Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        FAILED_PRECONDITION (right password, account not activated),
+        FAILED_PRECONDITION (right password, account not active: ACCOUNT_NOT_ACTIVE,
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED, as VerifyCredentials),
         RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -356,7 +393,8 @@ class UserServiceServicer:
         per session, each with the newest token), and after UNAUTHENTICATED must
         sign in again with Authenticate.
         Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
-        UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
+        UNAUTHENTICATED (unknown, used-up, revoked or expired; or the user was
+        deactivated, locked or deleted since), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -422,7 +460,7 @@ class UserServiceServicer:
         """Email a password-reset token
 
         The reply is the same whether or not an active account has this username
-        or email. A new token invalidates older ones; tokens per account are
+        or email; deactivated and locked accounts get no mail. A new token invalidates older ones; tokens per account are
         capped per window; nothing changes until ResetPassword.
         Callers: anyone. Errors: INVALID_ARGUMENT, UNAVAILABLE.
         """
@@ -567,6 +605,90 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetUserRole(self, request, context):
+        """Change a user's role
+
+        Every session and access token of the user is revoked, so the new role
+        applies at once: the user signs in again. Setting the role the user has
+        already changes nothing. There is always at least one active admin: a
+        change that would leave none is refused, even when two admins demote each
+        other at the same moment. Callers: an admin. Errors: INVALID_ARGUMENT
+        (role ROLE_UNSPECIFIED or unknown), UNAUTHENTICATED, PERMISSION_DENIED,
+        NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason LAST_ACTIVE_ADMIN: the user
+        is the last active admin), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeactivateUser(self, request, context):
+        """Deactivate a user: USER_STATE_DEACTIVATED
+
+        An active or locked user can no longer sign in, refresh a session, reset a
+        password or be found by GetUserByIdentifier; every session and access
+        token dies at once. A deactivated user stays deactivated (no change).
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
+        WRONG_USER_STATE: the account is not activated yet, delete it instead),
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReactivateUser(self, request, context):
+        """Reactivate a deactivated user: USER_STATE_ACTIVE
+
+        The user signs in again with their password; old sessions stay dead. An
+        active user stays active (no change). Callers: an admin. Errors:
+        INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+        FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
+        UnlockUser), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LockUser(self, request, context):
+        """Lock an active user: USER_STATE_LOCKED
+
+        As DeactivateUser for signing in and tokens; meant for a suspected
+        compromise. A locked user stays locked (no change). Callers: an admin.
+        Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+        FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or WRONG_USER_STATE: not activated
+        yet, or deactivated), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnlockUser(self, request, context):
+        """Unlock a locked user: USER_STATE_ACTIVE
+
+        Also forgets every failed password try counted against the account, so
+        the owner signs in at once; on an active user it does only that.
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (WRONG_USER_STATE: not
+        activated yet, or deactivated: use ReactivateUser), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetUserMfa(self, request, context):
+        """Turn a user's MFA off, for a user who lost both authenticator and recovery codes
+
+        Removes the TOTP secret (or a pending enrollment) and the recovery codes,
+        revokes every session and access token of the user and mails them a
+        notice. The user then signs in with the password alone and may enroll
+        again. Verify the person's identity before calling this. Callers: an
+        admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
+        NOT_FOUND, FAILED_PRECONDITION (MFA is off), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -699,6 +821,36 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.SetUserEmail,
                     request_deserializer=users_dot_v1_dot_user__service__pb2.SetUserEmailRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.SetUserEmailResponse.SerializeToString,
+            ),
+            'SetUserRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserRole,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.SetUserRoleRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.SetUserRoleResponse.SerializeToString,
+            ),
+            'DeactivateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeactivateUser,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.DeactivateUserRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.DeactivateUserResponse.SerializeToString,
+            ),
+            'ReactivateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReactivateUser,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ReactivateUserRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ReactivateUserResponse.SerializeToString,
+            ),
+            'LockUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.LockUser,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.LockUserRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.LockUserResponse.SerializeToString,
+            ),
+            'UnlockUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnlockUser,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.UnlockUserRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.UnlockUserResponse.SerializeToString,
+            ),
+            'ResetUserMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetUserMfa,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ResetUserMfaRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ResetUserMfaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1428,6 +1580,168 @@ class UserService:
             '/users.v1.UserService/SetUserEmail',
             users_dot_v1_dot_user__service__pb2.SetUserEmailRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.SetUserEmailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/SetUserRole',
+            users_dot_v1_dot_user__service__pb2.SetUserRoleRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.SetUserRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeactivateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/DeactivateUser',
+            users_dot_v1_dot_user__service__pb2.DeactivateUserRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.DeactivateUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReactivateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ReactivateUser',
+            users_dot_v1_dot_user__service__pb2.ReactivateUserRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ReactivateUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LockUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/LockUser',
+            users_dot_v1_dot_user__service__pb2.LockUserRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.LockUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnlockUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/UnlockUser',
+            users_dot_v1_dot_user__service__pb2.UnlockUserRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.UnlockUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetUserMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ResetUserMfa',
+            users_dot_v1_dot_user__service__pb2.ResetUserMfaRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ResetUserMfaResponse.FromString,
             options,
             channel_credentials,
             insecure,

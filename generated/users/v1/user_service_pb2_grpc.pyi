@@ -98,7 +98,8 @@ class UserServiceStub:
 
     Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
     KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
-    as its IDNA A-label. Inactive users are not found.
+    as its IDNA A-label. Only USER_STATE_ACTIVE users are found: accounts not
+    yet activated, deactivated or locked are NOT_FOUND.
     Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
@@ -106,25 +107,30 @@ class UserServiceStub:
     """Delete a user by id
 
     Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION
+    (ErrorInfo reason LAST_ACTIVE_ADMIN: the user is the last active admin),
+    UNAVAILABLE.
     """
     DeleteUserByIdentifier: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserByIdentifierRequest, _user_service_pb2.DeleteUserByIdentifierResponse]
     """Delete a user by username or email
 
     Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN, as
+    DeleteUser), UNAVAILABLE.
     """
     VerifyCredentials: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.VerifyCredentialsRequest, _user_service_pb2.VerifyCredentialsResponse]
     """Check a username-or-email and password
 
     An unknown account and a wrong password get the same status, message and
-    timing. An inactive account is reported only after the right password.
+    timing. An account that is not active is reported only after the right
+    password, as FAILED_PRECONDITION with ErrorInfo reason ACCOUNT_NOT_ACTIVE
+    (not activated yet), ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED.
     Callers: a machine caller or an admin; a machine caller checking on behalf
     of an end user passes the user's address in `x-forwarded-for`, which the
     password throttle keys on. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (unknown account or wrong password; or the caller's own
     credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-    password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+    password, account not active), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
     OVERLOADED), UNAVAILABLE.
 
     With MFA on, the password alone is never enough: send totp_code or
@@ -140,7 +146,8 @@ class UserServiceStub:
     as VerifyCredentials for unknown accounts and wrong passwords, and the
     same second-factor rules.
     Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    FAILED_PRECONDITION (right password, account not activated),
+    FAILED_PRECONDITION (right password, account not active: ACCOUNT_NOT_ACTIVE,
+    ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED, as VerifyCredentials),
     RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
     """
     RefreshSession: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RefreshSessionRequest, _user_service_pb2.RefreshSessionResponse]
@@ -159,7 +166,8 @@ class UserServiceStub:
     per session, each with the newest token), and after UNAUTHENTICATED must
     sign in again with Authenticate.
     Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
-    UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
+    UNAUTHENTICATED (unknown, used-up, revoked or expired; or the user was
+    deactivated, locked or deleted since), UNAVAILABLE.
     """
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RevokeSessionRequest, _user_service_pb2.RevokeSessionResponse]
     """Sign out: revoke the session of a refresh token
@@ -201,7 +209,7 @@ class UserServiceStub:
     """Email a password-reset token
 
     The reply is the same whether or not an active account has this username
-    or email. A new token invalidates older ones; tokens per account are
+    or email; deactivated and locked accounts get no mail. A new token invalidates older ones; tokens per account are
     capped per window; nothing changes until ResetPassword.
     Callers: anyone. Errors: INVALID_ARGUMENT, UNAVAILABLE.
     """
@@ -302,6 +310,66 @@ class UserServiceStub:
     PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
     ErrorInfo metadata names the field `email`), UNAVAILABLE.
     """
+    SetUserRole: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.SetUserRoleRequest, _user_service_pb2.SetUserRoleResponse]
+    """Change a user's role
+
+    Every session and access token of the user is revoked, so the new role
+    applies at once: the user signs in again. Setting the role the user has
+    already changes nothing. There is always at least one active admin: a
+    change that would leave none is refused, even when two admins demote each
+    other at the same moment. Callers: an admin. Errors: INVALID_ARGUMENT
+    (role ROLE_UNSPECIFIED or unknown), UNAUTHENTICATED, PERMISSION_DENIED,
+    NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason LAST_ACTIVE_ADMIN: the user
+    is the last active admin), UNAVAILABLE.
+    """
+    DeactivateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeactivateUserRequest, _user_service_pb2.DeactivateUserResponse]
+    """Deactivate a user: USER_STATE_DEACTIVATED
+
+    An active or locked user can no longer sign in, refresh a session, reset a
+    password or be found by GetUserByIdentifier; every session and access
+    token dies at once. A deactivated user stays deactivated (no change).
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
+    WRONG_USER_STATE: the account is not activated yet, delete it instead),
+    UNAVAILABLE.
+    """
+    ReactivateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ReactivateUserRequest, _user_service_pb2.ReactivateUserResponse]
+    """Reactivate a deactivated user: USER_STATE_ACTIVE
+
+    The user signs in again with their password; old sessions stay dead. An
+    active user stays active (no change). Callers: an admin. Errors:
+    INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+    FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
+    UnlockUser), UNAVAILABLE.
+    """
+    LockUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.LockUserRequest, _user_service_pb2.LockUserResponse]
+    """Lock an active user: USER_STATE_LOCKED
+
+    As DeactivateUser for signing in and tokens; meant for a suspected
+    compromise. A locked user stays locked (no change). Callers: an admin.
+    Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+    FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or WRONG_USER_STATE: not activated
+    yet, or deactivated), UNAVAILABLE.
+    """
+    UnlockUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UnlockUserRequest, _user_service_pb2.UnlockUserResponse]
+    """Unlock a locked user: USER_STATE_ACTIVE
+
+    Also forgets every failed password try counted against the account, so
+    the owner signs in at once; on an active user it does only that.
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (WRONG_USER_STATE: not
+    activated yet, or deactivated: use ReactivateUser), UNAVAILABLE.
+    """
+    ResetUserMfa: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ResetUserMfaRequest, _user_service_pb2.ResetUserMfaResponse]
+    """Turn a user's MFA off, for a user who lost both authenticator and recovery codes
+
+    Removes the TOTP secret (or a pending enrollment) and the recovery codes,
+    revokes every session and access token of the user and mails them a
+    notice. The user then signs in with the password alone and may enroll
+    again. Verify the person's identity before calling this. Callers: an
+    admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
+    NOT_FOUND, FAILED_PRECONDITION (MFA is off), UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -373,7 +441,8 @@ class UserServiceAsyncStub(UserServiceStub):
 
     Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
     KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
-    as its IDNA A-label. Inactive users are not found.
+    as its IDNA A-label. Only USER_STATE_ACTIVE users are found: accounts not
+    yet activated, deactivated or locked are NOT_FOUND.
     Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
@@ -381,25 +450,30 @@ class UserServiceAsyncStub(UserServiceStub):
     """Delete a user by id
 
     Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION
+    (ErrorInfo reason LAST_ACTIVE_ADMIN: the user is the last active admin),
+    UNAVAILABLE.
     """
     DeleteUserByIdentifier: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserByIdentifierRequest, _user_service_pb2.DeleteUserByIdentifierResponse]  # type: ignore[assignment]
     """Delete a user by username or email
 
     Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN, as
+    DeleteUser), UNAVAILABLE.
     """
     VerifyCredentials: _aio.UnaryUnaryMultiCallable[_user_service_pb2.VerifyCredentialsRequest, _user_service_pb2.VerifyCredentialsResponse]  # type: ignore[assignment]
     """Check a username-or-email and password
 
     An unknown account and a wrong password get the same status, message and
-    timing. An inactive account is reported only after the right password.
+    timing. An account that is not active is reported only after the right
+    password, as FAILED_PRECONDITION with ErrorInfo reason ACCOUNT_NOT_ACTIVE
+    (not activated yet), ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED.
     Callers: a machine caller or an admin; a machine caller checking on behalf
     of an end user passes the user's address in `x-forwarded-for`, which the
     password throttle keys on. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (unknown account or wrong password; or the caller's own
     credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-    password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+    password, account not active), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
     OVERLOADED), UNAVAILABLE.
 
     With MFA on, the password alone is never enough: send totp_code or
@@ -415,7 +489,8 @@ class UserServiceAsyncStub(UserServiceStub):
     as VerifyCredentials for unknown accounts and wrong passwords, and the
     same second-factor rules.
     Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    FAILED_PRECONDITION (right password, account not activated),
+    FAILED_PRECONDITION (right password, account not active: ACCOUNT_NOT_ACTIVE,
+    ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED, as VerifyCredentials),
     RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
     """
     RefreshSession: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RefreshSessionRequest, _user_service_pb2.RefreshSessionResponse]  # type: ignore[assignment]
@@ -434,7 +509,8 @@ class UserServiceAsyncStub(UserServiceStub):
     per session, each with the newest token), and after UNAUTHENTICATED must
     sign in again with Authenticate.
     Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
-    UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
+    UNAUTHENTICATED (unknown, used-up, revoked or expired; or the user was
+    deactivated, locked or deleted since), UNAVAILABLE.
     """
     RevokeSession: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RevokeSessionRequest, _user_service_pb2.RevokeSessionResponse]  # type: ignore[assignment]
     """Sign out: revoke the session of a refresh token
@@ -476,7 +552,7 @@ class UserServiceAsyncStub(UserServiceStub):
     """Email a password-reset token
 
     The reply is the same whether or not an active account has this username
-    or email. A new token invalidates older ones; tokens per account are
+    or email; deactivated and locked accounts get no mail. A new token invalidates older ones; tokens per account are
     capped per window; nothing changes until ResetPassword.
     Callers: anyone. Errors: INVALID_ARGUMENT, UNAVAILABLE.
     """
@@ -577,6 +653,66 @@ class UserServiceAsyncStub(UserServiceStub):
     PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
     ErrorInfo metadata names the field `email`), UNAVAILABLE.
     """
+    SetUserRole: _aio.UnaryUnaryMultiCallable[_user_service_pb2.SetUserRoleRequest, _user_service_pb2.SetUserRoleResponse]  # type: ignore[assignment]
+    """Change a user's role
+
+    Every session and access token of the user is revoked, so the new role
+    applies at once: the user signs in again. Setting the role the user has
+    already changes nothing. There is always at least one active admin: a
+    change that would leave none is refused, even when two admins demote each
+    other at the same moment. Callers: an admin. Errors: INVALID_ARGUMENT
+    (role ROLE_UNSPECIFIED or unknown), UNAUTHENTICATED, PERMISSION_DENIED,
+    NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason LAST_ACTIVE_ADMIN: the user
+    is the last active admin), UNAVAILABLE.
+    """
+    DeactivateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeactivateUserRequest, _user_service_pb2.DeactivateUserResponse]  # type: ignore[assignment]
+    """Deactivate a user: USER_STATE_DEACTIVATED
+
+    An active or locked user can no longer sign in, refresh a session, reset a
+    password or be found by GetUserByIdentifier; every session and access
+    token dies at once. A deactivated user stays deactivated (no change).
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
+    WRONG_USER_STATE: the account is not activated yet, delete it instead),
+    UNAVAILABLE.
+    """
+    ReactivateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ReactivateUserRequest, _user_service_pb2.ReactivateUserResponse]  # type: ignore[assignment]
+    """Reactivate a deactivated user: USER_STATE_ACTIVE
+
+    The user signs in again with their password; old sessions stay dead. An
+    active user stays active (no change). Callers: an admin. Errors:
+    INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+    FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
+    UnlockUser), UNAVAILABLE.
+    """
+    LockUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.LockUserRequest, _user_service_pb2.LockUserResponse]  # type: ignore[assignment]
+    """Lock an active user: USER_STATE_LOCKED
+
+    As DeactivateUser for signing in and tokens; meant for a suspected
+    compromise. A locked user stays locked (no change). Callers: an admin.
+    Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+    FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or WRONG_USER_STATE: not activated
+    yet, or deactivated), UNAVAILABLE.
+    """
+    UnlockUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UnlockUserRequest, _user_service_pb2.UnlockUserResponse]  # type: ignore[assignment]
+    """Unlock a locked user: USER_STATE_ACTIVE
+
+    Also forgets every failed password try counted against the account, so
+    the owner signs in at once; on an active user it does only that.
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (WRONG_USER_STATE: not
+    activated yet, or deactivated: use ReactivateUser), UNAVAILABLE.
+    """
+    ResetUserMfa: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ResetUserMfaRequest, _user_service_pb2.ResetUserMfaResponse]  # type: ignore[assignment]
+    """Turn a user's MFA off, for a user who lost both authenticator and recovery codes
+
+    Removes the TOTP secret (or a pending enrollment) and the recovery codes,
+    revokes every session and access token of the user and mails them a
+    notice. The user then signs in with the password alone and may enroll
+    again. Verify the person's identity before calling this. Callers: an
+    admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
+    NOT_FOUND, FAILED_PRECONDITION (MFA is off), UNAVAILABLE.
+    """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounts of people: registration, activation, lookup, credential checks and deletion.
@@ -675,7 +811,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
         KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
-        as its IDNA A-label. Inactive users are not found.
+        as its IDNA A-label. Only USER_STATE_ACTIVE users are found: accounts not
+        yet activated, deactivated or locked are NOT_FOUND.
         Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
@@ -689,7 +826,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Delete a user by id
 
         Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION
+        (ErrorInfo reason LAST_ACTIVE_ADMIN: the user is the last active admin),
+        UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -701,7 +840,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Delete a user by username or email
 
         Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN, as
+        DeleteUser), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -713,13 +853,15 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Check a username-or-email and password
 
         An unknown account and a wrong password get the same status, message and
-        timing. An inactive account is reported only after the right password.
+        timing. An account that is not active is reported only after the right
+        password, as FAILED_PRECONDITION with ErrorInfo reason ACCOUNT_NOT_ACTIVE
+        (not activated yet), ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED.
         Callers: a machine caller or an admin; a machine caller checking on behalf
         of an end user passes the user's address in `x-forwarded-for`, which the
         password throttle keys on. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED (unknown account or wrong password; or the caller's own
         credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-        password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+        password, account not active), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
         OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
@@ -741,7 +883,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         as VerifyCredentials for unknown accounts and wrong passwords, and the
         same second-factor rules.
         Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        FAILED_PRECONDITION (right password, account not activated),
+        FAILED_PRECONDITION (right password, account not active: ACCOUNT_NOT_ACTIVE,
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED, as VerifyCredentials),
         RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
         """
 
@@ -766,7 +909,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         per session, each with the newest token), and after UNAUTHENTICATED must
         sign in again with Authenticate.
         Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
-        UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
+        UNAUTHENTICATED (unknown, used-up, revoked or expired; or the user was
+        deactivated, locked or deleted since), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -844,7 +988,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Email a password-reset token
 
         The reply is the same whether or not an active account has this username
-        or email. A new token invalidates older ones; tokens per account are
+        or email; deactivated and locked accounts get no mail. A new token invalidates older ones; tokens per account are
         capped per window; nothing changes until ResetPassword.
         Callers: anyone. Errors: INVALID_ARGUMENT, UNAVAILABLE.
         """
@@ -1004,6 +1148,102 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def SetUserRole(
+        self,
+        request: _user_service_pb2.SetUserRoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.SetUserRoleResponse, _abc.Awaitable[_user_service_pb2.SetUserRoleResponse]]:
+        """Change a user's role
+
+        Every session and access token of the user is revoked, so the new role
+        applies at once: the user signs in again. Setting the role the user has
+        already changes nothing. There is always at least one active admin: a
+        change that would leave none is refused, even when two admins demote each
+        other at the same moment. Callers: an admin. Errors: INVALID_ARGUMENT
+        (role ROLE_UNSPECIFIED or unknown), UNAUTHENTICATED, PERMISSION_DENIED,
+        NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason LAST_ACTIVE_ADMIN: the user
+        is the last active admin), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def DeactivateUser(
+        self,
+        request: _user_service_pb2.DeactivateUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.DeactivateUserResponse, _abc.Awaitable[_user_service_pb2.DeactivateUserResponse]]:
+        """Deactivate a user: USER_STATE_DEACTIVATED
+
+        An active or locked user can no longer sign in, refresh a session, reset a
+        password or be found by GetUserByIdentifier; every session and access
+        token dies at once. A deactivated user stays deactivated (no change).
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
+        WRONG_USER_STATE: the account is not activated yet, delete it instead),
+        UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ReactivateUser(
+        self,
+        request: _user_service_pb2.ReactivateUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ReactivateUserResponse, _abc.Awaitable[_user_service_pb2.ReactivateUserResponse]]:
+        """Reactivate a deactivated user: USER_STATE_ACTIVE
+
+        The user signs in again with their password; old sessions stay dead. An
+        active user stays active (no change). Callers: an admin. Errors:
+        INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+        FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
+        UnlockUser), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def LockUser(
+        self,
+        request: _user_service_pb2.LockUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.LockUserResponse, _abc.Awaitable[_user_service_pb2.LockUserResponse]]:
+        """Lock an active user: USER_STATE_LOCKED
+
+        As DeactivateUser for signing in and tokens; meant for a suspected
+        compromise. A locked user stays locked (no change). Callers: an admin.
+        Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+        FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or WRONG_USER_STATE: not activated
+        yet, or deactivated), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def UnlockUser(
+        self,
+        request: _user_service_pb2.UnlockUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.UnlockUserResponse, _abc.Awaitable[_user_service_pb2.UnlockUserResponse]]:
+        """Unlock a locked user: USER_STATE_ACTIVE
+
+        Also forgets every failed password try counted against the account, so
+        the owner signs in at once; on an active user it does only that.
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (WRONG_USER_STATE: not
+        activated yet, or deactivated: use ReactivateUser), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetUserMfa(
+        self,
+        request: _user_service_pb2.ResetUserMfaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ResetUserMfaResponse, _abc.Awaitable[_user_service_pb2.ResetUserMfaResponse]]:
+        """Turn a user's MFA off, for a user who lost both authenticator and recovery codes
+
+        Removes the TOTP secret (or a pending enrollment) and the recovery codes,
+        revokes every session and access token of the user and mails them a
+        notice. The user then signs in with the password alone and may enroll
+        again. Verify the person's identity before calling this. Callers: an
+        admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
+        NOT_FOUND, FAILED_PRECONDITION (MFA is off), UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
