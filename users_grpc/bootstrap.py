@@ -41,6 +41,7 @@ from users_grpc.repository import (
     MongoHousekeeping,
     MongoKeyStore,
     MongoOutbox,
+    MongoServiceAccountRepository,
     MongoSessionRepository,
     MongoThrottleStore,
     MongoUserRepository,
@@ -48,6 +49,7 @@ from users_grpc.repository import (
 )
 from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
+from users_grpc.service_accounts import ServiceAccountService
 from users_grpc.servicer import UserServiceServicer
 from users_grpc.sessions import SessionService
 from users_grpc.throttling import PasswordThrottle, RateLimitPolicy, SourceRateLimit, ThrottlePolicy
@@ -87,6 +89,7 @@ class App:
     outbox: MongoOutbox
     session_store: MongoSessionRepository
     throttles: MongoThrottleStore
+    service_account_store: MongoServiceAccountRepository
     accounts: UserService
     tokens: AccessTokens
     health: DatabaseHealth
@@ -106,6 +109,7 @@ class App:
                 await self.outbox.seal_legacy_mail()
                 await self.session_store.ensure_indexes()
                 await self.throttles.ensure_indexes()
+                await self.service_account_store.ensure_indexes()
                 await self.tokens.ensure_signing_key()
                 return
             except StorageUnavailable:
@@ -205,6 +209,17 @@ async def build_app(
     password_policy = PasswordPolicy(
         min_length=settings.password_min_length, common_passwords=common_passwords(settings.password_min_length)
     )
+    password_throttle = PasswordThrottle(
+        store=throttles,
+        clock=clock,
+        policy=ThrottlePolicy(
+            free_attempts=settings.password_free_attempts,
+            account_free_attempts=settings.password_account_free_attempts,
+            window=timedelta(seconds=settings.password_attempt_window_seconds),
+            max_delay=timedelta(seconds=settings.password_max_delay_seconds),
+            known_source_lifetime=timedelta(seconds=settings.known_source_ttl_seconds),
+        ),
+    )
     accounts = UserService(
         users=users,
         mailer=mail,
@@ -220,17 +235,7 @@ async def build_app(
             activation_token_ttl=timedelta(seconds=settings.activation_token_ttl_seconds),
             reply_floor=timedelta(seconds=settings.reply_floor_seconds),
         ),
-        throttle=PasswordThrottle(
-            store=throttles,
-            clock=clock,
-            policy=ThrottlePolicy(
-                free_attempts=settings.password_free_attempts,
-                account_free_attempts=settings.password_account_free_attempts,
-                window=timedelta(seconds=settings.password_attempt_window_seconds),
-                max_delay=timedelta(seconds=settings.password_max_delay_seconds),
-                known_source_lifetime=timedelta(seconds=settings.known_source_ttl_seconds),
-            ),
-        ),
+        throttle=password_throttle,
     )
     encryption = KeyEncryption(settings.key_encryption_key)
     tokens = AccessTokens(
@@ -267,6 +272,15 @@ async def build_app(
         reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),
         reply_floor=timedelta(seconds=settings.reply_floor_seconds),
     )
+    service_account_store = MongoServiceAccountRepository(database)
+    service_accounts = ServiceAccountService(
+        accounts=service_account_store,
+        tokens=tokens,
+        digests=secrets_at_rest,
+        # Secrets are checked as passwords are: the same per-account-and-source delays.
+        throttle=password_throttle,
+        clock=clock,
+    )
     sessions = SessionService(
         logins=mfa,
         users=users,
@@ -282,7 +296,11 @@ async def build_app(
             UserServiceInterceptor(
                 method_prefix=f"/{SERVICE_NAME}/",
                 db_timeout_seconds=settings.db_timeout_seconds,
-                authorizer=Authorizer(sessions=sessions, machine_identities=settings.machine_identities),
+                authorizer=Authorizer(
+                    sessions=sessions,
+                    service_accounts=service_accounts,
+                    machine_identities=settings.machine_identities,
+                ),
                 rate_limit=SourceRateLimit(
                     store=throttles,
                     clock=clock,
@@ -300,7 +318,7 @@ async def build_app(
         options=_SERVER_OPTIONS,
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(
-        UserServiceServicer(accounts, sessions, passwords, mfa), server
+        UserServiceServicer(accounts, sessions, passwords, mfa, service_accounts), server
     )
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -319,6 +337,7 @@ async def build_app(
         outbox=outbox,
         session_store=session_store,
         throttles=throttles,
+        service_account_store=service_account_store,
         accounts=accounts,
         tokens=tokens,
         health=DatabaseHealth(

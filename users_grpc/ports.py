@@ -9,7 +9,19 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
-from users_grpc.domain import Account, ActivationCode, Mail, NewUser, QueuedMail, Session, StoredKey, Tally, User
+from users_grpc.domain import (
+    Account,
+    ActivationCode,
+    Mail,
+    NewUser,
+    PasswordScheme,
+    QueuedMail,
+    ServiceAccount,
+    Session,
+    StoredKey,
+    Tally,
+    User,
+)
 
 
 class UserRepository(Protocol):
@@ -46,6 +58,10 @@ class UserRepository(Protocol):
 
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
         """Make every access token issued to the user so far invalid."""
+
+    async def upgrade_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
+        """Replace an imported hash by one of our scheme, if the stored hash is still ``old_hash``
+        (a password changed meanwhile wins); True if replaced."""
 
 
 class CredentialRepository(Protocol):
@@ -161,7 +177,13 @@ class Mailer(Protocol):
 
 # Each purpose has its own key: a digest made for one never matches in another.
 DigestPurpose = Literal[
-    "activation-code", "activation-token", "recovery-code", "password-reset", "refresh-token", "refresh-token-tag"
+    "activation-code",
+    "activation-token",
+    "recovery-code",
+    "password-reset",
+    "refresh-token",
+    "refresh-token-tag",
+    "service-account-secret",
 ]
 
 
@@ -179,9 +201,31 @@ class SecretDigests(Protocol):
 class PasswordHasher(Protocol):
     async def hash(self, password: str) -> str: ...
 
-    async def verify(self, password: str, password_hash: str | None) -> bool:
-        """True if ``password`` matches. ``None`` does the same work and returns False,
-        so a missing account takes as long as a wrong password."""
+    async def verify(
+        self, password: str, password_hash: str | None, scheme: PasswordScheme = PasswordScheme.PEPPERED
+    ) -> bool:
+        """True if ``password`` matches the hash, made under ``scheme``. ``None`` (and the scheme
+        NONE) does the same work and returns False, so a missing account takes as long as a wrong
+        password."""
+
+
+class ServiceAccountRepository(Protocol):
+    """Service accounts: a name and a keyed digest of the secret, by client id."""
+
+    def new_id(self) -> str: ...
+
+    async def add(self, account: ServiceAccount, secret_digest: str) -> None:
+        """Store the account; raise ``AlreadyExists("name")`` if the name is taken."""
+
+    async def secret_digest(self, client_id: str) -> str | None:
+        """The digest of the account's secret; None if there is no such account."""
+
+    async def get(self, client_id: str) -> ServiceAccount | None: ...
+
+    async def list_after(self, client_id: str | None, limit: int) -> list[ServiceAccount]:
+        """Up to ``limit`` accounts in client-id order (oldest first), after ``client_id`` if given."""
+
+    async def delete(self, client_id: str) -> bool: ...
 
 
 class Clock(Protocol):

@@ -47,6 +47,11 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ConfirmMfa": lambda id_, _name: pb.ConfirmMfaRequest(user_id=id_, code="x"),
     "DisableMfa": lambda id_, _name: pb.DisableMfaRequest(user_id=id_, password="", code="x"),
     "RegenerateRecoveryCodes": lambda id_, _name: pb.RegenerateRecoveryCodesRequest(user_id=id_, code=""),
+    "ImportUsers": lambda _id, _name: pb.ImportUsersRequest(),
+    "CreateServiceAccount": lambda _id, _name: pb.CreateServiceAccountRequest(name=""),
+    "IssueServiceToken": lambda _id, _name: pb.IssueServiceTokenRequest(client_id=""),
+    "ListServiceAccounts": lambda _id, _name: pb.ListServiceAccountsRequest(),
+    "DeleteServiceAccount": lambda _id, _name: pb.DeleteServiceAccountRequest(client_id="f" * 24),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them.
