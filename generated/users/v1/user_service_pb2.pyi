@@ -1125,8 +1125,10 @@ class ImportedUser(_message.Message):
     """
     password_hash: _builtins.str
     """Optional. A bcrypt hash of the user's password made by the old system:
-    "$2a$", "$2b$" or "$2y$", a cost of 04 to 31, then 53 characters of
-    bcrypt's base64 (60 characters in all). Checked as plain bcrypt over the
+    "$2a$", "$2b$" or "$2y$", a cost of 04 to 16, then 53 characters of
+    bcrypt's base64 (60 characters in all). Costs above 16 are refused: each
+    sign-in try would hold a hashing thread for many seconds (cost 31 for
+    days), a denial of service. Checked as plain bcrypt over the
     password's UTF-8 bytes, so a password longer than 72 bytes (which bcrypt
     would have cut short) never matches it: such a person uses ForgotPassword.
     Anything else is INVALID_ARGUMENT on this item.
@@ -1215,8 +1217,8 @@ class ServiceAccount(_message.Message):
     client_id: _builtins.str
     """The id to pass to IssueServiceToken: 24 hexadecimal digits."""
     name: _builtins.str
-    """The machine identity its tokens carry (as a logged caller, and in the
-    access rules). Unique.
+    """Unique. Its tokens' holders are machine callers, logged as
+    "service-account:<name>".
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
