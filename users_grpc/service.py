@@ -153,9 +153,9 @@ class UserService:
             "users imported",
             extra={
                 "admin_id": caller.user_id,
-                "requested": len(items),
-                "created": created,
-                "refused": len(items) - created,
+                "users_requested": len(items),
+                "users_created": created,
+                "users_refused": len(items) - created,
             },
         )
         return results

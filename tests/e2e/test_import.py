@@ -3,6 +3,7 @@ golang.org/x/crypto/bcrypt (tests/tools/bcrypthash), not by the Python package t
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -142,7 +143,10 @@ def test_imported_users_sign_in_with_their_old_passwords_and_get_our_scheme(
     assert len(stored) == len(names) + 1  # and the admin
 
 
-def test_bad_items_fail_alone(server: RunningServer, bcrypthash: Path, mail: MailSink) -> None:
+def test_bad_items_fail_alone(
+    server: RunningServer, bcrypthash: Path, mail: MailSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     (good_hash,) = go_hashes(bcrypthash, [(4, "a password of the old days")])
     cost_31 = "$2b$31$" + good_hash[7:]
     request = pb.ImportUsersRequest(
@@ -180,6 +184,9 @@ def test_bad_items_fail_alone(server: RunningServer, bcrypthash: Path, mail: Mai
         "anadmin",
         "good",
     ]
+    (summary,) = [r for r in caplog.records if r.getMessage() == "users imported"]
+    assert (summary.users_created, summary.users_refused) == (2, 8)  # type: ignore[attr-defined]
+    assert good_hash not in caplog.text
 
 
 def test_more_than_1000_users_is_refused_whole(server: RunningServer) -> None:

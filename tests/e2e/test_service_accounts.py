@@ -3,6 +3,7 @@ that counts as a machine caller, refused where machines are not admitted, dead o
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc
@@ -78,6 +79,7 @@ def test_a_service_token_is_a_machine_caller(server: RunningServer, mail: MailSi
 def test_the_secret_is_shown_once_and_never_stored_or_listed(
     server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     created = create(server, "reports")
     secret = created.client_secret
     assert len(secret) == 43  # 256 random bits, URL-safe base64
@@ -90,6 +92,7 @@ def test_the_secret_is_shown_once_and_never_stored_or_listed(
     assert [a.name for a in listed.service_accounts] == ["reports"]
     assert secret.encode() not in listed.SerializeToString()
     issue(server, created.service_account.client_id, secret)
+    assert "service token issued" in caplog.text
     assert secret not in caplog.text
 
 
