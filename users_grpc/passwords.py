@@ -80,7 +80,12 @@ class BcryptHasher:
             return False
         # $2y$ (PHP's name) is the same algorithm as $2b$.
         expected = ("$2b$" + password_hash[4:] if password_hash.startswith("$2y$") else password_hash).encode("ascii")
-        return await self._run(_checkpw, secret, expected)
+        matches = await self._run(_checkpw, secret, expected)
+        if _cost(password_hash) < self._rounds:
+            # A cheap imported hash would answer faster than a missing account's dummy check, telling
+            # imported accounts apart: do that work too, until the first sign-in replaces the hash.
+            await self._run(bcrypt.checkpw, self._prehash(password), self._dummy_hash)
+        return matches
 
     async def _run(self, work: Callable[[bytes, bytes], _T], password: bytes, salt_or_hash: bytes) -> _T:
         with self._lock:
@@ -103,6 +108,11 @@ class BcryptHasher:
 
 
 _BCRYPT_MAX_BYTES = 72
+
+
+def _cost(password_hash: str) -> int:
+    cost = password_hash[4:6]
+    return int(cost) if cost.isdigit() else 0
 
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:

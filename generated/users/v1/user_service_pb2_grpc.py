@@ -43,12 +43,14 @@ class UserServiceStub:
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
-    other SANs never count). A missing or invalid credential is
+    other SANs never count), or that presents `authorization: Bearer <token>`
+    with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
-    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
-    address wait a rising delay, per account: other addresses are not held),
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
+    secrets, from this source address wait a rising delay, per account: other
+    addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
     address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
@@ -219,12 +221,14 @@ class UserServiceServicer:
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
-    other SANs never count). A missing or invalid credential is
+    other SANs never count), or that presents `authorization: Bearer <token>`
+    with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
-    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
-    address wait a rising delay, per account: other addresses are not held),
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
+    secrets, from this source address wait a rising delay, per account: other
+    addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
     address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
@@ -780,12 +784,14 @@ class UserService:
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
-    other SANs never count). A missing or invalid credential is
+    other SANs never count), or that presents `authorization: Bearer <token>`
+    with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
-    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
-    address wait a rising delay, per account: other addresses are not held),
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
+    secrets, from this source address wait a rising delay, per account: other
+    addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
     address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
