@@ -107,6 +107,8 @@ def batch(bcrypthash: Path) -> tuple[pb.ImportUsersRequest, list[str]]:
     return pb.ImportUsersRequest(users=users), passwords
 
 
+# 200 sign-ins, each one or two bcrypt checks and a rehash: minutes on a busy two-core machine.
+@pytest.mark.timeout(600)
 def test_imported_users_sign_in_with_their_old_passwords_and_get_our_scheme(
     server: RunningServer, batch: tuple[pb.ImportUsersRequest, list[str]]
 ) -> None:
