@@ -10,7 +10,18 @@ import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 
-from users_grpc.domain import Account, ActivationCode, Mail, NewUser, Role, Tally, User, UserState, identifier_key
+from users_grpc.domain import (
+    Account,
+    ActivationCode,
+    Mail,
+    NewUser,
+    PasswordScheme,
+    Role,
+    Tally,
+    User,
+    UserState,
+    identifier_key,
+)
 from users_grpc.errors import AlreadyExists
 
 
@@ -34,8 +45,10 @@ class FakeHasher:
     async def hash(self, password: str) -> str:
         return f"hashed:{password}"
 
-    async def verify(self, password: str, password_hash: str | None) -> bool:
-        if password_hash is None:
+    async def verify(
+        self, password: str, password_hash: str | None, scheme: PasswordScheme = PasswordScheme.PEPPERED
+    ) -> bool:
+        if password_hash is None or scheme is not PasswordScheme.PEPPERED:
             self.verified_against_missing += 1
             return False
         return password_hash == f"hashed:{password}"
@@ -179,6 +192,15 @@ class FakeUserRepository:
     async def delete_unless_active_admin(self, user_id: str) -> bool:
         account = self.accounts.get(user_id)
         return account is not None and not account.user.is_active_admin and await self.delete(user_id)
+
+    async def upgrade_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
+        account = self.accounts.get(user_id)
+        if account is None or account.password_hash != old_hash or account.password_scheme is not PasswordScheme.BCRYPT:
+            return False
+        self.accounts[user_id] = dataclasses.replace(
+            account, password_hash=new_hash, password_scheme=PasswordScheme.PEPPERED
+        )
+        return True
 
 
 class FakeThrottleStore:

@@ -2,7 +2,8 @@
 
 A caller is identified by ``authorization: Bearer <access token>`` or, for
 internal services, by an mTLS client certificate with a URI SAN (a SPIFFE ID) or DNS SAN
-listed in USERS_MACHINE_IDENTITIES. The proto comments state the same rules.
+listed in USERS_MACHINE_IDENTITIES, or by a service account's access token (both are machine
+callers). The proto comments state the same rules.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from contextvars import ContextVar
 
 from users_grpc.domain import ANONYMOUS, Caller
 from users_grpc.errors import PermissionDenied, Unauthenticated
+from users_grpc.service_accounts import ServiceAccountService
 from users_grpc.sessions import SessionService
+from users_grpc.tokens import is_service_token
 
 
 class Rule(enum.Enum):
@@ -58,12 +61,25 @@ RULES: Mapping[str, Rule] = {
     "LockUser": Rule.ADMIN,
     "UnlockUser": Rule.ADMIN,
     "ResetUserMfa": Rule.ADMIN,
+    "ImportUsers": Rule.ADMIN,
+    "CreateServiceAccount": Rule.ADMIN,
+    "IssueServiceToken": Rule.ANYONE,  # whoever holds a secret: checked (and throttled) by the service
+    "ListServiceAccounts": Rule.ADMIN,
+    "DeleteServiceAccount": Rule.ADMIN,
 }
 
 # Anonymous calls that cost a password hash or a mail: limited per source address (a user's own
 # token, or an admin's, is not limited here; a machine caller is, by the end user's address).
 RATE_LIMITED = frozenset(
-    {"Authenticate", "CreateUser", "ActivateUser", "ResendActivationCode", "ForgotPassword", "ResetPassword"}
+    {
+        "Authenticate",
+        "CreateUser",
+        "ActivateUser",
+        "ResendActivationCode",
+        "ForgotPassword",
+        "ResetPassword",
+        "IssueServiceToken",
+    }
 )
 
 # The request field that names the user a "self" rule is about.
@@ -73,8 +89,15 @@ current_caller: ContextVar[Caller] = ContextVar("current_caller", default=ANONYM
 
 
 class Authorizer:
-    def __init__(self, *, sessions: SessionService, machine_identities: Iterable[str]) -> None:
+    def __init__(
+        self,
+        *,
+        sessions: SessionService,
+        service_accounts: ServiceAccountService,
+        machine_identities: Iterable[str],
+    ) -> None:
         self._sessions = sessions
+        self._service_accounts = service_accounts
         self._machine_identities = frozenset(machine_identities)
 
     async def caller_of(self, method: str, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
@@ -104,6 +127,8 @@ class Authorizer:
 
     async def identify(self, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
         if bearer_token is not None:
+            if is_service_token(bearer_token):
+                return Caller(machine=await self._service_accounts.machine_of(bearer_token))
             claims, user = await self._sessions.check_access_token(bearer_token)
             return Caller(user_id=user.id, role=user.role, session_id=claims.session_id)
         machine = next((name for name in peer_identities if name in self._machine_identities), None)

@@ -44,6 +44,7 @@ from users_grpc.repository import (
     MongoHousekeeping,
     MongoKeyStore,
     MongoOutbox,
+    MongoServiceAccountRepository,
     MongoSessionRepository,
     MongoThrottleStore,
     MongoUserRepository,
@@ -51,6 +52,7 @@ from users_grpc.repository import (
 )
 from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
+from users_grpc.service_accounts import ServiceAccountService
 from users_grpc.servicer import UserServiceServicer
 from users_grpc.sessions import SessionService
 from users_grpc.throttling import PasswordThrottle, RateLimitPolicy, SourceRateLimit, ThrottlePolicy
@@ -93,6 +95,7 @@ class App:
     outbox: MongoOutbox
     session_store: MongoSessionRepository
     throttles: MongoThrottleStore
+    service_account_store: MongoServiceAccountRepository
     accounts: UserService
     tokens: AccessTokens
     health: DatabaseHealth
@@ -114,6 +117,7 @@ class App:
                 await self.outbox.seal_legacy_mail()
                 await self.session_store.ensure_indexes()
                 await self.throttles.ensure_indexes()
+                await self.service_account_store.ensure_indexes()
                 await self.tokens.ensure_signing_key()
                 return
             except StorageUnavailable as error:
@@ -311,6 +315,15 @@ async def build_app(
         reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),
         reply_floor=timedelta(seconds=settings.reply_floor_seconds),
     )
+    service_account_store = MongoServiceAccountRepository(database)
+    service_accounts = ServiceAccountService(
+        accounts=service_account_store,
+        tokens=tokens,
+        digests=secrets_at_rest,
+        # Secrets are checked as passwords are: the same per-account-and-source delays.
+        throttle=password_throttle,
+        clock=clock,
+    )
     sessions = SessionService(
         logins=mfa,
         users=users,
@@ -328,7 +341,11 @@ async def build_app(
                 method_prefix=f"/{SERVICE_NAME}/",
                 ready=ready,
                 db_timeout_seconds=settings.db_timeout_seconds,
-                authorizer=Authorizer(sessions=sessions, machine_identities=settings.machine_identities),
+                authorizer=Authorizer(
+                    sessions=sessions,
+                    service_accounts=service_accounts,
+                    machine_identities=settings.machine_identities,
+                ),
                 rate_limit=SourceRateLimit(
                     store=throttles,
                     clock=clock,
@@ -353,6 +370,7 @@ async def build_app(
             mfa,
             email_changes,
             AdminService(users=users, sessions=session_store, throttle=password_throttle, mfa=mfa, clock=clock),
+            service_accounts,
         ),
         server,
     )
@@ -379,6 +397,7 @@ async def build_app(
         outbox=outbox,
         session_store=session_store,
         throttles=throttles,
+        service_account_store=service_account_store,
         accounts=accounts,
         tokens=tokens,
         health=DatabaseHealth(

@@ -37,6 +37,18 @@ class Gender(enum.Enum):
     OTHER = "other"
 
 
+class PasswordScheme(enum.Enum):
+    """How a stored password hash was made, so the hasher checks it the right way."""
+
+    # Ours (users_grpc.passwords.BcryptHasher): bcrypt over base64(HMAC-SHA384(pepper, password)).
+    PEPPERED = "bcrypt-hmac-sha384"
+    # Imported from another system: plain bcrypt over the UTF-8 password. Replaced by ours at the
+    # first successful sign-in.
+    BCRYPT = "bcrypt"
+    # Imported without a hash: no password matches; the person sets one with ForgotPassword.
+    NONE = "none"
+
+
 @dataclass(frozen=True, kw_only=True)
 class User:
     """An account as callers may see it: no secrets."""
@@ -125,6 +137,7 @@ class Account:
     activation: ActivationCode | None
     password_reset: ActivationCode | None = None
     mfa: Mfa | None = None
+    password_scheme: PasswordScheme = PasswordScheme.PEPPERED
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +157,24 @@ class NewUser:
     # None for accounts created active, such as admins made with the CLI.
     activation: ActivationCode | None
     created_at: datetime
+    password_scheme: PasswordScheme = PasswordScheme.PEPPERED
+    # Imported users are never purged as "never activated": they were accounts elsewhere.
+    imported: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportedUser:
+    """A user from another system, as an admin imports it; not yet validated."""
+
+    username: str
+    first_name: str
+    last_name: str
+    email: str
+    gender: Gender
+    role: Role
+    email_verified: bool
+    # The old system's bcrypt hash, or "" for none.
+    password_hash: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,12 +328,9 @@ class PasswordPolicy:
 
 def validate_registration(registration: Registration, *, password_policy: PasswordPolicy) -> None:
     """Raise :class:`InvalidArgument` naming every bad field of ``registration``."""
-    violations: list[FieldViolation] = []
-    if not USERNAME_PATTERN.fullmatch(registration.username):
-        violations.append(FieldViolation("username", "must be 3 to 32 characters of letters, digits, '.', '_' or '-'"))
-    for field, value in (("first_name", registration.first_name), ("last_name", registration.last_name)):
-        violations.extend(_name_violations(field, value))
-    violations.extend(_email_violations(registration.email))
+    violations = _profile_violations(
+        registration.username, registration.first_name, registration.last_name, registration.email
+    )
     violations.extend(
         password_policy.violations(
             registration.password, context_words=(registration.username, registration.email.partition("@")[0])
@@ -310,6 +338,44 @@ def validate_registration(registration: Registration, *, password_policy: Passwo
     )
     if registration.password_confirmation != registration.password:
         violations.append(FieldViolation("password_confirmation", "must equal password"))
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def _profile_violations(username: str, first_name: str, last_name: str, email: str) -> list[FieldViolation]:
+    violations: list[FieldViolation] = []
+    if not USERNAME_PATTERN.fullmatch(username):
+        violations.append(FieldViolation("username", "must be 3 to 32 characters of letters, digits, '.', '_' or '-'"))
+    for field, value in (("first_name", first_name), ("last_name", last_name)):
+        violations.extend(_name_violations(field, value))
+    violations.extend(_email_violations(email))
+    return violations
+
+
+MAX_IMPORTED_USERS = 1000
+# Past this cost one check holds a hashing thread for many seconds (cost 31 takes days): an
+# imported hash could then turn every sign-in try into a denial of service.
+MAX_IMPORTED_BCRYPT_COST = 16
+# $2a$, $2b$ or $2y$, a two-digit cost, 22 characters of salt and 31 of hash in bcrypt's base64.
+# The last salt character carries 2 bits and the last hash character 4 bits of padding, which
+# must be zero: bcrypt refuses a salt that is not so, and a hash that is not so never matches.
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{30}[.CGKOSWaeimquy26]")
+
+
+def validate_imported_user(item: ImportedUser) -> None:
+    """Raise :class:`InvalidArgument` naming every bad field: registration's rules, and a
+    bcrypt hash in place of the password."""
+    violations = _profile_violations(item.username, item.first_name, item.last_name, item.email)
+    if item.password_hash:
+        match = _BCRYPT_HASH.fullmatch(item.password_hash)
+        if match is None:
+            violations.append(
+                FieldViolation("password_hash", "must be a bcrypt hash: $2a$, $2b$ or $2y$, cost, salt and hash")
+            )
+        elif not 4 <= int(match.group(1)) <= MAX_IMPORTED_BCRYPT_COST:
+            violations.append(
+                FieldViolation("password_hash", f"the bcrypt cost must be 04 to {MAX_IMPORTED_BCRYPT_COST:02d}")
+            )
     if violations:
         raise InvalidArgument(violations)
 
@@ -440,6 +506,23 @@ class StoredKey:
     sealed_private_key: bytes
     created_at: datetime
     retired_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceAccount:
+    """A machine caller's credential; its secret is never kept, only a keyed digest of it."""
+
+    client_id: str
+    name: str
+    created_at: datetime
+
+
+SERVICE_ACCOUNT_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{2,63}")
+
+
+def service_account_machine(name: str) -> str:
+    """The machine identity of a service account's callers: apart from mTLS identities in logs."""
+    return f"service-account:{name}"
 
 
 @dataclass(frozen=True, kw_only=True)

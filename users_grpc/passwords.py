@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import bcrypt
 
+from users_grpc.domain import PasswordScheme
 from users_grpc.errors import Overloaded
 
 _T = TypeVar("_T")
@@ -57,10 +58,34 @@ class BcryptHasher:
         hashed = await self._run(bcrypt.hashpw, self._prehash(password), salt)
         return hashed.decode("ascii")
 
-    async def verify(self, password: str, password_hash: str | None) -> bool:
-        expected = self._dummy_hash if password_hash is None else password_hash.encode("ascii")
+    async def verify(
+        self, password: str, password_hash: str | None, scheme: PasswordScheme = PasswordScheme.PEPPERED
+    ) -> bool:
+        if scheme is PasswordScheme.BCRYPT and password_hash is not None:
+            return await self._verify_plain(password, password_hash)
+        usable = password_hash is not None and scheme is PasswordScheme.PEPPERED
+        expected = password_hash.encode("ascii") if usable and password_hash is not None else self._dummy_hash
         matches = await self._run(bcrypt.checkpw, self._prehash(password), expected)
-        return matches and password_hash is not None
+        return matches and usable
+
+    async def _verify_plain(self, password: str, password_hash: str) -> bool:
+        """An imported hash: plain bcrypt over the UTF-8 password, as other systems make it.
+
+        bcrypt reads 72 bytes; a longer password never matches (the old system cut it short, and
+        accepting any password sharing its first 72 bytes is what our own scheme prevents).
+        """
+        secret = password.encode("utf-8")
+        if len(secret) > _BCRYPT_MAX_BYTES:
+            await self._run(bcrypt.checkpw, self._prehash(password), self._dummy_hash)
+            return False
+        # $2y$ (PHP's name) is the same algorithm as $2b$.
+        expected = ("$2b$" + password_hash[4:] if password_hash.startswith("$2y$") else password_hash).encode("ascii")
+        matches = await self._run(_checkpw, secret, expected)
+        if _cost(password_hash) < self._rounds:
+            # A cheap imported hash would answer faster than a missing account's dummy check, telling
+            # imported accounts apart: do that work too, until the first sign-in replaces the hash.
+            await self._run(bcrypt.checkpw, self._prehash(password), self._dummy_hash)
+        return matches
 
     async def _run(self, work: Callable[[bytes, bytes], _T], password: bytes, salt_or_hash: bytes) -> _T:
         with self._lock:
@@ -80,6 +105,22 @@ class BcryptHasher:
     def _prehash(self, password: str) -> bytes:
         digest = hmac.new(self._pepper, password.encode("utf-8"), hashlib.sha384).digest()
         return base64.b64encode(digest)
+
+
+_BCRYPT_MAX_BYTES = 72
+
+
+def _cost(password_hash: str) -> int:
+    cost = password_hash[4:6]
+    return int(cost) if cost.isdigit() else 0
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    # Imports are checked for form, but a hash bcrypt still refuses must fail one sign-in, not raise.
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:
+        return False
 
 
 def common_passwords(min_length: int) -> frozenset[str]:

@@ -14,9 +14,11 @@ from users_grpc.domain import (
     ActivationCode,
     Mail,
     NewUser,
+    PasswordScheme,
     PendingEmailChange,
     QueuedMail,
     Role,
+    ServiceAccount,
     Session,
     StoredKey,
     Tally,
@@ -74,6 +76,10 @@ class UserRepository(Protocol):
 
     async def delete_unless_active_admin(self, user_id: str) -> bool:
         """Delete the user unless they are an active admin, in one operation; True if deleted."""
+
+    async def upgrade_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
+        """Replace an imported hash by one of our scheme, if the stored hash is still ``old_hash``
+        (a password changed meanwhile wins); True if replaced."""
 
 
 class CredentialRepository(Protocol):
@@ -222,6 +228,7 @@ DigestPurpose = Literal[
     "refresh-token",
     "refresh-token-tag",
     "email-change-code",
+    "service-account-secret",
 ]
 
 
@@ -239,9 +246,31 @@ class SecretDigests(Protocol):
 class PasswordHasher(Protocol):
     async def hash(self, password: str) -> str: ...
 
-    async def verify(self, password: str, password_hash: str | None) -> bool:
-        """True if ``password`` matches. ``None`` does the same work and returns False,
-        so a missing account takes as long as a wrong password."""
+    async def verify(
+        self, password: str, password_hash: str | None, scheme: PasswordScheme = PasswordScheme.PEPPERED
+    ) -> bool:
+        """True if ``password`` matches the hash, made under ``scheme``. ``None`` (and the scheme
+        NONE) does the same work and returns False, so a missing account takes as long as a wrong
+        password."""
+
+
+class ServiceAccountRepository(Protocol):
+    """Service accounts: a name and a keyed digest of the secret, by client id."""
+
+    def new_id(self) -> str: ...
+
+    async def add(self, account: ServiceAccount, secret_digest: str) -> None:
+        """Store the account; raise ``AlreadyExists("name")`` if the name is taken."""
+
+    async def secret_digest(self, client_id: str) -> str | None:
+        """The digest of the account's secret; None if there is no such account."""
+
+    async def get(self, client_id: str) -> ServiceAccount | None: ...
+
+    async def list_after(self, client_id: str | None, limit: int) -> list[ServiceAccount]:
+        """Up to ``limit`` accounts in client-id order (oldest first), after ``client_id`` if given."""
+
+    async def delete(self, client_id: str) -> bool: ...
 
 
 class Clock(Protocol):

@@ -32,9 +32,11 @@ from users_grpc.domain import (
     Mail,
     Mfa,
     NewUser,
+    PasswordScheme,
     PendingEmailChange,
     QueuedMail,
     Role,
+    ServiceAccount,
     Session,
     StoredKey,
     Tally,
@@ -244,7 +246,8 @@ class MongoUserRepository:
             {"_id": _object_id(user_id), "password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}},
             {
                 "$set": {"password_hash": password_hash, "updated_at": now},
-                "$unset": {"password_reset": ""},
+                # A hash of our scheme replaces an imported one.
+                "$unset": {"password_reset": "", "password_scheme": ""},
                 "$inc": {"token_version": 1},
             },
         )
@@ -254,8 +257,21 @@ class MongoUserRepository:
     async def set_password(self, user_id: str, password_hash: str, now: datetime) -> None:
         await self._users.update_one(
             {"_id": _object_id(user_id)},
-            {"$set": {"password_hash": password_hash, "updated_at": now}, "$inc": {"token_version": 1}},
+            {
+                "$set": {"password_hash": password_hash, "updated_at": now},
+                "$unset": {"password_scheme": ""},
+                "$inc": {"token_version": 1},
+            },
         )
+
+    @_storage_errors
+    async def upgrade_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
+        # The same password under our scheme: no token needs to die, and the profile did not change.
+        result = await self._users.update_one(
+            {"_id": _object_id(user_id), "password_hash": old_hash, "password_scheme": PasswordScheme.BCRYPT.value},
+            {"$set": {"password_hash": new_hash}, "$unset": {"password_scheme": ""}},
+        )
+        return result.modified_count == 1
 
     @_storage_errors
     async def get_account(self, user_id: str) -> Account | None:
@@ -707,6 +723,58 @@ class MongoThrottleStore:
         raise StorageUnavailable()
 
 
+class MongoServiceAccountRepository:
+    """The ``service_accounts`` collection: by ``_id`` (the client id), the name unique."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._accounts: AsyncCollection[Document] = database["service_accounts"]
+
+    @_storage_errors
+    async def ensure_indexes(self) -> None:
+        await self._accounts.create_index([("name", ASCENDING)], unique=True, name="name_unique")
+
+    def new_id(self) -> str:
+        return str(ObjectId())
+
+    @_storage_errors
+    async def add(self, account: ServiceAccount, secret_digest: str) -> None:
+        try:
+            await self._accounts.insert_one(
+                {
+                    "_id": ObjectId(account.client_id),
+                    "name": account.name,
+                    "secret_digest": secret_digest,
+                    "created_at": account.created_at,
+                }
+            )
+        except DuplicateKeyError:
+            raise AlreadyExists("name") from None
+
+    @_storage_errors
+    async def secret_digest(self, client_id: str) -> str | None:
+        document = await self._accounts.find_one({"_id": _object_id(client_id)}, {"secret_digest": 1})
+        return None if document is None else str(document["secret_digest"])
+
+    @_storage_errors
+    async def get(self, client_id: str) -> ServiceAccount | None:
+        document = await self._accounts.find_one({"_id": _object_id(client_id)}, {"secret_digest": 0})
+        return None if document is None else _service_account_from_document(document)
+
+    @_storage_errors
+    async def list_after(self, client_id: str | None, limit: int) -> list[ServiceAccount]:
+        query: Document = {} if client_id is None else {"_id": {"$gt": _object_id(client_id)}}
+        cursor = self._accounts.find(query, {"secret_digest": 0}).sort("_id", ASCENDING).limit(limit)
+        return [_service_account_from_document(document) async for document in cursor]
+
+    @_storage_errors
+    async def delete(self, client_id: str) -> bool:
+        return (await self._accounts.delete_one({"_id": _object_id(client_id)})).deleted_count == 1
+
+
+def _service_account_from_document(document: Document) -> ServiceAccount:
+    return ServiceAccount(client_id=str(document["_id"]), name=document["name"], created_at=document["created_at"])
+
+
 class MongoKeyStore:
     """The ``signing_keys`` collection; private keys arrive and leave sealed."""
 
@@ -919,7 +987,13 @@ def ended_sessions_queries(ended_before: datetime) -> list[Document]:
 def never_activated_query(created_before: datetime) -> Document:
     # A pending activation marks an account never activated (activating removes it); an account
     # deactivated later has none, and is kept.
-    return {"is_active": False, "created_at": {"$lt": created_before}, "activation": {"$type": "object"}}
+    # Imported users were accounts elsewhere: waiting does not make them abandoned.
+    return {
+        "is_active": False,
+        "created_at": {"$lt": created_before},
+        "activation": {"$type": "object"},
+        "imported": {"$ne": True},
+    }
 
 
 def failed_mail_query(failed_before: datetime) -> Document:
@@ -989,6 +1063,13 @@ def _document_from_new_user(new_user: NewUser) -> Document:
         "created_at": new_user.created_at,
         "updated_at": new_user.created_at,
         "token_version": 0,
+        # Absent for our own scheme, as in every document stored before imports existed.
+        **(
+            {}
+            if new_user.password_scheme is PasswordScheme.PEPPERED
+            else {"password_scheme": new_user.password_scheme.value}
+        ),
+        **({"imported": True} if new_user.imported else {}),
     }
 
 
@@ -1039,6 +1120,7 @@ def _account_from_document(document: Document) -> Account:
     return Account(
         user=_user_from_document(document),
         password_hash=document["password_hash"],
+        password_scheme=PasswordScheme(document.get("password_scheme", PasswordScheme.PEPPERED.value)),
         activation=None if activation is None else _activation_from_document(activation),
         password_reset=None if password_reset is None else _activation_from_document(password_reset),
         mfa=None

@@ -11,7 +11,7 @@ import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -21,9 +21,11 @@ from users_grpc.domain import (
     Account,
     ActivationCode,
     Caller,
+    ImportedUser,
     Mail,
     NewUser,
     PasswordPolicy,
+    PasswordScheme,
     Registration,
     Role,
     User,
@@ -33,8 +35,11 @@ from users_grpc.errors import (
     AccountDeactivated,
     AccountLocked,
     AccountNotActive,
+    AlreadyExists,
     FailedPrecondition,
+    FieldViolation,
     InvalidActivationCode,
+    InvalidArgument,
     InvalidCredentials,
     LastActiveAdmin,
     NotFound,
@@ -149,6 +154,69 @@ class UserService:
             )
         )
         log.info("admin created", extra={"user_id": user.id})
+        return user
+
+    async def import_users(
+        self, items: Sequence[ImportedUser | InvalidArgument], caller: Caller
+    ) -> list[User | InvalidArgument | AlreadyExists]:
+        """Create each user, or say why not, item by item; :class:`InvalidArgument` for the whole
+        call only past :data:`~users_grpc.domain.MAX_IMPORTED_USERS`.
+
+        ``items`` holds, in place of an item, the error its conversion met (an unknown enum
+        number). Retrying is safe: the unique indexes answer ALREADY_EXISTS for whoever was
+        created before. No mail goes out (see the ImportUsers proto comment).
+        """
+        if len(items) > domain.MAX_IMPORTED_USERS:
+            raise InvalidArgument(
+                [FieldViolation("users", f"at most {domain.MAX_IMPORTED_USERS} users per call; split the batch")]
+            )
+        results: list[User | InvalidArgument | AlreadyExists] = []
+        for index, item in enumerate(items):
+            try:
+                if isinstance(item, InvalidArgument):
+                    raise item
+                results.append(await self._import_user(item))
+            except InvalidArgument as error:
+                results.append(
+                    InvalidArgument(
+                        [FieldViolation(f"users[{index}].{v.field}", v.description) for v in error.violations]
+                    )
+                )
+            except AlreadyExists as error:
+                results.append(error)
+        created = sum(isinstance(result, User) for result in results)
+        log.info(
+            "users imported",
+            extra={
+                "admin_id": caller.user_id,
+                "users_requested": len(items),
+                "users_created": created,
+                "users_refused": len(items) - created,
+            },
+        )
+        return results
+
+    async def _import_user(self, item: ImportedUser) -> User:
+        domain.validate_imported_user(item)
+        user = await self._users.add(
+            NewUser(
+                id=self._users.new_id(),
+                username=item.username,
+                first_name=item.first_name.strip(),
+                last_name=item.last_name.strip(),
+                email=domain.normalized_email(item.email),
+                gender=item.gender,
+                role=item.role,
+                password_hash=item.password_hash,
+                password_scheme=PasswordScheme.BCRYPT if item.password_hash else PasswordScheme.NONE,
+                # Unverified: pending, with no code yet; ResendActivationCode mails the first.
+                is_active=item.email_verified,
+                activation=None,
+                created_at=self._clock.now(),
+                imported=True,
+            )
+        )
+        log.info("user imported", extra={"user_id": user.id, "active": user.is_active})
         return user
 
     async def _new_user(
@@ -316,7 +384,11 @@ class UserService:
         throttle_key = account.user.id if account is not None else f"unknown:{unknown_key}"
         reservation = await self._throttle.reserve(throttle_key, source)
         try:
-            matches = await self._hasher.verify(password, None if account is None else account.password_hash)
+            matches = await self._hasher.verify(
+                password,
+                None if account is None else account.password_hash,
+                PasswordScheme.PEPPERED if account is None else account.password_scheme,
+            )
         except Overloaded:
             # Refused before any comparison: this try must not count against the account.
             await self._throttle.release(reservation)
@@ -325,7 +397,24 @@ class UserService:
             log.info("credentials refused", extra={"user_id": None if account is None else account.user.id})
             return False
         await self._throttle.succeeded(reservation)
+        assert account is not None
+        if account.password_scheme is PasswordScheme.BCRYPT:
+            await self._upgrade_imported_hash(account, password)
         return True
+
+    async def _upgrade_imported_hash(self, account: Account, password: str) -> None:
+        """Replace an imported plain-bcrypt hash by one of our scheme, now that the password is known.
+
+        One conditional update on the old hash: a password changed meanwhile wins. A full
+        hashing queue only postpones this to a later sign-in; it never fails this one.
+        """
+        try:
+            new_hash = await self._hasher.hash(password)
+        except Overloaded:
+            log.info("imported password hash kept for now: hashing queue full", extra={"user_id": account.user.id})
+            return
+        if await self._users.upgrade_password_hash(account.user.id, account.password_hash, new_hash):
+            log.info("imported password hash replaced", extra={"user_id": account.user.id})
 
     async def owner_proved_mailbox(self, user_id: str, source: str) -> None:
         """After a completed password reset: forget the account's failed tries, so the owner gets in at once."""

@@ -17,12 +17,24 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from users.v1 import session_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import current_caller
 from users_grpc.admin import AdminService
-from users_grpc.domain import AccessClaims, Gender, IssuedTokens, Registration, Role, Session, User, UserState
+from users_grpc.domain import (
+    AccessClaims,
+    Gender,
+    ImportedUser,
+    IssuedTokens,
+    Registration,
+    Role,
+    ServiceAccount,
+    Session,
+    User,
+    UserState,
+)
 from users_grpc.email_change import EmailChangeService
-from users_grpc.errors import FieldViolation, InvalidArgument
+from users_grpc.errors import FieldViolation, InvalidArgument, to_rpc_status
 from users_grpc.mfa import MfaService
 from users_grpc.recovery import PasswordService
 from users_grpc.service import UserService
+from users_grpc.service_accounts import ServiceAccountService
 from users_grpc.sessions import SessionService
 
 _GENDERS = {
@@ -62,6 +74,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         mfa: MfaService,
         email_changes: EmailChangeService,
         admin: AdminService,
+        service_accounts: ServiceAccountService,
     ) -> None:
         self._service = service
         self._sessions = sessions
@@ -69,6 +82,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self._mfa = mfa
         self._email_changes = email_changes
         self._admin = admin
+        self._service_accounts = service_accounts
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
@@ -300,6 +314,78 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     ) -> user_service_pb2.ResetUserMfaResponse:
         user = await self._admin.reset_mfa(request.user_id)
         return user_service_pb2.ResetUserMfaResponse(user=user_to_proto(user))
+
+    async def ImportUsers(
+        self, request: user_service_pb2.ImportUsersRequest, context: Context
+    ) -> user_service_pb2.ImportUsersResponse:
+        results = await self._service.import_users(
+            [_imported_user(item) for item in request.users], caller=current_caller.get()
+        )
+        return user_service_pb2.ImportUsersResponse(
+            results=[
+                user_service_pb2.ImportUserResult(user=user_to_proto(result))
+                if isinstance(result, User)
+                else user_service_pb2.ImportUserResult(error=to_rpc_status(result))
+                for result in results
+            ]
+        )
+
+    async def CreateServiceAccount(
+        self, request: user_service_pb2.CreateServiceAccountRequest, context: Context
+    ) -> user_service_pb2.CreateServiceAccountResponse:
+        account, secret = await self._service_accounts.create(request.name, caller=current_caller.get())
+        return user_service_pb2.CreateServiceAccountResponse(
+            service_account=_service_account_to_proto(account), client_secret=secret
+        )
+
+    async def IssueServiceToken(
+        self, request: user_service_pb2.IssueServiceTokenRequest, context: Context
+    ) -> user_service_pb2.IssueServiceTokenResponse:
+        token, expires_at = await self._service_accounts.issue_token(
+            request.client_id, request.client_secret, source=current_caller.get().source
+        )
+        return user_service_pb2.IssueServiceTokenResponse(
+            access_token=token, access_token_expires_at=_timestamp(expires_at)
+        )
+
+    async def ListServiceAccounts(
+        self, request: user_service_pb2.ListServiceAccountsRequest, context: Context
+    ) -> user_service_pb2.ListServiceAccountsResponse:
+        accounts, next_page_token = await self._service_accounts.list(request.page_size, request.page_token)
+        return user_service_pb2.ListServiceAccountsResponse(
+            service_accounts=[_service_account_to_proto(a) for a in accounts], next_page_token=next_page_token
+        )
+
+    async def DeleteServiceAccount(
+        self, request: user_service_pb2.DeleteServiceAccountRequest, context: Context
+    ) -> user_service_pb2.DeleteServiceAccountResponse:
+        await self._service_accounts.delete(request.client_id, caller=current_caller.get())
+        return user_service_pb2.DeleteServiceAccountResponse()
+
+
+def _imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | InvalidArgument:
+    """The item as a domain value, or (an unknown enum number) the error that item answers."""
+    try:
+        gender = _enum_from_proto(_GENDERS, item.gender, "gender")
+        role = _enum_from_proto(_ROLES, item.role, "role")
+    except InvalidArgument as error:
+        return error
+    return ImportedUser(
+        username=item.username,
+        first_name=item.first_name,
+        last_name=item.last_name,
+        email=item.email,
+        gender=gender,
+        role=role,
+        email_verified=item.email_verified,
+        password_hash=item.password_hash,
+    )
+
+
+def _service_account_to_proto(account: ServiceAccount) -> user_service_pb2.ServiceAccount:
+    return user_service_pb2.ServiceAccount(
+        client_id=account.client_id, name=account.name, create_time=_timestamp(account.created_at)
+    )
 
 
 def user_to_proto(user: User) -> user_pb2.User:

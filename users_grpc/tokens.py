@@ -18,6 +18,7 @@ import secrets
 import time
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 import jwt
 from cryptography.exceptions import InvalidTag
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 ALGORITHM = "ES256"
 ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type, not a secret. RFC 9068: never accepted in place of anything else
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub", "jti"]
+# A service account's tokens name it so; a user's tokens name a user id, which never has a colon.
+SERVICE_ACCOUNT_SUBJECT_PREFIX = "service-account:"
 # An unknown kid triggers a reload of the key store at most this often.
 _RELOAD_ON_UNKNOWN_KID_SECONDS = 5.0
 
@@ -153,8 +156,61 @@ class AccessTokens:
         token = jwt.encode(claims, private, algorithm=ALGORITHM, headers={"kid": kid, "typ": ACCESS_TOKEN_TYPE})
         return token, expires_at
 
+    def issue_service(self, client_id: str) -> tuple[str, datetime]:
+        """A token for a service account: ``sub`` is ``service-account:<client id>`` and it has no
+        role, version or session, so :meth:`verify` never takes it for a user's token."""
+        if self._signing is None:
+            raise RuntimeError("no signing key loaded")
+        kid, private = self._signing
+        now = self._clock.now()
+        expires_at = datetime.fromtimestamp(int((now + self._lifetime).timestamp()), now.tzinfo)
+        claims = {
+            "iss": self._issuer,
+            "aud": self._audience,
+            "sub": SERVICE_ACCOUNT_SUBJECT_PREFIX + client_id,
+            "iat": int(now.timestamp()),
+            "exp": int(expires_at.timestamp()),
+            "jti": uuid.uuid4().hex,
+        }
+        token = jwt.encode(claims, private, algorithm=ALGORITHM, headers={"kid": kid, "typ": ACCESS_TOKEN_TYPE})
+        return token, expires_at
+
     async def verify(self, token: str) -> AccessClaims:
-        """The claims of a valid access token of ours; :class:`Unauthenticated` for anything else."""
+        """The claims of a valid user access token of ours; :class:`Unauthenticated` for anything else."""
+        claims, issued_at, expires_at = await self._verified(token)
+        try:
+            role = Role(claims["role"])
+            version = claims["ver"]
+            session_id = claims["sid"]
+        except (KeyError, ValueError):
+            raise Unauthenticated("invalid access token") from None
+        # A token signed by us but naming no possible user (a service account's, say) is refused
+        # here, not passed on to lookups.
+        if not isinstance(version, int) or not isinstance(session_id, str) or not is_id(claims["sub"]):
+            raise Unauthenticated("invalid access token")
+        return AccessClaims(
+            subject=claims["sub"],
+            role=role,
+            token_version=version,
+            session_id=session_id,
+            token_id=claims["jti"],
+            issuer=claims["iss"],
+            audience=self._audience,
+            issued_at=issued_at,
+            expires_at=expires_at,
+        )
+
+    async def verify_service(self, token: str) -> str:
+        """The client id of a valid service-account token of ours; :class:`Unauthenticated` otherwise."""
+        claims, _, _ = await self._verified(token)
+        subject = claims["sub"]
+        client_id = subject.removeprefix(SERVICE_ACCOUNT_SUBJECT_PREFIX) if isinstance(subject, str) else ""
+        if client_id == subject or not is_id(client_id) or {"role", "ver", "sid"} & claims.keys():
+            raise Unauthenticated("invalid access token")
+        return client_id
+
+    async def _verified(self, token: str) -> tuple[dict[str, Any], datetime, datetime]:
+        """The claims of a token signed by one of our keys, unexpired, for our audience."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -173,7 +229,7 @@ class AccessTokens:
         if key is None:
             raise Unauthenticated("access token signed by an unknown key")
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
                 algorithms=[ALGORITHM],
@@ -182,14 +238,8 @@ class AccessTokens:
                 # Times are checked below against the service's clock, not PyJWT's wall clock.
                 options={"require": _REQUIRED_CLAIMS, "verify_exp": False, "verify_iat": False, "verify_nbf": False},
             )
-            role = Role(claims["role"])
-            version = claims["ver"]
-            session_id = claims["sid"]
-        except (jwt.PyJWTError, KeyError, ValueError):
+        except jwt.PyJWTError:
             raise Unauthenticated("invalid access token") from None
-        # A token signed by us but naming no possible user is refused here, not passed on to lookups.
-        if not isinstance(version, int) or not isinstance(session_id, str) or not is_id(claims["sub"]):
-            raise Unauthenticated("invalid access token")
         now = self._clock.now()
         try:
             expires_at = datetime.fromtimestamp(claims["exp"], now.tzinfo)
@@ -198,17 +248,7 @@ class AccessTokens:
             raise Unauthenticated("invalid access token") from None
         if expires_at <= now:
             raise Unauthenticated("access token expired")
-        return AccessClaims(
-            subject=claims["sub"],
-            role=role,
-            token_version=version,
-            session_id=session_id,
-            token_id=claims["jti"],
-            issuer=claims["iss"],
-            audience=self._audience,
-            issued_at=issued_at,
-            expires_at=expires_at,
-        )
+        return claims, issued_at, expires_at
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         """The public keys as an RFC 7517 key set."""
@@ -227,6 +267,19 @@ class AccessTokens:
                 }
             )
         return {"keys": keys}
+
+
+def is_service_token(token: str) -> bool:
+    """Whether ``token`` claims to be a service account's: only to choose how to verify it.
+
+    Read without checking the signature; :meth:`AccessTokens.verify_service` then checks all,
+    and :meth:`AccessTokens.verify` refuses such a token for a user's.
+    """
+    try:
+        subject = jwt.decode(token, options={"verify_signature": False}).get("sub")
+    except jwt.PyJWTError:
+        return False
+    return isinstance(subject, str) and subject.startswith(SERVICE_ACCOUNT_SUBJECT_PREFIX)
 
 
 def _base64url(data: bytes) -> str:

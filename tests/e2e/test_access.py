@@ -58,6 +58,11 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "LockUser": lambda _id, _name: pb.LockUserRequest(user_id="f" * 24),
     "UnlockUser": lambda _id, _name: pb.UnlockUserRequest(user_id="f" * 24),
     "ResetUserMfa": lambda _id, _name: pb.ResetUserMfaRequest(user_id="f" * 24),
+    "ImportUsers": lambda _id, _name: pb.ImportUsersRequest(),
+    "CreateServiceAccount": lambda _id, _name: pb.CreateServiceAccountRequest(name=""),
+    "IssueServiceToken": lambda _id, _name: pb.IssueServiceTokenRequest(client_id=""),
+    "ListServiceAccounts": lambda _id, _name: pb.ListServiceAccountsRequest(),
+    "DeleteServiceAccount": lambda _id, _name: pb.DeleteServiceAccountRequest(client_id="f" * 24),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them.

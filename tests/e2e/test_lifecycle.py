@@ -136,6 +136,13 @@ BAD_INPUT = [
         pb.ResetPasswordRequest(token="t" * 200, new_password=PASSWORD, new_password_confirmation=PASSWORD),
         "token",
     ),
+    ("ImportUsers", pb.ImportUsersRequest(users=[pb.ImportedUser(username="u")] * 1001), "users"),
+    ("CreateServiceAccount", pb.CreateServiceAccountRequest(name=""), "name"),
+    ("IssueServiceToken", pb.IssueServiceTokenRequest(client_id="", client_secret="s"), "client_id"),
+    ("IssueServiceToken", pb.IssueServiceTokenRequest(client_id="f" * 24, client_secret=""), "client_secret"),
+    ("ListServiceAccounts", pb.ListServiceAccountsRequest(page_size=1001), "page_size"),
+    ("ListServiceAccounts", pb.ListServiceAccountsRequest(page_token="junk"), "page_token"),
+    ("DeleteServiceAccount", pb.DeleteServiceAccountRequest(client_id="x"), "client_id"),
     # The RPCs only a user may call about themself: SELF stands for the caller's own id.
     ("ChangePassword", pb.ChangePasswordRequest(user_id=SELF, current_password=""), "current_password"),
     (

@@ -4,6 +4,7 @@ database (FerretDB, or USERS_TEST_MONGODB_URI)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -81,6 +82,17 @@ def new_user(username: str, *, active: bool, created_at: datetime, pending: bool
         activation=activation if pending and not active else None,
         created_at=created_at,
     )
+
+
+def test_imported_users_pending_activation_are_not_purged(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        # Imported unverified, then a code was asked for (so an activation is pending), long ago.
+        migrant = dataclasses.replace(new_user("migrant", active=False, created_at=NOW - 30 * DAY), imported=True)
+        await stores.users.add(migrant)
+        assert await stores.housekeeping.purge_never_activated_users(NOW - 7 * DAY) == 0
+        assert await stores.users.get(migrant.id) is not None
+
+    run(body)
 
 
 def test_one_holder_at_a_time_takes_a_lease(run: Any) -> None:

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.rpc import status_pb2 as _status_pb2
 from users.v1 import session_pb2 as _session_pb2
 from users.v1 import user_pb2 as _user_pb2
 import builtins as _builtins
@@ -1462,3 +1463,348 @@ class ResetUserMfaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResetUserMfaResponse: _TypeAlias = ResetUserMfaResponse  # noqa: Y015
+
+@_typing.final
+class ImportUsersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportedUser]:
+        """Required. 1 to 1000 users."""
+
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[Global___ImportedUser] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportUsersRequest: _TypeAlias = ImportUsersRequest  # noqa: Y015
+
+@_typing.final
+class ImportedUser(_message.Message):
+    """A user from another system."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    FIRST_NAME_FIELD_NUMBER: _builtins.int
+    LAST_NAME_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    GENDER_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
+    PASSWORD_HASH_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """Required. As CreateUserRequest.username."""
+    first_name: _builtins.str
+    """Required. As CreateUserRequest.first_name."""
+    last_name: _builtins.str
+    """Required. As CreateUserRequest.last_name."""
+    email: _builtins.str
+    """Required. As CreateUserRequest.email."""
+    gender: _user_pb2.Gender.ValueType
+    """Optional."""
+    role: _user_pb2.Role.ValueType
+    """Optional; ROLE_UNSPECIFIED means ROLE_USER. ROLE_ADMIN is allowed."""
+    email_verified: _builtins.bool
+    """True: the old system proved the address; the user is created active.
+    False: created pending activation (no mail is sent; see ImportUsers).
+    """
+    password_hash: _builtins.str
+    """Optional. A bcrypt hash of the user's password made by the old system:
+    "$2a$", "$2b$" or "$2y$", a cost of 04 to 16, then 53 characters of
+    bcrypt's base64 (60 characters in all). Costs above 16 are refused: each
+    sign-in try would hold a hashing thread for many seconds (cost 31 for
+    days), a denial of service. Checked as plain bcrypt over the
+    password's UTF-8 bytes, so a password longer than 72 bytes (which bcrypt
+    would have cut short) never matches it: such a person uses ForgotPassword.
+    Anything else is INVALID_ARGUMENT on this item.
+    """
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        first_name: _builtins.str = ...,
+        last_name: _builtins.str = ...,
+        email: _builtins.str = ...,
+        gender: _user_pb2.Gender.ValueType = ...,
+        role: _user_pb2.Role.ValueType = ...,
+        email_verified: _builtins.bool = ...,
+        password_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "email_verified", b"email_verified", "first_name", b"first_name", "gender", b"gender", "last_name", b"last_name", "password_hash", b"password_hash", "role", b"role", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportedUser: _TypeAlias = ImportedUser  # noqa: Y015
+
+@_typing.final
+class ImportUsersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportUserResult]:
+        """One per requested user, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ImportUserResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportUsersResponse: _TypeAlias = ImportUsersResponse  # noqa: Y015
+
+@_typing.final
+class ImportUserResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The created user."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why this user was not created (never OK)."""
+
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["user", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___ImportUserResult: _TypeAlias = ImportUserResult  # noqa: Y015
+
+@_typing.final
+class ServiceAccount(_message.Message):
+    """A credential for a machine caller that cannot present a client certificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    """The id to pass to IssueServiceToken: 24 hexadecimal digits."""
+    name: _builtins.str
+    """Unique. Its tokens' holders are machine callers, logged as
+    "service-account:<name>".
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "create_time", b"create_time", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceAccount: _TypeAlias = ServiceAccount  # noqa: Y015
+
+@_typing.final
+class CreateServiceAccountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. 3 to 64 characters of [a-z0-9._-], starting with a letter or
+    digit. Unique among service accounts.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateServiceAccountRequest: _TypeAlias = CreateServiceAccountRequest  # noqa: Y015
+
+@_typing.final
+class CreateServiceAccountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_ACCOUNT_FIELD_NUMBER: _builtins.int
+    CLIENT_SECRET_FIELD_NUMBER: _builtins.int
+    client_secret: _builtins.str
+    """The secret, shown only here: store it in the caller's secret store. 43
+    characters of URL-safe base64 (256 random bits).
+    """
+    @_builtins.property
+    def service_account(self) -> Global___ServiceAccount: ...
+    def __init__(
+        self,
+        *,
+        service_account: Global___ServiceAccount | None = ...,
+        client_secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["service_account", b"service_account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_secret", b"client_secret", "service_account", b"service_account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateServiceAccountResponse: _TypeAlias = CreateServiceAccountResponse  # noqa: Y015
+
+@_typing.final
+class IssueServiceTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_SECRET_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    """Required."""
+    client_secret: _builtins.str
+    """Required."""
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        client_secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "client_secret", b"client_secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueServiceTokenRequest: _TypeAlias = IssueServiceTokenRequest  # noqa: Y015
+
+@_typing.final
+class IssueServiceTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
+    ACCESS_TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    access_token: _builtins.str
+    """Send as `authorization: Bearer <access_token>`."""
+    @_builtins.property
+    def access_token_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        access_token: _builtins.str = ...,
+        access_token_expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expires_at", b"access_token_expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expires_at", b"access_token_expires_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueServiceTokenResponse: _TypeAlias = IssueServiceTokenResponse  # noqa: Y015
+
+@_typing.final
+class ListServiceAccountsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Optional. Default 50, at most 1000."""
+    page_token: _builtins.str
+    """Optional. The next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListServiceAccountsRequest: _TypeAlias = ListServiceAccountsRequest  # noqa: Y015
+
+@_typing.final
+class ListServiceAccountsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_ACCOUNTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def service_accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceAccount]: ...
+    def __init__(
+        self,
+        *,
+        service_accounts: _abc.Iterable[Global___ServiceAccount] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "service_accounts", b"service_accounts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListServiceAccountsResponse: _TypeAlias = ListServiceAccountsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteServiceAccountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    """Required. 24 hexadecimal digits."""
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteServiceAccountRequest: _TypeAlias = DeleteServiceAccountRequest  # noqa: Y015
+
+@_typing.final
+class DeleteServiceAccountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteServiceAccountResponse: _TypeAlias = DeleteServiceAccountResponse  # noqa: Y015

@@ -43,12 +43,14 @@ class UserServiceStub:
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
-    other SANs never count). A missing or invalid credential is
+    other SANs never count), or that presents `authorization: Bearer <token>`
+    with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
-    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
-    address wait a rising delay, per account: other addresses are not held),
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
+    secrets, from this source address wait a rising delay, per account: other
+    addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
     address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
@@ -219,6 +221,31 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_user__service__pb2.ResetUserMfaRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.ResetUserMfaResponse.FromString,
                 _registered_method=True)
+        self.ImportUsers = channel.unary_unary(
+                '/users.v1.UserService/ImportUsers',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ImportUsersRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ImportUsersResponse.FromString,
+                _registered_method=True)
+        self.CreateServiceAccount = channel.unary_unary(
+                '/users.v1.UserService/CreateServiceAccount',
+                request_serializer=users_dot_v1_dot_user__service__pb2.CreateServiceAccountRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.CreateServiceAccountResponse.FromString,
+                _registered_method=True)
+        self.IssueServiceToken = channel.unary_unary(
+                '/users.v1.UserService/IssueServiceToken',
+                request_serializer=users_dot_v1_dot_user__service__pb2.IssueServiceTokenRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.IssueServiceTokenResponse.FromString,
+                _registered_method=True)
+        self.ListServiceAccounts = channel.unary_unary(
+                '/users.v1.UserService/ListServiceAccounts',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ListServiceAccountsRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ListServiceAccountsResponse.FromString,
+                _registered_method=True)
+        self.DeleteServiceAccount = channel.unary_unary(
+                '/users.v1.UserService/DeleteServiceAccount',
+                request_serializer=users_dot_v1_dot_user__service__pb2.DeleteServiceAccountRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.DeleteServiceAccountResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -239,12 +266,14 @@ class UserServiceServicer:
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
-    other SANs never count). A missing or invalid credential is
+    other SANs never count), or that presents `authorization: Bearer <token>`
+    with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
-    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
-    address wait a rising delay, per account: other addresses are not held),
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
+    secrets, from this source address wait a rising delay, per account: other
+    addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
     address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
@@ -689,6 +718,93 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportUsers(self, request, context):
+        """Import users from another system, keeping their passwords
+
+        At most 1000 users per call; more is INVALID_ARGUMENT for the whole call.
+        Each item gets its own result, in request order: the created user, or a
+        google.rpc.Status with the same code, ErrorInfo and BadRequest details as
+        CreateUser would answer: ALREADY_EXISTS (username or email taken, also by
+        an earlier item of the batch) or INVALID_ARGUMENT (field violations named
+        `users[<index>].<field>`). A bad item never fails the others, and a retried
+        batch creates nobody twice: the items created the first time answer
+        ALREADY_EXISTS.
+
+        Items are validated as CreateUser validates, except that there is no
+        password: `password_hash` optionally carries the bcrypt hash of the old
+        system. Such a password is checked as plain bcrypt at sign-in and, after
+        the first successful check, replaced by this service's own scheme. An
+        item without a hash has no usable password: sign-in fails as with a wrong
+        password, and the person sets one with ForgotPassword.
+
+        `email_verified` users are created active. The others are created pending
+        activation and are NOT mailed (a batch would send up to 1000 unexpected
+        mails, at a real cost, and mail out of the blue looks like phishing):
+        announce the migration yourself; such a person activates with
+        ResendActivationCode, then ActivateUser. Imported users are exempt from the
+        purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
+        they were accounts elsewhere, so waiting does not make them abandoned;
+        delete the ones you no longer want.
+        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
+        batch: what was created answers ALREADY_EXISTS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateServiceAccount(self, request, context):
+        """Create a service account for a machine caller without a client certificate
+
+        For services behind a mesh sidecar that terminates TLS. Returns the
+        client id and a secret (256 random bits) shown only here: the service
+        keeps only a keyed digest of it. Trade them for an access token with
+        IssueServiceToken. Callers: an admin. Errors: INVALID_ARGUMENT,
+        ALREADY_EXISTS (the name is taken), UNAUTHENTICATED, PERMISSION_DENIED,
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueServiceToken(self, request, context):
+        """Trade a service account's client id and secret for an access token
+
+        The token is short-lived (USERS_ACCESS_TOKEN_TTL_SECONDS) and works only
+        as a credential for calling this service: its holder counts as a machine
+        caller named by the account's name, wherever the "Callers" line admits
+        machine callers. It is never taken for a user's access token (ValidateToken
+        refuses it), and it dies at once when the account is deleted. No refresh
+        token: ask again before it expires. Wrong secrets are throttled as
+        passwords are (per client id and source address).
+        Callers: anyone holding the secret. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (unknown client id or wrong secret: one answer for both),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServiceAccounts(self, request, context):
+        """List the service accounts, oldest first; never their secrets
+
+        Callers: an admin. Errors: INVALID_ARGUMENT (page_size over 1000, a bad
+        page_token), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteServiceAccount(self, request, context):
+        """Delete a service account; its access tokens stop working at once
+
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -852,6 +968,31 @@ def add_UserServiceServicer_to_server(servicer, server):
                     request_deserializer=users_dot_v1_dot_user__service__pb2.ResetUserMfaRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.ResetUserMfaResponse.SerializeToString,
             ),
+            'ImportUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportUsers,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ImportUsersRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ImportUsersResponse.SerializeToString,
+            ),
+            'CreateServiceAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateServiceAccount,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.CreateServiceAccountRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.CreateServiceAccountResponse.SerializeToString,
+            ),
+            'IssueServiceToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueServiceToken,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.IssueServiceTokenRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.IssueServiceTokenResponse.SerializeToString,
+            ),
+            'ListServiceAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServiceAccounts,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ListServiceAccountsRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ListServiceAccountsResponse.SerializeToString,
+            ),
+            'DeleteServiceAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteServiceAccount,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.DeleteServiceAccountRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.DeleteServiceAccountResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'users.v1.UserService', rpc_method_handlers)
@@ -878,12 +1019,14 @@ class UserService:
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
-    other SANs never count). A missing or invalid credential is
+    other SANs never count), or that presents `authorization: Bearer <token>`
+    with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
-    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
-    address wait a rising delay, per account: other addresses are not held),
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
+    secrets, from this source address wait a rising delay, per account: other
+    addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
     address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
@@ -1742,6 +1885,141 @@ class UserService:
             '/users.v1.UserService/ResetUserMfa',
             users_dot_v1_dot_user__service__pb2.ResetUserMfaRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.ResetUserMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ImportUsers',
+            users_dot_v1_dot_user__service__pb2.ImportUsersRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ImportUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateServiceAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/CreateServiceAccount',
+            users_dot_v1_dot_user__service__pb2.CreateServiceAccountRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.CreateServiceAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueServiceToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/IssueServiceToken',
+            users_dot_v1_dot_user__service__pb2.IssueServiceTokenRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.IssueServiceTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServiceAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListServiceAccounts',
+            users_dot_v1_dot_user__service__pb2.ListServiceAccountsRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ListServiceAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteServiceAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/DeleteServiceAccount',
+            users_dot_v1_dot_user__service__pb2.DeleteServiceAccountRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.DeleteServiceAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,

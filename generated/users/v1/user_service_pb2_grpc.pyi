@@ -44,12 +44,14 @@ class UserServiceStub:
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
-    other SANs never count). A missing or invalid credential is
+    other SANs never count), or that presents `authorization: Bearer <token>`
+    with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
-    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
-    address wait a rising delay, per account: other addresses are not held),
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
+    secrets, from this source address wait a rising delay, per account: other
+    addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
     address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
@@ -370,6 +372,73 @@ class UserServiceStub:
     admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
     NOT_FOUND, FAILED_PRECONDITION (MFA is off), UNAVAILABLE.
     """
+    ImportUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ImportUsersRequest, _user_service_pb2.ImportUsersResponse]
+    """Import users from another system, keeping their passwords
+
+    At most 1000 users per call; more is INVALID_ARGUMENT for the whole call.
+    Each item gets its own result, in request order: the created user, or a
+    google.rpc.Status with the same code, ErrorInfo and BadRequest details as
+    CreateUser would answer: ALREADY_EXISTS (username or email taken, also by
+    an earlier item of the batch) or INVALID_ARGUMENT (field violations named
+    `users[<index>].<field>`). A bad item never fails the others, and a retried
+    batch creates nobody twice: the items created the first time answer
+    ALREADY_EXISTS.
+
+    Items are validated as CreateUser validates, except that there is no
+    password: `password_hash` optionally carries the bcrypt hash of the old
+    system. Such a password is checked as plain bcrypt at sign-in and, after
+    the first successful check, replaced by this service's own scheme. An
+    item without a hash has no usable password: sign-in fails as with a wrong
+    password, and the person sets one with ForgotPassword.
+
+    `email_verified` users are created active. The others are created pending
+    activation and are NOT mailed (a batch would send up to 1000 unexpected
+    mails, at a real cost, and mail out of the blue looks like phishing):
+    announce the migration yourself; such a person activates with
+    ResendActivationCode, then ActivateUser. Imported users are exempt from the
+    purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
+    they were accounts elsewhere, so waiting does not make them abandoned;
+    delete the ones you no longer want.
+    Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+    1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
+    batch: what was created answers ALREADY_EXISTS).
+    """
+    CreateServiceAccount: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateServiceAccountRequest, _user_service_pb2.CreateServiceAccountResponse]
+    """Create a service account for a machine caller without a client certificate
+
+    For services behind a mesh sidecar that terminates TLS. Returns the
+    client id and a secret (256 random bits) shown only here: the service
+    keeps only a keyed digest of it. Trade them for an access token with
+    IssueServiceToken. Callers: an admin. Errors: INVALID_ARGUMENT,
+    ALREADY_EXISTS (the name is taken), UNAUTHENTICATED, PERMISSION_DENIED,
+    UNAVAILABLE.
+    """
+    IssueServiceToken: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.IssueServiceTokenRequest, _user_service_pb2.IssueServiceTokenResponse]
+    """Trade a service account's client id and secret for an access token
+
+    The token is short-lived (USERS_ACCESS_TOKEN_TTL_SECONDS) and works only
+    as a credential for calling this service: its holder counts as a machine
+    caller named by the account's name, wherever the "Callers" line admits
+    machine callers. It is never taken for a user's access token (ValidateToken
+    refuses it), and it dies at once when the account is deleted. No refresh
+    token: ask again before it expires. Wrong secrets are throttled as
+    passwords are (per client id and source address).
+    Callers: anyone holding the secret. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED (unknown client id or wrong secret: one answer for both),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED), UNAVAILABLE.
+    """
+    ListServiceAccounts: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListServiceAccountsRequest, _user_service_pb2.ListServiceAccountsResponse]
+    """List the service accounts, oldest first; never their secrets
+
+    Callers: an admin. Errors: INVALID_ARGUMENT (page_size over 1000, a bad
+    page_token), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    DeleteServiceAccount: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteServiceAccountRequest, _user_service_pb2.DeleteServiceAccountResponse]
+    """Delete a service account; its access tokens stop working at once
+
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -390,12 +459,14 @@ class UserServiceAsyncStub(UserServiceStub):
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
-    other SANs never count). A missing or invalid credential is
+    other SANs never count), or that presents `authorization: Bearer <token>`
+    with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
-    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
-    address wait a rising delay, per account: other addresses are not held),
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
+    secrets, from this source address wait a rising delay, per account: other
+    addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
     address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
@@ -713,6 +784,73 @@ class UserServiceAsyncStub(UserServiceStub):
     admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
     NOT_FOUND, FAILED_PRECONDITION (MFA is off), UNAVAILABLE.
     """
+    ImportUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ImportUsersRequest, _user_service_pb2.ImportUsersResponse]  # type: ignore[assignment]
+    """Import users from another system, keeping their passwords
+
+    At most 1000 users per call; more is INVALID_ARGUMENT for the whole call.
+    Each item gets its own result, in request order: the created user, or a
+    google.rpc.Status with the same code, ErrorInfo and BadRequest details as
+    CreateUser would answer: ALREADY_EXISTS (username or email taken, also by
+    an earlier item of the batch) or INVALID_ARGUMENT (field violations named
+    `users[<index>].<field>`). A bad item never fails the others, and a retried
+    batch creates nobody twice: the items created the first time answer
+    ALREADY_EXISTS.
+
+    Items are validated as CreateUser validates, except that there is no
+    password: `password_hash` optionally carries the bcrypt hash of the old
+    system. Such a password is checked as plain bcrypt at sign-in and, after
+    the first successful check, replaced by this service's own scheme. An
+    item without a hash has no usable password: sign-in fails as with a wrong
+    password, and the person sets one with ForgotPassword.
+
+    `email_verified` users are created active. The others are created pending
+    activation and are NOT mailed (a batch would send up to 1000 unexpected
+    mails, at a real cost, and mail out of the blue looks like phishing):
+    announce the migration yourself; such a person activates with
+    ResendActivationCode, then ActivateUser. Imported users are exempt from the
+    purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
+    they were accounts elsewhere, so waiting does not make them abandoned;
+    delete the ones you no longer want.
+    Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+    1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
+    batch: what was created answers ALREADY_EXISTS).
+    """
+    CreateServiceAccount: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateServiceAccountRequest, _user_service_pb2.CreateServiceAccountResponse]  # type: ignore[assignment]
+    """Create a service account for a machine caller without a client certificate
+
+    For services behind a mesh sidecar that terminates TLS. Returns the
+    client id and a secret (256 random bits) shown only here: the service
+    keeps only a keyed digest of it. Trade them for an access token with
+    IssueServiceToken. Callers: an admin. Errors: INVALID_ARGUMENT,
+    ALREADY_EXISTS (the name is taken), UNAUTHENTICATED, PERMISSION_DENIED,
+    UNAVAILABLE.
+    """
+    IssueServiceToken: _aio.UnaryUnaryMultiCallable[_user_service_pb2.IssueServiceTokenRequest, _user_service_pb2.IssueServiceTokenResponse]  # type: ignore[assignment]
+    """Trade a service account's client id and secret for an access token
+
+    The token is short-lived (USERS_ACCESS_TOKEN_TTL_SECONDS) and works only
+    as a credential for calling this service: its holder counts as a machine
+    caller named by the account's name, wherever the "Callers" line admits
+    machine callers. It is never taken for a user's access token (ValidateToken
+    refuses it), and it dies at once when the account is deleted. No refresh
+    token: ask again before it expires. Wrong secrets are throttled as
+    passwords are (per client id and source address).
+    Callers: anyone holding the secret. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED (unknown client id or wrong secret: one answer for both),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED), UNAVAILABLE.
+    """
+    ListServiceAccounts: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListServiceAccountsRequest, _user_service_pb2.ListServiceAccountsResponse]  # type: ignore[assignment]
+    """List the service accounts, oldest first; never their secrets
+
+    Callers: an admin. Errors: INVALID_ARGUMENT (page_size over 1000, a bad
+    page_token), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    DeleteServiceAccount: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteServiceAccountRequest, _user_service_pb2.DeleteServiceAccountResponse]  # type: ignore[assignment]
+    """Delete a service account; its access tokens stop working at once
+
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounts of people: registration, activation, lookup, credential checks and deletion.
@@ -732,12 +870,14 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
-    other SANs never count). A missing or invalid credential is
+    other SANs never count), or that presents `authorization: Bearer <token>`
+    with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
-    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
-    address wait a rising delay, per account: other addresses are not held),
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
+    secrets, from this source address wait a rising delay, per account: other
+    addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
     address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
@@ -1244,6 +1384,103 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         again. Verify the person's identity before calling this. Callers: an
         admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
         NOT_FOUND, FAILED_PRECONDITION (MFA is off), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportUsers(
+        self,
+        request: _user_service_pb2.ImportUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ImportUsersResponse, _abc.Awaitable[_user_service_pb2.ImportUsersResponse]]:
+        """Import users from another system, keeping their passwords
+
+        At most 1000 users per call; more is INVALID_ARGUMENT for the whole call.
+        Each item gets its own result, in request order: the created user, or a
+        google.rpc.Status with the same code, ErrorInfo and BadRequest details as
+        CreateUser would answer: ALREADY_EXISTS (username or email taken, also by
+        an earlier item of the batch) or INVALID_ARGUMENT (field violations named
+        `users[<index>].<field>`). A bad item never fails the others, and a retried
+        batch creates nobody twice: the items created the first time answer
+        ALREADY_EXISTS.
+
+        Items are validated as CreateUser validates, except that there is no
+        password: `password_hash` optionally carries the bcrypt hash of the old
+        system. Such a password is checked as plain bcrypt at sign-in and, after
+        the first successful check, replaced by this service's own scheme. An
+        item without a hash has no usable password: sign-in fails as with a wrong
+        password, and the person sets one with ForgotPassword.
+
+        `email_verified` users are created active. The others are created pending
+        activation and are NOT mailed (a batch would send up to 1000 unexpected
+        mails, at a real cost, and mail out of the blue looks like phishing):
+        announce the migration yourself; such a person activates with
+        ResendActivationCode, then ActivateUser. Imported users are exempt from the
+        purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
+        they were accounts elsewhere, so waiting does not make them abandoned;
+        delete the ones you no longer want.
+        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
+        batch: what was created answers ALREADY_EXISTS).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateServiceAccount(
+        self,
+        request: _user_service_pb2.CreateServiceAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.CreateServiceAccountResponse, _abc.Awaitable[_user_service_pb2.CreateServiceAccountResponse]]:
+        """Create a service account for a machine caller without a client certificate
+
+        For services behind a mesh sidecar that terminates TLS. Returns the
+        client id and a secret (256 random bits) shown only here: the service
+        keeps only a keyed digest of it. Trade them for an access token with
+        IssueServiceToken. Callers: an admin. Errors: INVALID_ARGUMENT,
+        ALREADY_EXISTS (the name is taken), UNAUTHENTICATED, PERMISSION_DENIED,
+        UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def IssueServiceToken(
+        self,
+        request: _user_service_pb2.IssueServiceTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.IssueServiceTokenResponse, _abc.Awaitable[_user_service_pb2.IssueServiceTokenResponse]]:
+        """Trade a service account's client id and secret for an access token
+
+        The token is short-lived (USERS_ACCESS_TOKEN_TTL_SECONDS) and works only
+        as a credential for calling this service: its holder counts as a machine
+        caller named by the account's name, wherever the "Callers" line admits
+        machine callers. It is never taken for a user's access token (ValidateToken
+        refuses it), and it dies at once when the account is deleted. No refresh
+        token: ask again before it expires. Wrong secrets are throttled as
+        passwords are (per client id and source address).
+        Callers: anyone holding the secret. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (unknown client id or wrong secret: one answer for both),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListServiceAccounts(
+        self,
+        request: _user_service_pb2.ListServiceAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ListServiceAccountsResponse, _abc.Awaitable[_user_service_pb2.ListServiceAccountsResponse]]:
+        """List the service accounts, oldest first; never their secrets
+
+        Callers: an admin. Errors: INVALID_ARGUMENT (page_size over 1000, a bad
+        page_token), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteServiceAccount(
+        self,
+        request: _user_service_pb2.DeleteServiceAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.DeleteServiceAccountResponse, _abc.Awaitable[_user_service_pb2.DeleteServiceAccountResponse]]:
+        """Delete a service account; its access tokens stop working at once
+
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
