@@ -41,10 +41,10 @@ const (
 // databaseName is what FerretDB accepts as a database name, and so as a file name.
 var databaseName = regexp.MustCompile(`^[a-zA-Z0-9_-]{1,63}$`)
 
-// creatingCommands may create the collection they name.
+// creatingCommands may create the collection they name (FerretDB v1.24 has no $out).
 var creatingCommands = map[string]bool{
 	"insert": true, "update": true, "findAndModify": true, "findandmodify": true,
-	"create": true, "createIndexes": true, "aggregate": true,
+	"create": true, "createIndexes": true,
 }
 
 // indexer adds the _id lookup index to each collection table FerretDB creates.
