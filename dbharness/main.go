@@ -9,6 +9,10 @@
 // precondition; MongoDB applies each single-document update atomically, and
 // users-grpc relies on that. The harness restores the guarantee by passing
 // clients to FerretDB through a small proxy that runs one command at a time.
+//
+// FerretDB's SQLite backend creates its _id index on one expression but looks
+// documents up by another, so every lookup by _id scans its table; the proxy
+// adds the index those lookups can use (see indexes.go).
 package main
 
 import (
@@ -31,20 +35,33 @@ import (
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:27017", "TCP address to listen on (port 0 picks a free port)")
-	dataDir := flag.String("data-dir", "", "directory for the SQLite files (empty: in memory)")
+	dataDir := flag.String("data-dir", "", "directory for the SQLite files (empty: a temporary directory, removed at exit)")
 	flag.Parse()
 
-	sqliteURL := "file:" + os.TempDir() + "/?mode=memory"
-	if *dataDir != "" {
-		abs, err := filepath.Abs(*dataDir)
+	// FerretDB's in-memory databases are private to its own connections, where the
+	// harness could not add its indexes: a throwaway database lives in a temporary
+	// directory instead.
+	dir := *dataDir
+	if dir == "" {
+		temp, err := os.MkdirTemp("", "dbharness-")
 		if err != nil {
 			log.Fatal(err)
 		}
-		if err := os.MkdirAll(abs, 0o700); err != nil {
-			log.Fatal(err)
-		}
-		sqliteURL = "file:" + abs + "/"
+		defer os.RemoveAll(temp)
+		dir = temp
 	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := os.MkdirAll(abs, 0o700); err != nil {
+		log.Fatal(err)
+	}
+	sqliteURL := "file:" + abs + "/"
+
+	ix := newIndexer(abs)
+	// Files left by an earlier run get their indexes before FerretDB serves them.
+	ix.indexExisting()
 
 	db, err := ferretdb.New(&ferretdb.Config{
 		Listener:  ferretdb.ListenerConfig{TCP: "127.0.0.1:0"},
@@ -72,7 +89,7 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	p := &proxy{backendAddr: backendAddr, clients: map[net.Conn]struct{}{}}
+	p := &proxy{backendAddr: backendAddr, indexer: ix, clients: map[net.Conn]struct{}{}}
 	go func() {
 		<-ctx.Done()
 		// Closing the clients too lets FerretDB stop at once instead of waiting for them.
@@ -93,6 +110,7 @@ func main() {
 type proxy struct {
 	backendAddr string
 	oneAtATime  sync.Mutex
+	indexer     *indexer // used only while holding oneAtATime
 
 	mu      sync.Mutex
 	clients map[net.Conn]struct{}
@@ -112,7 +130,7 @@ func (p *proxy) serve(listener net.Listener) {
 		p.clients[client] = struct{}{}
 		p.mu.Unlock()
 		go func() {
-			relay(client, p.backendAddr, &p.oneAtATime)
+			p.relay(client)
 			p.mu.Lock()
 			delete(p.clients, client)
 			p.mu.Unlock()
@@ -128,9 +146,9 @@ func (p *proxy) closeClients() {
 	}
 }
 
-func relay(client net.Conn, backendAddr string, oneAtATime *sync.Mutex) {
+func (p *proxy) relay(client net.Conn) {
 	defer client.Close()
-	backend, err := net.Dial("tcp", backendAddr)
+	backend, err := net.Dial("tcp", p.backendAddr)
 	if err != nil {
 		log.Print(err)
 		return
@@ -141,20 +159,22 @@ func relay(client net.Conn, backendAddr string, oneAtATime *sync.Mutex) {
 		if err != nil {
 			return
 		}
-		if err := exchange(request, client, backend, oneAtATime); err != nil {
+		if err := p.exchange(request, client, backend); err != nil {
 			return
 		}
 	}
 }
 
 // exchange sends one request and relays its replies while holding the lock.
-func exchange(request []byte, client, backend net.Conn, oneAtATime *sync.Mutex) error {
-	oneAtATime.Lock()
-	defer oneAtATime.Unlock()
+func (p *proxy) exchange(request []byte, client, backend net.Conn) error {
+	p.oneAtATime.Lock()
+	defer p.oneAtATime.Unlock()
+	cmd := parseCommand(request)
 	if _, err := backend.Write(request); err != nil {
 		return err
 	}
 	if moreToCome(request) {
+		p.indexer.after(cmd)
 		return nil // the client expects no reply
 	}
 	for {
@@ -162,10 +182,15 @@ func exchange(request []byte, client, backend net.Conn, oneAtATime *sync.Mutex) 
 		if err != nil {
 			return err
 		}
+		last := !moreToCome(reply)
+		if last {
+			// Before the client hears back: whatever it does next finds the index.
+			p.indexer.after(cmd)
+		}
 		if _, err := client.Write(reply); err != nil {
 			return err
 		}
-		if !moreToCome(reply) {
+		if last {
 			return nil
 		}
 	}

@@ -35,7 +35,7 @@ class DevDatabase:
 def start_dev_database(
     *, data_dir: Path | None, binary: Path | None = None, listen: str = "127.0.0.1:0"
 ) -> DevDatabase:
-    """Start FerretDB on SQLite (``data_dir``, or in memory) and wait until it accepts connections."""
+    """Start FerretDB on SQLite (``data_dir``, or a throwaway directory) and wait until it accepts connections."""
     binary = binary or Path(os.environ.get("USERS_DEV_DB_BINARY", DEFAULT_BINARY))
     if not binary.exists():
         raise DevDatabaseError(f"{binary} is missing: build it with .ci/setup (or set USERS_DEV_DB_BINARY)")

@@ -1,0 +1,118 @@
+"""The embedded database (dbharness) looks documents up by ``_id`` through an index.
+
+FerretDB v1.24.2's SQLite backend indexes ``_id`` on one expression but looks documents up by
+another, so without the index the harness adds, each lookup scans its collection's table. These
+tests read the harness's SQLite files directly and ask SQLite for the plans of the exact
+statements FerretDB runs (internal/backends/sqlite/collection.go: Query, UpdateAll, DeleteAll).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from tests.conftest import HARNESS, StartServer, start_ferretdb
+from tests.e2e.helpers import create_request
+from users_grpc.devdb import DevDatabase, start_dev_database
+
+FERRETDB_ID_STATEMENTS = [
+    # find, findAndModify, update and delete with the filter {_id: <string or ObjectId>}
+    """SELECT _ferretdb_sjson FROM "{table}" WHERE _ferretdb_sjson->'$._id' = ? LIMIT ?""",
+    # how every update and findAndModify writes its documents
+    """UPDATE "{table}" SET _ferretdb_sjson = ? WHERE _ferretdb_sjson->'$._id' = ?""",
+    # how every delete removes its documents
+    """DELETE FROM "{table}" WHERE _ferretdb_sjson->'$._id' IN (?, ?)""",
+]
+
+
+def collection_tables(database_file: Path) -> dict[str, str]:
+    """Each collection in a FerretDB database file, with its table."""
+    with closing(sqlite3.connect(f"file:{database_file}?mode=ro", uri=True)) as connection:
+        return dict(connection.execute("SELECT name, table_name FROM _ferretdb_collections").fetchall())
+
+
+def unindexed_lookups(database_file: Path) -> list[str]:
+    """FerretDB's ``_id`` statements, on every table of the file, that SQLite would not run through an index."""
+    with closing(sqlite3.connect(f"file:{database_file}?mode=ro", uri=True)) as connection:
+        tables = [table for (table,) in connection.execute("SELECT table_name FROM _ferretdb_collections")]
+        assert tables, f"no collections in {database_file}"
+        unindexed = []
+        for table in tables:
+            for statement in FERRETDB_ID_STATEMENTS:
+                sql = statement.format(table=table)
+                plan = [row[3] for row in connection.execute("EXPLAIN QUERY PLAN " + sql, [None] * sql.count("?"))]
+                if f"SEARCH {table} USING INDEX _ferretdb_id_{table} (<expr>=?)" not in plan:
+                    unindexed.append(f"{sql}: {plan}")
+        return unindexed
+
+
+@pytest.fixture
+def own_database(tmp_path: Path) -> Iterator[DevDatabase]:
+    database = start_ferretdb(tmp_path / "db")
+    yield database
+    database.stop()
+
+
+def test_every_collection_the_service_uses_is_looked_up_by_id_through_an_index(
+    tmp_path: Path, own_database: DevDatabase, start_server: StartServer, database_name: str
+) -> None:
+    server = start_server(mongodb_uri=own_database.uri)  # signs its admin in: users, sessions, keys, ...
+    server.anonymous.CreateUser(create_request())  # and the mail outbox
+
+    database_file = tmp_path / "db" / f"{database_name}.sqlite"
+    assert {"users", "sessions", "outbox"} <= collection_tables(database_file).keys()
+    assert unindexed_lookups(database_file) == []
+
+
+def test_the_index_follows_collections_dropped_recreated_or_left_by_an_earlier_run(tmp_path: Path) -> None:
+    data_dir = tmp_path / "db"
+    database = start_ferretdb(data_dir)
+    try:
+        client: MongoClient[dict[str, Any]] = MongoClient(database.uri)
+        with client:
+            client.probe.things.insert_one({"_id": "a"})
+            client.probe.things.drop()
+            client.probe.things.insert_one({"_id": "b"})  # the same collection name, a new table
+            client.probe.create_collection("created")
+            assert unindexed_lookups(data_dir / "probe.sqlite") == []
+
+            client.drop_database("probe")
+            client.probe.things.insert_one({"_id": "c"})  # a new file under the same name
+            assert client.probe.things.find_one({"_id": "c"}) == {"_id": "c"}
+            assert unindexed_lookups(data_dir / "probe.sqlite") == []
+    finally:
+        database.stop()
+
+    # A file written by a harness that did not index lookups yet.
+    table = collection_tables(data_dir / "probe.sqlite")["things"]
+    with closing(sqlite3.connect(data_dir / "probe.sqlite")) as connection:
+        connection.execute(f'DROP INDEX "_ferretdb_id_{table}"')
+    assert unindexed_lookups(data_dir / "probe.sqlite") != []
+
+    database = start_ferretdb(data_dir)
+    try:
+        assert unindexed_lookups(data_dir / "probe.sqlite") == []
+    finally:
+        database.stop()
+
+
+def test_a_database_without_a_data_dir_is_indexed_too_and_removed_at_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the harness makes its throwaway directory
+    database = start_dev_database(data_dir=None, binary=HARNESS)
+    try:
+        client: MongoClient[dict[str, Any]] = MongoClient(database.uri)
+        with client:
+            client.probe.things.insert_one({"_id": "a"})
+        (directory,) = tmp_path.glob("dbharness-*")
+        assert unindexed_lookups(directory / "probe.sqlite") == []
+    finally:
+        database.stop()
+    assert not directory.exists()
