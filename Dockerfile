@@ -7,7 +7,9 @@ COPY generated generated
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.13-slim
-RUN useradd --system --uid 10001 users
+# Its own group: Debian already has a group named "users" (gid 100), so `useradd users` fails.
+RUN groupadd --gid 10001 users-grpc \
+ && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin users-grpc
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 10001
@@ -16,6 +18,6 @@ ENV USERS_GRPC_ADDRESS=[::]:50051 \
     USERS_SHUTDOWN_GRACE_SECONDS=20 \
     PYTHONUNBUFFERED=1
 EXPOSE 50051
-# Kubernetes: use a grpc probe (or grpc-health-probe) on port 50051, service "users.v1.UserService".
+# Kubernetes: deploy/kubernetes/ (readiness probe on "users.v1.UserService", liveness on "liveness").
 ENTRYPOINT ["users-grpc"]
 CMD ["serve"]
