@@ -9,6 +9,7 @@ callers). The proto comments state the same rules.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 
@@ -68,8 +69,9 @@ RULES: Mapping[str, Rule] = {
     "DeleteServiceAccount": Rule.ADMIN,
 }
 
-# Anonymous calls that cost a password hash or a mail: limited per source address (a user's own
-# token, or an admin's, is not limited here; a machine caller is, by the end user's address).
+# Calls anyone may make that cost a password hash or a mail: limited per source address, whatever
+# token comes with them (anyone can register and get one), except an admin's; a machine caller is
+# limited by the end user's address it passes.
 RATE_LIMITED = frozenset(
     {
         "Authenticate",
@@ -166,13 +168,28 @@ def source_address(peer: str, forwarded_for: str | None, *, machine: bool) -> st
     if machine and forwarded_for:
         first = forwarded_for.split(",")[0].strip()
         if first:
-            return first[:64]
+            return _one_source(first)
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
+        return _one_source(rest.rpartition(":")[0].strip("[]"))
     return peer
+
+
+def _one_source(address: str) -> str:
+    """An IPv6 address stands for its /64: one subscriber usually holds a whole /64, and counting
+    each of its addresses apart would let one host appear as billions of sources. An IPv4 address
+    mapped into IPv6 is that IPv4 address."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
 
 
 def metadata_value(metadata: Iterable[tuple[str, str | bytes]], name: str) -> str | None:

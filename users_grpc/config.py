@@ -77,7 +77,8 @@ class Settings:
     unactivated_account_retention_seconds: int = 7 * 86400
     email_change_code_ttl_seconds: int = 900
 
-    password_reset_ttl_seconds: int = 1800
+    # As long as the send window: the newest mail stays usable however a stranger spends the sends.
+    password_reset_ttl_seconds: int = 3600
     password_reset_max_sends: int = 3
     password_reset_send_window_seconds: int = 3600
     mfa_issuer: str = "users-grpc"

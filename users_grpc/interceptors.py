@@ -131,7 +131,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 # Known before the rule is applied, so a refusal is logged with who was refused.
                 current_caller.set(caller)
                 self._authorizer.admit(name, request, caller)
-                if name in RATE_LIMITED and caller.user_id is None:
+                if name in RATE_LIMITED and not caller.is_admin:
                     await self._rate_limit.check(caller.source)
                 return await behavior(request, context)
             except UsersError as error:

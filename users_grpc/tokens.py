@@ -100,6 +100,10 @@ class AccessTokens:
         return kid
 
     @property
+    def _service_audience(self) -> str:
+        return f"{self._audience}:service-accounts"
+
+    @property
     def signing_kid(self) -> str | None:
         return None if self._signing is None else self._signing[0]
 
@@ -166,7 +170,9 @@ class AccessTokens:
         expires_at = datetime.fromtimestamp(int((now + self._lifetime).timestamp()), now.tzinfo)
         claims = {
             "iss": self._issuer,
-            "aud": self._audience,
+            # Another audience than users' tokens: a service that verifies user tokens locally (pinning
+            # iss and aud, as the README says) never takes a service account's token for a user's.
+            "aud": self._service_audience,
             "sub": SERVICE_ACCOUNT_SUBJECT_PREFIX + client_id,
             "iat": int(now.timestamp()),
             "exp": int(expires_at.timestamp()),
@@ -177,7 +183,7 @@ class AccessTokens:
 
     async def verify(self, token: str) -> AccessClaims:
         """The claims of a valid user access token of ours; :class:`Unauthenticated` for anything else."""
-        claims, issued_at, expires_at = await self._verified(token)
+        claims, issued_at, expires_at = await self._verified(token, self._audience)
         try:
             role = Role(claims["role"])
             version = claims["ver"]
@@ -202,15 +208,15 @@ class AccessTokens:
 
     async def verify_service(self, token: str) -> str:
         """The client id of a valid service-account token of ours; :class:`Unauthenticated` otherwise."""
-        claims, _, _ = await self._verified(token)
+        claims, _, _ = await self._verified(token, self._service_audience)
         subject = claims["sub"]
         client_id = subject.removeprefix(SERVICE_ACCOUNT_SUBJECT_PREFIX) if isinstance(subject, str) else ""
         if client_id == subject or not is_id(client_id) or {"role", "ver", "sid"} & claims.keys():
             raise Unauthenticated("invalid access token")
         return client_id
 
-    async def _verified(self, token: str) -> tuple[dict[str, Any], datetime, datetime]:
-        """The claims of a token signed by one of our keys, unexpired, for our audience."""
+    async def _verified(self, token: str, audience: str) -> tuple[dict[str, Any], datetime, datetime]:
+        """The claims of a token signed by one of our keys, unexpired, for ``audience``."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -233,7 +239,7 @@ class AccessTokens:
                 token,
                 key,
                 algorithms=[ALGORITHM],
-                audience=self._audience,
+                audience=audience,
                 issuer=self._issuer,
                 # Times are checked below against the service's clock, not PyJWT's wall clock.
                 options={"require": _REQUIRED_CLAIMS, "verify_exp": False, "verify_iat": False, "verify_nbf": False},

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import grpc
+import jwt
 import pytest
 from pymongo import MongoClient
 
@@ -145,3 +146,14 @@ def test_names_are_checked_and_unique_and_lists_page(server: RunningServer) -> N
     assert second.next_page_token == ""
     for request in (pb.ListServiceAccountsRequest(page_size=1001), pb.ListServiceAccountsRequest(page_token="junk")):
         assert rpc_error(server.stub.ListServiceAccounts, request).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_local_verifier_never_takes_a_service_token_for_a_users(server: RunningServer) -> None:
+    """A service verifying user tokens from the key set (ES256, iss and aud pinned, as the README
+    says) refuses a service account's token: it is for another audience."""
+    created = create(server, "mesh")
+    token = issue(server, created.service_account.client_id, created.client_secret).access_token
+    keys = jwt.PyJWKSet.from_json(server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest()).jwks_json)
+    key = next(k for k in keys.keys if k.key_id == jwt.get_unverified_header(token)["kid"])
+    with pytest.raises(jwt.InvalidAudienceError):
+        jwt.decode(token, key.key, algorithms=["ES256"], audience="users-grpc", issuer="users-grpc")

@@ -148,7 +148,8 @@ def test_a_hashing_flood_is_refused_at_once_and_refused_tries_do_not_count(
 def test_costly_anonymous_calls_are_limited_per_source(
     start_server: StartServer, mail: MailSink, from_address: Any
 ) -> None:
-    server = start_server(rate_limit_requests=4)  # the fixture's own admin sign-in takes one
+    # The fixture's own admin sign-in takes one; a still clock keeps every call in one window.
+    server = start_server(rate_limit_requests=4, clock=FakeClock())
     forgot = pb.ForgotPasswordRequest(identifier="nobody")
     for _ in range(3):
         server.anonymous.ForgotPassword(forgot)
@@ -157,7 +158,19 @@ def test_costly_anonymous_calls_are_limited_per_source(
     assert error_info(limited).reason == "RATE_LIMITED"
     assert 0 < retry_delay(limited) <= server.settings.rate_limit_window_seconds
     from_address(server, "127.0.0.7").ForgotPassword(forgot)  # another address has its own share
-    server.stub.CreateUser(create_request())  # an admin's calls are not anonymous
+    server.stub.CreateUser(create_request())  # an admin's calls are not limited
+
+
+def test_a_users_own_token_does_not_lift_the_limit(start_server: StartServer, mail: MailSink) -> None:
+    """Anyone can register and hold a token: with one, the costly calls stay limited."""
+    server = start_server(rate_limit_requests=5, clock=FakeClock())  # a still clock: one window throughout
+    active_user(server, mail)  # through the admin: not counted
+    stub = server.stub_for(sign_in(server.anonymous, PASSWORD).access_token)  # counted, as the admin's sign-in
+    for _ in range(3):
+        stub.ForgotPassword(pb.ForgotPasswordRequest(identifier="nobody"))
+    limited = rpc_error(stub.ForgotPassword, pb.ForgotPasswordRequest(identifier="nobody"))
+    assert limited.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(limited).reason == "RATE_LIMITED"
 
 
 TIMED_PAIRS = 40

@@ -54,7 +54,10 @@ def test_self_needs_the_request_to_name_the_caller() -> None:
     ("peer", "forwarded_for", "machine", "source"),
     [
         ("ipv4:127.0.0.2:50123", None, False, "127.0.0.2"),
-        ("ipv6:[::1]:50123", None, False, "::1"),
+        ("ipv6:[::1]:50123", None, False, "::/64"),
+        ("ipv6:[2001:db8:1:2:aaaa::5]:50123", None, False, "2001:db8:1:2::/64"),  # one /64, one source
+        ("ipv6:[::ffff:192.0.2.7]:50123", None, False, "192.0.2.7"),
+        ("ipv4:10.0.0.5:1", "2001:db8:1:2:bbbb::9", True, "2001:db8:1:2::/64"),
         ("ipv4:10.0.0.5:1", "203.0.113.9", False, "10.0.0.5"),  # only machine callers may name another address
         ("ipv4:10.0.0.5:1", "203.0.113.9, 10.0.0.7", True, "203.0.113.9"),
         ("ipv4:10.0.0.5:1", " ", True, "10.0.0.5"),
