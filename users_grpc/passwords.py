@@ -10,6 +10,8 @@ from concurrent.futures import Executor
 
 import bcrypt
 
+from users_grpc.domain import normalize_password
+
 # Keys the pre-hash when no pepper is configured. It is a domain separator, not
 # a secret: it keeps our digests out of any precomputed list of plain SHA-384s.
 _DEFAULT_PEPPER = b"users-grpc/password/v1"
@@ -21,7 +23,9 @@ class BcryptHasher:
     bcrypt reads only 72 bytes and bcrypt 5 raises beyond them. The 64-byte
     base64 pre-hash lets every password of up to 128 characters count in full,
     with no NUL bytes and no plain-SHA "hash shucking". Changing the pepper
-    invalidates every stored hash.
+    invalidates every stored hash. The password is normalized (NFC) first, as
+    every length check measures it, so one password has one hash however it
+    was typed.
     """
 
     def __init__(self, *, rounds: int, executor: Executor, pepper: str | None = None) -> None:
@@ -44,7 +48,7 @@ class BcryptHasher:
         return matches and password_hash is not None
 
     def _prehash(self, password: str) -> bytes:
-        digest = hmac.new(self._pepper, password.encode("utf-8"), hashlib.sha384).digest()
+        digest = hmac.new(self._pepper, normalize_password(password).encode("utf-8"), hashlib.sha384).digest()
         return base64.b64encode(digest)
 
 

@@ -129,7 +129,7 @@ class PasswordService:
         violations = self._password_policy.violations(
             password, context_words=(user.username, user.email.partition("@")[0]), field="new_password"
         )
-        if confirmation != password:
+        if not domain.passwords_equal(confirmation, password):
             violations.append(FieldViolation("new_password_confirmation", "must equal new_password"))
         if violations:
             raise InvalidArgument(violations)

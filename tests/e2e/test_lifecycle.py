@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -296,3 +297,23 @@ def test_brute_force_is_throttled_per_account(server: RunningServer, mail: MailS
     assert (right.code(), right.details()) == (grpc.StatusCode.UNAUTHENTICATED, "invalid credentials")
     neighbour = pb.VerifyCredentialsRequest(identifier="joe", password=PASSWORD)
     assert server.stub.VerifyCredentials(neighbour).user.username == "joe"
+
+
+def test_a_password_is_normalized_once_the_same_way_everywhere(server: RunningServer, mail: MailSink) -> None:
+    """An NFD password of 131 code points (109 after NFC) registered, then could never sign in:
+    sign-in measured it raw (over 128) and the hash was over the raw text."""
+    nfc = "é" * 22 + ("correct horse battery staple " * 4)[:87]
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert (len(nfd), len(nfc)) == (131, 109)
+    server.anonymous.CreateUser(create_request(password=nfd, password_confirmation=nfd))
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com")))
+    for typed in (nfd, nfc):
+        signed_in = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=typed))
+        assert signed_in.user.username == "jane"
+    # The minimum length counts the normalized form too: 22 code points are 11 characters.
+    short_nfd = unicodedata.normalize("NFD", "é" * 11)
+    error = rpc_error(
+        server.anonymous.CreateUser,
+        create_request(username="joe", email="joe@example.com", password=short_nfd, password_confirmation=short_nfd),
+    )
+    assert "password" in violated_fields(error)
