@@ -137,7 +137,7 @@ class FakeUserRepository:
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
         account = self.accounts[user_id]
         user = dataclasses.replace(account.user, token_version=account.user.token_version + 1, updated_at=now)
-        self.accounts[user_id] = dataclasses.replace(account, user=user)
+        self.accounts[user_id] = dataclasses.replace(account, user=user, password_reset=None)
 
     async def reserve_password_attempt(
         self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int

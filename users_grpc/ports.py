@@ -39,7 +39,7 @@ class UserRepository(Protocol):
     async def delete_by_identifier(self, identifier_key: str) -> bool: ...
 
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
-        """Make every access token issued to the user so far invalid."""
+        """Make every access token issued to the user so far invalid, and any pending password-reset token."""
 
     async def reserve_password_attempt(
         self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int

@@ -189,9 +189,14 @@ class MongoUserRepository:
 
     @_storage_errors
     async def set_password(self, user_id: str, password_hash: str, now: datetime) -> None:
+        """Set a new password; a pending reset token dies with the old one."""
         await self._users.update_one(
             {"_id": ObjectId(user_id)},
-            {"$set": {"password_hash": password_hash, "updated_at": now}, "$inc": {"token_version": 1}},
+            {
+                "$set": {"password_hash": password_hash, "updated_at": now},
+                "$unset": {"password_reset": ""},
+                "$inc": {"token_version": 1},
+            },
         )
 
     @_storage_errors
@@ -333,8 +338,10 @@ class MongoUserRepository:
 
     @_storage_errors
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
+        """End every access token so far, and any pending password-reset token with them."""
         await self._users.update_one(
-            {"_id": ObjectId(user_id)}, {"$inc": {"token_version": 1}, "$set": {"updated_at": now}}
+            {"_id": ObjectId(user_id)},
+            {"$inc": {"token_version": 1}, "$set": {"updated_at": now}, "$unset": {"password_reset": ""}},
         )
 
     async def _taken_field(self, document: Document, error: DuplicateKeyError) -> str:

@@ -329,6 +329,7 @@ class UserServiceServicer:
     def RevokeAllSessions(self, request, context):
         """Revoke every session of a user, and every access token issued so far
 
+        A pending password-reset token (from ForgotPassword) dies too.
         Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
         """
@@ -386,7 +387,8 @@ class UserServiceServicer:
     def ChangePassword(self, request, context):
         """Change the password, given the current one
 
-        Every session and token of the user is revoked and a notice is mailed.
+        Every session and token of the user is revoked, a pending password-reset
+        token dies, and a notice is mailed.
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
         (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
         """

@@ -147,6 +147,7 @@ class UserServiceStub:
     RevokeAllSessions: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RevokeAllSessionsRequest, _user_service_pb2.RevokeAllSessionsResponse]
     """Revoke every session of a user, and every access token issued so far
 
+    A pending password-reset token (from ForgotPassword) dies too.
     Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
     """
@@ -184,7 +185,8 @@ class UserServiceStub:
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]
     """Change the password, given the current one
 
-    Every session and token of the user is revoked and a notice is mailed.
+    Every session and token of the user is revoked, a pending password-reset
+    token dies, and a notice is mailed.
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
     (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
     """
@@ -348,6 +350,7 @@ class UserServiceAsyncStub(UserServiceStub):
     RevokeAllSessions: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RevokeAllSessionsRequest, _user_service_pb2.RevokeAllSessionsResponse]  # type: ignore[assignment]
     """Revoke every session of a user, and every access token issued so far
 
+    A pending password-reset token (from ForgotPassword) dies too.
     Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
     """
@@ -385,7 +388,8 @@ class UserServiceAsyncStub(UserServiceStub):
     ChangePassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]  # type: ignore[assignment]
     """Change the password, given the current one
 
-    Every session and token of the user is revoked and a notice is mailed.
+    Every session and token of the user is revoked, a pending password-reset
+    token dies, and a notice is mailed.
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
     (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
     """
@@ -624,6 +628,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.RevokeAllSessionsResponse, _abc.Awaitable[_user_service_pb2.RevokeAllSessionsResponse]]:
         """Revoke every session of a user, and every access token issued so far
 
+        A pending password-reset token (from ForgotPassword) dies too.
         Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
         """
@@ -691,7 +696,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.ChangePasswordResponse, _abc.Awaitable[_user_service_pb2.ChangePasswordResponse]]:
         """Change the password, given the current one
 
-        Every session and token of the user is revoked and a notice is mailed.
+        Every session and token of the user is revoked, a pending password-reset
+        token dies, and a notice is mailed.
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
         (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
         """
