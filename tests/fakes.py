@@ -82,6 +82,9 @@ class FakeUserRepository:
         account = self.accounts.get(user_id)
         return account.user if account else None
 
+    async def get_account(self, user_id: str) -> Account | None:
+        return self.accounts.get(user_id)
+
     async def find_account(self, identifier_key_: str) -> Account | None:
         for account in self.accounts.values():
             if identifier_key_ in {identifier_key(account.user.username), identifier_key(account.user.email)}:

@@ -103,8 +103,16 @@ class MfaService:
             await self._check_second_factor(user.id, totp_code or recovery_code)
         return user
 
-    async def enable(self, user_id: str) -> Enrollment:
-        user = await self._user(user_id)
+    async def enable(self, user_id: str, password: str) -> Enrollment:
+        """Start an enrollment. It takes the password: a token alone must not put another
+        authenticator (and its recovery codes) on the account."""
+        domain.validate_user_id(user_id, "user_id")
+        domain.validate_login_password(password)
+        account = await self._credentials.get_account(user_id)
+        if not await self._accounts.password_matches(account, password):
+            raise InvalidCredentials()
+        assert account is not None
+        user = account.user
         secret = pyotp.random_base32()  # 160 bits (RFC 4226 recommends 160)
         sealed = self._encryption.seal(secret.encode(), _context(user_id))
         if not await self._credentials.start_mfa_enrollment(user_id, sealed, self._clock.now()):
@@ -176,10 +184,6 @@ class MfaService:
         ):
             log.warning("second factor throttled", extra={"user_id": user_id})
             raise TooManyAttempts()
-
-    async def _user(self, user_id: str) -> User:
-        domain.validate_user_id(user_id, "user_id")
-        return await self._accounts.get_user(user_id)
 
     async def _pending_enrollment(self, user_id: str) -> tuple[domain.Account, bytes]:
         """The account and sealed secret of an enrollment awaiting ConfirmMfa."""

@@ -18,6 +18,8 @@ class UserRepository(Protocol):
 
     async def get(self, user_id: str) -> User | None: ...
 
+    async def get_account(self, user_id: str) -> Account | None: ...
+
     async def find_account(self, identifier_key: str) -> Account | None:
         """The account whose username or email has this :func:`~users_grpc.domain.identifier_key`."""
 

@@ -116,6 +116,7 @@ BAD_INPUT = [
     ("GetUser", pb.GetUserRequest(id="not-an-object-id-at-all!"), "id"),
     ("GetUserByIdentifier", pb.GetUserByIdentifierRequest(identifier="  "), "identifier"),
     ("DeleteUser", pb.DeleteUserRequest(id="123"), "id"),
+    ("DeleteUser", pb.DeleteUserRequest(id=SELF, password=""), "password"),
     ("DeleteUserByIdentifier", pb.DeleteUserByIdentifierRequest(identifier=""), "identifier"),
     ("VerifyCredentials", pb.VerifyCredentialsRequest(identifier="", password="whatever it is"), "identifier"),
     ("VerifyCredentials", pb.VerifyCredentialsRequest(identifier="jane", password=""), "password"),
@@ -146,20 +147,22 @@ BAD_INPUT = [
         pb.ChangePasswordRequest(user_id=SELF, current_password="x", new_password="x" * 11),
         "new_password",
     ),
+    ("EnableMfa", pb.EnableMfaRequest(user_id=SELF, password=""), "password"),
     ("ConfirmMfa", pb.ConfirmMfaRequest(user_id=SELF, code="12345"), "code"),
     ("DisableMfa", pb.DisableMfaRequest(user_id=SELF, password="", code="123456"), "password"),
 ]
 # With a malformed user id nobody is "themself": those calls are PERMISSION_DENIED before any check.
-NO_SELF_INPUT = {"EnableMfa", "GetMfaQrCode", "RegenerateRecoveryCodes"}
+NO_SELF_INPUT = {"GetMfaQrCode", "RegenerateRecoveryCodes"}
 
 
 @pytest.mark.parametrize(("rpc", "request_", "field"), BAD_INPUT, ids=[f"{r}-{f}" for r, _, f in BAD_INPUT])
 def test_bad_input_is_invalid_argument_naming_the_field(
     server: RunningServer, rpc: str, request_: Any, field: str
 ) -> None:
-    if getattr(request_, "user_id", None) == SELF:
-        request_ = type(request_).FromString(request_.SerializeToString())
-        request_.user_id = server.admin_id
+    for subject in ("id", "user_id"):
+        if getattr(request_, subject, None) == SELF:
+            request_ = type(request_).FromString(request_.SerializeToString())
+            setattr(request_, subject, server.admin_id)
     error = rpc_error(getattr(server.stub, rpc), request_)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in violated_fields(error)

@@ -241,8 +241,13 @@ class UserServiceServicer:
     def DeleteUser(self, request, context):
         """Delete a user by id
 
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        Deleting one's own account needs the current password in `password`
+        (an admin deleting themself too), so an access token alone cannot delete
+        it; wrong passwords count toward the sign-in throttle. An admin deleting
+        someone else needs none.
+        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        own account without a password), UNAUTHENTICATED (also: wrong password),
+        PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -397,12 +402,16 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EnableMfa(self, request, context):
-        """Start a TOTP enrollment
+        """Start a TOTP enrollment, with the current password
 
         Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
-        until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
-        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+        until ConfirmMfa; a new EnableMfa replaces a pending enrollment. The
+        password is asked so that an access token alone (a stolen one, say) cannot
+        put someone else's authenticator on the account; wrong passwords count
+        toward the sign-in throttle.
+        Callers: the user themself. Errors: INVALID_ARGUMENT (also: no password),
+        UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED,
+        FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

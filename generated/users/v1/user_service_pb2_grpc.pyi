@@ -87,8 +87,13 @@ class UserServiceStub:
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]
     """Delete a user by id
 
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    Deleting one's own account needs the current password in `password`
+    (an admin deleting themself too), so an access token alone cannot delete
+    it; wrong passwords count toward the sign-in throttle. An admin deleting
+    someone else needs none.
+    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+    own account without a password), UNAUTHENTICATED (also: wrong password),
+    PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
     DeleteUserByIdentifier: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserByIdentifierRequest, _user_service_pb2.DeleteUserByIdentifierResponse]
     """Delete a user by username or email
@@ -191,12 +196,16 @@ class UserServiceStub:
     (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
     """
     EnableMfa: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.EnableMfaRequest, _user_service_pb2.EnableMfaResponse]
-    """Start a TOTP enrollment
+    """Start a TOTP enrollment, with the current password
 
     Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
-    until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
-    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+    until ConfirmMfa; a new EnableMfa replaces a pending enrollment. The
+    password is asked so that an access token alone (a stolen one, say) cannot
+    put someone else's authenticator on the account; wrong passwords count
+    toward the sign-in throttle.
+    Callers: the user themself. Errors: INVALID_ARGUMENT (also: no password),
+    UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED,
+    FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
     """
     GetMfaQrCode: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetMfaQrCodeRequest, _user_service_pb2.GetMfaQrCodeResponse]
     """The QR code of the pending enrollment
@@ -290,8 +299,13 @@ class UserServiceAsyncStub(UserServiceStub):
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]  # type: ignore[assignment]
     """Delete a user by id
 
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    Deleting one's own account needs the current password in `password`
+    (an admin deleting themself too), so an access token alone cannot delete
+    it; wrong passwords count toward the sign-in throttle. An admin deleting
+    someone else needs none.
+    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+    own account without a password), UNAUTHENTICATED (also: wrong password),
+    PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
     DeleteUserByIdentifier: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserByIdentifierRequest, _user_service_pb2.DeleteUserByIdentifierResponse]  # type: ignore[assignment]
     """Delete a user by username or email
@@ -394,12 +408,16 @@ class UserServiceAsyncStub(UserServiceStub):
     (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
     """
     EnableMfa: _aio.UnaryUnaryMultiCallable[_user_service_pb2.EnableMfaRequest, _user_service_pb2.EnableMfaResponse]  # type: ignore[assignment]
-    """Start a TOTP enrollment
+    """Start a TOTP enrollment, with the current password
 
     Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
-    until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
-    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+    until ConfirmMfa; a new EnableMfa replaces a pending enrollment. The
+    password is asked so that an access token alone (a stolen one, say) cannot
+    put someone else's authenticator on the account; wrong passwords count
+    toward the sign-in throttle.
+    Callers: the user themself. Errors: INVALID_ARGUMENT (also: no password),
+    UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED,
+    FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
     """
     GetMfaQrCode: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetMfaQrCodeRequest, _user_service_pb2.GetMfaQrCodeResponse]  # type: ignore[assignment]
     """The QR code of the pending enrollment
@@ -526,8 +544,13 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.DeleteUserResponse, _abc.Awaitable[_user_service_pb2.DeleteUserResponse]]:
         """Delete a user by id
 
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        Deleting one's own account needs the current password in `password`
+        (an admin deleting themself too), so an access token alone cannot delete
+        it; wrong passwords count toward the sign-in throttle. An admin deleting
+        someone else needs none.
+        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        own account without a password), UNAUTHENTICATED (also: wrong password),
+        PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -708,12 +731,16 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.EnableMfaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.EnableMfaResponse, _abc.Awaitable[_user_service_pb2.EnableMfaResponse]]:
-        """Start a TOTP enrollment
+        """Start a TOTP enrollment, with the current password
 
         Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
-        until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
-        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+        until ConfirmMfa; a new EnableMfa replaces a pending enrollment. The
+        password is asked so that an access token alone (a stolen one, say) cannot
+        put someone else's authenticator on the account; wrong passwords count
+        toward the sign-in throttle.
+        Callers: the user themself. Errors: INVALID_ARGUMENT (also: no password),
+        UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED,
+        FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
