@@ -48,6 +48,9 @@ class FakeMailer:
     async def send(self, mail: Mail) -> None:
         self.sent.append(mail)
 
+    def wake(self) -> None:
+        pass
+
 
 class FakeUserRepository:
     def __init__(self) -> None:

@@ -176,6 +176,7 @@ async def build_app(
     hasher = BcryptHasher(rounds=settings.bcrypt_rounds, executor=executor, pepper=settings.password_pepper)
     mail = MailDelivery(
         queue=outbox,
+        notices=users,
         transport=mail_transport or _mail_transport(settings),
         clock=clock,
         poll_seconds=settings.mail_poll_seconds,

@@ -33,7 +33,7 @@ from users_grpc.errors import (
     TooManyAttempts,
 )
 from users_grpc.ports import Clock, CredentialRepository, Mailer, SessionRepository
-from users_grpc.recovery import sign_out_everywhere_and_notify
+from users_grpc.recovery import security_notice, sign_out_everywhere
 from users_grpc.service import UserService
 from users_grpc.tokens import KeyEncryption
 
@@ -131,9 +131,10 @@ class MfaService:
         step = accepted_step(self._secret(user_id, sealed_secret), code, self._clock.now())
         recovery_codes = _new_recovery_codes()
         digests = [_recovery_digest(c) for c in recovery_codes]
-        if step is None or not await self._credentials.confirm_mfa(user_id, step, digests, self._clock.now()):
+        notice = security_notice(account.user, "Two-factor sign-in is on")
+        if step is None or not await self._credentials.confirm_mfa(user_id, step, digests, self._clock.now(), notice):
             raise InvalidSecondFactor()
-        await self._after_change(account.user, "Two-factor sign-in is on")
+        await self._after_change(account.user, "on")
         return recovery_codes
 
     async def disable(self, user_id: str, password: str, code: str) -> None:
@@ -143,8 +144,10 @@ class MfaService:
         if not await self._accounts.password_matches(account, password):
             raise InvalidCredentials()
         await self._check_second_factor(user_id, code, field="code")
-        await self._credentials.disable_mfa(user_id, self._clock.now())
-        await self._after_change(account.user, "Two-factor sign-in is off")
+        notice = security_notice(account.user, "Two-factor sign-in is off")
+        if not await self._credentials.disable_mfa(user_id, self._clock.now(), notice):
+            raise FailedPrecondition("MFA is off")
+        await self._after_change(account.user, "off")
 
     async def regenerate_recovery_codes(self, user_id: str, code: str) -> list[str]:
         await self._active_account(user_id)
@@ -211,11 +214,9 @@ class MfaService:
         qrcode.make(uri, image_factory=qrcode.image.pure.PyPNGImage).save(png)
         return Enrollment(secret=secret, otpauth_uri=uri, qr_code_png=png.getvalue())
 
-    async def _after_change(self, user: User, subject: str) -> None:
-        await sign_out_everywhere_and_notify(
-            sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user, subject=subject
-        )
-        log.info("mfa changed", extra={"user_id": user.id, "change": subject})
+    async def _after_change(self, user: User, change: str) -> None:
+        log.info("mfa changed", extra={"user_id": user.id, "change": change})
+        await sign_out_everywhere(sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user)
 
 
 def _validate_totp_code(code: str, field: str) -> None:

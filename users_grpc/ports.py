@@ -9,7 +9,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from users_grpc.domain import Account, ActivationCode, Mail, NewUser, QueuedMail, Session, StoredKey, User
+from users_grpc.domain import (
+    Account,
+    ActivationCode,
+    Mail,
+    NewUser,
+    PendingNotices,
+    QueuedMail,
+    Session,
+    StoredKey,
+    User,
+)
 
 
 class UserRepository(Protocol):
@@ -52,7 +62,11 @@ class UserRepository(Protocol):
 
 
 class CredentialRepository(Protocol):
-    """Password resets and second factors; each change is one conditional update."""
+    """Password resets and second factors; each change is one conditional update.
+
+    A change the user must be told of takes its ``notice``, pended in that same update
+    (see :class:`NoticeStore`): a change never lands without its notice, nor a notice without it.
+    """
 
     async def get_account(self, user_id: str) -> Account | None: ...
 
@@ -64,13 +78,17 @@ class CredentialRepository(Protocol):
 
     async def find_account_by_reset_digest(self, digest: str, now: datetime) -> Account | None: ...
 
-    async def reset_password(self, user_id: str, digest: str, password_hash: str, now: datetime) -> bool: ...
+    async def reset_password(
+        self, user_id: str, digest: str, password_hash: str, now: datetime, notice: Mail
+    ) -> bool: ...
 
-    async def set_password(self, user_id: str, password_hash: str, now: datetime) -> None: ...
+    async def set_password(self, user_id: str, password_hash: str, now: datetime, notice: Mail) -> bool: ...
 
     async def start_mfa_enrollment(self, user_id: str, sealed_secret: bytes, now: datetime) -> bool: ...
 
-    async def confirm_mfa(self, user_id: str, step: int, recovery_digests: list[str], now: datetime) -> bool: ...
+    async def confirm_mfa(
+        self, user_id: str, step: int, recovery_digests: list[str], now: datetime, notice: Mail
+    ) -> bool: ...
 
     async def use_totp_step(self, user_id: str, step: int) -> bool: ...
 
@@ -78,7 +96,7 @@ class CredentialRepository(Protocol):
 
     async def replace_recovery_codes(self, user_id: str, digests: list[str]) -> bool: ...
 
-    async def disable_mfa(self, user_id: str, now: datetime) -> None: ...
+    async def disable_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool: ...
 
     async def reserve_mfa_attempt(
         self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
@@ -117,6 +135,9 @@ class Mailer(Protocol):
     async def send(self, mail: Mail) -> None:
         """Accept ``mail`` for delivery: durably queued when this returns, delivered later."""
 
+    def wake(self) -> None:
+        """Deliver soon: a notice was pended in a user's document (it goes out anyway, a poll later)."""
+
 
 class PasswordHasher(Protocol):
     async def hash(self, password: str) -> str: ...
@@ -134,7 +155,9 @@ class Clock(Protocol):
 class MailQueue(Protocol):
     """The outbox: mail waiting for delivery, shared by every replica."""
 
-    async def enqueue(self, mail: Mail, now: datetime) -> None: ...
+    async def enqueue(self, mail: Mail, now: datetime, *, mail_id: str | None = None) -> None:
+        """Queue ``mail``. With ``mail_id`` (24 hex digits) it is queued under that id, and
+        queueing an id that is still queued does nothing."""
 
     async def claim(self, now: datetime, lease_seconds: float) -> QueuedMail | None:
         """Take the next due mail for ``lease_seconds``; after that another sender may take it."""
@@ -145,6 +168,27 @@ class MailQueue(Protocol):
 
     async def give_up(self, mail_id: str, error: str) -> None:
         """Keep the mail, marked failed, for an operator to inspect; never retried."""
+
+
+class NoticeStore(Protocol):
+    """Security notices waiting in user documents, each pended by the update that made its change.
+
+    The mail sender moves them into the outbox: claim a user's notices, queue each under its
+    own id (a repeat does nothing), release them. A sender that dies between the steps only
+    delays them: its claim runs out and another sender finishes the move. Before a notice's
+    outbox copy goes out, :meth:`settle_notice` makes sure it waits in no user document, so
+    it cannot be moved and mailed a second time.
+    """
+
+    async def claim_pending_notices(self, now: datetime, lease_seconds: float) -> PendingNotices | None:
+        """Claim one user's waiting notices for ``lease_seconds``; None when none wait unclaimed."""
+
+    async def release_notices(self, pending: PendingNotices) -> None:
+        """Drop the claimed notices (now queued in the outbox) and end the claim."""
+
+    async def settle_notice(self, notice_id: str, now: datetime) -> datetime | None:
+        """Drop ``notice_id`` from its user's document if it still waits there. None when done (or
+        there is no such notice); else when to try again, while another sender's claim holds it."""
 
 
 class MailTransport(Protocol):

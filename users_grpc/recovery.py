@@ -107,10 +107,12 @@ class PasswordService:
         user = account.user
         self._validate_new_password(user, new_password, confirmation)
         password_hash = await self._hasher.hash(new_password)
-        # The conditional update consumes the token: of two racing resets, one wins.
-        if not await self._credentials.reset_password(user.id, _digest(token), password_hash, now):
+        # The conditional update consumes the token (of two racing resets, one wins) and pends the
+        # notice: whatever happens to this call, the reset never lands without it.
+        notice = security_notice(user, "Your password was reset")
+        if not await self._credentials.reset_password(user.id, _digest(token), password_hash, now, notice):
             raise InvalidResetToken()
-        await self._after_password_change(user, "Your password was reset")
+        await self._after_password_change(user)
 
     async def change_password(self, user_id: str, current_password: str, new_password: str, confirmation: str) -> None:
         domain.validate_user_id(user_id, "user_id")
@@ -122,8 +124,10 @@ class PasswordService:
         self._validate_new_password(account.user, new_password, confirmation)
         if not await self._accounts.password_matches(account, current_password):
             raise InvalidCredentials("the current password is wrong")
-        await self._credentials.set_password(user_id, await self._hasher.hash(new_password), self._clock.now())
-        await self._after_password_change(account.user, "Your password was changed")
+        password_hash = await self._hasher.hash(new_password)
+        notice = security_notice(account.user, "Your password was changed")
+        await self._credentials.set_password(user_id, password_hash, self._clock.now(), notice)
+        await self._after_password_change(account.user)
 
     def _validate_new_password(self, user: User, password: str, confirmation: str) -> None:
         violations = self._password_policy.violations(
@@ -134,32 +138,36 @@ class PasswordService:
         if violations:
             raise InvalidArgument(violations)
 
-    async def _after_password_change(self, user: User, subject: str) -> None:
-        await sign_out_everywhere_and_notify(
-            sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user, subject=subject
-        )
+    async def _after_password_change(self, user: User) -> None:
         log.info("password set", extra={"user_id": user.id})
+        await sign_out_everywhere(sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user)
 
 
-async def sign_out_everywhere_and_notify(
-    *, sessions: SessionRepository, mailer: Mailer, clock: Clock, user: User, subject: str
-) -> None:
-    """After a change to how the user signs in: end every session and tell the user, without secrets.
+def security_notice(user: User, subject: str) -> Mail:
+    """The notice of a change to how the user signs in, pended by the update that makes it.
 
-    The change itself bumped the token version, which ends the access tokens; this ends the
-    refresh tokens too.
+    No secrets, and no text a stranger chose: greeted by username, never by name.
     """
-    await sessions.revoke_all(user.id, clock.now())
-    await mailer.send(
-        Mail(
-            to=user.email,
-            subject=subject,
-            body=(
-                f"Hello {user.first_name},\n\n{subject.lower()}, and every session of your account was signed out.\n"
-                "If this was not you, reset your password now and contact support.\n"
-            ),
-        )
+    return Mail(
+        to=user.email,
+        subject=subject,
+        body=(
+            f"Hello {user.username},\n\n{subject.lower()}, and every session of your account was signed out.\n"
+            "If this was not you, reset your password now and contact support.\n"
+        ),
     )
+
+
+async def sign_out_everywhere(*, sessions: SessionRepository, mailer: Mailer, clock: Clock, user: User) -> None:
+    """After a change to how the user signs in, which bumped the token version and pended its notice.
+
+    Cleanup only, so a deadline or crash that stops this call here loses nothing: the version
+    bump already ended every access token, and RefreshSession refuses a session of an older
+    version, so every session is dead already. This marks them revoked (ListSessions shows
+    none), and wakes the mail sender, which would otherwise find the notice at its next poll.
+    """
+    mailer.wake()
+    await sessions.revoke_all(user.id, clock.now())
 
 
 def _digest(token: str) -> str:

@@ -19,6 +19,7 @@ import zxingcpp
 
 from tests.conftest import MailSink, RunningServer, StartServer
 from tests.e2e.helpers import PASSWORD, error_info, rpc_error, stored_users, violated_fields
+from tests.e2e.test_operations import wait_until
 from tests.e2e.test_recovery import NEW_PASSWORD, reset, reset_token
 from tests.e2e.test_sessions import signed_up
 from tests.fakes import FakeClock
@@ -214,6 +215,7 @@ def test_disable_needs_password_and_code_and_ends_sessions(enrolled: Enrolled, m
     own.DisableMfa(pb.DisableMfaRequest(user_id=enrolled.user_id, password=PASSWORD, code=enrolled.code()))
     assert rpc_error(own.GetUser, pb.GetUserRequest(id=enrolled.user_id)).code() == UNAUTHENTICATED
     assert enrolled.sign_in().access_token  # single-factor again
+    wait_until(lambda: any(m["Subject"] == "Two-factor sign-in is off" for m in mail.messages), what="the notice")
     subjects = [m["Subject"] for m in mail.messages if m["To"] == "jane@example.com"]
     assert subjects.count("Two-factor sign-in is off") == 1
 

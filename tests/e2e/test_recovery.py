@@ -83,6 +83,7 @@ def test_reset_sets_the_password_once_and_revokes_every_session(server: RunningS
         pb.ResetPasswordRequest(token=token, new_password=PASSWORD, new_password_confirmation=PASSWORD),
     )
     assert again.code() == grpc.StatusCode.INVALID_ARGUMENT
+    wait_until(lambda: any(m["Subject"] == "Your password was reset" for m in mail.messages), what="the notice")
     notice = [m for m in mail.messages if m["Subject"] == "Your password was reset"]
     assert len(notice) == 1
     assert token not in notice[0].get_content()

@@ -382,7 +382,10 @@ class UserServiceServicer:
 
         The token works once. Every session and token of the user is revoked, a
         notice is mailed, and the user is not signed in (MFA is still asked at the
-        next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+        next sign-in). The new password and its notice are one step: a call cut
+        short (deadline, cancellation) leaves both or neither. A call that failed
+        that way may have reset the password: sign in with the new one to know.
+        Callers: anyone holding the token. Errors: INVALID_ARGUMENT
         (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -393,7 +396,8 @@ class UserServiceServicer:
         """Change the password, given the current one
 
         Every session and token of the user is revoked, a pending password-reset
-        token dies, and a notice is mailed.
+        token dies, and a notice is mailed. The change and its notice are one
+        step: a call cut short leaves both or neither.
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
         (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
         """
@@ -433,7 +437,10 @@ class UserServiceServicer:
         """Turn MFA on with a code from the authenticator app
 
         Returns ten single-use recovery codes, shown only here. Revokes the
-        user's sessions and tokens. Callers: the user themself. Errors:
+        user's sessions and tokens and mails a notice; MFA and its notice are one
+        step (a call cut short leaves both or neither; if MFA came on, its codes
+        are lost with the reply: disable with a TOTP code and enroll again).
+        Callers: the user themself. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
         FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
         wrong codes; wait), UNAVAILABLE.
@@ -445,7 +452,8 @@ class UserServiceServicer:
     def DisableMfa(self, request, context):
         """Turn MFA off, with the password and a TOTP or recovery code
 
-        Revokes the user's sessions and tokens and mails a notice.
+        Revokes the user's sessions and tokens and mails a notice; the change and
+        its notice are one step (a call cut short leaves both or neither).
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
         UNAVAILABLE.

@@ -184,14 +184,18 @@ class UserServiceStub:
 
     The token works once. Every session and token of the user is revoked, a
     notice is mailed, and the user is not signed in (MFA is still asked at the
-    next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+    next sign-in). The new password and its notice are one step: a call cut
+    short (deadline, cancellation) leaves both or neither. A call that failed
+    that way may have reset the password: sign in with the new one to know.
+    Callers: anyone holding the token. Errors: INVALID_ARGUMENT
     (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
     """
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]
     """Change the password, given the current one
 
     Every session and token of the user is revoked, a pending password-reset
-    token dies, and a notice is mailed.
+    token dies, and a notice is mailed. The change and its notice are one
+    step: a call cut short leaves both or neither.
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
     (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
     """
@@ -219,7 +223,10 @@ class UserServiceStub:
     """Turn MFA on with a code from the authenticator app
 
     Returns ten single-use recovery codes, shown only here. Revokes the
-    user's sessions and tokens. Callers: the user themself. Errors:
+    user's sessions and tokens and mails a notice; MFA and its notice are one
+    step (a call cut short leaves both or neither; if MFA came on, its codes
+    are lost with the reply: disable with a TOTP code and enroll again).
+    Callers: the user themself. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
     FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
     wrong codes; wait), UNAVAILABLE.
@@ -227,7 +234,8 @@ class UserServiceStub:
     DisableMfa: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DisableMfaRequest, _user_service_pb2.DisableMfaResponse]
     """Turn MFA off, with the password and a TOTP or recovery code
 
-    Revokes the user's sessions and tokens and mails a notice.
+    Revokes the user's sessions and tokens and mails a notice; the change and
+    its notice are one step (a call cut short leaves both or neither).
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
     UNAVAILABLE.
@@ -396,14 +404,18 @@ class UserServiceAsyncStub(UserServiceStub):
 
     The token works once. Every session and token of the user is revoked, a
     notice is mailed, and the user is not signed in (MFA is still asked at the
-    next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+    next sign-in). The new password and its notice are one step: a call cut
+    short (deadline, cancellation) leaves both or neither. A call that failed
+    that way may have reset the password: sign in with the new one to know.
+    Callers: anyone holding the token. Errors: INVALID_ARGUMENT
     (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
     """
     ChangePassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]  # type: ignore[assignment]
     """Change the password, given the current one
 
     Every session and token of the user is revoked, a pending password-reset
-    token dies, and a notice is mailed.
+    token dies, and a notice is mailed. The change and its notice are one
+    step: a call cut short leaves both or neither.
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
     (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
     """
@@ -431,7 +443,10 @@ class UserServiceAsyncStub(UserServiceStub):
     """Turn MFA on with a code from the authenticator app
 
     Returns ten single-use recovery codes, shown only here. Revokes the
-    user's sessions and tokens. Callers: the user themself. Errors:
+    user's sessions and tokens and mails a notice; MFA and its notice are one
+    step (a call cut short leaves both or neither; if MFA came on, its codes
+    are lost with the reply: disable with a TOTP code and enroll again).
+    Callers: the user themself. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
     FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
     wrong codes; wait), UNAVAILABLE.
@@ -439,7 +454,8 @@ class UserServiceAsyncStub(UserServiceStub):
     DisableMfa: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DisableMfaRequest, _user_service_pb2.DisableMfaResponse]  # type: ignore[assignment]
     """Turn MFA off, with the password and a TOTP or recovery code
 
-    Revokes the user's sessions and tokens and mails a notice.
+    Revokes the user's sessions and tokens and mails a notice; the change and
+    its notice are one step (a call cut short leaves both or neither).
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
     UNAVAILABLE.
@@ -707,7 +723,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         The token works once. Every session and token of the user is revoked, a
         notice is mailed, and the user is not signed in (MFA is still asked at the
-        next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+        next sign-in). The new password and its notice are one step: a call cut
+        short (deadline, cancellation) leaves both or neither. A call that failed
+        that way may have reset the password: sign in with the new one to know.
+        Callers: anyone holding the token. Errors: INVALID_ARGUMENT
         (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
         """
 
@@ -720,7 +739,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Change the password, given the current one
 
         Every session and token of the user is revoked, a pending password-reset
-        token dies, and a notice is mailed.
+        token dies, and a notice is mailed. The change and its notice are one
+        step: a call cut short leaves both or neither.
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
         (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
         """
@@ -766,7 +786,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Turn MFA on with a code from the authenticator app
 
         Returns ten single-use recovery codes, shown only here. Revokes the
-        user's sessions and tokens. Callers: the user themself. Errors:
+        user's sessions and tokens and mails a notice; MFA and its notice are one
+        step (a call cut short leaves both or neither; if MFA came on, its codes
+        are lost with the reply: disable with a TOTP code and enroll again).
+        Callers: the user themself. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
         FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
         wrong codes; wait), UNAVAILABLE.
@@ -780,7 +803,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.DisableMfaResponse, _abc.Awaitable[_user_service_pb2.DisableMfaResponse]]:
         """Turn MFA off, with the password and a TOTP or recovery code
 
-        Revokes the user's sessions and tokens and mails a notice.
+        Revokes the user's sessions and tokens and mails a notice; the change and
+        its notice are one step (a call cut short leaves both or neither).
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
         UNAVAILABLE.
