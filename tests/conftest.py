@@ -32,6 +32,7 @@ from users_grpc.bootstrap import App, build_app
 from users_grpc.config import Settings
 from users_grpc.devdb import DevDatabase, start_dev_database
 from users_grpc.domain import Gender, Registration, Role
+from users_grpc.logs import CallerContext
 from users_grpc.ports import Clock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,8 @@ class MailSink:
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
+        # The SMTP envelope's recipients (RCPT TO) of each message, in the same order.
+        self.envelope_recipients: list[list[str]] = []
         self._changed = threading.Condition()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -87,12 +90,19 @@ class MailSink:
         assert isinstance(message, EmailMessage)
         with self._changed:
             self.messages.append(message)
+            self.envelope_recipients.append(list(envelope.rcpt_tos))
             self._changed.notify_all()
         return "250 OK"
 
     def clear(self) -> None:
         with self._changed:
             self.messages.clear()
+            self.envelope_recipients.clear()
+
+    def recipients_of(self, message: EmailMessage) -> list[str]:
+        """The envelope recipients ``message`` was delivered to."""
+        with self._changed:
+            return next(rcpt for m, rcpt in zip(self.messages, self.envelope_recipients, strict=True) if m is message)
 
     def wait_for(self, to: str, count: int = 1, timeout: float = 10.0) -> list[EmailMessage]:
         """The first ``count`` messages to ``to``, waiting for them to arrive."""
@@ -106,6 +116,13 @@ class MailSink:
                 if remaining <= 0:
                     raise AssertionError(f"{count} mail(s) to {to} not received; got {len(matching)}")
                 self._changed.wait(remaining)
+
+    def activation_token_for(self, to: str, nth: int = 1) -> str:
+        """The long activation token of the ``nth`` mail to ``to`` (the line after "expires in N hours:")."""
+        body = self.wait_for(to, nth)[nth - 1].get_content()
+        match = re.search(r"expires in \d+ hours:\s+(\S+)", body)
+        assert match, body
+        return match.group(1)
 
     def code_for(self, to: str, nth: int = 1) -> str:
         body = self.wait_for(to, nth)[nth - 1].get_content()
@@ -226,6 +243,9 @@ def make_settings(mongodb_uri: str, database_name: str, smtp_port: int) -> Setti
         mail_poll_seconds=0.2,
         bcrypt_rounds=10,
         hash_workers=2,
+        hash_queue_length=64,  # tests race twenty registrations at once
+        # The suite calls from one address far more often than any person would.
+        rate_limit_requests=1_000_000,
         shutdown_grace_seconds=2.0,
         key_encryption_key=KEY_ENCRYPTION_KEY,
     )
@@ -254,3 +274,13 @@ def start_server(mongodb_uri: str, database_name: str, smtp_server: tuple[MailSi
 @pytest.fixture
 def server(start_server: StartServer) -> RunningServer:
     return start_server()
+
+
+@pytest.fixture
+def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """pytest's caplog, its records enriched with the caller as the service's own log handler does."""
+    caller_context = CallerContext()
+    handler = caplog.handler  # pytest's one capturing handler, shared by every test phase
+    handler.addFilter(caller_context)
+    yield caplog
+    handler.removeFilter(caller_context)

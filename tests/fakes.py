@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 
-from users_grpc.domain import Account, ActivationCode, Mail, NewUser, User, identifier_key
+from users_grpc.domain import Account, ActivationCode, Mail, NewUser, Tally, User, identifier_key
 from users_grpc.errors import AlreadyExists
 
 
@@ -55,8 +55,10 @@ class FakeMailer:
 class FakeUserRepository:
     def __init__(self) -> None:
         self.accounts: dict[str, Account] = {}
-        self.password_attempts: dict[str, tuple[datetime, int]] = {}
         self._ids = (f"{n:024x}" for n in itertools.count(1))
+
+    def new_id(self) -> str:
+        return next(self._ids)
 
     async def add(self, new_user: NewUser) -> User:
         for account in self.accounts.values():
@@ -65,7 +67,7 @@ class FakeUserRepository:
             if identifier_key(account.user.email) == identifier_key(new_user.email):
                 raise AlreadyExists("email")
         user = User(
-            id=next(self._ids),
+            id=new_user.id,
             username=new_user.username,
             first_name=new_user.first_name,
             last_name=new_user.last_name,
@@ -117,6 +119,19 @@ class FakeUserRepository:
         self.accounts[user_id] = dataclasses.replace(account, user=user, activation=None)
         return user
 
+    async def activate_with_token(self, user_id: str, token_digest: str, now: datetime) -> User | None:
+        account = self.accounts.get(user_id)
+        if account is None or account.user.is_active or account.activation is None:
+            return None
+        activation = account.activation
+        if activation.token_digest != token_digest:
+            return None
+        if activation.token_expires_at is None or activation.token_expires_at <= now:
+            return None
+        user = dataclasses.replace(account.user, is_active=True, updated_at=now)
+        self.accounts[user_id] = dataclasses.replace(account, user=user, activation=None)
+        return user
+
     async def replace_activation_code(
         self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
     ) -> bool:
@@ -145,17 +160,44 @@ class FakeUserRepository:
         user = dataclasses.replace(account.user, token_version=account.user.token_version + 1, updated_at=now)
         self.accounts[user_id] = dataclasses.replace(account, user=user, password_reset=None)
 
-    async def reserve_password_attempt(
-        self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
-    ) -> bool:
-        start, count = self.password_attempts.get(user_id, (now, 0))
-        if start <= now - timedelta(seconds=window_seconds):
-            start, count = now, 0
-        if count >= max_attempts:
-            return False
-        self.password_attempts[user_id] = (start, count + 1)
-        return True
 
-    async def clear_password_attempts(self, user_id: str) -> None:
-        if user_id in self.password_attempts:
-            self.password_attempts[user_id] = (self.password_attempts[user_id][0], 0)
+class FakeThrottleStore:
+    """The tallies of :class:`~users_grpc.repository.MongoThrottleStore`, with the same compare-and-set."""
+
+    def __init__(self) -> None:
+        self.tallies: dict[str, tuple[str, str, Tally]] = {}  # key: (account, kind, tally)
+
+    async def get(self, keys: list[str]) -> dict[str, Tally]:
+        return {key: self.tallies[key][2] for key in keys if key in self.tallies}
+
+    async def count_failure(
+        self, key: str, account: str, *, seen: Tally | None, now: datetime, window: timedelta, expires_at: datetime
+    ) -> Tally | None:
+        current = self.tallies.get(key)
+        if (current and current[2]) != seen:
+            return None
+        count = 1 if seen is None or seen.last_at <= now - window else seen.count + 1
+        self.tallies[key] = (account, "password", Tally(count=count, last_at=now))
+        return self.tallies[key][2]
+
+    async def uncount_failure(self, key: str) -> None:
+        current = self.tallies.get(key)
+        if current and current[2].count > 0:
+            self.tallies[key] = (current[0], current[1], Tally(count=current[2].count - 1, last_at=current[2].last_at))
+
+    async def forget(self, key: str) -> None:
+        self.tallies.pop(key, None)
+
+    async def remember(self, key: str, account: str, now: datetime, expires_at: datetime) -> None:
+        count = self.tallies[key][2].count if key in self.tallies else 0
+        self.tallies[key] = (account, "known", Tally(count=count + 1, last_at=now))
+
+    async def forget_account(self, account: str) -> None:
+        for key, (owner, kind, _) in list(self.tallies.items()):
+            if owner == account and kind == "password":
+                del self.tallies[key]
+
+    async def hit(self, key: str, expires_at: datetime) -> int:
+        count = self.tallies[key][2].count + 1 if key in self.tallies else 1
+        self.tallies[key] = ("", "rate", Tally(count=count, last_at=expires_at))
+        return count

@@ -1,8 +1,8 @@
 """Who may call what: one table of rules, enforced for every RPC by the interceptor.
 
 A caller is identified by ``authorization: Bearer <access token>`` or, for
-internal services, by an mTLS client certificate whose name is listed in
-USERS_MACHINE_IDENTITIES. The proto comments state the same rules.
+internal services, by an mTLS client certificate with a URI SAN (a SPIFFE ID) or DNS SAN
+listed in USERS_MACHINE_IDENTITIES. The proto comments state the same rules.
 """
 
 from __future__ import annotations
@@ -51,6 +51,12 @@ RULES: Mapping[str, Rule] = {
     "RegenerateRecoveryCodes": Rule.SELF,
 }
 
+# Anonymous calls that cost a password hash or a mail: limited per source address (a user's own
+# token, or an admin's, is not limited here; a machine caller is, by the end user's address).
+RATE_LIMITED = frozenset(
+    {"Authenticate", "CreateUser", "ActivateUser", "ResendActivationCode", "ForgotPassword", "ResetPassword"}
+)
+
 # The request field that names the user a "self" rule is about.
 _SUBJECT_FIELDS = ("id", "user_id")
 
@@ -62,10 +68,8 @@ class Authorizer:
         self._sessions = sessions
         self._machine_identities = frozenset(machine_identities)
 
-    async def authorize(
-        self, method: str, request: object, bearer_token: str | None, peer_identities: Iterable[str]
-    ) -> Caller:
-        """The caller, if ``method``'s rule admits them; else Unauthenticated or PermissionDenied."""
+    async def caller_of(self, method: str, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
+        """Who calls ``method``, not yet whether its rule admits them (see :meth:`admit`)."""
         rule = RULES.get(method)
         if rule is None:
             raise PermissionDenied("no access rule covers this method")  # fail closed
@@ -75,12 +79,19 @@ class Authorizer:
                 return await self.identify(bearer_token, peer_identities)
             except Unauthenticated:
                 return ANONYMOUS
-        caller = await self.identify(bearer_token, peer_identities)
-        if caller is ANONYMOUS:
+        return await self.identify(bearer_token, peer_identities)
+
+    def admit(self, method: str, request: object, caller: Caller) -> None:
+        """Unauthenticated or PermissionDenied unless ``method``'s rule admits ``caller``."""
+        rule = RULES.get(method)
+        if rule is None:
+            raise PermissionDenied("no access rule covers this method")
+        if rule is Rule.ANYONE:
+            return
+        if caller.user_id is None and caller.machine is None:
             raise Unauthenticated()
         if not _admits(rule, caller, _subject_of(request)):
             raise PermissionDenied()
-        return caller
 
     async def identify(self, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
         if bearer_token is not None:

@@ -28,6 +28,7 @@ from users_grpc.config import ConfigError, Settings
 from users_grpc.domain import PasswordPolicy
 from users_grpc.errors import StorageUnavailable
 from users_grpc.health import DatabaseHealth
+from users_grpc.housekeeping import HousekeepingJob, Retention
 from users_grpc.interceptors import UserServiceInterceptor
 from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
@@ -37,15 +38,19 @@ from users_grpc.ports import Clock, MailTransport
 from users_grpc.recovery import PasswordService
 from users_grpc.repository import (
     Document,
+    MongoHousekeeping,
     MongoKeyStore,
     MongoOutbox,
     MongoSessionRepository,
+    MongoThrottleStore,
     MongoUserRepository,
     ping,
 )
+from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
 from users_grpc.servicer import UserServiceServicer
 from users_grpc.sessions import SessionService
+from users_grpc.throttling import PasswordThrottle, RateLimitPolicy, SourceRateLimit, ThrottlePolicy
 from users_grpc.tokens import AccessTokens, KeyEncryption
 
 log = logging.getLogger(__name__)
@@ -81,11 +86,13 @@ class App:
     users: MongoUserRepository
     outbox: MongoOutbox
     session_store: MongoSessionRepository
+    throttles: MongoThrottleStore
     accounts: UserService
     tokens: AccessTokens
     health: DatabaseHealth
     health_servicer: AsyncHealthServicer
     mail: MailDelivery
+    housekeeping: HousekeepingJob
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -96,7 +103,9 @@ class App:
             try:
                 await self.users.ensure_indexes()
                 await self.outbox.ensure_indexes()
+                await self.outbox.seal_legacy_mail()
                 await self.session_store.ensure_indexes()
+                await self.throttles.ensure_indexes()
                 await self.tokens.ensure_signing_key()
                 return
             except StorageUnavailable:
@@ -121,6 +130,7 @@ class App:
             asyncio.create_task(self.mail.run()),
             asyncio.create_task(self.health.run()),
             asyncio.create_task(self._reload_keys()),
+            asyncio.create_task(self.housekeeping.run()),
         ]
         log.info("serving", extra={"port": self.port, "service": SERVICE_NAME})
 
@@ -133,6 +143,7 @@ class App:
         # rather than sent again later. Cancelling is the fallback, and is never waited on forever.
         self.mail.stop()
         self.health.stop()
+        self.housekeeping.stop()
         self._stopping.set()
         _, pending = await asyncio.wait(self._background, timeout=self.settings.smtp_timeout_seconds + 1)
         for task in pending:
@@ -168,12 +179,21 @@ async def build_app(
             "USERS_KEY_ENCRYPTION_KEY is required: it seals the token signing keys. "
             "Make one with `users-grpc keys new-kek` and keep it secret."
         )
+    # Digests of codes and tokens, and sealed mail bodies, under keys derived from the key-encryption key.
+    secrets_at_rest = SecretsAtRest(settings.key_encryption_key)
     users = MongoUserRepository(database)
-    outbox = MongoOutbox(database)
+    outbox = MongoOutbox(database, secrets_at_rest)
     session_store = MongoSessionRepository(database)
 
     executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="bcrypt")
-    hasher = BcryptHasher(rounds=settings.bcrypt_rounds, executor=executor, pepper=settings.password_pepper)
+    hasher = BcryptHasher(
+        rounds=settings.bcrypt_rounds,
+        executor=executor,
+        workers=settings.hash_workers,
+        queue_length=settings.hash_queue_length,
+        pepper=settings.password_pepper,
+    )
+    throttles = MongoThrottleStore(database)
     mail = MailDelivery(
         queue=outbox,
         notices=users,
@@ -190,6 +210,7 @@ async def build_app(
         users=users,
         mailer=mail,
         hasher=hasher,
+        digests=secrets_at_rest,
         clock=clock,
         policy=AccountPolicy(
             password=password_policy,
@@ -197,8 +218,19 @@ async def build_app(
             activation_max_attempts=settings.activation_max_attempts,
             activation_max_sends=settings.activation_max_sends,
             activation_send_window=timedelta(seconds=settings.activation_send_window_seconds),
-            password_max_attempts=settings.password_max_attempts,
-            password_attempt_window=timedelta(seconds=settings.password_attempt_window_seconds),
+            activation_token_ttl=timedelta(seconds=settings.activation_token_ttl_seconds),
+            reply_floor=timedelta(seconds=settings.reply_floor_seconds),
+        ),
+        throttle=PasswordThrottle(
+            store=throttles,
+            clock=clock,
+            policy=ThrottlePolicy(
+                free_attempts=settings.password_free_attempts,
+                account_free_attempts=settings.password_account_free_attempts,
+                window=timedelta(seconds=settings.password_attempt_window_seconds),
+                max_delay=timedelta(seconds=settings.password_max_delay_seconds),
+                known_source_lifetime=timedelta(seconds=settings.known_source_ttl_seconds),
+            ),
         ),
     )
     encryption = KeyEncryption(settings.key_encryption_key)
@@ -216,6 +248,7 @@ async def build_app(
         sessions=session_store,
         mailer=mail,
         encryption=encryption,
+        digests=secrets_at_rest,
         clock=clock,
         issuer=settings.mfa_issuer,
         max_attempts=settings.mfa_max_attempts,
@@ -227,17 +260,20 @@ async def build_app(
         sessions=session_store,
         mailer=mail,
         hasher=hasher,
+        digests=secrets_at_rest,
         clock=clock,
         password_policy=password_policy,
         reset_token_ttl=timedelta(seconds=settings.password_reset_ttl_seconds),
         reset_max_sends=settings.password_reset_max_sends,
         reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),
+        reply_floor=timedelta(seconds=settings.reply_floor_seconds),
     )
     sessions = SessionService(
         logins=mfa,
         users=users,
         sessions=session_store,
         tokens=tokens,
+        digests=secrets_at_rest,
         clock=clock,
         session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
     )
@@ -248,12 +284,21 @@ async def build_app(
                 method_prefix=f"/{SERVICE_NAME}/",
                 db_timeout_seconds=settings.db_timeout_seconds,
                 authorizer=Authorizer(sessions=sessions, machine_identities=settings.machine_identities),
+                rate_limit=SourceRateLimit(
+                    store=throttles,
+                    clock=clock,
+                    policy=RateLimitPolicy(
+                        requests=settings.rate_limit_requests,
+                        window=timedelta(seconds=settings.rate_limit_window_seconds),
+                    ),
+                ),
+                # Past this many UserService calls in progress the server answers RESOURCE_EXHAUSTED
+                # instead of queueing without bound (bcrypt makes each call costly). Not the server's
+                # own maximum_concurrent_rpcs, which would refuse health checks too.
+                max_concurrent_calls=settings.max_concurrent_rpcs,
             )
         ],
         options=_SERVER_OPTIONS,
-        # Past this many calls in progress the server answers RESOURCE_EXHAUSTED instead of queueing
-        # without bound (bcrypt makes each call costly).
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(
         UserServiceServicer(accounts, sessions, passwords, mfa), server
@@ -274,6 +319,7 @@ async def build_app(
         users=users,
         outbox=outbox,
         session_store=session_store,
+        throttles=throttles,
         accounts=accounts,
         tokens=tokens,
         health=DatabaseHealth(
@@ -284,6 +330,16 @@ async def build_app(
         ),
         health_servicer=health_servicer,
         mail=mail,
+        housekeeping=HousekeepingJob(
+            store=MongoHousekeeping(database),
+            clock=clock,
+            retention=Retention(
+                ended_sessions=timedelta(seconds=settings.session_retention_seconds),
+                never_activated_accounts=timedelta(seconds=settings.unactivated_account_retention_seconds),
+                failed_mail=timedelta(seconds=settings.mail_failed_retention_seconds),
+            ),
+            interval_seconds=settings.housekeeping_interval_seconds,
+        ),
     )
 
 

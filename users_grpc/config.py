@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.policy
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.headerregistry import Address, AddressHeader, BaseHeader
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 SmtpSecurity = Literal["starttls", "tls", "none"]
 
@@ -43,23 +45,36 @@ class Settings:
     smtp_password: str | None = None
     smtp_timeout_seconds: float = 10.0
     smtp_ca_file: Path | None = None
-    mail_from: str = "users-grpc <no-reply@localhost>"
+    # Parsed once, here; mails build their From header and envelope sender from its parts.
+    mail_from: Address = field(
+        default_factory=lambda: Address(display_name="users-grpc", username="no-reply", domain="localhost")
+    )
     mail_dir: Path = Path("var/mail")
     mail_poll_seconds: float = 5.0
     mail_max_attempts: int = 20
     mail_retry_seconds: float = 5.0
+    mail_failed_retention_seconds: int = 7 * 86400
 
     password_min_length: int = 12
     password_pepper: str | None = None
     bcrypt_rounds: int = 12
-    password_max_attempts: int = 10
+    password_free_attempts: int = 5
+    password_account_free_attempts: int = 20
     password_attempt_window_seconds: int = 900
+    password_max_delay_seconds: int = 900
+    known_source_ttl_seconds: int = 30 * 86400
+    rate_limit_requests: int = 60
+    rate_limit_window_seconds: int = 60
     hash_workers: int = os.cpu_count() or 1
+    hash_queue_length: int = 16
+    reply_floor_seconds: float = 0.2
 
     activation_code_ttl_seconds: int = 900
     activation_max_attempts: int = 5
     activation_max_sends: int = 5
     activation_send_window_seconds: int = 3600
+    activation_token_ttl_seconds: int = 86400
+    unactivated_account_retention_seconds: int = 7 * 86400
 
     password_reset_ttl_seconds: int = 1800
     password_reset_max_sends: int = 3
@@ -72,9 +87,12 @@ class Settings:
     jwt_audience: str = "users-grpc"
     access_token_ttl_seconds: int = 900
     session_ttl_seconds: int = 30 * 86400
+    session_retention_seconds: int = 7 * 86400
     key_encryption_key: bytes | None = field(default=None, repr=False)
     key_reload_seconds: float = 60.0
     machine_identities: frozenset[str] = frozenset()
+
+    housekeeping_interval_seconds: float = 300.0
 
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -112,14 +130,32 @@ class Settings:
             mail_poll_seconds=env.number("USERS_MAIL_POLL_SECONDS", defaults.mail_poll_seconds, 0.05, 3600),
             mail_max_attempts=env.integer("USERS_MAIL_MAX_ATTEMPTS", defaults.mail_max_attempts, 1, 1000),
             mail_retry_seconds=env.number("USERS_MAIL_RETRY_SECONDS", defaults.mail_retry_seconds, 0.05, 3600),
+            mail_failed_retention_seconds=env.integer(
+                "USERS_MAIL_FAILED_RETENTION_SECONDS", defaults.mail_failed_retention_seconds, 0, 365 * 86400
+            ),
             password_min_length=env.integer("USERS_PASSWORD_MIN_LENGTH", defaults.password_min_length, 12, 64),
             password_pepper=env.get("USERS_PASSWORD_PEPPER", defaults.password_pepper, str) or None,
             bcrypt_rounds=env.integer("USERS_BCRYPT_ROUNDS", defaults.bcrypt_rounds, 10, 16),
-            password_max_attempts=env.integer("USERS_PASSWORD_MAX_ATTEMPTS", defaults.password_max_attempts, 3, 100),
+            password_free_attempts=env.integer("USERS_PASSWORD_FREE_ATTEMPTS", defaults.password_free_attempts, 1, 100),
+            password_account_free_attempts=env.integer(
+                "USERS_PASSWORD_ACCOUNT_FREE_ATTEMPTS", defaults.password_account_free_attempts, 1, 100
+            ),
             password_attempt_window_seconds=env.integer(
                 "USERS_PASSWORD_ATTEMPT_WINDOW_SECONDS", defaults.password_attempt_window_seconds, 10, 86400
             ),
+            password_max_delay_seconds=env.integer(
+                "USERS_PASSWORD_MAX_DELAY_SECONDS", defaults.password_max_delay_seconds, 1, 86400
+            ),
+            known_source_ttl_seconds=env.integer(
+                "USERS_KNOWN_SOURCE_TTL_SECONDS", defaults.known_source_ttl_seconds, 60, 365 * 86400
+            ),
+            rate_limit_requests=env.integer("USERS_RATE_LIMIT_REQUESTS", defaults.rate_limit_requests, 1, 1_000_000),
+            rate_limit_window_seconds=env.integer(
+                "USERS_RATE_LIMIT_WINDOW_SECONDS", defaults.rate_limit_window_seconds, 1, 86400
+            ),
             hash_workers=env.integer("USERS_HASH_WORKERS", defaults.hash_workers, 1, 256),
+            hash_queue_length=env.integer("USERS_HASH_QUEUE_LENGTH", defaults.hash_queue_length, 0, 10000),
+            reply_floor_seconds=env.number("USERS_REPLY_FLOOR_SECONDS", defaults.reply_floor_seconds, 0.01, 5),
             activation_code_ttl_seconds=env.integer(
                 "USERS_ACTIVATION_CODE_TTL_SECONDS", defaults.activation_code_ttl_seconds, 60, 7 * 86400
             ),
@@ -127,8 +163,17 @@ class Settings:
                 "USERS_ACTIVATION_MAX_ATTEMPTS", defaults.activation_max_attempts, 1, 20
             ),
             activation_max_sends=env.integer("USERS_ACTIVATION_MAX_SENDS", defaults.activation_max_sends, 1, 100),
+            activation_token_ttl_seconds=env.integer(
+                "USERS_ACTIVATION_TOKEN_TTL_SECONDS", defaults.activation_token_ttl_seconds, 60, 7 * 86400
+            ),
             activation_send_window_seconds=env.integer(
                 "USERS_ACTIVATION_SEND_WINDOW_SECONDS", defaults.activation_send_window_seconds, 60, 7 * 86400
+            ),
+            unactivated_account_retention_seconds=env.integer(
+                "USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS",
+                defaults.unactivated_account_retention_seconds,
+                3600,
+                365 * 86400,
             ),
             password_reset_ttl_seconds=env.integer(
                 "USERS_PASSWORD_RESET_TTL_SECONDS", defaults.password_reset_ttl_seconds, 60, 86400
@@ -152,6 +197,12 @@ class Settings:
             session_ttl_seconds=env.integer(
                 "USERS_SESSION_TTL_SECONDS", defaults.session_ttl_seconds, 300, 365 * 86400
             ),
+            session_retention_seconds=env.integer(
+                "USERS_SESSION_RETENTION_SECONDS", defaults.session_retention_seconds, 0, 365 * 86400
+            ),
+            housekeeping_interval_seconds=env.number(
+                "USERS_HOUSEKEEPING_INTERVAL_SECONDS", defaults.housekeeping_interval_seconds, 1, 86400
+            ),
             key_encryption_key=env.get("USERS_KEY_ENCRYPTION_KEY", defaults.key_encryption_key, _key_encryption_key),
             key_reload_seconds=env.number("USERS_KEY_RELOAD_SECONDS", defaults.key_reload_seconds, 1, 3600),
             machine_identities=env.get("USERS_MACHINE_IDENTITIES", defaults.machine_identities, _names),
@@ -160,6 +211,11 @@ class Settings:
             tls_client_ca_file=env.get("USERS_TLS_CLIENT_CA_FILE", defaults.tls_client_ca_file, _existing_file),
             log_level=env.get("USERS_LOG_LEVEL", defaults.log_level, _log_level),
         )
+        if settings.unactivated_account_retention_seconds < settings.activation_code_ttl_seconds:
+            raise ConfigError(
+                "USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS must be at least USERS_ACTIVATION_CODE_TTL_SECONDS: "
+                "an account must outlive its activation code"
+            )
         if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
             raise ConfigError("USERS_TLS_CERT_FILE and USERS_TLS_KEY_FILE must be set together")
         if settings.tls_client_ca_file is not None and settings.tls_cert_file is None:
@@ -237,10 +293,22 @@ def _smtp_security(raw: str) -> SmtpSecurity:
         raise ValueError("must be starttls, tls or none") from None
 
 
-def _mail_from(raw: str) -> str:
-    if "@" not in raw:
-        raise ValueError("must be an address, such as 'Accounts <no-reply@example.com>'")
-    return raw
+def _mail_from(raw: str) -> Address:
+    """One address, optionally with a display name, parsed by the standard library."""
+    usage = "must be one address, such as 'Accounts <no-reply@example.com>'"
+    if any(not char.isprintable() for char in raw):
+        raise ValueError(f"{usage}, without control characters")
+    header = email.policy.default.header_factory("From", raw)
+    # The registry's header class derives from both; typeshed cannot say so.
+    assert isinstance(header, AddressHeader)
+    if cast(BaseHeader, header).defects or len(header.groups) != 1 or header.groups[0].display_name is not None:
+        raise ValueError(usage)
+    [address] = header.groups[0].addresses
+    if not address.username or not address.domain or not address.addr_spec.isascii():
+        raise ValueError(f"{usage}, with an ASCII user@domain")
+    if address.domain.startswith("["):
+        raise ValueError(f"{usage}, with a domain name")
+    return Address(display_name=address.display_name, username=address.username, domain=address.domain)
 
 
 def _log_level(raw: str) -> str:

@@ -7,12 +7,13 @@ messages into these types, and the repository converts them to BSON.
 from __future__ import annotations
 
 import enum
-import hashlib
 import re
 import secrets
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
+
+from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 
 from users_grpc.errors import FieldViolation, InvalidArgument
 
@@ -62,6 +63,18 @@ class ActivationCode:
     attempts_left: int
     sends_in_window: int
     window_started_at: datetime
+    # The long token mailed with an activation code. It cannot be guessed, so it has no attempt
+    # cap and a stranger's wrong guesses never use it up. Empty where none was issued.
+    token_digest: str = ""
+    token_expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tally:
+    """A throttle's count of events (failed tries, or a source's sign-ins) and when the last one was."""
+
+    count: int
+    last_at: datetime
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +103,8 @@ class Account:
 class NewUser:
     """A validated registration, ready to store."""
 
+    # Chosen before the user is stored, so that the activation code's digest is bound to it.
+    id: str
     username: str
     first_name: str
     last_name: str
@@ -146,20 +161,93 @@ class PendingNotices:
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{3,32}")
 NAME_MAX_LENGTH = 100
 EMAIL_MAX_LENGTH = 254
-EMAIL_LOCAL_MAX_LENGTH = 64
 PASSWORD_MAX_LENGTH = 128
 IDENTIFIER_MAX_LENGTH = EMAIL_MAX_LENGTH
 ACTIVATION_CODE_DIGITS = 6
-_EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
 _USER_ID_PATTERN = re.compile(r"[0-9a-f]{24}")
 
 
 def identifier_key(identifier: str) -> str:
     """The form under which usernames and emails are unique and looked up.
 
-    Usernames cannot contain ``@``, so one key space holds both without clashes.
+    NFKC, then case folding: a KELVIN SIGN, a fullwidth letter or another letter case gives the
+    key of the plain letter, so no look-alike can take an account's name or address, and a
+    sign-in with one finds the account. The domain of an identifier with ``@`` becomes its
+    IDNA A-label, as in stored addresses (UTS #46 keeps ``ß``, which case folding alone would
+    make ``ss``: another domain). Usernames cannot contain ``@``, so one key space holds both.
+
+    For ASCII input this is ``strip().lower()``, the key of earlier versions, so stored keys
+    need no migration.
     """
-    return identifier.strip().lower()
+    text = unicodedata.normalize("NFKC", identifier.strip())
+    local, at, domain_name = text.rpartition("@")
+    if not at:
+        return _fold(text)
+    return f"{_fold(local)}@{_domain_key(domain_name)}"
+
+
+def _fold(text: str) -> str:
+    # NFKC again after folding, as in Unicode's NFKC_Casefold, so the key is stable.
+    return unicodedata.normalize("NFKC", text.casefold())
+
+
+def _domain_key(domain_name: str) -> str:
+    try:
+        return _validated_email(f"x@{domain_name}").ascii_domain
+    except EmailNotValidError:
+        # No address has this domain now; the fold still finds one stored under older rules.
+        return _fold(domain_name)
+
+
+def normalized_email(email: str) -> str:
+    """The address as stored and mailed to; :class:`InvalidArgument` on ``email`` if it is not one.
+
+    Only a bare ``local@domain``: no display name, comment, list, quoting or IP literal, an
+    ASCII local part, and the domain checked and given as its IDNA A-label, so
+    ``jane@bücher.example`` is ``jane@xn--bcher-kva.example``. A local part holding an encoded
+    word's opening ``=?`` (RFC 2047 forbids them in addresses; some mail clients decode them
+    anyway, showing another address) is refused too.
+    """
+    if not email:
+        raise InvalidArgument([FieldViolation("email", "is required")])
+    if len(email) > EMAIL_MAX_LENGTH:
+        raise InvalidArgument([FieldViolation("email", f"must be at most {EMAIL_MAX_LENGTH} characters")])
+    try:
+        validated = _validated_email(email)
+    except EmailNotValidError as error:
+        raise InvalidArgument([FieldViolation("email", f"{_EMAIL_RULE}: {error}")]) from None
+    # Never None: non-ASCII local parts were refused.
+    assert validated.ascii_local_part is not None
+    if "=?" in validated.ascii_local_part:
+        raise InvalidArgument([FieldViolation("email", f"{_EMAIL_RULE}: '=?' is not allowed before the @-sign")])
+    return f"{validated.ascii_local_part}@{validated.ascii_domain}"
+
+
+_EMAIL_RULE = "must be a bare address such as jane@example.com"
+
+
+def _validated_email(email: str) -> ValidatedEmail:
+    return validate_email(
+        email,
+        # An ASCII local part: every relay can carry it, and it has no look-alike letters.
+        allow_smtputf8=False,
+        allow_quoted_local=False,
+        allow_domain_literal=False,
+        allow_display_name=False,
+        allow_empty_local=False,
+        # Also holds the local part to 64 characters (RFC 5321).
+        strict=True,
+        # No DNS: the activation code proves the mailbox.
+        check_deliverability=False,
+        # Accept the reserved .test names (RFC 6761) that tests and staging use; the other
+        # special-use names (localhost, .local, .invalid, .onion, .arpa) stay refused.
+        test_environment=True,
+    )
+
+
+def new_activation_token() -> str:
+    # 256 random bits: beyond guessing, so no attempt cap is needed and none can be exhausted.
+    return secrets.token_urlsafe(32)
 
 
 def normalize_password(password: str) -> str:
@@ -174,12 +262,6 @@ def normalize_password(password: str) -> str:
 def new_activation_code() -> str:
     # Six digits are typeable; their strength comes from the attempt cap and expiry.
     return f"{secrets.randbelow(10**ACTIVATION_CODE_DIGITS):0{ACTIVATION_CODE_DIGITS}d}"
-
-
-def activation_code_digest(username: str, code: str) -> str:
-    """Hash of a code, bound to its purpose and its user, so the database never holds the code."""
-    material = f"activation\0{identifier_key(username)}\0{code}".encode()
-    return hashlib.sha256(material).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -239,9 +321,28 @@ def validate_identifier(identifier: str, field: str = "identifier") -> None:
         raise InvalidArgument([FieldViolation(field, f"must be at most {IDENTIFIER_MAX_LENGTH} characters")])
 
 
+def is_id(value: object) -> bool:
+    """True for the form of user and session ids: 24 lower-case hexadecimal digits (a MongoDB ObjectId)."""
+    return isinstance(value, str) and _USER_ID_PATTERN.fullmatch(value) is not None
+
+
 def validate_user_id(user_id: str, field: str = "id") -> None:
-    if not _USER_ID_PATTERN.fullmatch(user_id):
+    if not is_id(user_id):
         raise InvalidArgument([FieldViolation(field, "must be 24 lower-case hexadecimal digits")])
+
+
+ACTIVATION_TOKEN_MAX_LENGTH = 128
+
+
+def validate_activation(code: str, token: str) -> None:
+    """One of the two proofs from the activation email: the 6-digit code or the long token."""
+    if code and token:
+        raise InvalidArgument([FieldViolation("token", "send either the code or the token, not both")])
+    if token:
+        if len(token) > ACTIVATION_TOKEN_MAX_LENGTH or not token.isascii():
+            raise InvalidArgument([FieldViolation("token", "must be the token from the activation email")])
+        return
+    validate_activation_code(code)
 
 
 def validate_activation_code(code: str) -> None:
@@ -271,23 +372,24 @@ def _name_violations(field: str, value: str) -> list[FieldViolation]:
     if len(value) > NAME_MAX_LENGTH:
         return [FieldViolation(field, f"must be at most {NAME_MAX_LENGTH} characters")]
     if _has_control_characters(value):
-        return [FieldViolation(field, "must not contain control characters")]
+        return [FieldViolation(field, "must not contain control, format or line-break characters")]
     return []
 
 
 def _email_violations(email: str) -> list[FieldViolation]:
-    if not email:
-        return [FieldViolation("email", "is required")]
-    if len(email) > EMAIL_MAX_LENGTH:
-        return [FieldViolation("email", f"must be at most {EMAIL_MAX_LENGTH} characters")]
-    local = email.partition("@")[0]
-    if not _EMAIL_PATTERN.fullmatch(email) or len(local) > EMAIL_LOCAL_MAX_LENGTH or _has_control_characters(email):
-        return [FieldViolation("email", "must be an email address such as jane@example.com")]
+    try:
+        normalized_email(email)
+    except InvalidArgument as error:
+        return list(error.violations)
     return []
 
 
 def _has_control_characters(value: str) -> bool:
-    return any(unicodedata.category(char) in {"Cc", "Cf"} for char in value)
+    """Control and format characters, and line and paragraph separators (U+2028, U+2029)."""
+    return any(unicodedata.category(char) in _CONTROL_CATEGORIES for char in value)
+
+
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 @dataclass(frozen=True, kw_only=True)

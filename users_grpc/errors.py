@@ -6,7 +6,8 @@ a short message and, where it helps the caller, rich details::
     UsersError
     ├── InvalidArgument        INVALID_ARGUMENT (google.rpc.BadRequest field violations)
     │   ├── InvalidActivationCode
-    │   └── InvalidResetToken
+    │   ├── InvalidResetToken
+    │   └── MalformedRequest   (the bytes are no message of the request's type)
     ├── NotFound               NOT_FOUND
     ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
     ├── PermissionDenied       PERMISSION_DENIED
@@ -16,7 +17,9 @@ a short message and, where it helps the caller, rich details::
     ├── FailedPrecondition     FAILED_PRECONDITION
     │   ├── AccountNotActive
     │   └── MfaRequired
-    ├── TooManyAttempts        RESOURCE_EXHAUSTED
+    ├── TooManyAttempts        RESOURCE_EXHAUSTED (google.rpc.RetryInfo: when to try again)
+    ├── TooManyRequests        RESOURCE_EXHAUSTED (RetryInfo)
+    ├── Overloaded             RESOURCE_EXHAUSTED (RetryInfo)
     └── StorageUnavailable     UNAVAILABLE
 
 Anything else that escapes a service is a bug: it is logged with its traceback
@@ -26,9 +29,10 @@ and the caller sees INTERNAL with a generic message.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "users.v1"
@@ -47,9 +51,13 @@ class UsersError(Exception):
 
     reason = "USERS_ERROR"
     message = "request failed"
+    # Set where waiting helps: the caller is told, in google.rpc.RetryInfo, how long.
+    retry_after: timedelta | None = None
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(self, message: str | None = None, *, retry_after: timedelta | None = None) -> None:
         super().__init__(message or self.message)
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -79,6 +87,14 @@ class InvalidResetToken(InvalidArgument):
 
     def __init__(self) -> None:
         super().__init__([FieldViolation("token", "the token is wrong, expired or used; request a new one")])
+
+
+class MalformedRequest(InvalidArgument):
+    reason = "MALFORMED_REQUEST"
+    message = "malformed request"
+
+    def __init__(self) -> None:
+        super().__init__([])
 
 
 class NotFound(UsersError):
@@ -128,8 +144,25 @@ class MfaRequired(FailedPrecondition):
 
 
 class TooManyAttempts(UsersError):
+    """Too many failed tries of a password or code: wait, then try again."""
+
     reason = "TOO_MANY_ATTEMPTS"
-    message = "too many wrong codes; try again later"
+    message = "too many failed attempts; try again later"
+
+
+class TooManyRequests(UsersError):
+    """The caller's address made more costly anonymous calls than its share."""
+
+    reason = "RATE_LIMITED"
+    message = "too many requests from this address; try again later"
+
+
+class Overloaded(UsersError):
+    """The server has no room for this call now (calls in progress, or password hashing queued):
+    refused at once rather than queued until every caller times out."""
+
+    reason = "OVERLOADED"
+    message = "the server is busy; try again shortly"
 
 
 class AccountNotActive(FailedPrecondition):
@@ -152,6 +185,8 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
     InvalidSecondFactor: grpc.StatusCode.UNAUTHENTICATED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     TooManyAttempts: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooManyRequests: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -159,7 +194,9 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
 def to_rpc_status(error: UsersError) -> status_pb2.Status:
     """The ``google.rpc.Status`` a caller receives for ``error``: code, message and details."""
     code = next(STATUS_CODES[cls] for cls in type(error).__mro__ if cls in STATUS_CODES)
-    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)]
+    details: list[error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo] = [
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    ]
     if isinstance(error, InvalidArgument):
         details.append(
             error_details_pb2.BadRequest(
@@ -169,6 +206,10 @@ def to_rpc_status(error: UsersError) -> status_pb2.Status:
                 ]
             )
         )
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(error.retry_after)
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     status = status_pb2.Status(code=_RPC_CODES[code], message=str(error))
     for detail in details:
         packed = any_pb2.Any()

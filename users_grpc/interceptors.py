@@ -1,35 +1,78 @@
-"""The server interceptor: access rules, deadlines, and the one place where domain errors become statuses."""
+"""The server interceptor: access rules, the concurrency cap, deadlines, and the one place where
+domain errors become statuses."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any, cast
 
 import grpc
-import pymongo
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
-from users_grpc.access import Authorizer, bearer_token, current_caller, metadata_value, source_address
-from users_grpc.errors import UsersError, to_rpc_status
+from users_grpc.access import (
+    RATE_LIMITED,
+    Authorizer,
+    bearer_token,
+    current_caller,
+    metadata_value,
+    source_address,
+)
+from users_grpc.domain import Caller
+from users_grpc.errors import MalformedRequest, Overloaded, UsersError, to_rpc_status
+from users_grpc.repository import DatabaseBudget, database_budget
+from users_grpc.throttling import SourceRateLimit
 
 log = logging.getLogger(__name__)
 
 _Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_Deserializer = Callable[[bytes], Any]
+
+# What a refused caller is told to wait: long enough to let the calls in progress finish.
+OVERLOADED_RETRY_AFTER = timedelta(seconds=1)
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse.
+
+    gRPC deserializes before any handler runs, and turns a deserializer's exception into
+    UNKNOWN with the exception's text and a logged traceback; so the deserializer hands
+    this on instead, and the handler refuses it with a proper status.
+    """
+
+
+_MALFORMED = _Malformed()
 
 
 class UserServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Enforces the access rules, maps errors to statuses and bounds database work by the call's deadline.
+    """Enforces the access rules and the concurrency cap, maps errors to statuses and bounds
+    database work by the call's deadline.
 
-    Applies to the unary methods of the services under ``method_prefix``;
-    health and reflection pass through untouched.
+    Applies to the unary methods of the services under ``method_prefix``. Health and reflection
+    pass through untouched, never counted by the cap (so probes answer under any load), except
+    that a unary request that does not parse is refused as INVALID_ARGUMENT wherever it goes.
     """
 
-    def __init__(self, *, method_prefix: str, db_timeout_seconds: float, authorizer: Authorizer) -> None:
+    def __init__(
+        self,
+        *,
+        method_prefix: str,
+        db_timeout_seconds: float,
+        authorizer: Authorizer,
+        max_concurrent_calls: int,
+        rate_limit: SourceRateLimit,
+    ) -> None:
         self._method_prefix = method_prefix
         self._db_timeout_seconds = db_timeout_seconds
         self._authorizer = authorizer
+        self._rate_limit = rate_limit
+        self._max_concurrent_calls = max_concurrent_calls
+        # One event loop runs every handler, so a plain counter is exact.
+        self._in_progress = 0
 
     async def intercept_service(
         self,
@@ -37,56 +80,107 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(self._method_prefix):
+        if handler is None or handler.unary_unary is None:
             return handler
+        method = handler_call_details.method
+        # An aio server's handlers are coroutine functions, whatever the sync-typed stubs say.
+        behavior = cast(_Behavior, handler.unary_unary)
+        guarded = self._guard(method, behavior) if method.startswith(self._method_prefix) else _parsed(method, behavior)
         return grpc.unary_unary_rpc_method_handler(
-            # An aio server's handlers are coroutine functions, whatever the sync-typed stubs say.
-            self._guard(method, cast(_Behavior, handler.unary_unary)),
-            request_deserializer=handler.request_deserializer,
+            guarded,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
     def _guard(self, method: str, behavior: _Behavior) -> _Behavior:
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            budget = self._db_timeout_seconds
+            metadata = context.invocation_metadata() or ()
+            # Set at once, so that even refusals before the caller is known are logged with its address.
+            token = current_caller.set(Caller(source=source_address(context.peer(), None, machine=False)))
             remaining = context.time_remaining()
-            if remaining is not None:
-                budget = max(min(budget, remaining), 0.001)
+            budget = database_budget.set(
+                DatabaseBudget(
+                    per_operation=self._db_timeout_seconds,
+                    deadline=None if remaining is None else time.monotonic() + remaining,
+                )
+            )
+            counted = False
             try:
-                # Every PyMongo call in this RPC shares this deadline (PyMongo CSOT).
-                with pymongo.timeout(budget):
-                    metadata = context.invocation_metadata() or ()
-                    caller = await self._authorizer.authorize(
-                        method.rpartition("/")[2], request, bearer_token(metadata), _peer_identities(context)
-                    )
-                    caller = dataclasses.replace(
-                        caller,
-                        source=source_address(
-                            context.peer(),
-                            metadata_value(metadata, "x-forwarded-for"),
-                            machine=caller.machine is not None,
-                        ),
-                    )
-                    token = current_caller.set(caller)
-                    try:
-                        return await behavior(request, context)
-                    finally:
-                        current_caller.reset(token)
+                if isinstance(request, _Malformed):
+                    raise MalformedRequest()
+                if self._in_progress >= self._max_concurrent_calls:
+                    raise Overloaded(retry_after=OVERLOADED_RETRY_AFTER)
+                self._in_progress += 1
+                counted = True
+                name = method.rpartition("/")[2]
+                caller = await self._authorizer.caller_of(name, bearer_token(metadata), _machine_names(context))
+                caller = dataclasses.replace(
+                    caller,
+                    source=source_address(
+                        context.peer(),
+                        metadata_value(metadata, "x-forwarded-for"),
+                        machine=caller.machine is not None,
+                    ),
+                )
+                # Known before the rule is applied, so a refusal is logged with who was refused.
+                current_caller.set(caller)
+                self._authorizer.admit(name, request, caller)
+                if name in RATE_LIMITED and caller.user_id is None:
+                    await self._rate_limit.check(caller.source)
+                return await behavior(request, context)
             except UsersError as error:
-                # Refusals are logged by reason only: messages never carry secrets, but requests may.
-                log.info("rpc refused", extra={"rpc": method, "reason": error.reason})
-                status = rpc_status.to_status(to_rpc_status(error))
-                await context.abort(status.code, status.details, status.trailing_metadata)
+                await _refuse(context, method, error)
             except Exception:
                 log.exception("unexpected error", extra={"rpc": method})
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                if counted:
+                    self._in_progress -= 1
+                database_budget.reset(budget)
+                current_caller.reset(token)
 
         return guarded
 
 
-def _peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
-    """The names in a verified mTLS client certificate (common name and subject alternative names)."""
+def _parsed(method: str, behavior: _Behavior) -> _Behavior:
+    """``behavior``, for a request that parsed; INVALID_ARGUMENT for one that did not."""
+
+    async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Malformed):
+            current_caller.set(Caller(source=source_address(context.peer(), None, machine=False)))
+            await _refuse(context, method, MalformedRequest())
+        return await behavior(request, context)
+
+    return checked
+
+
+def _tolerant(deserializer: _Deserializer | None) -> _Deserializer | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _MALFORMED
+
+    return deserialize
+
+
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], method: str, error: UsersError) -> None:
+    # Refusals are logged by reason only, in one line: messages never carry secrets, but requests may.
+    log.info("rpc refused", extra={"rpc": method, "reason": error.reason})
+    status = rpc_status.to_status(to_rpc_status(error))
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _machine_names(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
+    """The names a verified mTLS client certificate proves, as a machine identity may be listed.
+
+    Only URI SANs (SPIFFE IDs) and DNS SANs count: these are what a CA for services issues
+    and checks. The common name and other SANs (an email address, say) are free text to
+    many CAs, so a certificate naming ``billing`` there proves nothing about being billing.
+    """
     auth = context.auth_context()
-    names = [*auth.get("x509_common_name", []), *auth.get("x509_subject_alternative_name", [])]
+    names = [*auth.get("peer_uri", []), *auth.get("peer_dns", [])]
     return [name.decode() if isinstance(name, bytes) else name for name in names]

@@ -7,6 +7,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from users_grpc.access import current_caller
+
 # Attributes every LogRecord has; whatever else it carries came from ``extra``.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "taskName"}
 
@@ -25,9 +27,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class CallerContext(logging.Filter):
+    """Adds who is calling to every record emitted while an RPC runs.
+
+    ``source`` (the caller's address), and where known ``caller_user_id``,
+    ``caller_session_id`` and ``machine``, from the caller the interceptor
+    identified: so a refusal, lock or replay can be traced to where it came from
+    without each log call repeating it. These are identifiers, never secrets.
+    Install it on handlers: a logger's own filters do not see its children's records.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        caller = current_caller.get()
+        fields = {
+            "source": caller.source,
+            "caller_user_id": caller.user_id,
+            "caller_session_id": caller.session_id,
+            "machine": caller.machine,
+        }
+        for name, value in fields.items():
+            if value and not hasattr(record, name):
+                setattr(record, name, value)
+        return True
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(CallerContext())
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 

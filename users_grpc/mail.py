@@ -21,10 +21,13 @@ import logging
 import smtplib
 import ssl
 from datetime import timedelta
+from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
 
+from users_grpc import domain
 from users_grpc.domain import Mail, QueuedMail
+from users_grpc.errors import InvalidArgument
 from users_grpc.ports import Clock, MailQueue, MailTransport, NoticeStore
 
 log = logging.getLogger(__name__)
@@ -138,7 +141,7 @@ class MailDelivery:
     async def _failed(self, queued: QueuedMail, error: str) -> None:
         if queued.attempts >= self._max_attempts:
             log.error("mail given up", extra={"mail_id": queued.id, "attempts": queued.attempts, "error": error})
-            await self._queue.give_up(queued.id, error)
+            await self._queue.give_up(queued.id, error, self._clock.now())
             return
         delay = min(self._first_retry_seconds * 2 ** (queued.attempts - 1), self._max_retry_seconds)
         log.warning("mail delivery failed", extra={"mail_id": queued.id, "attempts": queued.attempts, "error": error})
@@ -156,7 +159,7 @@ class SmtpTransport:
         security: str,
         username: str | None,
         password: str | None,
-        sender: str,
+        sender: Address,
         timeout_seconds: float,
         ca_file: Path | None = None,
     ) -> None:
@@ -171,9 +174,9 @@ class SmtpTransport:
         self._ca_file = ca_file
 
     async def deliver(self, mail: QueuedMail) -> None:
-        await asyncio.to_thread(self._deliver, _message(mail, self._sender))
+        await asyncio.to_thread(self._deliver, _message(mail, self._sender), mail.mail.to)
 
-    def _deliver(self, message: EmailMessage) -> None:
+    def _deliver(self, message: EmailMessage, recipient: str) -> None:
         context = ssl.create_default_context(cafile=self._ca_file)
         smtp: smtplib.SMTP
         if self._security == "tls":
@@ -185,13 +188,14 @@ class SmtpTransport:
                 smtp.starttls(context=context)
             if self._username and self._password:
                 smtp.login(self._username, self._password)
-            smtp.send_message(message)
+            # The envelope names the one stored address: never recipients parsed out of the headers.
+            smtp.send_message(message, from_addr=self._sender.addr_spec, to_addrs=[recipient])
 
 
 class DirectoryTransport:
     """Writes each mail as an ``.eml`` file: the local default, so codes can be read without SMTP."""
 
-    def __init__(self, directory: Path, sender: str) -> None:
+    def __init__(self, directory: Path, sender: Address) -> None:
         self._directory = directory
         self._sender = sender
 
@@ -204,13 +208,28 @@ class DirectoryTransport:
         (self._directory / f"{mail.id}.eml").write_bytes(bytes(_message(mail, self._sender)))
 
 
-def _message(queued: QueuedMail, sender: str) -> EmailMessage:
+def _message(queued: QueuedMail, sender: Address) -> EmailMessage:
+    """The message, its address headers built by the standard library from parts, never pasted text."""
     message = EmailMessage()
     message["From"] = sender
-    message["To"] = queued.mail.to
+    message["To"] = _recipient(queued.mail.to)
     message["Subject"] = queued.mail.subject
     message["Date"] = email.utils.formatdate(localtime=False)
     # The same id on every attempt lets receivers drop a duplicate delivery.
     message["Message-ID"] = f"<{queued.id}@users-grpc>"
     message.set_content(queued.mail.body)
     return message
+
+
+def _recipient(address: str) -> Address:
+    """The stored address as one header address; refused unless it is a bare address.
+
+    New addresses are checked at registration; a list or a display name stored under older
+    rules is not mailed at all (the delivery fails, and is given up after its retries).
+    """
+    try:
+        domain.normalized_email(address)
+    except InvalidArgument:
+        raise ValueError("the recipient is not a bare address") from None
+    local, _, domain_name = address.rpartition("@")
+    return Address(username=local, domain=domain_name)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import io
 import logging
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,7 +33,7 @@ from users_grpc.errors import (
     MfaRequired,
     TooManyAttempts,
 )
-from users_grpc.ports import Clock, CredentialRepository, Mailer, SessionRepository
+from users_grpc.ports import Clock, CredentialRepository, Mailer, SecretDigests, SessionRepository
 from users_grpc.recovery import security_notice, sign_out_everywhere
 from users_grpc.service import UserService
 from users_grpc.tokens import KeyEncryption
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 STEP_SECONDS = 30
 DIGITS = 6
 RECOVERY_CODE_COUNT = 10
-_CODE_MAX_LENGTH = 32
+_RECOVERY_CODE_CHARS = 12
+# As shown (xxxx-xxxx-xxxx), in any letter case, with dashes or spaces or neither.
+_RECOVERY_CODE_PATTERN = re.compile(r"[A-Za-z0-9 -]{1,32}")
 
 
 def totp(secret: str, step: int, digits: int = DIGITS) -> str:
@@ -78,6 +81,7 @@ class MfaService:
         sessions: SessionRepository,
         mailer: Mailer,
         encryption: KeyEncryption,
+        digests: SecretDigests,
         clock: Clock,
         issuer: str,
         max_attempts: int,
@@ -88,28 +92,38 @@ class MfaService:
         self._sessions = sessions
         self._mailer = mailer
         self._encryption = encryption
+        self._digests = digests
         self._clock = clock
         self._issuer = issuer
         self._max_attempts = max_attempts
         self._attempt_window = attempt_window
 
-    async def verify_login(self, identifier: str, password: str, totp_code: str, recovery_code: str) -> User:
+    async def verify_login(
+        self, identifier: str, password: str, totp_code: str, recovery_code: str, *, source: str
+    ) -> User:
         """The user if the password and, with MFA on, the second factor are right."""
-        user = await self._accounts.verify_credentials(identifier, password)
+        # Checked first: a code that cannot be one is refused without spending any attempt.
+        if totp_code:
+            code = _validated_code(totp_code, "totp_code", recovery=False)
+        elif recovery_code:
+            code = _validated_code(recovery_code, "recovery_code", totp=False)
+        else:
+            code = ""
+        user = await self._accounts.verify_credentials(identifier, password, source=source)
         if user.mfa_enabled:
-            if not totp_code and not recovery_code:
+            if not code:
                 # Told only after the right password, so it reveals nothing to a guesser.
                 raise MfaRequired()
-            await self._check_second_factor(user.id, totp_code or recovery_code)
+            await self._check_second_factor(user.id, code)
         return user
 
-    async def enable(self, user_id: str, password: str) -> Enrollment:
+    async def enable(self, user_id: str, password: str, *, source: str) -> Enrollment:
         """Start an enrollment. It takes the password: a token alone must not put another
         authenticator (and its recovery codes) on the account."""
         domain.validate_user_id(user_id, "user_id")
         domain.validate_login_password(password)
         account = await self._credentials.get_account(user_id)
-        if not await self._accounts.password_matches(account, password):
+        if not await self._accounts.password_matches(account, password, source=source):
             raise InvalidCredentials()
         assert account is not None
         user = account.user
@@ -130,52 +144,66 @@ class MfaService:
         await self._reserve_attempt(user_id)
         step = accepted_step(self._secret(user_id, sealed_secret), code, self._clock.now())
         recovery_codes = _new_recovery_codes()
-        digests = [_recovery_digest(c) for c in recovery_codes]
+        digests = [self._recovery_digest(user_id, c) for c in recovery_codes]
         notice = security_notice(account.user, "Two-factor sign-in is on")
         if step is None or not await self._credentials.confirm_mfa(user_id, step, digests, self._clock.now(), notice):
             raise InvalidSecondFactor()
         await self._after_change(account.user, "on")
         return recovery_codes
 
-    async def disable(self, user_id: str, password: str, code: str) -> None:
+    async def disable(self, user_id: str, password: str, code: str, *, source: str) -> None:
         if not password:
             raise InvalidArgument([FieldViolation("password", "is required")])
+        code = _validated_code(code, "code")
         account = await self._active_account(user_id)
-        if not await self._accounts.password_matches(account, password):
+        if not await self._accounts.password_matches(account, password, source=source):
             raise InvalidCredentials()
-        await self._check_second_factor(user_id, code, field="code")
+        await self._check_second_factor(user_id, code)
         notice = security_notice(account.user, "Two-factor sign-in is off")
         if not await self._credentials.disable_mfa(user_id, self._clock.now(), notice):
             raise FailedPrecondition("MFA is off")
         await self._after_change(account.user, "off")
 
     async def regenerate_recovery_codes(self, user_id: str, code: str) -> list[str]:
+        code = _validated_code(code, "code")
         await self._active_account(user_id)
-        await self._check_second_factor(user_id, code, field="code")
+        await self._check_second_factor(user_id, code)
         recovery_codes = _new_recovery_codes()
-        if not await self._credentials.replace_recovery_codes(user_id, [_recovery_digest(c) for c in recovery_codes]):
+        digests = [self._recovery_digest(user_id, c) for c in recovery_codes]
+        if not await self._credentials.replace_recovery_codes(user_id, digests):
             raise FailedPrecondition("MFA is off")
         log.info("recovery codes replaced", extra={"user_id": user_id})
         return recovery_codes
 
-    async def _check_second_factor(self, user_id: str, code: str, field: str = "totp_code") -> None:
-        """Accept a TOTP code or a recovery code once; throttle wrong ones."""
-        if not code:
-            raise InvalidArgument([FieldViolation(field, "is required")])
-        if len(code) > _CODE_MAX_LENGTH:
-            raise InvalidArgument([FieldViolation(field, "is not a code")])
+    async def _check_second_factor(self, user_id: str, code: str) -> None:
+        """Accept a TOTP code or a recovery code (as :func:`_validated_code` passed it) once;
+        throttle wrong ones."""
         await self._reserve_attempt(user_id)
         account = await self._credentials.get_account(user_id)
         if account is None or account.mfa is None or not account.mfa.active:
             raise InvalidSecondFactor()
-        if code.isdigit() and len(code) == DIGITS:
+        if _is_totp_code(code):
             step = accepted_step(self._secret(user_id, account.mfa.sealed_secret), code, self._clock.now())
             accepted = step is not None and await self._credentials.use_totp_step(user_id, step)
         else:
-            accepted = await self._credentials.use_recovery_code(user_id, _recovery_digest(code))
+            accepted = await self._use_recovery_code(user_id, code)
         if not accepted:
             log.info("second factor refused", extra={"user_id": user_id})
             raise InvalidSecondFactor()
+
+    async def _use_recovery_code(self, user_id: str, code: str) -> bool:
+        if await self._credentials.use_recovery_code(user_id, self._recovery_digest(user_id, code)):
+            return True
+        # Codes issued before digests were keyed are stored under the old unkeyed digest: each
+        # still works once. RegenerateRecoveryCodes replaces the whole set with keyed ones.
+        if await self._credentials.use_recovery_code(user_id, _legacy_recovery_digest(code)):
+            log.info("legacy recovery code used", extra={"user_id": user_id})
+            return True
+        return False
+
+    def _recovery_digest(self, user_id: str, code: str) -> str:
+        # 60 random bits: keyed and bound to the user, a copy of the database gives nothing to test.
+        return self._digests.digest("recovery-code", user_id, _normalized_recovery_code(code))
 
     async def _reserve_attempt(self, user_id: str) -> None:
         # Spent before the code is compared, so parallel guesses cannot exceed the cap.
@@ -220,8 +248,35 @@ class MfaService:
 
 
 def _validate_totp_code(code: str, field: str) -> None:
-    if len(code) != DIGITS or not code.isascii() or not code.isdigit():
+    if not _is_totp_code(code):
         raise InvalidArgument([FieldViolation(field, f"must be the {DIGITS}-digit code of the authenticator app")])
+
+
+def _is_totp_code(code: str) -> bool:
+    # ASCII only: str.isdigit() also admits other scripts' digits (Arabic-Indic, fullwidth...).
+    return len(code) == DIGITS and code.isascii() and code.isdigit()
+
+
+def _is_recovery_code(code: str) -> bool:
+    if _RECOVERY_CODE_PATTERN.fullmatch(code) is None:
+        return False
+    return len(_normalized_recovery_code(code)) == _RECOVERY_CODE_CHARS
+
+
+def _validated_code(code: str, field: str, *, totp: bool = True, recovery: bool = True) -> str:
+    """``code`` if it has the form of a TOTP code or a recovery code (as allowed); else InvalidArgument.
+
+    Run before any attempt is counted: a malformed code is a mistake to point out, not a guess.
+    """
+    if not code:
+        raise InvalidArgument([FieldViolation(field, "is required")])
+    if (totp and _is_totp_code(code)) or (recovery and _is_recovery_code(code)):
+        return code
+    forms = [
+        *([f"the {DIGITS}-digit code of the authenticator app"] if totp else []),
+        *(["a recovery code (letters and digits, dashes optional)"] if recovery else []),
+    ]
+    raise InvalidArgument([FieldViolation(field, f"must be {' or '.join(forms)}")])
 
 
 def _context(user_id: str) -> str:
@@ -232,11 +287,15 @@ def _context(user_id: str) -> str:
 def _new_recovery_codes() -> list[str]:
     codes = []
     for _ in range(RECOVERY_CODE_COUNT):
-        raw = base64.b32encode(secrets.token_bytes(8)).decode()[:12].lower()  # 60 bits
+        raw = base64.b32encode(secrets.token_bytes(8)).decode()[:_RECOVERY_CODE_CHARS].lower()  # 60 bits
         codes.append(f"{raw[:4]}-{raw[4:8]}-{raw[8:]}")
     return codes
 
 
-def _recovery_digest(code: str) -> str:
-    normalized = code.strip().lower().replace("-", "").replace(" ", "")
-    return hashlib.sha256(f"recovery\0{normalized}".encode()).hexdigest()
+def _normalized_recovery_code(code: str) -> str:
+    return code.strip().lower().replace("-", "").replace(" ", "")
+
+
+def _legacy_recovery_digest(code: str) -> str:
+    """The unkeyed digest recovery codes were stored under before; only ever compared, never stored."""
+    return hashlib.sha256(f"recovery\0{_normalized_recovery_code(code)}".encode()).hexdigest()

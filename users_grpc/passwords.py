@@ -1,4 +1,4 @@
-"""Password hashing with bcrypt, off the event loop in a bounded thread pool."""
+"""Password hashing with bcrypt, off the event loop in a bounded thread pool behind a bounded queue."""
 
 from __future__ import annotations
 
@@ -6,11 +6,18 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
+from datetime import timedelta
+from typing import TypeVar
 
 import bcrypt
 
 from users_grpc.domain import normalize_password
+from users_grpc.errors import Overloaded
+
+_T = TypeVar("_T")
 
 # Keys the pre-hash when no pepper is configured. It is a domain separator, not
 # a secret: it keeps our digests out of any precomputed list of plain SHA-384s.
@@ -28,24 +35,50 @@ class BcryptHasher:
     was typed.
     """
 
-    def __init__(self, *, rounds: int, executor: Executor, pepper: str | None = None) -> None:
+    def __init__(
+        self, *, rounds: int, executor: Executor, workers: int, queue_length: int, pepper: str | None = None
+    ) -> None:
         self._rounds = rounds
         self._executor = executor
         self._pepper = pepper.encode() if pepper else _DEFAULT_PEPPER
+        # Jobs running or waiting for a worker. Past the cap a call is refused at once: waiting
+        # longer would only turn a flood into timeouts for everyone (and database deadlines spent in line).
+        self._capacity = workers + queue_length
+        self._workers = workers
+        self._in_line = 0
+        self._lock = threading.Lock()
         # Checked against when an account is missing, so that costs a real bcrypt run.
         self._dummy_hash = bcrypt.hashpw(self._prehash("not a password"), bcrypt.gensalt(rounds))
 
+    @property
+    def queued(self) -> int:
+        """Hashing jobs running or waiting."""
+        return self._in_line
+
     async def hash(self, password: str) -> str:
-        loop = asyncio.get_running_loop()
         salt = bcrypt.gensalt(self._rounds)
-        hashed = await loop.run_in_executor(self._executor, bcrypt.hashpw, self._prehash(password), salt)
+        hashed = await self._run(bcrypt.hashpw, self._prehash(password), salt)
         return hashed.decode("ascii")
 
     async def verify(self, password: str, password_hash: str | None) -> bool:
-        loop = asyncio.get_running_loop()
         expected = self._dummy_hash if password_hash is None else password_hash.encode("ascii")
-        matches = await loop.run_in_executor(self._executor, bcrypt.checkpw, self._prehash(password), expected)
+        matches = await self._run(bcrypt.checkpw, self._prehash(password), expected)
         return matches and password_hash is not None
+
+    async def _run(self, work: Callable[[bytes, bytes], _T], password: bytes, salt_or_hash: bytes) -> _T:
+        with self._lock:
+            if self._in_line >= self._capacity:
+                # A rough wait: the jobs ahead, over the workers, at about a quarter second each.
+                raise Overloaded(retry_after=timedelta(seconds=max(1.0, self._capacity / self._workers * 0.25)))
+            self._in_line += 1
+        # Counted until the job itself ends, not the call: a cancelled call's job still holds a worker.
+        job = self._executor.submit(work, password, salt_or_hash)
+        job.add_done_callback(self._left_line)
+        return await asyncio.wrap_future(job)
+
+    def _left_line(self, _: object) -> None:
+        with self._lock:
+            self._in_line -= 1
 
     def _prehash(self, password: str) -> bytes:
         digest = hmac.new(self._pepper, normalize_password(password).encode("utf-8"), hashlib.sha384).digest()

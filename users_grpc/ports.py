@@ -6,8 +6,8 @@ and :mod:`users_grpc.mail`; fakes for unit tests live in ``tests/fakes.py``.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Protocol
+from datetime import datetime, timedelta
+from typing import Literal, Protocol
 
 from users_grpc.domain import (
     Account,
@@ -18,13 +18,17 @@ from users_grpc.domain import (
     QueuedMail,
     Session,
     StoredKey,
+    Tally,
     User,
 )
 
 
 class UserRepository(Protocol):
+    def new_id(self) -> str:
+        """A fresh user id, so that secrets can be bound to the user before it is stored."""
+
     async def add(self, new_user: NewUser) -> User:
-        """Store a new user; raise ``AlreadyExists`` naming a taken username or email."""
+        """Store a new user under ``new_user.id``; raise ``AlreadyExists`` naming a taken username or email."""
 
     async def get(self, user_id: str) -> User | None: ...
 
@@ -40,6 +44,9 @@ class UserRepository(Protocol):
     async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
         """Activate the user if this unexpired code is still pending; else None. Works once."""
 
+    async def activate_with_token(self, user_id: str, token_digest: str, now: datetime) -> User | None:
+        """Activate the user if this unexpired activation token is still pending; else None. Works once."""
+
     async def replace_activation_code(
         self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
     ) -> bool:
@@ -52,13 +59,6 @@ class UserRepository(Protocol):
 
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
         """Make every access token issued to the user so far invalid, and any pending password-reset token."""
-
-    async def reserve_password_attempt(
-        self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
-    ) -> bool:
-        """Count one password attempt; False once ``max_attempts`` fell in the window."""
-
-    async def clear_password_attempts(self, user_id: str) -> None: ...
 
 
 class CredentialRepository(Protocol):
@@ -104,21 +104,65 @@ class CredentialRepository(Protocol):
 
 
 class SessionRepository(Protocol):
+    """Sessions, each holding its refresh-token generation and the digest of its current token:
+    constant space however often it is refreshed."""
+
+    def new_id(self) -> str:
+        """A fresh session id, so that its first refresh token can name it before it is stored."""
+
     async def create(
-        self, user_id: str, token_digest: str, now: datetime, expires_at: datetime, token_version: int
-    ) -> Session: ...
+        self,
+        session_id: str,
+        user_id: str,
+        token_digest: str,
+        now: datetime,
+        expires_at: datetime,
+        token_version: int,
+    ) -> Session:
+        """Store a session at generation 0 with this token digest."""
 
-    async def rotate(self, token_digest: str, new_token_digest: str, now: datetime) -> Session | None:
-        """Swap a session's current refresh token for a new one; None unless it was current and live."""
+    async def rotate(
+        self, session_id: str, generation: int, token_digest: str, new_token_digest: str, now: datetime
+    ) -> Session | None:
+        """Move a live session from ``generation`` (whose current token has ``token_digest``) to the
+        next, with ``new_token_digest``, in one conditional update; None unless all of it held."""
 
-    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> bool:
-        """Revoke the session that already used this token, if any (a replay); True if one was revoked."""
+    async def revoke_replayed(self, session_id: str, generation: int, now: datetime) -> Session | None:
+        """Revoke the session if it has moved past ``generation`` (a used-up token came back); the session revoked."""
 
-    async def revoke(self, token_digest: str, now: datetime) -> None: ...
+    async def revoke(self, session_id: str, now: datetime) -> None: ...
 
     async def list_active(self, user_id: str, now: datetime) -> list[Session]: ...
 
     async def revoke_all(self, user_id: str, now: datetime) -> None: ...
+
+
+class ThrottleStore(Protocol):
+    """Tallies shared by every replica: failed tries, sources an account signed in from, request counts."""
+
+    async def get(self, keys: list[str]) -> dict[str, Tally]: ...
+
+    async def count_failure(
+        self, key: str, account: str, *, seen: Tally | None, now: datetime, window: timedelta, expires_at: datetime
+    ) -> Tally | None:
+        """Add a failure to the tally last ``seen`` (a fresh one if that is older than ``window``).
+
+        None if the tally changed since it was seen: another try counted first.
+        """
+
+    async def uncount_failure(self, key: str) -> None:
+        """Take back one failure (a try that never reached a comparison, or the owner's success)."""
+
+    async def forget(self, key: str) -> None: ...
+
+    async def remember(self, key: str, account: str, now: datetime, expires_at: datetime) -> None:
+        """Record an event that needs no counting, such as a sign-in from a source."""
+
+    async def forget_account(self, account: str) -> None:
+        """Forget every failure counted against the account (not the sources it signed in from)."""
+
+    async def hit(self, key: str, expires_at: datetime) -> int:
+        """Count one request under ``key``; the count so far, this one included."""
 
 
 class KeyStore(Protocol):
@@ -137,6 +181,23 @@ class Mailer(Protocol):
 
     def wake(self) -> None:
         """Deliver soon: a notice was pended in a user's document (it goes out anyway, a poll later)."""
+
+
+# Each purpose has its own key: a digest made for one never matches in another.
+DigestPurpose = Literal[
+    "activation-code", "activation-token", "recovery-code", "password-reset", "refresh-token", "refresh-token-tag"
+]
+
+
+class SecretDigests(Protocol):
+    """Keyed digests of codes and tokens, so the database never holds one in a usable form.
+
+    The key stays behind this port (:class:`users_grpc.secrets_at_rest.SecretsAtRest`): without
+    it, a copy of the database gives no way to test a guess, even of a 6-digit code.
+    """
+
+    def digest(self, purpose: DigestPurpose, subject: str, secret: str) -> str:
+        """HMAC-SHA256 of ``secret`` under the purpose's key, bound to ``subject`` (a user or session id)."""
 
 
 class PasswordHasher(Protocol):
@@ -166,8 +227,9 @@ class MailQueue(Protocol):
 
     async def retry_later(self, mail_id: str, at: datetime, error: str) -> None: ...
 
-    async def give_up(self, mail_id: str, error: str) -> None:
-        """Keep the mail, marked failed, for an operator to inspect; never retried."""
+    async def give_up(self, mail_id: str, error: str, now: datetime) -> None:
+        """Keep the mail, marked failed at ``now``, for an operator to inspect until housekeeping
+        drops it; never retried."""
 
 
 class NoticeStore(Protocol):
@@ -194,3 +256,23 @@ class NoticeStore(Protocol):
 class MailTransport(Protocol):
     async def deliver(self, mail: QueuedMail) -> None:
         """Hand the mail to its next hop; raise if it was not accepted."""
+
+
+class Housekeeping(Protocol):
+    """What the housekeeping job does to the database: one replica at a time, on a lease."""
+
+    async def take_lease(self, job: str, holder: str, now: datetime, lease_seconds: float) -> bool:
+        """Hold ``job`` until ``now + lease_seconds`` unless another holder's lease is still running;
+        True if ``holder`` holds it now."""
+
+    async def purge_ended_sessions(self, ended_before: datetime) -> int:
+        """Delete the sessions that expired or were revoked before ``ended_before``; how many."""
+
+    async def purge_never_activated_users(self, created_before: datetime) -> int:
+        """Delete the accounts created before ``created_before`` and never activated; how many."""
+
+    async def purge_failed_mail(self, failed_before: datetime) -> int:
+        """Delete the mail given up before ``failed_before``; how many."""
+
+    async def purge_expired_tallies(self, now: datetime) -> int:
+        """Delete the throttle tallies that expired before ``now``; how many."""

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 import secrets
-import time
 from datetime import timedelta
 
 from users_grpc import domain
 from users_grpc.domain import ActivationCode, Mail, PasswordPolicy, User
 from users_grpc.errors import FieldViolation, InvalidArgument, InvalidCredentials, InvalidResetToken
-from users_grpc.ports import Clock, CredentialRepository, Mailer, PasswordHasher, SessionRepository
-from users_grpc.service import UserService
+from users_grpc.ports import (
+    Clock,
+    CredentialRepository,
+    Mailer,
+    PasswordHasher,
+    SecretDigests,
+    SessionRepository,
+)
+from users_grpc.service import UserService, no_reply_sooner_than
 
 log = logging.getLogger(__name__)
 
 _TOKEN_MAX_LENGTH = 128
-# Far above the work's own time on a healthy database (a few milliseconds), far below a client's patience.
-FORGOT_PASSWORD_REPLY_SECONDS = 0.2
 
 
 class PasswordService:
@@ -31,17 +33,21 @@ class PasswordService:
         sessions: SessionRepository,
         mailer: Mailer,
         hasher: PasswordHasher,
+        digests: SecretDigests,
         clock: Clock,
         password_policy: PasswordPolicy,
         reset_token_ttl: timedelta,
         reset_max_sends: int,
         reset_send_window: timedelta,
+        reply_floor: timedelta,
     ) -> None:
+        self._reply_floor = reply_floor
         self._accounts = accounts
         self._credentials = credentials
         self._sessions = sessions
         self._mailer = mailer
         self._hasher = hasher
+        self._digests = digests
         self._clock = clock
         self._password_policy = password_policy
         self._reset_token_ttl = reset_token_ttl
@@ -55,22 +61,21 @@ class PasswordService:
         between existing and missing accounts, which the floor hides.
         """
         domain.validate_identifier(identifier)
-        started = time.monotonic()
-        try:
+        async with no_reply_sooner_than(self._reply_floor):
             await self._pend_and_mail_reset_token(identifier)
-        finally:
-            await asyncio.sleep(max(0.0, FORGOT_PASSWORD_REPLY_SECONDS - (time.monotonic() - started)))
 
     async def _pend_and_mail_reset_token(self, identifier: str) -> None:
         account = await self._credentials.find_account(domain.identifier_key(identifier))
         if account is None or not account.user.is_active:
             return
-        token = secrets.token_urlsafe(32)
+        # The token names its user, so that its digest can be bound to the user.
+        secret = secrets.token_urlsafe(32)
+        token = f"{account.user.id}.{secret}"
         now = self._clock.now()
         pended = await self._credentials.replace_password_reset(
             account.user.id,
             ActivationCode(
-                digest=_digest(token),
+                digest=self._digest(account.user.id, secret),
                 expires_at=now + self._reset_token_ttl,
                 attempts_left=1,
                 sends_in_window=1,
@@ -88,7 +93,7 @@ class PasswordService:
                 to=account.user.email,
                 subject="Reset your password",
                 body=(
-                    f"Hello {account.user.first_name},\n\n"
+                    f"Hello {account.user.username},\n\n"
                     f"use this token to set a new password: {token}\n\n"
                     f"It works once and expires in {minutes} minutes.\n"
                     "If you did not ask for this, ignore this email: your password is unchanged.\n"
@@ -97,12 +102,16 @@ class PasswordService:
         )
         log.info("password reset sent", extra={"user_id": account.user.id})
 
-    async def reset_password(self, token: str, new_password: str, confirmation: str) -> None:
+    async def reset_password(self, token: str, new_password: str, confirmation: str, *, source: str) -> None:
         if not token or len(token) > _TOKEN_MAX_LENGTH:
             raise InvalidResetToken()
+        user_id, _, secret = token.partition(".")
+        if not secret or not domain.is_id(user_id):
+            raise InvalidResetToken()
+        digest = self._digest(user_id, secret)
         now = self._clock.now()
-        account = await self._credentials.find_account_by_reset_digest(_digest(token), now)
-        if account is None:
+        account = await self._credentials.find_account_by_reset_digest(digest, now)
+        if account is None or account.user.id != user_id:
             raise InvalidResetToken()
         user = account.user
         self._validate_new_password(user, new_password, confirmation)
@@ -110,11 +119,14 @@ class PasswordService:
         # The conditional update consumes the token (of two racing resets, one wins) and pends the
         # notice: whatever happens to this call, the reset never lands without it.
         notice = security_notice(user, "Your password was reset")
-        if not await self._credentials.reset_password(user.id, _digest(token), password_hash, now, notice):
+        if not await self._credentials.reset_password(user.id, digest, password_hash, now, notice):
             raise InvalidResetToken()
+        await self._accounts.owner_proved_mailbox(user.id, source)
         await self._after_password_change(user)
 
-    async def change_password(self, user_id: str, current_password: str, new_password: str, confirmation: str) -> None:
+    async def change_password(
+        self, user_id: str, current_password: str, new_password: str, confirmation: str, *, source: str
+    ) -> None:
         domain.validate_user_id(user_id, "user_id")
         if not current_password:
             raise InvalidArgument([FieldViolation("current_password", "is required")])
@@ -122,12 +134,16 @@ class PasswordService:
         if account is None:
             raise InvalidCredentials()
         self._validate_new_password(account.user, new_password, confirmation)
-        if not await self._accounts.password_matches(account, current_password):
+        if not await self._accounts.password_matches(account, current_password, source=source):
             raise InvalidCredentials("the current password is wrong")
         password_hash = await self._hasher.hash(new_password)
         notice = security_notice(account.user, "Your password was changed")
         await self._credentials.set_password(user_id, password_hash, self._clock.now(), notice)
         await self._after_password_change(account.user)
+
+    def _digest(self, user_id: str, secret: str) -> str:
+        # Keyed and bound to the user: the database alone cannot tell a token, or test one.
+        return self._digests.digest("password-reset", user_id, secret)
 
     def _validate_new_password(self, user: User, password: str, confirmation: str) -> None:
         violations = self._password_policy.violations(
@@ -168,8 +184,3 @@ async def sign_out_everywhere(*, sessions: SessionRepository, mailer: Mailer, cl
     """
     mailer.wake()
     await sessions.revoke_all(user.id, clock.now())
-
-
-def _digest(token: str) -> str:
-    # 256 random bits: a plain hash is enough to keep the token out of the database.
-    return hashlib.sha256(f"password-reset\0{token}".encode()).hexdigest()

@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import functools
 import secrets
+import time
 from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
+import bson
 import pymongo
 from bson import ObjectId
+from cryptography.exceptions import InvalidTag
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from users_grpc.domain import (
     Account,
@@ -38,26 +43,57 @@ from users_grpc.domain import (
     Role,
     Session,
     StoredKey,
+    Tally,
     User,
     identifier_key,
 )
 from users_grpc.errors import AlreadyExists, StorageUnavailable
+from users_grpc.secrets_at_rest import SecretsAtRest
 
 Document = dict[str, Any]
+_INDEX_NOT_FOUND = 27
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+@dataclass(frozen=True)
+class DatabaseBudget:
+    """How long one call's database work may take: each repository call at most
+    ``per_operation`` seconds, and none past the call's ``deadline`` (``time.monotonic()``).
+
+    Per operation, not per call: time a call spends hashing a password or waiting for a
+    hashing thread must not eat into its database time, or a busy server would report a
+    healthy database as unavailable.
+    """
+
+    per_operation: float
+    deadline: float | None = None
+
+    def seconds(self) -> float:
+        if self.deadline is None:
+            return self.per_operation
+        return max(min(self.per_operation, self.deadline - time.monotonic()), 0.001)
+
+
+database_budget: ContextVar[DatabaseBudget | None] = ContextVar("database_budget", default=None)
+"""Set by the interceptor for each call; outside calls the client's own timeout applies."""
+
+
 def _storage_errors(method: Callable[_P, Coroutine[Any, Any, _R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """Turn an unreachable or timed-out database into :class:`StorageUnavailable`.
+    """Bound the call by the current :data:`database_budget`, and turn an unreachable or
+    timed-out database into :class:`StorageUnavailable`.
 
     Other PyMongo errors are bugs and propagate as they are.
     """
 
     @functools.wraps(method)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        budget = database_budget.get()
         try:
-            return await method(*args, **kwargs)
+            if budget is None:
+                return await method(*args, **kwargs)
+            with pymongo.timeout(budget.seconds()):
+                return await method(*args, **kwargs)
         except PyMongoError as error:
             if isinstance(error, ConnectionFailure) or error.timeout:
                 raise StorageUnavailable() from error
@@ -77,10 +113,17 @@ class MongoUserRepository:
         await self._users.create_index([("username_key", ASCENDING)], unique=True, name="username_key_unique")
         await self._users.create_index([("email_key", ASCENDING)], unique=True, name="email_key_unique")
         await self._users.create_index([("password_reset.digest", ASCENDING)], name="password_reset_digest")
+        # Serves housekeeping's purge of accounts never activated.
+        await self._users.create_index(
+            [("is_active", ASCENDING), ("created_at", ASCENDING)], name="is_active_created_at"
+        )
         # Sparse: only the few documents with notices waiting are indexed, and the senders'
         # queries (a date range; a notice id) are served by them.
         await self._users.create_index([("pending_mail_since", ASCENDING)], sparse=True, name="pending_mail_since")
         await self._users.create_index([("pending_mail.id", ASCENDING)], sparse=True, name="pending_mail_id")
+
+    def new_id(self) -> str:
+        return str(ObjectId())
 
     @_storage_errors
     async def add(self, new_user: NewUser) -> User:
@@ -94,7 +137,7 @@ class MongoUserRepository:
 
     @_storage_errors
     async def get(self, user_id: str) -> User | None:
-        document = await self._users.find_one({"_id": ObjectId(user_id)})
+        document = await self._users.find_one({"_id": _object_id(user_id)})
         return None if document is None else _user_from_document(document)
 
     @_storage_errors
@@ -106,7 +149,7 @@ class MongoUserRepository:
     async def reserve_activation_attempt(self, user_id: str, now: datetime) -> ActivationCode | None:
         document = await self._users.find_one_and_update(
             {
-                "_id": ObjectId(user_id),
+                "_id": _object_id(user_id),
                 "is_active": False,
                 "activation.expires_at": {"$gt": now},
                 "activation.attempts_left": {"$gt": 0},
@@ -120,10 +163,24 @@ class MongoUserRepository:
     async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
         document = await self._users.find_one_and_update(
             {
-                "_id": ObjectId(user_id),
+                "_id": _object_id(user_id),
                 "is_active": False,
                 "activation.digest": code_digest,
                 "activation.expires_at": {"$gt": now},
+            },
+            {"$set": {"is_active": True, "updated_at": now}, "$unset": {"activation": ""}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if document is None else _user_from_document(document)
+
+    @_storage_errors
+    async def activate_with_token(self, user_id: str, token_digest: str, now: datetime) -> User | None:
+        document = await self._users.find_one_and_update(
+            {
+                "_id": _object_id(user_id),
+                "is_active": False,
+                "activation.token_digest": token_digest,
+                "activation.token_expires_at": {"$gt": now},
             },
             {"$set": {"is_active": True, "updated_at": now}, "$unset": {"activation": ""}},
             return_document=ReturnDocument.AFTER,
@@ -153,7 +210,7 @@ class MongoUserRepository:
     ) -> bool:
         """Pend ``code`` in ``field``, replacing any older one, unless the sends in the window hit the cap."""
         window_cutoff = code.window_started_at - timedelta(seconds=window_seconds)
-        pending = {"_id": ObjectId(user_id), **precondition}
+        pending = {"_id": _object_id(user_id), **precondition}
         # Within the running window: count one more send, if the cap allows.
         counted = await self._users.update_one(
             {
@@ -163,9 +220,9 @@ class MongoUserRepository:
             },
             {
                 "$set": {
-                    f"{field}.digest": code.digest,
-                    f"{field}.expires_at": code.expires_at,
-                    f"{field}.attempts_left": code.attempts_left,
+                    f"{field}.{name}": value
+                    for name, value in _activation_document(code).items()
+                    if name not in {"sends_in_window", "window_started_at"}
                 },
                 "$inc": {f"{field}.sends_in_window": 1},
             },
@@ -193,7 +250,7 @@ class MongoUserRepository:
         ``notice`` is pended in the same update: the reset and its notice happen together or not at all.
         """
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}},
+            {"_id": _object_id(user_id), "password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}},
             _with_notice(
                 {
                     "$set": {"password_hash": password_hash, "updated_at": now},
@@ -210,7 +267,7 @@ class MongoUserRepository:
     async def set_password(self, user_id: str, password_hash: str, now: datetime, notice: Mail) -> bool:
         """Set a new password, with its notice; a pending reset token dies with the old password."""
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id)},
+            {"_id": _object_id(user_id)},
             _with_notice(
                 {
                     "$set": {"password_hash": password_hash, "updated_at": now},
@@ -225,14 +282,14 @@ class MongoUserRepository:
 
     @_storage_errors
     async def get_account(self, user_id: str) -> Account | None:
-        document = await self._users.find_one({"_id": ObjectId(user_id)})
+        document = await self._users.find_one({"_id": _object_id(user_id)})
         return None if document is None else _account_from_document(document)
 
     @_storage_errors
     async def start_mfa_enrollment(self, user_id: str, sealed_secret: bytes, now: datetime) -> bool:
         """Pend a new TOTP secret unless MFA is already on."""
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": {"$ne": "active"}},
+            {"_id": _object_id(user_id), "mfa.state": {"$ne": "active"}},
             {
                 "$set": {
                     "mfa": {
@@ -255,7 +312,7 @@ class MongoUserRepository:
     ) -> bool:
         """Turn a pending enrollment on, with its notice, if ``step`` is newer than the last used."""
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": "pending", "mfa.last_used_step": {"$lt": step}},
+            {"_id": _object_id(user_id), "mfa.state": "pending", "mfa.last_used_step": {"$lt": step}},
             _with_notice(
                 {
                     "$set": {
@@ -277,7 +334,7 @@ class MongoUserRepository:
     async def use_totp_step(self, user_id: str, step: int) -> bool:
         """Record ``step`` as used if it is newer than the last one: each code works once."""
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": "active", "mfa.last_used_step": {"$lt": step}},
+            {"_id": _object_id(user_id), "mfa.state": "active", "mfa.last_used_step": {"$lt": step}},
             {"$set": {"mfa.last_used_step": step, "mfa.failures": 0}},
         )
         return result.modified_count == 1
@@ -285,7 +342,7 @@ class MongoUserRepository:
     @_storage_errors
     async def use_recovery_code(self, user_id: str, digest: str) -> bool:
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": "active", "mfa.recovery_digests": digest},
+            {"_id": _object_id(user_id), "mfa.state": "active", "mfa.recovery_digests": digest},
             {"$pull": {"mfa.recovery_digests": digest}, "$set": {"mfa.failures": 0}},
         )
         return result.modified_count == 1
@@ -293,7 +350,7 @@ class MongoUserRepository:
     @_storage_errors
     async def replace_recovery_codes(self, user_id: str, digests: list[str]) -> bool:
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": "active"}, {"$set": {"mfa.recovery_digests": digests}}
+            {"_id": _object_id(user_id), "mfa.state": "active"}, {"$set": {"mfa.recovery_digests": digests}}
         )
         return result.modified_count == 1
 
@@ -301,7 +358,7 @@ class MongoUserRepository:
     async def disable_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool:
         """Turn MFA off, with its notice; False if it was not on."""
         result = await self._users.update_one(
-            {"_id": ObjectId(user_id), "mfa.state": "active"},
+            {"_id": _object_id(user_id), "mfa.state": "active"},
             _with_notice(
                 {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
                 notice,
@@ -315,17 +372,6 @@ class MongoUserRepository:
         """Count one second-factor attempt; False once ``max_attempts`` fell in the window."""
         # Only within an enrollment: a counter alone must not make an "mfa" sub-document.
         return await self._reserve_attempt("mfa", user_id, now, max_attempts, window_seconds, {"mfa": {"$ne": None}})
-
-    @_storage_errors
-    async def reserve_password_attempt(
-        self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
-    ) -> bool:
-        """Count one password attempt; False once ``max_attempts`` fell in the window."""
-        return await self._reserve_attempt("password_attempts", user_id, now, max_attempts, window_seconds)
-
-    @_storage_errors
-    async def clear_password_attempts(self, user_id: str) -> None:
-        await self._users.update_one({"_id": ObjectId(user_id)}, {"$set": {"password_attempts.failures": 0}})
 
     async def _reserve_attempt(
         self,
@@ -344,7 +390,7 @@ class MongoUserRepository:
         cutoff = now - timedelta(seconds=window_seconds)
         counted = await self._users.update_one(
             {
-                "_id": ObjectId(user_id),
+                "_id": _object_id(user_id),
                 f"{field}.failure_window_start": {"$gt": cutoff},
                 f"{field}.failures": {"$lt": max_attempts},
             },
@@ -355,7 +401,7 @@ class MongoUserRepository:
         # The window ran out, or none was open yet: this attempt opens one.
         opened = await self._users.update_one(
             {
-                "_id": ObjectId(user_id),
+                "_id": _object_id(user_id),
                 **(precondition or {}),
                 "$or": [{f"{field}.failure_window_start": {"$lte": cutoff}}, {f"{field}.failure_window_start": None}],
             },
@@ -365,7 +411,7 @@ class MongoUserRepository:
 
     @_storage_errors
     async def delete(self, user_id: str) -> bool:
-        result = await self._users.delete_one({"_id": ObjectId(user_id)})
+        result = await self._users.delete_one({"_id": _object_id(user_id)})
         return result.deleted_count == 1
 
     @_storage_errors
@@ -377,7 +423,7 @@ class MongoUserRepository:
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
         """End every access token so far, and any pending password-reset token with them."""
         await self._users.update_one(
-            {"_id": ObjectId(user_id)},
+            {"_id": _object_id(user_id)},
             {"$inc": {"token_version": 1}, "$set": {"updated_at": now}, "$unset": {"password_reset": ""}},
         )
 
@@ -425,7 +471,7 @@ class MongoUserRepository:
         (and mailed) again once its outbox copy is gone. None when settled; else the time until
         which a live claim holds the notice (its sender is moving it; try again then).
         """
-        notice = ObjectId(notice_id)
+        notice = _object_id(notice_id)
         # Twice at most: a sender may claim the document between the read and the pull.
         for _ in range(2):
             document = await self._users.find_one(
@@ -462,69 +508,186 @@ class MongoUserRepository:
 
 
 class MongoSessionRepository:
-    """The ``sessions`` collection: one document per session, holding its current refresh-token digest."""
+    """The ``sessions`` collection: one document per session, holding its refresh-token generation and
+    the keyed digest of its current token, found by ``_id`` (which the token names)."""
 
     def __init__(self, database: AsyncDatabase[Document]) -> None:
         self._sessions: AsyncCollection[Document] = database["sessions"]
 
     @_storage_errors
     async def ensure_indexes(self) -> None:
-        await self._sessions.create_index([("token_digest", ASCENDING)], unique=True, name="token_digest_unique")
-        await self._sessions.create_index([("used_digests", ASCENDING)], name="used_digests")
         await self._sessions.create_index([("user_id", ASCENDING)], name="user_id")
+        # Serve housekeeping's purge of ended sessions.
+        await self._sessions.create_index([("expires_at", ASCENDING)], name="expires_at")
+        await self._sessions.create_index([("revoked_at", ASCENDING)], name="revoked_at")
+        # Sessions found refresh tokens by digest, and kept every used one, before tokens named their session.
+        existing = {index["name"] async for index in await self._sessions.list_indexes()}
+        for obsolete in ("token_digest_unique", "used_digests"):
+            if obsolete in existing:
+                try:
+                    await self._sessions.drop_index(obsolete)
+                except OperationFailure as error:
+                    if error.code != _INDEX_NOT_FOUND:  # else another replica, starting too, dropped it first
+                        raise
+
+    def new_id(self) -> str:
+        return str(ObjectId())
 
     @_storage_errors
     async def create(
-        self, user_id: str, token_digest: str, now: datetime, expires_at: datetime, token_version: int
+        self,
+        session_id: str,
+        user_id: str,
+        token_digest: str,
+        now: datetime,
+        expires_at: datetime,
+        token_version: int,
     ) -> Session:
         document: Document = {
+            "_id": _object_id(session_id),
             "user_id": user_id,
             "token_version": token_version,
+            "generation": 0,
             "token_digest": token_digest,
-            "used_digests": [],
             "created_at": now,
             "last_used_at": now,
             "expires_at": expires_at,
             "revoked_at": None,
         }
-        result = await self._sessions.insert_one(document)
-        document["_id"] = result.inserted_id
+        await self._sessions.insert_one(document)
         return _session_from_document(document)
 
     @_storage_errors
-    async def rotate(self, token_digest: str, new_token_digest: str, now: datetime) -> Session | None:
+    async def rotate(
+        self, session_id: str, generation: int, token_digest: str, new_token_digest: str, now: datetime
+    ) -> Session | None:
         document = await self._sessions.find_one_and_update(
-            {"token_digest": token_digest, "revoked_at": None, "expires_at": {"$gt": now}},
             {
-                "$set": {"token_digest": new_token_digest, "last_used_at": now},
-                "$push": {"used_digests": token_digest},
+                "_id": _object_id(session_id),
+                "generation": generation,
+                "token_digest": token_digest,
+                "revoked_at": None,
+                "expires_at": {"$gt": now},
             },
+            {"$set": {"token_digest": new_token_digest, "last_used_at": now}, "$inc": {"generation": 1}},
             return_document=ReturnDocument.AFTER,
         )
         return None if document is None else _session_from_document(document)
 
     @_storage_errors
-    async def revoke_family_of_used(self, token_digest: str, now: datetime) -> bool:
-        result = await self._sessions.update_one(
-            {"used_digests": token_digest, "revoked_at": None}, {"$set": {"revoked_at": now}}
+    async def revoke_replayed(self, session_id: str, generation: int, now: datetime) -> Session | None:
+        document = await self._sessions.find_one_and_update(
+            {"_id": _object_id(session_id), "generation": {"$gt": generation}, "revoked_at": None},
+            {"$set": {"revoked_at": now}},
         )
-        return result.modified_count == 1
+        return None if document is None else _session_from_document(document)
 
     @_storage_errors
-    async def revoke(self, token_digest: str, now: datetime) -> None:
+    async def revoke(self, session_id: str, now: datetime) -> None:
         await self._sessions.update_one(
-            {"token_digest": token_digest, "revoked_at": None}, {"$set": {"revoked_at": now}}
+            {"_id": _object_id(session_id), "revoked_at": None}, {"$set": {"revoked_at": now}}
         )
 
     @_storage_errors
     async def list_active(self, user_id: str, now: datetime) -> list[Session]:
-        cursor = self._sessions.find({"user_id": user_id, "revoked_at": None, "expires_at": {"$gt": now}})
+        cursor = self._sessions.find(
+            # Sessions from before refresh tokens named their session have no generation: their tokens
+            # are refused, so they are not listed as active.
+            {"user_id": user_id, "revoked_at": None, "expires_at": {"$gt": now}, "generation": {"$exists": True}}
+        )
         documents = await cursor.sort("created_at", -1).to_list()
         return [_session_from_document(document) for document in documents]
 
     @_storage_errors
     async def revoke_all(self, user_id: str, now: datetime) -> None:
         await self._sessions.update_many({"user_id": user_id, "revoked_at": None}, {"$set": {"revoked_at": now}})
+
+
+class MongoThrottleStore:
+    """The ``throttles`` collection: one small document per tally, found by ``_id``.
+
+    Failure tallies change only by compare-and-set on their count and time, so two
+    tries racing for one tally never both count as the same failure.
+    """
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._tallies: AsyncCollection[Document] = database["throttles"]
+
+    @_storage_errors
+    async def ensure_indexes(self) -> None:
+        await self._tallies.create_index([("account", ASCENDING)], name="account")
+        # Served to housekeeping, which deletes tallies past their use (FerretDB has no TTL indexes).
+        await self._tallies.create_index([("expires_at", ASCENDING)], name="expires_at")
+
+    @_storage_errors
+    async def get(self, keys: list[str]) -> dict[str, Tally]:
+        documents = await self._tallies.find({"_id": {"$in": keys}}).to_list()
+        return {document["_id"]: Tally(count=document["count"], last_at=document["last_at"]) for document in documents}
+
+    @_storage_errors
+    async def count_failure(
+        self, key: str, account: str, *, seen: Tally | None, now: datetime, window: timedelta, expires_at: datetime
+    ) -> Tally | None:
+        # BSON dates hold milliseconds: the tally returned must equal the one stored, for compare-and-set.
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        count = 1 if seen is None or seen.last_at <= now - window else seen.count + 1
+        tally = Tally(count=count, last_at=now)
+        document = {
+            "account": account,
+            "kind": "password",
+            "count": tally.count,
+            "last_at": now,
+            "expires_at": expires_at,
+        }
+        if seen is None:
+            try:
+                await self._tallies.insert_one({"_id": key, **document})
+            except DuplicateKeyError:
+                return None
+            return tally
+        result = await self._tallies.update_one(
+            {"_id": key, "count": seen.count, "last_at": seen.last_at}, {"$set": document}
+        )
+        return tally if result.modified_count == 1 else None
+
+    @_storage_errors
+    async def uncount_failure(self, key: str) -> None:
+        await self._tallies.update_one({"_id": key, "count": {"$gt": 0}}, {"$inc": {"count": -1}})
+
+    @_storage_errors
+    async def forget(self, key: str) -> None:
+        await self._tallies.delete_one({"_id": key})
+
+    @_storage_errors
+    async def remember(self, key: str, account: str, now: datetime, expires_at: datetime) -> None:
+        await self._tallies.update_one(
+            {"_id": key},
+            {
+                "$set": {"account": account, "kind": "known", "last_at": now, "expires_at": expires_at},
+                "$inc": {"count": 1},
+            },
+            upsert=True,
+        )
+
+    @_storage_errors
+    async def forget_account(self, account: str) -> None:
+        await self._tallies.delete_many({"account": account, "kind": "password"})
+
+    @_storage_errors
+    async def hit(self, key: str, expires_at: datetime) -> int:
+        for _ in range(2):
+            try:
+                document = await self._tallies.find_one_and_update(
+                    {"_id": key},
+                    {"$inc": {"count": 1}, "$setOnInsert": {"kind": "rate", "expires_at": expires_at}},
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+            except DuplicateKeyError:
+                continue  # MongoDB: two first hits raced to insert; the loser increments the winner's
+            assert document is not None
+            return int(document["count"])
+        raise StorageUnavailable()
 
 
 class MongoKeyStore:
@@ -564,75 +727,204 @@ class MongoKeyStore:
 
 
 class MongoOutbox:
-    """The ``outbox`` collection: mail waits here until a sender, in any replica, delivers it."""
+    """The ``outbox`` collection: mail waits here until a sender, in any replica, delivers it.
 
-    def __init__(self, database: AsyncDatabase[Document]) -> None:
+    Bodies (which may hold a code or a reset token) are stored sealed with AES-GCM under a key
+    derived from the key-encryption key, the mail's id, recipient and subject bound in as
+    associated data: a copy of the database reads no body, and a body moved to another mail
+    does not open. Senders get the opened body; the services never see the difference.
+    """
+
+    def __init__(self, database: AsyncDatabase[Document], secrets: SecretsAtRest) -> None:
         self._outbox: AsyncCollection[Document] = database["outbox"]
+        self._secrets = secrets
 
     @_storage_errors
     async def ensure_indexes(self) -> None:
         await self._outbox.create_index(
             [("status", ASCENDING), ("next_attempt_at", ASCENDING)], name="status_next_attempt_at"
         )
+        # Serves housekeeping's purge of failed mail.
+        await self._outbox.create_index([("status", ASCENDING), ("failed_at", ASCENDING)], name="status_failed_at")
+
+    @_storage_errors
+    async def seal_legacy_mail(self) -> int:
+        """Seal the bodies of mail queued before bodies were sealed, and date those given up before
+        failures were dated (by the end of their last attempt), so housekeeping drops them too.
+
+        Run at start; the outbox is small (mail leaves it on delivery). How many it sealed.
+        """
+        sealed = 0
+        async for document in self._outbox.find({"body": {"$exists": True}}):
+            fields: Document = {
+                "sealed_body": self._secrets.seal_mail_body(
+                    document["body"], _mail_associated_data(document["_id"], document["to"], document["subject"])
+                )
+            }
+            if document.get("status") == "failed" and document.get("failed_at") is None:
+                fields["failed_at"] = document["next_attempt_at"]
+            result = await self._outbox.update_one(
+                {"_id": document["_id"], "body": {"$exists": True}}, {"$set": fields, "$unset": {"body": ""}}
+            )
+            sealed += result.modified_count
+        return sealed
 
     @_storage_errors
     async def enqueue(self, mail: Mail, now: datetime, *, mail_id: str | None = None) -> None:
         """Queue ``mail``; with a ``mail_id`` (a notice's), queueing it again while queued does nothing."""
-        document: Document = {
-            "to": mail.to,
-            "subject": mail.subject,
-            "body": mail.body,
-            "status": "pending",
-            "attempts": 0,
-            "next_attempt_at": now,
-            "created_at": now,
-        }
-        if mail_id is not None:
-            document["_id"] = ObjectId(mail_id)
+        object_id = ObjectId() if mail_id is None else ObjectId(mail_id)
         try:
-            await self._outbox.insert_one(document)
+            await self._outbox.insert_one(
+                {
+                    "_id": object_id,
+                    "to": mail.to,
+                    "subject": mail.subject,
+                    "sealed_body": self._secrets.seal_mail_body(
+                        mail.body, _mail_associated_data(object_id, mail.to, mail.subject)
+                    ),
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                }
+            )
         except DuplicateKeyError:
             if mail_id is None:
                 raise
 
     @_storage_errors
     async def claim(self, now: datetime, lease_seconds: float) -> QueuedMail | None:
-        document = await self._outbox.find_one_and_update(
-            # "sending" past its lease: a sender died mid-delivery, so the mail may go out twice, never zero times.
-            {"status": {"$in": ["pending", "sending"]}, "next_attempt_at": {"$lte": now}},
-            {
-                "$set": {"status": "sending", "next_attempt_at": now + timedelta(seconds=lease_seconds)},
-                "$inc": {"attempts": 1},
-            },
-            sort=[("next_attempt_at", ASCENDING)],
-            return_document=ReturnDocument.AFTER,
-        )
-        if document is None:
+        while True:
+            document = await self._outbox.find_one_and_update(
+                # "sending" past its lease: a sender died mid-delivery, so the mail may go out twice, never zero times.
+                {"status": {"$in": ["pending", "sending"]}, "next_attempt_at": {"$lte": now}},
+                {
+                    "$set": {"status": "sending", "next_attempt_at": now + timedelta(seconds=lease_seconds)},
+                    "$inc": {"attempts": 1},
+                },
+                sort=[("next_attempt_at", ASCENDING)],
+                return_document=ReturnDocument.AFTER,
+            )
+            if document is None:
+                return None
+            mail = self._opened(document)
+            if mail is not None:
+                return QueuedMail(id=str(document["_id"]), mail=mail, attempts=document["attempts"])
+            # Tampered with, or sealed under another key-encryption key: it can never go out.
+            await self.give_up(str(document["_id"]), "the sealed body does not open", now)
+
+    def _opened(self, document: Document) -> Mail | None:
+        to, subject = document["to"], document["subject"]
+        if "body" in document:  # queued before bodies were sealed
+            return Mail(to=to, subject=subject, body=document["body"])
+        try:
+            body = self._secrets.open_mail_body(
+                bytes(document["sealed_body"]), _mail_associated_data(document["_id"], to, subject)
+            )
+        except (InvalidTag, KeyError, UnicodeDecodeError):
             return None
-        return QueuedMail(
-            id=str(document["_id"]),
-            mail=Mail(to=document["to"], subject=document["subject"], body=document["body"]),
-            attempts=document["attempts"],
-        )
+        return Mail(to=to, subject=subject, body=body)
 
     @_storage_errors
     async def delivered(self, mail_id: str) -> None:
         # Deleted, not kept: the body may hold a code, which must not outlive its delivery.
-        await self._outbox.delete_one({"_id": ObjectId(mail_id)})
+        await self._outbox.delete_one({"_id": _object_id(mail_id)})
 
     @_storage_errors
     async def retry_later(self, mail_id: str, at: datetime, error: str) -> None:
         await self._outbox.update_one(
-            {"_id": ObjectId(mail_id)},
+            {"_id": _object_id(mail_id)},
             {"$set": {"status": "pending", "next_attempt_at": at, "last_error": error}},
         )
 
     @_storage_errors
-    async def give_up(self, mail_id: str, error: str) -> None:
+    async def give_up(self, mail_id: str, error: str, now: datetime) -> None:
         await self._outbox.update_one(
-            {"_id": ObjectId(mail_id)},
-            {"$set": {"status": "failed", "last_error": error}},
+            {"_id": _object_id(mail_id)},
+            {"$set": {"status": "failed", "failed_at": now, "last_error": error}},
         )
+
+
+def _mail_associated_data(mail_id: ObjectId, to: str, subject: str) -> bytes:
+    """What a sealed body belongs to: its mail's id, recipient and subject, unambiguously encoded."""
+    return bson.encode({"purpose": "outbox-mail", "id": mail_id, "to": to, "subject": subject})
+
+
+class MongoHousekeeping:
+    """Leases for jobs that one replica at a time runs (the ``leases`` collection, by ``_id``), and
+    the purges of housekeeping, each a single ``delete_many`` that an index serves."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._leases: AsyncCollection[Document] = database["leases"]
+        self._users: AsyncCollection[Document] = database["users"]
+        self._sessions: AsyncCollection[Document] = database["sessions"]
+        self._outbox: AsyncCollection[Document] = database["outbox"]
+        self._throttles: AsyncCollection[Document] = database["throttles"]
+
+    @_storage_errors
+    async def take_lease(self, job: str, holder: str, now: datetime, lease_seconds: float) -> bool:
+        try:
+            document = await self._leases.find_one_and_update(
+                # Free (its lease ran out) or already ours; if there is no lease document yet, the upsert makes it.
+                {"_id": job, "$or": [{"leased_until": {"$lt": now}}, {"holder": holder}]},
+                {"$set": {"leased_until": now + timedelta(seconds=lease_seconds), "holder": holder, "taken_at": now}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:
+            # The document exists and another holder's lease is running: the upsert's insert clashed.
+            return False
+        return document is not None and document["holder"] == holder
+
+    @_storage_errors
+    async def purge_ended_sessions(self, ended_before: datetime) -> int:
+        deleted = 0
+        for query in ended_sessions_queries(ended_before):
+            deleted += (await self._sessions.delete_many(query)).deleted_count
+        return deleted
+
+    @_storage_errors
+    async def purge_never_activated_users(self, created_before: datetime) -> int:
+        return (await self._users.delete_many(never_activated_query(created_before))).deleted_count
+
+    @_storage_errors
+    async def purge_failed_mail(self, failed_before: datetime) -> int:
+        return (await self._outbox.delete_many(failed_mail_query(failed_before))).deleted_count
+
+    @_storage_errors
+    async def purge_expired_tallies(self, now: datetime) -> int:
+        return (await self._throttles.delete_many(expired_tallies_query(now))).deleted_count
+
+
+# The purges' queries, each served by an index that ensure_indexes makes (tests check the plans).
+
+
+def ended_sessions_queries(ended_before: datetime) -> list[Document]:
+    """Sessions that expired, and sessions that were revoked, before ``ended_before``."""
+    return [{"expires_at": {"$lt": ended_before}}, {"revoked_at": {"$lt": ended_before}}]
+
+
+def never_activated_query(created_before: datetime) -> Document:
+    # A pending activation marks an account never activated (activating removes it); an account
+    # deactivated later has none, and is kept.
+    return {"is_active": False, "created_at": {"$lt": created_before}, "activation": {"$type": "object"}}
+
+
+def failed_mail_query(failed_before: datetime) -> Document:
+    return {"status": "failed", "failed_at": {"$lt": failed_before}}
+
+
+def expired_tallies_query(now: datetime) -> Document:
+    # Throttle tallies past any use: failures past their window and longest delay, request
+    # counts of a past window, sources not seen within their lifetime.
+    return {"expires_at": {"$lt": now}}
+
+
+def _object_id(value: str) -> ObjectId | str:
+    """The ``_id`` that ``value`` names. Every ``_id`` here is an ObjectId, so a string that
+    is not one (from a forged token, say) stays a string and names no document: not found,
+    rather than a bson error."""
+    return ObjectId(value) if ObjectId.is_valid(value) else value
 
 
 def _unclaimed(now: datetime) -> Document:
@@ -671,6 +963,7 @@ def _identifier_filter(key: str) -> Document:
 
 def _document_from_new_user(new_user: NewUser) -> Document:
     return {
+        "_id": ObjectId(new_user.id),
         "username": new_user.username,
         "username_key": identifier_key(new_user.username),
         "first_name": new_user.first_name,
@@ -695,6 +988,8 @@ def _activation_document(code: ActivationCode) -> Document:
         "attempts_left": code.attempts_left,
         "sends_in_window": code.sends_in_window,
         "window_started_at": code.window_started_at,
+        "token_digest": code.token_digest,
+        "token_expires_at": code.token_expires_at,
     }
 
 
@@ -753,6 +1048,8 @@ def _activation_from_document(activation: Document) -> ActivationCode:
         attempts_left=activation["attempts_left"],
         sends_in_window=activation["sends_in_window"],
         window_started_at=activation["window_started_at"],
+        token_digest=activation.get("token_digest", ""),
+        token_expires_at=activation.get("token_expires_at"),
     )
 
 

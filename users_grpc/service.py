@@ -5,9 +5,13 @@ Services see only domain types and the ports of :mod:`users_grpc.ports`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hmac
 import logging
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -29,11 +33,28 @@ from users_grpc.errors import (
     InvalidActivationCode,
     InvalidCredentials,
     NotFound,
+    Overloaded,
     PermissionDenied,
 )
-from users_grpc.ports import Clock, Mailer, PasswordHasher, UserRepository
+from users_grpc.ports import Clock, Mailer, PasswordHasher, SecretDigests, UserRepository
+from users_grpc.throttling import PasswordThrottle
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def no_reply_sooner_than(floor: timedelta) -> AsyncIterator[None]:
+    """Hold the reply back to a fixed floor, whatever the outcome.
+
+    For anonymous calls about an account named by the caller: the work differs by a few
+    milliseconds between existing and missing accounts (a write for one, none for the
+    other), which the floor hides.
+    """
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        await asyncio.sleep(max(0.0, floor.total_seconds() - (time.monotonic() - started)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,8 +64,10 @@ class AccountPolicy:
     activation_max_attempts: int = 5
     activation_max_sends: int = 5
     activation_send_window: timedelta = timedelta(hours=1)
-    password_max_attempts: int = 10
-    password_attempt_window: timedelta = timedelta(minutes=15)
+    # Longer than the send window, so a stranger who spends the resends cannot outlast the newest mail.
+    activation_token_ttl: timedelta = timedelta(hours=24)
+    # Anonymous calls about a named account answer no sooner than this (no_reply_sooner_than).
+    reply_floor: timedelta = timedelta(milliseconds=200)
 
 
 class UserService:
@@ -54,12 +77,16 @@ class UserService:
         users: UserRepository,
         mailer: Mailer,
         hasher: PasswordHasher,
+        digests: SecretDigests,
         clock: Clock,
         policy: AccountPolicy,
+        throttle: PasswordThrottle,
     ) -> None:
+        self._throttle = throttle
         self._users = users
         self._mailer = mailer
         self._hasher = hasher
+        self._digests = digests
         self._clock = clock
         self._policy = policy
 
@@ -68,11 +95,12 @@ class UserService:
         domain.validate_registration(registration, password_policy=self._policy.password)
         if registration.role is Role.ADMIN and not caller.is_admin:
             raise PermissionDenied("only an admin can create an admin")
-        code = domain.new_activation_code()
+        code, token = domain.new_activation_code(), domain.new_activation_token()
+        user_id = self._users.new_id()
         user = await self._users.add(
-            await self._new_user(registration, activation=self._new_activation(registration.username, code))
+            await self._new_user(registration, user_id=user_id, activation=self._new_activation(user_id, code, token))
         )
-        await self._mailer.send(self._activation_mail(user, code))
+        await self._mailer.send(self._activation_mail(user, code, token))
         log.info("user created", extra={"user_id": user.id})
         return user
 
@@ -80,17 +108,22 @@ class UserService:
         """Store an active admin, for operators bootstrapping a deployment from the CLI."""
         domain.validate_registration(registration, password_policy=self._policy.password)
         user = await self._users.add(
-            await self._new_user(dataclasses.replace(registration, role=Role.ADMIN), activation=None)
+            await self._new_user(
+                dataclasses.replace(registration, role=Role.ADMIN), user_id=self._users.new_id(), activation=None
+            )
         )
         log.info("admin created", extra={"user_id": user.id})
         return user
 
-    async def _new_user(self, registration: Registration, *, activation: ActivationCode | None) -> NewUser:
+    async def _new_user(
+        self, registration: Registration, *, user_id: str, activation: ActivationCode | None
+    ) -> NewUser:
         return NewUser(
+            id=user_id,
             username=registration.username,
             first_name=registration.first_name.strip(),
             last_name=registration.last_name.strip(),
-            email=registration.email,
+            email=domain.normalized_email(registration.email),
             gender=registration.gender,
             role=registration.role,
             password_hash=await self._hasher.hash(registration.password),
@@ -99,15 +132,35 @@ class UserService:
             created_at=self._clock.now(),
         )
 
-    async def activate_user(self, identifier: str, code: str) -> User:
-        """Activate with the mailed code. Every failure looks the same, whatever the account."""
+    async def activate_user(self, identifier: str, code: str, token: str = "") -> User:
+        """Activate with the mailed code or token. Every failure looks the same, whatever the account.
+
+        Wrong codes use the code up (it has only a million values), so a stranger can kill a
+        code; the token mailed with it cannot be guessed, has no attempt cap, and outlives the
+        resend window: the owner of the mailbox can always activate with the newest mail.
+        """
         domain.validate_identifier(identifier)
-        domain.validate_activation_code(code)
-        account = await self._users.find_account(domain.identifier_key(identifier))
-        if account is None or account.user.is_active or account.activation is None:
+        domain.validate_activation(code, token)
+        async with no_reply_sooner_than(self._policy.reply_floor):
+            account = await self._users.find_account(domain.identifier_key(identifier))
+            if account is None or account.user.is_active or account.activation is None:
+                raise InvalidActivationCode()
+            if token:
+                return await self._activate_with_token(account.user.id, token)
+            return await self._activate(account.user.id, code)
+
+    async def _activate_with_token(self, user_id: str, token: str) -> User:
+        activated = await self._users.activate_with_token(
+            user_id, self._digests.digest("activation-token", user_id, token), self._clock.now()
+        )
+        if activated is None:
+            log.info("activation refused", extra={"user_id": user_id})
             raise InvalidActivationCode()
-        user_id = account.user.id
-        digest = domain.activation_code_digest(account.user.username, code)
+        log.info("user activated", extra={"user_id": user_id})
+        return activated
+
+    async def _activate(self, user_id: str, code: str) -> User:
+        digest = self._activation_digest(user_id, code)
         now = self._clock.now()
         # The attempt is spent before the code is compared, so parallel guesses cannot exceed the cap.
         pending = await self._users.reserve_activation_attempt(user_id, now)
@@ -123,18 +176,22 @@ class UserService:
     async def resend_activation_code(self, identifier: str) -> None:
         """Mail a fresh code to an inactive account; do nothing, visibly the same, otherwise."""
         domain.validate_identifier(identifier)
+        async with no_reply_sooner_than(self._policy.reply_floor):
+            await self._resend_activation_code(identifier)
+
+    async def _resend_activation_code(self, identifier: str) -> None:
         account = await self._users.find_account(domain.identifier_key(identifier))
         if account is None or account.user.is_active:
             return
-        code = domain.new_activation_code()
+        code, token = domain.new_activation_code(), domain.new_activation_token()
         pended = await self._users.replace_activation_code(
             account.user.id,
-            self._new_activation(account.user.username, code),
+            self._new_activation(account.user.id, code, token),
             max_sends=self._policy.activation_max_sends,
             window_seconds=int(self._policy.activation_send_window.total_seconds()),
         )
         if pended:
-            await self._mailer.send(self._activation_mail(account.user, code))
+            await self._mailer.send(self._activation_mail(account.user, code, token))
         else:
             log.info("activation resend capped", extra={"user_id": account.user.id})
 
@@ -159,7 +216,7 @@ class UserService:
         if caller.user_id == user_id:
             domain.validate_login_password(password)
             account = await self._users.get_account(user_id)
-            if not await self.password_matches(account, password):
+            if not await self.password_matches(account, password, source=caller.source):
                 raise InvalidCredentials()
         elif not caller.is_admin:
             raise PermissionDenied()
@@ -173,12 +230,13 @@ class UserService:
             raise NotFound()
         log.info("user deleted by identifier")
 
-    async def verify_credentials(self, identifier: str, password: str) -> User:
+    async def verify_credentials(self, identifier: str, password: str, *, source: str) -> User:
         """The user if the password matches; one answer for unknown accounts and wrong passwords."""
         domain.validate_identifier(identifier)
         domain.validate_login_password(password)
-        account = await self._users.find_account(domain.identifier_key(identifier))
-        if not await self.password_matches(account, password):
+        key = domain.identifier_key(identifier)
+        account = await self._users.find_account(key)
+        if not await self.password_matches(account, password, source=source, unknown_key=key):
             raise InvalidCredentials()
         assert account is not None
         if not account.user.is_active:
@@ -186,53 +244,65 @@ class UserService:
         log.info("credentials verified", extra={"user_id": account.user.id})
         return account.user
 
-    async def password_matches(self, account: Account | None, password: str) -> bool:
-        """Check a password, throttled per account; a missing account costs the same bcrypt run.
+    async def password_matches(
+        self, account: Account | None, password: str, *, source: str, unknown_key: str = ""
+    ) -> bool:
+        """Check a password, throttled per account and source (see :mod:`users_grpc.throttling`).
 
-        Past the attempt cap even the right password fails, with the same answer as a wrong
-        one, until the window passes; a match sets the count back to zero.
+        A missing account goes through the same throttle, under ``unknown_key``, and the same
+        bcrypt run, so neither the answers nor the work tell it from a wrong password.
         """
-        if account is None:
-            await self._hasher.verify(password, None)
-            log.info("credentials refused", extra={"user_id": None})
-            return False
-        user_id = account.user.id
-        allowed = await self._users.reserve_password_attempt(
-            user_id,
-            self._clock.now(),
-            max_attempts=self._policy.password_max_attempts,
-            window_seconds=int(self._policy.password_attempt_window.total_seconds()),
-        )
-        matches = await self._hasher.verify(password, account.password_hash)
-        if not allowed:
-            log.warning("password attempts throttled", extra={"user_id": user_id})
-            return False
+        throttle_key = account.user.id if account is not None else f"unknown:{unknown_key}"
+        reservation = await self._throttle.reserve(throttle_key, source)
+        try:
+            matches = await self._hasher.verify(password, None if account is None else account.password_hash)
+        except Overloaded:
+            # Refused before any comparison: this try must not count against the account.
+            await self._throttle.release(reservation)
+            raise
         if not matches:
-            log.info("credentials refused", extra={"user_id": user_id})
+            log.info("credentials refused", extra={"user_id": None if account is None else account.user.id})
             return False
-        await self._users.clear_password_attempts(user_id)
+        await self._throttle.succeeded(reservation)
         return True
 
-    def _new_activation(self, username: str, code: str) -> ActivationCode:
-        """A pending code that opens a fresh resend window (the repository keeps a running one)."""
+    async def owner_proved_mailbox(self, user_id: str, source: str) -> None:
+        """After a completed password reset: forget the account's failed tries, so the owner gets in at once."""
+        await self._throttle.forget_account(user_id)
+        log.info("password failures forgotten", extra={"user_id": user_id, "source": source})
+
+    def _activation_digest(self, user_id: str, code: str) -> str:
+        # Keyed and bound to the user: without the key, a copy of the database cannot test the
+        # million possible codes, and a digest moved to another account matches nothing there.
+        return self._digests.digest("activation-code", user_id, code)
+
+    def _new_activation(self, user_id: str, code: str, token: str) -> ActivationCode:
+        """A pending code and token that open a fresh resend window (the repository keeps a running one)."""
         now = self._clock.now()
         return ActivationCode(
-            digest=domain.activation_code_digest(username, code),
+            digest=self._activation_digest(user_id, code),
             expires_at=now + self._policy.activation_code_ttl,
             attempts_left=self._policy.activation_max_attempts,
             sends_in_window=1,
             window_started_at=now,
+            token_digest=self._digests.digest("activation-token", user_id, token),
+            token_expires_at=now + self._policy.activation_token_ttl,
         )
 
-    def _activation_mail(self, user: User, code: str) -> Mail:
+    def _activation_mail(self, user: User, code: str, token: str) -> Mail:
+        # Mails greet by username, whose charset is safe; names are free text a stranger chose.
         minutes = int(self._policy.activation_code_ttl.total_seconds() // 60)
+        hours = int(self._policy.activation_token_ttl.total_seconds() // 3600)
         return Mail(
             to=user.email,
             subject="Your activation code",
             body=(
-                f"Hello {user.first_name},\n\n"
+                f"Hello {user.username},\n\n"
                 f"your activation code is {code}\n\n"
-                f"It works once and expires in {minutes} minutes.\n"
+                f"It works once and expires in {minutes} minutes.\n\n"
+                f"If the code stops working, activate with this token instead; it works once and\n"
+                f"expires in {hours} hours:\n\n"
+                f"{token}\n\n"
                 "If you did not create an account, ignore this email.\n"
             ),
         )

@@ -73,7 +73,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def ActivateUser(
         self, request: user_service_pb2.ActivateUserRequest, context: Context
     ) -> user_service_pb2.ActivateUserResponse:
-        user = await self._service.activate_user(request.identifier, request.code)
+        user = await self._service.activate_user(request.identifier, request.code, request.token)
         return user_service_pb2.ActivateUserResponse(user=user_to_proto(user))
 
     async def ResendActivationCode(
@@ -110,7 +110,11 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: user_service_pb2.VerifyCredentialsRequest, context: Context
     ) -> user_service_pb2.VerifyCredentialsResponse:
         user = await self._mfa.verify_login(
-            request.identifier, request.password, request.totp_code, request.recovery_code
+            request.identifier,
+            request.password,
+            request.totp_code,
+            request.recovery_code,
+            source=current_caller.get().source,
         )
         return user_service_pb2.VerifyCredentialsResponse(user=user_to_proto(user))
 
@@ -118,7 +122,11 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: user_service_pb2.AuthenticateRequest, context: Context
     ) -> user_service_pb2.AuthenticateResponse:
         user, issued = await self._sessions.authenticate(
-            request.identifier, request.password, request.totp_code, request.recovery_code
+            request.identifier,
+            request.password,
+            request.totp_code,
+            request.recovery_code,
+            source=current_caller.get().source,
         )
         return _with_tokens(user_service_pb2.AuthenticateResponse(user=user_to_proto(user)), issued)
 
@@ -166,21 +174,27 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def ResetPassword(
         self, request: user_service_pb2.ResetPasswordRequest, context: Context
     ) -> user_service_pb2.ResetPasswordResponse:
-        await self._passwords.reset_password(request.token, request.new_password, request.new_password_confirmation)
+        await self._passwords.reset_password(
+            request.token, request.new_password, request.new_password_confirmation, source=current_caller.get().source
+        )
         return user_service_pb2.ResetPasswordResponse()
 
     async def ChangePassword(
         self, request: user_service_pb2.ChangePasswordRequest, context: Context
     ) -> user_service_pb2.ChangePasswordResponse:
         await self._passwords.change_password(
-            request.user_id, request.current_password, request.new_password, request.new_password_confirmation
+            request.user_id,
+            request.current_password,
+            request.new_password,
+            request.new_password_confirmation,
+            source=current_caller.get().source,
         )
         return user_service_pb2.ChangePasswordResponse()
 
     async def EnableMfa(
         self, request: user_service_pb2.EnableMfaRequest, context: Context
     ) -> user_service_pb2.EnableMfaResponse:
-        enrollment = await self._mfa.enable(request.user_id, request.password)
+        enrollment = await self._mfa.enable(request.user_id, request.password, source=current_caller.get().source)
         return user_service_pb2.EnableMfaResponse(
             secret=enrollment.secret, otpauth_uri=enrollment.otpauth_uri, qr_code_png=enrollment.qr_code_png
         )
@@ -202,7 +216,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def DisableMfa(
         self, request: user_service_pb2.DisableMfaRequest, context: Context
     ) -> user_service_pb2.DisableMfaResponse:
-        await self._mfa.disable(request.user_id, request.password, request.code)
+        await self._mfa.disable(request.user_id, request.password, request.code, source=current_caller.get().source)
         return user_service_pb2.DisableMfaResponse()
 
     async def RegenerateRecoveryCodes(

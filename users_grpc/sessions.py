@@ -1,28 +1,54 @@
 """Sessions: sign-in, refresh-token rotation with replay detection, sign-out, revocation.
 
-A refresh token is 256 random bits, stored only as a SHA-256 digest, and works
-once: refreshing swaps it for a new one in a single conditional update, so two
-racing refreshes cannot both succeed. A token presented after it was swapped
-is treated as stolen and its whole session is revoked (RFC 9700 4.14.2).
+A refresh token is ``<session id>.<generation>.<secret>`` and works once:
+refreshing moves its session to the next generation, with a new token, in a
+single conditional update, so two racing refreshes cannot both succeed. A
+token of an earlier generation presented again is treated as stolen and the
+whole session is revoked (RFC 9700 4.14.2).
+
+The secret is 128 random bits and a MAC (HMAC-SHA256, 128 bits, under a key
+derived from the key-encryption key) over the session id, the generation and
+those bits. The MAC tells a token we issued from a forgery without a list of
+used tokens, so a session takes constant space however often it is refreshed:
+an old token of a real session revokes it, while a made-up token naming a
+known session id (ids are in ListSessions and the access token's ``sid``) is
+refused and changes nothing. The database keeps only the generation and a
+keyed digest of the current token.
 """
 
 from __future__ import annotations
 
-import hashlib
+import base64
+import binascii
+import hmac
 import logging
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 
 from users_grpc import domain
 from users_grpc.domain import AccessClaims, IssuedTokens, Session, User
 from users_grpc.errors import FieldViolation, InvalidArgument, Unauthenticated
 from users_grpc.mfa import MfaService
-from users_grpc.ports import Clock, SessionRepository, UserRepository
+from users_grpc.ports import Clock, SecretDigests, SessionRepository, UserRepository
 from users_grpc.tokens import AccessTokens
 
 log = logging.getLogger(__name__)
 
 _REFRESH_TOKEN_MAX_LENGTH = 128
+_NONCE_BYTES = 16
+_TAG_BYTES = 16
+# Far beyond any real session (a refresh a second for a year is 3e7), small enough for a 64-bit integer.
+_MAX_GENERATION = 10**15
+
+
+@dataclass(frozen=True)
+class RefreshToken:
+    """A refresh token we issued (or are issuing), with the session and generation it names."""
+
+    session_id: str
+    generation: int
+    text: str
 
 
 class SessionService:
@@ -33,6 +59,7 @@ class SessionService:
         users: UserRepository,
         sessions: SessionRepository,
         tokens: AccessTokens,
+        digests: SecretDigests,
         clock: Clock,
         session_lifetime: timedelta,
     ) -> None:
@@ -40,40 +67,54 @@ class SessionService:
         self._users = users
         self._sessions = sessions
         self._tokens = tokens
+        self._digests = digests
         self._clock = clock
         self._session_lifetime = session_lifetime
 
     async def authenticate(
-        self, identifier: str, password: str, totp_code: str = "", recovery_code: str = ""
+        self, identifier: str, password: str, totp_code: str = "", recovery_code: str = "", *, source: str
     ) -> tuple[User, IssuedTokens]:
         """Check the credentials and second factor (as VerifyCredentials does) and open a session."""
-        user = await self._logins.verify_login(identifier, password, totp_code, recovery_code)
-        refresh_token = _new_refresh_token()
+        user = await self._logins.verify_login(identifier, password, totp_code, recovery_code, source=source)
+        session_id = self._sessions.new_id()
+        refresh_token = self._new_refresh_token(session_id, 0)
         now = self._clock.now()
         session = await self._sessions.create(
-            user.id, _digest(refresh_token), now, now + self._session_lifetime, user.token_version
+            session_id, user.id, self._digest(refresh_token), now, now + self._session_lifetime, user.token_version
         )
         log.info("session opened", extra={"user_id": user.id, "session_id": session.id})
-        return user, self._issue(user, session, refresh_token)
+        return user, self._issue(user, session, refresh_token.text)
 
     async def refresh(self, refresh_token: str) -> IssuedTokens:
-        _validate_refresh_token(refresh_token)
-        presented = _digest(refresh_token)
-        replacement = _new_refresh_token()
+        presented = self._genuine(refresh_token)
+        if presented is None:
+            raise Unauthenticated("invalid refresh token")
+        replacement = self._new_refresh_token(presented.session_id, presented.generation + 1)
         now = self._clock.now()
-        session = await self._sessions.rotate(presented, _digest(replacement), now)
+        session = await self._sessions.rotate(
+            presented.session_id, presented.generation, self._digest(presented), self._digest(replacement), now
+        )
         if session is None:
-            if await self._sessions.revoke_family_of_used(presented, now):
-                log.warning("refresh token replayed; session revoked")
+            # A token we issued, no longer current: used up before, by its owner or a thief. Of two
+            # racing refreshes the loser lands here too, by design: the session cannot tell them apart.
+            revoked = await self._sessions.revoke_replayed(presented.session_id, presented.generation, now)
+            if revoked is not None:
+                log.warning(
+                    "refresh token replayed; session revoked",
+                    extra={"user_id": revoked.user_id, "session_id": revoked.id},
+                )
             raise Unauthenticated("invalid refresh token")
         user = await self._users.get(session.user_id)
         if user is None or not user.is_active or user.token_version != session.token_version:
             raise Unauthenticated("invalid refresh token")
-        return self._issue(user, session, replacement)
+        return self._issue(user, session, replacement.text)
 
     async def revoke(self, refresh_token: str) -> None:
-        _validate_refresh_token(refresh_token)
-        await self._sessions.revoke(_digest(refresh_token), self._clock.now())
+        """Sign out: any token the session issued ends it; anything else changes nothing."""
+        presented = self._genuine(refresh_token)
+        if presented is not None:
+            await self._sessions.revoke(presented.session_id, self._clock.now())
+            log.info("session revoked", extra={"session_id": presented.session_id})
 
     async def list_sessions(self, user_id: str) -> list[Session]:
         domain.validate_user_id(user_id, "user_id")
@@ -104,6 +145,32 @@ class SessionService:
     def public_keys(self) -> dict[str, list[dict[str, str]]]:
         return self._tokens.jwks()
 
+    def _new_refresh_token(self, session_id: str, generation: int) -> RefreshToken:
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        secret = _b64(nonce + self._tag(session_id, generation, nonce))
+        return RefreshToken(session_id, generation, f"{session_id}.{generation}.{secret}")
+
+    def _tag(self, session_id: str, generation: int, nonce: bytes) -> bytes:
+        # Bound to the session (the digest's subject), the generation and the random part.
+        mac = self._digests.digest("refresh-token-tag", session_id, f"{generation}.{_b64(nonce)}")
+        return bytes.fromhex(mac)[:_TAG_BYTES]
+
+    def _genuine(self, refresh_token: str) -> RefreshToken | None:
+        """The token taken apart if we issued it (for some generation of its session); else None."""
+        _validate_refresh_token(refresh_token)
+        parsed = _parse(refresh_token)
+        if parsed is None:
+            return None
+        session_id, generation, nonce, tag = parsed
+        if not hmac.compare_digest(tag, self._tag(session_id, generation, nonce)):
+            log.warning("forged refresh token refused", extra={"session_id": session_id})
+            return None
+        return RefreshToken(session_id, generation, refresh_token)
+
+    def _digest(self, token: RefreshToken) -> str:
+        # What the session stores: keyed, so a copy of the database can neither use nor test a token.
+        return self._digests.digest("refresh-token", token.session_id, token.text)
+
     def _issue(self, user: User, session: Session, refresh_token: str) -> IssuedTokens:
         access_token, expires_at = self._tokens.issue(user, session.id)
         return IssuedTokens(
@@ -114,13 +181,28 @@ class SessionService:
         )
 
 
-def _new_refresh_token() -> str:
-    return secrets.token_urlsafe(32)
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _digest(refresh_token: str) -> str:
-    # A plain hash suffices: the token has 256 random bits, so there is nothing to guess.
-    return hashlib.sha256(refresh_token.encode()).hexdigest()
+def _parse(refresh_token: str) -> tuple[str, int, bytes, bytes] | None:
+    """Session id, generation, nonce and tag of a well-formed token; None for anything else,
+    tokens of the earlier format (no dots) included."""
+    parts = refresh_token.split(".")
+    if len(parts) != 3:
+        return None
+    session_id, generation, secret = parts
+    if not domain.is_id(session_id) or not generation.isascii() or not generation.isdigit():
+        return None
+    if len(generation) > 1 and generation.startswith("0"):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != _NONCE_BYTES + _TAG_BYTES or _b64(raw) != secret or int(generation) > _MAX_GENERATION:
+        return None
+    return session_id, int(generation), raw[:_NONCE_BYTES], raw[_NONCE_BYTES:]
 
 
 def _validate_refresh_token(refresh_token: str) -> None:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from users_grpc.domain import AccessClaims, Role, StoredKey, User
+from users_grpc.domain import AccessClaims, Role, StoredKey, User, is_id
 from users_grpc.errors import Unauthenticated
 from users_grpc.ports import Clock, KeyStore
 
@@ -174,7 +174,8 @@ class AccessTokens:
             session_id = claims["sid"]
         except (jwt.PyJWTError, KeyError, ValueError):
             raise Unauthenticated("invalid access token") from None
-        if not isinstance(version, int) or not isinstance(session_id, str):
+        # A token signed by us but naming no possible user is refused here, not passed on to lookups.
+        if not isinstance(version, int) or not isinstance(session_id, str) or not is_id(claims["sub"]):
             raise Unauthenticated("invalid access token")
         now = self._clock.now()
         try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from typing import Any
 
 import grpc
@@ -51,15 +54,20 @@ def violated_fields(error: grpc.RpcError) -> set[str]:
     return fields
 
 
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+def _detail(error: grpc.RpcError, kind: Any) -> Any:
+    """The error's rich-status detail of message type ``kind``."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
+    assert status is not None, "no rich status details"
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo detail")
+        if detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            detail.Unpack(message)
+            return message
+    raise AssertionError(f"no {kind.DESCRIPTOR.name} detail")
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    return _detail(error, error_details_pb2.ErrorInfo)
 
 
 def health_stub(channel: grpc.Channel) -> Any:
@@ -72,3 +80,53 @@ def stored_users(mongodb_uri: str, database: str, **query: Any) -> list[dict[str
     client: MongoClient[dict[str, Any]] = MongoClient(mongodb_uri)
     with client:
         return list(client[database].users.find(query))
+
+
+class SourceAddressRelay:
+    """A TCP relay whose connections reach the server from another loopback address.
+
+    gRPC clients cannot pick their local address; connecting through this relay, a test
+    calls the server as, say, 127.0.0.2 while other calls come from 127.0.0.1.
+    """
+
+    def __init__(self, target: str, source_host: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self._source_host = source_host
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self._target, source_address=(self._source_host, 0))
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def retry_delay(error: grpc.RpcError) -> float:
+    """The seconds of the error's google.rpc.RetryInfo detail."""
+    return float(_detail(error, error_details_pb2.RetryInfo).retry_delay.ToTimedelta().total_seconds())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -253,27 +251,6 @@ def test_passwords_sharing_72_bytes_are_different_passwords(server: RunningServe
     assert ok.user.username == "jane"
 
 
-def test_unknown_account_and_wrong_password_are_indistinguishable(server: RunningServer, mail: MailSink) -> None:
-    """Same code, same message, and about the same time: the missing account still runs bcrypt."""
-    server.stub.CreateUser(create_request())
-    server.stub.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com")))
-
-    def attempt(identifier: str) -> tuple[grpc.StatusCode, str | None, float]:
-        started = time.perf_counter()
-        error = rpc_error(
-            server.stub.VerifyCredentials, pb.VerifyCredentialsRequest(identifier=identifier, password="wrong " * 3)
-        )
-        return error.code(), error.details(), time.perf_counter() - started
-
-    wrong_password = [attempt("jane") for _ in range(30)]
-    unknown_account = [attempt("nobody@example.com") for _ in range(30)]
-    assert {(c, d) for c, d, _ in wrong_password} == {(c, d) for c, d, _ in unknown_account}
-    assert wrong_password[0][0] == grpc.StatusCode.UNAUTHENTICATED
-    # Skipping bcrypt would make the unknown account ~20x faster; the bound is loose against noise.
-    ratio = statistics.median(t for *_, t in unknown_account) / statistics.median(t for *_, t in wrong_password)
-    assert 0.5 < ratio < 2.0, ratio
-
-
 def test_get_by_identifier_skips_inactive_users(server: RunningServer) -> None:
     server.stub.CreateUser(create_request())
     error = rpc_error(server.stub.GetUserByIdentifier, pb.GetUserByIdentifierRequest(identifier="jane"))
@@ -285,21 +262,6 @@ def test_delete_by_identifier(server: RunningServer) -> None:
     server.stub.DeleteUserByIdentifier(pb.DeleteUserByIdentifierRequest(identifier="JANE@example.com"))
     error = rpc_error(server.stub.DeleteUserByIdentifier, pb.DeleteUserByIdentifierRequest(identifier="jane"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-
-
-def test_brute_force_is_throttled_per_account(server: RunningServer, mail: MailSink) -> None:
-    """Past the cap the right password is refused with the same answer; a neighbour is unaffected."""
-    server.stub.CreateUser(create_request())
-    server.stub.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com")))
-    server.stub.CreateUser(create_request(username="joe", email="joe@example.com"))
-    server.stub.ActivateUser(pb.ActivateUserRequest(identifier="joe", code=mail.code_for("joe@example.com")))
-    wrong = pb.VerifyCredentialsRequest(identifier="jane", password="not the password")
-    for _ in range(server.settings.password_max_attempts):
-        assert rpc_error(server.stub.VerifyCredentials, wrong).code() == grpc.StatusCode.UNAUTHENTICATED
-    right = rpc_error(server.stub.VerifyCredentials, pb.VerifyCredentialsRequest(identifier="jane", password=PASSWORD))
-    assert (right.code(), right.details()) == (grpc.StatusCode.UNAUTHENTICATED, "invalid credentials")
-    neighbour = pb.VerifyCredentialsRequest(identifier="joe", password=PASSWORD)
-    assert server.stub.VerifyCredentials(neighbour).user.username == "joe"
 
 
 def test_a_password_is_normalized_once_the_same_way_everywhere(server: RunningServer, mail: MailSink) -> None:

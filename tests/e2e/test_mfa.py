@@ -236,3 +236,51 @@ def test_totp_secret_is_encrypted_at_rest(enrolled: Enrolled, mongodb_uri: str) 
     assert enrolled.secret not in raw
     assert base64.b32decode(enrolled.secret) not in bytes(stored["mfa"]["sealed_secret"])
     assert all(code not in raw for code in enrolled.recovery_codes)
+
+
+# Digits of other scripts (str.isdigit() says yes to all), and recovery-code look-alikes.
+NOT_ASCII_CODES = [
+    "\u0661\u0662\u0663\u0664\u0665\u0666",  # Arabic-Indic
+    "\uff11\uff12\uff13\uff14\uff15\uff16",  # fullwidth
+    "\u06f1\u06f2\u06f3\u06f4\u06f5\u06f6",  # extended Arabic-Indic (Persian)
+    "\u0967\u0968\u0969\u096a\u096b\u096c",  # Devanagari
+    "\uff41\uff42\uff43\uff44-\uff45\uff46\uff47\uff48-\uff49\uff4a\uff4b\uff4c",  # fullwidth letters
+    "abcd\u2013efgh\u2013ijkl",  # en dashes
+]
+
+
+def test_codes_that_are_not_ascii_are_invalid_and_spend_no_attempt(enrolled: Enrolled, mongodb_uri: str) -> None:
+    """More malformed codes than the attempt cap, in every RPC that takes one: each is
+    INVALID_ARGUMENT naming its field, no counter moves, and the right codes still work."""
+    session = enrolled.sign_in(totp_code=enrolled.code())
+    own = enrolled.server.stub_for(session.access_token)
+    admin = enrolled.server.stub
+    user_id = enrolled.user_id
+
+    def counters() -> tuple[object, object]:
+        [stored] = stored_users(mongodb_uri, enrolled.server.settings.mongodb_database, username="jane")
+        return stored["mfa"].get("failures"), stored.get("password_attempts", {}).get("failures")
+
+    before = counters()
+    verify, authenticate = admin.VerifyCredentials, enrolled.server.anonymous.Authenticate
+    calls: list[tuple[Any, Any, str]] = []
+    for code in NOT_ASCII_CODES:
+        for field in ("totp_code", "recovery_code"):
+            factor = {field: code}
+            calls.append((verify, pb.VerifyCredentialsRequest(identifier="jane", password=PASSWORD, **factor), field))
+            calls.append((authenticate, pb.AuthenticateRequest(identifier="jane", password=PASSWORD, **factor), field))
+        calls.append((own.DisableMfa, pb.DisableMfaRequest(user_id=user_id, password=PASSWORD, code=code), "code"))
+        regenerate = pb.RegenerateRecoveryCodesRequest(user_id=user_id, code=code)
+        calls.append((own.RegenerateRecoveryCodes, regenerate, "code"))
+    for call, request, field in calls:
+        error = rpc_error(call, request)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, error.details())
+        assert violated_fields(error) == {field}
+    assert counters() == before
+    enrolled.clock.advance(seconds=30)
+    fresh = own.RegenerateRecoveryCodes(
+        pb.RegenerateRecoveryCodesRequest(user_id=user_id, code=enrolled.code())
+    ).recovery_codes
+    assert enrolled.sign_in(recovery_code=fresh[0]).access_token
+    request = pb.VerifyCredentialsRequest(identifier="jane", password=PASSWORD, recovery_code=fresh[1].upper())
+    assert admin.VerifyCredentials(request).user.id == user_id

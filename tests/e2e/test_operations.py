@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -26,7 +28,7 @@ from tests.conftest import (
     free_port,
     start_ferretdb,
 )
-from tests.e2e.helpers import create_request, health_stub, rpc_error, stored_users
+from tests.e2e.helpers import create_request, health_stub, retry_delay, rpc_error, stored_users
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.devdb import DevDatabase
@@ -216,13 +218,34 @@ def test_sigterm_drains_in_flight_calls_then_exits(mongodb_uri: str, database_na
     assert "Traceback" not in stderr
 
 
-def test_calls_past_the_concurrency_cap_are_resource_exhausted(start_server: StartServer) -> None:
-    """A burst beyond USERS_MAX_CONCURRENT_RPCS is refused at once, not queued."""
-    server = start_server(max_concurrent_rpcs=2, bcrypt_rounds=13, hash_workers=1)
-    burst = [
-        server.anonymous.CreateUser.future(create_request(username=f"burst{n}", email=f"burst{n}@example.com"))
-        for n in range(6)
-    ]
-    codes = {f.exception().code() if f.exception() else grpc.StatusCode.OK for f in burst}  # type: ignore[union-attr]
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-    assert grpc.StatusCode.OK in codes
+def test_the_concurrency_cap_refuses_user_service_calls_but_never_health_checks(start_server: StartServer) -> None:
+    """Past USERS_MAX_CONCURRENT_RPCS a UserService call is refused at once, with a retry delay;
+    health checks (what Kubernetes probes) answer SERVING however full the cap is."""
+    server = start_server(max_concurrent_rpcs=2, bcrypt_rounds=14, hash_workers=1)
+    refused = threading.Event()
+
+    def on_done(future: Any) -> None:
+        error = future.exception()
+        if error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            refused.set()
+
+    # Sign-ins of unknown users: each costs a bcrypt run at cost 14, one at a time, so two fill the cap for seconds.
+    burst = []
+    for n in range(6):
+        request = pb.AuthenticateRequest(identifier=f"nobody{n}", password="a wrong password")
+        burst.append(server.anonymous.Authenticate.future(request, timeout=60))
+        burst[-1].add_done_callback(on_done)
+    assert refused.wait(30), "no call was refused"
+    # The cap is full now; these must not count against it nor be refused by it.
+    health = health_stub(server.channel)
+    checks = [health.Check.future(health_pb2.HealthCheckRequest(service=s), timeout=10) for s in ("", SERVICE) * 5]
+    assert [check.result().status for check in checks] == [SERVING] * 10
+    # Still full after the checks (only finishing sign-ins free a place): they really ran against a full cap.
+    error = rpc_error(server.anonymous.GetPublicKeys, pb.GetPublicKeysRequest())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 0 < retry_delay(error) <= 5
+    codes = [f.exception().code() if f.exception() else grpc.StatusCode.OK for f in burst]  # type: ignore[union-attr]
+    assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == 2
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
+    # Once the sign-ins are done the cap has room again.
+    assert server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest()).jwks_json

@@ -7,13 +7,16 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+import bson
 import grpc
 import jwt
 import pytest
+from bson import ObjectId
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwt as jose_jwt
@@ -237,6 +240,8 @@ FORGERIES = [
     "tampered-payload",
     "wrong-typ",
     "admin-role-claim-for-a-user",
+    "subject-not-a-user-id",
+    "subject-not-a-string",
 ]
 
 
@@ -287,6 +292,11 @@ def test_forged_tokens_are_unauthenticated(
         claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         claims["role"] = "admin"
         token = f"{head}.{_b64(json.dumps(claims).encode())}.{signature}"
+    elif forgery == "subject-not-a-user-id":
+        # Signed with the server's own key, as a bug or a leaked key could: still no INTERNAL.
+        token = sign(_claims(server, session, sub="not-an-object-id"))
+    elif forgery == "subject-not-a-string":
+        token = sign(_claims(server, session, sub=12345))
     elif forgery == "wrong-typ":
         token = sign(_claims(server, session), {"kid": kid, "typ": "JWT"})
     elif forgery == "admin-role-claim-for-a-user":
@@ -322,3 +332,72 @@ def test_a_token_version_bump_alone_ends_refresh_too(server: RunningServer, mail
     session = signed_up(server, mail)
     server.call(server.app.users.bump_token_version(session.user.id, datetime.now(UTC)))
     assert refresh_status(server, session.refresh_token) == UNAUTHENTICATED
+
+
+def _stored_session(server: RunningServer, mongodb_uri: str, session_id: str) -> dict[str, Any]:
+    client: MongoClient[dict[str, Any]] = MongoClient(mongodb_uri)
+    with client:
+        stored = client[server.settings.mongodb_database].sessions.find_one({"_id": ObjectId(session_id)})
+    assert stored is not None
+    return stored
+
+
+def test_a_session_keeps_its_size_however_often_it_is_refreshed(
+    server: RunningServer, mail: MailSink, mongodb_uri: str
+) -> None:
+    """Replay detection keeps no list of used tokens: 300 refreshes leave the session as large as one."""
+    session = signed_up(server, mail)
+    token = refresh(server, session.refresh_token).refresh_token
+    size = len(bson.encode(_stored_session(server, mongodb_uri, session.session_id)))
+    for _ in range(300):
+        token = refresh(server, token).refresh_token
+    stored = _stored_session(server, mongodb_uri, session.session_id)
+    assert len(bson.encode(stored)) == size
+    assert stored["generation"] == 301
+    assert "used_digests" not in stored
+
+
+def test_an_old_token_ends_its_session_but_a_forged_one_naming_it_does_not(
+    server: RunningServer, mail: MailSink
+) -> None:
+    """Session ids are no secret (ListSessions, the access token's sid): a stranger who knows one
+    cannot end the session with a made-up token, while a real used-up token still ends it."""
+    session = signed_up(server, mail)
+    other = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD))
+    session_id = jwt.decode(session.access_token, options={"verify_signature": False})["sid"]
+    assert session_id == session.session_id
+    current = refresh(server, session.refresh_token).refresh_token
+    _, generation, secret = current.split(".")
+    forgeries = [
+        f"{session_id}.{generation}.{_b64(secrets.token_bytes(32))}",  # the current generation
+        f"{session_id}.0.{_b64(secrets.token_bytes(32))}",  # an old generation
+        f"{session_id}.0.{other.refresh_token.split('.')[2]}",  # a real secret of another session
+        f"{session_id}.{int(generation) + 1}.{secret}",  # a real secret under another generation
+        f"{other.session_id}.{generation}.{secret}",  # a real secret under another session
+    ]
+    for forged in forgeries:
+        assert refresh_status(server, forged) == UNAUTHENTICATED
+        server.anonymous.RevokeSession(pb.RevokeSessionRequest(refresh_token=forged))  # not an error; no effect
+    # Both sessions live on.
+    current = refresh(server, current).refresh_token
+    other_current = refresh(server, other.refresh_token).refresh_token
+    # The first session's own used-up token is a replay: the session ends, the other does not.
+    assert refresh_status(server, session.refresh_token) == UNAUTHENTICATED
+    assert refresh_status(server, current) == UNAUTHENTICATED
+    assert refresh(server, other_current).session_id == other.session_id
+
+
+def test_refresh_tokens_of_the_earlier_format_are_unauthenticated(server: RunningServer, mail: MailSink) -> None:
+    """Tokens without the session and generation (the format before) are simply refused."""
+    session = signed_up(server, mail)
+    for token in (secrets.token_urlsafe(32), f"{session.session_id}.x.y", "a.b.c.d", f"{session.session_id}..x"):
+        assert refresh_status(server, token) == UNAUTHENTICATED
+    assert refresh(server, session.refresh_token).session_id == session.session_id
+
+
+def test_revoke_session_takes_any_token_the_session_issued(server: RunningServer, mail: MailSink) -> None:
+    """A client that lost a refresh reply still holds its previous token: that one signs out too."""
+    session = signed_up(server, mail)
+    current = refresh(server, session.refresh_token).refresh_token
+    server.anonymous.RevokeSession(pb.RevokeSessionRequest(refresh_token=session.refresh_token))
+    assert refresh_status(server, current) == UNAUTHENTICATED

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import ADMIN_PASSWORD, StartServer
 from tests.e2e.helpers import rpc_error
@@ -99,3 +102,36 @@ def test_a_listed_certificate_makes_a_machine_caller(start_server: StartServer, 
     # A machine caller is no admin: admin-only RPCs stay closed to it.
     request = pb.DeleteUserByIdentifierRequest(identifier="nobody")
     assert rpc_error(server.anonymous.DeleteUserByIdentifier, request).code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+SPIFFE_ID = "spiffe://example.org/ns/prod/sa/billing"
+# What each client certificate (common name, subject alternative names) proves under the setting
+# USERS_MACHINE_IDENTITIES=billing-service,<SPIFFE_ID>: only URI and DNS SANs count.
+IDENTITY_CASES: dict[str, tuple[str, list[x509.GeneralName], bool]] = {
+    "dns-san": ("other1", [x509.DNSName("billing-service")], True),
+    "uri-san": ("other2", [x509.UniformResourceIdentifier(SPIFFE_ID)], True),
+    "email-san": ("other3", [x509.RFC822Name("billing-service")], False),
+    "common-name-only": ("billing-service", [x509.DNSName("other4")], False),
+    "spiffe-id-as-common-name": (SPIFFE_ID, [x509.DNSName("other5")], False),
+}
+
+
+@pytest.mark.parametrize("case", IDENTITY_CASES)
+def test_only_uri_and_dns_names_make_a_machine_caller(start_server: StartServer, pki: Pki, case: str) -> None:
+    common_name, alternative_names, is_machine = IDENTITY_CASES[case]
+    ca_key = serialization.load_pem_private_key(pki.ca.key, None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_name = x509.load_pem_x509_certificate(pki.ca.cert).subject
+    client, _, _ = issue(common_name, (ca_name, ca_key), alternative_names=alternative_names)
+    settings = {
+        **_tls_settings(pki, mutual=True),
+        "machine_identities": frozenset({"billing-service", SPIFFE_ID}),
+    }
+    server = start_server(credentials=_credentials(pki, pki.billing), **settings)
+    check = pb.VerifyCredentialsRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
+    with grpc.secure_channel(server.address, _credentials(pki, client)) as channel:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        if is_machine:
+            assert stub.VerifyCredentials(check).user.username == server.admin_username
+        else:
+            assert rpc_error(stub.VerifyCredentials, check).code() == grpc.StatusCode.UNAUTHENTICATED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from tests.conftest import collect_known_leaks
 from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
 from users_grpc.errors import AlreadyExists, StorageUnavailable
 from users_grpc.repository import Document, MongoOutbox, MongoUserRepository
+from users_grpc.secrets_at_rest import SecretsAtRest
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -24,7 +26,7 @@ class Stores:
     def __init__(self, uri: str, name: str) -> None:
         self.client: AsyncMongoClient[Document] = AsyncMongoClient(uri, tz_aware=True)
         self.users = MongoUserRepository(self.client[name])
-        self.outbox = MongoOutbox(self.client[name])
+        self.outbox = MongoOutbox(self.client[name], SecretsAtRest(os.urandom(32)))
 
 
 @pytest.fixture
@@ -60,6 +62,7 @@ def activation(**changes: Any) -> ActivationCode:
 
 def new_user(username: str = "jane", email: str = "jane@example.com") -> NewUser:
     return NewUser(
+        id=str(ObjectId()),
         username=username,
         first_name="Jane",
         last_name="Doe",
@@ -204,7 +207,7 @@ def test_outbox_retry_and_give_up(run: Any) -> None:
         assert await stores.outbox.claim(NOW + timedelta(seconds=29), 60) is None
         second = await stores.outbox.claim(NOW + timedelta(seconds=30), 60)
         assert second is not None
-        await stores.outbox.give_up(second.id, "refused")
+        await stores.outbox.give_up(second.id, "refused", NOW + timedelta(seconds=30))
         assert await stores.outbox.claim(NOW + timedelta(days=365), 60) is None
 
     run(body)
@@ -284,3 +287,21 @@ def test_unreachable_database_is_storage_unavailable() -> None:
     # PyMongo's async monitor leaks its socket when close() cancels it mid-connect
     # (pool_shared._async_create_connection closes only on OSError).
     collect_known_leaks()
+
+
+@pytest.mark.parametrize("bad_id", ["", "not-an-object-id", "g" * 24, "a" * 25, "\u0661" * 24])
+def test_an_id_that_is_no_object_id_names_no_document(run: Any, bad_id: str) -> None:
+    """Ids normally arrive validated; one that slips through is "not found", never a bson error."""
+
+    async def body(stores: Stores) -> None:
+        await stores.users.add(new_user())
+        users = stores.users
+        assert await users.get(bad_id) is None
+        assert await users.get_account(bad_id) is None
+        assert not await users.delete(bad_id)
+        assert not await users.reserve_mfa_attempt(bad_id, NOW, max_attempts=5, window_seconds=60)
+        assert await users.reserve_activation_attempt(bad_id, NOW) is None
+        await users.bump_token_version(bad_id, NOW)
+        await stores.outbox.delivered(bad_id)
+
+    run(body)

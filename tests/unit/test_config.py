@@ -55,11 +55,26 @@ def test_settings_are_frozen() -> None:
         ("USERS_BCRYPT_ROUNDS", "4"),
         ("USERS_REFLECTION", "maybe"),
         ("USERS_MAIL_FROM", "nobody"),
+        ("USERS_MAIL_FROM", "a@example.com, b@example.com"),
+        ("USERS_MAIL_FROM", "Accounts <no-reply@example.com"),
+        ("USERS_MAIL_FROM", "Team: a@example.com;"),
+        ("USERS_MAIL_FROM", "no-reply@example.com\r\nBcc: eve@example.com"),
+        ("USERS_SESSION_RETENTION_SECONDS", "-1"),
+        ("USERS_MAIL_FAILED_RETENTION_SECONDS", "a week"),
+        ("USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS", "60"),
+        ("USERS_HOUSEKEEPING_INTERVAL_SECONDS", "0"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_an_account_must_outlive_its_activation_code() -> None:
+    with pytest.raises(ConfigError, match="USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS"):
+        Settings.from_env(
+            {"USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS": "7200", "USERS_ACTIVATION_CODE_TTL_SECONDS": "7201"}
+        )
 
 
 def test_env_example_lists_every_variable() -> None:
@@ -70,3 +85,9 @@ def test_env_example_lists_every_variable() -> None:
     documented = dict(re.findall(r"^(USERS_[A-Z_]+)=(.*)$", example, flags=re.MULTILINE))
     assert set(documented) == read
     assert Settings.from_env(documented) == Settings()
+
+
+def test_the_sender_is_parsed_once_into_an_address() -> None:
+    sender = Settings.from_env({"USERS_MAIL_FROM": "Accounts <no-reply@example.com>"}).mail_from
+    assert (sender.display_name, sender.username, sender.domain) == ("Accounts", "no-reply", "example.com")
+    assert Settings.from_env({"USERS_MAIL_FROM": "no-reply@example.com"}).mail_from.addr_spec == "no-reply@example.com"

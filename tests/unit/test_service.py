@@ -6,6 +6,7 @@ tests/e2e covers the same behaviour through gRPC on the real database and SMTP.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Coroutine
 from datetime import timedelta
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.fakes import FakeClock, FakeHasher, FakeMailer, FakeUserRepository
+from tests.fakes import FakeClock, FakeHasher, FakeMailer, FakeThrottleStore, FakeUserRepository
 from users_grpc.domain import Caller, Gender, PasswordPolicy, Registration, Role, User
 from users_grpc.errors import (
     AccountNotActive,
@@ -23,9 +24,12 @@ from users_grpc.errors import (
     InvalidCredentials,
     NotFound,
     PermissionDenied,
+    TooManyAttempts,
 )
 from users_grpc.passwords import common_passwords
+from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
+from users_grpc.throttling import PasswordThrottle, ThrottlePolicy
 
 _T = TypeVar("_T")
 PASSWORD = "correct horse battery"
@@ -54,14 +58,26 @@ def registration(**changes: Any) -> Registration:
 
 
 class World:
-    def __init__(self, policy: AccountPolicy | None = None) -> None:
+    def __init__(self, policy: AccountPolicy | None = None, throttle: ThrottlePolicy | None = None) -> None:
         self.users = FakeUserRepository()
         self.mailer = FakeMailer()
         self.hasher = FakeHasher()
         self.clock = FakeClock()
+        self.throttles = FakeThrottleStore()
         self.service = UserService(
-            users=self.users, mailer=self.mailer, hasher=self.hasher, clock=self.clock, policy=policy or AccountPolicy()
+            users=self.users,
+            mailer=self.mailer,
+            hasher=self.hasher,
+            digests=SecretsAtRest(os.urandom(32)),
+            clock=self.clock,
+            policy=policy or AccountPolicy(),
+            throttle=PasswordThrottle(store=self.throttles, clock=self.clock, policy=throttle or ThrottlePolicy()),
         )
+
+    def last_token(self) -> str:
+        match = re.search(r"hours:\s+(\S+)", self.mailer.sent[-1].body)
+        assert match, self.mailer.sent[-1].body
+        return match.group(1)
 
     def last_code(self) -> str:
         match = re.search(r"code is (\d{6})", self.mailer.sent[-1].body)
@@ -117,6 +133,10 @@ class TestCreateUser:
             ({"first_name": "  "}, "first_name"),
             ({"last_name": "x" * 101}, "last_name"),
             ({"first_name": "Ja\x00ne"}, "first_name"),
+            ({"first_name": "Jane\u2028Security notice"}, "first_name"),
+            ({"last_name": "Doe\u2029"}, "last_name"),
+            ({"email": "Jane <jane@example.com>"}, "email"),
+            ({"email": "jane@example.com, eve@example.com"}, "email"),
             ({"email": "not-an-email"}, "email"),
             ({"email": "jane@localhost"}, "email"),
             ({"email": "a" * 250 + "@x.io"}, "email"),
@@ -230,24 +250,24 @@ class TestVerifyCredentials:
     def test_right_password_of_active_user(self, world: World) -> None:
         world.create()
         run(world.service.activate_user("jane", world.last_code()))
-        assert run(world.service.verify_credentials("Jane", PASSWORD)).username == "jane"
+        assert run(world.service.verify_credentials("Jane", PASSWORD, source="10.0.0.1")).username == "jane"
 
     def test_unknown_account_and_wrong_password_look_the_same(self, world: World) -> None:
         """Same error and message, and the missing account still costs a hash check."""
         world.create()
         with pytest.raises(InvalidCredentials) as wrong:
-            run(world.service.verify_credentials("jane", "wrong password here"))
+            run(world.service.verify_credentials("jane", "wrong password here", source="10.0.0.1"))
         with pytest.raises(InvalidCredentials) as unknown:
-            run(world.service.verify_credentials("nobody", "wrong password here"))
+            run(world.service.verify_credentials("nobody", "wrong password here", source="10.0.0.1"))
         assert str(wrong.value) == str(unknown.value)
         assert world.hasher.verified_against_missing == 1
 
     def test_inactive_account_is_told_only_after_the_right_password(self, world: World) -> None:
         world.create()
         with pytest.raises(InvalidCredentials):
-            run(world.service.verify_credentials("jane", "wrong password here"))
+            run(world.service.verify_credentials("jane", "wrong password here", source="10.0.0.1"))
         with pytest.raises(AccountNotActive):
-            run(world.service.verify_credentials("jane", PASSWORD))
+            run(world.service.verify_credentials("jane", PASSWORD, source="10.0.0.1"))
 
 
 class TestLookupAndDelete:
@@ -275,7 +295,9 @@ class TestLookupAndDelete:
         assert violated_fields(missing) == {"password"}
         with pytest.raises(InvalidCredentials):
             run(world.service.delete_user(user.id, password="not the password", caller=itself))
-        assert world.users.password_attempts[user.id][1] == 1
+        counted = [tally.count for _, kind, tally in world.throttles.tallies.values() if kind == "password"]
+        assert counted, "the wrong password was not counted"
+        assert set(counted) == {1}
         assert run(world.service.get_user(user.id)).id == user.id
         run(world.service.delete_user(user.id, password=PASSWORD, caller=itself))
         with pytest.raises(NotFound):
@@ -308,29 +330,79 @@ def test_activation_code_ttl_is_in_the_mail() -> None:
 
 
 class TestPasswordThrottling:
-    def test_past_the_cap_the_right_password_fails_too_until_the_window_passes(self) -> None:
-        """Ten tries per fifteen minutes; the eleventh is refused like a wrong password."""
-        world = World(AccountPolicy(password_max_attempts=10))
-        world.create()
-        run(world.service.activate_user("jane", world.last_code()))
-        for _ in range(10):
-            with pytest.raises(InvalidCredentials):
-                run(world.service.verify_credentials("jane", "wrong password here"))
-        with pytest.raises(InvalidCredentials) as throttled:
-            run(world.service.verify_credentials("jane", PASSWORD))
-        assert str(throttled.value) == "invalid credentials"
-        world.clock.advance(minutes=15, seconds=1)
-        assert run(world.service.verify_credentials("jane", PASSWORD)).username == "jane"
+    """Rising delays per account and source; an account-wide count for sources the owner never used."""
 
-    def test_a_success_resets_the_count(self) -> None:
-        world = World(AccountPolicy(password_max_attempts=3))
+    @staticmethod
+    def active_world(**policy: Any) -> World:
+        world = World(throttle=ThrottlePolicy(**policy))
         world.create()
         run(world.service.activate_user("jane", world.last_code()))
-        for _ in range(3):  # 2 wrong + 1 right, three times over: 9 tries in one window
-            for _ in range(2):
-                with pytest.raises(InvalidCredentials):
-                    run(world.service.verify_credentials("jane", "wrong password here"))
-            assert run(world.service.verify_credentials("jane", PASSWORD)).username == "jane"
+        return world
+
+    @staticmethod
+    def wrong(world: World, source: str) -> None:
+        with pytest.raises(InvalidCredentials):
+            run(world.service.verify_credentials("jane", "wrong password here", source=source))
+
+    def right(self, world: World, source: str) -> str:
+        return run(world.service.verify_credentials("jane", PASSWORD, source=source)).username
+
+    def test_past_the_free_tries_a_source_waits_a_doubling_delay(self) -> None:
+        world = self.active_world(free_attempts=3, first_delay=timedelta(seconds=1))
+        for _ in range(3):
+            self.wrong(world, "10.0.0.1")
+        with pytest.raises(TooManyAttempts) as throttled:
+            self.right(world, "10.0.0.1")  # even the right password waits
+        assert throttled.value.retry_after == timedelta(seconds=1)
+        world.clock.advance(seconds=1)
+        self.wrong(world, "10.0.0.1")  # the fourth failure: now two seconds
+        world.clock.advance(seconds=1)
+        with pytest.raises(TooManyAttempts) as throttled:
+            self.right(world, "10.0.0.1")
+        assert throttled.value.retry_after == timedelta(seconds=1)
+        world.clock.advance(seconds=1)
+        assert self.right(world, "10.0.0.1") == "jane"
+
+    def test_a_guesser_does_not_hold_the_owner_at_another_address(self) -> None:
+        world = self.active_world(free_attempts=3)
+        for _ in range(3):
+            self.wrong(world, "10.0.0.66")
+        assert self.right(world, "10.0.0.1") == "jane"
+
+    def test_many_addresses_are_slowed_account_wide_but_not_the_owners_known_address(self) -> None:
+        world = self.active_world(free_attempts=5, account_free_attempts=4)
+        assert self.right(world, "10.0.0.1") == "jane"  # the owner's usual address
+        for n in range(4):
+            self.wrong(world, f"10.9.0.{n}")
+        with pytest.raises(TooManyAttempts):
+            self.right(world, "10.9.0.200")  # a fifth new address waits
+        assert self.right(world, "10.0.0.1") == "jane"  # the owner's does not
+
+    def test_failures_are_forgotten_after_the_window_and_on_success(self) -> None:
+        world = self.active_world(free_attempts=2, window=timedelta(minutes=15))
+        for _ in range(2):
+            self.wrong(world, "10.0.0.1")
+        world.clock.advance(minutes=15, seconds=1)
+        self.wrong(world, "10.0.0.1")
+        assert self.right(world, "10.0.0.1") == "jane"
+        for _ in range(2):  # the success set the count back to zero
+            self.wrong(world, "10.0.0.1")
+
+    def test_a_completed_reset_forgets_every_failure(self) -> None:
+        world = self.active_world(free_attempts=2)
+        for _ in range(2):
+            self.wrong(world, "10.0.0.1")
+        user_id = next(iter(world.users.accounts))
+        run(world.service.owner_proved_mailbox(user_id, "10.0.0.1"))
+        assert self.right(world, "10.0.0.1") == "jane"
+
+    def test_unknown_accounts_are_throttled_alike(self) -> None:
+        world = self.active_world(free_attempts=2)
+        for _ in range(2):
+            with pytest.raises(InvalidCredentials):
+                run(world.service.verify_credentials("nobody", "wrong password here", source="10.0.0.1"))
+        with pytest.raises(TooManyAttempts):
+            run(world.service.verify_credentials("nobody", "wrong password here", source="10.0.0.1"))
 
 
 def test_common_passwords_are_refused_with_the_reason() -> None:
@@ -340,3 +412,16 @@ def test_common_passwords_are_refused_with_the_reason() -> None:
         world.create(password="Password1234")
     assert "common" in error.value.violations[0].description
     assert world.create(password="walnut harbour violin").username == "jane"
+
+
+def test_wrong_codes_do_not_use_up_the_token(world: World) -> None:
+    world.create()
+    token = world.last_token()
+    for wrong in ("000000", "000001", "000002", "000003", "000004", "000005"):
+        with pytest.raises(InvalidActivationCode):
+            run(world.service.activate_user("jane", wrong))
+    with pytest.raises(InvalidActivationCode):
+        run(world.service.activate_user("jane", "", token="not the token"))
+    assert run(world.service.activate_user("jane", "", token=token)).is_active
+    with pytest.raises(InvalidActivationCode):
+        run(world.service.activate_user("jane", "", token=token))

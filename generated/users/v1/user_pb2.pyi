@@ -85,9 +85,14 @@ class User(_message.Message):
     username: _builtins.str
     """3 to 32 characters of [A-Za-z0-9._-]; unique regardless of letter case."""
     first_name: _builtins.str
+    """first_name and last_name are text of the user's choosing: never put in
+    mail, which greets by username.
+    """
     last_name: _builtins.str
     email: _builtins.str
-    """Unique regardless of letter case."""
+    """A bare address, its domain in IDNA A-label form (jane@xn--bcher-kva.example
+    for jane@bücher.example); unique after NFKC normalization and case folding.
+    """
     gender: Global___Gender.ValueType
     role: Global___Role.ValueType
     is_active: _builtins.bool

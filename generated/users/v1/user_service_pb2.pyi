@@ -36,11 +36,18 @@ class CreateUserRequest(_message.Message):
     username: _builtins.str
     """Required. 3 to 32 characters of [A-Za-z0-9._-]."""
     first_name: _builtins.str
-    """Required. 1 to 100 characters."""
+    """Required. 1 to 100 characters; no control or format characters and no
+    line or paragraph separators.
+    """
     last_name: _builtins.str
-    """Required. 1 to 100 characters."""
+    """Required. 1 to 100 characters, as first_name."""
     email: _builtins.str
-    """Required. An address of at most 254 characters."""
+    """Required. A bare address of at most 254 characters: local@domain, the
+    local part ASCII and unquoted (at most 64 characters, no "=?"), no display
+    name, comment, list or IP literal. Stored with the domain lower-cased and
+    in IDNA A-label form (jane@bücher.example becomes
+    jane@xn--bcher-kva.example); the mail goes to exactly that address.
+    """
     password: _builtins.str
     """Required. 12 to 128 characters (the minimum is configurable); must not
     contain the username or the email's local part.
@@ -99,19 +106,23 @@ class ActivateUserRequest(_message.Message):
 
     IDENTIFIER_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     identifier: _builtins.str
     """Required. The username or email."""
     code: _builtins.str
-    """Required. The code from the activation email."""
+    """The 6-digit code from the activation email. Required unless token is set."""
+    token: _builtins.str
+    """Instead of code: the token from the same email (at most 128 characters)."""
     def __init__(
         self,
         *,
         identifier: _builtins.str = ...,
         code: _builtins.str = ...,
+        token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "identifier", b"identifier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "identifier", b"identifier", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -345,9 +356,14 @@ class VerifyCredentialsRequest(_message.Message):
     password: _builtins.str
     """Required."""
     totp_code: _builtins.str
-    """With MFA on: the 6-digit code of the authenticator app (or recovery_code)."""
+    """With MFA on: the 6-digit code of the authenticator app (or recovery_code).
+    ASCII digits only: anything else is INVALID_ARGUMENT and spends no attempt.
+    """
     recovery_code: _builtins.str
-    """With MFA on: one of the recovery codes, instead of totp_code. Works once."""
+    """With MFA on: one of the recovery codes, instead of totp_code. Works once.
+    ASCII letters and digits, dashes or spaces optional, in any letter case;
+    anything else is INVALID_ARGUMENT and spends no attempt.
+    """
     def __init__(
         self,
         *,
@@ -399,9 +415,14 @@ class AuthenticateRequest(_message.Message):
     password: _builtins.str
     """Required."""
     totp_code: _builtins.str
-    """With MFA on: the 6-digit code of the authenticator app (or recovery_code)."""
+    """With MFA on: the 6-digit code of the authenticator app (or recovery_code).
+    ASCII digits only: anything else is INVALID_ARGUMENT and spends no attempt.
+    """
     recovery_code: _builtins.str
-    """With MFA on: one of the recovery codes, instead of totp_code. Works once."""
+    """With MFA on: one of the recovery codes, instead of totp_code. Works once.
+    ASCII letters and digits, dashes or spaces optional, in any letter case;
+    anything else is INVALID_ARGUMENT and spends no attempt.
+    """
     def __init__(
         self,
         *,
@@ -431,7 +452,7 @@ class AuthenticateResponse(_message.Message):
     access_token: _builtins.str
     """Send as `authorization: Bearer <access_token>`."""
     refresh_token: _builtins.str
-    """Keep secret; it works once, in RefreshSession."""
+    """Keep secret; it works once, in RefreshSession. Opaque: its form may change."""
     session_id: _builtins.str
     @_builtins.property
     def user(self) -> _user_pb2.User: ...
@@ -976,7 +997,10 @@ class DisableMfaRequest(_message.Message):
     password: _builtins.str
     """Required."""
     code: _builtins.str
-    """Required. A TOTP code or a recovery code."""
+    """Required. A TOTP code (6 ASCII digits) or a recovery code (ASCII letters and
+    digits, dashes or spaces optional). Anything else is INVALID_ARGUMENT and
+    spends no attempt.
+    """
     def __init__(
         self,
         *,
@@ -1016,7 +1040,10 @@ class RegenerateRecoveryCodesRequest(_message.Message):
     user_id: _builtins.str
     """Required. 24 hexadecimal digits."""
     code: _builtins.str
-    """Required. A TOTP code or a recovery code."""
+    """Required. A TOTP code (6 ASCII digits) or a recovery code (ASCII letters and
+    digits, dashes or spaces optional). Anything else is INVALID_ARGUMENT and
+    spends no attempt.
+    """
     def __init__(
         self,
         *,

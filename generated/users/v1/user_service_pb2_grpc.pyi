@@ -30,16 +30,28 @@ class UserServiceStub:
     """Accounts of people: registration, activation, lookup, credential checks and deletion.
 
     Errors carry a canonical status code. Invalid input is INVALID_ARGUMENT with a
-    google.rpc.BadRequest detail naming each offending field. A database outage is
-    UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
+    google.rpc.BadRequest detail naming each offending field; bytes that do not
+    parse as the request message are INVALID_ARGUMENT "malformed request". A
+    database outage is UNAVAILABLE (safe to retry); no RPC answers INTERNAL for
+    anything a caller did. Any RPC may answer RESOURCE_EXHAUSTED when the server
+    has USERS_MAX_CONCURRENT_RPCS calls of this service in progress; its
+    google.rpc.RetryInfo detail says how long to wait before retrying. Health
+    checks (grpc.health.v1) and reflection never count against that cap.
 
     Access: the "Callers" line of each RPC states who may call it. "anyone" needs
     no credentials. Others present `authorization: Bearer <access token>` from
     Authenticate ("the user themself" means the token's subject is the user the
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
-    caller": an internal service whose mTLS client certificate names an identity
-    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    caller": an internal service whose mTLS client certificate has a URI SAN (a
+    SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
+    other SANs never count). A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
+    address wait a rising delay, per account: other addresses are not held),
+    RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
+    address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
 
     @_typing.overload
@@ -52,14 +64,18 @@ class UserServiceStub:
     The user is created inactive and an activation code is emailed to them.
     Callers: anyone; asking for ROLE_ADMIN requires an admin (else
     PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
-    username or email, compared regardless of letter case, is taken; the
+    username or email, compared after NFKC normalization and case folding, is taken; the
     google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
     """
     ActivateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ActivateUserRequest, _user_service_pb2.ActivateUserResponse]
-    """Activate a user with the emailed code
+    """Activate a user with the emailed code or token
 
-    A code works once, expires, and dies after a few wrong guesses.
-    Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
+    The email carries a 6-digit code and a long token; send either. A code
+    works once, expires, and dies after a few wrong guesses. The token works
+    once and cannot be guessed, so it has no guess cap and lasts longer (24
+    hours by default, more than the resend window): a stranger guessing at
+    codes or asking for resends cannot keep the mailbox's owner from
+    activating with the newest mail. Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
     wrong, expired or used up, or the account does not exist or is active
     already: one answer for all, so it tells nothing about the account),
     UNAVAILABLE.
@@ -80,7 +96,9 @@ class UserServiceStub:
     GetUserByIdentifier: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetUserByIdentifierRequest, _user_service_pb2.GetUserByIdentifierResponse]
     """Get an active user by username or email
 
-    Letter case does not matter. Inactive users are not found.
+    Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
+    KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
+    as its IDNA A-label. Inactive users are not found.
     Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
@@ -106,10 +124,13 @@ class UserServiceStub:
 
     An unknown account and a wrong password get the same status, message and
     timing. An inactive account is reported only after the right password.
-    Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+    Callers: a machine caller or an admin; a machine caller checking on behalf
+    of an end user passes the user's address in `x-forwarded-for`, which the
+    password throttle keys on. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (unknown account or wrong password; or the caller's own
     credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-    password, account not activated), UNAVAILABLE.
+    password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+    OVERLOADED), UNAVAILABLE.
 
     With MFA on, the password alone is never enough: send totp_code or
     recovery_code too. Without either, the answer (after the right password
@@ -124,22 +145,33 @@ class UserServiceStub:
     as VerifyCredentials for unknown accounts and wrong passwords, and the
     same second-factor rules.
     Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+    FAILED_PRECONDITION (right password, account not activated),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
     """
     RefreshSession: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RefreshSessionRequest, _user_service_pb2.RefreshSessionResponse]
     """Trade a refresh token for a new pair
 
     The presented token is used up. Presenting a used-up token again is
     treated as theft: the whole session is revoked. The session's absolute
-    expiry never moves.
+    expiry never moves. A token the service did not issue, even one naming a
+    real session, is refused and changes nothing.
+
+    Replay detection cannot tell a thief from a retry: a client that retries
+    RefreshSession after a lost reply (a timeout, a dropped connection)
+    presents a used-up token and loses its session, by design; so does the
+    loser of two concurrent refreshes with one token. Clients must never
+    retry a refresh blindly, must serialise their refreshes (one at a time
+    per session, each with the newest token), and after UNAUTHENTICATED must
+    sign in again with Authenticate.
     Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
     """
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RevokeSessionRequest, _user_service_pb2.RevokeSessionResponse]
     """Sign out: revoke the session of a refresh token
 
-    Its access tokens stay valid until they expire (at most the configured
-    access-token lifetime); RevokeAllSessions ends those at once too.
+    Any refresh token the session issued will do, the current one or an
+    earlier one. Its access tokens stay valid until they expire (at most the
+    configured access-token lifetime); RevokeAllSessions ends those at once too.
     Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
     UNAVAILABLE. An unknown token is not an error.
     """
@@ -197,7 +229,8 @@ class UserServiceStub:
     token dies, and a notice is mailed. The change and its notice are one
     step: a call cut short leaves both or neither.
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-    (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+    (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
+    (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
     """
     EnableMfa: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.EnableMfaRequest, _user_service_pb2.EnableMfaResponse]
     """Start a TOTP enrollment, with the current password
@@ -253,16 +286,28 @@ class UserServiceAsyncStub(UserServiceStub):
     """Accounts of people: registration, activation, lookup, credential checks and deletion.
 
     Errors carry a canonical status code. Invalid input is INVALID_ARGUMENT with a
-    google.rpc.BadRequest detail naming each offending field. A database outage is
-    UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
+    google.rpc.BadRequest detail naming each offending field; bytes that do not
+    parse as the request message are INVALID_ARGUMENT "malformed request". A
+    database outage is UNAVAILABLE (safe to retry); no RPC answers INTERNAL for
+    anything a caller did. Any RPC may answer RESOURCE_EXHAUSTED when the server
+    has USERS_MAX_CONCURRENT_RPCS calls of this service in progress; its
+    google.rpc.RetryInfo detail says how long to wait before retrying. Health
+    checks (grpc.health.v1) and reflection never count against that cap.
 
     Access: the "Callers" line of each RPC states who may call it. "anyone" needs
     no credentials. Others present `authorization: Bearer <access token>` from
     Authenticate ("the user themself" means the token's subject is the user the
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
-    caller": an internal service whose mTLS client certificate names an identity
-    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    caller": an internal service whose mTLS client certificate has a URI SAN (a
+    SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
+    other SANs never count). A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
+    address wait a rising delay, per account: other addresses are not held),
+    RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
+    address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -272,14 +317,18 @@ class UserServiceAsyncStub(UserServiceStub):
     The user is created inactive and an activation code is emailed to them.
     Callers: anyone; asking for ROLE_ADMIN requires an admin (else
     PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
-    username or email, compared regardless of letter case, is taken; the
+    username or email, compared after NFKC normalization and case folding, is taken; the
     google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
     """
     ActivateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ActivateUserRequest, _user_service_pb2.ActivateUserResponse]  # type: ignore[assignment]
-    """Activate a user with the emailed code
+    """Activate a user with the emailed code or token
 
-    A code works once, expires, and dies after a few wrong guesses.
-    Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
+    The email carries a 6-digit code and a long token; send either. A code
+    works once, expires, and dies after a few wrong guesses. The token works
+    once and cannot be guessed, so it has no guess cap and lasts longer (24
+    hours by default, more than the resend window): a stranger guessing at
+    codes or asking for resends cannot keep the mailbox's owner from
+    activating with the newest mail. Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
     wrong, expired or used up, or the account does not exist or is active
     already: one answer for all, so it tells nothing about the account),
     UNAVAILABLE.
@@ -300,7 +349,9 @@ class UserServiceAsyncStub(UserServiceStub):
     GetUserByIdentifier: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserByIdentifierRequest, _user_service_pb2.GetUserByIdentifierResponse]  # type: ignore[assignment]
     """Get an active user by username or email
 
-    Letter case does not matter. Inactive users are not found.
+    Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
+    KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
+    as its IDNA A-label. Inactive users are not found.
     Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
@@ -326,10 +377,13 @@ class UserServiceAsyncStub(UserServiceStub):
 
     An unknown account and a wrong password get the same status, message and
     timing. An inactive account is reported only after the right password.
-    Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+    Callers: a machine caller or an admin; a machine caller checking on behalf
+    of an end user passes the user's address in `x-forwarded-for`, which the
+    password throttle keys on. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (unknown account or wrong password; or the caller's own
     credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-    password, account not activated), UNAVAILABLE.
+    password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+    OVERLOADED), UNAVAILABLE.
 
     With MFA on, the password alone is never enough: send totp_code or
     recovery_code too. Without either, the answer (after the right password
@@ -344,22 +398,33 @@ class UserServiceAsyncStub(UserServiceStub):
     as VerifyCredentials for unknown accounts and wrong passwords, and the
     same second-factor rules.
     Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+    FAILED_PRECONDITION (right password, account not activated),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
     """
     RefreshSession: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RefreshSessionRequest, _user_service_pb2.RefreshSessionResponse]  # type: ignore[assignment]
     """Trade a refresh token for a new pair
 
     The presented token is used up. Presenting a used-up token again is
     treated as theft: the whole session is revoked. The session's absolute
-    expiry never moves.
+    expiry never moves. A token the service did not issue, even one naming a
+    real session, is refused and changes nothing.
+
+    Replay detection cannot tell a thief from a retry: a client that retries
+    RefreshSession after a lost reply (a timeout, a dropped connection)
+    presents a used-up token and loses its session, by design; so does the
+    loser of two concurrent refreshes with one token. Clients must never
+    retry a refresh blindly, must serialise their refreshes (one at a time
+    per session, each with the newest token), and after UNAUTHENTICATED must
+    sign in again with Authenticate.
     Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
     """
     RevokeSession: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RevokeSessionRequest, _user_service_pb2.RevokeSessionResponse]  # type: ignore[assignment]
     """Sign out: revoke the session of a refresh token
 
-    Its access tokens stay valid until they expire (at most the configured
-    access-token lifetime); RevokeAllSessions ends those at once too.
+    Any refresh token the session issued will do, the current one or an
+    earlier one. Its access tokens stay valid until they expire (at most the
+    configured access-token lifetime); RevokeAllSessions ends those at once too.
     Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
     UNAVAILABLE. An unknown token is not an error.
     """
@@ -417,7 +482,8 @@ class UserServiceAsyncStub(UserServiceStub):
     token dies, and a notice is mailed. The change and its notice are one
     step: a call cut short leaves both or neither.
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-    (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+    (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
+    (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
     """
     EnableMfa: _aio.UnaryUnaryMultiCallable[_user_service_pb2.EnableMfaRequest, _user_service_pb2.EnableMfaResponse]  # type: ignore[assignment]
     """Start a TOTP enrollment, with the current password
@@ -472,16 +538,28 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounts of people: registration, activation, lookup, credential checks and deletion.
 
     Errors carry a canonical status code. Invalid input is INVALID_ARGUMENT with a
-    google.rpc.BadRequest detail naming each offending field. A database outage is
-    UNAVAILABLE (safe to retry); no RPC answers INTERNAL for anything a caller did.
+    google.rpc.BadRequest detail naming each offending field; bytes that do not
+    parse as the request message are INVALID_ARGUMENT "malformed request". A
+    database outage is UNAVAILABLE (safe to retry); no RPC answers INTERNAL for
+    anything a caller did. Any RPC may answer RESOURCE_EXHAUSTED when the server
+    has USERS_MAX_CONCURRENT_RPCS calls of this service in progress; its
+    google.rpc.RetryInfo detail says how long to wait before retrying. Health
+    checks (grpc.health.v1) and reflection never count against that cap.
 
     Access: the "Callers" line of each RPC states who may call it. "anyone" needs
     no credentials. Others present `authorization: Bearer <access token>` from
     Authenticate ("the user themself" means the token's subject is the user the
     request names; "an admin" means a token with ROLE_ADMIN), or are a "machine
-    caller": an internal service whose mTLS client certificate names an identity
-    listed in USERS_MACHINE_IDENTITIES. A missing or invalid credential is
+    caller": an internal service whose mTLS client certificate has a URI SAN (a
+    SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
+    other SANs never count). A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
+    ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords from this source
+    address wait a rising delay, per account: other addresses are not held),
+    RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
+    address) or OVERLOADED (the password-hashing queue is full; refused at once).
     """
 
     @_abc_1.abstractmethod
@@ -495,7 +573,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         The user is created inactive and an activation code is emailed to them.
         Callers: anyone; asking for ROLE_ADMIN requires an admin (else
         PERMISSION_DENIED). Errors: INVALID_ARGUMENT, ALREADY_EXISTS (the
-        username or email, compared regardless of letter case, is taken; the
+        username or email, compared after NFKC normalization and case folding, is taken; the
         google.rpc.ErrorInfo metadata names the field), PERMISSION_DENIED, UNAVAILABLE.
         """
 
@@ -505,10 +583,14 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.ActivateUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.ActivateUserResponse, _abc.Awaitable[_user_service_pb2.ActivateUserResponse]]:
-        """Activate a user with the emailed code
+        """Activate a user with the emailed code or token
 
-        A code works once, expires, and dies after a few wrong guesses.
-        Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
+        The email carries a 6-digit code and a long token; send either. A code
+        works once, expires, and dies after a few wrong guesses. The token works
+        once and cannot be guessed, so it has no guess cap and lasts longer (24
+        hours by default, more than the resend window): a stranger guessing at
+        codes or asking for resends cannot keep the mailbox's owner from
+        activating with the newest mail. Callers: anyone. Errors: INVALID_ARGUMENT (malformed input; or the code is
         wrong, expired or used up, or the account does not exist or is active
         already: one answer for all, so it tells nothing about the account),
         UNAVAILABLE.
@@ -547,7 +629,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.GetUserByIdentifierResponse, _abc.Awaitable[_user_service_pb2.GetUserByIdentifierResponse]]:
         """Get an active user by username or email
 
-        Letter case does not matter. Inactive users are not found.
+        Letter case and Unicode compatibility forms (NFKC: fullwidth letters, the
+        KELVIN SIGN) do not matter; an email's domain may be given in Unicode or
+        as its IDNA A-label. Inactive users are not found.
         Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
         """
@@ -591,10 +675,13 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         An unknown account and a wrong password get the same status, message and
         timing. An inactive account is reported only after the right password.
-        Callers: a machine caller or an admin. Errors: INVALID_ARGUMENT,
+        Callers: a machine caller or an admin; a machine caller checking on behalf
+        of an end user passes the user's address in `x-forwarded-for`, which the
+        password throttle keys on. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED (unknown account or wrong password; or the caller's own
         credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
-        password, account not activated), UNAVAILABLE.
+        password, account not activated), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
+        OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
         recovery_code too. Without either, the answer (after the right password
@@ -615,7 +702,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         as VerifyCredentials for unknown accounts and wrong passwords, and the
         same second-factor rules.
         Callers: anyone. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        FAILED_PRECONDITION (right password, account not activated), UNAVAILABLE.
+        FAILED_PRECONDITION (right password, account not activated),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -628,7 +716,16 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         The presented token is used up. Presenting a used-up token again is
         treated as theft: the whole session is revoked. The session's absolute
-        expiry never moves.
+        expiry never moves. A token the service did not issue, even one naming a
+        real session, is refused and changes nothing.
+
+        Replay detection cannot tell a thief from a retry: a client that retries
+        RefreshSession after a lost reply (a timeout, a dropped connection)
+        presents a used-up token and loses its session, by design; so does the
+        loser of two concurrent refreshes with one token. Clients must never
+        retry a refresh blindly, must serialise their refreshes (one at a time
+        per session, each with the newest token), and after UNAUTHENTICATED must
+        sign in again with Authenticate.
         Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED (unknown, used-up, revoked or expired), UNAVAILABLE.
         """
@@ -641,8 +738,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.RevokeSessionResponse, _abc.Awaitable[_user_service_pb2.RevokeSessionResponse]]:
         """Sign out: revoke the session of a refresh token
 
-        Its access tokens stay valid until they expire (at most the configured
-        access-token lifetime); RevokeAllSessions ends those at once too.
+        Any refresh token the session issued will do, the current one or an
+        earlier one. Its access tokens stay valid until they expire (at most the
+        configured access-token lifetime); RevokeAllSessions ends those at once too.
         Callers: anyone holding the refresh token. Errors: INVALID_ARGUMENT,
         UNAVAILABLE. An unknown token is not an error.
         """
@@ -742,7 +840,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         token dies, and a notice is mailed. The change and its notice are one
         step: a call cut short leaves both or neither.
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
-        (wrong current password), PERMISSION_DENIED, UNAVAILABLE.
+        (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
+        (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod

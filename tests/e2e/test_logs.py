@@ -1,0 +1,72 @@
+"""Security-relevant log lines say where a call came from and, where known, which user and
+session: refusals, throttles and replays can be traced; no secret is ever in them."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+import pytest
+
+from tests.conftest import MailSink, RunningServer
+from tests.e2e.helpers import PASSWORD, rpc_error
+from tests.e2e.test_sessions import refresh_status, signed_up
+from users.v1 import user_service_pb2 as pb
+from users_grpc.logs import JsonFormatter
+
+WRONG_PASSWORD = "not the password at all"
+
+
+def test_security_log_lines_carry_source_user_and_session_but_no_secret(
+    server: RunningServer, mail: MailSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    session = signed_up(server, mail)
+    code = mail.code_for("jane@example.com")
+    own = server.stub_for(session.access_token)
+    assert rpc_error(server.anonymous.GetUser, pb.GetUserRequest(id=session.user.id)).code() == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert rpc_error(own.GetUser, pb.GetUserRequest(id=server.admin_id)).code() == grpc.StatusCode.PERMISSION_DENIED
+    wrong = pb.AuthenticateRequest(identifier="jane", password=WRONG_PASSWORD)
+    assert rpc_error(server.anonymous.Authenticate, wrong).code() == grpc.StatusCode.UNAUTHENTICATED
+    rotated = server.anonymous.RefreshSession(pb.RefreshSessionRequest(refresh_token=session.refresh_token))
+    assert refresh_status(server, session.refresh_token) == grpc.StatusCode.UNAUTHENTICATED  # a replay
+
+    records = [record for record in caplog.records if record.name != "mail.log"]  # the test's own SMTP server
+    refusals = {record.reason: record for record in records if record.getMessage() == "rpc refused"}  # type: ignore[attr-defined]
+    # No token: nobody known, but where the call came from is.
+    assert refusals["UNAUTHENTICATED"].source == "127.0.0.1"  # type: ignore[attr-defined]
+    # A token the rule does not admit: who it was too.
+    denied = refusals["PERMISSION_DENIED"]
+    assert (denied.source, denied.caller_user_id, denied.caller_session_id) == (  # type: ignore[attr-defined]
+        "127.0.0.1",
+        session.user.id,
+        session.session_id,
+    )
+    [refused_password] = [r for r in records if r.getMessage() == "credentials refused"]
+    assert (refused_password.source, refused_password.user_id) == ("127.0.0.1", session.user.id)  # type: ignore[attr-defined]
+    [replay] = [r for r in records if r.getMessage().startswith("refresh token replayed")]
+    assert replay.levelno == logging.WARNING
+    assert (replay.source, replay.user_id, replay.session_id) == (  # type: ignore[attr-defined]
+        "127.0.0.1",
+        session.user.id,
+        session.session_id,
+    )
+    # The JSON lines the service writes carry the same fields.
+    line = json.loads(JsonFormatter().format(replay))
+    assert (line["source"], line["user_id"], line["session_id"]) == ("127.0.0.1", session.user.id, session.session_id)
+
+    logged = "\n".join(f"{record.getMessage()} {vars(record)}" for record in records)
+    secrets = [
+        PASSWORD,
+        WRONG_PASSWORD,
+        code,
+        session.access_token,
+        session.refresh_token,
+        rotated.access_token,
+        rotated.refresh_token,
+    ]
+    for secret in secrets:
+        assert secret not in logged, [line for line in logged.splitlines() if secret in line][:1]

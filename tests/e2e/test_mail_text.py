@@ -1,0 +1,49 @@
+"""Mails carry no text a stranger chose: they greet by username, and names refuse line breaks.
+
+Through a real channel, server, database and SMTP server.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from tests.conftest import MailSink, RunningServer
+from tests.e2e.helpers import create_request, rpc_error, stored_users, violated_fields
+from tests.e2e.test_operations import wait_until
+from tests.e2e.test_recovery import reset, reset_token
+from users.v1 import user_service_pb2 as pb
+
+PHISHING_NAME = "Jane\u2028\u2028Security notice: your account is locked, confirm at https://evil.example/x"
+BAD_NAMES = [
+    PHISHING_NAME,
+    "Jane\u2029Doe",  # PARAGRAPH SEPARATOR
+    "Jane\nDoe",
+    "Jane\x85Doe",  # NEXT LINE
+    "Jane\u200bDoe",  # ZERO WIDTH SPACE
+    "Jane\u202eeoD",  # RIGHT-TO-LEFT OVERRIDE
+]
+
+
+def test_names_refuse_line_breaks_and_format_characters(server: RunningServer, mongodb_uri: str) -> None:
+    for field in ("first_name", "last_name"):
+        for name in BAD_NAMES:
+            error = rpc_error(server.anonymous.CreateUser, create_request(**{field: name}))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, name)
+            assert violated_fields(error) == {field}, (field, name)
+    assert stored_users(mongodb_uri, server.settings.mongodb_database, role="user") == []
+
+
+def test_mails_greet_by_username_and_carry_no_name(server: RunningServer, mail: MailSink) -> None:
+    """Activation, reset and the notice after a reset: none holds the first or last name."""
+    server.anonymous.CreateUser(create_request(first_name="Zed", last_name="Quux"))
+    code = mail.code_for("jane@example.com")
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=code))
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    reset(server, reset_token(mail, "jane@example.com"))
+    wait_until(lambda: len(mail.messages) >= 3, what="the notice of the reset")
+    bodies = {m["Subject"]: m.get_content() for m in mail.messages}
+    assert set(bodies) == {"Your activation code", "Reset your password", "Your password was reset"}
+    for subject, body in bodies.items():
+        assert body.splitlines()[0] == "Hello jane,", subject
+        assert "Zed" not in body, subject
+        assert "Quux" not in body, subject

@@ -1,0 +1,301 @@
+"""Guessing, floods and timing, through real channels: what a stranger cannot do to an owner.
+
+Calls from another loopback address (127.0.0.2, ...) go through a relay whose upstream
+socket is bound to that address, so the server sees a different peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.conftest import MailSink, RunningServer, StartServer
+from tests.e2e.helpers import (
+    PASSWORD,
+    SourceAddressRelay,
+    create_request,
+    error_info,
+    retry_delay,
+    rpc_error,
+    violated_fields,
+)
+from tests.fakes import FakeClock
+from users.v1 import user_service_pb2 as pb
+from users.v1 import user_service_pb2_grpc
+
+WRONG = "not the password at all"
+NEW_PASSWORD = "a brand new passphrase"
+
+
+@pytest.fixture
+def from_address() -> Iterator[Callable[[RunningServer, str], user_service_pb2_grpc.UserServiceStub]]:
+    """Anonymous stubs whose calls reach the server from the given loopback address."""
+    opened: list[tuple[SourceAddressRelay, grpc.Channel]] = []
+
+    def stub(server: RunningServer, host: str) -> user_service_pb2_grpc.UserServiceStub:
+        relay = SourceAddressRelay(server.address, host)
+        channel = grpc.insecure_channel(relay.address)
+        opened.append((relay, channel))
+        return user_service_pb2_grpc.UserServiceStub(channel)
+
+    yield stub
+    for relay, channel in opened:
+        channel.close()
+        relay.close()
+
+
+def active_user(server: RunningServer, mail: MailSink, username: str = "jane") -> str:
+    email = f"{username}@example.com"
+    user = server.stub.CreateUser(create_request(username=username, email=email)).user
+    server.stub.ActivateUser(pb.ActivateUserRequest(identifier=username, code=mail.code_for(email)))
+    return user.id
+
+
+def sign_in(stub: user_service_pb2_grpc.UserServiceStub, password: str, identifier: str = "jane") -> Any:
+    return stub.Authenticate(pb.AuthenticateRequest(identifier=identifier, password=password))
+
+
+def refused(stub: user_service_pb2_grpc.UserServiceStub, password: str, identifier: str = "jane") -> grpc.RpcError:
+    return rpc_error(stub.Authenticate, pb.AuthenticateRequest(identifier=identifier, password=password))
+
+
+def test_a_guesser_at_one_address_does_not_keep_the_owner_out_at_another(
+    server: RunningServer, mail: MailSink, from_address: Any
+) -> None:
+    active_user(server, mail)
+    for _ in range(server.settings.password_free_attempts):
+        assert refused(server.anonymous, WRONG).code() == grpc.StatusCode.UNAUTHENTICATED
+    held = refused(server.anonymous, PASSWORD)  # the guesser's address now waits, right password or not
+    assert held.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(held).reason == "TOO_MANY_ATTEMPTS"
+    assert 0 < retry_delay(held) <= 1
+    assert sign_in(from_address(server, "127.0.0.2"), PASSWORD).user.username == "jane"
+
+
+def test_after_a_completed_reset_the_owner_signs_in_at_once(
+    server: RunningServer, mail: MailSink, from_address: Any
+) -> None:
+    active_user(server, mail)
+    guesser = from_address(server, "127.0.0.3")
+    for _ in range(server.settings.password_free_attempts + 1):
+        refused(guesser, WRONG)
+    assert refused(guesser, PASSWORD).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    guesser.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    body = mail.wait_for("jane@example.com", 2)[1].get_content()
+    token = re.search(r"new password: (\S+)", body)
+    assert token, body
+    guesser.ResetPassword(
+        pb.ResetPasswordRequest(token=token.group(1), new_password=NEW_PASSWORD, new_password_confirmation=NEW_PASSWORD)
+    )
+    assert sign_in(guesser, NEW_PASSWORD).user.username == "jane"
+
+
+def test_parallel_guesses_cannot_exceed_the_free_tries(server: RunningServer, mail: MailSink) -> None:
+    active_user(server, mail)
+    request = pb.AuthenticateRequest(identifier="jane", password=WRONG)
+    futures = [server.anonymous.Authenticate.future(request) for _ in range(16)]
+    codes = [future.exception(timeout=30).code() for future in futures]  # type: ignore[union-attr]
+    assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    # Each try is counted before its hash is compared: no more than the free tries reach a comparison.
+    assert 1 <= codes.count(grpc.StatusCode.UNAUTHENTICATED) <= server.settings.password_free_attempts
+
+
+def test_guesses_from_many_addresses_are_held_account_wide_but_not_at_the_owners_address(
+    start_server: StartServer, mail: MailSink, from_address: Any
+) -> None:
+    server = start_server(password_free_attempts=2, password_account_free_attempts=3)
+    active_user(server, mail)
+    assert sign_in(server.anonymous, PASSWORD).user.username == "jane"  # the owner's usual address
+    for host, tries in (("127.0.0.4", 2), ("127.0.0.5", 1)):
+        stub = from_address(server, host)
+        for _ in range(tries):
+            assert refused(stub, WRONG).code() == grpc.StatusCode.UNAUTHENTICATED
+    newcomer = refused(from_address(server, "127.0.0.6"), PASSWORD)
+    assert newcomer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert sign_in(server.anonymous, PASSWORD).user.username == "jane"
+
+
+def test_a_hashing_flood_is_refused_at_once_and_refused_tries_do_not_count(
+    start_server: StartServer, mail: MailSink
+) -> None:
+    server = start_server(hash_workers=1, hash_queue_length=2, bcrypt_rounds=12, password_free_attempts=100)
+    user_id = active_user(server, mail)
+    request = pb.AuthenticateRequest(identifier="jane", password=WRONG)
+    futures = [server.anonymous.Authenticate.future(request, timeout=30) for _ in range(24)]
+    errors = [future.exception(timeout=60) for future in futures]
+    codes = [error.code() for error in errors]  # type: ignore[union-attr]
+    assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    overloaded = [e for e in errors if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]  # type: ignore[union-attr]
+    # Refused by the full queue, or (a few) for losing the race to count against the same tally.
+    reasons = [error_info(e).reason for e in overloaded]  # type: ignore[arg-type]
+    assert "OVERLOADED" in reasons
+    assert set(reasons) <= {"OVERLOADED", "TOO_MANY_ATTEMPTS"}, reasons
+    assert all(retry_delay(e) > 0 for e in overloaded)  # type: ignore[arg-type]
+    # Only the tries that reached a comparison count against the account.
+    tally = server.call(server.app.throttles.get([f"password:{user_id}:127.0.0.1"]))
+    assert tally[f"password:{user_id}:127.0.0.1"].count == codes.count(grpc.StatusCode.UNAUTHENTICATED)
+    assert sign_in(server.anonymous, PASSWORD).user.username == "jane"
+
+
+def test_costly_anonymous_calls_are_limited_per_source(
+    start_server: StartServer, mail: MailSink, from_address: Any
+) -> None:
+    server = start_server(rate_limit_requests=4)  # the fixture's own admin sign-in takes one
+    forgot = pb.ForgotPasswordRequest(identifier="nobody")
+    for _ in range(3):
+        server.anonymous.ForgotPassword(forgot)
+    limited = rpc_error(server.anonymous.Authenticate, pb.AuthenticateRequest(identifier="x", password=WRONG))
+    assert limited.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(limited).reason == "RATE_LIMITED"
+    assert 0 < retry_delay(limited) <= server.settings.rate_limit_window_seconds
+    from_address(server, "127.0.0.7").ForgotPassword(forgot)  # another address has its own share
+    server.stub.CreateUser(create_request())  # an admin's calls are not anonymous
+
+
+TIMED_PAIRS = 30
+
+
+def median_ratio(unknown: Callable[[], object], existing: Callable[[], object]) -> float:
+    """Median time of ``unknown`` over median time of ``existing``, over interleaved pairs.
+
+    Each pair runs in the other order from the one before, so neither side always goes first.
+    """
+    times: dict[str, list[float]] = {"unknown": [], "existing": []}
+    order = [("existing", existing), ("unknown", unknown)]
+    for _ in range(TIMED_PAIRS):
+        order.reverse()
+        for name, call in order:
+            started = time.perf_counter()
+            with contextlib.suppress(grpc.RpcError):
+                call()
+            times[name].append(time.perf_counter() - started)
+    return statistics.median(times["unknown"]) / statistics.median(times["existing"])
+
+
+def test_timing_does_not_tell_whether_an_account_exists(start_server: StartServer, mail: MailSink) -> None:
+    """Unknown over existing, median of 30 interleaved pairs, within 0.9 to 1.1 for every anonymous probe."""
+    server = start_server(password_free_attempts=100, password_account_free_attempts=100, reply_floor_seconds=0.1)
+    active_user(server, mail)
+    server.stub.CreateUser(create_request(username="pending", email="pending@example.com"))
+    anonymous, admin = server.anonymous, server.stub
+
+    def probes(identifier: str) -> dict[str, Callable[[], object]]:
+        return {
+            "Authenticate": lambda: anonymous.Authenticate(
+                pb.AuthenticateRequest(identifier=identifier, password=WRONG)
+            ),
+            "VerifyCredentials": lambda: admin.VerifyCredentials(
+                pb.VerifyCredentialsRequest(identifier=identifier, password=WRONG)
+            ),
+            "ForgotPassword": lambda: anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier=identifier)),
+        }
+
+    def pending_probes(identifier: str) -> dict[str, Callable[[], object]]:
+        return {
+            "ActivateUser": lambda: anonymous.ActivateUser(
+                pb.ActivateUserRequest(identifier=identifier, code="000000")
+            ),
+            "ResendActivationCode": lambda: anonymous.ResendActivationCode(
+                pb.ResendActivationCodeRequest(identifier=identifier)
+            ),
+        }
+
+    ratios = {}
+    for existing, unknown in (
+        (probes("jane"), probes("nobody")),
+        (pending_probes("pending"), pending_probes("nobody")),
+    ):
+        for name in existing:
+            ratios[name] = median_ratio(unknown[name], existing[name])
+    assert all(0.9 <= ratio <= 1.1 for ratio in ratios.values()), ratios
+
+
+def test_the_hashing_queue_keeps_the_owner_answered_under_an_anonymous_flood(
+    start_server: StartServer, mail: MailSink, from_address: Any
+) -> None:
+    """A flood of unknown-name sign-ins from many connections: the owner is answered, never UNAVAILABLE."""
+    server = start_server(hash_workers=1, hash_queue_length=4, bcrypt_rounds=12)
+    active_user(server, mail)
+    flood = pb.AuthenticateRequest(identifier="nobody", password=WRONG)
+    stubs = [from_address(server, f"127.0.1.{n}") for n in range(1, 9)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        flooding = [pool.submit(rpc_error, stub.Authenticate, flood) for stub in stubs for _ in range(4)]
+        owner_codes = []
+        for _ in range(3):
+            try:
+                sign_in(server.anonymous, PASSWORD)
+                owner_codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                owner_codes.append(error.code())
+        flood_codes = {future.result(timeout=60).code() for future in flooding}
+    assert flood_codes <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert set(owner_codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert sign_in(server.anonymous, PASSWORD).user.username == "jane"
+
+
+def test_a_stranger_cannot_keep_the_owner_from_activating(
+    server: RunningServer, mail: MailSink, from_address: Any
+) -> None:
+    """The audit's nine calls: resends up to the cap and wrong codes until the code dies. The owner,
+    from another address, still activates with the token of the newest mail."""
+    server.anonymous.CreateUser(create_request())
+    stranger = server.anonymous
+    for _ in range(server.settings.activation_max_sends - 1):
+        stranger.ResendActivationCode(pb.ResendActivationCodeRequest(identifier="jane"))
+    sends = server.settings.activation_max_sends
+    newest_code = mail.code_for("jane@example.com", nth=sends)
+    for n in range(1, server.settings.activation_max_attempts + 1):
+        wrong = f"{(int(newest_code) + n) % 1_000_000:06d}"
+        rpc_error(stranger.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=wrong))
+    dead = rpc_error(stranger.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=newest_code))
+    assert dead.code() == grpc.StatusCode.INVALID_ARGUMENT  # the code is used up, as designed
+
+    owner = from_address(server, "127.0.0.9")
+    owner.ResendActivationCode(pb.ResendActivationCodeRequest(identifier="jane"))  # capped: sends nothing
+    token = mail.activation_token_for("jane@example.com", nth=sends)
+    activated = owner.ActivateUser(pb.ActivateUserRequest(identifier="jane", token=token)).user
+    assert activated.is_active
+    assert len(mail.wait_for("jane@example.com", sends)) == sends  # the capped resend really sent nothing
+
+
+def test_activation_tokens_work_once_and_only_the_newest(server: RunningServer, mail: MailSink) -> None:
+    server.anonymous.CreateUser(create_request())
+    first = mail.activation_token_for("jane@example.com")
+    server.anonymous.ResendActivationCode(pb.ResendActivationCodeRequest(identifier="jane"))
+    second = mail.activation_token_for("jane@example.com", nth=2)
+    for token in (first, "x" * 43):
+        error = rpc_error(server.anonymous.ActivateUser, pb.ActivateUserRequest(identifier="jane", token=token))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(error).reason == "INVALID_ACTIVATION_CODE"
+    both = rpc_error(
+        server.anonymous.ActivateUser, pb.ActivateUserRequest(identifier="jane", code="123456", token=second)
+    )
+    assert violated_fields(both) == {"token"}
+    assert server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="Jane", token=second)).user.is_active
+    again = rpc_error(server.anonymous.ActivateUser, pb.ActivateUserRequest(identifier="jane", token=second))
+    assert again.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_token_outlives_the_code_but_not_its_own_lifetime(start_server: StartServer, mail: MailSink) -> None:
+    clock = FakeClock()
+    server = start_server(clock=clock)
+    server.anonymous.CreateUser(create_request())
+    server.anonymous.CreateUser(create_request(username="late", email="late@example.com"))
+    code = mail.code_for("jane@example.com")
+    jane_token = mail.activation_token_for("jane@example.com")
+    late_token = mail.activation_token_for("late@example.com")
+    clock.advance(seconds=server.settings.activation_code_ttl_seconds + 1)
+    expired = rpc_error(server.anonymous.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=code))
+    assert expired.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", token=jane_token)).user.is_active
+    clock.advance(seconds=server.settings.activation_token_ttl_seconds)
+    late = rpc_error(server.anonymous.ActivateUser, pb.ActivateUserRequest(identifier="late", token=late_token))
+    assert late.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,159 @@
+"""Brute-force defences that a stranger cannot turn against an account's owner.
+
+Password guesses are counted per account *and source address*, before the
+hash is compared (so parallel guesses cannot overrun a cap):
+
+- From one source, the first ``free_attempts`` failures cost nothing; each
+  further try must wait a delay that doubles per failure, up to ``max_delay``.
+  A guesser slows only itself: the owner, from any other address, is not held.
+- Across all sources, an account's failures from addresses it has *not*
+  signed in from lately are counted too, with the same rising delays after
+  ``account_free_attempts``: a guesser spread over many addresses is slowed,
+  while sources the owner has signed in from are never held by it.
+- A success forgets the source's failures and remembers the source; a
+  completed password reset forgets every failure of the account.
+
+Failures are forgotten ``window`` after the last one. Unknown accounts are
+counted the same way, under their identifier, so the work and the answers do
+not tell whether an account exists. All state is in the database, shared by
+every replica.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from users_grpc.domain import Tally
+from users_grpc.errors import TooManyAttempts, TooManyRequests
+from users_grpc.ports import Clock, ThrottleStore
+
+log = logging.getLogger(__name__)
+
+# Two tries racing for one counter: the loser reads again, this often, then gives up (and is refused).
+_COUNTING_ROUNDS = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThrottlePolicy:
+    free_attempts: int = 5
+    account_free_attempts: int = 20
+    window: timedelta = timedelta(minutes=15)
+    first_delay: timedelta = timedelta(seconds=1)
+    max_delay: timedelta = timedelta(minutes=15)
+    known_source_lifetime: timedelta = timedelta(days=30)
+
+    def wait(self, count: Tally | None, free: int, now: datetime) -> timedelta:
+        """How long the next try must still wait after ``count``; zero if it may go now."""
+        if count is None or count.last_at <= now - self.window or count.count < free:
+            return timedelta(0)
+        # The exponent is capped so a huge count cannot overflow a timedelta; max_delay caps the rest.
+        delay: timedelta = min(self.first_delay * 2 ** min(count.count - free, 32), self.max_delay)
+        return max(count.last_at + delay - now, timedelta(0))
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The failures counted for one try, to forget on success or give back if it never compared."""
+
+    account: str
+    source: str
+    counted: tuple[str, ...]
+
+
+class PasswordThrottle:
+    def __init__(self, *, store: ThrottleStore, clock: Clock, policy: ThrottlePolicy) -> None:
+        self._store = store
+        self._clock = clock
+        self._policy = policy
+
+    async def reserve(self, account: str, source: str) -> Reservation:
+        """Count a try as failed until it succeeds; TooManyAttempts if it must wait.
+
+        ``account`` is the user id, or for an unknown account its identifier key.
+        """
+        source_key, account_key, known_key = _keys(account, source)
+        for _ in range(_COUNTING_ROUNDS):
+            now = self._clock.now()
+            counts = await self._store.get([source_key, account_key, known_key])
+            known = known_key in counts and counts[known_key].last_at > now - self._policy.known_source_lifetime
+            keys = [(source_key, self._policy.free_attempts)]
+            if not known:
+                keys.append((account_key, self._policy.account_free_attempts))
+            wait = max(self._policy.wait(counts.get(key), free, now) for key, free in keys)
+            if wait > timedelta(0):
+                log.warning("password attempts throttled", extra={"user_id": account, "source": source})
+                raise TooManyAttempts(retry_after=wait)
+            counted: list[str] = []
+            for key, _ in keys:
+                after = await self._store.count_failure(
+                    key,
+                    account,
+                    seen=counts.get(key),
+                    now=now,
+                    window=self._policy.window,
+                    expires_at=self._expiry(now),
+                )
+                if after is None:
+                    break
+                counted.append(key)
+            else:
+                return Reservation(account=account, source=source, counted=tuple(counted))
+            # Another try counted first: give back what this one counted, and look again.
+            await self.release(Reservation(account=account, source=source, counted=tuple(counted)))
+        raise TooManyAttempts(retry_after=self._policy.first_delay)
+
+    async def succeeded(self, reservation: Reservation) -> None:
+        """The password matched: forget this source's failures and remember the source as the owner's.
+
+        The account-wide count gives back this try, so the owner's own sign-ins never add up.
+        """
+        source_key, account_key, known_key = _keys(reservation.account, reservation.source)
+        now = self._clock.now()
+        await self._store.forget(source_key)
+        if account_key in reservation.counted:
+            await self._store.uncount_failure(account_key)
+        await self._store.remember(known_key, reservation.account, now, now + self._policy.known_source_lifetime)
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give back what a try counted when it never reached the comparison."""
+        for key in reservation.counted:
+            await self._store.uncount_failure(key)
+
+    async def forget_account(self, account: str) -> None:
+        """After a completed reset: the owner proved the mailbox, so every failure is forgotten."""
+        await self._store.forget_account(account)
+
+    def _expiry(self, now: datetime) -> datetime:
+        # A count past the window and the longest delay no longer matters; housekeeping deletes it.
+        return now + self._policy.window + self._policy.max_delay
+
+
+def _keys(account: str, source: str) -> tuple[str, str, str]:
+    return f"password:{account}:{source}", f"password:{account}", f"known:{account}:{source}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimitPolicy:
+    requests: int = 60
+    window: timedelta = timedelta(minutes=1)
+
+
+class SourceRateLimit:
+    """At most ``requests`` costly anonymous calls per source address per window, across replicas."""
+
+    def __init__(self, *, store: ThrottleStore, clock: Clock, policy: RateLimitPolicy) -> None:
+        self._store = store
+        self._clock = clock
+        self._policy = policy
+
+    async def check(self, source: str) -> None:
+        now = self._clock.now()
+        window = self._policy.window.total_seconds()
+        start = int(now.timestamp() // window * window)
+        ends = datetime.fromtimestamp(start + window, now.tzinfo)
+        calls = await self._store.hit(f"rate:{source}:{start}", ends)
+        if calls > self._policy.requests:
+            log.warning("rate limited", extra={"source": source})
+            raise TooManyRequests(retry_after=ends - now)
