@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # Users whose notices one pass moves before it turns to delivering: a bound, not a quota.
 _NOTICE_BATCHES_PER_PASS = 100
+# How soon a notice's outbox copy is tried again while a mover still holds the notice.
+_SETTLE_RETRY = timedelta(seconds=0.5)
 
 
 class MailDelivery:
@@ -125,9 +127,12 @@ class MailDelivery:
         if self._notices is not None:
             # A notice's copy goes out only once the notice waits in no user document, or a
             # sender that died mid-move would leave it to be moved and mailed again.
-            busy_until = await self._notices.settle_notice(queued.id, self._clock.now())
+            now = self._clock.now()
+            busy_until = await self._notices.settle_notice(queued.id, now)
             if busy_until is not None:
-                await self._queue.retry_later(queued.id, busy_until, "its notice is being moved")
+                # Moments, usually (the mover is between queueing and dropping); at most, until a
+                # dead mover's claim runs out. Never counted as an attempt.
+                await self._queue.postpone(queued.id, min(busy_until, now + _SETTLE_RETRY))
                 return True
         try:
             await asyncio.wait_for(self._transport.deliver(queued), timeout=self._lease_seconds / 2)

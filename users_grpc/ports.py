@@ -227,6 +227,9 @@ class MailQueue(Protocol):
 
     async def retry_later(self, mail_id: str, at: datetime, error: str) -> None: ...
 
+    async def postpone(self, mail_id: str, at: datetime) -> None:
+        """Hand a claimed mail back, due at ``at``, without counting the claim as an attempt."""
+
     async def give_up(self, mail_id: str, error: str, now: datetime) -> None:
         """Keep the mail, marked failed at ``now``, for an operator to inspect until housekeeping
         drops it; never retried."""

@@ -838,6 +838,14 @@ class MongoOutbox:
         )
 
     @_storage_errors
+    async def postpone(self, mail_id: str, at: datetime) -> None:
+        await self._outbox.update_one(
+            {"_id": _object_id(mail_id)},
+            # The claim counted an attempt that was never made.
+            {"$set": {"status": "pending", "next_attempt_at": at}, "$inc": {"attempts": -1}},
+        )
+
+    @_storage_errors
     async def give_up(self, mail_id: str, error: str, now: datetime) -> None:
         await self._outbox.update_one(
             {"_id": _object_id(mail_id)},

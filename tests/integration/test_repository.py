@@ -264,8 +264,13 @@ def test_a_dead_senders_claim_runs_out_and_holds_its_notices_outbox_copies_till_
         assert await stores.users.claim_pending_notices(NOW + timedelta(seconds=61), 60) is None
         copy = await stores.outbox.claim(NOW, 60)
         assert copy is not None
-        assert (copy.id, copy.mail) == (notice.id, NOTICE)
+        assert (copy.id, copy.mail, copy.attempts) == (notice.id, NOTICE, 1)
+        # A sender that found the notice still held hands the copy back, the attempt not counted.
+        await stores.outbox.postpone(copy.id, NOW + timedelta(seconds=1))
         assert await stores.outbox.claim(NOW, 60) is None
+        again = await stores.outbox.claim(NOW + timedelta(seconds=1), 60)
+        assert again is not None
+        assert (again.id, again.attempts) == (notice.id, 1)
         # Mail that is no notice settles at once.
         assert await stores.users.settle_notice(str(ObjectId()), NOW) is None
 
