@@ -61,6 +61,9 @@ class FakeMailer:
     async def send(self, mail: Mail) -> None:
         self.sent.append(mail)
 
+    def wake(self) -> None:
+        pass
+
 
 class FakeUserRepository:
     def __init__(self) -> None:
@@ -96,6 +99,9 @@ class FakeUserRepository:
     async def get(self, user_id: str) -> User | None:
         account = self.accounts.get(user_id)
         return account.user if account else None
+
+    async def get_account(self, user_id: str) -> Account | None:
+        return self.accounts.get(user_id)
 
     async def find_account(self, identifier_key_: str) -> Account | None:
         for account in self.accounts.values():
@@ -165,7 +171,7 @@ class FakeUserRepository:
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
         account = self.accounts[user_id]
         user = dataclasses.replace(account.user, token_version=account.user.token_version + 1, updated_at=now)
-        self.accounts[user_id] = dataclasses.replace(account, user=user)
+        self.accounts[user_id] = dataclasses.replace(account, user=user, password_reset=None)
 
     async def change_state(
         self, user_id: str, *, from_states: frozenset[UserState], to: UserState, now: datetime

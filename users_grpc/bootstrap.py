@@ -230,6 +230,7 @@ async def build_app(
     throttles = MongoThrottleStore(database)
     mail = MailDelivery(
         queue=outbox,
+        notices=users,
         transport=mail_transport or _mail_transport(settings),
         clock=clock,
         poll_seconds=settings.mail_poll_seconds,

@@ -198,6 +198,24 @@ class Mail:
     body: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class Notice:
+    """A security notice written into the user's document by the same update as the change it
+    tells of, so neither exists without the other; the mail sender moves it to the outbox."""
+
+    id: str
+    mail: Mail
+
+
+@dataclass(frozen=True, kw_only=True)
+class PendingNotices:
+    """One user's notices, claimed (for a lease) by one sender to move them to the outbox."""
+
+    user_id: str
+    claim: str
+    notices: tuple[Notice, ...]
+
+
 # Limits from the contract (protos/users/v1/user_service.proto).
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{3,32}")
 NAME_MAX_LENGTH = 100
@@ -291,6 +309,15 @@ def new_activation_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def normalize_password(password: str) -> str:
+    """The one form of a password that is measured, compared and hashed: Unicode NFC.
+
+    Whatever a keyboard or platform sends ("é" as one code point or as "e" plus a combining
+    accent), the same password then has the same length and the same hash.
+    """
+    return unicodedata.normalize("NFC", password)
+
+
 def new_activation_code() -> str:
     # Six digits are typeable; their strength comes from the attempt cap and expiry.
     return f"{secrets.randbelow(10**ACTIVATION_CODE_DIGITS):0{ACTIVATION_CODE_DIGITS}d}"
@@ -311,8 +338,9 @@ class PasswordPolicy:
         self, password: str, *, context_words: tuple[str, ...], field: str = "password"
     ) -> list[FieldViolation]:
         """What is wrong with a new password, under ``field``; empty if nothing."""
-        # Length counts code points, after NFC, so "é" is one character however it was typed.
-        length = len(unicodedata.normalize("NFC", password))
+        # Length counts code points of the normalized form, so "é" is one character however it was typed.
+        password = normalize_password(password)
+        length = len(password)
         if length < self.min_length:
             return [FieldViolation(field, f"must be at least {self.min_length} characters")]
         if length > PASSWORD_MAX_LENGTH:
@@ -336,7 +364,7 @@ def validate_registration(registration: Registration, *, password_policy: Passwo
             registration.password, context_words=(registration.username, registration.email.partition("@")[0])
         )
     )
-    if registration.password_confirmation != registration.password:
+    if not passwords_equal(registration.password_confirmation, registration.password):
         violations.append(FieldViolation("password_confirmation", "must equal password"))
     if violations:
         raise InvalidArgument(violations)
@@ -418,11 +446,17 @@ def validate_activation_code(code: str) -> None:
         )
 
 
+def passwords_equal(first: str, second: str) -> bool:
+    """Whether two typings are the same password (as hashing sees it): equal once normalized."""
+    return normalize_password(first) == normalize_password(second)
+
+
 def validate_login_password(password: str) -> None:
     """Checks that do not depend on any account, so they reveal nothing about one."""
     if not password:
         raise InvalidArgument([FieldViolation("password", "is required")])
-    if len(password) > PASSWORD_MAX_LENGTH:
+    # Measured as at registration, so every password that registered can sign in.
+    if len(normalize_password(password)) > PASSWORD_MAX_LENGTH:
         raise InvalidArgument([FieldViolation("password", f"must be at most {PASSWORD_MAX_LENGTH} characters")])
 
 

@@ -35,7 +35,7 @@ from users_grpc.errors import (
     TooManyAttempts,
 )
 from users_grpc.ports import Clock, CredentialRepository, Mailer, SecretDigests, SessionRepository
-from users_grpc.recovery import sign_out_everywhere_and_notify
+from users_grpc.recovery import security_notice, sign_out_everywhere
 from users_grpc.service import UserService
 from users_grpc.tokens import KeyEncryption
 
@@ -118,8 +118,16 @@ class MfaService:
             await self._check_second_factor(user.id, code)
         return user
 
-    async def enable(self, user_id: str) -> Enrollment:
-        user = await self._user(user_id)
+    async def enable(self, user_id: str, password: str, *, source: str) -> Enrollment:
+        """Start an enrollment. It takes the password: a token alone must not put another
+        authenticator (and its recovery codes) on the account."""
+        domain.validate_user_id(user_id, "user_id")
+        domain.validate_login_password(password)
+        account = await self._credentials.get_account(user_id)
+        if not await self._accounts.password_matches(account, password, source=source):
+            raise InvalidCredentials()
+        assert account is not None
+        user = account.user
         secret = pyotp.random_base32()  # 160 bits (RFC 4226 recommends 160)
         sealed = self._encryption.seal(secret.encode(), _context(user_id))
         if not await self._credentials.start_mfa_enrollment(user_id, sealed, self._clock.now()):
@@ -138,9 +146,10 @@ class MfaService:
         step = accepted_step(self._secret(user_id, sealed_secret), code, self._clock.now())
         recovery_codes = _new_recovery_codes()
         digests = [self._recovery_digest(user_id, c) for c in recovery_codes]
-        if step is None or not await self._credentials.confirm_mfa(user_id, step, digests, self._clock.now()):
+        notice = security_notice(account.user, "Two-factor sign-in is on")
+        if step is None or not await self._credentials.confirm_mfa(user_id, step, digests, self._clock.now(), notice):
             raise InvalidSecondFactor()
-        await self._after_change(account.user, "Two-factor sign-in is on")
+        await self._after_change(account.user, "on")
         return recovery_codes
 
     async def disable(self, user_id: str, password: str, code: str, *, source: str) -> None:
@@ -151,8 +160,10 @@ class MfaService:
         if not await self._accounts.password_matches(account, password, source=source):
             raise InvalidCredentials()
         await self._check_second_factor(user_id, code)
-        await self._credentials.disable_mfa(user_id, self._clock.now())
-        await self._after_change(account.user, "Two-factor sign-in is off")
+        notice = security_notice(account.user, "Two-factor sign-in is off")
+        if not await self._credentials.disable_mfa(user_id, self._clock.now(), notice):
+            raise FailedPrecondition("MFA is off")
+        await self._after_change(account.user, "off")
 
     async def reset(self, user_id: str) -> User:
         """For an admin helping a user who lost both authenticator and recovery codes: MFA off
@@ -161,10 +172,10 @@ class MfaService:
         account = await self._credentials.get_account(user_id)
         if account is None:
             raise NotFound()
-        if account.mfa is None:
+        notice = security_notice(account.user, "Two-factor sign-in was reset by an administrator")
+        if account.mfa is None or not await self._credentials.reset_mfa(user_id, self._clock.now(), notice):
             raise FailedPrecondition("MFA is off")
-        await self._credentials.disable_mfa(user_id, self._clock.now())
-        await self._after_change(account.user, "Two-factor sign-in was reset by an administrator")
+        await self._after_change(account.user, "reset")
         return await self._accounts.get_user(user_id)
 
     async def regenerate_recovery_codes(self, user_id: str, code: str) -> list[str]:
@@ -219,10 +230,6 @@ class MfaService:
             log.warning("second factor throttled", extra={"user_id": user_id})
             raise TooManyAttempts()
 
-    async def _user(self, user_id: str) -> User:
-        domain.validate_user_id(user_id, "user_id")
-        return await self._accounts.get_user(user_id)
-
     async def _pending_enrollment(self, user_id: str) -> tuple[domain.Account, bytes]:
         """The account and sealed secret of an enrollment awaiting ConfirmMfa."""
         domain.validate_user_id(user_id, "user_id")
@@ -249,11 +256,9 @@ class MfaService:
         qrcode.make(uri, image_factory=qrcode.image.pure.PyPNGImage).save(png)
         return Enrollment(secret=secret, otpauth_uri=uri, qr_code_png=png.getvalue())
 
-    async def _after_change(self, user: User, subject: str) -> None:
-        await sign_out_everywhere_and_notify(
-            sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user, subject=subject
-        )
-        log.info("mfa changed", extra={"user_id": user.id, "change": subject})
+    async def _after_change(self, user: User, change: str) -> None:
+        log.info("mfa changed", extra={"user_id": user.id, "change": change})
+        await sign_out_everywhere(sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user)
 
 
 def _validate_totp_code(code: str, field: str) -> None:

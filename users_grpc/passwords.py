@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import bcrypt
 
-from users_grpc.domain import PasswordScheme
+from users_grpc.domain import PasswordScheme, normalize_password
 from users_grpc.errors import Overloaded
 
 _T = TypeVar("_T")
@@ -30,7 +30,9 @@ class BcryptHasher:
     bcrypt reads only 72 bytes and bcrypt 5 raises beyond them. The 64-byte
     base64 pre-hash lets every password of up to 128 characters count in full,
     with no NUL bytes and no plain-SHA "hash shucking". Changing the pepper
-    invalidates every stored hash.
+    invalidates every stored hash. The password is normalized (NFC) first, as
+    every length check measures it, so one password has one hash however it
+    was typed.
     """
 
     def __init__(
@@ -103,7 +105,7 @@ class BcryptHasher:
             self._in_line -= 1
 
     def _prehash(self, password: str) -> bytes:
-        digest = hmac.new(self._pepper, password.encode("utf-8"), hashlib.sha384).digest()
+        digest = hmac.new(self._pepper, normalize_password(password).encode("utf-8"), hashlib.sha384).digest()
         return base64.b64encode(digest)
 
 

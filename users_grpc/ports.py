@@ -16,6 +16,7 @@ from users_grpc.domain import (
     NewUser,
     PasswordScheme,
     PendingEmailChange,
+    PendingNotices,
     QueuedMail,
     Role,
     ServiceAccount,
@@ -35,6 +36,8 @@ class UserRepository(Protocol):
         """Store a new user under ``new_user.id``; raise ``AlreadyExists`` naming a taken username or email."""
 
     async def get(self, user_id: str) -> User | None: ...
+
+    async def get_account(self, user_id: str) -> Account | None: ...
 
     async def find_account(self, identifier_key: str) -> Account | None:
         """The account whose username or email has this :func:`~users_grpc.domain.identifier_key`."""
@@ -60,7 +63,7 @@ class UserRepository(Protocol):
     async def delete_by_identifier(self, identifier_key: str) -> bool: ...
 
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
-        """Make every access token issued to the user so far invalid."""
+        """Make every access token issued to the user so far invalid, and any pending password-reset token."""
 
     async def change_state(
         self, user_id: str, *, from_states: frozenset[UserState], to: UserState, now: datetime
@@ -83,7 +86,11 @@ class UserRepository(Protocol):
 
 
 class CredentialRepository(Protocol):
-    """Password resets and second factors; each change is one conditional update."""
+    """Password resets and second factors; each change is one conditional update.
+
+    A change the user must be told of takes its ``notice``, pended in that same update
+    (see :class:`NoticeStore`): a change never lands without its notice, nor a notice without it.
+    """
 
     async def get_account(self, user_id: str) -> Account | None: ...
 
@@ -95,13 +102,17 @@ class CredentialRepository(Protocol):
 
     async def find_account_by_reset_digest(self, digest: str, now: datetime) -> Account | None: ...
 
-    async def reset_password(self, user_id: str, digest: str, password_hash: str, now: datetime) -> bool: ...
+    async def reset_password(
+        self, user_id: str, digest: str, password_hash: str, now: datetime, notice: Mail
+    ) -> bool: ...
 
-    async def set_password(self, user_id: str, password_hash: str, now: datetime) -> None: ...
+    async def set_password(self, user_id: str, password_hash: str, now: datetime, notice: Mail) -> bool: ...
 
     async def start_mfa_enrollment(self, user_id: str, sealed_secret: bytes, now: datetime) -> bool: ...
 
-    async def confirm_mfa(self, user_id: str, step: int, recovery_digests: list[str], now: datetime) -> bool: ...
+    async def confirm_mfa(
+        self, user_id: str, step: int, recovery_digests: list[str], now: datetime, notice: Mail
+    ) -> bool: ...
 
     async def use_totp_step(self, user_id: str, step: int) -> bool: ...
 
@@ -109,7 +120,10 @@ class CredentialRepository(Protocol):
 
     async def replace_recovery_codes(self, user_id: str, digests: list[str]) -> bool: ...
 
-    async def disable_mfa(self, user_id: str, now: datetime) -> None: ...
+    async def disable_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool: ...
+
+    async def reset_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool:
+        """Remove any enrollment, active or pending, with its notice; False if there was none."""
 
     async def reserve_mfa_attempt(
         self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int
@@ -218,6 +232,9 @@ class Mailer(Protocol):
     async def send(self, mail: Mail) -> None:
         """Accept ``mail`` for delivery: durably queued when this returns, delivered later."""
 
+    def wake(self) -> None:
+        """Deliver soon: a notice was pended in a user's document (it goes out anyway, a poll later)."""
+
 
 # Each purpose has its own key: a digest made for one never matches in another.
 DigestPurpose = Literal[
@@ -281,7 +298,9 @@ class Clock(Protocol):
 class MailQueue(Protocol):
     """The outbox: mail waiting for delivery, shared by every replica."""
 
-    async def enqueue(self, mail: Mail, now: datetime) -> None: ...
+    async def enqueue(self, mail: Mail, now: datetime, *, mail_id: str | None = None) -> None:
+        """Queue ``mail``. With ``mail_id`` (24 hex digits) it is queued under that id, and
+        queueing an id that is still queued does nothing."""
 
     async def claim(self, now: datetime, lease_seconds: float) -> QueuedMail | None:
         """Take the next due mail for ``lease_seconds``; after that another sender may take it."""
@@ -290,9 +309,33 @@ class MailQueue(Protocol):
 
     async def retry_later(self, mail_id: str, at: datetime, error: str) -> None: ...
 
+    async def postpone(self, mail_id: str, at: datetime) -> None:
+        """Hand a claimed mail back, due at ``at``, without counting the claim as an attempt."""
+
     async def give_up(self, mail_id: str, error: str, now: datetime) -> None:
         """Keep the mail, marked failed at ``now``, for an operator to inspect until housekeeping
         drops it; never retried."""
+
+
+class NoticeStore(Protocol):
+    """Security notices waiting in user documents, each pended by the update that made its change.
+
+    The mail sender moves them into the outbox: claim a user's notices, queue each under its
+    own id (a repeat does nothing), release them. A sender that dies between the steps only
+    delays them: its claim runs out and another sender finishes the move. Before a notice's
+    outbox copy goes out, :meth:`settle_notice` makes sure it waits in no user document, so
+    it cannot be moved and mailed a second time.
+    """
+
+    async def claim_pending_notices(self, now: datetime, lease_seconds: float) -> PendingNotices | None:
+        """Claim one user's waiting notices for ``lease_seconds``; None when none wait unclaimed."""
+
+    async def release_notices(self, pending: PendingNotices) -> None:
+        """Drop the claimed notices (now queued in the outbox) and end the claim."""
+
+    async def settle_notice(self, notice_id: str, now: datetime) -> datetime | None:
+        """Drop ``notice_id`` from its user's document if it still waits there. None when done (or
+        there is no such notice); else when to try again, while another sender's claim holds it."""
 
 
 class MailTransport(Protocol):

@@ -116,11 +116,13 @@ class PasswordService:
         user = account.user
         self._validate_new_password(user, new_password, confirmation)
         password_hash = await self._hasher.hash(new_password)
-        # The conditional update consumes the token: of two racing resets, one wins.
-        if not await self._credentials.reset_password(user.id, digest, password_hash, now):
+        # The conditional update consumes the token (of two racing resets, one wins) and pends the
+        # notice: whatever happens to this call, the reset never lands without it.
+        notice = security_notice(user, "Your password was reset")
+        if not await self._credentials.reset_password(user.id, digest, password_hash, now, notice):
             raise InvalidResetToken()
         await self._accounts.owner_proved_mailbox(user.id, source)
-        await self._after_password_change(user, "Your password was reset")
+        await self._after_password_change(user)
 
     async def change_password(
         self, user_id: str, current_password: str, new_password: str, confirmation: str, *, source: str
@@ -134,8 +136,10 @@ class PasswordService:
         self._validate_new_password(account.user, new_password, confirmation)
         if not await self._accounts.password_matches(account, current_password, source=source):
             raise InvalidCredentials("the current password is wrong")
-        await self._credentials.set_password(user_id, await self._hasher.hash(new_password), self._clock.now())
-        await self._after_password_change(account.user, "Your password was changed")
+        password_hash = await self._hasher.hash(new_password)
+        notice = security_notice(account.user, "Your password was changed")
+        await self._credentials.set_password(user_id, password_hash, self._clock.now(), notice)
+        await self._after_password_change(account.user)
 
     def _digest(self, user_id: str, secret: str) -> str:
         # Keyed and bound to the user: the database alone cannot tell a token, or test one.
@@ -145,34 +149,38 @@ class PasswordService:
         violations = self._password_policy.violations(
             password, context_words=(user.username, user.email.partition("@")[0]), field="new_password"
         )
-        if confirmation != password:
+        if not domain.passwords_equal(confirmation, password):
             violations.append(FieldViolation("new_password_confirmation", "must equal new_password"))
         if violations:
             raise InvalidArgument(violations)
 
-    async def _after_password_change(self, user: User, subject: str) -> None:
-        await sign_out_everywhere_and_notify(
-            sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user, subject=subject
-        )
+    async def _after_password_change(self, user: User) -> None:
         log.info("password set", extra={"user_id": user.id})
+        await sign_out_everywhere(sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user)
 
 
-async def sign_out_everywhere_and_notify(
-    *, sessions: SessionRepository, mailer: Mailer, clock: Clock, user: User, subject: str
-) -> None:
-    """After a change to how the user signs in: end every session and tell the user, without secrets.
+def security_notice(user: User, subject: str) -> Mail:
+    """The notice of a change to how the user signs in, pended by the update that makes it.
 
-    The change itself bumped the token version, which ends the access tokens; this ends the
-    refresh tokens too.
+    No secrets, and no text a stranger chose: greeted by username, never by name.
     """
-    await sessions.revoke_all(user.id, clock.now())
-    await mailer.send(
-        Mail(
-            to=user.email,
-            subject=subject,
-            body=(
-                f"Hello {user.username},\n\n{subject.lower()}, and every session of your account was signed out.\n"
-                "If this was not you, reset your password now and contact support.\n"
-            ),
-        )
+    return Mail(
+        to=user.email,
+        subject=subject,
+        body=(
+            f"Hello {user.username},\n\n{subject.lower()}, and every session of your account was signed out.\n"
+            "If this was not you, reset your password now and contact support.\n"
+        ),
     )
+
+
+async def sign_out_everywhere(*, sessions: SessionRepository, mailer: Mailer, clock: Clock, user: User) -> None:
+    """After a change to how the user signs in, which bumped the token version and pended its notice.
+
+    Cleanup only, so a deadline or crash that stops this call here loses nothing: the version
+    bump already ended every access token, and RefreshSession refuses a session of an older
+    version, so every session is dead already. This marks them revoked (ListSessions shows
+    none), and wakes the mail sender, which would otherwise find the notice at its next poll.
+    """
+    mailer.wake()
+    await sessions.revoke_all(user.id, clock.now())

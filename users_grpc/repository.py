@@ -3,12 +3,18 @@
 Every state change is one conditional single-document update, with its
 precondition in the filter, so concurrent requests and several replicas need
 no transactions (FerretDB has none, and MongoDB needs none for this).
+
+A change that the user must hear of (a password reset or change, MFA on or
+off) pushes its notice into the user's own document in that same update: a
+transactional outbox inside the aggregate. The mail sender moves pending
+notices into the ``outbox`` collection (:meth:`MongoUserRepository.claim_pending_notices`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
@@ -32,8 +38,10 @@ from users_grpc.domain import (
     Mail,
     Mfa,
     NewUser,
+    Notice,
     PasswordScheme,
     PendingEmailChange,
+    PendingNotices,
     QueuedMail,
     Role,
     ServiceAccount,
@@ -116,6 +124,10 @@ class MongoUserRepository:
         )
         # Serves the count of active admins that keeps at least one.
         await self._users.create_index([("role", ASCENDING), ("is_active", ASCENDING)], name="role_is_active")
+        # Sparse: only the few documents with notices waiting are indexed, and the senders'
+        # queries (a date range; a notice id) are served by them.
+        await self._users.create_index([("pending_mail_since", ASCENDING)], sparse=True, name="pending_mail_since")
+        await self._users.create_index([("pending_mail.id", ASCENDING)], sparse=True, name="pending_mail_id")
 
     def new_id(self) -> str:
         return str(ObjectId())
@@ -240,29 +252,45 @@ class MongoUserRepository:
         return None if document is None else _account_from_document(document)
 
     @_storage_errors
-    async def reset_password(self, user_id: str, digest: str, password_hash: str, now: datetime) -> bool:
-        """Set the password if this reset token is still pending and unexpired; it works once."""
+    async def reset_password(self, user_id: str, digest: str, password_hash: str, now: datetime, notice: Mail) -> bool:
+        """Set the password if this reset token is still pending and unexpired; it works once.
+
+        ``notice`` is pended in the same update: the reset and its notice happen together or not at all.
+        """
         result = await self._users.update_one(
             {"_id": _object_id(user_id), "password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}},
-            {
-                "$set": {"password_hash": password_hash, "updated_at": now},
-                # A hash of our scheme replaces an imported one.
-                "$unset": {"password_reset": "", "password_scheme": ""},
-                "$inc": {"token_version": 1},
-            },
+            _with_notice(
+                {
+                    "$set": {"password_hash": password_hash, "updated_at": now},
+                    # A hash of our scheme replaces an imported one; a reset token or an email
+                    # change pending from before the new password dies with the old one.
+                    "$unset": {"password_reset": "", "password_scheme": "", "email_change": ""},
+                    "$inc": {"token_version": 1},
+                },
+                notice,
+                now,
+            ),
         )
         return result.modified_count == 1
 
     @_storage_errors
-    async def set_password(self, user_id: str, password_hash: str, now: datetime) -> None:
-        await self._users.update_one(
+    async def set_password(self, user_id: str, password_hash: str, now: datetime, notice: Mail) -> bool:
+        """Set a new password, with its notice; a pending reset token dies with the old password."""
+        result = await self._users.update_one(
             {"_id": _object_id(user_id)},
-            {
-                "$set": {"password_hash": password_hash, "updated_at": now},
-                "$unset": {"password_scheme": ""},
-                "$inc": {"token_version": 1},
-            },
+            _with_notice(
+                {
+                    "$set": {"password_hash": password_hash, "updated_at": now},
+                    # A hash of our scheme replaces an imported one; a reset token or an email
+                    # change pending from before the new password dies with the old one.
+                    "$unset": {"password_reset": "", "password_scheme": "", "email_change": ""},
+                    "$inc": {"token_version": 1},
+                },
+                notice,
+                now,
+            ),
         )
+        return result.modified_count == 1
 
     @_storage_errors
     async def upgrade_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
@@ -300,19 +328,26 @@ class MongoUserRepository:
         return result.modified_count == 1
 
     @_storage_errors
-    async def confirm_mfa(self, user_id: str, step: int, recovery_digests: list[str], now: datetime) -> bool:
+    async def confirm_mfa(
+        self, user_id: str, step: int, recovery_digests: list[str], now: datetime, notice: Mail
+    ) -> bool:
+        """Turn a pending enrollment on, with its notice, if ``step`` is newer than the last used."""
         result = await self._users.update_one(
             {"_id": _object_id(user_id), "mfa.state": "pending", "mfa.last_used_step": {"$lt": step}},
-            {
-                "$set": {
-                    "mfa.state": "active",
-                    "mfa.last_used_step": step,
-                    "mfa.recovery_digests": recovery_digests,
-                    "mfa.failures": 0,
-                    "updated_at": now,
+            _with_notice(
+                {
+                    "$set": {
+                        "mfa.state": "active",
+                        "mfa.last_used_step": step,
+                        "mfa.recovery_digests": recovery_digests,
+                        "mfa.failures": 0,
+                        "updated_at": now,
+                    },
+                    "$inc": {"token_version": 1},
                 },
-                "$inc": {"token_version": 1},
-            },
+                notice,
+                now,
+            ),
         )
         return result.modified_count == 1
 
@@ -341,11 +376,30 @@ class MongoUserRepository:
         return result.modified_count == 1
 
     @_storage_errors
-    async def disable_mfa(self, user_id: str, now: datetime) -> None:
-        await self._users.update_one(
-            {"_id": _object_id(user_id)},
-            {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
+    async def disable_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool:
+        """Turn MFA off, with its notice; False if it was not on."""
+        result = await self._users.update_one(
+            {"_id": _object_id(user_id), "mfa.state": "active"},
+            _with_notice(
+                {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
+                notice,
+                now,
+            ),
         )
+        return result.modified_count == 1
+
+    @_storage_errors
+    async def reset_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool:
+        """Remove any enrollment, active or pending, with its notice (an admin's reset); False if none."""
+        result = await self._users.update_one(
+            {"_id": _object_id(user_id), "mfa": {"$ne": None}},
+            _with_notice(
+                {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
+                notice,
+                now,
+            ),
+        )
+        return result.modified_count == 1
 
     @_storage_errors
     async def reserve_mfa_attempt(self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int) -> bool:
@@ -446,8 +500,78 @@ class MongoUserRepository:
 
     @_storage_errors
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
+        """End every access token so far, and any pending password-reset token with them."""
         await self._users.update_one(
-            {"_id": _object_id(user_id)}, {"$inc": {"token_version": 1}, "$set": {"updated_at": now}}
+            {"_id": _object_id(user_id)},
+            {"$inc": {"token_version": 1}, "$set": {"updated_at": now}, "$unset": {"password_reset": ""}},
+        )
+
+    @_storage_errors
+    async def claim_pending_notices(self, now: datetime, lease_seconds: float) -> PendingNotices | None:
+        """Claim, for ``lease_seconds``, the notices waiting in one user's document; None if none wait.
+
+        A claim keeps other senders off this document's notices until it is released or its
+        lease runs out (its sender died): then another sender takes them over.
+        """
+        claim = secrets.token_hex(16)
+        document = await self._users.find_one_and_update(
+            {"pending_mail_since": {"$lte": now}, **_unclaimed(now)},
+            {"$set": {"pending_mail_claim": {"token": claim, "until": now + timedelta(seconds=lease_seconds)}}},
+            sort=[("pending_mail_since", ASCENDING)],
+            return_document=ReturnDocument.AFTER,
+        )
+        if document is None:
+            return None
+        return PendingNotices(
+            user_id=str(document["_id"]),
+            claim=claim,
+            notices=tuple(_notice_from_document(n) for n in document.get("pending_mail") or ()),
+        )
+
+    @_storage_errors
+    async def release_notices(self, pending: PendingNotices) -> None:
+        """Drop the claimed notices, which the outbox holds now, and end the claim."""
+        user_id = ObjectId(pending.user_id)
+        await self._users.update_one(
+            {"_id": user_id, "pending_mail_claim.token": pending.claim},
+            {
+                # Whole elements, as written: FerretDB's $pull takes no conditions.
+                "$pullAll": {"pending_mail": [_notice_document(n) for n in pending.notices]},
+                "$unset": {"pending_mail_claim": ""},
+            },
+        )
+        await self._drop_empty_notices(user_id)
+
+    @_storage_errors
+    async def settle_notice(self, notice_id: str, now: datetime) -> datetime | None:
+        """Before its outbox copy goes out: make sure the notice no longer waits in its user's document.
+
+        Otherwise a sender that moved it, then died before dropping it, would leave it to be moved
+        (and mailed) again once its outbox copy is gone. None when settled; else the time until
+        which a live claim holds the notice (its sender is moving it; try again then).
+        """
+        notice = _object_id(notice_id)
+        # Twice at most: a sender may claim the document between the read and the pull.
+        for _ in range(2):
+            document = await self._users.find_one(
+                {"pending_mail.id": notice}, projection={"pending_mail": 1, "pending_mail_claim": 1}
+            )
+            if document is None:
+                return None  # the common case: moved and dropped already, or not a notice at all
+            claimed_until = _live_claim(document, now)
+            if claimed_until is not None:
+                return claimed_until
+            await self._users.update_one(
+                {"_id": document["_id"], **_unclaimed(now)},
+                {"$pullAll": {"pending_mail": [n for n in document["pending_mail"] if n.get("id") == notice]}},
+            )
+            await self._drop_empty_notices(document["_id"])
+        return None
+
+    async def _drop_empty_notices(self, user_id: ObjectId) -> None:
+        # Conditional on emptiness in the same update: a notice pushed meanwhile keeps the fields.
+        await self._users.update_one(
+            {"_id": user_id, "pending_mail": {"$size": 0}}, {"$unset": {"pending_mail": "", "pending_mail_since": ""}}
         )
 
     @_storage_errors
@@ -855,22 +979,27 @@ class MongoOutbox:
         return sealed
 
     @_storage_errors
-    async def enqueue(self, mail: Mail, now: datetime) -> None:
-        mail_id = ObjectId()
-        await self._outbox.insert_one(
-            {
-                "_id": mail_id,
-                "to": mail.to,
-                "subject": mail.subject,
-                "sealed_body": self._secrets.seal_mail_body(
-                    mail.body, _mail_associated_data(mail_id, mail.to, mail.subject)
-                ),
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "created_at": now,
-            }
-        )
+    async def enqueue(self, mail: Mail, now: datetime, *, mail_id: str | None = None) -> None:
+        """Queue ``mail``; with a ``mail_id`` (a notice's), queueing it again while queued does nothing."""
+        object_id = ObjectId() if mail_id is None else ObjectId(mail_id)
+        try:
+            await self._outbox.insert_one(
+                {
+                    "_id": object_id,
+                    "to": mail.to,
+                    "subject": mail.subject,
+                    "sealed_body": self._secrets.seal_mail_body(
+                        mail.body, _mail_associated_data(object_id, mail.to, mail.subject)
+                    ),
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                }
+            )
+        except DuplicateKeyError:
+            if mail_id is None:
+                raise
 
     @_storage_errors
     async def claim(self, now: datetime, lease_seconds: float) -> QueuedMail | None:
@@ -915,6 +1044,14 @@ class MongoOutbox:
         await self._outbox.update_one(
             {"_id": _object_id(mail_id)},
             {"$set": {"status": "pending", "next_attempt_at": at, "last_error": error}},
+        )
+
+    @_storage_errors
+    async def postpone(self, mail_id: str, at: datetime) -> None:
+        await self._outbox.update_one(
+            {"_id": _object_id(mail_id)},
+            # The claim counted an attempt that was never made.
+            {"$set": {"status": "pending", "next_attempt_at": at}, "$inc": {"attempts": -1}},
         )
 
     @_storage_errors
@@ -1039,6 +1176,36 @@ def _state_of(document: Document) -> UserState:
         return UserState(state)
     # Written before states existed: only activation set is_active, and nothing cleared it.
     return UserState.ACTIVE if document["is_active"] else UserState.PENDING_ACTIVATION
+
+
+def _unclaimed(now: datetime) -> Document:
+    """The filter for a user document whose notices no sender holds (a claim past its lease counts as none)."""
+    return {"$or": [{"pending_mail_claim.until": {"$lte": now}}, {"pending_mail_claim": None}]}
+
+
+def _live_claim(document: Document, now: datetime) -> datetime | None:
+    until: datetime | None = (document.get("pending_mail_claim") or {}).get("until")
+    return until if until is not None and until > now else None
+
+
+def _with_notice(update: Document, notice: Mail, now: datetime) -> Document:
+    """``update`` that also pends ``notice`` in the user's document (see the module docstring)."""
+    return {
+        **update,
+        "$push": {"pending_mail": _notice_document(Notice(id=str(ObjectId()), mail=notice))},
+        # The oldest waiting notice's time; a later push leaves it.
+        "$min": {"pending_mail_since": now},
+    }
+
+
+def _notice_document(notice: Notice) -> Document:
+    return {"id": ObjectId(notice.id), "to": notice.mail.to, "subject": notice.mail.subject, "body": notice.mail.body}
+
+
+def _notice_from_document(document: Document) -> Notice:
+    return Notice(
+        id=str(document["id"]), mail=Mail(to=document["to"], subject=document["subject"], body=document["body"])
+    )
 
 
 def _identifier_filter(key: str) -> Document:

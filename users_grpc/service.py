@@ -313,8 +313,17 @@ class UserService:
             raise NotFound()
         return account.user
 
-    async def delete_user(self, user_id: str) -> None:
+    async def delete_user(self, user_id: str, *, password: str, caller: Caller) -> None:
+        """Delete a user. One's own account takes the current password, not just a token;
+        an admin deleting someone else needs none."""
         domain.validate_user_id(user_id)
+        if caller.user_id == user_id:
+            domain.validate_login_password(password)
+            account = await self._users.get_account(user_id)
+            if not await self.password_matches(account, password, source=caller.source):
+                raise InvalidCredentials()
+        elif not caller.is_admin:
+            raise PermissionDenied()
         await self._delete(user_id)
         log.info("user deleted", extra={"user_id": user_id})
 

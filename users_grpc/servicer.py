@@ -129,7 +129,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def DeleteUser(
         self, request: user_service_pb2.DeleteUserRequest, context: Context
     ) -> user_service_pb2.DeleteUserResponse:
-        await self._service.delete_user(request.id)
+        await self._service.delete_user(request.id, password=request.password, caller=current_caller.get())
         return user_service_pb2.DeleteUserResponse()
 
     async def DeleteUserByIdentifier(
@@ -226,7 +226,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def EnableMfa(
         self, request: user_service_pb2.EnableMfaRequest, context: Context
     ) -> user_service_pb2.EnableMfaResponse:
-        enrollment = await self._mfa.enable(request.user_id)
+        enrollment = await self._mfa.enable(request.user_id, request.password, source=current_caller.get().source)
         return user_service_pb2.EnableMfaResponse(
             secret=enrollment.secret, otpauth_uri=enrollment.otpauth_uri, qr_code_png=enrollment.qr_code_png
         )

@@ -43,7 +43,7 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ChangePassword": lambda id_, _name: pb.ChangePasswordRequest(
         user_id=id_, current_password=PASSWORD, new_password="short", new_password_confirmation="short"
     ),
-    "EnableMfa": lambda id_, _name: pb.EnableMfaRequest(user_id=id_),
+    "EnableMfa": lambda id_, _name: pb.EnableMfaRequest(user_id=id_, password=PASSWORD),
     "GetMfaQrCode": lambda id_, _name: pb.GetMfaQrCodeRequest(user_id=id_),
     "ConfirmMfa": lambda id_, _name: pb.ConfirmMfaRequest(user_id=id_, code="x"),
     "DisableMfa": lambda id_, _name: pb.DisableMfaRequest(user_id=id_, password="", code="x"),
@@ -68,7 +68,7 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
 # someone else; the self case below uses the caller's own id for them.
 SELF_REQUESTS: dict[str, Callable[[str, str], Any]] = {
     **REQUESTS,
-    "DeleteUser": lambda id_, _name: pb.DeleteUserRequest(id=id_),
+    "DeleteUser": lambda id_, _name: pb.DeleteUserRequest(id=id_, password=PASSWORD),
     "RevokeAllSessions": lambda id_, _name: pb.RevokeAllSessionsRequest(user_id=id_),
 }
 

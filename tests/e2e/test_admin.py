@@ -62,7 +62,7 @@ def test_the_last_active_admin_cannot_be_demoted_deactivated_locked_or_deleted(
     last_admin_refused(server.stub.SetUserRole, pb.SetUserRoleRequest(user_id=admin, role=user_pb2.ROLE_USER))
     last_admin_refused(server.stub.DeactivateUser, pb.DeactivateUserRequest(user_id=admin))
     last_admin_refused(server.stub.LockUser, pb.LockUserRequest(user_id=admin))
-    last_admin_refused(server.stub.DeleteUser, pb.DeleteUserRequest(id=admin))
+    last_admin_refused(server.stub.DeleteUser, pb.DeleteUserRequest(id=admin, password=ADMIN_PASSWORD))
     last_admin_refused(
         server.stub.DeleteUserByIdentifier, pb.DeleteUserByIdentifierRequest(identifier=server.admin_username)
     )

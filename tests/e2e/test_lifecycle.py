@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -113,6 +114,7 @@ BAD_INPUT = [
     ("GetUser", pb.GetUserRequest(id="not-an-object-id-at-all!"), "id"),
     ("GetUserByIdentifier", pb.GetUserByIdentifierRequest(identifier="  "), "identifier"),
     ("DeleteUser", pb.DeleteUserRequest(id="123"), "id"),
+    ("DeleteUser", pb.DeleteUserRequest(id=SELF, password=""), "password"),
     ("DeleteUserByIdentifier", pb.DeleteUserByIdentifierRequest(identifier=""), "identifier"),
     ("VerifyCredentials", pb.VerifyCredentialsRequest(identifier="", password="whatever it is"), "identifier"),
     ("VerifyCredentials", pb.VerifyCredentialsRequest(identifier="jane", password=""), "password"),
@@ -150,6 +152,7 @@ BAD_INPUT = [
         pb.ChangePasswordRequest(user_id=SELF, current_password="x", new_password="x" * 11),
         "new_password",
     ),
+    ("EnableMfa", pb.EnableMfaRequest(user_id=SELF, password=""), "password"),
     ("ConfirmMfa", pb.ConfirmMfaRequest(user_id=SELF, code="12345"), "code"),
     ("DisableMfa", pb.DisableMfaRequest(user_id=SELF, password="", code="123456"), "password"),
     ("ChangeEmail", pb.ChangeEmailRequest(user_id=SELF, new_email="x@", password=PASSWORD), "new_email"),
@@ -167,16 +170,17 @@ BAD_INPUT = [
     ("ResetUserMfa", pb.ResetUserMfaRequest(user_id="x" * 24), "user_id"),
 ]
 # With a malformed user id nobody is "themself": those calls are PERMISSION_DENIED before any check.
-NO_SELF_INPUT = {"EnableMfa", "GetMfaQrCode", "RegenerateRecoveryCodes"}
+NO_SELF_INPUT = {"GetMfaQrCode", "RegenerateRecoveryCodes"}
 
 
 @pytest.mark.parametrize(("rpc", "request_", "field"), BAD_INPUT, ids=[f"{r}-{f}" for r, _, f in BAD_INPUT])
 def test_bad_input_is_invalid_argument_naming_the_field(
     server: RunningServer, rpc: str, request_: Any, field: str
 ) -> None:
-    if getattr(request_, "user_id", None) == SELF:
-        request_ = type(request_).FromString(request_.SerializeToString())
-        request_.user_id = server.admin_id
+    for subject in ("id", "user_id"):
+        if getattr(request_, subject, None) == SELF:
+            request_ = type(request_).FromString(request_.SerializeToString())
+            setattr(request_, subject, server.admin_id)
     error = rpc_error(getattr(server.stub, rpc), request_)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in violated_fields(error)
@@ -278,3 +282,23 @@ def test_delete_by_identifier(server: RunningServer) -> None:
     server.stub.DeleteUserByIdentifier(pb.DeleteUserByIdentifierRequest(identifier="JANE@example.com"))
     error = rpc_error(server.stub.DeleteUserByIdentifier, pb.DeleteUserByIdentifierRequest(identifier="jane"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_password_is_normalized_once_the_same_way_everywhere(server: RunningServer, mail: MailSink) -> None:
+    """An NFD password of 131 code points (109 after NFC) registered, then could never sign in:
+    sign-in measured it raw (over 128) and the hash was over the raw text."""
+    nfc = "é" * 22 + ("correct horse battery staple " * 4)[:87]
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert (len(nfd), len(nfc)) == (131, 109)
+    server.anonymous.CreateUser(create_request(password=nfd, password_confirmation=nfd))
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com")))
+    for typed in (nfd, nfc):
+        signed_in = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=typed))
+        assert signed_in.user.username == "jane"
+    # The minimum length counts the normalized form too: 22 code points are 11 characters.
+    short_nfd = unicodedata.normalize("NFD", "é" * 11)
+    error = rpc_error(
+        server.anonymous.CreateUser,
+        create_request(username="joe", email="joe@example.com", password=short_nfd, password_confirmation=short_nfd),
+    )
+    assert "password" in violated_fields(error)

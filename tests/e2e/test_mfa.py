@@ -19,6 +19,7 @@ import zxingcpp
 
 from tests.conftest import MailSink, RunningServer, StartServer
 from tests.e2e.helpers import PASSWORD, error_info, rpc_error, stored_users, violated_fields
+from tests.e2e.test_operations import wait_until
 from tests.e2e.test_recovery import NEW_PASSWORD, reset, reset_token
 from tests.e2e.test_sessions import signed_up
 from tests.fakes import FakeClock
@@ -53,7 +54,7 @@ class Enrolled:
         session = signed_up(server, mail)
         self.user_id = session.user.id
         own = server.stub_for(session.access_token)
-        enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=self.user_id))
+        enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=self.user_id, password=PASSWORD))
         self.secret = enrollment.secret
         self.enrollment = enrollment
         self.recovery_codes = list(
@@ -87,7 +88,7 @@ def enrolled(start_server: StartServer, mail: MailSink, clock: FakeClock) -> Enr
 def test_enrollment_shows_a_secret_uri_and_qr_code_that_agree(server: RunningServer, mail: MailSink) -> None:
     session = signed_up(server, mail)
     own = server.stub_for(session.access_token)
-    enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=session.user.id))
+    enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=session.user.id, password=PASSWORD))
     assert len(base64.b32decode(enrollment.secret)) == 20  # 160 bits
     uri = urlparse(enrollment.otpauth_uri)
     query = parse_qs(uri.query)
@@ -104,10 +105,28 @@ def test_enrollment_shows_a_secret_uri_and_qr_code_that_agree(server: RunningSer
     assert signed_in.access_token
 
 
+def test_a_stolen_access_token_alone_cannot_turn_mfa_on(server: RunningServer, mail: MailSink) -> None:
+    """With only the victim's token, EnableMfa and ConfirmMfa with the thief's authenticator took the
+    account for good (even a reset left MFA on). EnableMfa now takes the password."""
+    session = signed_up(server, mail)
+    stolen = server.stub_for(session.access_token)
+    missing = rpc_error(stolen.EnableMfa, pb.EnableMfaRequest(user_id=session.user.id))
+    assert missing.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(missing) == {"password"}
+    guessed = rpc_error(stolen.EnableMfa, pb.EnableMfaRequest(user_id=session.user.id, password="a guessed password"))
+    assert guessed.code() == UNAUTHENTICATED
+    # Nothing was pended: no enrollment to confirm, and the password alone still signs in.
+    no_enrollment = rpc_error(stolen.GetMfaQrCode, pb.GetMfaQrCodeRequest(user_id=session.user.id))
+    assert no_enrollment.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD)).access_token
+    # The owner, who knows the password, enrolls.
+    assert stolen.EnableMfa(pb.EnableMfaRequest(user_id=session.user.id, password=PASSWORD)).secret
+
+
 def test_a_wrong_confirmation_code_leaves_mfa_off(server: RunningServer, mail: MailSink) -> None:
     session = signed_up(server, mail)
     own = server.stub_for(session.access_token)
-    secret = own.EnableMfa(pb.EnableMfaRequest(user_id=session.user.id)).secret
+    secret = own.EnableMfa(pb.EnableMfaRequest(user_id=session.user.id, password=PASSWORD)).secret
     wrong = f"{(int(independent_totp(secret, time.time())) + 1) % 1_000_000:06d}"
     error = rpc_error(own.ConfirmMfa, pb.ConfirmMfaRequest(user_id=session.user.id, code=wrong))
     assert error.code() == UNAUTHENTICATED
@@ -123,7 +142,7 @@ def test_confirmed_mfa_is_shown_and_never_reveals_the_secret(enrolled: Enrolled)
     error = rpc_error(own.GetMfaQrCode, pb.GetMfaQrCodeRequest(user_id=enrolled.user_id))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert (
-        rpc_error(own.EnableMfa, pb.EnableMfaRequest(user_id=enrolled.user_id)).code()
+        rpc_error(own.EnableMfa, pb.EnableMfaRequest(user_id=enrolled.user_id, password=PASSWORD)).code()
         == grpc.StatusCode.FAILED_PRECONDITION
     )
     assert len(enrolled.recovery_codes) == 10
@@ -196,6 +215,7 @@ def test_disable_needs_password_and_code_and_ends_sessions(enrolled: Enrolled, m
     own.DisableMfa(pb.DisableMfaRequest(user_id=enrolled.user_id, password=PASSWORD, code=enrolled.code()))
     assert rpc_error(own.GetUser, pb.GetUserRequest(id=enrolled.user_id)).code() == UNAUTHENTICATED
     assert enrolled.sign_in().access_token  # single-factor again
+    wait_until(lambda: any(m["Subject"] == "Two-factor sign-in is off" for m in mail.messages), what="the notice")
     subjects = [m["Subject"] for m in mail.messages if m["To"] == "jane@example.com"]
     assert subjects.count("Two-factor sign-in is off") == 1
 

@@ -16,6 +16,7 @@ from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 
 NEW_PASSWORD = "a brand new passphrase"
+THIRD_PASSWORD = "an attacker chose this one"
 
 
 def reset_token(mail: MailSink, to: str, nth: int = 1) -> str:
@@ -82,6 +83,7 @@ def test_reset_sets_the_password_once_and_revokes_every_session(server: RunningS
         pb.ResetPasswordRequest(token=token, new_password=PASSWORD, new_password_confirmation=PASSWORD),
     )
     assert again.code() == grpc.StatusCode.INVALID_ARGUMENT
+    wait_until(lambda: any(m["Subject"] == "Your password was reset" for m in mail.messages), what="the notice")
     notice = [m for m in mail.messages if m["Subject"] == "Your password was reset"]
     assert len(notice) == 1
     assert token not in notice[0].get_content()
@@ -178,3 +180,33 @@ def test_forgot_password_takes_as_long_for_missing_and_existing_accounts(server:
     existing = statistics.median(elapsed("jane") for _ in range(10))
     missing = statistics.median(elapsed("nobody@example.com") for _ in range(10))
     assert 0.8 < existing / missing < 1.25, (existing, missing)
+
+
+def test_changing_the_password_kills_a_pending_reset_token(server: RunningServer, mail: MailSink) -> None:
+    """ForgotPassword, then the owner changes the password: the old reset token must not reset it."""
+    session = signed_up(server, mail)
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    token = reset_token(mail, "jane@example.com")
+    server.stub_for(session.access_token).ChangePassword(
+        pb.ChangePasswordRequest(
+            user_id=session.user.id, current_password=PASSWORD, new_password=NEW_PASSWORD,
+            new_password_confirmation=NEW_PASSWORD,
+        )
+    )  # fmt: skip
+    stale = pb.ResetPasswordRequest(token=token, new_password=THIRD_PASSWORD, new_password_confirmation=THIRD_PASSWORD)
+    assert rpc_error(server.anonymous.ResetPassword, stale).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sign_in(server, NEW_PASSWORD).user.id == session.user.id
+
+
+def test_revoking_all_sessions_kills_a_pending_reset_token(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    token = reset_token(mail, "jane@example.com")
+    server.stub_for(session.access_token).RevokeAllSessions(pb.RevokeAllSessionsRequest(user_id=session.user.id))
+    stale = pb.ResetPasswordRequest(token=token, new_password=THIRD_PASSWORD, new_password_confirmation=THIRD_PASSWORD)
+    assert rpc_error(server.anonymous.ResetPassword, stale).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sign_in(server, PASSWORD).user.id == session.user.id
+    # A new request still works: only the pending token died.
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    reset(server, reset_token(mail, "jane@example.com", nth=2))
+    assert sign_in(server, NEW_PASSWORD).user.id == session.user.id

@@ -99,7 +99,7 @@ def test_a_copy_of_the_database_holds_no_code_or_token(server: RunningServer, ma
     signed_in = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD))
     refreshed = server.anonymous.RefreshSession(pb.RefreshSessionRequest(refresh_token=signed_in.refresh_token))
     own = server.stub_for(refreshed.access_token)
-    enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=user_id))
+    enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=user_id, password=PASSWORD))
     confirmed = own.ConfirmMfa(
         pb.ConfirmMfaRequest(user_id=user_id, code=independent_totp(enrollment.secret, time.time()))
     )

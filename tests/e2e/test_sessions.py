@@ -23,8 +23,8 @@ from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
 from pymongo import MongoClient
 
-from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error
+from tests.conftest import ADMIN_PASSWORD, KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer
+from tests.e2e.helpers import PASSWORD, create_request, rpc_error, violated_fields
 from tests.fakes import FakeClock
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
@@ -163,9 +163,36 @@ def test_revoke_all_sessions_kills_refresh_and_access_tokens_at_once(server: Run
 
 def test_deleted_user_tokens_stop_working(server: RunningServer, mail: MailSink) -> None:
     session = signed_up(server, mail)
-    server.stub_for(session.access_token).DeleteUser(pb.DeleteUserRequest(id=session.user.id))
+    server.stub_for(session.access_token).DeleteUser(pb.DeleteUserRequest(id=session.user.id, password=PASSWORD))
     assert get_user_status(server, session.access_token, session.user.id) == UNAUTHENTICATED
     assert refresh_status(server, session.refresh_token) == UNAUTHENTICATED
+
+
+def test_a_stolen_access_token_alone_cannot_delete_the_account(server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(server, mail)
+    stolen = server.stub_for(session.access_token)
+    missing = rpc_error(stolen.DeleteUser, pb.DeleteUserRequest(id=session.user.id))
+    assert missing.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(missing) == {"password"}
+    guessed = rpc_error(stolen.DeleteUser, pb.DeleteUserRequest(id=session.user.id, password="a guessed password"))
+    assert guessed.code() == UNAUTHENTICATED
+    assert whoami(server, session).id == session.user.id
+    stolen.DeleteUser(pb.DeleteUserRequest(id=session.user.id, password=PASSWORD))
+    assert rpc_error(server.stub.GetUser, pb.GetUserRequest(id=session.user.id)).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_admin_deletes_another_user_without_a_password_but_themself_with_one(
+    server: RunningServer, mail: MailSink
+) -> None:
+    session = signed_up(server, mail)
+    server.stub.DeleteUser(pb.DeleteUserRequest(id=session.user.id))
+    assert rpc_error(server.stub.GetUser, pb.GetUserRequest(id=session.user.id)).code() == grpc.StatusCode.NOT_FOUND
+    missing = rpc_error(server.stub.DeleteUser, pb.DeleteUserRequest(id=server.admin_id))
+    assert missing.code() == grpc.StatusCode.INVALID_ARGUMENT
+    wrong = rpc_error(server.stub.DeleteUser, pb.DeleteUserRequest(id=server.admin_id, password="not the password"))
+    assert wrong.code() == UNAUTHENTICATED
+    server.stub.DeleteUser(pb.DeleteUserRequest(id=server.admin_id, password=ADMIN_PASSWORD))
+    assert rpc_error(server.stub.GetUser, pb.GetUserRequest(id=server.admin_id)).code() == UNAUTHENTICATED
 
 
 def test_validate_token_returns_claims_and_refuses_revoked_tokens(server: RunningServer, mail: MailSink) -> None:

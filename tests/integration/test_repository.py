@@ -213,6 +213,70 @@ def test_outbox_retry_and_give_up(run: Any) -> None:
     run(body)
 
 
+NOTICE = Mail(to="jane@example.com", subject="Your password was changed", body="Hello jane")
+
+
+def test_a_change_and_its_notice_are_one_update(run: Any) -> None:
+    """The notice waits in the user's document from the change's own update; a claim holds it for
+    one sender; released, it leaves the document as it was."""
+
+    async def body(stores: Stores) -> None:
+        user = await stores.users.add(new_user())
+        assert await stores.users.claim_pending_notices(NOW, 60) is None
+        assert await stores.users.set_password(user.id, "$2b$10$new", NOW, NOTICE)
+        account = await stores.users.get_account(user.id)
+        assert account is not None
+        assert account.password_hash == "$2b$10$new"
+        claims = await asyncio.gather(*(stores.users.claim_pending_notices(NOW, 60) for _ in range(5)))
+        [claimed] = [claim for claim in claims if claim is not None]
+        assert claimed.user_id == user.id
+        assert [n.mail for n in claimed.notices] == [NOTICE]
+        # A notice pended while the claim is held stays for the next claim.
+        assert await stores.users.set_password(user.id, "$2b$10$newer", NOW, NOTICE)
+        await stores.users.release_notices(claimed)
+        again = await stores.users.claim_pending_notices(NOW, 60)
+        assert again is not None
+        assert len(again.notices) == 1
+        assert again.notices[0].id != claimed.notices[0].id
+        await stores.users.release_notices(again)
+        assert await stores.users.claim_pending_notices(NOW + timedelta(days=1), 60) is None
+        stored = await stores.users._users.find_one({"_id": ObjectId(user.id)})
+        assert stored is not None
+        assert {"pending_mail", "pending_mail_since"}.isdisjoint(stored)
+
+    run(body)
+
+
+def test_a_dead_senders_claim_runs_out_and_holds_its_notices_outbox_copies_till_then(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        user = await stores.users.add(new_user())
+        await stores.users.set_password(user.id, "$2b$10$new", NOW, NOTICE)
+        claimed = await stores.users.claim_pending_notices(NOW, 60)
+        assert claimed is not None
+        [notice] = claimed.notices
+        await stores.outbox.enqueue(notice.mail, NOW, mail_id=notice.id)
+        await stores.outbox.enqueue(notice.mail, NOW, mail_id=notice.id)  # a repeat does nothing
+        # The sender dies here. Its copy may not go out while the claim holds the notice ...
+        assert await stores.users.settle_notice(notice.id, NOW) == NOW + timedelta(seconds=60)
+        assert await stores.users.claim_pending_notices(NOW + timedelta(seconds=59), 60) is None
+        # ... and after the lease either the copy settles the notice, or another sender takes it over.
+        assert await stores.users.settle_notice(notice.id, NOW + timedelta(seconds=61)) is None
+        assert await stores.users.claim_pending_notices(NOW + timedelta(seconds=61), 60) is None
+        copy = await stores.outbox.claim(NOW, 60)
+        assert copy is not None
+        assert (copy.id, copy.mail, copy.attempts) == (notice.id, NOTICE, 1)
+        # A sender that found the notice still held hands the copy back, the attempt not counted.
+        await stores.outbox.postpone(copy.id, NOW + timedelta(seconds=1))
+        assert await stores.outbox.claim(NOW, 60) is None
+        again = await stores.outbox.claim(NOW + timedelta(seconds=1), 60)
+        assert again is not None
+        assert (again.id, again.attempts) == (notice.id, 1)
+        # Mail that is no notice settles at once.
+        assert await stores.users.settle_notice(str(ObjectId()), NOW) is None
+
+    run(body)
+
+
 def test_unreachable_database_is_storage_unavailable() -> None:
     async def main() -> None:
         client: AsyncMongoClient[Document] = AsyncMongoClient(

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.fakes import FakeClock, FakeHasher, FakeMailer, FakeThrottleStore, FakeUserRepository
-from users_grpc.domain import Gender, PasswordPolicy, Registration, Role, User
+from users_grpc.domain import Caller, Gender, PasswordPolicy, Registration, Role, User
 from users_grpc.errors import (
     AccountNotActive,
     AlreadyExists,
@@ -33,6 +33,7 @@ from users_grpc.throttling import PasswordThrottle, ThrottlePolicy
 
 _T = TypeVar("_T")
 PASSWORD = "correct horse battery"
+ADMIN = Caller(user_id="a" * 24, role=Role.ADMIN)
 
 
 def run(coroutine: Coroutine[Any, Any, _T]) -> _T:
@@ -279,11 +280,43 @@ class TestLookupAndDelete:
 
     def test_delete_then_get_is_not_found(self, world: World) -> None:
         user = world.create()
-        run(world.service.delete_user(user.id))
+        run(world.service.delete_user(user.id, password="", caller=ADMIN))
         with pytest.raises(NotFound):
             run(world.service.get_user(user.id))
         with pytest.raises(NotFound):
-            run(world.service.delete_user(user.id))
+            run(world.service.delete_user(user.id, password="", caller=ADMIN))
+
+    def test_deleting_ones_own_account_takes_the_password(self, world: World) -> None:
+        """A token alone is not enough; a wrong password counts toward the throttle."""
+        user = world.create()
+        itself = Caller(user_id=user.id, role=Role.USER)
+        with pytest.raises(InvalidArgument) as missing:
+            run(world.service.delete_user(user.id, password="", caller=itself))
+        assert violated_fields(missing) == {"password"}
+        with pytest.raises(InvalidCredentials):
+            run(world.service.delete_user(user.id, password="not the password", caller=itself))
+        counted = [tally.count for _, kind, tally in world.throttles.tallies.values() if kind == "password"]
+        assert counted, "the wrong password was not counted"
+        assert set(counted) == {1}
+        assert run(world.service.get_user(user.id)).id == user.id
+        run(world.service.delete_user(user.id, password=PASSWORD, caller=itself))
+        with pytest.raises(NotFound):
+            run(world.service.get_user(user.id))
+
+    def test_an_admin_deleting_themself_takes_the_password_too(self, world: World) -> None:
+        run(world.service.create_admin(registration(username="other", email="other@example.com")))
+        admin = run(world.service.create_admin(registration()))  # not the last admin: it may go
+        itself = Caller(user_id=admin.id, role=Role.ADMIN)
+        with pytest.raises(InvalidArgument):
+            run(world.service.delete_user(admin.id, password="", caller=itself))
+        run(world.service.delete_user(admin.id, password=PASSWORD, caller=itself))
+        with pytest.raises(NotFound):
+            run(world.service.get_user(admin.id))
+
+    def test_only_an_admin_deletes_someone_else(self, world: World) -> None:
+        user = world.create()
+        with pytest.raises(PermissionDenied):
+            run(world.service.delete_user(user.id, password=PASSWORD, caller=Caller(user_id="f" * 24)))
 
     @pytest.mark.parametrize("user_id", ["", "xyz", "6B07D8AEEE680BE65577D511", "6b07d8aeee680be65577d51"])
     def test_bad_id_is_invalid_argument(self, world: World, user_id: str) -> None:

@@ -346,10 +346,14 @@ class UserServiceServicer:
     def DeleteUser(self, request, context):
         """Delete a user by id
 
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION
-        (ErrorInfo reason LAST_ACTIVE_ADMIN: the user is the last active admin),
-        UNAVAILABLE.
+        Deleting one's own account needs the current password in `password`
+        (an admin deleting themself too), so an access token alone cannot delete
+        it; wrong passwords count toward the sign-in throttle. An admin deleting
+        someone else needs none.
+        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        own account without a password), UNAUTHENTICATED (also: wrong password),
+        PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
+        LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -455,6 +459,7 @@ class UserServiceServicer:
     def RevokeAllSessions(self, request, context):
         """Revoke every session of a user, and every access token issued so far
 
+        A pending password-reset token (from ForgotPassword) dies too.
         Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
         """
@@ -502,7 +507,10 @@ class UserServiceServicer:
 
         The token works once. Every session and token of the user is revoked, a
         notice is mailed, and the user is not signed in (MFA is still asked at the
-        next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+        next sign-in). The new password and its notice are one step: a call cut
+        short (deadline, cancellation) leaves both or neither. A call that failed
+        that way may have reset the password: sign in with the new one to know.
+        Callers: anyone holding the token. Errors: INVALID_ARGUMENT
         (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -512,7 +520,9 @@ class UserServiceServicer:
     def ChangePassword(self, request, context):
         """Change the password, given the current one
 
-        Every session and token of the user is revoked and a notice is mailed.
+        Every session and token of the user is revoked, a pending password-reset
+        token dies, and a notice is mailed. The change and its notice are one
+        step: a call cut short leaves both or neither.
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
         (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
         (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
@@ -522,12 +532,16 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EnableMfa(self, request, context):
-        """Start a TOTP enrollment
+        """Start a TOTP enrollment, with the current password
 
         Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
-        until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
-        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+        until ConfirmMfa; a new EnableMfa replaces a pending enrollment. The
+        password is asked so that an access token alone (a stolen one, say) cannot
+        put someone else's authenticator on the account; wrong passwords count
+        toward the sign-in throttle.
+        Callers: the user themself. Errors: INVALID_ARGUMENT (also: no password),
+        UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED,
+        FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -549,7 +563,10 @@ class UserServiceServicer:
         """Turn MFA on with a code from the authenticator app
 
         Returns ten single-use recovery codes, shown only here. Revokes the
-        user's sessions and tokens. Callers: the user themself. Errors:
+        user's sessions and tokens and mails a notice; MFA and its notice are one
+        step (a call cut short leaves both or neither; if MFA came on, its codes
+        are lost with the reply: disable with a TOTP code and enroll again).
+        Callers: the user themself. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
         FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
         wrong codes; wait), UNAVAILABLE.
@@ -561,7 +578,8 @@ class UserServiceServicer:
     def DisableMfa(self, request, context):
         """Turn MFA off, with the password and a TOTP or recovery code
 
-        Revokes the user's sessions and tokens and mails a notice.
+        Revokes the user's sessions and tokens and mails a notice; the change and
+        its notice are one step (a call cut short leaves both or neither).
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
         UNAVAILABLE.

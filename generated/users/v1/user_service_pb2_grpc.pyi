@@ -108,10 +108,14 @@ class UserServiceStub:
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]
     """Delete a user by id
 
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION
-    (ErrorInfo reason LAST_ACTIVE_ADMIN: the user is the last active admin),
-    UNAVAILABLE.
+    Deleting one's own account needs the current password in `password`
+    (an admin deleting themself too), so an access token alone cannot delete
+    it; wrong passwords count toward the sign-in throttle. An admin deleting
+    someone else needs none.
+    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+    own account without a password), UNAUTHENTICATED (also: wrong password),
+    PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
+    LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
     """
     DeleteUserByIdentifier: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserByIdentifierRequest, _user_service_pb2.DeleteUserByIdentifierResponse]
     """Delete a user by username or email
@@ -189,6 +193,7 @@ class UserServiceStub:
     RevokeAllSessions: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RevokeAllSessionsRequest, _user_service_pb2.RevokeAllSessionsResponse]
     """Revoke every session of a user, and every access token issued so far
 
+    A pending password-reset token (from ForgotPassword) dies too.
     Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
     """
@@ -220,24 +225,33 @@ class UserServiceStub:
 
     The token works once. Every session and token of the user is revoked, a
     notice is mailed, and the user is not signed in (MFA is still asked at the
-    next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+    next sign-in). The new password and its notice are one step: a call cut
+    short (deadline, cancellation) leaves both or neither. A call that failed
+    that way may have reset the password: sign in with the new one to know.
+    Callers: anyone holding the token. Errors: INVALID_ARGUMENT
     (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
     """
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]
     """Change the password, given the current one
 
-    Every session and token of the user is revoked and a notice is mailed.
+    Every session and token of the user is revoked, a pending password-reset
+    token dies, and a notice is mailed. The change and its notice are one
+    step: a call cut short leaves both or neither.
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
     (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
     (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
     """
     EnableMfa: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.EnableMfaRequest, _user_service_pb2.EnableMfaResponse]
-    """Start a TOTP enrollment
+    """Start a TOTP enrollment, with the current password
 
     Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
-    until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
-    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+    until ConfirmMfa; a new EnableMfa replaces a pending enrollment. The
+    password is asked so that an access token alone (a stolen one, say) cannot
+    put someone else's authenticator on the account; wrong passwords count
+    toward the sign-in throttle.
+    Callers: the user themself. Errors: INVALID_ARGUMENT (also: no password),
+    UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED,
+    FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
     """
     GetMfaQrCode: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetMfaQrCodeRequest, _user_service_pb2.GetMfaQrCodeResponse]
     """The QR code of the pending enrollment
@@ -251,7 +265,10 @@ class UserServiceStub:
     """Turn MFA on with a code from the authenticator app
 
     Returns ten single-use recovery codes, shown only here. Revokes the
-    user's sessions and tokens. Callers: the user themself. Errors:
+    user's sessions and tokens and mails a notice; MFA and its notice are one
+    step (a call cut short leaves both or neither; if MFA came on, its codes
+    are lost with the reply: disable with a TOTP code and enroll again).
+    Callers: the user themself. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
     FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
     wrong codes; wait), UNAVAILABLE.
@@ -259,7 +276,8 @@ class UserServiceStub:
     DisableMfa: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DisableMfaRequest, _user_service_pb2.DisableMfaResponse]
     """Turn MFA off, with the password and a TOTP or recovery code
 
-    Revokes the user's sessions and tokens and mails a notice.
+    Revokes the user's sessions and tokens and mails a notice; the change and
+    its notice are one step (a call cut short leaves both or neither).
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
     UNAVAILABLE.
@@ -520,10 +538,14 @@ class UserServiceAsyncStub(UserServiceStub):
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]  # type: ignore[assignment]
     """Delete a user by id
 
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION
-    (ErrorInfo reason LAST_ACTIVE_ADMIN: the user is the last active admin),
-    UNAVAILABLE.
+    Deleting one's own account needs the current password in `password`
+    (an admin deleting themself too), so an access token alone cannot delete
+    it; wrong passwords count toward the sign-in throttle. An admin deleting
+    someone else needs none.
+    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+    own account without a password), UNAUTHENTICATED (also: wrong password),
+    PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
+    LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
     """
     DeleteUserByIdentifier: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserByIdentifierRequest, _user_service_pb2.DeleteUserByIdentifierResponse]  # type: ignore[assignment]
     """Delete a user by username or email
@@ -601,6 +623,7 @@ class UserServiceAsyncStub(UserServiceStub):
     RevokeAllSessions: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RevokeAllSessionsRequest, _user_service_pb2.RevokeAllSessionsResponse]  # type: ignore[assignment]
     """Revoke every session of a user, and every access token issued so far
 
+    A pending password-reset token (from ForgotPassword) dies too.
     Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
     """
@@ -632,24 +655,33 @@ class UserServiceAsyncStub(UserServiceStub):
 
     The token works once. Every session and token of the user is revoked, a
     notice is mailed, and the user is not signed in (MFA is still asked at the
-    next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+    next sign-in). The new password and its notice are one step: a call cut
+    short (deadline, cancellation) leaves both or neither. A call that failed
+    that way may have reset the password: sign in with the new one to know.
+    Callers: anyone holding the token. Errors: INVALID_ARGUMENT
     (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
     """
     ChangePassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]  # type: ignore[assignment]
     """Change the password, given the current one
 
-    Every session and token of the user is revoked and a notice is mailed.
+    Every session and token of the user is revoked, a pending password-reset
+    token dies, and a notice is mailed. The change and its notice are one
+    step: a call cut short leaves both or neither.
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
     (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
     (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
     """
     EnableMfa: _aio.UnaryUnaryMultiCallable[_user_service_pb2.EnableMfaRequest, _user_service_pb2.EnableMfaResponse]  # type: ignore[assignment]
-    """Start a TOTP enrollment
+    """Start a TOTP enrollment, with the current password
 
     Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
-    until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
-    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-    PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+    until ConfirmMfa; a new EnableMfa replaces a pending enrollment. The
+    password is asked so that an access token alone (a stolen one, say) cannot
+    put someone else's authenticator on the account; wrong passwords count
+    toward the sign-in throttle.
+    Callers: the user themself. Errors: INVALID_ARGUMENT (also: no password),
+    UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED,
+    FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
     """
     GetMfaQrCode: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetMfaQrCodeRequest, _user_service_pb2.GetMfaQrCodeResponse]  # type: ignore[assignment]
     """The QR code of the pending enrollment
@@ -663,7 +695,10 @@ class UserServiceAsyncStub(UserServiceStub):
     """Turn MFA on with a code from the authenticator app
 
     Returns ten single-use recovery codes, shown only here. Revokes the
-    user's sessions and tokens. Callers: the user themself. Errors:
+    user's sessions and tokens and mails a notice; MFA and its notice are one
+    step (a call cut short leaves both or neither; if MFA came on, its codes
+    are lost with the reply: disable with a TOTP code and enroll again).
+    Callers: the user themself. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
     FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
     wrong codes; wait), UNAVAILABLE.
@@ -671,7 +706,8 @@ class UserServiceAsyncStub(UserServiceStub):
     DisableMfa: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DisableMfaRequest, _user_service_pb2.DisableMfaResponse]  # type: ignore[assignment]
     """Turn MFA off, with the password and a TOTP or recovery code
 
-    Revokes the user's sessions and tokens and mails a notice.
+    Revokes the user's sessions and tokens and mails a notice; the change and
+    its notice are one step (a call cut short leaves both or neither).
     Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
     UNAVAILABLE.
@@ -965,10 +1001,14 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.DeleteUserResponse, _abc.Awaitable[_user_service_pb2.DeleteUserResponse]]:
         """Delete a user by id
 
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
-        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION
-        (ErrorInfo reason LAST_ACTIVE_ADMIN: the user is the last active admin),
-        UNAVAILABLE.
+        Deleting one's own account needs the current password in `password`
+        (an admin deleting themself too), so an access token alone cannot delete
+        it; wrong passwords count toward the sign-in throttle. An admin deleting
+        someone else needs none.
+        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        own account without a password), UNAUTHENTICATED (also: wrong password),
+        PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
+        LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -1088,6 +1128,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.RevokeAllSessionsResponse, _abc.Awaitable[_user_service_pb2.RevokeAllSessionsResponse]]:
         """Revoke every session of a user, and every access token issued so far
 
+        A pending password-reset token (from ForgotPassword) dies too.
         Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
         """
@@ -1143,7 +1184,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         The token works once. Every session and token of the user is revoked, a
         notice is mailed, and the user is not signed in (MFA is still asked at the
-        next sign-in). Callers: anyone holding the token. Errors: INVALID_ARGUMENT
+        next sign-in). The new password and its notice are one step: a call cut
+        short (deadline, cancellation) leaves both or neither. A call that failed
+        that way may have reset the password: sign in with the new one to know.
+        Callers: anyone holding the token. Errors: INVALID_ARGUMENT
         (a bad password; or the token is wrong, expired or used), UNAVAILABLE.
         """
 
@@ -1155,7 +1199,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.ChangePasswordResponse, _abc.Awaitable[_user_service_pb2.ChangePasswordResponse]]:
         """Change the password, given the current one
 
-        Every session and token of the user is revoked and a notice is mailed.
+        Every session and token of the user is revoked, a pending password-reset
+        token dies, and a notice is mailed. The change and its notice are one
+        step: a call cut short leaves both or neither.
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
         (wrong current password), PERMISSION_DENIED, RESOURCE_EXHAUSTED
         (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
@@ -1167,12 +1213,16 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.EnableMfaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.EnableMfaResponse, _abc.Awaitable[_user_service_pb2.EnableMfaResponse]]:
-        """Start a TOTP enrollment
+        """Start a TOTP enrollment, with the current password
 
         Returns the secret, its otpauth:// URI and a QR code of it. MFA stays off
-        until ConfirmMfa; a new EnableMfa replaces a pending enrollment.
-        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
-        PERMISSION_DENIED, FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
+        until ConfirmMfa; a new EnableMfa replaces a pending enrollment. The
+        password is asked so that an access token alone (a stolen one, say) cannot
+        put someone else's authenticator on the account; wrong passwords count
+        toward the sign-in throttle.
+        Callers: the user themself. Errors: INVALID_ARGUMENT (also: no password),
+        UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED,
+        FAILED_PRECONDITION (MFA is already on), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -1198,7 +1248,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Turn MFA on with a code from the authenticator app
 
         Returns ten single-use recovery codes, shown only here. Revokes the
-        user's sessions and tokens. Callers: the user themself. Errors:
+        user's sessions and tokens and mails a notice; MFA and its notice are one
+        step (a call cut short leaves both or neither; if MFA came on, its codes
+        are lost with the reply: disable with a TOTP code and enroll again).
+        Callers: the user themself. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED (wrong code), PERMISSION_DENIED,
         FAILED_PRECONDITION (no pending enrollment), RESOURCE_EXHAUSTED (too many
         wrong codes; wait), UNAVAILABLE.
@@ -1212,7 +1265,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.DisableMfaResponse, _abc.Awaitable[_user_service_pb2.DisableMfaResponse]]:
         """Turn MFA off, with the password and a TOTP or recovery code
 
-        Revokes the user's sessions and tokens and mails a notice.
+        Revokes the user's sessions and tokens and mails a notice; the change and
+        its notice are one step (a call cut short leaves both or neither).
         Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, FAILED_PRECONDITION (MFA is off), RESOURCE_EXHAUSTED,
         UNAVAILABLE.
