@@ -66,6 +66,8 @@ RULES: Mapping[str, Rule] = {
     "IssueServiceToken": Rule.ANYONE,  # whoever holds a secret: checked (and throttled) by the service
     "ListServiceAccounts": Rule.ADMIN,
     "DeleteServiceAccount": Rule.ADMIN,
+    "ListUsers": Rule.ADMIN,
+    "UpdateUser": Rule.SELF_OR_ADMIN,
 }
 
 # Anonymous calls that cost a password hash or a mail: limited per source address (a user's own
