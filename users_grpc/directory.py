@@ -97,8 +97,11 @@ def _after(page_token: str, filters: UserFilter) -> str | None:
     except (binascii.Error, ValueError):
         raw = b""
     user_id, check = raw[:_ID_BYTES], raw[_ID_BYTES:]
-    if len(raw) != _ID_BYTES + _CHECK_BYTES or check != _check(user_id, filters):
-        raise InvalidArgument([FieldViolation("page_token", "is not a page token of this list with these filters")])
-    if _page_token(user_id.hex(), filters) != page_token:  # another spelling of the same bytes
+    # The check binds the token to its filters; re-encoding refuses other spellings of the bytes.
+    if (
+        check != _check(user_id, filters)
+        or len(user_id) != _ID_BYTES
+        or _page_token(user_id.hex(), filters) != page_token
+    ):
         raise InvalidArgument([FieldViolation("page_token", "is not a page token of this list with these filters")])
     return user_id.hex()

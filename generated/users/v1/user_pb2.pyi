@@ -146,8 +146,9 @@ class User(_message.Message):
     GetUserByIdentifier.
     """
     etag: _builtins.str
-    """Changes whenever the user does: pass it to UpdateUser so that a change
-    made meanwhile by someone else is not overwritten (AIP-154). Opaque.
+    """Changes whenever the user does (every UpdateUser moves it; other changes
+    move it with updated_at): pass it to UpdateUser so that a change made
+    meanwhile by someone else is not overwritten (AIP-154). Opaque.
     """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
