@@ -67,6 +67,8 @@ RULES: Mapping[str, Rule] = {
     "IssueServiceToken": Rule.ANYONE,  # whoever holds a secret: checked (and throttled) by the service
     "ListServiceAccounts": Rule.ADMIN,
     "DeleteServiceAccount": Rule.ADMIN,
+    "ListUsers": Rule.ADMIN,
+    "UpdateUser": Rule.SELF_OR_ADMIN,
 }
 
 # Calls anyone may make that cost a password hash or a mail: limited per source address, whatever

@@ -27,6 +27,7 @@ from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import Authorizer
 from users_grpc.admin import AdminService
 from users_grpc.config import ConfigError, Settings
+from users_grpc.directory import DirectoryService
 from users_grpc.domain import PasswordPolicy
 from users_grpc.email_change import EmailChangePolicy, EmailChangeService
 from users_grpc.errors import StorageUnavailable
@@ -372,6 +373,7 @@ async def build_app(
             email_changes,
             AdminService(users=users, sessions=session_store, throttle=password_throttle, mfa=mfa, clock=clock),
             service_accounts,
+            DirectoryService(users=users, clock=clock),
         ),
         server,
     )

@@ -6,12 +6,14 @@ messages into these types, and the repository converts them to BSON.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import re
 import secrets
 import unicodedata
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 
@@ -67,6 +69,14 @@ class User:
     # password, role and MFA changes); tokens carry the version they were issued under.
     token_version: int = 0
     mfa_enabled: bool = False
+    # Bumped by every UpdateUser, so that two updates within one millisecond still differ in etag.
+    revision: int = 0
+
+    @property
+    def etag(self) -> str:
+        """Opaque to callers: the revision and the stored updated_at (milliseconds), which together
+        change with every change of the user; :func:`parse_etag` reads them back."""
+        return _etag(self.revision, self.updated_at)
 
     @property
     def is_active(self) -> bool:
@@ -214,6 +224,89 @@ class PendingNotices:
     user_id: str
     claim: str
     notices: tuple[Notice, ...]
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _etag(revision: int, updated_at: datetime) -> str:
+    if updated_at.tzinfo is None:  # BSON dates are UTC; a client without tz_aware reads them naive
+        updated_at = updated_at.replace(tzinfo=UTC)
+    raw = f"{revision}:{(updated_at - _EPOCH) // timedelta(milliseconds=1)}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+@dataclass(frozen=True)
+class Version:
+    """What an etag says of the user it was read from."""
+
+    revision: int
+    updated_at: datetime
+
+
+def parse_etag(etag: str) -> Version:
+    try:
+        revision, _, millis = base64.urlsafe_b64decode(etag + "=" * (-len(etag) % 4)).decode().partition(":")
+        version = Version(int(revision), _EPOCH + timedelta(milliseconds=int(millis)))
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
+        raise InvalidArgument([FieldViolation("etag", "is not an etag of a user")]) from None
+    # Only the one spelling we make: anything else was not read from a user.
+    if version.revision < 0 or _etag(version.revision, version.updated_at) != etag:
+        raise InvalidArgument([FieldViolation("etag", "is not an etag of a user")])
+    return version
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserFilter:
+    """Which users ListUsers shows; None (or "") means any."""
+
+    role: Role | None = None
+    state: UserState | None = None
+    mfa_enabled: bool | None = None
+    # The identifier_key of the prefix of a username or an email.
+    prefix_key: str = ""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    def fingerprint(self) -> bytes:
+        """Equal exactly for equal filters, so that a page token is bound to its filters."""
+        parts = (
+            self.role and self.role.value,
+            self.state and self.state.value,
+            self.mfa_enabled,
+            self.prefix_key,
+            self.created_after and self.created_after.isoformat(),
+            self.created_before and self.created_before.isoformat(),
+        )
+        return repr(parts).encode()
+
+
+# Paths of User that UpdateUser may change.
+UPDATABLE_FIELDS = ("first_name", "last_name", "gender", "username")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileChanges:
+    """UpdateUser's new values, only of the fields it changes; validated by
+    :func:`validate_profile_changes`."""
+
+    first_name: str | None = None
+    last_name: str | None = None
+    gender: Gender | None = None
+    username: str | None = None
+
+
+def validate_profile_changes(changes: ProfileChanges) -> None:
+    violations: list[FieldViolation] = []
+    if changes.username is not None and not USERNAME_PATTERN.fullmatch(changes.username):
+        violations.append(
+            FieldViolation("user.username", "must be 3 to 32 characters of letters, digits, '.', '_' or '-'")
+        )
+    for field, value in (("first_name", changes.first_name), ("last_name", changes.last_name)):
+        if value is not None:
+            violations.extend(FieldViolation(f"user.{v.field}", v.description) for v in _name_violations(field, value))
+    if violations:
+        raise InvalidArgument(violations)
 
 
 # Limits from the contract (protos/users/v1/user_service.proto).
@@ -484,6 +577,13 @@ def _has_control_characters(value: str) -> bool:
 
 
 _CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def validate_prefix(prefix: str) -> None:
+    if len(prefix) > IDENTIFIER_MAX_LENGTH:
+        raise InvalidArgument([FieldViolation("prefix", f"must be at most {IDENTIFIER_MAX_LENGTH} characters")])
+    if _has_control_characters(prefix):
+        raise InvalidArgument([FieldViolation("prefix", "must not contain control or format characters")])
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,6 +22,7 @@ a short message and, where it helps the caller, rich details::
     │   ├── LastActiveAdmin
     │   ├── WrongUserState
     │   └── MfaRequired
+    ├── EtagMismatch           ABORTED (the user changed since the etag was read)
     ├── TooManyAttempts        RESOURCE_EXHAUSTED (google.rpc.RetryInfo: when to try again)
     ├── TooManyRequests        RESOURCE_EXHAUSTED (RetryInfo)
     ├── Overloaded             RESOURCE_EXHAUSTED (RetryInfo)
@@ -157,6 +158,13 @@ class MfaRequired(FailedPrecondition):
     message = "a second factor is required: send totp_code or recovery_code"
 
 
+class EtagMismatch(UsersError):
+    """A conditional change (AIP-154) found the resource changed since its etag was read."""
+
+    reason = "ETAG_MISMATCH"
+    message = "the user changed since the etag was read; read it again and retry"
+
+
 class TooManyAttempts(UsersError):
     """Too many failed tries of a password or code: wait, then try again."""
 
@@ -219,6 +227,7 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     InvalidSecondFactor: grpc.StatusCode.UNAUTHENTICATED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    EtagMismatch: grpc.StatusCode.ABORTED,
     TooManyAttempts: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooManyRequests: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -17,6 +17,7 @@ from users_grpc.domain import (
     PasswordScheme,
     PendingEmailChange,
     PendingNotices,
+    ProfileChanges,
     QueuedMail,
     Role,
     ServiceAccount,
@@ -24,7 +25,9 @@ from users_grpc.domain import (
     StoredKey,
     Tally,
     User,
+    UserFilter,
     UserState,
+    Version,
 )
 
 
@@ -83,6 +86,23 @@ class UserRepository(Protocol):
     async def upgrade_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
         """Replace an imported hash by one of our scheme, if the stored hash is still ``old_hash``
         (a password changed meanwhile wins); True if replaced."""
+
+
+class UserDirectory(Protocol):
+    """Listing users and changing their profiles (ListUsers, UpdateUser)."""
+
+    async def get(self, user_id: str) -> User | None: ...
+
+    async def list_users(self, filters: UserFilter, after_id: str | None, limit: int) -> list[User]:
+        """Up to ``limit`` users matching ``filters`` whose id is greater than ``after_id``, by id."""
+
+    async def count_users(self, filters: UserFilter) -> int: ...
+
+    async def update_profile(
+        self, user_id: str, changes: ProfileChanges, expected: Version | None, now: datetime
+    ) -> User | None:
+        """Apply ``changes`` in one update, if the user is still at ``expected`` (when given); the user
+        after it, or None if no user matched. A taken username raises ``AlreadyExists("username")``."""
 
 
 class CredentialRepository(Protocol):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -42,6 +43,7 @@ from users_grpc.domain import (
     PasswordScheme,
     PendingEmailChange,
     PendingNotices,
+    ProfileChanges,
     QueuedMail,
     Role,
     ServiceAccount,
@@ -49,7 +51,9 @@ from users_grpc.domain import (
     StoredKey,
     Tally,
     User,
+    UserFilter,
     UserState,
+    Version,
     identifier_key,
 )
 from users_grpc.errors import AlreadyExists, StorageUnavailable
@@ -128,6 +132,12 @@ class MongoUserRepository:
         # queries (a date range; a notice id) are served by them.
         await self._users.create_index([("pending_mail_since", ASCENDING)], sparse=True, name="pending_mail_since")
         await self._users.create_index([("pending_mail.id", ASCENDING)], sparse=True, name="pending_mail_id")
+        # ListUsers pages by _id (its own index serves the unfiltered list and the keyset). A role or
+        # state filter walks these in _id order; created_after/created_before ranges use the third.
+        # A username/email prefix is an anchored regex on the *_key unique indexes above.
+        await self._users.create_index([("role", ASCENDING), ("_id", ASCENDING)], name="role_id")
+        await self._users.create_index([("state", ASCENDING), ("_id", ASCENDING)], name="state_id")
+        await self._users.create_index([("created_at", ASCENDING), ("_id", ASCENDING)], name="created_at_id")
 
     def new_id(self) -> str:
         return str(ObjectId())
@@ -651,6 +661,48 @@ class MongoUserRepository:
         # As stored and read back later: BSON dates hold milliseconds.
         stored_now = now.replace(microsecond=now.microsecond // 1000 * 1000)
         return old, dataclasses.replace(old, email=email, updated_at=stored_now)
+
+    @_storage_errors
+    async def list_users(self, filters: UserFilter, after_id: str | None, limit: int) -> list[User]:
+        query = _user_query(filters)
+        if after_id is not None:
+            # The keyset: a page starts after the last id of the one before, however deep, and
+            # neither inserts nor deletes elsewhere in the list move it.
+            query = {"$and": [query, {"_id": {"$gt": _object_id(after_id)}}]}
+        cursor = self._users.find(query).sort("_id", ASCENDING).limit(limit)
+        return [_user_from_document(document) async for document in cursor]
+
+    @_storage_errors
+    async def count_users(self, filters: UserFilter) -> int:
+        return await self._users.count_documents(_user_query(filters))
+
+    @_storage_errors
+    async def update_profile(
+        self, user_id: str, changes: ProfileChanges, expected: Version | None, now: datetime
+    ) -> User | None:
+        fields: Document = {
+            name: value.value if isinstance(value, Gender) else value
+            for name, value in dataclasses.asdict(changes).items()
+            if value is not None
+        }
+        if changes.username is not None:
+            fields["username_key"] = identifier_key(changes.username)
+        query: Document = {"_id": _object_id(user_id)}
+        if expected is not None:
+            # Documents stored before revisions existed have none: revision 0.
+            query["revision"] = expected.revision if expected.revision else {"$exists": False}
+            query["updated_at"] = expected.updated_at
+        try:
+            document = await self._users.find_one_and_update(
+                query,
+                {"$set": {**fields, "updated_at": now}, "$inc": {"revision": 1}},
+                return_document=ReturnDocument.AFTER,
+            )
+        except OperationFailure as error:
+            if _is_duplicate_key(error):
+                raise AlreadyExists("username") from None
+            raise
+        return None if document is None else _user_from_document(document)
 
     async def _taken_field(self, document: Document, error: DuplicateKeyError) -> str:
         # MongoDB names the clashing index in keyPattern; FerretDB does not, so look it up.
@@ -1208,6 +1260,28 @@ def _notice_from_document(document: Document) -> Notice:
     )
 
 
+def _user_query(filters: UserFilter) -> Document:
+    clauses: list[Document] = []
+    if filters.role is not None:
+        clauses.append({"role": filters.role.value})
+    if filters.state is not None:
+        clauses.append(_STATE_FILTERS[filters.state])
+    if filters.mfa_enabled is not None:
+        clauses.append({"mfa.state": "active" if filters.mfa_enabled else {"$ne": "active"}})
+    if filters.prefix_key:
+        # Anchored and escaped: a prefix scan of the *_key indexes, never a pattern of the caller's.
+        pattern = "^" + re.escape(filters.prefix_key)
+        clauses.append({"$or": [{"username_key": {"$regex": pattern}}, {"email_key": {"$regex": pattern}}]})
+    created: Document = {}
+    if filters.created_after is not None:
+        created["$gte"] = filters.created_after
+    if filters.created_before is not None:
+        created["$lt"] = filters.created_before
+    if created:
+        clauses.append({"created_at": created})
+    return {"$and": clauses} if clauses else {}
+
+
 def _identifier_filter(key: str) -> Document:
     return {"$or": [{"username_key": key}, {"email_key": key}]}
 
@@ -1266,6 +1340,7 @@ def _user_from_document(document: Document) -> User:
         updated_at=document["updated_at"],
         token_version=document.get("token_version", 0),
         mfa_enabled=(document.get("mfa") or {}).get("state") == "active",
+        revision=document.get("revision", 0),
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import grpc
@@ -17,17 +17,22 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from users.v1 import session_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import current_caller
 from users_grpc.admin import AdminService
+from users_grpc.directory import DirectoryService
 from users_grpc.domain import (
     AccessClaims,
     Gender,
     ImportedUser,
     IssuedTokens,
+    ProfileChanges,
     Registration,
     Role,
     ServiceAccount,
     Session,
     User,
+    UserFilter,
     UserState,
+    identifier_key,
+    validate_prefix,
 )
 from users_grpc.email_change import EmailChangeService
 from users_grpc.errors import FieldViolation, InvalidArgument, to_rpc_status
@@ -59,6 +64,8 @@ _STATES_TO_PROTO = {
     UserState.LOCKED: user_pb2.USER_STATE_LOCKED,
 }
 
+_STATES = {wire: domain for domain, wire in _STATES_TO_PROTO.items()}
+
 _K = TypeVar("_K", bound=int)
 _E = TypeVar("_E")
 
@@ -75,6 +82,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         email_changes: EmailChangeService,
         admin: AdminService,
         service_accounts: ServiceAccountService,
+        directory: DirectoryService,
     ) -> None:
         self._service = service
         self._sessions = sessions
@@ -83,6 +91,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self._email_changes = email_changes
         self._admin = admin
         self._service_accounts = service_accounts
+        self._directory = directory
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
@@ -362,6 +371,42 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         await self._service_accounts.delete(request.client_id, caller=current_caller.get())
         return user_service_pb2.DeleteServiceAccountResponse()
 
+    async def ListUsers(
+        self, request: user_service_pb2.ListUsersRequest, context: Context
+    ) -> user_service_pb2.ListUsersResponse:
+        validate_prefix(request.prefix)
+        filters = UserFilter(
+            role=None
+            if request.role == user_pb2.ROLE_UNSPECIFIED
+            else _enum_from_proto(_ASSIGNED_ROLES, request.role, "role"),
+            state=None
+            if request.state == user_pb2.USER_STATE_UNSPECIFIED
+            else _enum_from_proto(_STATES, request.state, "state"),
+            mfa_enabled=request.mfa_enabled if request.HasField("mfa_enabled") else None,
+            prefix_key=identifier_key(request.prefix) if request.prefix.strip() else "",
+            created_after=request.created_after.ToDatetime(UTC) if request.HasField("created_after") else None,
+            created_before=request.created_before.ToDatetime(UTC) if request.HasField("created_before") else None,
+        )
+        users, next_page_token, total = await self._directory.list_users(filters, request.page_size, request.page_token)
+        return user_service_pb2.ListUsersResponse(
+            users=[user_to_proto(u) for u in users], next_page_token=next_page_token, total_size=total
+        )
+
+    async def UpdateUser(
+        self, request: user_service_pb2.UpdateUserRequest, context: Context
+    ) -> user_service_pb2.UpdateUserResponse:
+        if request.user.id and request.user.id != request.user_id:
+            raise InvalidArgument([FieldViolation("user.id", "must be empty or equal user_id")])
+        paths = list(request.update_mask.paths)
+        changes = ProfileChanges(
+            first_name=request.user.first_name if "first_name" in paths else None,
+            last_name=request.user.last_name if "last_name" in paths else None,
+            gender=_enum_from_proto(_GENDERS, request.user.gender, "user.gender") if "gender" in paths else None,
+            username=request.user.username if "username" in paths else None,
+        )
+        user = await self._directory.update_user(request.user_id, paths, changes, request.etag)
+        return user_service_pb2.UpdateUserResponse(user=user_to_proto(user))
+
 
 def _imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | InvalidArgument:
     """The item as a domain value, or (an unknown enum number) the error that item answers."""
@@ -402,6 +447,7 @@ def user_to_proto(user: User) -> user_pb2.User:
         updated_at=_timestamp(user.updated_at),
         mfa_enabled=user.mfa_enabled,
         state=_STATES_TO_PROTO[user.state],
+        etag=user.etag,
     )
 
 

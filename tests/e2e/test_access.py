@@ -63,6 +63,9 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "IssueServiceToken": lambda _id, _name: pb.IssueServiceTokenRequest(client_id=""),
     "ListServiceAccounts": lambda _id, _name: pb.ListServiceAccountsRequest(),
     "DeleteServiceAccount": lambda _id, _name: pb.DeleteServiceAccountRequest(client_id="f" * 24),
+    "ListUsers": lambda _id, _name: pb.ListUsersRequest(page_size=1),
+    # No update_mask: refused as INVALID_ARGUMENT once admitted, so it changes nothing.
+    "UpdateUser": lambda id_, _name: pb.UpdateUserRequest(user_id=id_),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them.

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 
 from tests.conftest import MailSink, RunningServer, StartServer
 from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, stored_users, violated_fields
@@ -145,6 +146,34 @@ BAD_INPUT = [
     ("ListServiceAccounts", pb.ListServiceAccountsRequest(page_size=1001), "page_size"),
     ("ListServiceAccounts", pb.ListServiceAccountsRequest(page_token="junk"), "page_token"),
     ("DeleteServiceAccount", pb.DeleteServiceAccountRequest(client_id="x"), "client_id"),
+    ("ListUsers", pb.ListUsersRequest(page_size=1001), "page_size"),
+    ("ListUsers", pb.ListUsersRequest(page_token="junk"), "page_token"),
+    ("ListUsers", pb.ListUsersRequest(prefix="x" * 255), "prefix"),
+    ("ListUsers", pb.ListUsersRequest(state=user_pb2.UserState.ValueType(9)), "state"),
+    ("UpdateUser", pb.UpdateUserRequest(user_id="nope", update_mask=FieldMask(paths=["first_name"])), "user_id"),
+    ("UpdateUser", pb.UpdateUserRequest(user_id=SELF), "update_mask"),
+    ("UpdateUser", pb.UpdateUserRequest(user_id=SELF, update_mask=FieldMask(paths=["email"])), "update_mask"),
+    (
+        "UpdateUser",
+        pb.UpdateUserRequest(
+            user_id=SELF, user=user_pb2.User(username="x y"), update_mask=FieldMask(paths=["username"])
+        ),
+        "user.username",
+    ),
+    (
+        "UpdateUser",
+        pb.UpdateUserRequest(
+            user_id=SELF, user=user_pb2.User(first_name="a\u2028b"), update_mask=FieldMask(paths=["first_name"])
+        ),
+        "user.first_name",
+    ),
+    (
+        "UpdateUser",
+        pb.UpdateUserRequest(
+            user_id=SELF, user=user_pb2.User(last_name="Doe"), update_mask=FieldMask(paths=["last_name"]), etag="zz!"
+        ),
+        "etag",
+    ),
     # The RPCs only a user may call about themself: SELF stands for the caller's own id.
     ("ChangePassword", pb.ChangePasswordRequest(user_id=SELF, current_password=""), "current_password"),
     (

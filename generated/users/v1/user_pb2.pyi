@@ -117,6 +117,7 @@ class User(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     MFA_ENABLED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """24 lower-case hexadecimal digits, assigned by the service."""
     username: _builtins.str
@@ -144,6 +145,11 @@ class User(_message.Message):
     in, refresh a session, reset a password or be found by
     GetUserByIdentifier.
     """
+    etag: _builtins.str
+    """Changes whenever the user does (every UpdateUser moves it; other changes
+    move it with updated_at): pass it to UpdateUser so that a change made
+    meanwhile by someone else is not overwritten (AIP-154). Opaque.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -163,10 +169,11 @@ class User(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         mfa_enabled: _builtins.bool = ...,
         state: Global___UserState.ValueType = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "last_name", b"last_name", "mfa_enabled", b"mfa_enabled", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "last_name", b"last_name", "mfa_enabled", b"mfa_enabled", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -246,6 +246,16 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_user__service__pb2.DeleteServiceAccountRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.DeleteServiceAccountResponse.FromString,
                 _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/users.v1.UserService/ListUsers',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.UpdateUser = channel.unary_unary(
+                '/users.v1.UserService/UpdateUser',
+                request_serializer=users_dot_v1_dot_user__service__pb2.UpdateUserRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.UpdateUserResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -823,6 +833,48 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUsers(self, request, context):
+        """List users, oldest first, with filters
+
+        Filters combine (all must hold). Keyset pagination: a page token names
+        the last user of its page, so paging never shows a user twice and never
+        skips one that existed before paging began, even while users are created
+        and deleted meanwhile (users created meanwhile may or may not be seen), and
+        a page deep in the list costs what the first one costs. A page token works
+        only with the filters of the call that returned it. total_size counts
+        the users matching the filters at the time of this call.
+        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        1000; a page_token that is garbage, tampered with or from a call with
+        other filters; an unknown role or state), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateUser(self, request, context):
+        """Change a user's names, gender or username (AIP-134)
+
+        update_mask names the fields to change: first_name, last_name, gender,
+        username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+        what to change, so that a field a client does not know cannot be blanked
+        by accident. Unknown paths and fields that cannot change here (id, email:
+        use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
+        are INVALID_ARGUMENT. New values follow the rules of CreateUserRequest.
+        With `etag` (from User.etag) the change applies only if the user has not
+        changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
+        user again and retry. Without it, the change applies to the current user.
+        Sessions and tokens stay valid.
+        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
+        username, compared as at registration, is taken; the ErrorInfo metadata
+        names the field `username`), ABORTED (a stale etag; ErrorInfo reason
+        ETAG_MISMATCH), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1010,6 +1062,16 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.DeleteServiceAccount,
                     request_deserializer=users_dot_v1_dot_user__service__pb2.DeleteServiceAccountRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.DeleteServiceAccountResponse.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ListUsersRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'UpdateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateUser,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.UpdateUserRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.UpdateUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2038,6 +2100,60 @@ class UserService:
             '/users.v1.UserService/DeleteServiceAccount',
             users_dot_v1_dot_user__service__pb2.DeleteServiceAccountRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.DeleteServiceAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListUsers',
+            users_dot_v1_dot_user__service__pb2.ListUsersRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/UpdateUser',
+            users_dot_v1_dot_user__service__pb2.UpdateUserRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.UpdateUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -457,6 +457,40 @@ class UserServiceStub:
     Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
     """
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]
+    """List users, oldest first, with filters
+
+    Filters combine (all must hold). Keyset pagination: a page token names
+    the last user of its page, so paging never shows a user twice and never
+    skips one that existed before paging began, even while users are created
+    and deleted meanwhile (users created meanwhile may or may not be seen), and
+    a page deep in the list costs what the first one costs. A page token works
+    only with the filters of the call that returned it. total_size counts
+    the users matching the filters at the time of this call.
+    Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+    1000; a page_token that is garbage, tampered with or from a call with
+    other filters; an unknown role or state), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
+    UpdateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]
+    """Change a user's names, gender or username (AIP-134)
+
+    update_mask names the fields to change: first_name, last_name, gender,
+    username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+    what to change, so that a field a client does not know cannot be blanked
+    by accident. Unknown paths and fields that cannot change here (id, email:
+    use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
+    are INVALID_ARGUMENT. New values follow the rules of CreateUserRequest.
+    With `etag` (from User.etag) the change applies only if the user has not
+    changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
+    user again and retry. Without it, the change applies to the current user.
+    Sessions and tokens stay valid.
+    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
+    username, compared as at registration, is taken; the ErrorInfo metadata
+    names the field `username`), ABORTED (a stale etag; ErrorInfo reason
+    ETAG_MISMATCH), UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -886,6 +920,40 @@ class UserServiceAsyncStub(UserServiceStub):
 
     Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    """
+    ListUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]  # type: ignore[assignment]
+    """List users, oldest first, with filters
+
+    Filters combine (all must hold). Keyset pagination: a page token names
+    the last user of its page, so paging never shows a user twice and never
+    skips one that existed before paging began, even while users are created
+    and deleted meanwhile (users created meanwhile may or may not be seen), and
+    a page deep in the list costs what the first one costs. A page token works
+    only with the filters of the call that returned it. total_size counts
+    the users matching the filters at the time of this call.
+    Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+    1000; a page_token that is garbage, tampered with or from a call with
+    other filters; an unknown role or state), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
+    UpdateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]  # type: ignore[assignment]
+    """Change a user's names, gender or username (AIP-134)
+
+    update_mask names the fields to change: first_name, last_name, gender,
+    username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+    what to change, so that a field a client does not know cannot be blanked
+    by accident. Unknown paths and fields that cannot change here (id, email:
+    use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
+    are INVALID_ARGUMENT. New values follow the rules of CreateUserRequest.
+    With `etag` (from User.etag) the change applies only if the user has not
+    changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
+    user again and retry. Without it, the change applies to the current user.
+    Sessions and tokens stay valid.
+    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
+    username, compared as at registration, is taken; the ErrorInfo metadata
+    names the field `username`), ABORTED (a stale etag; ErrorInfo reason
+    ETAG_MISMATCH), UNAVAILABLE.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -1535,6 +1603,52 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _user_service_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ListUsersResponse, _abc.Awaitable[_user_service_pb2.ListUsersResponse]]:
+        """List users, oldest first, with filters
+
+        Filters combine (all must hold). Keyset pagination: a page token names
+        the last user of its page, so paging never shows a user twice and never
+        skips one that existed before paging began, even while users are created
+        and deleted meanwhile (users created meanwhile may or may not be seen), and
+        a page deep in the list costs what the first one costs. A page token works
+        only with the filters of the call that returned it. total_size counts
+        the users matching the filters at the time of this call.
+        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        1000; a page_token that is garbage, tampered with or from a call with
+        other filters; an unknown role or state), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateUser(
+        self,
+        request: _user_service_pb2.UpdateUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.UpdateUserResponse, _abc.Awaitable[_user_service_pb2.UpdateUserResponse]]:
+        """Change a user's names, gender or username (AIP-134)
+
+        update_mask names the fields to change: first_name, last_name, gender,
+        username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+        what to change, so that a field a client does not know cannot be blanked
+        by accident. Unknown paths and fields that cannot change here (id, email:
+        use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
+        are INVALID_ARGUMENT. New values follow the rules of CreateUserRequest.
+        With `etag` (from User.etag) the change applies only if the user has not
+        changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
+        user again and retry. Without it, the change applies to the current user.
+        Sessions and tokens stay valid.
+        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
+        username, compared as at registration, is taken; the ErrorInfo metadata
+        names the field `username`), ABORTED (a stale etag; ErrorInfo reason
+        ETAG_MISMATCH), UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
