@@ -475,7 +475,8 @@ class MongoUserRepository:
             # A suspended account has no pending code or reset token: nothing mailed earlier works,
             # and housekeeping's purge of never-activated accounts (which keys on a pending
             # activation) can never take it.
-            update["$unset"] = {"activation": "", "password_reset": ""}
+            # Suspended: nothing pending may complete later (a code, a reset, a change of address).
+            update["$unset"] = {"activation": "", "password_reset": "", "email_change": ""}
         document = await self._users.find_one_and_update(
             {"_id": _object_id(user_id), "$or": [_STATE_FILTERS[state] for state in from_states]},
             update,
@@ -510,10 +511,14 @@ class MongoUserRepository:
 
     @_storage_errors
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
-        """End every access token so far, and any pending password-reset token with them."""
+        """End every access token so far, and any pending password reset or email change with them."""
         await self._users.update_one(
             {"_id": _object_id(user_id)},
-            {"$inc": {"token_version": 1}, "$set": {"updated_at": now}, "$unset": {"password_reset": ""}},
+            {
+                "$inc": {"token_version": 1},
+                "$set": {"updated_at": now},
+                "$unset": {"password_reset": "", "email_change": ""},
+            },
         )
 
     @_storage_errors

@@ -336,3 +336,36 @@ def test_a_reset_token_mailed_to_the_old_address_dies_with_the_change(server: Ru
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert sign_in_status(server, NEW) == grpc.StatusCode.OK
+
+
+def test_a_pending_change_dies_with_a_lock_a_password_change_or_revoke_all(
+    server: RunningServer, mail: MailSink
+) -> None:
+    """Found by an attack: a change asked for with a stolen token and password, then a lock and
+    unlock (or a new password, or signing out everywhere), could still be confirmed afterwards."""
+    session = signed_up(server, mail)
+    for n, undo in enumerate(("lock", "password", "revoke-all")):
+        target = f"thief{n}@evil.example"
+        change(server, session, target, password=PASSWORD if n < 2 else NEW_PASSWORD)
+        code = mail.code_for(target)
+        if undo == "lock":
+            server.stub.LockUser(pb.LockUserRequest(user_id=session.user.id))
+            server.stub.UnlockUser(pb.UnlockUserRequest(user_id=session.user.id))
+        elif undo == "password":
+            server.stub_for(session.access_token).ChangePassword(
+                pb.ChangePasswordRequest(
+                    user_id=session.user.id,
+                    current_password=PASSWORD,
+                    new_password=NEW_PASSWORD,
+                    new_password_confirmation=NEW_PASSWORD,
+                )
+            )
+        else:
+            server.stub_for(session.access_token).RevokeAllSessions(
+                pb.RevokeAllSessionsRequest(user_id=session.user.id)
+            )
+        # Each of these ended the session; a fresh sign-in confirms with the code from before.
+        password = PASSWORD if undo == "lock" else NEW_PASSWORD
+        session = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=password))
+        assert confirm_error(server, session, code).code() == grpc.StatusCode.INVALID_ARGUMENT, undo
+        assert server.stub.GetUser(pb.GetUserRequest(id=session.user.id)).user.email == OLD
