@@ -269,17 +269,7 @@ class MongoUserRepository:
         """
         result = await self._users.update_one(
             {"_id": _object_id(user_id), "password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}},
-            _with_notice(
-                {
-                    "$set": {"password_hash": password_hash, "updated_at": now},
-                    # A hash of our scheme replaces an imported one; a reset token or an email
-                    # change pending from before the new password dies with the old one.
-                    "$unset": {"password_reset": "", "password_scheme": "", "email_change": ""},
-                    "$inc": {"token_version": 1},
-                },
-                notice,
-                now,
-            ),
+            _with_notice(_new_password(password_hash, now), notice, now),
         )
         return result.modified_count == 1
 
@@ -288,17 +278,7 @@ class MongoUserRepository:
         """Set a new password, with its notice; a pending reset token dies with the old password."""
         result = await self._users.update_one(
             {"_id": _object_id(user_id)},
-            _with_notice(
-                {
-                    "$set": {"password_hash": password_hash, "updated_at": now},
-                    # A hash of our scheme replaces an imported one; a reset token or an email
-                    # change pending from before the new password dies with the old one.
-                    "$unset": {"password_reset": "", "password_scheme": "", "email_change": ""},
-                    "$inc": {"token_version": 1},
-                },
-                notice,
-                now,
-            ),
+            _with_notice(_new_password(password_hash, now), notice, now),
         )
         return result.modified_count == 1
 
@@ -1233,6 +1213,17 @@ def _state_of(document: Document) -> UserState:
         return UserState(state)
     # Written before states existed: only activation set is_active, and nothing cleared it.
     return UserState.ACTIVE if document["is_active"] else UserState.PENDING_ACTIVATION
+
+
+def _new_password(password_hash: str, now: datetime) -> Document:
+    """The update that sets a new password: every token so far ends (the version), a hash of our
+    scheme replaces an imported one, and a reset token or an email change pending from before
+    dies with the old password."""
+    return {
+        "$set": {"password_hash": password_hash, "updated_at": now},
+        "$unset": {"password_reset": "", "password_scheme": "", "email_change": ""},
+        "$inc": {"token_version": 1},
+    }
 
 
 def _unclaimed(now: datetime) -> Document:

@@ -140,6 +140,20 @@ class AccessTokens:
             await self.rotate()
 
     def issue(self, user: User, session_id: str) -> tuple[str, datetime]:
+        return self._sign(
+            user.id, self._audience, {"role": user.role.value, "ver": user.token_version, "sid": session_id}
+        )
+
+    def issue_service(self, client_id: str) -> tuple[str, datetime]:
+        """A token for a service account: ``sub`` is ``service-account:<client id>`` and it has no
+        role, version or session, so :meth:`verify` never takes it for a user's token.
+
+        Another audience than users' tokens: a service that verifies user tokens locally (pinning
+        iss and aud, as the README says) never takes a service account's token for a user's.
+        """
+        return self._sign(SERVICE_ACCOUNT_SUBJECT_PREFIX + client_id, self._service_audience, {})
+
+    def _sign(self, subject: str, audience: str, extra: dict[str, object]) -> tuple[str, datetime]:
         if self._signing is None:
             raise RuntimeError("no signing key loaded")
         kid, private = self._signing
@@ -148,35 +162,12 @@ class AccessTokens:
         expires_at = datetime.fromtimestamp(int((now + self._lifetime).timestamp()), now.tzinfo)
         claims = {
             "iss": self._issuer,
-            "aud": self._audience,
-            "sub": user.id,
+            "aud": audience,
+            "sub": subject,
             "iat": int(now.timestamp()),
             "exp": int(expires_at.timestamp()),
             "jti": uuid.uuid4().hex,
-            "role": user.role.value,
-            "ver": user.token_version,
-            "sid": session_id,
-        }
-        token = jwt.encode(claims, private, algorithm=ALGORITHM, headers={"kid": kid, "typ": ACCESS_TOKEN_TYPE})
-        return token, expires_at
-
-    def issue_service(self, client_id: str) -> tuple[str, datetime]:
-        """A token for a service account: ``sub`` is ``service-account:<client id>`` and it has no
-        role, version or session, so :meth:`verify` never takes it for a user's token."""
-        if self._signing is None:
-            raise RuntimeError("no signing key loaded")
-        kid, private = self._signing
-        now = self._clock.now()
-        expires_at = datetime.fromtimestamp(int((now + self._lifetime).timestamp()), now.tzinfo)
-        claims = {
-            "iss": self._issuer,
-            # Another audience than users' tokens: a service that verifies user tokens locally (pinning
-            # iss and aud, as the README says) never takes a service account's token for a user's.
-            "aud": self._service_audience,
-            "sub": SERVICE_ACCOUNT_SUBJECT_PREFIX + client_id,
-            "iat": int(now.timestamp()),
-            "exp": int(expires_at.timestamp()),
-            "jti": uuid.uuid4().hex,
+            **extra,
         }
         token = jwt.encode(claims, private, algorithm=ALGORITHM, headers={"kid": kid, "typ": ACCESS_TOKEN_TYPE})
         return token, expires_at

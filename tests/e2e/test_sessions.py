@@ -23,7 +23,7 @@ from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
 from pymongo import MongoClient
 
-from tests.conftest import ADMIN_PASSWORD, KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer
+from tests.conftest import ADMIN_PASSWORD, KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer, registration
 from tests.e2e.helpers import PASSWORD, create_request, rpc_error, violated_fields
 from tests.fakes import FakeClock
 from users.v1 import user_pb2
@@ -191,6 +191,8 @@ def test_an_admin_deletes_another_user_without_a_password_but_themself_with_one(
     assert missing.code() == grpc.StatusCode.INVALID_ARGUMENT
     wrong = rpc_error(server.stub.DeleteUser, pb.DeleteUserRequest(id=server.admin_id, password="not the password"))
     assert wrong.code() == UNAUTHENTICATED
+    # Another admin first: the last active admin is never deleted.
+    server.call(server.app.accounts.create_admin(registration(username="second", email="second@example.com")))
     server.stub.DeleteUser(pb.DeleteUserRequest(id=server.admin_id, password=ADMIN_PASSWORD))
     assert rpc_error(server.stub.GetUser, pb.GetUserRequest(id=server.admin_id)).code() == UNAUTHENTICATED
 
