@@ -50,11 +50,6 @@ class BcryptHasher:
         # Checked against when an account is missing, so that costs a real bcrypt run.
         self._dummy_hash = bcrypt.hashpw(self._prehash("not a password"), bcrypt.gensalt(rounds))
 
-    @property
-    def queued(self) -> int:
-        """Hashing jobs running or waiting."""
-        return self._in_line
-
     async def hash(self, password: str) -> str:
         salt = bcrypt.gensalt(self._rounds)
         hashed = await self._run(bcrypt.hashpw, self._prehash(password), salt)
