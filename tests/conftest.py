@@ -202,6 +202,8 @@ class RunningServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def stop(self) -> None:
+        if self._loop.is_closed():  # stopped by the test already
+            return
         self.channel.close()
         try:
             self.call(self.app.stop(), timeout=30)

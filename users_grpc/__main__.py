@@ -9,9 +9,11 @@ import getpass
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from users_grpc import migrations
 from users_grpc.bootstrap import App, build_app, serve
 from users_grpc.config import ConfigError, Settings
 from users_grpc.devdb import DevDatabaseError, start_dev_database
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "create-admin":
             user_id = _with_app(settings, lambda app: _create_admin(app, args))
             print(f"admin {args.username} created: id {user_id}")
+        elif args.command == "migrate":
+            _with_app(settings, lambda app: _migrate(app, args))
         elif args.keys_command == "rotate":
             print(_with_app(settings, lambda app: app.tokens.rotate()))
         elif args.keys_command == "retire":
@@ -77,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     admin.add_argument("--email", required=True)
     admin.add_argument("--first-name", default="Admin")
     admin.add_argument("--last-name", default="Admin")
+
+    migrate = commands.add_parser(
+        "migrate", help="bring the database's schema to this version (idempotent; resumes after a crash)"
+    )
+    migrate.add_argument("--dry-run", action="store_true", help="say which steps would run, change nothing")
+    migrate.add_argument(
+        "--all-replicas-upgraded",
+        action="store_true",
+        help="every replica runs this version or newer: steps that older replicas would break may run",
+    )
 
     keys = commands.add_parser("keys", help="manage the token signing keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -133,6 +147,16 @@ async def _create_admin(app: App, args: argparse.Namespace) -> str:
         )
     )
     return user.id
+
+
+async def _migrate(app: App, args: argparse.Namespace) -> int:
+    return await migrations.migrate(
+        app.schema,
+        datetime.now(UTC),
+        dry_run=args.dry_run,
+        all_replicas_upgraded=args.all_replicas_upgraded,
+        say=print,
+    )
 
 
 async def _retire_key(app: App, kid: str) -> bool:

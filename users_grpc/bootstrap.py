@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from pymongo import AsyncMongoClient, WriteConcern
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
+from users_grpc import migrations
 from users_grpc.access import Authorizer
 from users_grpc.admin import AdminService
 from users_grpc.config import ConfigError, Settings
@@ -45,6 +46,7 @@ from users_grpc.repository import (
     MongoHousekeeping,
     MongoKeyStore,
     MongoOutbox,
+    MongoSchema,
     MongoServiceAccountRepository,
     MongoSessionRepository,
     MongoThrottleStore,
@@ -97,6 +99,7 @@ class App:
     session_store: MongoSessionRepository
     throttles: MongoThrottleStore
     service_account_store: MongoServiceAccountRepository
+    schema: MongoSchema
     accounts: UserService
     tokens: AccessTokens
     health: DatabaseHealth
@@ -114,6 +117,7 @@ class App:
         while True:
             try:
                 await self.users.ensure_indexes()
+                await migrations.prepare(self.schema)
                 await self.outbox.ensure_indexes()
                 await self.outbox.seal_legacy_mail()
                 await self.session_store.ensure_indexes()
@@ -401,6 +405,7 @@ async def build_app(
         session_store=session_store,
         throttles=throttles,
         service_account_store=service_account_store,
+        schema=MongoSchema(database),
         accounts=accounts,
         tokens=tokens,
         health=DatabaseHealth(

@@ -8,11 +8,13 @@ it for the whole interval and purges:
 - accounts never activated, created more than the unactivated-account
   retention ago, which frees their username and email;
 - mail given up (status "failed") more than the failed-mail retention ago;
-- throttle tallies past their use (each carries its own expiry).
+- throttle tallies past their use (each carries its own expiry);
+- claims on usernames and emails left pending by a write that never finished
+  (see :class:`users_grpc.repository.MongoClaims`).
 
 Holding the lease for a whole interval makes the job run about once per
 interval whatever the number of replicas; a run is cut off before its lease
-ends, so two never overlap. Each purge is one indexed ``delete_many``.
+ends, so two never overlap. Each purge is served by an index.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Purged:
     accounts: int
     mails: int
     tallies: int = 0
+    claims: int = 0
 
 
 def holder_id() -> str:
@@ -97,7 +100,8 @@ class HousekeepingJob:
             accounts=await self._store.purge_never_activated_users(now - self._retention.never_activated_accounts),
             mails=await self._store.purge_failed_mail(now - self._retention.failed_mail),
             tallies=await self._store.purge_expired_tallies(now),
+            claims=await self._store.release_stale_claims(now),
         )
-        if purged != Purged(0, 0, 0, 0):
+        if purged != Purged(0, 0, 0):
             log.info("housekeeping purged", extra=dataclasses.asdict(purged))
         return purged

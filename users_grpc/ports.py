@@ -381,3 +381,6 @@ class Housekeeping(Protocol):
 
     async def purge_expired_tallies(self, now: datetime) -> int:
         """Delete the throttle tallies that expired before ``now``; how many."""
+
+    async def release_stale_claims(self, now: datetime) -> int:
+        """Settle or free the name claims left pending too long (a write that never finished); how many freed."""

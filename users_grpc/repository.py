@@ -13,6 +13,7 @@ notices into the ``outbox`` collection (:meth:`MongoUserRepository.claim_pending
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import re
 import secrets
@@ -112,15 +113,17 @@ def _storage_errors(method: Callable[_P, Coroutine[Any, Any, _R]]) -> Callable[_
 
 
 class MongoUserRepository:
-    """The ``users`` collection. Uniqueness rests on the ``*_key`` fields' unique indexes."""
+    """The ``users`` collection. Usernames and emails are unique through :class:`MongoClaims`, which
+    works when ``users`` is sharded by ``_id`` (a unique index on another field would not)."""
 
     def __init__(self, database: AsyncDatabase[Document]) -> None:
         self._users: AsyncCollection[Document] = database["users"]
+        self._claims = MongoClaims(database)
 
     @_storage_errors
     async def ensure_indexes(self) -> None:
-        await self._users.create_index([("username_key", ASCENDING)], unique=True, name="username_key_unique")
-        await self._users.create_index([("email_key", ASCENDING)], unique=True, name="email_key_unique")
+        """The indexes every schema version has; the identifier indexes belong to :class:`MongoSchema`."""
+        await self._claims.ensure_indexes()
         await self._users.create_index([("password_reset.digest", ASCENDING)], name="password_reset_digest")
         # Serves housekeeping's purge of accounts never activated.
         await self._users.create_index(
@@ -144,12 +147,36 @@ class MongoUserRepository:
 
     @_storage_errors
     async def add(self, new_user: NewUser) -> User:
+        """Claim the username, then the email, then write the user; a taken one raises :class:`AlreadyExists`.
+
+        The claims are settled once the user is written. If the outcome of a write is unknown
+        (the database went away), the claims stay pending and :meth:`MongoClaims.release_stale`
+        decides later, by whether the user exists; releasing them here could free the names of a
+        user that was in fact written.
+        """
         document = _document_from_new_user(new_user)
+        user_id = document["_id"]
+        names = [("username", document["username_key"]), ("email", document["email_key"])]
+        claimed: list[tuple[str, str]] = []
+        for kind, key in names:
+            if await self._claims.claim(kind, key, user_id, new_user.created_at) is None:
+                for taken_kind, taken_key in claimed:
+                    await self._claims.release(taken_kind, taken_key, user_id)
+                raise AlreadyExists(kind)
+            claimed.append((kind, key))
         try:
-            result = await self._users.insert_one(document)
-        except DuplicateKeyError as error:
-            raise AlreadyExists(await self._taken_field(document, error)) from None
-        document["_id"] = result.inserted_id
+            await self._users.insert_one(document)
+        except OperationFailure as error:
+            if not _is_duplicate_key(error):
+                raise
+            # A database still on schema 1 keeps its unique indexes: a user that an older
+            # replica wrote without claims is refused by them.
+            field = await self._taken_field(document, error)
+            for kind, key in claimed:
+                await self._claims.release(kind, key, user_id)
+            raise AlreadyExists(field) from None
+        for kind, key in claimed:
+            await self._claims.settle(kind, key, user_id)
         return _user_from_document(document)
 
     @_storage_errors
@@ -435,13 +462,21 @@ class MongoUserRepository:
 
     @_storage_errors
     async def delete(self, user_id: str) -> bool:
-        result = await self._users.delete_one({"_id": _object_id(user_id)})
-        return result.deleted_count == 1
+        return await self._delete_where({"_id": _object_id(user_id)})
 
     @_storage_errors
     async def delete_by_identifier(self, identifier_key: str) -> bool:
-        result = await self._users.delete_one(_identifier_filter(identifier_key))
-        return result.deleted_count == 1
+        return await self._delete_where(_identifier_filter(identifier_key))
+
+    async def _delete_where(self, query: Document) -> bool:
+        """Delete the user ``query`` finds, then free their names. If the process dies in between,
+        the claims name a user that is gone, and the next claimant takes them over."""
+        # Without a projection: FerretDB does not implement one on findAndModify.
+        document = await self._users.find_one_and_delete(query)
+        if document is None:
+            return False
+        await self._claims.release_all_of(document)
+        return True
 
     @_storage_errors
     async def change_state(
@@ -484,10 +519,9 @@ class MongoUserRepository:
     @_storage_errors
     async def delete_unless_active_admin(self, user_id: str) -> bool:
         """Delete the user if they are not an active admin (checked in the same operation)."""
-        result = await self._users.delete_one(
+        return await self._delete_where(
             {"_id": _object_id(user_id), "$or": [{"role": {"$ne": Role.ADMIN.value}}, {"is_active": False}]}
         )
-        return result.deleted_count == 1
 
     @_storage_errors
     async def bump_token_version(self, user_id: str, now: datetime) -> None:
@@ -621,25 +655,23 @@ class MongoUserRepository:
         return await self._swap_email({"_id": _object_id(user_id)}, email, now)
 
     async def _swap_email(self, precondition: Document, email: str, now: datetime) -> tuple[User, User] | None:
-        """Set ``email`` where ``precondition`` holds, in one update that the unique ``email_key``
-        index guards: a taken address writes nothing and raises :class:`AlreadyExists`.
+        """Claim ``email``, then set it where ``precondition`` holds: a taken address writes
+        nothing and raises :class:`AlreadyExists`. The old address is released afterwards.
 
         The pending change goes, and so does a pending password reset: its token was mailed to
         the old address, which no longer speaks for the account.
         """
-        try:
-            before = await self._users.find_one_and_update(
-                precondition,
-                {
-                    "$set": {"email": email, "email_key": identifier_key(email), "updated_at": now},
-                    "$unset": {"email_change": "", "password_reset": ""},
-                },
-                return_document=ReturnDocument.BEFORE,
-            )
-        except OperationFailure as error:
-            if _is_duplicate_key(error):
-                raise AlreadyExists("email") from None
-            raise
+        key = identifier_key(email)
+        before = await self._claimed_update(
+            "email",
+            key,
+            precondition,
+            {
+                "$set": {"email": email, "email_key": key, "updated_at": now},
+                "$unset": {"email_change": "", "password_reset": ""},
+            },
+            now,
+        )
         if before is None:
             return None
         old = _user_from_document(before)
@@ -677,19 +709,43 @@ class MongoUserRepository:
             # Documents stored before revisions existed have none: revision 0.
             query["revision"] = expected.revision if expected.revision else {"$exists": False}
             query["updated_at"] = expected.updated_at
-        try:
-            document = await self._users.find_one_and_update(
-                query,
-                {"$set": {**fields, "updated_at": now}, "$inc": {"revision": 1}},
-                return_document=ReturnDocument.AFTER,
-            )
-        except OperationFailure as error:
-            if _is_duplicate_key(error):
-                raise AlreadyExists("username") from None
-            raise
-        return None if document is None else _user_from_document(document)
+        update: Document = {"$set": {**fields, "updated_at": now}, "$inc": {"revision": 1}}
+        if changes.username is None:
+            document = await self._users.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
+            return None if document is None else _user_from_document(document)
+        if await self._claimed_update("username", fields["username_key"], query, update, now) is None:
+            return None
+        return await self.get(user_id)
 
-    async def _taken_field(self, document: Document, error: DuplicateKeyError) -> str:
+    async def _claimed_update(
+        self, kind: str, key: str, query: Document, update: Document, now: datetime
+    ) -> Document | None:
+        """Claim ``key`` for the user ``query`` names, apply ``update`` where ``query`` holds, then
+        release the key the user held before; the document before the update, or None if
+        ``query`` matched nothing (the claim is then given back)."""
+        user_id = query["_id"]
+        claim = await self._claims.claim(kind, key, user_id, now)
+        if claim is None:
+            raise AlreadyExists(kind)
+        refused = False
+        try:
+            before = await self._users.find_one_and_update(query, update, return_document=ReturnDocument.BEFORE)
+        except OperationFailure as error:
+            if not _is_duplicate_key(error):
+                raise
+            before, refused = None, True  # a unique index left from schema 1 refused it
+        if before is None:
+            if claim is Claim.NEW:
+                await self._claims.release(kind, key, user_id)
+            if refused:
+                raise AlreadyExists(kind)
+            return None
+        await self._claims.settle(kind, key, user_id)
+        if before.get(f"{kind}_key") != key:
+            await self._claims.release(kind, before[f"{kind}_key"], user_id)
+        return before
+
+    async def _taken_field(self, document: Document, error: OperationFailure) -> str:
         # MongoDB names the clashing index in keyPattern; FerretDB does not, so look it up.
         key_pattern = (error.details or {}).get("keyPattern") or {}
         if "username_key" in key_pattern:
@@ -699,6 +755,164 @@ class MongoUserRepository:
         if await self._users.find_one({"username_key": document["username_key"]}, projection={"_id": 1}):
             return "username"
         return "email"
+
+
+class Claim(enum.Enum):
+    NEW = "new"  # claimed by this call: give it back if the change fails
+    HELD = "held"  # the user held it already (a rename that changes only letter case)
+
+
+# Longer than any write between a claim and its user's document may take (the database budget
+# of one call is at most USERS_DB_TIMEOUT_SECONDS): a younger claim may still be in use.
+CLAIM_SETTLE_SECONDS = 120.0
+_CLAIM_KINDS = ("username", "email")
+
+
+class MongoClaims:
+    """The ``claims`` collection: one document per normalized username and email, its ``_id``
+    ``"<kind>:<key>"``, naming the user that holds it.
+
+    This is MongoDB's pattern for uniqueness outside a sharded collection's shard key: the
+    unique ``_id`` of an unsharded (or ``_id``-sharded) collection decides every race, one
+    insert at a time, without transactions. A claim is pending from its insert until its
+    user's document is written; :meth:`release_stale` settles or frees pending claims past
+    :data:`CLAIM_SETTLE_SECONDS` by whether the user holds the key, and a claimant that meets
+    a settled claim whose user no longer holds the key (a deletion that died halfway) takes it
+    over after the same bound.
+    """
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._claims: AsyncCollection[Document] = database["claims"]
+        self._users: AsyncCollection[Document] = database["users"]
+
+    async def ensure_indexes(self) -> None:
+        # Sparse: only claims still pending are indexed, for release_stale.
+        await self._claims.create_index([("pending_since", ASCENDING)], sparse=True, name="pending_since")
+
+    async def claim(self, kind: str, key: str, user_id: ObjectId, now: datetime) -> Claim | None:
+        """Claim ``key`` for ``user_id``; None if another user holds it."""
+        claim_id = f"{kind}:{key}"
+        for _ in range(3):  # a claim released between our insert and our read: try again
+            try:
+                await self._claims.insert_one(
+                    {"_id": claim_id, "user_id": user_id, "claimed_at": now, "pending_since": now}
+                )
+                return Claim.NEW
+            except DuplicateKeyError:
+                existing = await self._claims.find_one({"_id": claim_id})
+            if existing is None:
+                continue
+            if existing["user_id"] == user_id:
+                return Claim.HELD
+            young = existing["claimed_at"] > now - timedelta(seconds=CLAIM_SETTLE_SECONDS)
+            if young or await self._holds(existing["user_id"], kind, key):
+                return None
+            taken_over = await self._claims.find_one_and_update(
+                {"_id": claim_id, "user_id": existing["user_id"], "claimed_at": existing["claimed_at"]},
+                {"$set": {"user_id": user_id, "claimed_at": now, "pending_since": now}},
+            )
+            return Claim.NEW if taken_over is not None else None
+        return None
+
+    async def _holds(self, user_id: Any, kind: str, key: str) -> bool:
+        return await self._users.find_one({"_id": user_id, f"{kind}_key": key}, projection={"_id": 1}) is not None
+
+    async def settle(self, kind: str, key: str, user_id: ObjectId) -> None:
+        await self._claims.update_one({"_id": f"{kind}:{key}", "user_id": user_id}, {"$unset": {"pending_since": ""}})
+
+    async def release(self, kind: str, key: str, user_id: Any) -> None:
+        await self._claims.delete_one({"_id": f"{kind}:{key}", "user_id": user_id})
+
+    async def release_all_of(self, user: Document) -> None:
+        for kind in _CLAIM_KINDS:
+            if f"{kind}_key" in user:
+                await self.release(kind, user[f"{kind}_key"], user["_id"])
+
+    @_storage_errors
+    async def release_stale(self, now: datetime, limit: int = 1000) -> int:
+        """Settle pending claims older than the bound whose user holds them; release the others."""
+        released = 0
+        cutoff = now - timedelta(seconds=CLAIM_SETTLE_SECONDS)
+        async for claim in self._claims.find({"pending_since": {"$lt": cutoff}}).limit(limit):
+            kind, _, key = claim["_id"].partition(":")
+            if await self._holds(claim["user_id"], kind, key):
+                await self.settle(kind, key, claim["user_id"])
+            else:
+                result = await self._claims.delete_one(
+                    {"_id": claim["_id"], "user_id": claim["user_id"], "claimed_at": claim["claimed_at"]}
+                )
+                released += result.deleted_count
+        return released
+
+    @_storage_errors
+    async def backfill(self, after: Any, limit: int, now: datetime) -> tuple[Any, list[str]]:
+        """Claim the names of up to ``limit`` users after ``after`` (in ``_id`` order) for them: the
+        last ``_id`` done (None when no user is left) and the names another user holds already."""
+        query: Document = {} if after is None else {"_id": {"$gt": after}}
+        last, conflicts = None, []
+        cursor = self._users.find(query, projection={"username_key": 1, "email_key": 1}).sort("_id", ASCENDING)
+        async for user in cursor.limit(limit):
+            last = user["_id"]
+            for kind in _CLAIM_KINDS:
+                key = user.get(f"{kind}_key")
+                if key is None:
+                    continue
+                claim = await self._claims.find_one_and_update(
+                    {"_id": f"{kind}:{key}"},
+                    {"$setOnInsert": {"user_id": user["_id"], "claimed_at": now}},
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+                if claim is not None and claim["user_id"] != user["_id"]:
+                    conflicts.append(f"{kind} of user {user['_id']} is claimed by user {claim['user_id']}")
+        return last, conflicts
+
+
+class MongoSchema:
+    """The ``schema`` collection: which version of this module's layout the database holds, and the
+    progress of a migration under way. See :mod:`users_grpc.migrations`."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._schema: AsyncCollection[Document] = database["schema"]
+        self._users: AsyncCollection[Document] = database["users"]
+        self.claims = MongoClaims(database)
+
+    @_storage_errors
+    async def state(self) -> Document | None:
+        return await self._schema.find_one({"_id": "users"})
+
+    @_storage_errors
+    async def has_users(self) -> bool:
+        return await self._users.find_one({}, projection={"_id": 1}) is not None
+
+    @_storage_errors
+    async def record(self, version: int, **progress: Any) -> None:
+        """Record ``version`` (never lowering it), with the progress of the next step, if any."""
+        update: Document = {"$max": {"version": version}}
+        if progress:
+            update["$set"] = progress
+        else:
+            update["$unset"] = {"progress": ""}
+        await self._schema.update_one({"_id": "users"}, update, upsert=True)
+
+    @_storage_errors
+    async def ensure_identifier_indexes(self, *, unique: bool) -> None:
+        """The lookups by username and email. Unique before schema 2; plain from then on, since
+        claims keep the names unique and a unique index cannot exist on a sharded ``users``."""
+        for field in ("username_key", "email_key"):
+            if unique:
+                await self._users.create_index([(field, ASCENDING)], unique=True, name=f"{field}_unique")
+            else:
+                await self._users.create_index([(field, ASCENDING)], name=field)
+
+    @_storage_errors
+    async def drop_unique_identifier_indexes(self) -> None:
+        for field in ("username_key", "email_key"):
+            try:
+                await self._users.drop_index(f"{field}_unique")
+            except OperationFailure as error:
+                if error.code != _INDEX_NOT_FOUND:
+                    raise
 
 
 class MongoSessionRepository:
@@ -1106,7 +1320,7 @@ def _mail_associated_data(mail_id: ObjectId, to: str, subject: str) -> bytes:
 
 class MongoHousekeeping:
     """Leases for jobs that one replica at a time runs (the ``leases`` collection, by ``_id``), and
-    the purges of housekeeping, each a single ``delete_many`` that an index serves."""
+    the purges of housekeeping, each served by an index."""
 
     def __init__(self, database: AsyncDatabase[Document]) -> None:
         self._leases: AsyncCollection[Document] = database["leases"]
@@ -1114,6 +1328,7 @@ class MongoHousekeeping:
         self._sessions: AsyncCollection[Document] = database["sessions"]
         self._outbox: AsyncCollection[Document] = database["outbox"]
         self._throttles: AsyncCollection[Document] = database["throttles"]
+        self._claims = MongoClaims(database)
 
     @_storage_errors
     async def take_lease(self, job: str, holder: str, now: datetime, lease_seconds: float) -> bool:
@@ -1138,8 +1353,20 @@ class MongoHousekeeping:
         return deleted
 
     @_storage_errors
-    async def purge_never_activated_users(self, created_before: datetime) -> int:
-        return (await self._users.delete_many(never_activated_query(created_before))).deleted_count
+    async def purge_never_activated_users(self, created_before: datetime, limit: int = 1000) -> int:
+        # One by one, so that each user's names are released with them.
+        query = never_activated_query(created_before)
+        purged = 0
+        async for user in self._users.find(query, projection={"_id": 1}).limit(limit):
+            document = await self._users.find_one_and_delete({**query, "_id": user["_id"]})
+            if document is not None:
+                await self._claims.release_all_of(document)
+                purged += 1
+        return purged
+
+    @_storage_errors
+    async def release_stale_claims(self, now: datetime) -> int:
+        return await self._claims.release_stale(now)
 
     @_storage_errors
     async def purge_failed_mail(self, failed_before: datetime) -> int:
