@@ -117,7 +117,8 @@ class App:
         while True:
             try:
                 await self.users.ensure_indexes()
-                await migrations.prepare(self.schema)
+                version = await migrations.prepare(self.schema)
+                self.users.lookups_by_claim = version >= migrations.CLAIMS_COMPLETE
                 await self.outbox.ensure_indexes()
                 await self.outbox.seal_legacy_mail()
                 await self.session_store.ensure_indexes()

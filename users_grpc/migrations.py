@@ -31,6 +31,8 @@ from users_grpc.repository import MongoSchema
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
+# From this version every user's names are claimed, so lookups by name may go through claims.
+CLAIMS_COMPLETE = 2
 BACKFILL_BATCH = 500
 
 

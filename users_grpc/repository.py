@@ -119,6 +119,9 @@ class MongoUserRepository:
     def __init__(self, database: AsyncDatabase[Document]) -> None:
         self._users: AsyncCollection[Document] = database["users"]
         self._claims = MongoClaims(database)
+        # Set from the schema version at start-up: only from version 2 does every user's name
+        # have a claim (older replicas may write users without one until then).
+        self.lookups_by_claim = False
 
     @_storage_errors
     async def ensure_indexes(self) -> None:
@@ -186,8 +189,22 @@ class MongoUserRepository:
 
     @_storage_errors
     async def find_account(self, identifier_key: str) -> Account | None:
-        document = await self._users.find_one(_identifier_filter(identifier_key))
+        document = await self._find_by_identifier(identifier_key)
         return None if document is None else _account_from_document(document)
+
+    async def _find_by_identifier(self, identifier_key: str) -> Document | None:
+        """The user whose username or email has this key. Through the claims, each read is by
+        ``_id``: one shard on a sharded cluster, and an indexed lookup on the embedded database."""
+        if not self.lookups_by_claim:
+            return await self._users.find_one(_identifier_filter(identifier_key))
+        for kind in _CLAIM_KINDS:
+            holder = await self._claims.holder(kind, identifier_key)
+            if holder is not None:
+                # A pending claim's user may not exist yet, or hold the name no longer.
+                document = await self._users.find_one({"_id": holder, f"{kind}_key": identifier_key})
+                if document is not None:
+                    return document
+        return None
 
     @_storage_errors
     async def reserve_activation_attempt(self, user_id: str, now: datetime) -> ActivationCode | None:
@@ -466,7 +483,8 @@ class MongoUserRepository:
 
     @_storage_errors
     async def delete_by_identifier(self, identifier_key: str) -> bool:
-        return await self._delete_where(_identifier_filter(identifier_key))
+        document = await self._find_by_identifier(identifier_key)
+        return document is not None and await self._delete_where({"_id": document["_id"]})
 
     async def _delete_where(self, query: Document) -> bool:
         """Delete the user ``query`` finds, then free their names. If the process dies in between,
@@ -813,6 +831,11 @@ class MongoClaims:
             )
             return Claim.NEW if taken_over is not None else None
         return None
+
+    async def holder(self, kind: str, key: str) -> Any:
+        """The id of the user claiming ``key``, or None."""
+        claim = await self._claims.find_one({"_id": f"{kind}:{key}"}, projection={"user_id": 1})
+        return None if claim is None else claim["user_id"]
 
     async def _holds(self, user_id: Any, kind: str, key: str) -> bool:
         return await self._users.find_one({"_id": user_id, f"{kind}_key": key}, projection={"_id": 1}) is not None

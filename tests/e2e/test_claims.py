@@ -94,6 +94,11 @@ def test_a_renamed_or_deleted_users_names_become_free(server: RunningServer, mai
     assert outcome(server.anonymous.CreateUser, taken) == grpc.StatusCode.ALREADY_EXISTS
     second = server.anonymous.CreateUser(create_request(username="olive", email="olive2@example.com")).user
     assert second.username == "olive"
+    # Lookups by name find the name's holder now, not the user who held it before.
+    code = mail.code_for("olive2@example.com")
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="OLIVE", code=code))
+    found = server.stub.GetUserByIdentifier(pb.GetUserByIdentifierRequest(identifier="OLIVE")).user
+    assert found.id == second.id
     server.stub.DeleteUser(pb.DeleteUserRequest(id=first.id))
     assert server.anonymous.CreateUser(create_request(username="olivia", email="olive@example.com")).user.id
     assert claims_without_their_user(db) == []
@@ -196,6 +201,12 @@ def test_migrate_brings_a_database_from_before_claims_forward(
     assert db.schema.find_one({"_id": "users"})["version"] == 1
     assert progress is not None
     assert "username_key_unique" in db.users.index_information()
+    # At version 1 names are found on users, as before claims (an older replica may write a user without one).
+    at_version_1 = start_server()
+    code = mail.code_for(f"{names[-1]}@example.com")
+    at_version_1.anonymous.ActivateUser(pb.ActivateUserRequest(identifier=names[-1], code=code))
+    assert at_version_1.stub.GetUserByIdentifier(pb.GetUserByIdentifierRequest(identifier=names[-1])).user.is_active
+    at_version_1.stop()
 
     second = users_grpc("migrate", "--all-replicas-upgraded", server_settings=settings)
     assert second.returncode == 0, second.stderr
