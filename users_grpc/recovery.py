@@ -110,8 +110,8 @@ class PasswordService:
             raise InvalidResetToken()
         digest = self._digest(user_id, secret)
         now = self._clock.now()
-        account = await self._credentials.find_account_by_reset_digest(digest, now)
-        if account is None or account.user.id != user_id:
+        account = await self._credentials.find_account_by_reset_digest(user_id, digest, now)
+        if account is None:
             raise InvalidResetToken()
         user = account.user
         self._validate_new_password(user, new_password, confirmation)

@@ -127,7 +127,6 @@ class MongoUserRepository:
     async def ensure_indexes(self) -> None:
         """The indexes every schema version has; the identifier indexes belong to :class:`MongoSchema`."""
         await self._claims.ensure_indexes()
-        await self._users.create_index([("password_reset.digest", ASCENDING)], name="password_reset_digest")
         # Serves housekeeping's purge of accounts never activated.
         await self._users.create_index(
             [("is_active", ASCENDING), ("created_at", ASCENDING)], name="is_active_created_at"
@@ -299,9 +298,15 @@ class MongoUserRepository:
         return opened.modified_count == 1
 
     @_storage_errors
-    async def find_account_by_reset_digest(self, digest: str, now: datetime) -> Account | None:
+    async def find_account_by_reset_digest(self, user_id: str, digest: str, now: datetime) -> Account | None:
+        # By _id: the token names its user, so the lookup goes to one shard and one index entry.
         document = await self._users.find_one(
-            {"password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}, "is_active": True}
+            {
+                "_id": _object_id(user_id),
+                "password_reset.digest": digest,
+                "password_reset.expires_at": {"$gt": now},
+                "is_active": True,
+            }
         )
         return None if document is None else _account_from_document(document)
 
