@@ -47,6 +47,10 @@ class UserServiceStub:
     with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
+    Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
+    whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
+    them all with their status codes.
+
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
     ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
     secrets, from this source address wait a rising delay, per account: other
@@ -279,6 +283,10 @@ class UserServiceServicer:
     other SANs never count), or that presents `authorization: Bearer <token>`
     with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
+    whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
+    them all with their status codes.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
     ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
@@ -1102,6 +1110,10 @@ class UserService:
     other SANs never count), or that presents `authorization: Bearer <token>`
     with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
+    whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
+    them all with their status codes.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
     ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account

@@ -48,6 +48,10 @@ class UserServiceStub:
     with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
+    Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
+    whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
+    them all with their status codes.
+
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
     ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
     secrets, from this source address wait a rising delay, per account: other
@@ -515,6 +519,10 @@ class UserServiceAsyncStub(UserServiceStub):
     with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
+    Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
+    whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
+    them all with their status codes.
+
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
     ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
     secrets, from this source address wait a rising delay, per account: other
@@ -977,6 +985,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     other SANs never count), or that presents `authorization: Bearer <token>`
     with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+
+    Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
+    whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
+    them all with their status codes.
 
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
     ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
