@@ -1,0 +1,136 @@
+"""The client packages' examples, built and run against a live server: each signs in, reads the
+user with the access token, verifies that token locally with its package's helper, and prints
+the ErrorInfo reason of a refused call. And the Python client installs without the server."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, MailSink, RunningServer
+from tests.e2e.helpers import PASSWORD, create_request
+from users.v1 import error_reason_pb2
+from users.v1 import user_service_pb2 as pb
+
+CLIENTS = REPO_ROOT / "clients"
+NODE_MODULES = REPO_ROOT / ".tools" / "node_modules"
+
+# (server, user name, a scratch directory, the Python client's wheel) -> what the example printed
+Example = Callable[[RunningServer, str, Path, Path], str]
+
+
+def active_user(server: RunningServer, mail: MailSink, name: str) -> str:
+    """A signed-up, activated user; returns its id."""
+    email = f"{name}@example.com"
+    created = server.anonymous.CreateUser(create_request(username=name, email=email))
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier=name, code=mail.code_for(email)))
+    return str(created.user.id)
+
+
+def run(command: list[str], cwd: Path, server: RunningServer, timeout: float = 300) -> str:
+    env = {
+        **os.environ,
+        "EXAMPLE_PASSWORD": PASSWORD,
+        "EXAMPLE_ISSUER": server.settings.jwt_issuer,
+        "EXAMPLE_AUDIENCE": server.settings.jwt_audience,
+    }
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def go_example(server: RunningServer, name: str, tmp_path: Path, wheel: Path) -> str:
+    go = shutil.which("go")
+    assert go, "Go is needed for the Go client's example"
+    # -mod=readonly: go.mod and go.sum are complete, nothing is resolved anew; the modules are in
+    # the module cache and the package's dependencies in the build cache (.ci/setup).
+    return run([go, "run", "-mod=readonly", "./examples/quickstart", server.address, name], CLIENTS / "go", server)
+
+
+def ts_example(server: RunningServer, name: str, tmp_path: Path, wheel: Path) -> str:
+    # Built in a copy, beside the modules .ci/setup installed, so the work tree stays clean.
+    package = tmp_path / "ts"
+    shutil.copytree(CLIENTS / "ts", package, ignore=shutil.ignore_patterns("node_modules", "dist"))
+    (package / "node_modules").symlink_to(NODE_MODULES, target_is_directory=True)
+    run([str(NODE_MODULES / ".bin" / "tsc"), "-p", "."], package, server)
+    return run(["node", "dist/examples/quickstart.js", server.address, name], package, server)
+
+
+def python_example(server: RunningServer, name: str, tmp_path: Path, wheel: Path) -> str:
+    # From the wheel of clients/python alone (its users package included), not the server's.
+    unpacked = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(unpacked)
+    example = CLIENTS / "python" / "examples" / "quickstart.py"
+    command = [sys.executable, "-I", "-c", _ISOLATED.format(site=str(unpacked), example=str(example))]
+    return run([*command, server.address, name], tmp_path, server)
+
+
+# -I drops PYTHONPATH and the work tree; the venv's site-packages (grpcio, PyJWT...) stay, and the
+# unpacked wheel goes first, so `users` and `users_grpc_client` come from the wheel.
+_ISOLATED = (
+    "import runpy, sys; sys.path.insert(0, {site!r}); sys.argv = [{example!r}, *sys.argv[1:]]; "
+    "import users; assert users.__file__.startswith({site!r}), users.__file__; "
+    "runpy.run_path({example!r}, run_name='__main__')"
+)
+
+
+@pytest.fixture(scope="module")
+def python_client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of clients/python, built once."""
+    # A copy: src/users is a link to generated/users, which the copy resolves, and the build
+    # leaves its build/ and egg-info there rather than in the work tree.
+    tmp_path = tmp_path_factory.mktemp("python-client")
+    source = tmp_path / "source"
+    shutil.copytree(CLIENTS / "python", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    out = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), "."],
+        cwd=source,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    (wheel,) = out.glob("users_grpc_client-*.whl")
+    return wheel
+
+
+@pytest.mark.parametrize("example", [go_example, ts_example, python_example], ids=["go", "ts", "python"])
+def test_each_client_example_signs_in_verifies_locally_and_reads_a_refusal_reason(
+    server: RunningServer, mail: MailSink, tmp_path: Path, python_client_wheel: Path, example: Example
+) -> None:
+    name = f"client-{example.__name__.split('_')[0]}"
+    user_id = active_user(server, mail, name)
+    lines = example(server, name, tmp_path, python_client_wheel).splitlines()
+    assert lines[0] == f"signed in as {name} ({user_id})"
+    assert lines[1] == f"GetUser: {name} <{name}@example.com>"
+    assert lines[2].startswith(f"verified locally: sub={user_id} role=user sid=")
+    assert len(lines[2].rsplit("sid=", 1)[1]) == 24
+    assert lines[3].startswith("refused: code=")
+    reason = lines[3].rsplit("reason=", 1)[1]
+    assert reason == "PERMISSION_DENIED"
+    assert error_reason_pb2.ErrorReason.Value("ERROR_REASON_" + reason)
+
+
+def test_the_python_client_needs_nothing_of_the_server(python_client_wheel: Path) -> None:
+    with zipfile.ZipFile(python_client_wheel) as archive:
+        names = set(archive.namelist())
+        (metadata_name,) = (n for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = Parser().parsestr(archive.read(metadata_name).decode())
+    assert {
+        "users/v1/user_service_pb2.py",
+        "users/v1/user_service_pb2_grpc.pyi",
+        "users_grpc_client/__init__.py",
+    } <= names
+    assert not any(name.startswith("users_grpc/") for name in names)
+    requires = {re.split(r"[\s<>=!~\[;]", line, maxsplit=1)[0] for line in metadata.get_all("Requires-Dist", [])}
+    assert requires == {"googleapis-common-protos", "grpcio", "grpcio-status", "protobuf", "pyjwt"}
