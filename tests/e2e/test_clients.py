@@ -4,6 +4,8 @@ the ErrorInfo reason of a refused call. And the Python client installs without t
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shutil
@@ -16,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+import users_grpc_client
 from tests.conftest import REPO_ROOT, MailSink, RunningServer
 from tests.e2e.helpers import PASSWORD, create_request
 from users.v1 import error_reason_pb2
 from users.v1 import user_service_pb2 as pb
+from users_grpc_client import InvalidToken, TokenVerifier
 
 CLIENTS = REPO_ROOT / "clients"
 NODE_MODULES = REPO_ROOT / ".tools" / "node_modules"
@@ -134,3 +138,79 @@ def test_the_python_client_needs_nothing_of_the_server(python_client_wheel: Path
     assert not any(name.startswith("users_grpc/") for name in names)
     requires = {re.split(r"[\s<>=!~\[;]", line, maxsplit=1)[0] for line in metadata.get_all("Requires-Dist", [])}
     assert requires == {"googleapis-common-protos", "grpcio", "grpcio-status", "protobuf", "pyjwt"}
+
+
+class CountingKeys:
+    """The server's GetPublicKeys, counted."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        self.fetches = 0
+
+    def GetPublicKeys(self, request: pb.GetPublicKeysRequest) -> pb.GetPublicKeysResponse:
+        self.fetches += 1
+        return self.server.anonymous.GetPublicKeys(request)
+
+
+def sign_in(server: RunningServer, name: str) -> pb.AuthenticateResponse:
+    return server.anonymous.Authenticate(pb.AuthenticateRequest(identifier=name, password=PASSWORD))
+
+
+def test_the_python_verifier_caches_the_keys_and_fetches_them_again_after_a_rotation(
+    server: RunningServer, mail: MailSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_id = active_user(server, mail, "rotated")
+    keys = CountingKeys(server)
+    verifier = TokenVerifier(keys, issuer=server.settings.jwt_issuer, audience=server.settings.jwt_audience)
+    first = sign_in(server, "rotated")
+    claims = verifier.verify(first.access_token)
+    assert (claims.subject, claims.role, claims.session_id) == (user_id, "user", first.session_id)
+    verifier.verify(sign_in(server, "rotated").access_token)
+    assert keys.fetches == 1
+
+    server.call(server.app.tokens.rotate())
+    rotated = sign_in(server, "rotated").access_token
+    # Within the refetch interval an unknown kid is refused without asking the server again.
+    monkeypatch.setattr(users_grpc_client, "REFETCH_INTERVAL_SECONDS", 3600.0)
+    with pytest.raises(InvalidToken, match="unknown key"):
+        verifier.verify(rotated)
+    assert keys.fetches == 1
+    monkeypatch.setattr(users_grpc_client, "REFETCH_INTERVAL_SECONDS", 0.0)
+    assert verifier.verify(rotated).subject == user_id
+    assert keys.fetches == 2
+    # The old key still verifies (until retired), from the refreshed set.
+    assert verifier.verify(first.access_token).subject == user_id
+
+
+def test_the_python_verifier_refuses_other_audiences_and_forged_tokens(server: RunningServer, mail: MailSink) -> None:
+    active_user(server, mail, "pinned")
+    token = sign_in(server, "pinned").access_token
+    other = TokenVerifier(server.anonymous, issuer=server.settings.jwt_issuer, audience="another-service")
+    with pytest.raises(InvalidToken, match=r"(?i)audience"):
+        other.verify(token)
+    verifier = TokenVerifier(server.anonymous, issuer=server.settings.jwt_issuer, audience=server.settings.jwt_audience)
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["role"] = "admin"
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    with pytest.raises(InvalidToken, match=r"(?i)signature"):
+        verifier.verify(f"{header}.{forged}.{signature}")
+    with pytest.raises(InvalidToken, match="malformed"):
+        verifier.verify("not a token")
+
+
+def test_the_go_verifier_caches_refetches_and_refuses_as_the_python_one() -> None:
+    # Its own tests (clients/go/usersclient/verifier_test.go), with keys of their own: a rotation
+    # fetches the set again, at most once per interval; other audiences, issuers, roles and
+    # algorithms are refused.
+    go = shutil.which("go")
+    assert go, "Go is needed for the Go client's tests"
+    done = subprocess.run(
+        [go, "test", "-mod=readonly", "-count=1", "./usersclient"],
+        cwd=CLIENTS / "go",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -54,6 +54,7 @@ type Verifier struct {
 	issuer   string
 	audience string
 	leeway   time.Duration
+	refetch  time.Duration
 
 	mu        sync.Mutex
 	keys      map[string]*ecdsa.PublicKey
@@ -63,7 +64,7 @@ type Verifier struct {
 // NewVerifier verifies tokens of the given issuer and audience (USERS_JWT_ISSUER and
 // USERS_JWT_AUDIENCE of the server).
 func NewVerifier(client usersv1.UserServiceClient, issuer, audience string) *Verifier {
-	return &Verifier{client: client, issuer: issuer, audience: audience, leeway: 5 * time.Second}
+	return &Verifier{client: client, issuer: issuer, audience: audience, leeway: 5 * time.Second, refetch: RefetchInterval}
 }
 
 type tokenClaims struct {
@@ -120,7 +121,7 @@ func (v *Verifier) key(ctx context.Context, kid string) (*ecdsa.PublicKey, error
 	if key, ok := v.keys[kid]; ok {
 		return key, nil
 	}
-	if v.keys != nil && time.Since(v.lastFetch) < RefetchInterval {
+	if v.keys != nil && time.Since(v.lastFetch) < v.refetch {
 		return nil, fmt.Errorf("unknown kid %q", kid)
 	}
 	keys, err := v.fetch(ctx)
