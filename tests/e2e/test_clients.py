@@ -28,8 +28,8 @@ from users_grpc_client import InvalidToken, TokenVerifier
 CLIENTS = REPO_ROOT / "clients"
 NODE_MODULES = REPO_ROOT / ".tools" / "node_modules"
 
-# (server, user name, a scratch directory, the Python client's wheel) -> what the example printed
-Example = Callable[[RunningServer, str, Path, Path], str]
+# (server, user name, a scratch directory, the test's request for built packages) -> what it printed
+Example = Callable[[RunningServer, str, Path, pytest.FixtureRequest], str]
 
 
 def active_user(server: RunningServer, mail: MailSink, name: str) -> str:
@@ -52,7 +52,7 @@ def run(command: list[str], cwd: Path, server: RunningServer, timeout: float = 3
     return done.stdout
 
 
-def go_example(server: RunningServer, name: str, tmp_path: Path, wheel: Path) -> str:
+def go_example(server: RunningServer, name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     go = shutil.which("go")
     assert go, "Go is needed for the Go client's example"
     # -mod=readonly: go.mod and go.sum are complete, nothing is resolved anew; the modules are in
@@ -60,17 +60,28 @@ def go_example(server: RunningServer, name: str, tmp_path: Path, wheel: Path) ->
     return run([go, "run", "-mod=readonly", "./examples/quickstart", server.address, name], CLIENTS / "go", server)
 
 
-def ts_example(server: RunningServer, name: str, tmp_path: Path, wheel: Path) -> str:
-    # Built in a copy, beside the modules .ci/setup installed, so the work tree stays clean.
-    package = tmp_path / "ts"
-    shutil.copytree(CLIENTS / "ts", package, ignore=shutil.ignore_patterns("node_modules", "dist"))
-    (package / "node_modules").symlink_to(NODE_MODULES, target_is_directory=True)
-    run([str(NODE_MODULES / ".bin" / "tsc"), "-p", "."], package, server)
+def ts_example(server: RunningServer, name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    package: Path = request.getfixturevalue("ts_client_build")
     return run(["node", "dist/examples/quickstart.js", server.address, name], package, server)
 
 
-def python_example(server: RunningServer, name: str, tmp_path: Path, wheel: Path) -> str:
+@pytest.fixture(scope="module")
+def ts_client_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """clients/ts compiled once (package, example and tests), in a copy beside the modules
+    .ci/setup installed, so the work tree stays clean."""
+    package = tmp_path_factory.mktemp("ts-client") / "ts"
+    shutil.copytree(CLIENTS / "ts", package, ignore=shutil.ignore_patterns("node_modules", "dist"))
+    (package / "node_modules").symlink_to(NODE_MODULES, target_is_directory=True)
+    done = subprocess.run(
+        [str(NODE_MODULES / ".bin" / "tsc"), "-p", "."], cwd=package, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return package
+
+
+def python_example(server: RunningServer, name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     # From the wheel of clients/python alone (its users package included), not the server's.
+    wheel: Path = request.getfixturevalue("python_client_wheel")
     unpacked = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(unpacked)
@@ -110,11 +121,11 @@ def python_client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("example", [go_example, ts_example, python_example], ids=["go", "ts", "python"])
 def test_each_client_example_signs_in_verifies_locally_and_reads_a_refusal_reason(
-    server: RunningServer, mail: MailSink, tmp_path: Path, python_client_wheel: Path, example: Example
+    server: RunningServer, mail: MailSink, tmp_path: Path, request: pytest.FixtureRequest, example: Example
 ) -> None:
     name = f"client-{example.__name__.split('_')[0]}"
     user_id = active_user(server, mail, name)
-    lines = example(server, name, tmp_path, python_client_wheel).splitlines()
+    lines = example(server, name, tmp_path, request).splitlines()
     assert lines[0] == f"signed in as {name} ({user_id})"
     assert lines[1] == f"GetUser: {name} <{name}@example.com>"
     assert lines[2].startswith(f"verified locally: sub={user_id} role=user sid=")
@@ -214,3 +225,12 @@ def test_the_go_verifier_caches_refetches_and_refuses_as_the_python_one() -> Non
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_ts_verifier_caches_refetches_and_refuses_as_the_python_one(ts_client_build: Path) -> None:
+    # Its own tests (clients/ts/test/verifier.test.ts), with keys of their own.
+    done = subprocess.run(
+        ["node", "--test", "dist/test/"], cwd=ts_client_build, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "# pass 2" in done.stdout
