@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # The public name is grpc_health.v1.health.aio, which the type stubs do not declare.
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from pymongo import AsyncMongoClient, WriteConcern
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
@@ -41,6 +41,7 @@ from users_grpc.mfa import MfaService
 from users_grpc.passwords import BcryptHasher, common_passwords
 from users_grpc.ports import Clock, MailTransport
 from users_grpc.recovery import PasswordService
+from users_grpc.reflection import SourceInfoReflectionServicer, load_descriptor_set
 from users_grpc.repository import (
     Document,
     MongoHousekeeping,
@@ -386,7 +387,10 @@ async def build_app(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+            SourceInfoReflectionServicer([SERVICE_NAME, health_name, reflection.SERVICE_NAME], load_descriptor_set()),
+            server,
+        )
     try:
         port = _add_port(server, settings)
     except ConfigError:

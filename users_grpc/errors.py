@@ -30,6 +30,9 @@ a short message and, where it helps the caller, rich details::
 
 Anything else that escapes a service is a bug: it is logged with its traceback
 and the caller sees INTERNAL with a generic message.
+
+Every ``reason`` is part of the contract: ``users.v1.ErrorReason`` (protos/users/v1/error_reason.proto)
+lists them, each as ``ERROR_REASON_<reason>``; a subclass with a reason missing there fails at import.
 """
 
 from __future__ import annotations
@@ -41,7 +44,11 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from users.v1 import error_reason_pb2
+
 ERROR_DOMAIN = "users.v1"
+# buf's lint wants enum values prefixed; the reason on the wire is the name without it.
+ERROR_REASON_PREFIX = "ERROR_REASON_"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,12 @@ class UsersError(Exception):
     message = "request failed"
     # Set where waiting helps: the caller is told, in google.rpc.RetryInfo, how long.
     retry_after: timedelta | None = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # The contract lists every reason a caller can see; a new one goes into the proto first.
+        if ERROR_REASON_PREFIX + cls.reason not in error_reason_pb2.ErrorReason.DESCRIPTOR.values_by_name:
+            raise TypeError(f"{cls.__name__}.reason {cls.reason!r} is not a users.v1.ErrorReason")
 
     def __init__(self, message: str | None = None, *, retry_after: timedelta | None = None) -> None:
         super().__init__(message or self.message)

@@ -173,6 +173,28 @@ def test_reflection_lets_grpcurl_list_and_call(server: RunningServer) -> None:
     assert "Unauthenticated" in protected.stderr
 
 
+def test_reflection_describes_rpcs_with_their_comments(server: RunningServer) -> None:
+    def describe(symbol: str) -> str:
+        described = subprocess.run(
+            [tool("grpcurl"), "-plaintext", server.address, "describe", symbol],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert described.returncode == 0, described.stderr
+        return described.stdout
+
+    method = describe(f"{SERVICE}.EnableMfa")
+    assert "Start a TOTP enrollment, with the current password" in method
+    assert "Callers: the user themself." in method
+    reasons = describe("users.v1.ErrorReason")
+    assert "ERROR_REASON_MFA_REQUIRED = 14;" in reasons
+    assert "the password was right but MFA is on" in reasons
+    # Files from outside the contract's descriptor set are still served.
+    assert "rpc Check" in describe("grpc.health.v1.Health")
+
+
 def test_reflection_can_be_turned_off(start_server: StartServer) -> None:
     server = start_server(reflection=False)
     listing = subprocess.run(

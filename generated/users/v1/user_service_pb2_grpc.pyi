@@ -48,6 +48,10 @@ class UserServiceStub:
     with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
+    Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
+    whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
+    them all with their status codes.
+
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
     ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
     secrets, from this source address wait a rising delay, per account: other
@@ -202,6 +206,28 @@ class UserServiceStub:
 
     Cache it, and fetch it again when a token names a key id (kid) you do not
     know. Callers: anyone. Errors: UNAVAILABLE.
+
+    An access token is a JWT. Header: `alg` "ES256", `typ` "at+jwt", `kid` (a
+    key of this set; never follow jku, x5u or jwk). Claims:
+      iss   USERS_JWT_ISSUER; check it equals what you expect.
+      aud   USERS_JWT_AUDIENCE for a user's token; a service account's token
+            has "<audience>:service-accounts" instead, so pinning `aud` keeps
+            those out.
+      sub   the user id (24 hexadecimal digits).
+      role  "user" or "admin" (Role without the prefix, lower case). Treat any
+            other value as no privileges at all: refuse, do not default.
+      sid   the session (Authenticate's session_id) the token belongs to.
+      ver   an integer, the user's token version: the server bumps it to
+            revoke every token of the user at once (RevokeAllSessions, password,
+            role, state and MFA changes) and checks it on every call. Opaque to
+            a local verifier, which cannot see it change: a locally verified
+            token stays valid until `exp` (the access-token lifetime, 15
+            minutes by default) even after revocation. Where that matters, call
+            ValidateToken instead.
+      iat, exp, jti  issue time, expiry (refuse at or after it; allow a few
+            seconds of clock skew at most) and the token's unique id.
+    Require every one of these; ignore claims not listed (later versions may
+    add some).
     """
     ValidateToken: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ValidateTokenRequest, _user_service_pb2.ValidateTokenResponse]
     """Verify an access token and return its claims
@@ -515,6 +541,10 @@ class UserServiceAsyncStub(UserServiceStub):
     with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
+    Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
+    whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
+    them all with their status codes.
+
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
     ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
     secrets, from this source address wait a rising delay, per account: other
@@ -666,6 +696,28 @@ class UserServiceAsyncStub(UserServiceStub):
 
     Cache it, and fetch it again when a token names a key id (kid) you do not
     know. Callers: anyone. Errors: UNAVAILABLE.
+
+    An access token is a JWT. Header: `alg` "ES256", `typ` "at+jwt", `kid` (a
+    key of this set; never follow jku, x5u or jwk). Claims:
+      iss   USERS_JWT_ISSUER; check it equals what you expect.
+      aud   USERS_JWT_AUDIENCE for a user's token; a service account's token
+            has "<audience>:service-accounts" instead, so pinning `aud` keeps
+            those out.
+      sub   the user id (24 hexadecimal digits).
+      role  "user" or "admin" (Role without the prefix, lower case). Treat any
+            other value as no privileges at all: refuse, do not default.
+      sid   the session (Authenticate's session_id) the token belongs to.
+      ver   an integer, the user's token version: the server bumps it to
+            revoke every token of the user at once (RevokeAllSessions, password,
+            role, state and MFA changes) and checks it on every call. Opaque to
+            a local verifier, which cannot see it change: a locally verified
+            token stays valid until `exp` (the access-token lifetime, 15
+            minutes by default) even after revocation. Where that matters, call
+            ValidateToken instead.
+      iat, exp, jti  issue time, expiry (refuse at or after it; allow a few
+            seconds of clock skew at most) and the token's unique id.
+    Require every one of these; ignore claims not listed (later versions may
+    add some).
     """
     ValidateToken: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ValidateTokenRequest, _user_service_pb2.ValidateTokenResponse]  # type: ignore[assignment]
     """Verify an access token and return its claims
@@ -978,6 +1030,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     with a service account's token from IssueServiceToken. A missing or invalid credential is
     UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
 
+    Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
+    whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
+    them all with their status codes.
+
     RESOURCE_EXHAUSTED always carries a google.rpc.RetryInfo delay and an
     ErrorInfo reason: TOO_MANY_ATTEMPTS (failed passwords, and service-account
     secrets, from this source address wait a rising delay, per account: other
@@ -1211,6 +1267,28 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Cache it, and fetch it again when a token names a key id (kid) you do not
         know. Callers: anyone. Errors: UNAVAILABLE.
+
+        An access token is a JWT. Header: `alg` "ES256", `typ` "at+jwt", `kid` (a
+        key of this set; never follow jku, x5u or jwk). Claims:
+          iss   USERS_JWT_ISSUER; check it equals what you expect.
+          aud   USERS_JWT_AUDIENCE for a user's token; a service account's token
+                has "<audience>:service-accounts" instead, so pinning `aud` keeps
+                those out.
+          sub   the user id (24 hexadecimal digits).
+          role  "user" or "admin" (Role without the prefix, lower case). Treat any
+                other value as no privileges at all: refuse, do not default.
+          sid   the session (Authenticate's session_id) the token belongs to.
+          ver   an integer, the user's token version: the server bumps it to
+                revoke every token of the user at once (RevokeAllSessions, password,
+                role, state and MFA changes) and checks it on every call. Opaque to
+                a local verifier, which cannot see it change: a locally verified
+                token stays valid until `exp` (the access-token lifetime, 15
+                minutes by default) even after revocation. Where that matters, call
+                ValidateToken instead.
+          iat, exp, jti  issue time, expiry (refuse at or after it; allow a few
+                seconds of clock skew at most) and the token's unique id.
+        Require every one of these; ignore claims not listed (later versions may
+        add some).
         """
 
     @_abc_1.abstractmethod
