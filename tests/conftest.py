@@ -81,6 +81,8 @@ class MailSink:
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
+        # Each message as it came over the wire, for what a person or grep would see.
+        self.raw: list[bytes] = []
         # The SMTP envelope's recipients (RCPT TO) of each message, in the same order.
         self.envelope_recipients: list[list[str]] = []
         self._changed = threading.Condition()
@@ -90,6 +92,7 @@ class MailSink:
         assert isinstance(message, EmailMessage)
         with self._changed:
             self.messages.append(message)
+            self.raw.append(envelope.content)
             self.envelope_recipients.append(list(envelope.rcpt_tos))
             self._changed.notify_all()
         return "250 OK"
@@ -97,6 +100,7 @@ class MailSink:
     def clear(self) -> None:
         with self._changed:
             self.messages.clear()
+            self.raw.clear()
             self.envelope_recipients.clear()
 
     def recipients_of(self, message: EmailMessage) -> list[str]:

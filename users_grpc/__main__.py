@@ -20,6 +20,7 @@ from users_grpc.devdb import DevDatabaseError, start_dev_database
 from users_grpc.domain import Gender, Registration, Role
 from users_grpc.errors import InvalidArgument, UsersError
 from users_grpc.logs import configure_logging
+from users_grpc.rewrap import RewrapReport, rewrap
 from users_grpc.tokens import new_key_encryption_key
 
 _T = TypeVar("_T")
@@ -47,6 +48,17 @@ def main(argv: list[str] | None = None) -> int:
             _with_app(settings, lambda app: _migrate(app, args))
         elif args.keys_command == "rotate":
             print(_with_app(settings, lambda app: app.tokens.rotate()))
+        elif args.keys_command == "rewrap":
+            report = _with_app(settings, _rewrap)
+            print(report)
+            if report.unopenable:
+                print(
+                    f"users-grpc: {report.unopenable} sealed values open under neither USERS_KEY_ENCRYPTION_KEY "
+                    "nor any key in USERS_OLD_KEY_ENCRYPTION_KEYS; list the key they were sealed with there and "
+                    "run `users-grpc keys rewrap` again",
+                    file=sys.stderr,
+                )
+                return 1
         elif args.keys_command == "retire":
             retired = _with_app(settings, lambda app: _retire_key(app, args.kid))
             print(f"{args.kid} retired" if retired else f"{args.kid}: no such live key")
@@ -92,10 +104,15 @@ def _parser() -> argparse.ArgumentParser:
         help="every replica runs this version or newer: steps that older replicas would break may run",
     )
 
-    keys = commands.add_parser("keys", help="manage the token signing keys")
+    keys = commands.add_parser("keys", help="manage the token signing keys and the key-encryption key")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     key_commands.add_parser("new-kek", help="print a new random key-encryption key for USERS_KEY_ENCRYPTION_KEY")
     key_commands.add_parser("rotate", help="add a signing key; it signs from now on, older keys keep verifying")
+    key_commands.add_parser(
+        "rewrap",
+        help="re-seal everything sealed under an old key-encryption key (USERS_OLD_KEY_ENCRYPTION_KEYS) "
+        "under USERS_KEY_ENCRYPTION_KEY; safe to run again, and beside running servers",
+    )
     retire = key_commands.add_parser("retire", help="stop trusting a key: tokens it signed stop verifying")
     retire.add_argument("kid")
     return parser
@@ -156,6 +173,12 @@ async def _migrate(app: App, args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         all_replicas_upgraded=args.all_replicas_upgraded,
         say=print,
+    )
+
+
+async def _rewrap(app: App) -> RewrapReport:
+    return await rewrap(
+        encryption=app.encryption, keys=app.key_store, users=app.users, outbox=app.outbox, material=app.key_material
     )
 
 

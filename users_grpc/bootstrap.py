@@ -45,6 +45,7 @@ from users_grpc.reflection import SourceInfoReflectionServicer, load_descriptor_
 from users_grpc.repository import (
     Document,
     MongoHousekeeping,
+    MongoKeyMaterial,
     MongoKeyStore,
     MongoOutbox,
     MongoSchema,
@@ -54,6 +55,7 @@ from users_grpc.repository import (
     MongoUserRepository,
     ping,
 )
+from users_grpc.rewrap import load_digest_root
 from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
 from users_grpc.service_accounts import ServiceAccountService
@@ -107,6 +109,10 @@ class App:
     health_servicer: AsyncHealthServicer
     mail: MailDelivery
     housekeeping: HousekeepingJob
+    encryption: KeyEncryption
+    secrets_at_rest: SecretsAtRest
+    key_store: MongoKeyStore
+    key_material: MongoKeyMaterial
     # Set once the database is prepared; until then UserService calls are refused as UNAVAILABLE.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -126,6 +132,8 @@ class App:
                 await self.throttles.ensure_indexes()
                 await self.service_account_store.ensure_indexes()
                 await self.tokens.ensure_signing_key()
+                # Before any call: the digests of codes and tokens are keyed by it.
+                await load_digest_root(self.key_material, self.key_store, self.encryption, self.secrets_at_rest)
                 return
             except StorageUnavailable as error:
                 log.warning(
@@ -221,7 +229,7 @@ async def build_app(
             "with `users-grpc keys new-kek` and keep it secret."
         )
     # Digests of codes and tokens, and sealed mail bodies, under keys derived from the key-encryption key.
-    secrets_at_rest = SecretsAtRest(settings.key_encryption_key)
+    secrets_at_rest = SecretsAtRest(settings.key_encryption_key, settings.old_key_encryption_keys)
     users = MongoUserRepository(database)
     outbox = MongoOutbox(database, secrets_at_rest)
     session_store = MongoSessionRepository(database)
@@ -275,9 +283,10 @@ async def build_app(
         ),
         throttle=password_throttle,
     )
-    encryption = KeyEncryption(settings.key_encryption_key)
+    encryption = KeyEncryption(settings.key_encryption_key, settings.old_key_encryption_keys)
+    key_store = MongoKeyStore(database)
     tokens = AccessTokens(
-        store=MongoKeyStore(database),
+        store=key_store,
         encryption=encryption,
         clock=clock,
         issuer=settings.jwt_issuer,
@@ -420,6 +429,10 @@ async def build_app(
             interval_seconds=settings.health_interval_seconds,
         ),
         health_servicer=health_servicer,
+        encryption=encryption,
+        secrets_at_rest=secrets_at_rest,
+        key_store=key_store,
+        key_material=MongoKeyMaterial(database),
         mail=mail,
         housekeeping=HousekeepingJob(
             store=MongoHousekeeping(database),

@@ -91,6 +91,8 @@ class Settings:
     session_ttl_seconds: int = 30 * 86400
     session_retention_seconds: int = 7 * 86400
     key_encryption_key: bytes | None = field(default=None, repr=False)
+    # During a rotation: keys that still open what they sealed; nothing is sealed under them.
+    old_key_encryption_keys: tuple[bytes, ...] = field(default=(), repr=False)
     key_reload_seconds: float = 60.0
     machine_identities: frozenset[str] = frozenset()
 
@@ -208,7 +210,12 @@ class Settings:
             housekeeping_interval_seconds=env.number(
                 "USERS_HOUSEKEEPING_INTERVAL_SECONDS", defaults.housekeeping_interval_seconds, 1, 86400
             ),
-            key_encryption_key=env.get("USERS_KEY_ENCRYPTION_KEY", defaults.key_encryption_key, _key_encryption_key),
+            key_encryption_key=env.get(
+                "USERS_KEY_ENCRYPTION_KEY", defaults.key_encryption_key, _key_encryption_key, secret=True
+            ),
+            old_key_encryption_keys=env.get(
+                "USERS_OLD_KEY_ENCRYPTION_KEYS", defaults.old_key_encryption_keys, _old_key_encryption_keys, secret=True
+            ),
             key_reload_seconds=env.number("USERS_KEY_RELOAD_SECONDS", defaults.key_reload_seconds, 1, 3600),
             machine_identities=env.get("USERS_MACHINE_IDENTITIES", defaults.machine_identities, _names),
             tls_cert_file=env.get("USERS_TLS_CERT_FILE", defaults.tls_cert_file, _existing_file),
@@ -234,14 +241,15 @@ class _Reader:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
-    def get(self, name: str, default: _T, parse: Callable[[str], _T]) -> _T:
+    def get(self, name: str, default: _T, parse: Callable[[str], _T], *, secret: bool = False) -> _T:
         raw = self._environ.get(name)
         if raw is None or raw.strip() == "":
             return default
         try:
             return parse(raw.strip())
         except ValueError as error:
-            raise ConfigError(f"{name}={raw!r}: {error}") from None
+            # A secret's value stays out of the message, which ends up in logs.
+            raise ConfigError(f"{name}{'' if secret else f'={raw!r}'}: {error}") from None
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
         return self.get(name, default, lambda raw: _in_range(int(raw), low, high))
@@ -331,6 +339,17 @@ def _key_encryption_key(raw: str) -> bytes:
     if len(key) != 32:
         raise ValueError("must be 32 random bytes in base64; make one with `users-grpc keys new-kek`")
     return key
+
+
+def _old_key_encryption_keys(raw: str) -> tuple[bytes, ...]:
+    keys = []
+    for position, entry in enumerate(raw.split(","), start=1):
+        try:
+            keys.append(_key_encryption_key(entry.strip()))
+        except ValueError:
+            # The value is a secret: name the entry, never echo it.
+            raise ValueError(f"entry {position} is not 32 random bytes in base64 (a comma-separated list)") from None
+    return tuple(keys)
 
 
 def _names(raw: str) -> frozenset[str]:

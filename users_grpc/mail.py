@@ -20,6 +20,7 @@ import email.utils
 import logging
 import smtplib
 import ssl
+import textwrap
 from datetime import timedelta
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -29,6 +30,8 @@ from users_grpc import domain
 from users_grpc.domain import Mail, QueuedMail
 from users_grpc.errors import InvalidArgument
 from users_grpc.ports import Clock, MailQueue, MailTransport, NoticeStore
+
+_LINE_LENGTH = 76
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +225,20 @@ def _message(queued: QueuedMail, sender: Address) -> EmailMessage:
     message["Date"] = email.utils.formatdate(localtime=False)
     # The same id on every attempt lets receivers drop a duplicate delivery.
     message["Message-ID"] = f"<{queued.id}@users-grpc>"
-    message.set_content(queued.mail.body)
+    body = _wrapped(queued.mail.body)
+    # Plain text that a person (or grep) copies a code or token from: never quoted-printable,
+    # whose soft line breaks would split a token in two.
+    message.set_content(body, cte="7bit" if body.isascii() else "8bit")
     return message
+
+
+def _wrapped(body: str) -> str:
+    """Lines of at most 76 characters (RFC 5322 asks for 78), broken only at spaces, so a code or
+    token is never split: one longer than a line stands on a line of its own."""
+    return "\n".join(
+        textwrap.fill(line, _LINE_LENGTH, break_long_words=False, break_on_hyphens=False) if line else line
+        for line in body.split("\n")
+    )
 
 
 def _recipient(address: str) -> Address:

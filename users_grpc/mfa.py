@@ -129,7 +129,7 @@ class MfaService:
         assert account is not None
         user = account.user
         secret = pyotp.random_base32()  # 160 bits (RFC 4226 recommends 160)
-        sealed = self._encryption.seal(secret.encode(), _context(user_id))
+        sealed = self._encryption.seal(secret.encode(), totp_context(user_id))
         if not await self._credentials.start_mfa_enrollment(user_id, sealed, self._clock.now()):
             raise FailedPrecondition("MFA is already on")
         log.info("mfa enrollment started", extra={"user_id": user_id})
@@ -246,7 +246,7 @@ class MfaService:
         return account
 
     def _secret(self, user_id: str, sealed: bytes) -> str:
-        return self._encryption.open(sealed, _context(user_id)).decode()
+        return self._encryption.open(sealed, totp_context(user_id)).decode()
 
     def _enrollment(self, user: User, secret: str) -> Enrollment:
         uri = pyotp.TOTP(secret, digits=DIGITS, interval=STEP_SECONDS).provisioning_uri(
@@ -293,7 +293,7 @@ def _validated_code(code: str, field: str, *, totp: bool = True, recovery: bool 
     raise InvalidArgument([FieldViolation(field, f"must be {' or '.join(forms)}")])
 
 
-def _context(user_id: str) -> str:
+def totp_context(user_id: str) -> str:
     # Binds a sealed secret to its purpose and user: it cannot be moved to another account.
     return f"totp:{user_id}"
 

@@ -94,7 +94,8 @@ class PasswordService:
                 subject="Reset your password",
                 body=(
                     f"Hello {account.user.username},\n\n"
-                    f"use this token to set a new password: {token}\n\n"
+                    # On a line of its own, so that it can be copied (or grepped) whole.
+                    f"use this token to set a new password:\n\n{token}\n\n"
                     f"It works once and expires in {minutes} minutes.\n"
                     "If you did not ask for this, ignore this email: your password is unchanged.\n"
                 ),

@@ -346,6 +346,25 @@ class MongoUserRepository:
         return None if document is None else _account_from_document(document)
 
     @_storage_errors
+    async def sealed_totp_secrets(self, after: str | None, limit: int) -> list[tuple[str, bytes]]:
+        """One page, by ``_id`` (its index serves it), of (user id, sealed TOTP secret) after ``after``."""
+        query: Document = {} if after is None else {"_id": {"$gt": ObjectId(after)}}
+        cursor = self._users.find(query, {"mfa.sealed_secret": 1}).sort("_id", ASCENDING).limit(limit)
+        page = []
+        async for document in cursor:
+            sealed = (document.get("mfa") or {}).get("sealed_secret")
+            page.append((str(document["_id"]), b"" if sealed is None else bytes(sealed)))
+        return page
+
+    @_storage_errors
+    async def reseal_totp_secret(self, user_id: str, sealed: bytes, resealed: bytes) -> bool:
+        """Replace the sealed TOTP secret, unless it changed since it was read as ``sealed``."""
+        result = await self._users.update_one(
+            {"_id": _object_id(user_id), "mfa.sealed_secret": sealed}, {"$set": {"mfa.sealed_secret": resealed}}
+        )
+        return result.modified_count == 1
+
+    @_storage_errors
     async def start_mfa_enrollment(self, user_id: str, sealed_secret: bytes, now: datetime) -> bool:
         """Pend a new TOTP secret unless MFA is already on."""
         result = await self._users.update_one(
@@ -1213,6 +1232,42 @@ class MongoKeyStore:
         result = await self._keys.update_one({"_id": kid, "retired_at": None}, {"$set": {"retired_at": now}})
         return result.modified_count == 1
 
+    @_storage_errors
+    async def reseal(self, kid: str, sealed: bytes, resealed: bytes) -> bool:
+        """Replace the sealed private key, unless it changed since it was read as ``sealed``."""
+        result = await self._keys.update_one(
+            {"_id": kid, "sealed_private_key": sealed}, {"$set": {"sealed_private_key": resealed}}
+        )
+        return result.modified_count == 1
+
+
+class MongoKeyMaterial:
+    """The ``key_material`` collection: named secrets of the service itself (the digest root),
+    sealed under the key-encryption key, by ``_id``."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self._material: AsyncCollection[Document] = database["key_material"]
+
+    @_storage_errors
+    async def get(self, name: str) -> bytes | None:
+        document = await self._material.find_one({"_id": name})
+        return None if document is None else bytes(document["sealed"])
+
+    @_storage_errors
+    async def add(self, name: str, sealed: bytes) -> bool:
+        """Store it unless one of that name exists (another replica was first): then False."""
+        try:
+            await self._material.insert_one({"_id": name, "sealed": sealed})
+        except DuplicateKeyError:
+            return False
+        return True
+
+    @_storage_errors
+    async def reseal(self, name: str, sealed: bytes, resealed: bytes) -> bool:
+        """Replace it, unless it changed since it was read as ``sealed``."""
+        result = await self._material.update_one({"_id": name, "sealed": sealed}, {"$set": {"sealed": resealed}})
+        return result.modified_count == 1
+
 
 class MongoOutbox:
     """The ``outbox`` collection: mail waits here until a sender, in any replica, delivers it.
@@ -1300,6 +1355,38 @@ class MongoOutbox:
                 return QueuedMail(id=str(document["_id"]), mail=mail, attempts=document["attempts"])
             # Tampered with, or sealed under another key-encryption key: it can never go out.
             await self.give_up(str(document["_id"]), "the sealed body does not open", now)
+
+    @_storage_errors
+    async def reseal_bodies(self) -> tuple[int, int, int]:
+        """Seal every body under the current key-encryption key, each by a compare-and-set on its
+        sealed value (a body changed meanwhile is read again). The outbox is small: mail leaves it
+        on delivery. Returns how many were re-sealed, already current, and opened by no key."""
+        resealed = current = unopenable = 0
+        async for document in self._outbox.find(
+            {"sealed_body": {"$exists": True}}, {"sealed_body": 1, "to": 1, "subject": 1}
+        ):
+            associated_data = _mail_associated_data(document["_id"], document["to"], document["subject"])
+            sealed = bytes(document["sealed_body"])
+            while True:
+                try:
+                    new = self._secrets.reseal_mail_body(sealed, associated_data)
+                except InvalidTag:
+                    unopenable += 1
+                    break
+                if new is None:
+                    current += 1
+                    break
+                result = await self._outbox.update_one(
+                    {"_id": document["_id"], "sealed_body": sealed}, {"$set": {"sealed_body": new}}
+                )
+                if result.modified_count == 1:
+                    resealed += 1
+                    break
+                again = await self._outbox.find_one({"_id": document["_id"]}, {"sealed_body": 1})
+                if again is None:  # delivered meanwhile
+                    break
+                sealed = bytes(again["sealed_body"])
+        return resealed, current, unopenable
 
     def _opened(self, document: Document) -> Mail | None:
         to, subject = document["to"], document["subject"]

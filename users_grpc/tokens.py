@@ -43,19 +43,52 @@ _RELOAD_ON_UNKNOWN_KID_SECONDS = 5.0
 
 
 class KeyEncryption:
-    """AES-256-GCM sealing of private keys; the key id is bound in as associated data."""
+    """AES-256-GCM sealing under the key-encryption key; a context (the key id, say) is bound in
+    as associated data.
 
-    def __init__(self, key: bytes) -> None:
-        if len(key) != 32:
+    Seals always use the current key. ``old_keys`` (USERS_OLD_KEY_ENCRYPTION_KEYS) still open
+    what was sealed before a rotation, until ``users-grpc keys rewrap`` has re-sealed it all.
+    """
+
+    def __init__(self, key: bytes, old_keys: tuple[bytes, ...] = ()) -> None:
+        if any(len(k) != 32 for k in (key, *old_keys)):
             raise ValueError("the key-encryption key must be 32 bytes")
-        self._aead = AESGCM(key)
+        self._keys = (key, *(k for k in old_keys if k != key))
+        self._aeads = [AESGCM(k) for k in self._keys]
 
-    def seal(self, plaintext: bytes, kid: str) -> bytes:
+    @property
+    def current_key(self) -> bytes:
+        return self._keys[0]
+
+    def seal(self, plaintext: bytes, context: str) -> bytes:
         nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, plaintext, kid.encode())
+        return nonce + self._aeads[0].encrypt(nonce, plaintext, context.encode())
 
-    def open(self, sealed: bytes, kid: str) -> bytes:
-        return self._aead.decrypt(sealed[:12], sealed[12:], kid.encode())
+    def open(self, sealed: bytes, context: str) -> bytes:
+        """The plaintext, under whichever key opens it; ``InvalidTag`` if none does."""
+        return self._opened(sealed, context)[1]
+
+    def opening_key(self, sealed: bytes, context: str) -> bytes | None:
+        """The key (current or old) that opens ``sealed``; None if none does."""
+        try:
+            return self._keys[self._opened(sealed, context)[0]]
+        except InvalidTag:
+            return None
+
+    def reseal(self, sealed: bytes, context: str) -> bytes | None:
+        """``sealed`` sealed again under the current key; None if it already is.
+
+        Raises ``InvalidTag`` if no key opens it."""
+        index, plaintext = self._opened(sealed, context)
+        return None if index == 0 else self.seal(plaintext, context)
+
+    def _opened(self, sealed: bytes, context: str) -> tuple[int, bytes]:
+        for index, aead in enumerate(self._aeads):
+            try:
+                return index, aead.decrypt(sealed[:12], sealed[12:], context.encode())
+            except InvalidTag:
+                continue
+        raise InvalidTag()
 
 
 def new_key_encryption_key() -> str:
@@ -123,8 +156,9 @@ class AccessTokens:
                 opened = self._encryption.open(key.sealed_private_key, key.kid)
             except InvalidTag:
                 raise ConfigError(
-                    "USERS_KEY_ENCRYPTION_KEY does not open the signing keys stored in the database: "
-                    "it is not the key they were sealed with; use the key this database was set up with"
+                    "USERS_KEY_ENCRYPTION_KEY does not open the signing keys stored in the database, "
+                    "nor does any key in USERS_OLD_KEY_ENCRYPTION_KEYS: it is not the key they were sealed "
+                    "with; use the key this database was set up with (or, mid-rotation, list that one as old)"
                 ) from None
             private = serialization.load_der_private_key(opened, None)
             assert isinstance(private, ec.EllipticCurvePrivateKey)

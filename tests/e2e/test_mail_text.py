@@ -5,10 +5,12 @@ Through a real channel, server, database and SMTP server.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import create_request, rpc_error, stored_users, violated_fields
+from tests.e2e.helpers import PASSWORD, create_request, rpc_error, stored_users, violated_fields
 from tests.e2e.test_operations import wait_until
 from tests.e2e.test_recovery import reset, reset_token
 from users.v1 import user_service_pb2 as pb
@@ -47,3 +49,34 @@ def test_mails_greet_by_username_and_carry_no_name(server: RunningServer, mail: 
         assert body.splitlines()[0] == "Hello jane,", subject
         assert "Zed" not in body, subject
         assert "Quux" not in body, subject
+
+
+# The README's recipe: a reset token is a user id, a dot and 43 URL-safe characters, on a line of its own.
+RESET_TOKEN_LINE = re.compile(rb"^[0-9a-f]{24}\.[A-Za-z0-9_-]+$", re.MULTILINE)
+
+
+def test_mails_are_plain_text_a_person_can_copy_tokens_from(server: RunningServer, mail: MailSink) -> None:
+    """7bit, short lines, no quoted-printable soft breaks: a grep of the raw mail yields a whole
+    reset token, and the token works."""
+    server.anonymous.CreateUser(create_request())
+    code = mail.code_for("jane@example.com")
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=code))
+    session = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD))
+    server.stub_for(session.access_token).ChangeEmail(
+        pb.ChangeEmailRequest(user_id=session.user.id, new_email="jane@new.example", password=PASSWORD)
+    )
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+
+    def subjects() -> list[str]:
+        return [m["Subject"] for m in mail.messages]
+
+    wait_until(lambda: "Reset your password" in subjects(), what="the reset mail")
+    raw_reset = mail.raw[subjects().index("Reset your password")]
+    [token] = RESET_TOKEN_LINE.findall(raw_reset.replace(b"\r\n", b"\n"))
+    reset(server, token.decode())
+    wait_until(lambda: len(mail.messages) >= 5, what="the notice of the reset")
+    for raw, message in zip(mail.raw, mail.messages, strict=True):
+        assert message["Content-Transfer-Encoding"] == "7bit", message["Subject"]
+        lines = raw.replace(b"\r\n", b"\n").split(b"\n")
+        assert max(len(line) for line in lines) <= 78, message["Subject"]
+        assert b"=\n" not in raw.replace(b"\r\n", b"\n"), message["Subject"]

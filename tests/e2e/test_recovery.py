@@ -23,7 +23,7 @@ def reset_token(mail: MailSink, to: str, nth: int = 1) -> str:
     """The token of the nth reset mail to ``to``, waiting for it."""
     wait_until(lambda: len(reset_mails(mail, to)) >= nth, what=f"reset mail {nth}")
     body = reset_mails(mail, to)[nth - 1]
-    match = re.search(r"new password: (\S+)", body)
+    match = re.search(r"new password:\s+(\S+)", body)
     assert match, body
     return match.group(1)
 

@@ -90,7 +90,7 @@ def test_after_a_completed_reset_the_owner_signs_in_at_once(
     assert refused(guesser, PASSWORD).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     guesser.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
     body = mail.wait_for("jane@example.com", 2)[1].get_content()
-    token = re.search(r"new password: (\S+)", body)
+    token = re.search(r"new password:\s+(\S+)", body)
     assert token, body
     guesser.ResetPassword(
         pb.ResetPasswordRequest(token=token.group(1), new_password=NEW_PASSWORD, new_password_confirmation=NEW_PASSWORD)
