@@ -120,7 +120,7 @@ class App:
 
     async def prepare_database(self) -> None:
         """Create the indexes and the first signing key; wait for the database if it is not up yet."""
-        # Uniqueness rests on these indexes, so no RPC is served before they exist.
+        # No RPC is served before the indexes exist and the schema version is known.
         while True:
             try:
                 await self.users.ensure_indexes()
