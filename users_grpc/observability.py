@@ -354,9 +354,11 @@ class OperationsHttp:
     async def bind(self, address: str) -> int:
         """Listen on ``address`` (host:port) without serving yet; return the port."""
         host, _, port = address.rpartition(":")
+        # asyncio binds "::" as IPv6 only; no host binds every interface, IPv4 and IPv6 (as gRPC does "[::]").
+        bind_host = None if host in {"[::]", "::", "*"} else host.strip("[]")
         try:
             self._server = await asyncio.start_server(
-                self._handle, host.strip("[]"), int(port), limit=self._HEAD_LIMIT, start_serving=False
+                self._handle, bind_host, int(port), limit=self._HEAD_LIMIT, start_serving=False
             )
         except OSError as error:
             raise ConfigError(

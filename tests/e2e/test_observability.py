@@ -104,7 +104,8 @@ def test_outbox_gauges_show_mail_waiting_while_smtp_is_down(start_server: StartS
 
 
 def test_the_key_set_over_http_is_get_public_keys_and_verifies_tokens(start_server: StartServer) -> None:
-    server = start_server(http_address="127.0.0.1:0", key_reload_seconds=30)
+    # "[::]", as in the Kubernetes ConfigMap, listens on IPv4 too.
+    server = start_server(http_address="[::]:0", key_reload_seconds=30)
     url = f"http://127.0.0.1:{server.app.http_port}/.well-known/jwks.json"
     status, headers, body = http_get(url)
     assert status == 200
