@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -317,6 +318,12 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         log.info("rpc", extra=fields)
 
 
+def _dual_stack_socket(port: int) -> socket.socket:
+    if not socket.has_dualstack_ipv6():
+        return socket.create_server(("0.0.0.0", port))  # noqa: S104 - "[::]" asks for every interface
+    return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+
+
 def _request_id(metadata: Any) -> str:
     given = metadata_value(metadata or (), REQUEST_ID)
     if given is not None and _REQUEST_ID_FORM.fullmatch(given):
@@ -354,12 +361,16 @@ class OperationsHttp:
     async def bind(self, address: str) -> int:
         """Listen on ``address`` (host:port) without serving yet; return the port."""
         host, _, port = address.rpartition(":")
-        # asyncio binds "::" as IPv6 only; no host binds every interface, IPv4 and IPv6 (as gRPC does "[::]").
-        bind_host = None if host in {"[::]", "::", "*"} else host.strip("[]")
         try:
-            self._server = await asyncio.start_server(
-                self._handle, bind_host, int(port), limit=self._HEAD_LIMIT, start_serving=False
-            )
+            if host in {"[::]", "::"}:
+                # asyncio would listen on "::" for IPv6 only: one dual-stack socket takes IPv4 too, as gRPC does.
+                self._server = await asyncio.start_server(
+                    self._handle, sock=_dual_stack_socket(int(port)), limit=self._HEAD_LIMIT, start_serving=False
+                )
+            else:
+                self._server = await asyncio.start_server(
+                    self._handle, host.strip("[]"), int(port), limit=self._HEAD_LIMIT, start_serving=False
+                )
         except OSError as error:
             raise ConfigError(
                 f"USERS_HTTP_ADDRESS={address}: cannot listen there ({error.strerror}); "
