@@ -416,6 +416,8 @@ class OperationsHttp:
             await self._route(writer, method, target.partition("?")[0], headers)
         except ConnectionError:
             pass
+        except Exception:  # noqa: BLE001 - one failed request must not end in an unretrieved task error
+            http_log.exception("http request failed")
         finally:
             self._connections.discard(task)
             writer.close()
