@@ -174,13 +174,17 @@ class RunningServer:
     """
 
     def __init__(
-        self, settings: Settings, clock: Clock | None, credentials: grpc.ChannelCredentials | None = None
+        self,
+        settings: Settings,
+        clock: Clock | None,
+        credentials: grpc.ChannelCredentials | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.settings = settings
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="server-loop", daemon=True)
         self._thread.start()
-        self.app: App = self.call(build_app(settings, clock=clock))
+        self.app: App = self.call(build_app(settings, clock=clock, tracer_provider=tracer_provider))
         self.call(self.app.start())
         self.address = f"127.0.0.1:{self.app.port}"
         self.channel = (
@@ -266,10 +270,14 @@ def start_server(mongodb_uri: str, database_name: str, smtp_server: tuple[MailSi
     servers: list[RunningServer] = []
 
     def start(
-        *, clock: Clock | None = None, credentials: grpc.ChannelCredentials | None = None, **changes: Any
+        *,
+        clock: Clock | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        tracer_provider: Any = None,
+        **changes: Any,
     ) -> RunningServer:
         settings = dataclasses.replace(make_settings(mongodb_uri, database_name, smtp_server[1]), **changes)
-        servers.append(RunningServer(settings, clock, credentials))
+        servers.append(RunningServer(settings, clock, credentials, tracer_provider))
         return servers[-1]
 
     yield start

@@ -25,6 +25,7 @@ from users_grpc.tokens import new_key_encryption_key
 
 _T = TypeVar("_T")
 DEV_KEY_FILE = Path("var/key-encryption-key")
+DEV_HTTP_ADDRESS = "127.0.0.1:9464"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dev":
             os.environ.setdefault("USERS_KEY_ENCRYPTION_KEY", _dev_key_encryption_key())
+            # Locally, the metrics and the key set over HTTP are on (USERS_HTTP_ADDRESS= turns them off).
+            os.environ.setdefault("USERS_HTTP_ADDRESS", DEV_HTTP_ADDRESS)
         settings = Settings.from_env()
         configure_logging(settings.log_level)
         if args.command == "serve":
@@ -139,7 +142,7 @@ def _dev_key_encryption_key() -> str:
 def _with_app(settings: Settings, task: Callable[[App], Awaitable[_T]]) -> _T:
     async def run() -> _T:
         # An operator's command serves nothing: a port of its own, so it runs beside a live server.
-        app = await build_app(dataclasses.replace(settings, grpc_address="127.0.0.1:0"))
+        app = await build_app(dataclasses.replace(settings, grpc_address="127.0.0.1:0", http_address=None))
         try:
             await app.prepare_database()
             return await task(app)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,6 +40,7 @@ from users_grpc.interceptors import UserServiceInterceptor
 from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
 from users_grpc.mfa import MfaService
+from users_grpc.observability import Gauges, Metrics, ObservabilityInterceptor, OperationsHttp, OutboxState
 from users_grpc.passwords import BcryptHasher, common_passwords
 from users_grpc.ports import Clock, MailTransport
 from users_grpc.recovery import PasswordService
@@ -63,6 +66,10 @@ from users_grpc.servicer import UserServiceServicer
 from users_grpc.sessions import SessionService
 from users_grpc.throttling import PasswordThrottle, RateLimitPolicy, SourceRateLimit, ThrottlePolicy
 from users_grpc.tokens import AccessTokens, KeyEncryption
+from users_grpc.tracing import command_listener, server_interceptor, tracer_provider_from_env
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,9 @@ class App:
     secrets_at_rest: SecretsAtRest
     key_store: MongoKeyStore
     key_material: MongoKeyMaterial
+    # /metrics and the key set over HTTP, when USERS_HTTP_ADDRESS is set.
+    http: OperationsHttp | None = None
+    http_port: int | None = None
     # Set once the database is prepared; until then UserService calls are refused as UNAVAILABLE.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -167,7 +177,9 @@ class App:
         """
         await self.health.starting()
         await self.server.start()
-        log.info("listening", extra={"port": self.port})
+        if self.http is not None:
+            await self.http.start()
+        log.info("listening", extra={"port": self.port, "http_port": self.http_port})
         await self.prepare_database()
         self.ready.set()
         await self.health.check()
@@ -202,17 +214,26 @@ class App:
 
     async def close(self) -> None:
         """Release the database client and the hashing threads (after stop, or in a CLI command)."""
+        if self.http is not None:
+            await self.http.stop()
         await self.client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def build_app(
-    settings: Settings, *, clock: Clock | None = None, mail_transport: MailTransport | None = None
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    mail_transport: MailTransport | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> App:
+    """Build the server; with a ``tracer_provider``, calls and database commands are traced."""
     keep_secrets_out_of_logs()
     clock = clock or SystemClock()
     client: AsyncMongoClient[Document] = AsyncMongoClient(
         settings.mongodb_uri,
+        # Only when tracing is on: a command listener costs every database command some work.
+        event_listeners=[] if tracer_provider is None else [command_listener(tracer_provider)],
         tz_aware=True,
         appname="users-grpc",
         # Bounds every operation (PyMongo CSOT), background work included; RPCs narrow it to their deadline.
@@ -235,12 +256,15 @@ async def build_app(
     session_store = MongoSessionRepository(database)
 
     executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="bcrypt")
+    # Without an HTTP address nobody can scrape metrics, so none are kept.
+    metrics = None if settings.http_address is None else Metrics()
     hasher = BcryptHasher(
         rounds=settings.bcrypt_rounds,
         executor=executor,
         workers=settings.hash_workers,
         queue_length=settings.hash_queue_length,
         pepper=settings.password_pepper,
+        waited=None if metrics is None else metrics.hash_wait.observe,
     )
     throttles = MongoThrottleStore(database)
     mail = MailDelivery(
@@ -354,6 +378,11 @@ async def build_app(
     ready = asyncio.Event()
     server = grpc.aio.server(
         interceptors=[
+            # The trace's span first, so the call's line and its database spans fall within it.
+            *([] if tracer_provider is None else [server_interceptor(tracer_provider)]),
+            ObservabilityInterceptor(
+                method_prefix=f"/{SERVICE_NAME}/", metrics=metrics, trace_ids=tracer_provider is not None
+            ),
             UserServiceInterceptor(
                 method_prefix=f"/{SERVICE_NAME}/",
                 ready=ready,
@@ -375,7 +404,7 @@ async def build_app(
                 # instead of queueing without bound (bcrypt makes each call costly). Not the server's
                 # own maximum_concurrent_rpcs, which would refuse health checks too.
                 max_concurrent_calls=settings.max_concurrent_rpcs,
-            )
+            ),
         ],
         options=_SERVER_OPTIONS,
     )
@@ -400,8 +429,35 @@ async def build_app(
             SourceInfoReflectionServicer([SERVICE_NAME, health_name, reflection.SERVICE_NAME], load_descriptor_set()),
             server,
         )
+    health = DatabaseHealth(
+        servicer=health_servicer,
+        services=["", SERVICE_NAME],
+        ping=lambda: ping(database, min(settings.db_timeout_seconds, settings.health_interval_seconds * 2)),
+        interval_seconds=settings.health_interval_seconds,
+    )
+    http = None
+    http_port = None
     try:
         port = _add_port(server, settings)
+        if metrics is not None and settings.http_address is not None:
+            metrics.read_at_scrape(
+                Gauges(
+                    hash_jobs=lambda: hasher.jobs,
+                    hash_capacity=hasher.capacity,
+                    signing_key_created_at=lambda: tokens.signing_key_created_at,
+                    database_up=lambda: health.serving,
+                    outbox=lambda: _outbox_state(outbox),
+                    now=clock.now,
+                )
+            )
+            http = OperationsHttp(
+                metrics=metrics,
+                # Byte for byte what GetPublicKeys answers.
+                jwks=lambda: json.dumps(tokens.jwks()).encode(),
+                ready=ready,
+                jwks_max_age_seconds=int(settings.key_reload_seconds),
+            )
+            http_port = await http.bind(settings.http_address)
     except ConfigError:
         await client.close()
         executor.shutdown(wait=False)
@@ -422,12 +478,9 @@ async def build_app(
         schema=MongoSchema(database),
         accounts=accounts,
         tokens=tokens,
-        health=DatabaseHealth(
-            servicer=health_servicer,
-            services=["", SERVICE_NAME],
-            ping=lambda: ping(database, min(settings.db_timeout_seconds, settings.health_interval_seconds * 2)),
-            interval_seconds=settings.health_interval_seconds,
-        ),
+        health=health,
+        http=http,
+        http_port=http_port,
         health_servicer=health_servicer,
         encryption=encryption,
         secrets_at_rest=secrets_at_rest,
@@ -456,7 +509,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    app = await build_app(settings)
+    tracer_provider = tracer_provider_from_env()
+    app = await build_app(settings, tracer_provider=tracer_provider)
     starting = asyncio.create_task(app.start())
     signalled = asyncio.create_task(stopping.wait())
     try:
@@ -472,6 +526,8 @@ async def serve(settings: Settings) -> None:
     finally:
         signalled.cancel()
         await app.stop()
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # sends the spans still batched
 
 
 def redacted_uri(uri: str) -> str:
@@ -505,6 +561,11 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
         require_client_auth=client_ca is not None,
     )
     return server.add_secure_port(settings.grpc_address, credentials)
+
+
+async def _outbox_state(outbox: MongoOutbox) -> OutboxState:
+    pending, failed, oldest = await outbox.counts()
+    return OutboxState(pending=pending, failed=failed, oldest_pending_at=oldest)
 
 
 def _mail_transport(settings: Settings) -> MailTransport:

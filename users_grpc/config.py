@@ -103,6 +103,8 @@ class Settings:
     tls_client_ca_file: Path | None = None
 
     log_level: str = "INFO"
+    # /metrics and /.well-known/jwks.json; None serves no HTTP (`users-grpc dev` turns it on).
+    http_address: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -222,6 +224,7 @@ class Settings:
             tls_key_file=env.get("USERS_TLS_KEY_FILE", defaults.tls_key_file, _existing_file),
             tls_client_ca_file=env.get("USERS_TLS_CLIENT_CA_FILE", defaults.tls_client_ca_file, _existing_file),
             log_level=env.get("USERS_LOG_LEVEL", defaults.log_level, _log_level),
+            http_address=env.get("USERS_HTTP_ADDRESS", defaults.http_address, _host_port),
         )
         if settings.unactivated_account_retention_seconds < settings.activation_code_ttl_seconds:
             raise ConfigError(

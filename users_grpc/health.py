@@ -42,6 +42,11 @@ class DatabaseHealth:
         self._serving: bool | None = None
         self._stopping = asyncio.Event()
 
+    @property
+    def serving(self) -> bool | None:
+        """Whether the last check reached the database; None before the first."""
+        return self._serving
+
     async def starting(self) -> None:
         """Before the database is prepared: alive, not ready."""
         await self._servicer.set(LIVENESS, SERVING)

@@ -25,6 +25,7 @@ from users_grpc.access import (
 )
 from users_grpc.domain import Caller
 from users_grpc.errors import MalformedRequest, Overloaded, StorageUnavailable, UsersError, to_rpc_status
+from users_grpc.observability import current_call
 from users_grpc.repository import DatabaseBudget, database_budget
 from users_grpc.throttling import SourceRateLimit
 
@@ -130,6 +131,9 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 )
                 # Known before the rule is applied, so a refusal is logged with who was refused.
                 current_caller.set(caller)
+                call = current_call.get()
+                if call is not None:
+                    call.caller = caller
                 self._authorizer.admit(name, request, caller)
                 if name in RATE_LIMITED and not caller.is_admin:
                     await self._rate_limit.check(caller.source)
@@ -176,8 +180,13 @@ def _tolerant(deserializer: _Deserializer | None) -> _Deserializer | None:
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], method: str, error: UsersError) -> None:
     # Refusals are logged by reason only, in one line: messages never carry secrets, but requests may.
     log.info("rpc refused", extra={"rpc": method, "reason": error.reason})
+    call = current_call.get()
+    if call is not None:
+        call.reason = error.reason
     status = rpc_status.to_status(to_rpc_status(error))
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    # Added to the trailing metadata already set (the request id), not in its place.
+    trailing = (*(context.trailing_metadata() or ()), *status.trailing_metadata)
+    await context.abort(status.code, status.details, trailing)
 
 
 def _machine_names(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import timedelta
@@ -36,9 +37,18 @@ class BcryptHasher:
     """
 
     def __init__(
-        self, *, rounds: int, executor: Executor, workers: int, queue_length: int, pepper: str | None = None
+        self,
+        *,
+        rounds: int,
+        executor: Executor,
+        workers: int,
+        queue_length: int,
+        pepper: str | None = None,
+        waited: Callable[[float], None] | None = None,
     ) -> None:
         self._rounds = rounds
+        # Told how long each job waited for a worker (the metrics), if anything listens.
+        self._waited = waited
         self._executor = executor
         self._pepper = pepper.encode() if pepper else _DEFAULT_PEPPER
         # Jobs running or waiting for a worker. Past the cap a call is refused at once: waiting
@@ -91,9 +101,26 @@ class BcryptHasher:
                 raise Overloaded(retry_after=timedelta(seconds=max(1.0, self._capacity / self._workers * 0.25)))
             self._in_line += 1
         # Counted until the job itself ends, not the call: a cancelled call's job still holds a worker.
-        job = self._executor.submit(work, password, salt_or_hash)
+        if self._waited is None:
+            job = self._executor.submit(work, password, salt_or_hash)
+        else:
+            job = self._executor.submit(self._timed, time.monotonic(), work, password, salt_or_hash)
         job.add_done_callback(self._left_line)
         return await asyncio.wrap_future(job)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def jobs(self) -> int:
+        """Jobs running or waiting for a worker."""
+        return self._in_line
+
+    def _timed(self, queued_at: float, work: Callable[[bytes, bytes], _T], password: bytes, salt_or_hash: bytes) -> _T:
+        assert self._waited is not None
+        self._waited(time.monotonic() - queued_at)
+        return work(password, salt_or_hash)
 
     def _left_line(self, _: object) -> None:
         with self._lock:

@@ -1427,6 +1427,19 @@ class MongoOutbox:
             {"$set": {"status": "failed", "failed_at": now, "last_error": error}},
         )
 
+    @_storage_errors
+    async def counts(self) -> tuple[int, int, datetime | None]:
+        """Mail waiting, mail given up, and when the oldest waiting mail was queued (for metrics).
+
+        Each query selects on ``status``, the first field of an index; delivered mail is deleted,
+        so only the waiting mail is read to find the oldest.
+        """
+        waiting = {"status": {"$in": ["pending", "sending"]}}
+        pending = await self._outbox.count_documents(waiting)
+        failed = await self._outbox.count_documents({"status": "failed"})
+        oldest = await self._outbox.find_one(waiting, {"created_at": 1}, sort=[("created_at", ASCENDING)])
+        return pending, failed, None if oldest is None else oldest.get("created_at")
+
 
 def _mail_associated_data(mail_id: ObjectId, to: str, subject: str) -> bytes:
     """What a sealed body belongs to: its mail's id, recipient and subject, unambiguously encoded."""

@@ -116,6 +116,7 @@ class AccessTokens:
         self._audience = audience
         self._lifetime = lifetime
         self._signing: tuple[str, ec.EllipticCurvePrivateKey] | None = None
+        self._signing_created_at: datetime | None = None
         self._verifying: dict[str, ec.EllipticCurvePublicKey] = {}
         self._last_reload = 0.0
 
@@ -137,6 +138,11 @@ class AccessTokens:
         return f"{self._audience}:service-accounts"
 
     @property
+    def signing_key_created_at(self) -> datetime | None:
+        """When the key that signs now was made (its age is a metric)."""
+        return self._signing_created_at
+
+    @property
     def signing_kid(self) -> str | None:
         return None if self._signing is None else self._signing[0]
 
@@ -151,6 +157,7 @@ class AccessTokens:
         keys = sorted((k for k in await self._store.all() if k.retired_at is None), key=lambda k: k.created_at)
         verifying: dict[str, ec.EllipticCurvePublicKey] = {}
         signing: tuple[str, ec.EllipticCurvePrivateKey] | None = None
+        signing_created_at: datetime | None = None
         for key in keys:
             try:
                 opened = self._encryption.open(key.sealed_private_key, key.kid)
@@ -163,8 +170,9 @@ class AccessTokens:
             private = serialization.load_der_private_key(opened, None)
             assert isinstance(private, ec.EllipticCurvePrivateKey)
             verifying[key.kid] = private.public_key()
-            signing = (key.kid, private)
+            signing, signing_created_at = (key.kid, private), key.created_at
         self._signing, self._verifying = signing, verifying
+        self._signing_created_at = signing_created_at
         self._last_reload = time.monotonic()
 
     async def ensure_signing_key(self) -> None:

@@ -55,7 +55,11 @@ def test_every_rpc_refuses_malformed_bytes_without_a_traceback(
     assert all(record.exc_info is None for record in caplog.records)
     assert "Traceback" not in caplog.text
     assert "DecodeError" not in caplog.text
-    refusals = [r for r in caplog.records if getattr(r, "reason", None) == "MALFORMED_REQUEST"]
+    refusals = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "rpc refused" and getattr(r, "reason", None) == "MALFORMED_REQUEST"
+    ]
     assert len(refusals) == calls + 1
     assert all(len(record.getMessage()) < 80 for record in refusals)
     # A well-formed request still works, of course.

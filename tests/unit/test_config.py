@@ -91,3 +91,25 @@ def test_the_sender_is_parsed_once_into_an_address() -> None:
     sender = Settings.from_env({"USERS_MAIL_FROM": "Accounts <no-reply@example.com>"}).mail_from
     assert (sender.display_name, sender.username, sender.domain) == ("Accounts", "no-reply", "example.com")
     assert Settings.from_env({"USERS_MAIL_FROM": "no-reply@example.com"}).mail_from.addr_spec == "no-reply@example.com"
+
+
+@pytest.mark.parametrize(
+    ("given", "served"), [(None, "127.0.0.1:9464"), ("", None), ("127.0.0.1:9100", "127.0.0.1:9100")]
+)
+def test_dev_serves_http_unless_told_not_to_and_serve_does_not(
+    monkeypatch: pytest.MonkeyPatch, given: str | None, served: str | None
+) -> None:
+    from users_grpc import __main__ as cli
+
+    started: list[Settings] = []
+    monkeypatch.setattr(cli, "_dev", lambda settings, data_dir, db_listen: started.append(settings))
+    monkeypatch.setattr(cli, "_dev_key_encryption_key", lambda: "A" * 43)
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+    # main() sets these defaults in the process environment: monkeypatch puts it back after.
+    monkeypatch.delenv("USERS_KEY_ENCRYPTION_KEY", raising=False)
+    monkeypatch.delenv("USERS_HTTP_ADDRESS", raising=False)
+    if given is not None:
+        monkeypatch.setenv("USERS_HTTP_ADDRESS", given)
+    assert cli.main(["dev"]) == 0
+    assert started[0].http_address == served
+    assert Settings.from_env({}).http_address is None  # serve: off unless set

@@ -65,9 +65,21 @@ def test_probes_name_the_health_services_the_server_publishes() -> None:
     assert container["livenessProbe"]["grpc"]["service"] == LIVENESS  # does not: no restarts in an outage
     assert container["startupProbe"]["grpc"]["service"] == LIVENESS  # answers before the database is ready
     port = int(configured_environment()["USERS_GRPC_ADDRESS"].rpartition(":")[2])
-    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"] == [port]
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["grpc"]["port"] == port
+
+
+def test_prometheus_scrapes_the_http_port_the_server_listens_on() -> None:
+    port = int(configured_environment()["USERS_HTTP_ADDRESS"].rpartition(":")[2])
+    assert [p["containerPort"] for p in server_container()["ports"] if p["name"] == "http"] == [port]
+    annotations = kind("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == ("true", str(port))
+    allowed = [p["port"] for rule in kind("NetworkPolicy")["spec"]["ingress"] for p in rule["ports"]]
+    assert port in allowed
+    assert {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"} in kind(
+        "Service"
+    )["spec"]["ports"]
 
 
 def test_the_pod_outlasts_the_drain() -> None:

@@ -1,0 +1,339 @@
+"""What an operator sees: Prometheus metrics and the key set over HTTP, a JSON line per call with
+its request id, and OpenTelemetry traces of calls and their database commands."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, MailSink, RunningServer, StartServer, free_port
+from tests.e2e.helpers import PASSWORD, create_request, rpc_error
+from tests.e2e.test_mfa import independent_totp
+from tests.e2e.test_operations import wait_until
+from tests.e2e.test_recovery import NEW_PASSWORD, reset_token
+from tests.e2e.test_sessions import signed_up
+from tests.fakes import FakeClock
+from users.v1 import user_service_pb2 as pb
+from users_grpc.config import ConfigError
+from users_grpc.logs import JsonFormatter
+from users_grpc.tracing import tracer_provider_from_env, tracing_switched_on
+
+WRONG_PASSWORD = "not the password at all"
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 - the test's own server
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def scrape(server: RunningServer) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Every sample of /metrics, by name and labels, parsed by prometheus_client's own parser."""
+    status, headers, body = http_get(f"http://127.0.0.1:{server.app.http_port}/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=")
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str) -> float:
+    return samples[name][tuple(sorted(labels.items()))]
+
+
+def test_metrics_count_calls_refusals_throttles_and_read_the_gauges(start_server: StartServer, mail: MailSink) -> None:
+    server = start_server(http_address="127.0.0.1:0", password_free_attempts=1)
+    session = signed_up(server, mail)
+    wrong = pb.AuthenticateRequest(identifier="jane", password=WRONG_PASSWORD)
+    codes = [rpc_error(server.anonymous.Authenticate, wrong).code() for _ in range(3)]
+    assert codes[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes  # the throttle holds the later tries
+    server.stub_for(session.access_token).GetUser(pb.GetUserRequest(id=session.user.id))
+
+    samples = scrape(server)
+    assert value(samples, "users_grpc_calls_total", method="CreateUser", code="OK") == 1
+    assert value(samples, "users_grpc_calls_total", method="Authenticate", code="OK") == 2  # the admin and jane
+    assert value(samples, "users_grpc_calls_total", method="Authenticate", code="UNAUTHENTICATED") == 1
+    assert value(samples, "users_grpc_calls_total", method="GetUser", code="OK") == 1
+    assert value(samples, "users_grpc_call_duration_seconds_count", method="Authenticate") == 2 + 3
+    assert value(samples, "users_grpc_calls_in_progress") == 0
+    assert value(samples, "users_grpc_sign_in_failures_total", method="Authenticate", reason="INVALID_CREDENTIALS") == 1
+    held = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert value(samples, "users_grpc_throttle_holds_total", method="Authenticate", reason="TOO_MANY_ATTEMPTS") == held
+    assert value(samples, "users_grpc_refusals_total", method="Authenticate", reason="TOO_MANY_ATTEMPTS") == held
+    # Each sign-in, the wrong ones too, ran one bcrypt job; none is in line now.
+    assert value(samples, "users_grpc_hash_wait_seconds_count") >= 4
+    assert value(samples, "users_grpc_hash_jobs") == 0
+    assert value(samples, "users_grpc_hash_capacity") == 2 + 64
+    assert value(samples, "users_grpc_database_up") == 1
+    assert 0 <= value(samples, "users_grpc_signing_key_age_seconds") < 600
+    assert value(samples, "users_grpc_outbox_failed") == 0
+
+
+def test_outbox_gauges_show_mail_waiting_while_smtp_is_down(start_server: StartServer, mail: MailSink) -> None:
+    """A second server in the same process: each keeps its own registry."""
+    clock = FakeClock()
+    server = start_server(clock=clock, http_address="127.0.0.1:0", smtp_port=free_port())
+    server.anonymous.CreateUser(create_request())
+    clock.advance(seconds=90)
+    samples = scrape(server)
+    assert value(samples, "users_grpc_outbox_pending") == 1
+    assert value(samples, "users_grpc_outbox_oldest_pending_age_seconds") >= 90
+    assert value(samples, "users_grpc_calls_total", method="CreateUser", code="OK") == 1
+
+
+def test_the_key_set_over_http_is_get_public_keys_and_verifies_tokens(start_server: StartServer) -> None:
+    # "[::]", as in the Kubernetes ConfigMap, listens on IPv4 too.
+    server = start_server(http_address="[::]:0", key_reload_seconds=30)
+    url = f"http://127.0.0.1:{server.app.http_port}/.well-known/jwks.json"
+    status, headers, body = http_get(url)
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "public, max-age=30"
+    assert body.decode() == server.stub.GetPublicKeys(pb.GetPublicKeysRequest()).jwks_json
+    assert http_get(url, {"If-None-Match": headers["ETag"]})[0] == 304
+
+    # A standard JWKS client, given only the URL, verifies a token issued over gRPC.
+    signing_key = jwt.PyJWKClient(url).get_signing_key_from_jwt(server.admin_token)
+    claims = jwt.decode(server.admin_token, signing_key, algorithms=["ES256"], audience=server.settings.jwt_audience)
+    assert claims["sub"] == server.admin_id
+
+    assert http_get(f"http://127.0.0.1:{server.app.http_port}/other")[0] == 404
+
+
+def test_without_an_http_address_nothing_listens(server: RunningServer) -> None:
+    assert server.app.http_port is None
+    assert server.app.http is None
+
+
+def test_a_busy_http_address_is_a_clear_start_up_error(start_server: StartServer) -> None:
+    server = start_server(http_address="127.0.0.1:0")
+    busy = f"127.0.0.1:{server.app.http_port}"
+    result = subprocess.run(
+        [sys.executable, "-m", "users_grpc", "serve"],
+        env={
+            **os.environ,
+            "USERS_GRPC_ADDRESS": "127.0.0.1:0",
+            "USERS_HTTP_ADDRESS": busy,
+            "USERS_MONGODB_URI": server.settings.mongodb_uri,
+            "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
+        },
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"USERS_HTTP_ADDRESS={busy}: cannot listen there" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def trailing(metadata: Any) -> dict[str, Any]:
+    return {key: value for key, value in metadata}
+
+
+def call_lines(caplog: pytest.LogCaptureFixture, count: int) -> list[dict[str, Any]]:
+    """The call lines, once there are ``count``: a line is written as its call ends, which may be
+    just after the caller has its answer."""
+    formatter = JsonFormatter()
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(formatter.format(r)) for r in list(caplog.records) if r.name == "users_grpc.calls"]
+
+    wait_until(lambda: len(lines()) >= count, what=f"{count} call lines")
+    return lines()
+
+
+def test_each_call_logs_one_line_and_returns_its_request_id(
+    server: RunningServer, mail: MailSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    session = signed_up(server, mail)
+    own = server.stub_for(session.access_token)
+    _, call = own.GetUser.with_call(pb.GetUserRequest(id=session.user.id), metadata=(("x-request-id", "req-42"),))
+    assert ("x-request-id", "req-42") in call.trailing_metadata()
+    error = rpc_error(own.GetUser, pb.GetUserRequest(id=server.admin_id))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    made = trailing(error.trailing_metadata())["x-request-id"]
+    assert len(made) == 32
+    # A request id that could forge log content is replaced, not echoed.
+    _, call = own.GetUser.with_call(
+        pb.GetUserRequest(id=session.user.id), metadata=(("x-request-id", 'forged" "level": "error'),)
+    )
+    assert len(trailing(call.trailing_metadata())["x-request-id"]) == 32
+
+    lines = call_lines(caplog, 6)
+    [given] = [line for line in lines if line["request_id"] == "req-42"]
+    assert given["message"] == "rpc"
+    assert given["rpc"] == "/users.v1.UserService/GetUser"
+    assert given["code"] == "OK"
+    assert given["duration_ms"] >= 0
+    assert given["peer"].startswith("ipv4:127.0.0.1:")
+    assert (given["source"], given["caller_user_id"], given["caller_session_id"]) == (
+        "127.0.0.1",
+        session.user.id,
+        session.session_id,
+    )
+    [refused] = [line for line in lines if line["request_id"] == made]
+    assert (refused["code"], refused["reason"], refused["caller_user_id"]) == (
+        "PERMISSION_DENIED",
+        "PERMISSION_DENIED",
+        session.user.id,
+    )
+    # One line per call: the sign-up's three calls, then the three GetUser calls.
+    assert [line["rpc"].rpartition("/")[2] for line in lines] == [
+        "CreateUser",
+        "ActivateUser",
+        "Authenticate",
+        "GetUser",
+        "GetUser",
+        "GetUser",
+    ]
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_as_a_field(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    def broken() -> Any:
+        raise RuntimeError("a bug")
+
+    server.app.tokens.jwks = broken  # type: ignore[method-assign]
+    error = rpc_error(server.stub.GetPublicKeys, pb.GetPublicKeysRequest())
+    assert error.code() == grpc.StatusCode.INTERNAL
+    [record] = [r for r in caplog.records if r.getMessage() == "unexpected error"]
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    assert "RuntimeError: a bug" in json.loads(line)["exception"]
+    [call] = [line for line in call_lines(caplog, 1) if line["rpc"].endswith("/GetPublicKeys")]
+    assert call["code"] == "INTERNAL"
+
+
+def test_a_whole_flow_logs_no_password_code_token_or_secret(
+    start_server: StartServer, mail: MailSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    clock = FakeClock()
+    server = start_server(clock=clock)
+    session = signed_up(server, mail)
+    activation_code = mail.code_for("jane@example.com")
+    assert rpc_error(
+        server.anonymous.Authenticate, pb.AuthenticateRequest(identifier="jane", password=WRONG_PASSWORD)
+    ).code() == (grpc.StatusCode.UNAUTHENTICATED)
+    refreshed = server.anonymous.RefreshSession(pb.RefreshSessionRequest(refresh_token=session.refresh_token))
+
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    token = reset_token(mail, "jane@example.com")
+    server.anonymous.ResetPassword(
+        pb.ResetPasswordRequest(token=token, new_password=NEW_PASSWORD, new_password_confirmation=NEW_PASSWORD)
+    )
+    signed_in = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=NEW_PASSWORD))
+    own = server.stub_for(signed_in.access_token)
+    enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=signed_in.user.id, password=NEW_PASSWORD))
+    confirming = independent_totp(enrollment.secret, clock.now().timestamp())
+    recovery = own.ConfirmMfa(pb.ConfirmMfaRequest(user_id=signed_in.user.id, code=confirming)).recovery_codes
+    clock.advance(seconds=30)
+    totp = independent_totp(enrollment.secret, clock.now().timestamp())
+    with_mfa = server.anonymous.Authenticate(
+        pb.AuthenticateRequest(identifier="jane", password=NEW_PASSWORD, totp_code=totp)
+    )
+    with_recovery = server.anonymous.Authenticate(
+        pb.AuthenticateRequest(identifier="jane", password=NEW_PASSWORD, recovery_code=recovery[0])
+    )
+    wait_until(lambda: len(mail.messages) >= 4, what="the notices")
+
+    call_lines(caplog, 13)  # every call of the flow (the admin's sign-in too), each in one line
+    formatter = JsonFormatter()
+    logged = "\n".join(formatter.format(r) for r in caplog.records if r.name != "mail.log")
+    secrets = [
+        PASSWORD,
+        WRONG_PASSWORD,
+        NEW_PASSWORD,
+        activation_code,
+        token,
+        enrollment.secret,
+        enrollment.otpauth_uri,
+        confirming,
+        totp,
+        *recovery,
+        server.admin_token,
+        *(s.access_token for s in (session, refreshed, signed_in, with_mfa, with_recovery)),
+        *(s.refresh_token for s in (session, refreshed, signed_in, with_mfa, with_recovery)),
+    ]
+    for secret in secrets:
+        assert secret not in logged, [line for line in logged.splitlines() if secret in line][:1]
+
+
+def test_traces_hold_a_server_span_per_call_with_its_database_spans_beneath(
+    start_server: StartServer, mail: MailSink
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = start_server(tracer_provider=provider)
+    exporter.clear()
+    server.stub.GetUser(pb.GetUserRequest(id=server.admin_id))
+    server.anonymous.CreateUser(create_request())
+
+    spans = exporter.get_finished_spans()
+    by_id = {span.context.span_id: span for span in spans}
+    calls = [span for span in spans if span.kind is SpanKind.SERVER]
+    assert sorted(span.name for span in calls) == [
+        "/users.v1.UserService/CreateUser",
+        "/users.v1.UserService/GetUser",
+    ]
+    for call in calls:
+        beneath = [
+            span
+            for span in spans
+            if span.kind is SpanKind.CLIENT and span.parent is not None and span.parent.span_id == call.context.span_id
+        ]
+        assert beneath, f"no database span beneath {call.name}"
+        for span in beneath:
+            assert span.context.trace_id == call.context.trace_id
+            assert span.attributes is not None
+            assert span.attributes.get("db.system") == "mongodb"
+            assert span.parent is not None
+            assert by_id[span.parent.span_id] is call
+    [get_user] = [call for call in calls if call.name.endswith("/GetUser")]
+    names = {span.name for span in spans if span.parent and span.parent.span_id == get_user.context.span_id}
+    assert any(name.endswith(".find") for name in names), names
+    provider.shutdown()
+
+
+def test_tracing_is_switched_on_by_the_standard_variables_only() -> None:
+    assert not tracing_switched_on({})
+    assert tracer_provider_from_env({}) is None
+    assert not tracing_switched_on({"OTEL_TRACES_EXPORTER": "none"})
+    assert tracing_switched_on({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
+    assert tracing_switched_on({"OTEL_TRACES_EXPORTER": "console"})
+    assert not tracing_switched_on({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"})
+    provider = tracer_provider_from_env({"OTEL_TRACES_EXPORTER": "console"})
+    assert provider is not None
+    assert provider.resource.attributes["service.name"] == "users-grpc"
+    provider.shutdown()
+    with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER=no-such-exporter"):
+        tracer_provider_from_env({"OTEL_TRACES_EXPORTER": "no-such-exporter"})

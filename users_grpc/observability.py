@@ -1,0 +1,465 @@
+"""What an operator sees of each call: a log line, Prometheus metrics, and the HTTP endpoint
+that serves the metrics and the key set (``USERS_HTTP_ADDRESS``).
+
+The interceptor here observes; it decides nothing. It sits outside the access interceptor, so it
+sees refusals too, and learns who called and why a call was refused through :data:`current_call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+import grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from users_grpc.access import metadata_value
+from users_grpc.config import ConfigError
+from users_grpc.domain import Caller
+
+log = logging.getLogger("users_grpc.calls")
+http_log = logging.getLogger(__name__)
+
+_Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+REQUEST_ID = "x-request-id"
+# A caller's request id is logged as given only if it is short and plain; any other is replaced.
+_REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+SIGN_IN_METHODS = frozenset({"Authenticate", "VerifyCredentials", "IssueServiceToken"})
+THROTTLE_REASONS = frozenset({"TOO_MANY_ATTEMPTS", "RATE_LIMITED"})
+
+
+class CallRecord:
+    """What the access interceptor learns about a call, for the line and metrics written at its end."""
+
+    __slots__ = ("caller", "reason")
+
+    def __init__(self) -> None:
+        self.caller: Caller | None = None
+        self.reason: str | None = None
+
+
+current_call: ContextVar[CallRecord | None] = ContextVar("current_call", default=None)
+"""Set by :class:`ObservabilityInterceptor` for each UserService call; None outside calls."""
+
+
+@dataclass(frozen=True)
+class OutboxState:
+    pending: int
+    failed: int
+    oldest_pending_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """Where the values read at scrape time come from."""
+
+    hash_jobs: Callable[[], int]
+    hash_capacity: int
+    signing_key_created_at: Callable[[], datetime | None]
+    database_up: Callable[[], bool | None]
+    outbox: Callable[[], Awaitable[OutboxState]]
+    now: Callable[[], datetime]
+
+
+class Metrics:
+    """One server's metrics, in a registry of its own (so servers in one process do not collide)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self._calls = Counter(
+            "users_grpc_calls", "UserService calls handled, by method and status code", ["method", "code"],
+            registry=registry,
+        )  # fmt: skip
+        self._duration = Histogram(
+            "users_grpc_call_duration_seconds",
+            "UserService call latency, refusals included",
+            ["method"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.in_progress = Gauge("users_grpc_calls_in_progress", "UserService calls in progress", registry=registry)
+        self._refusals = Counter(
+            "users_grpc_refusals", "Calls refused, by method and ErrorInfo reason", ["method", "reason"],
+            registry=registry,
+        )  # fmt: skip
+        self._sign_in_failures = Counter(
+            "users_grpc_sign_in_failures",
+            "Refused sign-ins (Authenticate, VerifyCredentials, IssueServiceToken), by method and reason",
+            ["method", "reason"],
+            registry=registry,
+        )
+        self._throttle_holds = Counter(
+            "users_grpc_throttle_holds",
+            "Calls held back by a throttle: TOO_MANY_ATTEMPTS (password or code delays) or RATE_LIMITED (per source)",
+            ["method", "reason"],
+            registry=registry,
+        )
+        self._database_errors = Counter(
+            "users_grpc_database_errors",
+            "Calls that failed because the database was unreachable or too slow (STORAGE_UNAVAILABLE)",
+            ["method"],
+            registry=registry,
+        )
+        self.hash_wait = Histogram(
+            "users_grpc_hash_wait_seconds",
+            "Time a password hashing job waited for a worker",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+        self._scraped: _ScrapeTimeGauges | None = None
+        # Children by label values: a call costs dictionary look-ups, not the library's label checks.
+        self._call_children: dict[tuple[str, grpc.StatusCode], Any] = {}
+        self._duration_children: dict[str, Any] = {}
+
+    def read_at_scrape(self, gauges: Gauges) -> None:
+        """Report these values too, read when scraped."""
+        self._scraped = _ScrapeTimeGauges(gauges)
+        self.registry.register(self._scraped)
+
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float, reason: str | None) -> None:
+        calls = self._call_children.get((method, code))
+        if calls is None:
+            calls = self._call_children[method, code] = self._calls.labels(method, code.name)
+        calls.inc()
+        duration = self._duration_children.get(method)
+        if duration is None:
+            duration = self._duration_children[method] = self._duration.labels(method)
+        duration.observe(seconds)
+        if reason is not None:
+            self._refused(method, reason)
+
+    def _refused(self, method: str, reason: str) -> None:
+        self._refusals.labels(method, reason).inc()
+        if method in SIGN_IN_METHODS:
+            self._sign_in_failures.labels(method, reason).inc()
+        if reason in THROTTLE_REASONS:
+            self._throttle_holds.labels(method, reason).inc()
+        if reason == "STORAGE_UNAVAILABLE":
+            self._database_errors.labels(method).inc()
+
+    async def exposition(self) -> bytes:
+        if self._scraped is not None:
+            await self._scraped.refresh()
+        return generate_latest(self.registry)
+
+
+class _ScrapeTimeGauges(Collector):
+    """Values read when Prometheus scrapes: nothing is kept up to date between scrapes."""
+
+    # Scrapers of several Prometheus servers share one reading of the outbox for this long.
+    OUTBOX_CACHE_SECONDS = 5.0
+
+    def __init__(self, gauges: Gauges) -> None:
+        self._gauges = gauges
+        self._outbox: OutboxState | None = None
+        self._outbox_read_at = float("-inf")
+
+    async def refresh(self) -> None:
+        if time.monotonic() - self._outbox_read_at < self.OUTBOX_CACHE_SECONDS:
+            return
+        try:
+            self._outbox = await self._gauges.outbox()
+        except Exception:  # noqa: BLE001 - a scrape reports what it can; the gauge goes missing
+            self._outbox = None
+            http_log.warning("could not read the outbox for metrics", exc_info=True)
+        self._outbox_read_at = time.monotonic()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauges = self._gauges
+        now = gauges.now()
+        yield GaugeMetricFamily(
+            "users_grpc_hash_jobs", "Password hashing jobs running or waiting for a worker", value=gauges.hash_jobs()
+        )
+        yield GaugeMetricFamily(
+            "users_grpc_hash_capacity",
+            "Hashing jobs that may run or wait at once (USERS_HASH_WORKERS + USERS_HASH_QUEUE_LENGTH); "
+            "past it calls are refused OVERLOADED",
+            value=gauges.hash_capacity,
+        )
+        created = gauges.signing_key_created_at()
+        if created is not None:
+            yield GaugeMetricFamily(
+                "users_grpc_signing_key_age_seconds",
+                "Age of the key that signs access tokens now",
+                value=(now - created).total_seconds(),
+            )
+        up = gauges.database_up()
+        if up is not None:
+            yield GaugeMetricFamily(
+                "users_grpc_database_up", "1 if the last health check reached the database", value=int(up)
+            )
+        outbox = self._outbox
+        if outbox is not None:
+            yield GaugeMetricFamily("users_grpc_outbox_pending", "Mail waiting to be delivered", value=outbox.pending)
+            yield GaugeMetricFamily(
+                "users_grpc_outbox_failed", "Mail given up, kept for inspection until housekeeping", value=outbox.failed
+            )
+            oldest = 0.0 if outbox.oldest_pending_at is None else (now - outbox.oldest_pending_at).total_seconds()
+            yield GaugeMetricFamily(
+                "users_grpc_outbox_oldest_pending_age_seconds",
+                "How long the oldest mail still waiting has waited (0 when none waits)",
+                value=max(0.0, oldest),
+            )
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """One log line and the metrics of every UserService call, and its request id.
+
+    The request id is the caller's ``x-request-id`` (if short and plain) or a new one; it is
+    logged and returned in the trailing metadata under the same name. Health and reflection
+    calls pass untouched: probes every few seconds would drown the log.
+    """
+
+    def __init__(self, *, method_prefix: str, metrics: Metrics | None, trace_ids: bool = False) -> None:
+        self._method_prefix = method_prefix
+        self._metrics = metrics
+        self._trace_ids = trace_ids
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith(self._method_prefix):
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._observed(method, cast(_Behavior, handler.unary_unary)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _observed(self, method: str, behavior: _Behavior) -> _Behavior:
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            record = CallRecord()
+            token = current_call.set(record)
+            request_id = _request_id(context.invocation_metadata())
+            # Set first: an abort keeps what the call already set (interceptors._refuse adds its details).
+            context.set_trailing_metadata(((REQUEST_ID, request_id),))
+            metrics = self._metrics
+            if metrics is not None:
+                metrics.in_progress.inc()
+            code = grpc.StatusCode.OK
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                code = context.code()
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                seconds = time.perf_counter() - started
+                current_call.reset(token)
+                name = method.rpartition("/")[2]
+                if metrics is not None:
+                    metrics.in_progress.dec()
+                    metrics.observe(name, code, seconds, record.reason)
+                if log.isEnabledFor(logging.INFO):
+                    self._log(method, code, seconds, context, request_id, record)
+
+        return observed
+
+    def _log(
+        self,
+        method: str,
+        code: grpc.StatusCode,
+        seconds: float,
+        context: grpc.aio.ServicerContext[Any, Any],
+        request_id: str,
+        record: CallRecord,
+    ) -> None:
+        fields: dict[str, object] = {
+            "rpc": method,
+            "code": code.name,
+            "duration_ms": round(seconds * 1000, 2),
+            "peer": context.peer(),
+            "request_id": request_id,
+        }
+        if record.reason is not None:
+            fields["reason"] = record.reason
+        caller = record.caller
+        if caller is not None:
+            # The same names the caller's other lines carry (logs.CallerContext).
+            for key, value in (
+                ("source", caller.source),
+                ("caller_user_id", caller.user_id),
+                ("caller_session_id", caller.session_id),
+                ("machine", caller.machine),
+            ):
+                if value:
+                    fields[key] = value
+        if self._trace_ids:
+            from opentelemetry import trace  # only imported when tracing is on
+
+            span_context = trace.get_current_span().get_span_context()
+            if span_context.is_valid:
+                fields["trace_id"] = format(span_context.trace_id, "032x")
+        log.info("rpc", extra=fields)
+
+
+def _dual_stack_socket(port: int) -> socket.socket:
+    if not socket.has_dualstack_ipv6():
+        return socket.create_server(("0.0.0.0", port))  # noqa: S104 - "[::]" asks for every interface
+    return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+
+
+def _request_id(metadata: Any) -> str:
+    given = metadata_value(metadata or (), REQUEST_ID)
+    if given is not None and _REQUEST_ID_FORM.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+class OperationsHttp:
+    """A small HTTP/1.1 server in the event loop: ``/metrics`` and ``/.well-known/jwks.json``.
+
+    It answers GET and HEAD, one request a connection. Gateways (Envoy's ``jwt_authn``, Kong,
+    nginx) fetch the key set from it; Prometheus scrapes the metrics.
+    """
+
+    JWKS_PATH = "/.well-known/jwks.json"
+    # Bounds a request's head, and the time a client may take to send it.
+    _HEAD_LIMIT = 8192
+    _READ_SECONDS = 5.0
+
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        jwks: Callable[[], bytes],
+        ready: asyncio.Event,
+        jwks_max_age_seconds: int,
+    ) -> None:
+        self._metrics = metrics
+        self._jwks = jwks
+        self._ready = ready
+        self._jwks_max_age = jwks_max_age_seconds
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+
+    async def bind(self, address: str) -> int:
+        """Listen on ``address`` (host:port) without serving yet; return the port."""
+        host, _, port = address.rpartition(":")
+        try:
+            if host in {"[::]", "::"}:
+                # asyncio would listen on "::" for IPv6 only: one dual-stack socket takes IPv4 too, as gRPC does.
+                self._server = await asyncio.start_server(
+                    self._handle, sock=_dual_stack_socket(int(port)), limit=self._HEAD_LIMIT, start_serving=False
+                )
+            else:
+                self._server = await asyncio.start_server(
+                    self._handle, host.strip("[]"), int(port), limit=self._HEAD_LIMIT, start_serving=False
+                )
+        except OSError as error:
+            raise ConfigError(
+                f"USERS_HTTP_ADDRESS={address}: cannot listen there ({error.strerror}); "
+                "is another server using the port, or is the address not this machine's?"
+            ) from None
+        bound: int = self._server.sockets[0].getsockname()[1]
+        return bound
+
+    async def start(self) -> None:
+        if self._server is not None:
+            await self._server.start_serving()
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=1)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._READ_SECONDS)
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                return
+            lines = head.decode("latin-1").split("\r\n")
+            request = lines[0].split(" ")
+            headers = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if sep:
+                    headers[name.strip().lower()] = value.strip()
+            if len(request) != 3 or not request[2].startswith("HTTP/1."):
+                await self._respond(writer, "HEAD", 400, b"bad request\n", {"Content-Type": "text/plain"})
+                return
+            method, target = request[0], request[1]
+            await self._route(writer, method, target.partition("?")[0], headers)
+        except ConnectionError:
+            pass
+        except Exception:  # noqa: BLE001 - one failed request must not end in an unretrieved task error
+            http_log.exception("http request failed")
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _route(self, writer: asyncio.StreamWriter, method: str, path: str, headers: dict[str, str]) -> None:
+        text = {"Content-Type": "text/plain; charset=utf-8"}
+        if path not in {"/metrics", self.JWKS_PATH}:
+            await self._respond(writer, method, 404, b"not found\n", text)
+        elif method not in {"GET", "HEAD"}:
+            await self._respond(writer, method, 405, b"method not allowed\n", {**text, "Allow": "GET, HEAD"})
+        elif path == "/metrics":
+            exposition = await self._metrics.exposition()
+            await self._respond(writer, method, 200, exposition, {"Content-Type": CONTENT_TYPE_LATEST})
+        elif not self._ready.is_set():
+            # The keys are read once the database is ready; an empty set would make gateways refuse every token.
+            await self._respond(writer, method, 503, b"starting\n", {**text, "Retry-After": "1"})
+        else:
+            body = self._jwks()
+            etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+            cache = {
+                "Content-Type": "application/json",
+                # Replicas start signing with a rotated key within USERS_KEY_RELOAD_SECONDS; a gateway
+                # caching the set no longer than that learns the new key about as soon as it is used.
+                "Cache-Control": f"public, max-age={self._jwks_max_age}",
+                "ETag": etag,
+            }
+            if etag in {tag.strip() for tag in headers.get("if-none-match", "").split(",")}:
+                await self._respond(writer, method, 304, b"", cache)
+            else:
+                await self._respond(writer, method, 200, body, cache)
+
+    @staticmethod
+    async def _respond(
+        writer: asyncio.StreamWriter, method: str, status: int, body: bytes, headers: dict[str, str]
+    ) -> None:
+        reasons = {200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+        head = [f"HTTP/1.1 {status} {reasons.get(status, 'Service Unavailable')}"]
+        head += [f"{name}: {value}" for name, value in headers.items()]
+        head += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+        writer.write("\r\n".join(head).encode("latin-1"))
+        if method != "HEAD" and status != 304:
+            writer.write(body)
+        await writer.drain()
