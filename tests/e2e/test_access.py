@@ -11,8 +11,7 @@ import grpc
 import pytest
 
 from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, create_request
-from tests.e2e.test_sessions import signed_up
+from tests.e2e.helpers import PASSWORD, create_request, signed_up
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.access import RULES, Rule

@@ -14,9 +14,8 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, stored_users
+from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, signed_up, stored_users
 from tests.e2e.test_mfa import Enrolled
-from tests.e2e.test_sessions import signed_up
 from tests.fakes import FakeClock
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb

@@ -8,8 +8,7 @@ from __future__ import annotations
 import grpc
 
 from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import create_request, rpc_error, stored_users, violated_fields
-from tests.e2e.test_operations import wait_until
+from tests.e2e.helpers import create_request, rpc_error, stored_users, violated_fields, wait_until
 from tests.e2e.test_recovery import reset, reset_token
 from users.v1 import user_service_pb2 as pb
 

@@ -18,10 +18,8 @@ import pytest
 import zxingcpp
 
 from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, error_info, rpc_error, stored_users, violated_fields
-from tests.e2e.test_operations import wait_until
+from tests.e2e.helpers import PASSWORD, error_info, rpc_error, signed_up, stored_users, violated_fields, wait_until
 from tests.e2e.test_recovery import NEW_PASSWORD, reset, reset_token
-from tests.e2e.test_sessions import signed_up
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 

@@ -22,9 +22,8 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request
+from tests.e2e.helpers import PASSWORD, create_request, wait_until
 from tests.e2e.test_mfa import independent_totp
-from tests.e2e.test_operations import wait_until
 from tests.e2e.test_recovery import NEW_PASSWORD, reset_token
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb

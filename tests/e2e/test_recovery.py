@@ -9,8 +9,7 @@ import time
 import grpc
 
 from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, rpc_error
-from tests.e2e.test_operations import wait_until
+from tests.e2e.helpers import PASSWORD, rpc_error, wait_until
 from tests.e2e.test_sessions import get_user_status, refresh_status, signed_up
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
