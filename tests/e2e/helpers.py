@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
 from pymongo import MongoClient
 from pymongo.collection import Collection
+from pymongo.database import Database
 
 from tests.conftest import MailSink, RunningServer
 from users.v1 import user_pb2, user_service_pb2
@@ -110,6 +111,20 @@ def raw_collection(mongodb_uri: str, database: str, name: str) -> Iterator[Colle
     client: MongoClient[dict[str, Any]] = MongoClient(mongodb_uri)
     with client:
         yield client[database][name]
+
+
+def wait_until_mail_settled(database: Database[Any], timeout: float = 60.0) -> None:
+    """Wait until no mail is left to send: none waits in the outbox (a delivered mail is deleted
+    from it) and no security notice waits in a user's document. From then on no copy of any mail
+    can still arrive, so a test may count what arrived; no fixed sleep has to outlast a lease."""
+    wait_until(
+        lambda: (
+            database.outbox.count_documents({"status": {"$in": ["pending", "sending"]}}) == 0
+            and database.users.count_documents({"pending_mail_since": {"$exists": True}}) == 0
+        ),
+        timeout=timeout,
+        what="the outbox and every pending notice to drain",
+    )
 
 
 class SourceAddressRelay:

@@ -119,7 +119,7 @@ def test_two_admins_removing_each_other_at_once_leave_an_active_admin(
         for _ in range(5):
             calls = [(ada_stub, *REMOVALS[first](bea.user.id)), (bea_stub, *REMOVALS[second](server.admin_id))]
             futures = [pool.submit(getattr(stub, method), request) for stub, method, request in calls]
-            outcomes = [future.exception() for future in futures]
+            outcomes = [future.exception(timeout=60) for future in futures]
             # Both cannot win: that would leave no active admin.
             assert any(isinstance(outcome, grpc.RpcError) for outcome in outcomes), outcomes
             for outcome in outcomes:

@@ -269,8 +269,8 @@ def test_two_admins_with_one_etag_one_wins_and_the_other_is_aborted(server: Runn
             )
             for stub, name in ((server.stub, "Admin"), (bea, "Bea"))
         ]
-        errors = [f.exception() for f in futures]
-        winners = [f.result().user for f, e in zip(futures, errors, strict=True) if e is None]
+        errors = [f.exception(timeout=60) for f in futures]
+        winners = [f.result(timeout=60).user for f, e in zip(futures, errors, strict=True) if e is None]
         assert len(winners) == 1, errors
         loser = next(e for e in errors if e is not None)
         assert loser.code() == grpc.StatusCode.ABORTED  # type: ignore[attr-defined]

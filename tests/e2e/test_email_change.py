@@ -305,7 +305,7 @@ def test_of_two_users_confirming_one_address_at_once_one_gets_it(
         server.stub_for(session.access_token).ConfirmEmailChange.future(confirm_request(session, code))
         for session, code in zip((alice, bob), codes, strict=True)
     ]
-    errors = [f.exception() for f in futures]
+    errors = [f.exception(timeout=60) for f in futures]
     assert sum(error is None for error in errors) == 1
     [loser] = [error for error in errors if error is not None]
     assert loser.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]
@@ -318,7 +318,7 @@ def test_parallel_confirmations_with_one_code_succeed_once(server: RunningServer
     code = mail.code_for(NEW)
     own = server.stub_for(session.access_token)
     futures = [own.ConfirmEmailChange.future(confirm_request(session, code)) for _ in range(4)]
-    assert sum(f.exception() is None for f in futures) == 1
+    assert sum(f.exception(timeout=60) is None for f in futures) == 1
     assert mail.wait_for(OLD, 3)[2]["Subject"] == CHANGED
     assert [m["Subject"] for m in mail.messages if m["To"] == OLD].count(CHANGED) == 1
 

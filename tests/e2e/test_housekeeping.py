@@ -132,7 +132,7 @@ def test_one_replica_at_a_time_runs_housekeeping(start_server: StartServer, cloc
     clock.advance(seconds=2 * 3600)  # past the leases taken at start
     for _ in range(3):
         with ThreadPoolExecutor(2) as pool:
-            rounds = list(pool.map(housekeep, replicas))
+            rounds = list(pool.map(housekeep, replicas, timeout=150))
         # Racing for the lease, exactly one runs; the lease names it.
         assert sum(r is not None for r in rounds) == 1
         winner, loser = (replicas[0], replicas[1]) if rounds[0] is not None else (replicas[1], replicas[0])

@@ -67,7 +67,7 @@ def test_parallel_registrations_of_one_email_store_one_user(server: RunningServe
     requests = [create_request(username=f"racer{i}", email=emails[i % len(emails)]) for i in range(20)]
     with ThreadPoolExecutor(20) as pool:
         futures = [server.stub.CreateUser.future(request) for request in requests]
-        outcomes = list(pool.map(lambda f: f.exception() or f.result(), futures))
+        outcomes = list(pool.map(lambda f: f.exception(timeout=60) or f.result(timeout=60), futures, timeout=150))
     errors = [o for o in outcomes if isinstance(o, grpc.RpcError)]
     assert len(outcomes) - len(errors) == 1
     assert {e.code() for e in errors} == {grpc.StatusCode.ALREADY_EXISTS}
@@ -240,7 +240,7 @@ def test_parallel_guesses_cannot_exceed_the_attempt_cap(server: RunningServer, m
     code = mail.code_for("jane@example.com")
     wrong = [f"{(int(code) + n) % 1_000_000:06d}" for n in range(1, 11)]
     futures = [server.stub.ActivateUser.future(pb.ActivateUserRequest(identifier="jane", code=w)) for w in wrong]
-    assert all(f.exception() is not None for f in futures)
+    assert all(f.exception(timeout=60) is not None for f in futures)
     error = rpc_error(server.stub.ActivateUser, pb.ActivateUserRequest(identifier="jane", code=code))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -249,7 +249,7 @@ def test_parallel_activations_with_the_right_code_succeed_once(server: RunningSe
     server.stub.CreateUser(create_request())
     request = pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com"))
     futures = [server.stub.ActivateUser.future(request) for _ in range(8)]
-    assert sum(f.exception() is None for f in futures) == 1
+    assert sum(f.exception(timeout=60) is None for f in futures) == 1
 
 
 def test_expired_code_is_refused(start_server: StartServer, mail: MailSink) -> None:

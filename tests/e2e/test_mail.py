@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +12,20 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from pymongo import MongoClient
 
 from tests.conftest import MailSink, SocketController, StartServer, collect_known_leaks
-from tests.e2e.helpers import PASSWORD, create_request, wait_until
+from tests.e2e.helpers import PASSWORD, create_request, raw_collection, wait_until, wait_until_mail_settled
 from tests.pki import issue
 from users.v1 import user_service_pb2 as pb
 
 
-def test_two_replicas_deliver_each_mail_once(start_server: StartServer, mail: MailSink) -> None:
+def test_two_replicas_deliver_each_mail_once(start_server: StartServer, mail: MailSink, mongodb_uri: str) -> None:
     """Replicas share one outbox: every mail arrives, none twice."""
     replicas = [start_server(), start_server()]
     for n in range(10):
         replicas[n % 2].stub.CreateUser(create_request(username=f"user{n}", email=f"user{n}@example.com"))
     for n in range(10):
         mail.wait_for(f"user{n}@example.com")
-    time.sleep(1)  # time for a duplicate to arrive, were there one
+    with raw_collection(mongodb_uri, replicas[0].settings.mongodb_database, "outbox") as outbox:
+        wait_until_mail_settled(outbox.database)
     ours = [m for m in mail.messages if m["To"].startswith("user")]
     assert sorted(m["To"] for m in ours) == sorted(f"user{n}@example.com" for n in range(10))
     assert len({m["Message-ID"] for m in ours}) == 10

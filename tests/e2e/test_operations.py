@@ -89,7 +89,7 @@ def test_database_outage_is_unavailable_and_recovers_without_restart(
 ) -> None:
     """Paused database: health NOT_SERVING, RPCs UNAVAILABLE fast, nothing half-written; then back."""
     server = start_server(mongodb_uri=own_database.uri, db_timeout_seconds=1.0)
-    watch = health_stub(server.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+    watch = health_stub(server.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
     assert next(watch).status == SERVING
 
     os.kill(own_database.process.pid, signal.SIGSTOP)
@@ -116,7 +116,7 @@ def test_database_outage_is_unavailable_and_recovers_without_restart(
     # Nothing was half-created by the failed call, and the same registration now works.
     assert len(stored_users(own_database.uri, server.settings.mongodb_database, username="jane")) <= 1
     # The timed-out call's write may have landed after all (then it is whole): ALREADY_EXISTS.
-    retry = server.stub.CreateUser.future(create_request()).exception()
+    retry = server.stub.CreateUser.future(create_request()).exception(timeout=60)
     assert retry is None or (isinstance(retry, grpc.RpcError) and retry.code() == grpc.StatusCode.ALREADY_EXISTS)
     [stored] = stored_users(own_database.uri, server.settings.mongodb_database, username="jane")
     assert stored["password_hash"].startswith("$2b$")
@@ -173,6 +173,9 @@ def test_reflection_can_be_turned_off(start_server: StartServer) -> None:
         [tool("grpcurl"), "-plaintext", server.address, "list"], capture_output=True, text=True, timeout=30, check=False
     )
     assert listing.returncode != 0
+    assert "server does not support the reflection API" in listing.stderr
+    # Only reflection is off: the server itself answers.
+    assert server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest(), timeout=10).jwks_json
 
 
 def test_sigterm_drains_in_flight_calls_then_exits(mongodb_uri: str, database_name: str, tmp_path: Path) -> None:
@@ -217,7 +220,7 @@ def test_the_concurrency_cap_refuses_user_service_calls_but_never_health_checks(
     refused = threading.Event()
 
     def on_done(future: Any) -> None:
-        error = future.exception()
+        error = future.exception(timeout=60)
         if error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             refused.set()
 
@@ -231,12 +234,12 @@ def test_the_concurrency_cap_refuses_user_service_calls_but_never_health_checks(
     # The cap is full now; these must not count against it nor be refused by it.
     health = health_stub(server.channel)
     checks = [health.Check.future(health_pb2.HealthCheckRequest(service=s), timeout=10) for s in ("", SERVICE) * 5]
-    assert [check.result().status for check in checks] == [SERVING] * 10
+    assert [check.result(timeout=60).status for check in checks] == [SERVING] * 10
     # Still full after the checks (only finishing sign-ins free a place): they really ran against a full cap.
     error = rpc_error(server.anonymous.GetPublicKeys, pb.GetPublicKeysRequest())
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert 0 < retry_delay(error) <= 5
-    codes = [f.exception().code() if f.exception() else grpc.StatusCode.OK for f in burst]  # type: ignore[union-attr]
+    codes = [f.exception(timeout=60).code() if f.exception(timeout=60) else grpc.StatusCode.OK for f in burst]  # type: ignore[union-attr]
     assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == 2
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
     # Once the sign-ins are done the cap has room again.

@@ -357,24 +357,29 @@ def test_shutdown_takes_calls_during_the_delay_then_cuts_in_flight_calls_after_t
     )
     # A call that cannot finish: its database does not answer.
     os.kill(own_database.process.pid, signal.SIGSTOP)
-    in_flight = server.stub.GetUser.future(pb.GetUserRequest(id=server.admin_id), timeout=60)
-    health = health_stub(server.channel)
-    liveness = health_pb2.HealthCheckRequest(service="liveness")
-    assert health.Check(liveness, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
-    stopping = asyncio.run_coroutine_threadsafe(server.app.stop(), server._loop)
-    wait_until(
-        lambda: health.Check(liveness, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING,
-        what="NOT_SERVING",
-    )
-    assert server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest(), timeout=5).jwks_json  # the delay: answered
-    error = in_flight.exception(timeout=30)
-    assert isinstance(error, grpc.RpcError)
-    assert error.code() in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}, error
-    refused = rpc_error(server.anonymous.GetPublicKeys, pb.GetPublicKeysRequest(), timeout=5)
-    assert refused.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-    os.kill(own_database.process.pid, signal.SIGCONT)
-    stopping.result(timeout=30)
-    server.app.stop = _already_stopped  # type: ignore[method-assign]
+    stopping = None
+    try:
+        in_flight = server.stub.GetUser.future(pb.GetUserRequest(id=server.admin_id), timeout=60)
+        health = health_stub(server.channel)
+        liveness = health_pb2.HealthCheckRequest(service="liveness")
+        assert health.Check(liveness, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        assert not in_flight.done()
+        stopping = asyncio.run_coroutine_threadsafe(server.app.stop(), server._loop)
+        wait_until(
+            lambda: health.Check(liveness, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING,
+            what="NOT_SERVING",
+        )
+        assert server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest(), timeout=5).jwks_json  # the delay: answered
+        error = in_flight.exception(timeout=30)
+        assert isinstance(error, grpc.RpcError), in_flight.result(timeout=1)
+        assert error.code() in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}, error
+        refused = rpc_error(server.anonymous.GetPublicKeys, pb.GetPublicKeysRequest(), timeout=5)
+        assert refused.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+    finally:
+        os.kill(own_database.process.pid, signal.SIGCONT)
+        if stopping is not None:
+            stopping.result(timeout=30)
+            server.app.stop = _already_stopped  # type: ignore[method-assign]
 
 
 async def _already_stopped() -> None:

@@ -81,6 +81,10 @@ def test_a_copy_of_the_database_holds_no_code_or_token(server: RunningServer, ma
     assert digest == keys.digest("activation-code", user_id, code)
     assert digest != keys.digest("activation-code", server.admin_id, code)
     assert_nowhere(code, stored)
+    # The long activation token mailed with the code: a keyed digest too, and the token nowhere.
+    activation_token = mail.activation_token_for("jane@example.com")
+    assert jane["activation"]["token_digest"] == keys.digest("activation-token", user_id, activation_token)
+    assert_nowhere(activation_token, stored)
     server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=code))
 
     server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
