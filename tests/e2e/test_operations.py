@@ -89,7 +89,7 @@ def test_database_outage_is_unavailable_and_recovers_without_restart(
 ) -> None:
     """Paused database: health NOT_SERVING, RPCs UNAVAILABLE fast, nothing half-written; then back."""
     server = start_server(mongodb_uri=own_database.uri, db_timeout_seconds=1.0)
-    watch = health_stub(server.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
+    watch = health_stub(server.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=150)
     assert next(watch).status == SERVING
 
     os.kill(own_database.process.pid, signal.SIGSTOP)
@@ -198,7 +198,7 @@ def test_sigterm_drains_in_flight_calls_then_exits(mongodb_uri: str, database_na
                 lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status == SERVING
             )
             # Opened before the signal, the watch hears of NOT_SERVING whenever it comes: no window to hit.
-            watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=30)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
             assert next(watch).status == SERVING
             in_flight = user_service_pb2_grpc.UserServiceStub(channel).CreateUser.future(create_request(), timeout=30)
             # The call is in the server once its source is counted against the rate limit.
