@@ -70,10 +70,37 @@ def database_name() -> str:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Racy (another process may bind it before the caller
+    does): prefer :func:`bound_socket`, or binding port 0 and reading the port back."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def bound_socket() -> socket.socket:
+    """A TCP socket bound to a port of its own on 127.0.0.1, not listening: connections to it are
+    refused (a dead server) until it is handed to :class:`SocketController`, which listens on it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    port: int = sock.getsockname()[1]
+    return port
+
+
+class SocketController(Controller):
+    """An aiosmtpd controller listening on a socket bound already (port 0, read back), so no port
+    is ever released and bound again, where another process could take it in between."""
+
+    def __init__(self, handler: Any, sock: socket.socket | None = None, **kwargs: Any) -> None:
+        self.socket = sock if sock is not None else bound_socket()
+        super().__init__(handler, hostname="127.0.0.1", port=port_of(self.socket), **kwargs)
+
+    def _create_server(self) -> Any:
+        return self.loop.create_server(self._factory_invoker, sock=self.socket, ssl=self.ssl_context)
 
 
 class MailSink:
@@ -138,11 +165,17 @@ class MailSink:
 @pytest.fixture(scope="session")
 def smtp_server() -> Iterator[tuple[MailSink, int]]:
     sink = MailSink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller = SocketController(sink)
     controller.start()
-    yield sink, port
+    yield sink, controller.port
     controller.stop()
+
+
+@pytest.fixture
+def dead_smtp_port() -> Iterator[int]:
+    """A port where no SMTP server answers (connections are refused), held for the test."""
+    with bound_socket() as sock:
+        yield port_of(sock)
 
 
 @pytest.fixture

@@ -27,11 +27,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.controller import Controller
 from bson import ObjectId
 from pymongo import MongoClient
 
-from tests.conftest import ADMIN_PASSWORD, HARNESS, MailSink, RunningServer, free_port, make_settings, start_ferretdb
+from tests.conftest import (
+    ADMIN_PASSWORD,
+    HARNESS,
+    MailSink,
+    RunningServer,
+    SocketController,
+    make_settings,
+    start_ferretdb,
+)
 from users.v1 import user_service_pb2 as pb
 from users_grpc.domain import Role, identifier_key
 
@@ -90,7 +97,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         database = start_ferretdb(Path(directory))
         sink = MailSink()
-        smtp = Controller(sink, hostname="127.0.0.1", port=free_port())
+        smtp = SocketController(sink)
         smtp.start()
         settings = dataclasses.replace(
             make_settings(database.uri, f"bench_{uuid.uuid4().hex[:8]}", smtp.port),

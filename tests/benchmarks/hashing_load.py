@@ -19,9 +19,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from aiosmtpd.controller import Controller
-
-from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, free_port, make_settings, start_ferretdb
+from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, SocketController, make_settings, start_ferretdb
 from users.v1 import user_service_pb2 as pb
 
 
@@ -50,7 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         database = start_ferretdb(Path(directory))
         sink = MailSink()
-        smtp = Controller(sink, hostname="127.0.0.1", port=free_port())
+        smtp = SocketController(sink)
         smtp.start()
         settings = dataclasses.replace(
             make_settings(database.uri, f"bench_{uuid.uuid4().hex[:8]}", smtp.port), bcrypt_rounds=12

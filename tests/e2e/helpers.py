@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -12,10 +14,31 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
 from pymongo import MongoClient
+from pymongo.collection import Collection
+from pymongo.database import Database
 
+from tests.conftest import MailSink, RunningServer
 from users.v1 import user_pb2, user_service_pb2
 
 PASSWORD = "correct horse battery"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Wait for something that happens in the background, and fail, never hang, if it does not."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def signed_up(server: RunningServer, mail: MailSink, name: str = "jane") -> user_service_pb2.AuthenticateResponse:
+    """Register and activate a user, then sign in."""
+    email = f"{name}@example.com"
+    server.anonymous.CreateUser(create_request(username=name, email=email))
+    code = mail.code_for(email)
+    server.anonymous.ActivateUser(user_service_pb2.ActivateUserRequest(identifier=name, code=code))
+    return server.anonymous.Authenticate(user_service_pb2.AuthenticateRequest(identifier=name, password=PASSWORD))
 
 
 def create_request(**changes: Any) -> user_service_pb2.CreateUserRequest:
@@ -80,6 +103,28 @@ def stored_users(mongodb_uri: str, database: str, **query: Any) -> list[dict[str
     client: MongoClient[dict[str, Any]] = MongoClient(mongodb_uri)
     with client:
         return list(client[database].users.find(query))
+
+
+@contextlib.contextmanager
+def raw_collection(mongodb_uri: str, database: str, name: str) -> Iterator[Collection[dict[str, Any]]]:
+    """A collection as stored, through a client of the test's own, closed afterwards."""
+    client: MongoClient[dict[str, Any]] = MongoClient(mongodb_uri)
+    with client:
+        yield client[database][name]
+
+
+def wait_until_mail_settled(database: Database[Any], timeout: float = 60.0) -> None:
+    """Wait until no mail is left to send: none waits in the outbox (a delivered mail is deleted
+    from it) and no security notice waits in a user's document. From then on no copy of any mail
+    can still arrive, so a test may count what arrived; no fixed sleep has to outlast a lease."""
+    wait_until(
+        lambda: (
+            database.outbox.count_documents({"status": {"$in": ["pending", "sending"]}}) == 0
+            and database.users.count_documents({"pending_mail_since": {"$exists": True}}) == 0
+        ),
+        timeout=timeout,
+        what="the outbox and every pending notice to drain",
+    )
 
 
 class SourceAddressRelay:

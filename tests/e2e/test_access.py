@@ -1,24 +1,34 @@
-"""Every RPC of the service, called with no token, another user's token and the user's own:
-each gets what its row in the access table promises. Walks the service descriptor, so a
-new RPC cannot slip in unguarded."""
+"""Every RPC of the service, called with no token, another user's token, the user's own and an
+admin's: each gets what its row in the access table promises. A refused call is refused by the
+access rules (their reason, not the service's); an admitted call reaches the service and gets
+the answer listed here for its sample request, success or a refusal of the service's own. Walks
+the service descriptor, so a new RPC cannot slip in unguarded.
+
+One server and one pair of users serve every case (module scope): no sample request changes
+them, but the one that ends a user's tokens, which gets a user of its own."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
 
-from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, create_request
-from tests.e2e.test_sessions import signed_up
+from tests.conftest import MailSink, RunningServer, make_settings
+from tests.e2e.helpers import PASSWORD, create_request, error_info, signed_up
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.access import RULES, Rule
 
 METHODS = [method.name for method in pb.DESCRIPTOR.services_by_name["UserService"].methods]
-DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+CALLERS = ["anonymous", "another user", "the user", "an admin"]
+# What the access rules answer when they refuse: the status and the ErrorInfo reason.
+DENIALS = {"anonymous": "UNAUTHENTICATED/UNAUTHENTICATED"} | {
+    caller: "PERMISSION_DENIED/PERMISSION_DENIED" for caller in CALLERS[1:]
+}
 
 # One request per RPC about the user with this id and name. Requests to public RPCs are
 # ones the service itself refuses (so they change nothing) with a status that is not a denial.
@@ -68,69 +78,130 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "UpdateUser": lambda id_, _name: pb.UpdateUserRequest(user_id=id_),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
-# someone else; the self case below uses the caller's own id for them.
+# someone else; the self case below uses the caller's own id for them (RevokeAllSessions on a user
+# of its own: it succeeds, and ends that user's tokens).
 SELF_REQUESTS: dict[str, Callable[[str, str], Any]] = {
     **REQUESTS,
-    "DeleteUser": lambda id_, _name: pb.DeleteUserRequest(id=id_, password=PASSWORD),
+    # No password: refused as INVALID_ARGUMENT once admitted, so the shared user lives on.
+    "DeleteUser": lambda id_, _name: pb.DeleteUserRequest(id=id_, password=""),
     "RevokeAllSessions": lambda id_, _name: pb.RevokeAllSessionsRequest(user_id=id_),
 }
 
 
-def test_every_rpc_has_an_access_rule_and_a_sample_request() -> None:
+INVALID = "INVALID_ARGUMENT/INVALID_ARGUMENT"
+NOT_FOUND = "NOT_FOUND/USER_NOT_FOUND"
+# What each admitted sample request gets from the service: "OK", or "<status>/<ErrorInfo reason>".
+ADMITTED: dict[str, str] = {
+    "CreateUser": INVALID,
+    "ActivateUser": INVALID,
+    "ResendActivationCode": "OK",
+    "GetUser": "OK",
+    "GetUserByIdentifier": "OK",
+    "DeleteUser": NOT_FOUND,
+    "DeleteUserByIdentifier": NOT_FOUND,
+    "VerifyCredentials": "OK",
+    "Authenticate": INVALID,
+    "RefreshSession": INVALID,
+    "RevokeSession": INVALID,
+    "ListSessions": "OK",
+    "RevokeAllSessions": "OK",
+    "GetPublicKeys": "OK",
+    "ValidateToken": INVALID,
+    "ForgotPassword": "OK",
+    "ResetPassword": "INVALID_ARGUMENT/INVALID_RESET_TOKEN",
+    "ChangePassword": INVALID,
+    "EnableMfa": "OK",
+    "GetMfaQrCode": "OK",
+    "ConfirmMfa": INVALID,
+    "DisableMfa": INVALID,
+    "RegenerateRecoveryCodes": INVALID,
+    "ChangeEmail": INVALID,
+    "ConfirmEmailChange": INVALID,
+    "SetUserEmail": INVALID,
+    "SetUserRole": NOT_FOUND,
+    "DeactivateUser": NOT_FOUND,
+    "ReactivateUser": NOT_FOUND,
+    "LockUser": NOT_FOUND,
+    "UnlockUser": NOT_FOUND,
+    "ResetUserMfa": NOT_FOUND,
+    "ImportUsers": "OK",
+    "CreateServiceAccount": INVALID,
+    "IssueServiceToken": INVALID,
+    "ListServiceAccounts": "OK",
+    "DeleteServiceAccount": "NOT_FOUND/SERVICE_ACCOUNT_NOT_FOUND",
+    "ListUsers": "OK",
+    "UpdateUser": INVALID,
+}
+# Where a caller's admitted call gets another answer than ADMITTED's.
+ADMITTED_FOR: dict[tuple[str, str], str] = {
+    ("DeleteUser", "the user"): INVALID,  # one's own account, without the password it takes
+}
+
+
+def test_every_rpc_has_an_access_rule_a_sample_request_and_an_expected_answer() -> None:
     assert set(RULES) == set(METHODS)
     assert set(REQUESTS) == set(METHODS)
+    assert set(ADMITTED) == set(METHODS)
+    assert all(admitted(RULES[method], caller) for method, caller in ADMITTED_FOR)
 
 
-def call(stub: Any, method: str, request: Any) -> grpc.StatusCode:
+def admitted(rule: Rule, caller: str) -> bool:
+    """Whether the access rules let ``caller`` make a call about the user (``alice``)."""
+    if caller in {"anonymous", "another user"}:
+        return rule is Rule.ANYONE
+    if caller == "the user":
+        return rule in {Rule.ANYONE, Rule.SELF, Rule.SELF_OR_ADMIN, Rule.SELF_ADMIN_OR_MACHINE}
+    return rule is not Rule.SELF  # an admin: passwords and second factors are the user's own business
+
+
+def answer(stub: Any, method: str, request: Any) -> str:
+    """ "OK", or the status and ErrorInfo reason of the refusal."""
     try:
-        getattr(stub, method)(request)
+        getattr(stub, method)(request, timeout=30)
     except grpc.RpcError as error:
-        code: grpc.StatusCode = error.code()
-        return code
-    return grpc.StatusCode.OK
+        return f"{error.code().name}/{error_info(error).reason}"
+    return "OK"
 
 
-@pytest.fixture
-def users(server: RunningServer, mail: MailSink) -> tuple[pb.AuthenticateResponse, pb.AuthenticateResponse]:
-    return signed_up(server, mail, "alice"), signed_up(server, mail, "bob")
+@dataclass
+class World:
+    server: RunningServer
+    mail: MailSink
+    alice: pb.AuthenticateResponse
+    bob: pb.AuthenticateResponse
 
 
+@pytest.fixture(scope="module")
+def world(mongodb_uri: str, smtp_server: tuple[MailSink, int]) -> Iterator[World]:
+    sink, port = smtp_server
+    sink.clear()
+    server = RunningServer(make_settings(mongodb_uri, f"test_{uuid.uuid4().hex[:16]}", port), clock=None)
+    try:
+        alice, bob = signed_up(server, sink, "alice"), signed_up(server, sink, "bob")
+        # A pending enrollment, so that GetMfaQrCode has one to show whatever ran before it.
+        server.stub_for(alice.access_token).EnableMfa(pb.EnableMfaRequest(user_id=alice.user.id, password=PASSWORD))
+        yield World(server, sink, alice, bob)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("method", METHODS)
-def test_without_a_token(server: RunningServer, users: Any, method: str) -> None:
-    alice, _ = users
-    code = call(server.anonymous, method, REQUESTS[method](alice.user.id, "alice"))
-    if RULES[method] is Rule.ANYONE:
-        assert code not in DENIED
+def test_access(world: World, method: str, caller: str) -> None:
+    server, alice = world.server, world.alice
+    requests = SELF_REQUESTS if caller == "the user" else REQUESTS
+    subject = alice
+    if (method, caller) == ("RevokeAllSessions", "the user"):
+        subject = signed_up(server, world.mail, "carol")  # it ends the caller's tokens
+    stub = {
+        "anonymous": server.anonymous,
+        "another user": server.stub_for(world.bob.access_token),
+        "the user": server.stub_for(subject.access_token),
+        "an admin": server.stub,
+    }[caller]
+    got = answer(stub, method, requests[method](subject.user.id, subject.user.username))
+    if not admitted(RULES[method], caller):
+        assert got == DENIALS[caller]
     else:
-        assert code == grpc.StatusCode.UNAUTHENTICATED
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_with_another_users_token(server: RunningServer, users: Any, method: str) -> None:
-    alice, bob = users
-    code = call(server.stub_for(bob.access_token), method, REQUESTS[method](alice.user.id, "alice"))
-    if RULES[method] is Rule.ANYONE:
-        assert code not in DENIED
-    else:
-        assert code == grpc.StatusCode.PERMISSION_DENIED
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_with_the_users_own_token(server: RunningServer, users: Any, method: str) -> None:
-    alice, _ = users
-    code = call(server.stub_for(alice.access_token), method, SELF_REQUESTS[method](alice.user.id, "alice"))
-    if RULES[method] in {Rule.ANYONE, Rule.SELF, Rule.SELF_OR_ADMIN, Rule.SELF_ADMIN_OR_MACHINE}:
-        assert code not in DENIED
-    else:
-        assert code == grpc.StatusCode.PERMISSION_DENIED
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_with_an_admin_token(server: RunningServer, users: Any, method: str) -> None:
-    alice, _ = users
-    code = call(server.stub, method, REQUESTS[method](alice.user.id, "alice"))
-    if RULES[method] is Rule.SELF:
-        # Passwords and second factors are the user's own business, even for admins.
-        assert code == grpc.StatusCode.PERMISSION_DENIED
-    else:
-        assert code not in DENIED
+        assert got == ADMITTED_FOR.get((method, caller), ADMITTED[method])
+        assert got not in DENIALS.values()

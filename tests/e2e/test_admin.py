@@ -14,9 +14,8 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, stored_users
+from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, signed_up, stored_users
 from tests.e2e.test_mfa import Enrolled
-from tests.e2e.test_sessions import signed_up
 from tests.fakes import FakeClock
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
@@ -120,7 +119,7 @@ def test_two_admins_removing_each_other_at_once_leave_an_active_admin(
         for _ in range(5):
             calls = [(ada_stub, *REMOVALS[first](bea.user.id)), (bea_stub, *REMOVALS[second](server.admin_id))]
             futures = [pool.submit(getattr(stub, method), request) for stub, method, request in calls]
-            outcomes = [future.exception() for future in futures]
+            outcomes = [future.exception(timeout=60) for future in futures]
             # Both cannot win: that would leave no active admin.
             assert any(isinstance(outcome, grpc.RpcError) for outcome in outcomes), outcomes
             for outcome in outcomes:

@@ -10,7 +10,7 @@ import sys
 import jwt
 
 from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, StartServer
-from tests.e2e.test_operations import wait_until
+from tests.e2e.helpers import wait_until
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 

@@ -18,9 +18,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import MongoClient
 
 from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, violated_fields
+from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, signed_up, violated_fields
 from tests.e2e.test_admin import new_admin
-from tests.e2e.test_sessions import signed_up
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
 from users_grpc.domain import identifier_key
@@ -270,8 +269,8 @@ def test_two_admins_with_one_etag_one_wins_and_the_other_is_aborted(server: Runn
             )
             for stub, name in ((server.stub, "Admin"), (bea, "Bea"))
         ]
-        errors = [f.exception() for f in futures]
-        winners = [f.result().user for f, e in zip(futures, errors, strict=True) if e is None]
+        errors = [f.exception(timeout=60) for f in futures]
+        winners = [f.result(timeout=60).user for f, e in zip(futures, errors, strict=True) if e is None]
         assert len(winners) == 1, errors
         loser = next(e for e in errors if e is not None)
         assert loser.code() == grpc.StatusCode.ABORTED  # type: ignore[attr-defined]

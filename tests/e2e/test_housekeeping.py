@@ -11,9 +11,8 @@ import grpc
 import pytest
 from pymongo import MongoClient
 
-from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer, free_port
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error
-from tests.e2e.test_operations import wait_until
+from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer
+from tests.e2e.helpers import PASSWORD, create_request, rpc_error, wait_until
 from tests.e2e.test_sessions import refresh, refresh_status, signed_up
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
@@ -112,11 +111,11 @@ def test_ended_sessions_are_purged_after_the_retention(
 
 
 def test_failed_mail_is_dropped_by_the_background_loop_after_the_retention(
-    start_server: StartServer, clock: FakeClock, mongodb_uri: str
+    start_server: StartServer, clock: FakeClock, mongodb_uri: str, dead_smtp_port: int
 ) -> None:
     """A mail given up (the relay is down, one attempt allowed) stays for the retention, then goes;
     here the server's own housekeeping loop does it."""
-    server = start_server(clock=clock, smtp_port=free_port(), mail_max_attempts=1, housekeeping_interval_seconds=1)
+    server = start_server(clock=clock, smtp_port=dead_smtp_port, mail_max_attempts=1, housekeeping_interval_seconds=1)
     server.anonymous.CreateUser(create_request())
     wait_until(
         lambda: [m["status"] for m in collection(server, mongodb_uri, "outbox")] == ["failed"], what="a failed mail"
@@ -133,7 +132,7 @@ def test_one_replica_at_a_time_runs_housekeeping(start_server: StartServer, cloc
     clock.advance(seconds=2 * 3600)  # past the leases taken at start
     for _ in range(3):
         with ThreadPoolExecutor(2) as pool:
-            rounds = list(pool.map(housekeep, replicas))
+            rounds = list(pool.map(housekeep, replicas, timeout=150))
         # Racing for the lease, exactly one runs; the lease names it.
         assert sum(r is not None for r in rounds) == 1
         winner, loser = (replicas[0], replicas[1]) if rounds[0] is not None else (replicas[1], replicas[0])

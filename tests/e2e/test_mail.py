@@ -4,30 +4,28 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from pymongo import MongoClient
 
-from tests.conftest import MailSink, StartServer, collect_known_leaks, free_port
-from tests.e2e.helpers import PASSWORD, create_request
-from tests.e2e.test_operations import wait_until
+from tests.conftest import MailSink, SocketController, StartServer, collect_known_leaks
+from tests.e2e.helpers import PASSWORD, create_request, raw_collection, wait_until, wait_until_mail_settled
 from tests.pki import issue
 from users.v1 import user_service_pb2 as pb
 
 
-def test_two_replicas_deliver_each_mail_once(start_server: StartServer, mail: MailSink) -> None:
+def test_two_replicas_deliver_each_mail_once(start_server: StartServer, mail: MailSink, mongodb_uri: str) -> None:
     """Replicas share one outbox: every mail arrives, none twice."""
     replicas = [start_server(), start_server()]
     for n in range(10):
         replicas[n % 2].stub.CreateUser(create_request(username=f"user{n}", email=f"user{n}@example.com"))
     for n in range(10):
         mail.wait_for(f"user{n}@example.com")
-    time.sleep(1)  # time for a duplicate to arrive, were there one
+    with raw_collection(mongodb_uri, replicas[0].settings.mongodb_database, "outbox") as outbox:
+        wait_until_mail_settled(outbox.database)
     ours = [m for m in mail.messages if m["To"].startswith("user")]
     assert sorted(m["To"] for m in ours) == sorted(f"user{n}@example.com" for n in range(10))
     assert len({m["Message-ID"] for m in ours}) == 10
@@ -99,18 +97,16 @@ def test_mail_goes_over_tls_with_login(
     """STARTTLS (required by the relay) and implicit TLS, certificate verified, AUTH after encryption."""
     ca_file, context = smtp_pki
     sink = TlsMailSink()
-    port = free_port()
     options: dict[str, Any] = {"authenticator": _authenticator, "auth_required": True, "auth_require_tls": True}
     if security == "starttls":
-        controller = Controller(
-            sink, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True, **options
-        )
+        controller = SocketController(sink, tls_context=context, require_starttls=True, **options)
     else:
         # aiosmtpd counts only STARTTLS as encryption for auth_require_tls (and warns when it must
         # require AUTH without it); implicit TLS is encrypted throughout, and the login is checked below.
         options.update(ssl_context=context, auth_require_tls=False, auth_required=False)
-        controller = Controller(sink, hostname="127.0.0.1", port=port, **options)
+        controller = SocketController(sink, **options)
     controller.start()
+    port = controller.port
     try:
         server = start_server(
             smtp_host="127.0.0.1", smtp_port=port, smtp_security=security, smtp_ca_file=ca_file,
@@ -134,9 +130,9 @@ def test_an_untrusted_relay_certificate_gets_no_mail(
     """Without the relay's CA the certificate check fails: the mail waits in the outbox, not sent in clear."""
     _, context = smtp_pki
     sink = TlsMailSink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True)
+    controller = SocketController(sink, tls_context=context, require_starttls=True)
     controller.start()
+    port = controller.port
     try:
         server = start_server(smtp_port=port, smtp_security="starttls", mail_retry_seconds=60)
         server.stub.CreateUser(create_request())

@@ -10,8 +10,7 @@ import re
 import grpc
 
 from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error, stored_users, violated_fields
-from tests.e2e.test_operations import wait_until
+from tests.e2e.helpers import PASSWORD, create_request, rpc_error, stored_users, violated_fields, wait_until
 from tests.e2e.test_recovery import reset, reset_token
 from users.v1 import user_service_pb2 as pb
 

@@ -22,9 +22,8 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request
+from tests.e2e.helpers import PASSWORD, create_request, wait_until, wait_until_mail_settled
 from tests.e2e.test_mfa import independent_totp
-from tests.e2e.test_operations import wait_until
 from tests.e2e.test_recovery import NEW_PASSWORD, reset_token
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
@@ -61,7 +60,7 @@ def sign_up_many(server: RunningServer, mail: MailSink, prefix: str, count: int)
 
 def in_parallel(work: Callable[[_T], _R], items: list[_T]) -> list[_R]:
     with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(work, items))
+        return list(pool.map(work, items, timeout=150))
 
 
 def users_collection(server: RunningServer, client: MongoClient[Document]) -> Any:
@@ -121,7 +120,7 @@ def run_sweep(
     # Every applied change's notice arrives within a bounded wait; then time for strays to show.
     with contextlib.suppress(AssertionError):  # reported below, with the whole sweep
         wait_until(lambda: all(notices(a) >= 1 for a in accounts if a.name in applied), timeout=20, what="notices")
-    time.sleep(1.0)
+    wait_until_mail_settled(users.database)
     swept = list(zip(accounts, deadlines, strict=True))
     broken = [line(a, d) for a, d in swept if notices(a) != (1 if a.name in applied else 0)]
     assert not broken, "change and notice disagree:\n" + "\n".join(broken)
@@ -244,10 +243,10 @@ def pend_notice(users: Any, user_id: str, subject: str, *, claimed_for: float | 
     return notice_id
 
 
-def delivered_once(mail: MailSink, subject: str) -> None:
-    """Exactly one mail with this subject arrives (and no second one in the time a repeat would take)."""
+def delivered_once(mail: MailSink, subject: str, users: Any) -> None:
+    """Exactly one mail with this subject arrives, counted once nothing is left that could send another."""
     wait_until(lambda: any(m["Subject"] == subject for m in mail.messages), what=subject)
-    time.sleep(1.5)
+    wait_until_mail_settled(users.database)
     assert [m["Subject"] for m in mail.messages].count(subject) == 1
 
 
@@ -261,7 +260,7 @@ def users(server: RunningServer, mongodb_uri: str) -> Iterator[Any]:
 def test_a_notice_left_pending_by_a_crash_is_delivered_once(server: RunningServer, mail: MailSink, users: Any) -> None:
     user_id = server.anonymous.CreateUser(create_request()).user.id
     pend_notice(users, user_id, "Left by a crash")
-    delivered_once(mail, "Left by a crash")
+    delivered_once(mail, "Left by a crash", users)
     [stored] = users.find({"_id": ObjectId(user_id)})
     assert {"pending_mail", "pending_mail_since"}.isdisjoint(stored)
 
@@ -274,7 +273,7 @@ def test_a_notice_queued_but_not_dropped_before_a_crash_is_delivered_once(
     notice_id = pend_notice(users, user_id, "Queued, then a crash")
     queued = Mail(to="jane@example.com", subject="Queued, then a crash", body="Hi.\n")
     server.call(server.app.outbox.enqueue(queued, datetime.now(UTC), mail_id=str(notice_id)))
-    delivered_once(mail, "Queued, then a crash")
+    delivered_once(mail, "Queued, then a crash", users)
 
 
 def test_a_notice_claimed_by_a_sender_that_died_is_delivered_once_its_claim_runs_out(
@@ -287,9 +286,13 @@ def test_a_notice_claimed_by_a_sender_that_died_is_delivered_once_its_claim_runs
     notice_id = pend_notice(users, user_id, "Claimed, then a crash", claimed_for=1.5)
     queued = Mail(to="jane@example.com", subject="Claimed, then a crash", body="Hi.\n")
     server.call(server.app.outbox.enqueue(queued, datetime.now(UTC), mail_id=str(notice_id)))
-    time.sleep(1.0)
+    # The sender found the copy and put it off (a postponement counts no attempt) while the claim runs.
+    outbox = users.database.outbox
+    wait_until(lambda: outbox.count_documents({"_id": notice_id, "attempts": 0, "status": "pending",
+                                               "next_attempt_at": {"$gt": datetime.now(UTC)}}) == 1,
+               what="the copy put off")  # fmt: skip
     assert not any(m["Subject"] == "Claimed, then a crash" for m in mail.messages)
-    delivered_once(mail, "Claimed, then a crash")
+    delivered_once(mail, "Claimed, then a crash", users)
 
 
 def test_replicas_move_each_notice_once(start_server: StartServer, mail: MailSink, mongodb_uri: str) -> None:
@@ -304,7 +307,7 @@ def test_replicas_move_each_notice_once(start_server: StartServer, mail: MailSin
             for k in range(3):
                 pend_notice(users, user_id, f"notice {n}.{k}")
         wait_until(lambda: sum(m["Subject"].startswith("notice ") for m in mail.messages) >= 15, what="15 notices")
-        time.sleep(1.5)
+        wait_until_mail_settled(users.database)
         subjects = sorted(m["Subject"] for m in mail.messages if m["Subject"].startswith("notice "))
         assert subjects == sorted(f"notice {n}.{k}" for n in range(5) for k in range(3))
         assert users.count_documents({"pending_mail_since": {"$exists": True}}) == 0

@@ -13,13 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from aiosmtpd.controller import Controller
 from grpc_health.v1 import health_pb2
 
 from tests.conftest import (
@@ -27,11 +26,14 @@ from tests.conftest import (
     REPO_ROOT,
     MailSink,
     RunningServer,
+    SocketController,
     StartServer,
-    free_port,
+    bound_socket,
+    port_of,
     start_ferretdb,
 )
-from tests.e2e.helpers import create_request, health_stub, retry_delay, rpc_error, stored_users
+from tests.e2e.helpers import create_request, health_stub, raw_collection, retry_delay, rpc_error, stored_users
+from tests.e2e.helpers import wait_until as wait_until  # its old home; other modules import it from here
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.devdb import DevDatabase
@@ -47,14 +49,6 @@ def tool(name: str) -> str:
     # Installed by .ci/setup; a missing tool is a broken setup, not a reason to skip.
     assert path.exists(), f"{path} is missing: run .ci/setup"
     return str(path)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def health_status(server: RunningServer, service: str = SERVICE) -> int:
@@ -95,7 +89,7 @@ def test_database_outage_is_unavailable_and_recovers_without_restart(
 ) -> None:
     """Paused database: health NOT_SERVING, RPCs UNAVAILABLE fast, nothing half-written; then back."""
     server = start_server(mongodb_uri=own_database.uri, db_timeout_seconds=1.0)
-    watch = health_stub(server.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+    watch = health_stub(server.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=150)
     assert next(watch).status == SERVING
 
     os.kill(own_database.process.pid, signal.SIGSTOP)
@@ -122,32 +116,32 @@ def test_database_outage_is_unavailable_and_recovers_without_restart(
     # Nothing was half-created by the failed call, and the same registration now works.
     assert len(stored_users(own_database.uri, server.settings.mongodb_database, username="jane")) <= 1
     # The timed-out call's write may have landed after all (then it is whole): ALREADY_EXISTS.
-    retry = server.stub.CreateUser.future(create_request()).exception()
+    retry = server.stub.CreateUser.future(create_request()).exception(timeout=60)
     assert retry is None or (isinstance(retry, grpc.RpcError) and retry.code() == grpc.StatusCode.ALREADY_EXISTS)
     [stored] = stored_users(own_database.uri, server.settings.mongodb_database, username="jane")
     assert stored["password_hash"].startswith("$2b$")
     assert mail.code_for("jane@example.com")
 
 
-def test_dead_smtp_server_delays_mail_without_failing_or_losing_it(start_server: StartServer) -> None:
+def test_dead_smtp_server_delays_mail_without_failing_or_losing_it(start_server: StartServer, mongodb_uri: str) -> None:
     """CreateUser answers at once while SMTP is down; the mail goes out once SMTP is back."""
-    port = free_port()
-    server = start_server(smtp_port=port, mail_retry_seconds=0.1, smtp_timeout_seconds=0.5)
+    dead = bound_socket()  # refuses connections until the SMTP server below listens on it
+    server = start_server(smtp_port=port_of(dead), mail_retry_seconds=0.1, smtp_timeout_seconds=0.5)
     started = time.monotonic()
     server.stub.CreateUser(create_request())
     assert time.monotonic() - started < 2
-    time.sleep(0.5)  # let a delivery attempt or two fail
-
-    sink = MailSink()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        assert sink.code_for("jane@example.com")
-        time.sleep(1)  # no second copy follows
-        assert len(sink.wait_for("jane@example.com")) == 1
-        assert len(sink.messages) == 1
-    finally:
-        controller.stop()
+    with raw_collection(mongodb_uri, server.settings.mongodb_database, "outbox") as outbox:
+        wait_until(lambda: outbox.count_documents({"attempts": {"$gte": 2}}) == 1, what="two failed deliveries")
+        sink = MailSink()
+        controller = SocketController(sink, dead)
+        controller.start()
+        try:
+            assert sink.code_for("jane@example.com")
+            # Deleted once delivered: nothing is left that could go out a second time.
+            wait_until(lambda: outbox.count_documents({}) == 0, what="an empty outbox")
+            assert len(sink.messages) == 1
+        finally:
+            controller.stop()
 
 
 def test_reflection_lets_grpcurl_list_and_call(server: RunningServer) -> None:
@@ -201,48 +195,44 @@ def test_reflection_can_be_turned_off(start_server: StartServer) -> None:
         [tool("grpcurl"), "-plaintext", server.address, "list"], capture_output=True, text=True, timeout=30, check=False
     )
     assert listing.returncode != 0
+    assert "server does not support the reflection API" in listing.stderr
+    # Only reflection is off: the server itself answers.
+    assert server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest(), timeout=10).jwks_json
 
 
 def test_sigterm_drains_in_flight_calls_then_exits(mongodb_uri: str, database_name: str, tmp_path: Path) -> None:
     """On SIGTERM, health turns NOT_SERVING, the running CreateUser completes, and the process exits 0."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "USERS_GRPC_ADDRESS": f"127.0.0.1:{port}",
-        "USERS_MONGODB_URI": mongodb_uri,
-        "USERS_MONGODB_DATABASE": database_name,
-        "USERS_MAIL_DIR": str(tmp_path / "mail"),
+    serve = ServeProcess(
+        USERS_MONGODB_URI=mongodb_uri,
+        USERS_MONGODB_DATABASE=database_name,
+        USERS_MAIL_DIR=str(tmp_path / "mail"),
         # A slow hash keeps the call in flight while the signal arrives.
-        "USERS_BCRYPT_ROUNDS": "15",
-        "USERS_HASH_WORKERS": "1",
-        "USERS_SHUTDOWN_DELAY_SECONDS": "0.5",
-        "USERS_SHUTDOWN_GRACE_SECONDS": "20",
-        "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "users_grpc", "serve"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        USERS_BCRYPT_ROUNDS="15",
+        USERS_HASH_WORKERS="1",
+        USERS_SHUTDOWN_DELAY_SECONDS="0.5",
+        USERS_SHUTDOWN_GRACE_SECONDS="20",
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{serve.port()}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             health = health_stub(channel)
-            wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE)).status == SERVING)
+            wait_until(
+                lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status == SERVING
+            )
+            # Opened before the signal, the watch hears of NOT_SERVING whenever it comes: no window to hit.
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
+            assert next(watch).status == SERVING
             in_flight = user_service_pb2_grpc.UserServiceStub(channel).CreateUser.future(create_request(), timeout=30)
-            time.sleep(0.5)
-            process.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
-            assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE)).status == NOT_SERVING
-            assert in_flight.result().user.username == "jane"
-        assert process.wait(timeout=25) == 0
+            # The call is in the server once its source is counted against the rate limit.
+            with raw_collection(mongodb_uri, database_name, "throttles") as throttles:
+                wait_until(lambda: throttles.count_documents({"_id": {"$regex": "^rate:"}}) > 0, what="the call")
+            serve.process.send_signal(signal.SIGTERM)
+            assert next(watch).status == NOT_SERVING
+            assert in_flight.result(timeout=30).user.username == "jane"
+        assert serve.process.wait(timeout=25) == 0
     finally:
-        process.kill()
-        _, stderr = process.communicate()
-    assert "Traceback" not in stderr
+        serve.close()
+    assert not any("Traceback" in line for line in serve.lines)
 
 
 def test_the_concurrency_cap_refuses_user_service_calls_but_never_health_checks(start_server: StartServer) -> None:
@@ -252,7 +242,7 @@ def test_the_concurrency_cap_refuses_user_service_calls_but_never_health_checks(
     refused = threading.Event()
 
     def on_done(future: Any) -> None:
-        error = future.exception()
+        error = future.exception(timeout=60)
         if error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             refused.set()
 
@@ -266,12 +256,12 @@ def test_the_concurrency_cap_refuses_user_service_calls_but_never_health_checks(
     # The cap is full now; these must not count against it nor be refused by it.
     health = health_stub(server.channel)
     checks = [health.Check.future(health_pb2.HealthCheckRequest(service=s), timeout=10) for s in ("", SERVICE) * 5]
-    assert [check.result().status for check in checks] == [SERVING] * 10
+    assert [check.result(timeout=60).status for check in checks] == [SERVING] * 10
     # Still full after the checks (only finishing sign-ins free a place): they really ran against a full cap.
     error = rpc_error(server.anonymous.GetPublicKeys, pb.GetPublicKeysRequest())
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert 0 < retry_delay(error) <= 5
-    codes = [f.exception().code() if f.exception() else grpc.StatusCode.OK for f in burst]  # type: ignore[union-attr]
+    codes = [f.exception(timeout=60).code() if f.exception(timeout=60) else grpc.StatusCode.OK for f in burst]  # type: ignore[union-attr]
     assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == 2
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
     # Once the sign-ins are done the cap has room again.

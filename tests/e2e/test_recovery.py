@@ -9,8 +9,7 @@ import time
 import grpc
 
 from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, rpc_error
-from tests.e2e.test_operations import wait_until
+from tests.e2e.helpers import PASSWORD, raw_collection, rpc_error, wait_until, wait_until_mail_settled
 from tests.e2e.test_sessions import get_user_status, refresh_status, signed_up
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
@@ -63,7 +62,9 @@ def test_forgot_password_answers_the_same_for_everyone_and_mails_only_active_acc
     assert sign_in(server, PASSWORD).user.username == "jane"
 
 
-def test_reset_sets_the_password_once_and_revokes_every_session(server: RunningServer, mail: MailSink) -> None:
+def test_reset_sets_the_password_once_and_revokes_every_session(
+    server: RunningServer, mail: MailSink, mongodb_uri: str
+) -> None:
     session = signed_up(server, mail)
     server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane@example.com"))
     token = reset_token(mail, "jane@example.com")
@@ -84,6 +85,8 @@ def test_reset_sets_the_password_once_and_revokes_every_session(server: RunningS
     )
     assert again.code() == grpc.StatusCode.INVALID_ARGUMENT
     wait_until(lambda: any(m["Subject"] == "Your password was reset" for m in mail.messages), what="the notice")
+    with raw_collection(mongodb_uri, server.settings.mongodb_database, "outbox") as outbox:
+        wait_until_mail_settled(outbox.database)  # a second copy, were there one, has arrived
     notice = [m for m in mail.messages if m["Subject"] == "Your password was reset"]
     assert len(notice) == 1
     assert token not in notice[0].get_content()
@@ -100,16 +103,21 @@ def test_parallel_resets_with_one_token_succeed_once(server: RunningServer, mail
         )
         for p in passwords
     ]
-    assert sum(f.exception() is None for f in futures) == 1
+    assert sum(f.exception(timeout=60) is None for f in futures) == 1
 
 
-def test_a_new_token_invalidates_the_old_and_sends_are_capped(server: RunningServer, mail: MailSink) -> None:
+def test_a_new_token_invalidates_the_old_and_sends_are_capped(
+    server: RunningServer, mail: MailSink, mongodb_uri: str
+) -> None:
     signed_up(server, mail)
     for _ in range(5):
         server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
     third = reset_token(mail, "jane@example.com", nth=3)
     first = reset_token(mail, "jane@example.com", nth=1)
-    time.sleep(0.5)  # time for a fourth reset mail to arrive, were there one
+    with raw_collection(
+        mongodb_uri, server.settings.mongodb_database, "outbox"
+    ) as outbox:  # a fourth reset mail, were there one, has arrived then
+        wait_until_mail_settled(outbox.database)
     assert len(reset_mails(mail, "jane@example.com")) == server.settings.password_reset_max_sends == 3
     assert (
         rpc_error(

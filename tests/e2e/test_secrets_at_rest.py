@@ -17,10 +17,9 @@ import grpc
 from bson import ObjectId
 from pymongo import MongoClient
 
-from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer, free_port
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error
+from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer
+from tests.e2e.helpers import PASSWORD, create_request, rpc_error, wait_until
 from tests.e2e.test_mfa import Enrolled, independent_totp
-from tests.e2e.test_operations import wait_until
 from tests.e2e.test_recovery import reset_token
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
@@ -82,6 +81,10 @@ def test_a_copy_of_the_database_holds_no_code_or_token(server: RunningServer, ma
     assert digest == keys.digest("activation-code", user_id, code)
     assert digest != keys.digest("activation-code", server.admin_id, code)
     assert_nowhere(code, stored)
+    # The long activation token mailed with the code: a keyed digest too, and the token nowhere.
+    activation_token = mail.activation_token_for("jane@example.com")
+    assert jane["activation"]["token_digest"] == keys.digest("activation-token", user_id, activation_token)
+    assert_nowhere(activation_token, stored)
     server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=code))
 
     server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
@@ -128,9 +131,11 @@ def test_a_copy_of_the_database_holds_no_code_or_token(server: RunningServer, ma
         assert_nowhere(secret_text, stored)
 
 
-def test_outbox_bodies_are_sealed_until_delivered(start_server: StartServer, mongodb_uri: str) -> None:
+def test_outbox_bodies_are_sealed_until_delivered(
+    start_server: StartServer, mongodb_uri: str, dead_smtp_port: int
+) -> None:
     """While a mail waits (here: the relay is down) the outbox shows whom and what about, not the code."""
-    server = start_server(smtp_port=free_port(), mail_retry_seconds=60)
+    server = start_server(smtp_port=dead_smtp_port, mail_retry_seconds=60)
     server.anonymous.CreateUser(create_request())
     database = server.settings.mongodb_database
     wait_until(lambda: any(m.get("last_error") for m in dump(mongodb_uri, database)["outbox"]), what="a failed try")
@@ -148,10 +153,12 @@ def test_outbox_bodies_are_sealed_until_delivered(start_server: StartServer, mon
     assert_nowhere(match.group(1), dump(mongodb_uri, database))
 
 
-def test_a_body_moved_to_another_mail_is_never_sent(start_server: StartServer, mongodb_uri: str) -> None:
+def test_a_body_moved_to_another_mail_is_never_sent(
+    start_server: StartServer, mongodb_uri: str, dead_smtp_port: int
+) -> None:
     """The seal binds a body to its mail: swapped into another recipient's mail, it does not open,
     and that mail is given up rather than sent."""
-    server = start_server(smtp_port=free_port(), mail_retry_seconds=3600)
+    server = start_server(smtp_port=dead_smtp_port, mail_retry_seconds=3600)
     server.anonymous.CreateUser(create_request())
     server.anonymous.CreateUser(create_request(username="mallory", email="mallory@example.com"))
     database = server.settings.mongodb_database

@@ -12,8 +12,7 @@ import pytest
 from pymongo import MongoClient
 
 from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, error_info, rpc_error, violated_fields
-from tests.e2e.test_sessions import signed_up
+from tests.e2e.helpers import PASSWORD, error_info, rpc_error, signed_up, violated_fields
 from users.v1 import user_service_pb2 as pb
 
 

@@ -43,7 +43,8 @@ def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Aw
             finally:
                 await stores.client.close()
 
-        return asyncio.run(main())
+        # Bounded: a database that stops answering fails the test instead of hanging it.
+        return asyncio.run(asyncio.wait_for(main(), 60))
 
     return runner
 
@@ -76,12 +77,28 @@ def new_user(username: str = "jane", email: str = "jane@example.com") -> NewUser
     )
 
 
-def test_indexes_are_created_idempotently(run: Any) -> None:
-    async def body(stores: Stores) -> None:
+def test_indexes_are_created_idempotently(run: Any, database_name: str) -> None:
+    """A second start-up (the runner made them once) keeps the same indexes, uniqueness included."""
+
+    async def indexes(stores: Stores) -> dict[str, dict[str, Any]]:
+        database = stores.client[database_name]
+        found: dict[str, dict[str, Any]] = {}
+        for collection in ("users", "outbox"):
+            for name, spec in (await database[collection].index_information()).items():
+                found[f"{collection}.{name}"] = {"key": spec["key"], "unique": spec.get("unique", False)}
+        return found
+
+    async def body(stores: Stores) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        before = await indexes(stores)
         await stores.users.ensure_indexes()
         await stores.outbox.ensure_indexes()
+        return before, await indexes(stores)
 
-    run(body)
+    before, after = run(body)
+    assert after == before
+    assert after["users.username_key_unique"] == {"key": [("username_key", 1)], "unique": True}
+    assert after["users.email_key_unique"] == {"key": [("email_key", 1)], "unique": True}
+    assert after["outbox.status_next_attempt_at"]["key"] == [("status", 1), ("next_attempt_at", 1)]
 
 
 def test_round_trip_keeps_every_field(run: Any) -> None:

@@ -43,7 +43,8 @@ def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Aw
             finally:
                 await stores.client.close()
 
-        return asyncio.run(main())
+        # Bounded: a database that stops answering fails the test instead of hanging it.
+        return asyncio.run(asyncio.wait_for(main(), 60))
 
     return runner
 
