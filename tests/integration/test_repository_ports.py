@@ -155,11 +155,13 @@ def test_a_reset_token_is_found_by_its_digest_until_it_expires_and_works_once(ru
         user_id = await active_user(stores)
         code = activation(digest="reset-digest", expires_at=NOW + timedelta(minutes=30))
         assert await users.replace_password_reset(user_id, code, max_sends=3, window_seconds=3600)
-        found = await users.find_account_by_reset_digest("reset-digest", NOW)
+        found = await users.find_account_by_reset_digest(user_id, "reset-digest", NOW)
         assert found is not None
         assert found.user.id == user_id
-        assert await users.find_account_by_reset_digest("reset-digest", NOW + timedelta(minutes=31)) is None
-        assert await users.find_account_by_reset_digest("other", NOW) is None
+        assert await users.find_account_by_reset_digest(user_id, "reset-digest", NOW + timedelta(minutes=31)) is None
+        assert await users.find_account_by_reset_digest(user_id, "other", NOW) is None
+        # The token names its user: the right digest under another user's id finds nobody.
+        assert await users.find_account_by_reset_digest(str(ObjectId()), "reset-digest", NOW) is None
         version = found.user.token_version
         assert not await users.reset_password(user_id, "other", "$2b$10$new", NOW, NOTICE)
         assert await users.reset_password(user_id, "reset-digest", "$2b$10$new", NOW, NOTICE)
@@ -168,7 +170,7 @@ def test_a_reset_token_is_found_by_its_digest_until_it_expires_and_works_once(ru
         assert account is not None
         assert account.password_hash == "$2b$10$new"
         assert account.user.token_version == version + 1
-        assert await users.find_account_by_reset_digest("reset-digest", NOW) is None
+        assert await users.find_account_by_reset_digest(user_id, "reset-digest", NOW) is None
 
     run(body)
 
