@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from aiosmtpd.controller import Controller
+from pymongo.monitoring import CommandListener
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.bootstrap import App, build_app
@@ -170,13 +171,17 @@ class RunningServer:
     """
 
     def __init__(
-        self, settings: Settings, clock: Clock | None, credentials: grpc.ChannelCredentials | None = None
+        self,
+        settings: Settings,
+        clock: Clock | None,
+        credentials: grpc.ChannelCredentials | None = None,
+        event_listeners: Sequence[CommandListener] = (),
     ) -> None:
         self.settings = settings
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="server-loop", daemon=True)
         self._thread.start()
-        self.app: App = self.call(build_app(settings, clock=clock))
+        self.app: App = self.call(build_app(settings, clock=clock, event_listeners=event_listeners))
         self.call(self.app.start())
         self.address = f"127.0.0.1:{self.app.port}"
         self.channel = (
@@ -260,10 +265,14 @@ def start_server(mongodb_uri: str, database_name: str, smtp_server: tuple[MailSi
     servers: list[RunningServer] = []
 
     def start(
-        *, clock: Clock | None = None, credentials: grpc.ChannelCredentials | None = None, **changes: Any
+        *,
+        clock: Clock | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        event_listeners: Sequence[CommandListener] = (),
+        **changes: Any,
     ) -> RunningServer:
         settings = dataclasses.replace(make_settings(mongodb_uri, database_name, smtp_server[1]), **changes)
-        servers.append(RunningServer(settings, clock, credentials))
+        servers.append(RunningServer(settings, clock, credentials, event_listeners))
         return servers[-1]
 
     yield start

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import re
 import signal
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from pymongo import AsyncMongoClient, WriteConcern
+from pymongo.monitoring import CommandListener
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import Authorizer
@@ -193,7 +195,11 @@ class App:
 
 
 async def build_app(
-    settings: Settings, *, clock: Clock | None = None, mail_transport: MailTransport | None = None
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    mail_transport: MailTransport | None = None,
+    event_listeners: Sequence[CommandListener] = (),
 ) -> App:
     keep_secrets_out_of_logs()
     clock = clock or SystemClock()
@@ -204,6 +210,8 @@ async def build_app(
         # Bounds every operation (PyMongo CSOT), background work included; RPCs narrow it to their deadline.
         timeoutMS=int(settings.db_timeout_seconds * 1000),
         serverSelectionTimeoutMS=int(settings.db_timeout_seconds * 1000),
+        # Tests and the benchmark count the commands calls send (PyMongo command monitoring).
+        event_listeners=list(event_listeners),
     )
     # Explicit, because "majority" is the default only from MongoDB 5.0 and not with some arbiters.
     database = client.get_database(settings.mongodb_database, write_concern=WriteConcern("majority"))
