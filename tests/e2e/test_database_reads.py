@@ -10,8 +10,8 @@ import grpc
 import jwt
 import pytest
 
+from tests.commands import CommandRecorder
 from tests.conftest import MailSink, StartServer
-from tests.e2e.commands import CommandRecorder
 from tests.e2e.helpers import PASSWORD, create_request, rpc_error
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
