@@ -68,6 +68,9 @@ class Profile:
     page_size: int
     deep_page: int
     list_calls: int  # ListUsers calls for each of its two rows
+    # Fixed numbers of calls instead of fixed times, so that a slow machine still yields every row.
+    cheap_calls: int | None = None
+    sign_in_calls: int | None = None
 
 
 FULL = Profile(
@@ -81,7 +84,8 @@ FULL = Profile(
     fixed_rate=100,
     page_size=10,
     deep_page=1000,
-    list_calls=10,
+    list_calls=3,
+    sign_in_calls=32,
 )
 SMOKE = Profile(
     users=200,
@@ -95,6 +99,8 @@ SMOKE = Profile(
     page_size=10,
     deep_page=19,
     list_calls=3,
+    cheap_calls=100,
+    sign_in_calls=4,
 )
 
 
@@ -313,6 +319,14 @@ class Bench:
         )
 
 
+def _extent(calls: int | None, seconds: float) -> str:
+    return f"{seconds:g} s" if calls is None else f"{calls} calls"
+
+
+def ratio(figure: float, baseline: float) -> float:
+    return figure / baseline if baseline else float("nan")
+
+
 def round_robin(values: Sequence[str]) -> str:
     """A ghz template (Go templates with sprig) that renders to value n mod len of call n."""
     # Go's raw strings (backquotes): the template is applied to JSON text, where double quotes are escaped.
@@ -407,11 +421,12 @@ def run(profile: Profile) -> str:
         # Warm-up: connections, the first signature check of each token, ghz's reflection.
         bench.measure("warm-up", f"{SERVICE}.GetUser", own_data, metadata=own_metadata, seconds=0.5)
 
-        health = bench.measure("health Check", "grpc.health.v1.Health.Check", {"service": ""})
+        counted = {"total": profile.cheap_calls}
+        health = bench.measure("health Check", "grpc.health.v1.Health.Check", {"service": ""}, **counted)
         cheap = [
             health,
-            bench.measure("GetPublicKeys", f"{SERVICE}.GetPublicKeys", {}),
-            bench.measure("GetUser (own token)", f"{SERVICE}.GetUser", own_data, metadata=own_metadata),
+            bench.measure("GetPublicKeys", f"{SERVICE}.GetPublicKeys", {}, **counted),
+            bench.measure("GetUser (own token)", f"{SERVICE}.GetUser", own_data, metadata=own_metadata, **counted),
             # One at a time and a fixed count: on the embedded database each page scans the collection.
             bench.measure(
                 "ListUsers page 1",
@@ -437,6 +452,7 @@ def run(profile: Profile) -> str:
                 sign_ins,
                 concurrency=profile.sign_in_concurrency,
                 seconds=profile.seconds * 2,
+                total=profile.sign_in_calls,
             ),
             bench.measure(
                 "CreateUser",
@@ -444,9 +460,10 @@ def run(profile: Profile) -> str:
                 new_user,
                 concurrency=profile.sign_in_concurrency,
                 seconds=profile.seconds * 2,
+                total=profile.sign_in_calls,
             ),
         ]
-        fixed = {"metadata": own_metadata, "rate": profile.fixed_rate, "concurrency": 8}
+        fixed = {"metadata": own_metadata, "rate": profile.fixed_rate, "concurrency": 8, **counted}
         alone = bench.measure(f"GetUser at {profile.fixed_rate}/s, alone", f"{SERVICE}.GetUser", own_data, **fixed)
         before = bench.usage()
         busy = bench.ghz(
@@ -487,15 +504,15 @@ def run(profile: Profile) -> str:
 
     def cheap_line(row: Row) -> str:
         return (
-            f"| {row.name} | {row.per_second:,.0f} ({row.per_second / health.per_second:.2f}x) "
+            f"| {row.name} | {row.per_second:,.0f} ({ratio(row.per_second, health.per_second):.2f}x) "
             f"| {row.p50_ms:.2f} | {row.p99_ms:.2f} "
-            f"| {row.server_us:,.0f} ({row.server_us / health.server_us:.2f}x) | {row.database_us:,.0f} "
+            f"| {row.server_us:,.0f} ({ratio(row.server_us, health.server_us):.2f}x) | {row.database_us:,.0f} "
             f"| {row.calls:,} | {row.errors:,} |"
         )
 
     def hashing_line(row: Row) -> str:
         return (
-            f"| {row.name} | {row.per_second:,.1f} ({row.per_second / ceiling:.2f}x ceiling) "
+            f"| {row.name} | {row.per_second:,.1f} ({ratio(row.per_second, ceiling):.2f}x ceiling) "
             f"| {row.p50_ms:.0f} | {row.p99_ms:.0f} "
             f"| {row.server_us:,.0f} | {row.database_us:,.0f} | {row.calls:,} | {row.errors:,} |"
         )
@@ -506,7 +523,8 @@ def run(profile: Profile) -> str:
         f"users seeded: {len(names):,} (in {seeded_in:.1f} s); bcrypt cost {profile.bcrypt_rounds}: "
         f"one verification {hash_seconds * 1000:.0f} ms, so the hashing ceiling is {cores} cores ÷ that "
         f"= {ceiling:.1f} sign-ins/s",
-        f"each run {profile.seconds:g} s (sign-ins {profile.seconds * 2:g} s); cheap calls {profile.concurrency} "
+        f"each run {_extent(profile.cheap_calls, profile.seconds)} (sign-ins "
+        f"{_extent(profile.sign_in_calls, profile.seconds * 2)}); cheap calls {profile.concurrency} "
         f"in flight, sign-ins {profile.sign_in_concurrency}; baseline in brackets",
         "",
         "| call | calls/s | p50 ms | p99 ms | server CPU µs/call | database CPU µs/call | calls | errors |",
@@ -518,8 +536,8 @@ def run(profile: Profile) -> str:
         f"GetUser at a fixed {profile.fixed_rate} calls/s, 8 in flight: p50 {alone.p50_ms:.2f} ms, p99 "
         f"{alone.p99_ms:.2f} ms alone ({alone.errors} errors); p50 {while_hashing.p50_ms:.2f} ms, p99 "
         f"{while_hashing.p99_ms:.2f} ms while Authenticate keeps hashing busy ({while_hashing.errors} errors); "
-        f"p99 ratio {while_hashing.p99_ms / alone.p99_ms:.2f}",
-        f"ListUsers page {profile.deep_page:,} ÷ page 1, p50: {deep.p50_ms / first.p50_ms:.2f}",
+        f"p99 ratio {ratio(while_hashing.p99_ms, alone.p99_ms):.2f}",
+        f"ListUsers page {profile.deep_page:,} ÷ page 1, p50: {ratio(deep.p50_ms, first.p50_ms):.2f}",
         f"server resident memory: {rss_start:.0f} MB at the start, {rss_end:.0f} MB after {mixed_seconds:g} s "
         f"of mixed load ({mixed_calls:,} calls: GetUser, health Check, Authenticate and CreateUser at once)",
     ]

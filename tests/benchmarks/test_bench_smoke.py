@@ -10,11 +10,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 ROW = re.compile(r"^\| (?P<call>[^|]+) \| (?P<rate>[\d,.]+) \(.+\) \| [\d.]+ \| [\d.]+ \| [\d,]+")
 
 
+# Seconds alone; minutes on a machine busy with other work.
+@pytest.mark.timeout(900)
 def test_the_smoke_run_prints_a_row_of_numbers_for_every_call() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "generated")])}
     finished = subprocess.run(
@@ -23,7 +27,7 @@ def test_the_smoke_run_prints_a_row_of_numbers_for_every_call() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=840,
         check=False,
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
