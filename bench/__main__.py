@@ -556,7 +556,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.five_minutes:
         profile = dataclasses.replace(profile, mixed_seconds=300)
     if args.users:
-        profile = dataclasses.replace(profile, users=args.users)
+        # The deep page must exist: with fewer users it is the last full page.
+        deep_page = min(profile.deep_page, args.users // profile.page_size - 1)
+        profile = dataclasses.replace(profile, users=args.users, deep_page=max(deep_page, 1))
     print(run(profile), flush=True)
 
 
