@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +26,9 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from aiosmtpd.controller import Controller
+from pymongo.monitoring import CommandListener
 
+from tests.commands import FILTERING, CommandRecorder
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.bootstrap import App, build_app
 from users_grpc.config import Settings
@@ -212,12 +214,15 @@ class RunningServer:
         clock: Clock | None,
         credentials: grpc.ChannelCredentials | None = None,
         tracer_provider: Any = None,
+        event_listeners: Sequence[CommandListener] = (),
     ) -> None:
         self.settings = settings
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="server-loop", daemon=True)
         self._thread.start()
-        self.app: App = self.call(build_app(settings, clock=clock, tracer_provider=tracer_provider))
+        self.app: App = self.call(
+            build_app(settings, clock=clock, tracer_provider=tracer_provider, event_listeners=event_listeners)
+        )
         self.call(self.app.start())
         self.address = f"127.0.0.1:{self.app.port}"
         self.channel = (
@@ -297,8 +302,27 @@ def make_settings(mongodb_uri: str, database_name: str, smtp_port: int) -> Setti
 StartServer = Callable[..., RunningServer]
 
 
+@pytest.fixture(scope="session")
+def suite_queries() -> CommandRecorder:
+    """Every filtering command (and index creation) any test's server sends: the last test of the
+    session checks each was served by an index (tests/e2e/test_query_indexes.py)."""
+    return CommandRecorder(FILTERING | {"createIndexes"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The check of every query the suite sent runs once the rest of the suite has sent them.
+    last = [item for item in items if item.get_closest_marker("after_the_suite")]
+    items[:] = [item for item in items if item not in last] + last
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "after_the_suite: run after every other test of the session")
+
+
 @pytest.fixture
-def start_server(mongodb_uri: str, database_name: str, smtp_server: tuple[MailSink, int]) -> Iterator[StartServer]:
+def start_server(
+    mongodb_uri: str, database_name: str, smtp_server: tuple[MailSink, int], suite_queries: CommandRecorder
+) -> Iterator[StartServer]:
     """Start servers with test settings (changed by keyword) and stop them after the test."""
     servers: list[RunningServer] = []
 
@@ -307,10 +331,11 @@ def start_server(mongodb_uri: str, database_name: str, smtp_server: tuple[MailSi
         clock: Clock | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         tracer_provider: Any = None,
+        event_listeners: Sequence[CommandListener] = (),
         **changes: Any,
     ) -> RunningServer:
         settings = dataclasses.replace(make_settings(mongodb_uri, database_name, smtp_server[1]), **changes)
-        servers.append(RunningServer(settings, clock, credentials, tracer_provider))
+        servers.append(RunningServer(settings, clock, credentials, tracer_provider, [suite_queries, *event_listeners]))
         return servers[-1]
 
     yield start

@@ -134,7 +134,7 @@ class Authorizer:
             if is_service_token(bearer_token):
                 return Caller(machine=await self._service_accounts.machine_of(bearer_token))
             claims, user = await self._sessions.check_access_token(bearer_token)
-            return Caller(user_id=user.id, role=user.role, session_id=claims.session_id)
+            return Caller(user_id=user.id, role=user.role, session_id=claims.session_id, user=user)
         machine = next((name for name in peer_identities if name in self._machine_identities), None)
         return ANONYMOUS if machine is None else Caller(machine=machine)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import signal
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from pymongo import AsyncMongoClient, WriteConcern
+from pymongo.monitoring import CommandListener
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc import migrations
@@ -226,14 +228,16 @@ async def build_app(
     clock: Clock | None = None,
     mail_transport: MailTransport | None = None,
     tracer_provider: TracerProvider | None = None,
+    event_listeners: Sequence[CommandListener] = (),
 ) -> App:
     """Build the server; with a ``tracer_provider``, calls and database commands are traced."""
     keep_secrets_out_of_logs()
     clock = clock or SystemClock()
     client: AsyncMongoClient[Document] = AsyncMongoClient(
         settings.mongodb_uri,
-        # Only when tracing is on: a command listener costs every database command some work.
-        event_listeners=[] if tracer_provider is None else [command_listener(tracer_provider)],
+        # Tests and the benchmark count the commands calls send (PyMongo command monitoring). The
+        # tracing listener only when tracing is on: a listener costs every database command some work.
+        event_listeners=[*event_listeners, *([] if tracer_provider is None else [command_listener(tracer_provider)])],
         tz_aware=True,
         appname="users-grpc",
         # Bounds every operation (PyMongo CSOT), background work included; RPCs narrow it to their deadline.

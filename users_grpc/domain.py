@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import enum
 import re
 import secrets
@@ -673,6 +674,10 @@ class Caller:
     machine: str | None = None
     session_id: str | None = None
     source: str = ""
+    # The caller's own account as read to check their token, during this call only: a call about
+    # themself answers from it rather than reading the same document again. Per call, never
+    # cached across calls, so every replica sees each change as soon as it is stored.
+    user: User | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def is_admin(self) -> bool:

@@ -299,8 +299,11 @@ class UserService:
         else:
             log.info("activation resend capped", extra={"user_id": account.user.id})
 
-    async def get_user(self, user_id: str) -> User:
+    async def get_user(self, user_id: str, *, caller: Caller | None = None) -> User:
         domain.validate_user_id(user_id)
+        if caller is not None and caller.user is not None and caller.user.id == user_id:
+            # Read moments ago in this same call to check the caller's token: one read serves both.
+            return caller.user
         user = await self._users.get(user_id)
         if user is None:
             raise NotFound()

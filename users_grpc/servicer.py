@@ -126,7 +126,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def GetUser(
         self, request: user_service_pb2.GetUserRequest, context: Context
     ) -> user_service_pb2.GetUserResponse:
-        user = await self._service.get_user(request.id)
+        user = await self._service.get_user(request.id, caller=current_caller.get())
         return user_service_pb2.GetUserResponse(user=user_to_proto(user))
 
     async def GetUserByIdentifier(

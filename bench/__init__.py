@@ -1,0 +1,1 @@
+"""The load benchmark: ``.venv/bin/python -m bench`` (see :mod:`bench.__main__`)."""

@@ -1,0 +1,45 @@
+"""The load benchmark runs end to end: `python -m bench --smoke` prints its table with numbers.
+
+No figure is checked: timings on a shared CI machine mean nothing; docs/benchmarks.md has the
+full run's."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+ROW = re.compile(r"^\| (?P<call>[^|]+) \| (?P<rate>[\d,.]+) \(.+\) \| [\d.]+ \| [\d.]+ \| [\d,]+")
+
+
+# Seconds alone; minutes on a machine busy with other work.
+@pytest.mark.timeout(900)
+def test_the_smoke_run_prints_a_row_of_numbers_for_every_call() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "generated")])}
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = {match["call"].strip() for line in finished.stdout.splitlines() if (match := ROW.match(line))}
+    assert {
+        "health Check",
+        "GetPublicKeys",
+        "GetUser (own token)",
+        "ListUsers page 1",
+        "Authenticate",
+        "CreateUser",
+    } <= rows, finished.stdout
+    assert re.search(r"GetUser at a fixed \d+ calls/s.*p99 ratio [\d.]+", finished.stdout), finished.stdout
+    assert re.search(r"server resident memory: \d+ MB at the start, \d+ MB after", finished.stdout), finished.stdout
+    assert re.search(r"machine: \d+ cores, ", finished.stdout), finished.stdout
