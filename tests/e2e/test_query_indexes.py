@@ -23,6 +23,7 @@ from users.v1 import user_service_pb2 as pb
 WHOLE_COLLECTION_READS = {
     ("users", "aggregate", ()): "ListUsers' total_size with no filter counts every user: O(users) anywhere",
     ("signing_keys", "find", ()): "every signing key is loaded: a handful of documents",
+    ("users", "find", ()): "at start, whether any user exists (limit 1); a migration's first batch in _id order",
     ("outbox", "find", ("body",)): "once at start, mail queued before bodies were sealed; mail leaves on delivery",
 }
 
