@@ -26,6 +26,8 @@ from pymongo import AsyncMongoClient, WriteConcern
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import Authorizer
 from users_grpc.admin import AdminService
+from users_grpc.audit import AuditLog
+from users_grpc.audit_interceptor import AuditInterceptor
 from users_grpc.config import ConfigError, Settings
 from users_grpc.directory import DirectoryService
 from users_grpc.domain import PasswordPolicy
@@ -42,6 +44,7 @@ from users_grpc.ports import Clock, MailTransport
 from users_grpc.recovery import PasswordService
 from users_grpc.repository import (
     Document,
+    MongoAuditTrail,
     MongoHousekeeping,
     MongoKeyStore,
     MongoOutbox,
@@ -97,6 +100,7 @@ class App:
     session_store: MongoSessionRepository
     throttles: MongoThrottleStore
     service_account_store: MongoServiceAccountRepository
+    audit_trail: MongoAuditTrail
     accounts: UserService
     tokens: AccessTokens
     health: DatabaseHealth
@@ -119,6 +123,7 @@ class App:
                 await self.session_store.ensure_indexes()
                 await self.throttles.ensure_indexes()
                 await self.service_account_store.ensure_indexes()
+                await self.audit_trail.ensure_indexes()
                 await self.tokens.ensure_signing_key()
                 return
             except StorageUnavailable as error:
@@ -336,6 +341,8 @@ async def build_app(
         session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
     )
 
+    audit_trail = MongoAuditTrail(database)
+    audit = AuditLog(trail=audit_trail)
     ready = asyncio.Event()
     server = grpc.aio.server(
         interceptors=[
@@ -360,7 +367,9 @@ async def build_app(
                 # instead of queueing without bound (bcrypt makes each call costly). Not the server's
                 # own maximum_concurrent_rpcs, which would refuse health checks too.
                 max_concurrent_calls=settings.max_concurrent_rpcs,
-            )
+            ),
+            # Inside the access interceptor: it records admitted calls, with the caller that one found.
+            AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=audit, clock=clock),
         ],
         options=_SERVER_OPTIONS,
     )
@@ -374,6 +383,7 @@ async def build_app(
             AdminService(users=users, sessions=session_store, throttle=password_throttle, mfa=mfa, clock=clock),
             service_accounts,
             DirectoryService(users=users, clock=clock),
+            audit,
         ),
         server,
     )
@@ -401,6 +411,7 @@ async def build_app(
         session_store=session_store,
         throttles=throttles,
         service_account_store=service_account_store,
+        audit_trail=audit_trail,
         accounts=accounts,
         tokens=tokens,
         health=DatabaseHealth(
@@ -418,6 +429,7 @@ async def build_app(
                 ended_sessions=timedelta(seconds=settings.session_retention_seconds),
                 never_activated_accounts=timedelta(seconds=settings.unactivated_account_retention_seconds),
                 failed_mail=timedelta(seconds=settings.mail_failed_retention_seconds),
+                audit_events=timedelta(days=settings.audit_retention_days),
             ),
             interval_seconds=settings.housekeeping_interval_seconds,
         ),

@@ -12,6 +12,9 @@ from typing import Literal, Protocol
 from users_grpc.domain import (
     Account,
     ActivationCode,
+    AuditEvent,
+    AuditFilter,
+    AuditPosition,
     Mail,
     NewUser,
     PasswordScheme,
@@ -381,3 +384,20 @@ class Housekeeping(Protocol):
 
     async def purge_expired_tallies(self, now: datetime) -> int:
         """Delete the throttle tallies that expired before ``now``; how many."""
+
+    async def purge_audit_events(self, recorded_before: datetime) -> int:
+        """Delete the audit events recorded before ``recorded_before``; how many."""
+
+
+class AuditTrail(Protocol):
+    """The append-only audit trail: events are added and read, never changed."""
+
+    async def add(self, event: AuditEvent) -> None: ...
+
+    async def list_events(self, filters: AuditFilter, before: AuditPosition | None, limit: int) -> list[AuditEvent]:
+        """Up to ``limit`` events matching ``filters``, newest first (by time, then id), older than
+        ``before`` if given."""
+
+    async def find_user_id(self, identifier_key: str) -> str | None:
+        """The id of the user with this username or email key, if there is one: names the subject
+        of a sign-in by identifier without keeping the identifier itself."""
