@@ -899,9 +899,10 @@ class UserServiceServicer:
         works only with the filters of the call that returned it.
         Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
-        other filters; a malformed subject_id; an unspecified or unknown type;
-        start_time not before end_time), UNAUTHENTICATED, PERMISSION_DENIED,
-        UNAVAILABLE.
+        other filters; a subject_id that is not 24 hexadecimal digits; an
+        actor_id over 256 characters or with control characters; an unspecified
+        or unknown type; start_time not before end_time), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -510,9 +510,10 @@ class UserServiceStub:
     works only with the filters of the call that returned it.
     Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
     1000; a page_token that is garbage, tampered with or from a call with
-    other filters; a malformed subject_id; an unspecified or unknown type;
-    start_time not before end_time), UNAUTHENTICATED, PERMISSION_DENIED,
-    UNAVAILABLE.
+    other filters; a subject_id that is not 24 hexadecimal digits; an
+    actor_id over 256 characters or with control characters; an unspecified
+    or unknown type; start_time not before end_time), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
     """
 
 @_typing.type_check_only
@@ -997,9 +998,10 @@ class UserServiceAsyncStub(UserServiceStub):
     works only with the filters of the call that returned it.
     Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
     1000; a page_token that is garbage, tampered with or from a call with
-    other filters; a malformed subject_id; an unspecified or unknown type;
-    start_time not before end_time), UNAUTHENTICATED, PERMISSION_DENIED,
-    UNAVAILABLE.
+    other filters; a subject_id that is not 24 hexadecimal digits; an
+    actor_id over 256 characters or with control characters; an unspecified
+    or unknown type; start_time not before end_time), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -1721,9 +1723,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         works only with the filters of the call that returned it.
         Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
-        other filters; a malformed subject_id; an unspecified or unknown type;
-        start_time not before end_time), UNAUTHENTICATED, PERMISSION_DENIED,
-        UNAVAILABLE.
+        other filters; a subject_id that is not 24 hexadecimal digits; an
+        actor_id over 256 characters or with control characters; an unspecified
+        or unknown type; start_time not before end_time), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
