@@ -156,7 +156,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
         self._method_prefix = method_prefix
         self._audit = audit
         self._clock = clock
-        # Writes for cancelled calls run on their own; held here so they are not collected mid-way.
+        # Records run as tasks of their own (see _detach); held here so they are not collected mid-way.
         self._detached: set[asyncio.Task[None]] = set()
 
     async def intercept_service(
@@ -185,23 +185,28 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
             try:
                 response = await behavior(request, context)
             except UsersError as error:
-                await self._record(entry, request, None, known, to_rpc_status(error).code, error.reason)
+                await asyncio.shield(self._detach(entry, request, None, known, to_rpc_status(error).code, error.reason))
                 raise
             except asyncio.CancelledError:
                 # The action may or may not have happened: say so, without holding up the cancellation.
-                task = asyncio.create_task(
-                    self._record(entry, request, None, known, _CANCELLED, "", "call cancelled: outcome unknown")
-                )
-                self._detached.add(task)
-                task.add_done_callback(self._detached.discard)
+                self._detach(entry, request, None, known, _CANCELLED, "", "call cancelled: outcome unknown")
                 raise
             except Exception:
-                await self._record(entry, request, None, known, _INTERNAL, "INTERNAL")
+                await asyncio.shield(self._detach(entry, request, None, known, _INTERNAL, "INTERNAL"))
                 raise
-            await self._record(entry, request, response, known, _OK, "")
+            await asyncio.shield(self._detach(entry, request, response, known, _OK, ""))
             return response
 
         return audited
+
+    def _detach(self, *record: Any) -> asyncio.Task[None]:
+        """The record of a call as a task of its own, which the call awaits shielded: a caller who
+        stops waiting (a deadline, a cancellation) cancels its call, not the record of what it did,
+        nor a database operation half-way (PyMongo leaks a connection cancelled mid-connect)."""
+        task = asyncio.create_task(self._record(*record))
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+        return task
 
     async def _record(
         self,
