@@ -69,6 +69,7 @@ RULES: Mapping[str, Rule] = {
     "DeleteServiceAccount": Rule.ADMIN,
     "ListUsers": Rule.ADMIN,
     "UpdateUser": Rule.SELF_OR_ADMIN,
+    "ListAuditEvents": Rule.ADMIN,
 }
 
 # Calls anyone may make that cost a password hash or a mail: limited per source address, whatever
@@ -132,7 +133,7 @@ class Authorizer:
     async def identify(self, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
         if bearer_token is not None:
             if is_service_token(bearer_token):
-                return Caller(machine=await self._service_accounts.machine_of(bearer_token))
+                return await self._service_accounts.caller_of(bearer_token)
             claims, user = await self._sessions.check_access_token(bearer_token)
             return Caller(user_id=user.id, role=user.role, session_id=claims.session_id, user=user)
         machine = next((name for name in peer_identities if name in self._machine_identities), None)

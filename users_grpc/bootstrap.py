@@ -31,6 +31,8 @@ from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc import migrations
 from users_grpc.access import Authorizer
 from users_grpc.admin import AdminService
+from users_grpc.audit import AuditLog
+from users_grpc.audit_interceptor import AuditInterceptor
 from users_grpc.config import ConfigError, Settings
 from users_grpc.directory import DirectoryService
 from users_grpc.domain import PasswordPolicy
@@ -49,6 +51,7 @@ from users_grpc.recovery import PasswordService
 from users_grpc.reflection import SourceInfoReflectionServicer, load_descriptor_set
 from users_grpc.repository import (
     Document,
+    MongoAuditTrail,
     MongoHousekeeping,
     MongoKeyMaterial,
     MongoKeyStore,
@@ -112,6 +115,7 @@ class App:
     throttles: MongoThrottleStore
     service_account_store: MongoServiceAccountRepository
     schema: MongoSchema
+    audit_trail: MongoAuditTrail
     accounts: UserService
     tokens: AccessTokens
     health: DatabaseHealth
@@ -143,6 +147,7 @@ class App:
                 await self.session_store.ensure_indexes()
                 await self.throttles.ensure_indexes()
                 await self.service_account_store.ensure_indexes()
+                await self.audit_trail.ensure_indexes()
                 await self.tokens.ensure_signing_key()
                 # Before any call: the digests of codes and tokens are keyed by it.
                 await load_digest_root(self.key_material, self.key_store, self.encryption, self.secrets_at_rest)
@@ -379,6 +384,8 @@ async def build_app(
         session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
     )
 
+    audit_trail = MongoAuditTrail(database, users)
+    audit = AuditLog(trail=audit_trail)
     ready = asyncio.Event()
     server = grpc.aio.server(
         interceptors=[
@@ -409,6 +416,8 @@ async def build_app(
                 # own maximum_concurrent_rpcs, which would refuse health checks too.
                 max_concurrent_calls=settings.max_concurrent_rpcs,
             ),
+            # Inside the access interceptor: it records admitted calls, with the caller that one found.
+            AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=audit, clock=clock),
         ],
         options=_SERVER_OPTIONS,
     )
@@ -422,6 +431,7 @@ async def build_app(
             AdminService(users=users, sessions=session_store, throttle=password_throttle, mfa=mfa, clock=clock),
             service_accounts,
             DirectoryService(users=users, clock=clock),
+            audit,
         ),
         server,
     )
@@ -480,6 +490,7 @@ async def build_app(
         throttles=throttles,
         service_account_store=service_account_store,
         schema=MongoSchema(database),
+        audit_trail=audit_trail,
         accounts=accounts,
         tokens=tokens,
         health=health,
@@ -498,6 +509,7 @@ async def build_app(
                 ended_sessions=timedelta(seconds=settings.session_retention_seconds),
                 never_activated_accounts=timedelta(seconds=settings.unactivated_account_retention_seconds),
                 failed_mail=timedelta(seconds=settings.mail_failed_retention_seconds),
+                audit_events=timedelta(days=settings.audit_retention_days),
             ),
             interval_seconds=settings.housekeeping_interval_seconds,
         ),

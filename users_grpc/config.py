@@ -97,6 +97,7 @@ class Settings:
     machine_identities: frozenset[str] = frozenset()
 
     housekeeping_interval_seconds: float = 300.0
+    audit_retention_days: int = 365
 
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -212,6 +213,7 @@ class Settings:
             housekeeping_interval_seconds=env.number(
                 "USERS_HOUSEKEEPING_INTERVAL_SECONDS", defaults.housekeeping_interval_seconds, 1, 86400
             ),
+            audit_retention_days=env.integer("USERS_AUDIT_RETENTION_DAYS", defaults.audit_retention_days, 1, 3650),
             key_encryption_key=env.get(
                 "USERS_KEY_ENCRYPTION_KEY", defaults.key_encryption_key, _key_encryption_key, secret=True
             ),

@@ -10,7 +10,8 @@ it for the whole interval and purges:
 - mail given up (status "failed") more than the failed-mail retention ago;
 - throttle tallies past their use (each carries its own expiry);
 - claims on usernames and emails left pending by a write that never finished
-  (see :class:`users_grpc.repository.MongoClaims`).
+  (see :class:`users_grpc.repository.MongoClaims`);
+- audit events older than the audit retention (FerretDB has no TTL indexes).
 
 Holding the lease for a whole interval makes the job run about once per
 interval whatever the number of replicas; a run is cut off before its lease
@@ -41,6 +42,7 @@ class Retention:
     ended_sessions: timedelta
     never_activated_accounts: timedelta
     failed_mail: timedelta
+    audit_events: timedelta = timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Purged:
     mails: int
     tallies: int = 0
     claims: int = 0
+    audit_events: int = 0
 
 
 def holder_id() -> str:
@@ -101,6 +104,7 @@ class HousekeepingJob:
             mails=await self._store.purge_failed_mail(now - self._retention.failed_mail),
             tallies=await self._store.purge_expired_tallies(now),
             claims=await self._store.release_stale_claims(now),
+            audit_events=await self._store.purge_audit_events(now - self._retention.audit_events),
         )
         if purged != Purged(0, 0, 0):
             log.info("housekeeping purged", extra=dataclasses.asdict(purged))

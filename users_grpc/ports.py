@@ -12,6 +12,9 @@ from typing import Literal, Protocol
 from users_grpc.domain import (
     Account,
     ActivationCode,
+    AuditEvent,
+    AuditFilter,
+    AuditPosition,
     Mail,
     NewUser,
     PasswordScheme,
@@ -384,3 +387,20 @@ class Housekeeping(Protocol):
 
     async def release_stale_claims(self, now: datetime) -> int:
         """Settle or free the name claims left pending too long (a write that never finished); how many freed."""
+
+    async def purge_audit_events(self, recorded_before: datetime) -> int:
+        """Delete the audit events recorded before ``recorded_before``; how many."""
+
+
+class AuditTrail(Protocol):
+    """The append-only audit trail: events are added and read, never changed."""
+
+    async def add(self, event: AuditEvent) -> None: ...
+
+    async def list_events(self, filters: AuditFilter, before: AuditPosition | None, limit: int) -> list[AuditEvent]:
+        """Up to ``limit`` events matching ``filters``, newest first (by time, then id), older than
+        ``before`` if given."""
+
+    async def find_user_id(self, identifier_key: str) -> str | None:
+        """The id of the user with this username or email key, if there is one: names the subject
+        of a sign-in by identifier without keeping the identifier itself."""

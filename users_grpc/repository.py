@@ -28,7 +28,7 @@ import bson
 import pymongo
 from bson import ObjectId
 from cryptography.exceptions import InvalidTag
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
@@ -36,6 +36,12 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailur
 from users_grpc.domain import (
     Account,
     ActivationCode,
+    ActorKind,
+    AuditActor,
+    AuditEvent,
+    AuditEventType,
+    AuditFilter,
+    AuditPosition,
     Gender,
     Mail,
     Mfa,
@@ -1197,6 +1203,91 @@ def _service_account_from_document(document: Document) -> ServiceAccount:
     return ServiceAccount(client_id=str(document["_id"]), name=document["name"], created_at=document["created_at"])
 
 
+class MongoAuditTrail:
+    """The ``audit_events`` collection: appended to, never updated; purged by housekeeping.
+
+    Indexes (made by :meth:`ensure_indexes`), each ending in the page order (time, _id), newest first:
+
+    - ``time_id``: the unfiltered list, a time range, and housekeeping's purge by age;
+    - ``subject_time_id``, ``actor_time_id``, ``type_time_id``: the subject, actor and type filters.
+    """
+
+    def __init__(self, database: AsyncDatabase[Document], users: MongoUserRepository) -> None:
+        self._events: AsyncCollection[Document] = database["audit_events"]
+        self._users = users
+
+    @_storage_errors
+    async def ensure_indexes(self) -> None:
+        order = [("time", DESCENDING), ("_id", DESCENDING)]
+        await self._events.create_index(order, name="time_id")
+        await self._events.create_index([("subject_id", ASCENDING), *order], name="subject_time_id")
+        await self._events.create_index([("actor.id", ASCENDING), *order], name="actor_time_id")
+        await self._events.create_index([("type", ASCENDING), *order], name="type_time_id")
+
+    @_storage_errors
+    async def add(self, event: AuditEvent) -> None:
+        await self._events.insert_one(
+            {
+                "time": event.time,
+                "type": event.type.value,
+                "actor": {"kind": event.actor.kind.value, "id": event.actor.id, "source": event.actor.source},
+                "subject_id": event.subject_id,
+                "status_code": event.status_code,
+                "error_reason": event.error_reason,
+                "reason": event.reason,
+            }
+        )
+
+    @_storage_errors
+    async def list_events(self, filters: AuditFilter, before: AuditPosition | None, limit: int) -> list[AuditEvent]:
+        clauses = _audit_query(filters)
+        if before is not None:
+            # The keyset: older than the last event of the page before, by time and then id, so a
+            # page deep in the trail costs what the first one does and new events never shift it.
+            at = _object_id(before.id)
+            clauses.append({"$or": [{"time": {"$lt": before.time}}, {"time": before.time, "_id": {"$lt": at}}]})
+        query = {"$and": clauses} if clauses else {}
+        cursor = self._events.find(query).sort([("time", DESCENDING), ("_id", DESCENDING)]).limit(limit)
+        return [_audit_event_from_document(document) async for document in cursor]
+
+    @_storage_errors
+    async def find_user_id(self, identifier_key: str) -> str | None:
+        account = await self._users.find_account(identifier_key)
+        return None if account is None else account.user.id
+
+
+def _audit_query(filters: AuditFilter) -> list[Document]:
+    clauses: list[Document] = []
+    if filters.subject_id:
+        clauses.append({"subject_id": filters.subject_id})
+    if filters.actor_id:
+        clauses.append({"actor.id": filters.actor_id})
+    if filters.types:
+        clauses.append({"type": {"$in": sorted(t.value for t in filters.types)}})
+    time: Document = {}
+    if filters.start_time is not None:
+        time["$gte"] = filters.start_time
+    if filters.end_time is not None:
+        time["$lt"] = filters.end_time
+    if time:
+        clauses.append({"time": time})
+    return clauses
+
+
+def _audit_event_from_document(document: Document) -> AuditEvent:
+    actor = document["actor"]
+    return AuditEvent(
+        id=str(document["_id"]),
+        type=AuditEventType(document["type"]),
+        time=document["time"],
+        actor=AuditActor(kind=ActorKind(actor["kind"]), id=actor["id"], source=actor["source"]),
+        subject_id=document["subject_id"],
+        status_code=int(document["status_code"]),
+        error_reason=document["error_reason"],
+        reason=document["reason"],
+    )
+
+
 class MongoKeyStore:
     """The ``signing_keys`` collection; private keys arrive and leave sealed."""
 
@@ -1457,6 +1548,7 @@ class MongoHousekeeping:
         self._outbox: AsyncCollection[Document] = database["outbox"]
         self._throttles: AsyncCollection[Document] = database["throttles"]
         self._claims = MongoClaims(database)
+        self._audit_events: AsyncCollection[Document] = database["audit_events"]
 
     @_storage_errors
     async def take_lease(self, job: str, holder: str, now: datetime, lease_seconds: float) -> bool:
@@ -1504,6 +1596,11 @@ class MongoHousekeeping:
     async def purge_expired_tallies(self, now: datetime) -> int:
         return (await self._throttles.delete_many(expired_tallies_query(now))).deleted_count
 
+    @_storage_errors
+    async def purge_audit_events(self, recorded_before: datetime) -> int:
+        # FerretDB has no TTL indexes, so age is purged here, on the time_id index.
+        return (await self._audit_events.delete_many(audit_events_query(recorded_before))).deleted_count
+
 
 # The purges' queries, each served by an index that ensure_indexes makes (tests check the plans).
 
@@ -1533,6 +1630,10 @@ def expired_tallies_query(now: datetime) -> Document:
     # Throttle tallies past any use: failures past their window and longest delay, request
     # counts of a past window, sources not seen within their lifetime.
     return {"expires_at": {"$lt": now}}
+
+
+def audit_events_query(recorded_before: datetime) -> Document:
+    return {"time": {"$lt": recorded_before}}
 
 
 def _is_duplicate_key(error: OperationFailure) -> bool:

@@ -92,13 +92,13 @@ class ServiceAccountService:
         log.info("service token issued", extra={"client_id": client_id})
         return token, expires_at
 
-    async def machine_of(self, access_token: str) -> str:
-        """The machine identity a service-account token speaks for, if the account still exists."""
+    async def caller_of(self, access_token: str) -> Caller:
+        """The machine caller a service-account token speaks for, if the account still exists."""
         client_id = await self._tokens.verify_service(access_token)
         account = await self._accounts.get(client_id)
         if account is None:
             raise Unauthenticated("access token revoked")
-        return domain.service_account_machine(account.name)
+        return Caller(machine=domain.service_account_machine(account.name), service_account_id=client_id)
 
     async def list(self, page_size: int, page_token: str) -> tuple[list[ServiceAccount], str]:
         """A page of accounts, oldest first, and the token of the next page ("" after the last)."""

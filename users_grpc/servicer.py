@@ -17,9 +17,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from users.v1 import session_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import current_caller
 from users_grpc.admin import AdminService
+from users_grpc.audit import AuditLog
 from users_grpc.directory import DirectoryService
 from users_grpc.domain import (
     AccessClaims,
+    ActorKind,
+    AuditEvent,
+    AuditEventType,
+    AuditFilter,
     Gender,
     ImportedUser,
     IssuedTokens,
@@ -65,6 +70,10 @@ _STATES_TO_PROTO = {
 }
 
 _STATES = {wire: domain for domain, wire in _STATES_TO_PROTO.items()}
+# By name: AUDIT_EVENT_TYPE_SIGN_IN is AuditEventType.SIGN_IN.
+_AUDIT_TYPES_TO_PROTO = {t: user_service_pb2.AuditEventType.Value(f"AUDIT_EVENT_TYPE_{t.name}") for t in AuditEventType}
+_AUDIT_TYPES = {wire: domain for domain, wire in _AUDIT_TYPES_TO_PROTO.items()}
+_ACTOR_KINDS_TO_PROTO = {k: user_service_pb2.AuditActorKind.Value(f"AUDIT_ACTOR_KIND_{k.name}") for k in ActorKind}
 
 _K = TypeVar("_K", bound=int)
 _E = TypeVar("_E")
@@ -83,6 +92,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         admin: AdminService,
         service_accounts: ServiceAccountService,
         directory: DirectoryService,
+        audit: AuditLog,
     ) -> None:
         self._service = service
         self._sessions = sessions
@@ -92,6 +102,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self._admin = admin
         self._service_accounts = service_accounts
         self._directory = directory
+        self._audit = audit
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
@@ -407,6 +418,26 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         user = await self._directory.update_user(request.user_id, paths, changes, request.etag)
         return user_service_pb2.UpdateUserResponse(user=user_to_proto(user))
 
+    async def ListAuditEvents(
+        self, request: user_service_pb2.ListAuditEventsRequest, context: Context
+    ) -> user_service_pb2.ListAuditEventsResponse:
+        types = set()
+        for number in request.types:
+            if number == user_service_pb2.AUDIT_EVENT_TYPE_UNSPECIFIED:
+                raise InvalidArgument([FieldViolation("types", "AUDIT_EVENT_TYPE_UNSPECIFIED is no type")])
+            types.add(_enum_from_proto(_AUDIT_TYPES, number, "types"))
+        filters = AuditFilter(
+            subject_id=request.subject_id,
+            actor_id=request.actor_id,
+            types=frozenset(types),
+            start_time=request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None,
+            end_time=request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None,
+        )
+        events, next_page_token = await self._audit.list_events(filters, request.page_size, request.page_token)
+        return user_service_pb2.ListAuditEventsResponse(
+            audit_events=[_audit_event_to_proto(e) for e in events], next_page_token=next_page_token
+        )
+
 
 def _imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | InvalidArgument:
     """The item as a domain value, or (an unknown enum number) the error that item answers."""
@@ -424,6 +455,21 @@ def _imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | Invali
         role=role,
         email_verified=item.email_verified,
         password_hash=item.password_hash,
+    )
+
+
+def _audit_event_to_proto(event: AuditEvent) -> user_service_pb2.AuditEvent:
+    return user_service_pb2.AuditEvent(
+        id=event.id,
+        type=_AUDIT_TYPES_TO_PROTO[event.type],
+        time=_timestamp(event.time),
+        actor=user_service_pb2.AuditActor(
+            kind=_ACTOR_KINDS_TO_PROTO[event.actor.kind], id=event.actor.id, source_address=event.actor.source
+        ),
+        subject_id=event.subject_id,
+        status_code=event.status_code,  # a google.rpc.Code number: the gRPC status number
+        error_reason=event.error_reason,
+        reason=event.reason,
     )
 
 

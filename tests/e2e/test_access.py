@@ -76,6 +76,7 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ListUsers": lambda _id, _name: pb.ListUsersRequest(page_size=1),
     # No update_mask: refused as INVALID_ARGUMENT once admitted, so it changes nothing.
     "UpdateUser": lambda id_, _name: pb.UpdateUserRequest(user_id=id_),
+    "ListAuditEvents": lambda _id, _name: pb.ListAuditEventsRequest(page_size=1),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them (RevokeAllSessions on a user

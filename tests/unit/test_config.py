@@ -63,6 +63,7 @@ def test_settings_are_frozen() -> None:
         ("USERS_MAIL_FAILED_RETENTION_SECONDS", "a week"),
         ("USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS", "60"),
         ("USERS_HOUSEKEEPING_INTERVAL_SECONDS", "0"),
+        ("USERS_AUDIT_RETENTION_DAYS", "0"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:

@@ -9,6 +9,8 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import code_pb2 as _code_pb2
 from google.rpc import status_pb2 as _status_pb2
 from users.v1 import session_pb2 as _session_pb2
 from users.v1 import user_pb2 as _user_pb2
@@ -22,6 +24,166 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AuditEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_EVENT_TYPE_UNSPECIFIED: _AuditEventType.ValueType  # 0
+    AUDIT_EVENT_TYPE_SIGN_IN: _AuditEventType.ValueType  # 1
+    """Authenticate: a sign-in. Subject: the user (on failure, only if the
+    identifier given belongs to an account).
+    """
+    AUDIT_EVENT_TYPE_CREDENTIALS_CHECK: _AuditEventType.ValueType  # 2
+    """VerifyCredentials: a credential check by a machine caller or an admin.
+    Subject as for SIGN_IN.
+    """
+    AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE: _AuditEventType.ValueType  # 3
+    """IssueServiceToken. Subject: the service account's client id."""
+    AUDIT_EVENT_TYPE_PASSWORD_CHANGE: _AuditEventType.ValueType  # 4
+    """ChangePassword. Subject: the user."""
+    AUDIT_EVENT_TYPE_PASSWORD_RESET: _AuditEventType.ValueType  # 5
+    """ResetPassword. Subject: the user the reset token names."""
+    AUDIT_EVENT_TYPE_MFA_ENROLL: _AuditEventType.ValueType  # 6
+    """EnableMfa: an enrollment started (MFA is not on yet). Subject: the user."""
+    AUDIT_EVENT_TYPE_MFA_ENABLE: _AuditEventType.ValueType  # 7
+    """ConfirmMfa: MFA on. Subject: the user."""
+    AUDIT_EVENT_TYPE_MFA_DISABLE: _AuditEventType.ValueType  # 8
+    """DisableMfa: MFA off, by the user. Subject: the user."""
+    AUDIT_EVENT_TYPE_MFA_RESET: _AuditEventType.ValueType  # 9
+    """ResetUserMfa: MFA off, by an admin. Subject: the user."""
+    AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE: _AuditEventType.ValueType  # 10
+    """RegenerateRecoveryCodes. Subject: the user."""
+    AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST: _AuditEventType.ValueType  # 11
+    """ChangeEmail: a change asked for (nothing changes yet). Subject: the user."""
+    AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM: _AuditEventType.ValueType  # 12
+    """ConfirmEmailChange: the new email took effect. Subject: the user."""
+    AUDIT_EVENT_TYPE_EMAIL_SET: _AuditEventType.ValueType  # 13
+    """SetUserEmail: an admin set the email. Subject: the user."""
+    AUDIT_EVENT_TYPE_ROLE_CHANGE: _AuditEventType.ValueType  # 14
+    """SetUserRole; the reason names the role asked for. Subject: the user."""
+    AUDIT_EVENT_TYPE_USER_DEACTIVATE: _AuditEventType.ValueType  # 15
+    """DeactivateUser. Subject: the user."""
+    AUDIT_EVENT_TYPE_USER_REACTIVATE: _AuditEventType.ValueType  # 16
+    """ReactivateUser. Subject: the user."""
+    AUDIT_EVENT_TYPE_USER_LOCK: _AuditEventType.ValueType  # 17
+    """LockUser. Subject: the user."""
+    AUDIT_EVENT_TYPE_USER_UNLOCK: _AuditEventType.ValueType  # 18
+    """UnlockUser. Subject: the user."""
+    AUDIT_EVENT_TYPE_USER_DELETE: _AuditEventType.ValueType  # 19
+    """DeleteUser or DeleteUserByIdentifier. Subject: the user (by identifier:
+    only if it named an account).
+    """
+    AUDIT_EVENT_TYPE_USERS_IMPORT: _AuditEventType.ValueType  # 20
+    """ImportUsers: one event per call; the reason counts the users created and
+    refused. No subject.
+    """
+    AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE: _AuditEventType.ValueType  # 21
+    """CreateServiceAccount. Subject: the new account's client id (none if refused)."""
+    AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE: _AuditEventType.ValueType  # 22
+    """DeleteServiceAccount. Subject: the client id."""
+    AUDIT_EVENT_TYPE_SESSIONS_REVOKE: _AuditEventType.ValueType  # 23
+    """RevokeAllSessions. Subject: the user."""
+    AUDIT_EVENT_TYPE_PROFILE_UPDATE: _AuditEventType.ValueType  # 24
+    """UpdateUser; the reason names the fields changed. Subject: the user."""
+
+class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper):
+    """What an audit event records."""
+
+AUDIT_EVENT_TYPE_UNSPECIFIED: AuditEventType.ValueType  # 0
+AUDIT_EVENT_TYPE_SIGN_IN: AuditEventType.ValueType  # 1
+"""Authenticate: a sign-in. Subject: the user (on failure, only if the
+identifier given belongs to an account).
+"""
+AUDIT_EVENT_TYPE_CREDENTIALS_CHECK: AuditEventType.ValueType  # 2
+"""VerifyCredentials: a credential check by a machine caller or an admin.
+Subject as for SIGN_IN.
+"""
+AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE: AuditEventType.ValueType  # 3
+"""IssueServiceToken. Subject: the service account's client id."""
+AUDIT_EVENT_TYPE_PASSWORD_CHANGE: AuditEventType.ValueType  # 4
+"""ChangePassword. Subject: the user."""
+AUDIT_EVENT_TYPE_PASSWORD_RESET: AuditEventType.ValueType  # 5
+"""ResetPassword. Subject: the user the reset token names."""
+AUDIT_EVENT_TYPE_MFA_ENROLL: AuditEventType.ValueType  # 6
+"""EnableMfa: an enrollment started (MFA is not on yet). Subject: the user."""
+AUDIT_EVENT_TYPE_MFA_ENABLE: AuditEventType.ValueType  # 7
+"""ConfirmMfa: MFA on. Subject: the user."""
+AUDIT_EVENT_TYPE_MFA_DISABLE: AuditEventType.ValueType  # 8
+"""DisableMfa: MFA off, by the user. Subject: the user."""
+AUDIT_EVENT_TYPE_MFA_RESET: AuditEventType.ValueType  # 9
+"""ResetUserMfa: MFA off, by an admin. Subject: the user."""
+AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE: AuditEventType.ValueType  # 10
+"""RegenerateRecoveryCodes. Subject: the user."""
+AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST: AuditEventType.ValueType  # 11
+"""ChangeEmail: a change asked for (nothing changes yet). Subject: the user."""
+AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM: AuditEventType.ValueType  # 12
+"""ConfirmEmailChange: the new email took effect. Subject: the user."""
+AUDIT_EVENT_TYPE_EMAIL_SET: AuditEventType.ValueType  # 13
+"""SetUserEmail: an admin set the email. Subject: the user."""
+AUDIT_EVENT_TYPE_ROLE_CHANGE: AuditEventType.ValueType  # 14
+"""SetUserRole; the reason names the role asked for. Subject: the user."""
+AUDIT_EVENT_TYPE_USER_DEACTIVATE: AuditEventType.ValueType  # 15
+"""DeactivateUser. Subject: the user."""
+AUDIT_EVENT_TYPE_USER_REACTIVATE: AuditEventType.ValueType  # 16
+"""ReactivateUser. Subject: the user."""
+AUDIT_EVENT_TYPE_USER_LOCK: AuditEventType.ValueType  # 17
+"""LockUser. Subject: the user."""
+AUDIT_EVENT_TYPE_USER_UNLOCK: AuditEventType.ValueType  # 18
+"""UnlockUser. Subject: the user."""
+AUDIT_EVENT_TYPE_USER_DELETE: AuditEventType.ValueType  # 19
+"""DeleteUser or DeleteUserByIdentifier. Subject: the user (by identifier:
+only if it named an account).
+"""
+AUDIT_EVENT_TYPE_USERS_IMPORT: AuditEventType.ValueType  # 20
+"""ImportUsers: one event per call; the reason counts the users created and
+refused. No subject.
+"""
+AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE: AuditEventType.ValueType  # 21
+"""CreateServiceAccount. Subject: the new account's client id (none if refused)."""
+AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE: AuditEventType.ValueType  # 22
+"""DeleteServiceAccount. Subject: the client id."""
+AUDIT_EVENT_TYPE_SESSIONS_REVOKE: AuditEventType.ValueType  # 23
+"""RevokeAllSessions. Subject: the user."""
+AUDIT_EVENT_TYPE_PROFILE_UPDATE: AuditEventType.ValueType  # 24
+"""UpdateUser; the reason names the fields changed. Subject: the user."""
+Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
+
+class _AuditActorKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditActorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActorKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_ACTOR_KIND_UNSPECIFIED: _AuditActorKind.ValueType  # 0
+    AUDIT_ACTOR_KIND_ANONYMOUS: _AuditActorKind.ValueType  # 1
+    """No credential (or one that did not check out), such as a sign-in."""
+    AUDIT_ACTOR_KIND_USER: _AuditActorKind.ValueType  # 2
+    """A user, by access token; the id is the user id."""
+    AUDIT_ACTOR_KIND_MACHINE: _AuditActorKind.ValueType  # 3
+    """An internal service by mTLS client certificate; the id is the identity
+    listed in USERS_MACHINE_IDENTITIES.
+    """
+    AUDIT_ACTOR_KIND_SERVICE_ACCOUNT: _AuditActorKind.ValueType  # 4
+    """A service account, by its access token; the id is its client id."""
+
+class AuditActorKind(_AuditActorKind, metaclass=_AuditActorKindEnumTypeWrapper):
+    """Who acted."""
+
+AUDIT_ACTOR_KIND_UNSPECIFIED: AuditActorKind.ValueType  # 0
+AUDIT_ACTOR_KIND_ANONYMOUS: AuditActorKind.ValueType  # 1
+"""No credential (or one that did not check out), such as a sign-in."""
+AUDIT_ACTOR_KIND_USER: AuditActorKind.ValueType  # 2
+"""A user, by access token; the id is the user id."""
+AUDIT_ACTOR_KIND_MACHINE: AuditActorKind.ValueType  # 3
+"""An internal service by mTLS client certificate; the id is the identity
+listed in USERS_MACHINE_IDENTITIES.
+"""
+AUDIT_ACTOR_KIND_SERVICE_ACCOUNT: AuditActorKind.ValueType  # 4
+"""A service account, by its access token; the id is its client id."""
+Global___AuditActorKind: _TypeAlias = AuditActorKind  # noqa: Y015
 
 @_typing.final
 class CreateUserRequest(_message.Message):
@@ -1966,3 +2128,168 @@ class UpdateUserResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateUserResponse: _TypeAlias = UpdateUserResponse  # noqa: Y015
+
+@_typing.final
+class AuditActor(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    SOURCE_ADDRESS_FIELD_NUMBER: _builtins.int
+    kind: Global___AuditActorKind.ValueType
+    id: _builtins.str
+    """Empty for AUDIT_ACTOR_KIND_ANONYMOUS."""
+    source_address: _builtins.str
+    """Where the call came from: the peer's IP address (an IPv6 address as its
+    /64), or the end user's address a machine caller passed in
+    x-forwarded-for.
+    """
+    def __init__(
+        self,
+        *,
+        kind: Global___AuditActorKind.ValueType = ...,
+        id: _builtins.str = ...,
+        source_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "source_address", b"source_address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditActor: _TypeAlias = AuditActor  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    """One security event. Never carries a password, code, token, hash or secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Opaque, unique."""
+    type: Global___AuditEventType.ValueType
+    subject_id: _builtins.str
+    """The user id or service-account client id the event is about (see
+    AuditEventType); empty when there is none.
+    """
+    status_code: _code_pb2.Code.ValueType
+    """OK on success; else the status code the caller got."""
+    error_reason: _builtins.str
+    """Empty on success; else the google.rpc.ErrorInfo reason the caller got
+    (such as INVALID_CREDENTIALS, MFA_REQUIRED, LAST_ACTIVE_ADMIN).
+    """
+    reason: _builtins.str
+    """A short note where the type alone does not say it (such as "role
+    ROLE_ADMIN" or "created 3, refused 2"); often empty.
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the call ended (milliseconds)."""
+
+    @_builtins.property
+    def actor(self) -> Global___AuditActor: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        type: Global___AuditEventType.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        actor: Global___AuditActor | None = ...,
+        subject_id: _builtins.str = ...,
+        status_code: _code_pb2.Code.ValueType = ...,
+        error_reason: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "error_reason", b"error_reason", "id", b"id", "reason", b"reason", "status_code", b"status_code", "subject_id", b"subject_id", "time", b"time", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_ID_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Optional. Default 50, at most 1000."""
+    page_token: _builtins.str
+    """Optional. The next_page_token of the previous page, with the same filters."""
+    subject_id: _builtins.str
+    """Optional. Only events about this user or service account (24 hexadecimal digits)."""
+    actor_id: _builtins.str
+    """Optional. Only events by this actor (AuditActor.id: a user id, client id
+    or machine identity; at most 256 characters).
+    """
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___AuditEventType.ValueType]:
+        """Optional. Only events of these types; empty: any type."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only events at or after this moment."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only events before this moment."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        subject_id: _builtins.str = ...,
+        actor_id: _builtins.str = ...,
+        types: _abc.Iterable[Global___AuditEventType.ValueType] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "subject_id", b"subject_id", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIT_EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def audit_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        audit_events: _abc.Iterable[Global___AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_events", b"audit_events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015

@@ -260,6 +260,11 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_user__service__pb2.UpdateUserRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.UpdateUserResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/users.v1.UserService/ListAuditEvents',
+                request_serializer=users_dot_v1_dot_user__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -905,6 +910,34 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """List the audit trail of security events, newest first, with filters
+
+        An append-only record of sign-ins (Authenticate, VerifyCredentials,
+        IssueServiceToken: successes and failures), password changes and resets,
+        MFA changes, email and role changes, deactivation, locking, deletion,
+        imports and service-account changes: who (the actor and its source
+        address) did what to whom (the subject), when, and how it ended. It
+        never holds a password, code, token, hash or secret; a failed sign-in
+        names its subject only when the identifier given belongs to an account.
+        Calls refused before they reach the service (no or a bad credential, a
+        caller the access rule does not admit, the per-address rate limit) are
+        not recorded: they are logged, so that an anonymous flood cannot fill
+        the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
+        Filters combine (all must hold). Keyset pagination by (time, id): events
+        recorded meanwhile are newer and never shift later pages. A page token
+        works only with the filters of the call that returned it.
+        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        1000; a page_token that is garbage, tampered with or from a call with
+        other filters; a subject_id that is not 24 hexadecimal digits; an
+        actor_id over 256 characters or with control characters; an unspecified
+        or unknown type; start_time not before end_time), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1102,6 +1135,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.UpdateUser,
                     request_deserializer=users_dot_v1_dot_user__service__pb2.UpdateUserRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.UpdateUserResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2188,6 +2226,33 @@ class UserService:
             '/users.v1.UserService/UpdateUser',
             users_dot_v1_dot_user__service__pb2.UpdateUserRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.UpdateUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListAuditEvents',
+            users_dot_v1_dot_user__service__pb2.ListAuditEventsRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

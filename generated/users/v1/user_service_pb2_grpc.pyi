@@ -517,6 +517,30 @@ class UserServiceStub:
     names the field `username`), ABORTED (a stale etag; ErrorInfo reason
     ETAG_MISMATCH), UNAVAILABLE.
     """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListAuditEventsRequest, _user_service_pb2.ListAuditEventsResponse]
+    """List the audit trail of security events, newest first, with filters
+
+    An append-only record of sign-ins (Authenticate, VerifyCredentials,
+    IssueServiceToken: successes and failures), password changes and resets,
+    MFA changes, email and role changes, deactivation, locking, deletion,
+    imports and service-account changes: who (the actor and its source
+    address) did what to whom (the subject), when, and how it ended. It
+    never holds a password, code, token, hash or secret; a failed sign-in
+    names its subject only when the identifier given belongs to an account.
+    Calls refused before they reach the service (no or a bad credential, a
+    caller the access rule does not admit, the per-address rate limit) are
+    not recorded: they are logged, so that an anonymous flood cannot fill
+    the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
+    Filters combine (all must hold). Keyset pagination by (time, id): events
+    recorded meanwhile are newer and never shift later pages. A page token
+    works only with the filters of the call that returned it.
+    Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+    1000; a page_token that is garbage, tampered with or from a call with
+    other filters; a subject_id that is not 24 hexadecimal digits; an
+    actor_id over 256 characters or with control characters; an unspecified
+    or unknown type; start_time not before end_time), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -1006,6 +1030,30 @@ class UserServiceAsyncStub(UserServiceStub):
     username, compared as at registration, is taken; the ErrorInfo metadata
     names the field `username`), ABORTED (a stale etag; ErrorInfo reason
     ETAG_MISMATCH), UNAVAILABLE.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListAuditEventsRequest, _user_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """List the audit trail of security events, newest first, with filters
+
+    An append-only record of sign-ins (Authenticate, VerifyCredentials,
+    IssueServiceToken: successes and failures), password changes and resets,
+    MFA changes, email and role changes, deactivation, locking, deletion,
+    imports and service-account changes: who (the actor and its source
+    address) did what to whom (the subject), when, and how it ended. It
+    never holds a password, code, token, hash or secret; a failed sign-in
+    names its subject only when the identifier given belongs to an account.
+    Calls refused before they reach the service (no or a bad credential, a
+    caller the access rule does not admit, the per-address rate limit) are
+    not recorded: they are logged, so that an anonymous flood cannot fill
+    the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
+    Filters combine (all must hold). Keyset pagination by (time, id): events
+    recorded meanwhile are newer and never shift later pages. A page token
+    works only with the filters of the call that returned it.
+    Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+    1000; a page_token that is garbage, tampered with or from a call with
+    other filters; a subject_id that is not 24 hexadecimal digits; an
+    actor_id over 256 characters or with control characters; an unspecified
+    or unknown type; start_time not before end_time), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -1727,6 +1775,36 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason
         ETAG_MISMATCH), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _user_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_user_service_pb2.ListAuditEventsResponse]]:
+        """List the audit trail of security events, newest first, with filters
+
+        An append-only record of sign-ins (Authenticate, VerifyCredentials,
+        IssueServiceToken: successes and failures), password changes and resets,
+        MFA changes, email and role changes, deactivation, locking, deletion,
+        imports and service-account changes: who (the actor and its source
+        address) did what to whom (the subject), when, and how it ended. It
+        never holds a password, code, token, hash or secret; a failed sign-in
+        names its subject only when the identifier given belongs to an account.
+        Calls refused before they reach the service (no or a bad credential, a
+        caller the access rule does not admit, the per-address rate limit) are
+        not recorded: they are logged, so that an anonymous flood cannot fill
+        the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
+        Filters combine (all must hold). Keyset pagination by (time, id): events
+        recorded meanwhile are newer and never shift later pages. A page token
+        works only with the filters of the call that returned it.
+        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        1000; a page_token that is garbage, tampered with or from a call with
+        other filters; a subject_id that is not 24 hexadecimal digits; an
+        actor_id over 256 characters or with control characters; an unspecified
+        or unknown type; start_time not before end_time), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -7,6 +7,7 @@
 package usersv1
 
 import (
+	code "google.golang.org/genproto/googleapis/rpc/code"
 	status "google.golang.org/genproto/googleapis/rpc/status"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
@@ -23,6 +24,211 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+// What an audit event records.
+type AuditEventType int32
+
+const (
+	AuditEventType_AUDIT_EVENT_TYPE_UNSPECIFIED AuditEventType = 0
+	// Authenticate: a sign-in. Subject: the user (on failure, only if the
+	// identifier given belongs to an account).
+	AuditEventType_AUDIT_EVENT_TYPE_SIGN_IN AuditEventType = 1
+	// VerifyCredentials: a credential check by a machine caller or an admin.
+	// Subject as for SIGN_IN.
+	AuditEventType_AUDIT_EVENT_TYPE_CREDENTIALS_CHECK AuditEventType = 2
+	// IssueServiceToken. Subject: the service account's client id.
+	AuditEventType_AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE AuditEventType = 3
+	// ChangePassword. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_PASSWORD_CHANGE AuditEventType = 4
+	// ResetPassword. Subject: the user the reset token names.
+	AuditEventType_AUDIT_EVENT_TYPE_PASSWORD_RESET AuditEventType = 5
+	// EnableMfa: an enrollment started (MFA is not on yet). Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_MFA_ENROLL AuditEventType = 6
+	// ConfirmMfa: MFA on. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_MFA_ENABLE AuditEventType = 7
+	// DisableMfa: MFA off, by the user. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_MFA_DISABLE AuditEventType = 8
+	// ResetUserMfa: MFA off, by an admin. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_MFA_RESET AuditEventType = 9
+	// RegenerateRecoveryCodes. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE AuditEventType = 10
+	// ChangeEmail: a change asked for (nothing changes yet). Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST AuditEventType = 11
+	// ConfirmEmailChange: the new email took effect. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM AuditEventType = 12
+	// SetUserEmail: an admin set the email. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_EMAIL_SET AuditEventType = 13
+	// SetUserRole; the reason names the role asked for. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_ROLE_CHANGE AuditEventType = 14
+	// DeactivateUser. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_USER_DEACTIVATE AuditEventType = 15
+	// ReactivateUser. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_USER_REACTIVATE AuditEventType = 16
+	// LockUser. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_USER_LOCK AuditEventType = 17
+	// UnlockUser. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_USER_UNLOCK AuditEventType = 18
+	// DeleteUser or DeleteUserByIdentifier. Subject: the user (by identifier:
+	// only if it named an account).
+	AuditEventType_AUDIT_EVENT_TYPE_USER_DELETE AuditEventType = 19
+	// ImportUsers: one event per call; the reason counts the users created and
+	// refused. No subject.
+	AuditEventType_AUDIT_EVENT_TYPE_USERS_IMPORT AuditEventType = 20
+	// CreateServiceAccount. Subject: the new account's client id (none if refused).
+	AuditEventType_AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE AuditEventType = 21
+	// DeleteServiceAccount. Subject: the client id.
+	AuditEventType_AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE AuditEventType = 22
+	// RevokeAllSessions. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_SESSIONS_REVOKE AuditEventType = 23
+	// UpdateUser; the reason names the fields changed. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_PROFILE_UPDATE AuditEventType = 24
+)
+
+// Enum value maps for AuditEventType.
+var (
+	AuditEventType_name = map[int32]string{
+		0:  "AUDIT_EVENT_TYPE_UNSPECIFIED",
+		1:  "AUDIT_EVENT_TYPE_SIGN_IN",
+		2:  "AUDIT_EVENT_TYPE_CREDENTIALS_CHECK",
+		3:  "AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE",
+		4:  "AUDIT_EVENT_TYPE_PASSWORD_CHANGE",
+		5:  "AUDIT_EVENT_TYPE_PASSWORD_RESET",
+		6:  "AUDIT_EVENT_TYPE_MFA_ENROLL",
+		7:  "AUDIT_EVENT_TYPE_MFA_ENABLE",
+		8:  "AUDIT_EVENT_TYPE_MFA_DISABLE",
+		9:  "AUDIT_EVENT_TYPE_MFA_RESET",
+		10: "AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE",
+		11: "AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST",
+		12: "AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM",
+		13: "AUDIT_EVENT_TYPE_EMAIL_SET",
+		14: "AUDIT_EVENT_TYPE_ROLE_CHANGE",
+		15: "AUDIT_EVENT_TYPE_USER_DEACTIVATE",
+		16: "AUDIT_EVENT_TYPE_USER_REACTIVATE",
+		17: "AUDIT_EVENT_TYPE_USER_LOCK",
+		18: "AUDIT_EVENT_TYPE_USER_UNLOCK",
+		19: "AUDIT_EVENT_TYPE_USER_DELETE",
+		20: "AUDIT_EVENT_TYPE_USERS_IMPORT",
+		21: "AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE",
+		22: "AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE",
+		23: "AUDIT_EVENT_TYPE_SESSIONS_REVOKE",
+		24: "AUDIT_EVENT_TYPE_PROFILE_UPDATE",
+	}
+	AuditEventType_value = map[string]int32{
+		"AUDIT_EVENT_TYPE_UNSPECIFIED":               0,
+		"AUDIT_EVENT_TYPE_SIGN_IN":                   1,
+		"AUDIT_EVENT_TYPE_CREDENTIALS_CHECK":         2,
+		"AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE":       3,
+		"AUDIT_EVENT_TYPE_PASSWORD_CHANGE":           4,
+		"AUDIT_EVENT_TYPE_PASSWORD_RESET":            5,
+		"AUDIT_EVENT_TYPE_MFA_ENROLL":                6,
+		"AUDIT_EVENT_TYPE_MFA_ENABLE":                7,
+		"AUDIT_EVENT_TYPE_MFA_DISABLE":               8,
+		"AUDIT_EVENT_TYPE_MFA_RESET":                 9,
+		"AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE": 10,
+		"AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST":      11,
+		"AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM":      12,
+		"AUDIT_EVENT_TYPE_EMAIL_SET":                 13,
+		"AUDIT_EVENT_TYPE_ROLE_CHANGE":               14,
+		"AUDIT_EVENT_TYPE_USER_DEACTIVATE":           15,
+		"AUDIT_EVENT_TYPE_USER_REACTIVATE":           16,
+		"AUDIT_EVENT_TYPE_USER_LOCK":                 17,
+		"AUDIT_EVENT_TYPE_USER_UNLOCK":               18,
+		"AUDIT_EVENT_TYPE_USER_DELETE":               19,
+		"AUDIT_EVENT_TYPE_USERS_IMPORT":              20,
+		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE":    21,
+		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE":    22,
+		"AUDIT_EVENT_TYPE_SESSIONS_REVOKE":           23,
+		"AUDIT_EVENT_TYPE_PROFILE_UPDATE":            24,
+	}
+)
+
+func (x AuditEventType) Enum() *AuditEventType {
+	p := new(AuditEventType)
+	*p = x
+	return p
+}
+
+func (x AuditEventType) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AuditEventType) Descriptor() protoreflect.EnumDescriptor {
+	return file_users_v1_user_service_proto_enumTypes[0].Descriptor()
+}
+
+func (AuditEventType) Type() protoreflect.EnumType {
+	return &file_users_v1_user_service_proto_enumTypes[0]
+}
+
+func (x AuditEventType) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AuditEventType.Descriptor instead.
+func (AuditEventType) EnumDescriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{0}
+}
+
+// Who acted.
+type AuditActorKind int32
+
+const (
+	AuditActorKind_AUDIT_ACTOR_KIND_UNSPECIFIED AuditActorKind = 0
+	// No credential (or one that did not check out), such as a sign-in.
+	AuditActorKind_AUDIT_ACTOR_KIND_ANONYMOUS AuditActorKind = 1
+	// A user, by access token; the id is the user id.
+	AuditActorKind_AUDIT_ACTOR_KIND_USER AuditActorKind = 2
+	// An internal service by mTLS client certificate; the id is the identity
+	// listed in USERS_MACHINE_IDENTITIES.
+	AuditActorKind_AUDIT_ACTOR_KIND_MACHINE AuditActorKind = 3
+	// A service account, by its access token; the id is its client id.
+	AuditActorKind_AUDIT_ACTOR_KIND_SERVICE_ACCOUNT AuditActorKind = 4
+)
+
+// Enum value maps for AuditActorKind.
+var (
+	AuditActorKind_name = map[int32]string{
+		0: "AUDIT_ACTOR_KIND_UNSPECIFIED",
+		1: "AUDIT_ACTOR_KIND_ANONYMOUS",
+		2: "AUDIT_ACTOR_KIND_USER",
+		3: "AUDIT_ACTOR_KIND_MACHINE",
+		4: "AUDIT_ACTOR_KIND_SERVICE_ACCOUNT",
+	}
+	AuditActorKind_value = map[string]int32{
+		"AUDIT_ACTOR_KIND_UNSPECIFIED":     0,
+		"AUDIT_ACTOR_KIND_ANONYMOUS":       1,
+		"AUDIT_ACTOR_KIND_USER":            2,
+		"AUDIT_ACTOR_KIND_MACHINE":         3,
+		"AUDIT_ACTOR_KIND_SERVICE_ACCOUNT": 4,
+	}
+)
+
+func (x AuditActorKind) Enum() *AuditActorKind {
+	p := new(AuditActorKind)
+	*p = x
+	return p
+}
+
+func (x AuditActorKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AuditActorKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_users_v1_user_service_proto_enumTypes[1].Descriptor()
+}
+
+func (AuditActorKind) Type() protoreflect.EnumType {
+	return &file_users_v1_user_service_proto_enumTypes[1]
+}
+
+func (x AuditActorKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AuditActorKind.Descriptor instead.
+func (AuditActorKind) EnumDescriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{1}
+}
 
 type CreateUserRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -4239,11 +4445,339 @@ func (x *UpdateUserResponse) GetUser() *User {
 	return nil
 }
 
+type AuditActor struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Kind  AuditActorKind         `protobuf:"varint,1,opt,name=kind,proto3,enum=users.v1.AuditActorKind" json:"kind,omitempty"`
+	// Empty for AUDIT_ACTOR_KIND_ANONYMOUS.
+	Id string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	// Where the call came from: the peer's IP address (an IPv6 address as its
+	// /64), or the end user's address a machine caller passed in
+	// x-forwarded-for.
+	SourceAddress string `protobuf:"bytes,3,opt,name=source_address,json=sourceAddress,proto3" json:"source_address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditActor) Reset() {
+	*x = AuditActor{}
+	mi := &file_users_v1_user_service_proto_msgTypes[81]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditActor) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditActor) ProtoMessage() {}
+
+func (x *AuditActor) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[81]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditActor.ProtoReflect.Descriptor instead.
+func (*AuditActor) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{81}
+}
+
+func (x *AuditActor) GetKind() AuditActorKind {
+	if x != nil {
+		return x.Kind
+	}
+	return AuditActorKind_AUDIT_ACTOR_KIND_UNSPECIFIED
+}
+
+func (x *AuditActor) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *AuditActor) GetSourceAddress() string {
+	if x != nil {
+		return x.SourceAddress
+	}
+	return ""
+}
+
+// One security event. Never carries a password, code, token, hash or secret.
+type AuditEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Opaque, unique.
+	Id   string         `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Type AuditEventType `protobuf:"varint,2,opt,name=type,proto3,enum=users.v1.AuditEventType" json:"type,omitempty"`
+	// When the call ended (milliseconds).
+	Time  *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=time,proto3" json:"time,omitempty"`
+	Actor *AuditActor            `protobuf:"bytes,4,opt,name=actor,proto3" json:"actor,omitempty"`
+	// The user id or service-account client id the event is about (see
+	// AuditEventType); empty when there is none.
+	SubjectId string `protobuf:"bytes,5,opt,name=subject_id,json=subjectId,proto3" json:"subject_id,omitempty"`
+	// OK on success; else the status code the caller got.
+	StatusCode code.Code `protobuf:"varint,6,opt,name=status_code,json=statusCode,proto3,enum=google.rpc.Code" json:"status_code,omitempty"`
+	// Empty on success; else the google.rpc.ErrorInfo reason the caller got
+	// (such as INVALID_CREDENTIALS, MFA_REQUIRED, LAST_ACTIVE_ADMIN).
+	ErrorReason string `protobuf:"bytes,7,opt,name=error_reason,json=errorReason,proto3" json:"error_reason,omitempty"`
+	// A short note where the type alone does not say it (such as "role
+	// ROLE_ADMIN" or "created 3, refused 2"); often empty.
+	Reason        string `protobuf:"bytes,8,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditEvent) Reset() {
+	*x = AuditEvent{}
+	mi := &file_users_v1_user_service_proto_msgTypes[82]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditEvent) ProtoMessage() {}
+
+func (x *AuditEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[82]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditEvent.ProtoReflect.Descriptor instead.
+func (*AuditEvent) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{82}
+}
+
+func (x *AuditEvent) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetType() AuditEventType {
+	if x != nil {
+		return x.Type
+	}
+	return AuditEventType_AUDIT_EVENT_TYPE_UNSPECIFIED
+}
+
+func (x *AuditEvent) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *AuditEvent) GetActor() *AuditActor {
+	if x != nil {
+		return x.Actor
+	}
+	return nil
+}
+
+func (x *AuditEvent) GetSubjectId() string {
+	if x != nil {
+		return x.SubjectId
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetStatusCode() code.Code {
+	if x != nil {
+		return x.StatusCode
+	}
+	return code.Code(0)
+}
+
+func (x *AuditEvent) GetErrorReason() string {
+	if x != nil {
+		return x.ErrorReason
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type ListAuditEventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Optional. Default 50, at most 1000.
+	PageSize int32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Optional. The next_page_token of the previous page, with the same filters.
+	PageToken string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Optional. Only events about this user or service account (24 hexadecimal digits).
+	SubjectId string `protobuf:"bytes,3,opt,name=subject_id,json=subjectId,proto3" json:"subject_id,omitempty"`
+	// Optional. Only events by this actor (AuditActor.id: a user id, client id
+	// or machine identity; at most 256 characters).
+	ActorId string `protobuf:"bytes,4,opt,name=actor_id,json=actorId,proto3" json:"actor_id,omitempty"`
+	// Optional. Only events of these types; empty: any type.
+	Types []AuditEventType `protobuf:"varint,5,rep,packed,name=types,proto3,enum=users.v1.AuditEventType" json:"types,omitempty"`
+	// Optional. Only events at or after this moment.
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// Optional. Only events before this moment.
+	EndTime       *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAuditEventsRequest) Reset() {
+	*x = ListAuditEventsRequest{}
+	mi := &file_users_v1_user_service_proto_msgTypes[83]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAuditEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAuditEventsRequest) ProtoMessage() {}
+
+func (x *ListAuditEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[83]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAuditEventsRequest.ProtoReflect.Descriptor instead.
+func (*ListAuditEventsRequest) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{83}
+}
+
+func (x *ListAuditEventsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListAuditEventsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+func (x *ListAuditEventsRequest) GetSubjectId() string {
+	if x != nil {
+		return x.SubjectId
+	}
+	return ""
+}
+
+func (x *ListAuditEventsRequest) GetActorId() string {
+	if x != nil {
+		return x.ActorId
+	}
+	return ""
+}
+
+func (x *ListAuditEventsRequest) GetTypes() []AuditEventType {
+	if x != nil {
+		return x.Types
+	}
+	return nil
+}
+
+func (x *ListAuditEventsRequest) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *ListAuditEventsRequest) GetEndTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EndTime
+	}
+	return nil
+}
+
+type ListAuditEventsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Newest first.
+	AuditEvents []*AuditEvent `protobuf:"bytes,1,rep,name=audit_events,json=auditEvents,proto3" json:"audit_events,omitempty"`
+	// Empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAuditEventsResponse) Reset() {
+	*x = ListAuditEventsResponse{}
+	mi := &file_users_v1_user_service_proto_msgTypes[84]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAuditEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAuditEventsResponse) ProtoMessage() {}
+
+func (x *ListAuditEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[84]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAuditEventsResponse.ProtoReflect.Descriptor instead.
+func (*ListAuditEventsResponse) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{84}
+}
+
+func (x *ListAuditEventsResponse) GetAuditEvents() []*AuditEvent {
+	if x != nil {
+		return x.AuditEvents
+	}
+	return nil
+}
+
+func (x *ListAuditEventsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
 var File_users_v1_user_service_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xa0\x02\n" +
+	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xa0\x02\n" +
 	"\x11CreateUserRequest\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -4491,7 +5025,71 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"updateMask\x12\x12\n" +
 	"\x04etag\x18\x04 \x01(\tR\x04etag\"8\n" +
 	"\x12UpdateUserResponse\x12\"\n" +
-	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user2\xd6\x19\n" +
+	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"q\n" +
+	"\n" +
+	"AuditActor\x12,\n" +
+	"\x04kind\x18\x01 \x01(\x0e2\x18.users.v1.AuditActorKindR\x04kind\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12%\n" +
+	"\x0esource_address\x18\x03 \x01(\tR\rsourceAddress\"\xb3\x02\n" +
+	"\n" +
+	"AuditEvent\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12,\n" +
+	"\x04type\x18\x02 \x01(\x0e2\x18.users.v1.AuditEventTypeR\x04type\x12.\n" +
+	"\x04time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12*\n" +
+	"\x05actor\x18\x04 \x01(\v2\x14.users.v1.AuditActorR\x05actor\x12\x1d\n" +
+	"\n" +
+	"subject_id\x18\x05 \x01(\tR\tsubjectId\x121\n" +
+	"\vstatus_code\x18\x06 \x01(\x0e2\x10.google.rpc.CodeR\n" +
+	"statusCode\x12!\n" +
+	"\ferror_reason\x18\a \x01(\tR\verrorReason\x12\x16\n" +
+	"\x06reason\x18\b \x01(\tR\x06reason\"\xb0\x02\n" +
+	"\x16ListAuditEventsRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\x12\x1d\n" +
+	"\n" +
+	"subject_id\x18\x03 \x01(\tR\tsubjectId\x12\x19\n" +
+	"\bactor_id\x18\x04 \x01(\tR\aactorId\x12.\n" +
+	"\x05types\x18\x05 \x03(\x0e2\x18.users.v1.AuditEventTypeR\x05types\x129\n" +
+	"\n" +
+	"start_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
+	"\bend_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\"z\n" +
+	"\x17ListAuditEventsResponse\x127\n" +
+	"\faudit_events\x18\x01 \x03(\v2\x14.users.v1.AuditEventR\vauditEvents\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*\xb1\a\n" +
+	"\x0eAuditEventType\x12 \n" +
+	"\x1cAUDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
+	"\x18AUDIT_EVENT_TYPE_SIGN_IN\x10\x01\x12&\n" +
+	"\"AUDIT_EVENT_TYPE_CREDENTIALS_CHECK\x10\x02\x12(\n" +
+	"$AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE\x10\x03\x12$\n" +
+	" AUDIT_EVENT_TYPE_PASSWORD_CHANGE\x10\x04\x12#\n" +
+	"\x1fAUDIT_EVENT_TYPE_PASSWORD_RESET\x10\x05\x12\x1f\n" +
+	"\x1bAUDIT_EVENT_TYPE_MFA_ENROLL\x10\x06\x12\x1f\n" +
+	"\x1bAUDIT_EVENT_TYPE_MFA_ENABLE\x10\a\x12 \n" +
+	"\x1cAUDIT_EVENT_TYPE_MFA_DISABLE\x10\b\x12\x1e\n" +
+	"\x1aAUDIT_EVENT_TYPE_MFA_RESET\x10\t\x12.\n" +
+	"*AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE\x10\n" +
+	"\x12)\n" +
+	"%AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST\x10\v\x12)\n" +
+	"%AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM\x10\f\x12\x1e\n" +
+	"\x1aAUDIT_EVENT_TYPE_EMAIL_SET\x10\r\x12 \n" +
+	"\x1cAUDIT_EVENT_TYPE_ROLE_CHANGE\x10\x0e\x12$\n" +
+	" AUDIT_EVENT_TYPE_USER_DEACTIVATE\x10\x0f\x12$\n" +
+	" AUDIT_EVENT_TYPE_USER_REACTIVATE\x10\x10\x12\x1e\n" +
+	"\x1aAUDIT_EVENT_TYPE_USER_LOCK\x10\x11\x12 \n" +
+	"\x1cAUDIT_EVENT_TYPE_USER_UNLOCK\x10\x12\x12 \n" +
+	"\x1cAUDIT_EVENT_TYPE_USER_DELETE\x10\x13\x12!\n" +
+	"\x1dAUDIT_EVENT_TYPE_USERS_IMPORT\x10\x14\x12+\n" +
+	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE\x10\x15\x12+\n" +
+	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE\x10\x16\x12$\n" +
+	" AUDIT_EVENT_TYPE_SESSIONS_REVOKE\x10\x17\x12#\n" +
+	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18*\xb1\x01\n" +
+	"\x0eAuditActorKind\x12 \n" +
+	"\x1cAUDIT_ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
+	"\x1aAUDIT_ACTOR_KIND_ANONYMOUS\x10\x01\x12\x19\n" +
+	"\x15AUDIT_ACTOR_KIND_USER\x10\x02\x12\x1c\n" +
+	"\x18AUDIT_ACTOR_KIND_MACHINE\x10\x03\x12$\n" +
+	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x042\xae\x1a\n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -4537,7 +5135,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x14DeleteServiceAccount\x12%.users.v1.DeleteServiceAccountRequest\x1a&.users.v1.DeleteServiceAccountResponse\x12D\n" +
 	"\tListUsers\x12\x1a.users.v1.ListUsersRequest\x1a\x1b.users.v1.ListUsersResponse\x12G\n" +
 	"\n" +
-	"UpdateUser\x12\x1b.users.v1.UpdateUserRequest\x1a\x1c.users.v1.UpdateUserResponseB\x89\x01\n" +
+	"UpdateUser\x12\x1b.users.v1.UpdateUserRequest\x1a\x1c.users.v1.UpdateUserResponse\x12V\n" +
+	"\x0fListAuditEvents\x12 .users.v1.ListAuditEventsRequest\x1a!.users.v1.ListAuditEventsResponseB\x89\x01\n" +
 	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
@@ -4552,224 +5151,243 @@ func file_users_v1_user_service_proto_rawDescGZIP() []byte {
 	return file_users_v1_user_service_proto_rawDescData
 }
 
-var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 81)
+var file_users_v1_user_service_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 85)
 var file_users_v1_user_service_proto_goTypes = []any{
-	(*CreateUserRequest)(nil),               // 0: users.v1.CreateUserRequest
-	(*CreateUserResponse)(nil),              // 1: users.v1.CreateUserResponse
-	(*ActivateUserRequest)(nil),             // 2: users.v1.ActivateUserRequest
-	(*ActivateUserResponse)(nil),            // 3: users.v1.ActivateUserResponse
-	(*ResendActivationCodeRequest)(nil),     // 4: users.v1.ResendActivationCodeRequest
-	(*ResendActivationCodeResponse)(nil),    // 5: users.v1.ResendActivationCodeResponse
-	(*GetUserRequest)(nil),                  // 6: users.v1.GetUserRequest
-	(*GetUserResponse)(nil),                 // 7: users.v1.GetUserResponse
-	(*GetUserByIdentifierRequest)(nil),      // 8: users.v1.GetUserByIdentifierRequest
-	(*GetUserByIdentifierResponse)(nil),     // 9: users.v1.GetUserByIdentifierResponse
-	(*DeleteUserRequest)(nil),               // 10: users.v1.DeleteUserRequest
-	(*DeleteUserResponse)(nil),              // 11: users.v1.DeleteUserResponse
-	(*DeleteUserByIdentifierRequest)(nil),   // 12: users.v1.DeleteUserByIdentifierRequest
-	(*DeleteUserByIdentifierResponse)(nil),  // 13: users.v1.DeleteUserByIdentifierResponse
-	(*VerifyCredentialsRequest)(nil),        // 14: users.v1.VerifyCredentialsRequest
-	(*VerifyCredentialsResponse)(nil),       // 15: users.v1.VerifyCredentialsResponse
-	(*AuthenticateRequest)(nil),             // 16: users.v1.AuthenticateRequest
-	(*AuthenticateResponse)(nil),            // 17: users.v1.AuthenticateResponse
-	(*RefreshSessionRequest)(nil),           // 18: users.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),          // 19: users.v1.RefreshSessionResponse
-	(*RevokeSessionRequest)(nil),            // 20: users.v1.RevokeSessionRequest
-	(*RevokeSessionResponse)(nil),           // 21: users.v1.RevokeSessionResponse
-	(*ListSessionsRequest)(nil),             // 22: users.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),            // 23: users.v1.ListSessionsResponse
-	(*RevokeAllSessionsRequest)(nil),        // 24: users.v1.RevokeAllSessionsRequest
-	(*RevokeAllSessionsResponse)(nil),       // 25: users.v1.RevokeAllSessionsResponse
-	(*GetPublicKeysRequest)(nil),            // 26: users.v1.GetPublicKeysRequest
-	(*GetPublicKeysResponse)(nil),           // 27: users.v1.GetPublicKeysResponse
-	(*ValidateTokenRequest)(nil),            // 28: users.v1.ValidateTokenRequest
-	(*ValidateTokenResponse)(nil),           // 29: users.v1.ValidateTokenResponse
-	(*ForgotPasswordRequest)(nil),           // 30: users.v1.ForgotPasswordRequest
-	(*ForgotPasswordResponse)(nil),          // 31: users.v1.ForgotPasswordResponse
-	(*ResetPasswordRequest)(nil),            // 32: users.v1.ResetPasswordRequest
-	(*ResetPasswordResponse)(nil),           // 33: users.v1.ResetPasswordResponse
-	(*ChangePasswordRequest)(nil),           // 34: users.v1.ChangePasswordRequest
-	(*ChangePasswordResponse)(nil),          // 35: users.v1.ChangePasswordResponse
-	(*EnableMfaRequest)(nil),                // 36: users.v1.EnableMfaRequest
-	(*EnableMfaResponse)(nil),               // 37: users.v1.EnableMfaResponse
-	(*GetMfaQrCodeRequest)(nil),             // 38: users.v1.GetMfaQrCodeRequest
-	(*GetMfaQrCodeResponse)(nil),            // 39: users.v1.GetMfaQrCodeResponse
-	(*ConfirmMfaRequest)(nil),               // 40: users.v1.ConfirmMfaRequest
-	(*ConfirmMfaResponse)(nil),              // 41: users.v1.ConfirmMfaResponse
-	(*DisableMfaRequest)(nil),               // 42: users.v1.DisableMfaRequest
-	(*DisableMfaResponse)(nil),              // 43: users.v1.DisableMfaResponse
-	(*RegenerateRecoveryCodesRequest)(nil),  // 44: users.v1.RegenerateRecoveryCodesRequest
-	(*RegenerateRecoveryCodesResponse)(nil), // 45: users.v1.RegenerateRecoveryCodesResponse
-	(*ChangeEmailRequest)(nil),              // 46: users.v1.ChangeEmailRequest
-	(*ChangeEmailResponse)(nil),             // 47: users.v1.ChangeEmailResponse
-	(*ConfirmEmailChangeRequest)(nil),       // 48: users.v1.ConfirmEmailChangeRequest
-	(*ConfirmEmailChangeResponse)(nil),      // 49: users.v1.ConfirmEmailChangeResponse
-	(*SetUserEmailRequest)(nil),             // 50: users.v1.SetUserEmailRequest
-	(*SetUserEmailResponse)(nil),            // 51: users.v1.SetUserEmailResponse
-	(*SetUserRoleRequest)(nil),              // 52: users.v1.SetUserRoleRequest
-	(*SetUserRoleResponse)(nil),             // 53: users.v1.SetUserRoleResponse
-	(*DeactivateUserRequest)(nil),           // 54: users.v1.DeactivateUserRequest
-	(*DeactivateUserResponse)(nil),          // 55: users.v1.DeactivateUserResponse
-	(*ReactivateUserRequest)(nil),           // 56: users.v1.ReactivateUserRequest
-	(*ReactivateUserResponse)(nil),          // 57: users.v1.ReactivateUserResponse
-	(*LockUserRequest)(nil),                 // 58: users.v1.LockUserRequest
-	(*LockUserResponse)(nil),                // 59: users.v1.LockUserResponse
-	(*UnlockUserRequest)(nil),               // 60: users.v1.UnlockUserRequest
-	(*UnlockUserResponse)(nil),              // 61: users.v1.UnlockUserResponse
-	(*ResetUserMfaRequest)(nil),             // 62: users.v1.ResetUserMfaRequest
-	(*ResetUserMfaResponse)(nil),            // 63: users.v1.ResetUserMfaResponse
-	(*ImportUsersRequest)(nil),              // 64: users.v1.ImportUsersRequest
-	(*ImportedUser)(nil),                    // 65: users.v1.ImportedUser
-	(*ImportUsersResponse)(nil),             // 66: users.v1.ImportUsersResponse
-	(*ImportUserResult)(nil),                // 67: users.v1.ImportUserResult
-	(*ServiceAccount)(nil),                  // 68: users.v1.ServiceAccount
-	(*CreateServiceAccountRequest)(nil),     // 69: users.v1.CreateServiceAccountRequest
-	(*CreateServiceAccountResponse)(nil),    // 70: users.v1.CreateServiceAccountResponse
-	(*IssueServiceTokenRequest)(nil),        // 71: users.v1.IssueServiceTokenRequest
-	(*IssueServiceTokenResponse)(nil),       // 72: users.v1.IssueServiceTokenResponse
-	(*ListServiceAccountsRequest)(nil),      // 73: users.v1.ListServiceAccountsRequest
-	(*ListServiceAccountsResponse)(nil),     // 74: users.v1.ListServiceAccountsResponse
-	(*DeleteServiceAccountRequest)(nil),     // 75: users.v1.DeleteServiceAccountRequest
-	(*DeleteServiceAccountResponse)(nil),    // 76: users.v1.DeleteServiceAccountResponse
-	(*ListUsersRequest)(nil),                // 77: users.v1.ListUsersRequest
-	(*ListUsersResponse)(nil),               // 78: users.v1.ListUsersResponse
-	(*UpdateUserRequest)(nil),               // 79: users.v1.UpdateUserRequest
-	(*UpdateUserResponse)(nil),              // 80: users.v1.UpdateUserResponse
-	(Gender)(0),                             // 81: users.v1.Gender
-	(Role)(0),                               // 82: users.v1.Role
-	(*User)(nil),                            // 83: users.v1.User
-	(*timestamppb.Timestamp)(nil),           // 84: google.protobuf.Timestamp
-	(*Session)(nil),                         // 85: users.v1.Session
-	(*TokenClaims)(nil),                     // 86: users.v1.TokenClaims
-	(*status.Status)(nil),                   // 87: google.rpc.Status
-	(UserState)(0),                          // 88: users.v1.UserState
-	(*fieldmaskpb.FieldMask)(nil),           // 89: google.protobuf.FieldMask
+	(AuditEventType)(0),                     // 0: users.v1.AuditEventType
+	(AuditActorKind)(0),                     // 1: users.v1.AuditActorKind
+	(*CreateUserRequest)(nil),               // 2: users.v1.CreateUserRequest
+	(*CreateUserResponse)(nil),              // 3: users.v1.CreateUserResponse
+	(*ActivateUserRequest)(nil),             // 4: users.v1.ActivateUserRequest
+	(*ActivateUserResponse)(nil),            // 5: users.v1.ActivateUserResponse
+	(*ResendActivationCodeRequest)(nil),     // 6: users.v1.ResendActivationCodeRequest
+	(*ResendActivationCodeResponse)(nil),    // 7: users.v1.ResendActivationCodeResponse
+	(*GetUserRequest)(nil),                  // 8: users.v1.GetUserRequest
+	(*GetUserResponse)(nil),                 // 9: users.v1.GetUserResponse
+	(*GetUserByIdentifierRequest)(nil),      // 10: users.v1.GetUserByIdentifierRequest
+	(*GetUserByIdentifierResponse)(nil),     // 11: users.v1.GetUserByIdentifierResponse
+	(*DeleteUserRequest)(nil),               // 12: users.v1.DeleteUserRequest
+	(*DeleteUserResponse)(nil),              // 13: users.v1.DeleteUserResponse
+	(*DeleteUserByIdentifierRequest)(nil),   // 14: users.v1.DeleteUserByIdentifierRequest
+	(*DeleteUserByIdentifierResponse)(nil),  // 15: users.v1.DeleteUserByIdentifierResponse
+	(*VerifyCredentialsRequest)(nil),        // 16: users.v1.VerifyCredentialsRequest
+	(*VerifyCredentialsResponse)(nil),       // 17: users.v1.VerifyCredentialsResponse
+	(*AuthenticateRequest)(nil),             // 18: users.v1.AuthenticateRequest
+	(*AuthenticateResponse)(nil),            // 19: users.v1.AuthenticateResponse
+	(*RefreshSessionRequest)(nil),           // 20: users.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),          // 21: users.v1.RefreshSessionResponse
+	(*RevokeSessionRequest)(nil),            // 22: users.v1.RevokeSessionRequest
+	(*RevokeSessionResponse)(nil),           // 23: users.v1.RevokeSessionResponse
+	(*ListSessionsRequest)(nil),             // 24: users.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),            // 25: users.v1.ListSessionsResponse
+	(*RevokeAllSessionsRequest)(nil),        // 26: users.v1.RevokeAllSessionsRequest
+	(*RevokeAllSessionsResponse)(nil),       // 27: users.v1.RevokeAllSessionsResponse
+	(*GetPublicKeysRequest)(nil),            // 28: users.v1.GetPublicKeysRequest
+	(*GetPublicKeysResponse)(nil),           // 29: users.v1.GetPublicKeysResponse
+	(*ValidateTokenRequest)(nil),            // 30: users.v1.ValidateTokenRequest
+	(*ValidateTokenResponse)(nil),           // 31: users.v1.ValidateTokenResponse
+	(*ForgotPasswordRequest)(nil),           // 32: users.v1.ForgotPasswordRequest
+	(*ForgotPasswordResponse)(nil),          // 33: users.v1.ForgotPasswordResponse
+	(*ResetPasswordRequest)(nil),            // 34: users.v1.ResetPasswordRequest
+	(*ResetPasswordResponse)(nil),           // 35: users.v1.ResetPasswordResponse
+	(*ChangePasswordRequest)(nil),           // 36: users.v1.ChangePasswordRequest
+	(*ChangePasswordResponse)(nil),          // 37: users.v1.ChangePasswordResponse
+	(*EnableMfaRequest)(nil),                // 38: users.v1.EnableMfaRequest
+	(*EnableMfaResponse)(nil),               // 39: users.v1.EnableMfaResponse
+	(*GetMfaQrCodeRequest)(nil),             // 40: users.v1.GetMfaQrCodeRequest
+	(*GetMfaQrCodeResponse)(nil),            // 41: users.v1.GetMfaQrCodeResponse
+	(*ConfirmMfaRequest)(nil),               // 42: users.v1.ConfirmMfaRequest
+	(*ConfirmMfaResponse)(nil),              // 43: users.v1.ConfirmMfaResponse
+	(*DisableMfaRequest)(nil),               // 44: users.v1.DisableMfaRequest
+	(*DisableMfaResponse)(nil),              // 45: users.v1.DisableMfaResponse
+	(*RegenerateRecoveryCodesRequest)(nil),  // 46: users.v1.RegenerateRecoveryCodesRequest
+	(*RegenerateRecoveryCodesResponse)(nil), // 47: users.v1.RegenerateRecoveryCodesResponse
+	(*ChangeEmailRequest)(nil),              // 48: users.v1.ChangeEmailRequest
+	(*ChangeEmailResponse)(nil),             // 49: users.v1.ChangeEmailResponse
+	(*ConfirmEmailChangeRequest)(nil),       // 50: users.v1.ConfirmEmailChangeRequest
+	(*ConfirmEmailChangeResponse)(nil),      // 51: users.v1.ConfirmEmailChangeResponse
+	(*SetUserEmailRequest)(nil),             // 52: users.v1.SetUserEmailRequest
+	(*SetUserEmailResponse)(nil),            // 53: users.v1.SetUserEmailResponse
+	(*SetUserRoleRequest)(nil),              // 54: users.v1.SetUserRoleRequest
+	(*SetUserRoleResponse)(nil),             // 55: users.v1.SetUserRoleResponse
+	(*DeactivateUserRequest)(nil),           // 56: users.v1.DeactivateUserRequest
+	(*DeactivateUserResponse)(nil),          // 57: users.v1.DeactivateUserResponse
+	(*ReactivateUserRequest)(nil),           // 58: users.v1.ReactivateUserRequest
+	(*ReactivateUserResponse)(nil),          // 59: users.v1.ReactivateUserResponse
+	(*LockUserRequest)(nil),                 // 60: users.v1.LockUserRequest
+	(*LockUserResponse)(nil),                // 61: users.v1.LockUserResponse
+	(*UnlockUserRequest)(nil),               // 62: users.v1.UnlockUserRequest
+	(*UnlockUserResponse)(nil),              // 63: users.v1.UnlockUserResponse
+	(*ResetUserMfaRequest)(nil),             // 64: users.v1.ResetUserMfaRequest
+	(*ResetUserMfaResponse)(nil),            // 65: users.v1.ResetUserMfaResponse
+	(*ImportUsersRequest)(nil),              // 66: users.v1.ImportUsersRequest
+	(*ImportedUser)(nil),                    // 67: users.v1.ImportedUser
+	(*ImportUsersResponse)(nil),             // 68: users.v1.ImportUsersResponse
+	(*ImportUserResult)(nil),                // 69: users.v1.ImportUserResult
+	(*ServiceAccount)(nil),                  // 70: users.v1.ServiceAccount
+	(*CreateServiceAccountRequest)(nil),     // 71: users.v1.CreateServiceAccountRequest
+	(*CreateServiceAccountResponse)(nil),    // 72: users.v1.CreateServiceAccountResponse
+	(*IssueServiceTokenRequest)(nil),        // 73: users.v1.IssueServiceTokenRequest
+	(*IssueServiceTokenResponse)(nil),       // 74: users.v1.IssueServiceTokenResponse
+	(*ListServiceAccountsRequest)(nil),      // 75: users.v1.ListServiceAccountsRequest
+	(*ListServiceAccountsResponse)(nil),     // 76: users.v1.ListServiceAccountsResponse
+	(*DeleteServiceAccountRequest)(nil),     // 77: users.v1.DeleteServiceAccountRequest
+	(*DeleteServiceAccountResponse)(nil),    // 78: users.v1.DeleteServiceAccountResponse
+	(*ListUsersRequest)(nil),                // 79: users.v1.ListUsersRequest
+	(*ListUsersResponse)(nil),               // 80: users.v1.ListUsersResponse
+	(*UpdateUserRequest)(nil),               // 81: users.v1.UpdateUserRequest
+	(*UpdateUserResponse)(nil),              // 82: users.v1.UpdateUserResponse
+	(*AuditActor)(nil),                      // 83: users.v1.AuditActor
+	(*AuditEvent)(nil),                      // 84: users.v1.AuditEvent
+	(*ListAuditEventsRequest)(nil),          // 85: users.v1.ListAuditEventsRequest
+	(*ListAuditEventsResponse)(nil),         // 86: users.v1.ListAuditEventsResponse
+	(Gender)(0),                             // 87: users.v1.Gender
+	(Role)(0),                               // 88: users.v1.Role
+	(*User)(nil),                            // 89: users.v1.User
+	(*timestamppb.Timestamp)(nil),           // 90: google.protobuf.Timestamp
+	(*Session)(nil),                         // 91: users.v1.Session
+	(*TokenClaims)(nil),                     // 92: users.v1.TokenClaims
+	(*status.Status)(nil),                   // 93: google.rpc.Status
+	(UserState)(0),                          // 94: users.v1.UserState
+	(*fieldmaskpb.FieldMask)(nil),           // 95: google.protobuf.FieldMask
+	(code.Code)(0),                          // 96: google.rpc.Code
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
-	81, // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
-	82, // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
-	83, // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
-	83, // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
-	83, // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
-	83, // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
-	83, // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
-	83, // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
-	84, // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	84, // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	84, // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	84, // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	85, // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
-	86, // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
-	83, // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
-	83, // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
-	82, // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
-	83, // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
-	83, // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
-	83, // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
-	83, // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
-	83, // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
-	83, // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
-	65, // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
-	81, // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
-	82, // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
-	67, // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
-	83, // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
-	87, // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
-	84, // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
-	68, // 30: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
-	84, // 31: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	68, // 32: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
-	82, // 33: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
-	88, // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
-	84, // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
-	84, // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
-	83, // 37: users.v1.ListUsersResponse.users:type_name -> users.v1.User
-	83, // 38: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
-	89, // 39: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
-	83, // 40: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
-	0,  // 41: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
-	2,  // 42: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
-	4,  // 43: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
-	6,  // 44: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
-	8,  // 45: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
-	10, // 46: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
-	12, // 47: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
-	14, // 48: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
-	16, // 49: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
-	18, // 50: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
-	20, // 51: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
-	22, // 52: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
-	24, // 53: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
-	26, // 54: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
-	28, // 55: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
-	30, // 56: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
-	32, // 57: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
-	34, // 58: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
-	36, // 59: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
-	38, // 60: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
-	40, // 61: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
-	42, // 62: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
-	44, // 63: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
-	46, // 64: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
-	48, // 65: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
-	50, // 66: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
-	52, // 67: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
-	54, // 68: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
-	56, // 69: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
-	58, // 70: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
-	60, // 71: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
-	62, // 72: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
-	64, // 73: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
-	69, // 74: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
-	71, // 75: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
-	73, // 76: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
-	75, // 77: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
-	77, // 78: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
-	79, // 79: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
-	1,  // 80: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	3,  // 81: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	5,  // 82: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	7,  // 83: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	9,  // 84: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	11, // 85: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	13, // 86: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	15, // 87: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	17, // 88: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	19, // 89: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	21, // 90: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	23, // 91: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	25, // 92: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	27, // 93: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	29, // 94: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	31, // 95: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	33, // 96: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	35, // 97: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	37, // 98: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	39, // 99: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	41, // 100: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	43, // 101: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	45, // 102: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	47, // 103: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	49, // 104: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	51, // 105: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	53, // 106: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	55, // 107: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	57, // 108: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	59, // 109: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	61, // 110: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	63, // 111: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	66, // 112: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	70, // 113: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	72, // 114: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	74, // 115: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	76, // 116: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	78, // 117: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	80, // 118: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	80, // [80:119] is the sub-list for method output_type
-	41, // [41:80] is the sub-list for method input_type
-	41, // [41:41] is the sub-list for extension type_name
-	41, // [41:41] is the sub-list for extension extendee
-	0,  // [0:41] is the sub-list for field type_name
+	87, // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
+	88, // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
+	89, // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
+	89, // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
+	89, // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
+	89, // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
+	89, // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
+	89, // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
+	90, // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	90, // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	90, // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	90, // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	91, // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
+	92, // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
+	89, // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
+	89, // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
+	88, // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
+	89, // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
+	89, // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
+	89, // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
+	89, // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
+	89, // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
+	89, // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
+	67, // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
+	87, // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
+	88, // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
+	69, // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
+	89, // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
+	93, // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
+	90, // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
+	70, // 30: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
+	90, // 31: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	70, // 32: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
+	88, // 33: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
+	94, // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
+	90, // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
+	90, // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
+	89, // 37: users.v1.ListUsersResponse.users:type_name -> users.v1.User
+	89, // 38: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
+	95, // 39: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
+	89, // 40: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
+	1,  // 41: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
+	0,  // 42: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
+	90, // 43: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	83, // 44: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
+	96, // 45: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
+	0,  // 46: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
+	90, // 47: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
+	90, // 48: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
+	84, // 49: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
+	2,  // 50: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
+	4,  // 51: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
+	6,  // 52: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
+	8,  // 53: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
+	10, // 54: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
+	12, // 55: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
+	14, // 56: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
+	16, // 57: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
+	18, // 58: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
+	20, // 59: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
+	22, // 60: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
+	24, // 61: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
+	26, // 62: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
+	28, // 63: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
+	30, // 64: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
+	32, // 65: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
+	34, // 66: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
+	36, // 67: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
+	38, // 68: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
+	40, // 69: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
+	42, // 70: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
+	44, // 71: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
+	46, // 72: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
+	48, // 73: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
+	50, // 74: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
+	52, // 75: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
+	54, // 76: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
+	56, // 77: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
+	58, // 78: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
+	60, // 79: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
+	62, // 80: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
+	64, // 81: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
+	66, // 82: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
+	71, // 83: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
+	73, // 84: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
+	75, // 85: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
+	77, // 86: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
+	79, // 87: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
+	81, // 88: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
+	85, // 89: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
+	3,  // 90: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	5,  // 91: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	7,  // 92: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	9,  // 93: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	11, // 94: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	13, // 95: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	15, // 96: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	17, // 97: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	19, // 98: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	21, // 99: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	23, // 100: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	25, // 101: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	27, // 102: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	29, // 103: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	31, // 104: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	33, // 105: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	35, // 106: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	37, // 107: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	39, // 108: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	41, // 109: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	43, // 110: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	45, // 111: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	47, // 112: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	49, // 113: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	51, // 114: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	53, // 115: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	55, // 116: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	57, // 117: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	59, // 118: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	61, // 119: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	63, // 120: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	65, // 121: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	68, // 122: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	72, // 123: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	74, // 124: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	76, // 125: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	78, // 126: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	80, // 127: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	82, // 128: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	86, // 129: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	90, // [90:130] is the sub-list for method output_type
+	50, // [50:90] is the sub-list for method input_type
+	50, // [50:50] is the sub-list for extension type_name
+	50, // [50:50] is the sub-list for extension extendee
+	0,  // [0:50] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_service_proto_init() }
@@ -4789,13 +5407,14 @@ func file_users_v1_user_service_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_users_v1_user_service_proto_rawDesc), len(file_users_v1_user_service_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   81,
+			NumEnums:      2,
+			NumMessages:   85,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_users_v1_user_service_proto_goTypes,
 		DependencyIndexes: file_users_v1_user_service_proto_depIdxs,
+		EnumInfos:         file_users_v1_user_service_proto_enumTypes,
 		MessageInfos:      file_users_v1_user_service_proto_msgTypes,
 	}.Build()
 	File_users_v1_user_service_proto = out.File

@@ -58,6 +58,7 @@ const (
 	UserService_DeleteServiceAccount_FullMethodName    = "/users.v1.UserService/DeleteServiceAccount"
 	UserService_ListUsers_FullMethodName               = "/users.v1.UserService/ListUsers"
 	UserService_UpdateUser_FullMethodName              = "/users.v1.UserService/UpdateUser"
+	UserService_ListAuditEvents_FullMethodName         = "/users.v1.UserService/ListAuditEvents"
 )
 
 // UserServiceClient is the client API for UserService service.
@@ -512,6 +513,29 @@ type UserServiceClient interface {
 	// names the field `username`), ABORTED (a stale etag; ErrorInfo reason
 	// ETAG_MISMATCH), UNAVAILABLE.
 	UpdateUser(ctx context.Context, in *UpdateUserRequest, opts ...grpc.CallOption) (*UpdateUserResponse, error)
+	// List the audit trail of security events, newest first, with filters
+	//
+	// An append-only record of sign-ins (Authenticate, VerifyCredentials,
+	// IssueServiceToken: successes and failures), password changes and resets,
+	// MFA changes, email and role changes, deactivation, locking, deletion,
+	// imports and service-account changes: who (the actor and its source
+	// address) did what to whom (the subject), when, and how it ended. It
+	// never holds a password, code, token, hash or secret; a failed sign-in
+	// names its subject only when the identifier given belongs to an account.
+	// Calls refused before they reach the service (no or a bad credential, a
+	// caller the access rule does not admit, the per-address rate limit) are
+	// not recorded: they are logged, so that an anonymous flood cannot fill
+	// the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
+	// Filters combine (all must hold). Keyset pagination by (time, id): events
+	// recorded meanwhile are newer and never shift later pages. A page token
+	// works only with the filters of the call that returned it.
+	// Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+	// 1000; a page_token that is garbage, tampered with or from a call with
+	// other filters; a subject_id that is not 24 hexadecimal digits; an
+	// actor_id over 256 characters or with control characters; an unspecified
+	// or unknown type; start_time not before end_time), UNAUTHENTICATED,
+	// PERMISSION_DENIED, UNAVAILABLE.
+	ListAuditEvents(ctx context.Context, in *ListAuditEventsRequest, opts ...grpc.CallOption) (*ListAuditEventsResponse, error)
 }
 
 type userServiceClient struct {
@@ -906,6 +930,16 @@ func (c *userServiceClient) UpdateUser(ctx context.Context, in *UpdateUserReques
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(UpdateUserResponse)
 	err := c.cc.Invoke(ctx, UserService_UpdateUser_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) ListAuditEvents(ctx context.Context, in *ListAuditEventsRequest, opts ...grpc.CallOption) (*ListAuditEventsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAuditEventsResponse)
+	err := c.cc.Invoke(ctx, UserService_ListAuditEvents_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -1364,6 +1398,29 @@ type UserServiceServer interface {
 	// names the field `username`), ABORTED (a stale etag; ErrorInfo reason
 	// ETAG_MISMATCH), UNAVAILABLE.
 	UpdateUser(context.Context, *UpdateUserRequest) (*UpdateUserResponse, error)
+	// List the audit trail of security events, newest first, with filters
+	//
+	// An append-only record of sign-ins (Authenticate, VerifyCredentials,
+	// IssueServiceToken: successes and failures), password changes and resets,
+	// MFA changes, email and role changes, deactivation, locking, deletion,
+	// imports and service-account changes: who (the actor and its source
+	// address) did what to whom (the subject), when, and how it ended. It
+	// never holds a password, code, token, hash or secret; a failed sign-in
+	// names its subject only when the identifier given belongs to an account.
+	// Calls refused before they reach the service (no or a bad credential, a
+	// caller the access rule does not admit, the per-address rate limit) are
+	// not recorded: they are logged, so that an anonymous flood cannot fill
+	// the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
+	// Filters combine (all must hold). Keyset pagination by (time, id): events
+	// recorded meanwhile are newer and never shift later pages. A page token
+	// works only with the filters of the call that returned it.
+	// Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+	// 1000; a page_token that is garbage, tampered with or from a call with
+	// other filters; a subject_id that is not 24 hexadecimal digits; an
+	// actor_id over 256 characters or with control characters; an unspecified
+	// or unknown type; start_time not before end_time), UNAUTHENTICATED,
+	// PERMISSION_DENIED, UNAVAILABLE.
+	ListAuditEvents(context.Context, *ListAuditEventsRequest) (*ListAuditEventsResponse, error)
 	mustEmbedUnimplementedUserServiceServer()
 }
 
@@ -1490,6 +1547,9 @@ func (UnimplementedUserServiceServer) ListUsers(context.Context, *ListUsersReque
 }
 func (UnimplementedUserServiceServer) UpdateUser(context.Context, *UpdateUserRequest) (*UpdateUserResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UpdateUser not implemented")
+}
+func (UnimplementedUserServiceServer) ListAuditEvents(context.Context, *ListAuditEventsRequest) (*ListAuditEventsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAuditEvents not implemented")
 }
 func (UnimplementedUserServiceServer) mustEmbedUnimplementedUserServiceServer() {}
 func (UnimplementedUserServiceServer) testEmbeddedByValue()                     {}
@@ -2214,6 +2274,24 @@ func _UserService_UpdateUser_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _UserService_ListAuditEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAuditEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).ListAuditEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_ListAuditEvents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).ListAuditEvents(ctx, req.(*ListAuditEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // UserService_ServiceDesc is the grpc.ServiceDesc for UserService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -2376,6 +2454,10 @@ var UserService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UpdateUser",
 			Handler:    _UserService_UpdateUser_Handler,
+		},
+		{
+			MethodName: "ListAuditEvents",
+			Handler:    _UserService_ListAuditEvents_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

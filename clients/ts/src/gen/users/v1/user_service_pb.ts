@@ -2,10 +2,12 @@
 // @generated from file users/v1/user_service.proto (package users.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Code } from "../../google/rpc/code_pb.js";
+import { file_google_rpc_code } from "../../google/rpc/code_pb.js";
 import type { Status } from "../../google/rpc/status_pb.js";
 import { file_google_rpc_status } from "../../google/rpc/status_pb.js";
 import type { Session, TokenClaims } from "./session_pb.js";
@@ -18,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file users/v1/user_service.proto.
  */
 export const file_users_v1_user_service: GenFile = /*@__PURE__*/
-  fileDesc("Cht1c2Vycy92MS91c2VyX3NlcnZpY2UucHJvdG8SCHVzZXJzLnYxIswBChFDcmVhdGVVc2VyUmVxdWVzdBIQCgh1c2VybmFtZRgBIAEoCRISCgpmaXJzdF9uYW1lGAIgASgJEhEKCWxhc3RfbmFtZRgDIAEoCRINCgVlbWFpbBgEIAEoCRIQCghwYXNzd29yZBgFIAEoCRIdChVwYXNzd29yZF9jb25maXJtYXRpb24YBiABKAkSIAoGZ2VuZGVyGAcgASgOMhAudXNlcnMudjEuR2VuZGVyEhwKBHJvbGUYCCABKA4yDi51c2Vycy52MS5Sb2xlIjIKEkNyZWF0ZVVzZXJSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciJGChNBY3RpdmF0ZVVzZXJSZXF1ZXN0EhIKCmlkZW50aWZpZXIYASABKAkSDAoEY29kZRgCIAEoCRINCgV0b2tlbhgDIAEoCSI0ChRBY3RpdmF0ZVVzZXJSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciIxChtSZXNlbmRBY3RpdmF0aW9uQ29kZVJlcXVlc3QSEgoKaWRlbnRpZmllchgBIAEoCSIeChxSZXNlbmRBY3RpdmF0aW9uQ29kZVJlc3BvbnNlIhwKDkdldFVzZXJSZXF1ZXN0EgoKAmlkGAEgASgJIi8KD0dldFVzZXJSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciIwChpHZXRVc2VyQnlJZGVudGlmaWVyUmVxdWVzdBISCgppZGVudGlmaWVyGAEgASgJIjsKG0dldFVzZXJCeUlkZW50aWZpZXJSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciIxChFEZWxldGVVc2VyUmVxdWVzdBIKCgJpZBgBIAEoCRIQCghwYXNzd29yZBgCIAEoCSIUChJEZWxldGVVc2VyUmVzcG9uc2UiMwodRGVsZXRlVXNlckJ5SWRlbnRpZmllclJlcXVlc3QSEgoKaWRlbnRpZmllchgBIAEoCSIgCh5EZWxldGVVc2VyQnlJZGVudGlmaWVyUmVzcG9uc2UiagoYVmVyaWZ5Q3JlZGVudGlhbHNSZXF1ZXN0EhIKCmlkZW50aWZpZXIYASABKAkSEAoIcGFzc3dvcmQYAiABKAkSEQoJdG90cF9jb2RlGAMgASgJEhUKDXJlY292ZXJ5X2NvZGUYBCABKAkiOQoZVmVyaWZ5Q3JlZGVudGlhbHNSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciJlChNBdXRoZW50aWNhdGVSZXF1ZXN0EhIKCmlkZW50aWZpZXIYASABKAkSEAoIcGFzc3dvcmQYAiABKAkSEQoJdG90cF9jb2RlGAMgASgJEhUKDXJlY292ZXJ5X2NvZGUYBCABKAki8AEKFEF1dGhlbnRpY2F0ZVJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyEhQKDGFjY2Vzc190b2tlbhgCIAEoCRI7ChdhY2Nlc3NfdG9rZW5fZXhwaXJlc19hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNcmVmcmVzaF90b2tlbhgEIAEoCRI8ChhyZWZyZXNoX3Rva2VuX2V4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnNlc3Npb25faWQYBiABKAkiLgoVUmVmcmVzaFNlc3Npb25SZXF1ZXN0EhUKDXJlZnJlc2hfdG9rZW4YASABKAki1AEKFlJlZnJlc2hTZXNzaW9uUmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEjsKF2FjY2Vzc190b2tlbl9leHBpcmVzX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZWZyZXNoX3Rva2VuGAMgASgJEjwKGHJlZnJlc2hfdG9rZW5fZXhwaXJlc19hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKc2Vzc2lvbl9pZBgFIAEoCSItChRSZXZva2VTZXNzaW9uUmVxdWVzdBIVCg1yZWZyZXNoX3Rva2VuGAEgASgJIhcKFVJldm9rZVNlc3Npb25SZXNwb25zZSImChNMaXN0U2Vzc2lvbnNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiOwoUTGlzdFNlc3Npb25zUmVzcG9uc2USIwoIc2Vzc2lvbnMYASADKAsyES51c2Vycy52MS5TZXNzaW9uIisKGFJldm9rZUFsbFNlc3Npb25zUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJIhsKGVJldm9rZUFsbFNlc3Npb25zUmVzcG9uc2UiFgoUR2V0UHVibGljS2V5c1JlcXVlc3QiKgoVR2V0UHVibGljS2V5c1Jlc3BvbnNlEhEKCWp3a3NfanNvbhgBIAEoCSIsChRWYWxpZGF0ZVRva2VuUmVxdWVzdBIUCgxhY2Nlc3NfdG9rZW4YASABKAkiPgoVVmFsaWRhdGVUb2tlblJlc3BvbnNlEiUKBmNsYWltcxgBIAEoCzIVLnVzZXJzLnYxLlRva2VuQ2xhaW1zIisKFUZvcmdvdFBhc3N3b3JkUmVxdWVzdBISCgppZGVudGlmaWVyGAEgASgJIhgKFkZvcmdvdFBhc3N3b3JkUmVzcG9uc2UiXgoUUmVzZXRQYXNzd29yZFJlcXVlc3QSDQoFdG9rZW4YASABKAkSFAoMbmV3X3Bhc3N3b3JkGAIgASgJEiEKGW5ld19wYXNzd29yZF9jb25maXJtYXRpb24YAyABKAkiFwoVUmVzZXRQYXNzd29yZFJlc3BvbnNlInsKFUNoYW5nZVBhc3N3b3JkUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhgKEGN1cnJlbnRfcGFzc3dvcmQYAiABKAkSFAoMbmV3X3Bhc3N3b3JkGAMgASgJEiEKGW5ld19wYXNzd29yZF9jb25maXJtYXRpb24YBCABKAkiGAoWQ2hhbmdlUGFzc3dvcmRSZXNwb25zZSI1ChBFbmFibGVNZmFSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEAoIcGFzc3dvcmQYAiABKAkiTQoRRW5hYmxlTWZhUmVzcG9uc2USDgoGc2VjcmV0GAEgASgJEhMKC290cGF1dGhfdXJpGAIgASgJEhMKC3FyX2NvZGVfcG5nGAMgASgMIiYKE0dldE1mYVFyQ29kZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSJAChRHZXRNZmFRckNvZGVSZXNwb25zZRITCgtvdHBhdXRoX3VyaRgBIAEoCRITCgtxcl9jb2RlX3BuZxgCIAEoDCIyChFDb25maXJtTWZhUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEgwKBGNvZGUYAiABKAkiLAoSQ29uZmlybU1mYVJlc3BvbnNlEhYKDnJlY292ZXJ5X2NvZGVzGAEgAygJIkQKEURpc2FibGVNZmFSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEAoIcGFzc3dvcmQYAiABKAkSDAoEY29kZRgDIAEoCSIUChJEaXNhYmxlTWZhUmVzcG9uc2UiPwoeUmVnZW5lcmF0ZVJlY292ZXJ5Q29kZXNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSDAoEY29kZRgCIAEoCSI5Ch9SZWdlbmVyYXRlUmVjb3ZlcnlDb2Rlc1Jlc3BvbnNlEhYKDnJlY292ZXJ5X2NvZGVzGAEgAygJIkoKEkNoYW5nZUVtYWlsUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCW5ld19lbWFpbBgCIAEoCRIQCghwYXNzd29yZBgDIAEoCSIVChNDaGFuZ2VFbWFpbFJlc3BvbnNlIjoKGUNvbmZpcm1FbWFpbENoYW5nZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIMCgRjb2RlGAIgASgJIjoKGkNvbmZpcm1FbWFpbENoYW5nZVJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyIjUKE1NldFVzZXJFbWFpbFJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRINCgVlbWFpbBgCIAEoCSI0ChRTZXRVc2VyRW1haWxSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciJDChJTZXRVc2VyUm9sZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIcCgRyb2xlGAIgASgOMg4udXNlcnMudjEuUm9sZSIzChNTZXRVc2VyUm9sZVJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyIigKFURlYWN0aXZhdGVVc2VyUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJIjYKFkRlYWN0aXZhdGVVc2VyUmVzcG9uc2USHAoEdXNlchgBIAEoCzIOLnVzZXJzLnYxLlVzZXIiKAoVUmVhY3RpdmF0ZVVzZXJSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiNgoWUmVhY3RpdmF0ZVVzZXJSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciIiCg9Mb2NrVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSIwChBMb2NrVXNlclJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyIiQKEVVubG9ja1VzZXJSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiMgoSVW5sb2NrVXNlclJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyIiYKE1Jlc2V0VXNlck1mYVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSI0ChRSZXNldFVzZXJNZmFSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciI7ChJJbXBvcnRVc2Vyc1JlcXVlc3QSJQoFdXNlcnMYASADKAsyFi51c2Vycy52MS5JbXBvcnRlZFVzZXIixQEKDEltcG9ydGVkVXNlchIQCgh1c2VybmFtZRgBIAEoCRISCgpmaXJzdF9uYW1lGAIgASgJEhEKCWxhc3RfbmFtZRgDIAEoCRINCgVlbWFpbBgEIAEoCRIgCgZnZW5kZXIYBSABKA4yEC51c2Vycy52MS5HZW5kZXISHAoEcm9sZRgGIAEoDjIOLnVzZXJzLnYxLlJvbGUSFgoOZW1haWxfdmVyaWZpZWQYByABKAgSFQoNcGFzc3dvcmRfaGFzaBgIIAEoCSJCChNJbXBvcnRVc2Vyc1Jlc3BvbnNlEisKB3Jlc3VsdHMYASADKAsyGi51c2Vycy52MS5JbXBvcnRVc2VyUmVzdWx0ImEKEEltcG9ydFVzZXJSZXN1bHQSHgoEdXNlchgBIAEoCzIOLnVzZXJzLnYxLlVzZXJIABIjCgVlcnJvchgCIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzSABCCAoGcmVzdWx0ImIKDlNlcnZpY2VBY2NvdW50EhEKCWNsaWVudF9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIrChtDcmVhdGVTZXJ2aWNlQWNjb3VudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJoChxDcmVhdGVTZXJ2aWNlQWNjb3VudFJlc3BvbnNlEjEKD3NlcnZpY2VfYWNjb3VudBgBIAEoCzIYLnVzZXJzLnYxLlNlcnZpY2VBY2NvdW50EhUKDWNsaWVudF9zZWNyZXQYAiABKAkiRAoYSXNzdWVTZXJ2aWNlVG9rZW5SZXF1ZXN0EhEKCWNsaWVudF9pZBgBIAEoCRIVCg1jbGllbnRfc2VjcmV0GAIgASgJIm4KGUlzc3VlU2VydmljZVRva2VuUmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEjsKF2FjY2Vzc190b2tlbl9leHBpcmVzX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJDChpMaXN0U2VydmljZUFjY291bnRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJqChtMaXN0U2VydmljZUFjY291bnRzUmVzcG9uc2USMgoQc2VydmljZV9hY2NvdW50cxgBIAMoCzIYLnVzZXJzLnYxLlNlcnZpY2VBY2NvdW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIwChtEZWxldGVTZXJ2aWNlQWNjb3VudFJlcXVlc3QSEQoJY2xpZW50X2lkGAEgASgJIh4KHERlbGV0ZVNlcnZpY2VBY2NvdW50UmVzcG9uc2UinAIKEExpc3RVc2Vyc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSHAoEcm9sZRgDIAEoDjIOLnVzZXJzLnYxLlJvbGUSIgoFc3RhdGUYBCABKA4yEy51c2Vycy52MS5Vc2VyU3RhdGUSGAoLbWZhX2VuYWJsZWQYBSABKAhIAIgBARIOCgZwcmVmaXgYBiABKAkSMQoNY3JlYXRlZF9hZnRlchgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOY3JlYXRlZF9iZWZvcmUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQg4KDF9tZmFfZW5hYmxlZCJfChFMaXN0VXNlcnNSZXNwb25zZRIdCgV1c2VycxgBIAMoCzIOLnVzZXJzLnYxLlVzZXISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhIKCnRvdGFsX3NpemUYAyABKAUigQEKEVVwZGF0ZVVzZXJSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSHAoEdXNlchgCIAEoCzIOLnVzZXJzLnYxLlVzZXISLwoLdXBkYXRlX21hc2sYAyABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrEgwKBGV0YWcYBCABKAkiMgoSVXBkYXRlVXNlclJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyMtYZCgtVc2VyU2VydmljZRJHCgpDcmVhdGVVc2VyEhsudXNlcnMudjEuQ3JlYXRlVXNlclJlcXVlc3QaHC51c2Vycy52MS5DcmVhdGVVc2VyUmVzcG9uc2USTQoMQWN0aXZhdGVVc2VyEh0udXNlcnMudjEuQWN0aXZhdGVVc2VyUmVxdWVzdBoeLnVzZXJzLnYxLkFjdGl2YXRlVXNlclJlc3BvbnNlEmUKFFJlc2VuZEFjdGl2YXRpb25Db2RlEiUudXNlcnMudjEuUmVzZW5kQWN0aXZhdGlvbkNvZGVSZXF1ZXN0GiYudXNlcnMudjEuUmVzZW5kQWN0aXZhdGlvbkNvZGVSZXNwb25zZRI+CgdHZXRVc2VyEhgudXNlcnMudjEuR2V0VXNlclJlcXVlc3QaGS51c2Vycy52MS5HZXRVc2VyUmVzcG9uc2USYgoTR2V0VXNlckJ5SWRlbnRpZmllchIkLnVzZXJzLnYxLkdldFVzZXJCeUlkZW50aWZpZXJSZXF1ZXN0GiUudXNlcnMudjEuR2V0VXNlckJ5SWRlbnRpZmllclJlc3BvbnNlEkcKCkRlbGV0ZVVzZXISGy51c2Vycy52MS5EZWxldGVVc2VyUmVxdWVzdBocLnVzZXJzLnYxLkRlbGV0ZVVzZXJSZXNwb25zZRJrChZEZWxldGVVc2VyQnlJZGVudGlmaWVyEicudXNlcnMudjEuRGVsZXRlVXNlckJ5SWRlbnRpZmllclJlcXVlc3QaKC51c2Vycy52MS5EZWxldGVVc2VyQnlJZGVudGlmaWVyUmVzcG9uc2USXAoRVmVyaWZ5Q3JlZGVudGlhbHMSIi51c2Vycy52MS5WZXJpZnlDcmVkZW50aWFsc1JlcXVlc3QaIy51c2Vycy52MS5WZXJpZnlDcmVkZW50aWFsc1Jlc3BvbnNlEk0KDEF1dGhlbnRpY2F0ZRIdLnVzZXJzLnYxLkF1dGhlbnRpY2F0ZVJlcXVlc3QaHi51c2Vycy52MS5BdXRoZW50aWNhdGVSZXNwb25zZRJTCg5SZWZyZXNoU2Vzc2lvbhIfLnVzZXJzLnYxLlJlZnJlc2hTZXNzaW9uUmVxdWVzdBogLnVzZXJzLnYxLlJlZnJlc2hTZXNzaW9uUmVzcG9uc2USUAoNUmV2b2tlU2Vzc2lvbhIeLnVzZXJzLnYxLlJldm9rZVNlc3Npb25SZXF1ZXN0Gh8udXNlcnMudjEuUmV2b2tlU2Vzc2lvblJlc3BvbnNlEk0KDExpc3RTZXNzaW9ucxIdLnVzZXJzLnYxLkxpc3RTZXNzaW9uc1JlcXVlc3QaHi51c2Vycy52MS5MaXN0U2Vzc2lvbnNSZXNwb25zZRJcChFSZXZva2VBbGxTZXNzaW9ucxIiLnVzZXJzLnYxLlJldm9rZUFsbFNlc3Npb25zUmVxdWVzdBojLnVzZXJzLnYxLlJldm9rZUFsbFNlc3Npb25zUmVzcG9uc2USUAoNR2V0UHVibGljS2V5cxIeLnVzZXJzLnYxLkdldFB1YmxpY0tleXNSZXF1ZXN0Gh8udXNlcnMudjEuR2V0UHVibGljS2V5c1Jlc3BvbnNlElAKDVZhbGlkYXRlVG9rZW4SHi51c2Vycy52MS5WYWxpZGF0ZVRva2VuUmVxdWVzdBofLnVzZXJzLnYxLlZhbGlkYXRlVG9rZW5SZXNwb25zZRJTCg5Gb3Jnb3RQYXNzd29yZBIfLnVzZXJzLnYxLkZvcmdvdFBhc3N3b3JkUmVxdWVzdBogLnVzZXJzLnYxLkZvcmdvdFBhc3N3b3JkUmVzcG9uc2USUAoNUmVzZXRQYXNzd29yZBIeLnVzZXJzLnYxLlJlc2V0UGFzc3dvcmRSZXF1ZXN0Gh8udXNlcnMudjEuUmVzZXRQYXNzd29yZFJlc3BvbnNlElMKDkNoYW5nZVBhc3N3b3JkEh8udXNlcnMudjEuQ2hhbmdlUGFzc3dvcmRSZXF1ZXN0GiAudXNlcnMudjEuQ2hhbmdlUGFzc3dvcmRSZXNwb25zZRJECglFbmFibGVNZmESGi51c2Vycy52MS5FbmFibGVNZmFSZXF1ZXN0GhsudXNlcnMudjEuRW5hYmxlTWZhUmVzcG9uc2USTQoMR2V0TWZhUXJDb2RlEh0udXNlcnMudjEuR2V0TWZhUXJDb2RlUmVxdWVzdBoeLnVzZXJzLnYxLkdldE1mYVFyQ29kZVJlc3BvbnNlEkcKCkNvbmZpcm1NZmESGy51c2Vycy52MS5Db25maXJtTWZhUmVxdWVzdBocLnVzZXJzLnYxLkNvbmZpcm1NZmFSZXNwb25zZRJHCgpEaXNhYmxlTWZhEhsudXNlcnMudjEuRGlzYWJsZU1mYVJlcXVlc3QaHC51c2Vycy52MS5EaXNhYmxlTWZhUmVzcG9uc2USbgoXUmVnZW5lcmF0ZVJlY292ZXJ5Q29kZXMSKC51c2Vycy52MS5SZWdlbmVyYXRlUmVjb3ZlcnlDb2Rlc1JlcXVlc3QaKS51c2Vycy52MS5SZWdlbmVyYXRlUmVjb3ZlcnlDb2Rlc1Jlc3BvbnNlEkoKC0NoYW5nZUVtYWlsEhwudXNlcnMudjEuQ2hhbmdlRW1haWxSZXF1ZXN0Gh0udXNlcnMudjEuQ2hhbmdlRW1haWxSZXNwb25zZRJfChJDb25maXJtRW1haWxDaGFuZ2USIy51c2Vycy52MS5Db25maXJtRW1haWxDaGFuZ2VSZXF1ZXN0GiQudXNlcnMudjEuQ29uZmlybUVtYWlsQ2hhbmdlUmVzcG9uc2USTQoMU2V0VXNlckVtYWlsEh0udXNlcnMudjEuU2V0VXNlckVtYWlsUmVxdWVzdBoeLnVzZXJzLnYxLlNldFVzZXJFbWFpbFJlc3BvbnNlEkoKC1NldFVzZXJSb2xlEhwudXNlcnMudjEuU2V0VXNlclJvbGVSZXF1ZXN0Gh0udXNlcnMudjEuU2V0VXNlclJvbGVSZXNwb25zZRJTCg5EZWFjdGl2YXRlVXNlchIfLnVzZXJzLnYxLkRlYWN0aXZhdGVVc2VyUmVxdWVzdBogLnVzZXJzLnYxLkRlYWN0aXZhdGVVc2VyUmVzcG9uc2USUwoOUmVhY3RpdmF0ZVVzZXISHy51c2Vycy52MS5SZWFjdGl2YXRlVXNlclJlcXVlc3QaIC51c2Vycy52MS5SZWFjdGl2YXRlVXNlclJlc3BvbnNlEkEKCExvY2tVc2VyEhkudXNlcnMudjEuTG9ja1VzZXJSZXF1ZXN0GhoudXNlcnMudjEuTG9ja1VzZXJSZXNwb25zZRJHCgpVbmxvY2tVc2VyEhsudXNlcnMudjEuVW5sb2NrVXNlclJlcXVlc3QaHC51c2Vycy52MS5VbmxvY2tVc2VyUmVzcG9uc2USTQoMUmVzZXRVc2VyTWZhEh0udXNlcnMudjEuUmVzZXRVc2VyTWZhUmVxdWVzdBoeLnVzZXJzLnYxLlJlc2V0VXNlck1mYVJlc3BvbnNlEkoKC0ltcG9ydFVzZXJzEhwudXNlcnMudjEuSW1wb3J0VXNlcnNSZXF1ZXN0Gh0udXNlcnMudjEuSW1wb3J0VXNlcnNSZXNwb25zZRJlChRDcmVhdGVTZXJ2aWNlQWNjb3VudBIlLnVzZXJzLnYxLkNyZWF0ZVNlcnZpY2VBY2NvdW50UmVxdWVzdBomLnVzZXJzLnYxLkNyZWF0ZVNlcnZpY2VBY2NvdW50UmVzcG9uc2USXAoRSXNzdWVTZXJ2aWNlVG9rZW4SIi51c2Vycy52MS5Jc3N1ZVNlcnZpY2VUb2tlblJlcXVlc3QaIy51c2Vycy52MS5Jc3N1ZVNlcnZpY2VUb2tlblJlc3BvbnNlEmIKE0xpc3RTZXJ2aWNlQWNjb3VudHMSJC51c2Vycy52MS5MaXN0U2VydmljZUFjY291bnRzUmVxdWVzdBolLnVzZXJzLnYxLkxpc3RTZXJ2aWNlQWNjb3VudHNSZXNwb25zZRJlChREZWxldGVTZXJ2aWNlQWNjb3VudBIlLnVzZXJzLnYxLkRlbGV0ZVNlcnZpY2VBY2NvdW50UmVxdWVzdBomLnVzZXJzLnYxLkRlbGV0ZVNlcnZpY2VBY2NvdW50UmVzcG9uc2USRAoJTGlzdFVzZXJzEhoudXNlcnMudjEuTGlzdFVzZXJzUmVxdWVzdBobLnVzZXJzLnYxLkxpc3RVc2Vyc1Jlc3BvbnNlEkcKClVwZGF0ZVVzZXISGy51c2Vycy52MS5VcGRhdGVVc2VyUmVxdWVzdBocLnVzZXJzLnYxLlVwZGF0ZVVzZXJSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_field_mask, file_google_protobuf_timestamp, file_google_rpc_status, file_users_v1_session, file_users_v1_user]);
+  fileDesc("Cht1c2Vycy92MS91c2VyX3NlcnZpY2UucHJvdG8SCHVzZXJzLnYxIswBChFDcmVhdGVVc2VyUmVxdWVzdBIQCgh1c2VybmFtZRgBIAEoCRISCgpmaXJzdF9uYW1lGAIgASgJEhEKCWxhc3RfbmFtZRgDIAEoCRINCgVlbWFpbBgEIAEoCRIQCghwYXNzd29yZBgFIAEoCRIdChVwYXNzd29yZF9jb25maXJtYXRpb24YBiABKAkSIAoGZ2VuZGVyGAcgASgOMhAudXNlcnMudjEuR2VuZGVyEhwKBHJvbGUYCCABKA4yDi51c2Vycy52MS5Sb2xlIjIKEkNyZWF0ZVVzZXJSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciJGChNBY3RpdmF0ZVVzZXJSZXF1ZXN0EhIKCmlkZW50aWZpZXIYASABKAkSDAoEY29kZRgCIAEoCRINCgV0b2tlbhgDIAEoCSI0ChRBY3RpdmF0ZVVzZXJSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciIxChtSZXNlbmRBY3RpdmF0aW9uQ29kZVJlcXVlc3QSEgoKaWRlbnRpZmllchgBIAEoCSIeChxSZXNlbmRBY3RpdmF0aW9uQ29kZVJlc3BvbnNlIhwKDkdldFVzZXJSZXF1ZXN0EgoKAmlkGAEgASgJIi8KD0dldFVzZXJSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciIwChpHZXRVc2VyQnlJZGVudGlmaWVyUmVxdWVzdBISCgppZGVudGlmaWVyGAEgASgJIjsKG0dldFVzZXJCeUlkZW50aWZpZXJSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciIxChFEZWxldGVVc2VyUmVxdWVzdBIKCgJpZBgBIAEoCRIQCghwYXNzd29yZBgCIAEoCSIUChJEZWxldGVVc2VyUmVzcG9uc2UiMwodRGVsZXRlVXNlckJ5SWRlbnRpZmllclJlcXVlc3QSEgoKaWRlbnRpZmllchgBIAEoCSIgCh5EZWxldGVVc2VyQnlJZGVudGlmaWVyUmVzcG9uc2UiagoYVmVyaWZ5Q3JlZGVudGlhbHNSZXF1ZXN0EhIKCmlkZW50aWZpZXIYASABKAkSEAoIcGFzc3dvcmQYAiABKAkSEQoJdG90cF9jb2RlGAMgASgJEhUKDXJlY292ZXJ5X2NvZGUYBCABKAkiOQoZVmVyaWZ5Q3JlZGVudGlhbHNSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciJlChNBdXRoZW50aWNhdGVSZXF1ZXN0EhIKCmlkZW50aWZpZXIYASABKAkSEAoIcGFzc3dvcmQYAiABKAkSEQoJdG90cF9jb2RlGAMgASgJEhUKDXJlY292ZXJ5X2NvZGUYBCABKAki8AEKFEF1dGhlbnRpY2F0ZVJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyEhQKDGFjY2Vzc190b2tlbhgCIAEoCRI7ChdhY2Nlc3NfdG9rZW5fZXhwaXJlc19hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNcmVmcmVzaF90b2tlbhgEIAEoCRI8ChhyZWZyZXNoX3Rva2VuX2V4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnNlc3Npb25faWQYBiABKAkiLgoVUmVmcmVzaFNlc3Npb25SZXF1ZXN0EhUKDXJlZnJlc2hfdG9rZW4YASABKAki1AEKFlJlZnJlc2hTZXNzaW9uUmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEjsKF2FjY2Vzc190b2tlbl9leHBpcmVzX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZWZyZXNoX3Rva2VuGAMgASgJEjwKGHJlZnJlc2hfdG9rZW5fZXhwaXJlc19hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKc2Vzc2lvbl9pZBgFIAEoCSItChRSZXZva2VTZXNzaW9uUmVxdWVzdBIVCg1yZWZyZXNoX3Rva2VuGAEgASgJIhcKFVJldm9rZVNlc3Npb25SZXNwb25zZSImChNMaXN0U2Vzc2lvbnNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiOwoUTGlzdFNlc3Npb25zUmVzcG9uc2USIwoIc2Vzc2lvbnMYASADKAsyES51c2Vycy52MS5TZXNzaW9uIisKGFJldm9rZUFsbFNlc3Npb25zUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJIhsKGVJldm9rZUFsbFNlc3Npb25zUmVzcG9uc2UiFgoUR2V0UHVibGljS2V5c1JlcXVlc3QiKgoVR2V0UHVibGljS2V5c1Jlc3BvbnNlEhEKCWp3a3NfanNvbhgBIAEoCSIsChRWYWxpZGF0ZVRva2VuUmVxdWVzdBIUCgxhY2Nlc3NfdG9rZW4YASABKAkiPgoVVmFsaWRhdGVUb2tlblJlc3BvbnNlEiUKBmNsYWltcxgBIAEoCzIVLnVzZXJzLnYxLlRva2VuQ2xhaW1zIisKFUZvcmdvdFBhc3N3b3JkUmVxdWVzdBISCgppZGVudGlmaWVyGAEgASgJIhgKFkZvcmdvdFBhc3N3b3JkUmVzcG9uc2UiXgoUUmVzZXRQYXNzd29yZFJlcXVlc3QSDQoFdG9rZW4YASABKAkSFAoMbmV3X3Bhc3N3b3JkGAIgASgJEiEKGW5ld19wYXNzd29yZF9jb25maXJtYXRpb24YAyABKAkiFwoVUmVzZXRQYXNzd29yZFJlc3BvbnNlInsKFUNoYW5nZVBhc3N3b3JkUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhgKEGN1cnJlbnRfcGFzc3dvcmQYAiABKAkSFAoMbmV3X3Bhc3N3b3JkGAMgASgJEiEKGW5ld19wYXNzd29yZF9jb25maXJtYXRpb24YBCABKAkiGAoWQ2hhbmdlUGFzc3dvcmRSZXNwb25zZSI1ChBFbmFibGVNZmFSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEAoIcGFzc3dvcmQYAiABKAkiTQoRRW5hYmxlTWZhUmVzcG9uc2USDgoGc2VjcmV0GAEgASgJEhMKC290cGF1dGhfdXJpGAIgASgJEhMKC3FyX2NvZGVfcG5nGAMgASgMIiYKE0dldE1mYVFyQ29kZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSJAChRHZXRNZmFRckNvZGVSZXNwb25zZRITCgtvdHBhdXRoX3VyaRgBIAEoCRITCgtxcl9jb2RlX3BuZxgCIAEoDCIyChFDb25maXJtTWZhUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEgwKBGNvZGUYAiABKAkiLAoSQ29uZmlybU1mYVJlc3BvbnNlEhYKDnJlY292ZXJ5X2NvZGVzGAEgAygJIkQKEURpc2FibGVNZmFSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEAoIcGFzc3dvcmQYAiABKAkSDAoEY29kZRgDIAEoCSIUChJEaXNhYmxlTWZhUmVzcG9uc2UiPwoeUmVnZW5lcmF0ZVJlY292ZXJ5Q29kZXNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSDAoEY29kZRgCIAEoCSI5Ch9SZWdlbmVyYXRlUmVjb3ZlcnlDb2Rlc1Jlc3BvbnNlEhYKDnJlY292ZXJ5X2NvZGVzGAEgAygJIkoKEkNoYW5nZUVtYWlsUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCW5ld19lbWFpbBgCIAEoCRIQCghwYXNzd29yZBgDIAEoCSIVChNDaGFuZ2VFbWFpbFJlc3BvbnNlIjoKGUNvbmZpcm1FbWFpbENoYW5nZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIMCgRjb2RlGAIgASgJIjoKGkNvbmZpcm1FbWFpbENoYW5nZVJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyIjUKE1NldFVzZXJFbWFpbFJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRINCgVlbWFpbBgCIAEoCSI0ChRTZXRVc2VyRW1haWxSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciJDChJTZXRVc2VyUm9sZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIcCgRyb2xlGAIgASgOMg4udXNlcnMudjEuUm9sZSIzChNTZXRVc2VyUm9sZVJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyIigKFURlYWN0aXZhdGVVc2VyUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJIjYKFkRlYWN0aXZhdGVVc2VyUmVzcG9uc2USHAoEdXNlchgBIAEoCzIOLnVzZXJzLnYxLlVzZXIiKAoVUmVhY3RpdmF0ZVVzZXJSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiNgoWUmVhY3RpdmF0ZVVzZXJSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciIiCg9Mb2NrVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSIwChBMb2NrVXNlclJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyIiQKEVVubG9ja1VzZXJSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiMgoSVW5sb2NrVXNlclJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyIiYKE1Jlc2V0VXNlck1mYVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSI0ChRSZXNldFVzZXJNZmFSZXNwb25zZRIcCgR1c2VyGAEgASgLMg4udXNlcnMudjEuVXNlciI7ChJJbXBvcnRVc2Vyc1JlcXVlc3QSJQoFdXNlcnMYASADKAsyFi51c2Vycy52MS5JbXBvcnRlZFVzZXIixQEKDEltcG9ydGVkVXNlchIQCgh1c2VybmFtZRgBIAEoCRISCgpmaXJzdF9uYW1lGAIgASgJEhEKCWxhc3RfbmFtZRgDIAEoCRINCgVlbWFpbBgEIAEoCRIgCgZnZW5kZXIYBSABKA4yEC51c2Vycy52MS5HZW5kZXISHAoEcm9sZRgGIAEoDjIOLnVzZXJzLnYxLlJvbGUSFgoOZW1haWxfdmVyaWZpZWQYByABKAgSFQoNcGFzc3dvcmRfaGFzaBgIIAEoCSJCChNJbXBvcnRVc2Vyc1Jlc3BvbnNlEisKB3Jlc3VsdHMYASADKAsyGi51c2Vycy52MS5JbXBvcnRVc2VyUmVzdWx0ImEKEEltcG9ydFVzZXJSZXN1bHQSHgoEdXNlchgBIAEoCzIOLnVzZXJzLnYxLlVzZXJIABIjCgVlcnJvchgCIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzSABCCAoGcmVzdWx0ImIKDlNlcnZpY2VBY2NvdW50EhEKCWNsaWVudF9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIrChtDcmVhdGVTZXJ2aWNlQWNjb3VudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJoChxDcmVhdGVTZXJ2aWNlQWNjb3VudFJlc3BvbnNlEjEKD3NlcnZpY2VfYWNjb3VudBgBIAEoCzIYLnVzZXJzLnYxLlNlcnZpY2VBY2NvdW50EhUKDWNsaWVudF9zZWNyZXQYAiABKAkiRAoYSXNzdWVTZXJ2aWNlVG9rZW5SZXF1ZXN0EhEKCWNsaWVudF9pZBgBIAEoCRIVCg1jbGllbnRfc2VjcmV0GAIgASgJIm4KGUlzc3VlU2VydmljZVRva2VuUmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEjsKF2FjY2Vzc190b2tlbl9leHBpcmVzX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJDChpMaXN0U2VydmljZUFjY291bnRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJqChtMaXN0U2VydmljZUFjY291bnRzUmVzcG9uc2USMgoQc2VydmljZV9hY2NvdW50cxgBIAMoCzIYLnVzZXJzLnYxLlNlcnZpY2VBY2NvdW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIwChtEZWxldGVTZXJ2aWNlQWNjb3VudFJlcXVlc3QSEQoJY2xpZW50X2lkGAEgASgJIh4KHERlbGV0ZVNlcnZpY2VBY2NvdW50UmVzcG9uc2UinAIKEExpc3RVc2Vyc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSHAoEcm9sZRgDIAEoDjIOLnVzZXJzLnYxLlJvbGUSIgoFc3RhdGUYBCABKA4yEy51c2Vycy52MS5Vc2VyU3RhdGUSGAoLbWZhX2VuYWJsZWQYBSABKAhIAIgBARIOCgZwcmVmaXgYBiABKAkSMQoNY3JlYXRlZF9hZnRlchgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOY3JlYXRlZF9iZWZvcmUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQg4KDF9tZmFfZW5hYmxlZCJfChFMaXN0VXNlcnNSZXNwb25zZRIdCgV1c2VycxgBIAMoCzIOLnVzZXJzLnYxLlVzZXISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhIKCnRvdGFsX3NpemUYAyABKAUigQEKEVVwZGF0ZVVzZXJSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSHAoEdXNlchgCIAEoCzIOLnVzZXJzLnYxLlVzZXISLwoLdXBkYXRlX21hc2sYAyABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrEgwKBGV0YWcYBCABKAkiMgoSVXBkYXRlVXNlclJlc3BvbnNlEhwKBHVzZXIYASABKAsyDi51c2Vycy52MS5Vc2VyIlgKCkF1ZGl0QWN0b3ISJgoEa2luZBgBIAEoDjIYLnVzZXJzLnYxLkF1ZGl0QWN0b3JLaW5kEgoKAmlkGAIgASgJEhYKDnNvdXJjZV9hZGRyZXNzGAMgASgJIvABCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgJEiYKBHR5cGUYAiABKA4yGC51c2Vycy52MS5BdWRpdEV2ZW50VHlwZRIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIjCgVhY3RvchgEIAEoCzIULnVzZXJzLnYxLkF1ZGl0QWN0b3ISEgoKc3ViamVjdF9pZBgFIAEoCRIlCgtzdGF0dXNfY29kZRgGIAEoDjIQLmdvb2dsZS5ycGMuQ29kZRIUCgxlcnJvcl9yZWFzb24YByABKAkSDgoGcmVhc29uGAggASgJIuwBChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEhIKCnN1YmplY3RfaWQYAyABKAkSEAoIYWN0b3JfaWQYBCABKAkSJwoFdHlwZXMYBSADKA4yGC51c2Vycy52MS5BdWRpdEV2ZW50VHlwZRIuCgpzdGFydF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiXgoXTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USKgoMYXVkaXRfZXZlbnRzGAEgAygLMhQudXNlcnMudjEuQXVkaXRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqsQcKDkF1ZGl0RXZlbnRUeXBlEiAKHEFVRElUX0VWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIcChhBVURJVF9FVkVOVF9UWVBFX1NJR05fSU4QARImCiJBVURJVF9FVkVOVF9UWVBFX0NSRURFTlRJQUxTX0NIRUNLEAISKAokQVVESVRfRVZFTlRfVFlQRV9TRVJWSUNFX1RPS0VOX0lTU1VFEAMSJAogQVVESVRfRVZFTlRfVFlQRV9QQVNTV09SRF9DSEFOR0UQBBIjCh9BVURJVF9FVkVOVF9UWVBFX1BBU1NXT1JEX1JFU0VUEAUSHwobQVVESVRfRVZFTlRfVFlQRV9NRkFfRU5ST0xMEAYSHwobQVVESVRfRVZFTlRfVFlQRV9NRkFfRU5BQkxFEAcSIAocQVVESVRfRVZFTlRfVFlQRV9NRkFfRElTQUJMRRAIEh4KGkFVRElUX0VWRU5UX1RZUEVfTUZBX1JFU0VUEAkSLgoqQVVESVRfRVZFTlRfVFlQRV9SRUNPVkVSWV9DT0RFU19SRUdFTkVSQVRFEAoSKQolQVVESVRfRVZFTlRfVFlQRV9FTUFJTF9DSEFOR0VfUkVRVUVTVBALEikKJUFVRElUX0VWRU5UX1RZUEVfRU1BSUxfQ0hBTkdFX0NPTkZJUk0QDBIeChpBVURJVF9FVkVOVF9UWVBFX0VNQUlMX1NFVBANEiAKHEFVRElUX0VWRU5UX1RZUEVfUk9MRV9DSEFOR0UQDhIkCiBBVURJVF9FVkVOVF9UWVBFX1VTRVJfREVBQ1RJVkFURRAPEiQKIEFVRElUX0VWRU5UX1RZUEVfVVNFUl9SRUFDVElWQVRFEBASHgoaQVVESVRfRVZFTlRfVFlQRV9VU0VSX0xPQ0sQERIgChxBVURJVF9FVkVOVF9UWVBFX1VTRVJfVU5MT0NLEBISIAocQVVESVRfRVZFTlRfVFlQRV9VU0VSX0RFTEVURRATEiEKHUFVRElUX0VWRU5UX1RZUEVfVVNFUlNfSU1QT1JUEBQSKwonQVVESVRfRVZFTlRfVFlQRV9TRVJWSUNFX0FDQ09VTlRfQ1JFQVRFEBUSKwonQVVESVRfRVZFTlRfVFlQRV9TRVJWSUNFX0FDQ09VTlRfREVMRVRFEBYSJAogQVVESVRfRVZFTlRfVFlQRV9TRVNTSU9OU19SRVZPS0UQFxIjCh9BVURJVF9FVkVOVF9UWVBFX1BST0ZJTEVfVVBEQVRFEBgqsQEKDkF1ZGl0QWN0b3JLaW5kEiAKHEFVRElUX0FDVE9SX0tJTkRfVU5TUEVDSUZJRUQQABIeChpBVURJVF9BQ1RPUl9LSU5EX0FOT05ZTU9VUxABEhkKFUFVRElUX0FDVE9SX0tJTkRfVVNFUhACEhwKGEFVRElUX0FDVE9SX0tJTkRfTUFDSElORRADEiQKIEFVRElUX0FDVE9SX0tJTkRfU0VSVklDRV9BQ0NPVU5UEAQyrhoKC1VzZXJTZXJ2aWNlEkcKCkNyZWF0ZVVzZXISGy51c2Vycy52MS5DcmVhdGVVc2VyUmVxdWVzdBocLnVzZXJzLnYxLkNyZWF0ZVVzZXJSZXNwb25zZRJNCgxBY3RpdmF0ZVVzZXISHS51c2Vycy52MS5BY3RpdmF0ZVVzZXJSZXF1ZXN0Gh4udXNlcnMudjEuQWN0aXZhdGVVc2VyUmVzcG9uc2USZQoUUmVzZW5kQWN0aXZhdGlvbkNvZGUSJS51c2Vycy52MS5SZXNlbmRBY3RpdmF0aW9uQ29kZVJlcXVlc3QaJi51c2Vycy52MS5SZXNlbmRBY3RpdmF0aW9uQ29kZVJlc3BvbnNlEj4KB0dldFVzZXISGC51c2Vycy52MS5HZXRVc2VyUmVxdWVzdBoZLnVzZXJzLnYxLkdldFVzZXJSZXNwb25zZRJiChNHZXRVc2VyQnlJZGVudGlmaWVyEiQudXNlcnMudjEuR2V0VXNlckJ5SWRlbnRpZmllclJlcXVlc3QaJS51c2Vycy52MS5HZXRVc2VyQnlJZGVudGlmaWVyUmVzcG9uc2USRwoKRGVsZXRlVXNlchIbLnVzZXJzLnYxLkRlbGV0ZVVzZXJSZXF1ZXN0GhwudXNlcnMudjEuRGVsZXRlVXNlclJlc3BvbnNlEmsKFkRlbGV0ZVVzZXJCeUlkZW50aWZpZXISJy51c2Vycy52MS5EZWxldGVVc2VyQnlJZGVudGlmaWVyUmVxdWVzdBooLnVzZXJzLnYxLkRlbGV0ZVVzZXJCeUlkZW50aWZpZXJSZXNwb25zZRJcChFWZXJpZnlDcmVkZW50aWFscxIiLnVzZXJzLnYxLlZlcmlmeUNyZWRlbnRpYWxzUmVxdWVzdBojLnVzZXJzLnYxLlZlcmlmeUNyZWRlbnRpYWxzUmVzcG9uc2USTQoMQXV0aGVudGljYXRlEh0udXNlcnMudjEuQXV0aGVudGljYXRlUmVxdWVzdBoeLnVzZXJzLnYxLkF1dGhlbnRpY2F0ZVJlc3BvbnNlElMKDlJlZnJlc2hTZXNzaW9uEh8udXNlcnMudjEuUmVmcmVzaFNlc3Npb25SZXF1ZXN0GiAudXNlcnMudjEuUmVmcmVzaFNlc3Npb25SZXNwb25zZRJQCg1SZXZva2VTZXNzaW9uEh4udXNlcnMudjEuUmV2b2tlU2Vzc2lvblJlcXVlc3QaHy51c2Vycy52MS5SZXZva2VTZXNzaW9uUmVzcG9uc2USTQoMTGlzdFNlc3Npb25zEh0udXNlcnMudjEuTGlzdFNlc3Npb25zUmVxdWVzdBoeLnVzZXJzLnYxLkxpc3RTZXNzaW9uc1Jlc3BvbnNlElwKEVJldm9rZUFsbFNlc3Npb25zEiIudXNlcnMudjEuUmV2b2tlQWxsU2Vzc2lvbnNSZXF1ZXN0GiMudXNlcnMudjEuUmV2b2tlQWxsU2Vzc2lvbnNSZXNwb25zZRJQCg1HZXRQdWJsaWNLZXlzEh4udXNlcnMudjEuR2V0UHVibGljS2V5c1JlcXVlc3QaHy51c2Vycy52MS5HZXRQdWJsaWNLZXlzUmVzcG9uc2USUAoNVmFsaWRhdGVUb2tlbhIeLnVzZXJzLnYxLlZhbGlkYXRlVG9rZW5SZXF1ZXN0Gh8udXNlcnMudjEuVmFsaWRhdGVUb2tlblJlc3BvbnNlElMKDkZvcmdvdFBhc3N3b3JkEh8udXNlcnMudjEuRm9yZ290UGFzc3dvcmRSZXF1ZXN0GiAudXNlcnMudjEuRm9yZ290UGFzc3dvcmRSZXNwb25zZRJQCg1SZXNldFBhc3N3b3JkEh4udXNlcnMudjEuUmVzZXRQYXNzd29yZFJlcXVlc3QaHy51c2Vycy52MS5SZXNldFBhc3N3b3JkUmVzcG9uc2USUwoOQ2hhbmdlUGFzc3dvcmQSHy51c2Vycy52MS5DaGFuZ2VQYXNzd29yZFJlcXVlc3QaIC51c2Vycy52MS5DaGFuZ2VQYXNzd29yZFJlc3BvbnNlEkQKCUVuYWJsZU1mYRIaLnVzZXJzLnYxLkVuYWJsZU1mYVJlcXVlc3QaGy51c2Vycy52MS5FbmFibGVNZmFSZXNwb25zZRJNCgxHZXRNZmFRckNvZGUSHS51c2Vycy52MS5HZXRNZmFRckNvZGVSZXF1ZXN0Gh4udXNlcnMudjEuR2V0TWZhUXJDb2RlUmVzcG9uc2USRwoKQ29uZmlybU1mYRIbLnVzZXJzLnYxLkNvbmZpcm1NZmFSZXF1ZXN0GhwudXNlcnMudjEuQ29uZmlybU1mYVJlc3BvbnNlEkcKCkRpc2FibGVNZmESGy51c2Vycy52MS5EaXNhYmxlTWZhUmVxdWVzdBocLnVzZXJzLnYxLkRpc2FibGVNZmFSZXNwb25zZRJuChdSZWdlbmVyYXRlUmVjb3ZlcnlDb2RlcxIoLnVzZXJzLnYxLlJlZ2VuZXJhdGVSZWNvdmVyeUNvZGVzUmVxdWVzdBopLnVzZXJzLnYxLlJlZ2VuZXJhdGVSZWNvdmVyeUNvZGVzUmVzcG9uc2USSgoLQ2hhbmdlRW1haWwSHC51c2Vycy52MS5DaGFuZ2VFbWFpbFJlcXVlc3QaHS51c2Vycy52MS5DaGFuZ2VFbWFpbFJlc3BvbnNlEl8KEkNvbmZpcm1FbWFpbENoYW5nZRIjLnVzZXJzLnYxLkNvbmZpcm1FbWFpbENoYW5nZVJlcXVlc3QaJC51c2Vycy52MS5Db25maXJtRW1haWxDaGFuZ2VSZXNwb25zZRJNCgxTZXRVc2VyRW1haWwSHS51c2Vycy52MS5TZXRVc2VyRW1haWxSZXF1ZXN0Gh4udXNlcnMudjEuU2V0VXNlckVtYWlsUmVzcG9uc2USSgoLU2V0VXNlclJvbGUSHC51c2Vycy52MS5TZXRVc2VyUm9sZVJlcXVlc3QaHS51c2Vycy52MS5TZXRVc2VyUm9sZVJlc3BvbnNlElMKDkRlYWN0aXZhdGVVc2VyEh8udXNlcnMudjEuRGVhY3RpdmF0ZVVzZXJSZXF1ZXN0GiAudXNlcnMudjEuRGVhY3RpdmF0ZVVzZXJSZXNwb25zZRJTCg5SZWFjdGl2YXRlVXNlchIfLnVzZXJzLnYxLlJlYWN0aXZhdGVVc2VyUmVxdWVzdBogLnVzZXJzLnYxLlJlYWN0aXZhdGVVc2VyUmVzcG9uc2USQQoITG9ja1VzZXISGS51c2Vycy52MS5Mb2NrVXNlclJlcXVlc3QaGi51c2Vycy52MS5Mb2NrVXNlclJlc3BvbnNlEkcKClVubG9ja1VzZXISGy51c2Vycy52MS5VbmxvY2tVc2VyUmVxdWVzdBocLnVzZXJzLnYxLlVubG9ja1VzZXJSZXNwb25zZRJNCgxSZXNldFVzZXJNZmESHS51c2Vycy52MS5SZXNldFVzZXJNZmFSZXF1ZXN0Gh4udXNlcnMudjEuUmVzZXRVc2VyTWZhUmVzcG9uc2USSgoLSW1wb3J0VXNlcnMSHC51c2Vycy52MS5JbXBvcnRVc2Vyc1JlcXVlc3QaHS51c2Vycy52MS5JbXBvcnRVc2Vyc1Jlc3BvbnNlEmUKFENyZWF0ZVNlcnZpY2VBY2NvdW50EiUudXNlcnMudjEuQ3JlYXRlU2VydmljZUFjY291bnRSZXF1ZXN0GiYudXNlcnMudjEuQ3JlYXRlU2VydmljZUFjY291bnRSZXNwb25zZRJcChFJc3N1ZVNlcnZpY2VUb2tlbhIiLnVzZXJzLnYxLklzc3VlU2VydmljZVRva2VuUmVxdWVzdBojLnVzZXJzLnYxLklzc3VlU2VydmljZVRva2VuUmVzcG9uc2USYgoTTGlzdFNlcnZpY2VBY2NvdW50cxIkLnVzZXJzLnYxLkxpc3RTZXJ2aWNlQWNjb3VudHNSZXF1ZXN0GiUudXNlcnMudjEuTGlzdFNlcnZpY2VBY2NvdW50c1Jlc3BvbnNlEmUKFERlbGV0ZVNlcnZpY2VBY2NvdW50EiUudXNlcnMudjEuRGVsZXRlU2VydmljZUFjY291bnRSZXF1ZXN0GiYudXNlcnMudjEuRGVsZXRlU2VydmljZUFjY291bnRSZXNwb25zZRJECglMaXN0VXNlcnMSGi51c2Vycy52MS5MaXN0VXNlcnNSZXF1ZXN0GhsudXNlcnMudjEuTGlzdFVzZXJzUmVzcG9uc2USRwoKVXBkYXRlVXNlchIbLnVzZXJzLnYxLlVwZGF0ZVVzZXJSZXF1ZXN0GhwudXNlcnMudjEuVXBkYXRlVXNlclJlc3BvbnNlElYKD0xpc3RBdWRpdEV2ZW50cxIgLnVzZXJzLnYxLkxpc3RBdWRpdEV2ZW50c1JlcXVlc3QaIS51c2Vycy52MS5MaXN0QXVkaXRFdmVudHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_field_mask, file_google_protobuf_timestamp, file_google_rpc_code, file_google_rpc_status, file_users_v1_session, file_users_v1_user]);
 
 /**
  * @generated from message users.v1.CreateUserRequest
@@ -1989,6 +1991,433 @@ export const UpdateUserResponseSchema: GenMessage<UpdateUserResponse> = /*@__PUR
   messageDesc(file_users_v1_user_service, 80);
 
 /**
+ * @generated from message users.v1.AuditActor
+ */
+export type AuditActor = Message<"users.v1.AuditActor"> & {
+  /**
+   * @generated from field: users.v1.AuditActorKind kind = 1;
+   */
+  kind: AuditActorKind;
+
+  /**
+   * Empty for AUDIT_ACTOR_KIND_ANONYMOUS.
+   *
+   * @generated from field: string id = 2;
+   */
+  id: string;
+
+  /**
+   * Where the call came from: the peer's IP address (an IPv6 address as its
+   * /64), or the end user's address a machine caller passed in
+   * x-forwarded-for.
+   *
+   * @generated from field: string source_address = 3;
+   */
+  sourceAddress: string;
+};
+
+/**
+ * Describes the message users.v1.AuditActor.
+ * Use `create(AuditActorSchema)` to create a new message.
+ */
+export const AuditActorSchema: GenMessage<AuditActor> = /*@__PURE__*/
+  messageDesc(file_users_v1_user_service, 81);
+
+/**
+ * One security event. Never carries a password, code, token, hash or secret.
+ *
+ * @generated from message users.v1.AuditEvent
+ */
+export type AuditEvent = Message<"users.v1.AuditEvent"> & {
+  /**
+   * Opaque, unique.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: users.v1.AuditEventType type = 2;
+   */
+  type: AuditEventType;
+
+  /**
+   * When the call ended (milliseconds).
+   *
+   * @generated from field: google.protobuf.Timestamp time = 3;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * @generated from field: users.v1.AuditActor actor = 4;
+   */
+  actor?: AuditActor | undefined;
+
+  /**
+   * The user id or service-account client id the event is about (see
+   * AuditEventType); empty when there is none.
+   *
+   * @generated from field: string subject_id = 5;
+   */
+  subjectId: string;
+
+  /**
+   * OK on success; else the status code the caller got.
+   *
+   * @generated from field: google.rpc.Code status_code = 6;
+   */
+  statusCode: Code;
+
+  /**
+   * Empty on success; else the google.rpc.ErrorInfo reason the caller got
+   * (such as INVALID_CREDENTIALS, MFA_REQUIRED, LAST_ACTIVE_ADMIN).
+   *
+   * @generated from field: string error_reason = 7;
+   */
+  errorReason: string;
+
+  /**
+   * A short note where the type alone does not say it (such as "role
+   * ROLE_ADMIN" or "created 3, refused 2"); often empty.
+   *
+   * @generated from field: string reason = 8;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message users.v1.AuditEvent.
+ * Use `create(AuditEventSchema)` to create a new message.
+ */
+export const AuditEventSchema: GenMessage<AuditEvent> = /*@__PURE__*/
+  messageDesc(file_users_v1_user_service, 82);
+
+/**
+ * @generated from message users.v1.ListAuditEventsRequest
+ */
+export type ListAuditEventsRequest = Message<"users.v1.ListAuditEventsRequest"> & {
+  /**
+   * Optional. Default 50, at most 1000.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * Optional. The next_page_token of the previous page, with the same filters.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Optional. Only events about this user or service account (24 hexadecimal digits).
+   *
+   * @generated from field: string subject_id = 3;
+   */
+  subjectId: string;
+
+  /**
+   * Optional. Only events by this actor (AuditActor.id: a user id, client id
+   * or machine identity; at most 256 characters).
+   *
+   * @generated from field: string actor_id = 4;
+   */
+  actorId: string;
+
+  /**
+   * Optional. Only events of these types; empty: any type.
+   *
+   * @generated from field: repeated users.v1.AuditEventType types = 5;
+   */
+  types: AuditEventType[];
+
+  /**
+   * Optional. Only events at or after this moment.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 6;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Optional. Only events before this moment.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 7;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message users.v1.ListAuditEventsRequest.
+ * Use `create(ListAuditEventsRequestSchema)` to create a new message.
+ */
+export const ListAuditEventsRequestSchema: GenMessage<ListAuditEventsRequest> = /*@__PURE__*/
+  messageDesc(file_users_v1_user_service, 83);
+
+/**
+ * @generated from message users.v1.ListAuditEventsResponse
+ */
+export type ListAuditEventsResponse = Message<"users.v1.ListAuditEventsResponse"> & {
+  /**
+   * Newest first.
+   *
+   * @generated from field: repeated users.v1.AuditEvent audit_events = 1;
+   */
+  auditEvents: AuditEvent[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message users.v1.ListAuditEventsResponse.
+ * Use `create(ListAuditEventsResponseSchema)` to create a new message.
+ */
+export const ListAuditEventsResponseSchema: GenMessage<ListAuditEventsResponse> = /*@__PURE__*/
+  messageDesc(file_users_v1_user_service, 84);
+
+/**
+ * What an audit event records.
+ *
+ * @generated from enum users.v1.AuditEventType
+ */
+export enum AuditEventType {
+  /**
+   * @generated from enum value: AUDIT_EVENT_TYPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Authenticate: a sign-in. Subject: the user (on failure, only if the
+   * identifier given belongs to an account).
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_SIGN_IN = 1;
+   */
+  SIGN_IN = 1,
+
+  /**
+   * VerifyCredentials: a credential check by a machine caller or an admin.
+   * Subject as for SIGN_IN.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_CREDENTIALS_CHECK = 2;
+   */
+  CREDENTIALS_CHECK = 2,
+
+  /**
+   * IssueServiceToken. Subject: the service account's client id.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE = 3;
+   */
+  SERVICE_TOKEN_ISSUE = 3,
+
+  /**
+   * ChangePassword. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_PASSWORD_CHANGE = 4;
+   */
+  PASSWORD_CHANGE = 4,
+
+  /**
+   * ResetPassword. Subject: the user the reset token names.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_PASSWORD_RESET = 5;
+   */
+  PASSWORD_RESET = 5,
+
+  /**
+   * EnableMfa: an enrollment started (MFA is not on yet). Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_MFA_ENROLL = 6;
+   */
+  MFA_ENROLL = 6,
+
+  /**
+   * ConfirmMfa: MFA on. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_MFA_ENABLE = 7;
+   */
+  MFA_ENABLE = 7,
+
+  /**
+   * DisableMfa: MFA off, by the user. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_MFA_DISABLE = 8;
+   */
+  MFA_DISABLE = 8,
+
+  /**
+   * ResetUserMfa: MFA off, by an admin. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_MFA_RESET = 9;
+   */
+  MFA_RESET = 9,
+
+  /**
+   * RegenerateRecoveryCodes. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE = 10;
+   */
+  RECOVERY_CODES_REGENERATE = 10,
+
+  /**
+   * ChangeEmail: a change asked for (nothing changes yet). Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST = 11;
+   */
+  EMAIL_CHANGE_REQUEST = 11,
+
+  /**
+   * ConfirmEmailChange: the new email took effect. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM = 12;
+   */
+  EMAIL_CHANGE_CONFIRM = 12,
+
+  /**
+   * SetUserEmail: an admin set the email. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_EMAIL_SET = 13;
+   */
+  EMAIL_SET = 13,
+
+  /**
+   * SetUserRole; the reason names the role asked for. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_ROLE_CHANGE = 14;
+   */
+  ROLE_CHANGE = 14,
+
+  /**
+   * DeactivateUser. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_USER_DEACTIVATE = 15;
+   */
+  USER_DEACTIVATE = 15,
+
+  /**
+   * ReactivateUser. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_USER_REACTIVATE = 16;
+   */
+  USER_REACTIVATE = 16,
+
+  /**
+   * LockUser. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_USER_LOCK = 17;
+   */
+  USER_LOCK = 17,
+
+  /**
+   * UnlockUser. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_USER_UNLOCK = 18;
+   */
+  USER_UNLOCK = 18,
+
+  /**
+   * DeleteUser or DeleteUserByIdentifier. Subject: the user (by identifier:
+   * only if it named an account).
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_USER_DELETE = 19;
+   */
+  USER_DELETE = 19,
+
+  /**
+   * ImportUsers: one event per call; the reason counts the users created and
+   * refused. No subject.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_USERS_IMPORT = 20;
+   */
+  USERS_IMPORT = 20,
+
+  /**
+   * CreateServiceAccount. Subject: the new account's client id (none if refused).
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE = 21;
+   */
+  SERVICE_ACCOUNT_CREATE = 21,
+
+  /**
+   * DeleteServiceAccount. Subject: the client id.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE = 22;
+   */
+  SERVICE_ACCOUNT_DELETE = 22,
+
+  /**
+   * RevokeAllSessions. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_SESSIONS_REVOKE = 23;
+   */
+  SESSIONS_REVOKE = 23,
+
+  /**
+   * UpdateUser; the reason names the fields changed. Subject: the user.
+   *
+   * @generated from enum value: AUDIT_EVENT_TYPE_PROFILE_UPDATE = 24;
+   */
+  PROFILE_UPDATE = 24,
+}
+
+/**
+ * Describes the enum users.v1.AuditEventType.
+ */
+export const AuditEventTypeSchema: GenEnum<AuditEventType> = /*@__PURE__*/
+  enumDesc(file_users_v1_user_service, 0);
+
+/**
+ * Who acted.
+ *
+ * @generated from enum users.v1.AuditActorKind
+ */
+export enum AuditActorKind {
+  /**
+   * @generated from enum value: AUDIT_ACTOR_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * No credential (or one that did not check out), such as a sign-in.
+   *
+   * @generated from enum value: AUDIT_ACTOR_KIND_ANONYMOUS = 1;
+   */
+  ANONYMOUS = 1,
+
+  /**
+   * A user, by access token; the id is the user id.
+   *
+   * @generated from enum value: AUDIT_ACTOR_KIND_USER = 2;
+   */
+  USER = 2,
+
+  /**
+   * An internal service by mTLS client certificate; the id is the identity
+   * listed in USERS_MACHINE_IDENTITIES.
+   *
+   * @generated from enum value: AUDIT_ACTOR_KIND_MACHINE = 3;
+   */
+  MACHINE = 3,
+
+  /**
+   * A service account, by its access token; the id is its client id.
+   *
+   * @generated from enum value: AUDIT_ACTOR_KIND_SERVICE_ACCOUNT = 4;
+   */
+  SERVICE_ACCOUNT = 4,
+}
+
+/**
+ * Describes the enum users.v1.AuditActorKind.
+ */
+export const AuditActorKindSchema: GenEnum<AuditActorKind> = /*@__PURE__*/
+  enumDesc(file_users_v1_user_service, 1);
+
+/**
  * Accounts of people: registration, activation, lookup, credential checks and deletion.
  *
  * Errors carry a canonical status code. Invalid input is INVALID_ARGUMENT with a
@@ -2749,6 +3178,37 @@ export const UserService: GenService<{
     methodKind: "unary";
     input: typeof UpdateUserRequestSchema;
     output: typeof UpdateUserResponseSchema;
+  },
+  /**
+   * List the audit trail of security events, newest first, with filters
+   *
+   * An append-only record of sign-ins (Authenticate, VerifyCredentials,
+   * IssueServiceToken: successes and failures), password changes and resets,
+   * MFA changes, email and role changes, deactivation, locking, deletion,
+   * imports and service-account changes: who (the actor and its source
+   * address) did what to whom (the subject), when, and how it ended. It
+   * never holds a password, code, token, hash or secret; a failed sign-in
+   * names its subject only when the identifier given belongs to an account.
+   * Calls refused before they reach the service (no or a bad credential, a
+   * caller the access rule does not admit, the per-address rate limit) are
+   * not recorded: they are logged, so that an anonymous flood cannot fill
+   * the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
+   * Filters combine (all must hold). Keyset pagination by (time, id): events
+   * recorded meanwhile are newer and never shift later pages. A page token
+   * works only with the filters of the call that returned it.
+   * Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+   * 1000; a page_token that is garbage, tampered with or from a call with
+   * other filters; a subject_id that is not 24 hexadecimal digits; an
+   * actor_id over 256 characters or with control characters; an unspecified
+   * or unknown type; start_time not before end_time), UNAUTHENTICATED,
+   * PERMISSION_DENIED, UNAVAILABLE.
+   *
+   * @generated from rpc users.v1.UserService.ListAuditEvents
+   */
+  listAuditEvents: {
+    methodKind: "unary";
+    input: typeof ListAuditEventsRequestSchema;
+    output: typeof ListAuditEventsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_users_v1_user_service, 0);

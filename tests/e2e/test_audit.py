@@ -1,0 +1,423 @@
+"""The audit trail through real channels and the real database: every kind of event is recorded
+with its actor and subject, ListAuditEvents pages and filters it (admins only), housekeeping
+purges it, a failed audit write never fails the call, and no secret the tests used is in it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import bcrypt
+import grpc
+import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.timestamp_pb2 import Timestamp
+from pymongo import MongoClient
+
+from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer
+from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, violated_fields
+from tests.e2e.test_mfa import independent_totp
+from tests.e2e.test_recovery import NEW_PASSWORD, reset, reset_token
+from tests.e2e.test_sessions import signed_up
+from tests.e2e.test_transport import Pki, _credentials, _tls_settings
+from tests.e2e.test_transport import pki as transport_pki
+from tests.fakes import FakeClock
+from users.v1 import user_pb2
+from users.v1 import user_service_pb2 as pb
+
+T = pb.AuditEventType
+USER = pb.AUDIT_ACTOR_KIND_USER
+ANONYMOUS = pb.AUDIT_ACTOR_KIND_ANONYMOUS
+MACHINE = pb.AUDIT_ACTOR_KIND_MACHINE
+SERVICE_ACCOUNT = pb.AUDIT_ACTOR_KIND_SERVICE_ACCOUNT
+OK = 0
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.value[0]
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+THIRD_PASSWORD = "yet another passphrase"
+WRONG_PASSWORD = "not the password at all"
+# What a person types into the username field by mistake: it must not end up in the trail.
+TYPED_SECRET = "hunter2-typed-as-a-username"
+IMPORTED_PASSWORD = "an imported passphrase"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(datetime.now(UTC))
+
+
+def audit_events(stub: Any, **filters: Any) -> list[pb.AuditEvent]:
+    """Every event matching ``filters``, newest first, paged through."""
+    events: list[pb.AuditEvent] = []
+    token = ""
+    while True:
+        page = stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=1000, page_token=token, **filters))
+        events.extend(page.audit_events)
+        token = page.next_page_token
+        if not token:
+            return events
+
+
+def has(
+    events: Iterable[pb.AuditEvent],
+    type_: int,
+    *,
+    actor: tuple[int, str],
+    subject: str,
+    status: int = OK,
+    reason: str | None = None,
+) -> bool:
+    return any(
+        e.type == type_
+        and (e.actor.kind, e.actor.id) == actor
+        and e.subject_id == subject
+        and e.status_code == status
+        and (reason is None or e.reason == reason)
+        for e in events
+    )
+
+
+def stored_audit(server: RunningServer) -> list[dict[str, Any]]:
+    client: MongoClient[dict[str, Any]] = MongoClient(server.settings.mongodb_uri)
+    with client:
+        return list(client[server.settings.mongodb_database].audit_events.find())
+
+
+def strings_in(value: object) -> list[str]:
+    """Every string in a stored document, keys included (ids and dates are not strings: no secret hides there)."""
+    if isinstance(value, dict):
+        return [text for key, item in value.items() for text in [str(key), *strings_in(item)]]
+    if isinstance(value, list):
+        return [text for item in value for text in strings_in(item)]
+    if isinstance(value, bytes):
+        return [value.decode("latin-1")]
+    return [value] if isinstance(value, str) else []
+
+
+def assert_no_secrets(server: RunningServer, secrets: Iterable[str], log_text: str) -> None:
+    """None of ``secrets`` is anywhere in the stored audit trail, nor in the server's log."""
+    documents = stored_audit(server)
+    assert documents
+    stored = "\n".join(text for document in documents for text in strings_in(document))
+    for secret in secrets:
+        assert secret, "an empty secret proves nothing"
+        assert secret not in stored, secret
+        assert secret not in log_text, secret
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
+    start_server: StartServer, mail: MailSink, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="users_grpc")
+    server = start_server(clock=clock)
+    admin = (USER, server.admin_id)
+    secrets = [PASSWORD, NEW_PASSWORD, THIRD_PASSWORD, WRONG_PASSWORD, TYPED_SECRET, IMPORTED_PASSWORD, ADMIN_PASSWORD]
+    secrets.append(server.admin_token)
+
+    # Sign-ins: a success, a wrong password, an unknown account (a password typed as the username).
+    session = signed_up(server, mail)
+    jane = session.user.id
+    secrets += [session.access_token, session.refresh_token, mail.code_for("jane@example.com")]
+    wrong = pb.AuthenticateRequest(identifier="jane", password=WRONG_PASSWORD)
+    assert error_info(rpc_error(server.anonymous.Authenticate, wrong)).reason == "INVALID_CREDENTIALS"
+    unknown = pb.AuthenticateRequest(identifier=TYPED_SECRET, password=WRONG_PASSWORD)
+    assert rpc_error(server.anonymous.Authenticate, unknown).code() == grpc.StatusCode.UNAUTHENTICATED
+
+    def sign_in(password: str = PASSWORD, **factors: str) -> Any:
+        signed_in = server.anonymous.Authenticate(
+            pb.AuthenticateRequest(identifier="jane", password=password, **factors)
+        )
+        secrets.extend([signed_in.access_token, signed_in.refresh_token])
+        return server.stub_for(signed_in.access_token)
+
+    # MFA: enroll, confirm (on), regenerate recovery codes, off; then a pending enrollment an admin resets.
+    own = server.stub_for(session.access_token)
+    enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=jane, password=PASSWORD))
+    secrets.append(enrollment.secret)
+
+    def totp() -> str:
+        clock.advance(seconds=30)  # each code's step works once
+        code = independent_totp(enrollment.secret, clock.now().timestamp())
+        secrets.append(code)
+        return code
+
+    confirmed = own.ConfirmMfa(pb.ConfirmMfaRequest(user_id=jane, code=totp()))
+    secrets += list(confirmed.recovery_codes)
+    own = sign_in(totp_code=totp())
+    regenerated = own.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(user_id=jane, code=totp()))
+    secrets += list(regenerated.recovery_codes)
+    own.DisableMfa(pb.DisableMfaRequest(user_id=jane, password=PASSWORD, code=totp()))
+    own = sign_in()
+    enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=jane, password=PASSWORD))
+    secrets.append(enrollment.secret)
+    server.stub.ResetUserMfa(pb.ResetUserMfaRequest(user_id=jane))
+    own = sign_in()
+
+    # Passwords: a change by the user, a reset by token (anonymous).
+    own.ChangePassword(
+        pb.ChangePasswordRequest(
+            user_id=jane, current_password=PASSWORD, new_password=NEW_PASSWORD, new_password_confirmation=NEW_PASSWORD
+        )
+    )
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    token = reset_token(mail, "jane@example.com")
+    secrets.append(token)
+    reset(server, token, THIRD_PASSWORD)
+    own = sign_in(THIRD_PASSWORD)
+
+    # Email: asked for and confirmed by the user; set by an admin.
+    own.ChangeEmail(pb.ChangeEmailRequest(user_id=jane, new_email="jane@new.example", password=THIRD_PASSWORD))
+    code = mail.code_for("jane@new.example")
+    secrets.append(code)
+    own.ConfirmEmailChange(pb.ConfirmEmailChangeRequest(user_id=jane, code=code))
+    server.stub.SetUserEmail(pb.SetUserEmailRequest(user_id=jane, email="jane@example.org"))
+
+    # A profile change and sign-out everywhere, by the user.
+    own.UpdateUser(
+        pb.UpdateUserRequest(
+            user_id=jane, user=user_pb2.User(first_name="Janet"), update_mask=FieldMask(paths=["first_name"])
+        )
+    )
+    own.RevokeAllSessions(pb.RevokeAllSessionsRequest(user_id=jane))
+
+    # Admin actions: roles (one refused), states, a credential check.
+    server.stub.SetUserRole(pb.SetUserRoleRequest(user_id=jane, role=user_pb2.ROLE_ADMIN))
+    server.stub.SetUserRole(pb.SetUserRoleRequest(user_id=jane, role=user_pb2.ROLE_USER))
+    last_admin = pb.SetUserRoleRequest(user_id=server.admin_id, role=user_pb2.ROLE_USER)
+    assert error_info(rpc_error(server.stub.SetUserRole, last_admin)).reason == "LAST_ACTIVE_ADMIN"
+    for method in ("DeactivateUser", "ReactivateUser", "LockUser", "UnlockUser"):
+        getattr(server.stub, method)(getattr(pb, f"{method}Request")(user_id=jane))
+    server.stub.VerifyCredentials(pb.VerifyCredentialsRequest(identifier="jane", password=THIRD_PASSWORD))
+
+    # An import of two users (one refused), both deleted again: by id and by identifier.
+    password_hash = bcrypt.hashpw(IMPORTED_PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+    secrets.append(password_hash)
+    imported = server.stub.ImportUsers(
+        pb.ImportUsersRequest(
+            users=[
+                pb.ImportedUser(
+                    username=name,
+                    first_name="Im",
+                    last_name="Ported",
+                    email=f"{name}@example.com",
+                    email_verified=True,
+                    password_hash=password_hash,
+                )
+                for name in ("ada", "ada")
+            ]
+        )
+    )
+    ada = imported.results[0].user.id
+    server.stub.DeleteUser(pb.DeleteUserRequest(id=ada))
+    server.anonymous.CreateUser(create_request(username="bob", email="bob@example.com"))
+    secrets.append(mail.code_for("bob@example.com"))
+    bob = server.stub.ListUsers(pb.ListUsersRequest(prefix="bob")).users[0].id
+    server.stub.DeleteUserByIdentifier(pb.DeleteUserByIdentifierRequest(identifier="bob"))
+
+    # Service accounts: created, a token issued (and a wrong secret refused), used, deleted.
+    created = server.stub.CreateServiceAccount(pb.CreateServiceAccountRequest(name="billing"))
+    client_id, client_secret = created.service_account.client_id, created.client_secret
+    secrets.append(client_secret)
+    issued = server.anonymous.IssueServiceToken(
+        pb.IssueServiceTokenRequest(client_id=client_id, client_secret=client_secret)
+    )
+    secrets.append(issued.access_token)
+    bad_secret = pb.IssueServiceTokenRequest(client_id=client_id, client_secret=client_secret[::-1])
+    assert rpc_error(server.anonymous.IssueServiceToken, bad_secret).code() == grpc.StatusCode.UNAUTHENTICATED
+    machine = server.stub_for(issued.access_token)
+    machine.VerifyCredentials(pb.VerifyCredentialsRequest(identifier="jane", password=THIRD_PASSWORD))
+    server.stub.DeleteServiceAccount(pb.DeleteServiceAccountRequest(client_id=client_id))
+
+    events = audit_events(server.stub)
+    assert {e.type for e in events} == set(T.values()) - {pb.AUDIT_EVENT_TYPE_UNSPECIFIED}
+    anonymous = (ANONYMOUS, "")
+    user = (USER, jane)
+    expected: list[tuple[pb.AuditEventType.ValueType, tuple[int, str], str, dict[str, Any]]] = [
+        (pb.AUDIT_EVENT_TYPE_SIGN_IN, anonymous, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_SIGN_IN, anonymous, jane, {"status": UNAUTHENTICATED}),
+        (pb.AUDIT_EVENT_TYPE_SIGN_IN, anonymous, "", {"status": UNAUTHENTICATED}),  # the unknown account
+        (pb.AUDIT_EVENT_TYPE_MFA_ENROLL, user, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_MFA_ENABLE, user, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE, user, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_MFA_DISABLE, user, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_MFA_RESET, admin, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_PASSWORD_CHANGE, user, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_PASSWORD_RESET, anonymous, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST, user, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM, user, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_EMAIL_SET, admin, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_PROFILE_UPDATE, user, jane, {"reason": "fields first_name"}),
+        (pb.AUDIT_EVENT_TYPE_SESSIONS_REVOKE, user, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_ROLE_CHANGE, admin, jane, {"reason": "role ROLE_ADMIN"}),
+        (pb.AUDIT_EVENT_TYPE_ROLE_CHANGE, admin, jane, {"reason": "role ROLE_USER"}),
+        (pb.AUDIT_EVENT_TYPE_ROLE_CHANGE, admin, server.admin_id, {"status": FAILED_PRECONDITION}),
+        (pb.AUDIT_EVENT_TYPE_USER_DEACTIVATE, admin, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_USER_REACTIVATE, admin, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_USER_LOCK, admin, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_USER_UNLOCK, admin, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_CREDENTIALS_CHECK, admin, jane, {}),
+        (pb.AUDIT_EVENT_TYPE_USERS_IMPORT, admin, "", {"reason": "created 1, refused 1"}),
+        (pb.AUDIT_EVENT_TYPE_USER_DELETE, admin, ada, {}),
+        (pb.AUDIT_EVENT_TYPE_USER_DELETE, admin, bob, {}),
+        (pb.AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE, admin, client_id, {}),
+        (pb.AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE, anonymous, client_id, {}),
+        (pb.AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE, anonymous, client_id, {"status": UNAUTHENTICATED}),
+        (pb.AUDIT_EVENT_TYPE_CREDENTIALS_CHECK, (SERVICE_ACCOUNT, client_id), jane, {}),
+        (pb.AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE, admin, client_id, {}),
+    ]
+    for type_, actor, subject, more in expected:
+        assert has(events, type_, actor=actor, subject=subject, **more), (T.Name(type_), actor, subject, more)
+    # Every event names where it came from; a failure names its ErrorInfo reason.
+    assert all(e.actor.source_address == "127.0.0.1" for e in events)
+    refused = next(e for e in events if e.type == pb.AUDIT_EVENT_TYPE_ROLE_CHANGE and e.status_code)
+    assert refused.error_reason == "LAST_ACTIVE_ADMIN"
+    assert {e.error_reason for e in events if e.type == pb.AUDIT_EVENT_TYPE_SIGN_IN and e.status_code} == {
+        "INVALID_CREDENTIALS"
+    }
+
+    assert_no_secrets(server, secrets, caplog.text)
+
+
+pki = transport_pki  # the fixture, shared with the transport tests
+
+
+def test_a_machine_caller_by_certificate_is_recorded_as_a_machine(start_server: StartServer, pki: Pki) -> None:
+    server = start_server(credentials=_credentials(pki, pki.billing), **_tls_settings(pki, mutual=True))
+    # server.anonymous sends no token, but its channel presents billing-service's certificate.
+    check = pb.VerifyCredentialsRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
+    server.anonymous.VerifyCredentials(check)
+    events = audit_events(server.stub, types=[pb.AUDIT_EVENT_TYPE_CREDENTIALS_CHECK])
+    assert [(e.actor.kind, e.actor.id, e.actor.source_address, e.subject_id) for e in events] == [
+        (MACHINE, "billing-service", "127.0.0.1", server.admin_id)
+    ]
+
+
+def test_pages_are_newest_first_stable_under_new_events_and_filters_combine(
+    start_server: StartServer, mail: MailSink, clock: FakeClock
+) -> None:
+    server = start_server(clock=clock)
+    alice = signed_up(server, mail, "alice").user.id
+    bob = signed_up(server, mail, "bob").user.id
+    clock.advance(minutes=1)
+    start = clock.now()
+    # Many events in one millisecond (the clock stands still): the id orders them.
+    for _ in range(9):
+        for user_id in (alice, bob):
+            server.stub.UnlockUser(pb.UnlockUserRequest(user_id=user_id))
+    clock.advance(minutes=5)
+    middle = clock.now()
+    for user_id in (alice, bob):
+        server.stub.DeactivateUser(pb.DeactivateUserRequest(user_id=user_id))
+        server.stub.ReactivateUser(pb.ReactivateUserRequest(user_id=user_id))
+    clock.advance(minutes=5)
+    end = clock.now()
+    everything = audit_events(server.stub)
+    ordered = sorted(everything, key=lambda e: (e.time.ToDatetime(), e.id), reverse=True)
+    assert [e.id for e in everything] == [e.id for e in ordered]
+
+    # Paging 4 at a time while new events arrive: none repeated, none of the earlier ones skipped.
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = server.stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=4, page_token=token))
+        assert len(page.audit_events) <= 4
+        pages += 1
+        seen += [e.id for e in page.audit_events]
+        server.stub.UnlockUser(pb.UnlockUserRequest(user_id=alice))  # newer than every page still to come
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [e.id for e in everything]
+
+    # Filters, alone and together.
+    by_alice = audit_events(server.stub, subject_id=alice)
+    assert by_alice
+    assert {e.subject_id for e in by_alice} == {alice}
+    by_admin = audit_events(server.stub, actor_id=server.admin_id)
+    assert {(e.actor.kind, e.actor.id) for e in by_admin} == {(USER, server.admin_id)}
+    assert len([e for e in by_admin if e.type == pb.AUDIT_EVENT_TYPE_USER_UNLOCK]) == 18 + pages
+    states = [pb.AUDIT_EVENT_TYPE_USER_DEACTIVATE, pb.AUDIT_EVENT_TYPE_USER_REACTIVATE]
+    assert {(e.type, e.subject_id) for e in audit_events(server.stub, types=states, subject_id=bob)} == {
+        (pb.AUDIT_EVENT_TYPE_USER_DEACTIVATE, bob),
+        (pb.AUDIT_EVENT_TYPE_USER_REACTIVATE, bob),
+    }
+    window = audit_events(server.stub, start_time=timestamp(start), end_time=timestamp(middle))
+    assert len(window) == 18
+    assert {e.type for e in window} == {pb.AUDIT_EVENT_TYPE_USER_UNLOCK}
+    later = audit_events(server.stub, start_time=timestamp(middle), end_time=timestamp(end), subject_id=alice)
+    assert [e.type for e in later] == [pb.AUDIT_EVENT_TYPE_USER_REACTIVATE, pb.AUDIT_EVENT_TYPE_USER_DEACTIVATE]
+    sign_ins = audit_events(server.stub, types=[pb.AUDIT_EVENT_TYPE_SIGN_IN], end_time=timestamp(start))
+    assert {e.subject_id for e in sign_ins} == {server.admin_id, alice, bob}
+
+    # A token works only with its own filters; bad requests name their field.
+    first = server.stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=2, subject_id=alice))
+    other = pb.ListAuditEventsRequest(page_size=2, subject_id=bob, page_token=first.next_page_token)
+    assert violated_fields(rpc_error(server.stub.ListAuditEvents, other)) == {"page_token"}
+    bad = {
+        "page_size": pb.ListAuditEventsRequest(page_size=1001),
+        "subject_id": pb.ListAuditEventsRequest(subject_id="jane"),
+        "types": pb.ListAuditEventsRequest(types=[pb.AUDIT_EVENT_TYPE_UNSPECIFIED]),
+        "end_time": pb.ListAuditEventsRequest(start_time=timestamp(middle), end_time=timestamp(start)),
+        "page_token": pb.ListAuditEventsRequest(page_token="garbage"),
+    }
+    for field, request in bad.items():
+        error = rpc_error(server.stub.ListAuditEvents, request)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert violated_fields(error) == {field}
+    unknown_type = pb.ListAuditEventsRequest()
+    unknown_type.types.append(pb.AuditEventType.ValueType(999))
+    assert violated_fields(rpc_error(server.stub.ListAuditEvents, unknown_type)) == {"types"}
+
+
+def test_only_admins_read_the_trail(server: RunningServer, mail: MailSink) -> None:
+    alice = signed_up(server, mail, "alice")
+    created = server.stub.CreateServiceAccount(pb.CreateServiceAccountRequest(name="reporting"))
+    issued = server.anonymous.IssueServiceToken(
+        pb.IssueServiceTokenRequest(client_id=created.service_account.client_id, client_secret=created.client_secret)
+    )
+    request = pb.ListAuditEventsRequest(subject_id=alice.user.id)
+    assert rpc_error(server.anonymous.ListAuditEvents, request).code() == grpc.StatusCode.UNAUTHENTICATED
+    for token in (alice.access_token, issued.access_token):
+        assert rpc_error(server.stub_for(token).ListAuditEvents, request).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert server.stub.ListAuditEvents(request).audit_events
+
+
+def test_housekeeping_purges_events_past_the_retention(start_server: StartServer, clock: FakeClock) -> None:
+    server = start_server(clock=clock, audit_retention_days=30, housekeeping_interval_seconds=3600)
+    server.stub.UnlockUser(pb.UnlockUserRequest(user_id=server.admin_id))
+    before = len(stored_audit(server))
+    assert before >= 2  # the admin's sign-in and the unlock
+    clock.advance(days=29)
+    first = server.call(server.app.housekeeping.run_once())
+    assert first is not None
+    assert first.audit_events == 0
+    clock.advance(days=2)
+    signed_in = server.anonymous.Authenticate(
+        pb.AuthenticateRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
+    )
+    purged = server.call(server.app.housekeeping.run_once())
+    assert purged is not None
+    assert purged.audit_events == before
+    left = audit_events(server.stub_for(signed_in.access_token))
+    assert [e.type for e in left] == [pb.AUDIT_EVENT_TYPE_SIGN_IN]
+
+
+def test_a_failed_audit_write_never_fails_the_call(server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    # A unique index on the event type makes the second event of a type fail to insert.
+    client: MongoClient[dict[str, Any]] = MongoClient(server.settings.mongodb_uri)
+    with client:
+        client[server.settings.mongodb_database].audit_events.create_index("type", unique=True, name="one_of_a_kind")
+    for _ in range(2):
+        assert server.stub.UnlockUser(pb.UnlockUserRequest(user_id=server.admin_id)).user.id == server.admin_id
+    assert len(audit_events(server.stub, types=[pb.AUDIT_EVENT_TYPE_USER_UNLOCK])) == 1
+    lost = [r for r in caplog.records if r.getMessage() == "audit event not recorded"]
+    assert [getattr(r, "audit_type", None) for r in lost] == ["user_unlock"]
+    assert server.admin_token not in caplog.text
