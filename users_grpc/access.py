@@ -69,6 +69,7 @@ RULES: Mapping[str, Rule] = {
     "DeleteServiceAccount": Rule.ADMIN,
     "ListUsers": Rule.ADMIN,
     "UpdateUser": Rule.SELF_OR_ADMIN,
+    "WatchUserChanges": Rule.ADMIN_OR_MACHINE,
 }
 
 # Calls anyone may make that cost a password hash or a mail: limited per source address, whatever

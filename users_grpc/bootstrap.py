@@ -26,6 +26,7 @@ from pymongo import AsyncMongoClient, WriteConcern
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import Authorizer
 from users_grpc.admin import AdminService
+from users_grpc.changes import ChangeFeed
 from users_grpc.config import ConfigError, Settings
 from users_grpc.directory import DirectoryService
 from users_grpc.domain import PasswordPolicy
@@ -42,6 +43,7 @@ from users_grpc.ports import Clock, MailTransport
 from users_grpc.recovery import PasswordService
 from users_grpc.repository import (
     Document,
+    MongoChangeLog,
     MongoHousekeeping,
     MongoKeyStore,
     MongoOutbox,
@@ -103,6 +105,7 @@ class App:
     health_servicer: AsyncHealthServicer
     mail: MailDelivery
     housekeeping: HousekeepingJob
+    changes: ChangeFeed
     # Set once the database is prepared; until then UserService calls are refused as UNAVAILABLE.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -162,6 +165,7 @@ class App:
             asyncio.create_task(self.health.run()),
             asyncio.create_task(self._reload_keys()),
             asyncio.create_task(self.housekeeping.run()),
+            asyncio.create_task(self.changes.run()),
         ]
         log.info("serving", extra={"port": self.port, "service": SERVICE_NAME})
 
@@ -175,6 +179,7 @@ class App:
         self.mail.stop()
         self.health.stop()
         self.housekeeping.stop()
+        self.changes.stop()
         self._stopping.set()
         pending: set[asyncio.Task[None]] = set()
         if self._background:  # none if stopped while start-up still waited for the database
@@ -216,8 +221,11 @@ async def build_app(
         )
     # Digests of codes and tokens, and sealed mail bodies, under keys derived from the key-encryption key.
     secrets_at_rest = SecretsAtRest(settings.key_encryption_key)
-    users = MongoUserRepository(database)
     outbox = MongoOutbox(database, secrets_at_rest)
+    change_log = MongoChangeLog(database, outbox)
+    users = MongoUserRepository(database, change_log)
+    changes = ChangeFeed(log=change_log, poll_seconds=settings.change_poll_seconds)
+    change_log.on_published = changes.published
     session_store = MongoSessionRepository(database)
 
     executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="bcrypt")
@@ -374,6 +382,7 @@ async def build_app(
             AdminService(users=users, sessions=session_store, throttle=password_throttle, mfa=mfa, clock=clock),
             service_accounts,
             DirectoryService(users=users, clock=clock),
+            changes,
         ),
         server,
     )
@@ -412,15 +421,17 @@ async def build_app(
         health_servicer=health_servicer,
         mail=mail,
         housekeeping=HousekeepingJob(
-            store=MongoHousekeeping(database),
+            store=MongoHousekeeping(database, outbox),
             clock=clock,
             retention=Retention(
                 ended_sessions=timedelta(seconds=settings.session_retention_seconds),
                 never_activated_accounts=timedelta(seconds=settings.unactivated_account_retention_seconds),
                 failed_mail=timedelta(seconds=settings.mail_failed_retention_seconds),
+                changes=timedelta(days=settings.change_retention_days),
             ),
             interval_seconds=settings.housekeeping_interval_seconds,
         ),
+        changes=changes,
     )
 
 

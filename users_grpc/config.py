@@ -96,6 +96,9 @@ class Settings:
 
     housekeeping_interval_seconds: float = 300.0
 
+    change_poll_seconds: float = 1.0
+    change_retention_days: int = 7
+
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
@@ -208,6 +211,8 @@ class Settings:
             housekeeping_interval_seconds=env.number(
                 "USERS_HOUSEKEEPING_INTERVAL_SECONDS", defaults.housekeeping_interval_seconds, 1, 86400
             ),
+            change_poll_seconds=env.number("USERS_CHANGE_POLL_SECONDS", defaults.change_poll_seconds, 0.05, 60),
+            change_retention_days=env.integer("USERS_CHANGE_RETENTION_DAYS", defaults.change_retention_days, 1, 3650),
             key_encryption_key=env.get("USERS_KEY_ENCRYPTION_KEY", defaults.key_encryption_key, _key_encryption_key),
             key_reload_seconds=env.number("USERS_KEY_RELOAD_SECONDS", defaults.key_reload_seconds, 1, 3600),
             machine_identities=env.get("USERS_MACHINE_IDENTITIES", defaults.machine_identities, _names),

@@ -8,7 +8,9 @@ it for the whole interval and purges:
 - accounts never activated, created more than the unactivated-account
   retention ago, which frees their username and email;
 - mail given up (status "failed") more than the failed-mail retention ago;
-- throttle tallies past their use (each carries its own expiry).
+- throttle tallies past their use (each carries its own expiry);
+- changes of the change feed published more than the change retention ago
+  (always the oldest ones, and never the newest: see ``MongoChangeLog``).
 
 Holding the lease for a whole interval makes the job run about once per
 interval whatever the number of replicas; a run is cut off before its lease
@@ -39,6 +41,7 @@ class Retention:
     ended_sessions: timedelta
     never_activated_accounts: timedelta
     failed_mail: timedelta
+    changes: timedelta = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Purged:
     accounts: int
     mails: int
     tallies: int = 0
+    changes: int = 0
 
 
 def holder_id() -> str:
@@ -97,6 +101,7 @@ class HousekeepingJob:
             accounts=await self._store.purge_never_activated_users(now - self._retention.never_activated_accounts),
             mails=await self._store.purge_failed_mail(now - self._retention.failed_mail),
             tallies=await self._store.purge_expired_tallies(now),
+            changes=await self._store.purge_changes(now - self._retention.changes),
         )
         if purged != Purged(0, 0, 0, 0):
             log.info("housekeeping purged", extra=dataclasses.asdict(purged))

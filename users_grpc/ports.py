@@ -25,6 +25,7 @@ from users_grpc.domain import (
     StoredKey,
     Tally,
     User,
+    UserChange,
     UserFilter,
     UserState,
     Version,
@@ -381,3 +382,22 @@ class Housekeeping(Protocol):
 
     async def purge_expired_tallies(self, now: datetime) -> int:
         """Delete the throttle tallies that expired before ``now``; how many."""
+
+    async def purge_changes(self, published_before: datetime) -> int:
+        """Delete the change-feed changes published before ``published_before``, oldest first and
+        never the newest; how many."""
+
+
+class ChangeLog(Protocol):
+    """The change feed's store (see :class:`users_grpc.repository.MongoChangeLog` for why no change is lost)."""
+
+    async def sweep(self, changed_before: datetime, limit: int = 100) -> int:
+        """Publish the changes pending since before ``changed_before`` and finish deletions marked
+        before then; how many users it took up."""
+
+    async def last_sequence(self) -> int:
+        """The newest change's sequence number; 0 before the first."""
+
+    async def read_after(self, sequence: int, limit: int) -> list[UserChange]:
+        """Up to ``limit`` changes numbered above ``sequence``, in order; the caller checks that
+        they are consecutive."""

@@ -7,7 +7,7 @@ Errors are not handled here: the error interceptor maps them to statuses.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -17,9 +17,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from users.v1 import session_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
 from users_grpc.access import current_caller
 from users_grpc.admin import AdminService
+from users_grpc.changes import ChangeFeed, cursor_of
 from users_grpc.directory import DirectoryService
 from users_grpc.domain import (
     AccessClaims,
+    ChangeType,
     Gender,
     ImportedUser,
     IssuedTokens,
@@ -29,6 +31,7 @@ from users_grpc.domain import (
     ServiceAccount,
     Session,
     User,
+    UserChange,
     UserFilter,
     UserState,
     identifier_key,
@@ -83,6 +86,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         admin: AdminService,
         service_accounts: ServiceAccountService,
         directory: DirectoryService,
+        changes: ChangeFeed,
     ) -> None:
         self._service = service
         self._sessions = sessions
@@ -92,6 +96,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self._admin = admin
         self._service_accounts = service_accounts
         self._directory = directory
+        self._changes = changes
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
@@ -407,6 +412,12 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         user = await self._directory.update_user(request.user_id, paths, changes, request.etag)
         return user_service_pb2.UpdateUserResponse(user=user_to_proto(user))
 
+    async def WatchUserChanges(
+        self, request: user_service_pb2.WatchUserChangesRequest, context: Context
+    ) -> AsyncIterator[user_service_pb2.WatchUserChangesResponse]:
+        async for change in self._changes.watch(request.after):
+            yield user_service_pb2.WatchUserChangesResponse(change=_change_to_proto(change))
+
 
 def _imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | InvalidArgument:
     """The item as a domain value, or (an unknown enum number) the error that item answers."""
@@ -424,6 +435,31 @@ def _imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | Invali
         role=role,
         email_verified=item.email_verified,
         password_hash=item.password_hash,
+    )
+
+
+_CHANGE_TYPES_TO_PROTO = {
+    ChangeType.CREATED: user_service_pb2.USER_CHANGE_TYPE_CREATED,
+    ChangeType.ACTIVATED: user_service_pb2.USER_CHANGE_TYPE_ACTIVATED,
+    ChangeType.UPDATED: user_service_pb2.USER_CHANGE_TYPE_UPDATED,
+    ChangeType.EMAIL_CHANGED: user_service_pb2.USER_CHANGE_TYPE_EMAIL_CHANGED,
+    ChangeType.ROLE_CHANGED: user_service_pb2.USER_CHANGE_TYPE_ROLE_CHANGED,
+    ChangeType.DEACTIVATED: user_service_pb2.USER_CHANGE_TYPE_DEACTIVATED,
+    ChangeType.REACTIVATED: user_service_pb2.USER_CHANGE_TYPE_REACTIVATED,
+    ChangeType.LOCKED: user_service_pb2.USER_CHANGE_TYPE_LOCKED,
+    ChangeType.UNLOCKED: user_service_pb2.USER_CHANGE_TYPE_UNLOCKED,
+    ChangeType.DELETED: user_service_pb2.USER_CHANGE_TYPE_DELETED,
+}
+
+
+def _change_to_proto(change: UserChange) -> user_service_pb2.UserChange:
+    return user_service_pb2.UserChange(
+        cursor=cursor_of(change.sequence),
+        user_id=change.user_id,
+        type=_CHANGE_TYPES_TO_PROTO[change.type],
+        change_time=_timestamp(change.changed_at),
+        user=None if change.user is None else user_to_proto(change.user),
+        user_change_number=change.number,
     )
 
 
