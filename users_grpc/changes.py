@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 from users_grpc.domain import UserChange
-from users_grpc.errors import ChangeCursorGone, FieldViolation, InvalidArgument
+from users_grpc.errors import ChangeCursorGone, FieldViolation, InvalidArgument, StorageUnavailable
 from users_grpc.ports import ChangeLog
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ BATCH = 100
 SWEEP_GRACE = timedelta(seconds=2)
 # The sweep only recovers from crashes, so it runs this many polls apart: each is a query of the users.
 SWEEP_EVERY_POLLS = 5
+# Reads in a row that may fail (the database away) before a stream ends with UNAVAILABLE.
+_READ_ATTEMPTS = 5
 _CURSOR_PREFIX = b"uc1"
 
 
@@ -100,13 +102,13 @@ class ChangeFeed:
         try:
             while True:
                 wake.clear()
-                batch = await self._log.read_after(position, BATCH)
+                batch = await self._read_after(position)
                 if batch and batch[0].sequence != position + 1:
                     if from_oldest:
                         position = batch[0].sequence - 1
                     else:
                         # Read again before concluding: a change may only now have become visible.
-                        batch = await self._log.read_after(position, BATCH)
+                        batch = await self._read_after(position)
                         if batch and batch[0].sequence != position + 1:
                             raise ChangeCursorGone()
                 from_oldest = False
@@ -125,6 +127,19 @@ class ChangeFeed:
                     await asyncio.wait_for(wake.wait(), timeout=self._poll_seconds)
         finally:
             self._watchers.discard(wake)
+
+    async def _read_after(self, position: int) -> list[UserChange]:
+        """A batch, waiting out a short database outage (as the poll would): a stream ends with
+        UNAVAILABLE only after several reads in a row failed."""
+        for attempt in range(_READ_ATTEMPTS):
+            try:
+                return await self._log.read_after(position, BATCH)
+            except StorageUnavailable:
+                if attempt == _READ_ATTEMPTS - 1:
+                    raise
+                log.warning("change feed read failed; retrying")
+                await asyncio.sleep(self._poll_seconds)
+        raise AssertionError("unreachable")
 
     async def run(self) -> None:
         """Sweep until :meth:`stop`: publish the changes that no request published (see the module docstring)."""

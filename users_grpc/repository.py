@@ -866,21 +866,20 @@ class MongoChangeLog:
 
     @_storage_errors
     async def read_after(self, sequence: int, limit: int) -> list[UserChange]:
-        """The changes numbered sequence + 1, + 2, ... up to ``limit`` of them, each found by its
-        ``_id`` (FerretDB serves only exact ``_id`` lookups from an index). If there is none at
+        """Up to ``limit`` changes numbered above ``sequence``, in order; if there is none at
         sequence + 1 but there are later ones (the changes after ``sequence`` are gone, or one is
-        not visible yet), the lowest change above ``sequence``, alone: the caller tells which."""
-        changes: list[UserChange] = []
-        for number in range(sequence + 1, sequence + limit + 1):
-            document = await self._changes.find_one({"_id": number})
-            if document is None:
-                break
-            changes.append(_change_from_document(document))
-        if changes or await self._last_sequence() <= sequence:
-            return changes
-        # Rare (a consumer behind the retention): a range read, which FerretDB answers by a scan.
-        lowest = await self._changes.find_one({"_id": {"$gt": sequence}}, sort=[("_id", ASCENDING)])
-        return [] if lowest is None else [_change_from_document(lowest)]
+        not visible yet), the lowest change above ``sequence`` alone: the caller tells which.
+
+        A caller that is up to date (the usual poll) costs one lookup by ``_id``, which FerretDB
+        too serves from an index; only catching up reads a range (which FerretDB answers by a scan).
+        """
+        if await self._changes.find_one({"_id": sequence + 1}, projection={"_id": 1}) is None:
+            if await self._last_sequence() <= sequence:
+                return []
+            lowest = await self._changes.find_one({"_id": {"$gt": sequence}}, sort=[("_id", ASCENDING)])
+            return [] if lowest is None else [_change_from_document(lowest)]
+        cursor = self._changes.find({"_id": {"$gt": sequence, "$lte": sequence + limit}}).sort("_id", ASCENDING)
+        return [_change_from_document(document) async for document in cursor]
 
     async def _last_sequence(self) -> int:
         # The head names a stored change, and is at most a few behind (a publisher died between

@@ -231,7 +231,7 @@ def test_two_processes_write_while_a_consumer_resumes_three_times_and_sees_each_
         for stub in stubs:
             wait_until(lambda stub=stub: _serving(stub), what="a serving process")  # type: ignore[misc]
         received: list[pb.UserChange] = []
-        with ThreadPoolExecutor(max_workers=6) as pool:
+        with ThreadPoolExecutor(max_workers=2) as pool:
             writers = [pool.submit(_history, stubs[n % 2], stubs[(n + 1) % 2], n) for n in range(FEED_USERS)]
             cursor = ""
             for round_ in range(3):
