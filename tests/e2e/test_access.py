@@ -4,7 +4,7 @@ new RPC cannot slip in unguarded."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -66,6 +66,8 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ListUsers": lambda _id, _name: pb.ListUsersRequest(page_size=1),
     # No update_mask: refused as INVALID_ARGUMENT once admitted, so it changes nothing.
     "UpdateUser": lambda id_, _name: pb.UpdateUserRequest(user_id=id_),
+    # Not a cursor: refused as INVALID_ARGUMENT once admitted, so the stream ends at once.
+    "WatchUserChanges": lambda _id, _name: pb.WatchUserChangesRequest(after="not a cursor"),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them.
@@ -83,7 +85,9 @@ def test_every_rpc_has_an_access_rule_and_a_sample_request() -> None:
 
 def call(stub: Any, method: str, request: Any) -> grpc.StatusCode:
     try:
-        getattr(stub, method)(request)
+        result = getattr(stub, method)(request)
+        if isinstance(result, Iterator):  # a server stream: its status comes with its end
+            list(result)
     except grpc.RpcError as error:
         code: grpc.StatusCode = error.code()
         return code
