@@ -158,23 +158,33 @@ class EmailChangeRepository(Protocol):
     async def get_account(self, user_id: str) -> Account | None: ...
 
     async def pend_email_change(
-        self, user_id: str, change: PendingEmailChange, *, max_sends: int, window_seconds: int
+        self,
+        user_id: str,
+        change: PendingEmailChange,
+        *,
+        max_sends: int,
+        window_seconds: int,
+        notice: Mail | None = None,
     ) -> bool:
         """Pend ``change`` for an active user, replacing any older one, unless the sends in the
-        window hit the cap; True if pended."""
+        window hit the cap; True if pended. ``notice`` is pended in the same update."""
 
     async def reserve_email_change_attempt(self, user_id: str, now: datetime) -> PendingEmailChange | None:
         """Use up one attempt of the user's unexpired pending change and return it; None if there
         is none, or it has expired or has no attempts left."""
 
     async def confirm_email_change(
-        self, user_id: str, new_email: str, code_digest: str, now: datetime
+        self, user_id: str, new_email: str, code_digest: str, now: datetime, notice: Mail | None = None
     ) -> tuple[User, User] | None:
         """Set the pending ``new_email`` if this unexpired code is still pending, in one conditional
-        update; the user (before, after), or None. Works once."""
+        update; the user (before, after), or None. Works once. With a ``notice``, pended in the same
+        update, which then applies only while ``notice.to`` is still the user's email."""
 
-    async def set_email(self, user_id: str, email: str, now: datetime) -> tuple[User, User] | None:
-        """Set the email at once, dropping any pending change; the user (before, after), or None."""
+    async def set_email(
+        self, user_id: str, email: str, now: datetime, notice: Mail | None = None
+    ) -> tuple[User, User] | None:
+        """Set the email at once, dropping any pending change; the user (before, after), or None.
+        ``notice`` as in :meth:`confirm_email_change`."""
 
 
 class SessionRepository(Protocol):

@@ -243,11 +243,17 @@ class MongoUserRepository:
         max_sends: int,
         window_seconds: int,
         extra: Document | None = None,
+        notice: Mail | None = None,
     ) -> bool:
         """Pend ``code`` in ``field``, replacing any older one, unless the sends in the window hit the cap.
 
-        ``extra`` holds more fields of the pending ``field`` sub-document, set with the code.
+        ``extra`` holds more fields of the pending ``field`` sub-document, set with the code;
+        ``notice`` is pended in the same update (see the module docstring).
         """
+
+        def noticed(update: Document) -> Document:
+            return update if notice is None else _with_notice(update, notice, code.window_started_at)
+
         fields = {**_activation_document(code), **(extra or {})}
         window_cutoff = code.window_started_at - timedelta(seconds=window_seconds)
         pending = {"_id": _object_id(user_id), **precondition}
@@ -258,21 +264,23 @@ class MongoUserRepository:
                 f"{field}.window_started_at": {"$gt": window_cutoff},
                 f"{field}.sends_in_window": {"$lt": max_sends},
             },
-            {
-                "$set": {
-                    f"{field}.{name}": value
-                    for name, value in fields.items()
-                    if name not in {"sends_in_window", "window_started_at"}
-                },
-                "$inc": {f"{field}.sends_in_window": 1},
-            },
+            noticed(
+                {
+                    "$set": {
+                        f"{field}.{name}": value
+                        for name, value in fields.items()
+                        if name not in {"sends_in_window", "window_started_at"}
+                    },
+                    "$inc": {f"{field}.sends_in_window": 1},
+                }
+            ),
         )
         if counted.modified_count:
             return True
         # The window has run out (or there was none): this send opens a new one.
         opened = await self._users.update_one(
             {**pending, "$or": [{f"{field}.window_started_at": {"$lte": window_cutoff}}, {field: None}]},
-            {"$set": {field: fields}},
+            noticed({"$set": {field: fields}}),
         )
         return opened.modified_count == 1
 
@@ -648,16 +656,23 @@ class MongoUserRepository:
 
     @_storage_errors
     async def pend_email_change(
-        self, user_id: str, change: PendingEmailChange, *, max_sends: int, window_seconds: int
+        self,
+        user_id: str,
+        change: PendingEmailChange,
+        *,
+        max_sends: int,
+        window_seconds: int,
+        notice: Mail | None = None,
     ) -> bool:
         return await self._replace_code(
             "email_change",
-            {"is_active": True},
+            {"is_active": True, **_LIVE},
             user_id,
             change.code,
             max_sends,
             window_seconds,
             extra={"new_email": change.new_email},
+            notice=notice,
         )
 
     @_storage_errors
