@@ -191,7 +191,7 @@ ADMIN_PASSWORD = "admin password for tests"
 KEY_ENCRYPTION_KEY = os.urandom(32)
 
 
-class BearerToken(grpc.UnaryUnaryClientInterceptor):
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """Adds ``authorization: Bearer <token>`` to every call of a channel."""
 
     def __init__(self, token: str) -> None:
@@ -200,6 +200,9 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor):
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         metadata = [*(details.metadata or []), ("authorization", f"Bearer {self.token}")]
         return continuation(details._replace(metadata=metadata), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return self.intercept_unary_unary(continuation, details, request)
 
 
 class RunningServer:

@@ -70,6 +70,7 @@ RULES: Mapping[str, Rule] = {
     "ListUsers": Rule.ADMIN,
     "UpdateUser": Rule.SELF_OR_ADMIN,
     "ListAuditEvents": Rule.ADMIN,
+    "WatchUserChanges": Rule.ADMIN_OR_MACHINE,
 }
 
 # Calls anyone may make that cost a password hash or a mail: limited per source address, whatever

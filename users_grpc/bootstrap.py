@@ -33,6 +33,7 @@ from users_grpc.access import Authorizer
 from users_grpc.admin import AdminService
 from users_grpc.audit import AuditLog
 from users_grpc.audit_interceptor import AuditInterceptor
+from users_grpc.changes import ChangeFeed
 from users_grpc.config import ConfigError, Settings
 from users_grpc.directory import DirectoryService
 from users_grpc.domain import PasswordPolicy
@@ -52,6 +53,7 @@ from users_grpc.reflection import SourceInfoReflectionServicer, load_descriptor_
 from users_grpc.repository import (
     Document,
     MongoAuditTrail,
+    MongoChangeLog,
     MongoHousekeeping,
     MongoKeyMaterial,
     MongoKeyStore,
@@ -126,6 +128,7 @@ class App:
     secrets_at_rest: SecretsAtRest
     key_store: MongoKeyStore
     key_material: MongoKeyMaterial
+    changes: ChangeFeed
     # /metrics and the key set over HTTP, when USERS_HTTP_ADDRESS is set.
     http: OperationsHttp | None = None
     http_port: int | None = None
@@ -195,6 +198,7 @@ class App:
             asyncio.create_task(self.health.run()),
             asyncio.create_task(self._reload_keys()),
             asyncio.create_task(self.housekeeping.run()),
+            asyncio.create_task(self.changes.run()),
         ]
         log.info("serving", extra={"port": self.port, "service": SERVICE_NAME})
 
@@ -208,6 +212,7 @@ class App:
         self.mail.stop()
         self.health.stop()
         self.housekeeping.stop()
+        self.changes.stop()
         self._stopping.set()
         pending: set[asyncio.Task[None]] = set()
         if self._background:  # none if stopped while start-up still waited for the database
@@ -260,8 +265,11 @@ async def build_app(
         )
     # Digests of codes and tokens, and sealed mail bodies, under keys derived from the key-encryption key.
     secrets_at_rest = SecretsAtRest(settings.key_encryption_key, settings.old_key_encryption_keys)
-    users = MongoUserRepository(database)
     outbox = MongoOutbox(database, secrets_at_rest)
+    change_log = MongoChangeLog(database, outbox)
+    users = MongoUserRepository(database, change_log)
+    changes = ChangeFeed(log=change_log, poll_seconds=settings.change_poll_seconds)
+    change_log.on_published = changes.published
     session_store = MongoSessionRepository(database)
 
     executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="bcrypt")
@@ -432,6 +440,7 @@ async def build_app(
             service_accounts,
             DirectoryService(users=users, clock=clock),
             audit,
+            changes,
         ),
         server,
     )
@@ -503,16 +512,18 @@ async def build_app(
         key_material=MongoKeyMaterial(database),
         mail=mail,
         housekeeping=HousekeepingJob(
-            store=MongoHousekeeping(database),
+            store=MongoHousekeeping(database, outbox),
             clock=clock,
             retention=Retention(
                 ended_sessions=timedelta(seconds=settings.session_retention_seconds),
                 never_activated_accounts=timedelta(seconds=settings.unactivated_account_retention_seconds),
                 failed_mail=timedelta(seconds=settings.mail_failed_retention_seconds),
                 audit_events=timedelta(days=settings.audit_retention_days),
+                changes=timedelta(days=settings.change_retention_days),
             ),
             interval_seconds=settings.housekeeping_interval_seconds,
         ),
+        changes=changes,
     )
 
 

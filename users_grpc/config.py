@@ -99,6 +99,9 @@ class Settings:
     housekeeping_interval_seconds: float = 300.0
     audit_retention_days: int = 365
 
+    change_poll_seconds: float = 1.0
+    change_retention_days: int = 7
+
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
@@ -213,6 +216,8 @@ class Settings:
             housekeeping_interval_seconds=env.number(
                 "USERS_HOUSEKEEPING_INTERVAL_SECONDS", defaults.housekeeping_interval_seconds, 1, 86400
             ),
+            change_poll_seconds=env.number("USERS_CHANGE_POLL_SECONDS", defaults.change_poll_seconds, 0.05, 60),
+            change_retention_days=env.integer("USERS_CHANGE_RETENTION_DAYS", defaults.change_retention_days, 1, 3650),
             audit_retention_days=env.integer("USERS_AUDIT_RETENTION_DAYS", defaults.audit_retention_days, 1, 3650),
             key_encryption_key=env.get(
                 "USERS_KEY_ENCRYPTION_KEY", defaults.key_encryption_key, _key_encryption_key, secret=True

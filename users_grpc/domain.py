@@ -776,3 +776,33 @@ class AuditPosition:
 
     time: datetime
     id: str
+
+
+class ChangeType(enum.Enum):
+    """What a change of the change feed (WatchUserChanges) did to a user."""
+
+    CREATED = "created"
+    ACTIVATED = "activated"
+    UPDATED = "updated"
+    EMAIL_CHANGED = "email_changed"
+    ROLE_CHANGED = "role_changed"
+    DEACTIVATED = "deactivated"
+    REACTIVATED = "reactivated"
+    LOCKED = "locked"
+    UNLOCKED = "unlocked"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserChange:
+    """One change of the feed: ``sequence`` is its place in the one global order (dense: 1, 2, 3, ...),
+    ``number`` its place among the changes of its user (1, 2, 3, ...)."""
+
+    sequence: int
+    user_id: str
+    number: int
+    type: ChangeType
+    changed_at: datetime
+    # The user as stored when the change was published (None for a deletion): after this change,
+    # and possibly after later changes of the same user too, whose own changes follow this one.
+    user: User | None

@@ -10,6 +10,10 @@ be free when the change takes effect: the swap is one conditional update that th
 Sessions survive a change of address: access tokens do not carry the email, and the caller
 just proved both the password and the new mailbox. Sign-in by the old address stops at once,
 since sign-in looks the account up by its current ``email_key``.
+
+The notices to the old address are durable: each is pended in the user's document by the very
+update that requests or makes the change (see :mod:`users_grpc.mail`), so no crash, deadline or
+cancellation can make the change without its notice.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from datetime import timedelta
 from users_grpc import domain
 from users_grpc.domain import ActivationCode, Mail, PendingEmailChange, User
 from users_grpc.errors import (
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     InvalidCredentials,
@@ -31,6 +36,9 @@ from users_grpc.errors import (
 )
 from users_grpc.ports import Clock, EmailChangeRepository, Mailer, SecretDigests
 from users_grpc.service import UserService
+
+# An admin's change is retried this often when the user's address changes between reading it and the swap.
+_SET_EMAIL_ROUNDS = 3
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +103,22 @@ class EmailChangeService:
             ),
             max_sends=self._policy.max_sends,
             window_seconds=int(self._policy.send_window.total_seconds()),
+            notice=_old_address_notice(
+                user,
+                "A change of your email address was requested",
+                "someone signed in to your account asked to change its email address, and a code to confirm\n"
+                "the new address was mailed there. Your address stays as it is unless that code is entered.",
+            ),
         )
         if not pended:
             log.info("email change capped", extra={"user_id": user.id})
             raise TooManyAttempts(
                 "too many email-change codes were sent; try again later", retry_after=self._policy.send_window
             )
-        # The code goes to the new address only: reading it proves that mailbox.
+        # The code goes to the new address only: reading it proves that mailbox. Not a notice: a
+        # code lost with a crash is asked for again.
         await self._mailer.send(self._code_mail(user, email, code))
-        await self._notify_old_address(
-            user,
-            "A change of your email address was requested",
-            "someone signed in to your account asked to change its email address, and a code to confirm\n"
-            "the new address was mailed there. Your address stays as it is unless that code is entered.",
-        )
+        self._mailer.wake()
         log.info("email change requested", extra={"user_id": user.id})
 
     async def confirm_email_change(self, user_id: str, code: str) -> User:
@@ -124,36 +134,49 @@ class EmailChangeService:
         changed = None
         if pending is not None:
             digest = self._digest(user_id, pending.new_email, code)
-            if hmac.compare_digest(pending.code.digest, digest):
+            account = await self._users.get_account(user_id)
+            if hmac.compare_digest(pending.code.digest, digest) and account is not None:
                 # Raises AlreadyExists if the address was taken meanwhile; then nothing is written
                 # and the pending change stays, until it expires or a new request replaces it.
-                changed = await self._users.confirm_email_change(user_id, pending.new_email, digest, now)
+                changed = await self._users.confirm_email_change(
+                    user_id,
+                    pending.new_email,
+                    digest,
+                    now,
+                    _old_address_notice(
+                        account.user, "Your email address was changed", "the email address of your account was changed."
+                    ),
+                )
         if changed is None:
             log.info("email change refused", extra={"user_id": user_id})
             raise InvalidEmailChangeCode()
-        before, after = changed
-        await self._notify_old_address(
-            before, "Your email address was changed", "the email address of your account was changed."
-        )
+        self._mailer.wake()
         log.info("email changed", extra={"user_id": user_id})
-        return after
+        return changed[1]
 
     async def set_user_email(self, user_id: str, email: str) -> User:
         """An admin's direct change: set at once, without a code; the old address is told."""
         domain.validate_user_id(user_id, "user_id")
         normalized = _normalized_email(email, "email")
-        changed = await self._users.set_email(user_id, normalized, self._clock.now())
-        if changed is None:
-            raise NotFound()
-        before, after = changed
-        if before.email != after.email:
-            await self._notify_old_address(
-                before,
-                "Your email address was changed",
-                "an administrator changed the email address of your account.",
-            )
-        log.info("email set by an admin", extra={"user_id": user_id})
-        return after
+        for _ in range(_SET_EMAIL_ROUNDS):
+            account = await self._users.get_account(user_id)
+            if account is None:
+                raise NotFound()
+            notice = None
+            if account.user.email != normalized:
+                notice = _old_address_notice(
+                    account.user,
+                    "Your email address was changed",
+                    "an administrator changed the email address of your account.",
+                )
+            # With a notice, the swap applies only while the address read is the user's: the
+            # notice never goes to an address that was not the one replaced.
+            changed = await self._users.set_email(user_id, normalized, self._clock.now(), notice)
+            if changed is not None:
+                self._mailer.wake()
+                log.info("email set by an admin", extra={"user_id": user_id})
+                return changed[1]
+        raise FailedPrecondition("the user's email changed meanwhile; try again")
 
     def _digest(self, user_id: str, new_email: str, code: str) -> str:
         # Keyed, bound to the user (the subject) and to the address: a code confirms only the
@@ -175,22 +198,17 @@ class EmailChangeService:
             ),
         )
 
-    async def _notify_old_address(self, user: User, subject: str, what: str) -> None:
-        """The one place that sends this module's security notices to the address being replaced.
 
-        Sent through the outbox like any mail; notices that must survive a crash between the
-        change and the send belong in the user document's own update (the durable notices).
-        """
-        await self._mailer.send(
-            Mail(
-                to=user.email,
-                subject=subject,
-                body=(
-                    f"Hello {user.username},\n\n{what}\n\n"
-                    "If this was not you, change your password now and contact support.\n"
-                ),
-            )
-        )
+def _old_address_notice(user: User, subject: str, what: str) -> Mail:
+    """This module's security notices, to the address being replaced; each is pended by the
+    update that requests or makes the change."""
+    return Mail(
+        to=user.email,
+        subject=subject,
+        body=(
+            f"Hello {user.username},\n\n{what}\n\nIf this was not you, change your password now and contact support.\n"
+        ),
+    )
 
 
 def _normalized_email(email: str, field: str) -> str:

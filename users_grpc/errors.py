@@ -21,7 +21,8 @@ a short message and, where it helps the caller, rich details::
     │   ├── AccountLocked
     │   ├── LastActiveAdmin
     │   ├── WrongUserState
-    │   └── MfaRequired
+    │   ├── MfaRequired
+    │   └── ChangeCursorGone  (the change feed no longer holds the changes after the cursor)
     ├── EtagMismatch           ABORTED (the user changed since the etag was read)
     ├── TooManyAttempts        RESOURCE_EXHAUSTED (google.rpc.RetryInfo: when to try again)
     ├── TooManyRequests        RESOURCE_EXHAUSTED (RetryInfo)
@@ -224,6 +225,16 @@ class WrongUserState(FailedPrecondition):
     """An admin action that does not apply to the account's current state."""
 
     reason = "WRONG_USER_STATE"
+
+
+class ChangeCursorGone(FailedPrecondition):
+    """WatchUserChanges: the changes right after the cursor are no longer kept; the consumer must resync."""
+
+    reason = "CHANGE_CURSOR_EXPIRED"
+    message = (
+        "the changes after this cursor are no longer kept (USERS_CHANGE_RETENTION_DAYS): read the users "
+        "again (ListUsers) and watch with an empty cursor"
+    )
 
 
 class StorageUnavailable(UsersError):

@@ -11,7 +11,9 @@ it for the whole interval and purges:
 - throttle tallies past their use (each carries its own expiry);
 - claims on usernames and emails left pending by a write that never finished
   (see :class:`users_grpc.repository.MongoClaims`);
-- audit events older than the audit retention (FerretDB has no TTL indexes).
+- audit events older than the audit retention (FerretDB has no TTL indexes);
+- changes of the change feed published more than the change retention ago
+  (always the oldest ones, and never the newest: see ``MongoChangeLog``).
 
 Holding the lease for a whole interval makes the job run about once per
 interval whatever the number of replicas; a run is cut off before its lease
@@ -43,6 +45,7 @@ class Retention:
     never_activated_accounts: timedelta
     failed_mail: timedelta
     audit_events: timedelta = timedelta(days=365)
+    changes: timedelta = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Purged:
     tallies: int = 0
     claims: int = 0
     audit_events: int = 0
+    changes: int = 0
 
 
 def holder_id() -> str:
@@ -105,6 +109,7 @@ class HousekeepingJob:
             tallies=await self._store.purge_expired_tallies(now),
             claims=await self._store.release_stale_claims(now),
             audit_events=await self._store.purge_audit_events(now - self._retention.audit_events),
+            changes=await self._store.purge_changes(now - self._retention.changes),
         )
         if purged != Purged(0, 0, 0):
             log.info("housekeeping purged", extra=dataclasses.asdict(purged))

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any, cast
 
@@ -32,6 +32,7 @@ from users_grpc.throttling import SourceRateLimit
 log = logging.getLogger(__name__)
 
 _Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 _Deserializer = Callable[[bytes], Any]
 
 # What a refused caller is told to wait: long enough to let the calls in progress finish.
@@ -54,9 +55,11 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
     """Enforces the access rules and the concurrency cap, maps errors to statuses and bounds
     database work by the call's deadline.
 
-    Applies to the unary methods of the services under ``method_prefix``. Health and reflection
-    pass through untouched, never counted by the cap (so probes answer under any load), except
-    that a unary request that does not parse is refused as INVALID_ARGUMENT wherever it goes.
+    Applies to the unary methods of the services under ``method_prefix``, and to their
+    server-streaming methods (WatchUserChanges), which are never counted by the cap: a stream
+    is meant to stay open. Health and reflection pass through untouched, never counted by the
+    cap (so probes answer under any load), except that a unary request that does not parse is
+    refused as INVALID_ARGUMENT wherever it goes.
     """
 
     def __init__(
@@ -84,9 +87,17 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method
+        if handler.unary_stream is not None and method.startswith(self._method_prefix):
+            return grpc.unary_stream_rpc_method_handler(
+                self._guard_stream(method, cast(_StreamBehavior, handler.unary_stream)),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_unary is None:
+            return handler
         # An aio server's handlers are coroutine functions, whatever the sync-typed stubs say.
         behavior = cast(_Behavior, handler.unary_unary)
         guarded = self._guard(method, behavior) if method.startswith(self._method_prefix) else _parsed(method, behavior)
@@ -148,6 +159,43 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                     self._in_progress -= 1
                 database_budget.reset(budget)
                 current_caller.reset(token)
+
+        return guarded
+
+    def _guard_stream(self, method: str, behavior: _StreamBehavior) -> _StreamBehavior:
+        """The access rule, deadlines and error statuses of :meth:`_guard`, for a server stream."""
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            metadata = context.invocation_metadata() or ()
+            # Set, never reset: each call runs in its own task, with its own copy of the context, and a
+            # stream closed from outside finishes in another context, where a reset would fail.
+            current_caller.set(Caller(source=source_address(context.peer(), None, machine=False)))
+            remaining = context.time_remaining()
+            database_budget.set(
+                DatabaseBudget(
+                    per_operation=self._db_timeout_seconds,
+                    deadline=None if remaining is None else time.monotonic() + remaining,
+                )
+            )
+            try:
+                if isinstance(request, _Malformed):
+                    raise MalformedRequest()
+                if not self._ready.is_set():
+                    raise StorageUnavailable("the service is starting: its database is not ready yet")
+                name = method.rpartition("/")[2]
+                caller = await self._authorizer.caller_of(name, bearer_token(metadata), _machine_names(context))
+                caller = dataclasses.replace(
+                    caller, source=source_address(context.peer(), None, machine=caller.machine is not None)
+                )
+                current_caller.set(caller)
+                self._authorizer.admit(name, request, caller)
+                async for response in behavior(request, context):
+                    yield response
+            except UsersError as error:
+                await _refuse(context, method, error)
+            except Exception:
+                log.exception("unexpected error", extra={"rpc": method})
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
         return guarded
 

@@ -28,6 +28,7 @@ from users_grpc.domain import (
     StoredKey,
     Tally,
     User,
+    UserChange,
     UserFilter,
     UserState,
     Version,
@@ -160,23 +161,33 @@ class EmailChangeRepository(Protocol):
     async def get_account(self, user_id: str) -> Account | None: ...
 
     async def pend_email_change(
-        self, user_id: str, change: PendingEmailChange, *, max_sends: int, window_seconds: int
+        self,
+        user_id: str,
+        change: PendingEmailChange,
+        *,
+        max_sends: int,
+        window_seconds: int,
+        notice: Mail | None = None,
     ) -> bool:
         """Pend ``change`` for an active user, replacing any older one, unless the sends in the
-        window hit the cap; True if pended."""
+        window hit the cap; True if pended. ``notice`` is pended in the same update."""
 
     async def reserve_email_change_attempt(self, user_id: str, now: datetime) -> PendingEmailChange | None:
         """Use up one attempt of the user's unexpired pending change and return it; None if there
         is none, or it has expired or has no attempts left."""
 
     async def confirm_email_change(
-        self, user_id: str, new_email: str, code_digest: str, now: datetime
+        self, user_id: str, new_email: str, code_digest: str, now: datetime, notice: Mail | None = None
     ) -> tuple[User, User] | None:
         """Set the pending ``new_email`` if this unexpired code is still pending, in one conditional
-        update; the user (before, after), or None. Works once."""
+        update; the user (before, after), or None. Works once. With a ``notice``, pended in the same
+        update, which then applies only while ``notice.to`` is still the user's email."""
 
-    async def set_email(self, user_id: str, email: str, now: datetime) -> tuple[User, User] | None:
-        """Set the email at once, dropping any pending change; the user (before, after), or None."""
+    async def set_email(
+        self, user_id: str, email: str, now: datetime, notice: Mail | None = None
+    ) -> tuple[User, User] | None:
+        """Set the email at once, dropping any pending change; the user (before, after), or None.
+        ``notice`` as in :meth:`confirm_email_change`."""
 
 
 class SessionRepository(Protocol):
@@ -391,6 +402,10 @@ class Housekeeping(Protocol):
     async def purge_audit_events(self, recorded_before: datetime) -> int:
         """Delete the audit events recorded before ``recorded_before``; how many."""
 
+    async def purge_changes(self, published_before: datetime) -> int:
+        """Delete the change-feed changes published before ``published_before``, oldest first and
+        never the newest; how many."""
+
 
 class AuditTrail(Protocol):
     """The append-only audit trail: events are added and read, never changed."""
@@ -404,3 +419,18 @@ class AuditTrail(Protocol):
     async def find_user_id(self, identifier_key: str) -> str | None:
         """The id of the user with this username or email key, if there is one: names the subject
         of a sign-in by identifier without keeping the identifier itself."""
+
+
+class ChangeLog(Protocol):
+    """The change feed's store (see :class:`users_grpc.repository.MongoChangeLog` for why no change is lost)."""
+
+    async def sweep(self, changed_before: datetime, limit: int = 100) -> int:
+        """Publish the changes pending since before ``changed_before`` and finish deletions marked
+        before then; how many users it took up."""
+
+    async def last_sequence(self) -> int:
+        """The newest change's sequence number; 0 before the first."""
+
+    async def read_after(self, sequence: int, limit: int) -> list[UserChange]:
+        """Up to ``limit`` changes numbered above ``sequence``, in order; the caller checks that
+        they are consecutive."""

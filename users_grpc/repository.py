@@ -8,6 +8,8 @@ A change that the user must hear of (a password reset or change, MFA on or
 off) pushes its notice into the user's own document in that same update: a
 transactional outbox inside the aggregate. The mail sender moves pending
 notices into the ``outbox`` collection (:meth:`MongoUserRepository.claim_pending_notices`).
+A change that other services must hear of (the change feed) pushes its entry into the
+user's document the same way; :class:`MongoChangeLog` publishes entries into ``user_changes``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import logging
 import re
 import secrets
 import time
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 import bson
@@ -42,6 +45,7 @@ from users_grpc.domain import (
     AuditEventType,
     AuditFilter,
     AuditPosition,
+    ChangeType,
     Gender,
     Mail,
     Mfa,
@@ -58,6 +62,7 @@ from users_grpc.domain import (
     StoredKey,
     Tally,
     User,
+    UserChange,
     UserFilter,
     UserState,
     Version,
@@ -68,6 +73,7 @@ from users_grpc.secrets_at_rest import SecretsAtRest
 
 Document = dict[str, Any]
 _INDEX_NOT_FOUND = 27
+log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -122,9 +128,10 @@ class MongoUserRepository:
     """The ``users`` collection. Usernames and emails are unique through :class:`MongoClaims`, which
     works when ``users`` is sharded by ``_id`` (a unique index on another field would not)."""
 
-    def __init__(self, database: AsyncDatabase[Document]) -> None:
+    def __init__(self, database: AsyncDatabase[Document], changes: MongoChangeLog | None = None) -> None:
         self._users: AsyncCollection[Document] = database["users"]
         self._claims = MongoClaims(database)
+        self._changes = changes or MongoChangeLog(database)
         # Set from the schema version at start-up: only from version 2 does every user's name
         # have a claim (older replicas may write users without one until then).
         self.lookups_by_claim = False
@@ -133,6 +140,7 @@ class MongoUserRepository:
     async def ensure_indexes(self) -> None:
         """The indexes every schema version has; the identifier indexes belong to :class:`MongoSchema`."""
         await self._claims.ensure_indexes()
+        await self._changes.ensure_indexes()
         # Serves housekeeping's purge of accounts never activated.
         await self._users.create_index(
             [("is_active", ASCENDING), ("created_at", ASCENDING)], name="is_active_created_at"
@@ -172,6 +180,12 @@ class MongoUserRepository:
                     await self._claims.release(taken_kind, taken_key, user_id)
                 raise AlreadyExists(kind)
             claimed.append((kind, key))
+        # Its first change, pended in the document it is made with (see _with_change).
+        document.update(
+            change_number=1,
+            pending_changes=[_change_entry(ChangeType.CREATED, new_user.created_at)],
+            pending_changes_since=new_user.created_at,
+        )
         try:
             await self._users.insert_one(document)
         except OperationFailure as error:
@@ -185,11 +199,12 @@ class MongoUserRepository:
             raise AlreadyExists(field) from None
         for kind, key in claimed:
             await self._claims.settle(kind, key, user_id)
+        await self._publish(user_id)
         return _user_from_document(document)
 
     @_storage_errors
     async def get(self, user_id: str) -> User | None:
-        document = await self._users.find_one({"_id": _object_id(user_id)})
+        document = await self._users.find_one({"_id": _object_id(user_id), **_LIVE})
         return None if document is None else _user_from_document(document)
 
     @_storage_errors
@@ -206,7 +221,7 @@ class MongoUserRepository:
             holder = await self._claims.holder(kind, identifier_key)
             if holder is not None:
                 # A pending claim's user may not exist yet, or hold the name no longer.
-                document = await self._users.find_one({"_id": holder, f"{kind}_key": identifier_key})
+                document = await self._users.find_one({"_id": holder, f"{kind}_key": identifier_key, **_LIVE})
                 if document is not None:
                     return document
         return None
@@ -240,14 +255,21 @@ class MongoUserRepository:
     async def _activate_if(self, user_id: str, proof: Document, now: datetime) -> User | None:
         """Activate a pending user if ``proof`` (an unexpired code or token) matches; works once."""
         document = await self._users.find_one_and_update(
-            {"_id": _object_id(user_id), "is_active": False, **proof},
-            {
-                "$set": {"is_active": True, "state": UserState.ACTIVE.value, "updated_at": now},
-                "$unset": {"activation": ""},
-            },
+            {"_id": _object_id(user_id), "is_active": False, **proof, **_LIVE},
+            _with_change(
+                {
+                    "$set": {"is_active": True, "state": UserState.ACTIVE.value, "updated_at": now},
+                    "$unset": {"activation": ""},
+                },
+                ChangeType.ACTIVATED,
+                now,
+            ),
             return_document=ReturnDocument.AFTER,
         )
-        return None if document is None else _user_from_document(document)
+        if document is None:
+            return None
+        await self._publish(document["_id"])
+        return _user_from_document(document)
 
     @_storage_errors
     async def replace_activation_code(
@@ -270,11 +292,17 @@ class MongoUserRepository:
         max_sends: int,
         window_seconds: int,
         extra: Document | None = None,
+        notice: Mail | None = None,
     ) -> bool:
         """Pend ``code`` in ``field``, replacing any older one, unless the sends in the window hit the cap.
 
-        ``extra`` holds more fields of the pending ``field`` sub-document, set with the code.
+        ``extra`` holds more fields of the pending ``field`` sub-document, set with the code;
+        ``notice`` is pended in the same update (see the module docstring).
         """
+
+        def noticed(update: Document) -> Document:
+            return update if notice is None else _with_notice(update, notice, code.window_started_at)
+
         fields = {**_activation_document(code), **(extra or {})}
         window_cutoff = code.window_started_at - timedelta(seconds=window_seconds)
         pending = {"_id": _object_id(user_id), **precondition}
@@ -285,21 +313,23 @@ class MongoUserRepository:
                 f"{field}.window_started_at": {"$gt": window_cutoff},
                 f"{field}.sends_in_window": {"$lt": max_sends},
             },
-            {
-                "$set": {
-                    f"{field}.{name}": value
-                    for name, value in fields.items()
-                    if name not in {"sends_in_window", "window_started_at"}
-                },
-                "$inc": {f"{field}.sends_in_window": 1},
-            },
+            noticed(
+                {
+                    "$set": {
+                        f"{field}.{name}": value
+                        for name, value in fields.items()
+                        if name not in {"sends_in_window", "window_started_at"}
+                    },
+                    "$inc": {f"{field}.sends_in_window": 1},
+                }
+            ),
         )
         if counted.modified_count:
             return True
         # The window has run out (or there was none): this send opens a new one.
         opened = await self._users.update_one(
             {**pending, "$or": [{f"{field}.window_started_at": {"$lte": window_cutoff}}, {field: None}]},
-            {"$set": {field: fields}},
+            noticed({"$set": {field: fields}}),
         )
         return opened.modified_count == 1
 
@@ -323,7 +353,12 @@ class MongoUserRepository:
         ``notice`` is pended in the same update: the reset and its notice happen together or not at all.
         """
         result = await self._users.update_one(
-            {"_id": _object_id(user_id), "password_reset.digest": digest, "password_reset.expires_at": {"$gt": now}},
+            {
+                "_id": _object_id(user_id),
+                "password_reset.digest": digest,
+                "password_reset.expires_at": {"$gt": now},
+                **_LIVE,
+            },
             _with_notice(_new_password(password_hash, now), notice, now),
         )
         return result.modified_count == 1
@@ -332,7 +367,8 @@ class MongoUserRepository:
     async def set_password(self, user_id: str, password_hash: str, now: datetime, notice: Mail) -> bool:
         """Set a new password, with its notice; a pending reset token dies with the old password."""
         result = await self._users.update_one(
-            {"_id": _object_id(user_id)},
+            # Never on a user being deleted: its notices have been moved to the outbox already.
+            {"_id": _object_id(user_id), **_LIVE},
             _with_notice(_new_password(password_hash, now), notice, now),
         )
         return result.modified_count == 1
@@ -348,7 +384,7 @@ class MongoUserRepository:
 
     @_storage_errors
     async def get_account(self, user_id: str) -> Account | None:
-        document = await self._users.find_one({"_id": _object_id(user_id)})
+        document = await self._users.find_one({"_id": _object_id(user_id), **_LIVE})
         return None if document is None else _account_from_document(document)
 
     @_storage_errors
@@ -397,23 +433,27 @@ class MongoUserRepository:
     ) -> bool:
         """Turn a pending enrollment on, with its notice, if ``step`` is newer than the last used."""
         result = await self._users.update_one(
-            {"_id": _object_id(user_id), "mfa.state": "pending", "mfa.last_used_step": {"$lt": step}},
-            _with_notice(
-                {
-                    "$set": {
-                        "mfa.state": "active",
-                        "mfa.last_used_step": step,
-                        "mfa.recovery_digests": recovery_digests,
-                        "mfa.failures": 0,
-                        "updated_at": now,
+            {"_id": _object_id(user_id), "mfa.state": "pending", "mfa.last_used_step": {"$lt": step}, **_LIVE},
+            _with_change(
+                _with_notice(
+                    {
+                        "$set": {
+                            "mfa.state": "active",
+                            "mfa.last_used_step": step,
+                            "mfa.recovery_digests": recovery_digests,
+                            "mfa.failures": 0,
+                            "updated_at": now,
+                        },
+                        "$inc": {"token_version": 1},
                     },
-                    "$inc": {"token_version": 1},
-                },
-                notice,
+                    notice,
+                    now,
+                ),
+                ChangeType.UPDATED,
                 now,
             ),
         )
-        return result.modified_count == 1
+        return await self._published_if(result.modified_count == 1, user_id)
 
     @_storage_errors
     async def use_totp_step(self, user_id: str, step: int) -> bool:
@@ -443,27 +483,35 @@ class MongoUserRepository:
     async def disable_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool:
         """Turn MFA off, with its notice; False if it was not on."""
         result = await self._users.update_one(
-            {"_id": _object_id(user_id), "mfa.state": "active"},
-            _with_notice(
-                {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
-                notice,
+            {"_id": _object_id(user_id), "mfa.state": "active", **_LIVE},
+            _with_change(
+                _with_notice(
+                    {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
+                    notice,
+                    now,
+                ),
+                ChangeType.UPDATED,
                 now,
             ),
         )
-        return result.modified_count == 1
+        return await self._published_if(result.modified_count == 1, user_id)
 
     @_storage_errors
     async def reset_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool:
         """Remove any enrollment, active or pending, with its notice (an admin's reset); False if none."""
         result = await self._users.update_one(
-            {"_id": _object_id(user_id), "mfa": {"$ne": None}},
-            _with_notice(
-                {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
-                notice,
+            {"_id": _object_id(user_id), "mfa": {"$ne": None}, **_LIVE},
+            _with_change(
+                _with_notice(
+                    {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
+                    notice,
+                    now,
+                ),
+                ChangeType.UPDATED,
                 now,
             ),
         )
-        return result.modified_count == 1
+        return await self._published_if(result.modified_count == 1, user_id)
 
     @_storage_errors
     async def reserve_mfa_attempt(self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int) -> bool:
@@ -517,14 +565,35 @@ class MongoUserRepository:
         return document is not None and await self._delete_where({"_id": document["_id"]})
 
     async def _delete_where(self, query: Document) -> bool:
-        """Delete the user ``query`` finds, then free their names. If the process dies in between,
-        the claims name a user that is gone, and the next claimant takes them over."""
-        # Without a projection: FerretDB does not implement one on findAndModify.
-        document = await self._users.find_one_and_delete(query)
+        """Delete the user ``query`` finds: first mark the document deleting, with its ``deleted``
+        change pended in that same update (from then on every call sees the user as gone), then
+        publish its changes, move its notices to the outbox and delete it (:meth:`MongoChangeLog.publish`).
+
+        A crash after the mark leaves the rest to the change log's sweep: the deletion stands
+        either way, and its change is never lost with the document.
+        """
+        now = datetime.now(UTC)
+        document = await self._users.find_one_and_update(
+            {**query, **_LIVE},
+            _with_change({"$set": {"deleting": now}}, ChangeType.DELETED, now),
+        )
         if document is None:
             return False
-        await self._claims.release_all_of(document)
+        await self._publish(document["_id"])
         return True
+
+    async def _publish(self, user_id: ObjectId | str) -> None:
+        """Publish the user's pending changes now, the fast path; the change log's sweep publishes
+        whatever this leaves (the database went away, the call was cut short, the server died)."""
+        try:
+            await self._changes.publish(str(user_id))
+        except (PyMongoError, StorageUnavailable):
+            log.warning("changes left for the sweep", extra={"user_id": str(user_id)}, exc_info=True)
+
+    async def _published_if(self, changed: bool, user_id: str) -> bool:
+        if changed:
+            await self._publish(user_id)
+        return changed
 
     @_storage_errors
     async def change_state(
@@ -540,12 +609,18 @@ class MongoUserRepository:
             # activation) can never take it.
             # Suspended: nothing pending may complete later (a code, a reset, a change of address).
             update["$unset"] = {"activation": "", "password_reset": "", "email_change": ""}
-        document = await self._users.find_one_and_update(
-            {"_id": _object_id(user_id), "$or": [_STATE_FILTERS[state] for state in from_states]},
-            update,
-            return_document=ReturnDocument.BEFORE,
-        )
-        return None if document is None else _user_from_document(document)
+        # The change's type depends on the state left (reactivated or unlocked), so one update per
+        # such state; states sorted, so that every call tries them in the same order.
+        for group in _change_groups(from_states, to):
+            document = await self._users.find_one_and_update(
+                {"_id": _object_id(user_id), "$or": [_STATE_FILTERS[state] for state in group], **_LIVE},
+                _with_change(update, _state_change(group, to), now),
+                return_document=ReturnDocument.BEFORE,
+            )
+            if document is not None:
+                await self._publish(document["_id"])
+                return _user_from_document(document)
+        return None
 
     @_storage_errors
     async def set_role(self, user_id: str, role: Role, now: datetime) -> User | None:
@@ -553,11 +628,14 @@ class MongoUserRepository:
         no such user or they had the role already. The token version is left to the caller, as in
         :meth:`change_state`."""
         document = await self._users.find_one_and_update(
-            {"_id": _object_id(user_id), "role": {"$ne": role.value}},
-            {"$set": {"role": role.value, "updated_at": now}},
+            {"_id": _object_id(user_id), "role": {"$ne": role.value}, **_LIVE},
+            _with_change({"$set": {"role": role.value, "updated_at": now}}, ChangeType.ROLE_CHANGED, now),
             return_document=ReturnDocument.BEFORE,
         )
-        return None if document is None else _user_from_document(document)
+        if document is None:
+            return None
+        await self._publish(document["_id"])
+        return _user_from_document(document)
 
     @_storage_errors
     async def count_active_admins(self) -> int:
@@ -653,16 +731,23 @@ class MongoUserRepository:
 
     @_storage_errors
     async def pend_email_change(
-        self, user_id: str, change: PendingEmailChange, *, max_sends: int, window_seconds: int
+        self,
+        user_id: str,
+        change: PendingEmailChange,
+        *,
+        max_sends: int,
+        window_seconds: int,
+        notice: Mail | None = None,
     ) -> bool:
         return await self._replace_code(
             "email_change",
-            {"is_active": True},
+            {"is_active": True, **_LIVE},
             user_id,
             change.code,
             max_sends,
             window_seconds,
             extra={"new_email": change.new_email},
+            notice=notice,
         )
 
     @_storage_errors
@@ -684,7 +769,7 @@ class MongoUserRepository:
 
     @_storage_errors
     async def confirm_email_change(
-        self, user_id: str, new_email: str, code_digest: str, now: datetime
+        self, user_id: str, new_email: str, code_digest: str, now: datetime, notice: Mail | None = None
     ) -> tuple[User, User] | None:
         return await self._swap_email(
             {
@@ -696,32 +781,41 @@ class MongoUserRepository:
             },
             new_email,
             now,
+            notice,
         )
 
     @_storage_errors
-    async def set_email(self, user_id: str, email: str, now: datetime) -> tuple[User, User] | None:
-        return await self._swap_email({"_id": _object_id(user_id)}, email, now)
+    async def set_email(
+        self, user_id: str, email: str, now: datetime, notice: Mail | None = None
+    ) -> tuple[User, User] | None:
+        return await self._swap_email({"_id": _object_id(user_id)}, email, now, notice)
 
-    async def _swap_email(self, precondition: Document, email: str, now: datetime) -> tuple[User, User] | None:
+    async def _swap_email(
+        self, precondition: Document, email: str, now: datetime, notice: Mail | None
+    ) -> tuple[User, User] | None:
         """Claim ``email``, then set it where ``precondition`` holds: a taken address writes
         nothing and raises :class:`AlreadyExists`. The old address is released afterwards.
 
         The pending change goes, and so does a pending password reset: its token was mailed to
-        the old address, which no longer speaks for the account.
+        the old address, which no longer speaks for the account. ``notice`` (to the old address)
+        is pended in the same update, which then applies only while ``notice.to`` is still the
+        user's address: so the notice never goes to an address that was not the one replaced.
         """
         key = identifier_key(email)
+        update: Document = {
+            "$set": {"email": email, "email_key": key, "updated_at": now},
+            "$unset": {"email_change": "", "password_reset": ""},
+        }
+        query = {**precondition, **_LIVE}
+        if notice is not None:
+            update = _with_notice(update, notice, now)
+            query["email"] = notice.to
         before = await self._claimed_update(
-            "email",
-            key,
-            precondition,
-            {
-                "$set": {"email": email, "email_key": key, "updated_at": now},
-                "$unset": {"email_change": "", "password_reset": ""},
-            },
-            now,
+            "email", key, query, _with_change(update, ChangeType.EMAIL_CHANGED, now), now
         )
         if before is None:
             return None
+        await self._publish(before["_id"])
         old = _user_from_document(before)
         # As stored and read back later: BSON dates hold milliseconds.
         stored_now = now.replace(microsecond=now.microsecond // 1000 * 1000)
@@ -752,18 +846,22 @@ class MongoUserRepository:
         }
         if changes.username is not None:
             fields["username_key"] = identifier_key(changes.username)
-        query: Document = {"_id": _object_id(user_id)}
+        query: Document = {"_id": _object_id(user_id), **_LIVE}
         if expected is not None:
             # Documents stored before revisions existed have none: revision 0.
             query["revision"] = expected.revision if expected.revision else {"$exists": False}
             query["updated_at"] = expected.updated_at
-        update: Document = {"$set": {**fields, "updated_at": now}, "$inc": {"revision": 1}}
+        update = _with_change({"$set": {**fields, "updated_at": now}, "$inc": {"revision": 1}}, ChangeType.UPDATED, now)
         if changes.username is None:
             document = await self._users.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
-            return None if document is None else _user_from_document(document)
-        if await self._claimed_update("username", fields["username_key"], query, update, now) is None:
+        elif await self._claimed_update("username", fields["username_key"], query, update, now) is None:
             return None
-        return await self.get(user_id)
+        else:
+            document = await self._users.find_one({"_id": query["_id"]})
+        if document is None:
+            return None
+        await self._publish(document["_id"])
+        return _user_from_document(document)
 
     async def _claimed_update(
         self, kind: str, key: str, query: Document, update: Document, now: datetime
@@ -966,6 +1064,262 @@ class MongoSchema:
             except OperationFailure as error:
                 if error.code != _INDEX_NOT_FOUND:
                     raise
+
+
+class MongoChangeLog:
+    """The change feed's store: the ``user_changes`` collection, one document per change, its
+    ``_id`` the change's place in one dense global sequence (1, 2, 3, ...).
+
+    Why a reader that reads ``_id > cursor`` in order never skips a change:
+
+    1. A change and its pending entry are one single-document update of the user (see
+       ``_with_change``): no change without its entry, whatever crashes or cancellations.
+    2. An entry is published by inserting it at the next number: starting from the head (a
+       number known stored: ``user_changes_head``, moved up after each insert), a publisher
+       tries n + 1, and on finding it taken (the unique ``_id``) the next, and so on. So an
+       insert at n succeeds only after every number below n was found stored: the sequence has
+       no holes, and a change can never appear later below a cursor already passed. (A counter
+       handing numbers out would not do: a publisher dying between taking a number and
+       inserting would leave a hole, and a reader cannot tell a hole from a change still on
+       its way.) Readers also deliver only consecutive numbers, each read by its ``_id``.
+    3. The unique (user_id, number) index makes publishing an entry twice (two publishers, or
+       one that died before removing the entry) a no-op; entries are removed from the user's
+       document only after they are published, and are published in the user's own order.
+    4. Retention deletes only a prefix of the sequence and always keeps the newest change, so
+       the maximum never goes back; a cursor below what is kept is refused, never skipped.
+    5. A deleted user's document keeps its entries until they are published: a deletion first
+       marks the document (``deleting``; every call sees the user as gone from then on), then
+       publishes, moves the user's pending notices to the outbox, and only then deletes it.
+    """
+
+    def __init__(self, database: AsyncDatabase[Document], outbox: MongoOutbox | None = None) -> None:
+        self._changes: AsyncCollection[Document] = database["user_changes"]
+        # One document: the highest number known stored, so publishers need not look for the maximum.
+        self._heads: AsyncCollection[Document] = database["user_changes_head"]
+        self._users: AsyncCollection[Document] = database["users"]
+        self._outbox = outbox
+        self._claims = MongoClaims(database)
+        # Called after this process published changes, so that its own watchers need not wait for a poll.
+        self.on_published: Callable[[], None] | None = None
+
+    @_storage_errors
+    async def ensure_indexes(self) -> None:
+        await self._changes.create_index(
+            [("user_id", ASCENDING), ("number", ASCENDING)], unique=True, name="user_id_number_unique"
+        )
+        # Serves housekeeping's purge by age.
+        await self._changes.create_index([("published_at", ASCENDING)], name="published_at")
+        # Sparse: only documents with changes waiting, or being deleted, are indexed; the sweep reads these.
+        await self._users.create_index(
+            [("pending_changes_since", ASCENDING)], sparse=True, name="pending_changes_since"
+        )
+        await self._users.create_index([("deleting", ASCENDING)], sparse=True, name="deleting")
+
+    @_storage_errors
+    async def publish(self, user_id: str) -> None:
+        """Publish the user's pending changes in their order; finish the user's deletion if it is marked."""
+        await self._publish(_object_id(user_id))
+
+    @_storage_errors
+    async def sweep(self, changed_before: datetime, limit: int = 100) -> int:
+        """Publish what waits since before ``changed_before`` (what a publisher that died left), and
+        finish deletions marked before then; how many users it took up (at most ``limit`` of each)."""
+        ids: dict[Any, None] = {}
+        for query in ({"pending_changes_since": {"$lte": changed_before}}, {"deleting": {"$lte": changed_before}}):
+            async for document in self._users.find(query, projection={"_id": 1}).limit(limit):
+                ids[document["_id"]] = None
+        for user_id in ids:
+            await self._publish(user_id)
+        return len(ids)
+
+    @_storage_errors
+    async def last_sequence(self) -> int:
+        """The newest change's sequence number; 0 before the first change."""
+        return await self._last_sequence()
+
+    @_storage_errors
+    async def read_after(self, sequence: int, limit: int) -> list[UserChange]:
+        """Up to ``limit`` changes numbered above ``sequence``, in order; if there is none at
+        sequence + 1 but there are later ones (the changes after ``sequence`` are gone, or one is
+        not visible yet), the lowest change above ``sequence`` alone: the caller tells which.
+
+        A caller that is up to date (the usual poll) costs one lookup by ``_id``, which FerretDB
+        too serves from an index; only catching up reads a range (which FerretDB answers by a scan).
+        """
+        if await self._changes.find_one({"_id": sequence + 1}, projection={"_id": 1}) is None:
+            if await self._last_sequence() <= sequence:
+                return []
+            lowest = await self._changes.find_one({"_id": {"$gt": sequence}}, sort=[("_id", ASCENDING)])
+            return [] if lowest is None else [_change_from_document(lowest)]
+        cursor = self._changes.find({"_id": {"$gt": sequence, "$lte": sequence + limit}}).sort("_id", ASCENDING)
+        return [_change_from_document(document) async for document in cursor]
+
+    async def _last_sequence(self) -> int:
+        # The head names a stored change, and is at most a few behind (a publisher died between
+        # its insert and moving the head): walk on from it.
+        last = await self._head()
+        while await self._changes.find_one({"_id": last + 1}, projection={"_id": 1}) is not None:
+            last += 1
+        return last
+
+    async def _head(self) -> int:
+        head = await self._heads.find_one({"_id": _HEAD})
+        if head is not None:
+            return int(head["last"])
+        # No head yet (the first change, or changes stored before heads existed): the maximum, read once.
+        newest = await self._changes.find_one({}, projection={"_id": 1}, sort=[("_id", DESCENDING)])
+        return 0 if newest is None else int(newest["_id"])
+
+    async def _publish(self, user_id: Any) -> None:
+        document = await self._users.find_one({"_id": user_id}, projection=_PUBLISHED_FIELDS)
+        if document is None:
+            return
+        entries: list[Document] = document.get("pending_changes") or []
+        if entries:
+            first_number = int(document.get("change_number", len(entries))) - len(entries) + 1
+            snapshot = _user_snapshot(document)
+            for offset, entry in enumerate(entries):
+                deleted = entry["type"] == ChangeType.DELETED.value
+                await self._append(
+                    {
+                        "user_id": str(user_id),
+                        "number": first_number + offset,
+                        "type": entry["type"],
+                        "changed_at": entry["at"],
+                        "published_at": datetime.now(UTC),
+                        **({} if deleted else {"user": snapshot}),
+                    }
+                )
+            # Whole elements, as written: FerretDB's $pull takes no conditions.
+            await self._users.update_one({"_id": user_id}, {"$pullAll": {"pending_changes": entries}})
+            await self._users.update_one(
+                {"_id": user_id, "pending_changes": {"$size": 0}},
+                {"$unset": {"pending_changes": "", "pending_changes_since": ""}},
+            )
+            if self.on_published is not None:
+                self.on_published()
+        if document.get("deleting") is not None:
+            await self._finish_deletion(user_id)
+
+    async def _append(self, change: Document) -> None:
+        """Insert ``change`` at the next free number, which is always (the highest stored) + 1.
+
+        Starts from the head (a stored number) and moves up one on each number found taken: so
+        when an insert at n succeeds, every number below n was found stored.
+        """
+        number = await self._head() + 1
+        for _ in range(_APPEND_ROUNDS):
+            change["_id"] = number
+            try:
+                await self._changes.insert_one(change)
+            except DuplicateKeyError:
+                # Which unique index refused it? FerretDB does not say, so look, by _id only.
+                holder = await self._changes.find_one({"_id": number}, projection={"user_id": 1, "number": 1})
+                if holder is None or (holder["user_id"], holder["number"]) == (change["user_id"], change["number"]):
+                    return  # published already (the user's number is taken), by another publisher or earlier
+                number = max(number + 1, await self._head() + 1)  # the number is another change's
+                continue
+            await self._move_head(number)
+            return
+        raise StorageUnavailable("too many publishers at once; the change stays pending")
+
+    async def _move_head(self, number: int) -> None:
+        try:
+            await self._heads.update_one(
+                {"_id": _HEAD, "last": {"$lt": number}}, {"$set": {"last": number}}, upsert=True
+            )
+        except OperationFailure as error:
+            # The head is at or past the number already (the upsert's insert clashed): nothing to do.
+            if not _is_duplicate_key(error):
+                raise
+
+    async def _finish_deletion(self, user_id: Any) -> None:
+        """Once a deleted user's changes are all published: move its pending notices to the outbox,
+        then delete the document (no new notice can arrive: every update skips marked documents)."""
+        document = await self._users.find_one(
+            {"_id": user_id, "deleting": {"$ne": None}},
+            projection={"pending_mail": 1, "pending_changes": 1, "username_key": 1, "email_key": 1},
+        )
+        if document is None or document.get("pending_changes"):
+            return
+        if self._outbox is not None:
+            for notice in document.get("pending_mail") or ():
+                moved = _notice_from_document(notice)
+                await self._outbox.enqueue(moved.mail, datetime.now(UTC), mail_id=moved.id)
+        deleted = await self._users.delete_one(
+            {
+                "_id": user_id,
+                "deleting": {"$ne": None},
+                "$or": [{"pending_changes": None}, {"pending_changes": {"$size": 0}}],
+            }
+        )
+        if deleted.deleted_count:
+            # Its names are free now. If the process dies first, the claims name a user that is
+            # gone, and the next claimant takes them over (MongoClaims.claim).
+            await self._claims.release_all_of(document)
+
+
+# Publishers retry this often when other publishers take the number they computed.
+_APPEND_ROUNDS = 50
+_HEAD = "user_changes"
+_SWEEP_LIMIT = 100
+# What a publisher reads of a user: the User the change shows, never a secret.
+_PUBLISHED_FIELDS = {
+    name: 1
+    for name in (
+        "username",
+        "first_name",
+        "last_name",
+        "email",
+        "gender",
+        "role",
+        "is_active",
+        "state",
+        "created_at",
+        "updated_at",
+        "revision",
+        "mfa.state",
+        "change_number",
+        "pending_changes",
+        "deleting",
+    )
+}
+
+
+def _user_snapshot(document: Document) -> Document:
+    snapshot: Document = {
+        name: document[name]
+        for name in (
+            "_id",
+            "username",
+            "first_name",
+            "last_name",
+            "email",
+            "gender",
+            "role",
+            "is_active",
+            "state",
+            "created_at",
+            "updated_at",
+            "revision",
+        )
+        if name in document
+    }
+    if (document.get("mfa") or {}).get("state") is not None:
+        snapshot["mfa"] = {"state": document["mfa"]["state"]}
+    return snapshot
+
+
+def _change_from_document(document: Document) -> UserChange:
+    user = document.get("user")
+    return UserChange(
+        sequence=int(document["_id"]),
+        user_id=document["user_id"],
+        number=int(document["number"]),
+        type=ChangeType(document["type"]),
+        changed_at=document["changed_at"],
+        user=None if user is None else _user_from_document(user),
+    )
 
 
 class MongoSessionRepository:
@@ -1541,7 +1895,7 @@ class MongoHousekeeping:
     """Leases for jobs that one replica at a time runs (the ``leases`` collection, by ``_id``), and
     the purges of housekeeping, each served by an index."""
 
-    def __init__(self, database: AsyncDatabase[Document]) -> None:
+    def __init__(self, database: AsyncDatabase[Document], outbox: MongoOutbox | None = None) -> None:
         self._leases: AsyncCollection[Document] = database["leases"]
         self._users: AsyncCollection[Document] = database["users"]
         self._sessions: AsyncCollection[Document] = database["sessions"]
@@ -1549,6 +1903,8 @@ class MongoHousekeeping:
         self._throttles: AsyncCollection[Document] = database["throttles"]
         self._claims = MongoClaims(database)
         self._audit_events: AsyncCollection[Document] = database["audit_events"]
+        self._changes: AsyncCollection[Document] = database["user_changes"]
+        self._change_log = MongoChangeLog(database, outbox)
 
     @_storage_errors
     async def take_lease(self, job: str, holder: str, now: datetime, lease_seconds: float) -> bool:
@@ -1573,20 +1929,35 @@ class MongoHousekeeping:
         return deleted
 
     @_storage_errors
-    async def purge_never_activated_users(self, created_before: datetime, limit: int = 1000) -> int:
-        # One by one, so that each user's names are released with them.
-        query = never_activated_query(created_before)
-        purged = 0
-        async for user in self._users.find(query, projection={"_id": 1}).limit(limit):
-            document = await self._users.find_one_and_delete({**query, "_id": user["_id"]})
-            if document is not None:
-                await self._claims.release_all_of(document)
-                purged += 1
-        return purged
+    async def purge_never_activated_users(self, created_before: datetime) -> int:
+        # Deleted as any user is (MongoUserRepository._delete_where): marked with the change, then finished.
+        now = datetime.now(UTC)
+        marked = await self._users.update_many(
+            {**never_activated_query(created_before), **_LIVE},
+            _with_change({"$set": {"deleting": now}}, ChangeType.DELETED, now),
+        )
+        # Finished at once, so the usernames and emails are free when the purge returns.
+        for _ in range(marked.modified_count // _SWEEP_LIMIT + 1):
+            if await self._change_log.sweep(now, _SWEEP_LIMIT) < _SWEEP_LIMIT:
+                break
+        return marked.modified_count
 
     @_storage_errors
     async def release_stale_claims(self, now: datetime) -> int:
         return await self._claims.release_stale(now)
+
+    @_storage_errors
+    async def purge_changes(self, published_before: datetime) -> int:
+        """Delete the changes published before ``published_before``: always a prefix of the
+        sequence (so the retained changes stay consecutive), and never the newest change (so
+        the sequence never starts over)."""
+        boundary = await self._changes.find_one(
+            {"published_at": {"$lt": published_before}}, projection={"_id": 1}, sort=[("published_at", DESCENDING)]
+        )
+        if boundary is None:
+            return 0
+        last = min(int(boundary["_id"]), await self._change_log.last_sequence() - 1)
+        return (await self._changes.delete_many({"_id": {"$lte": last}})).deleted_count
 
     @_storage_errors
     async def purge_failed_mail(self, failed_before: datetime) -> int:
@@ -1702,6 +2073,49 @@ def _with_notice(update: Document, notice: Mail, now: datetime) -> Document:
     }
 
 
+# A user document marked deleting is gone for every call: only the change log still reads it,
+# to publish its changes and finish the deletion.
+_LIVE: Document = {"deleting": None}
+
+
+def _with_change(update: Document, change: ChangeType, now: datetime) -> Document:
+    """``update`` that also pends ``change`` for the change feed in the user's document.
+
+    The entry carries no number: the update counts ``change_number`` up, and the entries
+    pending are always the last ones counted (they leave the array only from its front, once
+    published), so the publisher reads each entry's number off the document (MongoChangeLog).
+    """
+    return {
+        **update,
+        "$inc": {**update.get("$inc", {}), "change_number": 1},
+        "$push": {**update.get("$push", {}), "pending_changes": _change_entry(change, now)},
+        "$min": {**update.get("$min", {}), "pending_changes_since": now},
+    }
+
+
+def _change_entry(change: ChangeType, now: datetime) -> Document:
+    # The id makes each entry distinct, so that publishers can $pullAll exactly the entries they published.
+    return {"id": ObjectId(), "type": change.value, "at": now}
+
+
+def _change_groups(from_states: frozenset[UserState], to: UserState) -> list[frozenset[UserState]]:
+    if to is not UserState.ACTIVE:
+        return [from_states]
+    return [frozenset({state}) for state in sorted(from_states, key=lambda state: state.value)]
+
+
+def _state_change(from_states: frozenset[UserState], to: UserState) -> ChangeType:
+    if to is UserState.DEACTIVATED:
+        return ChangeType.DEACTIVATED
+    if to is UserState.LOCKED:
+        return ChangeType.LOCKED
+    if to is UserState.ACTIVE and from_states == {UserState.LOCKED}:
+        return ChangeType.UNLOCKED
+    if to is UserState.ACTIVE and from_states == {UserState.DEACTIVATED}:
+        return ChangeType.REACTIVATED
+    return ChangeType.ACTIVATED
+
+
 def _notice_document(notice: Notice) -> Document:
     return {"id": ObjectId(notice.id), "to": notice.mail.to, "subject": notice.mail.subject, "body": notice.mail.body}
 
@@ -1713,7 +2127,7 @@ def _notice_from_document(document: Document) -> Notice:
 
 
 def _user_query(filters: UserFilter) -> Document:
-    clauses: list[Document] = []
+    clauses: list[Document] = [_LIVE]
     if filters.role is not None:
         clauses.append({"role": filters.role.value})
     if filters.state is not None:
@@ -1735,7 +2149,7 @@ def _user_query(filters: UserFilter) -> Document:
 
 
 def _identifier_filter(key: str) -> Document:
-    return {"$or": [{"username_key": key}, {"email_key": key}]}
+    return {"$or": [{"username_key": key}, {"email_key": key}], **_LIVE}
 
 
 def _document_from_new_user(new_user: NewUser) -> Document:

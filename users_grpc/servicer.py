@@ -7,7 +7,7 @@ Errors are not handled here: the error interceptor maps them to statuses.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -18,6 +18,7 @@ from users.v1 import session_pb2, user_pb2, user_service_pb2, user_service_pb2_g
 from users_grpc.access import current_caller
 from users_grpc.admin import AdminService
 from users_grpc.audit import AuditLog
+from users_grpc.changes import ChangeFeed, cursor_of
 from users_grpc.directory import DirectoryService
 from users_grpc.domain import (
     AccessClaims,
@@ -25,6 +26,7 @@ from users_grpc.domain import (
     AuditEvent,
     AuditEventType,
     AuditFilter,
+    ChangeType,
     Gender,
     ImportedUser,
     IssuedTokens,
@@ -34,6 +36,7 @@ from users_grpc.domain import (
     ServiceAccount,
     Session,
     User,
+    UserChange,
     UserFilter,
     UserState,
     identifier_key,
@@ -93,6 +96,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         service_accounts: ServiceAccountService,
         directory: DirectoryService,
         audit: AuditLog,
+        changes: ChangeFeed,
     ) -> None:
         self._service = service
         self._sessions = sessions
@@ -103,6 +107,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self._service_accounts = service_accounts
         self._directory = directory
         self._audit = audit
+        self._changes = changes
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
@@ -438,6 +443,12 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
             audit_events=[_audit_event_to_proto(e) for e in events], next_page_token=next_page_token
         )
 
+    async def WatchUserChanges(
+        self, request: user_service_pb2.WatchUserChangesRequest, context: Context
+    ) -> AsyncIterator[user_service_pb2.WatchUserChangesResponse]:
+        async for change in self._changes.watch(request.after):
+            yield user_service_pb2.WatchUserChangesResponse(change=_change_to_proto(change))
+
 
 def _imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | InvalidArgument:
     """The item as a domain value, or (an unknown enum number) the error that item answers."""
@@ -470,6 +481,31 @@ def _audit_event_to_proto(event: AuditEvent) -> user_service_pb2.AuditEvent:
         status_code=event.status_code,  # a google.rpc.Code number: the gRPC status number
         error_reason=event.error_reason,
         reason=event.reason,
+    )
+
+
+_CHANGE_TYPES_TO_PROTO = {
+    ChangeType.CREATED: user_service_pb2.USER_CHANGE_TYPE_CREATED,
+    ChangeType.ACTIVATED: user_service_pb2.USER_CHANGE_TYPE_ACTIVATED,
+    ChangeType.UPDATED: user_service_pb2.USER_CHANGE_TYPE_UPDATED,
+    ChangeType.EMAIL_CHANGED: user_service_pb2.USER_CHANGE_TYPE_EMAIL_CHANGED,
+    ChangeType.ROLE_CHANGED: user_service_pb2.USER_CHANGE_TYPE_ROLE_CHANGED,
+    ChangeType.DEACTIVATED: user_service_pb2.USER_CHANGE_TYPE_DEACTIVATED,
+    ChangeType.REACTIVATED: user_service_pb2.USER_CHANGE_TYPE_REACTIVATED,
+    ChangeType.LOCKED: user_service_pb2.USER_CHANGE_TYPE_LOCKED,
+    ChangeType.UNLOCKED: user_service_pb2.USER_CHANGE_TYPE_UNLOCKED,
+    ChangeType.DELETED: user_service_pb2.USER_CHANGE_TYPE_DELETED,
+}
+
+
+def _change_to_proto(change: UserChange) -> user_service_pb2.UserChange:
+    return user_service_pb2.UserChange(
+        cursor=cursor_of(change.sequence),
+        user_id=change.user_id,
+        type=_CHANGE_TYPES_TO_PROTO[change.type],
+        change_time=_timestamp(change.changed_at),
+        user=None if change.user is None else user_to_proto(change.user),
+        user_change_number=change.number,
     )
 
 

@@ -77,6 +77,8 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     # No update_mask: refused as INVALID_ARGUMENT once admitted, so it changes nothing.
     "UpdateUser": lambda id_, _name: pb.UpdateUserRequest(user_id=id_),
     "ListAuditEvents": lambda _id, _name: pb.ListAuditEventsRequest(page_size=1),
+    # Not a cursor: refused as INVALID_ARGUMENT once admitted, so the stream ends at once.
+    "WatchUserChanges": lambda _id, _name: pb.WatchUserChangesRequest(after="not a cursor"),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them (RevokeAllSessions on a user
@@ -158,7 +160,9 @@ def admitted(rule: Rule, caller: str) -> bool:
 def answer(stub: Any, method: str, request: Any) -> str:
     """ "OK", or the status and ErrorInfo reason of the refusal."""
     try:
-        getattr(stub, method)(request, timeout=30)
+        result = getattr(stub, method)(request, timeout=30)
+        if isinstance(result, Iterator):  # a server stream: its status comes with its end
+            list(result)
     except grpc.RpcError as error:
         return f"{error.code().name}/{error_info(error).reason}"
     return "OK"

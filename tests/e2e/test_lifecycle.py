@@ -211,6 +211,7 @@ BAD_INPUT = [
     ("LockUser", pb.LockUserRequest(user_id="123"), "user_id"),
     ("UnlockUser", pb.UnlockUserRequest(user_id=""), "user_id"),
     ("ResetUserMfa", pb.ResetUserMfaRequest(user_id="x" * 24), "user_id"),
+    ("WatchUserChanges", pb.WatchUserChangesRequest(after="not a cursor"), "after"),
 ]
 # With a malformed user id nobody is "themself": those calls are PERMISSION_DENIED before any check.
 NO_SELF_INPUT = {"GetMfaQrCode", "RegenerateRecoveryCodes"}
@@ -224,7 +225,11 @@ def test_bad_input_is_invalid_argument_naming_the_field(
         if getattr(request_, subject, None) == SELF:
             request_ = type(request_).FromString(request_.SerializeToString())
             setattr(request_, subject, server.admin_id)
-    error = rpc_error(getattr(server.stub, rpc), request_)
+    call = getattr(server.stub, rpc)
+    if pb.DESCRIPTOR.services_by_name["UserService"].methods_by_name[rpc].server_streaming:
+        stream = call
+        call = lambda r: list(stream(r, timeout=10))  # noqa: E731 - a stream's status comes with its end
+    error = rpc_error(call, request_)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in violated_fields(error)
 

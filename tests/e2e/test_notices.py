@@ -213,6 +213,36 @@ SWEEPS = {
 }
 
 
+def _change_email_prepare(server: RunningServer, mail: MailSink, clock: FakeClock, accounts: list[Account]) -> None:
+    def change(account: Account) -> None:
+        request = pb.ChangeEmailRequest(
+            user_id=account.session.user.id, new_email=f"new-{account.email}", password=PASSWORD
+        )
+        server.stub_for(account.session.access_token).ChangeEmail(request)
+
+    in_parallel(change, accounts)
+    for account in accounts:
+        account.token = mail.code_for(f"new-{account.email}")
+
+
+SWEEPS["ConfirmEmailChange"] = Sweep(
+    subject="Your email address was changed",
+    prepare=_change_email_prepare,
+    call=lambda server, _clock, account, timeout: server.stub_for(account.session.access_token).ConfirmEmailChange(
+        pb.ConfirmEmailChangeRequest(user_id=account.session.user.id, code=account.token), timeout=timeout
+    ),
+    applied=lambda before, after: before["email"] != after["email"],
+)
+SWEEPS["SetUserEmail"] = Sweep(
+    subject="Your email address was changed",
+    prepare=lambda *_: None,
+    call=lambda server, _clock, account, timeout: server.stub.SetUserEmail(
+        pb.SetUserEmailRequest(user_id=account.session.user.id, email=f"set-{account.email}"), timeout=timeout
+    ),
+    applied=lambda before, after: before["email"] != after["email"],
+)
+
+
 @pytest.mark.parametrize("rpc", list(SWEEPS))
 @pytest.mark.timeout(600)  # sixty-odd users to set up, each with a password hash or two
 def test_a_deadline_never_applies_a_change_without_its_notice(

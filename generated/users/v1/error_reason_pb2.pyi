@@ -74,6 +74,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: an admin action that does not apply to the user's state (for example,
     deactivating an account not activated yet).
     """
+    ERROR_REASON_CHANGE_CURSOR_EXPIRED: _ErrorReason.ValueType  # 25
+    """FAILED_PRECONDITION: WatchUserChanges' cursor is older than the changes kept (or ahead of the
+    feed); read the users again with ListUsers and watch from an empty cursor.
+    """
     ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 20
     """ABORTED: the request's etag no longer matches; read the user again and retry."""
     ERROR_REASON_TOO_MANY_ATTEMPTS: _ErrorReason.ValueType  # 21
@@ -155,6 +159,10 @@ ERROR_REASON_LAST_ACTIVE_ADMIN: ErrorReason.ValueType  # 18
 ERROR_REASON_WRONG_USER_STATE: ErrorReason.ValueType  # 19
 """FAILED_PRECONDITION: an admin action that does not apply to the user's state (for example,
 deactivating an account not activated yet).
+"""
+ERROR_REASON_CHANGE_CURSOR_EXPIRED: ErrorReason.ValueType  # 25
+"""FAILED_PRECONDITION: WatchUserChanges' cursor is older than the changes kept (or ahead of the
+feed); read the users again with ListUsers and watch from an empty cursor.
 """
 ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 20
 """ABORTED: the request's etag no longer matches; read the user again and retry."""

@@ -185,6 +185,58 @@ AUDIT_ACTOR_KIND_SERVICE_ACCOUNT: AuditActorKind.ValueType  # 4
 """A service account, by its access token; the id is its client id."""
 Global___AuditActorKind: _TypeAlias = AuditActorKind  # noqa: Y015
 
+class _UserChangeType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UserChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserChangeType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USER_CHANGE_TYPE_UNSPECIFIED: _UserChangeType.ValueType  # 0
+    """Never on output."""
+    USER_CHANGE_TYPE_CREATED: _UserChangeType.ValueType  # 1
+    """CreateUser, ImportUsers, or an admin made by the CLI."""
+    USER_CHANGE_TYPE_ACTIVATED: _UserChangeType.ValueType  # 2
+    """ActivateUser."""
+    USER_CHANGE_TYPE_UPDATED: _UserChangeType.ValueType  # 3
+    """UpdateUser; and MFA turned on, off or reset (User.mfa_enabled)."""
+    USER_CHANGE_TYPE_EMAIL_CHANGED: _UserChangeType.ValueType  # 4
+    """ConfirmEmailChange or SetUserEmail."""
+    USER_CHANGE_TYPE_ROLE_CHANGED: _UserChangeType.ValueType  # 5
+    """SetUserRole."""
+    USER_CHANGE_TYPE_DEACTIVATED: _UserChangeType.ValueType  # 6
+    USER_CHANGE_TYPE_REACTIVATED: _UserChangeType.ValueType  # 7
+    USER_CHANGE_TYPE_LOCKED: _UserChangeType.ValueType  # 8
+    USER_CHANGE_TYPE_UNLOCKED: _UserChangeType.ValueType  # 9
+    USER_CHANGE_TYPE_DELETED: _UserChangeType.ValueType  # 10
+    """DeleteUser, DeleteUserByIdentifier, or housekeeping's purge of accounts
+    never activated. Carries user_id only: drop everything about the user.
+    """
+
+class UserChangeType(_UserChangeType, metaclass=_UserChangeTypeEnumTypeWrapper):
+    """What a change did."""
+
+USER_CHANGE_TYPE_UNSPECIFIED: UserChangeType.ValueType  # 0
+"""Never on output."""
+USER_CHANGE_TYPE_CREATED: UserChangeType.ValueType  # 1
+"""CreateUser, ImportUsers, or an admin made by the CLI."""
+USER_CHANGE_TYPE_ACTIVATED: UserChangeType.ValueType  # 2
+"""ActivateUser."""
+USER_CHANGE_TYPE_UPDATED: UserChangeType.ValueType  # 3
+"""UpdateUser; and MFA turned on, off or reset (User.mfa_enabled)."""
+USER_CHANGE_TYPE_EMAIL_CHANGED: UserChangeType.ValueType  # 4
+"""ConfirmEmailChange or SetUserEmail."""
+USER_CHANGE_TYPE_ROLE_CHANGED: UserChangeType.ValueType  # 5
+"""SetUserRole."""
+USER_CHANGE_TYPE_DEACTIVATED: UserChangeType.ValueType  # 6
+USER_CHANGE_TYPE_REACTIVATED: UserChangeType.ValueType  # 7
+USER_CHANGE_TYPE_LOCKED: UserChangeType.ValueType  # 8
+USER_CHANGE_TYPE_UNLOCKED: UserChangeType.ValueType  # 9
+USER_CHANGE_TYPE_DELETED: UserChangeType.ValueType  # 10
+"""DeleteUser, DeleteUserByIdentifier, or housekeeping's purge of accounts
+never activated. Carries user_id only: drop everything about the user.
+"""
+Global___UserChangeType: _TypeAlias = UserChangeType  # noqa: Y015
+
 @_typing.final
 class CreateUserRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -2293,3 +2345,95 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class WatchUserChangesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    after: _builtins.str
+    """Optional. The cursor of the last change handled; empty: from the oldest
+    change kept.
+    """
+    def __init__(
+        self,
+        *,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchUserChangesRequest: _TypeAlias = WatchUserChangesRequest  # noqa: Y015
+
+@_typing.final
+class WatchUserChangesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___UserChange: ...
+    def __init__(
+        self,
+        *,
+        change: Global___UserChange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchUserChangesResponse: _TypeAlias = WatchUserChangesResponse  # noqa: Y015
+
+@_typing.final
+class UserChange(_message.Message):
+    """One change to one user."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    USER_CHANGE_NUMBER_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Opaque. Pass the last one handled as WatchUserChangesRequest.after to resume."""
+    user_id: _builtins.str
+    """The user changed (24 hexadecimal digits); for a deletion, all there is."""
+    type: Global___UserChangeType.ValueType
+    user_change_number: _builtins.int
+    """The change's place among the user's changes: 1, 2, 3, ... (1 is the
+    creation, for users created since the feed exists).
+    """
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was made."""
+
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The user as stored when the change was published: after this change, and
+        possibly after later changes of the same user, which follow in the stream.
+        Absent for USER_CHANGE_TYPE_DELETED.
+        """
+
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        type: Global___UserChangeType.ValueType = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+        user: _user_pb2.User | None = ...,
+        user_change_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "cursor", b"cursor", "type", b"type", "user", b"user", "user_change_number", b"user_change_number", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserChange: _TypeAlias = UserChange  # noqa: Y015

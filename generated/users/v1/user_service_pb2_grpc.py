@@ -265,6 +265,11 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_user__service__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.WatchUserChanges = channel.unary_stream(
+                '/users.v1.UserService/WatchUserChanges',
+                request_serializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -938,6 +943,39 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchUserChanges(self, request, context):
+        """Follow every change to users, for other services (a change feed)
+
+        Streams the changes made after the cursor `after` (created, activated,
+        updated, email changed, role changed, deactivated, reactivated, locked,
+        unlocked, deleted), oldest first, then each new change as it is made
+        (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
+        caller cancels. An empty `after` starts at the oldest change kept
+        (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+
+        Delivery guarantee: a consumer that reconnects with the cursor of the last
+        change it handled gets every later change exactly once, in the same order,
+        whatever the number of replicas writing and across server restarts and
+        crashes. Each user's changes come in the order they were made: their
+        user_change_number counts 1, 2, 3, ... without gaps. A change is streamed
+        once it is stored (normally within milliseconds of the call that made it;
+        after a crash of the server that made it, within seconds, by another
+        replica). Handle changes idempotently by cursor, and store the cursor only
+        after handling its change.
+
+        Credentials are checked when the stream opens; the server ends streams
+        within about 30 minutes (connection age), so reconnecting re-checks them.
+        Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT (`after`
+        is not a cursor of this feed), UNAUTHENTICATED, PERMISSION_DENIED,
+        FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
+        right after the cursor are no longer kept, or the cursor is ahead of this
+        feed; read the users again with ListUsers and watch from an empty cursor),
+        UNAVAILABLE (the stream ends; reconnect with the last cursor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1140,6 +1178,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=users_dot_v1_dot_user__service__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'WatchUserChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchUserChanges,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2253,6 +2296,33 @@ class UserService:
             '/users.v1.UserService/ListAuditEvents',
             users_dot_v1_dot_user__service__pb2.ListAuditEventsRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchUserChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/users.v1.UserService/WatchUserChanges',
+            users_dot_v1_dot_user__service__pb2.WatchUserChangesRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.WatchUserChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -541,6 +541,35 @@ class UserServiceStub:
     or unknown type; start_time not before end_time), UNAUTHENTICATED,
     PERMISSION_DENIED, UNAVAILABLE.
     """
+    WatchUserChanges: _grpc.UnaryStreamMultiCallable[_user_service_pb2.WatchUserChangesRequest, _user_service_pb2.WatchUserChangesResponse]
+    """Follow every change to users, for other services (a change feed)
+
+    Streams the changes made after the cursor `after` (created, activated,
+    updated, email changed, role changed, deactivated, reactivated, locked,
+    unlocked, deleted), oldest first, then each new change as it is made
+    (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
+    caller cancels. An empty `after` starts at the oldest change kept
+    (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+
+    Delivery guarantee: a consumer that reconnects with the cursor of the last
+    change it handled gets every later change exactly once, in the same order,
+    whatever the number of replicas writing and across server restarts and
+    crashes. Each user's changes come in the order they were made: their
+    user_change_number counts 1, 2, 3, ... without gaps. A change is streamed
+    once it is stored (normally within milliseconds of the call that made it;
+    after a crash of the server that made it, within seconds, by another
+    replica). Handle changes idempotently by cursor, and store the cursor only
+    after handling its change.
+
+    Credentials are checked when the stream opens; the server ends streams
+    within about 30 minutes (connection age), so reconnecting re-checks them.
+    Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT (`after`
+    is not a cursor of this feed), UNAUTHENTICATED, PERMISSION_DENIED,
+    FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
+    right after the cursor are no longer kept, or the cursor is ahead of this
+    feed; read the users again with ListUsers and watch from an empty cursor),
+    UNAVAILABLE (the stream ends; reconnect with the last cursor).
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -1054,6 +1083,35 @@ class UserServiceAsyncStub(UserServiceStub):
     actor_id over 256 characters or with control characters; an unspecified
     or unknown type; start_time not before end_time), UNAUTHENTICATED,
     PERMISSION_DENIED, UNAVAILABLE.
+    """
+    WatchUserChanges: _aio.UnaryStreamMultiCallable[_user_service_pb2.WatchUserChangesRequest, _user_service_pb2.WatchUserChangesResponse]  # type: ignore[assignment]
+    """Follow every change to users, for other services (a change feed)
+
+    Streams the changes made after the cursor `after` (created, activated,
+    updated, email changed, role changed, deactivated, reactivated, locked,
+    unlocked, deleted), oldest first, then each new change as it is made
+    (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
+    caller cancels. An empty `after` starts at the oldest change kept
+    (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+
+    Delivery guarantee: a consumer that reconnects with the cursor of the last
+    change it handled gets every later change exactly once, in the same order,
+    whatever the number of replicas writing and across server restarts and
+    crashes. Each user's changes come in the order they were made: their
+    user_change_number counts 1, 2, 3, ... without gaps. A change is streamed
+    once it is stored (normally within milliseconds of the call that made it;
+    after a crash of the server that made it, within seconds, by another
+    replica). Handle changes idempotently by cursor, and store the cursor only
+    after handling its change.
+
+    Credentials are checked when the stream opens; the server ends streams
+    within about 30 minutes (connection age), so reconnecting re-checks them.
+    Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT (`after`
+    is not a cursor of this feed), UNAUTHENTICATED, PERMISSION_DENIED,
+    FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
+    right after the cursor are no longer kept, or the cursor is ahead of this
+    feed; read the users again with ListUsers and watch from an empty cursor),
+    UNAVAILABLE (the stream ends; reconnect with the last cursor).
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -1805,6 +1863,41 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         actor_id over 256 characters or with control characters; an unspecified
         or unknown type; start_time not before end_time), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchUserChanges(
+        self,
+        request: _user_service_pb2.WatchUserChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_user_service_pb2.WatchUserChangesResponse], _abc.AsyncIterator[_user_service_pb2.WatchUserChangesResponse]]:
+        """Follow every change to users, for other services (a change feed)
+
+        Streams the changes made after the cursor `after` (created, activated,
+        updated, email changed, role changed, deactivated, reactivated, locked,
+        unlocked, deleted), oldest first, then each new change as it is made
+        (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
+        caller cancels. An empty `after` starts at the oldest change kept
+        (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+
+        Delivery guarantee: a consumer that reconnects with the cursor of the last
+        change it handled gets every later change exactly once, in the same order,
+        whatever the number of replicas writing and across server restarts and
+        crashes. Each user's changes come in the order they were made: their
+        user_change_number counts 1, 2, 3, ... without gaps. A change is streamed
+        once it is stored (normally within milliseconds of the call that made it;
+        after a crash of the server that made it, within seconds, by another
+        replica). Handle changes idempotently by cursor, and store the cursor only
+        after handling its change.
+
+        Credentials are checked when the stream opens; the server ends streams
+        within about 30 minutes (connection age), so reconnecting re-checks them.
+        Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT (`after`
+        is not a cursor of this feed), UNAUTHENTICATED, PERMISSION_DENIED,
+        FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
+        right after the cursor are no longer kept, or the cursor is ahead of this
+        feed; read the users again with ListUsers and watch from an empty cursor),
+        UNAVAILABLE (the stream ends; reconnect with the last cursor).
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -82,6 +82,9 @@ const (
 	// FAILED_PRECONDITION: an admin action that does not apply to the user's state (for example,
 	// deactivating an account not activated yet).
 	ErrorReason_ERROR_REASON_WRONG_USER_STATE ErrorReason = 19
+	// FAILED_PRECONDITION: WatchUserChanges' cursor is older than the changes kept (or ahead of the
+	// feed); read the users again with ListUsers and watch from an empty cursor.
+	ErrorReason_ERROR_REASON_CHANGE_CURSOR_EXPIRED ErrorReason = 25
 	// ABORTED: the request's etag no longer matches; read the user again and retry.
 	ErrorReason_ERROR_REASON_ETAG_MISMATCH ErrorReason = 20
 	// RESOURCE_EXHAUSTED: too many failed passwords or codes; google.rpc.RetryInfo says how long
@@ -119,6 +122,7 @@ var (
 		17: "ERROR_REASON_ACCOUNT_LOCKED",
 		18: "ERROR_REASON_LAST_ACTIVE_ADMIN",
 		19: "ERROR_REASON_WRONG_USER_STATE",
+		25: "ERROR_REASON_CHANGE_CURSOR_EXPIRED",
 		20: "ERROR_REASON_ETAG_MISMATCH",
 		21: "ERROR_REASON_TOO_MANY_ATTEMPTS",
 		22: "ERROR_REASON_RATE_LIMITED",
@@ -146,6 +150,7 @@ var (
 		"ERROR_REASON_ACCOUNT_LOCKED":            17,
 		"ERROR_REASON_LAST_ACTIVE_ADMIN":         18,
 		"ERROR_REASON_WRONG_USER_STATE":          19,
+		"ERROR_REASON_CHANGE_CURSOR_EXPIRED":     25,
 		"ERROR_REASON_ETAG_MISMATCH":             20,
 		"ERROR_REASON_TOO_MANY_ATTEMPTS":         21,
 		"ERROR_REASON_RATE_LIMITED":              22,
@@ -185,7 +190,7 @@ var File_users_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/error_reason.proto\x12\busers.v1*\x8e\a\n" +
+	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xb6\a\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\"\n" +
@@ -207,7 +212,8 @@ const file_users_v1_error_reason_proto_rawDesc = "" +
 	" ERROR_REASON_ACCOUNT_DEACTIVATED\x10\x10\x12\x1f\n" +
 	"\x1bERROR_REASON_ACCOUNT_LOCKED\x10\x11\x12\"\n" +
 	"\x1eERROR_REASON_LAST_ACTIVE_ADMIN\x10\x12\x12!\n" +
-	"\x1dERROR_REASON_WRONG_USER_STATE\x10\x13\x12\x1e\n" +
+	"\x1dERROR_REASON_WRONG_USER_STATE\x10\x13\x12&\n" +
+	"\"ERROR_REASON_CHANGE_CURSOR_EXPIRED\x10\x19\x12\x1e\n" +
 	"\x1aERROR_REASON_ETAG_MISMATCH\x10\x14\x12\"\n" +
 	"\x1eERROR_REASON_TOO_MANY_ATTEMPTS\x10\x15\x12\x1d\n" +
 	"\x19ERROR_REASON_RATE_LIMITED\x10\x16\x12\x1b\n" +

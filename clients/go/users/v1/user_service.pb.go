@@ -230,6 +230,88 @@ func (AuditActorKind) EnumDescriptor() ([]byte, []int) {
 	return file_users_v1_user_service_proto_rawDescGZIP(), []int{1}
 }
 
+// What a change did.
+type UserChangeType int32
+
+const (
+	// Never on output.
+	UserChangeType_USER_CHANGE_TYPE_UNSPECIFIED UserChangeType = 0
+	// CreateUser, ImportUsers, or an admin made by the CLI.
+	UserChangeType_USER_CHANGE_TYPE_CREATED UserChangeType = 1
+	// ActivateUser.
+	UserChangeType_USER_CHANGE_TYPE_ACTIVATED UserChangeType = 2
+	// UpdateUser; and MFA turned on, off or reset (User.mfa_enabled).
+	UserChangeType_USER_CHANGE_TYPE_UPDATED UserChangeType = 3
+	// ConfirmEmailChange or SetUserEmail.
+	UserChangeType_USER_CHANGE_TYPE_EMAIL_CHANGED UserChangeType = 4
+	// SetUserRole.
+	UserChangeType_USER_CHANGE_TYPE_ROLE_CHANGED UserChangeType = 5
+	UserChangeType_USER_CHANGE_TYPE_DEACTIVATED  UserChangeType = 6
+	UserChangeType_USER_CHANGE_TYPE_REACTIVATED  UserChangeType = 7
+	UserChangeType_USER_CHANGE_TYPE_LOCKED       UserChangeType = 8
+	UserChangeType_USER_CHANGE_TYPE_UNLOCKED     UserChangeType = 9
+	// DeleteUser, DeleteUserByIdentifier, or housekeeping's purge of accounts
+	// never activated. Carries user_id only: drop everything about the user.
+	UserChangeType_USER_CHANGE_TYPE_DELETED UserChangeType = 10
+)
+
+// Enum value maps for UserChangeType.
+var (
+	UserChangeType_name = map[int32]string{
+		0:  "USER_CHANGE_TYPE_UNSPECIFIED",
+		1:  "USER_CHANGE_TYPE_CREATED",
+		2:  "USER_CHANGE_TYPE_ACTIVATED",
+		3:  "USER_CHANGE_TYPE_UPDATED",
+		4:  "USER_CHANGE_TYPE_EMAIL_CHANGED",
+		5:  "USER_CHANGE_TYPE_ROLE_CHANGED",
+		6:  "USER_CHANGE_TYPE_DEACTIVATED",
+		7:  "USER_CHANGE_TYPE_REACTIVATED",
+		8:  "USER_CHANGE_TYPE_LOCKED",
+		9:  "USER_CHANGE_TYPE_UNLOCKED",
+		10: "USER_CHANGE_TYPE_DELETED",
+	}
+	UserChangeType_value = map[string]int32{
+		"USER_CHANGE_TYPE_UNSPECIFIED":   0,
+		"USER_CHANGE_TYPE_CREATED":       1,
+		"USER_CHANGE_TYPE_ACTIVATED":     2,
+		"USER_CHANGE_TYPE_UPDATED":       3,
+		"USER_CHANGE_TYPE_EMAIL_CHANGED": 4,
+		"USER_CHANGE_TYPE_ROLE_CHANGED":  5,
+		"USER_CHANGE_TYPE_DEACTIVATED":   6,
+		"USER_CHANGE_TYPE_REACTIVATED":   7,
+		"USER_CHANGE_TYPE_LOCKED":        8,
+		"USER_CHANGE_TYPE_UNLOCKED":      9,
+		"USER_CHANGE_TYPE_DELETED":       10,
+	}
+)
+
+func (x UserChangeType) Enum() *UserChangeType {
+	p := new(UserChangeType)
+	*p = x
+	return p
+}
+
+func (x UserChangeType) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (UserChangeType) Descriptor() protoreflect.EnumDescriptor {
+	return file_users_v1_user_service_proto_enumTypes[2].Descriptor()
+}
+
+func (UserChangeType) Type() protoreflect.EnumType {
+	return &file_users_v1_user_service_proto_enumTypes[2]
+}
+
+func (x UserChangeType) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use UserChangeType.Descriptor instead.
+func (UserChangeType) EnumDescriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{2}
+}
+
 type CreateUserRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Required. 3 to 32 characters of [A-Za-z0-9._-].
@@ -4773,6 +4855,189 @@ func (x *ListAuditEventsResponse) GetNextPageToken() string {
 	return ""
 }
 
+type WatchUserChangesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Optional. The cursor of the last change handled; empty: from the oldest
+	// change kept.
+	After         string `protobuf:"bytes,1,opt,name=after,proto3" json:"after,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchUserChangesRequest) Reset() {
+	*x = WatchUserChangesRequest{}
+	mi := &file_users_v1_user_service_proto_msgTypes[85]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchUserChangesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchUserChangesRequest) ProtoMessage() {}
+
+func (x *WatchUserChangesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[85]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchUserChangesRequest.ProtoReflect.Descriptor instead.
+func (*WatchUserChangesRequest) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{85}
+}
+
+func (x *WatchUserChangesRequest) GetAfter() string {
+	if x != nil {
+		return x.After
+	}
+	return ""
+}
+
+type WatchUserChangesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Change        *UserChange            `protobuf:"bytes,1,opt,name=change,proto3" json:"change,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchUserChangesResponse) Reset() {
+	*x = WatchUserChangesResponse{}
+	mi := &file_users_v1_user_service_proto_msgTypes[86]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchUserChangesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchUserChangesResponse) ProtoMessage() {}
+
+func (x *WatchUserChangesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[86]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchUserChangesResponse.ProtoReflect.Descriptor instead.
+func (*WatchUserChangesResponse) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{86}
+}
+
+func (x *WatchUserChangesResponse) GetChange() *UserChange {
+	if x != nil {
+		return x.Change
+	}
+	return nil
+}
+
+// One change to one user.
+type UserChange struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Opaque. Pass the last one handled as WatchUserChangesRequest.after to resume.
+	Cursor string `protobuf:"bytes,1,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	// The user changed (24 hexadecimal digits); for a deletion, all there is.
+	UserId string         `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	Type   UserChangeType `protobuf:"varint,3,opt,name=type,proto3,enum=users.v1.UserChangeType" json:"type,omitempty"`
+	// When the change was made.
+	ChangeTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=change_time,json=changeTime,proto3" json:"change_time,omitempty"`
+	// The user as stored when the change was published: after this change, and
+	// possibly after later changes of the same user, which follow in the stream.
+	// Absent for USER_CHANGE_TYPE_DELETED.
+	User *User `protobuf:"bytes,5,opt,name=user,proto3" json:"user,omitempty"`
+	// The change's place among the user's changes: 1, 2, 3, ... (1 is the
+	// creation, for users created since the feed exists).
+	UserChangeNumber int64 `protobuf:"varint,6,opt,name=user_change_number,json=userChangeNumber,proto3" json:"user_change_number,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *UserChange) Reset() {
+	*x = UserChange{}
+	mi := &file_users_v1_user_service_proto_msgTypes[87]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserChange) ProtoMessage() {}
+
+func (x *UserChange) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[87]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserChange.ProtoReflect.Descriptor instead.
+func (*UserChange) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{87}
+}
+
+func (x *UserChange) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+func (x *UserChange) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *UserChange) GetType() UserChangeType {
+	if x != nil {
+		return x.Type
+	}
+	return UserChangeType_USER_CHANGE_TYPE_UNSPECIFIED
+}
+
+func (x *UserChange) GetChangeTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ChangeTime
+	}
+	return nil
+}
+
+func (x *UserChange) GetUser() *User {
+	if x != nil {
+		return x.User
+	}
+	return nil
+}
+
+func (x *UserChange) GetUserChangeNumber() int64 {
+	if x != nil {
+		return x.UserChangeNumber
+	}
+	return 0
+}
+
 var File_users_v1_user_service_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_service_proto_rawDesc = "" +
@@ -5056,7 +5321,20 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\bend_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\"z\n" +
 	"\x17ListAuditEventsResponse\x127\n" +
 	"\faudit_events\x18\x01 \x03(\v2\x14.users.v1.AuditEventR\vauditEvents\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*\xb1\a\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"/\n" +
+	"\x17WatchUserChangesRequest\x12\x14\n" +
+	"\x05after\x18\x01 \x01(\tR\x05after\"H\n" +
+	"\x18WatchUserChangesResponse\x12,\n" +
+	"\x06change\x18\x01 \x01(\v2\x14.users.v1.UserChangeR\x06change\"\xfa\x01\n" +
+	"\n" +
+	"UserChange\x12\x16\n" +
+	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x12\x17\n" +
+	"\auser_id\x18\x02 \x01(\tR\x06userId\x12,\n" +
+	"\x04type\x18\x03 \x01(\x0e2\x18.users.v1.UserChangeTypeR\x04type\x12;\n" +
+	"\vchange_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"changeTime\x12\"\n" +
+	"\x04user\x18\x05 \x01(\v2\x0e.users.v1.UserR\x04user\x12,\n" +
+	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber*\xb1\a\n" +
 	"\x0eAuditEventType\x12 \n" +
 	"\x1cAUDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18AUDIT_EVENT_TYPE_SIGN_IN\x10\x01\x12&\n" +
@@ -5089,7 +5367,20 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x1aAUDIT_ACTOR_KIND_ANONYMOUS\x10\x01\x12\x19\n" +
 	"\x15AUDIT_ACTOR_KIND_USER\x10\x02\x12\x1c\n" +
 	"\x18AUDIT_ACTOR_KIND_MACHINE\x10\x03\x12$\n" +
-	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x042\xae\x1a\n" +
+	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x04*\xf3\x02\n" +
+	"\x0eUserChangeType\x12 \n" +
+	"\x1cUSER_CHANGE_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
+	"\x18USER_CHANGE_TYPE_CREATED\x10\x01\x12\x1e\n" +
+	"\x1aUSER_CHANGE_TYPE_ACTIVATED\x10\x02\x12\x1c\n" +
+	"\x18USER_CHANGE_TYPE_UPDATED\x10\x03\x12\"\n" +
+	"\x1eUSER_CHANGE_TYPE_EMAIL_CHANGED\x10\x04\x12!\n" +
+	"\x1dUSER_CHANGE_TYPE_ROLE_CHANGED\x10\x05\x12 \n" +
+	"\x1cUSER_CHANGE_TYPE_DEACTIVATED\x10\x06\x12 \n" +
+	"\x1cUSER_CHANGE_TYPE_REACTIVATED\x10\a\x12\x1b\n" +
+	"\x17USER_CHANGE_TYPE_LOCKED\x10\b\x12\x1d\n" +
+	"\x19USER_CHANGE_TYPE_UNLOCKED\x10\t\x12\x1c\n" +
+	"\x18USER_CHANGE_TYPE_DELETED\x10\n" +
+	"2\x8b\x1b\n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -5136,7 +5427,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\tListUsers\x12\x1a.users.v1.ListUsersRequest\x1a\x1b.users.v1.ListUsersResponse\x12G\n" +
 	"\n" +
 	"UpdateUser\x12\x1b.users.v1.UpdateUserRequest\x1a\x1c.users.v1.UpdateUserResponse\x12V\n" +
-	"\x0fListAuditEvents\x12 .users.v1.ListAuditEventsRequest\x1a!.users.v1.ListAuditEventsResponseB\x89\x01\n" +
+	"\x0fListAuditEvents\x12 .users.v1.ListAuditEventsRequest\x1a!.users.v1.ListAuditEventsResponse\x12[\n" +
+	"\x10WatchUserChanges\x12!.users.v1.WatchUserChangesRequest\x1a\".users.v1.WatchUserChangesResponse0\x01B\x89\x01\n" +
 	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
@@ -5151,243 +5443,253 @@ func file_users_v1_user_service_proto_rawDescGZIP() []byte {
 	return file_users_v1_user_service_proto_rawDescData
 }
 
-var file_users_v1_user_service_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 85)
+var file_users_v1_user_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 88)
 var file_users_v1_user_service_proto_goTypes = []any{
 	(AuditEventType)(0),                     // 0: users.v1.AuditEventType
 	(AuditActorKind)(0),                     // 1: users.v1.AuditActorKind
-	(*CreateUserRequest)(nil),               // 2: users.v1.CreateUserRequest
-	(*CreateUserResponse)(nil),              // 3: users.v1.CreateUserResponse
-	(*ActivateUserRequest)(nil),             // 4: users.v1.ActivateUserRequest
-	(*ActivateUserResponse)(nil),            // 5: users.v1.ActivateUserResponse
-	(*ResendActivationCodeRequest)(nil),     // 6: users.v1.ResendActivationCodeRequest
-	(*ResendActivationCodeResponse)(nil),    // 7: users.v1.ResendActivationCodeResponse
-	(*GetUserRequest)(nil),                  // 8: users.v1.GetUserRequest
-	(*GetUserResponse)(nil),                 // 9: users.v1.GetUserResponse
-	(*GetUserByIdentifierRequest)(nil),      // 10: users.v1.GetUserByIdentifierRequest
-	(*GetUserByIdentifierResponse)(nil),     // 11: users.v1.GetUserByIdentifierResponse
-	(*DeleteUserRequest)(nil),               // 12: users.v1.DeleteUserRequest
-	(*DeleteUserResponse)(nil),              // 13: users.v1.DeleteUserResponse
-	(*DeleteUserByIdentifierRequest)(nil),   // 14: users.v1.DeleteUserByIdentifierRequest
-	(*DeleteUserByIdentifierResponse)(nil),  // 15: users.v1.DeleteUserByIdentifierResponse
-	(*VerifyCredentialsRequest)(nil),        // 16: users.v1.VerifyCredentialsRequest
-	(*VerifyCredentialsResponse)(nil),       // 17: users.v1.VerifyCredentialsResponse
-	(*AuthenticateRequest)(nil),             // 18: users.v1.AuthenticateRequest
-	(*AuthenticateResponse)(nil),            // 19: users.v1.AuthenticateResponse
-	(*RefreshSessionRequest)(nil),           // 20: users.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),          // 21: users.v1.RefreshSessionResponse
-	(*RevokeSessionRequest)(nil),            // 22: users.v1.RevokeSessionRequest
-	(*RevokeSessionResponse)(nil),           // 23: users.v1.RevokeSessionResponse
-	(*ListSessionsRequest)(nil),             // 24: users.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),            // 25: users.v1.ListSessionsResponse
-	(*RevokeAllSessionsRequest)(nil),        // 26: users.v1.RevokeAllSessionsRequest
-	(*RevokeAllSessionsResponse)(nil),       // 27: users.v1.RevokeAllSessionsResponse
-	(*GetPublicKeysRequest)(nil),            // 28: users.v1.GetPublicKeysRequest
-	(*GetPublicKeysResponse)(nil),           // 29: users.v1.GetPublicKeysResponse
-	(*ValidateTokenRequest)(nil),            // 30: users.v1.ValidateTokenRequest
-	(*ValidateTokenResponse)(nil),           // 31: users.v1.ValidateTokenResponse
-	(*ForgotPasswordRequest)(nil),           // 32: users.v1.ForgotPasswordRequest
-	(*ForgotPasswordResponse)(nil),          // 33: users.v1.ForgotPasswordResponse
-	(*ResetPasswordRequest)(nil),            // 34: users.v1.ResetPasswordRequest
-	(*ResetPasswordResponse)(nil),           // 35: users.v1.ResetPasswordResponse
-	(*ChangePasswordRequest)(nil),           // 36: users.v1.ChangePasswordRequest
-	(*ChangePasswordResponse)(nil),          // 37: users.v1.ChangePasswordResponse
-	(*EnableMfaRequest)(nil),                // 38: users.v1.EnableMfaRequest
-	(*EnableMfaResponse)(nil),               // 39: users.v1.EnableMfaResponse
-	(*GetMfaQrCodeRequest)(nil),             // 40: users.v1.GetMfaQrCodeRequest
-	(*GetMfaQrCodeResponse)(nil),            // 41: users.v1.GetMfaQrCodeResponse
-	(*ConfirmMfaRequest)(nil),               // 42: users.v1.ConfirmMfaRequest
-	(*ConfirmMfaResponse)(nil),              // 43: users.v1.ConfirmMfaResponse
-	(*DisableMfaRequest)(nil),               // 44: users.v1.DisableMfaRequest
-	(*DisableMfaResponse)(nil),              // 45: users.v1.DisableMfaResponse
-	(*RegenerateRecoveryCodesRequest)(nil),  // 46: users.v1.RegenerateRecoveryCodesRequest
-	(*RegenerateRecoveryCodesResponse)(nil), // 47: users.v1.RegenerateRecoveryCodesResponse
-	(*ChangeEmailRequest)(nil),              // 48: users.v1.ChangeEmailRequest
-	(*ChangeEmailResponse)(nil),             // 49: users.v1.ChangeEmailResponse
-	(*ConfirmEmailChangeRequest)(nil),       // 50: users.v1.ConfirmEmailChangeRequest
-	(*ConfirmEmailChangeResponse)(nil),      // 51: users.v1.ConfirmEmailChangeResponse
-	(*SetUserEmailRequest)(nil),             // 52: users.v1.SetUserEmailRequest
-	(*SetUserEmailResponse)(nil),            // 53: users.v1.SetUserEmailResponse
-	(*SetUserRoleRequest)(nil),              // 54: users.v1.SetUserRoleRequest
-	(*SetUserRoleResponse)(nil),             // 55: users.v1.SetUserRoleResponse
-	(*DeactivateUserRequest)(nil),           // 56: users.v1.DeactivateUserRequest
-	(*DeactivateUserResponse)(nil),          // 57: users.v1.DeactivateUserResponse
-	(*ReactivateUserRequest)(nil),           // 58: users.v1.ReactivateUserRequest
-	(*ReactivateUserResponse)(nil),          // 59: users.v1.ReactivateUserResponse
-	(*LockUserRequest)(nil),                 // 60: users.v1.LockUserRequest
-	(*LockUserResponse)(nil),                // 61: users.v1.LockUserResponse
-	(*UnlockUserRequest)(nil),               // 62: users.v1.UnlockUserRequest
-	(*UnlockUserResponse)(nil),              // 63: users.v1.UnlockUserResponse
-	(*ResetUserMfaRequest)(nil),             // 64: users.v1.ResetUserMfaRequest
-	(*ResetUserMfaResponse)(nil),            // 65: users.v1.ResetUserMfaResponse
-	(*ImportUsersRequest)(nil),              // 66: users.v1.ImportUsersRequest
-	(*ImportedUser)(nil),                    // 67: users.v1.ImportedUser
-	(*ImportUsersResponse)(nil),             // 68: users.v1.ImportUsersResponse
-	(*ImportUserResult)(nil),                // 69: users.v1.ImportUserResult
-	(*ServiceAccount)(nil),                  // 70: users.v1.ServiceAccount
-	(*CreateServiceAccountRequest)(nil),     // 71: users.v1.CreateServiceAccountRequest
-	(*CreateServiceAccountResponse)(nil),    // 72: users.v1.CreateServiceAccountResponse
-	(*IssueServiceTokenRequest)(nil),        // 73: users.v1.IssueServiceTokenRequest
-	(*IssueServiceTokenResponse)(nil),       // 74: users.v1.IssueServiceTokenResponse
-	(*ListServiceAccountsRequest)(nil),      // 75: users.v1.ListServiceAccountsRequest
-	(*ListServiceAccountsResponse)(nil),     // 76: users.v1.ListServiceAccountsResponse
-	(*DeleteServiceAccountRequest)(nil),     // 77: users.v1.DeleteServiceAccountRequest
-	(*DeleteServiceAccountResponse)(nil),    // 78: users.v1.DeleteServiceAccountResponse
-	(*ListUsersRequest)(nil),                // 79: users.v1.ListUsersRequest
-	(*ListUsersResponse)(nil),               // 80: users.v1.ListUsersResponse
-	(*UpdateUserRequest)(nil),               // 81: users.v1.UpdateUserRequest
-	(*UpdateUserResponse)(nil),              // 82: users.v1.UpdateUserResponse
-	(*AuditActor)(nil),                      // 83: users.v1.AuditActor
-	(*AuditEvent)(nil),                      // 84: users.v1.AuditEvent
-	(*ListAuditEventsRequest)(nil),          // 85: users.v1.ListAuditEventsRequest
-	(*ListAuditEventsResponse)(nil),         // 86: users.v1.ListAuditEventsResponse
-	(Gender)(0),                             // 87: users.v1.Gender
-	(Role)(0),                               // 88: users.v1.Role
-	(*User)(nil),                            // 89: users.v1.User
-	(*timestamppb.Timestamp)(nil),           // 90: google.protobuf.Timestamp
-	(*Session)(nil),                         // 91: users.v1.Session
-	(*TokenClaims)(nil),                     // 92: users.v1.TokenClaims
-	(*status.Status)(nil),                   // 93: google.rpc.Status
-	(UserState)(0),                          // 94: users.v1.UserState
-	(*fieldmaskpb.FieldMask)(nil),           // 95: google.protobuf.FieldMask
-	(code.Code)(0),                          // 96: google.rpc.Code
+	(UserChangeType)(0),                     // 2: users.v1.UserChangeType
+	(*CreateUserRequest)(nil),               // 3: users.v1.CreateUserRequest
+	(*CreateUserResponse)(nil),              // 4: users.v1.CreateUserResponse
+	(*ActivateUserRequest)(nil),             // 5: users.v1.ActivateUserRequest
+	(*ActivateUserResponse)(nil),            // 6: users.v1.ActivateUserResponse
+	(*ResendActivationCodeRequest)(nil),     // 7: users.v1.ResendActivationCodeRequest
+	(*ResendActivationCodeResponse)(nil),    // 8: users.v1.ResendActivationCodeResponse
+	(*GetUserRequest)(nil),                  // 9: users.v1.GetUserRequest
+	(*GetUserResponse)(nil),                 // 10: users.v1.GetUserResponse
+	(*GetUserByIdentifierRequest)(nil),      // 11: users.v1.GetUserByIdentifierRequest
+	(*GetUserByIdentifierResponse)(nil),     // 12: users.v1.GetUserByIdentifierResponse
+	(*DeleteUserRequest)(nil),               // 13: users.v1.DeleteUserRequest
+	(*DeleteUserResponse)(nil),              // 14: users.v1.DeleteUserResponse
+	(*DeleteUserByIdentifierRequest)(nil),   // 15: users.v1.DeleteUserByIdentifierRequest
+	(*DeleteUserByIdentifierResponse)(nil),  // 16: users.v1.DeleteUserByIdentifierResponse
+	(*VerifyCredentialsRequest)(nil),        // 17: users.v1.VerifyCredentialsRequest
+	(*VerifyCredentialsResponse)(nil),       // 18: users.v1.VerifyCredentialsResponse
+	(*AuthenticateRequest)(nil),             // 19: users.v1.AuthenticateRequest
+	(*AuthenticateResponse)(nil),            // 20: users.v1.AuthenticateResponse
+	(*RefreshSessionRequest)(nil),           // 21: users.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),          // 22: users.v1.RefreshSessionResponse
+	(*RevokeSessionRequest)(nil),            // 23: users.v1.RevokeSessionRequest
+	(*RevokeSessionResponse)(nil),           // 24: users.v1.RevokeSessionResponse
+	(*ListSessionsRequest)(nil),             // 25: users.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),            // 26: users.v1.ListSessionsResponse
+	(*RevokeAllSessionsRequest)(nil),        // 27: users.v1.RevokeAllSessionsRequest
+	(*RevokeAllSessionsResponse)(nil),       // 28: users.v1.RevokeAllSessionsResponse
+	(*GetPublicKeysRequest)(nil),            // 29: users.v1.GetPublicKeysRequest
+	(*GetPublicKeysResponse)(nil),           // 30: users.v1.GetPublicKeysResponse
+	(*ValidateTokenRequest)(nil),            // 31: users.v1.ValidateTokenRequest
+	(*ValidateTokenResponse)(nil),           // 32: users.v1.ValidateTokenResponse
+	(*ForgotPasswordRequest)(nil),           // 33: users.v1.ForgotPasswordRequest
+	(*ForgotPasswordResponse)(nil),          // 34: users.v1.ForgotPasswordResponse
+	(*ResetPasswordRequest)(nil),            // 35: users.v1.ResetPasswordRequest
+	(*ResetPasswordResponse)(nil),           // 36: users.v1.ResetPasswordResponse
+	(*ChangePasswordRequest)(nil),           // 37: users.v1.ChangePasswordRequest
+	(*ChangePasswordResponse)(nil),          // 38: users.v1.ChangePasswordResponse
+	(*EnableMfaRequest)(nil),                // 39: users.v1.EnableMfaRequest
+	(*EnableMfaResponse)(nil),               // 40: users.v1.EnableMfaResponse
+	(*GetMfaQrCodeRequest)(nil),             // 41: users.v1.GetMfaQrCodeRequest
+	(*GetMfaQrCodeResponse)(nil),            // 42: users.v1.GetMfaQrCodeResponse
+	(*ConfirmMfaRequest)(nil),               // 43: users.v1.ConfirmMfaRequest
+	(*ConfirmMfaResponse)(nil),              // 44: users.v1.ConfirmMfaResponse
+	(*DisableMfaRequest)(nil),               // 45: users.v1.DisableMfaRequest
+	(*DisableMfaResponse)(nil),              // 46: users.v1.DisableMfaResponse
+	(*RegenerateRecoveryCodesRequest)(nil),  // 47: users.v1.RegenerateRecoveryCodesRequest
+	(*RegenerateRecoveryCodesResponse)(nil), // 48: users.v1.RegenerateRecoveryCodesResponse
+	(*ChangeEmailRequest)(nil),              // 49: users.v1.ChangeEmailRequest
+	(*ChangeEmailResponse)(nil),             // 50: users.v1.ChangeEmailResponse
+	(*ConfirmEmailChangeRequest)(nil),       // 51: users.v1.ConfirmEmailChangeRequest
+	(*ConfirmEmailChangeResponse)(nil),      // 52: users.v1.ConfirmEmailChangeResponse
+	(*SetUserEmailRequest)(nil),             // 53: users.v1.SetUserEmailRequest
+	(*SetUserEmailResponse)(nil),            // 54: users.v1.SetUserEmailResponse
+	(*SetUserRoleRequest)(nil),              // 55: users.v1.SetUserRoleRequest
+	(*SetUserRoleResponse)(nil),             // 56: users.v1.SetUserRoleResponse
+	(*DeactivateUserRequest)(nil),           // 57: users.v1.DeactivateUserRequest
+	(*DeactivateUserResponse)(nil),          // 58: users.v1.DeactivateUserResponse
+	(*ReactivateUserRequest)(nil),           // 59: users.v1.ReactivateUserRequest
+	(*ReactivateUserResponse)(nil),          // 60: users.v1.ReactivateUserResponse
+	(*LockUserRequest)(nil),                 // 61: users.v1.LockUserRequest
+	(*LockUserResponse)(nil),                // 62: users.v1.LockUserResponse
+	(*UnlockUserRequest)(nil),               // 63: users.v1.UnlockUserRequest
+	(*UnlockUserResponse)(nil),              // 64: users.v1.UnlockUserResponse
+	(*ResetUserMfaRequest)(nil),             // 65: users.v1.ResetUserMfaRequest
+	(*ResetUserMfaResponse)(nil),            // 66: users.v1.ResetUserMfaResponse
+	(*ImportUsersRequest)(nil),              // 67: users.v1.ImportUsersRequest
+	(*ImportedUser)(nil),                    // 68: users.v1.ImportedUser
+	(*ImportUsersResponse)(nil),             // 69: users.v1.ImportUsersResponse
+	(*ImportUserResult)(nil),                // 70: users.v1.ImportUserResult
+	(*ServiceAccount)(nil),                  // 71: users.v1.ServiceAccount
+	(*CreateServiceAccountRequest)(nil),     // 72: users.v1.CreateServiceAccountRequest
+	(*CreateServiceAccountResponse)(nil),    // 73: users.v1.CreateServiceAccountResponse
+	(*IssueServiceTokenRequest)(nil),        // 74: users.v1.IssueServiceTokenRequest
+	(*IssueServiceTokenResponse)(nil),       // 75: users.v1.IssueServiceTokenResponse
+	(*ListServiceAccountsRequest)(nil),      // 76: users.v1.ListServiceAccountsRequest
+	(*ListServiceAccountsResponse)(nil),     // 77: users.v1.ListServiceAccountsResponse
+	(*DeleteServiceAccountRequest)(nil),     // 78: users.v1.DeleteServiceAccountRequest
+	(*DeleteServiceAccountResponse)(nil),    // 79: users.v1.DeleteServiceAccountResponse
+	(*ListUsersRequest)(nil),                // 80: users.v1.ListUsersRequest
+	(*ListUsersResponse)(nil),               // 81: users.v1.ListUsersResponse
+	(*UpdateUserRequest)(nil),               // 82: users.v1.UpdateUserRequest
+	(*UpdateUserResponse)(nil),              // 83: users.v1.UpdateUserResponse
+	(*AuditActor)(nil),                      // 84: users.v1.AuditActor
+	(*AuditEvent)(nil),                      // 85: users.v1.AuditEvent
+	(*ListAuditEventsRequest)(nil),          // 86: users.v1.ListAuditEventsRequest
+	(*ListAuditEventsResponse)(nil),         // 87: users.v1.ListAuditEventsResponse
+	(*WatchUserChangesRequest)(nil),         // 88: users.v1.WatchUserChangesRequest
+	(*WatchUserChangesResponse)(nil),        // 89: users.v1.WatchUserChangesResponse
+	(*UserChange)(nil),                      // 90: users.v1.UserChange
+	(Gender)(0),                             // 91: users.v1.Gender
+	(Role)(0),                               // 92: users.v1.Role
+	(*User)(nil),                            // 93: users.v1.User
+	(*timestamppb.Timestamp)(nil),           // 94: google.protobuf.Timestamp
+	(*Session)(nil),                         // 95: users.v1.Session
+	(*TokenClaims)(nil),                     // 96: users.v1.TokenClaims
+	(*status.Status)(nil),                   // 97: google.rpc.Status
+	(UserState)(0),                          // 98: users.v1.UserState
+	(*fieldmaskpb.FieldMask)(nil),           // 99: google.protobuf.FieldMask
+	(code.Code)(0),                          // 100: google.rpc.Code
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
-	87, // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
-	88, // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
-	89, // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
-	89, // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
-	89, // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
-	89, // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
-	89, // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
-	89, // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
-	90, // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	90, // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	90, // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	90, // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	91, // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
-	92, // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
-	89, // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
-	89, // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
-	88, // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
-	89, // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
-	89, // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
-	89, // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
-	89, // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
-	89, // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
-	89, // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
-	67, // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
-	87, // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
-	88, // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
-	69, // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
-	89, // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
-	93, // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
-	90, // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
-	70, // 30: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
-	90, // 31: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	70, // 32: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
-	88, // 33: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
-	94, // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
-	90, // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
-	90, // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
-	89, // 37: users.v1.ListUsersResponse.users:type_name -> users.v1.User
-	89, // 38: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
-	95, // 39: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
-	89, // 40: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
-	1,  // 41: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
-	0,  // 42: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
-	90, // 43: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
-	83, // 44: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
-	96, // 45: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
-	0,  // 46: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
-	90, // 47: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
-	90, // 48: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
-	84, // 49: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
-	2,  // 50: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
-	4,  // 51: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
-	6,  // 52: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
-	8,  // 53: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
-	10, // 54: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
-	12, // 55: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
-	14, // 56: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
-	16, // 57: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
-	18, // 58: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
-	20, // 59: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
-	22, // 60: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
-	24, // 61: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
-	26, // 62: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
-	28, // 63: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
-	30, // 64: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
-	32, // 65: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
-	34, // 66: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
-	36, // 67: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
-	38, // 68: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
-	40, // 69: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
-	42, // 70: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
-	44, // 71: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
-	46, // 72: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
-	48, // 73: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
-	50, // 74: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
-	52, // 75: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
-	54, // 76: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
-	56, // 77: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
-	58, // 78: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
-	60, // 79: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
-	62, // 80: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
-	64, // 81: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
-	66, // 82: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
-	71, // 83: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
-	73, // 84: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
-	75, // 85: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
-	77, // 86: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
-	79, // 87: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
-	81, // 88: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
-	85, // 89: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
-	3,  // 90: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	5,  // 91: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	7,  // 92: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	9,  // 93: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	11, // 94: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	13, // 95: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	15, // 96: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	17, // 97: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	19, // 98: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	21, // 99: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	23, // 100: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	25, // 101: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	27, // 102: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	29, // 103: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	31, // 104: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	33, // 105: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	35, // 106: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	37, // 107: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	39, // 108: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	41, // 109: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	43, // 110: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	45, // 111: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	47, // 112: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	49, // 113: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	51, // 114: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	53, // 115: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	55, // 116: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	57, // 117: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	59, // 118: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	61, // 119: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	63, // 120: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	65, // 121: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	68, // 122: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	72, // 123: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	74, // 124: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	76, // 125: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	78, // 126: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	80, // 127: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	82, // 128: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	86, // 129: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	90, // [90:130] is the sub-list for method output_type
-	50, // [50:90] is the sub-list for method input_type
-	50, // [50:50] is the sub-list for extension type_name
-	50, // [50:50] is the sub-list for extension extendee
-	0,  // [0:50] is the sub-list for field type_name
+	91,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
+	92,  // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
+	93,  // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
+	93,  // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
+	93,  // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
+	93,  // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
+	93,  // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
+	93,  // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
+	94,  // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	94,  // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	94,  // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	94,  // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	95,  // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
+	96,  // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
+	93,  // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
+	93,  // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
+	92,  // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
+	93,  // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
+	93,  // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
+	93,  // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
+	93,  // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
+	93,  // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
+	93,  // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
+	68,  // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
+	91,  // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
+	92,  // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
+	70,  // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
+	93,  // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
+	97,  // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
+	94,  // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
+	71,  // 30: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
+	94,  // 31: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	71,  // 32: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
+	92,  // 33: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
+	98,  // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
+	94,  // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
+	94,  // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
+	93,  // 37: users.v1.ListUsersResponse.users:type_name -> users.v1.User
+	93,  // 38: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
+	99,  // 39: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
+	93,  // 40: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
+	1,   // 41: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
+	0,   // 42: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
+	94,  // 43: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	84,  // 44: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
+	100, // 45: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
+	0,   // 46: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
+	94,  // 47: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
+	94,  // 48: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
+	85,  // 49: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
+	90,  // 50: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
+	2,   // 51: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
+	94,  // 52: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
+	93,  // 53: users.v1.UserChange.user:type_name -> users.v1.User
+	3,   // 54: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
+	5,   // 55: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
+	7,   // 56: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
+	9,   // 57: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
+	11,  // 58: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
+	13,  // 59: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
+	15,  // 60: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
+	17,  // 61: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
+	19,  // 62: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
+	21,  // 63: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
+	23,  // 64: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
+	25,  // 65: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
+	27,  // 66: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
+	29,  // 67: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
+	31,  // 68: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
+	33,  // 69: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
+	35,  // 70: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
+	37,  // 71: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
+	39,  // 72: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
+	41,  // 73: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
+	43,  // 74: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
+	45,  // 75: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
+	47,  // 76: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
+	49,  // 77: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
+	51,  // 78: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
+	53,  // 79: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
+	55,  // 80: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
+	57,  // 81: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
+	59,  // 82: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
+	61,  // 83: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
+	63,  // 84: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
+	65,  // 85: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
+	67,  // 86: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
+	72,  // 87: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
+	74,  // 88: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
+	76,  // 89: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
+	78,  // 90: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
+	80,  // 91: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
+	82,  // 92: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
+	86,  // 93: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
+	88,  // 94: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
+	4,   // 95: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	6,   // 96: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	8,   // 97: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	10,  // 98: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	12,  // 99: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	14,  // 100: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	16,  // 101: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	18,  // 102: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	20,  // 103: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	22,  // 104: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	24,  // 105: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	26,  // 106: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	28,  // 107: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	30,  // 108: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	32,  // 109: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	34,  // 110: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	36,  // 111: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	38,  // 112: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	40,  // 113: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	42,  // 114: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	44,  // 115: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	46,  // 116: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	48,  // 117: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	50,  // 118: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	52,  // 119: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	54,  // 120: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	56,  // 121: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	58,  // 122: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	60,  // 123: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	62,  // 124: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	64,  // 125: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	66,  // 126: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	69,  // 127: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	73,  // 128: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	75,  // 129: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	77,  // 130: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	79,  // 131: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	81,  // 132: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	83,  // 133: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	87,  // 134: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	89,  // 135: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	95,  // [95:136] is the sub-list for method output_type
+	54,  // [54:95] is the sub-list for method input_type
+	54,  // [54:54] is the sub-list for extension type_name
+	54,  // [54:54] is the sub-list for extension extendee
+	0,   // [0:54] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_service_proto_init() }
@@ -5407,8 +5709,8 @@ func file_users_v1_user_service_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_users_v1_user_service_proto_rawDesc), len(file_users_v1_user_service_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   85,
+			NumEnums:      3,
+			NumMessages:   88,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -59,6 +59,7 @@ const (
 	UserService_ListUsers_FullMethodName               = "/users.v1.UserService/ListUsers"
 	UserService_UpdateUser_FullMethodName              = "/users.v1.UserService/UpdateUser"
 	UserService_ListAuditEvents_FullMethodName         = "/users.v1.UserService/ListAuditEvents"
+	UserService_WatchUserChanges_FullMethodName        = "/users.v1.UserService/WatchUserChanges"
 )
 
 // UserServiceClient is the client API for UserService service.
@@ -536,6 +537,34 @@ type UserServiceClient interface {
 	// or unknown type; start_time not before end_time), UNAUTHENTICATED,
 	// PERMISSION_DENIED, UNAVAILABLE.
 	ListAuditEvents(ctx context.Context, in *ListAuditEventsRequest, opts ...grpc.CallOption) (*ListAuditEventsResponse, error)
+	// Follow every change to users, for other services (a change feed)
+	//
+	// Streams the changes made after the cursor `after` (created, activated,
+	// updated, email changed, role changed, deactivated, reactivated, locked,
+	// unlocked, deleted), oldest first, then each new change as it is made
+	// (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
+	// caller cancels. An empty `after` starts at the oldest change kept
+	// (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+	//
+	// Delivery guarantee: a consumer that reconnects with the cursor of the last
+	// change it handled gets every later change exactly once, in the same order,
+	// whatever the number of replicas writing and across server restarts and
+	// crashes. Each user's changes come in the order they were made: their
+	// user_change_number counts 1, 2, 3, ... without gaps. A change is streamed
+	// once it is stored (normally within milliseconds of the call that made it;
+	// after a crash of the server that made it, within seconds, by another
+	// replica). Handle changes idempotently by cursor, and store the cursor only
+	// after handling its change.
+	//
+	// Credentials are checked when the stream opens; the server ends streams
+	// within about 30 minutes (connection age), so reconnecting re-checks them.
+	// Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT (`after`
+	// is not a cursor of this feed), UNAUTHENTICATED, PERMISSION_DENIED,
+	// FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
+	// right after the cursor are no longer kept, or the cursor is ahead of this
+	// feed; read the users again with ListUsers and watch from an empty cursor),
+	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
+	WatchUserChanges(ctx context.Context, in *WatchUserChangesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchUserChangesResponse], error)
 }
 
 type userServiceClient struct {
@@ -945,6 +974,25 @@ func (c *userServiceClient) ListAuditEvents(ctx context.Context, in *ListAuditEv
 	}
 	return out, nil
 }
+
+func (c *userServiceClient) WatchUserChanges(ctx context.Context, in *WatchUserChangesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchUserChangesResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &UserService_ServiceDesc.Streams[0], UserService_WatchUserChanges_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchUserChangesRequest, WatchUserChangesResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type UserService_WatchUserChangesClient = grpc.ServerStreamingClient[WatchUserChangesResponse]
 
 // UserServiceServer is the server API for UserService service.
 // All implementations must embed UnimplementedUserServiceServer
@@ -1421,6 +1469,34 @@ type UserServiceServer interface {
 	// or unknown type; start_time not before end_time), UNAUTHENTICATED,
 	// PERMISSION_DENIED, UNAVAILABLE.
 	ListAuditEvents(context.Context, *ListAuditEventsRequest) (*ListAuditEventsResponse, error)
+	// Follow every change to users, for other services (a change feed)
+	//
+	// Streams the changes made after the cursor `after` (created, activated,
+	// updated, email changed, role changed, deactivated, reactivated, locked,
+	// unlocked, deleted), oldest first, then each new change as it is made
+	// (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
+	// caller cancels. An empty `after` starts at the oldest change kept
+	// (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+	//
+	// Delivery guarantee: a consumer that reconnects with the cursor of the last
+	// change it handled gets every later change exactly once, in the same order,
+	// whatever the number of replicas writing and across server restarts and
+	// crashes. Each user's changes come in the order they were made: their
+	// user_change_number counts 1, 2, 3, ... without gaps. A change is streamed
+	// once it is stored (normally within milliseconds of the call that made it;
+	// after a crash of the server that made it, within seconds, by another
+	// replica). Handle changes idempotently by cursor, and store the cursor only
+	// after handling its change.
+	//
+	// Credentials are checked when the stream opens; the server ends streams
+	// within about 30 minutes (connection age), so reconnecting re-checks them.
+	// Callers: an admin or a machine caller. Errors: INVALID_ARGUMENT (`after`
+	// is not a cursor of this feed), UNAUTHENTICATED, PERMISSION_DENIED,
+	// FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
+	// right after the cursor are no longer kept, or the cursor is ahead of this
+	// feed; read the users again with ListUsers and watch from an empty cursor),
+	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
+	WatchUserChanges(*WatchUserChangesRequest, grpc.ServerStreamingServer[WatchUserChangesResponse]) error
 	mustEmbedUnimplementedUserServiceServer()
 }
 
@@ -1550,6 +1626,9 @@ func (UnimplementedUserServiceServer) UpdateUser(context.Context, *UpdateUserReq
 }
 func (UnimplementedUserServiceServer) ListAuditEvents(context.Context, *ListAuditEventsRequest) (*ListAuditEventsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListAuditEvents not implemented")
+}
+func (UnimplementedUserServiceServer) WatchUserChanges(*WatchUserChangesRequest, grpc.ServerStreamingServer[WatchUserChangesResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchUserChanges not implemented")
 }
 func (UnimplementedUserServiceServer) mustEmbedUnimplementedUserServiceServer() {}
 func (UnimplementedUserServiceServer) testEmbeddedByValue()                     {}
@@ -2292,6 +2371,17 @@ func _UserService_ListAuditEvents_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _UserService_WatchUserChanges_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchUserChangesRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(UserServiceServer).WatchUserChanges(m, &grpc.GenericServerStream[WatchUserChangesRequest, WatchUserChangesResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type UserService_WatchUserChangesServer = grpc.ServerStreamingServer[WatchUserChangesResponse]
+
 // UserService_ServiceDesc is the grpc.ServiceDesc for UserService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -2460,6 +2550,12 @@ var UserService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _UserService_ListAuditEvents_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchUserChanges",
+			Handler:       _UserService_WatchUserChanges_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "users/v1/user_service.proto",
 }

@@ -1,0 +1,318 @@
+"""WatchUserChanges through real channels on the real database: every kind of change with its
+fields, resuming by cursor while two server processes write at once, expired cursors, and
+changes that a crash left pending, published by the sweep."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from bson import ObjectId
+from google.protobuf.field_mask_pb2 import FieldMask
+from pymongo import MongoClient
+
+from tests.conftest import BearerToken, MailSink, RunningServer, StartServer
+from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error
+from tests.e2e.test_operations import ServeProcess, wait_until
+from tests.fakes import FakeClock
+from users.v1 import user_pb2, user_service_pb2_grpc
+from users.v1 import user_service_pb2 as pb
+from users_grpc.changes import cursor_of
+
+Stub = user_service_pb2_grpc.UserServiceStub
+T = pb.UserChangeType
+
+
+def watch(stub: Stub, after: str, count: int, timeout: float = 30) -> list[pb.UserChange]:
+    """The first ``count`` changes after ``after``; the stream is then closed."""
+    stream = stub.WatchUserChanges(pb.WatchUserChangesRequest(after=after), timeout=timeout)
+    changes: list[pb.UserChange] = []
+    try:
+        for response in stream:
+            changes.append(response.change)
+            if len(changes) == count:
+                break
+    finally:
+        stream.cancel()
+    assert len(changes) == count, f"{len(changes)} of {count} changes"
+    return changes
+
+
+def watch_until(stub: Stub, after: str, done: Any, timeout: float = 30) -> list[pb.UserChange]:
+    """Changes after ``after`` until ``done(changes)`` holds."""
+    stream = stub.WatchUserChanges(pb.WatchUserChangesRequest(after=after), timeout=timeout)
+    changes: list[pb.UserChange] = []
+    try:
+        for response in stream:
+            changes.append(response.change)
+            if done(changes):
+                return changes
+    finally:
+        stream.cancel()
+    raise AssertionError(f"the stream ended after {len(changes)} changes")
+
+
+@pytest.fixture
+def database(server: RunningServer) -> Iterator[Any]:
+    client: MongoClient[dict[str, Any]] = MongoClient(server.settings.mongodb_uri, tz_aware=True)
+    with client:
+        yield client[server.settings.mongodb_database]
+
+
+def test_every_kind_of_change_appears_with_its_fields(server: RunningServer, mail: MailSink) -> None:
+    stub = server.stub
+    created = stub.CreateUser(create_request()).user
+    stub.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com")))
+    stub.UpdateUser(
+        pb.UpdateUserRequest(
+            user_id=created.id, user=user_pb2.User(first_name="Janet"), update_mask=FieldMask(paths=["first_name"])
+        )
+    )
+    stub.SetUserEmail(pb.SetUserEmailRequest(user_id=created.id, email="janet@example.com"))
+    stub.SetUserRole(pb.SetUserRoleRequest(user_id=created.id, role=user_pb2.ROLE_ADMIN))
+    stub.LockUser(pb.LockUserRequest(user_id=created.id))
+    stub.UnlockUser(pb.UnlockUserRequest(user_id=created.id))
+    stub.DeactivateUser(pb.DeactivateUserRequest(user_id=created.id))
+    stub.ReactivateUser(pb.ReactivateUserRequest(user_id=created.id))
+    stub.DeleteUser(pb.DeleteUserRequest(id=created.id))
+
+    # From the start: the server's own admin first, then jane's changes. Deleting an active admin
+    # deactivates her first (so the admins left can be counted): that is a change too.
+    changes = watch(stub, "", 12)
+    assert changes[0].user_id == server.admin_id
+    assert changes[0].type == T.USER_CHANGE_TYPE_CREATED
+    janes = changes[1:]
+    assert {c.user_id for c in janes} == {created.id}
+    assert [c.type for c in janes] == [
+        T.USER_CHANGE_TYPE_CREATED,
+        T.USER_CHANGE_TYPE_ACTIVATED,
+        T.USER_CHANGE_TYPE_UPDATED,
+        T.USER_CHANGE_TYPE_EMAIL_CHANGED,
+        T.USER_CHANGE_TYPE_ROLE_CHANGED,
+        T.USER_CHANGE_TYPE_LOCKED,
+        T.USER_CHANGE_TYPE_UNLOCKED,
+        T.USER_CHANGE_TYPE_DEACTIVATED,
+        T.USER_CHANGE_TYPE_REACTIVATED,
+        T.USER_CHANGE_TYPE_DEACTIVATED,
+        T.USER_CHANGE_TYPE_DELETED,
+    ]
+    assert [c.user_change_number for c in janes] == list(range(1, 12))
+    assert len({c.cursor for c in changes}) == 12
+    assert all(c.change_time.ToDatetime(UTC) > datetime(2020, 1, 1, tzinfo=UTC) for c in changes)
+    users = [c.user for c in janes]
+    assert (users[0].username, users[0].state) == ("jane", user_pb2.USER_STATE_PENDING_ACTIVATION)
+    assert users[1].state == user_pb2.USER_STATE_ACTIVE
+    assert users[2].first_name == "Janet"
+    assert users[3].email == "janet@example.com"
+    assert users[4].role == user_pb2.ROLE_ADMIN
+    assert users[5].state == user_pb2.USER_STATE_LOCKED
+    assert users[6].state == user_pb2.USER_STATE_ACTIVE
+    assert users[7].state == user_pb2.USER_STATE_DEACTIVATED
+    assert users[8].state == user_pb2.USER_STATE_ACTIVE
+    # A deletion carries the id only.
+    assert not janes[10].HasField("user")
+    # Resuming after a cursor gives exactly what follows it.
+    assert [c.cursor for c in watch(stub, janes[4].cursor, 6)] == [c.cursor for c in janes[5:]]
+
+
+def test_who_may_watch_and_bad_cursors(server: RunningServer, mail: MailSink) -> None:
+    error = rpc_error(lambda r: list(server.anonymous.WatchUserChanges(r, timeout=10)), pb.WatchUserChangesRequest())
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    server.stub.CreateUser(create_request())
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com")))
+    token = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD)).access_token
+    error = rpc_error(
+        lambda r: list(server.stub_for(token).WatchUserChanges(r, timeout=10)), pb.WatchUserChangesRequest()
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    for garbage in ("nonsense", cursor_of(1) + "A", "AAAA"):
+        request = pb.WatchUserChangesRequest(after=garbage)
+        error = rpc_error(lambda r: list(server.stub.WatchUserChanges(r, timeout=10)), request)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, garbage
+    # A cursor this feed never handed out (from a newer backup, say) is refused, not waited on.
+    request = pb.WatchUserChangesRequest(after=cursor_of(1000))
+    error = rpc_error(lambda r: list(server.stub.WatchUserChanges(r, timeout=10)), request)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(error).reason == "CHANGE_CURSOR_EXPIRED"
+
+
+def test_a_cursor_older_than_the_changes_kept_is_refused(start_server: StartServer) -> None:
+    # Two days ahead, with one day kept: housekeeping's purge takes every change published so far.
+    server = start_server(clock=FakeClock(datetime.now(UTC) + timedelta(days=2)), change_retention_days=1)
+    for n in range(3):
+        server.stub.CreateUser(create_request(username=f"user{n}", email=f"user{n}@example.com"))
+    changes = watch(server.stub, "", 4)
+    purged = server.call(server.app.housekeeping.run_once())
+    assert purged is not None
+    # All but the newest: the sequence never starts over.
+    assert purged.changes == 3
+    for old in changes[:2]:
+        request = pb.WatchUserChangesRequest(after=old.cursor)
+        error = rpc_error(lambda r: list(server.stub.WatchUserChanges(r, timeout=10)), request)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(error).reason == "CHANGE_CURSOR_EXPIRED"
+        assert "ListUsers" in (error.details() or "")
+    # Right before the oldest change kept: nothing is missing, so the stream goes on.
+    assert [c.cursor for c in watch(server.stub, changes[2].cursor, 1)] == [changes[3].cursor]
+    # An empty cursor starts at the oldest change kept.
+    assert [c.cursor for c in watch(server.stub, "", 1)] == [changes[3].cursor]
+
+
+def test_changes_a_crash_left_pending_are_published_by_the_sweep(
+    start_server: StartServer, mail: MailSink, tmp_path: Path
+) -> None:
+    server = start_server(change_poll_seconds=0.1)
+    jane = server.stub.CreateUser(create_request()).user
+    bob = server.stub.CreateUser(create_request(username="bob", email="bob@example.com")).user
+    mail.wait_for("bob@example.com")
+    start = watch(server.stub, "", 3)
+    client: MongoClient[dict[str, Any]] = MongoClient(server.settings.mongodb_uri, tz_aware=True)
+    users = client[server.settings.mongodb_database].users
+    long_ago = datetime.now(UTC) - timedelta(minutes=1)
+    # What a server that died right after its update leaves: the change made, its entry pending.
+    users.update_one(
+        {"_id": ObjectId(jane.id)},
+        {
+            "$set": {"first_name": "Crashed"},
+            "$inc": {"change_number": 1},
+            "$push": {"pending_changes": {"id": ObjectId(), "type": "updated", "at": long_ago}},
+            "$min": {"pending_changes_since": long_ago},
+        },
+    )
+    # A deletion marked but neither published nor finished, a security notice still in the document.
+    notice = {"id": ObjectId(), "to": "bob@example.com", "subject": "Your password was changed", "body": "Hello"}
+    users.update_one(
+        {"_id": ObjectId(bob.id)},
+        {
+            "$set": {"deleting": long_ago, "pending_mail": [notice], "pending_mail_since": long_ago},
+            "$inc": {"change_number": 1},
+            "$push": {"pending_changes": {"id": ObjectId(), "type": "deleted", "at": long_ago}},
+            "$min": {"pending_changes_since": long_ago},
+        },
+    )
+    swept = {c.user_id: c for c in watch(server.stub, start[-1].cursor, 2)}
+    assert swept[jane.id].type == T.USER_CHANGE_TYPE_UPDATED
+    assert swept[jane.id].user_change_number == 2
+    assert swept[jane.id].user.first_name == "Crashed"
+    assert swept[bob.id].type == T.USER_CHANGE_TYPE_DELETED
+    assert swept[bob.id].user_change_number == 2
+    # The deletion is finished, and the notice went to the outbox first, and out.
+    assert mail.wait_for("bob@example.com", 2)[1]["Subject"] == "Your password was changed"
+    wait_until(lambda: users.find_one({"_id": ObjectId(bob.id)}) is None, what="the deletion finished")
+    assert users.find_one({"_id": ObjectId(jane.id)}, {"pending_changes": 1}) == {"_id": ObjectId(jane.id)}
+    client.close()
+
+
+def test_two_processes_write_while_a_consumer_resumes_three_times_and_sees_each_change_once(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """The issue's test: two server processes on one database apply 500 changes at once (50 users,
+    each created, updated, promoted, demoted, locked, unlocked, deactivated, reactivated, given a
+    new email and deleted, its steps alternating between the processes), while a consumer reads,
+    disconnects and resumes from its last cursor three times, each time on the other process."""
+    env = {
+        "USERS_MONGODB_URI": server.settings.mongodb_uri,
+        "USERS_MONGODB_DATABASE": server.settings.mongodb_database,
+        "USERS_MAIL_DIR": str(tmp_path / "mail"),
+        "USERS_BCRYPT_ROUNDS": "10",
+        "USERS_CHANGE_POLL_SECONDS": "0.1",
+        "USERS_HEALTH_INTERVAL_SECONDS": "1",
+    }
+    processes = [ServeProcess(**env), ServeProcess(**env)]
+    channels = [grpc.insecure_channel(f"127.0.0.1:{process.port()}") for process in processes]
+    try:
+        stubs = [Stub(grpc.intercept_channel(channel, BearerToken(server.admin_token))) for channel in channels]
+        for stub in stubs:
+            wait_until(lambda stub=stub: _serving(stub), what="a serving process")  # type: ignore[misc]
+        received: list[pb.UserChange] = []
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            writers = [pool.submit(_history, stubs[n % 2], stubs[(n + 1) % 2], n) for n in range(FEED_USERS)]
+            cursor = ""
+            for round_ in range(3):
+                part = watch(stubs[round_ % 2], cursor, 100, timeout=60)
+                received += part
+                cursor = part[-1].cursor
+            ids = {writer.result() for writer in writers}
+        assert len(received) == 300
+        received += watch_until(
+            stubs[1],
+            cursor,
+            lambda changes: sum(c.type == T.USER_CHANGE_TYPE_DELETED for c in received + changes) == FEED_USERS,
+            timeout=60,
+        )
+    finally:
+        for channel in channels:
+            channel.close()
+        for process in processes:
+            process.close()
+    # Exactly once: every cursor once, every (user, number) once; and nothing but these changes.
+    assert len({c.cursor for c in received}) == len(received)
+    ours = [c for c in received if c.user_id in ids]
+    assert len(ours) == FEED_USERS * len(FEED_HISTORY) == 500
+    assert {c.user_id for c in received} - ids == {server.admin_id}
+    by_user: dict[str, list[pb.UserChange]] = defaultdict(list)
+    for change in ours:
+        by_user[change.user_id].append(change)
+    # In an order consistent with each user's history: numbered 1, 2, 3, ... as made.
+    for changes in by_user.values():
+        assert [c.user_change_number for c in changes] == list(range(1, len(FEED_HISTORY) + 1))
+        assert [c.type for c in changes] == FEED_HISTORY
+
+
+FEED_USERS = 50
+FEED_HISTORY = [
+    T.USER_CHANGE_TYPE_CREATED,
+    T.USER_CHANGE_TYPE_UPDATED,
+    T.USER_CHANGE_TYPE_ROLE_CHANGED,
+    T.USER_CHANGE_TYPE_ROLE_CHANGED,
+    T.USER_CHANGE_TYPE_LOCKED,
+    T.USER_CHANGE_TYPE_UNLOCKED,
+    T.USER_CHANGE_TYPE_DEACTIVATED,
+    T.USER_CHANGE_TYPE_REACTIVATED,
+    T.USER_CHANGE_TYPE_EMAIL_CHANGED,
+    T.USER_CHANGE_TYPE_DELETED,
+]
+
+
+def _history(one: Stub, other: Stub, n: int) -> str:
+    """FEED_HISTORY for one user, its steps alternating between the two processes; the user's id."""
+    imported = one.ImportUsers(
+        pb.ImportUsersRequest(
+            users=[
+                pb.ImportedUser(
+                    username=f"feed{n}",
+                    first_name="F",
+                    last_name="L",
+                    email=f"feed{n}@example.com",
+                    email_verified=True,
+                )
+            ]
+        )
+    )
+    user_id = imported.results[0].user.id
+    assert user_id, imported
+    mask = FieldMask(paths=["first_name"])
+    other.UpdateUser(pb.UpdateUserRequest(user_id=user_id, user=user_pb2.User(first_name="G"), update_mask=mask))
+    one.SetUserRole(pb.SetUserRoleRequest(user_id=user_id, role=user_pb2.ROLE_ADMIN))
+    other.SetUserRole(pb.SetUserRoleRequest(user_id=user_id, role=user_pb2.ROLE_USER))
+    one.LockUser(pb.LockUserRequest(user_id=user_id))
+    other.UnlockUser(pb.UnlockUserRequest(user_id=user_id))
+    one.DeactivateUser(pb.DeactivateUserRequest(user_id=user_id))
+    other.ReactivateUser(pb.ReactivateUserRequest(user_id=user_id))
+    one.SetUserEmail(pb.SetUserEmailRequest(user_id=user_id, email=f"moved{n}@example.com"))
+    other.DeleteUser(pb.DeleteUserRequest(id=user_id))
+    return user_id
+
+
+def _serving(stub: Stub) -> bool:
+    try:
+        stub.GetPublicKeys(pb.GetPublicKeysRequest(), timeout=5)
+    except grpc.RpcError:
+        return False
+    return True
