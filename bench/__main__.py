@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.devdb import DevDatabase, start_dev_database
 from users_grpc.domain import Role, identifier_key
+from users_grpc.repository import claim_documents
 from users_grpc.tokens import new_key_encryption_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,8 +227,13 @@ class Bench:
             assert admin is not None
             template = {key: value for key, value in admin.items() if key != "_id"} | {"role": Role.USER.value}
             names = [f"user{n:06d}" for n in range(self.profile.users)]
+            now = datetime.now(UTC)
             for first in range(0, len(names), 1000):
-                users.insert_many([_seeded(template, name) for name in names[first : first + 1000]])
+                seeded = [_seeded(template, name) for name in names[first : first + 1000]]
+                users.insert_many(seeded)
+                client["bench"]["claims"].insert_many(
+                    [claim for user in seeded for claim in claim_documents(user, now)]
+                )
         return names
 
     def sign_in(self, identifier: str) -> pb.AuthenticateResponse:

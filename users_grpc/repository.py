@@ -914,6 +914,14 @@ CLAIM_SETTLE_SECONDS = 120.0
 _CLAIM_KINDS = ("username", "email")
 
 
+def claim_documents(user: Document, now: datetime) -> list[Document]:
+    """The settled claims on a user document's names: for tools that write users straight into the
+    database (benchmarks seeding many users), which must claim their names as the service does."""
+    return [
+        {"_id": f"{kind}:{user[f'{kind}_key']}", "user_id": user["_id"], "claimed_at": now} for kind in _CLAIM_KINDS
+    ]
+
+
 class MongoClaims:
     """The ``claims`` collection: one document per normalized username and email, its ``_id``
     ``"<kind>:<key>"``, naming the user that holds it.

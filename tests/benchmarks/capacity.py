@@ -144,6 +144,9 @@ def main() -> None:
     parser.add_argument("--active-hours", type=float, default=8.0, help="hours a day an active user's client refreshes")
     parser.add_argument("--peak-factor", type=float, default=4.0, help="peak load over the daily mean")
     parser.add_argument("--sessions-per-user", type=float, default=2.0, help="live sessions a user keeps")
+    parser.add_argument(
+        "--changes-per-user-day", type=float, default=0.05, help="profile, email, role or state changes"
+    )
     args = parser.parse_args()
 
     counter = CommandCounter()
@@ -177,25 +180,34 @@ def main() -> None:
 
     users = sizes["users"]
     sessions = sizes.get("sessions", (0, 0.0, 0.0))
-    # Collections that grow with users rather than with calls (tallies of known sign-in addresses).
-    for name in ("throttles",):
+    # Collections that grow with users rather than with calls: tallies of known sign-in addresses,
+    # and the claims on each user's username and email.
+    for name in ("throttles", "claims"):
         count, document, index = sizes.get(name, (0, 0.0, 0.0))
         users = (users[0], users[1] + count / users[0] * document, users[2] + count / users[0] * index)
     audit = sizes.get("audit_events")
+    changes = sizes.get("user_changes")
     per_user_data = users[1] + args.sessions_per_user * sessions[1]
     per_user_index = users[2] + args.sessions_per_user * sessions[2]
     sign_ins_per_user_day = args.daily_active * args.sign_ins_per_day
     refreshes_per_user_day = args.daily_active * args.active_hours * 3600 / settings.access_token_ttl_seconds
     if audit is not None:
         # Every sign-in writes one audit event, kept for the retention period.
-        retained = sign_ins_per_user_day * settings_days(settings, "audit_retention_days", 365)
+        retained = sign_ins_per_user_day * settings.audit_retention_days
         per_user_data += retained * audit[1]
         per_user_index += retained * audit[2]
+    if changes is not None:
+        # The change feed keeps each change to a user (not sign-ins) for its retention period.
+        retained = args.changes_per_user_day * settings.change_retention_days
+        per_user_data += retained * changes[1]
+        per_user_index += retained * changes[2]
     print()
     print(
         f"Model: {args.daily_active:.0%} of users active a day, {args.sign_ins_per_day:g} sign-ins each, their client"
         f" refreshing every {settings.access_token_ttl_seconds // 60} min for {args.active_hours:g} h;"
-        f" {args.sessions_per_user:g} live sessions per user; peak = {args.peak_factor:g}x the daily mean."
+        f" {args.sessions_per_user:g} live sessions per user; {args.changes_per_user_day:g} changes per user a day;"
+        f" audit events kept {settings.audit_retention_days} days, changes {settings.change_retention_days} days;"
+        f" peak = {args.peak_factor:g}x the daily mean."
     )
     print(
         f"Measured database commands per call: sign-in {operations['sign-in']}, refresh {operations['refresh']},"
@@ -211,11 +223,6 @@ def main() -> None:
             f"{population:>12,} {human(population * per_user_data):>9} {human(population * per_user_index):>9}"
             f" {sign_ins:>11,.0f} {refreshes:>10,.0f} {commands:>9,.0f}"
         )
-
-
-def settings_days(settings: Any, name: str, default: int) -> float:
-    """A retention setting in days, or ``default`` where this version has no such setting."""
-    return float(getattr(settings, name, default))
 
 
 if __name__ == "__main__":

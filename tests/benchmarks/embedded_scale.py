@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from tests.conftest import (
 )
 from users.v1 import user_service_pb2 as pb
 from users_grpc.domain import Role, identifier_key
+from users_grpc.repository import claim_documents
 
 TARGETS = 10  # users the calls go round, spread evenly over the collection
 BATCH = 1000  # documents per insert_many
@@ -108,6 +110,7 @@ def main() -> None:
         client: MongoClient[dict[str, Any]] = MongoClient(database.uri, tz_aware=True)
         try:
             users = client[settings.mongodb_database]["users"]
+            claims = client[settings.mongodb_database]["claims"]
             admin = users.find_one({"_id": ObjectId(server.admin_id)})
             assert admin is not None
             template = {key: value for key, value in admin.items() if key != "_id"} | {"role": Role.USER.value}
@@ -115,7 +118,9 @@ def main() -> None:
             for size in sizes:
                 started = time.perf_counter()
                 for first in range(seeded, size, BATCH):
-                    users.insert_many([seeded_user(template, n) for n in range(first, min(first + BATCH, size))])
+                    batch = [seeded_user(template, n) for n in range(first, min(first + BATCH, size))]
+                    users.insert_many(batch)
+                    claims.insert_many([claim for user in batch for claim in claim_documents(user, datetime.now(UTC))])
                 print(f"seeded {size - seeded:,} users in {time.perf_counter() - started:.1f} s", flush=True)
                 seeded = size
                 targets = [username((2 * k + 1) * size // (2 * TARGETS)) for k in range(TARGETS)]

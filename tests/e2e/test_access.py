@@ -134,6 +134,8 @@ ADMITTED: dict[str, str] = {
     "DeleteServiceAccount": "NOT_FOUND/SERVICE_ACCOUNT_NOT_FOUND",
     "ListUsers": "OK",
     "UpdateUser": INVALID,
+    "ListAuditEvents": "OK",
+    "WatchUserChanges": INVALID,  # the sample request's cursor is none of this feed
 }
 # Where a caller's admitted call gets another answer than ADMITTED's.
 ADMITTED_FOR: dict[tuple[str, str], str] = {

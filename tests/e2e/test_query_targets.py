@@ -39,7 +39,7 @@ SCATTER_GATHER: list[tuple[str, Callable[[Query], bool]]] = [
     ),
     (
         "below schema 2 (claims not complete yet), lookups by name go to users",
-        lambda q: q.collection == "users" and fields(q.filter) == {"username_key", "email_key"},
+        lambda q: q.collection == "users" and {"username_key", "email_key"} <= fields(q.filter),
     ),
     (
         "the mail sender's sweeps for pending notices (background)",
@@ -56,6 +56,15 @@ SCATTER_GATHER: list[tuple[str, Callable[[Query], bool]]] = [
     (
         "housekeeping's sweep of claims left pending (background)",
         lambda q: q.collection == "claims" and "pending_since" in fields(q.filter),
+    ),
+    (
+        "the change log's sweep for changes a crash left unpublished and deletions left unfinished (background)",
+        # Only these two ranges: every other query carries deleting=None (a live user), and must be targeted.
+        lambda q: (
+            q.collection == "users"
+            and set(q.filter) in ({"pending_changes_since"}, {"deleting"})
+            and isinstance(next(iter(q.filter.values())), dict)
+        ),
     ),
     (
         "one user's sessions: ListSessions and revoke-all (rare)",
