@@ -491,15 +491,7 @@ class MongoUserRepository:
         """Turn MFA off, with its notice; False if it was not on."""
         result = await self._users.update_one(
             {"_id": _object_id(user_id), "mfa.state": "active", **_LIVE},
-            _with_change(
-                _with_notice(
-                    {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
-                    notice,
-                    now,
-                ),
-                ChangeType.UPDATED,
-                now,
-            ),
+            _mfa_removed(notice, now),
         )
         return await self._published_if(result.modified_count == 1, user_id)
 
@@ -508,15 +500,7 @@ class MongoUserRepository:
         """Remove any enrollment, active or pending, with its notice (an admin's reset); False if none."""
         result = await self._users.update_one(
             {"_id": _object_id(user_id), "mfa": {"$ne": None}, **_LIVE},
-            _with_change(
-                _with_notice(
-                    {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}},
-                    notice,
-                    now,
-                ),
-                ChangeType.UPDATED,
-                now,
-            ),
+            _mfa_removed(notice, now),
         )
         return await self._published_if(result.modified_count == 1, user_id)
 
@@ -2078,6 +2062,13 @@ def _unclaimed(now: datetime) -> Document:
 def _live_claim(document: Document, now: datetime) -> datetime | None:
     until: datetime | None = (document.get("pending_mail_claim") or {}).get("until")
     return until if until is not None and until > now else None
+
+
+def _mfa_removed(notice: Mail, now: datetime) -> Document:
+    """Remove the user's authenticator and recovery codes: their tokens die, they are told, and
+    the change feed shows mfa_enabled off (DisableMfa and an admin's ResetUserMfa alike)."""
+    update = {"$unset": {"mfa": ""}, "$set": {"updated_at": now}, "$inc": {"token_version": 1}}
+    return _with_change(_with_notice(update, notice, now), ChangeType.UPDATED, now)
 
 
 def _with_notice(update: Document, notice: Mail, now: datetime) -> Document:
