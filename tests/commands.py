@@ -30,36 +30,45 @@ class CommandRecorder(monitoring.CommandListener):
     def __init__(self, names: Collection[str] | None = None) -> None:
         self._lock = threading.Lock()
         self._commands: list[Command] = []
+        self._failed: list[Command] = []
         self._names = names
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if self._names is not None and event.command_name not in self._names:
             return
-        # The async client calls listeners in the task that sends the command, so the call's
-        # context variables are visible here.
-        command = Command(
-            name=event.command_name,
-            database=event.database_name,
-            document=copy.deepcopy(dict(event.command)),
-            in_call=database_budget.get() is not None,
-        )
-        with self._lock:
-            self._commands.append(command)
+        self._keep(self._commands, event.command_name, event.database_name, dict(event.command))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+        if self._names is None or event.command_name in self._names:
+            self._keep(self._failed, event.command_name, event.database_name, {})
+
+    def _keep(self, kept: list[Command], name: str, database: str, document: dict[str, Any]) -> None:
+        # The async client calls listeners in the task that sends the command, so the call's
+        # context variables are visible here.
+        command = Command(
+            name=name, database=database, document=copy.deepcopy(document), in_call=database_budget.get() is not None
+        )
+        with self._lock:
+            kept.append(command)
 
     @property
     def commands(self) -> list[Command]:
         with self._lock:
             return list(self._commands)
 
+    @property
+    def failures(self) -> list[Command]:
+        """The commands that failed (no document: only their names and where they ran)."""
+        with self._lock:
+            return list(self._failed)
+
     def clear(self) -> None:
         with self._lock:
             self._commands.clear()
+            self._failed.clear()
 
 
 # Commands that select documents by a filter, and where it is.

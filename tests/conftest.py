@@ -12,6 +12,7 @@ import email.policy
 import gc
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from aiosmtpd.controller import Controller
-from pymongo.monitoring import CommandListener
+from pymongo.monitoring import CommandListener, ConnectionPoolListener
 
 from tests.commands import FILTERING, CommandRecorder
 from users.v1 import user_service_pb2, user_service_pb2_grpc
@@ -52,6 +53,16 @@ def collect_known_leaks() -> None:
 
 def start_ferretdb(data_dir: Path) -> DevDatabase:
     return start_dev_database(data_dir=data_dir, binary=HARNESS)
+
+
+@pytest.fixture
+def own_database(tmp_path: Path) -> Iterator[DevDatabase]:
+    """A FerretDB process of this test's own, to pause (SIGSTOP), resume or kill."""
+    database = start_ferretdb(tmp_path / "db")
+    yield database
+    if database.process.poll() is None:
+        os.kill(database.process.pid, signal.SIGCONT)
+    database.stop()
 
 
 @pytest.fixture(scope="session")
@@ -217,7 +228,7 @@ class RunningServer:
         clock: Clock | None,
         credentials: grpc.ChannelCredentials | None = None,
         tracer_provider: Any = None,
-        event_listeners: Sequence[CommandListener] = (),
+        event_listeners: Sequence[CommandListener | ConnectionPoolListener] = (),
     ) -> None:
         self.settings = settings
         self._loop = asyncio.new_event_loop()
@@ -334,7 +345,7 @@ def start_server(
         clock: Clock | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         tracer_provider: Any = None,
-        event_listeners: Sequence[CommandListener] = (),
+        event_listeners: Sequence[CommandListener | ConnectionPoolListener] = (),
         **changes: Any,
     ) -> RunningServer:
         settings = dataclasses.replace(make_settings(mongodb_uri, database_name, smtp_server[1]), **changes)

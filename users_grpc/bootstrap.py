@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from pymongo import AsyncMongoClient, WriteConcern
-from pymongo.monitoring import CommandListener
+from pymongo.monitoring import CommandListener, ConnectionPoolListener
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc import migrations
@@ -63,6 +63,7 @@ from users_grpc.repository import (
     MongoSessionRepository,
     MongoThrottleStore,
     MongoUserRepository,
+    cancel_abandoned_work,
     ping,
 )
 from users_grpc.rewrap import load_digest_root
@@ -207,6 +208,7 @@ class App:
         await self.health_servicer.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.shutdown_delay_seconds)
         await self.server.stop(self.settings.shutdown_grace_seconds)
+        await cancel_abandoned_work()  # the calls that waited for it are gone
         # Background work stops at its next step, so the mail in hand is delivered and marked
         # rather than sent again later. Cancelling is the fallback, and is never waited on forever.
         self.mail.stop()
@@ -238,7 +240,7 @@ async def build_app(
     clock: Clock | None = None,
     mail_transport: MailTransport | None = None,
     tracer_provider: TracerProvider | None = None,
-    event_listeners: Sequence[CommandListener] = (),
+    event_listeners: Sequence[CommandListener | ConnectionPoolListener] = (),
 ) -> App:
     """Build the server; with a ``tracer_provider``, calls and database commands are traced."""
     keep_secrets_out_of_logs()

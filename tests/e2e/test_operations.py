@@ -13,12 +13,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2
 
 from tests.conftest import (
@@ -30,7 +28,6 @@ from tests.conftest import (
     StartServer,
     bound_socket,
     port_of,
-    start_ferretdb,
 )
 from tests.e2e.helpers import create_request, health_stub, raw_collection, retry_delay, rpc_error, stored_users
 from tests.e2e.helpers import wait_until as wait_until  # its old home; other modules import it from here
@@ -65,15 +62,6 @@ def probe(address: str) -> subprocess.CompletedProcess[str]:
         timeout=30,
         check=False,
     )
-
-
-@pytest.fixture
-def own_database(tmp_path: Path) -> Iterator[DevDatabase]:
-    """A FerretDB process of this test's own, to pause and resume."""
-    database = start_ferretdb(tmp_path / "db")
-    yield database
-    os.kill(database.process.pid, signal.SIGCONT)
-    database.stop()
 
 
 def test_health_reports_serving_for_the_server_and_the_service(server: RunningServer) -> None:

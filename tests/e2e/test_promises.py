@@ -14,14 +14,15 @@ import subprocess
 import sys
 import time
 import unicodedata
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from pymongo import monitoring
 
-from tests.conftest import HARNESS, REPO_ROOT, MailSink, RunningServer, StartServer, start_ferretdb
+from tests.commands import CommandRecorder
+from tests.conftest import HARNESS, REPO_ROOT, MailSink, RunningServer, StartServer
 from tests.e2e.helpers import (
     PASSWORD,
     create_request,
@@ -50,15 +51,6 @@ WRONG = "not the password at all"
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-@pytest.fixture
-def own_database(tmp_path: Path) -> Iterator[DevDatabase]:
-    """A FerretDB process of this test's own, to pause (SIGSTOP) and resume."""
-    database = start_ferretdb(tmp_path / "db")
-    yield database
-    os.kill(database.process.pid, signal.SIGCONT)
-    database.stop()
 
 
 def sign_in_status(server: RunningServer, password: str, name: str = "jane") -> grpc.StatusCode:
@@ -312,6 +304,46 @@ def test_a_mail_is_given_up_after_the_maximum_attempts(
 # --- the database budget --------------------------------------------------------------------
 
 
+class PoolEvents(monitoring.ConnectionPoolListener):
+    """The connections a server's database client closes, and why."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    def connection_created(self, event: monitoring.ConnectionCreatedEvent) -> None:
+        pass
+
+    def connection_closed(self, event: monitoring.ConnectionClosedEvent) -> None:
+        self.closed.append(event.reason)
+
+    def pool_created(self, event: monitoring.PoolCreatedEvent) -> None:
+        pass
+
+    def pool_ready(self, event: monitoring.PoolReadyEvent) -> None:
+        pass
+
+    def pool_cleared(self, event: monitoring.PoolClearedEvent) -> None:
+        pass
+
+    def pool_closed(self, event: monitoring.PoolClosedEvent) -> None:
+        pass
+
+    def connection_ready(self, event: monitoring.ConnectionReadyEvent) -> None:
+        pass
+
+    def connection_check_out_started(self, event: monitoring.ConnectionCheckOutStartedEvent) -> None:
+        pass
+
+    def connection_check_out_failed(self, event: monitoring.ConnectionCheckOutFailedEvent) -> None:
+        pass
+
+    def connection_checked_out(self, event: monitoring.ConnectionCheckedOutEvent) -> None:
+        pass
+
+    def connection_checked_in(self, event: monitoring.ConnectionCheckedInEvent) -> None:
+        pass
+
+
 def test_database_work_ends_at_the_db_timeout_when_the_deadline_is_later(
     own_database: DevDatabase, start_server: StartServer
 ) -> None:
@@ -328,8 +360,12 @@ def test_database_work_ends_at_the_deadline_when_it_is_sooner_than_the_db_timeou
     own_database: DevDatabase, start_server: StartServer
 ) -> None:
     """The server gives up a call's database work when the caller's deadline passes, not at
-    USERS_DB_TIMEOUT_SECONDS: with room for one call at a time, the next call is served at once."""
-    server = start_server(mongodb_uri=own_database.uri, db_timeout_seconds=30.0, max_concurrent_rpcs=1)
+    USERS_DB_TIMEOUT_SECONDS: the next call is served at once, and the query that cannot be
+    answered fails at the deadline rather than thirty seconds later."""
+    queries = CommandRecorder({"find"})
+    server = start_server(
+        mongodb_uri=own_database.uri, db_timeout_seconds=30.0, max_concurrent_rpcs=1, event_listeners=[queries]
+    )
     os.kill(own_database.process.pid, signal.SIGSTOP)
     error = rpc_error(server.stub.GetUser, pb.GetUserRequest(id=server.admin_id), timeout=1)
     # Whichever comes first by a hair: the server's UNAVAILABLE at the deadline or the client's own.
@@ -340,8 +376,32 @@ def test_database_work_ends_at_the_deadline_when_it_is_sooner_than_the_db_timeou
         assert refused is None or (isinstance(refused, grpc.Call) and refused.code() == RESOURCE_EXHAUSTED), refused
         return refused is None
 
-    wait_until(served, timeout=5, what="the first call's database work to end")
+    wait_until(served, timeout=5, what="the first call to end")
+    wait_until(
+        lambda: any(query.in_call for query in queries.failures), timeout=5, what="the first call's query to end"
+    )
     os.kill(own_database.process.pid, signal.SIGCONT)  # so the server stops without waiting on it
+
+
+def test_a_call_its_client_cancels_leaves_its_database_connection_in_the_pool(
+    own_database: DevDatabase, start_server: StartServer
+) -> None:
+    """The call ends at once, but its database work runs to its own end: cancelling PyMongo in the
+    middle of an operation throws the connection away (and in the middle of connecting leaks its
+    socket), so callers that give up would make the server reconnect again and again."""
+    pool, queries = PoolEvents(), CommandRecorder({"find"})
+    server = start_server(mongodb_uri=own_database.uri, db_timeout_seconds=30.0, event_listeners=[pool, queries])
+    server.stub.GetUser(pb.GetUserRequest(id=server.admin_id), timeout=10)
+    queries.clear()
+    os.kill(own_database.process.pid, signal.SIGSTOP)
+    try:
+        given_up = server.stub.GetUser.future(pb.GetUserRequest(id=server.admin_id), timeout=30)
+        wait_until(lambda: any(query.in_call for query in queries.commands), what="the call's query sent")
+        assert given_up.cancel()
+    finally:
+        os.kill(own_database.process.pid, signal.SIGCONT)
+    assert server.stub.GetUser(pb.GetUserRequest(id=server.admin_id), timeout=10).user.id == server.admin_id
+    assert pool.closed == []
 
 
 # --- shutdown -------------------------------------------------------------------------------

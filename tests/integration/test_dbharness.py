@@ -9,7 +9,6 @@ statements FerretDB runs (internal/backends/sqlite/collection.go: Query, UpdateA
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -50,13 +49,6 @@ def unindexed_lookups(database_file: Path) -> list[str]:
                 if f"SEARCH {table} USING INDEX _ferretdb_id_{table} (<expr>=?)" not in plan:
                     unindexed.append(f"{sql}: {plan}")
         return unindexed
-
-
-@pytest.fixture
-def own_database(tmp_path: Path) -> Iterator[DevDatabase]:
-    database = start_ferretdb(tmp_path / "db")
-    yield database
-    database.stop()
 
 
 def test_every_collection_the_service_uses_is_looked_up_by_id_through_an_index(
