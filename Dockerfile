@@ -4,6 +4,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY users_grpc users_grpc
 COPY generated generated
+COPY clients/python clients/python
+# Wheels of the server, its client package (from clients/python, which links generated/users) and
+# every dependency.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.13-slim
@@ -11,7 +14,9 @@ FROM python:3.13-slim
 RUN groupadd --gid 10001 users-grpc \
  && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin users-grpc
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# --no-deps: /wheels holds every dependency, and the server names its client by a path of the build
+# stage; pip check proves nothing is missing.
+RUN pip install --no-cache-dir --no-deps /wheels/*.whl && pip check && rm -rf /wheels
 USER 10001
 ENV USERS_GRPC_ADDRESS=[::]:50051 \
     USERS_SHUTDOWN_DELAY_SECONDS=5 \

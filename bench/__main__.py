@@ -162,7 +162,7 @@ class Bench:
         self.address = f"127.0.0.1:{free_port()}"
         self.env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "generated")]),
+            "PYTHONPATH": str(ROOT),
             "USERS_GRPC_ADDRESS": self.address,
             "USERS_MONGODB_URI": self.database.uri,
             "USERS_MONGODB_DATABASE": "bench",

@@ -14,10 +14,12 @@ import sys
 import zipfile
 from collections.abc import Callable
 from email.parser import Parser
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+import users
 import users_grpc_client
 from tests.conftest import REPO_ROOT, MailSink, RunningServer
 from tests.e2e.helpers import PASSWORD, create_request
@@ -134,6 +136,14 @@ def test_each_client_example_signs_in_verifies_locally_and_reads_a_refusal_reaso
     reason = lines[3].rsplit("reason=", 1)[1]
     assert reason == "PERMISSION_DENIED"
     assert error_reason_pb2.ErrorReason.Value("ERROR_REASON_" + reason)
+
+
+def test_the_server_takes_its_stubs_from_the_client_package() -> None:
+    """One copy of the stubs: the server depends on clients/python, by this checkout's path (never
+    by name from an index), and the users.v1 it imports is that package's."""
+    client = CLIENTS / "python"
+    assert f"users-grpc-client @ {client.resolve().as_uri()}" in (metadata.requires("users-grpc") or [])
+    assert Path(users.__file__).parent == client / "src" / "users"
 
 
 def test_the_python_client_needs_nothing_of_the_server(python_client_wheel: Path) -> None:

@@ -450,7 +450,7 @@ async def _already_stopped() -> None:
 
 
 def users_grpc(*args: str, cwd: Path, **env: str) -> subprocess.Popen[str]:
-    environment = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'generated'}", **env}
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}
     environment.pop("USERS_KEY_ENCRYPTION_KEY", None)  # `dev` makes its own; `keys new-kek` needs none
     return subprocess.Popen(
         [sys.executable, "-m", "users_grpc", *args],
