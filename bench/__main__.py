@@ -31,22 +31,20 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import bcrypt
 import grpc
-from bson import ObjectId
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import MongoClient
 
+from bench.seed import seed_users
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.devdb import DevDatabase, start_dev_database
-from users_grpc.domain import Role, identifier_key
-from users_grpc.repository import claim_documents
+from users_grpc.domain import identifier_key
 from users_grpc.tokens import new_key_encryption_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,15 +223,8 @@ class Bench:
             users = client["bench"]["users"]
             admin = users.find_one({"username_key": identifier_key("admin")})
             assert admin is not None
-            template = {key: value for key, value in admin.items() if key != "_id"} | {"role": Role.USER.value}
             names = [f"user{n:06d}" for n in range(self.profile.users)]
-            now = datetime.now(UTC)
-            for first in range(0, len(names), 1000):
-                seeded = [_seeded(template, name) for name in names[first : first + 1000]]
-                users.insert_many(seeded)
-                client["bench"]["claims"].insert_many(
-                    [claim for user in seeded for claim in claim_documents(user, now)]
-                )
+            seed_users(client["bench"], admin, names)
         return names
 
     def sign_in(self, identifier: str) -> pb.AuthenticateResponse:
@@ -360,17 +351,6 @@ def write_protoset(path: Path) -> None:
     add(health_pb2.DESCRIPTOR)
     add(pb.DESCRIPTOR)
     path.write_bytes(descriptor_pb2.FileDescriptorSet(file=files).SerializeToString())
-
-
-def _seeded(template: dict[str, Any], name: str) -> dict[str, Any]:
-    email = f"{name}@example.com"
-    return template | {
-        "_id": ObjectId(),
-        "username": name,
-        "username_key": identifier_key(name),
-        "email": email,
-        "email_key": identifier_key(email),
-    }
 
 
 def bcrypt_seconds(rounds: int) -> float:

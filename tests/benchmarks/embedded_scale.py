@@ -24,13 +24,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bson import ObjectId
 from pymongo import MongoClient
 
+from bench.seed import seed_users
 from tests.conftest import (
     ADMIN_PASSWORD,
     HARNESS,
@@ -41,11 +41,8 @@ from tests.conftest import (
     start_ferretdb,
 )
 from users.v1 import user_service_pb2 as pb
-from users_grpc.domain import Role, identifier_key
-from users_grpc.repository import claim_documents
 
 TARGETS = 10  # users the calls go round, spread evenly over the collection
-BATCH = 1000  # documents per insert_many
 
 
 def p50(call: Callable[[int], object], calls: int) -> float:
@@ -61,18 +58,6 @@ def p50(call: Callable[[int], object], calls: int) -> float:
 
 def username(n: int) -> str:
     return f"user{n:06d}"
-
-
-def seeded_user(template: dict[str, Any], n: int) -> dict[str, Any]:
-    name = username(n)
-    email = f"{name}@example.com"
-    return template | {
-        "_id": ObjectId(),
-        "username": name,
-        "username_key": identifier_key(name),
-        "email": email,
-        "email_key": identifier_key(email),
-    }
 
 
 def cpu_model() -> str:
@@ -109,18 +94,13 @@ def main() -> None:
         server = RunningServer(settings, clock=None)
         client: MongoClient[dict[str, Any]] = MongoClient(database.uri, tz_aware=True)
         try:
-            users = client[settings.mongodb_database]["users"]
-            claims = client[settings.mongodb_database]["claims"]
-            admin = users.find_one({"_id": ObjectId(server.admin_id)})
+            service_database = client[settings.mongodb_database]
+            admin = service_database["users"].find_one({"_id": ObjectId(server.admin_id)})
             assert admin is not None
-            template = {key: value for key, value in admin.items() if key != "_id"} | {"role": Role.USER.value}
             seeded = 0
             for size in sizes:
                 started = time.perf_counter()
-                for first in range(seeded, size, BATCH):
-                    batch = [seeded_user(template, n) for n in range(first, min(first + BATCH, size))]
-                    users.insert_many(batch)
-                    claims.insert_many([claim for user in batch for claim in claim_documents(user, datetime.now(UTC))])
+                seed_users(service_database, admin, [username(n) for n in range(seeded, size)])
                 print(f"seeded {size - seeded:,} users in {time.perf_counter() - started:.1f} s", flush=True)
                 seeded = size
                 targets = [username((2 * k + 1) * size // (2 * TARGETS)) for k in range(TARGETS)]

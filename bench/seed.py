@@ -1,0 +1,39 @@
+"""Many users straight into the database, for the benchmarks: through the service, bcrypt alone
+would take hours. Each is a copy of a user the service wrote, so every field is as it writes
+them, with its own name, email and the claims that make both unique."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo.database import Database
+
+from users_grpc.domain import Role, identifier_key
+from users_grpc.repository import claim_documents
+
+Document = dict[str, Any]
+
+
+def seed_users(database: Database[Document], model: Mapping[str, Any], names: Sequence[str], batch: int = 1000) -> None:
+    """Insert a user for each of ``names``: a copy of ``model`` (a user document the service
+    wrote, such as its first admin's) with the role user."""
+    template = {key: value for key, value in model.items() if key != "_id"} | {"role": Role.USER.value}
+    now = datetime.now(UTC)
+    for first in range(0, len(names), batch):
+        users = [_copy(template, name) for name in names[first : first + batch]]
+        database["users"].insert_many(users)
+        database["claims"].insert_many([claim for user in users for claim in claim_documents(user, now)])
+
+
+def _copy(template: Document, name: str) -> Document:
+    email = f"{name}@example.com"
+    return template | {
+        "_id": ObjectId(),
+        "username": name,
+        "username_key": identifier_key(name),
+        "email": email,
+        "email_key": identifier_key(email),
+    }
