@@ -3,37 +3,18 @@ list filter and the purge lead an index, and keyset pages order events of one mi
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
-from pymongo import AsyncMongoClient
 
+from tests.integration.conftest import Stores
 from users_grpc.domain import ActorKind, AuditActor, AuditEvent, AuditEventType, AuditFilter, AuditPosition
-from users_grpc.repository import Document, MongoAuditTrail, MongoHousekeeping, MongoUserRepository, audit_events_query
+from users_grpc.repository import MongoHousekeeping, audit_events_query
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SUBJECT = "a" * 24
-
-
-@pytest.fixture
-def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Any, MongoAuditTrail], Awaitable[_T]]], _T]:
-    def runner(body: Callable[[Any, MongoAuditTrail], Awaitable[_T]]) -> _T:
-        async def main() -> _T:
-            client: AsyncMongoClient[Document] = AsyncMongoClient(mongodb_uri, tz_aware=True)
-            try:
-                trail = MongoAuditTrail(client[database_name], MongoUserRepository(client[database_name]))
-                await trail.ensure_indexes()
-                return await body(client[database_name], trail)
-            finally:
-                await client.close()
-
-        return asyncio.run(main())
-
-    return runner
 
 
 def event(moment: datetime, type_: AuditEventType = AuditEventType.USER_LOCK) -> AuditEvent:
@@ -53,7 +34,8 @@ QUERIES = [
 
 @pytest.mark.parametrize(("query", "leading"), QUERIES)
 def test_every_filter_and_the_purge_lead_an_index(run: Any, query: dict[str, Any], leading: str) -> None:
-    async def body(database: Any, _trail: MongoAuditTrail) -> None:
+    async def body(stores: Stores) -> None:
+        database = stores.database
         indexes = [index["key"] async for index in await database["audit_events"].list_indexes()]
         assert any(next(iter(key)) == leading for key in indexes), indexes
         explained = await database.command(
@@ -69,7 +51,8 @@ def test_every_filter_and_the_purge_lead_an_index(run: Any, query: dict[str, Any
 
 
 def test_pages_walk_one_millisecond_by_id_and_the_purge_keeps_newer_events(run: Any) -> None:
-    async def body(database: Any, trail: MongoAuditTrail) -> None:
+    async def body(stores: Stores) -> None:
+        database, trail = stores.database, stores.audit
         for _ in range(5):
             await trail.add(event(NOW))
         await trail.add(event(NOW + timedelta(milliseconds=1), AuditEventType.USER_UNLOCK))

@@ -5,64 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import bson
 import pytest
 from bson import ObjectId
-from pymongo import AsyncMongoClient
 
+from tests.integration.conftest import Stores
 from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
 from users_grpc.repository import (
-    Document,
-    MongoHousekeeping,
-    MongoOutbox,
-    MongoSessionRepository,
     MongoThrottleStore,
-    MongoUserRepository,
     ended_sessions_queries,
     expired_tallies_query,
     failed_mail_query,
     never_activated_query,
 )
-from users_grpc.secrets_at_rest import SecretsAtRest
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
-
-
-class Stores:
-    def __init__(self, uri: str, name: str) -> None:
-        self.client: AsyncMongoClient[Document] = AsyncMongoClient(uri, tz_aware=True)
-        self.database = self.client[name]
-        self.users = MongoUserRepository(self.database)
-        self.sessions = MongoSessionRepository(self.database)
-        self.outbox = MongoOutbox(self.database, SecretsAtRest(os.urandom(32)))
-        self.housekeeping = MongoHousekeeping(self.database)
-
-
-@pytest.fixture
-def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Awaitable[_T]]], _T]:
-    def runner(body: Callable[[Stores], Awaitable[_T]]) -> _T:
-        async def main() -> _T:
-            stores = Stores(mongodb_uri, database_name)
-            try:
-                await stores.users.ensure_indexes()
-                await stores.sessions.ensure_indexes()
-                await stores.outbox.ensure_indexes()
-                await MongoThrottleStore(stores.database).ensure_indexes()
-                return await body(stores)
-            finally:
-                await stores.client.close()
-
-        # Bounded: a database that stops answering fails the test instead of hanging it.
-        return asyncio.run(asyncio.wait_for(main(), 60))
-
-    return runner
 
 
 def new_user(username: str, *, active: bool, created_at: datetime, pending: bool = True) -> NewUser:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -13,40 +11,13 @@ from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from tests.conftest import collect_known_leaks
+from tests.integration.conftest import Stores
 from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
 from users_grpc.errors import AlreadyExists, StorageUnavailable
-from users_grpc.repository import Document, MongoOutbox, MongoUserRepository
-from users_grpc.secrets_at_rest import SecretsAtRest
+from users_grpc.repository import Document, MongoUserRepository
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-class Stores:
-    def __init__(self, uri: str, name: str) -> None:
-        self.client: AsyncMongoClient[Document] = AsyncMongoClient(uri, tz_aware=True)
-        self.users = MongoUserRepository(self.client[name])
-        self.outbox = MongoOutbox(self.client[name], SecretsAtRest(os.urandom(32)))
-
-
-@pytest.fixture
-def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Awaitable[_T]]], _T]:
-    """Run a test body with fresh stores on its own database, indexes in place."""
-
-    def runner(body: Callable[[Stores], Awaitable[_T]]) -> _T:
-        async def main() -> _T:
-            stores = Stores(mongodb_uri, database_name)
-            try:
-                await stores.users.ensure_indexes()
-                await stores.outbox.ensure_indexes()
-                return await body(stores)
-            finally:
-                await stores.client.close()
-
-        # Bounded: a database that stops answering fails the test instead of hanging it.
-        return asyncio.run(asyncio.wait_for(main(), 60))
-
-    return runner
 
 
 def activation(**changes: Any) -> ActivationCode:

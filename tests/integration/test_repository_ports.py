@@ -3,52 +3,17 @@ the unit tests' fakes stand in for (tests/fakes.py), held by the adapter itself.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
-import pytest
 from bson import ObjectId
-from pymongo import AsyncMongoClient
 
+from tests.integration.conftest import Stores
 from tests.integration.test_repository import NOW, activation, new_user
 from users_grpc.domain import Mail, StoredKey
-from users_grpc.repository import (
-    Document,
-    MongoKeyStore,
-    MongoSessionRepository,
-    MongoUserRepository,
-)
 
 _T = TypeVar("_T")
 NOTICE = Mail(to="jane@example.com", subject="s", body="b")
-
-
-class Stores:
-    def __init__(self, uri: str, name: str) -> None:
-        self.client: AsyncMongoClient[Document] = AsyncMongoClient(uri, tz_aware=True)
-        self.users = MongoUserRepository(self.client[name])
-        self.sessions = MongoSessionRepository(self.client[name])
-        self.keys = MongoKeyStore(self.client[name])
-
-
-@pytest.fixture
-def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Awaitable[_T]]], _T]:
-    def runner(body: Callable[[Stores], Awaitable[_T]]) -> _T:
-        async def main() -> _T:
-            stores = Stores(mongodb_uri, database_name)
-            try:
-                await stores.users.ensure_indexes()
-                await stores.sessions.ensure_indexes()
-                return await body(stores)
-            finally:
-                await stores.client.close()
-
-        # Bounded: a database that stops answering fails the test instead of hanging it.
-        return asyncio.run(asyncio.wait_for(main(), 60))
-
-    return runner
 
 
 async def active_user(stores: Stores) -> str:

@@ -3,38 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import pytest
-from pymongo import AsyncMongoClient
-
+from tests.integration.conftest import Stores
 from users_grpc.domain import Tally
-from users_grpc.repository import Document, MongoThrottleStore
+from users_grpc.repository import MongoThrottleStore
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, 12, 0, 0, 123000, tzinfo=UTC)
 WINDOW = timedelta(minutes=15)
 LATER = NOW + timedelta(hours=1)
-
-
-@pytest.fixture
-def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[MongoThrottleStore], Awaitable[_T]]], _T]:
-    def runner(body: Callable[[MongoThrottleStore], Awaitable[_T]]) -> _T:
-        async def main() -> _T:
-            client: AsyncMongoClient[Document] = AsyncMongoClient(mongodb_uri, tz_aware=True)
-            try:
-                store = MongoThrottleStore(client[database_name])
-                await store.ensure_indexes()
-                return await body(store)
-            finally:
-                await client.close()
-
-        # Bounded: a database that stops answering fails the test instead of hanging it.
-        return asyncio.run(asyncio.wait_for(main(), 60))
-
-    return runner
 
 
 async def count(store: MongoThrottleStore, key: str, now: datetime = NOW) -> Tally | None:
@@ -44,7 +23,8 @@ async def count(store: MongoThrottleStore, key: str, now: datetime = NOW) -> Tal
 
 
 def test_counts_by_compare_and_set(run: Any) -> None:
-    async def body(store: MongoThrottleStore) -> None:
+    async def body(stores: Stores) -> None:
+        store = stores.throttle
         assert await count(store, "password:u1:a") == Tally(count=1, last_at=NOW)
         assert await count(store, "password:u1:a") == Tally(count=2, last_at=NOW)
         stale = Tally(count=1, last_at=NOW)
@@ -58,7 +38,8 @@ def test_counts_by_compare_and_set(run: Any) -> None:
 
 
 def test_parallel_counts_from_one_sight_succeed_once(run: Any) -> None:
-    async def body(store: MongoThrottleStore) -> None:
+    async def body(stores: Stores) -> None:
+        store = stores.throttle
         await count(store, "password:u1:a")
         seen = (await store.get(["password:u1:a"]))["password:u1:a"]
         results = await asyncio.gather(
@@ -80,7 +61,8 @@ def test_parallel_counts_from_one_sight_succeed_once(run: Any) -> None:
 
 
 def test_uncount_forget_and_remember(run: Any) -> None:
-    async def body(store: MongoThrottleStore) -> None:
+    async def body(stores: Stores) -> None:
+        store = stores.throttle
         for key in ("password:u1:a", "password:u1:a", "password:u1", "password:u2:a"):
             await count(store, key)
         await store.uncount_failure("password:u1:a")
@@ -104,7 +86,8 @@ def test_uncount_forget_and_remember(run: Any) -> None:
 
 
 def test_hits_count_every_request_even_in_parallel(run: Any) -> None:
-    async def body(store: MongoThrottleStore) -> None:
+    async def body(stores: Stores) -> None:
+        store = stores.throttle
         counts = await asyncio.gather(*(store.hit("rate:10.0.0.1:0", LATER) for _ in range(12)))
         assert sorted(counts) == list(range(1, 13))
 

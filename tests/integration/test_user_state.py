@@ -5,48 +5,22 @@ active admins."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import pytest
 from bson import ObjectId
-from pymongo import AsyncMongoClient
 
+from tests.integration.conftest import Stores
 from users_grpc.domain import ActivationCode, Gender, NewUser, Role, User, UserState
 from users_grpc.errors import LastActiveAdmin
-from users_grpc.repository import Document, MongoHousekeeping, MongoUserRepository, never_activated_query
+from users_grpc.repository import Document, never_activated_query
 from users_grpc.service import keep_an_active_admin
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 LONG_AGO = NOW - timedelta(days=30)
 SUSPENDED = (UserState.DEACTIVATED, UserState.LOCKED)
-
-
-class Stores:
-    def __init__(self, uri: str, name: str) -> None:
-        self.client: AsyncMongoClient[Document] = AsyncMongoClient(uri, tz_aware=True)
-        self.database = self.client[name]
-        self.users = MongoUserRepository(self.database)
-        self.housekeeping = MongoHousekeeping(self.database)
-
-
-@pytest.fixture
-def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Awaitable[_T]]], _T]:
-    def runner(body: Callable[[Stores], Awaitable[_T]]) -> _T:
-        async def main() -> _T:
-            stores = Stores(mongodb_uri, database_name)
-            try:
-                await stores.users.ensure_indexes()
-                return await body(stores)
-            finally:
-                await stores.client.close()
-
-        # Bounded: a database that stops answering fails the test instead of hanging it.
-        return asyncio.run(asyncio.wait_for(main(), 60))
-
-    return runner
 
 
 def activation() -> ActivationCode:

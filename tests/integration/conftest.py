@@ -1,0 +1,63 @@
+"""What the repository tests share: every store of the service on a fresh database of the test's
+own, indexes made, and a runner that gives a test body an event loop of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from users_grpc.repository import (
+    Document,
+    MongoAuditTrail,
+    MongoHousekeeping,
+    MongoKeyStore,
+    MongoOutbox,
+    MongoSessionRepository,
+    MongoThrottleStore,
+    MongoUserRepository,
+)
+from users_grpc.secrets_at_rest import SecretsAtRest
+
+_T = TypeVar("_T")
+
+
+class Stores:
+    def __init__(self, client: AsyncMongoClient[Document], name: str) -> None:
+        self.client = client
+        self.database = client[name]
+        self.users = MongoUserRepository(self.database)
+        self.sessions = MongoSessionRepository(self.database)
+        self.keys = MongoKeyStore(self.database)
+        self.outbox = MongoOutbox(self.database, SecretsAtRest(os.urandom(32)))
+        self.throttle = MongoThrottleStore(self.database)
+        self.audit = MongoAuditTrail(self.database, self.users)
+        self.housekeeping = MongoHousekeeping(self.database)
+
+    async def ensure_indexes(self) -> None:
+        for store in (self.users, self.sessions, self.outbox, self.throttle, self.audit):
+            await store.ensure_indexes()
+
+
+@pytest.fixture
+def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Awaitable[_T]]], _T]:
+    """Run a test body with the stores on its own database."""
+
+    def runner(body: Callable[[Stores], Awaitable[_T]]) -> _T:
+        async def main() -> _T:
+            client: AsyncMongoClient[Document] = AsyncMongoClient(mongodb_uri, tz_aware=True)
+            try:
+                stores = Stores(client, database_name)
+                await stores.ensure_indexes()
+                return await body(stores)
+            finally:
+                await client.close()
+
+        # Bounded: a database that stops answering fails the test instead of hanging it.
+        return asyncio.run(asyncio.wait_for(main(), 60))
+
+    return runner
