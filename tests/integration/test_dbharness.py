@@ -21,7 +21,7 @@ from tests.e2e.helpers import create_request
 from users_grpc.devdb import DevDatabase, start_dev_database
 
 FERRETDB_ID_STATEMENTS = [
-    # find, findAndModify, update and delete with the filter {_id: <string or ObjectId>}
+    # find, findAndModify, update and delete with a filter holding _id: <string or ObjectId>
     """SELECT _ferretdb_sjson FROM "{table}" WHERE _ferretdb_sjson->'$._id' = ? LIMIT ?""",
     # how every update and findAndModify writes its documents
     """UPDATE "{table}" SET _ferretdb_sjson = ? WHERE _ferretdb_sjson->'$._id' = ?""",
@@ -60,6 +60,23 @@ def test_every_collection_the_service_uses_is_looked_up_by_id_through_an_index(
     database_file = tmp_path / "db" / f"{database_name}.sqlite"
     assert {"users", "sessions", "outbox"} <= collection_tables(database_file).keys()
     assert unindexed_lookups(database_file) == []
+
+
+def test_a_filter_with_an_id_equality_beside_other_keys_reads_by_the_id_index(own_database: DevDatabase) -> None:
+    """dbharness/patches/sqlite-id-pushdown.patch: unpatched, FerretDB reads by _id only for a filter
+    that is exactly {_id}, and every update the service makes ({_id, precondition}) scans the table.
+    Its explain shows the SQL plan of the same choice its queries make."""
+    client: MongoClient[dict[str, Any]] = MongoClient(own_database.uri)
+    with client:
+        things = client.probe.things
+        things.insert_many([{"_id": "a", "state": "active"}, {"_id": "b", "state": "locked"}])
+        assert things.find_one({"_id": "a", "state": "active"}) == {"_id": "a", "state": "active"}
+        assert things.find_one({"_id": "a", "state": "locked"}) is None  # the rest of the filter still applies
+        for filter_ in ({"_id": "a"}, {"_id": "a", "state": "active"}, {"state": "active", "_id": "a"}):
+            plan = client.probe.command("explain", {"find": "things", "filter": filter_})["queryPlanner"]["Plan"]
+            assert any("USING INDEX _ferretdb_id_" in step for step in plan), (filter_, plan)
+        plan = client.probe.command("explain", {"find": "things", "filter": {"state": "active"}})["queryPlanner"]
+        assert not any("USING INDEX" in step for step in plan["Plan"])  # no _id: nothing to narrow by
 
 
 def test_the_index_follows_collections_dropped_recreated_or_left_by_an_earlier_run(tmp_path: Path) -> None:
