@@ -229,13 +229,21 @@ def test_a_good_token_still_identifies_the_caller_where_anyone_may_call() -> Non
     assert _caller_of("Authenticate", ALICES_TOKEN).user_id == ALICE_USER.id
 
 
+def test_a_listed_certificate_identifies_a_machine_caller_where_anyone_may_call() -> None:
+    """A machine signing users in is known as one, so the end user's forwarded address counts."""
+    assert _caller_of("Authenticate", None, ["spiffe://corp/billing"]) == Caller(machine="spiffe://corp/billing")
+    assert _caller_of("Authenticate", None) == ANONYMOUS
+
+
 def test_a_method_without_a_rule_is_refused_whoever_calls() -> None:
     """Fail closed: a new RPC without a line in RULES is nobody's."""
     assert "Shutdown" not in RULES
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(PermissionDenied) as identifying:
         _caller_of("Shutdown", ALICES_TOKEN)
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(PermissionDenied) as admitting:
         _authorizer().admit("Shutdown", pb.GetUserRequest(), ADMIN)
+    # The status message says why, so that whoever added the RPC finds the missing rule.
+    assert str(identifying.value) == str(admitting.value) == "no access rule covers this method"
 
 
 @pytest.mark.parametrize(

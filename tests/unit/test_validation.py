@@ -398,6 +398,12 @@ def test_an_empty_email_is_required() -> None:
     assert refusal(lambda: normalized_email("")) == [FieldViolation("email", "is required")]
 
 
+def test_an_email_of_254_characters_is_accepted() -> None:
+    email = "j" * 64 + "@" + "a" * 63 + "." + "b" * 63 + "." + "c" * 56 + ".test"
+    assert len(email) == 254
+    assert normalized_email(email) == email
+
+
 def test_an_email_over_254_characters_is_refused_with_the_limit() -> None:
     email = "jane.d@" + "a" * 60 + "." + "b" * 60 + "." + "c" * 60 + "." + "d" * 60 + ".test"
     assert len(email) == 255
