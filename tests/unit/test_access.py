@@ -12,7 +12,7 @@ from typing import cast
 import pytest
 
 from users.v1 import user_service_pb2 as pb
-from users_grpc.access import RULES, Authorizer, Rule, _admits, bearer_token, source_address
+from users_grpc.access import RULES, Authorizer, Rule, _admits, bearer_token, metadata_value, source_address
 from users_grpc.domain import ANONYMOUS, AccessClaims, Caller, Gender, Role, User, UserState
 from users_grpc.errors import PermissionDenied, Unauthenticated
 from users_grpc.service_accounts import ServiceAccountService
@@ -36,6 +36,17 @@ BILLING = Caller(machine="billing-service")
 )
 def test_bearer_token(metadata: list[tuple[str, str]], token: str | None) -> None:
     assert bearer_token(metadata) == token
+
+
+def test_a_header_is_read_by_name_and_only_as_text() -> None:
+    metadata: list[tuple[str, str | bytes]] = [
+        ("x-request-id", "1"),
+        ("x-forwarded-for-bin", b"\x01"),
+        ("x-forwarded-for", "203.0.113.9"),
+    ]
+    assert metadata_value(metadata, "x-forwarded-for") == "203.0.113.9"
+    assert metadata_value(metadata, "x-forwarded-for-bin") is None  # binary headers are not addresses
+    assert metadata_value(metadata, "authorization") is None
 
 
 @pytest.mark.parametrize(

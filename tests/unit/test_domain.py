@@ -56,6 +56,15 @@ def test_an_etag_reads_back_as_the_revision_and_updated_at(revision: int, update
     assert parse_etag(user.etag) == Version(revision, updated_at)
 
 
+def test_every_etag_reads_back() -> None:
+    """Whatever the length of its encoding (and so its padding)."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for millis in (0, 1, 12, 123, 1234, 12345, 123456, 1234567):
+        for revision in range(300):
+            user = dataclasses.replace(JANE, revision=revision, updated_at=epoch + timedelta(milliseconds=millis))
+            assert parse_etag(user.etag) == Version(revision, user.updated_at)
+
+
 def test_an_etag_keeps_updated_at_to_the_millisecond() -> None:
     """As stored: BSON dates hold milliseconds."""
     assert parse_etag(JANE.etag).updated_at == datetime(2026, 3, 4, 5, 6, 7, 891_000, tzinfo=UTC)
