@@ -1,11 +1,22 @@
-"""The access rules' pure parts: reading the bearer token and admitting callers."""
+"""The access rules without a server: reading the bearer token, identifying and admitting callers."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import cast
+
 import pytest
 
-from users_grpc.access import Rule, _admits, bearer_token, source_address
-from users_grpc.domain import Caller, Role
+from users.v1 import user_service_pb2 as pb
+from users_grpc.access import RULES, Authorizer, Rule, _admits, bearer_token, metadata_value, source_address
+from users_grpc.domain import ANONYMOUS, AccessClaims, Caller, Gender, Role, User, UserState
+from users_grpc.errors import PermissionDenied, Unauthenticated
+from users_grpc.service_accounts import ServiceAccountService
+from users_grpc.sessions import SessionService
 
 ALICE = Caller(user_id="a" * 24, role=Role.USER)
 ADMIN = Caller(user_id="b" * 24, role=Role.ADMIN)
@@ -25,6 +36,17 @@ BILLING = Caller(machine="billing-service")
 )
 def test_bearer_token(metadata: list[tuple[str, str]], token: str | None) -> None:
     assert bearer_token(metadata) == token
+
+
+def test_a_header_is_read_by_name_and_only_as_text() -> None:
+    metadata: list[tuple[str, str | bytes]] = [
+        ("x-request-id", "1"),
+        ("x-forwarded-for-bin", b"\x01"),
+        ("x-forwarded-for", "203.0.113.9"),
+    ]
+    assert metadata_value(metadata, "x-forwarded-for") == "203.0.113.9"
+    assert metadata_value(metadata, "x-forwarded-for-bin") is None  # binary headers are not addresses
+    assert metadata_value(metadata, "authorization") is None
 
 
 @pytest.mark.parametrize(
@@ -66,3 +88,203 @@ def test_self_needs_the_request_to_name_the_caller() -> None:
 )
 def test_source_address(peer: str, forwarded_for: str | None, machine: bool, source: str) -> None:
     assert source_address(peer, forwarded_for, machine=machine) == source
+
+
+BOB_ID = "c" * 24
+
+
+@pytest.mark.parametrize(
+    ("rule", "admitted"),
+    [
+        # Callers: Alice on her own record, Alice on Bob's, an admin on Alice's, a machine on Alice's.
+        (Rule.SELF, (True, False, False, False)),
+        (Rule.SELF_OR_ADMIN, (True, False, True, False)),
+        (Rule.SELF_ADMIN_OR_MACHINE, (True, False, True, True)),
+        (Rule.ADMIN_OR_MACHINE, (False, False, True, True)),
+        (Rule.ADMIN, (False, False, True, False)),
+    ],
+)
+def test_each_rule_admits_exactly_its_callers(rule: Rule, admitted: tuple[bool, bool, bool, bool]) -> None:
+    got = (
+        _admits(rule, ALICE, subject=ALICE.user_id),
+        _admits(rule, ALICE, subject=BOB_ID),
+        _admits(rule, ADMIN, subject=ALICE.user_id),
+        _admits(rule, BILLING, subject=ALICE.user_id),
+    )
+    assert got == admitted
+
+
+def test_a_caller_without_a_user_is_nobodys_self() -> None:
+    """A machine or anonymous caller is not "self" of a request that names no user."""
+    assert not _admits(Rule.SELF, BILLING, subject=None)
+    assert not _admits(Rule.SELF_OR_ADMIN, Caller(), subject=None)
+
+
+@pytest.mark.parametrize(
+    ("forwarded_for", "source"),
+    [
+        (" 203.0.113.9 ,10.0.0.7", "203.0.113.9"),  # spaces around the first entry do not count
+        ("::ffff:198.51.100.4", "198.51.100.4"),
+        ("not-an-address", "not-an-address"),
+        ("x" * 100, "x" * 64),  # not an address: kept, but only its first 64 characters
+    ],
+)
+def test_a_machine_callers_forwarded_address_is_the_source(forwarded_for: str, source: str) -> None:
+    assert source_address("ipv4:10.0.0.5:1", forwarded_for, machine=True) == source
+
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+ALICE_USER = User(
+    id="a" * 24,  # ALICE's
+    username="alice",
+    first_name="Alice",
+    last_name="Liddell",
+    email="alice@example.test",
+    gender=Gender.FEMALE,
+    role=Role.USER,
+    state=UserState.ACTIVE,
+    created_at=NOW,
+    updated_at=NOW,
+)
+ALICES_TOKEN = "alices.access.token"  # a stand-in the fake sessions accept
+REPORTING = Caller(machine="service-account:reporting", service_account_id="client-1")
+
+
+def _service_token(subject: str) -> str:
+    """A token shaped like a service account's; only the fake checks it."""
+    payload = base64.urlsafe_b64encode(json.dumps({"sub": subject}).encode()).decode().rstrip("=")
+    return f"header.{payload}.signature"
+
+
+REPORTINGS_TOKEN = _service_token("service-account:client-1")
+
+
+class _Sessions:
+    async def check_access_token(self, access_token: str) -> tuple[AccessClaims, User]:
+        if access_token != ALICES_TOKEN:
+            raise Unauthenticated("invalid access token")
+        claims = AccessClaims(
+            subject=ALICE_USER.id,
+            role=Role.USER,
+            token_version=0,
+            session_id="d" * 24,
+            token_id="t1",
+            issuer="users-grpc",
+            audience="users-grpc",
+            issued_at=NOW,
+            expires_at=NOW + timedelta(minutes=15),
+        )
+        return claims, ALICE_USER
+
+
+class _ServiceAccounts:
+    async def caller_of(self, access_token: str) -> Caller:
+        if access_token != REPORTINGS_TOKEN:
+            raise Unauthenticated("invalid access token")
+        return REPORTING
+
+
+def _authorizer(machine_identities: Iterable[str] = ("spiffe://corp/billing",)) -> Authorizer:
+    return Authorizer(
+        sessions=cast(SessionService, _Sessions()),
+        service_accounts=cast(ServiceAccountService, _ServiceAccounts()),
+        machine_identities=machine_identities,
+    )
+
+
+def _caller_of(method: str, token: str | None, peer_identities: Iterable[str] = ()) -> Caller:
+    return asyncio.run(_authorizer().caller_of(method, token, peer_identities))
+
+
+def test_a_users_access_token_identifies_the_user_their_role_and_session() -> None:
+    caller = _caller_of("GetUser", ALICES_TOKEN)
+    assert (caller.user_id, caller.role, caller.session_id) == (ALICE_USER.id, Role.USER, "d" * 24)
+    assert caller.machine is None
+    assert caller.user == ALICE_USER  # the account read to check the token, for the call to reuse
+
+
+def test_a_service_accounts_token_identifies_its_machine_caller() -> None:
+    assert _caller_of("GetUser", REPORTINGS_TOKEN) == REPORTING
+
+
+def test_a_listed_certificate_identity_is_a_machine_caller() -> None:
+    caller = _caller_of("GetUser", None, ["spiffe://corp/unknown", "spiffe://corp/billing"])
+    assert caller == Caller(machine="spiffe://corp/billing")
+
+
+def test_an_unlisted_certificate_identity_is_anonymous() -> None:
+    assert _caller_of("GetUser", None, ["spiffe://corp/unknown"]) == ANONYMOUS
+    assert _caller_of("GetUser", None) == ANONYMOUS
+
+
+def test_a_bearer_token_decides_even_over_a_listed_certificate() -> None:
+    assert _caller_of("GetUser", ALICES_TOKEN, ["spiffe://corp/billing"]).user_id == ALICE_USER.id
+    with pytest.raises(Unauthenticated):
+        _caller_of("GetUser", "forged", ["spiffe://corp/billing"])
+
+
+@pytest.mark.parametrize("token", ["forged", "", _service_token("service-account:deleted")])
+def test_a_bad_token_is_unauthenticated_where_the_rule_needs_a_caller(token: str) -> None:
+    with pytest.raises(Unauthenticated):
+        _caller_of("GetUser", token)
+
+
+@pytest.mark.parametrize("token", ["forged", "", _service_token("service-account:deleted")])
+def test_a_bad_token_is_ignored_where_anyone_may_call(token: str) -> None:
+    """Clients attach stale tokens to every call; a call open to anyone goes ahead anonymously."""
+    assert _caller_of("RefreshSession", token) == ANONYMOUS
+
+
+def test_a_good_token_still_identifies_the_caller_where_anyone_may_call() -> None:
+    assert _caller_of("Authenticate", ALICES_TOKEN).user_id == ALICE_USER.id
+
+
+def test_a_listed_certificate_identifies_a_machine_caller_where_anyone_may_call() -> None:
+    """A machine signing users in is known as one, so the end user's forwarded address counts."""
+    assert _caller_of("Authenticate", None, ["spiffe://corp/billing"]) == Caller(machine="spiffe://corp/billing")
+    assert _caller_of("Authenticate", None) == ANONYMOUS
+
+
+def test_a_method_without_a_rule_is_refused_whoever_calls() -> None:
+    """Fail closed: a new RPC without a line in RULES is nobody's."""
+    assert "Shutdown" not in RULES
+    with pytest.raises(PermissionDenied) as identifying:
+        _caller_of("Shutdown", ALICES_TOKEN)
+    with pytest.raises(PermissionDenied) as admitting:
+        _authorizer().admit("Shutdown", pb.GetUserRequest(), ADMIN)
+    # The status message says why, so that whoever added the RPC finds the missing rule.
+    assert str(identifying.value) == str(admitting.value) == "no access rule covers this method"
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [pb.GetUserRequest(id=ALICE_USER.id), pb.ListSessionsRequest(user_id=ALICE_USER.id)],
+    ids=["id", "user_id"],
+)
+def test_the_user_a_request_names_by_id_or_user_id_is_the_subject(request_: object) -> None:
+    method = type(request_).__name__.removesuffix("Request")
+    _authorizer().admit(method, request_, ALICE)  # Alice about herself: admitted
+    with pytest.raises(PermissionDenied):
+        _authorizer().admit(method, request_, Caller(user_id=BOB_ID, role=Role.USER))
+
+
+def test_a_request_about_another_user_is_refused_to_a_user() -> None:
+    with pytest.raises(PermissionDenied):
+        _authorizer().admit("UpdateUser", pb.UpdateUserRequest(user_id=BOB_ID), ALICE)
+    _authorizer().admit("UpdateUser", pb.UpdateUserRequest(user_id=BOB_ID), ADMIN)
+
+
+def test_an_anonymous_caller_is_unauthenticated_where_the_rule_needs_a_caller() -> None:
+    with pytest.raises(Unauthenticated):
+        _authorizer().admit("GetUser", pb.GetUserRequest(id=ALICE_USER.id), ANONYMOUS)
+
+
+def test_a_machine_caller_is_not_unauthenticated() -> None:
+    """A machine has no user id but is known: refused by the rule (PERMISSION_DENIED), or admitted."""
+    with pytest.raises(PermissionDenied):
+        _authorizer().admit("DeleteUser", pb.DeleteUserRequest(id=ALICE_USER.id), BILLING)
+    _authorizer().admit("GetUser", pb.GetUserRequest(id=ALICE_USER.id), BILLING)
+
+
+def test_anyone_may_make_a_call_open_to_anyone() -> None:
+    _authorizer().admit("Authenticate", pb.AuthenticateRequest(), ANONYMOUS)
