@@ -46,7 +46,7 @@ from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
 from users_grpc.mfa import MfaService
 from users_grpc.observability import Gauges, Metrics, ObservabilityInterceptor, OperationsHttp, OutboxState
-from users_grpc.passwords import BcryptHasher, common_passwords
+from users_grpc.passwords import BcryptHasher, common_passwords, yield_to_calls
 from users_grpc.ports import Clock, MailTransport
 from users_grpc.recovery import PasswordService
 from users_grpc.reflection import SourceInfoReflectionServicer, load_descriptor_set
@@ -274,7 +274,10 @@ async def build_app(
     change_log.on_published = changes.published
     session_store = MongoSessionRepository(database)
 
-    executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="bcrypt")
+    # Hashing yields the cores to the calls it would otherwise hold up (passwords.yield_to_calls).
+    executor = ThreadPoolExecutor(
+        max_workers=settings.hash_workers, thread_name_prefix="bcrypt", initializer=yield_to_calls
+    )
     # Without an HTTP address nobody can scrape metrics, so none are kept.
     metrics = None if settings.http_address is None else Metrics()
     hasher = BcryptHasher(

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,25 @@ _T = TypeVar("_T")
 # Keys the pre-hash when no pepper is configured. It is a domain separator, not
 # a secret: it keeps our digests out of any precomputed list of plain SHA-384s.
 _DEFAULT_PEPPER = b"users-grpc/password/v1"
+
+# How much less CPU priority a hashing thread has than the threads answering calls (Linux nice
+# levels: at +10 the scheduler gives a thread about a tenth of the share of one at +0).
+HASHING_NICENESS = 10
+
+
+def yield_to_calls() -> None:
+    """Initializer of the hashing threads: a lower CPU priority for the calling thread alone.
+
+    bcrypt is meant to be slow, and while it keeps every core busy a cheap call waits for a
+    core whenever its turn comes. At a lower priority the hashes still take every core that is
+    idle, so sign-ins lose nothing on their own, but the event loop and the database are
+    served first. Linux sets a nice level per thread (elsewhere the call would renice the whole
+    process, so nothing is done); raising one's own nice level needs no privilege.
+    """
+    if sys.platform != "linux":
+        return
+    thread = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, thread, min(os.getpriority(os.PRIO_PROCESS, thread) + HASHING_NICENESS, 19))
 
 
 class BcryptHasher:

@@ -7,8 +7,11 @@ socket is bound to that address, so the server sees a different peer.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +33,7 @@ from tests.e2e.helpers import (
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
+from users_grpc.passwords import HASHING_NICENESS
 
 WRONG = "not the password at all"
 NEW_PASSWORD = "a brand new passphrase"
@@ -260,6 +264,21 @@ def test_the_hashing_queue_keeps_the_owner_answered_under_an_anonymous_flood(
     assert flood_codes <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert set(owner_codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert sign_in(server.anonymous, PASSWORD).user.username == "jane"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a nice level per thread is Linux's")
+def test_passwords_are_hashed_at_a_lower_cpu_priority_than_calls_are_answered(server: RunningServer) -> None:
+    """Hashes take every idle core, but the event loop (and the database) are served first."""
+
+    def nice_level() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def on_the_loop() -> int:
+        return nice_level()
+
+    answering = server.call(on_the_loop())
+    hashing = server.app.executor.submit(nice_level).result(timeout=10)
+    assert hashing == min(answering + HASHING_NICENESS, 19) > answering
 
 
 def test_a_stranger_cannot_keep_the_owner_from_activating(
