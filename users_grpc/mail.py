@@ -15,7 +15,6 @@ pending notices into the outbox under their own ids before delivering.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import logging
 import smtplib
@@ -67,6 +66,10 @@ class MailDelivery:
         self._first_retry_seconds = first_retry_seconds
         self._max_retry_seconds = max_retry_seconds
         self._wake = asyncio.Event()
+        # Whether notices may wait in user documents. Looking for them searches users (an index
+        # on MongoDB, every document on the embedded database), so only when a notice was pended
+        # here, and at each poll for those another replica or a crash left.
+        self._notices_pended = True
         self._stopping = False
 
     async def send(self, mail: Mail) -> None:
@@ -74,21 +77,27 @@ class MailDelivery:
         self._wake.set()
 
     def wake(self) -> None:
+        self._notices_pended = True
         self._wake.set()
 
     async def run(self) -> None:
         """Move pending notices and deliver due mail until :meth:`stop`; poll so that other
         replicas' mail goes out too."""
         while not self._stopping:
+            steps = (self.move_notices, self._deliver_due) if self._notices_pended else (self._deliver_due,)
+            self._notices_pended = False  # before the move: a notice pended during it wakes another
             # Apart, so that trouble with one never holds up the other.
-            for step in (self.move_notices, self._deliver_due):
+            for step in steps:
                 try:
                     await step()
                 except Exception:
                     # Most likely the database is away; the next poll tries again.
                     log.warning("mail outbox unavailable", exc_info=True)
-            with contextlib.suppress(TimeoutError):
+                    self._notices_pended = True
+            try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_seconds)
+            except TimeoutError:
+                self._notices_pended = True  # a poll: another replica's or a crash's notices
             self._wake.clear()
 
     def stop(self) -> None:

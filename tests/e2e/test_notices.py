@@ -21,8 +21,9 @@ import pytest
 from bson import ObjectId
 from pymongo import MongoClient
 
+from tests.commands import CommandRecorder
 from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, wait_until, wait_until_mail_settled
+from tests.e2e.helpers import PASSWORD, create_request, signed_up, wait_until, wait_until_mail_settled
 from tests.e2e.test_mfa import independent_totp
 from tests.e2e.test_recovery import NEW_PASSWORD, reset_token
 from tests.fakes import FakeClock
@@ -341,3 +342,34 @@ def test_replicas_move_each_notice_once(start_server: StartServer, mail: MailSin
         subjects = sorted(m["Subject"] for m in mail.messages if m["Subject"].startswith("notice "))
         assert subjects == sorted(f"notice {n}.{k}" for n in range(5) for k in range(3))
         assert users.count_documents({"pending_mail_since": {"$exists": True}}) == 0
+
+
+def notice_searches(queries: CommandRecorder) -> int:
+    """The mail sender's searches of users for pended notices (on the embedded database, each
+    reads every user)."""
+    return sum(
+        1
+        for c in queries.commands
+        if c.document.get("findAndModify") == "users" and "pending_mail_since" in str(c.document.get("query"))
+    )
+
+
+def test_the_sender_searches_users_for_notices_only_when_one_was_pended_or_at_a_poll(
+    start_server: StartServer, mail: MailSink
+) -> None:
+    queries = CommandRecorder({"findAndModify"})
+    server = start_server(mail_poll_seconds=60, event_listeners=[queries])  # no poll during the test
+    wait_until(lambda: notice_searches(queries) >= 1, what="the search at start")
+    queries.clear()
+    session = signed_up(server, mail)  # two mails (the activation code, the welcome), no notice
+    assert notice_searches(queries) == 0
+    server.stub_for(session.access_token).ChangePassword(
+        pb.ChangePasswordRequest(
+            user_id=session.user.id,
+            current_password=PASSWORD,
+            new_password=NEW_PASSWORD,
+            new_password_confirmation=NEW_PASSWORD,
+        )
+    )
+    wait_until(lambda: any(m["Subject"] == "Your password was changed" for m in mail.messages), what="the notice")
+    assert notice_searches(queries) >= 1
