@@ -594,6 +594,8 @@ class QueuedMail:
     id: str
     mail: Mail
     attempts: int
+    # The user whose security notice this is a copy of; None for any other mail.
+    notice_of: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -123,7 +123,7 @@ class MailDelivery:
             if pending is None:
                 return
             for notice in pending.notices:
-                await self._queue.enqueue(notice.mail, self._clock.now(), mail_id=notice.id)
+                await self._queue.enqueue(notice.mail, self._clock.now(), mail_id=notice.id, notice_of=pending.user_id)
             await self._notices.release_notices(pending)
             log.info("notices queued", extra={"user_id": pending.user_id, "count": len(pending.notices)})
 
@@ -136,11 +136,11 @@ class MailDelivery:
         queued = await self._queue.claim(self._clock.now(), self._lease_seconds)
         if queued is None:
             return False
-        if self._notices is not None:
+        if self._notices is not None and queued.notice_of is not None:
             # A notice's copy goes out only once the notice waits in no user document, or a
             # sender that died mid-move would leave it to be moved and mailed again.
             now = self._clock.now()
-            busy_until = await self._notices.settle_notice(queued.id, now)
+            busy_until = await self._notices.settle_notice(queued.notice_of, queued.id, now)
             if busy_until is not None:
                 # Moments, usually (the mover is between queueing and dropping); at most, until a
                 # dead mover's claim runs out. Never counted as an attempt.

@@ -332,9 +332,12 @@ class Clock(Protocol):
 class MailQueue(Protocol):
     """The outbox: mail waiting for delivery, shared by every replica."""
 
-    async def enqueue(self, mail: Mail, now: datetime, *, mail_id: str | None = None) -> None:
+    async def enqueue(
+        self, mail: Mail, now: datetime, *, mail_id: str | None = None, notice_of: str | None = None
+    ) -> None:
         """Queue ``mail``. With ``mail_id`` (24 hex digits) it is queued under that id, and
-        queueing an id that is still queued does nothing."""
+        queueing an id that is still queued does nothing. ``notice_of``: the user whose notice
+        it is a copy of (see :class:`NoticeStore`)."""
 
     async def claim(self, now: datetime, lease_seconds: float) -> QueuedMail | None:
         """Take the next due mail for ``lease_seconds``; after that another sender may take it."""
@@ -367,9 +370,9 @@ class NoticeStore(Protocol):
     async def release_notices(self, pending: PendingNotices) -> None:
         """Drop the claimed notices (now queued in the outbox) and end the claim."""
 
-    async def settle_notice(self, notice_id: str, now: datetime) -> datetime | None:
-        """Drop ``notice_id`` from its user's document if it still waits there. None when done (or
-        there is no such notice); else when to try again, while another sender's claim holds it."""
+    async def settle_notice(self, user_id: str, notice_id: str, now: datetime) -> datetime | None:
+        """Drop ``notice_id`` from ``user_id``'s document if it still waits there. None when done
+        (or there is no such notice); else when to try again, while another sender's claim holds it."""
 
 
 class MailTransport(Protocol):

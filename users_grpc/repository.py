@@ -733,7 +733,7 @@ class MongoUserRepository:
         await self._drop_empty_notices(user_id)
 
     @_storage_errors
-    async def settle_notice(self, notice_id: str, now: datetime) -> datetime | None:
+    async def settle_notice(self, user_id: str, notice_id: str, now: datetime) -> datetime | None:
         """Before its outbox copy goes out: make sure the notice no longer waits in its user's document.
 
         Otherwise a sender that moved it, then died before dropping it, would leave it to be moved
@@ -743,11 +743,13 @@ class MongoUserRepository:
         notice = _object_id(notice_id)
         # Twice at most: a sender may claim the document between the read and the pull.
         for _ in range(2):
+            # By _id alone (the embedded database's index serves no other filter); the notice is
+            # looked for in Python.
             document = await self._users.find_one(
-                {"pending_mail.id": notice}, projection={"pending_mail": 1, "pending_mail_claim": 1}
+                {"_id": _object_id(user_id)}, projection={"pending_mail": 1, "pending_mail_claim": 1}
             )
-            if document is None:
-                return None  # the common case: moved and dropped already, or not a notice at all
+            if document is None or not any(n.get("id") == notice for n in document.get("pending_mail") or ()):
+                return None  # the common case: moved and dropped already
             claimed_until = _live_claim(document, now)
             if claimed_until is not None:
                 return claimed_until
@@ -1290,7 +1292,7 @@ class MongoChangeLog:
         if self._outbox is not None:
             for notice in document.get("pending_mail") or ():
                 moved = _notice_from_document(notice)
-                await self._outbox.enqueue(moved.mail, datetime.now(UTC), mail_id=moved.id)
+                await self._outbox.enqueue(moved.mail, datetime.now(UTC), mail_id=moved.id, notice_of=str(user_id))
         deleted = await self._users.delete_one(
             {
                 "_id": user_id,
@@ -1770,6 +1772,7 @@ class MongoOutbox:
 
     def __init__(self, database: AsyncDatabase[Document], secrets: SecretsAtRest) -> None:
         self._outbox: AsyncCollection[Document] = database["outbox"]
+        self._users: AsyncCollection[Document] = database["users"]  # only for mail queued before notice_of
         self._secrets = secrets
 
     @_storage_errors
@@ -1803,7 +1806,9 @@ class MongoOutbox:
         return sealed
 
     @_storage_errors
-    async def enqueue(self, mail: Mail, now: datetime, *, mail_id: str | None = None) -> None:
+    async def enqueue(
+        self, mail: Mail, now: datetime, *, mail_id: str | None = None, notice_of: str | None = None
+    ) -> None:
         """Queue ``mail``; with a ``mail_id`` (a notice's), queueing it again while queued does nothing."""
         object_id = ObjectId() if mail_id is None else ObjectId(mail_id)
         try:
@@ -1819,6 +1824,7 @@ class MongoOutbox:
                     "attempts": 0,
                     "next_attempt_at": now,
                     "created_at": now,
+                    "notice_of": None if notice_of is None else ObjectId(notice_of),
                 }
             )
         except DuplicateKeyError:
@@ -1842,9 +1848,22 @@ class MongoOutbox:
                 return None
             mail = self._opened(document)
             if mail is not None:
-                return QueuedMail(id=str(document["_id"]), mail=mail, attempts=document["attempts"])
+                return QueuedMail(
+                    id=str(document["_id"]),
+                    mail=mail,
+                    attempts=document["attempts"],
+                    notice_of=await self._notice_owner(document),
+                )
             # Tampered with, or sealed under another key-encryption key: it can never go out.
             await self.give_up(str(document["_id"]), "the sealed body does not open", now)
+
+    async def _notice_owner(self, document: Document) -> str | None:
+        if "notice_of" in document:
+            return None if document["notice_of"] is None else str(document["notice_of"])
+        # Queued by a version that did not record it: the user whose document still holds the
+        # notice, if any (the pending_mail_id index serves this on MongoDB).
+        owner = await self._users.find_one({"pending_mail.id": document["_id"]}, projection={"_id": 1})
+        return None if owner is None else str(owner["_id"])
 
     @_storage_errors
     async def reseal_bodies(self) -> tuple[int, int, int]:

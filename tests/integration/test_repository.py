@@ -242,25 +242,25 @@ def test_a_dead_senders_claim_runs_out_and_holds_its_notices_outbox_copies_till_
         claimed = await stores.users.claim_pending_notices(NOW, 60)
         assert claimed is not None
         [notice] = claimed.notices
-        await stores.outbox.enqueue(notice.mail, NOW, mail_id=notice.id)
-        await stores.outbox.enqueue(notice.mail, NOW, mail_id=notice.id)  # a repeat does nothing
+        await stores.outbox.enqueue(notice.mail, NOW, mail_id=notice.id, notice_of=user.id)
+        await stores.outbox.enqueue(notice.mail, NOW, mail_id=notice.id, notice_of=user.id)  # a repeat does nothing
         # The sender dies here. Its copy may not go out while the claim holds the notice ...
-        assert await stores.users.settle_notice(notice.id, NOW) == NOW + timedelta(seconds=60)
+        assert await stores.users.settle_notice(user.id, notice.id, NOW) == NOW + timedelta(seconds=60)
         assert await stores.users.claim_pending_notices(NOW + timedelta(seconds=59), 60) is None
         # ... and after the lease either the copy settles the notice, or another sender takes it over.
-        assert await stores.users.settle_notice(notice.id, NOW + timedelta(seconds=61)) is None
+        assert await stores.users.settle_notice(user.id, notice.id, NOW + timedelta(seconds=61)) is None
         assert await stores.users.claim_pending_notices(NOW + timedelta(seconds=61), 60) is None
         copy = await stores.outbox.claim(NOW, 60)
         assert copy is not None
-        assert (copy.id, copy.mail, copy.attempts) == (notice.id, NOTICE, 1)
+        assert (copy.id, copy.mail, copy.attempts, copy.notice_of) == (notice.id, NOTICE, 1, user.id)
         # A sender that found the notice still held hands the copy back, the attempt not counted.
         await stores.outbox.postpone(copy.id, NOW + timedelta(seconds=1))
         assert await stores.outbox.claim(NOW, 60) is None
         again = await stores.outbox.claim(NOW + timedelta(seconds=1), 60)
         assert again is not None
         assert (again.id, again.attempts) == (notice.id, 1)
-        # Mail that is no notice settles at once.
-        assert await stores.users.settle_notice(str(ObjectId()), NOW) is None
+        # A notice that no longer waits in the user's document settles at once.
+        assert await stores.users.settle_notice(user.id, str(ObjectId()), NOW) is None
 
     run(body)
 
