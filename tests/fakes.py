@@ -17,6 +17,8 @@ from users_grpc.domain import (
     NewUser,
     PasswordScheme,
     Role,
+    Session,
+    StoredKey,
     Tally,
     User,
     UserState,
@@ -249,3 +251,98 @@ class FakeThrottleStore:
         count = self.tallies[key][2].count + 1 if key in self.tallies else 1
         self.tallies[key] = ("", "rate", Tally(count=count, last_at=expires_at))
         return count
+
+
+@dataclasses.dataclass
+class FakeSessionRecord:
+    session: Session
+    generation: int
+    token_digest: str
+    revoked_at: datetime | None = None
+
+
+class FakeSessionRepository:
+    """The conditional updates of :class:`~users_grpc.repository.MongoSessionRepository`."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, FakeSessionRecord] = {}
+        self._ids = (f"{n:024x}" for n in itertools.count(0x5E55_0000))
+
+    def new_id(self) -> str:
+        return next(self._ids)
+
+    async def create(
+        self, session_id: str, user_id: str, token_digest: str, now: datetime, expires_at: datetime, token_version: int
+    ) -> Session:
+        session = Session(
+            id=session_id,
+            user_id=user_id,
+            created_at=now,
+            last_used_at=now,
+            expires_at=expires_at,
+            token_version=token_version,
+        )
+        self.records[session_id] = FakeSessionRecord(session, 0, token_digest)
+        return session
+
+    async def rotate(
+        self, session_id: str, generation: int, token_digest: str, new_token_digest: str, now: datetime
+    ) -> Session | None:
+        record = self.records.get(session_id)
+        if (
+            record is None
+            or record.generation != generation
+            or record.token_digest != token_digest
+            or record.revoked_at is not None
+            or record.session.expires_at <= now
+        ):
+            return None
+        record.generation += 1
+        record.token_digest = new_token_digest
+        record.session = dataclasses.replace(record.session, last_used_at=now)
+        return record.session
+
+    async def revoke_replayed(self, session_id: str, generation: int, now: datetime) -> Session | None:
+        record = self.records.get(session_id)
+        if record is None or record.generation <= generation or record.revoked_at is not None:
+            return None
+        record.revoked_at = now
+        return record.session
+
+    async def revoke(self, session_id: str, now: datetime) -> None:
+        record = self.records.get(session_id)
+        if record is not None and record.revoked_at is None:
+            record.revoked_at = now
+
+    async def list_active(self, user_id: str, now: datetime) -> list[Session]:
+        live = [
+            r.session
+            for r in self.records.values()
+            if r.session.user_id == user_id and r.revoked_at is None and r.session.expires_at > now
+        ]
+        return sorted(live, key=lambda session: session.created_at, reverse=True)
+
+    async def revoke_all(self, user_id: str, now: datetime) -> None:
+        for record in self.records.values():
+            if record.session.user_id == user_id and record.revoked_at is None:
+                record.revoked_at = now
+
+
+class FakeKeyStore:
+    """The signing keys of :class:`~users_grpc.repository.MongoKeyStore`."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, StoredKey] = {}
+
+    async def add(self, key: StoredKey) -> None:
+        self.keys[key.kid] = key
+
+    async def all(self) -> list[StoredKey]:
+        return list(self.keys.values())
+
+    async def retire(self, kid: str, now: datetime) -> bool:
+        key = self.keys.get(kid)
+        if key is None or key.retired_at is not None:
+            return False
+        self.keys[kid] = dataclasses.replace(key, retired_at=now)
+        return True
