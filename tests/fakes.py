@@ -14,6 +14,7 @@ from users_grpc.domain import (
     Account,
     ActivationCode,
     Mail,
+    Mfa,
     NewUser,
     PasswordScheme,
     Role,
@@ -59,12 +60,13 @@ class FakeHasher:
 class FakeMailer:
     def __init__(self) -> None:
         self.sent: list[Mail] = []
+        self.woken = 0
 
     async def send(self, mail: Mail) -> None:
         self.sent.append(mail)
 
     def wake(self) -> None:
-        pass
+        self.woken += 1
 
 
 class FakeUserRepository:
@@ -345,4 +347,151 @@ class FakeKeyStore:
         if key is None or key.retired_at is not None:
             return False
         self.keys[kid] = dataclasses.replace(key, retired_at=now)
+        return True
+
+
+class FakeCredentialRepository(FakeUserRepository):
+    """The credential updates of :class:`~users_grpc.repository.MongoUserRepository`: each one
+    conditional, a change the user is told of pending its notice (``notices``) in the same step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notices: list[Mail] = []
+        self.mfa_failures: dict[str, tuple[int, datetime | None]] = {}  # user id: (failures, window start)
+
+    def _set(self, user_id: str, **changes: object) -> None:
+        self.accounts[user_id] = dataclasses.replace(self.accounts[user_id], **changes)  # type: ignore[arg-type]
+
+    def _changed(self, user_id: str, now: datetime, notice: Mail, **changes: object) -> None:
+        """A change that ends every token so far (the version) and pends its notice."""
+        user = self.accounts[user_id].user
+        self._set(
+            user_id, user=dataclasses.replace(user, token_version=user.token_version + 1, updated_at=now), **changes
+        )
+        self.notices.append(notice)
+
+    async def replace_password_reset(
+        self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
+    ) -> bool:
+        account = self.accounts.get(user_id)
+        if account is None or not account.user.is_active:
+            return False
+        old = account.password_reset
+        if old is not None and old.window_started_at > code.window_started_at - timedelta(seconds=window_seconds):
+            if old.sends_in_window >= max_sends:
+                return False
+            code = dataclasses.replace(
+                code, sends_in_window=old.sends_in_window + 1, window_started_at=old.window_started_at
+            )
+        self._set(user_id, password_reset=code)
+        return True
+
+    async def find_account_by_reset_digest(self, user_id: str, digest: str, now: datetime) -> Account | None:
+        account = self.accounts.get(user_id)
+        reset = account.password_reset if account else None
+        if account is None or reset is None or reset.digest != digest or reset.expires_at <= now:
+            return None
+        return account if account.user.is_active else None
+
+    async def reset_password(self, user_id: str, digest: str, password_hash: str, now: datetime, notice: Mail) -> bool:
+        account = self.accounts.get(user_id)
+        reset = account.password_reset if account else None
+        if reset is None or reset.digest != digest or reset.expires_at <= now:
+            return False
+        return await self.set_password(user_id, password_hash, now, notice)
+
+    async def set_password(self, user_id: str, password_hash: str, now: datetime, notice: Mail) -> bool:
+        if user_id not in self.accounts:
+            return False
+        self._changed(
+            user_id,
+            now,
+            notice,
+            password_hash=password_hash,
+            password_reset=None,
+            password_scheme=PasswordScheme.PEPPERED,
+        )
+        return True
+
+    async def start_mfa_enrollment(self, user_id: str, sealed_secret: bytes, now: datetime) -> bool:
+        account = self.accounts.get(user_id)
+        if account is None or (account.mfa is not None and account.mfa.active):
+            return False
+        self._set(
+            user_id,
+            mfa=Mfa(active=False, sealed_secret=sealed_secret, last_used_step=-1, recovery_digests=()),
+            user=dataclasses.replace(account.user, updated_at=now),
+        )
+        self.mfa_failures[user_id] = (0, None)
+        return True
+
+    async def confirm_mfa(
+        self, user_id: str, step: int, recovery_digests: list[str], now: datetime, notice: Mail
+    ) -> bool:
+        account = self.accounts.get(user_id)
+        mfa = account.mfa if account else None
+        if mfa is None or mfa.active or mfa.last_used_step >= step:
+            return False
+        active = dataclasses.replace(mfa, active=True, last_used_step=step, recovery_digests=tuple(recovery_digests))
+        self._changed(user_id, now, notice, mfa=active)
+        self.mfa_failures[user_id] = (0, self.mfa_failures.get(user_id, (0, None))[1])
+        return True
+
+    def _active_mfa(self, user_id: str) -> Mfa | None:
+        account = self.accounts.get(user_id)
+        return account.mfa if account and account.mfa and account.mfa.active else None
+
+    async def use_totp_step(self, user_id: str, step: int) -> bool:
+        mfa = self._active_mfa(user_id)
+        if mfa is None or mfa.last_used_step >= step:
+            return False
+        self._set(user_id, mfa=dataclasses.replace(mfa, last_used_step=step))
+        self.mfa_failures[user_id] = (0, self.mfa_failures.get(user_id, (0, None))[1])
+        return True
+
+    async def use_recovery_code(self, user_id: str, digest: str) -> bool:
+        mfa = self._active_mfa(user_id)
+        if mfa is None or digest not in mfa.recovery_digests:
+            return False
+        left = tuple(d for d in mfa.recovery_digests if d != digest)
+        self._set(user_id, mfa=dataclasses.replace(mfa, recovery_digests=left))
+        self.mfa_failures[user_id] = (0, self.mfa_failures.get(user_id, (0, None))[1])
+        return True
+
+    async def replace_recovery_codes(self, user_id: str, digests: list[str]) -> bool:
+        mfa = self._active_mfa(user_id)
+        if mfa is None:
+            return False
+        self._set(user_id, mfa=dataclasses.replace(mfa, recovery_digests=tuple(digests)))
+        return True
+
+    async def disable_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool:
+        if self._active_mfa(user_id) is None:
+            return False
+        self.mfa_failures.pop(user_id, None)
+        self._changed(user_id, now, notice, mfa=None)
+        return True
+
+    async def reset_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool:
+        account = self.accounts.get(user_id)
+        if account is None or account.mfa is None:
+            return False
+        self.mfa_failures.pop(user_id, None)
+        self._changed(user_id, now, notice, mfa=None)
+        return True
+
+    async def reserve_mfa_attempt(self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int) -> bool:
+        account = self.accounts.get(user_id)
+        if account is None:
+            return False
+        failures, started = self.mfa_failures.get(user_id, (0, None))
+        cutoff = now - timedelta(seconds=window_seconds)
+        if started is not None and started > cutoff:
+            if failures >= max_attempts:
+                return False
+            self.mfa_failures[user_id] = (failures + 1, started)
+            return True
+        if account.mfa is None:
+            return False
+        self.mfa_failures[user_id] = (1, now)
         return True

@@ -58,8 +58,13 @@ def registration(**changes: Any) -> Registration:
 
 
 class World:
-    def __init__(self, policy: AccountPolicy | None = None, throttle: ThrottlePolicy | None = None) -> None:
-        self.users = FakeUserRepository()
+    def __init__(
+        self,
+        policy: AccountPolicy | None = None,
+        throttle: ThrottlePolicy | None = None,
+        users: FakeUserRepository | None = None,
+    ) -> None:
+        self.users = users or FakeUserRepository()
         self.mailer = FakeMailer()
         self.hasher = FakeHasher()
         self.clock = FakeClock()
