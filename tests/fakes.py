@@ -360,7 +360,12 @@ class FakeCredentialRepository(FakeUserRepository):
         self.mfa_failures: dict[str, tuple[int, datetime | None]] = {}  # user id: (failures, window start)
 
     def _set(self, user_id: str, **changes: object) -> None:
-        self.accounts[user_id] = dataclasses.replace(self.accounts[user_id], **changes)  # type: ignore[arg-type]
+        account = dataclasses.replace(self.accounts[user_id], **changes)  # type: ignore[arg-type]
+        # As the repository reads it: a user has MFA on when an enrollment is active.
+        mfa_enabled = account.mfa is not None and account.mfa.active
+        self.accounts[user_id] = dataclasses.replace(
+            account, user=dataclasses.replace(account.user, mfa_enabled=mfa_enabled)
+        )
 
     def _changed(self, user_id: str, now: datetime, notice: Mail, **changes: object) -> None:
         """A change that ends every token so far (the version) and pends its notice."""
