@@ -7,15 +7,15 @@ import logging
 import os
 import re
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from tests.fakes import FakeKeyStore, FakeSessionRepository
+from tests.fakes import FakeCredentialRepository, FakeKeyStore, FakeSessionRepository
 from tests.unit.test_service import PASSWORD, World, run
-from users_grpc.domain import IssuedTokens, User, UserState
-from users_grpc.errors import InvalidArgument, InvalidCredentials, Unauthenticated
-from users_grpc.mfa import MfaService
+from users_grpc.domain import IssuedTokens, UserState
+from users_grpc.errors import InvalidArgument, InvalidCredentials, MfaRequired, Unauthenticated
+from users_grpc.mfa import STEP_SECONDS, MfaService, totp
 from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy
 from users_grpc.sessions import SessionService
@@ -25,23 +25,25 @@ LIFETIME = timedelta(days=30)
 SOURCE = "10.0.0.1"
 
 
-class PasswordOnlyLogins:
-    """MfaService.verify_login for accounts without MFA: the password check (MFA's rules have their own tests)."""
-
-    def __init__(self, world: World) -> None:
-        self._world = world
-
-    async def verify_login(
-        self, identifier: str, password: str, totp_code: str, recovery_code: str, *, source: str
-    ) -> User:
-        return await self._world.service.verify_credentials(identifier, password, source=source)
-
-
 class Sessions(World):
     def __init__(self) -> None:
-        super().__init__(AccountPolicy(reply_floor=timedelta(0)))  # the floor is the service's tests' concern
+        self.credentials = FakeCredentialRepository()
+        # No reply floor: it is the account service's tests' concern.
+        super().__init__(AccountPolicy(reply_floor=timedelta(0)), users=self.credentials)
         self.sessions = FakeSessionRepository()
         self.digests = SecretsAtRest(os.urandom(32))
+        self.mfa = MfaService(
+            accounts=self.service,
+            credentials=self.credentials,
+            sessions=self.sessions,
+            mailer=self.mailer,
+            encryption=KeyEncryption(os.urandom(32)),
+            digests=self.digests,
+            clock=self.clock,
+            issuer="Example",
+            max_attempts=3,
+            attempt_window=timedelta(minutes=5),
+        )
         self.tokens = AccessTokens(
             store=FakeKeyStore(),
             encryption=KeyEncryption(os.urandom(32)),
@@ -52,7 +54,7 @@ class Sessions(World):
         )
         run(self.tokens.ensure_signing_key())
         self.session_service = SessionService(
-            logins=cast(MfaService, PasswordOnlyLogins(self)),
+            logins=self.mfa,
             users=self.users,
             sessions=self.sessions,
             tokens=self.tokens,
@@ -67,6 +69,9 @@ class Sessions(World):
         user, issued = run(self.session_service.authenticate("jane", PASSWORD, source=SOURCE))
         assert user.id == self.user.id
         return issued
+
+    def step(self) -> int:
+        return int(self.clock.now().timestamp()) // STEP_SECONDS
 
     def refresh(self, token: str) -> IssuedTokens:
         return run(self.session_service.refresh(token))
@@ -115,6 +120,18 @@ class TestSignIn:
         stored = world.sessions.records[issued.session.id].token_digest
         assert issued.refresh_token.split(".")[2] not in stored
         assert stored == world.digests.digest("refresh-token", issued.session.id, issued.refresh_token)
+
+    def test_with_mfa_on_sign_in_takes_the_second_factor(self, world: Sessions) -> None:
+        secret = run(world.mfa.enable(world.user.id, PASSWORD, source=SOURCE)).secret
+        codes = run(world.mfa.confirm(world.user.id, totp(secret, world.step())))
+        world.clock.advance(seconds=STEP_SECONDS)
+        with pytest.raises(MfaRequired):
+            run(world.session_service.authenticate("jane", PASSWORD, source=SOURCE))
+        user, _ = run(world.session_service.authenticate("jane", PASSWORD, totp(secret, world.step()), source=SOURCE))
+        assert user.id == world.user.id
+        _, issued = run(world.session_service.authenticate("jane", PASSWORD, "", codes[0], source=SOURCE))
+        assert issued.session.token_version == 1
+        assert len(world.sessions.records) == 2
 
     def test_a_wrong_password_opens_nothing(self, world: Sessions) -> None:
         with pytest.raises(InvalidCredentials):
