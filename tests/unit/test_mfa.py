@@ -363,8 +363,15 @@ class TestRecoveryCodes:
         _, old = world.turned_on()
         with pytest.raises(InvalidSecondFactor):
             run(world.mfa.regenerate_recovery_codes(world.user.id, "aaaa-bbbb-cccc"))
-        with pytest.raises(InvalidArgument):
-            run(world.mfa.regenerate_recovery_codes(world.user.id, ""))
+        with pytest.raises(InvalidArgument) as error:
+            run(world.mfa.regenerate_recovery_codes(world.user.id, "12345"))
+        assert fields(error) == [
+            (
+                "code",
+                "must be the 6-digit code of the authenticator app"
+                " or a recovery code (letters and digits, dashes optional)",
+            )
+        ]
         assert world.login(recovery_code=old[0]).id == world.user.id
 
     def test_new_codes_without_mfa_is_a_failed_precondition(self, world: Mfa) -> None:
