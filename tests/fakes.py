@@ -10,6 +10,8 @@ import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 
+import bcrypt
+
 from users_grpc.domain import (
     Account,
     ActivationCode,
@@ -44,13 +46,21 @@ class FakeHasher:
 
     def __init__(self) -> None:
         self.verified_against_missing = 0
+        # Set to an Overloaded error to play a full hashing queue: hash and verify raise it.
+        self.overloaded: Exception | None = None
 
     async def hash(self, password: str) -> str:
+        if self.overloaded is not None:
+            raise self.overloaded
         return f"hashed:{password}"
 
     async def verify(
         self, password: str, password_hash: str | None, scheme: PasswordScheme = PasswordScheme.PEPPERED
     ) -> bool:
+        if self.overloaded is not None:
+            raise self.overloaded
+        if password_hash and scheme is PasswordScheme.BCRYPT:  # an imported hash: plain bcrypt, as the real one
+            return bcrypt.checkpw(password.encode(), password_hash.encode())
         if password_hash is None or scheme is not PasswordScheme.PEPPERED:
             self.verified_against_missing += 1
             return False
@@ -96,7 +106,10 @@ class FakeUserRepository:
             updated_at=new_user.created_at,
         )
         self.accounts[user.id] = Account(
-            user=user, password_hash=new_user.password_hash, activation=new_user.activation
+            user=user,
+            password_hash=new_user.password_hash,
+            activation=new_user.activation,
+            password_scheme=new_user.password_scheme,
         )
         return user
 
