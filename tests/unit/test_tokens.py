@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from tests.fakes import FakeClock, FakeKeyStore
+from tests.unit.logs import logged
 from users_grpc import tokens as tokens_module
 from users_grpc.config import ConfigError
 from users_grpc.domain import Gender, Role, StoredKey, User, UserState
@@ -49,6 +50,11 @@ USER = User(
     token_version=7,
 )
 SESSION_ID = "5" * 24
+UNOPENABLE = (
+    "USERS_KEY_ENCRYPTION_KEY does not open the signing keys stored in the database, "
+    "nor does any key in USERS_OLD_KEY_ENCRYPTION_KEYS: it is not the key they were sealed "
+    "with; use the key this database was set up with (or, mid-rotation, list that one as old)"
+)
 CLIENT = "c" * 24
 
 
@@ -119,10 +125,20 @@ def keys() -> Keys:
     return keys
 
 
-def refused(keys: Keys, token: str, message: str = "") -> str:
+REFUSALS = {
+    "expired": "access token expired",
+    "unknown key": "access token signed by an unknown key",
+    "not an access token": "not an access token",
+    "invalid access token": "invalid access token",
+    "malformed": "malformed access token",
+}
+
+
+def refused(keys: Keys, token: str, why: str = "") -> str:
+    """The token is refused, saying why (one of REFUSALS; the one named, if any)."""
     with pytest.raises(Unauthenticated) as error:
         run(keys.tokens.verify(token))
-    assert message in str(error.value)
+    assert str(error.value) == REFUSALS[why] if why else str(error.value) in REFUSALS.values()
     return str(error.value)
 
 
@@ -162,8 +178,9 @@ class TestUserTokens:
         keys.clock.advance(minutes=15)
         refused(keys, token, "expired")
 
-    def test_the_services_clock_decides_expiry_not_the_wall_clock(self, keys: Keys) -> None:
-        keys.clock.current = datetime(2001, 1, 1, tzinfo=UTC)
+    @pytest.mark.parametrize("year", [2001, 2100])
+    def test_the_services_clock_decides_expiry_not_the_wall_clock(self, keys: Keys, year: int) -> None:
+        keys.clock.current = datetime(year, 1, 1, tzinfo=UTC)
         token, _ = keys.tokens.issue(USER, SESSION_ID)
         assert run(keys.tokens.verify(token)).subject == USER.id
 
@@ -218,7 +235,7 @@ class TestUserTokens:
 
     @pytest.mark.parametrize("token", ["", "abc", "a.b.c", "not a token at all"])
     def test_garbage_is_refused(self, keys: Keys, token: str) -> None:
-        refused(keys, token)
+        refused(keys, token, "malformed")
 
     def test_a_changed_claim_breaks_the_signature(self, keys: Keys) -> None:
         token, _ = keys.tokens.issue(USER, SESSION_ID)
@@ -309,7 +326,7 @@ class TestServiceTokens:
         base.update(sub="service-account:" + CLIENT, aud=AUDIENCE + ":service-accounts")
         assert run(keys.tokens.verify_service(keys.forge(base))) == CLIENT
         base.update(changes)
-        with pytest.raises(Unauthenticated):
+        with pytest.raises(Unauthenticated, match=r"^invalid access token$"):
             run(keys.tokens.verify_service(keys.forge(base)))
 
     def test_an_expired_service_token_is_refused(self, keys: Keys) -> None:
@@ -338,22 +355,36 @@ def test_is_service_token_reads_the_subject_only(token: str, expected: bool) -> 
     assert is_service_token(token) is expected
 
 
+@pytest.mark.parametrize("length", range(1, 9))
+def test_is_service_token_reads_payloads_of_any_length(length: int) -> None:
+    """Unpadded base64url of every length modulo 4."""
+    payload = json.dumps({"sub": "service-account:" + "c" * length}).encode()
+    assert is_service_token(f"x.{_b64(payload)}.y")
+
+
 class TestSigningKeys:
-    def test_the_first_start_makes_a_key_and_later_starts_reuse_it(self) -> None:
+    def test_the_first_start_makes_a_key_and_later_starts_reuse_it(self, log: pytest.LogCaptureFixture) -> None:
         keys = Keys()
         run(keys.tokens.ensure_signing_key())
         assert len(keys.store.keys) == 1
+        logged(log, "signing key added", kid=keys.tokens.signing_kid)
         assert keys.tokens.signing_key_created_at == keys.clock.now()
         again = Keys(keys.store, keys.kek)
         run(again.tokens.ensure_signing_key())
         assert len(keys.store.keys) == 1
         assert again.tokens.signing_kid == keys.tokens.signing_kid
 
+    def test_a_replica_that_never_loaded_the_keys_loads_them_at_the_first_token(self, keys: Keys) -> None:
+        token, _ = keys.tokens.issue(USER, SESSION_ID)
+        fresh = Keys(keys.store, keys.kek)
+        assert fresh.tokens.jwks() == {"keys": []}
+        assert run(fresh.tokens.verify(token)).subject == USER.id
+
     def test_no_key_no_token(self) -> None:
         keys = Keys()
         assert keys.tokens.signing_kid is None
         assert keys.tokens.signing_key_created_at is None
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match=r"^no signing key loaded$"):
             keys.tokens.issue(USER, SESSION_ID)
 
     def test_the_newest_live_key_signs_and_every_live_key_verifies(self, keys: Keys) -> None:
@@ -387,14 +418,16 @@ class TestSigningKeys:
         run(keys.tokens.verify(old_token))
         assert run(keys.tokens.retire(first)) is True
         assert keys.tokens.jwks() == {"keys": []}
-        with pytest.raises(RuntimeError):
+        assert keys.tokens.signing_key_created_at is None
+        with pytest.raises(RuntimeError, match=r"^no signing key loaded$"):
             keys.tokens.issue(USER, SESSION_ID)
         refused(keys, old_token, "unknown key")
 
     def test_keys_sealed_under_another_kek_stop_the_start(self, keys: Keys) -> None:
         stranger = Keys(keys.store)
-        with pytest.raises(ConfigError, match="USERS_KEY_ENCRYPTION_KEY"):
+        with pytest.raises(ConfigError) as error:
             run(stranger.tokens.ensure_signing_key())
+        assert str(error.value) == UNOPENABLE
 
     def test_an_unknown_kid_reloads_the_keys_at_most_every_five_seconds(
         self, keys: Keys, monkeypatch: pytest.MonkeyPatch
@@ -412,7 +445,7 @@ class TestSigningKeys:
         assert run(replica.tokens.verify(token)).subject == USER.id
 
     def test_an_unknown_kid_with_unopenable_keys_is_refused_not_a_crash(
-        self, keys: Keys, monkeypatch: pytest.MonkeyPatch
+        self, keys: Keys, monkeypatch: pytest.MonkeyPatch, log: pytest.LogCaptureFixture
     ) -> None:
         monotonic = [1000.0]
         monkeypatch.setattr(tokens_module, "time", types.SimpleNamespace(monotonic=lambda: monotonic[0]))
@@ -422,7 +455,9 @@ class TestSigningKeys:
         sealed = KeyEncryption(os.urandom(32)).seal(b"whatever", "kid-x")
         keys.store.keys["kid-x"] = StoredKey(kid="kid-x", sealed_private_key=sealed, created_at=keys.clock.now())
         monotonic[0] += 10
+        log.clear()
         refused(replica, keys.forge(keys.user_claims(), kid="kid-x"), "unknown key")
+        logged(log, "could not open the signing keys", cause=UNOPENABLE)
 
     def test_the_jwks_publishes_the_keys_that_verify_our_tokens(self, keys: Keys) -> None:
         keys.clock.advance(seconds=1)
@@ -472,7 +507,7 @@ class TestKeyEncryption:
 
     @pytest.mark.parametrize(("key", "old"), [(b"k" * 31, ()), (b"k" * 33, ()), (b"k" * 32, (b"k" * 16,))])
     def test_keys_must_be_32_bytes(self, key: bytes, old: tuple[bytes, ...]) -> None:
-        with pytest.raises(ValueError, match="32 bytes"):
+        with pytest.raises(ValueError, match=r"^the key-encryption key must be 32 bytes$"):
             KeyEncryption(key, old)
 
     def test_a_new_kek_is_32_fresh_bytes(self) -> None:
