@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import re
 from datetime import timedelta
 
 import pyotp
 import pytest
+import qrcode
+import qrcode.image.pure
 
 from tests.fakes import FakeCredentialRepository, FakeSessionRepository
+from tests.unit.logs import logged
 from tests.unit.test_service import PASSWORD, World, run
 from users_grpc.domain import User
 from users_grpc.errors import (
@@ -37,7 +41,7 @@ class Mfa(World):
     def __init__(self) -> None:
         self.credentials = FakeCredentialRepository()
         super().__init__(
-            AccountPolicy(reply_floor=timedelta(0)), ThrottlePolicy(free_attempts=100), users=self.credentials
+            AccountPolicy(reply_floor=timedelta(0)), ThrottlePolicy(free_attempts=2), users=self.credentials
         )
         self.sessions = FakeSessionRepository()
         self.encryption = KeyEncryption(os.urandom(32))
@@ -97,8 +101,15 @@ def fields(error: pytest.ExceptionInfo[InvalidArgument]) -> list[tuple[str, str]
 
 
 class TestEnrollment:
-    def test_enable_takes_the_password_and_shows_the_secret_once(self, world: Mfa) -> None:
+    def test_enable_takes_the_password_and_shows_the_secret_once(
+        self, world: Mfa, log: pytest.LogCaptureFixture
+    ) -> None:
         enrollment = world.enable()
+        logged(log, "mfa enrollment started", user_id=world.user.id)
+        assert world.current().updated_at == world.clock.now()
+        png = io.BytesIO()
+        qrcode.make(enrollment.otpauth_uri, image_factory=qrcode.image.pure.PyPNGImage).save(png)
+        assert enrollment.qr_code_png == png.getvalue()
         assert len(base64.b32decode(enrollment.secret)) == 20  # 160 bits
         assert enrollment.otpauth_uri == pyotp.TOTP(enrollment.secret).provisioning_uri(
             name="jane@example.com", issuer_name=ISSUER
@@ -123,6 +134,14 @@ class TestEnrollment:
         with pytest.raises(InvalidArgument) as error:
             run(world.mfa.enable("nope", PASSWORD, source=SOURCE))
         assert fields(error)[0][0] == "user_id"
+        for call in (
+            world.mfa.qr_code("nope"),
+            world.mfa.reset("nope"),
+            world.mfa.disable("nope", PASSWORD, "123456", source=SOURCE),
+        ):
+            with pytest.raises(InvalidArgument) as error:
+                run(call)
+            assert fields(error)[0][0] == "user_id"
         with pytest.raises(InvalidCredentials):
             run(world.mfa.enable("f" * 24, PASSWORD, source=SOURCE))
 
@@ -134,10 +153,15 @@ class TestEnrollment:
             run(world.mfa.confirm(world.user.id, totp(old, world.step)))
         run(world.mfa.confirm(world.user.id, totp(new, world.step)))
 
-    def test_confirming_turns_mfa_on_ends_every_session_and_mails_a_notice(self, world: Mfa) -> None:
+    def test_confirming_turns_mfa_on_ends_every_session_and_mails_a_notice(
+        self, world: Mfa, log: pytest.LogCaptureFixture
+    ) -> None:
         session = world.open_session()
         secret = world.enable().secret
+        world.clock.advance(seconds=1)
         codes = run(world.mfa.confirm(world.user.id, totp(secret, world.step)))
+        assert world.current().updated_at == world.clock.now()
+        logged(log, "mfa changed", user_id=world.user.id, change="on")
         assert len(codes) == 10
         assert len(set(codes)) == 10
         assert all(re.fullmatch(r"[a-z2-7]{4}-[a-z2-7]{4}-[a-z2-7]{4}", code) for code in codes)
@@ -146,9 +170,9 @@ class TestEnrollment:
         assert world.signed_out(session)
         assert world.mailer.woken == 1
         assert world.credentials.notices == [security_notice(world.user, "Two-factor sign-in is on")]
-        with pytest.raises(FailedPrecondition, match="already on"):
+        with pytest.raises(FailedPrecondition, match=r"^MFA is already on$"):
             world.enable()
-        with pytest.raises(FailedPrecondition, match="EnableMfa"):
+        with pytest.raises(FailedPrecondition, match=r"^no pending MFA enrollment: call EnableMfa$"):
             run(world.mfa.qr_code(world.user.id))
 
     def test_confirm_takes_the_current_or_the_previous_steps_code_only(self, world: Mfa) -> None:
@@ -168,7 +192,7 @@ class TestEnrollment:
         assert world.credentials.mfa_failures[world.user.id] == (0, None)  # no attempt spent
 
     def test_confirm_without_a_pending_enrollment_is_a_failed_precondition(self, world: Mfa) -> None:
-        with pytest.raises(FailedPrecondition, match="no pending MFA enrollment"):
+        with pytest.raises(FailedPrecondition, match=r"^no pending MFA enrollment: call EnableMfa$"):
             run(world.mfa.confirm(world.user.id, "123456"))
         with pytest.raises(InvalidArgument):
             run(world.mfa.qr_code("nope"))
@@ -228,11 +252,14 @@ class TestSignIn:
         assert len(mfa.recovery_digests) == 7
         assert not any(code.replace("-", "") in "".join(mfa.recovery_digests) for code in codes)
 
-    def test_a_recovery_code_stored_under_the_old_unkeyed_digest_works_once(self, world: Mfa) -> None:
+    def test_a_recovery_code_stored_under_the_old_unkeyed_digest_works_once(
+        self, world: Mfa, log: pytest.LogCaptureFixture
+    ) -> None:
         world.turned_on()
         legacy = hashlib.sha256(b"recovery\0abcdefghjkmn").hexdigest()
         run(world.credentials.replace_recovery_codes(world.user.id, [legacy]))
         assert world.login(recovery_code="ABCD-EFGH-JKMN").id == world.user.id
+        logged(log, "legacy recovery code used", user_id=world.user.id)
         with pytest.raises(InvalidSecondFactor):
             world.login(recovery_code="abcd-efgh-jkmn")
 
@@ -264,13 +291,16 @@ class TestSignIn:
         assert len(spaced) == 32
         assert world.login(recovery_code=spaced).id == world.user.id
 
-    def test_guesses_are_capped_even_for_the_right_code(self, world: Mfa) -> None:
+    def test_guesses_are_capped_even_for_the_right_code(self, world: Mfa, log: pytest.LogCaptureFixture) -> None:
         secret, codes = world.turned_on()
         for _ in range(3):
             with pytest.raises(InvalidSecondFactor):
                 world.login(recovery_code="aaaa-bbbb-cccc")
+        refusals = [r for r in log.records if r.getMessage() == "second factor refused"]
+        assert [r.__dict__.get("user_id") for r in refusals] == [world.user.id] * 3
         with pytest.raises(TooManyAttempts):
             world.login(totp_code=totp(secret, world.step))
+        logged(log, "second factor throttled", user_id=world.user.id)
         with pytest.raises(TooManyAttempts):
             world.login(recovery_code=codes[0])
         world.clock.advance(minutes=5, seconds=1)
@@ -287,19 +317,45 @@ class TestSignIn:
                 world.login(recovery_code="aaaa-bbbb-cccc")
 
 
+class TestPasswordThrottle:
+    """The password checks of sign-in, EnableMfa and DisableMfa count per address, as everywhere."""
+
+    def test_guesses_from_one_address_do_not_hold_the_owner_at_another(self, world: Mfa) -> None:
+        secret, codes = world.turned_on()
+        for guess in (
+            lambda: run(world.mfa.verify_login("jane", "not it", "", codes[0], source="10.6.6.6")),
+            lambda: run(world.mfa.disable(world.user.id, "not it", codes[0], source="10.6.6.6")),
+        ):
+            with pytest.raises(InvalidCredentials):
+                guess()
+        with pytest.raises(TooManyAttempts):
+            run(world.mfa.verify_login("jane", PASSWORD, "", codes[0], source="10.6.6.6"))
+        assert run(world.mfa.verify_login("jane", PASSWORD, "", codes[0], source=SOURCE)).id == world.user.id
+        run(world.mfa.disable(world.user.id, PASSWORD, codes[1], source=SOURCE))
+        with pytest.raises(TooManyAttempts):
+            run(world.mfa.enable(world.user.id, PASSWORD, source="10.6.6.6"))
+        assert run(world.mfa.enable(world.user.id, PASSWORD, source=SOURCE)).secret != secret
+
+
 class TestTurningOff:
-    def test_disable_takes_password_and_code_and_ends_everything(self, world: Mfa) -> None:
+    def test_disable_takes_password_and_code_and_ends_everything(
+        self, world: Mfa, log: pytest.LogCaptureFixture
+    ) -> None:
         secret, _ = world.turned_on()
         session = world.open_session()
         world.credentials.notices.clear()
+        log.clear()
+        world.clock.advance(seconds=1)
         run(world.mfa.disable(world.user.id, PASSWORD, totp(secret, world.step), source=SOURCE))
+        assert world.current().updated_at == world.clock.now()
+        logged(log, "mfa changed", user_id=world.user.id, change="off")
         assert not world.current().mfa_enabled
         assert world.credentials.accounts[world.user.id].mfa is None
         assert world.current().token_version == 2
         assert world.signed_out(session)
         assert world.credentials.notices == [security_notice(world.user, "Two-factor sign-in is off")]
         assert world.login().id == world.user.id
-        with pytest.raises(FailedPrecondition, match="MFA is off"):
+        with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
             run(world.mfa.disable(world.user.id, PASSWORD, totp(secret, world.step + 1), source=SOURCE))
 
     def test_disable_refuses_a_wrong_password_or_code(self, world: Mfa) -> None:
@@ -320,23 +376,27 @@ class TestTurningOff:
 
     def test_disable_without_mfa_is_a_failed_precondition(self, world: Mfa) -> None:
         world.enable()  # pending is not on
-        with pytest.raises(FailedPrecondition):
+        with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
             run(world.mfa.disable(world.user.id, PASSWORD, "123456", source=SOURCE))
-        with pytest.raises(InvalidArgument):
-            run(world.mfa.disable("nope", PASSWORD, "123456", source=SOURCE))
 
-    def test_an_admin_reset_removes_any_enrollment_and_ends_everything(self, world: Mfa) -> None:
+    def test_an_admin_reset_removes_any_enrollment_and_ends_everything(
+        self, world: Mfa, log: pytest.LogCaptureFixture
+    ) -> None:
         world.turned_on()
         session = world.open_session()
         world.credentials.notices.clear()
+        log.clear()
+        world.clock.advance(seconds=1)
         user = run(world.mfa.reset(world.user.id))
+        assert user.updated_at == world.clock.now()
+        logged(log, "mfa changed", user_id=world.user.id, change="reset")
         assert not user.mfa_enabled
         assert world.credentials.accounts[world.user.id].mfa is None
         assert world.signed_out(session)
         assert world.credentials.notices == [
             security_notice(world.user, "Two-factor sign-in was reset by an administrator")
         ]
-        with pytest.raises(FailedPrecondition):
+        with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
             run(world.mfa.reset(world.user.id))
         world.enable()
         run(world.mfa.reset(world.user.id))  # a pending enrollment goes too
@@ -350,9 +410,10 @@ class TestTurningOff:
 
 
 class TestRecoveryCodes:
-    def test_new_codes_replace_the_old_ones(self, world: Mfa) -> None:
+    def test_new_codes_replace_the_old_ones(self, world: Mfa, log: pytest.LogCaptureFixture) -> None:
         secret, old = world.turned_on()
         new = run(world.mfa.regenerate_recovery_codes(world.user.id, totp(secret, world.step)))
+        logged(log, "recovery codes replaced", user_id=world.user.id)
         assert len(new) == 10
         assert not set(new) & set(old)
         with pytest.raises(InvalidSecondFactor):
@@ -375,5 +436,5 @@ class TestRecoveryCodes:
         assert world.login(recovery_code=old[0]).id == world.user.id
 
     def test_new_codes_without_mfa_is_a_failed_precondition(self, world: Mfa) -> None:
-        with pytest.raises(FailedPrecondition):
+        with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
             run(world.mfa.regenerate_recovery_codes(world.user.id, "123456"))

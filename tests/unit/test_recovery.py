@@ -9,9 +9,10 @@ from datetime import timedelta
 import pytest
 
 from tests.fakes import FakeCredentialRepository, FakeSessionRepository
+from tests.unit.logs import logged
 from tests.unit.test_service import PASSWORD, World, run
 from users_grpc.domain import PasswordPolicy, User, UserState
-from users_grpc.errors import InvalidArgument, InvalidCredentials, InvalidResetToken
+from users_grpc.errors import InvalidArgument, InvalidCredentials, InvalidResetToken, TooManyAttempts
 from users_grpc.recovery import PasswordService, security_notice
 from users_grpc.service import AccountPolicy
 from users_grpc.throttling import ThrottlePolicy
@@ -122,10 +123,13 @@ class TestForgotPassword:
         with pytest.raises(InvalidArgument):
             world.forgot("")
 
-    def test_sends_are_capped_per_window(self, world: Recovery) -> None:
-        for _ in range(5):
+    def test_sends_are_capped_per_window(self, world: Recovery, log: pytest.LogCaptureFixture) -> None:
+        for _ in range(4):
             world.forgot()
         assert len(world.mailer.sent) == 3
+        logged(log, "password reset capped", user_id=world.user.id)
+        assert len([r for r in log.records if r.getMessage() == "password reset sent"]) == 3
+        world.forgot()
         world.clock.advance(minutes=59)
         world.forgot()
         assert len(world.mailer.sent) == 3
@@ -143,7 +147,9 @@ class TestForgotPassword:
 
 
 class TestResetPassword:
-    def test_a_reset_token_sets_the_password_and_ends_everything(self, world: Recovery) -> None:
+    def test_a_reset_token_sets_the_password_and_ends_everything(
+        self, world: Recovery, log: pytest.LogCaptureFixture
+    ) -> None:
         sessions = [world.open_session(), world.open_session()]
         world.forgot()
         world.clock.advance(minutes=5)
@@ -154,6 +160,8 @@ class TestResetPassword:
         assert world.mailer.woken == 1
         (notice,) = world.credentials.notices
         assert notice == security_notice(world.user, "Your password was reset")
+        logged(log, "password set", user_id=world.user.id)
+        logged(log, "password failures forgotten", user_id=world.user.id, source=SOURCE)
 
     def test_a_reset_token_is_single_use(self, world: Recovery) -> None:
         world.forgot()
@@ -265,10 +273,10 @@ class TestChangePassword:
     def test_the_current_password_is_required(self, world: Recovery) -> None:
         with pytest.raises(InvalidArgument) as error:
             self.change(world, "")
-        assert fields(error) == {"current_password"}
+        assert [(v.field, v.description) for v in error.value.violations] == [("current_password", "is required")]
 
     def test_a_wrong_current_password_is_refused_and_counted(self, world: Recovery) -> None:
-        with pytest.raises(InvalidCredentials, match="the current password is wrong"):
+        with pytest.raises(InvalidCredentials, match=r"^the current password is wrong$"):
             self.change(world, "not the password")
         assert world.password_hash() == f"hashed:{PASSWORD}"
         assert world.credentials.notices == []
@@ -276,13 +284,24 @@ class TestChangePassword:
         assert counted
         assert set(counted) == {1}
 
+    def test_wrong_current_passwords_from_one_address_do_not_hold_the_owner_at_another(self, world: Recovery) -> None:
+        for _ in range(3):
+            with pytest.raises(InvalidCredentials):
+                run(world.passwords.change_password(world.user.id, "not it", NEW, NEW, source="10.6.6.6"))
+        with pytest.raises(TooManyAttempts):
+            run(world.passwords.change_password(world.user.id, PASSWORD, NEW, NEW, source="10.6.6.6"))
+        self.change(world, PASSWORD)
+        assert world.password_hash() == f"hashed:{NEW}"
+
     def test_a_bad_new_password_is_refused_before_the_current_is_tried(self, world: Recovery) -> None:
         with pytest.raises(InvalidArgument) as error:
             self.change(world, "not the password", "short")
         assert fields(error) == {"new_password"}
         with pytest.raises(InvalidArgument) as error:
             self.change(world, PASSWORD, NEW, "something else")
-        assert fields(error) == {"new_password_confirmation"}
+        assert [(v.field, v.description) for v in error.value.violations] == [
+            ("new_password_confirmation", "must equal new_password")
+        ]
         assert world.throttles.tallies == {} or all(
             kind != "password" for _, kind, _ in world.throttles.tallies.values()
         )
