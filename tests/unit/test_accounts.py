@@ -10,6 +10,7 @@ from typing import Any
 import bcrypt
 import pytest
 
+from tests.unit.logs import logged
 from tests.unit.test_service import PASSWORD, World, registration, run
 from users_grpc.domain import MAX_IMPORTED_USERS, Caller, Gender, ImportedUser, PasswordScheme, Role, User, UserState
 from users_grpc.errors import (
@@ -25,8 +26,11 @@ from users_grpc.errors import (
     LastActiveAdmin,
     NotFound,
     Overloaded,
+    PermissionDenied,
+    TooManyAttempts,
 )
 from users_grpc.service import AccountPolicy, no_reply_sooner_than
+from users_grpc.throttling import ThrottlePolicy
 
 SOURCE = "10.0.0.1"
 
@@ -93,7 +97,7 @@ class TestLastActiveAdmin:
             return False
 
         monkeypatch.setattr(world.users, "delete_unless_active_admin", never)
-        with pytest.raises(FailedPrecondition, match="changed while being deleted"):
+        with pytest.raises(FailedPrecondition, match=r"^the user changed while being deleted; try again$"):
             run(world.service.delete_user(user.id, password="", caller=Caller(user_id="f" * 24, role=Role.ADMIN)))
         assert user.id in world.users.accounts
 
@@ -313,3 +317,147 @@ def test_a_reply_is_held_back_to_the_floor(monkeypatch: pytest.MonkeyPatch) -> N
     assert 4.5 < slept[0] <= 5
     assert 4.5 < slept[1] <= 5
     assert slept[2] == 0
+
+
+class TestRecorded:
+    """What a new account holds, and the events an operator follows in the log."""
+
+    def test_a_registration_is_stored_as_given_tidied(self, world: World, log: pytest.LogCaptureFixture) -> None:
+        world.clock.advance(hours=1)
+        user = world.create(first_name=" Jane ", last_name=" Doe ", email="Jane@EXAMPLE.com", gender=Gender.FEMALE)
+        stored = world.users.accounts[user.id].user
+        assert (stored.first_name, stored.last_name, stored.email) == ("Jane", "Doe", "Jane@example.com")
+        assert (stored.gender, stored.role, stored.created_at) == (Gender.FEMALE, Role.USER, world.clock.now())
+        logged(log, "user created", user_id=user.id)
+        with pytest.raises(PermissionDenied, match=r"^only an admin can create an admin$"):
+            world.create(username="eve", email="eve@example.com", role=Role.ADMIN)
+
+    def test_an_import_is_stored_as_given_tidied(self, world: World) -> None:
+        world.clock.advance(hours=1)
+        (user,) = run(world.service.import_users([imported(gender=Gender.MALE, role=Role.ADMIN)], IMPORTER))
+        assert isinstance(user, User)
+        stored = world.users.accounts[user.id].user
+        assert (stored.first_name, stored.last_name, stored.email) == ("Jane", "Doe", "Jane@example.com")
+        assert (stored.gender, stored.role, stored.created_at) == (Gender.MALE, Role.ADMIN, world.clock.now())
+
+    def test_activation_events_are_logged(self, world: World, log: pytest.LogCaptureFixture) -> None:
+        user = world.create()
+        code, token = world.last_code(), world.last_token()
+        with pytest.raises(InvalidActivationCode):
+            run(world.service.activate_user("jane", f"{(int(code) + 1) % 1_000_000:06d}"))
+        logged(log, "activation refused", user_id=user.id)
+        log.clear()
+        with pytest.raises(InvalidActivationCode):
+            run(world.service.activate_user("jane", "", token="not the token"))
+        logged(log, "activation refused", user_id=user.id)
+        run(world.service.activate_user("jane", "", token=token))
+        logged(log, "user activated", user_id=user.id)
+        other = world.create(username="john", email="john@example.com")
+        log.clear()
+        run(world.service.activate_user("john", world.last_code()))
+        logged(log, "user activated", user_id=other.id)
+
+    def test_a_resent_mail_carries_a_working_token(self, world: World, log: pytest.LogCaptureFixture) -> None:
+        user = world.create()
+        run(world.service.resend_activation_code("jane"))
+        assert run(world.service.activate_user("jane", "", token=world.last_token())).id == user.id
+        capped = world.create(username="john", email="john@example.com")
+        for _ in range(5):
+            run(world.service.resend_activation_code("john"))
+        logged(log, "activation resend capped", user_id=capped.id)
+
+    def test_sign_in_events_are_logged(self, world: World, log: pytest.LogCaptureFixture) -> None:
+        user = world.create()
+        set_state(world, user.id, UserState.ACTIVE)
+        run(world.service.verify_credentials("jane", PASSWORD, source=SOURCE))
+        logged(log, "credentials verified", user_id=user.id)
+        with pytest.raises(InvalidCredentials):
+            run(world.service.verify_credentials("jane", "not the password", source=SOURCE))
+        with pytest.raises(InvalidCredentials):
+            run(world.service.verify_credentials("nobody", "not the password", source=SOURCE))
+        refusals = [r for r in log.records if r.getMessage() == "credentials refused"]
+        assert [getattr(r, "user_id", "missing") for r in refusals] == [user.id, None]
+
+    def test_guesses_at_one_unknown_account_do_not_hold_another(self) -> None:
+        world = World(AccountPolicy(reply_floor=timedelta(0)), ThrottlePolicy(free_attempts=2))
+        for _ in range(2):
+            with pytest.raises(InvalidCredentials):
+                run(world.service.verify_credentials("ghost", "not the password", source=SOURCE))
+        with pytest.raises(TooManyAttempts):
+            run(world.service.verify_credentials("ghost", "not the password", source=SOURCE))
+        with pytest.raises(InvalidCredentials):
+            run(world.service.verify_credentials("phantom", "not the password", source=SOURCE))
+
+    def test_a_wrong_password_to_delete_oneself_counts_for_its_address_only(self) -> None:
+        world = World(AccountPolicy(reply_floor=timedelta(0)), ThrottlePolicy(free_attempts=2))
+        user = world.create()
+        elsewhere = Caller(user_id=user.id, source="10.6.6.6")
+        for _ in range(2):
+            with pytest.raises(InvalidCredentials):
+                run(world.service.delete_user(user.id, password="not the password", caller=elsewhere))
+        with pytest.raises(TooManyAttempts):
+            run(world.service.delete_user(user.id, password=PASSWORD, caller=elsewhere))
+        run(world.service.delete_user(user.id, password=PASSWORD, caller=Caller(user_id=user.id, source=SOURCE)))
+        assert user.id not in world.users.accounts
+
+    def test_deletions_and_admins_are_logged(self, world: World, log: pytest.LogCaptureFixture) -> None:
+        first, second = admin(world, "root"), admin(world, "toor")
+        created = [getattr(r, "user_id", None) for r in log.records if r.getMessage() == "admin created"]
+        assert created == [first.id, second.id]
+        run(world.service.delete_user(first.id, password="", caller=Caller(user_id=second.id, role=Role.ADMIN)))
+        logged(log, "user deleted", user_id=first.id)
+        user = world.create()
+        run(world.service.delete_user_by_identifier("jane"))
+        logged(log, "user deleted by identifier", user_id=user.id)
+        world.clock.advance(minutes=1)
+        with pytest.raises(LastActiveAdmin):
+            run(world.service.delete_user_by_identifier("toor"))
+        logged(log, "change refused: it would leave no active admin", user_id=second.id)
+        assert world.users.accounts[second.id].user.updated_at == world.clock.now()  # the undo's time
+
+    def test_imports_are_logged(self, world: World, log: pytest.LogCaptureFixture) -> None:
+        old_hash = bcrypt.hashpw(b"the old systems password", bcrypt.gensalt(4)).decode()
+        results = run(
+            world.service.import_users(
+                [imported(password_hash=old_hash), imported(username="x", email="bad"), imported(username="y")],
+                IMPORTER,
+            )
+        )
+        user = results[0]
+        assert isinstance(user, User)
+        logged(log, "user imported", user_id=user.id, active=True)
+        logged(log, "users imported", admin_id=IMPORTER.user_id, users_requested=3, users_created=1, users_refused=2)
+        run(world.service.verify_credentials("jane", "the old systems password", source=SOURCE))
+        logged(log, "imported password hash replaced", user_id=user.id)
+
+    def test_a_postponed_rehash_is_logged(self, world: World, log: pytest.LogCaptureFixture) -> None:
+        old_hash = bcrypt.hashpw(b"the old systems password", bcrypt.gensalt(4)).decode()
+        (user,) = run(world.service.import_users([imported(password_hash=old_hash)], IMPORTER))
+        assert isinstance(user, User)
+
+        async def full(password: str) -> str:
+            raise Overloaded()
+
+        world.hasher.hash = full  # type: ignore[method-assign]
+        run(world.service.verify_credentials("jane", "the old systems password", source=SOURCE))
+        logged(log, "imported password hash kept for now: hashing queue full", user_id=user.id)
+
+    def test_a_batch_of_exactly_the_limit_is_taken(self, world: World) -> None:
+        results = run(world.service.import_users([imported(email="bad")] * MAX_IMPORTED_USERS, IMPORTER))
+        assert len(results) == MAX_IMPORTED_USERS
+
+    def test_a_user_demoted_while_being_deleted_is_deleted_at_the_next_look(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        user = world.create()
+        real = world.users.delete_unless_active_admin
+        looks: list[str] = []
+
+        async def first_time_an_admin(user_id: str) -> bool:
+            looks.append(user_id)
+            return len(looks) > 1 and await real(user_id)
+
+        monkeypatch.setattr(world.users, "delete_unless_active_admin", first_time_an_admin)
+        run(world.service.delete_user(user.id, password="", caller=Caller(user_id="f" * 24, role=Role.ADMIN)))
+        assert user.id not in world.users.accounts
+        assert looks == [user.id, user.id]
