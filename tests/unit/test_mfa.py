@@ -409,6 +409,25 @@ class TestTurningOff:
             run(world.mfa.reset("nope"))
 
 
+class TestRaces:
+    """The conditional update decides: a change that finds MFA turned off meanwhile says so."""
+
+    def test_a_disable_that_loses_the_race_is_told_mfa_is_off(
+        self, world: Mfa, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        _, codes = world.turned_on()
+
+        async def already_off(*args: object) -> bool:
+            return False
+
+        monkeypatch.setattr(world.credentials, "disable_mfa", already_off)
+        monkeypatch.setattr(world.credentials, "replace_recovery_codes", already_off)
+        with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
+            run(world.mfa.disable(world.user.id, PASSWORD, codes[0], source=SOURCE))
+        with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
+            run(world.mfa.regenerate_recovery_codes(world.user.id, codes[1]))
+
+
 class TestRecoveryCodes:
     def test_new_codes_replace_the_old_ones(self, world: Mfa, log: pytest.LogCaptureFixture) -> None:
         secret, old = world.turned_on()
