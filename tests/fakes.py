@@ -10,13 +10,18 @@ import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 
+import bcrypt
+
 from users_grpc.domain import (
     Account,
     ActivationCode,
     Mail,
+    Mfa,
     NewUser,
     PasswordScheme,
     Role,
+    Session,
+    StoredKey,
     Tally,
     User,
     UserState,
@@ -41,13 +46,21 @@ class FakeHasher:
 
     def __init__(self) -> None:
         self.verified_against_missing = 0
+        # Set to an Overloaded error to play a full hashing queue: hash and verify raise it.
+        self.overloaded: Exception | None = None
 
     async def hash(self, password: str) -> str:
+        if self.overloaded is not None:
+            raise self.overloaded
         return f"hashed:{password}"
 
     async def verify(
         self, password: str, password_hash: str | None, scheme: PasswordScheme = PasswordScheme.PEPPERED
     ) -> bool:
+        if self.overloaded is not None:
+            raise self.overloaded
+        if password_hash and scheme is PasswordScheme.BCRYPT:  # an imported hash: plain bcrypt, as the real one
+            return bcrypt.checkpw(password.encode(), password_hash.encode())
         if password_hash is None or scheme is not PasswordScheme.PEPPERED:
             self.verified_against_missing += 1
             return False
@@ -57,12 +70,13 @@ class FakeHasher:
 class FakeMailer:
     def __init__(self) -> None:
         self.sent: list[Mail] = []
+        self.woken = 0
 
     async def send(self, mail: Mail) -> None:
         self.sent.append(mail)
 
     def wake(self) -> None:
-        pass
+        self.woken += 1
 
 
 class FakeUserRepository:
@@ -92,7 +106,10 @@ class FakeUserRepository:
             updated_at=new_user.created_at,
         )
         self.accounts[user.id] = Account(
-            user=user, password_hash=new_user.password_hash, activation=new_user.activation
+            user=user,
+            password_hash=new_user.password_hash,
+            activation=new_user.activation,
+            password_scheme=new_user.password_scheme,
         )
         return user
 
@@ -249,3 +266,250 @@ class FakeThrottleStore:
         count = self.tallies[key][2].count + 1 if key in self.tallies else 1
         self.tallies[key] = ("", "rate", Tally(count=count, last_at=expires_at))
         return count
+
+
+@dataclasses.dataclass
+class FakeSessionRecord:
+    session: Session
+    generation: int
+    token_digest: str
+    revoked_at: datetime | None = None
+
+
+class FakeSessionRepository:
+    """The conditional updates of :class:`~users_grpc.repository.MongoSessionRepository`."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, FakeSessionRecord] = {}
+        self._ids = (f"{n:024x}" for n in itertools.count(0x5E55_0000))
+
+    def new_id(self) -> str:
+        return next(self._ids)
+
+    async def create(
+        self, session_id: str, user_id: str, token_digest: str, now: datetime, expires_at: datetime, token_version: int
+    ) -> Session:
+        session = Session(
+            id=session_id,
+            user_id=user_id,
+            created_at=now,
+            last_used_at=now,
+            expires_at=expires_at,
+            token_version=token_version,
+        )
+        self.records[session_id] = FakeSessionRecord(session, 0, token_digest)
+        return session
+
+    async def rotate(
+        self, session_id: str, generation: int, token_digest: str, new_token_digest: str, now: datetime
+    ) -> Session | None:
+        record = self.records.get(session_id)
+        if (
+            record is None
+            or record.generation != generation
+            or record.token_digest != token_digest
+            or record.revoked_at is not None
+            or record.session.expires_at <= now
+        ):
+            return None
+        record.generation += 1
+        record.token_digest = new_token_digest
+        record.session = dataclasses.replace(record.session, last_used_at=now)
+        return record.session
+
+    async def revoke_replayed(self, session_id: str, generation: int, now: datetime) -> Session | None:
+        record = self.records.get(session_id)
+        if record is None or record.generation <= generation or record.revoked_at is not None:
+            return None
+        record.revoked_at = now
+        return record.session
+
+    async def revoke(self, session_id: str, now: datetime) -> None:
+        record = self.records.get(session_id)
+        if record is not None and record.revoked_at is None:
+            record.revoked_at = now
+
+    async def list_active(self, user_id: str, now: datetime) -> list[Session]:
+        live = [
+            r.session
+            for r in self.records.values()
+            if r.session.user_id == user_id and r.revoked_at is None and r.session.expires_at > now
+        ]
+        return sorted(live, key=lambda session: session.created_at, reverse=True)
+
+    async def revoke_all(self, user_id: str, now: datetime) -> None:
+        for record in self.records.values():
+            if record.session.user_id == user_id and record.revoked_at is None:
+                record.revoked_at = now
+
+
+class FakeKeyStore:
+    """The signing keys of :class:`~users_grpc.repository.MongoKeyStore`."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, StoredKey] = {}
+
+    async def add(self, key: StoredKey) -> None:
+        self.keys[key.kid] = key
+
+    async def all(self) -> list[StoredKey]:
+        return list(self.keys.values())
+
+    async def retire(self, kid: str, now: datetime) -> bool:
+        key = self.keys.get(kid)
+        if key is None or key.retired_at is not None:
+            return False
+        self.keys[kid] = dataclasses.replace(key, retired_at=now)
+        return True
+
+
+class FakeCredentialRepository(FakeUserRepository):
+    """The credential updates of :class:`~users_grpc.repository.MongoUserRepository`: each one
+    conditional, a change the user is told of pending its notice (``notices``) in the same step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notices: list[Mail] = []
+        self.mfa_failures: dict[str, tuple[int, datetime | None]] = {}  # user id: (failures, window start)
+
+    def _set(self, user_id: str, **changes: object) -> None:
+        account = dataclasses.replace(self.accounts[user_id], **changes)  # type: ignore[arg-type]
+        # As the repository reads it: a user has MFA on when an enrollment is active.
+        mfa_enabled = account.mfa is not None and account.mfa.active
+        self.accounts[user_id] = dataclasses.replace(
+            account, user=dataclasses.replace(account.user, mfa_enabled=mfa_enabled)
+        )
+
+    def _changed(self, user_id: str, now: datetime, notice: Mail, **changes: object) -> None:
+        """A change that ends every token so far (the version) and pends its notice."""
+        user = self.accounts[user_id].user
+        self._set(
+            user_id, user=dataclasses.replace(user, token_version=user.token_version + 1, updated_at=now), **changes
+        )
+        self.notices.append(notice)
+
+    async def replace_password_reset(
+        self, user_id: str, code: ActivationCode, *, max_sends: int, window_seconds: int
+    ) -> bool:
+        account = self.accounts.get(user_id)
+        if account is None or not account.user.is_active:
+            return False
+        old = account.password_reset
+        if old is not None and old.window_started_at > code.window_started_at - timedelta(seconds=window_seconds):
+            if old.sends_in_window >= max_sends:
+                return False
+            code = dataclasses.replace(
+                code, sends_in_window=old.sends_in_window + 1, window_started_at=old.window_started_at
+            )
+        self._set(user_id, password_reset=code)
+        return True
+
+    async def find_account_by_reset_digest(self, user_id: str, digest: str, now: datetime) -> Account | None:
+        account = self.accounts.get(user_id)
+        reset = account.password_reset if account else None
+        if account is None or reset is None or reset.digest != digest or reset.expires_at <= now:
+            return None
+        return account if account.user.is_active else None
+
+    async def reset_password(self, user_id: str, digest: str, password_hash: str, now: datetime, notice: Mail) -> bool:
+        account = self.accounts.get(user_id)
+        reset = account.password_reset if account else None
+        if reset is None or reset.digest != digest or reset.expires_at <= now:
+            return False
+        return await self.set_password(user_id, password_hash, now, notice)
+
+    async def set_password(self, user_id: str, password_hash: str, now: datetime, notice: Mail) -> bool:
+        if user_id not in self.accounts:
+            return False
+        self._changed(
+            user_id,
+            now,
+            notice,
+            password_hash=password_hash,
+            password_reset=None,
+            password_scheme=PasswordScheme.PEPPERED,
+        )
+        return True
+
+    async def start_mfa_enrollment(self, user_id: str, sealed_secret: bytes, now: datetime) -> bool:
+        account = self.accounts.get(user_id)
+        if account is None or (account.mfa is not None and account.mfa.active):
+            return False
+        self._set(
+            user_id,
+            mfa=Mfa(active=False, sealed_secret=sealed_secret, last_used_step=-1, recovery_digests=()),
+            user=dataclasses.replace(account.user, updated_at=now),
+        )
+        self.mfa_failures[user_id] = (0, None)
+        return True
+
+    async def confirm_mfa(
+        self, user_id: str, step: int, recovery_digests: list[str], now: datetime, notice: Mail
+    ) -> bool:
+        account = self.accounts.get(user_id)
+        mfa = account.mfa if account else None
+        if mfa is None or mfa.active or mfa.last_used_step >= step:
+            return False
+        active = dataclasses.replace(mfa, active=True, last_used_step=step, recovery_digests=tuple(recovery_digests))
+        self._changed(user_id, now, notice, mfa=active)
+        self.mfa_failures[user_id] = (0, self.mfa_failures.get(user_id, (0, None))[1])
+        return True
+
+    def _active_mfa(self, user_id: str) -> Mfa | None:
+        account = self.accounts.get(user_id)
+        return account.mfa if account and account.mfa and account.mfa.active else None
+
+    async def use_totp_step(self, user_id: str, step: int) -> bool:
+        mfa = self._active_mfa(user_id)
+        if mfa is None or mfa.last_used_step >= step:
+            return False
+        self._set(user_id, mfa=dataclasses.replace(mfa, last_used_step=step))
+        self.mfa_failures[user_id] = (0, self.mfa_failures.get(user_id, (0, None))[1])
+        return True
+
+    async def use_recovery_code(self, user_id: str, digest: str) -> bool:
+        mfa = self._active_mfa(user_id)
+        if mfa is None or digest not in mfa.recovery_digests:
+            return False
+        left = tuple(d for d in mfa.recovery_digests if d != digest)
+        self._set(user_id, mfa=dataclasses.replace(mfa, recovery_digests=left))
+        self.mfa_failures[user_id] = (0, self.mfa_failures.get(user_id, (0, None))[1])
+        return True
+
+    async def replace_recovery_codes(self, user_id: str, digests: list[str]) -> bool:
+        mfa = self._active_mfa(user_id)
+        if mfa is None:
+            return False
+        self._set(user_id, mfa=dataclasses.replace(mfa, recovery_digests=tuple(digests)))
+        return True
+
+    async def disable_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool:
+        if self._active_mfa(user_id) is None:
+            return False
+        self.mfa_failures.pop(user_id, None)
+        self._changed(user_id, now, notice, mfa=None)
+        return True
+
+    async def reset_mfa(self, user_id: str, now: datetime, notice: Mail) -> bool:
+        account = self.accounts.get(user_id)
+        if account is None or account.mfa is None:
+            return False
+        self.mfa_failures.pop(user_id, None)
+        self._changed(user_id, now, notice, mfa=None)
+        return True
+
+    async def reserve_mfa_attempt(self, user_id: str, now: datetime, *, max_attempts: int, window_seconds: int) -> bool:
+        account = self.accounts.get(user_id)
+        if account is None:
+            return False
+        failures, started = self.mfa_failures.get(user_id, (0, None))
+        cutoff = now - timedelta(seconds=window_seconds)
+        if started is not None and started > cutoff:
+            if failures >= max_attempts:
+                return False
+            self.mfa_failures[user_id] = (failures + 1, started)
+            return True
+        if account.mfa is None:
+            return False
+        self.mfa_failures[user_id] = (1, now)
+        return True

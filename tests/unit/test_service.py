@@ -58,8 +58,13 @@ def registration(**changes: Any) -> Registration:
 
 
 class World:
-    def __init__(self, policy: AccountPolicy | None = None, throttle: ThrottlePolicy | None = None) -> None:
-        self.users = FakeUserRepository()
+    def __init__(
+        self,
+        policy: AccountPolicy | None = None,
+        throttle: ThrottlePolicy | None = None,
+        users: FakeUserRepository | None = None,
+    ) -> None:
+        self.users = users or FakeUserRepository()
         self.mailer = FakeMailer()
         self.hasher = FakeHasher()
         self.clock = FakeClock()
@@ -70,7 +75,8 @@ class World:
             hasher=self.hasher,
             digests=SecretsAtRest(os.urandom(32)),
             clock=self.clock,
-            policy=policy or AccountPolicy(),
+            # No reply floor unless a test asks for one: test_accounts.py checks the floor itself.
+            policy=policy or AccountPolicy(reply_floor=timedelta(0)),
             throttle=PasswordThrottle(store=self.throttles, clock=self.clock, policy=throttle or ThrottlePolicy()),
         )
 
