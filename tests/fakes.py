@@ -82,12 +82,17 @@ class FakeMailer:
 class FakeUserRepository:
     def __init__(self) -> None:
         self.accounts: dict[str, Account] = {}
+        # The users added as imported (the real repository stores the flag; housekeeping spares them).
+        self.imported: set[str] = set()
         self._ids = (f"{n:024x}" for n in itertools.count(1))
 
     def new_id(self) -> str:
         return next(self._ids)
 
     async def add(self, new_user: NewUser) -> User:
+        # As the real one, which stores the id as an ObjectId: an id it did not make is a bug.
+        if not isinstance(new_user.id, str) or len(new_user.id) != 24:
+            raise ValueError(f"not a user id: {new_user.id!r}")
         for account in self.accounts.values():
             if identifier_key(account.user.username) == identifier_key(new_user.username):
                 raise AlreadyExists("username")
@@ -111,6 +116,8 @@ class FakeUserRepository:
             activation=new_user.activation,
             password_scheme=new_user.password_scheme,
         )
+        if new_user.imported:
+            self.imported.add(user.id)
         return user
 
     async def get(self, user_id: str) -> User | None:

@@ -340,6 +340,14 @@ class TestRecorded:
         assert (stored.first_name, stored.last_name, stored.email) == ("Jane", "Doe", "Jane@example.com")
         assert (stored.gender, stored.role, stored.created_at) == (Gender.MALE, Role.ADMIN, world.clock.now())
 
+    def test_imported_users_are_marked_imported_and_registered_ones_are_not(self, world: World) -> None:
+        """Housekeeping spares imported users that wait for activation (they never got a code)."""
+        (imported_user,) = run(world.service.import_users([imported(email_verified=False)], IMPORTER))
+        assert isinstance(imported_user, User)
+        registered = world.create(username="john", email="john@example.com")
+        assert world.users.imported == {imported_user.id}
+        assert registered.id not in world.users.imported
+
     def test_activation_events_are_logged(self, world: World, log: pytest.LogCaptureFixture) -> None:
         user = world.create()
         code, token = world.last_code(), world.last_token()
