@@ -257,11 +257,8 @@ class MongoUserRepository:
         return None if document is None else _account_from_document(document)
 
     async def _live_by_id(self, user_id: ObjectId | str) -> Document | None:
-        """The user with this ``_id`` unless it is being deleted. The filter is ``_id`` alone and the
-        rest is checked here: the embedded FerretDB uses an index only for a filter that is just
-        ``_id`` (with ``deleting`` in it, a read took 50 ms at 1,000 users); MongoDB is indifferent."""
-        document = await self._users.find_one({"_id": user_id})
-        return document if document is not None and document.get("deleting") is None else None
+        """The user with this ``_id`` unless it is being deleted."""
+        return await self._users.find_one({"_id": user_id, **_LIVE})
 
     async def _find_by_identifier(self, identifier_key: str) -> Document | None:
         """The user whose username or email has this key. Through the claims, each read is by
@@ -743,12 +740,11 @@ class MongoUserRepository:
         notice = _object_id(notice_id)
         # Twice at most: a sender may claim the document between the read and the pull.
         for _ in range(2):
-            # By _id alone (the embedded database's index serves no other filter); the notice is
-            # looked for in Python.
             document = await self._users.find_one(
-                {"_id": _object_id(user_id)}, projection={"pending_mail": 1, "pending_mail_claim": 1}
+                {"_id": _object_id(user_id), "pending_mail.id": notice},
+                projection={"pending_mail": 1, "pending_mail_claim": 1},
             )
-            if document is None or not any(n.get("id") == notice for n in document.get("pending_mail") or ()):
+            if document is None:
                 return None  # the common case: moved and dropped already
             claimed_until = _live_claim(document, now)
             if claimed_until is not None:
