@@ -107,18 +107,20 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
+    def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> DatabaseBudget:
+        """The call's database budget: each operation within the database timeout and the call's deadline."""
+        remaining = context.time_remaining()
+        return DatabaseBudget(
+            per_operation=self._db_timeout_seconds,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+        )
+
     def _guard(self, method: str, behavior: _Behavior) -> _Behavior:
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata() or ()
             # Set at once, so that even refusals before the caller is known are logged with its address.
             token = current_caller.set(Caller(source=source_address(context.peer(), None, machine=False)))
-            remaining = context.time_remaining()
-            budget = database_budget.set(
-                DatabaseBudget(
-                    per_operation=self._db_timeout_seconds,
-                    deadline=None if remaining is None else time.monotonic() + remaining,
-                )
-            )
+            budget = database_budget.set(self._budget(context))
             counted = False
             try:
                 if isinstance(request, _Malformed):
@@ -170,13 +172,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             # Set, never reset: each call runs in its own task, with its own copy of the context, and a
             # stream closed from outside finishes in another context, where a reset would fail.
             current_caller.set(Caller(source=source_address(context.peer(), None, machine=False)))
-            remaining = context.time_remaining()
-            database_budget.set(
-                DatabaseBudget(
-                    per_operation=self._db_timeout_seconds,
-                    deadline=None if remaining is None else time.monotonic() + remaining,
-                )
-            )
+            database_budget.set(self._budget(context))
             try:
                 if isinstance(request, _Malformed):
                     raise MalformedRequest()
