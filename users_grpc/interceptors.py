@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Any, cast
 
@@ -115,6 +115,15 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
 
+    async def _caller(
+        self, name: str, metadata: Iterable[tuple[str, str | bytes]], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Caller:
+        """Who calls ``name``, from where: a machine caller's ``x-forwarded-for`` names the end user's address."""
+        caller = await self._authorizer.caller_of(name, bearer_token(metadata), _machine_names(context))
+        forwarded_for = metadata_value(metadata, "x-forwarded-for")
+        source = source_address(context.peer(), forwarded_for, machine=caller.machine is not None)
+        return dataclasses.replace(caller, source=source)
+
     def _guard(self, method: str, behavior: _Behavior) -> _Behavior:
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata() or ()
@@ -133,15 +142,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._in_progress += 1
                 counted = True
                 name = method.rpartition("/")[2]
-                caller = await self._authorizer.caller_of(name, bearer_token(metadata), _machine_names(context))
-                caller = dataclasses.replace(
-                    caller,
-                    source=source_address(
-                        context.peer(),
-                        metadata_value(metadata, "x-forwarded-for"),
-                        machine=caller.machine is not None,
-                    ),
-                )
+                caller = await self._caller(name, metadata, context)
                 # Known before the rule is applied, so a refusal is logged with who was refused.
                 current_caller.set(caller)
                 call = current_call.get()
@@ -179,10 +180,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 if not self._ready.is_set():
                     raise StorageUnavailable("the service is starting: its database is not ready yet")
                 name = method.rpartition("/")[2]
-                caller = await self._authorizer.caller_of(name, bearer_token(metadata), _machine_names(context))
-                caller = dataclasses.replace(
-                    caller, source=source_address(context.peer(), None, machine=caller.machine is not None)
-                )
+                caller = await self._caller(name, metadata, context)
                 current_caller.set(caller)
                 self._authorizer.admit(name, request, caller)
                 async for response in behavior(request, context):

@@ -70,3 +70,35 @@ def test_security_log_lines_carry_source_user_and_session_but_no_secret(
     ]
     for secret in secrets:
         assert secret not in logged, [line for line in logged.splitlines() if secret in line][:1]
+
+
+def test_a_machine_callers_forwarded_address_is_the_source_of_its_calls_and_streams(
+    server: RunningServer, mail: MailSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service signing users in on their behalf names their address; throttles and logs count that
+    address, on a stream as on a unary call. Anyone else's x-forwarded-for is ignored."""
+    caplog.set_level(logging.INFO)
+    session = signed_up(server, mail)
+    created = server.stub.CreateServiceAccount(pb.CreateServiceAccountRequest(name="gateway"))
+    issued = server.anonymous.IssueServiceToken(
+        pb.IssueServiceTokenRequest(client_id=created.service_account.client_id, client_secret=created.client_secret)
+    )
+    machine = server.stub_for(issued.access_token)
+    forwarded = (("x-forwarded-for", "203.0.113.9, 10.0.0.1"),)
+    nobody = pb.GetUserRequest(id="0" * 24)
+    assert rpc_error(machine.GetUser, nobody, metadata=forwarded).code() == grpc.StatusCode.NOT_FOUND
+    bad_cursor = pb.WatchUserChangesRequest(after="nonsense")
+    watch = rpc_error(lambda r: list(machine.WatchUserChanges(r, metadata=forwarded, timeout=10)), bad_cursor)
+    assert watch.code() == grpc.StatusCode.INVALID_ARGUMENT
+    own = server.stub_for(session.access_token)
+    user_call = rpc_error(own.GetUser, pb.GetUserRequest(id=server.admin_id), metadata=forwarded)
+    assert user_call.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    refusals = {
+        (record.rpc.rpartition("/")[2], record.reason): record.source  # type: ignore[attr-defined]
+        for record in caplog.records
+        if record.getMessage() == "rpc refused"
+    }
+    assert refusals[("GetUser", "USER_NOT_FOUND")] == "203.0.113.9"
+    assert refusals[("WatchUserChanges", "INVALID_ARGUMENT")] == "203.0.113.9"
+    assert refusals[("GetUser", "PERMISSION_DENIED")] == "127.0.0.1"
