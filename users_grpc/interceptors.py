@@ -115,14 +115,22 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
 
-    async def _caller(
+    async def _identified(
         self, name: str, metadata: Iterable[tuple[str, str | bytes]], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Caller:
-        """Who calls ``name``, from where: a machine caller's ``x-forwarded-for`` names the end user's address."""
+        """Who calls ``name``, from where (a machine caller's ``x-forwarded-for`` names the end user's
+        address), recorded for the call's log lines before any rule is applied, so that a refusal
+        is logged with who was refused."""
         caller = await self._authorizer.caller_of(name, bearer_token(metadata), _machine_names(context))
         forwarded_for = metadata_value(metadata, "x-forwarded-for")
-        source = source_address(context.peer(), forwarded_for, machine=caller.machine is not None)
-        return dataclasses.replace(caller, source=source)
+        caller = dataclasses.replace(
+            caller, source=source_address(context.peer(), forwarded_for, machine=caller.machine is not None)
+        )
+        current_caller.set(caller)
+        call = current_call.get()
+        if call is not None:
+            call.caller = caller
+        return caller
 
     def _guard(self, method: str, behavior: _Behavior) -> _Behavior:
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -142,12 +150,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._in_progress += 1
                 counted = True
                 name = method.rpartition("/")[2]
-                caller = await self._caller(name, metadata, context)
-                # Known before the rule is applied, so a refusal is logged with who was refused.
-                current_caller.set(caller)
-                call = current_call.get()
-                if call is not None:
-                    call.caller = caller
+                caller = await self._identified(name, metadata, context)
                 self._authorizer.admit(name, request, caller)
                 if name in RATE_LIMITED and not caller.is_admin:
                     await self._rate_limit.check(caller.source)
@@ -180,8 +183,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 if not self._ready.is_set():
                     raise StorageUnavailable("the service is starting: its database is not ready yet")
                 name = method.rpartition("/")[2]
-                caller = await self._caller(name, metadata, context)
-                current_caller.set(caller)
+                caller = await self._identified(name, metadata, context)
                 self._authorizer.admit(name, request, caller)
                 async for response in behavior(request, context):
                     yield response

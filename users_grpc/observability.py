@@ -15,7 +15,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +34,7 @@ log = logging.getLogger("users_grpc.calls")
 http_log = logging.getLogger(__name__)
 
 _Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 REQUEST_ID = "x-request-id"
 # A caller's request id is logged as given only if it is short and plain; any other is replaced.
@@ -237,7 +238,15 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(self._method_prefix):
+        if handler is None or not method.startswith(self._method_prefix):
+            return handler
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._observed_stream(method, cast(_StreamBehavior, handler.unary_stream)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_unary is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(
             self._observed(method, cast(_Behavior, handler.unary_unary)),
@@ -247,45 +256,66 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
     def _observed(self, method: str, behavior: _Behavior) -> _Behavior:
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            record = CallRecord()
-            token = current_call.set(record)
-            request_id = _request_id(context.invocation_metadata())
-            # Set first: an abort keeps what the call already set (interceptors._refuse adds its details).
-            context.set_trailing_metadata(((REQUEST_ID, request_id),))
-            metrics = self._metrics
-            if metrics is not None:
-                metrics.in_progress.inc()
-            code = grpc.StatusCode.OK
-            try:
+            with self._observation(method, context, stream=False):
                 return await behavior(request, context)
-            except grpc.aio.AbortError:
-                code = context.code()
-                raise
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                code = grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                seconds = time.perf_counter() - started
-                current_call.reset(token)
-                name = method.rpartition("/")[2]
-                if metrics is not None:
-                    metrics.in_progress.dec()
-                    metrics.observe(name, code, seconds, record.reason)
-                if log.isEnabledFor(logging.INFO):
-                    self._log(method, code, seconds, context, request_id, record)
 
         return observed
+
+    def _observed_stream(self, method: str, behavior: _StreamBehavior) -> _StreamBehavior:
+        """A stream is one call too: one line and its metrics when it ends, however it ends."""
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            with self._observation(method, context, stream=True):
+                async for response in behavior(request, context):
+                    yield response
+
+        return observed
+
+    @contextlib.contextmanager
+    def _observation(self, method: str, context: grpc.aio.ServicerContext[Any, Any], *, stream: bool) -> Iterator[None]:
+        started = time.perf_counter()
+        record = CallRecord()
+        token = current_call.set(record)
+        # Read now: a stream its client left may be closed after grpc has freed the call, and then
+        # asking the context (its peer, say) crashes the process.
+        peer = context.peer()
+        request_id = _request_id(context.invocation_metadata())
+        # Set first: an abort keeps what the call already set (interceptors._refuse adds its details).
+        context.set_trailing_metadata(((REQUEST_ID, request_id),))
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.in_progress.inc()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except grpc.aio.AbortError:
+            code = context.code()
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # a stream the client left is closed with GeneratorExit
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            if not stream:
+                # A stream closed from outside ends in another context, where the reset would fail;
+                # each stream runs in a task of its own, whose context copy ends with it anyway.
+                current_call.reset(token)
+            name = method.rpartition("/")[2]
+            if metrics is not None:
+                metrics.in_progress.dec()
+                metrics.observe(name, code, seconds, record.reason)
+            if log.isEnabledFor(logging.INFO):
+                self._log(method, code, seconds, peer, request_id, record)
 
     def _log(
         self,
         method: str,
         code: grpc.StatusCode,
         seconds: float,
-        context: grpc.aio.ServicerContext[Any, Any],
+        peer: str,
         request_id: str,
         record: CallRecord,
     ) -> None:
@@ -293,7 +323,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             "rpc": method,
             "code": code.name,
             "duration_ms": round(seconds * 1000, 2),
-            "peer": context.peer(),
+            "peer": peer,
             "request_id": request_id,
         }
         if record.reason is not None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,11 +26,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, MailSink, RunningServer, StartServer, free_port
 from tests.e2e.helpers import PASSWORD, create_request, rpc_error
 from tests.e2e.test_mfa import independent_totp
-from tests.e2e.test_operations import wait_until
+from tests.e2e.test_operations import ServeProcess, wait_until
 from tests.e2e.test_recovery import NEW_PASSWORD, reset_token
 from tests.e2e.test_sessions import signed_up
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
+from users.v1 import user_service_pb2_grpc
 from users_grpc.config import ConfigError
 from users_grpc.logs import JsonFormatter
 from users_grpc.tracing import tracer_provider_from_env, tracing_switched_on
@@ -337,3 +339,71 @@ def test_tracing_is_switched_on_by_the_standard_variables_only() -> None:
     provider.shutdown()
     with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER=no-such-exporter"):
         tracer_provider_from_env({"OTEL_TRACES_EXPORTER": "no-such-exporter"})
+
+
+def test_a_stream_is_one_call_line_and_counted_when_it_ends(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WatchUserChanges is logged and counted like any call: once, when it ends, however it ends."""
+    caplog.set_level(logging.INFO)
+    server = start_server(http_address="127.0.0.1:0")
+    server.stub.CreateUser(create_request())  # a change to watch
+    error = rpc_error(
+        lambda r: list(server.stub.WatchUserChanges(r, metadata=(("x-request-id", "bad-cursor"),), timeout=10)),
+        pb.WatchUserChangesRequest(after="nonsense"),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert trailing(error.trailing_metadata())["x-request-id"] == "bad-cursor"
+    stream = server.stub.WatchUserChanges(
+        pb.WatchUserChangesRequest(), metadata=(("x-request-id", "left"),), timeout=30
+    )
+    assert next(stream).change.cursor
+    stream.cancel()  # the client leaves while the server waits for the next change
+
+    def watch_lines() -> dict[str, dict[str, Any]]:
+        formatter = JsonFormatter()
+        lines = [json.loads(formatter.format(r)) for r in list(caplog.records) if r.name == "users_grpc.calls"]
+        return {line["request_id"]: line for line in lines if line["rpc"].endswith("/WatchUserChanges")}
+
+    wait_until(lambda: len(watch_lines()) == 2, what="a line for each stream")
+    lines = watch_lines()
+    refused, left = lines["bad-cursor"], lines["left"]
+    assert (refused["code"], refused["caller_user_id"]) == ("INVALID_ARGUMENT", server.admin_id)
+    assert (left["code"], left["caller_user_id"], left["source"]) == ("CANCELLED", server.admin_id, "127.0.0.1")
+    samples = scrape(server)
+    assert value(samples, "users_grpc_calls_total", method="WatchUserChanges", code="INVALID_ARGUMENT") == 1
+    assert value(samples, "users_grpc_calls_total", method="WatchUserChanges", code="CANCELLED") == 1
+    assert value(samples, "users_grpc_refusals_total", method="WatchUserChanges", reason=refused["reason"]) == 1
+    assert value(samples, "users_grpc_calls_in_progress") == 0
+
+
+def test_a_serving_process_logs_a_stream_its_client_left_and_keeps_serving(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """The line of a stream its client left is written when grpc has let go of the call: written
+    from what was read at the start, it must not ask the call (that crashed the process)."""
+    serve = ServeProcess(
+        USERS_MONGODB_URI=server.settings.mongodb_uri,
+        USERS_MONGODB_DATABASE=server.settings.mongodb_database,
+        USERS_MAIL_DIR=str(tmp_path / "mail"),
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{serve.port()}") as channel:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            metadata = (("authorization", f"Bearer {server.admin_token}"),)
+            wait_until(lambda: bool(serve.logged("serving")), what="the serving line")
+            for _ in range(3):
+                stream = stub.WatchUserChanges(pb.WatchUserChangesRequest(), metadata=metadata, timeout=30)
+                assert next(stream).change.user_id == server.admin_id
+                stream.cancel()
+
+            def left() -> list[dict[str, Any]]:
+                return [line for line in serve.logged("rpc") if line["rpc"].endswith("/WatchUserChanges")]
+
+            wait_until(lambda: len(left()) == 3, what="a line for each stream left")
+            assert {line["code"] for line in left()} == {"CANCELLED"}
+            assert serve.process.poll() is None
+            keys = stub.GetPublicKeys(pb.GetPublicKeysRequest(), timeout=10)
+            assert json.loads(keys.jwks_json)["keys"]
+    finally:
+        serve.close()
