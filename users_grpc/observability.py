@@ -93,7 +93,10 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=registry,
         )
-        self.in_progress = Gauge("users_grpc_calls_in_progress", "UserService calls in progress", registry=registry)
+        self.in_progress = Gauge(
+            "users_grpc_calls_in_progress", "UserService unary calls in progress", registry=registry
+        )
+        self.streams_open = Gauge("users_grpc_streams_open", "WatchUserChanges streams open", registry=registry)
         self._refusals = Counter(
             "users_grpc_refusals", "Calls refused, by method and ErrorInfo reason", ["method", "reason"],
             registry=registry,
@@ -283,8 +286,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         # Set first: an abort keeps what the call already set (interceptors._refuse adds its details).
         context.set_trailing_metadata(((REQUEST_ID, request_id),))
         metrics = self._metrics
-        if metrics is not None:
-            metrics.in_progress.inc()
+        # Streams apart: they last minutes, and USERS_MAX_CONCURRENT_RPCS (which in_progress is read
+        # against) does not count them.
+        running = None if metrics is None else metrics.streams_open if stream else metrics.in_progress
+        if running is not None:
+            running.inc()
         code = grpc.StatusCode.OK
         try:
             yield
@@ -304,8 +310,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 # each stream runs in a task of its own, whose context copy ends with it anyway.
                 current_call.reset(token)
             name = method.rpartition("/")[2]
-            if metrics is not None:
-                metrics.in_progress.dec()
+            if metrics is not None and running is not None:
+                running.dec()
                 metrics.observe(name, code, seconds, record.reason)
             if log.isEnabledFor(logging.INFO):
                 self._log(method, code, seconds, peer, request_id, record)

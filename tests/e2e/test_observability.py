@@ -358,6 +358,9 @@ def test_a_stream_is_one_call_line_and_counted_when_it_ends(
         pb.WatchUserChangesRequest(), metadata=(("x-request-id", "left"),), timeout=30
     )
     assert next(stream).change.cursor
+    open_now = scrape(server)
+    assert value(open_now, "users_grpc_streams_open") == 1
+    assert value(open_now, "users_grpc_calls_in_progress") == 0  # unary calls only, as the limit counts them
     stream.cancel()  # the client leaves while the server waits for the next change
 
     def watch_lines() -> dict[str, dict[str, Any]]:
@@ -374,7 +377,7 @@ def test_a_stream_is_one_call_line_and_counted_when_it_ends(
     assert value(samples, "users_grpc_calls_total", method="WatchUserChanges", code="INVALID_ARGUMENT") == 1
     assert value(samples, "users_grpc_calls_total", method="WatchUserChanges", code="CANCELLED") == 1
     assert value(samples, "users_grpc_refusals_total", method="WatchUserChanges", reason=refused["reason"]) == 1
-    assert value(samples, "users_grpc_calls_in_progress") == 0
+    assert value(samples, "users_grpc_streams_open") == 0
 
 
 def test_a_serving_process_logs_a_stream_its_client_left_and_keeps_serving(
