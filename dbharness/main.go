@@ -57,7 +57,11 @@ func main() {
 	if err := os.MkdirAll(abs, 0o700); err != nil {
 		log.Fatal(err)
 	}
-	sqliteURL := "file:" + abs + "/"
+	// FerretDB keeps SQLite in WAL mode; synchronous(normal) there skips the fsync of each commit
+	// (an update took 3.3 ms, 1.5 ms without). A commit still survives the process being killed;
+	// only a crash of the machine itself may lose the last ones. This is a development and test
+	// database: production runs on MongoDB.
+	sqliteURL := "file:" + abs + "/?_pragma=synchronous(normal)"
 
 	ix := newIndexer(abs)
 	// Files left by an earlier run get their indexes before FerretDB serves them.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bson import ObjectId
 from pymongo import MongoClient
 
 from tests.conftest import HARNESS, StartServer, start_ferretdb
@@ -77,6 +78,35 @@ def test_a_filter_with_an_id_equality_beside_other_keys_reads_by_the_id_index(ow
             assert any("USING INDEX _ferretdb_id_" in step for step in plan), (filter_, plan)
         plan = client.probe.command("explain", {"find": "things", "filter": {"state": "active"}})["queryPlanner"]
         assert not any("USING INDEX" in step for step in plan["Plan"])  # no _id: nothing to narrow by
+
+
+def test_an_id_in_a_short_list_reads_by_the_id_index(own_database: DevDatabase) -> None:
+    """The same patch: {_id: {$in: [...]}} of strings or ObjectIds (a throttle reads a source's
+    counters so) reads those rows by the _id index; the rest of the filter still applies, and any
+    other list is answered as before, by a scan."""
+    client: MongoClient[dict[str, Any]] = MongoClient(own_database.uri)
+    oid = ObjectId()
+    with client:
+        things = client.probe.things
+        things.insert_many([{"_id": "a", "n": 1}, {"_id": "b", "n": 2}, {"_id": oid, "n": 3}, {"_id": 4, "n": 4}])
+
+        def found(filter_: dict[str, Any]) -> list[Any]:
+            return sorted((document["_id"] for document in things.find(filter_)), key=str)
+
+        def indexed(filter_: dict[str, Any]) -> bool:
+            plan = client.probe.command("explain", {"find": "things", "filter": filter_})["queryPlanner"]["Plan"]
+            return any("USING INDEX _ferretdb_id_" in step for step in plan)
+
+        by_list = {"_id": {"$in": ["a", oid, "z"]}}
+        assert found(by_list) == sorted(["a", oid], key=str)
+        assert indexed(by_list)
+        narrowed = {"_id": {"$in": ["a", oid]}, "n": 3}
+        assert found(narrowed) == [oid]
+        assert indexed(narrowed)
+        mixed = {"_id": {"$in": ["b", 4]}}  # a number: not narrowed by the patch, answered all the same
+        assert found(mixed) == sorted(["b", 4], key=str)
+        assert not indexed(mixed)
+        assert found({"_id": {"$in": []}}) == []
 
 
 def test_the_index_follows_collections_dropped_recreated_or_left_by_an_earlier_run(tmp_path: Path) -> None:
