@@ -15,7 +15,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +34,7 @@ log = logging.getLogger("users_grpc.calls")
 http_log = logging.getLogger(__name__)
 
 _Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-_StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+_StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Any, None]]
 
 REQUEST_ID = "x-request-id"
 # A caller's request id is logged as given only if it is short and plain; any other is replaced.
@@ -267,10 +267,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def _observed_stream(self, method: str, behavior: _StreamBehavior) -> _StreamBehavior:
         """A stream is one call too: one line and its metrics when it ends, however it ends."""
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
+            # aclosing: a stream left by its client ends its inner stream (the change feed's watcher) at
+            # once, rather than when the garbage collector finds it.
             with self._observation(method, context, stream=True):
-                async for response in behavior(request, context):
-                    yield response
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
 
         return observed
 
