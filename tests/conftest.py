@@ -30,6 +30,7 @@ from aiosmtpd.controller import Controller
 from pymongo.monitoring import CommandListener, ConnectionPoolListener
 
 from tests.commands import FILTERING, CommandRecorder
+from tests.pki import Pki, make_pki
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.bootstrap import App, build_app
 from users_grpc.config import Settings
@@ -360,6 +361,12 @@ def start_server(
 @pytest.fixture
 def server(start_server: StartServer) -> RunningServer:
     return start_server()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Certificates for TLS and mTLS servers and their clients (tests/pki.py), one set per module."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

@@ -1,11 +1,14 @@
-"""Certificates made at test time, for TLS tests: a CA and the certificates it signs."""
+"""Certificates made at test time, for TLS tests: a CA and the certificates it signs, and the
+channel credentials and server settings that use them."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -50,3 +53,46 @@ def issue(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return Issued(pem_key, cert.public_bytes(serialization.Encoding.PEM)), subject, key
+
+
+@dataclass
+class Pki:
+    ca: Issued
+    server: Issued
+    billing: Issued  # a client the server knows as a machine caller
+    stranger: Issued  # signed by the same CA, but not a machine caller
+    rogue: Issued  # signed by a CA the server does not trust
+    directory: Path
+
+
+def make_pki(directory: Path) -> Pki:
+    """A CA, the server's certificate and three clients'; the CA's and the server's files in ``directory``."""
+    ca, ca_name, ca_key = issue("test-ca", None, ca=True)
+    server, _, _ = issue("localhost", (ca_name, ca_key))
+    billing, _, _ = issue("billing-service", (ca_name, ca_key))
+    stranger, _, _ = issue("stranger-service", (ca_name, ca_key))
+    _, rogue_ca_name, rogue_ca_key = issue("rogue-ca", None, ca=True)
+    rogue, _, _ = issue("billing-service", (rogue_ca_name, rogue_ca_key))
+    (directory / "ca.pem").write_bytes(ca.cert)
+    (directory / "server.pem").write_bytes(server.cert)
+    (directory / "server.key").write_bytes(server.key)
+    return Pki(ca, server, billing, stranger, rogue, directory)
+
+
+def channel_credentials(pki: Pki, client: Issued | None) -> grpc.ChannelCredentials:
+    if client is None:
+        return grpc.ssl_channel_credentials(root_certificates=pki.ca.cert)
+    return grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.cert, private_key=client.key, certificate_chain=client.cert
+    )
+
+
+def tls_settings(pki: Pki, *, mutual: bool) -> dict[str, object]:
+    settings: dict[str, object] = {
+        "tls_cert_file": pki.directory / "server.pem",
+        "tls_key_file": pki.directory / "server.key",
+        "machine_identities": frozenset({"billing-service"}),
+    }
+    if mutual:
+        settings["tls_client_ca_file"] = pki.directory / "ca.pem"
+    return settings

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
+import json
+import os
+import re
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,16 +20,21 @@ from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from pymongo import MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from tests.conftest import MailSink, RunningServer
+from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, MailSink, RunningServer
+from tests.fakes import FakeClock
 from users.v1 import user_pb2, user_service_pb2
 
 PASSWORD = "correct horse battery"
+NEW_PASSWORD = "a brand new passphrase"
+SERVICE = "users.v1.UserService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
@@ -175,3 +189,158 @@ class SourceAddressRelay:
 def retry_delay(error: grpc.RpcError) -> float:
     """The seconds of the error's google.rpc.RetryInfo detail."""
     return float(_detail(error, error_details_pb2.RetryInfo).retry_delay.ToTimedelta().total_seconds())
+
+
+def refresh(server: RunningServer, token: str) -> user_service_pb2.RefreshSessionResponse:
+    return server.anonymous.RefreshSession(user_service_pb2.RefreshSessionRequest(refresh_token=token))
+
+
+def refresh_status(server: RunningServer, token: str) -> grpc.StatusCode:
+    """The status of RefreshSession with this token, which must fail."""
+    request = user_service_pb2.RefreshSessionRequest(refresh_token=token)
+    code: grpc.StatusCode = rpc_error(server.anonymous.RefreshSession, request).code()
+    return code
+
+
+def get_user_status(server: RunningServer, token: str, user_id: str) -> grpc.StatusCode:
+    """The status of GetUser(user_id) called with this access token, which must fail."""
+    code: grpc.StatusCode = rpc_error(
+        server.stub_for(token).GetUser, user_service_pb2.GetUserRequest(id=user_id)
+    ).code()
+    return code
+
+
+def new_admin(server: RunningServer, mail: MailSink, name: str = "bea") -> user_service_pb2.AuthenticateResponse:
+    """A second admin, made by the server's admin, activated and signed in."""
+    email = f"{name}@example.com"
+    server.stub.CreateUser(create_request(username=name, email=email, role=user_pb2.ROLE_ADMIN))
+    server.anonymous.ActivateUser(user_service_pb2.ActivateUserRequest(identifier=name, code=mail.code_for(email)))
+    return server.anonymous.Authenticate(user_service_pb2.AuthenticateRequest(identifier=name, password=PASSWORD))
+
+
+def reset_token(mail: MailSink, to: str, nth: int = 1) -> str:
+    """The token of the nth reset mail to ``to``, waiting for it."""
+    wait_until(lambda: len(reset_mails(mail, to)) >= nth, what=f"reset mail {nth}")
+    body = reset_mails(mail, to)[nth - 1]
+    match = re.search(r"new password:\s+(\S+)", body)
+    assert match, body
+    return match.group(1)
+
+
+def reset_mails(mail: MailSink, to: str) -> list[str]:
+    return [m.get_content() for m in mail.messages if m["To"] == to and m["Subject"] == "Reset your password"]
+
+
+def reset(server: RunningServer, token: str, password: str = NEW_PASSWORD) -> user_service_pb2.ResetPasswordResponse:
+    return server.anonymous.ResetPassword(
+        user_service_pb2.ResetPasswordRequest(token=token, new_password=password, new_password_confirmation=password)
+    )
+
+
+def independent_totp(secret: str, unix_time: float, step_offset: int = 0) -> str:
+    """RFC 6238 / RFC 4226 written out here, independent of the service's pyotp."""
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+    counter = int(unix_time) // 30 + step_offset
+    digest = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F
+    value = struct.unpack(">I", digest[offset : offset + 4])[0] & 0x7FFFFFFF
+    return f"{value % 1_000_000:06d}"
+
+
+class Enrolled:
+    """A signed-in user with MFA on, on a server whose clock the test moves."""
+
+    def __init__(self, server: RunningServer, mail: MailSink, clock: FakeClock) -> None:
+        self.server, self.clock = server, clock
+        session = signed_up(server, mail)
+        self.user_id = session.user.id
+        own = server.stub_for(session.access_token)
+        enrollment = own.EnableMfa(user_service_pb2.EnableMfaRequest(user_id=self.user_id, password=PASSWORD))
+        self.secret = enrollment.secret
+        self.enrollment = enrollment
+        self.recovery_codes = list(
+            own.ConfirmMfa(user_service_pb2.ConfirmMfaRequest(user_id=self.user_id, code=self.code())).recovery_codes
+        )
+        self.clock.advance(seconds=30)  # the confirming code's step is used up
+
+    def code(self, step_offset: int = 0) -> str:
+        return independent_totp(self.secret, self.clock.now().timestamp(), step_offset)
+
+    def sign_in(self, **factors: str) -> Any:
+        return self.server.anonymous.Authenticate(
+            user_service_pb2.AuthenticateRequest(identifier="jane", password=PASSWORD, **factors)
+        )
+
+    def sign_in_error(self, password: str = PASSWORD, **factors: str) -> grpc.RpcError:
+        request = user_service_pb2.AuthenticateRequest(identifier="jane", password=password, **factors)
+        return rpc_error(self.server.anonymous.Authenticate, request)
+
+
+def users_grpc(*args: str, server_settings: object, **env: str) -> subprocess.CompletedProcess[str]:
+    """The ``users-grpc`` command as a process, on the database of a server's settings."""
+    settings = server_settings
+    environment = {
+        **os.environ,
+        "USERS_MONGODB_URI": settings.mongodb_uri,  # type: ignore[attr-defined]
+        "USERS_MONGODB_DATABASE": settings.mongodb_database,  # type: ignore[attr-defined]
+        "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
+        "USERS_BCRYPT_ROUNDS": "10",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "users_grpc", *args],
+        env=environment,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+class ServeProcess:
+    """``users-grpc serve`` as a process on port 0, its JSON log lines collected as they come."""
+
+    def __init__(self, **env: str) -> None:
+        environment = {
+            **os.environ,
+            "USERS_GRPC_ADDRESS": "127.0.0.1:0",
+            "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
+            **env,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "users_grpc", "serve"],
+            env=environment,
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def logged(self, message: str) -> list[dict[str, Any]]:
+        records = []
+        for line in list(self.lines):
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("message") == message:
+                    records.append(record)
+        return records
+
+    def port(self) -> int:
+        wait_until(lambda: bool(self.logged("listening")), what="the listening line")
+        return int(self.logged("listening")[0]["port"])
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self._reader.join(5)
+        assert self.process.stderr is not None
+        self.process.stderr.close()

@@ -14,8 +14,16 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, signed_up, stored_users
-from tests.e2e.test_mfa import Enrolled
+from tests.e2e.helpers import (
+    PASSWORD,
+    Enrolled,
+    create_request,
+    error_info,
+    new_admin,
+    rpc_error,
+    signed_up,
+    stored_users,
+)
 from tests.fakes import FakeClock
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
@@ -25,14 +33,6 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 WRONG = "not the password at all"
 Stub = user_service_pb2_grpc.UserServiceStub
-
-
-def new_admin(server: RunningServer, mail: MailSink, name: str = "bea") -> pb.AuthenticateResponse:
-    """A second admin, made by the server's admin, activated and signed in."""
-    email = f"{name}@example.com"
-    server.stub.CreateUser(create_request(username=name, email=email, role=user_pb2.ROLE_ADMIN))
-    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier=name, code=mail.code_for(email)))
-    return server.anonymous.Authenticate(pb.AuthenticateRequest(identifier=name, password=PASSWORD))
 
 
 def active_admin_ids(server: RunningServer) -> set[str]:

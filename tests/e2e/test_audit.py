@@ -17,13 +17,20 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import MongoClient
 
 from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, violated_fields
-from tests.e2e.test_mfa import independent_totp
-from tests.e2e.test_recovery import NEW_PASSWORD, reset, reset_token
-from tests.e2e.test_sessions import signed_up
-from tests.e2e.test_transport import Pki, _credentials, _tls_settings
-from tests.e2e.test_transport import pki as transport_pki
+from tests.e2e.helpers import (
+    NEW_PASSWORD,
+    PASSWORD,
+    create_request,
+    error_info,
+    independent_totp,
+    reset,
+    reset_token,
+    rpc_error,
+    signed_up,
+    violated_fields,
+)
 from tests.fakes import FakeClock
+from tests.pki import Pki, channel_credentials, tls_settings
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -285,11 +292,8 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
     assert_no_secrets(server, secrets, caplog.text)
 
 
-pki = transport_pki  # the fixture, shared with the transport tests
-
-
 def test_a_machine_caller_by_certificate_is_recorded_as_a_machine(start_server: StartServer, pki: Pki) -> None:
-    server = start_server(credentials=_credentials(pki, pki.billing), **_tls_settings(pki, mutual=True))
+    server = start_server(credentials=channel_credentials(pki, pki.billing), **tls_settings(pki, mutual=True))
     # server.anonymous sends no token, but its channel presents billing-service's certificate.
     check = pb.VerifyCredentialsRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
     server.anonymous.VerifyCredentials(check)

@@ -18,8 +18,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from pymongo import MongoClient
 
 from tests.conftest import BearerToken, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error
-from tests.e2e.test_operations import ServeProcess, wait_until
+from tests.e2e.helpers import PASSWORD, ServeProcess, create_request, error_info, rpc_error, wait_until
 from tests.fakes import FakeClock
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb

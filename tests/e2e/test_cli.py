@@ -4,36 +4,13 @@ from __future__ import annotations
 
 import base64
 import os
-import subprocess
-import sys
 
 import jwt
 
-from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, StartServer
-from tests.e2e.helpers import wait_until
+from tests.conftest import StartServer
+from tests.e2e.helpers import users_grpc, wait_until
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
-
-
-def users_grpc(*args: str, server_settings: object, **env: str) -> subprocess.CompletedProcess[str]:
-    settings = server_settings
-    environment = {
-        **os.environ,
-        "USERS_MONGODB_URI": settings.mongodb_uri,  # type: ignore[attr-defined]
-        "USERS_MONGODB_DATABASE": settings.mongodb_database,  # type: ignore[attr-defined]
-        "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
-        "USERS_BCRYPT_ROUNDS": "10",
-        **env,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "users_grpc", *args],
-        env=environment,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_create_admin_makes_an_active_admin_who_can_sign_in(start_server: StartServer) -> None:

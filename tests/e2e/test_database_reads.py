@@ -12,7 +12,7 @@ import pytest
 
 from tests.commands import CommandRecorder
 from tests.conftest import MailSink, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error
+from tests.e2e.helpers import rpc_error, signed_up
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 
@@ -23,16 +23,6 @@ QUIET = {
     "housekeeping_interval_seconds": 3600.0,
     "key_reload_seconds": 3600.0,
 }
-
-
-def signed_up(server: Any, mail: MailSink, name: str = "jane") -> pb.AuthenticateResponse:
-    email = f"{name}@example.com"
-    server.anonymous.CreateUser(create_request(username=name, email=email))
-    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier=name, code=mail.code_for(email)))
-    signed_in: pb.AuthenticateResponse = server.anonymous.Authenticate(
-        pb.AuthenticateRequest(identifier=name, password=PASSWORD)
-    )
-    return signed_in
 
 
 def test_get_user_with_ones_own_token_reads_the_database_once(start_server: StartServer, mail: MailSink) -> None:

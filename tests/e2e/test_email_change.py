@@ -10,17 +10,18 @@ from pymongo import MongoClient
 
 from tests.conftest import MailSink, RunningServer, StartServer
 from tests.e2e.helpers import (
+    NEW_PASSWORD,
     PASSWORD,
     create_request,
     error_info,
     raw_collection,
+    reset_token,
     rpc_error,
     signed_up,
     stored_users,
     violated_fields,
     wait_until_mail_settled,
 )
-from tests.e2e.test_recovery import NEW_PASSWORD, reset_token
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 

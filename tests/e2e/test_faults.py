@@ -17,10 +17,21 @@ from grpc_health.v1 import health_pb2
 from pymongo import MongoClient
 
 from tests.conftest import HARNESS, BearerToken, MailSink, StartServer, free_port
-from tests.e2e.helpers import PASSWORD, create_request, error_info, health_stub, rpc_error, stored_users
-from tests.e2e.test_cli import users_grpc
-from tests.e2e.test_mfa import independent_totp
-from tests.e2e.test_operations import NOT_SERVING, SERVICE, SERVING, ServeProcess, wait_until
+from tests.e2e.helpers import (
+    NOT_SERVING,
+    PASSWORD,
+    SERVICE,
+    SERVING,
+    ServeProcess,
+    create_request,
+    error_info,
+    health_stub,
+    independent_totp,
+    rpc_error,
+    stored_users,
+    users_grpc,
+    wait_until,
+)
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.devdb import DevDatabase, start_dev_database

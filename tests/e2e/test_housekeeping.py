@@ -12,8 +12,7 @@ import pytest
 from pymongo import MongoClient
 
 from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error, wait_until
-from tests.e2e.test_sessions import refresh, refresh_status, signed_up
+from tests.e2e.helpers import PASSWORD, create_request, refresh, refresh_status, rpc_error, signed_up, wait_until
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 from users_grpc.housekeeping import JOB, Purged

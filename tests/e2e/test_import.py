@@ -14,8 +14,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import error_info, rpc_error, stored_users, violated_fields
-from tests.e2e.test_recovery import reset_token
+from tests.e2e.helpers import error_info, reset_token, rpc_error, stored_users, violated_fields
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 

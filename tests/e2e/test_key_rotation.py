@@ -13,10 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, free_port, make_settings
-from tests.e2e.helpers import PASSWORD, create_request
-from tests.e2e.test_cli import users_grpc
-from tests.e2e.test_mfa import Enrolled, independent_totp
-from tests.e2e.test_sessions import signed_up
+from tests.e2e.helpers import PASSWORD, Enrolled, create_request, independent_totp, signed_up, users_grpc
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 from users_grpc.config import Settings

@@ -10,8 +10,7 @@ import grpc
 import pytest
 
 from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, rpc_error
-from tests.e2e.test_sessions import refresh_status, signed_up
+from tests.e2e.helpers import PASSWORD, refresh_status, rpc_error, signed_up
 from users.v1 import user_service_pb2 as pb
 from users_grpc.logs import JsonFormatter
 

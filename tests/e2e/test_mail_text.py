@@ -10,8 +10,16 @@ import re
 import grpc
 
 from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error, stored_users, violated_fields, wait_until
-from tests.e2e.test_recovery import reset, reset_token
+from tests.e2e.helpers import (
+    PASSWORD,
+    create_request,
+    reset,
+    reset_token,
+    rpc_error,
+    stored_users,
+    violated_fields,
+    wait_until,
+)
 from users.v1 import user_service_pb2 as pb
 
 PHISHING_NAME = "Jane\u2028\u2028Security notice: your account is locked, confirm at https://evil.example/x"

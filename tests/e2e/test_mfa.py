@@ -4,10 +4,7 @@ replay and parallel use, throttling, recovery codes, disabling, and reset not by
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import io
-import struct
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -19,9 +16,14 @@ import zxingcpp
 
 from tests.conftest import MailSink, RunningServer, StartServer
 from tests.e2e.helpers import (
+    NEW_PASSWORD,
     PASSWORD,
+    Enrolled,
     error_info,
+    independent_totp,
     raw_collection,
+    reset,
+    reset_token,
     rpc_error,
     signed_up,
     stored_users,
@@ -29,21 +31,10 @@ from tests.e2e.helpers import (
     wait_until,
     wait_until_mail_settled,
 )
-from tests.e2e.test_recovery import NEW_PASSWORD, reset, reset_token
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
-
-
-def independent_totp(secret: str, unix_time: float, step_offset: int = 0) -> str:
-    """RFC 6238 / RFC 4226 written out here, independent of the service's pyotp."""
-    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
-    counter = int(unix_time) // 30 + step_offset
-    digest = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
-    offset = digest[-1] & 0x0F
-    value = struct.unpack(">I", digest[offset : offset + 4])[0] & 0x7FFFFFFF
-    return f"{value % 1_000_000:06d}"
 
 
 def decode_qr(png_bytes: bytes) -> str:
@@ -52,35 +43,6 @@ def decode_qr(png_bytes: bytes) -> str:
     [barcode] = zxingcpp.read_barcodes(memoryview(grey).cast("B", (height, width)))
     text: str = barcode.text
     return text
-
-
-class Enrolled:
-    """A signed-in user with MFA on, on a server whose clock the test moves."""
-
-    def __init__(self, server: RunningServer, mail: MailSink, clock: FakeClock) -> None:
-        self.server, self.clock = server, clock
-        session = signed_up(server, mail)
-        self.user_id = session.user.id
-        own = server.stub_for(session.access_token)
-        enrollment = own.EnableMfa(pb.EnableMfaRequest(user_id=self.user_id, password=PASSWORD))
-        self.secret = enrollment.secret
-        self.enrollment = enrollment
-        self.recovery_codes = list(
-            own.ConfirmMfa(pb.ConfirmMfaRequest(user_id=self.user_id, code=self.code())).recovery_codes
-        )
-        self.clock.advance(seconds=30)  # the confirming code's step is used up
-
-    def code(self, step_offset: int = 0) -> str:
-        return independent_totp(self.secret, self.clock.now().timestamp(), step_offset)
-
-    def sign_in(self, **factors: str) -> Any:
-        return self.server.anonymous.Authenticate(
-            pb.AuthenticateRequest(identifier="jane", password=PASSWORD, **factors)
-        )
-
-    def sign_in_error(self, password: str = PASSWORD, **factors: str) -> grpc.RpcError:
-        request = pb.AuthenticateRequest(identifier="jane", password=password, **factors)
-        return rpc_error(self.server.anonymous.Authenticate, request)
 
 
 @pytest.fixture

@@ -23,9 +23,16 @@ from pymongo import MongoClient
 
 from tests.commands import CommandRecorder
 from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, signed_up, wait_until, wait_until_mail_settled
-from tests.e2e.test_mfa import independent_totp
-from tests.e2e.test_recovery import NEW_PASSWORD, reset_token
+from tests.e2e.helpers import (
+    NEW_PASSWORD,
+    PASSWORD,
+    create_request,
+    independent_totp,
+    reset_token,
+    signed_up,
+    wait_until,
+    wait_until_mail_settled,
+)
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 from users_grpc.domain import Mail

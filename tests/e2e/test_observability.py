@@ -24,11 +24,17 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, MailSink, RunningServer, StartServer, free_port
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error
-from tests.e2e.test_mfa import independent_totp
-from tests.e2e.test_operations import ServeProcess, wait_until
-from tests.e2e.test_recovery import NEW_PASSWORD, reset_token
-from tests.e2e.test_sessions import signed_up
+from tests.e2e.helpers import (
+    NEW_PASSWORD,
+    PASSWORD,
+    ServeProcess,
+    create_request,
+    independent_totp,
+    reset_token,
+    rpc_error,
+    signed_up,
+    wait_until,
+)
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc

@@ -4,8 +4,6 @@ reflection for grpcurl, grpc-health-probe, and draining on SIGTERM."""
 from __future__ import annotations
 
 import base64
-import contextlib
-import json
 import os
 import signal
 import socket
@@ -29,16 +27,24 @@ from tests.conftest import (
     bound_socket,
     port_of,
 )
-from tests.e2e.helpers import create_request, health_stub, raw_collection, retry_delay, rpc_error, stored_users
-from tests.e2e.helpers import wait_until as wait_until  # its old home; other modules import it from here
+from tests.e2e.helpers import (
+    NOT_SERVING,
+    SERVICE,
+    SERVING,
+    ServeProcess,
+    create_request,
+    health_stub,
+    raw_collection,
+    retry_delay,
+    rpc_error,
+    stored_users,
+    wait_until,
+)
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.devdb import DevDatabase
 
 TOOLS = Path(os.environ.get("USERS_TOOLS_BIN", REPO_ROOT / ".tools/bin"))
-SERVICE = "users.v1.UserService"
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def tool(name: str) -> str:
@@ -254,54 +260,6 @@ def test_the_concurrency_cap_refuses_user_service_calls_but_never_health_checks(
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
     # Once the sign-ins are done the cap has room again.
     assert server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest()).jwks_json
-
-
-class ServeProcess:
-    """``users-grpc serve`` as a process on port 0, its JSON log lines collected as they come."""
-
-    def __init__(self, **env: str) -> None:
-        environment = {
-            **os.environ,
-            "USERS_GRPC_ADDRESS": "127.0.0.1:0",
-            "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
-            **env,
-        }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "users_grpc", "serve"],
-            env=environment,
-            cwd=REPO_ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    def logged(self, message: str) -> list[dict[str, Any]]:
-        records = []
-        for line in list(self.lines):
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if record.get("message") == message:
-                    records.append(record)
-        return records
-
-    def port(self) -> int:
-        wait_until(lambda: bool(self.logged("listening")), what="the listening line")
-        return int(self.logged("listening")[0]["port"])
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-        self._reader.join(5)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
 
 
 def test_start_up_without_a_database_answers_health_and_stops_at_once_on_sigterm() -> None:

@@ -24,18 +24,19 @@ from pymongo import monitoring
 from tests.commands import CommandRecorder
 from tests.conftest import HARNESS, REPO_ROOT, MailSink, RunningServer, StartServer
 from tests.e2e.helpers import (
+    NEW_PASSWORD,
     PASSWORD,
+    Enrolled,
     create_request,
     error_info,
     health_stub,
+    independent_totp,
     raw_collection,
     rpc_error,
     signed_up,
     violated_fields,
     wait_until,
 )
-from tests.e2e.test_mfa import Enrolled, independent_totp
-from tests.e2e.test_recovery import NEW_PASSWORD
 from tests.fakes import FakeClock
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb

@@ -2,39 +2,30 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 
 import grpc
 
 from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, raw_collection, rpc_error, wait_until, wait_until_mail_settled
-from tests.e2e.test_sessions import get_user_status, refresh_status, signed_up
+from tests.e2e.helpers import (
+    NEW_PASSWORD,
+    PASSWORD,
+    get_user_status,
+    raw_collection,
+    refresh_status,
+    reset,
+    reset_mails,
+    reset_token,
+    rpc_error,
+    signed_up,
+    wait_until,
+    wait_until_mail_settled,
+)
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 
-NEW_PASSWORD = "a brand new passphrase"
 THIRD_PASSWORD = "an attacker chose this one"
-
-
-def reset_token(mail: MailSink, to: str, nth: int = 1) -> str:
-    """The token of the nth reset mail to ``to``, waiting for it."""
-    wait_until(lambda: len(reset_mails(mail, to)) >= nth, what=f"reset mail {nth}")
-    body = reset_mails(mail, to)[nth - 1]
-    match = re.search(r"new password:\s+(\S+)", body)
-    assert match, body
-    return match.group(1)
-
-
-def reset_mails(mail: MailSink, to: str) -> list[str]:
-    return [m.get_content() for m in mail.messages if m["To"] == to and m["Subject"] == "Reset your password"]
-
-
-def reset(server: RunningServer, token: str, password: str = NEW_PASSWORD) -> pb.ResetPasswordResponse:
-    return server.anonymous.ResetPassword(
-        pb.ResetPasswordRequest(token=token, new_password=password, new_password_confirmation=password)
-    )
 
 
 def sign_in(server: RunningServer, password: str) -> pb.AuthenticateResponse:

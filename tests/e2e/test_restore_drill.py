@@ -14,9 +14,7 @@ import grpc
 from pymongo import MongoClient
 
 from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error, signed_up
-from tests.e2e.test_cli import users_grpc
-from tests.e2e.test_mfa import Enrolled
+from tests.e2e.helpers import PASSWORD, Enrolled, create_request, rpc_error, signed_up, users_grpc
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 

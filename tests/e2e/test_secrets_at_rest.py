@@ -18,9 +18,7 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error, wait_until
-from tests.e2e.test_mfa import Enrolled, independent_totp
-from tests.e2e.test_recovery import reset_token
+from tests.e2e.helpers import PASSWORD, Enrolled, create_request, independent_totp, reset_token, rpc_error, wait_until
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 from users_grpc.repository import _mail_associated_data

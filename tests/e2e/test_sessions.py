@@ -24,31 +24,22 @@ from joserfc.jwk import KeySet
 from pymongo import MongoClient
 
 from tests.conftest import ADMIN_PASSWORD, KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer, registration
-from tests.e2e.helpers import PASSWORD, create_request, rpc_error, violated_fields
-from tests.e2e.helpers import signed_up as signed_up  # its old home; other modules import it from here
+from tests.e2e.helpers import (
+    PASSWORD,
+    create_request,
+    get_user_status,
+    refresh,
+    refresh_status,
+    rpc_error,
+    signed_up,
+    violated_fields,
+)
 from tests.fakes import FakeClock
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.tokens import KeyEncryption
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
-
-
-def refresh(server: RunningServer, token: str) -> pb.RefreshSessionResponse:
-    return server.anonymous.RefreshSession(pb.RefreshSessionRequest(refresh_token=token))
-
-
-def refresh_status(server: RunningServer, token: str) -> grpc.StatusCode:
-    """The status of RefreshSession with this token, which must fail."""
-    request = pb.RefreshSessionRequest(refresh_token=token)
-    code: grpc.StatusCode = rpc_error(server.anonymous.RefreshSession, request).code()
-    return code
-
-
-def get_user_status(server: RunningServer, token: str, user_id: str) -> grpc.StatusCode:
-    """The status of GetUser(user_id) called with this access token, which must fail."""
-    code: grpc.StatusCode = rpc_error(server.stub_for(token).GetUser, pb.GetUserRequest(id=user_id)).code()
-    return code
 
 
 def whoami(server: RunningServer, session: pb.AuthenticateResponse, token: str | None = None) -> user_pb2.User:

@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import MailSink, RunningServer, StartServer
 from tests.e2e.helpers import (
+    NEW_PASSWORD,
     PASSWORD,
     SourceAddressRelay,
     create_request,
@@ -36,7 +37,6 @@ from users.v1 import user_service_pb2_grpc
 from users_grpc.passwords import HASHING_NICENESS
 
 WRONG = "not the password at all"
-NEW_PASSWORD = "a brand new passphrase"
 
 
 @pytest.fixture

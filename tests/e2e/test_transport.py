@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import grpc
 import pytest
 from cryptography import x509
@@ -13,53 +10,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import ADMIN_PASSWORD, StartServer
 from tests.e2e.helpers import rpc_error
-from tests.pki import Issued, issue
+from tests.pki import Pki, channel_credentials, issue, tls_settings
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
-
-
-@dataclass
-class Pki:
-    ca: Issued
-    server: Issued
-    billing: Issued  # a client the server knows as a machine caller
-    stranger: Issued  # signed by the same CA, but not a machine caller
-    rogue: Issued  # signed by a CA the server does not trust
-    directory: Path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    ca, ca_name, ca_key = issue("test-ca", None, ca=True)
-    server, _, _ = issue("localhost", (ca_name, ca_key))
-    billing, _, _ = issue("billing-service", (ca_name, ca_key))
-    stranger, _, _ = issue("stranger-service", (ca_name, ca_key))
-    _, rogue_ca_name, rogue_ca_key = issue("rogue-ca", None, ca=True)
-    rogue, _, _ = issue("billing-service", (rogue_ca_name, rogue_ca_key))
-    directory = tmp_path_factory.mktemp("pki")
-    (directory / "ca.pem").write_bytes(ca.cert)
-    (directory / "server.pem").write_bytes(server.cert)
-    (directory / "server.key").write_bytes(server.key)
-    return Pki(ca, server, billing, stranger, rogue, directory)
-
-
-def _credentials(pki: Pki, client: Issued | None) -> grpc.ChannelCredentials:
-    if client is None:
-        return grpc.ssl_channel_credentials(root_certificates=pki.ca.cert)
-    return grpc.ssl_channel_credentials(
-        root_certificates=pki.ca.cert, private_key=client.key, certificate_chain=client.cert
-    )
-
-
-def _tls_settings(pki: Pki, *, mutual: bool) -> dict[str, object]:
-    settings: dict[str, object] = {
-        "tls_cert_file": pki.directory / "server.pem",
-        "tls_key_file": pki.directory / "server.key",
-        "machine_identities": frozenset({"billing-service"}),
-    }
-    if mutual:
-        settings["tls_client_ca_file"] = pki.directory / "ca.pem"
-    return settings
 
 
 def _public_call(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
@@ -75,28 +28,28 @@ def _public_call(address: str, credentials: grpc.ChannelCredentials | None) -> g
 
 
 def test_tls_serves_tls_clients_and_refuses_plaintext(start_server: StartServer, pki: Pki) -> None:
-    server = start_server(credentials=_credentials(pki, None), **_tls_settings(pki, mutual=False))
-    assert _public_call(server.address, _credentials(pki, None)) == grpc.StatusCode.OK
+    server = start_server(credentials=channel_credentials(pki, None), **tls_settings(pki, mutual=False))
+    assert _public_call(server.address, channel_credentials(pki, None)) == grpc.StatusCode.OK
     assert _public_call(server.address, None) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_mtls_refuses_clients_without_a_trusted_certificate(start_server: StartServer, pki: Pki) -> None:
-    server = start_server(credentials=_credentials(pki, pki.billing), **_tls_settings(pki, mutual=True))
-    assert _public_call(server.address, _credentials(pki, pki.billing)) == grpc.StatusCode.OK
-    assert _public_call(server.address, _credentials(pki, None)) == grpc.StatusCode.UNAVAILABLE
-    assert _public_call(server.address, _credentials(pki, pki.rogue)) == grpc.StatusCode.UNAVAILABLE
+    server = start_server(credentials=channel_credentials(pki, pki.billing), **tls_settings(pki, mutual=True))
+    assert _public_call(server.address, channel_credentials(pki, pki.billing)) == grpc.StatusCode.OK
+    assert _public_call(server.address, channel_credentials(pki, None)) == grpc.StatusCode.UNAVAILABLE
+    assert _public_call(server.address, channel_credentials(pki, pki.rogue)) == grpc.StatusCode.UNAVAILABLE
     assert _public_call(server.address, None) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_a_listed_certificate_makes_a_machine_caller(start_server: StartServer, pki: Pki) -> None:
     """billing-service checks credentials with no token; another certificate of the same CA may not."""
-    server = start_server(credentials=_credentials(pki, pki.billing), **_tls_settings(pki, mutual=True))
+    server = start_server(credentials=channel_credentials(pki, pki.billing), **tls_settings(pki, mutual=True))
     # server.anonymous sends no token, but its channel presents billing-service's certificate.
     check = pb.VerifyCredentialsRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
     assert server.anonymous.VerifyCredentials(check).user.username == server.admin_username
     claims = server.anonymous.ValidateToken(pb.ValidateTokenRequest(access_token=server.admin_token)).claims
     assert claims.subject == server.anonymous.VerifyCredentials(check).user.id
-    with grpc.secure_channel(server.address, _credentials(pki, pki.stranger)) as channel:
+    with grpc.secure_channel(server.address, channel_credentials(pki, pki.stranger)) as channel:
         stranger = user_service_pb2_grpc.UserServiceStub(channel)
         assert rpc_error(stranger.VerifyCredentials, check).code() == grpc.StatusCode.UNAUTHENTICATED
     # A machine caller is no admin: admin-only RPCs stay closed to it.
@@ -124,12 +77,12 @@ def test_only_uri_and_dns_names_make_a_machine_caller(start_server: StartServer,
     ca_name = x509.load_pem_x509_certificate(pki.ca.cert).subject
     client, _, _ = issue(common_name, (ca_name, ca_key), alternative_names=alternative_names)
     settings = {
-        **_tls_settings(pki, mutual=True),
+        **tls_settings(pki, mutual=True),
         "machine_identities": frozenset({"billing-service", SPIFFE_ID}),
     }
-    server = start_server(credentials=_credentials(pki, pki.billing), **settings)
+    server = start_server(credentials=channel_credentials(pki, pki.billing), **settings)
     check = pb.VerifyCredentialsRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
-    with grpc.secure_channel(server.address, _credentials(pki, client)) as channel:
+    with grpc.secure_channel(server.address, channel_credentials(pki, client)) as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
         if is_machine:
             assert stub.VerifyCredentials(check).user.username == server.admin_username

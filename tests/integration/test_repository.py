@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -12,40 +12,12 @@ from pymongo import AsyncMongoClient
 
 from tests.conftest import collect_known_leaks
 from tests.integration.conftest import Stores
-from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
+from tests.integration.helpers import NOW, activation, new_user
+from users_grpc.domain import Mail
 from users_grpc.errors import AlreadyExists, StorageUnavailable
 from users_grpc.repository import Document, MongoUserRepository
 
 _T = TypeVar("_T")
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def activation(**changes: Any) -> ActivationCode:
-    fields: dict[str, Any] = {
-        "digest": "d1",
-        "expires_at": NOW + timedelta(minutes=15),
-        "attempts_left": 2,
-        "sends_in_window": 1,
-        "window_started_at": NOW,
-    }
-    fields.update(changes)
-    return ActivationCode(**fields)
-
-
-def new_user(username: str = "jane", email: str = "jane@example.com") -> NewUser:
-    return NewUser(
-        id=str(ObjectId()),
-        username=username,
-        first_name="Jane",
-        last_name="Doe",
-        email=email,
-        gender=Gender.FEMALE,
-        role=Role.USER,
-        password_hash="$2b$10$hash",
-        is_active=False,
-        activation=activation(),
-        created_at=NOW,
-    )
 
 
 def test_indexes_are_created_idempotently(run: Any, database_name: str) -> None:

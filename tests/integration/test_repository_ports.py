@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from bson import ObjectId
 
 from tests.integration.conftest import Stores
-from tests.integration.test_repository import NOW, activation, new_user
+from tests.integration.helpers import NOW, activation, new_user
 from users_grpc.domain import Mail, StoredKey
 
 _T = TypeVar("_T")

@@ -15,8 +15,8 @@ import qrcode
 import qrcode.image.pure
 
 from tests.fakes import FakeCredentialRepository, FakeSessionRepository
+from tests.unit.helpers import PASSWORD, World, run
 from tests.unit.logs import logged
-from tests.unit.test_service import PASSWORD, World, run
 from users_grpc.domain import User
 from users_grpc.errors import (
     FailedPrecondition,

@@ -5,17 +5,14 @@ tests/e2e covers the same behaviour through gRPC on the real database and SMTP.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-from collections.abc import Coroutine
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from tests.fakes import FakeClock, FakeHasher, FakeMailer, FakeThrottleStore, FakeUserRepository
-from users_grpc.domain import Caller, Gender, PasswordPolicy, Registration, Role, User
+from tests.unit.helpers import PASSWORD, World, registration, run
+from users_grpc.domain import Caller, PasswordPolicy, Role
 from users_grpc.errors import (
     AccountNotActive,
     AlreadyExists,
@@ -27,71 +24,10 @@ from users_grpc.errors import (
     TooManyAttempts,
 )
 from users_grpc.passwords import common_passwords
-from users_grpc.secrets_at_rest import SecretsAtRest
-from users_grpc.service import AccountPolicy, UserService
-from users_grpc.throttling import PasswordThrottle, ThrottlePolicy
+from users_grpc.service import AccountPolicy
+from users_grpc.throttling import ThrottlePolicy
 
-_T = TypeVar("_T")
-PASSWORD = "correct horse battery"
 ADMIN = Caller(user_id="a" * 24, role=Role.ADMIN)
-
-
-def run(coroutine: Coroutine[Any, Any, _T]) -> _T:
-    return asyncio.run(coroutine)
-
-
-def registration(**changes: Any) -> Registration:
-    fields: dict[str, Any] = {
-        "username": "jane",
-        "first_name": "Jane",
-        "last_name": "Doe",
-        "email": "jane@example.com",
-        "password": PASSWORD,
-        "password_confirmation": PASSWORD,
-        "gender": Gender.FEMALE,
-        "role": Role.USER,
-    }
-    fields.update(changes)
-    if "password" in changes and "password_confirmation" not in changes:
-        fields["password_confirmation"] = changes["password"]
-    return Registration(**fields)
-
-
-class World:
-    def __init__(
-        self,
-        policy: AccountPolicy | None = None,
-        throttle: ThrottlePolicy | None = None,
-        users: FakeUserRepository | None = None,
-    ) -> None:
-        self.users = users or FakeUserRepository()
-        self.mailer = FakeMailer()
-        self.hasher = FakeHasher()
-        self.clock = FakeClock()
-        self.throttles = FakeThrottleStore()
-        self.service = UserService(
-            users=self.users,
-            mailer=self.mailer,
-            hasher=self.hasher,
-            digests=SecretsAtRest(os.urandom(32)),
-            clock=self.clock,
-            # No reply floor unless a test asks for one: test_accounts.py checks the floor itself.
-            policy=policy or AccountPolicy(reply_floor=timedelta(0)),
-            throttle=PasswordThrottle(store=self.throttles, clock=self.clock, policy=throttle or ThrottlePolicy()),
-        )
-
-    def last_token(self) -> str:
-        match = re.search(r"hours:\s+(\S+)", self.mailer.sent[-1].body)
-        assert match, self.mailer.sent[-1].body
-        return match.group(1)
-
-    def last_code(self) -> str:
-        match = re.search(r"code is (\d{6})", self.mailer.sent[-1].body)
-        assert match, self.mailer.sent[-1].body
-        return match.group(1)
-
-    def create(self, **changes: Any) -> User:
-        return run(self.service.create_user(registration(**changes)))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.fakes import FakeCredentialRepository, FakeKeyStore, FakeSessionRepository
-from tests.unit.test_service import PASSWORD, World, run
+from tests.unit.helpers import PASSWORD, World, run
 from users_grpc.domain import IssuedTokens, UserState
 from users_grpc.errors import InvalidArgument, InvalidCredentials, MfaRequired, TooManyAttempts, Unauthenticated
 from users_grpc.mfa import STEP_SECONDS, MfaService, totp
