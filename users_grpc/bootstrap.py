@@ -428,6 +428,8 @@ async def build_app(
                 # instead of queueing without bound (bcrypt makes each call costly). Not the server's
                 # own maximum_concurrent_rpcs, which would refuse health checks too.
                 max_concurrent_calls=settings.max_concurrent_rpcs,
+                # Streams apart (they stay open), each reading the change log at every poll.
+                max_streams=settings.max_streams,
             ),
             # Inside the access interceptor: it records admitted calls, with the caller that one found.
             AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=audit, clock=clock),

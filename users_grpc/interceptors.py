@@ -56,10 +56,11 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
     database work by the call's deadline.
 
     Applies to the unary methods of the services under ``method_prefix``, and to their
-    server-streaming methods (WatchUserChanges), which are never counted by the cap: a stream
-    is meant to stay open. Health and reflection pass through untouched, never counted by the
-    cap (so probes answer under any load), except that a unary request that does not parse is
-    refused as INVALID_ARGUMENT wherever it goes.
+    server-streaming methods (WatchUserChanges), which are never counted by the cap (a stream
+    is meant to stay open) but by a cap of their own (each reads the database at every poll).
+    Health and reflection pass through untouched, never counted by either cap (so probes
+    answer under any load), except that a unary request that does not parse is refused as
+    INVALID_ARGUMENT wherever it goes.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
         db_timeout_seconds: float,
         authorizer: Authorizer,
         max_concurrent_calls: int,
+        max_streams: int,
         rate_limit: SourceRateLimit,
         ready: asyncio.Event,
     ) -> None:
@@ -78,8 +80,10 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
         self._authorizer = authorizer
         self._rate_limit = rate_limit
         self._max_concurrent_calls = max_concurrent_calls
-        # One event loop runs every handler, so a plain counter is exact.
+        self._max_streams = max_streams
+        # One event loop runs every handler, so plain counters are exact.
         self._in_progress = 0
+        self._streams_open = 0
 
     async def intercept_service(
         self,
@@ -177,11 +181,16 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             # stream closed from outside finishes in another context, where a reset would fail.
             current_caller.set(Caller(source=source_address(context.peer(), None, machine=False)))
             database_budget.set(self._budget(context))
+            counted = False
             try:
                 if isinstance(request, _Malformed):
                     raise MalformedRequest()
                 if not self._ready.is_set():
                     raise StorageUnavailable("the service is starting: its database is not ready yet")
+                if self._streams_open >= self._max_streams:
+                    raise Overloaded(retry_after=OVERLOADED_RETRY_AFTER)
+                self._streams_open += 1
+                counted = True
                 name = method.rpartition("/")[2]
                 caller = await self._identified(name, metadata, context)
                 self._authorizer.admit(name, request, caller)
@@ -192,6 +201,9 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             except Exception:
                 log.exception("unexpected error", extra={"rpc": method})
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                if counted:
+                    self._streams_open -= 1
 
         return guarded
 

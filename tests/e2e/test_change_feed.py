@@ -18,7 +18,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from pymongo import MongoClient
 
 from tests.conftest import BearerToken, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, ServeProcess, create_request, error_info, rpc_error, wait_until
+from tests.e2e.helpers import PASSWORD, ServeProcess, create_request, error_info, retry_delay, rpc_error, wait_until
 from tests.fakes import FakeClock
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
@@ -315,3 +315,33 @@ def _serving(stub: Stub) -> bool:
     except grpc.RpcError:
         return False
     return True
+
+
+def test_streams_past_their_cap_are_refused_at_once_and_unary_calls_go_on(start_server: StartServer) -> None:
+    """Each open stream reads the change log at every poll: past USERS_MAX_STREAMS a new one is
+    refused OVERLOADED with a retry delay, while unary calls, counted apart, are still served."""
+    server = start_server(max_streams=2)
+    open_streams = [server.stub.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30) for _ in range(2)]
+    for stream in open_streams:
+        assert next(stream).change.user_id == server.admin_id  # open and being served
+    refused = rpc_error(lambda r: list(server.stub.WatchUserChanges(r, timeout=10)), pb.WatchUserChangesRequest())
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(refused).reason == "OVERLOADED"
+    assert retry_delay(refused) >= 1
+    assert server.stub.GetUser(pb.GetUserRequest(id=server.admin_id)).user.id == server.admin_id
+
+    open_streams[0].cancel()  # a place frees up once the server has closed that stream
+
+    def admitted() -> bool:
+        stream = server.stub.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=10)
+        try:
+            return next(stream).change.user_id == server.admin_id
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            return False
+        finally:
+            stream.cancel()
+
+    wait_until(admitted, what="a stream admitted once another closed")
+    open_streams[1].cancel()
