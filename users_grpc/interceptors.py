@@ -187,13 +187,14 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                     raise MalformedRequest()
                 if not self._ready.is_set():
                     raise StorageUnavailable("the service is starting: its database is not ready yet")
+                name = method.rpartition("/")[2]
+                caller = await self._identified(name, metadata, context)
+                self._authorizer.admit(name, request, caller)
+                # Counted once admitted: strangers' attempts must not take the places of watchers.
                 if self._streams_open >= self._max_streams:
                     raise Overloaded(retry_after=OVERLOADED_RETRY_AFTER)
                 self._streams_open += 1
                 counted = True
-                name = method.rpartition("/")[2]
-                caller = await self._identified(name, metadata, context)
-                self._authorizer.admit(name, request, caller)
                 async for response in behavior(request, context):
                     yield response
             except UsersError as error:

@@ -328,6 +328,10 @@ def test_streams_past_their_cap_are_refused_at_once_and_unary_calls_go_on(start_
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_info(refused).reason == "OVERLOADED"
     assert retry_delay(refused) >= 1
+    # Only admitted streams are counted: a stranger is refused as one, not as the cap, and never
+    # takes a watcher's place.
+    stranger = rpc_error(lambda r: list(server.anonymous.WatchUserChanges(r, timeout=10)), pb.WatchUserChangesRequest())
+    assert stranger.code() == grpc.StatusCode.UNAUTHENTICATED
     assert server.stub.GetUser(pb.GetUserRequest(id=server.admin_id)).user.id == server.admin_id
 
     open_streams[0].cancel()  # a place frees up once the server has closed that stream
