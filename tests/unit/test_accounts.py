@@ -27,6 +27,7 @@ from users_grpc.errors import (
     NotFound,
     Overloaded,
     PermissionDenied,
+    StorageUnavailable,
     TooManyAttempts,
 )
 from users_grpc.service import AccountPolicy, no_reply_sooner_than
@@ -77,6 +78,44 @@ class TestLastActiveAdmin:
             run(world.service.delete_user_by_identifier("root"))
         run(world.service.delete_user_by_identifier("toor"))  # not active: may go
         assert set(world.users.accounts) == {first.id}
+
+    def test_an_admin_locked_while_being_deleted_is_deleted_at_the_next_look(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The deactivation that comes before an active admin's deletion loses a race to a lock:
+        the delete looks again, and a locked admin is no active admin, so it goes."""
+        first, _ = admin(world, "root"), admin(world, "toor")
+        change_state = world.users.change_state
+        lost: list[str] = []
+
+        async def locked_meanwhile(user_id: str, **change: Any) -> User | None:
+            if not lost:
+                lost.append(user_id)
+                set_state(world, user_id, UserState.LOCKED)  # another call got there first
+                return None
+            return await change_state(user_id, **change)
+
+        monkeypatch.setattr(world.users, "change_state", locked_meanwhile)
+        run(world.service.delete_user_by_identifier("root"))
+        assert first.id not in world.users.accounts
+        assert lost == [first.id]
+
+    def test_a_delete_cut_short_after_the_deactivation_leaves_the_admin_deactivated_at_that_time(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An active admin is deactivated before being deleted (a delete cannot be undone, a
+        deactivation can): if the delete then fails, the admin is left deactivated, stamped."""
+        first, _ = admin(world, "root"), admin(world, "toor")
+        world.clock.advance(seconds=60)
+
+        async def unavailable(user_id: str) -> bool:
+            raise StorageUnavailable()
+
+        monkeypatch.setattr(world.users, "delete", unavailable)
+        with pytest.raises(StorageUnavailable):
+            run(world.service.delete_user_by_identifier("root"))
+        left = world.users.accounts[first.id].user
+        assert (left.state, left.updated_at) == (UserState.DEACTIVATED, world.clock.now())
 
     def test_an_admin_is_created_active_without_a_mail(self, world: World) -> None:
         created = admin(world, "root")

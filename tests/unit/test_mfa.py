@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import os
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pyotp
 import pytest
@@ -426,6 +427,28 @@ class TestRaces:
             run(world.mfa.disable(world.user.id, PASSWORD, codes[0], source=SOURCE))
         with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
             run(world.mfa.regenerate_recovery_codes(world.user.id, codes[1]))
+
+    @pytest.mark.parametrize("meanwhile", ["turned off", "turned off and enrolling again"])
+    def test_a_code_checked_after_mfa_changed_meanwhile_is_refused(
+        self, world: Mfa, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+    ) -> None:
+        """The sign-in saw MFA on; before its code was checked another call turned MFA off (and
+        perhaps began a new enrollment, not confirmed yet): the code is refused, even one that
+        the secret left behind would accept."""
+        secret, _ = world.turned_on()
+        reserve = world.credentials.reserve_mfa_attempt
+
+        async def reserved_while_mfa_changes(user_id: str, now: datetime, **limits: int) -> bool:
+            reserved = await reserve(user_id, now, **limits)
+            account = world.credentials.accounts[user_id]
+            assert account.mfa is not None
+            left = None if meanwhile == "turned off" else dataclasses.replace(account.mfa, active=False)
+            world.credentials.accounts[user_id] = dataclasses.replace(account, mfa=left)
+            return reserved
+
+        monkeypatch.setattr(world.credentials, "reserve_mfa_attempt", reserved_while_mfa_changes)
+        with pytest.raises(InvalidSecondFactor):
+            world.login(totp_code=totp(secret, world.step))
 
 
 class TestRecoveryCodes:
