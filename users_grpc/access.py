@@ -166,13 +166,15 @@ def source_address(peer: str, forwarded_for: str | None, *, machine: bool) -> st
 
     ``peer`` is gRPC's peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``).
     ``x-forwarded-for`` is honoured from machine callers only, who sign users in on their
-    behalf: anyone else could name any address and so dodge a per-source limit. Its first
-    entry is the end user's address.
+    behalf: anyone else could name any address and so dodge a per-source limit. Its last entry
+    counts: the address the machine caller itself saw. Gateways such as Envoy append that to
+    whatever the client sent, so the entries before it are the client's word and could name
+    any address.
     """
     if machine and forwarded_for:
-        first = forwarded_for.split(",")[0].strip()
-        if first:
-            return _one_source(first)
+        last = forwarded_for.rsplit(",", 1)[-1].strip()
+        if last:
+            return _one_source(last)
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         return rest.rpartition(":")[0]

@@ -74,7 +74,8 @@ def test_security_log_lines_carry_source_user_and_session_but_no_secret(
 def test_a_machine_callers_forwarded_address_is_the_source_of_its_calls_and_streams(
     server: RunningServer, mail: MailSink, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A service signing users in on their behalf names their address; throttles and logs count that
+    """A service signing users in on their behalf names their address in x-forwarded-for's last
+    entry (the one it added: those before it are the client's word); the call's source is that
     address, on a stream as on a unary call. Anyone else's x-forwarded-for is ignored."""
     caplog.set_level(logging.INFO)
     session = signed_up(server, mail)
@@ -83,7 +84,7 @@ def test_a_machine_callers_forwarded_address_is_the_source_of_its_calls_and_stre
         pb.IssueServiceTokenRequest(client_id=created.service_account.client_id, client_secret=created.client_secret)
     )
     machine = server.stub_for(issued.access_token)
-    forwarded = (("x-forwarded-for", "203.0.113.9, 10.0.0.1"),)
+    forwarded = (("x-forwarded-for", "198.51.100.66, 203.0.113.9"),)  # a client's claim, then the gateway's
     nobody = pb.GetUserRequest(id="0" * 24)
     assert rpc_error(machine.GetUser, nobody, metadata=forwarded).code() == grpc.StatusCode.NOT_FOUND
     bad_cursor = pb.WatchUserChangesRequest(after="nonsense")

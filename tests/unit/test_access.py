@@ -81,7 +81,7 @@ def test_self_needs_the_request_to_name_the_caller() -> None:
         ("ipv6:[::ffff:192.0.2.7]:50123", None, False, "192.0.2.7"),
         ("ipv4:10.0.0.5:1", "2001:db8:1:2:bbbb::9", True, "2001:db8:1:2::/64"),
         ("ipv4:10.0.0.5:1", "203.0.113.9", False, "10.0.0.5"),  # only machine callers may name another address
-        ("ipv4:10.0.0.5:1", "203.0.113.9, 10.0.0.7", True, "203.0.113.9"),
+        ("ipv4:10.0.0.5:1", "198.51.100.66, 203.0.113.9", True, "203.0.113.9"),  # the hop it saw
         ("ipv4:10.0.0.5:1", " ", True, "10.0.0.5"),
         ("unix:/tmp/socket", None, False, "unix:/tmp/socket"),
     ],
@@ -123,7 +123,8 @@ def test_a_caller_without_a_user_is_nobodys_self() -> None:
 @pytest.mark.parametrize(
     ("forwarded_for", "source"),
     [
-        (" 203.0.113.9 ,10.0.0.7", "203.0.113.9"),  # spaces around the first entry do not count
+        ("10.0.0.7, 203.0.113.9 ", "203.0.113.9"),  # the last entry; spaces around it do not count
+        ("203.0.113.9,", "10.0.0.5"),  # an empty last entry names nobody: the peer counts
         ("::ffff:198.51.100.4", "198.51.100.4"),
         ("not-an-address", "not-an-address"),
         ("x" * 100, "x" * 64),  # not an address: kept, but only its first 64 characters

@@ -2193,8 +2193,8 @@ class AuditActor(_message.Message):
     """Empty for AUDIT_ACTOR_KIND_ANONYMOUS."""
     source_address: _builtins.str
     """Where the call came from: the peer's IP address (an IPv6 address as its
-    /64), or the end user's address a machine caller passed in
-    x-forwarded-for.
+    /64), or the end user's address a machine caller passed as the last
+    entry of x-forwarded-for.
     """
     def __init__(
         self,

@@ -4533,8 +4533,8 @@ type AuditActor struct {
 	// Empty for AUDIT_ACTOR_KIND_ANONYMOUS.
 	Id string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
 	// Where the call came from: the peer's IP address (an IPv6 address as its
-	// /64), or the end user's address a machine caller passed in
-	// x-forwarded-for.
+	// /64), or the end user's address a machine caller passed as the last
+	// entry of x-forwarded-for.
 	SourceAddress string `protobuf:"bytes,3,opt,name=source_address,json=sourceAddress,proto3" json:"source_address,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -2008,8 +2008,8 @@ export type AuditActor = Message<"users.v1.AuditActor"> & {
 
   /**
    * Where the call came from: the peer's IP address (an IPv6 address as its
-   * /64), or the end user's address a machine caller passed in
-   * x-forwarded-for.
+   * /64), or the end user's address a machine caller passed as the last
+   * entry of x-forwarded-for.
    *
    * @generated from field: string source_address = 3;
    */
@@ -2751,8 +2751,8 @@ export const UserService: GenService<{
    * password, as FAILED_PRECONDITION with ErrorInfo reason ACCOUNT_NOT_ACTIVE
    * (not activated yet), ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED.
    * Callers: a machine caller or an admin; a machine caller checking on behalf
-   * of an end user passes the user's address in `x-forwarded-for`, which the
-   * password throttle keys on. Errors: INVALID_ARGUMENT,
+   * of an end user passes the user's address as the last entry of
+   * `x-forwarded-for`, which the password throttle keys on. Errors: INVALID_ARGUMENT,
    * UNAUTHENTICATED (unknown account or wrong password; or the caller's own
    * credential is invalid), PERMISSION_DENIED, FAILED_PRECONDITION (right
    * password, account not active), RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS,
