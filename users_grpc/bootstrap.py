@@ -400,6 +400,30 @@ async def build_app(
     audit_trail = MongoAuditTrail(database, users)
     audit = AuditLog(trail=audit_trail)
     ready = asyncio.Event()
+    access = UserServiceInterceptor(
+        method_prefix=f"/{SERVICE_NAME}/",
+        ready=ready,
+        db_timeout_seconds=settings.db_timeout_seconds,
+        authorizer=Authorizer(
+            sessions=sessions,
+            service_accounts=service_accounts,
+            machine_identities=settings.machine_identities,
+        ),
+        rate_limit=SourceRateLimit(
+            store=throttles,
+            clock=clock,
+            policy=RateLimitPolicy(
+                requests=settings.rate_limit_requests,
+                window=timedelta(seconds=settings.rate_limit_window_seconds),
+            ),
+        ),
+        # Past this many UserService calls in progress the server answers RESOURCE_EXHAUSTED
+        # instead of queueing without bound (bcrypt makes each call costly). Not the server's
+        # own maximum_concurrent_rpcs, which would refuse health checks too.
+        max_concurrent_calls=settings.max_concurrent_rpcs,
+        # Streams apart (they stay open), each reading the change log at every poll.
+        max_streams=settings.max_streams,
+    )
     server = grpc.aio.server(
         interceptors=[
             # The trace's span first, so the call's line and its database spans fall within it.
@@ -407,30 +431,7 @@ async def build_app(
             ObservabilityInterceptor(
                 method_prefix=f"/{SERVICE_NAME}/", metrics=metrics, trace_ids=tracer_provider is not None
             ),
-            UserServiceInterceptor(
-                method_prefix=f"/{SERVICE_NAME}/",
-                ready=ready,
-                db_timeout_seconds=settings.db_timeout_seconds,
-                authorizer=Authorizer(
-                    sessions=sessions,
-                    service_accounts=service_accounts,
-                    machine_identities=settings.machine_identities,
-                ),
-                rate_limit=SourceRateLimit(
-                    store=throttles,
-                    clock=clock,
-                    policy=RateLimitPolicy(
-                        requests=settings.rate_limit_requests,
-                        window=timedelta(seconds=settings.rate_limit_window_seconds),
-                    ),
-                ),
-                # Past this many UserService calls in progress the server answers RESOURCE_EXHAUSTED
-                # instead of queueing without bound (bcrypt makes each call costly). Not the server's
-                # own maximum_concurrent_rpcs, which would refuse health checks too.
-                max_concurrent_calls=settings.max_concurrent_rpcs,
-                # Streams apart (they stay open), each reading the change log at every poll.
-                max_streams=settings.max_streams,
-            ),
+            access,
             # Inside the access interceptor: it records admitted calls, with the caller that one found.
             AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=audit, clock=clock),
         ],
@@ -474,6 +475,7 @@ async def build_app(
                 Gauges(
                     hash_jobs=lambda: hasher.jobs,
                     hash_capacity=hasher.capacity,
+                    streams_open=lambda: access.streams_open,
                     signing_key_created_at=lambda: tokens.signing_key_created_at,
                     database_up=lambda: health.serving,
                     outbox=lambda: _outbox_state(outbox),

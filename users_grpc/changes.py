@@ -35,7 +35,7 @@ import base64
 import binascii
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 
 from users_grpc.domain import UserChange
@@ -84,12 +84,17 @@ class ChangeFeed:
         self._watchers: set[asyncio.Event] = set()
         self._stopping = asyncio.Event()
 
+    @property
+    def watchers(self) -> int:
+        """Streams of this process reading the feed now."""
+        return len(self._watchers)
+
     def published(self) -> None:
         """This process published changes: its watchers read at once rather than at their next poll."""
         for watcher in self._watchers:
             watcher.set()
 
-    async def watch(self, after: str) -> AsyncIterator[UserChange]:
+    async def watch(self, after: str) -> AsyncGenerator[UserChange, None]:
         """Every change after the cursor ``after``, in order, then each new one as it comes, until
         the caller goes away. The empty cursor starts at the oldest change kept."""
         position = sequence_of(after)

@@ -4,10 +4,11 @@ domain errors become statuses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Any, cast
 
@@ -32,11 +33,13 @@ from users_grpc.throttling import SourceRateLimit
 log = logging.getLogger(__name__)
 
 _Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-_StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+_StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Any, None]]
 _Deserializer = Callable[[bytes], Any]
 
 # What a refused caller is told to wait: long enough to let the calls in progress finish.
 OVERLOADED_RETRY_AFTER = timedelta(seconds=1)
+# A stream holds its place for up to half an hour (the server's connection age), not a second.
+STREAMS_FULL_RETRY_AFTER = timedelta(seconds=30)
 
 
 class _Malformed:
@@ -111,6 +114,11 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
+    @property
+    def streams_open(self) -> int:
+        """Streams admitted and not ended yet, which USERS_MAX_STREAMS caps."""
+        return self._streams_open
+
     def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> DatabaseBudget:
         """The call's database budget: each operation within the database timeout and the call's deadline."""
         remaining = context.time_remaining()
@@ -175,7 +183,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
     def _guard_stream(self, method: str, behavior: _StreamBehavior) -> _StreamBehavior:
         """The access rule, deadlines and error statuses of :meth:`_guard`, for a server stream."""
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
             metadata = context.invocation_metadata() or ()
             # Set, never reset: each call runs in its own task, with its own copy of the context, and a
             # stream closed from outside finishes in another context, where a reset would fail.
@@ -192,11 +200,12 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._authorizer.admit(name, request, caller)
                 # Counted once admitted: strangers' attempts must not take the places of watchers.
                 if self._streams_open >= self._max_streams:
-                    raise Overloaded(retry_after=OVERLOADED_RETRY_AFTER)
+                    raise Overloaded(retry_after=STREAMS_FULL_RETRY_AFTER)
                 self._streams_open += 1
                 counted = True
-                async for response in behavior(request, context):
-                    yield response
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             except UsersError as error:
                 await _refuse(context, method, error)
             except Exception:

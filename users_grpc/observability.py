@@ -70,6 +70,7 @@ class Gauges:
 
     hash_jobs: Callable[[], int]
     hash_capacity: int
+    streams_open: Callable[[], int]
     signing_key_created_at: Callable[[], datetime | None]
     database_up: Callable[[], bool | None]
     outbox: Callable[[], Awaitable[OutboxState]]
@@ -96,7 +97,6 @@ class Metrics:
         self.in_progress = Gauge(
             "users_grpc_calls_in_progress", "UserService unary calls in progress", registry=registry
         )
-        self.streams_open = Gauge("users_grpc_streams_open", "WatchUserChanges streams open", registry=registry)
         self._refusals = Counter(
             "users_grpc_refusals", "Calls refused, by method and ErrorInfo reason", ["method", "reason"],
             registry=registry,
@@ -135,15 +135,17 @@ class Metrics:
         self._scraped = _ScrapeTimeGauges(gauges)
         self.registry.register(self._scraped)
 
-    def observe(self, method: str, code: grpc.StatusCode, seconds: float, reason: str | None) -> None:
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float | None, reason: str | None) -> None:
+        """Count a call that ended; its duration too, unless ``seconds`` is None (a stream)."""
         calls = self._call_children.get((method, code))
         if calls is None:
             calls = self._call_children[method, code] = self._calls.labels(method, code.name)
         calls.inc()
-        duration = self._duration_children.get(method)
-        if duration is None:
-            duration = self._duration_children[method] = self._duration.labels(method)
-        duration.observe(seconds)
+        if seconds is not None:
+            duration = self._duration_children.get(method)
+            if duration is None:
+                duration = self._duration_children[method] = self._duration.labels(method)
+            duration.observe(seconds)
         if reason is not None:
             self._refused(method, reason)
 
@@ -194,6 +196,11 @@ class _ScrapeTimeGauges(Collector):
             "Hashing jobs that may run or wait at once (USERS_HASH_WORKERS + USERS_HASH_QUEUE_LENGTH); "
             "past it calls are refused OVERLOADED",
             value=gauges.hash_capacity,
+        )
+        yield GaugeMetricFamily(
+            "users_grpc_streams_open",
+            "WatchUserChanges streams admitted and open (USERS_MAX_STREAMS caps them)",
+            value=gauges.streams_open(),
         )
         created = gauges.signing_key_created_at()
         if created is not None:
@@ -268,8 +275,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         """A stream is one call too: one line and its metrics when it ends, however it ends."""
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
-            # aclosing: a stream left by its client ends its inner stream (the change feed's watcher) at
-            # once, rather than when the garbage collector finds it.
+            # aclosing, here and in each stream within (the access guard's, the servicer's): a stream
+            # left by its client ends the change feed's watcher at once, not when Python's clean-up
+            # of abandoned generators gets to it.
             with self._observation(method, context, stream=True):
                 async with contextlib.aclosing(behavior(request, context)) as responses:
                     async for response in responses:
@@ -289,11 +297,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         # Set first: an abort keeps what the call already set (interceptors._refuse adds its details).
         context.set_trailing_metadata(((REQUEST_ID, request_id),))
         metrics = self._metrics
-        # Streams apart: they last minutes, and USERS_MAX_CONCURRENT_RPCS (which in_progress is read
-        # against) does not count them.
-        running = None if metrics is None else metrics.streams_open if stream else metrics.in_progress
-        if running is not None:
-            running.inc()
+        # Unary calls only: USERS_MAX_CONCURRENT_RPCS, which in_progress is read against, does not
+        # count streams (the access interceptor counts those; the streams_open gauge reads it).
+        if metrics is not None and not stream:
+            metrics.in_progress.inc()
         code = grpc.StatusCode.OK
         try:
             yield
@@ -313,9 +320,12 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 # each stream runs in a task of its own, whose context copy ends with it anyway.
                 current_call.reset(token)
             name = method.rpartition("/")[2]
-            if metrics is not None and running is not None:
-                running.dec()
-                metrics.observe(name, code, seconds, record.reason)
+            if metrics is not None:
+                if not stream:
+                    metrics.in_progress.dec()
+                # A stream's duration is how long its client watched, not a latency: kept out of
+                # the histogram, where it would fill the top bucket.
+                metrics.observe(name, code, None if stream else seconds, record.reason)
             if log.isEnabledFor(logging.INFO):
                 self._log(method, code, seconds, peer, request_id, record)
 

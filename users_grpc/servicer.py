@@ -6,8 +6,9 @@ Errors are not handled here: the error interceptor maps them to statuses.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -445,9 +446,10 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
 
     async def WatchUserChanges(
         self, request: user_service_pb2.WatchUserChangesRequest, context: Context
-    ) -> AsyncIterator[user_service_pb2.WatchUserChangesResponse]:
-        async for change in self._changes.watch(request.after):
-            yield user_service_pb2.WatchUserChangesResponse(change=_change_to_proto(change))
+    ) -> AsyncGenerator[user_service_pb2.WatchUserChangesResponse, None]:
+        async with contextlib.aclosing(self._changes.watch(request.after)) as changes:
+            async for change in changes:
+                yield user_service_pb2.WatchUserChangesResponse(change=_change_to_proto(change))
 
 
 def _imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | InvalidArgument:

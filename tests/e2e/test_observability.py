@@ -375,6 +375,8 @@ def test_a_stream_is_one_call_line_and_counted_when_it_ends(
         return {line["request_id"]: line for line in lines if line["rpc"].endswith("/WatchUserChanges")}
 
     wait_until(lambda: len(watch_lines()) == 2, what="a line for each stream")
+    # Closed all the way down by the time its line is written: the feed reads for it no more.
+    assert server.app.changes.watchers == 0
     lines = watch_lines()
     refused, left = lines["bad-cursor"], lines["left"]
     assert (refused["code"], refused["caller_user_id"]) == ("INVALID_ARGUMENT", server.admin_id)
@@ -384,6 +386,8 @@ def test_a_stream_is_one_call_line_and_counted_when_it_ends(
     assert value(samples, "users_grpc_calls_total", method="WatchUserChanges", code="CANCELLED") == 1
     assert value(samples, "users_grpc_refusals_total", method="WatchUserChanges", reason=refused["reason"]) == 1
     assert value(samples, "users_grpc_streams_open") == 0
+    # How long a client watched is no latency: streams stay out of the duration histogram.
+    assert (("method", "WatchUserChanges"),) not in samples["users_grpc_call_duration_seconds_count"]
 
 
 def test_a_serving_process_logs_a_stream_its_client_left_and_keeps_serving(

@@ -87,8 +87,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 22
     """RESOURCE_EXHAUSTED: too many costly anonymous calls from this source address; RetryInfo."""
     ERROR_REASON_OVERLOADED: _ErrorReason.ValueType  # 23
-    """RESOURCE_EXHAUSTED: the server is at its concurrency cap or its hashing queue is full;
-    RetryInfo.
+    """RESOURCE_EXHAUSTED: the server is at its concurrency cap, at its cap of open
+    WatchUserChanges streams, or its hashing queue is full; RetryInfo.
     """
     ERROR_REASON_STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 24
     """UNAVAILABLE: the database cannot be reached; safe to retry."""
@@ -173,8 +173,8 @@ to wait.
 ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 22
 """RESOURCE_EXHAUSTED: too many costly anonymous calls from this source address; RetryInfo."""
 ERROR_REASON_OVERLOADED: ErrorReason.ValueType  # 23
-"""RESOURCE_EXHAUSTED: the server is at its concurrency cap or its hashing queue is full;
-RetryInfo.
+"""RESOURCE_EXHAUSTED: the server is at its concurrency cap, at its cap of open
+WatchUserChanges streams, or its hashing queue is full; RetryInfo.
 """
 ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 24
 """UNAVAILABLE: the database cannot be reached; safe to retry."""

@@ -56,7 +56,9 @@ class UserServiceStub:
     secrets, from this source address wait a rising delay, per account: other
     addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-    address) or OVERLOADED (the password-hashing queue is full; refused at once).
+    address) or OVERLOADED (the server is at its cap of calls in progress or of
+    open WatchUserChanges streams, or the password-hashing queue is full;
+    refused at once).
     """
 
     def __init__(self, channel):
@@ -303,7 +305,9 @@ class UserServiceServicer:
     secrets, from this source address wait a rising delay, per account: other
     addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-    address) or OVERLOADED (the password-hashing queue is full; refused at once).
+    address) or OVERLOADED (the server is at its cap of calls in progress or of
+    open WatchUserChanges streams, or the password-hashing queue is full;
+    refused at once).
     """
 
     def CreateUser(self, request, context):
@@ -970,6 +974,8 @@ class UserServiceServicer:
         FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
         right after the cursor are no longer kept, or the cursor is ahead of this
         feed; read the users again with ListUsers and watch from an empty cursor),
+        RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
+        USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
         UNAVAILABLE (the stream ends; reconnect with the last cursor).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -1223,7 +1229,9 @@ class UserService:
     secrets, from this source address wait a rising delay, per account: other
     addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-    address) or OVERLOADED (the password-hashing queue is full; refused at once).
+    address) or OVERLOADED (the server is at its cap of calls in progress or of
+    open WatchUserChanges streams, or the password-hashing queue is full;
+    refused at once).
     """
 
     @staticmethod

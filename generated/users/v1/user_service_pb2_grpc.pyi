@@ -57,7 +57,9 @@ class UserServiceStub:
     secrets, from this source address wait a rising delay, per account: other
     addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-    address) or OVERLOADED (the password-hashing queue is full; refused at once).
+    address) or OVERLOADED (the server is at its cap of calls in progress or of
+    open WatchUserChanges streams, or the password-hashing queue is full;
+    refused at once).
     """
 
     @_typing.overload
@@ -568,6 +570,8 @@ class UserServiceStub:
     FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
     right after the cursor are no longer kept, or the cursor is ahead of this
     feed; read the users again with ListUsers and watch from an empty cursor),
+    RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
+    USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
     UNAVAILABLE (the stream ends; reconnect with the last cursor).
     """
 
@@ -603,7 +607,9 @@ class UserServiceAsyncStub(UserServiceStub):
     secrets, from this source address wait a rising delay, per account: other
     addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-    address) or OVERLOADED (the password-hashing queue is full; refused at once).
+    address) or OVERLOADED (the server is at its cap of calls in progress or of
+    open WatchUserChanges streams, or the password-hashing queue is full;
+    refused at once).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -1111,6 +1117,8 @@ class UserServiceAsyncStub(UserServiceStub):
     FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
     right after the cursor are no longer kept, or the cursor is ahead of this
     feed; read the users again with ListUsers and watch from an empty cursor),
+    RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
+    USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
     UNAVAILABLE (the stream ends; reconnect with the last cursor).
     """
 
@@ -1145,7 +1153,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     secrets, from this source address wait a rising delay, per account: other
     addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-    address) or OVERLOADED (the password-hashing queue is full; refused at once).
+    address) or OVERLOADED (the server is at its cap of calls in progress or of
+    open WatchUserChanges streams, or the password-hashing queue is full;
+    refused at once).
     """
 
     @_abc_1.abstractmethod
@@ -1897,6 +1907,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
         right after the cursor are no longer kept, or the cursor is ahead of this
         feed; read the users again with ListUsers and watch from an empty cursor),
+        RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
+        USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
         UNAVAILABLE (the stream ends; reconnect with the last cursor).
         """
 

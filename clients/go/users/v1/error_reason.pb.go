@@ -92,8 +92,8 @@ const (
 	ErrorReason_ERROR_REASON_TOO_MANY_ATTEMPTS ErrorReason = 21
 	// RESOURCE_EXHAUSTED: too many costly anonymous calls from this source address; RetryInfo.
 	ErrorReason_ERROR_REASON_RATE_LIMITED ErrorReason = 22
-	// RESOURCE_EXHAUSTED: the server is at its concurrency cap or its hashing queue is full;
-	// RetryInfo.
+	// RESOURCE_EXHAUSTED: the server is at its concurrency cap, at its cap of open
+	// WatchUserChanges streams, or its hashing queue is full; RetryInfo.
 	ErrorReason_ERROR_REASON_OVERLOADED ErrorReason = 23
 	// UNAVAILABLE: the database cannot be reached; safe to retry.
 	ErrorReason_ERROR_REASON_STORAGE_UNAVAILABLE ErrorReason = 24

@@ -96,7 +96,9 @@ const (
 // secrets, from this source address wait a rising delay, per account: other
 // addresses are not held),
 // RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-// address) or OVERLOADED (the password-hashing queue is full; refused at once).
+// address) or OVERLOADED (the server is at its cap of calls in progress or of
+// open WatchUserChanges streams, or the password-hashing queue is full;
+// refused at once).
 type UserServiceClient interface {
 	// Register a user
 	//
@@ -563,6 +565,8 @@ type UserServiceClient interface {
 	// FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
 	// right after the cursor are no longer kept, or the cursor is ahead of this
 	// feed; read the users again with ListUsers and watch from an empty cursor),
+	// RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
+	// USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
 	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
 	WatchUserChanges(ctx context.Context, in *WatchUserChangesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchUserChangesResponse], error)
 }
@@ -1028,7 +1032,9 @@ type UserService_WatchUserChangesClient = grpc.ServerStreamingClient[WatchUserCh
 // secrets, from this source address wait a rising delay, per account: other
 // addresses are not held),
 // RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-// address) or OVERLOADED (the password-hashing queue is full; refused at once).
+// address) or OVERLOADED (the server is at its cap of calls in progress or of
+// open WatchUserChanges streams, or the password-hashing queue is full;
+// refused at once).
 type UserServiceServer interface {
 	// Register a user
 	//
@@ -1495,6 +1501,8 @@ type UserServiceServer interface {
 	// FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
 	// right after the cursor are no longer kept, or the cursor is ahead of this
 	// feed; read the users again with ListUsers and watch from an empty cursor),
+	// RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
+	// USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
 	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
 	WatchUserChanges(*WatchUserChangesRequest, grpc.ServerStreamingServer[WatchUserChangesResponse]) error
 	mustEmbedUnimplementedUserServiceServer()

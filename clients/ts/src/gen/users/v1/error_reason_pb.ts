@@ -205,8 +205,8 @@ export enum ErrorReason {
   RATE_LIMITED = 22,
 
   /**
-   * RESOURCE_EXHAUSTED: the server is at its concurrency cap or its hashing queue is full;
-   * RetryInfo.
+   * RESOURCE_EXHAUSTED: the server is at its concurrency cap, at its cap of open
+   * WatchUserChanges streams, or its hashing queue is full; RetryInfo.
    *
    * @generated from enum value: ERROR_REASON_OVERLOADED = 23;
    */

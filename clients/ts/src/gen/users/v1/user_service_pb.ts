@@ -2625,7 +2625,9 @@ export const UserChangeTypeSchema: GenEnum<UserChangeType> = /*@__PURE__*/
  * secrets, from this source address wait a rising delay, per account: other
  * addresses are not held),
  * RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
- * address) or OVERLOADED (the password-hashing queue is full; refused at once).
+ * address) or OVERLOADED (the server is at its cap of calls in progress or of
+ * open WatchUserChanges streams, or the password-hashing queue is full;
+ * refused at once).
  *
  * @generated from service users.v1.UserService
  */
@@ -3414,6 +3416,8 @@ export const UserService: GenService<{
    * FAILED_PRECONDITION (ErrorInfo reason CHANGE_CURSOR_EXPIRED: the changes
    * right after the cursor are no longer kept, or the cursor is ahead of this
    * feed; read the users again with ListUsers and watch from an empty cursor),
+   * RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
+   * USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
    * UNAVAILABLE (the stream ends; reconnect with the last cursor).
    *
    * @generated from rpc users.v1.UserService.WatchUserChanges
