@@ -487,6 +487,8 @@ def test_dev_serves_on_the_embedded_database_and_stops_it(tmp_path: Path) -> Non
         "127.0.0.1:0",
         cwd=tmp_path,
         USERS_GRPC_ADDRESS="127.0.0.1:0",
+        # Port 0, not dev's default 9464: any other server on the machine may hold that one.
+        USERS_HTTP_ADDRESS="127.0.0.1:0",
         USERS_DEV_DB_BINARY=str(HARNESS),
         USERS_BCRYPT_ROUNDS="10",
     )
