@@ -55,6 +55,9 @@ def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Aw
                 await stores.ensure_indexes()
                 return await body(stores)
             finally:
+                # A shared database server (USERS_TEST_MONGODB_URI) keeps every database it was
+                # given open (FerretDB holds a file each): leave none behind.
+                await client.drop_database(database_name)
                 await client.close()
 
         # Bounded: a database that stops answering fails the test instead of hanging it.
