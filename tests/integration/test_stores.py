@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import signal
 import time
 from datetime import timedelta
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 from bson import ObjectId
 from pymongo import AsyncMongoClient
 
-from tests.integration.conftest import Stores
+from tests.integration.conftest import Stores, paused
 from tests.integration.test_repository import NOW, new_user
 from users_grpc.devdb import DevDatabase
 from users_grpc.domain import (
@@ -363,13 +362,10 @@ def test_a_budget_bounds_each_operation_and_never_outlasts_the_deadline(own_data
             users = MongoUserRepository(client["budget"])
             user = await users.add(new_user())
             assert await bounded(DatabaseBudget(30, time.monotonic() + 30), users, user.id) == user
-            os.kill(own_database.process.pid, signal.SIGSTOP)
-            try:
+            with paused(own_database):
                 for budget in (DatabaseBudget(0.2), DatabaseBudget(30, time.monotonic() - 1)):
                     with pytest.raises(StorageUnavailable):
                         await asyncio.wait_for(bounded(budget, users, user.id), 10)
-            finally:
-                os.kill(own_database.process.pid, signal.SIGCONT)
         finally:
             await client.close()
 
