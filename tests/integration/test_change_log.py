@@ -68,20 +68,20 @@ def test_the_sequence_goes_on_from_the_head_or_from_the_newest_change(run: Any) 
 
     async def body(stores: Stores) -> None:
         changes = MongoChangeLog(stores.database)
-        for n in range(3):
+        for n in range(4):
             await stores.users.add(new_user(f"user{n}", f"user{n}@example.com"))
         heads = stores.database["user_changes_head"]
-        assert await heads.find_one({"_id": "user_changes"}) == {"_id": "user_changes", "last": 3}
-        await heads.update_one({"_id": "user_changes"}, {"$set": {"last": 1}})
-        assert await changes.last_sequence() == 3
-        user = await stores.users.add(new_user("user3", "user3@example.com"))
-        assert [(c.sequence, c.user_id) for c in await changes.read_after(3, 10)] == [(4, user.id)]
         assert await heads.find_one({"_id": "user_changes"}) == {"_id": "user_changes", "last": 4}
-        await heads.delete_many({})
+        await heads.update_one({"_id": "user_changes"}, {"$set": {"last": 1}})
         assert await changes.last_sequence() == 4
-        await stores.users.add(new_user("user4", "user4@example.com"))
+        user = await stores.users.add(new_user("user4", "user4@example.com"))
+        assert [(c.sequence, c.user_id) for c in await changes.read_after(4, 10)] == [(5, user.id)]
+        assert await heads.find_one({"_id": "user_changes"}) == {"_id": "user_changes", "last": 5}
+        await heads.delete_many({})
         assert await changes.last_sequence() == 5
-        assert [c.sequence for c in await changes.read_after(0, 10)] == [1, 2, 3, 4, 5]
+        await stores.users.add(new_user("user5", "user5@example.com"))
+        assert await changes.last_sequence() == 6
+        assert [c.sequence for c in await changes.read_after(0, 10)] == [1, 2, 3, 4, 5, 6]
 
     run(body)
 

@@ -13,14 +13,21 @@ from bson import ObjectId
 
 from tests.integration.conftest import Stores
 from tests.integration.test_repository import NOW, activation, new_user
-from users_grpc.domain import Mail, PendingEmailChange, ProfileChanges, Version
+from users_grpc.domain import ChangeType, Mail, PendingEmailChange, ProfileChanges, Version
 from users_grpc.errors import AlreadyExists
-from users_grpc.repository import CLAIM_SETTLE_SECONDS, Claim, MongoClaims, MongoSchema, claim_documents
+from users_grpc.repository import (
+    CLAIM_SETTLE_SECONDS,
+    Claim,
+    MongoChangeLog,
+    MongoClaims,
+    MongoSchema,
+    claim_documents,
+)
 
 BOUND = timedelta(seconds=CLAIM_SETTLE_SECONDS)
 # Microseconds the database drops: what a method returns must equal what is read back later.
-LATER = NOW + timedelta(minutes=5, microseconds=1500)
-STORED_LATER = NOW + timedelta(minutes=5, milliseconds=1)
+LATER = NOW + timedelta(minutes=5, microseconds=500_500)
+STORED_LATER = NOW + timedelta(minutes=5, milliseconds=500)
 
 
 async def claims_of(stores: Stores) -> dict[str, Any]:
@@ -132,6 +139,8 @@ def test_a_new_address_is_claimed_the_old_one_freed_and_pending_tokens_end(run: 
         assert old.email == "jane@example.com"
         assert new == dataclasses.replace(old, email="Jane.New@Example.com", updated_at=STORED_LATER)
         assert await users.get(user.id) == new
+        [change] = await MongoChangeLog(stores.database).read_after(2, 10)
+        assert (change.type, change.changed_at, change.user) == (ChangeType.EMAIL_CHANGED, STORED_LATER, new)
         account = await users.find_account("jane.new@example.com")
         assert account is not None
         assert account.user.id == user.id
