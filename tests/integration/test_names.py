@@ -288,6 +288,8 @@ def test_the_schema_records_its_version_never_lower_and_drops_the_unique_indexes
         assert await schema.state() == {"_id": "users", "version": 2, "progress": {"after": "x"}}
         await schema.record(1)
         assert await schema.state() == {"_id": "users", "version": 2}
+        # Where earlier releases keep it, so that they and this one read one version.
+        assert await stores.database["schema"].find_one({"_id": "users"}) == {"_id": "users", "version": 2}
         await schema.ensure_identifier_indexes(unique=True)
         names = set(await stores.database["users"].index_information())
         assert {"username_key_unique", "email_key_unique"} <= names
