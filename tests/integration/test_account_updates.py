@@ -55,6 +55,9 @@ def test_a_new_password_ends_pending_tokens_and_an_imported_scheme(run: Any) -> 
         user_id = await active_user(stores, password_scheme=PasswordScheme.BCRYPT)
         code = activation(digest="reset", expires_at=LATER + timedelta(hours=1))
         assert await users.replace_password_reset(user_id, code, max_sends=3, window_seconds=60)
+        pending = await users.get_account(user_id)
+        assert pending is not None
+        assert pending.password_reset == code
         change = PendingEmailChange(new_email="new@example.com", code=activation(digest="change", expires_at=LATER))
         assert await users.pend_email_change(user_id, change, max_sends=3, window_seconds=60)
         assert await users.set_password(user_id, "$ours", LATER, NOTICE)
@@ -202,9 +205,14 @@ def test_a_notice_claim_holds_until_its_lease_ends_and_not_at_its_end(run: Any) 
         end = NOW + timedelta(seconds=60)
         assert await users.settle_notice(user.id, notice.id, end - timedelta(milliseconds=1)) == end
         assert await users.claim_pending_notices(end - timedelta(milliseconds=1), 60) is None
-        # At its end the lease is over: the notice settles, and no sender finds it any more.
-        assert await users.settle_notice(user.id, notice.id, end) is None
-        assert await users.claim_pending_notices(end, 60) is None
+        # At its end the lease is over: another sender takes the notice over (its sender died) ...
+        taken_over = await users.claim_pending_notices(end, 60)
+        assert taken_over is not None
+        assert taken_over.notices == claimed.notices
+        assert await users.settle_notice(user.id, notice.id, end) == end + timedelta(seconds=60)
+        # ... or, once that lease ends too, the outbox copy settles it, and no sender finds it any more.
+        assert await users.settle_notice(user.id, notice.id, end + timedelta(seconds=60)) is None
+        assert await users.claim_pending_notices(end + timedelta(seconds=60), 60) is None
 
     run(body)
 
