@@ -54,7 +54,7 @@ async def some_users(stores: Stores) -> dict[str, User]:
     users = stores.users
     made: dict[str, User] = {}
     for n, name in enumerate(("pending", "admin", "mfa", "locked", "gone", "deactivated", "deleting")):
-        fields = new_user(name, f"{name}@example.com")
+        fields = new_user(name, "second.factor@example.com" if name == "mfa" else f"{name}@example.com")
         role = Role.ADMIN if name == "admin" else Role.USER
         made[name] = await users.add(dataclasses.replace(fields, created_at=NOW + timedelta(days=n), role=role))
         if name != "pending":
@@ -81,7 +81,8 @@ async def some_users(stores: Stores) -> dict[str, User]:
         (UserFilter(mfa_enabled=True), ["mfa"]),
         (UserFilter(mfa_enabled=False), ["pending", "admin", "locked", "deactivated"]),
         (UserFilter(prefix_key="lo"), ["locked"]),
-        (UserFilter(prefix_key="mfa@"), ["mfa"]),
+        (UserFilter(prefix_key="mf"), ["mfa"]),  # by username
+        (UserFilter(prefix_key="second.f"), ["mfa"]),  # by email
         (UserFilter(prefix_key="ocked"), []),  # a prefix, not a substring
         (UserFilter(prefix_key="."), []),  # the caller's text, never a pattern
         (UserFilter(created_after=NOW + timedelta(days=2)), ["mfa", "locked", "deactivated"]),
@@ -182,6 +183,10 @@ def test_a_session_reads_back_as_it_was_made(run: Any) -> None:
         rotated = await sessions.rotate(session_id, 0, "t", "t2", NOW + timedelta(hours=1))
         assert rotated == dataclasses.replace(made, last_used_at=NOW + timedelta(hours=1))
         assert await sessions.rotate(session_id, 1, "t2", "t3", NOW + timedelta(days=1)) is None  # expired
+        # Stored before sessions carried the token version: version 0, which the first tokens had.
+        await stores.database["sessions"].update_one({"_id": ObjectId(session_id)}, {"$unset": {"token_version": ""}})
+        [legacy] = await sessions.list_active("u1", NOW)
+        assert legacy.token_version == 0
 
     run(body)
 
