@@ -122,12 +122,23 @@ def test_changes_left_by_a_dead_publisher_are_published_by_the_sweep_in_order(ru
 
 
 def test_a_deletion_is_published_without_the_user_moves_its_notices_and_frees_its_names(run: Any) -> None:
+    """Only the deleted user's: another user's notices wait on, its names stay claimed; and a
+    notice a dead sender had copied to the outbox already goes out once."""
+
     async def body(stores: Stores) -> None:
         changes = MongoChangeLog(stores.database, stores.outbox)
         users = MongoUserRepository(stores.database, changes)
+        joe = await users.add(new_user("joe", "joe@example.com"))
+        assert await users.set_password(joe.id, "$2b$10$new", NOW + timedelta(hours=1), NOTICE)
         user = await users.add(new_user())
         assert await users.set_password(user.id, "$2b$10$new", NOW, NOTICE)
         assert await users.set_password(user.id, "$2b$10$newer", NOW, NOTICE)
+        claimed = await users.claim_pending_notices(NOW, 60)
+        assert claimed is not None
+        assert claimed.user_id == user.id
+        copied = claimed.notices[0]
+        await stores.outbox.enqueue(copied.mail, NOW, mail_id=copied.id, notice_of=user.id)
+        # That sender dies here, its claim held.
         before = datetime.now(UTC)
         assert await users.delete(user.id)
         assert not await users.delete(user.id)
@@ -138,9 +149,17 @@ def test_a_deletion_is_published_without_the_user_moves_its_notices_and_frees_it
         assert before - timedelta(seconds=1) <= deleted.changed_at <= datetime.now(UTC)
         # Both notices leave for the outbox, each once, as the deleted user's notices.
         mailed = [await stores.outbox.claim(datetime.now(UTC), 60) for _ in range(3)]
-        assert [(m.mail, m.notice_of) for m in mailed if m is not None] == [(NOTICE, user.id)] * 2
+        assert sorted((m.id, m.mail, m.notice_of) for m in mailed if m is not None) == sorted(
+            (n.id, NOTICE, user.id) for n in claimed.notices
+        )
         assert mailed[2] is None
-        assert await stores.database["claims"].count_documents({}) == 0
+        assert {claim["_id"] async for claim in stores.database["claims"].find()} == {
+            "username:joe",
+            "email:joe@example.com",
+        }
+        joes = await users.claim_pending_notices(NOW + timedelta(hours=1), 60)
+        assert joes is not None
+        assert (joes.user_id, [n.mail for n in joes.notices]) == (joe.id, [NOTICE])
         assert (await users.add(new_user())).username == "jane"
 
     run(body)
