@@ -173,7 +173,10 @@ def test_a_user_marked_deleting_is_gone_for_every_call_and_finished_by_the_sweep
         assert await users.set_password(user.id, "$2b$10$new", NOW, NOTICE)
         # A deletion that died after its mark.
         marked = datetime.now(UTC)
-        await stores.database["users"].update_one({"_id": ObjectId(user.id)}, {"$set": {"deleting": marked}})
+        # Its publisher died too, between taking the published changes out and dropping the empty list.
+        await stores.database["users"].update_one(
+            {"_id": ObjectId(user.id)}, {"$set": {"deleting": marked, "pending_changes": []}}
+        )
         assert await users.get(user.id) is None
         assert await users.find_account("jane") is None
         assert not await users.set_password(user.id, "$2b$10$newer", NOW, NOTICE)
@@ -214,5 +217,31 @@ def test_the_published_user_carries_its_mfa_state_and_state_changes_name_what_th
         assert stored is not None
         assert stored["user"]["mfa"] == {"state": "active"}
         assert {"password_hash", "activation", "token_version"}.isdisjoint(stored["user"])
+
+    run(body)
+
+
+class DiesBeforePublishing(MongoChangeLog):
+    """The change log of a process that dies after each update and before publishing its change."""
+
+    async def publish(self, user_id: str) -> None:
+        return None
+
+
+def test_a_change_its_process_did_not_publish_waits_for_the_sweep_from_its_time(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        changes = MongoChangeLog(stores.database)
+        user = await stores.users.add(new_user())
+        later = NOW + timedelta(minutes=10)
+        dying = MongoUserRepository(stores.database, DiesBeforePublishing(stores.database))
+        assert await dying.activate(user.id, "d1", later) is not None
+        assert await dying.set_password(user.id, "$2b$10$new", later + timedelta(hours=1), NOTICE)
+        assert await changes.last_sequence() == 1
+        assert await changes.sweep(later - timedelta(seconds=1)) == 0
+        assert await changes.sweep(later) == 1
+        assert [(c.number, c.type, c.changed_at) for c in await changes.read_after(0, 10)] == [
+            (1, ChangeType.CREATED, NOW),
+            (2, ChangeType.ACTIVATED, later),
+        ]
 
     run(body)
