@@ -293,3 +293,17 @@ def test_cancelled_calls_leave_their_work_to_end_and_shutdown_cancels_it(own_dat
             await client.close()
 
     asyncio.run(main())
+
+
+def test_a_registered_user_waits_for_activation_and_one_created_active_is_active(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        users = stores.users
+        registered = await users.add(new_user())
+        created_active = await users.add(dataclasses.replace(new_user("joe", "joe@example.com"), is_active=True))
+        assert (registered.state, created_active.state) == (UserState.PENDING_ACTIVATION, UserState.ACTIVE)
+        assert [await users.get(registered.id), await users.get(created_active.id)] == [registered, created_active]
+        account = await users.find_account("jane")
+        assert account is not None
+        assert not account.user.is_active
+
+    run(body)
