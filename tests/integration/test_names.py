@@ -26,8 +26,8 @@ from users_grpc.repository import (
 
 BOUND = timedelta(seconds=CLAIM_SETTLE_SECONDS)
 # Microseconds the database drops: what a method returns must equal what is read back later.
-LATER = NOW + timedelta(minutes=5, microseconds=500_500)
-STORED_LATER = NOW + timedelta(minutes=5, milliseconds=500)
+LATER = NOW + timedelta(minutes=5, microseconds=700_500)
+STORED_LATER = NOW + timedelta(minutes=5, milliseconds=700)
 
 
 async def claims_of(stores: Stores) -> dict[str, Any]:
