@@ -5,14 +5,17 @@ frees its names."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from bson import ObjectId
 
 from tests.integration.conftest import Stores
 from tests.integration.test_repository import NOW, new_user
 from users_grpc.domain import ChangeType, Mail, User, UserState
+from users_grpc.errors import StorageUnavailable
 from users_grpc.repository import MongoChangeLog, MongoUserRepository
 
 NOTICE = Mail(to="jane@example.com", subject="Your password was changed", body="Hello jane")
@@ -243,5 +246,33 @@ def test_a_change_its_process_did_not_publish_waits_for_the_sweep_from_its_time(
             (1, ChangeType.CREATED, NOW),
             (2, ChangeType.ACTIVATED, later),
         ]
+
+    run(body)
+
+
+class PublisherUnreachable(MongoChangeLog):
+    """A change log whose database goes away between a change and its publishing."""
+
+    async def publish(self, user_id: str) -> None:
+        raise StorageUnavailable()
+
+
+def test_a_change_whose_publishing_fails_stands_and_is_left_for_the_sweep_with_a_warning(
+    run: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(stores: Stores) -> None:
+        users = MongoUserRepository(stores.database, PublisherUnreachable(stores.database))
+        with caplog.at_level(logging.WARNING, logger="users_grpc.repository"):
+            user = await users.add(new_user())
+        assert await users.get(user.id) == user
+        [record] = [r for r in caplog.records if r.name == "users_grpc.repository"]
+        assert record.getMessage() == "changes left for the sweep"
+        assert getattr(record, "user_id", None) == user.id
+        assert record.exc_info is not None
+        assert record.exc_info[0] is StorageUnavailable
+        changes = MongoChangeLog(stores.database)
+        assert await changes.sweep(NOW) == 1
+        [created] = await changes.read_after(0, 10)
+        assert (created.user_id, created.type) == (user.id, ChangeType.CREATED)
 
     run(body)
