@@ -62,6 +62,7 @@ def test_a_name_has_one_claimant_and_a_claim_is_taken_over_only_from_a_user_with
 
 def test_a_claim_whose_user_holds_the_name_is_never_taken_over(run: Any) -> None:
     async def body(stores: Stores) -> None:
+        await stores.users.add(new_user("joe", "joe@example.com"))  # another user, who holds neither name
         user = await stores.users.add(new_user())
         claims = MongoClaims(stores.database)
         much_later = NOW + 100 * BOUND
