@@ -276,3 +276,17 @@ def test_a_change_whose_publishing_fails_stands_and_is_left_for_the_sweep_with_a
         assert (created.user_id, created.type) == (user.id, ChangeType.CREATED)
 
     run(body)
+
+
+def test_the_retention_purge_deletes_changes_published_before_it_but_never_the_newest(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        changes = MongoChangeLog(stores.database)
+        started = datetime.now(UTC)
+        for n in range(3):
+            await stores.users.add(new_user(f"user{n}", f"user{n}@example.com"))
+        assert await stores.housekeeping.purge_changes(started - timedelta(seconds=1)) == 0
+        assert await stores.housekeeping.purge_changes(datetime.now(UTC) + timedelta(hours=1)) == 2
+        assert [c.sequence for c in await changes.read_after(0, 10)] == [3]
+        assert await changes.last_sequence() == 3
+
+    run(body)
