@@ -290,3 +290,26 @@ def test_the_retention_purge_deletes_changes_published_before_it_but_never_the_n
         assert await changes.last_sequence() == 3
 
     run(body)
+
+
+def test_an_entry_published_already_is_not_published_again(run: Any) -> None:
+    """Its publisher died after publishing, before taking it out of the user's document."""
+
+    async def body(stores: Stores) -> None:
+        changes = MongoChangeLog(stores.database)
+        await stores.users.add(new_user("ann", "ann@example.com"))
+        user = await stores.users.add(new_user())
+        await stores.database["users"].update_one(
+            {"_id": ObjectId(user.id)},
+            {
+                "$set": {
+                    "pending_changes": [{"id": ObjectId(), "type": "created", "at": NOW}],
+                    "pending_changes_since": NOW,
+                }
+            },
+        )
+        assert await changes.sweep(NOW) == 1
+        assert [(c.sequence, c.user_id, c.number) for c in await changes.read_after(1, 10)] == [(2, user.id, 1)]
+        assert await changes.last_sequence() == 2
+
+    run(body)
