@@ -4,13 +4,18 @@ own, indexes made, and a runner that gives a test body an event loop of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable, Callable
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from pymongo import AsyncMongoClient
 
+from users_grpc.devdb import DevDatabase
 from users_grpc.repository import (
     Document,
     MongoAuditTrail,
@@ -24,6 +29,22 @@ from users_grpc.repository import (
 from users_grpc.secrets_at_rest import SecretsAtRest
 
 _T = TypeVar("_T")
+
+
+@contextlib.contextmanager
+def paused(database: DevDatabase) -> Iterator[None]:
+    """The database stopped (SIGSTOP) until the block ends: connections stay open, nothing answers.
+    Waits until the kernel reports it stopped, since a signal is delivered asynchronously."""
+    pid = database.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+            assert time.monotonic() < deadline, "the database did not stop"
+            time.sleep(0.01)
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 class Stores:
@@ -55,6 +76,9 @@ def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Aw
                 await stores.ensure_indexes()
                 return await body(stores)
             finally:
+                # A shared database server (USERS_TEST_MONGODB_URI) keeps every database it was
+                # given open (FerretDB holds a file each): leave none behind.
+                await client.drop_database(database_name)
                 await client.close()
 
         # Bounded: a database that stops answering fails the test instead of hanging it.
