@@ -16,7 +16,7 @@ from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from tests.integration.conftest import Stores, paused
-from tests.integration.test_repository import NOW, activation, new_user
+from tests.integration.helpers import NOW, activation, new_user
 from users_grpc import repository
 from users_grpc.devdb import DevDatabase
 from users_grpc.domain import ChangeType, Mail, PasswordScheme, PendingEmailChange, UserState

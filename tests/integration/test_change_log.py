@@ -13,7 +13,7 @@ import pytest
 from bson import ObjectId
 
 from tests.integration.conftest import Stores
-from tests.integration.test_repository import NOW, new_user
+from tests.integration.helpers import NOW, new_user
 from users_grpc.domain import ChangeType, Mail, User, UserState
 from users_grpc.errors import StorageUnavailable
 from users_grpc.repository import MongoChangeLog, MongoUserRepository

@@ -12,7 +12,7 @@ import pytest
 from bson import ObjectId
 
 from tests.integration.conftest import Stores
-from tests.integration.test_repository import NOW, activation, new_user
+from tests.integration.helpers import NOW, activation, new_user
 from users_grpc.domain import ChangeType, Mail, PendingEmailChange, ProfileChanges, Version
 from users_grpc.errors import AlreadyExists
 from users_grpc.repository import (
