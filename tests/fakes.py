@@ -175,14 +175,10 @@ class FakeUserRepository:
         account = self.accounts.get(user_id)
         if account is None or account.user.is_active:
             return False
-        old = account.activation
-        if old is not None and old.window_started_at > code.window_started_at - timedelta(seconds=window_seconds):
-            if old.sends_in_window >= max_sends:
-                return False
-            code = dataclasses.replace(
-                code, sends_in_window=old.sends_in_window + 1, window_started_at=old.window_started_at
-            )
-        self.accounts[user_id] = dataclasses.replace(account, activation=code)
+        counted = _counted_send(account.activation, code, max_sends, window_seconds)
+        if counted is None:
+            return False
+        self.accounts[user_id] = dataclasses.replace(account, activation=counted)
         return True
 
     async def delete(self, user_id: str) -> bool:
@@ -401,14 +397,10 @@ class FakeCredentialRepository(FakeUserRepository):
         account = self.accounts.get(user_id)
         if account is None or not account.user.is_active:
             return False
-        old = account.password_reset
-        if old is not None and old.window_started_at > code.window_started_at - timedelta(seconds=window_seconds):
-            if old.sends_in_window >= max_sends:
-                return False
-            code = dataclasses.replace(
-                code, sends_in_window=old.sends_in_window + 1, window_started_at=old.window_started_at
-            )
-        self._set(user_id, password_reset=code)
+        counted = _counted_send(account.password_reset, code, max_sends, window_seconds)
+        if counted is None:
+            return False
+        self._set(user_id, password_reset=counted)
         return True
 
     async def find_account_by_reset_digest(self, user_id: str, digest: str, now: datetime) -> Account | None:
@@ -520,3 +512,15 @@ class FakeCredentialRepository(FakeUserRepository):
             return False
         self.mfa_failures[user_id] = (1, now)
         return True
+
+
+def _counted_send(
+    old: ActivationCode | None, code: ActivationCode, max_sends: int, window_seconds: int
+) -> ActivationCode | None:
+    """``code`` counted as one more send in ``old``'s window while that lasts, as the real
+    repository's ``_replace_code`` does; None once the window's sends are spent."""
+    if old is None or old.window_started_at <= code.window_started_at - timedelta(seconds=window_seconds):
+        return code
+    if old.sends_in_window >= max_sends:
+        return None
+    return dataclasses.replace(code, sends_in_window=old.sends_in_window + 1, window_started_at=old.window_started_at)
