@@ -37,6 +37,19 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def lines_holding(secret: str, text: str) -> list[str]:
+    """The lines of ``text`` that hold ``secret``.
+
+    A numeric code counts only standing alone: six digits turn up by chance inside a float the
+    driver logs (``"durationMS": 0.128692...``) or a hex id, and such a match is no leak.
+    """
+    assert secret, "an empty secret proves nothing"
+    pattern = re.escape(secret)
+    if secret.isdigit():
+        pattern = rf"(?<![0-9A-Za-z]){pattern}(?![0-9A-Za-z])"
+    return [line for line in text.splitlines() if re.search(pattern, line)]
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
     """Wait for something that happens in the background, and fail, never hang, if it does not."""
     deadline = time.monotonic() + timeout
