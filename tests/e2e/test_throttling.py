@@ -206,7 +206,12 @@ def median_ratio(unknown: Callable[[], object], existing: Callable[[], object]) 
 
 
 def test_timing_does_not_tell_whether_an_account_exists(start_server: StartServer, mail: MailSink) -> None:
-    """Unknown over existing, median of 40 interleaved pairs, within 0.9 to 1.1 for every anonymous probe."""
+    """Unknown over existing, median of 40 interleaved pairs, within 0.85 to 1/0.85 for every anonymous probe.
+
+    Measured: a sign-in that skips the hash for a missing account gives about 0.13, ForgotPassword
+    without its reply floor about 0.61. Noise on a busy machine (medians 0.97-0.98 under CI's load,
+    about 0.02 apart from run to run) stays well inside the band.
+    """
     server = start_server(password_free_attempts=100, password_account_free_attempts=100, reply_floor_seconds=0.05)
     active_user(server, mail)
     server.stub.CreateUser(create_request(username="pending", email="pending@example.com"))
@@ -240,7 +245,7 @@ def test_timing_does_not_tell_whether_an_account_exists(start_server: StartServe
     ):
         for name in existing:
             ratios[name] = median_ratio(unknown[name], existing[name])
-    assert all(0.9 <= ratio <= 1.1 for ratio in ratios.values()), ratios
+    assert all(0.85 <= ratio <= 1 / 0.85 for ratio in ratios.values()), ratios
 
 
 def test_the_hashing_queue_keeps_the_owner_answered_under_an_anonymous_flood(
