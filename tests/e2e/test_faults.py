@@ -12,11 +12,19 @@ from typing import Any
 import grpc
 import jwt
 import pytest
-from aiosmtpd.controller import Controller
 from grpc_health.v1 import health_pb2
 from pymongo import MongoClient
 
-from tests.conftest import HARNESS, BearerToken, MailSink, StartServer, free_port
+from tests.conftest import (
+    HARNESS,
+    BearerToken,
+    MailSink,
+    SocketController,
+    StartServer,
+    bound_socket,
+    free_port,
+    port_of,
+)
 from tests.e2e.helpers import (
     NOT_SERVING,
     PASSWORD,
@@ -304,8 +312,8 @@ def test_the_database_killed_under_load(
 
 def test_smtp_down_while_users_register(start_server: StartServer, mongodb_uri: str) -> None:
     """Registrations succeed while SMTP is down; once it is back, every mail arrives exactly once."""
-    port = free_port()
-    server = start_server(smtp_port=port, mail_retry_seconds=0.1, smtp_timeout_seconds=0.5)
+    dead = bound_socket()  # refuses connections until the SMTP server below listens on it
+    server = start_server(smtp_port=port_of(dead), mail_retry_seconds=0.1, smtp_timeout_seconds=0.5)
     recipients = [f"user{n}@example.com" for n in range(8)]
     futures = [
         server.anonymous.CreateUser.future(create_request(username=f"user{n}", email=to), timeout=30)
@@ -315,7 +323,7 @@ def test_smtp_down_while_users_register(start_server: StartServer, mongodb_uri: 
     assert outbox_size(mongodb_uri, server.settings.mongodb_database) == len(recipients)
 
     sink = MailSink()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller = SocketController(sink, dead)
     controller.start()
     try:
         delivered_exactly_once(sink, recipients, mongodb_uri, server.settings.mongodb_database)
