@@ -159,9 +159,19 @@ def test_two_server_processes_on_one_database_act_as_one(
     carol = a.sign_in("carol")
     own = a.stub_for(carol.access_token)
     secret = own.EnableMfa(pb.EnableMfaRequest(user_id=carol.user.id, password=PASSWORD)).secret
+
     # Confirm with the previous step's code and sign in with the current one: no wait for a new
-    # step, provided the step does not turn meanwhile.
-    wait_until(lambda: time.time() % 30 < 20, timeout=31, what="the first 20 s of a TOTP step")
+    # step, provided the step does not turn meanwhile (and the two codes differ, as all but once in
+    # a million they do: the same code would be taken as the current step's).
+    def early_in_a_step_of_two_codes() -> bool:
+        now = time.time()
+        return now % 30 < 20 and independent_totp(secret, now, -1) != independent_totp(secret, now)
+
+    wait_until(
+        early_in_a_step_of_two_codes,
+        timeout=61,
+        what="the first 20 s of a TOTP step",
+    )
     now = time.time()
     b.stub_for(carol.access_token).ConfirmMfa(
         pb.ConfirmMfaRequest(user_id=carol.user.id, code=independent_totp(secret, now, -1))
