@@ -72,7 +72,8 @@ def value(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: st
 
 
 def test_metrics_count_calls_refusals_throttles_and_read_the_gauges(start_server: StartServer, mail: MailSink) -> None:
-    server = start_server(http_address="127.0.0.1:0", password_free_attempts=1)
+    # A fake clock: the one-second hold after the free try may not end between two calls.
+    server = start_server(http_address="127.0.0.1:0", password_free_attempts=1, clock=FakeClock())
     session = signed_up(server, mail)
     wrong = pb.AuthenticateRequest(identifier="jane", password=WRONG_PASSWORD)
     codes = [rpc_error(server.anonymous.Authenticate, wrong).code() for _ in range(3)]

@@ -13,6 +13,7 @@ from pymongo import MongoClient
 
 from tests.conftest import MailSink, RunningServer, StartServer
 from tests.e2e.helpers import PASSWORD, error_info, rpc_error, signed_up, violated_fields
+from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 
 
@@ -97,7 +98,7 @@ def test_the_secret_is_shown_once_and_never_stored_or_listed(
 
 
 def test_wrong_secrets_are_refused_alike_and_throttled(start_server: StartServer) -> None:
-    server = start_server(password_free_attempts=3)
+    server = start_server(password_free_attempts=3, clock=FakeClock())  # no hold ends between calls
     created = create(server, "payments")
     client_id = created.service_account.client_id
     wrong = rpc_error(
