@@ -22,7 +22,6 @@ from tests.conftest import (
     SocketController,
     StartServer,
     bound_socket,
-    free_port,
     port_of,
 )
 from tests.e2e.helpers import (
@@ -266,9 +265,9 @@ class Load:
 
 @pytest.fixture
 def killable_database(tmp_path: Path) -> Iterator[list[DevDatabase]]:
-    """A FerretDB process of the test's own, on a fixed port and data directory, to kill and start again."""
-    listen = f"127.0.0.1:{free_port()}"
-    databases = [start_dev_database(data_dir=tmp_path / "db", binary=HARNESS, listen=listen)]
+    """A FerretDB process of the test's own, on a data directory and a port (bound at 0, read back)
+    of its own, to kill and start again on both."""
+    databases = [start_dev_database(data_dir=tmp_path / "db", binary=HARNESS)]
     yield databases
     for database in databases:
         database.stop()
