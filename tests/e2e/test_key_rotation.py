@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, free_port, make_settings
+from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, make_settings
 from tests.e2e.helpers import PASSWORD, Enrolled, create_request, independent_totp, signed_up, users_grpc
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
@@ -51,21 +51,22 @@ def servers(mongodb_uri: str, database_name: str, smtp_server: tuple[MailSink, i
         started.stop(server)
 
 
-def test_after_a_rewrap_the_new_key_alone_opens_everything(servers: Servers, mail: MailSink) -> None:
+def test_after_a_rewrap_the_new_key_alone_opens_everything(
+    servers: Servers, mail: MailSink, dead_smtp_port: int
+) -> None:
     clock = FakeClock()  # one clock for every server, so the TOTP step moves only when the test says
     before = servers.start(clock)
     jane = Enrolled(before, mail, clock)  # MFA on: a TOTP secret sealed under the old key
     bob = signed_up(before, mail, "bob")  # a refresh token, stored as a digest
     servers.stop(before)
     # A mail waiting in the outbox, its body sealed under the old key: SMTP is down.
-    smtp_down = free_port()
-    offline = servers.start(clock, smtp_port=smtp_down)
+    offline = servers.start(clock, smtp_port=dead_smtp_port)
     offline.anonymous.CreateUser(create_request(username="carol", email="carol@example.com"))
     servers.stop(offline)
 
     # The rotation: replicas run with the new key, the old one listed as still opening.
     during = jane.server = servers.start(
-        clock, key_encryption_key=NEW_KEY, old_key_encryption_keys=(KEY_ENCRYPTION_KEY,), smtp_port=smtp_down
+        clock, key_encryption_key=NEW_KEY, old_key_encryption_keys=(KEY_ENCRYPTION_KEY,), smtp_port=dead_smtp_port
     )
     assert jane.sign_in(totp_code=jane.code()).user.id == jane.user_id
     clock.advance(seconds=30)

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, MailSink, RunningServer, StartServer, free_port
+from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, MailSink, RunningServer, StartServer
 from tests.e2e.helpers import (
     NEW_PASSWORD,
     PASSWORD,
@@ -101,10 +101,12 @@ def test_metrics_count_calls_refusals_throttles_and_read_the_gauges(start_server
     assert value(samples, "users_grpc_outbox_failed") == 0
 
 
-def test_outbox_gauges_show_mail_waiting_while_smtp_is_down(start_server: StartServer, mail: MailSink) -> None:
+def test_outbox_gauges_show_mail_waiting_while_smtp_is_down(
+    start_server: StartServer, mail: MailSink, dead_smtp_port: int
+) -> None:
     """A second server in the same process: each keeps its own registry."""
     clock = FakeClock()
-    server = start_server(clock=clock, http_address="127.0.0.1:0", smtp_port=free_port())
+    server = start_server(clock=clock, http_address="127.0.0.1:0", smtp_port=dead_smtp_port)
     server.anonymous.CreateUser(create_request())
     clock.advance(seconds=90)
     samples = scrape(server)
