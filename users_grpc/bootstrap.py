@@ -421,8 +421,10 @@ async def build_app(
         # instead of queueing without bound (bcrypt makes each call costly). Not the server's
         # own maximum_concurrent_rpcs, which would refuse health checks too.
         max_concurrent_calls=settings.max_concurrent_rpcs,
-        # Streams apart (they stay open), each reading the change log at every poll.
+        # Streams apart (they stay open), each reading the change log at every poll; and a share
+        # per caller, so that one admin or service cannot take every place.
         max_streams=settings.max_streams,
+        max_streams_per_caller=settings.max_streams_per_caller,
     )
     server = grpc.aio.server(
         interceptors=[

@@ -30,6 +30,7 @@ class Settings:
     grpc_address: str = "127.0.0.1:50051"
     max_concurrent_rpcs: int = 200
     max_streams: int = 100
+    max_streams_per_caller: int = 10
     reflection: bool = True
     shutdown_grace_seconds: float = 10.0
     shutdown_delay_seconds: float = 0.0
@@ -122,6 +123,9 @@ class Settings:
             reflection=env.get("USERS_REFLECTION", defaults.reflection, _bool),
             max_concurrent_rpcs=env.integer("USERS_MAX_CONCURRENT_RPCS", defaults.max_concurrent_rpcs, 1, 100000),
             max_streams=env.integer("USERS_MAX_STREAMS", defaults.max_streams, 1, 100000),
+            max_streams_per_caller=env.integer(
+                "USERS_MAX_STREAMS_PER_CALLER", defaults.max_streams_per_caller, 1, 100000
+            ),
             shutdown_grace_seconds=env.number("USERS_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds, 0, 300),
             shutdown_delay_seconds=env.number("USERS_SHUTDOWN_DELAY_SECONDS", defaults.shutdown_delay_seconds, 0, 300),
             mongodb_uri=env.get("USERS_MONGODB_URI", defaults.mongodb_uri, _mongodb_uri),

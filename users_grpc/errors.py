@@ -27,6 +27,7 @@ a short message and, where it helps the caller, rich details::
     ├── TooManyAttempts        RESOURCE_EXHAUSTED (google.rpc.RetryInfo: when to try again)
     ├── TooManyRequests        RESOURCE_EXHAUSTED (RetryInfo)
     ├── Overloaded             RESOURCE_EXHAUSTED (RetryInfo)
+    ├── TooManyStreams         RESOURCE_EXHAUSTED (RetryInfo)
     └── StorageUnavailable     UNAVAILABLE
 
 Anything else that escapes a service is a bug: it is logged with its traceback
@@ -201,6 +202,13 @@ class Overloaded(UsersError):
     message = "the server is busy; try again shortly"
 
 
+class TooManyStreams(UsersError):
+    """The caller holds its share of this replica's change streams: one caller may not take them all."""
+
+    reason = "TOO_MANY_STREAMS"
+    message = "you have as many change streams open here as you may; close one first"
+
+
 class AccountNotActive(FailedPrecondition):
     reason = "ACCOUNT_NOT_ACTIVE"
     message = "the account is not activated; use the emailed code or request a new one"
@@ -255,6 +263,7 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
     TooManyAttempts: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooManyRequests: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -4,6 +4,7 @@ domain errors become statuses."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -25,7 +26,14 @@ from users_grpc.access import (
     source_address,
 )
 from users_grpc.domain import Caller
-from users_grpc.errors import MalformedRequest, Overloaded, StorageUnavailable, UsersError, to_rpc_status
+from users_grpc.errors import (
+    MalformedRequest,
+    Overloaded,
+    StorageUnavailable,
+    TooManyStreams,
+    UsersError,
+    to_rpc_status,
+)
 from users_grpc.observability import current_call
 from users_grpc.repository import DatabaseBudget, database_budget
 from users_grpc.throttling import SourceRateLimit
@@ -74,6 +82,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
         authorizer: Authorizer,
         max_concurrent_calls: int,
         max_streams: int,
+        max_streams_per_caller: int,
         rate_limit: SourceRateLimit,
         ready: asyncio.Event,
     ) -> None:
@@ -84,9 +93,11 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
         self._rate_limit = rate_limit
         self._max_concurrent_calls = max_concurrent_calls
         self._max_streams = max_streams
+        self._max_streams_per_caller = max_streams_per_caller
         # One event loop runs every handler, so plain counters are exact.
         self._in_progress = 0
         self._streams_open = 0
+        self._streams_of: collections.Counter[str] = collections.Counter()
 
     async def intercept_service(
         self,
@@ -199,9 +210,13 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 caller = await self._identified(name, metadata, context)
                 self._authorizer.admit(name, request, caller)
                 # Counted once admitted: strangers' attempts must not take the places of watchers.
+                holder = _stream_holder(caller)
                 if self._streams_open >= self._max_streams:
                     raise Overloaded(retry_after=STREAMS_FULL_RETRY_AFTER)
+                if self._streams_of[holder] >= self._max_streams_per_caller:
+                    raise TooManyStreams(retry_after=STREAMS_FULL_RETRY_AFTER)
                 self._streams_open += 1
+                self._streams_of[holder] += 1
                 counted = True
                 async with contextlib.aclosing(behavior(request, context)) as responses:
                     async for response in responses:
@@ -214,8 +229,17 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 if counted:
                     self._streams_open -= 1
+                    self._streams_of[holder] -= 1
+                    if not self._streams_of[holder]:
+                        del self._streams_of[holder]
 
         return guarded
+
+
+def _stream_holder(caller: Caller) -> str:
+    """Whose share of the streams a call takes: its machine identity (an mTLS name, or a service
+    account's), else its user (an admin)."""
+    return f"machine:{caller.machine}" if caller.machine is not None else f"user:{caller.user_id}"
 
 
 def _parsed(method: str, behavior: _Behavior) -> _Behavior:

@@ -18,7 +18,16 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from pymongo import MongoClient
 
 from tests.conftest import ADMIN_PASSWORD, BearerToken, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, ServeProcess, create_request, error_info, retry_delay, rpc_error, wait_until
+from tests.e2e.helpers import (
+    PASSWORD,
+    ServeProcess,
+    create_request,
+    error_info,
+    new_admin,
+    retry_delay,
+    rpc_error,
+    wait_until,
+)
 from tests.fakes import FakeClock
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
@@ -325,6 +334,20 @@ def _serving(stub: Stub) -> bool:
     return True
 
 
+def stream_admitted(server: RunningServer) -> bool:
+    """Whether a new stream of the server's admin is served (its first change arrives), or refused
+    for want of a place (RESOURCE_EXHAUSTED); it is closed either way."""
+    stream = server.stub.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=10)
+    try:
+        return next(stream).change.user_id == server.admin_id
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return False
+    finally:
+        stream.cancel()
+
+
 def test_streams_past_their_cap_are_refused_at_once_and_unary_calls_go_on(start_server: StartServer) -> None:
     """Each open stream reads the change log at every poll: past USERS_MAX_STREAMS a new one is
     refused OVERLOADED with a retry delay, while unary calls, counted apart, are still served."""
@@ -343,17 +366,32 @@ def test_streams_past_their_cap_are_refused_at_once_and_unary_calls_go_on(start_
     assert server.stub.GetUser(pb.GetUserRequest(id=server.admin_id)).user.id == server.admin_id
 
     open_streams[0].cancel()  # a place frees up once the server has closed that stream
-
-    def admitted() -> bool:
-        stream = server.stub.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=10)
-        try:
-            return next(stream).change.user_id == server.admin_id
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise
-            return False
-        finally:
-            stream.cancel()
-
-    wait_until(admitted, what="a stream admitted once another closed")
+    wait_until(lambda: stream_admitted(server), what="a stream admitted once another closed")
     open_streams[1].cancel()
+
+
+def test_one_caller_holds_at_most_its_share_of_the_streams(start_server: StartServer, mail: MailSink) -> None:
+    """Past USERS_MAX_STREAMS_PER_CALLER a caller's new stream is refused TOO_MANY_STREAMS, though
+    the replica has room: one admin or service, runaway or with leaked credentials, cannot take
+    every place. Its other sessions count with it; another admin is served."""
+    server = start_server(max_streams_per_caller=1)
+    held = server.stub.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
+    try:
+        assert next(held).change.user_id == server.admin_id
+        again = server.anonymous.Authenticate(
+            pb.AuthenticateRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
+        )
+        for stub in (server.stub, server.stub_for(again.access_token)):  # the same admin, either session
+            refused = rpc_error(lambda r, s=stub: list(s.WatchUserChanges(r, timeout=10)), pb.WatchUserChangesRequest())
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_info(refused).reason == "TOO_MANY_STREAMS"
+            assert retry_delay(refused) == 30
+        other = server.stub_for(new_admin(server, mail).access_token)
+        theirs = other.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
+        try:
+            assert next(theirs).change.user_id == server.admin_id
+        finally:
+            theirs.cancel()
+    finally:
+        held.cancel()
+    wait_until(lambda: stream_admitted(server), what="the admin's stream admitted once its first one closed")

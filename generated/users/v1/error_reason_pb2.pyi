@@ -90,6 +90,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """RESOURCE_EXHAUSTED: the server is at its concurrency cap, at its cap of open
     WatchUserChanges streams, or its hashing queue is full; RetryInfo.
     """
+    ERROR_REASON_TOO_MANY_STREAMS: _ErrorReason.ValueType  # 26
+    """RESOURCE_EXHAUSTED: this caller (one admin, one machine identity or one service account)
+    holds as many WatchUserChanges streams on this replica as it may
+    (USERS_MAX_STREAMS_PER_CALLER), so that no caller can take every place; close one, or
+    retry after the RetryInfo delay.
+    """
     ERROR_REASON_STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 24
     """UNAVAILABLE: the database cannot be reached; safe to retry."""
 
@@ -175,6 +181,12 @@ ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 22
 ERROR_REASON_OVERLOADED: ErrorReason.ValueType  # 23
 """RESOURCE_EXHAUSTED: the server is at its concurrency cap, at its cap of open
 WatchUserChanges streams, or its hashing queue is full; RetryInfo.
+"""
+ERROR_REASON_TOO_MANY_STREAMS: ErrorReason.ValueType  # 26
+"""RESOURCE_EXHAUSTED: this caller (one admin, one machine identity or one service account)
+holds as many WatchUserChanges streams on this replica as it may
+(USERS_MAX_STREAMS_PER_CALLER), so that no caller can take every place; close one, or
+retry after the RetryInfo delay.
 """
 ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 24
 """UNAVAILABLE: the database cannot be reached; safe to retry."""

@@ -57,9 +57,10 @@ class UserServiceStub:
     secrets, from this source address wait a rising delay, per account: other
     addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-    address) or OVERLOADED (the server is at its cap of calls in progress or of
+    address), OVERLOADED (the server is at its cap of calls in progress or of
     open WatchUserChanges streams, or the password-hashing queue is full;
-    refused at once).
+    refused at once) or TOO_MANY_STREAMS (the caller holds its share of this
+    replica's WatchUserChanges streams).
     """
 
     @_typing.overload
@@ -571,7 +572,9 @@ class UserServiceStub:
     right after the cursor are no longer kept, or the cursor is ahead of this
     feed; read the users again with ListUsers and watch from an empty cursor),
     RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
-    USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
+    USERS_MAX_STREAMS streams open already; TOO_MANY_STREAMS: this caller
+    holds USERS_MAX_STREAMS_PER_CALLER of them; retry after the RetryInfo
+    delay),
     UNAVAILABLE (the stream ends; reconnect with the last cursor).
     """
 
@@ -607,9 +610,10 @@ class UserServiceAsyncStub(UserServiceStub):
     secrets, from this source address wait a rising delay, per account: other
     addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-    address) or OVERLOADED (the server is at its cap of calls in progress or of
+    address), OVERLOADED (the server is at its cap of calls in progress or of
     open WatchUserChanges streams, or the password-hashing queue is full;
-    refused at once).
+    refused at once) or TOO_MANY_STREAMS (the caller holds its share of this
+    replica's WatchUserChanges streams).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -1118,7 +1122,9 @@ class UserServiceAsyncStub(UserServiceStub):
     right after the cursor are no longer kept, or the cursor is ahead of this
     feed; read the users again with ListUsers and watch from an empty cursor),
     RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
-    USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
+    USERS_MAX_STREAMS streams open already; TOO_MANY_STREAMS: this caller
+    holds USERS_MAX_STREAMS_PER_CALLER of them; retry after the RetryInfo
+    delay),
     UNAVAILABLE (the stream ends; reconnect with the last cursor).
     """
 
@@ -1153,9 +1159,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     secrets, from this source address wait a rising delay, per account: other
     addresses are not held),
     RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-    address) or OVERLOADED (the server is at its cap of calls in progress or of
+    address), OVERLOADED (the server is at its cap of calls in progress or of
     open WatchUserChanges streams, or the password-hashing queue is full;
-    refused at once).
+    refused at once) or TOO_MANY_STREAMS (the caller holds its share of this
+    replica's WatchUserChanges streams).
     """
 
     @_abc_1.abstractmethod
@@ -1908,7 +1915,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         right after the cursor are no longer kept, or the cursor is ahead of this
         feed; read the users again with ListUsers and watch from an empty cursor),
         RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
-        USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
+        USERS_MAX_STREAMS streams open already; TOO_MANY_STREAMS: this caller
+        holds USERS_MAX_STREAMS_PER_CALLER of them; retry after the RetryInfo
+        delay),
         UNAVAILABLE (the stream ends; reconnect with the last cursor).
         """
 

@@ -95,6 +95,11 @@ const (
 	// RESOURCE_EXHAUSTED: the server is at its concurrency cap, at its cap of open
 	// WatchUserChanges streams, or its hashing queue is full; RetryInfo.
 	ErrorReason_ERROR_REASON_OVERLOADED ErrorReason = 23
+	// RESOURCE_EXHAUSTED: this caller (one admin, one machine identity or one service account)
+	// holds as many WatchUserChanges streams on this replica as it may
+	// (USERS_MAX_STREAMS_PER_CALLER), so that no caller can take every place; close one, or
+	// retry after the RetryInfo delay.
+	ErrorReason_ERROR_REASON_TOO_MANY_STREAMS ErrorReason = 26
 	// UNAVAILABLE: the database cannot be reached; safe to retry.
 	ErrorReason_ERROR_REASON_STORAGE_UNAVAILABLE ErrorReason = 24
 )
@@ -127,6 +132,7 @@ var (
 		21: "ERROR_REASON_TOO_MANY_ATTEMPTS",
 		22: "ERROR_REASON_RATE_LIMITED",
 		23: "ERROR_REASON_OVERLOADED",
+		26: "ERROR_REASON_TOO_MANY_STREAMS",
 		24: "ERROR_REASON_STORAGE_UNAVAILABLE",
 	}
 	ErrorReason_value = map[string]int32{
@@ -155,6 +161,7 @@ var (
 		"ERROR_REASON_TOO_MANY_ATTEMPTS":         21,
 		"ERROR_REASON_RATE_LIMITED":              22,
 		"ERROR_REASON_OVERLOADED":                23,
+		"ERROR_REASON_TOO_MANY_STREAMS":          26,
 		"ERROR_REASON_STORAGE_UNAVAILABLE":       24,
 	}
 )
@@ -190,7 +197,7 @@ var File_users_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xb6\a\n" +
+	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xd9\a\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\"\n" +
@@ -217,7 +224,8 @@ const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\x1aERROR_REASON_ETAG_MISMATCH\x10\x14\x12\"\n" +
 	"\x1eERROR_REASON_TOO_MANY_ATTEMPTS\x10\x15\x12\x1d\n" +
 	"\x19ERROR_REASON_RATE_LIMITED\x10\x16\x12\x1b\n" +
-	"\x17ERROR_REASON_OVERLOADED\x10\x17\x12$\n" +
+	"\x17ERROR_REASON_OVERLOADED\x10\x17\x12!\n" +
+	"\x1dERROR_REASON_TOO_MANY_STREAMS\x10\x1a\x12$\n" +
 	" ERROR_REASON_STORAGE_UNAVAILABLE\x10\x18B\x89\x01\n" +
 	"\fcom.users.v1B\x10ErrorReasonProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 

@@ -96,9 +96,10 @@ const (
 // secrets, from this source address wait a rising delay, per account: other
 // addresses are not held),
 // RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-// address) or OVERLOADED (the server is at its cap of calls in progress or of
+// address), OVERLOADED (the server is at its cap of calls in progress or of
 // open WatchUserChanges streams, or the password-hashing queue is full;
-// refused at once).
+// refused at once) or TOO_MANY_STREAMS (the caller holds its share of this
+// replica's WatchUserChanges streams).
 type UserServiceClient interface {
 	// Register a user
 	//
@@ -566,7 +567,9 @@ type UserServiceClient interface {
 	// right after the cursor are no longer kept, or the cursor is ahead of this
 	// feed; read the users again with ListUsers and watch from an empty cursor),
 	// RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
-	// USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
+	// USERS_MAX_STREAMS streams open already; TOO_MANY_STREAMS: this caller
+	// holds USERS_MAX_STREAMS_PER_CALLER of them; retry after the RetryInfo
+	// delay),
 	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
 	WatchUserChanges(ctx context.Context, in *WatchUserChangesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchUserChangesResponse], error)
 }
@@ -1032,9 +1035,10 @@ type UserService_WatchUserChangesClient = grpc.ServerStreamingClient[WatchUserCh
 // secrets, from this source address wait a rising delay, per account: other
 // addresses are not held),
 // RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
-// address) or OVERLOADED (the server is at its cap of calls in progress or of
+// address), OVERLOADED (the server is at its cap of calls in progress or of
 // open WatchUserChanges streams, or the password-hashing queue is full;
-// refused at once).
+// refused at once) or TOO_MANY_STREAMS (the caller holds its share of this
+// replica's WatchUserChanges streams).
 type UserServiceServer interface {
 	// Register a user
 	//
@@ -1502,7 +1506,9 @@ type UserServiceServer interface {
 	// right after the cursor are no longer kept, or the cursor is ahead of this
 	// feed; read the users again with ListUsers and watch from an empty cursor),
 	// RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
-	// USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
+	// USERS_MAX_STREAMS streams open already; TOO_MANY_STREAMS: this caller
+	// holds USERS_MAX_STREAMS_PER_CALLER of them; retry after the RetryInfo
+	// delay),
 	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
 	WatchUserChanges(*WatchUserChangesRequest, grpc.ServerStreamingServer[WatchUserChangesResponse]) error
 	mustEmbedUnimplementedUserServiceServer()

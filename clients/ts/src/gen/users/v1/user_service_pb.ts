@@ -2625,9 +2625,10 @@ export const UserChangeTypeSchema: GenEnum<UserChangeType> = /*@__PURE__*/
  * secrets, from this source address wait a rising delay, per account: other
  * addresses are not held),
  * RATE_LIMITED (the anonymous calls that cost a hash or a mail, per source
- * address) or OVERLOADED (the server is at its cap of calls in progress or of
+ * address), OVERLOADED (the server is at its cap of calls in progress or of
  * open WatchUserChanges streams, or the password-hashing queue is full;
- * refused at once).
+ * refused at once) or TOO_MANY_STREAMS (the caller holds its share of this
+ * replica's WatchUserChanges streams).
  *
  * @generated from service users.v1.UserService
  */
@@ -3417,7 +3418,9 @@ export const UserService: GenService<{
    * right after the cursor are no longer kept, or the cursor is ahead of this
    * feed; read the users again with ListUsers and watch from an empty cursor),
    * RESOURCE_EXHAUSTED (ErrorInfo reason OVERLOADED: this replica has
-   * USERS_MAX_STREAMS streams open already; retry after the RetryInfo delay),
+   * USERS_MAX_STREAMS streams open already; TOO_MANY_STREAMS: this caller
+   * holds USERS_MAX_STREAMS_PER_CALLER of them; retry after the RetryInfo
+   * delay),
    * UNAVAILABLE (the stream ends; reconnect with the last cursor).
    *
    * @generated from rpc users.v1.UserService.WatchUserChanges
