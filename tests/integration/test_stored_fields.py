@@ -7,10 +7,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from bson import ObjectId
 
 from tests.integration.conftest import Stores
 from tests.integration.helpers import NOW, new_user
+from users_grpc import repository
 from users_grpc.domain import ChangeType, StoredKey, Tally
 from users_grpc.repository import (
     CLAIM_SETTLE_SECONDS,
@@ -184,5 +186,36 @@ def test_a_purged_never_activated_user_is_published_as_deleted_when_it_was_purge
         deleted = (await changes.read_after(0, 10))[-1]
         assert (deleted.user_id, deleted.type, deleted.user) == (idle.id, ChangeType.DELETED, None)
         assert started <= deleted.changed_at <= finished
+
+    run(body)
+
+
+def test_the_purge_finishes_every_deletion_it_marks_though_they_take_more_than_one_sweep(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two users a sweep, so three take two sweeps (as 101 would at the real limit of 100).
+    monkeypatch.setattr(repository, "_SWEEP_LIMIT", 2)
+
+    async def body(stores: Stores) -> None:
+        for n in range(3):
+            await stores.users.add(new_user(f"idle{n}", f"idle{n}@example.com"))
+        assert await stores.housekeeping.purge_never_activated_users(NOW + DAY) == 3
+        assert await stores.database["users"].count_documents({}) == 0
+        assert await stores.database["claims"].count_documents({}) == 0
+
+    run(body)
+
+
+def test_a_lease_records_its_holder_until_when_and_since_when_it_was_taken(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        leases = stores.housekeeping
+        assert await leases.take_lease("purge", "replica1", NOW, 60)
+        assert await leases.take_lease("sweep", "replica2", NOW + SECOND, 60)
+        assert await stores.database["leases"].find_one({"_id": "purge"}) == {
+            "_id": "purge",
+            "holder": "replica1",
+            "leased_until": NOW + 60 * SECOND,
+            "taken_at": NOW,
+        }
 
     run(body)
