@@ -636,10 +636,9 @@ class MongoUserRepository:
         which may still have to undo the change (see :func:`users_grpc.service.keep_an_active_admin`)."""
         update: Document = {"$set": {"state": to.value, "is_active": to is UserState.ACTIVE, "updated_at": now}}
         if to is not UserState.ACTIVE:
-            # A suspended account has no pending code or reset token: nothing mailed earlier works,
-            # and housekeeping's purge of never-activated accounts (which keys on a pending
-            # activation) can never take it.
-            # Suspended: nothing pending may complete later (a code, a reset, a change of address).
+            # A suspended account has no pending code, reset token or change of address: nothing
+            # mailed earlier completes later, and housekeeping's purge of never-activated accounts
+            # (which keys on a pending activation) can never take it.
             update["$unset"] = {"activation": "", "password_reset": "", "email_change": ""}
         # The change's type depends on the state left (reactivated or unlocked), so one update per
         # such state; states sorted, so that every call tries them in the same order.

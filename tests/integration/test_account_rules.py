@@ -9,6 +9,8 @@ import dataclasses
 from datetime import timedelta
 from typing import Any
 
+from bson import ObjectId
+
 from tests.integration.conftest import Stores
 from tests.integration.helpers import NOW, activation, new_user
 from users_grpc.domain import (
@@ -288,5 +290,35 @@ def test_notices_are_claimed_oldest_first_and_a_lapsed_claim_no_longer_releases_
         assert await users.settle_notice(sooner.id, notice.id, NOW + 63 * SECOND) == NOW + 122 * SECOND
         await users.release_notices(taken_over)
         assert await users.settle_notice(sooner.id, notice.id, NOW + 63 * SECOND) is None
+
+    run(body)
+
+
+def test_suspending_a_user_ends_its_pending_reset_and_email_change_and_stamps_that_user_only(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        users = stores.users
+        jane, joe = await active_users(stores, "jane", "joe")
+        code = activation(digest="reset", expires_at=LATER + timedelta(hours=1))
+        for user in (jane, joe):
+            assert await users.replace_password_reset(user.id, code, max_sends=3, window_seconds=60)
+            change = PendingEmailChange(new_email=f"new.{user.username}@example.com", code=code)
+            assert await users.pend_email_change(user.id, change, max_sends=3, window_seconds=60)
+        before = await users.change_state(
+            jane.id, from_states=frozenset({UserState.ACTIVE}), to=UserState.LOCKED, now=LATER
+        )
+        assert before is not None
+        assert before.state is UserState.ACTIVE  # as it was, for the caller to undo or announce
+        locked = await users.get_account(jane.id)
+        assert locked is not None
+        assert (locked.user.state, locked.user.is_active, locked.user.updated_at) == (UserState.LOCKED, False, LATER)
+        # Nothing mailed earlier may complete once suspended.
+        assert (locked.password_reset, locked.activation) == (None, None)
+        stored = await stores.database["users"].find_one({"_id": ObjectId(jane.id)})
+        assert stored is not None
+        assert "email_change" not in stored  # not merely refused while locked: gone for good
+        untouched = await users.get_account(joe.id)
+        assert untouched is not None
+        assert (untouched.user, untouched.password_reset) == (joe, code)
+        assert await users.reserve_email_change_attempt(joe.id, NOW) is not None
 
     run(body)
