@@ -1,4 +1,5 @@
-"""What the repository test modules share: a fixed time, and a new user with its activation code."""
+"""What the repository test modules share: a fixed time, a new user with its activation code, and
+the notices waiting in users' documents."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 
 from bson import ObjectId
 
-from users_grpc.domain import ActivationCode, Gender, NewUser, Role
+from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
+from users_grpc.repository import MongoUserRepository
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -38,3 +40,12 @@ def new_user(username: str = "jane", email: str = "jane@example.com") -> NewUser
         activation=activation(),
         created_at=NOW,
     )
+
+
+async def notices_waiting(users: MongoUserRepository, at: datetime) -> list[Mail]:
+    """The notices a sender would take at ``at``, left where they were."""
+    claimed = await users.claim_pending_notices(at, 60)
+    if claimed is None:
+        return []
+    await users.release_notices(claimed)
+    return [notice.mail for notice in claimed.notices]

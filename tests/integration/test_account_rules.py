@@ -12,8 +12,9 @@ from typing import Any
 from bson import ObjectId
 
 from tests.integration.conftest import Stores
-from tests.integration.helpers import NOW, activation, new_user
+from tests.integration.helpers import NOW, activation, new_user, notices_waiting
 from users_grpc.domain import (
+    ActivationCode,
     ChangeType,
     Gender,
     Mail,
@@ -47,23 +48,22 @@ async def newest_change(stores: Stores) -> UserChange:
     return change
 
 
-async def notices_waiting(stores: Stores, at: Any) -> list[Mail]:
-    claimed = await stores.users.claim_pending_notices(at, 60)
-    if claimed is None:
-        return []
-    await stores.users.release_notices(claimed)
-    return [notice.mail for notice in claimed.notices]
+async def pend_reset_and_address_change(stores: Stores, *people: User) -> ActivationCode:
+    """A password reset and a change of address (to new.<username>@example.com) pending for each
+    of ``people``, under one code, which it returns."""
+    code = activation(digest="reset", expires_at=LATER + timedelta(hours=1))
+    for user in people:
+        assert await stores.users.replace_password_reset(user.id, code, max_sends=3, window_seconds=60)
+        change = PendingEmailChange(new_email=f"new.{user.username}@example.com", code=code)
+        assert await stores.users.pend_email_change(user.id, change, max_sends=3, window_seconds=60)
+    return code
 
 
 def test_bumping_the_token_version_ends_pending_resets_and_email_changes_of_that_user_only(run: Any) -> None:
     async def body(stores: Stores) -> None:
         users = stores.users
         jane, joe = await active_users(stores, "jane", "joe")
-        code = activation(digest="reset", expires_at=LATER + timedelta(hours=1))
-        for user in (jane, joe):
-            assert await users.replace_password_reset(user.id, code, max_sends=3, window_seconds=60)
-            change = PendingEmailChange(new_email=f"new.{user.username}@example.com", code=code)
-            assert await users.pend_email_change(user.id, change, max_sends=3, window_seconds=60)
+        code = await pend_reset_and_address_change(stores, jane, joe)
         await users.bump_token_version(jane.id, LATER)
         await users.bump_token_version(jane.id, LATER + SECOND)
         bumped = await users.get_account(jane.id)
@@ -159,8 +159,8 @@ def test_an_admins_mfa_reset_is_published_at_once_and_its_notice_is_due_at_its_t
         assert await users.reset_mfa(jane.id, LATER, notice)
         change = await newest_change(stores)
         assert (change.user_id, change.type, change.changed_at) == (jane.id, ChangeType.UPDATED, LATER)
-        assert await notices_waiting(stores, LATER - SECOND) == []
-        assert await notices_waiting(stores, LATER) == [notice]
+        assert await notices_waiting(stores.users, LATER - SECOND) == []
+        assert await notices_waiting(stores.users, LATER) == [notice]
         joes = await users.get_account(joe.id)
         assert joes is not None
         assert joes.mfa is not None
@@ -179,8 +179,8 @@ def test_a_password_reset_is_stored_at_its_time_and_its_notice_is_due_then(run: 
         account = await users.get_account(jane.id)
         assert account is not None
         assert (account.password_hash, account.user.updated_at) == ("$new", LATER)
-        assert await notices_waiting(stores, LATER - SECOND) == []
-        assert await notices_waiting(stores, LATER) == [notice]
+        assert await notices_waiting(stores.users, LATER - SECOND) == []
+        assert await notices_waiting(stores.users, LATER) == [notice]
 
     run(body)
 
@@ -196,7 +196,7 @@ def test_a_confirmed_email_change_pends_its_notice_to_the_old_address(run: Any) 
         swapped = await users.confirm_email_change(jane.id, "new@example.com", "change", LATER, notice)
         assert swapped is not None
         assert swapped[1].email == "new@example.com"
-        assert await notices_waiting(stores, LATER) == [notice]
+        assert await notices_waiting(stores.users, LATER) == [notice]
 
     run(body)
 
@@ -298,11 +298,7 @@ def test_suspending_a_user_ends_its_pending_reset_and_email_change_and_stamps_th
     async def body(stores: Stores) -> None:
         users = stores.users
         jane, joe = await active_users(stores, "jane", "joe")
-        code = activation(digest="reset", expires_at=LATER + timedelta(hours=1))
-        for user in (jane, joe):
-            assert await users.replace_password_reset(user.id, code, max_sends=3, window_seconds=60)
-            change = PendingEmailChange(new_email=f"new.{user.username}@example.com", code=code)
-            assert await users.pend_email_change(user.id, change, max_sends=3, window_seconds=60)
+        code = await pend_reset_and_address_change(stores, jane, joe)
         before = await users.change_state(
             jane.id, from_states=frozenset({UserState.ACTIVE}), to=UserState.LOCKED, now=LATER
         )

@@ -16,7 +16,7 @@ from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from tests.integration.conftest import Stores, paused
-from tests.integration.helpers import NOW, activation, new_user
+from tests.integration.helpers import NOW, activation, new_user, notices_waiting
 from users_grpc import repository
 from users_grpc.devdb import DevDatabase
 from users_grpc.domain import ChangeType, Mail, PasswordScheme, PendingEmailChange, UserState
@@ -41,14 +41,6 @@ async def active_user(stores: Stores, **changes: Any) -> str:
     return user.id
 
 
-async def notices_waiting(stores: Stores, at: Any) -> list[Mail]:
-    claimed = await stores.users.claim_pending_notices(at, 60)
-    if claimed is None:
-        return []
-    await stores.users.release_notices(claimed)
-    return [notice.mail for notice in claimed.notices]
-
-
 def test_a_new_password_ends_pending_tokens_and_an_imported_scheme(run: Any) -> None:
     async def body(stores: Stores) -> None:
         users = stores.users
@@ -71,8 +63,8 @@ def test_a_new_password_ends_pending_tokens_and_an_imported_scheme(run: Any) -> 
         assert (account.user.updated_at, account.user.token_version) == (LATER, 1)
         assert await users.reserve_email_change_attempt(user_id, NOW) is None
         assert await users.find_account_by_reset_digest(user_id, "reset", NOW) is None
-        assert await notices_waiting(stores, LATER - timedelta(seconds=1)) == []
-        assert await notices_waiting(stores, LATER) == [NOTICE]
+        assert await notices_waiting(stores.users, LATER - timedelta(seconds=1)) == []
+        assert await notices_waiting(stores.users, LATER) == [NOTICE]
 
     run(body)
 
@@ -83,7 +75,7 @@ def test_mfa_removed_ends_tokens_is_published_and_told_at_its_time(run: Any) -> 
         user_id = await active_user(stores)
         assert await users.start_mfa_enrollment(user_id, b"s", NOW)
         assert await users.confirm_mfa(user_id, 1, ["r"], NOW, NOTICE)
-        assert await notices_waiting(stores, NOW) == [NOTICE]
+        assert await notices_waiting(stores.users, NOW) == [NOTICE]
         bye = Mail(to="jane@example.com", subject="MFA off", body="b")
         assert await users.disable_mfa(user_id, LATER, bye)
         account = await users.get_account(user_id)
@@ -99,8 +91,8 @@ def test_mfa_removed_ends_tokens_is_published_and_told_at_its_time(run: Any) -> 
         ]
         assert feed[-1].user is not None
         assert not feed[-1].user.mfa_enabled
-        assert await notices_waiting(stores, LATER - timedelta(seconds=1)) == []
-        assert await notices_waiting(stores, LATER) == [bye]
+        assert await notices_waiting(stores.users, LATER - timedelta(seconds=1)) == []
+        assert await notices_waiting(stores.users, LATER) == [bye]
         stored = await stores.database["users"].find_one({"_id": ObjectId(user_id)})
         assert stored is not None
         assert stored["change_number"] == 4
@@ -177,8 +169,8 @@ def test_a_change_of_address_pends_its_notice_with_the_code(run: Any) -> None:
         code = activation(digest="change", window_started_at=LATER)
         change = PendingEmailChange(new_email="new@example.com", code=code)
         assert await stores.users.pend_email_change(user_id, change, max_sends=3, window_seconds=60, notice=NOTICE)
-        assert await notices_waiting(stores, LATER - timedelta(seconds=1)) == []
-        assert await notices_waiting(stores, LATER) == [NOTICE]
+        assert await notices_waiting(stores.users, LATER - timedelta(seconds=1)) == []
+        assert await notices_waiting(stores.users, LATER) == [NOTICE]
 
     run(body)
 
