@@ -210,11 +210,12 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 caller = await self._identified(name, metadata, context)
                 self._authorizer.admit(name, request, caller)
                 # Counted once admitted: strangers' attempts must not take the places of watchers.
+                # A caller at its share hears so first: closing its own streams is what helps.
                 holder = _stream_holder(caller)
-                if self._streams_open >= self._max_streams:
-                    raise Overloaded(retry_after=STREAMS_FULL_RETRY_AFTER)
                 if self._streams_of[holder] >= self._max_streams_per_caller:
                     raise TooManyStreams(retry_after=STREAMS_FULL_RETRY_AFTER)
+                if self._streams_open >= self._max_streams:
+                    raise Overloaded(retry_after=STREAMS_FULL_RETRY_AFTER)
                 self._streams_open += 1
                 self._streams_of[holder] += 1
                 counted = True

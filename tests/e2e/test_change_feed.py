@@ -372,9 +372,18 @@ def test_streams_past_their_cap_are_refused_at_once_and_unary_calls_go_on(start_
 
 def test_one_caller_holds_at_most_its_share_of_the_streams(start_server: StartServer, mail: MailSink) -> None:
     """Past USERS_MAX_STREAMS_PER_CALLER a caller's new stream is refused TOO_MANY_STREAMS, though
-    the replica has room: one admin or service, runaway or with leaked credentials, cannot take
-    every place. Its other sessions count with it; another admin is served."""
-    server = start_server(max_streams_per_caller=1)
+    the replica has room: one runaway admin or service cannot take every place. Its other sessions
+    count with it; another admin is served. With the replica full too, the caller at its share is
+    told TOO_MANY_STREAMS (closing its own is what helps), anyone else OVERLOADED."""
+    server = start_server(max_streams=2, max_streams_per_caller=1)
+
+    def refusal(stub: Any) -> str:
+        refused = rpc_error(lambda r: list(stub.WatchUserChanges(r, timeout=10)), pb.WatchUserChangesRequest())
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert retry_delay(refused) == 30
+        reason: str = error_info(refused).reason
+        return reason
+
     held = server.stub.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
     try:
         assert next(held).change.user_id == server.admin_id
@@ -382,14 +391,14 @@ def test_one_caller_holds_at_most_its_share_of_the_streams(start_server: StartSe
             pb.AuthenticateRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
         )
         for stub in (server.stub, server.stub_for(again.access_token)):  # the same admin, either session
-            refused = rpc_error(lambda r, s=stub: list(s.WatchUserChanges(r, timeout=10)), pb.WatchUserChangesRequest())
-            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert error_info(refused).reason == "TOO_MANY_STREAMS"
-            assert retry_delay(refused) == 30
+            assert refusal(stub) == "TOO_MANY_STREAMS"
         other = server.stub_for(new_admin(server, mail).access_token)
         theirs = other.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
         try:
             assert next(theirs).change.user_id == server.admin_id
+            # Full now: the first admin still hears of its share, a third admin of the replica.
+            assert refusal(server.stub) == "TOO_MANY_STREAMS"
+            assert refusal(server.stub_for(new_admin(server, mail, "cyd").access_token)) == "OVERLOADED"
         finally:
             theirs.cancel()
     finally:

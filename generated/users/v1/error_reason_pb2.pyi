@@ -93,8 +93,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_TOO_MANY_STREAMS: _ErrorReason.ValueType  # 26
     """RESOURCE_EXHAUSTED: this caller (one admin, one machine identity or one service account)
     holds as many WatchUserChanges streams on this replica as it may
-    (USERS_MAX_STREAMS_PER_CALLER), so that no caller can take every place; close one, or
-    retry after the RetryInfo delay.
+    (USERS_MAX_STREAMS_PER_CALLER), so that no one identity can take every place; close one,
+    or retry after the RetryInfo delay. Sent before OVERLOADED when both apply.
     """
     ERROR_REASON_STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 24
     """UNAVAILABLE: the database cannot be reached; safe to retry."""
@@ -185,8 +185,8 @@ WatchUserChanges streams, or its hashing queue is full; RetryInfo.
 ERROR_REASON_TOO_MANY_STREAMS: ErrorReason.ValueType  # 26
 """RESOURCE_EXHAUSTED: this caller (one admin, one machine identity or one service account)
 holds as many WatchUserChanges streams on this replica as it may
-(USERS_MAX_STREAMS_PER_CALLER), so that no caller can take every place; close one, or
-retry after the RetryInfo delay.
+(USERS_MAX_STREAMS_PER_CALLER), so that no one identity can take every place; close one,
+or retry after the RetryInfo delay. Sent before OVERLOADED when both apply.
 """
 ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 24
 """UNAVAILABLE: the database cannot be reached; safe to retry."""

@@ -97,8 +97,8 @@ const (
 	ErrorReason_ERROR_REASON_OVERLOADED ErrorReason = 23
 	// RESOURCE_EXHAUSTED: this caller (one admin, one machine identity or one service account)
 	// holds as many WatchUserChanges streams on this replica as it may
-	// (USERS_MAX_STREAMS_PER_CALLER), so that no caller can take every place; close one, or
-	// retry after the RetryInfo delay.
+	// (USERS_MAX_STREAMS_PER_CALLER), so that no one identity can take every place; close one,
+	// or retry after the RetryInfo delay. Sent before OVERLOADED when both apply.
 	ErrorReason_ERROR_REASON_TOO_MANY_STREAMS ErrorReason = 26
 	// UNAVAILABLE: the database cannot be reached; safe to retry.
 	ErrorReason_ERROR_REASON_STORAGE_UNAVAILABLE ErrorReason = 24

@@ -215,8 +215,8 @@ export enum ErrorReason {
   /**
    * RESOURCE_EXHAUSTED: this caller (one admin, one machine identity or one service account)
    * holds as many WatchUserChanges streams on this replica as it may
-   * (USERS_MAX_STREAMS_PER_CALLER), so that no caller can take every place; close one, or
-   * retry after the RetryInfo delay.
+   * (USERS_MAX_STREAMS_PER_CALLER), so that no one identity can take every place; close one,
+   * or retry after the RetryInfo delay. Sent before OVERLOADED when both apply.
    *
    * @generated from enum value: ERROR_REASON_TOO_MANY_STREAMS = 26;
    */
