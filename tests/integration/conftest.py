@@ -22,6 +22,7 @@ from users_grpc.repository import (
     MongoHousekeeping,
     MongoKeyStore,
     MongoOutbox,
+    MongoServiceAccountRepository,
     MongoSessionRepository,
     MongoThrottleStore,
     MongoUserRepository,
@@ -58,9 +59,11 @@ class Stores:
         self.throttle = MongoThrottleStore(self.database)
         self.audit = MongoAuditTrail(self.database, self.users)
         self.housekeeping = MongoHousekeeping(self.database)
+        self.service_accounts = MongoServiceAccountRepository(self.database)
 
     async def ensure_indexes(self) -> None:
-        for store in (self.users, self.sessions, self.outbox, self.throttle, self.audit):
+        """The indexes the server makes at start-up (bootstrap), every store's."""
+        for store in (self.users, self.sessions, self.outbox, self.throttle, self.audit, self.service_accounts):
             await store.ensure_indexes()
 
 

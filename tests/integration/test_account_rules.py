@@ -260,8 +260,8 @@ def test_only_an_active_admin_is_kept_from_deletion(run: Any) -> None:
         users = stores.users
         [user] = await active_users(stores, "user")
         admin, former = await active_users(stores, "admin", "former", role=Role.ADMIN)
-        deactivated = frozenset({UserState.ACTIVE})
-        assert await users.change_state(former.id, from_states=deactivated, to=UserState.DEACTIVATED, now=NOW)
+        active = frozenset({UserState.ACTIVE})
+        assert await users.change_state(former.id, from_states=active, to=UserState.DEACTIVATED, now=NOW)
         assert not await users.delete_unless_active_admin(admin.id)
         assert await users.delete_unless_active_admin(user.id)
         assert await users.delete_unless_active_admin(former.id)

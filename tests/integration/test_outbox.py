@@ -120,6 +120,8 @@ class MeddlingSecrets(SecretsAtRest):
         self.seen: set[str] = set()
 
     def reseal_mail_body(self, sealed: bytes, associated_data: bytes) -> bytes | None:
+        # The repository binds each body to its mail's id and recipient (its associated data, a
+        # BSON document); a change of that layout fails this test loudly, at the lookups below.
         about = bson.decode(associated_data)
         first_time = about["to"] not in self.seen
         self.seen.add(about["to"])
