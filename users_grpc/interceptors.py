@@ -96,7 +96,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
         self._max_streams_per_caller = max_streams_per_caller
         # One event loop runs every handler, so plain counters are exact.
         self._in_progress = 0
-        self._streams_open = 0
+        # Open streams by holder (see _stream_holder); their total is the replica's count.
         self._streams_of: collections.Counter[str] = collections.Counter()
 
     async def intercept_service(
@@ -128,7 +128,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
     @property
     def streams_open(self) -> int:
         """Streams admitted and not ended yet, which USERS_MAX_STREAMS caps."""
-        return self._streams_open
+        return self._streams_of.total()
 
     def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> DatabaseBudget:
         """The call's database budget: each operation within the database timeout and the call's deadline."""
@@ -214,9 +214,8 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 holder = _stream_holder(caller)
                 if self._streams_of[holder] >= self._max_streams_per_caller:
                     raise TooManyStreams(retry_after=STREAMS_FULL_RETRY_AFTER)
-                if self._streams_open >= self._max_streams:
+                if self.streams_open >= self._max_streams:
                     raise Overloaded(retry_after=STREAMS_FULL_RETRY_AFTER)
-                self._streams_open += 1
                 self._streams_of[holder] += 1
                 counted = True
                 async with contextlib.aclosing(behavior(request, context)) as responses:
@@ -229,7 +228,6 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
                 if counted:
-                    self._streams_open -= 1
                     self._streams_of[holder] -= 1
                     if not self._streams_of[holder]:
                         del self._streams_of[holder]
