@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 
 from users_grpc.domain import ANONYMOUS, Caller
@@ -94,6 +94,16 @@ _SUBJECT_FIELDS = ("id", "user_id")
 current_caller: ContextVar[Caller] = ContextVar("current_caller", default=ANONYMOUS)
 
 
+async def _never_admitted() -> None:
+    raise PermissionDenied("no access rule admitted this stream")  # fail closed
+
+
+# A stream's admission, run again: set by the interceptor once it admitted the stream's caller, it
+# raises as :meth:`Authorizer.admit` would for a call made now. The change feed runs it at every
+# poll, so that a stream ends as soon as its caller is revoked, never at the connection's age.
+stream_admission: ContextVar[Callable[[], Awaitable[None]]] = ContextVar("stream_admission", default=_never_admitted)
+
+
 class Authorizer:
     def __init__(
         self,
@@ -130,6 +140,15 @@ class Authorizer:
             raise Unauthenticated()
         if not _admits(rule, caller, _subject_of(request)):
             raise PermissionDenied()
+
+    async def readmit(
+        self, method: str, request: object, bearer_token: str | None, peer_identities: Iterable[str]
+    ) -> None:
+        """Unauthenticated or PermissionDenied unless the caller admitted to ``method`` still would
+        be: :meth:`caller_of` and :meth:`admit` again, so the token's signature, key and expiry (by
+        the service's clock), then one read of its account (a user's token version, role and
+        state; that a service account still exists)."""
+        self.admit(method, request, await self.caller_of(method, bearer_token, peer_identities))
 
     async def identify(self, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
         if bearer_token is not None:

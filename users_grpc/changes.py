@@ -35,7 +35,7 @@ import base64
 import binascii
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from users_grpc.domain import UserChange
@@ -94,9 +94,18 @@ class ChangeFeed:
         for watcher in self._watchers:
             watcher.set()
 
-    async def watch(self, after: str) -> AsyncGenerator[UserChange, None]:
+    async def watch(
+        self, after: str, *, still_admitted: Callable[[], Awaitable[None]]
+    ) -> AsyncGenerator[UserChange, None]:
         """Every change after the cursor ``after``, in order, then each new one as it comes, until
-        the caller goes away. The empty cursor starts at the oldest change kept."""
+        the caller goes away or ``still_admitted`` raises. The empty cursor starts at the oldest
+        change kept.
+
+        ``still_admitted`` runs after every read, before its batch is delivered (and at every idle
+        poll): a revocation is stored before any change made after it is published, so a batch
+        that holds such a change is read before a check that sees the revocation, and is never
+        delivered. Its cost is one read of the caller's account per poll (per batch of
+        :data:`BATCH` while catching up), beside the change log's own read."""
         position = sequence_of(after)
         if position > await self._log.last_sequence():
             # Not from this feed's past: a restored older backup, or another deployment's database.
@@ -117,6 +126,7 @@ class ChangeFeed:
                         if batch and batch[0].sequence != position + 1:
                             raise ChangeCursorGone()
                 from_oldest = False
+                await still_admitted()
                 consecutive = True
                 for change in batch:
                     if change.sequence != position + 1:

@@ -24,6 +24,7 @@ from users_grpc.access import (
     current_caller,
     metadata_value,
     source_address,
+    stream_admission,
 )
 from users_grpc.domain import Caller
 from users_grpc.errors import (
@@ -68,7 +69,8 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
 
     Applies to the unary methods of the services under ``method_prefix``, and to their
     server-streaming methods (WatchUserChanges), which are never counted by the cap (a stream
-    is meant to stay open) but by a cap of their own (each reads the database at every poll).
+    is meant to stay open) but by a cap of their own (each reads the database at every poll), and
+    whose caller is admitted again at every poll (:meth:`_readmission`).
     Health and reflection pass through untouched, never counted by either cap (so probes
     answer under any load), except that a unary request that does not parse is refused as
     INVALID_ARGUMENT wherever it goes.
@@ -218,6 +220,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                     raise Overloaded(retry_after=STREAMS_FULL_RETRY_AFTER)
                 self._streams_of[holder] += 1
                 counted = True
+                stream_admission.set(self._readmission(name, request, metadata, context))
                 async with contextlib.aclosing(behavior(request, context)) as responses:
                     async for response in responses:
                         yield response
@@ -233,6 +236,21 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                         del self._streams_of[holder]
 
         return guarded
+
+    def _readmission(
+        self,
+        name: str,
+        request: Any,
+        metadata: Iterable[tuple[str, str | bytes]],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> Callable[[], Awaitable[None]]:
+        """The stream's admission, to run again at each poll: the same rule as it opened by,
+        with the same credentials, checked against the accounts as they are now."""
+
+        async def readmit() -> None:
+            await self._authorizer.readmit(name, request, bearer_token(metadata), _machine_names(context))
+
+        return readmit
 
 
 def _stream_holder(caller: Caller) -> str:

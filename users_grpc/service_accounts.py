@@ -5,8 +5,9 @@ such a caller proves itself with a client id and a secret instead, traded for a 
 access token (:meth:`ServiceAccountService.issue_token`) whose holder counts as a machine
 caller in the access table. The secret is 256 random bits, so the database keeps only a keyed
 digest of it (no slow hash is needed against guessing); wrong secrets are throttled as
-passwords are. Every call with such a token reads the account again, by id: deleting the
-account ends its tokens at once.
+passwords are. Every call with such a token reads the account again, by id (and every open
+stream, at each poll): deleting the account ends its tokens, and its streams, at once. Nothing
+else revokes an account's token before its expiry, but retiring the key that signed it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from users.v1 import session_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
-from users_grpc.access import current_caller
+from users_grpc.access import current_caller, stream_admission
 from users_grpc.admin import AdminService
 from users_grpc.audit import AuditLog
 from users_grpc.changes import ChangeFeed, cursor_of
@@ -447,7 +447,8 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def WatchUserChanges(
         self, request: user_service_pb2.WatchUserChangesRequest, context: Context
     ) -> AsyncGenerator[user_service_pb2.WatchUserChangesResponse, None]:
-        async with contextlib.aclosing(self._changes.watch(request.after)) as changes:
+        watched = self._changes.watch(request.after, still_admitted=stream_admission.get())
+        async with contextlib.aclosing(watched) as changes:
             async for change in changes:
                 yield user_service_pb2.WatchUserChangesResponse(change=_change_to_proto(change))
 

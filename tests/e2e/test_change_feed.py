@@ -1,11 +1,12 @@
 """WatchUserChanges through real channels on the real database: every kind of change with its
-fields, resuming by cursor while two server processes write at once, expired cursors, and
-changes that a crash left pending, published by the sweep."""
+fields, resuming by cursor while two server processes write at once, expired cursors,
+changes that a crash left pending, published by the sweep, and streams ended once their caller
+is revoked."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.e2e.helpers import (
     rpc_error,
     wait_until,
 )
+from tests.e2e.test_service_accounts import create, issue
 from tests.fakes import FakeClock
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
@@ -404,3 +406,118 @@ def test_one_caller_holds_at_most_its_share_of_the_streams(start_server: StartSe
     finally:
         held.cancel()
     wait_until(lambda: stream_admitted(server), what="the admin's stream admitted once its first one closed")
+
+
+def read_until_created(stream: Any, user_id: str) -> None:
+    """Read an open stream up to the change that created ``user_id``: everything before has arrived."""
+    for response in stream:
+        if response.change.user_id == user_id and response.change.type == T.USER_CHANGE_TYPE_CREATED:
+            return
+    raise AssertionError("the stream ended before the user's creation arrived")
+
+
+def first_change_or_end(stream: Any) -> pb.UserChange | grpc.RpcError:
+    """The next change a stream delivers, or the error it ends with if it delivers none."""
+    try:
+        for response in stream:
+            change: pb.UserChange = response.change
+            return change
+    except grpc.RpcError as error:
+        return error
+    raise AssertionError("the stream ended without a status")
+
+
+def assert_ends_before_the_next_change(stream: Any, server: RunningServer, revoke: Callable[[], Stub]) -> None:
+    """The stream's caller is admitted and the stream read to its end; ``revoke`` takes the
+    caller's access away and returns the stub of an admin still admitted, whose change made after
+    must not reach the stream: it ends UNAUTHENTICATED, delivering nothing more. Every way of
+    revoking here moves what the token is checked against (its version, the account's state, the
+    account itself, the clock), so UNAUTHENTICATED rather than PERMISSION_DENIED."""
+    alice = server.stub.CreateUser(create_request(username="alice", email="alice@example.com")).user
+    read_until_created(stream, alice.id)
+    admin = revoke()
+    mask = FieldMask(paths=["first_name"])
+    admin.UpdateUser(pb.UpdateUserRequest(user_id=alice.id, user=user_pb2.User(first_name="Alicia"), update_mask=mask))
+    outcome = first_change_or_end(stream)
+    assert isinstance(outcome, grpc.RpcError), f"delivered after the caller lost access: {outcome}"
+    assert outcome.code() == grpc.StatusCode.UNAUTHENTICATED, outcome
+
+
+REVOCATIONS: dict[str, Callable[[Stub, str], object]] = {
+    "demoted": lambda stub, user_id: stub.SetUserRole(pb.SetUserRoleRequest(user_id=user_id, role=user_pb2.ROLE_USER)),
+    "deactivated": lambda stub, user_id: stub.DeactivateUser(pb.DeactivateUserRequest(user_id=user_id)),
+    "locked": lambda stub, user_id: stub.LockUser(pb.LockUserRequest(user_id=user_id)),
+    "deleted": lambda stub, user_id: stub.DeleteUser(pb.DeleteUserRequest(id=user_id)),
+}
+
+
+@pytest.mark.parametrize("revocation", REVOCATIONS)
+def test_an_admins_stream_ends_once_the_admin_is_revoked(
+    server: RunningServer, mail: MailSink, revocation: str
+) -> None:
+    """Admitted when it opened, a stream is no licence: it is checked again at every poll, by the
+    rule that admits a unary call, and ends before delivering any change made after the revocation."""
+    bea = new_admin(server, mail)
+    stream = server.stub_for(bea.access_token).WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
+
+    def revoke() -> Stub:
+        REVOCATIONS[revocation](server.stub, bea.user.id)
+        return server.stub
+
+    try:
+        assert_ends_before_the_next_change(stream, server, revoke)
+    finally:
+        stream.cancel()
+
+
+def test_a_service_accounts_stream_ends_once_the_account_is_deleted(server: RunningServer) -> None:
+    created = create(server, "billing")
+    client_id = created.service_account.client_id
+    machine = server.stub_for(issue(server, client_id, created.client_secret).access_token)
+    stream = machine.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
+
+    def revoke() -> Stub:
+        server.stub.DeleteServiceAccount(pb.DeleteServiceAccountRequest(client_id=client_id))
+        return server.stub
+
+    try:
+        assert_ends_before_the_next_change(stream, server, revoke)
+    finally:
+        stream.cancel()
+
+
+def test_a_stream_ends_once_its_token_expires(start_server: StartServer) -> None:
+    """By the server's clock, as for a unary call: a token's expiry ends its stream too."""
+    clock = FakeClock(datetime.now(UTC))
+    server = start_server(clock=clock)
+    stream = server.stub.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
+
+    def revoke() -> Stub:
+        clock.advance(seconds=server.settings.access_token_ttl_seconds + 1)
+        signed_in = server.anonymous.Authenticate(
+            pb.AuthenticateRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
+        )
+        return server.stub_for(signed_in.access_token)  # the admin's first token has expired
+
+    try:
+        assert_ends_before_the_next_change(stream, server, revoke)
+    finally:
+        stream.cancel()
+
+
+def test_an_idle_stream_ends_at_its_next_poll_once_its_caller_is_revoked(start_server: StartServer) -> None:
+    """No change has to come for the check: an idle stream is admitted again at each poll too.
+    (Deleting a service account is no change of a user, so nothing wakes the stream before.)"""
+    server = start_server(change_poll_seconds=0.1)
+    created = create(server, "billing")
+    client_id = created.service_account.client_id
+    machine = server.stub_for(issue(server, client_id, created.client_secret).access_token)
+    stream = machine.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
+    try:
+        assert next(stream).change.user_id == server.admin_id  # open and being served
+        server.stub.DeleteServiceAccount(pb.DeleteServiceAccountRequest(client_id=client_id))
+        outcome = first_change_or_end(stream)
+    finally:
+        stream.cancel()
+    assert isinstance(outcome, grpc.RpcError), f"delivered after the caller lost access: {outcome}"
+    assert outcome.code() == grpc.StatusCode.UNAUTHENTICATED, outcome

@@ -12,7 +12,16 @@ from typing import cast
 import pytest
 
 from users.v1 import user_service_pb2 as pb
-from users_grpc.access import RULES, Authorizer, Rule, _admits, bearer_token, metadata_value, source_address
+from users_grpc.access import (
+    RULES,
+    Authorizer,
+    Rule,
+    _admits,
+    bearer_token,
+    metadata_value,
+    source_address,
+    stream_admission,
+)
 from users_grpc.domain import ANONYMOUS, AccessClaims, Caller, Gender, Role, User, UserState
 from users_grpc.errors import PermissionDenied, Unauthenticated
 from users_grpc.service_accounts import ServiceAccountService
@@ -289,3 +298,25 @@ def test_a_machine_caller_is_not_unauthenticated() -> None:
 
 def test_anyone_may_make_a_call_open_to_anyone() -> None:
     _authorizer().admit("Authenticate", pb.AuthenticateRequest(), ANONYMOUS)
+
+
+def test_a_streams_admission_run_again_is_the_same_rule_with_the_same_credentials() -> None:
+    """What the change feed runs at each poll: identified and admitted again, as a new call would be."""
+    watch = pb.WatchUserChangesRequest()
+    asyncio.run(_authorizer().readmit("WatchUserChanges", watch, REPORTINGS_TOKEN, ()))
+    asyncio.run(_authorizer().readmit("WatchUserChanges", watch, None, ["spiffe://corp/billing"]))
+    with pytest.raises(PermissionDenied):  # a user's token: not admin's nor a machine's
+        asyncio.run(_authorizer().readmit("WatchUserChanges", watch, ALICES_TOKEN, ()))
+    for token in ("forged", _service_token("service-account:deleted")):
+        with pytest.raises(Unauthenticated):
+            asyncio.run(_authorizer().readmit("WatchUserChanges", watch, token, ()))
+
+
+def test_a_stream_nobody_admitted_is_refused_at_its_first_poll() -> None:
+    """Fail closed: the admission to run again is the interceptor's to set; unset, it refuses."""
+
+    async def first_poll() -> None:
+        await stream_admission.get()()
+
+    with pytest.raises(PermissionDenied):
+        asyncio.run(first_poll())

@@ -296,6 +296,22 @@ class TestVerificationCache:
         assert run(keys.tokens.retire(str(old))) is True
         refused(keys, token, "unknown key")
 
+    def test_a_token_cached_for_one_audience_is_refused_for_the_other(self, keys: Keys) -> None:
+        """The cache is keyed by the token's bytes alone, so a hit must match the audience it was
+        checked for. Two tokens signed by our key, each for one audience with the other kind's
+        claims: each is checked (and cached) where its audience fits, refused there for its claims,
+        then refused on the other path too, for its audience, not answered from the cache."""
+        service_audience = AUDIENCE + ":service-accounts"
+        users_claims = keys.forge(keys.user_claims(aud=service_audience))
+        with pytest.raises(Unauthenticated, match=r"^invalid access token$"):
+            run(keys.tokens.verify_service(users_claims))
+        refused(keys, users_claims, "invalid access token")
+
+        services_claims = keys.forge(keys.user_claims(sub="service-account:" + CLIENT, role=None, ver=None, sid=None))
+        refused(keys, services_claims, "invalid access token")
+        with pytest.raises(Unauthenticated, match=r"^invalid access token$"):
+            run(keys.tokens.verify_service(services_claims))
+
 
 class TestServiceTokens:
     def test_a_service_token_names_its_client_and_nothing_else(self, keys: Keys) -> None:
