@@ -490,6 +490,7 @@ async def build_app(
                 jwks=lambda: json.dumps(tokens.jwks()).encode(),
                 ready=ready,
                 jwks_max_age_seconds=int(settings.key_reload_seconds),
+                max_connections=settings.http_max_connections,
             )
             http_port = await http.bind(settings.http_address)
     except ConfigError:

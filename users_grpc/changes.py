@@ -72,7 +72,8 @@ def sequence_of(cursor: str) -> int:
     if len(raw) != len(_CURSOR_PREFIX) + 8 or not raw.startswith(_CURSOR_PREFIX):
         raise InvalidArgument([FieldViolation("after", "is not a cursor of this change feed")])
     sequence = int.from_bytes(raw[len(_CURSOR_PREFIX) :], "big")
-    if cursor_of(sequence) != cursor:
+    # Sequences are BSON 8-byte signed integers: past 2**63 - 1 no change was ever numbered, nor can be queried.
+    if sequence >= 2**63 or cursor_of(sequence) != cursor:
         raise InvalidArgument([FieldViolation("after", "is not a cursor of this change feed")])
     return sequence
 

@@ -111,6 +111,8 @@ class Settings:
     log_level: str = "INFO"
     # /metrics and /.well-known/jwks.json; None serves no HTTP (`users-grpc dev` turns it on).
     http_address: str | None = None
+    # Connections the HTTP endpoint serves at once; more are answered 503 and closed at once.
+    http_max_connections: int = 64
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -238,6 +240,7 @@ class Settings:
             tls_client_ca_file=env.get("USERS_TLS_CLIENT_CA_FILE", defaults.tls_client_ca_file, _existing_file),
             log_level=env.get("USERS_LOG_LEVEL", defaults.log_level, _log_level),
             http_address=env.get("USERS_HTTP_ADDRESS", defaults.http_address, _host_port),
+            http_max_connections=env.integer("USERS_HTTP_MAX_CONNECTIONS", defaults.http_max_connections, 1, 100000),
         )
         if settings.unactivated_account_retention_seconds < settings.activation_code_ttl_seconds:
             raise ConfigError(

@@ -237,6 +237,9 @@ def _etag(revision: int, updated_at: datetime) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+_MAX_REVISION = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class Version:
     """What an etag says of the user it was read from."""
@@ -251,8 +254,9 @@ def parse_etag(etag: str) -> Version:
         version = Version(int(revision), _EPOCH + timedelta(milliseconds=int(millis)))
     except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         raise InvalidArgument([FieldViolation("etag", "is not an etag of a user")]) from None
-    # Only the one spelling we make: anything else was not read from a user.
-    if version.revision < 0 or _etag(version.revision, version.updated_at) != etag:
+    # Only the one spelling we make: anything else was not read from a user. A revision is a
+    # BSON 8-byte integer: a larger one was never read from a user and cannot be queried.
+    if not 0 <= version.revision <= _MAX_REVISION or _etag(version.revision, version.updated_at) != etag:
         raise InvalidArgument([FieldViolation("etag", "is not an etag of a user")])
     return version
 

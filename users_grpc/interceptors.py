@@ -37,6 +37,7 @@ from users_grpc.errors import (
 )
 from users_grpc.observability import current_call
 from users_grpc.repository import DatabaseBudget, database_budget
+from users_grpc.request_ranges import refuse_out_of_range
 from users_grpc.throttling import SourceRateLimit
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if isinstance(request, _Malformed):
                     raise MalformedRequest()
+                refuse_out_of_range(request)
                 if not self._ready.is_set():
                     # Uniqueness rests on indexes made at start-up: nothing is served before them.
                     raise StorageUnavailable("the service is starting: its database is not ready yet")
@@ -206,6 +208,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if isinstance(request, _Malformed):
                     raise MalformedRequest()
+                refuse_out_of_range(request)
                 if not self._ready.is_set():
                     raise StorageUnavailable("the service is starting: its database is not ready yet")
                 name = method.rpartition("/")[2]

@@ -4,13 +4,17 @@ its request id, and OpenTelemetry traces of calls and their database commands.""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, MailSink, RunningServer, StartServer
 from tests.e2e.helpers import (
@@ -160,6 +166,98 @@ def test_a_busy_http_address_is_a_clear_start_up_error(start_server: StartServer
     assert result.returncode == 2
     assert f"USERS_HTTP_ADDRESS={busy}: cannot listen there" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class HeldCollector(Collector):
+    """A collector whose render waits until the test lets it go: a render as slow as a test wants."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.renders = 0
+        self.threads: set[str] = set()
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []  # registered without being collected
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        self.renders += 1
+        self.threads.add(threading.current_thread().name)
+        self.released.wait(timeout=60)
+        yield GaugeMetricFamily("held_collector", "A collector the test holds", value=1)
+
+
+def test_a_page_being_rendered_holds_up_no_grpc_call_and_every_scrape_meanwhile_shares_it(
+    start_server: StartServer,
+) -> None:
+    """However slow a render, the loop serving gRPC keeps serving: the render runs in another
+    thread, and a flood of scrapers waits for that one render instead of starting its own."""
+    server = start_server(http_address="127.0.0.1:0")
+    assert server.app.http is not None
+    metrics = server.app.http.metrics
+    held = HeldCollector()
+    metrics.registry.register(held)
+    scrapers = 8
+    url = f"http://127.0.0.1:{server.app.http_port}/metrics"
+    with concurrent.futures.ThreadPoolExecutor(scrapers) as pool:
+        try:
+            pages = [pool.submit(http_get, url) for _ in range(scrapers)]
+            wait_until(lambda: held.renders == 1, what="a render under way")
+            # On the loop, the render would hold every call until its deadline.
+            for _ in range(20):
+                assert server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest(), timeout=5).jwks_json
+            wait_until(lambda: metrics.scrapes_waiting == scrapers, what="every scrape waiting for the page")
+            assert held.renders == 1
+        finally:
+            held.released.set()
+        answers = [page.result(timeout=30) for page in pages]
+    assert [status for status, _, _ in answers] == [200] * scrapers
+    assert all(b"held_collector 1.0" in body for _, _, body in answers)
+    assert held.renders == 1
+    assert held.threads == {"metrics-render_0"}  # never "server-loop", the thread of the test server's loop
+    # The next scrape renders anew.
+    assert scrape(server)["held_collector"] == {(): 1.0}
+    assert held.renders == 2
+
+
+def half_sent_request(port: int) -> socket.socket:
+    """A connection that sends the start of a request's head, never its end."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: users-grpc\r\n")
+    return connection
+
+
+def test_http_connections_past_the_cap_are_refused_at_once_and_half_sent_requests_time_out(
+    start_server: StartServer,
+) -> None:
+    server = start_server(http_address="127.0.0.1:0", http_max_connections=3)
+    http = server.app.http
+    assert http is not None
+    assert server.app.http_port is not None
+    port = server.app.http_port
+    # Long enough that the held connections outlast this part of the test on a loaded machine.
+    http._READ_SECONDS = 120  # the one knob a test needs, not a setting
+    idle = [half_sent_request(port) for _ in range(3)]
+    try:
+        wait_until(lambda: http.connections_open == 3, what="three connections held")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            answer = b""
+            while chunk := extra.recv(4096):  # the server closes it: recv ends, within the timeout
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert b"Retry-After: 1\r\n" in answer
+        assert http.connections_open == 3
+        idle.pop().close()
+        wait_until(lambda: http.connections_open == 2, what="a place freed")
+        assert scrape(server)["users_grpc_calls_in_progress"] == {(): 0.0}
+    finally:
+        for connection in idle:
+            connection.close()
+    wait_until(lambda: http.connections_open == 0, what="every connection closed")
+    # A request's head that never ends is given up after the read time, its place freed.
+    http._READ_SECONDS = 0.2
+    with half_sent_request(port) as stalled:
+        assert stalled.recv(4096) == b""  # closed by the server, unanswered (the socket's timeout is 10 s)
+    wait_until(lambda: http.connections_open == 0, what="the stalled connection dropped")
 
 
 def trailing(metadata: Any) -> dict[str, Any]:
