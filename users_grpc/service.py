@@ -77,9 +77,12 @@ async def keep_an_active_admin(users: UserRepository, before: User, undo: Callab
     (Counting at once, both saw none and both undid: a false LAST_ACTIVE_ADMIN.) Callers bump
     the token version only once this passed, so an undone change leaves every token working.
 
-    A crash between the change and its undo can leave no active admin. The window is one count
-    long and opens only while the last admins are being removed; an operator then makes an
-    admin with the CLI (``users-grpc create-admin``), which needs database access, not an admin.
+    A crash between the change and its undo can leave no active admin, and so can a database
+    that fails (or a call's deadline that passes) between them. The window lasts until the
+    change's count has had its turn, and opens only while the last admins are being removed; an
+    operator then makes an admin with the CLI (``users-grpc create-admin``), which needs database
+    access, not an admin. A count that outlives its lease (a database slower than
+    ADMIN_CHECK_LEASE_SECONDS) may overlap the next: both may then see none and undo, safe again.
     """
     if not before.is_active_admin:
         return
@@ -108,7 +111,11 @@ def _check_settled(check: asyncio.Future[None]) -> None:
 
 async def _count_in_turn(users: UserRepository, before: User, undo: Callable[[], Awaitable[object]]) -> None:
     holder = secrets.token_hex(12)
-    if not await _take_turn(users, holder):
+    try:
+        taken = await _take_turn(users, holder)
+    except StorageUnavailable:
+        taken = False
+    if not taken:
         await undo()  # no turn, no count: the safe answer, and one to retry
         log.warning("change undone: no turn to count the active admins", extra={"user_id": before.id})
         raise StorageUnavailable()
