@@ -84,6 +84,7 @@ class FakeUserRepository:
         self.accounts: dict[str, Account] = {}
         # The users added as imported (the real repository stores the flag; housekeeping spares them).
         self.imported: set[str] = set()
+        self.admin_check_holder: str | None = None
         self._ids = (f"{n:024x}" for n in itertools.count(1))
 
     def new_id(self) -> str:
@@ -214,6 +215,17 @@ class FakeUserRepository:
 
     async def count_active_admins(self) -> int:
         return sum(account.user.is_active_admin for account in self.accounts.values())
+
+    async def take_admin_check(self, holder: str, lease_seconds: float) -> bool:
+        # One process: no lease runs out here, and a holder always releases.
+        if self.admin_check_holder in (None, holder):
+            self.admin_check_holder = holder
+            return True
+        return False
+
+    async def release_admin_check(self, holder: str) -> None:
+        if self.admin_check_holder == holder:
+            self.admin_check_holder = None
 
     async def delete_unless_active_admin(self, user_id: str) -> bool:
         account = self.accounts.get(user_id)

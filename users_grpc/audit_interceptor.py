@@ -8,9 +8,14 @@ per-address rate limit, a malformed request) are logged by that interceptor and 
 an anonymous flood cannot turn into a flood of audit writes.
 
 Each row of :data:`AUDITED` names the event type of an RPC, how to find the subject (a request
-or response field), and an optional short note. Subjects and notes are ids and enum names only:
-never a password, code, token, hash or secret, and never a raw identifier (people type passwords
-into the username field), which is resolved to the account's id or left out.
+or response field), and an optional short note. Every grant of the admin role is a ROLE_CHANGE
+event whose subject is the new admin and whose note begins "role ROLE_ADMIN", whichever RPC made
+it: SetUserRole, CreateUser asking for ROLE_ADMIN, and each admin an ImportUsers created (an event
+of its own beside the import's counts), so that one filter finds every admin ever made.
+
+Subjects and notes are ids and enum names only: never a password, code, token, hash or secret,
+and never a raw identifier (people type passwords into the username field), which is resolved to
+the account's id or left out.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ _Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 _Part = Callable[[Any, Any], str]  # (request, response or None on failure) -> text
 
 _OK = grpc.StatusCode.OK.value[0]
+_ADMIN_GRANTED = f"role {user_pb2.Role.Name(user_pb2.ROLE_ADMIN)}"
 _CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 
@@ -77,6 +83,29 @@ def _role_asked(request: Any, _response: Any) -> str:
     return f"role {user_pb2.Role.Name(request.role)}" if known else f"role {int(request.role)}"
 
 
+def _asks_for_admin(request: Any) -> bool:
+    return bool(request.role == user_pb2.ROLE_ADMIN)
+
+
+def _every_call(_request: Any) -> bool:
+    return True
+
+
+def _made_admin_at_creation(_request: Any, _response: Any) -> str:
+    return f"{_ADMIN_GRANTED}, at creation"
+
+
+def _imported_admins(_request: Any, response: Any) -> list[str]:
+    """The ids of the admins an import created (none if the call failed as a whole)."""
+    if response is None:
+        return []
+    return [
+        str(result.user.id)
+        for result in response.results
+        if result.HasField("user") and result.user.role == user_pb2.ROLE_ADMIN
+    ]
+
+
 def _import_counts(request: Any, response: Any) -> str:
     if response is None:
         return f"{len(request.users)} users sent"
@@ -99,6 +128,11 @@ class Audited:
     # a successful one answers with the user).
     identifier: Literal["", "before", "on_failure"] = ""
     note: _Part | None = None
+    # Whether a call is recorded at all (CreateUser only when it asks for ROLE_ADMIN: anyone may
+    # register, and a registration is no security event).
+    applies: Callable[[Any], bool] = _every_call
+    # The users the call made admins, each recorded as a ROLE_CHANGE event of its own.
+    granted_admins: Callable[[Any, Any], list[str]] | None = None
 
 
 _USER_ID = _id_in_request("user_id")
@@ -106,6 +140,9 @@ _USER_ID = _id_in_request("user_id")
 # Bare RPC names of users.v1.UserService. Refresh is left out: routine and frequent, it checks no
 # credential a person typed, and its failures (a replayed token) are logged.
 AUDITED: Mapping[str, Audited] = {
+    "CreateUser": Audited(
+        AuditEventType.ROLE_CHANGE, _user_in_response, note=_made_admin_at_creation, applies=_asks_for_admin
+    ),
     "Authenticate": Audited(AuditEventType.SIGN_IN, _user_in_response, "on_failure"),
     "VerifyCredentials": Audited(AuditEventType.CREDENTIALS_CHECK, _user_in_response, "on_failure"),
     "IssueServiceToken": Audited(AuditEventType.SERVICE_TOKEN_ISSUE, _id_in_request("client_id")),
@@ -127,8 +164,9 @@ AUDITED: Mapping[str, Audited] = {
     "DeleteUser": Audited(AuditEventType.USER_DELETE, _id_in_request("id")),
     "DeleteUserByIdentifier": Audited(AuditEventType.USER_DELETE, identifier="before"),
     # One event per call, with counts: a batch of 1000 makes one record, not 1000 (the users
-    # themselves are in ListUsers, created_after the event's time).
-    "ImportUsers": Audited(AuditEventType.USERS_IMPORT, note=_import_counts),
+    # themselves are in ListUsers, created_after the event's time); but each admin it made is
+    # named by an event of its own.
+    "ImportUsers": Audited(AuditEventType.USERS_IMPORT, note=_import_counts, granted_admins=_imported_admins),
     "CreateServiceAccount": Audited(AuditEventType.SERVICE_ACCOUNT_CREATE, _created_service_account),
     "DeleteServiceAccount": Audited(AuditEventType.SERVICE_ACCOUNT_DELETE, _id_in_request("client_id")),
     "RevokeAllSessions": Audited(AuditEventType.SESSIONS_REVOKE, _USER_ID),
@@ -181,6 +219,8 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
 
     def _audited(self, entry: Audited, behavior: _Behavior) -> _Behavior:
         async def audited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if not entry.applies(request):
+                return await behavior(request, context)
             known = await self._audit.subject_of_identifier(request.identifier) if entry.identifier == "before" else ""
             try:
                 response = await behavior(request, context)
@@ -244,14 +284,24 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
         subject = entry.subject(request, response) or known_subject
         if not subject and response is None and entry.identifier == "on_failure":
             subject = await self._audit.subject_of_identifier(request.identifier)
-        await self._audit.record(
-            AuditEvent(
-                type=entry.type,
-                time=self._clock.now(),
-                actor=actor_of(current_caller.get()),
-                subject_id=subject,
-                status_code=status_code,
-                error_reason=error_reason,
-                reason=note or (entry.note(request, response) if entry.note else ""),
-            )
+        event = AuditEvent(
+            type=entry.type,
+            time=self._clock.now(),
+            actor=actor_of(current_caller.get()),
+            subject_id=subject,
+            status_code=status_code,
+            error_reason=error_reason,
+            reason=note or (entry.note(request, response) if entry.note else ""),
         )
+        await self._audit.record(event)
+        for admin_id in entry.granted_admins(request, response) if entry.granted_admins else ():
+            grant = AuditEvent(
+                type=AuditEventType.ROLE_CHANGE,
+                time=event.time,
+                actor=event.actor,
+                subject_id=admin_id,
+                status_code=_OK,
+                error_reason="",
+                reason=f"{_ADMIN_GRANTED}, imported",
+            )
+            await self._audit.record(grant)

@@ -84,6 +84,12 @@ class UserRepository(Protocol):
 
     async def count_active_admins(self) -> int: ...
 
+    async def take_admin_check(self, holder: str, lease_seconds: float) -> bool:
+        """Hold the check of active admins after a removal (one holder at a time, across replicas)
+        for ``lease_seconds`` or until released; False while another holder's lease runs."""
+
+    async def release_admin_check(self, holder: str) -> None: ...
+
     async def delete_unless_active_admin(self, user_id: str) -> bool:
         """Delete the user unless they are an active admin, in one operation; True if deleted."""
 

@@ -168,12 +168,18 @@ def _storage_errors(method: Callable[_P, Coroutine[Any, Any, _R]]) -> Callable[_
     return wrapper
 
 
+# The ``leases`` document that makes the checks after removals of active admins take turns.
+_ADMIN_CHECK_LEASE = "active-admin-check"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 class MongoUserRepository:
     """The ``users`` collection. Usernames and emails are unique through :class:`MongoClaims`, which
     works when ``users`` is sharded by ``_id`` (a unique index on another field would not)."""
 
     def __init__(self, database: AsyncDatabase[Document], changes: MongoChangeLog | None = None) -> None:
         self._users: AsyncCollection[Document] = database["users"]
+        self._leases: AsyncCollection[Document] = database["leases"]
         self._claims = MongoClaims(database)
         self._changes = changes or MongoChangeLog(database)
         # Set from the schema version at start-up: only from version 2 does every user's name
@@ -672,6 +678,31 @@ class MongoUserRepository:
     async def count_active_admins(self) -> int:
         # is_active is written with every state, and legacy documents without a state have it too.
         return await self._users.count_documents({"role": Role.ADMIN.value, "is_active": True})
+
+    @_storage_errors
+    async def take_admin_check(self, holder: str, lease_seconds: float) -> bool:
+        """Hold the check that follows a removal of an active admin, for ``lease_seconds`` or until
+        released; False while another holder's runs. One document of the ``leases`` collection, so
+        the checks of every replica take turns (see :func:`users_grpc.service.keep_an_active_admin`).
+        Real time, whatever the service's clock: a lease outlives only a holder that died."""
+        now = datetime.now(UTC)
+        try:
+            document = await self._leases.find_one_and_update(
+                # Free (released, or its holder died) or already ours; the upsert makes the document once.
+                {"_id": _ADMIN_CHECK_LEASE, "$or": [{"leased_until": {"$lt": now}}, {"holder": holder}]},
+                {"$set": {"leased_until": now + timedelta(seconds=lease_seconds), "holder": holder, "taken_at": now}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:
+            return False  # the document exists and another holder's lease runs: the upsert's insert clashed
+        return document is not None and document["holder"] == holder
+
+    @_storage_errors
+    async def release_admin_check(self, holder: str) -> None:
+        await self._leases.update_one(
+            {"_id": _ADMIN_CHECK_LEASE, "holder": holder}, {"$set": {"leased_until": _EPOCH}, "$unset": {"holder": ""}}
+        )
 
     @_storage_errors
     async def delete_unless_active_admin(self, user_id: str) -> bool:

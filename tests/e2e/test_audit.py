@@ -381,6 +381,84 @@ def test_pages_are_newest_first_stable_under_new_events_and_filters_combine(
     assert violated_fields(rpc_error(server.stub.ListAuditEvents, unknown_type)) == {"types"}
 
 
+def imported(name: str, role: user_pb2.Role.ValueType, password_hash: str) -> pb.ImportedUser:
+    return pb.ImportedUser(
+        username=name,
+        first_name="Im",
+        last_name="Ported",
+        email=f"{name}@example.com",
+        role=role,
+        email_verified=True,
+        password_hash=password_hash,
+    )
+
+
+def test_every_grant_of_the_admin_role_names_the_new_admin_and_who_granted_it(
+    server: RunningServer, mail: MailSink
+) -> None:
+    """CreateUser, ImportUsers and SetUserRole: each admin they make is a ROLE_CHANGE event of its
+    own, with the new admin as subject and the caller who made them as actor, so one filter of
+    the trail finds every admin ever made."""
+    admin = (USER, server.admin_id)
+    # An admin makes an admin; a plain user's try is refused, and recorded as a try.
+    server.stub.CreateUser(create_request(username="cara", email="cara@example.com", role=user_pb2.ROLE_ADMIN))
+    cara = server.stub.ListUsers(pb.ListUsersRequest(prefix="cara")).users[0].id
+    jane = signed_up(server, mail)
+    self_made = create_request(username="mallory", email="mallory@example.com", role=user_pb2.ROLE_ADMIN)
+    refused = rpc_error(server.stub_for(jane.access_token).CreateUser, self_made)
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    # An import of an admin, a plain user, and an admin refused (the username is taken).
+    password_hash = bcrypt.hashpw(IMPORTED_PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+    results = server.stub.ImportUsers(
+        pb.ImportUsersRequest(
+            users=[
+                imported("ida", user_pb2.ROLE_ADMIN, password_hash),
+                imported("ulf", user_pb2.ROLE_USER, password_hash),
+                imported("jane", user_pb2.ROLE_ADMIN, password_hash),
+            ]
+        )
+    ).results
+    ida, ulf = results[0].user.id, results[1].user.id
+    assert results[2].HasField("error")
+    # The imported admin is one indeed: it signs in and lists users.
+    signed_in = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="ida", password=IMPORTED_PASSWORD))
+    assert server.stub_for(signed_in.access_token).ListUsers(pb.ListUsersRequest()).users
+    # A role given by an admin who was made one here: the actor is the caller, not the first admin.
+    activation = pb.ActivateUserRequest(identifier="cara", code=mail.code_for("cara@example.com"))
+    server.anonymous.ActivateUser(activation)
+    cara_session = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="cara", password=PASSWORD))
+    cara_stub = server.stub_for(cara_session.access_token)
+    cara_stub.SetUserRole(pb.SetUserRoleRequest(user_id=jane.user.id, role=user_pb2.ROLE_ADMIN))
+
+    events = audit_events(server.stub, types=[pb.AUDIT_EVENT_TYPE_ROLE_CHANGE])
+    grants = {
+        (e.actor.kind, e.actor.id, e.subject_id, e.reason)
+        for e in events
+        if e.status_code == OK and e.reason.startswith("role ROLE_ADMIN")
+    }
+    assert grants == {
+        (*admin, cara, "role ROLE_ADMIN, at creation"),
+        (*admin, ida, "role ROLE_ADMIN, imported"),
+        (USER, cara, jane.user.id, "role ROLE_ADMIN"),
+    }
+    # The refused try names its caller (no subject: nobody was made).
+    assert has(
+        events,
+        pb.AUDIT_EVENT_TYPE_ROLE_CHANGE,
+        actor=(USER, jane.user.id),
+        subject="",
+        status=grpc.StatusCode.PERMISSION_DENIED.value[0],
+        reason="role ROLE_ADMIN, at creation",
+    )
+    assert len(events) == 4
+    # The import's own event still counts the batch; the plain user and a plain registration
+    # (jane's, anonymous) are no role events.
+    everything = audit_events(server.stub)
+    assert has(everything, pb.AUDIT_EVENT_TYPE_USERS_IMPORT, actor=admin, subject="", reason="created 2, refused 1")
+    assert not [e for e in everything if e.subject_id == ulf]
+    assert not [e for e in everything if e.type == pb.AUDIT_EVENT_TYPE_ROLE_CHANGE and e.actor.kind == ANONYMOUS]
+
+
 def test_only_admins_read_the_trail(server: RunningServer, mail: MailSink) -> None:
     alice = signed_up(server, mail, "alice")
     created = server.stub.CreateServiceAccount(pb.CreateServiceAccountRequest(name="reporting"))

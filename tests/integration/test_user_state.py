@@ -7,14 +7,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from bson import ObjectId
 
 from tests.integration.conftest import Stores
 from users_grpc.domain import ActivationCode, Gender, NewUser, Role, User, UserState
 from users_grpc.errors import LastActiveAdmin
-from users_grpc.repository import Document, never_activated_query
+from users_grpc.ports import UserRepository
+from users_grpc.repository import Document, MongoUserRepository, never_activated_query
 from users_grpc.service import keep_an_active_admin
 
 _T = TypeVar("_T")
@@ -171,6 +172,52 @@ def test_the_count_of_active_admins_is_served_by_an_index(run: Any) -> None:
     run(body)
 
 
+def test_the_counts_of_active_admins_take_turns(run: Any) -> None:
+    """One holder at a time, across replicas: a lease document taken by one upsert, released by
+    its holder only, and free again once it runs out (its holder died)."""
+
+    async def body(stores: Stores) -> None:
+        users = stores.users
+        taken = await asyncio.gather(*(users.take_admin_check(f"count{n}", 60) for n in range(10)))
+        assert sum(taken) == 1
+        holder = f"count{taken.index(True)}"
+        assert not await users.take_admin_check("other", 60)
+        await users.release_admin_check("other")  # not the holder: changes nothing
+        assert not await users.take_admin_check("other", 60)
+        await users.release_admin_check(holder)
+        assert await users.take_admin_check("other", -1)  # taken, but already run out (as a dead holder's)
+        assert await users.take_admin_check(holder, 60)
+        assert not await users.take_admin_check("other", 60)
+
+    run(body)
+
+
+class Arrivals:
+    """The repository, telling when a second check of active admins arrives: it has counted, or
+    is refused its turn while the first holds it."""
+
+    def __init__(self, users: MongoUserRepository) -> None:
+        self._users = users
+        self._counts = 0
+        self.second = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._users, name)
+
+    async def count_active_admins(self) -> int:
+        count = await self._users.count_active_admins()
+        self._counts += 1
+        if self._counts == 2:  # once the second has counted, not before: the first's undo must not overtake it
+            self.second.set()
+        return count
+
+    async def take_admin_check(self, holder: str, lease_seconds: float) -> bool:
+        taken = await self._users.take_admin_check(holder, lease_seconds)
+        if not taken:
+            self.second.set()
+        return taken
+
+
 def test_removals_of_the_last_admins_undo_themselves_in_every_interleaving(run: Any) -> None:
     """Two admins demote each other. The e2e race cannot choose its interleaving; here each is forced."""
 
@@ -182,28 +229,32 @@ def test_removals_of_the_last_admins_undo_themselves_in_every_interleaving(run: 
         def demote(user_id: str) -> Awaitable[User | None]:
             return users.set_role(user_id, Role.USER, NOW)
 
-        async def stands(before: User | None, barrier: asyncio.Barrier | None = None) -> bool:
-            """keep_an_active_admin after a demotion; True if the demotion stands. With a barrier,
-            no undo starts before every guard has counted."""
+        async def stands(before: User | None, arrivals: Arrivals | None = None) -> bool:
+            """keep_an_active_admin after a demotion; True if the demotion stands. With arrivals, an
+            undo waits until a second check arrived."""
             assert before is not None
 
             async def undo() -> object:
-                if barrier is not None:
-                    await barrier.wait()
+                if arrivals is not None:
+                    await asyncio.wait_for(arrivals.second.wait(), timeout=30)
                 return await users.set_role(before.id, Role.ADMIN, NOW)
 
             try:
-                await keep_an_active_admin(users, before, undo=undo)
+                await keep_an_active_admin(cast(UserRepository, arrivals or users), before, undo=undo)
             except LastActiveAdmin:
                 return False
             return True
 
-        # Both writes land, then both count (none left), then both undo: both refused, both admins stay.
+        # Both writes land, then both check, the first undoing only once the second arrived (counts,
+        # or waits for its turn). Counting at once, both saw none left and both undid (a false
+        # LAST_ACTIVE_ADMIN); the counts take turns, so the second counts after the undo and stands.
         first, second = await demote(ada.id), await demote(bea.id)
-        barrier = asyncio.Barrier(2)
-        outcomes = await asyncio.gather(stands(first, barrier), stands(second, barrier))
-        assert list(outcomes) == [False, False]
-        assert await users.count_active_admins() == 2
+        watched = Arrivals(users)
+        outcomes = await asyncio.gather(stands(first, watched), stands(second, watched))
+        assert sorted(outcomes) == [False, True]  # whichever took its turn first undid itself
+        assert await users.count_active_admins() == 1
+        await users.set_role(ada.id, Role.ADMIN, NOW)
+        await users.set_role(bea.id, Role.ADMIN, NOW)
         # Both writes land, one counts and undoes before the other counts: the other stands.
         first, second = await demote(ada.id), await demote(bea.id)
         assert [await stands(first), await stands(second)] == [False, True]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -24,6 +25,7 @@ from users_grpc.access import (
 )
 from users_grpc.domain import ANONYMOUS, AccessClaims, Caller, Gender, Role, User, UserState
 from users_grpc.errors import PermissionDenied, Unauthenticated
+from users_grpc.reflection import load_descriptor_set
 from users_grpc.service_accounts import ServiceAccountService
 from users_grpc.sessions import SessionService
 
@@ -320,3 +322,59 @@ def test_a_stream_nobody_admitted_is_refused_at_its_first_poll() -> None:
 
     with pytest.raises(PermissionDenied):
         asyncio.run(first_poll())
+
+
+# Who the "Callers" line of an RPC's proto comment names, as the set of its terms, and the rule
+# that admits exactly them. "anyone holding the token" (or the secret) is anyone, to the access
+# rules: the service checks what they hold.
+STATED_CALLERS: dict[frozenset[str], Rule] = {
+    frozenset({"anyone"}): Rule.ANYONE,
+    frozenset({"the user themself"}): Rule.SELF,
+    frozenset({"the user themself", "an admin"}): Rule.SELF_OR_ADMIN,
+    frozenset({"the user themself", "an admin", "a machine caller"}): Rule.SELF_ADMIN_OR_MACHINE,
+    frozenset({"an admin", "a machine caller"}): Rule.ADMIN_OR_MACHINE,
+    frozenset({"an admin"}): Rule.ADMIN,
+}
+
+
+def stated_callers(text: str) -> frozenset[str]:
+    """The terms of a "Callers: ..." statement: "the user themself, an admin or a machine caller"."""
+    terms = re.split(r",\s*|\s+or\s+", " ".join(text.split()))
+    return frozenset("anyone" if term.startswith("anyone holding ") else term for term in terms)
+
+
+def method_comments() -> dict[str, str]:
+    """Each UserService method's leading comment, from the descriptor set the server serves by
+    reflection (it keeps the comments; the compiled modules do not)."""
+    files = {file.name: file for file in load_descriptor_set().file}
+    file = files["users/v1/user_service.proto"]
+    [service_index] = [i for i, service in enumerate(file.service) if service.name == "UserService"]
+    comments = {
+        tuple(location.path): location.leading_comments
+        for location in file.source_code_info.location
+        if location.leading_comments
+    }
+    # A location path: 6 (FileDescriptorProto.service), the service's index, 2 (.method), the method's index.
+    return {
+        method.name: comments.get((6, service_index, 2, index), "")
+        for index, method in enumerate(file.service[service_index].method)
+    }
+
+
+def test_the_proto_comments_state_every_rpcs_access_rule_as_the_table_has_it() -> None:
+    """A "Callers:" statement in each RPC's comment, up to its first "." or ";", names who may call
+    it; the table's rule for the RPC admits exactly them. A new RPC without the statement, a
+    statement no rule matches, or a rule widened or narrowed in one place only fails here."""
+    comments = method_comments()
+    assert set(comments) == {method.name for method in pb.DESCRIPTOR.services_by_name["UserService"].methods}
+    assert set(RULES) == set(comments)
+    for method, comment in comments.items():
+        statements = re.findall(r"Callers:\s*([^.;]*)", comment)
+        assert len(statements) == 1, f"{method}: its comment must state its callers once, as 'Callers: ...'"
+        callers = stated_callers(statements[0])
+        assert callers in STATED_CALLERS, f"{method}: 'Callers: {statements[0]}' names callers no rule admits"
+        assert RULES[method] is STATED_CALLERS[callers], f"{method}: the comment says {statements[0]!r}"
+
+
+def test_each_rule_describes_the_callers_it_admits_as_the_proto_comments_do() -> None:
+    assert {stated_callers(rule.value): rule for rule in Rule} == STATED_CALLERS

@@ -12,6 +12,7 @@ import pytest
 
 from tests.unit.helpers import PASSWORD, World, registration, run
 from tests.unit.logs import logged
+from users_grpc import service
 from users_grpc.domain import MAX_IMPORTED_USERS, Caller, Gender, ImportedUser, PasswordScheme, Role, User, UserState
 from users_grpc.errors import (
     AccountDeactivated,
@@ -116,6 +117,25 @@ class TestLastActiveAdmin:
             run(world.service.delete_user_by_identifier("root"))
         left = world.users.accounts[first.id].user
         assert (left.state, left.updated_at) == (UserState.DEACTIVATED, world.clock.now())
+
+    @pytest.mark.parametrize("turn", ["held by a dead replica", "unreachable"])
+    def test_a_removal_whose_count_gets_no_turn_is_undone_and_unavailable(
+        self, world: World, monkeypatch: pytest.MonkeyPatch, turn: str
+    ) -> None:
+        """No count, no removal: the admin stays as they were, and the caller may retry."""
+        first, _ = admin(world, "root"), admin(world, "toor")
+        monkeypatch.setattr(service, "_ADMIN_CHECK_WAIT_SECONDS", 0)
+        if turn == "unreachable":
+
+            async def unavailable(holder: str, lease_seconds: float) -> bool:
+                raise StorageUnavailable()
+
+            monkeypatch.setattr(world.users, "take_admin_check", unavailable)
+        else:
+            world.users.admin_check_holder = "a replica that died holding it"
+        with pytest.raises(StorageUnavailable):
+            run(world.service.delete_user_by_identifier("root"))
+        assert world.users.accounts[first.id].user.is_active_admin
 
     def test_an_admin_is_created_active_without_a_mail(self, world: World) -> None:
         created = admin(world, "root")

@@ -63,7 +63,14 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     AUDIT_EVENT_TYPE_EMAIL_SET: _AuditEventType.ValueType  # 13
     """SetUserEmail: an admin set the email. Subject: the user."""
     AUDIT_EVENT_TYPE_ROLE_CHANGE: _AuditEventType.ValueType  # 14
-    """SetUserRole; the reason names the role asked for. Subject: the user."""
+    """SetUserRole; the reason names the role asked for. Subject: the user.
+    Every grant of ROLE_ADMIN is one of these, with a reason that begins
+    "role ROLE_ADMIN" and the new admin as subject: besides SetUserRole, a
+    CreateUser asking for ROLE_ADMIN (reason "role ROLE_ADMIN, at creation";
+    no subject if refused) and each admin an ImportUsers created (reason
+    "role ROLE_ADMIN, imported"; one event per admin). CreateUser is recorded
+    only when it asks for ROLE_ADMIN.
+    """
     AUDIT_EVENT_TYPE_USER_DEACTIVATE: _AuditEventType.ValueType  # 15
     """DeactivateUser. Subject: the user."""
     AUDIT_EVENT_TYPE_USER_REACTIVATE: _AuditEventType.ValueType  # 16
@@ -78,7 +85,7 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """
     AUDIT_EVENT_TYPE_USERS_IMPORT: _AuditEventType.ValueType  # 20
     """ImportUsers: one event per call; the reason counts the users created and
-    refused. No subject.
+    refused. No subject. Each admin created has a ROLE_CHANGE event too.
     """
     AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE: _AuditEventType.ValueType  # 21
     """CreateServiceAccount. Subject: the new account's client id (none if refused)."""
@@ -124,7 +131,14 @@ AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM: AuditEventType.ValueType  # 12
 AUDIT_EVENT_TYPE_EMAIL_SET: AuditEventType.ValueType  # 13
 """SetUserEmail: an admin set the email. Subject: the user."""
 AUDIT_EVENT_TYPE_ROLE_CHANGE: AuditEventType.ValueType  # 14
-"""SetUserRole; the reason names the role asked for. Subject: the user."""
+"""SetUserRole; the reason names the role asked for. Subject: the user.
+Every grant of ROLE_ADMIN is one of these, with a reason that begins
+"role ROLE_ADMIN" and the new admin as subject: besides SetUserRole, a
+CreateUser asking for ROLE_ADMIN (reason "role ROLE_ADMIN, at creation";
+no subject if refused) and each admin an ImportUsers created (reason
+"role ROLE_ADMIN, imported"; one event per admin). CreateUser is recorded
+only when it asks for ROLE_ADMIN.
+"""
 AUDIT_EVENT_TYPE_USER_DEACTIVATE: AuditEventType.ValueType  # 15
 """DeactivateUser. Subject: the user."""
 AUDIT_EVENT_TYPE_USER_REACTIVATE: AuditEventType.ValueType  # 16
@@ -139,7 +153,7 @@ only if it named an account).
 """
 AUDIT_EVENT_TYPE_USERS_IMPORT: AuditEventType.ValueType  # 20
 """ImportUsers: one event per call; the reason counts the users created and
-refused. No subject.
+refused. No subject. Each admin created has a ROLE_CHANGE event too.
 """
 AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE: AuditEventType.ValueType  # 21
 """CreateServiceAccount. Subject: the new account's client id (none if refused)."""

@@ -59,6 +59,12 @@ const (
 	// SetUserEmail: an admin set the email. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_EMAIL_SET AuditEventType = 13
 	// SetUserRole; the reason names the role asked for. Subject: the user.
+	// Every grant of ROLE_ADMIN is one of these, with a reason that begins
+	// "role ROLE_ADMIN" and the new admin as subject: besides SetUserRole, a
+	// CreateUser asking for ROLE_ADMIN (reason "role ROLE_ADMIN, at creation";
+	// no subject if refused) and each admin an ImportUsers created (reason
+	// "role ROLE_ADMIN, imported"; one event per admin). CreateUser is recorded
+	// only when it asks for ROLE_ADMIN.
 	AuditEventType_AUDIT_EVENT_TYPE_ROLE_CHANGE AuditEventType = 14
 	// DeactivateUser. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_USER_DEACTIVATE AuditEventType = 15
@@ -72,7 +78,7 @@ const (
 	// only if it named an account).
 	AuditEventType_AUDIT_EVENT_TYPE_USER_DELETE AuditEventType = 19
 	// ImportUsers: one event per call; the reason counts the users created and
-	// refused. No subject.
+	// refused. No subject. Each admin created has a ROLE_CHANGE event too.
 	AuditEventType_AUDIT_EVENT_TYPE_USERS_IMPORT AuditEventType = 20
 	// CreateServiceAccount. Subject: the new account's client id (none if refused).
 	AuditEventType_AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE AuditEventType = 21

@@ -2380,6 +2380,12 @@ export enum AuditEventType {
 
   /**
    * SetUserRole; the reason names the role asked for. Subject: the user.
+   * Every grant of ROLE_ADMIN is one of these, with a reason that begins
+   * "role ROLE_ADMIN" and the new admin as subject: besides SetUserRole, a
+   * CreateUser asking for ROLE_ADMIN (reason "role ROLE_ADMIN, at creation";
+   * no subject if refused) and each admin an ImportUsers created (reason
+   * "role ROLE_ADMIN, imported"; one event per admin). CreateUser is recorded
+   * only when it asks for ROLE_ADMIN.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_ROLE_CHANGE = 14;
    */
@@ -2423,7 +2429,7 @@ export enum AuditEventType {
 
   /**
    * ImportUsers: one event per call; the reason counts the users created and
-   * refused. No subject.
+   * refused. No subject. Each admin created has a ROLE_CHANGE event too.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_USERS_IMPORT = 20;
    */
