@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import getpass
 import os
@@ -134,8 +135,12 @@ def _dev_key_encryption_key() -> str:
     # Local use only: a key kept beside the local database, made on first start.
     if not DEV_KEY_FILE.exists():
         DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
-        DEV_KEY_FILE.write_text(new_key_encryption_key())
-        DEV_KEY_FILE.chmod(0o600)
+        # Created 0600, never made so afterwards: no moment where another user may read it.
+        # O_EXCL: never write a key into a file someone else made.
+        with contextlib.suppress(FileExistsError):
+            descriptor = os.open(DEV_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as key_file:
+                key_file.write(new_key_encryption_key())
     return DEV_KEY_FILE.read_text().strip()
 
 
