@@ -10,7 +10,7 @@ import getpass
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,7 +21,7 @@ from users_grpc.devdb import DevDatabaseError, start_dev_database
 from users_grpc.domain import Gender, Registration, Role
 from users_grpc.errors import InvalidArgument, UsersError
 from users_grpc.logs import configure_logging
-from users_grpc.rewrap import RewrapReport, rewrap
+from users_grpc.rewrap import RewrapReport, rewrap, start_digest_root
 from users_grpc.tokens import new_key_encryption_key
 
 _T = TypeVar("_T")
@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 1
+        elif args.keys_command == "rotate-digest-root":
+            in_use_after = args.in_use_after if args.in_use_after is not None else 2 * settings.key_reload_seconds
+            in_use_from = datetime.now(UTC) + timedelta(seconds=in_use_after)
+            version = _with_app(settings, lambda app: start_digest_root(app.key_material, app.encryption, in_use_from))
+            print(f"digest root {version} started: new digests use it from {in_use_from.isoformat(timespec='seconds')}")
         elif args.keys_command == "retire":
             retired = _with_app(settings, lambda app: _retire_key(app, args.kid))
             print(f"{args.kid} retired" if retired else f"{args.kid}: no such live key")
@@ -116,6 +121,18 @@ def _parser() -> argparse.ArgumentParser:
         "rewrap",
         help="re-seal everything sealed under an old key-encryption key (USERS_OLD_KEY_ENCRYPTION_KEYS) "
         "under USERS_KEY_ENCRYPTION_KEY; safe to run again, and beside running servers",
+    )
+    digest_root = key_commands.add_parser(
+        "rotate-digest-root",
+        help="start a new random root for the digests of codes and tokens (after a key-encryption key leaked, "
+        "say): new digests use it once every replica has loaded it, older ones keep matching under theirs",
+    )
+    digest_root.add_argument(
+        "--in-use-after",
+        type=float,
+        metavar="SECONDS",
+        help="how long replicas have to load it before it is used (default: twice USERS_KEY_RELOAD_SECONDS; "
+        "0 only if every replica restarts, or reloads, before it serves again)",
     )
     retire = key_commands.add_parser("retire", help="stop trusting a key: tokens it signed stop verifying")
     retire.add_argument("kid")
