@@ -29,6 +29,7 @@ from tests.e2e.helpers import (
     rpc_error,
     signed_up,
     users_grpc,
+    wait_until,
 )
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
@@ -295,3 +296,14 @@ def test_a_new_digest_root_is_not_used_before_its_time(servers: Servers, mail: M
     dora = stored(mongodb_uri, server, "users", username="dora")
     code = mail.code_for("dora@example.com")
     assert dora["activation"]["digest"] == legacy_digest(KEY_ENCRYPTION_KEY, "activation-code", str(dora["_id"]), code)
+
+
+def test_a_running_replica_loads_a_new_digest_root_at_its_next_key_reload(servers: Servers, mail: MailSink) -> None:
+    server = servers.start(FakeClock(), key_reload_seconds=1.0)
+    assert server.app.secrets_at_rest.digest_root_versions == [0]
+    started = users_grpc("keys", "rotate-digest-root", "--in-use-after", "0", server_settings=server.settings)
+    assert started.returncode == 0, started.stderr
+    wait_until(lambda: server.app.secrets_at_rest.digest_root_versions == [1, 0], what="root 1 loaded")
+    server.anonymous.CreateUser(create_request(username="eva", email="eva@example.com"))
+    code = mail.code_for("eva@example.com")
+    assert server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="eva", code=code)).user.username == "eva"
