@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import getpass
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,7 +21,7 @@ from users_grpc.devdb import DevDatabaseError, start_dev_database
 from users_grpc.domain import Gender, Registration, Role
 from users_grpc.errors import InvalidArgument, UsersError
 from users_grpc.logs import configure_logging
-from users_grpc.rewrap import RewrapReport, rewrap
+from users_grpc.rewrap import RewrapReport, rewrap, start_digest_root
 from users_grpc.tokens import new_key_encryption_key
 
 _T = TypeVar("_T")
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 1
+        elif args.keys_command == "rotate-digest-root":
+            in_use_after = args.in_use_after if args.in_use_after is not None else 2 * settings.key_reload_seconds
+            in_use_from = datetime.now(UTC) + timedelta(seconds=in_use_after)
+            version = _with_app(settings, lambda app: start_digest_root(app.key_material, app.encryption, in_use_from))
+            print(f"digest root {version} started: new digests use it from {in_use_from.isoformat(timespec='seconds')}")
         elif args.keys_command == "retire":
             retired = _with_app(settings, lambda app: _retire_key(app, args.kid))
             print(f"{args.kid} retired" if retired else f"{args.kid}: no such live key")
@@ -116,6 +122,18 @@ def _parser() -> argparse.ArgumentParser:
         help="re-seal everything sealed under an old key-encryption key (USERS_OLD_KEY_ENCRYPTION_KEYS) "
         "under USERS_KEY_ENCRYPTION_KEY; safe to run again, and beside running servers",
     )
+    digest_root = key_commands.add_parser(
+        "rotate-digest-root",
+        help="start a new random root for the digests of codes and tokens (after a key-encryption key leaked, "
+        "say): new digests use it once every replica has loaded it, older ones keep matching under theirs",
+    )
+    digest_root.add_argument(
+        "--in-use-after",
+        type=float,
+        metavar="SECONDS",
+        help="how long replicas have to load it before it is used (default: twice USERS_KEY_RELOAD_SECONDS; "
+        "0 only if every replica restarts, or reloads, before it serves again)",
+    )
     retire = key_commands.add_parser("retire", help="stop trusting a key: tokens it signed stop verifying")
     retire.add_argument("kid")
     return parser
@@ -134,8 +152,12 @@ def _dev_key_encryption_key() -> str:
     # Local use only: a key kept beside the local database, made on first start.
     if not DEV_KEY_FILE.exists():
         DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
-        DEV_KEY_FILE.write_text(new_key_encryption_key())
-        DEV_KEY_FILE.chmod(0o600)
+        # Created 0600, never made so afterwards: no moment where another user may read it.
+        # O_EXCL: never write a key into a file someone else made.
+        with contextlib.suppress(FileExistsError):
+            descriptor = os.open(DEV_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as key_file:
+                key_file.write(new_key_encryption_key())
     return DEV_KEY_FILE.read_text().strip()
 
 

@@ -66,7 +66,7 @@ from users_grpc.repository import (
     cancel_abandoned_work,
     ping,
 )
-from users_grpc.rewrap import load_digest_root
+from users_grpc.rewrap import load_digest_roots
 from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
 from users_grpc.service_accounts import ServiceAccountService
@@ -154,7 +154,7 @@ class App:
                 await self.audit_trail.ensure_indexes()
                 await self.tokens.ensure_signing_key()
                 # Before any call: the digests of codes and tokens are keyed by it.
-                await load_digest_root(self.key_material, self.key_store, self.encryption, self.secrets_at_rest)
+                await self.reload_digest_roots()
                 return
             except StorageUnavailable as error:
                 log.warning(
@@ -167,18 +167,24 @@ class App:
                 )
                 await asyncio.sleep(self.settings.db_timeout_seconds)
 
+    async def reload_digest_roots(self) -> None:
+        """Load the digest roots, new ones included: what keys the digests of codes and tokens."""
+        await load_digest_roots(self.key_material, self.key_store, self.encryption, self.secrets_at_rest)
+
     async def _reload_keys(self) -> None:
-        # Picks up keys rotated by `users-grpc keys rotate`, in this or any replica.
+        # Picks up keys rotated by `users-grpc keys rotate`, and digest roots started by
+        # `users-grpc keys rotate-digest-root`, in this or any replica.
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.settings.key_reload_seconds)
-            try:
-                await self.tokens.reload()
-            except StorageUnavailable:
-                log.warning("could not reload signing keys")
-            except ConfigError as error:
-                # Another replica sealed keys under another key-encryption key: keep the keys in hand.
-                log.error("could not open the signing keys", extra={"cause": str(error)})
+            for what, reload in (("signing keys", self.tokens.reload), ("digest roots", self.reload_digest_roots)):
+                try:
+                    await reload()
+                except StorageUnavailable:
+                    log.warning(f"could not reload {what}")
+                except ConfigError as error:
+                    # Another replica sealed keys under another key-encryption key: keep the keys in hand.
+                    log.error(f"could not open the {what}", extra={"cause": str(error)})
 
     async def start(self) -> None:
         """Listen at once (alive, not ready), prepare the database, then serve.

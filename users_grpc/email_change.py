@@ -18,7 +18,6 @@ cancellation can make the change without its notice.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -133,9 +132,13 @@ class EmailChangeService:
         pending = await self._users.reserve_email_change_attempt(user_id, now)
         changed = None
         if pending is not None:
-            digest = self._digest(user_id, pending.new_email, code)
+            # Checked under the digest root the stored digest names.
+            digest = pending.code.digest
+            matches = self._digests.matches(
+                digest, "email-change-code", user_id, _code_and_address(code, pending.new_email)
+            )
             account = await self._users.get_account(user_id)
-            if hmac.compare_digest(pending.code.digest, digest) and account is not None:
+            if matches and account is not None:
                 # Raises AlreadyExists if the address was taken meanwhile; then nothing is written
                 # and the pending change stays, until it expires or a new request replaces it.
                 changed = await self._users.confirm_email_change(
@@ -180,8 +183,8 @@ class EmailChangeService:
 
     def _digest(self, user_id: str, new_email: str, code: str) -> str:
         # Keyed, bound to the user (the subject) and to the address: a code confirms only the
-        # address it was mailed to. A code is 6 digits and an address holds no NUL: unambiguous.
-        return self._digests.digest("email-change-code", user_id, f"{code}\0{new_email}")
+        # address it was mailed to.
+        return self._digests.digest("email-change-code", user_id, _code_and_address(code, new_email))
 
     def _code_mail(self, user: User, new_email: str, code: str) -> Mail:
         # Greets by username, whose charset is safe; names are free text a stranger chose.
@@ -217,3 +220,8 @@ def _normalized_email(email: str, field: str) -> str:
         return domain.normalized_email(email)
     except InvalidArgument as error:
         raise InvalidArgument([FieldViolation(field, v.description) for v in error.violations]) from None
+
+
+def _code_and_address(code: str, new_email: str) -> str:
+    # A code is 6 digits and an address holds no NUL: unambiguous.
+    return f"{code}\0{new_email}"

@@ -206,8 +206,11 @@ class MfaService:
             raise InvalidSecondFactor()
 
     async def _use_recovery_code(self, user_id: str, code: str) -> bool:
-        if await self._credentials.use_recovery_code(user_id, self._recovery_digest(user_id, code)):
-            return True
+        # Under each digest root, the current one first: codes made before a new root started
+        # are stored under an older one.
+        for digest in self._digests.digests("recovery-code", user_id, _normalized_recovery_code(code)):
+            if await self._credentials.use_recovery_code(user_id, digest):
+                return True
         # Codes issued before digests were keyed are stored under the old unkeyed digest: each
         # still works once. RegenerateRecoveryCodes replaces the whole set with keyed ones.
         if await self._credentials.use_recovery_code(user_id, _legacy_recovery_digest(code)):

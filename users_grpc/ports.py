@@ -297,7 +297,15 @@ class SecretDigests(Protocol):
     """
 
     def digest(self, purpose: DigestPurpose, subject: str, secret: str) -> str:
-        """HMAC-SHA256 of ``secret`` under the purpose's key, bound to ``subject`` (a user or session id)."""
+        """HMAC-SHA256 of ``secret`` under the purpose's key, bound to ``subject`` (a user or session id).
+
+        Keyed by the current digest root and naming it: what to store."""
+
+    def digests(self, purpose: DigestPurpose, subject: str, secret: str) -> list[str]:
+        """The digest under each digest root, the current one first: to look a stored one up by."""
+
+    def matches(self, stored: str, purpose: DigestPurpose, subject: str, secret: str) -> bool:
+        """Whether ``stored`` (read from the database) is the digest of ``secret``, under its own root."""
 
 
 class PasswordHasher(Protocol):

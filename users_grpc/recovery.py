@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from users_grpc import domain
-from users_grpc.domain import ActivationCode, Mail, PasswordPolicy, User
+from users_grpc.domain import Account, ActivationCode, Mail, PasswordPolicy, User
 from users_grpc.errors import FieldViolation, InvalidArgument, InvalidCredentials, InvalidResetToken
 from users_grpc.ports import (
     Clock,
@@ -109,9 +109,8 @@ class PasswordService:
         user_id, _, secret = token.partition(".")
         if not secret or not domain.is_id(user_id):
             raise InvalidResetToken()
-        digest = self._digest(user_id, secret)
         now = self._clock.now()
-        account = await self._credentials.find_account_by_reset_digest(user_id, digest, now)
+        account, digest = await self._account_with_reset_token(user_id, secret, now)
         if account is None:
             raise InvalidResetToken()
         user = account.user
@@ -145,6 +144,16 @@ class PasswordService:
     def _digest(self, user_id: str, secret: str) -> str:
         # Keyed and bound to the user: the database alone cannot tell a token, or test one.
         return self._digests.digest("password-reset", user_id, secret)
+
+    async def _account_with_reset_token(self, user_id: str, secret: str, now: datetime) -> tuple[Account | None, str]:
+        """The account this token is pending for, and its stored digest; one lookup per digest root
+        (the current one first), as a token pended before a new root is stored under an older one."""
+        digest = ""
+        for digest in self._digests.digests("password-reset", user_id, secret):
+            account = await self._credentials.find_account_by_reset_digest(user_id, digest, now)
+            if account is not None:
+                return account, digest
+        return None, digest
 
     def _validate_new_password(self, user: User, password: str, confirmation: str) -> None:
         violations = self._password_policy.violations(

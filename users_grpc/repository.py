@@ -1786,6 +1786,30 @@ class MongoKeyMaterial:
         result = await self._material.update_one({"_id": name, "sealed": sealed}, {"$set": {"sealed": resealed}})
         return result.modified_count == 1
 
+    @_storage_errors
+    async def named_with_prefix(self, prefix: str) -> list[tuple[str, bytes, datetime | None]]:
+        """Name, sealed value and ``in_use_from`` (None if it has none) of each secret whose name
+        starts with ``prefix``; an anchored prefix of ``_id``, so served by its index."""
+        cursor = self._material.find({"_id": {"$regex": f"^{re.escape(prefix)}"}})
+        return [
+            (str(document["_id"]), bytes(document["sealed"]), self._aware_or_none(document.get("in_use_from")))
+            async for document in cursor
+        ]
+
+    @staticmethod
+    def _aware_or_none(value: datetime | None) -> datetime | None:
+        # BSON dates are UTC; a client without tz_aware reads them naive.
+        return None if value is None else value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+    @_storage_errors
+    async def add_in_use_from(self, name: str, sealed: bytes, in_use_from: datetime) -> bool:
+        """Store it, to be used from ``in_use_from``, unless one of that name exists: then False."""
+        try:
+            await self._material.insert_one({"_id": name, "sealed": sealed, "in_use_from": in_use_from})
+        except DuplicateKeyError:
+            return False
+        return True
+
 
 class MongoOutbox:
     """The ``outbox`` collection: mail waits here until a sender, in any replica, delivers it.

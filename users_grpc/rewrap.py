@@ -8,16 +8,23 @@ value it read, so a concurrent writer (a new MFA enrollment, say) is never overw
 second run, or one resumed after a failure, re-seals only what is left.
 
 The keys of the stored code and token digests cannot be rotated that way: a digest cannot be
-re-made without the secret it hides. They derive from the digest root, which is the
-key-encryption key the database was first set up with, stored sealed: rotating the
-key-encryption key re-seals the root and every stored digest keeps matching.
+re-made without the secret it hides. They derive from versioned digest roots, stored sealed
+(``key_material``: ``digest-root`` is version 0, the key-encryption key the database was first
+set up with; ``digest-root/<n>`` are 256 random bits each). Rotating the key-encryption key
+re-seals every root, and stored digests keep matching under theirs; ``users-grpc keys
+rotate-digest-root`` (:func:`start_digest_root`) starts a new root, so that new digests owe
+nothing to any key-encryption key, a leaked one included. A new root is used from its
+``in_use_from``: by then every replica has loaded it (each loads the roots at start and every
+``USERS_KEY_RELOAD_SECONDS``), so a digest made under it on one replica matches on all.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography.exceptions import InvalidTag
 
@@ -33,11 +40,50 @@ _Swap = Callable[[bytes, bytes], Awaitable[bool]]
 _Reread = Callable[[], Awaitable[bytes | None]]
 
 
-async def load_digest_root(
+async def load_digest_roots(
     material: MongoKeyMaterial, keys: MongoKeyStore, encryption: KeyEncryption, secrets: SecretsAtRest
 ) -> None:
-    """Make ``secrets`` derive its digest keys from the database's digest root, storing the root
-    first if this database has none yet.
+    """Make ``secrets`` derive its digest keys from the database's digest roots, storing root 0
+    first if this database has none yet. Run at start and again every key reload."""
+    await _ensure_first_digest_root(material, keys, encryption)
+    roots: dict[int, tuple[bytes, datetime | None]] = {}
+    for name, sealed, in_use_from in await material.named_with_prefix(DIGEST_ROOT):
+        version = _digest_root_version(name)
+        if version is None:
+            continue
+        try:
+            roots[version] = (encryption.open(sealed, name), in_use_from)
+        except InvalidTag:
+            what = "the digest root" + ("" if version == 0 else f" {version}")
+            raise ConfigError(_NOT_OPENED.format(what=f"{what} (key_material)")) from None
+    secrets.use_digest_roots(roots)
+
+
+async def start_digest_root(material: MongoKeyMaterial, encryption: KeyEncryption, in_use_from: datetime) -> int:
+    """Store a new random digest root, sealed under the current key-encryption key, for new
+    digests from ``in_use_from`` on; its version. Older roots stay, for the digests made under them."""
+    while True:
+        versions = [_digest_root_version(name) for name, _, _ in await material.named_with_prefix(DIGEST_ROOT)]
+        version = max((v for v in versions if v is not None), default=0) + 1
+        name = _digest_root_name(version)
+        if await material.add_in_use_from(name, encryption.seal(os.urandom(32), name), in_use_from):
+            return version
+        # Another operator started the same version at the same moment: take the next one.
+
+
+def _digest_root_name(version: int) -> str:
+    return DIGEST_ROOT if version == 0 else f"{DIGEST_ROOT}/{version}"
+
+
+def _digest_root_version(name: str) -> int | None:
+    if name == DIGEST_ROOT:
+        return 0
+    number = name.removeprefix(DIGEST_ROOT + "/")
+    return int(number) if number != name and number.isascii() and number.isdigit() else None
+
+
+async def _ensure_first_digest_root(material: MongoKeyMaterial, keys: MongoKeyStore, encryption: KeyEncryption) -> None:
+    """Store root 0 unless the database has it.
 
     A database set up before the root was stored has its digests keyed by the key-encryption key
     of that time: the one that opens its oldest signing key (the current one on a new database).
@@ -48,14 +94,7 @@ async def load_digest_root(
         first = encryption.opening_key(stored[0].sealed_private_key, stored[0].kid) if stored else None
         if stored and first is None:
             raise ConfigError(_NOT_OPENED.format(what="the signing keys"))
-        sealed = encryption.seal(first or encryption.current_key, DIGEST_ROOT)
-        if not await material.add(DIGEST_ROOT, sealed):
-            sealed = await material.get(DIGEST_ROOT) or sealed
-    try:
-        root = encryption.open(sealed, DIGEST_ROOT)
-    except InvalidTag:
-        raise ConfigError(_NOT_OPENED.format(what="the digest root (key_material)")) from None
-    secrets.use_digest_root(root)
+        await material.add(DIGEST_ROOT, encryption.seal(first or encryption.current_key, DIGEST_ROOT))
 
 
 _NOT_OPENED = (
@@ -130,18 +169,18 @@ async def rewrap(
 
     mail = Tally(*await outbox.reseal_bodies())
 
-    root = Tally()
-    sealed_root = await material.get(DIGEST_ROOT)
-    if sealed_root is not None:
-        await _reseal(
-            root,
-            sealed_root,
-            DIGEST_ROOT,
-            encryption,
-            functools.partial(material.reseal, DIGEST_ROOT),
-            functools.partial(material.get, DIGEST_ROOT),
-        )
-    return RewrapReport(signing_keys=signing, totp_secrets=totp, outbox_mail=mail, digest_root=root)
+    roots = Tally()
+    for name, sealed_root, _ in await material.named_with_prefix(DIGEST_ROOT):
+        if _digest_root_version(name) is not None:
+            await _reseal(
+                roots,
+                sealed_root,
+                name,
+                encryption,
+                functools.partial(material.reseal, name),
+                functools.partial(material.get, name),
+            )
+    return RewrapReport(signing_keys=signing, totp_secrets=totp, outbox_mail=mail, digest_root=roots)
 
 
 async def _reseal(

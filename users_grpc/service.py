@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import logging
 import secrets
 import time
@@ -310,13 +309,15 @@ class UserService:
             if account is None or account.user.is_active or account.activation is None:
                 raise InvalidActivationCode()
             if token:
-                return await self._activate_with_token(account.user.id, token)
+                return await self._activate_with_token(account.user.id, account.activation.token_digest, token)
             return await self._activate(account.user.id, code)
 
-    async def _activate_with_token(self, user_id: str, token: str) -> User:
-        activated = await self._users.activate_with_token(
-            user_id, self._digests.digest("activation-token", user_id, token), self._clock.now()
-        )
+    async def _activate_with_token(self, user_id: str, stored_digest: str, token: str) -> User:
+        activated = None
+        # Checked under the digest root the stored digest names; the update matches that digest,
+        # so a token mailed again meanwhile (a new digest) is not taken for this one.
+        if self._digests.matches(stored_digest, "activation-token", user_id, token):
+            activated = await self._users.activate_with_token(user_id, stored_digest, self._clock.now())
         if activated is None:
             log.info("activation refused", extra={"user_id": user_id})
             raise InvalidActivationCode()
@@ -324,13 +325,12 @@ class UserService:
         return activated
 
     async def _activate(self, user_id: str, code: str) -> User:
-        digest = self._activation_digest(user_id, code)
         now = self._clock.now()
         # The attempt is spent before the code is compared, so parallel guesses cannot exceed the cap.
         pending = await self._users.reserve_activation_attempt(user_id, now)
         activated = None
-        if pending is not None and hmac.compare_digest(pending.digest, digest):
-            activated = await self._users.activate(user_id, digest, now)
+        if pending is not None and self._digests.matches(pending.digest, "activation-code", user_id, code):
+            activated = await self._users.activate(user_id, pending.digest, now)
         if activated is None:
             log.info("activation refused", extra={"user_id": user_id})
             raise InvalidActivationCode()

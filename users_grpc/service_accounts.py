@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import logging
 import secrets
 from datetime import datetime
@@ -84,8 +83,8 @@ class ServiceAccountService:
             raise InvalidArgument([FieldViolation("client_secret", f"must be at most {_SECRET_MAX_LENGTH} characters")])
         reservation = await self._throttle.reserve(f"service-account:{client_id}", source)
         stored = await self._accounts.secret_digest(client_id)
-        presented = self._digest(client_id, secret)
-        if stored is None or not hmac.compare_digest(stored, presented):
+        # Under the digest root the stored digest names.
+        if stored is None or not self._digests.matches(stored, "service-account-secret", client_id, secret):
             log.info("service account secret refused", extra={"client_id": client_id})
             raise InvalidCredentials()
         await self._throttle.succeeded(reservation)

@@ -24,7 +24,7 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from users_grpc import domain
 from users_grpc.domain import AccessClaims, IssuedTokens, Session, User
@@ -91,9 +91,7 @@ class SessionService:
             raise Unauthenticated("invalid refresh token")
         replacement = self._new_refresh_token(presented.session_id, presented.generation + 1)
         now = self._clock.now()
-        session = await self._sessions.rotate(
-            presented.session_id, presented.generation, self._digest(presented), self._digest(replacement), now
-        )
+        session = await self._rotate(presented, replacement, now)
         if session is None:
             # A token we issued, no longer current: used up before, by its owner or a thief. Of two
             # racing refreshes the loser lands here too, by design: the session cannot tell them apart.
@@ -150,10 +148,24 @@ class SessionService:
         secret = _b64(nonce + self._tag(session_id, generation, nonce))
         return RefreshToken(session_id, generation, f"{session_id}.{generation}.{secret}")
 
+    async def _rotate(self, presented: RefreshToken, replacement: RefreshToken, now: datetime) -> Session | None:
+        # One try per digest root, the current one first: a session last refreshed before a new
+        # root started stores its token's digest under an older one (and moves to the new root now).
+        new_digest = self._digest(replacement)
+        for digest in self._digests.digests("refresh-token", presented.session_id, presented.text):
+            session = await self._sessions.rotate(presented.session_id, presented.generation, digest, new_digest, now)
+            if session is not None:
+                return session
+        return None
+
     def _tag(self, session_id: str, generation: int, nonce: bytes) -> bytes:
+        return self._tags(session_id, generation, nonce)[0]
+
+    def _tags(self, session_id: str, generation: int, nonce: bytes) -> list[bytes]:
+        """The tag under each digest root, the current one first (what new tokens carry)."""
         # Bound to the session (the digest's subject), the generation and the random part.
-        mac = self._digests.digest("refresh-token-tag", session_id, f"{generation}.{_b64(nonce)}")
-        return bytes.fromhex(mac)[:_TAG_BYTES]
+        macs = self._digests.digests("refresh-token-tag", session_id, f"{generation}.{_b64(nonce)}")
+        return [bytes.fromhex(mac.rpartition(":")[2])[:_TAG_BYTES] for mac in macs]
 
     def _genuine(self, refresh_token: str) -> RefreshToken | None:
         """The token taken apart if we issued it (for some generation of its session); else None."""
@@ -162,7 +174,10 @@ class SessionService:
         if parsed is None:
             return None
         session_id, generation, nonce, tag = parsed
-        if not hmac.compare_digest(tag, self._tag(session_id, generation, nonce)):
+        # Not any() over a generator: every tag is compared, so the time taken tells nothing.
+        if not [
+            expected for expected in self._tags(session_id, generation, nonce) if hmac.compare_digest(tag, expected)
+        ]:
             log.warning("forged refresh token refused", extra={"session_id": session_id})
             return None
         return RefreshToken(session_id, generation, refresh_token)

@@ -48,6 +48,9 @@ _RELOAD_ON_UNKNOWN_KID_SECONDS = 5.0
 # (an ECDSA verification is most of an authenticated call's CPU). A few thousand active clients per
 # replica; each entry is about 1 kB.
 VERIFIED_CACHE_SIZE = 4096
+# An ES256 signature is r || s, 32 bytes each (RFC 7518, 3.4); n is the order of the P-256 group.
+_ES256_HALF = 32
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 class _Verified(NamedTuple):
@@ -234,7 +237,7 @@ class AccessTokens:
             **extra,
         }
         token = jwt.encode(claims, private, algorithm=ALGORITHM, headers={"kid": kid, "typ": ACCESS_TOKEN_TYPE})
-        return token, expires_at
+        return _with_low_s(token), expires_at
 
     async def verify(self, token: str) -> AccessClaims:
         """The claims of a valid user access token of ours; :class:`Unauthenticated` for anything else."""
@@ -304,6 +307,8 @@ class AccessTokens:
         key = self._verifying.get(kid)
         if key is None:
             raise Unauthenticated("access token signed by an unknown key")
+        if not _is_canonical_signature(token):
+            raise Unauthenticated("invalid access token")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -362,6 +367,38 @@ def is_service_token(token: str) -> bool:
         return False
     subject = payload.get("sub") if isinstance(payload, dict) else None
     return isinstance(subject, str) and subject.startswith(SERVICE_ACCOUNT_SUBJECT_PREFIX)
+
+
+def _with_low_s(token: str) -> str:
+    """The token with its ECDSA signature (r, s) made (r, n - s) if s is in the upper half.
+
+    Both verify, and the signer gives either at random; only the low one is accepted
+    (:func:`_is_canonical_signature`), so that a token has one spelling, not two.
+    """
+    signing_input, _, encoded = token.rpartition(".")
+    signature = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    s = int.from_bytes(signature[_ES256_HALF:], "big")
+    if s <= _P256_ORDER // 2:
+        return token
+    low = (_P256_ORDER - s).to_bytes(_ES256_HALF, "big")
+    return f"{signing_input}.{_base64url(signature[:_ES256_HALF] + low)}"
+
+
+def _is_canonical_signature(token: str) -> bool:
+    """Whether the signature is spelt the one way we sign: r || s of 32 bytes each with s at most
+    n / 2, in base64url without padding and without stray low bits in its last character.
+
+    ECDSA lets anyone turn a valid (r, s) into the valid (r, n - s), and base64url lets the same
+    bytes be spelt four ways: a service that deny-lists a token by its text would miss the twin.
+    """
+    encoded = token.rpartition(".")[2]
+    try:
+        signature = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    if len(signature) != 2 * _ES256_HALF or _base64url(signature) != encoded:
+        return False
+    return 0 < int.from_bytes(signature[_ES256_HALF:], "big") <= _P256_ORDER // 2
 
 
 def _base64url(data: bytes) -> str:

@@ -7,18 +7,37 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
+import hmac
 import os
 from collections.abc import Iterator
+from typing import Any
 
+import grpc
 import pytest
+from bson import ObjectId
+from cryptography.exceptions import InvalidTag
 
 from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, make_settings
-from tests.e2e.helpers import PASSWORD, Enrolled, create_request, independent_totp, signed_up, users_grpc
+from tests.e2e.helpers import (
+    PASSWORD,
+    Enrolled,
+    create_request,
+    independent_totp,
+    raw_collection,
+    reset_token,
+    rpc_error,
+    signed_up,
+    users_grpc,
+    wait_until,
+)
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
 from users_grpc.config import Settings
 from users_grpc.ports import Clock
 from users_grpc.rewrap import rewrap
+from users_grpc.secrets_at_rest import derive_key
+from users_grpc.tokens import KeyEncryption
 
 NEW_KEY = os.urandom(32)
 
@@ -162,3 +181,129 @@ def test_a_secret_written_during_the_rewrap_is_never_overwritten(servers: Server
     # The enrollment made meanwhile stands: its secret confirms.
     code = independent_totp(enrolled_again[0], clock.now().timestamp())
     assert own.ConfirmMfa(pb.ConfirmMfaRequest(user_id=jane.user.id, code=code)).recovery_codes
+
+
+def legacy_digest(root: bytes, purpose: str, subject: str, secret: str) -> str:
+    """A digest as root 0 makes it: what anyone holding ``root`` (a key-encryption key) can compute."""
+    key = derive_key(root, f"digest/{purpose}")
+    return hmac.new(key, f"{subject}\0{secret}".encode(), hashlib.sha256).hexdigest()
+
+
+def stored(mongodb_uri: str, server: RunningServer, collection: str, **query: Any) -> dict[str, Any]:
+    with raw_collection(mongodb_uri, server.settings.mongodb_database, collection) as documents:
+        found = documents.find_one(query)
+    assert found is not None, query
+    return found
+
+
+def test_a_new_digest_root_keys_new_digests_on_every_replica_and_old_digests_keep_matching(
+    servers: Servers, mail: MailSink, mongodb_uri: str
+) -> None:
+    """After a leak of the key-encryption key: rotate it, rewrap, start a new digest root. The
+    leaked key then derives no new digest, and what was pending before still works."""
+    clock = FakeClock()
+    before = servers.start(clock)
+    bob = signed_up(before, mail, "bob")  # a refresh token, its digest under root 0
+    before.anonymous.CreateUser(create_request(username="ann", email="ann@example.com"))  # a pending code
+    old_robot = before.stub.CreateServiceAccount(pb.CreateServiceAccountRequest(name="old-robot"))
+    jane = Enrolled(before, mail, clock)  # recovery codes
+    dan = signed_up(before, mail, "dan")
+    before.stub_for(dan.access_token).ChangeEmail(
+        pb.ChangeEmailRequest(user_id=dan.user.id, new_email="dan@new.example.com", password=PASSWORD)
+    )  # a pending email-change code
+    signed_up(before, mail, "eve")
+    before.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="eve"))  # a pending reset token
+    servers.stop(before)
+
+    # Two replicas on one database, on the new key; the old one still opens during the rewrap.
+    rotation = {"USERS_KEY_ENCRYPTION_KEY": b64(NEW_KEY), "USERS_OLD_KEY_ENCRYPTION_KEYS": b64(KEY_ENCRYPTION_KEY)}
+    keys = {"key_encryption_key": NEW_KEY, "old_key_encryption_keys": (KEY_ENCRYPTION_KEY,)}
+    first, second = servers.start(clock, **keys), servers.start(clock, **keys)
+    assert users_grpc("keys", "rewrap", server_settings=first.settings, **rotation).returncode == 0
+    started = users_grpc(
+        "keys", "rotate-digest-root", "--in-use-after", "0", server_settings=first.settings, **rotation
+    )
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.startswith("digest root 1 started: new digests use it from ")
+    # The new root is sealed under the new key: the leaked one does not open it.
+    sealed_root = bytes(stored(mongodb_uri, first, "key_material", _id="digest-root/1")["sealed"])
+    with pytest.raises(InvalidTag):
+        KeyEncryption(KEY_ENCRYPTION_KEY).open(sealed_root, "digest-root/1")
+    # What each replica does every USERS_KEY_RELOAD_SECONDS (and at start).
+    for replica in (first, second):
+        replica.call(replica.app.reload_digest_roots())
+
+    # A code pended on one replica is under the new root, and the other replica takes it.
+    first.anonymous.CreateUser(create_request(username="carol", email="carol@example.com"))
+    code = mail.code_for("carol@example.com")
+    carol = stored(mongodb_uri, first, "users", username="carol")
+    digest = carol["activation"]["digest"]
+    assert digest.startswith("1:")
+    assert digest.removeprefix("1:") not in {
+        legacy_digest(key, "activation-code", str(carol["_id"]), code) for key in (KEY_ENCRYPTION_KEY, NEW_KEY)
+    }
+    assert second.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="carol", code=code)).user.username == "carol"
+
+    # What was pending before the new root still matches, on either replica.
+    old_code = mail.code_for("ann@example.com")
+    assert second.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="ann", code=old_code)).user.username == "ann"
+    refreshed = second.anonymous.RefreshSession(pb.RefreshSessionRequest(refresh_token=bob.refresh_token))
+    session = stored(mongodb_uri, first, "sessions", _id=ObjectId(bob.session_id))
+    assert session["token_digest"].startswith("1:")  # the session moved to the new root
+    assert first.anonymous.RefreshSession(pb.RefreshSessionRequest(refresh_token=refreshed.refresh_token)).access_token
+    secret = old_robot.client_secret
+    client_id = old_robot.service_account.client_id
+    assert second.anonymous.IssueServiceToken(pb.IssueServiceTokenRequest(client_id=client_id, client_secret=secret))
+
+    jane.server = second
+    assert jane.sign_in(recovery_code=jane.recovery_codes[0]).user.id == jane.user_id
+    email_code = mail.code_for("dan@new.example.com")
+    confirmed = second.stub_for(dan.access_token).ConfirmEmailChange(
+        pb.ConfirmEmailChangeRequest(user_id=dan.user.id, code=email_code)
+    )
+    assert confirmed.user.email == "dan@new.example.com"
+    new_password = "a brand new passphrase"
+    second.anonymous.ResetPassword(
+        pb.ResetPasswordRequest(
+            token=reset_token(mail, "eve@example.com"),
+            new_password=new_password,
+            new_password_confirmation=new_password,
+        )
+    )
+    assert second.anonymous.Authenticate(pb.AuthenticateRequest(identifier="eve", password=new_password)).user
+
+    # A service account made now: its secret's digest is under the new root, and works on the other replica.
+    robot = first.stub.CreateServiceAccount(pb.CreateServiceAccountRequest(name="robot"))
+    robot_id = robot.service_account.client_id
+    assert stored(mongodb_uri, first, "service_accounts", _id=ObjectId(robot_id))["secret_digest"].startswith("1:")
+    issued = second.anonymous.IssueServiceToken(
+        pb.IssueServiceTokenRequest(client_id=robot_id, client_secret=robot.client_secret)
+    )
+    assert issued.access_token
+    # A wrong secret is still wrong, under either root.
+    wrong = pb.IssueServiceTokenRequest(client_id=robot_id, client_secret=secret)
+    assert rpc_error(second.anonymous.IssueServiceToken, wrong).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_new_digest_root_is_not_used_before_its_time(servers: Servers, mail: MailSink, mongodb_uri: str) -> None:
+    """By default a new root waits two key reloads, so every replica has it before any digest is
+    made under it; until then new digests stay under the root before."""
+    server = servers.start(FakeClock())
+    started = users_grpc("keys", "rotate-digest-root", "--in-use-after", "3600", server_settings=server.settings)
+    assert started.returncode == 0, started.stderr
+    server.call(server.app.reload_digest_roots())
+    server.anonymous.CreateUser(create_request(username="dora", email="dora@example.com"))
+    dora = stored(mongodb_uri, server, "users", username="dora")
+    code = mail.code_for("dora@example.com")
+    assert dora["activation"]["digest"] == legacy_digest(KEY_ENCRYPTION_KEY, "activation-code", str(dora["_id"]), code)
+
+
+def test_a_running_replica_loads_a_new_digest_root_at_its_next_key_reload(servers: Servers, mail: MailSink) -> None:
+    server = servers.start(FakeClock(), key_reload_seconds=1.0)
+    assert server.app.secrets_at_rest.digest_root_versions == [0]
+    started = users_grpc("keys", "rotate-digest-root", "--in-use-after", "0", server_settings=server.settings)
+    assert started.returncode == 0, started.stderr
+    wait_until(lambda: server.app.secrets_at_rest.digest_root_versions == [1, 0], what="root 1 loaded")
+    server.anonymous.CreateUser(create_request(username="eva", email="eva@example.com"))
+    code = mail.code_for("eva@example.com")
+    assert server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="eva", code=code)).user.username == "eva"

@@ -193,6 +193,37 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+# The order n of the P-256 group: (r, s) and (r, n - s) are both valid ECDSA signatures.
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _with_s(token: str, choose: Any) -> str:
+    """The token with the s of its signature (raw r || s, RFC 7518 3.4) replaced by choose(s)."""
+    signing_input, _, encoded = token.rpartition(".")
+    raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    s = choose(int.from_bytes(raw[32:], "big"))
+    return f"{signing_input}.{_b64(raw[:32] + s.to_bytes(32, 'big'))}"
+
+
+def low_s(token: str) -> str:
+    return _with_s(token, lambda s: min(s, P256_ORDER - s))
+
+
+def test_the_twin_of_a_tokens_signature_is_unauthenticated(server: RunningServer, mail: MailSink) -> None:
+    """(r, n - s) verifies as well as (r, s): a second spelling of the same token, which a
+    deny-list keyed on the token's text would miss. Only the low s is accepted, and the server
+    signs with it, so its own tokens always pass."""
+    session = signed_up(server, mail)
+    twin = _with_s(session.access_token, lambda s: P256_ORDER - s)
+    assert twin != session.access_token
+    assert get_user_status(server, twin, session.user.id) == UNAUTHENTICATED
+    assert whoami(server, session).id == session.user.id
+    for _ in range(20):  # every token it issues passes (a high s, refused, comes half the time)
+        renewed = refresh(server, session.refresh_token)
+        session.refresh_token = renewed.refresh_token
+        assert whoami(server, session, renewed.access_token).id == session.user.id
+
+
 def _claims(server: RunningServer, session: pb.AuthenticateResponse, **changes: Any) -> dict[str, Any]:
     now = int(time.time())
     claims: dict[str, Any] = {
@@ -239,7 +270,8 @@ def test_forged_tokens_are_unauthenticated(
     header = {"kid": kid, "typ": "at+jwt"}
 
     def sign(claims: dict[str, Any], headers: dict[str, Any] = header, signer: Any = key) -> str:
-        return jwt.encode(claims, signer, algorithm="ES256", headers=headers)
+        # Low s, as the server signs: each forgery is refused for what it forges, not for a high s.
+        return low_s(jwt.encode(claims, signer, algorithm="ES256", headers=headers))
 
     if forgery.startswith("alg-"):
         alg = forgery.removeprefix("alg-")

@@ -117,6 +117,31 @@ def test_key_material_is_read_by_its_name(run: Any) -> None:
     run(body)
 
 
+def test_key_material_is_listed_by_name_prefix_with_its_time_of_use(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        material = MongoKeyMaterial(stores.database)
+        since = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+        assert await material.add("digest-root", b"0")
+        assert await material.add_in_use_from("digest-root/1", b"1", since)
+        assert not await material.add_in_use_from("digest-root/1", b"other", since + timedelta(days=1))
+        assert await material.add("digest-rooted", b"x")  # the prefix is literal: no pattern in it
+        assert await material.add("digest-rootXed", b"y")
+        assert await material.add("other", b"z")
+        listed = sorted(await material.named_with_prefix("digest-root/"))
+        assert listed == [("digest-root/1", b"1", since)]
+        everything = sorted(await material.named_with_prefix("digest-root"))
+        assert [(name, sealed) for name, sealed, _ in everything] == [
+            ("digest-root", b"0"),
+            ("digest-root/1", b"1"),
+            ("digest-rootXed", b"y"),
+            ("digest-rooted", b"x"),
+        ]
+        assert [since for _, _, since in everything] == [None, since, None, None]
+        assert await material.named_with_prefix("digest.root") == []  # a dot is a dot, not any character
+
+    run(body)
+
+
 def test_a_session_keeps_the_time_it_was_first_revoked(run: Any) -> None:
     async def body(stores: Stores) -> None:
         sessions, raw = stores.sessions, stores.database["sessions"]

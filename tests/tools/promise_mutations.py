@@ -258,8 +258,8 @@ MUTATIONS: list[Mutation] = [
         "M14c dev key file private",
         "users_grpc/__main__.py",
         None,
-        "DEV_KEY_FILE.chmod(0o600)",
-        "DEV_KEY_FILE.chmod(0o644)",
+        "os.O_EXCL, 0o600)",
+        "os.O_EXCL, 0o644)",
         [P + "test_dev_serves_on_the_embedded_database_and_stops_it"],
     ),
 ]

@@ -62,6 +62,20 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def signature_of(token: str) -> tuple[int, int]:
+    encoded = token.rpartition(".")[2]
+    raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    assert len(raw) == 64
+    return int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+
+
+def with_signature(token: str, r: int, s: int) -> str:
+    return f"{token.rpartition('.')[0]}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
 def run(coroutine: Coroutine[Any, Any, _T]) -> _T:
     return asyncio.run(coroutine)
 
@@ -99,7 +113,9 @@ class Keys:
             _b64(json.dumps({k: v for k, v in part.items() if v is not None}).encode()) for part in (header, claims)
         )
         signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode(), self.private_key(kid))
-        return f"{signing_input}.{_b64(signature)}"
+        # With the low s of the two valid ones, as we sign: a high s is refused before anything else.
+        r, s = signature_of(f"{signing_input}.{_b64(signature)}")
+        return with_signature(f"{signing_input}.", r, min(s, P256_ORDER - s))
 
     def user_claims(self, **changes: Any) -> dict[str, Any]:
         now = int(self.clock.now().timestamp())
@@ -531,3 +547,40 @@ class TestKeyEncryption:
         assert len(base64.urlsafe_b64decode(first)) == 32
         assert first != second
         KeyEncryption(base64.urlsafe_b64decode(first))
+
+
+def test_every_token_we_sign_has_a_low_s_signature(keys: Keys) -> None:
+    """ECDSA gives a high s about half the time: of 200 signatures, all low means we normalise
+    (without it, all 200 low has a chance of 2^-200)."""
+    for _ in range(200):
+        token, _ = keys.tokens.issue(USER, SESSION_ID)
+        _, s = signature_of(token)
+        assert s <= P256_ORDER // 2
+        assert run(keys.tokens.verify(token)).subject == USER.id
+
+
+def test_the_high_s_twin_of_a_valid_signature_is_refused(keys: Keys) -> None:
+    token, _ = keys.tokens.issue(USER, SESSION_ID)
+    r, s = signature_of(token)
+    twin = with_signature(token, r, P256_ORDER - s)
+    # The twin is a valid ECDSA signature: a library that does not refuse high s accepts it.
+    public = keys.private_key(keys.tokens.signing_kid or "").public_key()
+    jwt.decode(twin, public, algorithms=[ALGORITHM], audience=AUDIENCE, options={"verify_exp": False})
+    with pytest.raises(Unauthenticated):
+        run(keys.tokens.verify(twin))
+    assert run(keys.tokens.verify(token)).subject == USER.id  # the original still works
+
+
+def test_a_signature_spelt_another_way_is_refused(keys: Keys) -> None:
+    """The last of 86 base64url characters carries 2 unused bits: four spellings of one signature."""
+    token, _ = keys.tokens.issue(USER, SESSION_ID)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(token[-1])
+    respelt = token[:-1] + alphabet[last ^ 1]
+    assert base64.urlsafe_b64decode(respelt.rpartition(".")[2] + "==") == base64.urlsafe_b64decode(
+        token.rpartition(".")[2] + "=="
+    )
+    with pytest.raises(Unauthenticated):
+        run(keys.tokens.verify(respelt))
+    with pytest.raises(Unauthenticated):
+        run(keys.tokens.verify(token + "="))
