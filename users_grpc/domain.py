@@ -122,10 +122,15 @@ class PendingEmailChange:
 
 @dataclass(frozen=True, kw_only=True)
 class Tally:
-    """A throttle's count of events (failed tries, or a source's sign-ins) and when the last one was."""
+    """A throttle's count of events (failed tries, or a source's sign-ins) and when the last one was.
+
+    Of the tries counted as failed, ``pending`` are still being compared; they settle by ``settles_by``.
+    """
 
     count: int
     last_at: datetime
+    pending: int = 0
+    settles_by: datetime | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

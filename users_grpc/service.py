@@ -405,7 +405,12 @@ class UserService:
             # Refused before any comparison: this try must not count against the account.
             await self._throttle.release(reservation)
             raise
+        except BaseException:
+            # Cancelled or broken while comparing: still counted, but no longer holding up other tries.
+            await self._throttle.failed(reservation)
+            raise
         if not matches:
+            await self._throttle.failed(reservation)
             log.info("credentials refused", extra={"user_id": None if account is None else account.user.id})
             return False
         await self._throttle.succeeded(reservation)

@@ -85,6 +85,7 @@ class ServiceAccountService:
         stored = await self._accounts.secret_digest(client_id)
         presented = self._digest(client_id, secret)
         if stored is None or not hmac.compare_digest(stored, presented):
+            await self._throttle.failed(reservation)
             log.info("service account secret refused", extra={"client_id": client_id})
             raise InvalidCredentials()
         await self._throttle.succeeded(reservation)
