@@ -109,6 +109,8 @@ class AccountPolicy:
     activation_token_ttl: timedelta = timedelta(hours=24)
     # Anonymous calls about a named account answer no sooner than this (no_reply_sooner_than).
     reply_floor: timedelta = timedelta(milliseconds=200)
+    # The costliest imported bcrypt hash taken: our own cost, so a guess costs the same on any account.
+    max_imported_hash_cost: int = domain.MAX_IMPORTED_BCRYPT_COST
 
 
 class UserService:
@@ -197,7 +199,7 @@ class UserService:
         return results
 
     async def _import_user(self, item: ImportedUser) -> User:
-        domain.validate_imported_user(item)
+        domain.validate_imported_user(item, max_cost=self._policy.max_imported_hash_cost)
         user = await self._users.add(
             NewUser(
                 id=self._users.new_id(),
