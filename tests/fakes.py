@@ -251,19 +251,54 @@ class FakeThrottleStore:
         return {key: self.tallies[key][2] for key in keys if key in self.tallies}
 
     async def count_failure(
-        self, key: str, account: str, *, seen: Tally | None, now: datetime, window: timedelta, expires_at: datetime
-    ) -> Tally | None:
+        self,
+        key: str,
+        account: str,
+        *,
+        seen: Tally | None,
+        below: int,
+        now: datetime,
+        window: timedelta,
+        settles_by: datetime,
+        expires_at: datetime,
+    ) -> bool:
+        current = self.tallies[key][2] if key in self.tallies else None
+        fresh = Tally(count=1, last_at=now, pending=1, settles_by=settles_by)
+        if seen is None or seen.last_at <= now - window:
+            if current != seen:
+                return False
+            self.tallies[key] = (account, "password", fresh)
+            return True
+        if current is None or current.last_at <= now - window or (current.count >= below and current != seen):
+            return False
+        self.tallies[key] = (
+            account,
+            "password",
+            Tally(
+                count=current.count + 1,
+                last_at=max(current.last_at, now),
+                pending=current.pending + 1,
+                settles_by=settles_by if current.settles_by is None else max(current.settles_by, settles_by),
+            ),
+        )
+        return True
+
+    async def settle_failure(self, key: str, now: datetime) -> None:
         current = self.tallies.get(key)
-        if (current and current[2]) != seen:
-            return None
-        count = 1 if seen is None or seen.last_at <= now - window else seen.count + 1
-        self.tallies[key] = (account, "password", Tally(count=count, last_at=now))
-        return self.tallies[key][2]
+        if current and current[2].pending > 0:
+            tally = current[2]
+            settled = dataclasses.replace(tally, pending=tally.pending - 1, last_at=max(tally.last_at, now))
+            self.tallies[key] = (current[0], current[1], settled)
 
     async def uncount_failure(self, key: str) -> None:
         current = self.tallies.get(key)
-        if current and current[2].count > 0:
-            self.tallies[key] = (current[0], current[1], Tally(count=current[2].count - 1, last_at=current[2].last_at))
+        if current and current[2].count > 0 and current[2].pending > 0:
+            tally = current[2]
+            self.tallies[key] = (
+                current[0],
+                current[1],
+                dataclasses.replace(tally, count=tally.count - 1, pending=tally.pending - 1),
+            )
 
     async def forget(self, key: str) -> None:
         self.tallies.pop(key, None)

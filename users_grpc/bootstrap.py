@@ -332,6 +332,7 @@ async def build_app(
             activation_send_window=timedelta(seconds=settings.activation_send_window_seconds),
             activation_token_ttl=timedelta(seconds=settings.activation_token_ttl_seconds),
             reply_floor=timedelta(seconds=settings.reply_floor_seconds),
+            max_imported_hash_cost=settings.bcrypt_rounds,
         ),
         throttle=password_throttle,
     )

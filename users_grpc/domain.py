@@ -122,10 +122,15 @@ class PendingEmailChange:
 
 @dataclass(frozen=True, kw_only=True)
 class Tally:
-    """A throttle's count of events (failed tries, or a source's sign-ins) and when the last one was."""
+    """A throttle's count of events (failed tries, or a source's sign-ins) and when the last one was.
+
+    Of the tries counted as failed, ``pending`` are still being compared; they settle by ``settles_by``.
+    """
 
     count: int
     last_at: datetime
+    pending: int = 0
+    settles_by: datetime | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -479,8 +484,9 @@ def _profile_violations(username: str, first_name: str, last_name: str, email: s
 
 
 MAX_IMPORTED_USERS = 1000
-# Past this cost one check holds a hashing thread for many seconds (cost 31 takes days): an
-# imported hash could then turn every sign-in try into a denial of service.
+# The costliest imported hash, as our own (USERS_BCRYPT_ROUNDS, at most 16): a costlier one would make
+# each wrong guess on that account hold a hashing thread 2^(cost - rounds) times as long as one on a
+# native account, and a few anonymous guesses would then keep everyone else's sign-in waiting.
 MAX_IMPORTED_BCRYPT_COST = 16
 # $2a$, $2b$ or $2y$, a two-digit cost, 22 characters of salt and 31 of hash in bcrypt's base64.
 # The last salt character carries 2 bits and the last hash character 4 bits of padding, which
@@ -488,9 +494,9 @@ MAX_IMPORTED_BCRYPT_COST = 16
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{30}[.CGKOSWaeimquy26]")
 
 
-def validate_imported_user(item: ImportedUser) -> None:
+def validate_imported_user(item: ImportedUser, *, max_cost: int = MAX_IMPORTED_BCRYPT_COST) -> None:
     """Raise :class:`InvalidArgument` naming every bad field: registration's rules, and a
-    bcrypt hash in place of the password."""
+    bcrypt hash in place of the password, of a cost from 4 to ``max_cost`` (our own)."""
     violations = _profile_violations(item.username, item.first_name, item.last_name, item.email)
     if item.password_hash:
         match = _BCRYPT_HASH.fullmatch(item.password_hash)
@@ -498,9 +504,9 @@ def validate_imported_user(item: ImportedUser) -> None:
             violations.append(
                 FieldViolation("password_hash", "must be a bcrypt hash: $2a$, $2b$ or $2y$, cost, salt and hash")
             )
-        elif not 4 <= int(match.group(1)) <= MAX_IMPORTED_BCRYPT_COST:
+        elif not 4 <= int(match.group(1)) <= max_cost:
             violations.append(
-                FieldViolation("password_hash", f"the bcrypt cost must be 04 to {MAX_IMPORTED_BCRYPT_COST:02d}")
+                FieldViolation("password_hash", f"the bcrypt cost must be 04 to {max_cost:02d} (USERS_BCRYPT_ROUNDS)")
             )
     if violations:
         raise InvalidArgument(violations)

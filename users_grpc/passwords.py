@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import sys
 import threading
@@ -21,6 +22,8 @@ from users_grpc.domain import PasswordScheme, normalize_password
 from users_grpc.errors import Overloaded
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 # Keys the pre-hash when no pepper is configured. It is a domain separator, not
 # a secret: it keeps our digests out of any precomputed list of plain SHA-384s.
@@ -104,6 +107,14 @@ class BcryptHasher:
         """
         secret = password.encode("utf-8")
         if len(secret) > _BCRYPT_MAX_BYTES:
+            await self._run(bcrypt.checkpw, self._prehash(password), self._dummy_hash)
+            return False
+        if _cost(password_hash) > self._rounds:
+            # Imports take no hash costlier than ours, but one stored before that rule (or before
+            # USERS_BCRYPT_ROUNDS was lowered) would make each guess cost 2^(cost - rounds) native
+            # ones: a few anonymous guesses would hold every hashing thread. Not compared, at the
+            # cost of a native check; the owner sets a new password with ForgotPassword.
+            log.warning("imported password hash too costly to check", extra={"cost": _cost(password_hash)})
             await self._run(bcrypt.checkpw, self._prehash(password), self._dummy_hash)
             return False
         # $2y$ (PHP's name) is the same algorithm as $2b$.

@@ -236,15 +236,30 @@ class ThrottleStore(Protocol):
     async def get(self, keys: list[str]) -> dict[str, Tally]: ...
 
     async def count_failure(
-        self, key: str, account: str, *, seen: Tally | None, now: datetime, window: timedelta, expires_at: datetime
-    ) -> Tally | None:
-        """Add a failure to the tally last ``seen`` (a fresh one if that is older than ``window``).
+        self,
+        key: str,
+        account: str,
+        *,
+        seen: Tally | None,
+        below: int,
+        now: datetime,
+        window: timedelta,
+        settles_by: datetime,
+        expires_at: datetime,
+    ) -> bool:
+        """Count a try as failed, and in flight until it settles (by ``settles_by`` at the latest).
 
-        None if the tally changed since it was seen: another try counted first.
+        A fresh tally if none was ``seen`` or the one seen is older than ``window``; else one more
+        if the tally still holds fewer than ``below``, or is still as ``seen``. False if not
+        counted: the tally changed since it was seen (another try counted first, or it was forgotten).
         """
 
+    async def settle_failure(self, key: str, now: datetime) -> None:
+        """A try counted on the tally compared and failed at ``now``: it stays counted, no longer in
+        flight, and the delays after it run from ``now``."""
+
     async def uncount_failure(self, key: str) -> None:
-        """Take back one failure (a try that never reached a comparison, or the owner's success)."""
+        """Take back a try in flight (one that never reached a comparison, or the owner's success)."""
 
     async def forget(self, key: str) -> None: ...
 

@@ -1494,8 +1494,9 @@ class MongoSessionRepository:
 class MongoThrottleStore:
     """The ``throttles`` collection: one small document per tally, found by ``_id``.
 
-    Failure tallies change only by compare-and-set on their count and time, so two
-    tries racing for one tally never both count as the same failure.
+    Failure tallies change only by conditional updates: below its limit a tally counts every try
+    at once; at the limit only by compare-and-set on its count and time, so two tries racing
+    there never both count as the one a delay lets through.
     """
 
     def __init__(self, database: AsyncDatabase[Document]) -> None:
@@ -1510,37 +1511,65 @@ class MongoThrottleStore:
     @_storage_errors
     async def get(self, keys: list[str]) -> dict[str, Tally]:
         documents = await self._tallies.find({"_id": {"$in": keys}}).to_list()
-        return {document["_id"]: Tally(count=document["count"], last_at=document["last_at"]) for document in documents}
+        return {document["_id"]: _tally_from_document(document) for document in documents}
 
     @_storage_errors
     async def count_failure(
-        self, key: str, account: str, *, seen: Tally | None, now: datetime, window: timedelta, expires_at: datetime
-    ) -> Tally | None:
-        # BSON dates hold milliseconds: the tally returned must equal the one stored, for compare-and-set.
+        self,
+        key: str,
+        account: str,
+        *,
+        seen: Tally | None,
+        below: int,
+        now: datetime,
+        window: timedelta,
+        settles_by: datetime,
+        expires_at: datetime,
+    ) -> bool:
+        # BSON dates hold milliseconds: the time stored must equal the one read back, for compare-and-set.
         now = now.replace(microsecond=now.microsecond // 1000 * 1000)
-        count = 1 if seen is None or seen.last_at <= now - window else seen.count + 1
-        tally = Tally(count=count, last_at=now)
-        document = {
+        fresh = {
             "account": account,
             "kind": "password",
-            "count": tally.count,
+            "count": 1,
+            "pending": 1,
             "last_at": now,
+            "settles_by": settles_by,
             "expires_at": expires_at,
         }
         if seen is None:
             try:
-                await self._tallies.insert_one({"_id": key, **document})
+                await self._tallies.insert_one({"_id": key, **fresh})
             except DuplicateKeyError:
-                return None
-            return tally
+                return False
+            return True
+        as_seen = {"count": seen.count, "last_at": seen.last_at}
+        if seen.last_at <= now - window:
+            result = await self._tallies.update_one({"_id": key, **as_seen}, {"$set": fresh})
+            return result.modified_count == 1
+        # Below the limit any number of tries count at once, whatever the others did meanwhile: only
+        # at the limit must the tally still be as seen (the one try a delay lets through).
         result = await self._tallies.update_one(
-            {"_id": key, "count": seen.count, "last_at": seen.last_at}, {"$set": document}
+            {"_id": key, "last_at": {"$gt": now - window}, "$or": [{"count": {"$lt": below}}, as_seen]},
+            {
+                "$inc": {"count": 1, "pending": 1},
+                "$max": {"last_at": now, "settles_by": settles_by, "expires_at": expires_at},
+            },
         )
-        return tally if result.modified_count == 1 else None
+        return result.modified_count == 1
+
+    @_storage_errors
+    async def settle_failure(self, key: str, now: datetime) -> None:
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # as count_failure stores it
+        await self._tallies.update_one(
+            {"_id": key, "pending": {"$gt": 0}}, {"$inc": {"pending": -1}, "$max": {"last_at": now}}
+        )
 
     @_storage_errors
     async def uncount_failure(self, key: str) -> None:
-        await self._tallies.update_one({"_id": key, "count": {"$gt": 0}}, {"$inc": {"count": -1}})
+        await self._tallies.update_one(
+            {"_id": key, "count": {"$gt": 0}, "pending": {"$gt": 0}}, {"$inc": {"count": -1, "pending": -1}}
+        )
 
     @_storage_errors
     async def forget(self, key: str) -> None:
@@ -1576,6 +1605,15 @@ class MongoThrottleStore:
             assert document is not None
             return int(document["count"])
         raise StorageUnavailable()
+
+
+def _tally_from_document(document: Document) -> Tally:
+    return Tally(
+        count=document["count"],
+        last_at=document["last_at"],
+        pending=document.get("pending", 0),
+        settles_by=document.get("settles_by"),
+    )
 
 
 class MongoServiceAccountRepository:

@@ -168,6 +168,8 @@ class AccountPolicy:
     activation_token_ttl: timedelta = timedelta(hours=24)
     # Anonymous calls about a named account answer no sooner than this (no_reply_sooner_than).
     reply_floor: timedelta = timedelta(milliseconds=200)
+    # The costliest imported bcrypt hash taken: our own cost, so a guess costs the same on any account.
+    max_imported_hash_cost: int = domain.MAX_IMPORTED_BCRYPT_COST
 
 
 class UserService:
@@ -256,7 +258,7 @@ class UserService:
         return results
 
     async def _import_user(self, item: ImportedUser) -> User:
-        domain.validate_imported_user(item)
+        domain.validate_imported_user(item, max_cost=self._policy.max_imported_hash_cost)
         user = await self._users.add(
             NewUser(
                 id=self._users.new_id(),
@@ -465,7 +467,12 @@ class UserService:
             # Refused before any comparison: this try must not count against the account.
             await self._throttle.release(reservation)
             raise
+        except BaseException:
+            # Cancelled or broken while comparing: still counted, but no longer holding up other tries.
+            await self._throttle.failed(reservation)
+            raise
         if not matches:
+            await self._throttle.failed(reservation)
             log.info("credentials refused", extra={"user_id": None if account is None else account.user.id})
             return False
         await self._throttle.succeeded(reservation)

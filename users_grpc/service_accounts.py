@@ -85,6 +85,7 @@ class ServiceAccountService:
         stored = await self._accounts.secret_digest(client_id)
         # Under the digest root the stored digest names.
         if stored is None or not self._digests.matches(stored, "service-account-secret", client_id, secret):
+            await self._throttle.failed(reservation)
             log.info("service account secret refused", extra={"client_id": client_id})
             raise InvalidCredentials()
         await self._throttle.succeeded(reservation)

@@ -1,7 +1,10 @@
 """Brute-force defences that a stranger cannot turn against an account's owner.
 
 Password guesses are counted per account *and source address*, before the
-hash is compared (so parallel guesses cannot overrun a cap):
+hash is compared (so parallel guesses cannot overrun a cap). A try that finds
+a cap reached by tries still being compared waits for them to settle instead
+of being refused: they may be the owner's own sign-ins (tabs, devices,
+retries), and a success forgets them:
 
 - From one source, the first ``free_attempts`` failures cost nothing; each
   further try must wait a delay that doubles per failure, up to ``max_delay``.
@@ -21,6 +24,9 @@ every replica.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import enum
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,8 +37,18 @@ from users_grpc.ports import Clock, ThrottleStore
 
 log = logging.getLogger(__name__)
 
-# Two tries racing for one counter: the loser reads again, this often, then gives up (and is refused).
-_COUNTING_ROUNDS = 3
+# Below a limit tries count at once whatever the others do; a round is lost only to a tally that
+# another try created, reset, forgot or counted at its limit, each of which moves it on. Losing
+# this many rounds in a row is no contention that real sign-ins make: it is refused.
+_COUNTING_ROUNDS = 20
+# Longer than any comparison takes (the hashing queue refuses what would wait longer): a try still
+# in flight after it is taken as failed (its replica stopped), so it holds no one up for good.
+_SETTLING_TIME = timedelta(seconds=10)
+# How often a try held by tries in flight looks at the tally again (they settle in replicas of their own).
+_SETTLING_POLL_SECONDS = 0.02
+# The longest one try waits for others, by this replica's own time: a safeguard should the clock
+# stand still, as a test's does (by the shared clock, tries in flight settle in _SETTLING_TIME).
+_LONGEST_WAIT_SECONDS = 3 * _SETTLING_TIME.total_seconds()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +78,11 @@ class Reservation:
     counted: tuple[str, ...]
 
 
+class _Round(enum.Enum):
+    WAITS = "the limit is reached by tries still in flight"
+    LOST = "another try changed a tally since it was read"
+
+
 class PasswordThrottle:
     def __init__(self, *, store: ThrottleStore, clock: Clock, policy: ThrottlePolicy) -> None:
         self._store = store
@@ -71,38 +92,69 @@ class PasswordThrottle:
     async def reserve(self, account: str, source: str) -> Reservation:
         """Count a try as failed until it succeeds; TooManyAttempts if it must wait.
 
-        ``account`` is the user id, or for an unknown account its identifier key.
+        ``account`` is the user id, or for an unknown account its identifier key. Each try is
+        counted before its comparison, so parallel tries cannot pass a limit; one that finds the
+        limit reached by tries still in flight waits for them to settle (a success forgets them)
+        rather than being refused for what may yet be the owner's own sign-ins.
         """
+        loop = asyncio.get_running_loop()
+        stop_waiting_at = loop.time() + _LONGEST_WAIT_SECONDS
+        lost_rounds = 0
+        while True:
+            outcome = await self._count_once(account, source, may_wait=loop.time() < stop_waiting_at)
+            if isinstance(outcome, Reservation):
+                return outcome
+            if outcome is _Round.WAITS:
+                await asyncio.sleep(_SETTLING_POLL_SECONDS)
+                continue
+            lost_rounds += 1
+            if lost_rounds == _COUNTING_ROUNDS:
+                log.warning("password attempts contended", extra={"user_id": account, "source": source})
+                raise TooManyAttempts(retry_after=self._policy.first_delay)
+
+    async def _count_once(self, account: str, source: str, *, may_wait: bool) -> Reservation | _Round:
+        """One look at the tallies: the try counted on each, or why not (holding nothing then)."""
         source_key, account_key, known_key = _keys(account, source)
-        for _ in range(_COUNTING_ROUNDS):
-            now = self._clock.now()
-            counts = await self._store.get([source_key, account_key, known_key])
-            known = known_key in counts and counts[known_key].last_at > now - self._policy.known_source_lifetime
-            keys = [(source_key, self._policy.free_attempts)]
-            if not known:
-                keys.append((account_key, self._policy.account_free_attempts))
-            wait = max(self._policy.wait(counts.get(key), free, now) for key, free in keys)
+        now = self._clock.now()
+        counts = await self._store.get([source_key, account_key, known_key])
+        known = known_key in counts and counts[known_key].last_at > now - self._policy.known_source_lifetime
+        limits = [(source_key, self._policy.free_attempts)]
+        if not known:
+            limits.append((account_key, self._policy.account_free_attempts))
+        counted = Reservation(account=account, source=source, counted=())
+        for key, free in limits:
+            tally = counts.get(key)
+            wait = self._policy.wait(tally, free, now)
             if wait > timedelta(0):
+                # Hold nothing while waiting or refused, so two tries never wait on each other.
+                await self.release(counted)
+                if may_wait and _in_flight(tally, now):
+                    return _Round.WAITS
                 log.warning("password attempts throttled", extra={"user_id": account, "source": source})
                 raise TooManyAttempts(retry_after=wait)
-            counted: list[str] = []
-            for key, _ in keys:
-                after = await self._store.count_failure(
-                    key,
-                    account,
-                    seen=counts.get(key),
-                    now=now,
-                    window=self._policy.window,
-                    expires_at=self._expiry(now),
-                )
-                if after is None:
-                    break
-                counted.append(key)
-            else:
-                return Reservation(account=account, source=source, counted=tuple(counted))
-            # Another try counted first: give back what this one counted, and look again.
-            await self.release(Reservation(account=account, source=source, counted=tuple(counted)))
-        raise TooManyAttempts(retry_after=self._policy.first_delay)
+            if not await self._store.count_failure(
+                key,
+                account,
+                seen=tally,
+                below=free,
+                now=now,
+                window=self._policy.window,
+                settles_by=now + _SETTLING_TIME,
+                expires_at=self._expiry(now),
+            ):
+                await self.release(counted)
+                return _Round.LOST
+            counted = dataclasses.replace(counted, counted=(*counted.counted, key))
+        return counted
+
+    async def failed(self, reservation: Reservation) -> None:
+        """The try compared and failed (or was cancelled while comparing): it stays counted, settled.
+
+        Its delay runs from now, not from when it was counted: a slow comparison shortens no wait.
+        """
+        now = self._clock.now()
+        for key in reservation.counted:
+            await self._store.settle_failure(key, now)
 
     async def succeeded(self, reservation: Reservation) -> None:
         """The password matched: forget this source's failures and remember the source as the owner's.
@@ -128,6 +180,11 @@ class PasswordThrottle:
     def _expiry(self, now: datetime) -> datetime:
         # A count past the window and the longest delay no longer matters; housekeeping deletes it.
         return now + self._policy.window + self._policy.max_delay
+
+
+def _in_flight(tally: Tally | None, now: datetime) -> bool:
+    """Whether some of the tries counted on the tally are still being compared."""
+    return tally is not None and tally.pending > 0 and tally.settles_by is not None and tally.settles_by > now
 
 
 def _keys(account: str, source: str) -> tuple[str, str, str]:

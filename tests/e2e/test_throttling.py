@@ -103,7 +103,8 @@ def test_after_a_completed_reset_the_owner_signs_in_at_once(
     assert sign_in(guesser, NEW_PASSWORD).user.username == "jane"
 
 
-def test_parallel_guesses_cannot_exceed_the_free_tries(server: RunningServer, mail: MailSink) -> None:
+def test_parallel_guesses_cannot_exceed_the_free_tries(start_server: StartServer, mail: MailSink) -> None:
+    server = start_server(clock=FakeClock())  # a still clock: no delay ends while the guesses settle
     active_user(server, mail)
     request = pb.AuthenticateRequest(identifier="jane", password=WRONG)
     futures = [server.anonymous.Authenticate.future(request) for _ in range(16)]
@@ -111,6 +112,33 @@ def test_parallel_guesses_cannot_exceed_the_free_tries(server: RunningServer, ma
     assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
     # Each try is counted before its hash is compared: no more than the free tries reach a comparison.
     assert 1 <= codes.count(grpc.StatusCode.UNAUTHENTICATED) <= server.settings.password_free_attempts
+
+
+def test_parallel_right_passwords_all_sign_in_while_parallel_guesses_stay_within_the_free_tries(
+    start_server: StartServer, mail: MailSink
+) -> None:
+    """The audit: six parallel sign-ins with the right password, from one address and no failure
+    before, were refused TOO_MANY_ATTEMPTS by contention alone. Many more than the free tries at
+    once, for the owner and for a guesser of another account from the same address: every
+    right password signs in, and no more wrong ones than the free tries reach a comparison."""
+    server = start_server(clock=FakeClock())  # a still clock: no delay ends during the run
+    active_user(server, mail)
+    active_user(server, mail, "john")
+    free = server.settings.password_free_attempts
+    right = pb.AuthenticateRequest(identifier="jane", password=PASSWORD)
+    wrong = pb.AuthenticateRequest(identifier="john", password=WRONG)
+    tries = 2 * free + 2
+    futures = [server.anonymous.Authenticate.future(request) for _ in range(tries) for request in (right, wrong)]
+    signed_in = [future.result(timeout=60).user.username for future in futures[0::2]]
+    guesses = [future.exception(timeout=60) for future in futures[1::2]]
+    assert signed_in == ["jane"] * tries
+    compared = [error for error in guesses if error.code() == grpc.StatusCode.UNAUTHENTICATED]  # type: ignore[union-attr]
+    held = [error for error in guesses if error not in compared]
+    assert 1 <= len(compared) <= free
+    assert {(error.code(), error_info(error).reason) for error in held} == {  # type: ignore[union-attr, arg-type]
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_ATTEMPTS")
+    }
+    assert sign_in(server.anonymous, PASSWORD).user.username == "jane"
 
 
 def test_guesses_from_many_addresses_are_held_account_wide_but_not_at_the_owners_address(

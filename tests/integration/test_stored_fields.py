@@ -62,14 +62,17 @@ def test_a_failure_tally_expires_when_its_last_count_says_and_is_uncounted_down_
     async def body(stores: Stores) -> None:
         tallies = stores.throttle
         window = timedelta(minutes=15)
-        first = await tallies.count_failure(
-            "password:u1:a", "u1", seen=None, now=NOW, window=window, expires_at=NOW + DAY
-        )
-        assert first == Tally(count=1, last_at=NOW)
+        limits: dict[str, Any] = {"below": 5, "window": window, "settles_by": NOW + SECOND}
+        assert await tallies.count_failure("password:u1:a", "u1", seen=None, now=NOW, expires_at=NOW + DAY, **limits)
+        first = (await tallies.get(["password:u1:a"]))["password:u1:a"]
+        assert first == Tally(count=1, last_at=NOW, pending=1, settles_by=NOW + SECOND)
         assert await tallies.count_failure(
-            "password:u1:a", "u1", seen=first, now=NOW + SECOND, window=window, expires_at=NOW + 2 * DAY
-        ) == Tally(count=2, last_at=NOW + SECOND)
-        await tallies.count_failure("password:u2:a", "u2", seen=None, now=NOW, window=window, expires_at=NOW + DAY)
+            "password:u1:a", "u1", seen=first, now=NOW + SECOND, expires_at=NOW + 2 * DAY, **limits
+        )
+        assert (await tallies.get(["password:u1:a"]))["password:u1:a"] == Tally(
+            count=2, last_at=NOW + SECOND, pending=2, settles_by=NOW + SECOND
+        )
+        await tallies.count_failure("password:u2:a", "u2", seen=None, now=NOW, expires_at=NOW + DAY, **limits)
         await tallies.uncount_failure("password:u2:a")
         await tallies.uncount_failure("password:u2:a")
         assert (await tallies.get(["password:u2:a"]))["password:u2:a"].count == 0

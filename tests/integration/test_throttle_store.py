@@ -14,48 +14,85 @@ _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, 12, 0, 0, 123000, tzinfo=UTC)
 WINDOW = timedelta(minutes=15)
 LATER = NOW + timedelta(hours=1)
+SETTLES_BY = NOW + timedelta(seconds=10)
 
 
-async def count(store: MongoThrottleStore, key: str, now: datetime = NOW) -> Tally | None:
+async def count(store: MongoThrottleStore, key: str, now: datetime = NOW, below: int = 5) -> Tally | None:
+    """Count a try on the tally as read; the tally after, or None if not counted."""
     seen = (await store.get([key])).get(key)
     account = key.split(":")[1]
-    return await store.count_failure(key, account, seen=seen, now=now, window=WINDOW, expires_at=LATER)
+    counted = await store.count_failure(
+        key, account, seen=seen, below=below, now=now, window=WINDOW, settles_by=SETTLES_BY, expires_at=LATER
+    )
+    return (await store.get([key]))[key] if counted else None
 
 
-def test_counts_by_compare_and_set(run: Any) -> None:
+def test_counts_below_the_limit_at_once_and_at_it_by_compare_and_set(run: Any) -> None:
     async def body(stores: Stores) -> None:
         store = stores.throttle
-        assert await count(store, "password:u1:a") == Tally(count=1, last_at=NOW)
-        assert await count(store, "password:u1:a") == Tally(count=2, last_at=NOW)
+        assert await count(store, "password:u1:a") == Tally(count=1, last_at=NOW, pending=1, settles_by=SETTLES_BY)
+        assert await count(store, "password:u1:a", below=2) == Tally(
+            count=2, last_at=NOW, pending=2, settles_by=SETTLES_BY
+        )
         stale = Tally(count=1, last_at=NOW)
-        refused = await store.count_failure("password:u1:a", "u1", seen=stale, now=NOW, window=WINDOW, expires_at=LATER)
-        assert refused is None  # the tally moved on since it was seen
+        at_the_limit: dict[str, Any] = {
+            "below": 2,
+            "now": NOW,
+            "window": WINDOW,
+            "settles_by": SETTLES_BY,
+            "expires_at": LATER,
+        }
+        assert not await store.count_failure("password:u1:a", "u1", seen=stale, **at_the_limit)  # it moved on
         assert (await store.get(["password:u1:a"]))["password:u1:a"].count == 2
+        # Below the limit a try counts though the tally moved on since it was read.
+        assert await store.count_failure("password:u1:a", "u1", seen=stale, **{**at_the_limit, "below": 3})
+        assert (await store.get(["password:u1:a"]))["password:u1:a"].count == 3
         # A fresh count once the window has passed since the last failure.
-        assert await count(store, "password:u1:a", NOW + WINDOW) == Tally(count=1, last_at=NOW + WINDOW)
+        assert await count(store, "password:u1:a", NOW + WINDOW) == Tally(
+            count=1, last_at=NOW + WINDOW, pending=1, settles_by=SETTLES_BY
+        )
 
     run(body)
 
 
-def test_parallel_counts_from_one_sight_succeed_once(run: Any) -> None:
+def test_parallel_counts_all_count_below_the_limit_and_one_at_it(run: Any) -> None:
     async def body(stores: Stores) -> None:
         store = stores.throttle
         await count(store, "password:u1:a")
         seen = (await store.get(["password:u1:a"]))["password:u1:a"]
-        results = await asyncio.gather(
-            *(
-                store.count_failure("password:u1:a", "u1", seen=seen, now=NOW, window=WINDOW, expires_at=LATER)
-                for _ in range(10)
+
+        async def counted(key: str, seen: Tally | None, below: int) -> bool:
+            return await store.count_failure(
+                key, "u1", seen=seen, below=below, now=NOW, window=WINDOW, settles_by=SETTLES_BY, expires_at=LATER
             )
-        )
-        assert sum(result is not None for result in results) == 1
-        first_inserts = await asyncio.gather(
-            *(
-                store.count_failure("password:u1:b", "u1", seen=None, now=NOW, window=WINDOW, expires_at=LATER)
-                for _ in range(10)
-            )
-        )
-        assert sum(result is not None for result in first_inserts) == 1
+
+        below = await asyncio.gather(*(counted("password:u1:a", seen, 6) for _ in range(10)))
+        assert sum(below) == 5  # up to the limit of 6, every one from the one sight
+        assert (await store.get(["password:u1:a"]))["password:u1:a"].count == 6
+        seen = (await store.get(["password:u1:a"]))["password:u1:a"]
+        at_it = await asyncio.gather(*(counted("password:u1:a", seen, 6) for _ in range(10)))
+        assert sum(at_it) == 1  # past it, one (the one a delay lets through) by compare-and-set
+        first_inserts = await asyncio.gather(*(counted("password:u1:b", None, 6) for _ in range(10)))
+        assert sum(first_inserts) == 1
+
+    run(body)
+
+
+def test_a_settled_failure_stays_counted_and_a_given_back_one_does_not(run: Any) -> None:
+    async def body(stores: Stores) -> None:
+        store = stores.throttle
+        for _ in range(3):
+            await count(store, "password:u1:a")
+        await store.settle_failure("password:u1:a", NOW + timedelta(seconds=2))
+        await store.uncount_failure("password:u1:a")
+        tally = (await store.get(["password:u1:a"]))["password:u1:a"]
+        # The delays run from the failure, not from when it was counted.
+        assert (tally.count, tally.pending, tally.last_at) == (2, 1, NOW + timedelta(seconds=2))
+        for _ in range(2):
+            await store.settle_failure("password:u1:a", NOW + timedelta(seconds=1))
+            await store.uncount_failure("password:u1:a")  # nothing in flight to give back
+        tally = (await store.get(["password:u1:a"]))["password:u1:a"]
+        assert (tally.count, tally.pending, tally.last_at) == (2, 0, NOW + timedelta(seconds=2))
 
     run(body)
 

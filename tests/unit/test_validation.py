@@ -377,7 +377,16 @@ def test_an_imported_bcrypt_cost_outside_4_to_16_is_refused(cost: str) -> None:
     """A high cost would make every sign-in try hold a hashing thread for seconds or days."""
     password_hash = BCRYPT_HASH.replace("$04$", f"${cost}$")
     assert refusal(lambda: validate_imported_user(imported(password_hash=password_hash))) == [
-        FieldViolation("password_hash", "the bcrypt cost must be 04 to 16")
+        FieldViolation("password_hash", "the bcrypt cost must be 04 to 16 (USERS_BCRYPT_ROUNDS)")
+    ]
+
+
+def test_an_imported_bcrypt_cost_above_our_own_is_refused() -> None:
+    """A guess on the account would cost more hashing than one on a native account."""
+    ours, costlier = BCRYPT_HASH.replace("$04$", "$12$"), BCRYPT_HASH.replace("$04$", "$13$")
+    validate_imported_user(imported(password_hash=ours), max_cost=12)
+    assert refusal(lambda: validate_imported_user(imported(password_hash=costlier), max_cost=12)) == [
+        FieldViolation("password_hash", "the bcrypt cost must be 04 to 12 (USERS_BCRYPT_ROUNDS)")
     ]
 
 
