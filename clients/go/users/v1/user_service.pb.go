@@ -3556,10 +3556,12 @@ type ImportedUser struct {
 	// False: created pending activation (no mail is sent; see ImportUsers).
 	EmailVerified bool `protobuf:"varint,7,opt,name=email_verified,json=emailVerified,proto3" json:"email_verified,omitempty"`
 	// Optional. A bcrypt hash of the user's password made by the old system:
-	// "$2a$", "$2b$" or "$2y$", a cost of 04 to 16, then 53 characters of
-	// bcrypt's base64 (60 characters in all). Costs above 16 are refused: each
-	// sign-in try would hold a hashing thread for many seconds (cost 31 for
-	// days), a denial of service. Checked as plain bcrypt over the
+	// "$2a$", "$2b$" or "$2y$", a cost of 04 up to the server's own bcrypt
+	// cost (USERS_BCRYPT_ROUNDS, 12 by default), then 53 characters of bcrypt's
+	// base64 (60 characters in all). Costlier hashes are refused: each wrong
+	// guess would cost more hashing than on a native account (2 to the power of
+	// the difference), so anonymous guesses could starve everyone's sign-ins.
+	// An operator importing costlier hashes raises USERS_BCRYPT_ROUNDS first. Checked as plain bcrypt over the
 	// password's UTF-8 bytes, so a password longer than 72 bytes (which bcrypt
 	// would have cut short) never matches it: such a person uses ForgotPassword.
 	// Anything else is INVALID_ARGUMENT on this item.
