@@ -45,27 +45,23 @@ from users_grpc.interceptors import UserServiceInterceptor
 from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
 from users_grpc.mfa import MfaService
+from users_grpc.mongo.audit_trail import MongoAuditTrail
+from users_grpc.mongo.calls import cancel_abandoned_work, ping
+from users_grpc.mongo.change_log import MongoChangeLog
+from users_grpc.mongo.documents import Document
+from users_grpc.mongo.housekeeping import MongoHousekeeping
+from users_grpc.mongo.keys import MongoKeyMaterial, MongoKeyStore
+from users_grpc.mongo.outbox import MongoOutbox
+from users_grpc.mongo.schema import MongoSchema
+from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
+from users_grpc.mongo.sessions import MongoSessionRepository
+from users_grpc.mongo.throttles import MongoThrottleStore
+from users_grpc.mongo.users import MongoUserRepository
 from users_grpc.observability import Gauges, Metrics, ObservabilityInterceptor, OperationsHttp, OutboxState
 from users_grpc.passwords import BcryptHasher, common_passwords, yield_to_calls
 from users_grpc.ports import Clock, MailTransport
 from users_grpc.recovery import PasswordService
 from users_grpc.reflection import SourceInfoReflectionServicer, load_descriptor_set
-from users_grpc.repository import (
-    Document,
-    MongoAuditTrail,
-    MongoChangeLog,
-    MongoHousekeeping,
-    MongoKeyMaterial,
-    MongoKeyStore,
-    MongoOutbox,
-    MongoSchema,
-    MongoServiceAccountRepository,
-    MongoSessionRepository,
-    MongoThrottleStore,
-    MongoUserRepository,
-    cancel_abandoned_work,
-    ping,
-)
 from users_grpc.rewrap import load_digest_root
 from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService

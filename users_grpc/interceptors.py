@@ -34,8 +34,8 @@ from users_grpc.errors import (
     UsersError,
     to_rpc_status,
 )
+from users_grpc.mongo.budget import DatabaseBudget, database_budget
 from users_grpc.observability import current_call
-from users_grpc.repository import DatabaseBudget, database_budget
 from users_grpc.throttling import SourceRateLimit
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from users_grpc.config import ConfigError
-from users_grpc.repository import MongoSchema
+from users_grpc.mongo.schema import MongoSchema
 
 log = logging.getLogger(__name__)
 

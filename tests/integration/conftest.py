@@ -16,17 +16,15 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from users_grpc.devdb import DevDatabase
-from users_grpc.repository import (
-    Document,
-    MongoAuditTrail,
-    MongoHousekeeping,
-    MongoKeyStore,
-    MongoOutbox,
-    MongoServiceAccountRepository,
-    MongoSessionRepository,
-    MongoThrottleStore,
-    MongoUserRepository,
-)
+from users_grpc.mongo.audit_trail import MongoAuditTrail
+from users_grpc.mongo.documents import Document
+from users_grpc.mongo.housekeeping import MongoHousekeeping
+from users_grpc.mongo.keys import MongoKeyStore
+from users_grpc.mongo.outbox import MongoOutbox
+from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
+from users_grpc.mongo.sessions import MongoSessionRepository
+from users_grpc.mongo.throttles import MongoThrottleStore
+from users_grpc.mongo.users import MongoUserRepository
 from users_grpc.secrets_at_rest import SecretsAtRest
 
 _T = TypeVar("_T")

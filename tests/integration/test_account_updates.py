@@ -20,16 +20,12 @@ from tests.integration.helpers import NOW, activation, new_user, notices_waiting
 from users_grpc import repository
 from users_grpc.devdb import DevDatabase
 from users_grpc.domain import ChangeType, Mail, PasswordScheme, PendingEmailChange, UserState
-from users_grpc.repository import (
-    DatabaseBudget,
-    Document,
-    MongoChangeLog,
-    MongoClaims,
-    MongoUserRepository,
-    cancel_abandoned_work,
-    database_budget,
-    ping,
-)
+from users_grpc.mongo.budget import DatabaseBudget, database_budget
+from users_grpc.mongo.calls import cancel_abandoned_work, ping
+from users_grpc.mongo.change_log import MongoChangeLog
+from users_grpc.mongo.claims import MongoClaims
+from users_grpc.mongo.documents import Document
+from users_grpc.mongo.users import MongoUserRepository
 
 NOTICE = Mail(to="jane@example.com", subject="Notice", body="Hello jane")
 LATER = NOW + timedelta(hours=1)

@@ -16,7 +16,8 @@ from tests.integration.conftest import Stores
 from tests.integration.helpers import NOW, new_user
 from users_grpc.domain import ChangeType, Mail, User, UserState
 from users_grpc.errors import StorageUnavailable
-from users_grpc.repository import MongoChangeLog, MongoUserRepository
+from users_grpc.mongo.change_log import MongoChangeLog
+from users_grpc.mongo.users import MongoUserRepository
 
 NOTICE = Mail(to="jane@example.com", subject="Your password was changed", body="Hello jane")
 

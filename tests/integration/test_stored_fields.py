@@ -14,15 +14,11 @@ from tests.integration.conftest import Stores
 from tests.integration.helpers import NOW, new_user
 from users_grpc import repository
 from users_grpc.domain import ChangeType, StoredKey, Tally
-from users_grpc.repository import (
-    CLAIM_SETTLE_SECONDS,
-    Claim,
-    MongoChangeLog,
-    MongoClaims,
-    MongoKeyMaterial,
-    MongoSchema,
-    MongoServiceAccountRepository,
-)
+from users_grpc.mongo.change_log import MongoChangeLog
+from users_grpc.mongo.claims import CLAIM_SETTLE_SECONDS, Claim, MongoClaims
+from users_grpc.mongo.keys import MongoKeyMaterial
+from users_grpc.mongo.schema import MongoSchema
+from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
 
 SECOND = timedelta(seconds=1)
 DAY = timedelta(days=1)
