@@ -11,7 +11,7 @@ Rotating the key-encryption key (``users-grpc keys rewrap``) re-seals mail bodie
 keys stay as they are (see :class:`SecretsAtRest`), so stored digests keep matching.
 
 Services see none of this: they ask :class:`users_grpc.ports.SecretDigests`
-for digests; only :class:`users_grpc.repository.MongoOutbox` seals and opens.
+for digests; only :class:`users_grpc.mongo.outbox.MongoOutbox` seals and opens.
 """
 
 from __future__ import annotations
