@@ -39,17 +39,8 @@ class CredentialUpdates(UsersCollection):
 
     @storage_call
     async def reserve_activation_attempt(self, user_id: str, now: datetime) -> ActivationCode | None:
-        document = await self._users.find_one_and_update(
-            {
-                "_id": _object_id(user_id),
-                "is_active": False,
-                "activation.expires_at": {"$gt": now},
-                "activation.attempts_left": {"$gt": 0},
-            },
-            {"$inc": {"activation.attempts_left": -1}},
-            return_document=ReturnDocument.AFTER,
-        )
-        return None if document is None else _activation_from_document(document["activation"])
+        pending = await self._reserve_code_attempt("activation", {"is_active": False}, user_id, now)
+        return None if pending is None else _activation_from_document(pending)
 
     @storage_call
     async def activate(self, user_id: str, code_digest: str, now: datetime) -> User | None:
@@ -216,20 +207,30 @@ class CredentialUpdates(UsersCollection):
 
     @storage_call
     async def reserve_email_change_attempt(self, user_id: str, now: datetime) -> PendingEmailChange | None:
+        pending = await self._reserve_code_attempt("email_change", {"is_active": True}, user_id, now)
+        if pending is None:
+            return None
+        return PendingEmailChange(new_email=pending["new_email"], code=_activation_from_document(pending))
+
+    async def _reserve_code_attempt(
+        self, field: str, precondition: Document, user_id: str, now: datetime
+    ) -> Document | None:
+        """Count one attempt at the code pending in ``field``, unless it expired or has no attempt
+        left; the pending sub-document as counted, or None.
+
+        Counted before the code is compared, so parallel guesses cannot exceed its attempts.
+        """
         document = await self._users.find_one_and_update(
             {
                 "_id": _object_id(user_id),
-                "is_active": True,
-                "email_change.expires_at": {"$gt": now},
-                "email_change.attempts_left": {"$gt": 0},
+                **precondition,
+                f"{field}.expires_at": {"$gt": now},
+                f"{field}.attempts_left": {"$gt": 0},
             },
-            {"$inc": {"email_change.attempts_left": -1}},
+            {"$inc": {f"{field}.attempts_left": -1}},
             return_document=ReturnDocument.AFTER,
         )
-        if document is None:
-            return None
-        pending = document["email_change"]
-        return PendingEmailChange(new_email=pending["new_email"], code=_activation_from_document(pending))
+        return None if document is None else dict(document[field])
 
     @storage_call
     async def confirm_email_change(
