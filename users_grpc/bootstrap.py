@@ -52,7 +52,7 @@ from users_grpc.mongo.documents import Document
 from users_grpc.mongo.housekeeping import MongoHousekeeping
 from users_grpc.mongo.keys import MongoKeyMaterial, MongoKeyStore
 from users_grpc.mongo.outbox import MongoOutbox
-from users_grpc.mongo.schema import MongoSchema
+from users_grpc.mongo.schema import MongoSchema, ensure_indexes
 from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
 from users_grpc.mongo.sessions import MongoSessionRepository
 from users_grpc.mongo.throttles import MongoThrottleStore
@@ -139,15 +139,17 @@ class App:
         # No RPC is served before the indexes exist and the schema version is known.
         while True:
             try:
-                await self.users.ensure_indexes()
+                await ensure_indexes(
+                    users=self.users,
+                    outbox=self.outbox,
+                    sessions=self.session_store,
+                    throttles=self.throttles,
+                    service_accounts=self.service_account_store,
+                    audit_trail=self.audit_trail,
+                )
                 version = await migrations.prepare(self.schema)
                 self.users.lookups_by_claim = version >= migrations.CLAIMS_COMPLETE
-                await self.outbox.ensure_indexes()
                 await self.outbox.seal_legacy_mail()
-                await self.session_store.ensure_indexes()
-                await self.throttles.ensure_indexes()
-                await self.service_account_store.ensure_indexes()
-                await self.audit_trail.ensure_indexes()
                 await self.tokens.ensure_signing_key()
                 # Before any call: the digests of codes and tokens are keyed by it.
                 await load_digest_root(self.key_material, self.key_store, self.encryption, self.secrets_at_rest)

@@ -1,8 +1,15 @@
-"""The ``schema`` collection and the identifier indexes, whose form depends on the schema version."""
+"""The database's layout: THE index list (:func:`ensure_indexes`), the identifier indexes, whose form
+depends on the schema version, and the ``schema`` collection that records the version.
+
+Each index is made beside the queries it serves, in its store's ``ensure_indexes``; this module
+lists the stores, so that the server (at start-up, :mod:`users_grpc.bootstrap`) and the tests
+(``tests/integration/conftest.py``) make the same set. The migrations (:mod:`users_grpc.migrations`)
+make and replace the identifier indexes through :class:`MongoSchema`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
@@ -12,6 +19,30 @@ from pymongo.errors import OperationFailure
 from users_grpc.mongo.calls import storage_call
 from users_grpc.mongo.claims import MongoClaims
 from users_grpc.mongo.documents import _INDEX_NOT_FOUND, Document
+
+if TYPE_CHECKING:
+    from users_grpc.mongo.audit_trail import MongoAuditTrail
+    from users_grpc.mongo.outbox import MongoOutbox
+    from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
+    from users_grpc.mongo.sessions import MongoSessionRepository
+    from users_grpc.mongo.throttles import MongoThrottleStore
+    from users_grpc.mongo.users import MongoUserRepository
+
+
+async def ensure_indexes(
+    *,
+    users: MongoUserRepository,
+    outbox: MongoOutbox,
+    sessions: MongoSessionRepository,
+    throttles: MongoThrottleStore,
+    service_accounts: MongoServiceAccountRepository,
+    audit_trail: MongoAuditTrail,
+) -> None:
+    """Make every index that every schema version has: each store's (the users' own include the
+    claims' and the change log's). The identifier indexes follow the version: see
+    :func:`users_grpc.migrations.prepare`."""
+    for store in (users, outbox, sessions, throttles, service_accounts, audit_trail):
+        await store.ensure_indexes()
 
 
 class MongoSchema:
