@@ -45,11 +45,10 @@ from users_grpc.interceptors import UserServiceInterceptor
 from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
 from users_grpc.mfa import MfaService
+from users_grpc.mongo import build_stores
 from users_grpc.mongo.audit_trail import MongoAuditTrail
 from users_grpc.mongo.calls import cancel_abandoned_work, ping
-from users_grpc.mongo.change_log import MongoChangeLog
 from users_grpc.mongo.documents import Document
-from users_grpc.mongo.housekeeping import MongoHousekeeping
 from users_grpc.mongo.keys import MongoKeyMaterial, MongoKeyStore
 from users_grpc.mongo.outbox import MongoOutbox
 from users_grpc.mongo.schema import MongoSchema, ensure_indexes
@@ -265,12 +264,11 @@ async def build_app(
         )
     # Digests of codes and tokens, and sealed mail bodies, under keys derived from the key-encryption key.
     secrets_at_rest = SecretsAtRest(settings.key_encryption_key, settings.old_key_encryption_keys)
-    outbox = MongoOutbox(database, secrets_at_rest)
-    change_log = MongoChangeLog(database, outbox)
-    users = MongoUserRepository(database, change_log)
+    stores = build_stores(database, secrets_at_rest)
+    outbox, change_log, users = stores.outbox, stores.change_log, stores.users
     changes = ChangeFeed(log=change_log, poll_seconds=settings.change_poll_seconds)
     change_log.on_published = changes.published
-    session_store = MongoSessionRepository(database)
+    session_store = stores.sessions
 
     # Hashing yields the cores to the calls it would otherwise hold up (passwords.yield_to_calls).
     executor = ThreadPoolExecutor(
@@ -286,7 +284,7 @@ async def build_app(
         pepper=settings.password_pepper,
         waited=None if metrics is None else metrics.hash_wait.observe,
     )
-    throttles = MongoThrottleStore(database)
+    throttles = stores.throttles
     mail = MailDelivery(
         queue=outbox,
         notices=users,
@@ -328,7 +326,7 @@ async def build_app(
         throttle=password_throttle,
     )
     encryption = KeyEncryption(settings.key_encryption_key, settings.old_key_encryption_keys)
-    key_store = MongoKeyStore(database)
+    key_store = stores.keys
     tokens = AccessTokens(
         store=key_store,
         encryption=encryption,
@@ -376,7 +374,7 @@ async def build_app(
         reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),
         reply_floor=timedelta(seconds=settings.reply_floor_seconds),
     )
-    service_account_store = MongoServiceAccountRepository(database)
+    service_account_store = stores.service_accounts
     service_accounts = ServiceAccountService(
         accounts=service_account_store,
         tokens=tokens,
@@ -395,7 +393,7 @@ async def build_app(
         session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
     )
 
-    audit_trail = MongoAuditTrail(database, users)
+    audit_trail = stores.audit_trail
     audit = AuditLog(trail=audit_trail)
     ready = asyncio.Event()
     access = UserServiceInterceptor(
@@ -507,7 +505,7 @@ async def build_app(
         session_store=session_store,
         throttles=throttles,
         service_account_store=service_account_store,
-        schema=MongoSchema(database),
+        schema=stores.schema,
         audit_trail=audit_trail,
         accounts=accounts,
         tokens=tokens,
@@ -518,10 +516,10 @@ async def build_app(
         encryption=encryption,
         secrets_at_rest=secrets_at_rest,
         key_store=key_store,
-        key_material=MongoKeyMaterial(database),
+        key_material=stores.key_material,
         mail=mail,
         housekeeping=HousekeepingJob(
-            store=MongoHousekeeping(database, outbox),
+            store=stores.housekeeping,
             clock=clock,
             retention=Retention(
                 ended_sessions=timedelta(seconds=settings.session_retention_seconds),
