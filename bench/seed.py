@@ -12,7 +12,7 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from users_grpc.domain import Role, identifier_key
-from users_grpc.repository import claim_documents
+from users_grpc.mongo.claims import claim_documents
 
 Document = dict[str, Any]
 

@@ -7,7 +7,7 @@ The layers, outside in::
     service.py       the account lifecycle, on domain types and ports only
     domain.py        types and rules;  errors.py: the error tree
     ports.py         what the service needs: repository, mailer, hasher, clock
-    repository.py    PyMongo (BSON stays there);  mail.py, passwords.py: other adapters
+    mongo/           PyMongo (BSON stays there);  mail.py, passwords.py: other adapters
     bootstrap.py     the composition root;  config.py: USERS_* settings
 """
 

@@ -35,8 +35,8 @@ from users_grpc.access import current_caller
 from users_grpc.audit import AuditLog
 from users_grpc.domain import ActorKind, AuditActor, AuditEvent, AuditEventType, Caller
 from users_grpc.errors import UsersError, to_rpc_status
+from users_grpc.mongo.budget import database_budget
 from users_grpc.ports import Clock
-from users_grpc.repository import database_budget
 
 log = logging.getLogger(__name__)
 

@@ -45,27 +45,22 @@ from users_grpc.interceptors import UserServiceInterceptor
 from users_grpc.logs import keep_secrets_out_of_logs
 from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
 from users_grpc.mfa import MfaService
+from users_grpc.mongo import build_stores
+from users_grpc.mongo.audit_trail import MongoAuditTrail
+from users_grpc.mongo.calls import cancel_abandoned_work, ping
+from users_grpc.mongo.documents import Document
+from users_grpc.mongo.keys import MongoKeyMaterial, MongoKeyStore
+from users_grpc.mongo.outbox import MongoOutbox
+from users_grpc.mongo.schema import MongoSchema, ensure_indexes
+from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
+from users_grpc.mongo.sessions import MongoSessionRepository
+from users_grpc.mongo.throttles import MongoThrottleStore
+from users_grpc.mongo.users import MongoUserRepository
 from users_grpc.observability import Gauges, Metrics, ObservabilityInterceptor, OperationsHttp, OutboxState
 from users_grpc.passwords import BcryptHasher, common_passwords, yield_to_calls
 from users_grpc.ports import Clock, MailTransport
 from users_grpc.recovery import PasswordService
 from users_grpc.reflection import SourceInfoReflectionServicer, load_descriptor_set
-from users_grpc.repository import (
-    Document,
-    MongoAuditTrail,
-    MongoChangeLog,
-    MongoHousekeeping,
-    MongoKeyMaterial,
-    MongoKeyStore,
-    MongoOutbox,
-    MongoSchema,
-    MongoServiceAccountRepository,
-    MongoSessionRepository,
-    MongoThrottleStore,
-    MongoUserRepository,
-    cancel_abandoned_work,
-    ping,
-)
 from users_grpc.rewrap import load_digest_roots
 from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
@@ -143,15 +138,17 @@ class App:
         # No RPC is served before the indexes exist and the schema version is known.
         while True:
             try:
-                await self.users.ensure_indexes()
+                await ensure_indexes(
+                    users=self.users,
+                    outbox=self.outbox,
+                    sessions=self.session_store,
+                    throttles=self.throttles,
+                    service_accounts=self.service_account_store,
+                    audit_trail=self.audit_trail,
+                )
                 version = await migrations.prepare(self.schema)
                 self.users.lookups_by_claim = version >= migrations.CLAIMS_COMPLETE
-                await self.outbox.ensure_indexes()
                 await self.outbox.seal_legacy_mail()
-                await self.session_store.ensure_indexes()
-                await self.throttles.ensure_indexes()
-                await self.service_account_store.ensure_indexes()
-                await self.audit_trail.ensure_indexes()
                 await self.tokens.ensure_signing_key()
                 # Before any call: the digests of codes and tokens are keyed by it.
                 await self.reload_digest_roots()
@@ -273,12 +270,11 @@ async def build_app(
         )
     # Digests of codes and tokens, and sealed mail bodies, under keys derived from the key-encryption key.
     secrets_at_rest = SecretsAtRest(settings.key_encryption_key, settings.old_key_encryption_keys)
-    outbox = MongoOutbox(database, secrets_at_rest)
-    change_log = MongoChangeLog(database, outbox)
-    users = MongoUserRepository(database, change_log)
+    stores = build_stores(database, secrets_at_rest)
+    outbox, change_log, users = stores.outbox, stores.change_log, stores.users
     changes = ChangeFeed(log=change_log, poll_seconds=settings.change_poll_seconds)
     change_log.on_published = changes.published
-    session_store = MongoSessionRepository(database)
+    session_store = stores.sessions
 
     # Hashing yields the cores to the calls it would otherwise hold up (passwords.yield_to_calls).
     executor = ThreadPoolExecutor(
@@ -294,7 +290,7 @@ async def build_app(
         pepper=settings.password_pepper,
         waited=None if metrics is None else metrics.hash_wait.observe,
     )
-    throttles = MongoThrottleStore(database)
+    throttles = stores.throttles
     mail = MailDelivery(
         queue=outbox,
         notices=users,
@@ -337,7 +333,7 @@ async def build_app(
         throttle=password_throttle,
     )
     encryption = KeyEncryption(settings.key_encryption_key, settings.old_key_encryption_keys)
-    key_store = MongoKeyStore(database)
+    key_store = stores.keys
     tokens = AccessTokens(
         store=key_store,
         encryption=encryption,
@@ -385,7 +381,7 @@ async def build_app(
         reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),
         reply_floor=timedelta(seconds=settings.reply_floor_seconds),
     )
-    service_account_store = MongoServiceAccountRepository(database)
+    service_account_store = stores.service_accounts
     service_accounts = ServiceAccountService(
         accounts=service_account_store,
         tokens=tokens,
@@ -404,7 +400,7 @@ async def build_app(
         session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
     )
 
-    audit_trail = MongoAuditTrail(database, users)
+    audit_trail = stores.audit_trail
     audit = AuditLog(trail=audit_trail)
     ready = asyncio.Event()
     access = UserServiceInterceptor(
@@ -517,7 +513,7 @@ async def build_app(
         session_store=session_store,
         throttles=throttles,
         service_account_store=service_account_store,
-        schema=MongoSchema(database),
+        schema=stores.schema,
         audit_trail=audit_trail,
         accounts=accounts,
         tokens=tokens,
@@ -528,10 +524,10 @@ async def build_app(
         encryption=encryption,
         secrets_at_rest=secrets_at_rest,
         key_store=key_store,
-        key_material=MongoKeyMaterial(database),
+        key_material=stores.key_material,
         mail=mail,
         housekeeping=HousekeepingJob(
-            store=MongoHousekeeping(database, outbox),
+            store=stores.housekeeping,
             clock=clock,
             retention=Retention(
                 ended_sessions=timedelta(seconds=settings.session_retention_seconds),

@@ -21,7 +21,7 @@ a change is numbered only once it is stored, and the stream delivers numbers str
 after another, reading again at anything that looks like a hole. So no change can appear
 later with a number below one already delivered. Retention deletes only the oldest changes
 and keeps the newest; a cursor older than what is kept is refused (FAILED_PRECONDITION), never
-skipped. The proof in full: :class:`users_grpc.repository.MongoChangeLog`.
+skipped. The proof in full: :class:`users_grpc.mongo.change_log.MongoChangeLog`.
 
 Exactly once per cursor: each stored change has one number, and a resumed stream starts right
 after the cursor given. In order: the global order is the order of publication; each user's

@@ -10,7 +10,7 @@ it for the whole interval and purges:
 - mail given up (status "failed") more than the failed-mail retention ago;
 - throttle tallies past their use (each carries its own expiry);
 - claims on usernames and emails left pending by a write that never finished
-  (see :class:`users_grpc.repository.MongoClaims`);
+  (see :class:`users_grpc.mongo.claims.MongoClaims`);
 - audit events older than the audit retention (FerretDB has no TTL indexes);
 - changes of the change feed published more than the change retention ago
   (always the oldest ones, and never the newest: see ``MongoChangeLog``).

@@ -35,8 +35,8 @@ from users_grpc.errors import (
     UsersError,
     to_rpc_status,
 )
+from users_grpc.mongo.budget import DatabaseBudget, database_budget
 from users_grpc.observability import current_call
-from users_grpc.repository import DatabaseBudget, database_budget
 from users_grpc.request_ranges import refuse_out_of_range
 from users_grpc.throttling import SourceRateLimit
 

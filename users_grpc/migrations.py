@@ -5,7 +5,7 @@ Versions:
 
 0. As written before versions existed: usernames and emails unique through unique indexes
    on ``users.username_key`` and ``users.email_key``.
-1. Every user's names are claimed in ``claims`` (see :class:`users_grpc.repository.MongoClaims`).
+1. Every user's names are claimed in ``claims`` (see :class:`users_grpc.mongo.claims.MongoClaims`).
    Servers of this version claim names at every version; the unique indexes stay, so a
    replica of an older version, which claims nothing, still cannot write a duplicate. Safe to
    apply while such replicas run.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from users_grpc.config import ConfigError
-from users_grpc.repository import MongoSchema
+from users_grpc.mongo.schema import MongoSchema
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The small interfaces the services depend on.
 
-Real adapters live in :mod:`users_grpc.repository`, :mod:`users_grpc.passwords`
+Real adapters live in :mod:`users_grpc.mongo`, :mod:`users_grpc.passwords`
 and :mod:`users_grpc.mail`; fakes for unit tests live in ``tests/fakes.py``.
 """
 
@@ -454,7 +454,7 @@ class AuditTrail(Protocol):
 
 
 class ChangeLog(Protocol):
-    """The change feed's store (see :class:`users_grpc.repository.MongoChangeLog` for why no change is lost)."""
+    """The change feed's store (see :class:`users_grpc.mongo.change_log.MongoChangeLog` for why no change is lost)."""
 
     async def sweep(self, changed_before: datetime, limit: int = 100) -> int:
         """Publish the changes pending since before ``changed_before`` and finish deletions marked

@@ -30,7 +30,9 @@ from cryptography.exceptions import InvalidTag
 
 from users_grpc.config import ConfigError
 from users_grpc.mfa import totp_context
-from users_grpc.repository import MongoKeyMaterial, MongoKeyStore, MongoOutbox, MongoUserRepository
+from users_grpc.mongo.keys import MongoKeyMaterial, MongoKeyStore
+from users_grpc.mongo.outbox import MongoOutbox
+from users_grpc.mongo.users import MongoUserRepository
 from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.tokens import KeyEncryption
 

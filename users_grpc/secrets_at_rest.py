@@ -12,7 +12,7 @@ keys come from *digest roots* (see :class:`SecretsAtRest`), which ``users-grpc k
 rotate-digest-root`` replaces for new digests while stored ones keep matching under theirs.
 
 Services see none of this: they ask :class:`users_grpc.ports.SecretDigests`
-for digests; only :class:`users_grpc.repository.MongoOutbox` seals and opens.
+for digests; only :class:`users_grpc.mongo.outbox.MongoOutbox` seals and opens.
 """
 
 from __future__ import annotations

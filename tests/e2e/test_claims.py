@@ -21,7 +21,9 @@ from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc import migrations
 from users_grpc.domain import identifier_key
-from users_grpc.repository import CLAIM_SETTLE_SECONDS, MongoHousekeeping, MongoSchema
+from users_grpc.mongo.claims import CLAIM_SETTLE_SECONDS
+from users_grpc.mongo.housekeeping import MongoHousekeeping
+from users_grpc.mongo.schema import MongoSchema
 
 
 @pytest.fixture

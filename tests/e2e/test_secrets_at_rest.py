@@ -21,7 +21,7 @@ from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartSer
 from tests.e2e.helpers import PASSWORD, Enrolled, create_request, independent_totp, reset_token, rpc_error, wait_until
 from tests.fakes import FakeClock
 from users.v1 import user_service_pb2 as pb
-from users_grpc.repository import _mail_associated_data
+from users_grpc.mongo.outbox import _mail_associated_data
 from users_grpc.secrets_at_rest import SecretsAtRest
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED

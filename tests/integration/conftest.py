@@ -16,17 +16,16 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from users_grpc.devdb import DevDatabase
-from users_grpc.repository import (
-    Document,
-    MongoAuditTrail,
-    MongoHousekeeping,
-    MongoKeyStore,
-    MongoOutbox,
-    MongoServiceAccountRepository,
-    MongoSessionRepository,
-    MongoThrottleStore,
-    MongoUserRepository,
-)
+from users_grpc.mongo.audit_trail import MongoAuditTrail
+from users_grpc.mongo.documents import Document
+from users_grpc.mongo.housekeeping import MongoHousekeeping
+from users_grpc.mongo.keys import MongoKeyStore
+from users_grpc.mongo.outbox import MongoOutbox
+from users_grpc.mongo.schema import ensure_indexes
+from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
+from users_grpc.mongo.sessions import MongoSessionRepository
+from users_grpc.mongo.throttles import MongoThrottleStore
+from users_grpc.mongo.users import MongoUserRepository
 from users_grpc.secrets_at_rest import SecretsAtRest
 
 _T = TypeVar("_T")
@@ -62,9 +61,15 @@ class Stores:
         self.service_accounts = MongoServiceAccountRepository(self.database)
 
     async def ensure_indexes(self) -> None:
-        """The indexes the server makes at start-up (bootstrap), every store's."""
-        for store in (self.users, self.sessions, self.outbox, self.throttle, self.audit, self.service_accounts):
-            await store.ensure_indexes()
+        """The indexes the server makes at start-up, from the one list the server uses."""
+        await ensure_indexes(
+            users=self.users,
+            outbox=self.outbox,
+            sessions=self.sessions,
+            throttles=self.throttle,
+            service_accounts=self.service_accounts,
+            audit_trail=self.audit,
+        )
 
 
 @pytest.fixture

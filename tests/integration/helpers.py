@@ -9,7 +9,7 @@ from typing import Any
 from bson import ObjectId
 
 from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
-from users_grpc.repository import MongoUserRepository
+from users_grpc.mongo.users import MongoUserRepository
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

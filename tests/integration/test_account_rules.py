@@ -26,7 +26,7 @@ from users_grpc.domain import (
     UserState,
     Version,
 )
-from users_grpc.repository import MongoChangeLog
+from users_grpc.mongo.change_log import MongoChangeLog
 
 LATER = NOW + timedelta(hours=1)
 SECOND = timedelta(seconds=1)

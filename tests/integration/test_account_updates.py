@@ -17,19 +17,15 @@ from pymongo import AsyncMongoClient
 
 from tests.integration.conftest import Stores, paused
 from tests.integration.helpers import NOW, activation, new_user, notices_waiting
-from users_grpc import repository
 from users_grpc.devdb import DevDatabase
 from users_grpc.domain import ChangeType, Mail, PasswordScheme, PendingEmailChange, UserState
-from users_grpc.repository import (
-    DatabaseBudget,
-    Document,
-    MongoChangeLog,
-    MongoClaims,
-    MongoUserRepository,
-    cancel_abandoned_work,
-    database_budget,
-    ping,
-)
+from users_grpc.mongo import calls
+from users_grpc.mongo.budget import DatabaseBudget, database_budget
+from users_grpc.mongo.calls import cancel_abandoned_work, ping
+from users_grpc.mongo.change_log import MongoChangeLog
+from users_grpc.mongo.claims import MongoClaims
+from users_grpc.mongo.documents import Document
+from users_grpc.mongo.users import MongoUserRepository
 
 NOTICE = Mail(to="jane@example.com", subject="Notice", body="Hello jane")
 LATER = NOW + timedelta(hours=1)
@@ -275,11 +271,11 @@ def test_cancelled_calls_leave_their_work_to_end_and_shutdown_cancels_it(own_dat
                 call.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await call
-                [work] = list(repository._abandoned)
+                [work] = list(calls._abandoned)
                 assert not work.done()  # the call is gone; its work runs on within its budget
                 await cancel_abandoned_work()
                 assert work.cancelled()
-                assert repository._abandoned == set()
+                assert calls._abandoned == set()
                 assert complaints == []
         finally:
             await client.close()

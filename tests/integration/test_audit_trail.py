@@ -10,7 +10,7 @@ import pytest
 
 from tests.integration.conftest import Stores
 from users_grpc.domain import ActorKind, AuditActor, AuditEvent, AuditEventType, AuditFilter, AuditPosition
-from users_grpc.repository import MongoHousekeeping, audit_events_query
+from users_grpc.mongo.housekeeping import MongoHousekeeping, audit_events_query
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -16,7 +16,8 @@ from tests.integration.conftest import Stores
 from tests.integration.helpers import NOW, new_user
 from users_grpc.domain import ChangeType, Mail, User, UserState
 from users_grpc.errors import StorageUnavailable
-from users_grpc.repository import MongoChangeLog, MongoUserRepository
+from users_grpc.mongo.change_log import MongoChangeLog
+from users_grpc.mongo.users import MongoUserRepository
 
 NOTICE = Mail(to="jane@example.com", subject="Your password was changed", body="Hello jane")
 
@@ -262,10 +263,10 @@ def test_a_change_whose_publishing_fails_stands_and_is_left_for_the_sweep_with_a
 ) -> None:
     async def body(stores: Stores) -> None:
         users = MongoUserRepository(stores.database, PublisherUnreachable(stores.database))
-        with caplog.at_level(logging.WARNING, logger="users_grpc.repository"):
+        with caplog.at_level(logging.WARNING, logger="users_grpc.mongo.users_base"):
             user = await users.add(new_user())
         assert await users.get(user.id) == user
-        [record] = [r for r in caplog.records if r.name == "users_grpc.repository"]
+        [record] = [r for r in caplog.records if r.name == "users_grpc.mongo.users_base"]
         assert record.getMessage() == "changes left for the sweep"
         assert getattr(record, "user_id", None) == user.id
         assert record.exc_info is not None

@@ -14,13 +14,13 @@ from bson import ObjectId
 
 from tests.integration.conftest import Stores
 from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
-from users_grpc.repository import (
-    MongoThrottleStore,
+from users_grpc.mongo.housekeeping import (
     ended_sessions_queries,
     expired_tallies_query,
     failed_mail_query,
     never_activated_query,
 )
+from users_grpc.mongo.throttles import MongoThrottleStore
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -15,14 +15,9 @@ from tests.integration.conftest import Stores
 from tests.integration.helpers import NOW, activation, new_user
 from users_grpc.domain import ChangeType, Mail, PendingEmailChange, ProfileChanges, Version
 from users_grpc.errors import AlreadyExists
-from users_grpc.repository import (
-    CLAIM_SETTLE_SECONDS,
-    Claim,
-    MongoChangeLog,
-    MongoClaims,
-    MongoSchema,
-    claim_documents,
-)
+from users_grpc.mongo.change_log import MongoChangeLog
+from users_grpc.mongo.claims import CLAIM_SETTLE_SECONDS, Claim, MongoClaims, claim_documents
+from users_grpc.mongo.schema import MongoSchema
 
 BOUND = timedelta(seconds=CLAIM_SETTLE_SECONDS)
 # Microseconds the database drops: what a method returns must equal what is read back later.

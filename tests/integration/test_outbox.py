@@ -14,7 +14,8 @@ from pymongo import MongoClient
 from tests.integration.conftest import Stores
 from tests.integration.helpers import NOW
 from users_grpc.domain import Mail
-from users_grpc.repository import Document, MongoOutbox
+from users_grpc.mongo.documents import Document
+from users_grpc.mongo.outbox import MongoOutbox
 from users_grpc.secrets_at_rest import SecretsAtRest
 
 SECOND = timedelta(seconds=1)

@@ -23,7 +23,9 @@ from users_grpc.domain import (
     User,
     UserFilter,
 )
-from users_grpc.repository import MongoChangeLog, MongoClaims, MongoServiceAccountRepository
+from users_grpc.mongo.change_log import MongoChangeLog
+from users_grpc.mongo.claims import MongoClaims
+from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
 
 MINUTE = timedelta(minutes=1)
 

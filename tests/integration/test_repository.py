@@ -15,7 +15,8 @@ from tests.integration.conftest import Stores
 from tests.integration.helpers import NOW, activation, new_user
 from users_grpc.domain import Mail
 from users_grpc.errors import AlreadyExists, StorageUnavailable
-from users_grpc.repository import Document, MongoUserRepository
+from users_grpc.mongo.documents import Document
+from users_grpc.mongo.users import MongoUserRepository
 
 _T = TypeVar("_T")
 

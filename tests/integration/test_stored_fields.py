@@ -12,17 +12,13 @@ from bson import ObjectId
 
 from tests.integration.conftest import Stores
 from tests.integration.helpers import NOW, new_user
-from users_grpc import repository
 from users_grpc.domain import ChangeType, StoredKey, Tally
-from users_grpc.repository import (
-    CLAIM_SETTLE_SECONDS,
-    Claim,
-    MongoChangeLog,
-    MongoClaims,
-    MongoKeyMaterial,
-    MongoSchema,
-    MongoServiceAccountRepository,
-)
+from users_grpc.mongo import housekeeping as mongo_housekeeping
+from users_grpc.mongo.change_log import MongoChangeLog
+from users_grpc.mongo.claims import CLAIM_SETTLE_SECONDS, Claim, MongoClaims
+from users_grpc.mongo.keys import MongoKeyMaterial
+from users_grpc.mongo.schema import MongoSchema
+from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
 
 SECOND = timedelta(seconds=1)
 DAY = timedelta(days=1)
@@ -222,7 +218,7 @@ def test_the_purge_finishes_every_deletion_it_marks_though_they_take_more_than_o
     run: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Two users a sweep, so three take two sweeps (as 101 would at the real limit of 100).
-    monkeypatch.setattr(repository, "_SWEEP_LIMIT", 2)
+    monkeypatch.setattr(mongo_housekeeping, "_SWEEP_LIMIT", 2)
 
     async def body(stores: Stores) -> None:
         for n in range(3):

@@ -35,15 +35,12 @@ from users_grpc.domain import (
     UserState,
 )
 from users_grpc.errors import AlreadyExists, StorageUnavailable
-from users_grpc.repository import (
-    DatabaseBudget,
-    Document,
-    MongoKeyMaterial,
-    MongoOutbox,
-    MongoServiceAccountRepository,
-    MongoUserRepository,
-    database_budget,
-)
+from users_grpc.mongo.budget import DatabaseBudget, database_budget
+from users_grpc.mongo.documents import Document
+from users_grpc.mongo.keys import MongoKeyMaterial
+from users_grpc.mongo.outbox import MongoOutbox
+from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
+from users_grpc.mongo.users import MongoUserRepository
 from users_grpc.secrets_at_rest import SecretsAtRest
 
 NOTICE = Mail(to="jane@example.com", subject="s", body="b")

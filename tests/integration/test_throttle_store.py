@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from tests.integration.conftest import Stores
 from users_grpc.domain import Tally
-from users_grpc.repository import MongoThrottleStore
+from users_grpc.mongo.throttles import MongoThrottleStore
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, 12, 0, 0, 123000, tzinfo=UTC)

@@ -14,8 +14,10 @@ from bson import ObjectId
 from tests.integration.conftest import Stores
 from users_grpc.domain import ActivationCode, Gender, NewUser, Role, User, UserState
 from users_grpc.errors import LastActiveAdmin
+from users_grpc.mongo.documents import Document
+from users_grpc.mongo.housekeeping import never_activated_query
+from users_grpc.mongo.users import MongoUserRepository
 from users_grpc.ports import UserRepository
-from users_grpc.repository import Document, MongoUserRepository, never_activated_query
 from users_grpc.service import keep_an_active_admin
 
 _T = TypeVar("_T")

@@ -32,7 +32,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M1b repository forget deletes the tally",
-        "users_grpc/repository.py",
+        "users_grpc/mongo/throttles.py",
         "async def forget(self, key: str)",
         'await self._tallies.delete_one({"_id": key})',
         'await self._tallies.delete_one({"_id": key + "-"})',
@@ -56,7 +56,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M3a ConfirmMfa bumps token version",
-        "users_grpc/repository.py",
+        "users_grpc/mongo/users_mfa.py",
         "async def confirm_mfa(",
         '"$inc": {"token_version": 1},',
         '"$inc": {"token_version": 0},',
@@ -64,7 +64,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M3b ConfirmMfa pends a notice",
-        "users_grpc/repository.py",
+        "users_grpc/mongo/users_mfa.py",
         "async def confirm_mfa(",
         "_with_notice(",
         "(lambda update, notice, now: update)(",
@@ -112,7 +112,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M5a delivered mail deleted",
-        "users_grpc/repository.py",
+        "users_grpc/mongo/outbox.py",
         "async def delivered(",
         'await self._outbox.delete_one({"_id": _object_id(mail_id)})',
         'await self._outbox.update_one({"_id": _object_id(mail_id)}, {"$set": {"status": "sent"}})',
@@ -128,7 +128,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M6 ListSessions newest first",
-        "users_grpc/repository.py",
+        "users_grpc/mongo/sessions.py",
         None,
         'cursor.sort("created_at", -1)',
         'cursor.sort("created_at", 1)',
@@ -136,7 +136,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M7a db work bounded by db timeout",
-        "users_grpc/repository.py",
+        "users_grpc/mongo/budget.py",
         None,
         "return max(min(self.per_operation, self.deadline - time.monotonic()), 0.001)",
         "return max(self.deadline - time.monotonic(), 0.001)",
@@ -144,7 +144,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M7b db work bounded by deadline",
-        "users_grpc/repository.py",
+        "users_grpc/mongo/budget.py",
         None,
         "return max(min(self.per_operation, self.deadline - time.monotonic()), 0.001)",
         "return self.per_operation",
@@ -160,7 +160,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M9 EnableMfa replaces pending",
-        "users_grpc/repository.py",
+        "users_grpc/mongo/users_mfa.py",
         "async def start_mfa_enrollment(",
         '"mfa.state": {"$ne": "active"}',
         '"mfa": None',
@@ -216,7 +216,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M13a new password ends tokens",
-        "users_grpc/repository.py",
+        "users_grpc/mongo/users_credentials.py",
         "def _new_password(",
         '"$inc": {"token_version": 1},',
         '"$inc": {"token_version": 0},',
