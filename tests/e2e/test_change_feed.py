@@ -17,8 +17,7 @@ from bson import ObjectId
 from google.protobuf.field_mask_pb2 import FieldMask
 from pymongo import MongoClient
 
-from tests.conftest import ADMIN_PASSWORD, BearerToken, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     PASSWORD,
     ServeProcess,
     create_request,
@@ -28,7 +27,9 @@ from tests.e2e.helpers import (
     rpc_error,
     wait_until,
 )
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import ADMIN_PASSWORD, BearerToken, RunningServer, StartServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
 from users_grpc.changes import cursor_of

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, make_settings
-from tests.e2e.helpers import PASSWORD, Enrolled, create_request, independent_totp, signed_up, users_grpc
-from tests.fakes import FakeClock
+from tests.support.calls import PASSWORD, Enrolled, create_request, independent_totp, signed_up, users_grpc
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer, make_settings
 from users.v1 import user_service_pb2 as pb
 from users_grpc.config import Settings
 from users_grpc.ports import Clock

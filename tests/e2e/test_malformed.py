@@ -9,8 +9,8 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from tests.conftest import RunningServer
-from tests.e2e.helpers import error_info
+from tests.support.calls import error_info
+from tests.support.servers import RunningServer
 from users.v1 import user_service_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["UserService"]

@@ -21,9 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from pymongo import monitoring
 
-from tests.commands import CommandRecorder
-from tests.conftest import HARNESS, REPO_ROOT, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NEW_PASSWORD,
     PASSWORD,
     Enrolled,
@@ -37,7 +35,11 @@ from tests.e2e.helpers import (
     violated_fields,
     wait_until,
 )
-from tests.fakes import FakeClock
+from tests.support.commands import CommandRecorder
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.paths import HARNESS, REPO_ROOT
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
 from users_grpc import tokens

@@ -11,9 +11,10 @@ import jwt
 import pytest
 from pymongo import MongoClient
 
-from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, error_info, rpc_error, signed_up, violated_fields
-from tests.fakes import FakeClock
+from tests.support.calls import PASSWORD, error_info, rpc_error, signed_up, violated_fields
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 
 

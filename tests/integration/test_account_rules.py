@@ -11,8 +11,8 @@ from typing import Any
 
 from bson import ObjectId
 
-from tests.integration.conftest import Stores
-from tests.integration.helpers import NOW, activation, new_user, notices_waiting
+from tests.support.records import NOW, activation, new_user, notices_waiting
+from tests.support.stores import Stores
 from users_grpc.domain import (
     ActivationCode,
     ChangeType,

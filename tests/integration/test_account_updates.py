@@ -15,8 +15,8 @@ import pytest
 from bson import ObjectId
 from pymongo import AsyncMongoClient
 
-from tests.integration.conftest import Stores, paused
-from tests.integration.helpers import NOW, activation, new_user, notices_waiting
+from tests.support.records import NOW, activation, new_user, notices_waiting
+from tests.support.stores import Stores, paused
 from users_grpc import repository
 from users_grpc.devdb import DevDatabase
 from users_grpc.domain import ChangeType, Mail, PasswordScheme, PendingEmailChange, UserState

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.integration.conftest import Stores
+from tests.support.stores import Stores
 from users_grpc.domain import ActorKind, AuditActor, AuditEvent, AuditEventType, AuditFilter, AuditPosition
 from users_grpc.repository import MongoHousekeeping, audit_events_query
 

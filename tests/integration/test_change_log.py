@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from tests.integration.conftest import Stores
-from tests.integration.helpers import NOW, new_user
+from tests.support.records import NOW, new_user
+from tests.support.stores import Stores
 from users_grpc.domain import ChangeType, Mail, User, UserState
 from users_grpc.errors import StorageUnavailable
 from users_grpc.repository import MongoChangeLog, MongoUserRepository

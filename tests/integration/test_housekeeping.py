@@ -12,7 +12,7 @@ import bson
 import pytest
 from bson import ObjectId
 
-from tests.integration.conftest import Stores
+from tests.support.stores import Stores
 from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
 from users_grpc.repository import (
     MongoThrottleStore,

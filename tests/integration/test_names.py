@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from tests.integration.conftest import Stores
-from tests.integration.helpers import NOW, activation, new_user
+from tests.support.records import NOW, activation, new_user
+from tests.support.stores import Stores
 from users_grpc.domain import ChangeType, Mail, PendingEmailChange, ProfileChanges, Version
 from users_grpc.errors import AlreadyExists
 from users_grpc.repository import (

@@ -11,8 +11,8 @@ from typing import Any
 import bson
 from pymongo import MongoClient
 
-from tests.integration.conftest import Stores
-from tests.integration.helpers import NOW
+from tests.support.records import NOW
+from tests.support.stores import Stores
 from users_grpc.domain import Mail
 from users_grpc.repository import Document, MongoOutbox
 from users_grpc.secrets_at_rest import SecretsAtRest

@@ -10,8 +10,8 @@ from typing import Any
 
 from bson import ObjectId
 
-from tests.integration.conftest import Stores
-from tests.integration.helpers import NOW, new_user
+from tests.support.records import NOW, new_user
+from tests.support.stores import Stores
 from users_grpc.domain import (
     ActorKind,
     AuditActor,

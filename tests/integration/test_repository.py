@@ -10,9 +10,9 @@ import pytest
 from bson import ObjectId
 from pymongo import AsyncMongoClient
 
-from tests.conftest import collect_known_leaks
-from tests.integration.conftest import Stores
-from tests.integration.helpers import NOW, activation, new_user
+from tests.support.records import NOW, activation, new_user
+from tests.support.sockets import collect_known_leaks
+from tests.support.stores import Stores
 from users_grpc.domain import Mail
 from users_grpc.errors import AlreadyExists, StorageUnavailable
 from users_grpc.repository import Document, MongoUserRepository

@@ -1,5 +1,5 @@
 """The repository's session, key, MFA, reset and attempt methods against the real database: what
-the unit tests' fakes stand in for (tests/fakes.py), held by the adapter itself."""
+the unit tests' fakes stand in for (tests/support/fakes.py), held by the adapter itself."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 from bson import ObjectId
 
-from tests.integration.conftest import Stores
-from tests.integration.helpers import NOW, activation, new_user
+from tests.support.records import NOW, activation, new_user
+from tests.support.stores import Stores
 from users_grpc.domain import Mail, StoredKey
 
 _T = TypeVar("_T")

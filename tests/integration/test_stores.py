@@ -15,8 +15,8 @@ import pytest
 from bson import ObjectId
 from pymongo import AsyncMongoClient
 
-from tests.integration.conftest import Stores, paused
-from tests.integration.helpers import NOW, new_user
+from tests.support.records import NOW, new_user
+from tests.support.stores import Stores, paused
 from users_grpc.devdb import DevDatabase
 from users_grpc.domain import (
     ActorKind,

@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from tests.integration.conftest import Stores
+from tests.support.stores import Stores
 from users_grpc.domain import Tally
 from users_grpc.repository import MongoThrottleStore
 

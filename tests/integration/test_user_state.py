@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from bson import ObjectId
 
-from tests.integration.conftest import Stores
+from tests.support.stores import Stores
 from users_grpc.domain import ActivationCode, Gender, NewUser, Role, User, UserState
 from users_grpc.errors import LastActiveAdmin
 from users_grpc.repository import Document, never_activated_query

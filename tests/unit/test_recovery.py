@@ -8,9 +8,9 @@ from datetime import timedelta
 
 import pytest
 
-from tests.fakes import FakeCredentialRepository, FakeSessionRepository
-from tests.unit.helpers import PASSWORD, World, run
-from tests.unit.logs import logged
+from tests.support.fakes import FakeCredentialRepository, FakeSessionRepository
+from tests.support.logs import logged
+from tests.support.world import PASSWORD, World, run
 from users_grpc.domain import PasswordPolicy, User, UserState
 from users_grpc.errors import InvalidArgument, InvalidCredentials, InvalidResetToken, TooManyAttempts
 from users_grpc.recovery import PasswordService, security_notice

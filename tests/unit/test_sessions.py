@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import FakeCredentialRepository, FakeKeyStore, FakeSessionRepository
-from tests.unit.helpers import PASSWORD, World, run
+from tests.support.fakes import FakeCredentialRepository, FakeKeyStore, FakeSessionRepository
+from tests.support.world import PASSWORD, World, run
 from users_grpc.domain import IssuedTokens, UserState
 from users_grpc.errors import InvalidArgument, InvalidCredentials, MfaRequired, TooManyAttempts, Unauthenticated
 from users_grpc.mfa import STEP_SECONDS, MfaService, totp

@@ -26,8 +26,10 @@ from pymongo import MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, MailSink, RunningServer
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.paths import REPO_ROOT
+from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer
 from users.v1 import user_pb2, user_service_pb2
 
 PASSWORD = "correct horse battery"

@@ -9,7 +9,7 @@ from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from tests.fakes import FakeClock, FakeHasher, FakeMailer, FakeThrottleStore, FakeUserRepository
+from tests.support.fakes import FakeClock, FakeHasher, FakeMailer, FakeThrottleStore, FakeUserRepository
 from users_grpc.domain import Gender, Registration, Role, User
 from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
