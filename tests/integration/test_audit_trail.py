@@ -33,42 +33,36 @@ QUERIES = [
 
 
 @pytest.mark.parametrize(("query", "leading"), QUERIES)
-def test_every_filter_and_the_purge_lead_an_index(run: Any, query: dict[str, Any], leading: str) -> None:
-    async def body(stores: Stores) -> None:
-        database = stores.database
-        indexes = [index["key"] async for index in await database["audit_events"].list_indexes()]
-        assert any(next(iter(key)) == leading for key in indexes), indexes
-        explained = await database.command(
-            "explain", {"find": "audit_events", "filter": query, "sort": {"time": -1, "_id": -1}}
-        )
-        if "ferretdbVersion" in explained.get("serverInfo", {}):
-            return  # FerretDB's SQLite backend scans whatever the indexes
-        plan = str(explained["queryPlanner"]["winningPlan"])
-        assert "IXSCAN" in plan, plan
-        assert "COLLSCAN" not in plan, plan
-
-    run(body)
+async def test_every_filter_and_the_purge_lead_an_index(stores: Stores, query: dict[str, Any], leading: str) -> None:
+    database = stores.database
+    indexes = [index["key"] async for index in await database["audit_events"].list_indexes()]
+    assert any(next(iter(key)) == leading for key in indexes), indexes
+    explained = await database.command(
+        "explain", {"find": "audit_events", "filter": query, "sort": {"time": -1, "_id": -1}}
+    )
+    if "ferretdbVersion" in explained.get("serverInfo", {}):
+        return  # FerretDB's SQLite backend scans whatever the indexes
+    plan = str(explained["queryPlanner"]["winningPlan"])
+    assert "IXSCAN" in plan, plan
+    assert "COLLSCAN" not in plan, plan
 
 
-def test_pages_walk_one_millisecond_by_id_and_the_purge_keeps_newer_events(run: Any) -> None:
-    async def body(stores: Stores) -> None:
-        database, trail = stores.database, stores.audit
-        for _ in range(5):
-            await trail.add(event(NOW))
-        await trail.add(event(NOW + timedelta(milliseconds=1), AuditEventType.USER_UNLOCK))
-        everything = await trail.list_events(AuditFilter(), None, 100)
-        assert len(everything) == 6
-        assert everything[0].type is AuditEventType.USER_UNLOCK
-        assert [e.id for e in everything[1:]] == sorted((e.id for e in everything[1:]), reverse=True)
-        pages: list[str] = []
-        before: AuditPosition | None = None
-        while page := await trail.list_events(AuditFilter(), before, 2):
-            pages += [e.id for e in page]
-            before = AuditPosition(page[-1].time, page[-1].id)
-        assert pages == [e.id for e in everything]
-        only = await trail.list_events(AuditFilter(types=frozenset({AuditEventType.USER_UNLOCK})), None, 100)
-        assert [e.id for e in only] == [everything[0].id]
-        assert await MongoHousekeeping(database).purge_audit_events(NOW + timedelta(milliseconds=1)) == 5
-        assert [e.id for e in await trail.list_events(AuditFilter(), None, 100)] == [everything[0].id]
-
-    run(body)
+async def test_pages_walk_one_millisecond_by_id_and_the_purge_keeps_newer_events(stores: Stores) -> None:
+    database, trail = stores.database, stores.audit
+    for _ in range(5):
+        await trail.add(event(NOW))
+    await trail.add(event(NOW + timedelta(milliseconds=1), AuditEventType.USER_UNLOCK))
+    everything = await trail.list_events(AuditFilter(), None, 100)
+    assert len(everything) == 6
+    assert everything[0].type is AuditEventType.USER_UNLOCK
+    assert [e.id for e in everything[1:]] == sorted((e.id for e in everything[1:]), reverse=True)
+    pages: list[str] = []
+    before: AuditPosition | None = None
+    while page := await trail.list_events(AuditFilter(), before, 2):
+        pages += [e.id for e in page]
+        before = AuditPosition(page[-1].time, page[-1].id)
+    assert pages == [e.id for e in everything]
+    only = await trail.list_events(AuditFilter(types=frozenset({AuditEventType.USER_UNLOCK})), None, 100)
+    assert [e.id for e in only] == [everything[0].id]
+    assert await MongoHousekeeping(database).purge_audit_events(NOW + timedelta(milliseconds=1)) == 5
+    assert [e.id for e in await trail.list_events(AuditFilter(), None, 100)] == [everything[0].id]

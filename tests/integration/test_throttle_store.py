@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from tests.support.stores import Stores
 from users_grpc.domain import Tally
@@ -22,73 +22,61 @@ async def count(store: MongoThrottleStore, key: str, now: datetime = NOW) -> Tal
     return await store.count_failure(key, account, seen=seen, now=now, window=WINDOW, expires_at=LATER)
 
 
-def test_counts_by_compare_and_set(run: Any) -> None:
-    async def body(stores: Stores) -> None:
-        store = stores.throttle
-        assert await count(store, "password:u1:a") == Tally(count=1, last_at=NOW)
-        assert await count(store, "password:u1:a") == Tally(count=2, last_at=NOW)
-        stale = Tally(count=1, last_at=NOW)
-        refused = await store.count_failure("password:u1:a", "u1", seen=stale, now=NOW, window=WINDOW, expires_at=LATER)
-        assert refused is None  # the tally moved on since it was seen
-        assert (await store.get(["password:u1:a"]))["password:u1:a"].count == 2
-        # A fresh count once the window has passed since the last failure.
-        assert await count(store, "password:u1:a", NOW + WINDOW) == Tally(count=1, last_at=NOW + WINDOW)
-
-    run(body)
+async def test_counts_by_compare_and_set(stores: Stores) -> None:
+    store = stores.throttle
+    assert await count(store, "password:u1:a") == Tally(count=1, last_at=NOW)
+    assert await count(store, "password:u1:a") == Tally(count=2, last_at=NOW)
+    stale = Tally(count=1, last_at=NOW)
+    refused = await store.count_failure("password:u1:a", "u1", seen=stale, now=NOW, window=WINDOW, expires_at=LATER)
+    assert refused is None  # the tally moved on since it was seen
+    assert (await store.get(["password:u1:a"]))["password:u1:a"].count == 2
+    # A fresh count once the window has passed since the last failure.
+    assert await count(store, "password:u1:a", NOW + WINDOW) == Tally(count=1, last_at=NOW + WINDOW)
 
 
-def test_parallel_counts_from_one_sight_succeed_once(run: Any) -> None:
-    async def body(stores: Stores) -> None:
-        store = stores.throttle
-        await count(store, "password:u1:a")
-        seen = (await store.get(["password:u1:a"]))["password:u1:a"]
-        results = await asyncio.gather(
-            *(
-                store.count_failure("password:u1:a", "u1", seen=seen, now=NOW, window=WINDOW, expires_at=LATER)
-                for _ in range(10)
-            )
+async def test_parallel_counts_from_one_sight_succeed_once(stores: Stores) -> None:
+    store = stores.throttle
+    await count(store, "password:u1:a")
+    seen = (await store.get(["password:u1:a"]))["password:u1:a"]
+    results = await asyncio.gather(
+        *(
+            store.count_failure("password:u1:a", "u1", seen=seen, now=NOW, window=WINDOW, expires_at=LATER)
+            for _ in range(10)
         )
-        assert sum(result is not None for result in results) == 1
-        first_inserts = await asyncio.gather(
-            *(
-                store.count_failure("password:u1:b", "u1", seen=None, now=NOW, window=WINDOW, expires_at=LATER)
-                for _ in range(10)
-            )
+    )
+    assert sum(result is not None for result in results) == 1
+    first_inserts = await asyncio.gather(
+        *(
+            store.count_failure("password:u1:b", "u1", seen=None, now=NOW, window=WINDOW, expires_at=LATER)
+            for _ in range(10)
         )
-        assert sum(result is not None for result in first_inserts) == 1
-
-    run(body)
-
-
-def test_uncount_forget_and_remember(run: Any) -> None:
-    async def body(stores: Stores) -> None:
-        store = stores.throttle
-        for key in ("password:u1:a", "password:u1:a", "password:u1", "password:u2:a"):
-            await count(store, key)
-        await store.uncount_failure("password:u1:a")
-        await store.remember("known:u1:a", "u1", NOW, LATER)
-        tallies = await store.get(["password:u1:a", "password:u1", "password:u2:a", "known:u1:a"])
-        assert {key: tally.count for key, tally in tallies.items()} == {
-            "password:u1:a": 1,
-            "password:u1": 1,
-            "password:u2:a": 1,
-            "known:u1:a": 1,
-        }
-        await store.forget_account("u1")  # failures only: the known source stays
-        assert set(await store.get(["password:u1:a", "password:u1", "password:u2:a", "known:u1:a"])) == {
-            "password:u2:a",
-            "known:u1:a",
-        }
-        await store.forget("known:u1:a")
-        assert await store.get(["known:u1:a"]) == {}
-
-    run(body)
+    )
+    assert sum(result is not None for result in first_inserts) == 1
 
 
-def test_hits_count_every_request_even_in_parallel(run: Any) -> None:
-    async def body(stores: Stores) -> None:
-        store = stores.throttle
-        counts = await asyncio.gather(*(store.hit("rate:10.0.0.1:0", LATER) for _ in range(12)))
-        assert sorted(counts) == list(range(1, 13))
+async def test_uncount_forget_and_remember(stores: Stores) -> None:
+    store = stores.throttle
+    for key in ("password:u1:a", "password:u1:a", "password:u1", "password:u2:a"):
+        await count(store, key)
+    await store.uncount_failure("password:u1:a")
+    await store.remember("known:u1:a", "u1", NOW, LATER)
+    tallies = await store.get(["password:u1:a", "password:u1", "password:u2:a", "known:u1:a"])
+    assert {key: tally.count for key, tally in tallies.items()} == {
+        "password:u1:a": 1,
+        "password:u1": 1,
+        "password:u2:a": 1,
+        "known:u1:a": 1,
+    }
+    await store.forget_account("u1")  # failures only: the known source stays
+    assert set(await store.get(["password:u1:a", "password:u1", "password:u2:a", "known:u1:a"])) == {
+        "password:u2:a",
+        "known:u1:a",
+    }
+    await store.forget("known:u1:a")
+    assert await store.get(["known:u1:a"]) == {}
 
-    run(body)
+
+async def test_hits_count_every_request_even_in_parallel(stores: Stores) -> None:
+    store = stores.throttle
+    counts = await asyncio.gather(*(store.hit("rate:10.0.0.1:0", LATER) for _ in range(12)))
+    assert sorted(counts) == list(range(1, 13))
