@@ -7,6 +7,7 @@ import pytest
 
 pytest_plugins = [
     "tests.support.database",
+    "tests.support.event_loop",
     "tests.support.mail",
     "tests.support.servers",
     "tests.support.pki",

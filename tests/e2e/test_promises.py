@@ -3,7 +3,6 @@ here was seen to fail with a one-line change that breaks its promise (listed in 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -431,7 +430,7 @@ def test_shutdown_takes_calls_during_the_delay_then_cuts_in_flight_calls_after_t
         liveness = health_pb2.HealthCheckRequest(service="liveness")
         assert health.Check(liveness, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
         assert not in_flight.done()
-        stopping = asyncio.run_coroutine_threadsafe(server.app.stop(), server._loop)
+        stopping = server.submit(server.app.stop())
         wait_until(
             lambda: health.Check(liveness, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING,
             what="NOT_SERVING",

@@ -4,6 +4,7 @@ thread, called through real channels as an admin made for it or with no credenti
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import os
 import sys
@@ -87,7 +88,11 @@ class RunningServer:
 
     def call(self, coroutine: Coroutine[Any, Any, _T], timeout: float = 60) -> _T:
         """Run ``coroutine`` on the server's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        return self.submit(coroutine).result(timeout)
+
+    def submit(self, coroutine: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Start ``coroutine`` on the server's loop, for a test to watch while it runs."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def stop(self) -> None:
         if self._loop.is_closed():  # stopped by the test already

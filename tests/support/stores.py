@@ -1,5 +1,5 @@
 """What the repository tests share: every store of the service on a fresh database of the test's
-own, indexes made, given to each async test on its own event loop (anyio's pytest plugin, asyncio)."""
+own, indexes made, given to each async test on its own event loop (tests/support/event_loop.py)."""
 
 from __future__ import annotations
 
@@ -71,12 +71,6 @@ class Stores:
         """The indexes the server makes at start-up (bootstrap), every store's."""
         for store in (self.users, self.sessions, self.outbox, self.throttle, self.audit, self.service_accounts):
             await store.ensure_indexes()
-
-
-@pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    """The async tests run on asyncio, as the service does (anyio's plugin would try every backend)."""
-    return "asyncio"
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ class Mfa(World):
             sessions=self.sessions,
             mailer=self.mailer,
             encryption=self.encryption,
-            digests=self.service._digests,
+            digests=self.digests,
             clock=self.clock,
             issuer=ISSUER,
             max_attempts=3,

@@ -35,7 +35,7 @@ class Recovery(World):
             sessions=self.sessions,
             mailer=self.mailer,
             hasher=self.hasher,
-            digests=self.service._digests,
+            digests=self.digests,
             clock=self.clock,
             password_policy=PasswordPolicy(),
             reset_token_ttl=TTL,
@@ -105,7 +105,7 @@ class TestForgotPassword:
         secret = world.reset_token().split(".")[1]
         pending = world.credentials.accounts[world.user.id].password_reset
         assert pending is not None
-        assert pending.digest == world.service._digests.digest("password-reset", world.user.id, secret)
+        assert pending.digest == world.digests.digest("password-reset", world.user.id, secret)
         assert pending.expires_at == world.clock.now() + TTL
         assert pending.attempts_left == 1
 
