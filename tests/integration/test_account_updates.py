@@ -1,33 +1,19 @@
 """What each account update of the repository changes besides its own field, against the real
 database: a new password ends pending tokens and an imported scheme, removing MFA ends tokens,
 every change is published at its time with its notice claimable, activation tokens, attempt caps,
-notice claims' leases, stored mail written by earlier releases, abandoned work, and ping."""
+notice claims' leases, and a user created active or waiting for activation."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from datetime import timedelta
 from typing import Any
 
-import bson
-import pytest
 from bson import ObjectId
-from pymongo import AsyncMongoClient
 
 from tests.support.records import NOW, activation, new_user, notices_waiting
-from tests.support.stores import Stores, paused
-from users_grpc import repository
-from users_grpc.devdb import DevDatabase
+from tests.support.stores import Stores
 from users_grpc.domain import ChangeType, Mail, PasswordScheme, PendingEmailChange, UserState
-from users_grpc.repository import (
-    DatabaseBudget,
-    Document,
-    MongoUserRepository,
-    cancel_abandoned_work,
-    database_budget,
-    ping,
-)
 
 NOTICE = Mail(to="jane@example.com", subject="Notice", body="Hello jane")
 LATER = NOW + timedelta(hours=1)
@@ -195,63 +181,6 @@ async def test_a_pending_claim_whose_user_does_not_exist_finds_nobody(stores: St
     assert await users.delete_by_identifier("jane")
     assert await users.find_account("jane") is None
     assert not await users.delete_by_identifier("jane")
-
-
-async def test_mail_sealed_or_queued_by_earlier_releases_still_goes_out(stores: Stores) -> None:
-    """The stored format: a body sealed under the associated data as spelt when it was queued (its
-    id, recipient and subject), and mail queued before bodies were sealed, both open."""
-    secrets = stores.secrets
-    sealed_id = ObjectId()
-    associated = bson.encode({"purpose": "outbox-mail", "id": sealed_id, "to": "a@x.io", "subject": "s"})
-    mail: Document = {"subject": "s", "status": "pending", "attempts": 0, "created_at": NOW, "notice_of": None}
-    sealed = secrets.seal_mail_body("b1", associated)
-    await stores.database["outbox"].insert_many(
-        [
-            {**mail, "_id": sealed_id, "to": "a@x.io", "next_attempt_at": NOW, "sealed_body": sealed},
-            {**mail, "to": "b@x.io", "next_attempt_at": NOW + timedelta(seconds=1), "body": "b2"},
-        ]
-    )
-    first = await stores.outbox.claim(NOW + timedelta(seconds=1), 60)
-    second = await stores.outbox.claim(NOW + timedelta(seconds=1), 60)
-    assert first is not None
-    assert second is not None
-    assert [first.mail, second.mail] == [
-        Mail(to="a@x.io", subject="s", body="b1"),
-        Mail(to="b@x.io", subject="s", body="b2"),
-    ]
-
-
-async def test_cancelled_calls_leave_their_work_to_end_and_shutdown_cancels_it(own_database: DevDatabase) -> None:
-    # Abandoned work ends quietly: its outcome was reported to no one, and is not reported later.
-    complaints: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    handler = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _, context: complaints.append(context))
-    client: AsyncMongoClient[Document] = AsyncMongoClient(own_database.uri, tz_aware=True)
-    try:
-        users = MongoUserRepository(client["abandoned"])
-        user = await users.add(new_user())
-        assert await asyncio.wait_for(ping(client["abandoned"], 5), 10)
-        with paused(own_database):
-            assert not await asyncio.wait_for(ping(client["abandoned"], 0.2), 10)
-            token = database_budget.set(DatabaseBudget(30))
-            try:
-                call = asyncio.ensure_future(users.get(user.id))
-            finally:
-                database_budget.reset(token)
-            await asyncio.sleep(0)  # one turn of the loop: the call starts and waits on its work
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            [work] = list(repository._abandoned)
-            assert not work.done()  # the call is gone; its work runs on within its budget
-            await cancel_abandoned_work()
-            assert work.cancelled()
-            assert repository._abandoned == set()
-            assert complaints == []
-    finally:
-        await client.close()
-        loop.set_exception_handler(handler)
 
 
 async def test_a_registered_user_waits_for_activation_and_one_created_active_is_active(stores: Stores) -> None:

@@ -1,16 +1,34 @@
-"""The repository's session, key, MFA, reset and attempt methods against the real database: what
-the unit tests' fakes stand in for (tests/support/fakes.py), held by the adapter itself."""
+"""What the repository keeps of credentials, against the real database: what the unit tests'
+fakes stand in for (tests/support/fakes.py), held by the adapter itself. Sessions (rotated once,
+replays revoked, read back as made, the first revocation time kept), MFA enrollment and attempts,
+reset tokens, activation attempts, an account's secrets, scheme and MFA, an admin's MFA reset, and
+service accounts (unique names, the secret never read back)."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import pytest
 from bson import ObjectId
 
 from tests.support.records import NOW, activation, new_user
 from tests.support.stores import Stores
-from users_grpc.domain import Mail, StoredKey
+from users_grpc.domain import (
+    Mail,
+    Mfa,
+    PasswordScheme,
+    ServiceAccount,
+    Session,
+)
+from users_grpc.errors import AlreadyExists
+
+SECOND = timedelta(seconds=1)
+
+
+DAY = timedelta(days=1)
+
 
 _T = TypeVar("_T")
 NOTICE = Mail(to="jane@example.com", subject="s", body="b")
@@ -45,21 +63,6 @@ async def test_sessions_rotate_once_revoke_replays_and_list_newest_first(stores:
     assert [s.id for s in await repo.list_active(user_id, NOW)] == [ids[2]]
     await repo.revoke_all(user_id, NOW)
     assert await repo.list_active(user_id, NOW) == []
-
-
-async def test_the_key_store_keeps_sealed_keys_and_retires_each_once(stores: Stores) -> None:
-    await stores.keys.add(StoredKey(kid="k1", sealed_private_key=b"\x00sealed", created_at=NOW))
-    await stores.keys.add(StoredKey(kid="k2", sealed_private_key=b"other", created_at=NOW + timedelta(hours=1)))
-    keys = {k.kid: k for k in await stores.keys.all()}
-    assert keys["k1"] == StoredKey(kid="k1", sealed_private_key=b"\x00sealed", created_at=NOW)
-    assert await stores.keys.retire("k1", NOW) is True
-    assert await stores.keys.retire("k1", NOW) is False
-    assert await stores.keys.retire("nope", NOW) is False
-    keys = {k.kid: k for k in await stores.keys.all()}
-    assert keys["k1"].retired_at == NOW
-    assert keys["k2"].retired_at is None
-    # Where earlier releases keep them, so that an upgraded replica signs with the same keys.
-    assert await stores.database["signing_keys"].count_documents({}) == 2
 
 
 async def test_mfa_enrollment_confirmation_steps_and_recovery_codes(stores: Stores) -> None:
@@ -132,3 +135,120 @@ async def test_activation_attempts_run_out(stores: Stores) -> None:
     left = [await stores.users.reserve_activation_attempt(user.id, NOW) for _ in range(3)]
     assert [a is not None for a in left] == [True, True, False]  # activation() allows two
     assert await stores.users.reserve_activation_attempt(str(ObjectId()), NOW) is None
+
+
+async def test_an_account_reads_back_its_secrets_its_scheme_and_its_mfa(stores: Stores) -> None:
+    users = stores.users
+    imported = dataclasses.replace(new_user(), password_scheme=PasswordScheme.BCRYPT, imported=True)
+    user = await users.add(imported)
+    account = await users.get_account(user.id)
+    assert account is not None
+    assert (account.password_scheme, account.mfa, account.password_reset) == (PasswordScheme.BCRYPT, None, None)
+    # The first sign-in replaces an imported hash with ours, once.
+    assert not await users.upgrade_password_hash(user.id, "other", "$ours")
+    assert await users.upgrade_password_hash(user.id, "$2b$10$hash", "$ours")
+    assert not await users.upgrade_password_hash(user.id, "$ours", "$ours2")
+    account = await users.get_account(user.id)
+    assert account is not None
+    assert (account.password_hash, account.password_scheme) == ("$ours", PasswordScheme.PEPPERED)
+    assert await users.activate(user.id, "d1", NOW) is not None
+    assert await users.start_mfa_enrollment(user.id, b"secret", NOW)
+    assert await users.confirm_mfa(user.id, 7, ["r1", "r2"], NOW, NOTICE)
+    account = await users.get_account(user.id)
+    assert account is not None
+    assert account.mfa == Mfa(active=True, sealed_secret=b"secret", last_used_step=7, recovery_digests=("r1", "r2"))
+    assert account.user.mfa_enabled
+    assert account.user.token_version == 1
+    # A sealed TOTP secret is resealed only if it is still what was read.
+    assert await users.sealed_totp_secrets(None, 10) == [(user.id, b"secret")]
+    assert await users.sealed_totp_secrets(user.id, 10) == []
+    assert not await users.reseal_totp_secret(user.id, b"other", b"new")
+    assert await users.reseal_totp_secret(user.id, b"secret", b"new")
+    account = await users.get_account(user.id)
+    assert account is not None
+    assert account.mfa is not None
+    assert account.mfa.sealed_secret == b"new"
+
+
+async def test_an_admins_mfa_reset_removes_any_enrollment_and_ends_tokens(stores: Stores) -> None:
+    users = stores.users
+    user = await users.add(new_user())
+    assert not await users.reset_mfa(user.id, NOW, NOTICE)
+    assert await users.start_mfa_enrollment(user.id, b"s", NOW)
+    assert await users.reset_mfa(user.id, NOW, NOTICE)
+    account = await users.get_account(user.id)
+    assert account is not None
+    assert (account.mfa, account.user.token_version) == (None, 1)
+    assert not await users.reset_mfa(user.id, NOW, NOTICE)
+
+
+async def test_a_session_reads_back_as_it_was_made(stores: Stores) -> None:
+    sessions = stores.sessions
+    session_id = sessions.new_id()
+    made = await sessions.create(session_id, "u1", "t", NOW, NOW + timedelta(days=1), 3)
+    assert made == Session(
+        id=session_id,
+        user_id="u1",
+        created_at=NOW,
+        last_used_at=NOW,
+        expires_at=NOW + timedelta(days=1),
+        token_version=3,
+    )
+    assert await sessions.list_active("u1", NOW) == [made]
+    rotated = await sessions.rotate(session_id, 0, "t", "t2", NOW + timedelta(hours=1))
+    assert rotated == dataclasses.replace(made, last_used_at=NOW + timedelta(hours=1))
+    assert await sessions.rotate(session_id, 1, "t2", "t3", NOW + timedelta(days=1)) is None  # expired
+    # Stored before sessions carried the token version: version 0, which the first tokens had.
+    await stores.database["sessions"].update_one({"_id": ObjectId(session_id)}, {"$unset": {"token_version": ""}})
+    [legacy] = await sessions.list_active("u1", NOW)
+    assert legacy.token_version == 0
+
+
+async def test_service_accounts_have_unique_names_and_never_read_back_their_secret(stores: Stores) -> None:
+    accounts = stores.service_accounts
+    await accounts.ensure_indexes()
+    first = ServiceAccount(client_id=accounts.new_id(), name="billing", created_at=NOW)
+    second = ServiceAccount(client_id=accounts.new_id(), name="reports", created_at=NOW)
+    await accounts.add(first, "digest1")
+    await accounts.add(second, "digest2")
+    with pytest.raises(AlreadyExists) as error:
+        await accounts.add(ServiceAccount(client_id=accounts.new_id(), name="billing", created_at=NOW), "d")
+    assert error.value.field == "name"
+    assert await accounts.get(first.client_id) == first
+    assert await accounts.secret_digest(first.client_id) == "digest1"
+    assert await accounts.secret_digest(accounts.new_id()) is None
+    assert await accounts.list_after(None, 10) == [first, second]
+    assert await accounts.list_after(first.client_id, 10) == [second]
+    assert await accounts.list_after(None, 1) == [first]
+    assert await accounts.delete(first.client_id)
+    assert not await accounts.delete(first.client_id)
+    assert await accounts.get(first.client_id) is None
+    stored = await stores.database["service_accounts"].find_one({"_id": ObjectId(second.client_id)})
+    assert stored is not None
+    assert stored["secret_digest"] == "digest2"
+
+
+async def test_a_session_keeps_the_time_it_was_first_revoked(stores: Stores) -> None:
+    sessions, raw = stores.sessions, stores.database["sessions"]
+
+    async def revoked_at(session_id: str) -> Any:
+        document = await raw.find_one({"_id": ObjectId(session_id)})
+        assert document is not None
+        return document["revoked_at"]
+
+    ids = [sessions.new_id() for _ in range(4)]
+    for session_id in ids:
+        await sessions.create(session_id, "u1", "t", NOW, NOW + DAY, 0)
+    revoked, replayed = ids[:2]
+    await sessions.revoke(revoked, NOW + SECOND)
+    await sessions.revoke(revoked, NOW + 2 * SECOND)
+    assert await sessions.rotate(replayed, 0, "t", "t2", NOW) is not None
+    assert await sessions.revoke_replayed(replayed, 0, NOW + SECOND) is not None
+    assert await sessions.revoke_replayed(replayed, 0, NOW + 2 * SECOND) is None
+    await sessions.revoke_all("u1", NOW + 3 * SECOND)
+    assert [await revoked_at(session_id) for session_id in ids] == [
+        NOW + SECOND,
+        NOW + SECOND,
+        NOW + 3 * SECOND,
+        NOW + 3 * SECOND,
+    ]

@@ -1,5 +1,6 @@
 """Housekeeping's leases and purges, and refresh-token rotation in constant space, against the real
-database (FerretDB, or USERS_TEST_MONGODB_URI)."""
+database (FerretDB, or USERS_TEST_MONGODB_URI): stale claims released, never-activated users purged
+and published as deleted, however many sweeps it takes, and what a lease records."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import bson
 import pytest
 from bson import ObjectId
 
+from tests.support.records import new_user
 from tests.support.stores import Stores
-from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
+from users_grpc import repository
+from users_grpc.domain import ActivationCode, ChangeType, Gender, Mail, NewUser, Role
 from users_grpc.repository import (
+    CLAIM_SETTLE_SECONDS,
+    Claim,
     ended_sessions_queries,
     expired_tallies_query,
     failed_mail_query,
@@ -23,10 +28,12 @@ from users_grpc.repository import (
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
+SECOND = timedelta(seconds=1)
 DAY = timedelta(days=1)
 
 
-def new_user(username: str, *, active: bool, created_at: datetime, pending: bool = True) -> NewUser:
+def dated_user(username: str, *, active: bool, created_at: datetime, pending: bool = True) -> NewUser:
+    """A user created at ``created_at``, active or not, with a pending activation unless told."""
     activation = ActivationCode(
         digest="d", expires_at=created_at + timedelta(minutes=15), attempts_left=5, sends_in_window=1,
         window_started_at=created_at,
@@ -48,7 +55,7 @@ def new_user(username: str, *, active: bool, created_at: datetime, pending: bool
 
 async def test_imported_users_pending_activation_are_not_purged(stores: Stores) -> None:
     # Imported unverified, then a code was asked for (so an activation is pending), long ago.
-    migrant = dataclasses.replace(new_user("migrant", active=False, created_at=NOW - 30 * DAY), imported=True)
+    migrant = dataclasses.replace(dated_user("migrant", active=False, created_at=NOW - 30 * DAY), imported=True)
     await stores.users.add(migrant)
     assert await stores.housekeeping.purge_never_activated_users(NOW - 7 * DAY) == 0
     assert await stores.users.get(migrant.id) is not None
@@ -95,18 +102,18 @@ async def test_ended_sessions_are_purged_after_the_retention(stores: Stores) -> 
 async def test_only_accounts_never_activated_are_purged(stores: Stores) -> None:
     users = stores.users
     old, young = NOW - 8 * DAY, NOW - 6 * DAY
-    never_activated = await users.add(new_user("idle", active=False, created_at=old))
-    await users.add(new_user("young", active=False, created_at=young))
-    await users.add(new_user("active", active=True, created_at=old))
+    never_activated = await users.add(dated_user("idle", active=False, created_at=old))
+    await users.add(dated_user("young", active=False, created_at=young))
+    await users.add(dated_user("active", active=True, created_at=old))
     # Inactive without a pending activation: deactivated after activating, not a squatter.
-    await users.add(new_user("deactivated", active=False, created_at=old, pending=False))
+    await users.add(dated_user("deactivated", active=False, created_at=old, pending=False))
 
     assert await stores.housekeeping.purge_never_activated_users(NOW - 7 * DAY) == 1
     assert await users.get(never_activated.id) is None
     left = {d["username"] async for d in stores.database.users.find()}
     assert left == {"young", "active", "deactivated"}
     # The username and email are free again.
-    await users.add(new_user("idle", active=False, created_at=NOW))
+    await users.add(dated_user("idle", active=False, created_at=NOW))
 
 
 async def test_failed_mail_is_purged_after_the_retention(stores: Stores) -> None:
@@ -211,3 +218,48 @@ async def test_expired_tallies_are_purged_and_live_ones_kept(stores: Stores) -> 
     assert await stores.housekeeping.purge_expired_tallies(NOW) == 0
     assert await stores.housekeeping.purge_expired_tallies(NOW + timedelta(seconds=1)) == 1
     assert set(await tallies.get(["rate:10.0.0.1:0", "known:u1:10.0.0.1"])) == {"known:u1:10.0.0.1"}
+
+
+async def test_housekeeping_releases_every_stale_claim_whose_user_does_not_hold_the_name(stores: Stores) -> None:
+    claims = stores.claims
+    for name in ("orphan1", "orphan2"):
+        assert await claims.claim("username", name, ObjectId(), NOW) is Claim.NEW
+    bound = timedelta(seconds=CLAIM_SETTLE_SECONDS)
+    assert await stores.housekeeping.release_stale_claims(NOW + bound) == 0
+    assert await stores.housekeeping.release_stale_claims(NOW + bound + SECOND) == 2
+    assert await stores.database["claims"].count_documents({}) == 0
+
+
+async def test_a_purged_never_activated_user_is_published_as_deleted_when_it_was_purged(stores: Stores) -> None:
+    idle = await stores.users.add(new_user("idle", "idle@example.com"))
+    started = datetime.now(UTC).replace(microsecond=0)
+    assert await stores.housekeeping.purge_never_activated_users(NOW + DAY) == 1
+    finished = datetime.now(UTC) + SECOND
+    changes = stores.changes
+    deleted = (await changes.read_after(0, 10))[-1]
+    assert (deleted.user_id, deleted.type, deleted.user) == (idle.id, ChangeType.DELETED, None)
+    assert started <= deleted.changed_at <= finished
+
+
+async def test_the_purge_finishes_every_deletion_it_marks_though_they_take_more_than_one_sweep(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two users a sweep, so three take two sweeps (as 101 would at the real limit of 100).
+    monkeypatch.setattr(repository, "_SWEEP_LIMIT", 2)
+    for n in range(3):
+        await stores.users.add(new_user(f"idle{n}", f"idle{n}@example.com"))
+    assert await stores.housekeeping.purge_never_activated_users(NOW + DAY) == 3
+    assert await stores.database["users"].count_documents({}) == 0
+    assert await stores.database["claims"].count_documents({}) == 0
+
+
+async def test_a_lease_records_its_holder_until_when_and_since_when_it_was_taken(stores: Stores) -> None:
+    leases = stores.housekeeping
+    assert await leases.take_lease("purge", "replica1", NOW, 60)
+    assert await leases.take_lease("sweep", "replica2", NOW + SECOND, 60)
+    assert await stores.database["leases"].find_one({"_id": "purge"}) == {
+        "_id": "purge",
+        "holder": "replica1",
+        "leased_until": NOW + 60 * SECOND,
+        "taken_at": NOW,
+    }

@@ -1,6 +1,7 @@
 """Usernames and emails in the repository against the real database: claims (one holder per
 name, taken over only from a user that no longer holds it), changes of address and renames
-(the new name claimed, the old one freed), and a database still on schema 1's unique indexes."""
+(the new name claimed, the old one freed), a database still on schema 1's unique indexes, and the
+schema's state."""
 
 from __future__ import annotations
 
@@ -273,3 +274,17 @@ async def test_the_schema_records_its_version_never_lower_and_drops_the_unique_i
     assert indexes["username_key"]["key"] == [("username_key", 1)]
     assert not indexes["email_key"].get("unique", False)
     assert await schema.claims.holder("username", "jane") is not None
+
+
+async def test_the_schema_state_is_the_users_layouts_and_service_account_names_have_their_unique_index(
+    stores: Stores,
+) -> None:
+    await stores.database["schema"].insert_one({"_id": "another-layout", "version": 9})
+    schema = stores.schema
+    assert await schema.state() is None
+    await schema.record(3)
+    assert await schema.state() == {"_id": "users", "version": 3}
+    accounts = stores.service_accounts
+    await accounts.ensure_indexes()
+    indexes = await stores.database["service_accounts"].index_information()
+    assert (indexes["name_unique"]["key"], indexes["name_unique"]["unique"]) == ([("name", 1)], True)

@@ -1,20 +1,32 @@
 """The outbox against the real database: which mail a sender claims first and what a claim, a
-retry and a postponement store; what the metrics count; how bodies are resealed under a new
-key while other replicas reseal or deliver the same mail; and legacy mail sealed at start."""
+retry and a postponement store; one sender at a time per lease, and giving up; what the metrics
+count; bodies that do not open, and bodies resealed under a new key while other replicas reseal or
+deliver the same mail; mail stored by earlier releases (sealed under the old associated data,
+queued before bodies were sealed, a notice queued before the outbox named its user)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import timedelta
 
 import bson
+from bson import ObjectId
 from pymongo import MongoClient
 
-from tests.support.records import NOW
+from tests.support.records import NOW, new_user
 from tests.support.stores import Stores
-from users_grpc.domain import Mail
-from users_grpc.repository import Document, MongoOutbox
+from users_grpc.domain import (
+    Mail,
+)
+from users_grpc.repository import (
+    Document,
+    MongoOutbox,
+)
 from users_grpc.secrets_at_rest import SecretsAtRest
+
+NOTICE = Mail(to="jane@example.com", subject="s", body="b")
+
 
 SECOND = timedelta(seconds=1)
 
@@ -182,3 +194,116 @@ async def test_legacy_mail_is_dated_as_failed_only_if_it_failed_undated(stores: 
     assert "failed_at" not in await raw(stores, "pending@x.io")
     assert (await raw(stores, "undated@x.io"))["failed_at"] == NOW + SECOND
     assert (await raw(stores, "dated@x.io"))["failed_at"] == NOW - SECOND
+
+
+async def test_outbox_lease_hands_each_mail_to_one_sender_at_a_time(stores: Stores) -> None:
+    await stores.outbox.enqueue(Mail(to="a@x.io", subject="s", body="b"), NOW)
+    claims = await asyncio.gather(*(stores.outbox.claim(NOW, 60) for _ in range(5)))
+    claimed = [claim for claim in claims if claim is not None]
+    assert len(claimed) == 1
+    assert claimed[0].mail == Mail(to="a@x.io", subject="s", body="b")
+    assert claimed[0].attempts == 1
+    # The sender died: after the lease another one takes the mail over.
+    retaken = await stores.outbox.claim(NOW + timedelta(seconds=61), 60)
+    assert retaken is not None
+    assert (retaken.id, retaken.attempts) == (claimed[0].id, 2)
+    await stores.outbox.delivered(retaken.id)
+    assert await stores.outbox.claim(NOW + timedelta(days=1), 60) is None
+
+
+async def test_outbox_retry_and_give_up(stores: Stores) -> None:
+    await stores.outbox.enqueue(Mail(to="a@x.io", subject="s", body="b"), NOW)
+    first = await stores.outbox.claim(NOW, 60)
+    assert first is not None
+    await stores.outbox.retry_later(first.id, NOW + timedelta(seconds=30), "refused")
+    assert await stores.outbox.claim(NOW + timedelta(seconds=29), 60) is None
+    second = await stores.outbox.claim(NOW + timedelta(seconds=30), 60)
+    assert second is not None
+    await stores.outbox.give_up(second.id, "refused", NOW + timedelta(seconds=30))
+    assert await stores.outbox.claim(NOW + timedelta(days=365), 60) is None
+
+
+async def test_a_mail_whose_body_does_not_open_is_given_up_and_others_still_go(stores: Stores) -> None:
+    outbox = stores.outbox
+    await outbox.enqueue(Mail(to="a@x.io", subject="first", body="b1"), NOW)
+    await outbox.enqueue(Mail(to="b@x.io", subject="second", body="b2"), NOW + timedelta(seconds=1))
+    first = await stores.database["outbox"].find_one({"subject": "first"})
+    assert first is not None
+    # Moved to another recipient: the body no longer opens.
+    await stores.database["outbox"].update_one({"_id": first["_id"]}, {"$set": {"to": "evil@x.io"}})
+    claimed = await outbox.claim(NOW + timedelta(seconds=1), 60)
+    assert claimed is not None
+    assert claimed.mail == Mail(to="b@x.io", subject="second", body="b2")
+    assert await outbox.counts() == (1, 1, NOW + timedelta(seconds=1))
+    given_up = await stores.database["outbox"].find_one({"_id": first["_id"]})
+    assert given_up is not None
+    assert (given_up["status"], given_up["last_error"]) == ("failed", "the sealed body does not open")
+
+
+async def test_bodies_are_resealed_under_the_new_key_and_mail_of_no_key_is_counted(stores: Stores) -> None:
+    old_key, new_key = os.urandom(32), os.urandom(32)
+    before = MongoOutbox(stores.database, SecretsAtRest(old_key))
+    await before.enqueue(Mail(to="a@x.io", subject="s", body="b1"), NOW)
+    await before.enqueue(Mail(to="b@x.io", subject="s", body="b2"), NOW)
+    await MongoOutbox(stores.database, SecretsAtRest(os.urandom(32))).enqueue(
+        Mail(to="c@x.io", subject="s", body="b3"), NOW
+    )
+    after = MongoOutbox(stores.database, SecretsAtRest(new_key, (old_key,)))
+    assert await after.reseal_bodies() == (2, 0, 1)
+    assert await after.reseal_bodies() == (0, 2, 1)
+    only_new = MongoOutbox(stores.database, SecretsAtRest(new_key))
+    bodies = set()
+    for _ in range(2):
+        mail = await only_new.claim(NOW, 60)
+        assert mail is not None
+        bodies.add(mail.mail.body)
+    assert bodies == {"b1", "b2"}
+
+
+async def test_a_notice_queued_before_the_outbox_named_its_user_is_traced_to_the_user_holding_it(
+    stores: Stores,
+) -> None:
+    users, outbox = stores.users, stores.outbox
+    user = await users.add(new_user())
+    assert await users.set_password(user.id, "$2b$10$new", NOW, NOTICE)
+    pending = await users.claim_pending_notices(NOW, 60)
+    assert pending is not None
+    [notice] = pending.notices
+    await outbox.enqueue(notice.mail, NOW, mail_id=notice.id, notice_of=user.id)
+    await outbox.enqueue(Mail(to="a@x.io", subject="s", body="b"), NOW + timedelta(seconds=1))
+    await stores.database["outbox"].update_one({"_id": ObjectId(notice.id)}, {"$unset": {"notice_of": ""}})
+    first = await outbox.claim(NOW + timedelta(seconds=1), 60)
+    assert first is not None
+    assert (first.id, first.notice_of) == (notice.id, user.id)
+    second = await outbox.claim(NOW + timedelta(seconds=1), 60)
+    assert second is not None
+    assert second.notice_of is None  # queued as no notice
+    await users.release_notices(pending)
+    await outbox.retry_later(first.id, NOW, "again")
+    again = await outbox.claim(NOW + timedelta(seconds=2), 60)
+    assert again is not None
+    assert (again.id, again.notice_of) == (notice.id, None)  # no user holds it any more
+
+
+async def test_mail_sealed_or_queued_by_earlier_releases_still_goes_out(stores: Stores) -> None:
+    """The stored format: a body sealed under the associated data as spelt when it was queued (its
+    id, recipient and subject), and mail queued before bodies were sealed, both open."""
+    secrets = stores.secrets
+    sealed_id = ObjectId()
+    associated = bson.encode({"purpose": "outbox-mail", "id": sealed_id, "to": "a@x.io", "subject": "s"})
+    mail: Document = {"subject": "s", "status": "pending", "attempts": 0, "created_at": NOW, "notice_of": None}
+    sealed = secrets.seal_mail_body("b1", associated)
+    await stores.database["outbox"].insert_many(
+        [
+            {**mail, "_id": sealed_id, "to": "a@x.io", "next_attempt_at": NOW, "sealed_body": sealed},
+            {**mail, "to": "b@x.io", "next_attempt_at": NOW + timedelta(seconds=1), "body": "b2"},
+        ]
+    )
+    first = await stores.outbox.claim(NOW + timedelta(seconds=1), 60)
+    second = await stores.outbox.claim(NOW + timedelta(seconds=1), 60)
+    assert first is not None
+    assert second is not None
+    assert [first.mail, second.mail] == [
+        Mail(to="a@x.io", subject="s", body="b1"),
+        Mail(to="b@x.io", subject="s", body="b2"),
+    ]

@@ -1,4 +1,7 @@
-"""The PyMongo repository and outbox against the real database (FerretDB, or USERS_TEST_MONGODB_URI)."""
+"""A user's document in the repository against the real database (FerretDB, or
+USERS_TEST_MONGODB_URI): every field read back as stored, a duplicate name named, activation by
+code (expiry, attempts, races, sends per window), a change and its notice written in one update,
+a dead sender's claim on notices, and ids that are no ObjectId."""
 
 from __future__ import annotations
 
@@ -8,84 +11,13 @@ from typing import TypeVar
 
 import pytest
 from bson import ObjectId
-from pymongo import AsyncMongoClient
 
 from tests.support.records import NOW, activation, new_user
-from tests.support.sockets import collect_known_leaks
 from tests.support.stores import Stores
 from users_grpc.domain import Mail
-from users_grpc.errors import AlreadyExists, StorageUnavailable
-from users_grpc.repository import Document, MongoUserRepository
+from users_grpc.errors import AlreadyExists
 
 _T = TypeVar("_T")
-
-
-# The indexes the stores make at start-up, each serving a query named where it is made (the
-# identifier indexes are the schema's, tests/e2e/test_claims.py). A change here is a change of the
-# data model, made deliberately. `sparse` is left out: FerretDB does not report it.
-INDEXES: dict[str, dict[str, tuple[list[tuple[str, int]], bool]]] = {
-    "audit_events": {
-        "_id_": ([("_id", 1)], False),
-        "actor_time_id": ([("actor.id", 1), ("time", -1), ("_id", -1)], False),
-        "subject_time_id": ([("subject_id", 1), ("time", -1), ("_id", -1)], False),
-        "time_id": ([("time", -1), ("_id", -1)], False),
-        "type_time_id": ([("type", 1), ("time", -1), ("_id", -1)], False),
-    },
-    "claims": {"_id_": ([("_id", 1)], False), "pending_since": ([("pending_since", 1)], False)},
-    "outbox": {
-        "_id_": ([("_id", 1)], False),
-        "status_failed_at": ([("status", 1), ("failed_at", 1)], False),
-        "status_next_attempt_at": ([("status", 1), ("next_attempt_at", 1)], False),
-    },
-    "service_accounts": {"_id_": ([("_id", 1)], False), "name_unique": ([("name", 1)], True)},
-    "sessions": {
-        "_id_": ([("_id", 1)], False),
-        "expires_at": ([("expires_at", 1)], False),
-        "revoked_at": ([("revoked_at", 1)], False),
-        "user_id": ([("user_id", 1)], False),
-    },
-    "throttles": {
-        "_id_": ([("_id", 1)], False),
-        "account": ([("account", 1)], False),
-        "expires_at": ([("expires_at", 1)], False),
-    },
-    "user_changes": {
-        "_id_": ([("_id", 1)], False),
-        "published_at": ([("published_at", 1)], False),
-        "user_id_number_unique": ([("user_id", 1), ("number", 1)], True),
-    },
-    "users": {
-        "_id_": ([("_id", 1)], False),
-        "created_at_id": ([("created_at", 1), ("_id", 1)], False),
-        "deleting": ([("deleting", 1)], False),
-        "is_active_created_at": ([("is_active", 1), ("created_at", 1)], False),
-        "pending_changes_since": ([("pending_changes_since", 1)], False),
-        "pending_mail_id": ([("pending_mail.id", 1)], False),
-        "pending_mail_since": ([("pending_mail_since", 1)], False),
-        "role_id": ([("role", 1), ("_id", 1)], False),
-        "role_is_active": ([("role", 1), ("is_active", 1)], False),
-        "state_id": ([("state", 1), ("_id", 1)], False),
-    },
-}
-
-
-async def indexes(stores: Stores) -> dict[str, dict[str, tuple[list[tuple[str, int]], bool]]]:
-    found: dict[str, dict[str, tuple[list[tuple[str, int]], bool]]] = {}
-    for collection in await stores.database.list_collection_names():
-        information = await stores.database[collection].index_information()
-        found[collection] = {
-            name: ([(field, int(order)) for field, order in spec["key"]], spec.get("unique", False))
-            for name, spec in information.items()
-        }
-    return found
-
-
-async def test_the_stores_make_exactly_their_indexes_and_a_second_start_up_keeps_them(stores: Stores) -> None:
-    before = await indexes(stores)
-    await stores.ensure_indexes()
-    after = await indexes(stores)
-    assert before == INDEXES
-    assert after == INDEXES
 
 
 async def test_round_trip_keeps_every_field(stores: Stores) -> None:
@@ -163,33 +95,6 @@ async def test_replace_activation_code_counts_sends_per_window(stores: Stores) -
     assert not await stores.users.replace_activation_code(user.id, next_window, max_sends=3, window_seconds=3600)
 
 
-async def test_outbox_lease_hands_each_mail_to_one_sender_at_a_time(stores: Stores) -> None:
-    await stores.outbox.enqueue(Mail(to="a@x.io", subject="s", body="b"), NOW)
-    claims = await asyncio.gather(*(stores.outbox.claim(NOW, 60) for _ in range(5)))
-    claimed = [claim for claim in claims if claim is not None]
-    assert len(claimed) == 1
-    assert claimed[0].mail == Mail(to="a@x.io", subject="s", body="b")
-    assert claimed[0].attempts == 1
-    # The sender died: after the lease another one takes the mail over.
-    retaken = await stores.outbox.claim(NOW + timedelta(seconds=61), 60)
-    assert retaken is not None
-    assert (retaken.id, retaken.attempts) == (claimed[0].id, 2)
-    await stores.outbox.delivered(retaken.id)
-    assert await stores.outbox.claim(NOW + timedelta(days=1), 60) is None
-
-
-async def test_outbox_retry_and_give_up(stores: Stores) -> None:
-    await stores.outbox.enqueue(Mail(to="a@x.io", subject="s", body="b"), NOW)
-    first = await stores.outbox.claim(NOW, 60)
-    assert first is not None
-    await stores.outbox.retry_later(first.id, NOW + timedelta(seconds=30), "refused")
-    assert await stores.outbox.claim(NOW + timedelta(seconds=29), 60) is None
-    second = await stores.outbox.claim(NOW + timedelta(seconds=30), 60)
-    assert second is not None
-    await stores.outbox.give_up(second.id, "refused", NOW + timedelta(seconds=30))
-    assert await stores.outbox.claim(NOW + timedelta(days=365), 60) is None
-
-
 NOTICE = Mail(to="jane@example.com", subject="Your password was changed", body="Hello jane")
 
 
@@ -245,24 +150,6 @@ async def test_a_dead_senders_claim_runs_out_and_holds_its_notices_outbox_copies
     assert (again.id, again.attempts) == (notice.id, 1)
     # A notice that no longer waits in the user's document settles at once.
     assert await stores.users.settle_notice(user.id, str(ObjectId()), NOW) is None
-
-
-def test_unreachable_database_is_storage_unavailable() -> None:
-    async def main() -> None:
-        client: AsyncMongoClient[Document] = AsyncMongoClient(
-            "mongodb://127.0.0.1:9/", serverSelectionTimeoutMS=200, connectTimeoutMS=200
-        )
-        try:
-            with pytest.raises(StorageUnavailable):
-                await MongoUserRepository(client["x"]).get("0" * 24)
-        finally:
-            await client.close()
-
-    # On a loop of its own, ended before the leak below is collected: PyMongo's async monitor
-    # leaks its socket when close() cancels it mid-connect (pool_shared._async_create_connection
-    # closes only on OSError), and the loop's end is what lets it go.
-    asyncio.run(main())
-    collect_known_leaks()
 
 
 @pytest.mark.parametrize("bad_id", ["", "not-an-object-id", "g" * 24, "a" * 25, "\u0661" * 24])
