@@ -1,7 +1,7 @@
 """The small interfaces the services depend on.
 
 Real adapters live in :mod:`users_grpc.mongo`, :mod:`users_grpc.passwords`
-and :mod:`users_grpc.mail`; fakes for unit tests live in ``tests/fakes.py``.
+and :mod:`users_grpc.mail`; fakes for unit tests live in ``tests/support/fakes.py``.
 """
 
 from __future__ import annotations

@@ -29,8 +29,11 @@ import pyotp
 from aiosmtpd.controller import Controller
 from pymongo import MongoClient, monitoring
 
-from tests.conftest import MailSink, RunningServer, free_port, make_settings, start_ferretdb
-from tests.e2e.helpers import PASSWORD, create_request
+from tests.support.calls import PASSWORD, create_request
+from tests.support.database import start_ferretdb
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, make_settings
+from tests.support.sockets import free_port
 from users.v1 import user_service_pb2 as pb
 
 POPULATIONS = (1_000_000, 10_000_000, 100_000_000)

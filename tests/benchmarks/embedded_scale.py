@@ -31,15 +31,10 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from bench.seed import seed_users
-from tests.conftest import (
-    ADMIN_PASSWORD,
-    HARNESS,
-    MailSink,
-    RunningServer,
-    SocketController,
-    make_settings,
-    start_ferretdb,
-)
+from tests.support.database import start_ferretdb
+from tests.support.mail import MailSink, SocketController
+from tests.support.paths import HARNESS
+from tests.support.servers import ADMIN_PASSWORD, RunningServer, make_settings
 from users.v1 import user_service_pb2 as pb
 
 TARGETS = 10  # users the calls go round, spread evenly over the collection

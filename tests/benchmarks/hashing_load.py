@@ -19,7 +19,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, SocketController, make_settings, start_ferretdb
+from tests.support.database import start_ferretdb
+from tests.support.mail import MailSink, SocketController
+from tests.support.servers import ADMIN_PASSWORD, RunningServer, make_settings
 from users.v1 import user_service_pb2 as pb
 
 

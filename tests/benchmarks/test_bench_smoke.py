@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.support.paths import REPO_ROOT
 
 ROW = re.compile(r"^\| (?P<call>[^|]+) \| (?P<rate>[\d,.]+) \(.+\) \| [\d.]+ \| [\d.]+ \| [\d,]+")
 

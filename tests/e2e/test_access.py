@@ -17,8 +17,9 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import MailSink, RunningServer, make_settings
-from tests.e2e.helpers import PASSWORD, create_request, error_info, signed_up
+from tests.support.calls import PASSWORD, create_request, error_info, signed_up
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, make_settings
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.access import RULES, Rule

@@ -11,8 +11,9 @@ from email.headerregistry import Address
 import grpc
 import pytest
 
-from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, create_request, error_info, rpc_error, stored_users, violated_fields
+from tests.support.calls import PASSWORD, create_request, error_info, rpc_error, stored_users, violated_fields
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer
 from users.v1 import user_service_pb2 as pb
 from users_grpc.domain import Mail, QueuedMail
 from users_grpc.mail import SmtpTransport

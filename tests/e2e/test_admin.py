@@ -14,8 +14,7 @@ import pytest
 from bson import ObjectId
 from pymongo import MongoClient
 
-from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     PASSWORD,
     Enrolled,
     create_request,
@@ -25,7 +24,9 @@ from tests.e2e.helpers import (
     signed_up,
     stored_users,
 )
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
 

@@ -16,8 +16,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import MongoClient
 
-from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NEW_PASSWORD,
     PASSWORD,
     create_request,
@@ -30,8 +29,10 @@ from tests.e2e.helpers import (
     signed_up,
     violated_fields,
 )
-from tests.fakes import FakeClock
-from tests.pki import Pki, channel_credentials, tls_settings
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.pki import Pki, channel_credentials, tls_settings
+from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 

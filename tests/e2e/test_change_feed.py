@@ -18,19 +18,21 @@ from bson import ObjectId
 from google.protobuf.field_mask_pb2 import FieldMask
 from pymongo import MongoClient
 
-from tests.conftest import ADMIN_PASSWORD, BearerToken, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     PASSWORD,
     ServeProcess,
     create_request,
+    create_service_account,
     error_info,
+    issue_service_token,
     new_admin,
     retry_delay,
     rpc_error,
     wait_until,
 )
-from tests.e2e.test_service_accounts import create, issue
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import ADMIN_PASSWORD, BearerToken, RunningServer, StartServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
 from users_grpc.changes import cursor_of
@@ -471,9 +473,9 @@ def test_an_admins_stream_ends_once_the_admin_is_revoked(
 
 
 def test_a_service_accounts_stream_ends_once_the_account_is_deleted(server: RunningServer) -> None:
-    created = create(server, "billing")
+    created = create_service_account(server, "billing")
     client_id = created.service_account.client_id
-    machine = server.stub_for(issue(server, client_id, created.client_secret).access_token)
+    machine = server.stub_for(issue_service_token(server, client_id, created.client_secret).access_token)
     stream = machine.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
 
     def revoke() -> Stub:
@@ -509,9 +511,9 @@ def test_an_idle_stream_ends_at_its_next_poll_once_its_caller_is_revoked(start_s
     """No change has to come for the check: an idle stream is admitted again at each poll too.
     (Deleting a service account is no change of a user, so nothing wakes the stream before.)"""
     server = start_server(change_poll_seconds=0.1)
-    created = create(server, "billing")
+    created = create_service_account(server, "billing")
     client_id = created.service_account.client_id
-    machine = server.stub_for(issue(server, client_id, created.client_secret).access_token)
+    machine = server.stub_for(issue_service_token(server, client_id, created.client_secret).access_token)
     stream = machine.WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
     try:
         assert next(stream).change.user_id == server.admin_id  # open and being served

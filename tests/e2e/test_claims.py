@@ -15,8 +15,9 @@ from bson import ObjectId
 from google.protobuf import field_mask_pb2
 from pymongo import ASCENDING, AsyncMongoClient, MongoClient
 
-from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, users_grpc
+from tests.support.calls import PASSWORD, create_request, users_grpc
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc import migrations

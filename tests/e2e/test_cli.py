@@ -7,8 +7,8 @@ import os
 
 import jwt
 
-from tests.conftest import StartServer
-from tests.e2e.helpers import users_grpc, wait_until
+from tests.support.calls import users_grpc, wait_until
+from tests.support.servers import StartServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 

@@ -21,8 +21,10 @@ import pytest
 
 import users
 import users_grpc_client
-from tests.conftest import REPO_ROOT, MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, create_request
+from tests.support.calls import PASSWORD, create_request
+from tests.support.mail import MailSink
+from tests.support.paths import REPO_ROOT
+from tests.support.servers import RunningServer
 from users.v1 import error_reason_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc_client import InvalidToken, TokenVerifier

@@ -10,10 +10,11 @@ import grpc
 import jwt
 import pytest
 
-from tests.commands import CommandRecorder
-from tests.conftest import MailSink, StartServer
-from tests.e2e.helpers import rpc_error, signed_up
-from tests.fakes import FakeClock
+from tests.support.calls import rpc_error, signed_up
+from tests.support.commands import CommandRecorder
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import StartServer
 from users.v1 import user_service_pb2 as pb
 
 # Background work far apart, so that only the calls themselves talk to the database.

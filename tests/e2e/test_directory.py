@@ -17,8 +17,9 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import MongoClient
 
-from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, create_request, error_info, new_admin, rpc_error, signed_up, violated_fields
+from tests.support.calls import PASSWORD, create_request, error_info, new_admin, rpc_error, signed_up, violated_fields
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
 from users_grpc.domain import identifier_key

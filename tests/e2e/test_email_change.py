@@ -8,8 +8,7 @@ from typing import Any
 import grpc
 from pymongo import MongoClient
 
-from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NEW_PASSWORD,
     PASSWORD,
     create_request,
@@ -23,7 +22,9 @@ from tests.e2e.helpers import (
     violated_fields,
     wait_until_mail_settled,
 )
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 
 OLD = "jane@example.com"

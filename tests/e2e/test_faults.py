@@ -15,16 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from pymongo import MongoClient
 
-from tests.conftest import (
-    HARNESS,
-    BearerToken,
-    MailSink,
-    SocketController,
-    StartServer,
-    bound_socket,
-    port_of,
-)
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NOT_SERVING,
     PASSWORD,
     SERVICE,
@@ -39,6 +30,10 @@ from tests.e2e.helpers import (
     users_grpc,
     wait_until,
 )
+from tests.support.mail import MailSink, SocketController
+from tests.support.paths import HARNESS
+from tests.support.servers import BearerToken, StartServer
+from tests.support.sockets import bound_socket, port_of
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.devdb import DevDatabase, start_dev_database

@@ -11,9 +11,10 @@ import grpc
 import pytest
 from pymongo import MongoClient
 
-from tests.conftest import ADMIN_PASSWORD, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, create_request, refresh, refresh_status, rpc_error, signed_up, wait_until
-from tests.fakes import FakeClock
+from tests.support.calls import PASSWORD, create_request, refresh, refresh_status, rpc_error, signed_up, wait_until
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 from users_grpc.housekeeping import JOB, Purged
 

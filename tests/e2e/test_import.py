@@ -15,8 +15,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import error_info, raw_collection, reset_token, rpc_error, stored_users, violated_fields
+from tests.support.calls import error_info, raw_collection, reset_token, rpc_error, stored_users, violated_fields
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 

@@ -18,8 +18,7 @@ import pytest
 from bson import ObjectId
 from cryptography.exceptions import InvalidTag
 
-from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, make_settings
-from tests.e2e.helpers import (
+from tests.support.calls import (
     PASSWORD,
     Enrolled,
     create_request,
@@ -31,7 +30,9 @@ from tests.e2e.helpers import (
     users_grpc,
     wait_until,
 )
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer, make_settings
 from users.v1 import user_service_pb2 as pb
 from users_grpc.config import Settings
 from users_grpc.ports import Clock

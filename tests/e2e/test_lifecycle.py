@@ -10,8 +10,7 @@ import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
-from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     PASSWORD,
     create_request,
     error_info,
@@ -21,7 +20,9 @@ from tests.e2e.helpers import (
     violated_fields,
     wait_until_mail_settled,
 )
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 

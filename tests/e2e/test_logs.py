@@ -9,8 +9,9 @@ import logging
 import grpc
 import pytest
 
-from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, lines_holding, refresh_status, rpc_error, signed_up
+from tests.support.calls import PASSWORD, lines_holding, refresh_status, rpc_error, signed_up
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer
 from users.v1 import user_service_pb2 as pb
 from users_grpc.logs import JsonFormatter
 

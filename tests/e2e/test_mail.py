@@ -11,8 +11,7 @@ import pytest
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from pymongo import MongoClient
 
-from tests.conftest import MailSink, SocketController, StartServer, collect_known_leaks
-from tests.e2e.helpers import (
+from tests.support.calls import (
     PASSWORD,
     create_request,
     lines_holding,
@@ -20,7 +19,10 @@ from tests.e2e.helpers import (
     wait_until,
     wait_until_mail_settled,
 )
-from tests.pki import issue
+from tests.support.mail import MailSink, SocketController
+from tests.support.pki import issue
+from tests.support.servers import StartServer
+from tests.support.sockets import collect_known_leaks
 from users.v1 import user_service_pb2 as pb
 from users_grpc.logs import JsonFormatter
 

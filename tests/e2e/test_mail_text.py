@@ -9,8 +9,7 @@ import re
 
 import grpc
 
-from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     PASSWORD,
     create_request,
     reset,
@@ -20,6 +19,8 @@ from tests.e2e.helpers import (
     violated_fields,
     wait_until,
 )
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer
 from users.v1 import user_service_pb2 as pb
 
 PHISHING_NAME = "Jane\u2028\u2028Security notice: your account is locked, confirm at https://evil.example/x"

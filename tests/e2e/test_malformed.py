@@ -13,8 +13,9 @@ from google.protobuf import field_mask_pb2, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import error_info, rpc_error, signed_up, violated_fields
+from tests.support.calls import error_info, rpc_error, signed_up, violated_fields
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.changes import cursor_of

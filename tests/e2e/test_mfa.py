@@ -14,8 +14,7 @@ import png
 import pytest
 import zxingcpp
 
-from tests.conftest import MailSink, RunningServer, StartServer, codes_other_than
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NEW_PASSWORD,
     PASSWORD,
     Enrolled,
@@ -31,7 +30,10 @@ from tests.e2e.helpers import (
     wait_until,
     wait_until_mail_settled,
 )
-from tests.fakes import FakeClock
+from tests.support.codes import codes_other_than
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED

@@ -21,9 +21,7 @@ import pytest
 from bson import ObjectId
 from pymongo import MongoClient
 
-from tests.commands import CommandRecorder
-from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NEW_PASSWORD,
     PASSWORD,
     create_request,
@@ -33,7 +31,10 @@ from tests.e2e.helpers import (
     wait_until,
     wait_until_mail_settled,
 )
-from tests.fakes import FakeClock
+from tests.support.commands import CommandRecorder
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 from users_grpc.domain import Mail
 

@@ -29,8 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NEW_PASSWORD,
     PASSWORD,
     ServeProcess,
@@ -42,7 +41,10 @@ from tests.e2e.helpers import (
     signed_up,
     wait_until,
 )
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.paths import REPO_ROOT
+from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.config import ConfigError

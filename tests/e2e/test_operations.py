@@ -17,17 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from tests.conftest import (
-    KEY_ENCRYPTION_KEY,
-    REPO_ROOT,
-    MailSink,
-    RunningServer,
-    SocketController,
-    StartServer,
-    bound_socket,
-    port_of,
-)
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NOT_SERVING,
     SERVICE,
     SERVING,
@@ -40,6 +30,10 @@ from tests.e2e.helpers import (
     stored_users,
     wait_until,
 )
+from tests.support.mail import MailSink, SocketController
+from tests.support.paths import REPO_ROOT
+from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer, StartServer
+from tests.support.sockets import bound_socket, port_of
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.devdb import DevDatabase

@@ -3,7 +3,6 @@ here was seen to fail with a one-line change that breaks its promise (listed in 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -21,9 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from pymongo import monitoring
 
-from tests.commands import CommandRecorder
-from tests.conftest import HARNESS, REPO_ROOT, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NEW_PASSWORD,
     PASSWORD,
     Enrolled,
@@ -37,7 +34,11 @@ from tests.e2e.helpers import (
     violated_fields,
     wait_until,
 )
-from tests.fakes import FakeClock
+from tests.support.commands import CommandRecorder
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.paths import HARNESS, REPO_ROOT
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
 from users_grpc import tokens
@@ -429,7 +430,7 @@ def test_shutdown_takes_calls_during_the_delay_then_cuts_in_flight_calls_after_t
         liveness = health_pb2.HealthCheckRequest(service="liveness")
         assert health.Check(liveness, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
         assert not in_flight.done()
-        stopping = asyncio.run_coroutine_threadsafe(server.app.stop(), server._loop)
+        stopping = server.submit(server.app.stop())
         wait_until(
             lambda: health.Check(liveness, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING,
             what="NOT_SERVING",

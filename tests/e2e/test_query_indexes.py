@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.commands import CommandRecorder, Query, created_indexes, queries_of, served
-from tests.conftest import MailSink, RunningServer
-from tests.e2e.helpers import PASSWORD, create_request
+from tests.support.calls import PASSWORD, create_request
+from tests.support.commands import CommandRecorder, Query, created_indexes, queries_of, served
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 

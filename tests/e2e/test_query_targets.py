@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.commands import CommandRecorder, Query, queries_of
+from tests.support.commands import CommandRecorder, Query, queries_of
 
 # docs/scaling.md: the shard key of each sharded collection. The others stay unsharded.
 SHARD_KEYS = {"users": "_id", "sessions": "_id", "throttles": "_id", "claims": "_id"}

@@ -7,8 +7,7 @@ import time
 
 import grpc
 
-from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NEW_PASSWORD,
     PASSWORD,
     get_user_status,
@@ -22,7 +21,9 @@ from tests.e2e.helpers import (
     wait_until,
     wait_until_mail_settled,
 )
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 
 THIRD_PASSWORD = "an attacker chose this one"

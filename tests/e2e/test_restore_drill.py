@@ -13,9 +13,10 @@ from typing import Any
 import grpc
 from pymongo import MongoClient
 
-from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, Enrolled, create_request, rpc_error, signed_up, users_grpc
-from tests.fakes import FakeClock
+from tests.support.calls import PASSWORD, Enrolled, create_request, rpc_error, signed_up, users_grpc
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 
 

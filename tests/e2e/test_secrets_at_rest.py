@@ -17,9 +17,10 @@ import grpc
 from bson import ObjectId
 from pymongo import MongoClient
 
-from tests.conftest import KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, Enrolled, create_request, independent_totp, reset_token, rpc_error, wait_until
-from tests.fakes import FakeClock
+from tests.support.calls import PASSWORD, Enrolled, create_request, independent_totp, reset_token, rpc_error, wait_until
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 from users_grpc.mongo.outbox import _mail_associated_data
 from users_grpc.secrets_at_rest import SecretsAtRest

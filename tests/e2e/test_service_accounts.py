@@ -11,9 +11,18 @@ import jwt
 import pytest
 from pymongo import MongoClient
 
-from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import PASSWORD, error_info, rpc_error, signed_up, violated_fields
-from tests.fakes import FakeClock
+from tests.support.calls import (
+    PASSWORD,
+    create_service_account,
+    error_info,
+    issue_service_token,
+    rpc_error,
+    signed_up,
+    violated_fields,
+)
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 
 
@@ -23,18 +32,10 @@ def stored_service_accounts(server: RunningServer) -> list[dict[str, Any]]:
         return list(client[server.settings.mongodb_database].service_accounts.find())
 
 
-def create(server: RunningServer, name: str) -> pb.CreateServiceAccountResponse:
-    return server.stub.CreateServiceAccount(pb.CreateServiceAccountRequest(name=name))
-
-
-def issue(server: RunningServer, client_id: str, secret: str) -> pb.IssueServiceTokenResponse:
-    return server.anonymous.IssueServiceToken(pb.IssueServiceTokenRequest(client_id=client_id, client_secret=secret))
-
-
 def test_a_service_token_is_a_machine_caller(server: RunningServer, mail: MailSink) -> None:
     alice = signed_up(server, mail, "alice")
-    created = create(server, "billing")
-    issued = issue(server, created.service_account.client_id, created.client_secret)
+    created = create_service_account(server, "billing")
+    issued = issue_service_token(server, created.service_account.client_id, created.client_secret)
     machine = server.stub_for(issued.access_token)
 
     # Admitted where machine callers are.
@@ -81,7 +82,7 @@ def test_the_secret_is_shown_once_and_never_stored_or_listed(
     server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    created = create(server, "reports")
+    created = create_service_account(server, "reports")
     secret = created.client_secret
     assert len(secret) == 43  # 256 random bits, URL-safe base64
     (document,) = stored_service_accounts(server)
@@ -92,14 +93,14 @@ def test_the_secret_is_shown_once_and_never_stored_or_listed(
     listed = server.stub.ListServiceAccounts(pb.ListServiceAccountsRequest())
     assert [a.name for a in listed.service_accounts] == ["reports"]
     assert secret.encode() not in listed.SerializeToString()
-    issue(server, created.service_account.client_id, secret)
+    issue_service_token(server, created.service_account.client_id, secret)
     assert "service token issued" in caplog.text
     assert secret not in caplog.text
 
 
 def test_wrong_secrets_are_refused_alike_and_throttled(start_server: StartServer) -> None:
     server = start_server(password_free_attempts=3, clock=FakeClock())  # no hold ends between calls
-    created = create(server, "payments")
+    created = create_service_account(server, "payments")
     client_id = created.service_account.client_id
     wrong = rpc_error(
         server.anonymous.IssueServiceToken, pb.IssueServiceTokenRequest(client_id=client_id, client_secret="nope")
@@ -132,7 +133,7 @@ def test_names_are_checked_and_unique_and_lists_page(server: RunningServer) -> N
     assert violated_fields(bad) == {"name"}
     names = ["alpha", "bravo", "charlie"]
     for name in names:
-        create(server, name)
+        create_service_account(server, name)
     taken = rpc_error(server.stub.CreateServiceAccount, pb.CreateServiceAccountRequest(name="bravo"))
     assert taken.code() == grpc.StatusCode.ALREADY_EXISTS
     assert error_info(taken).metadata["field"] == "name"
@@ -151,8 +152,8 @@ def test_names_are_checked_and_unique_and_lists_page(server: RunningServer) -> N
 def test_a_local_verifier_never_takes_a_service_token_for_a_users(server: RunningServer) -> None:
     """A service verifying user tokens from the key set (ES256, iss and aud pinned, as the README
     says) refuses a service account's token: it is for another audience."""
-    created = create(server, "mesh")
-    token = issue(server, created.service_account.client_id, created.client_secret).access_token
+    created = create_service_account(server, "mesh")
+    token = issue_service_token(server, created.service_account.client_id, created.client_secret).access_token
     keys = jwt.PyJWKSet.from_json(server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest()).jwks_json)
     key = next(k for k in keys.keys if k.key_id == jwt.get_unverified_header(token)["kid"])
     with pytest.raises(jwt.InvalidAudienceError):

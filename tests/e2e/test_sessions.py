@@ -23,8 +23,7 @@ from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
 from pymongo import MongoClient
 
-from tests.conftest import ADMIN_PASSWORD, KEY_ENCRYPTION_KEY, MailSink, RunningServer, StartServer, registration
-from tests.e2e.helpers import (
+from tests.support.calls import (
     PASSWORD,
     create_request,
     get_user_status,
@@ -34,7 +33,9 @@ from tests.e2e.helpers import (
     signed_up,
     violated_fields,
 )
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import ADMIN_PASSWORD, KEY_ENCRYPTION_KEY, RunningServer, StartServer, registration
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.tokens import KeyEncryption

@@ -20,8 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import MailSink, RunningServer, StartServer
-from tests.e2e.helpers import (
+from tests.support.calls import (
     NEW_PASSWORD,
     PASSWORD,
     SourceAddressRelay,
@@ -31,7 +30,9 @@ from tests.e2e.helpers import (
     rpc_error,
     violated_fields,
 )
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.passwords import HASHING_NICENESS

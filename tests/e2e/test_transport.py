@@ -8,9 +8,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import ADMIN_PASSWORD, StartServer
-from tests.e2e.helpers import rpc_error
-from tests.pki import Pki, channel_credentials, issue, tls_settings
+from tests.support.calls import rpc_error
+from tests.support.pki import Pki, channel_credentials, issue, tls_settings
+from tests.support.servers import ADMIN_PASSWORD, StartServer
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 

@@ -17,8 +17,10 @@ import pytest
 from bson import ObjectId
 from pymongo import MongoClient
 
-from tests.conftest import HARNESS, StartServer, start_ferretdb
-from tests.e2e.helpers import create_request
+from tests.support.calls import create_request
+from tests.support.database import start_ferretdb
+from tests.support.paths import HARNESS
+from tests.support.servers import StartServer
 from users_grpc.devdb import DevDatabase, start_dev_database
 
 FERRETDB_ID_STATEMENTS = [

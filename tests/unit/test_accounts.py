@@ -10,8 +10,8 @@ from typing import Any
 import bcrypt
 import pytest
 
-from tests.unit.helpers import PASSWORD, World, registration, run
-from tests.unit.logs import logged
+from tests.support.logs import logged
+from tests.support.world import PASSWORD, World, registration, run
 from users_grpc import service
 from users_grpc.domain import MAX_IMPORTED_USERS, Caller, Gender, ImportedUser, PasswordScheme, Role, User, UserState
 from users_grpc.errors import (

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.support.paths import REPO_ROOT
 from users_grpc.bootstrap import SERVICE_NAME
 from users_grpc.config import ConfigError, Settings
 from users_grpc.health import LIVENESS

@@ -15,10 +15,10 @@ import pytest
 import qrcode
 import qrcode.image.pure
 
-from tests.conftest import codes_other_than
-from tests.fakes import FakeCredentialRepository, FakeSessionRepository
-from tests.unit.helpers import PASSWORD, World, run
-from tests.unit.logs import logged
+from tests.support.codes import codes_other_than
+from tests.support.fakes import FakeCredentialRepository, FakeSessionRepository
+from tests.support.logs import logged
+from tests.support.world import PASSWORD, World, run
 from users_grpc.domain import User
 from users_grpc.errors import (
     FailedPrecondition,
@@ -53,7 +53,7 @@ class Mfa(World):
             sessions=self.sessions,
             mailer=self.mailer,
             encryption=self.encryption,
-            digests=self.service._digests,
+            digests=self.digests,
             clock=self.clock,
             issuer=ISSUER,
             max_attempts=3,

@@ -8,9 +8,9 @@ from datetime import timedelta
 
 import pytest
 
-from tests.fakes import FakeCredentialRepository, FakeSessionRepository
-from tests.unit.helpers import PASSWORD, World, run
-from tests.unit.logs import logged
+from tests.support.fakes import FakeCredentialRepository, FakeSessionRepository
+from tests.support.logs import logged
+from tests.support.world import PASSWORD, World, run
 from users_grpc.domain import PasswordPolicy, User, UserState
 from users_grpc.errors import InvalidArgument, InvalidCredentials, InvalidResetToken, TooManyAttempts
 from users_grpc.recovery import PasswordService, security_notice
@@ -35,7 +35,7 @@ class Recovery(World):
             sessions=self.sessions,
             mailer=self.mailer,
             hasher=self.hasher,
-            digests=self.service._digests,
+            digests=self.digests,
             clock=self.clock,
             password_policy=PasswordPolicy(),
             reset_token_ttl=TTL,
@@ -105,7 +105,7 @@ class TestForgotPassword:
         secret = world.reset_token().split(".")[1]
         pending = world.credentials.accounts[world.user.id].password_reset
         assert pending is not None
-        assert pending.digest == world.service._digests.digest("password-reset", world.user.id, secret)
+        assert pending.digest == world.digests.digest("password-reset", world.user.id, secret)
         assert pending.expires_at == world.clock.now() + TTL
         assert pending.attempts_left == 1
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import codes_other_than
-from tests.unit.helpers import PASSWORD, World, registration, run
+from tests.support.codes import codes_other_than
+from tests.support.world import PASSWORD, World, registration, run
 from users_grpc.domain import Caller, PasswordPolicy, Role
 from users_grpc.errors import (
     AccountNotActive,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import os
@@ -11,12 +12,11 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import FakeCredentialRepository, FakeKeyStore, FakeSessionRepository
-from tests.unit.helpers import PASSWORD, World, run
+from tests.support.fakes import FakeCredentialRepository, FakeKeyStore, FakeSessionRepository
+from tests.support.world import PASSWORD, World, run
 from users_grpc.domain import IssuedTokens, UserState
 from users_grpc.errors import InvalidArgument, InvalidCredentials, MfaRequired, TooManyAttempts, Unauthenticated
 from users_grpc.mfa import STEP_SECONDS, MfaService, totp
-from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy
 from users_grpc.sessions import SessionService
 from users_grpc.tokens import AccessTokens, KeyEncryption
@@ -31,7 +31,6 @@ class Sessions(World):
         # No reply floor: it is the account service's tests' concern.
         super().__init__(AccountPolicy(reply_floor=timedelta(0)), users=self.credentials)
         self.sessions = FakeSessionRepository()
-        self.digests = SecretsAtRest(os.urandom(32))
         self.mfa = MfaService(
             accounts=self.service,
             credentials=self.credentials,
@@ -84,8 +83,16 @@ class Sessions(World):
         return self.sessions.records[session_id].revoked_at is not None
 
     def mint(self, session_id: str, generation: int) -> str:
-        """A genuine token of the session's ``generation``, as the service would issue it."""
-        return self.session_service._new_refresh_token(session_id, generation).text
+        """A genuine token of the session's ``generation``, made as the format says: ``session.
+        generation.secret``, the secret 16 random bytes and the first 16 bytes of their keyed
+        digest under "refresh-token-tag" (users_grpc/sessions.py), in unpadded URL-safe base64."""
+        nonce = os.urandom(16)
+        tag = bytes.fromhex(self.digests.digest("refresh-token-tag", session_id, f"{generation}.{b64(nonce)}"))[:16]
+        return f"{session_id}.{generation}.{b64(nonce + tag)}"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.fakes import FakeClock, FakeThrottleStore
+from tests.support.fakes import FakeClock, FakeThrottleStore
 from users_grpc.domain import Tally
 from users_grpc.errors import TooManyAttempts
 from users_grpc.throttling import PasswordThrottle, Reservation, ThrottlePolicy

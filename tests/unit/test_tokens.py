@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from tests.fakes import FakeClock, FakeKeyStore
-from tests.unit.logs import logged
+from tests.support.fakes import FakeClock, FakeKeyStore
+from tests.support.logs import logged
 from users_grpc import tokens as tokens_module
 from users_grpc.config import ConfigError
 from users_grpc.domain import Gender, Role, StoredKey, User, UserState

@@ -3,7 +3,7 @@ depends on the schema version, and the ``schema`` collection that records the ve
 
 Each index is made beside the queries it serves, in its store's ``ensure_indexes``; this module
 lists the stores, so that the server (at start-up, :mod:`users_grpc.bootstrap`) and the tests
-(``tests/integration/conftest.py``) make the same set. The migrations (:mod:`users_grpc.migrations`)
+(``tests/support/stores.py``) make the same set. The migrations (:mod:`users_grpc.migrations`)
 make and replace the identifier indexes through :class:`MongoSchema`.
 """
 

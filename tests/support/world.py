@@ -9,7 +9,7 @@ from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from tests.fakes import FakeClock, FakeHasher, FakeMailer, FakeThrottleStore, FakeUserRepository
+from tests.support.fakes import FakeClock, FakeHasher, FakeMailer, FakeThrottleStore, FakeUserRepository
 from users_grpc.domain import Gender, Registration, Role, User
 from users_grpc.secrets_at_rest import SecretsAtRest
 from users_grpc.service import AccountPolicy, UserService
@@ -52,11 +52,13 @@ class World:
         self.hasher = FakeHasher()
         self.clock = FakeClock()
         self.throttles = FakeThrottleStore()
+        # The keyed digests of every secret the services store, shared by them as in the server.
+        self.digests = SecretsAtRest(os.urandom(32))
         self.service = UserService(
             users=self.users,
             mailer=self.mailer,
             hasher=self.hasher,
-            digests=SecretsAtRest(os.urandom(32)),
+            digests=self.digests,
             clock=self.clock,
             # No reply floor unless a test asks for one: test_accounts.py checks the floor itself.
             policy=policy or AccountPolicy(reply_floor=timedelta(0)),

@@ -1,5 +1,5 @@
 """Certificates made at test time, for TLS tests: a CA and the certificates it signs, and the
-channel credentials and server settings that use them."""
+channel credentials and server settings that use them, and the ``pki`` fixture."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -96,3 +97,9 @@ def tls_settings(pki: Pki, *, mutual: bool) -> dict[str, object]:
     if mutual:
         settings["tls_client_ca_file"] = pki.directory / "ca.pem"
     return settings
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Certificates for TLS and mTLS servers and their clients, one set per module."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

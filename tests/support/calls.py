@@ -26,8 +26,10 @@ from pymongo import MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from tests.conftest import KEY_ENCRYPTION_KEY, REPO_ROOT, MailSink, RunningServer
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink
+from tests.support.paths import REPO_ROOT
+from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer
 from users.v1 import user_pb2, user_service_pb2
 
 PASSWORD = "correct horse battery"
@@ -357,3 +359,16 @@ class ServeProcess:
         self._reader.join(5)
         assert self.process.stderr is not None
         self.process.stderr.close()
+
+
+def create_service_account(server: RunningServer, name: str) -> user_service_pb2.CreateServiceAccountResponse:
+    """An admin's CreateServiceAccount: the account and its one-time secret."""
+    return server.stub.CreateServiceAccount(user_service_pb2.CreateServiceAccountRequest(name=name))
+
+
+def issue_service_token(
+    server: RunningServer, client_id: str, secret: str
+) -> user_service_pb2.IssueServiceTokenResponse:
+    """IssueServiceToken, as the service that holds the secret calls it (anonymously)."""
+    request = user_service_pb2.IssueServiceTokenRequest(client_id=client_id, client_secret=secret)
+    return server.anonymous.IssueServiceToken(request)

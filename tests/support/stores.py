@@ -1,34 +1,32 @@
 """What the repository tests share: every store of the service on a fresh database of the test's
-own, indexes made, and a runner that gives a test body an event loop of its own."""
+own, indexes made, given to each async test on its own event loop (tests/support/event_loop.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from pymongo import AsyncMongoClient
 
 from users_grpc.devdb import DevDatabase
 from users_grpc.mongo.audit_trail import MongoAuditTrail
+from users_grpc.mongo.change_log import MongoChangeLog
+from users_grpc.mongo.claims import MongoClaims
 from users_grpc.mongo.documents import Document
 from users_grpc.mongo.housekeeping import MongoHousekeeping
-from users_grpc.mongo.keys import MongoKeyStore
+from users_grpc.mongo.keys import MongoKeyMaterial, MongoKeyStore
 from users_grpc.mongo.outbox import MongoOutbox
-from users_grpc.mongo.schema import ensure_indexes
+from users_grpc.mongo.schema import MongoSchema, ensure_indexes
 from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
 from users_grpc.mongo.sessions import MongoSessionRepository
 from users_grpc.mongo.throttles import MongoThrottleStore
 from users_grpc.mongo.users import MongoUserRepository
 from users_grpc.secrets_at_rest import SecretsAtRest
-
-_T = TypeVar("_T")
 
 
 @contextlib.contextmanager
@@ -52,9 +50,15 @@ class Stores:
         self.client = client
         self.database = client[name]
         self.users = MongoUserRepository(self.database)
+        self.changes = MongoChangeLog(self.database)
+        self.claims = MongoClaims(self.database)
+        self.schema = MongoSchema(self.database)
         self.sessions = MongoSessionRepository(self.database)
         self.keys = MongoKeyStore(self.database)
-        self.outbox = MongoOutbox(self.database, SecretsAtRest(os.urandom(32)))
+        self.key_material = MongoKeyMaterial(self.database)
+        # The outbox's key, for tests that write mail as an earlier release sealed it.
+        self.secrets = SecretsAtRest(os.urandom(32))
+        self.outbox = MongoOutbox(self.database, self.secrets)
         self.throttle = MongoThrottleStore(self.database)
         self.audit = MongoAuditTrail(self.database, self.users)
         self.housekeeping = MongoHousekeeping(self.database)
@@ -73,23 +77,24 @@ class Stores:
 
 
 @pytest.fixture
-def run(mongodb_uri: str, database_name: str) -> Callable[[Callable[[Stores], Awaitable[_T]]], _T]:
-    """Run a test body with the stores on its own database."""
+async def stores(mongodb_uri: str, database_name: str) -> AsyncIterator[Stores]:
+    """The stores on the test's own database, with the client on the test's event loop: an
+    AsyncMongoClient is bound to the loop it first runs on, and each test has a loop of its own."""
+    client: AsyncMongoClient[Document] = AsyncMongoClient(mongodb_uri, tz_aware=True)
+    try:
+        stores = Stores(client, database_name)
+        await stores.ensure_indexes()
+        yield stores
+    finally:
+        # A shared database server (USERS_TEST_MONGODB_URI) keeps every database it was
+        # given open (FerretDB holds a file each): leave none behind.
+        await client.drop_database(database_name)
+        await client.close()
 
-    def runner(body: Callable[[Stores], Awaitable[_T]]) -> _T:
-        async def main() -> _T:
-            client: AsyncMongoClient[Document] = AsyncMongoClient(mongodb_uri, tz_aware=True)
-            try:
-                stores = Stores(client, database_name)
-                await stores.ensure_indexes()
-                return await body(stores)
-            finally:
-                # A shared database server (USERS_TEST_MONGODB_URI) keeps every database it was
-                # given open (FerretDB holds a file each): leave none behind.
-                await client.drop_database(database_name)
-                await client.close()
 
-        # Bounded: a database that stops answering fails the test instead of hanging it.
-        return asyncio.run(asyncio.wait_for(main(), 60))
-
-    return runner
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Bounded below the suite's own limit: a database that stops answering fails the test in a
+    # minute instead of hanging it for the whole timeout.
+    for item in items:
+        if "stores" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(60))
