@@ -311,3 +311,28 @@ def test_a_busy_address_is_a_clear_start_up_error(server: RunningServer) -> None
     assert result.returncode == 2
     assert f"USERS_GRPC_ADDRESS={server.address}: cannot listen there" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_grpcurl_decodes_an_errors_details(server: RunningServer) -> None:
+    """Reflection serves google/rpc/error_details.proto, so grpcurl prints the ErrorInfo's
+    reason and the BadRequest's field violations instead of a base64 blob."""
+    refused = subprocess.run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-d",
+            '{"username": "jane", "email": "not-an-email", "password": "x", "password_confirmation": "x"}',
+            server.address,
+            f"{SERVICE}/CreateUser",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert "Code: InvalidArgument" in refused.stderr, refused.stderr
+    assert "is not recognized" not in refused.stderr
+    assert '"@type": "type.googleapis.com/google.rpc.ErrorInfo"' in refused.stderr
+    assert '"reason": "INVALID_ARGUMENT"' in refused.stderr
+    assert '"@type": "type.googleapis.com/google.rpc.BadRequest"' in refused.stderr
+    assert '"field": "email"' in refused.stderr
