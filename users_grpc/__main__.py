@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import getpass
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from users_grpc.tokens import new_key_encryption_key
 _T = TypeVar("_T")
 DEV_KEY_FILE = Path("var/key-encryption-key")
 DEV_HTTP_ADDRESS = "127.0.0.1:9464"
+log = logging.getLogger("users_grpc")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("USERS_HTTP_ADDRESS", DEV_HTTP_ADDRESS)
         settings = Settings.from_env()
         configure_logging(settings.log_level)
+        _warn_of_unknown_variables(settings)
         if args.command == "serve":
             asyncio.run(serve(settings))
         elif args.command == "dev":
@@ -146,6 +149,12 @@ def _dev(settings: Settings, data_dir: Path, db_listen: str) -> None:
         asyncio.run(serve(dataclasses.replace(settings, mongodb_uri=database.uri)))
     finally:
         database.stop()
+
+
+def _warn_of_unknown_variables(settings: Settings) -> None:
+    """A mistyped name (USERS_BCRYPT_ROUND) leaves its setting at the default; say so, once."""
+    for variable in settings.unknown_variables:
+        log.warning("unknown setting ignored", extra={"variable": variable.name, "did_you_mean": variable.nearest})
 
 
 def _dev_key_encryption_key() -> str:

@@ -336,3 +336,24 @@ def test_grpcurl_decodes_an_errors_details(server: RunningServer) -> None:
     assert '"reason": "INVALID_ARGUMENT"' in refused.stderr
     assert '"@type": "type.googleapis.com/google.rpc.BadRequest"' in refused.stderr
     assert '"field": "email"' in refused.stderr
+
+
+def test_serve_warns_once_of_a_mistyped_setting_naming_the_nearest(
+    mongodb_uri: str, database_name: str, tmp_path: Path
+) -> None:
+    serve = ServeProcess(
+        USERS_MONGODB_URI=mongodb_uri,
+        USERS_MONGODB_DATABASE=database_name,
+        USERS_MAIL_DIR=str(tmp_path / "mail"),
+        USERS_BCRYPT_ROUND="10",
+    )
+    try:
+        serve.port()
+        warnings = [
+            record for record in serve.logged("unknown setting ignored") if record["variable"] == "USERS_BCRYPT_ROUND"
+        ]
+        assert [(record["level"], record["did_you_mean"]) for record in warnings] == [
+            ("warning", "USERS_BCRYPT_ROUNDS")
+        ]
+    finally:
+        serve.close()
