@@ -95,7 +95,10 @@ _SERVER_OPTIONS = [
 
 class SystemClock:
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        # MongoDB keeps milliseconds: a time cut there before its first write is returned the
+        # same by the call that made it (CreateUser's created_at) and by every later read.
+        now = datetime.now(UTC)
+        return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 @dataclass
