@@ -28,6 +28,7 @@ from users_grpc.tokens import new_key_encryption_key
 _T = TypeVar("_T")
 DEV_KEY_FILE = Path("var/key-encryption-key")
 DEV_HTTP_ADDRESS = "127.0.0.1:9464"
+DEFAULT_ADMIN_NAME = "Admin"
 log = logging.getLogger("users_grpc")
 
 
@@ -51,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "create-admin":
             user_id = _with_app(settings, lambda app: _create_admin(app, args))
             print(f"admin {args.username} created: id {user_id}")
+            if args.first_name is None or args.last_name is None:
+                # Said, not silent: the name shows in every admin listing and audit reader.
+                print(
+                    f"users-grpc: named {_admin_first_name(args)} {_admin_last_name(args)}; "
+                    "choose with --first-name and --last-name, or later with UpdateUser",
+                    file=sys.stderr,
+                )
         elif args.command == "migrate":
             _with_app(settings, lambda app: _migrate(app, args))
         elif args.keys_command == "rotate":
@@ -103,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     admin.add_argument("--username", required=True)
     admin.add_argument("--email", required=True)
-    admin.add_argument("--first-name", default="Admin")
-    admin.add_argument("--last-name", default="Admin")
+    admin.add_argument("--first-name", help=f"the admin's first name (default: {DEFAULT_ADMIN_NAME})")
+    admin.add_argument("--last-name", help=f"the admin's last name (default: {DEFAULT_ADMIN_NAME})")
 
     migrate = commands.add_parser(
         "migrate", help="bring the database's schema to this version (idempotent; resumes after a crash)"
@@ -188,8 +196,8 @@ async def _create_admin(app: App, args: argparse.Namespace) -> str:
     user = await app.accounts.create_admin(
         Registration(
             username=args.username,
-            first_name=args.first_name,
-            last_name=args.last_name,
+            first_name=_admin_first_name(args),
+            last_name=_admin_last_name(args),
             email=args.email,
             password=password,
             password_confirmation=password,
@@ -198,6 +206,14 @@ async def _create_admin(app: App, args: argparse.Namespace) -> str:
         )
     )
     return user.id
+
+
+def _admin_first_name(args: argparse.Namespace) -> str:
+    return str(args.first_name or DEFAULT_ADMIN_NAME)
+
+
+def _admin_last_name(args: argparse.Namespace) -> str:
+    return str(args.last_name or DEFAULT_ADMIN_NAME)
 
 
 async def _migrate(app: App, args: argparse.Namespace) -> int:
