@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from users_grpc import migrations
 from users_grpc.bootstrap import App, build_app, serve
-from users_grpc.config import ConfigError, Settings
+from users_grpc.config import ConfigError, Settings, listen_address
 from users_grpc.devdb import DevDatabaseError, start_dev_database
 from users_grpc.domain import Gender, Registration, Role
 from users_grpc.errors import InvalidArgument, UsersError
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             asyncio.run(serve(settings))
         elif args.command == "dev":
-            _dev(settings, args.data_dir, args.db_listen)
+            _dev(_with_dev_addresses(settings, args), args.data_dir, args.db_listen)
         elif args.command == "create-admin":
             user_id = _with_app(settings, lambda app: _create_admin(app, args))
             print(f"admin {args.username} created: id {user_id}")
@@ -105,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--db-listen", default="127.0.0.1:27018", help="FerretDB's address, for other commands such as create-admin"
     )
+    dev.add_argument(
+        "--grpc-listen", type=_address, help="the service's address (default: USERS_GRPC_ADDRESS, or 127.0.0.1:50051)"
+    )
+    dev.add_argument(
+        "--http-listen",
+        type=_address,
+        help=f"the metrics and key set over HTTP (default: USERS_HTTP_ADDRESS, or {DEV_HTTP_ADDRESS})",
+    )
 
     admin = commands.add_parser(
         "create-admin", help="create an active admin; the password comes from USERS_ADMIN_PASSWORD or a prompt"
@@ -150,11 +158,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _address(raw: str) -> str:
+    try:
+        return listen_address(raw)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{raw!r} {error}") from None
+
+
+def _with_dev_addresses(settings: Settings, args: argparse.Namespace) -> Settings:
+    """The flags win over the environment: they are what the developer typed last."""
+    if args.grpc_listen is not None:
+        settings = dataclasses.replace(settings, grpc_address=args.grpc_listen)
+    if args.http_listen is not None:
+        settings = dataclasses.replace(settings, http_address=args.http_listen)
+    return settings
+
+
+# The variable a start-up error names, to the dev flag that sets it too.
+_DEV_FLAGS = {"USERS_GRPC_ADDRESS": "--grpc-listen", "USERS_HTTP_ADDRESS": "--http-listen"}
+
+
 def _dev(settings: Settings, data_dir: Path, db_listen: str) -> None:
     database = start_dev_database(data_dir=data_dir, listen=db_listen)
     print(f"users-grpc dev: database at {database.uri}", file=sys.stderr)
     try:
         asyncio.run(serve(dataclasses.replace(settings, mongodb_uri=database.uri)))
+    except ConfigError as error:
+        # A port taken by another process: say which flag moves it.
+        flag = next((flag for variable, flag in _DEV_FLAGS.items() if str(error).startswith(f"{variable}=")), None)
+        if flag is None:
+            raise
+        raise ConfigError(f"{error}; or pass {flag} with a free address") from None
     finally:
         database.stop()
 

@@ -351,6 +351,11 @@ def _host_port(raw: str) -> str:
     return raw
 
 
+def listen_address(raw: str) -> str:
+    """An address as USERS_GRPC_ADDRESS takes it, for a command-line flag that sets one."""
+    return _host_port(raw.strip())
+
+
 def _mongodb_uri(raw: str) -> str:
     if not raw.startswith(("mongodb://", "mongodb+srv://")):
         raise ValueError("must start with mongodb:// or mongodb+srv://")
