@@ -71,6 +71,15 @@ def test_bad_value_names_the_variable(name: str, value: str) -> None:
         Settings.from_env({name: value})
 
 
+def unset_until_the_test_ends(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Unset, and unset again after the test whatever it set (``main(["dev"])`` sets defaults in
+    os.environ). delenv alone records nothing to undo for a variable that was not set, and the
+    leftover would reach every server a later test starts."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
@@ -122,8 +131,7 @@ def test_unknown_variables_are_logged_once_each_at_start(
     monkeypatch.setattr(cli, "_dev", lambda settings, data_dir, db_listen: None)
     monkeypatch.setattr(cli, "_dev_key_encryption_key", lambda: "A" * 43)
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)
-    monkeypatch.delenv("USERS_KEY_ENCRYPTION_KEY", raising=False)
-    monkeypatch.delenv("USERS_HTTP_ADDRESS", raising=False)
+    unset_until_the_test_ends(monkeypatch, "USERS_KEY_ENCRYPTION_KEY", "USERS_HTTP_ADDRESS")
     monkeypatch.setenv("USERS_BCRYPT_ROUND", "10")
     with caplog.at_level("WARNING", logger="users_grpc"):
         assert cli.main(["dev"]) == 0
@@ -170,9 +178,8 @@ def test_dev_serves_http_unless_told_not_to_and_serve_does_not(
     monkeypatch.setattr(cli, "_dev", lambda settings, data_dir, db_listen: started.append(settings))
     monkeypatch.setattr(cli, "_dev_key_encryption_key", lambda: "A" * 43)
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)
-    # main() sets these defaults in the process environment: monkeypatch puts it back after.
-    monkeypatch.delenv("USERS_KEY_ENCRYPTION_KEY", raising=False)
-    monkeypatch.delenv("USERS_HTTP_ADDRESS", raising=False)
+    # main() sets these defaults in the process environment: put back after.
+    unset_until_the_test_ends(monkeypatch, "USERS_KEY_ENCRYPTION_KEY", "USERS_HTTP_ADDRESS")
     if given is not None:
         monkeypatch.setenv("USERS_HTTP_ADDRESS", given)
     assert cli.main(["dev"]) == 0
