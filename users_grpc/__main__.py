@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import getpass
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,7 @@ from typing import TypeVar
 
 from users_grpc import migrations
 from users_grpc.bootstrap import App, build_app, serve
-from users_grpc.config import ConfigError, Settings
+from users_grpc.config import ConfigError, Settings, listen_address
 from users_grpc.devdb import DevDatabaseError, start_dev_database
 from users_grpc.domain import Gender, Registration, Role
 from users_grpc.errors import InvalidArgument, UsersError
@@ -27,6 +28,8 @@ from users_grpc.tokens import new_key_encryption_key
 _T = TypeVar("_T")
 DEV_KEY_FILE = Path("var/key-encryption-key")
 DEV_HTTP_ADDRESS = "127.0.0.1:9464"
+DEFAULT_ADMIN_NAME = "Admin"
+log = logging.getLogger("users_grpc")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,13 +44,21 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("USERS_HTTP_ADDRESS", DEV_HTTP_ADDRESS)
         settings = Settings.from_env()
         configure_logging(settings.log_level)
+        _warn_of_unknown_variables(settings)
         if args.command == "serve":
             asyncio.run(serve(settings))
         elif args.command == "dev":
-            _dev(settings, args.data_dir, args.db_listen)
+            _dev(_with_dev_addresses(settings, args), args.data_dir, args.db_listen)
         elif args.command == "create-admin":
             user_id = _with_app(settings, lambda app: _create_admin(app, args))
             print(f"admin {args.username} created: id {user_id}")
+            if args.first_name is None or args.last_name is None:
+                # Said, not silent: the name shows in every admin listing and audit reader.
+                print(
+                    f"users-grpc: named {_admin_first_name(args)} {_admin_last_name(args)}; "
+                    "choose with --first-name and --last-name, or later with UpdateUser",
+                    file=sys.stderr,
+                )
         elif args.command == "migrate":
             _with_app(settings, lambda app: _migrate(app, args))
         elif args.keys_command == "rotate":
@@ -94,14 +105,22 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--db-listen", default="127.0.0.1:27018", help="FerretDB's address, for other commands such as create-admin"
     )
+    dev.add_argument(
+        "--grpc-listen", type=_address, help="the service's address (default: USERS_GRPC_ADDRESS, or 127.0.0.1:50051)"
+    )
+    dev.add_argument(
+        "--http-listen",
+        type=_address,
+        help=f"the metrics and key set over HTTP (default: USERS_HTTP_ADDRESS, or {DEV_HTTP_ADDRESS})",
+    )
 
     admin = commands.add_parser(
         "create-admin", help="create an active admin; the password comes from USERS_ADMIN_PASSWORD or a prompt"
     )
     admin.add_argument("--username", required=True)
     admin.add_argument("--email", required=True)
-    admin.add_argument("--first-name", default="Admin")
-    admin.add_argument("--last-name", default="Admin")
+    admin.add_argument("--first-name", help=f"the admin's first name (default: {DEFAULT_ADMIN_NAME})")
+    admin.add_argument("--last-name", help=f"the admin's last name (default: {DEFAULT_ADMIN_NAME})")
 
     migrate = commands.add_parser(
         "migrate", help="bring the database's schema to this version (idempotent; resumes after a crash)"
@@ -139,13 +158,45 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _address(raw: str) -> str:
+    try:
+        return listen_address(raw)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{raw!r} {error}") from None
+
+
+def _with_dev_addresses(settings: Settings, args: argparse.Namespace) -> Settings:
+    """The flags win over the environment: they are what the developer typed last."""
+    if args.grpc_listen is not None:
+        settings = dataclasses.replace(settings, grpc_address=args.grpc_listen)
+    if args.http_listen is not None:
+        settings = dataclasses.replace(settings, http_address=args.http_listen)
+    return settings
+
+
+# The variable a start-up error names, to the dev flag that sets it too.
+_DEV_FLAGS = {"USERS_GRPC_ADDRESS": "--grpc-listen", "USERS_HTTP_ADDRESS": "--http-listen"}
+
+
 def _dev(settings: Settings, data_dir: Path, db_listen: str) -> None:
     database = start_dev_database(data_dir=data_dir, listen=db_listen)
     print(f"users-grpc dev: database at {database.uri}", file=sys.stderr)
     try:
         asyncio.run(serve(dataclasses.replace(settings, mongodb_uri=database.uri)))
+    except ConfigError as error:
+        # A port taken by another process: say which flag moves it.
+        flag = next((flag for variable, flag in _DEV_FLAGS.items() if str(error).startswith(f"{variable}=")), None)
+        if flag is None:
+            raise
+        raise ConfigError(f"{error}; or pass {flag} with a free address") from None
     finally:
         database.stop()
+
+
+def _warn_of_unknown_variables(settings: Settings) -> None:
+    """A mistyped name (USERS_BCRYPT_ROUND) leaves its setting at the default; say so, once."""
+    for variable in settings.unknown_variables:
+        log.warning("unknown setting ignored", extra={"variable": variable.name, "did_you_mean": variable.nearest})
 
 
 def _dev_key_encryption_key() -> str:
@@ -179,8 +230,8 @@ async def _create_admin(app: App, args: argparse.Namespace) -> str:
     user = await app.accounts.create_admin(
         Registration(
             username=args.username,
-            first_name=args.first_name,
-            last_name=args.last_name,
+            first_name=_admin_first_name(args),
+            last_name=_admin_last_name(args),
             email=args.email,
             password=password,
             password_confirmation=password,
@@ -189,6 +240,14 @@ async def _create_admin(app: App, args: argparse.Namespace) -> str:
         )
     )
     return user.id
+
+
+def _admin_first_name(args: argparse.Namespace) -> str:
+    return str(args.first_name or DEFAULT_ADMIN_NAME)
+
+
+def _admin_last_name(args: argparse.Namespace) -> str:
+    return str(args.last_name or DEFAULT_ADMIN_NAME)
 
 
 async def _migrate(app: App, args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from pymongo import AsyncMongoClient, WriteConcern
+from pymongo.errors import ServerSelectionTimeoutError
 from pymongo.monitoring import CommandListener, ConnectionPoolListener
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
@@ -95,7 +96,10 @@ _SERVER_OPTIONS = [
 
 class SystemClock:
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        # MongoDB keeps milliseconds: a time cut there before its first write is returned the
+        # same by the call that made it (CreateUser's created_at) and by every later read.
+        now = datetime.now(UTC)
+        return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 @dataclass
@@ -579,7 +583,16 @@ def redacted_uri(uri: str) -> str:
 
 def _cause(error: BaseException) -> str:
     cause = error.__cause__ or error
+    if isinstance(cause, ServerSelectionTimeoutError):
+        return _what_the_servers_said(str(cause))
     return f"{type(cause).__name__}: {cause}"[:300]
+
+
+def _what_the_servers_said(message: str) -> str:
+    """PyMongo's "host:port: why" for each server, without the timeouts and the topology dump
+    (500 characters and more) it appends: the line names the host and the cause."""
+    said = message.split(", Timeout: ", 1)[0]
+    return re.sub(r" \(configured timeouts: [^)]*\)", "", said)[:300]
 
 
 def _add_port(server: grpc.aio.Server, settings: Settings) -> int:

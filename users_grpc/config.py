@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import email.policy
 import os
 from collections.abc import Callable, Mapping
@@ -23,6 +24,19 @@ _T = TypeVar("_T")
 
 class ConfigError(ValueError):
     """A ``USERS_*`` variable holds a value the service cannot use."""
+
+
+# Read by one command, not into Settings: known, so never reported as a typo.
+READ_BY_COMMANDS = frozenset({"USERS_ADMIN_PASSWORD", "USERS_DEV_DB_BINARY"})
+
+
+@dataclass(frozen=True)
+class UnknownVariable:
+    """A ``USERS_*`` variable no setting reads: most likely a typo, which would otherwise leave
+    its setting at the default without a word."""
+
+    name: str
+    nearest: str | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,10 +128,14 @@ class Settings:
     # Connections the HTTP endpoint serves at once; more are answered 503 and closed at once.
     http_max_connections: int = 64
 
+    # What from_env found set but read by no one; logged once at start (config.py has no logger).
+    unknown_variables: tuple[UnknownVariable, ...] = field(default=(), compare=False)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the settings from ``environ`` (the process environment by default)."""
-        env = _Reader(os.environ if environ is None else environ)
+        environ = os.environ if environ is None else environ
+        env = _Reader(environ)
         defaults = cls()
         smtp_security = env.get("USERS_SMTP_SECURITY", defaults.smtp_security, _smtp_security)
         settings = cls(
@@ -241,6 +259,7 @@ class Settings:
             log_level=env.get("USERS_LOG_LEVEL", defaults.log_level, _log_level),
             http_address=env.get("USERS_HTTP_ADDRESS", defaults.http_address, _host_port),
             http_max_connections=env.integer("USERS_HTTP_MAX_CONNECTIONS", defaults.http_max_connections, 1, 100000),
+            unknown_variables=_unknown_variables(environ, env.read | READ_BY_COMMANDS),
         )
         if settings.unactivated_account_retention_seconds < settings.activation_code_ttl_seconds:
             raise ConfigError(
@@ -259,8 +278,11 @@ class _Reader:
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
+        # Every name looked up, set or not: the names a USERS_* variable may have.
+        self.read: set[str] = set()
 
     def get(self, name: str, default: _T, parse: Callable[[str], _T], *, secret: bool = False) -> _T:
+        self.read.add(name)
         raw = self._environ.get(name)
         if raw is None or raw.strip() == "":
             return default
@@ -271,10 +293,37 @@ class _Reader:
             raise ConfigError(f"{name}{'' if secret else f'={raw!r}'}: {error}") from None
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
-        return self.get(name, default, lambda raw: _in_range(int(raw), low, high))
+        return self.get(
+            name, default, lambda raw: _in_range(_parsed(int, raw, f"a whole number{_unit(name)}", default), low, high)
+        )
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
-        return self.get(name, default, lambda raw: _in_range(float(raw), low, high))
+        return self.get(
+            name, default, lambda raw: _in_range(_parsed(float, raw, f"a number{_unit(name)}", default), low, high)
+        )
+
+
+def _unknown_variables(environ: Mapping[str, str], known: set[str]) -> tuple[UnknownVariable, ...]:
+    unknown = sorted(name for name in environ if name.startswith("USERS_") and name not in known)
+    return tuple(
+        UnknownVariable(name, next(iter(difflib.get_close_matches(name, known, n=1)), None)) for name in unknown
+    )
+
+
+def _unit(name: str) -> str:
+    for suffix, unit in (("_SECONDS", " of seconds"), ("_DAYS", " of days")):
+        if name.endswith(suffix):
+            return unit
+    return ""
+
+
+def _parsed(kind: Callable[[str], _N], raw: str, what: str, example: _N) -> _N:
+    """``kind(raw)``, or an error saying what is expected instead of Python's own message
+    ("invalid literal for int() with base 10: '15m'")."""
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"must be {what}, such as {example}") from None
 
 
 _N = TypeVar("_N", int, float)
@@ -300,6 +349,11 @@ def _host_port(raw: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("must be host:port, such as 127.0.0.1:50051 or [::]:50051")
     return raw
+
+
+def listen_address(raw: str) -> str:
+    """An address as USERS_GRPC_ADDRESS takes it, for a command-line flag that sets one."""
+    return _host_port(raw.strip())
 
 
 def _mongodb_uri(raw: str) -> str:

@@ -4,6 +4,11 @@ grpcio-reflection answers with descriptors copied out of a descriptor pool, and 
 source info: ``grpcurl describe`` would show the RPCs without their "Callers" and "Errors" lines.
 So .ci/generate writes the descriptor set with ``--include_source_info`` beside the generated
 code (users/v1/descriptors.binpb), and the files it holds are served as written there.
+
+The error details every refusal carries (google.rpc.ErrorInfo, BadRequest, RetryInfo) travel
+in ``google.protobuf.Any``; the contract never imports their file, so it is added here from
+googleapis-common-protos, the package that encodes them: without it grpcurl prints each detail
+as "is not recognized" and a base64 blob instead of its reason.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from importlib import resources
 from typing import Any, cast
 
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
@@ -23,7 +29,21 @@ DESCRIPTOR_SET = "descriptors.binpb"
 def load_descriptor_set() -> descriptor_pb2.FileDescriptorSet:
     """The contract's files and their imports, with source info, as .ci/generate wrote them."""
     data = resources.files("users.v1").joinpath(DESCRIPTOR_SET).read_bytes()
-    return descriptor_pb2.FileDescriptorSet.FromString(data)
+    files = descriptor_pb2.FileDescriptorSet.FromString(data)
+    return _with_file_and_imports(files, error_details_pb2.DESCRIPTOR)
+
+
+def _with_file_and_imports(
+    files: descriptor_pb2.FileDescriptorSet, file: descriptor.FileDescriptor
+) -> descriptor_pb2.FileDescriptorSet:
+    """The set, plus ``file`` and its imports that it does not hold yet (imports first, as
+    protoc orders a set)."""
+    held = {proto.name for proto in files.file}
+    for dependency in file.dependencies:
+        files = _with_file_and_imports(files, dependency)
+    if file.name not in held:
+        file.CopyToProto(files.file.add())
+    return files
 
 
 class SourceInfoReflectionServicer(ReflectionServicer):

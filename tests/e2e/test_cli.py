@@ -92,3 +92,22 @@ def test_operator_commands_run_beside_a_server_on_the_same_address(start_server:
     server = start_server()
     result = users_grpc("keys", "rotate", server_settings=server.settings, USERS_GRPC_ADDRESS=server.address)
     assert result.returncode == 0, result.stderr
+
+
+def test_create_admin_takes_the_names_and_says_so_when_it_makes_them_up(start_server: StartServer) -> None:
+    server = start_server()
+    named = users_grpc(
+        "create-admin", "--username", "ada", "--email", "ada@example.com",
+        "--first-name", "Ada", "--last-name", "Lovelace",
+        server_settings=server.settings, USERS_ADMIN_PASSWORD="operator passphrase 42",
+    )  # fmt: skip
+    assert named.returncode == 0, named.stderr
+    assert "named" not in named.stderr
+    ada = server.stub.GetUserByIdentifier(pb.GetUserByIdentifierRequest(identifier="ada")).user
+    assert (ada.first_name, ada.last_name) == ("Ada", "Lovelace")
+    unnamed = users_grpc(
+        "create-admin", "--username", "root", "--email", "root@example.com",
+        server_settings=server.settings, USERS_ADMIN_PASSWORD="operator passphrase 42",
+    )  # fmt: skip
+    assert unnamed.returncode == 0, unnamed.stderr
+    assert "users-grpc: named Admin Admin; choose with --first-name and --last-name" in unnamed.stderr

@@ -281,7 +281,10 @@ def test_start_up_without_a_database_answers_health_and_stops_at_once_on_sigterm
             wait_until(lambda: bool(serve.logged("database not ready; retrying")), what="a retry line")
             retry = serve.logged("database not ready; retrying")[0]
             assert retry["database"] == f"mongodb://app:***@127.0.0.1:{db_port}/"
-            assert retry["cause"]
+            # One line, the host and why, without PyMongo's topology dump.
+            assert retry["cause"].startswith(f"127.0.0.1:{db_port}: [Errno 111] ")
+            assert "Topology" not in retry["cause"]
+            assert "configured timeouts" not in retry["cause"]
             assert "s3cret-pw" not in "".join(serve.lines)
             started = time.monotonic()
             serve.process.send_signal(signal.SIGTERM)
@@ -311,3 +314,49 @@ def test_a_busy_address_is_a_clear_start_up_error(server: RunningServer) -> None
     assert result.returncode == 2
     assert f"USERS_GRPC_ADDRESS={server.address}: cannot listen there" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_grpcurl_decodes_an_errors_details(server: RunningServer) -> None:
+    """Reflection serves google/rpc/error_details.proto, so grpcurl prints the ErrorInfo's
+    reason and the BadRequest's field violations instead of a base64 blob."""
+    refused = subprocess.run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-d",
+            '{"username": "jane", "email": "not-an-email", "password": "x", "password_confirmation": "x"}',
+            server.address,
+            f"{SERVICE}/CreateUser",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert "Code: InvalidArgument" in refused.stderr, refused.stderr
+    assert "is not recognized" not in refused.stderr
+    assert '"@type": "type.googleapis.com/google.rpc.ErrorInfo"' in refused.stderr
+    assert '"reason": "INVALID_ARGUMENT"' in refused.stderr
+    assert '"@type": "type.googleapis.com/google.rpc.BadRequest"' in refused.stderr
+    assert '"field": "email"' in refused.stderr
+
+
+def test_serve_warns_once_of_a_mistyped_setting_naming_the_nearest(
+    mongodb_uri: str, database_name: str, tmp_path: Path
+) -> None:
+    serve = ServeProcess(
+        USERS_MONGODB_URI=mongodb_uri,
+        USERS_MONGODB_DATABASE=database_name,
+        USERS_MAIL_DIR=str(tmp_path / "mail"),
+        USERS_BCRYPT_ROUND="10",
+    )
+    try:
+        serve.port()
+        warnings = [
+            record for record in serve.logged("unknown setting ignored") if record["variable"] == "USERS_BCRYPT_ROUND"
+        ]
+        assert [(record["level"], record["did_you_mean"]) for record in warnings] == [
+            ("warning", "USERS_BCRYPT_ROUNDS")
+        ]
+    finally:
+        serve.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.paths import REPO_ROOT
-from users_grpc.config import ConfigError, Settings
+from users_grpc.config import READ_BY_COMMANDS, ConfigError, Settings, UnknownVariable
 
 
 def test_defaults_serve_locally() -> None:
@@ -71,6 +71,78 @@ def test_bad_value_names_the_variable(name: str, value: str) -> None:
         Settings.from_env({name: value})
 
 
+def unset_until_the_test_ends(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Unset, and unset again after the test whatever it set (``main(["dev"])`` sets defaults in
+    os.environ). delenv alone records nothing to undo for a variable that was not set, and the
+    leftover would reach every server a later test starts."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("USERS_DB_TIMEOUT_SECONDS", "abc", "USERS_DB_TIMEOUT_SECONDS='abc': must be a number of seconds, such as 5.0"),
+        (
+            "USERS_ACCESS_TOKEN_TTL_SECONDS",
+            "15m",
+            "USERS_ACCESS_TOKEN_TTL_SECONDS='15m': must be a whole number of seconds, such as 900",
+        ),
+        (
+            "USERS_AUDIT_RETENTION_DAYS",
+            "1y",
+            "USERS_AUDIT_RETENTION_DAYS='1y': must be a whole number of days, such as 365",
+        ),
+        ("USERS_SMTP_PORT", "smtp", "USERS_SMTP_PORT='smtp': must be a whole number, such as 587"),
+    ],
+)
+def test_a_number_that_does_not_parse_is_told_what_is_expected(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({name: value})
+    assert str(raised.value) == message
+
+
+def test_unknown_users_variables_are_found_with_the_nearest_known_name() -> None:
+    settings = Settings.from_env(
+        {
+            "USERS_BCRYPT_ROUND": "10",
+            "USERS_SMTP_HOTS": "mail.example.com",
+            "USERS_ZZZZZZZZZZZZZZZZZZZZ": "1",
+            "USERS_BCRYPT_ROUNDS": "13",
+            "USERS_ADMIN_PASSWORD": "read by create-admin",
+            "HOME": "/root",
+        }
+    )
+    assert settings.unknown_variables == (
+        UnknownVariable("USERS_BCRYPT_ROUND", "USERS_BCRYPT_ROUNDS"),
+        UnknownVariable("USERS_SMTP_HOTS", "USERS_SMTP_HOST"),
+        UnknownVariable("USERS_ZZZZZZZZZZZZZZZZZZZZ", None),
+    )
+    assert settings.bcrypt_rounds == 13
+    assert Settings.from_env({"USERS_BCRYPT_ROUNDS": "13"}).unknown_variables == ()
+
+
+def test_unknown_variables_are_logged_once_each_at_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from users_grpc import __main__ as cli
+
+    monkeypatch.setattr(cli, "_dev", lambda settings, data_dir, db_listen: None)
+    monkeypatch.setattr(cli, "_dev_key_encryption_key", lambda: "A" * 43)
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+    unset_until_the_test_ends(monkeypatch, "USERS_KEY_ENCRYPTION_KEY", "USERS_HTTP_ADDRESS")
+    monkeypatch.setenv("USERS_BCRYPT_ROUND", "10")
+    with caplog.at_level("WARNING", logger="users_grpc"):
+        assert cli.main(["dev"]) == 0
+    warnings = [
+        record
+        for record in caplog.records
+        if record.getMessage() == "unknown setting ignored" and record.variable == "USERS_BCRYPT_ROUND"  # type: ignore[attr-defined]
+    ]
+    assert [record.did_you_mean for record in warnings] == ["USERS_BCRYPT_ROUNDS"]  # type: ignore[attr-defined]
+
+
 def test_an_account_must_outlive_its_activation_code() -> None:
     with pytest.raises(ConfigError, match="USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS"):
         Settings.from_env(
@@ -81,7 +153,7 @@ def test_an_account_must_outlive_its_activation_code() -> None:
 def test_env_example_lists_every_variable() -> None:
     """.env.example documents exactly the variables config.py reads, each set to its default."""
     source = (REPO_ROOT / "users_grpc/config.py").read_text()
-    read = set(re.findall(r'"(USERS_[A-Z_]+)"', source))
+    read = set(re.findall(r'"(USERS_[A-Z_]+)"', source)) - READ_BY_COMMANDS
     example = (REPO_ROOT / ".env.example").read_text()
     documented = dict(re.findall(r"^(USERS_[A-Z_]+)=(.*)$", example, flags=re.MULTILINE))
     assert set(documented) == read
@@ -106,9 +178,8 @@ def test_dev_serves_http_unless_told_not_to_and_serve_does_not(
     monkeypatch.setattr(cli, "_dev", lambda settings, data_dir, db_listen: started.append(settings))
     monkeypatch.setattr(cli, "_dev_key_encryption_key", lambda: "A" * 43)
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)
-    # main() sets these defaults in the process environment: monkeypatch puts it back after.
-    monkeypatch.delenv("USERS_KEY_ENCRYPTION_KEY", raising=False)
-    monkeypatch.delenv("USERS_HTTP_ADDRESS", raising=False)
+    # main() sets these defaults in the process environment: put back after.
+    unset_until_the_test_ends(monkeypatch, "USERS_KEY_ENCRYPTION_KEY", "USERS_HTTP_ADDRESS")
     if given is not None:
         monkeypatch.setenv("USERS_HTTP_ADDRESS", given)
     assert cli.main(["dev"]) == 0
