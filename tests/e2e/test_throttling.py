@@ -252,7 +252,7 @@ def assert_rate_limited(answer: object, server: RunningServer) -> None:
 
 
 def test_a_sign_up_backend_that_spent_its_budget_leaves_sign_in_from_its_host_working(
-    start_server: StartServer, mail: MailSink
+    start_server: StartServer, mail: MailSink, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue 26: a sign-up backend's registrations used up the one per-source budget, and then the
     admin's own sign-in from that host was refused. Each flow now has a budget of its own."""
@@ -260,6 +260,7 @@ def test_a_sign_up_backend_that_spent_its_budget_leaves_sign_in_from_its_host_wo
     sign_up = flow_calls(server)["sign-up"]
     spend(sign_up, 3)
     assert_rate_limited(sign_up(3), server)
+    assert [getattr(r, "flow", None) for r in caplog.records if r.getMessage() == "rate limited"] == ["sign_up"]
     # The fixture's admin signed in once from here already; the sign-in budget has room for more.
     admin = pb.AuthenticateRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
     assert server.anonymous.Authenticate(admin).user.username == server.admin_username
