@@ -17,6 +17,7 @@ from users_grpc.domain import ANONYMOUS, Caller
 from users_grpc.errors import PermissionDenied, Unauthenticated
 from users_grpc.service_accounts import ServiceAccountService
 from users_grpc.sessions import SessionService
+from users_grpc.throttling import Flow
 from users_grpc.tokens import is_service_token
 
 
@@ -73,20 +74,22 @@ RULES: Mapping[str, Rule] = {
     "WatchUserChanges": Rule.ADMIN_OR_MACHINE,
 }
 
-# Calls anyone may make that cost a password hash or a mail: limited per source address, whatever
-# token comes with them (anyone can register and get one), except an admin's; a machine caller is
-# limited by the end user's address it passes.
-RATE_LIMITED = frozenset(
-    {
-        "Authenticate",
-        "CreateUser",
-        "ActivateUser",
-        "ResendActivationCode",
-        "ForgotPassword",
-        "ResetPassword",
-        "IssueServiceToken",
-    }
-)
+# The flow of every call anyone may make (a test holds it to the RULES' ANYONE methods). Those that
+# cost a password hash or a mail have a per-source budget per flow, whatever token comes with them
+# (anyone can register and get one), except an admin's; a machine caller is limited by the end
+# user's address it passes.
+FLOWS: Mapping[str, Flow] = {
+    "CreateUser": Flow.SIGN_UP,
+    "ActivateUser": Flow.ACTIVATION,
+    "ResendActivationCode": Flow.ACTIVATION,
+    "Authenticate": Flow.SIGN_IN,
+    "IssueServiceToken": Flow.SIGN_IN,  # a service account's sign-in, with its secret
+    "ForgotPassword": Flow.RECOVERY,
+    "ResetPassword": Flow.RECOVERY,
+    "RefreshSession": Flow.SESSION,
+    "RevokeSession": Flow.SESSION,
+    "GetPublicKeys": Flow.PUBLIC_KEYS,
+}
 
 # The request field that names the user a "self" rule is about.
 _SUBJECT_FIELDS = ("id", "user_id")

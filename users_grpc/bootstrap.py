@@ -68,7 +68,7 @@ from users_grpc.service import AccountPolicy, UserService
 from users_grpc.service_accounts import ServiceAccountService
 from users_grpc.servicer import UserServiceServicer
 from users_grpc.sessions import SessionService
-from users_grpc.throttling import PasswordThrottle, RateLimitPolicy, SourceRateLimit, ThrottlePolicy
+from users_grpc.throttling import Flow, PasswordThrottle, RateLimitPolicy, SourceRateLimit, ThrottlePolicy
 from users_grpc.tokens import AccessTokens, KeyEncryption
 from users_grpc.tracing import command_listener, server_interceptor, tracer_provider_from_env
 
@@ -420,7 +420,7 @@ async def build_app(
             store=throttles,
             clock=clock,
             policy=RateLimitPolicy(
-                requests=settings.rate_limit_requests,
+                budgets=_flow_budgets(settings),
                 window=timedelta(seconds=settings.rate_limit_window_seconds),
             ),
         ),
@@ -636,3 +636,14 @@ def _mail_transport(settings: Settings) -> MailTransport:
         timeout_seconds=settings.smtp_timeout_seconds,
         ca_file=settings.smtp_ca_file,
     )
+
+
+def _flow_budgets(settings: Settings) -> dict[Flow, int]:
+    """Each budgeted flow's calls per source and window: its own setting, else USERS_RATE_LIMIT_REQUESTS."""
+    own = {
+        Flow.SIGN_UP: settings.rate_limit_sign_up_requests,
+        Flow.ACTIVATION: settings.rate_limit_activation_requests,
+        Flow.SIGN_IN: settings.rate_limit_sign_in_requests,
+        Flow.RECOVERY: settings.rate_limit_recovery_requests,
+    }
+    return {flow: settings.rate_limit_requests if budget is None else budget for flow, budget in own.items()}

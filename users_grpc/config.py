@@ -80,6 +80,11 @@ class Settings:
     password_max_delay_seconds: int = 900
     known_source_ttl_seconds: int = 30 * 86400
     rate_limit_requests: int = 60
+    # Each flow's own budget per source and window; None: rate_limit_requests.
+    rate_limit_sign_up_requests: int | None = None
+    rate_limit_activation_requests: int | None = None
+    rate_limit_sign_in_requests: int | None = None
+    rate_limit_recovery_requests: int | None = None
     rate_limit_window_seconds: int = 60
     hash_workers: int = os.cpu_count() or 1
     hash_queue_length: int = 16
@@ -186,6 +191,12 @@ class Settings:
                 "USERS_KNOWN_SOURCE_TTL_SECONDS", defaults.known_source_ttl_seconds, 60, 365 * 86400
             ),
             rate_limit_requests=env.integer("USERS_RATE_LIMIT_REQUESTS", defaults.rate_limit_requests, 1, 1_000_000),
+            rate_limit_sign_up_requests=env.optional_integer("USERS_RATE_LIMIT_SIGN_UP_REQUESTS", 60, 1, 1_000_000),
+            rate_limit_activation_requests=env.optional_integer(
+                "USERS_RATE_LIMIT_ACTIVATION_REQUESTS", 60, 1, 1_000_000
+            ),
+            rate_limit_sign_in_requests=env.optional_integer("USERS_RATE_LIMIT_SIGN_IN_REQUESTS", 60, 1, 1_000_000),
+            rate_limit_recovery_requests=env.optional_integer("USERS_RATE_LIMIT_RECOVERY_REQUESTS", 60, 1, 1_000_000),
             rate_limit_window_seconds=env.integer(
                 "USERS_RATE_LIMIT_WINDOW_SECONDS", defaults.rate_limit_window_seconds, 1, 86400
             ),
@@ -295,6 +306,12 @@ class _Reader:
     def integer(self, name: str, default: int, low: int, high: int) -> int:
         return self.get(
             name, default, lambda raw: _in_range(_parsed(int, raw, f"a whole number{_unit(name)}", default), low, high)
+        )
+
+    def optional_integer(self, name: str, example: int, low: int, high: int) -> int | None:
+        """A whole number, or None when unset (the setting then follows another)."""
+        return self.get(
+            name, None, lambda raw: _in_range(_parsed(int, raw, f"a whole number{_unit(name)}", example), low, high)
         )
 
     def number(self, name: str, default: float, low: float, high: float) -> float:

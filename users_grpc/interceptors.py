@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from users_grpc.access import (
-    RATE_LIMITED,
+    FLOWS,
     Authorizer,
     bearer_token,
     current_caller,
@@ -179,8 +179,8 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
                 name = method.rpartition("/")[2]
                 caller = await self._identified(name, metadata, context)
                 self._authorizer.admit(name, request, caller)
-                if name in RATE_LIMITED and not caller.is_admin:
-                    await self._rate_limit.check(caller.source)
+                if name in FLOWS and not caller.is_admin:
+                    await self._rate_limit.check(caller.source, FLOWS[name])
                 return await behavior(request, context)
             except UsersError as error:
                 await _refuse(context, method, error)

@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -191,26 +192,46 @@ def _keys(account: str, source: str) -> tuple[str, str, str]:
     return f"password:{account}:{source}", f"password:{account}", f"known:{account}:{source}"
 
 
+class Flow(enum.Enum):
+    """What an anonymous call is part of. Each budgeted flow has its own per-source budget, as
+    Keycloak, Kratos and ZITADEL limit per flow: a backend's registrations from one host use up
+    the sign-up budget, never its admin's sign-in (users_grpc/access.py names each RPC's flow)."""
+
+    SIGN_UP = "sign_up"
+    ACTIVATION = "activation"
+    SIGN_IN = "sign_in"
+    RECOVERY = "recovery"
+    # Neither costs a password hash nor a mail: no budget.
+    SESSION = "session"
+    PUBLIC_KEYS = "public_keys"
+
+
 @dataclass(frozen=True, kw_only=True)
 class RateLimitPolicy:
-    requests: int = 60
+    # Calls per source per window, by flow; a flow not listed has no budget.
+    budgets: Mapping[Flow, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys((Flow.SIGN_UP, Flow.ACTIVATION, Flow.SIGN_IN, Flow.RECOVERY), 60)
+    )
     window: timedelta = timedelta(minutes=1)
 
 
 class SourceRateLimit:
-    """At most ``requests`` costly anonymous calls per source address per window, across replicas."""
+    """At most a flow's budget of costly anonymous calls per source address per window, across replicas."""
 
     def __init__(self, *, store: ThrottleStore, clock: Clock, policy: RateLimitPolicy) -> None:
         self._store = store
         self._clock = clock
         self._policy = policy
 
-    async def check(self, source: str) -> None:
+    async def check(self, source: str, flow: Flow) -> None:
+        budget = self._policy.budgets.get(flow)
+        if budget is None:
+            return
         now = self._clock.now()
         window = self._policy.window.total_seconds()
         start = int(now.timestamp() // window * window)
         ends = datetime.fromtimestamp(start + window, now.tzinfo)
-        calls = await self._store.hit(f"rate:{source}:{start}", ends)
-        if calls > self._policy.requests:
-            log.warning("rate limited", extra={"source": source})
+        calls = await self._store.hit(f"rate:{flow.value}:{source}:{start}", ends)
+        if calls > budget:
+            log.warning("rate limited", extra={"source": source, "flow": flow.value})
             raise TooManyRequests(retry_after=ends - now)

@@ -32,7 +32,7 @@ from tests.support.calls import (
 )
 from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink
-from tests.support.servers import RunningServer, StartServer
+from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.passwords import HASHING_NICENESS
@@ -186,12 +186,12 @@ def test_a_hashing_flood_is_refused_at_once_and_refused_tries_do_not_count(
 def test_costly_anonymous_calls_are_limited_per_source(
     start_server: StartServer, mail: MailSink, from_address: Any
 ) -> None:
-    # The fixture's own admin sign-in takes one; a still clock keeps every call in one window.
+    # A still clock keeps every call in one window.
     server = start_server(rate_limit_requests=4, clock=FakeClock())
     forgot = pb.ForgotPasswordRequest(identifier="nobody")
-    for _ in range(3):
+    for _ in range(4):
         server.anonymous.ForgotPassword(forgot)
-    limited = rpc_error(server.anonymous.Authenticate, pb.AuthenticateRequest(identifier="x", password=WRONG))
+    limited = rpc_error(server.anonymous.ForgotPassword, forgot)
     assert limited.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_info(limited).reason == "RATE_LIMITED"
     assert 0 < retry_delay(limited) <= server.settings.rate_limit_window_seconds
@@ -203,12 +203,98 @@ def test_a_users_own_token_does_not_lift_the_limit(start_server: StartServer, ma
     """Anyone can register and hold a token: with one, the costly calls stay limited."""
     server = start_server(rate_limit_requests=5, clock=FakeClock())  # a still clock: one window throughout
     active_user(server, mail)  # through the admin: not counted
-    stub = server.stub_for(sign_in(server.anonymous, PASSWORD).access_token)  # counted, as the admin's sign-in
-    for _ in range(3):
+    stub = server.stub_for(sign_in(server.anonymous, PASSWORD).access_token)  # counted, in the sign-in flow's
+    for _ in range(5):
         stub.ForgotPassword(pb.ForgotPasswordRequest(identifier="nobody"))
     limited = rpc_error(stub.ForgotPassword, pb.ForgotPasswordRequest(identifier="nobody"))
     assert limited.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_info(limited).reason == "RATE_LIMITED"
+
+
+def outcome(call: Any, request: Any) -> object:
+    """The call's response, or its error."""
+    try:
+        return call(request)
+    except grpc.RpcError as error:
+        return error
+
+
+def flow_calls(server: RunningServer) -> dict[str, Callable[[int], object]]:
+    """The n-th anonymous call of each budgeted flow from this test's address: its response or error."""
+    anonymous = server.anonymous
+    return {
+        "sign-in": lambda n: outcome(
+            anonymous.Authenticate, pb.AuthenticateRequest(identifier=f"nobody{n}", password=WRONG)
+        ),
+        "sign-up": lambda n: outcome(
+            anonymous.CreateUser, create_request(username=f"new{n}", email=f"new{n}@example.com")
+        ),
+        "activation": lambda n: outcome(
+            anonymous.ResendActivationCode, pb.ResendActivationCodeRequest(identifier=f"nobody{n}")
+        ),
+        "recovery": lambda n: outcome(anonymous.ForgotPassword, pb.ForgotPasswordRequest(identifier=f"nobody{n}")),
+    }
+
+
+def spend(call: Callable[[int], object], times: int) -> None:
+    """Make ``times`` calls of one flow, each served within its budget."""
+    for n in range(times):
+        answer = call(n)
+        if isinstance(answer, grpc.RpcError):
+            assert answer.code() == grpc.StatusCode.UNAUTHENTICATED, answer  # a wrong password, not a limit
+
+
+def assert_rate_limited(answer: object, server: RunningServer) -> None:
+    assert isinstance(answer, grpc.RpcError), f"served past its budget: {answer!r}"
+    assert answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, answer
+    assert error_info(answer).reason == "RATE_LIMITED"
+    assert 0 < retry_delay(answer) <= server.settings.rate_limit_window_seconds
+
+
+def test_a_sign_up_backend_that_spent_its_budget_leaves_sign_in_from_its_host_working(
+    start_server: StartServer, mail: MailSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 26: a sign-up backend's registrations used up the one per-source budget, and then the
+    admin's own sign-in from that host was refused. Each flow now has a budget of its own."""
+    server = start_server(rate_limit_requests=3, clock=FakeClock())  # a still clock: one window throughout
+    sign_up = flow_calls(server)["sign-up"]
+    spend(sign_up, 3)
+    assert_rate_limited(sign_up(3), server)
+    assert [getattr(r, "flow", None) for r in caplog.records if r.getMessage() == "rate limited"] == ["sign_up"]
+    # The fixture's admin signed in once from here already; the sign-in budget has room for more.
+    admin = pb.AuthenticateRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
+    assert server.anonymous.Authenticate(admin).user.username == server.admin_username
+
+
+def test_each_flows_budget_refuses_past_its_own_limit(start_server: StartServer, mail: MailSink) -> None:
+    """One source spends the sign-in, sign-up, activation and recovery budgets in turn: each lasts
+    its full limit whatever the others spent, then refuses with RetryInfo."""
+    server = start_server(rate_limit_requests=3, clock=FakeClock())  # a still clock: one window throughout
+    already_spent = {"sign-in": 1}  # the fixture's admin sign-in
+    for flow, call in flow_calls(server).items():
+        spend(call, 3 - already_spent.get(flow, 0))
+        assert_rate_limited(call(99), server)
+
+
+@pytest.mark.parametrize(
+    ("flow", "setting"),
+    [
+        ("sign-in", "rate_limit_sign_in_requests"),
+        ("sign-up", "rate_limit_sign_up_requests"),
+        ("activation", "rate_limit_activation_requests"),
+        ("recovery", "rate_limit_recovery_requests"),
+    ],
+)
+def test_a_flows_budget_is_its_own_setting(start_server: StartServer, mail: MailSink, flow: str, setting: str) -> None:
+    """A flow's own setting sets its budget; the other flows keep USERS_RATE_LIMIT_REQUESTS (here
+    the suite's million)."""
+    server = start_server(clock=FakeClock(), **{setting: 3})  # a still clock: one window throughout
+    calls = flow_calls(server)
+    spend(calls[flow], 3 - (flow == "sign-in"))  # the fixture's admin sign-in took one of sign-in's
+    assert_rate_limited(calls[flow](99), server)
+    for other, call in calls.items():
+        if other != flow:
+            spend(call, 4)
 
 
 TIMED_PAIRS = 40

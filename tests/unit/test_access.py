@@ -14,6 +14,7 @@ import pytest
 
 from users.v1 import user_service_pb2 as pb
 from users_grpc.access import (
+    FLOWS,
     RULES,
     Authorizer,
     Rule,
@@ -28,6 +29,7 @@ from users_grpc.errors import PermissionDenied, Unauthenticated
 from users_grpc.reflection import load_descriptor_set
 from users_grpc.service_accounts import ServiceAccountService
 from users_grpc.sessions import SessionService
+from users_grpc.throttling import Flow, RateLimitPolicy
 
 ALICE = Caller(user_id="a" * 24, role=Role.USER)
 ADMIN = Caller(user_id="b" * 24, role=Role.ADMIN)
@@ -255,6 +257,29 @@ def test_a_listed_certificate_identifies_a_machine_caller_where_anyone_may_call(
     """A machine signing users in is known as one, so the end user's forwarded address counts."""
     assert _caller_of("Authenticate", None, ["spiffe://corp/billing"]) == Caller(machine="spiffe://corp/billing")
     assert _caller_of("Authenticate", None) == ANONYMOUS
+
+
+def test_every_rpc_anyone_may_call_belongs_to_exactly_one_flow() -> None:
+    """Over the service descriptor: an RPC anyone may call without a flow (and so without its
+    flow's per-source budget) fails here, as does a flow named for an RPC that needs a caller."""
+    methods = {method.name for method in pb.DESCRIPTOR.services_by_name["UserService"].methods}
+    anonymous = {method for method in methods if RULES.get(method) is Rule.ANYONE}
+    assert set(FLOWS) == anonymous
+    assert all(isinstance(FLOWS[method], Flow) for method in anonymous)  # one flow each: a mapping's value
+
+
+def test_the_calls_that_cost_a_hash_or_a_mail_are_in_a_budgeted_flow() -> None:
+    budgeted = {method for method, flow in FLOWS.items() if flow in RateLimitPolicy().budgets}
+    assert budgeted == {
+        "CreateUser",
+        "ActivateUser",
+        "ResendActivationCode",
+        "Authenticate",
+        "IssueServiceToken",
+        "ForgotPassword",
+        "ResetPassword",
+    }
+    assert {FLOWS[method] for method in budgeted} == {Flow.SIGN_UP, Flow.ACTIVATION, Flow.SIGN_IN, Flow.RECOVERY}
 
 
 def test_a_method_without_a_rule_is_refused_whoever_calls() -> None:

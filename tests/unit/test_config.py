@@ -64,11 +64,23 @@ def test_settings_are_frozen() -> None:
         ("USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS", "60"),
         ("USERS_HOUSEKEEPING_INTERVAL_SECONDS", "0"),
         ("USERS_AUDIT_RETENTION_DAYS", "0"),
+        ("USERS_RATE_LIMIT_SIGN_UP_REQUESTS", "0"),
+        ("USERS_RATE_LIMIT_SIGN_IN_REQUESTS", "many"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_a_flow_without_a_budget_of_its_own_takes_the_shared_setting() -> None:
+    """Unset, a flow's budget is None (USERS_RATE_LIMIT_REQUESTS then sets it); set, it is its own."""
+    settings = Settings.from_env({"USERS_RATE_LIMIT_SIGN_UP_REQUESTS": "500", "USERS_RATE_LIMIT_REQUESTS": "30"})
+    assert settings.rate_limit_sign_up_requests == 500
+    assert settings.rate_limit_requests == 30
+    assert settings.rate_limit_sign_in_requests is None
+    assert settings.rate_limit_activation_requests is None
+    assert settings.rate_limit_recovery_requests is None
 
 
 def unset_until_the_test_ends(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
