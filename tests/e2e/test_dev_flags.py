@@ -151,3 +151,21 @@ def test_a_harness_build_that_fails_is_said_in_one_sentence(tmp_path: Path) -> N
         "users-grpc: dbharness/build failed (exit code 1: go: module lookup disabled); "
         "run dbharness/build to see all it says"
     )
+
+
+def test_a_harness_binary_set_but_absent_is_named_with_its_variable(tmp_path: Path) -> None:
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "USERS_DEV_DB_BINARY": str(tmp_path / "nowhere")}
+    environment.pop("USERS_KEY_ENCRYPTION_KEY", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "users_grpc", "dev", "--data-dir", str(tmp_path / "db"), "--db-listen", "127.0.0.1:0"],
+        env=environment,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    said = the_one_sentence(result)
+    assert (
+        said == f"users-grpc: USERS_DEV_DB_BINARY={tmp_path / 'nowhere'}: no such file; build it with dbharness/build"
+    )
