@@ -12,13 +12,14 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
 from users_grpc import migrations
 from users_grpc.bootstrap import App, build_app, serve
 from users_grpc.config import ConfigError, Settings, listen_address
-from users_grpc.devdb import DevDatabaseError, start_dev_database
+from users_grpc.devdb import DevDatabaseError, ensure_harness, start_dev_database
 from users_grpc.domain import Gender, Registration, Role
 from users_grpc.errors import InvalidArgument, UsersError
 from users_grpc.logs import configure_logging
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="users-grpc", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve on the database that USERS_MONGODB_URI names")
     dev = commands.add_parser("dev", help="start the embedded FerretDB (dbharness/) and serve on it")
@@ -178,8 +180,17 @@ def _with_dev_addresses(settings: Settings, args: argparse.Namespace) -> Setting
 _DEV_FLAGS = {"USERS_GRPC_ADDRESS": "--grpc-listen", "USERS_HTTP_ADDRESS": "--http-listen"}
 
 
+def _version() -> str:
+    """The installed distribution's version: the one pip, a lock file or an SBOM names."""
+    try:
+        return metadata.version("users-grpc")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed: no version)"
+
+
 def _dev(settings: Settings, data_dir: Path, db_listen: str) -> None:
-    database = start_dev_database(data_dir=data_dir, listen=db_listen)
+    binary = ensure_harness(announce=lambda line: print(f"users-grpc dev: {line}", file=sys.stderr))
+    database = start_dev_database(data_dir=data_dir, binary=binary, listen=db_listen)
     print(f"users-grpc dev: database at {database.uri}", file=sys.stderr)
     try:
         asyncio.run(serve(dataclasses.replace(settings, mongodb_uri=database.uri)))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_BINARY = Path("dbharness/bin/dbharness")
+# Beside the binary in a checkout; a wheel has neither (the harness is Go, built from source).
+BUILD_SCRIPT = Path("dbharness/build")
 
 
 class DevDatabaseError(RuntimeError):
@@ -32,13 +36,53 @@ class DevDatabase:
             self.process.stdout.close()
 
 
+def harness_binary() -> Path:
+    return Path(os.environ.get("USERS_DEV_DB_BINARY", DEFAULT_BINARY))
+
+
+def ensure_harness(announce: Callable[[str], None]) -> Path:
+    """The harness binary, built from this checkout's dbharness/ first if it is missing and Go is
+    here; otherwise one sentence on how to get it (a ``pip install`` brings no Go binary)."""
+    binary = harness_binary()
+    if binary.exists():
+        return binary
+    if "USERS_DEV_DB_BINARY" in os.environ:
+        raise DevDatabaseError(f"USERS_DEV_DB_BINARY={binary}: no such file; build it with dbharness/build")
+    if not BUILD_SCRIPT.exists():
+        raise DevDatabaseError(
+            f"the embedded database ({DEFAULT_BINARY}) is not here: run `users-grpc dev` in a checkout of "
+            "users-grpc, where dbharness/build makes it with Go 1.24 or newer, or set USERS_DEV_DB_BINARY to a "
+            "built one; or serve on your own MongoDB with `users-grpc serve` and USERS_MONGODB_URI"
+        )
+    if shutil.which("go") is None:
+        raise DevDatabaseError(
+            f"{DEFAULT_BINARY} is missing and Go is not on PATH to build it: install Go 1.24 or newer "
+            "(https://go.dev/dl/) and run `users-grpc dev` again, or set USERS_DEV_DB_BINARY to a built harness"
+        )
+    announce(f"{DEFAULT_BINARY} is missing: building it with {BUILD_SCRIPT} (minutes the first time, once)")
+    with tempfile.TemporaryFile() as output:
+        # A script of the checkout, found beside the binary it builds; its output is shown only if it fails.
+        done = subprocess.run(  # noqa: S603
+            [str(BUILD_SCRIPT)], stdout=output, stderr=subprocess.STDOUT, check=False
+        )
+        if done.returncode != 0 or not binary.exists():
+            output.seek(0)
+            said = output.read().decode(errors="replace").strip().splitlines()
+            raise DevDatabaseError(
+                f"{BUILD_SCRIPT} failed (exit code {done.returncode}"
+                + (f": {said[-1]}" if said else "")
+                + f"); run {BUILD_SCRIPT} to see all it says"
+            )
+    return binary
+
+
 def start_dev_database(
     *, data_dir: Path | None, binary: Path | None = None, listen: str = "127.0.0.1:0"
 ) -> DevDatabase:
     """Start FerretDB on SQLite (``data_dir``, or a throwaway directory) and wait until it accepts connections."""
-    binary = binary or Path(os.environ.get("USERS_DEV_DB_BINARY", DEFAULT_BINARY))
+    binary = binary or harness_binary()
     if not binary.exists():
-        raise DevDatabaseError(f"{binary} is missing: build it with .ci/setup (or set USERS_DEV_DB_BINARY)")
+        raise DevDatabaseError(f"{binary} is missing: build it with dbharness/build (or set USERS_DEV_DB_BINARY)")
     command = [str(binary), "-listen", listen]
     if data_dir is not None:
         command += ["-data-dir", str(data_dir)]

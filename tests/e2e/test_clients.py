@@ -1,6 +1,8 @@
 """The client packages' examples, built and run against a live server: each signs in, reads the
 user with the access token, verifies that token locally with its package's helper, and prints
-the ErrorInfo reason of a refused call. And the Python client installs without the server."""
+the ErrorInfo reason of a refused call. Each from what users install (.ci/artifacts: the built
+wheels, npm pack's tarball, the Go module's tagged files), each in an environment of its own. And
+the Python client installs without the server, the server with its runtime dependencies only."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 import re
 import shutil
 import subprocess
-import sys
+import tomllib
 import zipfile
 from collections.abc import Callable
 from email.parser import Parser
@@ -57,16 +59,15 @@ def run(command: list[str], cwd: Path, server: RunningServer, timeout: float = 3
 
 
 def go_example(server: RunningServer, name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    go = shutil.which("go")
-    assert go, "Go is needed for the Go client's example"
-    # -mod=readonly: go.mod and go.sum are complete, nothing is resolved anew; the modules are in
-    # the module cache and the package's dependencies in the build cache (.ci/setup).
-    return run([go, "run", "-mod=readonly", "./examples/quickstart", server.address, name], CLIENTS / "go", server)
+    # Built by .ci/artifacts in a module of its own that requires the Go module's tagged files.
+    artifacts: Path = request.getfixturevalue("artifacts")
+    return run([str(artifacts / "go-client" / "quickstart"), server.address, name], tmp_path, server)
 
 
 def ts_example(server: RunningServer, name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    package: Path = request.getfixturevalue("ts_client_build")
-    return run(["node", "dist/examples/quickstart.js", server.address, name], package, server)
+    # The compiled example beside the npm pack tarball installed in a project of its own.
+    artifacts: Path = request.getfixturevalue("artifacts")
+    return run(["node", "quickstart.js", server.address, name], artifacts / "ts-client", server)
 
 
 @pytest.fixture(scope="module")
@@ -84,42 +85,34 @@ def ts_client_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def python_example(server: RunningServer, name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    # From the wheel of clients/python alone (its users package included), not the server's.
-    wheel: Path = request.getfixturevalue("python_client_wheel")
-    unpacked = tmp_path / "site"
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(unpacked)
+    # From a venv with the wheel of clients/python alone and its dependencies (.ci/artifacts);
+    # -I: nothing of the work tree.
+    artifacts: Path = request.getfixturevalue("artifacts")
     example = CLIENTS / "python" / "examples" / "quickstart.py"
-    command = [sys.executable, "-I", "-c", _ISOLATED.format(site=str(unpacked), example=str(example))]
-    return run([*command, server.address, name], tmp_path, server)
-
-
-# -I drops PYTHONPATH and the work tree; the venv's site-packages (grpcio, PyJWT...) stay, and the
-# unpacked wheel goes first, so `users` and `users_grpc_client` come from the wheel.
-_ISOLATED = (
-    "import runpy, sys; sys.path.insert(0, {site!r}); sys.argv = [{example!r}, *sys.argv[1:]]; "
-    "import users; assert users.__file__.startswith({site!r}), users.__file__; "
-    "runpy.run_path({example!r}, run_name='__main__')"
-)
+    return run(
+        [str(artifacts / "python-client" / "bin" / "python"), "-I", str(example), server.address, name],
+        tmp_path,
+        server,
+    )
 
 
 @pytest.fixture(scope="module")
-def python_client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel of clients/python, built once."""
-    # A copy: src/users is a link to generated/users, which the copy resolves, and the build
-    # leaves its build/ and egg-info there rather than in the work tree.
-    tmp_path = tmp_path_factory.mktemp("python-client")
-    source = tmp_path / "source"
-    shutil.copytree(CLIENTS / "python", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    out = tmp_path / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), "."],
-        cwd=source,
-        check=True,
-        timeout=300,
-        capture_output=True,
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What users install, built and installed each in an environment of its own by .ci/artifacts
+    (or the directory CI_ARTIFACTS names, where it ran already)."""
+    if made := os.environ.get("CI_ARTIFACTS"):
+        return Path(made)
+    out = tmp_path_factory.mktemp("artifacts")
+    done = subprocess.run(
+        [str(REPO_ROOT / ".ci" / "artifacts"), str(out)], capture_output=True, text=True, timeout=600, check=False
     )
-    (wheel,) = out.glob("users_grpc_client-*.whl")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def python_client_wheel(artifacts: Path) -> Path:
+    (wheel,) = (artifacts / "dist").glob("users_grpc_client-*.whl")
     return wheel
 
 
@@ -161,6 +154,62 @@ def test_the_python_client_needs_nothing_of_the_server(python_client_wheel: Path
     assert not any(name.startswith("users_grpc/") for name in names)
     requires = {re.split(r"[\s<>=!~\[;]", line, maxsplit=1)[0] for line in metadata.get_all("Requires-Dist", [])}
     assert requires == {"googleapis-common-protos", "grpcio", "grpcio-status", "protobuf", "pyjwt"}
+
+
+def test_the_service_wheel_installs_with_its_runtime_dependencies_only_and_says_its_version(artifacts: Path) -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    service = artifacts / "service" / "bin"
+    said = subprocess.run(
+        [str(service / "users-grpc"), "--version"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert said.stdout == f"users-grpc {project['version']}\n"
+    listed = subprocess.run(
+        [
+            str(service / "python"),
+            "-I",
+            "-c",
+            "import importlib.metadata as m; print(*(d.name for d in m.distributions()))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    installed = {normalized(name) for name in listed.stdout.split()}
+    development = {
+        normalized(re.split(r"[\s<>=!~\[;]", line, maxsplit=1)[0]) for line in project["optional-dependencies"]["dev"]
+    }
+    assert {"users-grpc", "users-grpc-client", "grpcio", "pymongo"} <= installed
+    assert not installed & development
+    # The client by its version, as an index serves it, never the build machine's checkout path.
+    (wheel,) = (artifacts / "dist").glob("users_grpc-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata_name,) = (n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        requires = Parser().parsestr(archive.read(metadata_name).decode()).get_all("Requires-Dist", [])
+    assert f"users-grpc-client=={project['version']}" in requires
+
+
+def test_every_module_of_the_service_imports_from_its_runtime_install(artifacts: Path, tmp_path: Path) -> None:
+    # No dev tool (pytest, grpcio-tools, mypy...) is imported at run time: the wheel's dependencies suffice.
+    every_module = (
+        "import importlib, pkgutil, users_grpc; "
+        "names = [m.name for m in pkgutil.walk_packages(users_grpc.__path__, 'users_grpc.')]; "
+        "[importlib.import_module(name) for name in names]; print(len(names))"
+    )
+    done = subprocess.run(
+        [str(artifacts / "service" / "bin" / "python"), "-I", "-c", every_module],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 20
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 class CountingKeys:
