@@ -43,9 +43,9 @@ from pymongo import MongoClient
 from bench.seed import seed_users
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
-from users_grpc.devdb import DevDatabase, start_dev_database
-from users_grpc.domain import identifier_key
-from users_grpc.tokens import new_key_encryption_key
+from users_grpc.domain.rules import identifier_key
+from users_grpc.ops.devdb import DevDatabase, start_dev_database
+from users_grpc.services.tokens import new_key_encryption_key
 
 ROOT = Path(__file__).resolve().parent.parent
 GHZ = Path(os.environ.get("USERS_BENCH_GHZ", ROOT / ".tools/bin/ghz"))

@@ -11,8 +11,9 @@ from typing import Any
 from bson import ObjectId
 from pymongo.database import Database
 
-from users_grpc.domain import Role, identifier_key
-from users_grpc.mongo.claims import claim_documents
+from users_grpc.adapters.mongo.claims import claim_documents
+from users_grpc.domain.model import Role
+from users_grpc.domain.rules import identifier_key
 
 Document = dict[str, Any]
 

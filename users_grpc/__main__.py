@@ -16,15 +16,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
-from users_grpc import migrations
 from users_grpc.bootstrap import App, build_app, serve
-from users_grpc.config import ConfigError, Settings, listen_address
-from users_grpc.devdb import DevDatabaseError, ensure_harness, start_dev_database
-from users_grpc.domain import Gender, Registration, Role
-from users_grpc.errors import InvalidArgument, UsersError
-from users_grpc.logs import configure_logging
-from users_grpc.rewrap import RewrapReport, rewrap, start_digest_root
-from users_grpc.tokens import new_key_encryption_key
+from users_grpc.config import Settings, listen_address
+from users_grpc.domain.errors import ConfigError, InvalidArgument, UsersError
+from users_grpc.domain.model import Gender, Registration, Role
+from users_grpc.grpc_api.logs import configure_logging
+from users_grpc.ops import migrations
+from users_grpc.ops.devdb import DevDatabaseError, ensure_harness, start_dev_database
+from users_grpc.ops.rewrap import RewrapReport, rewrap, start_digest_root
+from users_grpc.services.tokens import new_key_encryption_key
 
 _T = TypeVar("_T")
 DEV_KEY_FILE = Path("var/key-encryption-key")

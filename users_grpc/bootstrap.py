@@ -29,48 +29,50 @@ from pymongo.errors import ServerSelectionTimeoutError
 from pymongo.monitoring import CommandListener, ConnectionPoolListener
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
-from users_grpc import migrations
-from users_grpc.access import Authorizer
-from users_grpc.admin import AdminService
-from users_grpc.audit import AuditLog
-from users_grpc.audit_interceptor import AuditInterceptor
-from users_grpc.changes import ChangeFeed
-from users_grpc.config import ConfigError, Settings
-from users_grpc.directory import DirectoryService
-from users_grpc.domain import PasswordPolicy
-from users_grpc.email_change import EmailChangePolicy, EmailChangeService
-from users_grpc.errors import StorageUnavailable
-from users_grpc.health import DatabaseHealth
-from users_grpc.housekeeping import HousekeepingJob, Retention
-from users_grpc.interceptors import UserServiceInterceptor
-from users_grpc.logs import keep_secrets_out_of_logs
-from users_grpc.mail import DirectoryTransport, MailDelivery, SmtpTransport
-from users_grpc.mfa import MfaService
-from users_grpc.mongo import build_stores
-from users_grpc.mongo.audit_trail import MongoAuditTrail
-from users_grpc.mongo.calls import cancel_abandoned_work, ping
-from users_grpc.mongo.documents import Document
-from users_grpc.mongo.keys import MongoKeyMaterial, MongoKeyStore
-from users_grpc.mongo.outbox import MongoOutbox
-from users_grpc.mongo.schema import MongoSchema, ensure_indexes
-from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
-from users_grpc.mongo.sessions import MongoSessionRepository
-from users_grpc.mongo.throttles import MongoThrottleStore
-from users_grpc.mongo.users import MongoUserRepository
-from users_grpc.observability import Gauges, Metrics, ObservabilityInterceptor, OperationsHttp, OutboxState
-from users_grpc.passwords import BcryptHasher, common_passwords, yield_to_calls
-from users_grpc.ports import Clock, MailTransport
-from users_grpc.recovery import PasswordService
-from users_grpc.reflection import SourceInfoReflectionServicer, load_descriptor_set
-from users_grpc.rewrap import load_digest_roots
-from users_grpc.secrets_at_rest import SecretsAtRest
-from users_grpc.service import AccountPolicy, UserService
-from users_grpc.service_accounts import ServiceAccountService
-from users_grpc.servicer import UserServiceServicer
-from users_grpc.sessions import SessionService
-from users_grpc.throttling import Flow, PasswordThrottle, RateLimitPolicy, SourceRateLimit, ThrottlePolicy
-from users_grpc.tokens import AccessTokens, KeyEncryption
-from users_grpc.tracing import command_listener, server_interceptor, tracer_provider_from_env
+from users_grpc.adapters.bcrypt_hasher import BcryptHasher, common_passwords, yield_to_calls
+from users_grpc.adapters.mail_transports import DirectoryTransport, SmtpTransport
+from users_grpc.adapters.mongo import build_stores
+from users_grpc.adapters.mongo.audit_trail import MongoAuditTrail
+from users_grpc.adapters.mongo.calls import cancel_abandoned_work, ping
+from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.keys import MongoKeyMaterial, MongoKeyStore
+from users_grpc.adapters.mongo.outbox import MongoOutbox
+from users_grpc.adapters.mongo.schema import MongoSchema, ensure_indexes
+from users_grpc.adapters.mongo.service_accounts import MongoServiceAccountRepository
+from users_grpc.adapters.mongo.sessions import MongoSessionRepository
+from users_grpc.adapters.mongo.throttles import MongoThrottleStore
+from users_grpc.adapters.mongo.users import MongoUserRepository
+from users_grpc.adapters.secrets_at_rest import SecretsAtRest
+from users_grpc.config import Settings
+from users_grpc.domain.errors import ConfigError, StorageUnavailable
+from users_grpc.domain.ports import Clock, MailTransport
+from users_grpc.domain.rules import PasswordPolicy
+from users_grpc.grpc_api.access import Authorizer
+from users_grpc.grpc_api.audit_interceptor import AuditInterceptor
+from users_grpc.grpc_api.health import DatabaseHealth
+from users_grpc.grpc_api.interceptors import UserServiceInterceptor
+from users_grpc.grpc_api.logs import keep_secrets_out_of_logs
+from users_grpc.grpc_api.observability import Gauges, Metrics, ObservabilityInterceptor, OutboxState
+from users_grpc.grpc_api.operations_http import OperationsHttp
+from users_grpc.grpc_api.reflection import SourceInfoReflectionServicer, load_descriptor_set
+from users_grpc.grpc_api.servicer import UserServiceServicer
+from users_grpc.grpc_api.tracing import command_listener, server_interceptor, tracer_provider_from_env
+from users_grpc.ops import migrations
+from users_grpc.ops.rewrap import load_digest_roots
+from users_grpc.services.accounts import AccountPolicy, AccountService
+from users_grpc.services.admin import AdminService
+from users_grpc.services.audit import AuditLog
+from users_grpc.services.changes import ChangeFeed
+from users_grpc.services.directory import DirectoryService
+from users_grpc.services.email_change import EmailChangePolicy, EmailChangeService
+from users_grpc.services.housekeeping import HousekeepingJob, Retention
+from users_grpc.services.mail import MailDelivery
+from users_grpc.services.mfa import MfaService
+from users_grpc.services.passwords import PasswordService
+from users_grpc.services.service_accounts import ServiceAccountService
+from users_grpc.services.sessions import SessionService
+from users_grpc.services.throttling import Flow, PasswordThrottle, RateLimitPolicy, SourceRateLimit, ThrottlePolicy
+from users_grpc.services.tokens import AccessTokens, KeyEncryption
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -118,7 +120,7 @@ class App:
     service_account_store: MongoServiceAccountRepository
     schema: MongoSchema
     audit_trail: MongoAuditTrail
-    accounts: UserService
+    accounts: AccountService
     tokens: AccessTokens
     health: DatabaseHealth
     health_servicer: AsyncHealthServicer
@@ -318,7 +320,7 @@ async def build_app(
             known_source_lifetime=timedelta(seconds=settings.known_source_ttl_seconds),
         ),
     )
-    accounts = UserService(
+    accounts = AccountService(
         users=users,
         mailer=mail,
         hasher=hasher,

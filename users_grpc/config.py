@@ -17,13 +17,11 @@ from email.headerregistry import Address, AddressHeader, BaseHeader
 from pathlib import Path
 from typing import Literal, TypeVar, cast
 
+from users_grpc.domain.errors import ConfigError
+
 SmtpSecurity = Literal["starttls", "tls", "none"]
 
 _T = TypeVar("_T")
-
-
-class ConfigError(ValueError):
-    """A ``USERS_*`` variable holds a value the service cannot use."""
 
 
 # Read by one command, not into Settings: known, so never reported as a typo.

@@ -22,7 +22,7 @@ from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, make_settings
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
-from users_grpc.access import RULES, Rule
+from users_grpc.grpc_api.access import RULES, Rule
 
 METHODS = [method.name for method in pb.DESCRIPTOR.services_by_name["UserService"].methods]
 CALLERS = ["anonymous", "another user", "the user", "an admin"]

@@ -15,8 +15,8 @@ from tests.support.calls import PASSWORD, create_request, error_info, rpc_error,
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer
 from users.v1 import user_service_pb2 as pb
-from users_grpc.domain import Mail, QueuedMail
-from users_grpc.mail import SmtpTransport
+from users_grpc.adapters.mail_transports import SmtpTransport
+from users_grpc.domain.model import Mail, QueuedMail
 
 # The audit's four: a display name, a list, a comment, an encoded word.
 AUDIT_ADDRESSES = [

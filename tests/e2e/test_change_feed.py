@@ -35,7 +35,7 @@ from tests.support.mail import MailSink
 from tests.support.servers import ADMIN_PASSWORD, BearerToken, RunningServer, StartServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
-from users_grpc.changes import cursor_of
+from users_grpc.services.changes import cursor_of
 
 Stub = user_service_pb2_grpc.UserServiceStub
 T = pb.UserChangeType

@@ -20,11 +20,11 @@ from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
-from users_grpc import migrations
-from users_grpc.domain import identifier_key
-from users_grpc.mongo.claims import CLAIM_SETTLE_SECONDS
-from users_grpc.mongo.housekeeping import MongoHousekeeping
-from users_grpc.mongo.schema import MongoSchema
+from users_grpc.adapters.mongo.claims import CLAIM_SETTLE_SECONDS
+from users_grpc.adapters.mongo.housekeeping import MongoHousekeeping
+from users_grpc.adapters.mongo.schema import MongoSchema
+from users_grpc.domain.rules import identifier_key
+from users_grpc.ops import migrations
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from tests.support.mail import MailSink
 from tests.support.servers import RunningServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
-from users_grpc.domain import identifier_key
+from users_grpc.domain.rules import identifier_key
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 Stub = user_service_pb2_grpc.UserServiceStub

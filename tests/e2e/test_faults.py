@@ -36,7 +36,7 @@ from tests.support.servers import BearerToken, StartServer
 from tests.support.sockets import bound_socket, port_of
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
-from users_grpc.devdb import DevDatabase, start_dev_database
+from users_grpc.ops.devdb import DevDatabase, start_dev_database
 
 OK = grpc.StatusCode.OK
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE

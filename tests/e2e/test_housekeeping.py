@@ -16,7 +16,7 @@ from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink
 from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
-from users_grpc.housekeeping import JOB, Purged
+from users_grpc.services.housekeeping import JOB, Purged
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 DAY = 86400

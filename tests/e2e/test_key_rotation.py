@@ -34,11 +34,11 @@ from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink
 from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer, make_settings
 from users.v1 import user_service_pb2 as pb
+from users_grpc.adapters.secrets_at_rest import derive_key
 from users_grpc.config import Settings
-from users_grpc.ports import Clock
-from users_grpc.rewrap import rewrap
-from users_grpc.secrets_at_rest import derive_key
-from users_grpc.tokens import KeyEncryption
+from users_grpc.domain.ports import Clock
+from users_grpc.ops.rewrap import rewrap
+from users_grpc.services.tokens import KeyEncryption
 
 NEW_KEY = os.urandom(32)
 

@@ -13,7 +13,7 @@ from tests.support.calls import PASSWORD, lines_holding, refresh_status, rpc_err
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer
 from users.v1 import user_service_pb2 as pb
-from users_grpc.logs import JsonFormatter
+from users_grpc.grpc_api.logs import JsonFormatter
 
 WRONG_PASSWORD = "not the password at all"
 

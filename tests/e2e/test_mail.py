@@ -24,7 +24,7 @@ from tests.support.pki import issue
 from tests.support.servers import StartServer
 from tests.support.sockets import collect_known_leaks
 from users.v1 import user_service_pb2 as pb
-from users_grpc.logs import JsonFormatter
+from users_grpc.grpc_api.logs import JsonFormatter
 
 
 def test_two_replicas_deliver_each_mail_once(start_server: StartServer, mail: MailSink, mongodb_uri: str) -> None:

@@ -18,8 +18,8 @@ from tests.support.mail import MailSink
 from tests.support.servers import RunningServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
-from users_grpc.changes import cursor_of
-from users_grpc.request_ranges import NUMBER_RANGES
+from users_grpc.grpc_api.request_ranges import NUMBER_RANGES
+from users_grpc.services.changes import cursor_of
 
 SERVICE = pb.DESCRIPTOR.services_by_name["UserService"]
 # Field 1, length 127, but only one byte follows: truncated, whatever the message type.

@@ -36,7 +36,7 @@ from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
-from users_grpc.domain import Mail
+from users_grpc.domain.model import Mail
 
 Document = dict[str, Any]
 SAMPLES = 60  # deadlines per sweep, each on a fresh user

@@ -47,9 +47,9 @@ from tests.support.paths import REPO_ROOT
 from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
-from users_grpc.config import ConfigError
-from users_grpc.logs import JsonFormatter
-from users_grpc.tracing import tracer_provider_from_env, tracing_switched_on
+from users_grpc.domain.errors import ConfigError
+from users_grpc.grpc_api.logs import JsonFormatter
+from users_grpc.grpc_api.tracing import tracer_provider_from_env, tracing_switched_on
 
 WRONG_PASSWORD = "not the password at all"
 

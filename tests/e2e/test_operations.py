@@ -36,7 +36,7 @@ from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer, StartServer
 from tests.support.sockets import bound_socket, port_of
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
-from users_grpc.devdb import DevDatabase
+from users_grpc.ops.devdb import DevDatabase
 
 TOOLS = Path(os.environ.get("USERS_TOOLS_BIN", REPO_ROOT / ".tools/bin"))
 

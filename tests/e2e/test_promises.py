@@ -41,9 +41,9 @@ from tests.support.paths import HARNESS, REPO_ROOT
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
-from users_grpc import tokens
-from users_grpc.devdb import DevDatabase
-from users_grpc.tokens import KeyEncryption
+from users_grpc.ops.devdb import DevDatabase
+from users_grpc.services import tokens
+from users_grpc.services.tokens import KeyEncryption
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

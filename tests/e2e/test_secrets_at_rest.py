@@ -22,8 +22,8 @@ from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink
 from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
-from users_grpc.mongo.outbox import _mail_associated_data
-from users_grpc.secrets_at_rest import SecretsAtRest
+from users_grpc.adapters.mongo.outbox import _mail_associated_data
+from users_grpc.adapters.secrets_at_rest import SecretsAtRest
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 

@@ -38,7 +38,7 @@ from tests.support.mail import MailSink
 from tests.support.servers import ADMIN_PASSWORD, KEY_ENCRYPTION_KEY, RunningServer, StartServer, registration
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
-from users_grpc.tokens import KeyEncryption
+from users_grpc.services.tokens import KeyEncryption
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 

@@ -35,7 +35,7 @@ from tests.support.mail import MailSink
 from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
-from users_grpc.passwords import HASHING_NICENESS
+from users_grpc.adapters.bcrypt_hasher import HASHING_NICENESS
 
 WRONG = "not the password at all"
 

@@ -12,7 +12,7 @@ from bson import ObjectId
 
 from tests.support.records import NOW, activation, new_user, notices_waiting
 from tests.support.stores import Stores
-from users_grpc.domain import (
+from users_grpc.domain.model import (
     ActivationCode,
     ChangeType,
     Gender,

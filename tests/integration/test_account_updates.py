@@ -13,7 +13,7 @@ from bson import ObjectId
 
 from tests.support.records import NOW, activation, new_user, notices_waiting
 from tests.support.stores import Stores
-from users_grpc.domain import ChangeType, Mail, PasswordScheme, PendingEmailChange, UserState
+from users_grpc.domain.model import ChangeType, Mail, PasswordScheme, PendingEmailChange, UserState
 
 NOTICE = Mail(to="jane@example.com", subject="Notice", body="Hello jane")
 LATER = NOW + timedelta(hours=1)

@@ -12,8 +12,8 @@ import pytest
 from bson import ObjectId
 
 from tests.support.stores import Stores
-from users_grpc.domain import ActorKind, AuditActor, AuditEvent, AuditEventType, AuditFilter, AuditPosition
-from users_grpc.mongo.housekeeping import MongoHousekeeping, audit_events_query
+from users_grpc.adapters.mongo.housekeeping import MongoHousekeeping, audit_events_query
+from users_grpc.domain.model import ActorKind, AuditActor, AuditEvent, AuditEventType, AuditFilter, AuditPosition
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -13,10 +13,10 @@ from bson import ObjectId
 
 from tests.support.records import NOW, new_user
 from tests.support.stores import Stores
-from users_grpc.domain import ChangeType, Mail, User, UserState
-from users_grpc.errors import StorageUnavailable
-from users_grpc.mongo.change_log import MongoChangeLog
-from users_grpc.mongo.users import MongoUserRepository
+from users_grpc.adapters.mongo.change_log import MongoChangeLog
+from users_grpc.adapters.mongo.users import MongoUserRepository
+from users_grpc.domain.errors import StorageUnavailable
+from users_grpc.domain.model import ChangeType, Mail, User, UserState
 
 NOTICE = Mail(to="jane@example.com", subject="Your password was changed", body="Hello jane")
 
@@ -235,10 +235,10 @@ async def test_a_change_whose_publishing_fails_stands_and_is_left_for_the_sweep_
     stores: Stores, caplog: pytest.LogCaptureFixture
 ) -> None:
     users = MongoUserRepository(stores.database, PublisherUnreachable(stores.database))
-    with caplog.at_level(logging.WARNING, logger="users_grpc.mongo.users_base"):
+    with caplog.at_level(logging.WARNING, logger="users_grpc.adapters.mongo.users_base"):
         user = await users.add(new_user())
     assert await users.get(user.id) == user
-    [record] = [r for r in caplog.records if r.name == "users_grpc.mongo.users_base"]
+    [record] = [r for r in caplog.records if r.name == "users_grpc.adapters.mongo.users_base"]
     assert record.getMessage() == "changes left for the sweep"
     assert getattr(record, "user_id", None) == user.id
     assert record.exc_info is not None

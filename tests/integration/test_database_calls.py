@@ -14,16 +14,14 @@ from pymongo import AsyncMongoClient
 from tests.support.records import new_user
 from tests.support.sockets import collect_known_leaks
 from tests.support.stores import paused
-from users_grpc.devdb import DevDatabase
-from users_grpc.domain import (
-    User,
-)
-from users_grpc.errors import StorageUnavailable
-from users_grpc.mongo import calls
-from users_grpc.mongo.budget import DatabaseBudget, database_budget
-from users_grpc.mongo.calls import cancel_abandoned_work, ping
-from users_grpc.mongo.documents import Document
-from users_grpc.mongo.users import MongoUserRepository
+from users_grpc.adapters.mongo import calls
+from users_grpc.adapters.mongo.calls import cancel_abandoned_work, ping
+from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.users import MongoUserRepository
+from users_grpc.domain.budget import DatabaseBudget, database_budget
+from users_grpc.domain.errors import StorageUnavailable
+from users_grpc.domain.model import User
+from users_grpc.ops.devdb import DevDatabase
 
 
 def test_unreachable_database_is_storage_unavailable() -> None:

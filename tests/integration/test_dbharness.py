@@ -21,7 +21,7 @@ from tests.support.calls import create_request
 from tests.support.database import start_ferretdb
 from tests.support.paths import HARNESS
 from tests.support.servers import StartServer
-from users_grpc.devdb import DevDatabase, start_dev_database
+from users_grpc.ops.devdb import DevDatabase, start_dev_database
 
 FERRETDB_ID_STATEMENTS = [
     # find, findAndModify, update and delete with a filter holding _id: <string or ObjectId>

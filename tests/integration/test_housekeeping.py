@@ -15,15 +15,15 @@ from bson import ObjectId
 
 from tests.support.records import new_user
 from tests.support.stores import Stores
-from users_grpc.domain import ActivationCode, ChangeType, Gender, Mail, NewUser, Role
-from users_grpc.mongo import housekeeping as housekeeping_store
-from users_grpc.mongo.claims import CLAIM_SETTLE_SECONDS, Claim
-from users_grpc.mongo.housekeeping import (
+from users_grpc.adapters.mongo import housekeeping as housekeeping_store
+from users_grpc.adapters.mongo.claims import CLAIM_SETTLE_SECONDS, Claim
+from users_grpc.adapters.mongo.housekeeping import (
     ended_sessions_queries,
     expired_tallies_query,
     failed_mail_query,
     never_activated_query,
 )
+from users_grpc.domain.model import ActivationCode, ChangeType, Gender, Mail, NewUser, Role
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -7,9 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from tests.support.records import NOW
 from tests.support.stores import Stores
-from users_grpc.domain import (
-    StoredKey,
-)
+from users_grpc.domain.model import StoredKey
 
 SECOND = timedelta(seconds=1)
 DAY = timedelta(days=1)

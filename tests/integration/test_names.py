@@ -14,9 +14,9 @@ from bson import ObjectId
 
 from tests.support.records import NOW, activation, new_user
 from tests.support.stores import Stores
-from users_grpc.domain import ChangeType, Mail, PendingEmailChange, ProfileChanges, Version
-from users_grpc.errors import AlreadyExists
-from users_grpc.mongo.claims import CLAIM_SETTLE_SECONDS, Claim, claim_documents
+from users_grpc.adapters.mongo.claims import CLAIM_SETTLE_SECONDS, Claim, claim_documents
+from users_grpc.domain.errors import AlreadyExists
+from users_grpc.domain.model import ChangeType, Mail, PendingEmailChange, ProfileChanges, Version
 
 BOUND = timedelta(seconds=CLAIM_SETTLE_SECONDS)
 # Microseconds the database drops: what a method returns must equal what is read back later.

@@ -16,12 +16,10 @@ from pymongo import MongoClient
 
 from tests.support.records import NOW, new_user
 from tests.support.stores import Stores
-from users_grpc.domain import (
-    Mail,
-)
-from users_grpc.mongo.documents import Document
-from users_grpc.mongo.outbox import MongoOutbox
-from users_grpc.secrets_at_rest import SecretsAtRest
+from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.outbox import MongoOutbox
+from users_grpc.adapters.secrets_at_rest import SecretsAtRest
+from users_grpc.domain.model import Mail
 
 NOTICE = Mail(to="jane@example.com", subject="s", body="b")
 

@@ -12,7 +12,7 @@ from bson import ObjectId
 
 from tests.support.records import NOW, new_user
 from tests.support.stores import Stores
-from users_grpc.domain import (
+from users_grpc.domain.model import (
     ActorKind,
     AuditActor,
     AuditEvent,

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 from tests.support.records import NOW as NEW_YEAR
 from tests.support.stores import Stores
-from users_grpc.domain import Tally
-from users_grpc.mongo.throttles import MongoThrottleStore
+from users_grpc.adapters.mongo.throttles import MongoThrottleStore
+from users_grpc.domain.model import Tally
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, 12, 0, 0, 123000, tzinfo=UTC)

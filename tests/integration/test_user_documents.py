@@ -14,8 +14,8 @@ from bson import ObjectId
 
 from tests.support.records import NOW, activation, new_user
 from tests.support.stores import Stores
-from users_grpc.domain import Mail
-from users_grpc.errors import AlreadyExists
+from users_grpc.domain.errors import AlreadyExists
+from users_grpc.domain.model import Mail
 
 _T = TypeVar("_T")
 

@@ -12,13 +12,7 @@ from bson import ObjectId
 
 from tests.support.records import NOW, new_user
 from tests.support.stores import Stores
-from users_grpc.domain import (
-    Mail,
-    Role,
-    User,
-    UserFilter,
-    UserState,
-)
+from users_grpc.domain.model import Mail, Role, User, UserFilter, UserState
 
 NOTICE = Mail(to="jane@example.com", subject="s", body="b")
 

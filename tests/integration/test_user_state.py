@@ -12,13 +12,13 @@ from typing import Any, TypeVar, cast
 from bson import ObjectId
 
 from tests.support.stores import Stores
-from users_grpc.domain import ActivationCode, Gender, NewUser, Role, User, UserState
-from users_grpc.errors import LastActiveAdmin
-from users_grpc.mongo.documents import Document
-from users_grpc.mongo.housekeeping import never_activated_query
-from users_grpc.mongo.users import MongoUserRepository
-from users_grpc.ports import UserRepository
-from users_grpc.service import keep_an_active_admin
+from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.housekeeping import never_activated_query
+from users_grpc.adapters.mongo.users import MongoUserRepository
+from users_grpc.domain.errors import LastActiveAdmin
+from users_grpc.domain.model import ActivationCode, Gender, NewUser, Role, User, UserState
+from users_grpc.domain.ports import UserRepository
+from users_grpc.services.last_admin import keep_an_active_admin
 
 _T = TypeVar("_T")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

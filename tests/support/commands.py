@@ -11,7 +11,7 @@ from typing import Any
 
 from pymongo import monitoring
 
-from users_grpc.mongo.budget import database_budget
+from users_grpc.domain.budget import database_budget
 
 
 @dataclass(frozen=True)

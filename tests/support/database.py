@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.paths import HARNESS
-from users_grpc.devdb import DevDatabase, start_dev_database
+from users_grpc.ops.devdb import DevDatabase, start_dev_database
 
 
 def start_ferretdb(data_dir: Path) -> DevDatabase:

@@ -12,7 +12,8 @@ from datetime import UTC, datetime, timedelta
 
 import bcrypt
 
-from users_grpc.domain import (
+from users_grpc.domain.errors import AlreadyExists
+from users_grpc.domain.model import (
     Account,
     ActivationCode,
     Mail,
@@ -25,9 +26,8 @@ from users_grpc.domain import (
     Tally,
     User,
     UserState,
-    identifier_key,
 )
-from users_grpc.errors import AlreadyExists
+from users_grpc.domain.rules import identifier_key
 
 
 class FakeClock:
@@ -242,7 +242,7 @@ class FakeUserRepository:
 
 
 class FakeThrottleStore:
-    """The tallies of :class:`~users_grpc.mongo.throttles.MongoThrottleStore`, with the same compare-and-set."""
+    """The tallies of :class:`~users_grpc.adapters.mongo.throttles.MongoThrottleStore`, with the same compare-and-set."""
 
     def __init__(self) -> None:
         self.tallies: dict[str, tuple[str, str, Tally]] = {}  # key: (account, kind, tally)
@@ -327,7 +327,7 @@ class FakeSessionRecord:
 
 
 class FakeSessionRepository:
-    """The conditional updates of :class:`~users_grpc.mongo.sessions.MongoSessionRepository`."""
+    """The conditional updates of :class:`~users_grpc.adapters.mongo.sessions.MongoSessionRepository`."""
 
     def __init__(self) -> None:
         self.records: dict[str, FakeSessionRecord] = {}
@@ -394,7 +394,7 @@ class FakeSessionRepository:
 
 
 class FakeKeyStore:
-    """The signing keys of :class:`~users_grpc.mongo.keys.MongoKeyStore`."""
+    """The signing keys of :class:`~users_grpc.adapters.mongo.keys.MongoKeyStore`."""
 
     def __init__(self) -> None:
         self.keys: dict[str, StoredKey] = {}
@@ -414,7 +414,7 @@ class FakeKeyStore:
 
 
 class FakeCredentialRepository(FakeUserRepository):
-    """The credential updates of :class:`~users_grpc.mongo.users.MongoUserRepository`: each one
+    """The credential updates of :class:`~users_grpc.adapters.mongo.users.MongoUserRepository`: each one
     conditional, a change the user is told of pending its notice (``notices``) in the same step."""
 
     def __init__(self) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from users_grpc.logs import CallerContext
+from users_grpc.grpc_api.logs import CallerContext
 
 
 def logged(caplog: pytest.LogCaptureFixture, message: str, **extra: object) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 from bson import ObjectId
 
-from users_grpc.domain import ActivationCode, Gender, Mail, NewUser, Role
-from users_grpc.mongo.users import MongoUserRepository
+from users_grpc.adapters.mongo.users import MongoUserRepository
+from users_grpc.domain.model import ActivationCode, Gender, Mail, NewUser, Role
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -22,8 +22,8 @@ from tests.support.mail import MailSink
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.bootstrap import App, build_app
 from users_grpc.config import Settings
-from users_grpc.domain import Gender, Registration, Role
-from users_grpc.ports import Clock
+from users_grpc.domain.model import Gender, Registration, Role
+from users_grpc.domain.ports import Clock
 
 _T = TypeVar("_T")
 

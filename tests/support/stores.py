@@ -13,20 +13,20 @@ from pathlib import Path
 import pytest
 from pymongo import AsyncMongoClient
 
-from users_grpc.devdb import DevDatabase
-from users_grpc.mongo.audit_trail import MongoAuditTrail
-from users_grpc.mongo.change_log import MongoChangeLog
-from users_grpc.mongo.claims import MongoClaims
-from users_grpc.mongo.documents import Document
-from users_grpc.mongo.housekeeping import MongoHousekeeping
-from users_grpc.mongo.keys import MongoKeyMaterial, MongoKeyStore
-from users_grpc.mongo.outbox import MongoOutbox
-from users_grpc.mongo.schema import MongoSchema, ensure_indexes
-from users_grpc.mongo.service_accounts import MongoServiceAccountRepository
-from users_grpc.mongo.sessions import MongoSessionRepository
-from users_grpc.mongo.throttles import MongoThrottleStore
-from users_grpc.mongo.users import MongoUserRepository
-from users_grpc.secrets_at_rest import SecretsAtRest
+from users_grpc.adapters.mongo.audit_trail import MongoAuditTrail
+from users_grpc.adapters.mongo.change_log import MongoChangeLog
+from users_grpc.adapters.mongo.claims import MongoClaims
+from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.housekeeping import MongoHousekeeping
+from users_grpc.adapters.mongo.keys import MongoKeyMaterial, MongoKeyStore
+from users_grpc.adapters.mongo.outbox import MongoOutbox
+from users_grpc.adapters.mongo.schema import MongoSchema, ensure_indexes
+from users_grpc.adapters.mongo.service_accounts import MongoServiceAccountRepository
+from users_grpc.adapters.mongo.sessions import MongoSessionRepository
+from users_grpc.adapters.mongo.throttles import MongoThrottleStore
+from users_grpc.adapters.mongo.users import MongoUserRepository
+from users_grpc.adapters.secrets_at_rest import SecretsAtRest
+from users_grpc.ops.devdb import DevDatabase
 
 
 @contextlib.contextmanager

@@ -10,10 +10,10 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from tests.support.fakes import FakeClock, FakeHasher, FakeMailer, FakeThrottleStore, FakeUserRepository
-from users_grpc.domain import Gender, Registration, Role, User
-from users_grpc.secrets_at_rest import SecretsAtRest
-from users_grpc.service import AccountPolicy, UserService
-from users_grpc.throttling import PasswordThrottle, ThrottlePolicy
+from users_grpc.adapters.secrets_at_rest import SecretsAtRest
+from users_grpc.domain.model import Gender, Registration, Role, User
+from users_grpc.services.accounts import AccountPolicy, AccountService
+from users_grpc.services.throttling import PasswordThrottle, ThrottlePolicy
 
 _T = TypeVar("_T")
 PASSWORD = "correct horse battery"
@@ -54,7 +54,7 @@ class World:
         self.throttles = FakeThrottleStore()
         # The keyed digests of every secret the services store, shared by them as in the server.
         self.digests = SecretsAtRest(os.urandom(32))
-        self.service = UserService(
+        self.service = AccountService(
             users=self.users,
             mailer=self.mailer,
             hasher=self.hasher,

@@ -24,7 +24,7 @@ Mutation = tuple[str, str, str | None, str, str, list[str]]
 MUTATIONS: list[Mutation] = [
     (
         "M1a sign-in success forgets source",
-        "users_grpc/throttling.py",
+        "users_grpc/services/throttling.py",
         None,
         "        await self._store.forget(source_key)\n",
         "        pass\n",
@@ -32,7 +32,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M1b repository forget deletes the tally",
-        "users_grpc/mongo/throttles.py",
+        "users_grpc/adapters/mongo/throttles.py",
         "async def forget(self, key: str)",
         'await self._tallies.delete_one({"_id": key})',
         'await self._tallies.delete_one({"_id": key + "-"})',
@@ -40,7 +40,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M2a ChangePassword throttled",
-        "users_grpc/recovery.py",
+        "users_grpc/services/passwords.py",
         None,
         "if not await self._accounts.password_matches(account, current_password, source=source):",
         "if not await self._hasher.verify(current_password, account.password_hash, account.password_scheme):",
@@ -48,7 +48,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M2b DisableMfa throttled",
-        "users_grpc/mfa.py",
+        "users_grpc/services/mfa.py",
         "async def disable(",
         "if not await self._accounts.password_matches(account, password, source=source):",
         "if not await self._accounts._hasher.verify(password, account.password_hash, account.password_scheme):",
@@ -56,7 +56,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M3a ConfirmMfa bumps token version",
-        "users_grpc/mongo/users_mfa.py",
+        "users_grpc/adapters/mongo/users_mfa.py",
         "async def confirm_mfa(",
         '"$inc": {"token_version": 1},',
         '"$inc": {"token_version": 0},',
@@ -64,7 +64,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M3b ConfirmMfa pends a notice",
-        "users_grpc/mongo/users_mfa.py",
+        "users_grpc/adapters/mongo/users_mfa.py",
         "async def confirm_mfa(",
         "_with_notice(",
         "(lambda update, notice, now: update)(",
@@ -72,7 +72,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M3c ConfirmMfa revokes sessions",
-        "users_grpc/mfa.py",
+        "users_grpc/services/mfa.py",
         "async def confirm(",
         '        await self._after_change(account.user, "on")\n',
         "        pass\n",
@@ -80,7 +80,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M4a refresh token digest",
-        "users_grpc/sessions.py",
+        "users_grpc/services/sessions.py",
         "def _digest(self, token",
         'return self._digests.digest("refresh-token", token.session_id, token.text)',
         "return token.text",
@@ -88,7 +88,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M4b reset token digest",
-        "users_grpc/recovery.py",
+        "users_grpc/services/passwords.py",
         "def _digest(self",
         'return self._digests.digest("password-reset", user_id, secret)',
         "return secret",
@@ -96,7 +96,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M4c activation code digest",
-        "users_grpc/service.py",
+        "users_grpc/services/accounts.py",
         "def _activation_digest(",
         'return self._digests.digest("activation-code", user_id, code)',
         "return code",
@@ -104,7 +104,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M4d activation token digest",
-        "users_grpc/service.py",
+        "users_grpc/services/accounts.py",
         "def _new_activation(",
         'token_digest=self._digests.digest("activation-token", user_id, token),',
         "token_digest=token,",
@@ -112,7 +112,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M5a delivered mail deleted",
-        "users_grpc/mongo/outbox.py",
+        "users_grpc/adapters/mongo/outbox.py",
         "async def delivered(",
         'await self._outbox.delete_one({"_id": _object_id(mail_id)})',
         'await self._outbox.update_one({"_id": _object_id(mail_id)}, {"$set": {"status": "sent"}})',
@@ -120,7 +120,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M5b give up at max attempts",
-        "users_grpc/mail.py",
+        "users_grpc/services/mail.py",
         None,
         "if queued.attempts >= self._max_attempts:",
         "if queued.attempts > self._max_attempts:",
@@ -128,7 +128,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M6 ListSessions newest first",
-        "users_grpc/mongo/sessions.py",
+        "users_grpc/adapters/mongo/sessions.py",
         None,
         'cursor.sort("created_at", -1)',
         'cursor.sort("created_at", 1)',
@@ -136,7 +136,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M7a db work bounded by db timeout",
-        "users_grpc/mongo/budget.py",
+        "users_grpc/domain/budget.py",
         None,
         "return max(min(self.per_operation, self.deadline - time.monotonic()), 0.001)",
         "return max(self.deadline - time.monotonic(), 0.001)",
@@ -144,7 +144,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M7b db work bounded by deadline",
-        "users_grpc/mongo/budget.py",
+        "users_grpc/domain/budget.py",
         None,
         "return max(min(self.per_operation, self.deadline - time.monotonic()), 0.001)",
         "return self.per_operation",
@@ -152,7 +152,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M8 unknown kid reloads",
-        "users_grpc/tokens.py",
+        "users_grpc/services/tokens.py",
         "if kid not in self._verifying",
         "                await self.reload()\n",
         "                pass\n",
@@ -160,7 +160,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M9 EnableMfa replaces pending",
-        "users_grpc/mongo/users_mfa.py",
+        "users_grpc/adapters/mongo/users_mfa.py",
         "async def start_mfa_enrollment(",
         '"mfa.state": {"$ne": "active"}',
         '"mfa": None',
@@ -168,7 +168,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M10a local part (registration)",
-        "users_grpc/domain.py",
+        "users_grpc/domain/rules.py",
         None,
         'context_words=(registration.username, registration.email.partition("@")[0])',
         "context_words=(registration.username,)",
@@ -176,7 +176,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M10b local part (new password)",
-        "users_grpc/recovery.py",
+        "users_grpc/services/passwords.py",
         None,
         'context_words=(user.username, user.email.partition("@")[0])',
         "context_words=(user.username,)",
@@ -184,7 +184,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M10c length after normalization",
-        "users_grpc/domain.py",
+        "users_grpc/domain/rules.py",
         None,
         "        password = normalize_password(password)\n        length = len(password)\n",
         "        length = len(password)\n",
@@ -192,7 +192,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M11 MFA_REQUIRED reason",
-        "users_grpc/mfa.py",
+        "users_grpc/services/mfa.py",
         None,
         "                raise MfaRequired()\n",
         '                raise FailedPrecondition("a second factor is required")\n',
@@ -216,7 +216,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M13a new password ends tokens",
-        "users_grpc/mongo/users_credentials.py",
+        "users_grpc/adapters/mongo/users_credentials.py",
         "def _new_password(",
         '"$inc": {"token_version": 1},',
         '"$inc": {"token_version": 0},',
@@ -224,7 +224,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M13b admin change ends tokens",
-        "users_grpc/admin.py",
+        "users_grpc/services/admin.py",
         None,
         "        await self._users.bump_token_version(user_id, now)\n",
         "        pass\n",
@@ -232,7 +232,7 @@ MUTATIONS: list[Mutation] = [
     ),
     (
         "M13c inactive user's token refused",
-        "users_grpc/sessions.py",
+        "users_grpc/services/sessions.py",
         "async def check_access_token",
         "if user is None or not user.is_active or user.token_version != claims.token_version:",
         "if user is None or user.token_version != claims.token_version:",

@@ -13,7 +13,9 @@ from typing import cast
 import pytest
 
 from users.v1 import user_service_pb2 as pb
-from users_grpc.access import (
+from users_grpc.domain.errors import PermissionDenied, Unauthenticated
+from users_grpc.domain.model import ANONYMOUS, AccessClaims, Caller, Gender, Role, User, UserState
+from users_grpc.grpc_api.access import (
     FLOWS,
     RULES,
     Authorizer,
@@ -24,12 +26,10 @@ from users_grpc.access import (
     source_address,
     stream_admission,
 )
-from users_grpc.domain import ANONYMOUS, AccessClaims, Caller, Gender, Role, User, UserState
-from users_grpc.errors import PermissionDenied, Unauthenticated
-from users_grpc.reflection import load_descriptor_set
-from users_grpc.service_accounts import ServiceAccountService
-from users_grpc.sessions import SessionService
-from users_grpc.throttling import Flow, RateLimitPolicy
+from users_grpc.grpc_api.reflection import load_descriptor_set
+from users_grpc.services.service_accounts import ServiceAccountService
+from users_grpc.services.sessions import SessionService
+from users_grpc.services.throttling import Flow, RateLimitPolicy
 
 ALICE = Caller(user_id="a" * 24, role=Role.USER)
 ADMIN = Caller(user_id="b" * 24, role=Role.ADMIN)

@@ -12,9 +12,7 @@ import pytest
 
 from tests.support.logs import logged
 from tests.support.world import PASSWORD, World, registration, run
-from users_grpc import service
-from users_grpc.domain import MAX_IMPORTED_USERS, Caller, Gender, ImportedUser, PasswordScheme, Role, User, UserState
-from users_grpc.errors import (
+from users_grpc.domain.errors import (
     AccountDeactivated,
     AccountLocked,
     AccountNotActive,
@@ -31,8 +29,11 @@ from users_grpc.errors import (
     StorageUnavailable,
     TooManyAttempts,
 )
-from users_grpc.service import AccountPolicy, no_reply_sooner_than
-from users_grpc.throttling import ThrottlePolicy
+from users_grpc.domain.model import Caller, Gender, ImportedUser, PasswordScheme, Role, User, UserState
+from users_grpc.domain.rules import MAX_IMPORTED_USERS
+from users_grpc.services import last_admin
+from users_grpc.services.accounts import AccountPolicy, no_reply_sooner_than
+from users_grpc.services.throttling import ThrottlePolicy
 
 SOURCE = "10.0.0.1"
 
@@ -124,7 +125,7 @@ class TestLastActiveAdmin:
     ) -> None:
         """No count, no removal: the admin stays as they were, and the caller may retry."""
         first, _ = admin(world, "root"), admin(world, "toor")
-        monkeypatch.setattr(service, "_ADMIN_CHECK_WAIT_SECONDS", 0)
+        monkeypatch.setattr(last_admin, "_ADMIN_CHECK_WAIT_SECONDS", 0)
         if turn == "unreachable":
 
             async def unavailable(holder: str, lease_seconds: float) -> bool:

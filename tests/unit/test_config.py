@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.paths import REPO_ROOT
-from users_grpc.config import READ_BY_COMMANDS, ConfigError, Settings, UnknownVariable
+from users_grpc.config import READ_BY_COMMANDS, Settings, UnknownVariable
+from users_grpc.domain.errors import ConfigError
 
 
 def test_defaults_serve_locally() -> None:

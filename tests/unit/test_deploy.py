@@ -19,8 +19,9 @@ import yaml
 
 from tests.support.paths import REPO_ROOT
 from users_grpc.bootstrap import SERVICE_NAME
-from users_grpc.config import ConfigError, Settings
-from users_grpc.health import LIVENESS
+from users_grpc.config import Settings
+from users_grpc.domain.errors import ConfigError
+from users_grpc.grpc_api.health import LIVENESS
 
 DEPLOY = REPO_ROOT / "deploy/kubernetes"
 

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from users_grpc.domain import (
+from users_grpc.domain.errors import FieldViolation, InvalidArgument
+from users_grpc.domain.model import (
     AuditEventType,
     AuditFilter,
     Caller,
@@ -18,14 +19,15 @@ from users_grpc.domain import (
     UserFilter,
     UserState,
     Version,
+    parse_etag,
+)
+from users_grpc.domain.rules import (
     new_activation_code,
     new_activation_token,
-    parse_etag,
     service_account_machine,
     validate_activation,
     validate_activation_code,
 )
-from users_grpc.errors import FieldViolation, InvalidArgument
 
 CREATED = datetime(2026, 1, 1, tzinfo=UTC)
 JANE = User(

@@ -10,15 +10,8 @@ from google.rpc import error_details_pb2
 
 import users_grpc
 from users.v1 import error_reason_pb2
-from users_grpc.errors import (
-    ERROR_DOMAIN,
-    ERROR_REASON_PREFIX,
-    AlreadyExists,
-    FieldViolation,
-    InvalidArgument,
-    UsersError,
-    to_rpc_status,
-)
+from users_grpc.domain.errors import AlreadyExists, FieldViolation, InvalidArgument, UsersError
+from users_grpc.grpc_api.status import ERROR_DOMAIN, ERROR_REASON_PREFIX, to_rpc_status
 
 
 def _every_error_class() -> set[type[UsersError]]:

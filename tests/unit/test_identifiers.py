@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from users_grpc.domain import identifier_key, normalized_email
-from users_grpc.errors import InvalidArgument
+from users_grpc.domain.errors import InvalidArgument
+from users_grpc.domain.rules import identifier_key, normalized_email
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,7 @@ from tests.support.codes import codes_other_than
 from tests.support.fakes import FakeCredentialRepository, FakeSessionRepository
 from tests.support.logs import logged
 from tests.support.world import PASSWORD, World, run
-from users_grpc.domain import User
-from users_grpc.errors import (
+from users_grpc.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     InvalidCredentials,
@@ -29,11 +28,12 @@ from users_grpc.errors import (
     NotFound,
     TooManyAttempts,
 )
-from users_grpc.mfa import STEP_SECONDS, Enrollment, MfaService, totp, totp_context
-from users_grpc.recovery import security_notice
-from users_grpc.service import AccountPolicy
-from users_grpc.throttling import ThrottlePolicy
-from users_grpc.tokens import KeyEncryption
+from users_grpc.domain.model import User
+from users_grpc.services.accounts import AccountPolicy
+from users_grpc.services.mfa import STEP_SECONDS, Enrollment, MfaService, totp, totp_context
+from users_grpc.services.passwords import security_notice
+from users_grpc.services.throttling import ThrottlePolicy
+from users_grpc.services.tokens import KeyEncryption
 
 SOURCE = "10.0.0.1"
 ISSUER = "Example Users"

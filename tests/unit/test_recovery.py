@@ -11,11 +11,12 @@ import pytest
 from tests.support.fakes import FakeCredentialRepository, FakeSessionRepository
 from tests.support.logs import logged
 from tests.support.world import PASSWORD, World, run
-from users_grpc.domain import PasswordPolicy, User, UserState
-from users_grpc.errors import InvalidArgument, InvalidCredentials, InvalidResetToken, TooManyAttempts
-from users_grpc.recovery import PasswordService, security_notice
-from users_grpc.service import AccountPolicy
-from users_grpc.throttling import ThrottlePolicy
+from users_grpc.domain.errors import InvalidArgument, InvalidCredentials, InvalidResetToken, TooManyAttempts
+from users_grpc.domain.model import User, UserState
+from users_grpc.domain.rules import PasswordPolicy
+from users_grpc.services.accounts import AccountPolicy
+from users_grpc.services.passwords import PasswordService, security_notice
+from users_grpc.services.throttling import ThrottlePolicy
 
 NEW = "a brand new passphrase"
 SOURCE = "10.0.0.1"

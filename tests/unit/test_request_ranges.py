@@ -1,4 +1,4 @@
-"""The edge's range check (users_grpc/request_ranges.py), field by field over the whole contract:
+"""The edge's range check (users_grpc/grpc_api/request_ranges.py), field by field over the whole contract:
 every number of every request, at and past the ends of its range, without a server."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from users.v1 import user_service_pb2 as pb
-from users_grpc.errors import InvalidArgument
-from users_grpc.request_ranges import (
+from users_grpc.domain.errors import InvalidArgument
+from users_grpc.grpc_api.request_ranges import (
     NUMBER_RANGES,
     SERVICE,
     TIMESTAMP_MAX_SECONDS,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from users_grpc.secrets_at_rest import SecretsAtRest, derive_key
+from users_grpc.adapters.secrets_at_rest import SecretsAtRest, derive_key
 
 KEK = os.urandom(32)
 USER = "6b07d8aeee680be65577d511"

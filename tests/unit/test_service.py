@@ -13,8 +13,8 @@ import pytest
 
 from tests.support.codes import codes_other_than
 from tests.support.world import PASSWORD, World, registration, run
-from users_grpc.domain import Caller, PasswordPolicy, Role
-from users_grpc.errors import (
+from users_grpc.adapters.bcrypt_hasher import common_passwords
+from users_grpc.domain.errors import (
     AccountNotActive,
     AlreadyExists,
     InvalidActivationCode,
@@ -24,9 +24,10 @@ from users_grpc.errors import (
     PermissionDenied,
     TooManyAttempts,
 )
-from users_grpc.passwords import common_passwords
-from users_grpc.service import AccountPolicy
-from users_grpc.throttling import ThrottlePolicy
+from users_grpc.domain.model import Caller, Role
+from users_grpc.domain.rules import PasswordPolicy
+from users_grpc.services.accounts import AccountPolicy
+from users_grpc.services.throttling import ThrottlePolicy
 
 ADMIN = Caller(user_id="a" * 24, role=Role.ADMIN)
 

@@ -14,12 +14,12 @@ import pytest
 
 from tests.support.fakes import FakeCredentialRepository, FakeKeyStore, FakeSessionRepository
 from tests.support.world import PASSWORD, World, run
-from users_grpc.domain import IssuedTokens, UserState
-from users_grpc.errors import InvalidArgument, InvalidCredentials, MfaRequired, TooManyAttempts, Unauthenticated
-from users_grpc.mfa import STEP_SECONDS, MfaService, totp
-from users_grpc.service import AccountPolicy
-from users_grpc.sessions import SessionService
-from users_grpc.tokens import AccessTokens, KeyEncryption
+from users_grpc.domain.errors import InvalidArgument, InvalidCredentials, MfaRequired, TooManyAttempts, Unauthenticated
+from users_grpc.domain.model import IssuedTokens, UserState
+from users_grpc.services.accounts import AccountPolicy
+from users_grpc.services.mfa import STEP_SECONDS, MfaService, totp
+from users_grpc.services.sessions import SessionService
+from users_grpc.services.tokens import AccessTokens, KeyEncryption
 
 LIFETIME = timedelta(days=30)
 SOURCE = "10.0.0.1"
@@ -85,7 +85,7 @@ class Sessions(World):
     def mint(self, session_id: str, generation: int) -> str:
         """A genuine token of the session's ``generation``, made as the format says: ``session.
         generation.secret``, the secret 16 random bytes and the first 16 bytes of their keyed
-        digest under "refresh-token-tag" (users_grpc/sessions.py), in unpadded URL-safe base64."""
+        digest under "refresh-token-tag" (users_grpc/services/sessions.py), in unpadded URL-safe base64."""
         nonce = os.urandom(16)
         tag = bytes.fromhex(self.digests.digest("refresh-token-tag", session_id, f"{generation}.{b64(nonce)}"))[:16]
         return f"{session_id}.{generation}.{b64(nonce + tag)}"
@@ -101,7 +101,7 @@ def world() -> Sessions:
 
 
 def logged(caplog: pytest.LogCaptureFixture, message: str) -> dict[str, Any]:
-    records = [r for r in caplog.records if r.name == "users_grpc.sessions" and r.getMessage() == message]
+    records = [r for r in caplog.records if r.name == "users_grpc.services.sessions" and r.getMessage() == message]
     assert len(records) == 1, [r.getMessage() for r in caplog.records]
     return records[0].__dict__
 

@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 
 from tests.support.fakes import FakeClock, FakeThrottleStore
-from users_grpc.domain import Tally
-from users_grpc.errors import TooManyAttempts
-from users_grpc.throttling import PasswordThrottle, Reservation, ThrottlePolicy
+from users_grpc.domain.errors import TooManyAttempts
+from users_grpc.domain.model import Tally
+from users_grpc.services.throttling import PasswordThrottle, Reservation, ThrottlePolicy
 
 SOURCE = "10.0.0.1"
 POLICY = ThrottlePolicy(free_attempts=3, account_free_attempts=100)

@@ -20,11 +20,10 @@ from jwt.algorithms import ECAlgorithm
 
 from tests.support.fakes import FakeClock, FakeKeyStore
 from tests.support.logs import logged
-from users_grpc import tokens as tokens_module
-from users_grpc.config import ConfigError
-from users_grpc.domain import Gender, Role, StoredKey, User, UserState
-from users_grpc.errors import Unauthenticated
-from users_grpc.tokens import (
+from users_grpc.domain.errors import ConfigError, Unauthenticated
+from users_grpc.domain.model import Gender, Role, StoredKey, User, UserState
+from users_grpc.services import tokens as tokens_module
+from users_grpc.services.tokens import (
     ACCESS_TOKEN_TYPE,
     ALGORITHM,
     AccessTokens,

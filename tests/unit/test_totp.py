@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from users_grpc.mfa import STEP_SECONDS, accepted_step, totp
+from users_grpc.services.mfa import STEP_SECONDS, accepted_step, totp
 
 RFC_SECRET = base64.b32encode(b"12345678901234567890").decode()
 

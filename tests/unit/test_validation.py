@@ -9,13 +9,10 @@ from collections.abc import Callable
 
 import pytest
 
-from users_grpc.domain import (
-    Gender,
-    ImportedUser,
+from users_grpc.domain.errors import FieldViolation, InvalidArgument
+from users_grpc.domain.model import Gender, ImportedUser, ProfileChanges, Registration, Role
+from users_grpc.domain.rules import (
     PasswordPolicy,
-    ProfileChanges,
-    Registration,
-    Role,
     identifier_key,
     is_id,
     normalized_email,
@@ -30,7 +27,6 @@ from users_grpc.domain import (
     validate_registration,
     validate_user_id,
 )
-from users_grpc.errors import FieldViolation, InvalidArgument
 
 PASSWORD = "correct horse battery"
 TOKEN = "A" * 43

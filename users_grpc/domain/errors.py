@@ -1,0 +1,247 @@
+"""Domain errors, and the one table that maps them to gRPC status codes.
+
+The services raise these; the error interceptor turns each into its status,
+a short message and, where it helps the caller, rich details::
+
+    UsersError
+    ├── InvalidArgument        INVALID_ARGUMENT (google.rpc.BadRequest field violations)
+    │   ├── InvalidActivationCode
+    │   ├── InvalidResetToken
+    │   ├── InvalidEmailChangeCode
+    │   └── MalformedRequest   (the bytes are no message of the request's type)
+    ├── NotFound               NOT_FOUND
+    ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
+    ├── PermissionDenied       PERMISSION_DENIED
+    ├── InvalidCredentials     UNAUTHENTICATED
+    ├── Unauthenticated        UNAUTHENTICATED (missing or invalid token)
+    ├── InvalidSecondFactor    UNAUTHENTICATED
+    ├── FailedPrecondition     FAILED_PRECONDITION
+    │   ├── AccountNotActive
+    │   ├── AccountDeactivated
+    │   ├── AccountLocked
+    │   ├── LastActiveAdmin
+    │   ├── WrongUserState
+    │   ├── MfaRequired
+    │   └── ChangeCursorGone  (the change feed no longer holds the changes after the cursor)
+    ├── EtagMismatch           ABORTED (the user changed since the etag was read)
+    ├── TooManyAttempts        RESOURCE_EXHAUSTED (google.rpc.RetryInfo: when to try again)
+    ├── TooManyRequests        RESOURCE_EXHAUSTED (RetryInfo)
+    ├── Overloaded             RESOURCE_EXHAUSTED (RetryInfo)
+    ├── TooManyStreams         RESOURCE_EXHAUSTED (RetryInfo)
+    └── StorageUnavailable     UNAVAILABLE
+
+Anything else that escapes a service is a bug: it is logged with its traceback
+and the caller sees INTERNAL with a generic message.
+
+Every ``reason`` is part of the contract: ``users.v1.ErrorReason`` (protos/users/v1/error_reason.proto)
+lists them, each as ``ERROR_REASON_<reason>``; a subclass with a reason missing there fails at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from users.v1 import error_reason_pb2
+from users_grpc.grpc_api.status import ERROR_REASON_PREFIX
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field: its proto name and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+class UsersError(Exception):
+    """Base of the errors a caller can cause or see; ``reason`` is stable for machines."""
+
+    reason = "USERS_ERROR"
+    message = "request failed"
+    # Set where waiting helps: the caller is told, in google.rpc.RetryInfo, how long.
+    retry_after: timedelta | None = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # The contract lists every reason a caller can see; a new one goes into the proto first.
+        if ERROR_REASON_PREFIX + cls.reason not in error_reason_pb2.ErrorReason.DESCRIPTOR.values_by_name:
+            raise TypeError(f"{cls.__name__}.reason {cls.reason!r} is not a users.v1.ErrorReason")
+
+    def __init__(self, message: str | None = None, *, retry_after: timedelta | None = None) -> None:
+        super().__init__(message or self.message)
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Extra facts for ``google.rpc.ErrorInfo``; never secrets."""
+        return {}
+
+
+class InvalidArgument(UsersError):
+    reason = "INVALID_ARGUMENT"
+    message = "the request has invalid fields"
+
+    def __init__(self, violations: list[FieldViolation] | tuple[FieldViolation, ...]) -> None:
+        self.violations = tuple(violations)
+        fields = ", ".join(dict.fromkeys(v.field for v in self.violations))
+        super().__init__(f"invalid {fields}" if fields else None)
+
+
+class InvalidActivationCode(InvalidArgument):
+    reason = "INVALID_ACTIVATION_CODE"
+
+    def __init__(self) -> None:
+        super().__init__([FieldViolation("code", "the code is wrong, expired or used up; request a new one")])
+
+
+class InvalidResetToken(InvalidArgument):
+    reason = "INVALID_RESET_TOKEN"
+
+    def __init__(self) -> None:
+        super().__init__([FieldViolation("token", "the token is wrong, expired or used; request a new one")])
+
+
+class InvalidEmailChangeCode(InvalidArgument):
+    reason = "INVALID_EMAIL_CHANGE_CODE"
+
+    def __init__(self) -> None:
+        super().__init__(
+            [FieldViolation("code", "the code is wrong, expired or used up, or no change is pending; ask again")]
+        )
+
+
+class MalformedRequest(InvalidArgument):
+    reason = "MALFORMED_REQUEST"
+    message = "malformed request"
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+
+class NotFound(UsersError):
+    reason = "USER_NOT_FOUND"
+    message = "user not found"
+
+
+class AlreadyExists(UsersError):
+    reason = "ALREADY_EXISTS"
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        super().__init__(f"{field} is already taken")
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {"field": self.field}
+
+
+class PermissionDenied(UsersError):
+    reason = "PERMISSION_DENIED"
+    message = "permission denied"
+
+
+class InvalidCredentials(UsersError):
+    reason = "INVALID_CREDENTIALS"
+    message = "invalid credentials"
+
+
+class Unauthenticated(UsersError):
+    reason = "UNAUTHENTICATED"
+    message = "a valid access token is required"
+
+
+class InvalidSecondFactor(UsersError):
+    reason = "INVALID_SECOND_FACTOR"
+    message = "invalid code"
+
+
+class FailedPrecondition(UsersError):
+    reason = "FAILED_PRECONDITION"
+
+
+class MfaRequired(FailedPrecondition):
+    reason = "MFA_REQUIRED"
+    message = "a second factor is required: send totp_code or recovery_code"
+
+
+class EtagMismatch(UsersError):
+    """A conditional change (AIP-154) found the resource changed since its etag was read."""
+
+    reason = "ETAG_MISMATCH"
+    message = "the user changed since the etag was read; read it again and retry"
+
+
+class TooManyAttempts(UsersError):
+    """Too many failed tries of a password or code: wait, then try again."""
+
+    reason = "TOO_MANY_ATTEMPTS"
+    message = "too many failed attempts; try again later"
+
+
+class TooManyRequests(UsersError):
+    """The caller's address made more costly anonymous calls than its share."""
+
+    reason = "RATE_LIMITED"
+    message = "too many requests from this address; try again later"
+
+
+class Overloaded(UsersError):
+    """The server has no room for this call now (calls in progress, or password hashing queued):
+    refused at once rather than queued until every caller times out."""
+
+    reason = "OVERLOADED"
+    message = "the server is busy; try again shortly"
+
+
+class TooManyStreams(UsersError):
+    """The caller holds its share of this replica's change streams: one caller may not take them all."""
+
+    reason = "TOO_MANY_STREAMS"
+    message = "you have as many change streams open here as you may; close one first"
+
+
+class AccountNotActive(FailedPrecondition):
+    reason = "ACCOUNT_NOT_ACTIVE"
+    message = "the account is not activated; use the emailed code or request a new one"
+
+
+class AccountDeactivated(FailedPrecondition):
+    reason = "ACCOUNT_DEACTIVATED"
+    message = "the account is deactivated; contact an administrator"
+
+
+class AccountLocked(FailedPrecondition):
+    reason = "ACCOUNT_LOCKED"
+    message = "the account is locked; contact an administrator"
+
+
+class LastActiveAdmin(FailedPrecondition):
+    reason = "LAST_ACTIVE_ADMIN"
+    message = "the user is the last active admin; make another admin first"
+
+
+class WrongUserState(FailedPrecondition):
+    """An admin action that does not apply to the account's current state."""
+
+    reason = "WRONG_USER_STATE"
+
+
+class ChangeCursorGone(FailedPrecondition):
+    """WatchUserChanges: the changes right after the cursor are no longer kept; the consumer must resync."""
+
+    reason = "CHANGE_CURSOR_EXPIRED"
+    message = (
+        "the changes after this cursor are no longer kept (USERS_CHANGE_RETENTION_DAYS): read the users "
+        "again (ListUsers) and watch with an empty cursor"
+    )
+
+
+class StorageUnavailable(UsersError):
+    reason = "STORAGE_UNAVAILABLE"
+    message = "the service is temporarily unavailable; retry later"
+
+
+class ConfigError(ValueError):
+    """A ``USERS_*`` variable holds a value the service cannot use."""

@@ -1,0 +1,236 @@
+"""Who may call what: one table of rules, enforced for every RPC by the interceptor.
+
+A caller is identified by ``authorization: Bearer <access token>`` or, for
+internal services, by an mTLS client certificate with a URI SAN (a SPIFFE ID) or DNS SAN
+listed in USERS_MACHINE_IDENTITIES, or by a service account's access token (both are machine
+callers). The proto comments state the same rules.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
+
+from users_grpc.domain.errors import PermissionDenied, Unauthenticated
+from users_grpc.domain.model import ANONYMOUS, Caller
+from users_grpc.services.service_accounts import ServiceAccountService
+from users_grpc.services.sessions import SessionService
+from users_grpc.services.throttling import Flow
+from users_grpc.services.tokens import is_service_token
+
+
+class Rule(enum.Enum):
+    ANYONE = "anyone"
+    SELF = "the user themself"
+    SELF_OR_ADMIN = "the user themself or an admin"
+    SELF_ADMIN_OR_MACHINE = "the user themself, an admin or a machine caller"
+    ADMIN_OR_MACHINE = "an admin or a machine caller"
+    ADMIN = "an admin"
+
+
+RULES: Mapping[str, Rule] = {
+    "CreateUser": Rule.ANYONE,  # asking for ROLE_ADMIN needs an admin: checked by the service
+    "ActivateUser": Rule.ANYONE,
+    "ResendActivationCode": Rule.ANYONE,
+    "GetUser": Rule.SELF_ADMIN_OR_MACHINE,
+    "GetUserByIdentifier": Rule.ADMIN_OR_MACHINE,
+    "DeleteUser": Rule.SELF_OR_ADMIN,
+    "DeleteUserByIdentifier": Rule.ADMIN,
+    "VerifyCredentials": Rule.ADMIN_OR_MACHINE,
+    "Authenticate": Rule.ANYONE,
+    "RefreshSession": Rule.ANYONE,
+    "RevokeSession": Rule.ANYONE,
+    "ListSessions": Rule.SELF_OR_ADMIN,
+    "RevokeAllSessions": Rule.SELF_OR_ADMIN,
+    "GetPublicKeys": Rule.ANYONE,
+    "ValidateToken": Rule.ADMIN_OR_MACHINE,
+    "ForgotPassword": Rule.ANYONE,
+    "ResetPassword": Rule.ANYONE,
+    "ChangePassword": Rule.SELF,
+    "EnableMfa": Rule.SELF,
+    "GetMfaQrCode": Rule.SELF,
+    "ConfirmMfa": Rule.SELF,
+    "DisableMfa": Rule.SELF,
+    "RegenerateRecoveryCodes": Rule.SELF,
+    "ChangeEmail": Rule.SELF,
+    "ConfirmEmailChange": Rule.SELF,
+    "SetUserEmail": Rule.ADMIN,
+    "SetUserRole": Rule.ADMIN,
+    "DeactivateUser": Rule.ADMIN,
+    "ReactivateUser": Rule.ADMIN,
+    "LockUser": Rule.ADMIN,
+    "UnlockUser": Rule.ADMIN,
+    "ResetUserMfa": Rule.ADMIN,
+    "ImportUsers": Rule.ADMIN,
+    "CreateServiceAccount": Rule.ADMIN,
+    "IssueServiceToken": Rule.ANYONE,  # whoever holds a secret: checked (and throttled) by the service
+    "ListServiceAccounts": Rule.ADMIN,
+    "DeleteServiceAccount": Rule.ADMIN,
+    "ListUsers": Rule.ADMIN,
+    "UpdateUser": Rule.SELF_OR_ADMIN,
+    "ListAuditEvents": Rule.ADMIN,
+    "WatchUserChanges": Rule.ADMIN_OR_MACHINE,
+}
+
+# The flow of every call anyone may make (a test holds it to the RULES' ANYONE methods). Those that
+# cost a password hash or a mail have a per-source budget per flow, whatever token comes with them
+# (anyone can register and get one), except an admin's; a machine caller is limited by the end
+# user's address it passes.
+FLOWS: Mapping[str, Flow] = {
+    "CreateUser": Flow.SIGN_UP,
+    "ActivateUser": Flow.ACTIVATION,
+    "ResendActivationCode": Flow.ACTIVATION,
+    "Authenticate": Flow.SIGN_IN,
+    "IssueServiceToken": Flow.SIGN_IN,  # a service account's sign-in, with its secret
+    "ForgotPassword": Flow.RECOVERY,
+    "ResetPassword": Flow.RECOVERY,
+    "RefreshSession": Flow.SESSION,
+    "RevokeSession": Flow.SESSION,
+    "GetPublicKeys": Flow.PUBLIC_KEYS,
+}
+
+# The request field that names the user a "self" rule is about.
+_SUBJECT_FIELDS = ("id", "user_id")
+
+current_caller: ContextVar[Caller] = ContextVar("current_caller", default=ANONYMOUS)
+
+
+async def _never_admitted() -> None:
+    raise PermissionDenied("no access rule admitted this stream")  # fail closed
+
+
+# A stream's admission, run again: set by the interceptor once it admitted the stream's caller, it
+# raises as :meth:`Authorizer.admit` would for a call made now. The change feed runs it at every
+# poll, so that a stream ends as soon as its caller is revoked, never at the connection's age.
+stream_admission: ContextVar[Callable[[], Awaitable[None]]] = ContextVar("stream_admission", default=_never_admitted)
+
+
+class Authorizer:
+    def __init__(
+        self,
+        *,
+        sessions: SessionService,
+        service_accounts: ServiceAccountService,
+        machine_identities: Iterable[str],
+    ) -> None:
+        self._sessions = sessions
+        self._service_accounts = service_accounts
+        self._machine_identities = frozenset(machine_identities)
+
+    async def caller_of(self, method: str, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
+        """Who calls ``method``, not yet whether its rule admits them (see :meth:`admit`)."""
+        rule = RULES.get(method)
+        if rule is None:
+            raise PermissionDenied("no access rule covers this method")  # fail closed
+        if rule is Rule.ANYONE:
+            # Clients often attach a stale token to every call (even RefreshSession): ignore a bad one here.
+            try:
+                return await self.identify(bearer_token, peer_identities)
+            except Unauthenticated:
+                return ANONYMOUS
+        return await self.identify(bearer_token, peer_identities)
+
+    def admit(self, method: str, request: object, caller: Caller) -> None:
+        """Unauthenticated or PermissionDenied unless ``method``'s rule admits ``caller``."""
+        rule = RULES.get(method)
+        if rule is None:
+            raise PermissionDenied("no access rule covers this method")
+        if rule is Rule.ANYONE:
+            return
+        if caller.user_id is None and caller.machine is None:
+            raise Unauthenticated()
+        if not _admits(rule, caller, _subject_of(request)):
+            raise PermissionDenied()
+
+    async def readmit(
+        self, method: str, request: object, bearer_token: str | None, peer_identities: Iterable[str]
+    ) -> None:
+        """Unauthenticated or PermissionDenied unless the caller admitted to ``method`` still would
+        be: :meth:`caller_of` and :meth:`admit` again, so the token's signature, key and expiry (by
+        the service's clock), then one read of its account (a user's token version, role and
+        state; that a service account still exists)."""
+        self.admit(method, request, await self.caller_of(method, bearer_token, peer_identities))
+
+    async def identify(self, bearer_token: str | None, peer_identities: Iterable[str]) -> Caller:
+        if bearer_token is not None:
+            if is_service_token(bearer_token):
+                return await self._service_accounts.caller_of(bearer_token)
+            claims, user = await self._sessions.check_access_token(bearer_token)
+            return Caller(user_id=user.id, role=user.role, session_id=claims.session_id, user=user)
+        machine = next((name for name in peer_identities if name in self._machine_identities), None)
+        return ANONYMOUS if machine is None else Caller(machine=machine)
+
+
+def _admits(rule: Rule, caller: Caller, subject: str | None) -> bool:
+    is_self = caller.user_id is not None and caller.user_id == subject
+    machine = caller.machine is not None
+    return {
+        Rule.SELF: is_self,
+        Rule.SELF_OR_ADMIN: is_self or caller.is_admin,
+        Rule.SELF_ADMIN_OR_MACHINE: is_self or caller.is_admin or machine,
+        Rule.ADMIN_OR_MACHINE: caller.is_admin or machine,
+        Rule.ADMIN: caller.is_admin,
+    }[rule]
+
+
+def _subject_of(request: object) -> str | None:
+    for field in _SUBJECT_FIELDS:
+        value = getattr(request, field, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def source_address(peer: str, forwarded_for: str | None, *, machine: bool) -> str:
+    """Where a call comes from, for throttles and logs.
+
+    ``peer`` is gRPC's peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``).
+    ``x-forwarded-for`` is honoured from machine callers only, who sign users in on their
+    behalf: anyone else could name any address and so dodge a per-source limit. Its last entry
+    counts: the address the machine caller itself saw. Gateways such as Envoy append that to
+    whatever the client sent, so the entries before it are the client's word and could name
+    any address.
+    """
+    if machine and forwarded_for:
+        last = forwarded_for.rsplit(",", 1)[-1].strip()
+        if last:
+            return _one_source(last)
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return _one_source(rest.rpartition(":")[0].strip("[]"))
+    return peer
+
+
+def _one_source(address: str) -> str:
+    """An IPv6 address stands for its /64: one subscriber usually holds a whole /64, and counting
+    each of its addresses apart would let one host appear as billions of sources. An IPv4 address
+    mapped into IPv6 is that IPv4 address."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
+def metadata_value(metadata: Iterable[tuple[str, str | bytes]], name: str) -> str | None:
+    for key, value in metadata:
+        if key == name and isinstance(value, str):
+            return value
+    return None
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` header; "" for a malformed header."""
+    for key, value in metadata:
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None

@@ -1,0 +1,107 @@
+"""Finding users (ListUsers) and changing their profiles (UpdateUser).
+
+Pages are keyset pages over user ids, which grow with creation time: a page token names the
+last id of its page, so a page deep in the list costs what the first one costs, and users
+created or deleted meanwhile never shift the pages (nobody is shown twice; nobody who existed
+before paging began is skipped). The token is bound to the filters it was made for.
+
+An update is one conditional update; with an etag, its filter holds the version the etag
+names, so of two callers holding the same etag exactly one wins (AIP-154).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+
+from users_grpc.domain import model, rules
+from users_grpc.domain.errors import EtagMismatch, FieldViolation, InvalidArgument, NotFound
+from users_grpc.domain.model import ProfileChanges, User, UserFilter
+from users_grpc.domain.ports import Clock, UserDirectory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+_ID_BYTES = 12
+_CHECK_BYTES = 12
+
+
+class DirectoryService:
+    def __init__(self, *, users: UserDirectory, clock: Clock) -> None:
+        self._users = users
+        self._clock = clock
+
+    async def list_users(self, filters: UserFilter, page_size: int, page_token: str) -> tuple[list[User], str, int]:
+        """A page of users, oldest first; the token of the next page ("" after the last); and how many
+        users match the filters."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument([FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}")])
+        limit = page_size or DEFAULT_PAGE_SIZE
+        after = _after(page_token, filters)
+        users = await self._users.list_users(filters, after, limit + 1)
+        total = await self._users.count_users(filters)
+        if len(users) <= limit:
+            return users, "", total
+        return users[:limit], _page_token(users[limit - 1].id, filters), total
+
+    async def update_user(self, user_id: str, paths: list[str], changes: ProfileChanges, etag: str) -> User:
+        rules.validate_user_id(user_id, "user_id")
+        _validate_paths(paths)
+        rules.validate_profile_changes(changes)
+        expected = model.parse_etag(etag) if etag else None
+        user = await self._users.update_profile(user_id, changes, expected, self._clock.now())
+        if user is None:
+            if expected is None or await self._users.get(user_id) is None:
+                raise NotFound()
+            raise EtagMismatch()
+        log.info("user updated", extra={"user_id": user_id, "fields": sorted(set(paths))})
+        return user
+
+
+def _validate_paths(paths: list[str]) -> None:
+    if not paths:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "update_mask", f"is required: name the fields to change ({', '.join(model.UPDATABLE_FIELDS)})"
+                )
+            ]
+        )
+    violations = [
+        FieldViolation("update_mask", f"{path!r} cannot be changed here; only {', '.join(model.UPDATABLE_FIELDS)}")
+        for path in dict.fromkeys(paths)
+        if path not in model.UPDATABLE_FIELDS
+    ]
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def _check(user_id: bytes, filters: UserFilter) -> bytes:
+    # Binds the token to its filters, and catches a token altered in transit or by hand.
+    return hashlib.sha256(b"users.v1.ListUsers\0" + filters.fingerprint() + b"\0" + user_id).digest()[:_CHECK_BYTES]
+
+
+def _page_token(user_id: str, filters: UserFilter) -> str:
+    raw = bytes.fromhex(user_id)
+    return base64.urlsafe_b64encode(raw + _check(raw, filters)).decode().rstrip("=")
+
+
+def _after(page_token: str, filters: UserFilter) -> str | None:
+    if not page_token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(page_token + "=" * (-len(page_token) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    user_id, check = raw[:_ID_BYTES], raw[_ID_BYTES:]
+    # The check binds the token to its filters; re-encoding refuses other spellings of the bytes.
+    if (
+        check != _check(user_id, filters)
+        or len(user_id) != _ID_BYTES
+        or _page_token(user_id.hex(), filters) != page_token
+    ):
+        raise InvalidArgument([FieldViolation("page_token", "is not a page token of this list with these filters")])
+    return user_id.hex()
