@@ -242,7 +242,8 @@ class FakeUserRepository:
 
 
 class FakeThrottleStore:
-    """The tallies of :class:`~users_grpc.adapters.mongo.throttles.MongoThrottleStore`, with the same compare-and-set."""
+    """The tallies of :class:`~users_grpc.adapters.mongo.throttles.MongoThrottleStore`, with the same
+    compare-and-set."""
 
     def __init__(self) -> None:
         self.tallies: dict[str, tuple[str, str, Tally]] = {}  # key: (account, kind, tally)

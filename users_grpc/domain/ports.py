@@ -454,7 +454,8 @@ class AuditTrail(Protocol):
 
 
 class ChangeLog(Protocol):
-    """The change feed's store (see :class:`users_grpc.adapters.mongo.change_log.MongoChangeLog` for why no change is lost)."""
+    """The change feed's store (see :class:`users_grpc.adapters.mongo.change_log.MongoChangeLog` for why
+    no change is lost)."""
 
     async def sweep(self, changed_before: datetime, limit: int = 100) -> int:
         """Publish the changes pending since before ``changed_before`` and finish deletions marked

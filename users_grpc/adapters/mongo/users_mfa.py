@@ -1,4 +1,5 @@
-"""The second factor in the ``users`` collection (part of :class:`users_grpc.adapters.mongo.users.MongoUserRepository`)."""
+"""The second factor in the ``users`` collection (part of
+:class:`users_grpc.adapters.mongo.users.MongoUserRepository`)."""
 
 from __future__ import annotations
 
