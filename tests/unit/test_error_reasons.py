@@ -17,8 +17,8 @@ from users_grpc.grpc_api.status import ERROR_DOMAIN, ERROR_REASON_PREFIX, to_rpc
 def _every_error_class() -> set[type[UsersError]]:
     # Error classes live beside the services that raise them (service_accounts.py has one), so
     # every module is imported before the subclasses are walked.
-    for module in pkgutil.iter_modules(users_grpc.__path__):
-        importlib.import_module(f"users_grpc.{module.name}")
+    for module in pkgutil.walk_packages(users_grpc.__path__, prefix="users_grpc."):
+        importlib.import_module(module.name)
     found: set[type[UsersError]] = set()
     pending = list(UsersError.__subclasses__())
     while pending:

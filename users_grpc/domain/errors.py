@@ -1,7 +1,7 @@
-"""Domain errors, and the one table that maps them to gRPC status codes.
+"""Domain errors: what the services raise, with no gRPC or protobuf in sight.
 
-The services raise these; the error interceptor turns each into its status,
-a short message and, where it helps the caller, rich details::
+The error interceptor turns each into its status, a short message and, where it helps the
+caller, rich details, by the one table in grpc_api/status.py::
 
     UsersError
     ├── InvalidArgument        INVALID_ARGUMENT (google.rpc.BadRequest field violations)
@@ -34,16 +34,15 @@ Anything else that escapes a service is a bug: it is logged with its traceback
 and the caller sees INTERNAL with a generic message.
 
 Every ``reason`` is part of the contract: ``users.v1.ErrorReason`` (protos/users/v1/error_reason.proto)
-lists them, each as ``ERROR_REASON_<reason>``; a subclass with a reason missing there fails at import.
+lists them, each as ``ERROR_REASON_<reason>``; a subclass with a reason missing there fails at import
+(grpc_api/status.py holds that check, through :func:`check_error_classes`, as the domain knows no proto).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-
-from users.v1 import error_reason_pb2
-from users_grpc.grpc_api.status import ERROR_REASON_PREFIX
 
 
 @dataclass(frozen=True)
@@ -64,9 +63,8 @@ class UsersError(Exception):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        # The contract lists every reason a caller can see; a new one goes into the proto first.
-        if ERROR_REASON_PREFIX + cls.reason not in error_reason_pb2.ErrorReason.DESCRIPTOR.values_by_name:
-            raise TypeError(f"{cls.__name__}.reason {cls.reason!r} is not a users.v1.ErrorReason")
+        for check in _class_checks:
+            check(cls)
 
     def __init__(self, message: str | None = None, *, retry_after: timedelta | None = None) -> None:
         super().__init__(message or self.message)
@@ -77,6 +75,21 @@ class UsersError(Exception):
     def metadata(self) -> dict[str, str]:
         """Extra facts for ``google.rpc.ErrorInfo``; never secrets."""
         return {}
+
+
+# Checks each error class must pass when it is defined. The contract's (every reason is a
+# users.v1.ErrorReason) is the gRPC edge's to make: grpc_api/status.py registers it.
+_class_checks: list[Callable[[type[UsersError]], None]] = []
+
+
+def check_error_classes(check: Callable[[type[UsersError]], None]) -> None:
+    """Run ``check`` on every error class defined so far, and on each one defined from now on."""
+    _class_checks.append(check)
+    pending = list(UsersError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        check(cls)
+        pending.extend(cls.__subclasses__())
 
 
 class InvalidArgument(UsersError):

@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from users.v1 import error_reason_pb2
 from users_grpc.domain.errors import (
     AlreadyExists,
     EtagMismatch,
@@ -26,11 +27,21 @@ from users_grpc.domain.errors import (
     TooManyStreams,
     Unauthenticated,
     UsersError,
+    check_error_classes,
 )
 
 ERROR_DOMAIN = "users.v1"
 # buf's lint wants enum values prefixed; the reason on the wire is the name without it.
 ERROR_REASON_PREFIX = "ERROR_REASON_"
+
+
+def _listed_in_the_contract(cls: type[UsersError]) -> None:
+    # The contract lists every reason a caller can see; a new one goes into the proto first.
+    if ERROR_REASON_PREFIX + cls.reason not in error_reason_pb2.ErrorReason.DESCRIPTOR.values_by_name:
+        raise TypeError(f"{cls.__name__}.reason {cls.reason!r} is not a users.v1.ErrorReason")
+
+
+check_error_classes(_listed_in_the_contract)
 
 
 STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
