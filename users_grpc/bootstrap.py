@@ -1,7 +1,14 @@
 """The composition root: the only place that builds clients, pools and the server.
 
+:func:`build_app` is three builders in a row: :func:`build_stores` (the MongoDB adapters),
+:func:`build_services` (the use cases on them) and :func:`build_server` (the gRPC edge on those).
 Tests call :func:`build_app` with port 0 and, where they need to, their own
 clock or mail transport; ``users-grpc serve`` calls :func:`serve`.
+
+Over 500 lines, and one file on purpose: this is where every wire between the layers is made,
+and a reader who follows one (which store a service gets, which setting becomes which policy)
+should not have to change files to see the other end; :class:`App` (start, drain, stop) is the
+running form of what the builders make.
 """
 
 from __future__ import annotations
@@ -25,16 +32,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from pymongo import AsyncMongoClient, WriteConcern
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ServerSelectionTimeoutError
 from pymongo.monitoring import CommandListener, ConnectionPoolListener
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.adapters.bcrypt_hasher import BcryptHasher, common_passwords, yield_to_calls
 from users_grpc.adapters.mail_transports import DirectoryTransport, SmtpTransport
-from users_grpc.adapters.mongo import build_stores
+from users_grpc.adapters.mongo import build_stores as build_mongo_stores
 from users_grpc.adapters.mongo.audit_trail import MongoAuditTrail
 from users_grpc.adapters.mongo.calls import cancel_abandoned_work, ping
+from users_grpc.adapters.mongo.change_log import MongoChangeLog
 from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.housekeeping import MongoHousekeeping
 from users_grpc.adapters.mongo.keys import MongoKeyMaterial, MongoKeyStore
 from users_grpc.adapters.mongo.outbox import MongoOutbox
 from users_grpc.adapters.mongo.schema import MongoSchema, ensure_indexes
@@ -104,6 +114,50 @@ class SystemClock:
         return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+@dataclass(frozen=True)
+class Stores:
+    """The MongoDB side: the client, and a store per collection or aggregate (adapters/mongo)."""
+
+    client: AsyncMongoClient[Document]
+    database: AsyncDatabase[Document]
+    # Digests of codes and tokens, and sealed mail bodies, under keys derived from the key-encryption key.
+    secrets_at_rest: SecretsAtRest
+    users: MongoUserRepository
+    outbox: MongoOutbox
+    change_log: MongoChangeLog
+    sessions: MongoSessionRepository
+    throttles: MongoThrottleStore
+    service_accounts: MongoServiceAccountRepository
+    audit_trail: MongoAuditTrail
+    schema: MongoSchema
+    key_store: MongoKeyStore
+    key_material: MongoKeyMaterial
+    housekeeping: MongoHousekeeping
+
+
+@dataclass(frozen=True)
+class Services:
+    """The use cases the servicer calls, and the background work (mail, housekeeping, the change feed)."""
+
+    accounts: AccountService
+    passwords: PasswordService
+    sessions: SessionService
+    mfa: MfaService
+    email_changes: EmailChangeService
+    admin: AdminService
+    service_accounts: ServiceAccountService
+    directory: DirectoryService
+    audit: AuditLog
+    changes: ChangeFeed
+    mail: MailDelivery
+    housekeeping: HousekeepingJob
+    tokens: AccessTokens
+    encryption: KeyEncryption
+    password_throttle: PasswordThrottle
+    # The hasher's queue is a gauge (USERS_HTTP_ADDRESS); its threads are the App's executor.
+    hasher: BcryptHasher
+
+
 @dataclass
 class App:
     """A built server and its background work; :meth:`start` it, then :meth:`stop` it."""
@@ -111,26 +165,11 @@ class App:
     settings: Settings
     server: grpc.aio.Server
     port: int
-    client: AsyncMongoClient[Document]
+    stores: Stores
+    services: Services
     executor: ThreadPoolExecutor
-    users: MongoUserRepository
-    outbox: MongoOutbox
-    session_store: MongoSessionRepository
-    throttles: MongoThrottleStore
-    service_account_store: MongoServiceAccountRepository
-    schema: MongoSchema
-    audit_trail: MongoAuditTrail
-    accounts: AccountService
-    tokens: AccessTokens
     health: DatabaseHealth
     health_servicer: AsyncHealthServicer
-    mail: MailDelivery
-    housekeeping: HousekeepingJob
-    encryption: KeyEncryption
-    secrets_at_rest: SecretsAtRest
-    key_store: MongoKeyStore
-    key_material: MongoKeyMaterial
-    changes: ChangeFeed
     # /metrics and the key set over HTTP, when USERS_HTTP_ADDRESS is set.
     http: OperationsHttp | None = None
     http_port: int | None = None
@@ -144,18 +183,19 @@ class App:
         # No RPC is served before the indexes exist and the schema version is known.
         while True:
             try:
+                stores = self.stores
                 await ensure_indexes(
-                    users=self.users,
-                    outbox=self.outbox,
-                    sessions=self.session_store,
-                    throttles=self.throttles,
-                    service_accounts=self.service_account_store,
-                    audit_trail=self.audit_trail,
+                    users=stores.users,
+                    outbox=stores.outbox,
+                    sessions=stores.sessions,
+                    throttles=stores.throttles,
+                    service_accounts=stores.service_accounts,
+                    audit_trail=stores.audit_trail,
                 )
-                version = await migrations.prepare(self.schema)
-                self.users.lookups_by_claim = version >= migrations.CLAIMS_COMPLETE
-                await self.outbox.seal_legacy_mail()
-                await self.tokens.ensure_signing_key()
+                version = await migrations.prepare(stores.schema)
+                stores.users.lookups_by_claim = version >= migrations.CLAIMS_COMPLETE
+                await stores.outbox.seal_legacy_mail()
+                await self.services.tokens.ensure_signing_key()
                 # Before any call: the digests of codes and tokens are keyed by it.
                 await self.reload_digest_roots()
                 return
@@ -172,7 +212,8 @@ class App:
 
     async def reload_digest_roots(self) -> None:
         """Load the digest roots, new ones included: what keys the digests of codes and tokens."""
-        await load_digest_roots(self.key_material, self.key_store, self.encryption, self.secrets_at_rest)
+        stores = self.stores
+        await load_digest_roots(stores.key_material, stores.key_store, self.services.encryption, stores.secrets_at_rest)
 
     async def _reload_keys(self) -> None:
         # Picks up keys rotated by `users-grpc keys rotate`, and digest roots started by
@@ -180,7 +221,10 @@ class App:
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.settings.key_reload_seconds)
-            for what, reload in (("signing keys", self.tokens.reload), ("digest roots", self.reload_digest_roots)):
+            for what, reload in (
+                ("signing keys", self.services.tokens.reload),
+                ("digest roots", self.reload_digest_roots),
+            ):
                 try:
                     await reload()
                 except StorageUnavailable:
@@ -204,11 +248,11 @@ class App:
         self.ready.set()
         await self.health.check()
         self._background = [
-            asyncio.create_task(self.mail.run()),
+            asyncio.create_task(self.services.mail.run()),
             asyncio.create_task(self.health.run()),
             asyncio.create_task(self._reload_keys()),
-            asyncio.create_task(self.housekeeping.run()),
-            asyncio.create_task(self.changes.run()),
+            asyncio.create_task(self.services.housekeeping.run()),
+            asyncio.create_task(self.services.changes.run()),
         ]
         log.info("serving", extra={"port": self.port, "service": SERVICE_NAME})
 
@@ -220,10 +264,10 @@ class App:
         await cancel_abandoned_work()  # the calls that waited for it are gone
         # Background work stops at its next step, so the mail in hand is delivered and marked
         # rather than sent again later. Cancelling is the fallback, and is never waited on forever.
-        self.mail.stop()
+        self.services.mail.stop()
         self.health.stop()
-        self.housekeeping.stop()
-        self.changes.stop()
+        self.services.housekeeping.stop()
+        self.services.changes.stop()
         self._stopping.set()
         pending: set[asyncio.Task[None]] = set()
         if self._background:  # none if stopped while start-up still waited for the database
@@ -239,7 +283,7 @@ class App:
         """Release the database client and the hashing threads (after stop, or in a CLI command)."""
         if self.http is not None:
             await self.http.stop()
-        await self.client.close()
+        await self.stores.client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -254,11 +298,76 @@ async def build_app(
     """Build the server; with a ``tracer_provider``, calls and database commands are traced."""
     keep_secrets_out_of_logs()
     clock = clock or SystemClock()
+    key_encryption_key = _key_encryption_key(settings)
+    listeners = [*event_listeners, *([] if tracer_provider is None else [command_listener(tracer_provider)])]
+    stores = build_stores(settings, key_encryption_key, event_listeners=listeners)
+    # Hashing yields the cores to the calls it would otherwise hold up (bcrypt_hasher.yield_to_calls).
+    executor = ThreadPoolExecutor(
+        max_workers=settings.hash_workers, thread_name_prefix="bcrypt", initializer=yield_to_calls
+    )
+    # Without an HTTP address nobody can scrape metrics, so none are kept.
+    metrics = None if settings.http_address is None else Metrics()
+    services = build_services(
+        settings,
+        stores,
+        key_encryption_key,
+        clock=clock,
+        hasher=_hasher(settings, executor, metrics),
+        mail_transport=mail_transport or _mail_transport(settings),
+    )
+    ready = asyncio.Event()
+    server, interceptor = build_server(
+        settings, stores, services, clock=clock, ready=ready, metrics=metrics, tracer_provider=tracer_provider
+    )
+    health_servicer = AsyncHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health = _database_health(settings, stores, health_servicer)
+    http = None
+    http_port = None
+    try:
+        port = _add_port(server, settings)
+        if metrics is not None and settings.http_address is not None:
+            metrics.read_at_scrape(_gauges(stores, services, interceptor, health, clock))
+            http = OperationsHttp(
+                metrics=metrics,
+                # Byte for byte what GetPublicKeys answers.
+                jwks=lambda: json.dumps(services.tokens.jwks()).encode(),
+                ready=ready,
+                jwks_max_age_seconds=int(settings.key_reload_seconds),
+                max_connections=settings.http_max_connections,
+            )
+            http_port = await http.bind(settings.http_address)
+    except ConfigError:
+        await stores.client.close()
+        executor.shutdown(wait=False)
+        raise
+    return App(
+        settings=settings,
+        server=server,
+        port=port,
+        stores=stores,
+        services=services,
+        executor=executor,
+        health=health,
+        health_servicer=health_servicer,
+        http=http,
+        http_port=http_port,
+        ready=ready,
+    )
+
+
+def build_stores(
+    settings: Settings,
+    key_encryption_key: bytes,
+    *,
+    event_listeners: Sequence[CommandListener | ConnectionPoolListener],
+) -> Stores:
+    """The database client and the stores on it; nothing is sent to the database yet."""
     client: AsyncMongoClient[Document] = AsyncMongoClient(
         settings.mongodb_uri,
         # Tests and the benchmark count the commands calls send (PyMongo command monitoring). The
         # tracing listener only when tracing is on: a listener costs every database command some work.
-        event_listeners=[*event_listeners, *([] if tracer_provider is None else [command_listener(tracer_provider)])],
+        event_listeners=event_listeners,
         tz_aware=True,
         appname="users-grpc",
         # Bounds every operation (PyMongo CSOT), background work included; RPCs narrow it to their deadline.
@@ -267,40 +376,44 @@ async def build_app(
     )
     # Explicit, because "majority" is the default only from MongoDB 5.0 and not with some arbiters.
     database = client.get_database(settings.mongodb_database, write_concern=WriteConcern("majority"))
-    if settings.key_encryption_key is None:
-        raise ConfigError(
-            "USERS_KEY_ENCRYPTION_KEY is required: it seals the token signing keys. For the local "
-            "database of `users-grpc dev` it is in var/key-encryption-key (export "
-            "USERS_KEY_ENCRYPTION_KEY=$(cat var/key-encryption-key)); for a new deployment make one "
-            "with `users-grpc keys new-kek` and keep it secret."
-        )
-    # Digests of codes and tokens, and sealed mail bodies, under keys derived from the key-encryption key.
-    secrets_at_rest = SecretsAtRest(settings.key_encryption_key, settings.old_key_encryption_keys)
-    stores = build_stores(database, secrets_at_rest)
-    outbox, change_log, users = stores.outbox, stores.change_log, stores.users
-    changes = ChangeFeed(log=change_log, poll_seconds=settings.change_poll_seconds)
-    change_log.on_published = changes.published
-    session_store = stores.sessions
+    secrets_at_rest = SecretsAtRest(key_encryption_key, settings.old_key_encryption_keys)
+    # Wired to each other as the server runs them (adapters/mongo build_stores).
+    mongo = build_mongo_stores(database, secrets_at_rest)
+    return Stores(
+        client=client,
+        database=database,
+        secrets_at_rest=secrets_at_rest,
+        users=mongo.users,
+        outbox=mongo.outbox,
+        change_log=mongo.change_log,
+        sessions=mongo.sessions,
+        throttles=mongo.throttles,
+        service_accounts=mongo.service_accounts,
+        audit_trail=mongo.audit_trail,
+        schema=mongo.schema,
+        key_store=mongo.keys,
+        key_material=mongo.key_material,
+        housekeeping=mongo.housekeeping,
+    )
 
-    # Hashing yields the cores to the calls it would otherwise hold up (passwords.yield_to_calls).
-    executor = ThreadPoolExecutor(
-        max_workers=settings.hash_workers, thread_name_prefix="bcrypt", initializer=yield_to_calls
-    )
-    # Without an HTTP address nobody can scrape metrics, so none are kept.
-    metrics = None if settings.http_address is None else Metrics()
-    hasher = BcryptHasher(
-        rounds=settings.bcrypt_rounds,
-        executor=executor,
-        workers=settings.hash_workers,
-        queue_length=settings.hash_queue_length,
-        pepper=settings.password_pepper,
-        waited=None if metrics is None else metrics.hash_wait.observe,
-    )
-    throttles = stores.throttles
+
+def build_services(
+    settings: Settings,
+    stores: Stores,
+    key_encryption_key: bytes,
+    *,
+    clock: Clock,
+    hasher: BcryptHasher,
+    mail_transport: MailTransport,
+) -> Services:
+    """The use cases on the stores, each with its policy from the settings."""
+    digests = stores.secrets_at_rest
+    changes = ChangeFeed(log=stores.change_log, poll_seconds=settings.change_poll_seconds)
+    stores.change_log.on_published = changes.published
     mail = MailDelivery(
-        queue=outbox,
-        notices=users,
-        transport=mail_transport or _mail_transport(settings),
+        queue=stores.outbox,
+        notices=stores.users,
+        transport=mail_transport,
         clock=clock,
         poll_seconds=settings.mail_poll_seconds,
         max_attempts=settings.mail_max_attempts,
@@ -309,39 +422,19 @@ async def build_app(
     password_policy = PasswordPolicy(
         min_length=settings.password_min_length, common_passwords=common_passwords(settings.password_min_length)
     )
-    password_throttle = PasswordThrottle(
-        store=throttles,
-        clock=clock,
-        policy=ThrottlePolicy(
-            free_attempts=settings.password_free_attempts,
-            account_free_attempts=settings.password_account_free_attempts,
-            window=timedelta(seconds=settings.password_attempt_window_seconds),
-            max_delay=timedelta(seconds=settings.password_max_delay_seconds),
-            known_source_lifetime=timedelta(seconds=settings.known_source_ttl_seconds),
-        ),
-    )
+    password_throttle = PasswordThrottle(store=stores.throttles, clock=clock, policy=_throttle_policy(settings))
     accounts = AccountService(
-        users=users,
+        users=stores.users,
         mailer=mail,
         hasher=hasher,
-        digests=secrets_at_rest,
+        digests=digests,
         clock=clock,
-        policy=AccountPolicy(
-            password=password_policy,
-            activation_code_ttl=timedelta(seconds=settings.activation_code_ttl_seconds),
-            activation_max_attempts=settings.activation_max_attempts,
-            activation_max_sends=settings.activation_max_sends,
-            activation_send_window=timedelta(seconds=settings.activation_send_window_seconds),
-            activation_token_ttl=timedelta(seconds=settings.activation_token_ttl_seconds),
-            reply_floor=timedelta(seconds=settings.reply_floor_seconds),
-            max_imported_hash_cost=settings.bcrypt_rounds,
-        ),
+        policy=_account_policy(settings, password_policy),
         throttle=password_throttle,
     )
-    encryption = KeyEncryption(settings.key_encryption_key, settings.old_key_encryption_keys)
-    key_store = stores.keys
+    encryption = KeyEncryption(key_encryption_key, settings.old_key_encryption_keys)
     tokens = AccessTokens(
-        store=key_store,
+        store=stores.key_store,
         encryption=encryption,
         clock=clock,
         issuer=settings.jwt_issuer,
@@ -350,76 +443,105 @@ async def build_app(
     )
     mfa = MfaService(
         accounts=accounts,
-        credentials=users,
-        sessions=session_store,
+        credentials=stores.users,
+        sessions=stores.sessions,
         mailer=mail,
         encryption=encryption,
-        digests=secrets_at_rest,
+        digests=digests,
         clock=clock,
         issuer=settings.mfa_issuer,
         max_attempts=settings.mfa_max_attempts,
         attempt_window=timedelta(seconds=settings.mfa_attempt_window_seconds),
     )
-    email_changes = EmailChangeService(
+    return Services(
         accounts=accounts,
-        users=users,
-        mailer=mail,
-        digests=secrets_at_rest,
-        clock=clock,
-        policy=EmailChangePolicy(
-            code_ttl=timedelta(seconds=settings.email_change_code_ttl_seconds),
-            max_attempts=settings.activation_max_attempts,
-            max_sends=settings.activation_max_sends,
-            send_window=timedelta(seconds=settings.activation_send_window_seconds),
+        passwords=PasswordService(
+            accounts=accounts,
+            credentials=stores.users,
+            sessions=stores.sessions,
+            mailer=mail,
+            hasher=hasher,
+            digests=digests,
+            clock=clock,
+            password_policy=password_policy,
+            reset_token_ttl=timedelta(seconds=settings.password_reset_ttl_seconds),
+            reset_max_sends=settings.password_reset_max_sends,
+            reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),
+            reply_floor=timedelta(seconds=settings.reply_floor_seconds),
         ),
-    )
-    passwords = PasswordService(
-        accounts=accounts,
-        credentials=users,
-        sessions=session_store,
-        mailer=mail,
+        sessions=SessionService(
+            logins=mfa,
+            users=stores.users,
+            sessions=stores.sessions,
+            tokens=tokens,
+            digests=digests,
+            clock=clock,
+            session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
+        ),
+        mfa=mfa,
+        email_changes=EmailChangeService(
+            accounts=accounts,
+            users=stores.users,
+            mailer=mail,
+            digests=digests,
+            clock=clock,
+            policy=EmailChangePolicy(
+                code_ttl=timedelta(seconds=settings.email_change_code_ttl_seconds),
+                max_attempts=settings.activation_max_attempts,
+                max_sends=settings.activation_max_sends,
+                send_window=timedelta(seconds=settings.activation_send_window_seconds),
+            ),
+        ),
+        admin=AdminService(
+            users=stores.users, sessions=stores.sessions, throttle=password_throttle, mfa=mfa, clock=clock
+        ),
+        service_accounts=ServiceAccountService(
+            accounts=stores.service_accounts,
+            tokens=tokens,
+            digests=digests,
+            # Secrets are checked as passwords are: the same per-account-and-source delays.
+            throttle=password_throttle,
+            clock=clock,
+        ),
+        directory=DirectoryService(users=stores.users, clock=clock),
+        audit=AuditLog(trail=stores.audit_trail),
+        changes=changes,
+        mail=mail,
+        housekeeping=HousekeepingJob(
+            store=stores.housekeeping,
+            clock=clock,
+            retention=_retention(settings),
+            interval_seconds=settings.housekeeping_interval_seconds,
+        ),
+        tokens=tokens,
+        encryption=encryption,
+        password_throttle=password_throttle,
         hasher=hasher,
-        digests=secrets_at_rest,
-        clock=clock,
-        password_policy=password_policy,
-        reset_token_ttl=timedelta(seconds=settings.password_reset_ttl_seconds),
-        reset_max_sends=settings.password_reset_max_sends,
-        reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),
-        reply_floor=timedelta(seconds=settings.reply_floor_seconds),
-    )
-    service_account_store = stores.service_accounts
-    service_accounts = ServiceAccountService(
-        accounts=service_account_store,
-        tokens=tokens,
-        digests=secrets_at_rest,
-        # Secrets are checked as passwords are: the same per-account-and-source delays.
-        throttle=password_throttle,
-        clock=clock,
-    )
-    sessions = SessionService(
-        logins=mfa,
-        users=users,
-        sessions=session_store,
-        tokens=tokens,
-        digests=secrets_at_rest,
-        clock=clock,
-        session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
     )
 
-    audit_trail = stores.audit_trail
-    audit = AuditLog(trail=audit_trail)
-    ready = asyncio.Event()
-    access = UserServiceInterceptor(
+
+def build_server(
+    settings: Settings,
+    stores: Stores,
+    services: Services,
+    *,
+    clock: Clock,
+    ready: asyncio.Event,
+    metrics: Metrics | None,
+    tracer_provider: TracerProvider | None,
+) -> tuple[grpc.aio.Server, UserServiceInterceptor]:
+    """The gRPC server with its interceptors and the UserService (health is added by the caller)."""
+    interceptor = UserServiceInterceptor(
         method_prefix=f"/{SERVICE_NAME}/",
         ready=ready,
         db_timeout_seconds=settings.db_timeout_seconds,
         authorizer=Authorizer(
-            sessions=sessions,
-            service_accounts=service_accounts,
+            sessions=services.sessions,
+            service_accounts=services.service_accounts,
             machine_identities=settings.machine_identities,
         ),
         rate_limit=SourceRateLimit(
-            store=throttles,
+            store=stores.throttles,
             clock=clock,
             policy=RateLimitPolicy(
                 budgets=_flow_budgets(settings),
@@ -442,109 +564,111 @@ async def build_app(
             ObservabilityInterceptor(
                 method_prefix=f"/{SERVICE_NAME}/", metrics=metrics, trace_ids=tracer_provider is not None
             ),
-            access,
+            interceptor,
             # Inside the access interceptor: it records admitted calls, with the caller that one found.
-            AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=audit, clock=clock),
+            AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=services.audit, clock=clock),
         ],
         options=_SERVER_OPTIONS,
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(
         UserServiceServicer(
-            accounts,
-            sessions,
-            passwords,
-            mfa,
-            email_changes,
-            AdminService(users=users, sessions=session_store, throttle=password_throttle, mfa=mfa, clock=clock),
-            service_accounts,
-            DirectoryService(users=users, clock=clock),
-            audit,
-            changes,
+            services.accounts,
+            services.sessions,
+            services.passwords,
+            services.mfa,
+            services.email_changes,
+            services.admin,
+            services.service_accounts,
+            services.directory,
+            services.audit,
+            services.changes,
         ),
         server,
     )
-    health_servicer = AsyncHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
             SourceInfoReflectionServicer([SERVICE_NAME, health_name, reflection.SERVICE_NAME], load_descriptor_set()),
             server,
         )
-    health = DatabaseHealth(
-        servicer=health_servicer,
+    return server, interceptor
+
+
+def _key_encryption_key(settings: Settings) -> bytes:
+    if settings.key_encryption_key is None:
+        raise ConfigError(
+            "USERS_KEY_ENCRYPTION_KEY is required: it seals the token signing keys. For the local "
+            "database of `users-grpc dev` it is in var/key-encryption-key (export "
+            "USERS_KEY_ENCRYPTION_KEY=$(cat var/key-encryption-key)); for a new deployment make one "
+            "with `users-grpc keys new-kek` and keep it secret."
+        )
+    return settings.key_encryption_key
+
+
+def _database_health(settings: Settings, stores: Stores, servicer: AsyncHealthServicer) -> DatabaseHealth:
+    return DatabaseHealth(
+        servicer=servicer,
         services=["", SERVICE_NAME],
-        ping=lambda: ping(database, min(settings.db_timeout_seconds, settings.health_interval_seconds * 2)),
+        ping=lambda: ping(stores.database, min(settings.db_timeout_seconds, settings.health_interval_seconds * 2)),
         interval_seconds=settings.health_interval_seconds,
     )
-    http = None
-    http_port = None
-    try:
-        port = _add_port(server, settings)
-        if metrics is not None and settings.http_address is not None:
-            metrics.read_at_scrape(
-                Gauges(
-                    hash_jobs=lambda: hasher.jobs,
-                    hash_capacity=hasher.capacity,
-                    streams_open=lambda: access.streams_open,
-                    signing_key_created_at=lambda: tokens.signing_key_created_at,
-                    database_up=lambda: health.serving,
-                    outbox=lambda: _outbox_state(outbox),
-                    now=clock.now,
-                )
-            )
-            http = OperationsHttp(
-                metrics=metrics,
-                # Byte for byte what GetPublicKeys answers.
-                jwks=lambda: json.dumps(tokens.jwks()).encode(),
-                ready=ready,
-                jwks_max_age_seconds=int(settings.key_reload_seconds),
-                max_connections=settings.http_max_connections,
-            )
-            http_port = await http.bind(settings.http_address)
-    except ConfigError:
-        await client.close()
-        executor.shutdown(wait=False)
-        raise
 
-    return App(
-        settings=settings,
-        server=server,
-        port=port,
-        ready=ready,
-        client=client,
+
+def _hasher(settings: Settings, executor: ThreadPoolExecutor, metrics: Metrics | None) -> BcryptHasher:
+    return BcryptHasher(
+        rounds=settings.bcrypt_rounds,
         executor=executor,
-        users=users,
-        outbox=outbox,
-        session_store=session_store,
-        throttles=throttles,
-        service_account_store=service_account_store,
-        schema=stores.schema,
-        audit_trail=audit_trail,
-        accounts=accounts,
-        tokens=tokens,
-        health=health,
-        http=http,
-        http_port=http_port,
-        health_servicer=health_servicer,
-        encryption=encryption,
-        secrets_at_rest=secrets_at_rest,
-        key_store=key_store,
-        key_material=stores.key_material,
-        mail=mail,
-        housekeeping=HousekeepingJob(
-            store=stores.housekeeping,
-            clock=clock,
-            retention=Retention(
-                ended_sessions=timedelta(seconds=settings.session_retention_seconds),
-                never_activated_accounts=timedelta(seconds=settings.unactivated_account_retention_seconds),
-                failed_mail=timedelta(seconds=settings.mail_failed_retention_seconds),
-                audit_events=timedelta(days=settings.audit_retention_days),
-                changes=timedelta(days=settings.change_retention_days),
-            ),
-            interval_seconds=settings.housekeeping_interval_seconds,
-        ),
-        changes=changes,
+        workers=settings.hash_workers,
+        queue_length=settings.hash_queue_length,
+        pepper=settings.password_pepper,
+        waited=None if metrics is None else metrics.hash_wait.observe,
+    )
+
+
+def _throttle_policy(settings: Settings) -> ThrottlePolicy:
+    return ThrottlePolicy(
+        free_attempts=settings.password_free_attempts,
+        account_free_attempts=settings.password_account_free_attempts,
+        window=timedelta(seconds=settings.password_attempt_window_seconds),
+        max_delay=timedelta(seconds=settings.password_max_delay_seconds),
+        known_source_lifetime=timedelta(seconds=settings.known_source_ttl_seconds),
+    )
+
+
+def _account_policy(settings: Settings, password: PasswordPolicy) -> AccountPolicy:
+    return AccountPolicy(
+        password=password,
+        activation_code_ttl=timedelta(seconds=settings.activation_code_ttl_seconds),
+        activation_max_attempts=settings.activation_max_attempts,
+        activation_max_sends=settings.activation_max_sends,
+        activation_send_window=timedelta(seconds=settings.activation_send_window_seconds),
+        activation_token_ttl=timedelta(seconds=settings.activation_token_ttl_seconds),
+        reply_floor=timedelta(seconds=settings.reply_floor_seconds),
+        max_imported_hash_cost=settings.bcrypt_rounds,
+    )
+
+
+def _retention(settings: Settings) -> Retention:
+    return Retention(
+        ended_sessions=timedelta(seconds=settings.session_retention_seconds),
+        never_activated_accounts=timedelta(seconds=settings.unactivated_account_retention_seconds),
+        failed_mail=timedelta(seconds=settings.mail_failed_retention_seconds),
+        audit_events=timedelta(days=settings.audit_retention_days),
+        changes=timedelta(days=settings.change_retention_days),
+    )
+
+
+def _gauges(
+    stores: Stores, services: Services, interceptor: UserServiceInterceptor, health: DatabaseHealth, clock: Clock
+) -> Gauges:
+    return Gauges(
+        hash_jobs=lambda: services.hasher.jobs,
+        hash_capacity=services.hasher.capacity,
+        streams_open=lambda: interceptor.streams_open,
+        signing_key_created_at=lambda: services.tokens.signing_key_created_at,
+        database_up=lambda: health.serving,
+        outbox=lambda: _outbox_state(stores.outbox),
+        now=clock.now,
     )
 
 
