@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "migrate":
             _with_app(settings, lambda app: _migrate(app, args))
         elif args.keys_command == "rotate":
-            print(_with_app(settings, lambda app: app.tokens.rotate()))
+            print(_with_app(settings, lambda app: app.services.tokens.rotate()))
         elif args.keys_command == "rewrap":
             report = _with_app(settings, _rewrap)
             print(report)
@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.keys_command == "rotate-digest-root":
             in_use_after = args.in_use_after if args.in_use_after is not None else 2 * settings.key_reload_seconds
             in_use_from = datetime.now(UTC) + timedelta(seconds=in_use_after)
-            version = _with_app(settings, lambda app: start_digest_root(app.key_material, app.encryption, in_use_from))
+            version = _with_app(
+                settings, lambda app: start_digest_root(app.stores.key_material, app.services.encryption, in_use_from)
+            )
             print(f"digest root {version} started: new digests use it from {in_use_from.isoformat(timespec='seconds')}")
         elif args.keys_command == "retire":
             retired = _with_app(settings, lambda app: _retire_key(app, args.kid))
@@ -238,7 +240,7 @@ def _with_app(settings: Settings, task: Callable[[App], Awaitable[_T]]) -> _T:
 
 async def _create_admin(app: App, args: argparse.Namespace) -> str:
     password = os.environ.get("USERS_ADMIN_PASSWORD") or getpass.getpass("Password: ")
-    user = await app.accounts.create_admin(
+    user = await app.services.accounts.create_admin(
         Registration(
             username=args.username,
             first_name=_admin_first_name(args),
@@ -263,7 +265,7 @@ def _admin_last_name(args: argparse.Namespace) -> str:
 
 async def _migrate(app: App, args: argparse.Namespace) -> int:
     return await migrations.migrate(
-        app.schema,
+        app.stores.schema,
         datetime.now(UTC),
         dry_run=args.dry_run,
         all_replicas_upgraded=args.all_replicas_upgraded,
@@ -273,14 +275,18 @@ async def _migrate(app: App, args: argparse.Namespace) -> int:
 
 async def _rewrap(app: App) -> RewrapReport:
     return await rewrap(
-        encryption=app.encryption, keys=app.key_store, users=app.users, outbox=app.outbox, material=app.key_material
+        encryption=app.services.encryption,
+        keys=app.stores.key_store,
+        users=app.stores.users,
+        outbox=app.stores.outbox,
+        material=app.stores.key_material,
     )
 
 
 async def _retire_key(app: App, kid: str) -> bool:
-    if kid == app.tokens.signing_kid:
+    if kid == app.services.tokens.signing_kid:
         raise ConfigError(f"{kid} is the key that signs now: run `users-grpc keys rotate` first")
-    return await app.tokens.retire(kid)
+    return await app.services.tokens.retire(kid)
 
 
 if __name__ == "__main__":

@@ -479,14 +479,14 @@ def test_housekeeping_purges_events_past_the_retention(start_server: StartServer
     before = len(stored_audit(server))
     assert before >= 2  # the admin's sign-in and the unlock
     clock.advance(days=29)
-    first = server.call(server.app.housekeeping.run_once())
+    first = server.call(server.app.services.housekeeping.run_once())
     assert first is not None
     assert first.audit_events == 0
     clock.advance(days=2)
     signed_in = server.anonymous.Authenticate(
         pb.AuthenticateRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
     )
-    purged = server.call(server.app.housekeeping.run_once())
+    purged = server.call(server.app.services.housekeeping.run_once())
     assert purged is not None
     assert purged.audit_events == before
     left = audit_events(server.stub_for(signed_in.access_token))

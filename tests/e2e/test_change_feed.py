@@ -168,7 +168,7 @@ def test_a_cursor_older_than_the_changes_kept_is_refused(start_server: StartServ
         pb.AuthenticateRequest(identifier=server.admin_username, password=ADMIN_PASSWORD)
     )
     admin = server.stub_for(signed_in.access_token)  # the first token has expired
-    purged = server.call(server.app.housekeeping.run_once())
+    purged = server.call(server.app.services.housekeeping.run_once())
     assert purged is not None
     # All but the newest: the sequence never starts over.
     assert purged.changes == 3

@@ -240,7 +240,7 @@ def test_the_python_verifier_caches_the_keys_and_fetches_them_again_after_a_rota
     verifier.verify(sign_in(server, "rotated").access_token)
     assert keys.fetches == 1
 
-    server.call(server.app.tokens.rotate())
+    server.call(server.app.services.tokens.rotate())
     rotated = sign_in(server, "rotated").access_token
     # Within the refetch interval an unknown kid is refused without asking the server again.
     monkeypatch.setattr(users_grpc_client, "REFETCH_INTERVAL_SECONDS", 3600.0)

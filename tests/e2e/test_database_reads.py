@@ -150,11 +150,11 @@ def test_a_cached_token_is_refused_once_its_key_is_retired(
     jane = signed_up(server, mail)
     stub = server.stub_for(jane.access_token)
     stub.GetUser(pb.GetUserRequest(id=jane.user.id))
-    old_kid = server.app.tokens.signing_kid
+    old_kid = server.app.services.tokens.signing_kid
     assert old_kid is not None
-    server.call(server.app.tokens.rotate())
+    server.call(server.app.services.tokens.rotate())
 
-    assert server.call(server.app.tokens.retire(old_kid))
+    assert server.call(server.app.services.tokens.retire(old_kid))
 
     error = rpc_error(stub.GetUser, pb.GetUserRequest(id=jane.user.id))
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED

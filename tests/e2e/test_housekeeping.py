@@ -31,7 +31,7 @@ def clock() -> FakeClock:
 
 def housekeep(server: RunningServer) -> Purged | None:
     """One round of this replica's housekeeping: what it purged, or None if another replica holds the lease."""
-    return server.call(server.app.housekeeping.run_once())
+    return server.call(server.app.services.housekeeping.run_once())
 
 
 def admin(server: RunningServer) -> Any:
@@ -137,7 +137,7 @@ def test_one_replica_at_a_time_runs_housekeeping(start_server: StartServer, cloc
         assert sum(r is not None for r in rounds) == 1
         winner, loser = (replicas[0], replicas[1]) if rounds[0] is not None else (replicas[1], replicas[0])
         [lease] = [lease for lease in collection(winner, mongodb_uri, "leases") if lease["_id"] == JOB]
-        assert lease["holder"] == winner.app.housekeeping.holder
+        assert lease["holder"] == winner.app.services.housekeeping.holder
         # While the lease runs, the other replica does not run, however often it tries.
         clock.advance(seconds=3599)
         assert housekeep(loser) is None

@@ -158,7 +158,7 @@ def test_a_secret_written_during_the_rewrap_is_never_overwritten(servers: Server
         """The users repository, with jane enrolling again just before the rewrap writes."""
 
         def __getattr__(self, name: str) -> object:
-            return getattr(app.users, name)
+            return getattr(app.stores.users, name)
 
         async def reseal_totp_secret(self, user_id: str, sealed: bytes, resealed: bytes) -> bool:
             if not enrolled_again:
@@ -166,15 +166,15 @@ def test_a_secret_written_during_the_rewrap_is_never_overwritten(servers: Server
                     own.EnableMfa, pb.EnableMfaRequest(user_id=jane.user.id, password=PASSWORD)
                 )
                 enrolled_again.append(enrollment.secret)
-            return await app.users.reseal_totp_secret(user_id, sealed, resealed)
+            return await app.stores.users.reseal_totp_secret(user_id, sealed, resealed)
 
     report = during.call(
         rewrap(
-            encryption=app.encryption,
-            keys=app.key_store,
+            encryption=app.services.encryption,
+            keys=app.stores.key_store,
             users=EnrollsMeanwhile(),  # type: ignore[arg-type]
-            outbox=app.outbox,
-            material=app.key_material,
+            outbox=app.stores.outbox,
+            material=app.stores.key_material,
         )
     )
     assert enrolled_again
@@ -301,10 +301,10 @@ def test_a_new_digest_root_is_not_used_before_its_time(servers: Servers, mail: M
 
 def test_a_running_replica_loads_a_new_digest_root_at_its_next_key_reload(servers: Servers, mail: MailSink) -> None:
     server = servers.start(FakeClock(), key_reload_seconds=1.0)
-    assert server.app.secrets_at_rest.digest_root_versions == [0]
+    assert server.app.stores.secrets_at_rest.digest_root_versions == [0]
     started = users_grpc("keys", "rotate-digest-root", "--in-use-after", "0", server_settings=server.settings)
     assert started.returncode == 0, started.stderr
-    wait_until(lambda: server.app.secrets_at_rest.digest_root_versions == [1, 0], what="root 1 loaded")
+    wait_until(lambda: server.app.stores.secrets_at_rest.digest_root_versions == [1, 0], what="root 1 loaded")
     server.anonymous.CreateUser(create_request(username="eva", email="eva@example.com"))
     code = mail.code_for("eva@example.com")
     assert server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="eva", code=code)).user.username == "eva"

@@ -311,7 +311,7 @@ def test_a_notice_queued_but_not_dropped_before_a_crash_is_delivered_once(
     user_id = server.anonymous.CreateUser(create_request()).user.id
     notice_id = pend_notice(users, user_id, "Queued, then a crash")
     queued = Mail(to="jane@example.com", subject="Queued, then a crash", body="Hi.\n")
-    server.call(server.app.outbox.enqueue(queued, datetime.now(UTC), mail_id=str(notice_id), notice_of=user_id))
+    server.call(server.app.stores.outbox.enqueue(queued, datetime.now(UTC), mail_id=str(notice_id), notice_of=user_id))
     delivered_once(mail, "Queued, then a crash", users)
 
 
@@ -326,7 +326,7 @@ def test_a_notice_queued_by_an_older_version_before_a_crash_is_delivered_once(
     outbox = users.database.outbox
     # Queued due in an hour, so that no sender takes it before it looks as an older version left it.
     later = datetime.now(UTC) + timedelta(hours=1)
-    server.call(server.app.outbox.enqueue(queued, later, mail_id=str(notice_id), notice_of=user_id))
+    server.call(server.app.stores.outbox.enqueue(queued, later, mail_id=str(notice_id), notice_of=user_id))
     assert outbox.update_one({"_id": notice_id}, {"$unset": {"notice_of": ""}}).modified_count == 1
     assert outbox.update_one({"_id": notice_id}, {"$set": {"next_attempt_at": datetime.now(UTC)}}).modified_count == 1
     delivered_once(mail, "Queued by an older version", users)
@@ -341,7 +341,7 @@ def test_a_notice_claimed_by_a_sender_that_died_is_delivered_once_its_claim_runs
     user_id = server.anonymous.CreateUser(create_request()).user.id
     notice_id = pend_notice(users, user_id, "Claimed, then a crash", claimed_for=1.5)
     queued = Mail(to="jane@example.com", subject="Claimed, then a crash", body="Hi.\n")
-    server.call(server.app.outbox.enqueue(queued, datetime.now(UTC), mail_id=str(notice_id), notice_of=user_id))
+    server.call(server.app.stores.outbox.enqueue(queued, datetime.now(UTC), mail_id=str(notice_id), notice_of=user_id))
     # The sender found the copy and put it off (a postponement counts no attempt) while the claim runs.
     outbox = users.database.outbox
     wait_until(lambda: outbox.count_documents({"_id": notice_id, "attempts": 0, "status": "pending",

@@ -333,7 +333,7 @@ def test_an_unexpected_error_is_one_line_with_its_traceback_as_a_field(
     def broken() -> Any:
         raise RuntimeError("a bug")
 
-    server.app.tokens.jwks = broken  # type: ignore[method-assign]
+    server.app.services.tokens.jwks = broken  # type: ignore[method-assign]
     error = rpc_error(server.stub.GetPublicKeys, pb.GetPublicKeysRequest())
     assert error.code() == grpc.StatusCode.INTERNAL
     [record] = [r for r in caplog.records if r.getMessage() == "unexpected error"]
@@ -480,7 +480,7 @@ def test_a_stream_is_one_call_line_and_counted_when_it_ends(
 
     wait_until(lambda: len(watch_lines()) == 2, what="a line for each stream")
     # Closed all the way down by the time its line is written: the feed reads for it no more.
-    assert server.app.changes.watchers == 0
+    assert server.app.services.changes.watchers == 0
     lines = watch_lines()
     refused, left = lines["bad-cursor"], lines["left"]
     assert (refused["code"], refused["caller_user_id"]) == ("INVALID_ARGUMENT", server.admin_id)

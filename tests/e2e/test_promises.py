@@ -218,7 +218,7 @@ def test_an_unknown_kid_makes_a_server_reload_its_keys(
     monkeypatch.setattr(tokens, "_RELOAD_ON_UNKNOWN_KID_SECONDS", 0.0)
     signer = start_server(key_reload_seconds=3600)
     verifier = start_server(key_reload_seconds=3600)
-    new_kid = signer.call(signer.app.tokens.rotate())
+    new_kid = signer.call(signer.app.services.tokens.rotate())
     assert new_kid not in kids(verifier)
     signed_in = signer.anonymous.Authenticate(
         pb.AuthenticateRequest(identifier=signer.admin_username, password="admin password for tests")
@@ -229,7 +229,7 @@ def test_an_unknown_kid_makes_a_server_reload_its_keys(
 
 
 def kids(server: RunningServer) -> set[str]:
-    return {key["kid"] for key in server.app.tokens.jwks()["keys"]}
+    return {key["kid"] for key in server.app.services.tokens.jwks()["keys"]}
 
 
 # --- password policy ------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_a_mail_is_given_up_after_the_maximum_attempts(
     assert failed["attempts"] == 3
     assert "Connection refused" in failed["last_error"] or "Errno" in failed["last_error"]
     # Given up for good: no sender claims it again.
-    server.call(server.app.mail.deliver_next())
+    server.call(server.app.services.mail.deliver_next())
     with raw_collection(mongodb_uri, server.settings.mongodb_database, "outbox") as outbox:
         assert [(m["status"], m["attempts"]) for m in outbox.find()] == [("failed", 3)]
 

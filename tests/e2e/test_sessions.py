@@ -176,7 +176,7 @@ def test_an_admin_deletes_another_user_without_a_password_but_themself_with_one(
     wrong = rpc_error(server.stub.DeleteUser, pb.DeleteUserRequest(id=server.admin_id, password="not the password"))
     assert wrong.code() == UNAUTHENTICATED
     # Another admin first: the last active admin is never deleted.
-    server.call(server.app.accounts.create_admin(registration(username="second", email="second@example.com")))
+    server.call(server.app.services.accounts.create_admin(registration(username="second", email="second@example.com")))
     server.stub.DeleteUser(pb.DeleteUserRequest(id=server.admin_id, password=ADMIN_PASSWORD))
     assert rpc_error(server.stub.GetUser, pb.GetUserRequest(id=server.admin_id)).code() == UNAUTHENTICATED
 
@@ -334,13 +334,13 @@ def test_forged_tokens_are_unauthenticated(
 def test_rotation_keeps_old_tokens_valid_and_signs_with_the_new_key(server: RunningServer, mail: MailSink) -> None:
     before = signed_up(server, mail)
     old_kid = jwt.get_unverified_header(before.access_token)["kid"]
-    new_kid = server.call(server.app.tokens.rotate())
+    new_kid = server.call(server.app.services.tokens.rotate())
     after = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD))
     assert jwt.get_unverified_header(after.access_token)["kid"] == new_kid != old_kid
     assert whoami(server, before).id == whoami(server, after).id
     jwks = json.loads(server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest()).jwks_json)
     assert {key["kid"] for key in jwks["keys"]} == {old_kid, new_kid}
-    assert server.call(server.app.tokens.retire(old_kid))
+    assert server.call(server.app.services.tokens.retire(old_kid))
     assert get_user_status(server, before.access_token, before.user.id) == UNAUTHENTICATED
 
 
@@ -348,7 +348,7 @@ def test_a_token_version_bump_alone_ends_refresh_too(server: RunningServer, mail
     """A session opened while a password change was under way dies with the change's version bump,
     even if it escaped the change's sweep of sessions."""
     session = signed_up(server, mail)
-    server.call(server.app.users.bump_token_version(session.user.id, datetime.now(UTC)))
+    server.call(server.app.stores.users.bump_token_version(session.user.id, datetime.now(UTC)))
     assert refresh_status(server, session.refresh_token) == UNAUTHENTICATED
 
 

@@ -177,7 +177,7 @@ def test_a_hashing_flood_is_refused_at_once_and_refused_tries_do_not_count(
     assert all(retry_delay(e) >= 1 for e in refused)  # type: ignore[arg-type]
     # Only the tries that reached a comparison count; a refused one was given back.
     keys = [f"password:unknown:{name}:127.0.0.1" for name in names]
-    tallies = server.call(server.app.throttles.get(keys))
+    tallies = server.call(server.app.stores.throttles.get(keys))
     counted = [tallies[key].count if key in tallies else 0 for key in keys]
     assert counted == [1 if code == grpc.StatusCode.UNAUTHENTICATED else 0 for code in codes]
     assert sign_in(server.anonymous, PASSWORD).user.username == "jane"

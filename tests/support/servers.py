@@ -75,7 +75,7 @@ class RunningServer:
         )
         self.anonymous = user_service_pb2_grpc.UserServiceStub(self.channel)
         self.admin_username = admin = f"admin-{uuid.uuid4().hex[:8]}"
-        self.call(self.app.accounts.create_admin(registration(username=admin, email=f"{admin}@example.com")))
+        self.call(self.app.services.accounts.create_admin(registration(username=admin, email=f"{admin}@example.com")))
         signed_in = self.anonymous.Authenticate(
             user_service_pb2.AuthenticateRequest(identifier=admin, password=ADMIN_PASSWORD)
         )
