@@ -11,22 +11,20 @@ names, so of two callers holding the same etag exactly one wins (AIP-154).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import logging
 
 from users_grpc.domain import model, rules
 from users_grpc.domain.errors import EtagMismatch, FieldViolation, InvalidArgument, NotFound
 from users_grpc.domain.model import ProfileChanges, User, UserFilter
 from users_grpc.domain.ports import Clock, UserDirectory
+from users_grpc.services.paging import PageTokens
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-_ID_BYTES = 12
-_CHECK_BYTES = 12
+# A page token names the last user id (12 bytes) of its page, bound to the list's filters.
+_PAGES = PageTokens(position_bytes=12, list_name="users.v1.ListUsers")
 
 
 class DirectoryService:
@@ -40,12 +38,13 @@ class DirectoryService:
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise InvalidArgument([FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}")])
         limit = page_size or DEFAULT_PAGE_SIZE
-        after = _after(page_token, filters)
+        position = _PAGES.decode(page_token, filters.fingerprint())
+        after = None if position is None else position.hex()
         users = await self._users.list_users(filters, after, limit + 1)
         total = await self._users.count_users(filters)
         if len(users) <= limit:
             return users, "", total
-        return users[:limit], _page_token(users[limit - 1].id, filters), total
+        return users[:limit], _PAGES.encode(bytes.fromhex(users[limit - 1].id), filters.fingerprint()), total
 
     async def update_user(self, user_id: str, paths: list[str], changes: ProfileChanges, etag: str) -> User:
         rules.validate_user_id(user_id, "user_id")
@@ -77,31 +76,3 @@ def _validate_paths(paths: list[str]) -> None:
     ]
     if violations:
         raise InvalidArgument(violations)
-
-
-def _check(user_id: bytes, filters: UserFilter) -> bytes:
-    # Binds the token to its filters, and catches a token altered in transit or by hand.
-    return hashlib.sha256(b"users.v1.ListUsers\0" + filters.fingerprint() + b"\0" + user_id).digest()[:_CHECK_BYTES]
-
-
-def _page_token(user_id: str, filters: UserFilter) -> str:
-    raw = bytes.fromhex(user_id)
-    return base64.urlsafe_b64encode(raw + _check(raw, filters)).decode().rstrip("=")
-
-
-def _after(page_token: str, filters: UserFilter) -> str | None:
-    if not page_token:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(page_token + "=" * (-len(page_token) % 4))
-    except (binascii.Error, ValueError):
-        raw = b""
-    user_id, check = raw[:_ID_BYTES], raw[_ID_BYTES:]
-    # The check binds the token to its filters; re-encoding refuses other spellings of the bytes.
-    if (
-        check != _check(user_id, filters)
-        or len(user_id) != _ID_BYTES
-        or _page_token(user_id.hex(), filters) != page_token
-    ):
-        raise InvalidArgument([FieldViolation("page_token", "is not a page token of this list with these filters")])
-    return user_id.hex()

@@ -12,8 +12,6 @@ else revokes an account's token before its expiry, but retiring the key that sig
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import secrets
 from datetime import datetime
@@ -22,6 +20,7 @@ from users_grpc.domain import rules
 from users_grpc.domain.errors import FieldViolation, InvalidArgument, InvalidCredentials, NotFound, Unauthenticated
 from users_grpc.domain.model import Caller, ServiceAccount
 from users_grpc.domain.ports import Clock, SecretDigests, ServiceAccountRepository
+from users_grpc.services.paging import PageTokens
 from users_grpc.services.throttling import PasswordThrottle
 from users_grpc.services.tokens import AccessTokens
 
@@ -32,6 +31,8 @@ _SECRET_BYTES = 32
 _SECRET_MAX_LENGTH = 128
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Opaque to callers: the last client id (12 bytes) of the page, so the next page starts after it.
+_PAGES = PageTokens(position_bytes=12)
 
 
 class ServiceAccountNotFound(NotFound):
@@ -106,10 +107,11 @@ class ServiceAccountService:
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise InvalidArgument([FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}")])
         limit = page_size or DEFAULT_PAGE_SIZE
-        accounts = await self._accounts.list_after(_after(page_token), limit + 1)
+        position = _PAGES.decode(page_token)
+        accounts = await self._accounts.list_after(None if position is None else position.hex(), limit + 1)
         if len(accounts) <= limit:
             return accounts, ""
-        return accounts[:limit], _page_token(accounts[limit - 1].client_id)
+        return accounts[:limit], _PAGES.encode(bytes.fromhex(accounts[limit - 1].client_id))
 
     async def delete(self, client_id: str, *, caller: Caller) -> None:
         rules.validate_user_id(client_id, "client_id")
@@ -119,20 +121,3 @@ class ServiceAccountService:
 
     def _digest(self, client_id: str, secret: str) -> str:
         return self._digests.digest("service-account-secret", client_id, secret)
-
-
-def _page_token(client_id: str) -> str:
-    # Opaque to callers: the last client id of the page, so the next page starts after it.
-    return base64.urlsafe_b64encode(bytes.fromhex(client_id)).decode().rstrip("=")
-
-
-def _after(page_token: str) -> str | None:
-    if not page_token:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(page_token + "=" * (-len(page_token) % 4))
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 12 or _page_token(raw.hex()) != page_token:
-        raise InvalidArgument([FieldViolation("page_token", "is not a page token of this list")])
-    return raw.hex()
