@@ -12,11 +12,10 @@ import enum
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
+from typing import Protocol
 
 from users_grpc.domain.errors import PermissionDenied, Unauthenticated
-from users_grpc.domain.model import ANONYMOUS, Caller
-from users_grpc.services.service_accounts import ServiceAccountService
-from users_grpc.services.sessions import SessionService
+from users_grpc.domain.model import ANONYMOUS, AccessClaims, Caller, User
 from users_grpc.services.throttling import Flow
 from users_grpc.services.tokens import is_service_token
 
@@ -107,12 +106,24 @@ async def _never_admitted() -> None:
 stream_admission: ContextVar[Callable[[], Awaitable[None]]] = ContextVar("stream_admission", default=_never_admitted)
 
 
+class UserTokenChecker(Protocol):
+    """What the authorizer needs of the sessions (services/sessions.py, wired in bootstrap.py)."""
+
+    async def check_access_token(self, access_token: str) -> tuple[AccessClaims, User]: ...
+
+
+class ServiceTokenChecker(Protocol):
+    """What the authorizer needs of the service accounts (services/service_accounts.py, wired in bootstrap.py)."""
+
+    async def caller_of(self, access_token: str) -> Caller: ...
+
+
 class Authorizer:
     def __init__(
         self,
         *,
-        sessions: SessionService,
-        service_accounts: ServiceAccountService,
+        sessions: UserTokenChecker,
+        service_accounts: ServiceTokenChecker,
         machine_identities: Iterable[str],
     ) -> None:
         self._sessions = sessions
