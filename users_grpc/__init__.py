@@ -1,14 +1,12 @@
 """users-grpc: user accounts over gRPC (``users.v1.UserService``) on MongoDB.
 
-The layers, outside in::
+The layers, outside in (docs/architecture.md; pyproject.toml [tool.importlinter] checks them)::
 
-    servicer.py      gRPC requests -> service calls -> gRPC replies
-    interceptors.py  domain errors -> gRPC statuses, deadlines -> database timeouts
-    service.py       the account lifecycle, on domain types and ports only
-    domain.py        types and rules;  errors.py: the error tree
-    ports.py         what the service needs: repository, mailer, hasher, clock
-    mongo/           PyMongo (BSON stays there);  mail.py, passwords.py: other adapters
-    bootstrap.py     the composition root;  config.py: USERS_* settings
+    bootstrap.py   the composition root: builds the stores, the services and the server
+    grpc_api/      gRPC requests -> service calls -> gRPC replies; access rules, interceptors, the error table
+    adapters/      MongoDB (BSON stays there), bcrypt, mail transports, secrets at rest
+    services/      the use cases, on domain types and ports only
+    domain/        types, rules, the error tree and the ports; no gRPC, protobuf or PyMongo
 """
 
 __all__: list[str] = []
