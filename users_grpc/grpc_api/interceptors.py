@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Any, cast
 
@@ -154,85 +154,94 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _guard(self, method: str, behavior: _Behavior) -> _Behavior:
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            metadata = context.invocation_metadata() or ()
-            # Set at once, so that even refusals before the caller is known are logged with its address.
-            token = current_caller.set(Caller(source=source_address(context.peer(), None, machine=False)))
-            budget = database_budget.set(self._budget(context))
-            counted = False
-            try:
-                if isinstance(request, _Malformed):
-                    raise MalformedRequest()
-                refuse_out_of_range(request)
-                if not self._ready.is_set():
-                    # Uniqueness rests on indexes made at start-up: nothing is served before them.
-                    raise StorageUnavailable("the service is starting: its database is not ready yet")
-                if self._in_progress >= self._max_concurrent_calls:
-                    raise Overloaded(retry_after=OVERLOADED_RETRY_AFTER)
-                self._in_progress += 1
-                counted = True
-                name = method.rpartition("/")[2]
-                caller = await self._identified(name, metadata, context)
-                self._authorizer.admit(name, request, caller)
-                if name in FLOWS and not caller.is_admin:
-                    await self._rate_limit.check(caller.source, FLOWS[name])
+            async with self._guarded(method, request, context, stream=False):
                 return await behavior(request, context)
-            except UsersError as error:
-                await _refuse(context, method, error)
-            except Exception:
-                log.exception("unexpected error", extra={"rpc": method})
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            finally:
-                if counted:
-                    self._in_progress -= 1
-                database_budget.reset(budget)
-                current_caller.reset(token)
 
         return guarded
 
     def _guard_stream(self, method: str, behavior: _StreamBehavior) -> _StreamBehavior:
-        """The access rule, deadlines and error statuses of :meth:`_guard`, for a server stream."""
-
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
-            metadata = context.invocation_metadata() or ()
-            # Set, never reset: each call runs in its own task, with its own copy of the context, and a
-            # stream closed from outside finishes in another context, where a reset would fail.
-            current_caller.set(Caller(source=source_address(context.peer(), None, machine=False)))
-            database_budget.set(self._budget(context))
-            counted = False
-            try:
-                if isinstance(request, _Malformed):
-                    raise MalformedRequest()
-                refuse_out_of_range(request)
-                if not self._ready.is_set():
-                    raise StorageUnavailable("the service is starting: its database is not ready yet")
-                name = method.rpartition("/")[2]
-                caller = await self._identified(name, metadata, context)
-                self._authorizer.admit(name, request, caller)
-                # Counted once admitted: strangers' attempts must not take the places of watchers.
-                # A caller at its share hears so first: closing its own streams is what helps.
-                holder = _stream_holder(caller)
-                if self._streams_of[holder] >= self._max_streams_per_caller:
-                    raise TooManyStreams(retry_after=STREAMS_FULL_RETRY_AFTER)
-                if self.streams_open >= self._max_streams:
-                    raise Overloaded(retry_after=STREAMS_FULL_RETRY_AFTER)
-                self._streams_of[holder] += 1
-                counted = True
-                stream_admission.set(self._readmission(name, request, metadata, context))
-                async with contextlib.aclosing(behavior(request, context)) as responses:
-                    async for response in responses:
-                        yield response
-            except UsersError as error:
-                await _refuse(context, method, error)
-            except Exception:
-                log.exception("unexpected error", extra={"rpc": method})
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            finally:
-                if counted:
-                    self._streams_of[holder] -= 1
-                    if not self._streams_of[holder]:
-                        del self._streams_of[holder]
+            async with (
+                self._guarded(method, request, context, stream=True),
+                contextlib.aclosing(behavior(request, context)) as responses,
+            ):
+                async for response in responses:
+                    yield response
 
         return guarded
+
+    @contextlib.asynccontextmanager
+    async def _guarded(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], *, stream: bool
+    ) -> AsyncIterator[None]:
+        """The one guard of every UserService call, unary or a server stream: the request parsed,
+        the service ready, a place free, the caller identified and admitted by the access rule,
+        the database budget bound to the deadline, and every error its status."""
+        metadata = context.invocation_metadata() or ()
+        # Set at once, so that even refusals before the caller is known are logged with its address.
+        caller_token = current_caller.set(Caller(source=source_address(context.peer(), None, machine=False)))
+        budget_token = database_budget.set(self._budget(context))
+        release: Callable[[], None] | None = None
+        try:
+            if isinstance(request, _Malformed):
+                raise MalformedRequest()
+            refuse_out_of_range(request)
+            if not self._ready.is_set():
+                # Uniqueness rests on indexes made at start-up: nothing is served before them.
+                raise StorageUnavailable("the service is starting: its database is not ready yet")
+            if not stream:
+                release = self._take_call_place()
+            name = method.rpartition("/")[2]
+            caller = await self._identified(name, metadata, context)
+            self._authorizer.admit(name, request, caller)
+            if stream:
+                release = self._take_stream_place(caller)
+                stream_admission.set(self._readmission(name, request, metadata, context))
+            elif name in FLOWS and not caller.is_admin:
+                await self._rate_limit.check(caller.source, FLOWS[name])
+            yield
+        except UsersError as error:
+            await _refuse(context, method, error)
+        except Exception:
+            log.exception("unexpected error", extra={"rpc": method})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            if release is not None:
+                release()
+            # A stream's are set, never reset: each call runs in its own task, with its own copy of the
+            # context, and a stream closed from outside finishes in another context, where a reset would fail.
+            if not stream:
+                database_budget.reset(budget_token)
+                current_caller.reset(caller_token)
+
+    def _take_call_place(self) -> Callable[[], None]:
+        """A place among the unary calls in progress, or OVERLOADED; returns what gives it back."""
+        if self._in_progress >= self._max_concurrent_calls:
+            raise Overloaded(retry_after=OVERLOADED_RETRY_AFTER)
+        self._in_progress += 1
+
+        def release() -> None:
+            self._in_progress -= 1
+
+        return release
+
+    def _take_stream_place(self, caller: Caller) -> Callable[[], None]:
+        """A place among the open streams, within the caller's share; returns what gives it back."""
+        # Counted once admitted: strangers' attempts must not take the places of watchers.
+        # A caller at its share hears so first: closing its own streams is what helps.
+        holder = _stream_holder(caller)
+        if self._streams_of[holder] >= self._max_streams_per_caller:
+            raise TooManyStreams(retry_after=STREAMS_FULL_RETRY_AFTER)
+        if self.streams_open >= self._max_streams:
+            raise Overloaded(retry_after=STREAMS_FULL_RETRY_AFTER)
+        self._streams_of[holder] += 1
+
+        def release() -> None:
+            self._streams_of[holder] -= 1
+            if not self._streams_of[holder]:
+                del self._streams_of[holder]
+
+        return release
 
     def _readmission(
         self,
