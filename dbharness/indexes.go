@@ -27,9 +27,9 @@ import (
 //
 // The harness's patch (patches/sqlite-pushdown.patch, pushdown.go) also narrows
 // a query by an equality, a range or a literal prefix on any other top-level
-// field, with the expression _ferretdb_sjson->>'$.field', and reads an _id order off the _id index once it
-// has checked, through an index on the _id's recorded type, that every _id is an
-// ObjectID. So for each index the service creates (createIndexes) on top-level
+// field, with the expression _ferretdb_sjson->>'$.field', and reads a sort that
+// ends on _id off an index once it has checked, through indexes on the types
+// sjson records, that every _id is an ObjectID and every other key one type. So for each index the service creates (createIndexes) on top-level
 // fields, the harness adds one on those fields' lookup expressions, in the same
 // order: {role: 1, _id: 1} becomes (_ferretdb_sjson->>'$.role', _ferretdb_sjson->'$._id'),
 // which serves a filtered keyset page (role = ? AND _id > ? ORDER BY _id).
@@ -42,6 +42,7 @@ const (
 	idIndexPrefix     = "_ferretdb_id_"
 	idTypeIndexPrefix = "_ferretdb_idtype_"
 	fieldIndexPrefix  = "_ferretdb_ix_"
+	typeIndexPrefix   = "_ferretdb_type_"
 	// FerretDB's list of the collections in a database file, with their tables.
 	collectionsTable = "_ferretdb_collections"
 	fileExtension    = ".sqlite"
@@ -80,6 +81,7 @@ func tableIndexes(table, settings string) []sqlIndex {
 		log.Printf("settings of table %s: %v", table, err)
 		return indexes
 	}
+	typed := map[string]bool{}
 	for _, index := range parsed.Indexes {
 		columns := make([]string, 0, len(index.Key))
 		for _, key := range index.Key {
@@ -97,8 +99,24 @@ func tableIndexes(table, settings string) []sqlIndex {
 			continue
 		}
 		indexes = append(indexes, sqlIndex{fieldIndexPrefix + table + "_" + index.Name, table, columns})
+		// An index that ends on _id serves a sorted keyset: the patch sorts by its fields once it
+		// has seen, through these, that each holds one type in every row.
+		if last := index.Key[len(index.Key)-1].Field; len(index.Key) > 1 && last == "_id" {
+			for _, key := range index.Key[:len(index.Key)-1] {
+				name := typeIndexPrefix + table + "_" + key.Field
+				if !typed[name] {
+					typed[name] = true
+					indexes = append(indexes, sqlIndex{name, table, []string{typeExpression(key.Field)}})
+				}
+			}
+		}
 	}
 	return indexes
+}
+
+// typeExpression is the BSON type sjson records for a top-level field (pushdown.go's typeColumn).
+func typeExpression(field string) string {
+	return `_ferretdb_sjson->>'$."$s".p.` + field + `.t'`
 }
 
 // fieldExpression is the expression the patch compares a top-level field with (its SQL value;

@@ -87,6 +87,8 @@ func TestTableIndexes(t *testing.T) {
 		"_ferretdb_ix_users_1_role_id":             `_ferretdb_sjson->>'$.role', _ferretdb_sjson->'$._id'`,
 		"_ferretdb_ix_users_1_username_key_unique": `_ferretdb_sjson->>'$.username_key'`,
 		"_ferretdb_ix_users_1_created_at_desc":     `_ferretdb_sjson->>'$.created_at'`,
+		// role_id ends on _id: a sorted keyset, whose other keys' types the patch checks
+		"_ferretdb_type_users_1_role": `_ferretdb_sjson->>'$."$s".p.role.t'`,
 	}
 	if len(got) != len(want) {
 		t.Errorf("tableIndexes = %v, want %v (no index for _id alone, none on a dotted field)", got, want)
