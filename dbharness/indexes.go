@@ -156,11 +156,11 @@ var creatingCommands = map[string]bool{
 //
 // It opens the database file with a connection of its own for each check and
 // closes it at once, so it never holds a file that FerretDB may drop. It runs
-// after commands, under its own lock (and the proxy's write lock after a write);
-// FerretDB's connections use WAL and wait for locks, so its open cursors and
-// the reads running beside it do not get in the way.
+// between commands, under the proxy's lock (and a lock of its own, so that it
+// stays safe if commands ever run beside each other); FerretDB's connections
+// use WAL and wait for locks, so its open cursors do not get in the way.
 type indexer struct {
-	mu  sync.Mutex // after runs beside other commands: reads are not serialised
+	mu  sync.Mutex
 	dir string
 	// known records, per database, the collections found indexed (true) or found
 	// missing (false); it is reset where a command drops or renames collections.

@@ -103,16 +103,3 @@ func TestTableIndexes(t *testing.T) {
 		t.Errorf("unreadable settings: %v", indexes)
 	}
 }
-
-func TestOnlyReadsRunBesideWrites(t *testing.T) {
-	for _, name := range []string{"find", "getMore", "aggregate", "count", "hello", "ping"} {
-		if !readCommands[name] {
-			t.Errorf("%s should run without the write lock", name)
-		}
-	}
-	for _, name := range []string{"insert", "update", "delete", "findAndModify", "createIndexes", "drop", ""} {
-		if readCommands[name] {
-			t.Errorf("%q must hold the write lock", name)
-		}
-	}
-}

@@ -8,10 +8,7 @@
 // followed by a separate write, so two racing updates can both match the same
 // precondition; MongoDB applies each single-document update atomically, and
 // users-grpc relies on that. The harness restores the guarantee by passing
-// clients to FerretDB through a small proxy that runs one write at a time.
-// Reads (readCommands) run beside each other and beside the write: SQLite in
-// WAL mode gives each statement a consistent snapshot, and a read racing a
-// write may see it or not, as on MongoDB.
+// clients to FerretDB through a small proxy that runs one command at a time.
 //
 // FerretDB's SQLite backend creates its _id index on one expression but looks
 // documents up by another, so every lookup by _id scans its table; the proxy
@@ -113,11 +110,11 @@ func main() {
 }
 
 // proxy relays each client's commands to FerretDB over a connection of its own,
-// one write at a time across all clients.
+// one command at a time across all clients.
 type proxy struct {
-	backendAddr     string
-	oneWriteAtATime sync.Mutex
-	indexer         *indexer
+	backendAddr string
+	oneAtATime  sync.Mutex
+	indexer     *indexer // used only while holding oneAtATime
 
 	mu      sync.Mutex
 	clients map[net.Conn]struct{}
@@ -172,14 +169,11 @@ func (p *proxy) relay(client net.Conn) {
 	}
 }
 
-// exchange sends one request and relays its replies, holding the write lock
-// unless the command only reads.
+// exchange sends one request and relays its replies while holding the lock.
 func (p *proxy) exchange(request []byte, client, backend net.Conn) error {
+	p.oneAtATime.Lock()
+	defer p.oneAtATime.Unlock()
 	cmd := parseCommand(request)
-	if !readCommands[cmd.name] {
-		p.oneWriteAtATime.Lock()
-		defer p.oneWriteAtATime.Unlock()
-	}
 	if _, err := backend.Write(request); err != nil {
 		return err
 	}
@@ -204,17 +198,6 @@ func (p *proxy) exchange(request []byte, client, backend net.Conn) error {
 			return nil
 		}
 	}
-}
-
-// readCommands change nothing in the database (FerretDB v1.24's aggregate has
-// no $out or $merge stage), so they need not wait for writes. Any other
-// command, and anything the proxy cannot parse, takes the write lock.
-var readCommands = map[string]bool{
-	"find": true, "getMore": true, "count": true, "distinct": true, "aggregate": true,
-	"listCollections": true, "listIndexes": true, "listDatabases": true, "explain": true,
-	"ping": true, "hello": true, "isMaster": true, "ismaster": true, "buildInfo": true,
-	"buildinfo": true, "killCursors": true, "endSessions": true, "dbStats": true, "collStats": true,
-	"serverStatus": true, "connectionStatus": true, "getParameter": true, "whatsmyuri": true,
 }
 
 const (
