@@ -10,6 +10,10 @@ call is user+system time from /proc, for the server and the database process apa
     .venv/bin/python -m bench                 # about 5 minutes, 12,000 users
     .venv/bin/python -m bench --five-minutes  # the resident-memory figure after 5 minutes of mixed load
     .venv/bin/python -m bench --smoke         # seconds: checks the harness runs (the test suite does)
+    .venv/bin/python -m bench --users 100000 --quick  # a few minutes, most of them seeding
+
+USERS_DEV_DB_BINARY names another harness binary (dbharness/bin/dbharness by default), to compare
+two builds of it.
 
 ghz comes from .ci/setup (.tools/bin/ghz); USERS_BENCH_GHZ names another binary.
 """
@@ -67,7 +71,8 @@ class Profile:
     fixed_rate: int  # GetUser calls a second, alone and while sign-ins keep hashing busy
     page_size: int
     deep_page: int
-    list_calls: int  # ListUsers calls for each of its two rows
+    list_calls: int  # ListUsers and ListAuditEvents calls for each of their rows
+    idle_seconds: float = 10  # the server left to its background work, its database's CPU read
     # Fixed numbers of calls instead of fixed times, so that a slow machine still yields every row.
     cheap_calls: int | None = None
     sign_in_calls: int | None = None
@@ -101,6 +106,7 @@ SMOKE = Profile(
     list_calls=3,
     cheap_calls=100,
     sign_in_calls=4,
+    idle_seconds=1,
 )
 
 
@@ -173,17 +179,21 @@ class Bench:
             "USERS_LOG_LEVEL": "WARNING",
         }
         self.server_log = (work / "server.log").open("w")
-        self.server = subprocess.Popen(
-            [sys.executable, "-m", "users_grpc", "serve"], env=self.env, stdout=self.server_log, stderr=self.server_log
-        )
+        self.server: subprocess.Popen[bytes] | None = None
+        self.seed_seconds = 0.0
         self.protoset = work / "contracts.protoset"
         write_protoset(self.protoset)
         self.channel = grpc.insecure_channel(self.address)
         self.stub = user_service_pb2_grpc.UserServiceStub(self.channel)
 
+    def start_server(self) -> None:
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "users_grpc", "serve"], env=self.env, stdout=self.server_log, stderr=self.server_log
+        )
+
     def close(self) -> None:
         self.channel.close()
-        if self.server.poll() is None:
+        if self.server is not None and self.server.poll() is None:
             self.server.terminate()
             try:
                 self.server.wait(timeout=30)
@@ -196,6 +206,7 @@ class Bench:
     def wait_until_serving(self, timeout: float = 120) -> None:
         health: Any = health_pb2_grpc.HealthStub(self.channel)  # the stubs declare no methods
         deadline = time.monotonic() + timeout
+        assert self.server is not None
         while True:
             if self.server.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.server.returncode}); see {self.work / 'server.log'}")
@@ -208,10 +219,13 @@ class Bench:
             time.sleep(0.1)
 
     def usage(self) -> Usage:
+        assert self.server is not None
         return Usage(server=cpu_seconds(self.server.pid), database=cpu_seconds(self.database.process.pid))
 
     def seed(self) -> list[str]:
-        """An admin made as an operator would, then that many users copied from it; their names."""
+        """An admin made as an operator would, then that many users copied from it, each with one
+        audit event; their names. Run before the server starts, so its background work does not
+        compete with the inserts."""
         subprocess.run(
             [sys.executable, "-m", "users_grpc", "create-admin", "--username", "admin", "--email", "admin@example.com"],
             env={**self.env, "USERS_ADMIN_PASSWORD": PASSWORD},
@@ -224,7 +238,9 @@ class Bench:
             admin = users.find_one({"username_key": identifier_key("admin")})
             assert admin is not None
             names = [f"user{n:06d}" for n in range(self.profile.users)]
-            seed_users(client["bench"], admin, names)
+            started = time.monotonic()
+            seed_users(client["bench"], admin, names, audit_events=True)
+            self.seed_seconds = time.monotonic() - started
         return names
 
     def sign_in(self, identifier: str) -> pb.AuthenticateResponse:
@@ -365,10 +381,14 @@ def bcrypt_seconds(rounds: int) -> float:
 
 
 @contextlib.contextmanager
-def running(profile: Profile) -> Iterator[Bench]:
+def running(profile: Profile, *, seeded: list[str] | None = None) -> Iterator[Bench]:
+    """The database, seeded (the names go into ``seeded``) before the server starts, and the server."""
     with tempfile.TemporaryDirectory(prefix="users-bench-") as directory:
         bench = Bench(profile, Path(directory))
         try:
+            if seeded is not None:
+                seeded += bench.seed()
+            bench.start_server()
             bench.wait_until_serving()
             yield bench
         finally:
@@ -380,10 +400,17 @@ def run(profile: Profile) -> str:
         raise SystemExit(f"bench: {GHZ} is missing: run .ci/setup (or set USERS_BENCH_GHZ)")
     cores = os.cpu_count() or 1
     lines: list[str] = []
-    with running(profile) as bench:
-        started = time.monotonic()
-        names = bench.seed()
-        seeded_in = time.monotonic() - started
+    names: list[str] = []
+    with running(profile, seeded=names) as bench:
+        seeded_in = bench.seed_seconds
+        assert bench.server is not None
+        # The database's CPU while the server only runs its background work (the mail sender's
+        # and the change log's polls, housekeeping): what sweeping costs at this many users.
+        idle_before = bench.usage()
+        time.sleep(profile.idle_seconds)
+        idle = bench.usage()
+        idle_database_ms = (idle.database - idle_before.database) / profile.idle_seconds * 1000
+        idle_server_ms = (idle.server - idle_before.server) / profile.idle_seconds * 1000
         spread = [names[(2 * k + 1) * len(names) // (2 * profile.token_users)] for k in range(profile.token_users)]
         signed_in = [bench.sign_in(name) for name in spread]
         admin = bench.sign_in("admin")
@@ -391,6 +418,10 @@ def run(profile: Profile) -> str:
         own_data = {"id": round_robin([reply.user.id for reply in signed_in])}
         own_metadata = {"authorization": "Bearer " + round_robin([reply.access_token for reply in signed_in])}
         admin_metadata = {"authorization": f"Bearer {admin.access_token}"}
+        by_identifier = {"identifier": round_robin(spread)}
+        # Ten users share the prefix (names are user000000, user000001, ...): a search by name.
+        prefix = names[len(names) // 2][:-1]
+        subject = signed_in[0].user.id  # each seeded user has one audit event
         sign_ins = [{"identifier": name, "password": PASSWORD} for name in names[:: max(1, len(names) // 64)]]
         run_id = uuid.uuid4().hex[:6]
         new_user = {
@@ -401,7 +432,11 @@ def run(profile: Profile) -> str:
             "password": PASSWORD,
             "password_confirmation": PASSWORD,
         }
-        deep_token = bench.deep_page_token(admin.access_token)
+        deep_error = ""
+        try:
+            deep_token: str | None = bench.deep_page_token(admin.access_token)
+        except grpc.RpcError as error:  # each page's walk timed out: the row is left out, and says so
+            deep_token, deep_error = None, error.code().name
         hash_seconds = bcrypt_seconds(profile.bcrypt_rounds)
         ceiling = cores / hash_seconds
         rss_start = resident_mb(bench.server.pid)
@@ -424,14 +459,49 @@ def run(profile: Profile) -> str:
                 total=profile.list_calls,
             ),
             bench.measure(
-                f"ListUsers page {profile.deep_page:,}",
+                "GetUserByIdentifier (admin)",
+                f"{SERVICE}.GetUserByIdentifier",
+                by_identifier,
+                metadata=admin_metadata,
+                **counted,
+            ),
+            bench.measure(
+                "ListUsers filtered by prefix",
                 f"{SERVICE}.ListUsers",
-                {"page_size": profile.page_size, "page_token": deep_token},
+                {"page_size": profile.page_size, "prefix": prefix},
+                metadata=admin_metadata,
+                concurrency=1,
+                total=profile.list_calls,
+            ),
+            bench.measure(
+                "ListAuditEvents page 1",
+                f"{SERVICE}.ListAuditEvents",
+                {"page_size": profile.page_size},
+                metadata=admin_metadata,
+                concurrency=1,
+                total=profile.list_calls,
+            ),
+            bench.measure(
+                "ListAuditEvents of one user",
+                f"{SERVICE}.ListAuditEvents",
+                {"page_size": profile.page_size, "subject_id": subject},
                 metadata=admin_metadata,
                 concurrency=1,
                 total=profile.list_calls,
             ),
         ]
+        if deep_token is not None:
+            cheap.insert(
+                4,
+                bench.measure(
+                    f"ListUsers page {profile.deep_page:,}",
+                    f"{SERVICE}.ListUsers",
+                    {"page_size": profile.page_size, "page_token": deep_token},
+                    metadata=admin_metadata,
+                    concurrency=1,
+                    total=profile.list_calls,
+                ),
+            )
         hashing = [
             bench.measure(
                 "Authenticate",
@@ -504,7 +574,8 @@ def run(profile: Profile) -> str:
             f"| {row.server_us:,.0f} | {row.database_us:,.0f} | {row.calls:,} | {row.errors:,} |"
         )
 
-    deep, first = cheap[4], cheap[3]
+    first = cheap[3]
+    deep = cheap[4] if deep_token is not None else None
     lines += [
         f"machine: {cores} cores, {cpu_model()}; Python {platform.python_version()}; {platform.platform()}",
         f"users seeded: {len(names):,} (in {seeded_in:.1f} s); bcrypt cost {profile.bcrypt_rounds}: "
@@ -524,7 +595,11 @@ def run(profile: Profile) -> str:
         f"{alone.p99_ms:.2f} ms alone ({alone.errors} errors); p50 {while_hashing.p50_ms:.2f} ms, p99 "
         f"{while_hashing.p99_ms:.2f} ms while Authenticate keeps hashing busy ({while_hashing.errors} errors); "
         f"p99 ratio {ratio(while_hashing.p99_ms, alone.p99_ms):.2f}",
-        f"ListUsers page {profile.deep_page:,} ÷ page 1, p50: {ratio(deep.p50_ms, first.p50_ms):.2f}",
+        f"ListUsers page {profile.deep_page:,} ÷ page 1, p50: {ratio(deep.p50_ms, first.p50_ms):.2f}"
+        if deep is not None
+        else f"ListUsers page {profile.deep_page:,}: not measured, the walk to it failed ({deep_error})",
+        f"idle for {profile.idle_seconds:g} s after seeding (background work only): database CPU "
+        f"{idle_database_ms:.1f} ms/s, server CPU {idle_server_ms:.1f} ms/s",
         f"server resident memory: {rss_start:.0f} MB at the start, {rss_end:.0f} MB after {mixed_seconds:g} s "
         f"of mixed load ({mixed_calls:,} calls: GetUser, health Check, Authenticate and CreateUser at once)",
     ]
@@ -538,8 +613,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few seconds, tiny sizes: checks the harness runs")
     parser.add_argument("--five-minutes", action="store_true", help="5 minutes of mixed load before reading memory")
     parser.add_argument("--users", type=int, help="users to seed (default 12,000)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 s a cheap row and 10 s of mixed load: for several runs on a busy machine",
+    )
+    parser.add_argument("--list-calls", type=int, help="calls of each ListUsers and ListAuditEvents row (default 3)")
     args = parser.parse_args(argv)
     profile = SMOKE if args.smoke else FULL
+    if args.quick:
+        profile = dataclasses.replace(profile, seconds=3, mixed_seconds=10, sign_in_calls=16)
+    if args.list_calls:
+        profile = dataclasses.replace(profile, list_calls=args.list_calls)
     if args.five_minutes:
         profile = dataclasses.replace(profile, mixed_seconds=300)
     if args.users:

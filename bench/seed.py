@@ -12,21 +12,45 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from users_grpc.adapters.mongo.claims import claim_documents
-from users_grpc.domain.model import Role
+from users_grpc.domain.model import ActorKind, AuditEventType, Role
 from users_grpc.domain.rules import identifier_key
 
 Document = dict[str, Any]
 
 
-def seed_users(database: Database[Document], model: Mapping[str, Any], names: Sequence[str], batch: int = 1000) -> None:
+def seed_users(
+    database: Database[Document],
+    model: Mapping[str, Any],
+    names: Sequence[str],
+    batch: int = 1000,
+    *,
+    audit_events: bool = False,
+) -> None:
     """Insert a user for each of ``names``: a copy of ``model`` (a user document the service
-    wrote, such as its first admin's) with the role user."""
+    wrote, such as its first admin's) with the role user; with ``audit_events``, one audit event
+    each (an admin's role change of that user, as the service records it), so the audit trail
+    grows with the users."""
     template = {key: value for key, value in model.items() if key != "_id"} | {"role": Role.USER.value}
     now = datetime.now(UTC)
     for first in range(0, len(names), batch):
         users = [_copy(template, name) for name in names[first : first + batch]]
         database["users"].insert_many(users)
         database["claims"].insert_many([claim for user in users for claim in claim_documents(user, now)])
+        if audit_events:
+            database["audit_events"].insert_many([_event(model, user, now) for user in users])
+
+
+def _event(admin: Mapping[str, Any], user: Document, now: datetime) -> Document:
+    """The document the audit log stores (users_grpc.adapters.mongo.audit_trail's MongoAuditTrail.add)."""
+    return {
+        "time": now,
+        "type": AuditEventType.ROLE_CHANGE.value,
+        "actor": {"kind": ActorKind.USER.value, "id": str(admin["_id"]), "source": "127.0.0.1"},
+        "subject_id": str(user["_id"]),
+        "status_code": 0,
+        "error_reason": "",
+        "reason": "",
+    }
 
 
 def _copy(template: Document, name: str) -> Document:

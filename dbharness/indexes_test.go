@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/binary"
+	"strings"
 	"testing"
 
 	"go.mongodb.org/mongo-driver/x/bsonx/bsoncore"
@@ -62,5 +63,43 @@ func TestParseCommand(t *testing.T) {
 		if got := parseCommand(tc.message); got != tc.want {
 			t.Errorf("%s: parseCommand = %+v, want %+v", name, got, tc.want)
 		}
+	}
+}
+
+func TestTableIndexes(t *testing.T) {
+	settings := `{"uuid":"u","indexes":[
+		{"name":"_id_","key":[{"field":"_id","descending":false}],"unique":true},
+		{"name":"role_id","key":[{"field":"role"},{"field":"_id"}]},
+		{"name":"username_key_unique","key":[{"field":"username_key"}],"unique":true},
+		{"name":"pending_mail_id","key":[{"field":"pending_mail.id"}]},
+		{"name":"created_at_desc","key":[{"field":"created_at","descending":true}]}
+	],"cappedSize":0,"cappedDocuments":0}`
+	got := map[string]string{}
+	for _, index := range tableIndexes("users_1", settings) {
+		if index.table != "users_1" {
+			t.Errorf("%s: table %q", index.name, index.table)
+		}
+		got[index.name] = strings.Join(index.columns, ", ")
+	}
+	want := map[string]string{
+		"_ferretdb_id_users_1":                     `_ferretdb_sjson->'$._id'`,
+		"_ferretdb_idtype_users_1":                 `_ferretdb_sjson->>'$."$s".p._id.t'`,
+		"_ferretdb_ix_users_1_role_id":             `_ferretdb_sjson->>'$.role', _ferretdb_sjson->'$._id'`,
+		"_ferretdb_ix_users_1_username_key_unique": `_ferretdb_sjson->>'$.username_key'`,
+		"_ferretdb_ix_users_1_created_at_desc":     `_ferretdb_sjson->>'$.created_at'`,
+		// role_id ends on _id: a sorted keyset, whose other keys' types the patch checks
+		"_ferretdb_type_users_1_role": `_ferretdb_sjson->>'$."$s".p.role.t'`,
+	}
+	if len(got) != len(want) {
+		t.Errorf("tableIndexes = %v, want %v (no index for _id alone, none on a dotted field)", got, want)
+	}
+	for name, columns := range want {
+		if got[name] != columns {
+			t.Errorf("%s: columns %q, want %q", name, got[name], columns)
+		}
+	}
+	// Settings the harness cannot read still leave the _id indexes.
+	if indexes := tableIndexes("t", "not json"); len(indexes) != 2 {
+		t.Errorf("unreadable settings: %v", indexes)
 	}
 }
