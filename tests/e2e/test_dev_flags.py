@@ -14,60 +14,8 @@ import pytest
 from tests.support.paths import HARNESS, REPO_ROOT
 
 
-def dev(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "USERS_DEV_DB_BINARY": str(HARNESS)}
-    for name in ("USERS_KEY_ENCRYPTION_KEY", "USERS_GRPC_ADDRESS", "USERS_HTTP_ADDRESS"):
-        environment.pop(name, None)  # only the flags place the servers
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "users_grpc",
-            "dev",
-            "--data-dir",
-            str(tmp_path / "db"),
-            "--db-listen",
-            "127.0.0.1:0",
-            *flags,
-        ],
-        env=environment,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-@pytest.mark.parametrize("flag", ["--grpc-listen", "--http-listen"])
-def test_a_port_taken_is_named_with_the_flag_that_moves_it(tmp_path: Path, flag: str) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        address = f"127.0.0.1:{taken.getsockname()[1]}"
-        other = "--http-listen" if flag == "--grpc-listen" else "--grpc-listen"
-        result = dev(tmp_path, flag, address, other, "127.0.0.1:0")
-    assert result.returncode == 2, result.stderr
-    variable = "USERS_GRPC_ADDRESS" if flag == "--grpc-listen" else "USERS_HTTP_ADDRESS"
-    [said] = [line for line in result.stderr.splitlines() if line.startswith("users-grpc: ")]
-    assert said.startswith(f"users-grpc: {variable}={address}: cannot listen there")
-    assert said.endswith(f"; or pass {flag} with a free address")
-    assert "Traceback" not in result.stderr
-
-
-def test_an_address_flag_that_is_no_address_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    result = dev(tmp_path, "--grpc-listen", "50051")
-    assert result.returncode == 2
-    assert "argument --grpc-listen: '50051' must be host:port" in result.stderr
-    assert not (tmp_path / "db").exists()
-
-
-def dev_without_harness(cwd: Path, path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    """`users-grpc dev` where dbharness/bin/dbharness is not built, with PATH only `path`."""
-    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PATH": str(path)}
-    for name in ("USERS_DEV_DB_BINARY", "USERS_KEY_ENCRYPTION_KEY", "USERS_GRPC_ADDRESS", "USERS_HTTP_ADDRESS"):
-        environment.pop(name, None)
-    path.mkdir(exist_ok=True)
+def run_dev(cwd: Path, environment: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
+    """`users-grpc dev` in `cwd`, its database in cwd/db on a free port."""
     return subprocess.run(
         [
             sys.executable,
@@ -89,11 +37,48 @@ def dev_without_harness(cwd: Path, path: Path, *flags: str) -> subprocess.Comple
     )
 
 
+def dev(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "USERS_DEV_DB_BINARY": str(HARNESS)}
+    for name in ("USERS_KEY_ENCRYPTION_KEY", "USERS_GRPC_ADDRESS", "USERS_HTTP_ADDRESS"):
+        environment.pop(name, None)  # only the flags place the servers
+    return run_dev(tmp_path, environment, *flags)
+
+
 def the_one_sentence(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     [said] = [line for line in result.stderr.splitlines() if line.startswith("users-grpc: ")]
     return said
+
+
+@pytest.mark.parametrize("flag", ["--grpc-listen", "--http-listen"])
+def test_a_port_taken_is_named_with_the_flag_that_moves_it(tmp_path: Path, flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        other = "--http-listen" if flag == "--grpc-listen" else "--grpc-listen"
+        result = dev(tmp_path, flag, address, other, "127.0.0.1:0")
+    variable = "USERS_GRPC_ADDRESS" if flag == "--grpc-listen" else "USERS_HTTP_ADDRESS"
+    said = the_one_sentence(result)
+    assert said.startswith(f"users-grpc: {variable}={address}: cannot listen there")
+    assert said.endswith(f"; or pass {flag} with a free address")
+
+
+def test_an_address_flag_that_is_no_address_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    result = dev(tmp_path, "--grpc-listen", "50051")
+    assert result.returncode == 2
+    assert "argument --grpc-listen: '50051' must be host:port" in result.stderr
+    assert not (tmp_path / "db").exists()
+
+
+def dev_without_harness(cwd: Path, path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`users-grpc dev` where dbharness/bin/dbharness is not built, with PATH only `path`."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PATH": str(path)}
+    for name in ("USERS_DEV_DB_BINARY", "USERS_KEY_ENCRYPTION_KEY", "USERS_GRPC_ADDRESS", "USERS_HTTP_ADDRESS"):
+        environment.pop(name, None)
+    path.mkdir(exist_ok=True)
+    return run_dev(cwd, environment, *flags)
 
 
 def a_checkout_without_the_harness(tmp_path: Path, build: str) -> Path:
@@ -156,16 +141,7 @@ def test_a_harness_build_that_fails_is_said_in_one_sentence(tmp_path: Path) -> N
 def test_a_harness_binary_set_but_absent_is_named_with_its_variable(tmp_path: Path) -> None:
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "USERS_DEV_DB_BINARY": str(tmp_path / "nowhere")}
     environment.pop("USERS_KEY_ENCRYPTION_KEY", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "users_grpc", "dev", "--data-dir", str(tmp_path / "db"), "--db-listen", "127.0.0.1:0"],
-        env=environment,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    said = the_one_sentence(result)
+    said = the_one_sentence(run_dev(tmp_path, environment))
     assert (
         said == f"users-grpc: USERS_DEV_DB_BINARY={tmp_path / 'nowhere'}: no such file; build it with dbharness/build"
     )
