@@ -1,7 +1,11 @@
 """Domain types and rules of user accounts.
 
-Nothing here knows about gRPC or MongoDB: the servicer converts protobuf
-messages into these types, and the repository converts them to BSON.
+Nothing here knows about gRPC or MongoDB: ``grpc_api/convert.py`` converts protobuf
+messages into these types, and ``adapters/mongo/`` converts them to BSON.
+
+Past 500 lines, and one module on purpose: these are plain value types (most a frozen dataclass
+of a few fields) that every layer above imports; split by area they would import each other
+(an account, an access claim, a caller and a change record all name :class:`User` or :class:`Role`).
 """
 
 from __future__ import annotations
