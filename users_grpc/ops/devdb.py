@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 DEFAULT_BINARY = Path("dbharness/bin/dbharness")
 # Beside the binary in a checkout; a wheel has neither (the harness is Go, built from source).
@@ -66,14 +67,18 @@ def ensure_harness(announce: Callable[[str], None]) -> Path:
             [str(BUILD_SCRIPT)], stdout=output, stderr=subprocess.STDOUT, check=False
         )
         if done.returncode != 0 or not binary.exists():
-            output.seek(0)
-            said = output.read().decode(errors="replace").strip().splitlines()
             raise DevDatabaseError(
-                f"{BUILD_SCRIPT} failed (exit code {done.returncode}"
-                + (f": {said[-1]}" if said else "")
-                + f"); run {BUILD_SCRIPT} to see all it says"
+                f"{BUILD_SCRIPT} failed ({_how_it_ended(done.returncode, output)}); "
+                f"run {BUILD_SCRIPT} to see all it says"
             )
     return binary
+
+
+def _how_it_ended(code: int, output: IO[bytes]) -> str:
+    """``exit code N``, then the last line the process wrote to ``output``, if it wrote any."""
+    output.seek(0)
+    said = output.read().decode(errors="replace").strip().splitlines()
+    return f"exit code {code}" + (f": {said[-1]}" if said else "")
 
 
 def start_dev_database(
@@ -97,12 +102,8 @@ def start_dev_database(
         if not line.startswith("listening mongodb://"):
             process.kill()
             process.stdout.close()
-            code = process.wait()
-            complaints.seek(0)
-            said = complaints.read().decode(errors="replace").strip().splitlines()
             raise DevDatabaseError(
-                f"the embedded database did not start on {listen} (exit code {code}"
-                + (f": {said[-1]}" if said else "")
-                + "); if another process holds that port, stop it or pass --db-listen with a free address"
+                f"the embedded database did not start on {listen} ({_how_it_ended(process.wait(), complaints)}); "
+                "if another process holds that port, stop it or pass --db-listen with a free address"
             )
     return DevDatabase(process=process, uri=line.removeprefix("listening "))
