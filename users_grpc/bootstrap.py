@@ -55,6 +55,7 @@ from users_grpc.adapters.mongo.users import MongoUserRepository
 from users_grpc.adapters.secrets_at_rest import SecretsAtRest
 from users_grpc.config import Settings
 from users_grpc.domain.errors import ConfigError, StorageUnavailable
+from users_grpc.domain.model import to_milliseconds
 from users_grpc.domain.ports import Clock, MailTransport
 from users_grpc.domain.rules import PasswordPolicy
 from users_grpc.grpc_api.access import Authorizer
@@ -110,8 +111,7 @@ class SystemClock:
     def now(self) -> datetime:
         # MongoDB keeps milliseconds: a time cut there before its first write is returned the
         # same by the call that made it (CreateUser's created_at) and by every later read.
-        now = datetime.now(UTC)
-        return now.replace(microsecond=now.microsecond // 1000 * 1000)
+        return to_milliseconds(datetime.now(UTC))
 
 
 @dataclass(frozen=True)

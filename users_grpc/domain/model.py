@@ -234,6 +234,12 @@ class PendingNotices:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def to_milliseconds(moment: datetime) -> datetime:
+    """``moment`` cut to the millisecond: the precision every stored time has (BSON dates), so a
+    time kept in memory, compared or named in a token equals the one read back later."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
 def _etag(revision: int, updated_at: datetime) -> str:
     if updated_at.tzinfo is None:  # BSON dates are UTC; a client without tz_aware reads them naive
         updated_at = updated_at.replace(tzinfo=UTC)

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from users_grpc.domain import rules
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
-from users_grpc.domain.model import AuditEvent, AuditFilter, AuditPosition
+from users_grpc.domain.model import AuditEvent, AuditFilter, AuditPosition, to_milliseconds
 from users_grpc.domain.ports import AuditTrail
 from users_grpc.services.paging import PageTokens
 
@@ -45,9 +45,8 @@ class AuditLog:
     async def record(self, event: AuditEvent) -> None:
         """Store ``event``; never raises (see the module docstring)."""
         # BSON dates hold milliseconds: the time stored is the one page tokens name.
-        moment = event.time.replace(microsecond=event.time.microsecond // 1000 * 1000)
         try:
-            await self._trail.add(dataclasses.replace(event, time=moment))
+            await self._trail.add(dataclasses.replace(event, time=to_milliseconds(event.time)))
         except Exception as error:  # noqa: BLE001  # an audit write must never fail the call
             log.warning(
                 "audit event not recorded",

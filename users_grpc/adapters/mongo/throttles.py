@@ -12,7 +12,7 @@ from pymongo.errors import DuplicateKeyError
 from users_grpc.adapters.mongo.calls import storage_call
 from users_grpc.adapters.mongo.documents import Document
 from users_grpc.domain.errors import StorageUnavailable
-from users_grpc.domain.model import Tally
+from users_grpc.domain.model import Tally, to_milliseconds
 
 
 class MongoThrottleStore:
@@ -51,7 +51,7 @@ class MongoThrottleStore:
         expires_at: datetime,
     ) -> bool:
         # BSON dates hold milliseconds: the time stored must equal the one read back, for compare-and-set.
-        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        now = to_milliseconds(now)
         fresh = {
             "account": account,
             "kind": "password",
@@ -84,7 +84,7 @@ class MongoThrottleStore:
 
     @storage_call
     async def settle_failure(self, key: str, now: datetime) -> None:
-        now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # as count_failure stores it
+        now = to_milliseconds(now)  # as count_failure stores it
         await self._tallies.update_one(
             {"_id": key, "pending": {"$gt": 0}}, {"$inc": {"pending": -1}, "$max": {"last_at": now}}
         )

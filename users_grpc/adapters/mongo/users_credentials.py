@@ -30,6 +30,7 @@ from users_grpc.domain.model import (
     PendingEmailChange,
     User,
     UserState,
+    to_milliseconds,
 )
 from users_grpc.domain.rules import identifier_key
 
@@ -283,8 +284,7 @@ class CredentialUpdates(UsersCollection):
         await self._publish(before["_id"])
         old = _user_from_document(before)
         # As stored and read back later: BSON dates hold milliseconds.
-        stored_now = now.replace(microsecond=now.microsecond // 1000 * 1000)
-        return old, dataclasses.replace(old, email=email, updated_at=stored_now)
+        return old, dataclasses.replace(old, email=email, updated_at=to_milliseconds(now))
 
 
 def _new_password(password_hash: str, now: datetime) -> Document:
