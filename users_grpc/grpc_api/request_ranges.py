@@ -134,6 +134,6 @@ def _unlisted_numbers() -> list[str]:
     )
 
 
-# As errors.py does for reasons: a request number without a range fails at import, not in production.
+# As domain/errors.py does for reasons: a request number without a range fails at import, not in production.
 if _unlisted := _unlisted_numbers():
     raise TypeError(f"request number fields without a range in NUMBER_RANGES: {', '.join(_unlisted)}")
