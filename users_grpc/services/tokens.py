@@ -362,7 +362,7 @@ def is_service_token(token: str) -> bool:
     if len(parts) != 3:
         return False
     try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        payload = json.loads(_from_base64url(parts[1]))
     except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested thousands deep
         return False
     subject = payload.get("sub") if isinstance(payload, dict) else None
@@ -376,7 +376,7 @@ def _with_low_s(token: str) -> str:
     (:func:`_is_canonical_signature`), so that a token has one spelling, not two.
     """
     signing_input, _, encoded = token.rpartition(".")
-    signature = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    signature = _from_base64url(encoded)
     s = int.from_bytes(signature[_ES256_HALF:], "big")
     if s <= _P256_ORDER // 2:
         return token
@@ -393,7 +393,7 @@ def _is_canonical_signature(token: str) -> bool:
     """
     encoded = token.rpartition(".")[2]
     try:
-        signature = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        signature = _from_base64url(encoded)
     except (binascii.Error, ValueError):
         return False
     if len(signature) != 2 * _ES256_HALF or _base64url(signature) != encoded:
@@ -403,3 +403,8 @@ def _is_canonical_signature(token: str) -> bool:
 
 def _base64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _from_base64url(encoded: str) -> bytes:
+    """The bytes of unpadded base64url (a JWT's parts); binascii.Error or ValueError if it is none."""
+    return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
