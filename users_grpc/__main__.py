@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.first_name is None or args.last_name is None:
                 # Said, not silent: the name shows in every admin listing and audit reader.
                 print(
-                    f"users-grpc: named {_admin_first_name(args)} {_admin_last_name(args)}; "
+                    f"users-grpc: named {_admin_name(args.first_name)} {_admin_name(args.last_name)}; "
                     "choose with --first-name and --last-name, or later with UpdateUser",
                     file=sys.stderr,
                 )
@@ -243,8 +243,8 @@ async def _create_admin(app: App, args: argparse.Namespace) -> str:
     user = await app.services.accounts.create_admin(
         Registration(
             username=args.username,
-            first_name=_admin_first_name(args),
-            last_name=_admin_last_name(args),
+            first_name=_admin_name(args.first_name),
+            last_name=_admin_name(args.last_name),
             email=args.email,
             password=password,
             password_confirmation=password,
@@ -255,12 +255,9 @@ async def _create_admin(app: App, args: argparse.Namespace) -> str:
     return user.id
 
 
-def _admin_first_name(args: argparse.Namespace) -> str:
-    return str(args.first_name or DEFAULT_ADMIN_NAME)
-
-
-def _admin_last_name(args: argparse.Namespace) -> str:
-    return str(args.last_name or DEFAULT_ADMIN_NAME)
+def _admin_name(given: str | None) -> str:
+    """A name create-admin was given (--first-name, --last-name), else the default."""
+    return given or DEFAULT_ADMIN_NAME
 
 
 async def _migrate(app: App, args: argparse.Namespace) -> int:
