@@ -302,20 +302,21 @@ class _Reader:
             raise ConfigError(f"{name}{'' if secret else f'={raw!r}'}: {error}") from None
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
-        return self.get(
-            name, default, lambda raw: _in_range(_parsed(int, raw, f"a whole number{_unit(name)}", default), low, high)
-        )
+        return self.get(name, default, _whole_number(name, default, low, high))
 
     def optional_integer(self, name: str, example: int, low: int, high: int) -> int | None:
         """A whole number, or None when unset (the setting then follows another)."""
-        return self.get(
-            name, None, lambda raw: _in_range(_parsed(int, raw, f"a whole number{_unit(name)}", example), low, high)
-        )
+        return self.get(name, None, _whole_number(name, example, low, high))
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
         return self.get(
             name, default, lambda raw: _in_range(_parsed(float, raw, f"a number{_unit(name)}", default), low, high)
         )
+
+
+def _whole_number(name: str, example: int, low: int, high: int) -> Callable[[str], int]:
+    """The parser of a whole-number setting from ``low`` to ``high``; ``example`` shows in its refusal."""
+    return lambda raw: _in_range(_parsed(int, raw, f"a whole number{_unit(name)}", example), low, high)
 
 
 def _unknown_variables(environ: Mapping[str, str], known: set[str]) -> tuple[UnknownVariable, ...]:
