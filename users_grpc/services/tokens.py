@@ -216,7 +216,7 @@ class AccessTokens:
         role, version or session, so :meth:`verify` never takes it for a user's token.
 
         Another audience than users' tokens: a service that verifies user tokens locally (pinning
-        iss and aud, as the README says) never takes a service account's token for a user's.
+        iss and aud, as docs/clients.md says) never takes a service account's token for a user's.
         """
         return self._sign(SERVICE_ACCOUNT_SUBJECT_PREFIX + client_id, self._service_audience, {})
 
