@@ -29,6 +29,8 @@ def test_the_activation_mail_has_a_text_and_an_html_part_and_no_link_unless_set(
     code = mail.code_for("jane@example.com")
     token = mail.activation_token_for("jane@example.com")
     assert f"<strong>{code}</strong>" in html_of(message)
+    # Indented: the README's grep for a token at the start of a line finds the text part's only.
+    assert re.search(rf"^{re.escape(token)}$", html_of(message), re.MULTILINE) is None
     assert token in html_of(message)
     assert "#token=" not in text_of(message)
     assert "href" not in html_of(message)
