@@ -38,6 +38,7 @@ from pymongo.monitoring import CommandListener, ConnectionPoolListener
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.adapters.bcrypt_hasher import BcryptHasher, common_passwords, yield_to_calls
+from users_grpc.adapters.mail_rendering import MailLinks, TemplateMailRenderer
 from users_grpc.adapters.mail_transports import DirectoryTransport, SmtpTransport
 from users_grpc.adapters.mongo import build_stores as build_mongo_stores
 from users_grpc.adapters.mongo.audit_trail import MongoAuditTrail
@@ -56,7 +57,7 @@ from users_grpc.adapters.secrets_at_rest import SecretsAtRest
 from users_grpc.config import Settings
 from users_grpc.domain.errors import ConfigError, StorageUnavailable
 from users_grpc.domain.model import to_milliseconds
-from users_grpc.domain.ports import Clock, MailTransport
+from users_grpc.domain.ports import Clock, MailRenderer, MailTransport
 from users_grpc.domain.rules import PasswordPolicy
 from users_grpc.grpc_api.access import Authorizer
 from users_grpc.grpc_api.audit_interceptor import AuditInterceptor
@@ -299,6 +300,8 @@ async def build_app(
     keep_secrets_out_of_logs()
     clock = clock or SystemClock()
     key_encryption_key = _key_encryption_key(settings)
+    # Before anything opens: a broken mail template stops the start with its one sentence.
+    renderer = mail_renderer(settings)
     listeners = [*event_listeners, *([] if tracer_provider is None else [command_listener(tracer_provider)])]
     stores = build_stores(settings, key_encryption_key, event_listeners=listeners)
     # Hashing yields the cores to the calls it would otherwise hold up (bcrypt_hasher.yield_to_calls).
@@ -314,6 +317,7 @@ async def build_app(
         clock=clock,
         hasher=_hasher(settings, executor, metrics),
         mail_transport=mail_transport or _mail_transport(settings),
+        renderer=renderer,
     )
     ready = asyncio.Event()
     server, interceptor = build_server(
@@ -405,6 +409,7 @@ def build_services(
     clock: Clock,
     hasher: BcryptHasher,
     mail_transport: MailTransport,
+    renderer: MailRenderer | None = None,
 ) -> Services:
     """The use cases on the stores, each with its policy from the settings."""
     digests = stores.secrets_at_rest
@@ -426,6 +431,7 @@ def build_services(
     accounts = AccountService(
         users=stores.users,
         mailer=mail,
+        mail_renderer=renderer or mail_renderer(settings),
         hasher=hasher,
         digests=digests,
         clock=clock,
@@ -747,6 +753,19 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
 async def _outbox_state(outbox: MongoOutbox) -> OutboxState:
     pending, failed, oldest = await outbox.counts()
     return OutboxState(pending=pending, failed=failed, oldest_pending_at=oldest)
+
+
+def mail_renderer(settings: Settings) -> TemplateMailRenderer:
+    """The mail templates, every one compiled and tried here: a broken one stops the start."""
+    return TemplateMailRenderer(
+        override_dir=settings.mail_templates_dir,
+        default_language=settings.mail_language,
+        links=MailLinks(
+            activation_url=settings.activation_url,
+            reset_url=settings.reset_url,
+            email_change_url=settings.email_change_url,
+        ),
+    )
 
 
 def _mail_transport(settings: Settings) -> MailTransport:

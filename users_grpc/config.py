@@ -11,6 +11,7 @@ import binascii
 import difflib
 import email.policy
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.headerregistry import Address, AddressHeader, BaseHeader
@@ -68,6 +69,13 @@ class Settings:
     mail_max_attempts: int = 20
     mail_retry_seconds: float = 5.0
     mail_failed_retention_seconds: int = 7 * 86400
+    # Templates that override the shipped ones, file by file (users_grpc/adapters/mail_templates/).
+    mail_templates_dir: Path | None = None
+    mail_language: str = "en"
+    # The front end's pages mails link to, the token (or code) in the URL's fragment; None: no link.
+    activation_url: str | None = None
+    reset_url: str | None = None
+    email_change_url: str | None = None
 
     password_min_length: int = 12
     password_pepper: str | None = None
@@ -172,6 +180,11 @@ class Settings:
             mail_failed_retention_seconds=env.integer(
                 "USERS_MAIL_FAILED_RETENTION_SECONDS", defaults.mail_failed_retention_seconds, 0, 365 * 86400
             ),
+            mail_templates_dir=env.get("USERS_MAIL_TEMPLATES_DIR", defaults.mail_templates_dir, _existing_directory),
+            mail_language=env.get("USERS_MAIL_LANGUAGE", defaults.mail_language, _language),
+            activation_url=env.get("USERS_ACTIVATION_URL", defaults.activation_url, _link_url),
+            reset_url=env.get("USERS_RESET_URL", defaults.reset_url, _link_url),
+            email_change_url=env.get("USERS_EMAIL_CHANGE_URL", defaults.email_change_url, _link_url),
             password_min_length=env.integer("USERS_PASSWORD_MIN_LENGTH", defaults.password_min_length, 12, 64),
             password_pepper=env.get("USERS_PASSWORD_PEPPER", defaults.password_pepper, str) or None,
             bcrypt_rounds=env.integer("USERS_BCRYPT_ROUNDS", defaults.bcrypt_rounds, 10, 16),
@@ -443,6 +456,31 @@ def _old_key_encryption_keys(raw: str) -> tuple[bytes, ...]:
 
 def _names(raw: str) -> frozenset[str]:
     return frozenset(name.strip() for name in raw.split(",") if name.strip())
+
+
+def _existing_directory(raw: str) -> Path:
+    path = Path(raw)
+    if not path.is_dir():
+        raise ValueError("must be an existing directory")
+    return path
+
+
+def _language(raw: str) -> str:
+    if not (2 <= len(raw) <= 8 and raw.isascii() and raw.isalpha()):
+        raise ValueError("must be a language code of letters, such as en or de")
+    return raw.lower()
+
+
+def _link_url(raw: str) -> str:
+    """A front end's page: https, or http on this machine (development); the token goes in its
+    fragment, so it may carry none of its own."""
+    parts = urllib.parse.urlsplit(raw)
+    local = parts.scheme == "http" and parts.hostname in {"localhost", "127.0.0.1", "::1"}
+    if not (parts.scheme == "https" and parts.hostname) and not local:
+        raise ValueError("must be an https:// URL (or http://localhost for development)")
+    if parts.fragment or "#" in raw or any(not char.isprintable() or char.isspace() for char in raw):
+        raise ValueError("must be a URL without a fragment (#) or spaces: the token goes in its fragment")
+    return raw
 
 
 def _existing_file(raw: str) -> Path:

@@ -25,7 +25,7 @@ from tests.support.calls import (
     stored_users,
 )
 from tests.support.fakes import FakeClock
-from tests.support.mail import MailSink
+from tests.support.mail import MailSink, text_of
 from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
@@ -343,7 +343,7 @@ def test_reset_user_mfa_signs_the_user_out_tells_them_and_lets_the_password_alon
     # activation, "Two-factor sign-in is on", then the notice of the reset.
     notice = mail.wait_for("jane@example.com", 3)[2]
     assert notice["Subject"] == "Two-factor sign-in was reset by an administrator"
-    assert "signed out" in notice.get_content()
+    assert "signed out" in text_of(notice)
     stored = stored_users(server.settings.mongodb_uri, server.settings.mongodb_database, username="jane")
     assert "mfa" not in stored[0]
 

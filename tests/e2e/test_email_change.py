@@ -23,7 +23,7 @@ from tests.support.calls import (
     wait_until_mail_settled,
 )
 from tests.support.fakes import FakeClock
-from tests.support.mail import MailSink
+from tests.support.mail import MailSink, text_of
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 
@@ -86,9 +86,9 @@ def test_the_code_goes_to_the_new_address_only_and_nothing_changes_until_it_come
     assert mail.recipients_of(code_mail) == [STORED]
     notice = mail.wait_for(OLD, 2)[1]  # after the activation mail
     assert notice["Subject"] == REQUESTED
-    assert not lines_holding(code, notice.get_content())
+    assert not lines_holding(code, text_of(notice))
     for message in (code_mail, notice):
-        body = message.get_content()
+        body = text_of(message)
         assert "Hello jane," in body
         assert "Zed" not in body
         assert "Quux" not in body
@@ -106,13 +106,13 @@ def test_the_code_goes_to_the_new_address_only_and_nothing_changes_until_it_come
     assert server.stub.GetUser(pb.GetUserRequest(id=session.user.id)).user.email == STORED
     changed = mail.wait_for(OLD, 3)[2]
     assert changed["Subject"] == CHANGED
-    assert not lines_holding(code, changed.get_content())
+    assert not lines_holding(code, text_of(changed))
     # Sessions survive the change: the token does not carry the email.
     own = server.stub_for(session.access_token)
     assert own.GetUser(pb.GetUserRequest(id=session.user.id)).user.email == STORED
     # The code went nowhere but the new address; the new address got nothing else.
     assert [m["Subject"] for m in mail.messages if m["To"] == STORED] == ["Confirm your new email address"]
-    assert not [m for m in mail.messages if m is not code_mail and lines_holding(code, m.get_content())]
+    assert not [m for m in mail.messages if m is not code_mail and lines_holding(code, text_of(m))]
 
 
 def test_a_taken_address_is_refused_at_confirmation_and_nothing_is_written(
@@ -285,7 +285,7 @@ def test_an_admin_sets_an_email_at_once_and_the_old_address_is_told(
     assert sign_in_status(server, OLD) == grpc.StatusCode.UNAUTHENTICATED
     notice = mail.wait_for(OLD, 3)[2]  # activation, the user's own request, then this
     assert notice["Subject"] == CHANGED
-    assert "administrator" in notice.get_content()
+    assert "administrator" in text_of(notice)
     assert confirm_error(server, session, pending_code).code() == grpc.StatusCode.INVALID_ARGUMENT
 
     taken = rpc_error(

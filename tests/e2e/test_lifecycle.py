@@ -21,7 +21,7 @@ from tests.support.calls import (
     wait_until_mail_settled,
 )
 from tests.support.fakes import FakeClock
-from tests.support.mail import MailSink
+from tests.support.mail import MailSink, text_of
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
@@ -61,7 +61,7 @@ def test_replies_and_mail_carry_no_secrets(server: RunningServer, mail: MailSink
         assert PASSWORD.encode() not in raw
         assert code.encode() not in raw
         assert b"$2b$" not in raw
-    assert PASSWORD not in mail.wait_for("jane@example.com")[0].get_content()
+    assert PASSWORD not in text_of(mail.wait_for("jane@example.com")[0])
 
 
 def test_stored_password_is_bcrypt_with_cost_at_least_10(server: RunningServer, mongodb_uri: str) -> None:

@@ -36,7 +36,7 @@ from tests.support.calls import (
 )
 from tests.support.commands import CommandRecorder
 from tests.support.fakes import FakeClock
-from tests.support.mail import MailSink
+from tests.support.mail import MailSink, text_of
 from tests.support.paths import HARNESS, REPO_ROOT
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2, user_service_pb2_grpc
@@ -139,7 +139,7 @@ def test_confirm_mfa_ends_every_session_and_token_and_mails_a_notice(server: Run
         assert error.code() == UNAUTHENTICATED
     assert list(server.stub.ListSessions(pb.ListSessionsRequest(user_id=first.user.id)).sessions) == []
     [notice] = [m for m in mail.wait_for("jane@example.com", 2) if m["Subject"] == "Two-factor sign-in is on"]
-    assert "every session of your account was signed out" in notice.get_content()
+    assert "every session of your account was signed out" in text_of(notice)
 
 
 def test_a_new_enable_mfa_replaces_the_pending_enrollment(server: RunningServer, mail: MailSink) -> None:

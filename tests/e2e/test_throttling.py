@@ -31,7 +31,7 @@ from tests.support.calls import (
     violated_fields,
 )
 from tests.support.fakes import FakeClock
-from tests.support.mail import MailSink
+from tests.support.mail import MailSink, text_of
 from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
@@ -95,7 +95,7 @@ def test_after_a_completed_reset_the_owner_signs_in_at_once(
         refused(guesser, WRONG)
     assert refused(guesser, PASSWORD).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     guesser.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
-    body = mail.wait_for("jane@example.com", 2)[1].get_content()
+    body = text_of(mail.wait_for("jane@example.com", 2)[1])
     token = re.search(r"new password:\s+(\S+)", body)
     assert token, body
     guesser.ResetPassword(

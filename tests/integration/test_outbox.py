@@ -303,3 +303,21 @@ async def test_mail_sealed_or_queued_by_earlier_releases_still_goes_out(stores: 
         Mail(to="a@x.io", subject="s", body="b1"),
         Mail(to="b@x.io", subject="s", body="b2"),
     ]
+
+
+async def test_a_mail_with_an_html_part_keeps_both_parts_sealed(stores: Stores) -> None:
+    """Both parts in the one sealed body (so sealing and re-sealing stay as they were); a text-only
+    mail is stored as before this change, which earlier releases read."""
+    templated = Mail(to="html@x.io", subject="s", body="code 123456", html="<p>code 123456</p>")
+    await stores.outbox.enqueue(templated, NOW)
+    await stores.outbox.enqueue(Mail(to="text@x.io", subject="s", body="plain"), NOW + SECOND)
+    stored = await raw(stores, "html@x.io")
+    assert b"123456" not in bytes(stored["sealed_body"])
+    text_only = await raw(stores, "text@x.io")
+    associated = bson.encode({"purpose": "outbox-mail", "id": text_only["_id"], "to": "text@x.io", "subject": "s"})
+    assert stores.secrets.open_mail_body(bytes(text_only["sealed_body"]), associated) == "plain"
+    first = await stores.outbox.claim(NOW + SECOND, 60)
+    second = await stores.outbox.claim(NOW + SECOND, 60)
+    assert first is not None
+    assert second is not None
+    assert [first.mail, second.mail] == [templated, Mail(to="text@x.io", subject="s", body="plain")]

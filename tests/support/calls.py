@@ -27,7 +27,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 
 from tests.support.fakes import FakeClock
-from tests.support.mail import MailSink
+from tests.support.mail import MailSink, text_of
 from tests.support.paths import REPO_ROOT
 from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer
 from users.v1 import user_pb2, user_service_pb2
@@ -243,7 +243,7 @@ def reset_token(mail: MailSink, to: str, nth: int = 1) -> str:
 
 
 def reset_mails(mail: MailSink, to: str) -> list[str]:
-    return [m.get_content() for m in mail.messages if m["To"] == to and m["Subject"] == "Reset your password"]
+    return [text_of(m) for m in mail.messages if m["To"] == to and m["Subject"] == "Reset your password"]
 
 
 def reset(server: RunningServer, token: str, password: str = NEW_PASSWORD) -> user_service_pb2.ResetPasswordResponse:

@@ -78,16 +78,31 @@ class MailSink:
 
     def activation_token_for(self, to: str, nth: int = 1) -> str:
         """The long activation token of the ``nth`` mail to ``to`` (the line after "expires in N hours:")."""
-        body = self.wait_for(to, nth)[nth - 1].get_content()
-        match = re.search(r"expires in \d+ hours:\s+(\S+)", body)
+        body = text_of(self.wait_for(to, nth)[nth - 1])
+        match = re.search(r"expires\s+in\s+\d+\s+hours:\s+(\S+)", body)
         assert match, body
         return match.group(1)
 
     def code_for(self, to: str, nth: int = 1) -> str:
-        body = self.wait_for(to, nth)[nth - 1].get_content()
+        body = text_of(self.wait_for(to, nth)[nth - 1])
         match = re.search(r"code is (\d{6})", body)
         assert match, body
         return match.group(1)
+
+
+def text_of(message: EmailMessage) -> str:
+    """The plain-text part of a mail, whether it is that part alone or multipart/alternative."""
+    part = message.get_body(("plain",))
+    assert isinstance(part, EmailMessage), message
+    # A part of a multipart message keeps the wire's CRLFs; a whole single part does not.
+    return str(part.get_content()).replace("\r\n", "\n")
+
+
+def html_of(message: EmailMessage) -> str:
+    """The HTML part of a multipart/alternative mail."""
+    part = message.get_body(("html",))
+    assert isinstance(part, EmailMessage), message
+    return str(part.get_content()).replace("\r\n", "\n")
 
 
 @pytest.fixture(scope="session")

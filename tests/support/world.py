@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from tests.support.fakes import FakeClock, FakeHasher, FakeMailer, FakeThrottleStore, FakeUserRepository
+from users_grpc.adapters.mail_rendering import MailLinks, TemplateMailRenderer
 from users_grpc.adapters.secrets_at_rest import SecretsAtRest
 from users_grpc.domain.model import Gender, Registration, Role, User
 from users_grpc.services.accounts import AccountPolicy, AccountService
@@ -57,6 +58,7 @@ class World:
         self.service = AccountService(
             users=self.users,
             mailer=self.mailer,
+            mail_renderer=TemplateMailRenderer(override_dir=None, default_language="en", links=MailLinks()),
             hasher=self.hasher,
             digests=self.digests,
             clock=self.clock,

@@ -310,8 +310,8 @@ class TestActivationMail:
             "Hello jane,\n\n"
             f"your activation code is {world.last_code()}\n\n"
             "It works once and expires in 20 minutes.\n\n"
-            "If the code stops working, activate with this token instead; it works once and\n"
-            "expires in 48 hours:\n\n"
+            # One sentence: the transport wraps it, no stray line break in the template.
+            "If the code stops working, activate with this token instead; it works once and expires in 48 hours:\n\n"
             f"{world.last_token()}\n\n"
             "If you did not create an account, ignore this email.\n"
         )

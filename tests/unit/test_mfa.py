@@ -173,7 +173,9 @@ class TestEnrollment:
         assert world.current().token_version == 1
         assert world.signed_out(session)
         assert world.mailer.woken == 1
-        assert world.credentials.notices == [security_notice(world.user, "Two-factor sign-in is on")]
+        assert world.credentials.notices == [
+            security_notice(world.service.mail_renderer, world.user, "Two-factor sign-in is on")
+        ]
         with pytest.raises(FailedPrecondition, match=r"^MFA is already on$"):
             world.enable()
         with pytest.raises(FailedPrecondition, match=r"^no pending MFA enrollment: call EnableMfa$"):
@@ -359,7 +361,9 @@ class TestTurningOff:
         assert world.credentials.accounts[world.user.id].mfa is None
         assert world.current().token_version == 2
         assert world.signed_out(session)
-        assert world.credentials.notices == [security_notice(world.user, "Two-factor sign-in is off")]
+        assert world.credentials.notices == [
+            security_notice(world.service.mail_renderer, world.user, "Two-factor sign-in is off")
+        ]
         assert world.login().id == world.user.id
         with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
             run(world.mfa.disable(world.user.id, PASSWORD, totp(secret, world.step + 1), source=SOURCE))
@@ -400,7 +404,7 @@ class TestTurningOff:
         assert world.credentials.accounts[world.user.id].mfa is None
         assert world.signed_out(session)
         assert world.credentials.notices == [
-            security_notice(world.user, "Two-factor sign-in was reset by an administrator")
+            security_notice(world.service.mail_renderer, world.user, "Two-factor sign-in was reset by an administrator")
         ]
         with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
             run(world.mfa.reset(world.user.id))

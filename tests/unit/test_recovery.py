@@ -161,7 +161,7 @@ class TestResetPassword:
         assert world.all_signed_out(sessions)
         assert world.mailer.woken == 1
         (notice,) = world.credentials.notices
-        assert notice == security_notice(world.user, "Your password was reset")
+        assert notice == security_notice(world.service.mail_renderer, world.user, "Your password was reset")
         logged(log, "password set", user_id=world.user.id)
         logged(log, "password failures forgotten", user_id=world.user.id, source=SOURCE)
 
@@ -268,7 +268,9 @@ class TestChangePassword:
         assert world.current().updated_at == world.clock.now()
         assert world.all_signed_out(sessions)
         assert world.mailer.woken == 1
-        assert world.credentials.notices == [security_notice(world.user, "Your password was changed")]
+        assert world.credentials.notices == [
+            security_notice(world.service.mail_renderer, world.user, "Your password was changed")
+        ]
         with pytest.raises(InvalidResetToken):  # a pending reset dies with the old password
             world.reset(pending_reset)
 
@@ -319,7 +321,7 @@ class TestChangePassword:
 
 def test_a_security_notice_greets_by_username_and_says_what_changed(world: Recovery) -> None:
     user = dataclasses.replace(world.user, first_name="<a href=x>click</a>")
-    notice = security_notice(user, "Your password was reset")
+    notice = security_notice(world.service.mail_renderer, user, "Your password was reset")
     assert (notice.to, notice.subject) == ("jane@example.com", "Your password was reset")
     assert notice.body == (
         "Hello jane,\n\nyour password was reset, and every session of your account was signed out.\n"

@@ -93,8 +93,19 @@ def _message(queued: QueuedMail, sender: Address) -> EmailMessage:
     body = _wrapped(queued.mail.body)
     # Plain text that a person (or grep) copies a code or token from: never quoted-printable,
     # whose soft line breaks would split a token in two.
-    message.set_content(body, cte="7bit" if body.isascii() else "8bit")
+    message.set_content(body, cte=_transfer_encoding(body))
+    if queued.mail.html is not None:
+        # multipart/alternative: the text part first, then the HTML one, which clients prefer.
+        html = _wrapped(queued.mail.html)
+        message.add_alternative(html, subtype="html", cte=_transfer_encoding(html))
+        # Not the library's "===...==" boundary, whose lines end in "=" as a quoted-printable
+        # soft break does: a grep for those finds none in our mail.
+        message.set_boundary(f"alternative-{queued.id}")
     return message
+
+
+def _transfer_encoding(part: str) -> str:
+    return "7bit" if part.isascii() else "8bit"
 
 
 def _wrapped(body: str) -> str:

@@ -211,6 +211,9 @@ class Mail:
     to: str
     subject: str
     body: str
+    # The HTML alternative of ``body``, rendered from an autoescaped template; None for a plain
+    # text mail (every mail queued before mails had templates).
+    html: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,6 +6,7 @@ and :mod:`users_grpc.services.mail`; fakes for unit tests live in ``tests/suppor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
@@ -289,6 +290,18 @@ class Mailer(Protocol):
 
     def wake(self) -> None:
         """Deliver soon: a notice was pended in a user's document (it goes out anyway, a poll later)."""
+
+
+MailKind = Literal["activation", "password-reset", "email-change-code", "notice"]
+
+
+class MailRenderer(Protocol):
+    """Mails from templates: the services name the kind and pass plain values (a username, a
+    code, a token, minutes); the renderer escapes them, adds the operator's link, picks the
+    language and never lets a value be read as template syntax."""
+
+    def render(self, kind: MailKind, *, to: str, values: Mapping[str, str | int], language: str | None = None) -> Mail:
+        """The mail of ``kind`` to ``to``; ``language`` None (or one without templates): the default one."""
 
 
 # Each purpose has its own key: a digest made for one never matches in another.

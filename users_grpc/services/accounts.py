@@ -43,7 +43,7 @@ from users_grpc.domain.model import (
     User,
     UserState,
 )
-from users_grpc.domain.ports import Clock, Mailer, PasswordHasher, SecretDigests, UserRepository
+from users_grpc.domain.ports import Clock, Mailer, MailRenderer, PasswordHasher, SecretDigests, UserRepository
 from users_grpc.domain.rules import PasswordPolicy
 from users_grpc.services.last_admin import keep_an_active_admin
 from users_grpc.services.throttling import PasswordThrottle
@@ -96,6 +96,7 @@ class AccountService:
         *,
         users: UserRepository,
         mailer: Mailer,
+        mail_renderer: MailRenderer,
         hasher: PasswordHasher,
         digests: SecretDigests,
         clock: Clock,
@@ -105,6 +106,8 @@ class AccountService:
         self._throttle = throttle
         self._users = users
         self._mailer = mailer
+        # Public: the services built on this one (passwords, MFA, email change) mail through it too.
+        self.mail_renderer = mail_renderer
         self._hasher = hasher
         self._digests = digests
         self._clock = clock
@@ -440,16 +443,15 @@ class AccountService:
         # Mails greet by username, whose charset is safe; names are free text a stranger chose.
         minutes = int(self._policy.activation_code_ttl.total_seconds() // 60)
         hours = int(self._policy.activation_token_ttl.total_seconds() // 3600)
-        return Mail(
+        return self.mail_renderer.render(
+            "activation",
             to=user.email,
-            subject="Your activation code",
-            body=(
-                f"Hello {user.username},\n\n"
-                f"your activation code is {code}\n\n"
-                f"It works once and expires in {minutes} minutes.\n\n"
-                f"If the code stops working, activate with this token instead; it works once and\n"
-                f"expires in {hours} hours:\n\n"
-                f"{token}\n\n"
-                "If you did not create an account, ignore this email.\n"
-            ),
+            values=mail_values(user) | {"code": code, "token": token, "minutes": minutes, "hours": hours},
         )
+
+
+def mail_values(user: User) -> dict[str, str | int]:
+    """What every mail's template may greet a user by: the username (a safe charset), and the
+    first name, free text a stranger chose, which the renderer escapes (the shipped templates
+    do not use it)."""
+    return {"username": user.username, "first_name": user.first_name}

@@ -33,8 +33,8 @@ from users_grpc.domain.errors import (
     TooManyAttempts,
 )
 from users_grpc.domain.model import ActivationCode, Mail, PendingEmailChange, User
-from users_grpc.domain.ports import Clock, EmailChangeRepository, Mailer, SecretDigests
-from users_grpc.services.accounts import AccountService
+from users_grpc.domain.ports import Clock, EmailChangeRepository, Mailer, MailRenderer, SecretDigests
+from users_grpc.services.accounts import AccountService, mail_values
 
 # An admin's change is retried this often when the user's address changes between reading it and the swap.
 _SET_EMAIL_ROUNDS = 3
@@ -103,6 +103,7 @@ class EmailChangeService:
             max_sends=self._policy.max_sends,
             window_seconds=int(self._policy.send_window.total_seconds()),
             notice=_old_address_notice(
+                self._accounts.mail_renderer,
                 user,
                 "A change of your email address was requested",
                 "someone signed in to your account asked to change its email address, and a code to confirm\n"
@@ -147,7 +148,10 @@ class EmailChangeService:
                     digest,
                     now,
                     _old_address_notice(
-                        account.user, "Your email address was changed", "the email address of your account was changed."
+                        self._accounts.mail_renderer,
+                        account.user,
+                        "Your email address was changed",
+                        "the email address of your account was changed.",
                     ),
                 )
         if changed is None:
@@ -168,6 +172,7 @@ class EmailChangeService:
             notice = None
             if account.user.email != normalized:
                 notice = _old_address_notice(
+                    self._accounts.mail_renderer,
                     account.user,
                     "Your email address was changed",
                     "an administrator changed the email address of your account.",
@@ -189,29 +194,16 @@ class EmailChangeService:
     def _code_mail(self, user: User, new_email: str, code: str) -> Mail:
         # Greets by username, whose charset is safe; names are free text a stranger chose.
         minutes = int(self._policy.code_ttl.total_seconds() // 60)
-        return Mail(
-            to=new_email,
-            subject="Confirm your new email address",
-            body=(
-                f"Hello {user.username},\n\n"
-                f"your confirmation code is {code}\n\n"
-                "Enter it to make this the email address of your account. "
-                f"It works once and expires in {minutes} minutes.\n\n"
-                "If you did not ask for this, ignore this email: nothing changes without the code.\n"
-            ),
+        return self._accounts.mail_renderer.render(
+            "email-change-code", to=new_email, values=mail_values(user) | {"code": code, "minutes": minutes}
         )
 
 
-def _old_address_notice(user: User, subject: str, what: str) -> Mail:
+def _old_address_notice(renderer: MailRenderer, user: User, subject: str, what: str) -> Mail:
     """This module's security notices, to the address being replaced; each is pended by the
     update that requests or makes the change."""
-    return Mail(
-        to=user.email,
-        subject=subject,
-        body=(
-            f"Hello {user.username},\n\n{what}\n\nIf this was not you, change your password now and contact support.\n"
-        ),
-    )
+    message = f"{what}\n\nIf this was not you, change your password now and contact support."
+    return renderer.render("notice", to=user.email, values=mail_values(user) | {"subject": subject, "message": message})
 
 
 def _normalized_email(email: str, field: str) -> str:

@@ -146,7 +146,7 @@ class MfaService:
         step = accepted_step(self._secret(user_id, sealed_secret), code, self._clock.now())
         recovery_codes = _new_recovery_codes()
         digests = [self._recovery_digest(user_id, c) for c in recovery_codes]
-        notice = security_notice(account.user, "Two-factor sign-in is on")
+        notice = security_notice(self._accounts.mail_renderer, account.user, "Two-factor sign-in is on")
         if step is None or not await self._credentials.confirm_mfa(user_id, step, digests, self._clock.now(), notice):
             raise InvalidSecondFactor()
         await self._after_change(account.user, "on")
@@ -160,7 +160,7 @@ class MfaService:
         if not await self._accounts.password_matches(account, password, source=source):
             raise InvalidCredentials()
         await self._check_second_factor(user_id, code)
-        notice = security_notice(account.user, "Two-factor sign-in is off")
+        notice = security_notice(self._accounts.mail_renderer, account.user, "Two-factor sign-in is off")
         if not await self._credentials.disable_mfa(user_id, self._clock.now(), notice):
             raise FailedPrecondition("MFA is off")
         await self._after_change(account.user, "off")
@@ -172,7 +172,9 @@ class MfaService:
         account = await self._credentials.get_account(user_id)
         if account is None:
             raise NotFound()
-        notice = security_notice(account.user, "Two-factor sign-in was reset by an administrator")
+        notice = security_notice(
+            self._accounts.mail_renderer, account.user, "Two-factor sign-in was reset by an administrator"
+        )
         if account.mfa is None or not await self._credentials.reset_mfa(user_id, self._clock.now(), notice):
             raise FailedPrecondition("MFA is off")
         await self._after_change(account.user, "reset")

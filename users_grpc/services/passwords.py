@@ -13,12 +13,13 @@ from users_grpc.domain.ports import (
     Clock,
     CredentialRepository,
     Mailer,
+    MailRenderer,
     PasswordHasher,
     SecretDigests,
     SessionRepository,
 )
 from users_grpc.domain.rules import PasswordPolicy
-from users_grpc.services.accounts import AccountService, no_reply_sooner_than
+from users_grpc.services.accounts import AccountService, mail_values, no_reply_sooner_than
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,10 @@ class PasswordService:
             return
         minutes = int(self._reset_token_ttl.total_seconds() // 60)
         await self._mailer.send(
-            Mail(
+            self._accounts.mail_renderer.render(
+                "password-reset",
                 to=account.user.email,
-                subject="Reset your password",
-                body=(
-                    f"Hello {account.user.username},\n\n"
-                    # On a line of its own, so that it can be copied (or grepped) whole.
-                    f"use this token to set a new password:\n\n{token}\n\n"
-                    f"It works once and expires in {minutes} minutes.\n"
-                    "If you did not ask for this, ignore this email: your password is unchanged.\n"
-                ),
+                values=mail_values(account.user) | {"token": token, "minutes": minutes},
             )
         )
         log.info("password reset sent", extra={"user_id": account.user.id})
@@ -119,7 +114,7 @@ class PasswordService:
         password_hash = await self._hasher.hash(new_password)
         # The conditional update consumes the token (of two racing resets, one wins) and pends the
         # notice: whatever happens to this call, the reset never lands without it.
-        notice = security_notice(user, "Your password was reset")
+        notice = security_notice(self._accounts.mail_renderer, user, "Your password was reset")
         if not await self._credentials.reset_password(user.id, digest, password_hash, now, notice):
             raise InvalidResetToken()
         await self._accounts.owner_proved_mailbox(user.id, source)
@@ -138,7 +133,7 @@ class PasswordService:
         if not await self._accounts.password_matches(account, current_password, source=source):
             raise InvalidCredentials("the current password is wrong")
         password_hash = await self._hasher.hash(new_password)
-        notice = security_notice(account.user, "Your password was changed")
+        notice = security_notice(self._accounts.mail_renderer, account.user, "Your password was changed")
         await self._credentials.set_password(user_id, password_hash, self._clock.now(), notice)
         await self._after_password_change(account.user)
 
@@ -170,19 +165,16 @@ class PasswordService:
         await sign_out_everywhere(sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user)
 
 
-def security_notice(user: User, subject: str) -> Mail:
+def security_notice(renderer: MailRenderer, user: User, subject: str) -> Mail:
     """The notice of a change to how the user signs in, pended by the update that makes it.
 
     No secrets, and no text a stranger chose: greeted by username, never by name.
     """
-    return Mail(
-        to=user.email,
-        subject=subject,
-        body=(
-            f"Hello {user.username},\n\n{subject.lower()}, and every session of your account was signed out.\n"
-            "If this was not you, reset your password now and contact support.\n"
-        ),
+    message = (
+        f"{subject.lower()}, and every session of your account was signed out.\n"
+        "If this was not you, reset your password now and contact support."
     )
+    return renderer.render("notice", to=user.email, values=mail_values(user) | {"subject": subject, "message": message})
 
 
 async def sign_out_everywhere(*, sessions: SessionRepository, mailer: Mailer, clock: Clock, user: User) -> None:

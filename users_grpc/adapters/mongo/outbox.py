@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 
 import bson
@@ -75,7 +76,7 @@ class MongoOutbox:
                     "to": mail.to,
                     "subject": mail.subject,
                     "sealed_body": self._secrets.seal_mail_body(
-                        mail.body, _mail_associated_data(object_id, mail.to, mail.subject)
+                        _packed_body(mail), _mail_associated_data(object_id, mail.to, mail.subject)
                     ),
                     "status": "pending",
                     "attempts": 0,
@@ -164,7 +165,8 @@ class MongoOutbox:
             )
         except (InvalidTag, KeyError, UnicodeDecodeError):
             return None
-        return Mail(to=to, subject=subject, body=body)
+        text, html = _unpacked_body(body)
+        return Mail(to=to, subject=subject, body=text, html=html)
 
     @storage_call
     async def delivered(self, mail_id: str) -> None:
@@ -205,6 +207,24 @@ class MongoOutbox:
         failed = await self._outbox.count_documents({"status": "failed"})
         oldest = await self._outbox.find_one(waiting, {"created_at": 1}, sort=[("created_at", ASCENDING)])
         return pending, failed, None if oldest is None else oldest.get("created_at")
+
+
+# A sealed body with an HTML part starts with this: a text body, all that was queued before,
+# never holds a NUL. One sealed value keeps sealing, re-sealing and opening as they were.
+_PARTS_MARK = "\0parts-v1\0"
+
+
+def _packed_body(mail: Mail) -> str:
+    if mail.html is None:
+        return mail.body
+    return _PARTS_MARK + json.dumps({"text": mail.body, "html": mail.html})
+
+
+def _unpacked_body(sealed_text: str) -> tuple[str, str | None]:
+    if not sealed_text.startswith(_PARTS_MARK):
+        return sealed_text, None
+    parts = json.loads(sealed_text[len(_PARTS_MARK) :])
+    return str(parts["text"]), str(parts["html"])
 
 
 def _mail_associated_data(mail_id: ObjectId, to: str, subject: str) -> bytes:

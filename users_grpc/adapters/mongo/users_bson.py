@@ -80,12 +80,22 @@ def _change_entry(change: ChangeType, now: datetime) -> Document:
 
 
 def _notice_document(notice: Notice) -> Document:
-    return {"id": ObjectId(notice.id), "to": notice.mail.to, "subject": notice.mail.subject, "body": notice.mail.body}
+    document = {
+        "id": ObjectId(notice.id),
+        "to": notice.mail.to,
+        "subject": notice.mail.subject,
+        "body": notice.mail.body,
+    }
+    if notice.mail.html is not None:
+        document["html"] = notice.mail.html
+    return document
 
 
 def _notice_from_document(document: Document) -> Notice:
     return Notice(
-        id=str(document["id"]), mail=Mail(to=document["to"], subject=document["subject"], body=document["body"])
+        id=str(document["id"]),
+        # No "html": pended before mails had an HTML part; it goes out as plain text.
+        mail=Mail(to=document["to"], subject=document["subject"], body=document["body"], html=document.get("html")),
     )
 
 

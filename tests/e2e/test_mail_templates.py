@@ -1,0 +1,155 @@
+"""Templated mails (issue 26): a text and an HTML part, a link beside the code when the front
+end's page is set, an operator's templates, a second language, hostile names shown as typed,
+and a broken template that stops the start.
+
+Through a real channel, server, database and SMTP server.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.support.calls import create_request, users_grpc
+from tests.support.mail import MailSink, html_of, text_of
+from tests.support.servers import RunningServer, StartServer
+from users.v1 import user_service_pb2 as pb
+
+ACTIVATION_URL = "https://app.example/activate"
+HOSTILE_NAME = '<script>alert(1)</script>{{ 7*7 }}{% if true %}x{% endif %}"&'
+
+
+def test_the_activation_mail_has_a_text_and_an_html_part_and_no_link_unless_set(
+    server: RunningServer, mail: MailSink
+) -> None:
+    server.anonymous.CreateUser(create_request())
+    [message] = mail.wait_for("jane@example.com")
+    assert message.get_content_type() == "multipart/alternative"
+    assert [part.get_content_type() for part in message.iter_parts()] == ["text/plain", "text/html"]
+    code = mail.code_for("jane@example.com")
+    token = mail.activation_token_for("jane@example.com")
+    assert f"<strong>{code}</strong>" in html_of(message)
+    # Indented: the README's grep for a token at the start of a line finds the text part's only.
+    assert re.search(rf"^{re.escape(token)}$", html_of(message), re.MULTILINE) is None
+    assert token in html_of(message)
+    assert "#token=" not in text_of(message)
+    assert "href" not in html_of(message)
+
+
+def test_the_stray_line_break_is_gone(server: RunningServer, mail: MailSink) -> None:
+    server.anonymous.CreateUser(create_request())
+    text = text_of(mail.wait_for("jane@example.com")[0])
+    assert "it works once\nand\n" not in text
+    assert "it works once and expires in 24 hours:" in " ".join(text.split())
+
+
+def test_with_an_activation_url_the_mail_carries_a_working_link(start_server: StartServer, mail: MailSink) -> None:
+    server = start_server(activation_url=ACTIVATION_URL)
+    server.anonymous.CreateUser(create_request())
+    [message] = mail.wait_for("jane@example.com")
+    token = mail.activation_token_for("jane@example.com")
+    link = f"{ACTIVATION_URL}#token={token}"
+    assert link in text_of(message).split("\n")
+    assert f'href="{link}"' in html_of(message)
+    # What the front end does with it: the fragment's token activates the account.
+    fragment = re.search(re.escape(ACTIVATION_URL) + r"#token=(\S+)", text_of(message))
+    assert fragment is not None
+    activated = server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", token=fragment.group(1)))
+    assert activated.user.is_active
+
+
+def test_an_operator_template_overrides_the_shipped_one_file_by_file(
+    start_server: StartServer, mail: MailSink, tmp_path: Path
+) -> None:
+    (tmp_path / "activation.en.subject.txt").write_text("Welcome to Example\n")
+    (tmp_path / "activation.en.html").write_text("<p>Example Corp: your code is {{ code }}</p>\n")
+    server = start_server(mail_templates_dir=tmp_path)
+    server.anonymous.CreateUser(create_request())
+    [message] = mail.wait_for("jane@example.com")
+    code = mail.code_for("jane@example.com")
+    assert message["Subject"] == "Welcome to Example"
+    assert html_of(message).strip() == f"<p>Example Corp: your code is {code}</p>"
+    # No text template of the operator's: the shipped one.
+    assert text_of(message).startswith("Hello jane,\n\nyour activation code is")
+
+
+def test_the_default_language_picks_its_templates_and_falls_back_to_english(
+    start_server: StartServer, mail: MailSink
+) -> None:
+    server = start_server(mail_language="de")
+    server.anonymous.CreateUser(create_request())
+    [message] = mail.wait_for("jane@example.com")
+    assert message["Subject"] == "Dein Aktivierungscode"
+    assert text_of(message).startswith("Hallo jane,\n\ndein Aktivierungscode ist")
+    assert 'lang="de"' in html_of(message)
+    code = re.search(r"Aktivierungscode ist (\d{6})", text_of(message))
+    assert code is not None
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=code.group(1)))
+    # The reset mail has no German templates: English.
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    [_, reset] = mail.wait_for("jane@example.com", 2)
+    assert reset["Subject"] == "Reset your password"
+
+
+def test_a_hostile_name_is_escaped_in_html_and_literal_in_text(
+    start_server: StartServer, mail: MailSink, tmp_path: Path
+) -> None:
+    """An operator greets by first name: what the stranger typed is never markup, never template."""
+    (tmp_path / "activation.en.subject.txt").write_text("Hi {{ first_name }}\n")
+    (tmp_path / "activation.en.txt").write_text("Hello {{ first_name }}, your code is {{ code }}\n")
+    (tmp_path / "activation.en.html").write_text("<p>Hello {{ first_name }}, your code is {{ code }}</p>\n")
+    server = start_server(mail_templates_dir=tmp_path)
+    server.anonymous.CreateUser(create_request(first_name=HOSTILE_NAME))
+    [message] = mail.wait_for("jane@example.com")
+    assert message["Subject"] == f"Hi {HOSTILE_NAME}"
+    # (The transport wraps the long line at a space.)
+    assert " ".join(text_of(message).split()).startswith(f"Hello {HOSTILE_NAME}, your code is ")
+    html = " ".join(html_of(message).split())
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;{{ 7*7 }}{% if true %}x{% endif %}&#34;&amp;" in html
+    assert "49" not in html
+    assert "49" not in text_of(message)
+
+
+def test_a_broken_template_stops_the_start_with_one_sentence(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server()
+    (tmp_path / "activation.en.html").write_text("<p>{% if code %}never closed</p>\n")
+    result = users_grpc(
+        "serve",
+        server_settings=server.settings,
+        USERS_GRPC_ADDRESS="127.0.0.1:0",
+        USERS_MAIL_TEMPLATES_DIR=str(tmp_path),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "the mail template activation.en.html line 1 does not render" in line
+
+
+def test_an_unknown_value_in_a_template_stops_the_start(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server()
+    (tmp_path / "activation.en.txt").write_text("Hello {{ usrname }}\n")
+    result = users_grpc(
+        "serve",
+        server_settings=server.settings,
+        USERS_GRPC_ADDRESS="127.0.0.1:0",
+        USERS_MAIL_TEMPLATES_DIR=str(tmp_path),
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "activation.en.txt" in line
+    assert "usrname" in line
+
+
+def test_a_link_setting_must_be_https(start_server: StartServer) -> None:
+    server = start_server()
+    result = users_grpc(
+        "serve",
+        server_settings=server.settings,
+        USERS_GRPC_ADDRESS="127.0.0.1:0",
+        USERS_RESET_URL="http://app.example/r",
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "USERS_RESET_URL" in line
+    assert "https://" in line
