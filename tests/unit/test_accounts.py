@@ -121,9 +121,9 @@ class TestLastActiveAdmin:
 
     @pytest.mark.parametrize("turn", ["held by a dead replica", "unreachable"])
     def test_a_removal_whose_count_gets_no_turn_is_undone_and_unavailable(
-        self, world: World, monkeypatch: pytest.MonkeyPatch, turn: str
+        self, world: World, monkeypatch: pytest.MonkeyPatch, log: pytest.LogCaptureFixture, turn: str
     ) -> None:
-        """No count, no removal: the admin stays as they were, and the caller may retry."""
+        """No count, no removal: the admin stays as they were, the caller may retry, the log says why."""
         first, _ = admin(world, "root"), admin(world, "toor")
         monkeypatch.setattr(last_admin, "_ADMIN_CHECK_WAIT_SECONDS", 0)
         if turn == "unreachable":
@@ -137,6 +137,89 @@ class TestLastActiveAdmin:
         with pytest.raises(StorageUnavailable):
             run(world.service.delete_user_by_identifier("root"))
         assert world.users.accounts[first.id].user.is_active_admin
+        logged(log, "change undone: no turn to count the active admins", user_id=first.id)
+
+    def test_a_count_waits_for_a_turn_another_holds_briefly(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Another replica's count holds the turn for two tries and releases it: the third try counts."""
+        first, _ = admin(world, "root"), admin(world, "toor")
+        take = world.users.take_admin_check
+        tries: list[str] = []
+
+        async def held_twice(holder: str, lease_seconds: float) -> bool:
+            tries.append(holder)
+            world.users.admin_check_holder = "another replica's count" if len(tries) <= 2 else None
+            return await take(holder, lease_seconds)
+
+        monkeypatch.setattr(world.users, "take_admin_check", held_twice)
+        run(world.service.delete_user_by_identifier("root"))
+        assert first.id not in world.users.accounts
+        assert len(tries) == 3
+
+    def test_a_count_holds_its_turn_against_every_other_holder_until_it_is_done(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """While one count runs, another replica's try to take the turn fails; after it, the turn is free."""
+        admin(world, "root"), admin(world, "toor")
+        count = world.users.count_active_admins
+        others: list[bool] = []
+
+        async def another_replica_tries() -> int:
+            others.append(await world.users.take_admin_check("another replica's count", 10))
+            return await count()
+
+        monkeypatch.setattr(world.users, "count_active_admins", another_replica_tries)
+        run(world.service.delete_user_by_identifier("root"))
+        assert others == [False]
+        assert world.users.admin_check_holder is None
+
+    def test_a_turn_not_released_leaves_the_removal_standing_and_is_logged(
+        self, world: World, monkeypatch: pytest.MonkeyPatch, log: pytest.LogCaptureFixture
+    ) -> None:
+        """The release failing is no reason to fail the call: the lease runs out on its own."""
+        first, _ = admin(world, "root"), admin(world, "toor")
+
+        async def unavailable(holder: str) -> None:
+            raise StorageUnavailable()
+
+        monkeypatch.setattr(world.users, "release_admin_check", unavailable)
+        run(world.service.delete_user_by_identifier("root"))
+        assert first.id not in world.users.accounts
+        logged(log, "the count of active admins not released; its lease runs out", user_id=first.id)
+
+    def test_a_finished_check_leaves_nothing_behind(self, world: World) -> None:
+        """The checks kept alive while they run are forgotten once settled."""
+        admin(world, "root"), admin(world, "toor")
+        run(world.service.delete_user_by_identifier("root"))
+        assert not last_admin._checks
+
+    def test_a_check_cancelled_at_shutdown_settles_quietly(self, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A check cancelled (as asyncio.run does to what is left) is forgotten and reports no error to the loop."""
+        admin(world, "root"), admin(world, "toor")
+        counting, never = asyncio.Event(), asyncio.Event()
+
+        async def hangs() -> int:
+            counting.set()
+            await never.wait()
+            return 1
+
+        monkeypatch.setattr(world.users, "count_active_admins", hangs)
+
+        async def scenario() -> list[dict[str, Any]]:
+            errors: list[dict[str, Any]] = []
+            asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+            caller = asyncio.ensure_future(world.service.delete_user_by_identifier("root"))
+            await counting.wait()
+            (check,) = last_admin._checks
+            check.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            await asyncio.sleep(0)
+            return errors
+
+        assert run(scenario()) == []
+        assert not last_admin._checks
 
     def test_an_admin_is_created_active_without_a_mail(self, world: World) -> None:
         created = admin(world, "root")
@@ -248,6 +331,14 @@ class TestImport:
         assert run(world.service.verify_credentials("jane", "the old systems password", source=SOURCE)).id == user.id
         assert world.users.accounts[user.id] == account
 
+    def test_an_imported_hash_costlier_than_the_policy_allows_is_refused(self) -> None:
+        """A bcrypt cost above max_imported_hash_cost would make each sign-in too slow: refused, nothing stored."""
+        world = quick(max_imported_hash_cost=4)
+        costly = bcrypt.hashpw(b"the old systems password", bcrypt.gensalt(5)).decode()
+        (result,) = run(world.service.import_users([imported(password_hash=costly)], IMPORTER))
+        assert isinstance(result, InvalidArgument)
+        assert world.users.accounts == {}
+
     def test_an_import_without_a_hash_has_no_password(self, world: World) -> None:
         (user,) = run(world.service.import_users([imported()], IMPORTER))
         assert isinstance(user, User)
@@ -285,6 +376,22 @@ class TestAccountStates:
         world.hasher.overloaded = None
         assert all(tally.count == 0 for _, kind, tally in world.throttles.tallies.values() if kind == "password")
         assert run(world.service.verify_credentials("jane", PASSWORD, source=SOURCE)).id == user.id
+
+    def test_a_comparison_that_breaks_raises_its_own_error_and_counts_as_a_try(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A hasher that fails mid-comparison: its error reaches the caller, and the try is counted."""
+        user = world.create()
+        set_state(world, user.id, UserState.ACTIVE)
+
+        async def broken(*args: Any) -> bool:
+            raise RuntimeError("bcrypt broke")
+
+        monkeypatch.setattr(world.hasher, "verify", broken)
+        with pytest.raises(RuntimeError, match=r"^bcrypt broke$"):
+            run(world.service.verify_credentials("jane", PASSWORD, source=SOURCE))
+        counts = [tally.count for _, kind, tally in world.throttles.tallies.values() if kind == "password"]
+        assert counts == [1, 1]  # the address's and the account's
 
     def test_a_caller_reading_themself_is_served_the_user_already_read(self, world: World) -> None:
         user = world.create()

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import os
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -175,6 +175,13 @@ class TestRefresh:
         assert third.refresh_token.startswith(f"{first.session.id}.2.")
         record = world.sessions.records[first.session.id]
         assert record.token_digest == world.digests.digest("refresh-token", first.session.id, third.refresh_token)
+
+    def test_a_token_tagged_under_a_newer_digest_root_works(self, world: Sessions) -> None:
+        """After a rotation the digests carry the root's version ("1:..."); the tag is the part after it."""
+        since = datetime.now(UTC) - timedelta(seconds=1)
+        world.digests.use_digest_roots({0: (os.urandom(32), None), 1: (os.urandom(32), since)})
+        first = world.sign_in()
+        assert world.refresh(first.refresh_token).session.id == first.session.id
 
     def test_a_replayed_refresh_token_revokes_the_session(
         self, world: Sessions, caplog: pytest.LogCaptureFixture

@@ -565,13 +565,13 @@ def test_the_high_s_twin_of_a_valid_signature_is_refused(keys: Keys) -> None:
     # The twin is a valid ECDSA signature: a library that does not refuse high s accepts it.
     public = keys.private_key(keys.tokens.signing_kid or "").public_key()
     jwt.decode(twin, public, algorithms=[ALGORITHM], audience=AUDIENCE, options={"verify_exp": False})
-    with pytest.raises(Unauthenticated):
+    with pytest.raises(Unauthenticated, match=r"^invalid access token$"):
         run(keys.tokens.verify(twin))
     assert run(keys.tokens.verify(token)).subject == USER.id  # the original still works
 
 
 def test_a_signature_spelt_another_way_is_refused(keys: Keys) -> None:
-    """The last of 86 base64url characters carries 2 unused bits: four spellings of one signature."""
+    """The last of 86 base64url characters carries 4 unused bits: sixteen spellings of one signature."""
     token, _ = keys.tokens.issue(USER, SESSION_ID)
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     last = alphabet.index(token[-1])

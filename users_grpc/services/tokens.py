@@ -389,7 +389,8 @@ def _is_canonical_signature(token: str) -> bool:
     n / 2, in base64url without padding and without stray low bits in its last character.
 
     ECDSA lets anyone turn a valid (r, s) into the valid (r, n - s), and base64url lets the same
-    bytes be spelt four ways: a service that deny-lists a token by its text would miss the twin.
+    64 bytes be spelt sixteen ways (the last of 86 characters has 4 unused bits): a service that
+    deny-lists a token by its text would miss the twin.
     """
     encoded = token.rpartition(".")[2]
     try:
