@@ -70,7 +70,8 @@ def test_the_readme_keeps_the_two_commands_in_sh_blocks() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     for command in (
         ".ci/setup && .venv/bin/users-grpc dev",
-        ".ci/setup && .venv/bin/coverage run -m pytest -n 2 && .venv/bin/coverage combine -q && .venv/bin/coverage report",
+        ".ci/setup && .venv/bin/coverage run -m pytest -n 2"
+        " && .venv/bin/coverage combine -q && .venv/bin/coverage report",
     ):
         assert f"```sh\n{command}\n```" in readme
 
