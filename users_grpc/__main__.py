@@ -19,7 +19,7 @@ from typing import TypeVar
 from users_grpc.bootstrap import App, build_app, serve
 from users_grpc.config import Settings, listen_address
 from users_grpc.domain.errors import ConfigError, InvalidArgument, UsersError
-from users_grpc.domain.model import Gender, Registration, Role
+from users_grpc.domain.model import ActorKind, AuditActor, AuditEvent, AuditEventType, Gender, Registration, Role
 from users_grpc.grpc_api.logs import configure_logging
 from users_grpc.ops import migrations
 from users_grpc.ops.devdb import DevDatabaseError, ensure_harness, start_dev_database
@@ -250,6 +250,17 @@ async def _create_admin(app: App, args: argparse.Namespace) -> str:
             password_confirmation=password,
             gender=Gender.UNSPECIFIED,
             role=Role.ADMIN,
+        )
+    )
+    # Every grant of the admin role is on the record, this one too: no call, so no interceptor.
+    await app.services.audit.record(
+        AuditEvent(
+            type=AuditEventType.ROLE_CHANGE,
+            time=datetime.now(UTC),
+            actor=AuditActor(kind=ActorKind.OPERATOR, id="create-admin", source=""),
+            subject_id=user.id,
+            status_code=0,
+            reason="role ROLE_ADMIN, at creation",
         )
     )
     return user.id

@@ -32,6 +32,24 @@ def test_create_admin_makes_an_active_admin_who_can_sign_in(start_server: StartS
     assert "username is already taken" in again.stderr
 
 
+def test_create_admin_puts_the_grant_on_the_audit_trail(start_server: StartServer) -> None:
+    server = start_server()
+    password = "operator passphrase 42"
+    made = users_grpc(
+        "create-admin", "--username", "root", "--email", "root@example.com",
+        server_settings=server.settings, USERS_ADMIN_PASSWORD=password,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    signed_in = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="root", password=password))
+    token = (("authorization", f"Bearer {signed_in.access_token}"),)
+    events = server.anonymous.ListAuditEvents(
+        pb.ListAuditEventsRequest(types=[pb.AUDIT_EVENT_TYPE_ROLE_CHANGE]), metadata=token
+    ).audit_events
+    assert [(e.subject_id, e.actor.kind, e.actor.id, e.reason) for e in events] == [
+        (signed_in.user.id, pb.AUDIT_ACTOR_KIND_OPERATOR, "create-admin", "role ROLE_ADMIN, at creation")
+    ]
+
+
 def test_keys_rotate_is_picked_up_by_a_running_server(start_server: StartServer) -> None:
     server = start_server(key_reload_seconds=0.2)
     old_kid = jwt.get_unverified_header(server.admin_token)["kid"]

@@ -444,6 +444,7 @@ class ActorKind(enum.Enum):
     USER = "user"
     MACHINE = "machine"
     SERVICE_ACCOUNT = "service_account"
+    OPERATOR = "operator"  # a command on a host, such as create-admin
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -182,6 +182,11 @@ class _AuditActorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditA
     """
     AUDIT_ACTOR_KIND_SERVICE_ACCOUNT: _AuditActorKind.ValueType  # 4
     """A service account, by its access token; the id is its client id."""
+    AUDIT_ACTOR_KIND_OPERATOR: _AuditActorKind.ValueType  # 5
+    """An operator's command run on a host with the database's credentials
+    (`users-grpc create-admin`); the id names the command, the source
+    address is empty.
+    """
 
 class AuditActorKind(_AuditActorKind, metaclass=_AuditActorKindEnumTypeWrapper):
     """Who acted."""
@@ -197,6 +202,11 @@ listed in USERS_MACHINE_IDENTITIES.
 """
 AUDIT_ACTOR_KIND_SERVICE_ACCOUNT: AuditActorKind.ValueType  # 4
 """A service account, by its access token; the id is its client id."""
+AUDIT_ACTOR_KIND_OPERATOR: AuditActorKind.ValueType  # 5
+"""An operator's command run on a host with the database's credentials
+(`users-grpc create-admin`); the id names the command, the source
+address is empty.
+"""
 Global___AuditActorKind: _TypeAlias = AuditActorKind  # noqa: Y015
 
 class _UserChangeType:

@@ -189,6 +189,10 @@ const (
 	AuditActorKind_AUDIT_ACTOR_KIND_MACHINE AuditActorKind = 3
 	// A service account, by its access token; the id is its client id.
 	AuditActorKind_AUDIT_ACTOR_KIND_SERVICE_ACCOUNT AuditActorKind = 4
+	// An operator's command run on a host with the database's credentials
+	// (`users-grpc create-admin`); the id names the command, the source
+	// address is empty.
+	AuditActorKind_AUDIT_ACTOR_KIND_OPERATOR AuditActorKind = 5
 )
 
 // Enum value maps for AuditActorKind.
@@ -199,6 +203,7 @@ var (
 		2: "AUDIT_ACTOR_KIND_USER",
 		3: "AUDIT_ACTOR_KIND_MACHINE",
 		4: "AUDIT_ACTOR_KIND_SERVICE_ACCOUNT",
+		5: "AUDIT_ACTOR_KIND_OPERATOR",
 	}
 	AuditActorKind_value = map[string]int32{
 		"AUDIT_ACTOR_KIND_UNSPECIFIED":     0,
@@ -206,6 +211,7 @@ var (
 		"AUDIT_ACTOR_KIND_USER":            2,
 		"AUDIT_ACTOR_KIND_MACHINE":         3,
 		"AUDIT_ACTOR_KIND_SERVICE_ACCOUNT": 4,
+		"AUDIT_ACTOR_KIND_OPERATOR":        5,
 	}
 )
 
@@ -5369,13 +5375,14 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE\x10\x15\x12+\n" +
 	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE\x10\x16\x12$\n" +
 	" AUDIT_EVENT_TYPE_SESSIONS_REVOKE\x10\x17\x12#\n" +
-	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18*\xb1\x01\n" +
+	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18*\xd0\x01\n" +
 	"\x0eAuditActorKind\x12 \n" +
 	"\x1cAUDIT_ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aAUDIT_ACTOR_KIND_ANONYMOUS\x10\x01\x12\x19\n" +
 	"\x15AUDIT_ACTOR_KIND_USER\x10\x02\x12\x1c\n" +
 	"\x18AUDIT_ACTOR_KIND_MACHINE\x10\x03\x12$\n" +
-	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x04*\xf3\x02\n" +
+	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x04\x12\x1d\n" +
+	"\x19AUDIT_ACTOR_KIND_OPERATOR\x10\x05*\xf3\x02\n" +
 	"\x0eUserChangeType\x12 \n" +
 	"\x1cUSER_CHANGE_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_CREATED\x10\x01\x12\x1e\n" +
