@@ -10,9 +10,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.support.calls import create_request, users_grpc
+import grpc
+from google.protobuf import field_mask_pb2
+
+from tests.support.calls import create_request, rpc_error, signed_up, users_grpc, violated_fields
 from tests.support.mail import MailSink, html_of, text_of
 from tests.support.servers import RunningServer, StartServer
+from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
 ACTIVATION_URL = "https://app.example/activate"
@@ -85,10 +89,68 @@ def test_the_default_language_picks_its_templates_and_falls_back_to_english(
     code = re.search(r"Aktivierungscode ist (\d{6})", text_of(message))
     assert code is not None
     server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=code.group(1)))
-    # The reset mail has no German templates: English.
     server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
     [_, reset] = mail.wait_for("jane@example.com", 2)
-    assert reset["Subject"] == "Reset your password"
+    assert reset["Subject"] == "Setze dein Passwort zurück"
+
+
+def test_a_users_language_picks_their_mails_with_its_primary_language_as_fallback(
+    server: RunningServer, mail: MailSink
+) -> None:
+    created = server.anonymous.CreateUser(create_request(language_code="de-AT")).user
+    assert created.language_code == "de-AT"
+    [activation] = mail.wait_for("jane@example.com")
+    assert activation["Subject"] == "Dein Aktivierungscode"
+    code = re.search(r"Aktivierungscode ist (\d{6})", text_of(activation))
+    assert code is not None
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=code.group(1)))
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    [_, reset] = mail.wait_for("jane@example.com", 2)
+    assert reset["Subject"] == "Setze dein Passwort zurück"
+    assert 'lang="de"' in html_of(reset)
+
+
+def test_a_language_without_templates_falls_back_to_the_servers(server: RunningServer, mail: MailSink) -> None:
+    server.anonymous.CreateUser(create_request(language_code="fr"))
+    [activation] = mail.wait_for("jane@example.com")
+    assert activation["Subject"] == "Your activation code"
+
+
+def test_a_user_changes_the_language_of_their_next_mail(server: RunningServer, mail: MailSink) -> None:
+    signed_in = signed_up(server, mail)
+    token = (("authorization", f"Bearer {signed_in.access_token}"),)
+    updated = server.anonymous.UpdateUser(
+        pb.UpdateUserRequest(
+            user_id=signed_in.user.id,
+            user=user_pb2.User(language_code="de"),
+            update_mask=field_mask_pb2.FieldMask(paths=["language_code"]),
+        ),
+        metadata=token,
+    ).user
+    assert updated.language_code == "de"
+    assert server.anonymous.GetUser(pb.GetUserRequest(id=signed_in.user.id), metadata=token).user.language_code == "de"
+    server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
+    [_, reset] = mail.wait_for("jane@example.com", 2)
+    assert reset["Subject"] == "Setze dein Passwort zurück"
+
+
+def test_a_malformed_language_code_is_a_field_violation(server: RunningServer, mail: MailSink) -> None:
+    for bad in ("de_DE", "deutsch!", "x", "de-" + "a" * 40):
+        error = rpc_error(server.anonymous.CreateUser, create_request(language_code=bad))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violated_fields(error) == {"language_code"}
+    signed_in = signed_up(server, mail)
+    error = rpc_error(
+        server.anonymous.UpdateUser,
+        pb.UpdateUserRequest(
+            user_id=signed_in.user.id,
+            user=user_pb2.User(language_code="de_DE"),
+            update_mask=field_mask_pb2.FieldMask(paths=["language_code"]),
+        ),
+        metadata=(("authorization", f"Bearer {signed_in.access_token}"),),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(error) == {"user.language_code"}
 
 
 def test_a_hostile_name_is_escaped_in_html_and_literal_in_text(

@@ -37,8 +37,11 @@ def test_the_email_change_link_carries_the_code_in_its_fragment() -> None:
 
 def test_a_language_without_templates_falls_back_to_english() -> None:
     german = TemplateMailRenderer(override_dir=None, default_language="de", links=MailLinks())
-    values: dict[str, str | int] = {"username": "jane", "first_name": "J", "token": "t", "minutes": 5}
-    assert german.render("password-reset", to="j@example.com", values=values).subject == "Reset your password"
+    # Notices are written in English only (their text comes from the service).
+    values: dict[str, str | int] = {"username": "jane", "first_name": "J", "subject": "S", "message": "M"}
+    notice = german.render("notice", to="j@example.com", values=values, language="de")
+    assert notice.html is not None
+    assert 'lang="en"' in notice.html
     activation: dict[str, str | int] = {
         "username": "jane",
         "first_name": "J",
@@ -65,3 +68,14 @@ def test_a_template_using_python_internals_is_refused_by_the_sandbox(tmp_path: P
     (tmp_path / "notice.en.txt").write_text("{{ message.__class__.__mro__[1].__subclasses__() }}\n")
     with pytest.raises(ConfigError, match=r"notice\.en\.txt does not render"):
         TemplateMailRenderer(override_dir=tmp_path, default_language="en", links=MailLinks())
+
+
+def test_a_regional_tag_falls_back_to_its_primary_language() -> None:
+    english = TemplateMailRenderer(override_dir=None, default_language="en", links=MailLinks())
+    values: dict[str, str | int] = {"username": "jane", "first_name": "J", "token": "t", "minutes": 5}
+    assert english.render("password-reset", to="j@example.com", values=values, language="de-AT").subject == (
+        "Setze dein Passwort zurück"
+    )
+    assert english.render("password-reset", to="j@example.com", values=values, language="DE").subject == (
+        "Setze dein Passwort zurück"
+    )

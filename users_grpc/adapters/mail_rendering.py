@@ -98,8 +98,9 @@ class TemplateMailRenderer:
         )
 
     def _languages_for(self, requested: str | None) -> list[str]:
-        """The request's language, then the default one, then English: those with templates."""
-        wanted = [requested, self._default_language, _FALLBACK_LANGUAGE]
+        """The request's language, its primary language (de for de-AT), then the default one,
+        then English: those with templates."""
+        wanted = [requested, _primary(requested), self._default_language, _FALLBACK_LANGUAGE]
         chosen = [each.lower() for each in wanted if each is not None and each.lower() in self._languages]
         return list(dict.fromkeys([*chosen, _FALLBACK_LANGUAGE]))
 
@@ -142,3 +143,8 @@ def _languages(directories: list[Path]) -> set[str]:
             if len(parts) >= 3 and parts[0] in _KINDS:
                 found.add(parts[1].lower())
     return found
+
+
+def _primary(language: str | None) -> str | None:
+    """The primary language subtag of a BCP 47 tag: de of de-AT."""
+    return None if language is None else language.partition("-")[0]

@@ -71,6 +71,8 @@ class User:
     mfa_enabled: bool = False
     # Bumped by every UpdateUser, so that two updates within one millisecond still differ in etag.
     revision: int = 0
+    # The BCP 47 tag of the user's mails; "" for the server's default.
+    language_code: str = ""
 
     @property
     def etag(self) -> str:
@@ -175,6 +177,7 @@ class NewUser:
     password_scheme: PasswordScheme = PasswordScheme.PEPPERED
     # Imported users are never purged as "never activated": they were accounts elsewhere.
     imported: bool = False
+    language_code: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,6 +207,7 @@ class Registration:
     password_confirmation: str
     gender: Gender
     role: Role
+    language_code: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,7 +304,7 @@ class UserFilter:
 
 
 # Paths of User that UpdateUser may change.
-UPDATABLE_FIELDS = ("first_name", "last_name", "gender", "username")
+UPDATABLE_FIELDS = ("first_name", "last_name", "gender", "username", "language_code")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -312,6 +316,7 @@ class ProfileChanges:
     last_name: str | None = None
     gender: Gender | None = None
     username: str | None = None
+    language_code: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

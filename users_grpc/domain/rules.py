@@ -26,6 +26,8 @@ def validate_profile_changes(changes: ProfileChanges) -> None:
     for field, value in (("first_name", changes.first_name), ("last_name", changes.last_name)):
         if value is not None:
             violations.extend(FieldViolation(f"user.{v.field}", v.description) for v in _name_violations(field, value))
+    if changes.language_code is not None:
+        violations.extend(_language_code_violations(changes.language_code, "user.language_code"))
     if violations:
         raise InvalidArgument(violations)
 
@@ -38,6 +40,18 @@ PASSWORD_MAX_LENGTH = 128
 IDENTIFIER_MAX_LENGTH = EMAIL_MAX_LENGTH
 ACTIVATION_CODE_DIGITS = 6
 _USER_ID_PATTERN = re.compile(r"[0-9a-f]{24}")
+# A BCP 47 tag's shape (a primary language of 2 or 3 letters, then subtags), not the registry:
+# a well-formed tag we have no templates for falls back, as the contract says.
+LANGUAGE_CODE_PATTERN = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")
+LANGUAGE_CODE_MAX_LENGTH = 35
+
+
+def _language_code_violations(language_code: str, field: str) -> list[FieldViolation]:
+    if not language_code or (
+        len(language_code) <= LANGUAGE_CODE_MAX_LENGTH and LANGUAGE_CODE_PATTERN.fullmatch(language_code)
+    ):
+        return []
+    return [FieldViolation(field, "must be empty or a BCP 47 language tag such as en, de or de-AT")]
 
 
 def identifier_key(identifier: str) -> str:
@@ -180,6 +194,7 @@ def validate_registration(registration: Registration, *, password_policy: Passwo
     )
     if not passwords_equal(registration.password_confirmation, registration.password):
         violations.append(FieldViolation("password_confirmation", "must equal password"))
+    violations.extend(_language_code_violations(registration.language_code, "language_code"))
     if violations:
         raise InvalidArgument(violations)
 

@@ -140,6 +140,7 @@ def user_to_proto(user: User) -> user_pb2.User:
         mfa_enabled=user.mfa_enabled,
         state=_STATES_TO_PROTO[user.state],
         etag=user.etag,
+        language_code=user.language_code,
     )
 
 

@@ -88,6 +88,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
                 password_confirmation=request.password_confirmation,
                 gender=enum_from_proto(GENDERS, request.gender, "gender"),
                 role=enum_from_proto(ROLES, request.role, "role"),
+                language_code=request.language_code,
             ),
             caller=current_caller.get(),
         )
@@ -385,6 +386,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
             last_name=request.user.last_name if "last_name" in paths else None,
             gender=enum_from_proto(GENDERS, request.user.gender, "user.gender") if "gender" in paths else None,
             username=request.user.username if "username" in paths else None,
+            language_code=request.user.language_code if "language_code" in paths else None,
         )
         user = await self._directory.update_user(request.user_id, paths, changes, request.etag)
         return user_service_pb2.UpdateUserResponse(user=user_to_proto(user))

@@ -216,6 +216,7 @@ class AccountService:
             is_active=activation is None,
             activation=activation,
             created_at=self._clock.now(),
+            language_code=registration.language_code,
         )
 
     async def activate_user(self, identifier: str, code: str, token: str = "") -> User:
@@ -447,6 +448,7 @@ class AccountService:
             "activation",
             to=user.email,
             values=mail_values(user) | {"code": code, "token": token, "minutes": minutes, "hours": hours},
+            language=user.language_code or None,
         )
 
 

@@ -195,7 +195,10 @@ class EmailChangeService:
         # Greets by username, whose charset is safe; names are free text a stranger chose.
         minutes = int(self._policy.code_ttl.total_seconds() // 60)
         return self._accounts.mail_renderer.render(
-            "email-change-code", to=new_email, values=mail_values(user) | {"code": code, "minutes": minutes}
+            "email-change-code",
+            to=new_email,
+            values=mail_values(user) | {"code": code, "minutes": minutes},
+            language=user.language_code or None,
         )
 
 

@@ -95,6 +95,7 @@ class PasswordService:
                 "password-reset",
                 to=account.user.email,
                 values=mail_values(account.user) | {"token": token, "minutes": minutes},
+                language=account.user.language_code or None,
             )
         )
         log.info("password reset sent", extra={"user_id": account.user.id})

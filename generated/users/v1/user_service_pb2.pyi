@@ -273,6 +273,7 @@ class CreateUserRequest(_message.Message):
     PASSWORD_CONFIRMATION_FIELD_NUMBER: _builtins.int
     GENDER_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    LANGUAGE_CODE_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """Required. 3 to 32 characters of [A-Za-z0-9._-]."""
     first_name: _builtins.str
@@ -298,6 +299,10 @@ class CreateUserRequest(_message.Message):
     """Optional."""
     role: _user_pb2.Role.ValueType
     """Optional; ROLE_UNSPECIFIED means ROLE_USER."""
+    language_code: _builtins.str
+    """Optional. The language of the user's mails, the activation mail first
+    (see User.language_code).
+    """
     def __init__(
         self,
         *,
@@ -309,10 +314,11 @@ class CreateUserRequest(_message.Message):
         password_confirmation: _builtins.str = ...,
         gender: _user_pb2.Gender.ValueType = ...,
         role: _user_pb2.Role.ValueType = ...,
+        language_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "first_name", b"first_name", "gender", b"gender", "last_name", b"last_name", "password", b"password", "password_confirmation", b"password_confirmation", "role", b"role", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "first_name", b"first_name", "gender", b"gender", "language_code", b"language_code", "last_name", b"last_name", "password", b"password", "password_confirmation", b"password_confirmation", "role", b"role", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2167,7 +2173,9 @@ class UpdateUserRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Required. Paths among first_name, last_name, gender, username."""
+        """Required. Paths among first_name, last_name, gender, username,
+        language_code.
+        """
 
     def __init__(
         self,

@@ -232,6 +232,7 @@ _PUBLISHED_FIELDS = {
         "created_at",
         "updated_at",
         "revision",
+        "language_code",
         "mfa.state",
         "change_number",
         "pending_changes",
@@ -256,6 +257,7 @@ def _user_snapshot(document: Document) -> Document:
             "created_at",
             "updated_at",
             "revision",
+            "language_code",
         )
         if name in document
     }

@@ -396,6 +396,8 @@ def _document_from_new_user(new_user: NewUser) -> Document:
         "created_at": new_user.created_at,
         "updated_at": new_user.created_at,
         "token_version": 0,
+        # Absent, as in every document stored before it existed, when the server's default applies.
+        **({"language_code": new_user.language_code} if new_user.language_code else {}),
         # Absent for our own scheme, as in every document stored before imports existed.
         **(
             {}

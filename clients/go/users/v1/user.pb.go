@@ -222,7 +222,12 @@ type User struct {
 	// Changes whenever the user does (every UpdateUser moves it; other changes
 	// move it with updated_at): pass it to UpdateUser so that a change made
 	// meanwhile by someone else is not overwritten (AIP-154). Opaque.
-	Etag          string `protobuf:"bytes,13,opt,name=etag,proto3" json:"etag,omitempty"`
+	Etag string `protobuf:"bytes,13,opt,name=etag,proto3" json:"etag,omitempty"`
+	// The language the user's mails are written in: a BCP 47 tag such as en,
+	// de or de-AT (at most 35 characters). Empty: the server's
+	// USERS_MAIL_LANGUAGE. A tag without templates falls back to its primary
+	// language (de-AT to de), then to USERS_MAIL_LANGUAGE, then to English.
+	LanguageCode  string `protobuf:"bytes,55,opt,name=language_code,json=languageCode,proto3" json:"language_code,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -348,11 +353,18 @@ func (x *User) GetEtag() string {
 	return ""
 }
 
+func (x *User) GetLanguageCode() string {
+	if x != nil {
+		return x.LanguageCode
+	}
+	return ""
+}
+
 var File_users_v1_user_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_proto_rawDesc = "" +
 	"\n" +
-	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x03\n" +
+	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x03\n" +
 	"\x04User\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\busername\x18\x02 \x01(\tR\busername\x12\x1d\n" +
@@ -371,7 +383,8 @@ const file_users_v1_user_proto_rawDesc = "" +
 	"\vmfa_enabled\x18\v \x01(\bR\n" +
 	"mfaEnabled\x12)\n" +
 	"\x05state\x18\f \x01(\x0e2\x13.users.v1.UserStateR\x05state\x12\x12\n" +
-	"\x04etag\x18\r \x01(\tR\x04etag*\x94\x01\n" +
+	"\x04etag\x18\r \x01(\tR\x04etag\x12#\n" +
+	"\rlanguage_code\x187 \x01(\tR\flanguageCode*\x94\x01\n" +
 	"\tUserState\x12\x1a\n" +
 	"\x16USER_STATE_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dUSER_STATE_PENDING_ACTIVATION\x10\x01\x12\x15\n" +

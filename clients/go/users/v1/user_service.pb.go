@@ -347,7 +347,10 @@ type CreateUserRequest struct {
 	// Optional.
 	Gender Gender `protobuf:"varint,7,opt,name=gender,proto3,enum=users.v1.Gender" json:"gender,omitempty"`
 	// Optional; ROLE_UNSPECIFIED means ROLE_USER.
-	Role          Role `protobuf:"varint,8,opt,name=role,proto3,enum=users.v1.Role" json:"role,omitempty"`
+	Role Role `protobuf:"varint,8,opt,name=role,proto3,enum=users.v1.Role" json:"role,omitempty"`
+	// Optional. The language of the user's mails, the activation mail first
+	// (see User.language_code).
+	LanguageCode  string `protobuf:"bytes,65,opt,name=language_code,json=languageCode,proto3" json:"language_code,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -436,6 +439,13 @@ func (x *CreateUserRequest) GetRole() Role {
 		return x.Role
 	}
 	return Role_ROLE_UNSPECIFIED
+}
+
+func (x *CreateUserRequest) GetLanguageCode() string {
+	if x != nil {
+		return x.LanguageCode
+	}
+	return ""
 }
 
 type CreateUserResponse struct {
@@ -4429,7 +4439,8 @@ type UpdateUserRequest struct {
 	// The new values of the fields named in update_mask; user.id, if set, must
 	// equal user_id. Other fields are ignored.
 	User *User `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
-	// Required. Paths among first_name, last_name, gender, username.
+	// Required. Paths among first_name, last_name, gender, username,
+	// language_code.
 	UpdateMask *fieldmaskpb.FieldMask `protobuf:"bytes,3,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	// Optional. User.etag as last read: the change applies only if the user has
 	// not changed since; else ABORTED.
@@ -5056,7 +5067,7 @@ var File_users_v1_user_service_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xa0\x02\n" +
+	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xc5\x02\n" +
 	"\x11CreateUserRequest\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -5066,7 +5077,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\bpassword\x18\x05 \x01(\tR\bpassword\x123\n" +
 	"\x15password_confirmation\x18\x06 \x01(\tR\x14passwordConfirmation\x12(\n" +
 	"\x06gender\x18\a \x01(\x0e2\x10.users.v1.GenderR\x06gender\x12\"\n" +
-	"\x04role\x18\b \x01(\x0e2\x0e.users.v1.RoleR\x04role\"8\n" +
+	"\x04role\x18\b \x01(\x0e2\x0e.users.v1.RoleR\x04role\x12#\n" +
+	"\rlanguage_code\x18A \x01(\tR\flanguageCode\"8\n" +
 	"\x12CreateUserResponse\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"_\n" +
 	"\x13ActivateUserRequest\x12\x1e\n" +
