@@ -6,8 +6,6 @@ bad value stops start-up with a :class:`ConfigError` that names the variable.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import difflib
 import email.policy
 import os
@@ -18,6 +16,7 @@ from email.headerregistry import Address, AddressHeader, BaseHeader
 from pathlib import Path
 from typing import Literal, TypeVar, cast
 
+from users_grpc.domain import base64url
 from users_grpc.domain.errors import ConfigError
 
 SmtpSecurity = Literal["starttls", "tls", "none"]
@@ -435,8 +434,8 @@ def _log_level(raw: str) -> str:
 
 def _key_encryption_key(raw: str) -> bytes:
     try:
-        key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
-    except (binascii.Error, ValueError):
+        key = base64url.decode(raw)
+    except ValueError:
         key = b""
     if len(key) != 32:
         raise ValueError("must be 32 random bytes in base64; make one with `users-grpc keys new-kek`")

@@ -10,13 +10,12 @@ of a few fields) that every layer above imports; split by area they would import
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from users_grpc.domain import base64url
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
 
 
@@ -251,7 +250,7 @@ def _etag(revision: int, updated_at: datetime) -> str:
     if updated_at.tzinfo is None:  # BSON dates are UTC; a client without tz_aware reads them naive
         updated_at = updated_at.replace(tzinfo=UTC)
     raw = f"{revision}:{(updated_at - _EPOCH) // timedelta(milliseconds=1)}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return base64url.encode(raw.encode())
 
 
 _MAX_REVISION = 2**63 - 1
@@ -267,9 +266,9 @@ class Version:
 
 def parse_etag(etag: str) -> Version:
     try:
-        revision, _, millis = base64.urlsafe_b64decode(etag + "=" * (-len(etag) % 4)).decode().partition(":")
+        revision, _, millis = base64url.decode(etag).decode().partition(":")
         version = Version(int(revision), _EPOCH + timedelta(milliseconds=int(millis)))
-    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
+    except (ValueError, OverflowError):  # UnicodeDecodeError is a ValueError
         raise InvalidArgument([FieldViolation("etag", "is not an etag of a user")]) from None
     # Only the one spelling we make: anything else was not read from a user. A revision is a
     # BSON 8-byte integer: a larger one was never read from a user and cannot be queried.

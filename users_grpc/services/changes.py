@@ -31,13 +31,12 @@ changes are published in the order they were made (their change numbers count 1,
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+from users_grpc.domain import base64url
 from users_grpc.domain.errors import ChangeCursorGone, FieldViolation, InvalidArgument, StorageUnavailable
 from users_grpc.domain.model import UserChange
 from users_grpc.domain.ports import ChangeLog
@@ -57,7 +56,7 @@ _CURSOR_PREFIX = b"uc1"
 
 def cursor_of(sequence: int) -> str:
     """The opaque cursor of the change numbered ``sequence``."""
-    return base64.urlsafe_b64encode(_CURSOR_PREFIX + sequence.to_bytes(8, "big")).decode().rstrip("=")
+    return base64url.encode(_CURSOR_PREFIX + sequence.to_bytes(8, "big"))
 
 
 def sequence_of(cursor: str) -> int:
@@ -66,8 +65,8 @@ def sequence_of(cursor: str) -> int:
     if not cursor:
         return 0
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-    except (binascii.Error, ValueError):
+        raw = base64url.decode(cursor)
+    except ValueError:
         raw = b""
     if len(raw) != len(_CURSOR_PREFIX) + 8 or not raw.startswith(_CURSOR_PREFIX):
         raise InvalidArgument([FieldViolation("after", "is not a cursor of this change feed")])

@@ -9,11 +9,10 @@ transit or by hand; decoding re-encodes, so other spellings of the same bytes ar
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from dataclasses import dataclass
 
+from users_grpc.domain import base64url
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
 
 _CHECK_BYTES = 12
@@ -33,7 +32,7 @@ class PageTokens:
 
     def encode(self, position: bytes, filters: bytes = b"") -> str:
         """The token of the page after ``position``, for the filters of fingerprint ``filters``."""
-        return base64.urlsafe_b64encode(position + self._check(position, filters)).decode().rstrip("=")
+        return base64url.encode(position + self._check(position, filters))
 
     def decode(self, token: str, filters: bytes = b"") -> bytes | None:
         """The position ``token`` names, None for the first page (""); INVALID_ARGUMENT for a token
@@ -41,8 +40,8 @@ class PageTokens:
         if not token:
             return None
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (binascii.Error, ValueError):
+            raw = base64url.decode(token)
+        except ValueError:
             raw = b""
         position, check = raw[: self.position_bytes], raw[self.position_bytes :]
         if (

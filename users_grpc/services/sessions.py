@@ -18,15 +18,13 @@ keyed digest of the current token.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from users_grpc.domain import rules
+from users_grpc.domain import base64url, rules
 from users_grpc.domain.errors import FieldViolation, InvalidArgument, Unauthenticated
 from users_grpc.domain.model import AccessClaims, IssuedTokens, Session, User
 from users_grpc.domain.ports import Clock, SecretDigests, SessionRepository, UserRepository
@@ -145,7 +143,7 @@ class SessionService:
 
     def _new_refresh_token(self, session_id: str, generation: int) -> RefreshToken:
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        secret = _b64(nonce + self._tag(session_id, generation, nonce))
+        secret = base64url.encode(nonce + self._tag(session_id, generation, nonce))
         return RefreshToken(session_id, generation, f"{session_id}.{generation}.{secret}")
 
     async def _rotate(self, presented: RefreshToken, replacement: RefreshToken, now: datetime) -> Session | None:
@@ -164,7 +162,7 @@ class SessionService:
     def _tags(self, session_id: str, generation: int, nonce: bytes) -> list[bytes]:
         """The tag under each digest root, the current one first (what new tokens carry)."""
         # Bound to the session (the digest's subject), the generation and the random part.
-        macs = self._digests.digests("refresh-token-tag", session_id, f"{generation}.{_b64(nonce)}")
+        macs = self._digests.digests("refresh-token-tag", session_id, f"{generation}.{base64url.encode(nonce)}")
         return [bytes.fromhex(mac.rpartition(":")[2])[:_TAG_BYTES] for mac in macs]
 
     def _genuine(self, refresh_token: str) -> RefreshToken | None:
@@ -196,10 +194,6 @@ class SessionService:
         )
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def _parse(refresh_token: str) -> tuple[str, int, bytes, bytes] | None:
     """Session id, generation, nonce and tag of a well-formed token; None for anything else,
     tokens of the earlier format (no dots) included."""
@@ -212,10 +206,10 @@ def _parse(refresh_token: str) -> tuple[str, int, bytes, bytes] | None:
     if len(generation) > 1 and generation.startswith("0"):
         return None
     try:
-        raw = base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
-    except (binascii.Error, ValueError):
+        raw = base64url.decode(secret)
+    except ValueError:
         return None
-    if len(raw) != _NONCE_BYTES + _TAG_BYTES or _b64(raw) != secret or int(generation) > _MAX_GENERATION:
+    if len(raw) != _NONCE_BYTES + _TAG_BYTES or base64url.encode(raw) != secret or int(generation) > _MAX_GENERATION:
         return None
     return session_id, int(generation), raw[:_NONCE_BYTES], raw[_NONCE_BYTES:]
 

@@ -12,7 +12,6 @@ older keys keep verifying until they are retired.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from users_grpc.domain import base64url
 from users_grpc.domain.errors import ConfigError, Unauthenticated
 from users_grpc.domain.model import AccessClaims, Role, StoredKey, User
 from users_grpc.domain.ports import Clock, KeyStore
@@ -343,8 +343,8 @@ class AccessTokens:
                     "kid": kid,
                     "alg": ALGORITHM,
                     "use": "sig",
-                    "x": _base64url(numbers.x.to_bytes(32, "big")),
-                    "y": _base64url(numbers.y.to_bytes(32, "big")),
+                    "x": base64url.encode(numbers.x.to_bytes(32, "big")),
+                    "y": base64url.encode(numbers.y.to_bytes(32, "big")),
                 }
             )
         return {"keys": keys}
@@ -362,8 +362,8 @@ def is_service_token(token: str) -> bool:
     if len(parts) != 3:
         return False
     try:
-        payload = json.loads(_from_base64url(parts[1]))
-    except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested thousands deep
+        payload = json.loads(base64url.decode(parts[1]))
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         return False
     subject = payload.get("sub") if isinstance(payload, dict) else None
     return isinstance(subject, str) and subject.startswith(SERVICE_ACCOUNT_SUBJECT_PREFIX)
@@ -376,12 +376,12 @@ def _with_low_s(token: str) -> str:
     (:func:`_is_canonical_signature`), so that a token has one spelling, not two.
     """
     signing_input, _, encoded = token.rpartition(".")
-    signature = _from_base64url(encoded)
+    signature = base64url.decode(encoded)
     s = int.from_bytes(signature[_ES256_HALF:], "big")
     if s <= _P256_ORDER // 2:
         return token
     low = (_P256_ORDER - s).to_bytes(_ES256_HALF, "big")
-    return f"{signing_input}.{_base64url(signature[:_ES256_HALF] + low)}"
+    return f"{signing_input}.{base64url.encode(signature[:_ES256_HALF] + low)}"
 
 
 def _is_canonical_signature(token: str) -> bool:
@@ -394,18 +394,9 @@ def _is_canonical_signature(token: str) -> bool:
     """
     encoded = token.rpartition(".")[2]
     try:
-        signature = _from_base64url(encoded)
-    except (binascii.Error, ValueError):
+        signature = base64url.decode(encoded)
+    except ValueError:
         return False
-    if len(signature) != 2 * _ES256_HALF or _base64url(signature) != encoded:
+    if len(signature) != 2 * _ES256_HALF or base64url.encode(signature) != encoded:
         return False
     return 0 < int.from_bytes(signature[_ES256_HALF:], "big") <= _P256_ORDER // 2
-
-
-def _base64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _from_base64url(encoded: str) -> bytes:
-    """The bytes of unpadded base64url (a JWT's parts); binascii.Error or ValueError if it is none."""
-    return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
