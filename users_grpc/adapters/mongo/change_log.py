@@ -217,50 +217,29 @@ class MongoChangeLog:
 _APPEND_ROUNDS = 50
 _HEAD = "user_changes"
 
-# What a publisher reads of a user: the User the change shows, never a secret.
+# The User a change shows, as stored: never a secret.
+_SNAPSHOT_FIELDS = (
+    "username",
+    "first_name",
+    "last_name",
+    "email",
+    "gender",
+    "role",
+    "is_active",
+    "state",
+    "created_at",
+    "updated_at",
+    "revision",
+    "language_code",
+)
+# What a publisher reads of a user: the snapshot's fields and what publishing itself needs.
 _PUBLISHED_FIELDS = {
-    name: 1
-    for name in (
-        "username",
-        "first_name",
-        "last_name",
-        "email",
-        "gender",
-        "role",
-        "is_active",
-        "state",
-        "created_at",
-        "updated_at",
-        "revision",
-        "language_code",
-        "mfa.state",
-        "change_number",
-        "pending_changes",
-        "deleting",
-    )
+    name: 1 for name in (*_SNAPSHOT_FIELDS, "mfa.state", "change_number", "pending_changes", "deleting")
 }
 
 
 def _user_snapshot(document: Document) -> Document:
-    snapshot: Document = {
-        name: document[name]
-        for name in (
-            "_id",
-            "username",
-            "first_name",
-            "last_name",
-            "email",
-            "gender",
-            "role",
-            "is_active",
-            "state",
-            "created_at",
-            "updated_at",
-            "revision",
-            "language_code",
-        )
-        if name in document
-    }
+    snapshot: Document = {name: document[name] for name in ("_id", *_SNAPSHOT_FIELDS) if name in document}
     if (document.get("mfa") or {}).get("state") is not None:
         snapshot["mfa"] = {"state": document["mfa"]["state"]}
     return snapshot
