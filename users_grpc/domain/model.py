@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
+from users_grpc.domain.metadata import MetadataEntry, MetadataFilter, MetadataKey
 
 
 class Role(enum.Enum):
@@ -71,6 +72,8 @@ class User:
     mfa_enabled: bool = False
     # Bumped by every UpdateUser, so that two updates within one millisecond still differ in etag.
     revision: int = 0
+    # Both scopes, by scope then key: only an admin's or a machine caller's view shows them.
+    metadata: tuple[MetadataEntry, ...] = dataclasses.field(default=(), repr=False)
 
     @property
     def etag(self) -> str:
@@ -285,6 +288,7 @@ class UserFilter:
     prefix_key: str = ""
     created_after: datetime | None = None
     created_before: datetime | None = None
+    metadata: MetadataFilter | None = None
 
     def fingerprint(self) -> bytes:
         """Equal exactly for equal filters, so that a page token is bound to its filters."""
@@ -295,6 +299,7 @@ class UserFilter:
             self.prefix_key,
             self.created_after and self.created_after.isoformat(),
             self.created_before and self.created_before.isoformat(),
+            *(() if self.metadata is None else (self.metadata.scope.value, self.metadata.key, self.metadata.value)),
         )
         return repr(parts).encode()
 
@@ -437,6 +442,8 @@ class AuditEventType(enum.Enum):
     SERVICE_ACCOUNT_DELETE = "service_account_delete"
     SESSIONS_REVOKE = "sessions_revoke"
     PROFILE_UPDATE = "profile_update"
+    METADATA_SET = "metadata_set"
+    METADATA_DELETE = "metadata_delete"
 
 
 class ActorKind(enum.Enum):
@@ -512,6 +519,7 @@ class ChangeType(enum.Enum):
     LOCKED = "locked"
     UNLOCKED = "unlocked"
     DELETED = "deleted"
+    METADATA_CHANGED = "metadata_changed"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -527,3 +535,5 @@ class UserChange:
     # The user as stored when the change was published (None for a deletion): after this change,
     # and possibly after later changes of the same user too, whose own changes follow this one.
     user: User | None
+    # For METADATA_CHANGED: the entries set or removed.
+    metadata_keys: tuple[MetadataKey, ...] = ()

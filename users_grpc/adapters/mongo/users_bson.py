@@ -8,6 +8,7 @@ from datetime import datetime
 from bson import ObjectId
 
 from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.metadata_bson import _metadata_from_document
 from users_grpc.domain.model import (
     Account,
     ActivationCode,
@@ -126,6 +127,7 @@ def _user_from_document(document: Document) -> User:
         token_version=document.get("token_version", 0),
         mfa_enabled=(document.get("mfa") or {}).get("state") == "active",
         revision=document.get("revision", 0),
+        metadata=_metadata_from_document(document),
     )
 
 

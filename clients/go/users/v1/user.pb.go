@@ -222,7 +222,11 @@ type User struct {
 	// Changes whenever the user does (every UpdateUser moves it; other changes
 	// move it with updated_at): pass it to UpdateUser so that a change made
 	// meanwhile by someone else is not overwritten (AIP-154). Opaque.
-	Etag          string `protobuf:"bytes,13,opt,name=etag,proto3" json:"etag,omitempty"`
+	Etag string `protobuf:"bytes,13,opt,name=etag,proto3" json:"etag,omitempty"`
+	// Only in an admin's or a machine caller's view (GetUser, GetUserByIdentifier, ListUsers,
+	// WatchUserChanges): the user's metadata entries of both scopes, by scope, then key. Empty in
+	// the user's own view (their own entries are in ListUserMetadata) and in every other reply.
+	Metadata      []*MetadataEntry `protobuf:"bytes,35,rep,name=metadata,proto3" json:"metadata,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -348,11 +352,18 @@ func (x *User) GetEtag() string {
 	return ""
 }
 
+func (x *User) GetMetadata() []*MetadataEntry {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
 var File_users_v1_user_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_proto_rawDesc = "" +
 	"\n" +
-	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x03\n" +
+	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17users/v1/metadata.proto\"\xfa\x03\n" +
 	"\x04User\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\busername\x18\x02 \x01(\tR\busername\x12\x1d\n" +
@@ -371,7 +382,8 @@ const file_users_v1_user_proto_rawDesc = "" +
 	"\vmfa_enabled\x18\v \x01(\bR\n" +
 	"mfaEnabled\x12)\n" +
 	"\x05state\x18\f \x01(\x0e2\x13.users.v1.UserStateR\x05state\x12\x12\n" +
-	"\x04etag\x18\r \x01(\tR\x04etag*\x94\x01\n" +
+	"\x04etag\x18\r \x01(\tR\x04etag\x123\n" +
+	"\bmetadata\x18# \x03(\v2\x17.users.v1.MetadataEntryR\bmetadata*\x94\x01\n" +
 	"\tUserState\x12\x1a\n" +
 	"\x16USER_STATE_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dUSER_STATE_PENDING_ACTIVATION\x10\x01\x12\x15\n" +
@@ -410,6 +422,7 @@ var file_users_v1_user_proto_goTypes = []any{
 	(Role)(0),                     // 2: users.v1.Role
 	(*User)(nil),                  // 3: users.v1.User
 	(*timestamppb.Timestamp)(nil), // 4: google.protobuf.Timestamp
+	(*MetadataEntry)(nil),         // 5: users.v1.MetadataEntry
 }
 var file_users_v1_user_proto_depIdxs = []int32{
 	1, // 0: users.v1.User.gender:type_name -> users.v1.Gender
@@ -417,11 +430,12 @@ var file_users_v1_user_proto_depIdxs = []int32{
 	4, // 2: users.v1.User.created_at:type_name -> google.protobuf.Timestamp
 	4, // 3: users.v1.User.updated_at:type_name -> google.protobuf.Timestamp
 	0, // 4: users.v1.User.state:type_name -> users.v1.UserState
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	5, // 5: users.v1.User.metadata:type_name -> users.v1.MetadataEntry
+	6, // [6:6] is the sub-list for method output_type
+	6, // [6:6] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_proto_init() }
@@ -429,6 +443,7 @@ func file_users_v1_user_proto_init() {
 	if File_users_v1_user_proto != nil {
 		return
 	}
+	file_users_v1_metadata_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
