@@ -21,6 +21,7 @@ ghz comes from .ci/setup (.tools/bin/ghz); USERS_BENCH_GHZ names another binary.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import json
@@ -57,6 +58,8 @@ HARNESS = Path(os.environ.get("USERS_DEV_DB_BINARY", ROOT / "dbharness/bin/dbhar
 PASSWORD = "benchmark passphrase, not a secret"
 SERVICE = "users.v1.UserService"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Seeded users take one of this many tenants (an admin-scope metadata entry), in turn.
+TENANTS = 100
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,8 @@ class Bench:
         self.address = f"127.0.0.1:{free_port()}"
         self.env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            # This checkout's code and its generated contract (the installed client package may be another checkout's).
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python" / "src")]),
             "USERS_GRPC_ADDRESS": self.address,
             "USERS_MONGODB_URI": self.database.uri,
             "USERS_MONGODB_DATABASE": "bench",
@@ -239,7 +243,7 @@ class Bench:
             assert admin is not None
             names = [f"user{n:06d}" for n in range(self.profile.users)]
             started = time.monotonic()
-            seed_users(client["bench"], admin, names, audit_events=True)
+            seed_users(client["bench"], admin, names, audit_events=True, tenants=TENANTS)
             self.seed_seconds = time.monotonic() - started
         return names
 
@@ -422,6 +426,9 @@ def run(profile: Profile) -> str:
         # Ten users share the prefix (names are user000000, user000001, ...): a search by name.
         prefix = names[len(names) // 2][:-1]
         subject = signed_in[0].user.id  # each seeded user has one audit event
+        # ghz takes bytes as base64 in its JSON.
+        tenant_value = base64.b64encode(f"tenant-{TENANTS // 2:03d}".encode()).decode()
+        tenant_filter = {"scope": "METADATA_SCOPE_ADMIN", "key": "tenant", "value": tenant_value}
         sign_ins = [{"identifier": name, "password": PASSWORD} for name in names[:: max(1, len(names) // 64)]]
         run_id = uuid.uuid4().hex[:6]
         new_user = {
@@ -469,6 +476,15 @@ def run(profile: Profile) -> str:
                 "ListUsers filtered by prefix",
                 f"{SERVICE}.ListUsers",
                 {"page_size": profile.page_size, "prefix": prefix},
+                metadata=admin_metadata,
+                concurrency=1,
+                total=profile.list_calls,
+            ),
+            # One user in TENANTS has this tenant: a page of them, by the metadata index, and their count.
+            bench.measure(
+                "ListUsers filtered by metadata",
+                f"{SERVICE}.ListUsers",
+                {"page_size": profile.page_size, "metadata": tenant_filter},
                 metadata=admin_metadata,
                 concurrency=1,
                 total=profile.list_calls,
@@ -576,6 +592,7 @@ def run(profile: Profile) -> str:
 
     first = cheap[3]
     deep = cheap[4] if deep_token is not None else None
+    by_metadata = next(row for row in cheap if row.name == "ListUsers filtered by metadata")
     lines += [
         f"machine: {cores} cores, {cpu_model()}; Python {platform.python_version()}; {platform.platform()}",
         f"users seeded: {len(names):,} (in {seeded_in:.1f} s); bcrypt cost {profile.bcrypt_rounds}: "
@@ -598,6 +615,8 @@ def run(profile: Profile) -> str:
         f"ListUsers page {profile.deep_page:,} ÷ page 1, p50: {ratio(deep.p50_ms, first.p50_ms):.2f}"
         if deep is not None
         else f"ListUsers page {profile.deep_page:,}: not measured, the walk to it failed ({deep_error})",
+        f"ListUsers filtered by metadata (tenant, 1 user in {TENANTS}) ÷ page 1, p50: "
+        f"{ratio(by_metadata.p50_ms, first.p50_ms):.2f}",
         f"idle for {profile.idle_seconds:g} s after seeding (background work only): database CPU "
         f"{idle_database_ms:.1f} ms/s, server CPU {idle_server_ms:.1f} ms/s",
         f"server resident memory: {rss_start:.0f} MB at the start, {rss_end:.0f} MB after {mixed_seconds:g} s "

@@ -79,6 +79,7 @@ from users_grpc.services.directory import DirectoryService
 from users_grpc.services.email_change import EmailChangePolicy, EmailChangeService
 from users_grpc.services.housekeeping import HousekeepingJob, Retention
 from users_grpc.services.mail import MailDelivery
+from users_grpc.services.metadata import MetadataService
 from users_grpc.services.mfa import MfaService
 from users_grpc.services.passwords import PasswordService
 from users_grpc.services.service_accounts import ServiceAccountService
@@ -157,6 +158,7 @@ class Services:
     password_throttle: PasswordThrottle
     # The hasher's queue is a gauge (USERS_HTTP_ADDRESS); its threads are the App's executor.
     hasher: BcryptHasher
+    metadata: MetadataService
 
 
 @dataclass
@@ -523,6 +525,7 @@ def build_services(
         encryption=encryption,
         password_throttle=password_throttle,
         hasher=hasher,
+        metadata=MetadataService(store=stores.users, clock=clock, writers=settings.metadata_writers),
     )
 
 
@@ -588,6 +591,7 @@ def build_server(
             services.directory,
             services.audit,
             services.changes,
+            services.metadata,
         ),
         server,
     )

@@ -121,6 +121,8 @@ class Settings:
     old_key_encryption_keys: tuple[bytes, ...] = field(default=(), repr=False)
     key_reload_seconds: float = 60.0
     machine_identities: frozenset[str] = frozenset()
+    # Machine callers that may write user metadata (services/metadata.py); the others only read it.
+    metadata_writers: frozenset[str] = frozenset()
 
     housekeeping_interval_seconds: float = 300.0
     audit_retention_days: int = 365
@@ -274,6 +276,7 @@ class Settings:
             ),
             key_reload_seconds=env.number("USERS_KEY_RELOAD_SECONDS", defaults.key_reload_seconds, 1, 3600),
             machine_identities=env.get("USERS_MACHINE_IDENTITIES", defaults.machine_identities, _names),
+            metadata_writers=env.get("USERS_METADATA_WRITERS", defaults.metadata_writers, _names),
             tls_cert_file=env.get("USERS_TLS_CERT_FILE", defaults.tls_cert_file, _existing_file),
             tls_key_file=env.get("USERS_TLS_KEY_FILE", defaults.tls_key_file, _existing_file),
             tls_client_ca_file=env.get("USERS_TLS_CLIENT_CA_FILE", defaults.tls_client_ca_file, _existing_file),

@@ -37,9 +37,11 @@ def test_the_smoke_run_prints_a_row_of_numbers_for_every_call() -> None:
         "GetPublicKeys",
         "GetUser (own token)",
         "ListUsers page 1",
+        "ListUsers filtered by metadata",
         "Authenticate",
         "CreateUser",
     } <= rows, finished.stdout
     assert re.search(r"GetUser at a fixed \d+ calls/s.*p99 ratio [\d.]+", finished.stdout), finished.stdout
+    assert re.search(r"ListUsers filtered by metadata .* ÷ page 1, p50: [\d.]+", finished.stdout), finished.stdout
     assert re.search(r"server resident memory: \d+ MB at the start, \d+ MB after", finished.stdout), finished.stdout
     assert re.search(r"machine: \d+ cores, ", finished.stdout), finished.stdout

@@ -20,7 +20,7 @@ import pytest
 from tests.support.calls import PASSWORD, create_request, error_info, signed_up
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, make_settings
-from users.v1 import user_pb2
+from users.v1 import metadata_pb2, user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.grpc_api.access import RULES, Rule
 
@@ -80,6 +80,17 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ListAuditEvents": lambda _id, _name: pb.ListAuditEventsRequest(page_size=1),
     # Not a cursor: refused as INVALID_ARGUMENT once admitted, so the stream ends at once.
     "WatchUserChanges": lambda _id, _name: pb.WatchUserChangesRequest(after="not a cursor"),
+    # The self scope, which the user may reach too; no key (refused), or one nobody set.
+    "SetUserMetadata": lambda id_, _name: metadata_pb2.SetUserMetadataRequest(
+        user_id=id_, scope=metadata_pb2.METADATA_SCOPE_SELF, key=""
+    ),
+    "GetUserMetadata": lambda id_, _name: metadata_pb2.GetUserMetadataRequest(
+        user_id=id_, scope=metadata_pb2.METADATA_SCOPE_SELF, key="unset"
+    ),
+    "ListUserMetadata": lambda id_, _name: metadata_pb2.ListUserMetadataRequest(user_id=id_),
+    "DeleteUserMetadata": lambda id_, _name: metadata_pb2.DeleteUserMetadataRequest(
+        user_id=id_, scope=metadata_pb2.METADATA_SCOPE_SELF, key="unset"
+    ),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them (RevokeAllSessions on a user
@@ -137,6 +148,10 @@ ADMITTED: dict[str, str] = {
     "UpdateUser": INVALID,
     "ListAuditEvents": "OK",
     "WatchUserChanges": INVALID,  # the sample request's cursor is none of this feed
+    "SetUserMetadata": INVALID,
+    "GetUserMetadata": "NOT_FOUND/METADATA_NOT_FOUND",
+    "ListUserMetadata": "OK",
+    "DeleteUserMetadata": "NOT_FOUND/METADATA_NOT_FOUND",
 }
 # Where a caller's admitted call gets another answer than ADMITTED's.
 ADMITTED_FOR: dict[tuple[str, str], str] = {

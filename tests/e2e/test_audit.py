@@ -33,6 +33,7 @@ from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink
 from tests.support.pki import Pki, channel_credentials, tls_settings
 from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
+from users.v1 import metadata_pb2 as md
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -193,6 +194,11 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
             user_id=jane, user=user_pb2.User(first_name="Janet"), update_mask=FieldMask(paths=["first_name"])
         )
     )
+    # Metadata: set by the user (their own scope), removed by an admin.
+    own.SetUserMetadata(md.SetUserMetadataRequest(user_id=jane, scope=md.METADATA_SCOPE_SELF, key="theme", value=b"x"))
+    server.stub.DeleteUserMetadata(
+        md.DeleteUserMetadataRequest(user_id=jane, scope=md.METADATA_SCOPE_SELF, key="theme")
+    )
     own.RevokeAllSessions(pb.RevokeAllSessionsRequest(user_id=jane))
 
     # Admin actions: roles (one refused), states, a credential check.
@@ -262,6 +268,8 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
         (pb.AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM, user, jane, {}),
         (pb.AUDIT_EVENT_TYPE_EMAIL_SET, admin, jane, {}),
         (pb.AUDIT_EVENT_TYPE_PROFILE_UPDATE, user, jane, {"reason": "fields first_name"}),
+        (pb.AUDIT_EVENT_TYPE_METADATA_SET, user, jane, {"reason": "scope METADATA_SCOPE_SELF, key theme"}),
+        (pb.AUDIT_EVENT_TYPE_METADATA_DELETE, admin, jane, {"reason": "scope METADATA_SCOPE_SELF, key theme"}),
         (pb.AUDIT_EVENT_TYPE_SESSIONS_REVOKE, user, jane, {}),
         (pb.AUDIT_EVENT_TYPE_ROLE_CHANGE, admin, jane, {"reason": "role ROLE_ADMIN"}),
         (pb.AUDIT_EVENT_TYPE_ROLE_CHANGE, admin, jane, {"reason": "role ROLE_USER"}),

@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 
 from tests.support.calls import PASSWORD, create_request
-from tests.support.commands import CommandRecorder, Query, created_indexes, queries_of, served
+from tests.support.commands import CommandRecorder, Query, constrained_fields, created_indexes, queries_of, served
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer
+from users.v1 import metadata_pb2 as md
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -46,6 +47,17 @@ def test_a_flow_through_the_main_calls(server: RunningServer, mail: MailSink) ->
     server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
     server.stub.ListUsers(pb.ListUsersRequest(page_size=1))
     server.stub.ListUsers(pb.ListUsersRequest(role=user_pb2.ROLE_USER, prefix="ja"))
+    tenant = md.SetUserMetadataRequest(user_id=jane.user.id, scope=md.METADATA_SCOPE_ADMIN, key="tenant", value=b"acme")
+    server.stub.SetUserMetadata(tenant)
+    stub.ListUserMetadata(md.ListUserMetadataRequest(user_id=jane.user.id))
+    acme = md.MetadataFilter(scope=md.METADATA_SCOPE_ADMIN, key="tenant", value=b"acme")
+    first = server.stub.ListUsers(pb.ListUsersRequest(page_size=1, metadata=acme))
+    server.stub.ListUsers(pb.ListUsersRequest(page_size=1, metadata=acme, page_token=first.next_page_token))
+    present = md.MetadataFilter(scope=md.METADATA_SCOPE_ADMIN, key="tenant")
+    server.stub.ListUsers(pb.ListUsersRequest(metadata=present, state=user_pb2.USER_STATE_ACTIVE))
+    server.stub.DeleteUserMetadata(
+        md.DeleteUserMetadataRequest(user_id=jane.user.id, scope=md.METADATA_SCOPE_ADMIN, key="tenant")
+    )
     server.stub.LockUser(pb.LockUserRequest(user_id=jane.user.id))
     server.stub.UnlockUser(pb.UnlockUserRequest(user_id=jane.user.id))
     server.stub.DeactivateUser(pb.DeactivateUserRequest(user_id=jane.user.id))
@@ -66,3 +78,19 @@ def test_every_query_the_suite_sent_is_served_by_an_index(suite_queries: Command
         if not by_design and not served(query, indexes.get(query.collection, set())):
             unserved.setdefault((query.collection, query.command, repr(sorted(query.filter))), query)
     assert not unserved, "\n".join(f"{q.collection} {q.command} {q.filter!r} sort {q.sort}" for q in unserved.values())
+
+
+@pytest.mark.after_the_suite
+def test_list_users_by_metadata_walks_a_metadata_index_in_id_order(suite_queries: CommandRecorder) -> None:
+    """Every users query carries ``deleting: None``, which the check above counts as served by the
+    sparse ``deleting`` index, though MongoDB would not use a sparse index for a null match: so
+    the metadata filters are held to their own indexes here, each with ``_id`` next (the keyset's
+    order, so a page reads only its own users)."""
+    commands = suite_queries.commands
+    indexes = created_indexes(commands).get("users", set())
+    queries = [query for command in commands for query in queries_of(command) if query.collection == "users"]
+    named = {field for query in queries for fields in constrained_fields(query.filter) for field in fields}
+    metadata_fields = {field for field in named if field.startswith("metadata.")}
+    assert metadata_fields == {"metadata.sk", "metadata.skv"}, "the flow above sends both"
+    for field in metadata_fields:
+        assert (field, "_id") in indexes, field

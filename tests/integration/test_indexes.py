@@ -44,6 +44,8 @@ INDEXES: dict[str, dict[str, tuple[list[tuple[str, int]], bool]]] = {
         "created_at_id": ([("created_at", 1), ("_id", 1)], False),
         "deleting": ([("deleting", 1)], False),
         "is_active_created_at": ([("is_active", 1), ("created_at", 1)], False),
+        "metadata_sk_id": ([("metadata.sk", 1), ("_id", 1)], False),
+        "metadata_skv_id": ([("metadata.skv", 1), ("_id", 1)], False),
         "pending_changes_since": ([("pending_changes_since", 1)], False),
         "pending_mail_id": ([("pending_mail.id", 1)], False),
         "pending_mail_since": ([("pending_mail_since", 1)], False),

@@ -10,6 +10,7 @@ caller, rich details, by the one table in grpc_api/status.py::
     │   ├── InvalidEmailChangeCode
     │   └── MalformedRequest   (the bytes are no message of the request's type)
     ├── NotFound               NOT_FOUND
+    │   └── MetadataNotFound   (no metadata entry of this scope and key)
     ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
     ├── PermissionDenied       PERMISSION_DENIED
     ├── InvalidCredentials     UNAUTHENTICATED
@@ -24,6 +25,7 @@ caller, rich details, by the one table in grpc_api/status.py::
     │   ├── MfaRequired
     │   └── ChangeCursorGone  (the change feed no longer holds the changes after the cursor)
     ├── EtagMismatch           ABORTED (the user changed since the etag was read)
+    │   └── MetadataEtagMismatch (the metadata entry did)
     ├── TooManyAttempts        RESOURCE_EXHAUSTED (google.rpc.RetryInfo: when to try again)
     ├── TooManyRequests        RESOURCE_EXHAUSTED (RetryInfo)
     ├── Overloaded             RESOURCE_EXHAUSTED (RetryInfo)
@@ -138,6 +140,11 @@ class NotFound(UsersError):
     message = "user not found"
 
 
+class MetadataNotFound(NotFound):
+    reason = "METADATA_NOT_FOUND"
+    message = "the user has no metadata entry with this scope and key"
+
+
 class AlreadyExists(UsersError):
     reason = "ALREADY_EXISTS"
 
@@ -184,6 +191,10 @@ class EtagMismatch(UsersError):
 
     reason = "ETAG_MISMATCH"
     message = "the user changed since the etag was read; read it again and retry"
+
+
+class MetadataEtagMismatch(EtagMismatch):
+    message = "the metadata entry changed (or is gone) since the etag was read; read it again and retry"
 
 
 class TooManyAttempts(UsersError):

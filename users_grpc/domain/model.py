@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from users_grpc.domain import base64url
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
+from users_grpc.domain.metadata import MetadataEntry, MetadataFilter, MetadataKey
 
 
 class Role(enum.Enum):
@@ -72,6 +73,8 @@ class User:
     revision: int = 0
     # The BCP 47 tag of the user's mails; "" for the server's default.
     language_code: str = ""
+    # Both scopes, by scope then key: only an admin's or a machine caller's view shows them.
+    metadata: tuple[MetadataEntry, ...] = dataclasses.field(default=(), repr=False)
 
     @property
     def etag(self) -> str:
@@ -288,6 +291,7 @@ class UserFilter:
     prefix_key: str = ""
     created_after: datetime | None = None
     created_before: datetime | None = None
+    metadata: MetadataFilter | None = None
 
     def fingerprint(self) -> bytes:
         """Equal exactly for equal filters, so that a page token is bound to its filters."""
@@ -298,6 +302,7 @@ class UserFilter:
             self.prefix_key,
             self.created_after and self.created_after.isoformat(),
             self.created_before and self.created_before.isoformat(),
+            *(() if self.metadata is None else (self.metadata.scope.value, self.metadata.key, self.metadata.value)),
         )
         return repr(parts).encode()
 
@@ -441,6 +446,8 @@ class AuditEventType(enum.Enum):
     SERVICE_ACCOUNT_DELETE = "service_account_delete"
     SESSIONS_REVOKE = "sessions_revoke"
     PROFILE_UPDATE = "profile_update"
+    METADATA_SET = "metadata_set"
+    METADATA_DELETE = "metadata_delete"
 
 
 class ActorKind(enum.Enum):
@@ -517,6 +524,7 @@ class ChangeType(enum.Enum):
     LOCKED = "locked"
     UNLOCKED = "unlocked"
     DELETED = "deleted"
+    METADATA_CHANGED = "metadata_changed"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -532,3 +540,5 @@ class UserChange:
     # The user as stored when the change was published (None for a deletion): after this change,
     # and possibly after later changes of the same user too, whose own changes follow this one.
     user: User | None
+    # For METADATA_CHANGED: the entries set or removed.
+    metadata_keys: tuple[MetadataKey, ...] = ()

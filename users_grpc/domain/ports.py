@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
+from users_grpc.domain.metadata import MetadataEntry, MetadataKey, StoredMetadata
 from users_grpc.domain.model import (
     Account,
     ActivationCode,
@@ -480,3 +481,17 @@ class ChangeLog(Protocol):
     async def read_after(self, sequence: int, limit: int) -> list[UserChange]:
         """Up to ``limit`` changes numbered above ``sequence``, in order; the caller checks that
         they are consecutive."""
+
+
+class MetadataStore(Protocol):
+    """A user's metadata entries (SetUserMetadata and the other metadata calls), kept in the user's
+    own document: each write replaces the whole set in one update conditional on its revision."""
+
+    async def metadata_of(self, user_id: str) -> StoredMetadata | None:
+        """The user's entries and their revision; None if there is no such user."""
+
+    async def replace_metadata(
+        self, user_id: str, read: StoredMetadata, entries: tuple[MetadataEntry, ...], changed: MetadataKey
+    ) -> bool:
+        """Store ``entries`` if the set is still at ``read.revision``, with a change of the feed
+        naming ``changed``; False if it moved meanwhile (or the user is gone)."""

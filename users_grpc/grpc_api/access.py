@@ -71,6 +71,11 @@ RULES: Mapping[str, Rule] = {
     "UpdateUser": Rule.SELF_OR_ADMIN,
     "ListAuditEvents": Rule.ADMIN,
     "WatchUserChanges": Rule.ADMIN_OR_MACHINE,
+    # Which scope, and writes by machine callers: checked by the service (services/metadata.py).
+    "SetUserMetadata": Rule.SELF_ADMIN_OR_MACHINE,
+    "GetUserMetadata": Rule.SELF_ADMIN_OR_MACHINE,
+    "ListUserMetadata": Rule.SELF_ADMIN_OR_MACHINE,
+    "DeleteUserMetadata": Rule.SELF_ADMIN_OR_MACHINE,
 }
 
 # The flow of every call anyone may make (a test holds it to the RULES' ANYONE methods). Those that

@@ -29,10 +29,11 @@ from typing import Any, Literal, cast
 
 import grpc
 
-from users.v1 import user_pb2
+from users.v1 import metadata_pb2, user_pb2
 from users_grpc.domain import model, rules
 from users_grpc.domain.budget import database_budget
-from users_grpc.domain.errors import UsersError
+from users_grpc.domain.errors import InvalidArgument, UsersError
+from users_grpc.domain.metadata import validate_key
 from users_grpc.domain.model import ActorKind, AuditActor, AuditEvent, AuditEventType, Caller
 from users_grpc.domain.ports import Clock
 from users_grpc.grpc_api.access import current_caller
@@ -120,6 +121,18 @@ def _fields_updated(request: Any, _response: Any) -> str:
     return f"fields {','.join(fields)}" if fields else ""
 
 
+def _metadata_key(request: Any, _response: Any) -> str:
+    """The scope and key written, never the value: an admin-scope value is another service's
+    fact about the user (a billing id, say), and a self-scope one is text of the user's choosing."""
+    known = request.scope in metadata_pb2.MetadataScope.values()
+    scope = metadata_pb2.MetadataScope.Name(request.scope) if known else str(int(request.scope))
+    try:
+        validate_key(request.key)
+    except InvalidArgument:
+        return f"scope {scope}, a malformed key"  # free text the caller chose: not kept
+    return f"scope {scope}, key {request.key}"
+
+
 @dataclass(frozen=True)
 class Audited:
     type: AuditEventType
@@ -172,6 +185,8 @@ AUDITED: Mapping[str, Audited] = {
     "DeleteServiceAccount": Audited(AuditEventType.SERVICE_ACCOUNT_DELETE, _id_in_request("client_id")),
     "RevokeAllSessions": Audited(AuditEventType.SESSIONS_REVOKE, _USER_ID),
     "UpdateUser": Audited(AuditEventType.PROFILE_UPDATE, _USER_ID, note=_fields_updated),
+    "SetUserMetadata": Audited(AuditEventType.METADATA_SET, _USER_ID, note=_metadata_key),
+    "DeleteUserMetadata": Audited(AuditEventType.METADATA_DELETE, _USER_ID, note=_metadata_key),
 }
 
 

@@ -8,8 +8,9 @@ from typing import TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from users.v1 import session_pb2, user_pb2, user_service_pb2
+from users.v1 import metadata_pb2, session_pb2, user_pb2, user_service_pb2
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
+from users_grpc.domain.metadata import MetadataEntry, MetadataScope
 from users_grpc.domain.model import (
     AccessClaims,
     ActorKind,
@@ -105,6 +106,7 @@ _CHANGE_TYPES_TO_PROTO = {
     ChangeType.LOCKED: user_service_pb2.USER_CHANGE_TYPE_LOCKED,
     ChangeType.UNLOCKED: user_service_pb2.USER_CHANGE_TYPE_UNLOCKED,
     ChangeType.DELETED: user_service_pb2.USER_CHANGE_TYPE_DELETED,
+    ChangeType.METADATA_CHANGED: user_service_pb2.USER_CHANGE_TYPE_METADATA_CHANGED,
 }
 
 
@@ -114,8 +116,12 @@ def change_to_proto(change: UserChange) -> user_service_pb2.UserChange:
         user_id=change.user_id,
         type=_CHANGE_TYPES_TO_PROTO[change.type],
         change_time=_timestamp(change.changed_at),
-        user=None if change.user is None else user_to_proto(change.user),
+        # The feed is for admins and machine callers only: their view.
+        user=None if change.user is None else user_to_proto(change.user, admin_view=True),
         user_change_number=change.number,
+        metadata_keys=[
+            metadata_pb2.MetadataKey(scope=_SCOPES_TO_PROTO[key.scope], key=key.key) for key in change.metadata_keys
+        ],
     )
 
 
@@ -125,7 +131,9 @@ def service_account_to_proto(account: ServiceAccount) -> user_service_pb2.Servic
     )
 
 
-def user_to_proto(user: User) -> user_pb2.User:
+def user_to_proto(user: User, *, admin_view: bool = False) -> user_pb2.User:
+    """The user as replies show it; ``admin_view`` (only for an admin or a machine caller) adds the
+    metadata of both scopes, which the user's own view never shows."""
     return user_pb2.User(
         id=user.id,
         username=user.username,
@@ -141,6 +149,28 @@ def user_to_proto(user: User) -> user_pb2.User:
         state=_STATES_TO_PROTO[user.state],
         etag=user.etag,
         language_code=user.language_code,
+        metadata=[metadata_entry_to_proto(entry) for entry in user.metadata] if admin_view else [],
+    )
+
+
+SCOPES = {metadata_pb2.METADATA_SCOPE_ADMIN: MetadataScope.ADMIN, metadata_pb2.METADATA_SCOPE_SELF: MetadataScope.SELF}
+_SCOPES_TO_PROTO = {domain: wire for wire, domain in SCOPES.items()}
+
+
+def scope_from_proto(number: metadata_pb2.MetadataScope.ValueType, field: str = "scope") -> MetadataScope | None:
+    """None for METADATA_SCOPE_UNSPECIFIED (each call says what that means); unknown numbers are refused."""
+    if number == metadata_pb2.METADATA_SCOPE_UNSPECIFIED:
+        return None
+    return enum_from_proto(SCOPES, number, field)
+
+
+def metadata_entry_to_proto(entry: MetadataEntry) -> metadata_pb2.MetadataEntry:
+    return metadata_pb2.MetadataEntry(
+        scope=_SCOPES_TO_PROTO[entry.scope],
+        key=entry.key,
+        value=entry.value,
+        etag=entry.etag,
+        update_time=_timestamp(entry.updated_at),
     )
 
 

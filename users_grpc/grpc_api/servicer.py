@@ -13,8 +13,9 @@ from datetime import UTC
 
 import grpc
 
-from users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
+from users.v1 import metadata_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
+from users_grpc.domain.metadata import MetadataFilter, validate_key
 from users_grpc.domain.model import AuditFilter, ProfileChanges, Registration, User, UserFilter
 from users_grpc.domain.rules import identifier_key, validate_prefix
 from users_grpc.grpc_api.access import current_caller, stream_admission
@@ -30,6 +31,8 @@ from users_grpc.grpc_api.convert import (
     claims_to_proto,
     enum_from_proto,
     imported_user,
+    metadata_entry_to_proto,
+    scope_from_proto,
     service_account_to_proto,
     session_to_proto,
     user_to_proto,
@@ -42,6 +45,7 @@ from users_grpc.services.audit import AuditLog
 from users_grpc.services.changes import ChangeFeed
 from users_grpc.services.directory import DirectoryService
 from users_grpc.services.email_change import EmailChangeService
+from users_grpc.services.metadata import MetadataService
 from users_grpc.services.mfa import MfaService
 from users_grpc.services.passwords import PasswordService
 from users_grpc.services.service_accounts import ServiceAccountService
@@ -63,6 +67,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         directory: DirectoryService,
         audit: AuditLog,
         changes: ChangeFeed,
+        metadata: MetadataService,
     ) -> None:
         self._service = service
         self._sessions = sessions
@@ -74,6 +79,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self._directory = directory
         self._audit = audit
         self._changes = changes
+        self._metadata = metadata
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context
@@ -109,14 +115,17 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def GetUser(
         self, request: user_service_pb2.GetUserRequest, context: Context
     ) -> user_service_pb2.GetUserResponse:
-        user = await self._service.get_user(request.id, caller=current_caller.get())
-        return user_service_pb2.GetUserResponse(user=user_to_proto(user))
+        caller = current_caller.get()
+        user = await self._service.get_user(request.id, caller=caller)
+        admin_view = caller.is_admin or caller.machine is not None
+        return user_service_pb2.GetUserResponse(user=user_to_proto(user, admin_view=admin_view))
 
     async def GetUserByIdentifier(
         self, request: user_service_pb2.GetUserByIdentifierRequest, context: Context
     ) -> user_service_pb2.GetUserByIdentifierResponse:
         user = await self._service.get_active_user_by_identifier(request.identifier)
-        return user_service_pb2.GetUserByIdentifierResponse(user=user_to_proto(user))
+        # Admins and machine callers only (access.py): their view.
+        return user_service_pb2.GetUserByIdentifierResponse(user=user_to_proto(user, admin_view=True))
 
     async def DeleteUser(
         self, request: user_service_pb2.DeleteUserRequest, context: Context
@@ -369,10 +378,12 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
             prefix_key=identifier_key(request.prefix) if request.prefix.strip() else "",
             created_after=request.created_after.ToDatetime(UTC) if request.HasField("created_after") else None,
             created_before=request.created_before.ToDatetime(UTC) if request.HasField("created_before") else None,
+            metadata=_metadata_filter(request.metadata) if request.HasField("metadata") else None,
         )
         users, next_page_token, total = await self._directory.list_users(filters, request.page_size, request.page_token)
+        # Admins only (access.py): their view.
         return user_service_pb2.ListUsersResponse(
-            users=[user_to_proto(u) for u in users], next_page_token=next_page_token, total_size=total
+            users=[user_to_proto(u, admin_view=True) for u in users], next_page_token=next_page_token, total_size=total
         )
 
     async def UpdateUser(
@@ -418,3 +429,50 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         async with contextlib.aclosing(watched) as changes:
             async for change in changes:
                 yield user_service_pb2.WatchUserChangesResponse(change=change_to_proto(change))
+
+    async def SetUserMetadata(
+        self, request: metadata_pb2.SetUserMetadataRequest, context: Context
+    ) -> metadata_pb2.SetUserMetadataResponse:
+        entry = await self._metadata.set(
+            request.user_id,
+            scope_from_proto(request.scope),
+            request.key,
+            request.value,
+            request.etag,
+            caller=current_caller.get(),
+        )
+        return metadata_pb2.SetUserMetadataResponse(entry=metadata_entry_to_proto(entry))
+
+    async def GetUserMetadata(
+        self, request: metadata_pb2.GetUserMetadataRequest, context: Context
+    ) -> metadata_pb2.GetUserMetadataResponse:
+        entry = await self._metadata.get(
+            request.user_id, scope_from_proto(request.scope), request.key, caller=current_caller.get()
+        )
+        return metadata_pb2.GetUserMetadataResponse(entry=metadata_entry_to_proto(entry))
+
+    async def ListUserMetadata(
+        self, request: metadata_pb2.ListUserMetadataRequest, context: Context
+    ) -> metadata_pb2.ListUserMetadataResponse:
+        entries = await self._metadata.list(
+            request.user_id, scope_from_proto(request.scope), caller=current_caller.get()
+        )
+        return metadata_pb2.ListUserMetadataResponse(entries=[metadata_entry_to_proto(e) for e in entries])
+
+    async def DeleteUserMetadata(
+        self, request: metadata_pb2.DeleteUserMetadataRequest, context: Context
+    ) -> metadata_pb2.DeleteUserMetadataResponse:
+        await self._metadata.delete(
+            request.user_id, scope_from_proto(request.scope), request.key, request.etag, caller=current_caller.get()
+        )
+        return metadata_pb2.DeleteUserMetadataResponse()
+
+
+def _metadata_filter(wanted: metadata_pb2.MetadataFilter) -> MetadataFilter:
+    scope = scope_from_proto(wanted.scope, "metadata.scope")
+    if scope is None:
+        raise InvalidArgument(
+            [FieldViolation("metadata.scope", "is required: METADATA_SCOPE_ADMIN or METADATA_SCOPE_SELF")]
+        )
+    validate_key(wanted.key, "metadata.key")
+    return MetadataFilter(scope=scope, key=wanted.key, value=wanted.value if wanted.HasField("value") else None)

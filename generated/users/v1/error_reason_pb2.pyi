@@ -42,6 +42,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: no such user (or, for the lookups that find only active users, none active)."""
     ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND: _ErrorReason.ValueType  # 7
     """NOT_FOUND: no such service account."""
+    ERROR_REASON_METADATA_NOT_FOUND: _ErrorReason.ValueType  # 40
+    """NOT_FOUND: the user has no metadata entry with this scope and key."""
     ERROR_REASON_ALREADY_EXISTS: _ErrorReason.ValueType  # 8
     """ALREADY_EXISTS: a unique value is taken; ErrorInfo metadata `field` names it (`username`,
     `email`, ...).
@@ -79,7 +81,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     feed); read the users again with ListUsers and watch from an empty cursor.
     """
     ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 20
-    """ABORTED: the request's etag no longer matches; read the user again and retry."""
+    """ABORTED: the request's etag no longer matches; read the user (or the metadata entry) again
+    and retry.
+    """
     ERROR_REASON_TOO_MANY_ATTEMPTS: _ErrorReason.ValueType  # 21
     """RESOURCE_EXHAUSTED: too many failed passwords or codes; google.rpc.RetryInfo says how long
     to wait.
@@ -134,6 +138,8 @@ ERROR_REASON_USER_NOT_FOUND: ErrorReason.ValueType  # 6
 """NOT_FOUND: no such user (or, for the lookups that find only active users, none active)."""
 ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND: ErrorReason.ValueType  # 7
 """NOT_FOUND: no such service account."""
+ERROR_REASON_METADATA_NOT_FOUND: ErrorReason.ValueType  # 40
+"""NOT_FOUND: the user has no metadata entry with this scope and key."""
 ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 8
 """ALREADY_EXISTS: a unique value is taken; ErrorInfo metadata `field` names it (`username`,
 `email`, ...).
@@ -171,7 +177,9 @@ ERROR_REASON_CHANGE_CURSOR_EXPIRED: ErrorReason.ValueType  # 25
 feed); read the users again with ListUsers and watch from an empty cursor.
 """
 ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 20
-"""ABORTED: the request's etag no longer matches; read the user again and retry."""
+"""ABORTED: the request's etag no longer matches; read the user (or the metadata entry) again
+and retry.
+"""
 ERROR_REASON_TOO_MANY_ATTEMPTS: ErrorReason.ValueType  # 21
 """RESOURCE_EXHAUSTED: too many failed passwords or codes; google.rpc.RetryInfo says how long
 to wait.

@@ -3,10 +3,13 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from users.v1 import metadata_pb2 as _metadata_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -119,6 +122,7 @@ class User(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     LANGUAGE_CODE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """24 lower-case hexadecimal digits, assigned by the service."""
     username: _builtins.str
@@ -161,6 +165,13 @@ class User(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def metadata(self) -> _containers.RepeatedCompositeFieldContainer[_metadata_pb2.MetadataEntry]:
+        """Only in an admin's or a machine caller's view (GetUser, GetUserByIdentifier, ListUsers,
+        WatchUserChanges): the user's metadata entries of both scopes, by scope, then key. Empty in
+        the user's own view (their own entries are in ListUserMetadata) and in every other reply.
+        """
+
     def __init__(
         self,
         *,
@@ -178,10 +189,11 @@ class User(_message.Message):
         state: Global___UserState.ValueType = ...,
         etag: _builtins.str = ...,
         language_code: _builtins.str = ...,
+        metadata: _abc.Iterable[_metadata_pb2.MetadataEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "language_code", b"language_code", "last_name", b"last_name", "mfa_enabled", b"mfa_enabled", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "language_code", b"language_code", "last_name", b"last_name", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,6 +12,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.rpc import code_pb2 as _code_pb2
 from google.rpc import status_pb2 as _status_pb2
+from users.v1 import metadata_pb2 as _metadata_pb2
 from users.v1 import session_pb2 as _session_pb2
 from users.v1 import user_pb2 as _user_pb2
 import builtins as _builtins
@@ -95,6 +96,12 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """RevokeAllSessions. Subject: the user."""
     AUDIT_EVENT_TYPE_PROFILE_UPDATE: _AuditEventType.ValueType  # 24
     """UpdateUser; the reason names the fields changed. Subject: the user."""
+    AUDIT_EVENT_TYPE_METADATA_SET: _AuditEventType.ValueType  # 40
+    """SetUserMetadata; the reason names the scope and key ("scope METADATA_SCOPE_ADMIN, key
+    billing_id"), never the value. Subject: the user.
+    """
+    AUDIT_EVENT_TYPE_METADATA_DELETE: _AuditEventType.ValueType  # 41
+    """DeleteUserMetadata; the reason as for METADATA_SET. Subject: the user."""
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper):
     """What an audit event records."""
@@ -163,6 +170,12 @@ AUDIT_EVENT_TYPE_SESSIONS_REVOKE: AuditEventType.ValueType  # 23
 """RevokeAllSessions. Subject: the user."""
 AUDIT_EVENT_TYPE_PROFILE_UPDATE: AuditEventType.ValueType  # 24
 """UpdateUser; the reason names the fields changed. Subject: the user."""
+AUDIT_EVENT_TYPE_METADATA_SET: AuditEventType.ValueType  # 40
+"""SetUserMetadata; the reason names the scope and key ("scope METADATA_SCOPE_ADMIN, key
+billing_id"), never the value. Subject: the user.
+"""
+AUDIT_EVENT_TYPE_METADATA_DELETE: AuditEventType.ValueType  # 41
+"""DeleteUserMetadata; the reason as for METADATA_SET. Subject: the user."""
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
 
 class _AuditActorKind:
@@ -235,6 +248,8 @@ class _UserChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserCh
     """DeleteUser, DeleteUserByIdentifier, or housekeeping's purge of accounts
     never activated. Carries user_id only: drop everything about the user.
     """
+    USER_CHANGE_TYPE_METADATA_CHANGED: _UserChangeType.ValueType  # 25
+    """SetUserMetadata or DeleteUserMetadata; metadata_keys names the entry."""
 
 class UserChangeType(_UserChangeType, metaclass=_UserChangeTypeEnumTypeWrapper):
     """What a change did."""
@@ -259,6 +274,8 @@ USER_CHANGE_TYPE_DELETED: UserChangeType.ValueType  # 10
 """DeleteUser, DeleteUserByIdentifier, or housekeeping's purge of accounts
 never activated. Carries user_id only: drop everything about the user.
 """
+USER_CHANGE_TYPE_METADATA_CHANGED: UserChangeType.ValueType  # 25
+"""SetUserMetadata or DeleteUserMetadata; metadata_keys names the entry."""
 Global___UserChangeType: _TypeAlias = UserChangeType  # noqa: Y015
 
 @_typing.final
@@ -2078,6 +2095,7 @@ class ListUsersRequest(_message.Message):
     PREFIX_FIELD_NUMBER: _builtins.int
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Default 50, at most 1000."""
     page_token: _builtins.str
@@ -2101,6 +2119,12 @@ class ListUsersRequest(_message.Message):
     def created_before(self) -> _timestamp_pb2.Timestamp:
         """Optional. Only users created before this moment."""
 
+    @_builtins.property
+    def metadata(self) -> _metadata_pb2.MetadataFilter:
+        """Optional. Only users with this metadata entry (key present, or key and exact value);
+        served by an index, and combined with the other filters.
+        """
+
     def __init__(
         self,
         *,
@@ -2112,10 +2136,11 @@ class ListUsersRequest(_message.Message):
         prefix: _builtins.str = ...,
         created_after: _timestamp_pb2.Timestamp | None = ...,
         created_before: _timestamp_pb2.Timestamp | None = ...,
+        metadata: _metadata_pb2.MetadataFilter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "mfa_enabled", b"mfa_enabled"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "mfa_enabled", b"mfa_enabled", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "role", b"role", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "role", b"role", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__mfa_enabled: _TypeAlias = _typing.Literal["mfa_enabled"]  # noqa: Y015
     _WhichOneofArgType__mfa_enabled: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled"]  # noqa: Y015
@@ -2434,6 +2459,7 @@ class UserChange(_message.Message):
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     USER_CHANGE_NUMBER_FIELD_NUMBER: _builtins.int
+    METADATA_KEYS_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Opaque. Pass the last one handled as WatchUserChangesRequest.after to resume."""
     user_id: _builtins.str
@@ -2454,6 +2480,12 @@ class UserChange(_message.Message):
         Absent for USER_CHANGE_TYPE_DELETED.
         """
 
+    @_builtins.property
+    def metadata_keys(self) -> _containers.RepeatedCompositeFieldContainer[_metadata_pb2.MetadataKey]:
+        """For USER_CHANGE_TYPE_METADATA_CHANGED: the entry set or removed (its value, if any, is in
+        user.metadata).
+        """
+
     def __init__(
         self,
         *,
@@ -2463,10 +2495,11 @@ class UserChange(_message.Message):
         change_time: _timestamp_pb2.Timestamp | None = ...,
         user: _user_pb2.User | None = ...,
         user_change_number: _builtins.int = ...,
+        metadata_keys: _abc.Iterable[_metadata_pb2.MetadataKey] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "cursor", b"cursor", "type", b"type", "user", b"user", "user_change_number", b"user_change_number", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "cursor", b"cursor", "metadata_keys", b"metadata_keys", "type", b"type", "user", b"user", "user_change_number", b"user_change_number", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from users.v1 import metadata_pb2 as users_dot_v1_dot_metadata__pb2
 from users.v1 import user_service_pb2 as users_dot_v1_dot_user__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -272,6 +273,26 @@ class UserServiceStub:
                 '/users.v1.UserService/WatchUserChanges',
                 request_serializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesResponse.FromString,
+                _registered_method=True)
+        self.SetUserMetadata = channel.unary_unary(
+                '/users.v1.UserService/SetUserMetadata',
+                request_serializer=users_dot_v1_dot_metadata__pb2.SetUserMetadataRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_metadata__pb2.SetUserMetadataResponse.FromString,
+                _registered_method=True)
+        self.GetUserMetadata = channel.unary_unary(
+                '/users.v1.UserService/GetUserMetadata',
+                request_serializer=users_dot_v1_dot_metadata__pb2.GetUserMetadataRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_metadata__pb2.GetUserMetadataResponse.FromString,
+                _registered_method=True)
+        self.ListUserMetadata = channel.unary_unary(
+                '/users.v1.UserService/ListUserMetadata',
+                request_serializer=users_dot_v1_dot_metadata__pb2.ListUserMetadataRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_metadata__pb2.ListUserMetadataResponse.FromString,
+                _registered_method=True)
+        self.DeleteUserMetadata = channel.unary_unary(
+                '/users.v1.UserService/DeleteUserMetadata',
+                request_serializer=users_dot_v1_dot_metadata__pb2.DeleteUserMetadataRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_metadata__pb2.DeleteUserMetadataResponse.FromString,
                 _registered_method=True)
 
 
@@ -986,6 +1007,63 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetUserMetadata(self, request, context):
+        """Set a user's metadata entry (users/v1/metadata.proto): create it, or replace its value
+
+        With `etag` (MetadataEntry.etag) the write applies only if the entry has not changed since
+        it was read: otherwise ABORTED and nothing changes, so of two services racing on one key
+        exactly one wins; read the entry again and retry. Without it, the last write wins. A key,
+        value, entry count or scope size out of bounds is INVALID_ARGUMENT naming the field (`key`,
+        `value`), and nothing is written. Each write is a USER_CHANGE_TYPE_METADATA_CHANGED change
+        naming the key, and an audit event naming the scope and key (never the value). The user's
+        etag and update time do not move.
+        Callers: the user themself, an admin or a machine caller; the user only in
+        METADATA_SCOPE_SELF, and of the machine callers only those in USERS_METADATA_WRITERS
+        (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
+        NOT_FOUND (USER_NOT_FOUND), ABORTED (ETAG_MISMATCH: a stale etag, or an etag for an entry
+        that is gone), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUserMetadata(self, request, context):
+        """Get one metadata entry of a user
+
+        Callers: the user themself, an admin or a machine caller; the user only in
+        METADATA_SCOPE_SELF (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND; METADATA_NOT_FOUND: no such entry),
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUserMetadata(self, request, context):
+        """List a user's metadata entries, of one scope or of every scope the caller may read
+
+        Callers: the user themself, an admin or a machine caller; the user only in
+        METADATA_SCOPE_SELF (asking for METADATA_SCOPE_ADMIN is PERMISSION_DENIED; no scope lists
+        their own). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteUserMetadata(self, request, context):
+        """Remove a user's metadata entry
+
+        With `etag`, only if the entry has not changed since it was read (else ABORTED). A change
+        and an audit event, as SetUserMetadata.
+        Callers: the user themself, an admin or a machine caller; as for SetUserMetadata. Errors:
+        INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
+        METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1193,6 +1271,26 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.WatchUserChanges,
                     request_deserializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesResponse.SerializeToString,
+            ),
+            'SetUserMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserMetadata,
+                    request_deserializer=users_dot_v1_dot_metadata__pb2.SetUserMetadataRequest.FromString,
+                    response_serializer=users_dot_v1_dot_metadata__pb2.SetUserMetadataResponse.SerializeToString,
+            ),
+            'GetUserMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUserMetadata,
+                    request_deserializer=users_dot_v1_dot_metadata__pb2.GetUserMetadataRequest.FromString,
+                    response_serializer=users_dot_v1_dot_metadata__pb2.GetUserMetadataResponse.SerializeToString,
+            ),
+            'ListUserMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUserMetadata,
+                    request_deserializer=users_dot_v1_dot_metadata__pb2.ListUserMetadataRequest.FromString,
+                    response_serializer=users_dot_v1_dot_metadata__pb2.ListUserMetadataResponse.SerializeToString,
+            ),
+            'DeleteUserMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUserMetadata,
+                    request_deserializer=users_dot_v1_dot_metadata__pb2.DeleteUserMetadataRequest.FromString,
+                    response_serializer=users_dot_v1_dot_metadata__pb2.DeleteUserMetadataResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2336,6 +2434,114 @@ class UserService:
             '/users.v1.UserService/WatchUserChanges',
             users_dot_v1_dot_user__service__pb2.WatchUserChangesRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.WatchUserChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/SetUserMetadata',
+            users_dot_v1_dot_metadata__pb2.SetUserMetadataRequest.SerializeToString,
+            users_dot_v1_dot_metadata__pb2.SetUserMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUserMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/GetUserMetadata',
+            users_dot_v1_dot_metadata__pb2.GetUserMetadataRequest.SerializeToString,
+            users_dot_v1_dot_metadata__pb2.GetUserMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUserMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListUserMetadata',
+            users_dot_v1_dot_metadata__pb2.ListUserMetadataRequest.SerializeToString,
+            users_dot_v1_dot_metadata__pb2.ListUserMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUserMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/DeleteUserMetadata',
+            users_dot_v1_dot_metadata__pb2.DeleteUserMetadataRequest.SerializeToString,
+            users_dot_v1_dot_metadata__pb2.DeleteUserMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from users.v1 import metadata_pb2 as _metadata_pb2
 from users.v1 import user_service_pb2 as _user_service_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -577,6 +578,47 @@ class UserServiceStub:
     delay),
     UNAVAILABLE (the stream ends; reconnect with the last cursor).
     """
+    SetUserMetadata: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.SetUserMetadataRequest, _metadata_pb2.SetUserMetadataResponse]
+    """Set a user's metadata entry (users/v1/metadata.proto): create it, or replace its value
+
+    With `etag` (MetadataEntry.etag) the write applies only if the entry has not changed since
+    it was read: otherwise ABORTED and nothing changes, so of two services racing on one key
+    exactly one wins; read the entry again and retry. Without it, the last write wins. A key,
+    value, entry count or scope size out of bounds is INVALID_ARGUMENT naming the field (`key`,
+    `value`), and nothing is written. Each write is a USER_CHANGE_TYPE_METADATA_CHANGED change
+    naming the key, and an audit event naming the scope and key (never the value). The user's
+    etag and update time do not move.
+    Callers: the user themself, an admin or a machine caller; the user only in
+    METADATA_SCOPE_SELF, and of the machine callers only those in USERS_METADATA_WRITERS
+    (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
+    NOT_FOUND (USER_NOT_FOUND), ABORTED (ETAG_MISMATCH: a stale etag, or an etag for an entry
+    that is gone), UNAVAILABLE.
+    """
+    GetUserMetadata: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.GetUserMetadataRequest, _metadata_pb2.GetUserMetadataResponse]
+    """Get one metadata entry of a user
+
+    Callers: the user themself, an admin or a machine caller; the user only in
+    METADATA_SCOPE_SELF (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND; METADATA_NOT_FOUND: no such entry),
+    UNAVAILABLE.
+    """
+    ListUserMetadata: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.ListUserMetadataRequest, _metadata_pb2.ListUserMetadataResponse]
+    """List a user's metadata entries, of one scope or of every scope the caller may read
+
+    Callers: the user themself, an admin or a machine caller; the user only in
+    METADATA_SCOPE_SELF (asking for METADATA_SCOPE_ADMIN is PERMISSION_DENIED; no scope lists
+    their own). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+    UNAVAILABLE.
+    """
+    DeleteUserMetadata: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.DeleteUserMetadataRequest, _metadata_pb2.DeleteUserMetadataResponse]
+    """Remove a user's metadata entry
+
+    With `etag`, only if the entry has not changed since it was read (else ABORTED). A change
+    and an audit event, as SetUserMetadata.
+    Callers: the user themself, an admin or a machine caller; as for SetUserMetadata. Errors:
+    INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
+    METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -1126,6 +1168,47 @@ class UserServiceAsyncStub(UserServiceStub):
     holds USERS_MAX_STREAMS_PER_CALLER of them; retry after the RetryInfo
     delay),
     UNAVAILABLE (the stream ends; reconnect with the last cursor).
+    """
+    SetUserMetadata: _aio.UnaryUnaryMultiCallable[_metadata_pb2.SetUserMetadataRequest, _metadata_pb2.SetUserMetadataResponse]  # type: ignore[assignment]
+    """Set a user's metadata entry (users/v1/metadata.proto): create it, or replace its value
+
+    With `etag` (MetadataEntry.etag) the write applies only if the entry has not changed since
+    it was read: otherwise ABORTED and nothing changes, so of two services racing on one key
+    exactly one wins; read the entry again and retry. Without it, the last write wins. A key,
+    value, entry count or scope size out of bounds is INVALID_ARGUMENT naming the field (`key`,
+    `value`), and nothing is written. Each write is a USER_CHANGE_TYPE_METADATA_CHANGED change
+    naming the key, and an audit event naming the scope and key (never the value). The user's
+    etag and update time do not move.
+    Callers: the user themself, an admin or a machine caller; the user only in
+    METADATA_SCOPE_SELF, and of the machine callers only those in USERS_METADATA_WRITERS
+    (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
+    NOT_FOUND (USER_NOT_FOUND), ABORTED (ETAG_MISMATCH: a stale etag, or an etag for an entry
+    that is gone), UNAVAILABLE.
+    """
+    GetUserMetadata: _aio.UnaryUnaryMultiCallable[_metadata_pb2.GetUserMetadataRequest, _metadata_pb2.GetUserMetadataResponse]  # type: ignore[assignment]
+    """Get one metadata entry of a user
+
+    Callers: the user themself, an admin or a machine caller; the user only in
+    METADATA_SCOPE_SELF (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND; METADATA_NOT_FOUND: no such entry),
+    UNAVAILABLE.
+    """
+    ListUserMetadata: _aio.UnaryUnaryMultiCallable[_metadata_pb2.ListUserMetadataRequest, _metadata_pb2.ListUserMetadataResponse]  # type: ignore[assignment]
+    """List a user's metadata entries, of one scope or of every scope the caller may read
+
+    Callers: the user themself, an admin or a machine caller; the user only in
+    METADATA_SCOPE_SELF (asking for METADATA_SCOPE_ADMIN is PERMISSION_DENIED; no scope lists
+    their own). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+    UNAVAILABLE.
+    """
+    DeleteUserMetadata: _aio.UnaryUnaryMultiCallable[_metadata_pb2.DeleteUserMetadataRequest, _metadata_pb2.DeleteUserMetadataResponse]  # type: ignore[assignment]
+    """Remove a user's metadata entry
+
+    With `etag`, only if the entry has not changed since it was read (else ABORTED). A change
+    and an audit event, as SetUserMetadata.
+    Callers: the user themself, an admin or a machine caller; as for SetUserMetadata. Errors:
+    INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
+    METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -1919,6 +2002,71 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         holds USERS_MAX_STREAMS_PER_CALLER of them; retry after the RetryInfo
         delay),
         UNAVAILABLE (the stream ends; reconnect with the last cursor).
+        """
+
+    @_abc_1.abstractmethod
+    def SetUserMetadata(
+        self,
+        request: _metadata_pb2.SetUserMetadataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.SetUserMetadataResponse, _abc.Awaitable[_metadata_pb2.SetUserMetadataResponse]]:
+        """Set a user's metadata entry (users/v1/metadata.proto): create it, or replace its value
+
+        With `etag` (MetadataEntry.etag) the write applies only if the entry has not changed since
+        it was read: otherwise ABORTED and nothing changes, so of two services racing on one key
+        exactly one wins; read the entry again and retry. Without it, the last write wins. A key,
+        value, entry count or scope size out of bounds is INVALID_ARGUMENT naming the field (`key`,
+        `value`), and nothing is written. Each write is a USER_CHANGE_TYPE_METADATA_CHANGED change
+        naming the key, and an audit event naming the scope and key (never the value). The user's
+        etag and update time do not move.
+        Callers: the user themself, an admin or a machine caller; the user only in
+        METADATA_SCOPE_SELF, and of the machine callers only those in USERS_METADATA_WRITERS
+        (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
+        NOT_FOUND (USER_NOT_FOUND), ABORTED (ETAG_MISMATCH: a stale etag, or an etag for an entry
+        that is gone), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUserMetadata(
+        self,
+        request: _metadata_pb2.GetUserMetadataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.GetUserMetadataResponse, _abc.Awaitable[_metadata_pb2.GetUserMetadataResponse]]:
+        """Get one metadata entry of a user
+
+        Callers: the user themself, an admin or a machine caller; the user only in
+        METADATA_SCOPE_SELF (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND; METADATA_NOT_FOUND: no such entry),
+        UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUserMetadata(
+        self,
+        request: _metadata_pb2.ListUserMetadataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.ListUserMetadataResponse, _abc.Awaitable[_metadata_pb2.ListUserMetadataResponse]]:
+        """List a user's metadata entries, of one scope or of every scope the caller may read
+
+        Callers: the user themself, an admin or a machine caller; the user only in
+        METADATA_SCOPE_SELF (asking for METADATA_SCOPE_ADMIN is PERMISSION_DENIED; no scope lists
+        their own). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+        UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteUserMetadata(
+        self,
+        request: _metadata_pb2.DeleteUserMetadataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.DeleteUserMetadataResponse, _abc.Awaitable[_metadata_pb2.DeleteUserMetadataResponse]]:
+        """Remove a user's metadata entry
+
+        With `etag`, only if the entry has not changed since it was read (else ABORTED). A change
+        and an audit event, as SetUserMetadata.
+        Callers: the user themself, an admin or a machine caller; as for SetUserMetadata. Errors:
+        INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
+        METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

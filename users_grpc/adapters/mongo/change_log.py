@@ -14,6 +14,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure
 from users_grpc.adapters.mongo.calls import storage_call
 from users_grpc.adapters.mongo.claims import MongoClaims
 from users_grpc.adapters.mongo.documents import Document, _is_duplicate_key, _object_id
+from users_grpc.adapters.mongo.metadata_bson import _metadata_keys_from_document
 from users_grpc.adapters.mongo.outbox import MongoOutbox
 from users_grpc.adapters.mongo.users_bson import _notice_from_document, _user_from_document
 from users_grpc.domain.errors import StorageUnavailable
@@ -142,6 +143,7 @@ class MongoChangeLog:
                         "changed_at": entry["at"],
                         "published_at": datetime.now(UTC),
                         **({} if deleted else {"user": snapshot}),
+                        **({"metadata_keys": entry["metadata_keys"]} if "metadata_keys" in entry else {}),
                     }
                 )
             # Whole elements, as written: FerretDB's $pull takes no conditions.
@@ -231,6 +233,7 @@ _SNAPSHOT_FIELDS = (
     "updated_at",
     "revision",
     "language_code",
+    "metadata",
 )
 # What a publisher reads of a user: the snapshot's fields and what publishing itself needs.
 _PUBLISHED_FIELDS = {
@@ -254,4 +257,5 @@ def _change_from_document(document: Document) -> UserChange:
         type=ChangeType(document["type"]),
         changed_at=document["changed_at"],
         user=None if user is None else _user_from_document(user),
+        metadata_keys=_metadata_keys_from_document(document.get("metadata_keys")),
     )

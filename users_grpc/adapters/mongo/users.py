@@ -17,6 +17,7 @@ from users_grpc.adapters.mongo.calls import storage_call
 from users_grpc.adapters.mongo.change_log import MongoChangeLog
 from users_grpc.adapters.mongo.claims import _CLAIM_KINDS, MongoClaims
 from users_grpc.adapters.mongo.documents import Document, _is_duplicate_key, _object_id
+from users_grpc.adapters.mongo.metadata_bson import _metadata_clause
 from users_grpc.adapters.mongo.users_bson import (
     _LIVE,
     _STATE_FILTERS,
@@ -27,6 +28,7 @@ from users_grpc.adapters.mongo.users_bson import (
     _with_change,
 )
 from users_grpc.adapters.mongo.users_credentials import CredentialUpdates
+from users_grpc.adapters.mongo.users_metadata import MetadataUpdates
 from users_grpc.adapters.mongo.users_mfa import MfaUpdates
 from users_grpc.adapters.mongo.users_notices import NoticeUpdates
 from users_grpc.domain.errors import AlreadyExists
@@ -46,7 +48,7 @@ from users_grpc.domain.model import (
 from users_grpc.domain.rules import identifier_key
 
 
-class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates):
+class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates, MetadataUpdates):
     """The ``users`` collection. Usernames and emails are unique through :class:`MongoClaims`, which
     works when ``users`` is sharded by ``_id`` (a unique index on another field would not)."""
 
@@ -80,6 +82,7 @@ class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates):
         await self._users.create_index([("role", ASCENDING), ("_id", ASCENDING)], name="role_id")
         await self._users.create_index([("state", ASCENDING), ("_id", ASCENDING)], name="state_id")
         await self._users.create_index([("created_at", ASCENDING), ("_id", ASCENDING)], name="created_at_id")
+        await self._ensure_metadata_indexes()
 
     def new_id(self) -> str:
         return str(ObjectId())
@@ -371,6 +374,8 @@ def _user_query(filters: UserFilter) -> Document:
         created["$lt"] = filters.created_before
     if created:
         clauses.append({"created_at": created})
+    if filters.metadata is not None:
+        clauses.append(_metadata_clause(filters.metadata))
     return {"$and": clauses} if clauses else {}
 
 

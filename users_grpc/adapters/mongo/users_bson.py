@@ -8,6 +8,7 @@ from datetime import datetime
 from bson import ObjectId
 
 from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.metadata_bson import _metadata_from_document
 from users_grpc.domain.model import (
     Account,
     ActivationCode,
@@ -127,6 +128,7 @@ def _user_from_document(document: Document) -> User:
         mfa_enabled=(document.get("mfa") or {}).get("state") == "active",
         revision=document.get("revision", 0),
         language_code=document.get("language_code", ""),
+        metadata=_metadata_from_document(document),
     )
 
 

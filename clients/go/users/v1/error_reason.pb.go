@@ -54,6 +54,8 @@ const (
 	ErrorReason_ERROR_REASON_USER_NOT_FOUND ErrorReason = 6
 	// NOT_FOUND: no such service account.
 	ErrorReason_ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND ErrorReason = 7
+	// NOT_FOUND: the user has no metadata entry with this scope and key.
+	ErrorReason_ERROR_REASON_METADATA_NOT_FOUND ErrorReason = 40
 	// ALREADY_EXISTS: a unique value is taken; ErrorInfo metadata `field` names it (`username`,
 	// `email`, ...).
 	ErrorReason_ERROR_REASON_ALREADY_EXISTS ErrorReason = 8
@@ -85,7 +87,8 @@ const (
 	// FAILED_PRECONDITION: WatchUserChanges' cursor is older than the changes kept (or ahead of the
 	// feed); read the users again with ListUsers and watch from an empty cursor.
 	ErrorReason_ERROR_REASON_CHANGE_CURSOR_EXPIRED ErrorReason = 25
-	// ABORTED: the request's etag no longer matches; read the user again and retry.
+	// ABORTED: the request's etag no longer matches; read the user (or the metadata entry) again
+	// and retry.
 	ErrorReason_ERROR_REASON_ETAG_MISMATCH ErrorReason = 20
 	// RESOURCE_EXHAUSTED: too many failed passwords or codes; google.rpc.RetryInfo says how long
 	// to wait.
@@ -115,6 +118,7 @@ var (
 		5:  "ERROR_REASON_INVALID_EMAIL_CHANGE_CODE",
 		6:  "ERROR_REASON_USER_NOT_FOUND",
 		7:  "ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND",
+		40: "ERROR_REASON_METADATA_NOT_FOUND",
 		8:  "ERROR_REASON_ALREADY_EXISTS",
 		9:  "ERROR_REASON_PERMISSION_DENIED",
 		10: "ERROR_REASON_UNAUTHENTICATED",
@@ -144,6 +148,7 @@ var (
 		"ERROR_REASON_INVALID_EMAIL_CHANGE_CODE": 5,
 		"ERROR_REASON_USER_NOT_FOUND":            6,
 		"ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND": 7,
+		"ERROR_REASON_METADATA_NOT_FOUND":        40,
 		"ERROR_REASON_ALREADY_EXISTS":            8,
 		"ERROR_REASON_PERMISSION_DENIED":         9,
 		"ERROR_REASON_UNAUTHENTICATED":           10,
@@ -197,7 +202,7 @@ var File_users_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xd9\a\n" +
+	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xfe\a\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\"\n" +
@@ -206,7 +211,8 @@ const file_users_v1_error_reason_proto_rawDesc = "" +
 	" ERROR_REASON_INVALID_RESET_TOKEN\x10\x04\x12*\n" +
 	"&ERROR_REASON_INVALID_EMAIL_CHANGE_CODE\x10\x05\x12\x1f\n" +
 	"\x1bERROR_REASON_USER_NOT_FOUND\x10\x06\x12*\n" +
-	"&ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND\x10\a\x12\x1f\n" +
+	"&ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND\x10\a\x12#\n" +
+	"\x1fERROR_REASON_METADATA_NOT_FOUND\x10(\x12\x1f\n" +
 	"\x1bERROR_REASON_ALREADY_EXISTS\x10\b\x12\"\n" +
 	"\x1eERROR_REASON_PERMISSION_DENIED\x10\t\x12 \n" +
 	"\x1cERROR_REASON_UNAUTHENTICATED\x10\n" +

@@ -227,7 +227,11 @@ type User struct {
 	// de or de-AT (at most 35 characters). Empty: the server's
 	// USERS_MAIL_LANGUAGE. A tag without templates falls back to its primary
 	// language (de-AT to de), then to USERS_MAIL_LANGUAGE, then to English.
-	LanguageCode  string `protobuf:"bytes,55,opt,name=language_code,json=languageCode,proto3" json:"language_code,omitempty"`
+	LanguageCode string `protobuf:"bytes,55,opt,name=language_code,json=languageCode,proto3" json:"language_code,omitempty"`
+	// Only in an admin's or a machine caller's view (GetUser, GetUserByIdentifier, ListUsers,
+	// WatchUserChanges): the user's metadata entries of both scopes, by scope, then key. Empty in
+	// the user's own view (their own entries are in ListUserMetadata) and in every other reply.
+	Metadata      []*MetadataEntry `protobuf:"bytes,35,rep,name=metadata,proto3" json:"metadata,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -360,11 +364,18 @@ func (x *User) GetLanguageCode() string {
 	return ""
 }
 
+func (x *User) GetMetadata() []*MetadataEntry {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
 var File_users_v1_user_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_proto_rawDesc = "" +
 	"\n" +
-	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x03\n" +
+	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17users/v1/metadata.proto\"\x9f\x04\n" +
 	"\x04User\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\busername\x18\x02 \x01(\tR\busername\x12\x1d\n" +
@@ -384,7 +395,8 @@ const file_users_v1_user_proto_rawDesc = "" +
 	"mfaEnabled\x12)\n" +
 	"\x05state\x18\f \x01(\x0e2\x13.users.v1.UserStateR\x05state\x12\x12\n" +
 	"\x04etag\x18\r \x01(\tR\x04etag\x12#\n" +
-	"\rlanguage_code\x187 \x01(\tR\flanguageCode*\x94\x01\n" +
+	"\rlanguage_code\x187 \x01(\tR\flanguageCode\x123\n" +
+	"\bmetadata\x18# \x03(\v2\x17.users.v1.MetadataEntryR\bmetadata*\x94\x01\n" +
 	"\tUserState\x12\x1a\n" +
 	"\x16USER_STATE_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dUSER_STATE_PENDING_ACTIVATION\x10\x01\x12\x15\n" +
@@ -423,6 +435,7 @@ var file_users_v1_user_proto_goTypes = []any{
 	(Role)(0),                     // 2: users.v1.Role
 	(*User)(nil),                  // 3: users.v1.User
 	(*timestamppb.Timestamp)(nil), // 4: google.protobuf.Timestamp
+	(*MetadataEntry)(nil),         // 5: users.v1.MetadataEntry
 }
 var file_users_v1_user_proto_depIdxs = []int32{
 	1, // 0: users.v1.User.gender:type_name -> users.v1.Gender
@@ -430,11 +443,12 @@ var file_users_v1_user_proto_depIdxs = []int32{
 	4, // 2: users.v1.User.created_at:type_name -> google.protobuf.Timestamp
 	4, // 3: users.v1.User.updated_at:type_name -> google.protobuf.Timestamp
 	0, // 4: users.v1.User.state:type_name -> users.v1.UserState
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	5, // 5: users.v1.User.metadata:type_name -> users.v1.MetadataEntry
+	6, // [6:6] is the sub-list for method output_type
+	6, // [6:6] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_proto_init() }
@@ -442,6 +456,7 @@ func file_users_v1_user_proto_init() {
 	if File_users_v1_user_proto != nil {
 		return
 	}
+	file_users_v1_metadata_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

@@ -88,6 +88,11 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_SESSIONS_REVOKE AuditEventType = 23
 	// UpdateUser; the reason names the fields changed. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PROFILE_UPDATE AuditEventType = 24
+	// SetUserMetadata; the reason names the scope and key ("scope METADATA_SCOPE_ADMIN, key
+	// billing_id"), never the value. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_METADATA_SET AuditEventType = 40
+	// DeleteUserMetadata; the reason as for METADATA_SET. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_METADATA_DELETE AuditEventType = 41
 )
 
 // Enum value maps for AuditEventType.
@@ -118,6 +123,8 @@ var (
 		22: "AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE",
 		23: "AUDIT_EVENT_TYPE_SESSIONS_REVOKE",
 		24: "AUDIT_EVENT_TYPE_PROFILE_UPDATE",
+		40: "AUDIT_EVENT_TYPE_METADATA_SET",
+		41: "AUDIT_EVENT_TYPE_METADATA_DELETE",
 	}
 	AuditEventType_value = map[string]int32{
 		"AUDIT_EVENT_TYPE_UNSPECIFIED":               0,
@@ -145,6 +152,8 @@ var (
 		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE":    22,
 		"AUDIT_EVENT_TYPE_SESSIONS_REVOKE":           23,
 		"AUDIT_EVENT_TYPE_PROFILE_UPDATE":            24,
+		"AUDIT_EVENT_TYPE_METADATA_SET":              40,
+		"AUDIT_EVENT_TYPE_METADATA_DELETE":           41,
 	}
 )
 
@@ -265,6 +274,8 @@ const (
 	// DeleteUser, DeleteUserByIdentifier, or housekeeping's purge of accounts
 	// never activated. Carries user_id only: drop everything about the user.
 	UserChangeType_USER_CHANGE_TYPE_DELETED UserChangeType = 10
+	// SetUserMetadata or DeleteUserMetadata; metadata_keys names the entry.
+	UserChangeType_USER_CHANGE_TYPE_METADATA_CHANGED UserChangeType = 25
 )
 
 // Enum value maps for UserChangeType.
@@ -281,19 +292,21 @@ var (
 		8:  "USER_CHANGE_TYPE_LOCKED",
 		9:  "USER_CHANGE_TYPE_UNLOCKED",
 		10: "USER_CHANGE_TYPE_DELETED",
+		25: "USER_CHANGE_TYPE_METADATA_CHANGED",
 	}
 	UserChangeType_value = map[string]int32{
-		"USER_CHANGE_TYPE_UNSPECIFIED":   0,
-		"USER_CHANGE_TYPE_CREATED":       1,
-		"USER_CHANGE_TYPE_ACTIVATED":     2,
-		"USER_CHANGE_TYPE_UPDATED":       3,
-		"USER_CHANGE_TYPE_EMAIL_CHANGED": 4,
-		"USER_CHANGE_TYPE_ROLE_CHANGED":  5,
-		"USER_CHANGE_TYPE_DEACTIVATED":   6,
-		"USER_CHANGE_TYPE_REACTIVATED":   7,
-		"USER_CHANGE_TYPE_LOCKED":        8,
-		"USER_CHANGE_TYPE_UNLOCKED":      9,
-		"USER_CHANGE_TYPE_DELETED":       10,
+		"USER_CHANGE_TYPE_UNSPECIFIED":      0,
+		"USER_CHANGE_TYPE_CREATED":          1,
+		"USER_CHANGE_TYPE_ACTIVATED":        2,
+		"USER_CHANGE_TYPE_UPDATED":          3,
+		"USER_CHANGE_TYPE_EMAIL_CHANGED":    4,
+		"USER_CHANGE_TYPE_ROLE_CHANGED":     5,
+		"USER_CHANGE_TYPE_DEACTIVATED":      6,
+		"USER_CHANGE_TYPE_REACTIVATED":      7,
+		"USER_CHANGE_TYPE_LOCKED":           8,
+		"USER_CHANGE_TYPE_UNLOCKED":         9,
+		"USER_CHANGE_TYPE_DELETED":          10,
+		"USER_CHANGE_TYPE_METADATA_CHANGED": 25,
 	}
 )
 
@@ -4280,6 +4293,9 @@ type ListUsersRequest struct {
 	CreatedAfter *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_after,json=createdAfter,proto3" json:"created_after,omitempty"`
 	// Optional. Only users created before this moment.
 	CreatedBefore *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_before,json=createdBefore,proto3" json:"created_before,omitempty"`
+	// Optional. Only users with this metadata entry (key present, or key and exact value);
+	// served by an index, and combined with the other filters.
+	Metadata      *MetadataFilter `protobuf:"bytes,40,opt,name=metadata,proto3" json:"metadata,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4366,6 +4382,13 @@ func (x *ListUsersRequest) GetCreatedAfter() *timestamppb.Timestamp {
 func (x *ListUsersRequest) GetCreatedBefore() *timestamppb.Timestamp {
 	if x != nil {
 		return x.CreatedBefore
+	}
+	return nil
+}
+
+func (x *ListUsersRequest) GetMetadata() *MetadataFilter {
+	if x != nil {
+		return x.Metadata
 	}
 	return nil
 }
@@ -4987,8 +5010,11 @@ type UserChange struct {
 	// The change's place among the user's changes: 1, 2, 3, ... (1 is the
 	// creation, for users created since the feed exists).
 	UserChangeNumber int64 `protobuf:"varint,6,opt,name=user_change_number,json=userChangeNumber,proto3" json:"user_change_number,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// For USER_CHANGE_TYPE_METADATA_CHANGED: the entry set or removed (its value, if any, is in
+	// user.metadata).
+	MetadataKeys  []*MetadataKey `protobuf:"bytes,40,rep,name=metadata_keys,json=metadataKeys,proto3" json:"metadata_keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UserChange) Reset() {
@@ -5063,11 +5089,18 @@ func (x *UserChange) GetUserChangeNumber() int64 {
 	return 0
 }
 
+func (x *UserChange) GetMetadataKeys() []*MetadataKey {
+	if x != nil {
+		return x.MetadataKeys
+	}
+	return nil
+}
+
 var File_users_v1_user_service_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xc5\x02\n" +
+	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x17users/v1/metadata.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xc5\x02\n" +
 	"\x11CreateUserRequest\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -5291,7 +5324,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\":\n" +
 	"\x1bDeleteServiceAccountRequest\x12\x1b\n" +
 	"\tclient_id\x18\x01 \x01(\tR\bclientId\"\x1e\n" +
-	"\x1cDeleteServiceAccountResponse\"\xef\x02\n" +
+	"\x1cDeleteServiceAccountResponse\"\xa5\x03\n" +
 	"\x10ListUsersRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -5302,7 +5335,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"mfaEnabled\x88\x01\x01\x12\x16\n" +
 	"\x06prefix\x18\x06 \x01(\tR\x06prefix\x12?\n" +
 	"\rcreated_after\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\fcreatedAfter\x12A\n" +
-	"\x0ecreated_before\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\rcreatedBeforeB\x0e\n" +
+	"\x0ecreated_before\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\rcreatedBefore\x124\n" +
+	"\bmetadata\x18( \x01(\v2\x18.users.v1.MetadataFilterR\bmetadataB\x0e\n" +
 	"\f_mfa_enabled\"\x80\x01\n" +
 	"\x11ListUsersResponse\x12$\n" +
 	"\x05users\x18\x01 \x03(\v2\x0e.users.v1.UserR\x05users\x12&\n" +
@@ -5351,7 +5385,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x17WatchUserChangesRequest\x12\x14\n" +
 	"\x05after\x18\x01 \x01(\tR\x05after\"H\n" +
 	"\x18WatchUserChangesResponse\x12,\n" +
-	"\x06change\x18\x01 \x01(\v2\x14.users.v1.UserChangeR\x06change\"\xfa\x01\n" +
+	"\x06change\x18\x01 \x01(\v2\x14.users.v1.UserChangeR\x06change\"\xb6\x02\n" +
 	"\n" +
 	"UserChange\x12\x16\n" +
 	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x12\x17\n" +
@@ -5360,7 +5394,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\vchange_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"changeTime\x12\"\n" +
 	"\x04user\x18\x05 \x01(\v2\x0e.users.v1.UserR\x04user\x12,\n" +
-	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber*\xb1\a\n" +
+	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber\x12:\n" +
+	"\rmetadata_keys\x18( \x03(\v2\x15.users.v1.MetadataKeyR\fmetadataKeys*\xfa\a\n" +
 	"\x0eAuditEventType\x12 \n" +
 	"\x1cAUDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18AUDIT_EVENT_TYPE_SIGN_IN\x10\x01\x12&\n" +
@@ -5387,14 +5422,16 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE\x10\x15\x12+\n" +
 	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE\x10\x16\x12$\n" +
 	" AUDIT_EVENT_TYPE_SESSIONS_REVOKE\x10\x17\x12#\n" +
-	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18*\xd0\x01\n" +
+	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18\x12!\n" +
+	"\x1dAUDIT_EVENT_TYPE_METADATA_SET\x10(\x12$\n" +
+	" AUDIT_EVENT_TYPE_METADATA_DELETE\x10)*\xd0\x01\n" +
 	"\x0eAuditActorKind\x12 \n" +
 	"\x1cAUDIT_ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aAUDIT_ACTOR_KIND_ANONYMOUS\x10\x01\x12\x19\n" +
 	"\x15AUDIT_ACTOR_KIND_USER\x10\x02\x12\x1c\n" +
 	"\x18AUDIT_ACTOR_KIND_MACHINE\x10\x03\x12$\n" +
 	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x04\x12\x1d\n" +
-	"\x19AUDIT_ACTOR_KIND_OPERATOR\x10\x05*\xf3\x02\n" +
+	"\x19AUDIT_ACTOR_KIND_OPERATOR\x10\x05*\x9a\x03\n" +
 	"\x0eUserChangeType\x12 \n" +
 	"\x1cUSER_CHANGE_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_CREATED\x10\x01\x12\x1e\n" +
@@ -5407,7 +5444,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x17USER_CHANGE_TYPE_LOCKED\x10\b\x12\x1d\n" +
 	"\x19USER_CHANGE_TYPE_UNLOCKED\x10\t\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_DELETED\x10\n" +
-	"2\x8b\x1b\n" +
+	"\x12%\n" +
+	"!USER_CHANGE_TYPE_METADATA_CHANGED\x10\x192\xf7\x1d\n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -5455,7 +5493,11 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
 	"UpdateUser\x12\x1b.users.v1.UpdateUserRequest\x1a\x1c.users.v1.UpdateUserResponse\x12V\n" +
 	"\x0fListAuditEvents\x12 .users.v1.ListAuditEventsRequest\x1a!.users.v1.ListAuditEventsResponse\x12[\n" +
-	"\x10WatchUserChanges\x12!.users.v1.WatchUserChangesRequest\x1a\".users.v1.WatchUserChangesResponse0\x01B\x89\x01\n" +
+	"\x10WatchUserChanges\x12!.users.v1.WatchUserChangesRequest\x1a\".users.v1.WatchUserChangesResponse0\x01\x12V\n" +
+	"\x0fSetUserMetadata\x12 .users.v1.SetUserMetadataRequest\x1a!.users.v1.SetUserMetadataResponse\x12V\n" +
+	"\x0fGetUserMetadata\x12 .users.v1.GetUserMetadataRequest\x1a!.users.v1.GetUserMetadataResponse\x12Y\n" +
+	"\x10ListUserMetadata\x12!.users.v1.ListUserMetadataRequest\x1a\".users.v1.ListUserMetadataResponse\x12_\n" +
+	"\x12DeleteUserMetadata\x12#.users.v1.DeleteUserMetadataRequest\x1a$.users.v1.DeleteUserMetadataResponseB\x89\x01\n" +
 	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
@@ -5572,8 +5614,18 @@ var file_users_v1_user_service_proto_goTypes = []any{
 	(*TokenClaims)(nil),                     // 96: users.v1.TokenClaims
 	(*status.Status)(nil),                   // 97: google.rpc.Status
 	(UserState)(0),                          // 98: users.v1.UserState
-	(*fieldmaskpb.FieldMask)(nil),           // 99: google.protobuf.FieldMask
-	(code.Code)(0),                          // 100: google.rpc.Code
+	(*MetadataFilter)(nil),                  // 99: users.v1.MetadataFilter
+	(*fieldmaskpb.FieldMask)(nil),           // 100: google.protobuf.FieldMask
+	(code.Code)(0),                          // 101: google.rpc.Code
+	(*MetadataKey)(nil),                     // 102: users.v1.MetadataKey
+	(*SetUserMetadataRequest)(nil),          // 103: users.v1.SetUserMetadataRequest
+	(*GetUserMetadataRequest)(nil),          // 104: users.v1.GetUserMetadataRequest
+	(*ListUserMetadataRequest)(nil),         // 105: users.v1.ListUserMetadataRequest
+	(*DeleteUserMetadataRequest)(nil),       // 106: users.v1.DeleteUserMetadataRequest
+	(*SetUserMetadataResponse)(nil),         // 107: users.v1.SetUserMetadataResponse
+	(*GetUserMetadataResponse)(nil),         // 108: users.v1.GetUserMetadataResponse
+	(*ListUserMetadataResponse)(nil),        // 109: users.v1.ListUserMetadataResponse
+	(*DeleteUserMetadataResponse)(nil),      // 110: users.v1.DeleteUserMetadataResponse
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
 	91,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
@@ -5613,110 +5665,120 @@ var file_users_v1_user_service_proto_depIdxs = []int32{
 	98,  // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
 	94,  // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
 	94,  // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
-	93,  // 37: users.v1.ListUsersResponse.users:type_name -> users.v1.User
-	93,  // 38: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
-	99,  // 39: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
-	93,  // 40: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
-	1,   // 41: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
-	0,   // 42: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
-	94,  // 43: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
-	84,  // 44: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
-	100, // 45: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
-	0,   // 46: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
-	94,  // 47: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
-	94,  // 48: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
-	85,  // 49: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
-	90,  // 50: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
-	2,   // 51: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
-	94,  // 52: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
-	93,  // 53: users.v1.UserChange.user:type_name -> users.v1.User
-	3,   // 54: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
-	5,   // 55: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
-	7,   // 56: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
-	9,   // 57: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
-	11,  // 58: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
-	13,  // 59: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
-	15,  // 60: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
-	17,  // 61: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
-	19,  // 62: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
-	21,  // 63: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
-	23,  // 64: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
-	25,  // 65: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
-	27,  // 66: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
-	29,  // 67: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
-	31,  // 68: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
-	33,  // 69: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
-	35,  // 70: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
-	37,  // 71: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
-	39,  // 72: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
-	41,  // 73: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
-	43,  // 74: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
-	45,  // 75: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
-	47,  // 76: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
-	49,  // 77: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
-	51,  // 78: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
-	53,  // 79: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
-	55,  // 80: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
-	57,  // 81: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
-	59,  // 82: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
-	61,  // 83: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
-	63,  // 84: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
-	65,  // 85: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
-	67,  // 86: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
-	72,  // 87: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
-	74,  // 88: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
-	76,  // 89: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
-	78,  // 90: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
-	80,  // 91: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
-	82,  // 92: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
-	86,  // 93: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
-	88,  // 94: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
-	4,   // 95: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	6,   // 96: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	8,   // 97: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	10,  // 98: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	12,  // 99: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	14,  // 100: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	16,  // 101: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	18,  // 102: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	20,  // 103: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	22,  // 104: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	24,  // 105: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	26,  // 106: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	28,  // 107: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	30,  // 108: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	32,  // 109: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	34,  // 110: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	36,  // 111: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	38,  // 112: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	40,  // 113: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	42,  // 114: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	44,  // 115: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	46,  // 116: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	48,  // 117: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	50,  // 118: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	52,  // 119: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	54,  // 120: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	56,  // 121: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	58,  // 122: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	60,  // 123: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	62,  // 124: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	64,  // 125: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	66,  // 126: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	69,  // 127: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	73,  // 128: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	75,  // 129: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	77,  // 130: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	79,  // 131: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	81,  // 132: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	83,  // 133: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	87,  // 134: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	89,  // 135: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
-	95,  // [95:136] is the sub-list for method output_type
-	54,  // [54:95] is the sub-list for method input_type
-	54,  // [54:54] is the sub-list for extension type_name
-	54,  // [54:54] is the sub-list for extension extendee
-	0,   // [0:54] is the sub-list for field type_name
+	99,  // 37: users.v1.ListUsersRequest.metadata:type_name -> users.v1.MetadataFilter
+	93,  // 38: users.v1.ListUsersResponse.users:type_name -> users.v1.User
+	93,  // 39: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
+	100, // 40: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
+	93,  // 41: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
+	1,   // 42: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
+	0,   // 43: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
+	94,  // 44: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	84,  // 45: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
+	101, // 46: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
+	0,   // 47: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
+	94,  // 48: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
+	94,  // 49: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
+	85,  // 50: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
+	90,  // 51: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
+	2,   // 52: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
+	94,  // 53: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
+	93,  // 54: users.v1.UserChange.user:type_name -> users.v1.User
+	102, // 55: users.v1.UserChange.metadata_keys:type_name -> users.v1.MetadataKey
+	3,   // 56: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
+	5,   // 57: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
+	7,   // 58: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
+	9,   // 59: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
+	11,  // 60: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
+	13,  // 61: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
+	15,  // 62: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
+	17,  // 63: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
+	19,  // 64: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
+	21,  // 65: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
+	23,  // 66: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
+	25,  // 67: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
+	27,  // 68: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
+	29,  // 69: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
+	31,  // 70: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
+	33,  // 71: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
+	35,  // 72: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
+	37,  // 73: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
+	39,  // 74: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
+	41,  // 75: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
+	43,  // 76: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
+	45,  // 77: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
+	47,  // 78: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
+	49,  // 79: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
+	51,  // 80: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
+	53,  // 81: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
+	55,  // 82: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
+	57,  // 83: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
+	59,  // 84: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
+	61,  // 85: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
+	63,  // 86: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
+	65,  // 87: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
+	67,  // 88: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
+	72,  // 89: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
+	74,  // 90: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
+	76,  // 91: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
+	78,  // 92: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
+	80,  // 93: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
+	82,  // 94: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
+	86,  // 95: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
+	88,  // 96: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
+	103, // 97: users.v1.UserService.SetUserMetadata:input_type -> users.v1.SetUserMetadataRequest
+	104, // 98: users.v1.UserService.GetUserMetadata:input_type -> users.v1.GetUserMetadataRequest
+	105, // 99: users.v1.UserService.ListUserMetadata:input_type -> users.v1.ListUserMetadataRequest
+	106, // 100: users.v1.UserService.DeleteUserMetadata:input_type -> users.v1.DeleteUserMetadataRequest
+	4,   // 101: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	6,   // 102: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	8,   // 103: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	10,  // 104: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	12,  // 105: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	14,  // 106: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	16,  // 107: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	18,  // 108: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	20,  // 109: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	22,  // 110: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	24,  // 111: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	26,  // 112: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	28,  // 113: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	30,  // 114: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	32,  // 115: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	34,  // 116: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	36,  // 117: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	38,  // 118: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	40,  // 119: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	42,  // 120: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	44,  // 121: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	46,  // 122: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	48,  // 123: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	50,  // 124: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	52,  // 125: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	54,  // 126: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	56,  // 127: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	58,  // 128: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	60,  // 129: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	62,  // 130: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	64,  // 131: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	66,  // 132: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	69,  // 133: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	73,  // 134: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	75,  // 135: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	77,  // 136: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	79,  // 137: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	81,  // 138: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	83,  // 139: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	87,  // 140: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	89,  // 141: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	107, // 142: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
+	108, // 143: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
+	109, // 144: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
+	110, // 145: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
+	101, // [101:146] is the sub-list for method output_type
+	56,  // [56:101] is the sub-list for method input_type
+	56,  // [56:56] is the sub-list for extension type_name
+	56,  // [56:56] is the sub-list for extension extendee
+	0,   // [0:56] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_service_proto_init() }
@@ -5724,6 +5786,7 @@ func file_users_v1_user_service_proto_init() {
 	if File_users_v1_user_service_proto != nil {
 		return
 	}
+	file_users_v1_metadata_proto_init()
 	file_users_v1_session_proto_init()
 	file_users_v1_user_proto_init()
 	file_users_v1_user_service_proto_msgTypes[67].OneofWrappers = []any{

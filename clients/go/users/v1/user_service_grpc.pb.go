@@ -60,6 +60,10 @@ const (
 	UserService_UpdateUser_FullMethodName              = "/users.v1.UserService/UpdateUser"
 	UserService_ListAuditEvents_FullMethodName         = "/users.v1.UserService/ListAuditEvents"
 	UserService_WatchUserChanges_FullMethodName        = "/users.v1.UserService/WatchUserChanges"
+	UserService_SetUserMetadata_FullMethodName         = "/users.v1.UserService/SetUserMetadata"
+	UserService_GetUserMetadata_FullMethodName         = "/users.v1.UserService/GetUserMetadata"
+	UserService_ListUserMetadata_FullMethodName        = "/users.v1.UserService/ListUserMetadata"
+	UserService_DeleteUserMetadata_FullMethodName      = "/users.v1.UserService/DeleteUserMetadata"
 )
 
 // UserServiceClient is the client API for UserService service.
@@ -572,6 +576,43 @@ type UserServiceClient interface {
 	// delay),
 	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
 	WatchUserChanges(ctx context.Context, in *WatchUserChangesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchUserChangesResponse], error)
+	// Set a user's metadata entry (users/v1/metadata.proto): create it, or replace its value
+	//
+	// With `etag` (MetadataEntry.etag) the write applies only if the entry has not changed since
+	// it was read: otherwise ABORTED and nothing changes, so of two services racing on one key
+	// exactly one wins; read the entry again and retry. Without it, the last write wins. A key,
+	// value, entry count or scope size out of bounds is INVALID_ARGUMENT naming the field (`key`,
+	// `value`), and nothing is written. Each write is a USER_CHANGE_TYPE_METADATA_CHANGED change
+	// naming the key, and an audit event naming the scope and key (never the value). The user's
+	// etag and update time do not move.
+	// Callers: the user themself, an admin or a machine caller; the user only in
+	// METADATA_SCOPE_SELF, and of the machine callers only those in USERS_METADATA_WRITERS
+	// (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
+	// NOT_FOUND (USER_NOT_FOUND), ABORTED (ETAG_MISMATCH: a stale etag, or an etag for an entry
+	// that is gone), UNAVAILABLE.
+	SetUserMetadata(ctx context.Context, in *SetUserMetadataRequest, opts ...grpc.CallOption) (*SetUserMetadataResponse, error)
+	// Get one metadata entry of a user
+	//
+	// Callers: the user themself, an admin or a machine caller; the user only in
+	// METADATA_SCOPE_SELF (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND; METADATA_NOT_FOUND: no such entry),
+	// UNAVAILABLE.
+	GetUserMetadata(ctx context.Context, in *GetUserMetadataRequest, opts ...grpc.CallOption) (*GetUserMetadataResponse, error)
+	// List a user's metadata entries, of one scope or of every scope the caller may read
+	//
+	// Callers: the user themself, an admin or a machine caller; the user only in
+	// METADATA_SCOPE_SELF (asking for METADATA_SCOPE_ADMIN is PERMISSION_DENIED; no scope lists
+	// their own). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+	// UNAVAILABLE.
+	ListUserMetadata(ctx context.Context, in *ListUserMetadataRequest, opts ...grpc.CallOption) (*ListUserMetadataResponse, error)
+	// Remove a user's metadata entry
+	//
+	// With `etag`, only if the entry has not changed since it was read (else ABORTED). A change
+	// and an audit event, as SetUserMetadata.
+	// Callers: the user themself, an admin or a machine caller; as for SetUserMetadata. Errors:
+	// INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
+	// METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
+	DeleteUserMetadata(ctx context.Context, in *DeleteUserMetadataRequest, opts ...grpc.CallOption) (*DeleteUserMetadataResponse, error)
 }
 
 type userServiceClient struct {
@@ -1000,6 +1041,46 @@ func (c *userServiceClient) WatchUserChanges(ctx context.Context, in *WatchUserC
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type UserService_WatchUserChangesClient = grpc.ServerStreamingClient[WatchUserChangesResponse]
+
+func (c *userServiceClient) SetUserMetadata(ctx context.Context, in *SetUserMetadataRequest, opts ...grpc.CallOption) (*SetUserMetadataResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetUserMetadataResponse)
+	err := c.cc.Invoke(ctx, UserService_SetUserMetadata_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) GetUserMetadata(ctx context.Context, in *GetUserMetadataRequest, opts ...grpc.CallOption) (*GetUserMetadataResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetUserMetadataResponse)
+	err := c.cc.Invoke(ctx, UserService_GetUserMetadata_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) ListUserMetadata(ctx context.Context, in *ListUserMetadataRequest, opts ...grpc.CallOption) (*ListUserMetadataResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListUserMetadataResponse)
+	err := c.cc.Invoke(ctx, UserService_ListUserMetadata_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) DeleteUserMetadata(ctx context.Context, in *DeleteUserMetadataRequest, opts ...grpc.CallOption) (*DeleteUserMetadataResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteUserMetadataResponse)
+	err := c.cc.Invoke(ctx, UserService_DeleteUserMetadata_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
 
 // UserServiceServer is the server API for UserService service.
 // All implementations must embed UnimplementedUserServiceServer
@@ -1511,6 +1592,43 @@ type UserServiceServer interface {
 	// delay),
 	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
 	WatchUserChanges(*WatchUserChangesRequest, grpc.ServerStreamingServer[WatchUserChangesResponse]) error
+	// Set a user's metadata entry (users/v1/metadata.proto): create it, or replace its value
+	//
+	// With `etag` (MetadataEntry.etag) the write applies only if the entry has not changed since
+	// it was read: otherwise ABORTED and nothing changes, so of two services racing on one key
+	// exactly one wins; read the entry again and retry. Without it, the last write wins. A key,
+	// value, entry count or scope size out of bounds is INVALID_ARGUMENT naming the field (`key`,
+	// `value`), and nothing is written. Each write is a USER_CHANGE_TYPE_METADATA_CHANGED change
+	// naming the key, and an audit event naming the scope and key (never the value). The user's
+	// etag and update time do not move.
+	// Callers: the user themself, an admin or a machine caller; the user only in
+	// METADATA_SCOPE_SELF, and of the machine callers only those in USERS_METADATA_WRITERS
+	// (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
+	// NOT_FOUND (USER_NOT_FOUND), ABORTED (ETAG_MISMATCH: a stale etag, or an etag for an entry
+	// that is gone), UNAVAILABLE.
+	SetUserMetadata(context.Context, *SetUserMetadataRequest) (*SetUserMetadataResponse, error)
+	// Get one metadata entry of a user
+	//
+	// Callers: the user themself, an admin or a machine caller; the user only in
+	// METADATA_SCOPE_SELF (else PERMISSION_DENIED). Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND; METADATA_NOT_FOUND: no such entry),
+	// UNAVAILABLE.
+	GetUserMetadata(context.Context, *GetUserMetadataRequest) (*GetUserMetadataResponse, error)
+	// List a user's metadata entries, of one scope or of every scope the caller may read
+	//
+	// Callers: the user themself, an admin or a machine caller; the user only in
+	// METADATA_SCOPE_SELF (asking for METADATA_SCOPE_ADMIN is PERMISSION_DENIED; no scope lists
+	// their own). Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+	// UNAVAILABLE.
+	ListUserMetadata(context.Context, *ListUserMetadataRequest) (*ListUserMetadataResponse, error)
+	// Remove a user's metadata entry
+	//
+	// With `etag`, only if the entry has not changed since it was read (else ABORTED). A change
+	// and an audit event, as SetUserMetadata.
+	// Callers: the user themself, an admin or a machine caller; as for SetUserMetadata. Errors:
+	// INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
+	// METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
+	DeleteUserMetadata(context.Context, *DeleteUserMetadataRequest) (*DeleteUserMetadataResponse, error)
 	mustEmbedUnimplementedUserServiceServer()
 }
 
@@ -1643,6 +1761,18 @@ func (UnimplementedUserServiceServer) ListAuditEvents(context.Context, *ListAudi
 }
 func (UnimplementedUserServiceServer) WatchUserChanges(*WatchUserChangesRequest, grpc.ServerStreamingServer[WatchUserChangesResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchUserChanges not implemented")
+}
+func (UnimplementedUserServiceServer) SetUserMetadata(context.Context, *SetUserMetadataRequest) (*SetUserMetadataResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetUserMetadata not implemented")
+}
+func (UnimplementedUserServiceServer) GetUserMetadata(context.Context, *GetUserMetadataRequest) (*GetUserMetadataResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetUserMetadata not implemented")
+}
+func (UnimplementedUserServiceServer) ListUserMetadata(context.Context, *ListUserMetadataRequest) (*ListUserMetadataResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListUserMetadata not implemented")
+}
+func (UnimplementedUserServiceServer) DeleteUserMetadata(context.Context, *DeleteUserMetadataRequest) (*DeleteUserMetadataResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteUserMetadata not implemented")
 }
 func (UnimplementedUserServiceServer) mustEmbedUnimplementedUserServiceServer() {}
 func (UnimplementedUserServiceServer) testEmbeddedByValue()                     {}
@@ -2396,6 +2526,78 @@ func _UserService_WatchUserChanges_Handler(srv interface{}, stream grpc.ServerSt
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type UserService_WatchUserChangesServer = grpc.ServerStreamingServer[WatchUserChangesResponse]
 
+func _UserService_SetUserMetadata_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetUserMetadataRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).SetUserMetadata(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_SetUserMetadata_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).SetUserMetadata(ctx, req.(*SetUserMetadataRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_GetUserMetadata_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetUserMetadataRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).GetUserMetadata(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_GetUserMetadata_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).GetUserMetadata(ctx, req.(*GetUserMetadataRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_ListUserMetadata_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListUserMetadataRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).ListUserMetadata(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_ListUserMetadata_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).ListUserMetadata(ctx, req.(*ListUserMetadataRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_DeleteUserMetadata_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteUserMetadataRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).DeleteUserMetadata(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_DeleteUserMetadata_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).DeleteUserMetadata(ctx, req.(*DeleteUserMetadataRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // UserService_ServiceDesc is the grpc.ServiceDesc for UserService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -2562,6 +2764,22 @@ var UserService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListAuditEvents",
 			Handler:    _UserService_ListAuditEvents_Handler,
+		},
+		{
+			MethodName: "SetUserMetadata",
+			Handler:    _UserService_SetUserMetadata_Handler,
+		},
+		{
+			MethodName: "GetUserMetadata",
+			Handler:    _UserService_GetUserMetadata_Handler,
+		},
+		{
+			MethodName: "ListUserMetadata",
+			Handler:    _UserService_ListUserMetadata_Handler,
+		},
+		{
+			MethodName: "DeleteUserMetadata",
+			Handler:    _UserService_DeleteUserMetadata_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

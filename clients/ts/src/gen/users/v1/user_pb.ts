@@ -6,13 +6,15 @@ import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2"
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { MetadataEntry } from "./metadata_pb.js";
+import { file_users_v1_metadata } from "./metadata_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file users/v1/user.proto.
  */
 export const file_users_v1_user: GenFile = /*@__PURE__*/
-  fileDesc("ChN1c2Vycy92MS91c2VyLnByb3RvEgh1c2Vycy52MSLrAgoEVXNlchIKCgJpZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCRISCgpmaXJzdF9uYW1lGAMgASgJEhEKCWxhc3RfbmFtZRgEIAEoCRINCgVlbWFpbBgFIAEoCRIgCgZnZW5kZXIYBiABKA4yEC51c2Vycy52MS5HZW5kZXISHAoEcm9sZRgHIAEoDjIOLnVzZXJzLnYxLlJvbGUSEQoJaXNfYWN0aXZlGAggASgIEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC21mYV9lbmFibGVkGAsgASgIEiIKBXN0YXRlGAwgASgOMhMudXNlcnMudjEuVXNlclN0YXRlEgwKBGV0YWcYDSABKAkSFQoNbGFuZ3VhZ2VfY29kZRg3IAEoCSqUAQoJVXNlclN0YXRlEhoKFlVTRVJfU1RBVEVfVU5TUEVDSUZJRUQQABIhCh1VU0VSX1NUQVRFX1BFTkRJTkdfQUNUSVZBVElPThABEhUKEVVTRVJfU1RBVEVfQUNUSVZFEAISGgoWVVNFUl9TVEFURV9ERUFDVElWQVRFRBADEhUKEVVTRVJfU1RBVEVfTE9DS0VEEAQqVgoGR2VuZGVyEhYKEkdFTkRFUl9VTlNQRUNJRklFRBAAEg8KC0dFTkRFUl9NQUxFEAESEQoNR0VOREVSX0ZFTUFMRRACEhAKDEdFTkRFUl9PVEhFUhADKjsKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg0KCVJPTEVfVVNFUhABEg4KClJPTEVfQURNSU4QAmIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChN1c2Vycy92MS91c2VyLnByb3RvEgh1c2Vycy52MSKWAwoEVXNlchIKCgJpZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCRISCgpmaXJzdF9uYW1lGAMgASgJEhEKCWxhc3RfbmFtZRgEIAEoCRINCgVlbWFpbBgFIAEoCRIgCgZnZW5kZXIYBiABKA4yEC51c2Vycy52MS5HZW5kZXISHAoEcm9sZRgHIAEoDjIOLnVzZXJzLnYxLlJvbGUSEQoJaXNfYWN0aXZlGAggASgIEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC21mYV9lbmFibGVkGAsgASgIEiIKBXN0YXRlGAwgASgOMhMudXNlcnMudjEuVXNlclN0YXRlEgwKBGV0YWcYDSABKAkSFQoNbGFuZ3VhZ2VfY29kZRg3IAEoCRIpCghtZXRhZGF0YRgjIAMoCzIXLnVzZXJzLnYxLk1ldGFkYXRhRW50cnkqlAEKCVVzZXJTdGF0ZRIaChZVU0VSX1NUQVRFX1VOU1BFQ0lGSUVEEAASIQodVVNFUl9TVEFURV9QRU5ESU5HX0FDVElWQVRJT04QARIVChFVU0VSX1NUQVRFX0FDVElWRRACEhoKFlVTRVJfU1RBVEVfREVBQ1RJVkFURUQQAxIVChFVU0VSX1NUQVRFX0xPQ0tFRBAEKlYKBkdlbmRlchIWChJHRU5ERVJfVU5TUEVDSUZJRUQQABIPCgtHRU5ERVJfTUFMRRABEhEKDUdFTkRFUl9GRU1BTEUQAhIQCgxHRU5ERVJfT1RIRVIQAyo7CgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABINCglST0xFX1VTRVIQARIOCgpST0xFX0FETUlOEAJiBnByb3RvMw", [file_google_protobuf_timestamp, file_users_v1_metadata]);
 
 /**
  * A person's account, as every reply shows it.
@@ -120,6 +122,15 @@ export type User = Message<"users.v1.User"> & {
    * @generated from field: string language_code = 55;
    */
   languageCode: string;
+
+  /**
+   * Only in an admin's or a machine caller's view (GetUser, GetUserByIdentifier, ListUsers,
+   * WatchUserChanges): the user's metadata entries of both scopes, by scope, then key. Empty in
+   * the user's own view (their own entries are in ListUserMetadata) and in every other reply.
+   *
+   * @generated from field: repeated users.v1.MetadataEntry metadata = 35;
+   */
+  metadata: MetadataEntry[];
 };
 
 /**
