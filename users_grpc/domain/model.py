@@ -352,6 +352,8 @@ class AccessClaims:
     audience: str
     issued_at: datetime
     expires_at: datetime
+    # The ids of the groups the user was in when the token was issued (the ``groups`` claim).
+    groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -437,6 +439,11 @@ class AuditEventType(enum.Enum):
     SERVICE_ACCOUNT_DELETE = "service_account_delete"
     SESSIONS_REVOKE = "sessions_revoke"
     PROFILE_UPDATE = "profile_update"
+    GROUP_CREATE = "group_create"
+    GROUP_RENAME = "group_rename"
+    GROUP_DELETE = "group_delete"
+    GROUP_MEMBER_ADD = "group_member_add"
+    GROUP_MEMBER_REMOVE = "group_member_remove"
 
 
 class ActorKind(enum.Enum):
@@ -512,6 +519,8 @@ class ChangeType(enum.Enum):
     LOCKED = "locked"
     UNLOCKED = "unlocked"
     DELETED = "deleted"
+    GROUP_MEMBER_ADDED = "group_member_added"
+    GROUP_MEMBER_REMOVED = "group_member_removed"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -527,3 +536,5 @@ class UserChange:
     # The user as stored when the change was published (None for a deletion): after this change,
     # and possibly after later changes of the same user too, whose own changes follow this one.
     user: User | None
+    # The group a membership change is about; "" for every other change.
+    group_id: str = ""

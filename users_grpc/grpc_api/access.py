@@ -71,6 +71,14 @@ RULES: Mapping[str, Rule] = {
     "UpdateUser": Rule.SELF_OR_ADMIN,
     "ListAuditEvents": Rule.ADMIN,
     "WatchUserChanges": Rule.ADMIN_OR_MACHINE,
+    "CreateGroup": Rule.ADMIN,
+    "RenameGroup": Rule.ADMIN,
+    "DeleteGroup": Rule.ADMIN,
+    "ListGroups": Rule.ADMIN_OR_MACHINE,
+    "AddGroupMember": Rule.ADMIN,
+    "RemoveGroupMember": Rule.ADMIN,
+    "ListGroupMembers": Rule.ADMIN_OR_MACHINE,
+    "ListUserGroups": Rule.SELF_ADMIN_OR_MACHINE,
 }
 
 # The flow of every call anyone may make (a test holds it to the RULES' ANYONE methods). Those that

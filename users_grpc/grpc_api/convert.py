@@ -105,6 +105,8 @@ _CHANGE_TYPES_TO_PROTO = {
     ChangeType.LOCKED: user_service_pb2.USER_CHANGE_TYPE_LOCKED,
     ChangeType.UNLOCKED: user_service_pb2.USER_CHANGE_TYPE_UNLOCKED,
     ChangeType.DELETED: user_service_pb2.USER_CHANGE_TYPE_DELETED,
+    ChangeType.GROUP_MEMBER_ADDED: user_service_pb2.USER_CHANGE_TYPE_GROUP_MEMBER_ADDED,
+    ChangeType.GROUP_MEMBER_REMOVED: user_service_pb2.USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED,
 }
 
 
@@ -116,6 +118,7 @@ def change_to_proto(change: UserChange) -> user_service_pb2.UserChange:
         change_time=_timestamp(change.changed_at),
         user=None if change.user is None else user_to_proto(change.user),
         user_change_number=change.number,
+        group_id=change.group_id,
     )
 
 
@@ -191,4 +194,5 @@ def claims_to_proto(claims: AccessClaims) -> session_pb2.TokenClaims:
         audience=claims.audience,
         issued_at=_timestamp(claims.issued_at),
         expires_at=_timestamp(claims.expires_at),
+        groups=claims.groups,
     )

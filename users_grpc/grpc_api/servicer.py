@@ -35,6 +35,7 @@ from users_grpc.grpc_api.convert import (
     user_to_proto,
     with_tokens,
 )
+from users_grpc.grpc_api.groups_servicer import GroupRpcs
 from users_grpc.grpc_api.status import to_rpc_status
 from users_grpc.services.accounts import AccountService
 from users_grpc.services.admin import AdminService
@@ -42,6 +43,7 @@ from users_grpc.services.audit import AuditLog
 from users_grpc.services.changes import ChangeFeed
 from users_grpc.services.directory import DirectoryService
 from users_grpc.services.email_change import EmailChangeService
+from users_grpc.services.groups import GroupService
 from users_grpc.services.mfa import MfaService
 from users_grpc.services.passwords import PasswordService
 from users_grpc.services.service_accounts import ServiceAccountService
@@ -50,7 +52,7 @@ from users_grpc.services.sessions import SessionService
 Context = grpc.aio.ServicerContext[object, object]
 
 
-class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
+class UserServiceServicer(GroupRpcs, user_service_pb2_grpc.UserServiceServicer):
     def __init__(
         self,
         service: AccountService,
@@ -63,6 +65,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         directory: DirectoryService,
         audit: AuditLog,
         changes: ChangeFeed,
+        groups: GroupService,
     ) -> None:
         self._service = service
         self._sessions = sessions
@@ -74,6 +77,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self._directory = directory
         self._audit = audit
         self._changes = changes
+        self._groups = groups
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context

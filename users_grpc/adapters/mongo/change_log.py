@@ -53,6 +53,7 @@ class MongoChangeLog:
         self._users: AsyncCollection[Document] = database["users"]
         self._outbox = outbox
         self._claims = MongoClaims(database)
+        self._group_members: AsyncCollection[Document] = database["group_members"]
         # Called after this process published changes, so that its own watchers need not wait for a poll.
         self.on_published: Callable[[], None] | None = None
 
@@ -142,6 +143,7 @@ class MongoChangeLog:
                         "changed_at": entry["at"],
                         "published_at": datetime.now(UTC),
                         **({} if deleted else {"user": snapshot}),
+                        **({"group_id": entry["group_id"]} if "group_id" in entry else {}),
                     }
                 )
             # Whole elements, as written: FerretDB's $pull takes no conditions.
@@ -196,6 +198,9 @@ class MongoChangeLog:
         )
         if document is None or document.get("pending_changes"):
             return
+        # Its memberships before the document: a crash between leaves the mark, and this runs again.
+        # One query on group_members' shard key, bounded by the cap of groups per user.
+        await self._group_members.delete_many({"user_id": user_id})
         if self._outbox is not None:
             for notice in document.get("pending_mail") or ():
                 moved = _notice_from_document(notice)
@@ -273,4 +278,5 @@ def _change_from_document(document: Document) -> UserChange:
         type=ChangeType(document["type"]),
         changed_at=document["changed_at"],
         user=None if user is None else _user_from_document(user),
+        group_id=document.get("group_id", ""),
     )

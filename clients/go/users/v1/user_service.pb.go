@@ -88,6 +88,16 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_SESSIONS_REVOKE AuditEventType = 23
 	// UpdateUser; the reason names the fields changed. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PROFILE_UPDATE AuditEventType = 24
+	// CreateGroup. Subject: the new group's id (none if refused).
+	AuditEventType_AUDIT_EVENT_TYPE_GROUP_CREATE AuditEventType = 45
+	// RenameGroup. Subject: the group.
+	AuditEventType_AUDIT_EVENT_TYPE_GROUP_RENAME AuditEventType = 46
+	// DeleteGroup. Subject: the group.
+	AuditEventType_AUDIT_EVENT_TYPE_GROUP_DELETE AuditEventType = 47
+	// AddGroupMember. Subject: the user; the reason names the group.
+	AuditEventType_AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD AuditEventType = 48
+	// RemoveGroupMember. Subject: the user; the reason names the group.
+	AuditEventType_AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE AuditEventType = 49
 )
 
 // Enum value maps for AuditEventType.
@@ -118,6 +128,11 @@ var (
 		22: "AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE",
 		23: "AUDIT_EVENT_TYPE_SESSIONS_REVOKE",
 		24: "AUDIT_EVENT_TYPE_PROFILE_UPDATE",
+		45: "AUDIT_EVENT_TYPE_GROUP_CREATE",
+		46: "AUDIT_EVENT_TYPE_GROUP_RENAME",
+		47: "AUDIT_EVENT_TYPE_GROUP_DELETE",
+		48: "AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD",
+		49: "AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE",
 	}
 	AuditEventType_value = map[string]int32{
 		"AUDIT_EVENT_TYPE_UNSPECIFIED":               0,
@@ -145,6 +160,11 @@ var (
 		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE":    22,
 		"AUDIT_EVENT_TYPE_SESSIONS_REVOKE":           23,
 		"AUDIT_EVENT_TYPE_PROFILE_UPDATE":            24,
+		"AUDIT_EVENT_TYPE_GROUP_CREATE":              45,
+		"AUDIT_EVENT_TYPE_GROUP_RENAME":              46,
+		"AUDIT_EVENT_TYPE_GROUP_DELETE":              47,
+		"AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD":          48,
+		"AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE":       49,
 	}
 )
 
@@ -259,6 +279,10 @@ const (
 	// DeleteUser, DeleteUserByIdentifier, or housekeeping's purge of accounts
 	// never activated. Carries user_id only: drop everything about the user.
 	UserChangeType_USER_CHANGE_TYPE_DELETED UserChangeType = 10
+	// AddGroupMember. group_id names the group.
+	UserChangeType_USER_CHANGE_TYPE_GROUP_MEMBER_ADDED UserChangeType = 30
+	// RemoveGroupMember, or the sweep after DeleteGroup. group_id names the group.
+	UserChangeType_USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED UserChangeType = 31
 )
 
 // Enum value maps for UserChangeType.
@@ -275,19 +299,23 @@ var (
 		8:  "USER_CHANGE_TYPE_LOCKED",
 		9:  "USER_CHANGE_TYPE_UNLOCKED",
 		10: "USER_CHANGE_TYPE_DELETED",
+		30: "USER_CHANGE_TYPE_GROUP_MEMBER_ADDED",
+		31: "USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED",
 	}
 	UserChangeType_value = map[string]int32{
-		"USER_CHANGE_TYPE_UNSPECIFIED":   0,
-		"USER_CHANGE_TYPE_CREATED":       1,
-		"USER_CHANGE_TYPE_ACTIVATED":     2,
-		"USER_CHANGE_TYPE_UPDATED":       3,
-		"USER_CHANGE_TYPE_EMAIL_CHANGED": 4,
-		"USER_CHANGE_TYPE_ROLE_CHANGED":  5,
-		"USER_CHANGE_TYPE_DEACTIVATED":   6,
-		"USER_CHANGE_TYPE_REACTIVATED":   7,
-		"USER_CHANGE_TYPE_LOCKED":        8,
-		"USER_CHANGE_TYPE_UNLOCKED":      9,
-		"USER_CHANGE_TYPE_DELETED":       10,
+		"USER_CHANGE_TYPE_UNSPECIFIED":          0,
+		"USER_CHANGE_TYPE_CREATED":              1,
+		"USER_CHANGE_TYPE_ACTIVATED":            2,
+		"USER_CHANGE_TYPE_UPDATED":              3,
+		"USER_CHANGE_TYPE_EMAIL_CHANGED":        4,
+		"USER_CHANGE_TYPE_ROLE_CHANGED":         5,
+		"USER_CHANGE_TYPE_DEACTIVATED":          6,
+		"USER_CHANGE_TYPE_REACTIVATED":          7,
+		"USER_CHANGE_TYPE_LOCKED":               8,
+		"USER_CHANGE_TYPE_UNLOCKED":             9,
+		"USER_CHANGE_TYPE_DELETED":              10,
+		"USER_CHANGE_TYPE_GROUP_MEMBER_ADDED":   30,
+		"USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED": 31,
 	}
 )
 
@@ -4970,8 +4998,11 @@ type UserChange struct {
 	// The change's place among the user's changes: 1, 2, 3, ... (1 is the
 	// creation, for users created since the feed exists).
 	UserChangeNumber int64 `protobuf:"varint,6,opt,name=user_change_number,json=userChangeNumber,proto3" json:"user_change_number,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// For USER_CHANGE_TYPE_GROUP_MEMBER_ADDED and _REMOVED: the group (24
+	// hexadecimal digits).
+	GroupId       string `protobuf:"bytes,45,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UserChange) Reset() {
@@ -5046,11 +5077,18 @@ func (x *UserChange) GetUserChangeNumber() int64 {
 	return 0
 }
 
+func (x *UserChange) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
 var File_users_v1_user_service_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xa0\x02\n" +
+	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x14users/v1/group.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xa0\x02\n" +
 	"\x11CreateUserRequest\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -5333,7 +5371,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x17WatchUserChangesRequest\x12\x14\n" +
 	"\x05after\x18\x01 \x01(\tR\x05after\"H\n" +
 	"\x18WatchUserChangesResponse\x12,\n" +
-	"\x06change\x18\x01 \x01(\v2\x14.users.v1.UserChangeR\x06change\"\xfa\x01\n" +
+	"\x06change\x18\x01 \x01(\v2\x14.users.v1.UserChangeR\x06change\"\x95\x02\n" +
 	"\n" +
 	"UserChange\x12\x16\n" +
 	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x12\x17\n" +
@@ -5342,7 +5380,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\vchange_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"changeTime\x12\"\n" +
 	"\x04user\x18\x05 \x01(\v2\x0e.users.v1.UserR\x04user\x12,\n" +
-	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber*\xb1\a\n" +
+	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber\x12\x19\n" +
+	"\bgroup_id\x18- \x01(\tR\agroupId*\xeb\b\n" +
 	"\x0eAuditEventType\x12 \n" +
 	"\x1cAUDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18AUDIT_EVENT_TYPE_SIGN_IN\x10\x01\x12&\n" +
@@ -5369,13 +5408,18 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE\x10\x15\x12+\n" +
 	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE\x10\x16\x12$\n" +
 	" AUDIT_EVENT_TYPE_SESSIONS_REVOKE\x10\x17\x12#\n" +
-	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18*\xb1\x01\n" +
+	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18\x12!\n" +
+	"\x1dAUDIT_EVENT_TYPE_GROUP_CREATE\x10-\x12!\n" +
+	"\x1dAUDIT_EVENT_TYPE_GROUP_RENAME\x10.\x12!\n" +
+	"\x1dAUDIT_EVENT_TYPE_GROUP_DELETE\x10/\x12%\n" +
+	"!AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD\x100\x12(\n" +
+	"$AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE\x101*\xb1\x01\n" +
 	"\x0eAuditActorKind\x12 \n" +
 	"\x1cAUDIT_ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aAUDIT_ACTOR_KIND_ANONYMOUS\x10\x01\x12\x19\n" +
 	"\x15AUDIT_ACTOR_KIND_USER\x10\x02\x12\x1c\n" +
 	"\x18AUDIT_ACTOR_KIND_MACHINE\x10\x03\x12$\n" +
-	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x04*\xf3\x02\n" +
+	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x04*\xc7\x03\n" +
 	"\x0eUserChangeType\x12 \n" +
 	"\x1cUSER_CHANGE_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_CREATED\x10\x01\x12\x1e\n" +
@@ -5388,7 +5432,9 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x17USER_CHANGE_TYPE_LOCKED\x10\b\x12\x1d\n" +
 	"\x19USER_CHANGE_TYPE_UNLOCKED\x10\t\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_DELETED\x10\n" +
-	"2\x8b\x1b\n" +
+	"\x12'\n" +
+	"#USER_CHANGE_TYPE_GROUP_MEMBER_ADDED\x10\x1e\x12)\n" +
+	"%USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED\x10\x1f2\x9b \n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -5436,7 +5482,16 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
 	"UpdateUser\x12\x1b.users.v1.UpdateUserRequest\x1a\x1c.users.v1.UpdateUserResponse\x12V\n" +
 	"\x0fListAuditEvents\x12 .users.v1.ListAuditEventsRequest\x1a!.users.v1.ListAuditEventsResponse\x12[\n" +
-	"\x10WatchUserChanges\x12!.users.v1.WatchUserChangesRequest\x1a\".users.v1.WatchUserChangesResponse0\x01B\x89\x01\n" +
+	"\x10WatchUserChanges\x12!.users.v1.WatchUserChangesRequest\x1a\".users.v1.WatchUserChangesResponse0\x01\x12J\n" +
+	"\vCreateGroup\x12\x1c.users.v1.CreateGroupRequest\x1a\x1d.users.v1.CreateGroupResponse\x12J\n" +
+	"\vRenameGroup\x12\x1c.users.v1.RenameGroupRequest\x1a\x1d.users.v1.RenameGroupResponse\x12J\n" +
+	"\vDeleteGroup\x12\x1c.users.v1.DeleteGroupRequest\x1a\x1d.users.v1.DeleteGroupResponse\x12G\n" +
+	"\n" +
+	"ListGroups\x12\x1b.users.v1.ListGroupsRequest\x1a\x1c.users.v1.ListGroupsResponse\x12S\n" +
+	"\x0eAddGroupMember\x12\x1f.users.v1.AddGroupMemberRequest\x1a .users.v1.AddGroupMemberResponse\x12\\\n" +
+	"\x11RemoveGroupMember\x12\".users.v1.RemoveGroupMemberRequest\x1a#.users.v1.RemoveGroupMemberResponse\x12Y\n" +
+	"\x10ListGroupMembers\x12!.users.v1.ListGroupMembersRequest\x1a\".users.v1.ListGroupMembersResponse\x12S\n" +
+	"\x0eListUserGroups\x12\x1f.users.v1.ListUserGroupsRequest\x1a .users.v1.ListUserGroupsResponseB\x89\x01\n" +
 	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
@@ -5555,6 +5610,22 @@ var file_users_v1_user_service_proto_goTypes = []any{
 	(UserState)(0),                          // 98: users.v1.UserState
 	(*fieldmaskpb.FieldMask)(nil),           // 99: google.protobuf.FieldMask
 	(code.Code)(0),                          // 100: google.rpc.Code
+	(*CreateGroupRequest)(nil),              // 101: users.v1.CreateGroupRequest
+	(*RenameGroupRequest)(nil),              // 102: users.v1.RenameGroupRequest
+	(*DeleteGroupRequest)(nil),              // 103: users.v1.DeleteGroupRequest
+	(*ListGroupsRequest)(nil),               // 104: users.v1.ListGroupsRequest
+	(*AddGroupMemberRequest)(nil),           // 105: users.v1.AddGroupMemberRequest
+	(*RemoveGroupMemberRequest)(nil),        // 106: users.v1.RemoveGroupMemberRequest
+	(*ListGroupMembersRequest)(nil),         // 107: users.v1.ListGroupMembersRequest
+	(*ListUserGroupsRequest)(nil),           // 108: users.v1.ListUserGroupsRequest
+	(*CreateGroupResponse)(nil),             // 109: users.v1.CreateGroupResponse
+	(*RenameGroupResponse)(nil),             // 110: users.v1.RenameGroupResponse
+	(*DeleteGroupResponse)(nil),             // 111: users.v1.DeleteGroupResponse
+	(*ListGroupsResponse)(nil),              // 112: users.v1.ListGroupsResponse
+	(*AddGroupMemberResponse)(nil),          // 113: users.v1.AddGroupMemberResponse
+	(*RemoveGroupMemberResponse)(nil),       // 114: users.v1.RemoveGroupMemberResponse
+	(*ListGroupMembersResponse)(nil),        // 115: users.v1.ListGroupMembersResponse
+	(*ListUserGroupsResponse)(nil),          // 116: users.v1.ListUserGroupsResponse
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
 	91,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
@@ -5652,49 +5723,65 @@ var file_users_v1_user_service_proto_depIdxs = []int32{
 	82,  // 92: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
 	86,  // 93: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
 	88,  // 94: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
-	4,   // 95: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	6,   // 96: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	8,   // 97: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	10,  // 98: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	12,  // 99: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	14,  // 100: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	16,  // 101: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	18,  // 102: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	20,  // 103: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	22,  // 104: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	24,  // 105: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	26,  // 106: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	28,  // 107: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	30,  // 108: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	32,  // 109: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	34,  // 110: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	36,  // 111: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	38,  // 112: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	40,  // 113: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	42,  // 114: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	44,  // 115: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	46,  // 116: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	48,  // 117: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	50,  // 118: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	52,  // 119: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	54,  // 120: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	56,  // 121: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	58,  // 122: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	60,  // 123: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	62,  // 124: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	64,  // 125: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	66,  // 126: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	69,  // 127: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	73,  // 128: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	75,  // 129: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	77,  // 130: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	79,  // 131: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	81,  // 132: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	83,  // 133: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	87,  // 134: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	89,  // 135: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
-	95,  // [95:136] is the sub-list for method output_type
-	54,  // [54:95] is the sub-list for method input_type
+	101, // 95: users.v1.UserService.CreateGroup:input_type -> users.v1.CreateGroupRequest
+	102, // 96: users.v1.UserService.RenameGroup:input_type -> users.v1.RenameGroupRequest
+	103, // 97: users.v1.UserService.DeleteGroup:input_type -> users.v1.DeleteGroupRequest
+	104, // 98: users.v1.UserService.ListGroups:input_type -> users.v1.ListGroupsRequest
+	105, // 99: users.v1.UserService.AddGroupMember:input_type -> users.v1.AddGroupMemberRequest
+	106, // 100: users.v1.UserService.RemoveGroupMember:input_type -> users.v1.RemoveGroupMemberRequest
+	107, // 101: users.v1.UserService.ListGroupMembers:input_type -> users.v1.ListGroupMembersRequest
+	108, // 102: users.v1.UserService.ListUserGroups:input_type -> users.v1.ListUserGroupsRequest
+	4,   // 103: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	6,   // 104: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	8,   // 105: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	10,  // 106: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	12,  // 107: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	14,  // 108: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	16,  // 109: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	18,  // 110: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	20,  // 111: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	22,  // 112: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	24,  // 113: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	26,  // 114: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	28,  // 115: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	30,  // 116: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	32,  // 117: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	34,  // 118: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	36,  // 119: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	38,  // 120: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	40,  // 121: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	42,  // 122: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	44,  // 123: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	46,  // 124: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	48,  // 125: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	50,  // 126: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	52,  // 127: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	54,  // 128: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	56,  // 129: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	58,  // 130: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	60,  // 131: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	62,  // 132: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	64,  // 133: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	66,  // 134: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	69,  // 135: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	73,  // 136: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	75,  // 137: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	77,  // 138: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	79,  // 139: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	81,  // 140: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	83,  // 141: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	87,  // 142: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	89,  // 143: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	109, // 144: users.v1.UserService.CreateGroup:output_type -> users.v1.CreateGroupResponse
+	110, // 145: users.v1.UserService.RenameGroup:output_type -> users.v1.RenameGroupResponse
+	111, // 146: users.v1.UserService.DeleteGroup:output_type -> users.v1.DeleteGroupResponse
+	112, // 147: users.v1.UserService.ListGroups:output_type -> users.v1.ListGroupsResponse
+	113, // 148: users.v1.UserService.AddGroupMember:output_type -> users.v1.AddGroupMemberResponse
+	114, // 149: users.v1.UserService.RemoveGroupMember:output_type -> users.v1.RemoveGroupMemberResponse
+	115, // 150: users.v1.UserService.ListGroupMembers:output_type -> users.v1.ListGroupMembersResponse
+	116, // 151: users.v1.UserService.ListUserGroups:output_type -> users.v1.ListUserGroupsResponse
+	103, // [103:152] is the sub-list for method output_type
+	54,  // [54:103] is the sub-list for method input_type
 	54,  // [54:54] is the sub-list for extension type_name
 	54,  // [54:54] is the sub-list for extension extendee
 	0,   // [0:54] is the sub-list for field type_name
@@ -5705,6 +5792,7 @@ func file_users_v1_user_service_proto_init() {
 	if File_users_v1_user_service_proto != nil {
 		return
 	}
+	file_users_v1_group_proto_init()
 	file_users_v1_session_proto_init()
 	file_users_v1_user_proto_init()
 	file_users_v1_user_service_proto_msgTypes[67].OneofWrappers = []any{
