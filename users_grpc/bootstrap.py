@@ -45,6 +45,7 @@ from users_grpc.adapters.mongo.audit_trail import MongoAuditTrail
 from users_grpc.adapters.mongo.calls import cancel_abandoned_work, ping
 from users_grpc.adapters.mongo.change_log import MongoChangeLog
 from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.groups import MongoGroupRepository
 from users_grpc.adapters.mongo.housekeeping import MongoHousekeeping
 from users_grpc.adapters.mongo.keys import MongoKeyMaterial, MongoKeyStore
 from users_grpc.adapters.mongo.outbox import MongoOutbox
@@ -77,6 +78,7 @@ from users_grpc.services.audit import AuditLog
 from users_grpc.services.changes import ChangeFeed
 from users_grpc.services.directory import DirectoryService
 from users_grpc.services.email_change import EmailChangePolicy, EmailChangeService
+from users_grpc.services.groups import GroupService
 from users_grpc.services.housekeeping import HousekeepingJob, Retention
 from users_grpc.services.mail import MailDelivery
 from users_grpc.services.metadata import MetadataService
@@ -135,6 +137,7 @@ class Stores:
     key_store: MongoKeyStore
     key_material: MongoKeyMaterial
     housekeeping: MongoHousekeeping
+    groups: MongoGroupRepository
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ class Services:
     # The hasher's queue is a gauge (USERS_HTTP_ADDRESS); its threads are the App's executor.
     hasher: BcryptHasher
     metadata: MetadataService
+    groups: GroupService
 
 
 @dataclass
@@ -194,6 +198,7 @@ class App:
                     throttles=stores.throttles,
                     service_accounts=stores.service_accounts,
                     audit_trail=stores.audit_trail,
+                    groups=stores.groups,
                 )
                 version = await migrations.prepare(stores.schema)
                 stores.users.lookups_by_claim = version >= migrations.CLAIMS_COMPLETE
@@ -400,6 +405,7 @@ def build_stores(
         key_store=mongo.keys,
         key_material=mongo.key_material,
         housekeeping=mongo.housekeeping,
+        groups=mongo.groups,
     )
 
 
@@ -417,6 +423,7 @@ def build_services(
     digests = stores.secrets_at_rest
     changes = ChangeFeed(log=stores.change_log, poll_seconds=settings.change_poll_seconds)
     stores.change_log.on_published = changes.published
+    groups = GroupService(groups=stores.groups, clock=clock)
     mail = MailDelivery(
         queue=stores.outbox,
         notices=stores.users,
@@ -485,6 +492,7 @@ def build_services(
             digests=digests,
             clock=clock,
             session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
+            groups=groups,
         ),
         mfa=mfa,
         email_changes=EmailChangeService(
@@ -520,12 +528,14 @@ def build_services(
             clock=clock,
             retention=_retention(settings),
             interval_seconds=settings.housekeeping_interval_seconds,
+            sweep_deleted_groups=groups.sweep_deleted,
         ),
         tokens=tokens,
         encryption=encryption,
         password_throttle=password_throttle,
         hasher=hasher,
         metadata=MetadataService(store=stores.users, clock=clock, writers=settings.metadata_writers),
+        groups=groups,
     )
 
 
@@ -592,6 +602,7 @@ def build_server(
             services.audit,
             services.changes,
             services.metadata,
+            services.groups,
         ),
         server,
     )

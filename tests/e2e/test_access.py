@@ -20,6 +20,7 @@ import pytest
 from tests.support.calls import PASSWORD, create_request, error_info, signed_up
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, make_settings
+from users.v1 import group_pb2 as gpb
 from users.v1 import metadata_pb2, user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.grpc_api.access import RULES, Rule
@@ -91,6 +92,15 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "DeleteUserMetadata": lambda id_, _name: metadata_pb2.DeleteUserMetadataRequest(
         user_id=id_, scope=metadata_pb2.METADATA_SCOPE_SELF, key="unset"
     ),
+    # Groups: writes name no valid group or none at all, so they change nothing.
+    "CreateGroup": lambda _id, _name: gpb.CreateGroupRequest(name=""),
+    "RenameGroup": lambda _id, _name: gpb.RenameGroupRequest(group_id="f" * 24, name="x"),
+    "DeleteGroup": lambda _id, _name: gpb.DeleteGroupRequest(group_id="f" * 24),
+    "ListGroups": lambda _id, _name: gpb.ListGroupsRequest(page_size=1),
+    "AddGroupMember": lambda id_, _name: gpb.AddGroupMemberRequest(group_id="f" * 24, user_id=id_),
+    "RemoveGroupMember": lambda id_, _name: gpb.RemoveGroupMemberRequest(group_id="f" * 24, user_id=id_),
+    "ListGroupMembers": lambda _id, _name: gpb.ListGroupMembersRequest(group_id="f" * 24),
+    "ListUserGroups": lambda id_, _name: gpb.ListUserGroupsRequest(user_id=id_),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them (RevokeAllSessions on a user
@@ -152,6 +162,14 @@ ADMITTED: dict[str, str] = {
     "GetUserMetadata": "NOT_FOUND/METADATA_NOT_FOUND",
     "ListUserMetadata": "OK",
     "DeleteUserMetadata": "NOT_FOUND/METADATA_NOT_FOUND",
+    "CreateGroup": INVALID,
+    "RenameGroup": "NOT_FOUND/GROUP_NOT_FOUND",
+    "DeleteGroup": "NOT_FOUND/GROUP_NOT_FOUND",
+    "ListGroups": "OK",
+    "AddGroupMember": "NOT_FOUND/GROUP_NOT_FOUND",
+    "RemoveGroupMember": "NOT_FOUND/GROUP_NOT_FOUND",
+    "ListGroupMembers": "NOT_FOUND/GROUP_NOT_FOUND",
+    "ListUserGroups": "OK",
 }
 # Where a caller's admitted call gets another answer than ADMITTED's.
 ADMITTED_FOR: dict[tuple[str, str], str] = {

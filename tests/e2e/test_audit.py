@@ -33,6 +33,7 @@ from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink
 from tests.support.pki import Pki, channel_credentials, tls_settings
 from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
+from users.v1 import group_pb2 as gpb
 from users.v1 import metadata_pb2 as md
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
@@ -249,6 +250,13 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
     machine.VerifyCredentials(pb.VerifyCredentialsRequest(identifier="jane", password=THIRD_PASSWORD))
     server.stub.DeleteServiceAccount(pb.DeleteServiceAccountRequest(client_id=client_id))
 
+    # Groups: created, renamed, jane added and removed, deleted.
+    group = server.stub.CreateGroup(gpb.CreateGroupRequest(name="team")).group.id
+    server.stub.RenameGroup(gpb.RenameGroupRequest(group_id=group, name="crew"))
+    server.stub.AddGroupMember(gpb.AddGroupMemberRequest(group_id=group, user_id=jane))
+    server.stub.RemoveGroupMember(gpb.RemoveGroupMemberRequest(group_id=group, user_id=jane))
+    server.stub.DeleteGroup(gpb.DeleteGroupRequest(group_id=group))
+
     events = audit_events(server.stub)
     assert {e.type for e in events} == set(T.values()) - {pb.AUDIT_EVENT_TYPE_UNSPECIFIED}
     anonymous = (ANONYMOUS, "")
@@ -287,6 +295,11 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
         (pb.AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE, anonymous, client_id, {"status": UNAUTHENTICATED}),
         (pb.AUDIT_EVENT_TYPE_CREDENTIALS_CHECK, (SERVICE_ACCOUNT, client_id), jane, {}),
         (pb.AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE, admin, client_id, {}),
+        (pb.AUDIT_EVENT_TYPE_GROUP_CREATE, admin, group, {}),
+        (pb.AUDIT_EVENT_TYPE_GROUP_RENAME, admin, group, {}),
+        (pb.AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD, admin, jane, {"reason": f"group {group}"}),
+        (pb.AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE, admin, jane, {"reason": f"group {group}"}),
+        (pb.AUDIT_EVENT_TYPE_GROUP_DELETE, admin, group, {}),
     ]
     for type_, actor, subject, more in expected:
         assert has(events, type_, actor=actor, subject=subject, **more), (T.Name(type_), actor, subject, more)

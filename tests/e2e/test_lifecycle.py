@@ -23,6 +23,7 @@ from tests.support.calls import (
 from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink, text_of
 from tests.support.servers import RunningServer, StartServer
+from users.v1 import group_pb2 as gpb
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -213,6 +214,19 @@ BAD_INPUT = [
     ("UnlockUser", pb.UnlockUserRequest(user_id=""), "user_id"),
     ("ResetUserMfa", pb.ResetUserMfaRequest(user_id="x" * 24), "user_id"),
     ("WatchUserChanges", pb.WatchUserChangesRequest(after="not a cursor"), "after"),
+    ("CreateGroup", gpb.CreateGroupRequest(name=" "), "name"),
+    ("CreateGroup", gpb.CreateGroupRequest(name="x" * 65), "name"),
+    ("RenameGroup", gpb.RenameGroupRequest(group_id="nope", name="x"), "group_id"),
+    ("RenameGroup", gpb.RenameGroupRequest(group_id="f" * 24, name="a\tb"), "name"),
+    ("DeleteGroup", gpb.DeleteGroupRequest(group_id=""), "group_id"),
+    ("ListGroups", gpb.ListGroupsRequest(page_size=1001), "page_size"),
+    ("ListGroups", gpb.ListGroupsRequest(page_token="junk"), "page_token"),
+    ("AddGroupMember", gpb.AddGroupMemberRequest(group_id="f" * 24, user_id="x"), "user_id"),
+    ("RemoveGroupMember", gpb.RemoveGroupMemberRequest(group_id="x", user_id="f" * 24), "group_id"),
+    ("ListGroupMembers", gpb.ListGroupMembersRequest(group_id="f" * 24, page_token="junk"), "page_token"),
+    ("ListGroupMembers", gpb.ListGroupMembersRequest(group_id="f" * 24, page_size=-1), "page_size"),
+    ("ListUserGroups", gpb.ListUserGroupsRequest(user_id="nope"), "user_id"),
+    ("ListUserGroups", gpb.ListUserGroupsRequest(user_id="f" * 24, page_token="junk"), "page_token"),
 ]
 # With a malformed user id nobody is "themself": those calls are PERMISSION_DENIED before any check.
 NO_SELF_INPUT = {"GetMfaQrCode", "RegenerateRecoveryCodes"}

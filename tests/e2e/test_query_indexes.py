@@ -16,6 +16,7 @@ from tests.support.calls import PASSWORD, create_request
 from tests.support.commands import CommandRecorder, Query, constrained_fields, created_indexes, queries_of, served
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer
+from users.v1 import group_pb2 as gpb
 from users.v1 import metadata_pb2 as md
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
@@ -63,6 +64,19 @@ def test_a_flow_through_the_main_calls(server: RunningServer, mail: MailSink) ->
     server.stub.DeactivateUser(pb.DeactivateUserRequest(user_id=jane.user.id))
     server.stub.ReactivateUser(pb.ReactivateUserRequest(user_id=jane.user.id))
     server.stub.RevokeAllSessions(pb.RevokeAllSessionsRequest(user_id=jane.user.id))
+    group = server.stub.CreateGroup(gpb.CreateGroupRequest(name="team")).group
+    server.stub.RenameGroup(gpb.RenameGroupRequest(group_id=group.id, name="crew"))
+    server.stub.AddGroupMember(gpb.AddGroupMemberRequest(group_id=group.id, user_id=jane.user.id))
+    server.stub.ListGroups(gpb.ListGroupsRequest(page_size=1))
+    server.stub.ListGroupMembers(gpb.ListGroupMembersRequest(group_id=group.id, page_size=1))
+    server.stub.ListUserGroups(gpb.ListUserGroupsRequest(user_id=jane.user.id, page_size=1))
+    server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD))  # the groups claim
+    server.stub.RemoveGroupMember(gpb.RemoveGroupMemberRequest(group_id=group.id, user_id=jane.user.id))
+    server.stub.AddGroupMember(gpb.AddGroupMemberRequest(group_id=group.id, user_id=jane.user.id))
+    server.stub.DeleteGroup(gpb.DeleteGroupRequest(group_id=group.id))
+    server.call(server.app.services.groups.sweep_deleted())
+    kept = server.stub.CreateGroup(gpb.CreateGroupRequest(name="kept")).group
+    server.stub.AddGroupMember(gpb.AddGroupMemberRequest(group_id=kept.id, user_id=jane.user.id))
     server.stub.DeleteUserByIdentifier(pb.DeleteUserByIdentifierRequest(identifier="jane"))
 
 

@@ -15,7 +15,7 @@ import pytest
 from tests.support.commands import CommandRecorder, Query, queries_of
 
 # docs/scaling.md: the shard key of each sharded collection. The others stay unsharded.
-SHARD_KEYS = {"users": "_id", "sessions": "_id", "throttles": "_id", "claims": "_id"}
+SHARD_KEYS = {"users": "_id", "sessions": "_id", "throttles": "_id", "claims": "_id", "group_members": "user_id"}
 
 
 def fields(query_filter: Any) -> set[str]:
@@ -73,6 +73,10 @@ SCATTER_GATHER: list[tuple[str, Callable[[Query], bool]]] = [
     (
         "forgetting an account's tallies on a reset or an unlock (rare)",
         lambda q: q.collection == "throttles" and "account" in fields(q.filter),
+    ),
+    (
+        "a group's members, by group_id: ListGroupMembers (admins and machines), the sweep after DeleteGroup",
+        lambda q: q.collection == "group_members" and "group_id" in q.filter,
     ),
 ]
 

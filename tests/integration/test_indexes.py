@@ -17,6 +17,16 @@ INDEXES: dict[str, dict[str, tuple[list[tuple[str, int]], bool]]] = {
         "type_time_id": ([("type", 1), ("time", -1), ("_id", -1)], False),
     },
     "claims": {"_id_": ([("_id", 1)], False), "pending_since": ([("pending_since", 1)], False)},
+    "group_members": {
+        "_id_": ([("_id", 1)], False),
+        "group_id_user_id": ([("group_id", 1), ("user_id", 1)], False),
+        "user_id_group_id_unique": ([("user_id", 1), ("group_id", 1)], True),
+    },
+    "groups": {
+        "_id_": ([("_id", 1)], False),
+        "deleting": ([("deleting", 1)], False),
+        "name_key_unique": ([("name_key", 1)], True),
+    },
     "outbox": {
         "_id_": ([("_id", 1)], False),
         "status_failed_at": ([("status", 1), ("failed_at", 1)], False),

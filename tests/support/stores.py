@@ -17,6 +17,7 @@ from users_grpc.adapters.mongo.audit_trail import MongoAuditTrail
 from users_grpc.adapters.mongo.change_log import MongoChangeLog
 from users_grpc.adapters.mongo.claims import MongoClaims
 from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.groups import MongoGroupRepository
 from users_grpc.adapters.mongo.housekeeping import MongoHousekeeping
 from users_grpc.adapters.mongo.keys import MongoKeyMaterial, MongoKeyStore
 from users_grpc.adapters.mongo.outbox import MongoOutbox
@@ -63,6 +64,7 @@ class Stores:
         self.audit = MongoAuditTrail(self.database, self.users)
         self.housekeeping = MongoHousekeeping(self.database)
         self.service_accounts = MongoServiceAccountRepository(self.database)
+        self.groups = MongoGroupRepository(self.database)
 
     async def ensure_indexes(self) -> None:
         """The indexes the server makes at start-up, from the one list the server uses."""
@@ -73,6 +75,7 @@ class Stores:
             throttles=self.throttle,
             service_accounts=self.service_accounts,
             audit_trail=self.audit,
+            groups=self.groups,
         )
 
 

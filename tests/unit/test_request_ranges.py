@@ -82,6 +82,9 @@ def test_the_contract_has_the_numbers_the_cases_cover() -> None:
         "ListAuditEvents.page_size",
         "ListAuditEvents.start_time",
         "ListAuditEvents.end_time",
+        "ListGroups.page_size",
+        "ListGroupMembers.page_size",
+        "ListUserGroups.page_size",
     }
 
 
@@ -108,9 +111,12 @@ def test_each_number_is_served_in_its_range_and_refused_naming_it_past_either_en
 
 def test_page_sizes_are_those_the_contract_states() -> None:
     # Each page_size's comment says "Default 50, at most 1000": the table must not drift from it.
-    comments = re.findall(r"// Optional\. Default 50, at most (\d+)\.\n\s+int32 page_size", PROTO.read_text())
+    pattern = r"// Optional\. Default 50, at most (\d+)\.\n\s+int32 page_size"
+    comments = [
+        size for proto in sorted(PROTO.parent.glob("*.proto")) for size in re.findall(pattern, proto.read_text())
+    ]
     page_sizes = {name: bounds for name, bounds in NUMBER_RANGES.items() if name.endswith(".page_size")}
-    assert len(comments) == len(page_sizes) == 3
+    assert len(comments) == len(page_sizes) == 6
     assert set(comments) == {comments[0]}
     assert set(page_sizes.values()) == {(0, int(comments[0]))}
 

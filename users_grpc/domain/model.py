@@ -361,6 +361,8 @@ class AccessClaims:
     audience: str
     issued_at: datetime
     expires_at: datetime
+    # The ids of the groups the user was in when the token was issued (the ``groups`` claim).
+    groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -448,6 +450,11 @@ class AuditEventType(enum.Enum):
     PROFILE_UPDATE = "profile_update"
     METADATA_SET = "metadata_set"
     METADATA_DELETE = "metadata_delete"
+    GROUP_CREATE = "group_create"
+    GROUP_RENAME = "group_rename"
+    GROUP_DELETE = "group_delete"
+    GROUP_MEMBER_ADD = "group_member_add"
+    GROUP_MEMBER_REMOVE = "group_member_remove"
 
 
 class ActorKind(enum.Enum):
@@ -525,6 +532,8 @@ class ChangeType(enum.Enum):
     UNLOCKED = "unlocked"
     DELETED = "deleted"
     METADATA_CHANGED = "metadata_changed"
+    GROUP_MEMBER_ADDED = "group_member_added"
+    GROUP_MEMBER_REMOVED = "group_member_removed"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -542,3 +551,5 @@ class UserChange:
     user: User | None
     # For METADATA_CHANGED: the entries set or removed.
     metadata_keys: tuple[MetadataKey, ...] = ()
+    # The group a membership change is about; "" for every other change.
+    group_id: str = ""

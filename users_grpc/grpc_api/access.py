@@ -76,6 +76,14 @@ RULES: Mapping[str, Rule] = {
     "GetUserMetadata": Rule.SELF_ADMIN_OR_MACHINE,
     "ListUserMetadata": Rule.SELF_ADMIN_OR_MACHINE,
     "DeleteUserMetadata": Rule.SELF_ADMIN_OR_MACHINE,
+    "CreateGroup": Rule.ADMIN,
+    "RenameGroup": Rule.ADMIN,
+    "DeleteGroup": Rule.ADMIN,
+    "ListGroups": Rule.ADMIN_OR_MACHINE,
+    "AddGroupMember": Rule.ADMIN,
+    "RemoveGroupMember": Rule.ADMIN,
+    "ListGroupMembers": Rule.ADMIN_OR_MACHINE,
+    "ListUserGroups": Rule.SELF_ADMIN_OR_MACHINE,
 }
 
 # The flow of every call anyone may make (a test holds it to the RULES' ANYONE methods). Those that

@@ -115,6 +115,15 @@ def _import_counts(request: Any, response: Any) -> str:
     return f"created {created}, refused {len(response.results) - created}"
 
 
+def _created_group(_request: Any, response: Any) -> str:
+    return "" if response is None else str(response.group.id)
+
+
+def _group_named(request: Any, _response: Any) -> str:
+    # The group's id only, if it has the form of one: never the free text of a name.
+    return f"group {request.group_id}" if rules.is_id(request.group_id) else ""
+
+
 def _fields_updated(request: Any, _response: Any) -> str:
     # Only the known field names: a path is free text the caller chose.
     fields = sorted({path for path in request.update_mask.paths if path in model.UPDATABLE_FIELDS})
@@ -187,6 +196,11 @@ AUDITED: Mapping[str, Audited] = {
     "UpdateUser": Audited(AuditEventType.PROFILE_UPDATE, _USER_ID, note=_fields_updated),
     "SetUserMetadata": Audited(AuditEventType.METADATA_SET, _USER_ID, note=_metadata_key),
     "DeleteUserMetadata": Audited(AuditEventType.METADATA_DELETE, _USER_ID, note=_metadata_key),
+    "CreateGroup": Audited(AuditEventType.GROUP_CREATE, _created_group),
+    "RenameGroup": Audited(AuditEventType.GROUP_RENAME, _id_in_request("group_id")),
+    "DeleteGroup": Audited(AuditEventType.GROUP_DELETE, _id_in_request("group_id")),
+    "AddGroupMember": Audited(AuditEventType.GROUP_MEMBER_ADD, _USER_ID, note=_group_named),
+    "RemoveGroupMember": Audited(AuditEventType.GROUP_MEMBER_REMOVE, _USER_ID, note=_group_named),
 }
 
 

@@ -107,6 +107,8 @@ _CHANGE_TYPES_TO_PROTO = {
     ChangeType.UNLOCKED: user_service_pb2.USER_CHANGE_TYPE_UNLOCKED,
     ChangeType.DELETED: user_service_pb2.USER_CHANGE_TYPE_DELETED,
     ChangeType.METADATA_CHANGED: user_service_pb2.USER_CHANGE_TYPE_METADATA_CHANGED,
+    ChangeType.GROUP_MEMBER_ADDED: user_service_pb2.USER_CHANGE_TYPE_GROUP_MEMBER_ADDED,
+    ChangeType.GROUP_MEMBER_REMOVED: user_service_pb2.USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED,
 }
 
 
@@ -122,6 +124,7 @@ def change_to_proto(change: UserChange) -> user_service_pb2.UserChange:
         metadata_keys=[
             metadata_pb2.MetadataKey(scope=_SCOPES_TO_PROTO[key.scope], key=key.key) for key in change.metadata_keys
         ],
+        group_id=change.group_id,
     )
 
 
@@ -222,4 +225,5 @@ def claims_to_proto(claims: AccessClaims) -> session_pb2.TokenClaims:
         audience=claims.audience,
         issued_at=_timestamp(claims.issued_at),
         expires_at=_timestamp(claims.expires_at),
+        groups=claims.groups,
     )

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from users.v1 import user_service_pb2
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
-from users_grpc.services import audit, directory, service_accounts
+from users_grpc.services import audit, directory, groups, service_accounts
 
 SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
 
@@ -39,6 +39,9 @@ NUMBER_RANGES: dict[str, tuple[int, int]] = {
     "users.v1.ListUsersRequest.page_size": (0, directory.MAX_PAGE_SIZE),
     "users.v1.ListAuditEventsRequest.page_size": (0, audit.MAX_PAGE_SIZE),
     "users.v1.ListServiceAccountsRequest.page_size": (0, service_accounts.MAX_PAGE_SIZE),
+    "users.v1.ListGroupsRequest.page_size": (0, groups.MAX_PAGE_SIZE),
+    "users.v1.ListGroupMembersRequest.page_size": (0, groups.MAX_PAGE_SIZE),
+    "users.v1.ListUserGroupsRequest.page_size": (0, groups.MAX_PAGE_SIZE),
 }
 
 _NUMBER_TYPES = frozenset(

@@ -38,6 +38,7 @@ from users_grpc.grpc_api.convert import (
     user_to_proto,
     with_tokens,
 )
+from users_grpc.grpc_api.groups_servicer import GroupRpcs
 from users_grpc.grpc_api.status import to_rpc_status
 from users_grpc.services.accounts import AccountService
 from users_grpc.services.admin import AdminService
@@ -45,6 +46,7 @@ from users_grpc.services.audit import AuditLog
 from users_grpc.services.changes import ChangeFeed
 from users_grpc.services.directory import DirectoryService
 from users_grpc.services.email_change import EmailChangeService
+from users_grpc.services.groups import GroupService
 from users_grpc.services.metadata import MetadataService
 from users_grpc.services.mfa import MfaService
 from users_grpc.services.passwords import PasswordService
@@ -54,7 +56,7 @@ from users_grpc.services.sessions import SessionService
 Context = grpc.aio.ServicerContext[object, object]
 
 
-class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
+class UserServiceServicer(GroupRpcs, user_service_pb2_grpc.UserServiceServicer):
     def __init__(
         self,
         service: AccountService,
@@ -68,6 +70,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         audit: AuditLog,
         changes: ChangeFeed,
         metadata: MetadataService,
+        groups: GroupService,
     ) -> None:
         self._service = service
         self._sessions = sessions
@@ -80,6 +83,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self._audit = audit
         self._changes = changes
         self._metadata = metadata
+        self._groups = groups
 
     async def CreateUser(
         self, request: user_service_pb2.CreateUserRequest, context: Context

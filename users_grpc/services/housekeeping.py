@@ -13,7 +13,9 @@ it for the whole interval and purges:
   (see :class:`users_grpc.adapters.mongo.claims.MongoClaims`);
 - audit events older than the audit retention (FerretDB has no TTL indexes);
 - changes of the change feed published more than the change retention ago
-  (always the oldest ones, and never the newest: see ``MongoChangeLog``).
+  (always the oldest ones, and never the newest: see ``MongoChangeLog``);
+- memberships of deleted groups, a batch per run, then the groups
+  (:meth:`users_grpc.services.groups.GroupService.sweep_deleted`).
 
 Holding the lease for a whole interval makes the job run about once per
 interval whatever the number of replicas; a run is cut off before its lease
@@ -29,6 +31,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -57,6 +60,7 @@ class Purged:
     claims: int = 0
     audit_events: int = 0
     changes: int = 0
+    group_members: int = 0
 
 
 def holder_id() -> str:
@@ -73,12 +77,14 @@ class HousekeepingJob:
         retention: Retention,
         interval_seconds: float,
         holder: str | None = None,
+        sweep_deleted_groups: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
         self._retention = retention
         self._interval_seconds = interval_seconds
         self.holder = holder or holder_id()
+        self._sweep_deleted_groups = sweep_deleted_groups
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -110,6 +116,7 @@ class HousekeepingJob:
             claims=await self._store.release_stale_claims(now),
             audit_events=await self._store.purge_audit_events(now - self._retention.audit_events),
             changes=await self._store.purge_changes(now - self._retention.changes),
+            group_members=0 if self._sweep_deleted_groups is None else await self._sweep_deleted_groups(),
         )
         if purged != Purged(0, 0, 0):
             log.info("housekeeping purged", extra=dataclasses.asdict(purged))

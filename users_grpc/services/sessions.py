@@ -28,6 +28,7 @@ from users_grpc.domain import base64url, rules
 from users_grpc.domain.errors import FieldViolation, InvalidArgument, Unauthenticated
 from users_grpc.domain.model import AccessClaims, IssuedTokens, Session, User
 from users_grpc.domain.ports import Clock, SecretDigests, SessionRepository, UserRepository
+from users_grpc.services.groups import GroupService
 from users_grpc.services.mfa import MfaService
 from users_grpc.services.tokens import AccessTokens
 
@@ -60,6 +61,7 @@ class SessionService:
         digests: SecretDigests,
         clock: Clock,
         session_lifetime: timedelta,
+        groups: GroupService | None = None,
     ) -> None:
         self._logins = logins
         self._users = users
@@ -68,6 +70,8 @@ class SessionService:
         self._digests = digests
         self._clock = clock
         self._session_lifetime = session_lifetime
+        # The groups claim of each new access token (None: tokens name no groups).
+        self._groups = groups
 
     async def authenticate(
         self, identifier: str, password: str, totp_code: str = "", recovery_code: str = "", *, source: str
@@ -81,7 +85,7 @@ class SessionService:
             session_id, user.id, self._digest(refresh_token), now, now + self._session_lifetime, user.token_version
         )
         log.info("session opened", extra={"user_id": user.id, "session_id": session.id})
-        return user, self._issue(user, session, refresh_token.text)
+        return user, await self._issue(user, session, refresh_token.text)
 
     async def refresh(self, refresh_token: str) -> IssuedTokens:
         presented = self._genuine(refresh_token)
@@ -103,7 +107,7 @@ class SessionService:
         user = await self._users.get(session.user_id)
         if user is None or not user.is_active or user.token_version != session.token_version:
             raise Unauthenticated("invalid refresh token")
-        return self._issue(user, session, replacement.text)
+        return await self._issue(user, session, replacement.text)
 
     async def revoke(self, refresh_token: str) -> None:
         """Sign out: any token the session issued ends it; anything else changes nothing."""
@@ -184,8 +188,10 @@ class SessionService:
         # What the session stores: keyed, so a copy of the database can neither use nor test a token.
         return self._digests.digest("refresh-token", token.session_id, token.text)
 
-    def _issue(self, user: User, session: Session, refresh_token: str) -> IssuedTokens:
-        access_token, expires_at = self._tokens.issue(user, session.id)
+    async def _issue(self, user: User, session: Session, refresh_token: str) -> IssuedTokens:
+        # Read at every issue, so a membership change shows in the user's next token.
+        groups = () if self._groups is None else await self._groups.token_groups(user.id)
+        access_token, expires_at = self._tokens.issue(user, session.id, groups)
         return IssuedTokens(
             access_token=access_token,
             access_token_expires_at=expires_at,

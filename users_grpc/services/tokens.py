@@ -206,10 +206,12 @@ class AccessTokens:
         if self._signing is None:
             await self.rotate()
 
-    def issue(self, user: User, session_id: str) -> tuple[str, datetime]:
-        return self._sign(
-            user.id, self._audience, {"role": user.role.value, "ver": user.token_version, "sid": session_id}
-        )
+    def issue(self, user: User, session_id: str, groups: tuple[str, ...] = ()) -> tuple[str, datetime]:
+        claims: dict[str, object] = {"role": user.role.value, "ver": user.token_version, "sid": session_id}
+        if groups:
+            # Only when there are some: most tokens stay as small as before.
+            claims["groups"] = list(groups)
+        return self._sign(user.id, self._audience, claims)
 
     def issue_service(self, client_id: str) -> tuple[str, datetime]:
         """A token for a service account: ``sub`` is ``service-account:<client id>`` and it has no
@@ -252,6 +254,9 @@ class AccessTokens:
         # here, not passed on to lookups.
         if not isinstance(version, int) or not isinstance(session_id, str) or not is_id(claims["sub"]):
             raise Unauthenticated("invalid access token")
+        groups = claims.get("groups", [])
+        if not isinstance(groups, list) or not all(is_id(group) for group in groups):
+            raise Unauthenticated("invalid access token")
         return AccessClaims(
             subject=claims["sub"],
             role=role,
@@ -262,6 +267,7 @@ class AccessTokens:
             audience=self._audience,
             issued_at=issued_at,
             expires_at=expires_at,
+            groups=tuple(groups),
         )
 
     async def verify_service(self, token: str) -> str:

@@ -44,6 +44,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: no such service account."""
     ERROR_REASON_METADATA_NOT_FOUND: _ErrorReason.ValueType  # 40
     """NOT_FOUND: the user has no metadata entry with this scope and key."""
+    ERROR_REASON_GROUP_NOT_FOUND: _ErrorReason.ValueType  # 45
+    """NOT_FOUND: no such group (or one being deleted)."""
+    ERROR_REASON_GROUP_MEMBER_NOT_FOUND: _ErrorReason.ValueType  # 46
+    """NOT_FOUND: the user is not a member of the group."""
     ERROR_REASON_ALREADY_EXISTS: _ErrorReason.ValueType  # 8
     """ALREADY_EXISTS: a unique value is taken; ErrorInfo metadata `field` names it (`username`,
     `email`, ...).
@@ -79,6 +83,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_CHANGE_CURSOR_EXPIRED: _ErrorReason.ValueType  # 25
     """FAILED_PRECONDITION: WatchUserChanges' cursor is older than the changes kept (or ahead of the
     feed); read the users again with ListUsers and watch from an empty cursor.
+    """
+    ERROR_REASON_TOO_MANY_GROUPS: _ErrorReason.ValueType  # 47
+    """FAILED_PRECONDITION: the user is in as many groups as a user may be (32), so that the access
+    token's `groups` claim stays small and complete; remove one first.
     """
     ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 20
     """ABORTED: the request's etag no longer matches; read the user (or the metadata entry) again
@@ -140,6 +148,10 @@ ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND: ErrorReason.ValueType  # 7
 """NOT_FOUND: no such service account."""
 ERROR_REASON_METADATA_NOT_FOUND: ErrorReason.ValueType  # 40
 """NOT_FOUND: the user has no metadata entry with this scope and key."""
+ERROR_REASON_GROUP_NOT_FOUND: ErrorReason.ValueType  # 45
+"""NOT_FOUND: no such group (or one being deleted)."""
+ERROR_REASON_GROUP_MEMBER_NOT_FOUND: ErrorReason.ValueType  # 46
+"""NOT_FOUND: the user is not a member of the group."""
 ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 8
 """ALREADY_EXISTS: a unique value is taken; ErrorInfo metadata `field` names it (`username`,
 `email`, ...).
@@ -175,6 +187,10 @@ deactivating an account not activated yet).
 ERROR_REASON_CHANGE_CURSOR_EXPIRED: ErrorReason.ValueType  # 25
 """FAILED_PRECONDITION: WatchUserChanges' cursor is older than the changes kept (or ahead of the
 feed); read the users again with ListUsers and watch from an empty cursor.
+"""
+ERROR_REASON_TOO_MANY_GROUPS: ErrorReason.ValueType  # 47
+"""FAILED_PRECONDITION: the user is in as many groups as a user may be (32), so that the access
+token's `groups` claim stays small and complete; remove one first.
 """
 ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 20
 """ABORTED: the request's etag no longer matches; read the user (or the metadata entry) again

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from users.v1 import user_pb2 as _user_pb2
 import builtins as _builtins
 import sys
@@ -73,6 +75,7 @@ class TokenClaims(_message.Message):
     AUDIENCE_FIELD_NUMBER: _builtins.int
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """The user id."""
     role: _user_pb2.Role.ValueType
@@ -86,6 +89,13 @@ class TokenClaims(_message.Message):
     def issued_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the groups the user was in when the token was issued (at most
+        32, a user's cap, so never cut short), in id order; the JWT's `groups`
+        claim, absent from the JWT when empty.
+        """
+
     def __init__(
         self,
         *,
@@ -97,10 +107,11 @@ class TokenClaims(_message.Message):
         audience: _builtins.str = ...,
         issued_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        groups: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "expires_at", b"expires_at", "issued_at", b"issued_at", "issuer", b"issuer", "role", b"role", "session_id", b"session_id", "subject", b"subject", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "expires_at", b"expires_at", "groups", b"groups", "issued_at", b"issued_at", "issuer", b"issuer", "role", b"role", "session_id", b"session_id", "subject", b"subject", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -102,6 +102,16 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """
     AUDIT_EVENT_TYPE_METADATA_DELETE: _AuditEventType.ValueType  # 41
     """DeleteUserMetadata; the reason as for METADATA_SET. Subject: the user."""
+    AUDIT_EVENT_TYPE_GROUP_CREATE: _AuditEventType.ValueType  # 45
+    """CreateGroup. Subject: the new group's id (none if refused)."""
+    AUDIT_EVENT_TYPE_GROUP_RENAME: _AuditEventType.ValueType  # 46
+    """RenameGroup. Subject: the group."""
+    AUDIT_EVENT_TYPE_GROUP_DELETE: _AuditEventType.ValueType  # 47
+    """DeleteGroup. Subject: the group."""
+    AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD: _AuditEventType.ValueType  # 48
+    """AddGroupMember. Subject: the user; the reason names the group."""
+    AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE: _AuditEventType.ValueType  # 49
+    """RemoveGroupMember. Subject: the user; the reason names the group."""
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper):
     """What an audit event records."""
@@ -176,6 +186,16 @@ billing_id"), never the value. Subject: the user.
 """
 AUDIT_EVENT_TYPE_METADATA_DELETE: AuditEventType.ValueType  # 41
 """DeleteUserMetadata; the reason as for METADATA_SET. Subject: the user."""
+AUDIT_EVENT_TYPE_GROUP_CREATE: AuditEventType.ValueType  # 45
+"""CreateGroup. Subject: the new group's id (none if refused)."""
+AUDIT_EVENT_TYPE_GROUP_RENAME: AuditEventType.ValueType  # 46
+"""RenameGroup. Subject: the group."""
+AUDIT_EVENT_TYPE_GROUP_DELETE: AuditEventType.ValueType  # 47
+"""DeleteGroup. Subject: the group."""
+AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD: AuditEventType.ValueType  # 48
+"""AddGroupMember. Subject: the user; the reason names the group."""
+AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE: AuditEventType.ValueType  # 49
+"""RemoveGroupMember. Subject: the user; the reason names the group."""
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
 
 class _AuditActorKind:
@@ -250,6 +270,10 @@ class _UserChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserCh
     """
     USER_CHANGE_TYPE_METADATA_CHANGED: _UserChangeType.ValueType  # 25
     """SetUserMetadata or DeleteUserMetadata; metadata_keys names the entry."""
+    USER_CHANGE_TYPE_GROUP_MEMBER_ADDED: _UserChangeType.ValueType  # 30
+    """AddGroupMember. group_id names the group."""
+    USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED: _UserChangeType.ValueType  # 31
+    """RemoveGroupMember, or the sweep after DeleteGroup. group_id names the group."""
 
 class UserChangeType(_UserChangeType, metaclass=_UserChangeTypeEnumTypeWrapper):
     """What a change did."""
@@ -276,6 +300,10 @@ never activated. Carries user_id only: drop everything about the user.
 """
 USER_CHANGE_TYPE_METADATA_CHANGED: UserChangeType.ValueType  # 25
 """SetUserMetadata or DeleteUserMetadata; metadata_keys names the entry."""
+USER_CHANGE_TYPE_GROUP_MEMBER_ADDED: UserChangeType.ValueType  # 30
+"""AddGroupMember. group_id names the group."""
+USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED: UserChangeType.ValueType  # 31
+"""RemoveGroupMember, or the sweep after DeleteGroup. group_id names the group."""
 Global___UserChangeType: _TypeAlias = UserChangeType  # noqa: Y015
 
 @_typing.final
@@ -2460,6 +2488,7 @@ class UserChange(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     USER_CHANGE_NUMBER_FIELD_NUMBER: _builtins.int
     METADATA_KEYS_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Opaque. Pass the last one handled as WatchUserChangesRequest.after to resume."""
     user_id: _builtins.str
@@ -2468,6 +2497,10 @@ class UserChange(_message.Message):
     user_change_number: _builtins.int
     """The change's place among the user's changes: 1, 2, 3, ... (1 is the
     creation, for users created since the feed exists).
+    """
+    group_id: _builtins.str
+    """For USER_CHANGE_TYPE_GROUP_MEMBER_ADDED and _REMOVED: the group (24
+    hexadecimal digits).
     """
     @_builtins.property
     def change_time(self) -> _timestamp_pb2.Timestamp:
@@ -2496,10 +2529,11 @@ class UserChange(_message.Message):
         user: _user_pb2.User | None = ...,
         user_change_number: _builtins.int = ...,
         metadata_keys: _abc.Iterable[_metadata_pb2.MetadataKey] | None = ...,
+        group_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "cursor", b"cursor", "metadata_keys", b"metadata_keys", "type", b"type", "user", b"user", "user_change_number", b"user_change_number", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "cursor", b"cursor", "group_id", b"group_id", "metadata_keys", b"metadata_keys", "type", b"type", "user", b"user", "user_change_number", b"user_change_number", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

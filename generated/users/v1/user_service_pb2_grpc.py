@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from users.v1 import group_pb2 as users_dot_v1_dot_group__pb2
 from users.v1 import metadata_pb2 as users_dot_v1_dot_metadata__pb2
 from users.v1 import user_service_pb2 as users_dot_v1_dot_user__service__pb2
 
@@ -293,6 +294,46 @@ class UserServiceStub:
                 '/users.v1.UserService/DeleteUserMetadata',
                 request_serializer=users_dot_v1_dot_metadata__pb2.DeleteUserMetadataRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_metadata__pb2.DeleteUserMetadataResponse.FromString,
+                _registered_method=True)
+        self.CreateGroup = channel.unary_unary(
+                '/users.v1.UserService/CreateGroup',
+                request_serializer=users_dot_v1_dot_group__pb2.CreateGroupRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_group__pb2.CreateGroupResponse.FromString,
+                _registered_method=True)
+        self.RenameGroup = channel.unary_unary(
+                '/users.v1.UserService/RenameGroup',
+                request_serializer=users_dot_v1_dot_group__pb2.RenameGroupRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_group__pb2.RenameGroupResponse.FromString,
+                _registered_method=True)
+        self.DeleteGroup = channel.unary_unary(
+                '/users.v1.UserService/DeleteGroup',
+                request_serializer=users_dot_v1_dot_group__pb2.DeleteGroupRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_group__pb2.DeleteGroupResponse.FromString,
+                _registered_method=True)
+        self.ListGroups = channel.unary_unary(
+                '/users.v1.UserService/ListGroups',
+                request_serializer=users_dot_v1_dot_group__pb2.ListGroupsRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_group__pb2.ListGroupsResponse.FromString,
+                _registered_method=True)
+        self.AddGroupMember = channel.unary_unary(
+                '/users.v1.UserService/AddGroupMember',
+                request_serializer=users_dot_v1_dot_group__pb2.AddGroupMemberRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_group__pb2.AddGroupMemberResponse.FromString,
+                _registered_method=True)
+        self.RemoveGroupMember = channel.unary_unary(
+                '/users.v1.UserService/RemoveGroupMember',
+                request_serializer=users_dot_v1_dot_group__pb2.RemoveGroupMemberRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_group__pb2.RemoveGroupMemberResponse.FromString,
+                _registered_method=True)
+        self.ListGroupMembers = channel.unary_unary(
+                '/users.v1.UserService/ListGroupMembers',
+                request_serializer=users_dot_v1_dot_group__pb2.ListGroupMembersRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_group__pb2.ListGroupMembersResponse.FromString,
+                _registered_method=True)
+        self.ListUserGroups = channel.unary_unary(
+                '/users.v1.UserService/ListUserGroups',
+                request_serializer=users_dot_v1_dot_group__pb2.ListUserGroupsRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_group__pb2.ListUserGroupsResponse.FromString,
                 _registered_method=True)
 
 
@@ -948,10 +989,11 @@ class UserServiceServicer:
         An append-only record of sign-ins (Authenticate, VerifyCredentials,
         IssueServiceToken: successes and failures), password changes and resets,
         MFA changes, email and role changes, deactivation, locking, deletion,
-        imports and service-account changes: who (the actor and its source
-        address) did what to whom (the subject), when, and how it ended. It
-        never holds a password, code, token, hash or secret; a failed sign-in
-        names its subject only when the identifier given belongs to an account.
+        imports, service-account changes, and groups and their memberships: who
+        (the actor and its source address) did what to whom (the subject), when,
+        and how it ended. It never holds a password, code, token, hash or secret;
+        a failed sign-in names its subject only when the identifier given belongs
+        to an account.
         Calls refused before they reach the service (no or a bad credential, a
         caller the access rule does not admit, the per-address rate limit) are
         not recorded: they are logged, so that an anonymous flood cannot fill
@@ -975,10 +1017,11 @@ class UserServiceServicer:
 
         Streams the changes made after the cursor `after` (created, activated,
         updated, email changed, role changed, deactivated, reactivated, locked,
-        unlocked, deleted), oldest first, then each new change as it is made
-        (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
-        caller cancels. An empty `after` starts at the oldest change kept
-        (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+        unlocked, deleted, added to or removed from a group), oldest first, then
+        each new change as it is made (within USERS_CHANGE_POLL_SECONDS when
+        another replica made it), until the caller cancels. An empty `after`
+        starts at the oldest change kept (USERS_CHANGE_RETENTION_DAYS, 7 by
+        default).
 
         Delivery guarantee: a consumer that reconnects with the cursor of the last
         change it handled gets every later change exactly once, in the same order,
@@ -1059,6 +1102,107 @@ class UserServiceServicer:
         Callers: the user themself, an admin or a machine caller; as for SetUserMetadata. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
         METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateGroup(self, request, context):
+        """Create a named group of users
+
+        Names are unique, compared after NFKC normalization and case folding (as
+        usernames are). Callers: an admin. Errors: INVALID_ARGUMENT (the name:
+        1 to 64 characters, no control characters), ALREADY_EXISTS (the name is
+        taken; ErrorInfo metadata `field` is `name`), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenameGroup(self, request, context):
+        """Rename a group; its id and members stay
+
+        Access tokens carry group ids, not names, so a rename changes no token.
+        Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (ErrorInfo reason
+        GROUP_NOT_FOUND), ALREADY_EXISTS (the name is taken), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteGroup(self, request, context):
+        """Delete a group and, in the background, its memberships
+
+        The group is gone for every call at once (its name is free again, it is
+        in no list and no new access token). Its memberships are then removed by
+        housekeeping, a bounded batch at a time (USERS_HOUSEKEEPING_INTERVAL_SECONDS),
+        each with a USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED change in the feed.
+        Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND),
+        UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGroups(self, request, context):
+        """List the groups, oldest first
+
+        Keyset pagination by group id. Callers: an admin or a machine caller.
+        Errors: INVALID_ARGUMENT (page_size below 0 or over 1000, a bad
+        page_token), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddGroupMember(self, request, context):
+        """Add a user to a group
+
+        The user's next access token (Authenticate, RefreshSession) carries the
+        group in its `groups` claim; tokens issued before do not. A user is in at
+        most 32 groups, so that the claim stays small and always complete.
+        Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+        USER_NOT_FOUND), ALREADY_EXISTS (the user is a member already; ErrorInfo
+        metadata `field` is `user_id`), FAILED_PRECONDITION (TOO_MANY_GROUPS: the
+        user is in 32 groups), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveGroupMember(self, request, context):
+        """Remove a user from a group
+
+        The user's next access token no longer carries the group.
+        Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+        GROUP_MEMBER_NOT_FOUND: the user is not a member), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGroupMembers(self, request, context):
+        """List a group's members, by user id
+
+        Keyset pagination by user id: a page deep in a large group costs what
+        the first one costs. Callers: an admin or a machine caller. Errors:
+        INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+        NOT_FOUND (GROUP_NOT_FOUND), UNAUTHENTICATED, PERMISSION_DENIED,
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUserGroups(self, request, context):
+        """List the groups a user is in, by group id
+
+        Callers: the user themself, an admin or a machine caller. Errors:
+        INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+        UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1291,6 +1435,46 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.DeleteUserMetadata,
                     request_deserializer=users_dot_v1_dot_metadata__pb2.DeleteUserMetadataRequest.FromString,
                     response_serializer=users_dot_v1_dot_metadata__pb2.DeleteUserMetadataResponse.SerializeToString,
+            ),
+            'CreateGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateGroup,
+                    request_deserializer=users_dot_v1_dot_group__pb2.CreateGroupRequest.FromString,
+                    response_serializer=users_dot_v1_dot_group__pb2.CreateGroupResponse.SerializeToString,
+            ),
+            'RenameGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenameGroup,
+                    request_deserializer=users_dot_v1_dot_group__pb2.RenameGroupRequest.FromString,
+                    response_serializer=users_dot_v1_dot_group__pb2.RenameGroupResponse.SerializeToString,
+            ),
+            'DeleteGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGroup,
+                    request_deserializer=users_dot_v1_dot_group__pb2.DeleteGroupRequest.FromString,
+                    response_serializer=users_dot_v1_dot_group__pb2.DeleteGroupResponse.SerializeToString,
+            ),
+            'ListGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroups,
+                    request_deserializer=users_dot_v1_dot_group__pb2.ListGroupsRequest.FromString,
+                    response_serializer=users_dot_v1_dot_group__pb2.ListGroupsResponse.SerializeToString,
+            ),
+            'AddGroupMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddGroupMember,
+                    request_deserializer=users_dot_v1_dot_group__pb2.AddGroupMemberRequest.FromString,
+                    response_serializer=users_dot_v1_dot_group__pb2.AddGroupMemberResponse.SerializeToString,
+            ),
+            'RemoveGroupMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveGroupMember,
+                    request_deserializer=users_dot_v1_dot_group__pb2.RemoveGroupMemberRequest.FromString,
+                    response_serializer=users_dot_v1_dot_group__pb2.RemoveGroupMemberResponse.SerializeToString,
+            ),
+            'ListGroupMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroupMembers,
+                    request_deserializer=users_dot_v1_dot_group__pb2.ListGroupMembersRequest.FromString,
+                    response_serializer=users_dot_v1_dot_group__pb2.ListGroupMembersResponse.SerializeToString,
+            ),
+            'ListUserGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUserGroups,
+                    request_deserializer=users_dot_v1_dot_group__pb2.ListUserGroupsRequest.FromString,
+                    response_serializer=users_dot_v1_dot_group__pb2.ListUserGroupsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2542,6 +2726,222 @@ class UserService:
             '/users.v1.UserService/DeleteUserMetadata',
             users_dot_v1_dot_metadata__pb2.DeleteUserMetadataRequest.SerializeToString,
             users_dot_v1_dot_metadata__pb2.DeleteUserMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/CreateGroup',
+            users_dot_v1_dot_group__pb2.CreateGroupRequest.SerializeToString,
+            users_dot_v1_dot_group__pb2.CreateGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenameGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/RenameGroup',
+            users_dot_v1_dot_group__pb2.RenameGroupRequest.SerializeToString,
+            users_dot_v1_dot_group__pb2.RenameGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/DeleteGroup',
+            users_dot_v1_dot_group__pb2.DeleteGroupRequest.SerializeToString,
+            users_dot_v1_dot_group__pb2.DeleteGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListGroups',
+            users_dot_v1_dot_group__pb2.ListGroupsRequest.SerializeToString,
+            users_dot_v1_dot_group__pb2.ListGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddGroupMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/AddGroupMember',
+            users_dot_v1_dot_group__pb2.AddGroupMemberRequest.SerializeToString,
+            users_dot_v1_dot_group__pb2.AddGroupMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveGroupMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/RemoveGroupMember',
+            users_dot_v1_dot_group__pb2.RemoveGroupMemberRequest.SerializeToString,
+            users_dot_v1_dot_group__pb2.RemoveGroupMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroupMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListGroupMembers',
+            users_dot_v1_dot_group__pb2.ListGroupMembersRequest.SerializeToString,
+            users_dot_v1_dot_group__pb2.ListGroupMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUserGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListUserGroups',
+            users_dot_v1_dot_group__pb2.ListUserGroupsRequest.SerializeToString,
+            users_dot_v1_dot_group__pb2.ListUserGroupsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from users.v1 import group_pb2 as _group_pb2
 from users.v1 import metadata_pb2 as _metadata_pb2
 from users.v1 import user_service_pb2 as _user_service_pb2
 import abc as _abc_1
@@ -527,10 +528,11 @@ class UserServiceStub:
     An append-only record of sign-ins (Authenticate, VerifyCredentials,
     IssueServiceToken: successes and failures), password changes and resets,
     MFA changes, email and role changes, deactivation, locking, deletion,
-    imports and service-account changes: who (the actor and its source
-    address) did what to whom (the subject), when, and how it ended. It
-    never holds a password, code, token, hash or secret; a failed sign-in
-    names its subject only when the identifier given belongs to an account.
+    imports, service-account changes, and groups and their memberships: who
+    (the actor and its source address) did what to whom (the subject), when,
+    and how it ended. It never holds a password, code, token, hash or secret;
+    a failed sign-in names its subject only when the identifier given belongs
+    to an account.
     Calls refused before they reach the service (no or a bad credential, a
     caller the access rule does not admit, the per-address rate limit) are
     not recorded: they are logged, so that an anonymous flood cannot fill
@@ -550,10 +552,11 @@ class UserServiceStub:
 
     Streams the changes made after the cursor `after` (created, activated,
     updated, email changed, role changed, deactivated, reactivated, locked,
-    unlocked, deleted), oldest first, then each new change as it is made
-    (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
-    caller cancels. An empty `after` starts at the oldest change kept
-    (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+    unlocked, deleted, added to or removed from a group), oldest first, then
+    each new change as it is made (within USERS_CHANGE_POLL_SECONDS when
+    another replica made it), until the caller cancels. An empty `after`
+    starts at the oldest change kept (USERS_CHANGE_RETENTION_DAYS, 7 by
+    default).
 
     Delivery guarantee: a consumer that reconnects with the cursor of the last
     change it handled gets every later change exactly once, in the same order,
@@ -618,6 +621,75 @@ class UserServiceStub:
     Callers: the user themself, an admin or a machine caller; as for SetUserMetadata. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
     METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
+    """
+    CreateGroup: _grpc.UnaryUnaryMultiCallable[_group_pb2.CreateGroupRequest, _group_pb2.CreateGroupResponse]
+    """Create a named group of users
+
+    Names are unique, compared after NFKC normalization and case folding (as
+    usernames are). Callers: an admin. Errors: INVALID_ARGUMENT (the name:
+    1 to 64 characters, no control characters), ALREADY_EXISTS (the name is
+    taken; ErrorInfo metadata `field` is `name`), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
+    RenameGroup: _grpc.UnaryUnaryMultiCallable[_group_pb2.RenameGroupRequest, _group_pb2.RenameGroupResponse]
+    """Rename a group; its id and members stay
+
+    Access tokens carry group ids, not names, so a rename changes no token.
+    Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (ErrorInfo reason
+    GROUP_NOT_FOUND), ALREADY_EXISTS (the name is taken), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
+    DeleteGroup: _grpc.UnaryUnaryMultiCallable[_group_pb2.DeleteGroupRequest, _group_pb2.DeleteGroupResponse]
+    """Delete a group and, in the background, its memberships
+
+    The group is gone for every call at once (its name is free again, it is
+    in no list and no new access token). Its memberships are then removed by
+    housekeeping, a bounded batch at a time (USERS_HOUSEKEEPING_INTERVAL_SECONDS),
+    each with a USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED change in the feed.
+    Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND),
+    UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    ListGroups: _grpc.UnaryUnaryMultiCallable[_group_pb2.ListGroupsRequest, _group_pb2.ListGroupsResponse]
+    """List the groups, oldest first
+
+    Keyset pagination by group id. Callers: an admin or a machine caller.
+    Errors: INVALID_ARGUMENT (page_size below 0 or over 1000, a bad
+    page_token), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    AddGroupMember: _grpc.UnaryUnaryMultiCallable[_group_pb2.AddGroupMemberRequest, _group_pb2.AddGroupMemberResponse]
+    """Add a user to a group
+
+    The user's next access token (Authenticate, RefreshSession) carries the
+    group in its `groups` claim; tokens issued before do not. A user is in at
+    most 32 groups, so that the claim stays small and always complete.
+    Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+    USER_NOT_FOUND), ALREADY_EXISTS (the user is a member already; ErrorInfo
+    metadata `field` is `user_id`), FAILED_PRECONDITION (TOO_MANY_GROUPS: the
+    user is in 32 groups), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    RemoveGroupMember: _grpc.UnaryUnaryMultiCallable[_group_pb2.RemoveGroupMemberRequest, _group_pb2.RemoveGroupMemberResponse]
+    """Remove a user from a group
+
+    The user's next access token no longer carries the group.
+    Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+    GROUP_MEMBER_NOT_FOUND: the user is not a member), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
+    ListGroupMembers: _grpc.UnaryUnaryMultiCallable[_group_pb2.ListGroupMembersRequest, _group_pb2.ListGroupMembersResponse]
+    """List a group's members, by user id
+
+    Keyset pagination by user id: a page deep in a large group costs what
+    the first one costs. Callers: an admin or a machine caller. Errors:
+    INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+    NOT_FOUND (GROUP_NOT_FOUND), UNAUTHENTICATED, PERMISSION_DENIED,
+    UNAVAILABLE.
+    """
+    ListUserGroups: _grpc.UnaryUnaryMultiCallable[_group_pb2.ListUserGroupsRequest, _group_pb2.ListUserGroupsResponse]
+    """List the groups a user is in, by group id
+
+    Callers: the user themself, an admin or a machine caller. Errors:
+    INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+    UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
     """
 
 @_typing.type_check_only
@@ -1118,10 +1190,11 @@ class UserServiceAsyncStub(UserServiceStub):
     An append-only record of sign-ins (Authenticate, VerifyCredentials,
     IssueServiceToken: successes and failures), password changes and resets,
     MFA changes, email and role changes, deactivation, locking, deletion,
-    imports and service-account changes: who (the actor and its source
-    address) did what to whom (the subject), when, and how it ended. It
-    never holds a password, code, token, hash or secret; a failed sign-in
-    names its subject only when the identifier given belongs to an account.
+    imports, service-account changes, and groups and their memberships: who
+    (the actor and its source address) did what to whom (the subject), when,
+    and how it ended. It never holds a password, code, token, hash or secret;
+    a failed sign-in names its subject only when the identifier given belongs
+    to an account.
     Calls refused before they reach the service (no or a bad credential, a
     caller the access rule does not admit, the per-address rate limit) are
     not recorded: they are logged, so that an anonymous flood cannot fill
@@ -1141,10 +1214,11 @@ class UserServiceAsyncStub(UserServiceStub):
 
     Streams the changes made after the cursor `after` (created, activated,
     updated, email changed, role changed, deactivated, reactivated, locked,
-    unlocked, deleted), oldest first, then each new change as it is made
-    (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
-    caller cancels. An empty `after` starts at the oldest change kept
-    (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+    unlocked, deleted, added to or removed from a group), oldest first, then
+    each new change as it is made (within USERS_CHANGE_POLL_SECONDS when
+    another replica made it), until the caller cancels. An empty `after`
+    starts at the oldest change kept (USERS_CHANGE_RETENTION_DAYS, 7 by
+    default).
 
     Delivery guarantee: a consumer that reconnects with the cursor of the last
     change it handled gets every later change exactly once, in the same order,
@@ -1209,6 +1283,75 @@ class UserServiceAsyncStub(UserServiceStub):
     Callers: the user themself, an admin or a machine caller; as for SetUserMetadata. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
     METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
+    """
+    CreateGroup: _aio.UnaryUnaryMultiCallable[_group_pb2.CreateGroupRequest, _group_pb2.CreateGroupResponse]  # type: ignore[assignment]
+    """Create a named group of users
+
+    Names are unique, compared after NFKC normalization and case folding (as
+    usernames are). Callers: an admin. Errors: INVALID_ARGUMENT (the name:
+    1 to 64 characters, no control characters), ALREADY_EXISTS (the name is
+    taken; ErrorInfo metadata `field` is `name`), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
+    RenameGroup: _aio.UnaryUnaryMultiCallable[_group_pb2.RenameGroupRequest, _group_pb2.RenameGroupResponse]  # type: ignore[assignment]
+    """Rename a group; its id and members stay
+
+    Access tokens carry group ids, not names, so a rename changes no token.
+    Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (ErrorInfo reason
+    GROUP_NOT_FOUND), ALREADY_EXISTS (the name is taken), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
+    DeleteGroup: _aio.UnaryUnaryMultiCallable[_group_pb2.DeleteGroupRequest, _group_pb2.DeleteGroupResponse]  # type: ignore[assignment]
+    """Delete a group and, in the background, its memberships
+
+    The group is gone for every call at once (its name is free again, it is
+    in no list and no new access token). Its memberships are then removed by
+    housekeeping, a bounded batch at a time (USERS_HOUSEKEEPING_INTERVAL_SECONDS),
+    each with a USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED change in the feed.
+    Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND),
+    UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    ListGroups: _aio.UnaryUnaryMultiCallable[_group_pb2.ListGroupsRequest, _group_pb2.ListGroupsResponse]  # type: ignore[assignment]
+    """List the groups, oldest first
+
+    Keyset pagination by group id. Callers: an admin or a machine caller.
+    Errors: INVALID_ARGUMENT (page_size below 0 or over 1000, a bad
+    page_token), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    AddGroupMember: _aio.UnaryUnaryMultiCallable[_group_pb2.AddGroupMemberRequest, _group_pb2.AddGroupMemberResponse]  # type: ignore[assignment]
+    """Add a user to a group
+
+    The user's next access token (Authenticate, RefreshSession) carries the
+    group in its `groups` claim; tokens issued before do not. A user is in at
+    most 32 groups, so that the claim stays small and always complete.
+    Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+    USER_NOT_FOUND), ALREADY_EXISTS (the user is a member already; ErrorInfo
+    metadata `field` is `user_id`), FAILED_PRECONDITION (TOO_MANY_GROUPS: the
+    user is in 32 groups), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    """
+    RemoveGroupMember: _aio.UnaryUnaryMultiCallable[_group_pb2.RemoveGroupMemberRequest, _group_pb2.RemoveGroupMemberResponse]  # type: ignore[assignment]
+    """Remove a user from a group
+
+    The user's next access token no longer carries the group.
+    Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+    GROUP_MEMBER_NOT_FOUND: the user is not a member), UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
+    ListGroupMembers: _aio.UnaryUnaryMultiCallable[_group_pb2.ListGroupMembersRequest, _group_pb2.ListGroupMembersResponse]  # type: ignore[assignment]
+    """List a group's members, by user id
+
+    Keyset pagination by user id: a page deep in a large group costs what
+    the first one costs. Callers: an admin or a machine caller. Errors:
+    INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+    NOT_FOUND (GROUP_NOT_FOUND), UNAUTHENTICATED, PERMISSION_DENIED,
+    UNAVAILABLE.
+    """
+    ListUserGroups: _aio.UnaryUnaryMultiCallable[_group_pb2.ListUserGroupsRequest, _group_pb2.ListUserGroupsResponse]  # type: ignore[assignment]
+    """List the groups a user is in, by group id
+
+    Callers: the user themself, an admin or a machine caller. Errors:
+    INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+    UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -1946,10 +2089,11 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         An append-only record of sign-ins (Authenticate, VerifyCredentials,
         IssueServiceToken: successes and failures), password changes and resets,
         MFA changes, email and role changes, deactivation, locking, deletion,
-        imports and service-account changes: who (the actor and its source
-        address) did what to whom (the subject), when, and how it ended. It
-        never holds a password, code, token, hash or secret; a failed sign-in
-        names its subject only when the identifier given belongs to an account.
+        imports, service-account changes, and groups and their memberships: who
+        (the actor and its source address) did what to whom (the subject), when,
+        and how it ended. It never holds a password, code, token, hash or secret;
+        a failed sign-in names its subject only when the identifier given belongs
+        to an account.
         Calls refused before they reach the service (no or a bad credential, a
         caller the access rule does not admit, the per-address rate limit) are
         not recorded: they are logged, so that an anonymous flood cannot fill
@@ -1975,10 +2119,11 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Streams the changes made after the cursor `after` (created, activated,
         updated, email changed, role changed, deactivated, reactivated, locked,
-        unlocked, deleted), oldest first, then each new change as it is made
-        (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
-        caller cancels. An empty `after` starts at the oldest change kept
-        (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+        unlocked, deleted, added to or removed from a group), oldest first, then
+        each new change as it is made (within USERS_CHANGE_POLL_SECONDS when
+        another replica made it), until the caller cancels. An empty `after`
+        starts at the oldest change kept (USERS_CHANGE_RETENTION_DAYS, 7 by
+        default).
 
         Delivery guarantee: a consumer that reconnects with the cursor of the last
         change it handled gets every later change exactly once, in the same order,
@@ -2067,6 +2212,123 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: the user themself, an admin or a machine caller; as for SetUserMetadata. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
         METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateGroup(
+        self,
+        request: _group_pb2.CreateGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_group_pb2.CreateGroupResponse, _abc.Awaitable[_group_pb2.CreateGroupResponse]]:
+        """Create a named group of users
+
+        Names are unique, compared after NFKC normalization and case folding (as
+        usernames are). Callers: an admin. Errors: INVALID_ARGUMENT (the name:
+        1 to 64 characters, no control characters), ALREADY_EXISTS (the name is
+        taken; ErrorInfo metadata `field` is `name`), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RenameGroup(
+        self,
+        request: _group_pb2.RenameGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_group_pb2.RenameGroupResponse, _abc.Awaitable[_group_pb2.RenameGroupResponse]]:
+        """Rename a group; its id and members stay
+
+        Access tokens carry group ids, not names, so a rename changes no token.
+        Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (ErrorInfo reason
+        GROUP_NOT_FOUND), ALREADY_EXISTS (the name is taken), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteGroup(
+        self,
+        request: _group_pb2.DeleteGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_group_pb2.DeleteGroupResponse, _abc.Awaitable[_group_pb2.DeleteGroupResponse]]:
+        """Delete a group and, in the background, its memberships
+
+        The group is gone for every call at once (its name is free again, it is
+        in no list and no new access token). Its memberships are then removed by
+        housekeeping, a bounded batch at a time (USERS_HOUSEKEEPING_INTERVAL_SECONDS),
+        each with a USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED change in the feed.
+        Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND),
+        UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListGroups(
+        self,
+        request: _group_pb2.ListGroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_group_pb2.ListGroupsResponse, _abc.Awaitable[_group_pb2.ListGroupsResponse]]:
+        """List the groups, oldest first
+
+        Keyset pagination by group id. Callers: an admin or a machine caller.
+        Errors: INVALID_ARGUMENT (page_size below 0 or over 1000, a bad
+        page_token), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def AddGroupMember(
+        self,
+        request: _group_pb2.AddGroupMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_group_pb2.AddGroupMemberResponse, _abc.Awaitable[_group_pb2.AddGroupMemberResponse]]:
+        """Add a user to a group
+
+        The user's next access token (Authenticate, RefreshSession) carries the
+        group in its `groups` claim; tokens issued before do not. A user is in at
+        most 32 groups, so that the claim stays small and always complete.
+        Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+        USER_NOT_FOUND), ALREADY_EXISTS (the user is a member already; ErrorInfo
+        metadata `field` is `user_id`), FAILED_PRECONDITION (TOO_MANY_GROUPS: the
+        user is in 32 groups), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveGroupMember(
+        self,
+        request: _group_pb2.RemoveGroupMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_group_pb2.RemoveGroupMemberResponse, _abc.Awaitable[_group_pb2.RemoveGroupMemberResponse]]:
+        """Remove a user from a group
+
+        The user's next access token no longer carries the group.
+        Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+        GROUP_MEMBER_NOT_FOUND: the user is not a member), UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListGroupMembers(
+        self,
+        request: _group_pb2.ListGroupMembersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_group_pb2.ListGroupMembersResponse, _abc.Awaitable[_group_pb2.ListGroupMembersResponse]]:
+        """List a group's members, by user id
+
+        Keyset pagination by user id: a page deep in a large group costs what
+        the first one costs. Callers: an admin or a machine caller. Errors:
+        INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+        NOT_FOUND (GROUP_NOT_FOUND), UNAUTHENTICATED, PERMISSION_DENIED,
+        UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUserGroups(
+        self,
+        request: _group_pb2.ListUserGroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_group_pb2.ListUserGroupsResponse, _abc.Awaitable[_group_pb2.ListUserGroupsResponse]]:
+        """List the groups a user is in, by group id
+
+        Callers: the user themself, an admin or a machine caller. Errors:
+        INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+        UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

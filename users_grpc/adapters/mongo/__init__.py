@@ -22,6 +22,7 @@ from users_grpc.adapters.mongo.audit_trail import MongoAuditTrail
 from users_grpc.adapters.mongo.change_log import MongoChangeLog
 from users_grpc.adapters.mongo.claims import MongoClaims
 from users_grpc.adapters.mongo.documents import Document
+from users_grpc.adapters.mongo.groups import MongoGroupRepository
 from users_grpc.adapters.mongo.housekeeping import MongoHousekeeping
 from users_grpc.adapters.mongo.keys import MongoKeyMaterial, MongoKeyStore
 from users_grpc.adapters.mongo.outbox import MongoOutbox
@@ -36,6 +37,7 @@ __all__ = [
     "MongoAuditTrail",
     "MongoChangeLog",
     "MongoClaims",
+    "MongoGroupRepository",
     "MongoHousekeeping",
     "MongoKeyMaterial",
     "MongoKeyStore",
@@ -65,6 +67,7 @@ class MongoStores:
     key_material: MongoKeyMaterial
     schema: MongoSchema
     housekeeping: MongoHousekeeping
+    groups: MongoGroupRepository
 
     async def ensure_indexes(self) -> None:
         """The indexes of every schema version (:func:`users_grpc.adapters.mongo.schema.ensure_indexes`)."""
@@ -75,6 +78,7 @@ class MongoStores:
             throttles=self.throttles,
             service_accounts=self.service_accounts,
             audit_trail=self.audit_trail,
+            groups=self.groups,
         )
 
 
@@ -96,4 +100,5 @@ def build_stores(database: AsyncDatabase[Document], secrets_at_rest: SecretsAtRe
         key_material=MongoKeyMaterial(database),
         schema=MongoSchema(database),
         housekeeping=MongoHousekeeping(database, outbox),
+        groups=MongoGroupRepository(database, change_log),
     )

@@ -54,6 +54,7 @@ class MongoChangeLog:
         self._users: AsyncCollection[Document] = database["users"]
         self._outbox = outbox
         self._claims = MongoClaims(database)
+        self._group_members: AsyncCollection[Document] = database["group_members"]
         # Called after this process published changes, so that its own watchers need not wait for a poll.
         self.on_published: Callable[[], None] | None = None
 
@@ -144,6 +145,7 @@ class MongoChangeLog:
                         "published_at": datetime.now(UTC),
                         **({} if deleted else {"user": snapshot}),
                         **({"metadata_keys": entry["metadata_keys"]} if "metadata_keys" in entry else {}),
+                        **({"group_id": entry["group_id"]} if "group_id" in entry else {}),
                     }
                 )
             # Whole elements, as written: FerretDB's $pull takes no conditions.
@@ -198,6 +200,9 @@ class MongoChangeLog:
         )
         if document is None or document.get("pending_changes"):
             return
+        # Its memberships before the document: a crash between leaves the mark, and this runs again.
+        # One query on group_members' shard key, bounded by the cap of groups per user.
+        await self._group_members.delete_many({"user_id": user_id})
         if self._outbox is not None:
             for notice in document.get("pending_mail") or ():
                 moved = _notice_from_document(notice)
@@ -258,4 +263,5 @@ def _change_from_document(document: Document) -> UserChange:
         changed_at=document["changed_at"],
         user=None if user is None else _user_from_document(user),
         metadata_keys=_metadata_keys_from_document(document.get("metadata_keys")),
+        group_id=document.get("group_id", ""),
     )

@@ -22,6 +22,7 @@ from users_grpc.adapters.mongo.documents import _INDEX_NOT_FOUND, Document
 
 if TYPE_CHECKING:
     from users_grpc.adapters.mongo.audit_trail import MongoAuditTrail
+    from users_grpc.adapters.mongo.groups import MongoGroupRepository
     from users_grpc.adapters.mongo.outbox import MongoOutbox
     from users_grpc.adapters.mongo.service_accounts import MongoServiceAccountRepository
     from users_grpc.adapters.mongo.sessions import MongoSessionRepository
@@ -37,11 +38,12 @@ async def ensure_indexes(
     throttles: MongoThrottleStore,
     service_accounts: MongoServiceAccountRepository,
     audit_trail: MongoAuditTrail,
+    groups: MongoGroupRepository,
 ) -> None:
     """Make every index that every schema version has: each store's (the users' own include the
     claims' and the change log's). The identifier indexes follow the version: see
     :func:`users_grpc.ops.migrations.prepare`."""
-    for store in (users, outbox, sessions, throttles, service_accounts, audit_trail):
+    for store in (users, outbox, sessions, throttles, service_accounts, audit_trail, groups):
         await store.ensure_indexes()
 
 

@@ -56,6 +56,10 @@ const (
 	ErrorReason_ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND ErrorReason = 7
 	// NOT_FOUND: the user has no metadata entry with this scope and key.
 	ErrorReason_ERROR_REASON_METADATA_NOT_FOUND ErrorReason = 40
+	// NOT_FOUND: no such group (or one being deleted).
+	ErrorReason_ERROR_REASON_GROUP_NOT_FOUND ErrorReason = 45
+	// NOT_FOUND: the user is not a member of the group.
+	ErrorReason_ERROR_REASON_GROUP_MEMBER_NOT_FOUND ErrorReason = 46
 	// ALREADY_EXISTS: a unique value is taken; ErrorInfo metadata `field` names it (`username`,
 	// `email`, ...).
 	ErrorReason_ERROR_REASON_ALREADY_EXISTS ErrorReason = 8
@@ -87,6 +91,9 @@ const (
 	// FAILED_PRECONDITION: WatchUserChanges' cursor is older than the changes kept (or ahead of the
 	// feed); read the users again with ListUsers and watch from an empty cursor.
 	ErrorReason_ERROR_REASON_CHANGE_CURSOR_EXPIRED ErrorReason = 25
+	// FAILED_PRECONDITION: the user is in as many groups as a user may be (32), so that the access
+	// token's `groups` claim stays small and complete; remove one first.
+	ErrorReason_ERROR_REASON_TOO_MANY_GROUPS ErrorReason = 47
 	// ABORTED: the request's etag no longer matches; read the user (or the metadata entry) again
 	// and retry.
 	ErrorReason_ERROR_REASON_ETAG_MISMATCH ErrorReason = 20
@@ -119,6 +126,8 @@ var (
 		6:  "ERROR_REASON_USER_NOT_FOUND",
 		7:  "ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND",
 		40: "ERROR_REASON_METADATA_NOT_FOUND",
+		45: "ERROR_REASON_GROUP_NOT_FOUND",
+		46: "ERROR_REASON_GROUP_MEMBER_NOT_FOUND",
 		8:  "ERROR_REASON_ALREADY_EXISTS",
 		9:  "ERROR_REASON_PERMISSION_DENIED",
 		10: "ERROR_REASON_UNAUTHENTICATED",
@@ -132,6 +141,7 @@ var (
 		18: "ERROR_REASON_LAST_ACTIVE_ADMIN",
 		19: "ERROR_REASON_WRONG_USER_STATE",
 		25: "ERROR_REASON_CHANGE_CURSOR_EXPIRED",
+		47: "ERROR_REASON_TOO_MANY_GROUPS",
 		20: "ERROR_REASON_ETAG_MISMATCH",
 		21: "ERROR_REASON_TOO_MANY_ATTEMPTS",
 		22: "ERROR_REASON_RATE_LIMITED",
@@ -149,6 +159,8 @@ var (
 		"ERROR_REASON_USER_NOT_FOUND":            6,
 		"ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND": 7,
 		"ERROR_REASON_METADATA_NOT_FOUND":        40,
+		"ERROR_REASON_GROUP_NOT_FOUND":           45,
+		"ERROR_REASON_GROUP_MEMBER_NOT_FOUND":    46,
 		"ERROR_REASON_ALREADY_EXISTS":            8,
 		"ERROR_REASON_PERMISSION_DENIED":         9,
 		"ERROR_REASON_UNAUTHENTICATED":           10,
@@ -162,6 +174,7 @@ var (
 		"ERROR_REASON_LAST_ACTIVE_ADMIN":         18,
 		"ERROR_REASON_WRONG_USER_STATE":          19,
 		"ERROR_REASON_CHANGE_CURSOR_EXPIRED":     25,
+		"ERROR_REASON_TOO_MANY_GROUPS":           47,
 		"ERROR_REASON_ETAG_MISMATCH":             20,
 		"ERROR_REASON_TOO_MANY_ATTEMPTS":         21,
 		"ERROR_REASON_RATE_LIMITED":              22,
@@ -202,7 +215,7 @@ var File_users_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xfe\a\n" +
+	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xeb\b\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\"\n" +
@@ -212,7 +225,9 @@ const file_users_v1_error_reason_proto_rawDesc = "" +
 	"&ERROR_REASON_INVALID_EMAIL_CHANGE_CODE\x10\x05\x12\x1f\n" +
 	"\x1bERROR_REASON_USER_NOT_FOUND\x10\x06\x12*\n" +
 	"&ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND\x10\a\x12#\n" +
-	"\x1fERROR_REASON_METADATA_NOT_FOUND\x10(\x12\x1f\n" +
+	"\x1fERROR_REASON_METADATA_NOT_FOUND\x10(\x12 \n" +
+	"\x1cERROR_REASON_GROUP_NOT_FOUND\x10-\x12'\n" +
+	"#ERROR_REASON_GROUP_MEMBER_NOT_FOUND\x10.\x12\x1f\n" +
 	"\x1bERROR_REASON_ALREADY_EXISTS\x10\b\x12\"\n" +
 	"\x1eERROR_REASON_PERMISSION_DENIED\x10\t\x12 \n" +
 	"\x1cERROR_REASON_UNAUTHENTICATED\x10\n" +
@@ -226,7 +241,8 @@ const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\x1bERROR_REASON_ACCOUNT_LOCKED\x10\x11\x12\"\n" +
 	"\x1eERROR_REASON_LAST_ACTIVE_ADMIN\x10\x12\x12!\n" +
 	"\x1dERROR_REASON_WRONG_USER_STATE\x10\x13\x12&\n" +
-	"\"ERROR_REASON_CHANGE_CURSOR_EXPIRED\x10\x19\x12\x1e\n" +
+	"\"ERROR_REASON_CHANGE_CURSOR_EXPIRED\x10\x19\x12 \n" +
+	"\x1cERROR_REASON_TOO_MANY_GROUPS\x10/\x12\x1e\n" +
 	"\x1aERROR_REASON_ETAG_MISMATCH\x10\x14\x12\"\n" +
 	"\x1eERROR_REASON_TOO_MANY_ATTEMPTS\x10\x15\x12\x1d\n" +
 	"\x19ERROR_REASON_RATE_LIMITED\x10\x16\x12\x1b\n" +

@@ -111,11 +111,15 @@ type TokenClaims struct {
 	// The session the token was issued for.
 	SessionId string `protobuf:"bytes,3,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	// The token's unique id (jti).
-	TokenId       string                 `protobuf:"bytes,4,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
-	Issuer        string                 `protobuf:"bytes,5,opt,name=issuer,proto3" json:"issuer,omitempty"`
-	Audience      string                 `protobuf:"bytes,6,opt,name=audience,proto3" json:"audience,omitempty"`
-	IssuedAt      *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=issued_at,json=issuedAt,proto3" json:"issued_at,omitempty"`
-	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	TokenId   string                 `protobuf:"bytes,4,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	Issuer    string                 `protobuf:"bytes,5,opt,name=issuer,proto3" json:"issuer,omitempty"`
+	Audience  string                 `protobuf:"bytes,6,opt,name=audience,proto3" json:"audience,omitempty"`
+	IssuedAt  *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=issued_at,json=issuedAt,proto3" json:"issued_at,omitempty"`
+	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// The ids of the groups the user was in when the token was issued (at most
+	// 32, a user's cap, so never cut short), in id order; the JWT's `groups`
+	// claim, absent from the JWT when empty.
+	Groups        []string `protobuf:"bytes,45,rep,name=groups,proto3" json:"groups,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -206,6 +210,13 @@ func (x *TokenClaims) GetExpiresAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *TokenClaims) GetGroups() []string {
+	if x != nil {
+		return x.Groups
+	}
+	return nil
+}
+
 var File_users_v1_session_proto protoreflect.FileDescriptor
 
 const file_users_v1_session_proto_rawDesc = "" +
@@ -219,7 +230,7 @@ const file_users_v1_session_proto_rawDesc = "" +
 	"\flast_used_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"lastUsedAt\x129\n" +
 	"\n" +
-	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\xad\x02\n" +
+	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\xc5\x02\n" +
 	"\vTokenClaims\x12\x18\n" +
 	"\asubject\x18\x01 \x01(\tR\asubject\x12\"\n" +
 	"\x04role\x18\x02 \x01(\x0e2\x0e.users.v1.RoleR\x04role\x12\x1d\n" +
@@ -230,7 +241,8 @@ const file_users_v1_session_proto_rawDesc = "" +
 	"\baudience\x18\x06 \x01(\tR\baudience\x127\n" +
 	"\tissued_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\bissuedAt\x129\n" +
 	"\n" +
-	"expires_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAtB\x85\x01\n" +
+	"expires_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x16\n" +
+	"\x06groups\x18- \x03(\tR\x06groupsB\x85\x01\n" +
 	"\fcom.users.v1B\fSessionProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (

@@ -93,6 +93,16 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_METADATA_SET AuditEventType = 40
 	// DeleteUserMetadata; the reason as for METADATA_SET. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_METADATA_DELETE AuditEventType = 41
+	// CreateGroup. Subject: the new group's id (none if refused).
+	AuditEventType_AUDIT_EVENT_TYPE_GROUP_CREATE AuditEventType = 45
+	// RenameGroup. Subject: the group.
+	AuditEventType_AUDIT_EVENT_TYPE_GROUP_RENAME AuditEventType = 46
+	// DeleteGroup. Subject: the group.
+	AuditEventType_AUDIT_EVENT_TYPE_GROUP_DELETE AuditEventType = 47
+	// AddGroupMember. Subject: the user; the reason names the group.
+	AuditEventType_AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD AuditEventType = 48
+	// RemoveGroupMember. Subject: the user; the reason names the group.
+	AuditEventType_AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE AuditEventType = 49
 )
 
 // Enum value maps for AuditEventType.
@@ -125,6 +135,11 @@ var (
 		24: "AUDIT_EVENT_TYPE_PROFILE_UPDATE",
 		40: "AUDIT_EVENT_TYPE_METADATA_SET",
 		41: "AUDIT_EVENT_TYPE_METADATA_DELETE",
+		45: "AUDIT_EVENT_TYPE_GROUP_CREATE",
+		46: "AUDIT_EVENT_TYPE_GROUP_RENAME",
+		47: "AUDIT_EVENT_TYPE_GROUP_DELETE",
+		48: "AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD",
+		49: "AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE",
 	}
 	AuditEventType_value = map[string]int32{
 		"AUDIT_EVENT_TYPE_UNSPECIFIED":               0,
@@ -154,6 +169,11 @@ var (
 		"AUDIT_EVENT_TYPE_PROFILE_UPDATE":            24,
 		"AUDIT_EVENT_TYPE_METADATA_SET":              40,
 		"AUDIT_EVENT_TYPE_METADATA_DELETE":           41,
+		"AUDIT_EVENT_TYPE_GROUP_CREATE":              45,
+		"AUDIT_EVENT_TYPE_GROUP_RENAME":              46,
+		"AUDIT_EVENT_TYPE_GROUP_DELETE":              47,
+		"AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD":          48,
+		"AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE":       49,
 	}
 )
 
@@ -276,6 +296,10 @@ const (
 	UserChangeType_USER_CHANGE_TYPE_DELETED UserChangeType = 10
 	// SetUserMetadata or DeleteUserMetadata; metadata_keys names the entry.
 	UserChangeType_USER_CHANGE_TYPE_METADATA_CHANGED UserChangeType = 25
+	// AddGroupMember. group_id names the group.
+	UserChangeType_USER_CHANGE_TYPE_GROUP_MEMBER_ADDED UserChangeType = 30
+	// RemoveGroupMember, or the sweep after DeleteGroup. group_id names the group.
+	UserChangeType_USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED UserChangeType = 31
 )
 
 // Enum value maps for UserChangeType.
@@ -293,20 +317,24 @@ var (
 		9:  "USER_CHANGE_TYPE_UNLOCKED",
 		10: "USER_CHANGE_TYPE_DELETED",
 		25: "USER_CHANGE_TYPE_METADATA_CHANGED",
+		30: "USER_CHANGE_TYPE_GROUP_MEMBER_ADDED",
+		31: "USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED",
 	}
 	UserChangeType_value = map[string]int32{
-		"USER_CHANGE_TYPE_UNSPECIFIED":      0,
-		"USER_CHANGE_TYPE_CREATED":          1,
-		"USER_CHANGE_TYPE_ACTIVATED":        2,
-		"USER_CHANGE_TYPE_UPDATED":          3,
-		"USER_CHANGE_TYPE_EMAIL_CHANGED":    4,
-		"USER_CHANGE_TYPE_ROLE_CHANGED":     5,
-		"USER_CHANGE_TYPE_DEACTIVATED":      6,
-		"USER_CHANGE_TYPE_REACTIVATED":      7,
-		"USER_CHANGE_TYPE_LOCKED":           8,
-		"USER_CHANGE_TYPE_UNLOCKED":         9,
-		"USER_CHANGE_TYPE_DELETED":          10,
-		"USER_CHANGE_TYPE_METADATA_CHANGED": 25,
+		"USER_CHANGE_TYPE_UNSPECIFIED":          0,
+		"USER_CHANGE_TYPE_CREATED":              1,
+		"USER_CHANGE_TYPE_ACTIVATED":            2,
+		"USER_CHANGE_TYPE_UPDATED":              3,
+		"USER_CHANGE_TYPE_EMAIL_CHANGED":        4,
+		"USER_CHANGE_TYPE_ROLE_CHANGED":         5,
+		"USER_CHANGE_TYPE_DEACTIVATED":          6,
+		"USER_CHANGE_TYPE_REACTIVATED":          7,
+		"USER_CHANGE_TYPE_LOCKED":               8,
+		"USER_CHANGE_TYPE_UNLOCKED":             9,
+		"USER_CHANGE_TYPE_DELETED":              10,
+		"USER_CHANGE_TYPE_METADATA_CHANGED":     25,
+		"USER_CHANGE_TYPE_GROUP_MEMBER_ADDED":   30,
+		"USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED": 31,
 	}
 )
 
@@ -5012,7 +5040,10 @@ type UserChange struct {
 	UserChangeNumber int64 `protobuf:"varint,6,opt,name=user_change_number,json=userChangeNumber,proto3" json:"user_change_number,omitempty"`
 	// For USER_CHANGE_TYPE_METADATA_CHANGED: the entry set or removed (its value, if any, is in
 	// user.metadata).
-	MetadataKeys  []*MetadataKey `protobuf:"bytes,40,rep,name=metadata_keys,json=metadataKeys,proto3" json:"metadata_keys,omitempty"`
+	MetadataKeys []*MetadataKey `protobuf:"bytes,40,rep,name=metadata_keys,json=metadataKeys,proto3" json:"metadata_keys,omitempty"`
+	// For USER_CHANGE_TYPE_GROUP_MEMBER_ADDED and _REMOVED: the group (24
+	// hexadecimal digits).
+	GroupId       string `protobuf:"bytes,45,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5096,11 +5127,18 @@ func (x *UserChange) GetMetadataKeys() []*MetadataKey {
 	return nil
 }
 
+func (x *UserChange) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
 var File_users_v1_user_service_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x17users/v1/metadata.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xc5\x02\n" +
+	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x17users/v1/metadata.proto\x1a\x14users/v1/group.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xc5\x02\n" +
 	"\x11CreateUserRequest\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -5385,7 +5423,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x17WatchUserChangesRequest\x12\x14\n" +
 	"\x05after\x18\x01 \x01(\tR\x05after\"H\n" +
 	"\x18WatchUserChangesResponse\x12,\n" +
-	"\x06change\x18\x01 \x01(\v2\x14.users.v1.UserChangeR\x06change\"\xb6\x02\n" +
+	"\x06change\x18\x01 \x01(\v2\x14.users.v1.UserChangeR\x06change\"\xd1\x02\n" +
 	"\n" +
 	"UserChange\x12\x16\n" +
 	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x12\x17\n" +
@@ -5395,7 +5433,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"changeTime\x12\"\n" +
 	"\x04user\x18\x05 \x01(\v2\x0e.users.v1.UserR\x04user\x12,\n" +
 	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber\x12:\n" +
-	"\rmetadata_keys\x18( \x03(\v2\x15.users.v1.MetadataKeyR\fmetadataKeys*\xfa\a\n" +
+	"\rmetadata_keys\x18( \x03(\v2\x15.users.v1.MetadataKeyR\fmetadataKeys\x12\x19\n" +
+	"\bgroup_id\x18- \x01(\tR\agroupId*\xb4\t\n" +
 	"\x0eAuditEventType\x12 \n" +
 	"\x1cAUDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18AUDIT_EVENT_TYPE_SIGN_IN\x10\x01\x12&\n" +
@@ -5424,14 +5463,19 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	" AUDIT_EVENT_TYPE_SESSIONS_REVOKE\x10\x17\x12#\n" +
 	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18\x12!\n" +
 	"\x1dAUDIT_EVENT_TYPE_METADATA_SET\x10(\x12$\n" +
-	" AUDIT_EVENT_TYPE_METADATA_DELETE\x10)*\xd0\x01\n" +
+	" AUDIT_EVENT_TYPE_METADATA_DELETE\x10)\x12!\n" +
+	"\x1dAUDIT_EVENT_TYPE_GROUP_CREATE\x10-\x12!\n" +
+	"\x1dAUDIT_EVENT_TYPE_GROUP_RENAME\x10.\x12!\n" +
+	"\x1dAUDIT_EVENT_TYPE_GROUP_DELETE\x10/\x12%\n" +
+	"!AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD\x100\x12(\n" +
+	"$AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE\x101*\xd0\x01\n" +
 	"\x0eAuditActorKind\x12 \n" +
 	"\x1cAUDIT_ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aAUDIT_ACTOR_KIND_ANONYMOUS\x10\x01\x12\x19\n" +
 	"\x15AUDIT_ACTOR_KIND_USER\x10\x02\x12\x1c\n" +
 	"\x18AUDIT_ACTOR_KIND_MACHINE\x10\x03\x12$\n" +
 	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x04\x12\x1d\n" +
-	"\x19AUDIT_ACTOR_KIND_OPERATOR\x10\x05*\x9a\x03\n" +
+	"\x19AUDIT_ACTOR_KIND_OPERATOR\x10\x05*\xee\x03\n" +
 	"\x0eUserChangeType\x12 \n" +
 	"\x1cUSER_CHANGE_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_CREATED\x10\x01\x12\x1e\n" +
@@ -5445,7 +5489,9 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x19USER_CHANGE_TYPE_UNLOCKED\x10\t\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_DELETED\x10\n" +
 	"\x12%\n" +
-	"!USER_CHANGE_TYPE_METADATA_CHANGED\x10\x192\xf7\x1d\n" +
+	"!USER_CHANGE_TYPE_METADATA_CHANGED\x10\x19\x12'\n" +
+	"#USER_CHANGE_TYPE_GROUP_MEMBER_ADDED\x10\x1e\x12)\n" +
+	"%USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED\x10\x1f2\x87#\n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -5497,7 +5543,16 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x0fSetUserMetadata\x12 .users.v1.SetUserMetadataRequest\x1a!.users.v1.SetUserMetadataResponse\x12V\n" +
 	"\x0fGetUserMetadata\x12 .users.v1.GetUserMetadataRequest\x1a!.users.v1.GetUserMetadataResponse\x12Y\n" +
 	"\x10ListUserMetadata\x12!.users.v1.ListUserMetadataRequest\x1a\".users.v1.ListUserMetadataResponse\x12_\n" +
-	"\x12DeleteUserMetadata\x12#.users.v1.DeleteUserMetadataRequest\x1a$.users.v1.DeleteUserMetadataResponseB\x89\x01\n" +
+	"\x12DeleteUserMetadata\x12#.users.v1.DeleteUserMetadataRequest\x1a$.users.v1.DeleteUserMetadataResponse\x12J\n" +
+	"\vCreateGroup\x12\x1c.users.v1.CreateGroupRequest\x1a\x1d.users.v1.CreateGroupResponse\x12J\n" +
+	"\vRenameGroup\x12\x1c.users.v1.RenameGroupRequest\x1a\x1d.users.v1.RenameGroupResponse\x12J\n" +
+	"\vDeleteGroup\x12\x1c.users.v1.DeleteGroupRequest\x1a\x1d.users.v1.DeleteGroupResponse\x12G\n" +
+	"\n" +
+	"ListGroups\x12\x1b.users.v1.ListGroupsRequest\x1a\x1c.users.v1.ListGroupsResponse\x12S\n" +
+	"\x0eAddGroupMember\x12\x1f.users.v1.AddGroupMemberRequest\x1a .users.v1.AddGroupMemberResponse\x12\\\n" +
+	"\x11RemoveGroupMember\x12\".users.v1.RemoveGroupMemberRequest\x1a#.users.v1.RemoveGroupMemberResponse\x12Y\n" +
+	"\x10ListGroupMembers\x12!.users.v1.ListGroupMembersRequest\x1a\".users.v1.ListGroupMembersResponse\x12S\n" +
+	"\x0eListUserGroups\x12\x1f.users.v1.ListUserGroupsRequest\x1a .users.v1.ListUserGroupsResponseB\x89\x01\n" +
 	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
@@ -5622,10 +5677,26 @@ var file_users_v1_user_service_proto_goTypes = []any{
 	(*GetUserMetadataRequest)(nil),          // 104: users.v1.GetUserMetadataRequest
 	(*ListUserMetadataRequest)(nil),         // 105: users.v1.ListUserMetadataRequest
 	(*DeleteUserMetadataRequest)(nil),       // 106: users.v1.DeleteUserMetadataRequest
-	(*SetUserMetadataResponse)(nil),         // 107: users.v1.SetUserMetadataResponse
-	(*GetUserMetadataResponse)(nil),         // 108: users.v1.GetUserMetadataResponse
-	(*ListUserMetadataResponse)(nil),        // 109: users.v1.ListUserMetadataResponse
-	(*DeleteUserMetadataResponse)(nil),      // 110: users.v1.DeleteUserMetadataResponse
+	(*CreateGroupRequest)(nil),              // 107: users.v1.CreateGroupRequest
+	(*RenameGroupRequest)(nil),              // 108: users.v1.RenameGroupRequest
+	(*DeleteGroupRequest)(nil),              // 109: users.v1.DeleteGroupRequest
+	(*ListGroupsRequest)(nil),               // 110: users.v1.ListGroupsRequest
+	(*AddGroupMemberRequest)(nil),           // 111: users.v1.AddGroupMemberRequest
+	(*RemoveGroupMemberRequest)(nil),        // 112: users.v1.RemoveGroupMemberRequest
+	(*ListGroupMembersRequest)(nil),         // 113: users.v1.ListGroupMembersRequest
+	(*ListUserGroupsRequest)(nil),           // 114: users.v1.ListUserGroupsRequest
+	(*SetUserMetadataResponse)(nil),         // 115: users.v1.SetUserMetadataResponse
+	(*GetUserMetadataResponse)(nil),         // 116: users.v1.GetUserMetadataResponse
+	(*ListUserMetadataResponse)(nil),        // 117: users.v1.ListUserMetadataResponse
+	(*DeleteUserMetadataResponse)(nil),      // 118: users.v1.DeleteUserMetadataResponse
+	(*CreateGroupResponse)(nil),             // 119: users.v1.CreateGroupResponse
+	(*RenameGroupResponse)(nil),             // 120: users.v1.RenameGroupResponse
+	(*DeleteGroupResponse)(nil),             // 121: users.v1.DeleteGroupResponse
+	(*ListGroupsResponse)(nil),              // 122: users.v1.ListGroupsResponse
+	(*AddGroupMemberResponse)(nil),          // 123: users.v1.AddGroupMemberResponse
+	(*RemoveGroupMemberResponse)(nil),       // 124: users.v1.RemoveGroupMemberResponse
+	(*ListGroupMembersResponse)(nil),        // 125: users.v1.ListGroupMembersResponse
+	(*ListUserGroupsResponse)(nil),          // 126: users.v1.ListUserGroupsResponse
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
 	91,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
@@ -5729,53 +5800,69 @@ var file_users_v1_user_service_proto_depIdxs = []int32{
 	104, // 98: users.v1.UserService.GetUserMetadata:input_type -> users.v1.GetUserMetadataRequest
 	105, // 99: users.v1.UserService.ListUserMetadata:input_type -> users.v1.ListUserMetadataRequest
 	106, // 100: users.v1.UserService.DeleteUserMetadata:input_type -> users.v1.DeleteUserMetadataRequest
-	4,   // 101: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	6,   // 102: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	8,   // 103: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	10,  // 104: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	12,  // 105: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	14,  // 106: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	16,  // 107: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	18,  // 108: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	20,  // 109: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	22,  // 110: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	24,  // 111: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	26,  // 112: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	28,  // 113: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	30,  // 114: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	32,  // 115: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	34,  // 116: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	36,  // 117: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	38,  // 118: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	40,  // 119: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	42,  // 120: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	44,  // 121: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	46,  // 122: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	48,  // 123: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	50,  // 124: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	52,  // 125: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	54,  // 126: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	56,  // 127: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	58,  // 128: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	60,  // 129: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	62,  // 130: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	64,  // 131: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	66,  // 132: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	69,  // 133: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	73,  // 134: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	75,  // 135: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	77,  // 136: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	79,  // 137: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	81,  // 138: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	83,  // 139: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	87,  // 140: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	89,  // 141: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
-	107, // 142: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
-	108, // 143: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
-	109, // 144: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
-	110, // 145: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
-	101, // [101:146] is the sub-list for method output_type
-	56,  // [56:101] is the sub-list for method input_type
+	107, // 101: users.v1.UserService.CreateGroup:input_type -> users.v1.CreateGroupRequest
+	108, // 102: users.v1.UserService.RenameGroup:input_type -> users.v1.RenameGroupRequest
+	109, // 103: users.v1.UserService.DeleteGroup:input_type -> users.v1.DeleteGroupRequest
+	110, // 104: users.v1.UserService.ListGroups:input_type -> users.v1.ListGroupsRequest
+	111, // 105: users.v1.UserService.AddGroupMember:input_type -> users.v1.AddGroupMemberRequest
+	112, // 106: users.v1.UserService.RemoveGroupMember:input_type -> users.v1.RemoveGroupMemberRequest
+	113, // 107: users.v1.UserService.ListGroupMembers:input_type -> users.v1.ListGroupMembersRequest
+	114, // 108: users.v1.UserService.ListUserGroups:input_type -> users.v1.ListUserGroupsRequest
+	4,   // 109: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	6,   // 110: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	8,   // 111: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	10,  // 112: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	12,  // 113: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	14,  // 114: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	16,  // 115: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	18,  // 116: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	20,  // 117: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	22,  // 118: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	24,  // 119: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	26,  // 120: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	28,  // 121: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	30,  // 122: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	32,  // 123: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	34,  // 124: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	36,  // 125: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	38,  // 126: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	40,  // 127: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	42,  // 128: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	44,  // 129: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	46,  // 130: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	48,  // 131: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	50,  // 132: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	52,  // 133: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	54,  // 134: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	56,  // 135: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	58,  // 136: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	60,  // 137: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	62,  // 138: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	64,  // 139: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	66,  // 140: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	69,  // 141: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	73,  // 142: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	75,  // 143: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	77,  // 144: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	79,  // 145: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	81,  // 146: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	83,  // 147: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	87,  // 148: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	89,  // 149: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	115, // 150: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
+	116, // 151: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
+	117, // 152: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
+	118, // 153: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
+	119, // 154: users.v1.UserService.CreateGroup:output_type -> users.v1.CreateGroupResponse
+	120, // 155: users.v1.UserService.RenameGroup:output_type -> users.v1.RenameGroupResponse
+	121, // 156: users.v1.UserService.DeleteGroup:output_type -> users.v1.DeleteGroupResponse
+	122, // 157: users.v1.UserService.ListGroups:output_type -> users.v1.ListGroupsResponse
+	123, // 158: users.v1.UserService.AddGroupMember:output_type -> users.v1.AddGroupMemberResponse
+	124, // 159: users.v1.UserService.RemoveGroupMember:output_type -> users.v1.RemoveGroupMemberResponse
+	125, // 160: users.v1.UserService.ListGroupMembers:output_type -> users.v1.ListGroupMembersResponse
+	126, // 161: users.v1.UserService.ListUserGroups:output_type -> users.v1.ListUserGroupsResponse
+	109, // [109:162] is the sub-list for method output_type
+	56,  // [56:109] is the sub-list for method input_type
 	56,  // [56:56] is the sub-list for extension type_name
 	56,  // [56:56] is the sub-list for extension extendee
 	0,   // [0:56] is the sub-list for field type_name
@@ -5787,6 +5874,7 @@ func file_users_v1_user_service_proto_init() {
 		return
 	}
 	file_users_v1_metadata_proto_init()
+	file_users_v1_group_proto_init()
 	file_users_v1_session_proto_init()
 	file_users_v1_user_proto_init()
 	file_users_v1_user_service_proto_msgTypes[67].OneofWrappers = []any{

@@ -64,6 +64,14 @@ const (
 	UserService_GetUserMetadata_FullMethodName         = "/users.v1.UserService/GetUserMetadata"
 	UserService_ListUserMetadata_FullMethodName        = "/users.v1.UserService/ListUserMetadata"
 	UserService_DeleteUserMetadata_FullMethodName      = "/users.v1.UserService/DeleteUserMetadata"
+	UserService_CreateGroup_FullMethodName             = "/users.v1.UserService/CreateGroup"
+	UserService_RenameGroup_FullMethodName             = "/users.v1.UserService/RenameGroup"
+	UserService_DeleteGroup_FullMethodName             = "/users.v1.UserService/DeleteGroup"
+	UserService_ListGroups_FullMethodName              = "/users.v1.UserService/ListGroups"
+	UserService_AddGroupMember_FullMethodName          = "/users.v1.UserService/AddGroupMember"
+	UserService_RemoveGroupMember_FullMethodName       = "/users.v1.UserService/RemoveGroupMember"
+	UserService_ListGroupMembers_FullMethodName        = "/users.v1.UserService/ListGroupMembers"
+	UserService_ListUserGroups_FullMethodName          = "/users.v1.UserService/ListUserGroups"
 )
 
 // UserServiceClient is the client API for UserService service.
@@ -526,10 +534,11 @@ type UserServiceClient interface {
 	// An append-only record of sign-ins (Authenticate, VerifyCredentials,
 	// IssueServiceToken: successes and failures), password changes and resets,
 	// MFA changes, email and role changes, deactivation, locking, deletion,
-	// imports and service-account changes: who (the actor and its source
-	// address) did what to whom (the subject), when, and how it ended. It
-	// never holds a password, code, token, hash or secret; a failed sign-in
-	// names its subject only when the identifier given belongs to an account.
+	// imports, service-account changes, and groups and their memberships: who
+	// (the actor and its source address) did what to whom (the subject), when,
+	// and how it ended. It never holds a password, code, token, hash or secret;
+	// a failed sign-in names its subject only when the identifier given belongs
+	// to an account.
 	// Calls refused before they reach the service (no or a bad credential, a
 	// caller the access rule does not admit, the per-address rate limit) are
 	// not recorded: they are logged, so that an anonymous flood cannot fill
@@ -548,10 +557,11 @@ type UserServiceClient interface {
 	//
 	// Streams the changes made after the cursor `after` (created, activated,
 	// updated, email changed, role changed, deactivated, reactivated, locked,
-	// unlocked, deleted), oldest first, then each new change as it is made
-	// (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
-	// caller cancels. An empty `after` starts at the oldest change kept
-	// (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+	// unlocked, deleted, added to or removed from a group), oldest first, then
+	// each new change as it is made (within USERS_CHANGE_POLL_SECONDS when
+	// another replica made it), until the caller cancels. An empty `after`
+	// starts at the oldest change kept (USERS_CHANGE_RETENTION_DAYS, 7 by
+	// default).
 	//
 	// Delivery guarantee: a consumer that reconnects with the cursor of the last
 	// change it handled gets every later change exactly once, in the same order,
@@ -613,6 +623,67 @@ type UserServiceClient interface {
 	// INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
 	// METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
 	DeleteUserMetadata(ctx context.Context, in *DeleteUserMetadataRequest, opts ...grpc.CallOption) (*DeleteUserMetadataResponse, error)
+	// Create a named group of users
+	//
+	// Names are unique, compared after NFKC normalization and case folding (as
+	// usernames are). Callers: an admin. Errors: INVALID_ARGUMENT (the name:
+	// 1 to 64 characters, no control characters), ALREADY_EXISTS (the name is
+	// taken; ErrorInfo metadata `field` is `name`), UNAUTHENTICATED,
+	// PERMISSION_DENIED, UNAVAILABLE.
+	CreateGroup(ctx context.Context, in *CreateGroupRequest, opts ...grpc.CallOption) (*CreateGroupResponse, error)
+	// Rename a group; its id and members stay
+	//
+	// Access tokens carry group ids, not names, so a rename changes no token.
+	// Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (ErrorInfo reason
+	// GROUP_NOT_FOUND), ALREADY_EXISTS (the name is taken), UNAUTHENTICATED,
+	// PERMISSION_DENIED, UNAVAILABLE.
+	RenameGroup(ctx context.Context, in *RenameGroupRequest, opts ...grpc.CallOption) (*RenameGroupResponse, error)
+	// Delete a group and, in the background, its memberships
+	//
+	// The group is gone for every call at once (its name is free again, it is
+	// in no list and no new access token). Its memberships are then removed by
+	// housekeeping, a bounded batch at a time (USERS_HOUSEKEEPING_INTERVAL_SECONDS),
+	// each with a USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED change in the feed.
+	// Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND),
+	// UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+	DeleteGroup(ctx context.Context, in *DeleteGroupRequest, opts ...grpc.CallOption) (*DeleteGroupResponse, error)
+	// List the groups, oldest first
+	//
+	// Keyset pagination by group id. Callers: an admin or a machine caller.
+	// Errors: INVALID_ARGUMENT (page_size below 0 or over 1000, a bad
+	// page_token), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+	ListGroups(ctx context.Context, in *ListGroupsRequest, opts ...grpc.CallOption) (*ListGroupsResponse, error)
+	// Add a user to a group
+	//
+	// The user's next access token (Authenticate, RefreshSession) carries the
+	// group in its `groups` claim; tokens issued before do not. A user is in at
+	// most 32 groups, so that the claim stays small and always complete.
+	// Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+	// USER_NOT_FOUND), ALREADY_EXISTS (the user is a member already; ErrorInfo
+	// metadata `field` is `user_id`), FAILED_PRECONDITION (TOO_MANY_GROUPS: the
+	// user is in 32 groups), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+	AddGroupMember(ctx context.Context, in *AddGroupMemberRequest, opts ...grpc.CallOption) (*AddGroupMemberResponse, error)
+	// Remove a user from a group
+	//
+	// The user's next access token no longer carries the group.
+	// Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+	// GROUP_MEMBER_NOT_FOUND: the user is not a member), UNAUTHENTICATED,
+	// PERMISSION_DENIED, UNAVAILABLE.
+	RemoveGroupMember(ctx context.Context, in *RemoveGroupMemberRequest, opts ...grpc.CallOption) (*RemoveGroupMemberResponse, error)
+	// List a group's members, by user id
+	//
+	// Keyset pagination by user id: a page deep in a large group costs what
+	// the first one costs. Callers: an admin or a machine caller. Errors:
+	// INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+	// NOT_FOUND (GROUP_NOT_FOUND), UNAUTHENTICATED, PERMISSION_DENIED,
+	// UNAVAILABLE.
+	ListGroupMembers(ctx context.Context, in *ListGroupMembersRequest, opts ...grpc.CallOption) (*ListGroupMembersResponse, error)
+	// List the groups a user is in, by group id
+	//
+	// Callers: the user themself, an admin or a machine caller. Errors:
+	// INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+	// UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+	ListUserGroups(ctx context.Context, in *ListUserGroupsRequest, opts ...grpc.CallOption) (*ListUserGroupsResponse, error)
 }
 
 type userServiceClient struct {
@@ -1082,6 +1153,86 @@ func (c *userServiceClient) DeleteUserMetadata(ctx context.Context, in *DeleteUs
 	return out, nil
 }
 
+func (c *userServiceClient) CreateGroup(ctx context.Context, in *CreateGroupRequest, opts ...grpc.CallOption) (*CreateGroupResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateGroupResponse)
+	err := c.cc.Invoke(ctx, UserService_CreateGroup_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) RenameGroup(ctx context.Context, in *RenameGroupRequest, opts ...grpc.CallOption) (*RenameGroupResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RenameGroupResponse)
+	err := c.cc.Invoke(ctx, UserService_RenameGroup_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) DeleteGroup(ctx context.Context, in *DeleteGroupRequest, opts ...grpc.CallOption) (*DeleteGroupResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteGroupResponse)
+	err := c.cc.Invoke(ctx, UserService_DeleteGroup_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) ListGroups(ctx context.Context, in *ListGroupsRequest, opts ...grpc.CallOption) (*ListGroupsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListGroupsResponse)
+	err := c.cc.Invoke(ctx, UserService_ListGroups_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) AddGroupMember(ctx context.Context, in *AddGroupMemberRequest, opts ...grpc.CallOption) (*AddGroupMemberResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AddGroupMemberResponse)
+	err := c.cc.Invoke(ctx, UserService_AddGroupMember_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) RemoveGroupMember(ctx context.Context, in *RemoveGroupMemberRequest, opts ...grpc.CallOption) (*RemoveGroupMemberResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemoveGroupMemberResponse)
+	err := c.cc.Invoke(ctx, UserService_RemoveGroupMember_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) ListGroupMembers(ctx context.Context, in *ListGroupMembersRequest, opts ...grpc.CallOption) (*ListGroupMembersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListGroupMembersResponse)
+	err := c.cc.Invoke(ctx, UserService_ListGroupMembers_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) ListUserGroups(ctx context.Context, in *ListUserGroupsRequest, opts ...grpc.CallOption) (*ListUserGroupsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListUserGroupsResponse)
+	err := c.cc.Invoke(ctx, UserService_ListUserGroups_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UserServiceServer is the server API for UserService service.
 // All implementations must embed UnimplementedUserServiceServer
 // for forward compatibility.
@@ -1542,10 +1693,11 @@ type UserServiceServer interface {
 	// An append-only record of sign-ins (Authenticate, VerifyCredentials,
 	// IssueServiceToken: successes and failures), password changes and resets,
 	// MFA changes, email and role changes, deactivation, locking, deletion,
-	// imports and service-account changes: who (the actor and its source
-	// address) did what to whom (the subject), when, and how it ended. It
-	// never holds a password, code, token, hash or secret; a failed sign-in
-	// names its subject only when the identifier given belongs to an account.
+	// imports, service-account changes, and groups and their memberships: who
+	// (the actor and its source address) did what to whom (the subject), when,
+	// and how it ended. It never holds a password, code, token, hash or secret;
+	// a failed sign-in names its subject only when the identifier given belongs
+	// to an account.
 	// Calls refused before they reach the service (no or a bad credential, a
 	// caller the access rule does not admit, the per-address rate limit) are
 	// not recorded: they are logged, so that an anonymous flood cannot fill
@@ -1564,10 +1716,11 @@ type UserServiceServer interface {
 	//
 	// Streams the changes made after the cursor `after` (created, activated,
 	// updated, email changed, role changed, deactivated, reactivated, locked,
-	// unlocked, deleted), oldest first, then each new change as it is made
-	// (within USERS_CHANGE_POLL_SECONDS when another replica made it), until the
-	// caller cancels. An empty `after` starts at the oldest change kept
-	// (USERS_CHANGE_RETENTION_DAYS, 7 by default).
+	// unlocked, deleted, added to or removed from a group), oldest first, then
+	// each new change as it is made (within USERS_CHANGE_POLL_SECONDS when
+	// another replica made it), until the caller cancels. An empty `after`
+	// starts at the oldest change kept (USERS_CHANGE_RETENTION_DAYS, 7 by
+	// default).
 	//
 	// Delivery guarantee: a consumer that reconnects with the cursor of the last
 	// change it handled gets every later change exactly once, in the same order,
@@ -1629,6 +1782,67 @@ type UserServiceServer interface {
 	// INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND;
 	// METADATA_NOT_FOUND: no such entry), ABORTED (ETAG_MISMATCH), UNAVAILABLE.
 	DeleteUserMetadata(context.Context, *DeleteUserMetadataRequest) (*DeleteUserMetadataResponse, error)
+	// Create a named group of users
+	//
+	// Names are unique, compared after NFKC normalization and case folding (as
+	// usernames are). Callers: an admin. Errors: INVALID_ARGUMENT (the name:
+	// 1 to 64 characters, no control characters), ALREADY_EXISTS (the name is
+	// taken; ErrorInfo metadata `field` is `name`), UNAUTHENTICATED,
+	// PERMISSION_DENIED, UNAVAILABLE.
+	CreateGroup(context.Context, *CreateGroupRequest) (*CreateGroupResponse, error)
+	// Rename a group; its id and members stay
+	//
+	// Access tokens carry group ids, not names, so a rename changes no token.
+	// Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (ErrorInfo reason
+	// GROUP_NOT_FOUND), ALREADY_EXISTS (the name is taken), UNAUTHENTICATED,
+	// PERMISSION_DENIED, UNAVAILABLE.
+	RenameGroup(context.Context, *RenameGroupRequest) (*RenameGroupResponse, error)
+	// Delete a group and, in the background, its memberships
+	//
+	// The group is gone for every call at once (its name is free again, it is
+	// in no list and no new access token). Its memberships are then removed by
+	// housekeeping, a bounded batch at a time (USERS_HOUSEKEEPING_INTERVAL_SECONDS),
+	// each with a USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED change in the feed.
+	// Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND),
+	// UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+	DeleteGroup(context.Context, *DeleteGroupRequest) (*DeleteGroupResponse, error)
+	// List the groups, oldest first
+	//
+	// Keyset pagination by group id. Callers: an admin or a machine caller.
+	// Errors: INVALID_ARGUMENT (page_size below 0 or over 1000, a bad
+	// page_token), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+	ListGroups(context.Context, *ListGroupsRequest) (*ListGroupsResponse, error)
+	// Add a user to a group
+	//
+	// The user's next access token (Authenticate, RefreshSession) carries the
+	// group in its `groups` claim; tokens issued before do not. A user is in at
+	// most 32 groups, so that the claim stays small and always complete.
+	// Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+	// USER_NOT_FOUND), ALREADY_EXISTS (the user is a member already; ErrorInfo
+	// metadata `field` is `user_id`), FAILED_PRECONDITION (TOO_MANY_GROUPS: the
+	// user is in 32 groups), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+	AddGroupMember(context.Context, *AddGroupMemberRequest) (*AddGroupMemberResponse, error)
+	// Remove a user from a group
+	//
+	// The user's next access token no longer carries the group.
+	// Callers: an admin. Errors: INVALID_ARGUMENT, NOT_FOUND (GROUP_NOT_FOUND;
+	// GROUP_MEMBER_NOT_FOUND: the user is not a member), UNAUTHENTICATED,
+	// PERMISSION_DENIED, UNAVAILABLE.
+	RemoveGroupMember(context.Context, *RemoveGroupMemberRequest) (*RemoveGroupMemberResponse, error)
+	// List a group's members, by user id
+	//
+	// Keyset pagination by user id: a page deep in a large group costs what
+	// the first one costs. Callers: an admin or a machine caller. Errors:
+	// INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+	// NOT_FOUND (GROUP_NOT_FOUND), UNAUTHENTICATED, PERMISSION_DENIED,
+	// UNAVAILABLE.
+	ListGroupMembers(context.Context, *ListGroupMembersRequest) (*ListGroupMembersResponse, error)
+	// List the groups a user is in, by group id
+	//
+	// Callers: the user themself, an admin or a machine caller. Errors:
+	// INVALID_ARGUMENT (page_size below 0 or over 1000, a bad page_token),
+	// UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+	ListUserGroups(context.Context, *ListUserGroupsRequest) (*ListUserGroupsResponse, error)
 	mustEmbedUnimplementedUserServiceServer()
 }
 
@@ -1773,6 +1987,30 @@ func (UnimplementedUserServiceServer) ListUserMetadata(context.Context, *ListUse
 }
 func (UnimplementedUserServiceServer) DeleteUserMetadata(context.Context, *DeleteUserMetadataRequest) (*DeleteUserMetadataResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteUserMetadata not implemented")
+}
+func (UnimplementedUserServiceServer) CreateGroup(context.Context, *CreateGroupRequest) (*CreateGroupResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateGroup not implemented")
+}
+func (UnimplementedUserServiceServer) RenameGroup(context.Context, *RenameGroupRequest) (*RenameGroupResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RenameGroup not implemented")
+}
+func (UnimplementedUserServiceServer) DeleteGroup(context.Context, *DeleteGroupRequest) (*DeleteGroupResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteGroup not implemented")
+}
+func (UnimplementedUserServiceServer) ListGroups(context.Context, *ListGroupsRequest) (*ListGroupsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListGroups not implemented")
+}
+func (UnimplementedUserServiceServer) AddGroupMember(context.Context, *AddGroupMemberRequest) (*AddGroupMemberResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AddGroupMember not implemented")
+}
+func (UnimplementedUserServiceServer) RemoveGroupMember(context.Context, *RemoveGroupMemberRequest) (*RemoveGroupMemberResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemoveGroupMember not implemented")
+}
+func (UnimplementedUserServiceServer) ListGroupMembers(context.Context, *ListGroupMembersRequest) (*ListGroupMembersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListGroupMembers not implemented")
+}
+func (UnimplementedUserServiceServer) ListUserGroups(context.Context, *ListUserGroupsRequest) (*ListUserGroupsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListUserGroups not implemented")
 }
 func (UnimplementedUserServiceServer) mustEmbedUnimplementedUserServiceServer() {}
 func (UnimplementedUserServiceServer) testEmbeddedByValue()                     {}
@@ -2598,6 +2836,150 @@ func _UserService_DeleteUserMetadata_Handler(srv interface{}, ctx context.Contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _UserService_CreateGroup_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateGroupRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).CreateGroup(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_CreateGroup_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).CreateGroup(ctx, req.(*CreateGroupRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_RenameGroup_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenameGroupRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).RenameGroup(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_RenameGroup_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).RenameGroup(ctx, req.(*RenameGroupRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_DeleteGroup_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteGroupRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).DeleteGroup(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_DeleteGroup_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).DeleteGroup(ctx, req.(*DeleteGroupRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_ListGroups_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListGroupsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).ListGroups(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_ListGroups_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).ListGroups(ctx, req.(*ListGroupsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_AddGroupMember_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddGroupMemberRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).AddGroupMember(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_AddGroupMember_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).AddGroupMember(ctx, req.(*AddGroupMemberRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_RemoveGroupMember_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemoveGroupMemberRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).RemoveGroupMember(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_RemoveGroupMember_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).RemoveGroupMember(ctx, req.(*RemoveGroupMemberRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_ListGroupMembers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListGroupMembersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).ListGroupMembers(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_ListGroupMembers_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).ListGroupMembers(ctx, req.(*ListGroupMembersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_ListUserGroups_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListUserGroupsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).ListUserGroups(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_ListUserGroups_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).ListUserGroups(ctx, req.(*ListUserGroupsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // UserService_ServiceDesc is the grpc.ServiceDesc for UserService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -2780,6 +3162,38 @@ var UserService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteUserMetadata",
 			Handler:    _UserService_DeleteUserMetadata_Handler,
+		},
+		{
+			MethodName: "CreateGroup",
+			Handler:    _UserService_CreateGroup_Handler,
+		},
+		{
+			MethodName: "RenameGroup",
+			Handler:    _UserService_RenameGroup_Handler,
+		},
+		{
+			MethodName: "DeleteGroup",
+			Handler:    _UserService_DeleteGroup_Handler,
+		},
+		{
+			MethodName: "ListGroups",
+			Handler:    _UserService_ListGroups_Handler,
+		},
+		{
+			MethodName: "AddGroupMember",
+			Handler:    _UserService_AddGroupMember_Handler,
+		},
+		{
+			MethodName: "RemoveGroupMember",
+			Handler:    _UserService_RemoveGroupMember_Handler,
+		},
+		{
+			MethodName: "ListGroupMembers",
+			Handler:    _UserService_ListGroupMembers_Handler,
+		},
+		{
+			MethodName: "ListUserGroups",
+			Handler:    _UserService_ListUserGroups_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

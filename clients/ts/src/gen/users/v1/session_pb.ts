@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file users/v1/session.proto.
  */
 export const file_users_v1_session: GenFile = /*@__PURE__*/
-  fileDesc("ChZ1c2Vycy92MS9zZXNzaW9uLnByb3RvEgh1c2Vycy52MSK4AQoHU2Vzc2lvbhIKCgJpZBgBIAEoCRIPCgd1c2VyX2lkGAIgASgJEi4KCmNyZWF0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi4wEKC1Rva2VuQ2xhaW1zEg8KB3N1YmplY3QYASABKAkSHAoEcm9sZRgCIAEoDjIOLnVzZXJzLnYxLlJvbGUSEgoKc2Vzc2lvbl9pZBgDIAEoCRIQCgh0b2tlbl9pZBgEIAEoCRIOCgZpc3N1ZXIYBSABKAkSEAoIYXVkaWVuY2UYBiABKAkSLQoJaXNzdWVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcGIGcHJvdG8z", [file_google_protobuf_timestamp, file_users_v1_user]);
+  fileDesc("ChZ1c2Vycy92MS9zZXNzaW9uLnByb3RvEgh1c2Vycy52MSK4AQoHU2Vzc2lvbhIKCgJpZBgBIAEoCRIPCgd1c2VyX2lkGAIgASgJEi4KCmNyZWF0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi8wEKC1Rva2VuQ2xhaW1zEg8KB3N1YmplY3QYASABKAkSHAoEcm9sZRgCIAEoDjIOLnVzZXJzLnYxLlJvbGUSEgoKc2Vzc2lvbl9pZBgDIAEoCRIQCgh0b2tlbl9pZBgEIAEoCRIOCgZpc3N1ZXIYBSABKAkSEAoIYXVkaWVuY2UYBiABKAkSLQoJaXNzdWVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZncm91cHMYLSADKAliBnByb3RvMw", [file_google_protobuf_timestamp, file_users_v1_user]);
 
 /**
  * One sign-in: the family of refresh tokens that rotate from one Authenticate.
@@ -112,6 +112,15 @@ export type TokenClaims = Message<"users.v1.TokenClaims"> & {
    * @generated from field: google.protobuf.Timestamp expires_at = 8;
    */
   expiresAt?: Timestamp | undefined;
+
+  /**
+   * The ids of the groups the user was in when the token was issued (at most
+   * 32, a user's cap, so never cut short), in id order; the JWT's `groups`
+   * claim, absent from the JWT when empty.
+   *
+   * @generated from field: repeated string groups = 45;
+   */
+  groups: string[];
 };
 
 /**
