@@ -69,6 +69,7 @@ from users_grpc.grpc_api.operations_http import OperationsHttp
 from users_grpc.grpc_api.reflection import SourceInfoReflectionServicer, load_descriptor_set
 from users_grpc.grpc_api.servicer import UserServiceServicer
 from users_grpc.grpc_api.tracing import command_listener, server_interceptor, tracer_provider_from_env
+from users_grpc.http_api.invoke import Invoke, build_invoke, method_handlers
 from users_grpc.ops import migrations
 from users_grpc.ops.rewrap import load_digest_roots
 from users_grpc.services.accounts import AccountPolicy, AccountService
@@ -171,6 +172,8 @@ class App:
     executor: ThreadPoolExecutor
     health: DatabaseHealth
     health_servicer: AsyncHealthServicer
+    # A UserService call through the same pipeline as over gRPC: what the HTTP edge (and SCIM) call.
+    invoke: Invoke
     # /metrics and the key set over HTTP, when USERS_HTTP_ADDRESS is set.
     http: OperationsHttp | None = None
     http_port: int | None = None
@@ -320,7 +323,7 @@ async def build_app(
         renderer=renderer,
     )
     ready = asyncio.Event()
-    server, interceptor = build_server(
+    server, interceptor, invoke = build_server(
         settings, stores, services, clock=clock, ready=ready, metrics=metrics, tracer_provider=tracer_provider
     )
     health_servicer = AsyncHealthServicer()
@@ -354,6 +357,7 @@ async def build_app(
         executor=executor,
         health=health,
         health_servicer=health_servicer,
+        invoke=invoke,
         http=http,
         http_port=http_port,
         ready=ready,
@@ -535,8 +539,9 @@ def build_server(
     ready: asyncio.Event,
     metrics: Metrics | None,
     tracer_provider: TracerProvider | None,
-) -> tuple[grpc.aio.Server, UserServiceInterceptor]:
-    """The gRPC server with its interceptors and the UserService (health is added by the caller)."""
+) -> tuple[grpc.aio.Server, UserServiceInterceptor, Invoke]:
+    """The gRPC server with its interceptors and the UserService (health is added by the caller), and
+    the same calls for the HTTP edge: one pipeline of interceptors around one servicer."""
     interceptor = UserServiceInterceptor(
         method_prefix=f"/{SERVICE_NAME}/",
         ready=ready,
@@ -563,33 +568,33 @@ def build_server(
         max_streams=settings.max_streams,
         max_streams_per_caller=settings.max_streams_per_caller,
     )
-    server = grpc.aio.server(
-        interceptors=[
-            # The trace's span first, so the call's line and its database spans fall within it.
-            *([] if tracer_provider is None else [server_interceptor(tracer_provider)]),
-            ObservabilityInterceptor(
-                method_prefix=f"/{SERVICE_NAME}/", metrics=metrics, trace_ids=tracer_provider is not None
-            ),
-            interceptor,
-            # Inside the access interceptor: it records admitted calls, with the caller that one found.
-            AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=services.audit, clock=clock),
-        ],
-        options=_SERVER_OPTIONS,
-    )
-    user_service_pb2_grpc.add_UserServiceServicer_to_server(
-        UserServiceServicer(
-            services.accounts,
-            services.sessions,
-            services.passwords,
-            services.mfa,
-            services.email_changes,
-            services.admin,
-            services.service_accounts,
-            services.directory,
-            services.audit,
-            services.changes,
+    pipeline: list[grpc.aio.ServerInterceptor] = [
+        # The trace's span first, so the call's line and its database spans fall within it.
+        *([] if tracer_provider is None else [server_interceptor(tracer_provider)]),
+        ObservabilityInterceptor(
+            method_prefix=f"/{SERVICE_NAME}/", metrics=metrics, trace_ids=tracer_provider is not None
         ),
-        server,
+        interceptor,
+        # Inside the access interceptor: it records admitted calls, with the caller that one found.
+        AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=services.audit, clock=clock),
+    ]
+    server = grpc.aio.server(interceptors=pipeline, options=_SERVER_OPTIONS)
+    servicer = UserServiceServicer(
+        services.accounts,
+        services.sessions,
+        services.passwords,
+        services.mfa,
+        services.email_changes,
+        services.admin,
+        services.service_accounts,
+        services.directory,
+        services.audit,
+        services.changes,
+    )
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
+    invoke = build_invoke(
+        method_handlers(lambda registry: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, registry)),
+        pipeline,
     )
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -597,7 +602,7 @@ def build_server(
             SourceInfoReflectionServicer([SERVICE_NAME, health_name, reflection.SERVICE_NAME], load_descriptor_set()),
             server,
         )
-    return server, interceptor
+    return server, interceptor, invoke
 
 
 def _key_encryption_key(settings: Settings) -> bytes:

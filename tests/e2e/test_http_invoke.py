@@ -1,0 +1,38 @@
+"""The HTTP edge's call: the same pipeline as a gRPC call, through App.invoke."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from tests.support.servers import RunningServer
+from users.v1 import user_service_pb2 as pb
+from users_grpc.http_api.invoke import CallFailed, HttpCall
+
+ANONYMOUS = HttpCall(metadata=(), peer="ipv4:127.0.0.1:5555")
+
+
+def error_reason(failed: CallFailed) -> str:
+    for detail in failed.status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
+
+
+def test_an_admin_call_through_invoke_answers_as_over_grpc(server: RunningServer) -> None:
+    call = HttpCall(metadata=(("authorization", f"Bearer {server.admin_token}"),), peer="ipv4:127.0.0.1:5555")
+    response = server.call(
+        server.app.invoke("/users.v1.UserService/GetUser", pb.GetUserRequest(id=server.admin_id), call)
+    )
+    assert isinstance(response, pb.GetUserResponse)
+    assert response.user.id == server.admin_id
+
+
+def test_an_anonymous_call_is_refused_by_the_access_rules_with_its_reason(server: RunningServer) -> None:
+    request = pb.GetUserRequest(id=server.admin_id)
+    with pytest.raises(CallFailed) as refused:
+        server.call(server.app.invoke("/users.v1.UserService/GetUser", request, ANONYMOUS))
+    assert refused.value.code is grpc.StatusCode.UNAUTHENTICATED
+    assert error_reason(refused.value) == "UNAUTHENTICATED"
