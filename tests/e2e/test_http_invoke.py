@@ -17,7 +17,7 @@ def error_reason(failed: CallFailed) -> str:
     for detail in failed.status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason
+            return str(info.reason)
     return ""
 
 

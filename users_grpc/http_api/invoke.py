@@ -9,7 +9,7 @@ edge and not the other, because there is one copy of each.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -43,7 +43,8 @@ class CallFailed(Exception):
 
 
 # (full method name "/users.v1.UserService/CreateUser", request, call) -> response; unary RPCs.
-Invoke = Callable[[str, Message, HttpCall], Awaitable[Message]]
+# A coroutine (an Awaitable that asyncio.run_coroutine_threadsafe also takes).
+Invoke = Callable[[str, Message, HttpCall], Coroutine[Any, Any, Message]]
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
