@@ -302,8 +302,6 @@ async def build_app(
     event_listeners: Sequence[CommandListener | ConnectionPoolListener] = (),
 ) -> App:
     """Build the server; with a ``tracer_provider``, calls and database commands are traced."""
-    # Apps served beside Connect on the HTTP edge, by path prefix (SCIM at /scim/v2).
-    http_mounts: dict[str, ASGIApp] = {}
     keep_secrets_out_of_logs()
     clock = clock or SystemClock()
     key_encryption_key = _key_encryption_key(settings)
@@ -330,6 +328,9 @@ async def build_app(
     server, interceptor, invoke = build_server(
         settings, stores, services, clock=clock, ready=ready, metrics=metrics, tracer_provider=tracer_provider
     )
+    # Apps served beside Connect on the HTTP edge, by path prefix (SCIM at /scim/v2), each calling
+    # the RPCs through ``invoke``: the same pipeline as a gRPC call.
+    http_mounts: dict[str, ASGIApp] = {}
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health = _database_health(settings, stores, health_servicer)
