@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +15,11 @@ from google.rpc import error_details_pb2
 
 from tests.support.calls import PASSWORD, signed_up
 from tests.support.mail import MailSink
+from tests.support.paths import REPO_ROOT
 from tests.support.servers import RunningServer, StartServer
 
 CURL = shutil.which("curl")
+NODE_MODULES = REPO_ROOT / ".tools" / "node_modules"
 pytestmark = pytest.mark.skipif(CURL is None, reason="needs the curl binary")  # .ci/setup installs it
 
 
@@ -87,3 +91,38 @@ def test_a_body_that_is_no_json_of_the_request_is_a_malformed_request(http_serve
 def test_a_body_past_the_limit_is_refused_413(http_server: RunningServer) -> None:
     status, answer = curl(http_server, "/users.v1.UserService/Authenticate", json.dumps({"identifier": "j" * 5000}))
     assert (status, answer) == (413, {"text": "request body too large\n"})
+
+
+@pytest.fixture(scope="module")
+def ts_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """clients/ts compiled (its examples too) in a copy beside the modules .ci/setup installed."""
+    package = tmp_path_factory.mktemp("ts-edge") / "ts"
+    shutil.copytree(REPO_ROOT / "clients" / "ts", package, ignore=shutil.ignore_patterns("node_modules", "dist"))
+    (package / "node_modules").symlink_to(NODE_MODULES, target_is_directory=True)
+    done = subprocess.run(
+        [str(NODE_MODULES / ".bin" / "tsc"), "-p", "."], cwd=package, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return package
+
+
+def test_a_node_client_calls_over_connect_and_grpc_web_and_reads_a_refusal_reason(
+    http_server: RunningServer, mail: MailSink, ts_build: Path
+) -> None:
+    session = signed_up(http_server, mail, "nodejane")
+    done = subprocess.run(
+        ["node", "dist/examples/http-edge.js", f"http://127.0.0.1:{http_server.app.http_port}", "nodejane"],
+        cwd=ts_build,
+        env={**os.environ, "EXAMPLE_PASSWORD": PASSWORD},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        f"connect: signed in as nodejane ({session.user.id})",
+        "connect: GetUserByIdentifier refused: PERMISSION_DENIED",
+        f"grpc-web: signed in as nodejane ({session.user.id})",
+        "grpc-web: GetUserByIdentifier refused: PERMISSION_DENIED",
+    ]
