@@ -49,9 +49,16 @@ Invoke = Callable[[str, Message, HttpCall], Coroutine[Any, Any, Message]]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
+class _Metadatum(NamedTuple):
+    """One metadata entry as grpc gives it: a pair, also read by name (OpenTelemetry's interceptor does)."""
+
+    key: str
+    value: str
+
+
 class _Details(NamedTuple):
     method: str
-    invocation_metadata: tuple[tuple[str, str], ...]
+    invocation_metadata: tuple[_Metadatum, ...]
 
 
 class HttpServicerContext:
@@ -63,6 +70,7 @@ class HttpServicerContext:
 
     def __init__(self, call: HttpCall) -> None:
         self._call = call
+        self._metadata = tuple(_Metadatum(key, value) for key, value in call.metadata)
         self._deadline = None if call.timeout is None else time.monotonic() + call.timeout
         self._trailing: tuple[tuple[str, str | bytes], ...] = ()
         self._code = grpc.StatusCode.OK
@@ -71,8 +79,8 @@ class HttpServicerContext:
     def peer(self) -> str:
         return self._call.peer
 
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._call.metadata
+    def invocation_metadata(self) -> tuple[_Metadatum, ...]:
+        return self._metadata
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
@@ -163,7 +171,8 @@ def build_invoke(
         return await interceptors[index].intercept_service(continuation, details)
 
     async def invoke(method: str, request: Message, call: HttpCall) -> Message:
-        handler = await resolve(cast(grpc.HandlerCallDetails, _Details(method, call.metadata)), 0)
+        metadata = tuple(_Metadatum(key, value) for key, value in call.metadata)
+        handler = await resolve(cast(grpc.HandlerCallDetails, _Details(method, metadata)), 0)
         if handler is None or handler.unary_unary is None:
             raise CallFailed(
                 grpc.StatusCode.UNIMPLEMENTED,
