@@ -266,7 +266,11 @@ class App:
         """Drain: report NOT_SERVING, let load balancers notice, finish in-flight RPCs, close."""
         await self.health_servicer.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.shutdown_delay_seconds)
-        await self.server.stop(self.settings.shutdown_grace_seconds)
+        # Both edges drain at once: each stops taking calls, and those in progress get the grace period.
+        await asyncio.gather(
+            self.server.stop(self.settings.shutdown_grace_seconds),
+            *([] if self.http is None else [self.http.stop()]),
+        )
         await cancel_abandoned_work()  # the calls that waited for it are gone
         # Background work stops at its next step, so the mail in hand is delivered and marked
         # rather than sent again later. Cancelling is the fallback, and is never waited on forever.

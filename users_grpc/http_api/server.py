@@ -120,6 +120,8 @@ class HttpServer:
         self._ticking = asyncio.create_task(server.main_loop())
 
     async def stop(self) -> None:
+        """Stop taking connections and let requests in progress finish (within the grace period);
+        a second call does nothing more."""
         if self._ticking is None:
             if self._socket is not None:
                 self._socket.close()
