@@ -66,10 +66,13 @@ from users_grpc.grpc_api.health import DatabaseHealth
 from users_grpc.grpc_api.interceptors import UserServiceInterceptor
 from users_grpc.grpc_api.logs import keep_secrets_out_of_logs
 from users_grpc.grpc_api.observability import Gauges, Metrics, ObservabilityInterceptor, OutboxState
-from users_grpc.grpc_api.operations_http import OperationsHttp
 from users_grpc.grpc_api.reflection import SourceInfoReflectionServicer, load_descriptor_set
 from users_grpc.grpc_api.servicer import UserServiceServicer
 from users_grpc.grpc_api.tracing import command_listener, server_interceptor, tracer_provider_from_env
+from users_grpc.http_api.app import ASGIApp, HttpEdge
+from users_grpc.http_api.connect import connect_app
+from users_grpc.http_api.invoke import Invoke, build_invoke, method_handlers
+from users_grpc.http_api.server import HttpLimits, HttpServer
 from users_grpc.ops import migrations
 from users_grpc.ops.rewrap import load_digest_roots
 from users_grpc.services.accounts import AccountPolicy, AccountService
@@ -177,8 +180,10 @@ class App:
     executor: ThreadPoolExecutor
     health: DatabaseHealth
     health_servicer: AsyncHealthServicer
-    # /metrics and the key set over HTTP, when USERS_HTTP_ADDRESS is set.
-    http: OperationsHttp | None = None
+    # A UserService call through the same pipeline as over gRPC: what the HTTP edge (and SCIM) call.
+    invoke: Invoke
+    # The HTTP edge (/metrics, the key set, Connect, the mounts), when USERS_HTTP_ADDRESS is set.
+    http: HttpServer | None = None
     http_port: int | None = None
     # Set once the database is prepared; until then UserService calls are refused as UNAVAILABLE.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -268,7 +273,11 @@ class App:
         """Drain: report NOT_SERVING, let load balancers notice, finish in-flight RPCs, close."""
         await self.health_servicer.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.shutdown_delay_seconds)
-        await self.server.stop(self.settings.shutdown_grace_seconds)
+        # Both edges drain at once: each stops taking calls, and those in progress get the grace period.
+        await asyncio.gather(
+            self.server.stop(self.settings.shutdown_grace_seconds),
+            *([] if self.http is None else [self.http.stop()]),
+        )
         await cancel_abandoned_work()  # the calls that waited for it are gone
         # Background work stops at its next step, so the mail in hand is delivered and marked
         # rather than sent again later. Cancelling is the fallback, and is never waited on forever.
@@ -327,9 +336,12 @@ async def build_app(
         renderer=renderer,
     )
     ready = asyncio.Event()
-    server, interceptor = build_server(
+    server, interceptor, invoke = build_server(
         settings, stores, services, clock=clock, ready=ready, metrics=metrics, tracer_provider=tracer_provider
     )
+    # Apps served beside Connect on the HTTP edge, by path prefix (SCIM at /scim/v2), each calling
+    # the RPCs through ``invoke``: the same pipeline as a gRPC call.
+    http_mounts: dict[str, ASGIApp] = {}
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health = _database_health(settings, stores, health_servicer)
@@ -339,15 +351,25 @@ async def build_app(
         port = _add_port(server, settings)
         if metrics is not None and settings.http_address is not None:
             metrics.read_at_scrape(_gauges(stores, services, interceptor, health, clock))
-            http = OperationsHttp(
+            edge = HttpEdge(
                 metrics=metrics,
                 # Byte for byte what GetPublicKeys answers.
                 jwks=lambda: json.dumps(services.tokens.jwks()).encode(),
                 ready=ready,
                 jwks_max_age_seconds=int(settings.key_reload_seconds),
-                max_connections=settings.http_max_connections,
+                connect=connect_app(invoke, max_body_bytes=settings.http_max_body_bytes),
+                max_body_bytes=settings.http_max_body_bytes,
+                mounts=http_mounts,
             )
-            http_port = await http.bind(settings.http_address)
+            http = HttpServer(
+                edge,
+                HttpLimits(
+                    max_connections=settings.http_max_connections,
+                    keepalive_seconds=settings.http_keepalive_seconds,
+                    shutdown_grace_seconds=settings.shutdown_grace_seconds,
+                ),
+            )
+            http_port = http.bind(settings.http_address)
     except ConfigError:
         await stores.client.close()
         executor.shutdown(wait=False)
@@ -361,6 +383,7 @@ async def build_app(
         executor=executor,
         health=health,
         health_servicer=health_servicer,
+        invoke=invoke,
         http=http,
         http_port=http_port,
         ready=ready,
@@ -548,8 +571,9 @@ def build_server(
     ready: asyncio.Event,
     metrics: Metrics | None,
     tracer_provider: TracerProvider | None,
-) -> tuple[grpc.aio.Server, UserServiceInterceptor]:
-    """The gRPC server with its interceptors and the UserService (health is added by the caller)."""
+) -> tuple[grpc.aio.Server, UserServiceInterceptor, Invoke]:
+    """The gRPC server with its interceptors and the UserService (health is added by the caller), and
+    the same calls for the HTTP edge: one pipeline of interceptors around one servicer."""
     interceptor = UserServiceInterceptor(
         method_prefix=f"/{SERVICE_NAME}/",
         ready=ready,
@@ -576,35 +600,35 @@ def build_server(
         max_streams=settings.max_streams,
         max_streams_per_caller=settings.max_streams_per_caller,
     )
-    server = grpc.aio.server(
-        interceptors=[
-            # The trace's span first, so the call's line and its database spans fall within it.
-            *([] if tracer_provider is None else [server_interceptor(tracer_provider)]),
-            ObservabilityInterceptor(
-                method_prefix=f"/{SERVICE_NAME}/", metrics=metrics, trace_ids=tracer_provider is not None
-            ),
-            interceptor,
-            # Inside the access interceptor: it records admitted calls, with the caller that one found.
-            AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=services.audit, clock=clock),
-        ],
-        options=_SERVER_OPTIONS,
-    )
-    user_service_pb2_grpc.add_UserServiceServicer_to_server(
-        UserServiceServicer(
-            services.accounts,
-            services.sessions,
-            services.passwords,
-            services.mfa,
-            services.email_changes,
-            services.admin,
-            services.service_accounts,
-            services.directory,
-            services.audit,
-            services.changes,
-            services.metadata,
-            services.groups,
+    pipeline: list[grpc.aio.ServerInterceptor] = [
+        # The trace's span first, so the call's line and its database spans fall within it.
+        *([] if tracer_provider is None else [server_interceptor(tracer_provider)]),
+        ObservabilityInterceptor(
+            method_prefix=f"/{SERVICE_NAME}/", metrics=metrics, trace_ids=tracer_provider is not None
         ),
-        server,
+        interceptor,
+        # Inside the access interceptor: it records admitted calls, with the caller that one found.
+        AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=services.audit, clock=clock),
+    ]
+    server = grpc.aio.server(interceptors=pipeline, options=_SERVER_OPTIONS)
+    servicer = UserServiceServicer(
+        services.accounts,
+        services.sessions,
+        services.passwords,
+        services.mfa,
+        services.email_changes,
+        services.admin,
+        services.service_accounts,
+        services.directory,
+        services.audit,
+        services.changes,
+        services.metadata,
+        services.groups,
+    )
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
+    invoke = build_invoke(
+        method_handlers(lambda registry: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, registry)),
+        pipeline,
     )
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -612,7 +636,7 @@ def build_server(
             SourceInfoReflectionServicer([SERVICE_NAME, health_name, reflection.SERVICE_NAME], load_descriptor_set()),
             server,
         )
-    return server, interceptor
+    return server, interceptor, invoke
 
 
 def _key_encryption_key(settings: Settings) -> bytes:
