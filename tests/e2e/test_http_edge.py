@@ -20,7 +20,12 @@ from tests.support.servers import RunningServer, StartServer
 
 CURL = shutil.which("curl")
 NODE_MODULES = REPO_ROOT / ".tools" / "node_modules"
-pytestmark = pytest.mark.skipif(CURL is None, reason="needs the curl binary")  # .ci/setup installs it
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _curl_is_installed() -> None:
+    # A failure, never a skip: CI must not pass without running these (.ci/setup installs curl).
+    assert CURL is not None, "these tests need the curl binary"
 
 
 @pytest.fixture
