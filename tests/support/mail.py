@@ -40,6 +40,9 @@ class MailSink:
         self.raw: list[bytes] = []
         # The SMTP envelope's recipients (RCPT TO) of each message, in the same order.
         self.envelope_recipients: list[list[str]] = []
+        # Each message's To header, read once as it arrives: a waiter reads them at every arrival,
+        # and parsing the header anew each time made long waits quadratic in CPU.
+        self._to: list[str] = []
         self._changed = threading.Condition()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -49,6 +52,7 @@ class MailSink:
             self.messages.append(message)
             self.raw.append(envelope.content)
             self.envelope_recipients.append(list(envelope.rcpt_tos))
+            self._to.append(str(message["To"]))
             self._changed.notify_all()
         return "250 OK"
 
@@ -57,6 +61,7 @@ class MailSink:
             self.messages.clear()
             self.raw.clear()
             self.envelope_recipients.clear()
+            self._to.clear()
 
     def recipients_of(self, message: EmailMessage) -> list[str]:
         """The envelope recipients ``message`` was delivered to."""
@@ -68,7 +73,7 @@ class MailSink:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                matching = [m for m in self.messages if m["To"] == to]
+                matching = [m for m, m_to in zip(self.messages, self._to, strict=True) if m_to == to]
                 if len(matching) >= count:
                     return matching[:count]
                 remaining = deadline - time.monotonic()

@@ -50,19 +50,23 @@ class SmtpTransport:
         await asyncio.to_thread(self._deliver, _message(mail, self._sender), mail.mail.to)
 
     def _deliver(self, message: EmailMessage, recipient: str) -> None:
-        context = ssl.create_default_context(cafile=self._ca_file)
         smtp: smtplib.SMTP
         if self._security == "tls":
-            smtp = smtplib.SMTP_SSL(self._host, self._port, timeout=self._timeout, context=context)
+            smtp = smtplib.SMTP_SSL(self._host, self._port, timeout=self._timeout, context=self._tls_context())
         else:
             smtp = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
         with smtp:
             if self._security == "starttls":
-                smtp.starttls(context=context)
+                smtp.starttls(context=self._tls_context())
             if self._username and self._password:
                 smtp.login(self._username, self._password)
             # The envelope names the one stored address: never recipients parsed out of the headers.
             smtp.send_message(message, from_addr=self._sender.addr_spec, to_addrs=[recipient])
+
+    def _tls_context(self) -> ssl.SSLContext:
+        # Made for each delivery, so a renewed CA file is read; only when TLS is used: loading the
+        # system's CAs takes tens of milliseconds, for nothing over a plain connection.
+        return ssl.create_default_context(cafile=self._ca_file)
 
 
 class DirectoryTransport:
