@@ -65,11 +65,13 @@ from users_grpc.grpc_api.health import DatabaseHealth
 from users_grpc.grpc_api.interceptors import UserServiceInterceptor
 from users_grpc.grpc_api.logs import keep_secrets_out_of_logs
 from users_grpc.grpc_api.observability import Gauges, Metrics, ObservabilityInterceptor, OutboxState
-from users_grpc.grpc_api.operations_http import OperationsHttp
 from users_grpc.grpc_api.reflection import SourceInfoReflectionServicer, load_descriptor_set
 from users_grpc.grpc_api.servicer import UserServiceServicer
 from users_grpc.grpc_api.tracing import command_listener, server_interceptor, tracer_provider_from_env
+from users_grpc.http_api.app import ASGIApp, HttpEdge
+from users_grpc.http_api.connect import connect_app
 from users_grpc.http_api.invoke import Invoke, build_invoke, method_handlers
+from users_grpc.http_api.server import HttpLimits, HttpServer
 from users_grpc.ops import migrations
 from users_grpc.ops.rewrap import load_digest_roots
 from users_grpc.services.accounts import AccountPolicy, AccountService
@@ -174,8 +176,8 @@ class App:
     health_servicer: AsyncHealthServicer
     # A UserService call through the same pipeline as over gRPC: what the HTTP edge (and SCIM) call.
     invoke: Invoke
-    # /metrics and the key set over HTTP, when USERS_HTTP_ADDRESS is set.
-    http: OperationsHttp | None = None
+    # The HTTP edge (/metrics, the key set, Connect, the mounts), when USERS_HTTP_ADDRESS is set.
+    http: HttpServer | None = None
     http_port: int | None = None
     # Set once the database is prepared; until then UserService calls are refused as UNAVAILABLE.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -326,6 +328,9 @@ async def build_app(
     server, interceptor, invoke = build_server(
         settings, stores, services, clock=clock, ready=ready, metrics=metrics, tracer_provider=tracer_provider
     )
+    # Apps served beside Connect on the HTTP edge, by path prefix (SCIM at /scim/v2), each calling
+    # the RPCs through ``invoke``: the same pipeline as a gRPC call.
+    http_mounts: dict[str, ASGIApp] = {}
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health = _database_health(settings, stores, health_servicer)
@@ -335,15 +340,25 @@ async def build_app(
         port = _add_port(server, settings)
         if metrics is not None and settings.http_address is not None:
             metrics.read_at_scrape(_gauges(stores, services, interceptor, health, clock))
-            http = OperationsHttp(
+            edge = HttpEdge(
                 metrics=metrics,
                 # Byte for byte what GetPublicKeys answers.
                 jwks=lambda: json.dumps(services.tokens.jwks()).encode(),
                 ready=ready,
                 jwks_max_age_seconds=int(settings.key_reload_seconds),
-                max_connections=settings.http_max_connections,
+                connect=connect_app(invoke, max_body_bytes=settings.http_max_body_bytes),
+                max_body_bytes=settings.http_max_body_bytes,
+                mounts=http_mounts,
             )
-            http_port = await http.bind(settings.http_address)
+            http = HttpServer(
+                edge,
+                HttpLimits(
+                    max_connections=settings.http_max_connections,
+                    keepalive_seconds=settings.http_keepalive_seconds,
+                    shutdown_grace_seconds=settings.shutdown_grace_seconds,
+                ),
+            )
+            http_port = http.bind(settings.http_address)
     except ConfigError:
         await stores.client.close()
         executor.shutdown(wait=False)

@@ -138,6 +138,10 @@ class Settings:
     http_address: str | None = None
     # Connections the HTTP endpoint serves at once; more are answered 503 and closed at once.
     http_max_connections: int = 64
+    # The largest HTTP request body served (413 past it): gRPC's own message limit.
+    http_max_body_bytes: int = 1024 * 1024
+    # How long an idle HTTP/1.1 keep-alive connection is held open.
+    http_keepalive_seconds: float = 5.0
 
     # What from_env found set but read by no one; logged once at start (config.py has no logger).
     unknown_variables: tuple[UnknownVariable, ...] = field(default=(), compare=False)
@@ -281,6 +285,12 @@ class Settings:
             log_level=env.get("USERS_LOG_LEVEL", defaults.log_level, _log_level),
             http_address=env.get("USERS_HTTP_ADDRESS", defaults.http_address, _host_port),
             http_max_connections=env.integer("USERS_HTTP_MAX_CONNECTIONS", defaults.http_max_connections, 1, 100000),
+            http_max_body_bytes=env.integer(
+                "USERS_HTTP_MAX_BODY_BYTES", defaults.http_max_body_bytes, 1024, 64 * 1024 * 1024
+            ),
+            http_keepalive_seconds=env.number(
+                "USERS_HTTP_KEEPALIVE_SECONDS", defaults.http_keepalive_seconds, 0.1, 300
+            ),
             unknown_variables=_unknown_variables(environ, env.read | READ_BY_COMMANDS),
         )
         if settings.unactivated_account_retention_seconds < settings.activation_code_ttl_seconds:

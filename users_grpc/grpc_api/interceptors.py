@@ -56,6 +56,8 @@ class _Malformed:
 
 
 _MALFORMED = _Malformed()
+# What an edge hands on for a request whose bytes did not parse (the HTTP edge too).
+MALFORMED: object = _MALFORMED
 
 
 class UserServiceInterceptor(grpc.aio.ServerInterceptor):

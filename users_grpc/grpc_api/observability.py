@@ -1,5 +1,5 @@
 """What an operator sees of each call: a log line and Prometheus metrics (served over HTTP by
-operations_http.py when ``USERS_HTTP_ADDRESS`` is set).
+the HTTP edge, users_grpc/http_api, when ``USERS_HTTP_ADDRESS`` is set).
 
 The interceptor here observes; it decides nothing. It sits outside the access interceptor, so it
 sees refusals too, and learns who called and why a call was refused through :data:`current_call`.

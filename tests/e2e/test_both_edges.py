@@ -1,0 +1,205 @@
+"""No rule holds on one edge and not the other: every RPC of the service descriptor, called as
+anonymous, a user, another user, an admin and a machine caller, over gRPC and over the HTTP edge
+(Connect, binary protobuf), answers the same status code and ErrorInfo reason.
+
+The list of RPCs is the descriptor's, so an RPC added to the proto without a row in SAMPLES fails
+here. Each row says whom its request names: "self" (the user's own id: a read, or a request the
+service refuses for its content, so no call changes what the next one sees) or "ghost" (a
+well-formed id of nobody: for the calls that would change the account, such as a deletion or
+revoking its sessions). The rest of each request is empty, so every admitted call is refused by the
+service for its content, or answers, without side effects that would make the two edges differ.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from typing import Any, Literal
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+
+from tests.support.calls import create_service_account, issue_service_token, signed_up
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
+from users.v1 import user_service_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["UserService"]
+GHOST_ID = "0123456789abcdef01234567"
+Subject = Literal["self", "ghost", "none"]
+
+SAMPLES: dict[str, Subject] = {
+    "CreateUser": "none",
+    "ActivateUser": "none",
+    "ResendActivationCode": "none",
+    "GetUser": "self",
+    "GetUserByIdentifier": "none",
+    "DeleteUser": "ghost",
+    "DeleteUserByIdentifier": "none",
+    "VerifyCredentials": "none",
+    "Authenticate": "none",
+    "RefreshSession": "none",
+    "RevokeSession": "none",
+    "ListSessions": "self",
+    "RevokeAllSessions": "ghost",
+    "GetPublicKeys": "none",
+    "ValidateToken": "none",
+    "ForgotPassword": "none",
+    "ResetPassword": "none",
+    "ChangePassword": "self",
+    "EnableMfa": "self",
+    "GetMfaQrCode": "self",
+    "ConfirmMfa": "self",
+    "DisableMfa": "self",
+    "RegenerateRecoveryCodes": "self",
+    "ChangeEmail": "self",
+    "ConfirmEmailChange": "self",
+    "SetUserEmail": "ghost",
+    "SetUserRole": "ghost",
+    "DeactivateUser": "ghost",
+    "ReactivateUser": "ghost",
+    "LockUser": "ghost",
+    "UnlockUser": "ghost",
+    "ResetUserMfa": "ghost",
+    "ImportUsers": "none",
+    "CreateServiceAccount": "none",
+    "IssueServiceToken": "none",
+    "ListServiceAccounts": "none",
+    "DeleteServiceAccount": "none",
+    "ListUsers": "none",
+    "UpdateUser": "self",
+    "ListAuditEvents": "none",
+}
+# Served over gRPC only: invoke is unary (the HTTP edge answers UNIMPLEMENTED).
+STREAMS = {"WatchUserChanges"}
+
+Outcome = tuple[str, str]  # (status code name, ErrorInfo reason)
+
+
+def unary_methods() -> list[str]:
+    return [m.name for m in SERVICE.methods if not m.server_streaming]
+
+
+def test_every_unary_rpc_has_a_sample_and_the_streams_are_listed() -> None:
+    assert sorted(unary_methods()) == sorted(SAMPLES), "add a row to SAMPLES for each new RPC"
+    assert {m.name for m in SERVICE.methods if m.server_streaming} == STREAMS
+
+
+def request_for(name: str, user_id: str) -> Message:
+    method = SERVICE.methods_by_name[name]
+    request_class: Any = getattr(pb, method.input_type.name)
+    request: Message = request_class()
+    subject = {"self": user_id, "ghost": GHOST_ID, "none": None}[SAMPLES[name]]
+    if subject is not None:
+        for field in ("id", "user_id"):
+            if field in method.input_type.fields_by_name:
+                setattr(request, field, subject)
+    return request
+
+
+def over_grpc(server: RunningServer, name: str, request: Message, token: str | None) -> Outcome:
+    call: Any = server.channel.unary_unary(
+        f"/{SERVICE.full_name}/{name}",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=lambda b: b,
+    )
+    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+    try:
+        call(request, metadata=metadata, timeout=30)
+    except grpc.RpcError as error:
+        reason = ""
+        failed: Any = error
+        for key, value in failed.trailing_metadata() or ():
+            if key == "grpc-status-details-bin":
+                reason = _reason(value)
+        return str(failed.code().name), reason
+    return "OK", ""
+
+
+def _reason(status_bytes: bytes) -> str:
+    from google.rpc import status_pb2
+
+    for detail in status_pb2.Status.FromString(status_bytes).details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+def over_http(server: RunningServer, name: str, request: Message, token: str | None) -> Outcome:
+    headers = {"Content-Type": "application/proto", "Connect-Protocol-Version": "1"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    url = f"http://127.0.0.1:{server.app.http_port}/{SERVICE.full_name}/{name}"
+    sent = urllib.request.Request(url, data=request.SerializeToString(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(sent, timeout=30):  # noqa: S310 - the test's own server
+            return "OK", ""
+    except urllib.error.HTTPError as error:
+        answer = json.loads(error.read())
+    reason = ""
+    for detail in answer.get("details", []):
+        if detail["type"] == "google.rpc.ErrorInfo":
+            reason = error_details_pb2.ErrorInfo.FromString(base64.b64decode(detail["value"] + "==")).reason
+    code = "CANCELLED" if answer["code"] == "canceled" else answer["code"].upper()
+    return code, reason
+
+
+@pytest.fixture
+def callers(start_server: StartServer, mail: MailSink) -> tuple[RunningServer, str, dict[str, str | None]]:
+    server = start_server(http_address="127.0.0.1:0")
+    user = signed_up(server, mail, "edge-user")
+    other = signed_up(server, mail, "edge-other")
+    account = create_service_account(server, "edge-machine")
+    machine = issue_service_token(server, account.service_account.client_id, account.client_secret)
+    return (
+        server,
+        user.user.id,
+        {
+            "anonymous": None,
+            "user": user.access_token,
+            "other user": other.access_token,
+            "admin": server.admin_token,
+            "machine": machine.access_token,
+        },
+    )
+
+
+def test_every_rpc_answers_each_caller_the_same_over_both_edges(
+    callers: tuple[RunningServer, str, dict[str, str | None]],
+) -> None:
+    server, user_id, tokens = callers
+    differences = []
+    outcomes = set()
+    for name in unary_methods():
+        request = request_for(name, user_id)
+        for caller, token in tokens.items():
+            grpc_outcome = over_grpc(server, name, request, token)
+            http_outcome = over_http(server, name, request, token)
+            outcomes.add(grpc_outcome[0])
+            if grpc_outcome != http_outcome:
+                differences.append(f"{name} as {caller}: gRPC {grpc_outcome}, HTTP {http_outcome}")
+    assert differences == []
+    # The table exercises the rules, not one answer: admitted, refused either way, and served.
+    assert {"OK", "UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT"} <= outcomes
+
+
+def test_a_stream_over_http_is_unimplemented_and_stays_on_grpc(
+    callers: tuple[RunningServer, str, dict[str, str | None]],
+) -> None:
+    server, _, tokens = callers
+    message = pb.WatchUserChangesRequest().SerializeToString()
+    # A Connect server stream: one enveloped request; the answer's last envelope (flag 2) is its end.
+    body = b"\x00" + len(message).to_bytes(4, "big") + message
+    headers = {"Content-Type": "application/connect+proto", "Authorization": f"Bearer {tokens['admin']}"}
+    url = f"http://127.0.0.1:{server.app.http_port}/{SERVICE.full_name}/WatchUserChanges"
+    sent = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(sent, timeout=30) as answer:  # noqa: S310 - the test's own server
+        frames = answer.read()
+    assert frames[0] == 2
+    end = json.loads(frames[5:])
+    assert end["error"]["code"] == "unimplemented"

@@ -1,0 +1,89 @@
+"""The HTTP edge: Connect's JSON from the real curl, with error reasons and details as over gRPC."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+from google.rpc import error_details_pb2
+
+from tests.support.calls import PASSWORD, signed_up
+from tests.support.mail import MailSink
+from tests.support.servers import RunningServer, StartServer
+
+CURL = shutil.which("curl")
+pytestmark = pytest.mark.skipif(CURL is None, reason="needs the curl binary")  # .ci/setup installs it
+
+
+@pytest.fixture
+def http_server(start_server: StartServer) -> RunningServer:
+    return start_server(http_address="127.0.0.1:0", http_max_body_bytes=4096)
+
+
+def curl(server: RunningServer, path: str, body: str, *headers: str) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` as JSON with the curl binary; the HTTP status and the JSON answer."""
+    assert CURL is not None
+    args = [CURL, "-sS", "-o", "-", "-w", "\n%{http_code}", "-H", "Content-Type: application/json"]
+    for header in headers:
+        args += ["-H", header]
+    url = f"http://127.0.0.1:{server.app.http_port}{path}"
+    done = subprocess.run([*args, "--data-binary", body, url], capture_output=True, text=True, timeout=30, check=True)
+    text, _, status = done.stdout.rpartition("\n")
+    return int(status), json.loads(text) if text.startswith("{") else {"text": text}
+
+
+def error_info(answer: dict[str, Any]) -> error_details_pb2.ErrorInfo:
+    [detail] = [d for d in answer["details"] if d["type"] == "google.rpc.ErrorInfo"]
+    return error_details_pb2.ErrorInfo.FromString(base64.b64decode(detail["value"] + "=="))
+
+
+def test_curl_signs_in_with_json_over_connect(http_server: RunningServer, mail: MailSink) -> None:
+    session = signed_up(http_server, mail, "jane")
+    status, answer = curl(
+        http_server,
+        "/users.v1.UserService/Authenticate",
+        json.dumps({"identifier": "jane", "password": PASSWORD}),
+    )
+    assert status == 200
+    assert answer["user"]["id"] == session.user.id
+    assert answer["accessToken"]
+    # The token works on the other edge: the same service behind both.
+    status, got = curl(
+        http_server,
+        "/users.v1.UserService/GetUser",
+        json.dumps({"id": session.user.id}),
+        f"Authorization: Bearer {answer['accessToken']}",
+    )
+    assert (status, got["user"]["username"]) == (200, "jane")
+
+
+def test_a_refusal_over_connect_carries_its_error_info_reason(http_server: RunningServer) -> None:
+    status, answer = curl(http_server, "/users.v1.UserService/GetUser", json.dumps({"id": http_server.admin_id}))
+    assert status == 401
+    assert answer["code"] == "unauthenticated"
+    info = error_info(answer)
+    assert (info.reason, info.domain) == ("UNAUTHENTICATED", "users.v1")
+
+
+def test_invalid_input_over_connect_names_the_fields_as_over_grpc(http_server: RunningServer) -> None:
+    status, answer = curl(http_server, "/users.v1.UserService/CreateUser", json.dumps({"username": "x"}))
+    assert (status, answer["code"]) == (400, "invalid_argument")
+    [bad] = [d for d in answer["details"] if d["type"] == "google.rpc.BadRequest"]
+    fields = {
+        v.field for v in error_details_pb2.BadRequest.FromString(base64.b64decode(bad["value"] + "==")).field_violations
+    }
+    assert "email" in fields
+
+
+def test_a_body_that_is_no_json_of_the_request_is_a_malformed_request(http_server: RunningServer) -> None:
+    status, answer = curl(http_server, "/users.v1.UserService/Authenticate", "{not json")
+    assert (status, answer["code"], error_info(answer).reason) == (400, "invalid_argument", "MALFORMED_REQUEST")
+
+
+def test_a_body_past_the_limit_is_refused_413(http_server: RunningServer) -> None:
+    status, answer = curl(http_server, "/users.v1.UserService/Authenticate", json.dumps({"identifier": "j" * 5000}))
+    assert (status, answer) == (413, {"text": "request body too large\n"})
