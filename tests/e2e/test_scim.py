@@ -12,8 +12,7 @@ import pytest
 from scim2_client.engines.httpx2 import SyncSCIMClient
 from scim2_tester import Status, check_server
 
-from tests.support.scim import scim_base_url
-from tests.support.servers import RunningServer
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -22,13 +21,16 @@ PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 
 
 @pytest.fixture
+def server(start_server: StartServer) -> RunningServer:
+    return start_server(http_address="127.0.0.1:0")
+
+
+@pytest.fixture
 def scim(server: RunningServer) -> Iterator[httpx2.Client]:
-    with (
-        scim_base_url(server) as base_url,
-        httpx2.Client(
-            base_url=base_url, headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=30
-        ) as client,
-    ):
+    """A client of the server's own HTTP edge, at /scim/v2, with an admin's token."""
+    base_url = f"http://127.0.0.1:{server.app.http_port}/scim/v2"
+    headers = {"Authorization": f"Bearer {server.admin_token}"}
+    with httpx2.Client(base_url=base_url, headers=headers, timeout=30) as client:
         yield client
 
 

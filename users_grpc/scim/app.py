@@ -62,9 +62,8 @@ class _Response:
 class ScimApp:
     """The routes of RFC 7644 for the User resource, and the three discovery endpoints."""
 
-    def __init__(self, invoke: Invoke, *, base_path: str = "/scim/v2") -> None:
+    def __init__(self, invoke: Invoke) -> None:
         self._invoke = invoke
-        self._base_path = base_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,7 +85,8 @@ class ScimApp:
 
     async def _route(self, scope: Scope, receive: Receive) -> _Response:
         method = scope["method"]
-        path = scope["path"].removeprefix(scope.get("root_path", "")).removeprefix(self._base_path).rstrip("/")
+        # Mounted: the HTTP edge puts its prefix (/scim/v2) in root_path and the rest in path.
+        path = scope["path"].rstrip("/")
         request = _Request(scope, await _body(receive), self._base_url(scope))
         parts = path.strip("/").split("/") if path else []
         if parts == ["ServiceProviderConfig"] and method == "GET":
@@ -120,7 +120,7 @@ class ScimApp:
     def _base_url(self, scope: Scope) -> str:
         headers = dict(scope.get("headers") or [])
         host = headers.get(b"host", b"localhost").decode("latin-1")
-        return f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}{self._base_path}"
+        return f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}"
 
     async def _call(self, request: _Request, method: str, message: Message) -> Any:
         try:
