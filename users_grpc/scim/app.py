@@ -7,11 +7,11 @@ Every write is a UserService call through :data:`Invoke` with the request's own
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
+import grpc
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 from pydantic import ValidationError
@@ -33,8 +33,6 @@ from users_grpc.scim import errors, filters, mapping
 from users_grpc.scim.errors import ScimError
 from users_grpc.scim.mapping import ScimUser
 
-log = logging.getLogger(__name__)
-
 _SERVICE = "/users.v1.UserService/"
 _CONTENT_TYPE = "application/scim+json"
 # SCIM's startIndex is an offset; ListUsers is keyset-paged, so reaching it reads every user
@@ -42,7 +40,6 @@ _CONTENT_TYPE = "application/scim+json"
 MAX_COUNT = 1000
 MAX_START_INDEX = 10_000
 DEFAULT_COUNT = 100
-_MAX_BODY = 64 * 1024
 _LISTED_PAGE = 1000
 _ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 _ENDPOINTS = ("ServiceProviderConfig", "ResourceTypes", "Schemas", "Users")
@@ -252,10 +249,18 @@ class ScimApp:
         key = lookup.user_name if lookup.user_name is not None else lookup.email
         if key is None:
             return []
-        listed = await self._call(request, "ListUsers", pb.ListUsersRequest(page_size=_LISTED_PAGE, prefix=key))
+        candidates: list[user_pb2.User] = []
+        token = ""
+        while True:  # every user the prefix matches: more than a page only for a prefix of many names
+            listing = pb.ListUsersRequest(page_size=_LISTED_PAGE, prefix=key, page_token=token)
+            listed = await self._call(request, "ListUsers", listing)
+            candidates.extend(listed.users)
+            token = listed.next_page_token
+            if not token:
+                break
         return [
             user
-            for user in listed.users
+            for user in candidates
             if (lookup.user_name is None or user.username.casefold() == lookup.user_name.casefold())
             and (lookup.email is None or user.email.casefold() == lookup.email.casefold())
         ]
@@ -329,21 +334,16 @@ class _Request:
 
 
 def _failure_of(status: Any) -> CallFailed:
-    import grpc
-
     code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
     return CallFailed(code, status.message, status)
 
 
 async def _body(receive: Receive) -> bytes:
-    chunks, size = [], 0
+    # The HTTP edge has read it already, within USERS_HTTP_MAX_BODY_BYTES, and replays it.
+    chunks = []
     while True:
         message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > _MAX_BODY:
-            raise ScimError(413, f"the body is over {_MAX_BODY} bytes")
-        chunks.append(chunk)
+        chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
 
