@@ -75,6 +75,7 @@ from users_grpc.http_api.invoke import Invoke, build_invoke, method_handlers
 from users_grpc.http_api.server import HttpLimits, HttpServer
 from users_grpc.ops import migrations
 from users_grpc.ops.rewrap import load_digest_roots
+from users_grpc.scim.app import ScimApp
 from users_grpc.services.accounts import AccountPolicy, AccountService
 from users_grpc.services.admin import AdminService
 from users_grpc.services.audit import AuditLog
@@ -341,7 +342,7 @@ async def build_app(
     )
     # Apps served beside Connect on the HTTP edge, by path prefix (SCIM at /scim/v2), each calling
     # the RPCs through ``invoke``: the same pipeline as a gRPC call.
-    http_mounts: dict[str, ASGIApp] = {}
+    http_mounts: dict[str, ASGIApp] = {"/scim/v2": ScimApp(invoke)}
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health = _database_health(settings, stores, health_servicer)

@@ -1,0 +1,197 @@
+"""SCIM 2.0 at /scim/v2 against a real server over real HTTP: scim2-tester's checks, and the
+request sequences Okta and Entra ID publish, with the results read back over gRPC."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import overload
+
+import httpx2
+import pytest
+from scim2_client.engines.httpx2 import SyncSCIMClient
+from scim2_tester import Status, check_server
+
+from tests.support.servers import RunningServer, StartServer
+from users.v1 import user_pb2
+from users.v1 import user_service_pb2 as pb
+
+SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
+PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+
+
+@pytest.fixture
+def server(start_server: StartServer) -> RunningServer:
+    return start_server(http_address="127.0.0.1:0")
+
+
+@pytest.fixture
+def scim(server: RunningServer) -> Iterator[httpx2.Client]:
+    """A client of the server's own HTTP edge, at /scim/v2, with an admin's token."""
+    base_url = f"http://127.0.0.1:{server.app.http_port}/scim/v2"
+    headers = {"Authorization": f"Bearer {server.admin_token}"}
+    with httpx2.Client(base_url=base_url, headers=headers, timeout=30) as client:
+        yield client
+
+
+class FreshUsernames(Sequence[str]):
+    """scim2-tester fills userName with a 36-character uuid; usernames are at most 32 characters.
+    It picks from a field's examples (random.choice): this list of one is a new name every time."""
+
+    def __len__(self) -> int:
+        return 1
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return uuid.uuid4().hex
+
+
+def test_scim2_tester_finds_every_check_a_success(scim: httpx2.Client) -> None:
+    client = SyncSCIMClient(scim)
+    client.discover()
+    user_model = client.get_resource_model("User")
+    assert user_model is not None
+    user_model.model_fields["user_name"].examples = FreshUsernames()  # type: ignore[assignment]
+    results = check_server(client, resource_types=["User"])
+    failures = {(result.title, _gap(result.reason or "")) for result in results if result.status != Status.SUCCESS}
+    assert len(results) > 20
+    assert failures == KNOWN_GAPS
+
+
+def _gap(reason: str) -> str:
+    return next((gap for gap in GAPS if gap in reason), reason)
+
+
+# Not built yet (docs/scim.md, "Not yet"): externalId is not kept (it needs a User field), POST
+# /.search is not served, and `active` cannot be removed (every account is active or not).
+GAPS = ("externalId", "/.search", "remove attribute 'active'")
+KNOWN_GAPS = {
+    ("object_query_with_attributes", "externalId"),
+    ("object_list_with_attributes", "externalId"),
+    ("search_with_attributes", "/.search"),
+    ("check_add_attribute", "externalId"),
+    ("check_remove_attribute", "remove attribute 'active'"),
+    ("check_replace_attribute", "externalId"),
+}
+
+
+def _user(server: RunningServer, user_id: str) -> user_pb2.User:
+    return server.stub.GetUser(pb.GetUserRequest(id=user_id), timeout=10).user
+
+
+def test_okta_sequence_creates_finds_deactivates_renames_and_deletes(
+    server: RunningServer, scim: httpx2.Client
+) -> None:
+    # Okta's published SCIM 2.0 flow: look up by userName, create, deactivate with PATCH, update, delete.
+    name = f"okta-{uuid.uuid4().hex[:8]}"
+    found = scim.get("/Users", params={"filter": f'userName eq "{name}"', "startIndex": 1, "count": 100})
+    assert found.status_code == 200
+    assert found.json()["totalResults"] == 0
+    created = scim.post(
+        "/Users",
+        json={
+            "schemas": [SCHEMA],
+            "userName": name,
+            "name": {"givenName": "Ada", "familyName": "Lovelace"},
+            "emails": [{"primary": True, "value": f"{name}@example.com", "type": "work"}],
+            "displayName": "Ada Lovelace",
+            "locale": "en-US",
+            "groups": [],
+            "active": True,
+        },
+    )
+    assert created.status_code == 201, created.text
+    user_id = created.json()["id"]
+    assert _user(server, user_id).state == user_pb2.USER_STATE_ACTIVE
+    found = scim.get("/Users", params={"filter": f'userName eq "{name.upper()}"'}).json()
+    assert [resource["id"] for resource in found["Resources"]] == [user_id]
+
+    off = scim.patch(
+        f"/Users/{user_id}", json={"schemas": [PATCH], "Operations": [{"op": "replace", "value": {"active": False}}]}
+    )
+    assert off.status_code == 200, off.text
+    assert off.json()["active"] is False
+    assert _user(server, user_id).state == user_pb2.USER_STATE_DEACTIVATED
+    events = server.stub.ListAuditEvents(pb.ListAuditEventsRequest(subject_id=user_id), timeout=10).audit_events
+    assert pb.AUDIT_EVENT_TYPE_USER_DEACTIVATE in [event.type for event in events]
+
+    renamed = scim.patch(
+        f"/Users/{user_id}",
+        json={
+            "schemas": [PATCH],
+            "Operations": [
+                {"op": "replace", "value": {"name": {"givenName": "Augusta", "familyName": "King"}}},
+                {"op": "replace", "value": {"emails": [{"value": f"{name}@new.example", "primary": True}]}},
+            ],
+        },
+    )
+    assert renamed.status_code == 200, renamed.text
+    user = _user(server, user_id)
+    assert (user.first_name, user.last_name, user.email) == ("Augusta", "King", f"{name}@new.example")
+
+    assert scim.delete(f"/Users/{user_id}").status_code == 204
+    assert scim.get(f"/Users/{user_id}").status_code == 404
+
+
+def test_entra_sequence_with_its_capitalised_ops_and_string_booleans(
+    server: RunningServer, scim: httpx2.Client
+) -> None:
+    # Entra ID's published requests: "Replace"/"Add" with a path, "False" as a string, a filtered email path.
+    name = f"entra-{uuid.uuid4().hex[:8]}"
+    assert scim.get("/Users", params={"filter": f'userName eq "{name}"'}).json()["totalResults"] == 0
+    created = scim.post(
+        "/Users",
+        json={
+            "schemas": [SCHEMA, "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
+            "userName": name,
+            "active": True,
+            "displayName": "Grace Hopper",
+            "emails": [{"primary": True, "type": "work", "value": f"{name}@example.com"}],
+            "name": {"formatted": "Grace Hopper", "familyName": "Hopper", "givenName": "Grace"},
+            "roles": [],
+        },
+    )
+    assert created.status_code == 201, created.text
+    user_id = created.json()["id"]
+    patched = scim.patch(
+        f"/Users/{user_id}",
+        json={
+            "schemas": [PATCH],
+            "Operations": [
+                {"op": "Replace", "path": "active", "value": "False"},
+                {"op": "Add", "path": "name.givenName", "value": "Amazing Grace"},
+                {"op": "Replace", "path": "name.familyName", "value": "Murray"},
+            ],
+        },
+    )
+    assert patched.status_code == 200, patched.text
+    user = _user(server, user_id)
+    assert (user.first_name, user.last_name, user.state) == ("Amazing Grace", "Murray", user_pb2.USER_STATE_DEACTIVATED)
+    by_email = scim.get("/Users", params={"filter": f'emails[type eq "work"].value eq "{name}@example.com"'}).json()
+    assert [resource["id"] for resource in by_email["Resources"]] == [user_id]
+    assert scim.delete(f"/Users/{user_id}").status_code == 204
+    assert scim.get(f"/Users/{user_id}").status_code == 404
+
+
+def test_refusals_are_scim_errors(server: RunningServer, scim: httpx2.Client) -> None:
+    anonymous = httpx2.get(f"{scim.base_url}Users")
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith("Bearer")
+    assert scim.get("/Users", params={"filter": 'title co "x"'}).json()["scimType"] == "invalidFilter"
+    body = {
+        "schemas": [SCHEMA],
+        "userName": server.admin_username,
+        "name": {"givenName": "A", "familyName": "B"},
+        "emails": [{"value": f"{uuid.uuid4().hex}@example.com"}],
+    }
+    taken = scim.post("/Users", json=body)
+    assert (taken.status_code, taken.json()["scimType"]) == (409, "uniqueness")
+    stale = scim.put(
+        f"/Users/{server.admin_id}",
+        json=body | {"userName": "x" + server.admin_username[:20]},
+        headers={"If-Match": 'W/"stale"'},
+    )
+    assert stale.status_code == 412
