@@ -450,6 +450,9 @@ class Housekeeping(Protocol):
     async def purge_failed_mail(self, failed_before: datetime) -> int:
         """Delete the mail given up before ``failed_before``; how many."""
 
+    async def purge_expired_ceremonies(self, now: datetime) -> int:
+        """Passkey ceremonies past their expiry."""
+
     async def purge_expired_tallies(self, now: datetime) -> int:
         """Delete the throttle tallies that expired before ``now``; how many."""
 
