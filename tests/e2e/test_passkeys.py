@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from tests.e2e.test_change_feed import watch_until
 from tests.support.authenticator import SoftwareAuthenticator, b64url, unb64url
 from tests.support.calls import PASSWORD, error_info, raw_collection, rpc_error, signed_up
 from tests.support.fakes import FakeClock
@@ -313,3 +314,29 @@ def test_a_passkey_is_a_second_factor(server: RunningServer, mail: MailSink) -> 
     assert signed_in.user.id == jane.id
     without = pb.AuthenticateRequest(identifier="jane", password=PASSWORD)
     assert reason(server.anonymous.Authenticate, without) == "FAILED_PRECONDITION/MFA_REQUIRED"
+
+
+def test_every_passkey_event_is_audited_without_credential_material(server: RunningServer, mail: MailSink) -> None:
+    """The five passkey event types (tests/e2e/test_audit.py leaves them here), and the change feed's
+    added, used and removed, none carrying a credential id, key or signature."""
+    jane = person(server, mail)
+    passkey = register(jane).passkey
+    sign_in(server, jane.authenticator)
+    stub = jane.server.stub_for(jane.session.access_token)
+    stub.RenamePasskey(pk.RenamePasskeyRequest(user_id=jane.id, passkey_id=passkey.id, display_name="Phone"))
+    stub.RemovePasskey(pk.RemovePasskeyRequest(user_id=jane.id, passkey_id=passkey.id, password=PASSWORD))
+    events = server.stub.ListAuditEvents(pb.ListAuditEventsRequest(subject_id=jane.id, page_size=100)).audit_events
+    passkey_types = {value for name, value in pb.AuditEventType.items() if name.startswith("AUDIT_EVENT_TYPE_PASSKEY_")}
+    assert {e.type for e in events} >= passkey_types
+    credential_id = jane.authenticator.credentials[0].credential_id
+    for event in events:
+        raw = event.SerializeToString()
+        assert credential_id not in raw
+        assert b64url(credential_id).encode() not in raw
+    wanted = [pb.USER_CHANGE_TYPE_PASSKEY_ADDED, pb.USER_CHANGE_TYPE_PASSKEY_USED, pb.USER_CHANGE_TYPE_PASSKEY_REMOVED]
+
+    def seen(changes: list[pb.UserChange]) -> bool:
+        return [c.type for c in changes if c.user_id == jane.id and c.type in wanted] == wanted
+
+    changes = watch_until(server.stub, "", seen)
+    assert all(credential_id not in c.SerializeToString() for c in changes)
