@@ -22,6 +22,7 @@ from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, make_settings
 from users.v1 import group_pb2 as gpb
 from users.v1 import metadata_pb2, user_pb2
+from users.v1 import passkey_pb2 as pk
 from users.v1 import user_service_pb2 as pb
 from users_grpc.grpc_api.access import RULES, Rule
 
@@ -101,6 +102,16 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "RemoveGroupMember": lambda id_, _name: gpb.RemoveGroupMemberRequest(group_id="f" * 24, user_id=id_),
     "ListGroupMembers": lambda _id, _name: gpb.ListGroupMembersRequest(group_id="f" * 24),
     "ListUserGroups": lambda id_, _name: gpb.ListUserGroupsRequest(user_id=id_),
+    # A registration started and never finished changes nothing the account shows.
+    "StartPasskeyRegistration": lambda id_, _name: pk.StartPasskeyRegistrationRequest(user_id=id_, password=PASSWORD),
+    "FinishPasskeyRegistration": lambda id_, _name: pk.FinishPasskeyRegistrationRequest(user_id=id_),
+    "StartPasskeySignIn": lambda _id, name: pk.StartPasskeySignInRequest(identifier=name),
+    "FinishPasskeySignIn": lambda _id, _name: pk.FinishPasskeySignInRequest(),
+    "ListAuthenticationFactors": lambda id_, _name: pk.ListAuthenticationFactorsRequest(user_id=id_),
+    "RenamePasskey": lambda id_, _name: pk.RenamePasskeyRequest(user_id=id_, passkey_id="f" * 24, display_name="x"),
+    "RemovePasskey": lambda id_, _name: pk.RemovePasskeyRequest(user_id=id_, passkey_id="f" * 24, password=PASSWORD),
+    "ListUserAuthenticationFactors": lambda id_, _name: pk.ListUserAuthenticationFactorsRequest(user_id=id_),
+    "RemoveUserPasskey": lambda _id, _name: pk.RemoveUserPasskeyRequest(user_id="f" * 24, passkey_id="f" * 24),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them (RevokeAllSessions on a user
@@ -170,6 +181,15 @@ ADMITTED: dict[str, str] = {
     "RemoveGroupMember": "NOT_FOUND/GROUP_NOT_FOUND",
     "ListGroupMembers": "NOT_FOUND/GROUP_NOT_FOUND",
     "ListUserGroups": "OK",
+    "StartPasskeyRegistration": "OK",  # a ceremony started, never finished
+    "FinishPasskeyRegistration": INVALID,
+    "StartPasskeySignIn": "OK",
+    "FinishPasskeySignIn": INVALID,
+    "ListAuthenticationFactors": "OK",
+    "RenamePasskey": "NOT_FOUND/PASSKEY_NOT_FOUND",
+    "RemovePasskey": "NOT_FOUND/PASSKEY_NOT_FOUND",
+    "ListUserAuthenticationFactors": "OK",
+    "RemoveUserPasskey": NOT_FOUND,
 }
 # Where a caller's admitted call gets another answer than ADMITTED's.
 ADMITTED_FOR: dict[tuple[str, str], str] = {

@@ -86,6 +86,15 @@ SAMPLES: dict[str, Subject] = {
     "RemoveGroupMember": "ghost",
     "ListGroupMembers": "none",
     "ListUserGroups": "self",
+    "StartPasskeyRegistration": "self",
+    "FinishPasskeyRegistration": "self",
+    "StartPasskeySignIn": "none",
+    "FinishPasskeySignIn": "none",
+    "ListAuthenticationFactors": "self",
+    "RenamePasskey": "self",
+    "RemovePasskey": "self",
+    "ListUserAuthenticationFactors": "self",
+    "RemoveUserPasskey": "ghost",
 }
 # Served over gRPC only: invoke is unary (the HTTP edge answers UNIMPLEMENTED).
 STREAMS = {"WatchUserChanges"}

@@ -15,7 +15,14 @@ import pytest
 from tests.support.commands import CommandRecorder, Query, queries_of
 
 # docs/scaling.md: the shard key of each sharded collection. The others stay unsharded.
-SHARD_KEYS = {"users": "_id", "sessions": "_id", "throttles": "_id", "claims": "_id", "group_members": "user_id"}
+SHARD_KEYS = {
+    "users": "_id",
+    "sessions": "_id",
+    "throttles": "_id",
+    "claims": "_id",
+    "group_members": "user_id",
+    "passkey_ceremonies": "_id",
+}
 
 
 def fields(query_filter: Any) -> set[str]:

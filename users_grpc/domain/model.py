@@ -455,6 +455,11 @@ class AuditEventType(enum.Enum):
     GROUP_DELETE = "group_delete"
     GROUP_MEMBER_ADD = "group_member_add"
     GROUP_MEMBER_REMOVE = "group_member_remove"
+    PASSKEY_REGISTRATION_START = "passkey_registration_start"
+    PASSKEY_REGISTER = "passkey_register"
+    PASSKEY_SIGN_IN = "passkey_sign_in"
+    PASSKEY_RENAME = "passkey_rename"
+    PASSKEY_REMOVE = "passkey_remove"
 
 
 class ActorKind(enum.Enum):
@@ -534,6 +539,9 @@ class ChangeType(enum.Enum):
     METADATA_CHANGED = "metadata_changed"
     GROUP_MEMBER_ADDED = "group_member_added"
     GROUP_MEMBER_REMOVED = "group_member_removed"
+    PASSKEY_ADDED = "passkey_added"
+    PASSKEY_REMOVED = "passkey_removed"
+    PASSKEY_USED = "passkey_used"
 
 
 @dataclass(frozen=True, kw_only=True)

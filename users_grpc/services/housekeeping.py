@@ -61,6 +61,7 @@ class Purged:
     audit_events: int = 0
     changes: int = 0
     group_members: int = 0
+    passkey_ceremonies: int = 0
 
 
 def holder_id() -> str:
@@ -117,6 +118,7 @@ class HousekeepingJob:
             audit_events=await self._store.purge_audit_events(now - self._retention.audit_events),
             changes=await self._store.purge_changes(now - self._retention.changes),
             group_members=0 if self._sweep_deleted_groups is None else await self._sweep_deleted_groups(),
+            passkey_ceremonies=await self._store.purge_expired_ceremonies(now),
         )
         if purged != Purged(0, 0, 0):
             log.info("housekeeping purged", extra=dataclasses.asdict(purged))

@@ -22,6 +22,7 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from pyqwest import Client, SyncClient
 from users.v1.group_pb2 import AddGroupMemberRequest, AddGroupMemberResponse, CreateGroupRequest, CreateGroupResponse, DeleteGroupRequest, DeleteGroupResponse, ListGroupMembersRequest, ListGroupMembersResponse, ListGroupsRequest, ListGroupsResponse, ListUserGroupsRequest, ListUserGroupsResponse, RemoveGroupMemberRequest, RemoveGroupMemberResponse, RenameGroupRequest, RenameGroupResponse
 from users.v1.metadata_pb2 import DeleteUserMetadataRequest, DeleteUserMetadataResponse, GetUserMetadataRequest, GetUserMetadataResponse, ListUserMetadataRequest, ListUserMetadataResponse, SetUserMetadataRequest, SetUserMetadataResponse
+from users.v1.passkey_pb2 import FinishPasskeyRegistrationRequest, FinishPasskeyRegistrationResponse, FinishPasskeySignInRequest, FinishPasskeySignInResponse, ListAuthenticationFactorsRequest, ListAuthenticationFactorsResponse, ListUserAuthenticationFactorsRequest, ListUserAuthenticationFactorsResponse, RemovePasskeyRequest, RemovePasskeyResponse, RemoveUserPasskeyRequest, RemoveUserPasskeyResponse, RenamePasskeyRequest, RenamePasskeyResponse, StartPasskeyRegistrationRequest, StartPasskeyRegistrationResponse, StartPasskeySignInRequest, StartPasskeySignInResponse
 
 from .user_service_pb2 import ActivateUserRequest, ActivateUserResponse, AuthenticateRequest, AuthenticateResponse, ChangeEmailRequest, ChangeEmailResponse, ChangePasswordRequest, ChangePasswordResponse, ConfirmEmailChangeRequest, ConfirmEmailChangeResponse, ConfirmMfaRequest, ConfirmMfaResponse, CreateServiceAccountRequest, CreateServiceAccountResponse, CreateUserRequest, CreateUserResponse, DeactivateUserRequest, DeactivateUserResponse, DeleteServiceAccountRequest, DeleteServiceAccountResponse, DeleteUserByIdentifierRequest, DeleteUserByIdentifierResponse, DeleteUserRequest, DeleteUserResponse, DisableMfaRequest, DisableMfaResponse, EnableMfaRequest, EnableMfaResponse, ForgotPasswordRequest, ForgotPasswordResponse, GetMfaQrCodeRequest, GetMfaQrCodeResponse, GetPublicKeysRequest, GetPublicKeysResponse, GetUserByIdentifierRequest, GetUserByIdentifierResponse, GetUserRequest, GetUserResponse, ImportUsersRequest, ImportUsersResponse, IssueServiceTokenRequest, IssueServiceTokenResponse, ListAuditEventsRequest, ListAuditEventsResponse, ListServiceAccountsRequest, ListServiceAccountsResponse, ListSessionsRequest, ListSessionsResponse, ListUsersRequest, ListUsersResponse, LockUserRequest, LockUserResponse, ReactivateUserRequest, ReactivateUserResponse, RefreshSessionRequest, RefreshSessionResponse, RegenerateRecoveryCodesRequest, RegenerateRecoveryCodesResponse, ResendActivationCodeRequest, ResendActivationCodeResponse, ResetPasswordRequest, ResetPasswordResponse, ResetUserMfaRequest, ResetUserMfaResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeSessionRequest, RevokeSessionResponse, SetUserEmailRequest, SetUserEmailResponse, SetUserRoleRequest, SetUserRoleResponse, UnlockUserRequest, UnlockUserResponse, UpdateUserRequest, UpdateUserResponse, ValidateTokenRequest, ValidateTokenResponse, VerifyCredentialsRequest, VerifyCredentialsResponse, WatchUserChangesRequest, WatchUserChangesResponse
 
@@ -178,7 +179,8 @@ class UserService(Protocol):
         OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
-        recovery_code too. Without either, the answer (after the right password
+        recovery_code too (or a passkey: passkey_ceremony_id and
+        passkey_credential_json, from StartPasskeySignIn with second_factor). Without either, the answer (after the right password
         only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
         code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
         """
@@ -857,6 +859,146 @@ class UserService(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    async def start_passkey_registration(self, request: StartPasskeyRegistrationRequest, ctx: RequestContext[StartPasskeyRegistrationRequest, StartPasskeyRegistrationResponse], /) -> StartPasskeyRegistrationResponse:
+        """
+        Start adding a passkey to one's own account
+
+        Returns the creation options for navigator.credentials.create() and a
+        ceremony id for FinishPasskeyRegistration (the WebAuthn JSON is described
+        at the top of users/v1/passkey.proto). Needs the current password, or a
+        session that began (Authenticate or FinishPasskeySignIn; refreshing does
+        not count) within USERS_WEBAUTHN_REAUTH_SECONDS: a stolen access token
+        alone must not add a factor, as for EnableMfa. Wrong passwords count
+        toward the sign-in throttle. The ceremony lives in the database for
+        USERS_WEBAUTHN_CEREMONY_SECONDS, so any replica can finish it, once.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+        (also: wrong password, reason INVALID_CREDENTIALS), PERMISSION_DENIED,
+        FAILED_PRECONDITION (PASSKEYS_DISABLED: the USERS_WEBAUTHN_* settings are
+        not set; REAUTHENTICATION_REQUIRED: no password and no recent sign-in),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def finish_passkey_registration(self, request: FinishPasskeyRegistrationRequest, ctx: RequestContext[FinishPasskeyRegistrationRequest, FinishPasskeyRegistrationResponse], /) -> FinishPasskeyRegistrationResponse:
+        """
+        Finish adding a passkey: verify the browser's registration response and store it
+
+        The ceremony is used up by this call, whatever its outcome: after an
+        error, start again. Checks the challenge, the origin (one of
+        USERS_WEBAUTHN_ORIGINS), the RP id hash (USERS_WEBAUTHN_RP_ID) and user
+        presence; attestation is not verified ("none" is asked for), the AAGUID
+        is recorded as stated. Mails a notice, records the change in the change
+        feed (USER_CHANGE_TYPE_PASSKEY_ADDED) and the audit trail.
+        Callers: the user themself. Errors: INVALID_ARGUMENT (reason
+        INVALID_PASSKEY_REGISTRATION, BadRequest naming `ceremony_id` (unknown,
+        expired, used, or another user's) or `credential_json` (does not verify:
+        wrong challenge, origin or RP id, malformed)), ALREADY_EXISTS (field
+        `credential_id`: this credential is registered already, on any account),
+        UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION (PASSKEYS_DISABLED),
+        UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def start_passkey_sign_in(self, request: StartPasskeySignInRequest, ctx: RequestContext[StartPasskeySignInRequest, StartPasskeySignInResponse], /) -> StartPasskeySignInResponse:
+        """
+        Start a sign-in with a passkey (or the passkey second step of Authenticate)
+
+        Returns the request options for navigator.credentials.get() and a
+        ceremony id. With an identifier, allowCredentials lists the account's
+        passkeys; an identifier of no account, or of an account without passkeys,
+        gets options of the same form (credential ids derived from the identifier
+        with a server secret, the same on every call and replica), so the reply
+        tells nothing about the account. Without one, allowCredentials is empty:
+        the browser offers its discoverable credentials (usernameless sign-in).
+        It counts against the "sign-in" per-address rate limit, as Authenticate.
+        Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
+        identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
+        (RATE_LIMITED, OVERLOADED), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def finish_passkey_sign_in(self, request: FinishPasskeySignInRequest, ctx: RequestContext[FinishPasskeySignInRequest, FinishPasskeySignInResponse], /) -> FinishPasskeySignInResponse:
+        """
+        Sign in with a passkey: verify the assertion and open a session
+
+        Returns the session Authenticate returns. The ceremony is used up by this
+        call, whatever its outcome (of two concurrent calls with one ceremony,
+        exactly one can succeed). User verification (a PIN or biometric) is
+        required, so a passkey sign-in is multi-factor by itself: no TOTP is asked
+        for, even with MFA on. A sign count that does not increase (where the
+        authenticator keeps one) refuses the sign-in and mails the user a notice
+        (the credential may be cloned). Failures count toward the same throttle
+        as wrong passwords. Records the use in the change feed
+        (USER_CHANGE_TYPE_PASSKEY_USED) and the audit trail.
+        Callers: anyone. Errors: INVALID_ARGUMENT (missing fields, credential_json
+        not JSON), UNAUTHENTICATED (INVALID_PASSKEY: one answer for an unknown,
+        expired or used ceremony, an unknown credential, a bad signature, origin
+        or RP id, no user verification, a credential of another account than the
+        ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
+        increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
+        UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_authentication_factors(self, request: ListAuthenticationFactorsRequest, ctx: RequestContext[ListAuthenticationFactorsRequest, ListAuthenticationFactorsResponse], /) -> ListAuthenticationFactorsResponse:
+        """
+        The ways one's own account signs in: password, TOTP, recovery codes, passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def rename_passkey(self, request: RenamePasskeyRequest, ctx: RequestContext[RenamePasskeyRequest, RenamePasskeyResponse], /) -> RenamePasskeyResponse:
+        """
+        Rename one of one's own passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (PASSKEY_NOT_FOUND: no such passkey on this
+        account), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def remove_passkey(self, request: RemovePasskeyRequest, ctx: RequestContext[RemovePasskeyRequest, RemovePasskeyResponse], /) -> RemovePasskeyResponse:
+        """
+        Remove one of one's own passkeys
+
+        Needs the current password or a recent sign-in, as
+        StartPasskeyRegistration. The passkey stops working at once; sessions it
+        opened stay (RevokeAllSessions ends them). Mails a notice, records the
+        change in the change feed (USER_CHANGE_TYPE_PASSKEY_REMOVED) and the audit
+        trail. Callers: the user themself. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED, NOT_FOUND
+        (PASSKEY_NOT_FOUND), FAILED_PRECONDITION (LAST_SIGN_IN_METHOD: the account
+        has no password and this is its last passkey; REAUTHENTICATION_REQUIRED),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_user_authentication_factors(self, request: ListUserAuthenticationFactorsRequest, ctx: RequestContext[ListUserAuthenticationFactorsRequest, ListUserAuthenticationFactorsResponse], /) -> ListUserAuthenticationFactorsResponse:
+        """
+        A user's sign-in factors, for an admin
+
+        As ListAuthenticationFactors. Callers: an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def remove_user_passkey(self, request: RemoveUserPasskeyRequest, ctx: RequestContext[RemoveUserPasskeyRequest, RemoveUserPasskeyResponse], /) -> RemoveUserPasskeyResponse:
+        """
+        Remove a user's passkey, as an admin (a lost or stolen device)
+
+        Audited (AUDIT_EVENT_TYPE_PASSKEY_REMOVE, the admin as actor), mailed to
+        the user as a notice, and in the change feed. The last-sign-in-method rule
+        holds here too (ForgotPassword gives a passwordless account a password).
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
+        FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
 
 class UserServiceASGIApplication(ConnectASGIApplication[UserService]):
     def __init__(
@@ -1454,6 +1596,105 @@ class UserServiceASGIApplication(ConnectASGIApplication[UserService]):
                     ),
                     function=svc.list_user_groups,
                 ),
+                "/users.v1.UserService/StartPasskeyRegistration": Endpoint.unary(
+                    method=MethodInfo(
+                        name="StartPasskeyRegistration",
+                        service_name="users.v1.UserService",
+                        input=StartPasskeyRegistrationRequest,
+                        output=StartPasskeyRegistrationResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.start_passkey_registration,
+                ),
+                "/users.v1.UserService/FinishPasskeyRegistration": Endpoint.unary(
+                    method=MethodInfo(
+                        name="FinishPasskeyRegistration",
+                        service_name="users.v1.UserService",
+                        input=FinishPasskeyRegistrationRequest,
+                        output=FinishPasskeyRegistrationResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.finish_passkey_registration,
+                ),
+                "/users.v1.UserService/StartPasskeySignIn": Endpoint.unary(
+                    method=MethodInfo(
+                        name="StartPasskeySignIn",
+                        service_name="users.v1.UserService",
+                        input=StartPasskeySignInRequest,
+                        output=StartPasskeySignInResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.start_passkey_sign_in,
+                ),
+                "/users.v1.UserService/FinishPasskeySignIn": Endpoint.unary(
+                    method=MethodInfo(
+                        name="FinishPasskeySignIn",
+                        service_name="users.v1.UserService",
+                        input=FinishPasskeySignInRequest,
+                        output=FinishPasskeySignInResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.finish_passkey_sign_in,
+                ),
+                "/users.v1.UserService/ListAuthenticationFactors": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListAuthenticationFactors",
+                        service_name="users.v1.UserService",
+                        input=ListAuthenticationFactorsRequest,
+                        output=ListAuthenticationFactorsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_authentication_factors,
+                ),
+                "/users.v1.UserService/RenamePasskey": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RenamePasskey",
+                        service_name="users.v1.UserService",
+                        input=RenamePasskeyRequest,
+                        output=RenamePasskeyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.rename_passkey,
+                ),
+                "/users.v1.UserService/RemovePasskey": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RemovePasskey",
+                        service_name="users.v1.UserService",
+                        input=RemovePasskeyRequest,
+                        output=RemovePasskeyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.remove_passkey,
+                ),
+                "/users.v1.UserService/ListUserAuthenticationFactors": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListUserAuthenticationFactors",
+                        service_name="users.v1.UserService",
+                        input=ListUserAuthenticationFactorsRequest,
+                        output=ListUserAuthenticationFactorsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_user_authentication_factors,
+                ),
+                "/users.v1.UserService/RemoveUserPasskey": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RemoveUserPasskey",
+                        service_name="users.v1.UserService",
+                        input=RemoveUserPasskeyRequest,
+                        output=RemoveUserPasskeyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.remove_user_passkey,
+                ),
             },
             interceptors=interceptors,
             read_max_bytes=read_max_bytes,
@@ -1755,7 +1996,8 @@ class UserServiceClient(ConnectClient):
         OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
-        recovery_code too. Without either, the answer (after the right password
+        recovery_code too (or a passkey: passkey_ceremony_id and
+        passkey_credential_json, from StartPasskeySignIn with second_factor). Without either, the answer (after the right password
         only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
         code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
         """
@@ -3210,6 +3452,299 @@ class UserServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def start_passkey_registration(
+        self,
+        request: StartPasskeyRegistrationRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> StartPasskeyRegistrationResponse:
+        """
+        Start adding a passkey to one's own account
+
+        Returns the creation options for navigator.credentials.create() and a
+        ceremony id for FinishPasskeyRegistration (the WebAuthn JSON is described
+        at the top of users/v1/passkey.proto). Needs the current password, or a
+        session that began (Authenticate or FinishPasskeySignIn; refreshing does
+        not count) within USERS_WEBAUTHN_REAUTH_SECONDS: a stolen access token
+        alone must not add a factor, as for EnableMfa. Wrong passwords count
+        toward the sign-in throttle. The ceremony lives in the database for
+        USERS_WEBAUTHN_CEREMONY_SECONDS, so any replica can finish it, once.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+        (also: wrong password, reason INVALID_CREDENTIALS), PERMISSION_DENIED,
+        FAILED_PRECONDITION (PASSKEYS_DISABLED: the USERS_WEBAUTHN_* settings are
+        not set; REAUTHENTICATION_REQUIRED: no password and no recent sign-in),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="StartPasskeyRegistration",
+                service_name="users.v1.UserService",
+                input=StartPasskeyRegistrationRequest,
+                output=StartPasskeyRegistrationResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def finish_passkey_registration(
+        self,
+        request: FinishPasskeyRegistrationRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> FinishPasskeyRegistrationResponse:
+        """
+        Finish adding a passkey: verify the browser's registration response and store it
+
+        The ceremony is used up by this call, whatever its outcome: after an
+        error, start again. Checks the challenge, the origin (one of
+        USERS_WEBAUTHN_ORIGINS), the RP id hash (USERS_WEBAUTHN_RP_ID) and user
+        presence; attestation is not verified ("none" is asked for), the AAGUID
+        is recorded as stated. Mails a notice, records the change in the change
+        feed (USER_CHANGE_TYPE_PASSKEY_ADDED) and the audit trail.
+        Callers: the user themself. Errors: INVALID_ARGUMENT (reason
+        INVALID_PASSKEY_REGISTRATION, BadRequest naming `ceremony_id` (unknown,
+        expired, used, or another user's) or `credential_json` (does not verify:
+        wrong challenge, origin or RP id, malformed)), ALREADY_EXISTS (field
+        `credential_id`: this credential is registered already, on any account),
+        UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION (PASSKEYS_DISABLED),
+        UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="FinishPasskeyRegistration",
+                service_name="users.v1.UserService",
+                input=FinishPasskeyRegistrationRequest,
+                output=FinishPasskeyRegistrationResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def start_passkey_sign_in(
+        self,
+        request: StartPasskeySignInRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> StartPasskeySignInResponse:
+        """
+        Start a sign-in with a passkey (or the passkey second step of Authenticate)
+
+        Returns the request options for navigator.credentials.get() and a
+        ceremony id. With an identifier, allowCredentials lists the account's
+        passkeys; an identifier of no account, or of an account without passkeys,
+        gets options of the same form (credential ids derived from the identifier
+        with a server secret, the same on every call and replica), so the reply
+        tells nothing about the account. Without one, allowCredentials is empty:
+        the browser offers its discoverable credentials (usernameless sign-in).
+        It counts against the "sign-in" per-address rate limit, as Authenticate.
+        Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
+        identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
+        (RATE_LIMITED, OVERLOADED), UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="StartPasskeySignIn",
+                service_name="users.v1.UserService",
+                input=StartPasskeySignInRequest,
+                output=StartPasskeySignInResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def finish_passkey_sign_in(
+        self,
+        request: FinishPasskeySignInRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> FinishPasskeySignInResponse:
+        """
+        Sign in with a passkey: verify the assertion and open a session
+
+        Returns the session Authenticate returns. The ceremony is used up by this
+        call, whatever its outcome (of two concurrent calls with one ceremony,
+        exactly one can succeed). User verification (a PIN or biometric) is
+        required, so a passkey sign-in is multi-factor by itself: no TOTP is asked
+        for, even with MFA on. A sign count that does not increase (where the
+        authenticator keeps one) refuses the sign-in and mails the user a notice
+        (the credential may be cloned). Failures count toward the same throttle
+        as wrong passwords. Records the use in the change feed
+        (USER_CHANGE_TYPE_PASSKEY_USED) and the audit trail.
+        Callers: anyone. Errors: INVALID_ARGUMENT (missing fields, credential_json
+        not JSON), UNAUTHENTICATED (INVALID_PASSKEY: one answer for an unknown,
+        expired or used ceremony, an unknown credential, a bad signature, origin
+        or RP id, no user verification, a credential of another account than the
+        ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
+        increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
+        UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="FinishPasskeySignIn",
+                service_name="users.v1.UserService",
+                input=FinishPasskeySignInRequest,
+                output=FinishPasskeySignInResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_authentication_factors(
+        self,
+        request: ListAuthenticationFactorsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListAuthenticationFactorsResponse:
+        """
+        The ways one's own account signs in: password, TOTP, recovery codes, passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListAuthenticationFactors",
+                service_name="users.v1.UserService",
+                input=ListAuthenticationFactorsRequest,
+                output=ListAuthenticationFactorsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def rename_passkey(
+        self,
+        request: RenamePasskeyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RenamePasskeyResponse:
+        """
+        Rename one of one's own passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (PASSKEY_NOT_FOUND: no such passkey on this
+        account), UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RenamePasskey",
+                service_name="users.v1.UserService",
+                input=RenamePasskeyRequest,
+                output=RenamePasskeyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def remove_passkey(
+        self,
+        request: RemovePasskeyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RemovePasskeyResponse:
+        """
+        Remove one of one's own passkeys
+
+        Needs the current password or a recent sign-in, as
+        StartPasskeyRegistration. The passkey stops working at once; sessions it
+        opened stay (RevokeAllSessions ends them). Mails a notice, records the
+        change in the change feed (USER_CHANGE_TYPE_PASSKEY_REMOVED) and the audit
+        trail. Callers: the user themself. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED, NOT_FOUND
+        (PASSKEY_NOT_FOUND), FAILED_PRECONDITION (LAST_SIGN_IN_METHOD: the account
+        has no password and this is its last passkey; REAUTHENTICATION_REQUIRED),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RemovePasskey",
+                service_name="users.v1.UserService",
+                input=RemovePasskeyRequest,
+                output=RemovePasskeyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_user_authentication_factors(
+        self,
+        request: ListUserAuthenticationFactorsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListUserAuthenticationFactorsResponse:
+        """
+        A user's sign-in factors, for an admin
+
+        As ListAuthenticationFactors. Callers: an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListUserAuthenticationFactors",
+                service_name="users.v1.UserService",
+                input=ListUserAuthenticationFactorsRequest,
+                output=ListUserAuthenticationFactorsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def remove_user_passkey(
+        self,
+        request: RemoveUserPasskeyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RemoveUserPasskeyResponse:
+        """
+        Remove a user's passkey, as an admin (a lost or stolen device)
+
+        Audited (AUDIT_EVENT_TYPE_PASSKEY_REMOVE, the admin as actor), mailed to
+        the user as a notice, and in the change feed. The last-sign-in-method rule
+        holds here too (ForgotPassword gives a passwordless account a password).
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
+        FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RemoveUserPasskey",
+                service_name="users.v1.UserService",
+                input=RemoveUserPasskeyRequest,
+                output=RemoveUserPasskeyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class UserServiceSync(Protocol):
     """
@@ -3350,7 +3885,8 @@ class UserServiceSync(Protocol):
         OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
-        recovery_code too. Without either, the answer (after the right password
+        recovery_code too (or a passkey: passkey_ceremony_id and
+        passkey_credential_json, from StartPasskeySignIn with second_factor). Without either, the answer (after the right password
         only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
         code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
         """
@@ -4029,6 +4565,146 @@ class UserServiceSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def start_passkey_registration(self, request: StartPasskeyRegistrationRequest, ctx: RequestContext[StartPasskeyRegistrationRequest, StartPasskeyRegistrationResponse], /) -> StartPasskeyRegistrationResponse:
+        """
+        Start adding a passkey to one's own account
+
+        Returns the creation options for navigator.credentials.create() and a
+        ceremony id for FinishPasskeyRegistration (the WebAuthn JSON is described
+        at the top of users/v1/passkey.proto). Needs the current password, or a
+        session that began (Authenticate or FinishPasskeySignIn; refreshing does
+        not count) within USERS_WEBAUTHN_REAUTH_SECONDS: a stolen access token
+        alone must not add a factor, as for EnableMfa. Wrong passwords count
+        toward the sign-in throttle. The ceremony lives in the database for
+        USERS_WEBAUTHN_CEREMONY_SECONDS, so any replica can finish it, once.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+        (also: wrong password, reason INVALID_CREDENTIALS), PERMISSION_DENIED,
+        FAILED_PRECONDITION (PASSKEYS_DISABLED: the USERS_WEBAUTHN_* settings are
+        not set; REAUTHENTICATION_REQUIRED: no password and no recent sign-in),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def finish_passkey_registration(self, request: FinishPasskeyRegistrationRequest, ctx: RequestContext[FinishPasskeyRegistrationRequest, FinishPasskeyRegistrationResponse], /) -> FinishPasskeyRegistrationResponse:
+        """
+        Finish adding a passkey: verify the browser's registration response and store it
+
+        The ceremony is used up by this call, whatever its outcome: after an
+        error, start again. Checks the challenge, the origin (one of
+        USERS_WEBAUTHN_ORIGINS), the RP id hash (USERS_WEBAUTHN_RP_ID) and user
+        presence; attestation is not verified ("none" is asked for), the AAGUID
+        is recorded as stated. Mails a notice, records the change in the change
+        feed (USER_CHANGE_TYPE_PASSKEY_ADDED) and the audit trail.
+        Callers: the user themself. Errors: INVALID_ARGUMENT (reason
+        INVALID_PASSKEY_REGISTRATION, BadRequest naming `ceremony_id` (unknown,
+        expired, used, or another user's) or `credential_json` (does not verify:
+        wrong challenge, origin or RP id, malformed)), ALREADY_EXISTS (field
+        `credential_id`: this credential is registered already, on any account),
+        UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION (PASSKEYS_DISABLED),
+        UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def start_passkey_sign_in(self, request: StartPasskeySignInRequest, ctx: RequestContext[StartPasskeySignInRequest, StartPasskeySignInResponse], /) -> StartPasskeySignInResponse:
+        """
+        Start a sign-in with a passkey (or the passkey second step of Authenticate)
+
+        Returns the request options for navigator.credentials.get() and a
+        ceremony id. With an identifier, allowCredentials lists the account's
+        passkeys; an identifier of no account, or of an account without passkeys,
+        gets options of the same form (credential ids derived from the identifier
+        with a server secret, the same on every call and replica), so the reply
+        tells nothing about the account. Without one, allowCredentials is empty:
+        the browser offers its discoverable credentials (usernameless sign-in).
+        It counts against the "sign-in" per-address rate limit, as Authenticate.
+        Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
+        identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
+        (RATE_LIMITED, OVERLOADED), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def finish_passkey_sign_in(self, request: FinishPasskeySignInRequest, ctx: RequestContext[FinishPasskeySignInRequest, FinishPasskeySignInResponse], /) -> FinishPasskeySignInResponse:
+        """
+        Sign in with a passkey: verify the assertion and open a session
+
+        Returns the session Authenticate returns. The ceremony is used up by this
+        call, whatever its outcome (of two concurrent calls with one ceremony,
+        exactly one can succeed). User verification (a PIN or biometric) is
+        required, so a passkey sign-in is multi-factor by itself: no TOTP is asked
+        for, even with MFA on. A sign count that does not increase (where the
+        authenticator keeps one) refuses the sign-in and mails the user a notice
+        (the credential may be cloned). Failures count toward the same throttle
+        as wrong passwords. Records the use in the change feed
+        (USER_CHANGE_TYPE_PASSKEY_USED) and the audit trail.
+        Callers: anyone. Errors: INVALID_ARGUMENT (missing fields, credential_json
+        not JSON), UNAUTHENTICATED (INVALID_PASSKEY: one answer for an unknown,
+        expired or used ceremony, an unknown credential, a bad signature, origin
+        or RP id, no user verification, a credential of another account than the
+        ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
+        increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
+        UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_authentication_factors(self, request: ListAuthenticationFactorsRequest, ctx: RequestContext[ListAuthenticationFactorsRequest, ListAuthenticationFactorsResponse], /) -> ListAuthenticationFactorsResponse:
+        """
+        The ways one's own account signs in: password, TOTP, recovery codes, passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def rename_passkey(self, request: RenamePasskeyRequest, ctx: RequestContext[RenamePasskeyRequest, RenamePasskeyResponse], /) -> RenamePasskeyResponse:
+        """
+        Rename one of one's own passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (PASSKEY_NOT_FOUND: no such passkey on this
+        account), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def remove_passkey(self, request: RemovePasskeyRequest, ctx: RequestContext[RemovePasskeyRequest, RemovePasskeyResponse], /) -> RemovePasskeyResponse:
+        """
+        Remove one of one's own passkeys
+
+        Needs the current password or a recent sign-in, as
+        StartPasskeyRegistration. The passkey stops working at once; sessions it
+        opened stay (RevokeAllSessions ends them). Mails a notice, records the
+        change in the change feed (USER_CHANGE_TYPE_PASSKEY_REMOVED) and the audit
+        trail. Callers: the user themself. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED, NOT_FOUND
+        (PASSKEY_NOT_FOUND), FAILED_PRECONDITION (LAST_SIGN_IN_METHOD: the account
+        has no password and this is its last passkey; REAUTHENTICATION_REQUIRED),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_user_authentication_factors(self, request: ListUserAuthenticationFactorsRequest, ctx: RequestContext[ListUserAuthenticationFactorsRequest, ListUserAuthenticationFactorsResponse], /) -> ListUserAuthenticationFactorsResponse:
+        """
+        A user's sign-in factors, for an admin
+
+        As ListAuthenticationFactors. Callers: an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def remove_user_passkey(self, request: RemoveUserPasskeyRequest, ctx: RequestContext[RemoveUserPasskeyRequest, RemoveUserPasskeyResponse], /) -> RemoveUserPasskeyResponse:
+        """
+        Remove a user's passkey, as an admin (a lost or stolen device)
+
+        Audited (AUDIT_EVENT_TYPE_PASSKEY_REMOVE, the admin as actor), mailed to
+        the user as a notice, and in the change feed. The last-sign-in-method rule
+        holds here too (ForgotPassword gives a passwordless account a password).
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
+        FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
 
 class UserServiceWSGIApplication(ConnectWSGIApplication):
     def __init__(
@@ -4624,6 +5300,105 @@ class UserServiceWSGIApplication(ConnectWSGIApplication):
                     ),
                     function=service.list_user_groups,
                 ),
+                "/users.v1.UserService/StartPasskeyRegistration": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="StartPasskeyRegistration",
+                        service_name="users.v1.UserService",
+                        input=StartPasskeyRegistrationRequest,
+                        output=StartPasskeyRegistrationResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.start_passkey_registration,
+                ),
+                "/users.v1.UserService/FinishPasskeyRegistration": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="FinishPasskeyRegistration",
+                        service_name="users.v1.UserService",
+                        input=FinishPasskeyRegistrationRequest,
+                        output=FinishPasskeyRegistrationResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.finish_passkey_registration,
+                ),
+                "/users.v1.UserService/StartPasskeySignIn": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="StartPasskeySignIn",
+                        service_name="users.v1.UserService",
+                        input=StartPasskeySignInRequest,
+                        output=StartPasskeySignInResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.start_passkey_sign_in,
+                ),
+                "/users.v1.UserService/FinishPasskeySignIn": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="FinishPasskeySignIn",
+                        service_name="users.v1.UserService",
+                        input=FinishPasskeySignInRequest,
+                        output=FinishPasskeySignInResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.finish_passkey_sign_in,
+                ),
+                "/users.v1.UserService/ListAuthenticationFactors": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListAuthenticationFactors",
+                        service_name="users.v1.UserService",
+                        input=ListAuthenticationFactorsRequest,
+                        output=ListAuthenticationFactorsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_authentication_factors,
+                ),
+                "/users.v1.UserService/RenamePasskey": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RenamePasskey",
+                        service_name="users.v1.UserService",
+                        input=RenamePasskeyRequest,
+                        output=RenamePasskeyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.rename_passkey,
+                ),
+                "/users.v1.UserService/RemovePasskey": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RemovePasskey",
+                        service_name="users.v1.UserService",
+                        input=RemovePasskeyRequest,
+                        output=RemovePasskeyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.remove_passkey,
+                ),
+                "/users.v1.UserService/ListUserAuthenticationFactors": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListUserAuthenticationFactors",
+                        service_name="users.v1.UserService",
+                        input=ListUserAuthenticationFactorsRequest,
+                        output=ListUserAuthenticationFactorsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_user_authentication_factors,
+                ),
+                "/users.v1.UserService/RemoveUserPasskey": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RemoveUserPasskey",
+                        service_name="users.v1.UserService",
+                        input=RemoveUserPasskeyRequest,
+                        output=RemoveUserPasskeyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.remove_user_passkey,
+                ),
             },
             interceptors=interceptors,
             read_max_bytes=read_max_bytes,
@@ -4925,7 +5700,8 @@ class UserServiceClientSync(ConnectClientSync):
         OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
-        recovery_code too. Without either, the answer (after the right password
+        recovery_code too (or a passkey: passkey_ceremony_id and
+        passkey_credential_json, from StartPasskeySignIn with second_factor). Without either, the answer (after the right password
         only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
         code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
         """
@@ -6374,6 +7150,299 @@ class UserServiceClientSync(ConnectClientSync):
                 service_name="users.v1.UserService",
                 input=ListUserGroupsRequest,
                 output=ListUserGroupsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def start_passkey_registration(
+        self,
+        request: StartPasskeyRegistrationRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> StartPasskeyRegistrationResponse:
+        """
+        Start adding a passkey to one's own account
+
+        Returns the creation options for navigator.credentials.create() and a
+        ceremony id for FinishPasskeyRegistration (the WebAuthn JSON is described
+        at the top of users/v1/passkey.proto). Needs the current password, or a
+        session that began (Authenticate or FinishPasskeySignIn; refreshing does
+        not count) within USERS_WEBAUTHN_REAUTH_SECONDS: a stolen access token
+        alone must not add a factor, as for EnableMfa. Wrong passwords count
+        toward the sign-in throttle. The ceremony lives in the database for
+        USERS_WEBAUTHN_CEREMONY_SECONDS, so any replica can finish it, once.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+        (also: wrong password, reason INVALID_CREDENTIALS), PERMISSION_DENIED,
+        FAILED_PRECONDITION (PASSKEYS_DISABLED: the USERS_WEBAUTHN_* settings are
+        not set; REAUTHENTICATION_REQUIRED: no password and no recent sign-in),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="StartPasskeyRegistration",
+                service_name="users.v1.UserService",
+                input=StartPasskeyRegistrationRequest,
+                output=StartPasskeyRegistrationResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def finish_passkey_registration(
+        self,
+        request: FinishPasskeyRegistrationRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> FinishPasskeyRegistrationResponse:
+        """
+        Finish adding a passkey: verify the browser's registration response and store it
+
+        The ceremony is used up by this call, whatever its outcome: after an
+        error, start again. Checks the challenge, the origin (one of
+        USERS_WEBAUTHN_ORIGINS), the RP id hash (USERS_WEBAUTHN_RP_ID) and user
+        presence; attestation is not verified ("none" is asked for), the AAGUID
+        is recorded as stated. Mails a notice, records the change in the change
+        feed (USER_CHANGE_TYPE_PASSKEY_ADDED) and the audit trail.
+        Callers: the user themself. Errors: INVALID_ARGUMENT (reason
+        INVALID_PASSKEY_REGISTRATION, BadRequest naming `ceremony_id` (unknown,
+        expired, used, or another user's) or `credential_json` (does not verify:
+        wrong challenge, origin or RP id, malformed)), ALREADY_EXISTS (field
+        `credential_id`: this credential is registered already, on any account),
+        UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION (PASSKEYS_DISABLED),
+        UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="FinishPasskeyRegistration",
+                service_name="users.v1.UserService",
+                input=FinishPasskeyRegistrationRequest,
+                output=FinishPasskeyRegistrationResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def start_passkey_sign_in(
+        self,
+        request: StartPasskeySignInRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> StartPasskeySignInResponse:
+        """
+        Start a sign-in with a passkey (or the passkey second step of Authenticate)
+
+        Returns the request options for navigator.credentials.get() and a
+        ceremony id. With an identifier, allowCredentials lists the account's
+        passkeys; an identifier of no account, or of an account without passkeys,
+        gets options of the same form (credential ids derived from the identifier
+        with a server secret, the same on every call and replica), so the reply
+        tells nothing about the account. Without one, allowCredentials is empty:
+        the browser offers its discoverable credentials (usernameless sign-in).
+        It counts against the "sign-in" per-address rate limit, as Authenticate.
+        Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
+        identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
+        (RATE_LIMITED, OVERLOADED), UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="StartPasskeySignIn",
+                service_name="users.v1.UserService",
+                input=StartPasskeySignInRequest,
+                output=StartPasskeySignInResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def finish_passkey_sign_in(
+        self,
+        request: FinishPasskeySignInRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> FinishPasskeySignInResponse:
+        """
+        Sign in with a passkey: verify the assertion and open a session
+
+        Returns the session Authenticate returns. The ceremony is used up by this
+        call, whatever its outcome (of two concurrent calls with one ceremony,
+        exactly one can succeed). User verification (a PIN or biometric) is
+        required, so a passkey sign-in is multi-factor by itself: no TOTP is asked
+        for, even with MFA on. A sign count that does not increase (where the
+        authenticator keeps one) refuses the sign-in and mails the user a notice
+        (the credential may be cloned). Failures count toward the same throttle
+        as wrong passwords. Records the use in the change feed
+        (USER_CHANGE_TYPE_PASSKEY_USED) and the audit trail.
+        Callers: anyone. Errors: INVALID_ARGUMENT (missing fields, credential_json
+        not JSON), UNAUTHENTICATED (INVALID_PASSKEY: one answer for an unknown,
+        expired or used ceremony, an unknown credential, a bad signature, origin
+        or RP id, no user verification, a credential of another account than the
+        ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
+        increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
+        UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="FinishPasskeySignIn",
+                service_name="users.v1.UserService",
+                input=FinishPasskeySignInRequest,
+                output=FinishPasskeySignInResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_authentication_factors(
+        self,
+        request: ListAuthenticationFactorsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListAuthenticationFactorsResponse:
+        """
+        The ways one's own account signs in: password, TOTP, recovery codes, passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListAuthenticationFactors",
+                service_name="users.v1.UserService",
+                input=ListAuthenticationFactorsRequest,
+                output=ListAuthenticationFactorsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def rename_passkey(
+        self,
+        request: RenamePasskeyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RenamePasskeyResponse:
+        """
+        Rename one of one's own passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (PASSKEY_NOT_FOUND: no such passkey on this
+        account), UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RenamePasskey",
+                service_name="users.v1.UserService",
+                input=RenamePasskeyRequest,
+                output=RenamePasskeyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def remove_passkey(
+        self,
+        request: RemovePasskeyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RemovePasskeyResponse:
+        """
+        Remove one of one's own passkeys
+
+        Needs the current password or a recent sign-in, as
+        StartPasskeyRegistration. The passkey stops working at once; sessions it
+        opened stay (RevokeAllSessions ends them). Mails a notice, records the
+        change in the change feed (USER_CHANGE_TYPE_PASSKEY_REMOVED) and the audit
+        trail. Callers: the user themself. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED, NOT_FOUND
+        (PASSKEY_NOT_FOUND), FAILED_PRECONDITION (LAST_SIGN_IN_METHOD: the account
+        has no password and this is its last passkey; REAUTHENTICATION_REQUIRED),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RemovePasskey",
+                service_name="users.v1.UserService",
+                input=RemovePasskeyRequest,
+                output=RemovePasskeyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_user_authentication_factors(
+        self,
+        request: ListUserAuthenticationFactorsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListUserAuthenticationFactorsResponse:
+        """
+        A user's sign-in factors, for an admin
+
+        As ListAuthenticationFactors. Callers: an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListUserAuthenticationFactors",
+                service_name="users.v1.UserService",
+                input=ListUserAuthenticationFactorsRequest,
+                output=ListUserAuthenticationFactorsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def remove_user_passkey(
+        self,
+        request: RemoveUserPasskeyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RemoveUserPasskeyResponse:
+        """
+        Remove a user's passkey, as an admin (a lost or stolen device)
+
+        Audited (AUDIT_EVENT_TYPE_PASSKEY_REMOVE, the admin as actor), mailed to
+        the user as a notice, and in the change feed. The last-sign-in-method rule
+        holds here too (ForgotPassword gives a passwordless account a password).
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
+        FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RemoveUserPasskey",
+                service_name="users.v1.UserService",
+                input=RemoveUserPasskeyRequest,
+                output=RemoveUserPasskeyResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

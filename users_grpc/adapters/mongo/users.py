@@ -18,6 +18,7 @@ from users_grpc.adapters.mongo.change_log import MongoChangeLog
 from users_grpc.adapters.mongo.claims import _CLAIM_KINDS, MongoClaims
 from users_grpc.adapters.mongo.documents import Document, _is_duplicate_key, _object_id
 from users_grpc.adapters.mongo.metadata_bson import _metadata_clause
+from users_grpc.adapters.mongo.passkey_ceremonies import MongoCeremonyStore
 from users_grpc.adapters.mongo.users_bson import (
     _LIVE,
     _STATE_FILTERS,
@@ -31,6 +32,7 @@ from users_grpc.adapters.mongo.users_credentials import CredentialUpdates
 from users_grpc.adapters.mongo.users_metadata import MetadataUpdates
 from users_grpc.adapters.mongo.users_mfa import MfaUpdates
 from users_grpc.adapters.mongo.users_notices import NoticeUpdates
+from users_grpc.adapters.mongo.users_passkeys import PasskeyUpdates
 from users_grpc.domain.errors import AlreadyExists
 from users_grpc.domain.model import (
     Account,
@@ -48,7 +50,7 @@ from users_grpc.domain.model import (
 from users_grpc.domain.rules import identifier_key
 
 
-class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates, MetadataUpdates):
+class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates, MetadataUpdates, PasskeyUpdates):
     """The ``users`` collection. Usernames and emails are unique through :class:`MongoClaims`, which
     works when ``users`` is sharded by ``_id`` (a unique index on another field would not)."""
 
@@ -66,6 +68,8 @@ class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates, Metadata
         """The indexes every schema version has; the identifier indexes belong to :class:`MongoSchema`."""
         await self._claims.ensure_indexes()
         await self._changes.ensure_indexes()
+        # The passkey ceremonies belong to the users' sign-ins: their index is made with the users'.
+        await MongoCeremonyStore(self._users.database).ensure_indexes()
         # Serves housekeeping's purge of accounts never activated.
         await self._users.create_index(
             [("is_active", ASCENDING), ("created_at", ASCENDING)], name="is_active_created_at"
