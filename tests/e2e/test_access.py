@@ -20,6 +20,7 @@ import pytest
 from tests.support.calls import PASSWORD, create_request, error_info, signed_up
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, make_settings
+from users.v1 import passkey_pb2 as pk
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.grpc_api.access import RULES, Rule
@@ -80,6 +81,16 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ListAuditEvents": lambda _id, _name: pb.ListAuditEventsRequest(page_size=1),
     # Not a cursor: refused as INVALID_ARGUMENT once admitted, so the stream ends at once.
     "WatchUserChanges": lambda _id, _name: pb.WatchUserChangesRequest(after="not a cursor"),
+    # A registration started and never finished changes nothing the account shows.
+    "StartPasskeyRegistration": lambda id_, _name: pk.StartPasskeyRegistrationRequest(user_id=id_, password=PASSWORD),
+    "FinishPasskeyRegistration": lambda id_, _name: pk.FinishPasskeyRegistrationRequest(user_id=id_),
+    "StartPasskeySignIn": lambda _id, name: pk.StartPasskeySignInRequest(identifier=name),
+    "FinishPasskeySignIn": lambda _id, _name: pk.FinishPasskeySignInRequest(),
+    "ListAuthenticationFactors": lambda id_, _name: pk.ListAuthenticationFactorsRequest(user_id=id_),
+    "RenamePasskey": lambda id_, _name: pk.RenamePasskeyRequest(user_id=id_, passkey_id="f" * 24, display_name="x"),
+    "RemovePasskey": lambda id_, _name: pk.RemovePasskeyRequest(user_id=id_, passkey_id="f" * 24, password=PASSWORD),
+    "ListUserAuthenticationFactors": lambda id_, _name: pk.ListUserAuthenticationFactorsRequest(user_id=id_),
+    "RemoveUserPasskey": lambda _id, _name: pk.RemoveUserPasskeyRequest(user_id="f" * 24, passkey_id="f" * 24),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them (RevokeAllSessions on a user
@@ -137,6 +148,20 @@ ADMITTED: dict[str, str] = {
     "UpdateUser": INVALID,
     "ListAuditEvents": "OK",
     "WatchUserChanges": INVALID,  # the sample request's cursor is none of this feed
+    **dict.fromkeys(
+        (
+            "StartPasskeyRegistration",
+            "FinishPasskeyRegistration",
+            "StartPasskeySignIn",
+            "FinishPasskeySignIn",
+            "ListAuthenticationFactors",
+            "RenamePasskey",
+            "RemovePasskey",
+            "ListUserAuthenticationFactors",
+            "RemoveUserPasskey",
+        ),
+        "FAILED_PRECONDITION/PASSKEYS_DISABLED",  # the contract only, so far
+    ),
 }
 # Where a caller's admitted call gets another answer than ADMITTED's.
 ADMITTED_FOR: dict[tuple[str, str], str] = {

@@ -275,6 +275,8 @@ def test_the_calls_that_cost_a_hash_or_a_mail_are_in_a_budgeted_flow() -> None:
         "ActivateUser",
         "ResendActivationCode",
         "Authenticate",
+        "StartPasskeySignIn",
+        "FinishPasskeySignIn",
         "IssueServiceToken",
         "ForgotPassword",
         "ResetPassword",

@@ -8,13 +8,17 @@ caller, rich details, by the one table in grpc_api/status.py::
     │   ├── InvalidActivationCode
     │   ├── InvalidResetToken
     │   ├── InvalidEmailChangeCode
+    │   ├── InvalidPasskeyRegistration
     │   └── MalformedRequest   (the bytes are no message of the request's type)
     ├── NotFound               NOT_FOUND
+    │   └── PasskeyNotFound
     ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
     ├── PermissionDenied       PERMISSION_DENIED
     ├── InvalidCredentials     UNAUTHENTICATED
     ├── Unauthenticated        UNAUTHENTICATED (missing or invalid token)
     ├── InvalidSecondFactor    UNAUTHENTICATED
+    ├── InvalidPasskey         UNAUTHENTICATED (one answer for every failed passkey assertion)
+    │   └── PasskeyCounterRegressed
     ├── FailedPrecondition     FAILED_PRECONDITION
     │   ├── AccountNotActive
     │   ├── AccountDeactivated
@@ -22,6 +26,9 @@ caller, rich details, by the one table in grpc_api/status.py::
     │   ├── LastActiveAdmin
     │   ├── WrongUserState
     │   ├── MfaRequired
+    │   ├── PasskeysDisabled   (the USERS_WEBAUTHN_* settings are not set)
+    │   ├── LastSignInMethod
+    │   ├── ReauthenticationRequired
     │   └── ChangeCursorGone  (the change feed no longer holds the changes after the cursor)
     ├── EtagMismatch           ABORTED (the user changed since the etag was read)
     ├── TooManyAttempts        RESOURCE_EXHAUSTED (google.rpc.RetryInfo: when to try again)
@@ -249,6 +256,49 @@ class ChangeCursorGone(FailedPrecondition):
         "the changes after this cursor are no longer kept (USERS_CHANGE_RETENTION_DAYS): read the users "
         "again (ListUsers) and watch with an empty cursor"
     )
+
+
+class PasskeysDisabled(FailedPrecondition):
+    reason = "PASSKEYS_DISABLED"
+    message = "passkeys are off: USERS_WEBAUTHN_RP_ID, USERS_WEBAUTHN_RP_NAME and USERS_WEBAUTHN_ORIGINS are not set"
+
+
+class InvalidPasskey(UsersError):
+    """A passkey assertion that did not verify, for whatever reason: one answer, as for passwords."""
+
+    reason = "INVALID_PASSKEY"
+    message = "the passkey could not be verified; start a new sign-in"
+
+
+class PasskeyCounterRegressed(InvalidPasskey):
+    """The authenticator's sign count did not increase: two copies of the credential may exist."""
+
+    reason = "PASSKEY_COUNTER_REGRESSED"
+    message = "the passkey's sign count did not increase: it may have been cloned; the sign-in is refused"
+
+
+class InvalidPasskeyRegistration(InvalidArgument):
+    reason = "INVALID_PASSKEY_REGISTRATION"
+
+    def __init__(
+        self, field: str = "credential_json", description: str = "the registration did not verify; start again"
+    ) -> None:
+        super().__init__([FieldViolation(field, description)])
+
+
+class PasskeyNotFound(NotFound):
+    reason = "PASSKEY_NOT_FOUND"
+    message = "no such passkey on this account"
+
+
+class LastSignInMethod(FailedPrecondition):
+    reason = "LAST_SIGN_IN_METHOD"
+    message = "this is the account's last way to sign in; set a password or add another passkey first"
+
+
+class ReauthenticationRequired(FailedPrecondition):
+    reason = "REAUTHENTICATION_REQUIRED"
+    message = "send the current password, or sign in again first"
 
 
 class StorageUnavailable(UsersError):

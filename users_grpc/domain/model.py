@@ -437,6 +437,11 @@ class AuditEventType(enum.Enum):
     SERVICE_ACCOUNT_DELETE = "service_account_delete"
     SESSIONS_REVOKE = "sessions_revoke"
     PROFILE_UPDATE = "profile_update"
+    PASSKEY_REGISTRATION_START = "passkey_registration_start"
+    PASSKEY_REGISTER = "passkey_register"
+    PASSKEY_SIGN_IN = "passkey_sign_in"
+    PASSKEY_RENAME = "passkey_rename"
+    PASSKEY_REMOVE = "passkey_remove"
 
 
 class ActorKind(enum.Enum):
@@ -512,6 +517,9 @@ class ChangeType(enum.Enum):
     LOCKED = "locked"
     UNLOCKED = "unlocked"
     DELETED = "deleted"
+    PASSKEY_ADDED = "passkey_added"
+    PASSKEY_REMOVED = "passkey_removed"
+    PASSKEY_USED = "passkey_used"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -71,6 +71,15 @@ RULES: Mapping[str, Rule] = {
     "UpdateUser": Rule.SELF_OR_ADMIN,
     "ListAuditEvents": Rule.ADMIN,
     "WatchUserChanges": Rule.ADMIN_OR_MACHINE,
+    "StartPasskeyRegistration": Rule.SELF,
+    "FinishPasskeyRegistration": Rule.SELF,
+    "StartPasskeySignIn": Rule.ANYONE,
+    "FinishPasskeySignIn": Rule.ANYONE,
+    "ListAuthenticationFactors": Rule.SELF,
+    "RenamePasskey": Rule.SELF,
+    "RemovePasskey": Rule.SELF,
+    "ListUserAuthenticationFactors": Rule.ADMIN,
+    "RemoveUserPasskey": Rule.ADMIN,
 }
 
 # The flow of every call anyone may make (a test holds it to the RULES' ANYONE methods). Those that
@@ -88,6 +97,9 @@ FLOWS: Mapping[str, Flow] = {
     "RefreshSession": Flow.SESSION,
     "RevokeSession": Flow.SESSION,
     "GetPublicKeys": Flow.PUBLIC_KEYS,
+    # A passkey sign-in is a sign-in: the same per-source budget as a password's.
+    "StartPasskeySignIn": Flow.SIGN_IN,
+    "FinishPasskeySignIn": Flow.SIGN_IN,
 }
 
 # The request field that names the user a "self" rule is about.

@@ -105,6 +105,9 @@ _CHANGE_TYPES_TO_PROTO = {
     ChangeType.LOCKED: user_service_pb2.USER_CHANGE_TYPE_LOCKED,
     ChangeType.UNLOCKED: user_service_pb2.USER_CHANGE_TYPE_UNLOCKED,
     ChangeType.DELETED: user_service_pb2.USER_CHANGE_TYPE_DELETED,
+    ChangeType.PASSKEY_ADDED: user_service_pb2.USER_CHANGE_TYPE_PASSKEY_ADDED,
+    ChangeType.PASSKEY_REMOVED: user_service_pb2.USER_CHANGE_TYPE_PASSKEY_REMOVED,
+    ChangeType.PASSKEY_USED: user_service_pb2.USER_CHANGE_TYPE_PASSKEY_USED,
 }
 
 

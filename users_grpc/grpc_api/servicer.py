@@ -13,8 +13,8 @@ from datetime import UTC
 
 import grpc
 
-from users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
-from users_grpc.domain.errors import FieldViolation, InvalidArgument
+from users.v1 import passkey_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
+from users_grpc.domain.errors import FieldViolation, InvalidArgument, PasskeysDisabled
 from users_grpc.domain.model import AuditFilter, ProfileChanges, Registration, User, UserFilter
 from users_grpc.domain.rules import identifier_key, validate_prefix
 from users_grpc.grpc_api.access import current_caller, stream_admission
@@ -416,3 +416,48 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         async with contextlib.aclosing(watched) as changes:
             async for change in changes:
                 yield user_service_pb2.WatchUserChangesResponse(change=change_to_proto(change))
+
+    async def StartPasskeyRegistration(
+        self, request: passkey_pb2.StartPasskeyRegistrationRequest, context: Context
+    ) -> passkey_pb2.StartPasskeyRegistrationResponse:
+        raise PasskeysDisabled("passkeys are not implemented yet")
+
+    async def FinishPasskeyRegistration(
+        self, request: passkey_pb2.FinishPasskeyRegistrationRequest, context: Context
+    ) -> passkey_pb2.FinishPasskeyRegistrationResponse:
+        raise PasskeysDisabled("passkeys are not implemented yet")
+
+    async def StartPasskeySignIn(
+        self, request: passkey_pb2.StartPasskeySignInRequest, context: Context
+    ) -> passkey_pb2.StartPasskeySignInResponse:
+        raise PasskeysDisabled("passkeys are not implemented yet")
+
+    async def FinishPasskeySignIn(
+        self, request: passkey_pb2.FinishPasskeySignInRequest, context: Context
+    ) -> passkey_pb2.FinishPasskeySignInResponse:
+        raise PasskeysDisabled("passkeys are not implemented yet")
+
+    async def ListAuthenticationFactors(
+        self, request: passkey_pb2.ListAuthenticationFactorsRequest, context: Context
+    ) -> passkey_pb2.ListAuthenticationFactorsResponse:
+        raise PasskeysDisabled("passkeys are not implemented yet")
+
+    async def RenamePasskey(
+        self, request: passkey_pb2.RenamePasskeyRequest, context: Context
+    ) -> passkey_pb2.RenamePasskeyResponse:
+        raise PasskeysDisabled("passkeys are not implemented yet")
+
+    async def RemovePasskey(
+        self, request: passkey_pb2.RemovePasskeyRequest, context: Context
+    ) -> passkey_pb2.RemovePasskeyResponse:
+        raise PasskeysDisabled("passkeys are not implemented yet")
+
+    async def ListUserAuthenticationFactors(
+        self, request: passkey_pb2.ListUserAuthenticationFactorsRequest, context: Context
+    ) -> passkey_pb2.ListUserAuthenticationFactorsResponse:
+        raise PasskeysDisabled("passkeys are not implemented yet")
+
+    async def RemoveUserPasskey(
+        self, request: passkey_pb2.RemoveUserPasskeyRequest, context: Context
+    ) -> passkey_pb2.RemoveUserPasskeyResponse:
+        raise PasskeysDisabled("passkeys are not implemented yet")

@@ -98,6 +98,33 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 24
     """UNAVAILABLE: the database cannot be reached; safe to retry."""
+    ERROR_REASON_PASSKEYS_DISABLED: _ErrorReason.ValueType  # 30
+    """FAILED_PRECONDITION: passkeys are off on this server: USERS_WEBAUTHN_RP_ID,
+    USERS_WEBAUTHN_RP_NAME or USERS_WEBAUTHN_ORIGINS is not set.
+    """
+    ERROR_REASON_INVALID_PASSKEY: _ErrorReason.ValueType  # 31
+    """UNAUTHENTICATED: a passkey assertion did not verify (unknown, expired or used ceremony;
+    unknown credential; bad signature, origin or RP id; no user verification where required):
+    one answer for all. Start a new ceremony.
+    """
+    ERROR_REASON_INVALID_PASSKEY_REGISTRATION: _ErrorReason.ValueType  # 32
+    """INVALID_ARGUMENT: a passkey registration did not verify, or its ceremony is unknown,
+    expired, used or another user's; BadRequest names `credential_json` or `ceremony_id`.
+    """
+    ERROR_REASON_PASSKEY_COUNTER_REGRESSED: _ErrorReason.ValueType  # 33
+    """UNAUTHENTICATED: the passkey's sign count did not increase: the credential may have been
+    cloned. The sign-in is refused and the user is mailed a notice.
+    """
+    ERROR_REASON_LAST_SIGN_IN_METHOD: _ErrorReason.ValueType  # 34
+    """FAILED_PRECONDITION: the change would leave the account no way to sign in (no password and
+    no other passkey).
+    """
+    ERROR_REASON_PASSKEY_NOT_FOUND: _ErrorReason.ValueType  # 35
+    """NOT_FOUND: the account has no passkey with this id."""
+    ERROR_REASON_REAUTHENTICATION_REQUIRED: _ErrorReason.ValueType  # 36
+    """FAILED_PRECONDITION: the call needs the current password, or a session begun within
+    USERS_WEBAUTHN_REAUTH_SECONDS: send the password, or sign in again.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every `reason` this service puts in the google.rpc.ErrorInfo detail of a refused call
@@ -190,4 +217,31 @@ or retry after the RetryInfo delay. Sent before OVERLOADED when both apply.
 """
 ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 24
 """UNAVAILABLE: the database cannot be reached; safe to retry."""
+ERROR_REASON_PASSKEYS_DISABLED: ErrorReason.ValueType  # 30
+"""FAILED_PRECONDITION: passkeys are off on this server: USERS_WEBAUTHN_RP_ID,
+USERS_WEBAUTHN_RP_NAME or USERS_WEBAUTHN_ORIGINS is not set.
+"""
+ERROR_REASON_INVALID_PASSKEY: ErrorReason.ValueType  # 31
+"""UNAUTHENTICATED: a passkey assertion did not verify (unknown, expired or used ceremony;
+unknown credential; bad signature, origin or RP id; no user verification where required):
+one answer for all. Start a new ceremony.
+"""
+ERROR_REASON_INVALID_PASSKEY_REGISTRATION: ErrorReason.ValueType  # 32
+"""INVALID_ARGUMENT: a passkey registration did not verify, or its ceremony is unknown,
+expired, used or another user's; BadRequest names `credential_json` or `ceremony_id`.
+"""
+ERROR_REASON_PASSKEY_COUNTER_REGRESSED: ErrorReason.ValueType  # 33
+"""UNAUTHENTICATED: the passkey's sign count did not increase: the credential may have been
+cloned. The sign-in is refused and the user is mailed a notice.
+"""
+ERROR_REASON_LAST_SIGN_IN_METHOD: ErrorReason.ValueType  # 34
+"""FAILED_PRECONDITION: the change would leave the account no way to sign in (no password and
+no other passkey).
+"""
+ERROR_REASON_PASSKEY_NOT_FOUND: ErrorReason.ValueType  # 35
+"""NOT_FOUND: the account has no passkey with this id."""
+ERROR_REASON_REAUTHENTICATION_REQUIRED: ErrorReason.ValueType  # 36
+"""FAILED_PRECONDITION: the call needs the current password, or a session begun within
+USERS_WEBAUTHN_REAUTH_SECONDS: send the password, or sign in again.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

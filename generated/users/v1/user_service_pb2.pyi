@@ -95,6 +95,23 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """RevokeAllSessions. Subject: the user."""
     AUDIT_EVENT_TYPE_PROFILE_UPDATE: _AuditEventType.ValueType  # 24
     """UpdateUser; the reason names the fields changed. Subject: the user."""
+    AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START: _AuditEventType.ValueType  # 30
+    """StartPasskeyRegistration: a passkey registration started (the password
+    checked). Subject: the user.
+    """
+    AUDIT_EVENT_TYPE_PASSKEY_REGISTER: _AuditEventType.ValueType  # 31
+    """FinishPasskeyRegistration: a passkey added. Subject: the user."""
+    AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN: _AuditEventType.ValueType  # 32
+    """FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (on
+    failure, only if the credential belongs to an account). Authenticate's
+    second step with a passkey is a SIGN_IN with the reason "passkey".
+    """
+    AUDIT_EVENT_TYPE_PASSKEY_RENAME: _AuditEventType.ValueType  # 33
+    """RenamePasskey. Subject: the user."""
+    AUDIT_EVENT_TYPE_PASSKEY_REMOVE: _AuditEventType.ValueType  # 34
+    """RemovePasskey (the user as actor) or RemoveUserPasskey (an admin).
+    Subject: the user.
+    """
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper):
     """What an audit event records."""
@@ -163,6 +180,23 @@ AUDIT_EVENT_TYPE_SESSIONS_REVOKE: AuditEventType.ValueType  # 23
 """RevokeAllSessions. Subject: the user."""
 AUDIT_EVENT_TYPE_PROFILE_UPDATE: AuditEventType.ValueType  # 24
 """UpdateUser; the reason names the fields changed. Subject: the user."""
+AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START: AuditEventType.ValueType  # 30
+"""StartPasskeyRegistration: a passkey registration started (the password
+checked). Subject: the user.
+"""
+AUDIT_EVENT_TYPE_PASSKEY_REGISTER: AuditEventType.ValueType  # 31
+"""FinishPasskeyRegistration: a passkey added. Subject: the user."""
+AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN: AuditEventType.ValueType  # 32
+"""FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (on
+failure, only if the credential belongs to an account). Authenticate's
+second step with a passkey is a SIGN_IN with the reason "passkey".
+"""
+AUDIT_EVENT_TYPE_PASSKEY_RENAME: AuditEventType.ValueType  # 33
+"""RenamePasskey. Subject: the user."""
+AUDIT_EVENT_TYPE_PASSKEY_REMOVE: AuditEventType.ValueType  # 34
+"""RemovePasskey (the user as actor) or RemoveUserPasskey (an admin).
+Subject: the user.
+"""
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
 
 class _AuditActorKind:
@@ -225,6 +259,14 @@ class _UserChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserCh
     """DeleteUser, DeleteUserByIdentifier, or housekeeping's purge of accounts
     never activated. Carries user_id only: drop everything about the user.
     """
+    USER_CHANGE_TYPE_PASSKEY_ADDED: _UserChangeType.ValueType  # 20
+    """FinishPasskeyRegistration: a passkey added. The change carries the user;
+    never a credential id or key: ListUserAuthenticationFactors lists them.
+    """
+    USER_CHANGE_TYPE_PASSKEY_REMOVED: _UserChangeType.ValueType  # 21
+    """RemovePasskey or RemoveUserPasskey."""
+    USER_CHANGE_TYPE_PASSKEY_USED: _UserChangeType.ValueType  # 22
+    """FinishPasskeySignIn, or a passkey second step: a passkey signed in."""
 
 class UserChangeType(_UserChangeType, metaclass=_UserChangeTypeEnumTypeWrapper):
     """What a change did."""
@@ -249,6 +291,14 @@ USER_CHANGE_TYPE_DELETED: UserChangeType.ValueType  # 10
 """DeleteUser, DeleteUserByIdentifier, or housekeeping's purge of accounts
 never activated. Carries user_id only: drop everything about the user.
 """
+USER_CHANGE_TYPE_PASSKEY_ADDED: UserChangeType.ValueType  # 20
+"""FinishPasskeyRegistration: a passkey added. The change carries the user;
+never a credential id or key: ListUserAuthenticationFactors lists them.
+"""
+USER_CHANGE_TYPE_PASSKEY_REMOVED: UserChangeType.ValueType  # 21
+"""RemovePasskey or RemoveUserPasskey."""
+USER_CHANGE_TYPE_PASSKEY_USED: UserChangeType.ValueType  # 22
+"""FinishPasskeySignIn, or a passkey second step: a passkey signed in."""
 Global___UserChangeType: _TypeAlias = UserChangeType  # noqa: Y015
 
 @_typing.final
@@ -581,6 +631,8 @@ class VerifyCredentialsRequest(_message.Message):
     PASSWORD_FIELD_NUMBER: _builtins.int
     TOTP_CODE_FIELD_NUMBER: _builtins.int
     RECOVERY_CODE_FIELD_NUMBER: _builtins.int
+    PASSKEY_CEREMONY_ID_FIELD_NUMBER: _builtins.int
+    PASSKEY_CREDENTIAL_JSON_FIELD_NUMBER: _builtins.int
     identifier: _builtins.str
     """Required. The username or email."""
     password: _builtins.str
@@ -594,6 +646,14 @@ class VerifyCredentialsRequest(_message.Message):
     ASCII letters and digits, dashes or spaces optional, in any letter case;
     anything else is INVALID_ARGUMENT and spends no attempt.
     """
+    passkey_ceremony_id: _builtins.str
+    """With MFA on, instead of a code: the ceremony of StartPasskeySignIn (second_factor true,
+    the same identifier) ...
+    """
+    passkey_credential_json: _builtins.str
+    """... and the browser's AuthenticationResponseJSON for it (see users/v1/passkey.proto).
+    A wrong one is UNAUTHENTICATED (INVALID_PASSKEY, or PASSKEY_COUNTER_REGRESSED).
+    """
     def __init__(
         self,
         *,
@@ -601,10 +661,12 @@ class VerifyCredentialsRequest(_message.Message):
         password: _builtins.str = ...,
         totp_code: _builtins.str = ...,
         recovery_code: _builtins.str = ...,
+        passkey_ceremony_id: _builtins.str = ...,
+        passkey_credential_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "password", b"password", "recovery_code", b"recovery_code", "totp_code", b"totp_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "passkey_ceremony_id", b"passkey_ceremony_id", "passkey_credential_json", b"passkey_credential_json", "password", b"password", "recovery_code", b"recovery_code", "totp_code", b"totp_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -640,6 +702,8 @@ class AuthenticateRequest(_message.Message):
     PASSWORD_FIELD_NUMBER: _builtins.int
     TOTP_CODE_FIELD_NUMBER: _builtins.int
     RECOVERY_CODE_FIELD_NUMBER: _builtins.int
+    PASSKEY_CEREMONY_ID_FIELD_NUMBER: _builtins.int
+    PASSKEY_CREDENTIAL_JSON_FIELD_NUMBER: _builtins.int
     identifier: _builtins.str
     """Required. The username or email."""
     password: _builtins.str
@@ -653,6 +717,14 @@ class AuthenticateRequest(_message.Message):
     ASCII letters and digits, dashes or spaces optional, in any letter case;
     anything else is INVALID_ARGUMENT and spends no attempt.
     """
+    passkey_ceremony_id: _builtins.str
+    """With MFA on, instead of a code: the ceremony of StartPasskeySignIn (second_factor true,
+    the same identifier) ...
+    """
+    passkey_credential_json: _builtins.str
+    """... and the browser's AuthenticationResponseJSON for it (see users/v1/passkey.proto).
+    A wrong one is UNAUTHENTICATED (INVALID_PASSKEY, or PASSKEY_COUNTER_REGRESSED).
+    """
     def __init__(
         self,
         *,
@@ -660,10 +732,12 @@ class AuthenticateRequest(_message.Message):
         password: _builtins.str = ...,
         totp_code: _builtins.str = ...,
         recovery_code: _builtins.str = ...,
+        passkey_ceremony_id: _builtins.str = ...,
+        passkey_credential_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "password", b"password", "recovery_code", b"recovery_code", "totp_code", b"totp_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "passkey_ceremony_id", b"passkey_ceremony_id", "passkey_credential_json", b"passkey_credential_json", "password", b"password", "recovery_code", b"recovery_code", "totp_code", b"totp_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

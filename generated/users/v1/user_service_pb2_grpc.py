@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from users.v1 import passkey_pb2 as users_dot_v1_dot_passkey__pb2
 from users.v1 import user_service_pb2 as users_dot_v1_dot_user__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -273,6 +274,51 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesResponse.FromString,
                 _registered_method=True)
+        self.StartPasskeyRegistration = channel.unary_unary(
+                '/users.v1.UserService/StartPasskeyRegistration',
+                request_serializer=users_dot_v1_dot_passkey__pb2.StartPasskeyRegistrationRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_passkey__pb2.StartPasskeyRegistrationResponse.FromString,
+                _registered_method=True)
+        self.FinishPasskeyRegistration = channel.unary_unary(
+                '/users.v1.UserService/FinishPasskeyRegistration',
+                request_serializer=users_dot_v1_dot_passkey__pb2.FinishPasskeyRegistrationRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_passkey__pb2.FinishPasskeyRegistrationResponse.FromString,
+                _registered_method=True)
+        self.StartPasskeySignIn = channel.unary_unary(
+                '/users.v1.UserService/StartPasskeySignIn',
+                request_serializer=users_dot_v1_dot_passkey__pb2.StartPasskeySignInRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_passkey__pb2.StartPasskeySignInResponse.FromString,
+                _registered_method=True)
+        self.FinishPasskeySignIn = channel.unary_unary(
+                '/users.v1.UserService/FinishPasskeySignIn',
+                request_serializer=users_dot_v1_dot_passkey__pb2.FinishPasskeySignInRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_passkey__pb2.FinishPasskeySignInResponse.FromString,
+                _registered_method=True)
+        self.ListAuthenticationFactors = channel.unary_unary(
+                '/users.v1.UserService/ListAuthenticationFactors',
+                request_serializer=users_dot_v1_dot_passkey__pb2.ListAuthenticationFactorsRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_passkey__pb2.ListAuthenticationFactorsResponse.FromString,
+                _registered_method=True)
+        self.RenamePasskey = channel.unary_unary(
+                '/users.v1.UserService/RenamePasskey',
+                request_serializer=users_dot_v1_dot_passkey__pb2.RenamePasskeyRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_passkey__pb2.RenamePasskeyResponse.FromString,
+                _registered_method=True)
+        self.RemovePasskey = channel.unary_unary(
+                '/users.v1.UserService/RemovePasskey',
+                request_serializer=users_dot_v1_dot_passkey__pb2.RemovePasskeyRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_passkey__pb2.RemovePasskeyResponse.FromString,
+                _registered_method=True)
+        self.ListUserAuthenticationFactors = channel.unary_unary(
+                '/users.v1.UserService/ListUserAuthenticationFactors',
+                request_serializer=users_dot_v1_dot_passkey__pb2.ListUserAuthenticationFactorsRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_passkey__pb2.ListUserAuthenticationFactorsResponse.FromString,
+                _registered_method=True)
+        self.RemoveUserPasskey = channel.unary_unary(
+                '/users.v1.UserService/RemoveUserPasskey',
+                request_serializer=users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -420,7 +466,8 @@ class UserServiceServicer:
         OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
-        recovery_code too. Without either, the answer (after the right password
+        recovery_code too (or a passkey: passkey_ceremony_id and
+        passkey_credential_json, from StartPasskeySignIn with second_factor). Without either, the answer (after the right password
         only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
         code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
         """
@@ -986,6 +1033,155 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartPasskeyRegistration(self, request, context):
+        """Start adding a passkey to one's own account
+
+        Returns the creation options for navigator.credentials.create() and a
+        ceremony id for FinishPasskeyRegistration (the WebAuthn JSON is described
+        at the top of users/v1/passkey.proto). Needs the current password, or a
+        session that began (Authenticate or FinishPasskeySignIn; refreshing does
+        not count) within USERS_WEBAUTHN_REAUTH_SECONDS: a stolen access token
+        alone must not add a factor, as for EnableMfa. Wrong passwords count
+        toward the sign-in throttle. The ceremony lives in the database for
+        USERS_WEBAUTHN_CEREMONY_SECONDS, so any replica can finish it, once.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+        (also: wrong password, reason INVALID_CREDENTIALS), PERMISSION_DENIED,
+        FAILED_PRECONDITION (PASSKEYS_DISABLED: the USERS_WEBAUTHN_* settings are
+        not set; REAUTHENTICATION_REQUIRED: no password and no recent sign-in),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishPasskeyRegistration(self, request, context):
+        """Finish adding a passkey: verify the browser's registration response and store it
+
+        The ceremony is used up by this call, whatever its outcome: after an
+        error, start again. Checks the challenge, the origin (one of
+        USERS_WEBAUTHN_ORIGINS), the RP id hash (USERS_WEBAUTHN_RP_ID) and user
+        presence; attestation is not verified ("none" is asked for), the AAGUID
+        is recorded as stated. Mails a notice, records the change in the change
+        feed (USER_CHANGE_TYPE_PASSKEY_ADDED) and the audit trail.
+        Callers: the user themself. Errors: INVALID_ARGUMENT (reason
+        INVALID_PASSKEY_REGISTRATION, BadRequest naming `ceremony_id` (unknown,
+        expired, used, or another user's) or `credential_json` (does not verify:
+        wrong challenge, origin or RP id, malformed)), ALREADY_EXISTS (field
+        `credential_id`: this credential is registered already, on any account),
+        UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION (PASSKEYS_DISABLED),
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartPasskeySignIn(self, request, context):
+        """Start a sign-in with a passkey (or the passkey second step of Authenticate)
+
+        Returns the request options for navigator.credentials.get() and a
+        ceremony id. With an identifier, allowCredentials lists the account's
+        passkeys; an identifier of no account, or of an account without passkeys,
+        gets options of the same form (credential ids derived from the identifier
+        with a server secret, the same on every call and replica), so the reply
+        tells nothing about the account. Without one, allowCredentials is empty:
+        the browser offers its discoverable credentials (usernameless sign-in).
+        It counts against the "sign-in" per-address rate limit, as Authenticate.
+        Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
+        identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
+        (RATE_LIMITED, OVERLOADED), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishPasskeySignIn(self, request, context):
+        """Sign in with a passkey: verify the assertion and open a session
+
+        Returns the session Authenticate returns. The ceremony is used up by this
+        call, whatever its outcome (of two concurrent calls with one ceremony,
+        exactly one can succeed). User verification (a PIN or biometric) is
+        required, so a passkey sign-in is multi-factor by itself: no TOTP is asked
+        for, even with MFA on. A sign count that does not increase (where the
+        authenticator keeps one) refuses the sign-in and mails the user a notice
+        (the credential may be cloned). Failures count toward the same throttle
+        as wrong passwords. Records the use in the change feed
+        (USER_CHANGE_TYPE_PASSKEY_USED) and the audit trail.
+        Callers: anyone. Errors: INVALID_ARGUMENT (missing fields, credential_json
+        not JSON), UNAUTHENTICATED (INVALID_PASSKEY: one answer for an unknown,
+        expired or used ceremony, an unknown credential, a bad signature, origin
+        or RP id, no user verification, a credential of another account than the
+        ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
+        increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuthenticationFactors(self, request, context):
+        """The ways one's own account signs in: password, TOTP, recovery codes, passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenamePasskey(self, request, context):
+        """Rename one of one's own passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (PASSKEY_NOT_FOUND: no such passkey on this
+        account), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePasskey(self, request, context):
+        """Remove one of one's own passkeys
+
+        Needs the current password or a recent sign-in, as
+        StartPasskeyRegistration. The passkey stops working at once; sessions it
+        opened stay (RevokeAllSessions ends them). Mails a notice, records the
+        change in the change feed (USER_CHANGE_TYPE_PASSKEY_REMOVED) and the audit
+        trail. Callers: the user themself. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED, NOT_FOUND
+        (PASSKEY_NOT_FOUND), FAILED_PRECONDITION (LAST_SIGN_IN_METHOD: the account
+        has no password and this is its last passkey; REAUTHENTICATION_REQUIRED),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUserAuthenticationFactors(self, request, context):
+        """A user's sign-in factors, for an admin
+
+        As ListAuthenticationFactors. Callers: an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveUserPasskey(self, request, context):
+        """Remove a user's passkey, as an admin (a lost or stolen device)
+
+        Audited (AUDIT_EVENT_TYPE_PASSKEY_REMOVE, the admin as actor), mailed to
+        the user as a notice, and in the change feed. The last-sign-in-method rule
+        holds here too (ForgotPassword gives a passwordless account a password).
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
+        FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1193,6 +1389,51 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.WatchUserChanges,
                     request_deserializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.WatchUserChangesResponse.SerializeToString,
+            ),
+            'StartPasskeyRegistration': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPasskeyRegistration,
+                    request_deserializer=users_dot_v1_dot_passkey__pb2.StartPasskeyRegistrationRequest.FromString,
+                    response_serializer=users_dot_v1_dot_passkey__pb2.StartPasskeyRegistrationResponse.SerializeToString,
+            ),
+            'FinishPasskeyRegistration': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishPasskeyRegistration,
+                    request_deserializer=users_dot_v1_dot_passkey__pb2.FinishPasskeyRegistrationRequest.FromString,
+                    response_serializer=users_dot_v1_dot_passkey__pb2.FinishPasskeyRegistrationResponse.SerializeToString,
+            ),
+            'StartPasskeySignIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPasskeySignIn,
+                    request_deserializer=users_dot_v1_dot_passkey__pb2.StartPasskeySignInRequest.FromString,
+                    response_serializer=users_dot_v1_dot_passkey__pb2.StartPasskeySignInResponse.SerializeToString,
+            ),
+            'FinishPasskeySignIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishPasskeySignIn,
+                    request_deserializer=users_dot_v1_dot_passkey__pb2.FinishPasskeySignInRequest.FromString,
+                    response_serializer=users_dot_v1_dot_passkey__pb2.FinishPasskeySignInResponse.SerializeToString,
+            ),
+            'ListAuthenticationFactors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuthenticationFactors,
+                    request_deserializer=users_dot_v1_dot_passkey__pb2.ListAuthenticationFactorsRequest.FromString,
+                    response_serializer=users_dot_v1_dot_passkey__pb2.ListAuthenticationFactorsResponse.SerializeToString,
+            ),
+            'RenamePasskey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenamePasskey,
+                    request_deserializer=users_dot_v1_dot_passkey__pb2.RenamePasskeyRequest.FromString,
+                    response_serializer=users_dot_v1_dot_passkey__pb2.RenamePasskeyResponse.SerializeToString,
+            ),
+            'RemovePasskey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePasskey,
+                    request_deserializer=users_dot_v1_dot_passkey__pb2.RemovePasskeyRequest.FromString,
+                    response_serializer=users_dot_v1_dot_passkey__pb2.RemovePasskeyResponse.SerializeToString,
+            ),
+            'ListUserAuthenticationFactors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUserAuthenticationFactors,
+                    request_deserializer=users_dot_v1_dot_passkey__pb2.ListUserAuthenticationFactorsRequest.FromString,
+                    response_serializer=users_dot_v1_dot_passkey__pb2.ListUserAuthenticationFactorsResponse.SerializeToString,
+            ),
+            'RemoveUserPasskey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveUserPasskey,
+                    request_deserializer=users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyRequest.FromString,
+                    response_serializer=users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2336,6 +2577,249 @@ class UserService:
             '/users.v1.UserService/WatchUserChanges',
             users_dot_v1_dot_user__service__pb2.WatchUserChangesRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.WatchUserChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPasskeyRegistration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/StartPasskeyRegistration',
+            users_dot_v1_dot_passkey__pb2.StartPasskeyRegistrationRequest.SerializeToString,
+            users_dot_v1_dot_passkey__pb2.StartPasskeyRegistrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishPasskeyRegistration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/FinishPasskeyRegistration',
+            users_dot_v1_dot_passkey__pb2.FinishPasskeyRegistrationRequest.SerializeToString,
+            users_dot_v1_dot_passkey__pb2.FinishPasskeyRegistrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPasskeySignIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/StartPasskeySignIn',
+            users_dot_v1_dot_passkey__pb2.StartPasskeySignInRequest.SerializeToString,
+            users_dot_v1_dot_passkey__pb2.StartPasskeySignInResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishPasskeySignIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/FinishPasskeySignIn',
+            users_dot_v1_dot_passkey__pb2.FinishPasskeySignInRequest.SerializeToString,
+            users_dot_v1_dot_passkey__pb2.FinishPasskeySignInResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuthenticationFactors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListAuthenticationFactors',
+            users_dot_v1_dot_passkey__pb2.ListAuthenticationFactorsRequest.SerializeToString,
+            users_dot_v1_dot_passkey__pb2.ListAuthenticationFactorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenamePasskey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/RenamePasskey',
+            users_dot_v1_dot_passkey__pb2.RenamePasskeyRequest.SerializeToString,
+            users_dot_v1_dot_passkey__pb2.RenamePasskeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePasskey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/RemovePasskey',
+            users_dot_v1_dot_passkey__pb2.RemovePasskeyRequest.SerializeToString,
+            users_dot_v1_dot_passkey__pb2.RemovePasskeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUserAuthenticationFactors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListUserAuthenticationFactors',
+            users_dot_v1_dot_passkey__pb2.ListUserAuthenticationFactorsRequest.SerializeToString,
+            users_dot_v1_dot_passkey__pb2.ListUserAuthenticationFactorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveUserPasskey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/RemoveUserPasskey',
+            users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyRequest.SerializeToString,
+            users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

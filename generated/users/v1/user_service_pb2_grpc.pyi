@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from users.v1 import passkey_pb2 as _passkey_pb2
 from users.v1 import user_service_pb2 as _user_service_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -147,7 +148,8 @@ class UserServiceStub:
     OVERLOADED), UNAVAILABLE.
 
     With MFA on, the password alone is never enough: send totp_code or
-    recovery_code too. Without either, the answer (after the right password
+    recovery_code too (or a passkey: passkey_ceremony_id and
+    passkey_credential_json, from StartPasskeySignIn with second_factor). Without either, the answer (after the right password
     only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
     code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
     """
@@ -577,6 +579,119 @@ class UserServiceStub:
     delay),
     UNAVAILABLE (the stream ends; reconnect with the last cursor).
     """
+    StartPasskeyRegistration: _grpc.UnaryUnaryMultiCallable[_passkey_pb2.StartPasskeyRegistrationRequest, _passkey_pb2.StartPasskeyRegistrationResponse]
+    """Start adding a passkey to one's own account
+
+    Returns the creation options for navigator.credentials.create() and a
+    ceremony id for FinishPasskeyRegistration (the WebAuthn JSON is described
+    at the top of users/v1/passkey.proto). Needs the current password, or a
+    session that began (Authenticate or FinishPasskeySignIn; refreshing does
+    not count) within USERS_WEBAUTHN_REAUTH_SECONDS: a stolen access token
+    alone must not add a factor, as for EnableMfa. Wrong passwords count
+    toward the sign-in throttle. The ceremony lives in the database for
+    USERS_WEBAUTHN_CEREMONY_SECONDS, so any replica can finish it, once.
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+    (also: wrong password, reason INVALID_CREDENTIALS), PERMISSION_DENIED,
+    FAILED_PRECONDITION (PASSKEYS_DISABLED: the USERS_WEBAUTHN_* settings are
+    not set; REAUTHENTICATION_REQUIRED: no password and no recent sign-in),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+    """
+    FinishPasskeyRegistration: _grpc.UnaryUnaryMultiCallable[_passkey_pb2.FinishPasskeyRegistrationRequest, _passkey_pb2.FinishPasskeyRegistrationResponse]
+    """Finish adding a passkey: verify the browser's registration response and store it
+
+    The ceremony is used up by this call, whatever its outcome: after an
+    error, start again. Checks the challenge, the origin (one of
+    USERS_WEBAUTHN_ORIGINS), the RP id hash (USERS_WEBAUTHN_RP_ID) and user
+    presence; attestation is not verified ("none" is asked for), the AAGUID
+    is recorded as stated. Mails a notice, records the change in the change
+    feed (USER_CHANGE_TYPE_PASSKEY_ADDED) and the audit trail.
+    Callers: the user themself. Errors: INVALID_ARGUMENT (reason
+    INVALID_PASSKEY_REGISTRATION, BadRequest naming `ceremony_id` (unknown,
+    expired, used, or another user's) or `credential_json` (does not verify:
+    wrong challenge, origin or RP id, malformed)), ALREADY_EXISTS (field
+    `credential_id`: this credential is registered already, on any account),
+    UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION (PASSKEYS_DISABLED),
+    UNAVAILABLE.
+    """
+    StartPasskeySignIn: _grpc.UnaryUnaryMultiCallable[_passkey_pb2.StartPasskeySignInRequest, _passkey_pb2.StartPasskeySignInResponse]
+    """Start a sign-in with a passkey (or the passkey second step of Authenticate)
+
+    Returns the request options for navigator.credentials.get() and a
+    ceremony id. With an identifier, allowCredentials lists the account's
+    passkeys; an identifier of no account, or of an account without passkeys,
+    gets options of the same form (credential ids derived from the identifier
+    with a server secret, the same on every call and replica), so the reply
+    tells nothing about the account. Without one, allowCredentials is empty:
+    the browser offers its discoverable credentials (usernameless sign-in).
+    It counts against the "sign-in" per-address rate limit, as Authenticate.
+    Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
+    identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
+    (RATE_LIMITED, OVERLOADED), UNAVAILABLE.
+    """
+    FinishPasskeySignIn: _grpc.UnaryUnaryMultiCallable[_passkey_pb2.FinishPasskeySignInRequest, _passkey_pb2.FinishPasskeySignInResponse]
+    """Sign in with a passkey: verify the assertion and open a session
+
+    Returns the session Authenticate returns. The ceremony is used up by this
+    call, whatever its outcome (of two concurrent calls with one ceremony,
+    exactly one can succeed). User verification (a PIN or biometric) is
+    required, so a passkey sign-in is multi-factor by itself: no TOTP is asked
+    for, even with MFA on. A sign count that does not increase (where the
+    authenticator keeps one) refuses the sign-in and mails the user a notice
+    (the credential may be cloned). Failures count toward the same throttle
+    as wrong passwords. Records the use in the change feed
+    (USER_CHANGE_TYPE_PASSKEY_USED) and the audit trail.
+    Callers: anyone. Errors: INVALID_ARGUMENT (missing fields, credential_json
+    not JSON), UNAUTHENTICATED (INVALID_PASSKEY: one answer for an unknown,
+    expired or used ceremony, an unknown credential, a bad signature, origin
+    or RP id, no user verification, a credential of another account than the
+    ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
+    increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
+    ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
+    UNAVAILABLE.
+    """
+    ListAuthenticationFactors: _grpc.UnaryUnaryMultiCallable[_passkey_pb2.ListAuthenticationFactorsRequest, _passkey_pb2.ListAuthenticationFactorsResponse]
+    """The ways one's own account signs in: password, TOTP, recovery codes, passkeys
+
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
+    RenamePasskey: _grpc.UnaryUnaryMultiCallable[_passkey_pb2.RenamePasskeyRequest, _passkey_pb2.RenamePasskeyResponse]
+    """Rename one of one's own passkeys
+
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND (PASSKEY_NOT_FOUND: no such passkey on this
+    account), UNAVAILABLE.
+    """
+    RemovePasskey: _grpc.UnaryUnaryMultiCallable[_passkey_pb2.RemovePasskeyRequest, _passkey_pb2.RemovePasskeyResponse]
+    """Remove one of one's own passkeys
+
+    Needs the current password or a recent sign-in, as
+    StartPasskeyRegistration. The passkey stops working at once; sessions it
+    opened stay (RevokeAllSessions ends them). Mails a notice, records the
+    change in the change feed (USER_CHANGE_TYPE_PASSKEY_REMOVED) and the audit
+    trail. Callers: the user themself. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED, NOT_FOUND
+    (PASSKEY_NOT_FOUND), FAILED_PRECONDITION (LAST_SIGN_IN_METHOD: the account
+    has no password and this is its last passkey; REAUTHENTICATION_REQUIRED),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+    """
+    ListUserAuthenticationFactors: _grpc.UnaryUnaryMultiCallable[_passkey_pb2.ListUserAuthenticationFactorsRequest, _passkey_pb2.ListUserAuthenticationFactorsResponse]
+    """A user's sign-in factors, for an admin
+
+    As ListAuthenticationFactors. Callers: an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    """
+    RemoveUserPasskey: _grpc.UnaryUnaryMultiCallable[_passkey_pb2.RemoveUserPasskeyRequest, _passkey_pb2.RemoveUserPasskeyResponse]
+    """Remove a user's passkey, as an admin (a lost or stolen device)
+
+    Audited (AUDIT_EVENT_TYPE_PASSKEY_REMOVE, the admin as actor), mailed to
+    the user as a notice, and in the change feed. The last-sign-in-method rule
+    holds here too (ForgotPassword gives a passwordless account a password).
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
+    FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -697,7 +812,8 @@ class UserServiceAsyncStub(UserServiceStub):
     OVERLOADED), UNAVAILABLE.
 
     With MFA on, the password alone is never enough: send totp_code or
-    recovery_code too. Without either, the answer (after the right password
+    recovery_code too (or a passkey: passkey_ceremony_id and
+    passkey_credential_json, from StartPasskeySignIn with second_factor). Without either, the answer (after the right password
     only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
     code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
     """
@@ -1127,6 +1243,119 @@ class UserServiceAsyncStub(UserServiceStub):
     delay),
     UNAVAILABLE (the stream ends; reconnect with the last cursor).
     """
+    StartPasskeyRegistration: _aio.UnaryUnaryMultiCallable[_passkey_pb2.StartPasskeyRegistrationRequest, _passkey_pb2.StartPasskeyRegistrationResponse]  # type: ignore[assignment]
+    """Start adding a passkey to one's own account
+
+    Returns the creation options for navigator.credentials.create() and a
+    ceremony id for FinishPasskeyRegistration (the WebAuthn JSON is described
+    at the top of users/v1/passkey.proto). Needs the current password, or a
+    session that began (Authenticate or FinishPasskeySignIn; refreshing does
+    not count) within USERS_WEBAUTHN_REAUTH_SECONDS: a stolen access token
+    alone must not add a factor, as for EnableMfa. Wrong passwords count
+    toward the sign-in throttle. The ceremony lives in the database for
+    USERS_WEBAUTHN_CEREMONY_SECONDS, so any replica can finish it, once.
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+    (also: wrong password, reason INVALID_CREDENTIALS), PERMISSION_DENIED,
+    FAILED_PRECONDITION (PASSKEYS_DISABLED: the USERS_WEBAUTHN_* settings are
+    not set; REAUTHENTICATION_REQUIRED: no password and no recent sign-in),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+    """
+    FinishPasskeyRegistration: _aio.UnaryUnaryMultiCallable[_passkey_pb2.FinishPasskeyRegistrationRequest, _passkey_pb2.FinishPasskeyRegistrationResponse]  # type: ignore[assignment]
+    """Finish adding a passkey: verify the browser's registration response and store it
+
+    The ceremony is used up by this call, whatever its outcome: after an
+    error, start again. Checks the challenge, the origin (one of
+    USERS_WEBAUTHN_ORIGINS), the RP id hash (USERS_WEBAUTHN_RP_ID) and user
+    presence; attestation is not verified ("none" is asked for), the AAGUID
+    is recorded as stated. Mails a notice, records the change in the change
+    feed (USER_CHANGE_TYPE_PASSKEY_ADDED) and the audit trail.
+    Callers: the user themself. Errors: INVALID_ARGUMENT (reason
+    INVALID_PASSKEY_REGISTRATION, BadRequest naming `ceremony_id` (unknown,
+    expired, used, or another user's) or `credential_json` (does not verify:
+    wrong challenge, origin or RP id, malformed)), ALREADY_EXISTS (field
+    `credential_id`: this credential is registered already, on any account),
+    UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION (PASSKEYS_DISABLED),
+    UNAVAILABLE.
+    """
+    StartPasskeySignIn: _aio.UnaryUnaryMultiCallable[_passkey_pb2.StartPasskeySignInRequest, _passkey_pb2.StartPasskeySignInResponse]  # type: ignore[assignment]
+    """Start a sign-in with a passkey (or the passkey second step of Authenticate)
+
+    Returns the request options for navigator.credentials.get() and a
+    ceremony id. With an identifier, allowCredentials lists the account's
+    passkeys; an identifier of no account, or of an account without passkeys,
+    gets options of the same form (credential ids derived from the identifier
+    with a server secret, the same on every call and replica), so the reply
+    tells nothing about the account. Without one, allowCredentials is empty:
+    the browser offers its discoverable credentials (usernameless sign-in).
+    It counts against the "sign-in" per-address rate limit, as Authenticate.
+    Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
+    identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
+    (RATE_LIMITED, OVERLOADED), UNAVAILABLE.
+    """
+    FinishPasskeySignIn: _aio.UnaryUnaryMultiCallable[_passkey_pb2.FinishPasskeySignInRequest, _passkey_pb2.FinishPasskeySignInResponse]  # type: ignore[assignment]
+    """Sign in with a passkey: verify the assertion and open a session
+
+    Returns the session Authenticate returns. The ceremony is used up by this
+    call, whatever its outcome (of two concurrent calls with one ceremony,
+    exactly one can succeed). User verification (a PIN or biometric) is
+    required, so a passkey sign-in is multi-factor by itself: no TOTP is asked
+    for, even with MFA on. A sign count that does not increase (where the
+    authenticator keeps one) refuses the sign-in and mails the user a notice
+    (the credential may be cloned). Failures count toward the same throttle
+    as wrong passwords. Records the use in the change feed
+    (USER_CHANGE_TYPE_PASSKEY_USED) and the audit trail.
+    Callers: anyone. Errors: INVALID_ARGUMENT (missing fields, credential_json
+    not JSON), UNAUTHENTICATED (INVALID_PASSKEY: one answer for an unknown,
+    expired or used ceremony, an unknown credential, a bad signature, origin
+    or RP id, no user verification, a credential of another account than the
+    ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
+    increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
+    ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
+    UNAVAILABLE.
+    """
+    ListAuthenticationFactors: _aio.UnaryUnaryMultiCallable[_passkey_pb2.ListAuthenticationFactorsRequest, _passkey_pb2.ListAuthenticationFactorsResponse]  # type: ignore[assignment]
+    """The ways one's own account signs in: password, TOTP, recovery codes, passkeys
+
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
+    RenamePasskey: _aio.UnaryUnaryMultiCallable[_passkey_pb2.RenamePasskeyRequest, _passkey_pb2.RenamePasskeyResponse]  # type: ignore[assignment]
+    """Rename one of one's own passkeys
+
+    Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND (PASSKEY_NOT_FOUND: no such passkey on this
+    account), UNAVAILABLE.
+    """
+    RemovePasskey: _aio.UnaryUnaryMultiCallable[_passkey_pb2.RemovePasskeyRequest, _passkey_pb2.RemovePasskeyResponse]  # type: ignore[assignment]
+    """Remove one of one's own passkeys
+
+    Needs the current password or a recent sign-in, as
+    StartPasskeyRegistration. The passkey stops working at once; sessions it
+    opened stay (RevokeAllSessions ends them). Mails a notice, records the
+    change in the change feed (USER_CHANGE_TYPE_PASSKEY_REMOVED) and the audit
+    trail. Callers: the user themself. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED, NOT_FOUND
+    (PASSKEY_NOT_FOUND), FAILED_PRECONDITION (LAST_SIGN_IN_METHOD: the account
+    has no password and this is its last passkey; REAUTHENTICATION_REQUIRED),
+    RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+    """
+    ListUserAuthenticationFactors: _aio.UnaryUnaryMultiCallable[_passkey_pb2.ListUserAuthenticationFactorsRequest, _passkey_pb2.ListUserAuthenticationFactorsResponse]  # type: ignore[assignment]
+    """A user's sign-in factors, for an admin
+
+    As ListAuthenticationFactors. Callers: an admin. Errors: INVALID_ARGUMENT,
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+    """
+    RemoveUserPasskey: _aio.UnaryUnaryMultiCallable[_passkey_pb2.RemoveUserPasskeyRequest, _passkey_pb2.RemoveUserPasskeyResponse]  # type: ignore[assignment]
+    """Remove a user's passkey, as an admin (a lost or stolen device)
+
+    Audited (AUDIT_EVENT_TYPE_PASSKEY_REMOVE, the admin as actor), mailed to
+    the user as a notice, and in the change feed. The last-sign-in-method rule
+    holds here too (ForgotPassword gives a passwordless account a password).
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
+    FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+    """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounts of people: registration, activation, lookup, credential checks and deletion.
@@ -1292,7 +1521,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         OVERLOADED), UNAVAILABLE.
 
         With MFA on, the password alone is never enough: send totp_code or
-        recovery_code too. Without either, the answer (after the right password
+        recovery_code too (or a passkey: passkey_ceremony_id and
+        passkey_credential_json, from StartPasskeySignIn with second_factor). Without either, the answer (after the right password
         only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
         code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
         """
@@ -1919,6 +2149,173 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         holds USERS_MAX_STREAMS_PER_CALLER of them; retry after the RetryInfo
         delay),
         UNAVAILABLE (the stream ends; reconnect with the last cursor).
+        """
+
+    @_abc_1.abstractmethod
+    def StartPasskeyRegistration(
+        self,
+        request: _passkey_pb2.StartPasskeyRegistrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passkey_pb2.StartPasskeyRegistrationResponse, _abc.Awaitable[_passkey_pb2.StartPasskeyRegistrationResponse]]:
+        """Start adding a passkey to one's own account
+
+        Returns the creation options for navigator.credentials.create() and a
+        ceremony id for FinishPasskeyRegistration (the WebAuthn JSON is described
+        at the top of users/v1/passkey.proto). Needs the current password, or a
+        session that began (Authenticate or FinishPasskeySignIn; refreshing does
+        not count) within USERS_WEBAUTHN_REAUTH_SECONDS: a stolen access token
+        alone must not add a factor, as for EnableMfa. Wrong passwords count
+        toward the sign-in throttle. The ceremony lives in the database for
+        USERS_WEBAUTHN_CEREMONY_SECONDS, so any replica can finish it, once.
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+        (also: wrong password, reason INVALID_CREDENTIALS), PERMISSION_DENIED,
+        FAILED_PRECONDITION (PASSKEYS_DISABLED: the USERS_WEBAUTHN_* settings are
+        not set; REAUTHENTICATION_REQUIRED: no password and no recent sign-in),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def FinishPasskeyRegistration(
+        self,
+        request: _passkey_pb2.FinishPasskeyRegistrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passkey_pb2.FinishPasskeyRegistrationResponse, _abc.Awaitable[_passkey_pb2.FinishPasskeyRegistrationResponse]]:
+        """Finish adding a passkey: verify the browser's registration response and store it
+
+        The ceremony is used up by this call, whatever its outcome: after an
+        error, start again. Checks the challenge, the origin (one of
+        USERS_WEBAUTHN_ORIGINS), the RP id hash (USERS_WEBAUTHN_RP_ID) and user
+        presence; attestation is not verified ("none" is asked for), the AAGUID
+        is recorded as stated. Mails a notice, records the change in the change
+        feed (USER_CHANGE_TYPE_PASSKEY_ADDED) and the audit trail.
+        Callers: the user themself. Errors: INVALID_ARGUMENT (reason
+        INVALID_PASSKEY_REGISTRATION, BadRequest naming `ceremony_id` (unknown,
+        expired, used, or another user's) or `credential_json` (does not verify:
+        wrong challenge, origin or RP id, malformed)), ALREADY_EXISTS (field
+        `credential_id`: this credential is registered already, on any account),
+        UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION (PASSKEYS_DISABLED),
+        UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def StartPasskeySignIn(
+        self,
+        request: _passkey_pb2.StartPasskeySignInRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passkey_pb2.StartPasskeySignInResponse, _abc.Awaitable[_passkey_pb2.StartPasskeySignInResponse]]:
+        """Start a sign-in with a passkey (or the passkey second step of Authenticate)
+
+        Returns the request options for navigator.credentials.get() and a
+        ceremony id. With an identifier, allowCredentials lists the account's
+        passkeys; an identifier of no account, or of an account without passkeys,
+        gets options of the same form (credential ids derived from the identifier
+        with a server secret, the same on every call and replica), so the reply
+        tells nothing about the account. Without one, allowCredentials is empty:
+        the browser offers its discoverable credentials (usernameless sign-in).
+        It counts against the "sign-in" per-address rate limit, as Authenticate.
+        Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
+        identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
+        (RATE_LIMITED, OVERLOADED), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def FinishPasskeySignIn(
+        self,
+        request: _passkey_pb2.FinishPasskeySignInRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passkey_pb2.FinishPasskeySignInResponse, _abc.Awaitable[_passkey_pb2.FinishPasskeySignInResponse]]:
+        """Sign in with a passkey: verify the assertion and open a session
+
+        Returns the session Authenticate returns. The ceremony is used up by this
+        call, whatever its outcome (of two concurrent calls with one ceremony,
+        exactly one can succeed). User verification (a PIN or biometric) is
+        required, so a passkey sign-in is multi-factor by itself: no TOTP is asked
+        for, even with MFA on. A sign count that does not increase (where the
+        authenticator keeps one) refuses the sign-in and mails the user a notice
+        (the credential may be cloned). Failures count toward the same throttle
+        as wrong passwords. Records the use in the change feed
+        (USER_CHANGE_TYPE_PASSKEY_USED) and the audit trail.
+        Callers: anyone. Errors: INVALID_ARGUMENT (missing fields, credential_json
+        not JSON), UNAUTHENTICATED (INVALID_PASSKEY: one answer for an unknown,
+        expired or used ceremony, an unknown credential, a bad signature, origin
+        or RP id, no user verification, a credential of another account than the
+        ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
+        increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
+        UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuthenticationFactors(
+        self,
+        request: _passkey_pb2.ListAuthenticationFactorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passkey_pb2.ListAuthenticationFactorsResponse, _abc.Awaitable[_passkey_pb2.ListAuthenticationFactorsResponse]]:
+        """The ways one's own account signs in: password, TOTP, recovery codes, passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RenamePasskey(
+        self,
+        request: _passkey_pb2.RenamePasskeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passkey_pb2.RenamePasskeyResponse, _abc.Awaitable[_passkey_pb2.RenamePasskeyResponse]]:
+        """Rename one of one's own passkeys
+
+        Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (PASSKEY_NOT_FOUND: no such passkey on this
+        account), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RemovePasskey(
+        self,
+        request: _passkey_pb2.RemovePasskeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passkey_pb2.RemovePasskeyResponse, _abc.Awaitable[_passkey_pb2.RemovePasskeyResponse]]:
+        """Remove one of one's own passkeys
+
+        Needs the current password or a recent sign-in, as
+        StartPasskeyRegistration. The passkey stops working at once; sessions it
+        opened stay (RevokeAllSessions ends them). Mails a notice, records the
+        change in the change feed (USER_CHANGE_TYPE_PASSKEY_REMOVED) and the audit
+        trail. Callers: the user themself. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED, NOT_FOUND
+        (PASSKEY_NOT_FOUND), FAILED_PRECONDITION (LAST_SIGN_IN_METHOD: the account
+        has no password and this is its last passkey; REAUTHENTICATION_REQUIRED),
+        RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUserAuthenticationFactors(
+        self,
+        request: _passkey_pb2.ListUserAuthenticationFactorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passkey_pb2.ListUserAuthenticationFactorsResponse, _abc.Awaitable[_passkey_pb2.ListUserAuthenticationFactorsResponse]]:
+        """A user's sign-in factors, for an admin
+
+        As ListAuthenticationFactors. Callers: an admin. Errors: INVALID_ARGUMENT,
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveUserPasskey(
+        self,
+        request: _passkey_pb2.RemoveUserPasskeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passkey_pb2.RemoveUserPasskeyResponse, _abc.Awaitable[_passkey_pb2.RemoveUserPasskeyResponse]]:
+        """Remove a user's passkey, as an admin (a lost or stolen device)
+
+        Audited (AUDIT_EVENT_TYPE_PASSKEY_REMOVE, the admin as actor), mailed to
+        the user as a notice, and in the change feed. The last-sign-in-method rule
+        holds here too (ForgotPassword gives a passwordless account a password).
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
+        FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -102,6 +102,27 @@ const (
 	ErrorReason_ERROR_REASON_TOO_MANY_STREAMS ErrorReason = 26
 	// UNAVAILABLE: the database cannot be reached; safe to retry.
 	ErrorReason_ERROR_REASON_STORAGE_UNAVAILABLE ErrorReason = 24
+	// FAILED_PRECONDITION: passkeys are off on this server: USERS_WEBAUTHN_RP_ID,
+	// USERS_WEBAUTHN_RP_NAME or USERS_WEBAUTHN_ORIGINS is not set.
+	ErrorReason_ERROR_REASON_PASSKEYS_DISABLED ErrorReason = 30
+	// UNAUTHENTICATED: a passkey assertion did not verify (unknown, expired or used ceremony;
+	// unknown credential; bad signature, origin or RP id; no user verification where required):
+	// one answer for all. Start a new ceremony.
+	ErrorReason_ERROR_REASON_INVALID_PASSKEY ErrorReason = 31
+	// INVALID_ARGUMENT: a passkey registration did not verify, or its ceremony is unknown,
+	// expired, used or another user's; BadRequest names `credential_json` or `ceremony_id`.
+	ErrorReason_ERROR_REASON_INVALID_PASSKEY_REGISTRATION ErrorReason = 32
+	// UNAUTHENTICATED: the passkey's sign count did not increase: the credential may have been
+	// cloned. The sign-in is refused and the user is mailed a notice.
+	ErrorReason_ERROR_REASON_PASSKEY_COUNTER_REGRESSED ErrorReason = 33
+	// FAILED_PRECONDITION: the change would leave the account no way to sign in (no password and
+	// no other passkey).
+	ErrorReason_ERROR_REASON_LAST_SIGN_IN_METHOD ErrorReason = 34
+	// NOT_FOUND: the account has no passkey with this id.
+	ErrorReason_ERROR_REASON_PASSKEY_NOT_FOUND ErrorReason = 35
+	// FAILED_PRECONDITION: the call needs the current password, or a session begun within
+	// USERS_WEBAUTHN_REAUTH_SECONDS: send the password, or sign in again.
+	ErrorReason_ERROR_REASON_REAUTHENTICATION_REQUIRED ErrorReason = 36
 )
 
 // Enum value maps for ErrorReason.
@@ -134,35 +155,49 @@ var (
 		23: "ERROR_REASON_OVERLOADED",
 		26: "ERROR_REASON_TOO_MANY_STREAMS",
 		24: "ERROR_REASON_STORAGE_UNAVAILABLE",
+		30: "ERROR_REASON_PASSKEYS_DISABLED",
+		31: "ERROR_REASON_INVALID_PASSKEY",
+		32: "ERROR_REASON_INVALID_PASSKEY_REGISTRATION",
+		33: "ERROR_REASON_PASSKEY_COUNTER_REGRESSED",
+		34: "ERROR_REASON_LAST_SIGN_IN_METHOD",
+		35: "ERROR_REASON_PASSKEY_NOT_FOUND",
+		36: "ERROR_REASON_REAUTHENTICATION_REQUIRED",
 	}
 	ErrorReason_value = map[string]int32{
-		"ERROR_REASON_UNSPECIFIED":               0,
-		"ERROR_REASON_INVALID_ARGUMENT":          1,
-		"ERROR_REASON_MALFORMED_REQUEST":         2,
-		"ERROR_REASON_INVALID_ACTIVATION_CODE":   3,
-		"ERROR_REASON_INVALID_RESET_TOKEN":       4,
-		"ERROR_REASON_INVALID_EMAIL_CHANGE_CODE": 5,
-		"ERROR_REASON_USER_NOT_FOUND":            6,
-		"ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND": 7,
-		"ERROR_REASON_ALREADY_EXISTS":            8,
-		"ERROR_REASON_PERMISSION_DENIED":         9,
-		"ERROR_REASON_UNAUTHENTICATED":           10,
-		"ERROR_REASON_INVALID_CREDENTIALS":       11,
-		"ERROR_REASON_INVALID_SECOND_FACTOR":     12,
-		"ERROR_REASON_FAILED_PRECONDITION":       13,
-		"ERROR_REASON_MFA_REQUIRED":              14,
-		"ERROR_REASON_ACCOUNT_NOT_ACTIVE":        15,
-		"ERROR_REASON_ACCOUNT_DEACTIVATED":       16,
-		"ERROR_REASON_ACCOUNT_LOCKED":            17,
-		"ERROR_REASON_LAST_ACTIVE_ADMIN":         18,
-		"ERROR_REASON_WRONG_USER_STATE":          19,
-		"ERROR_REASON_CHANGE_CURSOR_EXPIRED":     25,
-		"ERROR_REASON_ETAG_MISMATCH":             20,
-		"ERROR_REASON_TOO_MANY_ATTEMPTS":         21,
-		"ERROR_REASON_RATE_LIMITED":              22,
-		"ERROR_REASON_OVERLOADED":                23,
-		"ERROR_REASON_TOO_MANY_STREAMS":          26,
-		"ERROR_REASON_STORAGE_UNAVAILABLE":       24,
+		"ERROR_REASON_UNSPECIFIED":                  0,
+		"ERROR_REASON_INVALID_ARGUMENT":             1,
+		"ERROR_REASON_MALFORMED_REQUEST":            2,
+		"ERROR_REASON_INVALID_ACTIVATION_CODE":      3,
+		"ERROR_REASON_INVALID_RESET_TOKEN":          4,
+		"ERROR_REASON_INVALID_EMAIL_CHANGE_CODE":    5,
+		"ERROR_REASON_USER_NOT_FOUND":               6,
+		"ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND":    7,
+		"ERROR_REASON_ALREADY_EXISTS":               8,
+		"ERROR_REASON_PERMISSION_DENIED":            9,
+		"ERROR_REASON_UNAUTHENTICATED":              10,
+		"ERROR_REASON_INVALID_CREDENTIALS":          11,
+		"ERROR_REASON_INVALID_SECOND_FACTOR":        12,
+		"ERROR_REASON_FAILED_PRECONDITION":          13,
+		"ERROR_REASON_MFA_REQUIRED":                 14,
+		"ERROR_REASON_ACCOUNT_NOT_ACTIVE":           15,
+		"ERROR_REASON_ACCOUNT_DEACTIVATED":          16,
+		"ERROR_REASON_ACCOUNT_LOCKED":               17,
+		"ERROR_REASON_LAST_ACTIVE_ADMIN":            18,
+		"ERROR_REASON_WRONG_USER_STATE":             19,
+		"ERROR_REASON_CHANGE_CURSOR_EXPIRED":        25,
+		"ERROR_REASON_ETAG_MISMATCH":                20,
+		"ERROR_REASON_TOO_MANY_ATTEMPTS":            21,
+		"ERROR_REASON_RATE_LIMITED":                 22,
+		"ERROR_REASON_OVERLOADED":                   23,
+		"ERROR_REASON_TOO_MANY_STREAMS":             26,
+		"ERROR_REASON_STORAGE_UNAVAILABLE":          24,
+		"ERROR_REASON_PASSKEYS_DISABLED":            30,
+		"ERROR_REASON_INVALID_PASSKEY":              31,
+		"ERROR_REASON_INVALID_PASSKEY_REGISTRATION": 32,
+		"ERROR_REASON_PASSKEY_COUNTER_REGRESSED":    33,
+		"ERROR_REASON_LAST_SIGN_IN_METHOD":          34,
+		"ERROR_REASON_PASSKEY_NOT_FOUND":            35,
+		"ERROR_REASON_REAUTHENTICATION_REQUIRED":    36,
 	}
 )
 
@@ -197,7 +232,7 @@ var File_users_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xd9\a\n" +
+	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xf0\t\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\"\n" +
@@ -226,7 +261,14 @@ const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\x19ERROR_REASON_RATE_LIMITED\x10\x16\x12\x1b\n" +
 	"\x17ERROR_REASON_OVERLOADED\x10\x17\x12!\n" +
 	"\x1dERROR_REASON_TOO_MANY_STREAMS\x10\x1a\x12$\n" +
-	" ERROR_REASON_STORAGE_UNAVAILABLE\x10\x18B\x89\x01\n" +
+	" ERROR_REASON_STORAGE_UNAVAILABLE\x10\x18\x12\"\n" +
+	"\x1eERROR_REASON_PASSKEYS_DISABLED\x10\x1e\x12 \n" +
+	"\x1cERROR_REASON_INVALID_PASSKEY\x10\x1f\x12-\n" +
+	")ERROR_REASON_INVALID_PASSKEY_REGISTRATION\x10 \x12*\n" +
+	"&ERROR_REASON_PASSKEY_COUNTER_REGRESSED\x10!\x12$\n" +
+	" ERROR_REASON_LAST_SIGN_IN_METHOD\x10\"\x12\"\n" +
+	"\x1eERROR_REASON_PASSKEY_NOT_FOUND\x10#\x12*\n" +
+	"&ERROR_REASON_REAUTHENTICATION_REQUIRED\x10$B\x89\x01\n" +
 	"\fcom.users.v1B\x10ErrorReasonProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (

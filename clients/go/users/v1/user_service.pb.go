@@ -88,6 +88,20 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_SESSIONS_REVOKE AuditEventType = 23
 	// UpdateUser; the reason names the fields changed. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PROFILE_UPDATE AuditEventType = 24
+	// StartPasskeyRegistration: a passkey registration started (the password
+	// checked). Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START AuditEventType = 30
+	// FinishPasskeyRegistration: a passkey added. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_REGISTER AuditEventType = 31
+	// FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (on
+	// failure, only if the credential belongs to an account). Authenticate's
+	// second step with a passkey is a SIGN_IN with the reason "passkey".
+	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN AuditEventType = 32
+	// RenamePasskey. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_RENAME AuditEventType = 33
+	// RemovePasskey (the user as actor) or RemoveUserPasskey (an admin).
+	// Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_REMOVE AuditEventType = 34
 )
 
 // Enum value maps for AuditEventType.
@@ -118,33 +132,43 @@ var (
 		22: "AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE",
 		23: "AUDIT_EVENT_TYPE_SESSIONS_REVOKE",
 		24: "AUDIT_EVENT_TYPE_PROFILE_UPDATE",
+		30: "AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START",
+		31: "AUDIT_EVENT_TYPE_PASSKEY_REGISTER",
+		32: "AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN",
+		33: "AUDIT_EVENT_TYPE_PASSKEY_RENAME",
+		34: "AUDIT_EVENT_TYPE_PASSKEY_REMOVE",
 	}
 	AuditEventType_value = map[string]int32{
-		"AUDIT_EVENT_TYPE_UNSPECIFIED":               0,
-		"AUDIT_EVENT_TYPE_SIGN_IN":                   1,
-		"AUDIT_EVENT_TYPE_CREDENTIALS_CHECK":         2,
-		"AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE":       3,
-		"AUDIT_EVENT_TYPE_PASSWORD_CHANGE":           4,
-		"AUDIT_EVENT_TYPE_PASSWORD_RESET":            5,
-		"AUDIT_EVENT_TYPE_MFA_ENROLL":                6,
-		"AUDIT_EVENT_TYPE_MFA_ENABLE":                7,
-		"AUDIT_EVENT_TYPE_MFA_DISABLE":               8,
-		"AUDIT_EVENT_TYPE_MFA_RESET":                 9,
-		"AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE": 10,
-		"AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST":      11,
-		"AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM":      12,
-		"AUDIT_EVENT_TYPE_EMAIL_SET":                 13,
-		"AUDIT_EVENT_TYPE_ROLE_CHANGE":               14,
-		"AUDIT_EVENT_TYPE_USER_DEACTIVATE":           15,
-		"AUDIT_EVENT_TYPE_USER_REACTIVATE":           16,
-		"AUDIT_EVENT_TYPE_USER_LOCK":                 17,
-		"AUDIT_EVENT_TYPE_USER_UNLOCK":               18,
-		"AUDIT_EVENT_TYPE_USER_DELETE":               19,
-		"AUDIT_EVENT_TYPE_USERS_IMPORT":              20,
-		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE":    21,
-		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE":    22,
-		"AUDIT_EVENT_TYPE_SESSIONS_REVOKE":           23,
-		"AUDIT_EVENT_TYPE_PROFILE_UPDATE":            24,
+		"AUDIT_EVENT_TYPE_UNSPECIFIED":                0,
+		"AUDIT_EVENT_TYPE_SIGN_IN":                    1,
+		"AUDIT_EVENT_TYPE_CREDENTIALS_CHECK":          2,
+		"AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE":        3,
+		"AUDIT_EVENT_TYPE_PASSWORD_CHANGE":            4,
+		"AUDIT_EVENT_TYPE_PASSWORD_RESET":             5,
+		"AUDIT_EVENT_TYPE_MFA_ENROLL":                 6,
+		"AUDIT_EVENT_TYPE_MFA_ENABLE":                 7,
+		"AUDIT_EVENT_TYPE_MFA_DISABLE":                8,
+		"AUDIT_EVENT_TYPE_MFA_RESET":                  9,
+		"AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE":  10,
+		"AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST":       11,
+		"AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM":       12,
+		"AUDIT_EVENT_TYPE_EMAIL_SET":                  13,
+		"AUDIT_EVENT_TYPE_ROLE_CHANGE":                14,
+		"AUDIT_EVENT_TYPE_USER_DEACTIVATE":            15,
+		"AUDIT_EVENT_TYPE_USER_REACTIVATE":            16,
+		"AUDIT_EVENT_TYPE_USER_LOCK":                  17,
+		"AUDIT_EVENT_TYPE_USER_UNLOCK":                18,
+		"AUDIT_EVENT_TYPE_USER_DELETE":                19,
+		"AUDIT_EVENT_TYPE_USERS_IMPORT":               20,
+		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE":     21,
+		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE":     22,
+		"AUDIT_EVENT_TYPE_SESSIONS_REVOKE":            23,
+		"AUDIT_EVENT_TYPE_PROFILE_UPDATE":             24,
+		"AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START": 30,
+		"AUDIT_EVENT_TYPE_PASSKEY_REGISTER":           31,
+		"AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN":            32,
+		"AUDIT_EVENT_TYPE_PASSKEY_RENAME":             33,
+		"AUDIT_EVENT_TYPE_PASSKEY_REMOVE":             34,
 	}
 )
 
@@ -259,6 +283,13 @@ const (
 	// DeleteUser, DeleteUserByIdentifier, or housekeeping's purge of accounts
 	// never activated. Carries user_id only: drop everything about the user.
 	UserChangeType_USER_CHANGE_TYPE_DELETED UserChangeType = 10
+	// FinishPasskeyRegistration: a passkey added. The change carries the user;
+	// never a credential id or key: ListUserAuthenticationFactors lists them.
+	UserChangeType_USER_CHANGE_TYPE_PASSKEY_ADDED UserChangeType = 20
+	// RemovePasskey or RemoveUserPasskey.
+	UserChangeType_USER_CHANGE_TYPE_PASSKEY_REMOVED UserChangeType = 21
+	// FinishPasskeySignIn, or a passkey second step: a passkey signed in.
+	UserChangeType_USER_CHANGE_TYPE_PASSKEY_USED UserChangeType = 22
 )
 
 // Enum value maps for UserChangeType.
@@ -275,19 +306,25 @@ var (
 		8:  "USER_CHANGE_TYPE_LOCKED",
 		9:  "USER_CHANGE_TYPE_UNLOCKED",
 		10: "USER_CHANGE_TYPE_DELETED",
+		20: "USER_CHANGE_TYPE_PASSKEY_ADDED",
+		21: "USER_CHANGE_TYPE_PASSKEY_REMOVED",
+		22: "USER_CHANGE_TYPE_PASSKEY_USED",
 	}
 	UserChangeType_value = map[string]int32{
-		"USER_CHANGE_TYPE_UNSPECIFIED":   0,
-		"USER_CHANGE_TYPE_CREATED":       1,
-		"USER_CHANGE_TYPE_ACTIVATED":     2,
-		"USER_CHANGE_TYPE_UPDATED":       3,
-		"USER_CHANGE_TYPE_EMAIL_CHANGED": 4,
-		"USER_CHANGE_TYPE_ROLE_CHANGED":  5,
-		"USER_CHANGE_TYPE_DEACTIVATED":   6,
-		"USER_CHANGE_TYPE_REACTIVATED":   7,
-		"USER_CHANGE_TYPE_LOCKED":        8,
-		"USER_CHANGE_TYPE_UNLOCKED":      9,
-		"USER_CHANGE_TYPE_DELETED":       10,
+		"USER_CHANGE_TYPE_UNSPECIFIED":     0,
+		"USER_CHANGE_TYPE_CREATED":         1,
+		"USER_CHANGE_TYPE_ACTIVATED":       2,
+		"USER_CHANGE_TYPE_UPDATED":         3,
+		"USER_CHANGE_TYPE_EMAIL_CHANGED":   4,
+		"USER_CHANGE_TYPE_ROLE_CHANGED":    5,
+		"USER_CHANGE_TYPE_DEACTIVATED":     6,
+		"USER_CHANGE_TYPE_REACTIVATED":     7,
+		"USER_CHANGE_TYPE_LOCKED":          8,
+		"USER_CHANGE_TYPE_UNLOCKED":        9,
+		"USER_CHANGE_TYPE_DELETED":         10,
+		"USER_CHANGE_TYPE_PASSKEY_ADDED":   20,
+		"USER_CHANGE_TYPE_PASSKEY_REMOVED": 21,
+		"USER_CHANGE_TYPE_PASSKEY_USED":    22,
 	}
 )
 
@@ -1029,9 +1066,15 @@ type VerifyCredentialsRequest struct {
 	// With MFA on: one of the recovery codes, instead of totp_code. Works once.
 	// ASCII letters and digits, dashes or spaces optional, in any letter case;
 	// anything else is INVALID_ARGUMENT and spends no attempt.
-	RecoveryCode  string `protobuf:"bytes,4,opt,name=recovery_code,json=recoveryCode,proto3" json:"recovery_code,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RecoveryCode string `protobuf:"bytes,4,opt,name=recovery_code,json=recoveryCode,proto3" json:"recovery_code,omitempty"`
+	// With MFA on, instead of a code: the ceremony of StartPasskeySignIn (second_factor true,
+	// the same identifier) ...
+	PasskeyCeremonyId string `protobuf:"bytes,30,opt,name=passkey_ceremony_id,json=passkeyCeremonyId,proto3" json:"passkey_ceremony_id,omitempty"`
+	// ... and the browser's AuthenticationResponseJSON for it (see users/v1/passkey.proto).
+	// A wrong one is UNAUTHENTICATED (INVALID_PASSKEY, or PASSKEY_COUNTER_REGRESSED).
+	PasskeyCredentialJson string `protobuf:"bytes,31,opt,name=passkey_credential_json,json=passkeyCredentialJson,proto3" json:"passkey_credential_json,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *VerifyCredentialsRequest) Reset() {
@@ -1088,6 +1131,20 @@ func (x *VerifyCredentialsRequest) GetTotpCode() string {
 func (x *VerifyCredentialsRequest) GetRecoveryCode() string {
 	if x != nil {
 		return x.RecoveryCode
+	}
+	return ""
+}
+
+func (x *VerifyCredentialsRequest) GetPasskeyCeremonyId() string {
+	if x != nil {
+		return x.PasskeyCeremonyId
+	}
+	return ""
+}
+
+func (x *VerifyCredentialsRequest) GetPasskeyCredentialJson() string {
+	if x != nil {
+		return x.PasskeyCredentialJson
 	}
 	return ""
 }
@@ -1149,9 +1206,15 @@ type AuthenticateRequest struct {
 	// With MFA on: one of the recovery codes, instead of totp_code. Works once.
 	// ASCII letters and digits, dashes or spaces optional, in any letter case;
 	// anything else is INVALID_ARGUMENT and spends no attempt.
-	RecoveryCode  string `protobuf:"bytes,4,opt,name=recovery_code,json=recoveryCode,proto3" json:"recovery_code,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RecoveryCode string `protobuf:"bytes,4,opt,name=recovery_code,json=recoveryCode,proto3" json:"recovery_code,omitempty"`
+	// With MFA on, instead of a code: the ceremony of StartPasskeySignIn (second_factor true,
+	// the same identifier) ...
+	PasskeyCeremonyId string `protobuf:"bytes,30,opt,name=passkey_ceremony_id,json=passkeyCeremonyId,proto3" json:"passkey_ceremony_id,omitempty"`
+	// ... and the browser's AuthenticationResponseJSON for it (see users/v1/passkey.proto).
+	// A wrong one is UNAUTHENTICATED (INVALID_PASSKEY, or PASSKEY_COUNTER_REGRESSED).
+	PasskeyCredentialJson string `protobuf:"bytes,31,opt,name=passkey_credential_json,json=passkeyCredentialJson,proto3" json:"passkey_credential_json,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *AuthenticateRequest) Reset() {
@@ -1208,6 +1271,20 @@ func (x *AuthenticateRequest) GetTotpCode() string {
 func (x *AuthenticateRequest) GetRecoveryCode() string {
 	if x != nil {
 		return x.RecoveryCode
+	}
+	return ""
+}
+
+func (x *AuthenticateRequest) GetPasskeyCeremonyId() string {
+	if x != nil {
+		return x.PasskeyCeremonyId
+	}
+	return ""
+}
+
+func (x *AuthenticateRequest) GetPasskeyCredentialJson() string {
+	if x != nil {
+		return x.PasskeyCredentialJson
 	}
 	return ""
 }
@@ -5050,7 +5127,7 @@ var File_users_v1_user_service_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xa0\x02\n" +
+	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x16users/v1/passkey.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xa0\x02\n" +
 	"\x11CreateUserRequest\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -5094,23 +5171,27 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
 	"identifier\x18\x01 \x01(\tR\n" +
 	"identifier\" \n" +
-	"\x1eDeleteUserByIdentifierResponse\"\x98\x01\n" +
+	"\x1eDeleteUserByIdentifierResponse\"\x80\x02\n" +
 	"\x18VerifyCredentialsRequest\x12\x1e\n" +
 	"\n" +
 	"identifier\x18\x01 \x01(\tR\n" +
 	"identifier\x12\x1a\n" +
 	"\bpassword\x18\x02 \x01(\tR\bpassword\x12\x1b\n" +
 	"\ttotp_code\x18\x03 \x01(\tR\btotpCode\x12#\n" +
-	"\rrecovery_code\x18\x04 \x01(\tR\frecoveryCode\"?\n" +
+	"\rrecovery_code\x18\x04 \x01(\tR\frecoveryCode\x12.\n" +
+	"\x13passkey_ceremony_id\x18\x1e \x01(\tR\x11passkeyCeremonyId\x126\n" +
+	"\x17passkey_credential_json\x18\x1f \x01(\tR\x15passkeyCredentialJson\"?\n" +
 	"\x19VerifyCredentialsResponse\x12\"\n" +
-	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"\x93\x01\n" +
+	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"\xfb\x01\n" +
 	"\x13AuthenticateRequest\x12\x1e\n" +
 	"\n" +
 	"identifier\x18\x01 \x01(\tR\n" +
 	"identifier\x12\x1a\n" +
 	"\bpassword\x18\x02 \x01(\tR\bpassword\x12\x1b\n" +
 	"\ttotp_code\x18\x03 \x01(\tR\btotpCode\x12#\n" +
-	"\rrecovery_code\x18\x04 \x01(\tR\frecoveryCode\"\xc9\x02\n" +
+	"\rrecovery_code\x18\x04 \x01(\tR\frecoveryCode\x12.\n" +
+	"\x13passkey_ceremony_id\x18\x1e \x01(\tR\x11passkeyCeremonyId\x126\n" +
+	"\x17passkey_credential_json\x18\x1f \x01(\tR\x15passkeyCredentialJson\"\xc9\x02\n" +
 	"\x14AuthenticateResponse\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\x12!\n" +
 	"\faccess_token\x18\x02 \x01(\tR\vaccessToken\x12Q\n" +
@@ -5342,7 +5423,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\vchange_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"changeTime\x12\"\n" +
 	"\x04user\x18\x05 \x01(\v2\x0e.users.v1.UserR\x04user\x12,\n" +
-	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber*\xb1\a\n" +
+	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber*\xf9\b\n" +
 	"\x0eAuditEventType\x12 \n" +
 	"\x1cAUDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18AUDIT_EVENT_TYPE_SIGN_IN\x10\x01\x12&\n" +
@@ -5369,13 +5450,18 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE\x10\x15\x12+\n" +
 	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE\x10\x16\x12$\n" +
 	" AUDIT_EVENT_TYPE_SESSIONS_REVOKE\x10\x17\x12#\n" +
-	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18*\xb1\x01\n" +
+	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18\x12/\n" +
+	"+AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START\x10\x1e\x12%\n" +
+	"!AUDIT_EVENT_TYPE_PASSKEY_REGISTER\x10\x1f\x12$\n" +
+	" AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN\x10 \x12#\n" +
+	"\x1fAUDIT_EVENT_TYPE_PASSKEY_RENAME\x10!\x12#\n" +
+	"\x1fAUDIT_EVENT_TYPE_PASSKEY_REMOVE\x10\"*\xb1\x01\n" +
 	"\x0eAuditActorKind\x12 \n" +
 	"\x1cAUDIT_ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aAUDIT_ACTOR_KIND_ANONYMOUS\x10\x01\x12\x19\n" +
 	"\x15AUDIT_ACTOR_KIND_USER\x10\x02\x12\x1c\n" +
 	"\x18AUDIT_ACTOR_KIND_MACHINE\x10\x03\x12$\n" +
-	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x04*\xf3\x02\n" +
+	" AUDIT_ACTOR_KIND_SERVICE_ACCOUNT\x10\x04*\xe0\x03\n" +
 	"\x0eUserChangeType\x12 \n" +
 	"\x1cUSER_CHANGE_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_CREATED\x10\x01\x12\x1e\n" +
@@ -5388,7 +5474,10 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x17USER_CHANGE_TYPE_LOCKED\x10\b\x12\x1d\n" +
 	"\x19USER_CHANGE_TYPE_UNLOCKED\x10\t\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_DELETED\x10\n" +
-	"2\x8b\x1b\n" +
+	"\x12\"\n" +
+	"\x1eUSER_CHANGE_TYPE_PASSKEY_ADDED\x10\x14\x12$\n" +
+	" USER_CHANGE_TYPE_PASSKEY_REMOVED\x10\x15\x12!\n" +
+	"\x1dUSER_CHANGE_TYPE_PASSKEY_USED\x10\x162\xb4\"\n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -5436,7 +5525,16 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
 	"UpdateUser\x12\x1b.users.v1.UpdateUserRequest\x1a\x1c.users.v1.UpdateUserResponse\x12V\n" +
 	"\x0fListAuditEvents\x12 .users.v1.ListAuditEventsRequest\x1a!.users.v1.ListAuditEventsResponse\x12[\n" +
-	"\x10WatchUserChanges\x12!.users.v1.WatchUserChangesRequest\x1a\".users.v1.WatchUserChangesResponse0\x01B\x89\x01\n" +
+	"\x10WatchUserChanges\x12!.users.v1.WatchUserChangesRequest\x1a\".users.v1.WatchUserChangesResponse0\x01\x12q\n" +
+	"\x18StartPasskeyRegistration\x12).users.v1.StartPasskeyRegistrationRequest\x1a*.users.v1.StartPasskeyRegistrationResponse\x12t\n" +
+	"\x19FinishPasskeyRegistration\x12*.users.v1.FinishPasskeyRegistrationRequest\x1a+.users.v1.FinishPasskeyRegistrationResponse\x12_\n" +
+	"\x12StartPasskeySignIn\x12#.users.v1.StartPasskeySignInRequest\x1a$.users.v1.StartPasskeySignInResponse\x12b\n" +
+	"\x13FinishPasskeySignIn\x12$.users.v1.FinishPasskeySignInRequest\x1a%.users.v1.FinishPasskeySignInResponse\x12t\n" +
+	"\x19ListAuthenticationFactors\x12*.users.v1.ListAuthenticationFactorsRequest\x1a+.users.v1.ListAuthenticationFactorsResponse\x12P\n" +
+	"\rRenamePasskey\x12\x1e.users.v1.RenamePasskeyRequest\x1a\x1f.users.v1.RenamePasskeyResponse\x12P\n" +
+	"\rRemovePasskey\x12\x1e.users.v1.RemovePasskeyRequest\x1a\x1f.users.v1.RemovePasskeyResponse\x12\x80\x01\n" +
+	"\x1dListUserAuthenticationFactors\x12..users.v1.ListUserAuthenticationFactorsRequest\x1a/.users.v1.ListUserAuthenticationFactorsResponse\x12\\\n" +
+	"\x11RemoveUserPasskey\x12\".users.v1.RemoveUserPasskeyRequest\x1a#.users.v1.RemoveUserPasskeyResponseB\x89\x01\n" +
 	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
@@ -5454,107 +5552,125 @@ func file_users_v1_user_service_proto_rawDescGZIP() []byte {
 var file_users_v1_user_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
 var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 88)
 var file_users_v1_user_service_proto_goTypes = []any{
-	(AuditEventType)(0),                     // 0: users.v1.AuditEventType
-	(AuditActorKind)(0),                     // 1: users.v1.AuditActorKind
-	(UserChangeType)(0),                     // 2: users.v1.UserChangeType
-	(*CreateUserRequest)(nil),               // 3: users.v1.CreateUserRequest
-	(*CreateUserResponse)(nil),              // 4: users.v1.CreateUserResponse
-	(*ActivateUserRequest)(nil),             // 5: users.v1.ActivateUserRequest
-	(*ActivateUserResponse)(nil),            // 6: users.v1.ActivateUserResponse
-	(*ResendActivationCodeRequest)(nil),     // 7: users.v1.ResendActivationCodeRequest
-	(*ResendActivationCodeResponse)(nil),    // 8: users.v1.ResendActivationCodeResponse
-	(*GetUserRequest)(nil),                  // 9: users.v1.GetUserRequest
-	(*GetUserResponse)(nil),                 // 10: users.v1.GetUserResponse
-	(*GetUserByIdentifierRequest)(nil),      // 11: users.v1.GetUserByIdentifierRequest
-	(*GetUserByIdentifierResponse)(nil),     // 12: users.v1.GetUserByIdentifierResponse
-	(*DeleteUserRequest)(nil),               // 13: users.v1.DeleteUserRequest
-	(*DeleteUserResponse)(nil),              // 14: users.v1.DeleteUserResponse
-	(*DeleteUserByIdentifierRequest)(nil),   // 15: users.v1.DeleteUserByIdentifierRequest
-	(*DeleteUserByIdentifierResponse)(nil),  // 16: users.v1.DeleteUserByIdentifierResponse
-	(*VerifyCredentialsRequest)(nil),        // 17: users.v1.VerifyCredentialsRequest
-	(*VerifyCredentialsResponse)(nil),       // 18: users.v1.VerifyCredentialsResponse
-	(*AuthenticateRequest)(nil),             // 19: users.v1.AuthenticateRequest
-	(*AuthenticateResponse)(nil),            // 20: users.v1.AuthenticateResponse
-	(*RefreshSessionRequest)(nil),           // 21: users.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),          // 22: users.v1.RefreshSessionResponse
-	(*RevokeSessionRequest)(nil),            // 23: users.v1.RevokeSessionRequest
-	(*RevokeSessionResponse)(nil),           // 24: users.v1.RevokeSessionResponse
-	(*ListSessionsRequest)(nil),             // 25: users.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),            // 26: users.v1.ListSessionsResponse
-	(*RevokeAllSessionsRequest)(nil),        // 27: users.v1.RevokeAllSessionsRequest
-	(*RevokeAllSessionsResponse)(nil),       // 28: users.v1.RevokeAllSessionsResponse
-	(*GetPublicKeysRequest)(nil),            // 29: users.v1.GetPublicKeysRequest
-	(*GetPublicKeysResponse)(nil),           // 30: users.v1.GetPublicKeysResponse
-	(*ValidateTokenRequest)(nil),            // 31: users.v1.ValidateTokenRequest
-	(*ValidateTokenResponse)(nil),           // 32: users.v1.ValidateTokenResponse
-	(*ForgotPasswordRequest)(nil),           // 33: users.v1.ForgotPasswordRequest
-	(*ForgotPasswordResponse)(nil),          // 34: users.v1.ForgotPasswordResponse
-	(*ResetPasswordRequest)(nil),            // 35: users.v1.ResetPasswordRequest
-	(*ResetPasswordResponse)(nil),           // 36: users.v1.ResetPasswordResponse
-	(*ChangePasswordRequest)(nil),           // 37: users.v1.ChangePasswordRequest
-	(*ChangePasswordResponse)(nil),          // 38: users.v1.ChangePasswordResponse
-	(*EnableMfaRequest)(nil),                // 39: users.v1.EnableMfaRequest
-	(*EnableMfaResponse)(nil),               // 40: users.v1.EnableMfaResponse
-	(*GetMfaQrCodeRequest)(nil),             // 41: users.v1.GetMfaQrCodeRequest
-	(*GetMfaQrCodeResponse)(nil),            // 42: users.v1.GetMfaQrCodeResponse
-	(*ConfirmMfaRequest)(nil),               // 43: users.v1.ConfirmMfaRequest
-	(*ConfirmMfaResponse)(nil),              // 44: users.v1.ConfirmMfaResponse
-	(*DisableMfaRequest)(nil),               // 45: users.v1.DisableMfaRequest
-	(*DisableMfaResponse)(nil),              // 46: users.v1.DisableMfaResponse
-	(*RegenerateRecoveryCodesRequest)(nil),  // 47: users.v1.RegenerateRecoveryCodesRequest
-	(*RegenerateRecoveryCodesResponse)(nil), // 48: users.v1.RegenerateRecoveryCodesResponse
-	(*ChangeEmailRequest)(nil),              // 49: users.v1.ChangeEmailRequest
-	(*ChangeEmailResponse)(nil),             // 50: users.v1.ChangeEmailResponse
-	(*ConfirmEmailChangeRequest)(nil),       // 51: users.v1.ConfirmEmailChangeRequest
-	(*ConfirmEmailChangeResponse)(nil),      // 52: users.v1.ConfirmEmailChangeResponse
-	(*SetUserEmailRequest)(nil),             // 53: users.v1.SetUserEmailRequest
-	(*SetUserEmailResponse)(nil),            // 54: users.v1.SetUserEmailResponse
-	(*SetUserRoleRequest)(nil),              // 55: users.v1.SetUserRoleRequest
-	(*SetUserRoleResponse)(nil),             // 56: users.v1.SetUserRoleResponse
-	(*DeactivateUserRequest)(nil),           // 57: users.v1.DeactivateUserRequest
-	(*DeactivateUserResponse)(nil),          // 58: users.v1.DeactivateUserResponse
-	(*ReactivateUserRequest)(nil),           // 59: users.v1.ReactivateUserRequest
-	(*ReactivateUserResponse)(nil),          // 60: users.v1.ReactivateUserResponse
-	(*LockUserRequest)(nil),                 // 61: users.v1.LockUserRequest
-	(*LockUserResponse)(nil),                // 62: users.v1.LockUserResponse
-	(*UnlockUserRequest)(nil),               // 63: users.v1.UnlockUserRequest
-	(*UnlockUserResponse)(nil),              // 64: users.v1.UnlockUserResponse
-	(*ResetUserMfaRequest)(nil),             // 65: users.v1.ResetUserMfaRequest
-	(*ResetUserMfaResponse)(nil),            // 66: users.v1.ResetUserMfaResponse
-	(*ImportUsersRequest)(nil),              // 67: users.v1.ImportUsersRequest
-	(*ImportedUser)(nil),                    // 68: users.v1.ImportedUser
-	(*ImportUsersResponse)(nil),             // 69: users.v1.ImportUsersResponse
-	(*ImportUserResult)(nil),                // 70: users.v1.ImportUserResult
-	(*ServiceAccount)(nil),                  // 71: users.v1.ServiceAccount
-	(*CreateServiceAccountRequest)(nil),     // 72: users.v1.CreateServiceAccountRequest
-	(*CreateServiceAccountResponse)(nil),    // 73: users.v1.CreateServiceAccountResponse
-	(*IssueServiceTokenRequest)(nil),        // 74: users.v1.IssueServiceTokenRequest
-	(*IssueServiceTokenResponse)(nil),       // 75: users.v1.IssueServiceTokenResponse
-	(*ListServiceAccountsRequest)(nil),      // 76: users.v1.ListServiceAccountsRequest
-	(*ListServiceAccountsResponse)(nil),     // 77: users.v1.ListServiceAccountsResponse
-	(*DeleteServiceAccountRequest)(nil),     // 78: users.v1.DeleteServiceAccountRequest
-	(*DeleteServiceAccountResponse)(nil),    // 79: users.v1.DeleteServiceAccountResponse
-	(*ListUsersRequest)(nil),                // 80: users.v1.ListUsersRequest
-	(*ListUsersResponse)(nil),               // 81: users.v1.ListUsersResponse
-	(*UpdateUserRequest)(nil),               // 82: users.v1.UpdateUserRequest
-	(*UpdateUserResponse)(nil),              // 83: users.v1.UpdateUserResponse
-	(*AuditActor)(nil),                      // 84: users.v1.AuditActor
-	(*AuditEvent)(nil),                      // 85: users.v1.AuditEvent
-	(*ListAuditEventsRequest)(nil),          // 86: users.v1.ListAuditEventsRequest
-	(*ListAuditEventsResponse)(nil),         // 87: users.v1.ListAuditEventsResponse
-	(*WatchUserChangesRequest)(nil),         // 88: users.v1.WatchUserChangesRequest
-	(*WatchUserChangesResponse)(nil),        // 89: users.v1.WatchUserChangesResponse
-	(*UserChange)(nil),                      // 90: users.v1.UserChange
-	(Gender)(0),                             // 91: users.v1.Gender
-	(Role)(0),                               // 92: users.v1.Role
-	(*User)(nil),                            // 93: users.v1.User
-	(*timestamppb.Timestamp)(nil),           // 94: google.protobuf.Timestamp
-	(*Session)(nil),                         // 95: users.v1.Session
-	(*TokenClaims)(nil),                     // 96: users.v1.TokenClaims
-	(*status.Status)(nil),                   // 97: google.rpc.Status
-	(UserState)(0),                          // 98: users.v1.UserState
-	(*fieldmaskpb.FieldMask)(nil),           // 99: google.protobuf.FieldMask
-	(code.Code)(0),                          // 100: google.rpc.Code
+	(AuditEventType)(0),                           // 0: users.v1.AuditEventType
+	(AuditActorKind)(0),                           // 1: users.v1.AuditActorKind
+	(UserChangeType)(0),                           // 2: users.v1.UserChangeType
+	(*CreateUserRequest)(nil),                     // 3: users.v1.CreateUserRequest
+	(*CreateUserResponse)(nil),                    // 4: users.v1.CreateUserResponse
+	(*ActivateUserRequest)(nil),                   // 5: users.v1.ActivateUserRequest
+	(*ActivateUserResponse)(nil),                  // 6: users.v1.ActivateUserResponse
+	(*ResendActivationCodeRequest)(nil),           // 7: users.v1.ResendActivationCodeRequest
+	(*ResendActivationCodeResponse)(nil),          // 8: users.v1.ResendActivationCodeResponse
+	(*GetUserRequest)(nil),                        // 9: users.v1.GetUserRequest
+	(*GetUserResponse)(nil),                       // 10: users.v1.GetUserResponse
+	(*GetUserByIdentifierRequest)(nil),            // 11: users.v1.GetUserByIdentifierRequest
+	(*GetUserByIdentifierResponse)(nil),           // 12: users.v1.GetUserByIdentifierResponse
+	(*DeleteUserRequest)(nil),                     // 13: users.v1.DeleteUserRequest
+	(*DeleteUserResponse)(nil),                    // 14: users.v1.DeleteUserResponse
+	(*DeleteUserByIdentifierRequest)(nil),         // 15: users.v1.DeleteUserByIdentifierRequest
+	(*DeleteUserByIdentifierResponse)(nil),        // 16: users.v1.DeleteUserByIdentifierResponse
+	(*VerifyCredentialsRequest)(nil),              // 17: users.v1.VerifyCredentialsRequest
+	(*VerifyCredentialsResponse)(nil),             // 18: users.v1.VerifyCredentialsResponse
+	(*AuthenticateRequest)(nil),                   // 19: users.v1.AuthenticateRequest
+	(*AuthenticateResponse)(nil),                  // 20: users.v1.AuthenticateResponse
+	(*RefreshSessionRequest)(nil),                 // 21: users.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),                // 22: users.v1.RefreshSessionResponse
+	(*RevokeSessionRequest)(nil),                  // 23: users.v1.RevokeSessionRequest
+	(*RevokeSessionResponse)(nil),                 // 24: users.v1.RevokeSessionResponse
+	(*ListSessionsRequest)(nil),                   // 25: users.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),                  // 26: users.v1.ListSessionsResponse
+	(*RevokeAllSessionsRequest)(nil),              // 27: users.v1.RevokeAllSessionsRequest
+	(*RevokeAllSessionsResponse)(nil),             // 28: users.v1.RevokeAllSessionsResponse
+	(*GetPublicKeysRequest)(nil),                  // 29: users.v1.GetPublicKeysRequest
+	(*GetPublicKeysResponse)(nil),                 // 30: users.v1.GetPublicKeysResponse
+	(*ValidateTokenRequest)(nil),                  // 31: users.v1.ValidateTokenRequest
+	(*ValidateTokenResponse)(nil),                 // 32: users.v1.ValidateTokenResponse
+	(*ForgotPasswordRequest)(nil),                 // 33: users.v1.ForgotPasswordRequest
+	(*ForgotPasswordResponse)(nil),                // 34: users.v1.ForgotPasswordResponse
+	(*ResetPasswordRequest)(nil),                  // 35: users.v1.ResetPasswordRequest
+	(*ResetPasswordResponse)(nil),                 // 36: users.v1.ResetPasswordResponse
+	(*ChangePasswordRequest)(nil),                 // 37: users.v1.ChangePasswordRequest
+	(*ChangePasswordResponse)(nil),                // 38: users.v1.ChangePasswordResponse
+	(*EnableMfaRequest)(nil),                      // 39: users.v1.EnableMfaRequest
+	(*EnableMfaResponse)(nil),                     // 40: users.v1.EnableMfaResponse
+	(*GetMfaQrCodeRequest)(nil),                   // 41: users.v1.GetMfaQrCodeRequest
+	(*GetMfaQrCodeResponse)(nil),                  // 42: users.v1.GetMfaQrCodeResponse
+	(*ConfirmMfaRequest)(nil),                     // 43: users.v1.ConfirmMfaRequest
+	(*ConfirmMfaResponse)(nil),                    // 44: users.v1.ConfirmMfaResponse
+	(*DisableMfaRequest)(nil),                     // 45: users.v1.DisableMfaRequest
+	(*DisableMfaResponse)(nil),                    // 46: users.v1.DisableMfaResponse
+	(*RegenerateRecoveryCodesRequest)(nil),        // 47: users.v1.RegenerateRecoveryCodesRequest
+	(*RegenerateRecoveryCodesResponse)(nil),       // 48: users.v1.RegenerateRecoveryCodesResponse
+	(*ChangeEmailRequest)(nil),                    // 49: users.v1.ChangeEmailRequest
+	(*ChangeEmailResponse)(nil),                   // 50: users.v1.ChangeEmailResponse
+	(*ConfirmEmailChangeRequest)(nil),             // 51: users.v1.ConfirmEmailChangeRequest
+	(*ConfirmEmailChangeResponse)(nil),            // 52: users.v1.ConfirmEmailChangeResponse
+	(*SetUserEmailRequest)(nil),                   // 53: users.v1.SetUserEmailRequest
+	(*SetUserEmailResponse)(nil),                  // 54: users.v1.SetUserEmailResponse
+	(*SetUserRoleRequest)(nil),                    // 55: users.v1.SetUserRoleRequest
+	(*SetUserRoleResponse)(nil),                   // 56: users.v1.SetUserRoleResponse
+	(*DeactivateUserRequest)(nil),                 // 57: users.v1.DeactivateUserRequest
+	(*DeactivateUserResponse)(nil),                // 58: users.v1.DeactivateUserResponse
+	(*ReactivateUserRequest)(nil),                 // 59: users.v1.ReactivateUserRequest
+	(*ReactivateUserResponse)(nil),                // 60: users.v1.ReactivateUserResponse
+	(*LockUserRequest)(nil),                       // 61: users.v1.LockUserRequest
+	(*LockUserResponse)(nil),                      // 62: users.v1.LockUserResponse
+	(*UnlockUserRequest)(nil),                     // 63: users.v1.UnlockUserRequest
+	(*UnlockUserResponse)(nil),                    // 64: users.v1.UnlockUserResponse
+	(*ResetUserMfaRequest)(nil),                   // 65: users.v1.ResetUserMfaRequest
+	(*ResetUserMfaResponse)(nil),                  // 66: users.v1.ResetUserMfaResponse
+	(*ImportUsersRequest)(nil),                    // 67: users.v1.ImportUsersRequest
+	(*ImportedUser)(nil),                          // 68: users.v1.ImportedUser
+	(*ImportUsersResponse)(nil),                   // 69: users.v1.ImportUsersResponse
+	(*ImportUserResult)(nil),                      // 70: users.v1.ImportUserResult
+	(*ServiceAccount)(nil),                        // 71: users.v1.ServiceAccount
+	(*CreateServiceAccountRequest)(nil),           // 72: users.v1.CreateServiceAccountRequest
+	(*CreateServiceAccountResponse)(nil),          // 73: users.v1.CreateServiceAccountResponse
+	(*IssueServiceTokenRequest)(nil),              // 74: users.v1.IssueServiceTokenRequest
+	(*IssueServiceTokenResponse)(nil),             // 75: users.v1.IssueServiceTokenResponse
+	(*ListServiceAccountsRequest)(nil),            // 76: users.v1.ListServiceAccountsRequest
+	(*ListServiceAccountsResponse)(nil),           // 77: users.v1.ListServiceAccountsResponse
+	(*DeleteServiceAccountRequest)(nil),           // 78: users.v1.DeleteServiceAccountRequest
+	(*DeleteServiceAccountResponse)(nil),          // 79: users.v1.DeleteServiceAccountResponse
+	(*ListUsersRequest)(nil),                      // 80: users.v1.ListUsersRequest
+	(*ListUsersResponse)(nil),                     // 81: users.v1.ListUsersResponse
+	(*UpdateUserRequest)(nil),                     // 82: users.v1.UpdateUserRequest
+	(*UpdateUserResponse)(nil),                    // 83: users.v1.UpdateUserResponse
+	(*AuditActor)(nil),                            // 84: users.v1.AuditActor
+	(*AuditEvent)(nil),                            // 85: users.v1.AuditEvent
+	(*ListAuditEventsRequest)(nil),                // 86: users.v1.ListAuditEventsRequest
+	(*ListAuditEventsResponse)(nil),               // 87: users.v1.ListAuditEventsResponse
+	(*WatchUserChangesRequest)(nil),               // 88: users.v1.WatchUserChangesRequest
+	(*WatchUserChangesResponse)(nil),              // 89: users.v1.WatchUserChangesResponse
+	(*UserChange)(nil),                            // 90: users.v1.UserChange
+	(Gender)(0),                                   // 91: users.v1.Gender
+	(Role)(0),                                     // 92: users.v1.Role
+	(*User)(nil),                                  // 93: users.v1.User
+	(*timestamppb.Timestamp)(nil),                 // 94: google.protobuf.Timestamp
+	(*Session)(nil),                               // 95: users.v1.Session
+	(*TokenClaims)(nil),                           // 96: users.v1.TokenClaims
+	(*status.Status)(nil),                         // 97: google.rpc.Status
+	(UserState)(0),                                // 98: users.v1.UserState
+	(*fieldmaskpb.FieldMask)(nil),                 // 99: google.protobuf.FieldMask
+	(code.Code)(0),                                // 100: google.rpc.Code
+	(*StartPasskeyRegistrationRequest)(nil),       // 101: users.v1.StartPasskeyRegistrationRequest
+	(*FinishPasskeyRegistrationRequest)(nil),      // 102: users.v1.FinishPasskeyRegistrationRequest
+	(*StartPasskeySignInRequest)(nil),             // 103: users.v1.StartPasskeySignInRequest
+	(*FinishPasskeySignInRequest)(nil),            // 104: users.v1.FinishPasskeySignInRequest
+	(*ListAuthenticationFactorsRequest)(nil),      // 105: users.v1.ListAuthenticationFactorsRequest
+	(*RenamePasskeyRequest)(nil),                  // 106: users.v1.RenamePasskeyRequest
+	(*RemovePasskeyRequest)(nil),                  // 107: users.v1.RemovePasskeyRequest
+	(*ListUserAuthenticationFactorsRequest)(nil),  // 108: users.v1.ListUserAuthenticationFactorsRequest
+	(*RemoveUserPasskeyRequest)(nil),              // 109: users.v1.RemoveUserPasskeyRequest
+	(*StartPasskeyRegistrationResponse)(nil),      // 110: users.v1.StartPasskeyRegistrationResponse
+	(*FinishPasskeyRegistrationResponse)(nil),     // 111: users.v1.FinishPasskeyRegistrationResponse
+	(*StartPasskeySignInResponse)(nil),            // 112: users.v1.StartPasskeySignInResponse
+	(*FinishPasskeySignInResponse)(nil),           // 113: users.v1.FinishPasskeySignInResponse
+	(*ListAuthenticationFactorsResponse)(nil),     // 114: users.v1.ListAuthenticationFactorsResponse
+	(*RenamePasskeyResponse)(nil),                 // 115: users.v1.RenamePasskeyResponse
+	(*RemovePasskeyResponse)(nil),                 // 116: users.v1.RemovePasskeyResponse
+	(*ListUserAuthenticationFactorsResponse)(nil), // 117: users.v1.ListUserAuthenticationFactorsResponse
+	(*RemoveUserPasskeyResponse)(nil),             // 118: users.v1.RemoveUserPasskeyResponse
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
 	91,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
@@ -5652,49 +5768,67 @@ var file_users_v1_user_service_proto_depIdxs = []int32{
 	82,  // 92: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
 	86,  // 93: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
 	88,  // 94: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
-	4,   // 95: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	6,   // 96: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	8,   // 97: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	10,  // 98: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	12,  // 99: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	14,  // 100: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	16,  // 101: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	18,  // 102: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	20,  // 103: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	22,  // 104: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	24,  // 105: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	26,  // 106: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	28,  // 107: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	30,  // 108: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	32,  // 109: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	34,  // 110: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	36,  // 111: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	38,  // 112: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	40,  // 113: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	42,  // 114: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	44,  // 115: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	46,  // 116: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	48,  // 117: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	50,  // 118: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	52,  // 119: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	54,  // 120: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	56,  // 121: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	58,  // 122: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	60,  // 123: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	62,  // 124: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	64,  // 125: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	66,  // 126: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	69,  // 127: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	73,  // 128: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	75,  // 129: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	77,  // 130: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	79,  // 131: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	81,  // 132: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	83,  // 133: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	87,  // 134: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	89,  // 135: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
-	95,  // [95:136] is the sub-list for method output_type
-	54,  // [54:95] is the sub-list for method input_type
+	101, // 95: users.v1.UserService.StartPasskeyRegistration:input_type -> users.v1.StartPasskeyRegistrationRequest
+	102, // 96: users.v1.UserService.FinishPasskeyRegistration:input_type -> users.v1.FinishPasskeyRegistrationRequest
+	103, // 97: users.v1.UserService.StartPasskeySignIn:input_type -> users.v1.StartPasskeySignInRequest
+	104, // 98: users.v1.UserService.FinishPasskeySignIn:input_type -> users.v1.FinishPasskeySignInRequest
+	105, // 99: users.v1.UserService.ListAuthenticationFactors:input_type -> users.v1.ListAuthenticationFactorsRequest
+	106, // 100: users.v1.UserService.RenamePasskey:input_type -> users.v1.RenamePasskeyRequest
+	107, // 101: users.v1.UserService.RemovePasskey:input_type -> users.v1.RemovePasskeyRequest
+	108, // 102: users.v1.UserService.ListUserAuthenticationFactors:input_type -> users.v1.ListUserAuthenticationFactorsRequest
+	109, // 103: users.v1.UserService.RemoveUserPasskey:input_type -> users.v1.RemoveUserPasskeyRequest
+	4,   // 104: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	6,   // 105: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	8,   // 106: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	10,  // 107: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	12,  // 108: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	14,  // 109: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	16,  // 110: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	18,  // 111: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	20,  // 112: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	22,  // 113: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	24,  // 114: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	26,  // 115: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	28,  // 116: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	30,  // 117: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	32,  // 118: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	34,  // 119: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	36,  // 120: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	38,  // 121: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	40,  // 122: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	42,  // 123: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	44,  // 124: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	46,  // 125: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	48,  // 126: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	50,  // 127: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	52,  // 128: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	54,  // 129: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	56,  // 130: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	58,  // 131: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	60,  // 132: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	62,  // 133: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	64,  // 134: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	66,  // 135: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	69,  // 136: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	73,  // 137: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	75,  // 138: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	77,  // 139: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	79,  // 140: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	81,  // 141: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	83,  // 142: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	87,  // 143: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	89,  // 144: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	110, // 145: users.v1.UserService.StartPasskeyRegistration:output_type -> users.v1.StartPasskeyRegistrationResponse
+	111, // 146: users.v1.UserService.FinishPasskeyRegistration:output_type -> users.v1.FinishPasskeyRegistrationResponse
+	112, // 147: users.v1.UserService.StartPasskeySignIn:output_type -> users.v1.StartPasskeySignInResponse
+	113, // 148: users.v1.UserService.FinishPasskeySignIn:output_type -> users.v1.FinishPasskeySignInResponse
+	114, // 149: users.v1.UserService.ListAuthenticationFactors:output_type -> users.v1.ListAuthenticationFactorsResponse
+	115, // 150: users.v1.UserService.RenamePasskey:output_type -> users.v1.RenamePasskeyResponse
+	116, // 151: users.v1.UserService.RemovePasskey:output_type -> users.v1.RemovePasskeyResponse
+	117, // 152: users.v1.UserService.ListUserAuthenticationFactors:output_type -> users.v1.ListUserAuthenticationFactorsResponse
+	118, // 153: users.v1.UserService.RemoveUserPasskey:output_type -> users.v1.RemoveUserPasskeyResponse
+	104, // [104:154] is the sub-list for method output_type
+	54,  // [54:104] is the sub-list for method input_type
 	54,  // [54:54] is the sub-list for extension type_name
 	54,  // [54:54] is the sub-list for extension extendee
 	0,   // [0:54] is the sub-list for field type_name
@@ -5705,6 +5839,7 @@ func file_users_v1_user_service_proto_init() {
 	if File_users_v1_user_service_proto != nil {
 		return
 	}
+	file_users_v1_passkey_proto_init()
 	file_users_v1_session_proto_init()
 	file_users_v1_user_proto_init()
 	file_users_v1_user_service_proto_msgTypes[67].OneofWrappers = []any{

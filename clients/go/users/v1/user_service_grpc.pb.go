@@ -19,47 +19,56 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	UserService_CreateUser_FullMethodName              = "/users.v1.UserService/CreateUser"
-	UserService_ActivateUser_FullMethodName            = "/users.v1.UserService/ActivateUser"
-	UserService_ResendActivationCode_FullMethodName    = "/users.v1.UserService/ResendActivationCode"
-	UserService_GetUser_FullMethodName                 = "/users.v1.UserService/GetUser"
-	UserService_GetUserByIdentifier_FullMethodName     = "/users.v1.UserService/GetUserByIdentifier"
-	UserService_DeleteUser_FullMethodName              = "/users.v1.UserService/DeleteUser"
-	UserService_DeleteUserByIdentifier_FullMethodName  = "/users.v1.UserService/DeleteUserByIdentifier"
-	UserService_VerifyCredentials_FullMethodName       = "/users.v1.UserService/VerifyCredentials"
-	UserService_Authenticate_FullMethodName            = "/users.v1.UserService/Authenticate"
-	UserService_RefreshSession_FullMethodName          = "/users.v1.UserService/RefreshSession"
-	UserService_RevokeSession_FullMethodName           = "/users.v1.UserService/RevokeSession"
-	UserService_ListSessions_FullMethodName            = "/users.v1.UserService/ListSessions"
-	UserService_RevokeAllSessions_FullMethodName       = "/users.v1.UserService/RevokeAllSessions"
-	UserService_GetPublicKeys_FullMethodName           = "/users.v1.UserService/GetPublicKeys"
-	UserService_ValidateToken_FullMethodName           = "/users.v1.UserService/ValidateToken"
-	UserService_ForgotPassword_FullMethodName          = "/users.v1.UserService/ForgotPassword"
-	UserService_ResetPassword_FullMethodName           = "/users.v1.UserService/ResetPassword"
-	UserService_ChangePassword_FullMethodName          = "/users.v1.UserService/ChangePassword"
-	UserService_EnableMfa_FullMethodName               = "/users.v1.UserService/EnableMfa"
-	UserService_GetMfaQrCode_FullMethodName            = "/users.v1.UserService/GetMfaQrCode"
-	UserService_ConfirmMfa_FullMethodName              = "/users.v1.UserService/ConfirmMfa"
-	UserService_DisableMfa_FullMethodName              = "/users.v1.UserService/DisableMfa"
-	UserService_RegenerateRecoveryCodes_FullMethodName = "/users.v1.UserService/RegenerateRecoveryCodes"
-	UserService_ChangeEmail_FullMethodName             = "/users.v1.UserService/ChangeEmail"
-	UserService_ConfirmEmailChange_FullMethodName      = "/users.v1.UserService/ConfirmEmailChange"
-	UserService_SetUserEmail_FullMethodName            = "/users.v1.UserService/SetUserEmail"
-	UserService_SetUserRole_FullMethodName             = "/users.v1.UserService/SetUserRole"
-	UserService_DeactivateUser_FullMethodName          = "/users.v1.UserService/DeactivateUser"
-	UserService_ReactivateUser_FullMethodName          = "/users.v1.UserService/ReactivateUser"
-	UserService_LockUser_FullMethodName                = "/users.v1.UserService/LockUser"
-	UserService_UnlockUser_FullMethodName              = "/users.v1.UserService/UnlockUser"
-	UserService_ResetUserMfa_FullMethodName            = "/users.v1.UserService/ResetUserMfa"
-	UserService_ImportUsers_FullMethodName             = "/users.v1.UserService/ImportUsers"
-	UserService_CreateServiceAccount_FullMethodName    = "/users.v1.UserService/CreateServiceAccount"
-	UserService_IssueServiceToken_FullMethodName       = "/users.v1.UserService/IssueServiceToken"
-	UserService_ListServiceAccounts_FullMethodName     = "/users.v1.UserService/ListServiceAccounts"
-	UserService_DeleteServiceAccount_FullMethodName    = "/users.v1.UserService/DeleteServiceAccount"
-	UserService_ListUsers_FullMethodName               = "/users.v1.UserService/ListUsers"
-	UserService_UpdateUser_FullMethodName              = "/users.v1.UserService/UpdateUser"
-	UserService_ListAuditEvents_FullMethodName         = "/users.v1.UserService/ListAuditEvents"
-	UserService_WatchUserChanges_FullMethodName        = "/users.v1.UserService/WatchUserChanges"
+	UserService_CreateUser_FullMethodName                    = "/users.v1.UserService/CreateUser"
+	UserService_ActivateUser_FullMethodName                  = "/users.v1.UserService/ActivateUser"
+	UserService_ResendActivationCode_FullMethodName          = "/users.v1.UserService/ResendActivationCode"
+	UserService_GetUser_FullMethodName                       = "/users.v1.UserService/GetUser"
+	UserService_GetUserByIdentifier_FullMethodName           = "/users.v1.UserService/GetUserByIdentifier"
+	UserService_DeleteUser_FullMethodName                    = "/users.v1.UserService/DeleteUser"
+	UserService_DeleteUserByIdentifier_FullMethodName        = "/users.v1.UserService/DeleteUserByIdentifier"
+	UserService_VerifyCredentials_FullMethodName             = "/users.v1.UserService/VerifyCredentials"
+	UserService_Authenticate_FullMethodName                  = "/users.v1.UserService/Authenticate"
+	UserService_RefreshSession_FullMethodName                = "/users.v1.UserService/RefreshSession"
+	UserService_RevokeSession_FullMethodName                 = "/users.v1.UserService/RevokeSession"
+	UserService_ListSessions_FullMethodName                  = "/users.v1.UserService/ListSessions"
+	UserService_RevokeAllSessions_FullMethodName             = "/users.v1.UserService/RevokeAllSessions"
+	UserService_GetPublicKeys_FullMethodName                 = "/users.v1.UserService/GetPublicKeys"
+	UserService_ValidateToken_FullMethodName                 = "/users.v1.UserService/ValidateToken"
+	UserService_ForgotPassword_FullMethodName                = "/users.v1.UserService/ForgotPassword"
+	UserService_ResetPassword_FullMethodName                 = "/users.v1.UserService/ResetPassword"
+	UserService_ChangePassword_FullMethodName                = "/users.v1.UserService/ChangePassword"
+	UserService_EnableMfa_FullMethodName                     = "/users.v1.UserService/EnableMfa"
+	UserService_GetMfaQrCode_FullMethodName                  = "/users.v1.UserService/GetMfaQrCode"
+	UserService_ConfirmMfa_FullMethodName                    = "/users.v1.UserService/ConfirmMfa"
+	UserService_DisableMfa_FullMethodName                    = "/users.v1.UserService/DisableMfa"
+	UserService_RegenerateRecoveryCodes_FullMethodName       = "/users.v1.UserService/RegenerateRecoveryCodes"
+	UserService_ChangeEmail_FullMethodName                   = "/users.v1.UserService/ChangeEmail"
+	UserService_ConfirmEmailChange_FullMethodName            = "/users.v1.UserService/ConfirmEmailChange"
+	UserService_SetUserEmail_FullMethodName                  = "/users.v1.UserService/SetUserEmail"
+	UserService_SetUserRole_FullMethodName                   = "/users.v1.UserService/SetUserRole"
+	UserService_DeactivateUser_FullMethodName                = "/users.v1.UserService/DeactivateUser"
+	UserService_ReactivateUser_FullMethodName                = "/users.v1.UserService/ReactivateUser"
+	UserService_LockUser_FullMethodName                      = "/users.v1.UserService/LockUser"
+	UserService_UnlockUser_FullMethodName                    = "/users.v1.UserService/UnlockUser"
+	UserService_ResetUserMfa_FullMethodName                  = "/users.v1.UserService/ResetUserMfa"
+	UserService_ImportUsers_FullMethodName                   = "/users.v1.UserService/ImportUsers"
+	UserService_CreateServiceAccount_FullMethodName          = "/users.v1.UserService/CreateServiceAccount"
+	UserService_IssueServiceToken_FullMethodName             = "/users.v1.UserService/IssueServiceToken"
+	UserService_ListServiceAccounts_FullMethodName           = "/users.v1.UserService/ListServiceAccounts"
+	UserService_DeleteServiceAccount_FullMethodName          = "/users.v1.UserService/DeleteServiceAccount"
+	UserService_ListUsers_FullMethodName                     = "/users.v1.UserService/ListUsers"
+	UserService_UpdateUser_FullMethodName                    = "/users.v1.UserService/UpdateUser"
+	UserService_ListAuditEvents_FullMethodName               = "/users.v1.UserService/ListAuditEvents"
+	UserService_WatchUserChanges_FullMethodName              = "/users.v1.UserService/WatchUserChanges"
+	UserService_StartPasskeyRegistration_FullMethodName      = "/users.v1.UserService/StartPasskeyRegistration"
+	UserService_FinishPasskeyRegistration_FullMethodName     = "/users.v1.UserService/FinishPasskeyRegistration"
+	UserService_StartPasskeySignIn_FullMethodName            = "/users.v1.UserService/StartPasskeySignIn"
+	UserService_FinishPasskeySignIn_FullMethodName           = "/users.v1.UserService/FinishPasskeySignIn"
+	UserService_ListAuthenticationFactors_FullMethodName     = "/users.v1.UserService/ListAuthenticationFactors"
+	UserService_RenamePasskey_FullMethodName                 = "/users.v1.UserService/RenamePasskey"
+	UserService_RemovePasskey_FullMethodName                 = "/users.v1.UserService/RemovePasskey"
+	UserService_ListUserAuthenticationFactors_FullMethodName = "/users.v1.UserService/ListUserAuthenticationFactors"
+	UserService_RemoveUserPasskey_FullMethodName             = "/users.v1.UserService/RemoveUserPasskey"
 )
 
 // UserServiceClient is the client API for UserService service.
@@ -173,7 +182,8 @@ type UserServiceClient interface {
 	// OVERLOADED), UNAVAILABLE.
 	//
 	// With MFA on, the password alone is never enough: send totp_code or
-	// recovery_code too. Without either, the answer (after the right password
+	// recovery_code too (or a passkey: passkey_ceremony_id and
+	// passkey_credential_json, from StartPasskeySignIn with second_factor). Without either, the answer (after the right password
 	// only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
 	// code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
 	VerifyCredentials(ctx context.Context, in *VerifyCredentialsRequest, opts ...grpc.CallOption) (*VerifyCredentialsResponse, error)
@@ -572,6 +582,110 @@ type UserServiceClient interface {
 	// delay),
 	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
 	WatchUserChanges(ctx context.Context, in *WatchUserChangesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchUserChangesResponse], error)
+	// Start adding a passkey to one's own account
+	//
+	// Returns the creation options for navigator.credentials.create() and a
+	// ceremony id for FinishPasskeyRegistration (the WebAuthn JSON is described
+	// at the top of users/v1/passkey.proto). Needs the current password, or a
+	// session that began (Authenticate or FinishPasskeySignIn; refreshing does
+	// not count) within USERS_WEBAUTHN_REAUTH_SECONDS: a stolen access token
+	// alone must not add a factor, as for EnableMfa. Wrong passwords count
+	// toward the sign-in throttle. The ceremony lives in the database for
+	// USERS_WEBAUTHN_CEREMONY_SECONDS, so any replica can finish it, once.
+	// Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+	// (also: wrong password, reason INVALID_CREDENTIALS), PERMISSION_DENIED,
+	// FAILED_PRECONDITION (PASSKEYS_DISABLED: the USERS_WEBAUTHN_* settings are
+	// not set; REAUTHENTICATION_REQUIRED: no password and no recent sign-in),
+	// RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+	StartPasskeyRegistration(ctx context.Context, in *StartPasskeyRegistrationRequest, opts ...grpc.CallOption) (*StartPasskeyRegistrationResponse, error)
+	// Finish adding a passkey: verify the browser's registration response and store it
+	//
+	// The ceremony is used up by this call, whatever its outcome: after an
+	// error, start again. Checks the challenge, the origin (one of
+	// USERS_WEBAUTHN_ORIGINS), the RP id hash (USERS_WEBAUTHN_RP_ID) and user
+	// presence; attestation is not verified ("none" is asked for), the AAGUID
+	// is recorded as stated. Mails a notice, records the change in the change
+	// feed (USER_CHANGE_TYPE_PASSKEY_ADDED) and the audit trail.
+	// Callers: the user themself. Errors: INVALID_ARGUMENT (reason
+	// INVALID_PASSKEY_REGISTRATION, BadRequest naming `ceremony_id` (unknown,
+	// expired, used, or another user's) or `credential_json` (does not verify:
+	// wrong challenge, origin or RP id, malformed)), ALREADY_EXISTS (field
+	// `credential_id`: this credential is registered already, on any account),
+	// UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION (PASSKEYS_DISABLED),
+	// UNAVAILABLE.
+	FinishPasskeyRegistration(ctx context.Context, in *FinishPasskeyRegistrationRequest, opts ...grpc.CallOption) (*FinishPasskeyRegistrationResponse, error)
+	// Start a sign-in with a passkey (or the passkey second step of Authenticate)
+	//
+	// Returns the request options for navigator.credentials.get() and a
+	// ceremony id. With an identifier, allowCredentials lists the account's
+	// passkeys; an identifier of no account, or of an account without passkeys,
+	// gets options of the same form (credential ids derived from the identifier
+	// with a server secret, the same on every call and replica), so the reply
+	// tells nothing about the account. Without one, allowCredentials is empty:
+	// the browser offers its discoverable credentials (usernameless sign-in).
+	// It counts against the "sign-in" per-address rate limit, as Authenticate.
+	// Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
+	// identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
+	// (RATE_LIMITED, OVERLOADED), UNAVAILABLE.
+	StartPasskeySignIn(ctx context.Context, in *StartPasskeySignInRequest, opts ...grpc.CallOption) (*StartPasskeySignInResponse, error)
+	// Sign in with a passkey: verify the assertion and open a session
+	//
+	// Returns the session Authenticate returns. The ceremony is used up by this
+	// call, whatever its outcome (of two concurrent calls with one ceremony,
+	// exactly one can succeed). User verification (a PIN or biometric) is
+	// required, so a passkey sign-in is multi-factor by itself: no TOTP is asked
+	// for, even with MFA on. A sign count that does not increase (where the
+	// authenticator keeps one) refuses the sign-in and mails the user a notice
+	// (the credential may be cloned). Failures count toward the same throttle
+	// as wrong passwords. Records the use in the change feed
+	// (USER_CHANGE_TYPE_PASSKEY_USED) and the audit trail.
+	// Callers: anyone. Errors: INVALID_ARGUMENT (missing fields, credential_json
+	// not JSON), UNAUTHENTICATED (INVALID_PASSKEY: one answer for an unknown,
+	// expired or used ceremony, an unknown credential, a bad signature, origin
+	// or RP id, no user verification, a credential of another account than the
+	// ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
+	// increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
+	// ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+	// RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
+	// UNAVAILABLE.
+	FinishPasskeySignIn(ctx context.Context, in *FinishPasskeySignInRequest, opts ...grpc.CallOption) (*FinishPasskeySignInResponse, error)
+	// The ways one's own account signs in: password, TOTP, recovery codes, passkeys
+	//
+	// Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, UNAVAILABLE.
+	ListAuthenticationFactors(ctx context.Context, in *ListAuthenticationFactorsRequest, opts ...grpc.CallOption) (*ListAuthenticationFactorsResponse, error)
+	// Rename one of one's own passkeys
+	//
+	// Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, NOT_FOUND (PASSKEY_NOT_FOUND: no such passkey on this
+	// account), UNAVAILABLE.
+	RenamePasskey(ctx context.Context, in *RenamePasskeyRequest, opts ...grpc.CallOption) (*RenamePasskeyResponse, error)
+	// Remove one of one's own passkeys
+	//
+	// Needs the current password or a recent sign-in, as
+	// StartPasskeyRegistration. The passkey stops working at once; sessions it
+	// opened stay (RevokeAllSessions ends them). Mails a notice, records the
+	// change in the change feed (USER_CHANGE_TYPE_PASSKEY_REMOVED) and the audit
+	// trail. Callers: the user themself. Errors: INVALID_ARGUMENT,
+	// UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED, NOT_FOUND
+	// (PASSKEY_NOT_FOUND), FAILED_PRECONDITION (LAST_SIGN_IN_METHOD: the account
+	// has no password and this is its last passkey; REAUTHENTICATION_REQUIRED),
+	// RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+	RemovePasskey(ctx context.Context, in *RemovePasskeyRequest, opts ...grpc.CallOption) (*RemovePasskeyResponse, error)
+	// A user's sign-in factors, for an admin
+	//
+	// As ListAuthenticationFactors. Callers: an admin. Errors: INVALID_ARGUMENT,
+	// UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+	ListUserAuthenticationFactors(ctx context.Context, in *ListUserAuthenticationFactorsRequest, opts ...grpc.CallOption) (*ListUserAuthenticationFactorsResponse, error)
+	// Remove a user's passkey, as an admin (a lost or stolen device)
+	//
+	// Audited (AUDIT_EVENT_TYPE_PASSKEY_REMOVE, the admin as actor), mailed to
+	// the user as a notice, and in the change feed. The last-sign-in-method rule
+	// holds here too (ForgotPassword gives a passwordless account a password).
+	// Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
+	// FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+	RemoveUserPasskey(ctx context.Context, in *RemoveUserPasskeyRequest, opts ...grpc.CallOption) (*RemoveUserPasskeyResponse, error)
 }
 
 type userServiceClient struct {
@@ -1001,6 +1115,96 @@ func (c *userServiceClient) WatchUserChanges(ctx context.Context, in *WatchUserC
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type UserService_WatchUserChangesClient = grpc.ServerStreamingClient[WatchUserChangesResponse]
 
+func (c *userServiceClient) StartPasskeyRegistration(ctx context.Context, in *StartPasskeyRegistrationRequest, opts ...grpc.CallOption) (*StartPasskeyRegistrationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartPasskeyRegistrationResponse)
+	err := c.cc.Invoke(ctx, UserService_StartPasskeyRegistration_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) FinishPasskeyRegistration(ctx context.Context, in *FinishPasskeyRegistrationRequest, opts ...grpc.CallOption) (*FinishPasskeyRegistrationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FinishPasskeyRegistrationResponse)
+	err := c.cc.Invoke(ctx, UserService_FinishPasskeyRegistration_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) StartPasskeySignIn(ctx context.Context, in *StartPasskeySignInRequest, opts ...grpc.CallOption) (*StartPasskeySignInResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartPasskeySignInResponse)
+	err := c.cc.Invoke(ctx, UserService_StartPasskeySignIn_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) FinishPasskeySignIn(ctx context.Context, in *FinishPasskeySignInRequest, opts ...grpc.CallOption) (*FinishPasskeySignInResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FinishPasskeySignInResponse)
+	err := c.cc.Invoke(ctx, UserService_FinishPasskeySignIn_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) ListAuthenticationFactors(ctx context.Context, in *ListAuthenticationFactorsRequest, opts ...grpc.CallOption) (*ListAuthenticationFactorsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAuthenticationFactorsResponse)
+	err := c.cc.Invoke(ctx, UserService_ListAuthenticationFactors_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) RenamePasskey(ctx context.Context, in *RenamePasskeyRequest, opts ...grpc.CallOption) (*RenamePasskeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RenamePasskeyResponse)
+	err := c.cc.Invoke(ctx, UserService_RenamePasskey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) RemovePasskey(ctx context.Context, in *RemovePasskeyRequest, opts ...grpc.CallOption) (*RemovePasskeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemovePasskeyResponse)
+	err := c.cc.Invoke(ctx, UserService_RemovePasskey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) ListUserAuthenticationFactors(ctx context.Context, in *ListUserAuthenticationFactorsRequest, opts ...grpc.CallOption) (*ListUserAuthenticationFactorsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListUserAuthenticationFactorsResponse)
+	err := c.cc.Invoke(ctx, UserService_ListUserAuthenticationFactors_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) RemoveUserPasskey(ctx context.Context, in *RemoveUserPasskeyRequest, opts ...grpc.CallOption) (*RemoveUserPasskeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemoveUserPasskeyResponse)
+	err := c.cc.Invoke(ctx, UserService_RemoveUserPasskey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UserServiceServer is the server API for UserService service.
 // All implementations must embed UnimplementedUserServiceServer
 // for forward compatibility.
@@ -1112,7 +1316,8 @@ type UserServiceServer interface {
 	// OVERLOADED), UNAVAILABLE.
 	//
 	// With MFA on, the password alone is never enough: send totp_code or
-	// recovery_code too. Without either, the answer (after the right password
+	// recovery_code too (or a passkey: passkey_ceremony_id and
+	// passkey_credential_json, from StartPasskeySignIn with second_factor). Without either, the answer (after the right password
 	// only) is FAILED_PRECONDITION with ErrorInfo reason MFA_REQUIRED; a wrong
 	// code is UNAUTHENTICATED; too many wrong codes RESOURCE_EXHAUSTED.
 	VerifyCredentials(context.Context, *VerifyCredentialsRequest) (*VerifyCredentialsResponse, error)
@@ -1511,6 +1716,110 @@ type UserServiceServer interface {
 	// delay),
 	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
 	WatchUserChanges(*WatchUserChangesRequest, grpc.ServerStreamingServer[WatchUserChangesResponse]) error
+	// Start adding a passkey to one's own account
+	//
+	// Returns the creation options for navigator.credentials.create() and a
+	// ceremony id for FinishPasskeyRegistration (the WebAuthn JSON is described
+	// at the top of users/v1/passkey.proto). Needs the current password, or a
+	// session that began (Authenticate or FinishPasskeySignIn; refreshing does
+	// not count) within USERS_WEBAUTHN_REAUTH_SECONDS: a stolen access token
+	// alone must not add a factor, as for EnableMfa. Wrong passwords count
+	// toward the sign-in throttle. The ceremony lives in the database for
+	// USERS_WEBAUTHN_CEREMONY_SECONDS, so any replica can finish it, once.
+	// Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED
+	// (also: wrong password, reason INVALID_CREDENTIALS), PERMISSION_DENIED,
+	// FAILED_PRECONDITION (PASSKEYS_DISABLED: the USERS_WEBAUTHN_* settings are
+	// not set; REAUTHENTICATION_REQUIRED: no password and no recent sign-in),
+	// RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+	StartPasskeyRegistration(context.Context, *StartPasskeyRegistrationRequest) (*StartPasskeyRegistrationResponse, error)
+	// Finish adding a passkey: verify the browser's registration response and store it
+	//
+	// The ceremony is used up by this call, whatever its outcome: after an
+	// error, start again. Checks the challenge, the origin (one of
+	// USERS_WEBAUTHN_ORIGINS), the RP id hash (USERS_WEBAUTHN_RP_ID) and user
+	// presence; attestation is not verified ("none" is asked for), the AAGUID
+	// is recorded as stated. Mails a notice, records the change in the change
+	// feed (USER_CHANGE_TYPE_PASSKEY_ADDED) and the audit trail.
+	// Callers: the user themself. Errors: INVALID_ARGUMENT (reason
+	// INVALID_PASSKEY_REGISTRATION, BadRequest naming `ceremony_id` (unknown,
+	// expired, used, or another user's) or `credential_json` (does not verify:
+	// wrong challenge, origin or RP id, malformed)), ALREADY_EXISTS (field
+	// `credential_id`: this credential is registered already, on any account),
+	// UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION (PASSKEYS_DISABLED),
+	// UNAVAILABLE.
+	FinishPasskeyRegistration(context.Context, *FinishPasskeyRegistrationRequest) (*FinishPasskeyRegistrationResponse, error)
+	// Start a sign-in with a passkey (or the passkey second step of Authenticate)
+	//
+	// Returns the request options for navigator.credentials.get() and a
+	// ceremony id. With an identifier, allowCredentials lists the account's
+	// passkeys; an identifier of no account, or of an account without passkeys,
+	// gets options of the same form (credential ids derived from the identifier
+	// with a server secret, the same on every call and replica), so the reply
+	// tells nothing about the account. Without one, allowCredentials is empty:
+	// the browser offers its discoverable credentials (usernameless sign-in).
+	// It counts against the "sign-in" per-address rate limit, as Authenticate.
+	// Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
+	// identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
+	// (RATE_LIMITED, OVERLOADED), UNAVAILABLE.
+	StartPasskeySignIn(context.Context, *StartPasskeySignInRequest) (*StartPasskeySignInResponse, error)
+	// Sign in with a passkey: verify the assertion and open a session
+	//
+	// Returns the session Authenticate returns. The ceremony is used up by this
+	// call, whatever its outcome (of two concurrent calls with one ceremony,
+	// exactly one can succeed). User verification (a PIN or biometric) is
+	// required, so a passkey sign-in is multi-factor by itself: no TOTP is asked
+	// for, even with MFA on. A sign count that does not increase (where the
+	// authenticator keeps one) refuses the sign-in and mails the user a notice
+	// (the credential may be cloned). Failures count toward the same throttle
+	// as wrong passwords. Records the use in the change feed
+	// (USER_CHANGE_TYPE_PASSKEY_USED) and the audit trail.
+	// Callers: anyone. Errors: INVALID_ARGUMENT (missing fields, credential_json
+	// not JSON), UNAUTHENTICATED (INVALID_PASSKEY: one answer for an unknown,
+	// expired or used ceremony, an unknown credential, a bad signature, origin
+	// or RP id, no user verification, a credential of another account than the
+	// ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
+	// increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
+	// ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+	// RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
+	// UNAVAILABLE.
+	FinishPasskeySignIn(context.Context, *FinishPasskeySignInRequest) (*FinishPasskeySignInResponse, error)
+	// The ways one's own account signs in: password, TOTP, recovery codes, passkeys
+	//
+	// Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, UNAVAILABLE.
+	ListAuthenticationFactors(context.Context, *ListAuthenticationFactorsRequest) (*ListAuthenticationFactorsResponse, error)
+	// Rename one of one's own passkeys
+	//
+	// Callers: the user themself. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, NOT_FOUND (PASSKEY_NOT_FOUND: no such passkey on this
+	// account), UNAVAILABLE.
+	RenamePasskey(context.Context, *RenamePasskeyRequest) (*RenamePasskeyResponse, error)
+	// Remove one of one's own passkeys
+	//
+	// Needs the current password or a recent sign-in, as
+	// StartPasskeyRegistration. The passkey stops working at once; sessions it
+	// opened stay (RevokeAllSessions ends them). Mails a notice, records the
+	// change in the change feed (USER_CHANGE_TYPE_PASSKEY_REMOVED) and the audit
+	// trail. Callers: the user themself. Errors: INVALID_ARGUMENT,
+	// UNAUTHENTICATED (also: wrong password), PERMISSION_DENIED, NOT_FOUND
+	// (PASSKEY_NOT_FOUND), FAILED_PRECONDITION (LAST_SIGN_IN_METHOD: the account
+	// has no password and this is its last passkey; REAUTHENTICATION_REQUIRED),
+	// RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, OVERLOADED), UNAVAILABLE.
+	RemovePasskey(context.Context, *RemovePasskeyRequest) (*RemovePasskeyResponse, error)
+	// A user's sign-in factors, for an admin
+	//
+	// As ListAuthenticationFactors. Callers: an admin. Errors: INVALID_ARGUMENT,
+	// UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, UNAVAILABLE.
+	ListUserAuthenticationFactors(context.Context, *ListUserAuthenticationFactorsRequest) (*ListUserAuthenticationFactorsResponse, error)
+	// Remove a user's passkey, as an admin (a lost or stolen device)
+	//
+	// Audited (AUDIT_EVENT_TYPE_PASSKEY_REMOVE, the admin as actor), mailed to
+	// the user as a notice, and in the change feed. The last-sign-in-method rule
+	// holds here too (ForgotPassword gives a passwordless account a password).
+	// Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
+	// FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+	RemoveUserPasskey(context.Context, *RemoveUserPasskeyRequest) (*RemoveUserPasskeyResponse, error)
 	mustEmbedUnimplementedUserServiceServer()
 }
 
@@ -1643,6 +1952,33 @@ func (UnimplementedUserServiceServer) ListAuditEvents(context.Context, *ListAudi
 }
 func (UnimplementedUserServiceServer) WatchUserChanges(*WatchUserChangesRequest, grpc.ServerStreamingServer[WatchUserChangesResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchUserChanges not implemented")
+}
+func (UnimplementedUserServiceServer) StartPasskeyRegistration(context.Context, *StartPasskeyRegistrationRequest) (*StartPasskeyRegistrationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartPasskeyRegistration not implemented")
+}
+func (UnimplementedUserServiceServer) FinishPasskeyRegistration(context.Context, *FinishPasskeyRegistrationRequest) (*FinishPasskeyRegistrationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method FinishPasskeyRegistration not implemented")
+}
+func (UnimplementedUserServiceServer) StartPasskeySignIn(context.Context, *StartPasskeySignInRequest) (*StartPasskeySignInResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartPasskeySignIn not implemented")
+}
+func (UnimplementedUserServiceServer) FinishPasskeySignIn(context.Context, *FinishPasskeySignInRequest) (*FinishPasskeySignInResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method FinishPasskeySignIn not implemented")
+}
+func (UnimplementedUserServiceServer) ListAuthenticationFactors(context.Context, *ListAuthenticationFactorsRequest) (*ListAuthenticationFactorsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAuthenticationFactors not implemented")
+}
+func (UnimplementedUserServiceServer) RenamePasskey(context.Context, *RenamePasskeyRequest) (*RenamePasskeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RenamePasskey not implemented")
+}
+func (UnimplementedUserServiceServer) RemovePasskey(context.Context, *RemovePasskeyRequest) (*RemovePasskeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemovePasskey not implemented")
+}
+func (UnimplementedUserServiceServer) ListUserAuthenticationFactors(context.Context, *ListUserAuthenticationFactorsRequest) (*ListUserAuthenticationFactorsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListUserAuthenticationFactors not implemented")
+}
+func (UnimplementedUserServiceServer) RemoveUserPasskey(context.Context, *RemoveUserPasskeyRequest) (*RemoveUserPasskeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemoveUserPasskey not implemented")
 }
 func (UnimplementedUserServiceServer) mustEmbedUnimplementedUserServiceServer() {}
 func (UnimplementedUserServiceServer) testEmbeddedByValue()                     {}
@@ -2396,6 +2732,168 @@ func _UserService_WatchUserChanges_Handler(srv interface{}, stream grpc.ServerSt
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type UserService_WatchUserChangesServer = grpc.ServerStreamingServer[WatchUserChangesResponse]
 
+func _UserService_StartPasskeyRegistration_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartPasskeyRegistrationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).StartPasskeyRegistration(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_StartPasskeyRegistration_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).StartPasskeyRegistration(ctx, req.(*StartPasskeyRegistrationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_FinishPasskeyRegistration_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FinishPasskeyRegistrationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).FinishPasskeyRegistration(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_FinishPasskeyRegistration_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).FinishPasskeyRegistration(ctx, req.(*FinishPasskeyRegistrationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_StartPasskeySignIn_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartPasskeySignInRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).StartPasskeySignIn(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_StartPasskeySignIn_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).StartPasskeySignIn(ctx, req.(*StartPasskeySignInRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_FinishPasskeySignIn_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FinishPasskeySignInRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).FinishPasskeySignIn(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_FinishPasskeySignIn_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).FinishPasskeySignIn(ctx, req.(*FinishPasskeySignInRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_ListAuthenticationFactors_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAuthenticationFactorsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).ListAuthenticationFactors(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_ListAuthenticationFactors_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).ListAuthenticationFactors(ctx, req.(*ListAuthenticationFactorsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_RenamePasskey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenamePasskeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).RenamePasskey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_RenamePasskey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).RenamePasskey(ctx, req.(*RenamePasskeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_RemovePasskey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemovePasskeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).RemovePasskey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_RemovePasskey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).RemovePasskey(ctx, req.(*RemovePasskeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_ListUserAuthenticationFactors_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListUserAuthenticationFactorsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).ListUserAuthenticationFactors(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_ListUserAuthenticationFactors_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).ListUserAuthenticationFactors(ctx, req.(*ListUserAuthenticationFactorsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_RemoveUserPasskey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemoveUserPasskeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).RemoveUserPasskey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_RemoveUserPasskey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).RemoveUserPasskey(ctx, req.(*RemoveUserPasskeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // UserService_ServiceDesc is the grpc.ServiceDesc for UserService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -2562,6 +3060,42 @@ var UserService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListAuditEvents",
 			Handler:    _UserService_ListAuditEvents_Handler,
+		},
+		{
+			MethodName: "StartPasskeyRegistration",
+			Handler:    _UserService_StartPasskeyRegistration_Handler,
+		},
+		{
+			MethodName: "FinishPasskeyRegistration",
+			Handler:    _UserService_FinishPasskeyRegistration_Handler,
+		},
+		{
+			MethodName: "StartPasskeySignIn",
+			Handler:    _UserService_StartPasskeySignIn_Handler,
+		},
+		{
+			MethodName: "FinishPasskeySignIn",
+			Handler:    _UserService_FinishPasskeySignIn_Handler,
+		},
+		{
+			MethodName: "ListAuthenticationFactors",
+			Handler:    _UserService_ListAuthenticationFactors_Handler,
+		},
+		{
+			MethodName: "RenamePasskey",
+			Handler:    _UserService_RenamePasskey_Handler,
+		},
+		{
+			MethodName: "RemovePasskey",
+			Handler:    _UserService_RemovePasskey_Handler,
+		},
+		{
+			MethodName: "ListUserAuthenticationFactors",
+			Handler:    _UserService_ListUserAuthenticationFactors_Handler,
+		},
+		{
+			MethodName: "RemoveUserPasskey",
+			Handler:    _UserService_RemoveUserPasskey_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
