@@ -200,7 +200,7 @@ def serve_in_thread(gateway: Gateway) -> threading.Thread:
 
 def main(grpc_address: str, port: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    listener = socket.create_server(("localhost", int(port)))
+    listener = socket.create_server(("127.0.0.1", int(port)))
     with grpc.insecure_channel(grpc_address) as channel:
         issuer = os.environ.get("EXAMPLE_ISSUER", "users-grpc")
         audience = os.environ.get("EXAMPLE_AUDIENCE", "users-grpc")
