@@ -48,12 +48,14 @@ from users_grpc.adapters.mongo.documents import Document
 from users_grpc.adapters.mongo.housekeeping import MongoHousekeeping
 from users_grpc.adapters.mongo.keys import MongoKeyMaterial, MongoKeyStore
 from users_grpc.adapters.mongo.outbox import MongoOutbox
+from users_grpc.adapters.mongo.passkey_ceremonies import MongoCeremonyStore
 from users_grpc.adapters.mongo.schema import MongoSchema, ensure_indexes
 from users_grpc.adapters.mongo.service_accounts import MongoServiceAccountRepository
 from users_grpc.adapters.mongo.sessions import MongoSessionRepository
 from users_grpc.adapters.mongo.throttles import MongoThrottleStore
 from users_grpc.adapters.mongo.users import MongoUserRepository
 from users_grpc.adapters.secrets_at_rest import SecretsAtRest
+from users_grpc.adapters.webauthn_relying_party import WebAuthnRelyingParty
 from users_grpc.config import Settings
 from users_grpc.domain.errors import ConfigError, StorageUnavailable
 from users_grpc.domain.model import to_milliseconds
@@ -80,6 +82,7 @@ from users_grpc.services.email_change import EmailChangePolicy, EmailChangeServi
 from users_grpc.services.housekeeping import HousekeepingJob, Retention
 from users_grpc.services.mail import MailDelivery
 from users_grpc.services.mfa import MfaService
+from users_grpc.services.passkeys import PasskeyService
 from users_grpc.services.passwords import PasswordService
 from users_grpc.services.service_accounts import ServiceAccountService
 from users_grpc.services.sessions import SessionService
@@ -155,6 +158,7 @@ class Services:
     tokens: AccessTokens
     encryption: KeyEncryption
     password_throttle: PasswordThrottle
+    passkeys: PasskeyService
     # The hasher's queue is a gauge (USERS_HTTP_ADDRESS); its threads are the App's executor.
     hasher: BcryptHasher
 
@@ -401,6 +405,18 @@ def build_stores(
     )
 
 
+def _relying_party(settings: Settings) -> WebAuthnRelyingParty | None:
+    """Passkeys on when the three USERS_WEBAUTHN_* settings are set; off (PASSKEYS_DISABLED) otherwise."""
+    if settings.webauthn_rp_id is None or settings.webauthn_rp_name is None or not settings.webauthn_origins:
+        return None
+    return WebAuthnRelyingParty(
+        rp_id=settings.webauthn_rp_id,
+        rp_name=settings.webauthn_rp_name,
+        origins=settings.webauthn_origins,
+        timeout=timedelta(seconds=settings.webauthn_ceremony_seconds),
+    )
+
+
 def build_services(
     settings: Settings,
     stores: Stores,
@@ -447,7 +463,20 @@ def build_services(
         audience=settings.jwt_audience,
         lifetime=timedelta(seconds=settings.access_token_ttl_seconds),
     )
+    passkeys = PasskeyService(
+        relying_party=_relying_party(settings),
+        accounts=accounts,
+        passkeys=stores.users,
+        ceremonies=MongoCeremonyStore(stores.database),
+        sessions=stores.sessions,
+        throttle=password_throttle,
+        digests=digests,
+        clock=clock,
+        ceremony_lifetime=timedelta(seconds=settings.webauthn_ceremony_seconds),
+        reauthentication_window=timedelta(seconds=settings.webauthn_reauth_seconds),
+    )
     mfa = MfaService(
+        passkeys=passkeys,
         accounts=accounts,
         credentials=stores.users,
         sessions=stores.sessions,
@@ -483,6 +512,7 @@ def build_services(
             digests=digests,
             clock=clock,
             session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
+            passkeys=passkeys,
         ),
         mfa=mfa,
         email_changes=EmailChangeService(
@@ -522,6 +552,7 @@ def build_services(
         tokens=tokens,
         encryption=encryption,
         password_throttle=password_throttle,
+        passkeys=passkeys,
         hasher=hasher,
     )
 
@@ -588,6 +619,7 @@ def build_server(
             services.directory,
             services.audit,
             services.changes,
+            services.passkeys,
         ),
         server,
     )

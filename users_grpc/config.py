@@ -111,6 +111,13 @@ class Settings:
     mfa_issuer: str = "users-grpc"
     mfa_max_attempts: int = 5
     mfa_attempt_window_seconds: int = 300
+    # Passkeys (WebAuthn): all three set, or passkeys are off (their RPCs answer PASSKEYS_DISABLED).
+    webauthn_rp_id: str | None = None
+    webauthn_rp_name: str | None = None
+    webauthn_origins: tuple[str, ...] = ()
+    webauthn_ceremony_seconds: int = 300
+    # How recent a sign-in lets a passkey be added or removed without the password.
+    webauthn_reauth_seconds: int = 300
 
     jwt_issuer: str = "users-grpc"
     jwt_audience: str = "users-grpc"
@@ -249,6 +256,15 @@ class Settings:
             mfa_max_attempts=env.integer("USERS_MFA_MAX_ATTEMPTS", defaults.mfa_max_attempts, 1, 100),
             mfa_attempt_window_seconds=env.integer(
                 "USERS_MFA_ATTEMPT_WINDOW_SECONDS", defaults.mfa_attempt_window_seconds, 10, 86400
+            ),
+            webauthn_rp_id=env.get("USERS_WEBAUTHN_RP_ID", defaults.webauthn_rp_id, _rp_id),
+            webauthn_rp_name=env.get("USERS_WEBAUTHN_RP_NAME", defaults.webauthn_rp_name, str),
+            webauthn_origins=env.get("USERS_WEBAUTHN_ORIGINS", defaults.webauthn_origins, _origins),
+            webauthn_ceremony_seconds=env.integer(
+                "USERS_WEBAUTHN_CEREMONY_SECONDS", defaults.webauthn_ceremony_seconds, 30, 3600
+            ),
+            webauthn_reauth_seconds=env.integer(
+                "USERS_WEBAUTHN_REAUTH_SECONDS", defaults.webauthn_reauth_seconds, 0, 86400
             ),
             jwt_issuer=env.get("USERS_JWT_ISSUER", defaults.jwt_issuer, str),
             jwt_audience=env.get("USERS_JWT_AUDIENCE", defaults.jwt_audience, str),
@@ -456,6 +472,22 @@ def _old_key_encryption_keys(raw: str) -> tuple[bytes, ...]:
 
 def _names(raw: str) -> frozenset[str]:
     return frozenset(name.strip() for name in raw.split(",") if name.strip())
+
+
+def _rp_id(raw: str) -> str:
+    # A registrable domain (or localhost), without scheme or port: what WebAuthn hashes into every assertion.
+    if "://" in raw or "/" in raw or ":" in raw or not raw.isascii():
+        raise ValueError("must be a domain name such as example.com (no scheme, port or path; IDNA A-labels)")
+    return raw.lower()
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(origin.strip().rstrip("/") for origin in raw.split(",") if origin.strip())
+    for origin in origins:
+        scheme, _, rest = origin.partition("://")
+        if scheme not in {"https", "http"} or not rest or "/" in rest:
+            raise ValueError("must be origins such as https://example.com, comma-separated (scheme, host, port)")
+    return origins
 
 
 def _existing_directory(raw: str) -> Path:

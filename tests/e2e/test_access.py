@@ -148,20 +148,15 @@ ADMITTED: dict[str, str] = {
     "UpdateUser": INVALID,
     "ListAuditEvents": "OK",
     "WatchUserChanges": INVALID,  # the sample request's cursor is none of this feed
-    **dict.fromkeys(
-        (
-            "StartPasskeyRegistration",
-            "FinishPasskeyRegistration",
-            "StartPasskeySignIn",
-            "FinishPasskeySignIn",
-            "ListAuthenticationFactors",
-            "RenamePasskey",
-            "RemovePasskey",
-            "ListUserAuthenticationFactors",
-            "RemoveUserPasskey",
-        ),
-        "FAILED_PRECONDITION/PASSKEYS_DISABLED",  # the contract only, so far
-    ),
+    "StartPasskeyRegistration": "OK",  # a ceremony started, never finished
+    "FinishPasskeyRegistration": INVALID,
+    "StartPasskeySignIn": "OK",
+    "FinishPasskeySignIn": INVALID,
+    "ListAuthenticationFactors": "OK",
+    "RenamePasskey": "NOT_FOUND/PASSKEY_NOT_FOUND",
+    "RemovePasskey": "NOT_FOUND/PASSKEY_NOT_FOUND",
+    "ListUserAuthenticationFactors": "OK",
+    "RemoveUserPasskey": NOT_FOUND,
 }
 # Where a caller's admitted call gets another answer than ADMITTED's.
 ADMITTED_FOR: dict[tuple[str, str], str] = {

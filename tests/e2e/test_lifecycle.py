@@ -23,6 +23,7 @@ from tests.support.calls import (
 from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink, text_of
 from tests.support.servers import RunningServer, StartServer
+from users.v1 import passkey_pb2 as pk
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -213,21 +214,39 @@ BAD_INPUT = [
     ("UnlockUser", pb.UnlockUserRequest(user_id=""), "user_id"),
     ("ResetUserMfa", pb.ResetUserMfaRequest(user_id="x" * 24), "user_id"),
     ("WatchUserChanges", pb.WatchUserChangesRequest(after="not a cursor"), "after"),
+    (
+        "StartPasskeyRegistration",
+        pk.StartPasskeyRegistrationRequest(user_id=SELF, password="x" * 10_000),
+        "password",
+    ),
+    (
+        "FinishPasskeyRegistration",
+        pk.FinishPasskeyRegistrationRequest(user_id=SELF, credential_json="{}"),
+        "ceremony_id",
+    ),
+    (
+        "FinishPasskeyRegistration",
+        pk.FinishPasskeyRegistrationRequest(
+            user_id=SELF, ceremony_id="0" * 32, credential_json="{}", display_name="\x00"
+        ),
+        "display_name",
+    ),
+    ("StartPasskeySignIn", pk.StartPasskeySignInRequest(second_factor=True), "identifier"),
+    ("FinishPasskeySignIn", pk.FinishPasskeySignInRequest(ceremony_id="0" * 32), "credential_json"),
+    (
+        "FinishPasskeySignIn",
+        pk.FinishPasskeySignInRequest(ceremony_id="0" * 32, credential_json="[]"),
+        "credential_json",
+    ),
+    ("RenamePasskey", pk.RenamePasskeyRequest(user_id=SELF, passkey_id="x", display_name="y"), "passkey_id"),
+    ("RemovePasskey", pk.RemovePasskeyRequest(user_id=SELF, passkey_id="x"), "passkey_id"),
+    ("ListUserAuthenticationFactors", pk.ListUserAuthenticationFactorsRequest(user_id="nope"), "user_id"),
+    ("RemoveUserPasskey", pk.RemoveUserPasskeyRequest(user_id="f" * 24, passkey_id="x"), "passkey_id"),
 ]
 # With a malformed user id nobody is "themself": those calls are PERMISSION_DENIED before any check.
 NO_SELF_INPUT = {"GetMfaQrCode", "RegenerateRecoveryCodes"}
-# The passkey RPCs' contract came first; their rows come with the service behind them.
-NO_SELF_INPUT |= {
-    "StartPasskeyRegistration",
-    "FinishPasskeyRegistration",
-    "StartPasskeySignIn",
-    "FinishPasskeySignIn",
-    "ListAuthenticationFactors",
-    "RenamePasskey",
-    "RemovePasskey",
-    "ListUserAuthenticationFactors",
-    "RemoveUserPasskey",
-}
+# With a malformed user id nobody is "themself" here either.
+NO_SELF_INPUT |= {"ListAuthenticationFactors"}
 
 
 @pytest.mark.parametrize(("rpc", "request_", "field"), BAD_INPUT, ids=[f"{r}-{f}" for r, _, f in BAD_INPUT])

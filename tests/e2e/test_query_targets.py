@@ -15,7 +15,7 @@ import pytest
 from tests.support.commands import CommandRecorder, Query, queries_of
 
 # docs/scaling.md: the shard key of each sharded collection. The others stay unsharded.
-SHARD_KEYS = {"users": "_id", "sessions": "_id", "throttles": "_id", "claims": "_id"}
+SHARD_KEYS = {"users": "_id", "sessions": "_id", "throttles": "_id", "claims": "_id", "passkey_ceremonies": "_id"}
 
 
 def fields(query_filter: Any) -> set[str]:

@@ -145,6 +145,10 @@ def make_settings(mongodb_uri: str, database_name: str, smtp_port: int) -> Setti
         rate_limit_requests=1_000_000,
         shutdown_grace_seconds=2.0,
         key_encryption_key=KEY_ENCRYPTION_KEY,
+        # Passkeys on, for the software authenticator of tests/support/authenticator.py.
+        webauthn_rp_id="localhost",
+        webauthn_rp_name="users-grpc tests",
+        webauthn_origins=("http://localhost:8080",),
     )
 
 

@@ -34,6 +34,17 @@ from users_grpc.domain.model import (
     UserState,
     Version,
 )
+from users_grpc.domain.passkeys import (
+    AllowedCredential,
+    AssertionClaim,
+    Ceremony,
+    CeremonyPurpose,
+    NewCredential,
+    PasskeyHolder,
+    Removal,
+    StoredPasskey,
+    VerifiedAssertion,
+)
 
 
 class UserRepository(Protocol):
@@ -314,6 +325,7 @@ DigestPurpose = Literal[
     "refresh-token-tag",
     "email-change-code",
     "service-account-secret",
+    "passkey-decoy",
 ]
 
 
@@ -438,6 +450,9 @@ class Housekeeping(Protocol):
     async def purge_failed_mail(self, failed_before: datetime) -> int:
         """Delete the mail given up before ``failed_before``; how many."""
 
+    async def purge_expired_ceremonies(self, now: datetime) -> int:
+        """Passkey ceremonies past their expiry."""
+
     async def purge_expired_tallies(self, now: datetime) -> int:
         """Delete the throttle tallies that expired before ``now``; how many."""
 
@@ -480,3 +495,72 @@ class ChangeLog(Protocol):
     async def read_after(self, sequence: int, limit: int) -> list[UserChange]:
         """Up to ``limit`` changes numbered above ``sequence``, in order; the caller checks that
         they are consecutive."""
+
+
+class WebAuthn(Protocol):
+    """The relying party's WebAuthn work (py_webauthn, users_grpc/adapters/webauthn_relying_party.py):
+    options as the browser's JSON, responses checked against the challenge, origins and RP id."""
+
+    def registration_options(
+        self, *, challenge: bytes, user_handle: bytes, user_name: str, exclude: list[AllowedCredential]
+    ) -> str: ...
+
+    def verify_registration(self, credential_json: str, *, challenge: bytes) -> NewCredential:
+        """Raise InvalidPasskeyRegistration if it does not verify."""
+
+    def sign_in_options(
+        self, *, challenge: bytes, allow: list[AllowedCredential], user_verification_required: bool
+    ) -> str: ...
+
+    def assertion_claim(self, credential_json: str) -> AssertionClaim:
+        """The credential id and user handle an assertion names; InvalidArgument if it is no assertion."""
+
+    def verify_assertion(
+        self, credential_json: str, *, challenge: bytes, public_key: bytes, user_verification_required: bool
+    ) -> VerifiedAssertion:
+        """Raise InvalidPasskey if it does not verify (the sign count is the caller's to judge)."""
+
+
+class PasskeyRepository(Protocol):
+    """Passkeys inside their users' documents, credential ids unique through claims."""
+
+    async def passkey_holder(self, user_id: str) -> PasskeyHolder | None: ...
+
+    async def get_account(self, user_id: str) -> Account | None: ...
+
+    async def find_passkey_holder(self, identifier_key: str) -> PasskeyHolder | None: ...
+
+    async def holder_of_credential(self, credential_id: bytes) -> PasskeyHolder | None:
+        """The user holding the credential (by its claim), or None."""
+
+    async def ensure_user_handle(self, user_id: str, candidate: bytes) -> bytes | None:
+        """The user's WebAuthn user handle, set to ``candidate`` if it had none; None: no such user."""
+
+    async def add_passkey(self, user_id: str, passkey: StoredPasskey, now: datetime, notice: Mail) -> bool:
+        """Add it with its notice and change-feed entry in one update; AlreadyExists("credential_id")
+        if any user holds the credential; False if the user is gone or holds MAX_PASSKEYS."""
+
+    async def record_passkey_use(
+        self, user_id: str, passkey_id: str, *, seen_count: int, new_count: int, backed_up: bool, now: datetime
+    ) -> bool:
+        """Store the new count and last use if the count is still ``seen_count``; else False."""
+
+    async def pend_notice(self, user_id: str, notice: Mail, now: datetime) -> None: ...
+
+    async def rename_passkey(self, user_id: str, passkey_id: str, display_name: str, now: datetime) -> bool: ...
+
+    async def remove_passkey(self, user_id: str, passkey_id: str, now: datetime, notice: Mail) -> Removal: ...
+
+
+class CeremonyStore(Protocol):
+    """Challenges in the database, so that any replica finishes what another started."""
+
+    def new_id(self) -> str: ...
+
+    async def add(self, ceremony: Ceremony) -> None: ...
+
+    async def take(self, ceremony_id: str, purpose: CeremonyPurpose, now: datetime) -> Ceremony | None:
+        """Remove the ceremony and return it, if unexpired and for ``purpose``: of concurrent takes,
+        one gets it. None otherwise."""
+
+    async def purge_expired(self, now: datetime) -> int: ...

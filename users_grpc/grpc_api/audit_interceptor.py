@@ -75,6 +75,11 @@ def _reset_token_user(request: Any, _response: Any) -> str:
     return user_id if rules.is_id(user_id) else ""
 
 
+def _second_factor(request: Any, _response: Any) -> str:
+    # Which kind of proof, never the proof: a passkey's second step reads "passkey".
+    return "passkey" if request.passkey_ceremony_id else ""
+
+
 def _no_subject(_request: Any, _response: Any) -> str:
     return ""
 
@@ -144,7 +149,7 @@ AUDITED: Mapping[str, Audited] = {
     "CreateUser": Audited(
         AuditEventType.ROLE_CHANGE, _user_in_response, note=_made_admin_at_creation, applies=_asks_for_admin
     ),
-    "Authenticate": Audited(AuditEventType.SIGN_IN, _user_in_response, "on_failure"),
+    "Authenticate": Audited(AuditEventType.SIGN_IN, _user_in_response, "on_failure", note=_second_factor),
     "VerifyCredentials": Audited(AuditEventType.CREDENTIALS_CHECK, _user_in_response, "on_failure"),
     "IssueServiceToken": Audited(AuditEventType.SERVICE_TOKEN_ISSUE, _id_in_request("client_id")),
     "ChangePassword": Audited(AuditEventType.PASSWORD_CHANGE, _USER_ID),
@@ -172,6 +177,12 @@ AUDITED: Mapping[str, Audited] = {
     "DeleteServiceAccount": Audited(AuditEventType.SERVICE_ACCOUNT_DELETE, _id_in_request("client_id")),
     "RevokeAllSessions": Audited(AuditEventType.SESSIONS_REVOKE, _USER_ID),
     "UpdateUser": Audited(AuditEventType.PROFILE_UPDATE, _USER_ID, note=_fields_updated),
+    "StartPasskeyRegistration": Audited(AuditEventType.PASSKEY_REGISTRATION_START, _USER_ID),
+    "FinishPasskeyRegistration": Audited(AuditEventType.PASSKEY_REGISTER, _USER_ID),
+    "FinishPasskeySignIn": Audited(AuditEventType.PASSKEY_SIGN_IN, _user_in_response),
+    "RenamePasskey": Audited(AuditEventType.PASSKEY_RENAME, _USER_ID),
+    "RemovePasskey": Audited(AuditEventType.PASSKEY_REMOVE, _USER_ID),
+    "RemoveUserPasskey": Audited(AuditEventType.PASSKEY_REMOVE, _USER_ID),
 }
 
 

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from users.v1 import session_pb2, user_pb2, user_service_pb2
+from users.v1 import passkey_pb2, session_pb2, user_pb2, user_service_pb2
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
 from users_grpc.domain.model import (
     AccessClaims,
@@ -26,6 +26,7 @@ from users_grpc.domain.model import (
     UserChange,
     UserState,
 )
+from users_grpc.domain.passkeys import PasskeyHolder, StoredPasskey
 from users_grpc.services.changes import cursor_of
 
 GENDERS = {
@@ -161,7 +162,10 @@ def _timestamp(moment: datetime) -> Timestamp:
 
 
 _TokensResponse = TypeVar(
-    "_TokensResponse", user_service_pb2.AuthenticateResponse, user_service_pb2.RefreshSessionResponse
+    "_TokensResponse",
+    user_service_pb2.AuthenticateResponse,
+    user_service_pb2.RefreshSessionResponse,
+    passkey_pb2.FinishPasskeySignInResponse,
 )
 
 
@@ -194,4 +198,29 @@ def claims_to_proto(claims: AccessClaims) -> session_pb2.TokenClaims:
         audience=claims.audience,
         issued_at=_timestamp(claims.issued_at),
         expires_at=_timestamp(claims.expires_at),
+    )
+
+
+def passkey_to_proto(passkey: StoredPasskey) -> passkey_pb2.Passkey:
+    """Never the credential id or public key: a list need not identify the authenticator."""
+    message = passkey_pb2.Passkey(
+        id=passkey.id,
+        display_name=passkey.display_name,
+        create_time=_timestamp(passkey.created_at),
+        aaguid=passkey.aaguid,
+        backup_eligible=passkey.backup_eligible,
+        backed_up=passkey.backed_up,
+        transports=list(passkey.transports),
+    )
+    if passkey.last_used_at is not None:
+        message.last_use_time.CopyFrom(_timestamp(passkey.last_used_at))
+    return message
+
+
+def factors_to_proto(holder: PasskeyHolder) -> passkey_pb2.AuthenticationFactors:
+    return passkey_pb2.AuthenticationFactors(
+        password_set=holder.password_set,
+        totp_enabled=holder.totp_enabled,
+        recovery_codes_remaining=holder.recovery_codes_remaining,
+        passkeys=[passkey_to_proto(p) for p in holder.passkeys],
     )

@@ -14,7 +14,7 @@ from datetime import UTC
 import grpc
 
 from users.v1 import passkey_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
-from users_grpc.domain.errors import FieldViolation, InvalidArgument, PasskeysDisabled
+from users_grpc.domain.errors import FieldViolation, InvalidArgument
 from users_grpc.domain.model import AuditFilter, ProfileChanges, Registration, User, UserFilter
 from users_grpc.domain.rules import identifier_key, validate_prefix
 from users_grpc.grpc_api.access import current_caller, stream_admission
@@ -29,7 +29,9 @@ from users_grpc.grpc_api.convert import (
     change_to_proto,
     claims_to_proto,
     enum_from_proto,
+    factors_to_proto,
     imported_user,
+    passkey_to_proto,
     service_account_to_proto,
     session_to_proto,
     user_to_proto,
@@ -43,6 +45,7 @@ from users_grpc.services.changes import ChangeFeed
 from users_grpc.services.directory import DirectoryService
 from users_grpc.services.email_change import EmailChangeService
 from users_grpc.services.mfa import MfaService
+from users_grpc.services.passkeys import PasskeyService
 from users_grpc.services.passwords import PasswordService
 from users_grpc.services.service_accounts import ServiceAccountService
 from users_grpc.services.sessions import SessionService
@@ -63,7 +66,9 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         directory: DirectoryService,
         audit: AuditLog,
         changes: ChangeFeed,
+        passkeys: PasskeyService,
     ) -> None:
+        self._passkeys = passkeys
         self._service = service
         self._sessions = sessions
         self._passwords = passwords
@@ -138,6 +143,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
             request.totp_code,
             request.recovery_code,
             source=current_caller.get().source,
+            passkey=(request.passkey_ceremony_id, request.passkey_credential_json),
         )
         return user_service_pb2.VerifyCredentialsResponse(user=user_to_proto(user))
 
@@ -150,6 +156,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
             request.totp_code,
             request.recovery_code,
             source=current_caller.get().source,
+            passkey=(request.passkey_ceremony_id, request.passkey_credential_json),
         )
         return with_tokens(user_service_pb2.AuthenticateResponse(user=user_to_proto(user)), issued)
 
@@ -420,44 +427,63 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def StartPasskeyRegistration(
         self, request: passkey_pb2.StartPasskeyRegistrationRequest, context: Context
     ) -> passkey_pb2.StartPasskeyRegistrationResponse:
-        raise PasskeysDisabled("passkeys are not implemented yet")
+        ceremony, options = await self._passkeys.start_registration(
+            request.user_id, request.password, caller=current_caller.get()
+        )
+        return passkey_pb2.StartPasskeyRegistrationResponse(
+            ceremony_id=ceremony.id, options_json=options, expire_time=_timestamp(ceremony.expires_at)
+        )
 
     async def FinishPasskeyRegistration(
         self, request: passkey_pb2.FinishPasskeyRegistrationRequest, context: Context
     ) -> passkey_pb2.FinishPasskeyRegistrationResponse:
-        raise PasskeysDisabled("passkeys are not implemented yet")
+        passkey = await self._passkeys.finish_registration(
+            request.user_id, request.ceremony_id, request.credential_json, request.display_name
+        )
+        return passkey_pb2.FinishPasskeyRegistrationResponse(passkey=passkey_to_proto(passkey))
 
     async def StartPasskeySignIn(
         self, request: passkey_pb2.StartPasskeySignInRequest, context: Context
     ) -> passkey_pb2.StartPasskeySignInResponse:
-        raise PasskeysDisabled("passkeys are not implemented yet")
+        ceremony, options = await self._passkeys.start_sign_in(request.identifier, request.second_factor)
+        return passkey_pb2.StartPasskeySignInResponse(
+            ceremony_id=ceremony.id, options_json=options, expire_time=_timestamp(ceremony.expires_at)
+        )
 
     async def FinishPasskeySignIn(
         self, request: passkey_pb2.FinishPasskeySignInRequest, context: Context
     ) -> passkey_pb2.FinishPasskeySignInResponse:
-        raise PasskeysDisabled("passkeys are not implemented yet")
+        user, issued = await self._sessions.sign_in_with_passkey(
+            request.ceremony_id, request.credential_json, source=current_caller.get().source
+        )
+        return with_tokens(passkey_pb2.FinishPasskeySignInResponse(user=user_to_proto(user)), issued)
 
     async def ListAuthenticationFactors(
         self, request: passkey_pb2.ListAuthenticationFactorsRequest, context: Context
     ) -> passkey_pb2.ListAuthenticationFactorsResponse:
-        raise PasskeysDisabled("passkeys are not implemented yet")
+        holder = await self._passkeys.factors(request.user_id)
+        return passkey_pb2.ListAuthenticationFactorsResponse(factors=factors_to_proto(holder))
 
     async def RenamePasskey(
         self, request: passkey_pb2.RenamePasskeyRequest, context: Context
     ) -> passkey_pb2.RenamePasskeyResponse:
-        raise PasskeysDisabled("passkeys are not implemented yet")
+        passkey = await self._passkeys.rename(request.user_id, request.passkey_id, request.display_name)
+        return passkey_pb2.RenamePasskeyResponse(passkey=passkey_to_proto(passkey))
 
     async def RemovePasskey(
         self, request: passkey_pb2.RemovePasskeyRequest, context: Context
     ) -> passkey_pb2.RemovePasskeyResponse:
-        raise PasskeysDisabled("passkeys are not implemented yet")
+        await self._passkeys.remove(request.user_id, request.passkey_id, request.password, caller=current_caller.get())
+        return passkey_pb2.RemovePasskeyResponse()
 
     async def ListUserAuthenticationFactors(
         self, request: passkey_pb2.ListUserAuthenticationFactorsRequest, context: Context
     ) -> passkey_pb2.ListUserAuthenticationFactorsResponse:
-        raise PasskeysDisabled("passkeys are not implemented yet")
+        holder = await self._passkeys.factors(request.user_id)
+        return passkey_pb2.ListUserAuthenticationFactorsResponse(factors=factors_to_proto(holder))
 
     async def RemoveUserPasskey(
         self, request: passkey_pb2.RemoveUserPasskeyRequest, context: Context
     ) -> passkey_pb2.RemoveUserPasskeyResponse:
-        raise PasskeysDisabled("passkeys are not implemented yet")
+        await self._passkeys.remove_by_admin(request.user_id, request.passkey_id)
+        return passkey_pb2.RemoveUserPasskeyResponse()

@@ -51,7 +51,7 @@ from users_grpc.services.throttling import PasswordThrottle
 log = logging.getLogger(__name__)
 
 # Told only after the right password, as for accounts not yet activated.
-_NOT_ACTIVE_ERRORS = {
+NOT_ACTIVE_ERRORS = _NOT_ACTIVE_ERRORS = {
     UserState.PENDING_ACTIVATION: AccountNotActive,
     UserState.DEACTIVATED: AccountDeactivated,
     UserState.LOCKED: AccountLocked,

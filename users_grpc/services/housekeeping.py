@@ -57,6 +57,7 @@ class Purged:
     claims: int = 0
     audit_events: int = 0
     changes: int = 0
+    passkey_ceremonies: int = 0
 
 
 def holder_id() -> str:
@@ -110,6 +111,7 @@ class HousekeepingJob:
             claims=await self._store.release_stale_claims(now),
             audit_events=await self._store.purge_audit_events(now - self._retention.audit_events),
             changes=await self._store.purge_changes(now - self._retention.changes),
+            passkey_ceremonies=await self._store.purge_expired_ceremonies(now),
         )
         if purged != Purged(0, 0, 0):
             log.info("housekeeping purged", extra=dataclasses.asdict(purged))

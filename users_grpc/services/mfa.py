@@ -36,6 +36,7 @@ from users_grpc.domain.errors import (
 from users_grpc.domain.model import User
 from users_grpc.domain.ports import Clock, CredentialRepository, Mailer, SecretDigests, SessionRepository
 from users_grpc.services.accounts import AccountService
+from users_grpc.services.passkeys import PasskeyService
 from users_grpc.services.passwords import security_notice, sign_out_everywhere
 from users_grpc.services.tokens import KeyEncryption
 
@@ -87,7 +88,9 @@ class MfaService:
         issuer: str,
         max_attempts: int,
         attempt_window: timedelta,
+        passkeys: PasskeyService | None = None,
     ) -> None:
+        self._passkeys = passkeys
         self._accounts = accounts
         self._credentials = credentials
         self._sessions = sessions
@@ -100,18 +103,35 @@ class MfaService:
         self._attempt_window = attempt_window
 
     async def verify_login(
-        self, identifier: str, password: str, totp_code: str, recovery_code: str, *, source: str
+        self,
+        identifier: str,
+        password: str,
+        totp_code: str,
+        recovery_code: str,
+        *,
+        source: str,
+        passkey: tuple[str, str] = ("", ""),
     ) -> User:
-        """The user if the password and, with MFA on, the second factor are right."""
+        """The user if the password and, with MFA on, the second factor are right: a code, or
+        ``passkey`` (a second-factor ceremony id and the browser's assertion for it)."""
+        ceremony_id, credential_json = passkey
+        if bool(ceremony_id) != bool(credential_json):
+            missing = "passkey_credential_json" if ceremony_id else "passkey_ceremony_id"
+            raise InvalidArgument([FieldViolation(missing, "is required with the other passkey field")])
         # Checked first: a code that cannot be one is refused without spending any attempt.
-        if totp_code:
+        if ceremony_id:
+            code = ""
+        elif totp_code:
             code = _validated_code(totp_code, "totp_code", recovery=False)
         elif recovery_code:
             code = _validated_code(recovery_code, "recovery_code", totp=False)
         else:
             code = ""
         user = await self._accounts.verify_credentials(identifier, password, source=source)
-        if user.mfa_enabled:
+        if user.mfa_enabled and ceremony_id and self._passkeys is not None:
+            await self._reserve_attempt(user.id)
+            await self._passkeys.verify_second_factor(user, ceremony_id, credential_json, source=source)
+        elif user.mfa_enabled:
             if not code:
                 # Told only after the right password, so it reveals nothing to a guesser.
                 raise MfaRequired()

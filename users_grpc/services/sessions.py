@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from users_grpc.domain import rules
-from users_grpc.domain.errors import FieldViolation, InvalidArgument, Unauthenticated
+from users_grpc.domain.errors import FieldViolation, InvalidArgument, PasskeysDisabled, Unauthenticated
 from users_grpc.domain.model import AccessClaims, IssuedTokens, Session, User
 from users_grpc.domain.ports import Clock, SecretDigests, SessionRepository, UserRepository
 from users_grpc.services.mfa import MfaService
+from users_grpc.services.passkeys import PasskeyService
 from users_grpc.services.tokens import AccessTokens
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ class SessionService:
         digests: SecretDigests,
         clock: Clock,
         session_lifetime: timedelta,
+        passkeys: PasskeyService | None = None,
     ) -> None:
+        self._passkeys = passkeys
         self._logins = logins
         self._users = users
         self._sessions = sessions
@@ -72,10 +75,31 @@ class SessionService:
         self._session_lifetime = session_lifetime
 
     async def authenticate(
-        self, identifier: str, password: str, totp_code: str = "", recovery_code: str = "", *, source: str
+        self,
+        identifier: str,
+        password: str,
+        totp_code: str = "",
+        recovery_code: str = "",
+        *,
+        source: str,
+        passkey: tuple[str, str] = ("", ""),
     ) -> tuple[User, IssuedTokens]:
         """Check the credentials and second factor (as VerifyCredentials does) and open a session."""
-        user = await self._logins.verify_login(identifier, password, totp_code, recovery_code, source=source)
+        user = await self._logins.verify_login(
+            identifier, password, totp_code, recovery_code, source=source, passkey=passkey
+        )
+        return user, await self._open(user)
+
+    async def sign_in_with_passkey(
+        self, ceremony_id: str, credential_json: str, *, source: str
+    ) -> tuple[User, IssuedTokens]:
+        """A passwordless sign-in (PasskeyService.finish_sign_in), then the session Authenticate opens."""
+        if self._passkeys is None:
+            raise PasskeysDisabled()
+        user = await self._passkeys.finish_sign_in(ceremony_id, credential_json, source=source)
+        return user, await self._open(user)
+
+    async def _open(self, user: User) -> IssuedTokens:
         session_id = self._sessions.new_id()
         refresh_token = self._new_refresh_token(session_id, 0)
         now = self._clock.now()
@@ -83,7 +107,7 @@ class SessionService:
             session_id, user.id, self._digest(refresh_token), now, now + self._session_lifetime, user.token_version
         )
         log.info("session opened", extra={"user_id": user.id, "session_id": session.id})
-        return user, self._issue(user, session, refresh_token.text)
+        return self._issue(user, session, refresh_token.text)
 
     async def refresh(self, refresh_token: str) -> IssuedTokens:
         presented = self._genuine(refresh_token)

@@ -102,8 +102,8 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     AUDIT_EVENT_TYPE_PASSKEY_REGISTER: _AuditEventType.ValueType  # 31
     """FinishPasskeyRegistration: a passkey added. Subject: the user."""
     AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN: _AuditEventType.ValueType  # 32
-    """FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (on
-    failure, only if the credential belongs to an account). Authenticate's
+    """FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (none
+    on failure: the assertion is not trusted to name one). Authenticate's
     second step with a passkey is a SIGN_IN with the reason "passkey".
     """
     AUDIT_EVENT_TYPE_PASSKEY_RENAME: _AuditEventType.ValueType  # 33
@@ -187,8 +187,8 @@ checked). Subject: the user.
 AUDIT_EVENT_TYPE_PASSKEY_REGISTER: AuditEventType.ValueType  # 31
 """FinishPasskeyRegistration: a passkey added. Subject: the user."""
 AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN: AuditEventType.ValueType  # 32
-"""FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (on
-failure, only if the credential belongs to an account). Authenticate's
+"""FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (none
+on failure: the assertion is not trusted to name one). Authenticate's
 second step with a passkey is a SIGN_IN with the reason "passkey".
 """
 AUDIT_EVENT_TYPE_PASSKEY_RENAME: AuditEventType.ValueType  # 33

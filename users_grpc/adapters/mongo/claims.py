@@ -88,8 +88,9 @@ class MongoClaims:
 
     async def _holds(self, user_id: Any, kind: str, key: str) -> bool:
         # By _id alone, the key compared here: the embedded FerretDB uses an index only for that filter.
-        document = await self._users.find_one({"_id": user_id}, projection={f"{kind}_key": 1})
-        return document is not None and document.get(f"{kind}_key") == key
+        document = await self._users.find_one({"_id": user_id}, projection={f"{kind}_key": 1, f"{kind}_keys": 1})
+        # A username or email is one key; passkeys' credential ids are a list (users_passkeys.py).
+        return document is not None and (document.get(f"{kind}_key") == key or key in document.get(f"{kind}_keys", ()))
 
     async def settle(self, kind: str, key: str, user_id: ObjectId) -> None:
         await self._claims.update_one({"_id": f"{kind}:{key}", "user_id": user_id}, {"$unset": {"pending_since": ""}})
@@ -101,6 +102,8 @@ class MongoClaims:
         for kind in _CLAIM_KINDS:
             if f"{kind}_key" in user:
                 await self.release(kind, user[f"{kind}_key"], user["_id"])
+        for key in user.get("passkey_keys", ()):
+            await self.release("passkey", key, user["_id"])
 
     @storage_call
     async def release_stale(self, now: datetime, limit: int = 1000) -> int:

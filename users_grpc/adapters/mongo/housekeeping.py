@@ -14,6 +14,7 @@ from users_grpc.adapters.mongo.change_log import MongoChangeLog
 from users_grpc.adapters.mongo.claims import MongoClaims
 from users_grpc.adapters.mongo.documents import Document
 from users_grpc.adapters.mongo.outbox import MongoOutbox
+from users_grpc.adapters.mongo.passkey_ceremonies import MongoCeremonyStore
 from users_grpc.adapters.mongo.users_bson import _LIVE, _with_change
 from users_grpc.domain.model import ChangeType
 
@@ -33,6 +34,7 @@ class MongoHousekeeping:
         self._claims = MongoClaims(database)
         self._audit_events: AsyncCollection[Document] = database["audit_events"]
         self._changes: AsyncCollection[Document] = database["user_changes"]
+        self._ceremonies = MongoCeremonyStore(database)
         self._change_log = MongoChangeLog(database, outbox)
 
     @storage_call
@@ -95,6 +97,10 @@ class MongoHousekeeping:
     @storage_call
     async def purge_expired_tallies(self, now: datetime) -> int:
         return (await self._throttles.delete_many(expired_tallies_query(now))).deleted_count
+
+    async def purge_expired_ceremonies(self, now: datetime) -> int:
+        """Passkey ceremonies started and never finished (a finish deletes its own)."""
+        return await self._ceremonies.purge_expired(now)
 
     @storage_call
     async def purge_audit_events(self, recorded_before: datetime) -> int:

@@ -17,6 +17,7 @@ from users_grpc.adapters.mongo.calls import storage_call
 from users_grpc.adapters.mongo.change_log import MongoChangeLog
 from users_grpc.adapters.mongo.claims import _CLAIM_KINDS, MongoClaims
 from users_grpc.adapters.mongo.documents import Document, _is_duplicate_key, _object_id
+from users_grpc.adapters.mongo.passkey_ceremonies import MongoCeremonyStore
 from users_grpc.adapters.mongo.users_bson import (
     _LIVE,
     _STATE_FILTERS,
@@ -29,6 +30,7 @@ from users_grpc.adapters.mongo.users_bson import (
 from users_grpc.adapters.mongo.users_credentials import CredentialUpdates
 from users_grpc.adapters.mongo.users_mfa import MfaUpdates
 from users_grpc.adapters.mongo.users_notices import NoticeUpdates
+from users_grpc.adapters.mongo.users_passkeys import PasskeyUpdates
 from users_grpc.domain.errors import AlreadyExists
 from users_grpc.domain.model import (
     Account,
@@ -46,7 +48,7 @@ from users_grpc.domain.model import (
 from users_grpc.domain.rules import identifier_key
 
 
-class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates):
+class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates, PasskeyUpdates):
     """The ``users`` collection. Usernames and emails are unique through :class:`MongoClaims`, which
     works when ``users`` is sharded by ``_id`` (a unique index on another field would not)."""
 
@@ -64,6 +66,8 @@ class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates):
         """The indexes every schema version has; the identifier indexes belong to :class:`MongoSchema`."""
         await self._claims.ensure_indexes()
         await self._changes.ensure_indexes()
+        # The passkey ceremonies belong to the users' sign-ins: their index is made with the users'.
+        await MongoCeremonyStore(self._users.database).ensure_indexes()
         # Serves housekeeping's purge of accounts never activated.
         await self._users.create_index(
             [("is_active", ASCENDING), ("created_at", ASCENDING)], name="is_active_created_at"

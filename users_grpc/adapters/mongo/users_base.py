@@ -26,6 +26,9 @@ class UsersCollection:
     _claims: MongoClaims
     _changes: MongoChangeLog
 
+    async def _find_by_identifier(self, identifier_key: str) -> Document | None:
+        raise NotImplementedError  # the repository's own (users.py)
+
     async def _publish(self, user_id: ObjectId | str) -> None:
         """Publish the user's pending changes now, the fast path; the change log's sweep publishes
         whatever this leaves (the database went away, the call was cut short, the server died)."""

@@ -93,8 +93,8 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START AuditEventType = 30
 	// FinishPasskeyRegistration: a passkey added. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_REGISTER AuditEventType = 31
-	// FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (on
-	// failure, only if the credential belongs to an account). Authenticate's
+	// FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (none
+	// on failure: the assertion is not trusted to name one). Authenticate's
 	// second step with a passkey is a SIGN_IN with the reason "passkey".
 	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN AuditEventType = 32
 	// RenamePasskey. Subject: the user.

@@ -2515,8 +2515,8 @@ export enum AuditEventType {
   PASSKEY_REGISTER = 31,
 
   /**
-   * FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (on
-   * failure, only if the credential belongs to an account). Authenticate's
+   * FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (none
+   * on failure: the assertion is not trusted to name one). Authenticate's
    * second step with a passkey is a SIGN_IN with the reason "passkey".
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN = 32;

@@ -1,0 +1,315 @@
+"""Passkeys through real channels, servers, FerretDB and SMTP, with the software authenticator
+of tests/support/authenticator.py standing in for the browser and its platform authenticator."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from tests.support.authenticator import SoftwareAuthenticator, b64url, unb64url
+from tests.support.calls import PASSWORD, error_info, raw_collection, rpc_error, signed_up
+from tests.support.fakes import FakeClock
+from tests.support.mail import MailSink, text_of
+from tests.support.servers import RunningServer, StartServer
+from users.v1 import passkey_pb2 as pk
+from users.v1 import user_service_pb2 as pb
+from users_grpc.services.mfa import STEP_SECONDS, totp
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@dataclass
+class Person:
+    server: RunningServer
+    session: pb.AuthenticateResponse
+    authenticator: SoftwareAuthenticator
+
+    @property
+    def stub(self) -> object:
+        return self.server.stub_for(self.session.access_token)
+
+    @property
+    def id(self) -> str:
+        return self.session.user.id
+
+
+def register(person: Person, **knobs: object) -> pk.FinishPasskeyRegistrationResponse:
+    stub = person.server.stub_for(person.session.access_token)
+    started = stub.StartPasskeyRegistration(pk.StartPasskeyRegistrationRequest(user_id=person.id, password=PASSWORD))
+    credential = person.authenticator.register(started.options_json, **knobs)  # type: ignore[arg-type]
+    return stub.FinishPasskeyRegistration(
+        pk.FinishPasskeyRegistrationRequest(
+            user_id=person.id, ceremony_id=started.ceremony_id, credential_json=credential, display_name="Laptop"
+        )
+    )
+
+
+def sign_in(
+    server: RunningServer, authenticator: SoftwareAuthenticator, identifier: str = "", **knobs: object
+) -> pk.FinishPasskeySignInResponse:
+    started = server.anonymous.StartPasskeySignIn(pk.StartPasskeySignInRequest(identifier=identifier))
+    assertion = authenticator.get(started.options_json, **knobs)  # type: ignore[arg-type]
+    return server.anonymous.FinishPasskeySignIn(
+        pk.FinishPasskeySignInRequest(ceremony_id=started.ceremony_id, credential_json=assertion)
+    )
+
+
+def reason(call: object, request: object) -> str:
+    error = rpc_error(call, request)
+    return f"{error.code().name}/{error_info(error).reason}"
+
+
+def person(server: RunningServer, mail: MailSink, name: str = "jane", algorithm: str = "ES256") -> Person:
+    return Person(server, signed_up(server, mail, name), SoftwareAuthenticator(algorithm))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("algorithm", "attestation"), [("ES256", "none"), ("EdDSA", "packed")])
+def test_register_then_sign_in_with_and_without_a_username(
+    server: RunningServer, mail: MailSink, algorithm: str, attestation: str
+) -> None:
+    jane = person(server, mail, algorithm=algorithm)
+    passkey = register(jane, attestation=attestation).passkey
+    assert passkey.display_name == "Laptop"
+    assert passkey.aaguid == "01234567-89ab-cdef-0123-456789abcdef"
+    assert passkey.backup_eligible
+    assert passkey.backed_up
+    assert list(passkey.transports) == ["internal", "hybrid"]
+    notice = mail.wait_for("jane@example.com", count=2)[1]  # after the activation code
+    assert notice["Subject"].endswith("A passkey was added")
+    assert '"Laptop" was added' in text_of(notice)
+
+    by_name = sign_in(server, jane.authenticator, "jane")
+    usernameless = sign_in(server, jane.authenticator)
+    for session in (by_name, usernameless):
+        assert session.user.id == jane.id
+        claims = server.stub.ValidateToken(pb.ValidateTokenRequest(access_token=session.access_token)).claims
+        assert claims.subject == jane.id
+        assert session.refresh_token
+    factors = (
+        jane.server.stub_for(jane.session.access_token)
+        .ListAuthenticationFactors(pk.ListAuthenticationFactorsRequest(user_id=jane.id))
+        .factors
+    )
+    assert factors.password_set
+    assert [p.id for p in factors.passkeys] == [passkey.id]
+    assert factors.passkeys[0].HasField("last_use_time")
+
+
+def test_the_user_handle_is_random_not_the_user_id_or_email(server: RunningServer, mail: MailSink) -> None:
+    jane = person(server, mail)
+    started = jane.server.stub_for(jane.session.access_token).StartPasskeyRegistration(
+        pk.StartPasskeyRegistrationRequest(user_id=jane.id, password=PASSWORD)
+    )
+    handle = unb64url(json.loads(started.options_json)["user"]["id"])
+    assert len(handle) == 32
+    assert jane.id.encode() not in handle
+    assert b"jane" not in handle
+
+
+def test_a_challenge_works_once(server: RunningServer, mail: MailSink) -> None:
+    jane = person(server, mail)
+    register(jane)
+    started = server.anonymous.StartPasskeySignIn(pk.StartPasskeySignInRequest(identifier="jane"))
+    assertion = jane.authenticator.get(started.options_json)
+    finish = pk.FinishPasskeySignInRequest(ceremony_id=started.ceremony_id, credential_json=assertion)
+    server.anonymous.FinishPasskeySignIn(finish)
+    assert reason(server.anonymous.FinishPasskeySignIn, finish) == "UNAUTHENTICATED/INVALID_PASSKEY"
+
+
+def test_concurrent_finishes_of_one_challenge_exactly_one_wins(server: RunningServer, mail: MailSink) -> None:
+    jane = person(server, mail)
+    register(jane)
+    jane.authenticator.counts = False  # both assertions alike: only the challenge can refuse one
+    started = server.anonymous.StartPasskeySignIn(pk.StartPasskeySignInRequest())
+    finish = pk.FinishPasskeySignInRequest(
+        ceremony_id=started.ceremony_id, credential_json=jane.authenticator.get(started.options_json)
+    )
+
+    def attempt(_: int) -> str:
+        try:
+            server.anonymous.FinishPasskeySignIn(finish)
+        except grpc.RpcError as error:
+            return str(error_info(error).reason)
+        return "OK"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = sorted(pool.map(attempt, range(8)))
+    assert outcomes == ["INVALID_PASSKEY"] * 7 + ["OK"]
+
+
+def test_an_expired_challenge_is_refused(start_server: StartServer, mail: MailSink, clock: FakeClock) -> None:
+    server = start_server(clock=clock)
+    jane = person(server, mail)
+    register(jane)
+    started = server.anonymous.StartPasskeySignIn(pk.StartPasskeySignInRequest(identifier="jane"))
+    clock.advance(seconds=server.settings.webauthn_ceremony_seconds + 1)
+    finish = pk.FinishPasskeySignInRequest(
+        ceremony_id=started.ceremony_id, credential_json=jane.authenticator.get(started.options_json)
+    )
+    assert reason(server.anonymous.FinishPasskeySignIn, finish) == "UNAUTHENTICATED/INVALID_PASSKEY"
+
+
+def test_a_challenge_for_another_user_is_refused(server: RunningServer, mail: MailSink) -> None:
+    jane, john = person(server, mail, "jane"), person(server, mail, "john")
+    register(jane)
+    register(john)
+    started = server.anonymous.StartPasskeySignIn(pk.StartPasskeySignInRequest(identifier="john"))
+    finish = pk.FinishPasskeySignInRequest(
+        ceremony_id=started.ceremony_id, credential_json=jane.authenticator.get(started.options_json)
+    )
+    assert reason(server.anonymous.FinishPasskeySignIn, finish) == "UNAUTHENTICATED/INVALID_PASSKEY"
+    # A registration ceremony is its user's: another user cannot finish it.
+    begun = jane.server.stub_for(jane.session.access_token).StartPasskeyRegistration(
+        pk.StartPasskeyRegistrationRequest(user_id=jane.id, password=PASSWORD)
+    )
+    stolen = pk.FinishPasskeyRegistrationRequest(
+        user_id=john.id, ceremony_id=begun.ceremony_id, credential_json=john.authenticator.register(begun.options_json)
+    )
+    assert (
+        reason(john.server.stub_for(john.session.access_token).FinishPasskeyRegistration, stolen)
+        == "INVALID_ARGUMENT/INVALID_PASSKEY_REGISTRATION"
+    )
+
+
+@pytest.mark.parametrize("knob", [{"origin": "https://evil.example"}, {"rp_id": "evil.example"}])
+def test_a_wrong_origin_or_rp_id_is_refused(server: RunningServer, mail: MailSink, knob: dict[str, str]) -> None:
+    jane = person(server, mail)
+    with pytest.raises(grpc.RpcError) as refused:
+        register(jane, **knob)
+    assert error_info(refused.value).reason == "INVALID_PASSKEY_REGISTRATION"
+    register(jane)
+    with pytest.raises(grpc.RpcError) as refused:
+        sign_in(server, jane.authenticator, "jane", **knob)
+    assert error_info(refused.value).reason == "INVALID_PASSKEY"
+
+
+def test_a_passwordless_sign_in_needs_user_verification(server: RunningServer, mail: MailSink) -> None:
+    jane = person(server, mail)
+    register(jane)
+    with pytest.raises(grpc.RpcError) as refused:
+        sign_in(server, jane.authenticator, user_verified=False)
+    assert error_info(refused.value).reason == "INVALID_PASSKEY"
+
+
+def test_a_sign_count_that_goes_back_is_refused_and_mailed(server: RunningServer, mail: MailSink) -> None:
+    jane = person(server, mail)
+    register(jane)
+    sign_in(server, jane.authenticator, sign_count=5)
+    with pytest.raises(grpc.RpcError) as refused:
+        sign_in(server, jane.authenticator, sign_count=5)
+    assert error_info(refused.value).reason == "PASSKEY_COUNTER_REGRESSED"
+    notices = mail.wait_for("jane@example.com", count=3)
+    assert "cloned passkey" in notices[2]["Subject"]
+
+
+def test_a_credential_cannot_be_registered_twice(server: RunningServer, mail: MailSink) -> None:
+    jane, john = person(server, mail, "jane"), person(server, mail, "john")
+    register(jane, credential_id=b"\x01" * 16)
+    for who in (jane, john):
+        with pytest.raises(grpc.RpcError) as refused:
+            register(who, credential_id=b"\x01" * 16)
+        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert error_info(refused.value).metadata["field"] == "credential_id"
+
+
+def test_a_second_replica_finishes_what_the_first_started(start_server: StartServer, mail: MailSink) -> None:
+    first, second = start_server(), start_server()
+    jane = person(first, mail)
+    register(jane)
+    started = first.anonymous.StartPasskeySignIn(pk.StartPasskeySignInRequest(identifier="jane"))
+    finished = second.anonymous.FinishPasskeySignIn(
+        pk.FinishPasskeySignInRequest(
+            ceremony_id=started.ceremony_id, credential_json=jane.authenticator.get(started.options_json)
+        )
+    )
+    assert finished.user.id == jane.id
+
+
+def test_an_unknown_identifier_gets_options_like_a_real_accounts(server: RunningServer, mail: MailSink) -> None:
+    jane = person(server, mail)
+    register(jane)
+    real = json.loads(server.anonymous.StartPasskeySignIn(pk.StartPasskeySignInRequest(identifier="jane")).options_json)
+    fake, again = (
+        json.loads(server.anonymous.StartPasskeySignIn(pk.StartPasskeySignInRequest(identifier="nobody")).options_json)
+        for _ in range(2)
+    )
+    assert sorted(fake) == sorted(real)
+    assert fake["userVerification"] == real["userVerification"] == "required"
+    assert len(fake["allowCredentials"]) == len(real["allowCredentials"]) == 1
+    assert sorted(fake["allowCredentials"][0]) == sorted(real["allowCredentials"][0])
+    assert fake["allowCredentials"] == again["allowCredentials"]  # the same every time: no tell-tale change
+    assert fake["allowCredentials"][0]["id"] != b64url(jane.authenticator.credentials[0].credential_id)
+
+
+def test_passkeys_are_renamed_and_removed_but_never_the_last_way_in(server: RunningServer, mail: MailSink) -> None:
+    jane = person(server, mail)
+    first, second = register(jane).passkey, register(jane).passkey
+    stub = jane.server.stub_for(jane.session.access_token)
+    renamed = stub.RenamePasskey(pk.RenamePasskeyRequest(user_id=jane.id, passkey_id=first.id, display_name="Phone"))
+    assert renamed.passkey.display_name == "Phone"
+    stub.RemovePasskey(pk.RemovePasskeyRequest(user_id=jane.id, passkey_id=first.id, password=PASSWORD))
+    listed = stub.ListAuthenticationFactors(pk.ListAuthenticationFactorsRequest(user_id=jane.id)).factors
+    assert [p.id for p in listed.passkeys] == [second.id]
+    gone = pk.RemovePasskeyRequest(user_id=jane.id, passkey_id=first.id, password=PASSWORD)
+    assert reason(stub.RemovePasskey, gone) == "NOT_FOUND/PASSKEY_NOT_FOUND"
+    # An account without a usable password (as an import without a hash leaves it): its last
+    # passkey is its only way in.
+    with raw_collection(server.settings.mongodb_uri, server.settings.mongodb_database, "users") as users:
+        users.update_one({"username": "jane"}, {"$set": {"password_scheme": "none"}})
+    last = pk.RemovePasskeyRequest(user_id=jane.id, passkey_id=second.id)
+    assert reason(stub.RemovePasskey, last) == "FAILED_PRECONDITION/LAST_SIGN_IN_METHOD"
+    admin_removal = pk.RemoveUserPasskeyRequest(user_id=jane.id, passkey_id=second.id)
+    assert reason(server.stub.RemoveUserPasskey, admin_removal) == "FAILED_PRECONDITION/LAST_SIGN_IN_METHOD"
+
+
+def test_an_admin_removes_a_passkey_audited_and_mailed(server: RunningServer, mail: MailSink) -> None:
+    jane = person(server, mail)
+    passkey = register(jane).passkey
+    factors = server.stub.ListUserAuthenticationFactors(pk.ListUserAuthenticationFactorsRequest(user_id=jane.id))
+    assert [p.id for p in factors.factors.passkeys] == [passkey.id]
+    server.stub.RemoveUserPasskey(pk.RemoveUserPasskeyRequest(user_id=jane.id, passkey_id=passkey.id))
+    assert "removed by an administrator" in text_of(mail.wait_for("jane@example.com", count=3)[2])
+    events = server.stub.ListAuditEvents(
+        pb.ListAuditEventsRequest(subject_id=jane.id, types=[pb.AUDIT_EVENT_TYPE_PASSKEY_REMOVE])
+    ).audit_events
+    assert [(e.actor.id, e.status_code) for e in events] == [(server.admin_id, 0)]
+    with pytest.raises(grpc.RpcError) as refused:
+        sign_in(server, jane.authenticator)
+    assert error_info(refused.value).reason == "INVALID_PASSKEY"
+
+
+def test_passkeys_are_off_without_their_settings(start_server: StartServer, mail: MailSink) -> None:
+    server = start_server(webauthn_rp_id=None, webauthn_rp_name=None, webauthn_origins=())
+    assert (
+        reason(server.anonymous.StartPasskeySignIn, pk.StartPasskeySignInRequest())
+        == "FAILED_PRECONDITION/PASSKEYS_DISABLED"
+    )
+
+
+def test_a_passkey_is_a_second_factor(server: RunningServer, mail: MailSink) -> None:
+    """With TOTP on, Authenticate's second step takes a passkey assertion instead of a code."""
+    jane = person(server, mail)
+    register(jane)
+    stub = jane.server.stub_for(jane.session.access_token)
+    secret = stub.EnableMfa(pb.EnableMfaRequest(user_id=jane.id, password=PASSWORD)).secret
+    stub.ConfirmMfa(pb.ConfirmMfaRequest(user_id=jane.id, code=totp(secret, int(time.time()) // STEP_SECONDS)))
+    started = server.anonymous.StartPasskeySignIn(pk.StartPasskeySignInRequest(identifier="jane", second_factor=True))
+    signed_in = server.anonymous.Authenticate(
+        pb.AuthenticateRequest(
+            identifier="jane",
+            password=PASSWORD,
+            passkey_ceremony_id=started.ceremony_id,
+            passkey_credential_json=jane.authenticator.get(started.options_json, user_verified=False),
+        )
+    )
+    assert signed_in.user.id == jane.id
+    without = pb.AuthenticateRequest(identifier="jane", password=PASSWORD)
+    assert reason(server.anonymous.Authenticate, without) == "FAILED_PRECONDITION/MFA_REQUIRED"
