@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.support.pki",
     "tests.support.stores",
     "tests.support.logs",
+    "tests.support.pwned_range",
 ]
 
 

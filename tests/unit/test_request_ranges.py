@@ -78,6 +78,7 @@ def test_the_contract_has_the_numbers_the_cases_cover() -> None:
         "ListUsers.created_before",
         "UpdateUser.user.created_at",
         "UpdateUser.user.updated_at",
+        "UpdateUser.user.password_update_time",
         "ListAuditEvents.page_size",
         "ListAuditEvents.start_time",
         "ListAuditEvents.end_time",

@@ -71,6 +71,16 @@ class User:
     mfa_enabled: bool = False
     # Bumped by every UpdateUser, so that two updates within one millisecond still differ in etag.
     revision: int = 0
+    # Set by an admin (SetPassword, ImportUsers): the next sign-in must change the password first.
+    password_change_required: bool = False
+    # When the password was last set; None if set before this was stored (see password_age_start).
+    password_changed_at: datetime | None = None
+
+    @property
+    def password_age_start(self) -> datetime:
+        """Where the password's age counts from: a password set before its time was stored counts
+        from the account's creation, the earliest it can have been set (so never expires late)."""
+        return self.password_changed_at or self.created_at
 
     @property
     def etag(self) -> str:
@@ -153,6 +163,18 @@ class Account:
     password_reset: ActivationCode | None = None
     mfa: Mfa | None = None
     password_scheme: PasswordScheme = PasswordScheme.PEPPERED
+    # Hashes of the last passwords (the current one last), at most USERS_PASSWORD_HISTORY.
+    password_history: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PasswordHistory:
+    """The password hashes kept after a change (the new one last), and the hash it replaces: the
+    change applies only while that is still the password, so a change made meanwhile is never
+    dropped from the history (FerretDB ignores $push's $slice: the trimmed list is $set whole)."""
+
+    hashes: tuple[str, ...]
+    replaces: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +197,7 @@ class NewUser:
     password_scheme: PasswordScheme = PasswordScheme.PEPPERED
     # Imported users are never purged as "never activated": they were accounts elsewhere.
     imported: bool = False
+    password_change_required: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +213,8 @@ class ImportedUser:
     email_verified: bool
     # The old system's bcrypt hash, or "" for none.
     password_hash: str
+    # The first sign-in must change the password (the hash was never checked by our rules).
+    password_change_required: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -397,6 +422,8 @@ class Caller:
     source: str = ""
     # The client id of a service account whose token the machine caller presented.
     service_account_id: str | None = None
+    # Signed in by a password-change token (PasswordChangeRequired): admitted to ChangePassword only.
+    password_change_only: bool = False
     # The caller's own account as read to check their token, during this call only: a call about
     # themself answers from it rather than reading the same document again. Per call, never
     # cached across calls, so every replica sees each change as soon as it is stored.
@@ -437,6 +464,7 @@ class AuditEventType(enum.Enum):
     SERVICE_ACCOUNT_DELETE = "service_account_delete"
     SESSIONS_REVOKE = "sessions_revoke"
     PROFILE_UPDATE = "profile_update"
+    PASSWORD_SET = "password_set"  # noqa: S105  # an event name
 
 
 class ActorKind(enum.Enum):

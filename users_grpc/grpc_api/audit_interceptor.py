@@ -114,6 +114,10 @@ def _import_counts(request: Any, response: Any) -> str:
     return f"created {created}, refused {len(response.results) - created}"
 
 
+def _change_required(request: Any, _response: Any) -> str:
+    return "change required" if request.change_required else ""
+
+
 def _fields_updated(request: Any, _response: Any) -> str:
     # Only the known field names: a path is free text the caller chose.
     fields = sorted({path for path in request.update_mask.paths if path in model.UPDATABLE_FIELDS})
@@ -172,6 +176,7 @@ AUDITED: Mapping[str, Audited] = {
     "DeleteServiceAccount": Audited(AuditEventType.SERVICE_ACCOUNT_DELETE, _id_in_request("client_id")),
     "RevokeAllSessions": Audited(AuditEventType.SESSIONS_REVOKE, _USER_ID),
     "UpdateUser": Audited(AuditEventType.PROFILE_UPDATE, _USER_ID, note=_fields_updated),
+    "SetPassword": Audited(AuditEventType.PASSWORD_SET, _USER_ID, note=_change_required),
 }
 
 

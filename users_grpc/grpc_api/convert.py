@@ -76,6 +76,7 @@ def imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | Invalid
         role=role,
         email_verified=item.email_verified,
         password_hash=item.password_hash,
+        password_change_required=item.password_change_required,
     )
 
 
@@ -140,6 +141,8 @@ def user_to_proto(user: User) -> user_pb2.User:
         mfa_enabled=user.mfa_enabled,
         state=_STATES_TO_PROTO[user.state],
         etag=user.etag,
+        password_change_required=user.password_change_required,
+        password_update_time=None if user.password_changed_at is None else _timestamp(user.password_changed_at),
     )
 
 

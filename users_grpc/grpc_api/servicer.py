@@ -416,3 +416,11 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         async with contextlib.aclosing(watched) as changes:
             async for change in changes:
                 yield user_service_pb2.WatchUserChangesResponse(change=change_to_proto(change))
+
+    async def SetPassword(
+        self, request: user_service_pb2.SetPasswordRequest, context: Context
+    ) -> user_service_pb2.SetPasswordResponse:
+        user = await self._passwords.set_password(
+            request.user_id, request.password, request.password_confirmation, change_required=request.change_required
+        )
+        return user_service_pb2.SetPasswordResponse(user=user_to_proto(user))

@@ -118,6 +118,8 @@ class User(_message.Message):
     MFA_ENABLED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    PASSWORD_CHANGE_REQUIRED_FIELD_NUMBER: _builtins.int
+    PASSWORD_UPDATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """24 lower-case hexadecimal digits, assigned by the service."""
     username: _builtins.str
@@ -150,10 +152,20 @@ class User(_message.Message):
     move it with updated_at): pass it to UpdateUser so that a change made
     meanwhile by someone else is not overwritten (AIP-154). Opaque.
     """
+    password_change_required: _builtins.bool
+    """True once an admin set the password with change_required (SetPassword, ImportUsers): the
+    next sign-in must change it first (ERROR_REASON_PASSWORD_CHANGE_REQUIRED). Cleared by the change.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def password_update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the password was last set (unset: before this field existed; the password then counts
+        as set at create_time for USERS_PASSWORD_MAX_AGE_SECONDS).
+        """
+
     def __init__(
         self,
         *,
@@ -170,10 +182,12 @@ class User(_message.Message):
         mfa_enabled: _builtins.bool = ...,
         state: Global___UserState.ValueType = ...,
         etag: _builtins.str = ...,
+        password_change_required: _builtins.bool = ...,
+        password_update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "password_update_time", b"password_update_time", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "last_name", b"last_name", "mfa_enabled", b"mfa_enabled", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "last_name", b"last_name", "mfa_enabled", b"mfa_enabled", "password_change_required", b"password_change_required", "password_update_time", b"password_update_time", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -126,6 +126,8 @@ def _user_from_document(document: Document) -> User:
         token_version=document.get("token_version", 0),
         mfa_enabled=(document.get("mfa") or {}).get("state") == "active",
         revision=document.get("revision", 0),
+        password_change_required=document.get("password_change_required", False),
+        password_changed_at=document.get("password_changed_at"),
     )
 
 
@@ -137,6 +139,7 @@ def _account_from_document(document: Document) -> Account:
         user=_user_from_document(document),
         password_hash=document["password_hash"],
         password_scheme=PasswordScheme(document.get("password_scheme", PasswordScheme.PEPPERED.value)),
+        password_history=tuple(document.get("password_history", ())),
         activation=None if activation is None else _activation_from_document(activation),
         password_reset=None if password_reset is None else _activation_from_document(password_reset),
         mfa=None

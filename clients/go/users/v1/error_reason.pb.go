@@ -102,6 +102,27 @@ const (
 	ErrorReason_ERROR_REASON_TOO_MANY_STREAMS ErrorReason = 26
 	// UNAVAILABLE: the database cannot be reached; safe to retry.
 	ErrorReason_ERROR_REASON_STORAGE_UNAVAILABLE ErrorReason = 24
+	// Password policy (docs/security.md, "Password policy").
+	// FAILED_PRECONDITION (Authenticate, VerifyCredentials): the password was right (and the second
+	// factor, with MFA on), but an admin set it with change_required (SetPassword, ImportUsers): the
+	// user must choose a new one with ChangePassword first. Authenticate's status then carries a
+	// users.v1.PasswordChangeRequired detail with a short-lived token that allows ChangePassword only.
+	ErrorReason_ERROR_REASON_PASSWORD_CHANGE_REQUIRED ErrorReason = 50
+	// FAILED_PRECONDITION: as PASSWORD_CHANGE_REQUIRED, because the password is older than
+	// USERS_PASSWORD_MAX_AGE_SECONDS; the same detail and token.
+	ErrorReason_ERROR_REASON_PASSWORD_EXPIRED ErrorReason = 51
+	// INVALID_ARGUMENT: the new password equals one of the user's last USERS_PASSWORD_HISTORY
+	// passwords (the current one included); a field violation names the password field.
+	ErrorReason_ERROR_REASON_PASSWORD_REUSED ErrorReason = 52
+	// INVALID_ARGUMENT: the new password appears in the breached-password corpus
+	// (USERS_BREACHED_PASSWORD_URL); a field violation names the password field.
+	ErrorReason_ERROR_REASON_PASSWORD_BREACHED ErrorReason = 53
+	// UNAVAILABLE: the breached-password check could not be made (its server down, slow or
+	// answering nonsense) and USERS_BREACHED_PASSWORD_FAIL_CLOSED is on; safe to retry.
+	ErrorReason_ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE ErrorReason = 54
+	// PERMISSION_DENIED: a password-change token (PasswordChangeRequired) was used for anything
+	// but ChangePassword.
+	ErrorReason_ERROR_REASON_PASSWORD_CHANGE_ONLY ErrorReason = 55
 )
 
 // Enum value maps for ErrorReason.
@@ -134,35 +155,47 @@ var (
 		23: "ERROR_REASON_OVERLOADED",
 		26: "ERROR_REASON_TOO_MANY_STREAMS",
 		24: "ERROR_REASON_STORAGE_UNAVAILABLE",
+		50: "ERROR_REASON_PASSWORD_CHANGE_REQUIRED",
+		51: "ERROR_REASON_PASSWORD_EXPIRED",
+		52: "ERROR_REASON_PASSWORD_REUSED",
+		53: "ERROR_REASON_PASSWORD_BREACHED",
+		54: "ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE",
+		55: "ERROR_REASON_PASSWORD_CHANGE_ONLY",
 	}
 	ErrorReason_value = map[string]int32{
-		"ERROR_REASON_UNSPECIFIED":               0,
-		"ERROR_REASON_INVALID_ARGUMENT":          1,
-		"ERROR_REASON_MALFORMED_REQUEST":         2,
-		"ERROR_REASON_INVALID_ACTIVATION_CODE":   3,
-		"ERROR_REASON_INVALID_RESET_TOKEN":       4,
-		"ERROR_REASON_INVALID_EMAIL_CHANGE_CODE": 5,
-		"ERROR_REASON_USER_NOT_FOUND":            6,
-		"ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND": 7,
-		"ERROR_REASON_ALREADY_EXISTS":            8,
-		"ERROR_REASON_PERMISSION_DENIED":         9,
-		"ERROR_REASON_UNAUTHENTICATED":           10,
-		"ERROR_REASON_INVALID_CREDENTIALS":       11,
-		"ERROR_REASON_INVALID_SECOND_FACTOR":     12,
-		"ERROR_REASON_FAILED_PRECONDITION":       13,
-		"ERROR_REASON_MFA_REQUIRED":              14,
-		"ERROR_REASON_ACCOUNT_NOT_ACTIVE":        15,
-		"ERROR_REASON_ACCOUNT_DEACTIVATED":       16,
-		"ERROR_REASON_ACCOUNT_LOCKED":            17,
-		"ERROR_REASON_LAST_ACTIVE_ADMIN":         18,
-		"ERROR_REASON_WRONG_USER_STATE":          19,
-		"ERROR_REASON_CHANGE_CURSOR_EXPIRED":     25,
-		"ERROR_REASON_ETAG_MISMATCH":             20,
-		"ERROR_REASON_TOO_MANY_ATTEMPTS":         21,
-		"ERROR_REASON_RATE_LIMITED":              22,
-		"ERROR_REASON_OVERLOADED":                23,
-		"ERROR_REASON_TOO_MANY_STREAMS":          26,
-		"ERROR_REASON_STORAGE_UNAVAILABLE":       24,
+		"ERROR_REASON_UNSPECIFIED":                0,
+		"ERROR_REASON_INVALID_ARGUMENT":           1,
+		"ERROR_REASON_MALFORMED_REQUEST":          2,
+		"ERROR_REASON_INVALID_ACTIVATION_CODE":    3,
+		"ERROR_REASON_INVALID_RESET_TOKEN":        4,
+		"ERROR_REASON_INVALID_EMAIL_CHANGE_CODE":  5,
+		"ERROR_REASON_USER_NOT_FOUND":             6,
+		"ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND":  7,
+		"ERROR_REASON_ALREADY_EXISTS":             8,
+		"ERROR_REASON_PERMISSION_DENIED":          9,
+		"ERROR_REASON_UNAUTHENTICATED":            10,
+		"ERROR_REASON_INVALID_CREDENTIALS":        11,
+		"ERROR_REASON_INVALID_SECOND_FACTOR":      12,
+		"ERROR_REASON_FAILED_PRECONDITION":        13,
+		"ERROR_REASON_MFA_REQUIRED":               14,
+		"ERROR_REASON_ACCOUNT_NOT_ACTIVE":         15,
+		"ERROR_REASON_ACCOUNT_DEACTIVATED":        16,
+		"ERROR_REASON_ACCOUNT_LOCKED":             17,
+		"ERROR_REASON_LAST_ACTIVE_ADMIN":          18,
+		"ERROR_REASON_WRONG_USER_STATE":           19,
+		"ERROR_REASON_CHANGE_CURSOR_EXPIRED":      25,
+		"ERROR_REASON_ETAG_MISMATCH":              20,
+		"ERROR_REASON_TOO_MANY_ATTEMPTS":          21,
+		"ERROR_REASON_RATE_LIMITED":               22,
+		"ERROR_REASON_OVERLOADED":                 23,
+		"ERROR_REASON_TOO_MANY_STREAMS":           26,
+		"ERROR_REASON_STORAGE_UNAVAILABLE":        24,
+		"ERROR_REASON_PASSWORD_CHANGE_REQUIRED":   50,
+		"ERROR_REASON_PASSWORD_EXPIRED":           51,
+		"ERROR_REASON_PASSWORD_REUSED":            52,
+		"ERROR_REASON_PASSWORD_BREACHED":          53,
+		"ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE": 54,
+		"ERROR_REASON_PASSWORD_CHANGE_ONLY":       55,
 	}
 )
 
@@ -197,7 +230,7 @@ var File_users_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xd9\a\n" +
+	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xc1\t\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\"\n" +
@@ -226,7 +259,13 @@ const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\x19ERROR_REASON_RATE_LIMITED\x10\x16\x12\x1b\n" +
 	"\x17ERROR_REASON_OVERLOADED\x10\x17\x12!\n" +
 	"\x1dERROR_REASON_TOO_MANY_STREAMS\x10\x1a\x12$\n" +
-	" ERROR_REASON_STORAGE_UNAVAILABLE\x10\x18B\x89\x01\n" +
+	" ERROR_REASON_STORAGE_UNAVAILABLE\x10\x18\x12)\n" +
+	"%ERROR_REASON_PASSWORD_CHANGE_REQUIRED\x102\x12!\n" +
+	"\x1dERROR_REASON_PASSWORD_EXPIRED\x103\x12 \n" +
+	"\x1cERROR_REASON_PASSWORD_REUSED\x104\x12\"\n" +
+	"\x1eERROR_REASON_PASSWORD_BREACHED\x105\x12+\n" +
+	"'ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE\x106\x12%\n" +
+	"!ERROR_REASON_PASSWORD_CHANGE_ONLY\x107B\x89\x01\n" +
 	"\fcom.users.v1B\x10ErrorReasonProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (

@@ -88,6 +88,8 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_SESSIONS_REVOKE AuditEventType = 23
 	// UpdateUser; the reason names the fields changed. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PROFILE_UPDATE AuditEventType = 24
+	// SetPassword; the reason says "change required" when it was set so. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_PASSWORD_SET AuditEventType = 50
 )
 
 // Enum value maps for AuditEventType.
@@ -118,6 +120,7 @@ var (
 		22: "AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE",
 		23: "AUDIT_EVENT_TYPE_SESSIONS_REVOKE",
 		24: "AUDIT_EVENT_TYPE_PROFILE_UPDATE",
+		50: "AUDIT_EVENT_TYPE_PASSWORD_SET",
 	}
 	AuditEventType_value = map[string]int32{
 		"AUDIT_EVENT_TYPE_UNSPECIFIED":               0,
@@ -145,6 +148,7 @@ var (
 		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE":    22,
 		"AUDIT_EVENT_TYPE_SESSIONS_REVOKE":           23,
 		"AUDIT_EVENT_TYPE_PROFILE_UPDATE":            24,
+		"AUDIT_EVENT_TYPE_PASSWORD_SET":              50,
 	}
 )
 
@@ -3565,9 +3569,13 @@ type ImportedUser struct {
 	// password's UTF-8 bytes, so a password longer than 72 bytes (which bcrypt
 	// would have cut short) never matches it: such a person uses ForgotPassword.
 	// Anything else is INVALID_ARGUMENT on this item.
-	PasswordHash  string `protobuf:"bytes,8,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PasswordHash string `protobuf:"bytes,8,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	// True: the user must change the password at their first sign-in (as SetPassword's
+	// change_required). Imported hashes were never checked against this service's password rules
+	// nor the breached-password list (there is no password to check), which this makes up for.
+	PasswordChangeRequired bool `protobuf:"varint,50,opt,name=password_change_required,json=passwordChangeRequired,proto3" json:"password_change_required,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *ImportedUser) Reset() {
@@ -3654,6 +3662,13 @@ func (x *ImportedUser) GetPasswordHash() string {
 		return x.PasswordHash
 	}
 	return ""
+}
+
+func (x *ImportedUser) GetPasswordChangeRequired() bool {
+	if x != nil {
+		return x.PasswordChangeRequired
+	}
+	return false
 }
 
 type ImportUsersResponse struct {
@@ -5046,6 +5061,122 @@ func (x *UserChange) GetUserChangeNumber() int64 {
 	return 0
 }
 
+type SetPasswordRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required. The user whose password is set.
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Required. The new password, under the same rules as CreateUserRequest.password.
+	Password string `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	// Required. Must equal password.
+	PasswordConfirmation string `protobuf:"bytes,3,opt,name=password_confirmation,json=passwordConfirmation,proto3" json:"password_confirmation,omitempty"`
+	// True: the user must change it at the next sign-in (see SetPassword).
+	ChangeRequired bool `protobuf:"varint,4,opt,name=change_required,json=changeRequired,proto3" json:"change_required,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *SetPasswordRequest) Reset() {
+	*x = SetPasswordRequest{}
+	mi := &file_users_v1_user_service_proto_msgTypes[88]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPasswordRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPasswordRequest) ProtoMessage() {}
+
+func (x *SetPasswordRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[88]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPasswordRequest.ProtoReflect.Descriptor instead.
+func (*SetPasswordRequest) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{88}
+}
+
+func (x *SetPasswordRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *SetPasswordRequest) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
+}
+
+func (x *SetPasswordRequest) GetPasswordConfirmation() string {
+	if x != nil {
+		return x.PasswordConfirmation
+	}
+	return ""
+}
+
+func (x *SetPasswordRequest) GetChangeRequired() bool {
+	if x != nil {
+		return x.ChangeRequired
+	}
+	return false
+}
+
+type SetPasswordResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          *User                  `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPasswordResponse) Reset() {
+	*x = SetPasswordResponse{}
+	mi := &file_users_v1_user_service_proto_msgTypes[89]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPasswordResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPasswordResponse) ProtoMessage() {}
+
+func (x *SetPasswordResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[89]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPasswordResponse.ProtoReflect.Descriptor instead.
+func (*SetPasswordResponse) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{89}
+}
+
+func (x *SetPasswordResponse) GetUser() *User {
+	if x != nil {
+		return x.User
+	}
+	return nil
+}
+
 var File_users_v1_user_service_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_service_proto_rawDesc = "" +
@@ -5231,7 +5362,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x14ResetUserMfaResponse\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"B\n" +
 	"\x12ImportUsersRequest\x12,\n" +
-	"\x05users\x18\x01 \x03(\v2\x16.users.v1.ImportedUserR\x05users\"\x96\x02\n" +
+	"\x05users\x18\x01 \x03(\v2\x16.users.v1.ImportedUserR\x05users\"\xd0\x02\n" +
 	"\fImportedUser\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -5241,7 +5372,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x06gender\x18\x05 \x01(\x0e2\x10.users.v1.GenderR\x06gender\x12\"\n" +
 	"\x04role\x18\x06 \x01(\x0e2\x0e.users.v1.RoleR\x04role\x12%\n" +
 	"\x0eemail_verified\x18\a \x01(\bR\remailVerified\x12#\n" +
-	"\rpassword_hash\x18\b \x01(\tR\fpasswordHash\"K\n" +
+	"\rpassword_hash\x18\b \x01(\tR\fpasswordHash\x128\n" +
+	"\x18password_change_required\x182 \x01(\bR\x16passwordChangeRequired\"K\n" +
 	"\x13ImportUsersResponse\x124\n" +
 	"\aresults\x18\x01 \x03(\v2\x1a.users.v1.ImportUserResultR\aresults\"n\n" +
 	"\x10ImportUserResult\x12$\n" +
@@ -5342,7 +5474,14 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\vchange_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"changeTime\x12\"\n" +
 	"\x04user\x18\x05 \x01(\v2\x0e.users.v1.UserR\x04user\x12,\n" +
-	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber*\xb1\a\n" +
+	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber\"\xa7\x01\n" +
+	"\x12SetPasswordRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1a\n" +
+	"\bpassword\x18\x02 \x01(\tR\bpassword\x123\n" +
+	"\x15password_confirmation\x18\x03 \x01(\tR\x14passwordConfirmation\x12'\n" +
+	"\x0fchange_required\x18\x04 \x01(\bR\x0echangeRequired\"9\n" +
+	"\x13SetPasswordResponse\x12\"\n" +
+	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user*\xd4\a\n" +
 	"\x0eAuditEventType\x12 \n" +
 	"\x1cAUDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18AUDIT_EVENT_TYPE_SIGN_IN\x10\x01\x12&\n" +
@@ -5369,7 +5508,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE\x10\x15\x12+\n" +
 	"'AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE\x10\x16\x12$\n" +
 	" AUDIT_EVENT_TYPE_SESSIONS_REVOKE\x10\x17\x12#\n" +
-	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18*\xb1\x01\n" +
+	"\x1fAUDIT_EVENT_TYPE_PROFILE_UPDATE\x10\x18\x12!\n" +
+	"\x1dAUDIT_EVENT_TYPE_PASSWORD_SET\x102*\xb1\x01\n" +
 	"\x0eAuditActorKind\x12 \n" +
 	"\x1cAUDIT_ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aAUDIT_ACTOR_KIND_ANONYMOUS\x10\x01\x12\x19\n" +
@@ -5388,7 +5528,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x17USER_CHANGE_TYPE_LOCKED\x10\b\x12\x1d\n" +
 	"\x19USER_CHANGE_TYPE_UNLOCKED\x10\t\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_DELETED\x10\n" +
-	"2\x8b\x1b\n" +
+	"2\xd7\x1b\n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -5436,7 +5576,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
 	"UpdateUser\x12\x1b.users.v1.UpdateUserRequest\x1a\x1c.users.v1.UpdateUserResponse\x12V\n" +
 	"\x0fListAuditEvents\x12 .users.v1.ListAuditEventsRequest\x1a!.users.v1.ListAuditEventsResponse\x12[\n" +
-	"\x10WatchUserChanges\x12!.users.v1.WatchUserChangesRequest\x1a\".users.v1.WatchUserChangesResponse0\x01B\x89\x01\n" +
+	"\x10WatchUserChanges\x12!.users.v1.WatchUserChangesRequest\x1a\".users.v1.WatchUserChangesResponse0\x01\x12J\n" +
+	"\vSetPassword\x12\x1c.users.v1.SetPasswordRequest\x1a\x1d.users.v1.SetPasswordResponseB\x89\x01\n" +
 	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
@@ -5452,7 +5593,7 @@ func file_users_v1_user_service_proto_rawDescGZIP() []byte {
 }
 
 var file_users_v1_user_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 88)
+var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 90)
 var file_users_v1_user_service_proto_goTypes = []any{
 	(AuditEventType)(0),                     // 0: users.v1.AuditEventType
 	(AuditActorKind)(0),                     // 1: users.v1.AuditActorKind
@@ -5545,159 +5686,164 @@ var file_users_v1_user_service_proto_goTypes = []any{
 	(*WatchUserChangesRequest)(nil),         // 88: users.v1.WatchUserChangesRequest
 	(*WatchUserChangesResponse)(nil),        // 89: users.v1.WatchUserChangesResponse
 	(*UserChange)(nil),                      // 90: users.v1.UserChange
-	(Gender)(0),                             // 91: users.v1.Gender
-	(Role)(0),                               // 92: users.v1.Role
-	(*User)(nil),                            // 93: users.v1.User
-	(*timestamppb.Timestamp)(nil),           // 94: google.protobuf.Timestamp
-	(*Session)(nil),                         // 95: users.v1.Session
-	(*TokenClaims)(nil),                     // 96: users.v1.TokenClaims
-	(*status.Status)(nil),                   // 97: google.rpc.Status
-	(UserState)(0),                          // 98: users.v1.UserState
-	(*fieldmaskpb.FieldMask)(nil),           // 99: google.protobuf.FieldMask
-	(code.Code)(0),                          // 100: google.rpc.Code
+	(*SetPasswordRequest)(nil),              // 91: users.v1.SetPasswordRequest
+	(*SetPasswordResponse)(nil),             // 92: users.v1.SetPasswordResponse
+	(Gender)(0),                             // 93: users.v1.Gender
+	(Role)(0),                               // 94: users.v1.Role
+	(*User)(nil),                            // 95: users.v1.User
+	(*timestamppb.Timestamp)(nil),           // 96: google.protobuf.Timestamp
+	(*Session)(nil),                         // 97: users.v1.Session
+	(*TokenClaims)(nil),                     // 98: users.v1.TokenClaims
+	(*status.Status)(nil),                   // 99: google.rpc.Status
+	(UserState)(0),                          // 100: users.v1.UserState
+	(*fieldmaskpb.FieldMask)(nil),           // 101: google.protobuf.FieldMask
+	(code.Code)(0),                          // 102: google.rpc.Code
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
-	91,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
-	92,  // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
-	93,  // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
-	93,  // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
-	93,  // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
-	93,  // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
-	93,  // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
-	93,  // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
-	94,  // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	94,  // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	94,  // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	94,  // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	95,  // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
-	96,  // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
-	93,  // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
-	93,  // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
-	92,  // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
-	93,  // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
-	93,  // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
-	93,  // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
-	93,  // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
-	93,  // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
-	93,  // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
+	93,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
+	94,  // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
+	95,  // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
+	95,  // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
+	95,  // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
+	95,  // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
+	95,  // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
+	95,  // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
+	96,  // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	96,  // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	96,  // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	96,  // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	97,  // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
+	98,  // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
+	95,  // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
+	95,  // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
+	94,  // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
+	95,  // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
+	95,  // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
+	95,  // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
+	95,  // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
+	95,  // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
+	95,  // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
 	68,  // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
-	91,  // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
-	92,  // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
+	93,  // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
+	94,  // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
 	70,  // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
-	93,  // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
-	97,  // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
-	94,  // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
+	95,  // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
+	99,  // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
+	96,  // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
 	71,  // 30: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
-	94,  // 31: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	96,  // 31: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
 	71,  // 32: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
-	92,  // 33: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
-	98,  // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
-	94,  // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
-	94,  // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
-	93,  // 37: users.v1.ListUsersResponse.users:type_name -> users.v1.User
-	93,  // 38: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
-	99,  // 39: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
-	93,  // 40: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
+	94,  // 33: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
+	100, // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
+	96,  // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
+	96,  // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
+	95,  // 37: users.v1.ListUsersResponse.users:type_name -> users.v1.User
+	95,  // 38: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
+	101, // 39: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
+	95,  // 40: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
 	1,   // 41: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
 	0,   // 42: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
-	94,  // 43: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	96,  // 43: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
 	84,  // 44: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
-	100, // 45: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
+	102, // 45: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
 	0,   // 46: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
-	94,  // 47: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
-	94,  // 48: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
+	96,  // 47: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
+	96,  // 48: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
 	85,  // 49: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
 	90,  // 50: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
 	2,   // 51: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
-	94,  // 52: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
-	93,  // 53: users.v1.UserChange.user:type_name -> users.v1.User
-	3,   // 54: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
-	5,   // 55: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
-	7,   // 56: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
-	9,   // 57: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
-	11,  // 58: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
-	13,  // 59: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
-	15,  // 60: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
-	17,  // 61: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
-	19,  // 62: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
-	21,  // 63: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
-	23,  // 64: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
-	25,  // 65: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
-	27,  // 66: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
-	29,  // 67: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
-	31,  // 68: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
-	33,  // 69: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
-	35,  // 70: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
-	37,  // 71: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
-	39,  // 72: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
-	41,  // 73: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
-	43,  // 74: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
-	45,  // 75: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
-	47,  // 76: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
-	49,  // 77: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
-	51,  // 78: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
-	53,  // 79: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
-	55,  // 80: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
-	57,  // 81: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
-	59,  // 82: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
-	61,  // 83: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
-	63,  // 84: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
-	65,  // 85: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
-	67,  // 86: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
-	72,  // 87: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
-	74,  // 88: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
-	76,  // 89: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
-	78,  // 90: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
-	80,  // 91: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
-	82,  // 92: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
-	86,  // 93: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
-	88,  // 94: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
-	4,   // 95: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	6,   // 96: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	8,   // 97: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	10,  // 98: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	12,  // 99: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	14,  // 100: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	16,  // 101: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	18,  // 102: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	20,  // 103: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	22,  // 104: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	24,  // 105: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	26,  // 106: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	28,  // 107: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	30,  // 108: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	32,  // 109: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	34,  // 110: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	36,  // 111: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	38,  // 112: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	40,  // 113: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	42,  // 114: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	44,  // 115: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	46,  // 116: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	48,  // 117: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	50,  // 118: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	52,  // 119: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	54,  // 120: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	56,  // 121: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	58,  // 122: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	60,  // 123: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	62,  // 124: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	64,  // 125: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	66,  // 126: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	69,  // 127: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	73,  // 128: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	75,  // 129: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	77,  // 130: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	79,  // 131: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	81,  // 132: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	83,  // 133: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	87,  // 134: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	89,  // 135: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
-	95,  // [95:136] is the sub-list for method output_type
-	54,  // [54:95] is the sub-list for method input_type
-	54,  // [54:54] is the sub-list for extension type_name
-	54,  // [54:54] is the sub-list for extension extendee
-	0,   // [0:54] is the sub-list for field type_name
+	96,  // 52: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
+	95,  // 53: users.v1.UserChange.user:type_name -> users.v1.User
+	95,  // 54: users.v1.SetPasswordResponse.user:type_name -> users.v1.User
+	3,   // 55: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
+	5,   // 56: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
+	7,   // 57: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
+	9,   // 58: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
+	11,  // 59: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
+	13,  // 60: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
+	15,  // 61: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
+	17,  // 62: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
+	19,  // 63: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
+	21,  // 64: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
+	23,  // 65: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
+	25,  // 66: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
+	27,  // 67: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
+	29,  // 68: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
+	31,  // 69: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
+	33,  // 70: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
+	35,  // 71: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
+	37,  // 72: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
+	39,  // 73: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
+	41,  // 74: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
+	43,  // 75: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
+	45,  // 76: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
+	47,  // 77: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
+	49,  // 78: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
+	51,  // 79: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
+	53,  // 80: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
+	55,  // 81: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
+	57,  // 82: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
+	59,  // 83: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
+	61,  // 84: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
+	63,  // 85: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
+	65,  // 86: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
+	67,  // 87: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
+	72,  // 88: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
+	74,  // 89: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
+	76,  // 90: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
+	78,  // 91: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
+	80,  // 92: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
+	82,  // 93: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
+	86,  // 94: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
+	88,  // 95: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
+	91,  // 96: users.v1.UserService.SetPassword:input_type -> users.v1.SetPasswordRequest
+	4,   // 97: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	6,   // 98: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	8,   // 99: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	10,  // 100: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	12,  // 101: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	14,  // 102: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	16,  // 103: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	18,  // 104: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	20,  // 105: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	22,  // 106: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	24,  // 107: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	26,  // 108: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	28,  // 109: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	30,  // 110: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	32,  // 111: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	34,  // 112: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	36,  // 113: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	38,  // 114: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	40,  // 115: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	42,  // 116: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	44,  // 117: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	46,  // 118: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	48,  // 119: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	50,  // 120: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	52,  // 121: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	54,  // 122: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	56,  // 123: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	58,  // 124: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	60,  // 125: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	62,  // 126: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	64,  // 127: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	66,  // 128: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	69,  // 129: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	73,  // 130: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	75,  // 131: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	77,  // 132: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	79,  // 133: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	81,  // 134: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	83,  // 135: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	87,  // 136: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	89,  // 137: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	92,  // 138: users.v1.UserService.SetPassword:output_type -> users.v1.SetPasswordResponse
+	97,  // [97:139] is the sub-list for method output_type
+	55,  // [55:97] is the sub-list for method input_type
+	55,  // [55:55] is the sub-list for extension type_name
+	55,  // [55:55] is the sub-list for extension extendee
+	0,   // [0:55] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_service_proto_init() }
@@ -5718,7 +5864,7 @@ func file_users_v1_user_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_users_v1_user_service_proto_rawDesc), len(file_users_v1_user_service_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   88,
+			NumMessages:   90,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

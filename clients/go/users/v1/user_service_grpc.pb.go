@@ -60,6 +60,7 @@ const (
 	UserService_UpdateUser_FullMethodName              = "/users.v1.UserService/UpdateUser"
 	UserService_ListAuditEvents_FullMethodName         = "/users.v1.UserService/ListAuditEvents"
 	UserService_WatchUserChanges_FullMethodName        = "/users.v1.UserService/WatchUserChanges"
+	UserService_SetPassword_FullMethodName             = "/users.v1.UserService/SetPassword"
 )
 
 // UserServiceClient is the client API for UserService service.
@@ -572,6 +573,21 @@ type UserServiceClient interface {
 	// delay),
 	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
 	WatchUserChanges(ctx context.Context, in *WatchUserChangesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchUserChangesResponse], error)
+	// Set a user's password, as an admin
+	//
+	// For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+	// band. With `change_required`, the user's next Authenticate, after the right password (and
+	// second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+	// and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+	// change clears the flag. The password meets the same rules as any chosen password: strength,
+	// history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+	// ChangePassword, every session and token of the user is revoked and a notice is mailed.
+	// Recorded in the audit trail (never the password).
+	// Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+	// PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+	// changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+	// (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+	SetPassword(ctx context.Context, in *SetPasswordRequest, opts ...grpc.CallOption) (*SetPasswordResponse, error)
 }
 
 type userServiceClient struct {
@@ -1000,6 +1016,16 @@ func (c *userServiceClient) WatchUserChanges(ctx context.Context, in *WatchUserC
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type UserService_WatchUserChangesClient = grpc.ServerStreamingClient[WatchUserChangesResponse]
+
+func (c *userServiceClient) SetPassword(ctx context.Context, in *SetPasswordRequest, opts ...grpc.CallOption) (*SetPasswordResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetPasswordResponse)
+	err := c.cc.Invoke(ctx, UserService_SetPassword_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
 
 // UserServiceServer is the server API for UserService service.
 // All implementations must embed UnimplementedUserServiceServer
@@ -1511,6 +1537,21 @@ type UserServiceServer interface {
 	// delay),
 	// UNAVAILABLE (the stream ends; reconnect with the last cursor).
 	WatchUserChanges(*WatchUserChangesRequest, grpc.ServerStreamingServer[WatchUserChangesResponse]) error
+	// Set a user's password, as an admin
+	//
+	// For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+	// band. With `change_required`, the user's next Authenticate, after the right password (and
+	// second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+	// and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+	// change clears the flag. The password meets the same rules as any chosen password: strength,
+	// history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+	// ChangePassword, every session and token of the user is revoked and a notice is mailed.
+	// Recorded in the audit trail (never the password).
+	// Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+	// PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+	// changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+	// (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+	SetPassword(context.Context, *SetPasswordRequest) (*SetPasswordResponse, error)
 	mustEmbedUnimplementedUserServiceServer()
 }
 
@@ -1643,6 +1684,9 @@ func (UnimplementedUserServiceServer) ListAuditEvents(context.Context, *ListAudi
 }
 func (UnimplementedUserServiceServer) WatchUserChanges(*WatchUserChangesRequest, grpc.ServerStreamingServer[WatchUserChangesResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchUserChanges not implemented")
+}
+func (UnimplementedUserServiceServer) SetPassword(context.Context, *SetPasswordRequest) (*SetPasswordResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetPassword not implemented")
 }
 func (UnimplementedUserServiceServer) mustEmbedUnimplementedUserServiceServer() {}
 func (UnimplementedUserServiceServer) testEmbeddedByValue()                     {}
@@ -2396,6 +2440,24 @@ func _UserService_WatchUserChanges_Handler(srv interface{}, stream grpc.ServerSt
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type UserService_WatchUserChangesServer = grpc.ServerStreamingServer[WatchUserChangesResponse]
 
+func _UserService_SetPassword_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetPasswordRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).SetPassword(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_SetPassword_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).SetPassword(ctx, req.(*SetPasswordRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // UserService_ServiceDesc is the grpc.ServiceDesc for UserService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -2562,6 +2624,10 @@ var UserService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListAuditEvents",
 			Handler:    _UserService_ListAuditEvents_Handler,
+		},
+		{
+			MethodName: "SetPassword",
+			Handler:    _UserService_SetPassword_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
