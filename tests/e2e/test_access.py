@@ -80,6 +80,7 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ListAuditEvents": lambda _id, _name: pb.ListAuditEventsRequest(page_size=1),
     # Not a cursor: refused as INVALID_ARGUMENT once admitted, so the stream ends at once.
     "WatchUserChanges": lambda _id, _name: pb.WatchUserChangesRequest(after="not a cursor"),
+    "SetPassword": lambda _id, _name: pb.SetPasswordRequest(user_id="f" * 24),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them (RevokeAllSessions on a user
@@ -137,6 +138,7 @@ ADMITTED: dict[str, str] = {
     "UpdateUser": INVALID,
     "ListAuditEvents": "OK",
     "WatchUserChanges": INVALID,  # the sample request's cursor is none of this feed
+    "SetPassword": NOT_FOUND,
 }
 # Where a caller's admitted call gets another answer than ADMITTED's.
 ADMITTED_FOR: dict[tuple[str, str], str] = {

@@ -232,6 +232,8 @@ _PUBLISHED_FIELDS = {
         "created_at",
         "updated_at",
         "revision",
+        "password_change_required",
+        "password_changed_at",
         "mfa.state",
         "change_number",
         "pending_changes",
@@ -256,6 +258,8 @@ def _user_snapshot(document: Document) -> Document:
             "created_at",
             "updated_at",
             "revision",
+            "password_change_required",
+            "password_changed_at",
         )
         if name in document
     }
