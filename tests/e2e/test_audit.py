@@ -243,6 +243,15 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
     machine.VerifyCredentials(pb.VerifyCredentialsRequest(identifier="jane", password=THIRD_PASSWORD))
     server.stub.DeleteServiceAccount(pb.DeleteServiceAccountRequest(client_id=client_id))
 
+    # An admin sets jane's password, to be changed at her next sign-in.
+    set_by_admin = "orbit lantern staple quietly"
+    secrets.append(set_by_admin)
+    server.stub.SetPassword(
+        pb.SetPasswordRequest(
+            user_id=jane, password=set_by_admin, password_confirmation=set_by_admin, change_required=True
+        )
+    )
+
     events = audit_events(server.stub)
     assert {e.type for e in events} == set(T.values()) - {pb.AUDIT_EVENT_TYPE_UNSPECIFIED}
     anonymous = (ANONYMOUS, "")
@@ -279,6 +288,7 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
         (pb.AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE, anonymous, client_id, {"status": UNAUTHENTICATED}),
         (pb.AUDIT_EVENT_TYPE_CREDENTIALS_CHECK, (SERVICE_ACCOUNT, client_id), jane, {}),
         (pb.AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE, admin, client_id, {}),
+        (pb.AUDIT_EVENT_TYPE_PASSWORD_SET, admin, jane, {"reason": "change required"}),
     ]
     for type_, actor, subject, more in expected:
         assert has(events, type_, actor=actor, subject=subject, **more), (T.Name(type_), actor, subject, more)
