@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.support.stores",
     "tests.support.logs",
     "tests.support.browser",
+    "tests.support.pwned_range",
 ]
 
 

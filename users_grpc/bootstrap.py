@@ -38,6 +38,7 @@ from pymongo.monitoring import CommandListener, ConnectionPoolListener
 
 from users.v1 import user_service_pb2, user_service_pb2_grpc
 from users_grpc.adapters.bcrypt_hasher import BcryptHasher, common_passwords, yield_to_calls
+from users_grpc.adapters.breached_passwords import PwnedPasswordsRange
 from users_grpc.adapters.mail_rendering import MailLinks, TemplateMailRenderer
 from users_grpc.adapters.mail_transports import DirectoryTransport, SmtpTransport
 from users_grpc.adapters.mongo import build_stores as build_mongo_stores
@@ -90,6 +91,7 @@ from users_grpc.services.mail import MailDelivery
 from users_grpc.services.metadata import MetadataService
 from users_grpc.services.mfa import MfaService
 from users_grpc.services.passkeys import PasskeyService
+from users_grpc.services.password_policy import PasswordLifecycle, PasswordRules
 from users_grpc.services.passwords import PasswordService
 from users_grpc.services.service_accounts import ServiceAccountService
 from users_grpc.services.sessions import SessionService
@@ -477,6 +479,7 @@ def build_services(
         min_length=settings.password_min_length, common_passwords=common_passwords(settings.password_min_length)
     )
     password_throttle = PasswordThrottle(store=stores.throttles, clock=clock, policy=_throttle_policy(settings))
+    password_rules = _password_rules(settings, hasher)
     accounts = AccountService(
         users=stores.users,
         mailer=mail,
@@ -486,6 +489,7 @@ def build_services(
         clock=clock,
         policy=_account_policy(settings, password_policy),
         throttle=password_throttle,
+        password_rules=password_rules,
     )
     encryption = KeyEncryption(key_encryption_key, settings.old_key_encryption_keys)
     tokens = AccessTokens(
@@ -536,6 +540,7 @@ def build_services(
             reset_max_sends=settings.password_reset_max_sends,
             reset_send_window=timedelta(seconds=settings.password_reset_send_window_seconds),
             reply_floor=timedelta(seconds=settings.reply_floor_seconds),
+            rules=password_rules,
         ),
         sessions=SessionService(
             logins=mfa,
@@ -547,6 +552,7 @@ def build_services(
             session_lifetime=timedelta(seconds=settings.session_ttl_seconds),
             groups=groups,
             passkeys=passkeys,
+            password_rules=password_rules,
         ),
         mfa=mfa,
         email_changes=EmailChangeService(
@@ -710,6 +716,27 @@ def _throttle_policy(settings: Settings) -> ThrottlePolicy:
         window=timedelta(seconds=settings.password_attempt_window_seconds),
         max_delay=timedelta(seconds=settings.password_max_delay_seconds),
         known_source_lifetime=timedelta(seconds=settings.known_source_ttl_seconds),
+    )
+
+
+def _password_rules(settings: Settings, hasher: BcryptHasher) -> PasswordRules:
+    breached = (
+        PwnedPasswordsRange(
+            url=settings.breached_password_url, timeout_seconds=settings.breached_password_timeout_seconds
+        )
+        if settings.breached_password_url
+        else None
+    )
+    max_age = settings.password_max_age_seconds
+    return PasswordRules(
+        hasher=hasher,
+        breached=breached,
+        lifecycle=PasswordLifecycle(
+            history=settings.password_history,
+            max_age=timedelta(seconds=max_age) if max_age else None,
+            change_token_lifetime=timedelta(seconds=settings.password_change_token_ttl_seconds),
+            breach_check_fails_closed=settings.breached_password_fail_closed,
+        ),
     )
 
 

@@ -25,6 +25,9 @@ _T = TypeVar("_T")
 
 
 # Read by one command, not into Settings: known, so never reported as a typo.
+# Each change compares the new password with this many hashes, one bcrypt run each: bounded so a
+# change costs at most this many sign-ins' worth of hashing (24 is also Windows' and Keycloak's cap).
+MAX_PASSWORD_HISTORY = 24
 READ_BY_COMMANDS = frozenset({"USERS_ADMIN_PASSWORD", "USERS_DEV_DB_BINARY"})
 
 
@@ -107,6 +110,15 @@ class Settings:
     password_reset_ttl_seconds: int = 3600
     password_reset_max_sends: int = 3
     password_reset_send_window_seconds: int = 3600
+    # Password policy (docs/security.md): the last N passwords may not be chosen again (0: off);
+    # a password older than the maximum age must be changed at sign-in (0: never expires);
+    # the breached-password range API (empty: no check), its timeout and whether it fails closed.
+    password_history: int = 5
+    password_max_age_seconds: int = 0
+    password_change_token_ttl_seconds: int = 300
+    breached_password_url: str = ""
+    breached_password_timeout_seconds: float = 2.0
+    breached_password_fail_closed: bool = False
     mfa_issuer: str = "users-grpc"
     mfa_max_attempts: int = 5
     mfa_attempt_window_seconds: int = 300
@@ -270,6 +282,20 @@ class Settings:
             ),
             webauthn_reauth_seconds=env.integer(
                 "USERS_WEBAUTHN_REAUTH_SECONDS", defaults.webauthn_reauth_seconds, 0, 86400
+            ),
+            password_history=env.integer("USERS_PASSWORD_HISTORY", defaults.password_history, 0, MAX_PASSWORD_HISTORY),
+            password_max_age_seconds=env.integer(
+                "USERS_PASSWORD_MAX_AGE_SECONDS", defaults.password_max_age_seconds, 0, 10 * 365 * 86400
+            ),
+            password_change_token_ttl_seconds=env.integer(
+                "USERS_PASSWORD_CHANGE_TOKEN_TTL_SECONDS", defaults.password_change_token_ttl_seconds, 30, 3600
+            ),
+            breached_password_url=env.get("USERS_BREACHED_PASSWORD_URL", defaults.breached_password_url, _range_url),
+            breached_password_timeout_seconds=env.number(
+                "USERS_BREACHED_PASSWORD_TIMEOUT_SECONDS", defaults.breached_password_timeout_seconds, 0.1, 30
+            ),
+            breached_password_fail_closed=env.get(
+                "USERS_BREACHED_PASSWORD_FAIL_CLOSED", defaults.breached_password_fail_closed, _bool
             ),
             jwt_issuer=env.get("USERS_JWT_ISSUER", defaults.jwt_issuer, str),
             jwt_audience=env.get("USERS_JWT_AUDIENCE", defaults.jwt_audience, str),
@@ -524,6 +550,16 @@ def _link_url(raw: str) -> str:
         raise ValueError("must be an https:// URL (or http://localhost for development)")
     if parts.fragment or "#" in raw or any(not char.isprintable() or char.isspace() for char in raw):
         raise ValueError("must be a URL without a fragment (#) or spaces: the token goes in its fragment")
+    return raw
+
+
+def _range_url(raw: str) -> str:
+    """A Have I Been Pwned style range API: the five hex digits of a SHA-1 prefix are appended."""
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in {"https", "http"} or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(
+            "must be an http(s):// URL without query or fragment, such as https://api.pwnedpasswords.com/range/"
+        )
     return raw
 
 

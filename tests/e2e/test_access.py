@@ -112,6 +112,7 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "RemovePasskey": lambda id_, _name: pk.RemovePasskeyRequest(user_id=id_, passkey_id="f" * 24, password=PASSWORD),
     "ListUserAuthenticationFactors": lambda id_, _name: pk.ListUserAuthenticationFactorsRequest(user_id=id_),
     "RemoveUserPasskey": lambda _id, _name: pk.RemoveUserPasskeyRequest(user_id="f" * 24, passkey_id="f" * 24),
+    "SetPassword": lambda _id, _name: pb.SetPasswordRequest(user_id="f" * 24),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them (RevokeAllSessions on a user
@@ -190,6 +191,7 @@ ADMITTED: dict[str, str] = {
     "RemovePasskey": "NOT_FOUND/PASSKEY_NOT_FOUND",
     "ListUserAuthenticationFactors": "OK",
     "RemoveUserPasskey": NOT_FOUND,
+    "SetPassword": NOT_FOUND,
 }
 # Where a caller's admitted call gets another answer than ADMITTED's.
 ADMITTED_FOR: dict[tuple[str, str], str] = {

@@ -257,6 +257,14 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
     server.stub.AddGroupMember(gpb.AddGroupMemberRequest(group_id=group, user_id=jane))
     server.stub.RemoveGroupMember(gpb.RemoveGroupMemberRequest(group_id=group, user_id=jane))
     server.stub.DeleteGroup(gpb.DeleteGroupRequest(group_id=group))
+    # An admin sets jane's password, to be changed at her next sign-in.
+    set_by_admin = "orbit lantern staple quietly"
+    secrets.append(set_by_admin)
+    server.stub.SetPassword(
+        pb.SetPasswordRequest(
+            user_id=jane, password=set_by_admin, password_confirmation=set_by_admin, change_required=True
+        )
+    )
 
     events = audit_events(server.stub)
     # The passkey events need an authenticator: tests/e2e/test_passkeys.py records each of them.
@@ -302,6 +310,7 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
         (pb.AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD, admin, jane, {"reason": f"group {group}"}),
         (pb.AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE, admin, jane, {"reason": f"group {group}"}),
         (pb.AUDIT_EVENT_TYPE_GROUP_DELETE, admin, group, {}),
+        (pb.AUDIT_EVENT_TYPE_PASSWORD_SET, admin, jane, {"reason": "change required"}),
     ]
     for type_, actor, subject, more in expected:
         assert has(events, type_, actor=actor, subject=subject, **more), (T.Name(type_), actor, subject, more)

@@ -95,6 +95,7 @@ SAMPLES: dict[str, Subject] = {
     "RemovePasskey": "self",
     "ListUserAuthenticationFactors": "self",
     "RemoveUserPasskey": "ghost",
+    "SetPassword": "ghost",
 }
 # Served over gRPC only: invoke is unary (the HTTP edge answers UNIMPLEMENTED).
 STREAMS = {"WatchUserChanges"}

@@ -207,6 +207,7 @@ BAD_INPUT = [
     ("ConfirmEmailChange", pb.ConfirmEmailChangeRequest(user_id=SELF, code="12345"), "code"),
     ("SetUserEmail", pb.SetUserEmailRequest(user_id="nope", email="x@example.com"), "user_id"),
     ("SetUserEmail", pb.SetUserEmailRequest(user_id="f" * 24, email="x@"), "email"),
+    ("SetPassword", pb.SetPasswordRequest(user_id="nope"), "user_id"),
     ("SetUserRole", pb.SetUserRoleRequest(user_id="nope", role=user_pb2.ROLE_USER), "user_id"),
     ("SetUserRole", pb.SetUserRoleRequest(user_id="f" * 24), "role"),
     ("SetUserRole", pb.SetUserRoleRequest(user_id="f" * 24, role=user_pb2.Role.ValueType(7)), "role"),

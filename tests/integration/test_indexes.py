@@ -32,6 +32,7 @@ INDEXES: dict[str, dict[str, tuple[list[tuple[str, int]], bool]]] = {
         "status_failed_at": ([("status", 1), ("failed_at", 1)], False),
         "status_next_attempt_at": ([("status", 1), ("next_attempt_at", 1)], False),
     },
+    "passkey_ceremonies": {"_id_": ([("_id", 1)], False), "expires_at": ([("expires_at", 1)], False)},
     "service_accounts": {"_id_": ([("_id", 1)], False), "name_unique": ([("name", 1)], True)},
     "sessions": {
         "_id_": ([("_id", 1)], False),

@@ -19,6 +19,7 @@ from users_grpc.domain.model import (
     Mail,
     Mfa,
     NewUser,
+    PasswordHistory,
     PasswordScheme,
     Role,
     Session,
@@ -458,15 +459,35 @@ class FakeCredentialRepository(FakeUserRepository):
             return None
         return account if account.user.is_active else None
 
-    async def reset_password(self, user_id: str, digest: str, password_hash: str, now: datetime, notice: Mail) -> bool:
+    async def reset_password(
+        self,
+        user_id: str,
+        digest: str,
+        password_hash: str,
+        now: datetime,
+        notice: Mail,
+        *,
+        history: PasswordHistory | None = None,
+    ) -> bool:
         account = self.accounts.get(user_id)
         reset = account.password_reset if account else None
         if reset is None or reset.digest != digest or reset.expires_at <= now:
             return False
-        return await self.set_password(user_id, password_hash, now, notice)
+        return await self.set_password(user_id, password_hash, now, notice, history=history)
 
-    async def set_password(self, user_id: str, password_hash: str, now: datetime, notice: Mail) -> bool:
+    async def set_password(
+        self,
+        user_id: str,
+        password_hash: str,
+        now: datetime,
+        notice: Mail,
+        *,
+        history: PasswordHistory | None = None,
+        change_required: bool = False,
+    ) -> bool:
         if user_id not in self.accounts:
+            return False
+        if history is not None and self.accounts[user_id].password_hash != history.replaces:
             return False
         self._changed(
             user_id,

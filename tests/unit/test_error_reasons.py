@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from datetime import UTC, datetime
 
 import pytest
 from google.rpc import error_details_pb2
 
 import users_grpc
 from users.v1 import error_reason_pb2
-from users_grpc.domain.errors import AlreadyExists, FieldViolation, InvalidArgument, UsersError
+from users_grpc.domain.errors import (
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    PasswordBreached,
+    PasswordChangeRequired,
+    PasswordExpired,
+    PasswordReused,
+    UsersError,
+)
 from users_grpc.grpc_api.status import ERROR_DOMAIN, ERROR_REASON_PREFIX, to_rpc_status
 
 
@@ -59,6 +69,10 @@ _CLASSES = sorted(_every_error_class(), key=lambda cls: cls.__name__)
 _MADE_WITH_ARGUMENTS: dict[type[UsersError], UsersError] = {
     InvalidArgument: InvalidArgument([FieldViolation("username", "required")]),
     AlreadyExists: AlreadyExists("email"),
+    PasswordBreached: PasswordBreached("password"),
+    PasswordReused: PasswordReused("password", 5),
+    PasswordChangeRequired: PasswordChangeRequired(user_id="a" * 24, token="t", expires_at=datetime.now(UTC)),
+    PasswordExpired: PasswordExpired(user_id="a" * 24, token="t", expires_at=datetime.now(UTC)),
 }
 
 

@@ -79,6 +79,7 @@ def test_the_contract_has_the_numbers_the_cases_cover() -> None:
         "UpdateUser.user.created_at",
         "UpdateUser.user.updated_at",
         "UpdateUser.user.metadata[0].update_time",
+        "UpdateUser.user.password_update_time",
         "ListAuditEvents.page_size",
         "ListAuditEvents.start_time",
         "ListAuditEvents.end_time",

@@ -333,7 +333,16 @@ def imported(**changes: str) -> ImportedUser:
         "password_hash": BCRYPT_HASH,
     }
     fields.update(changes)
-    return ImportedUser(**fields, gender=Gender.FEMALE, role=Role.USER, email_verified=True)
+    return ImportedUser(
+        username=fields["username"],
+        first_name=fields["first_name"],
+        last_name=fields["last_name"],
+        email=fields["email"],
+        password_hash=fields["password_hash"],
+        gender=Gender.FEMALE,
+        role=Role.USER,
+        email_verified=True,
+    )
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,15 @@ caller, rich details, by the one table in grpc_api/status.py::
     │   ├── InvalidResetToken
     │   ├── InvalidEmailChangeCode
     │   ├── InvalidPasskeyRegistration
-    │   └── MalformedRequest   (the bytes are no message of the request's type)
+    │   ├── MalformedRequest   (the bytes are no message of the request's type)
+    │   ├── PasswordReused
+    │   └── PasswordBreached
     ├── NotFound               NOT_FOUND
     │   └── MetadataNotFound   (no metadata entry of this scope and key)
     │   └── PasskeyNotFound
     ├── AlreadyExists          ALREADY_EXISTS (google.rpc.ErrorInfo names the field)
     ├── PermissionDenied       PERMISSION_DENIED
+    │   └── PasswordChangeOnly (a password-change token used for another RPC)
     ├── InvalidCredentials     UNAUTHENTICATED
     ├── Unauthenticated        UNAUTHENTICATED (missing or invalid token)
     ├── InvalidSecondFactor    UNAUTHENTICATED
@@ -30,6 +33,8 @@ caller, rich details, by the one table in grpc_api/status.py::
     │   ├── PasskeysDisabled   (the USERS_WEBAUTHN_* settings are not set)
     │   ├── LastSignInMethod
     │   ├── ReauthenticationRequired
+    │   ├── PasswordChangeRequired (users.v1.PasswordChangeRequired: the password-change token)
+    │   │   └── PasswordExpired
     │   └── ChangeCursorGone  (the change feed no longer holds the changes after the cursor)
     ├── EtagMismatch           ABORTED (the user changed since the etag was read)
     │   └── MetadataEtagMismatch (the metadata entry did)
@@ -37,7 +42,8 @@ caller, rich details, by the one table in grpc_api/status.py::
     ├── TooManyRequests        RESOURCE_EXHAUSTED (RetryInfo)
     ├── Overloaded             RESOURCE_EXHAUSTED (RetryInfo)
     ├── TooManyStreams         RESOURCE_EXHAUSTED (RetryInfo)
-    └── StorageUnavailable     UNAVAILABLE
+    ├── StorageUnavailable     UNAVAILABLE
+    └── PasswordCheckUnavailable UNAVAILABLE (the breached-password check, failing closed)
 
 Anything else that escapes a service is a bug: it is logged with its traceback
 and the caller sees INTERNAL with a generic message.
@@ -51,7 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 
 @dataclass(frozen=True)
@@ -315,6 +321,60 @@ class ReauthenticationRequired(FailedPrecondition):
 class StorageUnavailable(UsersError):
     reason = "STORAGE_UNAVAILABLE"
     message = "the service is temporarily unavailable; retry later"
+
+
+class PasswordChangeRequired(FailedPrecondition):
+    """The password was right, but must be changed before any session opens.
+
+    Carries the password-change token (a secret): never in the message nor the ErrorInfo
+    metadata, which refusals' logs and the audit trail may show; grpc_api/status.py puts it in a
+    detail of its own.
+    """
+
+    reason = "PASSWORD_CHANGE_REQUIRED"
+    message = "the password must be changed: call ChangePassword with the token of this status's details"
+
+    def __init__(self, *, user_id: str, token: str, expires_at: datetime) -> None:
+        super().__init__()
+        self.user_id = user_id
+        self.token = token
+        self.expires_at = expires_at
+
+    def __repr__(self) -> str:  # the token never shows in a traceback or a log of the error
+        return f"{type(self).__name__}(user_id={self.user_id!r})"
+
+
+class PasswordExpired(PasswordChangeRequired):
+    reason = "PASSWORD_EXPIRED"
+    message = "the password is too old: change it with the token of this status's details"
+
+
+class PasswordReused(InvalidArgument):
+    reason = "PASSWORD_REUSED"
+
+    def __init__(self, field: str, history: int) -> None:
+        super().__init__([FieldViolation(field, f"must differ from your last {history} passwords")])
+
+
+class PasswordBreached(InvalidArgument):
+    reason = "PASSWORD_BREACHED"
+
+    def __init__(self, field: str) -> None:
+        super().__init__(
+            [FieldViolation(field, "appears in a list of passwords exposed in data breaches; choose another")]
+        )
+
+
+class PasswordChangeOnly(PermissionDenied):
+    reason = "PASSWORD_CHANGE_ONLY"
+    message = "this token allows ChangePassword only"
+
+
+class PasswordCheckUnavailable(UsersError):
+    """The breached-password check could not be made, and it fails closed."""
+
+    reason = "PASSWORD_CHECK_UNAVAILABLE"
+    message = "the password could not be checked against breached passwords; retry later"
 
 
 class ConfigError(ValueError):

@@ -75,6 +75,16 @@ class User:
     language_code: str = ""
     # Both scopes, by scope then key: only an admin's or a machine caller's view shows them.
     metadata: tuple[MetadataEntry, ...] = dataclasses.field(default=(), repr=False)
+    # Set by an admin (SetPassword, ImportUsers): the next sign-in must change the password first.
+    password_change_required: bool = False
+    # When the password was last set; None if set before this was stored (see password_age_start).
+    password_changed_at: datetime | None = None
+
+    @property
+    def password_age_start(self) -> datetime:
+        """Where the password's age counts from: a password set before its time was stored counts
+        from the account's creation, the earliest it can have been set (so never expires late)."""
+        return self.password_changed_at or self.created_at
 
     @property
     def etag(self) -> str:
@@ -157,6 +167,18 @@ class Account:
     password_reset: ActivationCode | None = None
     mfa: Mfa | None = None
     password_scheme: PasswordScheme = PasswordScheme.PEPPERED
+    # Hashes of the last passwords (the current one last), at most USERS_PASSWORD_HISTORY.
+    password_history: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PasswordHistory:
+    """The password hashes kept after a change (the new one last), and the hash it replaces: the
+    change applies only while that is still the password, so a change made meanwhile is never
+    dropped from the history (FerretDB ignores $push's $slice: the trimmed list is $set whole)."""
+
+    hashes: tuple[str, ...]
+    replaces: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +202,7 @@ class NewUser:
     # Imported users are never purged as "never activated": they were accounts elsewhere.
     imported: bool = False
     language_code: str = ""
+    password_change_required: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,6 +218,8 @@ class ImportedUser:
     email_verified: bool
     # The old system's bcrypt hash, or "" for none.
     password_hash: str
+    # The first sign-in must change the password (the hash was never checked by our rules).
+    password_change_required: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -408,6 +433,8 @@ class Caller:
     source: str = ""
     # The client id of a service account whose token the machine caller presented.
     service_account_id: str | None = None
+    # Signed in by a password-change token (PasswordChangeRequired): admitted to ChangePassword only.
+    password_change_only: bool = False
     # The caller's own account as read to check their token, during this call only: a call about
     # themself answers from it rather than reading the same document again. Per call, never
     # cached across calls, so every replica sees each change as soon as it is stored.
@@ -460,6 +487,7 @@ class AuditEventType(enum.Enum):
     PASSKEY_SIGN_IN = "passkey_sign_in"
     PASSKEY_RENAME = "passkey_rename"
     PASSKEY_REMOVE = "passkey_remove"
+    PASSWORD_SET = "password_set"  # noqa: S105  # an event name
 
 
 class ActorKind(enum.Enum):

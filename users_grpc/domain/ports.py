@@ -19,6 +19,7 @@ from users_grpc.domain.model import (
     AuditPosition,
     Mail,
     NewUser,
+    PasswordHistory,
     PasswordScheme,
     PendingEmailChange,
     PendingNotices,
@@ -146,10 +147,28 @@ class CredentialRepository(Protocol):
     async def find_account_by_reset_digest(self, user_id: str, digest: str, now: datetime) -> Account | None: ...
 
     async def reset_password(
-        self, user_id: str, digest: str, password_hash: str, now: datetime, notice: Mail
+        self,
+        user_id: str,
+        digest: str,
+        password_hash: str,
+        now: datetime,
+        notice: Mail,
+        *,
+        history: PasswordHistory | None = None,
     ) -> bool: ...
 
-    async def set_password(self, user_id: str, password_hash: str, now: datetime, notice: Mail) -> bool: ...
+    async def set_password(
+        self,
+        user_id: str,
+        password_hash: str,
+        now: datetime,
+        notice: Mail,
+        *,
+        history: PasswordHistory | None = None,
+        change_required: bool = False,
+    ) -> bool:
+        """Set a new password, with its notice; ``change_required`` as an admin asks (SetPassword);
+        ``history`` (when given) applies only while the password is still the one it replaces."""
 
     async def start_mfa_enrollment(self, user_id: str, sealed_secret: bytes, now: datetime) -> bool: ...
 
@@ -358,6 +377,17 @@ class PasswordHasher(Protocol):
         """True if ``password`` matches the hash, made under ``scheme``. ``None`` (and the scheme
         NONE) does the same work and returns False, so a missing account takes as long as a wrong
         password."""
+
+
+class BreachCheckFailed(Exception):
+    """The breached-password source gave no usable answer (down, slow, or answering nonsense)."""
+
+
+class BreachedPasswords(Protocol):
+    """A corpus of passwords exposed in breaches (adapters/breached_passwords.py: a range API)."""
+
+    async def is_breached(self, password: str) -> bool:
+        """Whether the corpus holds ``password``; :class:`BreachCheckFailed` if it cannot tell."""
 
 
 class ServiceAccountRepository(Protocol):

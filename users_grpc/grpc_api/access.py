@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import Protocol
 
-from users_grpc.domain.errors import PermissionDenied, Unauthenticated
+from users_grpc.domain.errors import PasswordChangeOnly, PermissionDenied, Unauthenticated
 from users_grpc.domain.model import ANONYMOUS, AccessClaims, Caller, User
 from users_grpc.services.throttling import Flow
-from users_grpc.services.tokens import is_service_token
+from users_grpc.services.tokens import is_password_change_token, is_service_token
 
 
 class Rule(enum.Enum):
@@ -93,7 +93,12 @@ RULES: Mapping[str, Rule] = {
     "RemovePasskey": Rule.SELF,
     "ListUserAuthenticationFactors": Rule.ADMIN,
     "RemoveUserPasskey": Rule.ADMIN,
+    "SetPassword": Rule.ADMIN,
 }
+
+# What a password-change token (Authenticate's PasswordChangeRequired) admits, whatever the rules
+# above say: its holder proved the password but may not use the account until they change it.
+PASSWORD_CHANGE_ONLY_METHODS = frozenset({"ChangePassword"})
 
 # The flow of every call anyone may make (a test holds it to the RULES' ANYONE methods). Those that
 # cost a password hash or a mail have a per-source budget per flow, whatever token comes with them
@@ -136,6 +141,8 @@ class UserTokenChecker(Protocol):
 
     async def check_access_token(self, access_token: str) -> tuple[AccessClaims, User]: ...
 
+    async def check_password_change_token(self, token: str) -> User: ...
+
 
 class ServiceTokenChecker(Protocol):
     """What the authorizer needs of the service accounts (services/service_accounts.py, wired in bootstrap.py)."""
@@ -173,6 +180,8 @@ class Authorizer:
         rule = RULES.get(method)
         if rule is None:
             raise PermissionDenied("no access rule covers this method")
+        if caller.password_change_only and method not in PASSWORD_CHANGE_ONLY_METHODS:
+            raise PasswordChangeOnly()  # before ANYONE: such a token opens no other door at all
         if rule is Rule.ANYONE:
             return
         if caller.user_id is None and caller.machine is None:
@@ -193,6 +202,10 @@ class Authorizer:
         if bearer_token is not None:
             if is_service_token(bearer_token):
                 return await self._service_accounts.caller_of(bearer_token)
+            if is_password_change_token(bearer_token):
+                # No role: even an admin's such token grants nothing but their own ChangePassword.
+                user = await self._sessions.check_password_change_token(bearer_token)
+                return Caller(user_id=user.id, password_change_only=True, user=user)
             claims, user = await self._sessions.check_access_token(bearer_token)
             return Caller(user_id=user.id, role=user.role, session_id=claims.session_id, user=user)
         machine = next((name for name in peer_identities if name in self._machine_identities), None)

@@ -129,6 +129,10 @@ def _group_named(request: Any, _response: Any) -> str:
     return f"group {request.group_id}" if rules.is_id(request.group_id) else ""
 
 
+def _change_required(request: Any, _response: Any) -> str:
+    return "change required" if request.change_required else ""
+
+
 def _fields_updated(request: Any, _response: Any) -> str:
     # Only the known field names: a path is free text the caller chose.
     fields = sorted({path for path in request.update_mask.paths if path in model.UPDATABLE_FIELDS})
@@ -212,6 +216,7 @@ AUDITED: Mapping[str, Audited] = {
     "RenamePasskey": Audited(AuditEventType.PASSKEY_RENAME, _USER_ID),
     "RemovePasskey": Audited(AuditEventType.PASSKEY_REMOVE, _USER_ID),
     "RemoveUserPasskey": Audited(AuditEventType.PASSKEY_REMOVE, _USER_ID),
+    "SetPassword": Audited(AuditEventType.PASSWORD_SET, _USER_ID, note=_change_required),
 }
 
 

@@ -78,6 +78,7 @@ def imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | Invalid
         role=role,
         email_verified=item.email_verified,
         password_hash=item.password_hash,
+        password_change_required=item.password_change_required,
     )
 
 
@@ -157,6 +158,8 @@ def user_to_proto(user: User, *, admin_view: bool = False) -> user_pb2.User:
         etag=user.etag,
         language_code=user.language_code,
         metadata=[metadata_entry_to_proto(entry) for entry in user.metadata] if admin_view else [],
+        password_change_required=user.password_change_required,
+        password_update_time=None if user.password_changed_at is None else _timestamp(user.password_changed_at),
     )
 
 

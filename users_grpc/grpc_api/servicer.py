@@ -542,6 +542,14 @@ class UserServiceServicer(GroupRpcs, user_service_pb2_grpc.UserServiceServicer):
         await self._passkeys.remove_by_admin(request.user_id, request.passkey_id)
         return passkey_pb2.RemoveUserPasskeyResponse()
 
+    async def SetPassword(
+        self, request: user_service_pb2.SetPasswordRequest, context: Context
+    ) -> user_service_pb2.SetPasswordResponse:
+        user = await self._passwords.set_password(
+            request.user_id, request.password, request.password_confirmation, change_required=request.change_required
+        )
+        return user_service_pb2.SetPasswordResponse(user=user_to_proto(user))
+
 
 def _metadata_filter(wanted: metadata_pb2.MetadataFilter) -> MetadataFilter:
     scope = scope_from_proto(wanted.scope, "metadata.scope")

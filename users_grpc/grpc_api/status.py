@@ -7,10 +7,11 @@ error becomes the ``google.rpc.Status`` a caller receives.
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from users.v1 import error_reason_pb2
+from users.v1 import error_reason_pb2, password_policy_pb2
 from users_grpc.domain.errors import (
     AlreadyExists,
     EtagMismatch,
@@ -21,6 +22,8 @@ from users_grpc.domain.errors import (
     InvalidSecondFactor,
     NotFound,
     Overloaded,
+    PasswordChangeRequired,
+    PasswordCheckUnavailable,
     PermissionDenied,
     StorageUnavailable,
     TooManyAttempts,
@@ -61,13 +64,14 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+    PasswordCheckUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
 def to_rpc_status(error: UsersError) -> status_pb2.Status:
     """The ``google.rpc.Status`` a caller receives for ``error``: code, message and details."""
     code = next(STATUS_CODES[cls] for cls in type(error).__mro__ if cls in STATUS_CODES)
-    details: list[error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo] = [
+    details: list[Message] = [
         error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
     ]
     if isinstance(error, InvalidArgument):
@@ -83,12 +87,24 @@ def to_rpc_status(error: UsersError) -> status_pb2.Status:
         delay = duration_pb2.Duration()
         delay.FromTimedelta(error.retry_after)
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if isinstance(error, PasswordChangeRequired):
+        details.append(_password_change_detail(error))
     status = status_pb2.Status(code=_RPC_CODES[code], message=str(error))
     for detail in details:
         packed = any_pb2.Any()
         packed.Pack(detail)
         status.details.append(packed)
     return status
+
+
+def _password_change_detail(error: PasswordChangeRequired) -> password_policy_pb2.PasswordChangeRequired:
+    """The token travels in a detail message of its own, never in ErrorInfo's metadata: refusals are
+    logged and audited by reason only, so the trailer that carries it is the one place it is."""
+    expire_time = timestamp_pb2.Timestamp()
+    expire_time.FromDatetime(error.expires_at)
+    return password_policy_pb2.PasswordChangeRequired(
+        user_id=error.user_id, password_change_token=error.token, expire_time=expire_time
+    )
 
 
 # google.rpc.Code numbers are the gRPC status numbers, under other names.

@@ -46,6 +46,7 @@ from users_grpc.domain.model import (
 from users_grpc.domain.ports import Clock, Mailer, MailRenderer, PasswordHasher, SecretDigests, UserRepository
 from users_grpc.domain.rules import PasswordPolicy
 from users_grpc.services.last_admin import keep_an_active_admin
+from users_grpc.services.password_policy import PasswordRules
 from users_grpc.services.throttling import PasswordThrottle
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,11 @@ class AccountService:
         clock: Clock,
         policy: AccountPolicy,
         throttle: PasswordThrottle,
+        password_rules: PasswordRules | None = None,
     ) -> None:
         self._throttle = throttle
+        # Only its breached-password check: a new account has no history yet.
+        self._password_rules = password_rules or PasswordRules(hasher=hasher)
         self._users = users
         self._mailer = mailer
         # Public: the services built on this one (passwords, MFA, email change) mail through it too.
@@ -118,6 +122,7 @@ class AccountService:
         rules.validate_registration(registration, password_policy=self._policy.password)
         if registration.role is Role.ADMIN and not caller.is_admin:
             raise PermissionDenied("only an admin can create an admin")
+        await self._password_rules.refuse_breached(registration.password, "password")
         code, token = rules.new_activation_code(), rules.new_activation_token()
         user_id = self._users.new_id()
         user = await self._users.add(
@@ -130,6 +135,7 @@ class AccountService:
     async def create_admin(self, registration: Registration) -> User:
         """Store an active admin, for operators bootstrapping a deployment from the CLI."""
         rules.validate_registration(registration, password_policy=self._policy.password)
+        await self._password_rules.refuse_breached(registration.password, "password")
         user = await self._users.add(
             await self._new_user(
                 dataclasses.replace(registration, role=Role.ADMIN), user_id=self._users.new_id(), activation=None
@@ -196,6 +202,7 @@ class AccountService:
                 activation=None,
                 created_at=self._clock.now(),
                 imported=True,
+                password_change_required=item.password_change_required,
             )
         )
         log.info("user imported", extra={"user_id": user.id, "active": user.is_active})

@@ -7,7 +7,14 @@ import secrets
 from datetime import datetime, timedelta
 
 from users_grpc.domain import rules
-from users_grpc.domain.errors import FieldViolation, InvalidArgument, InvalidCredentials, InvalidResetToken
+from users_grpc.domain.errors import (
+    EtagMismatch,
+    FieldViolation,
+    InvalidArgument,
+    InvalidCredentials,
+    InvalidResetToken,
+    NotFound,
+)
 from users_grpc.domain.model import Account, ActivationCode, Mail, User
 from users_grpc.domain.ports import (
     Clock,
@@ -20,6 +27,7 @@ from users_grpc.domain.ports import (
 )
 from users_grpc.domain.rules import PasswordPolicy
 from users_grpc.services.accounts import AccountService, mail_values, no_reply_sooner_than
+from users_grpc.services.password_policy import PasswordRules
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +50,10 @@ class PasswordService:
         reset_max_sends: int,
         reset_send_window: timedelta,
         reply_floor: timedelta,
+        rules: PasswordRules | None = None,
     ) -> None:
         self._reply_floor = reply_floor
+        self._rules = rules or PasswordRules(hasher=hasher)
         self._accounts = accounts
         self._credentials = credentials
         self._sessions = sessions
@@ -112,11 +122,14 @@ class PasswordService:
             raise InvalidResetToken()
         user = account.user
         self._validate_new_password(user, new_password, confirmation)
+        await self._refuse_by_policy(account, new_password, "new_password")
         password_hash = await self._hasher.hash(new_password)
         # The conditional update consumes the token (of two racing resets, one wins) and pends the
-        # notice: whatever happens to this call, the reset never lands without it.
+        # notice: whatever happens to this call, the reset never lands without it. A reset is the
+        # user choosing a password, so it clears change_required as a change does.
         notice = security_notice(self._accounts.mail_renderer, user, "Your password was reset")
-        if not await self._credentials.reset_password(user.id, digest, password_hash, now, notice):
+        history = self._rules.history_after(account, password_hash)
+        if not await self._credentials.reset_password(user.id, digest, password_hash, now, notice, history=history):
             raise InvalidResetToken()
         await self._accounts.owner_proved_mailbox(user.id, source)
         await self._after_password_change(user)
@@ -133,9 +146,44 @@ class PasswordService:
         self._validate_new_password(account.user, new_password, confirmation)
         if not await self._accounts.password_matches(account, current_password, source=source):
             raise InvalidCredentials("the current password is wrong")
-        password_hash = await self._hasher.hash(new_password)
-        notice = security_notice(self._accounts.mail_renderer, account.user, "Your password was changed")
-        await self._credentials.set_password(user_id, password_hash, self._clock.now(), notice)
+        await self._refuse_by_policy(account, new_password, "new_password")
+        await self._store_new_password(account, new_password, "Your password was changed", change_required=False)
+
+    async def set_password(self, user_id: str, password: str, confirmation: str, *, change_required: bool) -> User:
+        """An admin sets the password (SetPassword): the same rules as any chosen password."""
+        rules.validate_user_id(user_id, "user_id")
+        account = await self._credentials.get_account(user_id)
+        if account is None:
+            raise NotFound()
+        self._validate_new_password(account.user, password, confirmation, field="password")
+        await self._refuse_by_policy(account, password, "password")
+        await self._store_new_password(
+            account, password, "Your password was set by an administrator", change_required=change_required
+        )
+        log.info("password set by an admin", extra={"user_id": user_id, "change_required": change_required})
+        stored = await self._credentials.get_account(user_id)
+        if stored is None:
+            raise NotFound()
+        return stored.user
+
+    async def _refuse_by_policy(self, account: Account, password: str, field: str) -> None:
+        # The history first: it costs hashing here, the breach check a third party's time.
+        await self._rules.refuse_reused(account, password, field)
+        await self._rules.refuse_breached(password, field)
+
+    async def _store_new_password(
+        self, account: Account, password: str, subject: str, *, change_required: bool
+    ) -> None:
+        password_hash = await self._hasher.hash(password)
+        notice = security_notice(self._accounts.mail_renderer, account.user, subject)
+        history = self._rules.history_after(account, password_hash)
+        stored = await self._credentials.set_password(
+            account.user.id, password_hash, self._clock.now(), notice, history=history, change_required=change_required
+        )
+        if not stored:
+            # The password changed since it was read (or the user is being deleted): the history
+            # checked is no longer the user's, so nothing is stored; reading again and retrying is safe.
+            raise EtagMismatch("the password changed during this call; try again")
         await self._after_password_change(account.user)
 
     def _digest(self, user_id: str, secret: str) -> str:
@@ -152,12 +200,12 @@ class PasswordService:
                 return account, digest
         return None, digest
 
-    def _validate_new_password(self, user: User, password: str, confirmation: str) -> None:
+    def _validate_new_password(self, user: User, password: str, confirmation: str, field: str = "new_password") -> None:
         violations = self._password_policy.violations(
-            password, context_words=(user.username, user.email.partition("@")[0]), field="new_password"
+            password, context_words=(user.username, user.email.partition("@")[0]), field=field
         )
         if not rules.passwords_equal(confirmation, password):
-            violations.append(FieldViolation("new_password_confirmation", "must equal new_password"))
+            violations.append(FieldViolation(f"{field}_confirmation", f"must equal {field}"))
         if violations:
             raise InvalidArgument(violations)
 

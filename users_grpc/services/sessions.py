@@ -31,6 +31,7 @@ from users_grpc.domain.ports import Clock, SecretDigests, SessionRepository, Use
 from users_grpc.services.groups import GroupService
 from users_grpc.services.mfa import MfaService
 from users_grpc.services.passkeys import PasskeyService
+from users_grpc.services.password_policy import PasswordRules
 from users_grpc.services.tokens import AccessTokens
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,9 @@ class SessionService:
         session_lifetime: timedelta,
         groups: GroupService | None = None,
         passkeys: PasskeyService | None = None,
+        password_rules: PasswordRules | None = None,
     ) -> None:
+        self._password_rules = password_rules
         self._passkeys = passkeys
         self._logins = logins
         self._users = users
@@ -90,6 +93,7 @@ class SessionService:
         user = await self._logins.verify_login(
             identifier, password, totp_code, recovery_code, source=source, passkey=passkey
         )
+        self._refuse_until_password_changed(user)
         return user, await self._open(user)
 
     async def sign_in_with_passkey(
@@ -110,6 +114,29 @@ class SessionService:
         )
         log.info("session opened", extra={"user_id": user.id, "session_id": session.id})
         return await self._issue(user, session, refresh_token.text)
+
+    def _refuse_until_password_changed(self, user: User) -> None:
+        """After the right password and second factor: no session while the password must change
+        (an admin asked, or it is too old), only a token for ChangePassword."""
+        if self._password_rules is None:
+            return
+        due = self._password_rules.change_due(user, self._clock.now())
+        if due is None:
+            return
+        token, expires_at = self._tokens.issue_password_change(
+            user, self._password_rules.lifecycle.change_token_lifetime
+        )
+        log.info("sign-in held until the password is changed", extra={"user_id": user.id, "reason": due.reason})
+        raise due(user_id=user.id, token=token, expires_at=expires_at)
+
+    async def check_password_change_token(self, token: str) -> User:
+        """The user a password-change token speaks for, if it is still valid: active, and the
+        password not changed since (the change bumps the token version)."""
+        user_id, version = await self._tokens.verify_password_change(token)
+        user = await self._users.get(user_id)
+        if user is None or not user.is_active or user.token_version != version:
+            raise Unauthenticated("access token revoked")
+        return user
 
     async def refresh(self, refresh_token: str) -> IssuedTokens:
         presented = self._genuine(refresh_token)

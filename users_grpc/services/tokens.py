@@ -42,6 +42,8 @@ ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type, not a secret. RFC 906
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub", "jti"]
 # A service account's tokens name it so; a user's tokens name a user id, which never has a colon.
 SERVICE_ACCOUNT_SUBJECT_PREFIX = "service-account:"
+# A password-change token's audience is the users' audience with this suffix (never taken for a user's).
+PASSWORD_CHANGE_AUDIENCE_SUFFIX = ":password-change"  # noqa: S105  # an audience, not a secret
 # An unknown kid triggers a reload of the key store at most this often.
 _RELOAD_ON_UNKNOWN_KID_SECONDS = 5.0
 # Tokens whose signature was checked, kept so that a client's every call does not check it again
@@ -163,6 +165,10 @@ class AccessTokens:
         return f"{self._audience}:service-accounts"
 
     @property
+    def _password_change_audience(self) -> str:
+        return self._audience + PASSWORD_CHANGE_AUDIENCE_SUFFIX
+
+    @property
     def signing_key_created_at(self) -> datetime | None:
         """When the key that signs now was made (its age is a metric)."""
         return self._signing_created_at
@@ -222,13 +228,30 @@ class AccessTokens:
         """
         return self._sign(SERVICE_ACCOUNT_SUBJECT_PREFIX + client_id, self._service_audience, {})
 
-    def _sign(self, subject: str, audience: str, extra: dict[str, object]) -> tuple[str, datetime]:
+    def issue_password_change(self, user: User, lifetime: timedelta) -> tuple[str, datetime]:
+        """A token that allows ChangePassword only (grpc_api/access.py), for a user who must change
+        their password before any session opens: no role, no session, and an audience of its own,
+        so that neither ValidateToken nor a service verifying users' tokens locally takes it for a
+        user's. Its ``ver`` ends it with the change (which bumps the token version)."""
+        return self._sign(user.id, self._password_change_audience, {"ver": user.token_version}, lifetime)
+
+    async def verify_password_change(self, token: str) -> tuple[str, int]:
+        """The user id and token version of a valid password-change token of ours; Unauthenticated otherwise."""
+        claims, _, _ = await self._verified(token, self._password_change_audience)
+        version = claims.get("ver")
+        if not isinstance(version, int) or not is_id(claims["sub"]) or {"role", "sid"} & claims.keys():
+            raise Unauthenticated("invalid access token")
+        return claims["sub"], version
+
+    def _sign(
+        self, subject: str, audience: str, extra: dict[str, object], lifetime: timedelta | None = None
+    ) -> tuple[str, datetime]:
         if self._signing is None:
             raise RuntimeError("no signing key loaded")
         kid, private = self._signing
         now = self._clock.now()
         # JWT times are whole seconds; the reply states the expiry the token carries.
-        expires_at = datetime.fromtimestamp(int((now + self._lifetime).timestamp()), now.tzinfo)
+        expires_at = datetime.fromtimestamp(int((now + (lifetime or self._lifetime)).timestamp()), now.tzinfo)
         claims = {
             "iss": self._issuer,
             "aud": audience,
@@ -362,17 +385,28 @@ def is_service_token(token: str) -> bool:
     Read without checking the signature; :meth:`AccessTokens.verify_service` then checks all,
     and :meth:`AccessTokens.verify` refuses such a token for a user's.
     """
+    subject = _unverified_payload(token).get("sub")
+    return isinstance(subject, str) and subject.startswith(SERVICE_ACCOUNT_SUBJECT_PREFIX)
+
+
+def is_password_change_token(token: str) -> bool:
+    """Whether ``token`` claims to be a password-change token: only to choose how to verify it
+    (:meth:`AccessTokens.verify_password_change` checks all; :meth:`AccessTokens.verify` refuses it)."""
+    audience = _unverified_payload(token).get("aud")
+    return isinstance(audience, str) and audience.endswith(PASSWORD_CHANGE_AUDIENCE_SUFFIX)
+
+
+def _unverified_payload(token: str) -> dict[str, Any]:
     # The payload read by hand: PyJWT's unverified decode costs as much again as the rest of
     # an authenticated call's own work, for what only picks a path.
     parts = token.split(".")
     if len(parts) != 3:
-        return False
+        return {}
     try:
         payload = json.loads(base64url.decode(parts[1]))
     except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
-        return False
-    subject = payload.get("sub") if isinstance(payload, dict) else None
-    return isinstance(subject, str) and subject.startswith(SERVICE_ACCOUNT_SUBJECT_PREFIX)
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 def _with_low_s(token: str) -> str:

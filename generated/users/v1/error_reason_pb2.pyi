@@ -137,6 +137,33 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the call needs the current password, or a session begun within
     USERS_WEBAUTHN_REAUTH_SECONDS: send the password, or sign in again.
     """
+    ERROR_REASON_PASSWORD_CHANGE_REQUIRED: _ErrorReason.ValueType  # 50
+    """Password policy (docs/security.md, "Password policy").
+    FAILED_PRECONDITION (Authenticate, VerifyCredentials): the password was right (and the second
+    factor, with MFA on), but an admin set it with change_required (SetPassword, ImportUsers): the
+    user must choose a new one with ChangePassword first. Authenticate's status then carries a
+    users.v1.PasswordChangeRequired detail with a short-lived token that allows ChangePassword only.
+    """
+    ERROR_REASON_PASSWORD_EXPIRED: _ErrorReason.ValueType  # 51
+    """FAILED_PRECONDITION: as PASSWORD_CHANGE_REQUIRED, because the password is older than
+    USERS_PASSWORD_MAX_AGE_SECONDS; the same detail and token.
+    """
+    ERROR_REASON_PASSWORD_REUSED: _ErrorReason.ValueType  # 52
+    """INVALID_ARGUMENT: the new password equals one of the user's last USERS_PASSWORD_HISTORY
+    passwords (the current one included); a field violation names the password field.
+    """
+    ERROR_REASON_PASSWORD_BREACHED: _ErrorReason.ValueType  # 53
+    """INVALID_ARGUMENT: the new password appears in the breached-password corpus
+    (USERS_BREACHED_PASSWORD_URL); a field violation names the password field.
+    """
+    ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE: _ErrorReason.ValueType  # 54
+    """UNAVAILABLE: the breached-password check could not be made (its server down, slow or
+    answering nonsense) and USERS_BREACHED_PASSWORD_FAIL_CLOSED is on; safe to retry.
+    """
+    ERROR_REASON_PASSWORD_CHANGE_ONLY: _ErrorReason.ValueType  # 55
+    """PERMISSION_DENIED: a password-change token (PasswordChangeRequired) was used for anything
+    but ChangePassword.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every `reason` this service puts in the google.rpc.ErrorInfo detail of a refused call
@@ -267,5 +294,32 @@ ERROR_REASON_PASSKEY_NOT_FOUND: ErrorReason.ValueType  # 35
 ERROR_REASON_REAUTHENTICATION_REQUIRED: ErrorReason.ValueType  # 36
 """FAILED_PRECONDITION: the call needs the current password, or a session begun within
 USERS_WEBAUTHN_REAUTH_SECONDS: send the password, or sign in again.
+"""
+ERROR_REASON_PASSWORD_CHANGE_REQUIRED: ErrorReason.ValueType  # 50
+"""Password policy (docs/security.md, "Password policy").
+FAILED_PRECONDITION (Authenticate, VerifyCredentials): the password was right (and the second
+factor, with MFA on), but an admin set it with change_required (SetPassword, ImportUsers): the
+user must choose a new one with ChangePassword first. Authenticate's status then carries a
+users.v1.PasswordChangeRequired detail with a short-lived token that allows ChangePassword only.
+"""
+ERROR_REASON_PASSWORD_EXPIRED: ErrorReason.ValueType  # 51
+"""FAILED_PRECONDITION: as PASSWORD_CHANGE_REQUIRED, because the password is older than
+USERS_PASSWORD_MAX_AGE_SECONDS; the same detail and token.
+"""
+ERROR_REASON_PASSWORD_REUSED: ErrorReason.ValueType  # 52
+"""INVALID_ARGUMENT: the new password equals one of the user's last USERS_PASSWORD_HISTORY
+passwords (the current one included); a field violation names the password field.
+"""
+ERROR_REASON_PASSWORD_BREACHED: ErrorReason.ValueType  # 53
+"""INVALID_ARGUMENT: the new password appears in the breached-password corpus
+(USERS_BREACHED_PASSWORD_URL); a field violation names the password field.
+"""
+ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE: ErrorReason.ValueType  # 54
+"""UNAVAILABLE: the breached-password check could not be made (its server down, slow or
+answering nonsense) and USERS_BREACHED_PASSWORD_FAIL_CLOSED is on; safe to retry.
+"""
+ERROR_REASON_PASSWORD_CHANGE_ONLY: ErrorReason.ValueType  # 55
+"""PERMISSION_DENIED: a password-change token (PasswordChangeRequired) was used for anything
+but ChangePassword.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -123,6 +123,8 @@ class User(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     LANGUAGE_CODE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    PASSWORD_CHANGE_REQUIRED_FIELD_NUMBER: _builtins.int
+    PASSWORD_UPDATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """24 lower-case hexadecimal digits, assigned by the service."""
     username: _builtins.str
@@ -161,6 +163,10 @@ class User(_message.Message):
     USERS_MAIL_LANGUAGE. A tag without templates falls back to its primary
     language (de-AT to de), then to USERS_MAIL_LANGUAGE, then to English.
     """
+    password_change_required: _builtins.bool
+    """True once an admin set the password with change_required (SetPassword, ImportUsers): the
+    next sign-in must change it first (ERROR_REASON_PASSWORD_CHANGE_REQUIRED). Cleared by the change.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -170,6 +176,12 @@ class User(_message.Message):
         """Only in an admin's or a machine caller's view (GetUser, GetUserByIdentifier, ListUsers,
         WatchUserChanges): the user's metadata entries of both scopes, by scope, then key. Empty in
         the user's own view (their own entries are in ListUserMetadata) and in every other reply.
+        """
+
+    @_builtins.property
+    def password_update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the password was last set (unset: before this field existed; the password then counts
+        as set at create_time for USERS_PASSWORD_MAX_AGE_SECONDS).
         """
 
     def __init__(
@@ -190,10 +202,12 @@ class User(_message.Message):
         etag: _builtins.str = ...,
         language_code: _builtins.str = ...,
         metadata: _abc.Iterable[_metadata_pb2.MetadataEntry] | None = ...,
+        password_change_required: _builtins.bool = ...,
+        password_update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "password_update_time", b"password_update_time", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "language_code", b"language_code", "last_name", b"last_name", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "language_code", b"language_code", "last_name", b"last_name", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "password_change_required", b"password_change_required", "password_update_time", b"password_update_time", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

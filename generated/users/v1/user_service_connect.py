@@ -24,7 +24,7 @@ from users.v1.group_pb2 import AddGroupMemberRequest, AddGroupMemberResponse, Cr
 from users.v1.metadata_pb2 import DeleteUserMetadataRequest, DeleteUserMetadataResponse, GetUserMetadataRequest, GetUserMetadataResponse, ListUserMetadataRequest, ListUserMetadataResponse, SetUserMetadataRequest, SetUserMetadataResponse
 from users.v1.passkey_pb2 import FinishPasskeyRegistrationRequest, FinishPasskeyRegistrationResponse, FinishPasskeySignInRequest, FinishPasskeySignInResponse, ListAuthenticationFactorsRequest, ListAuthenticationFactorsResponse, ListUserAuthenticationFactorsRequest, ListUserAuthenticationFactorsResponse, RemovePasskeyRequest, RemovePasskeyResponse, RemoveUserPasskeyRequest, RemoveUserPasskeyResponse, RenamePasskeyRequest, RenamePasskeyResponse, StartPasskeyRegistrationRequest, StartPasskeyRegistrationResponse, StartPasskeySignInRequest, StartPasskeySignInResponse
 
-from .user_service_pb2 import ActivateUserRequest, ActivateUserResponse, AuthenticateRequest, AuthenticateResponse, ChangeEmailRequest, ChangeEmailResponse, ChangePasswordRequest, ChangePasswordResponse, ConfirmEmailChangeRequest, ConfirmEmailChangeResponse, ConfirmMfaRequest, ConfirmMfaResponse, CreateServiceAccountRequest, CreateServiceAccountResponse, CreateUserRequest, CreateUserResponse, DeactivateUserRequest, DeactivateUserResponse, DeleteServiceAccountRequest, DeleteServiceAccountResponse, DeleteUserByIdentifierRequest, DeleteUserByIdentifierResponse, DeleteUserRequest, DeleteUserResponse, DisableMfaRequest, DisableMfaResponse, EnableMfaRequest, EnableMfaResponse, ForgotPasswordRequest, ForgotPasswordResponse, GetMfaQrCodeRequest, GetMfaQrCodeResponse, GetPublicKeysRequest, GetPublicKeysResponse, GetUserByIdentifierRequest, GetUserByIdentifierResponse, GetUserRequest, GetUserResponse, ImportUsersRequest, ImportUsersResponse, IssueServiceTokenRequest, IssueServiceTokenResponse, ListAuditEventsRequest, ListAuditEventsResponse, ListServiceAccountsRequest, ListServiceAccountsResponse, ListSessionsRequest, ListSessionsResponse, ListUsersRequest, ListUsersResponse, LockUserRequest, LockUserResponse, ReactivateUserRequest, ReactivateUserResponse, RefreshSessionRequest, RefreshSessionResponse, RegenerateRecoveryCodesRequest, RegenerateRecoveryCodesResponse, ResendActivationCodeRequest, ResendActivationCodeResponse, ResetPasswordRequest, ResetPasswordResponse, ResetUserMfaRequest, ResetUserMfaResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeSessionRequest, RevokeSessionResponse, SetUserEmailRequest, SetUserEmailResponse, SetUserRoleRequest, SetUserRoleResponse, UnlockUserRequest, UnlockUserResponse, UpdateUserRequest, UpdateUserResponse, ValidateTokenRequest, ValidateTokenResponse, VerifyCredentialsRequest, VerifyCredentialsResponse, WatchUserChangesRequest, WatchUserChangesResponse
+from .user_service_pb2 import ActivateUserRequest, ActivateUserResponse, AuthenticateRequest, AuthenticateResponse, ChangeEmailRequest, ChangeEmailResponse, ChangePasswordRequest, ChangePasswordResponse, ConfirmEmailChangeRequest, ConfirmEmailChangeResponse, ConfirmMfaRequest, ConfirmMfaResponse, CreateServiceAccountRequest, CreateServiceAccountResponse, CreateUserRequest, CreateUserResponse, DeactivateUserRequest, DeactivateUserResponse, DeleteServiceAccountRequest, DeleteServiceAccountResponse, DeleteUserByIdentifierRequest, DeleteUserByIdentifierResponse, DeleteUserRequest, DeleteUserResponse, DisableMfaRequest, DisableMfaResponse, EnableMfaRequest, EnableMfaResponse, ForgotPasswordRequest, ForgotPasswordResponse, GetMfaQrCodeRequest, GetMfaQrCodeResponse, GetPublicKeysRequest, GetPublicKeysResponse, GetUserByIdentifierRequest, GetUserByIdentifierResponse, GetUserRequest, GetUserResponse, ImportUsersRequest, ImportUsersResponse, IssueServiceTokenRequest, IssueServiceTokenResponse, ListAuditEventsRequest, ListAuditEventsResponse, ListServiceAccountsRequest, ListServiceAccountsResponse, ListSessionsRequest, ListSessionsResponse, ListUsersRequest, ListUsersResponse, LockUserRequest, LockUserResponse, ReactivateUserRequest, ReactivateUserResponse, RefreshSessionRequest, RefreshSessionResponse, RegenerateRecoveryCodesRequest, RegenerateRecoveryCodesResponse, ResendActivationCodeRequest, ResendActivationCodeResponse, ResetPasswordRequest, ResetPasswordResponse, ResetUserMfaRequest, ResetUserMfaResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeSessionRequest, RevokeSessionResponse, SetPasswordRequest, SetPasswordResponse, SetUserEmailRequest, SetUserEmailResponse, SetUserRoleRequest, SetUserRoleResponse, UnlockUserRequest, UnlockUserResponse, UpdateUserRequest, UpdateUserResponse, ValidateTokenRequest, ValidateTokenResponse, VerifyCredentialsRequest, VerifyCredentialsResponse, WatchUserChangesRequest, WatchUserChangesResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -999,6 +999,25 @@ class UserService(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    async def set_password(self, request: SetPasswordRequest, ctx: RequestContext[SetPasswordRequest, SetPasswordResponse], /) -> SetPasswordResponse:
+        """
+        Set a user's password, as an admin
+
+        For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+        band. With `change_required`, the user's next Authenticate, after the right password (and
+        second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+        and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+        change clears the flag. The password meets the same rules as any chosen password: strength,
+        history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+        ChangePassword, every session and token of the user is revoked and a notice is mailed.
+        Recorded in the audit trail (never the password).
+        Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+        PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+        changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+        (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
 
 class UserServiceASGIApplication(ConnectASGIApplication[UserService]):
     def __init__(
@@ -1694,6 +1713,17 @@ class UserServiceASGIApplication(ConnectASGIApplication[UserService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.remove_user_passkey,
+                ),
+                "/users.v1.UserService/SetPassword": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SetPassword",
+                        service_name="users.v1.UserService",
+                        input=SetPasswordRequest,
+                        output=SetPasswordResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.set_password,
                 ),
             },
             interceptors=interceptors,
@@ -3745,6 +3775,42 @@ class UserServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def set_password(
+        self,
+        request: SetPasswordRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetPasswordResponse:
+        """
+        Set a user's password, as an admin
+
+        For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+        band. With `change_required`, the user's next Authenticate, after the right password (and
+        second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+        and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+        change clears the flag. The password meets the same rules as any chosen password: strength,
+        history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+        ChangePassword, every session and token of the user is revoked and a notice is mailed.
+        Recorded in the audit trail (never the password).
+        Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+        PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+        changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+        (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetPassword",
+                service_name="users.v1.UserService",
+                input=SetPasswordRequest,
+                output=SetPasswordResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class UserServiceSync(Protocol):
     """
@@ -4705,6 +4771,25 @@ class UserServiceSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def set_password(self, request: SetPasswordRequest, ctx: RequestContext[SetPasswordRequest, SetPasswordResponse], /) -> SetPasswordResponse:
+        """
+        Set a user's password, as an admin
+
+        For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+        band. With `change_required`, the user's next Authenticate, after the right password (and
+        second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+        and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+        change clears the flag. The password meets the same rules as any chosen password: strength,
+        history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+        ChangePassword, every session and token of the user is revoked and a notice is mailed.
+        Recorded in the audit trail (never the password).
+        Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+        PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+        changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+        (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
 
 class UserServiceWSGIApplication(ConnectWSGIApplication):
     def __init__(
@@ -5398,6 +5483,17 @@ class UserServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.remove_user_passkey,
+                ),
+                "/users.v1.UserService/SetPassword": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SetPassword",
+                        service_name="users.v1.UserService",
+                        input=SetPasswordRequest,
+                        output=SetPasswordResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.set_password,
                 ),
             },
             interceptors=interceptors,
@@ -7443,6 +7539,42 @@ class UserServiceClientSync(ConnectClientSync):
                 service_name="users.v1.UserService",
                 input=RemoveUserPasskeyRequest,
                 output=RemoveUserPasskeyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def set_password(
+        self,
+        request: SetPasswordRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetPasswordResponse:
+        """
+        Set a user's password, as an admin
+
+        For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+        band. With `change_required`, the user's next Authenticate, after the right password (and
+        second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+        and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+        change clears the flag. The password meets the same rules as any chosen password: strength,
+        history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+        ChangePassword, every session and token of the user is revoked and a notice is mailed.
+        Recorded in the audit trail (never the password).
+        Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+        PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+        changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+        (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetPassword",
+                service_name="users.v1.UserService",
+                input=SetPasswordRequest,
+                output=SetPasswordResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

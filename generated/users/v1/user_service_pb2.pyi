@@ -129,6 +129,8 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """RemovePasskey (the user as actor) or RemoveUserPasskey (an admin).
     Subject: the user.
     """
+    AUDIT_EVENT_TYPE_PASSWORD_SET: _AuditEventType.ValueType  # 50
+    """SetPassword; the reason says "change required" when it was set so. Subject: the user."""
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper):
     """What an audit event records."""
@@ -230,6 +232,8 @@ AUDIT_EVENT_TYPE_PASSKEY_REMOVE: AuditEventType.ValueType  # 34
 """RemovePasskey (the user as actor) or RemoveUserPasskey (an admin).
 Subject: the user.
 """
+AUDIT_EVENT_TYPE_PASSWORD_SET: AuditEventType.ValueType  # 50
+"""SetPassword; the reason says "change required" when it was set so. Subject: the user."""
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
 
 class _AuditActorKind:
@@ -1874,6 +1878,7 @@ class ImportedUser(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
     PASSWORD_HASH_FIELD_NUMBER: _builtins.int
+    PASSWORD_CHANGE_REQUIRED_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """Required. As CreateUserRequest.username."""
     first_name: _builtins.str
@@ -1902,6 +1907,11 @@ class ImportedUser(_message.Message):
     would have cut short) never matches it: such a person uses ForgotPassword.
     Anything else is INVALID_ARGUMENT on this item.
     """
+    password_change_required: _builtins.bool
+    """True: the user must change the password at their first sign-in (as SetPassword's
+    change_required). Imported hashes were never checked against this service's password rules
+    nor the breached-password list (there is no password to check), which this makes up for.
+    """
     def __init__(
         self,
         *,
@@ -1913,10 +1923,11 @@ class ImportedUser(_message.Message):
         role: _user_pb2.Role.ValueType = ...,
         email_verified: _builtins.bool = ...,
         password_hash: _builtins.str = ...,
+        password_change_required: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "email_verified", b"email_verified", "first_name", b"first_name", "gender", b"gender", "last_name", b"last_name", "password_hash", b"password_hash", "role", b"role", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "email_verified", b"email_verified", "first_name", b"first_name", "gender", b"gender", "last_name", b"last_name", "password_change_required", b"password_change_required", "password_hash", b"password_hash", "role", b"role", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2612,3 +2623,55 @@ class UserChange(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UserChange: _TypeAlias = UserChange  # noqa: Y015
+
+@_typing.final
+class SetPasswordRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    PASSWORD_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    CHANGE_REQUIRED_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Required. The user whose password is set."""
+    password: _builtins.str
+    """Required. The new password, under the same rules as CreateUserRequest.password."""
+    password_confirmation: _builtins.str
+    """Required. Must equal password."""
+    change_required: _builtins.bool
+    """True: the user must change it at the next sign-in (see SetPassword)."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        password: _builtins.str = ...,
+        password_confirmation: _builtins.str = ...,
+        change_required: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_required", b"change_required", "password", b"password", "password_confirmation", b"password_confirmation", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPasswordRequest: _TypeAlias = SetPasswordRequest  # noqa: Y015
+
+@_typing.final
+class SetPasswordResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _user_pb2.User: ...
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPasswordResponse: _TypeAlias = SetPasswordResponse  # noqa: Y015

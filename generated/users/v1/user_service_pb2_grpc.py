@@ -381,6 +381,11 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyResponse.FromString,
                 _registered_method=True)
+        self.SetPassword = channel.unary_unary(
+                '/users.v1.UserService/SetPassword',
+                request_serializer=users_dot_v1_dot_user__service__pb2.SetPasswordRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_user__service__pb2.SetPasswordResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -1404,6 +1409,26 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPassword(self, request, context):
+        """Set a user's password, as an admin
+
+        For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+        band. With `change_required`, the user's next Authenticate, after the right password (and
+        second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+        and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+        change clears the flag. The password meets the same rules as any chosen password: strength,
+        history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+        ChangePassword, every session and token of the user is revoked and a notice is mailed.
+        Recorded in the audit trail (never the password).
+        Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+        PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+        changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+        (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1716,6 +1741,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.RemoveUserPasskey,
                     request_deserializer=users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyRequest.FromString,
                     response_serializer=users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyResponse.SerializeToString,
+            ),
+            'SetPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPassword,
+                    request_deserializer=users_dot_v1_dot_user__service__pb2.SetPasswordRequest.FromString,
+                    response_serializer=users_dot_v1_dot_user__service__pb2.SetPasswordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -3426,6 +3456,33 @@ class UserService:
             '/users.v1.UserService/RemoveUserPasskey',
             users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyRequest.SerializeToString,
             users_dot_v1_dot_passkey__pb2.RemoveUserPasskeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/SetPassword',
+            users_dot_v1_dot_user__service__pb2.SetPasswordRequest.SerializeToString,
+            users_dot_v1_dot_user__service__pb2.SetPasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,

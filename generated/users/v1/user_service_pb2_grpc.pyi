@@ -806,6 +806,22 @@ class UserServiceStub:
     PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
     FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
     """
+    SetPassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.SetPasswordRequest, _user_service_pb2.SetPasswordResponse]
+    """Set a user's password, as an admin
+
+    For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+    band. With `change_required`, the user's next Authenticate, after the right password (and
+    second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+    and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+    change clears the flag. The password meets the same rules as any chosen password: strength,
+    history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+    ChangePassword, every session and token of the user is revoked and a notice is mailed.
+    Recorded in the audit trail (never the password).
+    Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+    PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+    changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+    (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -1581,6 +1597,22 @@ class UserServiceAsyncStub(UserServiceStub):
     Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
     FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+    """
+    SetPassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.SetPasswordRequest, _user_service_pb2.SetPasswordResponse]  # type: ignore[assignment]
+    """Set a user's password, as an admin
+
+    For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+    band. With `change_required`, the user's next Authenticate, after the right password (and
+    second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+    and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+    change clears the flag. The password meets the same rules as any chosen password: strength,
+    history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+    ChangePassword, every session and token of the user is revoked and a notice is mailed.
+    Recorded in the audit trail (never the password).
+    Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+    PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+    changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+    (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -2726,6 +2758,28 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
         FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def SetPassword(
+        self,
+        request: _user_service_pb2.SetPasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.SetPasswordResponse, _abc.Awaitable[_user_service_pb2.SetPasswordResponse]]:
+        """Set a user's password, as an admin
+
+        For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+        band. With `change_required`, the user's next Authenticate, after the right password (and
+        second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+        and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+        change clears the flag. The password meets the same rules as any chosen password: strength,
+        history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+        ChangePassword, every session and token of the user is revoked and a notice is mailed.
+        Recorded in the audit trail (never the password).
+        Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+        PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+        changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+        (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

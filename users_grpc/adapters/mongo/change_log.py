@@ -239,6 +239,8 @@ _SNAPSHOT_FIELDS = (
     "revision",
     "language_code",
     "metadata",
+    "password_change_required",
+    "password_changed_at",
 )
 # What a publisher reads of a user: the snapshot's fields and what publishing itself needs.
 _PUBLISHED_FIELDS = {

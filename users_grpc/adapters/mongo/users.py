@@ -414,4 +414,7 @@ def _document_from_new_user(new_user: NewUser) -> Document:
             else {"password_scheme": new_user.password_scheme.value}
         ),
         **({"imported": True} if new_user.imported else {}),
+        # An imported hash was set elsewhere, at a time unknown: its age counts from the import.
+        "password_changed_at": new_user.created_at,
+        **({"password_change_required": True} if new_user.password_change_required else {}),
     }

@@ -129,6 +129,8 @@ def _user_from_document(document: Document) -> User:
         revision=document.get("revision", 0),
         language_code=document.get("language_code", ""),
         metadata=_metadata_from_document(document),
+        password_change_required=document.get("password_change_required", False),
+        password_changed_at=document.get("password_changed_at"),
     )
 
 
@@ -140,6 +142,7 @@ def _account_from_document(document: Document) -> Account:
         user=_user_from_document(document),
         password_hash=document["password_hash"],
         password_scheme=PasswordScheme(document.get("password_scheme", PasswordScheme.PEPPERED.value)),
+        password_history=tuple(document.get("password_history", ())),
         activation=None if activation is None else _activation_from_document(activation),
         password_reset=None if password_reset is None else _activation_from_document(password_reset),
         mfa=None

@@ -26,6 +26,7 @@ from users_grpc.domain.model import (
     ActivationCode,
     ChangeType,
     Mail,
+    PasswordHistory,
     PasswordScheme,
     PendingEmailChange,
     User,
@@ -150,7 +151,16 @@ class CredentialUpdates(UsersCollection):
         return None if document is None else _account_from_document(document)
 
     @storage_call
-    async def reset_password(self, user_id: str, digest: str, password_hash: str, now: datetime, notice: Mail) -> bool:
+    async def reset_password(
+        self,
+        user_id: str,
+        digest: str,
+        password_hash: str,
+        now: datetime,
+        notice: Mail,
+        *,
+        history: PasswordHistory | None = None,
+    ) -> bool:
         """Set the password if this reset token is still pending and unexpired; it works once.
 
         ``notice`` is pended in the same update: the reset and its notice happen together or not at all.
@@ -161,18 +171,32 @@ class CredentialUpdates(UsersCollection):
                 "password_reset.digest": digest,
                 "password_reset.expires_at": {"$gt": now},
                 **_LIVE,
+                **_replacing(history),
             },
-            _with_notice(_new_password(password_hash, now), notice, now),
+            _with_notice(_new_password(password_hash, now, history), notice, now),
         )
         return result.modified_count == 1
 
     @storage_call
-    async def set_password(self, user_id: str, password_hash: str, now: datetime, notice: Mail) -> bool:
+    async def set_password(
+        self,
+        user_id: str,
+        password_hash: str,
+        now: datetime,
+        notice: Mail,
+        *,
+        history: PasswordHistory | None = None,
+        change_required: bool = False,
+    ) -> bool:
         """Set a new password, with its notice; a pending reset token dies with the old password."""
+        update = _new_password(password_hash, now, history)
+        if change_required:
+            update["$set"]["password_change_required"] = True
+            del update["$unset"]["password_change_required"]
         result = await self._users.update_one(
             # Never on a user being deleted: its notices have been moved to the outbox already.
-            {"_id": _object_id(user_id), **_LIVE},
-            _with_notice(_new_password(password_hash, now), notice, now),
+            {"_id": _object_id(user_id), **_LIVE, **_replacing(history)},
+            _with_notice(update, notice, now),
         )
         return result.modified_count == 1
 
@@ -287,12 +311,25 @@ class CredentialUpdates(UsersCollection):
         return old, dataclasses.replace(old, email=email, updated_at=to_milliseconds(now))
 
 
-def _new_password(password_hash: str, now: datetime) -> Document:
+def _new_password(password_hash: str, now: datetime, history: PasswordHistory | None = None) -> Document:
     """The update that sets a new password: every token so far ends (the version), a hash of our
     scheme replaces an imported one, and a reset token or an email change pending from before
-    dies with the old password."""
-    return {
-        "$set": {"password_hash": password_hash, "updated_at": now},
-        "$unset": {"password_reset": "", "password_scheme": "", "email_change": ""},
+    dies with the old password. The password's age starts again, a change an admin required is
+    done, and the history (when given) becomes the trimmed list, set whole: FerretDB ignores
+    $push's $slice, which would leave every old hash in place."""
+    update: Document = {
+        "$set": {"password_hash": password_hash, "updated_at": now, "password_changed_at": now},
+        "$unset": {"password_reset": "", "password_scheme": "", "email_change": "", "password_change_required": ""},
         "$inc": {"token_version": 1},
     }
+    if history is not None:
+        if history.hashes:
+            update["$set"]["password_history"] = list(history.hashes)
+        else:
+            update["$unset"]["password_history"] = ""
+    return update
+
+
+def _replacing(history: PasswordHistory | None) -> Document:
+    """The condition that the password is still the one the history was checked against."""
+    return {} if history is None else {"password_hash": history.replaces}

@@ -133,6 +133,27 @@ const (
 	// FAILED_PRECONDITION: the call needs the current password, or a session begun within
 	// USERS_WEBAUTHN_REAUTH_SECONDS: send the password, or sign in again.
 	ErrorReason_ERROR_REASON_REAUTHENTICATION_REQUIRED ErrorReason = 36
+	// Password policy (docs/security.md, "Password policy").
+	// FAILED_PRECONDITION (Authenticate, VerifyCredentials): the password was right (and the second
+	// factor, with MFA on), but an admin set it with change_required (SetPassword, ImportUsers): the
+	// user must choose a new one with ChangePassword first. Authenticate's status then carries a
+	// users.v1.PasswordChangeRequired detail with a short-lived token that allows ChangePassword only.
+	ErrorReason_ERROR_REASON_PASSWORD_CHANGE_REQUIRED ErrorReason = 50
+	// FAILED_PRECONDITION: as PASSWORD_CHANGE_REQUIRED, because the password is older than
+	// USERS_PASSWORD_MAX_AGE_SECONDS; the same detail and token.
+	ErrorReason_ERROR_REASON_PASSWORD_EXPIRED ErrorReason = 51
+	// INVALID_ARGUMENT: the new password equals one of the user's last USERS_PASSWORD_HISTORY
+	// passwords (the current one included); a field violation names the password field.
+	ErrorReason_ERROR_REASON_PASSWORD_REUSED ErrorReason = 52
+	// INVALID_ARGUMENT: the new password appears in the breached-password corpus
+	// (USERS_BREACHED_PASSWORD_URL); a field violation names the password field.
+	ErrorReason_ERROR_REASON_PASSWORD_BREACHED ErrorReason = 53
+	// UNAVAILABLE: the breached-password check could not be made (its server down, slow or
+	// answering nonsense) and USERS_BREACHED_PASSWORD_FAIL_CLOSED is on; safe to retry.
+	ErrorReason_ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE ErrorReason = 54
+	// PERMISSION_DENIED: a password-change token (PasswordChangeRequired) was used for anything
+	// but ChangePassword.
+	ErrorReason_ERROR_REASON_PASSWORD_CHANGE_ONLY ErrorReason = 55
 )
 
 // Enum value maps for ErrorReason.
@@ -176,6 +197,12 @@ var (
 		34: "ERROR_REASON_LAST_SIGN_IN_METHOD",
 		35: "ERROR_REASON_PASSKEY_NOT_FOUND",
 		36: "ERROR_REASON_REAUTHENTICATION_REQUIRED",
+		50: "ERROR_REASON_PASSWORD_CHANGE_REQUIRED",
+		51: "ERROR_REASON_PASSWORD_EXPIRED",
+		52: "ERROR_REASON_PASSWORD_REUSED",
+		53: "ERROR_REASON_PASSWORD_BREACHED",
+		54: "ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE",
+		55: "ERROR_REASON_PASSWORD_CHANGE_ONLY",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":                  0,
@@ -216,6 +243,12 @@ var (
 		"ERROR_REASON_LAST_SIGN_IN_METHOD":          34,
 		"ERROR_REASON_PASSKEY_NOT_FOUND":            35,
 		"ERROR_REASON_REAUTHENTICATION_REQUIRED":    36,
+		"ERROR_REASON_PASSWORD_CHANGE_REQUIRED":     50,
+		"ERROR_REASON_PASSWORD_EXPIRED":             51,
+		"ERROR_REASON_PASSWORD_REUSED":              52,
+		"ERROR_REASON_PASSWORD_BREACHED":            53,
+		"ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE":   54,
+		"ERROR_REASON_PASSWORD_CHANGE_ONLY":         55,
 	}
 )
 
@@ -250,7 +283,7 @@ var File_users_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/error_reason.proto\x12\busers.v1*\x82\v\n" +
+	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xea\f\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\"\n" +
@@ -290,7 +323,13 @@ const file_users_v1_error_reason_proto_rawDesc = "" +
 	"&ERROR_REASON_PASSKEY_COUNTER_REGRESSED\x10!\x12$\n" +
 	" ERROR_REASON_LAST_SIGN_IN_METHOD\x10\"\x12\"\n" +
 	"\x1eERROR_REASON_PASSKEY_NOT_FOUND\x10#\x12*\n" +
-	"&ERROR_REASON_REAUTHENTICATION_REQUIRED\x10$B\x89\x01\n" +
+	"&ERROR_REASON_REAUTHENTICATION_REQUIRED\x10$\x12)\n" +
+	"%ERROR_REASON_PASSWORD_CHANGE_REQUIRED\x102\x12!\n" +
+	"\x1dERROR_REASON_PASSWORD_EXPIRED\x103\x12 \n" +
+	"\x1cERROR_REASON_PASSWORD_REUSED\x104\x12\"\n" +
+	"\x1eERROR_REASON_PASSWORD_BREACHED\x105\x12+\n" +
+	"'ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE\x106\x12%\n" +
+	"!ERROR_REASON_PASSWORD_CHANGE_ONLY\x107B\x89\x01\n" +
 	"\fcom.users.v1B\x10ErrorReasonProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (

@@ -231,9 +231,15 @@ type User struct {
 	// Only in an admin's or a machine caller's view (GetUser, GetUserByIdentifier, ListUsers,
 	// WatchUserChanges): the user's metadata entries of both scopes, by scope, then key. Empty in
 	// the user's own view (their own entries are in ListUserMetadata) and in every other reply.
-	Metadata      []*MetadataEntry `protobuf:"bytes,35,rep,name=metadata,proto3" json:"metadata,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Metadata []*MetadataEntry `protobuf:"bytes,35,rep,name=metadata,proto3" json:"metadata,omitempty"`
+	// True once an admin set the password with change_required (SetPassword, ImportUsers): the
+	// next sign-in must change it first (ERROR_REASON_PASSWORD_CHANGE_REQUIRED). Cleared by the change.
+	PasswordChangeRequired bool `protobuf:"varint,30,opt,name=password_change_required,json=passwordChangeRequired,proto3" json:"password_change_required,omitempty"`
+	// When the password was last set (unset: before this field existed; the password then counts
+	// as set at create_time for USERS_PASSWORD_MAX_AGE_SECONDS).
+	PasswordUpdateTime *timestamppb.Timestamp `protobuf:"bytes,31,opt,name=password_update_time,json=passwordUpdateTime,proto3" json:"password_update_time,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *User) Reset() {
@@ -371,11 +377,25 @@ func (x *User) GetMetadata() []*MetadataEntry {
 	return nil
 }
 
+func (x *User) GetPasswordChangeRequired() bool {
+	if x != nil {
+		return x.PasswordChangeRequired
+	}
+	return false
+}
+
+func (x *User) GetPasswordUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PasswordUpdateTime
+	}
+	return nil
+}
+
 var File_users_v1_user_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_proto_rawDesc = "" +
 	"\n" +
-	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17users/v1/metadata.proto\"\x9f\x04\n" +
+	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17users/v1/metadata.proto\"\xa7\x05\n" +
 	"\x04User\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\busername\x18\x02 \x01(\tR\busername\x12\x1d\n" +
@@ -396,7 +416,9 @@ const file_users_v1_user_proto_rawDesc = "" +
 	"\x05state\x18\f \x01(\x0e2\x13.users.v1.UserStateR\x05state\x12\x12\n" +
 	"\x04etag\x18\r \x01(\tR\x04etag\x12#\n" +
 	"\rlanguage_code\x187 \x01(\tR\flanguageCode\x123\n" +
-	"\bmetadata\x18# \x03(\v2\x17.users.v1.MetadataEntryR\bmetadata*\x94\x01\n" +
+	"\bmetadata\x18# \x03(\v2\x17.users.v1.MetadataEntryR\bmetadata\x128\n" +
+	"\x18password_change_required\x18\x1e \x01(\bR\x16passwordChangeRequired\x12L\n" +
+	"\x14password_update_time\x18\x1f \x01(\v2\x1a.google.protobuf.TimestampR\x12passwordUpdateTime*\x94\x01\n" +
 	"\tUserState\x12\x1a\n" +
 	"\x16USER_STATE_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dUSER_STATE_PENDING_ACTIVATION\x10\x01\x12\x15\n" +
@@ -444,11 +466,12 @@ var file_users_v1_user_proto_depIdxs = []int32{
 	4, // 3: users.v1.User.updated_at:type_name -> google.protobuf.Timestamp
 	0, // 4: users.v1.User.state:type_name -> users.v1.UserState
 	5, // 5: users.v1.User.metadata:type_name -> users.v1.MetadataEntry
-	6, // [6:6] is the sub-list for method output_type
-	6, // [6:6] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	4, // 6: users.v1.User.password_update_time:type_name -> google.protobuf.Timestamp
+	7, // [7:7] is the sub-list for method output_type
+	7, // [7:7] is the sub-list for method input_type
+	7, // [7:7] is the sub-list for extension type_name
+	7, // [7:7] is the sub-list for extension extendee
+	0, // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_proto_init() }

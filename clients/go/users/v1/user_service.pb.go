@@ -117,6 +117,8 @@ const (
 	// RemovePasskey (the user as actor) or RemoveUserPasskey (an admin).
 	// Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_REMOVE AuditEventType = 34
+	// SetPassword; the reason says "change required" when it was set so. Subject: the user.
+	AuditEventType_AUDIT_EVENT_TYPE_PASSWORD_SET AuditEventType = 50
 )
 
 // Enum value maps for AuditEventType.
@@ -159,6 +161,7 @@ var (
 		32: "AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN",
 		33: "AUDIT_EVENT_TYPE_PASSKEY_RENAME",
 		34: "AUDIT_EVENT_TYPE_PASSKEY_REMOVE",
+		50: "AUDIT_EVENT_TYPE_PASSWORD_SET",
 	}
 	AuditEventType_value = map[string]int32{
 		"AUDIT_EVENT_TYPE_UNSPECIFIED":                0,
@@ -198,6 +201,7 @@ var (
 		"AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN":            32,
 		"AUDIT_EVENT_TYPE_PASSKEY_RENAME":             33,
 		"AUDIT_EVENT_TYPE_PASSKEY_REMOVE":             34,
+		"AUDIT_EVENT_TYPE_PASSWORD_SET":               50,
 	}
 )
 
@@ -3699,9 +3703,13 @@ type ImportedUser struct {
 	// password's UTF-8 bytes, so a password longer than 72 bytes (which bcrypt
 	// would have cut short) never matches it: such a person uses ForgotPassword.
 	// Anything else is INVALID_ARGUMENT on this item.
-	PasswordHash  string `protobuf:"bytes,8,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PasswordHash string `protobuf:"bytes,8,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	// True: the user must change the password at their first sign-in (as SetPassword's
+	// change_required). Imported hashes were never checked against this service's password rules
+	// nor the breached-password list (there is no password to check), which this makes up for.
+	PasswordChangeRequired bool `protobuf:"varint,50,opt,name=password_change_required,json=passwordChangeRequired,proto3" json:"password_change_required,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *ImportedUser) Reset() {
@@ -3788,6 +3796,13 @@ func (x *ImportedUser) GetPasswordHash() string {
 		return x.PasswordHash
 	}
 	return ""
+}
+
+func (x *ImportedUser) GetPasswordChangeRequired() bool {
+	if x != nil {
+		return x.PasswordChangeRequired
+	}
+	return false
 }
 
 type ImportUsersResponse struct {
@@ -5211,6 +5226,122 @@ func (x *UserChange) GetGroupId() string {
 	return ""
 }
 
+type SetPasswordRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required. The user whose password is set.
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Required. The new password, under the same rules as CreateUserRequest.password.
+	Password string `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	// Required. Must equal password.
+	PasswordConfirmation string `protobuf:"bytes,3,opt,name=password_confirmation,json=passwordConfirmation,proto3" json:"password_confirmation,omitempty"`
+	// True: the user must change it at the next sign-in (see SetPassword).
+	ChangeRequired bool `protobuf:"varint,4,opt,name=change_required,json=changeRequired,proto3" json:"change_required,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *SetPasswordRequest) Reset() {
+	*x = SetPasswordRequest{}
+	mi := &file_users_v1_user_service_proto_msgTypes[88]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPasswordRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPasswordRequest) ProtoMessage() {}
+
+func (x *SetPasswordRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[88]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPasswordRequest.ProtoReflect.Descriptor instead.
+func (*SetPasswordRequest) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{88}
+}
+
+func (x *SetPasswordRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *SetPasswordRequest) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
+}
+
+func (x *SetPasswordRequest) GetPasswordConfirmation() string {
+	if x != nil {
+		return x.PasswordConfirmation
+	}
+	return ""
+}
+
+func (x *SetPasswordRequest) GetChangeRequired() bool {
+	if x != nil {
+		return x.ChangeRequired
+	}
+	return false
+}
+
+type SetPasswordResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          *User                  `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPasswordResponse) Reset() {
+	*x = SetPasswordResponse{}
+	mi := &file_users_v1_user_service_proto_msgTypes[89]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPasswordResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPasswordResponse) ProtoMessage() {}
+
+func (x *SetPasswordResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_users_v1_user_service_proto_msgTypes[89]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPasswordResponse.ProtoReflect.Descriptor instead.
+func (*SetPasswordResponse) Descriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{89}
+}
+
+func (x *SetPasswordResponse) GetUser() *User {
+	if x != nil {
+		return x.User
+	}
+	return nil
+}
+
 var File_users_v1_user_service_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_service_proto_rawDesc = "" +
@@ -5401,7 +5532,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x14ResetUserMfaResponse\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"B\n" +
 	"\x12ImportUsersRequest\x12,\n" +
-	"\x05users\x18\x01 \x03(\v2\x16.users.v1.ImportedUserR\x05users\"\x96\x02\n" +
+	"\x05users\x18\x01 \x03(\v2\x16.users.v1.ImportedUserR\x05users\"\xd0\x02\n" +
 	"\fImportedUser\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -5411,7 +5542,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x06gender\x18\x05 \x01(\x0e2\x10.users.v1.GenderR\x06gender\x12\"\n" +
 	"\x04role\x18\x06 \x01(\x0e2\x0e.users.v1.RoleR\x04role\x12%\n" +
 	"\x0eemail_verified\x18\a \x01(\bR\remailVerified\x12#\n" +
-	"\rpassword_hash\x18\b \x01(\tR\fpasswordHash\"K\n" +
+	"\rpassword_hash\x18\b \x01(\tR\fpasswordHash\x128\n" +
+	"\x18password_change_required\x182 \x01(\bR\x16passwordChangeRequired\"K\n" +
 	"\x13ImportUsersResponse\x124\n" +
 	"\aresults\x18\x01 \x03(\v2\x1a.users.v1.ImportUserResultR\aresults\"n\n" +
 	"\x10ImportUserResult\x12$\n" +
@@ -5515,8 +5647,14 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x04user\x18\x05 \x01(\v2\x0e.users.v1.UserR\x04user\x12,\n" +
 	"\x12user_change_number\x18\x06 \x01(\x03R\x10userChangeNumber\x12:\n" +
 	"\rmetadata_keys\x18( \x03(\v2\x15.users.v1.MetadataKeyR\fmetadataKeys\x12\x19\n" +
-	"\bgroup_id\x18- \x01(\tR\agroupId*\xfc\n" +
-	"\n" +
+	"\bgroup_id\x18- \x01(\tR\agroupId\"\xa7\x01\n" +
+	"\x12SetPasswordRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1a\n" +
+	"\bpassword\x18\x02 \x01(\tR\bpassword\x123\n" +
+	"\x15password_confirmation\x18\x03 \x01(\tR\x14passwordConfirmation\x12'\n" +
+	"\x0fchange_required\x18\x04 \x01(\bR\x0echangeRequired\"9\n" +
+	"\x13SetPasswordResponse\x12\"\n" +
+	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user*\x9f\v\n" +
 	"\x0eAuditEventType\x12 \n" +
 	"\x1cAUDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18AUDIT_EVENT_TYPE_SIGN_IN\x10\x01\x12&\n" +
@@ -5555,7 +5693,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"!AUDIT_EVENT_TYPE_PASSKEY_REGISTER\x10\x1f\x12$\n" +
 	" AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN\x10 \x12#\n" +
 	"\x1fAUDIT_EVENT_TYPE_PASSKEY_RENAME\x10!\x12#\n" +
-	"\x1fAUDIT_EVENT_TYPE_PASSKEY_REMOVE\x10\"*\xd0\x01\n" +
+	"\x1fAUDIT_EVENT_TYPE_PASSKEY_REMOVE\x10\"\x12!\n" +
+	"\x1dAUDIT_EVENT_TYPE_PASSWORD_SET\x102*\xd0\x01\n" +
 	"\x0eAuditActorKind\x12 \n" +
 	"\x1cAUDIT_ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aAUDIT_ACTOR_KIND_ANONYMOUS\x10\x01\x12\x19\n" +
@@ -5581,7 +5720,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"%USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED\x10\x1f\x12\"\n" +
 	"\x1eUSER_CHANGE_TYPE_PASSKEY_ADDED\x10\x14\x12$\n" +
 	" USER_CHANGE_TYPE_PASSKEY_REMOVED\x10\x15\x12!\n" +
-	"\x1dUSER_CHANGE_TYPE_PASSKEY_USED\x10\x162\xb0*\n" +
+	"\x1dUSER_CHANGE_TYPE_PASSKEY_USED\x10\x162\xfc*\n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -5651,7 +5790,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\rRenamePasskey\x12\x1e.users.v1.RenamePasskeyRequest\x1a\x1f.users.v1.RenamePasskeyResponse\x12P\n" +
 	"\rRemovePasskey\x12\x1e.users.v1.RemovePasskeyRequest\x1a\x1f.users.v1.RemovePasskeyResponse\x12\x80\x01\n" +
 	"\x1dListUserAuthenticationFactors\x12..users.v1.ListUserAuthenticationFactorsRequest\x1a/.users.v1.ListUserAuthenticationFactorsResponse\x12\\\n" +
-	"\x11RemoveUserPasskey\x12\".users.v1.RemoveUserPasskeyRequest\x1a#.users.v1.RemoveUserPasskeyResponseB\x89\x01\n" +
+	"\x11RemoveUserPasskey\x12\".users.v1.RemoveUserPasskeyRequest\x1a#.users.v1.RemoveUserPasskeyResponse\x12J\n" +
+	"\vSetPassword\x12\x1c.users.v1.SetPasswordRequest\x1a\x1d.users.v1.SetPasswordResponseB\x89\x01\n" +
 	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
@@ -5667,7 +5807,7 @@ func file_users_v1_user_service_proto_rawDescGZIP() []byte {
 }
 
 var file_users_v1_user_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 88)
+var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 90)
 var file_users_v1_user_service_proto_goTypes = []any{
 	(AuditEventType)(0),                           // 0: users.v1.AuditEventType
 	(AuditActorKind)(0),                           // 1: users.v1.AuditActorKind
@@ -5760,247 +5900,252 @@ var file_users_v1_user_service_proto_goTypes = []any{
 	(*WatchUserChangesRequest)(nil),               // 88: users.v1.WatchUserChangesRequest
 	(*WatchUserChangesResponse)(nil),              // 89: users.v1.WatchUserChangesResponse
 	(*UserChange)(nil),                            // 90: users.v1.UserChange
-	(Gender)(0),                                   // 91: users.v1.Gender
-	(Role)(0),                                     // 92: users.v1.Role
-	(*User)(nil),                                  // 93: users.v1.User
-	(*timestamppb.Timestamp)(nil),                 // 94: google.protobuf.Timestamp
-	(*Session)(nil),                               // 95: users.v1.Session
-	(*TokenClaims)(nil),                           // 96: users.v1.TokenClaims
-	(*status.Status)(nil),                         // 97: google.rpc.Status
-	(UserState)(0),                                // 98: users.v1.UserState
-	(*MetadataFilter)(nil),                        // 99: users.v1.MetadataFilter
-	(*fieldmaskpb.FieldMask)(nil),                 // 100: google.protobuf.FieldMask
-	(code.Code)(0),                                // 101: google.rpc.Code
-	(*MetadataKey)(nil),                           // 102: users.v1.MetadataKey
-	(*SetUserMetadataRequest)(nil),                // 103: users.v1.SetUserMetadataRequest
-	(*GetUserMetadataRequest)(nil),                // 104: users.v1.GetUserMetadataRequest
-	(*ListUserMetadataRequest)(nil),               // 105: users.v1.ListUserMetadataRequest
-	(*DeleteUserMetadataRequest)(nil),             // 106: users.v1.DeleteUserMetadataRequest
-	(*CreateGroupRequest)(nil),                    // 107: users.v1.CreateGroupRequest
-	(*RenameGroupRequest)(nil),                    // 108: users.v1.RenameGroupRequest
-	(*DeleteGroupRequest)(nil),                    // 109: users.v1.DeleteGroupRequest
-	(*ListGroupsRequest)(nil),                     // 110: users.v1.ListGroupsRequest
-	(*AddGroupMemberRequest)(nil),                 // 111: users.v1.AddGroupMemberRequest
-	(*RemoveGroupMemberRequest)(nil),              // 112: users.v1.RemoveGroupMemberRequest
-	(*ListGroupMembersRequest)(nil),               // 113: users.v1.ListGroupMembersRequest
-	(*ListUserGroupsRequest)(nil),                 // 114: users.v1.ListUserGroupsRequest
-	(*StartPasskeyRegistrationRequest)(nil),       // 115: users.v1.StartPasskeyRegistrationRequest
-	(*FinishPasskeyRegistrationRequest)(nil),      // 116: users.v1.FinishPasskeyRegistrationRequest
-	(*StartPasskeySignInRequest)(nil),             // 117: users.v1.StartPasskeySignInRequest
-	(*FinishPasskeySignInRequest)(nil),            // 118: users.v1.FinishPasskeySignInRequest
-	(*ListAuthenticationFactorsRequest)(nil),      // 119: users.v1.ListAuthenticationFactorsRequest
-	(*RenamePasskeyRequest)(nil),                  // 120: users.v1.RenamePasskeyRequest
-	(*RemovePasskeyRequest)(nil),                  // 121: users.v1.RemovePasskeyRequest
-	(*ListUserAuthenticationFactorsRequest)(nil),  // 122: users.v1.ListUserAuthenticationFactorsRequest
-	(*RemoveUserPasskeyRequest)(nil),              // 123: users.v1.RemoveUserPasskeyRequest
-	(*SetUserMetadataResponse)(nil),               // 124: users.v1.SetUserMetadataResponse
-	(*GetUserMetadataResponse)(nil),               // 125: users.v1.GetUserMetadataResponse
-	(*ListUserMetadataResponse)(nil),              // 126: users.v1.ListUserMetadataResponse
-	(*DeleteUserMetadataResponse)(nil),            // 127: users.v1.DeleteUserMetadataResponse
-	(*CreateGroupResponse)(nil),                   // 128: users.v1.CreateGroupResponse
-	(*RenameGroupResponse)(nil),                   // 129: users.v1.RenameGroupResponse
-	(*DeleteGroupResponse)(nil),                   // 130: users.v1.DeleteGroupResponse
-	(*ListGroupsResponse)(nil),                    // 131: users.v1.ListGroupsResponse
-	(*AddGroupMemberResponse)(nil),                // 132: users.v1.AddGroupMemberResponse
-	(*RemoveGroupMemberResponse)(nil),             // 133: users.v1.RemoveGroupMemberResponse
-	(*ListGroupMembersResponse)(nil),              // 134: users.v1.ListGroupMembersResponse
-	(*ListUserGroupsResponse)(nil),                // 135: users.v1.ListUserGroupsResponse
-	(*StartPasskeyRegistrationResponse)(nil),      // 136: users.v1.StartPasskeyRegistrationResponse
-	(*FinishPasskeyRegistrationResponse)(nil),     // 137: users.v1.FinishPasskeyRegistrationResponse
-	(*StartPasskeySignInResponse)(nil),            // 138: users.v1.StartPasskeySignInResponse
-	(*FinishPasskeySignInResponse)(nil),           // 139: users.v1.FinishPasskeySignInResponse
-	(*ListAuthenticationFactorsResponse)(nil),     // 140: users.v1.ListAuthenticationFactorsResponse
-	(*RenamePasskeyResponse)(nil),                 // 141: users.v1.RenamePasskeyResponse
-	(*RemovePasskeyResponse)(nil),                 // 142: users.v1.RemovePasskeyResponse
-	(*ListUserAuthenticationFactorsResponse)(nil), // 143: users.v1.ListUserAuthenticationFactorsResponse
-	(*RemoveUserPasskeyResponse)(nil),             // 144: users.v1.RemoveUserPasskeyResponse
+	(*SetPasswordRequest)(nil),                    // 91: users.v1.SetPasswordRequest
+	(*SetPasswordResponse)(nil),                   // 92: users.v1.SetPasswordResponse
+	(Gender)(0),                                   // 93: users.v1.Gender
+	(Role)(0),                                     // 94: users.v1.Role
+	(*User)(nil),                                  // 95: users.v1.User
+	(*timestamppb.Timestamp)(nil),                 // 96: google.protobuf.Timestamp
+	(*Session)(nil),                               // 97: users.v1.Session
+	(*TokenClaims)(nil),                           // 98: users.v1.TokenClaims
+	(*status.Status)(nil),                         // 99: google.rpc.Status
+	(UserState)(0),                                // 100: users.v1.UserState
+	(*MetadataFilter)(nil),                        // 101: users.v1.MetadataFilter
+	(*fieldmaskpb.FieldMask)(nil),                 // 102: google.protobuf.FieldMask
+	(code.Code)(0),                                // 103: google.rpc.Code
+	(*MetadataKey)(nil),                           // 104: users.v1.MetadataKey
+	(*SetUserMetadataRequest)(nil),                // 105: users.v1.SetUserMetadataRequest
+	(*GetUserMetadataRequest)(nil),                // 106: users.v1.GetUserMetadataRequest
+	(*ListUserMetadataRequest)(nil),               // 107: users.v1.ListUserMetadataRequest
+	(*DeleteUserMetadataRequest)(nil),             // 108: users.v1.DeleteUserMetadataRequest
+	(*CreateGroupRequest)(nil),                    // 109: users.v1.CreateGroupRequest
+	(*RenameGroupRequest)(nil),                    // 110: users.v1.RenameGroupRequest
+	(*DeleteGroupRequest)(nil),                    // 111: users.v1.DeleteGroupRequest
+	(*ListGroupsRequest)(nil),                     // 112: users.v1.ListGroupsRequest
+	(*AddGroupMemberRequest)(nil),                 // 113: users.v1.AddGroupMemberRequest
+	(*RemoveGroupMemberRequest)(nil),              // 114: users.v1.RemoveGroupMemberRequest
+	(*ListGroupMembersRequest)(nil),               // 115: users.v1.ListGroupMembersRequest
+	(*ListUserGroupsRequest)(nil),                 // 116: users.v1.ListUserGroupsRequest
+	(*StartPasskeyRegistrationRequest)(nil),       // 117: users.v1.StartPasskeyRegistrationRequest
+	(*FinishPasskeyRegistrationRequest)(nil),      // 118: users.v1.FinishPasskeyRegistrationRequest
+	(*StartPasskeySignInRequest)(nil),             // 119: users.v1.StartPasskeySignInRequest
+	(*FinishPasskeySignInRequest)(nil),            // 120: users.v1.FinishPasskeySignInRequest
+	(*ListAuthenticationFactorsRequest)(nil),      // 121: users.v1.ListAuthenticationFactorsRequest
+	(*RenamePasskeyRequest)(nil),                  // 122: users.v1.RenamePasskeyRequest
+	(*RemovePasskeyRequest)(nil),                  // 123: users.v1.RemovePasskeyRequest
+	(*ListUserAuthenticationFactorsRequest)(nil),  // 124: users.v1.ListUserAuthenticationFactorsRequest
+	(*RemoveUserPasskeyRequest)(nil),              // 125: users.v1.RemoveUserPasskeyRequest
+	(*SetUserMetadataResponse)(nil),               // 126: users.v1.SetUserMetadataResponse
+	(*GetUserMetadataResponse)(nil),               // 127: users.v1.GetUserMetadataResponse
+	(*ListUserMetadataResponse)(nil),              // 128: users.v1.ListUserMetadataResponse
+	(*DeleteUserMetadataResponse)(nil),            // 129: users.v1.DeleteUserMetadataResponse
+	(*CreateGroupResponse)(nil),                   // 130: users.v1.CreateGroupResponse
+	(*RenameGroupResponse)(nil),                   // 131: users.v1.RenameGroupResponse
+	(*DeleteGroupResponse)(nil),                   // 132: users.v1.DeleteGroupResponse
+	(*ListGroupsResponse)(nil),                    // 133: users.v1.ListGroupsResponse
+	(*AddGroupMemberResponse)(nil),                // 134: users.v1.AddGroupMemberResponse
+	(*RemoveGroupMemberResponse)(nil),             // 135: users.v1.RemoveGroupMemberResponse
+	(*ListGroupMembersResponse)(nil),              // 136: users.v1.ListGroupMembersResponse
+	(*ListUserGroupsResponse)(nil),                // 137: users.v1.ListUserGroupsResponse
+	(*StartPasskeyRegistrationResponse)(nil),      // 138: users.v1.StartPasskeyRegistrationResponse
+	(*FinishPasskeyRegistrationResponse)(nil),     // 139: users.v1.FinishPasskeyRegistrationResponse
+	(*StartPasskeySignInResponse)(nil),            // 140: users.v1.StartPasskeySignInResponse
+	(*FinishPasskeySignInResponse)(nil),           // 141: users.v1.FinishPasskeySignInResponse
+	(*ListAuthenticationFactorsResponse)(nil),     // 142: users.v1.ListAuthenticationFactorsResponse
+	(*RenamePasskeyResponse)(nil),                 // 143: users.v1.RenamePasskeyResponse
+	(*RemovePasskeyResponse)(nil),                 // 144: users.v1.RemovePasskeyResponse
+	(*ListUserAuthenticationFactorsResponse)(nil), // 145: users.v1.ListUserAuthenticationFactorsResponse
+	(*RemoveUserPasskeyResponse)(nil),             // 146: users.v1.RemoveUserPasskeyResponse
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
-	91,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
-	92,  // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
-	93,  // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
-	93,  // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
-	93,  // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
-	93,  // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
-	93,  // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
-	93,  // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
-	94,  // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	94,  // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	94,  // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	94,  // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	95,  // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
-	96,  // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
-	93,  // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
-	93,  // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
-	92,  // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
-	93,  // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
-	93,  // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
-	93,  // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
-	93,  // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
-	93,  // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
-	93,  // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
+	93,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
+	94,  // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
+	95,  // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
+	95,  // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
+	95,  // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
+	95,  // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
+	95,  // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
+	95,  // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
+	96,  // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	96,  // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	96,  // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	96,  // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	97,  // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
+	98,  // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
+	95,  // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
+	95,  // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
+	94,  // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
+	95,  // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
+	95,  // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
+	95,  // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
+	95,  // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
+	95,  // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
+	95,  // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
 	68,  // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
-	91,  // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
-	92,  // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
+	93,  // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
+	94,  // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
 	70,  // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
-	93,  // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
-	97,  // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
-	94,  // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
+	95,  // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
+	99,  // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
+	96,  // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
 	71,  // 30: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
-	94,  // 31: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	96,  // 31: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
 	71,  // 32: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
-	92,  // 33: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
-	98,  // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
-	94,  // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
-	94,  // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
-	99,  // 37: users.v1.ListUsersRequest.metadata:type_name -> users.v1.MetadataFilter
-	93,  // 38: users.v1.ListUsersResponse.users:type_name -> users.v1.User
-	93,  // 39: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
-	100, // 40: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
-	93,  // 41: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
+	94,  // 33: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
+	100, // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
+	96,  // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
+	96,  // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
+	101, // 37: users.v1.ListUsersRequest.metadata:type_name -> users.v1.MetadataFilter
+	95,  // 38: users.v1.ListUsersResponse.users:type_name -> users.v1.User
+	95,  // 39: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
+	102, // 40: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
+	95,  // 41: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
 	1,   // 42: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
 	0,   // 43: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
-	94,  // 44: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	96,  // 44: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
 	84,  // 45: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
-	101, // 46: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
+	103, // 46: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
 	0,   // 47: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
-	94,  // 48: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
-	94,  // 49: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
+	96,  // 48: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
+	96,  // 49: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
 	85,  // 50: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
 	90,  // 51: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
 	2,   // 52: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
-	94,  // 53: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
-	93,  // 54: users.v1.UserChange.user:type_name -> users.v1.User
-	102, // 55: users.v1.UserChange.metadata_keys:type_name -> users.v1.MetadataKey
-	3,   // 56: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
-	5,   // 57: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
-	7,   // 58: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
-	9,   // 59: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
-	11,  // 60: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
-	13,  // 61: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
-	15,  // 62: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
-	17,  // 63: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
-	19,  // 64: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
-	21,  // 65: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
-	23,  // 66: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
-	25,  // 67: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
-	27,  // 68: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
-	29,  // 69: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
-	31,  // 70: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
-	33,  // 71: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
-	35,  // 72: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
-	37,  // 73: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
-	39,  // 74: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
-	41,  // 75: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
-	43,  // 76: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
-	45,  // 77: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
-	47,  // 78: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
-	49,  // 79: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
-	51,  // 80: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
-	53,  // 81: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
-	55,  // 82: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
-	57,  // 83: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
-	59,  // 84: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
-	61,  // 85: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
-	63,  // 86: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
-	65,  // 87: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
-	67,  // 88: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
-	72,  // 89: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
-	74,  // 90: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
-	76,  // 91: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
-	78,  // 92: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
-	80,  // 93: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
-	82,  // 94: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
-	86,  // 95: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
-	88,  // 96: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
-	103, // 97: users.v1.UserService.SetUserMetadata:input_type -> users.v1.SetUserMetadataRequest
-	104, // 98: users.v1.UserService.GetUserMetadata:input_type -> users.v1.GetUserMetadataRequest
-	105, // 99: users.v1.UserService.ListUserMetadata:input_type -> users.v1.ListUserMetadataRequest
-	106, // 100: users.v1.UserService.DeleteUserMetadata:input_type -> users.v1.DeleteUserMetadataRequest
-	107, // 101: users.v1.UserService.CreateGroup:input_type -> users.v1.CreateGroupRequest
-	108, // 102: users.v1.UserService.RenameGroup:input_type -> users.v1.RenameGroupRequest
-	109, // 103: users.v1.UserService.DeleteGroup:input_type -> users.v1.DeleteGroupRequest
-	110, // 104: users.v1.UserService.ListGroups:input_type -> users.v1.ListGroupsRequest
-	111, // 105: users.v1.UserService.AddGroupMember:input_type -> users.v1.AddGroupMemberRequest
-	112, // 106: users.v1.UserService.RemoveGroupMember:input_type -> users.v1.RemoveGroupMemberRequest
-	113, // 107: users.v1.UserService.ListGroupMembers:input_type -> users.v1.ListGroupMembersRequest
-	114, // 108: users.v1.UserService.ListUserGroups:input_type -> users.v1.ListUserGroupsRequest
-	115, // 109: users.v1.UserService.StartPasskeyRegistration:input_type -> users.v1.StartPasskeyRegistrationRequest
-	116, // 110: users.v1.UserService.FinishPasskeyRegistration:input_type -> users.v1.FinishPasskeyRegistrationRequest
-	117, // 111: users.v1.UserService.StartPasskeySignIn:input_type -> users.v1.StartPasskeySignInRequest
-	118, // 112: users.v1.UserService.FinishPasskeySignIn:input_type -> users.v1.FinishPasskeySignInRequest
-	119, // 113: users.v1.UserService.ListAuthenticationFactors:input_type -> users.v1.ListAuthenticationFactorsRequest
-	120, // 114: users.v1.UserService.RenamePasskey:input_type -> users.v1.RenamePasskeyRequest
-	121, // 115: users.v1.UserService.RemovePasskey:input_type -> users.v1.RemovePasskeyRequest
-	122, // 116: users.v1.UserService.ListUserAuthenticationFactors:input_type -> users.v1.ListUserAuthenticationFactorsRequest
-	123, // 117: users.v1.UserService.RemoveUserPasskey:input_type -> users.v1.RemoveUserPasskeyRequest
-	4,   // 118: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	6,   // 119: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	8,   // 120: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	10,  // 121: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	12,  // 122: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	14,  // 123: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	16,  // 124: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	18,  // 125: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	20,  // 126: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	22,  // 127: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	24,  // 128: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	26,  // 129: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	28,  // 130: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	30,  // 131: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	32,  // 132: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	34,  // 133: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	36,  // 134: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	38,  // 135: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	40,  // 136: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	42,  // 137: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	44,  // 138: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	46,  // 139: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	48,  // 140: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	50,  // 141: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	52,  // 142: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	54,  // 143: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	56,  // 144: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	58,  // 145: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	60,  // 146: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	62,  // 147: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	64,  // 148: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	66,  // 149: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	69,  // 150: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	73,  // 151: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	75,  // 152: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	77,  // 153: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	79,  // 154: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	81,  // 155: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	83,  // 156: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	87,  // 157: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	89,  // 158: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
-	124, // 159: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
-	125, // 160: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
-	126, // 161: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
-	127, // 162: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
-	128, // 163: users.v1.UserService.CreateGroup:output_type -> users.v1.CreateGroupResponse
-	129, // 164: users.v1.UserService.RenameGroup:output_type -> users.v1.RenameGroupResponse
-	130, // 165: users.v1.UserService.DeleteGroup:output_type -> users.v1.DeleteGroupResponse
-	131, // 166: users.v1.UserService.ListGroups:output_type -> users.v1.ListGroupsResponse
-	132, // 167: users.v1.UserService.AddGroupMember:output_type -> users.v1.AddGroupMemberResponse
-	133, // 168: users.v1.UserService.RemoveGroupMember:output_type -> users.v1.RemoveGroupMemberResponse
-	134, // 169: users.v1.UserService.ListGroupMembers:output_type -> users.v1.ListGroupMembersResponse
-	135, // 170: users.v1.UserService.ListUserGroups:output_type -> users.v1.ListUserGroupsResponse
-	136, // 171: users.v1.UserService.StartPasskeyRegistration:output_type -> users.v1.StartPasskeyRegistrationResponse
-	137, // 172: users.v1.UserService.FinishPasskeyRegistration:output_type -> users.v1.FinishPasskeyRegistrationResponse
-	138, // 173: users.v1.UserService.StartPasskeySignIn:output_type -> users.v1.StartPasskeySignInResponse
-	139, // 174: users.v1.UserService.FinishPasskeySignIn:output_type -> users.v1.FinishPasskeySignInResponse
-	140, // 175: users.v1.UserService.ListAuthenticationFactors:output_type -> users.v1.ListAuthenticationFactorsResponse
-	141, // 176: users.v1.UserService.RenamePasskey:output_type -> users.v1.RenamePasskeyResponse
-	142, // 177: users.v1.UserService.RemovePasskey:output_type -> users.v1.RemovePasskeyResponse
-	143, // 178: users.v1.UserService.ListUserAuthenticationFactors:output_type -> users.v1.ListUserAuthenticationFactorsResponse
-	144, // 179: users.v1.UserService.RemoveUserPasskey:output_type -> users.v1.RemoveUserPasskeyResponse
-	118, // [118:180] is the sub-list for method output_type
-	56,  // [56:118] is the sub-list for method input_type
-	56,  // [56:56] is the sub-list for extension type_name
-	56,  // [56:56] is the sub-list for extension extendee
-	0,   // [0:56] is the sub-list for field type_name
+	96,  // 53: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
+	95,  // 54: users.v1.UserChange.user:type_name -> users.v1.User
+	104, // 55: users.v1.UserChange.metadata_keys:type_name -> users.v1.MetadataKey
+	95,  // 56: users.v1.SetPasswordResponse.user:type_name -> users.v1.User
+	3,   // 57: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
+	5,   // 58: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
+	7,   // 59: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
+	9,   // 60: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
+	11,  // 61: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
+	13,  // 62: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
+	15,  // 63: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
+	17,  // 64: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
+	19,  // 65: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
+	21,  // 66: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
+	23,  // 67: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
+	25,  // 68: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
+	27,  // 69: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
+	29,  // 70: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
+	31,  // 71: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
+	33,  // 72: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
+	35,  // 73: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
+	37,  // 74: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
+	39,  // 75: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
+	41,  // 76: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
+	43,  // 77: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
+	45,  // 78: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
+	47,  // 79: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
+	49,  // 80: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
+	51,  // 81: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
+	53,  // 82: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
+	55,  // 83: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
+	57,  // 84: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
+	59,  // 85: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
+	61,  // 86: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
+	63,  // 87: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
+	65,  // 88: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
+	67,  // 89: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
+	72,  // 90: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
+	74,  // 91: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
+	76,  // 92: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
+	78,  // 93: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
+	80,  // 94: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
+	82,  // 95: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
+	86,  // 96: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
+	88,  // 97: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
+	105, // 98: users.v1.UserService.SetUserMetadata:input_type -> users.v1.SetUserMetadataRequest
+	106, // 99: users.v1.UserService.GetUserMetadata:input_type -> users.v1.GetUserMetadataRequest
+	107, // 100: users.v1.UserService.ListUserMetadata:input_type -> users.v1.ListUserMetadataRequest
+	108, // 101: users.v1.UserService.DeleteUserMetadata:input_type -> users.v1.DeleteUserMetadataRequest
+	109, // 102: users.v1.UserService.CreateGroup:input_type -> users.v1.CreateGroupRequest
+	110, // 103: users.v1.UserService.RenameGroup:input_type -> users.v1.RenameGroupRequest
+	111, // 104: users.v1.UserService.DeleteGroup:input_type -> users.v1.DeleteGroupRequest
+	112, // 105: users.v1.UserService.ListGroups:input_type -> users.v1.ListGroupsRequest
+	113, // 106: users.v1.UserService.AddGroupMember:input_type -> users.v1.AddGroupMemberRequest
+	114, // 107: users.v1.UserService.RemoveGroupMember:input_type -> users.v1.RemoveGroupMemberRequest
+	115, // 108: users.v1.UserService.ListGroupMembers:input_type -> users.v1.ListGroupMembersRequest
+	116, // 109: users.v1.UserService.ListUserGroups:input_type -> users.v1.ListUserGroupsRequest
+	117, // 110: users.v1.UserService.StartPasskeyRegistration:input_type -> users.v1.StartPasskeyRegistrationRequest
+	118, // 111: users.v1.UserService.FinishPasskeyRegistration:input_type -> users.v1.FinishPasskeyRegistrationRequest
+	119, // 112: users.v1.UserService.StartPasskeySignIn:input_type -> users.v1.StartPasskeySignInRequest
+	120, // 113: users.v1.UserService.FinishPasskeySignIn:input_type -> users.v1.FinishPasskeySignInRequest
+	121, // 114: users.v1.UserService.ListAuthenticationFactors:input_type -> users.v1.ListAuthenticationFactorsRequest
+	122, // 115: users.v1.UserService.RenamePasskey:input_type -> users.v1.RenamePasskeyRequest
+	123, // 116: users.v1.UserService.RemovePasskey:input_type -> users.v1.RemovePasskeyRequest
+	124, // 117: users.v1.UserService.ListUserAuthenticationFactors:input_type -> users.v1.ListUserAuthenticationFactorsRequest
+	125, // 118: users.v1.UserService.RemoveUserPasskey:input_type -> users.v1.RemoveUserPasskeyRequest
+	91,  // 119: users.v1.UserService.SetPassword:input_type -> users.v1.SetPasswordRequest
+	4,   // 120: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	6,   // 121: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	8,   // 122: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	10,  // 123: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	12,  // 124: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	14,  // 125: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	16,  // 126: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	18,  // 127: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	20,  // 128: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	22,  // 129: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	24,  // 130: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	26,  // 131: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	28,  // 132: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	30,  // 133: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	32,  // 134: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	34,  // 135: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	36,  // 136: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	38,  // 137: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	40,  // 138: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	42,  // 139: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	44,  // 140: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	46,  // 141: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	48,  // 142: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	50,  // 143: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	52,  // 144: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	54,  // 145: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	56,  // 146: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	58,  // 147: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	60,  // 148: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	62,  // 149: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	64,  // 150: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	66,  // 151: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	69,  // 152: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	73,  // 153: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	75,  // 154: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	77,  // 155: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	79,  // 156: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	81,  // 157: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	83,  // 158: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	87,  // 159: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	89,  // 160: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	126, // 161: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
+	127, // 162: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
+	128, // 163: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
+	129, // 164: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
+	130, // 165: users.v1.UserService.CreateGroup:output_type -> users.v1.CreateGroupResponse
+	131, // 166: users.v1.UserService.RenameGroup:output_type -> users.v1.RenameGroupResponse
+	132, // 167: users.v1.UserService.DeleteGroup:output_type -> users.v1.DeleteGroupResponse
+	133, // 168: users.v1.UserService.ListGroups:output_type -> users.v1.ListGroupsResponse
+	134, // 169: users.v1.UserService.AddGroupMember:output_type -> users.v1.AddGroupMemberResponse
+	135, // 170: users.v1.UserService.RemoveGroupMember:output_type -> users.v1.RemoveGroupMemberResponse
+	136, // 171: users.v1.UserService.ListGroupMembers:output_type -> users.v1.ListGroupMembersResponse
+	137, // 172: users.v1.UserService.ListUserGroups:output_type -> users.v1.ListUserGroupsResponse
+	138, // 173: users.v1.UserService.StartPasskeyRegistration:output_type -> users.v1.StartPasskeyRegistrationResponse
+	139, // 174: users.v1.UserService.FinishPasskeyRegistration:output_type -> users.v1.FinishPasskeyRegistrationResponse
+	140, // 175: users.v1.UserService.StartPasskeySignIn:output_type -> users.v1.StartPasskeySignInResponse
+	141, // 176: users.v1.UserService.FinishPasskeySignIn:output_type -> users.v1.FinishPasskeySignInResponse
+	142, // 177: users.v1.UserService.ListAuthenticationFactors:output_type -> users.v1.ListAuthenticationFactorsResponse
+	143, // 178: users.v1.UserService.RenamePasskey:output_type -> users.v1.RenamePasskeyResponse
+	144, // 179: users.v1.UserService.RemovePasskey:output_type -> users.v1.RemovePasskeyResponse
+	145, // 180: users.v1.UserService.ListUserAuthenticationFactors:output_type -> users.v1.ListUserAuthenticationFactorsResponse
+	146, // 181: users.v1.UserService.RemoveUserPasskey:output_type -> users.v1.RemoveUserPasskeyResponse
+	92,  // 182: users.v1.UserService.SetPassword:output_type -> users.v1.SetPasswordResponse
+	120, // [120:183] is the sub-list for method output_type
+	57,  // [57:120] is the sub-list for method input_type
+	57,  // [57:57] is the sub-list for extension type_name
+	57,  // [57:57] is the sub-list for extension extendee
+	0,   // [0:57] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_service_proto_init() }
@@ -6024,7 +6169,7 @@ func file_users_v1_user_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_users_v1_user_service_proto_rawDesc), len(file_users_v1_user_service_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   88,
+			NumMessages:   90,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -81,6 +81,7 @@ const (
 	UserService_RemovePasskey_FullMethodName                 = "/users.v1.UserService/RemovePasskey"
 	UserService_ListUserAuthenticationFactors_FullMethodName = "/users.v1.UserService/ListUserAuthenticationFactors"
 	UserService_RemoveUserPasskey_FullMethodName             = "/users.v1.UserService/RemoveUserPasskey"
+	UserService_SetPassword_FullMethodName                   = "/users.v1.UserService/SetPassword"
 )
 
 // UserServiceClient is the client API for UserService service.
@@ -798,6 +799,21 @@ type UserServiceClient interface {
 	// PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
 	// FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
 	RemoveUserPasskey(ctx context.Context, in *RemoveUserPasskeyRequest, opts ...grpc.CallOption) (*RemoveUserPasskeyResponse, error)
+	// Set a user's password, as an admin
+	//
+	// For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+	// band. With `change_required`, the user's next Authenticate, after the right password (and
+	// second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+	// and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+	// change clears the flag. The password meets the same rules as any chosen password: strength,
+	// history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+	// ChangePassword, every session and token of the user is revoked and a notice is mailed.
+	// Recorded in the audit trail (never the password).
+	// Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+	// PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+	// changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+	// (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+	SetPassword(ctx context.Context, in *SetPasswordRequest, opts ...grpc.CallOption) (*SetPasswordResponse, error)
 }
 
 type userServiceClient struct {
@@ -1431,6 +1447,16 @@ func (c *userServiceClient) RemoveUserPasskey(ctx context.Context, in *RemoveUse
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RemoveUserPasskeyResponse)
 	err := c.cc.Invoke(ctx, UserService_RemoveUserPasskey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) SetPassword(ctx context.Context, in *SetPasswordRequest, opts ...grpc.CallOption) (*SetPasswordResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetPasswordResponse)
+	err := c.cc.Invoke(ctx, UserService_SetPassword_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -2152,6 +2178,21 @@ type UserServiceServer interface {
 	// PERMISSION_DENIED, NOT_FOUND (USER_NOT_FOUND, PASSKEY_NOT_FOUND),
 	// FAILED_PRECONDITION (LAST_SIGN_IN_METHOD), UNAVAILABLE.
 	RemoveUserPasskey(context.Context, *RemoveUserPasskeyRequest) (*RemoveUserPasskeyResponse, error)
+	// Set a user's password, as an admin
+	//
+	// For an admin-initiated reset: the admin chooses the password and tells it to the user out of
+	// band. With `change_required`, the user's next Authenticate, after the right password (and
+	// second factor), answers FAILED_PRECONDITION with ErrorInfo reason PASSWORD_CHANGE_REQUIRED
+	// and a users.v1.PasswordChangeRequired detail whose token allows ChangePassword only; the
+	// change clears the flag. The password meets the same rules as any chosen password: strength,
+	// history (USERS_PASSWORD_HISTORY) and, when on, the breached-password check. As after
+	// ChangePassword, every session and token of the user is revoked and a notice is mailed.
+	// Recorded in the audit trail (never the password).
+	// Callers: an admin. Errors: INVALID_ARGUMENT (a bad password; PASSWORD_REUSED,
+	// PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
+	// changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
+	// (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+	SetPassword(context.Context, *SetPasswordRequest) (*SetPasswordResponse, error)
 	mustEmbedUnimplementedUserServiceServer()
 }
 
@@ -2347,6 +2388,9 @@ func (UnimplementedUserServiceServer) ListUserAuthenticationFactors(context.Cont
 }
 func (UnimplementedUserServiceServer) RemoveUserPasskey(context.Context, *RemoveUserPasskeyRequest) (*RemoveUserPasskeyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RemoveUserPasskey not implemented")
+}
+func (UnimplementedUserServiceServer) SetPassword(context.Context, *SetPasswordRequest) (*SetPasswordResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetPassword not implemented")
 }
 func (UnimplementedUserServiceServer) mustEmbedUnimplementedUserServiceServer() {}
 func (UnimplementedUserServiceServer) testEmbeddedByValue()                     {}
@@ -3478,6 +3522,24 @@ func _UserService_RemoveUserPasskey_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _UserService_SetPassword_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetPasswordRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).SetPassword(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_SetPassword_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).SetPassword(ctx, req.(*SetPasswordRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // UserService_ServiceDesc is the grpc.ServiceDesc for UserService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -3728,6 +3790,10 @@ var UserService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RemoveUserPasskey",
 			Handler:    _UserService_RemoveUserPasskey_Handler,
+		},
+		{
+			MethodName: "SetPassword",
+			Handler:    _UserService_SetPassword_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file users/v1/user.proto.
  */
 export const file_users_v1_user: GenFile = /*@__PURE__*/
-  fileDesc("ChN1c2Vycy92MS91c2VyLnByb3RvEgh1c2Vycy52MSKWAwoEVXNlchIKCgJpZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCRISCgpmaXJzdF9uYW1lGAMgASgJEhEKCWxhc3RfbmFtZRgEIAEoCRINCgVlbWFpbBgFIAEoCRIgCgZnZW5kZXIYBiABKA4yEC51c2Vycy52MS5HZW5kZXISHAoEcm9sZRgHIAEoDjIOLnVzZXJzLnYxLlJvbGUSEQoJaXNfYWN0aXZlGAggASgIEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC21mYV9lbmFibGVkGAsgASgIEiIKBXN0YXRlGAwgASgOMhMudXNlcnMudjEuVXNlclN0YXRlEgwKBGV0YWcYDSABKAkSFQoNbGFuZ3VhZ2VfY29kZRg3IAEoCRIpCghtZXRhZGF0YRgjIAMoCzIXLnVzZXJzLnYxLk1ldGFkYXRhRW50cnkqlAEKCVVzZXJTdGF0ZRIaChZVU0VSX1NUQVRFX1VOU1BFQ0lGSUVEEAASIQodVVNFUl9TVEFURV9QRU5ESU5HX0FDVElWQVRJT04QARIVChFVU0VSX1NUQVRFX0FDVElWRRACEhoKFlVTRVJfU1RBVEVfREVBQ1RJVkFURUQQAxIVChFVU0VSX1NUQVRFX0xPQ0tFRBAEKlYKBkdlbmRlchIWChJHRU5ERVJfVU5TUEVDSUZJRUQQABIPCgtHRU5ERVJfTUFMRRABEhEKDUdFTkRFUl9GRU1BTEUQAhIQCgxHRU5ERVJfT1RIRVIQAyo7CgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABINCglST0xFX1VTRVIQARIOCgpST0xFX0FETUlOEAJiBnByb3RvMw", [file_google_protobuf_timestamp, file_users_v1_metadata]);
+  fileDesc("ChN1c2Vycy92MS91c2VyLnByb3RvEgh1c2Vycy52MSLyAwoEVXNlchIKCgJpZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCRISCgpmaXJzdF9uYW1lGAMgASgJEhEKCWxhc3RfbmFtZRgEIAEoCRINCgVlbWFpbBgFIAEoCRIgCgZnZW5kZXIYBiABKA4yEC51c2Vycy52MS5HZW5kZXISHAoEcm9sZRgHIAEoDjIOLnVzZXJzLnYxLlJvbGUSEQoJaXNfYWN0aXZlGAggASgIEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC21mYV9lbmFibGVkGAsgASgIEiIKBXN0YXRlGAwgASgOMhMudXNlcnMudjEuVXNlclN0YXRlEgwKBGV0YWcYDSABKAkSFQoNbGFuZ3VhZ2VfY29kZRg3IAEoCRIpCghtZXRhZGF0YRgjIAMoCzIXLnVzZXJzLnYxLk1ldGFkYXRhRW50cnkSIAoYcGFzc3dvcmRfY2hhbmdlX3JlcXVpcmVkGB4gASgIEjgKFHBhc3N3b3JkX3VwZGF0ZV90aW1lGB8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCqUAQoJVXNlclN0YXRlEhoKFlVTRVJfU1RBVEVfVU5TUEVDSUZJRUQQABIhCh1VU0VSX1NUQVRFX1BFTkRJTkdfQUNUSVZBVElPThABEhUKEVVTRVJfU1RBVEVfQUNUSVZFEAISGgoWVVNFUl9TVEFURV9ERUFDVElWQVRFRBADEhUKEVVTRVJfU1RBVEVfTE9DS0VEEAQqVgoGR2VuZGVyEhYKEkdFTkRFUl9VTlNQRUNJRklFRBAAEg8KC0dFTkRFUl9NQUxFEAESEQoNR0VOREVSX0ZFTUFMRRACEhAKDEdFTkRFUl9PVEhFUhADKjsKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg0KCVJPTEVfVVNFUhABEg4KClJPTEVfQURNSU4QAmIGcHJvdG8z", [file_google_protobuf_timestamp, file_users_v1_metadata]);
 
 /**
  * A person's account, as every reply shows it.
@@ -131,6 +131,22 @@ export type User = Message<"users.v1.User"> & {
    * @generated from field: repeated users.v1.MetadataEntry metadata = 35;
    */
   metadata: MetadataEntry[];
+
+  /**
+   * True once an admin set the password with change_required (SetPassword, ImportUsers): the
+   * next sign-in must change it first (ERROR_REASON_PASSWORD_CHANGE_REQUIRED). Cleared by the change.
+   *
+   * @generated from field: bool password_change_required = 30;
+   */
+  passwordChangeRequired: boolean;
+
+  /**
+   * When the password was last set (unset: before this field existed; the password then counts
+   * as set at create_time for USERS_PASSWORD_MAX_AGE_SECONDS).
+   *
+   * @generated from field: google.protobuf.Timestamp password_update_time = 31;
+   */
+  passwordUpdateTime?: Timestamp | undefined;
 };
 
 /**
