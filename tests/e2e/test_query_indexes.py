@@ -46,6 +46,7 @@ def test_a_flow_through_the_main_calls(server: RunningServer, mail: MailSink) ->
     server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
     server.stub.ListUsers(pb.ListUsersRequest(page_size=1))
     server.stub.ListUsers(pb.ListUsersRequest(role=user_pb2.ROLE_USER, prefix="ja"))
+    server.stub.ListUsers(pb.ListUsersRequest(external_id="00u1"))
     server.stub.LockUser(pb.LockUserRequest(user_id=jane.user.id))
     server.stub.UnlockUser(pb.UnlockUserRequest(user_id=jane.user.id))
     server.stub.DeactivateUser(pb.DeactivateUserRequest(user_id=jane.user.id))

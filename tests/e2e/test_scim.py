@@ -65,16 +65,12 @@ def _gap(reason: str) -> str:
     return next((gap for gap in GAPS if gap in reason), reason)
 
 
-# Not built yet (docs/scim.md, "Not yet"): externalId is not kept (it needs a User field), POST
-# /.search is not served, and `active` cannot be removed (every account is active or not).
-GAPS = ("externalId", "/.search", "remove attribute 'active'")
+# Not built yet (docs/scim.md, "Not yet"): POST /.search is not served, and `active` cannot be
+# removed (every account is active or not).
+GAPS = ("/.search", "remove attribute 'active'")
 KNOWN_GAPS = {
-    ("object_query_with_attributes", "externalId"),
-    ("object_list_with_attributes", "externalId"),
     ("search_with_attributes", "/.search"),
-    ("check_add_attribute", "externalId"),
     ("check_remove_attribute", "remove attribute 'active'"),
-    ("check_replace_attribute", "externalId"),
 }
 
 
@@ -195,3 +191,37 @@ def test_refusals_are_scim_errors(server: RunningServer, scim: httpx2.Client) ->
         headers={"If-Match": 'W/"stale"'},
     )
     assert stale.status_code == 412
+
+
+def test_external_id_is_kept_found_changed_and_limited(server: RunningServer, scim: httpx2.Client) -> None:
+    name = f"ext-{uuid.uuid4().hex[:8]}"
+    external_id = f"00u{uuid.uuid4().hex}"
+    body = {
+        "schemas": [SCHEMA],
+        "userName": name,
+        "externalId": external_id,
+        "name": {"givenName": "Ext", "familyName": "Ernal"},
+        "emails": [{"value": f"{name}@example.com", "primary": True}],
+    }
+    created = scim.post("/Users", json=body)
+    assert created.status_code == 201, created.text
+    user_id = created.json()["id"]
+    assert created.json()["externalId"] == external_id
+    assert _user(server, user_id).external_id == external_id
+    found = scim.get("/Users", params={"filter": f'externalId eq "{external_id}"'}).json()
+    assert [resource["id"] for resource in found["Resources"]] == [user_id]
+    assert scim.get("/Users", params={"filter": f'externalId eq "{external_id.upper()}"'}).json()["totalResults"] == 0
+
+    moved = external_id + "-2"
+    patch = {"schemas": [PATCH], "Operations": [{"op": "replace", "path": "externalId", "value": moved}]}
+    assert scim.patch(f"/Users/{user_id}", json=patch).status_code == 200
+    listed = server.stub.ListUsers(pb.ListUsersRequest(external_id=moved), timeout=10).users
+    assert [user.id for user in listed] == [user_id]
+    assert not server.stub.ListUsers(pb.ListUsersRequest(external_id=external_id), timeout=10).users
+    removed = {"schemas": [PATCH], "Operations": [{"op": "remove", "path": "externalId"}]}
+    assert "externalId" not in scim.patch(f"/Users/{user_id}", json=removed).json()
+    assert _user(server, user_id).external_id == ""
+
+    too_long = scim.post("/Users", json=body | {"userName": name + "x", "externalId": "x" * 257})
+    assert (too_long.status_code, too_long.json()["scimType"]) == (400, "invalidValue")
+    assert "external_id" in too_long.json()["detail"]

@@ -71,6 +71,8 @@ class User:
     mfa_enabled: bool = False
     # Bumped by every UpdateUser, so that two updates within one millisecond still differ in etag.
     revision: int = 0
+    # Another system's identifier for the account (a SCIM externalId); "" for none. Not unique.
+    external_id: str = ""
 
     @property
     def etag(self) -> str:
@@ -175,6 +177,7 @@ class NewUser:
     password_scheme: PasswordScheme = PasswordScheme.PEPPERED
     # Imported users are never purged as "never activated": they were accounts elsewhere.
     imported: bool = False
+    external_id: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +193,7 @@ class ImportedUser:
     email_verified: bool
     # The old system's bcrypt hash, or "" for none.
     password_hash: str
+    external_id: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,6 +289,7 @@ class UserFilter:
     prefix_key: str = ""
     created_after: datetime | None = None
     created_before: datetime | None = None
+    external_id: str = ""
 
     def fingerprint(self) -> bytes:
         """Equal exactly for equal filters, so that a page token is bound to its filters."""
@@ -295,12 +300,13 @@ class UserFilter:
             self.prefix_key,
             self.created_after and self.created_after.isoformat(),
             self.created_before and self.created_before.isoformat(),
+            self.external_id,
         )
         return repr(parts).encode()
 
 
 # Paths of User that UpdateUser may change.
-UPDATABLE_FIELDS = ("first_name", "last_name", "gender", "username")
+UPDATABLE_FIELDS = ("first_name", "last_name", "gender", "username", "external_id")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -312,6 +318,8 @@ class ProfileChanges:
     last_name: str | None = None
     gender: Gender | None = None
     username: str | None = None
+    # "" clears it.
+    external_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -76,6 +76,7 @@ def imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | Invalid
         role=role,
         email_verified=item.email_verified,
         password_hash=item.password_hash,
+        external_id=item.external_id,
     )
 
 
@@ -140,6 +141,7 @@ def user_to_proto(user: User) -> user_pb2.User:
         mfa_enabled=user.mfa_enabled,
         state=_STATES_TO_PROTO[user.state],
         etag=user.etag,
+        external_id=user.external_id,
     )
 
 

@@ -16,7 +16,7 @@ import grpc
 from users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
 from users_grpc.domain.model import AuditFilter, ProfileChanges, Registration, User, UserFilter
-from users_grpc.domain.rules import identifier_key, validate_prefix
+from users_grpc.domain.rules import identifier_key, validate_external_id, validate_prefix
 from users_grpc.grpc_api.access import current_caller, stream_admission
 from users_grpc.grpc_api.convert import (
     ASSIGNED_ROLES,
@@ -357,6 +357,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: user_service_pb2.ListUsersRequest, context: Context
     ) -> user_service_pb2.ListUsersResponse:
         validate_prefix(request.prefix)
+        validate_external_id(request.external_id)
         filters = UserFilter(
             role=None
             if request.role == user_pb2.ROLE_UNSPECIFIED
@@ -368,6 +369,7 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
             prefix_key=identifier_key(request.prefix) if request.prefix.strip() else "",
             created_after=request.created_after.ToDatetime(UTC) if request.HasField("created_after") else None,
             created_before=request.created_before.ToDatetime(UTC) if request.HasField("created_before") else None,
+            external_id=request.external_id,
         )
         users, next_page_token, total = await self._directory.list_users(filters, request.page_size, request.page_token)
         return user_service_pb2.ListUsersResponse(
@@ -385,8 +387,11 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
             last_name=request.user.last_name if "last_name" in paths else None,
             gender=enum_from_proto(GENDERS, request.user.gender, "user.gender") if "gender" in paths else None,
             username=request.user.username if "username" in paths else None,
+            external_id=request.user.external_id if "external_id" in paths else None,
         )
-        user = await self._directory.update_user(request.user_id, paths, changes, request.etag)
+        user = await self._directory.update_user(
+            request.user_id, paths, changes, request.etag, caller=current_caller.get()
+        )
         return user_service_pb2.UpdateUserResponse(user=user_to_proto(user))
 
     async def ListAuditEvents(

@@ -146,6 +146,7 @@ class ScimApp:
             last_name=wanted.last_name,
             email=wanted.email,
             email_verified=True,
+            external_id=wanted.external_id,
         )
         response = await self._call(request, "ImportUsers", pb.ImportUsersRequest(users=[item]))
         result = response.results[0]
@@ -187,13 +188,19 @@ class ScimApp:
                 ("username", wanted.username, current.username),
                 ("first_name", wanted.first_name, current.first_name),
                 ("last_name", wanted.last_name, current.last_name),
+                ("external_id", wanted.external_id, current.external_id),
             )
             if new != old
         ]
         if paths:
             update = pb.UpdateUserRequest(
                 user_id=current.id,
-                user=user_pb2.User(username=wanted.username, first_name=wanted.first_name, last_name=wanted.last_name),
+                user=user_pb2.User(
+                    username=wanted.username,
+                    first_name=wanted.first_name,
+                    last_name=wanted.last_name,
+                    external_id=wanted.external_id,
+                ),
                 update_mask=field_mask_pb2.FieldMask(paths=paths),
                 etag=current.etag,
             )
@@ -244,15 +251,15 @@ class ScimApp:
 
     async def _lookup(self, request: _Request, lookup: filters.UserLookup) -> list[user_pb2.User]:
         """The users the filter names: exact, regardless of letter case, as usernames and emails are unique."""
-        if lookup.external_id is not None:
-            return []  # externalId is not kept yet (docs/scim.md): no user has one
         key = lookup.user_name if lookup.user_name is not None else lookup.email
-        if key is None:
+        if key is None and not lookup.external_id:
             return []
         candidates: list[user_pb2.User] = []
         token = ""
-        while True:  # every user the prefix matches: more than a page only for a prefix of many names
-            listing = pb.ListUsersRequest(page_size=_LISTED_PAGE, prefix=key, page_token=token)
+        while True:  # every user the filters match: more than a page only for a prefix of many names
+            listing = pb.ListUsersRequest(
+                page_size=_LISTED_PAGE, prefix=key or "", external_id=lookup.external_id or "", page_token=token
+            )
             listed = await self._call(request, "ListUsers", listing)
             candidates.extend(listed.users)
             token = listed.next_page_token
@@ -263,6 +270,7 @@ class ScimApp:
             for user in candidates
             if (lookup.user_name is None or user.username.casefold() == lookup.user_name.casefold())
             and (lookup.email is None or user.email.casefold() == lookup.email.casefold())
+            and (lookup.external_id is None or user.external_id == lookup.external_id)
         ]
 
     def _user_response(self, status: int, user: user_pb2.User, request: _Request) -> _Response:

@@ -196,6 +196,7 @@ class AccountService:
                 activation=None,
                 created_at=self._clock.now(),
                 imported=True,
+                external_id=item.external_id,
             )
         )
         log.info("user imported", extra={"user_id": user.id, "active": user.is_active})

@@ -118,6 +118,7 @@ class User(_message.Message):
     MFA_ENABLED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """24 lower-case hexadecimal digits, assigned by the service."""
     username: _builtins.str
@@ -150,6 +151,12 @@ class User(_message.Message):
     move it with updated_at): pass it to UpdateUser so that a change made
     meanwhile by someone else is not overwritten (AIP-154). Opaque.
     """
+    external_id: _builtins.str
+    """The identifier another system (an identity provider's SCIM client) gives
+    this account: up to 256 characters, kept as sent. Not unique: two IdPs,
+    or two tenants of one, may send the same one. Empty: none. Set by
+    ImportUsers and UpdateUser (path `external_id`); ListUsers filters on it.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -170,10 +177,11 @@ class User(_message.Message):
         mfa_enabled: _builtins.bool = ...,
         state: Global___UserState.ValueType = ...,
         etag: _builtins.str = ...,
+        external_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "last_name", b"last_name", "mfa_enabled", b"mfa_enabled", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "external_id", b"external_id", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "last_name", b"last_name", "mfa_enabled", b"mfa_enabled", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

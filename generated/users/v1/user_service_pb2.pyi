@@ -1739,6 +1739,7 @@ class ImportedUser(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
     PASSWORD_HASH_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """Required. As CreateUserRequest.username."""
     first_name: _builtins.str
@@ -1767,6 +1768,8 @@ class ImportedUser(_message.Message):
     would have cut short) never matches it: such a person uses ForgotPassword.
     Anything else is INVALID_ARGUMENT on this item.
     """
+    external_id: _builtins.str
+    """Optional. User.external_id: at most 256 characters."""
     def __init__(
         self,
         *,
@@ -1778,10 +1781,11 @@ class ImportedUser(_message.Message):
         role: _user_pb2.Role.ValueType = ...,
         email_verified: _builtins.bool = ...,
         password_hash: _builtins.str = ...,
+        external_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "email_verified", b"email_verified", "first_name", b"first_name", "gender", b"gender", "last_name", b"last_name", "password_hash", b"password_hash", "role", b"role", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "email_verified", b"email_verified", "external_id", b"external_id", "first_name", b"first_name", "gender", b"gender", "last_name", b"last_name", "password_hash", b"password_hash", "role", b"role", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2062,6 +2066,7 @@ class ListUsersRequest(_message.Message):
     PREFIX_FIELD_NUMBER: _builtins.int
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Default 50, at most 1000."""
     page_token: _builtins.str
@@ -2076,6 +2081,10 @@ class ListUsersRequest(_message.Message):
     """Optional. Users whose username or email starts with this, regardless of
     letter case (compared after NFKC normalization and case folding, as
     usernames and emails are unique). At most 254 characters.
+    """
+    external_id: _builtins.str
+    """Optional. Only users whose User.external_id is exactly this (letter case
+    counts). At most 256 characters.
     """
     @_builtins.property
     def created_after(self) -> _timestamp_pb2.Timestamp:
@@ -2096,10 +2105,11 @@ class ListUsersRequest(_message.Message):
         prefix: _builtins.str = ...,
         created_after: _timestamp_pb2.Timestamp | None = ...,
         created_before: _timestamp_pb2.Timestamp | None = ...,
+        external_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "mfa_enabled", b"mfa_enabled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "mfa_enabled", b"mfa_enabled", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "role", b"role", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "external_id", b"external_id", "mfa_enabled", b"mfa_enabled", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "role", b"role", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__mfa_enabled: _TypeAlias = _typing.Literal["mfa_enabled"]  # noqa: Y015
     _WhichOneofArgType__mfa_enabled: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled"]  # noqa: Y015
@@ -2157,7 +2167,7 @@ class UpdateUserRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Required. Paths among first_name, last_name, gender, username."""
+        """Required. Paths among first_name, last_name, gender, username, external_id."""
 
     def __init__(
         self,

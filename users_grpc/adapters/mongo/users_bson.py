@@ -126,6 +126,7 @@ def _user_from_document(document: Document) -> User:
         token_version=document.get("token_version", 0),
         mfa_enabled=(document.get("mfa") or {}).get("state") == "active",
         revision=document.get("revision", 0),
+        external_id=document.get("external_id", ""),
     )
 
 

@@ -222,7 +222,12 @@ type User struct {
 	// Changes whenever the user does (every UpdateUser moves it; other changes
 	// move it with updated_at): pass it to UpdateUser so that a change made
 	// meanwhile by someone else is not overwritten (AIP-154). Opaque.
-	Etag          string `protobuf:"bytes,13,opt,name=etag,proto3" json:"etag,omitempty"`
+	Etag string `protobuf:"bytes,13,opt,name=etag,proto3" json:"etag,omitempty"`
+	// The identifier another system (an identity provider's SCIM client) gives
+	// this account: up to 256 characters, kept as sent. Not unique: two IdPs,
+	// or two tenants of one, may send the same one. Empty: none. Set by
+	// ImportUsers and UpdateUser (path `external_id`); ListUsers filters on it.
+	ExternalId    string `protobuf:"bytes,50,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -348,11 +353,18 @@ func (x *User) GetEtag() string {
 	return ""
 }
 
+func (x *User) GetExternalId() string {
+	if x != nil {
+		return x.ExternalId
+	}
+	return ""
+}
+
 var File_users_v1_user_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_proto_rawDesc = "" +
 	"\n" +
-	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x03\n" +
+	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x03\n" +
 	"\x04User\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\busername\x18\x02 \x01(\tR\busername\x12\x1d\n" +
@@ -371,7 +383,9 @@ const file_users_v1_user_proto_rawDesc = "" +
 	"\vmfa_enabled\x18\v \x01(\bR\n" +
 	"mfaEnabled\x12)\n" +
 	"\x05state\x18\f \x01(\x0e2\x13.users.v1.UserStateR\x05state\x12\x12\n" +
-	"\x04etag\x18\r \x01(\tR\x04etag*\x94\x01\n" +
+	"\x04etag\x18\r \x01(\tR\x04etag\x12\x1f\n" +
+	"\vexternal_id\x182 \x01(\tR\n" +
+	"externalId*\x94\x01\n" +
 	"\tUserState\x12\x1a\n" +
 	"\x16USER_STATE_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dUSER_STATE_PENDING_ACTIVATION\x10\x01\x12\x15\n" +

@@ -3565,7 +3565,9 @@ type ImportedUser struct {
 	// password's UTF-8 bytes, so a password longer than 72 bytes (which bcrypt
 	// would have cut short) never matches it: such a person uses ForgotPassword.
 	// Anything else is INVALID_ARGUMENT on this item.
-	PasswordHash  string `protobuf:"bytes,8,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	PasswordHash string `protobuf:"bytes,8,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	// Optional. User.external_id: at most 256 characters.
+	ExternalId    string `protobuf:"bytes,60,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3652,6 +3654,13 @@ func (x *ImportedUser) GetEmailVerified() bool {
 func (x *ImportedUser) GetPasswordHash() string {
 	if x != nil {
 		return x.PasswordHash
+	}
+	return ""
+}
+
+func (x *ImportedUser) GetExternalId() string {
+	if x != nil {
+		return x.ExternalId
 	}
 	return ""
 }
@@ -4264,6 +4273,9 @@ type ListUsersRequest struct {
 	CreatedAfter *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_after,json=createdAfter,proto3" json:"created_after,omitempty"`
 	// Optional. Only users created before this moment.
 	CreatedBefore *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_before,json=createdBefore,proto3" json:"created_before,omitempty"`
+	// Optional. Only users whose User.external_id is exactly this (letter case
+	// counts). At most 256 characters.
+	ExternalId    string `protobuf:"bytes,60,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4354,6 +4366,13 @@ func (x *ListUsersRequest) GetCreatedBefore() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *ListUsersRequest) GetExternalId() string {
+	if x != nil {
+		return x.ExternalId
+	}
+	return ""
+}
+
 type ListUsersResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Users []*User                `protobuf:"bytes,1,rep,name=users,proto3" json:"users,omitempty"`
@@ -4423,7 +4442,7 @@ type UpdateUserRequest struct {
 	// The new values of the fields named in update_mask; user.id, if set, must
 	// equal user_id. Other fields are ignored.
 	User *User `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
-	// Required. Paths among first_name, last_name, gender, username.
+	// Required. Paths among first_name, last_name, gender, username, external_id.
 	UpdateMask *fieldmaskpb.FieldMask `protobuf:"bytes,3,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	// Optional. User.etag as last read: the change applies only if the user has
 	// not changed since; else ABORTED.
@@ -5231,7 +5250,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x14ResetUserMfaResponse\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"B\n" +
 	"\x12ImportUsersRequest\x12,\n" +
-	"\x05users\x18\x01 \x03(\v2\x16.users.v1.ImportedUserR\x05users\"\x96\x02\n" +
+	"\x05users\x18\x01 \x03(\v2\x16.users.v1.ImportedUserR\x05users\"\xb7\x02\n" +
 	"\fImportedUser\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -5241,7 +5260,9 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x06gender\x18\x05 \x01(\x0e2\x10.users.v1.GenderR\x06gender\x12\"\n" +
 	"\x04role\x18\x06 \x01(\x0e2\x0e.users.v1.RoleR\x04role\x12%\n" +
 	"\x0eemail_verified\x18\a \x01(\bR\remailVerified\x12#\n" +
-	"\rpassword_hash\x18\b \x01(\tR\fpasswordHash\"K\n" +
+	"\rpassword_hash\x18\b \x01(\tR\fpasswordHash\x12\x1f\n" +
+	"\vexternal_id\x18< \x01(\tR\n" +
+	"externalId\"K\n" +
 	"\x13ImportUsersResponse\x124\n" +
 	"\aresults\x18\x01 \x03(\v2\x1a.users.v1.ImportUserResultR\aresults\"n\n" +
 	"\x10ImportUserResult\x12$\n" +
@@ -5273,7 +5294,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\":\n" +
 	"\x1bDeleteServiceAccountRequest\x12\x1b\n" +
 	"\tclient_id\x18\x01 \x01(\tR\bclientId\"\x1e\n" +
-	"\x1cDeleteServiceAccountResponse\"\xef\x02\n" +
+	"\x1cDeleteServiceAccountResponse\"\x90\x03\n" +
 	"\x10ListUsersRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -5284,7 +5305,9 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"mfaEnabled\x88\x01\x01\x12\x16\n" +
 	"\x06prefix\x18\x06 \x01(\tR\x06prefix\x12?\n" +
 	"\rcreated_after\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\fcreatedAfter\x12A\n" +
-	"\x0ecreated_before\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\rcreatedBeforeB\x0e\n" +
+	"\x0ecreated_before\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\rcreatedBefore\x12\x1f\n" +
+	"\vexternal_id\x18< \x01(\tR\n" +
+	"externalIdB\x0e\n" +
 	"\f_mfa_enabled\"\x80\x01\n" +
 	"\x11ListUsersResponse\x12$\n" +
 	"\x05users\x18\x01 \x03(\v2\x0e.users.v1.UserR\x05users\x12&\n" +
