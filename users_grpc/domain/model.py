@@ -387,6 +387,13 @@ class ServiceAccount:
     client_id: str
     name: str
     created_at: datetime
+    permissions: frozenset[ServiceAccountPermission] = frozenset()
+
+
+class ServiceAccountPermission(enum.Enum):
+    """What a service account's tokens may do besides a machine caller's (access.py's rules)."""
+
+    PROVISION_USERS = "provision_users"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -409,10 +416,16 @@ class Caller:
     # themself answers from it rather than reading the same document again. Per call, never
     # cached across calls, so every replica sees each change as soon as it is stored.
     user: User | None = dataclasses.field(default=None, repr=False, compare=False)
+    # A service account's, as stored: read again at every call, so a deleted account grants nothing.
+    permissions: frozenset[ServiceAccountPermission] = frozenset()
 
     @property
     def is_admin(self) -> bool:
         return self.role is Role.ADMIN
+
+    @property
+    def is_provisioner(self) -> bool:
+        return ServiceAccountPermission.PROVISION_USERS in self.permissions
 
 
 ANONYMOUS = Caller()

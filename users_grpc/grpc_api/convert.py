@@ -21,6 +21,7 @@ from users_grpc.domain.model import (
     IssuedTokens,
     Role,
     ServiceAccount,
+    ServiceAccountPermission,
     Session,
     User,
     UserChange,
@@ -54,6 +55,11 @@ STATES = {wire: domain for domain, wire in _STATES_TO_PROTO.items()}
 # By name: AUDIT_EVENT_TYPE_SIGN_IN is AuditEventType.SIGN_IN.
 _AUDIT_TYPES_TO_PROTO = {t: user_service_pb2.AuditEventType.Value(f"AUDIT_EVENT_TYPE_{t.name}") for t in AuditEventType}
 AUDIT_TYPES = {wire: domain for domain, wire in _AUDIT_TYPES_TO_PROTO.items()}
+_PERMISSIONS_TO_PROTO = {
+    p: user_service_pb2.ServiceAccountPermission.Value(f"SERVICE_ACCOUNT_PERMISSION_{p.name}")
+    for p in ServiceAccountPermission
+}
+PERMISSIONS = {wire: domain for domain, wire in _PERMISSIONS_TO_PROTO.items()}
 _ACTOR_KINDS_TO_PROTO = {k: user_service_pb2.AuditActorKind.Value(f"AUDIT_ACTOR_KIND_{k.name}") for k in ActorKind}
 
 _K = TypeVar("_K", bound=int)
@@ -122,7 +128,10 @@ def change_to_proto(change: UserChange) -> user_service_pb2.UserChange:
 
 def service_account_to_proto(account: ServiceAccount) -> user_service_pb2.ServiceAccount:
     return user_service_pb2.ServiceAccount(
-        client_id=account.client_id, name=account.name, create_time=_timestamp(account.created_at)
+        client_id=account.client_id,
+        name=account.name,
+        create_time=_timestamp(account.created_at),
+        permissions=sorted(_PERMISSIONS_TO_PROTO[permission] for permission in account.permissions),
     )
 
 

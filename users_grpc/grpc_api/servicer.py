@@ -22,6 +22,7 @@ from users_grpc.grpc_api.convert import (
     ASSIGNED_ROLES,
     AUDIT_TYPES,
     GENDERS,
+    PERMISSIONS,
     ROLES,
     STATES,
     _timestamp,
@@ -324,7 +325,10 @@ class UserServiceServicer(user_service_pb2_grpc.UserServiceServicer):
     async def CreateServiceAccount(
         self, request: user_service_pb2.CreateServiceAccountRequest, context: Context
     ) -> user_service_pb2.CreateServiceAccountResponse:
-        account, secret = await self._service_accounts.create(request.name, caller=current_caller.get())
+        permissions = frozenset(enum_from_proto(PERMISSIONS, number, "permissions") for number in request.permissions)
+        account, secret = await self._service_accounts.create(
+            request.name, caller=current_caller.get(), permissions=permissions
+        )
         return user_service_pb2.CreateServiceAccountResponse(
             service_account=service_account_to_proto(account), client_secret=secret
         )

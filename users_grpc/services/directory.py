@@ -51,7 +51,7 @@ class DirectoryService:
     ) -> User:
         rules.validate_user_id(user_id, "user_id")
         _validate_paths(paths)
-        if changes.external_id is not None and caller is not None and not caller.is_admin:
+        if changes.external_id is not None and caller is not None and not (caller.is_admin or caller.is_provisioner):
             # The IdP finds the account by it: a user who could set their own could pass for another.
             raise PermissionDenied()
         rules.validate_profile_changes(changes)

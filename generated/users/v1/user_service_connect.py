@@ -142,7 +142,8 @@ class UserService(Protocol):
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -438,7 +439,7 @@ class UserService(Protocol):
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -466,7 +467,7 @@ class UserService(Protocol):
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -478,7 +479,7 @@ class UserService(Protocol):
         Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -550,7 +551,7 @@ class UserService(Protocol):
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -615,7 +616,7 @@ class UserService(Protocol):
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -627,8 +628,8 @@ class UserService(Protocol):
         Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username, external_id (the paths of `user`; external_id only by an admin:
-        else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -637,7 +638,8 @@ class UserService(Protocol):
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -1406,7 +1408,8 @@ class UserServiceClient(ConnectClient):
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -2042,7 +2045,7 @@ class UserServiceClient(ConnectClient):
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -2104,7 +2107,7 @@ class UserServiceClient(ConnectClient):
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -2133,7 +2136,7 @@ class UserServiceClient(ConnectClient):
         Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -2273,7 +2276,7 @@ class UserServiceClient(ConnectClient):
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -2423,7 +2426,7 @@ class UserServiceClient(ConnectClient):
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -2452,8 +2455,8 @@ class UserServiceClient(ConnectClient):
         Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username, external_id (the paths of `user`; external_id only by an admin:
-        else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -2462,7 +2465,8 @@ class UserServiceClient(ConnectClient):
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -2684,7 +2688,8 @@ class UserServiceSync(Protocol):
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -2980,7 +2985,7 @@ class UserServiceSync(Protocol):
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -3008,7 +3013,7 @@ class UserServiceSync(Protocol):
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -3020,7 +3025,7 @@ class UserServiceSync(Protocol):
         Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -3092,7 +3097,7 @@ class UserServiceSync(Protocol):
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -3157,7 +3162,7 @@ class UserServiceSync(Protocol):
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -3169,8 +3174,8 @@ class UserServiceSync(Protocol):
         Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username, external_id (the paths of `user`; external_id only by an admin:
-        else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -3179,7 +3184,8 @@ class UserServiceSync(Protocol):
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -3946,7 +3952,8 @@ class UserServiceClientSync(ConnectClientSync):
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -4582,7 +4589,7 @@ class UserServiceClientSync(ConnectClientSync):
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -4644,7 +4651,7 @@ class UserServiceClientSync(ConnectClientSync):
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -4673,7 +4680,7 @@ class UserServiceClientSync(ConnectClientSync):
         Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -4813,7 +4820,7 @@ class UserServiceClientSync(ConnectClientSync):
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -4963,7 +4970,7 @@ class UserServiceClientSync(ConnectClientSync):
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -4992,8 +4999,8 @@ class UserServiceClientSync(ConnectClientSync):
         Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username, external_id (the paths of `user`; external_id only by an admin:
-        else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -5002,7 +5009,8 @@ class UserServiceClientSync(ConnectClientSync):
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason

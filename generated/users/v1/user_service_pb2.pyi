@@ -251,6 +251,36 @@ never activated. Carries user_id only: drop everything about the user.
 """
 Global___UserChangeType: _TypeAlias = UserChangeType  # noqa: Y015
 
+class _ServiceAccountPermission:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServiceAccountPermissionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServiceAccountPermission.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED: _ServiceAccountPermission.ValueType  # 0
+    SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS: _ServiceAccountPermission.ValueType  # 1
+    """Provision users, as an identity provider's SCIM client does (docs/scim.md):
+    the RPCs whose Callers line names "a provisioning service account"
+    (ImportUsers, ListUsers, UpdateUser, SetUserEmail, DeactivateUser,
+    ReactivateUser, DeleteUser). Never about an admin: a call naming a user
+    with ROLE_ADMIN, or an ImportUsers item asking for ROLE_ADMIN, is
+    PERMISSION_DENIED, so provisioning cannot make or unmake admins.
+    """
+
+class ServiceAccountPermission(_ServiceAccountPermission, metaclass=_ServiceAccountPermissionEnumTypeWrapper):
+    """What a service account's tokens may do besides a machine caller's."""
+
+SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED: ServiceAccountPermission.ValueType  # 0
+SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS: ServiceAccountPermission.ValueType  # 1
+"""Provision users, as an identity provider's SCIM client does (docs/scim.md):
+the RPCs whose Callers line names "a provisioning service account"
+(ImportUsers, ListUsers, UpdateUser, SetUserEmail, DeactivateUser,
+ReactivateUser, DeleteUser). Never about an admin: a call naming a user
+with ROLE_ADMIN, or an ImportUsers item asking for ROLE_ADMIN, is
+PERMISSION_DENIED, so provisioning cannot make or unmake admins.
+"""
+Global___ServiceAccountPermission: _TypeAlias = ServiceAccountPermission  # noqa: Y015
+
 @_typing.final
 class CreateUserRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1852,6 +1882,7 @@ class ServiceAccount(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     """The id to pass to IssueServiceToken: 24 hexadecimal digits."""
     name: _builtins.str
@@ -1860,16 +1891,21 @@ class ServiceAccount(_message.Message):
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def permissions(self) -> _containers.RepeatedScalarFieldContainer[Global___ServiceAccountPermission.ValueType]:
+        """What its tokens may do besides a machine caller's; empty: nothing more."""
+
     def __init__(
         self,
         *,
         client_id: _builtins.str = ...,
         name: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        permissions: _abc.Iterable[Global___ServiceAccountPermission.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "create_time", b"create_time", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "create_time", b"create_time", "name", b"name", "permissions", b"permissions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1880,18 +1916,26 @@ class CreateServiceAccountRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. 3 to 64 characters of [a-z0-9._-], starting with a letter or
     digit. Unique among service accounts.
     """
+    @_builtins.property
+    def permissions(self) -> _containers.RepeatedScalarFieldContainer[Global___ServiceAccountPermission.ValueType]:
+        """Optional. Fixed for the account's life (to change them, make another
+        account); SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        permissions: _abc.Iterable[Global___ServiceAccountPermission.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "permissions", b"permissions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

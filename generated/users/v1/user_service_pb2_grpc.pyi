@@ -119,7 +119,8 @@ class UserServiceStub:
     (an admin deleting themself too), so an access token alone cannot delete
     it; wrong passwords count toward the sign-in throttle. An admin deleting
     someone else needs none.
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+    Callers: the user themself, an admin or a provisioning
+    service account. Errors: INVALID_ARGUMENT (also:
     own account without a password), UNAUTHENTICATED (also: wrong password),
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
     LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -355,7 +356,7 @@ class UserServiceStub:
     password reset of the user die; sessions and tokens stay valid. To
     activate an account whose activation mail went to a wrong address,
     ResendActivationCode afterwards: the new code goes to the new address.
-    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
     ErrorInfo metadata names the field `email`), UNAVAILABLE.
     """
@@ -377,7 +378,7 @@ class UserServiceStub:
     An active or locked user can no longer sign in, refresh a session, reset a
     password or be found by GetUserByIdentifier; every session and access
     token dies at once. A deactivated user stays deactivated (no change).
-    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
     WRONG_USER_STATE: the account is not activated yet, delete it instead),
     UNAVAILABLE.
@@ -386,7 +387,7 @@ class UserServiceStub:
     """Reactivate a deactivated user: USER_STATE_ACTIVE
 
     The user signs in again with their password; old sessions stay dead. An
-    active user stays active (no change). Callers: an admin. Errors:
+    active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
     FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
     UnlockUser), UNAVAILABLE.
@@ -446,7 +447,7 @@ class UserServiceStub:
     purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
     they were accounts elsewhere, so waiting does not make them abandoned;
     delete the ones you no longer want.
-    Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+    Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
     1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
     batch: what was created answers ALREADY_EXISTS).
     """
@@ -496,7 +497,7 @@ class UserServiceStub:
     a page deep in the list costs what the first one costs. A page token works
     only with the filters of the call that returned it. total_size counts
     the users matching the filters at the time of this call.
-    Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
     1000; a page_token that is garbage, tampered with or from a call with
     other filters; an unknown role or state), UNAUTHENTICATED,
     PERMISSION_DENIED, UNAVAILABLE.
@@ -505,8 +506,8 @@ class UserServiceStub:
     """Change a user's names, gender or username (AIP-134)
 
     update_mask names the fields to change: first_name, last_name, gender,
-    username, external_id (the paths of `user`; external_id only by an admin:
-    else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
+    username, external_id (the paths of `user`; external_id only by an admin
+    or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
     what to change, so that a field a client does not know cannot be blanked
     by accident. Unknown paths and fields that cannot change here (id, email:
     use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -515,7 +516,8 @@ class UserServiceStub:
     changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
     user again and retry. Without it, the change applies to the current user.
     Sessions and tokens stay valid.
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+    Callers: the user themself, an admin or a provisioning
+    service account. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
     username, compared as at registration, is taken; the ErrorInfo metadata
     names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -670,7 +672,8 @@ class UserServiceAsyncStub(UserServiceStub):
     (an admin deleting themself too), so an access token alone cannot delete
     it; wrong passwords count toward the sign-in throttle. An admin deleting
     someone else needs none.
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+    Callers: the user themself, an admin or a provisioning
+    service account. Errors: INVALID_ARGUMENT (also:
     own account without a password), UNAUTHENTICATED (also: wrong password),
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
     LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -906,7 +909,7 @@ class UserServiceAsyncStub(UserServiceStub):
     password reset of the user die; sessions and tokens stay valid. To
     activate an account whose activation mail went to a wrong address,
     ResendActivationCode afterwards: the new code goes to the new address.
-    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
     ErrorInfo metadata names the field `email`), UNAVAILABLE.
     """
@@ -928,7 +931,7 @@ class UserServiceAsyncStub(UserServiceStub):
     An active or locked user can no longer sign in, refresh a session, reset a
     password or be found by GetUserByIdentifier; every session and access
     token dies at once. A deactivated user stays deactivated (no change).
-    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
     WRONG_USER_STATE: the account is not activated yet, delete it instead),
     UNAVAILABLE.
@@ -937,7 +940,7 @@ class UserServiceAsyncStub(UserServiceStub):
     """Reactivate a deactivated user: USER_STATE_ACTIVE
 
     The user signs in again with their password; old sessions stay dead. An
-    active user stays active (no change). Callers: an admin. Errors:
+    active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
     FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
     UnlockUser), UNAVAILABLE.
@@ -997,7 +1000,7 @@ class UserServiceAsyncStub(UserServiceStub):
     purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
     they were accounts elsewhere, so waiting does not make them abandoned;
     delete the ones you no longer want.
-    Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+    Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
     1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
     batch: what was created answers ALREADY_EXISTS).
     """
@@ -1047,7 +1050,7 @@ class UserServiceAsyncStub(UserServiceStub):
     a page deep in the list costs what the first one costs. A page token works
     only with the filters of the call that returned it. total_size counts
     the users matching the filters at the time of this call.
-    Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
     1000; a page_token that is garbage, tampered with or from a call with
     other filters; an unknown role or state), UNAUTHENTICATED,
     PERMISSION_DENIED, UNAVAILABLE.
@@ -1056,8 +1059,8 @@ class UserServiceAsyncStub(UserServiceStub):
     """Change a user's names, gender or username (AIP-134)
 
     update_mask names the fields to change: first_name, last_name, gender,
-    username, external_id (the paths of `user`; external_id only by an admin:
-    else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
+    username, external_id (the paths of `user`; external_id only by an admin
+    or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
     what to change, so that a field a client does not know cannot be blanked
     by accident. Unknown paths and fields that cannot change here (id, email:
     use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -1066,7 +1069,8 @@ class UserServiceAsyncStub(UserServiceStub):
     changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
     user again and retry. Without it, the change applies to the current user.
     Sessions and tokens stay valid.
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+    Callers: the user themself, an admin or a provisioning
+    service account. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
     username, compared as at registration, is taken; the ErrorInfo metadata
     names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -1254,7 +1258,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -1610,7 +1615,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -1644,7 +1649,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -1659,7 +1664,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -1743,7 +1748,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -1823,7 +1828,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -1838,8 +1843,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username, external_id (the paths of `user`; external_id only by an admin:
-        else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -1848,7 +1853,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason

@@ -318,6 +318,59 @@ func (UserChangeType) EnumDescriptor() ([]byte, []int) {
 	return file_users_v1_user_service_proto_rawDescGZIP(), []int{2}
 }
 
+// What a service account's tokens may do besides a machine caller's.
+type ServiceAccountPermission int32
+
+const (
+	ServiceAccountPermission_SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED ServiceAccountPermission = 0
+	// Provision users, as an identity provider's SCIM client does (docs/scim.md):
+	// the RPCs whose Callers line names "a provisioning service account"
+	// (ImportUsers, ListUsers, UpdateUser, SetUserEmail, DeactivateUser,
+	// ReactivateUser, DeleteUser). Never about an admin: a call naming a user
+	// with ROLE_ADMIN, or an ImportUsers item asking for ROLE_ADMIN, is
+	// PERMISSION_DENIED, so provisioning cannot make or unmake admins.
+	ServiceAccountPermission_SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS ServiceAccountPermission = 1
+)
+
+// Enum value maps for ServiceAccountPermission.
+var (
+	ServiceAccountPermission_name = map[int32]string{
+		0: "SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED",
+		1: "SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS",
+	}
+	ServiceAccountPermission_value = map[string]int32{
+		"SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED":     0,
+		"SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS": 1,
+	}
+)
+
+func (x ServiceAccountPermission) Enum() *ServiceAccountPermission {
+	p := new(ServiceAccountPermission)
+	*p = x
+	return p
+}
+
+func (x ServiceAccountPermission) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ServiceAccountPermission) Descriptor() protoreflect.EnumDescriptor {
+	return file_users_v1_user_service_proto_enumTypes[3].Descriptor()
+}
+
+func (ServiceAccountPermission) Type() protoreflect.EnumType {
+	return &file_users_v1_user_service_proto_enumTypes[3]
+}
+
+func (x ServiceAccountPermission) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ServiceAccountPermission.Descriptor instead.
+func (ServiceAccountPermission) EnumDescriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{3}
+}
+
 type CreateUserRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Required. 3 to 32 characters of [A-Za-z0-9._-].
@@ -3801,8 +3854,10 @@ type ServiceAccount struct {
 	ClientId string `protobuf:"bytes,1,opt,name=client_id,json=clientId,proto3" json:"client_id,omitempty"`
 	// Unique. Its tokens' holders are machine callers, logged as
 	// "service-account:<name>".
-	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	Name       string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// What its tokens may do besides a machine caller's; empty: nothing more.
+	Permissions   []ServiceAccountPermission `protobuf:"varint,60,rep,packed,name=permissions,proto3,enum=users.v1.ServiceAccountPermission" json:"permissions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3858,11 +3913,21 @@ func (x *ServiceAccount) GetCreateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *ServiceAccount) GetPermissions() []ServiceAccountPermission {
+	if x != nil {
+		return x.Permissions
+	}
+	return nil
+}
+
 type CreateServiceAccountRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Required. 3 to 64 characters of [a-z0-9._-], starting with a letter or
 	// digit. Unique among service accounts.
-	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Optional. Fixed for the account's life (to change them, make another
+	// account); SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED is INVALID_ARGUMENT.
+	Permissions   []ServiceAccountPermission `protobuf:"varint,60,rep,packed,name=permissions,proto3,enum=users.v1.ServiceAccountPermission" json:"permissions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3902,6 +3967,13 @@ func (x *CreateServiceAccountRequest) GetName() string {
 		return x.Name
 	}
 	return ""
+}
+
+func (x *CreateServiceAccountRequest) GetPermissions() []ServiceAccountPermission {
+	if x != nil {
+		return x.Permissions
+	}
+	return nil
 }
 
 type CreateServiceAccountResponse struct {
@@ -5268,14 +5340,16 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x10ImportUserResult\x12$\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserH\x00R\x04user\x12*\n" +
 	"\x05error\x18\x02 \x01(\v2\x12.google.rpc.StatusH\x00R\x05errorB\b\n" +
-	"\x06result\"~\n" +
+	"\x06result\"\xc4\x01\n" +
 	"\x0eServiceAccount\x12\x1b\n" +
 	"\tclient_id\x18\x01 \x01(\tR\bclientId\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12;\n" +
 	"\vcreate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"createTime\"1\n" +
+	"createTime\x12D\n" +
+	"\vpermissions\x18< \x03(\x0e2\".users.v1.ServiceAccountPermissionR\vpermissions\"w\n" +
 	"\x1bCreateServiceAccountRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x86\x01\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12D\n" +
+	"\vpermissions\x18< \x03(\x0e2\".users.v1.ServiceAccountPermissionR\vpermissions\"\x86\x01\n" +
 	"\x1cCreateServiceAccountResponse\x12A\n" +
 	"\x0fservice_account\x18\x01 \x01(\v2\x18.users.v1.ServiceAccountR\x0eserviceAccount\x12#\n" +
 	"\rclient_secret\x18\x02 \x01(\tR\fclientSecret\"\\\n" +
@@ -5411,7 +5485,10 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x17USER_CHANGE_TYPE_LOCKED\x10\b\x12\x1d\n" +
 	"\x19USER_CHANGE_TYPE_UNLOCKED\x10\t\x12\x1c\n" +
 	"\x18USER_CHANGE_TYPE_DELETED\x10\n" +
-	"2\x8b\x1b\n" +
+	"*v\n" +
+	"\x18ServiceAccountPermission\x12*\n" +
+	"&SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED\x10\x00\x12.\n" +
+	"*SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS\x10\x012\x8b\x1b\n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -5474,253 +5551,256 @@ func file_users_v1_user_service_proto_rawDescGZIP() []byte {
 	return file_users_v1_user_service_proto_rawDescData
 }
 
-var file_users_v1_user_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_users_v1_user_service_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
 var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 88)
 var file_users_v1_user_service_proto_goTypes = []any{
 	(AuditEventType)(0),                     // 0: users.v1.AuditEventType
 	(AuditActorKind)(0),                     // 1: users.v1.AuditActorKind
 	(UserChangeType)(0),                     // 2: users.v1.UserChangeType
-	(*CreateUserRequest)(nil),               // 3: users.v1.CreateUserRequest
-	(*CreateUserResponse)(nil),              // 4: users.v1.CreateUserResponse
-	(*ActivateUserRequest)(nil),             // 5: users.v1.ActivateUserRequest
-	(*ActivateUserResponse)(nil),            // 6: users.v1.ActivateUserResponse
-	(*ResendActivationCodeRequest)(nil),     // 7: users.v1.ResendActivationCodeRequest
-	(*ResendActivationCodeResponse)(nil),    // 8: users.v1.ResendActivationCodeResponse
-	(*GetUserRequest)(nil),                  // 9: users.v1.GetUserRequest
-	(*GetUserResponse)(nil),                 // 10: users.v1.GetUserResponse
-	(*GetUserByIdentifierRequest)(nil),      // 11: users.v1.GetUserByIdentifierRequest
-	(*GetUserByIdentifierResponse)(nil),     // 12: users.v1.GetUserByIdentifierResponse
-	(*DeleteUserRequest)(nil),               // 13: users.v1.DeleteUserRequest
-	(*DeleteUserResponse)(nil),              // 14: users.v1.DeleteUserResponse
-	(*DeleteUserByIdentifierRequest)(nil),   // 15: users.v1.DeleteUserByIdentifierRequest
-	(*DeleteUserByIdentifierResponse)(nil),  // 16: users.v1.DeleteUserByIdentifierResponse
-	(*VerifyCredentialsRequest)(nil),        // 17: users.v1.VerifyCredentialsRequest
-	(*VerifyCredentialsResponse)(nil),       // 18: users.v1.VerifyCredentialsResponse
-	(*AuthenticateRequest)(nil),             // 19: users.v1.AuthenticateRequest
-	(*AuthenticateResponse)(nil),            // 20: users.v1.AuthenticateResponse
-	(*RefreshSessionRequest)(nil),           // 21: users.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),          // 22: users.v1.RefreshSessionResponse
-	(*RevokeSessionRequest)(nil),            // 23: users.v1.RevokeSessionRequest
-	(*RevokeSessionResponse)(nil),           // 24: users.v1.RevokeSessionResponse
-	(*ListSessionsRequest)(nil),             // 25: users.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),            // 26: users.v1.ListSessionsResponse
-	(*RevokeAllSessionsRequest)(nil),        // 27: users.v1.RevokeAllSessionsRequest
-	(*RevokeAllSessionsResponse)(nil),       // 28: users.v1.RevokeAllSessionsResponse
-	(*GetPublicKeysRequest)(nil),            // 29: users.v1.GetPublicKeysRequest
-	(*GetPublicKeysResponse)(nil),           // 30: users.v1.GetPublicKeysResponse
-	(*ValidateTokenRequest)(nil),            // 31: users.v1.ValidateTokenRequest
-	(*ValidateTokenResponse)(nil),           // 32: users.v1.ValidateTokenResponse
-	(*ForgotPasswordRequest)(nil),           // 33: users.v1.ForgotPasswordRequest
-	(*ForgotPasswordResponse)(nil),          // 34: users.v1.ForgotPasswordResponse
-	(*ResetPasswordRequest)(nil),            // 35: users.v1.ResetPasswordRequest
-	(*ResetPasswordResponse)(nil),           // 36: users.v1.ResetPasswordResponse
-	(*ChangePasswordRequest)(nil),           // 37: users.v1.ChangePasswordRequest
-	(*ChangePasswordResponse)(nil),          // 38: users.v1.ChangePasswordResponse
-	(*EnableMfaRequest)(nil),                // 39: users.v1.EnableMfaRequest
-	(*EnableMfaResponse)(nil),               // 40: users.v1.EnableMfaResponse
-	(*GetMfaQrCodeRequest)(nil),             // 41: users.v1.GetMfaQrCodeRequest
-	(*GetMfaQrCodeResponse)(nil),            // 42: users.v1.GetMfaQrCodeResponse
-	(*ConfirmMfaRequest)(nil),               // 43: users.v1.ConfirmMfaRequest
-	(*ConfirmMfaResponse)(nil),              // 44: users.v1.ConfirmMfaResponse
-	(*DisableMfaRequest)(nil),               // 45: users.v1.DisableMfaRequest
-	(*DisableMfaResponse)(nil),              // 46: users.v1.DisableMfaResponse
-	(*RegenerateRecoveryCodesRequest)(nil),  // 47: users.v1.RegenerateRecoveryCodesRequest
-	(*RegenerateRecoveryCodesResponse)(nil), // 48: users.v1.RegenerateRecoveryCodesResponse
-	(*ChangeEmailRequest)(nil),              // 49: users.v1.ChangeEmailRequest
-	(*ChangeEmailResponse)(nil),             // 50: users.v1.ChangeEmailResponse
-	(*ConfirmEmailChangeRequest)(nil),       // 51: users.v1.ConfirmEmailChangeRequest
-	(*ConfirmEmailChangeResponse)(nil),      // 52: users.v1.ConfirmEmailChangeResponse
-	(*SetUserEmailRequest)(nil),             // 53: users.v1.SetUserEmailRequest
-	(*SetUserEmailResponse)(nil),            // 54: users.v1.SetUserEmailResponse
-	(*SetUserRoleRequest)(nil),              // 55: users.v1.SetUserRoleRequest
-	(*SetUserRoleResponse)(nil),             // 56: users.v1.SetUserRoleResponse
-	(*DeactivateUserRequest)(nil),           // 57: users.v1.DeactivateUserRequest
-	(*DeactivateUserResponse)(nil),          // 58: users.v1.DeactivateUserResponse
-	(*ReactivateUserRequest)(nil),           // 59: users.v1.ReactivateUserRequest
-	(*ReactivateUserResponse)(nil),          // 60: users.v1.ReactivateUserResponse
-	(*LockUserRequest)(nil),                 // 61: users.v1.LockUserRequest
-	(*LockUserResponse)(nil),                // 62: users.v1.LockUserResponse
-	(*UnlockUserRequest)(nil),               // 63: users.v1.UnlockUserRequest
-	(*UnlockUserResponse)(nil),              // 64: users.v1.UnlockUserResponse
-	(*ResetUserMfaRequest)(nil),             // 65: users.v1.ResetUserMfaRequest
-	(*ResetUserMfaResponse)(nil),            // 66: users.v1.ResetUserMfaResponse
-	(*ImportUsersRequest)(nil),              // 67: users.v1.ImportUsersRequest
-	(*ImportedUser)(nil),                    // 68: users.v1.ImportedUser
-	(*ImportUsersResponse)(nil),             // 69: users.v1.ImportUsersResponse
-	(*ImportUserResult)(nil),                // 70: users.v1.ImportUserResult
-	(*ServiceAccount)(nil),                  // 71: users.v1.ServiceAccount
-	(*CreateServiceAccountRequest)(nil),     // 72: users.v1.CreateServiceAccountRequest
-	(*CreateServiceAccountResponse)(nil),    // 73: users.v1.CreateServiceAccountResponse
-	(*IssueServiceTokenRequest)(nil),        // 74: users.v1.IssueServiceTokenRequest
-	(*IssueServiceTokenResponse)(nil),       // 75: users.v1.IssueServiceTokenResponse
-	(*ListServiceAccountsRequest)(nil),      // 76: users.v1.ListServiceAccountsRequest
-	(*ListServiceAccountsResponse)(nil),     // 77: users.v1.ListServiceAccountsResponse
-	(*DeleteServiceAccountRequest)(nil),     // 78: users.v1.DeleteServiceAccountRequest
-	(*DeleteServiceAccountResponse)(nil),    // 79: users.v1.DeleteServiceAccountResponse
-	(*ListUsersRequest)(nil),                // 80: users.v1.ListUsersRequest
-	(*ListUsersResponse)(nil),               // 81: users.v1.ListUsersResponse
-	(*UpdateUserRequest)(nil),               // 82: users.v1.UpdateUserRequest
-	(*UpdateUserResponse)(nil),              // 83: users.v1.UpdateUserResponse
-	(*AuditActor)(nil),                      // 84: users.v1.AuditActor
-	(*AuditEvent)(nil),                      // 85: users.v1.AuditEvent
-	(*ListAuditEventsRequest)(nil),          // 86: users.v1.ListAuditEventsRequest
-	(*ListAuditEventsResponse)(nil),         // 87: users.v1.ListAuditEventsResponse
-	(*WatchUserChangesRequest)(nil),         // 88: users.v1.WatchUserChangesRequest
-	(*WatchUserChangesResponse)(nil),        // 89: users.v1.WatchUserChangesResponse
-	(*UserChange)(nil),                      // 90: users.v1.UserChange
-	(Gender)(0),                             // 91: users.v1.Gender
-	(Role)(0),                               // 92: users.v1.Role
-	(*User)(nil),                            // 93: users.v1.User
-	(*timestamppb.Timestamp)(nil),           // 94: google.protobuf.Timestamp
-	(*Session)(nil),                         // 95: users.v1.Session
-	(*TokenClaims)(nil),                     // 96: users.v1.TokenClaims
-	(*status.Status)(nil),                   // 97: google.rpc.Status
-	(UserState)(0),                          // 98: users.v1.UserState
-	(*fieldmaskpb.FieldMask)(nil),           // 99: google.protobuf.FieldMask
-	(code.Code)(0),                          // 100: google.rpc.Code
+	(ServiceAccountPermission)(0),           // 3: users.v1.ServiceAccountPermission
+	(*CreateUserRequest)(nil),               // 4: users.v1.CreateUserRequest
+	(*CreateUserResponse)(nil),              // 5: users.v1.CreateUserResponse
+	(*ActivateUserRequest)(nil),             // 6: users.v1.ActivateUserRequest
+	(*ActivateUserResponse)(nil),            // 7: users.v1.ActivateUserResponse
+	(*ResendActivationCodeRequest)(nil),     // 8: users.v1.ResendActivationCodeRequest
+	(*ResendActivationCodeResponse)(nil),    // 9: users.v1.ResendActivationCodeResponse
+	(*GetUserRequest)(nil),                  // 10: users.v1.GetUserRequest
+	(*GetUserResponse)(nil),                 // 11: users.v1.GetUserResponse
+	(*GetUserByIdentifierRequest)(nil),      // 12: users.v1.GetUserByIdentifierRequest
+	(*GetUserByIdentifierResponse)(nil),     // 13: users.v1.GetUserByIdentifierResponse
+	(*DeleteUserRequest)(nil),               // 14: users.v1.DeleteUserRequest
+	(*DeleteUserResponse)(nil),              // 15: users.v1.DeleteUserResponse
+	(*DeleteUserByIdentifierRequest)(nil),   // 16: users.v1.DeleteUserByIdentifierRequest
+	(*DeleteUserByIdentifierResponse)(nil),  // 17: users.v1.DeleteUserByIdentifierResponse
+	(*VerifyCredentialsRequest)(nil),        // 18: users.v1.VerifyCredentialsRequest
+	(*VerifyCredentialsResponse)(nil),       // 19: users.v1.VerifyCredentialsResponse
+	(*AuthenticateRequest)(nil),             // 20: users.v1.AuthenticateRequest
+	(*AuthenticateResponse)(nil),            // 21: users.v1.AuthenticateResponse
+	(*RefreshSessionRequest)(nil),           // 22: users.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),          // 23: users.v1.RefreshSessionResponse
+	(*RevokeSessionRequest)(nil),            // 24: users.v1.RevokeSessionRequest
+	(*RevokeSessionResponse)(nil),           // 25: users.v1.RevokeSessionResponse
+	(*ListSessionsRequest)(nil),             // 26: users.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),            // 27: users.v1.ListSessionsResponse
+	(*RevokeAllSessionsRequest)(nil),        // 28: users.v1.RevokeAllSessionsRequest
+	(*RevokeAllSessionsResponse)(nil),       // 29: users.v1.RevokeAllSessionsResponse
+	(*GetPublicKeysRequest)(nil),            // 30: users.v1.GetPublicKeysRequest
+	(*GetPublicKeysResponse)(nil),           // 31: users.v1.GetPublicKeysResponse
+	(*ValidateTokenRequest)(nil),            // 32: users.v1.ValidateTokenRequest
+	(*ValidateTokenResponse)(nil),           // 33: users.v1.ValidateTokenResponse
+	(*ForgotPasswordRequest)(nil),           // 34: users.v1.ForgotPasswordRequest
+	(*ForgotPasswordResponse)(nil),          // 35: users.v1.ForgotPasswordResponse
+	(*ResetPasswordRequest)(nil),            // 36: users.v1.ResetPasswordRequest
+	(*ResetPasswordResponse)(nil),           // 37: users.v1.ResetPasswordResponse
+	(*ChangePasswordRequest)(nil),           // 38: users.v1.ChangePasswordRequest
+	(*ChangePasswordResponse)(nil),          // 39: users.v1.ChangePasswordResponse
+	(*EnableMfaRequest)(nil),                // 40: users.v1.EnableMfaRequest
+	(*EnableMfaResponse)(nil),               // 41: users.v1.EnableMfaResponse
+	(*GetMfaQrCodeRequest)(nil),             // 42: users.v1.GetMfaQrCodeRequest
+	(*GetMfaQrCodeResponse)(nil),            // 43: users.v1.GetMfaQrCodeResponse
+	(*ConfirmMfaRequest)(nil),               // 44: users.v1.ConfirmMfaRequest
+	(*ConfirmMfaResponse)(nil),              // 45: users.v1.ConfirmMfaResponse
+	(*DisableMfaRequest)(nil),               // 46: users.v1.DisableMfaRequest
+	(*DisableMfaResponse)(nil),              // 47: users.v1.DisableMfaResponse
+	(*RegenerateRecoveryCodesRequest)(nil),  // 48: users.v1.RegenerateRecoveryCodesRequest
+	(*RegenerateRecoveryCodesResponse)(nil), // 49: users.v1.RegenerateRecoveryCodesResponse
+	(*ChangeEmailRequest)(nil),              // 50: users.v1.ChangeEmailRequest
+	(*ChangeEmailResponse)(nil),             // 51: users.v1.ChangeEmailResponse
+	(*ConfirmEmailChangeRequest)(nil),       // 52: users.v1.ConfirmEmailChangeRequest
+	(*ConfirmEmailChangeResponse)(nil),      // 53: users.v1.ConfirmEmailChangeResponse
+	(*SetUserEmailRequest)(nil),             // 54: users.v1.SetUserEmailRequest
+	(*SetUserEmailResponse)(nil),            // 55: users.v1.SetUserEmailResponse
+	(*SetUserRoleRequest)(nil),              // 56: users.v1.SetUserRoleRequest
+	(*SetUserRoleResponse)(nil),             // 57: users.v1.SetUserRoleResponse
+	(*DeactivateUserRequest)(nil),           // 58: users.v1.DeactivateUserRequest
+	(*DeactivateUserResponse)(nil),          // 59: users.v1.DeactivateUserResponse
+	(*ReactivateUserRequest)(nil),           // 60: users.v1.ReactivateUserRequest
+	(*ReactivateUserResponse)(nil),          // 61: users.v1.ReactivateUserResponse
+	(*LockUserRequest)(nil),                 // 62: users.v1.LockUserRequest
+	(*LockUserResponse)(nil),                // 63: users.v1.LockUserResponse
+	(*UnlockUserRequest)(nil),               // 64: users.v1.UnlockUserRequest
+	(*UnlockUserResponse)(nil),              // 65: users.v1.UnlockUserResponse
+	(*ResetUserMfaRequest)(nil),             // 66: users.v1.ResetUserMfaRequest
+	(*ResetUserMfaResponse)(nil),            // 67: users.v1.ResetUserMfaResponse
+	(*ImportUsersRequest)(nil),              // 68: users.v1.ImportUsersRequest
+	(*ImportedUser)(nil),                    // 69: users.v1.ImportedUser
+	(*ImportUsersResponse)(nil),             // 70: users.v1.ImportUsersResponse
+	(*ImportUserResult)(nil),                // 71: users.v1.ImportUserResult
+	(*ServiceAccount)(nil),                  // 72: users.v1.ServiceAccount
+	(*CreateServiceAccountRequest)(nil),     // 73: users.v1.CreateServiceAccountRequest
+	(*CreateServiceAccountResponse)(nil),    // 74: users.v1.CreateServiceAccountResponse
+	(*IssueServiceTokenRequest)(nil),        // 75: users.v1.IssueServiceTokenRequest
+	(*IssueServiceTokenResponse)(nil),       // 76: users.v1.IssueServiceTokenResponse
+	(*ListServiceAccountsRequest)(nil),      // 77: users.v1.ListServiceAccountsRequest
+	(*ListServiceAccountsResponse)(nil),     // 78: users.v1.ListServiceAccountsResponse
+	(*DeleteServiceAccountRequest)(nil),     // 79: users.v1.DeleteServiceAccountRequest
+	(*DeleteServiceAccountResponse)(nil),    // 80: users.v1.DeleteServiceAccountResponse
+	(*ListUsersRequest)(nil),                // 81: users.v1.ListUsersRequest
+	(*ListUsersResponse)(nil),               // 82: users.v1.ListUsersResponse
+	(*UpdateUserRequest)(nil),               // 83: users.v1.UpdateUserRequest
+	(*UpdateUserResponse)(nil),              // 84: users.v1.UpdateUserResponse
+	(*AuditActor)(nil),                      // 85: users.v1.AuditActor
+	(*AuditEvent)(nil),                      // 86: users.v1.AuditEvent
+	(*ListAuditEventsRequest)(nil),          // 87: users.v1.ListAuditEventsRequest
+	(*ListAuditEventsResponse)(nil),         // 88: users.v1.ListAuditEventsResponse
+	(*WatchUserChangesRequest)(nil),         // 89: users.v1.WatchUserChangesRequest
+	(*WatchUserChangesResponse)(nil),        // 90: users.v1.WatchUserChangesResponse
+	(*UserChange)(nil),                      // 91: users.v1.UserChange
+	(Gender)(0),                             // 92: users.v1.Gender
+	(Role)(0),                               // 93: users.v1.Role
+	(*User)(nil),                            // 94: users.v1.User
+	(*timestamppb.Timestamp)(nil),           // 95: google.protobuf.Timestamp
+	(*Session)(nil),                         // 96: users.v1.Session
+	(*TokenClaims)(nil),                     // 97: users.v1.TokenClaims
+	(*status.Status)(nil),                   // 98: google.rpc.Status
+	(UserState)(0),                          // 99: users.v1.UserState
+	(*fieldmaskpb.FieldMask)(nil),           // 100: google.protobuf.FieldMask
+	(code.Code)(0),                          // 101: google.rpc.Code
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
-	91,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
-	92,  // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
-	93,  // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
-	93,  // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
-	93,  // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
-	93,  // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
-	93,  // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
-	93,  // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
-	94,  // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	94,  // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	94,  // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	94,  // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	95,  // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
-	96,  // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
-	93,  // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
-	93,  // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
-	92,  // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
-	93,  // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
-	93,  // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
-	93,  // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
-	93,  // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
-	93,  // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
-	93,  // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
-	68,  // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
-	91,  // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
-	92,  // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
-	70,  // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
-	93,  // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
-	97,  // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
-	94,  // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
-	71,  // 30: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
-	94,  // 31: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	71,  // 32: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
-	92,  // 33: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
-	98,  // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
-	94,  // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
-	94,  // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
-	93,  // 37: users.v1.ListUsersResponse.users:type_name -> users.v1.User
-	93,  // 38: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
-	99,  // 39: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
-	93,  // 40: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
-	1,   // 41: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
-	0,   // 42: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
-	94,  // 43: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
-	84,  // 44: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
-	100, // 45: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
-	0,   // 46: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
-	94,  // 47: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
-	94,  // 48: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
-	85,  // 49: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
-	90,  // 50: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
-	2,   // 51: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
-	94,  // 52: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
-	93,  // 53: users.v1.UserChange.user:type_name -> users.v1.User
-	3,   // 54: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
-	5,   // 55: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
-	7,   // 56: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
-	9,   // 57: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
-	11,  // 58: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
-	13,  // 59: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
-	15,  // 60: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
-	17,  // 61: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
-	19,  // 62: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
-	21,  // 63: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
-	23,  // 64: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
-	25,  // 65: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
-	27,  // 66: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
-	29,  // 67: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
-	31,  // 68: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
-	33,  // 69: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
-	35,  // 70: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
-	37,  // 71: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
-	39,  // 72: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
-	41,  // 73: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
-	43,  // 74: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
-	45,  // 75: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
-	47,  // 76: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
-	49,  // 77: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
-	51,  // 78: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
-	53,  // 79: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
-	55,  // 80: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
-	57,  // 81: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
-	59,  // 82: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
-	61,  // 83: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
-	63,  // 84: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
-	65,  // 85: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
-	67,  // 86: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
-	72,  // 87: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
-	74,  // 88: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
-	76,  // 89: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
-	78,  // 90: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
-	80,  // 91: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
-	82,  // 92: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
-	86,  // 93: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
-	88,  // 94: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
-	4,   // 95: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	6,   // 96: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	8,   // 97: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	10,  // 98: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	12,  // 99: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	14,  // 100: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	16,  // 101: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	18,  // 102: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	20,  // 103: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	22,  // 104: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	24,  // 105: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	26,  // 106: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	28,  // 107: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	30,  // 108: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	32,  // 109: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	34,  // 110: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	36,  // 111: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	38,  // 112: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	40,  // 113: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	42,  // 114: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	44,  // 115: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	46,  // 116: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	48,  // 117: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	50,  // 118: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	52,  // 119: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	54,  // 120: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	56,  // 121: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	58,  // 122: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	60,  // 123: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	62,  // 124: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	64,  // 125: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	66,  // 126: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	69,  // 127: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	73,  // 128: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	75,  // 129: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	77,  // 130: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	79,  // 131: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	81,  // 132: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	83,  // 133: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	87,  // 134: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	89,  // 135: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
-	95,  // [95:136] is the sub-list for method output_type
-	54,  // [54:95] is the sub-list for method input_type
-	54,  // [54:54] is the sub-list for extension type_name
-	54,  // [54:54] is the sub-list for extension extendee
-	0,   // [0:54] is the sub-list for field type_name
+	92,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
+	93,  // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
+	94,  // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
+	94,  // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
+	94,  // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
+	94,  // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
+	94,  // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
+	94,  // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
+	95,  // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	95,  // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	95,  // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	95,  // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	96,  // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
+	97,  // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
+	94,  // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
+	94,  // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
+	93,  // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
+	94,  // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
+	94,  // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
+	94,  // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
+	94,  // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
+	94,  // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
+	94,  // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
+	69,  // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
+	92,  // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
+	93,  // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
+	71,  // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
+	94,  // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
+	98,  // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
+	95,  // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
+	3,   // 30: users.v1.ServiceAccount.permissions:type_name -> users.v1.ServiceAccountPermission
+	3,   // 31: users.v1.CreateServiceAccountRequest.permissions:type_name -> users.v1.ServiceAccountPermission
+	72,  // 32: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
+	95,  // 33: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	72,  // 34: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
+	93,  // 35: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
+	99,  // 36: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
+	95,  // 37: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
+	95,  // 38: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
+	94,  // 39: users.v1.ListUsersResponse.users:type_name -> users.v1.User
+	94,  // 40: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
+	100, // 41: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
+	94,  // 42: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
+	1,   // 43: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
+	0,   // 44: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
+	95,  // 45: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	85,  // 46: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
+	101, // 47: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
+	0,   // 48: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
+	95,  // 49: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
+	95,  // 50: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
+	86,  // 51: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
+	91,  // 52: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
+	2,   // 53: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
+	95,  // 54: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
+	94,  // 55: users.v1.UserChange.user:type_name -> users.v1.User
+	4,   // 56: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
+	6,   // 57: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
+	8,   // 58: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
+	10,  // 59: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
+	12,  // 60: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
+	14,  // 61: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
+	16,  // 62: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
+	18,  // 63: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
+	20,  // 64: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
+	22,  // 65: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
+	24,  // 66: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
+	26,  // 67: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
+	28,  // 68: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
+	30,  // 69: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
+	32,  // 70: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
+	34,  // 71: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
+	36,  // 72: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
+	38,  // 73: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
+	40,  // 74: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
+	42,  // 75: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
+	44,  // 76: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
+	46,  // 77: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
+	48,  // 78: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
+	50,  // 79: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
+	52,  // 80: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
+	54,  // 81: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
+	56,  // 82: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
+	58,  // 83: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
+	60,  // 84: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
+	62,  // 85: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
+	64,  // 86: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
+	66,  // 87: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
+	68,  // 88: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
+	73,  // 89: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
+	75,  // 90: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
+	77,  // 91: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
+	79,  // 92: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
+	81,  // 93: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
+	83,  // 94: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
+	87,  // 95: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
+	89,  // 96: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
+	5,   // 97: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	7,   // 98: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	9,   // 99: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	11,  // 100: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	13,  // 101: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	15,  // 102: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	17,  // 103: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	19,  // 104: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	21,  // 105: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	23,  // 106: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	25,  // 107: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	27,  // 108: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	29,  // 109: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	31,  // 110: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	33,  // 111: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	35,  // 112: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	37,  // 113: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	39,  // 114: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	41,  // 115: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	43,  // 116: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	45,  // 117: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	47,  // 118: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	49,  // 119: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	51,  // 120: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	53,  // 121: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	55,  // 122: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	57,  // 123: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	59,  // 124: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	61,  // 125: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	63,  // 126: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	65,  // 127: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	67,  // 128: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	70,  // 129: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	74,  // 130: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	76,  // 131: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	78,  // 132: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	80,  // 133: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	82,  // 134: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	84,  // 135: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	88,  // 136: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	90,  // 137: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	97,  // [97:138] is the sub-list for method output_type
+	56,  // [56:97] is the sub-list for method input_type
+	56,  // [56:56] is the sub-list for extension type_name
+	56,  // [56:56] is the sub-list for extension extendee
+	0,   // [0:56] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_service_proto_init() }
@@ -5740,7 +5820,7 @@ func file_users_v1_user_service_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_users_v1_user_service_proto_rawDesc), len(file_users_v1_user_service_proto_rawDesc)),
-			NumEnums:      3,
+			NumEnums:      4,
 			NumMessages:   88,
 			NumExtensions: 0,
 			NumServices:   1,
