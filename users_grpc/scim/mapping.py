@@ -86,8 +86,9 @@ def user_schema() -> dict[str, object]:
         if attribute.name not in keep:
             continue
         subs = keep[attribute.name]
-        # Every account has a username, both names and an address: required here as in CreateUser.
-        attribute.required = Required.true if attribute.name != "active" else attribute.required
+        # Every account has a username, both names and an address, as in CreateUser, and is active or
+        # not: required (a POST without `active` is still taken, as active).
+        attribute.required = Required.true
         if subs is not None and attribute.sub_attributes:
             attribute.sub_attributes = [sub for sub in attribute.sub_attributes if sub.name in subs]
             for sub in attribute.sub_attributes:
