@@ -620,6 +620,7 @@ def build_server(
             sessions=services.sessions,
             service_accounts=services.service_accounts,
             machine_identities=settings.machine_identities,
+            users=stores.users,
         ),
         rate_limit=SourceRateLimit(
             store=stores.throttles,

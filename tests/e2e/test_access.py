@@ -211,7 +211,8 @@ def admitted(rule: Rule, caller: str) -> bool:
     if caller in {"anonymous", "another user"}:
         return rule is Rule.ANYONE
     if caller == "the user":
-        return rule in {Rule.ANYONE, Rule.SELF, Rule.SELF_OR_ADMIN, Rule.SELF_ADMIN_OR_MACHINE}
+        self_rules = {Rule.SELF, Rule.SELF_OR_ADMIN, Rule.SELF_ADMIN_OR_MACHINE, Rule.SELF_ADMIN_OR_PROVISIONER}
+        return rule is Rule.ANYONE or rule in self_rules
     return rule is not Rule.SELF  # an admin: passwords and second factors are the user's own business
 
 

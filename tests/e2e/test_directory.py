@@ -361,3 +361,26 @@ def test_a_new_username_is_unique_as_at_registration_and_signs_in(server: Runnin
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     # The old name is free again.
     server.anonymous.CreateUser(create_request(username="jane", email="another.jane@example.com"))
+
+
+def test_external_id_is_set_by_admins_only_found_exactly_and_limited(server: RunningServer, mail: MailSink) -> None:
+    jane = signed_up(server, mail, "jane")
+    bob = signed_up(server, mail, "bob")
+    own = server.stub_for(jane.access_token)
+    # The IdP finds accounts by it: a user who set their own could be taken for someone else.
+    refused = rpc_error(lambda stub: update(stub, jane.user.id, external_id="idp-1"), own)
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert update(server.stub, jane.user.id, external_id="idp-1").user.external_id == "idp-1"
+    # Not unique: two tenants of an IdP may send the same one.
+    update(server.stub, bob.user.id, external_id="idp-1")
+    listed = server.stub.ListUsers(pb.ListUsersRequest(external_id="idp-1")).users
+    assert sorted(user.id for user in listed) == sorted([jane.user.id, bob.user.id])
+    assert not server.stub.ListUsers(pb.ListUsersRequest(external_id="IDP-1")).users
+    assert update(server.stub, bob.user.id, external_id="").user.external_id == ""
+    assert [user.id for user in server.stub.ListUsers(pb.ListUsersRequest(external_id="idp-1")).users] == [jane.user.id]
+
+    too_long = rpc_error(server.stub.ListUsers, pb.ListUsersRequest(external_id="x" * 257))
+    assert violated_fields(too_long) == {"external_id"}
+    too_long = rpc_error(lambda stub: update(stub, jane.user.id, external_id="x" * 257), server.stub)
+    assert violated_fields(too_long) == {"user.external_id"}
+    assert update(server.stub, jane.user.id, external_id="x" * 256).user.external_id == "x" * 256

@@ -59,6 +59,7 @@ def test_a_flow_through_the_main_calls(server: RunningServer, mail: MailSink) ->
     server.stub.DeleteUserMetadata(
         md.DeleteUserMetadataRequest(user_id=jane.user.id, scope=md.METADATA_SCOPE_ADMIN, key="tenant")
     )
+    server.stub.ListUsers(pb.ListUsersRequest(external_id="00u1"))
     server.stub.LockUser(pb.LockUserRequest(user_id=jane.user.id))
     server.stub.UnlockUser(pb.UnlockUserRequest(user_id=jane.user.id))
     server.stub.DeactivateUser(pb.DeactivateUserRequest(user_id=jane.user.id))
@@ -94,12 +95,17 @@ def test_every_query_the_suite_sent_is_served_by_an_index(suite_queries: Command
     assert not unserved, "\n".join(f"{q.collection} {q.command} {q.filter!r} sort {q.sort}" for q in unserved.values())
 
 
-@pytest.mark.after_the_suite
-def test_list_users_by_metadata_walks_a_metadata_index_in_id_order(suite_queries: CommandRecorder) -> None:
+def test_list_users_by_metadata_walks_a_metadata_index_in_id_order(
+    server: RunningServer, suite_queries: CommandRecorder
+) -> None:
     """Every users query carries ``deleting: None``, which the check above counts as served by the
     sparse ``deleting`` index, though MongoDB would not use a sparse index for a null match: so
     the metadata filters are held to their own indexes here, each with ``_id`` next (the keyset's
-    order, so a page reads only its own users)."""
+    order, so a page reads only its own users). The test sends both filters itself: under xdist,
+    the flow above may run in the other worker."""
+    acme = md.MetadataFilter(scope=md.METADATA_SCOPE_ADMIN, key="tenant", value=b"acme")
+    server.stub.ListUsers(pb.ListUsersRequest(page_size=1, metadata=acme))
+    server.stub.ListUsers(pb.ListUsersRequest(metadata=md.MetadataFilter(scope=md.METADATA_SCOPE_ADMIN, key="tenant")))
     commands = suite_queries.commands
     indexes = created_indexes(commands).get("users", set())
     queries = [query for command in commands for query in queries_of(command) if query.collection == "users"]

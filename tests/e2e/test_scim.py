@@ -4,14 +4,16 @@ request sequences Okta and Entra ID publish, with the results read back over gRP
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import overload
 
+import grpc
 import httpx2
 import pytest
 from scim2_client.engines.httpx2 import SyncSCIMClient
 from scim2_tester import Status, check_server
 
+from tests.support.calls import create_service_account, issue_service_token
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
@@ -25,12 +27,20 @@ def server(start_server: StartServer) -> RunningServer:
     return start_server(http_address="127.0.0.1:0")
 
 
+def service_token(server: RunningServer, *permissions: pb.ServiceAccountPermission.ValueType) -> str:
+    account = create_service_account(server, f"idp-{uuid.uuid4().hex[:8]}", permissions)
+    return issue_service_token(server, account.service_account.client_id, account.client_secret).access_token
+
+
+def scim_client(server: RunningServer, token: str) -> httpx2.Client:
+    base_url = f"http://127.0.0.1:{server.app.http_port}/scim/v2"
+    return httpx2.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
 @pytest.fixture
 def scim(server: RunningServer) -> Iterator[httpx2.Client]:
-    """A client of the server's own HTTP edge, at /scim/v2, with an admin's token."""
-    base_url = f"http://127.0.0.1:{server.app.http_port}/scim/v2"
-    headers = {"Authorization": f"Bearer {server.admin_token}"}
-    with httpx2.Client(base_url=base_url, headers=headers, timeout=30) as client:
+    """A client of the server's own HTTP edge, at /scim/v2, as an IdP: a provisioning service account's token."""
+    with scim_client(server, service_token(server, pb.SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS)) as client:
         yield client
 
 
@@ -65,17 +75,9 @@ def _gap(reason: str) -> str:
     return next((gap for gap in GAPS if gap in reason), reason)
 
 
-# Not built yet (docs/scim.md, "Not yet"): externalId is not kept (it needs a User field), POST
-# /.search is not served, and `active` cannot be removed (every account is active or not).
-GAPS = ("externalId", "/.search", "remove attribute 'active'")
-KNOWN_GAPS = {
-    ("object_query_with_attributes", "externalId"),
-    ("object_list_with_attributes", "externalId"),
-    ("search_with_attributes", "/.search"),
-    ("check_add_attribute", "externalId"),
-    ("check_remove_attribute", "remove attribute 'active'"),
-    ("check_replace_attribute", "externalId"),
-}
+# None left: every check is a success.
+GAPS: tuple[str, ...] = ()
+KNOWN_GAPS: set[tuple[str, str]] = set()
 
 
 def _user(server: RunningServer, user_id: str) -> user_pb2.User:
@@ -116,7 +118,8 @@ def test_okta_sequence_creates_finds_deactivates_renames_and_deletes(
     assert off.json()["active"] is False
     assert _user(server, user_id).state == user_pb2.USER_STATE_DEACTIVATED
     events = server.stub.ListAuditEvents(pb.ListAuditEventsRequest(subject_id=user_id), timeout=10).audit_events
-    assert pb.AUDIT_EVENT_TYPE_USER_DEACTIVATE in [event.type for event in events]
+    [deactivated] = [event for event in events if event.type == pb.AUDIT_EVENT_TYPE_USER_DEACTIVATE]
+    assert deactivated.actor.kind == pb.AUDIT_ACTOR_KIND_SERVICE_ACCOUNT
 
     renamed = scim.patch(
         f"/Users/{user_id}",
@@ -195,3 +198,115 @@ def test_refusals_are_scim_errors(server: RunningServer, scim: httpx2.Client) ->
         headers={"If-Match": 'W/"stale"'},
     )
     assert stale.status_code == 412
+
+
+def test_external_id_is_kept_found_changed_and_limited(server: RunningServer, scim: httpx2.Client) -> None:
+    name = f"ext-{uuid.uuid4().hex[:8]}"
+    external_id = f"00u{uuid.uuid4().hex}"
+    body = {
+        "schemas": [SCHEMA],
+        "userName": name,
+        "externalId": external_id,
+        "name": {"givenName": "Ext", "familyName": "Ernal"},
+        "emails": [{"value": f"{name}@example.com", "primary": True}],
+    }
+    created = scim.post("/Users", json=body)
+    assert created.status_code == 201, created.text
+    user_id = created.json()["id"]
+    assert created.json()["externalId"] == external_id
+    assert _user(server, user_id).external_id == external_id
+    found = scim.get("/Users", params={"filter": f'externalId eq "{external_id}"'}).json()
+    assert [resource["id"] for resource in found["Resources"]] == [user_id]
+    assert scim.get("/Users", params={"filter": f'externalId eq "{external_id.upper()}"'}).json()["totalResults"] == 0
+
+    moved = external_id + "-2"
+    patch = {"schemas": [PATCH], "Operations": [{"op": "replace", "path": "externalId", "value": moved}]}
+    assert scim.patch(f"/Users/{user_id}", json=patch).status_code == 200
+    listed = server.stub.ListUsers(pb.ListUsersRequest(external_id=moved), timeout=10).users
+    assert [user.id for user in listed] == [user_id]
+    assert not server.stub.ListUsers(pb.ListUsersRequest(external_id=external_id), timeout=10).users
+    removed = {"schemas": [PATCH], "Operations": [{"op": "remove", "path": "externalId"}]}
+    assert "externalId" not in scim.patch(f"/Users/{user_id}", json=removed).json()
+    assert _user(server, user_id).external_id == ""
+
+    too_long = scim.post("/Users", json=body | {"userName": name + "x", "externalId": "x" * 257})
+    assert (too_long.status_code, too_long.json()["scimType"]) == (400, "invalidValue")
+    assert "external_id" in too_long.json()["detail"]
+
+
+def test_a_service_account_without_the_permission_is_refused(server: RunningServer) -> None:
+    with scim_client(server, service_token(server)) as plain:
+        assert plain.get("/Users").status_code == 403
+        body = {
+            "schemas": [SCHEMA],
+            "userName": f"no-{uuid.uuid4().hex[:8]}",
+            "name": {"givenName": "N", "familyName": "O"},
+            "emails": [{"value": f"{uuid.uuid4().hex}@example.com"}],
+        }
+        assert plain.post("/Users", json=body).status_code == 403
+
+
+def test_provisioning_never_touches_or_makes_an_admin(server: RunningServer, scim: httpx2.Client) -> None:
+    admin = f"/Users/{server.admin_id}"
+    assert scim.get(admin).status_code == 200  # reading is allowed: an IdP looks before it creates
+    off = {"schemas": [PATCH], "Operations": [{"op": "replace", "value": {"active": False}}]}
+    assert scim.patch(admin, json=off).status_code == 403
+    rename = {"schemas": [PATCH], "Operations": [{"op": "replace", "path": "name.givenName", "value": "Mallory"}]}
+    assert scim.patch(admin, json=rename).status_code == 403
+    assert scim.delete(admin).status_code == 403
+    user = _user(server, server.admin_id)
+    assert user.state == user_pb2.USER_STATE_ACTIVE
+    assert user.first_name != "Mallory"
+
+    stub = server.stub_for(scim.headers["authorization"].removeprefix("Bearer "))
+    item = pb.ImportedUser(
+        username=f"adm-{uuid.uuid4().hex[:8]}",
+        first_name="A",
+        last_name="D",
+        email=f"{uuid.uuid4().hex}@example.com",
+        role=user_pb2.ROLE_ADMIN,
+        email_verified=True,
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ImportUsers(pb.ImportUsersRequest(users=[item]), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    calls: list[Callable[[], object]] = [
+        lambda: stub.SetUserEmail(pb.SetUserEmailRequest(user_id=server.admin_id, email="x@example.com"), timeout=10),
+        lambda: stub.DeactivateUser(pb.DeactivateUserRequest(user_id=server.admin_id), timeout=10),
+        lambda: stub.SetUserRole(pb.SetUserRoleRequest(user_id=server.admin_id, role=user_pb2.ROLE_USER), timeout=10),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_search_by_post_and_active_cannot_be_removed(server: RunningServer, scim: httpx2.Client) -> None:
+    name = f"srch-{uuid.uuid4().hex[:8]}"
+    body = {
+        "schemas": [SCHEMA],
+        "userName": name,
+        "active": False,
+        "name": {"givenName": "Se", "familyName": "Arch"},
+        "emails": [{"value": f"{name}@example.com", "primary": True}],
+    }
+    user_id = scim.post("/Users", json=body).json()["id"]
+    search = {
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+        "filter": f'userName eq "{name}"',
+        "attributes": ["userName"],
+    }
+    for path in ("/Users/.search", "/.search"):
+        found = scim.post(path, json=search)
+        assert found.status_code == 200, found.text
+        [resource] = found.json()["Resources"]
+        assert (resource["id"], resource["userName"]) == (user_id, name)
+        assert "name" not in resource
+    too_many = scim.post("/Users/.search", json=search | {"count": 1001})
+    assert (too_many.status_code, too_many.json()["scimType"]) == (400, "invalidValue")
+
+    removed = scim.patch(
+        f"/Users/{user_id}", json={"schemas": [PATCH], "Operations": [{"op": "remove", "path": "active"}]}
+    )
+    assert (removed.status_code, removed.json()["scimType"]) == (400, "mutability")
+    assert _user(server, user_id).state == user_pb2.USER_STATE_DEACTIVATED

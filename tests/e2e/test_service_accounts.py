@@ -158,3 +158,23 @@ def test_a_local_verifier_never_takes_a_service_token_for_a_users(server: Runnin
     key = next(k for k in keys.keys if k.key_id == jwt.get_unverified_header(token)["kid"])
     with pytest.raises(jwt.InvalidAudienceError):
         jwt.decode(token, key.key, algorithms=["ES256"], audience="users-grpc", issuer="users-grpc")
+
+
+def test_permissions_are_kept_listed_and_checked(server: RunningServer) -> None:
+    provisioning = pb.SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS
+    created = create_service_account(server, "okta-provisioning", [provisioning])
+    assert list(created.service_account.permissions) == [provisioning]
+    listed = server.stub.ListServiceAccounts(pb.ListServiceAccountsRequest()).service_accounts
+    assert [list(account.permissions) for account in listed if account.name == "okta-provisioning"] == [[provisioning]]
+    [stored] = [account for account in stored_service_accounts(server) if account["name"] == "okta-provisioning"]
+    assert stored["permissions"] == ["provision_users"]
+    token = issue_service_token(server, created.service_account.client_id, created.client_secret).access_token
+    assert server.stub_for(token).ListUsers(pb.ListUsersRequest(page_size=1)).users
+
+    none = [pb.SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED]
+    unspecified = pb.CreateServiceAccountRequest(name="nothing", permissions=none)
+    assert violated_fields(rpc_error(server.stub.CreateServiceAccount, unspecified)) == {"permissions"}
+    # A deleted account's token grants nothing, permission or not.
+    server.stub.DeleteServiceAccount(pb.DeleteServiceAccountRequest(client_id=created.service_account.client_id))
+    error = rpc_error(server.stub_for(token).ListUsers, pb.ListUsersRequest(page_size=1))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED

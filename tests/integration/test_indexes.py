@@ -54,6 +54,7 @@ INDEXES: dict[str, dict[str, tuple[list[tuple[str, int]], bool]]] = {
         "_id_": ([("_id", 1)], False),
         "created_at_id": ([("created_at", 1), ("_id", 1)], False),
         "deleting": ([("deleting", 1)], False),
+        "external_id": ([("external_id", 1)], False),
         "is_active_created_at": ([("is_active", 1), ("created_at", 1)], False),
         "metadata_sk_id": ([("metadata.sk", 1), ("_id", 1)], False),
         "metadata_skv_id": ([("metadata.skv", 1), ("_id", 1)], False),

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -361,9 +361,12 @@ class ServeProcess:
         self.process.stderr.close()
 
 
-def create_service_account(server: RunningServer, name: str) -> user_service_pb2.CreateServiceAccountResponse:
+def create_service_account(
+    server: RunningServer, name: str, permissions: Sequence[user_service_pb2.ServiceAccountPermission.ValueType] = ()
+) -> user_service_pb2.CreateServiceAccountResponse:
     """An admin's CreateServiceAccount: the account and its one-time secret."""
-    return server.stub.CreateServiceAccount(user_service_pb2.CreateServiceAccountRequest(name=name))
+    request = user_service_pb2.CreateServiceAccountRequest(name=name, permissions=permissions)
+    return server.stub.CreateServiceAccount(request)
 
 
 def issue_service_token(

@@ -361,6 +361,8 @@ STATED_CALLERS: dict[frozenset[str], Rule] = {
     frozenset({"the user themself", "an admin", "a machine caller"}): Rule.SELF_ADMIN_OR_MACHINE,
     frozenset({"an admin", "a machine caller"}): Rule.ADMIN_OR_MACHINE,
     frozenset({"an admin"}): Rule.ADMIN,
+    frozenset({"an admin", "a provisioning service account"}): Rule.ADMIN_OR_PROVISIONER,
+    frozenset({"the user themself", "an admin", "a provisioning service account"}): Rule.SELF_ADMIN_OR_PROVISIONER,
 }
 
 

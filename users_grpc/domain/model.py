@@ -86,6 +86,9 @@ class User:
         from the account's creation, the earliest it can have been set (so never expires late)."""
         return self.password_changed_at or self.created_at
 
+    # Another system's identifier for the account (a SCIM externalId); "" for none. Not unique.
+    external_id: str = ""
+
     @property
     def etag(self) -> str:
         """Opaque to callers: the revision and the stored updated_at (milliseconds), which together
@@ -203,6 +206,7 @@ class NewUser:
     imported: bool = False
     language_code: str = ""
     password_change_required: bool = False
+    external_id: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +224,7 @@ class ImportedUser:
     password_hash: str
     # The first sign-in must change the password (the hash was never checked by our rules).
     password_change_required: bool = False
+    external_id: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -317,6 +322,7 @@ class UserFilter:
     created_after: datetime | None = None
     created_before: datetime | None = None
     metadata: MetadataFilter | None = None
+    external_id: str = ""
 
     def fingerprint(self) -> bytes:
         """Equal exactly for equal filters, so that a page token is bound to its filters."""
@@ -328,12 +334,13 @@ class UserFilter:
             self.created_after and self.created_after.isoformat(),
             self.created_before and self.created_before.isoformat(),
             *(() if self.metadata is None else (self.metadata.scope.value, self.metadata.key, self.metadata.value)),
+            *((self.external_id,) if self.external_id else ()),
         )
         return repr(parts).encode()
 
 
 # Paths of User that UpdateUser may change.
-UPDATABLE_FIELDS = ("first_name", "last_name", "gender", "username", "language_code")
+UPDATABLE_FIELDS = ("first_name", "last_name", "gender", "username", "language_code", "external_id")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,6 +353,8 @@ class ProfileChanges:
     gender: Gender | None = None
     username: str | None = None
     language_code: str | None = None
+    # "" clears it.
+    external_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -415,6 +424,13 @@ class ServiceAccount:
     client_id: str
     name: str
     created_at: datetime
+    permissions: frozenset[ServiceAccountPermission] = frozenset()
+
+
+class ServiceAccountPermission(enum.Enum):
+    """What a service account's tokens may do besides a machine caller's (access.py's rules)."""
+
+    PROVISION_USERS = "provision_users"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -439,10 +455,16 @@ class Caller:
     # themself answers from it rather than reading the same document again. Per call, never
     # cached across calls, so every replica sees each change as soon as it is stored.
     user: User | None = dataclasses.field(default=None, repr=False, compare=False)
+    # A service account's, as stored: read again at every call, so a deleted account grants nothing.
+    permissions: frozenset[ServiceAccountPermission] = frozenset()
 
     @property
     def is_admin(self) -> bool:
         return self.role is Role.ADMIN
+
+    @property
+    def is_provisioner(self) -> bool:
+        return ServiceAccountPermission.PROVISION_USERS in self.permissions
 
 
 ANONYMOUS = Caller()

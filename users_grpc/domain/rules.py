@@ -28,6 +28,8 @@ def validate_profile_changes(changes: ProfileChanges) -> None:
             violations.extend(FieldViolation(f"user.{v.field}", v.description) for v in _name_violations(field, value))
     if changes.language_code is not None:
         violations.extend(_language_code_violations(changes.language_code, "user.language_code"))
+    if changes.external_id is not None:
+        violations.extend(external_id_violations(changes.external_id, "user.external_id"))
     if violations:
         raise InvalidArgument(violations)
 
@@ -39,6 +41,7 @@ EMAIL_MAX_LENGTH = 254
 PASSWORD_MAX_LENGTH = 128
 IDENTIFIER_MAX_LENGTH = EMAIL_MAX_LENGTH
 ACTIVATION_CODE_DIGITS = 6
+EXTERNAL_ID_MAX_LENGTH = 256
 _USER_ID_PATTERN = re.compile(r"[0-9a-f]{24}")
 # A BCP 47 tag's shape (a primary language of 2 or 3 letters, then subtags), not the registry:
 # a well-formed tag we have no templates for falls back, as the contract says.
@@ -224,6 +227,7 @@ def validate_imported_user(item: ImportedUser, *, max_cost: int = MAX_IMPORTED_B
     """Raise :class:`InvalidArgument` naming every bad field: registration's rules, and a
     bcrypt hash in place of the password, of a cost from 4 to ``max_cost`` (our own)."""
     violations = _profile_violations(item.username, item.first_name, item.last_name, item.email)
+    violations.extend(external_id_violations(item.external_id))
     if item.password_hash:
         match = _BCRYPT_HASH.fullmatch(item.password_hash)
         if match is None:
@@ -234,6 +238,18 @@ def validate_imported_user(item: ImportedUser, *, max_cost: int = MAX_IMPORTED_B
             violations.append(
                 FieldViolation("password_hash", f"the bcrypt cost must be 04 to {max_cost:02d} (USERS_BCRYPT_ROUNDS)")
             )
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def external_id_violations(external_id: str, field: str = "external_id") -> list[FieldViolation]:
+    if len(external_id) > EXTERNAL_ID_MAX_LENGTH:
+        return [FieldViolation(field, f"must be at most {EXTERNAL_ID_MAX_LENGTH} characters")]
+    return []
+
+
+def validate_external_id(external_id: str) -> None:
+    violations = external_id_violations(external_id)
     if violations:
         raise InvalidArgument(violations)
 

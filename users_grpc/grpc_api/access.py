@@ -14,8 +14,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import Protocol
 
+from users.v1 import user_pb2
 from users_grpc.domain.errors import PasswordChangeOnly, PermissionDenied, Unauthenticated
-from users_grpc.domain.model import ANONYMOUS, AccessClaims, Caller, User
+from users_grpc.domain.model import ANONYMOUS, AccessClaims, Caller, Role, User
+from users_grpc.domain.rules import is_id
 from users_grpc.services.throttling import Flow
 from users_grpc.services.tokens import is_password_change_token, is_service_token
 
@@ -27,6 +29,8 @@ class Rule(enum.Enum):
     SELF_ADMIN_OR_MACHINE = "the user themself, an admin or a machine caller"
     ADMIN_OR_MACHINE = "an admin or a machine caller"
     ADMIN = "an admin"
+    ADMIN_OR_PROVISIONER = "an admin or a provisioning service account"
+    SELF_ADMIN_OR_PROVISIONER = "the user themself, an admin or a provisioning service account"
 
 
 RULES: Mapping[str, Rule] = {
@@ -35,7 +39,7 @@ RULES: Mapping[str, Rule] = {
     "ResendActivationCode": Rule.ANYONE,
     "GetUser": Rule.SELF_ADMIN_OR_MACHINE,
     "GetUserByIdentifier": Rule.ADMIN_OR_MACHINE,
-    "DeleteUser": Rule.SELF_OR_ADMIN,
+    "DeleteUser": Rule.SELF_ADMIN_OR_PROVISIONER,
     "DeleteUserByIdentifier": Rule.ADMIN,
     "VerifyCredentials": Rule.ADMIN_OR_MACHINE,
     "Authenticate": Rule.ANYONE,
@@ -55,20 +59,20 @@ RULES: Mapping[str, Rule] = {
     "RegenerateRecoveryCodes": Rule.SELF,
     "ChangeEmail": Rule.SELF,
     "ConfirmEmailChange": Rule.SELF,
-    "SetUserEmail": Rule.ADMIN,
+    "SetUserEmail": Rule.ADMIN_OR_PROVISIONER,
     "SetUserRole": Rule.ADMIN,
-    "DeactivateUser": Rule.ADMIN,
-    "ReactivateUser": Rule.ADMIN,
+    "DeactivateUser": Rule.ADMIN_OR_PROVISIONER,
+    "ReactivateUser": Rule.ADMIN_OR_PROVISIONER,
     "LockUser": Rule.ADMIN,
     "UnlockUser": Rule.ADMIN,
     "ResetUserMfa": Rule.ADMIN,
-    "ImportUsers": Rule.ADMIN,
+    "ImportUsers": Rule.ADMIN_OR_PROVISIONER,
     "CreateServiceAccount": Rule.ADMIN,
     "IssueServiceToken": Rule.ANYONE,  # whoever holds a secret: checked (and throttled) by the service
     "ListServiceAccounts": Rule.ADMIN,
     "DeleteServiceAccount": Rule.ADMIN,
-    "ListUsers": Rule.ADMIN,
-    "UpdateUser": Rule.SELF_OR_ADMIN,
+    "ListUsers": Rule.ADMIN_OR_PROVISIONER,
+    "UpdateUser": Rule.SELF_ADMIN_OR_PROVISIONER,
     "ListAuditEvents": Rule.ADMIN,
     "WatchUserChanges": Rule.ADMIN_OR_MACHINE,
     # Which scope, and writes by machine callers: checked by the service (services/metadata.py).
@@ -120,6 +124,9 @@ FLOWS: Mapping[str, Flow] = {
     "FinishPasskeySignIn": Flow.SIGN_IN,
 }
 
+# The calls of a provisioning service account that change the user they name: refused for an admin.
+PROVISIONING_WRITES = frozenset({"UpdateUser", "SetUserEmail", "DeactivateUser", "ReactivateUser", "DeleteUser"})
+
 # The request field that names the user a "self" rule is about.
 _SUBJECT_FIELDS = ("id", "user_id")
 
@@ -150,6 +157,12 @@ class ServiceTokenChecker(Protocol):
     async def caller_of(self, access_token: str) -> Caller: ...
 
 
+class UserReader(Protocol):
+    """A user by id (adapters/mongo/users.py, wired in bootstrap.py), for :meth:`Authorizer.admit_subject`."""
+
+    async def get(self, user_id: str) -> User | None: ...
+
+
 class Authorizer:
     def __init__(
         self,
@@ -157,7 +170,9 @@ class Authorizer:
         sessions: UserTokenChecker,
         service_accounts: ServiceTokenChecker,
         machine_identities: Iterable[str],
+        users: UserReader | None = None,
     ) -> None:
+        self._users = users
         self._sessions = sessions
         self._service_accounts = service_accounts
         self._machine_identities = frozenset(machine_identities)
@@ -188,6 +203,20 @@ class Authorizer:
             raise Unauthenticated()
         if not _admits(rule, caller, _subject_of(request)):
             raise PermissionDenied()
+        if caller.is_provisioner and not caller.is_admin and _imports_an_admin(request):
+            raise PermissionDenied("provisioning cannot create admins")
+
+    async def admit_subject(self, method: str, request: object, caller: Caller) -> None:
+        """PermissionDenied when a provisioning service account names an admin: provisioning makes
+        and unmakes people, never admins (the one read this costs is paid by provisioning calls only)."""
+        subject = _subject_of(request)
+        if not caller.is_provisioner or caller.is_admin or method not in PROVISIONING_WRITES or not subject:
+            return
+        if self._users is None:
+            raise PermissionDenied("no user reader to check the subject with")  # fail closed
+        user = None if not is_id(subject) else await self._users.get(subject)
+        if user is not None and user.role is Role.ADMIN:
+            raise PermissionDenied("provisioning cannot change admins")
 
     async def readmit(
         self, method: str, request: object, bearer_token: str | None, peer_identities: Iterable[str]
@@ -221,7 +250,14 @@ def _admits(rule: Rule, caller: Caller, subject: str | None) -> bool:
         Rule.SELF_ADMIN_OR_MACHINE: is_self or caller.is_admin or machine,
         Rule.ADMIN_OR_MACHINE: caller.is_admin or machine,
         Rule.ADMIN: caller.is_admin,
+        Rule.ADMIN_OR_PROVISIONER: caller.is_admin or caller.is_provisioner,
+        Rule.SELF_ADMIN_OR_PROVISIONER: is_self or caller.is_admin or caller.is_provisioner,
     }[rule]
+
+
+def _imports_an_admin(request: object) -> bool:
+    items = getattr(request, "users", None)
+    return isinstance(items, Iterable) and any(getattr(item, "role", None) == user_pb2.ROLE_ADMIN for item in items)
 
 
 def _subject_of(request: object) -> str | None:

@@ -22,6 +22,7 @@ from users_grpc.domain.model import (
     IssuedTokens,
     Role,
     ServiceAccount,
+    ServiceAccountPermission,
     Session,
     User,
     UserChange,
@@ -56,6 +57,11 @@ STATES = {wire: domain for domain, wire in _STATES_TO_PROTO.items()}
 # By name: AUDIT_EVENT_TYPE_SIGN_IN is AuditEventType.SIGN_IN.
 _AUDIT_TYPES_TO_PROTO = {t: user_service_pb2.AuditEventType.Value(f"AUDIT_EVENT_TYPE_{t.name}") for t in AuditEventType}
 AUDIT_TYPES = {wire: domain for domain, wire in _AUDIT_TYPES_TO_PROTO.items()}
+_PERMISSIONS_TO_PROTO = {
+    p: user_service_pb2.ServiceAccountPermission.Value(f"SERVICE_ACCOUNT_PERMISSION_{p.name}")
+    for p in ServiceAccountPermission
+}
+PERMISSIONS = {wire: domain for domain, wire in _PERMISSIONS_TO_PROTO.items()}
 _ACTOR_KINDS_TO_PROTO = {k: user_service_pb2.AuditActorKind.Value(f"AUDIT_ACTOR_KIND_{k.name}") for k in ActorKind}
 
 _K = TypeVar("_K", bound=int)
@@ -79,6 +85,7 @@ def imported_user(item: user_service_pb2.ImportedUser) -> ImportedUser | Invalid
         email_verified=item.email_verified,
         password_hash=item.password_hash,
         password_change_required=item.password_change_required,
+        external_id=item.external_id,
     )
 
 
@@ -135,7 +142,10 @@ def change_to_proto(change: UserChange) -> user_service_pb2.UserChange:
 
 def service_account_to_proto(account: ServiceAccount) -> user_service_pb2.ServiceAccount:
     return user_service_pb2.ServiceAccount(
-        client_id=account.client_id, name=account.name, create_time=_timestamp(account.created_at)
+        client_id=account.client_id,
+        name=account.name,
+        create_time=_timestamp(account.created_at),
+        permissions=sorted(_PERMISSIONS_TO_PROTO[permission] for permission in account.permissions),
     )
 
 
@@ -160,6 +170,7 @@ def user_to_proto(user: User, *, admin_view: bool = False) -> user_pb2.User:
         metadata=[metadata_entry_to_proto(entry) for entry in user.metadata] if admin_view else [],
         password_change_required=user.password_change_required,
         password_update_time=None if user.password_changed_at is None else _timestamp(user.password_changed_at),
+        external_id=user.external_id,
     )
 
 

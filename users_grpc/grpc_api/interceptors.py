@@ -196,6 +196,7 @@ class UserServiceInterceptor(grpc.aio.ServerInterceptor):
             name = method.rpartition("/")[2]
             caller = await self._identified(name, metadata, context)
             self._authorizer.admit(name, request, caller)
+            await self._authorizer.admit_subject(name, request, caller)
             if stream:
                 release = self._take_stream_place(caller)
                 stream_admission.set(self._readmission(name, request, metadata, context))

@@ -17,12 +17,13 @@ from users.v1 import metadata_pb2, passkey_pb2, user_pb2, user_service_pb2, user
 from users_grpc.domain.errors import FieldViolation, InvalidArgument
 from users_grpc.domain.metadata import MetadataFilter, validate_key
 from users_grpc.domain.model import AuditFilter, ProfileChanges, Registration, User, UserFilter
-from users_grpc.domain.rules import identifier_key, validate_prefix
+from users_grpc.domain.rules import identifier_key, validate_external_id, validate_prefix
 from users_grpc.grpc_api.access import current_caller, stream_admission
 from users_grpc.grpc_api.convert import (
     ASSIGNED_ROLES,
     AUDIT_TYPES,
     GENDERS,
+    PERMISSIONS,
     ROLES,
     STATES,
     _timestamp,
@@ -345,7 +346,10 @@ class UserServiceServicer(GroupRpcs, user_service_pb2_grpc.UserServiceServicer):
     async def CreateServiceAccount(
         self, request: user_service_pb2.CreateServiceAccountRequest, context: Context
     ) -> user_service_pb2.CreateServiceAccountResponse:
-        account, secret = await self._service_accounts.create(request.name, caller=current_caller.get())
+        permissions = frozenset(enum_from_proto(PERMISSIONS, number, "permissions") for number in request.permissions)
+        account, secret = await self._service_accounts.create(
+            request.name, caller=current_caller.get(), permissions=permissions
+        )
         return user_service_pb2.CreateServiceAccountResponse(
             service_account=service_account_to_proto(account), client_secret=secret
         )
@@ -378,6 +382,7 @@ class UserServiceServicer(GroupRpcs, user_service_pb2_grpc.UserServiceServicer):
         self, request: user_service_pb2.ListUsersRequest, context: Context
     ) -> user_service_pb2.ListUsersResponse:
         validate_prefix(request.prefix)
+        validate_external_id(request.external_id)
         filters = UserFilter(
             role=None
             if request.role == user_pb2.ROLE_UNSPECIFIED
@@ -390,6 +395,7 @@ class UserServiceServicer(GroupRpcs, user_service_pb2_grpc.UserServiceServicer):
             created_after=request.created_after.ToDatetime(UTC) if request.HasField("created_after") else None,
             created_before=request.created_before.ToDatetime(UTC) if request.HasField("created_before") else None,
             metadata=_metadata_filter(request.metadata) if request.HasField("metadata") else None,
+            external_id=request.external_id,
         )
         users, next_page_token, total = await self._directory.list_users(filters, request.page_size, request.page_token)
         # Admins only (access.py): their view.
@@ -409,8 +415,11 @@ class UserServiceServicer(GroupRpcs, user_service_pb2_grpc.UserServiceServicer):
             gender=enum_from_proto(GENDERS, request.user.gender, "user.gender") if "gender" in paths else None,
             username=request.user.username if "username" in paths else None,
             language_code=request.user.language_code if "language_code" in paths else None,
+            external_id=request.user.external_id if "external_id" in paths else None,
         )
-        user = await self._directory.update_user(request.user_id, paths, changes, request.etag)
+        user = await self._directory.update_user(
+            request.user_id, paths, changes, request.etag, caller=current_caller.get()
+        )
         return user_service_pb2.UpdateUserResponse(user=user_to_proto(user))
 
     async def ListAuditEvents(

@@ -22,6 +22,7 @@ from scim2_models import (
     ResourceType,
     ResponseParameters,
     SCIMException,
+    SearchRequest,
     ServiceProviderConfig,
     User,
 )
@@ -96,6 +97,9 @@ class ScimApp:
             return _Response(200, _list([_schema(request.base_url)]))
         if parts == ["Schemas", mapping.USER_SCHEMA] and method == "GET":
             return _Response(200, _schema(request.base_url))
+        if parts in ([".search"], ["Users", ".search"]) and method == "POST":
+            # At the root as under /Users: User is the only resource type, so both search the users.
+            return await self._search_users(request)
         if parts == ["Users"]:
             if method == "GET":
                 return await self._list_users(request)
@@ -146,6 +150,7 @@ class ScimApp:
             last_name=wanted.last_name,
             email=wanted.email,
             email_verified=True,
+            external_id=wanted.external_id,
         )
         response = await self._call(request, "ImportUsers", pb.ImportUsersRequest(users=[item]))
         result = response.results[0]
@@ -169,6 +174,9 @@ class ScimApp:
         self._check_version(request, current)
         resource = mapping.to_scim(current, request.base_url)
         patch.patch(resource)
+        if resource.active is None:
+            # Required in /Schemas: an account is active or not, and removing it must not reactivate one.
+            raise ScimError(400, "active cannot be removed: every account is active or not", "mutability")
         user = await self._apply(request, current, mapping.wanted(resource))
         return self._user_response(200, user, request)
 
@@ -187,13 +195,19 @@ class ScimApp:
                 ("username", wanted.username, current.username),
                 ("first_name", wanted.first_name, current.first_name),
                 ("last_name", wanted.last_name, current.last_name),
+                ("external_id", wanted.external_id, current.external_id),
             )
             if new != old
         ]
         if paths:
             update = pb.UpdateUserRequest(
                 user_id=current.id,
-                user=user_pb2.User(username=wanted.username, first_name=wanted.first_name, last_name=wanted.last_name),
+                user=user_pb2.User(
+                    username=wanted.username,
+                    first_name=wanted.first_name,
+                    last_name=wanted.last_name,
+                    external_id=wanted.external_id,
+                ),
                 update_mask=field_mask_pb2.FieldMask(paths=paths),
                 etag=current.etag,
             )
@@ -216,7 +230,18 @@ class ScimApp:
     async def _list_users(self, request: _Request) -> _Response:
         start_index = request.integer("startIndex", 1, low=1, high=MAX_START_INDEX)
         count = request.integer("count", DEFAULT_COUNT, low=0, high=MAX_COUNT)
-        text = request.query("filter")
+        return await self._listed(request, start_index, count, request.query("filter"))
+
+    async def _search_users(self, request: _Request) -> _Response:
+        """POST .search (RFC 7644 section 3.4.3): the list's parameters in a SearchRequest body."""
+        search: SearchRequest[Any] = SearchRequest.model_validate(request.json(), scim_ctx=Context.SEARCH_REQUEST)
+        start_index = _bounded("startIndex", search.start_index, 1, low=1, high=MAX_START_INDEX)
+        count = _bounded("count", search.count, DEFAULT_COUNT, low=0, high=MAX_COUNT)
+        request.attributes = list(search.attributes) if search.attributes else None
+        request.excluded = list(search.excluded_attributes) if search.excluded_attributes else None
+        return await self._listed(request, start_index, count, None if search.filter is None else str(search.filter))
+
+    async def _listed(self, request: _Request, start_index: int, count: int, text: str | None) -> _Response:
         if text is not None:
             users = await self._lookup(request, filters.parse(text))
             total = len(users)
@@ -244,15 +269,15 @@ class ScimApp:
 
     async def _lookup(self, request: _Request, lookup: filters.UserLookup) -> list[user_pb2.User]:
         """The users the filter names: exact, regardless of letter case, as usernames and emails are unique."""
-        if lookup.external_id is not None:
-            return []  # externalId is not kept yet (docs/scim.md): no user has one
         key = lookup.user_name if lookup.user_name is not None else lookup.email
-        if key is None:
+        if key is None and not lookup.external_id:
             return []
         candidates: list[user_pb2.User] = []
         token = ""
-        while True:  # every user the prefix matches: more than a page only for a prefix of many names
-            listing = pb.ListUsersRequest(page_size=_LISTED_PAGE, prefix=key, page_token=token)
+        while True:  # every user the filters match: more than a page only for a prefix of many names
+            listing = pb.ListUsersRequest(
+                page_size=_LISTED_PAGE, prefix=key or "", external_id=lookup.external_id or "", page_token=token
+            )
             listed = await self._call(request, "ListUsers", listing)
             candidates.extend(listed.users)
             token = listed.next_page_token
@@ -263,6 +288,7 @@ class ScimApp:
             for user in candidates
             if (lookup.user_name is None or user.username.casefold() == lookup.user_name.casefold())
             and (lookup.email is None or user.email.casefold() == lookup.email.casefold())
+            and (lookup.external_id is None or user.external_id == lookup.external_id)
         ]
 
     def _user_response(self, status: int, user: user_pb2.User, request: _Request) -> _Response:
@@ -279,6 +305,9 @@ class _Request:
         self._query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         self._body = body
         self.base_url = base_url
+        # From the query string, or set from a SearchRequest body.
+        self.attributes = _names(self.query("attributes"))
+        self.excluded = _names(self.query("excludedAttributes"))
         headers = [(key.decode("latin-1").lower(), value.decode("latin-1")) for key, value in scope.get("headers", [])]
         self.if_match = next((value for key, value in headers if key == "if-match"), None)
         client = scope.get("client") or ("0.0.0.0", 0)  # noqa: S104  # a peer string, not a bind address
@@ -301,21 +330,15 @@ class _Request:
             value = int(text)
         except ValueError:
             raise ScimError(400, f"{name} must be a whole number", "invalidValue") from None
-        if value > high:
-            raise ScimError(400, f"{name} must be at most {high}", "invalidValue")
-        return max(low, value)
+        return _bounded(name, value, default, low=low, high=high)
 
     def dump(self, resource: Any, context: Context) -> dict[str, Any]:
         """``resource`` as JSON, cut to the ``attributes`` or ``excludedAttributes`` asked for."""
-        attributes, excluded = self.query("attributes"), self.query("excludedAttributes")
         dumped: dict[str, Any] = resource.model_dump(
             mode="json",
             scim_ctx=context,
             response_parameters=ResponseParameters.model_validate(
-                {
-                    "attributes": attributes.split(",") if attributes else None,
-                    "excludedAttributes": excluded.split(",") if excluded else None,
-                }
+                {"attributes": self.attributes, "excludedAttributes": self.excluded}
             ),
         )
         return dumped
@@ -331,6 +354,18 @@ class _Request:
             body["schemas"] = [urn for urn in body["schemas"] if urn != _ENTERPRISE]
             body.pop(_ENTERPRISE, None)
         return body
+
+
+def _bounded(name: str, value: int | None, default: int, *, low: int, high: int) -> int:
+    if value is None:
+        return default
+    if value > high:
+        raise ScimError(400, f"{name} must be at most {high}", "invalidValue")
+    return max(low, value)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return text.split(",") if text else None
 
 
 def _failure_of(status: Any) -> CallFailed:

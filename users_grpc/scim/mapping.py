@@ -1,9 +1,9 @@
 """users.v1.User <-> the SCIM core User (RFC 7643 section 4.1), attribute by attribute.
 
 Mapped: ``id``, ``userName`` (username), ``name.givenName`` (first_name), ``name.familyName``
-(last_name), the primary email (email, ``type`` "work"), ``active`` (USER_STATE_ACTIVE) and
-``meta`` (created_at, updated_at, the etag as a weak version). Nothing else is published in
-the Schemas endpoint, so a client knows not to send it.
+(last_name), the primary email (email, ``type`` "work"), ``active`` (USER_STATE_ACTIVE),
+``externalId`` (external_id) and ``meta`` (created_at, updated_at, the etag as a weak version).
+Nothing else is published in the Schemas endpoint, so a client knows not to send it.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ class Wanted:
     last_name: str
     email: str
     active: bool
+    external_id: str = ""
 
 
 def to_scim(user: user_pb2.User, base_url: str) -> ScimUser:
     return User(
         id=user.id,
+        external_id=user.external_id or None,
         user_name=user.username,
         name=Name(given_name=user.first_name, family_name=user.last_name),
         emails=[Email(value=user.email)] if user.email else None,
@@ -65,6 +67,7 @@ def wanted(resource: ScimUser) -> Wanted:
         last_name=name.family_name or "",
         email=_primary_email(resource.emails or []),
         active=True if resource.active is None else bool(resource.active),
+        external_id=resource.external_id or "",
     )
 
 
@@ -83,8 +86,9 @@ def user_schema() -> dict[str, object]:
         if attribute.name not in keep:
             continue
         subs = keep[attribute.name]
-        # Every account has a username, both names and an address: required here as in CreateUser.
-        attribute.required = Required.true if attribute.name != "active" else attribute.required
+        # Every account has a username, both names and an address, as in CreateUser, and is active or
+        # not: required (a POST without `active` is still taken, as active).
+        attribute.required = Required.true
         if subs is not None and attribute.sub_attributes:
             attribute.sub_attributes = [sub for sub in attribute.sub_attributes if sub.name in subs]
             for sub in attribute.sub_attributes:

@@ -203,6 +203,7 @@ class AccountService:
                 created_at=self._clock.now(),
                 imported=True,
                 password_change_required=item.password_change_required,
+                external_id=item.external_id,
             )
         )
         log.info("user imported", extra={"user_id": user.id, "active": user.is_active})
@@ -316,7 +317,7 @@ class AccountService:
             account = await self._users.get_account(user_id)
             if not await self.password_matches(account, password, source=caller.source):
                 raise InvalidCredentials()
-        elif not caller.is_admin:
+        elif not (caller.is_admin or caller.is_provisioner):  # a provisioner never reaches an admin (access.py)
             raise PermissionDenied()
         await self._delete(user_id)
         log.info("user deleted", extra={"user_id": user_id})

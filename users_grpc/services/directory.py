@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 
 from users_grpc.domain import model, rules
-from users_grpc.domain.errors import EtagMismatch, FieldViolation, InvalidArgument, NotFound
-from users_grpc.domain.model import ProfileChanges, User, UserFilter
+from users_grpc.domain.errors import EtagMismatch, FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from users_grpc.domain.model import Caller, ProfileChanges, User, UserFilter
 from users_grpc.domain.ports import Clock, UserDirectory
 from users_grpc.services.paging import PageTokens
 
@@ -46,9 +46,14 @@ class DirectoryService:
             return users, "", total
         return users[:limit], _PAGES.encode(bytes.fromhex(users[limit - 1].id), filters.fingerprint()), total
 
-    async def update_user(self, user_id: str, paths: list[str], changes: ProfileChanges, etag: str) -> User:
+    async def update_user(
+        self, user_id: str, paths: list[str], changes: ProfileChanges, etag: str, *, caller: Caller | None = None
+    ) -> User:
         rules.validate_user_id(user_id, "user_id")
         _validate_paths(paths)
+        if changes.external_id is not None and caller is not None and not (caller.is_admin or caller.is_provisioner):
+            # The IdP finds the account by it: a user who could set their own could pass for another.
+            raise PermissionDenied()
         rules.validate_profile_changes(changes)
         expected = model.parse_etag(etag) if etag else None
         user = await self._users.update_profile(user_id, changes, expected, self._clock.now())

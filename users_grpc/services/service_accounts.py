@@ -18,7 +18,7 @@ from datetime import datetime
 
 from users_grpc.domain import rules
 from users_grpc.domain.errors import FieldViolation, InvalidArgument, InvalidCredentials, NotFound, Unauthenticated
-from users_grpc.domain.model import Caller, ServiceAccount
+from users_grpc.domain.model import Caller, ServiceAccount, ServiceAccountPermission
 from users_grpc.domain.ports import Clock, SecretDigests, ServiceAccountRepository
 from users_grpc.services.paging import PageTokens
 from users_grpc.services.throttling import PasswordThrottle
@@ -56,18 +56,27 @@ class ServiceAccountService:
         self._throttle = throttle
         self._clock = clock
 
-    async def create(self, name: str, *, caller: Caller) -> tuple[ServiceAccount, str]:
+    async def create(
+        self, name: str, *, caller: Caller, permissions: frozenset[ServiceAccountPermission] = frozenset()
+    ) -> tuple[ServiceAccount, str]:
         """A new account and its secret, which is returned here once and never stored."""
         if not rules.SERVICE_ACCOUNT_NAME_PATTERN.fullmatch(name):
             raise InvalidArgument(
                 [FieldViolation("name", "must be 3 to 64 characters of [a-z0-9._-], starting with a letter or digit")]
             )
-        account = ServiceAccount(client_id=self._accounts.new_id(), name=name, created_at=self._clock.now())
+        account = ServiceAccount(
+            client_id=self._accounts.new_id(), name=name, created_at=self._clock.now(), permissions=permissions
+        )
         secret = secrets.token_urlsafe(_SECRET_BYTES)
         await self._accounts.add(account, self._digest(account.client_id, secret))
         log.info(
             "service account created",
-            extra={"admin_id": caller.user_id, "client_id": account.client_id, "service_account": name},
+            extra={
+                "admin_id": caller.user_id,
+                "client_id": account.client_id,
+                "service_account": name,
+                "permissions": sorted(permission.value for permission in permissions),
+            },
         )
         return account, secret
 
@@ -100,7 +109,11 @@ class ServiceAccountService:
         account = await self._accounts.get(client_id)
         if account is None:
             raise Unauthenticated("access token revoked")
-        return Caller(machine=rules.service_account_machine(account.name), service_account_id=client_id)
+        return Caller(
+            machine=rules.service_account_machine(account.name),
+            service_account_id=client_id,
+            permissions=account.permissions,
+        )
 
     async def list(self, page_size: int, page_token: str) -> tuple[list[ServiceAccount], str]:
         """A page of accounts, oldest first, and the token of the next page ("" after the last)."""

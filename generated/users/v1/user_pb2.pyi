@@ -125,6 +125,7 @@ class User(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     PASSWORD_CHANGE_REQUIRED_FIELD_NUMBER: _builtins.int
     PASSWORD_UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """24 lower-case hexadecimal digits, assigned by the service."""
     username: _builtins.str
@@ -167,6 +168,12 @@ class User(_message.Message):
     """True once an admin set the password with change_required (SetPassword, ImportUsers): the
     next sign-in must change it first (ERROR_REASON_PASSWORD_CHANGE_REQUIRED). Cleared by the change.
     """
+    external_id: _builtins.str
+    """The identifier another system (an identity provider's SCIM client) gives
+    this account: up to 256 characters, kept as sent. Not unique: two IdPs,
+    or two tenants of one, may send the same one. Empty: none. Set by
+    ImportUsers and UpdateUser (path `external_id`); ListUsers filters on it.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -204,10 +211,11 @@ class User(_message.Message):
         metadata: _abc.Iterable[_metadata_pb2.MetadataEntry] | None = ...,
         password_change_required: _builtins.bool = ...,
         password_update_time: _timestamp_pb2.Timestamp | None = ...,
+        external_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "password_update_time", b"password_update_time", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "language_code", b"language_code", "last_name", b"last_name", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "password_change_required", b"password_change_required", "password_update_time", b"password_update_time", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "external_id", b"external_id", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "language_code", b"language_code", "last_name", b"last_name", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "password_change_required", b"password_change_required", "password_update_time", b"password_update_time", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -145,7 +145,8 @@ class UserService(Protocol):
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -442,7 +443,7 @@ class UserService(Protocol):
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -470,7 +471,7 @@ class UserService(Protocol):
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -482,7 +483,7 @@ class UserService(Protocol):
         Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -554,7 +555,7 @@ class UserService(Protocol):
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -619,7 +620,7 @@ class UserService(Protocol):
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -631,7 +632,8 @@ class UserService(Protocol):
         Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -640,7 +642,8 @@ class UserService(Protocol):
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -1958,7 +1961,8 @@ class UserServiceClient(ConnectClient):
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -2595,7 +2599,7 @@ class UserServiceClient(ConnectClient):
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -2657,7 +2661,7 @@ class UserServiceClient(ConnectClient):
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -2686,7 +2690,7 @@ class UserServiceClient(ConnectClient):
         Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -2826,7 +2830,7 @@ class UserServiceClient(ConnectClient):
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -2976,7 +2980,7 @@ class UserServiceClient(ConnectClient):
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -3005,7 +3009,8 @@ class UserServiceClient(ConnectClient):
         Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -3014,7 +3019,8 @@ class UserServiceClient(ConnectClient):
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -3917,7 +3923,8 @@ class UserServiceSync(Protocol):
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -4214,7 +4221,7 @@ class UserServiceSync(Protocol):
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -4242,7 +4249,7 @@ class UserServiceSync(Protocol):
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -4254,7 +4261,7 @@ class UserServiceSync(Protocol):
         Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -4326,7 +4333,7 @@ class UserServiceSync(Protocol):
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -4391,7 +4398,7 @@ class UserServiceSync(Protocol):
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -4403,7 +4410,8 @@ class UserServiceSync(Protocol):
         Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -4412,7 +4420,8 @@ class UserServiceSync(Protocol):
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -5728,7 +5737,8 @@ class UserServiceClientSync(ConnectClientSync):
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -6365,7 +6375,7 @@ class UserServiceClientSync(ConnectClientSync):
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -6427,7 +6437,7 @@ class UserServiceClientSync(ConnectClientSync):
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -6456,7 +6466,7 @@ class UserServiceClientSync(ConnectClientSync):
         Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -6596,7 +6606,7 @@ class UserServiceClientSync(ConnectClientSync):
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -6746,7 +6756,7 @@ class UserServiceClientSync(ConnectClientSync):
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -6775,7 +6785,8 @@ class UserServiceClientSync(ConnectClientSync):
         Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -6784,7 +6795,8 @@ class UserServiceClientSync(ConnectClientSync):
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason

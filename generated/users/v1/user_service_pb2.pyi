@@ -360,6 +360,36 @@ USER_CHANGE_TYPE_PASSKEY_USED: UserChangeType.ValueType  # 22
 """FinishPasskeySignIn, or a passkey second step: a passkey signed in."""
 Global___UserChangeType: _TypeAlias = UserChangeType  # noqa: Y015
 
+class _ServiceAccountPermission:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServiceAccountPermissionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServiceAccountPermission.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED: _ServiceAccountPermission.ValueType  # 0
+    SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS: _ServiceAccountPermission.ValueType  # 1
+    """Provision users, as an identity provider's SCIM client does (docs/scim.md):
+    the RPCs whose Callers line names "a provisioning service account"
+    (ImportUsers, ListUsers, UpdateUser, SetUserEmail, DeactivateUser,
+    ReactivateUser, DeleteUser). Never about an admin: a call naming a user
+    with ROLE_ADMIN, or an ImportUsers item asking for ROLE_ADMIN, is
+    PERMISSION_DENIED, so provisioning cannot make or unmake admins.
+    """
+
+class ServiceAccountPermission(_ServiceAccountPermission, metaclass=_ServiceAccountPermissionEnumTypeWrapper):
+    """What a service account's tokens may do besides a machine caller's."""
+
+SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED: ServiceAccountPermission.ValueType  # 0
+SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS: ServiceAccountPermission.ValueType  # 1
+"""Provision users, as an identity provider's SCIM client does (docs/scim.md):
+the RPCs whose Callers line names "a provisioning service account"
+(ImportUsers, ListUsers, UpdateUser, SetUserEmail, DeactivateUser,
+ReactivateUser, DeleteUser). Never about an admin: a call naming a user
+with ROLE_ADMIN, or an ImportUsers item asking for ROLE_ADMIN, is
+PERMISSION_DENIED, so provisioning cannot make or unmake admins.
+"""
+Global___ServiceAccountPermission: _TypeAlias = ServiceAccountPermission  # noqa: Y015
+
 @_typing.final
 class CreateUserRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1879,6 +1909,7 @@ class ImportedUser(_message.Message):
     EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
     PASSWORD_HASH_FIELD_NUMBER: _builtins.int
     PASSWORD_CHANGE_REQUIRED_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """Required. As CreateUserRequest.username."""
     first_name: _builtins.str
@@ -1912,6 +1943,8 @@ class ImportedUser(_message.Message):
     change_required). Imported hashes were never checked against this service's password rules
     nor the breached-password list (there is no password to check), which this makes up for.
     """
+    external_id: _builtins.str
+    """Optional. User.external_id: at most 256 characters."""
     def __init__(
         self,
         *,
@@ -1924,10 +1957,11 @@ class ImportedUser(_message.Message):
         email_verified: _builtins.bool = ...,
         password_hash: _builtins.str = ...,
         password_change_required: _builtins.bool = ...,
+        external_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "email_verified", b"email_verified", "first_name", b"first_name", "gender", b"gender", "last_name", b"last_name", "password_change_required", b"password_change_required", "password_hash", b"password_hash", "role", b"role", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "email_verified", b"email_verified", "external_id", b"external_id", "first_name", b"first_name", "gender", b"gender", "last_name", b"last_name", "password_change_required", b"password_change_required", "password_hash", b"password_hash", "role", b"role", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1994,6 +2028,7 @@ class ServiceAccount(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     """The id to pass to IssueServiceToken: 24 hexadecimal digits."""
     name: _builtins.str
@@ -2002,16 +2037,21 @@ class ServiceAccount(_message.Message):
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def permissions(self) -> _containers.RepeatedScalarFieldContainer[Global___ServiceAccountPermission.ValueType]:
+        """What its tokens may do besides a machine caller's; empty: nothing more."""
+
     def __init__(
         self,
         *,
         client_id: _builtins.str = ...,
         name: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        permissions: _abc.Iterable[Global___ServiceAccountPermission.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "create_time", b"create_time", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "create_time", b"create_time", "name", b"name", "permissions", b"permissions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2022,18 +2062,26 @@ class CreateServiceAccountRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. 3 to 64 characters of [a-z0-9._-], starting with a letter or
     digit. Unique among service accounts.
     """
+    @_builtins.property
+    def permissions(self) -> _containers.RepeatedScalarFieldContainer[Global___ServiceAccountPermission.ValueType]:
+        """Optional. Fixed for the account's life (to change them, make another
+        account); SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        permissions: _abc.Iterable[Global___ServiceAccountPermission.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "permissions", b"permissions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2209,6 +2257,7 @@ class ListUsersRequest(_message.Message):
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Default 50, at most 1000."""
     page_token: _builtins.str
@@ -2223,6 +2272,10 @@ class ListUsersRequest(_message.Message):
     """Optional. Users whose username or email starts with this, regardless of
     letter case (compared after NFKC normalization and case folding, as
     usernames and emails are unique). At most 254 characters.
+    """
+    external_id: _builtins.str
+    """Optional. Only users whose User.external_id is exactly this (letter case
+    counts). At most 256 characters.
     """
     @_builtins.property
     def created_after(self) -> _timestamp_pb2.Timestamp:
@@ -2250,10 +2303,11 @@ class ListUsersRequest(_message.Message):
         created_after: _timestamp_pb2.Timestamp | None = ...,
         created_before: _timestamp_pb2.Timestamp | None = ...,
         metadata: _metadata_pb2.MetadataFilter | None = ...,
+        external_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "role", b"role", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "external_id", b"external_id", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "role", b"role", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__mfa_enabled: _TypeAlias = _typing.Literal["mfa_enabled"]  # noqa: Y015
     _WhichOneofArgType__mfa_enabled: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled"]  # noqa: Y015
@@ -2313,6 +2367,7 @@ class UpdateUserRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Required. Paths among first_name, last_name, gender, username,
         language_code.
+        Required. Paths among first_name, last_name, gender, username, external_id.
         """
 
     def __init__(

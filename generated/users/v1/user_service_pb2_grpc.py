@@ -497,7 +497,8 @@ class UserServiceServicer:
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -814,7 +815,7 @@ class UserServiceServicer:
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -844,7 +845,7 @@ class UserServiceServicer:
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -857,7 +858,7 @@ class UserServiceServicer:
         """Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -933,7 +934,7 @@ class UserServiceServicer:
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -1003,7 +1004,7 @@ class UserServiceServicer:
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -1016,7 +1017,8 @@ class UserServiceServicer:
         """Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -1025,7 +1027,8 @@ class UserServiceServicer:
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason

@@ -122,7 +122,8 @@ class UserServiceStub:
     (an admin deleting themself too), so an access token alone cannot delete
     it; wrong passwords count toward the sign-in throttle. An admin deleting
     someone else needs none.
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+    Callers: the user themself, an admin or a provisioning
+    service account. Errors: INVALID_ARGUMENT (also:
     own account without a password), UNAUTHENTICATED (also: wrong password),
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
     LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -359,7 +360,7 @@ class UserServiceStub:
     password reset of the user die; sessions and tokens stay valid. To
     activate an account whose activation mail went to a wrong address,
     ResendActivationCode afterwards: the new code goes to the new address.
-    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
     ErrorInfo metadata names the field `email`), UNAVAILABLE.
     """
@@ -381,7 +382,7 @@ class UserServiceStub:
     An active or locked user can no longer sign in, refresh a session, reset a
     password or be found by GetUserByIdentifier; every session and access
     token dies at once. A deactivated user stays deactivated (no change).
-    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
     WRONG_USER_STATE: the account is not activated yet, delete it instead),
     UNAVAILABLE.
@@ -390,7 +391,7 @@ class UserServiceStub:
     """Reactivate a deactivated user: USER_STATE_ACTIVE
 
     The user signs in again with their password; old sessions stay dead. An
-    active user stays active (no change). Callers: an admin. Errors:
+    active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
     FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
     UnlockUser), UNAVAILABLE.
@@ -450,7 +451,7 @@ class UserServiceStub:
     purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
     they were accounts elsewhere, so waiting does not make them abandoned;
     delete the ones you no longer want.
-    Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+    Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
     1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
     batch: what was created answers ALREADY_EXISTS).
     """
@@ -500,7 +501,7 @@ class UserServiceStub:
     a page deep in the list costs what the first one costs. A page token works
     only with the filters of the call that returned it. total_size counts
     the users matching the filters at the time of this call.
-    Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
     1000; a page_token that is garbage, tampered with or from a call with
     other filters; an unknown role or state), UNAUTHENTICATED,
     PERMISSION_DENIED, UNAVAILABLE.
@@ -509,7 +510,8 @@ class UserServiceStub:
     """Change a user's names, gender or username (AIP-134)
 
     update_mask names the fields to change: first_name, last_name, gender,
-    username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+    username, external_id (the paths of `user`; external_id only by an admin
+    or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
     what to change, so that a field a client does not know cannot be blanked
     by accident. Unknown paths and fields that cannot change here (id, email:
     use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -518,7 +520,8 @@ class UserServiceStub:
     changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
     user again and retry. Without it, the change applies to the current user.
     Sessions and tokens stay valid.
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+    Callers: the user themself, an admin or a provisioning
+    service account. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
     username, compared as at registration, is taken; the ErrorInfo metadata
     names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -914,7 +917,8 @@ class UserServiceAsyncStub(UserServiceStub):
     (an admin deleting themself too), so an access token alone cannot delete
     it; wrong passwords count toward the sign-in throttle. An admin deleting
     someone else needs none.
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+    Callers: the user themself, an admin or a provisioning
+    service account. Errors: INVALID_ARGUMENT (also:
     own account without a password), UNAUTHENTICATED (also: wrong password),
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
     LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -1151,7 +1155,7 @@ class UserServiceAsyncStub(UserServiceStub):
     password reset of the user die; sessions and tokens stay valid. To
     activate an account whose activation mail went to a wrong address,
     ResendActivationCode afterwards: the new code goes to the new address.
-    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
     ErrorInfo metadata names the field `email`), UNAVAILABLE.
     """
@@ -1173,7 +1177,7 @@ class UserServiceAsyncStub(UserServiceStub):
     An active or locked user can no longer sign in, refresh a session, reset a
     password or be found by GetUserByIdentifier; every session and access
     token dies at once. A deactivated user stays deactivated (no change).
-    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
     WRONG_USER_STATE: the account is not activated yet, delete it instead),
     UNAVAILABLE.
@@ -1182,7 +1186,7 @@ class UserServiceAsyncStub(UserServiceStub):
     """Reactivate a deactivated user: USER_STATE_ACTIVE
 
     The user signs in again with their password; old sessions stay dead. An
-    active user stays active (no change). Callers: an admin. Errors:
+    active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
     INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
     FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
     UnlockUser), UNAVAILABLE.
@@ -1242,7 +1246,7 @@ class UserServiceAsyncStub(UserServiceStub):
     purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
     they were accounts elsewhere, so waiting does not make them abandoned;
     delete the ones you no longer want.
-    Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+    Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
     1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
     batch: what was created answers ALREADY_EXISTS).
     """
@@ -1292,7 +1296,7 @@ class UserServiceAsyncStub(UserServiceStub):
     a page deep in the list costs what the first one costs. A page token works
     only with the filters of the call that returned it. total_size counts
     the users matching the filters at the time of this call.
-    Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+    Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
     1000; a page_token that is garbage, tampered with or from a call with
     other filters; an unknown role or state), UNAUTHENTICATED,
     PERMISSION_DENIED, UNAVAILABLE.
@@ -1301,7 +1305,8 @@ class UserServiceAsyncStub(UserServiceStub):
     """Change a user's names, gender or username (AIP-134)
 
     update_mask names the fields to change: first_name, last_name, gender,
-    username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+    username, external_id (the paths of `user`; external_id only by an admin
+    or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
     what to change, so that a field a client does not know cannot be blanked
     by accident. Unknown paths and fields that cannot change here (id, email:
     use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -1310,7 +1315,8 @@ class UserServiceAsyncStub(UserServiceStub):
     changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
     user again and retry. Without it, the change applies to the current user.
     Sessions and tokens stay valid.
-    Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+    Callers: the user themself, an admin or a provisioning
+    service account. Errors: INVALID_ARGUMENT,
     UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
     username, compared as at registration, is taken; the ErrorInfo metadata
     names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -1739,7 +1745,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         (an admin deleting themself too), so an access token alone cannot delete
         it; wrong passwords count toward the sign-in throttle. An admin deleting
         someone else needs none.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT (also:
         own account without a password), UNAUTHENTICATED (also: wrong password),
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
         LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -2096,7 +2103,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         password reset of the user die; sessions and tokens stay valid. To
         activate an account whose activation mail went to a wrong address,
         ResendActivationCode afterwards: the new code goes to the new address.
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
         ErrorInfo metadata names the field `email`), UNAVAILABLE.
         """
@@ -2130,7 +2137,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         An active or locked user can no longer sign in, refresh a session, reset a
         password or be found by GetUserByIdentifier; every session and access
         token dies at once. A deactivated user stays deactivated (no change).
-        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
         PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
         WRONG_USER_STATE: the account is not activated yet, delete it instead),
         UNAVAILABLE.
@@ -2145,7 +2152,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reactivate a deactivated user: USER_STATE_ACTIVE
 
         The user signs in again with their password; old sessions stay dead. An
-        active user stays active (no change). Callers: an admin. Errors:
+        active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
         INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
         FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
         UnlockUser), UNAVAILABLE.
@@ -2229,7 +2236,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
         they were accounts elsewhere, so waiting does not make them abandoned;
         delete the ones you no longer want.
-        Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+        Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
         1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
         batch: what was created answers ALREADY_EXISTS).
         """
@@ -2309,7 +2316,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         a page deep in the list costs what the first one costs. A page token works
         only with the filters of the call that returned it. total_size counts
         the users matching the filters at the time of this call.
-        Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+        Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
         1000; a page_token that is garbage, tampered with or from a call with
         other filters; an unknown role or state), UNAUTHENTICATED,
         PERMISSION_DENIED, UNAVAILABLE.
@@ -2324,7 +2331,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Change a user's names, gender or username (AIP-134)
 
         update_mask names the fields to change: first_name, last_name, gender,
-        username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+        username, external_id (the paths of `user`; external_id only by an admin
+        or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
         what to change, so that a field a client does not know cannot be blanked
         by accident. Unknown paths and fields that cannot change here (id, email:
         use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -2333,7 +2341,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
         user again and retry. Without it, the change applies to the current user.
         Sessions and tokens stay valid.
-        Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+        Callers: the user themself, an admin or a provisioning
+        service account. Errors: INVALID_ARGUMENT,
         UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
         username, compared as at registration, is taken; the ErrorInfo metadata
         names the field `username`), ABORTED (a stale etag; ErrorInfo reason

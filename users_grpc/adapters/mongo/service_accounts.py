@@ -11,7 +11,7 @@ from pymongo.errors import DuplicateKeyError
 from users_grpc.adapters.mongo.calls import storage_call
 from users_grpc.adapters.mongo.documents import Document, _object_id
 from users_grpc.domain.errors import AlreadyExists
-from users_grpc.domain.model import ServiceAccount
+from users_grpc.domain.model import ServiceAccount, ServiceAccountPermission
 
 
 class MongoServiceAccountRepository:
@@ -36,6 +36,7 @@ class MongoServiceAccountRepository:
                     "name": account.name,
                     "secret_digest": secret_digest,
                     "created_at": account.created_at,
+                    "permissions": sorted(permission.value for permission in account.permissions),
                 }
             )
         except DuplicateKeyError:
@@ -63,4 +64,10 @@ class MongoServiceAccountRepository:
 
 
 def _service_account_from_document(document: Document) -> ServiceAccount:
-    return ServiceAccount(client_id=str(document["_id"]), name=document["name"], created_at=document["created_at"])
+    return ServiceAccount(
+        client_id=str(document["_id"]),
+        name=document["name"],
+        created_at=document["created_at"],
+        # Absent from accounts made before permissions existed: none.
+        permissions=frozenset(ServiceAccountPermission(value) for value in document.get("permissions", ())),
+    )

@@ -87,6 +87,8 @@ class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates, Metadata
         await self._users.create_index([("state", ASCENDING), ("_id", ASCENDING)], name="state_id")
         await self._users.create_index([("created_at", ASCENDING), ("_id", ASCENDING)], name="created_at_id")
         await self._ensure_metadata_indexes()
+        # ListUsers' external_id filter (SCIM's externalId eq): sparse, as most users have none.
+        await self._users.create_index([("external_id", ASCENDING)], sparse=True, name="external_id")
 
     def new_id(self) -> str:
         return str(ObjectId())
@@ -307,12 +309,18 @@ class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates, Metadata
         }
         if changes.username is not None:
             fields["username_key"] = identifier_key(changes.username)
+        # Cleared by removing it, so that the sparse index keeps only the users that have one.
+        unset = {"external_id": ""} if fields.get("external_id") == "" else {}
+        fields = {name: value for name, value in fields.items() if name not in unset}
         query: Document = {"_id": _object_id(user_id), **_LIVE}
         if expected is not None:
             # Documents stored before revisions existed have none: revision 0.
             query["revision"] = expected.revision if expected.revision else {"$exists": False}
             query["updated_at"] = expected.updated_at
-        update = _with_change({"$set": {**fields, "updated_at": now}, "$inc": {"revision": 1}}, ChangeType.UPDATED, now)
+        change: Document = {"$set": {**fields, "updated_at": now}, "$inc": {"revision": 1}}
+        if unset:
+            change["$unset"] = unset
+        update = _with_change(change, ChangeType.UPDATED, now)
         if changes.username is None:
             document = await self._users.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
         elif await self._claimed_update("username", fields["username_key"], query, update, now) is None:
@@ -380,6 +388,8 @@ def _user_query(filters: UserFilter) -> Document:
         clauses.append({"created_at": created})
     if filters.metadata is not None:
         clauses.append(_metadata_clause(filters.metadata))
+    if filters.external_id:
+        clauses.append({"external_id": filters.external_id})
     return {"$and": clauses} if clauses else {}
 
 
@@ -417,4 +427,6 @@ def _document_from_new_user(new_user: NewUser) -> Document:
         # An imported hash was set elsewhere, at a time unknown: its age counts from the import.
         "password_changed_at": new_user.created_at,
         **({"password_change_required": True} if new_user.password_change_required else {}),
+        # Absent when empty: the sparse index holds only the users that have one.
+        **({"external_id": new_user.external_id} if new_user.external_id else {}),
     }

@@ -131,6 +131,7 @@ def _user_from_document(document: Document) -> User:
         metadata=_metadata_from_document(document),
         password_change_required=document.get("password_change_required", False),
         password_changed_at=document.get("password_changed_at"),
+        external_id=document.get("external_id", ""),
     )
 
 

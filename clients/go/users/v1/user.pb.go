@@ -238,8 +238,13 @@ type User struct {
 	// When the password was last set (unset: before this field existed; the password then counts
 	// as set at create_time for USERS_PASSWORD_MAX_AGE_SECONDS).
 	PasswordUpdateTime *timestamppb.Timestamp `protobuf:"bytes,31,opt,name=password_update_time,json=passwordUpdateTime,proto3" json:"password_update_time,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The identifier another system (an identity provider's SCIM client) gives
+	// this account: up to 256 characters, kept as sent. Not unique: two IdPs,
+	// or two tenants of one, may send the same one. Empty: none. Set by
+	// ImportUsers and UpdateUser (path `external_id`); ListUsers filters on it.
+	ExternalId    string `protobuf:"bytes,50,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *User) Reset() {
@@ -391,11 +396,18 @@ func (x *User) GetPasswordUpdateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *User) GetExternalId() string {
+	if x != nil {
+		return x.ExternalId
+	}
+	return ""
+}
+
 var File_users_v1_user_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_proto_rawDesc = "" +
 	"\n" +
-	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17users/v1/metadata.proto\"\xa7\x05\n" +
+	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17users/v1/metadata.proto\"\xc8\x05\n" +
 	"\x04User\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\busername\x18\x02 \x01(\tR\busername\x12\x1d\n" +
@@ -418,7 +430,9 @@ const file_users_v1_user_proto_rawDesc = "" +
 	"\rlanguage_code\x187 \x01(\tR\flanguageCode\x123\n" +
 	"\bmetadata\x18# \x03(\v2\x17.users.v1.MetadataEntryR\bmetadata\x128\n" +
 	"\x18password_change_required\x18\x1e \x01(\bR\x16passwordChangeRequired\x12L\n" +
-	"\x14password_update_time\x18\x1f \x01(\v2\x1a.google.protobuf.TimestampR\x12passwordUpdateTime*\x94\x01\n" +
+	"\x14password_update_time\x18\x1f \x01(\v2\x1a.google.protobuf.TimestampR\x12passwordUpdateTime\x12\x1f\n" +
+	"\vexternal_id\x182 \x01(\tR\n" +
+	"externalId*\x94\x01\n" +
 	"\tUserState\x12\x1a\n" +
 	"\x16USER_STATE_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dUSER_STATE_PENDING_ACTIVATION\x10\x01\x12\x15\n" +

@@ -406,6 +406,59 @@ func (UserChangeType) EnumDescriptor() ([]byte, []int) {
 	return file_users_v1_user_service_proto_rawDescGZIP(), []int{2}
 }
 
+// What a service account's tokens may do besides a machine caller's.
+type ServiceAccountPermission int32
+
+const (
+	ServiceAccountPermission_SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED ServiceAccountPermission = 0
+	// Provision users, as an identity provider's SCIM client does (docs/scim.md):
+	// the RPCs whose Callers line names "a provisioning service account"
+	// (ImportUsers, ListUsers, UpdateUser, SetUserEmail, DeactivateUser,
+	// ReactivateUser, DeleteUser). Never about an admin: a call naming a user
+	// with ROLE_ADMIN, or an ImportUsers item asking for ROLE_ADMIN, is
+	// PERMISSION_DENIED, so provisioning cannot make or unmake admins.
+	ServiceAccountPermission_SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS ServiceAccountPermission = 1
+)
+
+// Enum value maps for ServiceAccountPermission.
+var (
+	ServiceAccountPermission_name = map[int32]string{
+		0: "SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED",
+		1: "SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS",
+	}
+	ServiceAccountPermission_value = map[string]int32{
+		"SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED":     0,
+		"SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS": 1,
+	}
+)
+
+func (x ServiceAccountPermission) Enum() *ServiceAccountPermission {
+	p := new(ServiceAccountPermission)
+	*p = x
+	return p
+}
+
+func (x ServiceAccountPermission) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ServiceAccountPermission) Descriptor() protoreflect.EnumDescriptor {
+	return file_users_v1_user_service_proto_enumTypes[3].Descriptor()
+}
+
+func (ServiceAccountPermission) Type() protoreflect.EnumType {
+	return &file_users_v1_user_service_proto_enumTypes[3]
+}
+
+func (x ServiceAccountPermission) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ServiceAccountPermission.Descriptor instead.
+func (ServiceAccountPermission) EnumDescriptor() ([]byte, []int) {
+	return file_users_v1_user_service_proto_rawDescGZIP(), []int{3}
+}
+
 type CreateUserRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Required. 3 to 32 characters of [A-Za-z0-9._-].
@@ -3708,8 +3761,10 @@ type ImportedUser struct {
 	// change_required). Imported hashes were never checked against this service's password rules
 	// nor the breached-password list (there is no password to check), which this makes up for.
 	PasswordChangeRequired bool `protobuf:"varint,50,opt,name=password_change_required,json=passwordChangeRequired,proto3" json:"password_change_required,omitempty"`
-	unknownFields          protoimpl.UnknownFields
-	sizeCache              protoimpl.SizeCache
+	// Optional. User.external_id: at most 256 characters.
+	ExternalId    string `protobuf:"bytes,60,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ImportedUser) Reset() {
@@ -3803,6 +3858,13 @@ func (x *ImportedUser) GetPasswordChangeRequired() bool {
 		return x.PasswordChangeRequired
 	}
 	return false
+}
+
+func (x *ImportedUser) GetExternalId() string {
+	if x != nil {
+		return x.ExternalId
+	}
+	return ""
 }
 
 type ImportUsersResponse struct {
@@ -3941,8 +4003,10 @@ type ServiceAccount struct {
 	ClientId string `protobuf:"bytes,1,opt,name=client_id,json=clientId,proto3" json:"client_id,omitempty"`
 	// Unique. Its tokens' holders are machine callers, logged as
 	// "service-account:<name>".
-	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	Name       string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// What its tokens may do besides a machine caller's; empty: nothing more.
+	Permissions   []ServiceAccountPermission `protobuf:"varint,60,rep,packed,name=permissions,proto3,enum=users.v1.ServiceAccountPermission" json:"permissions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3998,11 +4062,21 @@ func (x *ServiceAccount) GetCreateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *ServiceAccount) GetPermissions() []ServiceAccountPermission {
+	if x != nil {
+		return x.Permissions
+	}
+	return nil
+}
+
 type CreateServiceAccountRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Required. 3 to 64 characters of [a-z0-9._-], starting with a letter or
 	// digit. Unique among service accounts.
-	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Optional. Fixed for the account's life (to change them, make another
+	// account); SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED is INVALID_ARGUMENT.
+	Permissions   []ServiceAccountPermission `protobuf:"varint,60,rep,packed,name=permissions,proto3,enum=users.v1.ServiceAccountPermission" json:"permissions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4042,6 +4116,13 @@ func (x *CreateServiceAccountRequest) GetName() string {
 		return x.Name
 	}
 	return ""
+}
+
+func (x *CreateServiceAccountRequest) GetPermissions() []ServiceAccountPermission {
+	if x != nil {
+		return x.Permissions
+	}
+	return nil
 }
 
 type CreateServiceAccountResponse struct {
@@ -4415,7 +4496,10 @@ type ListUsersRequest struct {
 	CreatedBefore *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_before,json=createdBefore,proto3" json:"created_before,omitempty"`
 	// Optional. Only users with this metadata entry (key present, or key and exact value);
 	// served by an index, and combined with the other filters.
-	Metadata      *MetadataFilter `protobuf:"bytes,40,opt,name=metadata,proto3" json:"metadata,omitempty"`
+	Metadata *MetadataFilter `protobuf:"bytes,40,opt,name=metadata,proto3" json:"metadata,omitempty"`
+	// Optional. Only users whose User.external_id is exactly this (letter case
+	// counts). At most 256 characters.
+	ExternalId    string `protobuf:"bytes,60,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4513,6 +4597,13 @@ func (x *ListUsersRequest) GetMetadata() *MetadataFilter {
 	return nil
 }
 
+func (x *ListUsersRequest) GetExternalId() string {
+	if x != nil {
+		return x.ExternalId
+	}
+	return ""
+}
+
 type ListUsersResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Users []*User                `protobuf:"bytes,1,rep,name=users,proto3" json:"users,omitempty"`
@@ -4584,6 +4675,7 @@ type UpdateUserRequest struct {
 	User *User `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
 	// Required. Paths among first_name, last_name, gender, username,
 	// language_code.
+	// Required. Paths among first_name, last_name, gender, username, external_id.
 	UpdateMask *fieldmaskpb.FieldMask `protobuf:"bytes,3,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	// Optional. User.etag as last read: the change applies only if the user has
 	// not changed since; else ABORTED.
@@ -5532,7 +5624,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x14ResetUserMfaResponse\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"B\n" +
 	"\x12ImportUsersRequest\x12,\n" +
-	"\x05users\x18\x01 \x03(\v2\x16.users.v1.ImportedUserR\x05users\"\xd0\x02\n" +
+	"\x05users\x18\x01 \x03(\v2\x16.users.v1.ImportedUserR\x05users\"\xf1\x02\n" +
 	"\fImportedUser\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -5543,20 +5635,24 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x04role\x18\x06 \x01(\x0e2\x0e.users.v1.RoleR\x04role\x12%\n" +
 	"\x0eemail_verified\x18\a \x01(\bR\remailVerified\x12#\n" +
 	"\rpassword_hash\x18\b \x01(\tR\fpasswordHash\x128\n" +
-	"\x18password_change_required\x182 \x01(\bR\x16passwordChangeRequired\"K\n" +
+	"\x18password_change_required\x182 \x01(\bR\x16passwordChangeRequired\x12\x1f\n" +
+	"\vexternal_id\x18< \x01(\tR\n" +
+	"externalId\"K\n" +
 	"\x13ImportUsersResponse\x124\n" +
 	"\aresults\x18\x01 \x03(\v2\x1a.users.v1.ImportUserResultR\aresults\"n\n" +
 	"\x10ImportUserResult\x12$\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserH\x00R\x04user\x12*\n" +
 	"\x05error\x18\x02 \x01(\v2\x12.google.rpc.StatusH\x00R\x05errorB\b\n" +
-	"\x06result\"~\n" +
+	"\x06result\"\xc4\x01\n" +
 	"\x0eServiceAccount\x12\x1b\n" +
 	"\tclient_id\x18\x01 \x01(\tR\bclientId\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12;\n" +
 	"\vcreate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"createTime\"1\n" +
+	"createTime\x12D\n" +
+	"\vpermissions\x18< \x03(\x0e2\".users.v1.ServiceAccountPermissionR\vpermissions\"w\n" +
 	"\x1bCreateServiceAccountRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x86\x01\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12D\n" +
+	"\vpermissions\x18< \x03(\x0e2\".users.v1.ServiceAccountPermissionR\vpermissions\"\x86\x01\n" +
 	"\x1cCreateServiceAccountResponse\x12A\n" +
 	"\x0fservice_account\x18\x01 \x01(\v2\x18.users.v1.ServiceAccountR\x0eserviceAccount\x12#\n" +
 	"\rclient_secret\x18\x02 \x01(\tR\fclientSecret\"\\\n" +
@@ -5575,7 +5671,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\":\n" +
 	"\x1bDeleteServiceAccountRequest\x12\x1b\n" +
 	"\tclient_id\x18\x01 \x01(\tR\bclientId\"\x1e\n" +
-	"\x1cDeleteServiceAccountResponse\"\xa5\x03\n" +
+	"\x1cDeleteServiceAccountResponse\"\xc6\x03\n" +
 	"\x10ListUsersRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -5587,7 +5683,9 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x06prefix\x18\x06 \x01(\tR\x06prefix\x12?\n" +
 	"\rcreated_after\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\fcreatedAfter\x12A\n" +
 	"\x0ecreated_before\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\rcreatedBefore\x124\n" +
-	"\bmetadata\x18( \x01(\v2\x18.users.v1.MetadataFilterR\bmetadataB\x0e\n" +
+	"\bmetadata\x18( \x01(\v2\x18.users.v1.MetadataFilterR\bmetadata\x12\x1f\n" +
+	"\vexternal_id\x18< \x01(\tR\n" +
+	"externalIdB\x0e\n" +
 	"\f_mfa_enabled\"\x80\x01\n" +
 	"\x11ListUsersResponse\x12$\n" +
 	"\x05users\x18\x01 \x03(\v2\x0e.users.v1.UserR\x05users\x12&\n" +
@@ -5720,7 +5818,10 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"%USER_CHANGE_TYPE_GROUP_MEMBER_REMOVED\x10\x1f\x12\"\n" +
 	"\x1eUSER_CHANGE_TYPE_PASSKEY_ADDED\x10\x14\x12$\n" +
 	" USER_CHANGE_TYPE_PASSKEY_REMOVED\x10\x15\x12!\n" +
-	"\x1dUSER_CHANGE_TYPE_PASSKEY_USED\x10\x162\xfc*\n" +
+	"\x1dUSER_CHANGE_TYPE_PASSKEY_USED\x10\x16*v\n" +
+	"\x18ServiceAccountPermission\x12*\n" +
+	"&SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED\x10\x00\x12.\n" +
+	"*SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS\x10\x012\xfc*\n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -5806,346 +5907,349 @@ func file_users_v1_user_service_proto_rawDescGZIP() []byte {
 	return file_users_v1_user_service_proto_rawDescData
 }
 
-var file_users_v1_user_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_users_v1_user_service_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
 var file_users_v1_user_service_proto_msgTypes = make([]protoimpl.MessageInfo, 90)
 var file_users_v1_user_service_proto_goTypes = []any{
 	(AuditEventType)(0),                           // 0: users.v1.AuditEventType
 	(AuditActorKind)(0),                           // 1: users.v1.AuditActorKind
 	(UserChangeType)(0),                           // 2: users.v1.UserChangeType
-	(*CreateUserRequest)(nil),                     // 3: users.v1.CreateUserRequest
-	(*CreateUserResponse)(nil),                    // 4: users.v1.CreateUserResponse
-	(*ActivateUserRequest)(nil),                   // 5: users.v1.ActivateUserRequest
-	(*ActivateUserResponse)(nil),                  // 6: users.v1.ActivateUserResponse
-	(*ResendActivationCodeRequest)(nil),           // 7: users.v1.ResendActivationCodeRequest
-	(*ResendActivationCodeResponse)(nil),          // 8: users.v1.ResendActivationCodeResponse
-	(*GetUserRequest)(nil),                        // 9: users.v1.GetUserRequest
-	(*GetUserResponse)(nil),                       // 10: users.v1.GetUserResponse
-	(*GetUserByIdentifierRequest)(nil),            // 11: users.v1.GetUserByIdentifierRequest
-	(*GetUserByIdentifierResponse)(nil),           // 12: users.v1.GetUserByIdentifierResponse
-	(*DeleteUserRequest)(nil),                     // 13: users.v1.DeleteUserRequest
-	(*DeleteUserResponse)(nil),                    // 14: users.v1.DeleteUserResponse
-	(*DeleteUserByIdentifierRequest)(nil),         // 15: users.v1.DeleteUserByIdentifierRequest
-	(*DeleteUserByIdentifierResponse)(nil),        // 16: users.v1.DeleteUserByIdentifierResponse
-	(*VerifyCredentialsRequest)(nil),              // 17: users.v1.VerifyCredentialsRequest
-	(*VerifyCredentialsResponse)(nil),             // 18: users.v1.VerifyCredentialsResponse
-	(*AuthenticateRequest)(nil),                   // 19: users.v1.AuthenticateRequest
-	(*AuthenticateResponse)(nil),                  // 20: users.v1.AuthenticateResponse
-	(*RefreshSessionRequest)(nil),                 // 21: users.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),                // 22: users.v1.RefreshSessionResponse
-	(*RevokeSessionRequest)(nil),                  // 23: users.v1.RevokeSessionRequest
-	(*RevokeSessionResponse)(nil),                 // 24: users.v1.RevokeSessionResponse
-	(*ListSessionsRequest)(nil),                   // 25: users.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),                  // 26: users.v1.ListSessionsResponse
-	(*RevokeAllSessionsRequest)(nil),              // 27: users.v1.RevokeAllSessionsRequest
-	(*RevokeAllSessionsResponse)(nil),             // 28: users.v1.RevokeAllSessionsResponse
-	(*GetPublicKeysRequest)(nil),                  // 29: users.v1.GetPublicKeysRequest
-	(*GetPublicKeysResponse)(nil),                 // 30: users.v1.GetPublicKeysResponse
-	(*ValidateTokenRequest)(nil),                  // 31: users.v1.ValidateTokenRequest
-	(*ValidateTokenResponse)(nil),                 // 32: users.v1.ValidateTokenResponse
-	(*ForgotPasswordRequest)(nil),                 // 33: users.v1.ForgotPasswordRequest
-	(*ForgotPasswordResponse)(nil),                // 34: users.v1.ForgotPasswordResponse
-	(*ResetPasswordRequest)(nil),                  // 35: users.v1.ResetPasswordRequest
-	(*ResetPasswordResponse)(nil),                 // 36: users.v1.ResetPasswordResponse
-	(*ChangePasswordRequest)(nil),                 // 37: users.v1.ChangePasswordRequest
-	(*ChangePasswordResponse)(nil),                // 38: users.v1.ChangePasswordResponse
-	(*EnableMfaRequest)(nil),                      // 39: users.v1.EnableMfaRequest
-	(*EnableMfaResponse)(nil),                     // 40: users.v1.EnableMfaResponse
-	(*GetMfaQrCodeRequest)(nil),                   // 41: users.v1.GetMfaQrCodeRequest
-	(*GetMfaQrCodeResponse)(nil),                  // 42: users.v1.GetMfaQrCodeResponse
-	(*ConfirmMfaRequest)(nil),                     // 43: users.v1.ConfirmMfaRequest
-	(*ConfirmMfaResponse)(nil),                    // 44: users.v1.ConfirmMfaResponse
-	(*DisableMfaRequest)(nil),                     // 45: users.v1.DisableMfaRequest
-	(*DisableMfaResponse)(nil),                    // 46: users.v1.DisableMfaResponse
-	(*RegenerateRecoveryCodesRequest)(nil),        // 47: users.v1.RegenerateRecoveryCodesRequest
-	(*RegenerateRecoveryCodesResponse)(nil),       // 48: users.v1.RegenerateRecoveryCodesResponse
-	(*ChangeEmailRequest)(nil),                    // 49: users.v1.ChangeEmailRequest
-	(*ChangeEmailResponse)(nil),                   // 50: users.v1.ChangeEmailResponse
-	(*ConfirmEmailChangeRequest)(nil),             // 51: users.v1.ConfirmEmailChangeRequest
-	(*ConfirmEmailChangeResponse)(nil),            // 52: users.v1.ConfirmEmailChangeResponse
-	(*SetUserEmailRequest)(nil),                   // 53: users.v1.SetUserEmailRequest
-	(*SetUserEmailResponse)(nil),                  // 54: users.v1.SetUserEmailResponse
-	(*SetUserRoleRequest)(nil),                    // 55: users.v1.SetUserRoleRequest
-	(*SetUserRoleResponse)(nil),                   // 56: users.v1.SetUserRoleResponse
-	(*DeactivateUserRequest)(nil),                 // 57: users.v1.DeactivateUserRequest
-	(*DeactivateUserResponse)(nil),                // 58: users.v1.DeactivateUserResponse
-	(*ReactivateUserRequest)(nil),                 // 59: users.v1.ReactivateUserRequest
-	(*ReactivateUserResponse)(nil),                // 60: users.v1.ReactivateUserResponse
-	(*LockUserRequest)(nil),                       // 61: users.v1.LockUserRequest
-	(*LockUserResponse)(nil),                      // 62: users.v1.LockUserResponse
-	(*UnlockUserRequest)(nil),                     // 63: users.v1.UnlockUserRequest
-	(*UnlockUserResponse)(nil),                    // 64: users.v1.UnlockUserResponse
-	(*ResetUserMfaRequest)(nil),                   // 65: users.v1.ResetUserMfaRequest
-	(*ResetUserMfaResponse)(nil),                  // 66: users.v1.ResetUserMfaResponse
-	(*ImportUsersRequest)(nil),                    // 67: users.v1.ImportUsersRequest
-	(*ImportedUser)(nil),                          // 68: users.v1.ImportedUser
-	(*ImportUsersResponse)(nil),                   // 69: users.v1.ImportUsersResponse
-	(*ImportUserResult)(nil),                      // 70: users.v1.ImportUserResult
-	(*ServiceAccount)(nil),                        // 71: users.v1.ServiceAccount
-	(*CreateServiceAccountRequest)(nil),           // 72: users.v1.CreateServiceAccountRequest
-	(*CreateServiceAccountResponse)(nil),          // 73: users.v1.CreateServiceAccountResponse
-	(*IssueServiceTokenRequest)(nil),              // 74: users.v1.IssueServiceTokenRequest
-	(*IssueServiceTokenResponse)(nil),             // 75: users.v1.IssueServiceTokenResponse
-	(*ListServiceAccountsRequest)(nil),            // 76: users.v1.ListServiceAccountsRequest
-	(*ListServiceAccountsResponse)(nil),           // 77: users.v1.ListServiceAccountsResponse
-	(*DeleteServiceAccountRequest)(nil),           // 78: users.v1.DeleteServiceAccountRequest
-	(*DeleteServiceAccountResponse)(nil),          // 79: users.v1.DeleteServiceAccountResponse
-	(*ListUsersRequest)(nil),                      // 80: users.v1.ListUsersRequest
-	(*ListUsersResponse)(nil),                     // 81: users.v1.ListUsersResponse
-	(*UpdateUserRequest)(nil),                     // 82: users.v1.UpdateUserRequest
-	(*UpdateUserResponse)(nil),                    // 83: users.v1.UpdateUserResponse
-	(*AuditActor)(nil),                            // 84: users.v1.AuditActor
-	(*AuditEvent)(nil),                            // 85: users.v1.AuditEvent
-	(*ListAuditEventsRequest)(nil),                // 86: users.v1.ListAuditEventsRequest
-	(*ListAuditEventsResponse)(nil),               // 87: users.v1.ListAuditEventsResponse
-	(*WatchUserChangesRequest)(nil),               // 88: users.v1.WatchUserChangesRequest
-	(*WatchUserChangesResponse)(nil),              // 89: users.v1.WatchUserChangesResponse
-	(*UserChange)(nil),                            // 90: users.v1.UserChange
-	(*SetPasswordRequest)(nil),                    // 91: users.v1.SetPasswordRequest
-	(*SetPasswordResponse)(nil),                   // 92: users.v1.SetPasswordResponse
-	(Gender)(0),                                   // 93: users.v1.Gender
-	(Role)(0),                                     // 94: users.v1.Role
-	(*User)(nil),                                  // 95: users.v1.User
-	(*timestamppb.Timestamp)(nil),                 // 96: google.protobuf.Timestamp
-	(*Session)(nil),                               // 97: users.v1.Session
-	(*TokenClaims)(nil),                           // 98: users.v1.TokenClaims
-	(*status.Status)(nil),                         // 99: google.rpc.Status
-	(UserState)(0),                                // 100: users.v1.UserState
-	(*MetadataFilter)(nil),                        // 101: users.v1.MetadataFilter
-	(*fieldmaskpb.FieldMask)(nil),                 // 102: google.protobuf.FieldMask
-	(code.Code)(0),                                // 103: google.rpc.Code
-	(*MetadataKey)(nil),                           // 104: users.v1.MetadataKey
-	(*SetUserMetadataRequest)(nil),                // 105: users.v1.SetUserMetadataRequest
-	(*GetUserMetadataRequest)(nil),                // 106: users.v1.GetUserMetadataRequest
-	(*ListUserMetadataRequest)(nil),               // 107: users.v1.ListUserMetadataRequest
-	(*DeleteUserMetadataRequest)(nil),             // 108: users.v1.DeleteUserMetadataRequest
-	(*CreateGroupRequest)(nil),                    // 109: users.v1.CreateGroupRequest
-	(*RenameGroupRequest)(nil),                    // 110: users.v1.RenameGroupRequest
-	(*DeleteGroupRequest)(nil),                    // 111: users.v1.DeleteGroupRequest
-	(*ListGroupsRequest)(nil),                     // 112: users.v1.ListGroupsRequest
-	(*AddGroupMemberRequest)(nil),                 // 113: users.v1.AddGroupMemberRequest
-	(*RemoveGroupMemberRequest)(nil),              // 114: users.v1.RemoveGroupMemberRequest
-	(*ListGroupMembersRequest)(nil),               // 115: users.v1.ListGroupMembersRequest
-	(*ListUserGroupsRequest)(nil),                 // 116: users.v1.ListUserGroupsRequest
-	(*StartPasskeyRegistrationRequest)(nil),       // 117: users.v1.StartPasskeyRegistrationRequest
-	(*FinishPasskeyRegistrationRequest)(nil),      // 118: users.v1.FinishPasskeyRegistrationRequest
-	(*StartPasskeySignInRequest)(nil),             // 119: users.v1.StartPasskeySignInRequest
-	(*FinishPasskeySignInRequest)(nil),            // 120: users.v1.FinishPasskeySignInRequest
-	(*ListAuthenticationFactorsRequest)(nil),      // 121: users.v1.ListAuthenticationFactorsRequest
-	(*RenamePasskeyRequest)(nil),                  // 122: users.v1.RenamePasskeyRequest
-	(*RemovePasskeyRequest)(nil),                  // 123: users.v1.RemovePasskeyRequest
-	(*ListUserAuthenticationFactorsRequest)(nil),  // 124: users.v1.ListUserAuthenticationFactorsRequest
-	(*RemoveUserPasskeyRequest)(nil),              // 125: users.v1.RemoveUserPasskeyRequest
-	(*SetUserMetadataResponse)(nil),               // 126: users.v1.SetUserMetadataResponse
-	(*GetUserMetadataResponse)(nil),               // 127: users.v1.GetUserMetadataResponse
-	(*ListUserMetadataResponse)(nil),              // 128: users.v1.ListUserMetadataResponse
-	(*DeleteUserMetadataResponse)(nil),            // 129: users.v1.DeleteUserMetadataResponse
-	(*CreateGroupResponse)(nil),                   // 130: users.v1.CreateGroupResponse
-	(*RenameGroupResponse)(nil),                   // 131: users.v1.RenameGroupResponse
-	(*DeleteGroupResponse)(nil),                   // 132: users.v1.DeleteGroupResponse
-	(*ListGroupsResponse)(nil),                    // 133: users.v1.ListGroupsResponse
-	(*AddGroupMemberResponse)(nil),                // 134: users.v1.AddGroupMemberResponse
-	(*RemoveGroupMemberResponse)(nil),             // 135: users.v1.RemoveGroupMemberResponse
-	(*ListGroupMembersResponse)(nil),              // 136: users.v1.ListGroupMembersResponse
-	(*ListUserGroupsResponse)(nil),                // 137: users.v1.ListUserGroupsResponse
-	(*StartPasskeyRegistrationResponse)(nil),      // 138: users.v1.StartPasskeyRegistrationResponse
-	(*FinishPasskeyRegistrationResponse)(nil),     // 139: users.v1.FinishPasskeyRegistrationResponse
-	(*StartPasskeySignInResponse)(nil),            // 140: users.v1.StartPasskeySignInResponse
-	(*FinishPasskeySignInResponse)(nil),           // 141: users.v1.FinishPasskeySignInResponse
-	(*ListAuthenticationFactorsResponse)(nil),     // 142: users.v1.ListAuthenticationFactorsResponse
-	(*RenamePasskeyResponse)(nil),                 // 143: users.v1.RenamePasskeyResponse
-	(*RemovePasskeyResponse)(nil),                 // 144: users.v1.RemovePasskeyResponse
-	(*ListUserAuthenticationFactorsResponse)(nil), // 145: users.v1.ListUserAuthenticationFactorsResponse
-	(*RemoveUserPasskeyResponse)(nil),             // 146: users.v1.RemoveUserPasskeyResponse
+	(ServiceAccountPermission)(0),                 // 3: users.v1.ServiceAccountPermission
+	(*CreateUserRequest)(nil),                     // 4: users.v1.CreateUserRequest
+	(*CreateUserResponse)(nil),                    // 5: users.v1.CreateUserResponse
+	(*ActivateUserRequest)(nil),                   // 6: users.v1.ActivateUserRequest
+	(*ActivateUserResponse)(nil),                  // 7: users.v1.ActivateUserResponse
+	(*ResendActivationCodeRequest)(nil),           // 8: users.v1.ResendActivationCodeRequest
+	(*ResendActivationCodeResponse)(nil),          // 9: users.v1.ResendActivationCodeResponse
+	(*GetUserRequest)(nil),                        // 10: users.v1.GetUserRequest
+	(*GetUserResponse)(nil),                       // 11: users.v1.GetUserResponse
+	(*GetUserByIdentifierRequest)(nil),            // 12: users.v1.GetUserByIdentifierRequest
+	(*GetUserByIdentifierResponse)(nil),           // 13: users.v1.GetUserByIdentifierResponse
+	(*DeleteUserRequest)(nil),                     // 14: users.v1.DeleteUserRequest
+	(*DeleteUserResponse)(nil),                    // 15: users.v1.DeleteUserResponse
+	(*DeleteUserByIdentifierRequest)(nil),         // 16: users.v1.DeleteUserByIdentifierRequest
+	(*DeleteUserByIdentifierResponse)(nil),        // 17: users.v1.DeleteUserByIdentifierResponse
+	(*VerifyCredentialsRequest)(nil),              // 18: users.v1.VerifyCredentialsRequest
+	(*VerifyCredentialsResponse)(nil),             // 19: users.v1.VerifyCredentialsResponse
+	(*AuthenticateRequest)(nil),                   // 20: users.v1.AuthenticateRequest
+	(*AuthenticateResponse)(nil),                  // 21: users.v1.AuthenticateResponse
+	(*RefreshSessionRequest)(nil),                 // 22: users.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),                // 23: users.v1.RefreshSessionResponse
+	(*RevokeSessionRequest)(nil),                  // 24: users.v1.RevokeSessionRequest
+	(*RevokeSessionResponse)(nil),                 // 25: users.v1.RevokeSessionResponse
+	(*ListSessionsRequest)(nil),                   // 26: users.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),                  // 27: users.v1.ListSessionsResponse
+	(*RevokeAllSessionsRequest)(nil),              // 28: users.v1.RevokeAllSessionsRequest
+	(*RevokeAllSessionsResponse)(nil),             // 29: users.v1.RevokeAllSessionsResponse
+	(*GetPublicKeysRequest)(nil),                  // 30: users.v1.GetPublicKeysRequest
+	(*GetPublicKeysResponse)(nil),                 // 31: users.v1.GetPublicKeysResponse
+	(*ValidateTokenRequest)(nil),                  // 32: users.v1.ValidateTokenRequest
+	(*ValidateTokenResponse)(nil),                 // 33: users.v1.ValidateTokenResponse
+	(*ForgotPasswordRequest)(nil),                 // 34: users.v1.ForgotPasswordRequest
+	(*ForgotPasswordResponse)(nil),                // 35: users.v1.ForgotPasswordResponse
+	(*ResetPasswordRequest)(nil),                  // 36: users.v1.ResetPasswordRequest
+	(*ResetPasswordResponse)(nil),                 // 37: users.v1.ResetPasswordResponse
+	(*ChangePasswordRequest)(nil),                 // 38: users.v1.ChangePasswordRequest
+	(*ChangePasswordResponse)(nil),                // 39: users.v1.ChangePasswordResponse
+	(*EnableMfaRequest)(nil),                      // 40: users.v1.EnableMfaRequest
+	(*EnableMfaResponse)(nil),                     // 41: users.v1.EnableMfaResponse
+	(*GetMfaQrCodeRequest)(nil),                   // 42: users.v1.GetMfaQrCodeRequest
+	(*GetMfaQrCodeResponse)(nil),                  // 43: users.v1.GetMfaQrCodeResponse
+	(*ConfirmMfaRequest)(nil),                     // 44: users.v1.ConfirmMfaRequest
+	(*ConfirmMfaResponse)(nil),                    // 45: users.v1.ConfirmMfaResponse
+	(*DisableMfaRequest)(nil),                     // 46: users.v1.DisableMfaRequest
+	(*DisableMfaResponse)(nil),                    // 47: users.v1.DisableMfaResponse
+	(*RegenerateRecoveryCodesRequest)(nil),        // 48: users.v1.RegenerateRecoveryCodesRequest
+	(*RegenerateRecoveryCodesResponse)(nil),       // 49: users.v1.RegenerateRecoveryCodesResponse
+	(*ChangeEmailRequest)(nil),                    // 50: users.v1.ChangeEmailRequest
+	(*ChangeEmailResponse)(nil),                   // 51: users.v1.ChangeEmailResponse
+	(*ConfirmEmailChangeRequest)(nil),             // 52: users.v1.ConfirmEmailChangeRequest
+	(*ConfirmEmailChangeResponse)(nil),            // 53: users.v1.ConfirmEmailChangeResponse
+	(*SetUserEmailRequest)(nil),                   // 54: users.v1.SetUserEmailRequest
+	(*SetUserEmailResponse)(nil),                  // 55: users.v1.SetUserEmailResponse
+	(*SetUserRoleRequest)(nil),                    // 56: users.v1.SetUserRoleRequest
+	(*SetUserRoleResponse)(nil),                   // 57: users.v1.SetUserRoleResponse
+	(*DeactivateUserRequest)(nil),                 // 58: users.v1.DeactivateUserRequest
+	(*DeactivateUserResponse)(nil),                // 59: users.v1.DeactivateUserResponse
+	(*ReactivateUserRequest)(nil),                 // 60: users.v1.ReactivateUserRequest
+	(*ReactivateUserResponse)(nil),                // 61: users.v1.ReactivateUserResponse
+	(*LockUserRequest)(nil),                       // 62: users.v1.LockUserRequest
+	(*LockUserResponse)(nil),                      // 63: users.v1.LockUserResponse
+	(*UnlockUserRequest)(nil),                     // 64: users.v1.UnlockUserRequest
+	(*UnlockUserResponse)(nil),                    // 65: users.v1.UnlockUserResponse
+	(*ResetUserMfaRequest)(nil),                   // 66: users.v1.ResetUserMfaRequest
+	(*ResetUserMfaResponse)(nil),                  // 67: users.v1.ResetUserMfaResponse
+	(*ImportUsersRequest)(nil),                    // 68: users.v1.ImportUsersRequest
+	(*ImportedUser)(nil),                          // 69: users.v1.ImportedUser
+	(*ImportUsersResponse)(nil),                   // 70: users.v1.ImportUsersResponse
+	(*ImportUserResult)(nil),                      // 71: users.v1.ImportUserResult
+	(*ServiceAccount)(nil),                        // 72: users.v1.ServiceAccount
+	(*CreateServiceAccountRequest)(nil),           // 73: users.v1.CreateServiceAccountRequest
+	(*CreateServiceAccountResponse)(nil),          // 74: users.v1.CreateServiceAccountResponse
+	(*IssueServiceTokenRequest)(nil),              // 75: users.v1.IssueServiceTokenRequest
+	(*IssueServiceTokenResponse)(nil),             // 76: users.v1.IssueServiceTokenResponse
+	(*ListServiceAccountsRequest)(nil),            // 77: users.v1.ListServiceAccountsRequest
+	(*ListServiceAccountsResponse)(nil),           // 78: users.v1.ListServiceAccountsResponse
+	(*DeleteServiceAccountRequest)(nil),           // 79: users.v1.DeleteServiceAccountRequest
+	(*DeleteServiceAccountResponse)(nil),          // 80: users.v1.DeleteServiceAccountResponse
+	(*ListUsersRequest)(nil),                      // 81: users.v1.ListUsersRequest
+	(*ListUsersResponse)(nil),                     // 82: users.v1.ListUsersResponse
+	(*UpdateUserRequest)(nil),                     // 83: users.v1.UpdateUserRequest
+	(*UpdateUserResponse)(nil),                    // 84: users.v1.UpdateUserResponse
+	(*AuditActor)(nil),                            // 85: users.v1.AuditActor
+	(*AuditEvent)(nil),                            // 86: users.v1.AuditEvent
+	(*ListAuditEventsRequest)(nil),                // 87: users.v1.ListAuditEventsRequest
+	(*ListAuditEventsResponse)(nil),               // 88: users.v1.ListAuditEventsResponse
+	(*WatchUserChangesRequest)(nil),               // 89: users.v1.WatchUserChangesRequest
+	(*WatchUserChangesResponse)(nil),              // 90: users.v1.WatchUserChangesResponse
+	(*UserChange)(nil),                            // 91: users.v1.UserChange
+	(*SetPasswordRequest)(nil),                    // 92: users.v1.SetPasswordRequest
+	(*SetPasswordResponse)(nil),                   // 93: users.v1.SetPasswordResponse
+	(Gender)(0),                                   // 94: users.v1.Gender
+	(Role)(0),                                     // 95: users.v1.Role
+	(*User)(nil),                                  // 96: users.v1.User
+	(*timestamppb.Timestamp)(nil),                 // 97: google.protobuf.Timestamp
+	(*Session)(nil),                               // 98: users.v1.Session
+	(*TokenClaims)(nil),                           // 99: users.v1.TokenClaims
+	(*status.Status)(nil),                         // 100: google.rpc.Status
+	(UserState)(0),                                // 101: users.v1.UserState
+	(*MetadataFilter)(nil),                        // 102: users.v1.MetadataFilter
+	(*fieldmaskpb.FieldMask)(nil),                 // 103: google.protobuf.FieldMask
+	(code.Code)(0),                                // 104: google.rpc.Code
+	(*MetadataKey)(nil),                           // 105: users.v1.MetadataKey
+	(*SetUserMetadataRequest)(nil),                // 106: users.v1.SetUserMetadataRequest
+	(*GetUserMetadataRequest)(nil),                // 107: users.v1.GetUserMetadataRequest
+	(*ListUserMetadataRequest)(nil),               // 108: users.v1.ListUserMetadataRequest
+	(*DeleteUserMetadataRequest)(nil),             // 109: users.v1.DeleteUserMetadataRequest
+	(*CreateGroupRequest)(nil),                    // 110: users.v1.CreateGroupRequest
+	(*RenameGroupRequest)(nil),                    // 111: users.v1.RenameGroupRequest
+	(*DeleteGroupRequest)(nil),                    // 112: users.v1.DeleteGroupRequest
+	(*ListGroupsRequest)(nil),                     // 113: users.v1.ListGroupsRequest
+	(*AddGroupMemberRequest)(nil),                 // 114: users.v1.AddGroupMemberRequest
+	(*RemoveGroupMemberRequest)(nil),              // 115: users.v1.RemoveGroupMemberRequest
+	(*ListGroupMembersRequest)(nil),               // 116: users.v1.ListGroupMembersRequest
+	(*ListUserGroupsRequest)(nil),                 // 117: users.v1.ListUserGroupsRequest
+	(*StartPasskeyRegistrationRequest)(nil),       // 118: users.v1.StartPasskeyRegistrationRequest
+	(*FinishPasskeyRegistrationRequest)(nil),      // 119: users.v1.FinishPasskeyRegistrationRequest
+	(*StartPasskeySignInRequest)(nil),             // 120: users.v1.StartPasskeySignInRequest
+	(*FinishPasskeySignInRequest)(nil),            // 121: users.v1.FinishPasskeySignInRequest
+	(*ListAuthenticationFactorsRequest)(nil),      // 122: users.v1.ListAuthenticationFactorsRequest
+	(*RenamePasskeyRequest)(nil),                  // 123: users.v1.RenamePasskeyRequest
+	(*RemovePasskeyRequest)(nil),                  // 124: users.v1.RemovePasskeyRequest
+	(*ListUserAuthenticationFactorsRequest)(nil),  // 125: users.v1.ListUserAuthenticationFactorsRequest
+	(*RemoveUserPasskeyRequest)(nil),              // 126: users.v1.RemoveUserPasskeyRequest
+	(*SetUserMetadataResponse)(nil),               // 127: users.v1.SetUserMetadataResponse
+	(*GetUserMetadataResponse)(nil),               // 128: users.v1.GetUserMetadataResponse
+	(*ListUserMetadataResponse)(nil),              // 129: users.v1.ListUserMetadataResponse
+	(*DeleteUserMetadataResponse)(nil),            // 130: users.v1.DeleteUserMetadataResponse
+	(*CreateGroupResponse)(nil),                   // 131: users.v1.CreateGroupResponse
+	(*RenameGroupResponse)(nil),                   // 132: users.v1.RenameGroupResponse
+	(*DeleteGroupResponse)(nil),                   // 133: users.v1.DeleteGroupResponse
+	(*ListGroupsResponse)(nil),                    // 134: users.v1.ListGroupsResponse
+	(*AddGroupMemberResponse)(nil),                // 135: users.v1.AddGroupMemberResponse
+	(*RemoveGroupMemberResponse)(nil),             // 136: users.v1.RemoveGroupMemberResponse
+	(*ListGroupMembersResponse)(nil),              // 137: users.v1.ListGroupMembersResponse
+	(*ListUserGroupsResponse)(nil),                // 138: users.v1.ListUserGroupsResponse
+	(*StartPasskeyRegistrationResponse)(nil),      // 139: users.v1.StartPasskeyRegistrationResponse
+	(*FinishPasskeyRegistrationResponse)(nil),     // 140: users.v1.FinishPasskeyRegistrationResponse
+	(*StartPasskeySignInResponse)(nil),            // 141: users.v1.StartPasskeySignInResponse
+	(*FinishPasskeySignInResponse)(nil),           // 142: users.v1.FinishPasskeySignInResponse
+	(*ListAuthenticationFactorsResponse)(nil),     // 143: users.v1.ListAuthenticationFactorsResponse
+	(*RenamePasskeyResponse)(nil),                 // 144: users.v1.RenamePasskeyResponse
+	(*RemovePasskeyResponse)(nil),                 // 145: users.v1.RemovePasskeyResponse
+	(*ListUserAuthenticationFactorsResponse)(nil), // 146: users.v1.ListUserAuthenticationFactorsResponse
+	(*RemoveUserPasskeyResponse)(nil),             // 147: users.v1.RemoveUserPasskeyResponse
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
-	93,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
-	94,  // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
-	95,  // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
-	95,  // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
-	95,  // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
-	95,  // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
-	95,  // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
-	95,  // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
-	96,  // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	96,  // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	96,  // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	96,  // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	97,  // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
-	98,  // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
-	95,  // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
-	95,  // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
-	94,  // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
-	95,  // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
-	95,  // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
-	95,  // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
-	95,  // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
-	95,  // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
-	95,  // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
-	68,  // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
-	93,  // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
-	94,  // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
-	70,  // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
-	95,  // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
-	99,  // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
-	96,  // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
-	71,  // 30: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
-	96,  // 31: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	71,  // 32: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
-	94,  // 33: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
-	100, // 34: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
-	96,  // 35: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
-	96,  // 36: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
-	101, // 37: users.v1.ListUsersRequest.metadata:type_name -> users.v1.MetadataFilter
-	95,  // 38: users.v1.ListUsersResponse.users:type_name -> users.v1.User
-	95,  // 39: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
-	102, // 40: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
-	95,  // 41: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
-	1,   // 42: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
-	0,   // 43: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
-	96,  // 44: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
-	84,  // 45: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
-	103, // 46: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
-	0,   // 47: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
-	96,  // 48: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
-	96,  // 49: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
-	85,  // 50: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
-	90,  // 51: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
-	2,   // 52: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
-	96,  // 53: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
-	95,  // 54: users.v1.UserChange.user:type_name -> users.v1.User
-	104, // 55: users.v1.UserChange.metadata_keys:type_name -> users.v1.MetadataKey
-	95,  // 56: users.v1.SetPasswordResponse.user:type_name -> users.v1.User
-	3,   // 57: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
-	5,   // 58: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
-	7,   // 59: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
-	9,   // 60: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
-	11,  // 61: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
-	13,  // 62: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
-	15,  // 63: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
-	17,  // 64: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
-	19,  // 65: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
-	21,  // 66: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
-	23,  // 67: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
-	25,  // 68: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
-	27,  // 69: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
-	29,  // 70: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
-	31,  // 71: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
-	33,  // 72: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
-	35,  // 73: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
-	37,  // 74: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
-	39,  // 75: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
-	41,  // 76: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
-	43,  // 77: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
-	45,  // 78: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
-	47,  // 79: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
-	49,  // 80: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
-	51,  // 81: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
-	53,  // 82: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
-	55,  // 83: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
-	57,  // 84: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
-	59,  // 85: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
-	61,  // 86: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
-	63,  // 87: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
-	65,  // 88: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
-	67,  // 89: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
-	72,  // 90: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
-	74,  // 91: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
-	76,  // 92: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
-	78,  // 93: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
-	80,  // 94: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
-	82,  // 95: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
-	86,  // 96: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
-	88,  // 97: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
-	105, // 98: users.v1.UserService.SetUserMetadata:input_type -> users.v1.SetUserMetadataRequest
-	106, // 99: users.v1.UserService.GetUserMetadata:input_type -> users.v1.GetUserMetadataRequest
-	107, // 100: users.v1.UserService.ListUserMetadata:input_type -> users.v1.ListUserMetadataRequest
-	108, // 101: users.v1.UserService.DeleteUserMetadata:input_type -> users.v1.DeleteUserMetadataRequest
-	109, // 102: users.v1.UserService.CreateGroup:input_type -> users.v1.CreateGroupRequest
-	110, // 103: users.v1.UserService.RenameGroup:input_type -> users.v1.RenameGroupRequest
-	111, // 104: users.v1.UserService.DeleteGroup:input_type -> users.v1.DeleteGroupRequest
-	112, // 105: users.v1.UserService.ListGroups:input_type -> users.v1.ListGroupsRequest
-	113, // 106: users.v1.UserService.AddGroupMember:input_type -> users.v1.AddGroupMemberRequest
-	114, // 107: users.v1.UserService.RemoveGroupMember:input_type -> users.v1.RemoveGroupMemberRequest
-	115, // 108: users.v1.UserService.ListGroupMembers:input_type -> users.v1.ListGroupMembersRequest
-	116, // 109: users.v1.UserService.ListUserGroups:input_type -> users.v1.ListUserGroupsRequest
-	117, // 110: users.v1.UserService.StartPasskeyRegistration:input_type -> users.v1.StartPasskeyRegistrationRequest
-	118, // 111: users.v1.UserService.FinishPasskeyRegistration:input_type -> users.v1.FinishPasskeyRegistrationRequest
-	119, // 112: users.v1.UserService.StartPasskeySignIn:input_type -> users.v1.StartPasskeySignInRequest
-	120, // 113: users.v1.UserService.FinishPasskeySignIn:input_type -> users.v1.FinishPasskeySignInRequest
-	121, // 114: users.v1.UserService.ListAuthenticationFactors:input_type -> users.v1.ListAuthenticationFactorsRequest
-	122, // 115: users.v1.UserService.RenamePasskey:input_type -> users.v1.RenamePasskeyRequest
-	123, // 116: users.v1.UserService.RemovePasskey:input_type -> users.v1.RemovePasskeyRequest
-	124, // 117: users.v1.UserService.ListUserAuthenticationFactors:input_type -> users.v1.ListUserAuthenticationFactorsRequest
-	125, // 118: users.v1.UserService.RemoveUserPasskey:input_type -> users.v1.RemoveUserPasskeyRequest
-	91,  // 119: users.v1.UserService.SetPassword:input_type -> users.v1.SetPasswordRequest
-	4,   // 120: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	6,   // 121: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	8,   // 122: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	10,  // 123: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	12,  // 124: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	14,  // 125: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	16,  // 126: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	18,  // 127: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	20,  // 128: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	22,  // 129: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	24,  // 130: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	26,  // 131: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	28,  // 132: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	30,  // 133: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	32,  // 134: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	34,  // 135: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	36,  // 136: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	38,  // 137: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	40,  // 138: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	42,  // 139: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	44,  // 140: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	46,  // 141: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	48,  // 142: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	50,  // 143: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	52,  // 144: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	54,  // 145: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	56,  // 146: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	58,  // 147: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	60,  // 148: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	62,  // 149: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	64,  // 150: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	66,  // 151: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	69,  // 152: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	73,  // 153: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	75,  // 154: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	77,  // 155: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	79,  // 156: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	81,  // 157: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	83,  // 158: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	87,  // 159: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	89,  // 160: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
-	126, // 161: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
-	127, // 162: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
-	128, // 163: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
-	129, // 164: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
-	130, // 165: users.v1.UserService.CreateGroup:output_type -> users.v1.CreateGroupResponse
-	131, // 166: users.v1.UserService.RenameGroup:output_type -> users.v1.RenameGroupResponse
-	132, // 167: users.v1.UserService.DeleteGroup:output_type -> users.v1.DeleteGroupResponse
-	133, // 168: users.v1.UserService.ListGroups:output_type -> users.v1.ListGroupsResponse
-	134, // 169: users.v1.UserService.AddGroupMember:output_type -> users.v1.AddGroupMemberResponse
-	135, // 170: users.v1.UserService.RemoveGroupMember:output_type -> users.v1.RemoveGroupMemberResponse
-	136, // 171: users.v1.UserService.ListGroupMembers:output_type -> users.v1.ListGroupMembersResponse
-	137, // 172: users.v1.UserService.ListUserGroups:output_type -> users.v1.ListUserGroupsResponse
-	138, // 173: users.v1.UserService.StartPasskeyRegistration:output_type -> users.v1.StartPasskeyRegistrationResponse
-	139, // 174: users.v1.UserService.FinishPasskeyRegistration:output_type -> users.v1.FinishPasskeyRegistrationResponse
-	140, // 175: users.v1.UserService.StartPasskeySignIn:output_type -> users.v1.StartPasskeySignInResponse
-	141, // 176: users.v1.UserService.FinishPasskeySignIn:output_type -> users.v1.FinishPasskeySignInResponse
-	142, // 177: users.v1.UserService.ListAuthenticationFactors:output_type -> users.v1.ListAuthenticationFactorsResponse
-	143, // 178: users.v1.UserService.RenamePasskey:output_type -> users.v1.RenamePasskeyResponse
-	144, // 179: users.v1.UserService.RemovePasskey:output_type -> users.v1.RemovePasskeyResponse
-	145, // 180: users.v1.UserService.ListUserAuthenticationFactors:output_type -> users.v1.ListUserAuthenticationFactorsResponse
-	146, // 181: users.v1.UserService.RemoveUserPasskey:output_type -> users.v1.RemoveUserPasskeyResponse
-	92,  // 182: users.v1.UserService.SetPassword:output_type -> users.v1.SetPasswordResponse
-	120, // [120:183] is the sub-list for method output_type
-	57,  // [57:120] is the sub-list for method input_type
-	57,  // [57:57] is the sub-list for extension type_name
-	57,  // [57:57] is the sub-list for extension extendee
-	0,   // [0:57] is the sub-list for field type_name
+	94,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
+	95,  // 1: users.v1.CreateUserRequest.role:type_name -> users.v1.Role
+	96,  // 2: users.v1.CreateUserResponse.user:type_name -> users.v1.User
+	96,  // 3: users.v1.ActivateUserResponse.user:type_name -> users.v1.User
+	96,  // 4: users.v1.GetUserResponse.user:type_name -> users.v1.User
+	96,  // 5: users.v1.GetUserByIdentifierResponse.user:type_name -> users.v1.User
+	96,  // 6: users.v1.VerifyCredentialsResponse.user:type_name -> users.v1.User
+	96,  // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
+	97,  // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	97,  // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	97,  // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	97,  // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	98,  // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
+	99,  // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
+	96,  // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
+	96,  // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
+	95,  // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
+	96,  // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
+	96,  // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
+	96,  // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
+	96,  // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
+	96,  // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
+	96,  // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
+	69,  // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
+	94,  // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
+	95,  // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
+	71,  // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
+	96,  // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
+	100, // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
+	97,  // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
+	3,   // 30: users.v1.ServiceAccount.permissions:type_name -> users.v1.ServiceAccountPermission
+	3,   // 31: users.v1.CreateServiceAccountRequest.permissions:type_name -> users.v1.ServiceAccountPermission
+	72,  // 32: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
+	97,  // 33: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	72,  // 34: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
+	95,  // 35: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
+	101, // 36: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
+	97,  // 37: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
+	97,  // 38: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
+	102, // 39: users.v1.ListUsersRequest.metadata:type_name -> users.v1.MetadataFilter
+	96,  // 40: users.v1.ListUsersResponse.users:type_name -> users.v1.User
+	96,  // 41: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
+	103, // 42: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
+	96,  // 43: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
+	1,   // 44: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
+	0,   // 45: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
+	97,  // 46: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	85,  // 47: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
+	104, // 48: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
+	0,   // 49: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
+	97,  // 50: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
+	97,  // 51: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
+	86,  // 52: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
+	91,  // 53: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
+	2,   // 54: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
+	97,  // 55: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
+	96,  // 56: users.v1.UserChange.user:type_name -> users.v1.User
+	105, // 57: users.v1.UserChange.metadata_keys:type_name -> users.v1.MetadataKey
+	96,  // 58: users.v1.SetPasswordResponse.user:type_name -> users.v1.User
+	4,   // 59: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
+	6,   // 60: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
+	8,   // 61: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
+	10,  // 62: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
+	12,  // 63: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
+	14,  // 64: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
+	16,  // 65: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
+	18,  // 66: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
+	20,  // 67: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
+	22,  // 68: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
+	24,  // 69: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
+	26,  // 70: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
+	28,  // 71: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
+	30,  // 72: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
+	32,  // 73: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
+	34,  // 74: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
+	36,  // 75: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
+	38,  // 76: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
+	40,  // 77: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
+	42,  // 78: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
+	44,  // 79: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
+	46,  // 80: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
+	48,  // 81: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
+	50,  // 82: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
+	52,  // 83: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
+	54,  // 84: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
+	56,  // 85: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
+	58,  // 86: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
+	60,  // 87: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
+	62,  // 88: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
+	64,  // 89: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
+	66,  // 90: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
+	68,  // 91: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
+	73,  // 92: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
+	75,  // 93: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
+	77,  // 94: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
+	79,  // 95: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
+	81,  // 96: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
+	83,  // 97: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
+	87,  // 98: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
+	89,  // 99: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
+	106, // 100: users.v1.UserService.SetUserMetadata:input_type -> users.v1.SetUserMetadataRequest
+	107, // 101: users.v1.UserService.GetUserMetadata:input_type -> users.v1.GetUserMetadataRequest
+	108, // 102: users.v1.UserService.ListUserMetadata:input_type -> users.v1.ListUserMetadataRequest
+	109, // 103: users.v1.UserService.DeleteUserMetadata:input_type -> users.v1.DeleteUserMetadataRequest
+	110, // 104: users.v1.UserService.CreateGroup:input_type -> users.v1.CreateGroupRequest
+	111, // 105: users.v1.UserService.RenameGroup:input_type -> users.v1.RenameGroupRequest
+	112, // 106: users.v1.UserService.DeleteGroup:input_type -> users.v1.DeleteGroupRequest
+	113, // 107: users.v1.UserService.ListGroups:input_type -> users.v1.ListGroupsRequest
+	114, // 108: users.v1.UserService.AddGroupMember:input_type -> users.v1.AddGroupMemberRequest
+	115, // 109: users.v1.UserService.RemoveGroupMember:input_type -> users.v1.RemoveGroupMemberRequest
+	116, // 110: users.v1.UserService.ListGroupMembers:input_type -> users.v1.ListGroupMembersRequest
+	117, // 111: users.v1.UserService.ListUserGroups:input_type -> users.v1.ListUserGroupsRequest
+	118, // 112: users.v1.UserService.StartPasskeyRegistration:input_type -> users.v1.StartPasskeyRegistrationRequest
+	119, // 113: users.v1.UserService.FinishPasskeyRegistration:input_type -> users.v1.FinishPasskeyRegistrationRequest
+	120, // 114: users.v1.UserService.StartPasskeySignIn:input_type -> users.v1.StartPasskeySignInRequest
+	121, // 115: users.v1.UserService.FinishPasskeySignIn:input_type -> users.v1.FinishPasskeySignInRequest
+	122, // 116: users.v1.UserService.ListAuthenticationFactors:input_type -> users.v1.ListAuthenticationFactorsRequest
+	123, // 117: users.v1.UserService.RenamePasskey:input_type -> users.v1.RenamePasskeyRequest
+	124, // 118: users.v1.UserService.RemovePasskey:input_type -> users.v1.RemovePasskeyRequest
+	125, // 119: users.v1.UserService.ListUserAuthenticationFactors:input_type -> users.v1.ListUserAuthenticationFactorsRequest
+	126, // 120: users.v1.UserService.RemoveUserPasskey:input_type -> users.v1.RemoveUserPasskeyRequest
+	92,  // 121: users.v1.UserService.SetPassword:input_type -> users.v1.SetPasswordRequest
+	5,   // 122: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	7,   // 123: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	9,   // 124: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	11,  // 125: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	13,  // 126: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	15,  // 127: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	17,  // 128: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	19,  // 129: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	21,  // 130: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	23,  // 131: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	25,  // 132: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	27,  // 133: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	29,  // 134: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	31,  // 135: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	33,  // 136: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	35,  // 137: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	37,  // 138: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	39,  // 139: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	41,  // 140: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	43,  // 141: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	45,  // 142: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	47,  // 143: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	49,  // 144: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	51,  // 145: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	53,  // 146: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	55,  // 147: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	57,  // 148: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	59,  // 149: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	61,  // 150: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	63,  // 151: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	65,  // 152: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	67,  // 153: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	70,  // 154: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	74,  // 155: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	76,  // 156: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	78,  // 157: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	80,  // 158: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	82,  // 159: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	84,  // 160: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	88,  // 161: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	90,  // 162: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	127, // 163: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
+	128, // 164: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
+	129, // 165: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
+	130, // 166: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
+	131, // 167: users.v1.UserService.CreateGroup:output_type -> users.v1.CreateGroupResponse
+	132, // 168: users.v1.UserService.RenameGroup:output_type -> users.v1.RenameGroupResponse
+	133, // 169: users.v1.UserService.DeleteGroup:output_type -> users.v1.DeleteGroupResponse
+	134, // 170: users.v1.UserService.ListGroups:output_type -> users.v1.ListGroupsResponse
+	135, // 171: users.v1.UserService.AddGroupMember:output_type -> users.v1.AddGroupMemberResponse
+	136, // 172: users.v1.UserService.RemoveGroupMember:output_type -> users.v1.RemoveGroupMemberResponse
+	137, // 173: users.v1.UserService.ListGroupMembers:output_type -> users.v1.ListGroupMembersResponse
+	138, // 174: users.v1.UserService.ListUserGroups:output_type -> users.v1.ListUserGroupsResponse
+	139, // 175: users.v1.UserService.StartPasskeyRegistration:output_type -> users.v1.StartPasskeyRegistrationResponse
+	140, // 176: users.v1.UserService.FinishPasskeyRegistration:output_type -> users.v1.FinishPasskeyRegistrationResponse
+	141, // 177: users.v1.UserService.StartPasskeySignIn:output_type -> users.v1.StartPasskeySignInResponse
+	142, // 178: users.v1.UserService.FinishPasskeySignIn:output_type -> users.v1.FinishPasskeySignInResponse
+	143, // 179: users.v1.UserService.ListAuthenticationFactors:output_type -> users.v1.ListAuthenticationFactorsResponse
+	144, // 180: users.v1.UserService.RenamePasskey:output_type -> users.v1.RenamePasskeyResponse
+	145, // 181: users.v1.UserService.RemovePasskey:output_type -> users.v1.RemovePasskeyResponse
+	146, // 182: users.v1.UserService.ListUserAuthenticationFactors:output_type -> users.v1.ListUserAuthenticationFactorsResponse
+	147, // 183: users.v1.UserService.RemoveUserPasskey:output_type -> users.v1.RemoveUserPasskeyResponse
+	93,  // 184: users.v1.UserService.SetPassword:output_type -> users.v1.SetPasswordResponse
+	122, // [122:185] is the sub-list for method output_type
+	59,  // [59:122] is the sub-list for method input_type
+	59,  // [59:59] is the sub-list for extension type_name
+	59,  // [59:59] is the sub-list for extension extendee
+	0,   // [0:59] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_service_proto_init() }
@@ -6168,7 +6272,7 @@ func file_users_v1_user_service_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_users_v1_user_service_proto_rawDesc), len(file_users_v1_user_service_proto_rawDesc)),
-			NumEnums:      3,
+			NumEnums:      4,
 			NumMessages:   90,
 			NumExtensions: 0,
 			NumServices:   1,

@@ -169,7 +169,8 @@ type UserServiceClient interface {
 	// (an admin deleting themself too), so an access token alone cannot delete
 	// it; wrong passwords count toward the sign-in throttle. An admin deleting
 	// someone else needs none.
-	// Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+	// Callers: the user themself, an admin or a provisioning
+	// service account. Errors: INVALID_ARGUMENT (also:
 	// own account without a password), UNAUTHENTICATED (also: wrong password),
 	// PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
 	// LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -388,7 +389,7 @@ type UserServiceClient interface {
 	// password reset of the user die; sessions and tokens stay valid. To
 	// activate an account whose activation mail went to a wrong address,
 	// ResendActivationCode afterwards: the new code goes to the new address.
-	// Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
 	// PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
 	// ErrorInfo metadata names the field `email`), UNAVAILABLE.
 	SetUserEmail(ctx context.Context, in *SetUserEmailRequest, opts ...grpc.CallOption) (*SetUserEmailResponse, error)
@@ -408,7 +409,7 @@ type UserServiceClient interface {
 	// An active or locked user can no longer sign in, refresh a session, reset a
 	// password or be found by GetUserByIdentifier; every session and access
 	// token dies at once. A deactivated user stays deactivated (no change).
-	// Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
 	// PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
 	// WRONG_USER_STATE: the account is not activated yet, delete it instead),
 	// UNAVAILABLE.
@@ -416,7 +417,7 @@ type UserServiceClient interface {
 	// Reactivate a deactivated user: USER_STATE_ACTIVE
 	//
 	// The user signs in again with their password; old sessions stay dead. An
-	// active user stays active (no change). Callers: an admin. Errors:
+	// active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
 	// INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
 	// FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
 	// UnlockUser), UNAVAILABLE.
@@ -472,7 +473,7 @@ type UserServiceClient interface {
 	// purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
 	// they were accounts elsewhere, so waiting does not make them abandoned;
 	// delete the ones you no longer want.
-	// Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+	// Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
 	// 1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
 	// batch: what was created answers ALREADY_EXISTS).
 	ImportUsers(ctx context.Context, in *ImportUsersRequest, opts ...grpc.CallOption) (*ImportUsersResponse, error)
@@ -517,7 +518,7 @@ type UserServiceClient interface {
 	// a page deep in the list costs what the first one costs. A page token works
 	// only with the filters of the call that returned it. total_size counts
 	// the users matching the filters at the time of this call.
-	// Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+	// Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
 	// 1000; a page_token that is garbage, tampered with or from a call with
 	// other filters; an unknown role or state), UNAUTHENTICATED,
 	// PERMISSION_DENIED, UNAVAILABLE.
@@ -525,7 +526,8 @@ type UserServiceClient interface {
 	// Change a user's names, gender or username (AIP-134)
 	//
 	// update_mask names the fields to change: first_name, last_name, gender,
-	// username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+	// username, external_id (the paths of `user`; external_id only by an admin
+	// or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
 	// what to change, so that a field a client does not know cannot be blanked
 	// by accident. Unknown paths and fields that cannot change here (id, email:
 	// use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -534,7 +536,8 @@ type UserServiceClient interface {
 	// changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
 	// user again and retry. Without it, the change applies to the current user.
 	// Sessions and tokens stay valid.
-	// Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+	// Callers: the user themself, an admin or a provisioning
+	// service account. Errors: INVALID_ARGUMENT,
 	// UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
 	// username, compared as at registration, is taken; the ErrorInfo metadata
 	// names the field `username`), ABORTED (a stale etag; ErrorInfo reason
@@ -1548,7 +1551,8 @@ type UserServiceServer interface {
 	// (an admin deleting themself too), so an access token alone cannot delete
 	// it; wrong passwords count toward the sign-in throttle. An admin deleting
 	// someone else needs none.
-	// Callers: the user themself or an admin. Errors: INVALID_ARGUMENT (also:
+	// Callers: the user themself, an admin or a provisioning
+	// service account. Errors: INVALID_ARGUMENT (also:
 	// own account without a password), UNAUTHENTICATED (also: wrong password),
 	// PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (ErrorInfo reason
 	// LAST_ACTIVE_ADMIN: the user is the last active admin), UNAVAILABLE.
@@ -1767,7 +1771,7 @@ type UserServiceServer interface {
 	// password reset of the user die; sessions and tokens stay valid. To
 	// activate an account whose activation mail went to a wrong address,
 	// ResendActivationCode afterwards: the new code goes to the new address.
-	// Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
 	// PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the address is taken; the
 	// ErrorInfo metadata names the field `email`), UNAVAILABLE.
 	SetUserEmail(context.Context, *SetUserEmailRequest) (*SetUserEmailResponse, error)
@@ -1787,7 +1791,7 @@ type UserServiceServer interface {
 	// An active or locked user can no longer sign in, refresh a session, reset a
 	// password or be found by GetUserByIdentifier; every session and access
 	// token dies at once. A deactivated user stays deactivated (no change).
-	// Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
 	// PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (LAST_ACTIVE_ADMIN; or
 	// WRONG_USER_STATE: the account is not activated yet, delete it instead),
 	// UNAVAILABLE.
@@ -1795,7 +1799,7 @@ type UserServiceServer interface {
 	// Reactivate a deactivated user: USER_STATE_ACTIVE
 	//
 	// The user signs in again with their password; old sessions stay dead. An
-	// active user stays active (no change). Callers: an admin. Errors:
+	// active user stays active (no change). Callers: an admin or a provisioning service account. Errors:
 	// INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
 	// FAILED_PRECONDITION (WRONG_USER_STATE: not activated yet, or locked: use
 	// UnlockUser), UNAVAILABLE.
@@ -1851,7 +1855,7 @@ type UserServiceServer interface {
 	// purge of accounts never activated (USERS_UNACTIVATED_ACCOUNT_RETENTION_SECONDS):
 	// they were accounts elsewhere, so waiting does not make them abandoned;
 	// delete the ones you no longer want.
-	// Callers: an admin. Errors (for the whole call): INVALID_ARGUMENT (more than
+	// Callers: an admin or a provisioning service account. Errors (for the whole call): INVALID_ARGUMENT (more than
 	// 1000 users), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (retry the
 	// batch: what was created answers ALREADY_EXISTS).
 	ImportUsers(context.Context, *ImportUsersRequest) (*ImportUsersResponse, error)
@@ -1896,7 +1900,7 @@ type UserServiceServer interface {
 	// a page deep in the list costs what the first one costs. A page token works
 	// only with the filters of the call that returned it. total_size counts
 	// the users matching the filters at the time of this call.
-	// Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
+	// Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
 	// 1000; a page_token that is garbage, tampered with or from a call with
 	// other filters; an unknown role or state), UNAUTHENTICATED,
 	// PERMISSION_DENIED, UNAVAILABLE.
@@ -1904,7 +1908,8 @@ type UserServiceServer interface {
 	// Change a user's names, gender or username (AIP-134)
 	//
 	// update_mask names the fields to change: first_name, last_name, gender,
-	// username (the paths of `user`). An empty mask is INVALID_ARGUMENT: say
+	// username, external_id (the paths of `user`; external_id only by an admin
+	// or a provisioning service account: else PERMISSION_DENIED). An empty mask is INVALID_ARGUMENT: say
 	// what to change, so that a field a client does not know cannot be blanked
 	// by accident. Unknown paths and fields that cannot change here (id, email:
 	// use ChangeEmail or SetUserEmail, role: SetUserRole, state and the others)
@@ -1913,7 +1918,8 @@ type UserServiceServer interface {
 	// changed since (AIP-154): otherwise ABORTED, and nothing changes; read the
 	// user again and retry. Without it, the change applies to the current user.
 	// Sessions and tokens stay valid.
-	// Callers: the user themself or an admin. Errors: INVALID_ARGUMENT,
+	// Callers: the user themself, an admin or a provisioning
+	// service account. Errors: INVALID_ARGUMENT,
 	// UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS (the new
 	// username, compared as at registration, is taken; the ErrorInfo metadata
 	// names the field `username`), ABORTED (a stale etag; ErrorInfo reason
