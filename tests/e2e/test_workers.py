@@ -62,7 +62,7 @@ def _addresses(serve: ServeProcess) -> tuple[str, str]:
 
 
 def _calls_counted(http_address: str, method: str) -> float:
-    with urllib.request.urlopen(f"http://{http_address}/metrics", timeout=10) as response:  # noqa: S310
+    with urllib.request.urlopen(f"http://{http_address}/metrics", timeout=10) as response:
         body = response.read().decode()
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
