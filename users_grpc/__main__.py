@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys" and args.keys_command == "new-kek":
         print(new_key_encryption_key())
         return 0
+    status = 0
     if args.command in {"serve", "dev"} and args.workers is not None:
         os.environ["USERS_WORKERS"] = str(args.workers)  # the flag wins: what was typed last
     try:
@@ -53,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_level)
         _warn_of_unknown_variables(settings)
         if args.command == "serve":
-            return _serve(settings)
-        if args.command == "dev":
-            return _dev(_with_dev_addresses(settings, args), args.data_dir, args.db_listen)
+            status = _serve(settings)
+        elif args.command == "dev":
+            status = _dev(_with_dev_addresses(settings, args), args.data_dir, args.db_listen)
         elif args.command == "create-admin":
             user_id = _with_app(settings, lambda app: _create_admin(app, args))
             print(f"admin {args.username} created: id {user_id}")
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsersError, WorkersFailed) as error:
         print(f"users-grpc: {error}", file=sys.stderr)
         return 1
-    return 0
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -792,9 +792,7 @@ def _gauges(
     )
 
 
-async def serve(
-    settings: Settings, *, share_port: bool = False, on_serving: Callable[[], None] | None = None
-) -> None:
+async def serve(settings: Settings, *, share_port: bool = False, on_serving: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain within the configured grace period.
 
     The signals are honoured at every stage, also while start-up still waits for the database.

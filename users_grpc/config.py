@@ -103,7 +103,8 @@ class Settings:
     rate_limit_sign_in_requests: int | None = None
     rate_limit_recovery_requests: int | None = None
     rate_limit_window_seconds: int = 60
-    hash_workers: int = os.cpu_count() or 1
+    # from_env: the cores ÷ USERS_WORKERS, so 1 beside the default one worker per core.
+    hash_workers: int = 1
     hash_queue_length: int = 16
     reply_floor_seconds: float = 0.2
 
