@@ -11,7 +11,7 @@ call is user+system time from /proc, for the server and the database process apa
     .venv/bin/python -m bench --five-minutes  # the resident-memory figure after 5 minutes of mixed load
     .venv/bin/python -m bench --smoke         # seconds: checks the harness runs (the test suite does)
     .venv/bin/python -m bench --users 100000 --quick  # a few minutes, most of them seeding
-    .venv/bin/python -m bench --quick --users 1000 --workers 1,2  # the GetUser and ListUsers rows by worker count
+    .venv/bin/python -m bench --quick --users 1000 --workers 1,2,1,2  # the GetUser and ListUsers rows by worker count
 
 USERS_DEV_DB_BINARY names another harness binary (dbharness/bin/dbharness by default), to compare
 two builds of it.
@@ -668,10 +668,11 @@ def run(profile: Profile, workers: int = 1) -> str:
 
 def compare_workers(profile: Profile, counts: Sequence[int]) -> str:
     """The baseline, GetUser and ListUsers rows against one seeded database, served by each count of
-    workers in turn (``users-grpc serve --workers N``); each row's calls/s also ÷ the first count's."""
+    workers in turn (``users-grpc serve --workers N``; 1,2,1,2 interleaves them on a busy machine);
+    each row's calls/s also ÷ the first run's."""
     if not GHZ.exists():
         raise SystemExit(f"bench: {GHZ} is missing: run .ci/setup (or set USERS_BENCH_GHZ)")
-    rows: dict[int, list[Row]] = {}
+    runs: list[tuple[int, list[Row]]] = []
     with tempfile.TemporaryDirectory(prefix="users-bench-") as directory:
         bench = Bench(profile, Path(directory), workers=counts[0])
         try:
@@ -679,24 +680,24 @@ def compare_workers(profile: Profile, counts: Sequence[int]) -> str:
             for count in counts:
                 bench.start_server(workers=count)
                 bench.wait_until_serving()
-                rows[count] = _worker_rows(bench, names)
+                runs.append((count, _worker_rows(bench, names)))
                 bench.stop_server()
         finally:
             bench.close()
-    first = rows[counts[0]]
+    first = runs[0][1]
     lines = [
         f"machine: {os.cpu_count()} cores, {cpu_model()}; Python {platform.python_version()}; "
         f"load average before: {os.getloadavg()[0]:.1f}",
         f"users seeded: {len(names):,}; each cheap row {_extent(profile.cheap_calls, profile.seconds)}, "
         f"{profile.concurrency} in flight; ListUsers {profile.list_calls * 2} calls, 2 in flight",
         "",
-        "| call | workers | calls/s (÷ health) | ÷ 1st count | p50 ms | p99 ms | server CPU µs/call | "
+        "| call | workers | calls/s (÷ health) | ÷ 1st run | p50 ms | p99 ms | server CPU µs/call | "
         "database CPU µs/call | errors |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for count in counts:
-        health = rows[count][0]
-        for row, baseline in zip(rows[count], first, strict=True):
+    for count, rows in runs:
+        health = rows[0]
+        for row, baseline in zip(rows, first, strict=True):
             lines.append(
                 f"| {row.name} | {count} | {row.per_second:,.1f} ({ratio(row.per_second, health.per_second):.2f}x) "
                 f"| {ratio(row.per_second, baseline.per_second):.2f}x | {row.p50_ms:.2f} | {row.p99_ms:.2f} "
@@ -746,8 +747,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--list-calls", type=int, help="calls of each ListUsers and ListAuditEvents row (default 3)")
     parser.add_argument(
         "--workers",
-        help="the server's workers (USERS_WORKERS; default 1); several, as 1,2: only the baseline, GetUser and "
-        "ListUsers rows, for each count in turn on one seeded database, with ratios to the first",
+        help="the server's workers (USERS_WORKERS; default 1); several, as 1,2,1,2: only the baseline, GetUser "
+        "and ListUsers rows, for each count in turn on one seeded database, with ratios to the first run",
     )
     args = parser.parse_args(argv)
     profile = SMOKE if args.smoke else FULL
