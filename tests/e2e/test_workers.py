@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -121,7 +120,8 @@ def _serve(env: dict[str, str], mongodb_uri: str) -> subprocess.CompletedProcess
 def test_an_address_another_server_of_workers_holds_is_one_clear_error(
     workers: ServeProcess, mongodb_uri: str, edge: str
 ) -> None:
-    """Not a second set of workers splitting the port with the first (SO_REUSEPORT would let it)."""
+    """Not a second set of workers splitting the port with the first (SO_REUSEPORT would let it).
+    A port a lone server holds is test_operations.py's and test_observability.py's busy address."""
     grpc_address, http_address = _addresses(workers)
     taken = grpc_address if edge == "USERS_GRPC_ADDRESS" else http_address
     result = _serve({edge: taken, **({} if edge == "USERS_HTTP_ADDRESS" else {"USERS_HTTP_ADDRESS": ""})}, mongodb_uri)
@@ -132,15 +132,6 @@ def test_an_address_another_server_of_workers_holds_is_one_clear_error(
     assert "worker started" not in result.stderr
 
 
-def test_an_address_a_plain_socket_holds_is_one_clear_error(mongodb_uri: str) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as held:
-        taken = f"127.0.0.1:{held.getsockname()[1]}"
-        result = _serve({"USERS_GRPC_ADDRESS": taken}, mongodb_uri)
-    assert result.returncode == 2
-    assert result.stderr.count("cannot listen there") == 1
-    assert "Traceback" not in result.stderr
-
-
 def test_a_bad_setting_found_by_the_workers_is_said_once(mongodb_uri: str, tmp_path: Path) -> None:
     # Found only as a worker builds its server (the parent makes no gRPC object): said once, not once a worker.
     result = _serve({"USERS_KEY_ENCRYPTION_KEY": "", "USERS_MAIL_DIR": str(tmp_path)}, mongodb_uri)
@@ -148,12 +139,6 @@ def test_a_bad_setting_found_by_the_workers_is_said_once(mongodb_uri: str, tmp_p
     assert result.stderr.count("USERS_KEY_ENCRYPTION_KEY is required") == 1
     assert "users-grpc: USERS_KEY_ENCRYPTION_KEY is required" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_the_default_is_one_worker_per_core_this_process_may_use() -> None:
-    from users_grpc.workers import default_workers
-
-    assert default_workers() == len(os.sched_getaffinity(0))
 
 
 def test_sigterm_drains_every_worker_and_the_parent_exits_0(workers: ServeProcess) -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 
 import pytest
 
 from users_grpc.config import Settings
-from users_grpc.workers import MAX_FAILED_STARTS, Supervisor, WorkersFailed, _Worker
+from users_grpc.workers import MAX_FAILED_STARTS, Supervisor, WorkersFailed, _Worker, default_workers
 
 
 class DeadProcess:
@@ -62,3 +63,7 @@ def test_a_worker_that_served_is_restarted_soon_however_often_it_died_before(cap
     assert _backoffs(caplog) == [1.0, 2.0, 0.5]
     assert caplog.records[-1].signal == "SIGKILL"  # type: ignore[attr-defined]
     assert supervisor._stop_all() == 0
+
+
+def test_the_default_is_one_worker_per_core_this_process_may_use() -> None:
+    assert default_workers() == len(os.sched_getaffinity(0))
