@@ -77,7 +77,8 @@ def test_every_worker_answers_and_one_scrape_counts_the_calls_of_all(workers: Se
     calls = 0
     while len({int(r["pid"]) for r in workers.logged("rpc")}) < WORKERS:
         assert calls < 200, "only one worker answered"
-        with grpc.insecure_channel(grpc_address) as channel:
+        # A subchannel pool of its own: never the connection an earlier channel left open.
+        with grpc.insecure_channel(grpc_address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             user_service_pb2_grpc.UserServiceStub(channel).GetPublicKeys(pb.GetPublicKeysRequest(), timeout=10)
         calls += 1
     assert calls >= WORKERS
