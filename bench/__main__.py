@@ -11,6 +11,7 @@ call is user+system time from /proc, for the server and the database process apa
     .venv/bin/python -m bench --five-minutes  # the resident-memory figure after 5 minutes of mixed load
     .venv/bin/python -m bench --smoke         # seconds: checks the harness runs (the test suite does)
     .venv/bin/python -m bench --users 100000 --quick  # a few minutes, most of them seeding
+    .venv/bin/python -m bench --quick --users 1000 --workers 1,2,1,2  # the GetUser and ListUsers rows by worker count
 
 USERS_DEV_DB_BINARY names another harness binary (dbharness/bin/dbharness by default), to compare
 two builds of it.
@@ -139,6 +140,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (a server's workers, users_grpc/workers.py)."""
+    found = [pid]
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            found += process_tree(int(child))
+    return found
+
+
 def resident_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -162,7 +172,7 @@ def free_port() -> int:
 
 
 class Bench:
-    def __init__(self, profile: Profile, work: Path) -> None:
+    def __init__(self, profile: Profile, work: Path, workers: int = 1) -> None:
         self.profile = profile
         self.work = work
         self.database: DevDatabase = start_dev_database(data_dir=work / "db", binary=HARNESS)
@@ -181,7 +191,10 @@ class Bench:
             "USERS_RATE_LIMIT_REQUESTS": "1000000",
             "USERS_DB_TIMEOUT_SECONDS": "30",
             "USERS_LOG_LEVEL": "WARNING",
+            # One process unless asked (--workers): the figures above were measured so.
+            "USERS_WORKERS": str(workers),
         }
+        self.workers = workers
         self.server_log = (work / "server.log").open("w")
         self.server: subprocess.Popen[bytes] | None = None
         self.seed_seconds = 0.0
@@ -190,20 +203,27 @@ class Bench:
         self.channel = grpc.insecure_channel(self.address)
         self.stub = user_service_pb2_grpc.UserServiceStub(self.channel)
 
-    def start_server(self) -> None:
+    def start_server(self, workers: int | None = None) -> None:
+        if workers is not None:
+            self.workers = workers
+            self.env["USERS_WORKERS"] = str(workers)
         self.server = subprocess.Popen(
             [sys.executable, "-m", "users_grpc", "serve"], env=self.env, stdout=self.server_log, stderr=self.server_log
         )
 
-    def close(self) -> None:
-        self.channel.close()
+    def stop_server(self) -> None:
         if self.server is not None and self.server.poll() is None:
             self.server.terminate()
             try:
-                self.server.wait(timeout=30)
+                self.server.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.server.kill()
                 self.server.wait()
+        self.server = None
+
+    def close(self) -> None:
+        self.channel.close()
+        self.stop_server()
         self.server_log.close()
         self.database.stop()
 
@@ -214,17 +234,38 @@ class Bench:
         while True:
             if self.server.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.server.returncode}); see {self.work / 'server.log'}")
-            with contextlib.suppress(grpc.RpcError):
-                reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+            if self.workers == 1:
+                with contextlib.suppress(grpc.RpcError):
+                    reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            elif self._every_worker_serving():
+                return
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not become ready")
             time.sleep(0.1)
 
-    def usage(self) -> Usage:
+    def _every_worker_serving(self) -> bool:
+        """All workers forked, and SERVING on 8 new connections per worker in a row: the kernel
+        hands each to a worker at random, so one still starting would most likely answer one.
+        A bench's wait, not a test's: a worker that missed them all shows as errors in the rows."""
         assert self.server is not None
-        return Usage(server=cpu_seconds(self.server.pid), database=cpu_seconds(self.database.process.pid))
+        if len(process_tree(self.server.pid)) < self.workers + 1:
+            return False
+        for _ in range(8 * self.workers):
+            with grpc.insecure_channel(self.address) as channel, contextlib.suppress(grpc.RpcError):
+                health: Any = health_pb2_grpc.HealthStub(channel)
+                reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    continue
+            return False
+        return True
+
+    def usage(self) -> Usage:
+        """CPU of the server (every worker too) and of the database."""
+        assert self.server is not None
+        server = sum(cpu_seconds(pid) for pid in process_tree(self.server.pid))
+        return Usage(server=server, database=cpu_seconds(self.database.process.pid))
 
     def seed(self) -> list[str]:
         """An admin made as an operator would, then that many users copied from it, each with one
@@ -385,10 +426,10 @@ def bcrypt_seconds(rounds: int) -> float:
 
 
 @contextlib.contextmanager
-def running(profile: Profile, *, seeded: list[str] | None = None) -> Iterator[Bench]:
+def running(profile: Profile, *, seeded: list[str] | None = None, workers: int = 1) -> Iterator[Bench]:
     """The database, seeded (the names go into ``seeded``) before the server starts, and the server."""
     with tempfile.TemporaryDirectory(prefix="users-bench-") as directory:
-        bench = Bench(profile, Path(directory))
+        bench = Bench(profile, Path(directory), workers=workers)
         try:
             if seeded is not None:
                 seeded += bench.seed()
@@ -399,13 +440,13 @@ def running(profile: Profile, *, seeded: list[str] | None = None) -> Iterator[Be
             bench.close()
 
 
-def run(profile: Profile) -> str:
+def run(profile: Profile, workers: int = 1) -> str:
     if not GHZ.exists():
         raise SystemExit(f"bench: {GHZ} is missing: run .ci/setup (or set USERS_BENCH_GHZ)")
     cores = os.cpu_count() or 1
     lines: list[str] = []
     names: list[str] = []
-    with running(profile, seeded=names) as bench:
+    with running(profile, seeded=names, workers=workers) as bench:
         seeded_in = bench.seed_seconds
         assert bench.server is not None
         # The database's CPU while the server only runs its background work (the mail sender's
@@ -625,6 +666,72 @@ def run(profile: Profile) -> str:
     return "\n".join(lines)
 
 
+def compare_workers(profile: Profile, counts: Sequence[int]) -> str:
+    """The baseline, GetUser and ListUsers rows against one seeded database, served by each count of
+    workers in turn (``users-grpc serve --workers N``; 1,2,1,2 interleaves them on a busy machine);
+    each row's calls/s also ÷ the first run's."""
+    if not GHZ.exists():
+        raise SystemExit(f"bench: {GHZ} is missing: run .ci/setup (or set USERS_BENCH_GHZ)")
+    runs: list[tuple[int, list[Row]]] = []
+    with tempfile.TemporaryDirectory(prefix="users-bench-") as directory:
+        bench = Bench(profile, Path(directory), workers=counts[0])
+        try:
+            names = bench.seed()
+            for count in counts:
+                bench.start_server(workers=count)
+                bench.wait_until_serving()
+                runs.append((count, _worker_rows(bench, names)))
+                bench.stop_server()
+        finally:
+            bench.close()
+    first = runs[0][1]
+    lines = [
+        f"machine: {os.cpu_count()} cores, {cpu_model()}; Python {platform.python_version()}; "
+        f"load average before: {os.getloadavg()[0]:.1f}",
+        f"users seeded: {len(names):,}; each cheap row {_extent(profile.cheap_calls, profile.seconds)}, "
+        f"{profile.concurrency} in flight; ListUsers {profile.list_calls * 2} calls, 2 in flight",
+        "",
+        "| call | workers | calls/s (÷ health) | ÷ 1st run | p50 ms | p99 ms | server CPU µs/call | "
+        "database CPU µs/call | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for count, rows in runs:
+        health = rows[0]
+        for row, baseline in zip(rows, first, strict=True):
+            lines.append(
+                f"| {row.name} | {count} | {row.per_second:,.1f} ({ratio(row.per_second, health.per_second):.2f}x) "
+                f"| {ratio(row.per_second, baseline.per_second):.2f}x | {row.p50_ms:.2f} | {row.p99_ms:.2f} "
+                f"| {row.server_us:,.0f} | {row.database_us:,.0f} | {row.errors:,} |"
+            )
+    return "\n".join(lines)
+
+
+def _worker_rows(bench: Bench, names: list[str]) -> list[Row]:
+    profile = bench.profile
+    spread = [names[(2 * k + 1) * len(names) // (2 * profile.token_users)] for k in range(profile.token_users)]
+    signed_in = [bench.sign_in(name) for name in spread]
+    admin = bench.sign_in("admin")
+    own_data = {"id": round_robin([reply.user.id for reply in signed_in])}
+    own_metadata = {"authorization": "Bearer " + round_robin([reply.access_token for reply in signed_in])}
+    admin_metadata = {"authorization": f"Bearer {admin.access_token}"}
+    # Warm-up: connections to every worker, the first signature check of each token there.
+    bench.measure("warm-up", f"{SERVICE}.GetUser", own_data, metadata=own_metadata, seconds=1)
+    counted = {"total": profile.cheap_calls}
+    return [
+        bench.measure("health Check", "grpc.health.v1.Health.Check", {"service": ""}, **counted),
+        bench.measure("GetUser (own token)", f"{SERVICE}.GetUser", own_data, metadata=own_metadata, **counted),
+        bench.measure("GetUser (admin)", f"{SERVICE}.GetUser", own_data, metadata=admin_metadata, **counted),
+        bench.measure(
+            "ListUsers page 1",
+            f"{SERVICE}.ListUsers",
+            {"page_size": profile.page_size},
+            metadata=admin_metadata,
+            concurrency=2,  # two at once: one each, if two workers serve
+            total=profile.list_calls * 2,
+        ),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -638,6 +745,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="3 s a cheap row and 10 s of mixed load: for several runs on a busy machine",
     )
     parser.add_argument("--list-calls", type=int, help="calls of each ListUsers and ListAuditEvents row (default 3)")
+    parser.add_argument(
+        "--workers",
+        help="the server's workers (USERS_WORKERS; default 1); several, as 1,2,1,2: only the baseline, GetUser "
+        "and ListUsers rows, for each count in turn on one seeded database, with ratios to the first run",
+    )
     args = parser.parse_args(argv)
     profile = SMOKE if args.smoke else FULL
     if args.quick:
@@ -650,7 +762,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         # The deep page must exist: with fewer users it is the last full page.
         deep_page = min(profile.deep_page, args.users // profile.page_size - 1)
         profile = dataclasses.replace(profile, users=args.users, deep_page=max(deep_page, 1))
-    print(run(profile), flush=True)
+    counts = [int(count) for count in args.workers.split(",")] if args.workers else [1]
+    if len(counts) > 1:
+        print(compare_workers(profile, counts), flush=True)
+    else:
+        print(run(profile, workers=counts[0]), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from users_grpc.ops import migrations
 from users_grpc.ops.devdb import DevDatabaseError, ensure_harness, start_dev_database
 from users_grpc.ops.rewrap import RewrapReport, rewrap, start_digest_root
 from users_grpc.services.tokens import new_key_encryption_key
+from users_grpc.workers import WorkersFailed, serve_in_workers
 
 _T = TypeVar("_T")
 DEV_KEY_FILE = Path("var/key-encryption-key")
@@ -38,8 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys" and args.keys_command == "new-kek":
         print(new_key_encryption_key())
         return 0
+    status = 0
+    if args.command in {"serve", "dev"} and args.workers is not None:
+        os.environ["USERS_WORKERS"] = str(args.workers)  # the flag wins: what was typed last
     try:
         if args.command == "dev":
+            # One process locally unless asked (--workers): one stream of log lines, a debugger
+            # that stops the only server, and the embedded database runs one command at a time.
+            os.environ.setdefault("USERS_WORKERS", "1")
             os.environ.setdefault("USERS_KEY_ENCRYPTION_KEY", _dev_key_encryption_key())
             # Locally, the metrics and the key set over HTTP are on (USERS_HTTP_ADDRESS= turns them off).
             os.environ.setdefault("USERS_HTTP_ADDRESS", DEV_HTTP_ADDRESS)
@@ -47,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_level)
         _warn_of_unknown_variables(settings)
         if args.command == "serve":
-            asyncio.run(serve(settings))
+            status = _serve(settings)
         elif args.command == "dev":
-            _dev(_with_dev_addresses(settings, args), args.data_dir, args.db_listen)
+            status = _dev(_with_dev_addresses(settings, args), args.data_dir, args.db_listen)
         elif args.command == "create-admin":
             user_id = _with_app(settings, lambda app: _create_admin(app, args))
             print(f"admin {args.username} created: id {user_id}")
@@ -93,18 +100,26 @@ def main(argv: list[str] | None = None) -> int:
         details = "; ".join(f"{v.field} {v.description}" for v in error.violations)
         print(f"users-grpc: {error}: {details}", file=sys.stderr)
         return 1
-    except UsersError as error:
+    except (UsersError, WorkersFailed) as error:
         print(f"users-grpc: {error}", file=sys.stderr)
         return 1
-    return 0
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="users-grpc", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="serve on the database that USERS_MONGODB_URI names")
+    serve_command = commands.add_parser("serve", help="serve on the database that USERS_MONGODB_URI names")
+    serve_command.add_argument(
+        "--workers",
+        type=_worker_count,
+        help="processes serving the address (default: USERS_WORKERS, or one per core); docs/operations.md",
+    )
     dev = commands.add_parser("dev", help="start the embedded FerretDB (dbharness/) and serve on it")
+    dev.add_argument(
+        "--workers", type=_worker_count, help="processes serving the address (default: USERS_WORKERS, or 1)"
+    )
     dev.add_argument("--data-dir", type=Path, default=Path("var/db"), help="where FerretDB keeps its SQLite files")
     dev.add_argument(
         "--db-listen", default="127.0.0.1:27018", help="FerretDB's address, for other commands such as create-admin"
@@ -162,6 +177,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _worker_count(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 256:
+        raise argparse.ArgumentTypeError(f"{raw!r} must be a whole number from 1 to 256")
+    return int(raw)
+
+
+def _serve(settings: Settings) -> int:
+    """One server in this process, or ``settings.workers`` of them in processes of their own."""
+    if settings.workers > 1:
+        return serve_in_workers(settings)
+    asyncio.run(serve(settings))
+    return 0
+
+
 def _address(raw: str) -> str:
     try:
         return listen_address(raw)
@@ -190,12 +219,12 @@ def _version() -> str:
         return "(not installed: no version)"
 
 
-def _dev(settings: Settings, data_dir: Path, db_listen: str) -> None:
+def _dev(settings: Settings, data_dir: Path, db_listen: str) -> int:
     binary = ensure_harness(announce=lambda line: print(f"users-grpc dev: {line}", file=sys.stderr))
     database = start_dev_database(data_dir=data_dir, binary=binary, listen=db_listen)
     print(f"users-grpc dev: database at {database.uri}", file=sys.stderr)
     try:
-        asyncio.run(serve(dataclasses.replace(settings, mongodb_uri=database.uri)))
+        return _serve(dataclasses.replace(settings, mongodb_uri=database.uri))
     except ConfigError as error:
         # A port taken by another process: say which flag moves it.
         flag = next((flag for variable, flag in _DEV_FLAGS.items() if str(error).startswith(f"{variable}=")), None)

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -115,7 +115,8 @@ _SERVER_OPTIONS = [
     ("grpc.max_connection_age_ms", 30 * 60 * 1000),
     ("grpc.max_connection_age_grace_ms", 30 * 1000),
     # One process per address: with SO_REUSEPORT a second, stale instance could bind the same
-    # port and silently answer half the calls.
+    # port and silently answer half the calls. Workers share theirs (``share_port``), behind the
+    # supervisor's reservation of it, which no other server can share (users_grpc/workers.py).
     ("grpc.so_reuseport", 0),
 ]
 
@@ -318,8 +319,12 @@ async def build_app(
     mail_transport: MailTransport | None = None,
     tracer_provider: TracerProvider | None = None,
     event_listeners: Sequence[CommandListener | ConnectionPoolListener] = (),
+    share_port: bool = False,
 ) -> App:
-    """Build the server; with a ``tracer_provider``, calls and database commands are traced."""
+    """Build the server; with a ``tracer_provider``, calls and database commands are traced.
+
+    With ``share_port`` both edges listen with SO_REUSEPORT, beside the other workers of
+    ``users-grpc serve --workers N``, and /metrics shows every worker's (PROMETHEUS_MULTIPROC_DIR)."""
     keep_secrets_out_of_logs()
     clock = clock or SystemClock()
     key_encryption_key = _key_encryption_key(settings)
@@ -332,7 +337,7 @@ async def build_app(
         max_workers=settings.hash_workers, thread_name_prefix="bcrypt", initializer=yield_to_calls
     )
     # Without an HTTP address nobody can scrape metrics, so none are kept.
-    metrics = None if settings.http_address is None else Metrics()
+    metrics = None if settings.http_address is None else Metrics(shared=share_port)
     services = build_services(
         settings,
         stores,
@@ -344,7 +349,14 @@ async def build_app(
     )
     ready = asyncio.Event()
     server, interceptor, invoke = build_server(
-        settings, stores, services, clock=clock, ready=ready, metrics=metrics, tracer_provider=tracer_provider
+        settings,
+        stores,
+        services,
+        clock=clock,
+        ready=ready,
+        metrics=metrics,
+        tracer_provider=tracer_provider,
+        share_port=share_port,
     )
     # Apps served beside Connect on the HTTP edge, by path prefix (SCIM at /scim/v2), each calling
     # the RPCs through ``invoke``: the same pipeline as a gRPC call.
@@ -376,7 +388,7 @@ async def build_app(
                     shutdown_grace_seconds=settings.shutdown_grace_seconds,
                 ),
             )
-            http_port = http.bind(settings.http_address)
+            http_port = http.bind(settings.http_address, reuse_port=share_port)
     except ConfigError:
         await stores.client.close()
         executor.shutdown(wait=False)
@@ -609,6 +621,7 @@ def build_server(
     ready: asyncio.Event,
     metrics: Metrics | None,
     tracer_provider: TracerProvider | None,
+    share_port: bool = False,
 ) -> tuple[grpc.aio.Server, UserServiceInterceptor, Invoke]:
     """The gRPC server with its interceptors and the UserService (health is added by the caller), and
     the same calls for the HTTP edge: one pipeline of interceptors around one servicer."""
@@ -649,7 +662,8 @@ def build_server(
         # Inside the access interceptor: it records admitted calls, with the caller that one found.
         AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=services.audit, clock=clock),
     ]
-    server = grpc.aio.server(interceptors=pipeline, options=_SERVER_OPTIONS)
+    options = [(key, 1 if key == "grpc.so_reuseport" and share_port else value) for key, value in _SERVER_OPTIONS]
+    server = grpc.aio.server(interceptors=pipeline, options=options)
     servicer = UserServiceServicer(
         services.accounts,
         services.sessions,
@@ -778,23 +792,26 @@ def _gauges(
     )
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, share_port: bool = False, on_serving: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain within the configured grace period.
 
     The signals are honoured at every stage, also while start-up still waits for the database.
+    A worker (users_grpc/workers.py) shares its port and is told, by ``on_serving``, once it serves.
     """
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     tracer_provider = tracer_provider_from_env()
-    app = await build_app(settings, tracer_provider=tracer_provider)
+    app = await build_app(settings, tracer_provider=tracer_provider, share_port=share_port)
     starting = asyncio.create_task(app.start())
     signalled = asyncio.create_task(stopping.wait())
     try:
         await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a start-up error (such as a wrong key-encryption key) ends here
+            if on_serving is not None:
+                on_serving()
             await signalled
         else:
             starting.cancel()

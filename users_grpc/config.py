@@ -31,6 +31,13 @@ MAX_PASSWORD_HISTORY = 24
 READ_BY_COMMANDS = frozenset({"USERS_ADMIN_PASSWORD", "USERS_DEV_DB_BINARY"})
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity: a container's cpuset, taskset), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class UnknownVariable:
     """A ``USERS_*`` variable no setting reads: most likely a typo, which would otherwise leave
@@ -49,6 +56,8 @@ class Settings:
     reflection: bool = True
     shutdown_grace_seconds: float = 10.0
     shutdown_delay_seconds: float = 0.0
+    # Processes serving the one address (users_grpc/workers.py); 1 serves in this process.
+    workers: int = field(default_factory=cores)
 
     mongodb_uri: str = "mongodb://127.0.0.1:27017/"
     mongodb_database: str = "users"
@@ -94,7 +103,8 @@ class Settings:
     rate_limit_sign_in_requests: int | None = None
     rate_limit_recovery_requests: int | None = None
     rate_limit_window_seconds: int = 60
-    hash_workers: int = os.cpu_count() or 1
+    # from_env: the cores ÷ USERS_WORKERS, so 1 beside the default one worker per core.
+    hash_workers: int = 1
     hash_queue_length: int = 16
     reply_floor_seconds: float = 0.2
 
@@ -173,6 +183,7 @@ class Settings:
         env = _Reader(environ)
         defaults = cls()
         smtp_security = env.get("USERS_SMTP_SECURITY", defaults.smtp_security, _smtp_security)
+        workers = env.integer("USERS_WORKERS", defaults.workers, 1, 256)
         settings = cls(
             grpc_address=env.get("USERS_GRPC_ADDRESS", defaults.grpc_address, _host_port),
             reflection=env.get("USERS_REFLECTION", defaults.reflection, _bool),
@@ -183,6 +194,7 @@ class Settings:
             ),
             shutdown_grace_seconds=env.number("USERS_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds, 0, 300),
             shutdown_delay_seconds=env.number("USERS_SHUTDOWN_DELAY_SECONDS", defaults.shutdown_delay_seconds, 0, 300),
+            workers=workers,
             mongodb_uri=env.get("USERS_MONGODB_URI", defaults.mongodb_uri, _mongodb_uri),
             mongodb_database=env.get("USERS_MONGODB_DATABASE", defaults.mongodb_database, _database_name),
             db_timeout_seconds=env.number("USERS_DB_TIMEOUT_SECONDS", defaults.db_timeout_seconds, 0.1, 120),
@@ -235,7 +247,8 @@ class Settings:
             rate_limit_window_seconds=env.integer(
                 "USERS_RATE_LIMIT_WINDOW_SECONDS", defaults.rate_limit_window_seconds, 1, 86400
             ),
-            hash_workers=env.integer("USERS_HASH_WORKERS", defaults.hash_workers, 1, 256),
+            # The cores shared among the workers: N workers hashing on all of them would only queue.
+            hash_workers=env.integer("USERS_HASH_WORKERS", max(1, cores() // workers), 1, 256),
             hash_queue_length=env.integer("USERS_HASH_QUEUE_LENGTH", defaults.hash_queue_length, 0, 10000),
             reply_floor_seconds=env.number("USERS_REPLY_FLOOR_SECONDS", defaults.reply_floor_seconds, 0.01, 5),
             activation_code_ttl_seconds=env.integer(

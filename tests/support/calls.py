@@ -314,13 +314,16 @@ def users_grpc(*args: str, server_settings: object, **env: str) -> subprocess.Co
 
 
 class ServeProcess:
-    """``users-grpc serve`` as a process on port 0, its JSON log lines collected as they come."""
+    """``users-grpc serve`` as a process on port 0 (one worker unless ``USERS_WORKERS`` is given), its
+    JSON log lines collected as they come."""
 
     def __init__(self, **env: str) -> None:
         environment = {
             **os.environ,
             "USERS_GRPC_ADDRESS": "127.0.0.1:0",
             "USERS_KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_ENCRYPTION_KEY).decode(),
+            # One process unless a test asks for workers: each costs a start on the suite's two cores.
+            "USERS_WORKERS": "1",
             **env,
         }
         self.process = subprocess.Popen(

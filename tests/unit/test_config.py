@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -67,11 +68,21 @@ def test_settings_are_frozen() -> None:
         ("USERS_AUDIT_RETENTION_DAYS", "0"),
         ("USERS_RATE_LIMIT_SIGN_UP_REQUESTS", "0"),
         ("USERS_RATE_LIMIT_SIGN_IN_REQUESTS", "many"),
+        ("USERS_WORKERS", "0"),
+        ("USERS_WORKERS", "all"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_workers_are_one_per_core_and_share_the_cores_for_hashing() -> None:
+    """N workers each hashing on every core would only queue behind each other."""
+    everyone = len(os.sched_getaffinity(0))
+    assert (Settings.from_env({}).workers, Settings.from_env({}).hash_workers) == (everyone, 1)
+    assert Settings.from_env({"USERS_WORKERS": "1"}).hash_workers == everyone
+    assert Settings.from_env({"USERS_WORKERS": "1", "USERS_HASH_WORKERS": "3"}).hash_workers == 3
 
 
 def test_a_flow_without_a_budget_of_its_own_takes_the_shared_setting() -> None:
@@ -141,10 +152,10 @@ def test_unknown_variables_are_logged_once_each_at_start(
 ) -> None:
     from users_grpc import __main__ as cli
 
-    monkeypatch.setattr(cli, "_dev", lambda settings, data_dir, db_listen: None)
+    monkeypatch.setattr(cli, "_dev", lambda settings, data_dir, db_listen: 0)
     monkeypatch.setattr(cli, "_dev_key_encryption_key", lambda: "A" * 43)
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)
-    unset_until_the_test_ends(monkeypatch, "USERS_KEY_ENCRYPTION_KEY", "USERS_HTTP_ADDRESS")
+    unset_until_the_test_ends(monkeypatch, "USERS_KEY_ENCRYPTION_KEY", "USERS_HTTP_ADDRESS", "USERS_WORKERS")
     monkeypatch.setenv("USERS_BCRYPT_ROUND", "10")
     with caplog.at_level("WARNING", logger="users_grpc"):
         assert cli.main(["dev"]) == 0
@@ -188,11 +199,16 @@ def test_dev_serves_http_unless_told_not_to_and_serve_does_not(
     from users_grpc import __main__ as cli
 
     started: list[Settings] = []
-    monkeypatch.setattr(cli, "_dev", lambda settings, data_dir, db_listen: started.append(settings))
+
+    def dev(settings: Settings, data_dir: Path, db_listen: str) -> int:
+        started.append(settings)
+        return 0
+
+    monkeypatch.setattr(cli, "_dev", dev)
     monkeypatch.setattr(cli, "_dev_key_encryption_key", lambda: "A" * 43)
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)
     # main() sets these defaults in the process environment: put back after.
-    unset_until_the_test_ends(monkeypatch, "USERS_KEY_ENCRYPTION_KEY", "USERS_HTTP_ADDRESS")
+    unset_until_the_test_ends(monkeypatch, "USERS_KEY_ENCRYPTION_KEY", "USERS_HTTP_ADDRESS", "USERS_WORKERS")
     if given is not None:
         monkeypatch.setenv("USERS_HTTP_ADDRESS", given)
     assert cli.main(["dev"]) == 0

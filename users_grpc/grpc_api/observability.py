@@ -23,6 +23,7 @@ from typing import Any, cast
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from users_grpc.domain.model import Caller
@@ -76,11 +77,21 @@ class Gauges:
 
 
 class Metrics:
-    """One server's metrics, in a registry of its own (so servers in one process do not collide)."""
+    """One server's metrics, in a registry of its own (so servers in one process do not collide).
 
-    def __init__(self) -> None:
+    ``shared``: one worker of several (``users-grpc serve --workers N``). Its counts go to files in
+    PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode, switched on by the supervisor
+    before the worker started) and the page shows the sum over every worker, live and dead; the
+    values read at scrape time (hashing, streams, the database) are the answering worker's own.
+    """
+
+    def __init__(self, *, shared: bool = False) -> None:
+        # The page's registry; a shared worker's metrics go to files, read back by the collector.
         self.registry = CollectorRegistry()
         registry = self.registry
+        if shared:
+            MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
+            registry = CollectorRegistry()  # registered nowhere the page reads: the files are the truth
         self._calls = Counter(
             "users_grpc_calls", "UserService calls handled, by method and status code", ["method", "code"],
             registry=registry,
@@ -93,7 +104,10 @@ class Metrics:
             registry=registry,
         )
         self.in_progress = Gauge(
-            "users_grpc_calls_in_progress", "UserService unary calls in progress", registry=registry
+            "users_grpc_calls_in_progress",
+            "UserService unary calls in progress",
+            registry=registry,
+            multiprocess_mode="livesum",  # of the workers alive: a dead one's calls ended with it
         )
         self._refusals = Counter(
             "users_grpc_refusals", "Calls refused, by method and ErrorInfo reason", ["method", "reason"],

@@ -36,17 +36,20 @@ class HttpLimits:
     shutdown_grace_seconds: float
 
 
-def _listening_socket(address: str) -> socket.socket:
+def _listening_socket(address: str, *, reuse_port: bool) -> socket.socket:
     host, _, port = address.rpartition(":")
     try:
         if host in {"[::]", "::"} and socket.has_dualstack_ipv6():
             # One dual-stack socket takes IPv4 too, as gRPC does.
-            sock = socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True)
+            sock = socket.create_server(
+                ("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True, reuse_port=reuse_port
+            )
         elif host in {"[::]", "::"}:
-            sock = socket.create_server(("0.0.0.0", int(port)))  # noqa: S104 - "[::]" asks for every interface
+            # "[::]" asks for every interface
+            sock = socket.create_server(("0.0.0.0", int(port)), reuse_port=reuse_port)  # noqa: S104
         else:
             family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-            sock = socket.create_server((host.strip("[]"), int(port)), family=family)
+            sock = socket.create_server((host.strip("[]"), int(port)), family=family, reuse_port=reuse_port)
     except OSError as error:
         raise ConfigError(
             f"USERS_HTTP_ADDRESS={address}: cannot listen there ({error.strerror}); "
@@ -96,9 +99,10 @@ class HttpServer:
         self._socket: socket.socket | None = None
         self._ticking: asyncio.Task[None] | None = None
 
-    def bind(self, address: str) -> int:
-        """Listen on ``address`` (host:port) without serving yet; return the port."""
-        self._socket = _listening_socket(address)
+    def bind(self, address: str, *, reuse_port: bool = False) -> int:
+        """Listen on ``address`` (host:port) without serving yet; return the port. With ``reuse_port``
+        beside the other workers of ``users-grpc serve --workers N`` (users_grpc/workers.py)."""
+        self._socket = _listening_socket(address, reuse_port=reuse_port)
         port: int = self._socket.getsockname()[1]
         return port
 
