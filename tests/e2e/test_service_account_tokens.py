@@ -18,9 +18,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import MongoClient
 
-from tests.support.calls import create_service_account, error_info, rpc_error, signed_up, violated_fields
+from tests.support.calls import create_service_account, error_info, rpc_error, violated_fields
 from tests.support.fakes import FakeClock
-from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import service_account_token_pb2 as tpb
 from users.v1 import user_pb2
@@ -87,9 +86,9 @@ def refusal(server: RunningServer, token: str) -> tuple[grpc.StatusCode, str, st
     return error.code(), error.details() or "", error_info(error).reason
 
 
-def test_a_token_works_on_every_edge_until_revoked(start_server: StartServer, mail: MailSink) -> None:
+def test_a_token_works_on_every_edge_until_revoked(start_server: StartServer) -> None:
     server = start_server(http_address="127.0.0.1:0")
-    alice = signed_up(server, mail, "alice")
+    admin, admin_name = server.admin_id, server.admin_username
     account = create_service_account(server, "okta", [PROVISION]).service_account
     created = make_token(server, account.client_id)
     token = created.token
@@ -102,19 +101,19 @@ def test_a_token_works_on_every_edge_until_revoked(start_server: StartServer, ma
 
     # gRPC: the account's machine caller, with its provisioning permission.
     machine = server.stub_for(token)
-    assert machine.GetUserByIdentifier(pb.GetUserByIdentifierRequest(identifier="alice")).user.id == alice.user.id
-    assert [u.id for u in machine.ListUsers(pb.ListUsersRequest(prefix="alice")).users] == [alice.user.id]
+    assert machine.GetUserByIdentifier(pb.GetUserByIdentifierRequest(identifier=admin_name)).user.id == admin
+    assert [u.id for u in machine.ListUsers(pb.ListUsersRequest(prefix=admin_name)).users] == [admin]
     # Connect (JSON over HTTP) and SCIM, on the HTTP edge.
-    status, answer = connect_json(server, "ListUsers", {"prefix": "alice"}, token)
-    assert (status, [u["id"] for u in answer["users"]]) == (200, [alice.user.id])
+    status, answer = connect_json(server, "ListUsers", {"prefix": admin_name}, token)
+    assert (status, [u["id"] for u in answer["users"]]) == (200, [admin])
     assert scim_status(server, token) == 200
     # Still no admin: the access table rules it as it rules the account's IssueServiceToken tokens.
-    denied = rpc_error(machine.DeactivateUser, pb.DeactivateUserRequest(user_id=server.admin_id))
+    denied = rpc_error(machine.DeactivateUser, pb.DeactivateUserRequest(user_id=admin))
     assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
     assert rpc_error(machine.ListServiceAccounts, pb.ListServiceAccountsRequest()).code() == (
         grpc.StatusCode.PERMISSION_DENIED
     )
-    assert server.stub.GetUser(pb.GetUserRequest(id=server.admin_id)).user.state == user_pb2.USER_STATE_ACTIVE
+    assert server.stub.GetUser(pb.GetUserRequest(id=admin)).user.state == user_pb2.USER_STATE_ACTIVE
 
     # Listed with its metadata (and its use), never the token nor its secret; stored only as a digest.
     listing = server.stub.ListServiceAccountTokens(
