@@ -76,6 +76,7 @@ class ServiceAccountTokenService:
     ) -> tuple[ServiceAccountToken, str]:
         """A new token of the account, and the token itself, which is returned here once and never stored."""
         validate_user_id(service_account_id, "service_account_id")
+        # The rule of a group's name: 1 to 64 characters, stripped, no control or format characters.
         name = group_name(display_name, "display_name")
         now = self._clock.now()
         token = ServiceAccountToken(
