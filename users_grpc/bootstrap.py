@@ -93,6 +93,7 @@ from users_grpc.services.mfa import MfaService
 from users_grpc.services.passkeys import PasskeyService
 from users_grpc.services.password_policy import PasswordLifecycle, PasswordRules
 from users_grpc.services.passwords import PasswordService
+from users_grpc.services.service_account_tokens import ServiceAccountTokenService
 from users_grpc.services.service_accounts import ServiceAccountService
 from users_grpc.services.sessions import SessionService
 from users_grpc.services.throttling import Flow, PasswordThrottle, RateLimitPolicy, SourceRateLimit, ThrottlePolicy
@@ -590,6 +591,14 @@ def build_services(
             # Secrets are checked as passwords are: the same per-account-and-source delays.
             throttle=password_throttle,
             clock=clock,
+            account_tokens=ServiceAccountTokenService(
+                accounts=stores.service_accounts,
+                digests=digests,
+                clock=clock,
+                max_lifetime=timedelta(days=settings.service_account_token_max_days)
+                if settings.service_account_token_max_days
+                else None,
+            ),
         ),
         directory=DirectoryService(users=stores.users, clock=clock),
         audit=AuditLog(trail=stores.audit_trail),

@@ -143,6 +143,10 @@ class Settings:
     jwt_issuer: str = "users-grpc"
     jwt_audience: str = "users-grpc"
     access_token_ttl_seconds: int = 900
+    # The longest a service-account token (CreateServiceAccountToken) may live, and the lifetime of
+    # one made without an expire_time; 0: no maximum, and such a token never expires. GitHub's
+    # fine-grained tokens default to a year at most too: an IdP's token is rotated at least yearly.
+    service_account_token_max_days: int = 366
     session_ttl_seconds: int = 30 * 86400
     session_retention_seconds: int = 7 * 86400
     key_encryption_key: bytes | None = field(default=None, repr=False)
@@ -314,6 +318,9 @@ class Settings:
             jwt_audience=env.get("USERS_JWT_AUDIENCE", defaults.jwt_audience, str),
             access_token_ttl_seconds=env.integer(
                 "USERS_ACCESS_TOKEN_TTL_SECONDS", defaults.access_token_ttl_seconds, 60, 86400
+            ),
+            service_account_token_max_days=env.integer(
+                "USERS_SERVICE_ACCOUNT_TOKEN_MAX_DAYS", defaults.service_account_token_max_days, 0, 3660
             ),
             session_ttl_seconds=env.integer(
                 "USERS_SESSION_TTL_SECONDS", defaults.session_ttl_seconds, 300, 365 * 86400

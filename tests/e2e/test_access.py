@@ -23,6 +23,7 @@ from tests.support.servers import RunningServer, make_settings
 from users.v1 import group_pb2 as gpb
 from users.v1 import metadata_pb2, user_pb2
 from users.v1 import passkey_pb2 as pk
+from users.v1 import service_account_token_pb2 as tpb
 from users.v1 import user_service_pb2 as pb
 from users_grpc.grpc_api.access import RULES, Rule
 
@@ -113,6 +114,13 @@ REQUESTS: dict[str, Callable[[str, str], Any]] = {
     "ListUserAuthenticationFactors": lambda id_, _name: pk.ListUserAuthenticationFactorsRequest(user_id=id_),
     "RemoveUserPasskey": lambda _id, _name: pk.RemoveUserPasskeyRequest(user_id="f" * 24, passkey_id="f" * 24),
     "SetPassword": lambda _id, _name: pb.SetPasswordRequest(user_id="f" * 24),
+    "CreateServiceAccountToken": lambda _id, _name: tpb.CreateServiceAccountTokenRequest(
+        service_account_id="f" * 24, display_name="x"
+    ),
+    "ListServiceAccountTokens": lambda _id, _name: tpb.ListServiceAccountTokensRequest(service_account_id="f" * 24),
+    "RevokeServiceAccountToken": lambda _id, _name: tpb.RevokeServiceAccountTokenRequest(
+        service_account_id="f" * 24, token_id="f" * 24
+    ),
 }
 # DeleteUser and RevokeAllSessions name a user who does not exist, so that "self" calls are about
 # someone else; the self case below uses the caller's own id for them (RevokeAllSessions on a user
@@ -192,6 +200,9 @@ ADMITTED: dict[str, str] = {
     "ListUserAuthenticationFactors": "OK",
     "RemoveUserPasskey": NOT_FOUND,
     "SetPassword": NOT_FOUND,
+    "CreateServiceAccountToken": "NOT_FOUND/SERVICE_ACCOUNT_NOT_FOUND",
+    "ListServiceAccountTokens": "NOT_FOUND/SERVICE_ACCOUNT_NOT_FOUND",
+    "RevokeServiceAccountToken": "NOT_FOUND/SERVICE_ACCOUNT_TOKEN_NOT_FOUND",
 }
 # Where a caller's admitted call gets another answer than ADMITTED's.
 ADMITTED_FOR: dict[tuple[str, str], str] = {

@@ -35,6 +35,7 @@ from tests.support.pki import Pki, channel_credentials, tls_settings
 from tests.support.servers import ADMIN_PASSWORD, RunningServer, StartServer
 from users.v1 import group_pb2 as gpb
 from users.v1 import metadata_pb2 as md
+from users.v1 import service_account_token_pb2 as tpb
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -249,6 +250,19 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
     assert rpc_error(server.anonymous.IssueServiceToken, bad_secret).code() == grpc.StatusCode.UNAUTHENTICATED
     machine = server.stub_for(issued.access_token)
     machine.VerifyCredentials(pb.VerifyCredentialsRequest(identifier="jane", password=THIRD_PASSWORD))
+    # A long-lived token of the account: made, used (the same actor), refused once revoked.
+    made = server.stub.CreateServiceAccountToken(
+        tpb.CreateServiceAccountTokenRequest(service_account_id=client_id, display_name="scim")
+    )
+    token_id = made.service_account_token.id
+    secrets += [made.token, made.token[-43:]]
+    long_lived = server.stub_for(made.token)
+    long_lived.VerifyCredentials(pb.VerifyCredentialsRequest(identifier="jane", password=THIRD_PASSWORD))
+    server.stub.RevokeServiceAccountToken(
+        tpb.RevokeServiceAccountTokenRequest(service_account_id=client_id, token_id=token_id)
+    )
+    refused_token = pb.GetUserByIdentifierRequest(identifier="jane")
+    assert rpc_error(long_lived.GetUserByIdentifier, refused_token).code() == grpc.StatusCode.UNAUTHENTICATED
     server.stub.DeleteServiceAccount(pb.DeleteServiceAccountRequest(client_id=client_id))
 
     # Groups: created, renamed, jane added and removed, deleted.
@@ -304,6 +318,8 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
         (pb.AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE, anonymous, client_id, {}),
         (pb.AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE, anonymous, client_id, {"status": UNAUTHENTICATED}),
         (pb.AUDIT_EVENT_TYPE_CREDENTIALS_CHECK, (SERVICE_ACCOUNT, client_id), jane, {}),
+        (pb.AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE, admin, client_id, {"reason": f"token {token_id}"}),
+        (pb.AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE, admin, client_id, {"reason": f"token {token_id}"}),
         (pb.AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE, admin, client_id, {}),
         (pb.AUDIT_EVENT_TYPE_GROUP_CREATE, admin, group, {}),
         (pb.AUDIT_EVENT_TYPE_GROUP_RENAME, admin, group, {}),
@@ -314,6 +330,9 @@ def test_every_event_kind_is_recorded_with_its_actor_and_subject_and_no_secret(
     ]
     for type_, actor, subject, more in expected:
         assert has(events, type_, actor=actor, subject=subject, **more), (T.Name(type_), actor, subject, more)
+    # Both of the account's tokens (IssueServiceToken's and the long-lived one) act as the account.
+    by_account = [e for e in events if (e.actor.kind, e.actor.id) == (SERVICE_ACCOUNT, client_id)]
+    assert [e.type for e in by_account] == [pb.AUDIT_EVENT_TYPE_CREDENTIALS_CHECK] * 2
     # Every event names where it came from; a failure names its ErrorInfo reason.
     assert all(e.actor.source_address == "127.0.0.1" for e in events)
     refused = next(e for e in events if e.type == pb.AUDIT_EVENT_TYPE_ROLE_CHANGE and e.status_code)

@@ -96,6 +96,9 @@ SAMPLES: dict[str, Subject] = {
     "ListUserAuthenticationFactors": "self",
     "RemoveUserPasskey": "ghost",
     "SetPassword": "ghost",
+    "CreateServiceAccountToken": "none",
+    "ListServiceAccountTokens": "none",
+    "RevokeServiceAccountToken": "none",
 }
 # Served over gRPC only: invoke is unary (the HTTP edge answers UNIMPLEMENTED).
 STREAMS = {"WatchUserChanges"}

@@ -33,6 +33,7 @@ from tests.support.calls import (
 from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink
 from tests.support.servers import ADMIN_PASSWORD, BearerToken, RunningServer, StartServer
+from users.v1 import service_account_token_pb2 as tpb
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
 from users_grpc.services.changes import cursor_of
@@ -481,6 +482,25 @@ def test_a_service_accounts_stream_ends_once_the_account_is_deleted(server: Runn
 
     def revoke() -> Stub:
         server.stub.DeleteServiceAccount(pb.DeleteServiceAccountRequest(client_id=client_id))
+        return server.stub
+
+    try:
+        assert_ends_before_the_next_change(stream, server, revoke)
+    finally:
+        stream.cancel()
+
+
+def test_a_service_account_tokens_stream_ends_once_the_token_is_revoked(server: RunningServer) -> None:
+    client_id = create_service_account(server, "scim").service_account.client_id
+    made = server.stub.CreateServiceAccountToken(
+        tpb.CreateServiceAccountTokenRequest(service_account_id=client_id, display_name="okta")
+    )
+    stream = server.stub_for(made.token).WatchUserChanges(pb.WatchUserChangesRequest(), timeout=30)
+
+    def revoke() -> Stub:
+        server.stub.RevokeServiceAccountToken(
+            tpb.RevokeServiceAccountTokenRequest(service_account_id=client_id, token_id=made.service_account_token.id)
+        )
         return server.stub
 
     try:

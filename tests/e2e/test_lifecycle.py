@@ -26,6 +26,7 @@ from tests.support.servers import RunningServer, StartServer
 from users.v1 import group_pb2 as gpb
 from users.v1 import metadata_pb2 as md
 from users.v1 import passkey_pb2 as pk
+from users.v1 import service_account_token_pb2 as tpb
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -263,6 +264,22 @@ BAD_INPUT = [
     ("RemovePasskey", pk.RemovePasskeyRequest(user_id=SELF, passkey_id="x"), "passkey_id"),
     ("ListUserAuthenticationFactors", pk.ListUserAuthenticationFactorsRequest(user_id="nope"), "user_id"),
     ("RemoveUserPasskey", pk.RemoveUserPasskeyRequest(user_id="f" * 24, passkey_id="x"), "passkey_id"),
+    (
+        "CreateServiceAccountToken",
+        tpb.CreateServiceAccountTokenRequest(service_account_id="nope", display_name="x"),
+        "service_account_id",
+    ),
+    (
+        "CreateServiceAccountToken",
+        tpb.CreateServiceAccountTokenRequest(service_account_id="f" * 24, display_name=""),
+        "display_name",
+    ),
+    ("ListServiceAccountTokens", tpb.ListServiceAccountTokensRequest(service_account_id="nope"), "service_account_id"),
+    (
+        "RevokeServiceAccountToken",
+        tpb.RevokeServiceAccountTokenRequest(service_account_id="f" * 24, token_id="nope"),
+        "token_id",
+    ),
 ]
 # With a malformed user id nobody is "themself": those calls are PERMISSION_DENIED before any check.
 NO_SELF_INPUT = {"GetMfaQrCode", "RegenerateRecoveryCodes"}

@@ -10,6 +10,7 @@ flow through the main calls first.
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from tests.support.calls import PASSWORD, create_request
@@ -18,6 +19,7 @@ from tests.support.mail import MailSink
 from tests.support.servers import RunningServer
 from users.v1 import group_pb2 as gpb
 from users.v1 import metadata_pb2 as md
+from users.v1 import service_account_token_pb2 as tpb
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -78,6 +80,21 @@ def test_a_flow_through_the_main_calls(server: RunningServer, mail: MailSink) ->
     server.call(server.app.services.groups.sweep_deleted())
     kept = server.stub.CreateGroup(gpb.CreateGroupRequest(name="kept")).group
     server.stub.AddGroupMember(gpb.AddGroupMemberRequest(group_id=kept.id, user_id=jane.user.id))
+    # A service account's long-lived token: made, used, listed, revoked, refused; the account deleted.
+    account = server.stub.CreateServiceAccount(pb.CreateServiceAccountRequest(name="scim")).service_account
+    made = server.stub.CreateServiceAccountToken(
+        tpb.CreateServiceAccountTokenRequest(service_account_id=account.client_id, display_name="okta")
+    )
+    server.stub_for(made.token).GetUser(pb.GetUserRequest(id=jane.user.id))
+    server.stub.ListServiceAccountTokens(tpb.ListServiceAccountTokensRequest(service_account_id=account.client_id))
+    server.stub.RevokeServiceAccountToken(
+        tpb.RevokeServiceAccountTokenRequest(
+            service_account_id=account.client_id, token_id=made.service_account_token.id
+        )
+    )
+    with pytest.raises(grpc.RpcError):
+        server.stub_for(made.token).GetUser(pb.GetUserRequest(id=jane.user.id))
+    server.stub.DeleteServiceAccount(pb.DeleteServiceAccountRequest(client_id=account.client_id))
     server.stub.DeleteUserByIdentifier(pb.DeleteUserByIdentifierRequest(identifier="jane"))
 
 

@@ -15,6 +15,7 @@ from scim2_tester import Status, check_server
 
 from tests.support.calls import create_service_account, issue_service_token
 from tests.support.servers import RunningServer, StartServer
+from users.v1 import service_account_token_pb2 as tpb
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -37,10 +38,20 @@ def scim_client(server: RunningServer, token: str) -> httpx2.Client:
     return httpx2.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
 
+def long_lived_token(server: RunningServer, *permissions: pb.ServiceAccountPermission.ValueType) -> str:
+    """A service-account token (usat_...), as docs/scim.md has an IdP configured with."""
+    account = create_service_account(server, f"idp-{uuid.uuid4().hex[:8]}", permissions)
+    request = tpb.CreateServiceAccountTokenRequest(
+        service_account_id=account.service_account.client_id, display_name="scim"
+    )
+    return server.stub.CreateServiceAccountToken(request).token
+
+
 @pytest.fixture
 def scim(server: RunningServer) -> Iterator[httpx2.Client]:
-    """A client of the server's own HTTP edge, at /scim/v2, as an IdP: a provisioning service account's token."""
-    with scim_client(server, service_token(server, pb.SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS)) as client:
+    """A client of the server's own HTTP edge, at /scim/v2, as an IdP: a provisioning service
+    account's long-lived token (IssueServiceToken's work the same: the refusal test uses one)."""
+    with scim_client(server, long_lived_token(server, pb.SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS)) as client:
         yield client
 
 

@@ -22,6 +22,7 @@ from users_grpc.domain.model import (
     PasswordHistory,
     PasswordScheme,
     Role,
+    ServiceAccount,
     Session,
     StoredKey,
     Tally,
@@ -29,6 +30,7 @@ from users_grpc.domain.model import (
     UserState,
 )
 from users_grpc.domain.rules import identifier_key
+from users_grpc.domain.service_account_tokens import ServiceAccountToken, TokenHolder
 
 
 class FakeClock:
@@ -593,3 +595,49 @@ def _counted_send(
     if old.sends_in_window >= max_sends:
         return None
     return dataclasses.replace(code, sends_in_window=old.sends_in_window + 1, window_started_at=old.window_started_at)
+
+
+class FakeServiceAccountTokens:
+    """The token half of adapters/mongo/service_accounts.py: accounts by client id, each with its tokens."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, ServiceAccount] = {}
+        self.records: dict[str, dict[str, tuple[ServiceAccountToken, str]]] = {}
+        self.uses = 0
+        self._ids = itertools.count(1)
+
+    def add_account(self, account: ServiceAccount) -> None:
+        self.accounts[account.client_id] = account
+        self.records[account.client_id] = {}
+
+    def new_id(self) -> str:
+        return f"{next(self._ids):024x}"
+
+    async def add_token(self, token: ServiceAccountToken, digest: str, limit: int) -> bool:
+        records = self.records.get(token.service_account_id)
+        if records is None or len(records) >= limit:
+            return False
+        records[token.id] = (token, digest)
+        return True
+
+    async def get(self, client_id: str) -> ServiceAccount | None:
+        return self.accounts.get(client_id)
+
+    async def tokens(self, client_id: str) -> list[ServiceAccountToken] | None:
+        records = self.records.get(client_id)
+        return None if records is None else [token for token, _ in records.values()]
+
+    async def token_holder(self, client_id: str, token_id: str) -> TokenHolder | None:
+        account = self.accounts.get(client_id)
+        if account is None:
+            return None
+        token, digest = self.records[client_id].get(token_id, (None, None))
+        return TokenHolder(account=account, token=token, digest=digest)
+
+    async def revoke_token(self, client_id: str, token_id: str) -> bool:
+        return self.records.get(client_id, {}).pop(token_id, None) is not None
+
+    async def record_token_use(self, client_id: str, token_id: str, now: datetime) -> None:
+        self.uses += 1
+        token, digest = self.records[client_id][token_id]
+        self.records[client_id][token_id] = (dataclasses.replace(token, last_used_at=now), digest)

@@ -86,6 +86,7 @@ def test_the_contract_has_the_numbers_the_cases_cover() -> None:
         "ListGroups.page_size",
         "ListGroupMembers.page_size",
         "ListUserGroups.page_size",
+        "CreateServiceAccountToken.expire_time",
     }
 
 

@@ -510,6 +510,8 @@ class AuditEventType(enum.Enum):
     PASSKEY_RENAME = "passkey_rename"
     PASSKEY_REMOVE = "passkey_remove"
     PASSWORD_SET = "password_set"  # noqa: S105  # an event name
+    SERVICE_ACCOUNT_TOKEN_CREATE = "service_account_token_create"  # noqa: S105  # an event name
+    SERVICE_ACCOUNT_TOKEN_REVOKE = "service_account_token_revoke"  # noqa: S105  # an event name
 
 
 class ActorKind(enum.Enum):

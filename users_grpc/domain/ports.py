@@ -47,6 +47,7 @@ from users_grpc.domain.passkeys import (
     StoredPasskey,
     VerifiedAssertion,
 )
+from users_grpc.domain.service_account_tokens import ServiceAccountToken, TokenHolder
 
 
 class UserRepository(Protocol):
@@ -346,6 +347,7 @@ DigestPurpose = Literal[
     "email-change-code",
     "service-account-secret",
     "passkey-decoy",
+    "service-account-token",
 ]
 
 
@@ -407,6 +409,29 @@ class ServiceAccountRepository(Protocol):
         """Up to ``limit`` accounts in client-id order (oldest first), after ``client_id`` if given."""
 
     async def delete(self, client_id: str) -> bool: ...
+
+
+class ServiceAccountTokenRepository(Protocol):
+    """The tokens of service accounts, kept inside each account (adapters/mongo/service_accounts.py)."""
+
+    def new_id(self) -> str: ...
+
+    async def add_token(self, token: ServiceAccountToken, digest: str, limit: int) -> bool:
+        """Store the token in its account; False if there is no such account or it holds ``limit`` tokens."""
+
+    async def get(self, client_id: str) -> ServiceAccount | None: ...
+
+    async def tokens(self, client_id: str) -> list[ServiceAccountToken] | None:
+        """The account's tokens, oldest first; None if there is no such account."""
+
+    async def token_holder(self, client_id: str, token_id: str) -> TokenHolder | None:
+        """The account with that one token's record (one read by ``_id``); None if there is no such account."""
+
+    async def revoke_token(self, client_id: str, token_id: str) -> bool:
+        """Remove the token; False if the account holds no token of that id."""
+
+    async def record_token_use(self, client_id: str, token_id: str, now: datetime) -> None:
+        """Set the token's last use to ``now``, if the token is still there."""
 
 
 class Clock(Protocol):

@@ -98,6 +98,9 @@ RULES: Mapping[str, Rule] = {
     "ListUserAuthenticationFactors": Rule.ADMIN,
     "RemoveUserPasskey": Rule.ADMIN,
     "SetPassword": Rule.ADMIN,
+    "CreateServiceAccountToken": Rule.ADMIN,
+    "ListServiceAccountTokens": Rule.ADMIN,
+    "RevokeServiceAccountToken": Rule.ADMIN,
 }
 
 # What a password-change token (Authenticate's PasswordChangeRequired) admits, whatever the rules

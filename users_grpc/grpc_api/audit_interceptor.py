@@ -69,6 +69,15 @@ def _created_service_account(_request: Any, response: Any) -> str:
     return "" if response is None else str(response.service_account.client_id)
 
 
+def _created_token(_request: Any, response: Any) -> str:
+    # The token's id, never the token: the id is the part a list shows.
+    return "" if response is None else f"token {response.service_account_token.id}"
+
+
+def _token_named(request: Any, _response: Any) -> str:
+    return f"token {request.token_id}" if rules.is_id(request.token_id) else ""
+
+
 def _reset_token_user(request: Any, _response: Any) -> str:
     # A reset token is "<user id>.<secret>": the id part names the user and is no secret; the
     # rest is never read here.
@@ -201,6 +210,12 @@ AUDITED: Mapping[str, Audited] = {
     "ImportUsers": Audited(AuditEventType.USERS_IMPORT, note=_import_counts, granted_admins=_imported_admins),
     "CreateServiceAccount": Audited(AuditEventType.SERVICE_ACCOUNT_CREATE, _created_service_account),
     "DeleteServiceAccount": Audited(AuditEventType.SERVICE_ACCOUNT_DELETE, _id_in_request("client_id")),
+    "CreateServiceAccountToken": Audited(
+        AuditEventType.SERVICE_ACCOUNT_TOKEN_CREATE, _id_in_request("service_account_id"), note=_created_token
+    ),
+    "RevokeServiceAccountToken": Audited(
+        AuditEventType.SERVICE_ACCOUNT_TOKEN_REVOKE, _id_in_request("service_account_id"), note=_token_named
+    ),
     "RevokeAllSessions": Audited(AuditEventType.SESSIONS_REVOKE, _USER_ID),
     "UpdateUser": Audited(AuditEventType.PROFILE_UPDATE, _USER_ID, note=_fields_updated),
     "SetUserMetadata": Audited(AuditEventType.METADATA_SET, _USER_ID, note=_metadata_key),

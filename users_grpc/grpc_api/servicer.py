@@ -42,6 +42,7 @@ from users_grpc.grpc_api.convert import (
     with_tokens,
 )
 from users_grpc.grpc_api.groups_servicer import GroupRpcs
+from users_grpc.grpc_api.service_account_tokens_servicer import ServiceAccountTokenRpcs
 from users_grpc.grpc_api.status import to_rpc_status
 from users_grpc.services.accounts import AccountService
 from users_grpc.services.admin import AdminService
@@ -60,7 +61,7 @@ from users_grpc.services.sessions import SessionService
 Context = grpc.aio.ServicerContext[object, object]
 
 
-class UserServiceServicer(GroupRpcs, user_service_pb2_grpc.UserServiceServicer):
+class UserServiceServicer(GroupRpcs, ServiceAccountTokenRpcs, user_service_pb2_grpc.UserServiceServicer):
     def __init__(
         self,
         service: AccountService,

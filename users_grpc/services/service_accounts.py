@@ -8,6 +8,10 @@ digest of it (no slow hash is needed against guessing); wrong secrets are thrott
 passwords are. Every call with such a token reads the account again, by id (and every open
 stream, at each poll): deleting the account ends its tokens, and its streams, at once. Nothing
 else revokes an account's token before its expiry, but retiring the key that signed it.
+
+An account's long-lived tokens (``usat_...``, services/service_account_tokens.py) are checked
+there; :meth:`ServiceAccountService.caller_of` hands them over, so that both kinds of bearer reach
+the access table as the same caller.
 """
 
 from __future__ import annotations
@@ -15,14 +19,19 @@ from __future__ import annotations
 import logging
 import secrets
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from users_grpc.domain import rules
 from users_grpc.domain.errors import FieldViolation, InvalidArgument, InvalidCredentials, NotFound, Unauthenticated
 from users_grpc.domain.model import Caller, ServiceAccount, ServiceAccountPermission
 from users_grpc.domain.ports import Clock, SecretDigests, ServiceAccountRepository
+from users_grpc.domain.service_account_tokens import looks_like_token
 from users_grpc.services.paging import PageTokens
 from users_grpc.services.throttling import PasswordThrottle
 from users_grpc.services.tokens import AccessTokens
+
+if TYPE_CHECKING:
+    from users_grpc.services.service_account_tokens import ServiceAccountTokenService
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +58,11 @@ class ServiceAccountService:
         digests: SecretDigests,
         throttle: PasswordThrottle,
         clock: Clock,
+        account_tokens: ServiceAccountTokenService | None = None,
     ) -> None:
         self._accounts = accounts
+        # The long-lived tokens' service: the servicer's token RPCs use it too.
+        self.account_tokens = account_tokens
         self._tokens = tokens
         self._digests = digests
         self._throttle = throttle
@@ -105,15 +117,15 @@ class ServiceAccountService:
 
     async def caller_of(self, access_token: str) -> Caller:
         """The machine caller a service-account token speaks for, if the account still exists."""
+        if looks_like_token(access_token):
+            if self.account_tokens is None:
+                raise Unauthenticated("invalid access token")
+            return await self.account_tokens.caller_of(access_token)
         client_id = await self._tokens.verify_service(access_token)
         account = await self._accounts.get(client_id)
         if account is None:
             raise Unauthenticated("access token revoked")
-        return Caller(
-            machine=rules.service_account_machine(account.name),
-            service_account_id=client_id,
-            permissions=account.permissions,
-        )
+        return machine_caller(account)
 
     async def list(self, page_size: int, page_token: str) -> tuple[list[ServiceAccount], str]:
         """A page of accounts, oldest first, and the token of the next page ("" after the last)."""
@@ -134,3 +146,13 @@ class ServiceAccountService:
 
     def _digest(self, client_id: str, secret: str) -> str:
         return self._digests.digest("service-account-secret", client_id, secret)
+
+
+def machine_caller(account: ServiceAccount) -> Caller:
+    """Who a token of ``account`` speaks for, whichever kind of token: its machine caller, with the
+    permissions as just read."""
+    return Caller(
+        machine=rules.service_account_machine(account.name),
+        service_account_id=account.client_id,
+        permissions=account.permissions,
+    )

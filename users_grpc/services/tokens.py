@@ -34,6 +34,7 @@ from users_grpc.domain.errors import ConfigError, Unauthenticated
 from users_grpc.domain.model import AccessClaims, Role, StoredKey, User
 from users_grpc.domain.ports import Clock, KeyStore
 from users_grpc.domain.rules import is_id
+from users_grpc.domain.service_account_tokens import looks_like_token
 
 log = logging.getLogger(__name__)
 
@@ -383,8 +384,11 @@ def is_service_token(token: str) -> bool:
     """Whether ``token`` claims to be a service account's: only to choose how to verify it.
 
     Read without checking the signature; :meth:`AccessTokens.verify_service` then checks all,
-    and :meth:`AccessTokens.verify` refuses such a token for a user's.
+    and :meth:`AccessTokens.verify` refuses such a token for a user's. A long-lived token
+    (``usat_...``, services/service_account_tokens.py) is one too, by its prefix.
     """
+    if looks_like_token(token):
+        return True
     subject = _unverified_payload(token).get("sub")
     return isinstance(subject, str) and subject.startswith(SERVICE_ACCOUNT_SUBJECT_PREFIX)
 

@@ -10,6 +10,7 @@ import { UserService } from "./gen/users/v1/user_service_pb.js";
 
 export * from "./gen/users/v1/error_reason_pb.js";
 export * from "./gen/users/v1/group_pb.js";
+export * from "./gen/users/v1/service_account_token_pb.js";
 export * from "./gen/users/v1/session_pb.js";
 export * from "./gen/users/v1/user_pb.js";
 export * from "./gen/users/v1/user_service_pb.js";

@@ -164,6 +164,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """PERMISSION_DENIED: a password-change token (PasswordChangeRequired) was used for anything
     but ChangePassword.
     """
+    ERROR_REASON_SERVICE_ACCOUNT_TOKEN_NOT_FOUND: _ErrorReason.ValueType  # 70
+    """Service-account tokens (CreateServiceAccountToken).
+    NOT_FOUND: the service account has no token with this id (or there is no such account).
+    """
+    ERROR_REASON_SERVICE_ACCOUNT_TOKEN_LIMIT: _ErrorReason.ValueType  # 71
+    """FAILED_PRECONDITION: the service account holds its maximum of tokens (10, expired ones
+    included): revoke one first.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every `reason` this service puts in the google.rpc.ErrorInfo detail of a refused call
@@ -321,5 +329,13 @@ answering nonsense) and USERS_BREACHED_PASSWORD_FAIL_CLOSED is on; safe to retry
 ERROR_REASON_PASSWORD_CHANGE_ONLY: ErrorReason.ValueType  # 55
 """PERMISSION_DENIED: a password-change token (PasswordChangeRequired) was used for anything
 but ChangePassword.
+"""
+ERROR_REASON_SERVICE_ACCOUNT_TOKEN_NOT_FOUND: ErrorReason.ValueType  # 70
+"""Service-account tokens (CreateServiceAccountToken).
+NOT_FOUND: the service account has no token with this id (or there is no such account).
+"""
+ERROR_REASON_SERVICE_ACCOUNT_TOKEN_LIMIT: ErrorReason.ValueType  # 71
+"""FAILED_PRECONDITION: the service account holds its maximum of tokens (10, expired ones
+included): revoke one first.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

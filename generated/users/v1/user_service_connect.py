@@ -23,6 +23,7 @@ from pyqwest import Client, SyncClient
 from users.v1.group_pb2 import AddGroupMemberRequest, AddGroupMemberResponse, CreateGroupRequest, CreateGroupResponse, DeleteGroupRequest, DeleteGroupResponse, ListGroupMembersRequest, ListGroupMembersResponse, ListGroupsRequest, ListGroupsResponse, ListUserGroupsRequest, ListUserGroupsResponse, RemoveGroupMemberRequest, RemoveGroupMemberResponse, RenameGroupRequest, RenameGroupResponse
 from users.v1.metadata_pb2 import DeleteUserMetadataRequest, DeleteUserMetadataResponse, GetUserMetadataRequest, GetUserMetadataResponse, ListUserMetadataRequest, ListUserMetadataResponse, SetUserMetadataRequest, SetUserMetadataResponse
 from users.v1.passkey_pb2 import FinishPasskeyRegistrationRequest, FinishPasskeyRegistrationResponse, FinishPasskeySignInRequest, FinishPasskeySignInResponse, ListAuthenticationFactorsRequest, ListAuthenticationFactorsResponse, ListUserAuthenticationFactorsRequest, ListUserAuthenticationFactorsResponse, RemovePasskeyRequest, RemovePasskeyResponse, RemoveUserPasskeyRequest, RemoveUserPasskeyResponse, RenamePasskeyRequest, RenamePasskeyResponse, StartPasskeyRegistrationRequest, StartPasskeyRegistrationResponse, StartPasskeySignInRequest, StartPasskeySignInResponse
+from users.v1.service_account_token_pb2 import CreateServiceAccountTokenRequest, CreateServiceAccountTokenResponse, ListServiceAccountTokensRequest, ListServiceAccountTokensResponse, RevokeServiceAccountTokenRequest, RevokeServiceAccountTokenResponse
 
 from .user_service_pb2 import ActivateUserRequest, ActivateUserResponse, AuthenticateRequest, AuthenticateResponse, ChangeEmailRequest, ChangeEmailResponse, ChangePasswordRequest, ChangePasswordResponse, ConfirmEmailChangeRequest, ConfirmEmailChangeResponse, ConfirmMfaRequest, ConfirmMfaResponse, CreateServiceAccountRequest, CreateServiceAccountResponse, CreateUserRequest, CreateUserResponse, DeactivateUserRequest, DeactivateUserResponse, DeleteServiceAccountRequest, DeleteServiceAccountResponse, DeleteUserByIdentifierRequest, DeleteUserByIdentifierResponse, DeleteUserRequest, DeleteUserResponse, DisableMfaRequest, DisableMfaResponse, EnableMfaRequest, EnableMfaResponse, ForgotPasswordRequest, ForgotPasswordResponse, GetMfaQrCodeRequest, GetMfaQrCodeResponse, GetPublicKeysRequest, GetPublicKeysResponse, GetUserByIdentifierRequest, GetUserByIdentifierResponse, GetUserRequest, GetUserResponse, ImportUsersRequest, ImportUsersResponse, IssueServiceTokenRequest, IssueServiceTokenResponse, ListAuditEventsRequest, ListAuditEventsResponse, ListServiceAccountsRequest, ListServiceAccountsResponse, ListSessionsRequest, ListSessionsResponse, ListUsersRequest, ListUsersResponse, LockUserRequest, LockUserResponse, ReactivateUserRequest, ReactivateUserResponse, RefreshSessionRequest, RefreshSessionResponse, RegenerateRecoveryCodesRequest, RegenerateRecoveryCodesResponse, ResendActivationCodeRequest, ResendActivationCodeResponse, ResetPasswordRequest, ResetPasswordResponse, ResetUserMfaRequest, ResetUserMfaResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeSessionRequest, RevokeSessionResponse, SetPasswordRequest, SetPasswordResponse, SetUserEmailRequest, SetUserEmailResponse, SetUserRoleRequest, SetUserRoleResponse, UnlockUserRequest, UnlockUserResponse, UpdateUserRequest, UpdateUserResponse, ValidateTokenRequest, ValidateTokenResponse, VerifyCredentialsRequest, VerifyCredentialsResponse, WatchUserChangesRequest, WatchUserChangesResponse
 
@@ -60,8 +61,9 @@ class UserService(Protocol):
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
     other SANs never count), or that presents `authorization: Bearer <token>`
-    with a service account's token from IssueServiceToken. A missing or invalid credential is
-    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+    with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+    A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+    does not admit is PERMISSION_DENIED.
 
     Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
     whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -1021,6 +1023,43 @@ class UserService(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    async def create_service_account_token(self, request: CreateServiceAccountTokenRequest, ctx: RequestContext[CreateServiceAccountTokenRequest, CreateServiceAccountTokenResponse], /) -> CreateServiceAccountTokenResponse:
+        """
+        Create a long-lived token for a service account; the token is returned only here
+
+        For a caller that holds one static credential for months, such as an identity provider's
+        SCIM connection (Okta's and Entra ID's "secret token"), where IssueServiceToken's tokens
+        would expire within USERS_ACCESS_TOKEN_TTL_SECONDS. Sent as `authorization: Bearer usat_...`
+        on every edge (gRPC, Connect, SCIM), its holder is the account's machine caller, with the
+        account's permissions, as with an IssueServiceToken token. The service keeps only a keyed
+        digest of it; it works until its expire_time, its revocation (RevokeServiceAccountToken) or
+        the account's deletion, each at once on every replica. An account holds at most 10 tokens,
+        expired ones included until revoked. Recorded in the audit trail (never the token).
+        Callers: an admin. Errors: INVALID_ARGUMENT (service_account_id, display_name, expire_time),
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_NOT_FOUND),
+        FAILED_PRECONDITION (SERVICE_ACCOUNT_TOKEN_LIMIT: revoke one first), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_service_account_tokens(self, request: ListServiceAccountTokensRequest, ctx: RequestContext[ListServiceAccountTokensRequest, ListServiceAccountTokensResponse], /) -> ListServiceAccountTokensResponse:
+        """
+        List a service account's tokens, oldest first: their metadata, never a token or its digest
+
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+        (SERVICE_ACCOUNT_NOT_FOUND), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def revoke_service_account_token(self, request: RevokeServiceAccountTokenRequest, ctx: RequestContext[RevokeServiceAccountTokenRequest, RevokeServiceAccountTokenResponse], /) -> RevokeServiceAccountTokenResponse:
+        """
+        Revoke a service account's token; calls presenting it are UNAUTHENTICATED at once
+
+        Recorded in the audit trail. Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_TOKEN_NOT_FOUND: no such token of this
+        account, or no such account), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
 
 class UserServiceASGIApplication(ConnectASGIApplication[UserService]):
     def __init__(
@@ -1728,6 +1767,39 @@ class UserServiceASGIApplication(ConnectASGIApplication[UserService]):
                     ),
                     function=svc.set_password,
                 ),
+                "/users.v1.UserService/CreateServiceAccountToken": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CreateServiceAccountToken",
+                        service_name="users.v1.UserService",
+                        input=CreateServiceAccountTokenRequest,
+                        output=CreateServiceAccountTokenResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.create_service_account_token,
+                ),
+                "/users.v1.UserService/ListServiceAccountTokens": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListServiceAccountTokens",
+                        service_name="users.v1.UserService",
+                        input=ListServiceAccountTokensRequest,
+                        output=ListServiceAccountTokensResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_service_account_tokens,
+                ),
+                "/users.v1.UserService/RevokeServiceAccountToken": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RevokeServiceAccountToken",
+                        service_name="users.v1.UserService",
+                        input=RevokeServiceAccountTokenRequest,
+                        output=RevokeServiceAccountTokenResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.revoke_service_account_token,
+                ),
             },
             interceptors=interceptors,
             read_max_bytes=read_max_bytes,
@@ -1761,8 +1833,9 @@ class UserServiceClient(ConnectClient):
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
     other SANs never count), or that presents `authorization: Bearer <token>`
-    with a service account's token from IssueServiceToken. A missing or invalid credential is
-    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+    with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+    A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+    does not admit is PERMISSION_DENIED.
 
     Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
     whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -3817,6 +3890,94 @@ class UserServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def create_service_account_token(
+        self,
+        request: CreateServiceAccountTokenRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CreateServiceAccountTokenResponse:
+        """
+        Create a long-lived token for a service account; the token is returned only here
+
+        For a caller that holds one static credential for months, such as an identity provider's
+        SCIM connection (Okta's and Entra ID's "secret token"), where IssueServiceToken's tokens
+        would expire within USERS_ACCESS_TOKEN_TTL_SECONDS. Sent as `authorization: Bearer usat_...`
+        on every edge (gRPC, Connect, SCIM), its holder is the account's machine caller, with the
+        account's permissions, as with an IssueServiceToken token. The service keeps only a keyed
+        digest of it; it works until its expire_time, its revocation (RevokeServiceAccountToken) or
+        the account's deletion, each at once on every replica. An account holds at most 10 tokens,
+        expired ones included until revoked. Recorded in the audit trail (never the token).
+        Callers: an admin. Errors: INVALID_ARGUMENT (service_account_id, display_name, expire_time),
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_NOT_FOUND),
+        FAILED_PRECONDITION (SERVICE_ACCOUNT_TOKEN_LIMIT: revoke one first), UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateServiceAccountToken",
+                service_name="users.v1.UserService",
+                input=CreateServiceAccountTokenRequest,
+                output=CreateServiceAccountTokenResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_service_account_tokens(
+        self,
+        request: ListServiceAccountTokensRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListServiceAccountTokensResponse:
+        """
+        List a service account's tokens, oldest first: their metadata, never a token or its digest
+
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+        (SERVICE_ACCOUNT_NOT_FOUND), UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListServiceAccountTokens",
+                service_name="users.v1.UserService",
+                input=ListServiceAccountTokensRequest,
+                output=ListServiceAccountTokensResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def revoke_service_account_token(
+        self,
+        request: RevokeServiceAccountTokenRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RevokeServiceAccountTokenResponse:
+        """
+        Revoke a service account's token; calls presenting it are UNAUTHENTICATED at once
+
+        Recorded in the audit trail. Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_TOKEN_NOT_FOUND: no such token of this
+        account, or no such account), UNAVAILABLE.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RevokeServiceAccountToken",
+                service_name="users.v1.UserService",
+                input=RevokeServiceAccountTokenRequest,
+                output=RevokeServiceAccountTokenResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class UserServiceSync(Protocol):
     """
@@ -3838,8 +3999,9 @@ class UserServiceSync(Protocol):
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
     other SANs never count), or that presents `authorization: Bearer <token>`
-    with a service account's token from IssueServiceToken. A missing or invalid credential is
-    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+    with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+    A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+    does not admit is PERMISSION_DENIED.
 
     Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
     whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -4799,6 +4961,43 @@ class UserServiceSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def create_service_account_token(self, request: CreateServiceAccountTokenRequest, ctx: RequestContext[CreateServiceAccountTokenRequest, CreateServiceAccountTokenResponse], /) -> CreateServiceAccountTokenResponse:
+        """
+        Create a long-lived token for a service account; the token is returned only here
+
+        For a caller that holds one static credential for months, such as an identity provider's
+        SCIM connection (Okta's and Entra ID's "secret token"), where IssueServiceToken's tokens
+        would expire within USERS_ACCESS_TOKEN_TTL_SECONDS. Sent as `authorization: Bearer usat_...`
+        on every edge (gRPC, Connect, SCIM), its holder is the account's machine caller, with the
+        account's permissions, as with an IssueServiceToken token. The service keeps only a keyed
+        digest of it; it works until its expire_time, its revocation (RevokeServiceAccountToken) or
+        the account's deletion, each at once on every replica. An account holds at most 10 tokens,
+        expired ones included until revoked. Recorded in the audit trail (never the token).
+        Callers: an admin. Errors: INVALID_ARGUMENT (service_account_id, display_name, expire_time),
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_NOT_FOUND),
+        FAILED_PRECONDITION (SERVICE_ACCOUNT_TOKEN_LIMIT: revoke one first), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_service_account_tokens(self, request: ListServiceAccountTokensRequest, ctx: RequestContext[ListServiceAccountTokensRequest, ListServiceAccountTokensResponse], /) -> ListServiceAccountTokensResponse:
+        """
+        List a service account's tokens, oldest first: their metadata, never a token or its digest
+
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+        (SERVICE_ACCOUNT_NOT_FOUND), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def revoke_service_account_token(self, request: RevokeServiceAccountTokenRequest, ctx: RequestContext[RevokeServiceAccountTokenRequest, RevokeServiceAccountTokenResponse], /) -> RevokeServiceAccountTokenResponse:
+        """
+        Revoke a service account's token; calls presenting it are UNAUTHENTICATED at once
+
+        Recorded in the audit trail. Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_TOKEN_NOT_FOUND: no such token of this
+        account, or no such account), UNAVAILABLE.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
 
 class UserServiceWSGIApplication(ConnectWSGIApplication):
     def __init__(
@@ -5504,6 +5703,39 @@ class UserServiceWSGIApplication(ConnectWSGIApplication):
                     ),
                     function=service.set_password,
                 ),
+                "/users.v1.UserService/CreateServiceAccountToken": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CreateServiceAccountToken",
+                        service_name="users.v1.UserService",
+                        input=CreateServiceAccountTokenRequest,
+                        output=CreateServiceAccountTokenResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.create_service_account_token,
+                ),
+                "/users.v1.UserService/ListServiceAccountTokens": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListServiceAccountTokens",
+                        service_name="users.v1.UserService",
+                        input=ListServiceAccountTokensRequest,
+                        output=ListServiceAccountTokensResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_service_account_tokens,
+                ),
+                "/users.v1.UserService/RevokeServiceAccountToken": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RevokeServiceAccountToken",
+                        service_name="users.v1.UserService",
+                        input=RevokeServiceAccountTokenRequest,
+                        output=RevokeServiceAccountTokenResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.revoke_service_account_token,
+                ),
             },
             interceptors=interceptors,
             read_max_bytes=read_max_bytes,
@@ -5537,8 +5769,9 @@ class UserServiceClientSync(ConnectClientSync):
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
     other SANs never count), or that presents `authorization: Bearer <token>`
-    with a service account's token from IssueServiceToken. A missing or invalid credential is
-    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+    with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+    A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+    does not admit is PERMISSION_DENIED.
 
     Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
     whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -7587,6 +7820,94 @@ class UserServiceClientSync(ConnectClientSync):
                 service_name="users.v1.UserService",
                 input=SetPasswordRequest,
                 output=SetPasswordResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def create_service_account_token(
+        self,
+        request: CreateServiceAccountTokenRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CreateServiceAccountTokenResponse:
+        """
+        Create a long-lived token for a service account; the token is returned only here
+
+        For a caller that holds one static credential for months, such as an identity provider's
+        SCIM connection (Okta's and Entra ID's "secret token"), where IssueServiceToken's tokens
+        would expire within USERS_ACCESS_TOKEN_TTL_SECONDS. Sent as `authorization: Bearer usat_...`
+        on every edge (gRPC, Connect, SCIM), its holder is the account's machine caller, with the
+        account's permissions, as with an IssueServiceToken token. The service keeps only a keyed
+        digest of it; it works until its expire_time, its revocation (RevokeServiceAccountToken) or
+        the account's deletion, each at once on every replica. An account holds at most 10 tokens,
+        expired ones included until revoked. Recorded in the audit trail (never the token).
+        Callers: an admin. Errors: INVALID_ARGUMENT (service_account_id, display_name, expire_time),
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_NOT_FOUND),
+        FAILED_PRECONDITION (SERVICE_ACCOUNT_TOKEN_LIMIT: revoke one first), UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateServiceAccountToken",
+                service_name="users.v1.UserService",
+                input=CreateServiceAccountTokenRequest,
+                output=CreateServiceAccountTokenResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_service_account_tokens(
+        self,
+        request: ListServiceAccountTokensRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListServiceAccountTokensResponse:
+        """
+        List a service account's tokens, oldest first: their metadata, never a token or its digest
+
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+        (SERVICE_ACCOUNT_NOT_FOUND), UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListServiceAccountTokens",
+                service_name="users.v1.UserService",
+                input=ListServiceAccountTokensRequest,
+                output=ListServiceAccountTokensResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def revoke_service_account_token(
+        self,
+        request: RevokeServiceAccountTokenRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RevokeServiceAccountTokenResponse:
+        """
+        Revoke a service account's token; calls presenting it are UNAUTHENTICATED at once
+
+        Recorded in the audit trail. Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_TOKEN_NOT_FOUND: no such token of this
+        account, or no such account), UNAVAILABLE.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RevokeServiceAccountToken",
+                service_name="users.v1.UserService",
+                input=RevokeServiceAccountTokenRequest,
+                output=RevokeServiceAccountTokenResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

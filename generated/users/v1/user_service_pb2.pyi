@@ -131,6 +131,12 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """
     AUDIT_EVENT_TYPE_PASSWORD_SET: _AuditEventType.ValueType  # 50
     """SetPassword; the reason says "change required" when it was set so. Subject: the user."""
+    AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE: _AuditEventType.ValueType  # 70
+    """CreateServiceAccountToken; the reason names the token's id. Subject: the service account's
+    client id.
+    """
+    AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE: _AuditEventType.ValueType  # 71
+    """RevokeServiceAccountToken; the reason names the token's id. Subject: the client id."""
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper):
     """What an audit event records."""
@@ -234,6 +240,12 @@ Subject: the user.
 """
 AUDIT_EVENT_TYPE_PASSWORD_SET: AuditEventType.ValueType  # 50
 """SetPassword; the reason says "change required" when it was set so. Subject: the user."""
+AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE: AuditEventType.ValueType  # 70
+"""CreateServiceAccountToken; the reason names the token's id. Subject: the service account's
+client id.
+"""
+AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE: AuditEventType.ValueType  # 71
+"""RevokeServiceAccountToken; the reason names the token's id. Subject: the client id."""
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
 
 class _AuditActorKind:

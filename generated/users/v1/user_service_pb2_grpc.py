@@ -6,6 +6,7 @@ import warnings
 from users.v1 import group_pb2 as users_dot_v1_dot_group__pb2
 from users.v1 import metadata_pb2 as users_dot_v1_dot_metadata__pb2
 from users.v1 import passkey_pb2 as users_dot_v1_dot_passkey__pb2
+from users.v1 import service_account_token_pb2 as users_dot_v1_dot_service__account__token__pb2
 from users.v1 import user_service_pb2 as users_dot_v1_dot_user__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -47,8 +48,9 @@ class UserServiceStub:
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
     other SANs never count), or that presents `authorization: Bearer <token>`
-    with a service account's token from IssueServiceToken. A missing or invalid credential is
-    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+    with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+    A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+    does not admit is PERMISSION_DENIED.
 
     Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
     whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -386,6 +388,21 @@ class UserServiceStub:
                 request_serializer=users_dot_v1_dot_user__service__pb2.SetPasswordRequest.SerializeToString,
                 response_deserializer=users_dot_v1_dot_user__service__pb2.SetPasswordResponse.FromString,
                 _registered_method=True)
+        self.CreateServiceAccountToken = channel.unary_unary(
+                '/users.v1.UserService/CreateServiceAccountToken',
+                request_serializer=users_dot_v1_dot_service__account__token__pb2.CreateServiceAccountTokenRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_service__account__token__pb2.CreateServiceAccountTokenResponse.FromString,
+                _registered_method=True)
+        self.ListServiceAccountTokens = channel.unary_unary(
+                '/users.v1.UserService/ListServiceAccountTokens',
+                request_serializer=users_dot_v1_dot_service__account__token__pb2.ListServiceAccountTokensRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_service__account__token__pb2.ListServiceAccountTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeServiceAccountToken = channel.unary_unary(
+                '/users.v1.UserService/RevokeServiceAccountToken',
+                request_serializer=users_dot_v1_dot_service__account__token__pb2.RevokeServiceAccountTokenRequest.SerializeToString,
+                response_deserializer=users_dot_v1_dot_service__account__token__pb2.RevokeServiceAccountTokenResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -407,8 +424,9 @@ class UserServiceServicer:
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
     other SANs never count), or that presents `authorization: Bearer <token>`
-    with a service account's token from IssueServiceToken. A missing or invalid credential is
-    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+    with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+    A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+    does not admit is PERMISSION_DENIED.
 
     Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
     whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -1432,6 +1450,46 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateServiceAccountToken(self, request, context):
+        """Create a long-lived token for a service account; the token is returned only here
+
+        For a caller that holds one static credential for months, such as an identity provider's
+        SCIM connection (Okta's and Entra ID's "secret token"), where IssueServiceToken's tokens
+        would expire within USERS_ACCESS_TOKEN_TTL_SECONDS. Sent as `authorization: Bearer usat_...`
+        on every edge (gRPC, Connect, SCIM), its holder is the account's machine caller, with the
+        account's permissions, as with an IssueServiceToken token. The service keeps only a keyed
+        digest of it; it works until its expire_time, its revocation (RevokeServiceAccountToken) or
+        the account's deletion, each at once on every replica. An account holds at most 10 tokens,
+        expired ones included until revoked. Recorded in the audit trail (never the token).
+        Callers: an admin. Errors: INVALID_ARGUMENT (service_account_id, display_name, expire_time),
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_NOT_FOUND),
+        FAILED_PRECONDITION (SERVICE_ACCOUNT_TOKEN_LIMIT: revoke one first), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServiceAccountTokens(self, request, context):
+        """List a service account's tokens, oldest first: their metadata, never a token or its digest
+
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+        (SERVICE_ACCOUNT_NOT_FOUND), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeServiceAccountToken(self, request, context):
+        """Revoke a service account's token; calls presenting it are UNAUTHENTICATED at once
+
+        Recorded in the audit trail. Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_TOKEN_NOT_FOUND: no such token of this
+        account, or no such account), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1750,6 +1808,21 @@ def add_UserServiceServicer_to_server(servicer, server):
                     request_deserializer=users_dot_v1_dot_user__service__pb2.SetPasswordRequest.FromString,
                     response_serializer=users_dot_v1_dot_user__service__pb2.SetPasswordResponse.SerializeToString,
             ),
+            'CreateServiceAccountToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateServiceAccountToken,
+                    request_deserializer=users_dot_v1_dot_service__account__token__pb2.CreateServiceAccountTokenRequest.FromString,
+                    response_serializer=users_dot_v1_dot_service__account__token__pb2.CreateServiceAccountTokenResponse.SerializeToString,
+            ),
+            'ListServiceAccountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServiceAccountTokens,
+                    request_deserializer=users_dot_v1_dot_service__account__token__pb2.ListServiceAccountTokensRequest.FromString,
+                    response_serializer=users_dot_v1_dot_service__account__token__pb2.ListServiceAccountTokensResponse.SerializeToString,
+            ),
+            'RevokeServiceAccountToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeServiceAccountToken,
+                    request_deserializer=users_dot_v1_dot_service__account__token__pb2.RevokeServiceAccountTokenRequest.FromString,
+                    response_serializer=users_dot_v1_dot_service__account__token__pb2.RevokeServiceAccountTokenResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'users.v1.UserService', rpc_method_handlers)
@@ -1777,8 +1850,9 @@ class UserService:
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
     other SANs never count), or that presents `authorization: Bearer <token>`
-    with a service account's token from IssueServiceToken. A missing or invalid credential is
-    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+    with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+    A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+    does not admit is PERMISSION_DENIED.
 
     Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
     whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -3486,6 +3560,87 @@ class UserService:
             '/users.v1.UserService/SetPassword',
             users_dot_v1_dot_user__service__pb2.SetPasswordRequest.SerializeToString,
             users_dot_v1_dot_user__service__pb2.SetPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateServiceAccountToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/CreateServiceAccountToken',
+            users_dot_v1_dot_service__account__token__pb2.CreateServiceAccountTokenRequest.SerializeToString,
+            users_dot_v1_dot_service__account__token__pb2.CreateServiceAccountTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServiceAccountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/ListServiceAccountTokens',
+            users_dot_v1_dot_service__account__token__pb2.ListServiceAccountTokensRequest.SerializeToString,
+            users_dot_v1_dot_service__account__token__pb2.ListServiceAccountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeServiceAccountToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/users.v1.UserService/RevokeServiceAccountToken',
+            users_dot_v1_dot_service__account__token__pb2.RevokeServiceAccountTokenRequest.SerializeToString,
+            users_dot_v1_dot_service__account__token__pb2.RevokeServiceAccountTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

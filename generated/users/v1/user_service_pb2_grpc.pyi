@@ -8,6 +8,7 @@ from grpc import aio as _aio
 from users.v1 import group_pb2 as _group_pb2
 from users.v1 import metadata_pb2 as _metadata_pb2
 from users.v1 import passkey_pb2 as _passkey_pb2
+from users.v1 import service_account_token_pb2 as _service_account_token_pb2
 from users.v1 import user_service_pb2 as _user_service_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -48,8 +49,9 @@ class UserServiceStub:
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
     other SANs never count), or that presents `authorization: Bearer <token>`
-    with a service account's token from IssueServiceToken. A missing or invalid credential is
-    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+    with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+    A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+    does not admit is PERMISSION_DENIED.
 
     Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
     whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -825,6 +827,34 @@ class UserServiceStub:
     changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
     (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
     """
+    CreateServiceAccountToken: _grpc.UnaryUnaryMultiCallable[_service_account_token_pb2.CreateServiceAccountTokenRequest, _service_account_token_pb2.CreateServiceAccountTokenResponse]
+    """Create a long-lived token for a service account; the token is returned only here
+
+    For a caller that holds one static credential for months, such as an identity provider's
+    SCIM connection (Okta's and Entra ID's "secret token"), where IssueServiceToken's tokens
+    would expire within USERS_ACCESS_TOKEN_TTL_SECONDS. Sent as `authorization: Bearer usat_...`
+    on every edge (gRPC, Connect, SCIM), its holder is the account's machine caller, with the
+    account's permissions, as with an IssueServiceToken token. The service keeps only a keyed
+    digest of it; it works until its expire_time, its revocation (RevokeServiceAccountToken) or
+    the account's deletion, each at once on every replica. An account holds at most 10 tokens,
+    expired ones included until revoked. Recorded in the audit trail (never the token).
+    Callers: an admin. Errors: INVALID_ARGUMENT (service_account_id, display_name, expire_time),
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_NOT_FOUND),
+    FAILED_PRECONDITION (SERVICE_ACCOUNT_TOKEN_LIMIT: revoke one first), UNAVAILABLE.
+    """
+    ListServiceAccountTokens: _grpc.UnaryUnaryMultiCallable[_service_account_token_pb2.ListServiceAccountTokensRequest, _service_account_token_pb2.ListServiceAccountTokensResponse]
+    """List a service account's tokens, oldest first: their metadata, never a token or its digest
+
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+    (SERVICE_ACCOUNT_NOT_FOUND), UNAVAILABLE.
+    """
+    RevokeServiceAccountToken: _grpc.UnaryUnaryMultiCallable[_service_account_token_pb2.RevokeServiceAccountTokenRequest, _service_account_token_pb2.RevokeServiceAccountTokenResponse]
+    """Revoke a service account's token; calls presenting it are UNAUTHENTICATED at once
+
+    Recorded in the audit trail. Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_TOKEN_NOT_FOUND: no such token of this
+    account, or no such account), UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -846,8 +876,9 @@ class UserServiceAsyncStub(UserServiceStub):
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
     other SANs never count), or that presents `authorization: Bearer <token>`
-    with a service account's token from IssueServiceToken. A missing or invalid credential is
-    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+    with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+    A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+    does not admit is PERMISSION_DENIED.
 
     Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
     whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -1620,6 +1651,34 @@ class UserServiceAsyncStub(UserServiceStub):
     changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
     (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
     """
+    CreateServiceAccountToken: _aio.UnaryUnaryMultiCallable[_service_account_token_pb2.CreateServiceAccountTokenRequest, _service_account_token_pb2.CreateServiceAccountTokenResponse]  # type: ignore[assignment]
+    """Create a long-lived token for a service account; the token is returned only here
+
+    For a caller that holds one static credential for months, such as an identity provider's
+    SCIM connection (Okta's and Entra ID's "secret token"), where IssueServiceToken's tokens
+    would expire within USERS_ACCESS_TOKEN_TTL_SECONDS. Sent as `authorization: Bearer usat_...`
+    on every edge (gRPC, Connect, SCIM), its holder is the account's machine caller, with the
+    account's permissions, as with an IssueServiceToken token. The service keeps only a keyed
+    digest of it; it works until its expire_time, its revocation (RevokeServiceAccountToken) or
+    the account's deletion, each at once on every replica. An account holds at most 10 tokens,
+    expired ones included until revoked. Recorded in the audit trail (never the token).
+    Callers: an admin. Errors: INVALID_ARGUMENT (service_account_id, display_name, expire_time),
+    UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_NOT_FOUND),
+    FAILED_PRECONDITION (SERVICE_ACCOUNT_TOKEN_LIMIT: revoke one first), UNAVAILABLE.
+    """
+    ListServiceAccountTokens: _aio.UnaryUnaryMultiCallable[_service_account_token_pb2.ListServiceAccountTokensRequest, _service_account_token_pb2.ListServiceAccountTokensResponse]  # type: ignore[assignment]
+    """List a service account's tokens, oldest first: their metadata, never a token or its digest
+
+    Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+    (SERVICE_ACCOUNT_NOT_FOUND), UNAVAILABLE.
+    """
+    RevokeServiceAccountToken: _aio.UnaryUnaryMultiCallable[_service_account_token_pb2.RevokeServiceAccountTokenRequest, _service_account_token_pb2.RevokeServiceAccountTokenResponse]  # type: ignore[assignment]
+    """Revoke a service account's token; calls presenting it are UNAUTHENTICATED at once
+
+    Recorded in the audit trail. Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+    PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_TOKEN_NOT_FOUND: no such token of this
+    account, or no such account), UNAVAILABLE.
+    """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounts of people: registration, activation, lookup, credential checks and deletion.
@@ -1640,8 +1699,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     caller": an internal service whose mTLS client certificate has a URI SAN (a
     SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
     other SANs never count), or that presents `authorization: Bearer <token>`
-    with a service account's token from IssueServiceToken. A missing or invalid credential is
-    UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+    with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+    A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+    does not admit is PERMISSION_DENIED.
 
     Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
     whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -2789,6 +2849,52 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         PASSWORD_BREACHED), UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ABORTED (the password
         changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
         (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateServiceAccountToken(
+        self,
+        request: _service_account_token_pb2.CreateServiceAccountTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_account_token_pb2.CreateServiceAccountTokenResponse, _abc.Awaitable[_service_account_token_pb2.CreateServiceAccountTokenResponse]]:
+        """Create a long-lived token for a service account; the token is returned only here
+
+        For a caller that holds one static credential for months, such as an identity provider's
+        SCIM connection (Okta's and Entra ID's "secret token"), where IssueServiceToken's tokens
+        would expire within USERS_ACCESS_TOKEN_TTL_SECONDS. Sent as `authorization: Bearer usat_...`
+        on every edge (gRPC, Connect, SCIM), its holder is the account's machine caller, with the
+        account's permissions, as with an IssueServiceToken token. The service keeps only a keyed
+        digest of it; it works until its expire_time, its revocation (RevokeServiceAccountToken) or
+        the account's deletion, each at once on every replica. An account holds at most 10 tokens,
+        expired ones included until revoked. Recorded in the audit trail (never the token).
+        Callers: an admin. Errors: INVALID_ARGUMENT (service_account_id, display_name, expire_time),
+        UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_NOT_FOUND),
+        FAILED_PRECONDITION (SERVICE_ACCOUNT_TOKEN_LIMIT: revoke one first), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListServiceAccountTokens(
+        self,
+        request: _service_account_token_pb2.ListServiceAccountTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_account_token_pb2.ListServiceAccountTokensResponse, _abc.Awaitable[_service_account_token_pb2.ListServiceAccountTokensResponse]]:
+        """List a service account's tokens, oldest first: their metadata, never a token or its digest
+
+        Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+        (SERVICE_ACCOUNT_NOT_FOUND), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeServiceAccountToken(
+        self,
+        request: _service_account_token_pb2.RevokeServiceAccountTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_account_token_pb2.RevokeServiceAccountTokenResponse, _abc.Awaitable[_service_account_token_pb2.RevokeServiceAccountTokenResponse]]:
+        """Revoke a service account's token; calls presenting it are UNAUTHENTICATED at once
+
+        Recorded in the audit trail. Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+        PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_TOKEN_NOT_FOUND: no such token of this
+        account, or no such account), UNAVAILABLE.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -154,6 +154,12 @@ const (
 	// PERMISSION_DENIED: a password-change token (PasswordChangeRequired) was used for anything
 	// but ChangePassword.
 	ErrorReason_ERROR_REASON_PASSWORD_CHANGE_ONLY ErrorReason = 55
+	// Service-account tokens (CreateServiceAccountToken).
+	// NOT_FOUND: the service account has no token with this id (or there is no such account).
+	ErrorReason_ERROR_REASON_SERVICE_ACCOUNT_TOKEN_NOT_FOUND ErrorReason = 70
+	// FAILED_PRECONDITION: the service account holds its maximum of tokens (10, expired ones
+	// included): revoke one first.
+	ErrorReason_ERROR_REASON_SERVICE_ACCOUNT_TOKEN_LIMIT ErrorReason = 71
 )
 
 // Enum value maps for ErrorReason.
@@ -203,52 +209,56 @@ var (
 		53: "ERROR_REASON_PASSWORD_BREACHED",
 		54: "ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE",
 		55: "ERROR_REASON_PASSWORD_CHANGE_ONLY",
+		70: "ERROR_REASON_SERVICE_ACCOUNT_TOKEN_NOT_FOUND",
+		71: "ERROR_REASON_SERVICE_ACCOUNT_TOKEN_LIMIT",
 	}
 	ErrorReason_value = map[string]int32{
-		"ERROR_REASON_UNSPECIFIED":                  0,
-		"ERROR_REASON_INVALID_ARGUMENT":             1,
-		"ERROR_REASON_MALFORMED_REQUEST":            2,
-		"ERROR_REASON_INVALID_ACTIVATION_CODE":      3,
-		"ERROR_REASON_INVALID_RESET_TOKEN":          4,
-		"ERROR_REASON_INVALID_EMAIL_CHANGE_CODE":    5,
-		"ERROR_REASON_USER_NOT_FOUND":               6,
-		"ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND":    7,
-		"ERROR_REASON_METADATA_NOT_FOUND":           40,
-		"ERROR_REASON_GROUP_NOT_FOUND":              45,
-		"ERROR_REASON_GROUP_MEMBER_NOT_FOUND":       46,
-		"ERROR_REASON_ALREADY_EXISTS":               8,
-		"ERROR_REASON_PERMISSION_DENIED":            9,
-		"ERROR_REASON_UNAUTHENTICATED":              10,
-		"ERROR_REASON_INVALID_CREDENTIALS":          11,
-		"ERROR_REASON_INVALID_SECOND_FACTOR":        12,
-		"ERROR_REASON_FAILED_PRECONDITION":          13,
-		"ERROR_REASON_MFA_REQUIRED":                 14,
-		"ERROR_REASON_ACCOUNT_NOT_ACTIVE":           15,
-		"ERROR_REASON_ACCOUNT_DEACTIVATED":          16,
-		"ERROR_REASON_ACCOUNT_LOCKED":               17,
-		"ERROR_REASON_LAST_ACTIVE_ADMIN":            18,
-		"ERROR_REASON_WRONG_USER_STATE":             19,
-		"ERROR_REASON_CHANGE_CURSOR_EXPIRED":        25,
-		"ERROR_REASON_TOO_MANY_GROUPS":              47,
-		"ERROR_REASON_ETAG_MISMATCH":                20,
-		"ERROR_REASON_TOO_MANY_ATTEMPTS":            21,
-		"ERROR_REASON_RATE_LIMITED":                 22,
-		"ERROR_REASON_OVERLOADED":                   23,
-		"ERROR_REASON_TOO_MANY_STREAMS":             26,
-		"ERROR_REASON_STORAGE_UNAVAILABLE":          24,
-		"ERROR_REASON_PASSKEYS_DISABLED":            30,
-		"ERROR_REASON_INVALID_PASSKEY":              31,
-		"ERROR_REASON_INVALID_PASSKEY_REGISTRATION": 32,
-		"ERROR_REASON_PASSKEY_COUNTER_REGRESSED":    33,
-		"ERROR_REASON_LAST_SIGN_IN_METHOD":          34,
-		"ERROR_REASON_PASSKEY_NOT_FOUND":            35,
-		"ERROR_REASON_REAUTHENTICATION_REQUIRED":    36,
-		"ERROR_REASON_PASSWORD_CHANGE_REQUIRED":     50,
-		"ERROR_REASON_PASSWORD_EXPIRED":             51,
-		"ERROR_REASON_PASSWORD_REUSED":              52,
-		"ERROR_REASON_PASSWORD_BREACHED":            53,
-		"ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE":   54,
-		"ERROR_REASON_PASSWORD_CHANGE_ONLY":         55,
+		"ERROR_REASON_UNSPECIFIED":                     0,
+		"ERROR_REASON_INVALID_ARGUMENT":                1,
+		"ERROR_REASON_MALFORMED_REQUEST":               2,
+		"ERROR_REASON_INVALID_ACTIVATION_CODE":         3,
+		"ERROR_REASON_INVALID_RESET_TOKEN":             4,
+		"ERROR_REASON_INVALID_EMAIL_CHANGE_CODE":       5,
+		"ERROR_REASON_USER_NOT_FOUND":                  6,
+		"ERROR_REASON_SERVICE_ACCOUNT_NOT_FOUND":       7,
+		"ERROR_REASON_METADATA_NOT_FOUND":              40,
+		"ERROR_REASON_GROUP_NOT_FOUND":                 45,
+		"ERROR_REASON_GROUP_MEMBER_NOT_FOUND":          46,
+		"ERROR_REASON_ALREADY_EXISTS":                  8,
+		"ERROR_REASON_PERMISSION_DENIED":               9,
+		"ERROR_REASON_UNAUTHENTICATED":                 10,
+		"ERROR_REASON_INVALID_CREDENTIALS":             11,
+		"ERROR_REASON_INVALID_SECOND_FACTOR":           12,
+		"ERROR_REASON_FAILED_PRECONDITION":             13,
+		"ERROR_REASON_MFA_REQUIRED":                    14,
+		"ERROR_REASON_ACCOUNT_NOT_ACTIVE":              15,
+		"ERROR_REASON_ACCOUNT_DEACTIVATED":             16,
+		"ERROR_REASON_ACCOUNT_LOCKED":                  17,
+		"ERROR_REASON_LAST_ACTIVE_ADMIN":               18,
+		"ERROR_REASON_WRONG_USER_STATE":                19,
+		"ERROR_REASON_CHANGE_CURSOR_EXPIRED":           25,
+		"ERROR_REASON_TOO_MANY_GROUPS":                 47,
+		"ERROR_REASON_ETAG_MISMATCH":                   20,
+		"ERROR_REASON_TOO_MANY_ATTEMPTS":               21,
+		"ERROR_REASON_RATE_LIMITED":                    22,
+		"ERROR_REASON_OVERLOADED":                      23,
+		"ERROR_REASON_TOO_MANY_STREAMS":                26,
+		"ERROR_REASON_STORAGE_UNAVAILABLE":             24,
+		"ERROR_REASON_PASSKEYS_DISABLED":               30,
+		"ERROR_REASON_INVALID_PASSKEY":                 31,
+		"ERROR_REASON_INVALID_PASSKEY_REGISTRATION":    32,
+		"ERROR_REASON_PASSKEY_COUNTER_REGRESSED":       33,
+		"ERROR_REASON_LAST_SIGN_IN_METHOD":             34,
+		"ERROR_REASON_PASSKEY_NOT_FOUND":               35,
+		"ERROR_REASON_REAUTHENTICATION_REQUIRED":       36,
+		"ERROR_REASON_PASSWORD_CHANGE_REQUIRED":        50,
+		"ERROR_REASON_PASSWORD_EXPIRED":                51,
+		"ERROR_REASON_PASSWORD_REUSED":                 52,
+		"ERROR_REASON_PASSWORD_BREACHED":               53,
+		"ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE":      54,
+		"ERROR_REASON_PASSWORD_CHANGE_ONLY":            55,
+		"ERROR_REASON_SERVICE_ACCOUNT_TOKEN_NOT_FOUND": 70,
+		"ERROR_REASON_SERVICE_ACCOUNT_TOKEN_LIMIT":     71,
 	}
 )
 
@@ -283,7 +293,7 @@ var File_users_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xea\f\n" +
+	"\x1busers/v1/error_reason.proto\x12\busers.v1*\xca\r\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\"\n" +
@@ -329,7 +339,9 @@ const file_users_v1_error_reason_proto_rawDesc = "" +
 	"\x1cERROR_REASON_PASSWORD_REUSED\x104\x12\"\n" +
 	"\x1eERROR_REASON_PASSWORD_BREACHED\x105\x12+\n" +
 	"'ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE\x106\x12%\n" +
-	"!ERROR_REASON_PASSWORD_CHANGE_ONLY\x107B\x89\x01\n" +
+	"!ERROR_REASON_PASSWORD_CHANGE_ONLY\x107\x120\n" +
+	",ERROR_REASON_SERVICE_ACCOUNT_TOKEN_NOT_FOUND\x10F\x12,\n" +
+	"(ERROR_REASON_SERVICE_ACCOUNT_TOKEN_LIMIT\x10GB\x89\x01\n" +
 	"\fcom.users.v1B\x10ErrorReasonProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (

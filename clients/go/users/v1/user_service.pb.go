@@ -119,6 +119,11 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_REMOVE AuditEventType = 34
 	// SetPassword; the reason says "change required" when it was set so. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PASSWORD_SET AuditEventType = 50
+	// CreateServiceAccountToken; the reason names the token's id. Subject: the service account's
+	// client id.
+	AuditEventType_AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE AuditEventType = 70
+	// RevokeServiceAccountToken; the reason names the token's id. Subject: the client id.
+	AuditEventType_AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE AuditEventType = 71
 )
 
 // Enum value maps for AuditEventType.
@@ -162,46 +167,50 @@ var (
 		33: "AUDIT_EVENT_TYPE_PASSKEY_RENAME",
 		34: "AUDIT_EVENT_TYPE_PASSKEY_REMOVE",
 		50: "AUDIT_EVENT_TYPE_PASSWORD_SET",
+		70: "AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE",
+		71: "AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE",
 	}
 	AuditEventType_value = map[string]int32{
-		"AUDIT_EVENT_TYPE_UNSPECIFIED":                0,
-		"AUDIT_EVENT_TYPE_SIGN_IN":                    1,
-		"AUDIT_EVENT_TYPE_CREDENTIALS_CHECK":          2,
-		"AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE":        3,
-		"AUDIT_EVENT_TYPE_PASSWORD_CHANGE":            4,
-		"AUDIT_EVENT_TYPE_PASSWORD_RESET":             5,
-		"AUDIT_EVENT_TYPE_MFA_ENROLL":                 6,
-		"AUDIT_EVENT_TYPE_MFA_ENABLE":                 7,
-		"AUDIT_EVENT_TYPE_MFA_DISABLE":                8,
-		"AUDIT_EVENT_TYPE_MFA_RESET":                  9,
-		"AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE":  10,
-		"AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST":       11,
-		"AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM":       12,
-		"AUDIT_EVENT_TYPE_EMAIL_SET":                  13,
-		"AUDIT_EVENT_TYPE_ROLE_CHANGE":                14,
-		"AUDIT_EVENT_TYPE_USER_DEACTIVATE":            15,
-		"AUDIT_EVENT_TYPE_USER_REACTIVATE":            16,
-		"AUDIT_EVENT_TYPE_USER_LOCK":                  17,
-		"AUDIT_EVENT_TYPE_USER_UNLOCK":                18,
-		"AUDIT_EVENT_TYPE_USER_DELETE":                19,
-		"AUDIT_EVENT_TYPE_USERS_IMPORT":               20,
-		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE":     21,
-		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE":     22,
-		"AUDIT_EVENT_TYPE_SESSIONS_REVOKE":            23,
-		"AUDIT_EVENT_TYPE_PROFILE_UPDATE":             24,
-		"AUDIT_EVENT_TYPE_METADATA_SET":               40,
-		"AUDIT_EVENT_TYPE_METADATA_DELETE":            41,
-		"AUDIT_EVENT_TYPE_GROUP_CREATE":               45,
-		"AUDIT_EVENT_TYPE_GROUP_RENAME":               46,
-		"AUDIT_EVENT_TYPE_GROUP_DELETE":               47,
-		"AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD":           48,
-		"AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE":        49,
-		"AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START": 30,
-		"AUDIT_EVENT_TYPE_PASSKEY_REGISTER":           31,
-		"AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN":            32,
-		"AUDIT_EVENT_TYPE_PASSKEY_RENAME":             33,
-		"AUDIT_EVENT_TYPE_PASSKEY_REMOVE":             34,
-		"AUDIT_EVENT_TYPE_PASSWORD_SET":               50,
+		"AUDIT_EVENT_TYPE_UNSPECIFIED":                  0,
+		"AUDIT_EVENT_TYPE_SIGN_IN":                      1,
+		"AUDIT_EVENT_TYPE_CREDENTIALS_CHECK":            2,
+		"AUDIT_EVENT_TYPE_SERVICE_TOKEN_ISSUE":          3,
+		"AUDIT_EVENT_TYPE_PASSWORD_CHANGE":              4,
+		"AUDIT_EVENT_TYPE_PASSWORD_RESET":               5,
+		"AUDIT_EVENT_TYPE_MFA_ENROLL":                   6,
+		"AUDIT_EVENT_TYPE_MFA_ENABLE":                   7,
+		"AUDIT_EVENT_TYPE_MFA_DISABLE":                  8,
+		"AUDIT_EVENT_TYPE_MFA_RESET":                    9,
+		"AUDIT_EVENT_TYPE_RECOVERY_CODES_REGENERATE":    10,
+		"AUDIT_EVENT_TYPE_EMAIL_CHANGE_REQUEST":         11,
+		"AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM":         12,
+		"AUDIT_EVENT_TYPE_EMAIL_SET":                    13,
+		"AUDIT_EVENT_TYPE_ROLE_CHANGE":                  14,
+		"AUDIT_EVENT_TYPE_USER_DEACTIVATE":              15,
+		"AUDIT_EVENT_TYPE_USER_REACTIVATE":              16,
+		"AUDIT_EVENT_TYPE_USER_LOCK":                    17,
+		"AUDIT_EVENT_TYPE_USER_UNLOCK":                  18,
+		"AUDIT_EVENT_TYPE_USER_DELETE":                  19,
+		"AUDIT_EVENT_TYPE_USERS_IMPORT":                 20,
+		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE":       21,
+		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE":       22,
+		"AUDIT_EVENT_TYPE_SESSIONS_REVOKE":              23,
+		"AUDIT_EVENT_TYPE_PROFILE_UPDATE":               24,
+		"AUDIT_EVENT_TYPE_METADATA_SET":                 40,
+		"AUDIT_EVENT_TYPE_METADATA_DELETE":              41,
+		"AUDIT_EVENT_TYPE_GROUP_CREATE":                 45,
+		"AUDIT_EVENT_TYPE_GROUP_RENAME":                 46,
+		"AUDIT_EVENT_TYPE_GROUP_DELETE":                 47,
+		"AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD":             48,
+		"AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE":          49,
+		"AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START":   30,
+		"AUDIT_EVENT_TYPE_PASSKEY_REGISTER":             31,
+		"AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN":              32,
+		"AUDIT_EVENT_TYPE_PASSKEY_RENAME":               33,
+		"AUDIT_EVENT_TYPE_PASSKEY_REMOVE":               34,
+		"AUDIT_EVENT_TYPE_PASSWORD_SET":                 50,
+		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE": 70,
+		"AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE": 71,
 	}
 )
 
@@ -5438,7 +5447,7 @@ var File_users_v1_user_service_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x17users/v1/metadata.proto\x1a\x14users/v1/group.proto\x1a\x16users/v1/passkey.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xc5\x02\n" +
+	"\x1busers/v1/user_service.proto\x12\busers.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x17google/rpc/status.proto\x1a\x17users/v1/metadata.proto\x1a\x14users/v1/group.proto\x1a\x16users/v1/passkey.proto\x1a$users/v1/service_account_token.proto\x1a\x16users/v1/session.proto\x1a\x13users/v1/user.proto\"\xc5\x02\n" +
 	"\x11CreateUserRequest\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
@@ -5752,7 +5761,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x15password_confirmation\x18\x03 \x01(\tR\x14passwordConfirmation\x12'\n" +
 	"\x0fchange_required\x18\x04 \x01(\bR\x0echangeRequired\"9\n" +
 	"\x13SetPasswordResponse\x12\"\n" +
-	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user*\x9f\v\n" +
+	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user*\x85\f\n" +
 	"\x0eAuditEventType\x12 \n" +
 	"\x1cAUDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18AUDIT_EVENT_TYPE_SIGN_IN\x10\x01\x12&\n" +
@@ -5792,7 +5801,9 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	" AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN\x10 \x12#\n" +
 	"\x1fAUDIT_EVENT_TYPE_PASSKEY_RENAME\x10!\x12#\n" +
 	"\x1fAUDIT_EVENT_TYPE_PASSKEY_REMOVE\x10\"\x12!\n" +
-	"\x1dAUDIT_EVENT_TYPE_PASSWORD_SET\x102*\xd0\x01\n" +
+	"\x1dAUDIT_EVENT_TYPE_PASSWORD_SET\x102\x121\n" +
+	"-AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE\x10F\x121\n" +
+	"-AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE\x10G*\xd0\x01\n" +
 	"\x0eAuditActorKind\x12 \n" +
 	"\x1cAUDIT_ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aAUDIT_ACTOR_KIND_ANONYMOUS\x10\x01\x12\x19\n" +
@@ -5821,7 +5832,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x1dUSER_CHANGE_TYPE_PASSKEY_USED\x10\x16*v\n" +
 	"\x18ServiceAccountPermission\x12*\n" +
 	"&SERVICE_ACCOUNT_PERMISSION_UNSPECIFIED\x10\x00\x12.\n" +
-	"*SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS\x10\x012\xfc*\n" +
+	"*SERVICE_ACCOUNT_PERMISSION_PROVISION_USERS\x10\x012\xdb-\n" +
 	"\vUserService\x12G\n" +
 	"\n" +
 	"CreateUser\x12\x1b.users.v1.CreateUserRequest\x1a\x1c.users.v1.CreateUserResponse\x12M\n" +
@@ -5892,7 +5903,10 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\rRemovePasskey\x12\x1e.users.v1.RemovePasskeyRequest\x1a\x1f.users.v1.RemovePasskeyResponse\x12\x80\x01\n" +
 	"\x1dListUserAuthenticationFactors\x12..users.v1.ListUserAuthenticationFactorsRequest\x1a/.users.v1.ListUserAuthenticationFactorsResponse\x12\\\n" +
 	"\x11RemoveUserPasskey\x12\".users.v1.RemoveUserPasskeyRequest\x1a#.users.v1.RemoveUserPasskeyResponse\x12J\n" +
-	"\vSetPassword\x12\x1c.users.v1.SetPasswordRequest\x1a\x1d.users.v1.SetPasswordResponseB\x89\x01\n" +
+	"\vSetPassword\x12\x1c.users.v1.SetPasswordRequest\x1a\x1d.users.v1.SetPasswordResponse\x12t\n" +
+	"\x19CreateServiceAccountToken\x12*.users.v1.CreateServiceAccountTokenRequest\x1a+.users.v1.CreateServiceAccountTokenResponse\x12q\n" +
+	"\x18ListServiceAccountTokens\x12).users.v1.ListServiceAccountTokensRequest\x1a*.users.v1.ListServiceAccountTokensResponse\x12t\n" +
+	"\x19RevokeServiceAccountToken\x12*.users.v1.RevokeServiceAccountTokenRequest\x1a+.users.v1.RevokeServiceAccountTokenResponseB\x89\x01\n" +
 	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
@@ -6037,27 +6051,33 @@ var file_users_v1_user_service_proto_goTypes = []any{
 	(*RemovePasskeyRequest)(nil),                  // 124: users.v1.RemovePasskeyRequest
 	(*ListUserAuthenticationFactorsRequest)(nil),  // 125: users.v1.ListUserAuthenticationFactorsRequest
 	(*RemoveUserPasskeyRequest)(nil),              // 126: users.v1.RemoveUserPasskeyRequest
-	(*SetUserMetadataResponse)(nil),               // 127: users.v1.SetUserMetadataResponse
-	(*GetUserMetadataResponse)(nil),               // 128: users.v1.GetUserMetadataResponse
-	(*ListUserMetadataResponse)(nil),              // 129: users.v1.ListUserMetadataResponse
-	(*DeleteUserMetadataResponse)(nil),            // 130: users.v1.DeleteUserMetadataResponse
-	(*CreateGroupResponse)(nil),                   // 131: users.v1.CreateGroupResponse
-	(*RenameGroupResponse)(nil),                   // 132: users.v1.RenameGroupResponse
-	(*DeleteGroupResponse)(nil),                   // 133: users.v1.DeleteGroupResponse
-	(*ListGroupsResponse)(nil),                    // 134: users.v1.ListGroupsResponse
-	(*AddGroupMemberResponse)(nil),                // 135: users.v1.AddGroupMemberResponse
-	(*RemoveGroupMemberResponse)(nil),             // 136: users.v1.RemoveGroupMemberResponse
-	(*ListGroupMembersResponse)(nil),              // 137: users.v1.ListGroupMembersResponse
-	(*ListUserGroupsResponse)(nil),                // 138: users.v1.ListUserGroupsResponse
-	(*StartPasskeyRegistrationResponse)(nil),      // 139: users.v1.StartPasskeyRegistrationResponse
-	(*FinishPasskeyRegistrationResponse)(nil),     // 140: users.v1.FinishPasskeyRegistrationResponse
-	(*StartPasskeySignInResponse)(nil),            // 141: users.v1.StartPasskeySignInResponse
-	(*FinishPasskeySignInResponse)(nil),           // 142: users.v1.FinishPasskeySignInResponse
-	(*ListAuthenticationFactorsResponse)(nil),     // 143: users.v1.ListAuthenticationFactorsResponse
-	(*RenamePasskeyResponse)(nil),                 // 144: users.v1.RenamePasskeyResponse
-	(*RemovePasskeyResponse)(nil),                 // 145: users.v1.RemovePasskeyResponse
-	(*ListUserAuthenticationFactorsResponse)(nil), // 146: users.v1.ListUserAuthenticationFactorsResponse
-	(*RemoveUserPasskeyResponse)(nil),             // 147: users.v1.RemoveUserPasskeyResponse
+	(*CreateServiceAccountTokenRequest)(nil),      // 127: users.v1.CreateServiceAccountTokenRequest
+	(*ListServiceAccountTokensRequest)(nil),       // 128: users.v1.ListServiceAccountTokensRequest
+	(*RevokeServiceAccountTokenRequest)(nil),      // 129: users.v1.RevokeServiceAccountTokenRequest
+	(*SetUserMetadataResponse)(nil),               // 130: users.v1.SetUserMetadataResponse
+	(*GetUserMetadataResponse)(nil),               // 131: users.v1.GetUserMetadataResponse
+	(*ListUserMetadataResponse)(nil),              // 132: users.v1.ListUserMetadataResponse
+	(*DeleteUserMetadataResponse)(nil),            // 133: users.v1.DeleteUserMetadataResponse
+	(*CreateGroupResponse)(nil),                   // 134: users.v1.CreateGroupResponse
+	(*RenameGroupResponse)(nil),                   // 135: users.v1.RenameGroupResponse
+	(*DeleteGroupResponse)(nil),                   // 136: users.v1.DeleteGroupResponse
+	(*ListGroupsResponse)(nil),                    // 137: users.v1.ListGroupsResponse
+	(*AddGroupMemberResponse)(nil),                // 138: users.v1.AddGroupMemberResponse
+	(*RemoveGroupMemberResponse)(nil),             // 139: users.v1.RemoveGroupMemberResponse
+	(*ListGroupMembersResponse)(nil),              // 140: users.v1.ListGroupMembersResponse
+	(*ListUserGroupsResponse)(nil),                // 141: users.v1.ListUserGroupsResponse
+	(*StartPasskeyRegistrationResponse)(nil),      // 142: users.v1.StartPasskeyRegistrationResponse
+	(*FinishPasskeyRegistrationResponse)(nil),     // 143: users.v1.FinishPasskeyRegistrationResponse
+	(*StartPasskeySignInResponse)(nil),            // 144: users.v1.StartPasskeySignInResponse
+	(*FinishPasskeySignInResponse)(nil),           // 145: users.v1.FinishPasskeySignInResponse
+	(*ListAuthenticationFactorsResponse)(nil),     // 146: users.v1.ListAuthenticationFactorsResponse
+	(*RenamePasskeyResponse)(nil),                 // 147: users.v1.RenamePasskeyResponse
+	(*RemovePasskeyResponse)(nil),                 // 148: users.v1.RemovePasskeyResponse
+	(*ListUserAuthenticationFactorsResponse)(nil), // 149: users.v1.ListUserAuthenticationFactorsResponse
+	(*RemoveUserPasskeyResponse)(nil),             // 150: users.v1.RemoveUserPasskeyResponse
+	(*CreateServiceAccountTokenResponse)(nil),     // 151: users.v1.CreateServiceAccountTokenResponse
+	(*ListServiceAccountTokensResponse)(nil),      // 152: users.v1.ListServiceAccountTokensResponse
+	(*RevokeServiceAccountTokenResponse)(nil),     // 153: users.v1.RevokeServiceAccountTokenResponse
 }
 var file_users_v1_user_service_proto_depIdxs = []int32{
 	94,  // 0: users.v1.CreateUserRequest.gender:type_name -> users.v1.Gender
@@ -6182,71 +6202,77 @@ var file_users_v1_user_service_proto_depIdxs = []int32{
 	125, // 119: users.v1.UserService.ListUserAuthenticationFactors:input_type -> users.v1.ListUserAuthenticationFactorsRequest
 	126, // 120: users.v1.UserService.RemoveUserPasskey:input_type -> users.v1.RemoveUserPasskeyRequest
 	92,  // 121: users.v1.UserService.SetPassword:input_type -> users.v1.SetPasswordRequest
-	5,   // 122: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	7,   // 123: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	9,   // 124: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	11,  // 125: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	13,  // 126: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	15,  // 127: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	17,  // 128: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	19,  // 129: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	21,  // 130: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	23,  // 131: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	25,  // 132: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	27,  // 133: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	29,  // 134: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	31,  // 135: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	33,  // 136: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	35,  // 137: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	37,  // 138: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	39,  // 139: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	41,  // 140: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	43,  // 141: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	45,  // 142: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	47,  // 143: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	49,  // 144: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	51,  // 145: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	53,  // 146: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	55,  // 147: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	57,  // 148: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	59,  // 149: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	61,  // 150: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	63,  // 151: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	65,  // 152: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	67,  // 153: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	70,  // 154: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	74,  // 155: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	76,  // 156: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	78,  // 157: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	80,  // 158: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	82,  // 159: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	84,  // 160: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	88,  // 161: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	90,  // 162: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
-	127, // 163: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
-	128, // 164: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
-	129, // 165: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
-	130, // 166: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
-	131, // 167: users.v1.UserService.CreateGroup:output_type -> users.v1.CreateGroupResponse
-	132, // 168: users.v1.UserService.RenameGroup:output_type -> users.v1.RenameGroupResponse
-	133, // 169: users.v1.UserService.DeleteGroup:output_type -> users.v1.DeleteGroupResponse
-	134, // 170: users.v1.UserService.ListGroups:output_type -> users.v1.ListGroupsResponse
-	135, // 171: users.v1.UserService.AddGroupMember:output_type -> users.v1.AddGroupMemberResponse
-	136, // 172: users.v1.UserService.RemoveGroupMember:output_type -> users.v1.RemoveGroupMemberResponse
-	137, // 173: users.v1.UserService.ListGroupMembers:output_type -> users.v1.ListGroupMembersResponse
-	138, // 174: users.v1.UserService.ListUserGroups:output_type -> users.v1.ListUserGroupsResponse
-	139, // 175: users.v1.UserService.StartPasskeyRegistration:output_type -> users.v1.StartPasskeyRegistrationResponse
-	140, // 176: users.v1.UserService.FinishPasskeyRegistration:output_type -> users.v1.FinishPasskeyRegistrationResponse
-	141, // 177: users.v1.UserService.StartPasskeySignIn:output_type -> users.v1.StartPasskeySignInResponse
-	142, // 178: users.v1.UserService.FinishPasskeySignIn:output_type -> users.v1.FinishPasskeySignInResponse
-	143, // 179: users.v1.UserService.ListAuthenticationFactors:output_type -> users.v1.ListAuthenticationFactorsResponse
-	144, // 180: users.v1.UserService.RenamePasskey:output_type -> users.v1.RenamePasskeyResponse
-	145, // 181: users.v1.UserService.RemovePasskey:output_type -> users.v1.RemovePasskeyResponse
-	146, // 182: users.v1.UserService.ListUserAuthenticationFactors:output_type -> users.v1.ListUserAuthenticationFactorsResponse
-	147, // 183: users.v1.UserService.RemoveUserPasskey:output_type -> users.v1.RemoveUserPasskeyResponse
-	93,  // 184: users.v1.UserService.SetPassword:output_type -> users.v1.SetPasswordResponse
-	122, // [122:185] is the sub-list for method output_type
-	59,  // [59:122] is the sub-list for method input_type
+	127, // 122: users.v1.UserService.CreateServiceAccountToken:input_type -> users.v1.CreateServiceAccountTokenRequest
+	128, // 123: users.v1.UserService.ListServiceAccountTokens:input_type -> users.v1.ListServiceAccountTokensRequest
+	129, // 124: users.v1.UserService.RevokeServiceAccountToken:input_type -> users.v1.RevokeServiceAccountTokenRequest
+	5,   // 125: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	7,   // 126: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	9,   // 127: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	11,  // 128: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	13,  // 129: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	15,  // 130: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	17,  // 131: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	19,  // 132: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	21,  // 133: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	23,  // 134: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	25,  // 135: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	27,  // 136: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	29,  // 137: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	31,  // 138: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	33,  // 139: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	35,  // 140: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	37,  // 141: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	39,  // 142: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	41,  // 143: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	43,  // 144: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	45,  // 145: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	47,  // 146: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	49,  // 147: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	51,  // 148: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	53,  // 149: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	55,  // 150: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	57,  // 151: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	59,  // 152: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	61,  // 153: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	63,  // 154: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	65,  // 155: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	67,  // 156: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	70,  // 157: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	74,  // 158: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	76,  // 159: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	78,  // 160: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	80,  // 161: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	82,  // 162: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	84,  // 163: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	88,  // 164: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	90,  // 165: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	130, // 166: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
+	131, // 167: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
+	132, // 168: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
+	133, // 169: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
+	134, // 170: users.v1.UserService.CreateGroup:output_type -> users.v1.CreateGroupResponse
+	135, // 171: users.v1.UserService.RenameGroup:output_type -> users.v1.RenameGroupResponse
+	136, // 172: users.v1.UserService.DeleteGroup:output_type -> users.v1.DeleteGroupResponse
+	137, // 173: users.v1.UserService.ListGroups:output_type -> users.v1.ListGroupsResponse
+	138, // 174: users.v1.UserService.AddGroupMember:output_type -> users.v1.AddGroupMemberResponse
+	139, // 175: users.v1.UserService.RemoveGroupMember:output_type -> users.v1.RemoveGroupMemberResponse
+	140, // 176: users.v1.UserService.ListGroupMembers:output_type -> users.v1.ListGroupMembersResponse
+	141, // 177: users.v1.UserService.ListUserGroups:output_type -> users.v1.ListUserGroupsResponse
+	142, // 178: users.v1.UserService.StartPasskeyRegistration:output_type -> users.v1.StartPasskeyRegistrationResponse
+	143, // 179: users.v1.UserService.FinishPasskeyRegistration:output_type -> users.v1.FinishPasskeyRegistrationResponse
+	144, // 180: users.v1.UserService.StartPasskeySignIn:output_type -> users.v1.StartPasskeySignInResponse
+	145, // 181: users.v1.UserService.FinishPasskeySignIn:output_type -> users.v1.FinishPasskeySignInResponse
+	146, // 182: users.v1.UserService.ListAuthenticationFactors:output_type -> users.v1.ListAuthenticationFactorsResponse
+	147, // 183: users.v1.UserService.RenamePasskey:output_type -> users.v1.RenamePasskeyResponse
+	148, // 184: users.v1.UserService.RemovePasskey:output_type -> users.v1.RemovePasskeyResponse
+	149, // 185: users.v1.UserService.ListUserAuthenticationFactors:output_type -> users.v1.ListUserAuthenticationFactorsResponse
+	150, // 186: users.v1.UserService.RemoveUserPasskey:output_type -> users.v1.RemoveUserPasskeyResponse
+	93,  // 187: users.v1.UserService.SetPassword:output_type -> users.v1.SetPasswordResponse
+	151, // 188: users.v1.UserService.CreateServiceAccountToken:output_type -> users.v1.CreateServiceAccountTokenResponse
+	152, // 189: users.v1.UserService.ListServiceAccountTokens:output_type -> users.v1.ListServiceAccountTokensResponse
+	153, // 190: users.v1.UserService.RevokeServiceAccountToken:output_type -> users.v1.RevokeServiceAccountTokenResponse
+	125, // [125:191] is the sub-list for method output_type
+	59,  // [59:125] is the sub-list for method input_type
 	59,  // [59:59] is the sub-list for extension type_name
 	59,  // [59:59] is the sub-list for extension extendee
 	0,   // [0:59] is the sub-list for field type_name
@@ -6260,6 +6286,7 @@ func file_users_v1_user_service_proto_init() {
 	file_users_v1_metadata_proto_init()
 	file_users_v1_group_proto_init()
 	file_users_v1_passkey_proto_init()
+	file_users_v1_service_account_token_proto_init()
 	file_users_v1_session_proto_init()
 	file_users_v1_user_proto_init()
 	file_users_v1_user_service_proto_msgTypes[67].OneofWrappers = []any{

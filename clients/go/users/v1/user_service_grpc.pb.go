@@ -82,6 +82,9 @@ const (
 	UserService_ListUserAuthenticationFactors_FullMethodName = "/users.v1.UserService/ListUserAuthenticationFactors"
 	UserService_RemoveUserPasskey_FullMethodName             = "/users.v1.UserService/RemoveUserPasskey"
 	UserService_SetPassword_FullMethodName                   = "/users.v1.UserService/SetPassword"
+	UserService_CreateServiceAccountToken_FullMethodName     = "/users.v1.UserService/CreateServiceAccountToken"
+	UserService_ListServiceAccountTokens_FullMethodName      = "/users.v1.UserService/ListServiceAccountTokens"
+	UserService_RevokeServiceAccountToken_FullMethodName     = "/users.v1.UserService/RevokeServiceAccountToken"
 )
 
 // UserServiceClient is the client API for UserService service.
@@ -106,8 +109,9 @@ const (
 // caller": an internal service whose mTLS client certificate has a URI SAN (a
 // SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
 // other SANs never count), or that presents `authorization: Bearer <token>`
-// with a service account's token from IssueServiceToken. A missing or invalid credential is
-// UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+// with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+// A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+// does not admit is PERMISSION_DENIED.
 //
 // Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
 // whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -817,6 +821,31 @@ type UserServiceClient interface {
 	// changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
 	// (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
 	SetPassword(ctx context.Context, in *SetPasswordRequest, opts ...grpc.CallOption) (*SetPasswordResponse, error)
+	// Create a long-lived token for a service account; the token is returned only here
+	//
+	// For a caller that holds one static credential for months, such as an identity provider's
+	// SCIM connection (Okta's and Entra ID's "secret token"), where IssueServiceToken's tokens
+	// would expire within USERS_ACCESS_TOKEN_TTL_SECONDS. Sent as `authorization: Bearer usat_...`
+	// on every edge (gRPC, Connect, SCIM), its holder is the account's machine caller, with the
+	// account's permissions, as with an IssueServiceToken token. The service keeps only a keyed
+	// digest of it; it works until its expire_time, its revocation (RevokeServiceAccountToken) or
+	// the account's deletion, each at once on every replica. An account holds at most 10 tokens,
+	// expired ones included until revoked. Recorded in the audit trail (never the token).
+	// Callers: an admin. Errors: INVALID_ARGUMENT (service_account_id, display_name, expire_time),
+	// UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_NOT_FOUND),
+	// FAILED_PRECONDITION (SERVICE_ACCOUNT_TOKEN_LIMIT: revoke one first), UNAVAILABLE.
+	CreateServiceAccountToken(ctx context.Context, in *CreateServiceAccountTokenRequest, opts ...grpc.CallOption) (*CreateServiceAccountTokenResponse, error)
+	// List a service account's tokens, oldest first: their metadata, never a token or its digest
+	//
+	// Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+	// (SERVICE_ACCOUNT_NOT_FOUND), UNAVAILABLE.
+	ListServiceAccountTokens(ctx context.Context, in *ListServiceAccountTokensRequest, opts ...grpc.CallOption) (*ListServiceAccountTokensResponse, error)
+	// Revoke a service account's token; calls presenting it are UNAUTHENTICATED at once
+	//
+	// Recorded in the audit trail. Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_TOKEN_NOT_FOUND: no such token of this
+	// account, or no such account), UNAVAILABLE.
+	RevokeServiceAccountToken(ctx context.Context, in *RevokeServiceAccountTokenRequest, opts ...grpc.CallOption) (*RevokeServiceAccountTokenResponse, error)
 }
 
 type userServiceClient struct {
@@ -1466,6 +1495,36 @@ func (c *userServiceClient) SetPassword(ctx context.Context, in *SetPasswordRequ
 	return out, nil
 }
 
+func (c *userServiceClient) CreateServiceAccountToken(ctx context.Context, in *CreateServiceAccountTokenRequest, opts ...grpc.CallOption) (*CreateServiceAccountTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateServiceAccountTokenResponse)
+	err := c.cc.Invoke(ctx, UserService_CreateServiceAccountToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) ListServiceAccountTokens(ctx context.Context, in *ListServiceAccountTokensRequest, opts ...grpc.CallOption) (*ListServiceAccountTokensResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListServiceAccountTokensResponse)
+	err := c.cc.Invoke(ctx, UserService_ListServiceAccountTokens_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) RevokeServiceAccountToken(ctx context.Context, in *RevokeServiceAccountTokenRequest, opts ...grpc.CallOption) (*RevokeServiceAccountTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevokeServiceAccountTokenResponse)
+	err := c.cc.Invoke(ctx, UserService_RevokeServiceAccountToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UserServiceServer is the server API for UserService service.
 // All implementations must embed UnimplementedUserServiceServer
 // for forward compatibility.
@@ -1488,8 +1547,9 @@ func (c *userServiceClient) SetPassword(ctx context.Context, in *SetPasswordRequ
 // caller": an internal service whose mTLS client certificate has a URI SAN (a
 // SPIFFE ID) or DNS SAN listed in USERS_MACHINE_IDENTITIES (its common name and
 // other SANs never count), or that presents `authorization: Bearer <token>`
-// with a service account's token from IssueServiceToken. A missing or invalid credential is
-// UNAUTHENTICATED; a valid one that the rule does not admit is PERMISSION_DENIED.
+// with a service account's token from IssueServiceToken or CreateServiceAccountToken.
+// A missing or invalid credential is UNAUTHENTICATED; a valid one that the rule
+// does not admit is PERMISSION_DENIED.
 //
 // Every error status carries a google.rpc.ErrorInfo detail (domain "users.v1")
 // whose reason is one of ErrorReason (users/v1/error_reason.proto), which lists
@@ -2199,6 +2259,31 @@ type UserServiceServer interface {
 	// changed during the call; retry), RESOURCE_EXHAUSTED (OVERLOADED), UNAVAILABLE
 	// (PASSWORD_CHECK_UNAVAILABLE, STORAGE_UNAVAILABLE).
 	SetPassword(context.Context, *SetPasswordRequest) (*SetPasswordResponse, error)
+	// Create a long-lived token for a service account; the token is returned only here
+	//
+	// For a caller that holds one static credential for months, such as an identity provider's
+	// SCIM connection (Okta's and Entra ID's "secret token"), where IssueServiceToken's tokens
+	// would expire within USERS_ACCESS_TOKEN_TTL_SECONDS. Sent as `authorization: Bearer usat_...`
+	// on every edge (gRPC, Connect, SCIM), its holder is the account's machine caller, with the
+	// account's permissions, as with an IssueServiceToken token. The service keeps only a keyed
+	// digest of it; it works until its expire_time, its revocation (RevokeServiceAccountToken) or
+	// the account's deletion, each at once on every replica. An account holds at most 10 tokens,
+	// expired ones included until revoked. Recorded in the audit trail (never the token).
+	// Callers: an admin. Errors: INVALID_ARGUMENT (service_account_id, display_name, expire_time),
+	// UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_NOT_FOUND),
+	// FAILED_PRECONDITION (SERVICE_ACCOUNT_TOKEN_LIMIT: revoke one first), UNAVAILABLE.
+	CreateServiceAccountToken(context.Context, *CreateServiceAccountTokenRequest) (*CreateServiceAccountTokenResponse, error)
+	// List a service account's tokens, oldest first: their metadata, never a token or its digest
+	//
+	// Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+	// (SERVICE_ACCOUNT_NOT_FOUND), UNAVAILABLE.
+	ListServiceAccountTokens(context.Context, *ListServiceAccountTokensRequest) (*ListServiceAccountTokensResponse, error)
+	// Revoke a service account's token; calls presenting it are UNAUTHENTICATED at once
+	//
+	// Recorded in the audit trail. Callers: an admin. Errors: INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, NOT_FOUND (SERVICE_ACCOUNT_TOKEN_NOT_FOUND: no such token of this
+	// account, or no such account), UNAVAILABLE.
+	RevokeServiceAccountToken(context.Context, *RevokeServiceAccountTokenRequest) (*RevokeServiceAccountTokenResponse, error)
 	mustEmbedUnimplementedUserServiceServer()
 }
 
@@ -2397,6 +2482,15 @@ func (UnimplementedUserServiceServer) RemoveUserPasskey(context.Context, *Remove
 }
 func (UnimplementedUserServiceServer) SetPassword(context.Context, *SetPasswordRequest) (*SetPasswordResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetPassword not implemented")
+}
+func (UnimplementedUserServiceServer) CreateServiceAccountToken(context.Context, *CreateServiceAccountTokenRequest) (*CreateServiceAccountTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateServiceAccountToken not implemented")
+}
+func (UnimplementedUserServiceServer) ListServiceAccountTokens(context.Context, *ListServiceAccountTokensRequest) (*ListServiceAccountTokensResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListServiceAccountTokens not implemented")
+}
+func (UnimplementedUserServiceServer) RevokeServiceAccountToken(context.Context, *RevokeServiceAccountTokenRequest) (*RevokeServiceAccountTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeServiceAccountToken not implemented")
 }
 func (UnimplementedUserServiceServer) mustEmbedUnimplementedUserServiceServer() {}
 func (UnimplementedUserServiceServer) testEmbeddedByValue()                     {}
@@ -3546,6 +3640,60 @@ func _UserService_SetPassword_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _UserService_CreateServiceAccountToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateServiceAccountTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).CreateServiceAccountToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_CreateServiceAccountToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).CreateServiceAccountToken(ctx, req.(*CreateServiceAccountTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_ListServiceAccountTokens_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListServiceAccountTokensRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).ListServiceAccountTokens(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_ListServiceAccountTokens_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).ListServiceAccountTokens(ctx, req.(*ListServiceAccountTokensRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_RevokeServiceAccountToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeServiceAccountTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).RevokeServiceAccountToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_RevokeServiceAccountToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).RevokeServiceAccountToken(ctx, req.(*RevokeServiceAccountTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // UserService_ServiceDesc is the grpc.ServiceDesc for UserService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -3800,6 +3948,18 @@ var UserService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SetPassword",
 			Handler:    _UserService_SetPassword_Handler,
+		},
+		{
+			MethodName: "CreateServiceAccountToken",
+			Handler:    _UserService_CreateServiceAccountToken_Handler,
+		},
+		{
+			MethodName: "ListServiceAccountTokens",
+			Handler:    _UserService_ListServiceAccountTokens_Handler,
+		},
+		{
+			MethodName: "RevokeServiceAccountToken",
+			Handler:    _UserService_RevokeServiceAccountToken_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
