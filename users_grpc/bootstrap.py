@@ -74,7 +74,7 @@ from users_grpc.grpc_api.servicer import UserServiceServicer
 from users_grpc.grpc_api.tracing import command_listener, server_interceptor, tracer_provider_from_env
 from users_grpc.http_api.app import ASGIApp, HttpEdge
 from users_grpc.http_api.connect import connect_app
-from users_grpc.http_api.invoke import Invoke, build_invoke, method_handlers
+from users_grpc.http_api.invoke import Invoker, build_invoke, method_handlers
 from users_grpc.http_api.server import HttpLimits, HttpServer
 from users_grpc.ops import migrations
 from users_grpc.ops.rewrap import load_digest_roots
@@ -188,7 +188,7 @@ class App:
     health: DatabaseHealth
     health_servicer: AsyncHealthServicer
     # A UserService call through the same pipeline as over gRPC: what the HTTP edge (and SCIM) call.
-    invoke: Invoke
+    invoke: Invoker
     # The HTTP edge (/metrics, the key set, Connect, the mounts), when USERS_HTTP_ADDRESS is set.
     http: HttpServer | None = None
     http_port: int | None = None
@@ -609,7 +609,7 @@ def build_server(
     ready: asyncio.Event,
     metrics: Metrics | None,
     tracer_provider: TracerProvider | None,
-) -> tuple[grpc.aio.Server, UserServiceInterceptor, Invoke]:
+) -> tuple[grpc.aio.Server, UserServiceInterceptor, Invoker]:
     """The gRPC server with its interceptors and the UserService (health is added by the caller), and
     the same calls for the HTTP edge: one pipeline of interceptors around one servicer."""
     interceptor = UserServiceInterceptor(

@@ -55,9 +55,8 @@ def end_of(stream: Iterator[pb.WatchUserChangesResponse]) -> ConnectError:
 
 def reason_of(error: ConnectError) -> str:
     for detail in error.details:
-        info = detail.value(error_details_pb2.ErrorInfo)
-        if info is not None:
-            return str(info.reason)
+        if detail.type_name == "google.rpc.ErrorInfo":
+            return str(error_details_pb2.ErrorInfo.FromString(detail.message_bytes).reason)
     return ""
 
 
@@ -126,6 +125,8 @@ def test_one_cap_of_streams_counts_both_edges(start_server: StartServer) -> None
 
     with contextlib.closing(http_stream(server, server.admin_token, ProtocolType.CONNECT)) as over_http:
         assert next(over_http).change.user_id == server.admin_id
-        refused_grpc = rpc_error(lambda r: list(server.stub.WatchUserChanges(r, timeout=10)), pb.WatchUserChangesRequest())
+        refused_grpc = rpc_error(
+            lambda r: list(server.stub.WatchUserChanges(r, timeout=10)), pb.WatchUserChangesRequest()
+        )
         assert refused_grpc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     wait_until(grpc_admitted, what="the HTTP stream's place given back once its client closed it")

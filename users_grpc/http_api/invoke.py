@@ -1,15 +1,18 @@
 """One UserService call made from the HTTP edge, through the same pipeline as a gRPC call.
 
 :func:`build_invoke` runs the very interceptors the gRPC server runs (tracing, observability,
-access, rate limits, the concurrency cap, the database budget, audit) and then the servicer's
+access, rate limits, the concurrency caps, the database budget, audit) and then the servicer's
 method, with :class:`HttpServicerContext` in place of grpc's context: no rule can hold on one
-edge and not the other, because there is one copy of each.
+edge and not the other, because there is one copy of each. A unary call is :meth:`Invoker.__call__`,
+a server stream (WatchUserChanges) :meth:`Invoker.stream`: the stream guard's cap and its
+admission again at every poll included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -154,31 +157,22 @@ def method_handlers(add_servicer: Callable[[Any], None]) -> dict[str, grpc.RpcMe
     return registry.handlers
 
 
-def build_invoke(
-    handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]],
-    interceptors: Sequence[grpc.aio.ServerInterceptor],
-) -> Invoke:
-    """An :data:`Invoke` running ``interceptors`` (outermost first, as the gRPC server is given them)
-    around ``handlers``; unary methods only."""
+class Invoker:
+    """Runs ``interceptors`` (outermost first, as the gRPC server is given them) around ``handlers``:
+    a unary call when called, a server stream by :meth:`stream`."""
 
-    async def resolve(details: grpc.HandlerCallDetails, index: int) -> grpc.RpcMethodHandler[Any, Any] | None:
-        if index == len(interceptors):
-            return handlers.get(details.method)
+    def __init__(
+        self,
+        handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]],
+        interceptors: Sequence[grpc.aio.ServerInterceptor],
+    ) -> None:
+        self._handlers = handlers
+        self._interceptors = interceptors
 
-        async def continuation(next_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-            return await resolve(next_details, index + 1)
-
-        return await interceptors[index].intercept_service(continuation, details)
-
-    async def invoke(method: str, request: Message, call: HttpCall) -> Message:
-        metadata = tuple(_Metadatum(key, value) for key, value in call.metadata)
-        handler = await resolve(cast(grpc.HandlerCallDetails, _Details(method, metadata)), 0)
+    async def __call__(self, method: str, request: Message, call: HttpCall) -> Message:
+        handler = await self._resolve(method, call)
         if handler is None or handler.unary_unary is None:
-            raise CallFailed(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"no unary method {method}",
-                status_pb2.Status(code=grpc.StatusCode.UNIMPLEMENTED.value[0], message=f"no unary method {method}"),
-            )
+            raise _unimplemented(f"no unary method {method}")
         context = HttpServicerContext(call)
         behavior = cast(Callable[[Message, HttpServicerContext], Awaitable[Message]], handler.unary_unary)
         try:
@@ -186,7 +180,46 @@ def build_invoke(
         except grpc.aio.AbortError:
             raise context.failure() from None
 
-    return invoke
+    async def stream(self, method: str, request: Message, call: HttpCall) -> AsyncGenerator[Message, None]:
+        """The responses of a server stream; :class:`CallFailed` when it is refused or ends in error."""
+        handler = await self._resolve(method, call)
+        if handler is None or handler.unary_stream is None:
+            raise _unimplemented(f"no server-streaming method {method}")
+        context = HttpServicerContext(call)
+        behavior = cast(Callable[[Message, HttpServicerContext], AsyncGenerator[Message, None]], handler.unary_stream)
+        try:
+            # aclosing: a client that leaves ends the change feed's watcher at once (as over gRPC).
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        except grpc.aio.AbortError:
+            raise context.failure() from None
+
+    async def _resolve(self, method: str, call: HttpCall) -> grpc.RpcMethodHandler[Any, Any] | None:
+        metadata = tuple(_Metadatum(key, value) for key, value in call.metadata)
+        return await self._handler(cast(grpc.HandlerCallDetails, _Details(method, metadata)), 0)
+
+    async def _handler(self, details: grpc.HandlerCallDetails, index: int) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if index == len(self._interceptors):
+            return self._handlers.get(details.method)
+
+        async def continuation(next_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+            return await self._handler(next_details, index + 1)
+
+        return await self._interceptors[index].intercept_service(continuation, details)
+
+
+def build_invoke(
+    handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]],
+    interceptors: Sequence[grpc.aio.ServerInterceptor],
+) -> Invoker:
+    """An :data:`Invoke` (and its streams) running ``interceptors`` around ``handlers``."""
+    return Invoker(handlers, interceptors)
+
+
+def _unimplemented(message: str) -> CallFailed:
+    code = grpc.StatusCode.UNIMPLEMENTED
+    return CallFailed(code, message, status_pb2.Status(code=code.value[0], message=message))
 
 
 def grpc_peer(host: str, port: int) -> str:
