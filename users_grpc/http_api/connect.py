@@ -6,8 +6,8 @@ One dispatcher answers every method by name (the request context names the RPC),
 to the proto needs no code here. A refusal keeps its ``google.rpc.Status`` details (ErrorInfo,
 BadRequest, RetryInfo): Connect's error JSON carries them in ``details``, gRPC-Web in
 ``grpc-status-details-bin``, as gRPC does. A server stream (WatchUserChanges) goes to
-:meth:`~users_grpc.http_api.invoke.Invoker.stream`, through the gRPC stream guard: the same cap of
-streams (counted across both edges), the same admission again at every poll, and the same end
+:meth:`~users_grpc.http_api.invoke.Invoker.stream`, through the pipeline's stream guard: the same cap
+of streams (counted across both edges), the same admission again at every poll, and the same end
 (its status in Connect's end-stream message, or gRPC-Web's trailers) once its caller is revoked.
 """
 
@@ -27,9 +27,9 @@ from google.protobuf.message import Message
 from protobuf.wkt import Any as AnyDetail
 
 from users.v1.user_service_connect import UserService, UserServiceASGIApplication
-from users_grpc.grpc_api.interceptors import MALFORMED
 from users_grpc.http_api.app import ASGIApp
 from users_grpc.http_api.invoke import CallFailed, HttpCall, Invoker, grpc_peer
+from users_grpc.pipeline.call import MALFORMED
 
 # Connect spells one code otherwise; the rest are gRPC's names in lower case.
 _CONNECT_CODES = {grpc.StatusCode.CANCELLED: Code.CANCELED}
