@@ -16,7 +16,14 @@ from connectrpc.protocol import ProtocolType
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2
 
-from tests.support.calls import create_request, new_admin, rpc_error, wait_until
+from tests.support.calls import (
+    create_request,
+    create_service_account,
+    issue_service_token,
+    new_admin,
+    rpc_error,
+    wait_until,
+)
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2
@@ -94,6 +101,23 @@ def test_a_demoted_admins_http_stream_ends_before_the_next_change(
         )
         ended = end_of(stream)
     assert ended.code in {Code.PERMISSION_DENIED, Code.UNAUTHENTICATED}, ended
+
+
+def test_an_idle_http_stream_ends_at_its_next_poll_once_its_service_account_is_deleted(
+    start_server: StartServer,
+) -> None:
+    """No change has to come: the idle stream is admitted again at each poll, as over gRPC, and
+    ends UNAUTHENTICATED in gRPC-Web's trailers. (Deleting a service account changes no user, so
+    nothing wakes the stream before its poll.)"""
+    server = start_server(http_address="127.0.0.1:0", change_poll_seconds=0.1)
+    created = create_service_account(server, "billing")
+    client_id = created.service_account.client_id
+    token = issue_service_token(server, client_id, created.client_secret).access_token
+    with contextlib.closing(http_stream(server, token, ProtocolType.GRPC_WEB)) as stream:
+        assert next(stream).change.user_id == server.admin_id  # open and being served
+        server.stub.DeleteServiceAccount(pb.DeleteServiceAccountRequest(client_id=client_id))
+        ended = end_of(stream)
+    assert (ended.code, reason_of(ended)) == (Code.UNAUTHENTICATED, "UNAUTHENTICATED")
 
 
 def test_one_cap_of_streams_counts_both_edges(start_server: StartServer) -> None:
