@@ -63,21 +63,28 @@ from users_grpc.domain.errors import ConfigError, StorageUnavailable
 from users_grpc.domain.model import to_milliseconds
 from users_grpc.domain.ports import Clock, MailRenderer, MailTransport
 from users_grpc.domain.rules import PasswordPolicy
-from users_grpc.grpc_api.access import Authorizer
-from users_grpc.grpc_api.audit_interceptor import AuditInterceptor
+from users_grpc.grpc_api.access import FLOWS, Authorizer
+from users_grpc.grpc_api.audit_interceptor import ADMIN_GRANTED_ON_IMPORT, AUDITED
 from users_grpc.grpc_api.health import DatabaseHealth
-from users_grpc.grpc_api.interceptors import UserServiceInterceptor
+from users_grpc.grpc_api.interceptors import PipelineInterceptor
 from users_grpc.grpc_api.logs import keep_secrets_out_of_logs
-from users_grpc.grpc_api.observability import Gauges, Metrics, ObservabilityInterceptor, OutboxState
+from users_grpc.grpc_api.observability import Gauges, Metrics, OutboxState
 from users_grpc.grpc_api.reflection import SourceInfoReflectionServicer, load_descriptor_set
+from users_grpc.grpc_api.request_ranges import refuse_out_of_range
 from users_grpc.grpc_api.servicer import UserServiceServicer
-from users_grpc.grpc_api.tracing import command_listener, server_interceptor, tracer_provider_from_env
+from users_grpc.grpc_api.status import pipeline_code
+from users_grpc.grpc_api.tracing import command_listener, tracer_provider_from_env
 from users_grpc.http_api.app import ASGIApp, HttpEdge
 from users_grpc.http_api.connect import connect_app
-from users_grpc.http_api.invoke import Invoke, build_invoke, method_handlers
+from users_grpc.http_api.invoke import Invoker, method_handlers
 from users_grpc.http_api.server import HttpLimits, HttpServer
 from users_grpc.ops import migrations
 from users_grpc.ops.rewrap import load_digest_roots
+from users_grpc.pipeline.audit import AuditTrail
+from users_grpc.pipeline.chain import Pipeline
+from users_grpc.pipeline.guard import CallGuard
+from users_grpc.pipeline.observation import Observer
+from users_grpc.pipeline.tracing import CallSpans
 from users_grpc.scim.app import ScimApp
 from users_grpc.services.accounts import AccountPolicy, AccountService
 from users_grpc.services.admin import AdminService
@@ -190,7 +197,7 @@ class App:
     health: DatabaseHealth
     health_servicer: AsyncHealthServicer
     # A UserService call through the same pipeline as over gRPC: what the HTTP edge (and SCIM) call.
-    invoke: Invoke
+    invoke: Invoker
     # The HTTP edge (/metrics, the key set, Connect, the mounts), when USERS_HTTP_ADDRESS is set.
     http: HttpServer | None = None
     http_port: int | None = None
@@ -349,7 +356,7 @@ async def build_app(
         renderer=renderer,
     )
     ready = asyncio.Event()
-    server, interceptor, invoke = build_server(
+    server, guard, invoke = build_server(
         settings,
         stores,
         services,
@@ -370,7 +377,7 @@ async def build_app(
     try:
         port = _add_port(server, settings)
         if metrics is not None and settings.http_address is not None:
-            metrics.read_at_scrape(_gauges(stores, services, interceptor, health, clock))
+            metrics.read_at_scrape(_gauges(stores, services, guard, health, clock))
             edge = HttpEdge(
                 metrics=metrics,
                 # Byte for byte what GetPublicKeys answers.
@@ -631,19 +638,20 @@ def build_server(
     metrics: Metrics | None,
     tracer_provider: TracerProvider | None,
     share_port: bool = False,
-) -> tuple[grpc.aio.Server, UserServiceInterceptor, Invoke]:
-    """The gRPC server with its interceptors and the UserService (health is added by the caller), and
-    the same calls for the HTTP edge: one pipeline of interceptors around one servicer."""
-    interceptor = UserServiceInterceptor(
-        method_prefix=f"/{SERVICE_NAME}/",
+) -> tuple[grpc.aio.Server, CallGuard, Invoker]:
+    """The gRPC server with the pipeline's interceptor and the UserService (health is added by the
+    caller), and the same calls for the HTTP edge: one pipeline around one servicer."""
+    guard = CallGuard(
         ready=ready,
         db_timeout_seconds=settings.db_timeout_seconds,
-        authorizer=Authorizer(
+        admission=Authorizer(
             sessions=services.sessions,
             service_accounts=services.service_accounts,
             machine_identities=settings.machine_identities,
             users=stores.users,
         ),
+        flows=FLOWS,
+        check_request=refuse_out_of_range,
         rate_limit=SourceRateLimit(
             store=stores.throttles,
             clock=clock,
@@ -661,18 +669,23 @@ def build_server(
         max_streams=settings.max_streams,
         max_streams_per_caller=settings.max_streams_per_caller,
     )
-    pipeline: list[grpc.aio.ServerInterceptor] = [
+    pipeline = Pipeline(
         # The trace's span first, so the call's line and its database spans fall within it.
-        *([] if tracer_provider is None else [server_interceptor(tracer_provider)]),
-        ObservabilityInterceptor(
-            method_prefix=f"/{SERVICE_NAME}/", metrics=metrics, trace_ids=tracer_provider is not None
+        spans=None if tracer_provider is None else CallSpans(tracer_provider, pipeline_code),
+        observer=Observer(metrics=metrics, status_of=pipeline_code, trace_ids=tracer_provider is not None),
+        guard=guard,
+        # Inside the guard: it records admitted calls, with the caller that one found.
+        audit=AuditTrail(
+            table=AUDITED,
+            grant_reason=ADMIN_GRANTED_ON_IMPORT,
+            audit=services.audit,
+            clock=clock,
+            status_of=pipeline_code,
         ),
-        interceptor,
-        # Inside the access interceptor: it records admitted calls, with the caller that one found.
-        AuditInterceptor(method_prefix=f"/{SERVICE_NAME}/", audit=services.audit, clock=clock),
-    ]
+    )
+    interceptor = PipelineInterceptor(method_prefix=f"/{SERVICE_NAME}/", pipeline=pipeline)
     options = [(key, 1 if key == "grpc.so_reuseport" and share_port else value) for key, value in _SERVER_OPTIONS]
-    server = grpc.aio.server(interceptors=pipeline, options=options)
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
     servicer = UserServiceServicer(
         services.accounts,
         services.sessions,
@@ -689,7 +702,7 @@ def build_server(
         services.passkeys,
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
-    invoke = build_invoke(
+    invoke = Invoker(
         method_handlers(lambda registry: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, registry)),
         pipeline,
     )
@@ -699,7 +712,7 @@ def build_server(
             SourceInfoReflectionServicer([SERVICE_NAME, health_name, reflection.SERVICE_NAME], load_descriptor_set()),
             server,
         )
-    return server, interceptor, invoke
+    return server, guard, invoke
 
 
 def _key_encryption_key(settings: Settings) -> bytes:
@@ -787,13 +800,11 @@ def _retention(settings: Settings) -> Retention:
     )
 
 
-def _gauges(
-    stores: Stores, services: Services, interceptor: UserServiceInterceptor, health: DatabaseHealth, clock: Clock
-) -> Gauges:
+def _gauges(stores: Stores, services: Services, guard: CallGuard, health: DatabaseHealth, clock: Clock) -> Gauges:
     return Gauges(
         hash_jobs=lambda: services.hasher.jobs,
         hash_capacity=services.hasher.capacity,
-        streams_open=lambda: interceptor.streams_open,
+        streams_open=lambda: guard.streams_open,
         signing_key_created_at=lambda: services.tokens.signing_key_created_at,
         database_up=lambda: health.serving,
         outbox=lambda: _outbox_state(stores.outbox),

@@ -1,6 +1,7 @@
 """No rule holds on one edge and not the other: every RPC of the service descriptor, called as
 anonymous, a user, another user, an admin and a machine caller, over gRPC and over the HTTP edge
-(Connect, binary protobuf), answers the same status code and ErrorInfo reason.
+(Connect, binary protobuf), answers the same status code and ErrorInfo reason. The server stream
+(WatchUserChanges) is compared by its admission: its first change ("OK") or the status it ends with.
 
 The list of RPCs is the descriptor's, so an RPC added to the proto without a row in SAMPLES fails
 here. Each row says whom its request names: "self" (the user's own id: a read, or a request the
@@ -100,7 +101,7 @@ SAMPLES: dict[str, Subject] = {
     "ListServiceAccountTokens": "none",
     "RevokeServiceAccountToken": "none",
 }
-# Served over gRPC only: invoke is unary (the HTTP edge answers UNIMPLEMENTED).
+# Compared by their admission (each is opened, read to its first change, and closed).
 STREAMS = {"WatchUserChanges"}
 
 Outcome = tuple[str, str]  # (status code name, ErrorInfo reason)
@@ -120,7 +121,7 @@ def request_for(name: str, user_id: str) -> Message:
     # The request may live in another file of the package (metadata.proto, group.proto, ...).
     request_class: Any = message_factory.GetMessageClass(method.input_type)
     request: Message = request_class()
-    subject = {"self": user_id, "ghost": GHOST_ID, "none": None}[SAMPLES[name]]
+    subject = {"self": user_id, "ghost": GHOST_ID, "none": None}[SAMPLES.get(name, "none")]
     if subject is not None:
         for field in ("id", "user_id"):
             if field in method.input_type.fields_by_name:
@@ -157,6 +158,25 @@ def _reason(status_bytes: bytes) -> str:
     return ""
 
 
+def stream_over_grpc(server: RunningServer, name: str, request: Message, token: str | None) -> Outcome:
+    call: Any = server.channel.unary_stream(
+        f"/{SERVICE.full_name}/{name}",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=lambda b: b,
+    )
+    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+    stream = call(request, metadata=metadata, timeout=30)
+    try:
+        next(stream)
+    except grpc.RpcError as error:
+        failed: Any = error
+        details = dict(failed.trailing_metadata() or ()).get("grpc-status-details-bin")
+        return str(failed.code().name), "" if details is None else _reason(details)
+    finally:
+        stream.cancel()
+    return "OK", ""
+
+
 def over_http(server: RunningServer, name: str, request: Message, token: str | None) -> Outcome:
     headers = {"Content-Type": "application/proto", "Connect-Protocol-Version": "1"}
     if token is not None:
@@ -167,7 +187,28 @@ def over_http(server: RunningServer, name: str, request: Message, token: str | N
         with urllib.request.urlopen(sent, timeout=30):  # noqa: S310 - the test's own server
             return "OK", ""
     except urllib.error.HTTPError as error:
-        answer = json.loads(error.read())
+        return _connect_outcome(json.loads(error.read()))
+
+
+def stream_over_http(server: RunningServer, name: str, request: Message, token: str | None) -> Outcome:
+    """A Connect server stream: one enveloped request; each answer envelope is a change, the one
+    flagged 2 the stream's end (with its error, if any)."""
+    message = request.SerializeToString()
+    headers = {"Content-Type": "application/connect+proto"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    url = f"http://127.0.0.1:{server.app.http_port}/{SERVICE.full_name}/{name}"
+    body = b"\x00" + len(message).to_bytes(4, "big") + message
+    sent = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(sent, timeout=30) as answer:  # noqa: S310 - the test's own server
+        flags, size = answer.read(1)[0], int.from_bytes(answer.read(4), "big")
+        envelope = answer.read(size)
+    if flags & 2 == 0:
+        return "OK", ""  # a change: admitted (closing the connection ends the stream)
+    return _connect_outcome(json.loads(envelope)["error"])
+
+
+def _connect_outcome(answer: dict[str, Any]) -> Outcome:
     reason = ""
     for detail in answer.get("details", []):
         if detail["type"] == "google.rpc.ErrorInfo":
@@ -202,31 +243,15 @@ def test_every_rpc_answers_each_caller_the_same_over_both_edges(
     server, user_id, tokens = callers
     differences = []
     outcomes = set()
-    for name in unary_methods():
+    for name in [*unary_methods(), *sorted(STREAMS)]:
         request = request_for(name, user_id)
+        streams = name in STREAMS
         for caller, token in tokens.items():
-            grpc_outcome = over_grpc(server, name, request, token)
-            http_outcome = over_http(server, name, request, token)
+            grpc_outcome = (stream_over_grpc if streams else over_grpc)(server, name, request, token)
+            http_outcome = (stream_over_http if streams else over_http)(server, name, request, token)
             outcomes.add(grpc_outcome[0])
             if grpc_outcome != http_outcome:
                 differences.append(f"{name} as {caller}: gRPC {grpc_outcome}, HTTP {http_outcome}")
     assert differences == []
     # The table exercises the rules, not one answer: admitted, refused either way, and served.
     assert {"OK", "UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT"} <= outcomes
-
-
-def test_a_stream_over_http_is_unimplemented_and_stays_on_grpc(
-    callers: tuple[RunningServer, str, dict[str, str | None]],
-) -> None:
-    server, _, tokens = callers
-    message = pb.WatchUserChangesRequest().SerializeToString()
-    # A Connect server stream: one enveloped request; the answer's last envelope (flag 2) is its end.
-    body = b"\x00" + len(message).to_bytes(4, "big") + message
-    headers = {"Content-Type": "application/connect+proto", "Authorization": f"Bearer {tokens['admin']}"}
-    url = f"http://127.0.0.1:{server.app.http_port}/{SERVICE.full_name}/WatchUserChanges"
-    sent = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    with urllib.request.urlopen(sent, timeout=30) as answer:  # noqa: S310 - the test's own server
-        frames = answer.read()
-    assert frames[0] == 2
-    end = json.loads(frames[5:])
-    assert end["error"]["code"] == "unimplemented"

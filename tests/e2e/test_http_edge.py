@@ -128,6 +128,8 @@ def test_a_node_client_calls_over_connect_and_grpc_web_and_reads_a_refusal_reaso
     assert done.stdout.splitlines() == [
         f"connect: signed in as nodejane ({session.user.id})",
         "connect: GetUserByIdentifier refused: PERMISSION_DENIED",
+        "connect: WatchUserChanges refused: PERMISSION_DENIED",
         f"grpc-web: signed in as nodejane ({session.user.id})",
         "grpc-web: GetUserByIdentifier refused: PERMISSION_DENIED",
+        "grpc-web: WatchUserChanges refused: PERMISSION_DENIED",
     ]

@@ -51,9 +51,17 @@ def test_a_call_through_invoke_is_traced_and_logged_as_a_grpc_call(
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     server = start_server(tracer_provider=provider)
     caplog.set_level(logging.INFO, logger="users_grpc.calls")
-    call = HttpCall(metadata=(("x-request-id", "http-7"),), peer="ipv4:192.0.2.9:5555")
+    # The caller's trace is continued, on either edge: its traceparent names the trace and the parent span.
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    traceparent = ("traceparent", f"00-{trace_id}-{parent_id}-01")
+    call = HttpCall(metadata=(("x-request-id", "http-7"), traceparent), peer="ipv4:192.0.2.9:5555")
     server.call(server.app.invoke("/users.v1.UserService/GetPublicKeys", pb.GetPublicKeysRequest(), call))
-    assert "/users.v1.UserService/GetPublicKeys" in {span.name for span in exporter.get_finished_spans()}
+    server.anonymous.GetPublicKeys(pb.GetPublicKeysRequest(), metadata=(traceparent,))
+    spans = [span for span in exporter.get_finished_spans() if span.name == "/users.v1.UserService/GetPublicKeys"]
+    assert len(spans) == 2
+    for span in spans:
+        assert span.parent is not None
+        assert (format(span.context.trace_id, "032x"), format(span.parent.span_id, "016x")) == (trace_id, parent_id)
     [line] = [r for r in caplog.records if r.name == "users_grpc.calls" and getattr(r, "request_id", "") == "http-7"]
     assert (getattr(line, "code", ""), getattr(line, "peer", ""), getattr(line, "source", "")) == (
         "OK",

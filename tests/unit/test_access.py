@@ -21,12 +21,10 @@ from users_grpc.grpc_api.access import (
     Authorizer,
     Rule,
     _admits,
-    bearer_token,
-    metadata_value,
-    source_address,
-    stream_admission,
 )
 from users_grpc.grpc_api.reflection import load_descriptor_set
+from users_grpc.pipeline.current import stream_admission
+from users_grpc.pipeline.metadata import bearer_token, metadata_value, source_address
 from users_grpc.services.service_accounts import ServiceAccountService
 from users_grpc.services.sessions import SessionService
 from users_grpc.services.throttling import Flow, RateLimitPolicy

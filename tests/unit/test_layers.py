@@ -1,5 +1,6 @@
-"""The inner layers import without gRPC, protobuf or PyMongo (docs/architecture.md; lint-imports checks
-the imports one by one, this checks what an import really loads)."""
+"""The inner layers, and the edge-neutral call pipeline, import without gRPC, protobuf or PyMongo
+(docs/architecture.md; lint-imports checks the imports one by one, this checks what an import
+really loads)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 EDGE_PACKAGES = ("grpc", "pymongo", "google.protobuf")
 
 
-@pytest.mark.parametrize("layer", ["users_grpc.domain", "users_grpc.services"])
+@pytest.mark.parametrize("layer", ["users_grpc.domain", "users_grpc.services", "users_grpc.pipeline"])
 def test_a_fresh_interpreter_imports_the_layer_without_grpc_protobuf_or_pymongo(layer: str) -> None:
     # Every module of the layer, not only its package: the package's __init__ imports none of them.
     check = (

@@ -1,5 +1,5 @@
-"""The database time budget of one call, owned below both of its users: the interceptor sets it
-for each call (grpc_api/interceptors.py), the MongoDB adapter spends it (adapters/mongo).
+"""The database time budget of one call, owned below both of its users: the call pipeline's guard
+sets it for each call (pipeline/guard.py), the MongoDB adapter spends it (adapters/mongo).
 """
 
 from __future__ import annotations
@@ -29,4 +29,4 @@ class DatabaseBudget:
 
 
 database_budget: ContextVar[DatabaseBudget | None] = ContextVar("database_budget", default=None)
-"""Set by the interceptor for each call; outside calls the client's own timeout applies."""
+"""Set by the pipeline's guard for each call; outside calls the client's own timeout applies."""

@@ -7,8 +7,8 @@ import grpc
 
 from users.v1 import group_pb2
 from users_grpc.domain.groups import Group, GroupMember
-from users_grpc.grpc_api.access import current_caller
 from users_grpc.grpc_api.convert import _timestamp
+from users_grpc.pipeline.current import current_caller
 from users_grpc.services.groups import GroupService
 
 Context = grpc.aio.ServicerContext[object, object]

@@ -7,7 +7,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from users_grpc.grpc_api.access import current_caller
+from users_grpc.pipeline.current import current_caller
 
 # Attributes every LogRecord has; whatever else it carries came from ``extra``.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "taskName"}

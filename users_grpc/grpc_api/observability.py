@@ -1,59 +1,28 @@
-"""What an operator sees of each call: a log line and Prometheus metrics (served over HTTP by
-the HTTP edge, users_grpc/http_api, when ``USERS_HTTP_ADDRESS`` is set).
-
-The interceptor here observes; it decides nothing. It sits outside the access interceptor, so it
-sees refusals too, and learns who called and why a call was refused through :data:`current_call`.
+"""The Prometheus metrics an operator sees (served over HTTP by the HTTP edge, users_grpc/http_api,
+when ``USERS_HTTP_ADDRESS`` is set): the calls' (counted by the pipeline's observation step,
+pipeline/observation.py, on both edges) and the values read at scrape time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
 import time
-import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from users_grpc.domain.model import Caller
-from users_grpc.grpc_api.access import metadata_value
-
-log = logging.getLogger("users_grpc.calls")
 http_log = logging.getLogger(__name__)
 
-_Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-_StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Any, None]]
-
-REQUEST_ID = "x-request-id"
-# A caller's request id is logged as given only if it is short and plain; any other is replaced.
-_REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 SIGN_IN_METHODS = frozenset({"Authenticate", "VerifyCredentials", "IssueServiceToken"})
 THROTTLE_REASONS = frozenset({"TOO_MANY_ATTEMPTS", "RATE_LIMITED"})
-
-
-class CallRecord:
-    """What the access interceptor learns about a call, for the line and metrics written at its end."""
-
-    __slots__ = ("caller", "reason")
-
-    def __init__(self) -> None:
-        self.caller: Caller | None = None
-        self.reason: str | None = None
-
-
-current_call: ContextVar[CallRecord | None] = ContextVar("current_call", default=None)
-"""Set by :class:`ObservabilityInterceptor` for each UserService call; None outside calls."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +115,7 @@ class Metrics:
         # Scrapes waiting for the page being rendered (seen by the tests).
         self.scrapes_waiting = 0
         # Children by label values: a call costs dictionary look-ups, not the library's label checks.
-        self._call_children: dict[tuple[str, grpc.StatusCode], Any] = {}
+        self._call_children: dict[tuple[str, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
 
     def read_at_scrape(self, gauges: Gauges) -> None:
@@ -154,11 +123,12 @@ class Metrics:
         self._scraped = _ScrapeTimeGauges(gauges)
         self.registry.register(self._scraped)
 
-    def observe(self, method: str, code: grpc.StatusCode, seconds: float | None, reason: str | None) -> None:
-        """Count a call that ended; its duration too, unless ``seconds`` is None (a stream)."""
+    def observe(self, method: str, code: str, seconds: float | None, reason: str | None) -> None:
+        """Count a call that ended (``code`` the status code's name); its duration too, unless
+        ``seconds`` is None (a stream)."""
         calls = self._call_children.get((method, code))
         if calls is None:
-            calls = self._call_children[method, code] = self._calls.labels(method, code.name)
+            calls = self._call_children[method, code] = self._calls.labels(method, code)
         calls.inc()
         if seconds is not None:
             duration = self._duration_children.get(method)
@@ -291,149 +261,3 @@ class _ScrapeTimeGauges(Collector):
                 "How long the oldest mail still waiting has waited (0 when none waits)",
                 value=max(0.0, oldest),
             )
-
-
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """One log line and the metrics of every UserService call, and its request id.
-
-    The request id is the caller's ``x-request-id`` (if short and plain) or a new one; it is
-    logged and returned in the trailing metadata under the same name. Health and reflection
-    calls pass untouched: probes every few seconds would drown the log.
-    """
-
-    def __init__(self, *, method_prefix: str, metrics: Metrics | None, trace_ids: bool = False) -> None:
-        self._method_prefix = method_prefix
-        self._metrics = metrics
-        self._trace_ids = trace_ids
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(self._method_prefix):
-            return handler
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._observed_stream(method, cast(_StreamBehavior, handler.unary_stream)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_unary is None:
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self._observed(method, cast(_Behavior, handler.unary_unary)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _observed(self, method: str, behavior: _Behavior) -> _Behavior:
-        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            with self._observation(method, context, stream=False):
-                return await behavior(request, context)
-
-        return observed
-
-    def _observed_stream(self, method: str, behavior: _StreamBehavior) -> _StreamBehavior:
-        """A stream is one call too: one line and its metrics when it ends, however it ends."""
-
-        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
-            # aclosing, here and in each stream within (the access guard's, the servicer's): a stream
-            # left by its client ends the change feed's watcher at once, not when Python's clean-up
-            # of abandoned generators gets to it.
-            with self._observation(method, context, stream=True):
-                async with contextlib.aclosing(behavior(request, context)) as responses:
-                    async for response in responses:
-                        yield response
-
-        return observed
-
-    @contextlib.contextmanager
-    def _observation(self, method: str, context: grpc.aio.ServicerContext[Any, Any], *, stream: bool) -> Iterator[None]:
-        started = time.perf_counter()
-        record = CallRecord()
-        token = current_call.set(record)
-        # Read now: a stream its client left may be closed after grpc has freed the call, and then
-        # asking the context (its peer, say) crashes the process.
-        peer = context.peer()
-        request_id = _request_id(context.invocation_metadata())
-        # Set first: an abort keeps what the call already set (interceptors._refuse adds its details).
-        context.set_trailing_metadata(((REQUEST_ID, request_id),))
-        metrics = self._metrics
-        # Unary calls only: USERS_MAX_CONCURRENT_RPCS, which in_progress is read against, does not
-        # count streams (the access interceptor counts those; the streams_open gauge reads it).
-        if metrics is not None and not stream:
-            metrics.in_progress.inc()
-        code = grpc.StatusCode.OK
-        try:
-            yield
-        except grpc.aio.AbortError:
-            code = context.code()
-            raise
-        except (asyncio.CancelledError, GeneratorExit):  # a stream the client left is closed with GeneratorExit
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except BaseException:
-            code = grpc.StatusCode.UNKNOWN
-            raise
-        finally:
-            seconds = time.perf_counter() - started
-            if not stream:
-                # A stream closed from outside ends in another context, where the reset would fail;
-                # each stream runs in a task of its own, whose context copy ends with it anyway.
-                current_call.reset(token)
-            name = method.rpartition("/")[2]
-            if metrics is not None:
-                if not stream:
-                    metrics.in_progress.dec()
-                # A stream's duration is how long its client watched, not a latency: kept out of
-                # the histogram, where it would fill the top bucket.
-                metrics.observe(name, code, None if stream else seconds, record.reason)
-            if log.isEnabledFor(logging.INFO):
-                self._log(method, code, seconds, peer, request_id, record)
-
-    def _log(
-        self,
-        method: str,
-        code: grpc.StatusCode,
-        seconds: float,
-        peer: str,
-        request_id: str,
-        record: CallRecord,
-    ) -> None:
-        fields: dict[str, object] = {
-            "rpc": method,
-            "code": code.name,
-            "duration_ms": round(seconds * 1000, 2),
-            "peer": peer,
-            "request_id": request_id,
-        }
-        if record.reason is not None:
-            fields["reason"] = record.reason
-        caller = record.caller
-        if caller is not None:
-            # The same names the caller's other lines carry (logs.CallerContext).
-            for key, value in (
-                ("source", caller.source),
-                ("caller_user_id", caller.user_id),
-                ("caller_session_id", caller.session_id),
-                ("machine", caller.machine),
-            ):
-                if value:
-                    fields[key] = value
-        if self._trace_ids:
-            from opentelemetry import trace  # only imported when tracing is on
-
-            span_context = trace.get_current_span().get_span_context()
-            if span_context.is_valid:
-                fields["trace_id"] = format(span_context.trace_id, "032x")
-        log.info("rpc", extra=fields)
-
-
-def _request_id(metadata: Any) -> str:
-    given = metadata_value(metadata or (), REQUEST_ID)
-    if given is not None and _REQUEST_ID_FORM.fullmatch(given):
-        return given
-    return uuid.uuid4().hex

@@ -2,7 +2,7 @@
 
 Protobuf lets a caller send any int32, and any int64 pair as a Timestamp; past the edge such
 values overflow ``datetime`` or BSON's 8-byte integers and would end as INTERNAL with a
-traceback. The access interceptor calls :func:`refuse_out_of_range` on every request that
+traceback. The call pipeline's guard calls :func:`refuse_out_of_range` on every request that
 parsed, before anything reads it, so the services only ever see values in range.
 
 Timestamps and Durations are checked wherever they occur (their ranges are the ones

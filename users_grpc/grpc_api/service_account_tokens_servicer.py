@@ -10,8 +10,8 @@ import grpc
 
 from users.v1 import service_account_token_pb2 as pb
 from users_grpc.domain.service_account_tokens import ServiceAccountToken
-from users_grpc.grpc_api.access import current_caller
 from users_grpc.grpc_api.convert import _timestamp
+from users_grpc.pipeline.current import current_caller
 from users_grpc.services.service_account_tokens import ServiceAccountTokenService
 from users_grpc.services.service_accounts import ServiceAccountService
 

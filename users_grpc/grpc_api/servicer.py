@@ -18,7 +18,6 @@ from users_grpc.domain.errors import FieldViolation, InvalidArgument
 from users_grpc.domain.metadata import MetadataFilter, validate_key
 from users_grpc.domain.model import AuditFilter, ProfileChanges, Registration, User, UserFilter
 from users_grpc.domain.rules import identifier_key, validate_external_id, validate_prefix
-from users_grpc.grpc_api.access import current_caller, stream_admission
 from users_grpc.grpc_api.convert import (
     ASSIGNED_ROLES,
     AUDIT_TYPES,
@@ -44,6 +43,7 @@ from users_grpc.grpc_api.convert import (
 from users_grpc.grpc_api.groups_servicer import GroupRpcs
 from users_grpc.grpc_api.service_account_tokens_servicer import ServiceAccountTokenRpcs
 from users_grpc.grpc_api.status import to_rpc_status
+from users_grpc.pipeline.current import current_caller, stream_admission
 from users_grpc.services.accounts import AccountService
 from users_grpc.services.admin import AdminService
 from users_grpc.services.audit import AuditLog

@@ -33,6 +33,7 @@ from users_grpc.domain.errors import (
     UsersError,
     check_error_classes,
 )
+from users_grpc.pipeline.call import Code
 
 ERROR_DOMAIN = "users.v1"
 # buf's lint wants enum values prefixed; the reason on the wire is the name without it.
@@ -68,9 +69,18 @@ STATUS_CODES: dict[type[UsersError], grpc.StatusCode] = {
 }
 
 
+def status_code(error: UsersError) -> grpc.StatusCode:
+    return next(STATUS_CODES[cls] for cls in type(error).__mro__ if cls in STATUS_CODES)
+
+
+def pipeline_code(error: UsersError) -> Code:
+    """``error``'s status code as the pipeline records it (in the call's log line, metrics, audit event and span)."""
+    return Code(status_code(error).value[0])
+
+
 def to_rpc_status(error: UsersError) -> status_pb2.Status:
     """The ``google.rpc.Status`` a caller receives for ``error``: code, message and details."""
-    code = next(STATUS_CODES[cls] for cls in type(error).__mro__ if cls in STATUS_CODES)
+    code = status_code(error)
     details: list[Message] = [
         error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
     ]

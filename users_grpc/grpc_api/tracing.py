@@ -1,9 +1,10 @@
-"""OpenTelemetry traces: a server span per call, a client span per database command beneath it.
+"""OpenTelemetry traces: a server span per call (the pipeline's, pipeline/tracing.py, on both edges),
+a client span per database command beneath it.
 
 Switched on by the standard variables only: ``OTEL_TRACES_EXPORTER`` (other than ``none``), or an
 OTLP endpoint (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, which
 mean the ``otlp`` exporter). ``OTEL_SDK_DISABLED=true`` switches it off whatever else is set. Off,
-nothing of OpenTelemetry is even imported: the server has no tracing interceptor and the database
+nothing of OpenTelemetry is even imported: the pipeline has no span step and the database
 client no command listener. The OTLP exporters are the optional extra ``users-grpc[otlp]``.
 """
 
@@ -17,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from users_grpc.domain.errors import ConfigError
 
 if TYPE_CHECKING:
-    import grpc
     from opentelemetry.sdk.trace import TracerProvider
     from pymongo.monitoring import CommandListener
 
@@ -62,16 +62,6 @@ def tracer_provider_from_env(environ: Mapping[str, str] | None = None) -> Tracer
             )
         provider.add_span_processor(BatchSpanProcessor(found[0].load()()))
     return provider
-
-
-def server_interceptor(provider: TracerProvider) -> grpc.aio.ServerInterceptor:
-    """Opens a server span for each call (health checks excepted), continuing the caller's trace."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
-
-    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-        tracer_provider=provider, filter_=filters.negate(filters.health_check())
-    )
-    return interceptor
 
 
 def command_listener(provider: TracerProvider) -> CommandListener:

@@ -5,14 +5,16 @@ google.protobuf mode, in generated/users/v1/user_service_connect.py) with every 
 One dispatcher answers every method by name (the request context names the RPC), so an RPC added
 to the proto needs no code here. A refusal keeps its ``google.rpc.Status`` details (ErrorInfo,
 BadRequest, RetryInfo): Connect's error JSON carries them in ``details``, gRPC-Web in
-``grpc-status-details-bin``, as gRPC does. Server streams (WatchUserChanges) are not served here:
-``invoke`` is unary, and the change feed's per-poll readmission lives in the gRPC stream guard;
-they answer UNIMPLEMENTED and stay on the gRPC port.
+``grpc-status-details-bin``, as gRPC does. A server stream (WatchUserChanges) goes to
+:meth:`~users_grpc.http_api.invoke.Invoker.stream`, through the pipeline's stream guard: the same cap
+of streams (counted across both edges), the same admission again at every poll, and the same end
+(its status in Connect's end-stream message, or gRPC-Web's trailers) once its caller is revoked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import grpc
@@ -25,9 +27,9 @@ from google.protobuf.message import Message
 from protobuf.wkt import Any as AnyDetail
 
 from users.v1.user_service_connect import UserService, UserServiceASGIApplication
-from users_grpc.grpc_api.interceptors import MALFORMED
 from users_grpc.http_api.app import ASGIApp
-from users_grpc.http_api.invoke import CallFailed, HttpCall, Invoke, grpc_peer
+from users_grpc.http_api.invoke import CallFailed, HttpCall, Invoker, grpc_peer
+from users_grpc.pipeline.call import MALFORMED
 
 # Connect spells one code otherwise; the rest are gRPC's names in lower case.
 _CONNECT_CODES = {grpc.StatusCode.CANCELLED: Code.CANCELED}
@@ -78,36 +80,37 @@ def connect_error(failed: CallFailed) -> ConnectError:
 class _Dispatcher:
     """Stands for the generated ``UserService`` protocol: every method is one call to ``invoke``."""
 
-    def __init__(self, invoke: Invoke) -> None:
+    def __init__(self, invoke: Invoker) -> None:
         self._invoke = invoke
 
     def __getattr__(self, _name: str) -> Callable[[Any, RequestContext[Any, Any]], Any]:
         return self._call
 
     def _call(self, request: Any, ctx: RequestContext[Any, Any]) -> Any:
-        if ctx.method.stream_type is not StreamType.UNARY:
-            return _UnimplementedStream()
+        if ctx.method.stream_type is StreamType.SERVER_STREAM:
+            return self._server_stream(request, ctx)
         return self._unary(request, ctx)
 
     async def _unary(self, request: Any, ctx: RequestContext[Any, Any]) -> Message:
-        method = f"/{ctx.method.service_name}/{ctx.method.name}"
         try:
-            return await self._invoke(method, request, _http_call(ctx))
+            return await self._invoke(_method(ctx), request, _http_call(ctx))
+        except CallFailed as failed:
+            raise connect_error(failed) from None
+
+    async def _server_stream(self, request: Any, ctx: RequestContext[Any, Any]) -> AsyncIterator[Message]:
+        try:
+            async with contextlib.aclosing(self._invoke.stream(_method(ctx), request, _http_call(ctx))) as responses:
+                async for response in responses:
+                    yield response
         except CallFailed as failed:
             raise connect_error(failed) from None
 
 
-class _UnimplementedStream:
-    """A server stream's answer here: UNIMPLEMENTED at its first message."""
-
-    def __aiter__(self) -> _UnimplementedStream:
-        return self
-
-    async def __anext__(self) -> Message:
-        raise ConnectError(Code.UNIMPLEMENTED, "server streams are served over gRPC only")
+def _method(ctx: RequestContext[Any, Any]) -> str:
+    return f"/{ctx.method.service_name}/{ctx.method.name}"
 
 
-def connect_app(invoke: Invoke, *, max_body_bytes: int) -> ASGIApp:
+def connect_app(invoke: Invoker, *, max_body_bytes: int) -> ASGIApp:
     """The Connect application for UserService, every call through ``invoke``."""
     codecs = [_TolerantCodec(google_protobuf_binary_codec()), _TolerantCodec(google_protobuf_json_codec())]
     app = UserServiceASGIApplication(

@@ -1,23 +1,34 @@
 """One UserService call made from the HTTP edge, through the same pipeline as a gRPC call.
 
-:func:`build_invoke` runs the very interceptors the gRPC server runs (tracing, observability,
-access, rate limits, the concurrency cap, the database budget, audit) and then the servicer's
-method, with :class:`HttpServicerContext` in place of grpc's context: no rule can hold on one
-edge and not the other, because there is one copy of each.
+:class:`Invoker` turns an HTTP call into the pipeline's :class:`~users_grpc.pipeline.call.Call` and
+runs the very pipeline the gRPC server runs (tracing, the log line and metrics, the guard: access,
+rate limits, the concurrency caps, the database budget; audit) around the servicer's method, and
+turns a domain error into the same status as over gRPC, by the one table (grpc_api/status.py): no
+rule can hold on one edge and not the other, because there is one copy of each. A unary call is
+:meth:`Invoker.__call__`, a server stream (WatchUserChanges) :meth:`Invoker.stream`: the stream
+cap and the admission again at every poll included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import grpc
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+from users_grpc.domain.errors import UsersError
+from users_grpc.grpc_api.status import to_rpc_status
+from users_grpc.pipeline.call import Call, Unexpected
+from users_grpc.pipeline.chain import Pipeline
+
+# The servicer reads nothing of its context: what it needs of the call (the caller, a stream's
+# admission) reaches it through the pipeline's context variables, on either edge.
+_NO_CONTEXT: Any = None
 
 
 @dataclass(frozen=True)
@@ -49,90 +60,6 @@ Invoke = Callable[[str, Message, HttpCall], Coroutine[Any, Any, Message]]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-class _Metadatum(NamedTuple):
-    """One metadata entry as grpc gives it: a pair, also read by name (OpenTelemetry's interceptor does)."""
-
-    key: str
-    value: str
-
-
-class _Details(NamedTuple):
-    method: str
-    invocation_metadata: tuple[_Metadatum, ...]
-
-
-class HttpServicerContext:
-    """The part of ``grpc.aio.ServicerContext`` the interceptors and the servicer use, for an HTTP call.
-
-    No client certificate reaches the HTTP edge (TLS ends at the ingress), so it proves no
-    machine identity: a machine caller there presents a service account's token.
-    """
-
-    def __init__(self, call: HttpCall) -> None:
-        self._call = call
-        self._metadata = tuple(_Metadatum(key, value) for key, value in call.metadata)
-        self._deadline = None if call.timeout is None else time.monotonic() + call.timeout
-        self._trailing: tuple[tuple[str, str | bytes], ...] = ()
-        self._code = grpc.StatusCode.OK
-        self._details = ""
-
-    def peer(self) -> str:
-        return self._call.peer
-
-    def invocation_metadata(self) -> tuple[_Metadatum, ...]:
-        return self._metadata
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-
-    def auth_context(self) -> Mapping[str, Sequence[bytes]]:
-        return {}
-
-    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
-        self._trailing = tuple(metadata)
-
-    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return self._trailing
-
-    def invocation_details(self) -> tuple[str, str]:
-        return self._code.name, self._details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
-    async def abort(
-        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
-    ) -> None:
-        self._code = code
-        self._details = details
-        if trailing_metadata:
-            self._trailing = tuple(trailing_metadata)
-        raise grpc.aio.AbortError()
-
-    def failure(self) -> CallFailed:
-        """The status the call was aborted with, as the caller receives it over gRPC."""
-        status = status_pb2.Status(code=self._code.value[0], message=self._details)
-        for key, value in self._trailing:
-            if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
-                status = status_pb2.Status.FromString(value)
-        return CallFailed(self._code, self._details, status)
-
-    def request_id(self) -> str | None:
-        for key, value in self._trailing:
-            if key == "x-request-id" and isinstance(value, str):
-                return value
-        return None
-
-
 class _HandlerRegistry:
     """Collects the method handlers a generated ``add_*Servicer_to_server`` registers."""
 
@@ -154,39 +81,71 @@ def method_handlers(add_servicer: Callable[[Any], None]) -> dict[str, grpc.RpcMe
     return registry.handlers
 
 
-def build_invoke(
-    handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]],
-    interceptors: Sequence[grpc.aio.ServerInterceptor],
-) -> Invoke:
-    """An :data:`Invoke` running ``interceptors`` (outermost first, as the gRPC server is given them)
-    around ``handlers``; unary methods only."""
+class Invoker:
+    """Runs ``pipeline`` around ``handlers`` (the servicer's, by full method name): a unary call
+    when called, a server stream by :meth:`stream`."""
 
-    async def resolve(details: grpc.HandlerCallDetails, index: int) -> grpc.RpcMethodHandler[Any, Any] | None:
-        if index == len(interceptors):
-            return handlers.get(details.method)
+    def __init__(self, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]], pipeline: Pipeline) -> None:
+        self._handlers = handlers
+        self._pipeline = pipeline
 
-        async def continuation(next_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-            return await resolve(next_details, index + 1)
-
-        return await interceptors[index].intercept_service(continuation, details)
-
-    async def invoke(method: str, request: Message, call: HttpCall) -> Message:
-        metadata = tuple(_Metadatum(key, value) for key, value in call.metadata)
-        handler = await resolve(cast(grpc.HandlerCallDetails, _Details(method, metadata)), 0)
+    async def __call__(self, method: str, request: Message, call: HttpCall) -> Message:
+        handler = self._handlers.get(method)
         if handler is None or handler.unary_unary is None:
-            raise CallFailed(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"no unary method {method}",
-                status_pb2.Status(code=grpc.StatusCode.UNIMPLEMENTED.value[0], message=f"no unary method {method}"),
-            )
-        context = HttpServicerContext(call)
-        behavior = cast(Callable[[Message, HttpServicerContext], Awaitable[Message]], handler.unary_unary)
+            raise _unimplemented(f"no unary method {method}")
+        behavior = cast(Callable[[Message, Any], Awaitable[Message]], handler.unary_unary)
         try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise context.failure() from None
+            response: Message = await self._pipeline.unary(
+                _call_of(method, request, call, stream=False), lambda: behavior(request, _NO_CONTEXT)
+            )
+        except UsersError as error:
+            raise _failed(error) from None
+        except Unexpected:
+            raise _internal() from None
+        return response
 
-    return invoke
+    async def stream(self, method: str, request: Message, call: HttpCall) -> AsyncGenerator[Message, None]:
+        """The responses of a server stream; :class:`CallFailed` when it is refused or ends in error."""
+        handler = self._handlers.get(method)
+        if handler is None or handler.unary_stream is None:
+            raise _unimplemented(f"no server-streaming method {method}")
+        behavior = cast(Callable[[Message, Any], AsyncGenerator[Message, None]], handler.unary_stream)
+        responses = self._pipeline.stream(
+            _call_of(method, request, call, stream=True), lambda: behavior(request, _NO_CONTEXT)
+        )
+        try:
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    yield response
+        except UsersError as error:
+            raise _failed(error) from None
+        except Unexpected:
+            raise _internal() from None
+
+
+def _call_of(method: str, request: Message, call: HttpCall, *, stream: bool) -> Call:
+    # No client certificate reaches the HTTP edge (TLS ends at the ingress), so it proves no machine
+    # identity: a machine caller here presents a service account's token.
+    deadline = None if call.timeout is None else time.monotonic() + call.timeout
+    return Call(
+        method=method, request=request, metadata=call.metadata, peer=call.peer, deadline=deadline, stream=stream
+    )
+
+
+def _failed(error: UsersError) -> CallFailed:
+    """The status a caller receives over gRPC for ``error``."""
+    status = to_rpc_status(error)
+    return CallFailed(_CODES[status.code], status.message, status)
+
+
+def _internal() -> CallFailed:
+    code = grpc.StatusCode.INTERNAL
+    return CallFailed(code, "internal error", status_pb2.Status(code=code.value[0], message="internal error"))
+
+
+def _unimplemented(message: str) -> CallFailed:
+    code = grpc.StatusCode.UNIMPLEMENTED
+    return CallFailed(code, message, status_pb2.Status(code=code.value[0], message=message))
 
 
 def grpc_peer(host: str, port: int) -> str:

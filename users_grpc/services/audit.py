@@ -1,8 +1,9 @@
 """The audit trail: security events recorded as calls end, and listed for admins (ListAuditEvents).
 
-Events are written by :mod:`users_grpc.grpc_api.audit_interceptor`, from one table of RPCs, after each
-call resolves. An event is never a reason to fail the call it records: a failed write is logged
-(by event type and cause only) and the call's own answer stands. The write comes after the
+Events are written by the call pipeline's audit step (:mod:`users_grpc.pipeline.audit`), from one
+table of RPCs (:mod:`users_grpc.grpc_api.audit_interceptor`), after each call resolves. An event
+is never a reason to fail the call it records: a failed write is logged (by event type and cause
+only) and the call's own answer stands. The write comes after the
 action, in a separate insert (FerretDB has no transactions): a crash between the two loses that
 one event, and a call cancelled mid-way is recorded as CANCELLED, though its action may or may
 not have taken effect.

@@ -1,6 +1,7 @@
 // Calls the server's HTTP edge as a browser does, over Connect and over gRPC-Web (HTTP/1.1, the
 // transports @connectrpc/connect-web has; connect-node's are the same protocols for Node): signs
-// in, reads the user, and shows the ErrorInfo reason of a refused call, on each transport.
+// in, reads the user, and shows the ErrorInfo reason of a refused call and of a refused server
+// stream (WatchUserChanges is for admins and machine callers), on each transport.
 //
 //   EXAMPLE_PASSWORD=... node dist/examples/http-edge.js http://localhost:9464 jane
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
@@ -22,5 +23,13 @@ for (const [name, transport] of [
     await client.getUserByIdentifier({ identifier }, { headers });
   } catch (error) {
     console.log(`${name}: GetUserByIdentifier refused: ${errorReason(error)}`);
+  }
+  try {
+    for await (const { change } of client.watchUserChanges({}, { headers })) {
+      console.log(`${name}: WatchUserChanges delivered ${change?.cursor}`);
+      break;
+    }
+  } catch (error) {
+    console.log(`${name}: WatchUserChanges refused: ${errorReason(error)}`);
   }
 }
