@@ -822,6 +822,19 @@ async def serve(settings: Settings, *, share_port: bool = False, on_serving: Cal
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    try:
+        await _serve_until(stopping, settings, share_port=share_port, on_serving=on_serving)
+    finally:
+        # Taken back before asyncio.run closes the loop: its close shuts the loop's wakeup pipe
+        # before it removes the handlers, and a signal in between (a supervisor stopping a worker
+        # that failed to start) prints "Exception ignored ... signal wakeup fd" and a traceback.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def _serve_until(
+    stopping: asyncio.Event, settings: Settings, *, share_port: bool, on_serving: Callable[[], None] | None
+) -> None:
     tracer_provider = tracer_provider_from_env()
     app = await build_app(settings, tracer_provider=tracer_provider, share_port=share_port)
     starting = asyncio.create_task(app.start())
