@@ -37,6 +37,7 @@ from users_grpc.domain.metadata import validate_key
 from users_grpc.domain.model import ActorKind, AuditActor, AuditEvent, AuditEventType, Caller
 from users_grpc.domain.ports import Clock
 from users_grpc.grpc_api.access import current_caller
+from users_grpc.grpc_api.convert import requested_user_id
 from users_grpc.grpc_api.status import to_rpc_status
 from users_grpc.services.audit import AuditLog
 
@@ -59,6 +60,15 @@ def _id_in_request(field: str) -> _Part:
         return value if rules.is_id(value) else ""
 
     return subject
+
+
+def _requested_user(request: Any, _response: Any) -> str:
+    """The user the request names (GetUser's and DeleteUser's user_id or deprecated id), read as the call reads it."""
+    try:
+        user_id = requested_user_id(request) or ""
+    except InvalidArgument:  # both names, differing: the call was refused, and names no one
+        return ""
+    return user_id if rules.is_id(user_id) else ""
 
 
 def _user_in_response(_request: Any, response: Any) -> str:
@@ -193,7 +203,7 @@ AUDITED: Mapping[str, Audited] = {
     "ReactivateUser": Audited(AuditEventType.USER_REACTIVATE, _USER_ID),
     "LockUser": Audited(AuditEventType.USER_LOCK, _USER_ID),
     "UnlockUser": Audited(AuditEventType.USER_UNLOCK, _USER_ID),
-    "DeleteUser": Audited(AuditEventType.USER_DELETE, _id_in_request("id")),
+    "DeleteUser": Audited(AuditEventType.USER_DELETE, _requested_user),
     "DeleteUserByIdentifier": Audited(AuditEventType.USER_DELETE, identifier="before"),
     # One event per call, with counts: a batch of 1000 makes one record, not 1000 (the users
     # themselves are in ListUsers, created_after the event's time); but each admin it made is
