@@ -19,8 +19,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	usersv1 "users-grpc/clients/go/users/v1"
-	"users-grpc/clients/go/usersclient"
+	usersv1 "github.com/users-grpc/users-grpc/clients/go/users/v1"
+	"github.com/users-grpc/users-grpc/clients/go/usersclient"
 )
 
 func main() {

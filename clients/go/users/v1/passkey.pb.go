@@ -1300,8 +1300,8 @@ const file_users_v1_passkey_proto_rawDesc = "" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1d\n" +
 	"\n" +
 	"passkey_id\x18\x02 \x01(\tR\tpasskeyId\"\x1b\n" +
-	"\x19RemoveUserPasskeyResponseB\x85\x01\n" +
-	"\fcom.users.v1B\fPasskeyProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"\x19RemoveUserPasskeyResponseB\x9b\x01\n" +
+	"\fcom.users.v1B\fPasskeyProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_passkey_proto_rawDescOnce sync.Once

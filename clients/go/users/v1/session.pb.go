@@ -314,8 +314,8 @@ const file_users_v1_session_proto_rawDesc = "" +
 	"\n" +
 	"issue_time\x18P \x01(\v2\x1a.google.protobuf.TimestampR\tissueTime\x12;\n" +
 	"\vexpire_time\x18Q \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"expireTimeB\x85\x01\n" +
-	"\fcom.users.v1B\fSessionProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"expireTimeB\x9b\x01\n" +
+	"\fcom.users.v1B\fSessionProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_session_proto_rawDescOnce sync.Once

@@ -5976,8 +5976,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\rRemovePasskey\x12\x1e.users.v1.RemovePasskeyRequest\x1a\x1f.users.v1.RemovePasskeyResponse\x12\x80\x01\n" +
 	"\x1dListUserAuthenticationFactors\x12..users.v1.ListUserAuthenticationFactorsRequest\x1a/.users.v1.ListUserAuthenticationFactorsResponse\x12\\\n" +
 	"\x11RemoveUserPasskey\x12\".users.v1.RemoveUserPasskeyRequest\x1a#.users.v1.RemoveUserPasskeyResponse\x12J\n" +
-	"\vSetPassword\x12\x1c.users.v1.SetPasswordRequest\x1a\x1d.users.v1.SetPasswordResponseB\x89\x01\n" +
-	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"\vSetPassword\x12\x1c.users.v1.SetPasswordRequest\x1a\x1d.users.v1.SetPasswordResponseB\x9f\x01\n" +
+	"\fcom.users.v1B\x10UserServiceProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_user_service_proto_rawDescOnce sync.Once
