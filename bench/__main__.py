@@ -460,7 +460,7 @@ def run(profile: Profile, workers: int = 1) -> str:
         signed_in = [bench.sign_in(name) for name in spread]
         admin = bench.sign_in("admin")
         # ghz takes one metadata object, rendered as a template per call: pick the n-th user's id and token alike.
-        own_data = {"id": round_robin([reply.user.id for reply in signed_in])}
+        own_data = {"user_id": round_robin([reply.user.id for reply in signed_in])}
         own_metadata = {"authorization": "Bearer " + round_robin([reply.access_token for reply in signed_in])}
         admin_metadata = {"authorization": f"Bearer {admin.access_token}"}
         by_identifier = {"identifier": round_robin(spread)}

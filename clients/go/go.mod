@@ -1,4 +1,4 @@
-module users-grpc/clients/go
+module github.com/users-grpc/users-grpc/clients/go
 
 go 1.26.0
 

@@ -271,6 +271,31 @@ def test_the_python_verifier_refuses_other_audiences_and_forged_tokens(server: R
         verifier.verify("not a token")
 
 
+# The Go module's path: a repository's on a VCS host, the module in its clients/go directory, so a
+# module proxy serves it from the tag clients/go/vX.Y.Z (docs/releasing.md).
+GO_MODULE = "github.com/users-grpc/users-grpc/clients/go"
+
+
+def go(*args: str) -> str:
+    """A go command in the Go module, from the module cache only (what .ci/setup filled)."""
+    binary = shutil.which("go")
+    assert binary, "Go is needed for the Go client's tests"
+    env = {**os.environ, "GOFLAGS": "-mod=readonly", "GOPROXY": "off", "GOTOOLCHAIN": "local"}
+    done = subprocess.run(
+        [binary, *args], cwd=CLIENTS / "go", env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_go_module_has_a_path_a_proxy_can_fetch_and_its_code_and_example_vet_with_it() -> None:
+    assert go("list", "-m").strip() == GO_MODULE
+    # The generated stubs' go_package and every import (the example's too) use that path.
+    packages = go("list", "./...").split()
+    assert {f"{GO_MODULE}/users/v1", f"{GO_MODULE}/usersclient", f"{GO_MODULE}/examples/quickstart"} <= set(packages)
+    go("vet", "./...")
+
+
 def test_the_go_verifier_caches_refetches_and_refuses_as_the_python_one() -> None:
     # Its own tests (clients/go/usersclient/verifier_test.go), with keys of their own: a rotation
     # fetches the set again, at most once per interval; other audiences, issuers, roles and

@@ -8,14 +8,25 @@ Through a real channel, server, database and SMTP server.
 from __future__ import annotations
 
 import re
+from email.message import EmailMessage
 from pathlib import Path
 
 import grpc
 from google.protobuf import field_mask_pb2
 
-from tests.support.calls import create_request, rpc_error, signed_up, users_grpc, violated_fields
+from tests.support.authenticator import SoftwareAuthenticator
+from tests.support.calls import (
+    NEW_PASSWORD,
+    PASSWORD,
+    create_request,
+    rpc_error,
+    signed_up,
+    users_grpc,
+    violated_fields,
+)
 from tests.support.mail import MailSink, html_of, text_of
 from tests.support.servers import RunningServer, StartServer
+from users.v1 import passkey_pb2 as pk
 from users.v1 import user_pb2
 from users.v1 import user_service_pb2 as pb
 
@@ -215,3 +226,83 @@ def test_a_link_setting_must_be_https(start_server: StartServer) -> None:
     [line] = result.stderr.strip().splitlines()
     assert "USERS_RESET_URL" in line
     assert "https://" in line
+
+
+def signed_up_in(server: RunningServer, mail: MailSink, name: str, language: str) -> pb.AuthenticateResponse:
+    """An activated, signed-in user whose mails are in ``language`` (empty: the server's)."""
+    email = f"{name}@example.com"
+    server.anonymous.CreateUser(create_request(username=name, email=email, language_code=language))
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier=name, code=mail.code_for(email)))
+    return server.anonymous.Authenticate(pb.AuthenticateRequest(identifier=name, password=PASSWORD))
+
+
+def changed_password_notice(server: RunningServer, mail: MailSink, signed_in: pb.AuthenticateResponse) -> EmailMessage:
+    """ChangePassword, then the notice it sends, after the activation mail."""
+    server.stub_for(signed_in.access_token).ChangePassword(
+        pb.ChangePasswordRequest(
+            user_id=signed_in.user.id,
+            current_password=PASSWORD,
+            new_password=NEW_PASSWORD,
+            new_password_confirmation=NEW_PASSWORD,
+        )
+    )
+    return mail.wait_for(signed_in.user.email, 2)[1]
+
+
+def test_a_german_users_notice_arrives_in_german(server: RunningServer, mail: MailSink) -> None:
+    notice = changed_password_notice(server, mail, signed_up_in(server, mail, "jane", "de"))
+    assert notice["Subject"] == "Dein Passwort wurde geändert"
+    assert text_of(notice).startswith("Hallo jane,\n\ndein Passwort wurde geändert, und jede Sitzung")
+    assert 'lang="de"' in html_of(notice)
+    assert "<p>dein Passwort wurde geändert, und jede Sitzung" in html_of(notice)
+
+
+def test_a_notice_falls_back_to_the_primary_language_then_the_servers(
+    server: RunningServer, start_server: StartServer, mail: MailSink
+) -> None:
+    regional = changed_password_notice(server, mail, signed_up_in(server, mail, "jane", "de-AT"))
+    assert regional["Subject"] == "Dein Passwort wurde geändert"
+    french = changed_password_notice(server, mail, signed_up_in(server, mail, "juliette", "fr"))
+    assert french["Subject"] == "Your password was changed"
+    assert text_of(french).startswith("Hello juliette,\n\nyour password was changed")
+    german_server = start_server(mail_language="de")
+    unset = changed_password_notice(german_server, mail, signed_up_in(german_server, mail, "hans", ""))
+    assert unset["Subject"] == "Dein Passwort wurde geändert"
+
+
+def test_a_hostile_passkey_name_or_first_name_in_a_german_notice_is_escaped_and_literal(
+    start_server: StartServer, mail: MailSink, tmp_path: Path
+) -> None:
+    """The passkey's name (the shipped notices name it) and, in an operator's template, the first
+    name: never markup, never template syntax, in either part."""
+    (tmp_path / "notice.de.html").write_text(
+        '{% import "notice-texts.de.txt" as words with context %}'
+        "<p>Hallo {{ first_name }}</p><p>{{ words.message() }}</p>\n"
+    )
+    server = start_server(mail_templates_dir=tmp_path)
+    server.anonymous.CreateUser(create_request(first_name=HOSTILE_NAME, language_code="de"))
+    server.anonymous.ActivateUser(pb.ActivateUserRequest(identifier="jane", code=mail.code_for("jane@example.com")))
+    signed_in = server.anonymous.Authenticate(pb.AuthenticateRequest(identifier="jane", password=PASSWORD))
+    stub = server.stub_for(signed_in.access_token)
+    started = stub.StartPasskeyRegistration(
+        pk.StartPasskeyRegistrationRequest(user_id=signed_in.user.id, password=PASSWORD)
+    )
+    stub.FinishPasskeyRegistration(
+        pk.FinishPasskeyRegistrationRequest(
+            user_id=signed_in.user.id,
+            ceremony_id=started.ceremony_id,
+            credential_json=SoftwareAuthenticator("ES256").register(started.options_json),
+            display_name=HOSTILE_NAME,
+        )
+    )
+    notice = mail.wait_for("jane@example.com", 2)[1]
+    assert notice["Subject"] == "Ein Passkey wurde hinzugefügt"
+    # Quotes and angle brackets are dropped from a passkey's name before any mail (passkeys.py).
+    shown = "scriptalert(1)/script{{ 7*7 }}{% if true %}x{% endif %}&"
+    assert f"der Passkey „{shown}“ wurde hinzugefügt." in " ".join(text_of(notice).split())
+    html = " ".join(html_of(notice).split())
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;{{ 7*7 }}{% if true %}x{% endif %}&#34;&amp;" in html
+    assert f"der Passkey „{shown.replace('&', '&amp;')}“ wurde hinzugefügt." in html
+    assert "49" not in html
+    assert "49" not in text_of(notice)

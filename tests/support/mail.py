@@ -89,8 +89,9 @@ class MailSink:
         return match.group(1)
 
     def code_for(self, to: str, nth: int = 1) -> str:
+        """The 6-digit code of the ``nth`` mail to ``to``, in English or in the shipped German."""
         body = text_of(self.wait_for(to, nth)[nth - 1])
-        match = re.search(r"code is (\d{6})", body)
+        match = re.search(r"(?:code is|Aktivierungscode ist) (\d{6})", body)
         assert match, body
         return match.group(1)
 

@@ -31,7 +31,7 @@ from users_grpc.domain.errors import (
 from users_grpc.domain.model import User
 from users_grpc.services.accounts import AccountPolicy
 from users_grpc.services.mfa import STEP_SECONDS, Enrollment, MfaService, totp, totp_context
-from users_grpc.services.passwords import security_notice
+from users_grpc.services.notices import security_notice
 from users_grpc.services.throttling import ThrottlePolicy
 from users_grpc.services.tokens import KeyEncryption
 
@@ -173,9 +173,7 @@ class TestEnrollment:
         assert world.current().token_version == 1
         assert world.signed_out(session)
         assert world.mailer.woken == 1
-        assert world.credentials.notices == [
-            security_notice(world.service.mail_renderer, world.user, "Two-factor sign-in is on")
-        ]
+        assert world.credentials.notices == [security_notice(world.service.mail_renderer, world.user, "mfa-enabled")]
         with pytest.raises(FailedPrecondition, match=r"^MFA is already on$"):
             world.enable()
         with pytest.raises(FailedPrecondition, match=r"^no pending MFA enrollment: call EnableMfa$"):
@@ -361,9 +359,7 @@ class TestTurningOff:
         assert world.credentials.accounts[world.user.id].mfa is None
         assert world.current().token_version == 2
         assert world.signed_out(session)
-        assert world.credentials.notices == [
-            security_notice(world.service.mail_renderer, world.user, "Two-factor sign-in is off")
-        ]
+        assert world.credentials.notices == [security_notice(world.service.mail_renderer, world.user, "mfa-disabled")]
         assert world.login().id == world.user.id
         with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
             run(world.mfa.disable(world.user.id, PASSWORD, totp(secret, world.step + 1), source=SOURCE))
@@ -403,9 +399,7 @@ class TestTurningOff:
         assert not user.mfa_enabled
         assert world.credentials.accounts[world.user.id].mfa is None
         assert world.signed_out(session)
-        assert world.credentials.notices == [
-            security_notice(world.service.mail_renderer, world.user, "Two-factor sign-in was reset by an administrator")
-        ]
+        assert world.credentials.notices == [security_notice(world.service.mail_renderer, world.user, "mfa-reset")]
         with pytest.raises(FailedPrecondition, match=r"^MFA is off$"):
             run(world.mfa.reset(world.user.id))
         world.enable()

@@ -15,7 +15,8 @@ from users_grpc.domain.errors import InvalidArgument, InvalidCredentials, Invali
 from users_grpc.domain.model import User, UserState
 from users_grpc.domain.rules import PasswordPolicy
 from users_grpc.services.accounts import AccountPolicy
-from users_grpc.services.passwords import PasswordService, security_notice
+from users_grpc.services.notices import security_notice
+from users_grpc.services.passwords import PasswordService
 from users_grpc.services.throttling import ThrottlePolicy
 
 NEW = "a brand new passphrase"
@@ -161,7 +162,7 @@ class TestResetPassword:
         assert world.all_signed_out(sessions)
         assert world.mailer.woken == 1
         (notice,) = world.credentials.notices
-        assert notice == security_notice(world.service.mail_renderer, world.user, "Your password was reset")
+        assert notice == security_notice(world.service.mail_renderer, world.user, "password-reset")
         logged(log, "password set", user_id=world.user.id)
         logged(log, "password failures forgotten", user_id=world.user.id, source=SOURCE)
 
@@ -269,7 +270,7 @@ class TestChangePassword:
         assert world.all_signed_out(sessions)
         assert world.mailer.woken == 1
         assert world.credentials.notices == [
-            security_notice(world.service.mail_renderer, world.user, "Your password was changed")
+            security_notice(world.service.mail_renderer, world.user, "password-changed")
         ]
         with pytest.raises(InvalidResetToken):  # a pending reset dies with the old password
             world.reset(pending_reset)
@@ -321,7 +322,7 @@ class TestChangePassword:
 
 def test_a_security_notice_greets_by_username_and_says_what_changed(world: Recovery) -> None:
     user = dataclasses.replace(world.user, first_name="<a href=x>click</a>")
-    notice = security_notice(world.service.mail_renderer, user, "Your password was reset")
+    notice = security_notice(world.service.mail_renderer, user, "password-reset")
     assert (notice.to, notice.subject) == ("jane@example.com", "Your password was reset")
     assert notice.body == (
         "Hello jane,\n\nyour password was reset, and every session of your account was signed out.\n"

@@ -80,6 +80,8 @@ def test_the_contract_has_the_numbers_the_cases_cover() -> None:
         "UpdateUser.user.updated_at",
         "UpdateUser.user.metadata[0].update_time",
         "UpdateUser.user.password_update_time",
+        "UpdateUser.user.create_time",
+        "UpdateUser.user.update_time",
         "ListAuditEvents.page_size",
         "ListAuditEvents.start_time",
         "ListAuditEvents.end_time",

@@ -5,6 +5,9 @@ Each kind has three templates, ``<kind>.<language>.subject.txt``, ``<kind>.<lang
 directory (``USERS_MAIL_TEMPLATES_DIR``) overrides them file by file; a language without a file
 falls back to the default language, then to English. Every template is compiled, and rendered
 once with sample values, when the renderer is built: a broken one stops the start, never a send.
+Security notices are one kind, ``notice``; the service names which notice in the value
+``notice``, and the words of every notice are macros in ``notice-texts.<language>.txt``, which
+the notice's three templates import. They are tried once per notice kind, so each needs words.
 
 What a stranger typed reaches a template only as a value: Jinja2 never evaluates the text of a
 value (``{{ 7*7 }}`` in a name stays those characters), the HTML part is autoescaped, the text
@@ -16,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 from urllib.parse import quote
 
 import jinja2
@@ -23,7 +27,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from users_grpc.domain.errors import ConfigError
 from users_grpc.domain.model import Mail
-from users_grpc.domain.ports import MailKind
+from users_grpc.domain.ports import MailKind, NoticeKind
 
 SHIPPED_TEMPLATES = Path(__file__).parent / "mail_templates"
 _KINDS: tuple[MailKind, ...] = ("activation", "password-reset", "email-change-code", "notice")
@@ -41,7 +45,16 @@ _SAMPLE_VALUES: dict[MailKind, dict[str, str | int]] = {
     },
     "password-reset": {"username": "jane", "first_name": "Jane", "token": "t", "minutes": 60},
     "email-change-code": {"username": "jane", "first_name": "Jane", "code": "123456", "minutes": 15},
-    "notice": {"username": "jane", "first_name": "Jane", "subject": "Your password was reset", "message": "m"},
+    "notice": {"username": "jane", "first_name": "Jane"},
+}
+# A notice's templates are tried once per notice kind (the value `notice`), with its own values:
+# every kind must have words in every language that has notice templates.
+_NOTICE_KINDS: tuple[NoticeKind, ...] = get_args(NoticeKind)
+_NOTICE_VALUES: dict[NoticeKind, dict[str, str | int]] = {
+    "passkey-added": {"passkey_name": "Laptop"},
+    "passkey-removed": {"passkey_name": "Laptop"},
+    "passkey-removed-by-admin": {"passkey_name": "Laptop"},
+    "passkey-counter-regressed": {"passkey_name": "Laptop"},
 }
 # The value each kind's link carries, in the URL's fragment.
 _LINK_VALUE: dict[MailKind, str] = {"activation": "token", "password-reset": "token", "email-change-code": "code"}
@@ -122,16 +135,37 @@ class TemplateMailRenderer:
 
     def _check(self, name: str, kind: MailKind, language: str) -> None:
         environment = self._html if name.endswith(".html") else self._text
-        values = dict(_SAMPLE_VALUES[kind]) | {"link": "https://example.com/#token=t"}
         try:
-            environment.get_template(name).render(values)
+            template = environment.get_template(name)
         except jinja2.TemplateNotFound:
             if language == _FALLBACK_LANGUAGE:
                 raise ConfigError(f"the mail template {name} is missing") from None
-            # Another language may leave a part out: that part falls back to English.
-        except jinja2.TemplateError as error:
-            where = f" line {error.lineno}" if isinstance(error, jinja2.TemplateSyntaxError) else ""
-            raise ConfigError(f"the mail template {name}{where} does not render: {error.message}") from None
+            return  # another language may leave a part out: that part falls back to English
+        except jinja2.TemplateSyntaxError as error:
+            raise ConfigError(
+                f"the mail template {name} line {error.lineno} does not render: {error.message}"
+            ) from None
+        for what, values in _samples(kind):
+            try:
+                template.render(values)
+            except jinja2.TemplateNotFound as error:
+                raise ConfigError(f"the mail template {name} uses {error.name}, which is missing") from None
+            except jinja2.TemplateError as error:
+                # A syntax error in a template it imports (a notice's words) names that one.
+                where = name
+                if isinstance(error, jinja2.TemplateSyntaxError):
+                    where = f"{error.name} line {error.lineno}"
+                raise ConfigError(f"the mail template {where} does not render{what}: {error.message}") from None
+
+
+def _samples(kind: MailKind) -> list[tuple[str, dict[str, str | int]]]:
+    """The values a kind's templates are tried with, and what each try is (for the error)."""
+    values = dict(_SAMPLE_VALUES[kind]) | {"link": "https://example.com/#token=t"}
+    if kind != "notice":
+        return [("", values)]
+    return [
+        (f" for the notice {each}", values | {"notice": each} | _NOTICE_VALUES.get(each, {})) for each in _NOTICE_KINDS
+    ]
 
 
 def _languages(directories: list[Path]) -> set[str]:

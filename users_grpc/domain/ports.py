@@ -325,6 +325,23 @@ class Mailer(Protocol):
 
 
 MailKind = Literal["activation", "password-reset", "email-change-code", "notice"]
+# The security notices (MailKind "notice"): the service names one in the value `notice`, and the
+# templates hold its words in every language (the passkey ones also take `passkey_name`).
+NoticeKind = Literal[
+    "password-reset",
+    "password-changed",
+    "password-set",
+    "mfa-enabled",
+    "mfa-disabled",
+    "mfa-reset",
+    "email-change-requested",
+    "email-changed",
+    "email-set",
+    "passkey-added",
+    "passkey-removed",
+    "passkey-removed-by-admin",
+    "passkey-counter-regressed",
+]
 
 
 class MailRenderer(Protocol):

@@ -16,6 +16,7 @@ from users.v1 import user_pb2
 from users_grpc.domain.errors import PasswordChangeOnly, PermissionDenied, Unauthenticated
 from users_grpc.domain.model import ANONYMOUS, AccessClaims, Caller, Role, User
 from users_grpc.domain.rules import is_id
+from users_grpc.grpc_api.convert import requested_user_id
 from users_grpc.services.throttling import Flow
 from users_grpc.services.tokens import is_password_change_token, is_service_token
 
@@ -128,9 +129,6 @@ FLOWS: Mapping[str, Flow] = {
 # The calls of a provisioning service account that change the user they name: refused for an admin.
 PROVISIONING_WRITES = frozenset({"UpdateUser", "SetUserEmail", "DeactivateUser", "ReactivateUser", "DeleteUser"})
 
-# The request field that names the user a "self" rule is about.
-_SUBJECT_FIELDS = ("id", "user_id")
-
 
 class UserTokenChecker(Protocol):
     """What the authorizer needs of the sessions (services/sessions.py, wired in bootstrap.py)."""
@@ -190,7 +188,7 @@ class Authorizer:
             return
         if caller.user_id is None and caller.machine is None:
             raise Unauthenticated()
-        if not _admits(rule, caller, _subject_of(request)):
+        if not _admits(rule, caller, requested_user_id(request)):
             raise PermissionDenied()
         if caller.is_provisioner and not caller.is_admin and _imports_an_admin(request):
             raise PermissionDenied("provisioning cannot create admins")
@@ -198,7 +196,7 @@ class Authorizer:
     async def admit_subject(self, method: str, request: object, caller: Caller) -> None:
         """PermissionDenied when a provisioning service account names an admin: provisioning makes
         and unmakes people, never admins (the one read this costs is paid by provisioning calls only)."""
-        subject = _subject_of(request)
+        subject = requested_user_id(request)
         if not caller.is_provisioner or caller.is_admin or method not in PROVISIONING_WRITES or not subject:
             return
         if self._users is None:
@@ -247,11 +245,3 @@ def _admits(rule: Rule, caller: Caller, subject: str | None) -> bool:
 def _imports_an_admin(request: object) -> bool:
     items = getattr(request, "users", None)
     return isinstance(items, Iterable) and any(getattr(item, "role", None) == user_pb2.ROLE_ADMIN for item in items)
-
-
-def _subject_of(request: object) -> str | None:
-    for field in _SUBJECT_FIELDS:
-        value = getattr(request, field, None)
-        if isinstance(value, str):
-            return value
-    return None

@@ -23,6 +23,7 @@ from users_grpc.domain import model, rules
 from users_grpc.domain.errors import InvalidArgument
 from users_grpc.domain.metadata import validate_key
 from users_grpc.domain.model import AuditEventType
+from users_grpc.grpc_api.convert import requested_user_id
 from users_grpc.pipeline.audit import Audited
 
 _Part = Callable[[Any, Any], str]  # (request, response or None on failure) -> text
@@ -38,6 +39,15 @@ def _id_in_request(field: str) -> _Part:
         return value if rules.is_id(value) else ""
 
     return subject
+
+
+def _requested_user(request: Any, _response: Any) -> str:
+    """The user the request names (GetUser's and DeleteUser's user_id or deprecated id), read as the call reads it."""
+    try:
+        user_id = requested_user_id(request) or ""
+    except InvalidArgument:  # both names, differing: the call was refused, and names no one
+        return ""
+    return user_id if rules.is_id(user_id) else ""
 
 
 def _user_in_response(_request: Any, response: Any) -> str:
@@ -157,7 +167,7 @@ AUDITED: Mapping[str, Audited] = {
     "ReactivateUser": Audited(AuditEventType.USER_REACTIVATE, _USER_ID),
     "LockUser": Audited(AuditEventType.USER_LOCK, _USER_ID),
     "UnlockUser": Audited(AuditEventType.USER_UNLOCK, _USER_ID),
-    "DeleteUser": Audited(AuditEventType.USER_DELETE, _id_in_request("id")),
+    "DeleteUser": Audited(AuditEventType.USER_DELETE, _requested_user),
     "DeleteUserByIdentifier": Audited(AuditEventType.USER_DELETE, identifier="before"),
     # One event per call, with counts: a batch of 1000 makes one record, not 1000 (the users
     # themselves are in ListUsers, created_after the event's time); but each admin it made is

@@ -149,6 +149,10 @@ def service_account_to_proto(account: ServiceAccount) -> user_service_pb2.Servic
     )
 
 
+# Every deprecated field of a reply is filled here, beside the field that replaced it and with the
+# same value (docs/contract.md), so an old client and a new one read the same thing.
+
+
 def user_to_proto(user: User, *, admin_view: bool = False) -> user_pb2.User:
     """The user as replies show it; ``admin_view`` (only for an admin or a machine caller) adds the
     metadata of both scopes, which the user's own view never shows."""
@@ -162,7 +166,9 @@ def user_to_proto(user: User, *, admin_view: bool = False) -> user_pb2.User:
         role=_ROLES_TO_PROTO[user.role],
         is_active=user.is_active,
         created_at=_timestamp(user.created_at),
+        create_time=_timestamp(user.created_at),
         updated_at=_timestamp(user.updated_at),
+        update_time=_timestamp(user.updated_at),
         mfa_enabled=user.mfa_enabled,
         state=_STATES_TO_PROTO[user.state],
         etag=user.etag,
@@ -195,6 +201,19 @@ def metadata_entry_to_proto(entry: MetadataEntry) -> metadata_pb2.MetadataEntry:
     )
 
 
+def requested_user_id(request: object) -> str | None:
+    """The id of the user a request names, for the access rule, the audit and the call alike (one
+    reading, so the "the user themself" check cannot read one id while the call acts on another):
+    its ``user_id``, or GetUser's and DeleteUser's deprecated ``id``, which either may be given for
+    (both only if equal, else InvalidArgument). None when the request has no such field."""
+    if isinstance(request, user_service_pb2.GetUserRequest | user_service_pb2.DeleteUserRequest):
+        if request.id and request.user_id and request.id != request.user_id:
+            raise InvalidArgument([FieldViolation("id", "deprecated, use user_id: differs from user_id")])
+        return request.user_id or request.id
+    value = getattr(request, "user_id", None)
+    return value if isinstance(value, str) else None
+
+
 def enum_from_proto(values: Mapping[_K, _E], number: _K, field: str) -> _E:
     # proto3 enums are open: an unknown number arrives intact and must be refused.
     try:
@@ -220,8 +239,10 @@ _TokensResponse = TypeVar(
 def with_tokens(response: _TokensResponse, issued: IssuedTokens) -> _TokensResponse:
     response.access_token = issued.access_token
     response.access_token_expires_at.CopyFrom(_timestamp(issued.access_token_expires_at))
+    response.access_token_expire_time.CopyFrom(_timestamp(issued.access_token_expires_at))
     response.refresh_token = issued.refresh_token
     response.refresh_token_expires_at.CopyFrom(_timestamp(issued.session.expires_at))
+    response.refresh_token_expire_time.CopyFrom(_timestamp(issued.session.expires_at))
     response.session_id = issued.session.id
     return response
 
@@ -231,8 +252,11 @@ def session_to_proto(session: Session) -> session_pb2.Session:
         id=session.id,
         user_id=session.user_id,
         created_at=_timestamp(session.created_at),
+        create_time=_timestamp(session.created_at),
         last_used_at=_timestamp(session.last_used_at),
+        last_use_time=_timestamp(session.last_used_at),
         expires_at=_timestamp(session.expires_at),
+        expire_time=_timestamp(session.expires_at),
     )
 
 
@@ -245,7 +269,9 @@ def claims_to_proto(claims: AccessClaims) -> session_pb2.TokenClaims:
         issuer=claims.issuer,
         audience=claims.audience,
         issued_at=_timestamp(claims.issued_at),
+        issue_time=_timestamp(claims.issued_at),
         expires_at=_timestamp(claims.expires_at),
+        expire_time=_timestamp(claims.expires_at),
         groups=claims.groups,
     )
 

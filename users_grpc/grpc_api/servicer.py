@@ -34,6 +34,7 @@ from users_grpc.grpc_api.convert import (
     imported_user,
     metadata_entry_to_proto,
     passkey_to_proto,
+    requested_user_id,
     scope_from_proto,
     service_account_to_proto,
     session_to_proto,
@@ -127,7 +128,7 @@ class UserServiceServicer(GroupRpcs, ServiceAccountTokenRpcs, user_service_pb2_g
         self, request: user_service_pb2.GetUserRequest, context: Context
     ) -> user_service_pb2.GetUserResponse:
         caller = current_caller.get()
-        user = await self._service.get_user(request.id, caller=caller)
+        user = await self._service.get_user(requested_user_id(request) or "", caller=caller)
         admin_view = caller.is_admin or caller.machine is not None
         return user_service_pb2.GetUserResponse(user=user_to_proto(user, admin_view=admin_view))
 
@@ -141,7 +142,8 @@ class UserServiceServicer(GroupRpcs, ServiceAccountTokenRpcs, user_service_pb2_g
     async def DeleteUser(
         self, request: user_service_pb2.DeleteUserRequest, context: Context
     ) -> user_service_pb2.DeleteUserResponse:
-        await self._service.delete_user(request.id, password=request.password, caller=current_caller.get())
+        user_id = requested_user_id(request) or ""
+        await self._service.delete_user(user_id, password=request.password, caller=current_caller.get())
         return user_service_pb2.DeleteUserResponse()
 
     async def DeleteUserByIdentifier(

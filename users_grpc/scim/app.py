@@ -136,7 +136,7 @@ class ScimApp:
         return self._user_response(200, user, request)
 
     async def _fetch(self, request: _Request, user_id: str) -> user_pb2.User:
-        response = await self._call(request, "GetUser", pb.GetUserRequest(id=user_id))
+        response = await self._call(request, "GetUser", pb.GetUserRequest(user_id=user_id))
         return response.user  # type: ignore[no-any-return]
 
     async def _create_user(self, request: _Request) -> _Response:
@@ -183,7 +183,7 @@ class ScimApp:
     async def _delete_user(self, request: _Request, user_id: str) -> _Response:
         if request.if_match is not None:
             self._check_version(request, await self._fetch(request, user_id))
-        await self._call(request, "DeleteUser", pb.DeleteUserRequest(id=user_id))
+        await self._call(request, "DeleteUser", pb.DeleteUserRequest(user_id=user_id))
         return _Response(204)
 
     async def _apply(self, request: _Request, current: user_pb2.User, wanted: mapping.Wanted) -> user_pb2.User:

@@ -2,7 +2,7 @@
 
 Mapped: ``id``, ``userName`` (username), ``name.givenName`` (first_name), ``name.familyName``
 (last_name), the primary email (email, ``type`` "work"), ``active`` (USER_STATE_ACTIVE),
-``externalId`` (external_id) and ``meta`` (created_at, updated_at, the etag as a weak version).
+``externalId`` (external_id) and ``meta`` (create_time, update_time, the etag as a weak version).
 Nothing else is published in the Schemas endpoint, so a client knows not to send it.
 """
 
@@ -42,8 +42,8 @@ def to_scim(user: user_pb2.User, base_url: str) -> ScimUser:
         active=user.state == user_pb2.USER_STATE_ACTIVE,
         meta=Meta(
             resource_type="User",
-            created=user.created_at.ToDatetime().replace(tzinfo=UTC),
-            last_modified=user.updated_at.ToDatetime().replace(tzinfo=UTC),
+            created=user.create_time.ToDatetime().replace(tzinfo=UTC),
+            last_modified=user.update_time.ToDatetime().replace(tzinfo=UTC),
             version=version_of(user),
             location=f"{base_url}/Users/{user.id}",
         ),

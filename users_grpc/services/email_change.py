@@ -33,8 +33,9 @@ from users_grpc.domain.errors import (
     TooManyAttempts,
 )
 from users_grpc.domain.model import ActivationCode, Mail, PendingEmailChange, User
-from users_grpc.domain.ports import Clock, EmailChangeRepository, Mailer, MailRenderer, SecretDigests
+from users_grpc.domain.ports import Clock, EmailChangeRepository, Mailer, SecretDigests
 from users_grpc.services.accounts import AccountService, mail_values
+from users_grpc.services.notices import security_notice
 
 # An admin's change is retried this often when the user's address changes between reading it and the swap.
 _SET_EMAIL_ROUNDS = 3
@@ -102,13 +103,7 @@ class EmailChangeService:
             ),
             max_sends=self._policy.max_sends,
             window_seconds=int(self._policy.send_window.total_seconds()),
-            notice=_old_address_notice(
-                self._accounts.mail_renderer,
-                user,
-                "A change of your email address was requested",
-                "someone signed in to your account asked to change its email address, and a code to confirm\n"
-                "the new address was mailed there. Your address stays as it is unless that code is entered.",
-            ),
+            notice=security_notice(self._accounts.mail_renderer, user, "email-change-requested"),
         )
         if not pended:
             log.info("email change capped", extra={"user_id": user.id})
@@ -147,12 +142,7 @@ class EmailChangeService:
                     pending.new_email,
                     digest,
                     now,
-                    _old_address_notice(
-                        self._accounts.mail_renderer,
-                        account.user,
-                        "Your email address was changed",
-                        "the email address of your account was changed.",
-                    ),
+                    security_notice(self._accounts.mail_renderer, account.user, "email-changed"),
                 )
         if changed is None:
             log.info("email change refused", extra={"user_id": user_id})
@@ -171,12 +161,7 @@ class EmailChangeService:
                 raise NotFound()
             notice = None
             if account.user.email != normalized:
-                notice = _old_address_notice(
-                    self._accounts.mail_renderer,
-                    account.user,
-                    "Your email address was changed",
-                    "an administrator changed the email address of your account.",
-                )
+                notice = security_notice(self._accounts.mail_renderer, account.user, "email-set")
             # With a notice, the swap applies only while the address read is the user's: the
             # notice never goes to an address that was not the one replaced.
             changed = await self._users.set_email(user_id, normalized, self._clock.now(), notice)
@@ -200,13 +185,6 @@ class EmailChangeService:
             values=mail_values(user) | {"code": code, "minutes": minutes},
             language=user.language_code or None,
         )
-
-
-def _old_address_notice(renderer: MailRenderer, user: User, subject: str, what: str) -> Mail:
-    """This module's security notices, to the address being replaced; each is pended by the
-    update that requests or makes the change."""
-    message = f"{what}\n\nIf this was not you, change your password now and contact support."
-    return renderer.render("notice", to=user.email, values=mail_values(user) | {"subject": subject, "message": message})
 
 
 def _normalized_email(email: str, field: str) -> str:

@@ -36,8 +36,9 @@ from users_grpc.domain.errors import (
 from users_grpc.domain.model import User
 from users_grpc.domain.ports import Clock, CredentialRepository, Mailer, SecretDigests, SessionRepository
 from users_grpc.services.accounts import AccountService
+from users_grpc.services.notices import security_notice
 from users_grpc.services.passkeys import PasskeyService
-from users_grpc.services.passwords import security_notice, sign_out_everywhere
+from users_grpc.services.passwords import sign_out_everywhere
 from users_grpc.services.tokens import KeyEncryption
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class MfaService:
         step = accepted_step(self._secret(user_id, sealed_secret), code, self._clock.now())
         recovery_codes = _new_recovery_codes()
         digests = [self._recovery_digest(user_id, c) for c in recovery_codes]
-        notice = security_notice(self._accounts.mail_renderer, account.user, "Two-factor sign-in is on")
+        notice = security_notice(self._accounts.mail_renderer, account.user, "mfa-enabled")
         if step is None or not await self._credentials.confirm_mfa(user_id, step, digests, self._clock.now(), notice):
             raise InvalidSecondFactor()
         await self._after_change(account.user, "on")
@@ -180,7 +181,7 @@ class MfaService:
         if not await self._accounts.password_matches(account, password, source=source):
             raise InvalidCredentials()
         await self._check_second_factor(user_id, code)
-        notice = security_notice(self._accounts.mail_renderer, account.user, "Two-factor sign-in is off")
+        notice = security_notice(self._accounts.mail_renderer, account.user, "mfa-disabled")
         if not await self._credentials.disable_mfa(user_id, self._clock.now(), notice):
             raise FailedPrecondition("MFA is off")
         await self._after_change(account.user, "off")
@@ -192,9 +193,7 @@ class MfaService:
         account = await self._credentials.get_account(user_id)
         if account is None:
             raise NotFound()
-        notice = security_notice(
-            self._accounts.mail_renderer, account.user, "Two-factor sign-in was reset by an administrator"
-        )
+        notice = security_notice(self._accounts.mail_renderer, account.user, "mfa-reset")
         if account.mfa is None or not await self._credentials.reset_mfa(user_id, self._clock.now(), notice):
             raise FailedPrecondition("MFA is off")
         await self._after_change(account.user, "reset")

@@ -44,12 +44,14 @@ from users_grpc.domain.passkeys import (
 from users_grpc.domain.ports import (
     CeremonyStore,
     Clock,
+    NoticeKind,
     PasskeyRepository,
     SecretDigests,
     SessionRepository,
     WebAuthn,
 )
-from users_grpc.services.accounts import NOT_ACTIVE_ERRORS, AccountService, mail_values
+from users_grpc.services.accounts import NOT_ACTIVE_ERRORS, AccountService
+from users_grpc.services.notices import security_notice
 from users_grpc.services.throttling import PasswordThrottle
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ class PasskeyService:
             backed_up=credential.backed_up,
             transports=credential.transports,
         )
-        notice = self._notice(holder.user, "A passkey was added", f'the passkey "{_mail_safe(name)}" was added')
+        notice = self._notice(holder.user, "passkey-added", name)
         if not await self._passkeys.add_passkey(user_id, passkey, now, notice):
             raise InvalidPasskeyRegistration("credential_json", "the account holds as many passkeys as it may")
         log.info("passkey added", extra={"user_id": user_id, "passkey_id": passkey.id})
@@ -229,12 +231,7 @@ class PasskeyService:
 
     async def _counter_regressed(self, holder: PasskeyHolder, passkey: StoredPasskey) -> None:
         log.warning("passkey sign count regressed", extra={"user_id": holder.user.id, "passkey_id": passkey.id})
-        notice = self._notice(
-            holder.user,
-            "A sign-in with a cloned passkey may have been tried",
-            f'a sign-in with the passkey "{_mail_safe(passkey.display_name)}" was refused because its '
-            "counter went backwards, which happens when the passkey was copied",
-        )
+        notice = self._notice(holder.user, "passkey-counter-regressed", passkey.display_name)
         await self._passkeys.pend_notice(holder.user.id, notice, self._clock.now())
         raise PasskeyCounterRegressed()
 
@@ -271,10 +268,8 @@ class PasskeyService:
         passkey = holder.passkey(passkey_id)
         if passkey is None:
             raise PasskeyNotFound()
-        who = " by an administrator" if by_admin else ""
-        notice = self._notice(
-            holder.user, "A passkey was removed", f'the passkey "{_mail_safe(passkey.display_name)}" was removed{who}'
-        )
+        kind: NoticeKind = "passkey-removed-by-admin" if by_admin else "passkey-removed"
+        notice = self._notice(holder.user, kind, passkey.display_name)
         outcome = await self._passkeys.remove_passkey(user_id, passkey_id, self._clock.now(), notice)
         if outcome is Removal.NOT_FOUND:
             raise PasskeyNotFound()
@@ -325,11 +320,8 @@ class PasskeyService:
         raw = bytes.fromhex(digest.rpartition(":")[2])[:_DECOY_ID_BYTES]
         return AllowedCredential(credential_id=raw, transports=_DECOY_TRANSPORTS)
 
-    def _notice(self, user: User, subject: str, what: str) -> Mail:
-        message = f"{what}.\nIf this was not you, reset your password now and contact support."
-        return self._accounts.mail_renderer.render(
-            "notice", to=user.email, values=mail_values(user) | {"subject": subject, "message": message}
-        )
+    def _notice(self, user: User, kind: NoticeKind, passkey_name: str) -> Mail:
+        return security_notice(self._accounts.mail_renderer, user, kind, passkey_name=_mail_safe(passkey_name))
 
 
 def _validate_ceremony_id(ceremony_id: str) -> None:

@@ -15,18 +15,19 @@ from users_grpc.domain.errors import (
     InvalidResetToken,
     NotFound,
 )
-from users_grpc.domain.model import Account, ActivationCode, Mail, User
+from users_grpc.domain.model import Account, ActivationCode, User
 from users_grpc.domain.ports import (
     Clock,
     CredentialRepository,
     Mailer,
-    MailRenderer,
+    NoticeKind,
     PasswordHasher,
     SecretDigests,
     SessionRepository,
 )
 from users_grpc.domain.rules import PasswordPolicy
 from users_grpc.services.accounts import AccountService, mail_values, no_reply_sooner_than
+from users_grpc.services.notices import security_notice
 from users_grpc.services.password_policy import PasswordRules
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class PasswordService:
         # The conditional update consumes the token (of two racing resets, one wins) and pends the
         # notice: whatever happens to this call, the reset never lands without it. A reset is the
         # user choosing a password, so it clears change_required as a change does.
-        notice = security_notice(self._accounts.mail_renderer, user, "Your password was reset")
+        notice = security_notice(self._accounts.mail_renderer, user, "password-reset")
         history = self._rules.history_after(account, password_hash)
         if not await self._credentials.reset_password(user.id, digest, password_hash, now, notice, history=history):
             raise InvalidResetToken()
@@ -147,7 +148,7 @@ class PasswordService:
         if not await self._accounts.password_matches(account, current_password, source=source):
             raise InvalidCredentials("the current password is wrong")
         await self._refuse_by_policy(account, new_password, "new_password")
-        await self._store_new_password(account, new_password, "Your password was changed", change_required=False)
+        await self._store_new_password(account, new_password, "password-changed", change_required=False)
 
     async def set_password(self, user_id: str, password: str, confirmation: str, *, change_required: bool) -> User:
         """An admin sets the password (SetPassword): the same rules as any chosen password."""
@@ -157,9 +158,7 @@ class PasswordService:
             raise NotFound()
         self._validate_new_password(account.user, password, confirmation, field="password")
         await self._refuse_by_policy(account, password, "password")
-        await self._store_new_password(
-            account, password, "Your password was set by an administrator", change_required=change_required
-        )
+        await self._store_new_password(account, password, "password-set", change_required=change_required)
         log.info("password set by an admin", extra={"user_id": user_id, "change_required": change_required})
         stored = await self._credentials.get_account(user_id)
         if stored is None:
@@ -172,10 +171,10 @@ class PasswordService:
         await self._rules.refuse_breached(password, field)
 
     async def _store_new_password(
-        self, account: Account, password: str, subject: str, *, change_required: bool
+        self, account: Account, password: str, notice_kind: NoticeKind, *, change_required: bool
     ) -> None:
         password_hash = await self._hasher.hash(password)
-        notice = security_notice(self._accounts.mail_renderer, account.user, subject)
+        notice = security_notice(self._accounts.mail_renderer, account.user, notice_kind)
         history = self._rules.history_after(account, password_hash)
         stored = await self._credentials.set_password(
             account.user.id, password_hash, self._clock.now(), notice, history=history, change_required=change_required
@@ -212,18 +211,6 @@ class PasswordService:
     async def _after_password_change(self, user: User) -> None:
         log.info("password set", extra={"user_id": user.id})
         await sign_out_everywhere(sessions=self._sessions, mailer=self._mailer, clock=self._clock, user=user)
-
-
-def security_notice(renderer: MailRenderer, user: User, subject: str) -> Mail:
-    """The notice of a change to how the user signs in, pended by the update that makes it.
-
-    No secrets, and no text a stranger chose: greeted by username, never by name.
-    """
-    message = (
-        f"{subject.lower()}, and every session of your account was signed out.\n"
-        "If this was not you, reset your password now and contact support."
-    )
-    return renderer.render("notice", to=user.email, values=mail_values(user) | {"subject": subject, "message": message})
 
 
 async def sign_out_everywhere(*, sessions: SessionRepository, mailer: Mailer, clock: Clock, user: User) -> None:

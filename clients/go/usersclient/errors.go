@@ -4,7 +4,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/status"
 
-	usersv1 "users-grpc/clients/go/users/v1"
+	usersv1 "github.com/users-grpc/users-grpc/clients/go/users/v1"
 )
 
 // ErrorDomain is the ErrorInfo domain of every error the service sends.

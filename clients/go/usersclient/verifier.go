@@ -16,7 +16,7 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 
-	usersv1 "users-grpc/clients/go/users/v1"
+	usersv1 "github.com/users-grpc/users-grpc/clients/go/users/v1"
 )
 
 // Claims are what a verified access token says: see GetPublicKeys in the contract.

@@ -15,7 +15,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 	"google.golang.org/grpc"
 
-	usersv1 "users-grpc/clients/go/users/v1"
+	usersv1 "github.com/users-grpc/users-grpc/clients/go/users/v1"
 )
 
 // keyServer answers GetPublicKeys with its keys, and counts the calls.

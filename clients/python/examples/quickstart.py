@@ -30,7 +30,7 @@ def main(address: str, identifier: str) -> None:
         print(f"signed in as {session.user.username} ({session.user.id})")
 
         authorization = (("authorization", f"Bearer {session.access_token}"),)
-        user = stub.GetUser(pb.GetUserRequest(id=session.user.id), metadata=authorization, timeout=30).user
+        user = stub.GetUser(pb.GetUserRequest(user_id=session.user.id), metadata=authorization, timeout=30).user
         print(f"GetUser: {user.username} <{user.email}>")
 
         claims = TokenVerifier(stub, issuer=issuer, audience=audience).verify(session.access_token)

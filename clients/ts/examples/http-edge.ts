@@ -17,7 +17,7 @@ for (const [name, transport] of [
   const client = createUserServiceClient(baseUrl, transport);
   const session = await client.authenticate({ identifier, password: process.env.EXAMPLE_PASSWORD ?? "" });
   const headers = { authorization: `Bearer ${session.accessToken}` };
-  const { user } = await client.getUser({ id: session.user?.id }, { headers });
+  const { user } = await client.getUser({ userId: session.user?.id }, { headers });
   console.log(`${name}: signed in as ${user?.username} (${user?.id})`);
   try {
     await client.getUserByIdentifier({ identifier }, { headers });

@@ -18,7 +18,7 @@ const session = await client.authenticate({ identifier, password: process.env.EX
 console.log(`signed in as ${session.user?.username} (${session.user?.id})`);
 
 const headers = { authorization: `Bearer ${session.accessToken}` };
-const { user } = await client.getUser({ id: session.user?.id }, { headers });
+const { user } = await client.getUser({ userId: session.user?.id }, { headers });
 console.log(`GetUser: ${user?.username} <${user?.email}>`);
 
 const verifier = new TokenVerifier(client, issuer, audience);

@@ -26,13 +26,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from users.v1 import user_pb2 as users_dot_v1_dot_user__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16users/v1/passkey.proto\x12\x08users.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13users/v1/user.proto\"\xdf\x01\n\x07Passkey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x61guid\x18\x05 \x01(\t\x12\x17\n\x0f\x62\x61\x63kup_eligible\x18\x06 \x01(\x08\x12\x11\n\tbacked_up\x18\x07 \x01(\x08\x12\x12\n\ntransports\x18\x08 \x03(\t\"\x8a\x01\n\x15\x41uthenticationFactors\x12\x14\n\x0cpassword_set\x18\x01 \x01(\x08\x12\x14\n\x0ctotp_enabled\x18\x02 \x01(\x08\x12 \n\x18recovery_codes_remaining\x18\x03 \x01(\x05\x12#\n\x08passkeys\x18\x04 \x03(\x0b\x32\x11.users.v1.Passkey\"D\n\x1fStartPasskeyRegistrationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"~\n StartPasskeyRegistrationResponse\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x14\n\x0coptions_json\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n FinishPasskeyRegistrationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65remony_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63redential_json\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\"G\n!FinishPasskeyRegistrationResponse\x12\"\n\x07passkey\x18\x01 \x01(\x0b\x32\x11.users.v1.Passkey\"F\n\x19StartPasskeySignInRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\x12\x15\n\rsecond_factor\x18\x02 \x01(\x08\"x\n\x1aStartPasskeySignInResponse\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x14\n\x0coptions_json\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"J\n\x1a\x46inishPasskeySignInRequest\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_json\x18\x02 \x01(\t\"\xf7\x01\n\x1b\x46inishPasskeySignInResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12<\n\x18refresh_token_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x06 \x01(\t\"3\n ListAuthenticationFactorsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"U\n!ListAuthenticationFactorsResponse\x12\x30\n\x07\x66\x61\x63tors\x18\x01 \x01(\x0b\x32\x1f.users.v1.AuthenticationFactors\"Q\n\x14RenamePasskeyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\npasskey_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\";\n\x15RenamePasskeyResponse\x12\"\n\x07passkey\x18\x01 \x01(\x0b\x32\x11.users.v1.Passkey\"M\n\x14RemovePasskeyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\npasskey_id\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"\x17\n\x15RemovePasskeyResponse\"7\n$ListUserAuthenticationFactorsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"Y\n%ListUserAuthenticationFactorsResponse\x12\x30\n\x07\x66\x61\x63tors\x18\x01 \x01(\x0b\x32\x1f.users.v1.AuthenticationFactors\"?\n\x18RemoveUserPasskeyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\npasskey_id\x18\x02 \x01(\t\"\x1b\n\x19RemoveUserPasskeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16users/v1/passkey.proto\x12\x08users.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13users/v1/user.proto\"\xdf\x01\n\x07Passkey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x61guid\x18\x05 \x01(\t\x12\x17\n\x0f\x62\x61\x63kup_eligible\x18\x06 \x01(\x08\x12\x11\n\tbacked_up\x18\x07 \x01(\x08\x12\x12\n\ntransports\x18\x08 \x03(\t\"\x8a\x01\n\x15\x41uthenticationFactors\x12\x14\n\x0cpassword_set\x18\x01 \x01(\x08\x12\x14\n\x0ctotp_enabled\x18\x02 \x01(\x08\x12 \n\x18recovery_codes_remaining\x18\x03 \x01(\x05\x12#\n\x08passkeys\x18\x04 \x03(\x0b\x32\x11.users.v1.Passkey\"D\n\x1fStartPasskeyRegistrationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"~\n StartPasskeyRegistrationResponse\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x14\n\x0coptions_json\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n FinishPasskeyRegistrationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65remony_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63redential_json\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\"G\n!FinishPasskeyRegistrationResponse\x12\"\n\x07passkey\x18\x01 \x01(\x0b\x32\x11.users.v1.Passkey\"F\n\x19StartPasskeySignInRequest\x12\x12\n\nidentifier\x18\x01 \x01(\t\x12\x15\n\rsecond_factor\x18\x02 \x01(\x08\"x\n\x1aStartPasskeySignInResponse\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x14\n\x0coptions_json\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"J\n\x1a\x46inishPasskeySignInRequest\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_json\x18\x02 \x01(\t\"\xfc\x02\n\x1b\x46inishPasskeySignInResponse\x12\x1c\n\x04user\x18\x01 \x01(\x0b\x32\x0e.users.v1.User\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12?\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x15\n\rrefresh_token\x18\x04 \x01(\t\x12@\n\x18refresh_token_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12<\n\x18\x61\x63\x63\x65ss_token_expire_time\x18P \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x19refresh_token_expire_time\x18Q \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n ListAuthenticationFactorsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"U\n!ListAuthenticationFactorsResponse\x12\x30\n\x07\x66\x61\x63tors\x18\x01 \x01(\x0b\x32\x1f.users.v1.AuthenticationFactors\"Q\n\x14RenamePasskeyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\npasskey_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\";\n\x15RenamePasskeyResponse\x12\"\n\x07passkey\x18\x01 \x01(\x0b\x32\x11.users.v1.Passkey\"M\n\x14RemovePasskeyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\npasskey_id\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"\x17\n\x15RemovePasskeyResponse\"7\n$ListUserAuthenticationFactorsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"Y\n%ListUserAuthenticationFactorsResponse\x12\x30\n\x07\x66\x61\x63tors\x18\x01 \x01(\x0b\x32\x1f.users.v1.AuthenticationFactors\"?\n\x18RemoveUserPasskeyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\npasskey_id\x18\x02 \x01(\t\"\x1b\n\x19RemoveUserPasskeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'users.v1.passkey_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_FINISHPASSKEYSIGNINRESPONSE'].fields_by_name['access_token_expires_at']._loaded_options = None
+  _globals['_FINISHPASSKEYSIGNINRESPONSE'].fields_by_name['access_token_expires_at']._serialized_options = b'\030\001'
+  _globals['_FINISHPASSKEYSIGNINRESPONSE'].fields_by_name['refresh_token_expires_at']._loaded_options = None
+  _globals['_FINISHPASSKEYSIGNINRESPONSE'].fields_by_name['refresh_token_expires_at']._serialized_options = b'\030\001'
   _globals['_PASSKEY']._serialized_start=91
   _globals['_PASSKEY']._serialized_end=314
   _globals['_AUTHENTICATIONFACTORS']._serialized_start=317
@@ -52,25 +56,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINISHPASSKEYSIGNINREQUEST']._serialized_start=1043
   _globals['_FINISHPASSKEYSIGNINREQUEST']._serialized_end=1117
   _globals['_FINISHPASSKEYSIGNINRESPONSE']._serialized_start=1120
-  _globals['_FINISHPASSKEYSIGNINRESPONSE']._serialized_end=1367
-  _globals['_LISTAUTHENTICATIONFACTORSREQUEST']._serialized_start=1369
-  _globals['_LISTAUTHENTICATIONFACTORSREQUEST']._serialized_end=1420
-  _globals['_LISTAUTHENTICATIONFACTORSRESPONSE']._serialized_start=1422
-  _globals['_LISTAUTHENTICATIONFACTORSRESPONSE']._serialized_end=1507
-  _globals['_RENAMEPASSKEYREQUEST']._serialized_start=1509
-  _globals['_RENAMEPASSKEYREQUEST']._serialized_end=1590
-  _globals['_RENAMEPASSKEYRESPONSE']._serialized_start=1592
-  _globals['_RENAMEPASSKEYRESPONSE']._serialized_end=1651
-  _globals['_REMOVEPASSKEYREQUEST']._serialized_start=1653
-  _globals['_REMOVEPASSKEYREQUEST']._serialized_end=1730
-  _globals['_REMOVEPASSKEYRESPONSE']._serialized_start=1732
-  _globals['_REMOVEPASSKEYRESPONSE']._serialized_end=1755
-  _globals['_LISTUSERAUTHENTICATIONFACTORSREQUEST']._serialized_start=1757
-  _globals['_LISTUSERAUTHENTICATIONFACTORSREQUEST']._serialized_end=1812
-  _globals['_LISTUSERAUTHENTICATIONFACTORSRESPONSE']._serialized_start=1814
-  _globals['_LISTUSERAUTHENTICATIONFACTORSRESPONSE']._serialized_end=1903
-  _globals['_REMOVEUSERPASSKEYREQUEST']._serialized_start=1905
-  _globals['_REMOVEUSERPASSKEYREQUEST']._serialized_end=1968
-  _globals['_REMOVEUSERPASSKEYRESPONSE']._serialized_start=1970
-  _globals['_REMOVEUSERPASSKEYRESPONSE']._serialized_end=1997
+  _globals['_FINISHPASSKEYSIGNINRESPONSE']._serialized_end=1500
+  _globals['_LISTAUTHENTICATIONFACTORSREQUEST']._serialized_start=1502
+  _globals['_LISTAUTHENTICATIONFACTORSREQUEST']._serialized_end=1553
+  _globals['_LISTAUTHENTICATIONFACTORSRESPONSE']._serialized_start=1555
+  _globals['_LISTAUTHENTICATIONFACTORSRESPONSE']._serialized_end=1640
+  _globals['_RENAMEPASSKEYREQUEST']._serialized_start=1642
+  _globals['_RENAMEPASSKEYREQUEST']._serialized_end=1723
+  _globals['_RENAMEPASSKEYRESPONSE']._serialized_start=1725
+  _globals['_RENAMEPASSKEYRESPONSE']._serialized_end=1784
+  _globals['_REMOVEPASSKEYREQUEST']._serialized_start=1786
+  _globals['_REMOVEPASSKEYREQUEST']._serialized_end=1863
+  _globals['_REMOVEPASSKEYRESPONSE']._serialized_start=1865
+  _globals['_REMOVEPASSKEYRESPONSE']._serialized_end=1888
+  _globals['_LISTUSERAUTHENTICATIONFACTORSREQUEST']._serialized_start=1890
+  _globals['_LISTUSERAUTHENTICATIONFACTORSREQUEST']._serialized_end=1945
+  _globals['_LISTUSERAUTHENTICATIONFACTORSRESPONSE']._serialized_start=1947
+  _globals['_LISTUSERAUTHENTICATIONFACTORSRESPONSE']._serialized_end=2036
+  _globals['_REMOVEUSERPASSKEYREQUEST']._serialized_start=2038
+  _globals['_REMOVEUSERPASSKEYREQUEST']._serialized_end=2101
+  _globals['_REMOVEUSERPASSKEYRESPONSE']._serialized_start=2103
+  _globals['_REMOVEUSERPASSKEYRESPONSE']._serialized_end=2130
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -348,6 +353,8 @@ class FinishPasskeySignInResponse(_message.Message):
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     REFRESH_TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    ACCESS_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     """Send as `authorization: Bearer <access_token>`."""
     refresh_token: _builtins.str
@@ -356,9 +363,23 @@ class FinishPasskeySignInResponse(_message.Message):
     @_builtins.property
     def user(self) -> _user_pb2.User: ...
     @_builtins.property
-    def access_token_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def access_token_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use access_token_expire_time (the same value)."""
+
     @_builtins.property
-    def refresh_token_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def refresh_token_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use refresh_token_expire_time (the same value)."""
+
+    @_builtins.property
+    def access_token_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the access token stops being accepted (its JWT's exp)."""
+
+    @_builtins.property
+    def refresh_token_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the refresh token, and the session, end: refreshing never extends it."""
+
     def __init__(
         self,
         *,
@@ -368,10 +389,12 @@ class FinishPasskeySignInResponse(_message.Message):
         refresh_token: _builtins.str = ...,
         refresh_token_expires_at: _timestamp_pb2.Timestamp | None = ...,
         session_id: _builtins.str = ...,
+        access_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        refresh_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expires_at", b"access_token_expires_at", "refresh_token_expires_at", b"refresh_token_expires_at", "user", b"user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expire_time", b"access_token_expire_time", "access_token_expires_at", b"access_token_expires_at", "refresh_token_expire_time", b"refresh_token_expire_time", "refresh_token_expires_at", b"refresh_token_expires_at", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expires_at", b"access_token_expires_at", "refresh_token", b"refresh_token", "refresh_token_expires_at", b"refresh_token_expires_at", "session_id", b"session_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expire_time", b"access_token_expire_time", "access_token_expires_at", b"access_token_expires_at", "refresh_token", b"refresh_token", "refresh_token_expire_time", b"refresh_token_expire_time", "refresh_token_expires_at", b"refresh_token_expires_at", "session_id", b"session_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,15 +26,25 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from users.v1 import user_pb2 as users_dot_v1_dot_user__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16users/v1/session.proto\x12\x08users.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13users/v1/user.proto\"\xb8\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf3\x01\n\x0bTokenClaims\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.users.v1.Role\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08token_id\x18\x04 \x01(\t\x12\x0e\n\x06issuer\x18\x05 \x01(\t\x12\x10\n\x08\x61udience\x18\x06 \x01(\t\x12-\n\tissued_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06groups\x18- \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16users/v1/session.proto\x12\x08users.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13users/v1/user.proto\"\xd9\x02\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x32\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x34\n\x0clast_used_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x32\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12/\n\x0b\x63reate_time\x18P \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18Q \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18R \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdc\x02\n\x0bTokenClaims\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.users.v1.Role\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08token_id\x18\x04 \x01(\t\x12\x0e\n\x06issuer\x18\x05 \x01(\t\x12\x10\n\x08\x61udience\x18\x06 \x01(\t\x12\x31\n\tissued_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x32\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x0e\n\x06groups\x18- \x03(\t\x12.\n\nissue_time\x18P \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18Q \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'users.v1.session_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SESSION'].fields_by_name['created_at']._loaded_options = None
+  _globals['_SESSION'].fields_by_name['created_at']._serialized_options = b'\030\001'
+  _globals['_SESSION'].fields_by_name['last_used_at']._loaded_options = None
+  _globals['_SESSION'].fields_by_name['last_used_at']._serialized_options = b'\030\001'
+  _globals['_SESSION'].fields_by_name['expires_at']._loaded_options = None
+  _globals['_SESSION'].fields_by_name['expires_at']._serialized_options = b'\030\001'
+  _globals['_TOKENCLAIMS'].fields_by_name['issued_at']._loaded_options = None
+  _globals['_TOKENCLAIMS'].fields_by_name['issued_at']._serialized_options = b'\030\001'
+  _globals['_TOKENCLAIMS'].fields_by_name['expires_at']._loaded_options = None
+  _globals['_TOKENCLAIMS'].fields_by_name['expires_at']._serialized_options = b'\030\001'
   _globals['_SESSION']._serialized_start=91
-  _globals['_SESSION']._serialized_end=275
-  _globals['_TOKENCLAIMS']._serialized_start=278
-  _globals['_TOKENCLAIMS']._serialized_end=521
+  _globals['_SESSION']._serialized_end=436
+  _globals['_TOKENCLAIMS']._serialized_start=439
+  _globals['_TOKENCLAIMS']._serialized_end=787
 # @@protoc_insertion_point(module_scope)

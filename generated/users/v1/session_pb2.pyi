@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -31,17 +36,37 @@ class Session(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LAST_USED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_USE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """24 hexadecimal digits."""
     user_id: _builtins.str
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use create_time (the same value)."""
+
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def last_used_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use last_use_time (the same value)."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use expire_time (the same value)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the session began (its Authenticate)."""
+
+    @_builtins.property
+    def last_use_time(self) -> _timestamp_pb2.Timestamp:
         """When the last refresh token of the session was issued."""
 
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp:
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """Absolute end: refreshing never extends it."""
 
     def __init__(
@@ -52,10 +77,13 @@ class Session(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         last_used_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        last_use_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_used_at", b"last_used_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_at", b"created_at", "expire_time", b"expire_time", "expires_at", b"expires_at", "last_use_time", b"last_use_time", "last_used_at", b"last_used_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "id", b"id", "last_used_at", b"last_used_at", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_at", b"created_at", "expire_time", b"expire_time", "expires_at", b"expires_at", "id", b"id", "last_use_time", b"last_use_time", "last_used_at", b"last_used_at", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -76,6 +104,8 @@ class TokenClaims(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
+    ISSUE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """The user id."""
     role: _user_pb2.Role.ValueType
@@ -86,15 +116,29 @@ class TokenClaims(_message.Message):
     issuer: _builtins.str
     audience: _builtins.str
     @_builtins.property
-    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def issued_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use issue_time (the same value)."""
+
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use expire_time (the same value)."""
+
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The ids of the groups the user was in when the token was issued (at most
         32, a user's cap, so never cut short), in id order; the JWT's `groups`
         claim, absent from the JWT when empty.
         """
+
+    @_builtins.property
+    def issue_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token was issued (the JWT's iat)."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token stops being accepted (the JWT's exp)."""
 
     def __init__(
         self,
@@ -108,10 +152,12 @@ class TokenClaims(_message.Message):
         issued_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         groups: _abc.Iterable[_builtins.str] | None = ...,
+        issue_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "expires_at", b"expires_at", "issue_time", b"issue_time", "issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "expires_at", b"expires_at", "groups", b"groups", "issued_at", b"issued_at", "issuer", b"issuer", "role", b"role", "session_id", b"session_id", "subject", b"subject", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "expire_time", b"expire_time", "expires_at", b"expires_at", "groups", b"groups", "issue_time", b"issue_time", "issued_at", b"issued_at", "issuer", b"issuer", "role", b"role", "session_id", b"session_id", "subject", b"subject", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

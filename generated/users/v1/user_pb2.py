@@ -26,19 +26,25 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from users.v1 import metadata_pb2 as users_dot_v1_dot_metadata__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13users/v1/user.proto\x12\x08users.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17users/v1/metadata.proto\"\x87\x04\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\nfirst_name\x18\x03 \x01(\t\x12\x11\n\tlast_name\x18\x04 \x01(\t\x12\r\n\x05\x65mail\x18\x05 \x01(\t\x12 \n\x06gender\x18\x06 \x01(\x0e\x32\x10.users.v1.Gender\x12\x1c\n\x04role\x18\x07 \x01(\x0e\x32\x0e.users.v1.Role\x12\x11\n\tis_active\x18\x08 \x01(\x08\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmfa_enabled\x18\x0b \x01(\x08\x12\"\n\x05state\x18\x0c \x01(\x0e\x32\x13.users.v1.UserState\x12\x0c\n\x04\x65tag\x18\r \x01(\t\x12\x15\n\rlanguage_code\x18\x37 \x01(\t\x12)\n\x08metadata\x18# \x03(\x0b\x32\x17.users.v1.MetadataEntry\x12 \n\x18password_change_required\x18\x1e \x01(\x08\x12\x38\n\x14password_update_time\x18\x1f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xternal_id\x18\x32 \x01(\t*\x94\x01\n\tUserState\x12\x1a\n\x16USER_STATE_UNSPECIFIED\x10\x00\x12!\n\x1dUSER_STATE_PENDING_ACTIVATION\x10\x01\x12\x15\n\x11USER_STATE_ACTIVE\x10\x02\x12\x1a\n\x16USER_STATE_DEACTIVATED\x10\x03\x12\x15\n\x11USER_STATE_LOCKED\x10\x04*V\n\x06Gender\x12\x16\n\x12GENDER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bGENDER_MALE\x10\x01\x12\x11\n\rGENDER_FEMALE\x10\x02\x12\x10\n\x0cGENDER_OTHER\x10\x03*;\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13users/v1/user.proto\x12\x08users.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17users/v1/metadata.proto\"\xf5\x04\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\nfirst_name\x18\x03 \x01(\t\x12\x11\n\tlast_name\x18\x04 \x01(\t\x12\r\n\x05\x65mail\x18\x05 \x01(\t\x12 \n\x06gender\x18\x06 \x01(\x0e\x32\x10.users.v1.Gender\x12\x1c\n\x04role\x18\x07 \x01(\x0e\x32\x0e.users.v1.Role\x12\x15\n\tis_active\x18\x08 \x01(\x08\x42\x02\x18\x01\x12\x32\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x32\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x13\n\x0bmfa_enabled\x18\x0b \x01(\x08\x12\"\n\x05state\x18\x0c \x01(\x0e\x32\x13.users.v1.UserState\x12\x0c\n\x04\x65tag\x18\r \x01(\t\x12\x15\n\rlanguage_code\x18\x37 \x01(\t\x12)\n\x08metadata\x18# \x03(\x0b\x32\x17.users.v1.MetadataEntry\x12 \n\x18password_change_required\x18\x1e \x01(\x08\x12\x38\n\x14password_update_time\x18\x1f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xternal_id\x18\x32 \x01(\t\x12/\n\x0b\x63reate_time\x18P \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18Q \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x94\x01\n\tUserState\x12\x1a\n\x16USER_STATE_UNSPECIFIED\x10\x00\x12!\n\x1dUSER_STATE_PENDING_ACTIVATION\x10\x01\x12\x15\n\x11USER_STATE_ACTIVE\x10\x02\x12\x1a\n\x16USER_STATE_DEACTIVATED\x10\x03\x12\x15\n\x11USER_STATE_LOCKED\x10\x04*V\n\x06Gender\x12\x16\n\x12GENDER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bGENDER_MALE\x10\x01\x12\x11\n\rGENDER_FEMALE\x10\x02\x12\x10\n\x0cGENDER_OTHER\x10\x03*;\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'users.v1.user_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USERSTATE']._serialized_start=614
-  _globals['_USERSTATE']._serialized_end=762
-  _globals['_GENDER']._serialized_start=764
-  _globals['_GENDER']._serialized_end=850
-  _globals['_ROLE']._serialized_start=852
-  _globals['_ROLE']._serialized_end=911
+  _globals['_USER'].fields_by_name['is_active']._loaded_options = None
+  _globals['_USER'].fields_by_name['is_active']._serialized_options = b'\030\001'
+  _globals['_USER'].fields_by_name['created_at']._loaded_options = None
+  _globals['_USER'].fields_by_name['created_at']._serialized_options = b'\030\001'
+  _globals['_USER'].fields_by_name['updated_at']._loaded_options = None
+  _globals['_USER'].fields_by_name['updated_at']._serialized_options = b'\030\001'
+  _globals['_USERSTATE']._serialized_start=724
+  _globals['_USERSTATE']._serialized_end=872
+  _globals['_GENDER']._serialized_start=874
+  _globals['_GENDER']._serialized_end=960
+  _globals['_ROLE']._serialized_start=962
+  _globals['_ROLE']._serialized_end=1021
   _globals['_USER']._serialized_start=92
-  _globals['_USER']._serialized_end=611
+  _globals['_USER']._serialized_end=721
 # @@protoc_insertion_point(module_scope)

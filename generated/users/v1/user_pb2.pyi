@@ -19,6 +19,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _UserState:
@@ -126,6 +131,8 @@ class User(_message.Message):
     PASSWORD_CHANGE_REQUIRED_FIELD_NUMBER: _builtins.int
     PASSWORD_UPDATE_TIME_FIELD_NUMBER: _builtins.int
     EXTERNAL_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """24 lower-case hexadecimal digits, assigned by the service."""
     username: _builtins.str
@@ -141,11 +148,24 @@ class User(_message.Message):
     """
     gender: Global___Gender.ValueType
     role: Global___Role.ValueType
-    is_active: _builtins.bool
-    """True exactly when state is USER_STATE_ACTIVE: false until the emailed
-    activation code has been confirmed, and while the account is deactivated
-    or locked. Kept for clients that predate state; read state instead.
-    """
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def is_active(self) -> _builtins.bool:
+        """True exactly when state is USER_STATE_ACTIVE: false until the emailed
+        activation code has been confirmed, and while the account is deactivated
+        or locked. Kept for clients that predate state; read state instead.
+        Deprecated: use state.
+        """
+
+    @is_active.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def is_active(self, value: _builtins.bool) -> None:
+        """True exactly when state is USER_STATE_ACTIVE: false until the emailed
+        activation code has been confirmed, and while the account is deactivated
+        or locked. Kept for clients that predate state; read state instead.
+        Deprecated: use state.
+        """
+
     mfa_enabled: _builtins.bool
     """True once a TOTP enrollment is confirmed: sign-in then needs a second factor."""
     state: Global___UserState.ValueType
@@ -155,7 +175,7 @@ class User(_message.Message):
     """
     etag: _builtins.str
     """Changes whenever the user does (every UpdateUser moves it; other changes
-    move it with updated_at): pass it to UpdateUser so that a change made
+    move it with update_time): pass it to UpdateUser so that a change made
     meanwhile by someone else is not overwritten (AIP-154). Opaque.
     """
     language_code: _builtins.str
@@ -175,9 +195,15 @@ class User(_message.Message):
     ImportUsers and UpdateUser (path `external_id`); ListUsers filters on it.
     """
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use create_time (the same value)."""
+
     @_builtins.property
-    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use update_time (the same value)."""
+
     @_builtins.property
     def metadata(self) -> _containers.RepeatedCompositeFieldContainer[_metadata_pb2.MetadataEntry]:
         """Only in an admin's or a machine caller's view (GetUser, GetUserByIdentifier, ListUsers,
@@ -190,6 +216,14 @@ class User(_message.Message):
         """When the password was last set (unset: before this field existed; the password then counts
         as set at create_time for USERS_PASSWORD_MAX_AGE_SECONDS).
         """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the account was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the account last changed (any change that moves etag, and the others listed there)."""
 
     def __init__(
         self,
@@ -212,10 +246,12 @@ class User(_message.Message):
         password_change_required: _builtins.bool = ...,
         password_update_time: _timestamp_pb2.Timestamp | None = ...,
         external_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "password_update_time", b"password_update_time", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_at", b"created_at", "password_update_time", b"password_update_time", "update_time", b"update_time", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "etag", b"etag", "external_id", b"external_id", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "language_code", b"language_code", "last_name", b"last_name", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "password_change_required", b"password_change_required", "password_update_time", b"password_update_time", "role", b"role", "state", b"state", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_at", b"created_at", "email", b"email", "etag", b"etag", "external_id", b"external_id", "first_name", b"first_name", "gender", b"gender", "id", b"id", "is_active", b"is_active", "language_code", b"language_code", "last_name", b"last_name", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "password_change_required", b"password_change_required", "password_update_time", b"password_update_time", "role", b"role", "state", b"state", "update_time", b"update_time", "updated_at", b"updated_at", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,6 +24,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _AuditEventType:
@@ -579,16 +584,32 @@ class GetUserRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """Required. 24 hexadecimal digits."""
+    USER_ID_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def id(self) -> _builtins.str:
+        """Deprecated: use user_id. Either may be given; both only if equal, else
+        INVALID_ARGUMENT (a field violation on id).
+        """
+
+    @id.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def id(self, value: _builtins.str) -> None:
+        """Deprecated: use user_id. Either may be given; both only if equal, else
+        INVALID_ARGUMENT (a field violation on id).
+        """
+
+    user_id: _builtins.str
+    """Required (or the deprecated id). 24 hexadecimal digits."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -660,21 +681,37 @@ class DeleteUserRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """Required. 24 hexadecimal digits."""
+    USER_ID_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def id(self) -> _builtins.str:
+        """Deprecated: use user_id. Either may be given; both only if equal, else
+        INVALID_ARGUMENT (a field violation on id).
+        """
+
+    @id.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def id(self, value: _builtins.str) -> None:
+        """Deprecated: use user_id. Either may be given; both only if equal, else
+        INVALID_ARGUMENT (a field violation on id).
+        """
+
     password: _builtins.str
     """The caller's current password. Required to delete one's own account;
     not needed (and ignored) when an admin deletes someone else.
     """
+    user_id: _builtins.str
+    """Required (or the deprecated id). 24 hexadecimal digits."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         password: _builtins.str = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "password", b"password"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "password", b"password", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -860,6 +897,8 @@ class AuthenticateResponse(_message.Message):
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     REFRESH_TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    ACCESS_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     """Send as `authorization: Bearer <access_token>`."""
     refresh_token: _builtins.str
@@ -868,9 +907,23 @@ class AuthenticateResponse(_message.Message):
     @_builtins.property
     def user(self) -> _user_pb2.User: ...
     @_builtins.property
-    def access_token_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def access_token_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use access_token_expire_time (the same value)."""
+
     @_builtins.property
-    def refresh_token_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def refresh_token_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use refresh_token_expire_time (the same value)."""
+
+    @_builtins.property
+    def access_token_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the access token stops being accepted (its JWT's exp)."""
+
+    @_builtins.property
+    def refresh_token_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the refresh token, and the session, end: refreshing never extends it."""
+
     def __init__(
         self,
         *,
@@ -880,10 +933,12 @@ class AuthenticateResponse(_message.Message):
         refresh_token: _builtins.str = ...,
         refresh_token_expires_at: _timestamp_pb2.Timestamp | None = ...,
         session_id: _builtins.str = ...,
+        access_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        refresh_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expires_at", b"access_token_expires_at", "refresh_token_expires_at", b"refresh_token_expires_at", "user", b"user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expire_time", b"access_token_expire_time", "access_token_expires_at", b"access_token_expires_at", "refresh_token_expire_time", b"refresh_token_expire_time", "refresh_token_expires_at", b"refresh_token_expires_at", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expires_at", b"access_token_expires_at", "refresh_token", b"refresh_token", "refresh_token_expires_at", b"refresh_token_expires_at", "session_id", b"session_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expire_time", b"access_token_expire_time", "access_token_expires_at", b"access_token_expires_at", "refresh_token", b"refresh_token", "refresh_token_expire_time", b"refresh_token_expire_time", "refresh_token_expires_at", b"refresh_token_expires_at", "session_id", b"session_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -918,13 +973,29 @@ class RefreshSessionResponse(_message.Message):
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     REFRESH_TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    ACCESS_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     refresh_token: _builtins.str
     session_id: _builtins.str
     @_builtins.property
-    def access_token_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def access_token_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use access_token_expire_time (the same value)."""
+
     @_builtins.property
-    def refresh_token_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def refresh_token_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Deprecated: use refresh_token_expire_time (the same value)."""
+
+    @_builtins.property
+    def access_token_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the new access token stops being accepted (its JWT's exp)."""
+
+    @_builtins.property
+    def refresh_token_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the new refresh token, and the session, end: the same as at Authenticate."""
+
     def __init__(
         self,
         *,
@@ -933,10 +1004,12 @@ class RefreshSessionResponse(_message.Message):
         refresh_token: _builtins.str = ...,
         refresh_token_expires_at: _timestamp_pb2.Timestamp | None = ...,
         session_id: _builtins.str = ...,
+        access_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        refresh_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expires_at", b"access_token_expires_at", "refresh_token_expires_at", b"refresh_token_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expire_time", b"access_token_expire_time", "access_token_expires_at", b"access_token_expires_at", "refresh_token_expire_time", b"refresh_token_expire_time", "refresh_token_expires_at", b"refresh_token_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expires_at", b"access_token_expires_at", "refresh_token", b"refresh_token", "refresh_token_expires_at", b"refresh_token_expires_at", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expire_time", b"access_token_expire_time", "access_token_expires_at", b"access_token_expires_at", "refresh_token", b"refresh_token", "refresh_token_expire_time", b"refresh_token_expire_time", "refresh_token_expires_at", b"refresh_token_expires_at", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

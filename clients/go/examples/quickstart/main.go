@@ -19,8 +19,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	usersv1 "users-grpc/clients/go/users/v1"
-	"users-grpc/clients/go/usersclient"
+	usersv1 "github.com/users-grpc/users-grpc/clients/go/users/v1"
+	"github.com/users-grpc/users-grpc/clients/go/usersclient"
 )
 
 func main() {
@@ -49,7 +49,7 @@ func main() {
 	fmt.Printf("signed in as %s (%s)\n", session.GetUser().GetUsername(), session.GetUser().GetId())
 
 	authorized := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+session.GetAccessToken())
-	user, err := client.GetUser(authorized, &usersv1.GetUserRequest{Id: session.GetUser().GetId()})
+	user, err := client.GetUser(authorized, &usersv1.GetUserRequest{UserId: session.GetUser().GetId()})
 	if err != nil {
 		log.Fatalf("GetUser: %v", err)
 	}

@@ -341,8 +341,8 @@ const file_users_v1_error_reason_proto_rawDesc = "" +
 	"'ERROR_REASON_PASSWORD_CHECK_UNAVAILABLE\x106\x12%\n" +
 	"!ERROR_REASON_PASSWORD_CHANGE_ONLY\x107\x120\n" +
 	",ERROR_REASON_SERVICE_ACCOUNT_TOKEN_NOT_FOUND\x10F\x12,\n" +
-	"(ERROR_REASON_SERVICE_ACCOUNT_TOKEN_LIMIT\x10GB\x89\x01\n" +
-	"\fcom.users.v1B\x10ErrorReasonProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"(ERROR_REASON_SERVICE_ACCOUNT_TOKEN_LIMIT\x10GB\x9f\x01\n" +
+	"\fcom.users.v1B\x10ErrorReasonProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_error_reason_proto_rawDescOnce sync.Once

@@ -1006,9 +1006,9 @@ const file_users_v1_group_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\"i\n" +
 	"\x16ListUserGroupsResponse\x12'\n" +
 	"\x06groups\x18\x01 \x03(\v2\x0f.users.v1.GroupR\x06groups\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageTokenB\x83\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageTokenB\x99\x01\n" +
 	"\fcom.users.v1B\n" +
-	"GroupProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"GroupProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_group_proto_rawDescOnce sync.Once

@@ -773,8 +773,8 @@ const file_users_v1_metadata_proto_rawDesc = "" +
 	"\rMetadataScope\x12\x1e\n" +
 	"\x1aMETADATA_SCOPE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14METADATA_SCOPE_ADMIN\x10\x01\x12\x17\n" +
-	"\x13METADATA_SCOPE_SELF\x10\x02B\x86\x01\n" +
-	"\fcom.users.v1B\rMetadataProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"\x13METADATA_SCOPE_SELF\x10\x02B\x9c\x01\n" +
+	"\fcom.users.v1B\rMetadataProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_metadata_proto_rawDescOnce sync.Once

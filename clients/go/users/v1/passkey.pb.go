@@ -628,14 +628,24 @@ type FinishPasskeySignInResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	User  *User                  `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
 	// Send as `authorization: Bearer <access_token>`.
-	AccessToken          string                 `protobuf:"bytes,2,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	AccessToken string `protobuf:"bytes,2,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	// Deprecated: use access_token_expire_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/passkey.proto.
 	AccessTokenExpiresAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=access_token_expires_at,json=accessTokenExpiresAt,proto3" json:"access_token_expires_at,omitempty"`
 	// Keep secret; it works once, in RefreshSession. Opaque: its form may change.
-	RefreshToken          string                 `protobuf:"bytes,4,opt,name=refresh_token,json=refreshToken,proto3" json:"refresh_token,omitempty"`
+	RefreshToken string `protobuf:"bytes,4,opt,name=refresh_token,json=refreshToken,proto3" json:"refresh_token,omitempty"`
+	// Deprecated: use refresh_token_expire_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/passkey.proto.
 	RefreshTokenExpiresAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=refresh_token_expires_at,json=refreshTokenExpiresAt,proto3" json:"refresh_token_expires_at,omitempty"`
 	SessionId             string                 `protobuf:"bytes,6,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	unknownFields         protoimpl.UnknownFields
-	sizeCache             protoimpl.SizeCache
+	// When the access token stops being accepted (its JWT's exp).
+	AccessTokenExpireTime *timestamppb.Timestamp `protobuf:"bytes,80,opt,name=access_token_expire_time,json=accessTokenExpireTime,proto3" json:"access_token_expire_time,omitempty"`
+	// When the refresh token, and the session, end: refreshing never extends it.
+	RefreshTokenExpireTime *timestamppb.Timestamp `protobuf:"bytes,81,opt,name=refresh_token_expire_time,json=refreshTokenExpireTime,proto3" json:"refresh_token_expire_time,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *FinishPasskeySignInResponse) Reset() {
@@ -682,6 +692,7 @@ func (x *FinishPasskeySignInResponse) GetAccessToken() string {
 	return ""
 }
 
+// Deprecated: Marked as deprecated in users/v1/passkey.proto.
 func (x *FinishPasskeySignInResponse) GetAccessTokenExpiresAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.AccessTokenExpiresAt
@@ -696,6 +707,7 @@ func (x *FinishPasskeySignInResponse) GetRefreshToken() string {
 	return ""
 }
 
+// Deprecated: Marked as deprecated in users/v1/passkey.proto.
 func (x *FinishPasskeySignInResponse) GetRefreshTokenExpiresAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.RefreshTokenExpiresAt
@@ -708,6 +720,20 @@ func (x *FinishPasskeySignInResponse) GetSessionId() string {
 		return x.SessionId
 	}
 	return ""
+}
+
+func (x *FinishPasskeySignInResponse) GetAccessTokenExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.AccessTokenExpireTime
+	}
+	return nil
+}
+
+func (x *FinishPasskeySignInResponse) GetRefreshTokenExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RefreshTokenExpireTime
+	}
+	return nil
 }
 
 type ListAuthenticationFactorsRequest struct {
@@ -1238,15 +1264,17 @@ const file_users_v1_passkey_proto_rawDesc = "" +
 	"\x1aFinishPasskeySignInRequest\x12\x1f\n" +
 	"\vceremony_id\x18\x01 \x01(\tR\n" +
 	"ceremonyId\x12'\n" +
-	"\x0fcredential_json\x18\x02 \x01(\tR\x0ecredentialJson\"\xd0\x02\n" +
+	"\x0fcredential_json\x18\x02 \x01(\tR\x0ecredentialJson\"\x84\x04\n" +
 	"\x1bFinishPasskeySignInResponse\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\x12!\n" +
-	"\faccess_token\x18\x02 \x01(\tR\vaccessToken\x12Q\n" +
-	"\x17access_token_expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x14accessTokenExpiresAt\x12#\n" +
-	"\rrefresh_token\x18\x04 \x01(\tR\frefreshToken\x12S\n" +
-	"\x18refresh_token_expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x15refreshTokenExpiresAt\x12\x1d\n" +
+	"\faccess_token\x18\x02 \x01(\tR\vaccessToken\x12U\n" +
+	"\x17access_token_expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\x14accessTokenExpiresAt\x12#\n" +
+	"\rrefresh_token\x18\x04 \x01(\tR\frefreshToken\x12W\n" +
+	"\x18refresh_token_expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\x15refreshTokenExpiresAt\x12\x1d\n" +
 	"\n" +
-	"session_id\x18\x06 \x01(\tR\tsessionId\";\n" +
+	"session_id\x18\x06 \x01(\tR\tsessionId\x12S\n" +
+	"\x18access_token_expire_time\x18P \x01(\v2\x1a.google.protobuf.TimestampR\x15accessTokenExpireTime\x12U\n" +
+	"\x19refresh_token_expire_time\x18Q \x01(\v2\x1a.google.protobuf.TimestampR\x16refreshTokenExpireTime\";\n" +
 	" ListAuthenticationFactorsRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\"^\n" +
 	"!ListAuthenticationFactorsResponse\x129\n" +
@@ -1272,8 +1300,8 @@ const file_users_v1_passkey_proto_rawDesc = "" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1d\n" +
 	"\n" +
 	"passkey_id\x18\x02 \x01(\tR\tpasskeyId\"\x1b\n" +
-	"\x19RemoveUserPasskeyResponseB\x85\x01\n" +
-	"\fcom.users.v1B\fPasskeyProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"\x19RemoveUserPasskeyResponseB\x9b\x01\n" +
+	"\fcom.users.v1B\fPasskeyProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_passkey_proto_rawDescOnce sync.Once
@@ -1322,14 +1350,16 @@ var file_users_v1_passkey_proto_depIdxs = []int32{
 	21, // 6: users.v1.FinishPasskeySignInResponse.user:type_name -> users.v1.User
 	20, // 7: users.v1.FinishPasskeySignInResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
 	20, // 8: users.v1.FinishPasskeySignInResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	1,  // 9: users.v1.ListAuthenticationFactorsResponse.factors:type_name -> users.v1.AuthenticationFactors
-	0,  // 10: users.v1.RenamePasskeyResponse.passkey:type_name -> users.v1.Passkey
-	1,  // 11: users.v1.ListUserAuthenticationFactorsResponse.factors:type_name -> users.v1.AuthenticationFactors
-	12, // [12:12] is the sub-list for method output_type
-	12, // [12:12] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	20, // 9: users.v1.FinishPasskeySignInResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	20, // 10: users.v1.FinishPasskeySignInResponse.refresh_token_expire_time:type_name -> google.protobuf.Timestamp
+	1,  // 11: users.v1.ListAuthenticationFactorsResponse.factors:type_name -> users.v1.AuthenticationFactors
+	0,  // 12: users.v1.RenamePasskeyResponse.passkey:type_name -> users.v1.Passkey
+	1,  // 13: users.v1.ListUserAuthenticationFactorsResponse.factors:type_name -> users.v1.AuthenticationFactors
+	14, // [14:14] is the sub-list for method output_type
+	14, // [14:14] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_passkey_proto_init() }

@@ -105,8 +105,8 @@ const file_users_v1_password_policy_proto_rawDesc = "" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x122\n" +
 	"\x15password_change_token\x18\x02 \x01(\tR\x13passwordChangeToken\x12;\n" +
 	"\vexpire_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"expireTimeB\x8c\x01\n" +
-	"\fcom.users.v1B\x13PasswordPolicyProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"expireTimeB\xa2\x01\n" +
+	"\fcom.users.v1B\x13PasswordPolicyProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_password_policy_proto_rawDescOnce sync.Once

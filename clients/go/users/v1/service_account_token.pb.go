@@ -442,8 +442,8 @@ const file_users_v1_service_account_token_proto_rawDesc = "" +
 	" RevokeServiceAccountTokenRequest\x12,\n" +
 	"\x12service_account_id\x18\x01 \x01(\tR\x10serviceAccountId\x12\x19\n" +
 	"\btoken_id\x18\x02 \x01(\tR\atokenId\"#\n" +
-	"!RevokeServiceAccountTokenResponseB\x91\x01\n" +
-	"\fcom.users.v1B\x18ServiceAccountTokenProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"!RevokeServiceAccountTokenResponseB\xa7\x01\n" +
+	"\fcom.users.v1B\x18ServiceAccountTokenProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_service_account_token_proto_rawDescOnce sync.Once

@@ -26,13 +26,26 @@ const (
 type Session struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// 24 hexadecimal digits.
-	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	UserId    string                 `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	Id     string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	UserId string `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Deprecated: use create_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/session.proto.
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	// When the last refresh token of the session was issued.
+	// Deprecated: use last_use_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/session.proto.
 	LastUsedAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=last_used_at,json=lastUsedAt,proto3" json:"last_used_at,omitempty"`
+	// Deprecated: use expire_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/session.proto.
+	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// When the session began (its Authenticate).
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,80,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// When the last refresh token of the session was issued.
+	LastUseTime *timestamppb.Timestamp `protobuf:"bytes,81,opt,name=last_use_time,json=lastUseTime,proto3" json:"last_use_time,omitempty"`
 	// Absolute end: refreshing never extends it.
-	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,82,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -81,6 +94,7 @@ func (x *Session) GetUserId() string {
 	return ""
 }
 
+// Deprecated: Marked as deprecated in users/v1/session.proto.
 func (x *Session) GetCreatedAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.CreatedAt
@@ -88,6 +102,7 @@ func (x *Session) GetCreatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+// Deprecated: Marked as deprecated in users/v1/session.proto.
 func (x *Session) GetLastUsedAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.LastUsedAt
@@ -95,9 +110,31 @@ func (x *Session) GetLastUsedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+// Deprecated: Marked as deprecated in users/v1/session.proto.
 func (x *Session) GetExpiresAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *Session) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *Session) GetLastUseTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastUseTime
+	}
+	return nil
+}
+
+func (x *Session) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
 	}
 	return nil
 }
@@ -111,15 +148,25 @@ type TokenClaims struct {
 	// The session the token was issued for.
 	SessionId string `protobuf:"bytes,3,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	// The token's unique id (jti).
-	TokenId   string                 `protobuf:"bytes,4,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
-	Issuer    string                 `protobuf:"bytes,5,opt,name=issuer,proto3" json:"issuer,omitempty"`
-	Audience  string                 `protobuf:"bytes,6,opt,name=audience,proto3" json:"audience,omitempty"`
-	IssuedAt  *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=issued_at,json=issuedAt,proto3" json:"issued_at,omitempty"`
+	TokenId  string `protobuf:"bytes,4,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	Issuer   string `protobuf:"bytes,5,opt,name=issuer,proto3" json:"issuer,omitempty"`
+	Audience string `protobuf:"bytes,6,opt,name=audience,proto3" json:"audience,omitempty"`
+	// Deprecated: use issue_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/session.proto.
+	IssuedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=issued_at,json=issuedAt,proto3" json:"issued_at,omitempty"`
+	// Deprecated: use expire_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/session.proto.
 	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
 	// The ids of the groups the user was in when the token was issued (at most
 	// 32, a user's cap, so never cut short), in id order; the JWT's `groups`
 	// claim, absent from the JWT when empty.
-	Groups        []string `protobuf:"bytes,45,rep,name=groups,proto3" json:"groups,omitempty"`
+	Groups []string `protobuf:"bytes,45,rep,name=groups,proto3" json:"groups,omitempty"`
+	// When the token was issued (the JWT's iat).
+	IssueTime *timestamppb.Timestamp `protobuf:"bytes,80,opt,name=issue_time,json=issueTime,proto3" json:"issue_time,omitempty"`
+	// When the token stops being accepted (the JWT's exp).
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,81,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -196,6 +243,7 @@ func (x *TokenClaims) GetAudience() string {
 	return ""
 }
 
+// Deprecated: Marked as deprecated in users/v1/session.proto.
 func (x *TokenClaims) GetIssuedAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.IssuedAt
@@ -203,6 +251,7 @@ func (x *TokenClaims) GetIssuedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+// Deprecated: Marked as deprecated in users/v1/session.proto.
 func (x *TokenClaims) GetExpiresAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.ExpiresAt
@@ -217,20 +266,39 @@ func (x *TokenClaims) GetGroups() []string {
 	return nil
 }
 
+func (x *TokenClaims) GetIssueTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.IssueTime
+	}
+	return nil
+}
+
+func (x *TokenClaims) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
 var File_users_v1_session_proto protoreflect.FileDescriptor
 
 const file_users_v1_session_proto_rawDesc = "" +
 	"\n" +
-	"\x16users/v1/session.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13users/v1/user.proto\"\xe6\x01\n" +
+	"\x16users/v1/session.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13users/v1/user.proto\"\xac\x03\n" +
 	"\aSession\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
-	"\auser_id\x18\x02 \x01(\tR\x06userId\x129\n" +
+	"\auser_id\x18\x02 \x01(\tR\x06userId\x12=\n" +
 	"\n" +
-	"created_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12<\n" +
-	"\flast_used_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"lastUsedAt\x129\n" +
+	"created_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\tcreatedAt\x12@\n" +
+	"\flast_used_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\n" +
+	"lastUsedAt\x12=\n" +
 	"\n" +
-	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\xc5\x02\n" +
+	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\texpiresAt\x12;\n" +
+	"\vcreate_time\x18P \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12>\n" +
+	"\rlast_use_time\x18Q \x01(\v2\x1a.google.protobuf.TimestampR\vlastUseTime\x12;\n" +
+	"\vexpire_time\x18R \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\"\xc5\x03\n" +
 	"\vTokenClaims\x12\x18\n" +
 	"\asubject\x18\x01 \x01(\tR\asubject\x12\"\n" +
 	"\x04role\x18\x02 \x01(\x0e2\x0e.users.v1.RoleR\x04role\x12\x1d\n" +
@@ -238,12 +306,16 @@ const file_users_v1_session_proto_rawDesc = "" +
 	"session_id\x18\x03 \x01(\tR\tsessionId\x12\x19\n" +
 	"\btoken_id\x18\x04 \x01(\tR\atokenId\x12\x16\n" +
 	"\x06issuer\x18\x05 \x01(\tR\x06issuer\x12\x1a\n" +
-	"\baudience\x18\x06 \x01(\tR\baudience\x127\n" +
-	"\tissued_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\bissuedAt\x129\n" +
+	"\baudience\x18\x06 \x01(\tR\baudience\x12;\n" +
+	"\tissued_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\bissuedAt\x12=\n" +
 	"\n" +
-	"expires_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x16\n" +
-	"\x06groups\x18- \x03(\tR\x06groupsB\x85\x01\n" +
-	"\fcom.users.v1B\fSessionProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"expires_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\texpiresAt\x12\x16\n" +
+	"\x06groups\x18- \x03(\tR\x06groups\x129\n" +
+	"\n" +
+	"issue_time\x18P \x01(\v2\x1a.google.protobuf.TimestampR\tissueTime\x12;\n" +
+	"\vexpire_time\x18Q \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTimeB\x9b\x01\n" +
+	"\fcom.users.v1B\fSessionProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_session_proto_rawDescOnce sync.Once
@@ -265,17 +337,22 @@ var file_users_v1_session_proto_goTypes = []any{
 	(Role)(0),                     // 3: users.v1.Role
 }
 var file_users_v1_session_proto_depIdxs = []int32{
-	2, // 0: users.v1.Session.created_at:type_name -> google.protobuf.Timestamp
-	2, // 1: users.v1.Session.last_used_at:type_name -> google.protobuf.Timestamp
-	2, // 2: users.v1.Session.expires_at:type_name -> google.protobuf.Timestamp
-	3, // 3: users.v1.TokenClaims.role:type_name -> users.v1.Role
-	2, // 4: users.v1.TokenClaims.issued_at:type_name -> google.protobuf.Timestamp
-	2, // 5: users.v1.TokenClaims.expires_at:type_name -> google.protobuf.Timestamp
-	6, // [6:6] is the sub-list for method output_type
-	6, // [6:6] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	2,  // 0: users.v1.Session.created_at:type_name -> google.protobuf.Timestamp
+	2,  // 1: users.v1.Session.last_used_at:type_name -> google.protobuf.Timestamp
+	2,  // 2: users.v1.Session.expires_at:type_name -> google.protobuf.Timestamp
+	2,  // 3: users.v1.Session.create_time:type_name -> google.protobuf.Timestamp
+	2,  // 4: users.v1.Session.last_use_time:type_name -> google.protobuf.Timestamp
+	2,  // 5: users.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 6: users.v1.TokenClaims.role:type_name -> users.v1.Role
+	2,  // 7: users.v1.TokenClaims.issued_at:type_name -> google.protobuf.Timestamp
+	2,  // 8: users.v1.TokenClaims.expires_at:type_name -> google.protobuf.Timestamp
+	2,  // 9: users.v1.TokenClaims.issue_time:type_name -> google.protobuf.Timestamp
+	2,  // 10: users.v1.TokenClaims.expire_time:type_name -> google.protobuf.Timestamp
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_session_proto_init() }

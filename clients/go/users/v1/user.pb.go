@@ -210,8 +210,17 @@ type User struct {
 	// True exactly when state is USER_STATE_ACTIVE: false until the emailed
 	// activation code has been confirmed, and while the account is deactivated
 	// or locked. Kept for clients that predate state; read state instead.
-	IsActive  bool                   `protobuf:"varint,8,opt,name=is_active,json=isActive,proto3" json:"is_active,omitempty"`
+	// Deprecated: use state.
+	//
+	// Deprecated: Marked as deprecated in users/v1/user.proto.
+	IsActive bool `protobuf:"varint,8,opt,name=is_active,json=isActive,proto3" json:"is_active,omitempty"`
+	// Deprecated: use create_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/user.proto.
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// Deprecated: use update_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/user.proto.
 	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	// True once a TOTP enrollment is confirmed: sign-in then needs a second factor.
 	MfaEnabled bool `protobuf:"varint,11,opt,name=mfa_enabled,json=mfaEnabled,proto3" json:"mfa_enabled,omitempty"`
@@ -220,7 +229,7 @@ type User struct {
 	// GetUserByIdentifier.
 	State UserState `protobuf:"varint,12,opt,name=state,proto3,enum=users.v1.UserState" json:"state,omitempty"`
 	// Changes whenever the user does (every UpdateUser moves it; other changes
-	// move it with updated_at): pass it to UpdateUser so that a change made
+	// move it with update_time): pass it to UpdateUser so that a change made
 	// meanwhile by someone else is not overwritten (AIP-154). Opaque.
 	Etag string `protobuf:"bytes,13,opt,name=etag,proto3" json:"etag,omitempty"`
 	// The language the user's mails are written in: a BCP 47 tag such as en,
@@ -242,7 +251,11 @@ type User struct {
 	// this account: up to 256 characters, kept as sent. Not unique: two IdPs,
 	// or two tenants of one, may send the same one. Empty: none. Set by
 	// ImportUsers and UpdateUser (path `external_id`); ListUsers filters on it.
-	ExternalId    string `protobuf:"bytes,50,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
+	ExternalId string `protobuf:"bytes,50,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
+	// When the account was created.
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,80,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// When the account last changed (any change that moves etag, and the others listed there).
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,81,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -326,6 +339,7 @@ func (x *User) GetRole() Role {
 	return Role_ROLE_UNSPECIFIED
 }
 
+// Deprecated: Marked as deprecated in users/v1/user.proto.
 func (x *User) GetIsActive() bool {
 	if x != nil {
 		return x.IsActive
@@ -333,6 +347,7 @@ func (x *User) GetIsActive() bool {
 	return false
 }
 
+// Deprecated: Marked as deprecated in users/v1/user.proto.
 func (x *User) GetCreatedAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.CreatedAt
@@ -340,6 +355,7 @@ func (x *User) GetCreatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+// Deprecated: Marked as deprecated in users/v1/user.proto.
 func (x *User) GetUpdatedAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.UpdatedAt
@@ -403,11 +419,25 @@ func (x *User) GetExternalId() string {
 	return ""
 }
 
+func (x *User) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *User) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
 var File_users_v1_user_proto protoreflect.FileDescriptor
 
 const file_users_v1_user_proto_rawDesc = "" +
 	"\n" +
-	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17users/v1/metadata.proto\"\xc8\x05\n" +
+	"\x13users/v1/user.proto\x12\busers.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17users/v1/metadata.proto\"\xce\x06\n" +
 	"\x04User\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\busername\x18\x02 \x01(\tR\busername\x12\x1d\n" +
@@ -416,13 +446,13 @@ const file_users_v1_user_proto_rawDesc = "" +
 	"\tlast_name\x18\x04 \x01(\tR\blastName\x12\x14\n" +
 	"\x05email\x18\x05 \x01(\tR\x05email\x12(\n" +
 	"\x06gender\x18\x06 \x01(\x0e2\x10.users.v1.GenderR\x06gender\x12\"\n" +
-	"\x04role\x18\a \x01(\x0e2\x0e.users.v1.RoleR\x04role\x12\x1b\n" +
-	"\tis_active\x18\b \x01(\bR\bisActive\x129\n" +
+	"\x04role\x18\a \x01(\x0e2\x0e.users.v1.RoleR\x04role\x12\x1f\n" +
+	"\tis_active\x18\b \x01(\bB\x02\x18\x01R\bisActive\x12=\n" +
 	"\n" +
-	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
+	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\tcreatedAt\x12=\n" +
 	"\n" +
 	"updated_at\x18\n" +
-	" \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1f\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\tupdatedAt\x12\x1f\n" +
 	"\vmfa_enabled\x18\v \x01(\bR\n" +
 	"mfaEnabled\x12)\n" +
 	"\x05state\x18\f \x01(\x0e2\x13.users.v1.UserStateR\x05state\x12\x12\n" +
@@ -432,7 +462,11 @@ const file_users_v1_user_proto_rawDesc = "" +
 	"\x18password_change_required\x18\x1e \x01(\bR\x16passwordChangeRequired\x12L\n" +
 	"\x14password_update_time\x18\x1f \x01(\v2\x1a.google.protobuf.TimestampR\x12passwordUpdateTime\x12\x1f\n" +
 	"\vexternal_id\x182 \x01(\tR\n" +
-	"externalId*\x94\x01\n" +
+	"externalId\x12;\n" +
+	"\vcreate_time\x18P \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12;\n" +
+	"\vupdate_time\x18Q \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTime*\x94\x01\n" +
 	"\tUserState\x12\x1a\n" +
 	"\x16USER_STATE_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dUSER_STATE_PENDING_ACTIVATION\x10\x01\x12\x15\n" +
@@ -448,8 +482,8 @@ const file_users_v1_user_proto_rawDesc = "" +
 	"\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tROLE_USER\x10\x01\x12\x0e\n" +
 	"\n" +
-	"ROLE_ADMIN\x10\x02B\x82\x01\n" +
-	"\fcom.users.v1B\tUserProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"ROLE_ADMIN\x10\x02B\x98\x01\n" +
+	"\fcom.users.v1B\tUserProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_user_proto_rawDescOnce sync.Once
@@ -481,11 +515,13 @@ var file_users_v1_user_proto_depIdxs = []int32{
 	0, // 4: users.v1.User.state:type_name -> users.v1.UserState
 	5, // 5: users.v1.User.metadata:type_name -> users.v1.MetadataEntry
 	4, // 6: users.v1.User.password_update_time:type_name -> google.protobuf.Timestamp
-	7, // [7:7] is the sub-list for method output_type
-	7, // [7:7] is the sub-list for method input_type
-	7, // [7:7] is the sub-list for extension type_name
-	7, // [7:7] is the sub-list for extension extendee
-	0, // [0:7] is the sub-list for field type_name
+	4, // 7: users.v1.User.create_time:type_name -> google.protobuf.Timestamp
+	4, // 8: users.v1.User.update_time:type_name -> google.protobuf.Timestamp
+	9, // [9:9] is the sub-list for method output_type
+	9, // [9:9] is the sub-list for method input_type
+	9, // [9:9] is the sub-list for extension type_name
+	9, // [9:9] is the sub-list for extension extendee
+	0, // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_proto_init() }

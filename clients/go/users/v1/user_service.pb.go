@@ -829,8 +829,13 @@ func (*ResendActivationCodeResponse) Descriptor() ([]byte, []int) {
 
 type GetUserRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Required. 24 hexadecimal digits.
-	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Deprecated: use user_id. Either may be given; both only if equal, else
+	// INVALID_ARGUMENT (a field violation on id).
+	//
+	// Deprecated: Marked as deprecated in users/v1/user_service.proto.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Required (or the deprecated id). 24 hexadecimal digits.
+	UserId        string `protobuf:"bytes,80,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -865,9 +870,17 @@ func (*GetUserRequest) Descriptor() ([]byte, []int) {
 	return file_users_v1_user_service_proto_rawDescGZIP(), []int{6}
 }
 
+// Deprecated: Marked as deprecated in users/v1/user_service.proto.
 func (x *GetUserRequest) GetId() string {
 	if x != nil {
 		return x.Id
+	}
+	return ""
+}
+
+func (x *GetUserRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
 	}
 	return ""
 }
@@ -1007,11 +1020,16 @@ func (x *GetUserByIdentifierResponse) GetUser() *User {
 
 type DeleteUserRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Required. 24 hexadecimal digits.
+	// Deprecated: use user_id. Either may be given; both only if equal, else
+	// INVALID_ARGUMENT (a field violation on id).
+	//
+	// Deprecated: Marked as deprecated in users/v1/user_service.proto.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// The caller's current password. Required to delete one's own account;
 	// not needed (and ignored) when an admin deletes someone else.
-	Password      string `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	Password string `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	// Required (or the deprecated id). 24 hexadecimal digits.
+	UserId        string `protobuf:"bytes,80,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1046,6 +1064,7 @@ func (*DeleteUserRequest) Descriptor() ([]byte, []int) {
 	return file_users_v1_user_service_proto_rawDescGZIP(), []int{10}
 }
 
+// Deprecated: Marked as deprecated in users/v1/user_service.proto.
 func (x *DeleteUserRequest) GetId() string {
 	if x != nil {
 		return x.Id
@@ -1056,6 +1075,13 @@ func (x *DeleteUserRequest) GetId() string {
 func (x *DeleteUserRequest) GetPassword() string {
 	if x != nil {
 		return x.Password
+	}
+	return ""
+}
+
+func (x *DeleteUserRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
 	}
 	return ""
 }
@@ -1416,14 +1442,24 @@ type AuthenticateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	User  *User                  `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
 	// Send as `authorization: Bearer <access_token>`.
-	AccessToken          string                 `protobuf:"bytes,2,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	AccessToken string `protobuf:"bytes,2,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	// Deprecated: use access_token_expire_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/user_service.proto.
 	AccessTokenExpiresAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=access_token_expires_at,json=accessTokenExpiresAt,proto3" json:"access_token_expires_at,omitempty"`
 	// Keep secret; it works once, in RefreshSession. Opaque: its form may change.
-	RefreshToken          string                 `protobuf:"bytes,4,opt,name=refresh_token,json=refreshToken,proto3" json:"refresh_token,omitempty"`
+	RefreshToken string `protobuf:"bytes,4,opt,name=refresh_token,json=refreshToken,proto3" json:"refresh_token,omitempty"`
+	// Deprecated: use refresh_token_expire_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/user_service.proto.
 	RefreshTokenExpiresAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=refresh_token_expires_at,json=refreshTokenExpiresAt,proto3" json:"refresh_token_expires_at,omitempty"`
 	SessionId             string                 `protobuf:"bytes,6,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	unknownFields         protoimpl.UnknownFields
-	sizeCache             protoimpl.SizeCache
+	// When the access token stops being accepted (its JWT's exp).
+	AccessTokenExpireTime *timestamppb.Timestamp `protobuf:"bytes,80,opt,name=access_token_expire_time,json=accessTokenExpireTime,proto3" json:"access_token_expire_time,omitempty"`
+	// When the refresh token, and the session, end: refreshing never extends it.
+	RefreshTokenExpireTime *timestamppb.Timestamp `protobuf:"bytes,81,opt,name=refresh_token_expire_time,json=refreshTokenExpireTime,proto3" json:"refresh_token_expire_time,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *AuthenticateResponse) Reset() {
@@ -1470,6 +1506,7 @@ func (x *AuthenticateResponse) GetAccessToken() string {
 	return ""
 }
 
+// Deprecated: Marked as deprecated in users/v1/user_service.proto.
 func (x *AuthenticateResponse) GetAccessTokenExpiresAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.AccessTokenExpiresAt
@@ -1484,6 +1521,7 @@ func (x *AuthenticateResponse) GetRefreshToken() string {
 	return ""
 }
 
+// Deprecated: Marked as deprecated in users/v1/user_service.proto.
 func (x *AuthenticateResponse) GetRefreshTokenExpiresAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.RefreshTokenExpiresAt
@@ -1496,6 +1534,20 @@ func (x *AuthenticateResponse) GetSessionId() string {
 		return x.SessionId
 	}
 	return ""
+}
+
+func (x *AuthenticateResponse) GetAccessTokenExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.AccessTokenExpireTime
+	}
+	return nil
+}
+
+func (x *AuthenticateResponse) GetRefreshTokenExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RefreshTokenExpireTime
+	}
+	return nil
 }
 
 type RefreshSessionRequest struct {
@@ -1544,14 +1596,24 @@ func (x *RefreshSessionRequest) GetRefreshToken() string {
 }
 
 type RefreshSessionResponse struct {
-	state                 protoimpl.MessageState `protogen:"open.v1"`
-	AccessToken           string                 `protobuf:"bytes,1,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
-	AccessTokenExpiresAt  *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=access_token_expires_at,json=accessTokenExpiresAt,proto3" json:"access_token_expires_at,omitempty"`
-	RefreshToken          string                 `protobuf:"bytes,3,opt,name=refresh_token,json=refreshToken,proto3" json:"refresh_token,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	AccessToken string                 `protobuf:"bytes,1,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	// Deprecated: use access_token_expire_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/user_service.proto.
+	AccessTokenExpiresAt *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=access_token_expires_at,json=accessTokenExpiresAt,proto3" json:"access_token_expires_at,omitempty"`
+	RefreshToken         string                 `protobuf:"bytes,3,opt,name=refresh_token,json=refreshToken,proto3" json:"refresh_token,omitempty"`
+	// Deprecated: use refresh_token_expire_time (the same value).
+	//
+	// Deprecated: Marked as deprecated in users/v1/user_service.proto.
 	RefreshTokenExpiresAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=refresh_token_expires_at,json=refreshTokenExpiresAt,proto3" json:"refresh_token_expires_at,omitempty"`
 	SessionId             string                 `protobuf:"bytes,5,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	unknownFields         protoimpl.UnknownFields
-	sizeCache             protoimpl.SizeCache
+	// When the new access token stops being accepted (its JWT's exp).
+	AccessTokenExpireTime *timestamppb.Timestamp `protobuf:"bytes,80,opt,name=access_token_expire_time,json=accessTokenExpireTime,proto3" json:"access_token_expire_time,omitempty"`
+	// When the new refresh token, and the session, end: the same as at Authenticate.
+	RefreshTokenExpireTime *timestamppb.Timestamp `protobuf:"bytes,81,opt,name=refresh_token_expire_time,json=refreshTokenExpireTime,proto3" json:"refresh_token_expire_time,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *RefreshSessionResponse) Reset() {
@@ -1591,6 +1653,7 @@ func (x *RefreshSessionResponse) GetAccessToken() string {
 	return ""
 }
 
+// Deprecated: Marked as deprecated in users/v1/user_service.proto.
 func (x *RefreshSessionResponse) GetAccessTokenExpiresAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.AccessTokenExpiresAt
@@ -1605,6 +1668,7 @@ func (x *RefreshSessionResponse) GetRefreshToken() string {
 	return ""
 }
 
+// Deprecated: Marked as deprecated in users/v1/user_service.proto.
 func (x *RefreshSessionResponse) GetRefreshTokenExpiresAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.RefreshTokenExpiresAt
@@ -1617,6 +1681,20 @@ func (x *RefreshSessionResponse) GetSessionId() string {
 		return x.SessionId
 	}
 	return ""
+}
+
+func (x *RefreshSessionResponse) GetAccessTokenExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.AccessTokenExpireTime
+	}
+	return nil
+}
+
+func (x *RefreshSessionResponse) GetRefreshTokenExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RefreshTokenExpireTime
+	}
+	return nil
 }
 
 type RevokeSessionRequest struct {
@@ -5473,9 +5551,10 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\n" +
 	"identifier\x18\x01 \x01(\tR\n" +
 	"identifier\"\x1e\n" +
-	"\x1cResendActivationCodeResponse\" \n" +
-	"\x0eGetUserRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"5\n" +
+	"\x1cResendActivationCodeResponse\"=\n" +
+	"\x0eGetUserRequest\x12\x12\n" +
+	"\x02id\x18\x01 \x01(\tB\x02\x18\x01R\x02id\x12\x17\n" +
+	"\auser_id\x18P \x01(\tR\x06userId\"5\n" +
 	"\x0fGetUserResponse\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"<\n" +
 	"\x1aGetUserByIdentifierRequest\x12\x1e\n" +
@@ -5483,10 +5562,11 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"identifier\x18\x01 \x01(\tR\n" +
 	"identifier\"A\n" +
 	"\x1bGetUserByIdentifierResponse\x12\"\n" +
-	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"?\n" +
-	"\x11DeleteUserRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
-	"\bpassword\x18\x02 \x01(\tR\bpassword\"\x14\n" +
+	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\"\\\n" +
+	"\x11DeleteUserRequest\x12\x12\n" +
+	"\x02id\x18\x01 \x01(\tB\x02\x18\x01R\x02id\x12\x1a\n" +
+	"\bpassword\x18\x02 \x01(\tR\bpassword\x12\x17\n" +
+	"\auser_id\x18P \x01(\tR\x06userId\"\x14\n" +
 	"\x12DeleteUserResponse\"?\n" +
 	"\x1dDeleteUserByIdentifierRequest\x12\x1e\n" +
 	"\n" +
@@ -5512,24 +5592,28 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\ttotp_code\x18\x03 \x01(\tR\btotpCode\x12#\n" +
 	"\rrecovery_code\x18\x04 \x01(\tR\frecoveryCode\x12.\n" +
 	"\x13passkey_ceremony_id\x18\x1e \x01(\tR\x11passkeyCeremonyId\x126\n" +
-	"\x17passkey_credential_json\x18\x1f \x01(\tR\x15passkeyCredentialJson\"\xc9\x02\n" +
+	"\x17passkey_credential_json\x18\x1f \x01(\tR\x15passkeyCredentialJson\"\xfd\x03\n" +
 	"\x14AuthenticateResponse\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.users.v1.UserR\x04user\x12!\n" +
-	"\faccess_token\x18\x02 \x01(\tR\vaccessToken\x12Q\n" +
-	"\x17access_token_expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x14accessTokenExpiresAt\x12#\n" +
-	"\rrefresh_token\x18\x04 \x01(\tR\frefreshToken\x12S\n" +
-	"\x18refresh_token_expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x15refreshTokenExpiresAt\x12\x1d\n" +
+	"\faccess_token\x18\x02 \x01(\tR\vaccessToken\x12U\n" +
+	"\x17access_token_expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\x14accessTokenExpiresAt\x12#\n" +
+	"\rrefresh_token\x18\x04 \x01(\tR\frefreshToken\x12W\n" +
+	"\x18refresh_token_expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\x15refreshTokenExpiresAt\x12\x1d\n" +
 	"\n" +
-	"session_id\x18\x06 \x01(\tR\tsessionId\"<\n" +
+	"session_id\x18\x06 \x01(\tR\tsessionId\x12S\n" +
+	"\x18access_token_expire_time\x18P \x01(\v2\x1a.google.protobuf.TimestampR\x15accessTokenExpireTime\x12U\n" +
+	"\x19refresh_token_expire_time\x18Q \x01(\v2\x1a.google.protobuf.TimestampR\x16refreshTokenExpireTime\"<\n" +
 	"\x15RefreshSessionRequest\x12#\n" +
-	"\rrefresh_token\x18\x01 \x01(\tR\frefreshToken\"\xa7\x02\n" +
+	"\rrefresh_token\x18\x01 \x01(\tR\frefreshToken\"\xdb\x03\n" +
 	"\x16RefreshSessionResponse\x12!\n" +
-	"\faccess_token\x18\x01 \x01(\tR\vaccessToken\x12Q\n" +
-	"\x17access_token_expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x14accessTokenExpiresAt\x12#\n" +
-	"\rrefresh_token\x18\x03 \x01(\tR\frefreshToken\x12S\n" +
-	"\x18refresh_token_expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x15refreshTokenExpiresAt\x12\x1d\n" +
+	"\faccess_token\x18\x01 \x01(\tR\vaccessToken\x12U\n" +
+	"\x17access_token_expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\x14accessTokenExpiresAt\x12#\n" +
+	"\rrefresh_token\x18\x03 \x01(\tR\frefreshToken\x12W\n" +
+	"\x18refresh_token_expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampB\x02\x18\x01R\x15refreshTokenExpiresAt\x12\x1d\n" +
 	"\n" +
-	"session_id\x18\x05 \x01(\tR\tsessionId\";\n" +
+	"session_id\x18\x05 \x01(\tR\tsessionId\x12S\n" +
+	"\x18access_token_expire_time\x18P \x01(\v2\x1a.google.protobuf.TimestampR\x15accessTokenExpireTime\x12U\n" +
+	"\x19refresh_token_expire_time\x18Q \x01(\v2\x1a.google.protobuf.TimestampR\x16refreshTokenExpireTime\";\n" +
 	"\x14RevokeSessionRequest\x12#\n" +
 	"\rrefresh_token\x18\x01 \x01(\tR\frefreshToken\"\x17\n" +
 	"\x15RevokeSessionResponse\".\n" +
@@ -5906,8 +5990,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\vSetPassword\x12\x1c.users.v1.SetPasswordRequest\x1a\x1d.users.v1.SetPasswordResponse\x12t\n" +
 	"\x19CreateServiceAccountToken\x12*.users.v1.CreateServiceAccountTokenRequest\x1a+.users.v1.CreateServiceAccountTokenResponse\x12q\n" +
 	"\x18ListServiceAccountTokens\x12).users.v1.ListServiceAccountTokensRequest\x1a*.users.v1.ListServiceAccountTokensResponse\x12t\n" +
-	"\x19RevokeServiceAccountToken\x12*.users.v1.RevokeServiceAccountTokenRequest\x1a+.users.v1.RevokeServiceAccountTokenResponseB\x89\x01\n" +
-	"\fcom.users.v1B\x10UserServiceProtoP\x01Z&users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
+	"\x19RevokeServiceAccountToken\x12*.users.v1.RevokeServiceAccountTokenRequest\x1a+.users.v1.RevokeServiceAccountTokenResponseB\x9f\x01\n" +
+	"\fcom.users.v1B\x10UserServiceProtoP\x01Z<github.com/users-grpc/users-grpc/clients/go/users/v1;usersv1\xa2\x02\x03UXX\xaa\x02\bUsers.V1\xca\x02\bUsers\\V1\xe2\x02\x14Users\\V1\\GPBMetadata\xea\x02\tUsers::V1b\x06proto3"
 
 var (
 	file_users_v1_user_service_proto_rawDescOnce sync.Once
@@ -6090,192 +6174,196 @@ var file_users_v1_user_service_proto_depIdxs = []int32{
 	96,  // 7: users.v1.AuthenticateResponse.user:type_name -> users.v1.User
 	97,  // 8: users.v1.AuthenticateResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
 	97,  // 9: users.v1.AuthenticateResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	97,  // 10: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	97,  // 11: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	98,  // 12: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
-	99,  // 13: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
-	96,  // 14: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
-	96,  // 15: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
-	95,  // 16: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
-	96,  // 17: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
-	96,  // 18: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
-	96,  // 19: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
-	96,  // 20: users.v1.LockUserResponse.user:type_name -> users.v1.User
-	96,  // 21: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
-	96,  // 22: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
-	69,  // 23: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
-	94,  // 24: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
-	95,  // 25: users.v1.ImportedUser.role:type_name -> users.v1.Role
-	71,  // 26: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
-	96,  // 27: users.v1.ImportUserResult.user:type_name -> users.v1.User
-	100, // 28: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
-	97,  // 29: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
-	3,   // 30: users.v1.ServiceAccount.permissions:type_name -> users.v1.ServiceAccountPermission
-	3,   // 31: users.v1.CreateServiceAccountRequest.permissions:type_name -> users.v1.ServiceAccountPermission
-	72,  // 32: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
-	97,  // 33: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	72,  // 34: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
-	95,  // 35: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
-	101, // 36: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
-	97,  // 37: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
-	97,  // 38: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
-	102, // 39: users.v1.ListUsersRequest.metadata:type_name -> users.v1.MetadataFilter
-	96,  // 40: users.v1.ListUsersResponse.users:type_name -> users.v1.User
-	96,  // 41: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
-	103, // 42: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
-	96,  // 43: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
-	1,   // 44: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
-	0,   // 45: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
-	97,  // 46: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
-	85,  // 47: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
-	104, // 48: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
-	0,   // 49: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
-	97,  // 50: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
-	97,  // 51: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
-	86,  // 52: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
-	91,  // 53: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
-	2,   // 54: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
-	97,  // 55: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
-	96,  // 56: users.v1.UserChange.user:type_name -> users.v1.User
-	105, // 57: users.v1.UserChange.metadata_keys:type_name -> users.v1.MetadataKey
-	96,  // 58: users.v1.SetPasswordResponse.user:type_name -> users.v1.User
-	4,   // 59: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
-	6,   // 60: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
-	8,   // 61: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
-	10,  // 62: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
-	12,  // 63: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
-	14,  // 64: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
-	16,  // 65: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
-	18,  // 66: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
-	20,  // 67: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
-	22,  // 68: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
-	24,  // 69: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
-	26,  // 70: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
-	28,  // 71: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
-	30,  // 72: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
-	32,  // 73: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
-	34,  // 74: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
-	36,  // 75: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
-	38,  // 76: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
-	40,  // 77: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
-	42,  // 78: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
-	44,  // 79: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
-	46,  // 80: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
-	48,  // 81: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
-	50,  // 82: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
-	52,  // 83: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
-	54,  // 84: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
-	56,  // 85: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
-	58,  // 86: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
-	60,  // 87: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
-	62,  // 88: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
-	64,  // 89: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
-	66,  // 90: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
-	68,  // 91: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
-	73,  // 92: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
-	75,  // 93: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
-	77,  // 94: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
-	79,  // 95: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
-	81,  // 96: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
-	83,  // 97: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
-	87,  // 98: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
-	89,  // 99: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
-	106, // 100: users.v1.UserService.SetUserMetadata:input_type -> users.v1.SetUserMetadataRequest
-	107, // 101: users.v1.UserService.GetUserMetadata:input_type -> users.v1.GetUserMetadataRequest
-	108, // 102: users.v1.UserService.ListUserMetadata:input_type -> users.v1.ListUserMetadataRequest
-	109, // 103: users.v1.UserService.DeleteUserMetadata:input_type -> users.v1.DeleteUserMetadataRequest
-	110, // 104: users.v1.UserService.CreateGroup:input_type -> users.v1.CreateGroupRequest
-	111, // 105: users.v1.UserService.RenameGroup:input_type -> users.v1.RenameGroupRequest
-	112, // 106: users.v1.UserService.DeleteGroup:input_type -> users.v1.DeleteGroupRequest
-	113, // 107: users.v1.UserService.ListGroups:input_type -> users.v1.ListGroupsRequest
-	114, // 108: users.v1.UserService.AddGroupMember:input_type -> users.v1.AddGroupMemberRequest
-	115, // 109: users.v1.UserService.RemoveGroupMember:input_type -> users.v1.RemoveGroupMemberRequest
-	116, // 110: users.v1.UserService.ListGroupMembers:input_type -> users.v1.ListGroupMembersRequest
-	117, // 111: users.v1.UserService.ListUserGroups:input_type -> users.v1.ListUserGroupsRequest
-	118, // 112: users.v1.UserService.StartPasskeyRegistration:input_type -> users.v1.StartPasskeyRegistrationRequest
-	119, // 113: users.v1.UserService.FinishPasskeyRegistration:input_type -> users.v1.FinishPasskeyRegistrationRequest
-	120, // 114: users.v1.UserService.StartPasskeySignIn:input_type -> users.v1.StartPasskeySignInRequest
-	121, // 115: users.v1.UserService.FinishPasskeySignIn:input_type -> users.v1.FinishPasskeySignInRequest
-	122, // 116: users.v1.UserService.ListAuthenticationFactors:input_type -> users.v1.ListAuthenticationFactorsRequest
-	123, // 117: users.v1.UserService.RenamePasskey:input_type -> users.v1.RenamePasskeyRequest
-	124, // 118: users.v1.UserService.RemovePasskey:input_type -> users.v1.RemovePasskeyRequest
-	125, // 119: users.v1.UserService.ListUserAuthenticationFactors:input_type -> users.v1.ListUserAuthenticationFactorsRequest
-	126, // 120: users.v1.UserService.RemoveUserPasskey:input_type -> users.v1.RemoveUserPasskeyRequest
-	92,  // 121: users.v1.UserService.SetPassword:input_type -> users.v1.SetPasswordRequest
-	127, // 122: users.v1.UserService.CreateServiceAccountToken:input_type -> users.v1.CreateServiceAccountTokenRequest
-	128, // 123: users.v1.UserService.ListServiceAccountTokens:input_type -> users.v1.ListServiceAccountTokensRequest
-	129, // 124: users.v1.UserService.RevokeServiceAccountToken:input_type -> users.v1.RevokeServiceAccountTokenRequest
-	5,   // 125: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
-	7,   // 126: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
-	9,   // 127: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
-	11,  // 128: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
-	13,  // 129: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
-	15,  // 130: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
-	17,  // 131: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
-	19,  // 132: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
-	21,  // 133: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
-	23,  // 134: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
-	25,  // 135: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
-	27,  // 136: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
-	29,  // 137: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
-	31,  // 138: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
-	33,  // 139: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
-	35,  // 140: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
-	37,  // 141: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
-	39,  // 142: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
-	41,  // 143: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
-	43,  // 144: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
-	45,  // 145: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
-	47,  // 146: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
-	49,  // 147: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
-	51,  // 148: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
-	53,  // 149: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
-	55,  // 150: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
-	57,  // 151: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
-	59,  // 152: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
-	61,  // 153: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
-	63,  // 154: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
-	65,  // 155: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
-	67,  // 156: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
-	70,  // 157: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
-	74,  // 158: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
-	76,  // 159: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
-	78,  // 160: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
-	80,  // 161: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
-	82,  // 162: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
-	84,  // 163: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
-	88,  // 164: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
-	90,  // 165: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
-	130, // 166: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
-	131, // 167: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
-	132, // 168: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
-	133, // 169: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
-	134, // 170: users.v1.UserService.CreateGroup:output_type -> users.v1.CreateGroupResponse
-	135, // 171: users.v1.UserService.RenameGroup:output_type -> users.v1.RenameGroupResponse
-	136, // 172: users.v1.UserService.DeleteGroup:output_type -> users.v1.DeleteGroupResponse
-	137, // 173: users.v1.UserService.ListGroups:output_type -> users.v1.ListGroupsResponse
-	138, // 174: users.v1.UserService.AddGroupMember:output_type -> users.v1.AddGroupMemberResponse
-	139, // 175: users.v1.UserService.RemoveGroupMember:output_type -> users.v1.RemoveGroupMemberResponse
-	140, // 176: users.v1.UserService.ListGroupMembers:output_type -> users.v1.ListGroupMembersResponse
-	141, // 177: users.v1.UserService.ListUserGroups:output_type -> users.v1.ListUserGroupsResponse
-	142, // 178: users.v1.UserService.StartPasskeyRegistration:output_type -> users.v1.StartPasskeyRegistrationResponse
-	143, // 179: users.v1.UserService.FinishPasskeyRegistration:output_type -> users.v1.FinishPasskeyRegistrationResponse
-	144, // 180: users.v1.UserService.StartPasskeySignIn:output_type -> users.v1.StartPasskeySignInResponse
-	145, // 181: users.v1.UserService.FinishPasskeySignIn:output_type -> users.v1.FinishPasskeySignInResponse
-	146, // 182: users.v1.UserService.ListAuthenticationFactors:output_type -> users.v1.ListAuthenticationFactorsResponse
-	147, // 183: users.v1.UserService.RenamePasskey:output_type -> users.v1.RenamePasskeyResponse
-	148, // 184: users.v1.UserService.RemovePasskey:output_type -> users.v1.RemovePasskeyResponse
-	149, // 185: users.v1.UserService.ListUserAuthenticationFactors:output_type -> users.v1.ListUserAuthenticationFactorsResponse
-	150, // 186: users.v1.UserService.RemoveUserPasskey:output_type -> users.v1.RemoveUserPasskeyResponse
-	93,  // 187: users.v1.UserService.SetPassword:output_type -> users.v1.SetPasswordResponse
-	151, // 188: users.v1.UserService.CreateServiceAccountToken:output_type -> users.v1.CreateServiceAccountTokenResponse
-	152, // 189: users.v1.UserService.ListServiceAccountTokens:output_type -> users.v1.ListServiceAccountTokensResponse
-	153, // 190: users.v1.UserService.RevokeServiceAccountToken:output_type -> users.v1.RevokeServiceAccountTokenResponse
-	125, // [125:191] is the sub-list for method output_type
-	59,  // [59:125] is the sub-list for method input_type
-	59,  // [59:59] is the sub-list for extension type_name
-	59,  // [59:59] is the sub-list for extension extendee
-	0,   // [0:59] is the sub-list for field type_name
+	97,  // 10: users.v1.AuthenticateResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	97,  // 11: users.v1.AuthenticateResponse.refresh_token_expire_time:type_name -> google.protobuf.Timestamp
+	97,  // 12: users.v1.RefreshSessionResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	97,  // 13: users.v1.RefreshSessionResponse.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	97,  // 14: users.v1.RefreshSessionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	97,  // 15: users.v1.RefreshSessionResponse.refresh_token_expire_time:type_name -> google.protobuf.Timestamp
+	98,  // 16: users.v1.ListSessionsResponse.sessions:type_name -> users.v1.Session
+	99,  // 17: users.v1.ValidateTokenResponse.claims:type_name -> users.v1.TokenClaims
+	96,  // 18: users.v1.ConfirmEmailChangeResponse.user:type_name -> users.v1.User
+	96,  // 19: users.v1.SetUserEmailResponse.user:type_name -> users.v1.User
+	95,  // 20: users.v1.SetUserRoleRequest.role:type_name -> users.v1.Role
+	96,  // 21: users.v1.SetUserRoleResponse.user:type_name -> users.v1.User
+	96,  // 22: users.v1.DeactivateUserResponse.user:type_name -> users.v1.User
+	96,  // 23: users.v1.ReactivateUserResponse.user:type_name -> users.v1.User
+	96,  // 24: users.v1.LockUserResponse.user:type_name -> users.v1.User
+	96,  // 25: users.v1.UnlockUserResponse.user:type_name -> users.v1.User
+	96,  // 26: users.v1.ResetUserMfaResponse.user:type_name -> users.v1.User
+	69,  // 27: users.v1.ImportUsersRequest.users:type_name -> users.v1.ImportedUser
+	94,  // 28: users.v1.ImportedUser.gender:type_name -> users.v1.Gender
+	95,  // 29: users.v1.ImportedUser.role:type_name -> users.v1.Role
+	71,  // 30: users.v1.ImportUsersResponse.results:type_name -> users.v1.ImportUserResult
+	96,  // 31: users.v1.ImportUserResult.user:type_name -> users.v1.User
+	100, // 32: users.v1.ImportUserResult.error:type_name -> google.rpc.Status
+	97,  // 33: users.v1.ServiceAccount.create_time:type_name -> google.protobuf.Timestamp
+	3,   // 34: users.v1.ServiceAccount.permissions:type_name -> users.v1.ServiceAccountPermission
+	3,   // 35: users.v1.CreateServiceAccountRequest.permissions:type_name -> users.v1.ServiceAccountPermission
+	72,  // 36: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
+	97,  // 37: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	72,  // 38: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
+	95,  // 39: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
+	101, // 40: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
+	97,  // 41: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
+	97,  // 42: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
+	102, // 43: users.v1.ListUsersRequest.metadata:type_name -> users.v1.MetadataFilter
+	96,  // 44: users.v1.ListUsersResponse.users:type_name -> users.v1.User
+	96,  // 45: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
+	103, // 46: users.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
+	96,  // 47: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
+	1,   // 48: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
+	0,   // 49: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
+	97,  // 50: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	85,  // 51: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
+	104, // 52: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
+	0,   // 53: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
+	97,  // 54: users.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
+	97,  // 55: users.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
+	86,  // 56: users.v1.ListAuditEventsResponse.audit_events:type_name -> users.v1.AuditEvent
+	91,  // 57: users.v1.WatchUserChangesResponse.change:type_name -> users.v1.UserChange
+	2,   // 58: users.v1.UserChange.type:type_name -> users.v1.UserChangeType
+	97,  // 59: users.v1.UserChange.change_time:type_name -> google.protobuf.Timestamp
+	96,  // 60: users.v1.UserChange.user:type_name -> users.v1.User
+	105, // 61: users.v1.UserChange.metadata_keys:type_name -> users.v1.MetadataKey
+	96,  // 62: users.v1.SetPasswordResponse.user:type_name -> users.v1.User
+	4,   // 63: users.v1.UserService.CreateUser:input_type -> users.v1.CreateUserRequest
+	6,   // 64: users.v1.UserService.ActivateUser:input_type -> users.v1.ActivateUserRequest
+	8,   // 65: users.v1.UserService.ResendActivationCode:input_type -> users.v1.ResendActivationCodeRequest
+	10,  // 66: users.v1.UserService.GetUser:input_type -> users.v1.GetUserRequest
+	12,  // 67: users.v1.UserService.GetUserByIdentifier:input_type -> users.v1.GetUserByIdentifierRequest
+	14,  // 68: users.v1.UserService.DeleteUser:input_type -> users.v1.DeleteUserRequest
+	16,  // 69: users.v1.UserService.DeleteUserByIdentifier:input_type -> users.v1.DeleteUserByIdentifierRequest
+	18,  // 70: users.v1.UserService.VerifyCredentials:input_type -> users.v1.VerifyCredentialsRequest
+	20,  // 71: users.v1.UserService.Authenticate:input_type -> users.v1.AuthenticateRequest
+	22,  // 72: users.v1.UserService.RefreshSession:input_type -> users.v1.RefreshSessionRequest
+	24,  // 73: users.v1.UserService.RevokeSession:input_type -> users.v1.RevokeSessionRequest
+	26,  // 74: users.v1.UserService.ListSessions:input_type -> users.v1.ListSessionsRequest
+	28,  // 75: users.v1.UserService.RevokeAllSessions:input_type -> users.v1.RevokeAllSessionsRequest
+	30,  // 76: users.v1.UserService.GetPublicKeys:input_type -> users.v1.GetPublicKeysRequest
+	32,  // 77: users.v1.UserService.ValidateToken:input_type -> users.v1.ValidateTokenRequest
+	34,  // 78: users.v1.UserService.ForgotPassword:input_type -> users.v1.ForgotPasswordRequest
+	36,  // 79: users.v1.UserService.ResetPassword:input_type -> users.v1.ResetPasswordRequest
+	38,  // 80: users.v1.UserService.ChangePassword:input_type -> users.v1.ChangePasswordRequest
+	40,  // 81: users.v1.UserService.EnableMfa:input_type -> users.v1.EnableMfaRequest
+	42,  // 82: users.v1.UserService.GetMfaQrCode:input_type -> users.v1.GetMfaQrCodeRequest
+	44,  // 83: users.v1.UserService.ConfirmMfa:input_type -> users.v1.ConfirmMfaRequest
+	46,  // 84: users.v1.UserService.DisableMfa:input_type -> users.v1.DisableMfaRequest
+	48,  // 85: users.v1.UserService.RegenerateRecoveryCodes:input_type -> users.v1.RegenerateRecoveryCodesRequest
+	50,  // 86: users.v1.UserService.ChangeEmail:input_type -> users.v1.ChangeEmailRequest
+	52,  // 87: users.v1.UserService.ConfirmEmailChange:input_type -> users.v1.ConfirmEmailChangeRequest
+	54,  // 88: users.v1.UserService.SetUserEmail:input_type -> users.v1.SetUserEmailRequest
+	56,  // 89: users.v1.UserService.SetUserRole:input_type -> users.v1.SetUserRoleRequest
+	58,  // 90: users.v1.UserService.DeactivateUser:input_type -> users.v1.DeactivateUserRequest
+	60,  // 91: users.v1.UserService.ReactivateUser:input_type -> users.v1.ReactivateUserRequest
+	62,  // 92: users.v1.UserService.LockUser:input_type -> users.v1.LockUserRequest
+	64,  // 93: users.v1.UserService.UnlockUser:input_type -> users.v1.UnlockUserRequest
+	66,  // 94: users.v1.UserService.ResetUserMfa:input_type -> users.v1.ResetUserMfaRequest
+	68,  // 95: users.v1.UserService.ImportUsers:input_type -> users.v1.ImportUsersRequest
+	73,  // 96: users.v1.UserService.CreateServiceAccount:input_type -> users.v1.CreateServiceAccountRequest
+	75,  // 97: users.v1.UserService.IssueServiceToken:input_type -> users.v1.IssueServiceTokenRequest
+	77,  // 98: users.v1.UserService.ListServiceAccounts:input_type -> users.v1.ListServiceAccountsRequest
+	79,  // 99: users.v1.UserService.DeleteServiceAccount:input_type -> users.v1.DeleteServiceAccountRequest
+	81,  // 100: users.v1.UserService.ListUsers:input_type -> users.v1.ListUsersRequest
+	83,  // 101: users.v1.UserService.UpdateUser:input_type -> users.v1.UpdateUserRequest
+	87,  // 102: users.v1.UserService.ListAuditEvents:input_type -> users.v1.ListAuditEventsRequest
+	89,  // 103: users.v1.UserService.WatchUserChanges:input_type -> users.v1.WatchUserChangesRequest
+	106, // 104: users.v1.UserService.SetUserMetadata:input_type -> users.v1.SetUserMetadataRequest
+	107, // 105: users.v1.UserService.GetUserMetadata:input_type -> users.v1.GetUserMetadataRequest
+	108, // 106: users.v1.UserService.ListUserMetadata:input_type -> users.v1.ListUserMetadataRequest
+	109, // 107: users.v1.UserService.DeleteUserMetadata:input_type -> users.v1.DeleteUserMetadataRequest
+	110, // 108: users.v1.UserService.CreateGroup:input_type -> users.v1.CreateGroupRequest
+	111, // 109: users.v1.UserService.RenameGroup:input_type -> users.v1.RenameGroupRequest
+	112, // 110: users.v1.UserService.DeleteGroup:input_type -> users.v1.DeleteGroupRequest
+	113, // 111: users.v1.UserService.ListGroups:input_type -> users.v1.ListGroupsRequest
+	114, // 112: users.v1.UserService.AddGroupMember:input_type -> users.v1.AddGroupMemberRequest
+	115, // 113: users.v1.UserService.RemoveGroupMember:input_type -> users.v1.RemoveGroupMemberRequest
+	116, // 114: users.v1.UserService.ListGroupMembers:input_type -> users.v1.ListGroupMembersRequest
+	117, // 115: users.v1.UserService.ListUserGroups:input_type -> users.v1.ListUserGroupsRequest
+	118, // 116: users.v1.UserService.StartPasskeyRegistration:input_type -> users.v1.StartPasskeyRegistrationRequest
+	119, // 117: users.v1.UserService.FinishPasskeyRegistration:input_type -> users.v1.FinishPasskeyRegistrationRequest
+	120, // 118: users.v1.UserService.StartPasskeySignIn:input_type -> users.v1.StartPasskeySignInRequest
+	121, // 119: users.v1.UserService.FinishPasskeySignIn:input_type -> users.v1.FinishPasskeySignInRequest
+	122, // 120: users.v1.UserService.ListAuthenticationFactors:input_type -> users.v1.ListAuthenticationFactorsRequest
+	123, // 121: users.v1.UserService.RenamePasskey:input_type -> users.v1.RenamePasskeyRequest
+	124, // 122: users.v1.UserService.RemovePasskey:input_type -> users.v1.RemovePasskeyRequest
+	125, // 123: users.v1.UserService.ListUserAuthenticationFactors:input_type -> users.v1.ListUserAuthenticationFactorsRequest
+	126, // 124: users.v1.UserService.RemoveUserPasskey:input_type -> users.v1.RemoveUserPasskeyRequest
+	92,  // 125: users.v1.UserService.SetPassword:input_type -> users.v1.SetPasswordRequest
+	127, // 126: users.v1.UserService.CreateServiceAccountToken:input_type -> users.v1.CreateServiceAccountTokenRequest
+	128, // 127: users.v1.UserService.ListServiceAccountTokens:input_type -> users.v1.ListServiceAccountTokensRequest
+	129, // 128: users.v1.UserService.RevokeServiceAccountToken:input_type -> users.v1.RevokeServiceAccountTokenRequest
+	5,   // 129: users.v1.UserService.CreateUser:output_type -> users.v1.CreateUserResponse
+	7,   // 130: users.v1.UserService.ActivateUser:output_type -> users.v1.ActivateUserResponse
+	9,   // 131: users.v1.UserService.ResendActivationCode:output_type -> users.v1.ResendActivationCodeResponse
+	11,  // 132: users.v1.UserService.GetUser:output_type -> users.v1.GetUserResponse
+	13,  // 133: users.v1.UserService.GetUserByIdentifier:output_type -> users.v1.GetUserByIdentifierResponse
+	15,  // 134: users.v1.UserService.DeleteUser:output_type -> users.v1.DeleteUserResponse
+	17,  // 135: users.v1.UserService.DeleteUserByIdentifier:output_type -> users.v1.DeleteUserByIdentifierResponse
+	19,  // 136: users.v1.UserService.VerifyCredentials:output_type -> users.v1.VerifyCredentialsResponse
+	21,  // 137: users.v1.UserService.Authenticate:output_type -> users.v1.AuthenticateResponse
+	23,  // 138: users.v1.UserService.RefreshSession:output_type -> users.v1.RefreshSessionResponse
+	25,  // 139: users.v1.UserService.RevokeSession:output_type -> users.v1.RevokeSessionResponse
+	27,  // 140: users.v1.UserService.ListSessions:output_type -> users.v1.ListSessionsResponse
+	29,  // 141: users.v1.UserService.RevokeAllSessions:output_type -> users.v1.RevokeAllSessionsResponse
+	31,  // 142: users.v1.UserService.GetPublicKeys:output_type -> users.v1.GetPublicKeysResponse
+	33,  // 143: users.v1.UserService.ValidateToken:output_type -> users.v1.ValidateTokenResponse
+	35,  // 144: users.v1.UserService.ForgotPassword:output_type -> users.v1.ForgotPasswordResponse
+	37,  // 145: users.v1.UserService.ResetPassword:output_type -> users.v1.ResetPasswordResponse
+	39,  // 146: users.v1.UserService.ChangePassword:output_type -> users.v1.ChangePasswordResponse
+	41,  // 147: users.v1.UserService.EnableMfa:output_type -> users.v1.EnableMfaResponse
+	43,  // 148: users.v1.UserService.GetMfaQrCode:output_type -> users.v1.GetMfaQrCodeResponse
+	45,  // 149: users.v1.UserService.ConfirmMfa:output_type -> users.v1.ConfirmMfaResponse
+	47,  // 150: users.v1.UserService.DisableMfa:output_type -> users.v1.DisableMfaResponse
+	49,  // 151: users.v1.UserService.RegenerateRecoveryCodes:output_type -> users.v1.RegenerateRecoveryCodesResponse
+	51,  // 152: users.v1.UserService.ChangeEmail:output_type -> users.v1.ChangeEmailResponse
+	53,  // 153: users.v1.UserService.ConfirmEmailChange:output_type -> users.v1.ConfirmEmailChangeResponse
+	55,  // 154: users.v1.UserService.SetUserEmail:output_type -> users.v1.SetUserEmailResponse
+	57,  // 155: users.v1.UserService.SetUserRole:output_type -> users.v1.SetUserRoleResponse
+	59,  // 156: users.v1.UserService.DeactivateUser:output_type -> users.v1.DeactivateUserResponse
+	61,  // 157: users.v1.UserService.ReactivateUser:output_type -> users.v1.ReactivateUserResponse
+	63,  // 158: users.v1.UserService.LockUser:output_type -> users.v1.LockUserResponse
+	65,  // 159: users.v1.UserService.UnlockUser:output_type -> users.v1.UnlockUserResponse
+	67,  // 160: users.v1.UserService.ResetUserMfa:output_type -> users.v1.ResetUserMfaResponse
+	70,  // 161: users.v1.UserService.ImportUsers:output_type -> users.v1.ImportUsersResponse
+	74,  // 162: users.v1.UserService.CreateServiceAccount:output_type -> users.v1.CreateServiceAccountResponse
+	76,  // 163: users.v1.UserService.IssueServiceToken:output_type -> users.v1.IssueServiceTokenResponse
+	78,  // 164: users.v1.UserService.ListServiceAccounts:output_type -> users.v1.ListServiceAccountsResponse
+	80,  // 165: users.v1.UserService.DeleteServiceAccount:output_type -> users.v1.DeleteServiceAccountResponse
+	82,  // 166: users.v1.UserService.ListUsers:output_type -> users.v1.ListUsersResponse
+	84,  // 167: users.v1.UserService.UpdateUser:output_type -> users.v1.UpdateUserResponse
+	88,  // 168: users.v1.UserService.ListAuditEvents:output_type -> users.v1.ListAuditEventsResponse
+	90,  // 169: users.v1.UserService.WatchUserChanges:output_type -> users.v1.WatchUserChangesResponse
+	130, // 170: users.v1.UserService.SetUserMetadata:output_type -> users.v1.SetUserMetadataResponse
+	131, // 171: users.v1.UserService.GetUserMetadata:output_type -> users.v1.GetUserMetadataResponse
+	132, // 172: users.v1.UserService.ListUserMetadata:output_type -> users.v1.ListUserMetadataResponse
+	133, // 173: users.v1.UserService.DeleteUserMetadata:output_type -> users.v1.DeleteUserMetadataResponse
+	134, // 174: users.v1.UserService.CreateGroup:output_type -> users.v1.CreateGroupResponse
+	135, // 175: users.v1.UserService.RenameGroup:output_type -> users.v1.RenameGroupResponse
+	136, // 176: users.v1.UserService.DeleteGroup:output_type -> users.v1.DeleteGroupResponse
+	137, // 177: users.v1.UserService.ListGroups:output_type -> users.v1.ListGroupsResponse
+	138, // 178: users.v1.UserService.AddGroupMember:output_type -> users.v1.AddGroupMemberResponse
+	139, // 179: users.v1.UserService.RemoveGroupMember:output_type -> users.v1.RemoveGroupMemberResponse
+	140, // 180: users.v1.UserService.ListGroupMembers:output_type -> users.v1.ListGroupMembersResponse
+	141, // 181: users.v1.UserService.ListUserGroups:output_type -> users.v1.ListUserGroupsResponse
+	142, // 182: users.v1.UserService.StartPasskeyRegistration:output_type -> users.v1.StartPasskeyRegistrationResponse
+	143, // 183: users.v1.UserService.FinishPasskeyRegistration:output_type -> users.v1.FinishPasskeyRegistrationResponse
+	144, // 184: users.v1.UserService.StartPasskeySignIn:output_type -> users.v1.StartPasskeySignInResponse
+	145, // 185: users.v1.UserService.FinishPasskeySignIn:output_type -> users.v1.FinishPasskeySignInResponse
+	146, // 186: users.v1.UserService.ListAuthenticationFactors:output_type -> users.v1.ListAuthenticationFactorsResponse
+	147, // 187: users.v1.UserService.RenamePasskey:output_type -> users.v1.RenamePasskeyResponse
+	148, // 188: users.v1.UserService.RemovePasskey:output_type -> users.v1.RemovePasskeyResponse
+	149, // 189: users.v1.UserService.ListUserAuthenticationFactors:output_type -> users.v1.ListUserAuthenticationFactorsResponse
+	150, // 190: users.v1.UserService.RemoveUserPasskey:output_type -> users.v1.RemoveUserPasskeyResponse
+	93,  // 191: users.v1.UserService.SetPassword:output_type -> users.v1.SetPasswordResponse
+	151, // 192: users.v1.UserService.CreateServiceAccountToken:output_type -> users.v1.CreateServiceAccountTokenResponse
+	152, // 193: users.v1.UserService.ListServiceAccountTokens:output_type -> users.v1.ListServiceAccountTokensResponse
+	153, // 194: users.v1.UserService.RevokeServiceAccountToken:output_type -> users.v1.RevokeServiceAccountTokenResponse
+	129, // [129:195] is the sub-list for method output_type
+	63,  // [63:129] is the sub-list for method input_type
+	63,  // [63:63] is the sub-list for extension type_name
+	63,  // [63:63] is the sub-list for extension extendee
+	0,   // [0:63] is the sub-list for field type_name
 }
 
 func init() { file_users_v1_user_service_proto_init() }

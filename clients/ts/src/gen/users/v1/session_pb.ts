@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file users/v1/session.proto.
  */
 export const file_users_v1_session: GenFile = /*@__PURE__*/
-  fileDesc("ChZ1c2Vycy92MS9zZXNzaW9uLnByb3RvEgh1c2Vycy52MSK4AQoHU2Vzc2lvbhIKCgJpZBgBIAEoCRIPCgd1c2VyX2lkGAIgASgJEi4KCmNyZWF0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi8wEKC1Rva2VuQ2xhaW1zEg8KB3N1YmplY3QYASABKAkSHAoEcm9sZRgCIAEoDjIOLnVzZXJzLnYxLlJvbGUSEgoKc2Vzc2lvbl9pZBgDIAEoCRIQCgh0b2tlbl9pZBgEIAEoCRIOCgZpc3N1ZXIYBSABKAkSEAoIYXVkaWVuY2UYBiABKAkSLQoJaXNzdWVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZncm91cHMYLSADKAliBnByb3RvMw", [file_google_protobuf_timestamp, file_users_v1_user]);
+  fileDesc("ChZ1c2Vycy92MS9zZXNzaW9uLnByb3RvEgh1c2Vycy52MSLZAgoHU2Vzc2lvbhIKCgJpZBgBIAEoCRIPCgd1c2VyX2lkGAIgASgJEjIKCmNyZWF0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgIYARI0CgxsYXN0X3VzZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgIYARIyCgpleHBpcmVzX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEICGAESLwoLY3JlYXRlX3RpbWUYUCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWxhc3RfdXNlX3RpbWUYUSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGFIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLcAgoLVG9rZW5DbGFpbXMSDwoHc3ViamVjdBgBIAEoCRIcCgRyb2xlGAIgASgOMg4udXNlcnMudjEuUm9sZRISCgpzZXNzaW9uX2lkGAMgASgJEhAKCHRva2VuX2lkGAQgASgJEg4KBmlzc3VlchgFIAEoCRIQCghhdWRpZW5jZRgGIAEoCRIxCglpc3N1ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgIYARIyCgpleHBpcmVzX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEICGAESDgoGZ3JvdXBzGC0gAygJEi4KCmlzc3VlX3RpbWUYUCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGFEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcGIGcHJvdG8z", [file_google_protobuf_timestamp, file_users_v1_user]);
 
 /**
  * One sign-in: the family of refresh tokens that rotate from one Authenticate.
@@ -35,23 +35,49 @@ export type Session = Message<"users.v1.Session"> & {
   userId: string;
 
   /**
-   * @generated from field: google.protobuf.Timestamp created_at = 3;
+   * Deprecated: use create_time (the same value).
+   *
+   * @generated from field: google.protobuf.Timestamp created_at = 3 [deprecated = true];
+   * @deprecated
    */
   createdAt?: Timestamp | undefined;
 
   /**
-   * When the last refresh token of the session was issued.
+   * Deprecated: use last_use_time (the same value).
    *
-   * @generated from field: google.protobuf.Timestamp last_used_at = 4;
+   * @generated from field: google.protobuf.Timestamp last_used_at = 4 [deprecated = true];
+   * @deprecated
    */
   lastUsedAt?: Timestamp | undefined;
 
   /**
-   * Absolute end: refreshing never extends it.
+   * Deprecated: use expire_time (the same value).
    *
-   * @generated from field: google.protobuf.Timestamp expires_at = 5;
+   * @generated from field: google.protobuf.Timestamp expires_at = 5 [deprecated = true];
+   * @deprecated
    */
   expiresAt?: Timestamp | undefined;
+
+  /**
+   * When the session began (its Authenticate).
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 80;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When the last refresh token of the session was issued.
+   *
+   * @generated from field: google.protobuf.Timestamp last_use_time = 81;
+   */
+  lastUseTime?: Timestamp | undefined;
+
+  /**
+   * Absolute end: refreshing never extends it.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 82;
+   */
+  expireTime?: Timestamp | undefined;
 };
 
 /**
@@ -104,12 +130,18 @@ export type TokenClaims = Message<"users.v1.TokenClaims"> & {
   audience: string;
 
   /**
-   * @generated from field: google.protobuf.Timestamp issued_at = 7;
+   * Deprecated: use issue_time (the same value).
+   *
+   * @generated from field: google.protobuf.Timestamp issued_at = 7 [deprecated = true];
+   * @deprecated
    */
   issuedAt?: Timestamp | undefined;
 
   /**
-   * @generated from field: google.protobuf.Timestamp expires_at = 8;
+   * Deprecated: use expire_time (the same value).
+   *
+   * @generated from field: google.protobuf.Timestamp expires_at = 8 [deprecated = true];
+   * @deprecated
    */
   expiresAt?: Timestamp | undefined;
 
@@ -121,6 +153,20 @@ export type TokenClaims = Message<"users.v1.TokenClaims"> & {
    * @generated from field: repeated string groups = 45;
    */
   groups: string[];
+
+  /**
+   * When the token was issued (the JWT's iat).
+   *
+   * @generated from field: google.protobuf.Timestamp issue_time = 80;
+   */
+  issueTime?: Timestamp | undefined;
+
+  /**
+   * When the token stops being accepted (the JWT's exp).
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 81;
+   */
+  expireTime?: Timestamp | undefined;
 };
 
 /**

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file users/v1/user.proto.
  */
 export const file_users_v1_user: GenFile = /*@__PURE__*/
-  fileDesc("ChN1c2Vycy92MS91c2VyLnByb3RvEgh1c2Vycy52MSKHBAoEVXNlchIKCgJpZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCRISCgpmaXJzdF9uYW1lGAMgASgJEhEKCWxhc3RfbmFtZRgEIAEoCRINCgVlbWFpbBgFIAEoCRIgCgZnZW5kZXIYBiABKA4yEC51c2Vycy52MS5HZW5kZXISHAoEcm9sZRgHIAEoDjIOLnVzZXJzLnYxLlJvbGUSEQoJaXNfYWN0aXZlGAggASgIEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC21mYV9lbmFibGVkGAsgASgIEiIKBXN0YXRlGAwgASgOMhMudXNlcnMudjEuVXNlclN0YXRlEgwKBGV0YWcYDSABKAkSFQoNbGFuZ3VhZ2VfY29kZRg3IAEoCRIpCghtZXRhZGF0YRgjIAMoCzIXLnVzZXJzLnYxLk1ldGFkYXRhRW50cnkSIAoYcGFzc3dvcmRfY2hhbmdlX3JlcXVpcmVkGB4gASgIEjgKFHBhc3N3b3JkX3VwZGF0ZV90aW1lGB8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtleHRlcm5hbF9pZBgyIAEoCSqUAQoJVXNlclN0YXRlEhoKFlVTRVJfU1RBVEVfVU5TUEVDSUZJRUQQABIhCh1VU0VSX1NUQVRFX1BFTkRJTkdfQUNUSVZBVElPThABEhUKEVVTRVJfU1RBVEVfQUNUSVZFEAISGgoWVVNFUl9TVEFURV9ERUFDVElWQVRFRBADEhUKEVVTRVJfU1RBVEVfTE9DS0VEEAQqVgoGR2VuZGVyEhYKEkdFTkRFUl9VTlNQRUNJRklFRBAAEg8KC0dFTkRFUl9NQUxFEAESEQoNR0VOREVSX0ZFTUFMRRACEhAKDEdFTkRFUl9PVEhFUhADKjsKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg0KCVJPTEVfVVNFUhABEg4KClJPTEVfQURNSU4QAmIGcHJvdG8z", [file_google_protobuf_timestamp, file_users_v1_metadata]);
+  fileDesc("ChN1c2Vycy92MS91c2VyLnByb3RvEgh1c2Vycy52MSL1BAoEVXNlchIKCgJpZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCRISCgpmaXJzdF9uYW1lGAMgASgJEhEKCWxhc3RfbmFtZRgEIAEoCRINCgVlbWFpbBgFIAEoCRIgCgZnZW5kZXIYBiABKA4yEC51c2Vycy52MS5HZW5kZXISHAoEcm9sZRgHIAEoDjIOLnVzZXJzLnYxLlJvbGUSFQoJaXNfYWN0aXZlGAggASgIQgIYARIyCgpjcmVhdGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEICGAESMgoKdXBkYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCAhgBEhMKC21mYV9lbmFibGVkGAsgASgIEiIKBXN0YXRlGAwgASgOMhMudXNlcnMudjEuVXNlclN0YXRlEgwKBGV0YWcYDSABKAkSFQoNbGFuZ3VhZ2VfY29kZRg3IAEoCRIpCghtZXRhZGF0YRgjIAMoCzIXLnVzZXJzLnYxLk1ldGFkYXRhRW50cnkSIAoYcGFzc3dvcmRfY2hhbmdlX3JlcXVpcmVkGB4gASgIEjgKFHBhc3N3b3JkX3VwZGF0ZV90aW1lGB8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtleHRlcm5hbF9pZBgyIAEoCRIvCgtjcmVhdGVfdGltZRhQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYUSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKpQBCglVc2VyU3RhdGUSGgoWVVNFUl9TVEFURV9VTlNQRUNJRklFRBAAEiEKHVVTRVJfU1RBVEVfUEVORElOR19BQ1RJVkFUSU9OEAESFQoRVVNFUl9TVEFURV9BQ1RJVkUQAhIaChZVU0VSX1NUQVRFX0RFQUNUSVZBVEVEEAMSFQoRVVNFUl9TVEFURV9MT0NLRUQQBCpWCgZHZW5kZXISFgoSR0VOREVSX1VOU1BFQ0lGSUVEEAASDwoLR0VOREVSX01BTEUQARIRCg1HRU5ERVJfRkVNQUxFEAISEAoMR0VOREVSX09USEVSEAMqOwoEUm9sZRIUChBST0xFX1VOU1BFQ0lGSUVEEAASDQoJUk9MRV9VU0VSEAESDgoKUk9MRV9BRE1JThACYgZwcm90bzM", [file_google_protobuf_timestamp, file_users_v1_metadata]);
 
 /**
  * A person's account, as every reply shows it.
@@ -73,18 +73,26 @@ export type User = Message<"users.v1.User"> & {
    * True exactly when state is USER_STATE_ACTIVE: false until the emailed
    * activation code has been confirmed, and while the account is deactivated
    * or locked. Kept for clients that predate state; read state instead.
+   * Deprecated: use state.
    *
-   * @generated from field: bool is_active = 8;
+   * @generated from field: bool is_active = 8 [deprecated = true];
+   * @deprecated
    */
   isActive: boolean;
 
   /**
-   * @generated from field: google.protobuf.Timestamp created_at = 9;
+   * Deprecated: use create_time (the same value).
+   *
+   * @generated from field: google.protobuf.Timestamp created_at = 9 [deprecated = true];
+   * @deprecated
    */
   createdAt?: Timestamp | undefined;
 
   /**
-   * @generated from field: google.protobuf.Timestamp updated_at = 10;
+   * Deprecated: use update_time (the same value).
+   *
+   * @generated from field: google.protobuf.Timestamp updated_at = 10 [deprecated = true];
+   * @deprecated
    */
   updatedAt?: Timestamp | undefined;
 
@@ -106,7 +114,7 @@ export type User = Message<"users.v1.User"> & {
 
   /**
    * Changes whenever the user does (every UpdateUser moves it; other changes
-   * move it with updated_at): pass it to UpdateUser so that a change made
+   * move it with update_time): pass it to UpdateUser so that a change made
    * meanwhile by someone else is not overwritten (AIP-154). Opaque.
    *
    * @generated from field: string etag = 13;
@@ -157,6 +165,20 @@ export type User = Message<"users.v1.User"> & {
    * @generated from field: string external_id = 50;
    */
   externalId: string;
+
+  /**
+   * When the account was created.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 80;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When the account last changed (any change that moves etag, and the others listed there).
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 81;
+   */
+  updateTime?: Timestamp | undefined;
 };
 
 /**
