@@ -11,6 +11,7 @@ call is user+system time from /proc, for the server and the database process apa
     .venv/bin/python -m bench --five-minutes  # the resident-memory figure after 5 minutes of mixed load
     .venv/bin/python -m bench --smoke         # seconds: checks the harness runs (the test suite does)
     .venv/bin/python -m bench --users 100000 --quick  # a few minutes, most of them seeding
+    .venv/bin/python -m bench --users 1000 --coalescing  # GetUser with USERS_COALESCE_READS on and off
 
 USERS_DEV_DB_BINARY names another harness binary (dbharness/bin/dbharness by default), to compare
 two builds of it.
@@ -195,8 +196,7 @@ class Bench:
             [sys.executable, "-m", "users_grpc", "serve"], env=self.env, stdout=self.server_log, stderr=self.server_log
         )
 
-    def close(self) -> None:
-        self.channel.close()
+    def stop_server(self) -> None:
         if self.server is not None and self.server.poll() is None:
             self.server.terminate()
             try:
@@ -204,6 +204,17 @@ class Bench:
             except subprocess.TimeoutExpired:
                 self.server.kill()
                 self.server.wait()
+
+    def restart_server(self, **settings: str) -> None:
+        """The server again, on the same database and address, with these USERS_* settings changed."""
+        self.stop_server()
+        self.env.update(settings)
+        self.start_server()
+        self.wait_until_serving()
+
+    def close(self) -> None:
+        self.channel.close()
+        self.stop_server()
         self.server_log.close()
         self.database.stop()
 
@@ -625,6 +636,50 @@ def run(profile: Profile) -> str:
     return "\n".join(lines)
 
 
+def compare_coalescing(profile: Profile) -> str:
+    """GetUser with one's own token and an admin's GetUser of others, with USERS_COALESCE_READS on and
+    off in turn (the server restarted on the same database each time), twice: one run, like with like."""
+    names: list[str] = []
+    rows: list[tuple[str, Row]] = []
+    with running(profile, seeded=names) as bench:
+        spread = [names[(2 * k + 1) * len(names) // (2 * profile.token_users)] for k in range(profile.token_users)]
+        signed_in = [bench.sign_in(name) for name in spread]
+        admin = bench.sign_in("admin")
+        ids = round_robin([reply.user.id for reply in signed_in])
+        own = {
+            "data": {"id": ids},
+            "metadata": {"authorization": "Bearer " + round_robin([r.access_token for r in signed_in])},
+        }
+        admins = {"data": {"id": ids}, "metadata": {"authorization": f"Bearer {admin.access_token}"}}
+        for setting in ("true", "false", "true", "false"):
+            bench.restart_server(USERS_COALESCE_READS=setting)
+            # Warm-up: connections, the first signature check of each token.
+            bench.measure("warm-up", f"{SERVICE}.GetUser", own["data"], metadata=own["metadata"], seconds=0.5)
+            bench.measure("warm-up", f"{SERVICE}.GetUser", admins["data"], metadata=admins["metadata"], seconds=0.5)
+            label = "on" if setting == "true" else "off"
+            counted = {"total": profile.cheap_calls}
+            rows += [
+                (label, bench.measure("health Check", "grpc.health.v1.Health.Check", {"service": ""}, **counted)),
+                (label, bench.measure("GetUser (own token)", f"{SERVICE}.GetUser", **own, **counted)),
+                (label, bench.measure("GetUser (admin)", f"{SERVICE}.GetUser", **admins, **counted)),
+            ]
+    lines = [
+        f"machine: {os.cpu_count()} cores, {cpu_model()}; Python {platform.python_version()}",
+        f"users seeded: {len(names):,}; each run {_extent(profile.cheap_calls, profile.seconds)}, "
+        f"{profile.concurrency} in flight; USERS_COALESCE_READS on, off, on, off (a server each)",
+        "",
+        "| coalescing | call | calls/s | p50 ms | p99 ms | server CPU µs/call | database CPU µs/call "
+        "| calls | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {label} | {row.name} | {row.per_second:,.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} "
+            f"| {row.server_us:,.0f} | {row.database_us:,.0f} | {row.calls:,} | {row.errors:,} |"
+            for label, row in rows
+        ),
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -638,6 +693,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="3 s a cheap row and 10 s of mixed load: for several runs on a busy machine",
     )
     parser.add_argument("--list-calls", type=int, help="calls of each ListUsers and ListAuditEvents row (default 3)")
+    parser.add_argument(
+        "--coalescing",
+        action="store_true",
+        help="only GetUser (own token, and an admin's) with USERS_COALESCE_READS on and off, interleaved, twice",
+    )
     args = parser.parse_args(argv)
     profile = SMOKE if args.smoke else FULL
     if args.quick:
@@ -650,6 +710,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # The deep page must exist: with fewer users it is the last full page.
         deep_page = min(profile.deep_page, args.users // profile.page_size - 1)
         profile = dataclasses.replace(profile, users=args.users, deep_page=max(deep_page, 1))
+    if args.coalescing:
+        print(compare_coalescing(profile), flush=True)
+        return
     print(run(profile), flush=True)
 
 
