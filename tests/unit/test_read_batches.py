@@ -58,6 +58,22 @@ async def test_a_read_asked_for_after_a_batch_was_sent_never_joins_it() -> None:
     assert store.fetches == [["a"], ["a"]]
 
 
+async def test_reads_asked_for_while_a_batch_is_on_its_way_go_together_once_it_is_back() -> None:
+    store = FakeStore({"a": "1", "b": "2", "c": "3"})
+    store.hold = asyncio.Event()
+    batches = ReadBatches(store.fetch)
+    first = asyncio.ensure_future(batches.read("a"))
+    await store.sent.wait()
+
+    later = [asyncio.ensure_future(batches.read(key)) for key in ("b", "c", "b")]
+    await asyncio.sleep(0)  # one turn: they have asked, and nothing more is sent
+    assert store.fetches == [["a"]]
+    store.hold.set()
+
+    assert (await first, *[await read for read in later]) == ("1", "2", "3", "2")
+    assert store.fetches == [["a"], ["b", "c"]]
+
+
 async def test_a_batch_holds_at_most_its_limit() -> None:
     store = FakeStore({f"k{n}": str(n) for n in range(250)})
     batches = ReadBatches(store.fetch, most=100)
