@@ -476,6 +476,15 @@ def run(profile: Profile) -> str:
                 concurrency=1,
                 total=profile.list_calls,
             ),
+            # The count of every user the page's total_size asks for (AIP-158: only when asked).
+            bench.measure(
+                "ListUsers page 1, total_size",
+                f"{SERVICE}.ListUsers",
+                {"page_size": profile.page_size, "include_total_size": True},
+                metadata=admin_metadata,
+                concurrency=1,
+                total=profile.list_calls,
+            ),
             bench.measure(
                 "GetUserByIdentifier (admin)",
                 f"{SERVICE}.GetUserByIdentifier",
