@@ -46,7 +46,7 @@ class ReadBatches(Generic[_K, _V]):
             batch = self._open = _Batch()
             if not self._sending:
                 loop.call_soon(self._send, batch)
-            # else: sent when the batch on its way comes back (_answer)
+            # else: sent when the batch on its way comes back (_came_back)
         answer = batch.answers.get(key)
         if answer is None:
             answer = batch.answers[key] = loop.create_future()

@@ -59,7 +59,7 @@ class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates, Metadata
         self, database: AsyncDatabase[Document], changes: MongoChangeLog | None = None, *, coalesce_reads: bool = False
     ) -> None:
         self._users: AsyncCollection[Document] = database["users"]
-        # Reads by _id in the same turn of the event loop (token checks, GetUser) as one find.
+        # Concurrent reads by _id (token checks, GetUser) as one find: read_batches.py.
         self._by_id = ReadBatches(self._live_documents) if coalesce_reads else None
         self._leases: AsyncCollection[Document] = database["leases"]
         self._claims = MongoClaims(database)
