@@ -12,6 +12,7 @@ call is user+system time from /proc, for the server and the database process apa
     .venv/bin/python -m bench --smoke         # seconds: checks the harness runs (the test suite does)
     .venv/bin/python -m bench --users 100000 --quick  # a few minutes, most of them seeding
     .venv/bin/python -m bench --quick --users 1000 --workers 1,2,1,2  # the GetUser and ListUsers rows by worker count
+    .venv/bin/python -m bench --users 1000 --coalescing  # GetUser with USERS_COALESCE_READS on and off
 
 USERS_DEV_DB_BINARY names another harness binary (dbharness/bin/dbharness by default), to compare
 two builds of it.
@@ -220,6 +221,13 @@ class Bench:
                 self.server.kill()
                 self.server.wait()
         self.server = None
+
+    def restart_server(self, **settings: str) -> None:
+        """The server again, on the same database and address, with these USERS_* settings changed."""
+        self.stop_server()
+        self.env.update(settings)
+        self.start_server()
+        self.wait_until_serving()
 
     def close(self) -> None:
         self.channel.close()
@@ -506,6 +514,15 @@ def run(profile: Profile, workers: int = 1) -> str:
                 concurrency=1,
                 total=profile.list_calls,
             ),
+            # The count of every user the page's total_size asks for (AIP-158: only when asked).
+            bench.measure(
+                "ListUsers page 1, total_size",
+                f"{SERVICE}.ListUsers",
+                {"page_size": profile.page_size, "include_total_size": True},
+                metadata=admin_metadata,
+                concurrency=1,
+                total=profile.list_calls,
+            ),
             bench.measure(
                 "GetUserByIdentifier (admin)",
                 f"{SERVICE}.GetUserByIdentifier",
@@ -732,6 +749,50 @@ def _worker_rows(bench: Bench, names: list[str]) -> list[Row]:
     ]
 
 
+def compare_coalescing(profile: Profile) -> str:
+    """GetUser with one's own token and an admin's GetUser of others, with USERS_COALESCE_READS on and
+    off in turn (the server restarted on the same database each time), twice: one run, like with like."""
+    names: list[str] = []
+    rows: list[tuple[str, Row]] = []
+    with running(profile, seeded=names) as bench:
+        spread = [names[(2 * k + 1) * len(names) // (2 * profile.token_users)] for k in range(profile.token_users)]
+        signed_in = [bench.sign_in(name) for name in spread]
+        admin = bench.sign_in("admin")
+        ids = round_robin([reply.user.id for reply in signed_in])
+        own = {
+            "data": {"id": ids},
+            "metadata": {"authorization": "Bearer " + round_robin([r.access_token for r in signed_in])},
+        }
+        admins = {"data": {"id": ids}, "metadata": {"authorization": f"Bearer {admin.access_token}"}}
+        for setting in ("true", "false", "true", "false"):
+            bench.restart_server(USERS_COALESCE_READS=setting)
+            # Warm-up: connections, the first signature check of each token.
+            bench.measure("warm-up", f"{SERVICE}.GetUser", own["data"], metadata=own["metadata"], seconds=0.5)
+            bench.measure("warm-up", f"{SERVICE}.GetUser", admins["data"], metadata=admins["metadata"], seconds=0.5)
+            label = "on" if setting == "true" else "off"
+            counted = {"total": profile.cheap_calls}
+            rows += [
+                (label, bench.measure("health Check", "grpc.health.v1.Health.Check", {"service": ""}, **counted)),
+                (label, bench.measure("GetUser (own token)", f"{SERVICE}.GetUser", **own, **counted)),
+                (label, bench.measure("GetUser (admin)", f"{SERVICE}.GetUser", **admins, **counted)),
+            ]
+    lines = [
+        f"machine: {os.cpu_count()} cores, {cpu_model()}; Python {platform.python_version()}",
+        f"users seeded: {len(names):,}; each run {_extent(profile.cheap_calls, profile.seconds)}, "
+        f"{profile.concurrency} in flight; USERS_COALESCE_READS on, off, on, off (a server each)",
+        "",
+        "| coalescing | call | calls/s | p50 ms | p99 ms | server CPU µs/call | database CPU µs/call "
+        "| calls | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {label} | {row.name} | {row.per_second:,.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} "
+            f"| {row.server_us:,.0f} | {row.database_us:,.0f} | {row.calls:,} | {row.errors:,} |"
+            for label, row in rows
+        ),
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -750,6 +811,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the server's workers (USERS_WORKERS; default 1); several, as 1,2,1,2: only the baseline, GetUser "
         "and ListUsers rows, for each count in turn on one seeded database, with ratios to the first run",
     )
+    parser.add_argument(
+        "--coalescing",
+        action="store_true",
+        help="only GetUser (own token, and an admin's) with USERS_COALESCE_READS on and off, interleaved, twice",
+    )
     args = parser.parse_args(argv)
     profile = SMOKE if args.smoke else FULL
     if args.quick:
@@ -762,6 +828,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # The deep page must exist: with fewer users it is the last full page.
         deep_page = min(profile.deep_page, args.users // profile.page_size - 1)
         profile = dataclasses.replace(profile, users=args.users, deep_page=max(deep_page, 1))
+    if args.coalescing:
+        print(compare_coalescing(profile), flush=True)
+        return
     counts = [int(count) for count in args.workers.split(",")] if args.workers else [1]
     if len(counts) > 1:
         print(compare_workers(profile, counts), flush=True)

@@ -439,7 +439,7 @@ def build_stores(
     database = client.get_database(settings.mongodb_database, write_concern=WriteConcern("majority"))
     secrets_at_rest = SecretsAtRest(key_encryption_key, settings.old_key_encryption_keys)
     # Wired to each other as the server runs them (adapters/mongo build_stores).
-    mongo = build_mongo_stores(database, secrets_at_rest)
+    mongo = build_mongo_stores(database, secrets_at_rest, coalesce_reads=settings.coalesce_reads)
     return Stores(
         client=client,
         database=database,

@@ -63,6 +63,8 @@ class Settings:
     mongodb_database: str = "users"
     db_timeout_seconds: float = 5.0
     health_interval_seconds: float = 5.0
+    # Reads of users by _id in the same event-loop turn sent as one find (adapters/mongo/read_batches.py).
+    coalesce_reads: bool = True
 
     smtp_host: str | None = None
     smtp_port: int = 587
@@ -205,6 +207,7 @@ class Settings:
             health_interval_seconds=env.number(
                 "USERS_HEALTH_INTERVAL_SECONDS", defaults.health_interval_seconds, 0.05, 300
             ),
+            coalesce_reads=env.get("USERS_COALESCE_READS", defaults.coalesce_reads, _bool),
             smtp_host=env.get("USERS_SMTP_HOST", defaults.smtp_host, str) or None,
             smtp_port=env.integer("USERS_SMTP_PORT", defaults.smtp_port, 1, 65535),
             smtp_security=smtp_security,

@@ -18,8 +18,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import MongoClient
 
 from tests.support.calls import PASSWORD, create_request, error_info, new_admin, rpc_error, signed_up, violated_fields
+from tests.support.commands import CommandRecorder
 from tests.support.mail import MailSink
-from tests.support.servers import RunningServer
+from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
 from users_grpc.domain.rules import identifier_key
@@ -173,7 +174,8 @@ def test_filters_combine(server: RunningServer, users_collection: Any) -> None:
 
     def check(want: list[str], **filters: Any) -> None:
         assert all_pages(server.stub, 7, **filters) == want
-        assert server.stub.ListUsers(pb.ListUsersRequest(page_size=1, **filters)).total_size == len(want)
+        counted = server.stub.ListUsers(pb.ListUsersRequest(page_size=1, include_total_size=True, **filters))
+        assert counted.total_size == len(want)
 
     check(
         expected(lambda d: d["role"] == "user" and d["state"] == "active" and zed(d)),
@@ -239,7 +241,27 @@ def test_page_sizes_and_tokens_are_checked(server: RunningServer, users_collecti
     # A different page size is no other filter.
     rest = server.stub.ListUsers(pb.ListUsersRequest(page_size=10, prefix="tok", page_token=token))
     assert [u.username for u in rest.users] == ["tok2", "tok3", "tok4"]
-    assert (rest.next_page_token, rest.total_size) == ("", 5)
+    assert rest.next_page_token == ""
+    # The count is no filter either: asked for on any page, with the same token.
+    counted = server.stub.ListUsers(
+        pb.ListUsersRequest(page_size=10, prefix="tok", page_token=token, include_total_size=True)
+    )
+    assert ([u.username for u in counted.users], counted.total_size) == (["tok2", "tok3", "tok4"], 5)
+
+
+def test_total_size_is_counted_only_when_asked_for(start_server: StartServer) -> None:
+    recorder = CommandRecorder(names={"aggregate", "count"})
+    server = start_server(event_listeners=[recorder])
+    admin_users = server.stub.ListUsers(pb.ListUsersRequest(include_total_size=True))
+    assert (len(admin_users.users), admin_users.total_size) == (1, 1)  # the admin
+    assert [c.document["aggregate"] for c in recorder.commands if c.in_call] == ["users"]
+
+    recorder.clear()
+    for request in (pb.ListUsersRequest(), pb.ListUsersRequest(role=user_pb2.ROLE_ADMIN, page_size=1)):
+        listed = server.stub.ListUsers(request)
+        assert (len(listed.users), listed.total_size) == (1, 0)  # 0: not counted, as the contract says
+
+    assert [c for c in recorder.commands if c.in_call] == []
 
 
 def update(stub: Stub, user_id: str, etag: str = "", **fields: Any) -> pb.UpdateUserResponse:

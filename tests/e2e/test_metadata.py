@@ -307,7 +307,9 @@ def test_list_users_by_metadata_with_other_filters_across_pages(server: RunningS
     assert pages(metadata=acme) == [ids[i] for i in (0, 1, 4, 5, 7, 8)]
     active = user_pb2.USER_STATE_ACTIVE
     assert pages(metadata=acme, state=active) == [ids[i] for i in (0, 4, 7, 8)]
-    assert server.stub.ListUsers(pb.ListUsersRequest(metadata=acme, state=active)).total_size == 4
+    assert (
+        server.stub.ListUsers(pb.ListUsersRequest(metadata=acme, state=active, include_total_size=True)).total_size == 4
+    )
     present = md.MetadataFilter(scope=ADMIN, key="tenant")
     assert pages(metadata=present, state=active, prefix="user") == [ids[i] for i in (0, 2, 3, 4, 7, 8, 9)]
     empty = md.MetadataFilter(scope=ADMIN, key="tenant", value=b"")

@@ -26,7 +26,7 @@ from users.v1 import user_service_pb2 as pb
 # Reads of a whole collection, by design (collection, command, the filter's top-level fields), and why.
 # docs/benchmarks.md lists them. Anything else unserved fails.
 WHOLE_COLLECTION_READS = {
-    ("users", "aggregate", ()): "ListUsers' total_size with no filter counts every user: O(users) anywhere",
+    ("users", "aggregate", ()): "ListUsers' total_size, asked for with no filter, counts every user: O(users)",
     ("signing_keys", "find", ()): "every signing key is loaded: a handful of documents",
     ("users", "find", ()): "at start, whether any user exists (limit 1); a migration's first batch in _id order",
     ("outbox", "find", ("body",)): "once at start, mail queued before bodies were sealed; mail leaves on delivery",
@@ -48,20 +48,23 @@ def test_a_flow_through_the_main_calls(server: RunningServer, mail: MailSink) ->
     server.stub.ValidateToken(pb.ValidateTokenRequest(access_token=jane.access_token))
     server.anonymous.RevokeSession(pb.RevokeSessionRequest(refresh_token=refreshed.refresh_token))
     server.anonymous.ForgotPassword(pb.ForgotPasswordRequest(identifier="jane"))
-    server.stub.ListUsers(pb.ListUsersRequest(page_size=1))
-    server.stub.ListUsers(pb.ListUsersRequest(role=user_pb2.ROLE_USER, prefix="ja"))
+    # With their counts (total_size only when asked for), whose filters are checked as the pages' are.
+    server.stub.ListUsers(pb.ListUsersRequest(page_size=1, include_total_size=True))
+    server.stub.ListUsers(pb.ListUsersRequest(role=user_pb2.ROLE_USER, prefix="ja", include_total_size=True))
     tenant = md.SetUserMetadataRequest(user_id=jane.user.id, scope=md.METADATA_SCOPE_ADMIN, key="tenant", value=b"acme")
     server.stub.SetUserMetadata(tenant)
     stub.ListUserMetadata(md.ListUserMetadataRequest(user_id=jane.user.id))
     acme = md.MetadataFilter(scope=md.METADATA_SCOPE_ADMIN, key="tenant", value=b"acme")
-    first = server.stub.ListUsers(pb.ListUsersRequest(page_size=1, metadata=acme))
+    first = server.stub.ListUsers(pb.ListUsersRequest(page_size=1, metadata=acme, include_total_size=True))
     server.stub.ListUsers(pb.ListUsersRequest(page_size=1, metadata=acme, page_token=first.next_page_token))
     present = md.MetadataFilter(scope=md.METADATA_SCOPE_ADMIN, key="tenant")
-    server.stub.ListUsers(pb.ListUsersRequest(metadata=present, state=user_pb2.USER_STATE_ACTIVE))
+    server.stub.ListUsers(
+        pb.ListUsersRequest(metadata=present, state=user_pb2.USER_STATE_ACTIVE, include_total_size=True)
+    )
     server.stub.DeleteUserMetadata(
         md.DeleteUserMetadataRequest(user_id=jane.user.id, scope=md.METADATA_SCOPE_ADMIN, key="tenant")
     )
-    server.stub.ListUsers(pb.ListUsersRequest(external_id="00u1"))
+    server.stub.ListUsers(pb.ListUsersRequest(external_id="00u1", include_total_size=True))
     server.stub.LockUser(pb.LockUserRequest(user_id=jane.user.id))
     server.stub.UnlockUser(pb.UnlockUserRequest(user_id=jane.user.id))
     server.stub.DeactivateUser(pb.DeactivateUserRequest(user_id=jane.user.id))

@@ -313,6 +313,11 @@ def test_search_by_post_and_active_cannot_be_removed(server: RunningServer, scim
         [resource] = found.json()["Resources"]
         assert (resource["id"], resource["userName"]) == (user_id, name)
         assert "name" not in resource
+    # Unfiltered: totalResults counts every user (ListUsers counts only when asked to).
+    listed = scim.get("/Users", params={"startIndex": 2, "count": 1}).json()
+    everyone = server.stub.ListUsers(pb.ListUsersRequest(include_total_size=True)).total_size
+    assert (listed["totalResults"], len(listed["Resources"])) == (everyone, 1)
+    assert everyone >= 2  # the admin and this user
     too_many = scim.post("/Users/.search", json=search | {"count": 1001})
     assert (too_many.status_code, too_many.json()["scimType"]) == (400, "invalidValue")
 

@@ -400,10 +400,14 @@ class UserServiceServicer(GroupRpcs, ServiceAccountTokenRpcs, user_service_pb2_g
             metadata=_metadata_filter(request.metadata) if request.HasField("metadata") else None,
             external_id=request.external_id,
         )
-        users, next_page_token, total = await self._directory.list_users(filters, request.page_size, request.page_token)
-        # Admins only (access.py): their view.
+        users, next_page_token, total = await self._directory.list_users(
+            filters, request.page_size, request.page_token, count=request.include_total_size
+        )
+        # Admins only (access.py): their view. Not counted: 0, as the contract says.
         return user_service_pb2.ListUsersResponse(
-            users=[user_to_proto(u, admin_view=True) for u in users], next_page_token=next_page_token, total_size=total
+            users=[user_to_proto(u, admin_view=True) for u in users],
+            next_page_token=next_page_token,
+            total_size=total or 0,
         )
 
     async def UpdateUser(

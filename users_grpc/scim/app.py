@@ -261,9 +261,13 @@ class ScimApp:
         token, total = "", 0
         while True:
             size = max(1, min(_LISTED_PAGE, wanted_end - len(seen)))
-            listed = await self._call(request, "ListUsers", pb.ListUsersRequest(page_size=size, page_token=token))
+            # totalResults: counted once, with the first page (a count walks every user).
+            listing = pb.ListUsersRequest(page_size=size, page_token=token, include_total_size=not token)
+            listed = await self._call(request, "ListUsers", listing)
             seen.extend(listed.users)
-            total, token = listed.total_size, listed.next_page_token
+            if listing.include_total_size:
+                total = listed.total_size
+            token = listed.next_page_token
             if not token or len(seen) >= wanted_end:
                 return seen[offset:wanted_end], total
 

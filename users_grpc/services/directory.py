@@ -32,16 +32,18 @@ class DirectoryService:
         self._users = users
         self._clock = clock
 
-    async def list_users(self, filters: UserFilter, page_size: int, page_token: str) -> tuple[list[User], str, int]:
-        """A page of users, oldest first; the token of the next page ("" after the last); and how many
-        users match the filters."""
+    async def list_users(
+        self, filters: UserFilter, page_size: int, page_token: str, *, count: bool = False
+    ) -> tuple[list[User], str, int | None]:
+        """A page of users, oldest first; the token of the next page ("" after the last); and, if
+        ``count``, how many users match the filters (else None: a count walks every match)."""
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise InvalidArgument([FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}")])
         limit = page_size or DEFAULT_PAGE_SIZE
         position = _PAGES.decode(page_token, filters.fingerprint())
         after = None if position is None else position.hex()
         users = await self._users.list_users(filters, after, limit + 1)
-        total = await self._users.count_users(filters)
+        total = await self._users.count_users(filters) if count else None
         if len(users) <= limit:
             return users, "", total
         return users[:limit], _PAGES.encode(bytes.fromhex(users[limit - 1].id), filters.fingerprint()), total

@@ -2343,6 +2343,7 @@ class ListUsersRequest(_message.Message):
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     EXTERNAL_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Default 50, at most 1000."""
     page_token: _builtins.str
@@ -2361,6 +2362,11 @@ class ListUsersRequest(_message.Message):
     external_id: _builtins.str
     """Optional. Only users whose User.external_id is exactly this (letter case
     counts). At most 256 characters.
+    """
+    include_total_size: _builtins.bool
+    """Optional. Count the users matching the filters into total_size. Unset:
+    not counted (total_size is 0), so a page costs what reading it costs
+    however many users match (AIP-158: total_size is optional).
     """
     @_builtins.property
     def created_after(self) -> _timestamp_pb2.Timestamp:
@@ -2389,10 +2395,11 @@ class ListUsersRequest(_message.Message):
         created_before: _timestamp_pb2.Timestamp | None = ...,
         metadata: _metadata_pb2.MetadataFilter | None = ...,
         external_id: _builtins.str = ...,
+        include_total_size: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "external_id", b"external_id", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "role", b"role", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "external_id", b"external_id", "include_total_size", b"include_total_size", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "role", b"role", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__mfa_enabled: _TypeAlias = _typing.Literal["mfa_enabled"]  # noqa: Y015
     _WhichOneofArgType__mfa_enabled: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled"]  # noqa: Y015
@@ -2410,7 +2417,9 @@ class ListUsersResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     total_size: _builtins.int
-    """How many users match the filters (all pages)."""
+    """With include_total_size: how many users match the filters (all pages), at
+    the time of this call. Without it: 0, not counted.
+    """
     @_builtins.property
     def users(self) -> _containers.RepeatedCompositeFieldContainer[_user_pb2.User]: ...
     def __init__(

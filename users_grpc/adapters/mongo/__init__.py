@@ -82,12 +82,15 @@ class MongoStores:
         )
 
 
-def build_stores(database: AsyncDatabase[Document], secrets_at_rest: SecretsAtRest) -> MongoStores:
+def build_stores(
+    database: AsyncDatabase[Document], secrets_at_rest: SecretsAtRest, *, coalesce_reads: bool = False
+) -> MongoStores:
     """The stores on ``database``: users publish their changes through the change log, which moves
-    a deleted user's notices to the outbox, whose bodies ``secrets_at_rest`` seals."""
+    a deleted user's notices to the outbox, whose bodies ``secrets_at_rest`` seals; with
+    ``coalesce_reads``, concurrent reads of users by id go out as one find."""
     outbox = MongoOutbox(database, secrets_at_rest)
     change_log = MongoChangeLog(database, outbox)
-    users = MongoUserRepository(database, change_log)
+    users = MongoUserRepository(database, change_log, coalesce_reads=coalesce_reads)
     return MongoStores(
         users=users,
         change_log=change_log,

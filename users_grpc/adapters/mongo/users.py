@@ -19,6 +19,7 @@ from users_grpc.adapters.mongo.claims import _CLAIM_KINDS, MongoClaims
 from users_grpc.adapters.mongo.documents import Document, _is_duplicate_key, _object_id
 from users_grpc.adapters.mongo.metadata_bson import _metadata_clause
 from users_grpc.adapters.mongo.passkey_ceremonies import MongoCeremonyStore
+from users_grpc.adapters.mongo.read_batches import ReadBatches
 from users_grpc.adapters.mongo.users_bson import (
     _LIVE,
     _STATE_FILTERS,
@@ -54,8 +55,12 @@ class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates, Metadata
     """The ``users`` collection. Usernames and emails are unique through :class:`MongoClaims`, which
     works when ``users`` is sharded by ``_id`` (a unique index on another field would not)."""
 
-    def __init__(self, database: AsyncDatabase[Document], changes: MongoChangeLog | None = None) -> None:
+    def __init__(
+        self, database: AsyncDatabase[Document], changes: MongoChangeLog | None = None, *, coalesce_reads: bool = False
+    ) -> None:
         self._users: AsyncCollection[Document] = database["users"]
+        # Concurrent reads by _id (token checks, GetUser) as one find: read_batches.py.
+        self._by_id = ReadBatches(self._live_documents) if coalesce_reads else None
         self._leases: AsyncCollection[Document] = database["leases"]
         self._claims = MongoClaims(database)
         self._changes = changes or MongoChangeLog(database)
@@ -146,7 +151,16 @@ class MongoUserRepository(CredentialUpdates, MfaUpdates, NoticeUpdates, Metadata
 
     async def _live_by_id(self, user_id: ObjectId | str) -> Document | None:
         """The user with this ``_id`` unless it is being deleted."""
+        if self._by_id is not None:
+            return await self._by_id.read(user_id)
         return await self._users.find_one({"_id": user_id, **_LIVE})
+
+    async def _live_documents(self, user_ids: list[ObjectId | str]) -> dict[ObjectId | str, Document]:
+        """The live users among ``user_ids``, by ``_id``; one id is read by equality, as without batches."""
+        if len(user_ids) == 1:
+            document = await self._users.find_one({"_id": user_ids[0], **_LIVE})
+            return {} if document is None else {document["_id"]: document}
+        return {document["_id"]: document async for document in self._users.find({"_id": {"$in": user_ids}, **_LIVE})}
 
     async def _find_by_identifier(self, identifier_key: str) -> Document | None:
         """The user whose username or email has this key. Through the claims, each read is by

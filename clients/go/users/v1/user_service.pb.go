@@ -4586,9 +4586,13 @@ type ListUsersRequest struct {
 	Metadata *MetadataFilter `protobuf:"bytes,40,opt,name=metadata,proto3" json:"metadata,omitempty"`
 	// Optional. Only users whose User.external_id is exactly this (letter case
 	// counts). At most 256 characters.
-	ExternalId    string `protobuf:"bytes,60,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ExternalId string `protobuf:"bytes,60,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
+	// Optional. Count the users matching the filters into total_size. Unset:
+	// not counted (total_size is 0), so a page costs what reading it costs
+	// however many users match (AIP-158: total_size is optional).
+	IncludeTotalSize bool `protobuf:"varint,100,opt,name=include_total_size,json=includeTotalSize,proto3" json:"include_total_size,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *ListUsersRequest) Reset() {
@@ -4691,12 +4695,20 @@ func (x *ListUsersRequest) GetExternalId() string {
 	return ""
 }
 
+func (x *ListUsersRequest) GetIncludeTotalSize() bool {
+	if x != nil {
+		return x.IncludeTotalSize
+	}
+	return false
+}
+
 type ListUsersResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Users []*User                `protobuf:"bytes,1,rep,name=users,proto3" json:"users,omitempty"`
 	// Empty on the last page.
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
-	// How many users match the filters (all pages).
+	// With include_total_size: how many users match the filters (all pages), at
+	// the time of this call. Without it: 0, not counted.
 	TotalSize     int32 `protobuf:"varint,3,opt,name=total_size,json=totalSize,proto3" json:"total_size,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -5764,7 +5776,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\":\n" +
 	"\x1bDeleteServiceAccountRequest\x12\x1b\n" +
 	"\tclient_id\x18\x01 \x01(\tR\bclientId\"\x1e\n" +
-	"\x1cDeleteServiceAccountResponse\"\xc6\x03\n" +
+	"\x1cDeleteServiceAccountResponse\"\xf4\x03\n" +
 	"\x10ListUsersRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -5778,7 +5790,8 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x0ecreated_before\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\rcreatedBefore\x124\n" +
 	"\bmetadata\x18( \x01(\v2\x18.users.v1.MetadataFilterR\bmetadata\x12\x1f\n" +
 	"\vexternal_id\x18< \x01(\tR\n" +
-	"externalIdB\x0e\n" +
+	"externalId\x12,\n" +
+	"\x12include_total_size\x18d \x01(\bR\x10includeTotalSizeB\x0e\n" +
 	"\f_mfa_enabled\"\x80\x01\n" +
 	"\x11ListUsersResponse\x12$\n" +
 	"\x05users\x18\x01 \x03(\v2\x0e.users.v1.UserR\x05users\x12&\n" +

@@ -520,8 +520,9 @@ type UserServiceClient interface {
 	// skips one that existed before paging began, even while users are created
 	// and deleted meanwhile (users created meanwhile may or may not be seen), and
 	// a page deep in the list costs what the first one costs. A page token works
-	// only with the filters of the call that returned it. total_size counts
-	// the users matching the filters at the time of this call.
+	// only with the filters of the call that returned it. total_size is
+	// counted only when include_total_size is set (a count walks every matching
+	// user, on any database): ask for it on the first page, not on every one.
 	// Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
 	// 1000; a page_token that is garbage, tampered with or from a call with
 	// other filters; an unknown role or state), UNAUTHENTICATED,
@@ -1958,8 +1959,9 @@ type UserServiceServer interface {
 	// skips one that existed before paging began, even while users are created
 	// and deleted meanwhile (users created meanwhile may or may not be seen), and
 	// a page deep in the list costs what the first one costs. A page token works
-	// only with the filters of the call that returned it. total_size counts
-	// the users matching the filters at the time of this call.
+	// only with the filters of the call that returned it. total_size is
+	// counted only when include_total_size is set (a count walks every matching
+	// user, on any database): ask for it on the first page, not on every one.
 	// Callers: an admin or a provisioning service account. Errors: INVALID_ARGUMENT (page_size below 0 or over
 	// 1000; a page_token that is garbage, tampered with or from a call with
 	// other filters; an unknown role or state), UNAUTHENTICATED,
