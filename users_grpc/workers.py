@@ -198,7 +198,8 @@ class Supervisor:
         previous_wakeup = signal.set_wakeup_fd(wakeup_write.fileno())
         previous = {signum: signal.signal(signum, self._stop) for signum in (signal.SIGTERM, signal.SIGINT)}
         self._workers = [_Worker(index) for index in range(self.settings.workers)]
-        log.info(
+        # Said at debug: a start that fails says one sentence only (start-up errors are one line).
+        log.debug(
             "starting workers",
             extra={"workers": self.settings.workers, "address": self.settings.grpc_address},
         )
@@ -230,7 +231,7 @@ class Supervisor:
                 process.start()
                 report_to.close()
                 worker.process, worker.reports, worker.serving = process, reports, False
-                log.info("worker started", extra={"worker": worker.index, "pid": process.pid})
+                log.debug("worker started", extra={"worker": worker.index, "pid": process.pid})
 
     def _wait(self, wakeup: socket.socket) -> None:
         running = [worker for worker in self._workers if worker.process is not None]
@@ -256,6 +257,8 @@ class Supervisor:
                 kind, detail = reports.recv()
                 if kind == _SERVING:
                     worker.serving, worker.failed_starts = True, 0
+                    pid = worker.process.pid if worker.process is not None else None
+                    log.info("worker serving", extra={"worker": worker.index, "pid": pid})
                 elif kind == _CONFIG_ERROR and self._config_error is None:
                     self._config_error, self._stopping = detail, True
 
@@ -282,7 +285,8 @@ class Supervisor:
 
     def _stop_all(self) -> int:
         """SIGTERM to each worker, as to a lone server; each drains within its settings."""
-        log.info("stopping workers")
+        if self._config_error is None:
+            log.info("stopping workers")
         running = [worker for worker in self._workers if worker.process is not None]
         for worker in running:
             if worker.process is not None and worker.process.pid is not None:

@@ -138,6 +138,7 @@ def test_a_bad_setting_found_by_the_workers_is_said_once(mongodb_uri: str, tmp_p
     result = _serve({"USERS_KEY_ENCRYPTION_KEY": "", "USERS_MAIL_DIR": str(tmp_path)}, mongodb_uri)
     assert result.returncode == 2
     assert result.stderr.count("USERS_KEY_ENCRYPTION_KEY is required") == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one sentence, as from a lone server
     assert "users-grpc: USERS_KEY_ENCRYPTION_KEY is required" in result.stderr
     assert "Traceback" not in result.stderr
 
