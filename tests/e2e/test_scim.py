@@ -200,6 +200,22 @@ def test_refusals_are_scim_errors(server: RunningServer, scim: httpx2.Client) ->
     assert stale.status_code == 412
 
 
+def test_a_filter_is_refused_by_its_length_before_it_is_parsed(server: RunningServer) -> None:
+    # Any bearer reaches the parser (the token is checked by the calls made after it): a filter's
+    # whitespace cost the parser time quadratic in its length, on the loop every call shares; half
+    # a MiB took it an hour. Refused by length now, at once, whoever sends it.
+    padded = 'userName eq "x"' + " " * 500_000 + 'and userName eq "y"'
+    search = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"], "filter": padded}
+    with scim_client(server, "not-a-token") as stranger:
+        answers = [
+            stranger.post("/.search", json=search),
+            stranger.get("/Users", params={"filter": padded[:15_000] + 'and userName eq "y"'}),
+        ]
+    for answer in answers:
+        assert (answer.status_code, answer.json()["scimType"]) == (400, "invalidFilter")
+        assert "longer than" in answer.json()["detail"]
+
+
 def test_external_id_is_kept_found_changed_and_limited(server: RunningServer, scim: httpx2.Client) -> None:
     name = f"ext-{uuid.uuid4().hex[:8]}"
     external_id = f"00u{uuid.uuid4().hex}"

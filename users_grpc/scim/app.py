@@ -234,7 +234,10 @@ class ScimApp:
 
     async def _search_users(self, request: _Request) -> _Response:
         """POST .search (RFC 7644 section 3.4.3): the list's parameters in a SearchRequest body."""
-        search: SearchRequest[Any] = SearchRequest.model_validate(request.json(), scim_ctx=Context.SEARCH_REQUEST)
+        body = request.json()
+        if isinstance(body, dict) and isinstance(body.get("filter"), str):
+            filters.check_length(body["filter"])  # before scim2-models parses it, on the shared loop
+        search: SearchRequest[Any] = SearchRequest.model_validate(body, scim_ctx=Context.SEARCH_REQUEST)
         start_index = _bounded("startIndex", search.start_index, 1, low=1, high=MAX_START_INDEX)
         count = _bounded("count", search.count, DEFAULT_COUNT, low=0, high=MAX_COUNT)
         request.attributes = list(search.attributes) if search.attributes else None
