@@ -216,6 +216,13 @@ def test_a_filter_is_refused_by_its_length_before_it_is_parsed(server: RunningSe
         assert "longer than" in answer.json()["detail"]
 
 
+def test_a_body_nested_past_the_parser_is_invalid_syntax(scim: httpx2.Client) -> None:
+    # The JSON parser's recursion limit was an unhandled RecursionError: a 500 and a traceback.
+    for body in (b"[" * 100_000, b'{"a":' * 100_000):
+        answer = scim.post("/Users", content=body, headers={"Content-Type": "application/scim+json"})
+        assert (answer.status_code, answer.json()["scimType"]) == (400, "invalidSyntax")
+
+
 def test_external_id_is_kept_found_changed_and_limited(server: RunningServer, scim: httpx2.Client) -> None:
     name = f"ext-{uuid.uuid4().hex[:8]}"
     external_id = f"00u{uuid.uuid4().hex}"

@@ -349,7 +349,7 @@ class _Request:
     def json(self) -> Any:
         try:
             body = json.loads(self._body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than the parser goes: no less malformed
             raise ScimError(400, "the body is not JSON", "invalidSyntax") from None
         if isinstance(body, dict) and isinstance(body.get("schemas"), list):
             # Entra ID sends the enterprise extension with every user; none of it is mapped
