@@ -13,11 +13,12 @@ import pytest
 
 from tests.e2e.test_change_feed import watch_until
 from tests.support.authenticator import SoftwareAuthenticator, b64url, unb64url
-from tests.support.calls import PASSWORD, error_info, raw_collection, rpc_error, signed_up
+from tests.support.calls import PASSWORD, _detail, error_info, raw_collection, rpc_error, signed_up
 from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink, text_of
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import passkey_pb2 as pk
+from users.v1 import password_policy_pb2
 from users.v1 import user_service_pb2 as pb
 from users_grpc.services.mfa import STEP_SECONDS, totp
 
@@ -219,6 +220,36 @@ def test_a_credential_cannot_be_registered_twice(server: RunningServer, mail: Ma
             register(who, credential_id=b"\x01" * 16)
         assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert error_info(refused.value).metadata["field"] == "credential_id"
+
+
+def test_a_passkey_sign_in_waits_for_the_password_change_an_admin_required(server: RunningServer, mail: MailSink) -> None:
+    # An admin resetting a taken-over account: SetPassword with change_required ends every session,
+    # and no sign-in opens one until the password the admin chose is replaced. A passkey the taker
+    # added signed in past that (a whole session); now it gets the ChangePassword-only token, which
+    # asks for the admin's password.
+    jane = person(server, mail)
+    register(jane)
+    temporary = "temporary admin chosen words"
+    server.stub.SetPassword(
+        pb.SetPasswordRequest(
+            user_id=jane.id, password=temporary, password_confirmation=temporary, change_required=True
+        )
+    )
+    with pytest.raises(grpc.RpcError) as held:
+        sign_in(server, jane.authenticator)
+    assert held.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(held.value).reason == "PASSWORD_CHANGE_REQUIRED"
+    token = _detail(held.value, password_policy_pb2.PasswordChangeRequired).password_change_token
+    restricted = server.stub_for(token)
+    denied = rpc_error(restricted.GetUser, pb.GetUserRequest(id=jane.id))
+    assert error_info(denied).reason == "PASSWORD_CHANGE_ONLY"
+    chosen = "a quiet river at dawn"
+    restricted.ChangePassword(
+        pb.ChangePasswordRequest(
+            user_id=jane.id, current_password=temporary, new_password=chosen, new_password_confirmation=chosen
+        )
+    )
+    assert sign_in(server, jane.authenticator).user.id == jane.id
 
 
 def test_a_second_replica_finishes_what_the_first_started(start_server: StartServer, mail: MailSink) -> None:

@@ -939,7 +939,10 @@ class UserService(Protocol):
         or RP id, no user verification, a credential of another account than the
         ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
         increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+        PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+        after a valid assertion while an admin's SetPassword asks for a change; a
+        password's maximum age does not hold a passkey sign-in),
         RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
         UNAVAILABLE.
         """
@@ -3622,7 +3625,10 @@ class UserServiceClient(ConnectClient):
         or RP id, no user verification, a credential of another account than the
         ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
         increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+        PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+        after a valid assertion while an admin's SetPassword asks for a change; a
+        password's maximum age does not hold a passkey sign-in),
         RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
         UNAVAILABLE.
         """
@@ -4717,7 +4723,10 @@ class UserServiceSync(Protocol):
         or RP id, no user verification, a credential of another account than the
         ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
         increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+        PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+        after a valid assertion while an admin's SetPassword asks for a change; a
+        password's maximum age does not hold a passkey sign-in),
         RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
         UNAVAILABLE.
         """
@@ -7398,7 +7407,10 @@ class UserServiceClientSync(ConnectClientSync):
         or RP id, no user verification, a credential of another account than the
         ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
         increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+        PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+        after a valid assertion while an admin's SetPassword asks for a change; a
+        password's maximum age does not hold a passkey sign-in),
         RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
         UNAVAILABLE.
         """

@@ -763,7 +763,10 @@ class UserServiceStub:
     or RP id, no user verification, a credential of another account than the
     ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
     increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-    ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+    ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+    PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+    after a valid assertion while an admin's SetPassword asks for a change; a
+    password's maximum age does not hold a passkey sign-in),
     RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
     UNAVAILABLE.
     """
@@ -1558,7 +1561,10 @@ class UserServiceAsyncStub(UserServiceStub):
     or RP id, no user verification, a credential of another account than the
     ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
     increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-    ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+    ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+    PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+    after a valid assertion while an admin's SetPassword asks for a change; a
+    password's maximum age does not hold a passkey sign-in),
     RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
     UNAVAILABLE.
     """
@@ -2692,7 +2698,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         or RP id, no user verification, a credential of another account than the
         ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
         increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+        ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+        PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+        after a valid assertion while an admin's SetPassword asks for a change; a
+        password's maximum age does not hold a passkey sign-in),
         RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
         UNAVAILABLE.
         """

@@ -761,7 +761,10 @@ type UserServiceClient interface {
 	// or RP id, no user verification, a credential of another account than the
 	// ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
 	// increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-	// ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+	// ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+	// PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+	// after a valid assertion while an admin's SetPassword asks for a change; a
+	// password's maximum age does not hold a passkey sign-in),
 	// RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
 	// UNAVAILABLE.
 	FinishPasskeySignIn(ctx context.Context, in *FinishPasskeySignInRequest, opts ...grpc.CallOption) (*FinishPasskeySignInResponse, error)
@@ -2143,7 +2146,10 @@ type UserServiceServer interface {
 	// or RP id, no user verification, a credential of another account than the
 	// ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
 	// increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-	// ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+	// ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+	// PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+	// after a valid assertion while an admin's SetPassword asks for a change; a
+	// password's maximum age does not hold a passkey sign-in),
 	// RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
 	// UNAVAILABLE.
 	FinishPasskeySignIn(context.Context, *FinishPasskeySignInRequest) (*FinishPasskeySignInResponse, error)
