@@ -507,7 +507,6 @@ def build_services(
         ceremonies=MongoCeremonyStore(stores.database),
         sessions=stores.sessions,
         throttle=password_throttle,
-        digests=digests,
         clock=clock,
         ceremony_lifetime=timedelta(seconds=settings.webauthn_ceremony_seconds),
         reauthentication_window=timedelta(seconds=settings.webauthn_reauth_seconds),
