@@ -254,6 +254,26 @@ def test_a_passkey_sign_in_waits_for_the_password_change_an_admin_required(
     assert sign_in(server, jane.authenticator).user.id == jane.id
 
 
+def test_credential_json_nested_past_the_parser_is_refused_not_internal(server: RunningServer, mail: MailSink) -> None:
+    # Within the 64 KiB allowed, JSON nested deeper than the parser goes raised RecursionError, which
+    # no refusal caught: INTERNAL, from anyone (the sign-in needs no token).
+    jane = person(server, mail)
+    nested = "[" * 30_000
+    started = server.anonymous.StartPasskeySignIn(pk.StartPasskeySignInRequest())
+    signing_in = pk.FinishPasskeySignInRequest(ceremony_id=started.ceremony_id, credential_json=nested)
+    assert rpc_error(server.anonymous.FinishPasskeySignIn, signing_in).code() == grpc.StatusCode.INVALID_ARGUMENT
+    stub = server.stub_for(jane.session.access_token)
+    begun = stub.StartPasskeyRegistration(pk.StartPasskeyRegistrationRequest(user_id=jane.id, password=PASSWORD))
+    registering = pk.FinishPasskeyRegistrationRequest(
+        user_id=jane.id, ceremony_id=begun.ceremony_id, credential_json=nested
+    )
+    refused = rpc_error(stub.FinishPasskeyRegistration, registering)
+    assert (refused.code(), error_info(refused).reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PASSKEY_REGISTRATION",
+    )
+
+
 def test_a_second_replica_finishes_what_the_first_started(start_server: StartServer, mail: MailSink) -> None:
     first, second = start_server(), start_server()
     jane = person(first, mail)
