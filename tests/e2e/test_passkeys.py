@@ -87,6 +87,8 @@ def test_register_then_sign_in_with_and_without_a_username(
     notice = mail.wait_for("jane@example.com", count=2)[1]  # after the activation code
     assert notice["Subject"].endswith("A passkey was added")
     assert '"Laptop" was added' in text_of(notice)
+    # What to do if it was not her: the reset alone would leave the passkey working.
+    assert "remove the passkey" in " ".join(text_of(notice).split())
 
     by_name = sign_in(server, jane.authenticator, "jane")
     usernameless = sign_in(server, jane.authenticator)

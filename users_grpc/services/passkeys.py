@@ -129,7 +129,13 @@ class PasskeyService:
             backed_up=credential.backed_up,
             transports=credential.transports,
         )
-        notice = self._notice(holder.user, "A passkey was added", f'the passkey "{_mail_safe(name)}" was added')
+        notice = self._notice(
+            holder.user,
+            "A passkey was added",
+            f'the passkey "{_mail_safe(name)}" was added',
+            # A reset alone would leave a taker's passkey signing in: it is no password.
+            advice="remove the passkey from your account (a password reset does not), reset your password",
+        )
         if not await self._passkeys.add_passkey(user_id, passkey, now, notice):
             raise InvalidPasskeyRegistration("credential_json", "the account holds as many passkeys as it may")
         log.info("passkey added", extra={"user_id": user_id, "passkey_id": passkey.id})
@@ -311,8 +317,8 @@ class PasskeyService:
         await self._ceremonies.add(ceremony)
         return ceremony
 
-    def _notice(self, user: User, subject: str, what: str) -> Mail:
-        message = f"{what}.\nIf this was not you, reset your password now and contact support."
+    def _notice(self, user: User, subject: str, what: str, *, advice: str = "reset your password now") -> Mail:
+        message = f"{what}.\nIf this was not you, {advice} and contact support."
         return self._accounts.mail_renderer.render(
             "notice", to=user.email, values=mail_values(user) | {"subject": subject, "message": message}
         )
