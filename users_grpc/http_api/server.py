@@ -111,6 +111,10 @@ class HttpServer:
             log_config=None,
             access_log=False,
             server_header=False,
+            # uvicorn's default trusts X-Forwarded-For from loopback peers (a sidecar, any local
+            # client) and makes it the client address: every spoofed address its own rate limit and
+            # throttle. The source is the peer; X-Forwarded-For counts from machine callers only.
+            proxy_headers=False,
             # uvicorn counts the connection asking among them: one more lets max_connections be served.
             limit_concurrency=limits.max_connections + 1,
             timeout_keep_alive=max(1, round(limits.keepalive_seconds)),
