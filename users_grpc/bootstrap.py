@@ -374,6 +374,7 @@ async def build_app(
                     max_connections=settings.http_max_connections,
                     keepalive_seconds=settings.http_keepalive_seconds,
                     shutdown_grace_seconds=settings.shutdown_grace_seconds,
+                    trusted_proxies=settings.http_trusted_proxies,
                 ),
             )
             http_port = http.bind(settings.http_address)

@@ -35,6 +35,8 @@ class HttpLimits:
     keepalive_seconds: float
     # Requests in progress at stop are given this long to finish.
     shutdown_grace_seconds: float
+    # Peers (addresses, networks) whose X-Forwarded-For names the caller: an ingress in front.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 def _listening_socket(address: str) -> socket.socket:
@@ -113,8 +115,10 @@ class HttpServer:
             server_header=False,
             # uvicorn's default trusts X-Forwarded-For from loopback peers (a sidecar, any local
             # client) and makes it the client address: every spoofed address its own rate limit and
-            # throttle. The source is the peer; X-Forwarded-For counts from machine callers only.
-            proxy_headers=False,
+            # throttle. Only the proxies named are trusted: the caller is the X-Forwarded-For entry
+            # the nearest of them appended (the last one not a trusted proxy's), else the peer.
+            proxy_headers=bool(limits.trusted_proxies),
+            forwarded_allow_ips=list(limits.trusted_proxies),
             # uvicorn counts the connection asking among them: one more lets max_connections be served.
             limit_concurrency=limits.max_connections + 1,
             timeout_keep_alive=max(1, round(limits.keepalive_seconds)),
