@@ -7,8 +7,8 @@ bad value stops start-up with a :class:`ConfigError` that names the variable.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import email.policy
+import ipaddress
 import os
 import urllib.parse
 from collections.abc import Callable, Mapping
