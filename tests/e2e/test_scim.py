@@ -206,14 +206,24 @@ def test_a_filter_is_refused_by_its_length_before_it_is_parsed(server: RunningSe
     # a MiB took it an hour. Refused by length now, at once, whoever sends it.
     padded = 'userName eq "x"' + " " * 500_000 + 'and userName eq "y"'
     search = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"], "filter": padded}
+    # So were a search's attributes, validated before any call: 40,000 names stalled it some 15 s.
+    names = [f"name.givenName{n}" for n in range(40_000)]
+    listing = {"schemas": search["schemas"], "attributes": names}
     with scim_client(server, "not-a-token") as stranger:
         answers = [
             stranger.post("/.search", json=search),
             stranger.get("/Users", params={"filter": padded[:15_000] + 'and userName eq "y"'}),
         ]
+        too_many = [
+            stranger.post("/.search", json=listing),
+            stranger.get("/Users", params={"excludedAttributes": ",".join(names[:500])}),
+        ]
     for answer in answers:
         assert (answer.status_code, answer.json()["scimType"]) == (400, "invalidFilter")
         assert "longer than" in answer.json()["detail"]
+    for answer in too_many:
+        assert (answer.status_code, answer.json()["scimType"]) == (400, "invalidValue")
+        assert "at most 100 attributes" in answer.json()["detail"]
 
 
 def test_a_body_nested_past_the_parser_is_invalid_syntax(scim: httpx2.Client) -> None:
