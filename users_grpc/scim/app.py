@@ -44,6 +44,12 @@ DEFAULT_COUNT = 100
 # The User schema has some thirty attributes and sub-attributes; scim2-models validates a list of
 # them in time quadratic in its length (10,000: 4 s), on the shared loop.
 MAX_ATTRIBUTES = 100
+# A body is validated by scim2-models before any call checks the bearer, at some 0.3 ms a list item:
+# a MiB of emails or PATCH operations stalled every call for seconds. An IdP's user is a few KiB,
+# with lists of one to a few items, and a PATCH of some ten operations.
+MAX_BODY_BYTES = 64 * 1024
+MAX_LIST_ITEMS = 100
+MAX_DEPTH = 16
 _LISTED_PAGE = 1000
 _ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 _ENDPOINTS = ("ServiceProviderConfig", "ResourceTypes", "Schemas", "Users")
@@ -355,10 +361,13 @@ class _Request:
         return dumped
 
     def json(self) -> Any:
+        if len(self._body) > MAX_BODY_BYTES:
+            raise ScimError(413, f"a SCIM request body is at most {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(self._body)
         except (ValueError, RecursionError):  # nested deeper than the parser goes: no less malformed
             raise ScimError(400, "the body is not JSON", "invalidSyntax") from None
+        _check_shape(body)
         if isinstance(body, dict) and isinstance(body.get("schemas"), list):
             # Entra ID sends the enterprise extension with every user; none of it is mapped
             # (docs/scim.md), so it is accepted and dropped rather than refused.
@@ -373,6 +382,21 @@ def _bounded(name: str, value: int | None, default: int, *, low: int, high: int)
     if value > high:
         raise ScimError(400, f"{name} must be at most {high}", "invalidValue")
     return max(low, value)
+
+
+def _check_shape(body: object) -> None:
+    """Every list of ``body`` at most MAX_LIST_ITEMS long, and no deeper than MAX_DEPTH."""
+    pending = [(body, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise ScimError(400, f"the body is nested deeper than {MAX_DEPTH}", "invalidSyntax")
+        if isinstance(value, list):
+            if len(value) > MAX_LIST_ITEMS:
+                raise ScimError(400, f"a list of the body holds at most {MAX_LIST_ITEMS} items", "invalidValue")
+            pending.extend((item, depth + 1) for item in value)
+        elif isinstance(value, dict):
+            pending.extend((item, depth + 1) for item in value.values())
 
 
 def _check_attributes(name: str, names: object) -> None:
