@@ -221,6 +221,12 @@ def test_a_filter_is_refused_by_its_length_before_it_is_parsed(server: RunningSe
             stranger.post("/Users", json={"schemas": [SCHEMA], "userName": "many", "emails": emails}),
         ]
         too_large = stranger.post("/Users", json={"schemas": [SCHEMA], "userName": "big", "emails": emails * 30})
+        # PUT and PATCH read the user first: the bearer is checked before their body is validated.
+        unread = [
+            stranger.patch(f"/Users/{server.admin_id}", json={"schemas": [PATCH], "Operations": "none"}),
+            stranger.put(f"/Users/{server.admin_id}", json={"schemas": [SCHEMA], "emails": "none"}),
+        ]
+    assert [answer.status_code for answer in unread] == [401, 401]
     for answer in answers:
         assert (answer.status_code, answer.json()["scimType"]) == (400, "invalidFilter")
         assert "longer than" in answer.json()["detail"]

@@ -171,15 +171,16 @@ class ScimApp:
         return self._user_response(201, user, request)
 
     async def _replace_user(self, request: _Request, user_id: str) -> _Response:
-        resource: ScimUser = User.model_validate(request.json(), scim_ctx=Context.RESOURCE_REPLACEMENT_REQUEST)
+        # The read first: it checks the bearer, so that a stranger's body is never validated.
         current = await self._fetch(request, user_id)
+        resource: ScimUser = User.model_validate(request.json(), scim_ctx=Context.RESOURCE_REPLACEMENT_REQUEST)
         self._check_version(request, current)
         user = await self._apply(request, current, mapping.wanted(resource))
         return self._user_response(200, user, request)
 
     async def _patch_user(self, request: _Request, user_id: str) -> _Response:
+        current = await self._fetch(request, user_id)  # as in PUT: the bearer checked before the body
         patch = PatchOp[ScimUser].model_validate(request.json(), scim_ctx=Context.RESOURCE_PATCH_REQUEST)
-        current = await self._fetch(request, user_id)
         self._check_version(request, current)
         resource = mapping.to_scim(current, request.base_url)
         patch.patch(resource)
