@@ -13,6 +13,7 @@ import pytest
 from scim2_client.engines.httpx2 import SyncSCIMClient
 from scim2_tester import Status, check_server
 
+from tests.e2e.test_observability import scrape
 from tests.support.calls import create_service_account, issue_service_token
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import user_pb2
@@ -345,6 +346,11 @@ def test_search_by_post_and_active_cannot_be_removed(server: RunningServer, scim
         [resource] = found.json()["Resources"]
         assert (resource["id"], resource["userName"]) == (user_id, name)
         assert "name" not in resource
+    # An empty userName or email matches no one, and walks no one: as ListUsers' prefix it walked every user.
+    listed = _list_users_calls(server)  # counted before each SCIM answer: the call runs within it
+    for empty in ('userName eq ""', 'emails.value eq ""', f'userName eq "" and externalId eq "{name}"'):
+        assert scim.get("/Users", params={"filter": empty}).json()["totalResults"] == 0
+    assert _list_users_calls(server) == listed
     too_many = scim.post("/Users/.search", json=search | {"count": 1001})
     assert (too_many.status_code, too_many.json()["scimType"]) == (400, "invalidValue")
 
@@ -353,3 +359,8 @@ def test_search_by_post_and_active_cannot_be_removed(server: RunningServer, scim
     )
     assert (removed.status_code, removed.json()["scimType"]) == (400, "mutability")
     assert _user(server, user_id).state == user_pb2.USER_STATE_DEACTIVATED
+
+
+def _list_users_calls(server: RunningServer) -> dict[tuple[tuple[str, str], ...], float]:
+    calls = scrape(server)["users_grpc_calls_total"]
+    return {labels: count for labels, count in calls.items() if ("method", "ListUsers") in labels}

@@ -286,8 +286,8 @@ class ScimApp:
     async def _lookup(self, request: _Request, lookup: filters.UserLookup) -> list[user_pb2.User]:
         """The users the filter names: exact, regardless of letter case, as usernames and emails are unique."""
         key = lookup.user_name if lookup.user_name is not None else lookup.email
-        if key is None and not lookup.external_id:
-            return []
+        if (key is None and not lookup.external_id) or "" in (lookup.user_name, lookup.email):
+            return []  # no account has an empty username or email; as a prefix, "" would walk them all
         candidates: list[user_pb2.User] = []
         token = ""
         while True:  # every user the filters match: more than a page only for a prefix of many names
