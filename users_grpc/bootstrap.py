@@ -394,6 +394,7 @@ async def build_app(
                     max_connections=settings.http_max_connections,
                     keepalive_seconds=settings.http_keepalive_seconds,
                     shutdown_grace_seconds=settings.shutdown_grace_seconds,
+                    trusted_proxies=settings.http_trusted_proxies,
                 ),
             )
             http_port = http.bind(settings.http_address, reuse_port=share_port)
@@ -527,7 +528,6 @@ def build_services(
         ceremonies=MongoCeremonyStore(stores.database),
         sessions=stores.sessions,
         throttle=password_throttle,
-        digests=digests,
         clock=clock,
         ceremony_lifetime=timedelta(seconds=settings.webauthn_ceremony_seconds),
         reauthentication_window=timedelta(seconds=settings.webauthn_reauth_seconds),

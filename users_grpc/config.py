@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import email.policy
+import ipaddress
 import os
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -178,6 +179,9 @@ class Settings:
     http_max_body_bytes: int = 1024 * 1024
     # How long an idle HTTP/1.1 keep-alive connection is held open.
     http_keepalive_seconds: float = 5.0
+    # The ingress or proxies (addresses, CIDR networks) whose X-Forwarded-For names the HTTP caller's
+    # address; empty: the peer is the caller (behind an ingress, every caller is the ingress).
+    http_trusted_proxies: tuple[str, ...] = ()
 
     # What from_env found set but read by no one; logged once at start (config.py has no logger).
     unknown_variables: tuple[UnknownVariable, ...] = field(default=(), compare=False)
@@ -358,6 +362,7 @@ class Settings:
             http_keepalive_seconds=env.number(
                 "USERS_HTTP_KEEPALIVE_SECONDS", defaults.http_keepalive_seconds, 0.1, 300
             ),
+            http_trusted_proxies=env.get("USERS_HTTP_TRUSTED_PROXIES", defaults.http_trusted_proxies, _networks),
             unknown_variables=_unknown_variables(environ, env.read | READ_BY_COMMANDS),
         )
         if settings.unactivated_account_retention_seconds < settings.activation_code_ttl_seconds:
@@ -549,6 +554,13 @@ def _origins(raw: str) -> tuple[str, ...]:
         if scheme not in {"https", "http"} or not rest or "/" in rest:
             raise ValueError("must be origins such as https://example.com, comma-separated (scheme, host, port)")
     return origins
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    networks = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for network in networks:
+        ipaddress.ip_network(network)  # ValueError: not an address, nor a network without host bits
+    return networks
 
 
 def _existing_directory(raw: str) -> Path:

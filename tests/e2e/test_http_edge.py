@@ -14,6 +14,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from tests.support.calls import PASSWORD, signed_up
+from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink
 from tests.support.paths import REPO_ROOT
 from tests.support.servers import RunningServer, StartServer
@@ -109,6 +110,40 @@ def ts_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return package
+
+
+def test_x_forwarded_for_names_no_source_over_http(start_server: StartServer) -> None:
+    # uvicorn's proxy headers are on by default and trust any loopback peer (a mesh sidecar's, a
+    # local client's): X-Forwarded-For became the call's source, so each spoofed address had its
+    # own rate limit and password throttle. The source is the peer, as over gRPC; X-Forwarded-For
+    # counts from machine callers only, and as gRPC metadata (docs/security.md).
+    # Three sign-ins a window from one source: the fixture's admin signed in from this one already.
+    server = start_server(http_address="127.0.0.1:0", rate_limit_requests=3, clock=FakeClock())
+    sign_in = json.dumps({"identifier": "nobody", "password": "not the password at all"})
+    codes = [
+        curl(server, "/users.v1.UserService/Authenticate", sign_in, f"X-Forwarded-For: 198.51.100.{n}")[1]["code"]
+        for n in range(3)
+    ]
+    assert codes == ["unauthenticated", "unauthenticated", "resource_exhausted"]
+
+
+def test_behind_a_trusted_proxy_the_caller_is_the_address_it_appended(start_server: StartServer) -> None:
+    # Behind an ingress every caller is the ingress: one stranger's guesses would hold everyone's
+    # sign-ins there. USERS_HTTP_TRUSTED_PROXIES names it; the entry it appended is the caller, and
+    # what the client put before it counts for nothing.
+    server = start_server(
+        http_address="127.0.0.1:0", http_trusted_proxies=("127.0.0.0/8",), rate_limit_requests=3, clock=FakeClock()
+    )
+    sign_in = json.dumps({"identifier": "nobody", "password": "not the password at all"})
+    codes = [
+        curl(server, "/users.v1.UserService/Authenticate", sign_in, f"X-Forwarded-For: 192.0.2.{n}, 198.51.100.7")[1][
+            "code"
+        ]
+        for n in range(4)
+    ]
+    assert codes == ["unauthenticated"] * 3 + ["resource_exhausted"]
+    other = curl(server, "/users.v1.UserService/Authenticate", sign_in, "X-Forwarded-For: 198.51.100.8")[1]
+    assert other["code"] == "unauthenticated"
 
 
 def test_a_node_client_calls_over_connect_and_grpc_web_and_reads_a_refusal_reason(

@@ -51,7 +51,7 @@ from users.v1 import user_service_pb2_grpc
 from users_grpc.domain.errors import ConfigError
 from users_grpc.grpc_api.logs import JsonFormatter
 from users_grpc.grpc_api.tracing import tracer_provider_from_env, tracing_switched_on
-from users_grpc.http_api.server import HeadInTime
+from users_grpc.http_api.server import RequestInTime
 
 WRONG_PASSWORD = "not the password at all"
 
@@ -240,7 +240,7 @@ def test_http_connections_past_the_cap_are_refused_at_once_and_half_sent_request
     assert server.app.http_port is not None
     port = server.app.http_port
     # Long enough that the held connections outlast this part of the test on a loaded machine.
-    monkeypatch.setattr(HeadInTime, "head_seconds", 120.0)  # the one knob a test needs, not a setting
+    monkeypatch.setattr(RequestInTime, "read_seconds", 120.0)  # the one knob a test needs, not a setting
     idle = [half_sent_request(port) for _ in range(3)]
     try:
         wait_until(lambda: http.connections_open == 3, what="three connections held")
@@ -259,10 +259,27 @@ def test_http_connections_past_the_cap_are_refused_at_once_and_half_sent_request
             connection.close()
     wait_until(lambda: http.connections_open == 0, what="every connection closed")
     # A request's head that never ends is given up after the read time, its place freed.
-    monkeypatch.setattr(HeadInTime, "head_seconds", 0.2)
+    monkeypatch.setattr(RequestInTime, "read_seconds", 0.2)
     with half_sent_request(port) as stalled:
         assert stalled.recv(4096) == b""  # closed by the server, unanswered (the socket's timeout is 10 s)
     wait_until(lambda: http.connections_open == 0, what="the stalled connection dropped")
+    # So is a body that never ends, and the head of a later request on a kept-alive connection
+    # (its first byte stopped the keep-alive timer): either held its place for ever, and
+    # max_connections of them refused every client, /metrics and the key set too.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+        stalled.sendall(b"POST /scim/v2/Users HTTP/1.1\r\nHost: users-grpc\r\nContent-Length: 100\r\n\r\n{")
+        assert stalled.recv(4096) == b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+        stalled.sendall(b"GET /nothing HTTP/1.1\r\nHost: users-grpc\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"not found\n"):  # the whole first answer (a 404 of ten bytes)
+            chunk = stalled.recv(4096)
+            assert chunk, "closed before the first answer"
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n")
+        stalled.sendall(b"GET /metrics HTTP/1.1\r\nHost: users-grpc\r\n")
+        assert stalled.recv(4096) == b""
+    wait_until(lambda: http.connections_open == 0, what="the stalled connections dropped")
 
 
 def trailing(metadata: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 from scim2_client.engines.httpx2 import SyncSCIMClient
 from scim2_tester import Status, check_server
 
+from tests.e2e.test_observability import scrape
 from tests.support.calls import create_service_account, issue_service_token
 from tests.support.servers import RunningServer, StartServer
 from users.v1 import service_account_token_pb2 as tpb
@@ -211,6 +212,49 @@ def test_refusals_are_scim_errors(server: RunningServer, scim: httpx2.Client) ->
     assert stale.status_code == 412
 
 
+def test_a_filter_is_refused_by_its_length_before_it_is_parsed(server: RunningServer) -> None:
+    # Any bearer reaches the parser (the token is checked by the calls made after it): a filter's
+    # whitespace cost the parser time quadratic in its length, on the loop every call shares; half
+    # a MiB took it an hour. Refused by length now, at once, whoever sends it.
+    padded = 'userName eq "x"' + " " * 500_000 + 'and userName eq "y"'
+    search = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"], "filter": padded}
+    # So were a search's attributes, validated before any call (quadratic in their number: 40,000
+    # stalled it some 15 s), and any body (a MiB of emails or PATCH operations: seconds).
+    names = [f"name.givenName{n}" for n in range(40_000)]
+    emails = [{"value": f"a{n}@example.com"} for n in range(101)]
+    with scim_client(server, "not-a-token") as stranger:
+        answers = [
+            stranger.post("/.search", json=search | {"filter": padded[:60_000]}),
+            stranger.get("/Users", params={"filter": padded[:15_000] + 'and userName eq "y"'}),
+        ]
+        too_many = [
+            stranger.post("/.search", json={"schemas": search["schemas"], "attributes": names[:101]}),
+            stranger.get("/Users", params={"excludedAttributes": ",".join(names[:500])}),
+            stranger.post("/Users", json={"schemas": [SCHEMA], "userName": "many", "emails": emails}),
+        ]
+        too_large = stranger.post("/Users", json={"schemas": [SCHEMA], "userName": "big", "emails": emails * 30})
+        # PUT and PATCH read the user first: the bearer is checked before their body is validated.
+        unread = [
+            stranger.patch(f"/Users/{server.admin_id}", json={"schemas": [PATCH], "Operations": "none"}),
+            stranger.put(f"/Users/{server.admin_id}", json={"schemas": [SCHEMA], "emails": "none"}),
+        ]
+    assert [answer.status_code for answer in unread] == [401, 401]
+    for answer in answers:
+        assert (answer.status_code, answer.json()["scimType"]) == (400, "invalidFilter")
+        assert "longer than" in answer.json()["detail"]
+    for answer in too_many:
+        assert (answer.status_code, answer.json()["scimType"]) == (400, "invalidValue")
+        assert "at most 100 " in answer.json()["detail"]
+    assert too_large.status_code == 413
+
+
+def test_a_body_nested_past_the_parser_is_invalid_syntax(scim: httpx2.Client) -> None:
+    # The JSON parser's recursion limit was an unhandled RecursionError: a 500 and a traceback.
+    for body in (b"[" * 50_000, b'{"a":' * 10_000, b'{"a":' * 20 + b"1" + b"}" * 20):
+        answer = scim.post("/Users", content=body, headers={"Content-Type": "application/scim+json"})
+        assert (answer.status_code, answer.json()["scimType"]) == (400, "invalidSyntax")
+
+
 def test_external_id_is_kept_found_changed_and_limited(server: RunningServer, scim: httpx2.Client) -> None:
     name = f"ext-{uuid.uuid4().hex[:8]}"
     external_id = f"00u{uuid.uuid4().hex}"
@@ -318,6 +362,11 @@ def test_search_by_post_and_active_cannot_be_removed(server: RunningServer, scim
     everyone = server.stub.ListUsers(pb.ListUsersRequest(include_total_size=True)).total_size
     assert (listed["totalResults"], len(listed["Resources"])) == (everyone, 1)
     assert everyone >= 2  # the admin and this user
+    # An empty userName or email matches no one, and walks no one: as ListUsers' prefix it walked every user.
+    listed = _list_users_calls(server)  # counted before each SCIM answer: the call runs within it
+    for empty in ('userName eq ""', 'emails.value eq ""', f'userName eq "" and externalId eq "{name}"'):
+        assert scim.get("/Users", params={"filter": empty}).json()["totalResults"] == 0
+    assert _list_users_calls(server) == listed
     too_many = scim.post("/Users/.search", json=search | {"count": 1001})
     assert (too_many.status_code, too_many.json()["scimType"]) == (400, "invalidValue")
 
@@ -326,3 +375,8 @@ def test_search_by_post_and_active_cannot_be_removed(server: RunningServer, scim
     )
     assert (removed.status_code, removed.json()["scimType"]) == (400, "mutability")
     assert _user(server, user_id).state == user_pb2.USER_STATE_DEACTIVATED
+
+
+def _list_users_calls(server: RunningServer) -> dict[tuple[tuple[str, str], ...], float]:
+    calls = scrape(server)["users_grpc_calls_total"]
+    return {labels: count for labels, count in calls.items() if ("method", "ListUsers") in labels}

@@ -70,6 +70,9 @@ def test_settings_are_frozen() -> None:
         ("USERS_RATE_LIMIT_SIGN_IN_REQUESTS", "many"),
         ("USERS_WORKERS", "0"),
         ("USERS_WORKERS", "all"),
+        ("USERS_HTTP_TRUSTED_PROXIES", "*"),  # trusting every peer lets any client name its address
+        ("USERS_HTTP_TRUSTED_PROXIES", "10.0.0.1/8"),  # host bits: uvicorn would take it for a name
+        ("USERS_HTTP_TRUSTED_PROXIES", "ingress.example.com"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -83,6 +86,12 @@ def test_workers_are_one_per_core_and_share_the_cores_for_hashing() -> None:
     assert (Settings.from_env({}).workers, Settings.from_env({}).hash_workers) == (everyone, 1)
     assert Settings.from_env({"USERS_WORKERS": "1"}).hash_workers == everyone
     assert Settings.from_env({"USERS_WORKERS": "1", "USERS_HASH_WORKERS": "3"}).hash_workers == 3
+
+
+def test_trusted_proxies_are_addresses_and_networks() -> None:
+    settings = Settings.from_env({"USERS_HTTP_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7,fd00::/8"})
+    assert settings.http_trusted_proxies == ("10.0.0.0/8", "192.0.2.7", "fd00::/8")
+    assert Settings.from_env({}).http_trusted_proxies == ()
 
 
 def test_a_flow_without_a_budget_of_its_own_takes_the_shared_setting() -> None:

@@ -45,7 +45,8 @@ _ALGORITHMS = [
     COSEAlgorithmIdentifier.ECDSA_SHA_256,
     COSEAlgorithmIdentifier.RSASSA_PKCS1_v1_5_SHA_256,
 ]
-_REFUSALS = (WebAuthnException, ValueError, TypeError, KeyError, IndexError, AttributeError)
+# RecursionError: JSON (or CBOR) nested deeper than its parser goes, well within the 64 KiB allowed.
+_REFUSALS = (WebAuthnException, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError)
 _TRANSPORTS = {transport.value: transport for transport in AuthenticatorTransport}
 
 

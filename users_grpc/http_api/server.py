@@ -14,6 +14,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -34,6 +35,8 @@ class HttpLimits:
     keepalive_seconds: float
     # Requests in progress at stop are given this long to finish.
     shutdown_grace_seconds: float
+    # Peers (addresses, networks) whose X-Forwarded-For names the caller: an ingress in front.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 def _listening_socket(address: str, *, reuse_port: bool) -> socket.socket:
@@ -59,23 +62,46 @@ def _listening_socket(address: str, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-class HeadInTime(H11Protocol):
-    """uvicorn's HTTP/1.1, with a bound on the time a new connection may take to send its first
-    request's head: uvicorn has none, and connections that never finish one would hold their
-    places (and sockets) for ever. Later requests on the connection are bounded by the keep-alive."""
+class RequestInTime(H11Protocol):
+    """uvicorn's HTTP/1.1, with a bound on the time each request may take to arrive, head and body.
 
-    head_seconds = 5.0
+    uvicorn has none: its keep-alive timer stops at a request's first byte, and nothing times a
+    body. Requests that never finish arriving held their places (and sockets) for ever, and
+    max_connections of them refused every client, /metrics and the key set included. A new
+    connection has ``read_seconds`` for its first request; a kept-alive one, from the first byte
+    of its next (until then the keep-alive bounds it). A request in whole is the app's to answer.
+    """
+
+    read_seconds = 10.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head_timer = self.loop.call_later(self.head_seconds, self._head_too_slow)
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._time_the_request()
+
+    def data_received(self, data: bytes) -> None:
+        if self._read_timer is None:  # the first bytes of a request after an answer
+            self._time_the_request()
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        self._stop_timing()
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._head_timer.cancel()
+        self._stop_timing()
         super().connection_lost(exc)
 
-    def _head_too_slow(self) -> None:
-        if getattr(self, "cycle", None) is None:  # no request head parsed yet (typed as never None)
+    def _time_the_request(self) -> None:
+        self._read_timer = self.loop.call_later(self.read_seconds, self._too_slow)
+
+    def _stop_timing(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _too_slow(self) -> None:
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY):  # head or body not in yet
             self.transport.close()
 
 
@@ -85,11 +111,17 @@ class HttpServer:
         config = uvicorn.Config(
             edge,
             lifespan="off",
-            http=HeadInTime,
+            http=RequestInTime,
             # Our own JSON log lines; uvicorn's access log would log every scrape.
             log_config=None,
             access_log=False,
             server_header=False,
+            # uvicorn's default trusts X-Forwarded-For from loopback peers (a sidecar, any local
+            # client) and makes it the client address: every spoofed address its own rate limit and
+            # throttle. Only the proxies named are trusted: the caller is the X-Forwarded-For entry
+            # the nearest of them appended (the last one not a trusted proxy's), else the peer.
+            proxy_headers=bool(limits.trusted_proxies),
+            forwarded_allow_ips=list(limits.trusted_proxies),
             # uvicorn counts the connection asking among them: one more lets max_connections be served.
             limit_concurrency=limits.max_connections + 1,
             timeout_keep_alive=max(1, round(limits.keepalive_seconds)),

@@ -41,6 +41,15 @@ _CONTENT_TYPE = "application/scim+json"
 MAX_COUNT = 1000
 MAX_START_INDEX = 10_000
 DEFAULT_COUNT = 100
+# The User schema has some thirty attributes and sub-attributes; scim2-models validates a list of
+# them in time quadratic in its length (10,000: 4 s), on the shared loop.
+MAX_ATTRIBUTES = 100
+# A body is validated by scim2-models before any call checks the bearer, at some 0.3 ms a list item:
+# a MiB of emails or PATCH operations stalled every call for seconds. An IdP's user is a few KiB,
+# with lists of one to a few items, and a PATCH of some ten operations.
+MAX_BODY_BYTES = 64 * 1024
+MAX_LIST_ITEMS = 100
+MAX_DEPTH = 16
 _LISTED_PAGE = 1000
 _ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 _ENDPOINTS = ("ServiceProviderConfig", "ResourceTypes", "Schemas", "Users")
@@ -162,15 +171,16 @@ class ScimApp:
         return self._user_response(201, user, request)
 
     async def _replace_user(self, request: _Request, user_id: str) -> _Response:
-        resource: ScimUser = User.model_validate(request.json(), scim_ctx=Context.RESOURCE_REPLACEMENT_REQUEST)
+        # The read first: it checks the bearer, so that a stranger's body is never validated.
         current = await self._fetch(request, user_id)
+        resource: ScimUser = User.model_validate(request.json(), scim_ctx=Context.RESOURCE_REPLACEMENT_REQUEST)
         self._check_version(request, current)
         user = await self._apply(request, current, mapping.wanted(resource))
         return self._user_response(200, user, request)
 
     async def _patch_user(self, request: _Request, user_id: str) -> _Response:
+        current = await self._fetch(request, user_id)  # as in PUT: the bearer checked before the body
         patch = PatchOp[ScimUser].model_validate(request.json(), scim_ctx=Context.RESOURCE_PATCH_REQUEST)
-        current = await self._fetch(request, user_id)
         self._check_version(request, current)
         resource = mapping.to_scim(current, request.base_url)
         patch.patch(resource)
@@ -234,7 +244,13 @@ class ScimApp:
 
     async def _search_users(self, request: _Request) -> _Response:
         """POST .search (RFC 7644 section 3.4.3): the list's parameters in a SearchRequest body."""
-        search: SearchRequest[Any] = SearchRequest.model_validate(request.json(), scim_ctx=Context.SEARCH_REQUEST)
+        body = request.json()
+        if isinstance(body, dict) and isinstance(body.get("filter"), str):
+            filters.check_length(body["filter"])  # before scim2-models parses it, on the shared loop
+        if isinstance(body, dict):
+            for name in ("attributes", "excludedAttributes"):
+                _check_attributes(name, body.get(name))
+        search: SearchRequest[Any] = SearchRequest.model_validate(body, scim_ctx=Context.SEARCH_REQUEST)
         start_index = _bounded("startIndex", search.start_index, 1, low=1, high=MAX_START_INDEX)
         count = _bounded("count", search.count, DEFAULT_COUNT, low=0, high=MAX_COUNT)
         request.attributes = list(search.attributes) if search.attributes else None
@@ -274,8 +290,8 @@ class ScimApp:
     async def _lookup(self, request: _Request, lookup: filters.UserLookup) -> list[user_pb2.User]:
         """The users the filter names: exact, regardless of letter case, as usernames and emails are unique."""
         key = lookup.user_name if lookup.user_name is not None else lookup.email
-        if key is None and not lookup.external_id:
-            return []
+        if (key is None and not lookup.external_id) or "" in (lookup.user_name, lookup.email):
+            return []  # no account has an empty username or email; as a prefix, "" would walk them all
         candidates: list[user_pb2.User] = []
         token = ""
         while True:  # every user the filters match: more than a page only for a prefix of many names
@@ -312,6 +328,8 @@ class _Request:
         # From the query string, or set from a SearchRequest body.
         self.attributes = _names(self.query("attributes"))
         self.excluded = _names(self.query("excludedAttributes"))
+        _check_attributes("attributes", self.attributes)
+        _check_attributes("excludedAttributes", self.excluded)
         headers = [(key.decode("latin-1").lower(), value.decode("latin-1")) for key, value in scope.get("headers", [])]
         self.if_match = next((value for key, value in headers if key == "if-match"), None)
         client = scope.get("client") or ("0.0.0.0", 0)  # noqa: S104  # a peer string, not a bind address
@@ -348,10 +366,13 @@ class _Request:
         return dumped
 
     def json(self) -> Any:
+        if len(self._body) > MAX_BODY_BYTES:
+            raise ScimError(413, f"a SCIM request body is at most {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(self._body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than the parser goes: no less malformed
             raise ScimError(400, "the body is not JSON", "invalidSyntax") from None
+        _check_shape(body)
         if isinstance(body, dict) and isinstance(body.get("schemas"), list):
             # Entra ID sends the enterprise extension with every user; none of it is mapped
             # (docs/scim.md), so it is accepted and dropped rather than refused.
@@ -366,6 +387,26 @@ def _bounded(name: str, value: int | None, default: int, *, low: int, high: int)
     if value > high:
         raise ScimError(400, f"{name} must be at most {high}", "invalidValue")
     return max(low, value)
+
+
+def _check_shape(body: object) -> None:
+    """Every list of ``body`` at most MAX_LIST_ITEMS long, and no deeper than MAX_DEPTH."""
+    pending = [(body, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise ScimError(400, f"the body is nested deeper than {MAX_DEPTH}", "invalidSyntax")
+        if isinstance(value, list):
+            if len(value) > MAX_LIST_ITEMS:
+                raise ScimError(400, f"a list of the body holds at most {MAX_LIST_ITEMS} items", "invalidValue")
+            pending.extend((item, depth + 1) for item in value)
+        elif isinstance(value, dict):
+            pending.extend((item, depth + 1) for item in value.values())
+
+
+def _check_attributes(name: str, names: object) -> None:
+    if isinstance(names, list) and len(names) > MAX_ATTRIBUTES:
+        raise ScimError(400, f"{name} names at most {MAX_ATTRIBUTES} attributes", "invalidValue")
 
 
 def _names(text: str | None) -> list[str] | None:

@@ -26,6 +26,10 @@ _USER_NAME = "username"
 _EXTERNAL_ID = "externalid"
 _EMAIL_PATHS = ("emails.value", "emails[type eq]", "emails[type eq].value", "emails")
 _CORE = "urn:ietf:params:scim:schemas:core:2.0:user:"
+# Two comparisons of the longest values (an email of 254, an externalId of 256) fit several times.
+# The filter is parsed before any call checks the bearer, on the loop every call shares, so its
+# length is what bounds the work a stranger can ask for.
+MAX_FILTER_LENGTH = 2048
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class UserLookup:
 
 def parse(text: str) -> UserLookup:
     """The lookup ``text`` asks for; InvalidFilterException for any other filter."""
+    check_length(text)
     found: dict[str, str] = {}
     for part in _split_and(text):
         match = _COMPARISON.fullmatch(part)
@@ -51,6 +56,11 @@ def parse(text: str) -> UserLookup:
     return UserLookup(user_name=found.get("user_name"), external_id=found.get("external_id"), email=found.get("email"))
 
 
+def check_length(text: str) -> None:
+    if len(text) > MAX_FILTER_LENGTH:
+        raise InvalidFilterException(detail=f"the filter is longer than {MAX_FILTER_LENGTH} characters")
+
+
 def _split_and(text: str) -> list[str]:
     # "and" inside a quoted value must not split it: split only outside quotes.
     parts, start, quoted, escaped = [], 0, False, False
@@ -61,7 +71,8 @@ def _split_and(text: str) -> list[str]:
             escaped = True
         elif char == '"':
             quoted = not quoted
-        elif not quoted:
+        elif not quoted and (index == 0 or not text[index - 1].isspace()):
+            # Only where a run of whitespace starts: matching at every space of a run was quadratic.
             match = _AND.match(text, index)
             if match is not None and index >= start:
                 parts.append(text[start:index])

@@ -2,9 +2,8 @@
 
 Every challenge lives in the database as a ceremony, single-use, expiring, bound to its purpose
 and user (:class:`~users_grpc.domain.ports.CeremonyStore`), so any replica finishes what another
-started and of two finishes exactly one gets it. An identifier that names no account (or one
-without passkeys) gets options of the same form as a real one's: credential ids derived from the
-identifier under a server key (the digest root), the same on every call and replica.
+started and of two finishes exactly one gets it. A sign-in's options are the same for every
+identifier, of an account or not: no credential is listed (every passkey is discoverable).
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from users_grpc.domain.ports import (
     Clock,
     NoticeKind,
     PasskeyRepository,
-    SecretDigests,
     SessionRepository,
     WebAuthn,
 )
@@ -58,10 +56,6 @@ log = logging.getLogger(__name__)
 
 _CHALLENGE_BYTES = 32
 _USER_HANDLE_BYTES = 32
-_DECOY_ID_BYTES = 32
-# What a decoy credential says of how to reach it: a platform passkey, the commonest kind.
-_DECOY_TRANSPORTS = ("hybrid", "internal")
-_USERNAMELESS = ""
 
 
 class PasskeyService:
@@ -74,7 +68,6 @@ class PasskeyService:
         ceremonies: CeremonyStore,
         sessions: SessionRepository,
         throttle: PasswordThrottle,
-        digests: SecretDigests,
         clock: Clock,
         ceremony_lifetime: timedelta,
         reauthentication_window: timedelta,
@@ -85,7 +78,6 @@ class PasskeyService:
         self._ceremonies = ceremonies
         self._sessions = sessions
         self._throttle = throttle
-        self._digests = digests
         self._clock = clock
         self._ceremony_lifetime = ceremony_lifetime
         self._reauthentication_window = reauthentication_window
@@ -153,20 +145,19 @@ class PasskeyService:
             rules.validate_identifier(identifier)
         elif second_factor:
             raise InvalidArgument([FieldViolation("identifier", "is required for a second-factor ceremony")])
-        holder, allow = None, []
+        holder = None
         if identifier:
-            key = rules.identifier_key(identifier)
-            holder = await self._passkeys.find_passkey_holder(key)
-            real = [] if holder is None else holder.passkeys
-            allow = [AllowedCredential(credential_id=p.credential_id, transports=p.transports) for p in real]
-            # No account, or none with a passkey: a decoy of the same form, the same every time.
-            allow = allow or [self._decoy(key)]
+            holder = await self._passkeys.find_passkey_holder(rules.identifier_key(identifier))
         purpose = CeremonyPurpose.SECOND_FACTOR if second_factor else CeremonyPurpose.SIGN_IN
-        # Bound to the account named, "" (nobody) for a decoy, None (whoever the passkey is) without a name.
+        # Bound to the account named, "" (nobody) for no account or one without passkeys, None
+        # (whoever the passkey is) without a name.
         bound_to = None if not identifier else "" if holder is None or not holder.passkeys else holder.user.id
         ceremony = await self._new_ceremony(purpose, bound_to)
+        # allowCredentials stays empty, for every identifier: a list of the account's passkeys (its
+        # length, ids, transports) told real accounts from others however a decoy was made, and none
+        # is needed, every passkey being discoverable (registered with a resident key required).
         options = rp.sign_in_options(
-            challenge=ceremony.challenge, allow=allow, user_verification_required=not second_factor
+            challenge=ceremony.challenge, allow=[], user_verification_required=not second_factor
         )
         return ceremony, options
 
@@ -314,11 +305,6 @@ class PasskeyService:
         )
         await self._ceremonies.add(ceremony)
         return ceremony
-
-    def _decoy(self, key: str) -> AllowedCredential:
-        digest = self._digests.digest("passkey-decoy", _USERNAMELESS, key)
-        raw = bytes.fromhex(digest.rpartition(":")[2])[:_DECOY_ID_BYTES]
-        return AllowedCredential(credential_id=raw, transports=_DECOY_TRANSPORTS)
 
     def _notice(self, user: User, kind: NoticeKind, passkey_name: str) -> Mail:
         return security_notice(self._accounts.mail_renderer, user, kind, passkey_name=_mail_safe(passkey_name))

@@ -103,6 +103,10 @@ class SessionService:
         if self._passkeys is None:
             raise PasskeysDisabled()
         user = await self._passkeys.finish_sign_in(ceremony_id, credential_json, source=source)
+        if user.password_change_required:
+            # An admin's demand holds for every way in (else a passkey a taker added outlives the
+            # reset); a password's age does not: a passkey proves no password, and may be the only factor.
+            self._refuse_until_password_changed(user)
         return user, await self._open(user)
 
     async def _open(self, user: User) -> IssuedTokens:

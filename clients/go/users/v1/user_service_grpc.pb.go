@@ -738,12 +738,11 @@ type UserServiceClient interface {
 	// Start a sign-in with a passkey (or the passkey second step of Authenticate)
 	//
 	// Returns the request options for navigator.credentials.get() and a
-	// ceremony id. With an identifier, allowCredentials lists the account's
-	// passkeys; an identifier of no account, or of an account without passkeys,
-	// gets options of the same form (credential ids derived from the identifier
-	// with a server secret, the same on every call and replica), so the reply
-	// tells nothing about the account. Without one, allowCredentials is empty:
-	// the browser offers its discoverable credentials (usernameless sign-in).
+	// ceremony id. allowCredentials is empty, with or without an identifier:
+	// the browser offers its discoverable credentials (every passkey is one),
+	// and the reply is the same for an identifier of any account or of none.
+	// With an identifier the ceremony takes only that account's passkeys; without
+	// one (usernameless sign-in), any account's.
 	// It counts against the "sign-in" per-address rate limit, as Authenticate.
 	// Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
 	// identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
@@ -766,7 +765,10 @@ type UserServiceClient interface {
 	// or RP id, no user verification, a credential of another account than the
 	// ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
 	// increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-	// ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+	// ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+	// PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+	// after a valid assertion while an admin's SetPassword asks for a change; a
+	// password's maximum age does not hold a passkey sign-in),
 	// RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
 	// UNAVAILABLE.
 	FinishPasskeySignIn(ctx context.Context, in *FinishPasskeySignInRequest, opts ...grpc.CallOption) (*FinishPasskeySignInResponse, error)
@@ -2177,12 +2179,11 @@ type UserServiceServer interface {
 	// Start a sign-in with a passkey (or the passkey second step of Authenticate)
 	//
 	// Returns the request options for navigator.credentials.get() and a
-	// ceremony id. With an identifier, allowCredentials lists the account's
-	// passkeys; an identifier of no account, or of an account without passkeys,
-	// gets options of the same form (credential ids derived from the identifier
-	// with a server secret, the same on every call and replica), so the reply
-	// tells nothing about the account. Without one, allowCredentials is empty:
-	// the browser offers its discoverable credentials (usernameless sign-in).
+	// ceremony id. allowCredentials is empty, with or without an identifier:
+	// the browser offers its discoverable credentials (every passkey is one),
+	// and the reply is the same for an identifier of any account or of none.
+	// With an identifier the ceremony takes only that account's passkeys; without
+	// one (usernameless sign-in), any account's.
 	// It counts against the "sign-in" per-address rate limit, as Authenticate.
 	// Callers: anyone. Errors: INVALID_ARGUMENT (also: second_factor without an
 	// identifier), FAILED_PRECONDITION (PASSKEYS_DISABLED), RESOURCE_EXHAUSTED
@@ -2205,7 +2206,10 @@ type UserServiceServer interface {
 	// or RP id, no user verification, a credential of another account than the
 	// ceremony's identifier; PASSKEY_COUNTER_REGRESSED: the sign count did not
 	// increase), FAILED_PRECONDITION (PASSKEYS_DISABLED; ACCOUNT_NOT_ACTIVE,
-	// ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion),
+	// ACCOUNT_DEACTIVATED or ACCOUNT_LOCKED after a valid assertion;
+	// PASSWORD_CHANGE_REQUIRED, with Authenticate's PasswordChangeRequired detail,
+	// after a valid assertion while an admin's SetPassword asks for a change; a
+	// password's maximum age does not hold a passkey sign-in),
 	// RESOURCE_EXHAUSTED (TOO_MANY_ATTEMPTS, RATE_LIMITED, OVERLOADED),
 	// UNAVAILABLE.
 	FinishPasskeySignIn(context.Context, *FinishPasskeySignInRequest) (*FinishPasskeySignInResponse, error)
