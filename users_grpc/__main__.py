@@ -30,6 +30,11 @@ from users_grpc.workers import WorkersFailed, serve_in_workers
 _T = TypeVar("_T")
 DEV_KEY_FILE = Path("var/key-encryption-key")
 DEV_HTTP_ADDRESS = "127.0.0.1:9464"
+DEV_PASSKEYS = {
+    "USERS_WEBAUTHN_RP_ID": "localhost",
+    "USERS_WEBAUTHN_RP_NAME": "users-grpc dev",
+    "USERS_WEBAUTHN_ORIGINS": "http://localhost:8000",
+}
 DEFAULT_ADMIN_NAME = "Admin"
 log = logging.getLogger("users_grpc")
 
@@ -50,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("USERS_KEY_ENCRYPTION_KEY", _dev_key_encryption_key())
             # Locally, the metrics and the key set over HTTP are on (USERS_HTTP_ADDRESS= turns them off).
             os.environ.setdefault("USERS_HTTP_ADDRESS", DEV_HTTP_ADDRESS)
+            # Passkeys on for localhost, the origin the example page is served from
+            # (docs/passkeys.md), so the README's passkey calls run on a plain `dev`.
+            for variable, value in DEV_PASSKEYS.items():
+                os.environ.setdefault(variable, value)
         settings = Settings.from_env()
         configure_logging(settings.log_level)
         _warn_of_unknown_variables(settings)

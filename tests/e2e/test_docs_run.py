@@ -103,14 +103,6 @@ def test_the_readme_keeps_the_two_commands_in_sh_blocks() -> None:
         assert f"```sh\n{command}\n```" in readme
 
 
-# The README's passkey calls need passkeys on: as docs/passkeys.md starts `users-grpc dev` to try them.
-PASSKEYS = {
-    "USERS_WEBAUTHN_RP_ID": "localhost",
-    "USERS_WEBAUTHN_RP_NAME": "users-grpc example",
-    "USERS_WEBAUTHN_ORIGINS": "http://localhost:8000",
-}
-
-
 @dataclass(frozen=True)
 class Dev:
     address: str
@@ -167,7 +159,7 @@ def dev(tmp_path: Path) -> Iterator[Dev]:
     for entry in REPO_ROOT.iterdir():
         if entry.name != "var" and not entry.name.startswith(".git"):
             (tmp_path / entry.name).symlink_to(entry)
-    environment = {**_clean_environment(), **PASSKEYS, "USERS_BCRYPT_ROUNDS": "10", "USERS_DEV_DB_BINARY": str(HARNESS)}
+    environment = {**_clean_environment(), "USERS_BCRYPT_ROUNDS": "10", "USERS_DEV_DB_BINARY": str(HARNESS)}
     command = [sys.executable, "-m", "users_grpc", "dev", "--db-listen", "127.0.0.1:0"]
     command += ["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
     process = subprocess.Popen(command, cwd=tmp_path, env=environment, stderr=subprocess.PIPE, text=True)
