@@ -638,7 +638,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="3 s a cheap row and 10 s of mixed load: for several runs on a busy machine",
     )
     parser.add_argument("--list-calls", type=int, help="calls of each ListUsers and ListAuditEvents row (default 3)")
+    parser.add_argument("--peer", choices=["keycloak"], help="side by side with Keycloak (bench/peer_keycloak.py)")
+    parser.add_argument("--peer-seconds", type=int, default=10, help="with --peer: each row's run a side")
+    parser.add_argument("--peer-warm-up", type=int, default=5, help="with --peer: each row's uncounted warm-up")
     args = parser.parse_args(argv)
+    if args.peer:
+        from bench.peer_keycloak import run_peer  # it imports this module: here, not at the top
+
+        print(run_peer(args.users or 1000, args.peer_seconds, args.peer_warm_up), flush=True)
+        return
     profile = SMOKE if args.smoke else FULL
     if args.quick:
         profile = dataclasses.replace(profile, seconds=3, mixed_seconds=10, sign_in_calls=16)
