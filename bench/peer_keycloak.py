@@ -275,8 +275,12 @@ class Keycloak:
         ]
         self.started = time.monotonic()
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)  # noqa: S603 - kc.sh
-        self.ready_seconds = self._wait_until_ready()
         self.admin_token = ""
+        try:
+            self.ready_seconds = self._wait_until_ready()
+        except BaseException:
+            self.close()  # the caller never gets this object to close
+            raise
 
     def _wait_until_ready(self, timeout: float = 600) -> float:
         while True:
