@@ -8,7 +8,7 @@ the embedded database, seeds the same users on both sides, and runs each row on 
 form body, as ghz's templates do; both with the same calls in flight. CPU per call is user+system
 time from /proc: our server plus our database process; Keycloak's one JVM (H2 runs inside it).
 
-    .venv/bin/python -m bench --peer keycloak               # 1,000 users, about 10 minutes
+    .venv/bin/python -m bench --peer keycloak               # 1,000 users; 14 minutes on a busy machine
     .venv/bin/python -m bench --peer keycloak --users 200 --peer-seconds 2   # a quick look
 
 USERS_BENCH_JAVA_HOME names another JDK (default Temurin 25), USERS_BENCH_WRK another wrk.
