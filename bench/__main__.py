@@ -816,7 +816,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="only GetUser (own token, and an admin's) with USERS_COALESCE_READS on and off, interleaved, twice",
     )
+    parser.add_argument("--peer", choices=["keycloak"], help="side by side with Keycloak (bench/peer_keycloak.py)")
+    parser.add_argument("--peer-seconds", type=int, default=10, help="with --peer: each row's run a side")
+    parser.add_argument("--peer-warm-up", type=int, default=5, help="with --peer: each row's uncounted warm-up")
     args = parser.parse_args(argv)
+    if args.peer:
+        from bench.peer_keycloak import run_peer  # it imports this module: here, not at the top
+
+        workers = int(args.workers) if args.workers else 1
+        print(run_peer(args.users or 1000, args.peer_seconds, args.peer_warm_up, workers), flush=True)
+        return
     profile = SMOKE if args.smoke else FULL
     if args.quick:
         profile = dataclasses.replace(profile, seconds=3, mixed_seconds=10, sign_in_calls=16)
