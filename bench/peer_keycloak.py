@@ -590,7 +590,8 @@ def run_peer(users: int, seconds: int, warm_up: int, workers: int = 1) -> str:
     return "\n".join(
         [
             f"Keycloak {VERSION} (start-dev, embedded H2, {JAVA_HOME.name}) beside users-grpc (embedded database)",
-            f"users on each side: {len(names):,}; our server: {workers} worker(s); load average before {load_before}, after {load_after}",
+            f"users on each side: {len(names):,}; our server: {workers} worker(s); "
+            f"load average before {load_before}, after {load_after}",
             f"each row {seconds:g} s a side, ours then theirs, two rounds after a {warm_up:g} s warm-up round; "
             f"in flight: cheap rows {CHEAP_IN_FLIGHT}, pages {PAGE_IN_FLIGHT}, sign-ins {SIGN_IN_IN_FLIGHT}",
             "",
