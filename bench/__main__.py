@@ -348,6 +348,11 @@ class Bench:
             ),
             "--concurrency",
             str(concurrency or self.profile.concurrency),
+            # One connection per call in flight, as wrk's side: ghz's default of one connection
+            # would send every call to the one worker that accepted it (SO_REUSEPORT spreads
+            # connections, not calls), so --workers could never show a gain.
+            "--connections",
+            str(concurrency or self.profile.concurrency),
             "--timeout",
             "60s",
             "--format",
