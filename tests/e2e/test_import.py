@@ -15,6 +15,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from tests.support.builds import built_once
 from tests.support.calls import error_info, raw_collection, reset_token, rpc_error, stored_users, violated_fields
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, StartServer
@@ -36,13 +37,15 @@ def server(start_server: StartServer) -> RunningServer:
     return start_server(bcrypt_rounds=MIN_BCRYPT_ROUNDS)
 
 
-@pytest.fixture(scope="module")
-def bcrypthash(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_bcrypthash(directory: Path) -> None:
     go = shutil.which("go")
     assert go, "Go is needed to build tests/tools/bcrypthash (as for dbharness)"
-    binary = tmp_path_factory.mktemp("bcrypthash") / "bcrypthash"
-    subprocess.run([go, "build", "-o", str(binary), "."], cwd=TOOL, check=True, timeout=300)
-    return binary
+    subprocess.run([go, "build", "-o", str(directory / "bcrypthash"), "."], cwd=TOOL, check=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def bcrypthash(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return built_once(tmp_path_factory, "bcrypthash", build_bcrypthash) / "bcrypthash"
 
 
 def go_hashes(tool: Path, items: list[tuple[int, str]]) -> list[str]:
