@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.support.logs",
     "tests.support.browser",
     "tests.support.pwned_range",
+    "tests.support.builds",
 ]
 
 

@@ -29,6 +29,9 @@ _T = TypeVar("_T")
 # Each change compares the new password with this many hashes, one bcrypt run each: bounded so a
 # change costs at most this many sign-ins' worth of hashing (24 is also Windows' and Keycloak's cap).
 MAX_PASSWORD_HISTORY = 24
+# The cheapest bcrypt cost a deployment may run with (USERS_BCRYPT_ROUNDS' floor). Only a test
+# server goes below it, and only by a flag no variable sets (Settings.insecure_bcrypt_for_tests).
+MIN_BCRYPT_ROUNDS = 10
 READ_BY_COMMANDS = frozenset({"USERS_ADMIN_PASSWORD", "USERS_DEV_DB_BINARY"})
 
 
@@ -94,6 +97,10 @@ class Settings:
     password_min_length: int = 12
     password_pepper: str | None = None
     bcrypt_rounds: int = 12
+    # Tests only: lets bcrypt_rounds go below MIN_BCRYPT_ROUNDS (to 4, bcrypt's least), so that the
+    # suite's hundreds of server starts and sign-ins hash cheaply. No USERS_* variable sets it, so
+    # nothing read from the environment can run at a cost the floor refuses.
+    insecure_bcrypt_for_tests: bool = False
     password_free_attempts: int = 5
     password_account_free_attempts: int = 20
     password_attempt_window_seconds: int = 900
@@ -186,6 +193,10 @@ class Settings:
     # What from_env found set but read by no one; logged once at start (config.py has no logger).
     unknown_variables: tuple[UnknownVariable, ...] = field(default=(), compare=False)
 
+    def __post_init__(self) -> None:
+        if self.bcrypt_rounds < MIN_BCRYPT_ROUNDS and not self.insecure_bcrypt_for_tests:
+            raise ConfigError(f"bcrypt_rounds={self.bcrypt_rounds}: below the floor of {MIN_BCRYPT_ROUNDS}")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the settings from ``environ`` (the process environment by default)."""
@@ -234,7 +245,7 @@ class Settings:
             email_change_url=env.get("USERS_EMAIL_CHANGE_URL", defaults.email_change_url, _link_url),
             password_min_length=env.integer("USERS_PASSWORD_MIN_LENGTH", defaults.password_min_length, 12, 64),
             password_pepper=env.get("USERS_PASSWORD_PEPPER", defaults.password_pepper, str) or None,
-            bcrypt_rounds=env.integer("USERS_BCRYPT_ROUNDS", defaults.bcrypt_rounds, 10, 16),
+            bcrypt_rounds=env.integer("USERS_BCRYPT_ROUNDS", defaults.bcrypt_rounds, MIN_BCRYPT_ROUNDS, 16),
             password_free_attempts=env.integer("USERS_PASSWORD_FREE_ATTEMPTS", defaults.password_free_attempts, 1, 100),
             password_account_free_attempts=env.integer(
                 "USERS_PASSWORD_ACCOUNT_FREE_ATTEMPTS", defaults.password_account_free_attempts, 1, 100

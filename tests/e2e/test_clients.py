@@ -23,6 +23,7 @@ import pytest
 
 import users
 import users_grpc_client
+from tests.support.builds import BUILD_TIMEOUT, built_once
 from tests.support.calls import PASSWORD, create_request
 from tests.support.mail import MailSink
 from tests.support.paths import REPO_ROOT
@@ -32,7 +33,6 @@ from users.v1 import user_service_pb2 as pb
 from users_grpc_client import InvalidToken, TokenVerifier
 
 CLIENTS = REPO_ROOT / "clients"
-NODE_MODULES = REPO_ROOT / ".tools" / "node_modules"
 
 # (server, user name, a scratch directory, the test's request for built packages) -> what it printed
 Example = Callable[[RunningServer, str, Path, pytest.FixtureRequest], str]
@@ -70,20 +70,6 @@ def ts_example(server: RunningServer, name: str, tmp_path: Path, request: pytest
     return run(["node", "quickstart.js", server.address, name], artifacts / "ts-client", server)
 
 
-@pytest.fixture(scope="module")
-def ts_client_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """clients/ts compiled once (package, example and tests), in a copy beside the modules
-    .ci/setup installed, so the work tree stays clean."""
-    package = tmp_path_factory.mktemp("ts-client") / "ts"
-    shutil.copytree(CLIENTS / "ts", package, ignore=shutil.ignore_patterns("node_modules", "dist"))
-    (package / "node_modules").symlink_to(NODE_MODULES, target_is_directory=True)
-    done = subprocess.run(
-        [str(NODE_MODULES / ".bin" / "tsc"), "-p", "."], cwd=package, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return package
-
-
 def python_example(server: RunningServer, name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     # From a venv with the wheel of clients/python alone and its dependencies (.ci/artifacts);
     # -I: nothing of the work tree.
@@ -96,26 +82,29 @@ def python_example(server: RunningServer, name: str, tmp_path: Path, request: py
     )
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What users install, built and installed each in an environment of its own by .ci/artifacts
-    (or the directory CI_ARTIFACTS names, where it ran already)."""
-    if made := os.environ.get("CI_ARTIFACTS"):
-        return Path(made)
-    out = tmp_path_factory.mktemp("artifacts")
+def build_artifacts(out: Path) -> None:
     done = subprocess.run(
         [str(REPO_ROOT / ".ci" / "artifacts"), str(out)], capture_output=True, text=True, timeout=600, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What users install, built and installed each in an environment of its own by .ci/artifacts
+    (or the directory CI_ARTIFACTS names, where it ran already), once for the session's workers."""
+    if made := os.environ.get("CI_ARTIFACTS"):
+        return Path(made)
+    return built_once(tmp_path_factory, "artifacts", build_artifacts)
+
+
+@pytest.fixture(scope="session")
 def python_client_wheel(artifacts: Path) -> Path:
     (wheel,) = (artifacts / "dist").glob("users_grpc_client-*.whl")
     return wheel
 
 
+@BUILD_TIMEOUT
 @pytest.mark.parametrize("example", [go_example, ts_example, python_example], ids=["go", "ts", "python"])
 def test_each_client_example_signs_in_verifies_locally_and_reads_a_refusal_reason(
     server: RunningServer, mail: MailSink, tmp_path: Path, request: pytest.FixtureRequest, example: Example
@@ -141,6 +130,7 @@ def test_the_server_takes_its_stubs_from_the_client_package() -> None:
     assert Path(users.__file__).parent == client / "src" / "users"
 
 
+@BUILD_TIMEOUT
 def test_the_python_client_needs_nothing_of_the_server(python_client_wheel: Path) -> None:
     with zipfile.ZipFile(python_client_wheel) as archive:
         names = set(archive.namelist())
@@ -156,6 +146,7 @@ def test_the_python_client_needs_nothing_of_the_server(python_client_wheel: Path
     assert requires == {"googleapis-common-protos", "grpcio", "grpcio-status", "protobuf", "pyjwt"}
 
 
+@BUILD_TIMEOUT
 def test_the_service_wheel_installs_with_its_runtime_dependencies_only_and_says_its_version(artifacts: Path) -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     service = artifacts / "service" / "bin"
@@ -189,6 +180,7 @@ def test_the_service_wheel_installs_with_its_runtime_dependencies_only_and_says_
     assert f"users-grpc-client=={project['version']}" in requires
 
 
+@BUILD_TIMEOUT
 def test_every_module_of_the_service_imports_from_its_runtime_install(artifacts: Path, tmp_path: Path) -> None:
     # No dev tool (pytest, grpcio-tools, mypy...) is imported at run time: the wheel's dependencies suffice.
     every_module = (
@@ -313,10 +305,11 @@ def test_the_go_verifier_caches_refetches_and_refuses_as_the_python_one() -> Non
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_the_ts_verifier_caches_refetches_and_refuses_as_the_python_one(ts_client_build: Path) -> None:
+@BUILD_TIMEOUT
+def test_the_ts_verifier_caches_refetches_and_refuses_as_the_python_one(ts_build: Path) -> None:
     # Its own tests (clients/ts/test/verifier.test.ts), with keys of their own.
     done = subprocess.run(
-        ["node", "--test", "dist/test/"], cwd=ts_client_build, capture_output=True, text=True, timeout=300, check=False
+        ["node", "--test", "dist/test/"], cwd=ts_build, capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "# pass 2" in done.stdout

@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 from google.rpc import error_details_pb2
 
+from tests.support.builds import BUILD_TIMEOUT
 from tests.support.calls import PASSWORD, signed_up
 from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink
-from tests.support.paths import REPO_ROOT
 from tests.support.servers import RunningServer, StartServer
 
 CURL = shutil.which("curl")
-NODE_MODULES = REPO_ROOT / ".tools" / "node_modules"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -99,19 +98,6 @@ def test_a_body_past_the_limit_is_refused_413(http_server: RunningServer) -> Non
     assert (status, answer) == (413, {"text": "request body too large\n"})
 
 
-@pytest.fixture(scope="module")
-def ts_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """clients/ts compiled (its examples too) in a copy beside the modules .ci/setup installed."""
-    package = tmp_path_factory.mktemp("ts-edge") / "ts"
-    shutil.copytree(REPO_ROOT / "clients" / "ts", package, ignore=shutil.ignore_patterns("node_modules", "dist"))
-    (package / "node_modules").symlink_to(NODE_MODULES, target_is_directory=True)
-    done = subprocess.run(
-        [str(NODE_MODULES / ".bin" / "tsc"), "-p", "."], cwd=package, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return package
-
-
 def test_x_forwarded_for_names_no_source_over_http(start_server: StartServer) -> None:
     # uvicorn's proxy headers are on by default and trust any loopback peer (a mesh sidecar's, a
     # local client's): X-Forwarded-For became the call's source, so each spoofed address had its
@@ -146,6 +132,7 @@ def test_behind_a_trusted_proxy_the_caller_is_the_address_it_appended(start_serv
     assert other["code"] == "unauthenticated"
 
 
+@BUILD_TIMEOUT
 def test_a_node_client_calls_over_connect_and_grpc_web_and_reads_a_refusal_reason(
     http_server: RunningServer, mail: MailSink, ts_build: Path
 ) -> None:

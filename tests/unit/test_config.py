@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.paths import REPO_ROOT
-from users_grpc.config import READ_BY_COMMANDS, Settings, UnknownVariable
+from users_grpc.config import MIN_BCRYPT_ROUNDS, READ_BY_COMMANDS, Settings, UnknownVariable
 from users_grpc.domain.errors import ConfigError
 
 
@@ -92,6 +93,26 @@ def test_trusted_proxies_are_addresses_and_networks() -> None:
     settings = Settings.from_env({"USERS_HTTP_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7,fd00::/8"})
     assert settings.http_trusted_proxies == ("10.0.0.0/8", "192.0.2.7", "fd00::/8")
     assert Settings.from_env({}).http_trusted_proxies == ()
+
+
+@pytest.mark.parametrize("rounds", ["4", "9"])
+def test_the_environment_never_sets_a_bcrypt_cost_below_the_floor(rounds: str) -> None:
+    """The suite's servers hash at cost 4 through a flag of Settings; no variable reaches it, so
+    from the environment (what an operator sets) the cost stays at 10 or more."""
+    with pytest.raises(ConfigError, match="USERS_BCRYPT_ROUNDS"):
+        Settings.from_env({"USERS_BCRYPT_ROUNDS": rounds, "USERS_INSECURE_BCRYPT_FOR_TESTS": "1"})
+    unread = Settings.from_env({"USERS_INSECURE_BCRYPT_FOR_TESTS": "true"})
+    assert unread.insecure_bcrypt_for_tests is False
+    assert [variable.name for variable in unread.unknown_variables] == ["USERS_INSECURE_BCRYPT_FOR_TESTS"]
+    assert Settings.from_env({"USERS_BCRYPT_ROUNDS": str(MIN_BCRYPT_ROUNDS)}).bcrypt_rounds == MIN_BCRYPT_ROUNDS == 10
+
+
+def test_settings_below_the_bcrypt_floor_need_the_test_only_flag() -> None:
+    with pytest.raises(ConfigError, match="bcrypt_rounds=9: below the floor of 10"):
+        Settings(bcrypt_rounds=9)
+    with pytest.raises(ConfigError, match="bcrypt_rounds=4"):
+        dataclasses.replace(Settings.from_env({}), bcrypt_rounds=4)
+    assert Settings(bcrypt_rounds=4, insecure_bcrypt_for_tests=True).bcrypt_rounds == 4
 
 
 def test_a_flow_without_a_budget_of_its_own_takes_the_shared_setting() -> None:
