@@ -86,7 +86,7 @@ def has(
         and (e.actor.kind, e.actor.id) == actor
         and e.subject_id == subject
         and e.status_code == status
-        and (reason is None or e.reason == reason)
+        and (reason is None or e.note == reason)
         for e in events
     )
 
@@ -375,7 +375,7 @@ def test_pages_are_newest_first_stable_under_new_events_and_filters_combine(
     clock.advance(minutes=5)
     end = clock.now()
     everything = audit_events(server.stub)
-    ordered = sorted(everything, key=lambda e: (e.time.ToDatetime(), e.id), reverse=True)
+    ordered = sorted(everything, key=lambda e: (e.event_time.ToDatetime(), e.id), reverse=True)
     assert [e.id for e in everything] == [e.id for e in ordered]
 
     # Paging 4 at a time while new events arrive: none repeated, none of the earlier ones skipped.
@@ -484,9 +484,9 @@ def test_every_grant_of_the_admin_role_names_the_new_admin_and_who_granted_it(
 
     events = audit_events(server.stub, types=[pb.AUDIT_EVENT_TYPE_ROLE_CHANGE])
     grants = {
-        (e.actor.kind, e.actor.id, e.subject_id, e.reason)
+        (e.actor.kind, e.actor.id, e.subject_id, e.note)
         for e in events
-        if e.status_code == OK and e.reason.startswith("role ROLE_ADMIN")
+        if e.status_code == OK and e.note.startswith("role ROLE_ADMIN")
     }
     assert grants == {
         (*admin, cara, "role ROLE_ADMIN, at creation"),

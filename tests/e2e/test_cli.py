@@ -45,7 +45,7 @@ def test_create_admin_puts_the_grant_on_the_audit_trail(start_server: StartServe
     events = server.anonymous.ListAuditEvents(
         pb.ListAuditEventsRequest(types=[pb.AUDIT_EVENT_TYPE_ROLE_CHANGE]), metadata=token
     ).audit_events
-    assert [(e.subject_id, e.actor.kind, e.actor.id, e.reason) for e in events] == [
+    assert [(e.subject_id, e.actor.kind, e.actor.id, e.note) for e in events] == [
         (signed_in.user.id, pb.AUDIT_ACTOR_KIND_OPERATOR, "create-admin", "role ROLE_ADMIN, at creation")
     ]
 

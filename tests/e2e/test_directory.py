@@ -192,8 +192,8 @@ def test_filters_combine(server: RunningServer, users_collection: Any) -> None:
     after, before = start + timedelta(days=100), start + timedelta(days=300)
     check(
         expected(lambda d: after <= d["created_at"].replace(tzinfo=UTC) < before),
-        created_after=timestamp(after),
-        created_before=timestamp(before),
+        start_create_time=timestamp(after),
+        end_create_time=timestamp(before),
     )
     check(expected(lambda d: "mfa" in d and zed(d)), mfa_enabled=True, prefix="zed")
     check(

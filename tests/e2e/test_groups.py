@@ -242,7 +242,7 @@ def test_membership_changes_reach_the_change_feed_and_the_audit_trail(server: Ru
             ]
         )
     ).audit_events
-    recorded = [(e.type, e.subject_id, e.reason, e.actor.id) for e in reversed(events)]  # oldest first
+    recorded = [(e.type, e.subject_id, e.note, e.actor.id) for e in reversed(events)]  # oldest first
     assert recorded == [
         (pb.AUDIT_EVENT_TYPE_GROUP_CREATE, team.id, "", server.admin_id),
         (pb.AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD, user_id, f"group {team.id}", server.admin_id),

@@ -130,7 +130,7 @@ def test_the_audited_out_of_range_numbers_are_invalid_arguments_naming_the_field
         )
     for seconds, nanos in AUDITED_TIMESTAMPS:
         moment = Timestamp(seconds=seconds, nanos=nanos)
-        for field in ("created_after", "created_before"):
+        for field in ("start_create_time", "end_create_time"):
             list_users = pb.ListUsersRequest()
             getattr(list_users, field).CopyFrom(moment)
             assert_refused_naming(server.stub.ListUsers, list_users, field)
@@ -148,7 +148,7 @@ def test_the_audited_out_of_range_numbers_are_invalid_arguments_naming_the_field
     # The extremes that are in range are served.
     for seconds, nanos in [(TIMESTAMP_MIN, 0), (TIMESTAMP_MAX, 999_999_999)]:
         moment = Timestamp(seconds=seconds, nanos=nanos)
-        server.stub.ListUsers(pb.ListUsersRequest(created_after=moment, created_before=moment))
+        server.stub.ListUsers(pb.ListUsersRequest(start_create_time=moment, end_create_time=moment))
         server.stub.ListAuditEvents(pb.ListAuditEventsRequest(start_time=moment))
         server.stub.ListAuditEvents(pb.ListAuditEventsRequest(end_time=moment))
 

@@ -367,7 +367,7 @@ def test_changes_reach_the_feed_and_the_audit_trail_without_values(
             subject_id=user_id, types=[pb.AUDIT_EVENT_TYPE_METADATA_SET, pb.AUDIT_EVENT_TYPE_METADATA_DELETE]
         )
     ).audit_events
-    assert [(e.type, e.reason, e.actor.kind) for e in reversed(events)] == [
+    assert [(e.type, e.note, e.actor.kind) for e in reversed(events)] == [
         (
             pb.AUDIT_EVENT_TYPE_METADATA_SET,
             "scope METADATA_SCOPE_ADMIN, key billing.customer_id",
@@ -387,4 +387,4 @@ def test_changes_reach_the_feed_and_the_audit_trail_without_values(
     refused = server.stub.ListAuditEvents(
         pb.ListAuditEventsRequest(subject_id=user_id, types=[pb.AUDIT_EVENT_TYPE_METADATA_SET], page_size=1)
     ).audit_events[0]
-    assert (refused.error_reason, refused.reason) == ("PERMISSION_DENIED", "scope METADATA_SCOPE_ADMIN, key x")
+    assert (refused.error_reason, refused.note) == ("PERMISSION_DENIED", "scope METADATA_SCOPE_ADMIN, key x")

@@ -74,8 +74,8 @@ def test_the_contract_has_the_numbers_the_cases_cover() -> None:
     assert {f"{name}.{dotted(path)}" for name, path in CASES} == {
         "ListServiceAccounts.page_size",
         "ListUsers.page_size",
-        "ListUsers.created_after",
-        "ListUsers.created_before",
+        "ListUsers.start_create_time",
+        "ListUsers.end_create_time",
         "UpdateUser.user.created_at",
         "UpdateUser.user.updated_at",
         "UpdateUser.user.metadata[0].update_time",

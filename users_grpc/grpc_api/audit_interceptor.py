@@ -170,7 +170,7 @@ AUDITED: Mapping[str, Audited] = {
     "DeleteUser": Audited(AuditEventType.USER_DELETE, _requested_user),
     "DeleteUserByIdentifier": Audited(AuditEventType.USER_DELETE, identifier="before"),
     # One event per call, with counts: a batch of 1000 makes one record, not 1000 (the users
-    # themselves are in ListUsers, created_after the event's time); but each admin it made is
+    # themselves are in ListUsers, start_create_time the event's time); but each admin it made is
     # named by an event of its own.
     "ImportUsers": Audited(AuditEventType.USERS_IMPORT, note=_import_counts, granted_admins=_imported_admins),
     "CreateServiceAccount": Audited(AuditEventType.SERVICE_ACCOUNT_CREATE, _created_service_account),

@@ -93,14 +93,14 @@ def audit_event_to_proto(event: AuditEvent) -> user_service_pb2.AuditEvent:
     return user_service_pb2.AuditEvent(
         id=event.id,
         type=_AUDIT_TYPES_TO_PROTO[event.type],
-        time=_timestamp(event.time),
+        event_time=_timestamp(event.time),
         actor=user_service_pb2.AuditActor(
             kind=_ACTOR_KINDS_TO_PROTO[event.actor.kind], id=event.actor.id, source_address=event.actor.source
         ),
         subject_id=event.subject_id,
         status_code=event.status_code,  # a google.rpc.Code number: the gRPC status number
         error_reason=event.error_reason,
-        reason=event.reason,
+        note=event.reason,
     )
 
 

@@ -364,7 +364,7 @@ class UserServiceServicer(GroupRpcs, ServiceAccountTokenRpcs, user_service_pb2_g
             request.client_id, request.client_secret, source=current_caller.get().source
         )
         return user_service_pb2.IssueServiceTokenResponse(
-            access_token=token, access_token_expires_at=_timestamp(expires_at)
+            access_token=token, access_token_expire_time=_timestamp(expires_at)
         )
 
     async def ListServiceAccounts(
@@ -395,8 +395,8 @@ class UserServiceServicer(GroupRpcs, ServiceAccountTokenRpcs, user_service_pb2_g
             else enum_from_proto(STATES, request.state, "state"),
             mfa_enabled=request.mfa_enabled if request.HasField("mfa_enabled") else None,
             prefix_key=identifier_key(request.prefix) if request.prefix.strip() else "",
-            created_after=request.created_after.ToDatetime(UTC) if request.HasField("created_after") else None,
-            created_before=request.created_before.ToDatetime(UTC) if request.HasField("created_before") else None,
+            created_after=request.start_create_time.ToDatetime(UTC) if request.HasField("start_create_time") else None,
+            created_before=request.end_create_time.ToDatetime(UTC) if request.HasField("end_create_time") else None,
             metadata=_metadata_filter(request.metadata) if request.HasField("metadata") else None,
             external_id=request.external_id,
         )

@@ -2227,20 +2227,20 @@ class IssueServiceTokenResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
-    ACCESS_TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ACCESS_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     """Send as `authorization: Bearer <access_token>`."""
     @_builtins.property
-    def access_token_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def access_token_expire_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         access_token: _builtins.str = ...,
-        access_token_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        access_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expires_at", b"access_token_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expire_time", b"access_token_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expires_at", b"access_token_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expire_time", b"access_token_expire_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2339,8 +2339,8 @@ class ListUsersRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     MFA_ENABLED_FIELD_NUMBER: _builtins.int
     PREFIX_FIELD_NUMBER: _builtins.int
-    CREATED_AFTER_FIELD_NUMBER: _builtins.int
-    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    START_CREATE_TIME_FIELD_NUMBER: _builtins.int
+    END_CREATE_TIME_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_TOTAL_SIZE_FIELD_NUMBER: _builtins.int
@@ -2369,11 +2369,11 @@ class ListUsersRequest(_message.Message):
     however many users match (AIP-158: total_size is optional).
     """
     @_builtins.property
-    def created_after(self) -> _timestamp_pb2.Timestamp:
+    def start_create_time(self) -> _timestamp_pb2.Timestamp:
         """Optional. Only users created at or after this moment."""
 
     @_builtins.property
-    def created_before(self) -> _timestamp_pb2.Timestamp:
+    def end_create_time(self) -> _timestamp_pb2.Timestamp:
         """Optional. Only users created before this moment."""
 
     @_builtins.property
@@ -2391,15 +2391,15 @@ class ListUsersRequest(_message.Message):
         state: _user_pb2.UserState.ValueType = ...,
         mfa_enabled: _builtins.bool | None = ...,
         prefix: _builtins.str = ...,
-        created_after: _timestamp_pb2.Timestamp | None = ...,
-        created_before: _timestamp_pb2.Timestamp | None = ...,
+        start_create_time: _timestamp_pb2.Timestamp | None = ...,
+        end_create_time: _timestamp_pb2.Timestamp | None = ...,
         metadata: _metadata_pb2.MetadataFilter | None = ...,
         external_id: _builtins.str = ...,
         include_total_size: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "end_create_time", b"end_create_time", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "start_create_time", b"start_create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "created_after", b"created_after", "created_before", b"created_before", "external_id", b"external_id", "include_total_size", b"include_total_size", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "role", b"role", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled", "end_create_time", b"end_create_time", "external_id", b"external_id", "include_total_size", b"include_total_size", "metadata", b"metadata", "mfa_enabled", b"mfa_enabled", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "role", b"role", "start_create_time", b"start_create_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__mfa_enabled: _TypeAlias = _typing.Literal["mfa_enabled"]  # noqa: Y015
     _WhichOneofArgType__mfa_enabled: _TypeAlias = _typing.Literal["_mfa_enabled", b"_mfa_enabled"]  # noqa: Y015
@@ -2540,12 +2540,12 @@ class AuditEvent(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
-    TIME_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     SUBJECT_ID_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
     ERROR_REASON_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque, unique."""
     type: Global___AuditEventType.ValueType
@@ -2559,12 +2559,12 @@ class AuditEvent(_message.Message):
     """Empty on success; else the google.rpc.ErrorInfo reason the caller got
     (such as INVALID_CREDENTIALS, MFA_REQUIRED, LAST_ACTIVE_ADMIN).
     """
-    reason: _builtins.str
+    note: _builtins.str
     """A short note where the type alone does not say it (such as "role
     ROLE_ADMIN" or "created 3, refused 2"); often empty.
     """
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp:
+    def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the call ended (milliseconds)."""
 
     @_builtins.property
@@ -2574,16 +2574,16 @@ class AuditEvent(_message.Message):
         *,
         id: _builtins.str = ...,
         type: Global___AuditEventType.ValueType = ...,
-        time: _timestamp_pb2.Timestamp | None = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
         actor: Global___AuditActor | None = ...,
         subject_id: _builtins.str = ...,
         status_code: _code_pb2.Code.ValueType = ...,
         error_reason: _builtins.str = ...,
-        reason: _builtins.str = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "error_reason", b"error_reason", "id", b"id", "reason", b"reason", "status_code", b"status_code", "subject_id", b"subject_id", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "error_reason", b"error_reason", "event_time", b"event_time", "id", b"id", "note", b"note", "status_code", b"status_code", "subject_id", b"subject_id", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4323,10 +4323,10 @@ func (x *IssueServiceTokenRequest) GetClientSecret() string {
 type IssueServiceTokenResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Send as `authorization: Bearer <access_token>`.
-	AccessToken          string                 `protobuf:"bytes,1,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
-	AccessTokenExpiresAt *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=access_token_expires_at,json=accessTokenExpiresAt,proto3" json:"access_token_expires_at,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	AccessToken           string                 `protobuf:"bytes,1,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	AccessTokenExpireTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=access_token_expire_time,json=accessTokenExpireTime,proto3" json:"access_token_expire_time,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *IssueServiceTokenResponse) Reset() {
@@ -4366,9 +4366,9 @@ func (x *IssueServiceTokenResponse) GetAccessToken() string {
 	return ""
 }
 
-func (x *IssueServiceTokenResponse) GetAccessTokenExpiresAt() *timestamppb.Timestamp {
+func (x *IssueServiceTokenResponse) GetAccessTokenExpireTime() *timestamppb.Timestamp {
 	if x != nil {
-		return x.AccessTokenExpiresAt
+		return x.AccessTokenExpireTime
 	}
 	return nil
 }
@@ -4578,9 +4578,9 @@ type ListUsersRequest struct {
 	// usernames and emails are unique). At most 254 characters.
 	Prefix string `protobuf:"bytes,6,opt,name=prefix,proto3" json:"prefix,omitempty"`
 	// Optional. Only users created at or after this moment.
-	CreatedAfter *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_after,json=createdAfter,proto3" json:"created_after,omitempty"`
+	StartCreateTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=start_create_time,json=startCreateTime,proto3" json:"start_create_time,omitempty"`
 	// Optional. Only users created before this moment.
-	CreatedBefore *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_before,json=createdBefore,proto3" json:"created_before,omitempty"`
+	EndCreateTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=end_create_time,json=endCreateTime,proto3" json:"end_create_time,omitempty"`
 	// Optional. Only users with this metadata entry (key present, or key and exact value);
 	// served by an index, and combined with the other filters.
 	Metadata *MetadataFilter `protobuf:"bytes,40,opt,name=metadata,proto3" json:"metadata,omitempty"`
@@ -4667,16 +4667,16 @@ func (x *ListUsersRequest) GetPrefix() string {
 	return ""
 }
 
-func (x *ListUsersRequest) GetCreatedAfter() *timestamppb.Timestamp {
+func (x *ListUsersRequest) GetStartCreateTime() *timestamppb.Timestamp {
 	if x != nil {
-		return x.CreatedAfter
+		return x.StartCreateTime
 	}
 	return nil
 }
 
-func (x *ListUsersRequest) GetCreatedBefore() *timestamppb.Timestamp {
+func (x *ListUsersRequest) GetEndCreateTime() *timestamppb.Timestamp {
 	if x != nil {
-		return x.CreatedBefore
+		return x.EndCreateTime
 	}
 	return nil
 }
@@ -4957,8 +4957,8 @@ type AuditEvent struct {
 	Id   string         `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	Type AuditEventType `protobuf:"varint,2,opt,name=type,proto3,enum=users.v1.AuditEventType" json:"type,omitempty"`
 	// When the call ended (milliseconds).
-	Time  *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=time,proto3" json:"time,omitempty"`
-	Actor *AuditActor            `protobuf:"bytes,4,opt,name=actor,proto3" json:"actor,omitempty"`
+	EventTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=event_time,json=eventTime,proto3" json:"event_time,omitempty"`
+	Actor     *AuditActor            `protobuf:"bytes,4,opt,name=actor,proto3" json:"actor,omitempty"`
 	// The user id or service-account client id the event is about (see
 	// AuditEventType); empty when there is none.
 	SubjectId string `protobuf:"bytes,5,opt,name=subject_id,json=subjectId,proto3" json:"subject_id,omitempty"`
@@ -4969,7 +4969,7 @@ type AuditEvent struct {
 	ErrorReason string `protobuf:"bytes,7,opt,name=error_reason,json=errorReason,proto3" json:"error_reason,omitempty"`
 	// A short note where the type alone does not say it (such as "role
 	// ROLE_ADMIN" or "created 3, refused 2"); often empty.
-	Reason        string `protobuf:"bytes,8,opt,name=reason,proto3" json:"reason,omitempty"`
+	Note          string `protobuf:"bytes,8,opt,name=note,proto3" json:"note,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5018,9 +5018,9 @@ func (x *AuditEvent) GetType() AuditEventType {
 	return AuditEventType_AUDIT_EVENT_TYPE_UNSPECIFIED
 }
 
-func (x *AuditEvent) GetTime() *timestamppb.Timestamp {
+func (x *AuditEvent) GetEventTime() *timestamppb.Timestamp {
 	if x != nil {
-		return x.Time
+		return x.EventTime
 	}
 	return nil
 }
@@ -5053,9 +5053,9 @@ func (x *AuditEvent) GetErrorReason() string {
 	return ""
 }
 
-func (x *AuditEvent) GetReason() string {
+func (x *AuditEvent) GetNote() string {
 	if x != nil {
-		return x.Reason
+		return x.Note
 	}
 	return ""
 }
@@ -5763,10 +5763,10 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\rclient_secret\x18\x02 \x01(\tR\fclientSecret\"\\\n" +
 	"\x18IssueServiceTokenRequest\x12\x1b\n" +
 	"\tclient_id\x18\x01 \x01(\tR\bclientId\x12#\n" +
-	"\rclient_secret\x18\x02 \x01(\tR\fclientSecret\"\x91\x01\n" +
+	"\rclient_secret\x18\x02 \x01(\tR\fclientSecret\"\x93\x01\n" +
 	"\x19IssueServiceTokenResponse\x12!\n" +
-	"\faccess_token\x18\x01 \x01(\tR\vaccessToken\x12Q\n" +
-	"\x17access_token_expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x14accessTokenExpiresAt\"X\n" +
+	"\faccess_token\x18\x01 \x01(\tR\vaccessToken\x12S\n" +
+	"\x18access_token_expire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x15accessTokenExpireTime\"X\n" +
 	"\x1aListServiceAccountsRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -5776,7 +5776,7 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\":\n" +
 	"\x1bDeleteServiceAccountRequest\x12\x1b\n" +
 	"\tclient_id\x18\x01 \x01(\tR\bclientId\"\x1e\n" +
-	"\x1cDeleteServiceAccountResponse\"\xf4\x03\n" +
+	"\x1cDeleteServiceAccountResponse\"\xfc\x03\n" +
 	"\x10ListUsersRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -5785,9 +5785,9 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"\x05state\x18\x04 \x01(\x0e2\x13.users.v1.UserStateR\x05state\x12$\n" +
 	"\vmfa_enabled\x18\x05 \x01(\bH\x00R\n" +
 	"mfaEnabled\x88\x01\x01\x12\x16\n" +
-	"\x06prefix\x18\x06 \x01(\tR\x06prefix\x12?\n" +
-	"\rcreated_after\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\fcreatedAfter\x12A\n" +
-	"\x0ecreated_before\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\rcreatedBefore\x124\n" +
+	"\x06prefix\x18\x06 \x01(\tR\x06prefix\x12F\n" +
+	"\x11start_create_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x0fstartCreateTime\x12B\n" +
+	"\x0fend_create_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\rendCreateTime\x124\n" +
 	"\bmetadata\x18( \x01(\v2\x18.users.v1.MetadataFilterR\bmetadata\x12\x1f\n" +
 	"\vexternal_id\x18< \x01(\tR\n" +
 	"externalId\x12,\n" +
@@ -5810,19 +5810,20 @@ const file_users_v1_user_service_proto_rawDesc = "" +
 	"AuditActor\x12,\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x18.users.v1.AuditActorKindR\x04kind\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12%\n" +
-	"\x0esource_address\x18\x03 \x01(\tR\rsourceAddress\"\xb3\x02\n" +
+	"\x0esource_address\x18\x03 \x01(\tR\rsourceAddress\"\xba\x02\n" +
 	"\n" +
 	"AuditEvent\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12,\n" +
-	"\x04type\x18\x02 \x01(\x0e2\x18.users.v1.AuditEventTypeR\x04type\x12.\n" +
-	"\x04time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12*\n" +
+	"\x04type\x18\x02 \x01(\x0e2\x18.users.v1.AuditEventTypeR\x04type\x129\n" +
+	"\n" +
+	"event_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\x12*\n" +
 	"\x05actor\x18\x04 \x01(\v2\x14.users.v1.AuditActorR\x05actor\x12\x1d\n" +
 	"\n" +
 	"subject_id\x18\x05 \x01(\tR\tsubjectId\x121\n" +
 	"\vstatus_code\x18\x06 \x01(\x0e2\x10.google.rpc.CodeR\n" +
 	"statusCode\x12!\n" +
-	"\ferror_reason\x18\a \x01(\tR\verrorReason\x12\x16\n" +
-	"\x06reason\x18\b \x01(\tR\x06reason\"\xb0\x02\n" +
+	"\ferror_reason\x18\a \x01(\tR\verrorReason\x12\x12\n" +
+	"\x04note\x18\b \x01(\tR\x04note\"\xb0\x02\n" +
 	"\x16ListAuditEventsRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -6214,12 +6215,12 @@ var file_users_v1_user_service_proto_depIdxs = []int32{
 	3,   // 34: users.v1.ServiceAccount.permissions:type_name -> users.v1.ServiceAccountPermission
 	3,   // 35: users.v1.CreateServiceAccountRequest.permissions:type_name -> users.v1.ServiceAccountPermission
 	72,  // 36: users.v1.CreateServiceAccountResponse.service_account:type_name -> users.v1.ServiceAccount
-	97,  // 37: users.v1.IssueServiceTokenResponse.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	97,  // 37: users.v1.IssueServiceTokenResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
 	72,  // 38: users.v1.ListServiceAccountsResponse.service_accounts:type_name -> users.v1.ServiceAccount
 	95,  // 39: users.v1.ListUsersRequest.role:type_name -> users.v1.Role
 	101, // 40: users.v1.ListUsersRequest.state:type_name -> users.v1.UserState
-	97,  // 41: users.v1.ListUsersRequest.created_after:type_name -> google.protobuf.Timestamp
-	97,  // 42: users.v1.ListUsersRequest.created_before:type_name -> google.protobuf.Timestamp
+	97,  // 41: users.v1.ListUsersRequest.start_create_time:type_name -> google.protobuf.Timestamp
+	97,  // 42: users.v1.ListUsersRequest.end_create_time:type_name -> google.protobuf.Timestamp
 	102, // 43: users.v1.ListUsersRequest.metadata:type_name -> users.v1.MetadataFilter
 	96,  // 44: users.v1.ListUsersResponse.users:type_name -> users.v1.User
 	96,  // 45: users.v1.UpdateUserRequest.user:type_name -> users.v1.User
@@ -6227,7 +6228,7 @@ var file_users_v1_user_service_proto_depIdxs = []int32{
 	96,  // 47: users.v1.UpdateUserResponse.user:type_name -> users.v1.User
 	1,   // 48: users.v1.AuditActor.kind:type_name -> users.v1.AuditActorKind
 	0,   // 49: users.v1.AuditEvent.type:type_name -> users.v1.AuditEventType
-	97,  // 50: users.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	97,  // 50: users.v1.AuditEvent.event_time:type_name -> google.protobuf.Timestamp
 	85,  // 51: users.v1.AuditEvent.actor:type_name -> users.v1.AuditActor
 	104, // 52: users.v1.AuditEvent.status_code:type_name -> google.rpc.Code
 	0,   // 53: users.v1.ListAuditEventsRequest.types:type_name -> users.v1.AuditEventType
