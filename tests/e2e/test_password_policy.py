@@ -107,7 +107,7 @@ def test_set_password_is_for_admins_and_audited_without_the_password(server: Run
 
     wait_until(lambda: len(events()) == 1, what="the SetPassword audit event")
     (event,) = events()
-    assert (event.subject_id, event.actor.id, event.reason) == (jane.user.id, server.admin_id, "change required")
+    assert (event.subject_id, event.actor.id, event.note) == (jane.user.id, server.admin_id, "change required")
     everything = server.stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=1000)).SerializeToString()
     assert TEMPORARY.encode() not in everything
     assert token.encode() not in everything
