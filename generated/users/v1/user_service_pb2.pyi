@@ -69,11 +69,11 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     AUDIT_EVENT_TYPE_EMAIL_SET: _AuditEventType.ValueType  # 13
     """SetUserEmail: an admin set the email. Subject: the user."""
     AUDIT_EVENT_TYPE_ROLE_CHANGE: _AuditEventType.ValueType  # 14
-    """SetUserRole; the reason names the role asked for. Subject: the user.
-    Every grant of ROLE_ADMIN is one of these, with a reason that begins
+    """SetUserRole; the note names the role asked for. Subject: the user.
+    Every grant of ROLE_ADMIN is one of these, with a note that begins
     "role ROLE_ADMIN" and the new admin as subject: besides SetUserRole, a
-    CreateUser asking for ROLE_ADMIN (reason "role ROLE_ADMIN, at creation";
-    no subject if refused) and each admin an ImportUsers created (reason
+    CreateUser asking for ROLE_ADMIN (note "role ROLE_ADMIN, at creation";
+    no subject if refused) and each admin an ImportUsers created (note
     "role ROLE_ADMIN, imported"; one event per admin). CreateUser is recorded
     only when it asks for ROLE_ADMIN.
     """
@@ -90,7 +90,7 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     only if it named an account).
     """
     AUDIT_EVENT_TYPE_USERS_IMPORT: _AuditEventType.ValueType  # 20
-    """ImportUsers: one event per call; the reason counts the users created and
+    """ImportUsers: one event per call; the note counts the users created and
     refused. No subject. Each admin created has a ROLE_CHANGE event too.
     """
     AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE: _AuditEventType.ValueType  # 21
@@ -100,13 +100,13 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     AUDIT_EVENT_TYPE_SESSIONS_REVOKE: _AuditEventType.ValueType  # 23
     """RevokeAllSessions. Subject: the user."""
     AUDIT_EVENT_TYPE_PROFILE_UPDATE: _AuditEventType.ValueType  # 24
-    """UpdateUser; the reason names the fields changed. Subject: the user."""
+    """UpdateUser; the note names the fields changed. Subject: the user."""
     AUDIT_EVENT_TYPE_METADATA_SET: _AuditEventType.ValueType  # 40
-    """SetUserMetadata; the reason names the scope and key ("scope METADATA_SCOPE_ADMIN, key
+    """SetUserMetadata; the note names the scope and key ("scope METADATA_SCOPE_ADMIN, key
     billing_id"), never the value. Subject: the user.
     """
     AUDIT_EVENT_TYPE_METADATA_DELETE: _AuditEventType.ValueType  # 41
-    """DeleteUserMetadata; the reason as for METADATA_SET. Subject: the user."""
+    """DeleteUserMetadata; the note as for METADATA_SET. Subject: the user."""
     AUDIT_EVENT_TYPE_GROUP_CREATE: _AuditEventType.ValueType  # 45
     """CreateGroup. Subject: the new group's id (none if refused)."""
     AUDIT_EVENT_TYPE_GROUP_RENAME: _AuditEventType.ValueType  # 46
@@ -114,9 +114,9 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     AUDIT_EVENT_TYPE_GROUP_DELETE: _AuditEventType.ValueType  # 47
     """DeleteGroup. Subject: the group."""
     AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD: _AuditEventType.ValueType  # 48
-    """AddGroupMember. Subject: the user; the reason names the group."""
+    """AddGroupMember. Subject: the user; the note names the group."""
     AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE: _AuditEventType.ValueType  # 49
-    """RemoveGroupMember. Subject: the user; the reason names the group."""
+    """RemoveGroupMember. Subject: the user; the note names the group."""
     AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START: _AuditEventType.ValueType  # 30
     """StartPasskeyRegistration: a passkey registration started (the password
     checked). Subject: the user.
@@ -126,7 +126,7 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN: _AuditEventType.ValueType  # 32
     """FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (none
     on failure: the assertion is not trusted to name one). Authenticate's
-    second step with a passkey is a SIGN_IN with the reason "passkey".
+    second step with a passkey is a SIGN_IN with the note "passkey".
     """
     AUDIT_EVENT_TYPE_PASSKEY_RENAME: _AuditEventType.ValueType  # 33
     """RenamePasskey. Subject: the user."""
@@ -135,13 +135,13 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     Subject: the user.
     """
     AUDIT_EVENT_TYPE_PASSWORD_SET: _AuditEventType.ValueType  # 50
-    """SetPassword; the reason says "change required" when it was set so. Subject: the user."""
+    """SetPassword; the note says "change required" when it was set so. Subject: the user."""
     AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE: _AuditEventType.ValueType  # 70
-    """CreateServiceAccountToken; the reason names the token's id. Subject: the service account's
+    """CreateServiceAccountToken; the note names the token's id. Subject: the service account's
     client id.
     """
     AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE: _AuditEventType.ValueType  # 71
-    """RevokeServiceAccountToken; the reason names the token's id. Subject: the client id."""
+    """RevokeServiceAccountToken; the note names the token's id. Subject: the client id."""
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper):
     """What an audit event records."""
@@ -178,11 +178,11 @@ AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM: AuditEventType.ValueType  # 12
 AUDIT_EVENT_TYPE_EMAIL_SET: AuditEventType.ValueType  # 13
 """SetUserEmail: an admin set the email. Subject: the user."""
 AUDIT_EVENT_TYPE_ROLE_CHANGE: AuditEventType.ValueType  # 14
-"""SetUserRole; the reason names the role asked for. Subject: the user.
-Every grant of ROLE_ADMIN is one of these, with a reason that begins
+"""SetUserRole; the note names the role asked for. Subject: the user.
+Every grant of ROLE_ADMIN is one of these, with a note that begins
 "role ROLE_ADMIN" and the new admin as subject: besides SetUserRole, a
-CreateUser asking for ROLE_ADMIN (reason "role ROLE_ADMIN, at creation";
-no subject if refused) and each admin an ImportUsers created (reason
+CreateUser asking for ROLE_ADMIN (note "role ROLE_ADMIN, at creation";
+no subject if refused) and each admin an ImportUsers created (note
 "role ROLE_ADMIN, imported"; one event per admin). CreateUser is recorded
 only when it asks for ROLE_ADMIN.
 """
@@ -199,7 +199,7 @@ AUDIT_EVENT_TYPE_USER_DELETE: AuditEventType.ValueType  # 19
 only if it named an account).
 """
 AUDIT_EVENT_TYPE_USERS_IMPORT: AuditEventType.ValueType  # 20
-"""ImportUsers: one event per call; the reason counts the users created and
+"""ImportUsers: one event per call; the note counts the users created and
 refused. No subject. Each admin created has a ROLE_CHANGE event too.
 """
 AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_CREATE: AuditEventType.ValueType  # 21
@@ -209,13 +209,13 @@ AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE: AuditEventType.ValueType  # 22
 AUDIT_EVENT_TYPE_SESSIONS_REVOKE: AuditEventType.ValueType  # 23
 """RevokeAllSessions. Subject: the user."""
 AUDIT_EVENT_TYPE_PROFILE_UPDATE: AuditEventType.ValueType  # 24
-"""UpdateUser; the reason names the fields changed. Subject: the user."""
+"""UpdateUser; the note names the fields changed. Subject: the user."""
 AUDIT_EVENT_TYPE_METADATA_SET: AuditEventType.ValueType  # 40
-"""SetUserMetadata; the reason names the scope and key ("scope METADATA_SCOPE_ADMIN, key
+"""SetUserMetadata; the note names the scope and key ("scope METADATA_SCOPE_ADMIN, key
 billing_id"), never the value. Subject: the user.
 """
 AUDIT_EVENT_TYPE_METADATA_DELETE: AuditEventType.ValueType  # 41
-"""DeleteUserMetadata; the reason as for METADATA_SET. Subject: the user."""
+"""DeleteUserMetadata; the note as for METADATA_SET. Subject: the user."""
 AUDIT_EVENT_TYPE_GROUP_CREATE: AuditEventType.ValueType  # 45
 """CreateGroup. Subject: the new group's id (none if refused)."""
 AUDIT_EVENT_TYPE_GROUP_RENAME: AuditEventType.ValueType  # 46
@@ -223,9 +223,9 @@ AUDIT_EVENT_TYPE_GROUP_RENAME: AuditEventType.ValueType  # 46
 AUDIT_EVENT_TYPE_GROUP_DELETE: AuditEventType.ValueType  # 47
 """DeleteGroup. Subject: the group."""
 AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD: AuditEventType.ValueType  # 48
-"""AddGroupMember. Subject: the user; the reason names the group."""
+"""AddGroupMember. Subject: the user; the note names the group."""
 AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE: AuditEventType.ValueType  # 49
-"""RemoveGroupMember. Subject: the user; the reason names the group."""
+"""RemoveGroupMember. Subject: the user; the note names the group."""
 AUDIT_EVENT_TYPE_PASSKEY_REGISTRATION_START: AuditEventType.ValueType  # 30
 """StartPasskeyRegistration: a passkey registration started (the password
 checked). Subject: the user.
@@ -235,7 +235,7 @@ AUDIT_EVENT_TYPE_PASSKEY_REGISTER: AuditEventType.ValueType  # 31
 AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN: AuditEventType.ValueType  # 32
 """FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (none
 on failure: the assertion is not trusted to name one). Authenticate's
-second step with a passkey is a SIGN_IN with the reason "passkey".
+second step with a passkey is a SIGN_IN with the note "passkey".
 """
 AUDIT_EVENT_TYPE_PASSKEY_RENAME: AuditEventType.ValueType  # 33
 """RenamePasskey. Subject: the user."""
@@ -244,13 +244,13 @@ AUDIT_EVENT_TYPE_PASSKEY_REMOVE: AuditEventType.ValueType  # 34
 Subject: the user.
 """
 AUDIT_EVENT_TYPE_PASSWORD_SET: AuditEventType.ValueType  # 50
-"""SetPassword; the reason says "change required" when it was set so. Subject: the user."""
+"""SetPassword; the note says "change required" when it was set so. Subject: the user."""
 AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE: AuditEventType.ValueType  # 70
-"""CreateServiceAccountToken; the reason names the token's id. Subject: the service account's
+"""CreateServiceAccountToken; the note names the token's id. Subject: the service account's
 client id.
 """
 AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE: AuditEventType.ValueType  # 71
-"""RevokeServiceAccountToken; the reason names the token's id. Subject: the client id."""
+"""RevokeServiceAccountToken; the note names the token's id. Subject: the client id."""
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
 
 class _AuditActorKind:

@@ -545,7 +545,7 @@ class UserServiceStub:
     caller the access rule does not admit, the per-address rate limit) are
     not recorded: they are logged, so that an anonymous flood cannot fill
     the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
-    Filters combine (all must hold). Keyset pagination by (time, id): events
+    Filters combine (all must hold). Keyset pagination by (event_time, id): events
     recorded meanwhile are newer and never shift later pages. A page token
     works only with the filters of the call that returned it.
     Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
@@ -1372,7 +1372,7 @@ class UserServiceAsyncStub(UserServiceStub):
     caller the access rule does not admit, the per-address rate limit) are
     not recorded: they are logged, so that an anonymous flood cannot fill
     the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
-    Filters combine (all must hold). Keyset pagination by (time, id): events
+    Filters combine (all must hold). Keyset pagination by (event_time, id): events
     recorded meanwhile are newer and never shift later pages. A page token
     works only with the filters of the call that returned it.
     Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
@@ -2436,7 +2436,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         caller the access rule does not admit, the per-address rate limit) are
         not recorded: they are logged, so that an anonymous flood cannot fill
         the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
-        Filters combine (all must hold). Keyset pagination by (time, id): events
+        Filters combine (all must hold). Keyset pagination by (event_time, id): events
         recorded meanwhile are newer and never shift later pages. A page token
         works only with the filters of the call that returned it.
         Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over

@@ -58,11 +58,11 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_EMAIL_CHANGE_CONFIRM AuditEventType = 12
 	// SetUserEmail: an admin set the email. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_EMAIL_SET AuditEventType = 13
-	// SetUserRole; the reason names the role asked for. Subject: the user.
-	// Every grant of ROLE_ADMIN is one of these, with a reason that begins
+	// SetUserRole; the note names the role asked for. Subject: the user.
+	// Every grant of ROLE_ADMIN is one of these, with a note that begins
 	// "role ROLE_ADMIN" and the new admin as subject: besides SetUserRole, a
-	// CreateUser asking for ROLE_ADMIN (reason "role ROLE_ADMIN, at creation";
-	// no subject if refused) and each admin an ImportUsers created (reason
+	// CreateUser asking for ROLE_ADMIN (note "role ROLE_ADMIN, at creation";
+	// no subject if refused) and each admin an ImportUsers created (note
 	// "role ROLE_ADMIN, imported"; one event per admin). CreateUser is recorded
 	// only when it asks for ROLE_ADMIN.
 	AuditEventType_AUDIT_EVENT_TYPE_ROLE_CHANGE AuditEventType = 14
@@ -77,7 +77,7 @@ const (
 	// DeleteUser or DeleteUserByIdentifier. Subject: the user (by identifier:
 	// only if it named an account).
 	AuditEventType_AUDIT_EVENT_TYPE_USER_DELETE AuditEventType = 19
-	// ImportUsers: one event per call; the reason counts the users created and
+	// ImportUsers: one event per call; the note counts the users created and
 	// refused. No subject. Each admin created has a ROLE_CHANGE event too.
 	AuditEventType_AUDIT_EVENT_TYPE_USERS_IMPORT AuditEventType = 20
 	// CreateServiceAccount. Subject: the new account's client id (none if refused).
@@ -86,12 +86,12 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_DELETE AuditEventType = 22
 	// RevokeAllSessions. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_SESSIONS_REVOKE AuditEventType = 23
-	// UpdateUser; the reason names the fields changed. Subject: the user.
+	// UpdateUser; the note names the fields changed. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PROFILE_UPDATE AuditEventType = 24
-	// SetUserMetadata; the reason names the scope and key ("scope METADATA_SCOPE_ADMIN, key
+	// SetUserMetadata; the note names the scope and key ("scope METADATA_SCOPE_ADMIN, key
 	// billing_id"), never the value. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_METADATA_SET AuditEventType = 40
-	// DeleteUserMetadata; the reason as for METADATA_SET. Subject: the user.
+	// DeleteUserMetadata; the note as for METADATA_SET. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_METADATA_DELETE AuditEventType = 41
 	// CreateGroup. Subject: the new group's id (none if refused).
 	AuditEventType_AUDIT_EVENT_TYPE_GROUP_CREATE AuditEventType = 45
@@ -99,9 +99,9 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_GROUP_RENAME AuditEventType = 46
 	// DeleteGroup. Subject: the group.
 	AuditEventType_AUDIT_EVENT_TYPE_GROUP_DELETE AuditEventType = 47
-	// AddGroupMember. Subject: the user; the reason names the group.
+	// AddGroupMember. Subject: the user; the note names the group.
 	AuditEventType_AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD AuditEventType = 48
-	// RemoveGroupMember. Subject: the user; the reason names the group.
+	// RemoveGroupMember. Subject: the user; the note names the group.
 	AuditEventType_AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE AuditEventType = 49
 	// StartPasskeyRegistration: a passkey registration started (the password
 	// checked). Subject: the user.
@@ -110,19 +110,19 @@ const (
 	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_REGISTER AuditEventType = 31
 	// FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (none
 	// on failure: the assertion is not trusted to name one). Authenticate's
-	// second step with a passkey is a SIGN_IN with the reason "passkey".
+	// second step with a passkey is a SIGN_IN with the note "passkey".
 	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN AuditEventType = 32
 	// RenamePasskey. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_RENAME AuditEventType = 33
 	// RemovePasskey (the user as actor) or RemoveUserPasskey (an admin).
 	// Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PASSKEY_REMOVE AuditEventType = 34
-	// SetPassword; the reason says "change required" when it was set so. Subject: the user.
+	// SetPassword; the note says "change required" when it was set so. Subject: the user.
 	AuditEventType_AUDIT_EVENT_TYPE_PASSWORD_SET AuditEventType = 50
-	// CreateServiceAccountToken; the reason names the token's id. Subject: the service account's
+	// CreateServiceAccountToken; the note names the token's id. Subject: the service account's
 	// client id.
 	AuditEventType_AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE AuditEventType = 70
-	// RevokeServiceAccountToken; the reason names the token's id. Subject: the client id.
+	// RevokeServiceAccountToken; the note names the token's id. Subject: the client id.
 	AuditEventType_AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE AuditEventType = 71
 )
 

@@ -562,7 +562,7 @@ type UserServiceClient interface {
 	// caller the access rule does not admit, the per-address rate limit) are
 	// not recorded: they are logged, so that an anonymous flood cannot fill
 	// the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
-	// Filters combine (all must hold). Keyset pagination by (time, id): events
+	// Filters combine (all must hold). Keyset pagination by (event_time, id): events
 	// recorded meanwhile are newer and never shift later pages. A page token
 	// works only with the filters of the call that returned it.
 	// Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
@@ -2003,7 +2003,7 @@ type UserServiceServer interface {
 	// caller the access rule does not admit, the per-address rate limit) are
 	// not recorded: they are logged, so that an anonymous flood cannot fill
 	// the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
-	// Filters combine (all must hold). Keyset pagination by (time, id): events
+	// Filters combine (all must hold). Keyset pagination by (event_time, id): events
 	// recorded meanwhile are newer and never shift later pages. A page token
 	// works only with the filters of the call that returned it.
 	// Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over

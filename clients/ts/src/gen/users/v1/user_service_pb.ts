@@ -2619,11 +2619,11 @@ export enum AuditEventType {
   EMAIL_SET = 13,
 
   /**
-   * SetUserRole; the reason names the role asked for. Subject: the user.
-   * Every grant of ROLE_ADMIN is one of these, with a reason that begins
+   * SetUserRole; the note names the role asked for. Subject: the user.
+   * Every grant of ROLE_ADMIN is one of these, with a note that begins
    * "role ROLE_ADMIN" and the new admin as subject: besides SetUserRole, a
-   * CreateUser asking for ROLE_ADMIN (reason "role ROLE_ADMIN, at creation";
-   * no subject if refused) and each admin an ImportUsers created (reason
+   * CreateUser asking for ROLE_ADMIN (note "role ROLE_ADMIN, at creation";
+   * no subject if refused) and each admin an ImportUsers created (note
    * "role ROLE_ADMIN, imported"; one event per admin). CreateUser is recorded
    * only when it asks for ROLE_ADMIN.
    *
@@ -2668,7 +2668,7 @@ export enum AuditEventType {
   USER_DELETE = 19,
 
   /**
-   * ImportUsers: one event per call; the reason counts the users created and
+   * ImportUsers: one event per call; the note counts the users created and
    * refused. No subject. Each admin created has a ROLE_CHANGE event too.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_USERS_IMPORT = 20;
@@ -2697,14 +2697,14 @@ export enum AuditEventType {
   SESSIONS_REVOKE = 23,
 
   /**
-   * UpdateUser; the reason names the fields changed. Subject: the user.
+   * UpdateUser; the note names the fields changed. Subject: the user.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_PROFILE_UPDATE = 24;
    */
   PROFILE_UPDATE = 24,
 
   /**
-   * SetUserMetadata; the reason names the scope and key ("scope METADATA_SCOPE_ADMIN, key
+   * SetUserMetadata; the note names the scope and key ("scope METADATA_SCOPE_ADMIN, key
    * billing_id"), never the value. Subject: the user.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_METADATA_SET = 40;
@@ -2712,7 +2712,7 @@ export enum AuditEventType {
   METADATA_SET = 40,
 
   /**
-   * DeleteUserMetadata; the reason as for METADATA_SET. Subject: the user.
+   * DeleteUserMetadata; the note as for METADATA_SET. Subject: the user.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_METADATA_DELETE = 41;
    */
@@ -2740,14 +2740,14 @@ export enum AuditEventType {
   GROUP_DELETE = 47,
 
   /**
-   * AddGroupMember. Subject: the user; the reason names the group.
+   * AddGroupMember. Subject: the user; the note names the group.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_GROUP_MEMBER_ADD = 48;
    */
   GROUP_MEMBER_ADD = 48,
 
   /**
-   * RemoveGroupMember. Subject: the user; the reason names the group.
+   * RemoveGroupMember. Subject: the user; the note names the group.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_GROUP_MEMBER_REMOVE = 49;
    */
@@ -2771,7 +2771,7 @@ export enum AuditEventType {
   /**
    * FinishPasskeySignIn: a sign-in with a passkey. Subject: the user (none
    * on failure: the assertion is not trusted to name one). Authenticate's
-   * second step with a passkey is a SIGN_IN with the reason "passkey".
+   * second step with a passkey is a SIGN_IN with the note "passkey".
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_PASSKEY_SIGN_IN = 32;
    */
@@ -2793,14 +2793,14 @@ export enum AuditEventType {
   PASSKEY_REMOVE = 34,
 
   /**
-   * SetPassword; the reason says "change required" when it was set so. Subject: the user.
+   * SetPassword; the note says "change required" when it was set so. Subject: the user.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_PASSWORD_SET = 50;
    */
   PASSWORD_SET = 50,
 
   /**
-   * CreateServiceAccountToken; the reason names the token's id. Subject: the service account's
+   * CreateServiceAccountToken; the note names the token's id. Subject: the service account's
    * client id.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_CREATE = 70;
@@ -2808,7 +2808,7 @@ export enum AuditEventType {
   SERVICE_ACCOUNT_TOKEN_CREATE = 70,
 
   /**
-   * RevokeServiceAccountToken; the reason names the token's id. Subject: the client id.
+   * RevokeServiceAccountToken; the note names the token's id. Subject: the client id.
    *
    * @generated from enum value: AUDIT_EVENT_TYPE_SERVICE_ACCOUNT_TOKEN_REVOKE = 71;
    */
@@ -3819,7 +3819,7 @@ export const UserService: GenService<{
    * caller the access rule does not admit, the per-address rate limit) are
    * not recorded: they are logged, so that an anonymous flood cannot fill
    * the trail. Events are kept USERS_AUDIT_RETENTION_DAYS (365 by default).
-   * Filters combine (all must hold). Keyset pagination by (time, id): events
+   * Filters combine (all must hold). Keyset pagination by (event_time, id): events
    * recorded meanwhile are newer and never shift later pages. A page token
    * works only with the filters of the call that returned it.
    * Callers: an admin. Errors: INVALID_ARGUMENT (page_size below 0 or over
