@@ -113,7 +113,7 @@ REMOVALS: dict[str, Callable[[str], tuple[str, Any]]] = {
 
 # Rounds of a race. Before the counts of active admins took turns, two admins demoting each
 # other were both refused in the first few rounds here (1 in 24 in the audit that found it):
-# 30 rounds of that pair show it; each round costs about a second (sign-ins), so the other pairs,
+# 30 rounds of that pair show it; each round signs the pair in again, so the other pairs,
 # the same mechanism, run 10 (keyed by the first removal of the pair), as does the race beside a
 # third admin, which no mechanism so far got wrong.
 RACE_ROUNDS = {"demote": 30, "deactivate": 10, "lock": 10}

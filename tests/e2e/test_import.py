@@ -15,7 +15,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from tests.support.builds import built_once
+from tests.support.builds import BUILD_TIMEOUT, built_once
 from tests.support.calls import error_info, raw_collection, reset_token, rpc_error, stored_users, violated_fields
 from tests.support.mail import MailSink
 from tests.support.servers import RunningServer, StartServer
@@ -160,6 +160,7 @@ def test_imported_users_sign_in_with_their_old_passwords_and_get_our_scheme(
     assert len(stored) == len(names) + 1  # and the admin
 
 
+@BUILD_TIMEOUT  # may build, or wait for, the shared bcrypthash
 def test_bad_items_fail_alone(
     server: RunningServer, bcrypthash: Path, mail: MailSink, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -230,6 +231,7 @@ def hashing_costs(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> lis
     return costs
 
 
+@BUILD_TIMEOUT  # may build, or wait for, the shared bcrypthash
 def test_a_guess_on_an_imported_account_costs_no_more_hashing_than_on_a_native_one(
     server: RunningServer, bcrypthash: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -306,6 +308,7 @@ def test_without_a_hash_no_password_works_until_a_reset(server: RunningServer, m
     assert "password_scheme" not in document
 
 
+@BUILD_TIMEOUT  # may build, or wait for, the shared bcrypthash
 def test_unverified_users_are_pending_unmailed_and_can_activate(
     server: RunningServer, bcrypthash: Path, mail: MailSink
 ) -> None:
