@@ -34,6 +34,7 @@ from tests.support.mail import MailSink, SocketController
 from tests.support.paths import REPO_ROOT
 from tests.support.servers import KEY_ENCRYPTION_KEY, RunningServer, StartServer
 from tests.support.sockets import bound_socket, port_of
+from tests.support.stores import stop
 from users.v1 import user_service_pb2 as pb
 from users.v1 import user_service_pb2_grpc
 from users_grpc.ops.devdb import DevDatabase
@@ -80,7 +81,7 @@ def test_database_outage_is_unavailable_and_recovers_without_restart(
     watch = health_stub(server.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=150)
     assert next(watch).status == SERVING
 
-    os.kill(own_database.process.pid, signal.SIGSTOP)
+    stop(own_database)
     wait_until(lambda: health_status(server) == NOT_SERVING, what="NOT_SERVING")
     assert next(watch).status == NOT_SERVING
     assert health_status(server, "") == NOT_SERVING

@@ -39,6 +39,7 @@ from tests.support.fakes import FakeClock
 from tests.support.mail import MailSink, text_of
 from tests.support.paths import HARNESS, REPO_ROOT
 from tests.support.servers import RunningServer, StartServer
+from tests.support.stores import stop
 from users.v1 import user_pb2, user_service_pb2_grpc
 from users.v1 import user_service_pb2 as pb
 from users_grpc.ops.devdb import DevDatabase
@@ -355,7 +356,7 @@ def test_database_work_ends_at_the_db_timeout_when_the_deadline_is_later(
 ) -> None:
     """UNAVAILABLE from the server after USERS_DB_TIMEOUT_SECONDS, not DEADLINE_EXCEEDED from the client."""
     server = start_server(mongodb_uri=own_database.uri, db_timeout_seconds=1.0)
-    os.kill(own_database.process.pid, signal.SIGSTOP)
+    stop(own_database)
     error = rpc_error(server.stub.GetUser, pb.GetUserRequest(id=server.admin_id), timeout=20)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(error).reason == "STORAGE_UNAVAILABLE"
@@ -372,7 +373,7 @@ def test_database_work_ends_at_the_deadline_when_it_is_sooner_than_the_db_timeou
     server = start_server(
         mongodb_uri=own_database.uri, db_timeout_seconds=30.0, max_concurrent_rpcs=1, event_listeners=[queries]
     )
-    os.kill(own_database.process.pid, signal.SIGSTOP)
+    stop(own_database)
     error = rpc_error(server.stub.GetUser, pb.GetUserRequest(id=server.admin_id), timeout=1)
     # Whichever comes first by a hair: the server's UNAVAILABLE at the deadline or the client's own.
     assert error.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -399,7 +400,7 @@ def test_a_call_its_client_cancels_leaves_its_database_connection_in_the_pool(
     server = start_server(mongodb_uri=own_database.uri, db_timeout_seconds=30.0, event_listeners=[pool, queries])
     server.stub.GetUser(pb.GetUserRequest(id=server.admin_id), timeout=10)
     queries.clear()
-    os.kill(own_database.process.pid, signal.SIGSTOP)
+    stop(own_database)
     try:
         given_up = server.stub.GetUser.future(pb.GetUserRequest(id=server.admin_id), timeout=30)
         wait_until(lambda: any(query.in_call for query in queries.commands), what="the call's query sent")
@@ -422,7 +423,7 @@ def test_shutdown_takes_calls_during_the_delay_then_cuts_in_flight_calls_after_t
         mongodb_uri=own_database.uri, db_timeout_seconds=60, shutdown_delay_seconds=3, shutdown_grace_seconds=1
     )
     # A call that cannot finish: its database does not answer.
-    os.kill(own_database.process.pid, signal.SIGSTOP)
+    stop(own_database)
     stopping = None
     try:
         in_flight = server.stub.GetUser.future(pb.GetUserRequest(id=server.admin_id), timeout=60)

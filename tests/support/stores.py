@@ -30,17 +30,23 @@ from users_grpc.adapters.secrets_at_rest import SecretsAtRest
 from users_grpc.ops.devdb import DevDatabase
 
 
-@contextlib.contextmanager
-def paused(database: DevDatabase) -> Iterator[None]:
-    """The database stopped (SIGSTOP) until the block ends: connections stay open, nothing answers.
-    Waits until the kernel reports it stopped, since a signal is delivered asynchronously."""
+def stop(database: DevDatabase) -> None:
+    """SIGSTOP the database and wait until the kernel reports it stopped: a signal is delivered
+    asynchronously, and on a loaded machine a call made at once could still be answered."""
     pid = database.process.pid
     os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        assert time.monotonic() < deadline, "the database did not stop"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def paused(database: DevDatabase) -> Iterator[None]:
+    """The database stopped (SIGSTOP) until the block ends: connections stay open, nothing answers."""
+    pid = database.process.pid
     try:
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
-            assert time.monotonic() < deadline, "the database did not stop"
-            time.sleep(0.01)
+        stop(database)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
