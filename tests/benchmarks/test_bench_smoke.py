@@ -45,3 +45,21 @@ def test_the_smoke_run_prints_a_row_of_numbers_for_every_call() -> None:
     assert re.search(r"ListUsers filtered by metadata .* ÷ page 1, p50: [\d.]+", finished.stdout), finished.stdout
     assert re.search(r"server resident memory: \d+ MB at the start, \d+ MB after", finished.stdout), finished.stdout
     assert re.search(r"machine: \d+ cores, ", finished.stdout), finished.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_floor_run_prints_calls_per_second_for_each_process_count() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.floor", "--workers", "1,2", "--seconds", "0.5"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rates = re.findall(r"^processes (\d): ([\d,]+), ([\d,]+) calls/s$", finished.stdout, re.MULTILINE)
+    assert [count for count, *_ in rates] == ["1", "2"], finished.stdout
+    assert all(int(rate.replace(",", "")) > 0 for _, *runs in rates for rate in runs), finished.stdout
