@@ -42,13 +42,15 @@ async def _serve(port: int) -> None:
     await server.wait_for_termination()
 
 
-def _processes(port: int, count: int) -> list[subprocess.Popen[bytes]]:
+def _start(port: int, count: int, started: list[subprocess.Popen[bytes]]) -> None:
+    """``count`` serving processes, each added to ``started`` as it starts, so that the caller
+    stops every one of them even when waiting for them fails."""
     command = [sys.executable, "-m", "bench.floor", "--serve", str(port)]
-    started = [subprocess.Popen(command) for _ in range(count)]  # noqa: S603 - this module, with a port
+    for _ in range(count):
+        started.append(subprocess.Popen(command))  # noqa: S603 - this module, with a port
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
     time.sleep(1)  # every process listening, not only the first
-    return started
 
 
 def _calls_per_second(protoset: Path, port: int, seconds: float) -> float:
@@ -98,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_protoset(protoset)
         for count in (int(part) for part in args.workers.split(",")):
             port = free_port()
-            processes = _processes(port, count)
+            processes: list[subprocess.Popen[bytes]] = []
             try:
+                _start(port, count, processes)
                 runs = [_calls_per_second(protoset, port, args.seconds) for _ in range(2)]
             finally:
                 for process in processes:
